@@ -1,0 +1,181 @@
+//! The provider contract: the runtime-specific part of StacyVM behind one
+//! trait, plus the providers themselves (Docker, PRoot), the async client
+//! that talks to the in-sandbox agent, and the image catalog.
+//!
+//! Providers never see tenants, quotas or HTTP: they turn a [`SpawnSpec`]
+//! into an isolated runtime with the agent inside, and reach that agent for
+//! every exec and file operation. Exec, streaming and files are implemented
+//! once, here, on top of [`AgentClient`]; a provider only says how to start,
+//! find, stop and list its runtimes.
+
+pub mod agent_client;
+pub mod docker;
+pub mod images;
+pub mod proot;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_core::Stream;
+use serde::{Deserialize, Serialize};
+use std::pin::Pin;
+
+pub use agent_client::AgentClient;
+pub use stacyvm_core::{
+    ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId,
+    SpawnSpec,
+};
+
+/// Whether a provider can be used on this host, and why not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub healthy: bool,
+    /// Human-readable detail: the version in use, or the reason and the fix.
+    pub detail: String,
+}
+
+/// A runtime the provider owns, as found on the host (for reconciliation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    pub sandbox_id: SandboxId,
+    /// Whether the runtime is up (a stopped container or a dead process
+    /// tree is listed with `running: false` until destroyed).
+    pub running: bool,
+}
+
+/// One diagnostic line from the provider or the runtime.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    #[serde(with = "time::serde::rfc3339")]
+    pub ts: time::OffsetDateTime,
+    /// `provider` (the provider's own diagnostics) or `runtime` (what the
+    /// runtime and agent printed).
+    pub source: String,
+    pub message: String,
+}
+
+/// The events of a streaming exec, ending with [`ExecEvent::Exit`]. Dropping
+/// the stream before the exit kills the command.
+pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecEvent>> + Send + 'static>>;
+
+/// The runtime-specific part of StacyVM.
+///
+/// Every method is safe to call concurrently. `destroy` is idempotent:
+/// destroying twice, or destroying a half-created runtime, succeeds and
+/// leaves nothing behind.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// The provider's name as the API shows it (`docker`, `proot`, …).
+    fn name(&self) -> &str;
+
+    /// Is the runtime usable on this host, and why not.
+    async fn health(&self) -> Health;
+
+    /// Starts a runtime for `spec` and returns once its agent answers.
+    /// On error nothing of the runtime is left behind.
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<()>;
+
+    /// Stops the runtime and removes everything of it. Succeeds when there is
+    /// nothing to remove.
+    async fn destroy(&self, id: &SandboxId) -> Result<()>;
+
+    /// The runtimes this provider owns on this host.
+    async fn list(&self) -> Result<Vec<RuntimeInfo>>;
+
+    /// Provider and runtime diagnostics for one sandbox.
+    async fn logs(&self, id: &SandboxId) -> Result<Vec<LogLine>>;
+
+    /// A connection to the sandbox's agent (cached and reused by providers).
+    /// `NotFound` when the runtime does not exist, `Conflict` when it exists
+    /// but is not running.
+    async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>>;
+
+    async fn pause(&self, _id: &SandboxId) -> Result<()> {
+        Err(Error::Unsupported(format!("the {} provider cannot pause sandboxes", self.name())))
+    }
+
+    async fn resume(&self, _id: &SandboxId) -> Result<()> {
+        Err(Error::Unsupported(format!("the {} provider cannot resume sandboxes", self.name())))
+    }
+
+    // Exec, streaming and files: one implementation, through the agent.
+
+    async fn exec(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecOutcome> {
+        self.agent(id).await?.exec(req).await
+    }
+
+    async fn exec_stream(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecStream> {
+        self.agent(id).await?.exec_stream(req).await
+    }
+
+    /// Writes (creates or replaces) a file, making parent directories.
+    async fn file_write(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: Option<u32>,
+        body: ByteStream,
+    ) -> Result<FileEntry> {
+        self.agent(id).await?.file_write(path, mode, body).await
+    }
+
+    /// Reads a file as a stream of chunks.
+    async fn file_read(&self, id: &SandboxId, path: &str) -> Result<ByteStream> {
+        self.agent(id).await?.file_read(path).await
+    }
+
+    async fn file_stat(&self, id: &SandboxId, path: &str) -> Result<FileEntry> {
+        self.agent(id).await?.file_stat(path).await
+    }
+
+    async fn file_list(&self, id: &SandboxId, path: &str, recursive: bool) -> Result<Vec<FileEntry>> {
+        self.agent(id).await?.file_list(path, recursive).await
+    }
+
+    async fn file_move(&self, id: &SandboxId, from: &str, to: &str, overwrite: bool) -> Result<FileEntry> {
+        self.agent(id).await?.file_move(from, to, overwrite).await
+    }
+
+    async fn file_chmod(&self, id: &SandboxId, path: &str, mode: u32) -> Result<FileEntry> {
+        self.agent(id).await?.file_chmod(path, mode).await
+    }
+
+    async fn file_mkdir(&self, id: &SandboxId, path: &str, parents: bool) -> Result<FileEntry> {
+        self.agent(id).await?.file_mkdir(path, parents).await
+    }
+
+    async fn file_delete(&self, id: &SandboxId, path: &str, recursive: bool) -> Result<()> {
+        self.agent(id).await?.file_delete(path, recursive).await
+    }
+
+    async fn file_glob(&self, id: &SandboxId, pattern: &str) -> Result<Vec<String>> {
+        self.agent(id).await?.file_glob(pattern).await
+    }
+}
+
+/// Where a provider finds the static agent binary on the host.
+pub fn agent_binary_path() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("STACYVM_AGENT_BIN") {
+        let p = std::path::PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::ProviderUnavailable(format!(
+                "STACYVM_AGENT_BIN={} does not name a file",
+                p.display()
+            )))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::internal("locating the stacyvm binary", e))?;
+    let beside = exe.with_file_name("stacyvm-agent");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    Err(Error::ProviderUnavailable(format!(
+        "the static agent binary was not found at {} (build it with scripts/build-agent.sh, or set STACYVM_AGENT_BIN)",
+        beside.display()
+    )))
+}
+
+/// A shared handle to any provider.
+pub type DynProvider = Arc<dyn Provider>;

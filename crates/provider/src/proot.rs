@@ -1,0 +1,1 @@
+//! The PRoot provider (skeleton).

@@ -1,0 +1,7 @@
+//! Provider tests against the real runtimes: one conformance suite run
+//! against every provider, plus provider-specific checks.
+
+mod conformance;
+mod docker;
+mod proot;
+mod support;
