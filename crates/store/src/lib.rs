@@ -1,1 +1,141 @@
-//! placeholder
+//! The Store: every piece of StacyVM state that must survive a restart —
+//! tenants, API keys (hashes only), quotas, sandboxes (state, spec, worker,
+//! lease, fencing token), audit events and workers — behind one trait with
+//! two backends, SQLite (embedded default) and PostgreSQL (clusters).
+//!
+//! Only this crate speaks SQL. Both backends pass the same conformance suite
+//! (`tests/store`), run against real databases.
+
+pub mod model;
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stacyvm_core::{Error, Result, SandboxId, TenantId, WorkerId, KeyId};
+use time::OffsetDateTime;
+
+pub use model::*;
+
+/// The persistence boundary of the control plane.
+///
+/// Every method is one transaction. Errors use `stacyvm_core::Error`:
+/// `NotFound`, `Conflict` or `QuotaExceeded` where the data says so, and
+/// `Internal` for database failures. A database that cannot be reached is an
+/// `Internal` whose message starts with [`UNAVAILABLE_PREFIX`], which the
+/// HTTP edge answers with 503 (see [`is_unavailable`]).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+
+    /// A cheap round trip proving the database answers.
+    async fn ping(&self) -> Result<()>;
+
+    // --- tenants and quotas ---------------------------------------------
+
+    /// `Conflict` when a tenant with that name exists.
+    async fn tenant_create(&self, tenant: &Tenant) -> Result<()>;
+    async fn tenant_get(&self, id: &TenantId) -> Result<Option<Tenant>>;
+    async fn tenant_list(&self, page: &PageRequest) -> Result<Page<Tenant>>;
+    /// The tenant's quota (all limits `None` until set); `NotFound` when the
+    /// tenant does not exist.
+    async fn quota_get(&self, tenant: &TenantId) -> Result<Quota>;
+    /// Replaces the tenant's quota; `NotFound` when the tenant does not exist.
+    async fn quota_set(&self, tenant: &TenantId, quota: &Quota) -> Result<()>;
+
+    // --- API keys -------------------------------------------------------
+
+    async fn key_create(&self, key: &ApiKey) -> Result<()>;
+    /// The key with this hash, revoked or not (the caller checks).
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>>;
+    async fn key_get(&self, id: &KeyId) -> Result<Option<ApiKey>>;
+    /// Keys, oldest first; only `tenant`'s when given.
+    async fn key_list(&self, tenant: Option<&TenantId>, page: &PageRequest) -> Result<Page<ApiKey>>;
+    /// Marks the key revoked at `at`; `false` when no such key. Revoking a
+    /// revoked key keeps the first revocation time and returns `true`.
+    async fn key_revoke(&self, id: &KeyId, at: OffsetDateTime) -> Result<bool>;
+
+    // --- sandboxes ------------------------------------------------------
+
+    /// Inserts a sandbox in one transaction with the quota check, so
+    /// concurrent creates can never overshoot the tenant's quota:
+    /// - if `rec.idempotency_key` is set and the tenant already has a
+    ///   sandbox with that key, returns `Existing` with it (no quota check);
+    /// - otherwise counts the tenant's live sandboxes (state not terminal)
+    ///   and their cpu and memory, and refuses with `QuotaExceeded` naming
+    ///   the limit (`max_sandboxes`, `max_cpu`, `max_memory_mb`) if adding
+    ///   `rec` would exceed the quota;
+    /// - otherwise inserts and returns `Created`.
+    async fn sandbox_create(&self, rec: &SandboxRecord) -> Result<CreateOutcome>;
+    async fn sandbox_get(&self, id: &SandboxId) -> Result<Option<SandboxRecord>>;
+    /// Sandboxes in creation order, filtered; `next_cursor` is set when more follow.
+    async fn sandbox_list(&self, filter: &SandboxFilter) -> Result<Page<SandboxRecord>>;
+    /// Writes every mutable field of `rec` (state, worker, times, failure,
+    /// lease, labels), only if the stored fencing token equals
+    /// `rec.fencing_token`; otherwise `Conflict` ("stale fencing token").
+    /// `NotFound` when no such sandbox.
+    async fn sandbox_update(&self, rec: &SandboxRecord) -> Result<()>;
+    /// Gives the sandbox to `worker` with a lease until `lease_until`,
+    /// incrementing the fencing token; returns the updated record.
+    async fn sandbox_claim(
+        &self,
+        id: &SandboxId,
+        worker: &WorkerId,
+        lease_until: OffsetDateTime,
+    ) -> Result<SandboxRecord>;
+    /// Extends the lease of every live sandbox held by `worker`; returns how many.
+    async fn lease_renew(&self, worker: &WorkerId, lease_until: OffsetDateTime) -> Result<u64>;
+    /// Every sandbox not in a terminal state (for reconcilers), any tenant.
+    async fn sandbox_list_live(&self) -> Result<Vec<SandboxRecord>>;
+    /// Live sandboxes whose `expires_at` is at or before `now`.
+    async fn sandbox_list_expired(&self, now: OffsetDateTime) -> Result<Vec<SandboxRecord>>;
+    /// Number of sandboxes per state name (all tenants), states with none omitted.
+    async fn sandbox_count_by_state(&self) -> Result<Vec<(String, i64)>>;
+
+    // --- audit (append-only) -------------------------------------------
+
+    /// Appends an event durably: it is committed when this returns.
+    async fn audit_append(&self, event: &AuditEvent) -> Result<()>;
+    /// Events in append order, filtered.
+    async fn audit_list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>>;
+
+    // --- workers --------------------------------------------------------
+
+    async fn worker_upsert(&self, worker: &WorkerRecord) -> Result<()>;
+    async fn worker_get(&self, id: &WorkerId) -> Result<Option<WorkerRecord>>;
+    async fn worker_list(&self) -> Result<Vec<WorkerRecord>>;
+    /// `NotFound` when no such worker.
+    async fn worker_set_state(&self, id: &WorkerId, state: WorkerState) -> Result<()>;
+}
+
+/// A shared handle to either backend.
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store named by `url` — `sqlite://PATH` (created if missing,
+/// WAL mode) or `postgres://…` — and runs the embedded migrations.
+pub async fn open(url: &str) -> Result<DynStore> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        // SKELETON: becomes `Ok(Arc::new(sqlite::SqliteStore::open(path).await?))`.
+        let _ = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
+        Err(Error::Internal("sqlite store not built yet".into()))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // SKELETON: becomes `Ok(Arc::new(postgres::PostgresStore::open(url).await?))`.
+        let _ = postgres::PostgresStore::open(url).await?;
+        Err(Error::Internal("postgres store not built yet".into()))
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "unknown store {url:?}: use sqlite://PATH or postgres://USER@HOST/DB"
+        )))
+    }
+}
+
+/// Prefix of the `Internal` message for a database that cannot be reached;
+/// the HTTP edge answers such errors with 503.
+pub const UNAVAILABLE_PREFIX: &str = "store unavailable: ";
+
+/// Whether `err` says the database could not be reached (503 rather than 500).
+pub fn is_unavailable(err: &Error) -> bool {
+    matches!(err, Error::Internal(m) if m.starts_with(UNAVAILABLE_PREFIX))
+}

@@ -1,0 +1,255 @@
+//! The records the store keeps. Plain data: no behaviour beyond conversions.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use stacyvm_core::{EventId, KeyId, Network, SandboxId, SandboxState, TenantId, WorkerId};
+use time::OffsetDateTime;
+
+/// What a key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, every tenant.
+    Admin,
+    /// Its tenant's sandboxes (create, exec, files, destroy) and audit.
+    Member,
+    /// Read-only, its tenant.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "member" => Some(Role::Member),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// Per-tenant limits; `None` is unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Quota {
+    pub max_sandboxes: Option<i64>,
+    pub max_cpu: Option<f64>,
+    pub max_memory_mb: Option<i64>,
+    pub max_timeout_s: Option<i64>,
+    pub max_exec_per_minute: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: KeyId,
+    pub tenant_id: TenantId,
+    pub role: Role,
+    pub name: String,
+    /// Hex SHA-256 of the secret; the secret itself is never stored.
+    pub key_hash: String,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// Why a sandbox failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+}
+
+/// One sandbox row: the spec it was created from, where it lives, and its
+/// lifecycle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: SandboxId,
+    pub tenant_id: TenantId,
+    pub state: SandboxState,
+    pub provider: String,
+    pub worker_id: Option<WorkerId>,
+    pub image: String,
+    pub template: Option<String>,
+    pub cpu: f64,
+    pub memory_mb: i64,
+    pub network: Network,
+    pub labels: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub timeout_s: i64,
+    pub created_at: OffsetDateTime,
+    pub started_at: Option<OffsetDateTime>,
+    pub expires_at: Option<OffsetDateTime>,
+    pub destroyed_at: Option<OffsetDateTime>,
+    pub failure: Option<Failure>,
+    /// Until when `worker_id` holds the sandbox.
+    pub lease_expires_at: Option<OffsetDateTime>,
+    /// Grows every time ownership changes; stale holders are refused.
+    pub fencing_token: i64,
+    /// The create's `Idempotency-Key`, unique per tenant.
+    pub idempotency_key: Option<String>,
+}
+
+/// The result of [`crate::Store::sandbox_create`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum CreateOutcome {
+    Created(SandboxRecord),
+    /// A sandbox created earlier with the same idempotency key.
+    Existing(SandboxRecord),
+}
+
+/// A page request: up to `limit` items after `cursor` (an opaque string
+/// returned as `next_cursor` by the previous page).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    pub cursor: Option<String>,
+    pub limit: u32,
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        PageRequest { cursor: None, limit: 100 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// `None` at the end.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SandboxFilter {
+    /// Only this tenant's; all tenants when `None`.
+    pub tenant_id: Option<TenantId>,
+    pub state: Option<SandboxState>,
+    /// Every `(key, value)` must match.
+    pub labels: Vec<(String, String)>,
+    pub page: PageRequest,
+}
+
+/// Who made a call, as the audit log records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    pub key_id: Option<KeyId>,
+    pub role: Option<Role>,
+}
+
+/// `ok`, `denied` or `error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Ok,
+    Denied,
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        match s {
+            "ok" => Some(Outcome::Ok),
+            "denied" => Some(Outcome::Denied),
+            "error" => Some(Outcome::Error),
+            _ => None,
+        }
+    }
+}
+
+/// One append-only audit event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub id: EventId,
+    pub ts: OffsetDateTime,
+    /// `None` for refusals with no valid key.
+    pub tenant_id: Option<TenantId>,
+    pub actor: Actor,
+    /// `sandbox.create`, `sandbox.destroy`, `sandbox.exec`, `file.write`, …
+    pub action: String,
+    /// The object acted on (a sandbox id, a path, a key id…).
+    pub target: Option<String>,
+    /// The sandbox concerned, when there is one (for filtering).
+    pub sandbox_id: Option<String>,
+    pub outcome: Outcome,
+    pub status: i32,
+    pub request_id: String,
+    pub source_ip: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuditFilter {
+    /// Only this tenant's events; all (including tenant-less ones) when `None`.
+    pub tenant_id: Option<TenantId>,
+    pub sandbox_id: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub since: Option<OffsetDateTime>,
+    pub page: PageRequest,
+}
+
+/// A worker's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Ready,
+    /// Keeps its sandboxes, takes no new ones.
+    Draining,
+    /// Missed its heartbeats past the lease time.
+    Down,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+            WorkerState::Down => "down",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WorkerState> {
+        match s {
+            "ready" => Some(WorkerState::Ready),
+            "draining" => Some(WorkerState::Draining),
+            "down" => Some(WorkerState::Down),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: WorkerId,
+    /// Where the control plane reaches it (`local` for the in-process worker).
+    pub address: String,
+    pub providers: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// How many live sandboxes it takes.
+    pub capacity: i64,
+    pub state: WorkerState,
+    pub registered_at: OffsetDateTime,
+    pub last_heartbeat: OffsetDateTime,
+}
