@@ -372,6 +372,38 @@ impl ImageCatalog {
         Ok(())
     }
 
+    /// The metadata and an open handle on the tar of the current version of
+    /// `name`, both read from the same version so they always match (a
+    /// concurrent re-import cannot pair one digest with another's bytes).
+    /// `ImageNotFound` when there is no such image.
+    pub async fn open_tar(&self, name: &str) -> Result<(ImageInfo, tokio::fs::File)> {
+        validate_image_name(name)?;
+        let missing =
+            || Error::ImageNotFound(format!("no image named {name:?} in the image catalog"));
+        let link = self.dir.join(safe_name(name));
+        let version_dir = match tokio::fs::read_link(&link).await {
+            Ok(target) => self.dir.join(target),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+            Err(e) => {
+                return Err(Error::internal(
+                    format_args!("reading {}", link.display()),
+                    e,
+                ))
+            }
+        };
+        let info = read_meta(&version_dir.join(META_FILE))
+            .await?
+            .ok_or_else(missing)?;
+        match tokio::fs::File::open(version_dir.join(TAR_FILE)).await {
+            Ok(file) => Ok((info, file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(missing()),
+            Err(e) => Err(Error::internal(
+                format_args!("opening the tar of image {name:?}"),
+                e,
+            )),
+        }
+    }
+
     /// The unpacked root directory of the current version of `name`.
     ///
     /// The path is resolved to the version directory, so a caller keeps a
