@@ -1,1 +1,16 @@
-//! placeholder
+//! The StacyVM agent: the small binary that runs inside every sandbox and
+//! serves exec, streaming exec and file operations over one framed,
+//! multiplexed connection; and the protocol it speaks, shared with the
+//! host-side client (`stacyvm_agent::protocol`).
+//!
+//! The agent uses plain threads and blocking I/O (no async runtime), so it
+//! stays small and its idle footprint stays low.
+
+pub mod conn;
+pub mod exec;
+pub mod files;
+pub mod flow;
+pub mod protocol;
+pub mod root;
+pub mod server;
+pub mod upload;

@@ -1,0 +1,418 @@
+//! One client connection: the version handshake, the reader loop that
+//! routes frames to in-flight requests, and one thread per request.
+//!
+//! Bad input (a malformed frame, an unknown kind, bad JSON, an oversize
+//! frame) is answered with an error frame and closes this connection only;
+//! handlers run under `catch_unwind`, so nothing a client sends takes the
+//! agent down.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use stacyvm_core::error::WireError;
+use stacyvm_core::{Error, FileEntry};
+
+use crate::flow::{lock, ConnWriter, Flow, Out, Sent};
+use crate::protocol::{
+    choose_version, read_frame, AgentInfo, Frame, Hello, Kind, ProtocolError, ReadError, Request,
+    CHUNK_SIZE, PROTOCOL_VERSIONS, WINDOW,
+};
+use crate::root::Root;
+use crate::upload::{Upload, UploadRx};
+use crate::{exec, files};
+
+/// The agent's release version.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Stack of request threads: handlers keep little on the stack, and many
+/// may run at once.
+const HANDLER_STACK: usize = 256 * 1024;
+
+/// Size JSON batches of list and glob answers are cut at.
+const BATCH_BYTES: usize = 512 * 1024;
+
+static CONN_COUNTER: AtomicU64 = AtomicU64::new(1);
+
+/// A request in flight, as the reader sees it.
+struct Slot {
+    flow: Arc<Flow>,
+    /// Where uploaded chunks go; `None` once `End` arrived or when the
+    /// request takes no upload.
+    upload: Option<SyncSender<Upload>>,
+}
+
+struct Shared {
+    writer: Arc<ConnWriter>,
+    slots: Mutex<HashMap<u32, Slot>>,
+    root: Root,
+    protocol: u32,
+    conn: u64,
+}
+
+/// Serves one connection until the client closes it or breaks the protocol.
+pub fn serve(mut reader: impl Read, writer: ConnWriter, root: Root) {
+    let conn = CONN_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let writer = Arc::new(writer);
+    let protocol = match handshake(&mut reader, &writer) {
+        Ok(v) => v,
+        Err(reason) => {
+            eprintln!("stacyvm-agent: conn {conn}: handshake failed: {reason}");
+            writer.mark_dead();
+            return;
+        }
+    };
+    let shared = Arc::new(Shared {
+        writer,
+        slots: Mutex::new(HashMap::new()),
+        root,
+        protocol,
+        conn,
+    });
+    let end = read_loop(&mut reader, &shared);
+    match &end {
+        ReadError::Closed => {}
+        e => eprintln!("stacyvm-agent: conn {conn}: closing: {e}"),
+    }
+    if let ReadError::Protocol(e) = &end {
+        shared
+            .writer
+            .send(&Frame::error(e.id().unwrap_or(0), &e.to_wire()));
+    }
+    shared.writer.mark_dead();
+    // Every request still running is cancelled: nobody will read its answer.
+    let slots: Vec<Slot> = lock(&shared.slots).drain().map(|(_, s)| s).collect();
+    for s in slots {
+        s.flow.cancel();
+    }
+}
+
+fn handshake(reader: &mut impl Read, writer: &ConnWriter) -> Result<u32, String> {
+    let frame = read_frame(reader).map_err(|e| e.to_string())?;
+    let refuse = |err: WireError| {
+        writer.send(&Frame::error(frame.id, &err));
+        err.message
+    };
+    if frame.kind != Kind::Hello {
+        return Err(refuse(WireError {
+            code: "invalid_request".into(),
+            message: format!("the first frame must be hello, not {:?}", frame.kind),
+        }));
+    }
+    let hello: Hello = match frame.parse() {
+        Ok(h) => h,
+        Err(e) => return Err(refuse(e.to_wire())),
+    };
+    let Some(version) = choose_version(&hello.versions) else {
+        return Err(refuse(WireError {
+            code: "unsupported".into(),
+            message: format!(
+                "no common protocol version: the client speaks {:?}, the agent {:?}",
+                hello.versions, PROTOCOL_VERSIONS
+            ),
+        }));
+    };
+    let info = AgentInfo {
+        version: AGENT_VERSION.into(),
+        protocol: version,
+        pid: std::process::id(),
+    };
+    if !writer.send(&Frame::json(frame.id, Kind::HelloOk, &info)) {
+        return Err("the client went away".into());
+    }
+    Ok(version)
+}
+
+fn unexpected(id: u32, reason: impl Into<String>) -> ReadError {
+    ReadError::Protocol(ProtocolError::Unexpected {
+        id,
+        reason: reason.into(),
+    })
+}
+
+/// Reads and routes frames until the connection ends; returns why.
+fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
+    loop {
+        let frame = match read_frame(reader) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        let id = frame.id;
+        match frame.kind {
+            Kind::Request => {
+                let req: Request = match frame.parse() {
+                    Ok(r) => r,
+                    Err(e) => return ReadError::Protocol(e),
+                };
+                let mut slots = lock(&shared.slots);
+                if slots.contains_key(&id) {
+                    return unexpected(id, "request id already in use");
+                }
+                let flow = Arc::new(Flow::new(WINDOW));
+                let (upload_tx, upload_rx) = if req.has_upload() {
+                    // One spare place for the `End` behind a full window.
+                    let (tx, rx) = sync_channel(WINDOW as usize + 1);
+                    (Some(tx), Some(UploadRx::new(rx)))
+                } else {
+                    (None, None)
+                };
+                slots.insert(
+                    id,
+                    Slot {
+                        flow: flow.clone(),
+                        upload: upload_tx,
+                    },
+                );
+                drop(slots);
+                let out = Out {
+                    writer: shared.writer.clone(),
+                    flow,
+                    id,
+                };
+                let task_shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .stack_size(HANDLER_STACK)
+                    .spawn(move || run_request(&task_shared, req, out, upload_rx));
+                if let Err(e) = spawned {
+                    lock(&shared.slots).remove(&id);
+                    let err = Error::internal("starting a request thread", e);
+                    shared.writer.send(&Frame::error(id, &err.to_wire()));
+                }
+            }
+            Kind::Data | Kind::End => {
+                let mut slots = lock(&shared.slots);
+                // Requests that already ended (e.g. failed early) drop
+                // whatever the client still had in flight.
+                let Some(slot) = slots.get_mut(&id) else {
+                    continue;
+                };
+                let Some(tx) = slot.upload.as_ref() else {
+                    return unexpected(id, "data frame for a request that takes no (more) data");
+                };
+                if frame.kind == Kind::End {
+                    // The spare place in the queue is for this: it cannot be full.
+                    let _ = tx.try_send(Upload::End);
+                    slot.upload = None;
+                    continue;
+                }
+                if frame.payload.len() > CHUNK_SIZE * 4 {
+                    return unexpected(id, "data chunk larger than 256 KiB");
+                }
+                match tx.try_send(Upload::Data(frame.payload)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => {
+                        return unexpected(id, "data frames sent beyond the credit window");
+                    }
+                    // The handler stopped reading (it failed or finished).
+                    Err(TrySendError::Disconnected(_)) => slot.upload = None,
+                }
+            }
+            Kind::Cancel => {
+                if let Some(slot) = lock(&shared.slots).get_mut(&id) {
+                    slot.upload = None;
+                    slot.flow.cancel();
+                }
+            }
+            Kind::Credit => {
+                let n = match frame.credit_count() {
+                    Ok(n) => n,
+                    Err(e) => return ReadError::Protocol(e),
+                };
+                if let Some(slot) = lock(&shared.slots).get(&id) {
+                    slot.flow.add_credit(n);
+                }
+            }
+            other => return unexpected(id, format!("a client may not send {other:?} frames")),
+        }
+    }
+}
+
+/// What a request ends with.
+enum Answer {
+    Ok(Vec<u8>),
+    Frame(Kind, Vec<u8>),
+    Err(Error),
+    /// Cancelled or the connection is gone: nothing more to say.
+    Nothing,
+}
+
+fn run_request(shared: &Arc<Shared>, req: Request, out: Out, upload: Option<UploadRx>) {
+    let op = op_name(&req);
+    let answer = catch_unwind(AssertUnwindSafe(|| handle(shared, req, &out, upload)))
+        .unwrap_or_else(|_| {
+            eprintln!(
+                "stacyvm-agent: conn {}: request {}: {op} panicked",
+                shared.conn, out.id
+            );
+            Answer::Err(Error::Internal(format!(
+                "the agent failed while handling {op}"
+            )))
+        });
+    // The id is free again before the client can see the answer.
+    lock(&shared.slots).remove(&out.id);
+    match answer {
+        Answer::Ok(payload) => {
+            out.send(Kind::Ok, payload);
+        }
+        Answer::Frame(kind, payload) => {
+            out.send(kind, payload);
+        }
+        Answer::Err(e) => {
+            out.writer.send(&Frame::error(out.id, &e.to_wire()));
+        }
+        Answer::Nothing => {}
+    }
+}
+
+fn op_name(req: &Request) -> &'static str {
+    match req {
+        Request::Health => "health",
+        Request::Exec(_) => "exec",
+        Request::FileWrite { .. } => "file_write",
+        Request::FileRead { .. } => "file_read",
+        Request::FileStat { .. } => "file_stat",
+        Request::FileList { .. } => "file_list",
+        Request::FileMove { .. } => "file_move",
+        Request::FileChmod { .. } => "file_chmod",
+        Request::FileMkdir { .. } => "file_mkdir",
+        Request::FileDelete { .. } => "file_delete",
+        Request::FileGlob { .. } => "file_glob",
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Answer {
+    match serde_json::to_vec(v) {
+        Ok(b) => Answer::Ok(b),
+        Err(e) => Answer::Err(Error::internal("encoding the answer", e)),
+    }
+}
+
+fn entry(r: stacyvm_core::Result<FileEntry>) -> Answer {
+    match r {
+        Ok(e) => json(&e),
+        Err(e) => Answer::Err(e),
+    }
+}
+
+fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) -> Answer {
+    let root = &shared.root;
+    match req {
+        Request::Health => json(&AgentInfo {
+            version: AGENT_VERSION.into(),
+            protocol: shared.protocol,
+            pid: std::process::id(),
+        }),
+        Request::Exec(spec) => match exec::run(root, &spec, out, upload) {
+            Ok(exit) => match serde_json::to_vec(&exit) {
+                Ok(b) => Answer::Frame(Kind::Exit, b),
+                Err(e) => Answer::Err(Error::internal("encoding the exit", e)),
+            },
+            Err(e) => Answer::Err(e),
+        },
+        Request::FileWrite { path, mode } => file_write(root, &path, mode, out, upload),
+        Request::FileRead { path } => file_read(root, &path, out),
+        Request::FileStat { path } => entry(files::stat(root, &path)),
+        Request::FileList { path, recursive } => match files::list(root, &path, recursive) {
+            Ok(entries) => send_batches(out, &entries),
+            Err(e) => Answer::Err(e),
+        },
+        Request::FileMove {
+            from,
+            to,
+            overwrite,
+        } => entry(files::move_path(root, &from, &to, overwrite)),
+        Request::FileChmod { path, mode } => entry(files::chmod(root, &path, mode)),
+        Request::FileMkdir { path, parents } => entry(files::mkdir(root, &path, parents)),
+        Request::FileDelete { path, recursive } => match files::delete(root, &path, recursive) {
+            Ok(()) => Answer::Ok(b"null".to_vec()),
+            Err(e) => Answer::Err(e),
+        },
+        Request::FileGlob { pattern } => match files::glob(root, &pattern) {
+            Ok(paths) => send_batches(out, &paths),
+            Err(e) => Answer::Err(e),
+        },
+    }
+}
+
+fn file_write(
+    root: &Root,
+    path: &str,
+    mode: Option<u32>,
+    out: &Out,
+    upload: Option<UploadRx>,
+) -> Answer {
+    let Some(mut upload) = upload else {
+        return Answer::Err(Error::Internal("file_write without an upload".into()));
+    };
+    let mut pending = match files::write_begin(root, path, mode) {
+        Ok(p) => p,
+        Err(e) => return Answer::Err(e),
+    };
+    loop {
+        match upload.next(out) {
+            Some(Upload::Data(d)) => {
+                if let Err(e) = pending.write(&d) {
+                    return Answer::Err(e);
+                }
+            }
+            Some(Upload::End) => return entry(pending.commit()),
+            // Cancelled: the temporary file goes away with `pending`.
+            None => return Answer::Nothing,
+        }
+    }
+}
+
+fn file_read(root: &Root, path: &str, out: &Out) -> Answer {
+    let mut file = match files::open_read(root, path) {
+        Ok(f) => f,
+        Err(e) => return Answer::Err(e),
+    };
+    loop {
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Answer::Err(Error::internal(format!("reading {path}"), e)),
+        };
+        if n == 0 {
+            return Answer::Frame(Kind::End, Vec::new());
+        }
+        buf.truncate(n);
+        if out.chunk(Kind::Data, buf, None) != Sent::Sent {
+            return Answer::Nothing;
+        }
+    }
+}
+
+/// Sends items as `Data` frames holding JSON arrays, then `End`.
+fn send_batches<T: serde::Serialize>(out: &Out, items: &[T]) -> Answer {
+    let mut batch = Vec::with_capacity(4096);
+    batch.push(b'[');
+    for item in items {
+        let encoded = match serde_json::to_vec(item) {
+            Ok(b) => b,
+            Err(e) => return Answer::Err(Error::internal("encoding an entry", e)),
+        };
+        if batch.len() > 1 && batch.len() + encoded.len() + 2 > BATCH_BYTES {
+            batch.push(b']');
+            if out.chunk(Kind::Data, std::mem::take(&mut batch), None) != Sent::Sent {
+                return Answer::Nothing;
+            }
+            batch.push(b'[');
+        }
+        if batch.len() > 1 {
+            batch.push(b',');
+        }
+        batch.extend_from_slice(&encoded);
+    }
+    if batch.len() > 1 {
+        batch.push(b']');
+        if out.chunk(Kind::Data, batch, None) != Sent::Sent {
+            return Answer::Nothing;
+        }
+    }
+    Answer::Frame(Kind::End, Vec::new())
+}

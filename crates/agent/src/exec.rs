@@ -1,0 +1,475 @@
+//! Running commands: argv (never a shell string), env overlay, cwd inside the
+//! root, stdin, timeouts and cancellation that kill the whole process group,
+//! output caps, and draining that never hangs on a grandchild holding the
+//! pipes open.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stacyvm_core::{Error, ExitStatus, Result};
+
+use crate::flow::{Out, Sent};
+use crate::protocol::{ExecSpec, ExitFrame, Kind, CHUNK_SIZE};
+use crate::root::Root;
+use crate::upload::{Upload, UploadRx};
+
+/// PATH for commands when neither the sandbox nor the request sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long output is still drained after the command exited, for
+/// background processes that keep the pipes open.
+const DRAIN_GRACE: Duration = Duration::from_millis(200);
+
+/// Hard bound on draining after exit, even while output keeps flowing.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
+
+/// Runs `spec` and streams its output to `out`. Returns the exit frame, or
+/// an error when the command could not be set up (bad cwd, empty argv).
+/// A program that cannot be started is not an error: it exits 127 or 126
+/// with the reason on stderr, as a shell would.
+pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) -> Result<ExitFrame> {
+    let mut cmd = build_command(root, spec)?;
+    cmd.stdin(if upload.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    cmd.stdout(Stdio::piped());
+    cmd.stderr(Stdio::piped());
+    // Its own process group, so a timeout or cancel kills everything it
+    // started (that did not leave the group).
+    cmd.process_group(0);
+
+    let started = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return spawn_failed(spec, out, upload, e, started),
+    };
+    let pid = child.id() as i32;
+    out.flow.set_group(pid);
+
+    let (notify_r, notify_w) = pipe()?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+
+    std::thread::scope(|s| {
+        // The waiter learns of the exit without reaping, so the group id
+        // stays ours (and killable) until we reap it below.
+        let waiter = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn_scoped(s, move || {
+                let ok = wait_exit_no_reap(pid);
+                let mut w = std::fs::File::from(notify_w);
+                let _ = w.write_all(&[u8::from(ok)]);
+            });
+        if waiter.is_err() {
+            // Without the waiter the exit is found by polling below.
+            eprintln!("stacyvm-agent: exec: cannot start the waiter thread; polling for exit");
+        }
+        if let Some(up) = upload {
+            // Detached: it may stay blocked on a pipe a background process
+            // holds open without reading, and must not hold up the answer.
+            let out = out.clone();
+            let spawned = std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || pump_stdin(up, stdin, &out));
+            if spawned.is_err() {
+                eprintln!("stacyvm-agent: exec: cannot start the stdin thread");
+            }
+        }
+        let deadline =
+            (spec.timeout_ms > 0).then(|| started + Duration::from_millis(spec.timeout_ms));
+        let pump = OutputPump {
+            out,
+            stream: spec.stream,
+            cap: spec.output_cap,
+            deadline,
+            timed_out: false,
+            stopped: false,
+            sent: [0, 0],
+            truncated: [false, false],
+        };
+        pump.run(stdout, stderr, notify_r, &mut child, started)
+    })
+}
+
+/// Prepares the command: argv, env overlay with a default PATH, cwd.
+fn build_command(root: &Root, spec: &ExecSpec) -> Result<Command> {
+    let Some(program) = spec.cmd.first() else {
+        return Err(Error::InvalidRequest("cmd must name a program".into()));
+    };
+    if program.is_empty() {
+        return Err(Error::InvalidRequest("cmd[0] must not be empty".into()));
+    }
+    if spec.cmd.iter().any(|a| a.contains('\0')) {
+        return Err(Error::InvalidRequest("cmd contains a NUL byte".into()));
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(Error::InvalidRequest(format!(
+                "env name {k:?} is not valid (empty, or contains `=` or NUL)"
+            )));
+        }
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(&spec.cmd[1..]);
+    if std::env::var_os("PATH").is_none() && !spec.env.contains_key("PATH") {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    cmd.envs(&spec.env);
+    match &spec.cwd {
+        Some(cwd) => {
+            let r = root.resolve(cwd, true)?;
+            let is_dir = std::fs::metadata(&r.host)
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
+            if !r.exists || !is_dir {
+                return Err(Error::InvalidRequest(format!(
+                    "working directory {} does not exist or is not a directory",
+                    r.logical
+                )));
+            }
+            cmd.current_dir(&r.host);
+        }
+        None if root.dir() != std::path::Path::new("/") => {
+            cmd.current_dir(root.dir());
+        }
+        None => {}
+    }
+    Ok(cmd)
+}
+
+/// Reports a program that could not be started the way a shell does.
+fn spawn_failed(
+    spec: &ExecSpec,
+    out: &Out,
+    upload: Option<UploadRx>,
+    e: std::io::Error,
+    started: Instant,
+) -> Result<ExitFrame> {
+    let program = &spec.cmd[0];
+    let (code, reason) = match e.raw_os_error() {
+        Some(libc::ENOENT) => (127, "command not found".to_owned()),
+        Some(libc::EACCES) | Some(libc::EPERM) => (126, "permission denied".to_owned()),
+        Some(libc::ENOEXEC) => (126, "exec format error".to_owned()),
+        Some(libc::EISDIR) => (126, "is a directory".to_owned()),
+        Some(libc::ENOTDIR) => (127, "not a directory".to_owned()),
+        _ => return Err(Error::Internal(format!("starting {program:?}: {e}"))),
+    };
+    // Swallow any stdin the client sends, so its credit keeps flowing.
+    if let Some(mut up) = upload {
+        while let Some(Upload::Data(_)) = up.next(out) {}
+    }
+    let msg = format!("stacyvm: {program}: {reason}\n").into_bytes();
+    let mut truncated = false;
+    let mut msg = msg;
+    if !spec.stream && msg.len() as u64 > spec.output_cap {
+        msg.truncate(spec.output_cap as usize);
+        truncated = true;
+    }
+    if !msg.is_empty() {
+        let _ = out.chunk(Kind::Stderr, msg, None);
+    }
+    Ok(ExitFrame {
+        status: ExitStatus {
+            exit_code: Some(code),
+            signal: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+            timed_out: false,
+        },
+        stdout_truncated: false,
+        stderr_truncated: truncated,
+    })
+}
+
+/// Copies the client's stdin frames into the child's stdin, then closes it.
+/// Keeps consuming (and crediting) frames after the child stopped reading.
+fn pump_stdin(mut up: UploadRx, mut stdin: Option<std::process::ChildStdin>, out: &Out) {
+    while let Some(Upload::Data(d)) = up.next(out) {
+        if let Some(w) = stdin.as_mut() {
+            if w.write_all(&d).is_err() {
+                stdin = None;
+            }
+        }
+    }
+    drop(stdin);
+}
+
+struct OutputPump<'a> {
+    out: &'a Out,
+    stream: bool,
+    cap: u64,
+    deadline: Option<Instant>,
+    timed_out: bool,
+    /// The client went away or cancelled: keep draining, send nothing.
+    stopped: bool,
+    sent: [u64; 2],
+    truncated: [bool; 2],
+}
+
+impl OutputPump<'_> {
+    fn run(
+        mut self,
+        stdout: Option<std::process::ChildStdout>,
+        stderr: Option<std::process::ChildStderr>,
+        notify: OwnedFd,
+        child: &mut Child,
+        started: Instant,
+    ) -> Result<ExitFrame> {
+        let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
+            stdout.map(|p| Box::new(p) as Box<dyn ReadFd>),
+            stderr.map(|p| Box::new(p) as Box<dyn ReadFd>),
+        ];
+        let mut notify = Some(notify);
+        let mut exited_at: Option<Instant> = None;
+        // Set when the waiter could not wait; the exit is then polled for.
+        let mut poll_exit = false;
+        let mut status: Option<std::process::ExitStatus> = None;
+        let mut buf = vec![0u8; CHUNK_SIZE];
+
+        loop {
+            let now = Instant::now();
+            if exited_at.is_none() {
+                if let Some(d) = self.deadline {
+                    if now >= d && !self.timed_out {
+                        self.timed_out = true;
+                        self.out.flow.kill_group();
+                    }
+                }
+            }
+            if let Some(at) = exited_at {
+                let open = pipes.iter().any(Option::is_some);
+                if !open || now >= at + DRAIN_MAX {
+                    break;
+                }
+            }
+            if poll_exit && exited_at.is_none() {
+                if let Ok(Some(st)) = self.out.flow.reap_with(|| child.try_wait()) {
+                    status = Some(st);
+                    exited_at = Some(Instant::now());
+                    continue;
+                }
+            }
+
+            // How long to sleep in poll.
+            let mut wait: Option<Duration> = None;
+            if let Some(at) = exited_at {
+                wait = Some((at + DRAIN_GRACE).saturating_duration_since(now));
+            } else if let (Some(d), false) = (self.deadline, self.timed_out) {
+                wait = Some(d.saturating_duration_since(now));
+            }
+            if poll_exit {
+                let tick = Duration::from_millis(20);
+                wait = Some(wait.map_or(tick, |w| w.min(tick)));
+            }
+
+            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
+            for p in pipes.iter().flatten() {
+                fds.push(libc::pollfd {
+                    fd: p.raw(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            if let Some(n) = &notify {
+                fds.push(libc::pollfd {
+                    fd: n.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let timeout_ms: libc::c_int = match wait {
+                None => -1,
+                Some(w) => {
+                    w.as_millis().min(i32::MAX as u128) as libc::c_int
+                        + i32::from(w.subsec_nanos() % 1_000_000 != 0)
+                }
+            };
+            // SAFETY: `fds` is a valid, initialised array of `fds.len()`
+            // pollfd structs that outlives the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.out.flow.kill_group();
+                return Err(Error::Internal(format!("poll failed: {e}")));
+            }
+            if n == 0 {
+                if let Some(at) = exited_at {
+                    if Instant::now() >= at + DRAIN_GRACE {
+                        break;
+                    }
+                }
+                continue;
+            }
+            for fd in fds.iter().filter(|f| f.revents != 0) {
+                if notify.as_ref().map(AsRawFd::as_raw_fd) == Some(fd.fd) {
+                    let mut b = [0u8; 1];
+                    let ok = notify
+                        .take()
+                        .map(|n| {
+                            std::fs::File::from(n)
+                                .read(&mut b)
+                                .map(|k| k == 1 && b[0] == 1)
+                        })
+                        .and_then(|r| r.ok())
+                        .unwrap_or(false);
+                    if ok {
+                        let st = self.out.flow.reap_with(|| child.wait());
+                        status = st.ok();
+                        exited_at = Some(Instant::now());
+                    } else {
+                        poll_exit = true;
+                    }
+                    continue;
+                }
+                for (i, slot) in pipes.iter_mut().enumerate() {
+                    let Some(p) = slot else { continue };
+                    if p.raw() != fd.fd {
+                        continue;
+                    }
+                    match p.read_some(&mut buf) {
+                        Ok(0) | Err(_) => *slot = None,
+                        Ok(k) => self.deliver(i, &buf[..k]),
+                    }
+                }
+            }
+        }
+        drop(pipes);
+        let elapsed = exited_at
+            .unwrap_or_else(Instant::now)
+            .duration_since(started);
+        let status = match status {
+            Some(s) => s,
+            None => {
+                // Unreachable in practice (the loop ends after the exit),
+                // but never leave the child unreaped.
+                self.out.flow.kill_group();
+                self.out
+                    .flow
+                    .reap_with(|| child.wait())
+                    .map_err(|e| Error::internal("waiting for the command", e))?
+            }
+        };
+        let (exit_code, signal) = if self.timed_out && status.code().is_none() {
+            (None, Some(libc::SIGKILL))
+        } else {
+            (status.code(), status.signal())
+        };
+        Ok(ExitFrame {
+            status: ExitStatus {
+                exit_code,
+                signal,
+                duration_ms: elapsed.as_millis() as u64,
+                timed_out: self.timed_out,
+            },
+            stdout_truncated: self.truncated[0],
+            stderr_truncated: self.truncated[1],
+        })
+    }
+
+    /// Sends (or, past the cap, counts and drops) one piece of output.
+    fn deliver(&mut self, stream: usize, data: &[u8]) {
+        if self.stopped {
+            return;
+        }
+        let mut data = data;
+        if !self.stream {
+            let room = self.cap.saturating_sub(self.sent[stream]);
+            if (data.len() as u64) > room {
+                self.truncated[stream] = true;
+                data = &data[..room as usize];
+            }
+            if data.is_empty() {
+                return;
+            }
+        }
+        self.sent[stream] += data.len() as u64;
+        let kind = if stream == 0 {
+            Kind::Stdout
+        } else {
+            Kind::Stderr
+        };
+        loop {
+            let deadline = if self.timed_out { None } else { self.deadline };
+            match self.out.chunk(kind, data.to_vec(), deadline) {
+                Sent::Sent => return,
+                Sent::Stopped => {
+                    self.stopped = true;
+                    self.out.flow.kill_group();
+                    return;
+                }
+                Sent::Deadline => {
+                    self.timed_out = true;
+                    self.out.flow.kill_group();
+                }
+            }
+        }
+    }
+}
+
+/// A child's output pipe.
+trait ReadFd: Send {
+    fn raw(&self) -> RawFd;
+    fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl<T: Read + AsRawFd + Send> ReadFd for T {
+    fn raw(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+    fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+/// Waits until `pid` exited, leaving it unreaped (`WNOWAIT`). False if the
+/// wait failed.
+fn wait_exit_no_reap(pid: i32) -> bool {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value for the kernel to
+        // fill in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid, writable siginfo_t; waitid does not
+        // keep the pointer.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            return true;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a writable array of two ints, as pipe2 requires.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(Error::internal(
+            "creating a pipe",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}

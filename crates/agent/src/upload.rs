@@ -1,0 +1,56 @@
+//! The receiving end of a byte stream the client uploads (stdin, file
+//! contents): frames arrive through a bounded queue filled by the
+//! connection's reader, and credit goes back as they are consumed.
+
+use std::sync::mpsc::Receiver;
+
+use crate::flow::Out;
+use crate::protocol::WINDOW;
+
+/// One item of an upload.
+#[derive(Debug)]
+pub enum Upload {
+    Data(Vec<u8>),
+    End,
+}
+
+/// The handler's side of an upload.
+pub struct UploadRx {
+    rx: Receiver<Upload>,
+    consumed: u32,
+    ended: bool,
+}
+
+impl UploadRx {
+    pub fn new(rx: Receiver<Upload>) -> UploadRx {
+        UploadRx {
+            rx,
+            consumed: 0,
+            ended: false,
+        }
+    }
+
+    /// The next item; `None` when the request was cancelled or the
+    /// connection is gone (the queue's sender was dropped before `End`).
+    pub fn next(&mut self, out: &Out) -> Option<Upload> {
+        if self.ended {
+            return None;
+        }
+        match self.rx.recv() {
+            Ok(Upload::Data(d)) => {
+                self.consumed += 1;
+                // Credit in batches to halve the frames going back.
+                if self.consumed >= WINDOW / 2 {
+                    out.credit(self.consumed);
+                    self.consumed = 0;
+                }
+                Some(Upload::Data(d))
+            }
+            Ok(Upload::End) => {
+                self.ended = true;
+                Some(Upload::End)
+            }
+            Err(_) => None,
+        }
+    }
+}
