@@ -6,6 +6,7 @@
 //! Only this crate speaks SQL. Both backends pass the same conformance suite
 //! (`tests/store`), run against real databases.
 
+mod common;
 pub mod model;
 pub mod postgres;
 pub mod sqlite;
@@ -13,7 +14,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use stacyvm_core::{Error, Result, SandboxId, TenantId, WorkerId, KeyId};
+use stacyvm_core::{Error, KeyId, Result, SandboxId, TenantId, WorkerId};
 use time::OffsetDateTime;
 
 pub use model::*;
@@ -52,7 +53,8 @@ pub trait Store: Send + Sync + 'static {
     async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>>;
     async fn key_get(&self, id: &KeyId) -> Result<Option<ApiKey>>;
     /// Keys, oldest first; only `tenant`'s when given.
-    async fn key_list(&self, tenant: Option<&TenantId>, page: &PageRequest) -> Result<Page<ApiKey>>;
+    async fn key_list(&self, tenant: Option<&TenantId>, page: &PageRequest)
+        -> Result<Page<ApiKey>>;
     /// Marks the key revoked at `at`; `false` when no such key. Revoking a
     /// revoked key keeps the first revocation time and returns `true`.
     async fn key_revoke(&self, id: &KeyId, at: OffsetDateTime) -> Result<bool>;
@@ -117,13 +119,11 @@ pub type DynStore = Arc<dyn Store>;
 /// WAL mode) or `postgres://…` — and runs the embedded migrations.
 pub async fn open(url: &str) -> Result<DynStore> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        // SKELETON: becomes `Ok(Arc::new(sqlite::SqliteStore::open(path).await?))`.
-        let _ = sqlite::SqliteStore::open(std::path::Path::new(path)).await?;
-        Err(Error::Internal("sqlite store not built yet".into()))
+        Ok(Arc::new(
+            sqlite::SqliteStore::open(std::path::Path::new(path)).await?,
+        ))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        // SKELETON: becomes `Ok(Arc::new(postgres::PostgresStore::open(url).await?))`.
-        let _ = postgres::PostgresStore::open(url).await?;
-        Err(Error::Internal("postgres store not built yet".into()))
+        Ok(Arc::new(postgres::PostgresStore::open(url).await?))
     } else {
         Err(Error::InvalidRequest(format!(
             "unknown store {url:?}: use sqlite://PATH or postgres://USER@HOST/DB"

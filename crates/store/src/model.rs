@@ -122,7 +122,10 @@ pub struct PageRequest {
 
 impl Default for PageRequest {
     fn default() -> Self {
-        PageRequest { cursor: None, limit: 100 }
+        PageRequest {
+            cursor: None,
+            limit: 100,
+        }
     }
 }
 
