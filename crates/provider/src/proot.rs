@@ -432,9 +432,10 @@ impl ProotProvider {
             ),
             None => None,
         };
+        let filter = untranslated_syscalls_filter();
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe system calls (setsid, open, write, close) on
-        // memory prepared before the fork; it allocates nothing.
+        // makes async-signal-safe system calls (setsid, open, write, close,
+        // prctl) on memory prepared before the fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setsid() < 0 {
@@ -453,7 +454,7 @@ impl ProotProvider {
                         return Err(err);
                     }
                 }
-                Ok(())
+                install_filter(&filter)
             });
         }
         cmd.spawn()
@@ -534,7 +535,14 @@ impl Provider for ProotProvider {
                 ),
             };
         }
-        let run = tokio::process::Command::new(&proot)
+        let mut cmd = tokio::process::Command::new(&proot);
+        let filter = untranslated_syscalls_filter();
+        // SAFETY: as in start_proot: only async-signal-safe calls on memory
+        // prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || install_filter(&filter));
+        }
+        let run = cmd
             .args(["-r", "/", "/bin/true"])
             .env_clear()
             .env("PATH", DEFAULT_PATH)
@@ -844,6 +852,122 @@ fn pick_run_base() -> PathBuf {
         }
     }
     PathBuf::from("/tmp")
+}
+
+// ---------------------------------------------------------------------------
+// System calls PRoot does not translate
+
+/// One classic BPF instruction (`struct sock_filter`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockFilter {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
+}
+
+/// `struct sock_fprog`.
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const SockFilter,
+}
+
+/// BPF_LD | BPF_W | BPF_ABS (the first two are zero).
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
+const BPF_RET_K: u16 = 0x06;
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+const SECCOMP_MODE_FILTER: libc::c_ulong = 2;
+
+#[cfg(target_arch = "x86_64")]
+mod guest_abi {
+    pub const AUDIT_ARCH: u32 = 0xc000_003e;
+    /// x32 system calls carry this bit; PRoot knows none of them.
+    pub const X32_BIT: Option<u32> = Some(0x4000_0000);
+    pub const EXECVEAT: u32 = 322;
+    pub const STATX: u32 = 332;
+}
+
+#[cfg(target_arch = "aarch64")]
+mod guest_abi {
+    pub const AUDIT_ARCH: u32 = 0xc000_00b7;
+    pub const X32_BIT: Option<u32> = None;
+    pub const EXECVEAT: u32 = 281;
+    pub const STATX: u32 = 291;
+}
+
+/// Every architecture numbers new system calls alike from here on
+/// (`open_tree`, Linux 5.2); PRoot 5.1 predates all of them.
+const FIRST_UNIFIED_SYSCALL: u32 = 428;
+
+/// A seccomp filter that makes the system calls PRoot passes through
+/// untranslated fail with `ENOSYS`. PRoot 5.1 rewrites the paths of the
+/// system calls it knows; newer ones that take paths (`statx`, `openat2`,
+/// `faccessat2`, `fchmodat2`, `execveat`, …) would otherwise reach the
+/// host's file system with the guest's paths. C libraries and Rust's
+/// standard library fall back to the older, translated calls on `ENOSYS`.
+fn untranslated_syscalls_filter() -> Vec<SockFilter> {
+    use guest_abi::*;
+    let ins = |code, jt, jf, k| SockFilter { code, jt, jf, k };
+    let mut checks: Vec<(u16, u32)> = Vec::new();
+    if let Some(bit) = X32_BIT {
+        checks.push((BPF_JMP_JGE_K, bit));
+    }
+    checks.push((BPF_JMP_JEQ_K, EXECVEAT));
+    checks.push((BPF_JMP_JEQ_K, STATX));
+    checks.push((BPF_JMP_JGE_K, FIRST_UNIFIED_SYSCALL));
+    let n = checks.len() as u8;
+    let mut prog = vec![
+        // seccomp_data.arch; other ABIs (i386 on x86_64) pass unfiltered.
+        ins(BPF_LD_W_ABS, 0, 0, 4),
+        ins(BPF_JMP_JEQ_K, 1, 0, AUDIT_ARCH),
+        ins(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        // seccomp_data.nr
+        ins(BPF_LD_W_ABS, 0, 0, 0),
+    ];
+    for (i, (code, k)) in checks.into_iter().enumerate() {
+        // Jump over the remaining checks and the ALLOW to the ERRNO return.
+        let to_errno = n - i as u8;
+        prog.push(ins(code, to_errno, 0, k));
+    }
+    prog.push(ins(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+    prog.push(ins(
+        BPF_RET_K,
+        0,
+        0,
+        SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+    ));
+    prog
+}
+
+/// Installs the filter on the calling process (inherited by everything it
+/// starts). Runs between fork and exec: system calls only.
+fn install_filter(prog: &[SockFilter]) -> io::Result<()> {
+    let fprog = SockFprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr(),
+    };
+    // SAFETY: prctl with integer arguments; no memory is passed.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fprog` points at `prog`, a valid BPF program that outlives the
+    // call; the kernel copies it.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            SECCOMP_MODE_FILTER,
+            &fprog as *const SockFprog,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -1381,6 +1505,45 @@ mod tests {
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    /// `statx` is not translated by PRoot 5.1: without the filter, a modern
+    /// `stat` inside the guest reports the host's file.
+    #[test]
+    fn the_filter_keeps_stat_inside_the_guest_root() {
+        let (Some(proot), true) = (find_in_path("proot"), Path::new("/usr/bin/stat").is_file())
+        else {
+            eprintln!("SKIPPED: needs proot and /usr/bin/stat on the host");
+            return;
+        };
+        let t = tempfile::tempdir().expect("a temp dir");
+        let root = t.path();
+        std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+        let content = "a-guest-only-size-".repeat(7);
+        std::fs::write(root.join("etc/hostname"), &content).expect("write");
+        let mut cmd = std::process::Command::new(proot);
+        cmd.arg("-r").arg(root);
+        for d in ["/usr", "/lib", "/lib64", "/bin"] {
+            if Path::new(d).exists() {
+                cmd.args(["-b", d]);
+            }
+        }
+        cmd.args(["-w", "/", "/usr/bin/stat", "-c", "%s", "/etc/hostname"]);
+        let filter = untranslated_syscalls_filter();
+        // SAFETY: only async-signal-safe calls on memory prepared before the fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || install_filter(&filter));
+        }
+        let out = cmd.output().expect("running proot");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            content.len().to_string()
+        );
     }
 
     #[test]
