@@ -44,7 +44,13 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
     cmd.process_group(0);
 
     let started = Instant::now();
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    if spec.stream {
+        // Acknowledge the start, so the client can tell setup errors (sent
+        // instead of this) from the command's own output.
+        out.send(Kind::Ok, b"null".to_vec());
+    }
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return spawn_failed(spec, out, upload, e, started),
     };
