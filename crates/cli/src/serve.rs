@@ -1,0 +1,102 @@
+//! `stacyvm serve`: flags, logging, the admin-key notice, and graceful
+//! shutdown on SIGTERM/SIGINT (sandboxes keep running and are adopted on
+//! the next start).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use stacyvm_control_plane::ServerConfig;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "STACYVM_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Where StacyVM keeps its database, images, keys and sandbox state.
+    /// Default: /var/lib/stacyvm as root, ~/.local/share/stacyvm otherwise.
+    #[arg(long, env = "STACYVM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// sqlite://PATH or postgres://USER@HOST/DB. Default: SQLite in the data dir.
+    #[arg(long, env = "STACYVM_STORE")]
+    store: Option<String>,
+    /// Providers in preference order (comma-separated).
+    #[arg(long, env = "STACYVM_PROVIDERS", value_delimiter = ',', default_value = "docker,proot")]
+    providers: Vec<String>,
+    /// Run the control plane only, without the in-process worker.
+    #[arg(long)]
+    no_local_worker: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "STACYVM_LOG_JSON")]
+    log_json: bool,
+}
+
+fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/stacyvm");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/stacyvm"),
+        None => PathBuf::from(".stacyvm"),
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STACYVM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn run(args: ServeArgs) -> Result<ExitCode> {
+    init_logging(args.log_json);
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let mut config = ServerConfig::new(data_dir.clone());
+    config.listen = args.listen;
+    if let Some(store) = args.store {
+        config.store_url = store;
+    }
+    config.providers = args.providers.into_iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect();
+    config.local_worker = !args.no_local_worker;
+    config.admin_key = std::env::var("STACYVM_ADMIN_KEY").ok().filter(|k| !k.is_empty());
+
+    let running = stacyvm_control_plane::start(config)
+        .await
+        .with_context(|| format!("starting StacyVM with data dir {}", data_dir.display()))?;
+    let url = format!("http://{}", running.addr);
+    match (&running.generated_admin_key, &running.admin_key_file) {
+        (Some(key), Some(file)) => eprintln!(
+            "\nStacyVM is up at {url}\nAdmin key (shown once; also saved to {}):\n  {key}\n\n  export STACYVM_URL={url}\n  export STACYVM_API_KEY=$(cat {})\n",
+            file.display(),
+            file.display()
+        ),
+        (None, Some(file)) => eprintln!(
+            "\nStacyVM is up at {url}\nAdmin key: in {}\n\n  export STACYVM_URL={url}\n  export STACYVM_API_KEY=$(cat {})\n",
+            file.display(),
+            file.display()
+        ),
+        _ => eprintln!("\nStacyVM is up at {url} (admin key from STACYVM_ADMIN_KEY)\n"),
+    }
+    for p in running.app.provider_status().await {
+        let mark = if p.healthy { "ok  " } else { "DOWN" };
+        eprintln!("  provider {mark} {:<8} {}", p.name, p.detail);
+    }
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down gracefully"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down gracefully"),
+    }
+    running.shutdown().await.context("shutting down")?;
+    tracing::info!("stopped; sandboxes keep running and are adopted on the next start");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,174 @@
+//! API keys: generation, hashing, lookup and the bootstrap admin key.
+//!
+//! Keys look like `svm_<43 base64url chars>` (256 random bits). Only the
+//! SHA-256 of a key is stored; lookups hash the presented key and compare
+//! the stored hash in constant time.
+
+use std::path::Path;
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use stacyvm_core::{now, Error, KeyId, Result, TenantId};
+use stacyvm_store::{ApiKey, DynStore, Role, Tenant};
+use subtle::ConstantTimeEq;
+
+use super::Principal;
+
+pub const KEY_PREFIX: &str = "svm_";
+const SYSTEM_TENANT_NAME: &str = "system";
+const BOOTSTRAP_KEY_NAME: &str = "bootstrap-admin";
+
+/// A fresh secret key.
+pub fn generate_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    format!("{KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Hex SHA-256 of a secret key: the only form the store ever sees.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Resolves a bearer key to its principal; `Unauthenticated` for a missing,
+/// unknown or revoked key.
+pub async fn authenticate(store: &DynStore, bearer: Option<&str>) -> Result<Principal> {
+    let key = bearer.ok_or_else(|| {
+        Error::Unauthenticated("missing API key: send `Authorization: Bearer svm_…`".into())
+    })?;
+    if !key.starts_with(KEY_PREFIX) || key.len() > 256 {
+        return Err(Error::Unauthenticated("invalid API key".into()));
+    }
+    let hash = hash_key(key);
+    let Some(found) = store.key_by_hash(&hash).await? else {
+        return Err(Error::Unauthenticated("invalid API key".into()));
+    };
+    // The lookup is by hash already; comparing again in constant time keeps
+    // any future prefix-based lookup from leaking timing.
+    if !bool::from(found.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
+        return Err(Error::Unauthenticated("invalid API key".into()));
+    }
+    if found.revoked_at.is_some() {
+        return Err(Error::Unauthenticated("API key has been revoked".into()));
+    }
+    Ok(Principal { key_id: found.id, tenant_id: found.tenant_id, role: found.role })
+}
+
+/// What the bootstrap did, so `serve` can tell the operator.
+pub struct Bootstrap {
+    pub system_tenant: TenantId,
+    /// The key when it was generated on this start (print it once).
+    pub generated_key: Option<String>,
+    /// Where the key is kept when generated.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+/// Makes sure the system tenant and the bootstrap admin key exist.
+///
+/// With `STACYVM_ADMIN_KEY` set, that key becomes the bootstrap admin key
+/// (an earlier, different bootstrap key is revoked). Without it, the first
+/// start generates one and writes it to `DATA_DIR/admin.key` (mode 0600);
+/// later starts reuse that file.
+pub async fn bootstrap(store: &DynStore, data_dir: &Path, env_key: Option<&str>) -> Result<Bootstrap> {
+    let system_tenant = ensure_system_tenant(store).await?;
+    let key_file = data_dir.join("admin.key");
+    let (key, generated, file) = match env_key {
+        Some(k) => {
+            if !k.starts_with(KEY_PREFIX) || k.len() < KEY_PREFIX.len() + 16 {
+                return Err(Error::InvalidRequest(format!(
+                    "STACYVM_ADMIN_KEY must start with {KEY_PREFIX} and carry at least 16 more characters"
+                )));
+            }
+            (k.to_owned(), None, None)
+        }
+        None => match std::fs::read_to_string(&key_file) {
+            Ok(s) if s.trim().starts_with(KEY_PREFIX) => (s.trim().to_owned(), None, Some(key_file)),
+            _ => {
+                let k = generate_key();
+                write_key_file(&key_file, &k)?;
+                (k.clone(), Some(k), Some(key_file))
+            }
+        },
+    };
+    let hash = hash_key(&key);
+    if store.key_by_hash(&hash).await?.is_none() {
+        // Retire earlier bootstrap keys so only the configured one works.
+        let mut page = stacyvm_store::PageRequest { cursor: None, limit: 1000 };
+        loop {
+            let keys = store.key_list(Some(&system_tenant), &page).await?;
+            for k in keys.items.iter().filter(|k| k.name == BOOTSTRAP_KEY_NAME && k.revoked_at.is_none()) {
+                store.key_revoke(&k.id, now()).await?;
+            }
+            match keys.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => break,
+            }
+        }
+        store
+            .key_create(&ApiKey {
+                id: KeyId::generate(),
+                tenant_id: system_tenant.clone(),
+                role: Role::Admin,
+                name: BOOTSTRAP_KEY_NAME.into(),
+                key_hash: hash,
+                created_at: now(),
+                revoked_at: None,
+            })
+            .await?;
+    }
+    Ok(Bootstrap { system_tenant, generated_key: generated, key_file: file })
+}
+
+async fn ensure_system_tenant(store: &DynStore) -> Result<TenantId> {
+    let mut page = stacyvm_store::PageRequest { cursor: None, limit: 1000 };
+    loop {
+        let tenants = store.tenant_list(&page).await?;
+        if let Some(t) = tenants.items.iter().find(|t| t.name == SYSTEM_TENANT_NAME) {
+            return Ok(t.id.clone());
+        }
+        match tenants.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => break,
+        }
+    }
+    let tenant = Tenant { id: TenantId::generate(), name: SYSTEM_TENANT_NAME.into(), created_at: now() };
+    match store.tenant_create(&tenant).await {
+        Ok(()) => Ok(tenant.id),
+        // Another control plane created it concurrently: use theirs.
+        Err(Error::Conflict(_)) => Box::pin(ensure_system_tenant(store)).await,
+        Err(e) => Err(e),
+    }
+}
+
+fn write_key_file(path: &Path, key: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("key.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::internal(format!("writing {}", tmp.display()), e))?;
+    f.write_all(format!("{key}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::internal(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::internal(format!("writing {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_prefixed_unique_and_hashed() {
+        let a = generate_key();
+        let b = generate_key();
+        assert!(a.starts_with(KEY_PREFIX));
+        assert_ne!(a, b);
+        assert_eq!(hash_key(&a), hash_key(&a));
+        assert_ne!(hash_key(&a), hash_key(&b));
+        assert_eq!(hash_key(&a).len(), 64);
+    }
+}

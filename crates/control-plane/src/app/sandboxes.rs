@@ -1,0 +1,539 @@
+//! Sandbox lifecycle, exec and files: validation, quotas, scheduling and the
+//! worker calls behind every `/v1/sandboxes` endpoint.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use stacyvm_core::{
+    now, validate_sandbox_path, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Network, Result,
+    SandboxId, SandboxState, SpawnSpec,
+};
+use stacyvm_provider::{ExecStream, LogLine};
+use stacyvm_store::{CreateOutcome, Failure, Page, PageRequest, SandboxFilter, SandboxRecord};
+use stacyvm_worker::{DynWorker, Lease};
+
+use super::{page_limit, App, Principal};
+
+/// `POST /v1/sandboxes`, as the app sees it.
+#[derive(Clone, Debug, Default)]
+pub struct CreateSandbox {
+    pub image: Option<String>,
+    pub template: Option<String>,
+    pub provider: Option<String>,
+    pub cpu: Option<f64>,
+    pub memory_mb: Option<i64>,
+    pub timeout_s: Option<i64>,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub network: Option<Network>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Whether a create made a new sandbox or returned an earlier one.
+pub struct Created {
+    pub sandbox: SandboxRecord,
+    pub existing: bool,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidRequest(msg.into())
+}
+
+fn check_name(what: &str, s: &str) -> Result<()> {
+    if s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_control()) {
+        return Err(invalid(format!("{what} must be 1 to 256 printable characters")));
+    }
+    Ok(())
+}
+
+/// Environment variables: names non-empty without `=` or NUL, values without NUL.
+pub fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
+    if env.len() > 1024 {
+        return Err(invalid("env may hold at most 1024 variables"));
+    }
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || k.len() > 1024 {
+            return Err(invalid(format!("env name {k:?} is invalid (empty, or contains '=' or NUL)")));
+        }
+        if v.contains('\0') || v.len() > 128 * 1024 {
+            return Err(invalid(format!("env value of {k:?} contains a NUL byte or is over 128 KiB")));
+        }
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > 64 {
+        return Err(invalid("a sandbox may carry at most 64 labels"));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 128
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+        if !key_ok {
+            return Err(invalid(format!("label key {k:?} must be 1 to 128 of [A-Za-z0-9._/-]")));
+        }
+        if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+            return Err(invalid(format!("label value of {k:?} must be at most 256 printable characters")));
+        }
+    }
+    Ok(())
+}
+
+impl App {
+    /// Fetches a sandbox the caller may see; another tenant's is `NotFound`.
+    pub async fn sandbox_visible(&self, who: &Principal, id: &str) -> Result<SandboxRecord> {
+        let not_found = || Error::NotFound(format!("sandbox {id} not found"));
+        let id = SandboxId::parse(id).ok_or_else(not_found)?;
+        let rec = self.store.sandbox_get(&id).await?.ok_or_else(not_found)?;
+        if !who.can_see(&rec.tenant_id) {
+            return Err(not_found());
+        }
+        Ok(rec)
+    }
+
+    fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
+        let worker_id = rec.worker_id.as_ref().ok_or_else(|| {
+            Error::Conflict(format!("sandbox {} has no worker (state {})", rec.id, rec.state))
+        })?;
+        let worker = self.scheduler.worker(worker_id).cloned().ok_or_else(|| {
+            Error::NoCapacity(format!("worker {worker_id} that holds sandbox {} is not reachable", rec.id))
+        })?;
+        let lease = Lease {
+            sandbox_id: rec.id.clone(),
+            fencing_token: rec.fencing_token,
+            provider: rec.provider.clone(),
+        };
+        Ok((worker, lease))
+    }
+
+    /// The sandbox's worker and lease, when it is running.
+    async fn running(&self, who: &Principal, id: &str) -> Result<(SandboxRecord, DynWorker, Lease)> {
+        let rec = self.sandbox_visible(who, id).await?;
+        if rec.state != SandboxState::Running {
+            return Err(Error::Conflict(format!("sandbox {} is {}, not running", rec.id, rec.state)));
+        }
+        let (w, l) = self.lease_of(&rec)?;
+        Ok((rec, w, l))
+    }
+
+    pub async fn sandbox_create(&self, who: &Principal, req: CreateSandbox) -> Result<Created> {
+        who.require_write()?;
+        let limits = &self.config.limits;
+        let image = match (&req.image, &req.template) {
+            (Some(i), _) => i.clone(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => return Err(invalid("image or template is required")),
+        };
+        check_name("image", &image)?;
+        if let Some(t) = &req.template {
+            check_name("template", t)?;
+        }
+        let cpu = req.cpu.unwrap_or(limits.default_cpu);
+        if !cpu.is_finite() || cpu <= 0.0 || cpu > limits.max_cpu {
+            return Err(invalid(format!("cpu must be more than 0 and at most {}", limits.max_cpu)));
+        }
+        let memory_mb = req.memory_mb.unwrap_or(limits.default_memory_mb);
+        if memory_mb < limits.min_memory_mb || memory_mb > limits.max_memory_mb {
+            return Err(invalid(format!(
+                "memory_mb must be between {} and {}",
+                limits.min_memory_mb, limits.max_memory_mb
+            )));
+        }
+        let timeout_s = req.timeout_s.unwrap_or(limits.default_sandbox_timeout_s);
+        if timeout_s < 1 || timeout_s > limits.max_sandbox_timeout_s {
+            return Err(invalid(format!("timeout_s must be between 1 and {}", limits.max_sandbox_timeout_s)));
+        }
+        check_env(&req.env)?;
+        check_labels(&req.labels)?;
+        let workdir = req.workdir.as_deref().map(validate_sandbox_path).transpose()?;
+        if let Some(k) = &req.idempotency_key {
+            if k.is_empty() || k.len() > 256 || k.chars().any(|c| c.is_control()) {
+                return Err(invalid("Idempotency-Key must be 1 to 256 printable characters"));
+            }
+        }
+        let quota = self.store.quota_get(&who.tenant_id).await?;
+        if let Some(max) = quota.max_timeout_s {
+            if timeout_s > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "quota exceeded: max_timeout_s is {max} and {timeout_s} was asked"
+                )));
+            }
+        }
+        if let Some(provider) = &req.provider {
+            check_name("provider", provider)?;
+        }
+        let provider = self.scheduler.choose_provider(req.provider.as_deref()).await?;
+
+        let rec = SandboxRecord {
+            id: SandboxId::generate(),
+            tenant_id: who.tenant_id.clone(),
+            state: SandboxState::Pending,
+            provider,
+            worker_id: None,
+            image,
+            template: req.template.clone(),
+            cpu,
+            memory_mb,
+            network: req.network.unwrap_or_default(),
+            labels: req.labels.clone(),
+            env: req.env.clone(),
+            workdir,
+            timeout_s,
+            created_at: now(),
+            started_at: None,
+            expires_at: None,
+            destroyed_at: None,
+            failure: None,
+            lease_expires_at: None,
+            fencing_token: 0,
+            idempotency_key: req.idempotency_key.clone(),
+        };
+        let rec = match self.store.sandbox_create(&rec).await? {
+            CreateOutcome::Existing(existing) => return Ok(Created { sandbox: existing, existing: true }),
+            CreateOutcome::Created(rec) => rec,
+        };
+        let sandbox = self.sandbox_start(rec).await?;
+        Ok(Created { sandbox, existing: false })
+    }
+
+    /// Places a pending sandbox on a worker and spawns it; on failure the
+    /// sandbox is marked `failed` with the reason and nothing is left behind.
+    async fn sandbox_start(&self, mut rec: SandboxRecord) -> Result<SandboxRecord> {
+        let worker = match self.scheduler.place(&rec.provider).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.mark_failed(&mut rec, &e).await;
+                return Err(e);
+            }
+        };
+        let lease_until = now() + self.config.limits.lease;
+        rec = self.store.sandbox_claim(&rec.id, worker.id(), lease_until).await?;
+        rec.state = SandboxState::Starting;
+        self.store.sandbox_update(&rec).await?;
+        let spec = SpawnSpec {
+            sandbox_id: rec.id.clone(),
+            image: rec.image.clone(),
+            cpu: rec.cpu,
+            memory_mb: rec.memory_mb as u64,
+            env: rec.env.clone(),
+            workdir: rec.workdir.clone(),
+            network: rec.network,
+            labels: rec.labels.clone(),
+        };
+        let lease = Lease { sandbox_id: rec.id.clone(), fencing_token: rec.fencing_token, provider: rec.provider.clone() };
+        if let Err(e) = worker.spawn(&lease, &spec).await {
+            metrics::counter!("stacyvm_provider_errors_total", "provider" => rec.provider.clone(), "op" => "spawn")
+                .increment(1);
+            // Spawn cleans up after itself; destroy again in case it could not.
+            let _ = worker.destroy(&lease).await;
+            self.mark_failed(&mut rec, &e).await;
+            return Err(e);
+        }
+        // A destroy may have raced with the spawn; it wins.
+        let current = self.store.sandbox_get(&rec.id).await?.unwrap_or_else(|| rec.clone());
+        if current.state != SandboxState::Starting {
+            let _ = worker.destroy(&lease).await;
+            return Err(Error::Conflict(format!("sandbox {} was {} while it started", rec.id, current.state)));
+        }
+        let started = now();
+        rec.state = SandboxState::Running;
+        rec.started_at = Some(started);
+        rec.expires_at = Some(started + Duration::from_secs(rec.timeout_s as u64));
+        self.store.sandbox_update(&rec).await?;
+        Ok(rec)
+    }
+
+    async fn mark_failed(&self, rec: &mut SandboxRecord, err: &Error) {
+        rec.state = SandboxState::Failed;
+        rec.failure = Some(Failure { code: err.code().to_owned(), message: err.message() });
+        rec.destroyed_at = Some(now());
+        if let Err(e) = self.store.sandbox_update(rec).await {
+            tracing::error!(sandbox = %rec.id, error = %e, "could not record a failed spawn");
+        }
+    }
+
+    pub async fn sandbox_list(
+        &self,
+        who: &Principal,
+        state: Option<SandboxState>,
+        labels: Vec<(String, String)>,
+        limit: Option<u32>,
+        cursor: Option<String>,
+    ) -> Result<Page<SandboxRecord>> {
+        let filter = SandboxFilter {
+            tenant_id: if who.is_admin() { None } else { Some(who.tenant_id.clone()) },
+            state,
+            labels,
+            page: PageRequest { cursor, limit: page_limit(limit)? },
+        };
+        self.store.sandbox_list(&filter).await
+    }
+
+    pub async fn sandbox_destroy(&self, who: &Principal, id: &str) -> Result<()> {
+        who.require_write()?;
+        let rec = self.sandbox_visible(who, id).await?;
+        self.destroy_record(rec).await
+    }
+
+    /// Tears down a sandbox's runtime and marks it destroyed. Idempotent.
+    pub async fn destroy_record(&self, mut rec: SandboxRecord) -> Result<()> {
+        if rec.state == SandboxState::Destroyed {
+            return Ok(());
+        }
+        let was = rec.state;
+        if rec.state != SandboxState::Stopping {
+            rec.state = SandboxState::Stopping;
+            self.store.sandbox_update(&rec).await?;
+        }
+        if rec.worker_id.is_some() {
+            let (worker, lease) = self.lease_of(&rec)?;
+            if let Err(e) = worker.destroy(&lease).await {
+                metrics::counter!("stacyvm_provider_errors_total", "provider" => rec.provider.clone(), "op" => "destroy")
+                    .increment(1);
+                return Err(e);
+            }
+        }
+        rec.state = SandboxState::Destroyed;
+        if rec.destroyed_at.is_none() || was != SandboxState::Failed {
+            rec.destroyed_at = Some(now());
+        }
+        self.store.sandbox_update(&rec).await
+    }
+
+    pub async fn sandbox_set_timeout(&self, who: &Principal, id: &str, timeout_s: i64) -> Result<SandboxRecord> {
+        who.require_write()?;
+        let max = self.config.limits.max_sandbox_timeout_s;
+        if timeout_s < 1 || timeout_s > max {
+            return Err(invalid(format!("timeout_s must be between 1 and {max}")));
+        }
+        let mut rec = self.sandbox_visible(who, id).await?;
+        if !matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
+            return Err(Error::Conflict(format!("sandbox {} is {}", rec.id, rec.state)));
+        }
+        let quota = self.store.quota_get(&rec.tenant_id).await?;
+        if let Some(max) = quota.max_timeout_s {
+            if timeout_s > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "quota exceeded: max_timeout_s is {max} and {timeout_s} was asked"
+                )));
+            }
+        }
+        rec.expires_at = Some(now() + Duration::from_secs(timeout_s as u64));
+        self.store.sandbox_update(&rec).await?;
+        Ok(rec)
+    }
+
+    pub async fn sandbox_pause(&self, who: &Principal, id: &str, pause: bool) -> Result<SandboxRecord> {
+        who.require_write()?;
+        let mut rec = self.sandbox_visible(who, id).await?;
+        let (from, to) = if pause {
+            (SandboxState::Running, SandboxState::Paused)
+        } else {
+            (SandboxState::Paused, SandboxState::Running)
+        };
+        if rec.state == to {
+            return Ok(rec);
+        }
+        if rec.state != from {
+            return Err(Error::Conflict(format!("sandbox {} is {}", rec.id, rec.state)));
+        }
+        let (worker, lease) = self.lease_of(&rec)?;
+        if pause {
+            worker.pause(&lease).await?;
+        } else {
+            worker.resume(&lease).await?;
+        }
+        rec.state = to;
+        self.store.sandbox_update(&rec).await?;
+        Ok(rec)
+    }
+
+    /// Lifecycle lines from the record, then the provider's and runtime's.
+    pub async fn sandbox_logs(&self, who: &Principal, id: &str) -> Result<Vec<LogLine>> {
+        let rec = self.sandbox_visible(who, id).await?;
+        let mut lines = lifecycle_lines(&rec);
+        if !rec.state.is_terminal() && rec.worker_id.is_some() {
+            let (worker, lease) = self.lease_of(&rec)?;
+            match worker.logs(&lease).await {
+                Ok(l) => lines.extend(l),
+                Err(e) => lines.push(LogLine {
+                    ts: now(),
+                    source: "provider".into(),
+                    message: format!("logs unavailable: {e}"),
+                }),
+            }
+        }
+        lines.sort_by_key(|l| l.ts);
+        Ok(lines)
+    }
+
+    /// Checks and builds an exec request from API input.
+    pub fn exec_request(
+        &self,
+        rec: &SandboxRecord,
+        cmd: Vec<String>,
+        env: BTreeMap<String, String>,
+        cwd: Option<String>,
+        stdin: Option<String>,
+        timeout_s: Option<f64>,
+    ) -> Result<ExecRequest> {
+        if cmd.is_empty() {
+            return Err(invalid("cmd must hold at least the program to run"));
+        }
+        if cmd.len() > 65536 || cmd.iter().any(|a| a.contains('\0')) {
+            return Err(invalid("cmd arguments must not contain NUL bytes (and at most 65536 of them)"));
+        }
+        if cmd[0].is_empty() {
+            return Err(invalid("cmd[0] (the program) must not be empty"));
+        }
+        check_env(&env)?;
+        let cwd = match cwd {
+            Some(c) => Some(validate_sandbox_path(&c)?),
+            None => rec.workdir.clone(),
+        };
+        let limits = &self.config.limits;
+        let timeout = match timeout_s {
+            None => limits.default_exec_timeout,
+            Some(t) if t.is_finite() && t > 0.0 && t <= limits.max_exec_timeout.as_secs_f64() => {
+                Duration::from_secs_f64(t)
+            }
+            Some(_) => {
+                return Err(invalid(format!(
+                    "timeout_s must be more than 0 and at most {}",
+                    limits.max_exec_timeout.as_secs()
+                )))
+            }
+        };
+        Ok(ExecRequest {
+            cmd,
+            env,
+            cwd,
+            stdin: stdin.map(String::into_bytes),
+            timeout_ms: timeout.as_millis().max(1) as u64,
+            output_cap: limits.exec_output_cap,
+        })
+    }
+
+    /// Everything an exec needs before it runs: visibility, role, state and
+    /// the tenant's exec rate.
+    pub async fn exec_admit(&self, who: &Principal, id: &str) -> Result<(SandboxRecord, DynWorker, Lease)> {
+        who.require_write()?;
+        let (rec, worker, lease) = self.running(who, id).await?;
+        let quota = self.store.quota_get(&rec.tenant_id).await?;
+        self.exec_limiter.acquire(&rec.tenant_id, quota.max_exec_per_minute)?;
+        Ok((rec, worker, lease))
+    }
+
+    pub async fn exec(&self, worker: &DynWorker, lease: &Lease, req: ExecRequest) -> Result<ExecOutcome> {
+        let started = std::time::Instant::now();
+        let out = worker.exec(lease, req).await;
+        metrics::histogram!("stacyvm_exec_duration_seconds").record(started.elapsed().as_secs_f64());
+        if out.is_err() {
+            metrics::counter!("stacyvm_provider_errors_total", "provider" => lease.provider.clone(), "op" => "exec")
+                .increment(1);
+        }
+        out
+    }
+
+    pub async fn exec_stream(&self, worker: &DynWorker, lease: &Lease, req: ExecRequest) -> Result<ExecStream> {
+        worker.exec_stream(lease, req).await
+    }
+
+    // --- files ------------------------------------------------------------
+
+    pub async fn file_write(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        body: ByteStream,
+    ) -> Result<FileEntry> {
+        who.require_write()?;
+        let path = validate_sandbox_path(path)?;
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_write(&lease, &path, mode, body).await
+    }
+
+    pub async fn file_read(&self, who: &Principal, id: &str, path: &str) -> Result<ByteStream> {
+        let path = validate_sandbox_path(path)?;
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_read(&lease, &path).await
+    }
+
+    pub async fn file_stat(&self, who: &Principal, id: &str, path: &str) -> Result<FileEntry> {
+        let path = validate_sandbox_path(path)?;
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_stat(&lease, &path).await
+    }
+
+    pub async fn file_list(&self, who: &Principal, id: &str, path: &str, recursive: bool) -> Result<Vec<FileEntry>> {
+        let path = validate_sandbox_path(path)?;
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_list(&lease, &path, recursive).await
+    }
+
+    pub async fn file_glob(&self, who: &Principal, id: &str, pattern: &str) -> Result<Vec<String>> {
+        if !pattern.starts_with('/') || pattern.contains('\0') || pattern.len() > 4096 {
+            return Err(invalid("pattern must be an absolute glob like /work/**/*.py, without NUL bytes"));
+        }
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_glob(&lease, pattern).await
+    }
+
+    pub async fn file_move(&self, who: &Principal, id: &str, from: &str, to: &str, overwrite: bool) -> Result<FileEntry> {
+        who.require_write()?;
+        let (from, to) = (validate_sandbox_path(from)?, validate_sandbox_path(to)?);
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_move(&lease, &from, &to, overwrite).await
+    }
+
+    pub async fn file_chmod(&self, who: &Principal, id: &str, path: &str, mode: u32) -> Result<FileEntry> {
+        who.require_write()?;
+        let path = validate_sandbox_path(path)?;
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_chmod(&lease, &path, mode).await
+    }
+
+    pub async fn file_mkdir(&self, who: &Principal, id: &str, path: &str, parents: bool) -> Result<FileEntry> {
+        who.require_write()?;
+        let path = validate_sandbox_path(path)?;
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_mkdir(&lease, &path, parents).await
+    }
+
+    pub async fn file_delete(&self, who: &Principal, id: &str, path: &str, recursive: bool) -> Result<()> {
+        who.require_write()?;
+        let path = validate_sandbox_path(path)?;
+        if path == "/" {
+            return Err(invalid("the sandbox root cannot be deleted"));
+        }
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_delete(&lease, &path, recursive).await
+    }
+}
+
+fn lifecycle_lines(rec: &SandboxRecord) -> Vec<LogLine> {
+    let line = |ts, message: String| LogLine { ts, source: "lifecycle".into(), message };
+    let mut out = vec![line(
+        rec.created_at,
+        format!("created: image {} on provider {} (cpu {}, memory {} MiB)", rec.image, rec.provider, rec.cpu, rec.memory_mb),
+    )];
+    if let Some(t) = rec.started_at {
+        out.push(line(t, "running".into()));
+    }
+    if let Some(f) = &rec.failure {
+        out.push(line(rec.destroyed_at.unwrap_or(rec.created_at), format!("failed ({}): {}", f.code, f.message)));
+    }
+    if rec.state == SandboxState::Destroyed {
+        if let Some(t) = rec.destroyed_at {
+            out.push(line(t, "destroyed".into()));
+        }
+    }
+    if rec.state == SandboxState::Lost {
+        out.push(line(rec.destroyed_at.unwrap_or(rec.created_at), "lost: its worker or runtime went away".into()));
+    }
+    out
+}

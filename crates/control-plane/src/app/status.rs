@@ -1,0 +1,143 @@
+//! What `/v1/status`, `/readyz` and `/v1/workers` report.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use stacyvm_core::{Result, SandboxState, WorkerId};
+use stacyvm_store::WorkerState;
+
+use super::App;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProviderStatus {
+    pub name: String,
+    pub healthy: bool,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerStatus {
+    pub id: WorkerId,
+    pub state: String,
+    pub address: String,
+    pub providers: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub sandboxes: i64,
+    pub capacity: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_heartbeat: time::OffsetDateTime,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreStatus {
+    pub kind: String,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub version: String,
+    pub mode: String,
+    pub uptime_s: u64,
+    pub store: StoreStatus,
+    pub providers: Vec<ProviderStatus>,
+    pub workers: Vec<WorkerStatus>,
+    pub sandboxes: BTreeMap<String, i64>,
+}
+
+impl App {
+    pub async fn store_status(&self) -> StoreStatus {
+        match self.store.ping().await {
+            Ok(()) => StoreStatus { kind: self.store.kind().into(), ok: true, detail: None },
+            Err(e) => StoreStatus { kind: self.store.kind().into(), ok: false, detail: Some(e.message()) },
+        }
+    }
+
+    pub async fn provider_status(&self) -> Vec<ProviderStatus> {
+        let mut out: Vec<ProviderStatus> = Vec::new();
+        for w in self.scheduler.workers() {
+            for h in self.scheduler.provider_health(w).await {
+                if let Some(existing) = out.iter_mut().find(|p| p.name == h.name) {
+                    existing.healthy |= h.health.healthy;
+                    continue;
+                }
+                out.push(ProviderStatus { name: h.name, healthy: h.health.healthy, detail: h.health.detail });
+            }
+        }
+        out
+    }
+
+    pub async fn worker_status(&self) -> Result<Vec<WorkerStatus>> {
+        let live = self.store.sandbox_list_live().await?;
+        Ok(self
+            .store
+            .worker_list()
+            .await?
+            .into_iter()
+            .map(|w| WorkerStatus {
+                sandboxes: live.iter().filter(|s| s.worker_id.as_ref() == Some(&w.id)).count() as i64,
+                id: w.id,
+                state: w.state.as_str().into(),
+                address: w.address,
+                providers: w.providers,
+                labels: w.labels,
+                capacity: w.capacity,
+                last_heartbeat: w.last_heartbeat,
+            })
+            .collect())
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        let store = self.store_status().await;
+        let mut sandboxes: BTreeMap<String, i64> =
+            SandboxState::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
+        let workers = if store.ok {
+            for (state, n) in self.store.sandbox_count_by_state().await? {
+                sandboxes.insert(state, n);
+            }
+            self.worker_status().await?
+        } else {
+            Vec::new()
+        };
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            mode: if self.config.local_worker && self.scheduler.workers().len() <= 1 {
+                "single-node".into()
+            } else {
+                "multi-worker".into()
+            },
+            uptime_s: self.started.elapsed().as_secs(),
+            store,
+            providers: self.provider_status().await,
+            workers,
+            sandboxes,
+        })
+    }
+
+    /// `Ok(())` when the store and at least one provider are usable, else the reason.
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        let store = self.store_status().await;
+        if !store.ok {
+            return Err(format!("store ({}) unavailable: {}", store.kind, store.detail.unwrap_or_default()));
+        }
+        let providers = self.provider_status().await;
+        if providers.iter().any(|p| p.healthy) {
+            return Ok(());
+        }
+        Err(format!(
+            "no healthy provider: {}",
+            providers.iter().map(|p| format!("{}: {}", p.name, p.detail)).collect::<Vec<_>>().join("; ")
+        ))
+    }
+
+    /// Marks a worker draining: it keeps its sandboxes and takes no new ones.
+    pub async fn worker_drain(&self, who: &super::Principal, id: &str) -> Result<WorkerStatus> {
+        who.require_admin()?;
+        let not_found = || stacyvm_core::Error::NotFound(format!("worker {id} not found"));
+        let wid = WorkerId::parse(id).ok_or_else(not_found)?;
+        self.store.worker_set_state(&wid, WorkerState::Draining).await?;
+        self.worker_status().await?.into_iter().find(|w| w.id == wid).ok_or_else(not_found)
+    }
+}

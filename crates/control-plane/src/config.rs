@@ -1,0 +1,85 @@
+//! Server configuration: what `stacyvm serve` was started with, and the
+//! defaults a user gets without saying anything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the control plane and its local worker need to start.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://…`; `sqlite://DATA_DIR/stacyvm.db` by default.
+    pub store_url: String,
+    /// Providers in preference order (`docker`, `proot`).
+    pub providers: Vec<String>,
+    /// Run the in-process worker (single-node mode).
+    pub local_worker: bool,
+    pub limits: Limits,
+    /// The bootstrap admin key (`STACYVM_ADMIN_KEY`); generated into
+    /// `DATA_DIR/admin.key` when absent.
+    pub admin_key: Option<String>,
+    /// How often reconcilers run.
+    pub reconcile_interval: Duration,
+}
+
+/// Request limits and defaults.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub json_body_bytes: usize,
+    pub upload_bytes: u64,
+    pub exec_output_cap: u64,
+    pub default_exec_timeout: Duration,
+    pub max_exec_timeout: Duration,
+    pub default_sandbox_timeout_s: i64,
+    pub max_sandbox_timeout_s: i64,
+    pub default_cpu: f64,
+    pub max_cpu: f64,
+    pub default_memory_mb: i64,
+    pub min_memory_mb: i64,
+    pub max_memory_mb: i64,
+    /// Limit for calls that are not streams or uploads.
+    pub request_timeout: Duration,
+    /// How long a worker's lease on a sandbox lasts without renewal.
+    pub lease: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            json_body_bytes: 10 * 1024 * 1024,
+            upload_bytes: 1024 * 1024 * 1024,
+            exec_output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+            default_exec_timeout: Duration::from_secs(60),
+            max_exec_timeout: Duration::from_secs(24 * 3600),
+            default_sandbox_timeout_s: 300,
+            max_sandbox_timeout_s: 7 * 24 * 3600,
+            default_cpu: 1.0,
+            max_cpu: 64.0,
+            default_memory_mb: 512,
+            min_memory_mb: 16,
+            max_memory_mb: 256 * 1024,
+            request_timeout: Duration::from_secs(120),
+            lease: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The defaults for a data dir: listen on 127.0.0.1:7070, SQLite in the
+    /// data dir, Docker then PRoot.
+    pub fn new(data_dir: PathBuf) -> ServerConfig {
+        let store_url = format!("sqlite://{}", data_dir.join("stacyvm.db").display());
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir,
+            store_url,
+            providers: vec!["docker".into(), "proot".into()],
+            local_worker: true,
+            limits: Limits::default(),
+            admin_key: None,
+            reconcile_interval: Duration::from_secs(1),
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Handlers of images, tenants, keys, quotas, audit, status and workers,
+//! plus the unauthenticated `/healthz`, `/readyz`, `/metrics`.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use stacyvm_core::{ByteStream, Error};
+use stacyvm_store::Outcome;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::dto::*;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Auth, JsonBody, Q};
+use super::{note, AppState};
+use crate::app::audit::AuditQuery;
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ImportQuery {
+    pub name: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/images", tag = "images", params(ImportQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    responses((status = 201, body = ImageView), (status = 400, body = super::error::ErrorBody)))]
+pub async fn image_import(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Q(q): Q<ImportQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    who.require_admin()?;
+    let name = q.name.ok_or_else(|| ApiError(Error::InvalidRequest("the name query parameter is required".into())))?;
+    let limit = s.app.config.limits.upload_bytes;
+    let mut seen = 0u64;
+    let stream: ByteStream = Box::pin(body.into_data_stream().map(move |c| match c {
+        Ok(b) => {
+            seen += b.len() as u64;
+            if seen > limit {
+                Err(std::io::Error::other(format!("image is over the {limit}-byte upload limit")))
+            } else {
+                Ok(b)
+            }
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    }));
+    let info = s.app.image_import(&who, &name, stream).await?;
+    let resp = (StatusCode::CREATED, Json(ImageView::from(&info))).into_response();
+    Ok(note(resp, Some(info.name.clone()), serde_json::json!({"digest": info.digest, "size": info.size})))
+}
+
+#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = ImageList)))]
+pub async fn image_list(State(s): State<AppState>, Auth(_who): Auth) -> ApiResult<Json<ImageList>> {
+    let images = s.app.image_list().await?;
+    Ok(Json(ImageList { images: images.iter().map(ImageView::from).collect() }))
+}
+
+#[utoipa::path(get, path = "/v1/images/{name}", tag = "images", responses((status = 200, body = ImageView)))]
+pub async fn image_get(
+    State(s): State<AppState>,
+    Auth(_who): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ImageView>> {
+    Ok(Json(ImageView::from(&s.app.image_get(&name).await?)))
+}
+
+#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", responses((status = 204)))]
+pub async fn image_delete(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.app.image_delete(&who, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = TenantBody,
+    responses((status = 201, body = TenantView)))]
+pub async fn tenant_create(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    JsonBody(b): JsonBody<TenantBody>,
+) -> ApiResult<Response> {
+    let (t, q) = s.app.tenant_create(&who, &b.name).await?;
+    let resp = (StatusCode::CREATED, Json(TenantView::of(&t, &q))).into_response();
+    Ok(note(resp, Some(t.id.to_string()), serde_json::json!({"name": t.name})))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct PageQuery {
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/tenants", tag = "tenants", params(PageQuery),
+    responses((status = 200, body = TenantList)))]
+pub async fn tenant_list(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Q(q): Q<PageQuery>,
+) -> ApiResult<Json<TenantList>> {
+    let page = s.app.tenant_list(&who, q.limit, q.cursor).await?;
+    Ok(Json(TenantList {
+        tenants: page.items.iter().map(|(t, q)| TenantView::of(t, q)).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/tenants/{id}/quota", tag = "tenants", responses((status = 200, body = QuotaView)))]
+pub async fn quota_get(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<QuotaView>> {
+    Ok(Json(QuotaView::from(&s.app.quota_get(&who, &id).await?)))
+}
+
+#[utoipa::path(put, path = "/v1/tenants/{id}/quota", tag = "tenants", request_body = QuotaView,
+    responses((status = 200, body = QuotaView)))]
+pub async fn quota_set(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<QuotaView>,
+) -> ApiResult<Response> {
+    let q = s.app.quota_set(&who, &id, b.into()).await?;
+    let view = QuotaView::from(&q);
+    let detail = serde_json::to_value(&view).unwrap_or_default();
+    Ok(note(Json(view).into_response(), Some(id), detail))
+}
+
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = KeyBody,
+    responses((status = 201, body = KeyView)))]
+pub async fn key_create(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    JsonBody(b): JsonBody<KeyBody>,
+) -> ApiResult<Response> {
+    let created = s.app.key_create(&who, &b.tenant_id, &b.role, &b.name).await?;
+    let view = KeyView::of(&created.key, Some(created.secret));
+    let detail = serde_json::json!({"tenant_id": created.key.tenant_id, "role": created.key.role.as_str(), "name": created.key.name});
+    Ok(note((StatusCode::CREATED, Json(view)).into_response(), Some(created.key.id.to_string()), detail))
+}
+
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(PageQuery), responses((status = 200, body = KeyList)))]
+pub async fn key_list(State(s): State<AppState>, Auth(who): Auth, Q(q): Q<PageQuery>) -> ApiResult<Json<KeyList>> {
+    let page = s.app.key_list(&who, q.limit, q.cursor).await?;
+    Ok(Json(KeyList { keys: page.items.iter().map(|k| KeyView::of(k, None)).collect(), next_cursor: page.next_cursor }))
+}
+
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", responses((status = 204)))]
+pub async fn key_revoke(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.app.key_revoke(&who, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct AuditQueryParams {
+    pub sandbox_id: Option<String>,
+    pub action: Option<String>,
+    /// ok|denied|error
+    pub outcome: Option<String>,
+    /// RFC 3339 time; events at or after it.
+    pub since: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQueryParams),
+    responses((status = 200, body = AuditList)))]
+pub async fn audit_list(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Q(q): Q<AuditQueryParams>,
+) -> ApiResult<Json<AuditList>> {
+    let outcome = match q.outcome.as_deref() {
+        None | Some("") => None,
+        Some(o) => Some(
+            Outcome::parse(o)
+                .ok_or_else(|| ApiError(Error::InvalidRequest(format!("outcome {o:?} must be ok, denied or error"))))?,
+        ),
+    };
+    let since = match q.since.as_deref() {
+        None | Some("") => None,
+        Some(t) => Some(OffsetDateTime::parse(t, &Rfc3339).map_err(|_| {
+            ApiError(Error::InvalidRequest(format!("since {t:?} is not an RFC 3339 time")))
+        })?),
+    };
+    let page = crate::app::audit::audit_list(
+        &s.app.store,
+        &who,
+        AuditQuery { sandbox_id: q.sandbox_id, action: q.action, outcome, since, limit: q.limit, cursor: q.cursor },
+    )
+    .await?;
+    Ok(Json(AuditList { events: page.items.iter().map(AuditEventView::from).collect(), next_cursor: page.next_cursor }))
+}
+
+#[utoipa::path(get, path = "/v1/status", tag = "status",
+    responses((status = 200, description = "version, mode, uptime, store, providers, workers, sandboxes by state")))]
+pub async fn status(State(s): State<AppState>, Auth(_who): Auth) -> ApiResult<Response> {
+    let st = s.app.status().await?;
+    Ok(Json(st).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/workers", tag = "status", responses((status = 200, body = WorkerList)))]
+pub async fn worker_list(State(s): State<AppState>, Auth(who): Auth) -> ApiResult<Json<WorkerList>> {
+    who.require_admin()?;
+    Ok(Json(WorkerList { workers: s.app.worker_status().await? }))
+}
+
+#[utoipa::path(post, path = "/v1/workers/{id}/drain", tag = "status", responses((status = 200)))]
+pub async fn worker_drain(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let w = s.app.worker_drain(&who, &id).await?;
+    Ok(Json(w).into_response())
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "status", responses((status = 200, body = HealthView)))]
+pub async fn healthz() -> Json<HealthView> {
+    Json(HealthView { status: "ok".into() })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "status",
+    responses((status = 200, body = HealthView), (status = 503, body = super::error::ErrorBody)))]
+pub async fn readyz(State(s): State<AppState>) -> Response {
+    match s.app.readiness().await {
+        Ok(()) => Json(HealthView { status: "ready".into() }).into_response(),
+        Err(reason) => ApiError(Error::ProviderUnavailable(format!("not ready: {reason}"))).into_response(),
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "status",
+    responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics(State(s): State<AppState>) -> Response {
+    if let Ok(counts) = s.app.store.sandbox_count_by_state().await {
+        for st in stacyvm_core::SandboxState::ALL {
+            let n = counts.iter().find(|(name, _)| name == st.as_str()).map(|(_, n)| *n).unwrap_or(0);
+            metrics::gauge!("stacyvm_sandboxes", "state" => st.as_str()).set(n as f64);
+        }
+    }
+    let body = s.metrics.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

@@ -1,0 +1,192 @@
+//! Handlers of `/v1/sandboxes/{id}/files…`: streamed upload and download,
+//! stat, list, glob, move, chmod, mkdir, delete.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use stacyvm_core::files::parse_mode;
+use stacyvm_core::{ByteStream, Error};
+
+use super::dto::*;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Auth, JsonBody, Q};
+use super::{note, AppState};
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct PathQuery {
+    /// Absolute path inside the sandbox.
+    pub path: Option<String>,
+    /// Octal permission bits for a write (default 0644).
+    pub mode: Option<String>,
+    /// For list and delete.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+fn required_path(q: &PathQuery) -> Result<String, ApiError> {
+    q.path.clone().ok_or_else(|| ApiError(Error::InvalidRequest("the path query parameter is required".into())))
+}
+
+fn file_note(resp: Response, id: &str, path: &str) -> Response {
+    note(resp, Some(id.to_owned()), serde_json::json!({"path": path}))
+}
+
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = EntryView), (status = 413, body = super::error::ErrorBody)))]
+pub async fn file_write(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<PathQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    let path = required_path(&q)?;
+    let mode = q.mode.as_deref().map(parse_mode).transpose()?;
+    let limit = s.app.config.limits.upload_bytes;
+    let over = Arc::new(AtomicBool::new(false));
+    let flag = over.clone();
+    let mut seen: u64 = 0;
+    // Counts bytes as they pass and fails the stream past the limit, so an
+    // upload is never held whole and never grows past the configured size.
+    let stream: ByteStream = Box::pin(body.into_data_stream().map(move |chunk| match chunk {
+        Ok(b) => {
+            seen += b.len() as u64;
+            if seen > limit {
+                flag.store(true, Ordering::SeqCst);
+                Err(std::io::Error::other("upload is over the size limit"))
+            } else {
+                Ok(b)
+            }
+        }
+        Err(e) => Err(std::io::Error::other(e)),
+    }));
+    let entry = match s.app.file_write(&who, &id, &path, mode, stream).await {
+        Ok(e) => e,
+        Err(_) if over.load(Ordering::SeqCst) => {
+            return Err(ApiError(Error::PayloadTooLarge(format!("upload is over the {limit}-byte limit"))))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(file_note((StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(), &id, &path))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, body = super::error::ErrorBody), (status = 400, body = super::error::ErrorBody)))]
+pub async fn file_read(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<PathQuery>,
+) -> ApiResult<Response> {
+    let path = required_path(&q)?;
+    let stream = s.app.file_read(&who, &id, &path).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(PathQuery),
+    responses((status = 200, body = EntryView)))]
+pub async fn file_stat(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<PathQuery>,
+) -> ApiResult<Json<EntryView>> {
+    let path = required_path(&q)?;
+    Ok(Json(EntryView::from(&s.app.file_stat(&who, &id, &path).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", params(PathQuery),
+    responses((status = 200, body = EntriesResponse)))]
+pub async fn file_list(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<PathQuery>,
+) -> ApiResult<Json<EntriesResponse>> {
+    let path = required_path(&q)?;
+    let entries = s.app.file_list(&who, &id, &path, q.recursive).await?;
+    Ok(Json(EntriesResponse { entries: entries.iter().map(EntryView::from).collect() }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct GlobQuery {
+    /// e.g. `/work/**/*.py`; `**` crosses directories.
+    pub pattern: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/glob", tag = "files", params(GlobQuery),
+    responses((status = 200, body = PathsResponse)))]
+pub async fn file_glob(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<GlobQuery>,
+) -> ApiResult<Json<PathsResponse>> {
+    let pattern = q
+        .pattern
+        .ok_or_else(|| ApiError(Error::InvalidRequest("the pattern query parameter is required".into())))?;
+    Ok(Json(PathsResponse { paths: s.app.file_glob(&who, &id, &pattern).await? }))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/move", tag = "files", request_body = MoveBody,
+    responses((status = 200, body = EntryView), (status = 409, body = super::error::ErrorBody)))]
+pub async fn file_move(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<MoveBody>,
+) -> ApiResult<Response> {
+    let entry = s.app.file_move(&who, &id, &b.from, &b.to, b.overwrite).await?;
+    Ok(note(
+        Json(EntryView::from(&entry)).into_response(),
+        Some(id),
+        serde_json::json!({"from": b.from, "to": b.to, "overwrite": b.overwrite}),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/chmod", tag = "files", request_body = ChmodBody,
+    responses((status = 200, body = EntryView)))]
+pub async fn file_chmod(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ChmodBody>,
+) -> ApiResult<Response> {
+    let mode = parse_mode(&b.mode)?;
+    let entry = s.app.file_chmod(&who, &id, &b.path, mode).await?;
+    Ok(file_note(Json(EntryView::from(&entry)).into_response(), &id, &b.path))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", request_body = MkdirBody,
+    responses((status = 201, body = EntryView)))]
+pub async fn file_mkdir(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<MkdirBody>,
+) -> ApiResult<Response> {
+    let entry = s.app.file_mkdir(&who, &id, &b.path, b.parents).await?;
+    Ok(file_note((StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(), &id, &b.path))
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
+pub async fn file_delete(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<PathQuery>,
+) -> ApiResult<Response> {
+    let path = required_path(&q)?;
+    s.app.file_delete(&who, &id, &path, q.recursive).await?;
+    Ok(file_note(StatusCode::NO_CONTENT.into_response(), &id, &path))
+}

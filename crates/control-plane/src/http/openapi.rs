@@ -1,0 +1,71 @@
+//! The OpenAPI 3.1 document of the API, generated from the handlers'
+//! annotations, and a small self-contained docs page that renders it.
+
+use axum::response::{Html, IntoResponse, Response};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{admin, dto, error, files, sandboxes};
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("svm_…").build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "StacyVM API", version = "1", description = "Run untrusted code in isolated sandboxes."),
+    modifiers(&BearerAuth),
+    security(("api_key" = [])),
+    paths(
+        sandboxes::sandbox_create, sandboxes::sandbox_list, sandboxes::sandbox_get, sandboxes::sandbox_destroy,
+        sandboxes::sandbox_timeout, sandboxes::sandbox_pause, sandboxes::sandbox_resume, sandboxes::sandbox_logs,
+        sandboxes::sandbox_exec, sandboxes::sandbox_exec_stream,
+        files::file_write, files::file_read, files::file_stat, files::file_list, files::file_glob,
+        files::file_move, files::file_chmod, files::file_mkdir, files::file_delete,
+        admin::image_import, admin::image_list, admin::image_get, admin::image_delete,
+        admin::tenant_create, admin::tenant_list, admin::quota_get, admin::quota_set,
+        admin::key_create, admin::key_list, admin::key_revoke, admin::audit_list,
+        admin::status, admin::worker_list, admin::worker_drain,
+        admin::healthz, admin::readyz, admin::metrics,
+    ),
+    components(schemas(
+        error::ErrorBody, error::ErrorDetail, dto::SandboxView, dto::FailureView, dto::CreateSandboxBody,
+        dto::SandboxList, dto::TimeoutBody, dto::ExecBody, dto::ExecResponse, dto::StreamChunk, dto::LogLineView,
+        dto::LogsResponse, dto::EntryView, dto::EntriesResponse, dto::PathsResponse, dto::MoveBody, dto::ChmodBody,
+        dto::MkdirBody, dto::ImageView, dto::ImageList, dto::TenantBody, dto::QuotaView, dto::TenantView,
+        dto::TenantList, dto::KeyBody, dto::KeyView, dto::KeyList, dto::ActorView, dto::AuditEventView,
+        dto::AuditList, dto::HealthView, dto::WorkerList,
+    )),
+    tags(
+        (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),
+        (name = "exec", description = "Run commands"),
+        (name = "files", description = "Move files in and out"),
+        (name = "images", description = "The image catalog"),
+        (name = "tenants", description = "Tenants and quotas"),
+        (name = "keys", description = "API keys"),
+        (name = "audit", description = "The audit log"),
+        (name = "status", description = "Health, readiness, status, workers, metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as served at `/openapi.json`.
+pub fn document() -> serde_json::Value {
+    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+}
+
+pub async fn openapi_json() -> Response {
+    axum::Json(document()).into_response()
+}
+
+pub async fn docs_page() -> Html<&'static str> {
+    Html(include_str!("docs.html"))
+}

@@ -1,0 +1,291 @@
+//! Handlers of `/v1/sandboxes` (lifecycle, logs, exec, streaming exec).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{stream, StreamExt};
+use serde::Deserialize;
+use stacyvm_core::{Error, ExecEvent, Network, SandboxState};
+use stacyvm_store::SandboxRecord;
+
+use super::dto::*;
+use super::error::{ApiError, ApiResult};
+use super::extract::{query_pairs, Auth, JsonBody, Q};
+use super::{note, AppState};
+use crate::app::sandboxes::CreateSandbox;
+
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandboxBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe create")),
+    responses((status = 201, body = SandboxView), (status = 400, body = super::error::ErrorBody),
+        (status = 422, body = super::error::ErrorBody), (status = 429, body = super::error::ErrorBody),
+        (status = 503, body = super::error::ErrorBody)))]
+pub async fn sandbox_create(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateSandboxBody>,
+) -> ApiResult<Response> {
+    let network = match body.network.as_deref() {
+        None => None,
+        Some(n) => Some(Network::parse(n).ok_or_else(|| {
+            ApiError(Error::InvalidRequest(format!("network {n:?} must be \"none\" or \"egress\"")))
+        })?),
+    };
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError(Error::InvalidRequest("Idempotency-Key must be printable ASCII".into())))?
+                .to_owned(),
+        ),
+    };
+    let created = s
+        .app
+        .sandbox_create(
+            &who,
+            CreateSandbox {
+                image: body.image,
+                template: body.template,
+                provider: body.provider,
+                cpu: body.cpu,
+                memory_mb: body.memory_mb,
+                timeout_s: body.timeout_s,
+                env: body.env,
+                labels: body.labels,
+                workdir: body.workdir,
+                network,
+                idempotency_key,
+            },
+        )
+        .await?;
+    let rec = &created.sandbox;
+    let resp = (StatusCode::CREATED, Json(SandboxView::from(rec))).into_response();
+    Ok(note(
+        resp,
+        Some(rec.id.to_string()),
+        serde_json::json!({"image": rec.image, "provider": rec.provider, "idempotent_replay": created.existing}),
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Only sandboxes in this state.
+    pub state: Option<String>,
+    /// `k=v`; repeat to require several labels.
+    pub label: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(ListQuery),
+    responses((status = 200, body = SandboxList)))]
+pub async fn sandbox_list(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    uri: axum::http::Uri,
+    Q(q): Q<ListQueryLoose>,
+) -> ApiResult<Json<SandboxList>> {
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(st) => Some(SandboxState::parse(st).ok_or_else(|| {
+            ApiError(Error::InvalidRequest(format!("unknown state {st:?}")))
+        })?),
+    };
+    let mut labels = Vec::new();
+    for (k, v) in query_pairs(uri.query()) {
+        if k == "label" {
+            let (lk, lv) = v.split_once('=').ok_or_else(|| {
+                ApiError(Error::InvalidRequest(format!("label filter {v:?} must look like key=value")))
+            })?;
+            labels.push((lk.to_owned(), lv.to_owned()));
+        }
+    }
+    let page = s.app.sandbox_list(&who, state, labels, q.limit, q.cursor).await?;
+    Ok(Json(SandboxList {
+        sandboxes: page.items.iter().map(SandboxView::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// The list query, with repeated `label` keys tolerated (they are read
+/// from the raw query string).
+#[derive(Deserialize)]
+pub struct ListQueryLoose {
+    pub state: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    responses((status = 200, body = SandboxView), (status = 404, body = super::error::ErrorBody)))]
+pub async fn sandbox_get(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = s.app.sandbox_visible(&who, &id).await?;
+    Ok(Json(SandboxView::from(&rec)))
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)))]
+pub async fn sandbox_destroy(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.app.sandbox_destroy(&who, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", request_body = TimeoutBody,
+    responses((status = 200, body = SandboxView)))]
+pub async fn sandbox_timeout(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<TimeoutBody>,
+) -> ApiResult<Json<SandboxView>> {
+    let rec = s.app.sandbox_set_timeout(&who, &id, body.timeout_s).await?;
+    Ok(Json(SandboxView::from(&rec)))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
+    responses((status = 200, body = SandboxView), (status = 409, body = super::error::ErrorBody)))]
+pub async fn sandbox_pause(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    Ok(Json(SandboxView::from(&s.app.sandbox_pause(&who, &id, true).await?)))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
+    responses((status = 200, body = SandboxView), (status = 409, body = super::error::ErrorBody)))]
+pub async fn sandbox_resume(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SandboxView>> {
+    Ok(Json(SandboxView::from(&s.app.sandbox_pause(&who, &id, false).await?)))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct LogsQuery {
+    /// Stream new lines as SSE until the sandbox ends.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(LogsQuery),
+    responses((status = 200, body = LogsResponse)))]
+pub async fn sandbox_logs(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<LogsQuery>,
+) -> ApiResult<Response> {
+    let lines = s.app.sandbox_logs(&who, &id).await?;
+    if !q.follow {
+        return Ok(Json(LogsResponse { lines: lines.iter().map(LogLineView::from).collect() }).into_response());
+    }
+    // Follow: send what exists, then poll for new lines until the sandbox
+    // reaches a terminal state.
+    let app = s.app.clone();
+    let seen = lines.len();
+    let first: Vec<Event> = lines.iter().filter_map(|l| Event::default().event("log").json_data(LogLineView::from(l)).ok()).collect();
+    let follow = stream::unfold((app, who, id, seen, false), |(app, who, id, seen, done)| async move {
+        if done {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let terminal = matches!(app.sandbox_visible(&who, &id).await, Ok(r) if r.state.is_terminal())
+            || app.sandbox_visible(&who, &id).await.is_err();
+        let lines = app.sandbox_logs(&who, &id).await.unwrap_or_default();
+        let fresh: Vec<Event> = lines
+            .iter()
+            .skip(seen)
+            .filter_map(|l| Event::default().event("log").json_data(LogLineView::from(l)).ok())
+            .collect();
+        let seen = seen.max(lines.len());
+        Some((stream::iter(fresh), (app, who, id, seen, terminal)))
+    })
+    .flatten();
+    let events = stream::iter(first).chain(follow).map(Ok::<_, Infallible>);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn exec_detail(rec: &SandboxRecord, cmd: &[String]) -> serde_json::Value {
+    serde_json::json!({"sandbox": rec.id, "program": cmd.first()})
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", request_body = ExecBody,
+    responses((status = 200, body = ExecResponse), (status = 409, body = super::error::ErrorBody),
+        (status = 429, body = super::error::ErrorBody)))]
+pub async fn sandbox_exec(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ExecBody>,
+) -> ApiResult<Response> {
+    let (rec, worker, lease) = s.app.exec_admit(&who, &id).await?;
+    let detail = exec_detail(&rec, &body.cmd);
+    let req = s.app.exec_request(&rec, body.cmd, body.env, body.cwd, body.stdin, body.timeout_s)?;
+    let out = s.app.exec(&worker, &lease, req).await?;
+    let mut detail = detail;
+    detail["exit_code"] = serde_json::json!(out.status.exit_code);
+    detail["timed_out"] = serde_json::json!(out.status.timed_out);
+    Ok(note(Json(ExecResponse::from(out)).into_response(), Some(rec.id.to_string()), detail))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", request_body = ExecBody,
+    responses((status = 200, description = "text/event-stream of stdout, stderr, then exit (or error) events")))]
+pub async fn sandbox_exec_stream(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ExecBody>,
+) -> ApiResult<Response> {
+    let (rec, worker, lease) = s.app.exec_admit(&who, &id).await?;
+    let detail = exec_detail(&rec, &body.cmd);
+    let req = s.app.exec_request(&rec, body.cmd, body.env, body.cwd, body.stdin, body.timeout_s)?;
+    let exec = s.app.exec_stream(&worker, &lease, req).await?;
+    // Ends after `exit` or `error`; if the runtime goes away mid-stream the
+    // client still gets an `error` as the last event. Dropping the response
+    // (client gone) drops `exec`, which kills the command.
+    let events = stream::unfold((exec, false), |(mut exec, finished)| async move {
+        if finished {
+            return None;
+        }
+        let (event, done) = match exec.next().await {
+            Some(Ok(ExecEvent::Stdout(b))) => (Event::default().event("stdout").json_data(StreamChunk::of(&b)), false),
+            Some(Ok(ExecEvent::Stderr(b))) => (Event::default().event("stderr").json_data(StreamChunk::of(&b)), false),
+            Some(Ok(ExecEvent::Exit(st))) => (
+                Event::default().event("exit").json_data(serde_json::json!({
+                    "exit_code": st.exit_code, "signal": st.signal,
+                    "duration_ms": st.duration_ms, "timed_out": st.timed_out,
+                })),
+                true,
+            ),
+            Some(Err(e)) => (
+                Event::default().event("error").json_data(serde_json::json!({"code": e.code(), "message": e.message()})),
+                true,
+            ),
+            None => (
+                Event::default().event("error").json_data(serde_json::json!({
+                    "code": "provider_unavailable", "message": "the command's stream ended before it exited",
+                })),
+                true,
+            ),
+        };
+        let event = event.unwrap_or_else(|_| Event::default().event("error").data("{\"code\":\"internal\"}"));
+        Some((Ok::<_, Infallible>(event), (exec, done)))
+    });
+    let resp = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response();
+    Ok(note(resp, Some(rec.id.to_string()), detail))
+}

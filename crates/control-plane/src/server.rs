@@ -1,0 +1,192 @@
+//! Starting and stopping a StacyVM server: open the store, bootstrap the
+//! admin key, build providers and the local worker, adopt what is already
+//! running, then serve HTTP until asked to stop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use stacyvm_core::{now, Error, Result, WorkerId};
+use stacyvm_provider::docker::{DockerConfig, DockerProvider};
+use stacyvm_provider::images::ImageCatalog;
+use stacyvm_provider::proot::{ProotConfig, ProotProvider};
+use stacyvm_provider::DynProvider;
+use stacyvm_store::WorkerRecord;
+use stacyvm_worker::{DynWorker, LocalWorker};
+use tokio::sync::watch;
+
+use crate::app::{auth, ratelimit::ExecLimiter, App};
+use crate::config::ServerConfig;
+use crate::http::{self, AppState};
+use crate::reconcilers;
+use crate::scheduler::Scheduler;
+
+/// A server that is up: its address and what the operator should be told.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    /// The admin key, when this start generated it.
+    pub generated_admin_key: Option<String>,
+    pub admin_key_file: Option<std::path::PathBuf>,
+    stop: watch::Sender<bool>,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    loops: tokio::task::JoinHandle<()>,
+}
+
+fn metrics_handle() -> Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let h = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| Error::internal("installing the metrics recorder", e))?;
+    Ok(HANDLE.get_or_init(|| h).clone())
+}
+
+/// A short identifier persisted in the data dir: it names this server's
+/// runtimes (Docker labels) and its local worker.
+fn persistent_id(dir: &Path, file: &str, make: impl FnOnce() -> String) -> Result<String> {
+    let path = dir.join(file);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if !s.is_empty() {
+            return Ok(s.to_owned());
+        }
+    }
+    let id = make();
+    std::fs::write(&path, format!("{id}\n")).map_err(|e| Error::internal(format!("writing {}", path.display()), e))?;
+    Ok(id)
+}
+
+fn build_providers(config: &ServerConfig, catalog: &Arc<ImageCatalog>, instance: &str) -> Result<Vec<DynProvider>> {
+    let mut out: Vec<DynProvider> = Vec::new();
+    if config.providers.is_empty() {
+        return Ok(out);
+    }
+    let agent_bin = stacyvm_provider::agent_binary_path()?;
+    for name in &config.providers {
+        match name.as_str() {
+            "docker" => out.push(Arc::new(DockerProvider::new(DockerConfig {
+                data_dir: config.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+                pids_limit: 512,
+            })?)),
+            "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
+                data_dir: config.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+            })?)),
+            other => {
+                return Err(Error::InvalidRequest(format!(
+                    "unknown provider {other:?}; available: docker, proot"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Opens everything and starts serving on `config.listen`.
+pub async fn start(config: ServerConfig) -> Result<Running> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| Error::internal(format!("creating the data dir {}", config.data_dir.display()), e))?;
+    let store = stacyvm_store::open(&config.store_url).await?;
+    let boot = auth::bootstrap(&store, &config.data_dir, config.admin_key.as_deref()).await?;
+    let catalog = Arc::new(ImageCatalog::open(&config.data_dir.join("images"))?);
+    let instance = persistent_id(&config.data_dir, "instance.id", || {
+        let mut b = [0u8; 6];
+        rand::fill(&mut b);
+        hex::encode(b)
+    })?;
+
+    let mut workers: Vec<DynWorker> = Vec::new();
+    if config.local_worker {
+        let worker_id = WorkerId::from_trusted(persistent_id(&config.data_dir, "worker.id", || {
+            WorkerId::generate().to_string()
+        })?);
+        let providers = build_providers(&config, &catalog, &instance)?;
+        let names: Vec<String> = providers.iter().map(|p| p.name().to_owned()).collect();
+        let existing = store.worker_get(&worker_id).await?;
+        let t = now();
+        store
+            .worker_upsert(&WorkerRecord {
+                id: worker_id.clone(),
+                address: "local".into(),
+                providers: names,
+                labels: Default::default(),
+                capacity: existing.as_ref().map(|w| w.capacity).unwrap_or(256),
+                state: reconcilers::keep_state(existing.as_ref().map(|w| w.state)),
+                registered_at: existing.as_ref().map(|w| w.registered_at).unwrap_or(t),
+                last_heartbeat: t,
+            })
+            .await?;
+        workers.push(Arc::new(LocalWorker::new(worker_id, providers)));
+    }
+
+    let app = Arc::new(App {
+        scheduler: Scheduler::new(store.clone(), workers),
+        store,
+        catalog,
+        exec_limiter: ExecLimiter::default(),
+        started: Instant::now(),
+        system_tenant: boot.system_tenant.clone(),
+        config: config.clone(),
+    });
+
+    // Adopt what survived the last run before taking requests.
+    reconcilers::heartbeat(&app).await?;
+    if let Err(e) = reconcilers::reconcile_runtimes(&app, true).await {
+        tracing::warn!(error = %e, "start-up reconciliation failed; it is retried in the background");
+    }
+
+    let state = AppState { app: app.clone(), metrics: metrics_handle()? };
+    let router = http::router(state);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::InvalidRequest(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener.local_addr().map_err(|e| Error::internal("reading the listen address", e))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut stop_http = stop_rx.clone();
+    let serving = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                while !*stop_http.borrow() {
+                    if stop_http.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await
+    });
+    let loops = reconcilers::spawn_loops(app.clone(), stop_rx);
+    tracing::info!(%addr, store = app.store.kind(), "StacyVM is serving");
+    Ok(Running {
+        addr,
+        app,
+        generated_admin_key: boot.generated_key,
+        admin_key_file: boot.key_file,
+        stop: stop_tx,
+        serving,
+        loops,
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight calls finish, stops the loops. The
+    /// sandboxes keep running; the next start adopts them.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let _ = self.loops.await;
+        match self.serving.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::internal("serving HTTP", e)),
+            Err(e) => Err(Error::internal("the HTTP task", e)),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The in-process worker of single-node mode: providers called directly,
+//! with the same lease and fencing checks a remote worker makes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use stacyvm_core::{
+    ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec, WorkerId,
+};
+use stacyvm_provider::{DynProvider, ExecStream, LogLine};
+
+use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
+
+/// Runs sandboxes on this host through its providers.
+pub struct LocalWorker {
+    id: WorkerId,
+    providers: Vec<DynProvider>,
+    /// The highest fencing token seen per sandbox. A lease below it belongs
+    /// to a holder that has since lost the sandbox and is refused.
+    fences: Mutex<HashMap<SandboxId, i64>>,
+}
+
+impl LocalWorker {
+    pub fn new(id: WorkerId, providers: Vec<DynProvider>) -> LocalWorker {
+        LocalWorker { id, providers, fences: Mutex::new(HashMap::new()) }
+    }
+
+    /// Checks the lease against the highest token seen (recording a newer
+    /// one) and returns the provider it names.
+    fn admit(&self, lease: &Lease) -> Result<&DynProvider> {
+        {
+            let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = fences.entry(lease.sandbox_id.clone()).or_insert(lease.fencing_token);
+            if lease.fencing_token < *seen {
+                return Err(Error::Conflict(format!(
+                    "stale lease on sandbox {}: fencing token {} is older than {}",
+                    lease.sandbox_id, lease.fencing_token, *seen
+                )));
+            }
+            *seen = lease.fencing_token;
+        }
+        self.provider(&lease.provider)
+    }
+
+    fn provider(&self, name: &str) -> Result<&DynProvider> {
+        self.providers.iter().find(|p| p.name() == name).ok_or_else(|| {
+            Error::ProviderUnavailable(format!("provider {name:?} is not configured on worker {}", self.id))
+        })
+    }
+}
+
+#[async_trait]
+impl Worker for LocalWorker {
+    fn id(&self) -> &WorkerId {
+        &self.id
+    }
+
+    fn provider_names(&self) -> Vec<String> {
+        self.providers.iter().map(|p| p.name().to_owned()).collect()
+    }
+
+    async fn provider_health(&self) -> Vec<ProviderHealth> {
+        let mut out = Vec::with_capacity(self.providers.len());
+        for p in &self.providers {
+            out.push(ProviderHealth { name: p.name().to_owned(), health: p.health().await });
+        }
+        out
+    }
+
+    async fn runtimes(&self) -> Result<Vec<WorkerRuntime>> {
+        let mut out = Vec::new();
+        for p in &self.providers {
+            for runtime in p.list().await? {
+                out.push(WorkerRuntime { provider: p.name().to_owned(), runtime });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn spawn(&self, lease: &Lease, spec: &SpawnSpec) -> Result<()> {
+        if spec.sandbox_id != lease.sandbox_id {
+            return Err(Error::Internal(format!(
+                "spawn spec for {} under a lease on {}",
+                spec.sandbox_id, lease.sandbox_id
+            )));
+        }
+        self.admit(lease)?.spawn(spec).await
+    }
+
+    async fn destroy(&self, lease: &Lease) -> Result<()> {
+        self.admit(lease)?.destroy(&lease.sandbox_id).await?;
+        Ok(())
+    }
+
+    async fn pause(&self, lease: &Lease) -> Result<()> {
+        self.admit(lease)?.pause(&lease.sandbox_id).await
+    }
+
+    async fn resume(&self, lease: &Lease) -> Result<()> {
+        self.admit(lease)?.resume(&lease.sandbox_id).await
+    }
+
+    async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>> {
+        self.admit(lease)?.logs(&lease.sandbox_id).await
+    }
+
+    async fn exec(&self, lease: &Lease, req: ExecRequest) -> Result<ExecOutcome> {
+        self.admit(lease)?.exec(&lease.sandbox_id, req).await
+    }
+
+    async fn exec_stream(&self, lease: &Lease, req: ExecRequest) -> Result<ExecStream> {
+        self.admit(lease)?.exec_stream(&lease.sandbox_id, req).await
+    }
+
+    async fn file_write(&self, lease: &Lease, path: &str, mode: Option<u32>, body: ByteStream) -> Result<FileEntry> {
+        self.admit(lease)?.file_write(&lease.sandbox_id, path, mode, body).await
+    }
+
+    async fn file_read(&self, lease: &Lease, path: &str) -> Result<ByteStream> {
+        self.admit(lease)?.file_read(&lease.sandbox_id, path).await
+    }
+
+    async fn file_stat(&self, lease: &Lease, path: &str) -> Result<FileEntry> {
+        self.admit(lease)?.file_stat(&lease.sandbox_id, path).await
+    }
+
+    async fn file_list(&self, lease: &Lease, path: &str, recursive: bool) -> Result<Vec<FileEntry>> {
+        self.admit(lease)?.file_list(&lease.sandbox_id, path, recursive).await
+    }
+
+    async fn file_move(&self, lease: &Lease, from: &str, to: &str, overwrite: bool) -> Result<FileEntry> {
+        self.admit(lease)?.file_move(&lease.sandbox_id, from, to, overwrite).await
+    }
+
+    async fn file_chmod(&self, lease: &Lease, path: &str, mode: u32) -> Result<FileEntry> {
+        self.admit(lease)?.file_chmod(&lease.sandbox_id, path, mode).await
+    }
+
+    async fn file_mkdir(&self, lease: &Lease, path: &str, parents: bool) -> Result<FileEntry> {
+        self.admit(lease)?.file_mkdir(&lease.sandbox_id, path, parents).await
+    }
+
+    async fn file_delete(&self, lease: &Lease, path: &str, recursive: bool) -> Result<()> {
+        self.admit(lease)?.file_delete(&lease.sandbox_id, path, recursive).await
+    }
+
+    async fn file_glob(&self, lease: &Lease, pattern: &str) -> Result<Vec<String>> {
+        self.admit(lease)?.file_glob(&lease.sandbox_id, pattern).await
+    }
+}
