@@ -580,10 +580,20 @@ fn unpack_tar(tar_path: &Path, rootfs: &Path) -> Result<()> {
     archive.set_preserve_mtime(true);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(true);
+    let rootfs_given = rootfs.display().to_string();
+    let rootfs_shown = rootfs
+        .canonicalize()
+        .unwrap_or_else(|_| rootfs.to_path_buf())
+        .display()
+        .to_string();
     let refuse = |path: &[u8], e: io::Error| {
         Error::InvalidRequest(format!(
-            "the image tar is refused: entry {:?} cannot be unpacked safely: {e}",
-            String::from_utf8_lossy(path)
+            "the image tar is refused: entry {:?} cannot be unpacked safely: {}",
+            String::from_utf8_lossy(path),
+            // Server paths mean nothing to the client and are not its business.
+            error_chain(&e)
+                .replace(&rootfs_shown, "<root>")
+                .replace(&rootfs_given, "<root>")
         ))
     };
     // Directories last, deepest first, so a read-only directory does not
@@ -620,6 +630,18 @@ fn unpack_tar(tar_path: &Path, rootfs: &Path) -> Result<()> {
     std::fs::set_permissions(rootfs, perms)
         .map_err(|e| Error::internal("setting the rootfs mode", e))?;
     Ok(())
+}
+
+/// An error and its sources on one line (`tar` wraps the useful part).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Removes a directory tree, making read-only directories writable first
