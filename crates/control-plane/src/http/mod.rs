@@ -220,12 +220,15 @@ async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Res
     if !detail.is_object() {
         detail = serde_json::json!({});
     }
+    let target = note.and_then(|n| n.target).or_else(|| target_in_path(&path));
+    let sandbox_id = sandbox_in_path(&path)
+        .or_else(|| target.as_deref().filter(|t| SandboxId::parse(t).is_some()).map(str::to_owned));
     let draft = EventDraft {
         tenant_id: who.as_ref().map(|w| w.tenant_id.clone()),
         actor: Actor { key_id: who.as_ref().map(|w| w.key_id.clone()), role: who.as_ref().map(|w| w.role) },
         action: action_of(&method, &route),
-        target: note.and_then(|n| n.target).or_else(|| target_in_path(&path)),
-        sandbox_id: sandbox_in_path(&path),
+        target,
+        sandbox_id,
         status,
         request_id: request_id::current(),
         source_ip,
