@@ -1,0 +1,3 @@
+//! Control-plane tests that need no runtime: the OpenAPI document snapshot.
+
+mod openapi;

@@ -1,0 +1,63 @@
+# Shared helpers for StacyVM's scripts: install what is missing from
+# Debian's packages, start dockerd when it is not running. Sourced, not run.
+
+log() { echo "stacyvm: $*" >&2; }
+
+apt_updated=0
+# ensure_packages PKG... — installs the Debian packages that are missing.
+ensure_packages() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
+    return 1
+  fi
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$apt_updated" = 0 ]; then
+    apt-get update -q >&2
+    apt_updated=1
+  fi
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+}
+
+# ensure_runtime_packages — everything the providers and scripts need.
+ensure_runtime_packages() {
+  ensure_packages ca-certificates curl docker.io proot busybox-static iproute2 procps util-linux
+}
+
+# ensure_dockerd — starts dockerd in the background unless it answers.
+ensure_dockerd() {
+  if docker info >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" -ne 0 ]; then
+    log "dockerd is not running and only root can start it; the docker provider will report unhealthy"
+    return 1
+  fi
+  log "starting dockerd"
+  mkdir -p /var/log
+  nohup dockerd >/var/log/stacyvm-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  log "dockerd did not come up; see /var/log/stacyvm-dockerd.log"
+  return 1
+}
+
+# ensure_cargo — Rust is needed to build StacyVM.
+ensure_cargo() {
+  if command -v cargo >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+    return 0
+  fi
+  log "cargo was not found: install Rust (https://rustup.rs, 1.85 or newer) and run this again"
+  return 1
+}

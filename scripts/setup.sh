@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Sets up and starts a single-node StacyVM on this machine:
+#   - installs what is missing (docker.io, proot, busybox-static) from Debian's packages,
+#   - starts dockerd when it is not running,
+#   - builds `stacyvm` and the static in-sandbox agent (release),
+#   - starts `stacyvm serve` (embedded SQLite in the data dir, Docker then PRoot),
+#   - imports a `busybox` image (from Debian's busybox-static) into the image catalog,
+#   - prints the URL and where the admin key is, then keeps serving until Ctrl-C / SIGTERM.
+#
+#   scripts/setup.sh [--listen ADDR] [--data-dir DIR] [other `stacyvm serve` flags]
+set -euo pipefail
+root_dir="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+. "$root_dir/scripts/lib.sh"
+
+listen="127.0.0.1:7070"
+data_dir=""
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --listen) listen="$2"; shift 2 ;;
+    --data-dir) data_dir="$2"; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+if [ -z "$data_dir" ]; then
+  if [ "$(id -u)" -eq 0 ]; then data_dir=/var/lib/stacyvm; else data_dir="$HOME/.local/share/stacyvm"; fi
+fi
+
+ensure_cargo
+ensure_runtime_packages || true
+ensure_dockerd || log "continuing without Docker: sandboxes will use PRoot"
+
+log "building stacyvm (release; the first build takes a few minutes)"
+(cd "$root_dir" && cargo build -q --release -p stacyvm)
+agent="$("$root_dir/scripts/build-agent.sh")"
+bin_dir="$root_dir/target/release"
+cp "$agent" "$bin_dir/stacyvm-agent"
+image_tar="$root_dir/target/test-images/busybox.tar"
+"$root_dir/scripts/build-test-image.sh" "$image_tar"
+
+mkdir -p "$data_dir"
+log "starting stacyvm serve on $listen (data dir $data_dir)"
+"$bin_dir/stacyvm" serve --listen "$listen" --data-dir "$data_dir" "${args[@]}" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server' INT TERM
+
+url="http://$listen"
+for _ in $(seq 1 120); do
+  curl -fsS "$url/healthz" >/dev/null 2>&1 && break
+  kill -0 "$server" 2>/dev/null || { log "stacyvm serve exited; see the messages above"; exit 1; }
+  sleep 0.5
+done
+key="${STACYVM_ADMIN_KEY:-$(cat "$data_dir/admin.key")}"
+if ! curl -fsS -H "Authorization: Bearer $key" "$url/v1/images/busybox" >/dev/null 2>&1; then
+  curl -fsS -H "Authorization: Bearer $key" -X POST "$url/v1/images?name=busybox" \
+    -H 'Content-Type: application/x-tar' --data-binary @"$image_tar" >/dev/null
+  log "imported the busybox image into the catalog"
+fi
+
+cat >&2 <<MSG
+
+StacyVM is ready at $url  (Ctrl-C stops it; sandboxes survive and are adopted on the next start)
+  admin key: ${STACYVM_ADMIN_KEY:+\$STACYVM_ADMIN_KEY}${STACYVM_ADMIN_KEY:-$data_dir/admin.key}
+  CLI:       $bin_dir/stacyvm
+
+Try it:
+  export STACYVM_URL=$url STACYVM_API_KEY=\$(cat $data_dir/admin.key)
+  curl -s -H "Authorization: Bearer \$STACYVM_API_KEY" -X POST \$STACYVM_URL/v1/sandboxes -d '{"image":"busybox"}'
+
+MSG
+wait "$server"
