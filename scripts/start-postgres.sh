@@ -21,6 +21,12 @@ log() { echo "start-postgres: $*" >&2; }
 
 exec 3>&1 1>&2 # keep stdout for the URL alone
 
+# One caller at a time, from the install on: concurrent test processes all
+# call this script.
+mkdir -p "$(dirname "$PG_DIR")"
+exec 9>"$PG_DIR.lock"
+flock 9
+
 if [[ ! -x "$PG_BIN/postgres" ]]; then
     if [[ "$(id -u)" -ne 0 ]]; then
         log "no PostgreSQL 15 in $PG_BIN and not root: install the postgresql-15 package"
@@ -28,8 +34,8 @@ if [[ ! -x "$PG_BIN/postgres" ]]; then
     fi
     log "installing PostgreSQL 15"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q postgresql-15 postgresql-client-15
+    apt-get update -q 9>&-
+    apt-get install -y -q postgresql-15 postgresql-client-15 9>&-
 fi
 
 # Run a command as the cluster owner: `postgres` when we are root (initdb
@@ -48,9 +54,6 @@ fi
 mkdir -p "$PG_DIR"
 chown "$OWNER" "$PG_DIR"
 chmod 0700 "$PG_DIR"
-
-exec 9>"$PG_DIR.lock"
-flock 9
 
 ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -d postgres -U postgres; }
 

@@ -1,0 +1,168 @@
+//! Opening, reopening and migrating stores, and what happens when the
+//! database is not there.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use stacyvm_core::Error;
+use stacyvm_store::{AuditFilter, Quota, SandboxFilter};
+
+use crate::fixtures::{self, create, new_tenant};
+use crate::harness::{Raw, TestDb};
+
+pub async fn kind_and_ping(db: &TestDb) -> anyhow::Result<()> {
+    let expected = match db.raw {
+        Raw::Sqlite(_) => "sqlite",
+        Raw::Postgres(_) => "postgres",
+    };
+    assert_eq!(db.store.kind(), expected);
+    db.store.ping().await?;
+    Ok(())
+}
+
+/// Everything written is there after the store is closed and opened again.
+pub async fn reopen_keeps_everything(db: &TestDb) -> anyhow::Result<()> {
+    let store = &db.store;
+    let tenant = fixtures::tenant("persistent");
+    store.tenant_create(&tenant).await?;
+    let quota = Quota {
+        max_sandboxes: Some(3),
+        max_cpu: Some(2.5),
+        ..Quota::default()
+    };
+    store.quota_set(&tenant.id, &quota).await?;
+    let key = fixtures::key(&tenant.id, "persisted-hash");
+    store.key_create(&key).await?;
+    let mut rec = fixtures::with_labels(fixtures::sandbox(&tenant.id), &[("app", "web")]);
+    rec.expires_at = Some(fixtures::at(3600));
+    let rec = create(store, &rec).await?;
+    let event = fixtures::event(Some(&tenant.id), "sandbox.create");
+    store.audit_append(&event).await?;
+    let worker = fixtures::worker("10.0.0.1:7000");
+    store.worker_upsert(&worker).await?;
+
+    let again = db.open_again().await?;
+    assert_eq!(again.tenant_get(&tenant.id).await?, Some(tenant.clone()));
+    assert_eq!(again.quota_get(&tenant.id).await?, quota);
+    assert_eq!(again.key_get(&key.id).await?, Some(key));
+    assert_eq!(again.sandbox_get(&rec.id).await?, Some(rec.clone()));
+    let events = again.audit_list(&AuditFilter::default()).await?;
+    assert_eq!(events.items, vec![event]);
+    assert_eq!(again.worker_get(&worker.id).await?, Some(worker));
+    let listed = again.sandbox_list(&SandboxFilter::default()).await?;
+    assert_eq!(listed.items, vec![rec]);
+    Ok(())
+}
+
+/// Reopening applies nothing twice: each migration is recorded once.
+pub async fn migrations_are_recorded_once(db: &TestDb) -> anyhow::Result<()> {
+    let before = db.raw_i64("SELECT COUNT(*) FROM schema_migrations").await?;
+    ensure!(before >= 1, "no migration recorded");
+    for _ in 0..3 {
+        db.open_again().await?;
+    }
+    let after = db.raw_i64("SELECT COUNT(*) FROM schema_migrations").await?;
+    assert_eq!(before, after);
+    let distinct = db
+        .raw_i64("SELECT COUNT(DISTINCT version) FROM schema_migrations")
+        .await?;
+    assert_eq!(distinct, after);
+    Ok(())
+}
+
+/// Several processes starting at once on one database all open it.
+pub async fn concurrent_opens_migrate_once(db: &TestDb) -> anyhow::Result<()> {
+    let before = db.raw_i64("SELECT COUNT(*) FROM schema_migrations").await?;
+    let opens = (0..6).map(|_| {
+        let url = db.url.clone();
+        tokio::spawn(async move { stacyvm_store::open(&url).await })
+    });
+    for open in opens {
+        let store = open.await.context("open task")??;
+        store.ping().await?;
+    }
+    assert_eq!(
+        db.raw_i64("SELECT COUNT(*) FROM schema_migrations").await?,
+        before
+    );
+    // The stores opened concurrently see what the first one wrote.
+    let tenant = new_tenant(&db.store, "seen-by-all").await?;
+    let other = db.open_again().await?;
+    assert!(other.tenant_get(&tenant).await?.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_unavailable_without_hanging() -> anyhow::Result<()> {
+    // Nothing listens on port 1. The timeout only guards against a hang; the
+    // store bounds its own connect time.
+    let opened = tokio::time::timeout(
+        Duration::from_secs(120),
+        stacyvm_store::open("postgres://postgres@127.0.0.1:1/postgres"),
+    )
+    .await
+    .context("opening an unreachable PostgreSQL hung")?;
+    let err = match opened {
+        Ok(_) => anyhow::bail!("opened a store on a closed port"),
+        Err(e) => e,
+    };
+    assert!(
+        stacyvm_store::is_unavailable(&err),
+        "not an unavailable error: {err:?}"
+    );
+    assert_eq!(err.code(), "internal");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_store_urls_are_invalid_requests() {
+    for url in ["mysql://x/y", "sqlite:relative.db", "", "postgres:/nope"] {
+        match stacyvm_store::open(url).await {
+            Err(Error::InvalidRequest(msg)) => assert!(msg.contains("sqlite://"), "{msg}"),
+            other => panic!(
+                "{url:?}: expected invalid_request, got {:?}",
+                other.map(|s| s.kind())
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_postgres_url_is_an_invalid_request() {
+    match stacyvm_store::open("postgres://user@host:notaport/db").await {
+        Err(Error::InvalidRequest(msg)) => assert!(msg.contains("PostgreSQL URL"), "{msg}"),
+        other => panic!(
+            "expected invalid_request, got {:?}",
+            other.map(|s| s.kind())
+        ),
+    }
+}
+
+#[tokio::test]
+async fn sqlite_in_an_impossible_place_is_an_error_not_a_panic() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory")?;
+    let url = format!("sqlite://{}/store.db", file.display());
+    match stacyvm_store::open(&url).await {
+        Err(Error::Internal(msg)) => assert!(msg.contains("a-file"), "{msg}"),
+        other => panic!("expected internal, got {:?}", other.map(|s| s.kind())),
+    }
+    let empty = stacyvm_store::open("sqlite://").await;
+    assert!(matches!(empty, Err(Error::InvalidRequest(_))));
+    Ok(())
+}
+
+#[tokio::test]
+async fn sqlite_file_that_is_not_a_database_is_an_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("garbage.db");
+    std::fs::write(&path, vec![0x5a_u8; 8192])?;
+    let opened = stacyvm_store::open(&format!("sqlite://{}", path.display())).await;
+    assert!(
+        matches!(opened, Err(Error::Internal(_))),
+        "{:?}",
+        opened.map(|s| s.kind())
+    );
+    Ok(())
+}

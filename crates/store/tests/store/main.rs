@@ -1,0 +1,75 @@
+//! The store conformance suite: every case runs against a real SQLite file
+//! and a real PostgreSQL database (its own, created and dropped per test).
+//!
+//! PostgreSQL comes from `STACYVM_TEST_POSTGRES_URL` (a server URL; each test
+//! creates `stacyvm_test_<random>` on it) or, when that is unset, from
+//! `scripts/start-postgres.sh`. A PostgreSQL that cannot be had fails the
+//! tests rather than skipping them.
+
+mod audit;
+mod fixtures;
+mod harness;
+mod keys;
+mod lifecycle;
+mod quotas;
+mod sandboxes;
+mod tenants;
+mod workers;
+
+/// Generates `sqlite::CASE` and `postgres::CASE` tests running
+/// `MODULE::CASE(&TestDb)` against a fresh database of each backend.
+macro_rules! conformance {
+    ($($module:ident :: $case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() -> anyhow::Result<()> {
+                    let db = crate::harness::TestDb::sqlite().await?;
+                    crate::$module::$case(&db).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() -> anyhow::Result<()> {
+                    let db = crate::harness::TestDb::postgres().await?;
+                    crate::$module::$case(&db).await
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    lifecycle::kind_and_ping,
+    lifecycle::reopen_keeps_everything,
+    lifecycle::migrations_are_recorded_once,
+    lifecycle::concurrent_opens_migrate_once,
+    tenants::tenant_create_get_list,
+    tenants::duplicate_tenant_name_is_a_conflict,
+    tenants::bad_cursor_is_invalid_request,
+    quotas::quota_defaults_set_and_replace,
+    quotas::quota_of_missing_tenant_is_not_found,
+    quotas::concurrent_creates_never_overshoot_max_sandboxes,
+    quotas::cpu_and_memory_limits,
+    quotas::terminal_sandboxes_free_quota,
+    quotas::quota_messages_name_limit_and_numbers,
+    keys::key_create_lookup_list_revoke,
+    keys::key_conflicts_and_missing_tenant,
+    keys::key_list_pages,
+    sandboxes::sandbox_round_trips_every_field,
+    sandboxes::sandbox_create_for_missing_tenant_is_not_found,
+    sandboxes::sandbox_list_filters,
+    sandboxes::sandbox_list_pages_over_more_than_limit,
+    sandboxes::sandbox_update_checks_fencing_token,
+    sandboxes::sandbox_claim_increments_token,
+    sandboxes::lease_renew_extends_live_sandboxes_of_the_worker,
+    sandboxes::live_expired_and_counts,
+    sandboxes::idempotency_keys,
+    sandboxes::concurrent_creates_with_one_idempotency_key_make_one_sandbox,
+    audit::audit_round_trips_and_filters,
+    audit::audit_pages_in_append_order,
+    audit::audit_events_refuse_update_and_delete,
+    workers::worker_upsert_get_list_set_state,
+}
