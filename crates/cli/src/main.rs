@@ -6,7 +6,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "stacyvm", version, about = "Run untrusted code in isolated sandboxes")]
+#[command(
+    name = "stacyvm",
+    version,
+    about = "Run untrusted code in isolated sandboxes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,7 +24,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("stacyvm: cannot start the async runtime: {e}");

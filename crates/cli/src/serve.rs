@@ -24,7 +24,12 @@ pub struct ServeArgs {
     #[arg(long, env = "STACYVM_STORE")]
     store: Option<String>,
     /// Providers in preference order (comma-separated).
-    #[arg(long, env = "STACYVM_PROVIDERS", value_delimiter = ',', default_value = "docker,proot")]
+    #[arg(
+        long,
+        env = "STACYVM_PROVIDERS",
+        value_delimiter = ',',
+        default_value = "docker,proot"
+    )]
     providers: Vec<String>,
     /// Run the control plane only, without the in-process worker.
     #[arg(long)]
@@ -48,7 +53,9 @@ fn default_data_dir() -> PathBuf {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STACYVM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -64,9 +71,16 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     if let Some(store) = args.store {
         config.store_url = store;
     }
-    config.providers = args.providers.into_iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect();
+    config.providers = args
+        .providers
+        .into_iter()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
     config.local_worker = !args.no_local_worker;
-    config.admin_key = std::env::var("STACYVM_ADMIN_KEY").ok().filter(|k| !k.is_empty());
+    config.admin_key = std::env::var("STACYVM_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
 
     let running = stacyvm_control_plane::start(config)
         .await

@@ -34,7 +34,10 @@ pub async fn expire(app: &App) -> Result<usize> {
                     &app.store,
                     crate::app::audit::EventDraft {
                         tenant_id: Some(tenant),
-                        actor: stacyvm_store::Actor { key_id: None, role: None },
+                        actor: stacyvm_store::Actor {
+                            key_id: None,
+                            role: None,
+                        },
                         action: "sandbox.expire".into(),
                         target: Some(id.to_string()),
                         sandbox_id: Some(id.to_string()),
@@ -46,7 +49,9 @@ pub async fn expire(app: &App) -> Result<usize> {
                 )
                 .await;
             }
-            Err(e) => tracing::warn!(sandbox = %id, error = %e, "could not destroy an expired sandbox"),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "could not destroy an expired sandbox")
+            }
         }
     }
     Ok(done)
@@ -71,17 +76,24 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
         // And listed again after, so a sandbox that became running meanwhile
         // is not mistaken for a vanished one.
         let after = worker.runtimes().await.unwrap_or_default();
-        let found: HashMap<_, _> =
-            runtimes.iter().chain(after.iter()).map(|r| (r.runtime.sandbox_id.clone(), r)).collect();
+        let found: HashMap<_, _> = runtimes
+            .iter()
+            .chain(after.iter())
+            .map(|r| (r.runtime.sandbox_id.clone(), r))
+            .collect();
 
         // Orphans: runtimes no live row of this worker accounts for.
         for rt in &runtimes {
-            let owned = by_id
-                .get(&rt.runtime.sandbox_id)
-                .is_some_and(|r| r.worker_id.as_ref() == Some(worker.id()) || r.worker_id.is_none());
+            let owned = by_id.get(&rt.runtime.sandbox_id).is_some_and(|r| {
+                r.worker_id.as_ref() == Some(worker.id()) || r.worker_id.is_none()
+            });
             if !owned {
                 tracing::info!(sandbox = %rt.runtime.sandbox_id, provider = %rt.provider, "destroying an orphaned runtime");
-                let lease = Lease { sandbox_id: rt.runtime.sandbox_id.clone(), fencing_token: i64::MAX, provider: rt.provider.clone() };
+                let lease = Lease {
+                    sandbox_id: rt.runtime.sandbox_id.clone(),
+                    fencing_token: i64::MAX,
+                    provider: rt.provider.clone(),
+                };
                 if let Err(e) = worker.destroy(&lease).await {
                     tracing::warn!(sandbox = %rt.runtime.sandbox_id, error = %e, "could not destroy an orphan");
                 }
@@ -89,26 +101,37 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
         }
 
         // Rows of this worker whose runtime is gone or stopped.
-        for rec in live.iter().filter(|r| r.worker_id.as_ref() == Some(worker.id())) {
+        for rec in live
+            .iter()
+            .filter(|r| r.worker_id.as_ref() == Some(worker.id()))
+        {
             let mut rec = (*rec).clone();
             let rt = found.get(&rec.id);
             match rec.state {
                 SandboxState::Running | SandboxState::Paused => match rt {
                     None => {
                         rec.state = SandboxState::Lost;
-                        rec.failure = Some(Failure { code: "lost".into(), message: "the runtime vanished".into() });
+                        rec.failure = Some(Failure {
+                            code: "lost".into(),
+                            message: "the runtime vanished".into(),
+                        });
                         rec.destroyed_at = Some(now());
                         tracing::warn!(sandbox = %rec.id, "runtime vanished; marking the sandbox lost");
                         app.store.sandbox_update(&rec).await?;
                     }
                     Some(rt) if !rt.runtime.running && rec.state == SandboxState::Running => {
                         tracing::warn!(sandbox = %rec.id, "runtime stopped; marking the sandbox failed");
-                        let lease = Lease { sandbox_id: rec.id.clone(), fencing_token: rec.fencing_token, provider: rec.provider.clone() };
+                        let lease = Lease {
+                            sandbox_id: rec.id.clone(),
+                            fencing_token: rec.fencing_token,
+                            provider: rec.provider.clone(),
+                        };
                         let _ = worker.destroy(&lease).await;
                         rec.state = SandboxState::Failed;
                         rec.failure = Some(Failure {
                             code: "runtime_stopped".into(),
-                            message: "the sandbox's runtime stopped (its agent or init exited)".into(),
+                            message: "the sandbox's runtime stopped (its agent or init exited)"
+                                .into(),
                         });
                         rec.destroyed_at = Some(now());
                         app.store.sandbox_update(&rec).await?;
@@ -116,7 +139,11 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
                     Some(_) => {}
                 },
                 SandboxState::Starting if at_start => {
-                    let lease = Lease { sandbox_id: rec.id.clone(), fencing_token: rec.fencing_token, provider: rec.provider.clone() };
+                    let lease = Lease {
+                        sandbox_id: rec.id.clone(),
+                        fencing_token: rec.fencing_token,
+                        provider: rec.provider.clone(),
+                    };
                     let usable = rt.is_some_and(|r| r.runtime.running)
                         && worker.exec(&lease, probe()).await.is_ok();
                     if usable {
@@ -149,10 +176,16 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
     if at_start {
         let live = app.store.sandbox_list_live().await?;
         // Rows never placed on a worker: the create that made them is gone.
-        for rec in live.iter().filter(|r| r.state == SandboxState::Pending && r.worker_id.is_none()) {
+        for rec in live
+            .iter()
+            .filter(|r| r.state == SandboxState::Pending && r.worker_id.is_none())
+        {
             let mut rec = (*rec).clone();
             rec.state = SandboxState::Failed;
-            rec.failure = Some(Failure { code: "interrupted".into(), message: "the server stopped before the sandbox was placed".into() });
+            rec.failure = Some(Failure {
+                code: "interrupted".into(),
+                message: "the server stopped before the sandbox was placed".into(),
+            });
             rec.destroyed_at = Some(now());
             app.store.sandbox_update(&rec).await?;
         }
@@ -180,7 +213,10 @@ pub async fn heartbeat(app: &App) -> Result<()> {
             rec.last_heartbeat = now();
             app.store.worker_upsert(&rec).await?;
         } else {
-            return Err(Error::Internal(format!("worker {} is not registered", w.id())));
+            return Err(Error::Internal(format!(
+                "worker {} is not registered",
+                w.id()
+            )));
         }
     }
     Ok(())

@@ -21,7 +21,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(store: DynStore, workers: Vec<DynWorker>) -> Scheduler {
-        Scheduler { store, workers, health: Mutex::new(HashMap::new()) }
+        Scheduler {
+            store,
+            workers,
+            health: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn workers(&self) -> &[DynWorker] {
@@ -69,7 +73,9 @@ impl Scheduler {
     pub async fn choose_provider(&self, requested: Option<&str>) -> Result<String> {
         let configured = self.provider_names();
         if configured.is_empty() {
-            return Err(Error::NoCapacity("no worker with a provider is available".into()));
+            return Err(Error::NoCapacity(
+                "no worker with a provider is available".into(),
+            ));
         }
         if let Some(name) = requested {
             if !configured.iter().any(|c| c == name) {
@@ -93,7 +99,10 @@ impl Scheduler {
                 }
             }
         }
-        Err(Error::ProviderUnavailable(format!("no configured provider is healthy ({})", reasons.join("; "))))
+        Err(Error::ProviderUnavailable(format!(
+            "no configured provider is healthy ({})",
+            reasons.join("; ")
+        )))
     }
 
     /// Picks the worker for a new sandbox on `provider`.
@@ -120,7 +129,10 @@ impl Scheduler {
                 }
                 Some(_) => {}
             }
-            let load = live.iter().filter(|s| s.worker_id.as_ref() == Some(w.id())).count() as i64;
+            let load = live
+                .iter()
+                .filter(|s| s.worker_id.as_ref() == Some(w.id()))
+                .count() as i64;
             if load >= rec.capacity {
                 why.push(format!("{} is full ({load}/{})", w.id(), rec.capacity));
                 continue;
@@ -131,12 +143,16 @@ impl Scheduler {
         }
         match best {
             Some((_, w)) => Ok(w.clone()),
-            None if why.iter().any(|w| w.starts_with(provider)) => {
-                Err(Error::ProviderUnavailable(format!("provider {provider} is unavailable: {}", why.join("; "))))
-            }
+            None if why.iter().any(|w| w.starts_with(provider)) => Err(Error::ProviderUnavailable(
+                format!("provider {provider} is unavailable: {}", why.join("; ")),
+            )),
             None => Err(Error::NoCapacity(format!(
                 "no worker can take a {provider} sandbox now{}",
-                if why.is_empty() { String::new() } else { format!(": {}", why.join("; ")) }
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", why.join("; "))
+                }
             ))),
         }
     }

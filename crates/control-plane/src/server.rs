@@ -57,11 +57,16 @@ fn persistent_id(dir: &Path, file: &str, make: impl FnOnce() -> String) -> Resul
         }
     }
     let id = make();
-    std::fs::write(&path, format!("{id}\n")).map_err(|e| Error::internal(format!("writing {}", path.display()), e))?;
+    std::fs::write(&path, format!("{id}\n"))
+        .map_err(|e| Error::internal(format!("writing {}", path.display()), e))?;
     Ok(id)
 }
 
-fn build_providers(config: &ServerConfig, catalog: &Arc<ImageCatalog>, instance: &str) -> Result<Vec<DynProvider>> {
+fn build_providers(
+    config: &ServerConfig,
+    catalog: &Arc<ImageCatalog>,
+    instance: &str,
+) -> Result<Vec<DynProvider>> {
     let mut out: Vec<DynProvider> = Vec::new();
     if config.providers.is_empty() {
         return Ok(out);
@@ -94,8 +99,12 @@ fn build_providers(config: &ServerConfig, catalog: &Arc<ImageCatalog>, instance:
 
 /// Opens everything and starts serving on `config.listen`.
 pub async fn start(config: ServerConfig) -> Result<Running> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| Error::internal(format!("creating the data dir {}", config.data_dir.display()), e))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        Error::internal(
+            format!("creating the data dir {}", config.data_dir.display()),
+            e,
+        )
+    })?;
     let store = stacyvm_store::open(&config.store_url).await?;
     let boot = auth::bootstrap(&store, &config.data_dir, config.admin_key.as_deref()).await?;
     let catalog = Arc::new(ImageCatalog::open(&config.data_dir.join("images"))?);
@@ -107,9 +116,10 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
 
     let mut workers: Vec<DynWorker> = Vec::new();
     if config.local_worker {
-        let worker_id = WorkerId::from_trusted(persistent_id(&config.data_dir, "worker.id", || {
-            WorkerId::generate().to_string()
-        })?);
+        let worker_id =
+            WorkerId::from_trusted(persistent_id(&config.data_dir, "worker.id", || {
+                WorkerId::generate().to_string()
+            })?);
         let providers = build_providers(&config, &catalog, &instance)?;
         let names: Vec<String> = providers.iter().map(|p| p.name().to_owned()).collect();
         let existing = store.worker_get(&worker_id).await?;
@@ -145,24 +155,32 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         tracing::warn!(error = %e, "start-up reconciliation failed; it is retried in the background");
     }
 
-    let state = AppState { app: app.clone(), metrics: metrics_handle()? };
+    let state = AppState {
+        app: app.clone(),
+        metrics: metrics_handle()?,
+    };
     let router = http::router(state);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::InvalidRequest(format!("cannot listen on {}: {e}", config.listen)))?;
-    let addr = listener.local_addr().map_err(|e| Error::internal("reading the listen address", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::internal("reading the listen address", e))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut stop_http = stop_rx.clone();
     let serving = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                while !*stop_http.borrow() {
-                    if stop_http.changed().await.is_err() {
-                        return;
-                    }
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            while !*stop_http.borrow() {
+                if stop_http.changed().await.is_err() {
+                    return;
                 }
-            })
-            .await
+            }
+        })
+        .await
     });
     let loops = reconcilers::spawn_loops(app.clone(), stop_rx);
     tracing::info!(%addr, store = app.store.kind(), "StacyVM is serving");

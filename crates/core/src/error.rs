@@ -80,7 +80,10 @@ impl Error {
             "payload_too_large" => Error::PayloadTooLarge(m),
             "image_not_found" => Error::ImageNotFound(m),
             "quota_exceeded" => Error::QuotaExceeded(m),
-            "rate_limited" => Error::RateLimited { message: m, retry_after_s: 1 },
+            "rate_limited" => Error::RateLimited {
+                message: m,
+                retry_after_s: 1,
+            },
             "no_capacity" => Error::NoCapacity(m),
             "provider_unavailable" => Error::ProviderUnavailable(m),
             "timeout" => Error::Timeout(m),
@@ -97,7 +100,10 @@ impl Error {
     }
 
     pub fn to_wire(&self) -> WireError {
-        WireError { code: self.code().to_owned(), message: self.message() }
+        WireError {
+            code: self.code().to_owned(),
+            message: self.message(),
+        }
     }
 }
 

@@ -45,7 +45,11 @@ pub fn format_mode(mode: u32) -> String {
 
 /// Parses `"0755"`/`"755"` into permission bits.
 pub fn parse_mode(s: &str) -> Result<u32, Error> {
-    let bad = || Error::InvalidRequest(format!("mode {s:?} is not an octal permission like \"0644\""));
+    let bad = || {
+        Error::InvalidRequest(format!(
+            "mode {s:?} is not an octal permission like \"0644\""
+        ))
+    };
     if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
         return Err(bad());
     }
@@ -69,10 +73,14 @@ pub fn validate_sandbox_path(path: &str) -> Result<String, Error> {
         return Err(Error::InvalidRequest("path contains a NUL byte".into()));
     }
     if path.len() > MAX_PATH_LEN {
-        return Err(Error::InvalidRequest(format!("path is longer than {MAX_PATH_LEN} bytes")));
+        return Err(Error::InvalidRequest(format!(
+            "path is longer than {MAX_PATH_LEN} bytes"
+        )));
     }
     if !path.starts_with('/') {
-        return Err(Error::InvalidRequest(format!("path {path:?} is not absolute")));
+        return Err(Error::InvalidRequest(format!(
+            "path {path:?} is not absolute"
+        )));
     }
     let mut parts: Vec<&str> = Vec::new();
     for part in path.split('/') {
@@ -94,7 +102,10 @@ mod tests {
     #[test]
     fn paths_normalise_and_never_climb_above_root() {
         assert_eq!(validate_sandbox_path("/a/b/../c/").unwrap(), "/a/c");
-        assert_eq!(validate_sandbox_path("/../../etc/passwd").unwrap(), "/etc/passwd");
+        assert_eq!(
+            validate_sandbox_path("/../../etc/passwd").unwrap(),
+            "/etc/passwd"
+        );
         assert_eq!(validate_sandbox_path("/").unwrap(), "/");
         assert_eq!(validate_sandbox_path("//x/./y").unwrap(), "/x/y");
     }
@@ -102,7 +113,10 @@ mod tests {
     #[test]
     fn relative_empty_and_nul_paths_are_invalid() {
         for p in ["", "a/b", "./a", "/a\0b"] {
-            assert!(matches!(validate_sandbox_path(p), Err(Error::InvalidRequest(_))), "{p:?}");
+            assert!(
+                matches!(validate_sandbox_path(p), Err(Error::InvalidRequest(_))),
+                "{p:?}"
+            );
         }
     }
 

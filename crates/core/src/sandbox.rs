@@ -51,7 +51,10 @@ impl SandboxState {
 
     /// Terminal states hold no runtime and count against no quota.
     pub fn is_terminal(self) -> bool {
-        matches!(self, SandboxState::Destroyed | SandboxState::Failed | SandboxState::Lost)
+        matches!(
+            self,
+            SandboxState::Destroyed | SandboxState::Failed | SandboxState::Lost
+        )
     }
 
     /// Whether the state machine allows moving from `self` to `next`.

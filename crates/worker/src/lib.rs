@@ -61,11 +61,24 @@ pub trait Worker: Send + Sync + 'static {
     async fn exec(&self, lease: &Lease, req: ExecRequest) -> Result<ExecOutcome>;
     async fn exec_stream(&self, lease: &Lease, req: ExecRequest) -> Result<ExecStream>;
 
-    async fn file_write(&self, lease: &Lease, path: &str, mode: Option<u32>, body: ByteStream) -> Result<FileEntry>;
+    async fn file_write(
+        &self,
+        lease: &Lease,
+        path: &str,
+        mode: Option<u32>,
+        body: ByteStream,
+    ) -> Result<FileEntry>;
     async fn file_read(&self, lease: &Lease, path: &str) -> Result<ByteStream>;
     async fn file_stat(&self, lease: &Lease, path: &str) -> Result<FileEntry>;
-    async fn file_list(&self, lease: &Lease, path: &str, recursive: bool) -> Result<Vec<FileEntry>>;
-    async fn file_move(&self, lease: &Lease, from: &str, to: &str, overwrite: bool) -> Result<FileEntry>;
+    async fn file_list(&self, lease: &Lease, path: &str, recursive: bool)
+        -> Result<Vec<FileEntry>>;
+    async fn file_move(
+        &self,
+        lease: &Lease,
+        from: &str,
+        to: &str,
+        overwrite: bool,
+    ) -> Result<FileEntry>;
     async fn file_chmod(&self, lease: &Lease, path: &str, mode: u32) -> Result<FileEntry>;
     async fn file_mkdir(&self, lease: &Lease, path: &str, parents: bool) -> Result<FileEntry>;
     async fn file_delete(&self, lease: &Lease, path: &str, recursive: bool) -> Result<()>;

@@ -23,7 +23,11 @@ pub struct LocalWorker {
 
 impl LocalWorker {
     pub fn new(id: WorkerId, providers: Vec<DynProvider>) -> LocalWorker {
-        LocalWorker { id, providers, fences: Mutex::new(HashMap::new()) }
+        LocalWorker {
+            id,
+            providers,
+            fences: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Checks the lease against the highest token seen (recording a newer
@@ -31,7 +35,9 @@ impl LocalWorker {
     fn admit(&self, lease: &Lease) -> Result<&DynProvider> {
         {
             let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
-            let seen = fences.entry(lease.sandbox_id.clone()).or_insert(lease.fencing_token);
+            let seen = fences
+                .entry(lease.sandbox_id.clone())
+                .or_insert(lease.fencing_token);
             if lease.fencing_token < *seen {
                 return Err(Error::Conflict(format!(
                     "stale lease on sandbox {}: fencing token {} is older than {}",
@@ -44,9 +50,15 @@ impl LocalWorker {
     }
 
     fn provider(&self, name: &str) -> Result<&DynProvider> {
-        self.providers.iter().find(|p| p.name() == name).ok_or_else(|| {
-            Error::ProviderUnavailable(format!("provider {name:?} is not configured on worker {}", self.id))
-        })
+        self.providers
+            .iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::ProviderUnavailable(format!(
+                    "provider {name:?} is not configured on worker {}",
+                    self.id
+                ))
+            })
     }
 }
 
@@ -63,7 +75,10 @@ impl Worker for LocalWorker {
     async fn provider_health(&self) -> Vec<ProviderHealth> {
         let mut out = Vec::with_capacity(self.providers.len());
         for p in &self.providers {
-            out.push(ProviderHealth { name: p.name().to_owned(), health: p.health().await });
+            out.push(ProviderHealth {
+                name: p.name().to_owned(),
+                health: p.health().await,
+            });
         }
         out
     }
@@ -72,7 +87,10 @@ impl Worker for LocalWorker {
         let mut out = Vec::new();
         for p in &self.providers {
             for runtime in p.list().await? {
-                out.push(WorkerRuntime { provider: p.name().to_owned(), runtime });
+                out.push(WorkerRuntime {
+                    provider: p.name().to_owned(),
+                    runtime,
+                });
             }
         }
         Ok(out)
@@ -113,8 +131,16 @@ impl Worker for LocalWorker {
         self.admit(lease)?.exec_stream(&lease.sandbox_id, req).await
     }
 
-    async fn file_write(&self, lease: &Lease, path: &str, mode: Option<u32>, body: ByteStream) -> Result<FileEntry> {
-        self.admit(lease)?.file_write(&lease.sandbox_id, path, mode, body).await
+    async fn file_write(
+        &self,
+        lease: &Lease,
+        path: &str,
+        mode: Option<u32>,
+        body: ByteStream,
+    ) -> Result<FileEntry> {
+        self.admit(lease)?
+            .file_write(&lease.sandbox_id, path, mode, body)
+            .await
     }
 
     async fn file_read(&self, lease: &Lease, path: &str) -> Result<ByteStream> {
@@ -125,27 +151,50 @@ impl Worker for LocalWorker {
         self.admit(lease)?.file_stat(&lease.sandbox_id, path).await
     }
 
-    async fn file_list(&self, lease: &Lease, path: &str, recursive: bool) -> Result<Vec<FileEntry>> {
-        self.admit(lease)?.file_list(&lease.sandbox_id, path, recursive).await
+    async fn file_list(
+        &self,
+        lease: &Lease,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Vec<FileEntry>> {
+        self.admit(lease)?
+            .file_list(&lease.sandbox_id, path, recursive)
+            .await
     }
 
-    async fn file_move(&self, lease: &Lease, from: &str, to: &str, overwrite: bool) -> Result<FileEntry> {
-        self.admit(lease)?.file_move(&lease.sandbox_id, from, to, overwrite).await
+    async fn file_move(
+        &self,
+        lease: &Lease,
+        from: &str,
+        to: &str,
+        overwrite: bool,
+    ) -> Result<FileEntry> {
+        self.admit(lease)?
+            .file_move(&lease.sandbox_id, from, to, overwrite)
+            .await
     }
 
     async fn file_chmod(&self, lease: &Lease, path: &str, mode: u32) -> Result<FileEntry> {
-        self.admit(lease)?.file_chmod(&lease.sandbox_id, path, mode).await
+        self.admit(lease)?
+            .file_chmod(&lease.sandbox_id, path, mode)
+            .await
     }
 
     async fn file_mkdir(&self, lease: &Lease, path: &str, parents: bool) -> Result<FileEntry> {
-        self.admit(lease)?.file_mkdir(&lease.sandbox_id, path, parents).await
+        self.admit(lease)?
+            .file_mkdir(&lease.sandbox_id, path, parents)
+            .await
     }
 
     async fn file_delete(&self, lease: &Lease, path: &str, recursive: bool) -> Result<()> {
-        self.admit(lease)?.file_delete(&lease.sandbox_id, path, recursive).await
+        self.admit(lease)?
+            .file_delete(&lease.sandbox_id, path, recursive)
+            .await
     }
 
     async fn file_glob(&self, lease: &Lease, pattern: &str) -> Result<Vec<String>> {
-        self.admit(lease)?.file_glob(&lease.sandbox_id, pattern).await
+        self.admit(lease)?
+            .file_glob(&lease.sandbox_id, pattern)
+            .await
     }
 }

@@ -61,14 +61,25 @@ pub struct AuditQuery {
 
 /// Admins see every event (including tenant-less refusals); others their
 /// tenant's. Viewers may read their tenant's audit too.
-pub async fn audit_list(store: &DynStore, who: &Principal, q: AuditQuery) -> Result<Page<AuditEvent>> {
+pub async fn audit_list(
+    store: &DynStore,
+    who: &Principal,
+    q: AuditQuery,
+) -> Result<Page<AuditEvent>> {
     let filter = AuditFilter {
-        tenant_id: if who.is_admin() { None } else { Some(who.tenant_id.clone()) },
+        tenant_id: if who.is_admin() {
+            None
+        } else {
+            Some(who.tenant_id.clone())
+        },
         sandbox_id: q.sandbox_id,
         action: q.action,
         outcome: q.outcome,
         since: q.since,
-        page: PageRequest { cursor: q.cursor, limit: page_limit(q.limit)? },
+        page: PageRequest {
+            cursor: q.cursor,
+            limit: page_limit(q.limit)?,
+        },
     };
     store.audit_list(&filter).await
 }

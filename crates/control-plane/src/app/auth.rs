@@ -22,7 +22,10 @@ const BOOTSTRAP_KEY_NAME: &str = "bootstrap-admin";
 pub fn generate_key() -> String {
     let mut bytes = [0u8; 32];
     rand::fill(&mut bytes);
-    format!("{KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    format!(
+        "{KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 /// Hex SHA-256 of a secret key: the only form the store ever sees.
@@ -51,7 +54,11 @@ pub async fn authenticate(store: &DynStore, bearer: Option<&str>) -> Result<Prin
     if found.revoked_at.is_some() {
         return Err(Error::Unauthenticated("API key has been revoked".into()));
     }
-    Ok(Principal { key_id: found.id, tenant_id: found.tenant_id, role: found.role })
+    Ok(Principal {
+        key_id: found.id,
+        tenant_id: found.tenant_id,
+        role: found.role,
+    })
 }
 
 /// What the bootstrap did, so `serve` can tell the operator.
@@ -69,7 +76,11 @@ pub struct Bootstrap {
 /// (an earlier, different bootstrap key is revoked). Without it, the first
 /// start generates one and writes it to `DATA_DIR/admin.key` (mode 0600);
 /// later starts reuse that file.
-pub async fn bootstrap(store: &DynStore, data_dir: &Path, env_key: Option<&str>) -> Result<Bootstrap> {
+pub async fn bootstrap(
+    store: &DynStore,
+    data_dir: &Path,
+    env_key: Option<&str>,
+) -> Result<Bootstrap> {
     let system_tenant = ensure_system_tenant(store).await?;
     let key_file = data_dir.join("admin.key");
     let (key, generated, file) = match env_key {
@@ -82,7 +93,9 @@ pub async fn bootstrap(store: &DynStore, data_dir: &Path, env_key: Option<&str>)
             (k.to_owned(), None, None)
         }
         None => match std::fs::read_to_string(&key_file) {
-            Ok(s) if s.trim().starts_with(KEY_PREFIX) => (s.trim().to_owned(), None, Some(key_file)),
+            Ok(s) if s.trim().starts_with(KEY_PREFIX) => {
+                (s.trim().to_owned(), None, Some(key_file))
+            }
             _ => {
                 let k = generate_key();
                 write_key_file(&key_file, &k)?;
@@ -93,10 +106,17 @@ pub async fn bootstrap(store: &DynStore, data_dir: &Path, env_key: Option<&str>)
     let hash = hash_key(&key);
     if store.key_by_hash(&hash).await?.is_none() {
         // Retire earlier bootstrap keys so only the configured one works.
-        let mut page = stacyvm_store::PageRequest { cursor: None, limit: 1000 };
+        let mut page = stacyvm_store::PageRequest {
+            cursor: None,
+            limit: 1000,
+        };
         loop {
             let keys = store.key_list(Some(&system_tenant), &page).await?;
-            for k in keys.items.iter().filter(|k| k.name == BOOTSTRAP_KEY_NAME && k.revoked_at.is_none()) {
+            for k in keys
+                .items
+                .iter()
+                .filter(|k| k.name == BOOTSTRAP_KEY_NAME && k.revoked_at.is_none())
+            {
                 store.key_revoke(&k.id, now()).await?;
             }
             match keys.next_cursor {
@@ -116,11 +136,18 @@ pub async fn bootstrap(store: &DynStore, data_dir: &Path, env_key: Option<&str>)
             })
             .await?;
     }
-    Ok(Bootstrap { system_tenant, generated_key: generated, key_file: file })
+    Ok(Bootstrap {
+        system_tenant,
+        generated_key: generated,
+        key_file: file,
+    })
 }
 
 async fn ensure_system_tenant(store: &DynStore) -> Result<TenantId> {
-    let mut page = stacyvm_store::PageRequest { cursor: None, limit: 1000 };
+    let mut page = stacyvm_store::PageRequest {
+        cursor: None,
+        limit: 1000,
+    };
     loop {
         let tenants = store.tenant_list(&page).await?;
         if let Some(t) = tenants.items.iter().find(|t| t.name == SYSTEM_TENANT_NAME) {
@@ -131,7 +158,11 @@ async fn ensure_system_tenant(store: &DynStore) -> Result<TenantId> {
             None => break,
         }
     }
-    let tenant = Tenant { id: TenantId::generate(), name: SYSTEM_TENANT_NAME.into(), created_at: now() };
+    let tenant = Tenant {
+        id: TenantId::generate(),
+        name: SYSTEM_TENANT_NAME.into(),
+        created_at: now(),
+    };
     match store.tenant_create(&tenant).await {
         Ok(()) => Ok(tenant.id),
         // Another control plane created it concurrently: use theirs.
@@ -154,7 +185,8 @@ fn write_key_file(path: &Path, key: &str) -> Result<()> {
     f.write_all(format!("{key}\n").as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::internal(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::internal(format!("writing {}", path.display()), e))
+    std::fs::rename(&tmp, path)
+        .map_err(|e| Error::internal(format!("writing {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -6,7 +6,12 @@ use stacyvm_provider::images::ImageInfo;
 use super::{App, Principal};
 
 impl App {
-    pub async fn image_import(&self, who: &Principal, name: &str, body: ByteStream) -> Result<ImageInfo> {
+    pub async fn image_import(
+        &self,
+        who: &Principal,
+        name: &str,
+        body: ByteStream,
+    ) -> Result<ImageInfo> {
         who.require_admin()?;
         self.catalog.import(name, body).await
     }

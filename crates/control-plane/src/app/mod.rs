@@ -71,8 +71,12 @@ pub struct App {
 pub fn page_limit(limit: Option<u32>) -> Result<u32> {
     match limit {
         None => Ok(100),
-        Some(0) => Err(Error::InvalidRequest("limit must be between 1 and 1000".into())),
-        Some(n) if n > 1000 => Err(Error::InvalidRequest("limit must be between 1 and 1000".into())),
+        Some(0) => Err(Error::InvalidRequest(
+            "limit must be between 1 and 1000".into(),
+        )),
+        Some(n) if n > 1000 => Err(Error::InvalidRequest(
+            "limit must be between 1 and 1000".into(),
+        )),
         Some(n) => Ok(n),
     }
 }

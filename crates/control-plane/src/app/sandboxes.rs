@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stacyvm_core::{
-    now, validate_sandbox_path, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Network, Result,
-    SandboxId, SandboxState, SpawnSpec,
+    now, validate_sandbox_path, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Network,
+    Result, SandboxId, SandboxState, SpawnSpec,
 };
 use stacyvm_provider::{ExecStream, LogLine};
 use stacyvm_store::{CreateOutcome, Failure, Page, PageRequest, SandboxFilter, SandboxRecord};
@@ -42,7 +42,9 @@ fn invalid(msg: impl Into<String>) -> Error {
 
 fn check_name(what: &str, s: &str) -> Result<()> {
     if s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_control()) {
-        return Err(invalid(format!("{what} must be 1 to 256 printable characters")));
+        return Err(invalid(format!(
+            "{what} must be 1 to 256 printable characters"
+        )));
     }
     Ok(())
 }
@@ -54,10 +56,14 @@ pub fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
     }
     for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || k.len() > 1024 {
-            return Err(invalid(format!("env name {k:?} is invalid (empty, or contains '=' or NUL)")));
+            return Err(invalid(format!(
+                "env name {k:?} is invalid (empty, or contains '=' or NUL)"
+            )));
         }
         if v.contains('\0') || v.len() > 128 * 1024 {
-            return Err(invalid(format!("env value of {k:?} contains a NUL byte or is over 128 KiB")));
+            return Err(invalid(format!(
+                "env value of {k:?} contains a NUL byte or is over 128 KiB"
+            )));
         }
     }
     Ok(())
@@ -70,12 +76,17 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     for (k, v) in labels {
         let key_ok = !k.is_empty()
             && k.len() <= 128
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
         if !key_ok {
-            return Err(invalid(format!("label key {k:?} must be 1 to 128 of [A-Za-z0-9._/-]")));
+            return Err(invalid(format!(
+                "label key {k:?} must be 1 to 128 of [A-Za-z0-9._/-]"
+            )));
         }
         if v.len() > 256 || v.chars().any(|c| c.is_control()) {
-            return Err(invalid(format!("label value of {k:?} must be at most 256 printable characters")));
+            return Err(invalid(format!(
+                "label value of {k:?} must be at most 256 printable characters"
+            )));
         }
     }
     Ok(())
@@ -95,10 +106,16 @@ impl App {
 
     fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
         let worker_id = rec.worker_id.as_ref().ok_or_else(|| {
-            Error::Conflict(format!("sandbox {} has no worker (state {})", rec.id, rec.state))
+            Error::Conflict(format!(
+                "sandbox {} has no worker (state {})",
+                rec.id, rec.state
+            ))
         })?;
         let worker = self.scheduler.worker(worker_id).cloned().ok_or_else(|| {
-            Error::NoCapacity(format!("worker {worker_id} that holds sandbox {} is not reachable", rec.id))
+            Error::NoCapacity(format!(
+                "worker {worker_id} that holds sandbox {} is not reachable",
+                rec.id
+            ))
         })?;
         let lease = Lease {
             sandbox_id: rec.id.clone(),
@@ -109,10 +126,17 @@ impl App {
     }
 
     /// The sandbox's worker and lease, when it is running.
-    async fn running(&self, who: &Principal, id: &str) -> Result<(SandboxRecord, DynWorker, Lease)> {
+    async fn running(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(SandboxRecord, DynWorker, Lease)> {
         let rec = self.sandbox_visible(who, id).await?;
         if rec.state != SandboxState::Running {
-            return Err(Error::Conflict(format!("sandbox {} is {}, not running", rec.id, rec.state)));
+            return Err(Error::Conflict(format!(
+                "sandbox {} is {}, not running",
+                rec.id, rec.state
+            )));
         }
         let (w, l) = self.lease_of(&rec)?;
         Ok((rec, w, l))
@@ -132,7 +156,10 @@ impl App {
         }
         let cpu = req.cpu.unwrap_or(limits.default_cpu);
         if !cpu.is_finite() || cpu <= 0.0 || cpu > limits.max_cpu {
-            return Err(invalid(format!("cpu must be more than 0 and at most {}", limits.max_cpu)));
+            return Err(invalid(format!(
+                "cpu must be more than 0 and at most {}",
+                limits.max_cpu
+            )));
         }
         let memory_mb = req.memory_mb.unwrap_or(limits.default_memory_mb);
         if memory_mb < limits.min_memory_mb || memory_mb > limits.max_memory_mb {
@@ -143,14 +170,23 @@ impl App {
         }
         let timeout_s = req.timeout_s.unwrap_or(limits.default_sandbox_timeout_s);
         if timeout_s < 1 || timeout_s > limits.max_sandbox_timeout_s {
-            return Err(invalid(format!("timeout_s must be between 1 and {}", limits.max_sandbox_timeout_s)));
+            return Err(invalid(format!(
+                "timeout_s must be between 1 and {}",
+                limits.max_sandbox_timeout_s
+            )));
         }
         check_env(&req.env)?;
         check_labels(&req.labels)?;
-        let workdir = req.workdir.as_deref().map(validate_sandbox_path).transpose()?;
+        let workdir = req
+            .workdir
+            .as_deref()
+            .map(validate_sandbox_path)
+            .transpose()?;
         if let Some(k) = &req.idempotency_key {
             if k.is_empty() || k.len() > 256 || k.chars().any(|c| c.is_control()) {
-                return Err(invalid("Idempotency-Key must be 1 to 256 printable characters"));
+                return Err(invalid(
+                    "Idempotency-Key must be 1 to 256 printable characters",
+                ));
             }
         }
         let quota = self.store.quota_get(&who.tenant_id).await?;
@@ -164,7 +200,10 @@ impl App {
         if let Some(provider) = &req.provider {
             check_name("provider", provider)?;
         }
-        let provider = self.scheduler.choose_provider(req.provider.as_deref()).await?;
+        let provider = self
+            .scheduler
+            .choose_provider(req.provider.as_deref())
+            .await?;
 
         let rec = SandboxRecord {
             id: SandboxId::generate(),
@@ -191,11 +230,19 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
         };
         let rec = match self.store.sandbox_create(&rec).await? {
-            CreateOutcome::Existing(existing) => return Ok(Created { sandbox: existing, existing: true }),
+            CreateOutcome::Existing(existing) => {
+                return Ok(Created {
+                    sandbox: existing,
+                    existing: true,
+                })
+            }
             CreateOutcome::Created(rec) => rec,
         };
         let sandbox = self.sandbox_start(rec).await?;
-        Ok(Created { sandbox, existing: false })
+        Ok(Created {
+            sandbox,
+            existing: false,
+        })
     }
 
     /// Places a pending sandbox on a worker and spawns it; on failure the
@@ -209,7 +256,10 @@ impl App {
             }
         };
         let lease_until = now() + self.config.limits.lease;
-        rec = self.store.sandbox_claim(&rec.id, worker.id(), lease_until).await?;
+        rec = self
+            .store
+            .sandbox_claim(&rec.id, worker.id(), lease_until)
+            .await?;
         rec.state = SandboxState::Starting;
         self.store.sandbox_update(&rec).await?;
         let spec = SpawnSpec {
@@ -222,7 +272,11 @@ impl App {
             network: rec.network,
             labels: rec.labels.clone(),
         };
-        let lease = Lease { sandbox_id: rec.id.clone(), fencing_token: rec.fencing_token, provider: rec.provider.clone() };
+        let lease = Lease {
+            sandbox_id: rec.id.clone(),
+            fencing_token: rec.fencing_token,
+            provider: rec.provider.clone(),
+        };
         if let Err(e) = worker.spawn(&lease, &spec).await {
             metrics::counter!("stacyvm_provider_errors_total", "provider" => rec.provider.clone(), "op" => "spawn")
                 .increment(1);
@@ -232,10 +286,17 @@ impl App {
             return Err(e);
         }
         // A destroy may have raced with the spawn; it wins.
-        let current = self.store.sandbox_get(&rec.id).await?.unwrap_or_else(|| rec.clone());
+        let current = self
+            .store
+            .sandbox_get(&rec.id)
+            .await?
+            .unwrap_or_else(|| rec.clone());
         if current.state != SandboxState::Starting {
             let _ = worker.destroy(&lease).await;
-            return Err(Error::Conflict(format!("sandbox {} was {} while it started", rec.id, current.state)));
+            return Err(Error::Conflict(format!(
+                "sandbox {} was {} while it started",
+                rec.id, current.state
+            )));
         }
         let started = now();
         rec.state = SandboxState::Running;
@@ -247,7 +308,10 @@ impl App {
 
     async fn mark_failed(&self, rec: &mut SandboxRecord, err: &Error) {
         rec.state = SandboxState::Failed;
-        rec.failure = Some(Failure { code: err.code().to_owned(), message: err.message() });
+        rec.failure = Some(Failure {
+            code: err.code().to_owned(),
+            message: err.message(),
+        });
         rec.destroyed_at = Some(now());
         if let Err(e) = self.store.sandbox_update(rec).await {
             tracing::error!(sandbox = %rec.id, error = %e, "could not record a failed spawn");
@@ -263,10 +327,17 @@ impl App {
         cursor: Option<String>,
     ) -> Result<Page<SandboxRecord>> {
         let filter = SandboxFilter {
-            tenant_id: if who.is_admin() { None } else { Some(who.tenant_id.clone()) },
+            tenant_id: if who.is_admin() {
+                None
+            } else {
+                Some(who.tenant_id.clone())
+            },
             state,
             labels,
-            page: PageRequest { cursor, limit: page_limit(limit)? },
+            page: PageRequest {
+                cursor,
+                limit: page_limit(limit)?,
+            },
         };
         self.store.sandbox_list(&filter).await
     }
@@ -302,7 +373,12 @@ impl App {
         self.store.sandbox_update(&rec).await
     }
 
-    pub async fn sandbox_set_timeout(&self, who: &Principal, id: &str, timeout_s: i64) -> Result<SandboxRecord> {
+    pub async fn sandbox_set_timeout(
+        &self,
+        who: &Principal,
+        id: &str,
+        timeout_s: i64,
+    ) -> Result<SandboxRecord> {
         who.require_write()?;
         let max = self.config.limits.max_sandbox_timeout_s;
         if timeout_s < 1 || timeout_s > max {
@@ -310,7 +386,10 @@ impl App {
         }
         let mut rec = self.sandbox_visible(who, id).await?;
         if !matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
-            return Err(Error::Conflict(format!("sandbox {} is {}", rec.id, rec.state)));
+            return Err(Error::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id, rec.state
+            )));
         }
         let quota = self.store.quota_get(&rec.tenant_id).await?;
         if let Some(max) = quota.max_timeout_s {
@@ -325,7 +404,12 @@ impl App {
         Ok(rec)
     }
 
-    pub async fn sandbox_pause(&self, who: &Principal, id: &str, pause: bool) -> Result<SandboxRecord> {
+    pub async fn sandbox_pause(
+        &self,
+        who: &Principal,
+        id: &str,
+        pause: bool,
+    ) -> Result<SandboxRecord> {
         who.require_write()?;
         let mut rec = self.sandbox_visible(who, id).await?;
         let (from, to) = if pause {
@@ -337,7 +421,10 @@ impl App {
             return Ok(rec);
         }
         if rec.state != from {
-            return Err(Error::Conflict(format!("sandbox {} is {}", rec.id, rec.state)));
+            return Err(Error::Conflict(format!(
+                "sandbox {} is {}",
+                rec.id, rec.state
+            )));
         }
         let (worker, lease) = self.lease_of(&rec)?;
         if pause {
@@ -383,7 +470,9 @@ impl App {
             return Err(invalid("cmd must hold at least the program to run"));
         }
         if cmd.len() > 65536 || cmd.iter().any(|a| a.contains('\0')) {
-            return Err(invalid("cmd arguments must not contain NUL bytes (and at most 65536 of them)"));
+            return Err(invalid(
+                "cmd arguments must not contain NUL bytes (and at most 65536 of them)",
+            ));
         }
         if cmd[0].is_empty() {
             return Err(invalid("cmd[0] (the program) must not be empty"));
@@ -418,18 +507,29 @@ impl App {
 
     /// Everything an exec needs before it runs: visibility, role, state and
     /// the tenant's exec rate.
-    pub async fn exec_admit(&self, who: &Principal, id: &str) -> Result<(SandboxRecord, DynWorker, Lease)> {
+    pub async fn exec_admit(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(SandboxRecord, DynWorker, Lease)> {
         who.require_write()?;
         let (rec, worker, lease) = self.running(who, id).await?;
         let quota = self.store.quota_get(&rec.tenant_id).await?;
-        self.exec_limiter.acquire(&rec.tenant_id, quota.max_exec_per_minute)?;
+        self.exec_limiter
+            .acquire(&rec.tenant_id, quota.max_exec_per_minute)?;
         Ok((rec, worker, lease))
     }
 
-    pub async fn exec(&self, worker: &DynWorker, lease: &Lease, req: ExecRequest) -> Result<ExecOutcome> {
+    pub async fn exec(
+        &self,
+        worker: &DynWorker,
+        lease: &Lease,
+        req: ExecRequest,
+    ) -> Result<ExecOutcome> {
         let started = std::time::Instant::now();
         let out = worker.exec(lease, req).await;
-        metrics::histogram!("stacyvm_exec_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("stacyvm_exec_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         if out.is_err() {
             metrics::counter!("stacyvm_provider_errors_total", "provider" => lease.provider.clone(), "op" => "exec")
                 .increment(1);
@@ -437,7 +537,12 @@ impl App {
         out
     }
 
-    pub async fn exec_stream(&self, worker: &DynWorker, lease: &Lease, req: ExecRequest) -> Result<ExecStream> {
+    pub async fn exec_stream(
+        &self,
+        worker: &DynWorker,
+        lease: &Lease,
+        req: ExecRequest,
+    ) -> Result<ExecStream> {
         worker.exec_stream(lease, req).await
     }
 
@@ -469,7 +574,13 @@ impl App {
         worker.file_stat(&lease, &path).await
     }
 
-    pub async fn file_list(&self, who: &Principal, id: &str, path: &str, recursive: bool) -> Result<Vec<FileEntry>> {
+    pub async fn file_list(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Vec<FileEntry>> {
         let path = validate_sandbox_path(path)?;
         let (_, worker, lease) = self.running(who, id).await?;
         worker.file_list(&lease, &path, recursive).await
@@ -477,34 +588,61 @@ impl App {
 
     pub async fn file_glob(&self, who: &Principal, id: &str, pattern: &str) -> Result<Vec<String>> {
         if !pattern.starts_with('/') || pattern.contains('\0') || pattern.len() > 4096 {
-            return Err(invalid("pattern must be an absolute glob like /work/**/*.py, without NUL bytes"));
+            return Err(invalid(
+                "pattern must be an absolute glob like /work/**/*.py, without NUL bytes",
+            ));
         }
         let (_, worker, lease) = self.running(who, id).await?;
         worker.file_glob(&lease, pattern).await
     }
 
-    pub async fn file_move(&self, who: &Principal, id: &str, from: &str, to: &str, overwrite: bool) -> Result<FileEntry> {
+    pub async fn file_move(
+        &self,
+        who: &Principal,
+        id: &str,
+        from: &str,
+        to: &str,
+        overwrite: bool,
+    ) -> Result<FileEntry> {
         who.require_write()?;
         let (from, to) = (validate_sandbox_path(from)?, validate_sandbox_path(to)?);
         let (_, worker, lease) = self.running(who, id).await?;
         worker.file_move(&lease, &from, &to, overwrite).await
     }
 
-    pub async fn file_chmod(&self, who: &Principal, id: &str, path: &str, mode: u32) -> Result<FileEntry> {
+    pub async fn file_chmod(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        mode: u32,
+    ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
         let (_, worker, lease) = self.running(who, id).await?;
         worker.file_chmod(&lease, &path, mode).await
     }
 
-    pub async fn file_mkdir(&self, who: &Principal, id: &str, path: &str, parents: bool) -> Result<FileEntry> {
+    pub async fn file_mkdir(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        parents: bool,
+    ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
         let (_, worker, lease) = self.running(who, id).await?;
         worker.file_mkdir(&lease, &path, parents).await
     }
 
-    pub async fn file_delete(&self, who: &Principal, id: &str, path: &str, recursive: bool) -> Result<()> {
+    pub async fn file_delete(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<()> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
         if path == "/" {
@@ -516,16 +654,26 @@ impl App {
 }
 
 fn lifecycle_lines(rec: &SandboxRecord) -> Vec<LogLine> {
-    let line = |ts, message: String| LogLine { ts, source: "lifecycle".into(), message };
+    let line = |ts, message: String| LogLine {
+        ts,
+        source: "lifecycle".into(),
+        message,
+    };
     let mut out = vec![line(
         rec.created_at,
-        format!("created: image {} on provider {} (cpu {}, memory {} MiB)", rec.image, rec.provider, rec.cpu, rec.memory_mb),
+        format!(
+            "created: image {} on provider {} (cpu {}, memory {} MiB)",
+            rec.image, rec.provider, rec.cpu, rec.memory_mb
+        ),
     )];
     if let Some(t) = rec.started_at {
         out.push(line(t, "running".into()));
     }
     if let Some(f) = &rec.failure {
-        out.push(line(rec.destroyed_at.unwrap_or(rec.created_at), format!("failed ({}): {}", f.code, f.message)));
+        out.push(line(
+            rec.destroyed_at.unwrap_or(rec.created_at),
+            format!("failed ({}): {}", f.code, f.message),
+        ));
     }
     if rec.state == SandboxState::Destroyed {
         if let Some(t) = rec.destroyed_at {
@@ -533,7 +681,10 @@ fn lifecycle_lines(rec: &SandboxRecord) -> Vec<LogLine> {
         }
     }
     if rec.state == SandboxState::Lost {
-        out.push(line(rec.destroyed_at.unwrap_or(rec.created_at), "lost: its worker or runtime went away".into()));
+        out.push(line(
+            rec.destroyed_at.unwrap_or(rec.created_at),
+            "lost: its worker or runtime went away".into(),
+        ));
     }
     out
 }

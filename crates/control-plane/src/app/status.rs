@@ -50,8 +50,16 @@ pub struct Status {
 impl App {
     pub async fn store_status(&self) -> StoreStatus {
         match self.store.ping().await {
-            Ok(()) => StoreStatus { kind: self.store.kind().into(), ok: true, detail: None },
-            Err(e) => StoreStatus { kind: self.store.kind().into(), ok: false, detail: Some(e.message()) },
+            Ok(()) => StoreStatus {
+                kind: self.store.kind().into(),
+                ok: true,
+                detail: None,
+            },
+            Err(e) => StoreStatus {
+                kind: self.store.kind().into(),
+                ok: false,
+                detail: Some(e.message()),
+            },
         }
     }
 
@@ -63,7 +71,11 @@ impl App {
                     existing.healthy |= h.health.healthy;
                     continue;
                 }
-                out.push(ProviderStatus { name: h.name, healthy: h.health.healthy, detail: h.health.detail });
+                out.push(ProviderStatus {
+                    name: h.name,
+                    healthy: h.health.healthy,
+                    detail: h.health.detail,
+                });
             }
         }
         out
@@ -77,7 +89,10 @@ impl App {
             .await?
             .into_iter()
             .map(|w| WorkerStatus {
-                sandboxes: live.iter().filter(|s| s.worker_id.as_ref() == Some(&w.id)).count() as i64,
+                sandboxes: live
+                    .iter()
+                    .filter(|s| s.worker_id.as_ref() == Some(&w.id))
+                    .count() as i64,
                 id: w.id,
                 state: w.state.as_str().into(),
                 address: w.address,
@@ -91,8 +106,10 @@ impl App {
 
     pub async fn status(&self) -> Result<Status> {
         let store = self.store_status().await;
-        let mut sandboxes: BTreeMap<String, i64> =
-            SandboxState::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
+        let mut sandboxes: BTreeMap<String, i64> = SandboxState::ALL
+            .iter()
+            .map(|s| (s.as_str().to_owned(), 0))
+            .collect();
         let workers = if store.ok {
             for (state, n) in self.store.sandbox_count_by_state().await? {
                 sandboxes.insert(state, n);
@@ -120,7 +137,11 @@ impl App {
     pub async fn readiness(&self) -> std::result::Result<(), String> {
         let store = self.store_status().await;
         if !store.ok {
-            return Err(format!("store ({}) unavailable: {}", store.kind, store.detail.unwrap_or_default()));
+            return Err(format!(
+                "store ({}) unavailable: {}",
+                store.kind,
+                store.detail.unwrap_or_default()
+            ));
         }
         let providers = self.provider_status().await;
         if providers.iter().any(|p| p.healthy) {
@@ -128,7 +149,11 @@ impl App {
         }
         Err(format!(
             "no healthy provider: {}",
-            providers.iter().map(|p| format!("{}: {}", p.name, p.detail)).collect::<Vec<_>>().join("; ")
+            providers
+                .iter()
+                .map(|p| format!("{}: {}", p.name, p.detail))
+                .collect::<Vec<_>>()
+                .join("; ")
         ))
     }
 
@@ -137,7 +162,13 @@ impl App {
         who.require_admin()?;
         let not_found = || stacyvm_core::Error::NotFound(format!("worker {id} not found"));
         let wid = WorkerId::parse(id).ok_or_else(not_found)?;
-        self.store.worker_set_state(&wid, WorkerState::Draining).await?;
-        self.worker_status().await?.into_iter().find(|w| w.id == wid).ok_or_else(not_found)
+        self.store
+            .worker_set_state(&wid, WorkerState::Draining)
+            .await?;
+        self.worker_status()
+            .await?
+            .into_iter()
+            .find(|w| w.id == wid)
+            .ok_or_else(not_found)
     }
 }

@@ -13,7 +13,9 @@ pub struct NewKey {
 
 fn check_label(what: &str, s: &str) -> Result<()> {
     if s.trim().is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control()) {
-        return Err(Error::InvalidRequest(format!("{what} must be 1 to 128 printable characters")));
+        return Err(Error::InvalidRequest(format!(
+            "{what} must be 1 to 128 printable characters"
+        )));
     }
     Ok(())
 }
@@ -22,7 +24,11 @@ impl App {
     pub async fn tenant_create(&self, who: &Principal, name: &str) -> Result<(Tenant, Quota)> {
         who.require_admin()?;
         check_label("name", name)?;
-        let tenant = Tenant { id: TenantId::generate(), name: name.to_owned(), created_at: now() };
+        let tenant = Tenant {
+            id: TenantId::generate(),
+            name: name.to_owned(),
+            created_at: now(),
+        };
         self.store.tenant_create(&tenant).await?;
         Ok((tenant, Quota::default()))
     }
@@ -35,17 +41,28 @@ impl App {
         cursor: Option<String>,
     ) -> Result<Page<(Tenant, Quota)>> {
         let page = if who.is_admin() {
-            self.store.tenant_list(&PageRequest { cursor, limit: page_limit(limit)? }).await?
+            self.store
+                .tenant_list(&PageRequest {
+                    cursor,
+                    limit: page_limit(limit)?,
+                })
+                .await?
         } else {
             let own = self.store.tenant_get(&who.tenant_id).await?;
-            Page { items: own.into_iter().collect(), next_cursor: None }
+            Page {
+                items: own.into_iter().collect(),
+                next_cursor: None,
+            }
         };
         let mut items = Vec::with_capacity(page.items.len());
         for t in page.items {
             let q = self.store.quota_get(&t.id).await?;
             items.push((t, q));
         }
-        Ok(Page { items, next_cursor: page.next_cursor })
+        Ok(Page {
+            items,
+            next_cursor: page.next_cursor,
+        })
     }
 
     fn tenant_id_visible(&self, who: &Principal, id: &str) -> Result<TenantId> {
@@ -65,24 +82,39 @@ impl App {
     pub async fn quota_set(&self, who: &Principal, tenant: &str, quota: Quota) -> Result<Quota> {
         let tid = self.tenant_id_visible(who, tenant)?;
         who.require_admin()?;
-        let non_negative = [quota.max_sandboxes, quota.max_memory_mb, quota.max_timeout_s, quota.max_exec_per_minute]
-            .iter()
-            .flatten()
-            .all(|v| *v >= 0);
+        let non_negative = [
+            quota.max_sandboxes,
+            quota.max_memory_mb,
+            quota.max_timeout_s,
+            quota.max_exec_per_minute,
+        ]
+        .iter()
+        .flatten()
+        .all(|v| *v >= 0);
         let cpu_ok = quota.max_cpu.is_none_or(|c| c.is_finite() && c >= 0.0);
         if !non_negative || !cpu_ok {
-            return Err(Error::InvalidRequest("quota limits must be null (unlimited) or non-negative".into()));
+            return Err(Error::InvalidRequest(
+                "quota limits must be null (unlimited) or non-negative".into(),
+            ));
         }
         self.store.quota_set(&tid, &quota).await?;
         self.store.quota_get(&tid).await
     }
 
-    pub async fn key_create(&self, who: &Principal, tenant: &str, role: &str, name: &str) -> Result<NewKey> {
+    pub async fn key_create(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        role: &str,
+        name: &str,
+    ) -> Result<NewKey> {
         who.require_admin()?;
-        let role = Role::parse(role)
-            .ok_or_else(|| Error::InvalidRequest(format!("role {role:?} must be admin, member or viewer")))?;
+        let role = Role::parse(role).ok_or_else(|| {
+            Error::InvalidRequest(format!("role {role:?} must be admin, member or viewer"))
+        })?;
         check_label("name", name)?;
-        let tid = TenantId::parse(tenant).ok_or_else(|| Error::NotFound(format!("tenant {tenant} not found")))?;
+        let tid = TenantId::parse(tenant)
+            .ok_or_else(|| Error::NotFound(format!("tenant {tenant} not found")))?;
         if self.store.tenant_get(&tid).await?.is_none() {
             return Err(Error::NotFound(format!("tenant {tenant} not found")));
         }
@@ -100,9 +132,26 @@ impl App {
         Ok(NewKey { key, secret })
     }
 
-    pub async fn key_list(&self, who: &Principal, limit: Option<u32>, cursor: Option<String>) -> Result<Page<ApiKey>> {
-        let tenant = if who.is_admin() { None } else { Some(&who.tenant_id) };
-        self.store.key_list(tenant, &PageRequest { cursor, limit: page_limit(limit)? }).await
+    pub async fn key_list(
+        &self,
+        who: &Principal,
+        limit: Option<u32>,
+        cursor: Option<String>,
+    ) -> Result<Page<ApiKey>> {
+        let tenant = if who.is_admin() {
+            None
+        } else {
+            Some(&who.tenant_id)
+        };
+        self.store
+            .key_list(
+                tenant,
+                &PageRequest {
+                    cursor,
+                    limit: page_limit(limit)?,
+                },
+            )
+            .await
     }
 
     pub async fn key_revoke(&self, who: &Principal, id: &str) -> Result<()> {

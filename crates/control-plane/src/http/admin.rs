@@ -34,14 +34,20 @@ pub async fn image_import(
     body: Body,
 ) -> ApiResult<Response> {
     who.require_admin()?;
-    let name = q.name.ok_or_else(|| ApiError(Error::InvalidRequest("the name query parameter is required".into())))?;
+    let name = q.name.ok_or_else(|| {
+        ApiError(Error::InvalidRequest(
+            "the name query parameter is required".into(),
+        ))
+    })?;
     let limit = s.app.config.limits.upload_bytes;
     let mut seen = 0u64;
     let stream: ByteStream = Box::pin(body.into_data_stream().map(move |c| match c {
         Ok(b) => {
             seen += b.len() as u64;
             if seen > limit {
-                Err(std::io::Error::other(format!("image is over the {limit}-byte upload limit")))
+                Err(std::io::Error::other(format!(
+                    "image is over the {limit}-byte upload limit"
+                )))
             } else {
                 Ok(b)
             }
@@ -50,13 +56,19 @@ pub async fn image_import(
     }));
     let info = s.app.image_import(&who, &name, stream).await?;
     let resp = (StatusCode::CREATED, Json(ImageView::from(&info))).into_response();
-    Ok(note(resp, Some(info.name.clone()), serde_json::json!({"digest": info.digest, "size": info.size})))
+    Ok(note(
+        resp,
+        Some(info.name.clone()),
+        serde_json::json!({"digest": info.digest, "size": info.size}),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = ImageList)))]
 pub async fn image_list(State(s): State<AppState>, Auth(_who): Auth) -> ApiResult<Json<ImageList>> {
     let images = s.app.image_list().await?;
-    Ok(Json(ImageList { images: images.iter().map(ImageView::from).collect() }))
+    Ok(Json(ImageList {
+        images: images.iter().map(ImageView::from).collect(),
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/images/{name}", tag = "images", responses((status = 200, body = ImageView)))]
@@ -87,7 +99,11 @@ pub async fn tenant_create(
 ) -> ApiResult<Response> {
     let (t, q) = s.app.tenant_create(&who, &b.name).await?;
     let resp = (StatusCode::CREATED, Json(TenantView::of(&t, &q))).into_response();
-    Ok(note(resp, Some(t.id.to_string()), serde_json::json!({"name": t.name})))
+    Ok(note(
+        resp,
+        Some(t.id.to_string()),
+        serde_json::json!({"name": t.name}),
+    ))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -105,7 +121,11 @@ pub async fn tenant_list(
 ) -> ApiResult<Json<TenantList>> {
     let page = s.app.tenant_list(&who, q.limit, q.cursor).await?;
     Ok(Json(TenantList {
-        tenants: page.items.iter().map(|(t, q)| TenantView::of(t, q)).collect(),
+        tenants: page
+            .items
+            .iter()
+            .map(|(t, q)| TenantView::of(t, q))
+            .collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -140,16 +160,30 @@ pub async fn key_create(
     Auth(who): Auth,
     JsonBody(b): JsonBody<KeyBody>,
 ) -> ApiResult<Response> {
-    let created = s.app.key_create(&who, &b.tenant_id, &b.role, &b.name).await?;
+    let created = s
+        .app
+        .key_create(&who, &b.tenant_id, &b.role, &b.name)
+        .await?;
     let view = KeyView::of(&created.key, Some(created.secret));
     let detail = serde_json::json!({"tenant_id": created.key.tenant_id, "role": created.key.role.as_str(), "name": created.key.name});
-    Ok(note((StatusCode::CREATED, Json(view)).into_response(), Some(created.key.id.to_string()), detail))
+    Ok(note(
+        (StatusCode::CREATED, Json(view)).into_response(),
+        Some(created.key.id.to_string()),
+        detail,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", params(PageQuery), responses((status = 200, body = KeyList)))]
-pub async fn key_list(State(s): State<AppState>, Auth(who): Auth, Q(q): Q<PageQuery>) -> ApiResult<Json<KeyList>> {
+pub async fn key_list(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Q(q): Q<PageQuery>,
+) -> ApiResult<Json<KeyList>> {
     let page = s.app.key_list(&who, q.limit, q.cursor).await?;
-    Ok(Json(KeyList { keys: page.items.iter().map(|k| KeyView::of(k, None)).collect(), next_cursor: page.next_cursor }))
+    Ok(Json(KeyList {
+        keys: page.items.iter().map(|k| KeyView::of(k, None)).collect(),
+        next_cursor: page.next_cursor,
+    }))
 }
 
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", responses((status = 204)))]
@@ -183,24 +217,37 @@ pub async fn audit_list(
 ) -> ApiResult<Json<AuditList>> {
     let outcome = match q.outcome.as_deref() {
         None | Some("") => None,
-        Some(o) => Some(
-            Outcome::parse(o)
-                .ok_or_else(|| ApiError(Error::InvalidRequest(format!("outcome {o:?} must be ok, denied or error"))))?,
-        ),
+        Some(o) => Some(Outcome::parse(o).ok_or_else(|| {
+            ApiError(Error::InvalidRequest(format!(
+                "outcome {o:?} must be ok, denied or error"
+            )))
+        })?),
     };
     let since = match q.since.as_deref() {
         None | Some("") => None,
         Some(t) => Some(OffsetDateTime::parse(t, &Rfc3339).map_err(|_| {
-            ApiError(Error::InvalidRequest(format!("since {t:?} is not an RFC 3339 time")))
+            ApiError(Error::InvalidRequest(format!(
+                "since {t:?} is not an RFC 3339 time"
+            )))
         })?),
     };
     let page = crate::app::audit::audit_list(
         &s.app.store,
         &who,
-        AuditQuery { sandbox_id: q.sandbox_id, action: q.action, outcome, since, limit: q.limit, cursor: q.cursor },
+        AuditQuery {
+            sandbox_id: q.sandbox_id,
+            action: q.action,
+            outcome,
+            since,
+            limit: q.limit,
+            cursor: q.cursor,
+        },
     )
     .await?;
-    Ok(Json(AuditList { events: page.items.iter().map(AuditEventView::from).collect(), next_cursor: page.next_cursor }))
+    Ok(Json(AuditList {
+        events: page.items.iter().map(AuditEventView::from).collect(),
+        next_cursor: page.next_cursor,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "status",
@@ -211,9 +258,14 @@ pub async fn status(State(s): State<AppState>, Auth(_who): Auth) -> ApiResult<Re
 }
 
 #[utoipa::path(get, path = "/v1/workers", tag = "status", responses((status = 200, body = WorkerList)))]
-pub async fn worker_list(State(s): State<AppState>, Auth(who): Auth) -> ApiResult<Json<WorkerList>> {
+pub async fn worker_list(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+) -> ApiResult<Json<WorkerList>> {
     who.require_admin()?;
-    Ok(Json(WorkerList { workers: s.app.worker_status().await? }))
+    Ok(Json(WorkerList {
+        workers: s.app.worker_status().await?,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/workers/{id}/drain", tag = "status", responses((status = 200)))]
@@ -228,15 +280,22 @@ pub async fn worker_drain(
 
 #[utoipa::path(get, path = "/healthz", tag = "status", responses((status = 200, body = HealthView)))]
 pub async fn healthz() -> Json<HealthView> {
-    Json(HealthView { status: "ok".into() })
+    Json(HealthView {
+        status: "ok".into(),
+    })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "status",
     responses((status = 200, body = HealthView), (status = 503, body = super::error::ErrorBody)))]
 pub async fn readyz(State(s): State<AppState>) -> Response {
     match s.app.readiness().await {
-        Ok(()) => Json(HealthView { status: "ready".into() }).into_response(),
-        Err(reason) => ApiError(Error::ProviderUnavailable(format!("not ready: {reason}"))).into_response(),
+        Ok(()) => Json(HealthView {
+            status: "ready".into(),
+        })
+        .into_response(),
+        Err(reason) => {
+            ApiError(Error::ProviderUnavailable(format!("not ready: {reason}"))).into_response()
+        }
     }
 }
 
@@ -245,7 +304,11 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
 pub async fn metrics(State(s): State<AppState>) -> Response {
     if let Ok(counts) = s.app.store.sandbox_count_by_state().await {
         for st in stacyvm_core::SandboxState::ALL {
-            let n = counts.iter().find(|(name, _)| name == st.as_str()).map(|(_, n)| *n).unwrap_or(0);
+            let n = counts
+                .iter()
+                .find(|(name, _)| name == st.as_str())
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
             metrics::gauge!("stacyvm_sandboxes", "state" => st.as_str()).set(n as f64);
         }
     }

@@ -70,7 +70,10 @@ impl From<&SandboxRecord> for SandboxView {
             started_at: ts_opt(r.started_at),
             expires_at: ts_opt(r.expires_at),
             destroyed_at: ts_opt(r.destroyed_at),
-            failure: r.failure.as_ref().map(|f| FailureView { code: f.code.clone(), message: f.message.clone() }),
+            failure: r.failure.as_ref().map(|f| FailureView {
+                code: f.code.clone(),
+                message: f.message.clone(),
+            }),
         }
     }
 }
@@ -191,7 +194,11 @@ pub struct LogLineView {
 
 impl From<&LogLine> for LogLineView {
     fn from(l: &LogLine) -> Self {
-        LogLineView { ts: ts(l.ts), source: l.source.clone(), message: l.message.clone() }
+        LogLineView {
+            ts: ts(l.ts),
+            source: l.source.clone(),
+            message: l.message.clone(),
+        }
     }
 }
 
@@ -282,7 +289,12 @@ pub struct ImageView {
 
 impl From<&ImageInfo> for ImageView {
     fn from(i: &ImageInfo) -> Self {
-        ImageView { name: i.name.clone(), size: i.size, digest: i.digest.clone(), created_at: ts(i.created_at) }
+        ImageView {
+            name: i.name.clone(),
+            size: i.size,
+            digest: i.digest.clone(),
+            created_at: ts(i.created_at),
+        }
     }
 }
 
@@ -347,7 +359,12 @@ pub struct TenantView {
 
 impl TenantView {
     pub fn of(t: &Tenant, q: &Quota) -> TenantView {
-        TenantView { id: t.id.to_string(), name: t.name.clone(), quota: q.into(), created_at: ts(t.created_at) }
+        TenantView {
+            id: t.id.to_string(),
+            name: t.name.clone(),
+            quota: q.into(),
+            created_at: ts(t.created_at),
+        }
     }
 }
 

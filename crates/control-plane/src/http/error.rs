@@ -60,17 +60,31 @@ pub fn error_response(e: &Error) -> Response {
     let (code, message) = match e {
         Error::Internal(m) if stacyvm_store::is_unavailable(e) => {
             tracing::warn!(%request_id, error = %m, "store unavailable");
-            ("store_unavailable".to_owned(), "the store is unavailable; retry shortly".to_owned())
+            (
+                "store_unavailable".to_owned(),
+                "the store is unavailable; retry shortly".to_owned(),
+            )
         }
         Error::Internal(m) => {
             tracing::error!(%request_id, error = %m, "internal error");
-            ("internal".to_owned(), format!("internal error; the server log has the details under request id {request_id}"))
+            (
+                "internal".to_owned(),
+                format!(
+                    "internal error; the server log has the details under request id {request_id}"
+                ),
+            )
         }
         other => (other.code().to_owned(), other.message()),
     };
     let mut resp = (
         status,
-        axum::Json(ErrorBody { error: ErrorDetail { code, message, request_id } }),
+        axum::Json(ErrorBody {
+            error: ErrorDetail {
+                code,
+                message,
+                request_id,
+            },
+        }),
     )
         .into_response();
     if let Error::RateLimited { retry_after_s, .. } = e {

@@ -35,7 +35,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let limit = state.app.config.limits.json_body_bytes;
-        let too_large = || ApiError(Error::PayloadTooLarge(format!("JSON body is over the {limit}-byte limit")));
+        let too_large = || {
+            ApiError(Error::PayloadTooLarge(format!(
+                "JSON body is over the {limit}-byte limit"
+            )))
+        };
         if let Some(len) = req
             .headers()
             .get(axum::http::header::CONTENT_LENGTH)
@@ -46,17 +50,24 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 return Err(too_large());
             }
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
-            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit")
-            {
-                too_large()
-            } else {
-                ApiError(Error::InvalidRequest(format!("could not read the request body: {e}")))
-            }
-        })?;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|e| {
+                if std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                    || e.to_string().contains("length limit")
+                {
+                    too_large()
+                } else {
+                    ApiError(Error::InvalidRequest(format!(
+                        "could not read the request body: {e}"
+                    )))
+                }
+            })?;
         if bytes.is_empty() {
-            return Err(ApiError(Error::InvalidRequest("a JSON body is required".into())));
+            return Err(ApiError(Error::InvalidRequest(
+                "a JSON body is required".into(),
+            )));
         }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
@@ -73,11 +84,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|q| Q(q.0))
-            .map_err(|e| ApiError(Error::InvalidRequest(format!("invalid query string: {}", e.body_text()))))
+            .map_err(|e| {
+                ApiError(Error::InvalidRequest(format!(
+                    "invalid query string: {}",
+                    e.body_text()
+                )))
+            })
     }
 }
 
 /// All `(key, value)` pairs of the query string, repeated keys kept.
 pub fn query_pairs(parts_query: Option<&str>) -> Vec<(String, String)> {
-    form_urlencoded::parse(parts_query.unwrap_or("").as_bytes()).into_owned().collect()
+    form_urlencoded::parse(parts_query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
 }

@@ -31,7 +31,11 @@ pub struct PathQuery {
 }
 
 fn required_path(q: &PathQuery) -> Result<String, ApiError> {
-    q.path.clone().ok_or_else(|| ApiError(Error::InvalidRequest("the path query parameter is required".into())))
+    q.path.clone().ok_or_else(|| {
+        ApiError(Error::InvalidRequest(
+            "the path query parameter is required".into(),
+        ))
+    })
 }
 
 fn file_note(resp: Response, id: &str, path: &str) -> Response {
@@ -71,11 +75,17 @@ pub async fn file_write(
     let entry = match s.app.file_write(&who, &id, &path, mode, stream).await {
         Ok(e) => e,
         Err(_) if over.load(Ordering::SeqCst) => {
-            return Err(ApiError(Error::PayloadTooLarge(format!("upload is over the {limit}-byte limit"))))
+            return Err(ApiError(Error::PayloadTooLarge(format!(
+                "upload is over the {limit}-byte limit"
+            ))))
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(file_note((StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(), &id, &path))
+    Ok(file_note(
+        (StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(),
+        &id,
+        &path,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
@@ -89,7 +99,11 @@ pub async fn file_read(
 ) -> ApiResult<Response> {
     let path = required_path(&q)?;
     let stream = s.app.file_read(&who, &id, &path).await?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(PathQuery),
@@ -101,7 +115,9 @@ pub async fn file_stat(
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<EntryView>> {
     let path = required_path(&q)?;
-    Ok(Json(EntryView::from(&s.app.file_stat(&who, &id, &path).await?)))
+    Ok(Json(EntryView::from(
+        &s.app.file_stat(&who, &id, &path).await?,
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", params(PathQuery),
@@ -114,7 +130,9 @@ pub async fn file_list(
 ) -> ApiResult<Json<EntriesResponse>> {
     let path = required_path(&q)?;
     let entries = s.app.file_list(&who, &id, &path, q.recursive).await?;
-    Ok(Json(EntriesResponse { entries: entries.iter().map(EntryView::from).collect() }))
+    Ok(Json(EntriesResponse {
+        entries: entries.iter().map(EntryView::from).collect(),
+    }))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -131,10 +149,14 @@ pub async fn file_glob(
     Path(id): Path<String>,
     Q(q): Q<GlobQuery>,
 ) -> ApiResult<Json<PathsResponse>> {
-    let pattern = q
-        .pattern
-        .ok_or_else(|| ApiError(Error::InvalidRequest("the pattern query parameter is required".into())))?;
-    Ok(Json(PathsResponse { paths: s.app.file_glob(&who, &id, &pattern).await? }))
+    let pattern = q.pattern.ok_or_else(|| {
+        ApiError(Error::InvalidRequest(
+            "the pattern query parameter is required".into(),
+        ))
+    })?;
+    Ok(Json(PathsResponse {
+        paths: s.app.file_glob(&who, &id, &pattern).await?,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/move", tag = "files", request_body = MoveBody,
@@ -145,7 +167,10 @@ pub async fn file_move(
     Path(id): Path<String>,
     JsonBody(b): JsonBody<MoveBody>,
 ) -> ApiResult<Response> {
-    let entry = s.app.file_move(&who, &id, &b.from, &b.to, b.overwrite).await?;
+    let entry = s
+        .app
+        .file_move(&who, &id, &b.from, &b.to, b.overwrite)
+        .await?;
     Ok(note(
         Json(EntryView::from(&entry)).into_response(),
         Some(id),
@@ -163,7 +188,11 @@ pub async fn file_chmod(
 ) -> ApiResult<Response> {
     let mode = parse_mode(&b.mode)?;
     let entry = s.app.file_chmod(&who, &id, &b.path, mode).await?;
-    Ok(file_note(Json(EntryView::from(&entry)).into_response(), &id, &b.path))
+    Ok(file_note(
+        Json(EntryView::from(&entry)).into_response(),
+        &id,
+        &b.path,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", request_body = MkdirBody,
@@ -175,7 +204,11 @@ pub async fn file_mkdir(
     JsonBody(b): JsonBody<MkdirBody>,
 ) -> ApiResult<Response> {
     let entry = s.app.file_mkdir(&who, &id, &b.path, b.parents).await?;
-    Ok(file_note((StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(), &id, &b.path))
+    Ok(file_note(
+        (StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(),
+        &id,
+        &b.path,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
@@ -188,5 +221,9 @@ pub async fn file_delete(
 ) -> ApiResult<Response> {
     let path = required_path(&q)?;
     s.app.file_delete(&who, &id, &path, q.recursive).await?;
-    Ok(file_note(StatusCode::NO_CONTENT.into_response(), &id, &path))
+    Ok(file_note(
+        StatusCode::NO_CONTENT.into_response(),
+        &id,
+        &path,
+    ))
 }

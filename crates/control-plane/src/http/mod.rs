@@ -56,14 +56,20 @@ pub fn router(state: AppState) -> Router {
     use sandboxes::*;
     let v1 = Router::new()
         .route("/v1/sandboxes", post(sandbox_create).get(sandbox_list))
-        .route("/v1/sandboxes/{id}", get(sandbox_get).delete(sandbox_destroy))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(sandbox_get).delete(sandbox_destroy),
+        )
         .route("/v1/sandboxes/{id}/timeout", post(sandbox_timeout))
         .route("/v1/sandboxes/{id}/pause", post(sandbox_pause))
         .route("/v1/sandboxes/{id}/resume", post(sandbox_resume))
         .route("/v1/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(sandbox_exec_stream))
-        .route("/v1/sandboxes/{id}/files", get(file_read).put(file_write).delete(file_delete))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(file_read).put(file_write).delete(file_delete),
+        )
         .route("/v1/sandboxes/{id}/files/stat", get(file_stat))
         .route("/v1/sandboxes/{id}/files/list", get(file_list))
         .route("/v1/sandboxes/{id}/files/glob", get(file_glob))
@@ -102,15 +108,23 @@ async fn not_found() -> Response {
 }
 
 async fn method_not_allowed() -> Response {
-    let mut r = error_response(&Error::InvalidRequest("method not allowed on this endpoint".into()));
+    let mut r = error_response(&Error::InvalidRequest(
+        "method not allowed on this endpoint".into(),
+    ));
     *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     r
 }
 
 fn bearer(req: &Request) -> Option<String> {
-    let v = req.headers().get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let v = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
 }
 
 /// Resolves the API key; the principal goes into the request (for the
@@ -192,9 +206,15 @@ fn target_in_path(path: &str) -> Option<String> {
 /// than an unrecorded success.
 async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
     let path = req.uri().path().to_owned();
-    let source_ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let source_ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let who = resp.extensions().get::<Principal>().cloned();
@@ -208,24 +228,38 @@ async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Res
             }
         }
     }
-    if !(mutating || refused || cross_tenant) || route.as_deref().is_none_or(|r| !r.starts_with("/v1/")) {
+    if !(mutating || refused || cross_tenant)
+        || route.as_deref().is_none_or(|r| !r.starts_with("/v1/"))
+    {
         return resp;
     }
     let route = route.unwrap_or_default();
     let note = resp.extensions().get::<AuditNote>().cloned();
-    let mut detail = note.as_ref().map(|n| n.detail.clone()).unwrap_or(serde_json::Value::Null);
+    let mut detail = note
+        .as_ref()
+        .map(|n| n.detail.clone())
+        .unwrap_or(serde_json::Value::Null);
     if cross_tenant {
         detail = serde_json::json!({"reason": "the sandbox belongs to another tenant"});
     }
     if !detail.is_object() {
         detail = serde_json::json!({});
     }
-    let target = note.and_then(|n| n.target).or_else(|| target_in_path(&path));
-    let sandbox_id = sandbox_in_path(&path)
-        .or_else(|| target.as_deref().filter(|t| SandboxId::parse(t).is_some()).map(str::to_owned));
+    let target = note
+        .and_then(|n| n.target)
+        .or_else(|| target_in_path(&path));
+    let sandbox_id = sandbox_in_path(&path).or_else(|| {
+        target
+            .as_deref()
+            .filter(|t| SandboxId::parse(t).is_some())
+            .map(str::to_owned)
+    });
     let draft = EventDraft {
         tenant_id: who.as_ref().map(|w| w.tenant_id.clone()),
-        actor: Actor { key_id: who.as_ref().map(|w| w.key_id.clone()), role: who.as_ref().map(|w| w.role) },
+        actor: Actor {
+            key_id: who.as_ref().map(|w| w.key_id.clone()),
+            role: who.as_ref().map(|w| w.role),
+        },
         action: action_of(&method, &route),
         target,
         sandbox_id,
@@ -256,7 +290,10 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
     let limit = s.app.config.limits.request_timeout;
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => error_response(&Error::Timeout(format!("the call did not finish within {} s", limit.as_secs()))),
+        Err(_) => error_response(&Error::Timeout(format!(
+            "the call did not finish within {} s",
+            limit.as_secs()
+        ))),
     }
 }
 

@@ -33,14 +33,20 @@ pub async fn sandbox_create(
     let network = match body.network.as_deref() {
         None => None,
         Some(n) => Some(Network::parse(n).ok_or_else(|| {
-            ApiError(Error::InvalidRequest(format!("network {n:?} must be \"none\" or \"egress\"")))
+            ApiError(Error::InvalidRequest(format!(
+                "network {n:?} must be \"none\" or \"egress\""
+            )))
         })?),
     };
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
             v.to_str()
-                .map_err(|_| ApiError(Error::InvalidRequest("Idempotency-Key must be printable ASCII".into())))?
+                .map_err(|_| {
+                    ApiError(Error::InvalidRequest(
+                        "Idempotency-Key must be printable ASCII".into(),
+                    ))
+                })?
                 .to_owned(),
         ),
     };
@@ -92,20 +98,26 @@ pub async fn sandbox_list(
 ) -> ApiResult<Json<SandboxList>> {
     let state = match q.state.as_deref() {
         None | Some("") => None,
-        Some(st) => Some(SandboxState::parse(st).ok_or_else(|| {
-            ApiError(Error::InvalidRequest(format!("unknown state {st:?}")))
-        })?),
+        Some(st) => Some(
+            SandboxState::parse(st)
+                .ok_or_else(|| ApiError(Error::InvalidRequest(format!("unknown state {st:?}"))))?,
+        ),
     };
     let mut labels = Vec::new();
     for (k, v) in query_pairs(uri.query()) {
         if k == "label" {
             let (lk, lv) = v.split_once('=').ok_or_else(|| {
-                ApiError(Error::InvalidRequest(format!("label filter {v:?} must look like key=value")))
+                ApiError(Error::InvalidRequest(format!(
+                    "label filter {v:?} must look like key=value"
+                )))
             })?;
             labels.push((lk.to_owned(), lv.to_owned()));
         }
     }
-    let page = s.app.sandbox_list(&who, state, labels, q.limit, q.cursor).await?;
+    let page = s
+        .app
+        .sandbox_list(&who, state, labels, q.limit, q.cursor)
+        .await?;
     Ok(Json(SandboxList {
         sandboxes: page.items.iter().map(SandboxView::from).collect(),
         next_cursor: page.next_cursor,
@@ -162,7 +174,9 @@ pub async fn sandbox_pause(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<SandboxView>> {
-    Ok(Json(SandboxView::from(&s.app.sandbox_pause(&who, &id, true).await?)))
+    Ok(Json(SandboxView::from(
+        &s.app.sandbox_pause(&who, &id, true).await?,
+    )))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
@@ -172,7 +186,9 @@ pub async fn sandbox_resume(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<SandboxView>> {
-    Ok(Json(SandboxView::from(&s.app.sandbox_pause(&who, &id, false).await?)))
+    Ok(Json(SandboxView::from(
+        &s.app.sandbox_pause(&who, &id, false).await?,
+    )))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -192,13 +208,24 @@ pub async fn sandbox_logs(
 ) -> ApiResult<Response> {
     let lines = s.app.sandbox_logs(&who, &id).await?;
     if !q.follow {
-        return Ok(Json(LogsResponse { lines: lines.iter().map(LogLineView::from).collect() }).into_response());
+        return Ok(Json(LogsResponse {
+            lines: lines.iter().map(LogLineView::from).collect(),
+        })
+        .into_response());
     }
     // Follow: send what exists, then poll for new lines until the sandbox
     // reaches a terminal state.
     let app = s.app.clone();
     let seen = lines.len();
-    let first: Vec<Event> = lines.iter().filter_map(|l| Event::default().event("log").json_data(LogLineView::from(l)).ok()).collect();
+    let first: Vec<Event> = lines
+        .iter()
+        .filter_map(|l| {
+            Event::default()
+                .event("log")
+                .json_data(LogLineView::from(l))
+                .ok()
+        })
+        .collect();
     let follow = stream::unfold((app, who, id, seen, false), |(app, who, id, seen, done)| async move {
         if done {
             return None;
@@ -217,7 +244,9 @@ pub async fn sandbox_logs(
     })
     .flatten();
     let events = stream::iter(first).chain(follow).map(Ok::<_, Infallible>);
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 fn exec_detail(rec: &SandboxRecord, cmd: &[String]) -> serde_json::Value {
@@ -235,12 +264,23 @@ pub async fn sandbox_exec(
 ) -> ApiResult<Response> {
     let (rec, worker, lease) = s.app.exec_admit(&who, &id).await?;
     let detail = exec_detail(&rec, &body.cmd);
-    let req = s.app.exec_request(&rec, body.cmd, body.env, body.cwd, body.stdin, body.timeout_s)?;
+    let req = s.app.exec_request(
+        &rec,
+        body.cmd,
+        body.env,
+        body.cwd,
+        body.stdin,
+        body.timeout_s,
+    )?;
     let out = s.app.exec(&worker, &lease, req).await?;
     let mut detail = detail;
     detail["exit_code"] = serde_json::json!(out.status.exit_code);
     detail["timed_out"] = serde_json::json!(out.status.timed_out);
-    Ok(note(Json(ExecResponse::from(out)).into_response(), Some(rec.id.to_string()), detail))
+    Ok(note(
+        Json(ExecResponse::from(out)).into_response(),
+        Some(rec.id.to_string()),
+        detail,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", request_body = ExecBody,
@@ -253,7 +293,14 @@ pub async fn sandbox_exec_stream(
 ) -> ApiResult<Response> {
     let (rec, worker, lease) = s.app.exec_admit(&who, &id).await?;
     let detail = exec_detail(&rec, &body.cmd);
-    let req = s.app.exec_request(&rec, body.cmd, body.env, body.cwd, body.stdin, body.timeout_s)?;
+    let req = s.app.exec_request(
+        &rec,
+        body.cmd,
+        body.env,
+        body.cwd,
+        body.stdin,
+        body.timeout_s,
+    )?;
     let exec = s.app.exec_stream(&worker, &lease, req).await?;
     // Ends after `exit` or `error`; if the runtime goes away mid-stream the
     // client still gets an `error` as the last event. Dropping the response
@@ -283,9 +330,15 @@ pub async fn sandbox_exec_stream(
                 true,
             ),
         };
-        let event = event.unwrap_or_else(|_| Event::default().event("error").data("{\"code\":\"internal\"}"));
+        let event = event.unwrap_or_else(|_| {
+            Event::default()
+                .event("error")
+                .data("{\"code\":\"internal\"}")
+        });
         Some((Ok::<_, Infallible>(event), (exec, done)))
     });
-    let resp = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response();
+    let resp = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
     Ok(note(resp, Some(rec.id.to_string()), detail))
 }

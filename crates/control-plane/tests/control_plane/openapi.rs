@@ -18,8 +18,12 @@ fn openapi_document_matches_the_snapshot() {
         std::fs::write(&path, &rendered).expect("writing the snapshot");
         return;
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_SNAPSHOTS=1 to create it", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with UPDATE_SNAPSHOTS=1 to create it",
+            path.display()
+        )
+    });
     assert!(
         expected == rendered,
         "the OpenAPI document changed; if intended, rerun with UPDATE_SNAPSHOTS=1 and commit {}",
@@ -30,7 +34,13 @@ fn openapi_document_matches_the_snapshot() {
 #[test]
 fn openapi_document_covers_every_endpoint_of_the_contract() {
     let doc = stacyvm_control_plane::http::openapi::document();
-    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")), "{}", doc["openapi"]);
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.1")),
+        "{}",
+        doc["openapi"]
+    );
     let paths = doc["paths"].as_object().expect("paths is an object");
     let expected: &[(&str, &str)] = &[
         ("/v1/sandboxes", "post"),
