@@ -1,0 +1,504 @@
+"""What the sync and async clients share: configuration, the description of
+every API call, the incremental server-sent-events decoder and the reading
+of event streams."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import quote
+
+import httpx
+
+from .errors import ProviderUnavailable, error_for
+from .models import ExecChunk, ExecExit, LogLine, Quota
+
+DEFAULT_URL = "http://127.0.0.1:7070"
+DEFAULT_TIMEOUT = 60.0
+# Uploads and downloads move in pieces of this size, so a file is never held
+# whole in memory.
+CHUNK_SIZE = 1024 * 1024
+# The server's default exec timeout, when the caller gives none.
+DEFAULT_EXEC_TIMEOUT_S = 60.0
+# Extra time the HTTP call waits beyond the command's own timeout, so the
+# server reports a timed-out command rather than the client giving up first.
+EXEC_GRACE_S = 30.0
+
+ParamList = List[Tuple[str, str]]
+
+
+def resolve_url(url: Optional[str]) -> str:
+    """The server's base URL: the argument, else ``STACYVM_URL``, else the default."""
+    base = url or os.environ.get("STACYVM_URL") or DEFAULT_URL
+    return base.rstrip("/")
+
+
+def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
+    """The API key: the argument, else ``STACYVM_API_KEY`` (``None`` when neither is set)."""
+    return api_key or os.environ.get("STACYVM_API_KEY") or None
+
+
+def base_headers(api_key: Optional[str], extra: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    headers = {"user-agent": "stacyvm-python/0.1.0", "accept": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    if extra:
+        headers.update(extra)
+    return headers
+
+
+def seg(value: str) -> str:
+    """One path segment, escaped (an id cannot smuggle in a `/`)."""
+    return quote(value, safe="")
+
+
+def mode_str(mode: Union[int, str, None]) -> Optional[str]:
+    """File modes go over the wire as octal strings; ``0o755`` becomes ``"0755"``."""
+    if mode is None:
+        return None
+    if isinstance(mode, int):
+        if mode < 0 or mode > 0o7777:
+            raise ValueError(f"mode {mode:o} is not a permission mode (0 to 0o7777)")
+        return format(mode, "04o")
+    return mode
+
+
+def shell_cmd(cmd: Union[str, Sequence[str]]) -> List[str]:
+    """The argv of a command: a list is sent as is; a string runs under ``sh -c``."""
+    if isinstance(cmd, str):
+        return ["sh", "-c", cmd]
+    argv = [str(a) for a in cmd]
+    if not argv:
+        raise ValueError("cmd must name a program")
+    return argv
+
+
+def drop_none(d: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def params_of(**kwargs: Any) -> ParamList:
+    """Query parameters, leaving out the ones not given; booleans as `true`/`false`."""
+    out: ParamList = []
+    for k, v in kwargs.items():
+        if v is None:
+            continue
+        out.append((k, ("true" if v else "false") if isinstance(v, bool) else str(v)))
+    return out
+
+
+@dataclass
+class Call:
+    """One API call, described without sending it."""
+
+    method: str
+    path: str
+    params: ParamList = field(default_factory=list)
+    json: Any = None
+    headers: Dict[str, str] = field(default_factory=dict)
+    timeout: Any = httpx.USE_CLIENT_DEFAULT
+
+
+def exec_timeout(timeout_s: Optional[float]) -> httpx.Timeout:
+    """The HTTP timeout of an exec call: the command's own timeout plus a grace."""
+    budget = (timeout_s if timeout_s is not None else DEFAULT_EXEC_TIMEOUT_S) + EXEC_GRACE_S
+    return httpx.Timeout(DEFAULT_TIMEOUT, read=budget)
+
+
+# --- sandboxes -------------------------------------------------------------
+
+
+def sandbox_create(
+    *,
+    image: Optional[str],
+    template: Optional[str],
+    provider: Optional[str],
+    cpu: Optional[float],
+    memory_mb: Optional[int],
+    timeout_s: Optional[int],
+    env: Optional[Mapping[str, str]],
+    labels: Optional[Mapping[str, str]],
+    workdir: Optional[str],
+    network: Optional[str],
+    idempotency_key: Optional[str],
+    request_timeout: Optional[float],
+) -> Call:
+    if image is None and template is None:
+        raise ValueError("give an image or a template")
+    body = drop_none(
+        {
+            "image": image,
+            "template": template,
+            "provider": provider,
+            "cpu": cpu,
+            "memory_mb": memory_mb,
+            "timeout_s": timeout_s,
+            "env": dict(env) if env else None,
+            "labels": dict(labels) if labels else None,
+            "workdir": workdir,
+            "network": network,
+        }
+    )
+    headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
+    timeout: Any = httpx.USE_CLIENT_DEFAULT
+    if request_timeout is not None:
+        timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=request_timeout)
+    return Call("POST", "/v1/sandboxes", json=body, headers=headers, timeout=timeout)
+
+
+def sandbox_list(
+    *,
+    state: Optional[str],
+    labels: Optional[Mapping[str, str]],
+    limit: Optional[int],
+    cursor: Optional[str],
+) -> Call:
+    params = params_of(state=state, limit=limit, cursor=cursor)
+    for k, v in (labels or {}).items():
+        params.append(("label", f"{k}={v}"))
+    return Call("GET", "/v1/sandboxes", params=params)
+
+
+def sandbox_get(sandbox_id: str) -> Call:
+    return Call("GET", f"/v1/sandboxes/{seg(sandbox_id)}")
+
+
+def sandbox_destroy(sandbox_id: str) -> Call:
+    return Call("DELETE", f"/v1/sandboxes/{seg(sandbox_id)}")
+
+
+def sandbox_set_timeout(sandbox_id: str, timeout_s: int) -> Call:
+    return Call("POST", f"/v1/sandboxes/{seg(sandbox_id)}/timeout", json={"timeout_s": timeout_s})
+
+
+def sandbox_pause(sandbox_id: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{seg(sandbox_id)}/pause")
+
+
+def sandbox_resume(sandbox_id: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{seg(sandbox_id)}/resume")
+
+
+def sandbox_logs(sandbox_id: str, follow: bool = False) -> Call:
+    call = Call("GET", f"/v1/sandboxes/{seg(sandbox_id)}/logs", params=params_of(follow=follow or None))
+    if follow:
+        call.headers["accept"] = "text/event-stream"
+        call.timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=None)
+    return call
+
+
+def _exec_body(
+    cmd: Union[str, Sequence[str]],
+    env: Optional[Mapping[str, str]],
+    cwd: Optional[str],
+    stdin: Union[str, bytes, None],
+    timeout_s: Optional[float],
+) -> Dict[str, Any]:
+    if isinstance(stdin, (bytes, bytearray)):
+        stdin = bytes(stdin).decode("utf-8")
+    return drop_none(
+        {
+            "cmd": shell_cmd(cmd),
+            "env": dict(env) if env else None,
+            "cwd": cwd,
+            "stdin": stdin,
+            "timeout_s": timeout_s,
+        }
+    )
+
+
+def exec_call(
+    sandbox_id: str,
+    cmd: Union[str, Sequence[str]],
+    *,
+    env: Optional[Mapping[str, str]],
+    cwd: Optional[str],
+    stdin: Union[str, bytes, None],
+    timeout_s: Optional[float],
+) -> Call:
+    return Call(
+        "POST",
+        f"/v1/sandboxes/{seg(sandbox_id)}/exec",
+        json=_exec_body(cmd, env, cwd, stdin, timeout_s),
+        timeout=exec_timeout(timeout_s),
+    )
+
+
+def exec_stream_call(
+    sandbox_id: str,
+    cmd: Union[str, Sequence[str]],
+    *,
+    env: Optional[Mapping[str, str]],
+    cwd: Optional[str],
+    stdin: Union[str, bytes, None],
+    timeout_s: Optional[float],
+) -> Call:
+    # Keep-alives arrive every 15 s at most, but a silent command may run
+    # for its whole timeout: the read timeout covers that.
+    return Call(
+        "POST",
+        f"/v1/sandboxes/{seg(sandbox_id)}/exec/stream",
+        json=_exec_body(cmd, env, cwd, stdin, timeout_s),
+        headers={"accept": "text/event-stream"},
+        timeout=exec_timeout(timeout_s),
+    )
+
+
+# --- files -----------------------------------------------------------------
+
+
+def _files(sandbox_id: str, suffix: str = "") -> str:
+    return f"/v1/sandboxes/{seg(sandbox_id)}/files{suffix}"
+
+
+def file_write(sandbox_id: str, path: str, mode: Union[int, str, None]) -> Call:
+    return Call(
+        "PUT",
+        _files(sandbox_id),
+        params=params_of(path=path, mode=mode_str(mode)),
+        headers={"content-type": "application/octet-stream"},
+    )
+
+
+def file_read(sandbox_id: str, path: str) -> Call:
+    return Call("GET", _files(sandbox_id), params=params_of(path=path), headers={"accept": "application/octet-stream"})
+
+
+def file_stat(sandbox_id: str, path: str) -> Call:
+    return Call("GET", _files(sandbox_id, "/stat"), params=params_of(path=path))
+
+
+def file_list(sandbox_id: str, path: str, recursive: bool) -> Call:
+    return Call("GET", _files(sandbox_id, "/list"), params=params_of(path=path, recursive=recursive))
+
+
+def file_glob(sandbox_id: str, pattern: str) -> Call:
+    return Call("GET", _files(sandbox_id, "/glob"), params=params_of(pattern=pattern))
+
+
+def file_move(sandbox_id: str, src: str, dst: str, overwrite: bool) -> Call:
+    return Call("POST", _files(sandbox_id, "/move"), json={"from": src, "to": dst, "overwrite": overwrite})
+
+
+def file_chmod(sandbox_id: str, path: str, mode: Union[int, str]) -> Call:
+    return Call("POST", _files(sandbox_id, "/chmod"), json={"path": path, "mode": mode_str(mode)})
+
+
+def file_mkdir(sandbox_id: str, path: str, parents: bool) -> Call:
+    return Call("POST", _files(sandbox_id, "/mkdir"), json={"path": path, "parents": parents})
+
+
+def file_delete(sandbox_id: str, path: str, recursive: bool) -> Call:
+    return Call("DELETE", _files(sandbox_id), params=params_of(path=path, recursive=recursive))
+
+
+# --- images, tenants, keys, audit, status ----------------------------------
+
+
+def image_path(name: str) -> str:
+    # Image names may hold `/` (`org/app:tag`): the route takes the rest of the path.
+    return "/v1/images/" + quote(name, safe="/:@")
+
+
+def image_import(name: str) -> Call:
+    return Call("POST", "/v1/images", params=params_of(name=name), headers={"content-type": "application/x-tar"})
+
+
+def image_list() -> Call:
+    return Call("GET", "/v1/images")
+
+
+def image_get(name: str) -> Call:
+    return Call("GET", image_path(name))
+
+
+def image_delete(name: str) -> Call:
+    return Call("DELETE", image_path(name))
+
+
+def tenant_create(name: str) -> Call:
+    return Call("POST", "/v1/tenants", json={"name": name})
+
+
+def tenant_list(limit: Optional[int], cursor: Optional[str]) -> Call:
+    return Call("GET", "/v1/tenants", params=params_of(limit=limit, cursor=cursor))
+
+
+def quota_get(tenant_id: str) -> Call:
+    return Call("GET", f"/v1/tenants/{seg(tenant_id)}/quota")
+
+
+def quota_set(tenant_id: str, quota: Quota) -> Call:
+    return Call("PUT", f"/v1/tenants/{seg(tenant_id)}/quota", json=quota.to_json())
+
+
+def key_create(tenant_id: str, role: str, name: str) -> Call:
+    return Call("POST", "/v1/keys", json={"tenant_id": tenant_id, "role": role, "name": name})
+
+
+def key_list(limit: Optional[int], cursor: Optional[str]) -> Call:
+    return Call("GET", "/v1/keys", params=params_of(limit=limit, cursor=cursor))
+
+
+def key_revoke(key_id: str) -> Call:
+    return Call("DELETE", f"/v1/keys/{seg(key_id)}")
+
+
+def audit_list(
+    *,
+    sandbox_id: Optional[str],
+    action: Optional[str],
+    outcome: Optional[str],
+    since: Optional[str],
+    limit: Optional[int],
+    cursor: Optional[str],
+) -> Call:
+    return Call(
+        "GET",
+        "/v1/audit",
+        params=params_of(
+            sandbox_id=sandbox_id, action=action, outcome=outcome, since=since, limit=limit, cursor=cursor
+        ),
+    )
+
+
+def status() -> Call:
+    return Call("GET", "/v1/status")
+
+
+def worker_list() -> Call:
+    return Call("GET", "/v1/workers")
+
+
+def worker_drain(worker_id: str) -> Call:
+    return Call("POST", f"/v1/workers/{seg(worker_id)}/drain")
+
+
+def healthz() -> Call:
+    return Call("GET", "/healthz")
+
+
+def readyz() -> Call:
+    return Call("GET", "/readyz")
+
+
+def metrics() -> Call:
+    return Call("GET", "/metrics", headers={"accept": "text/plain"})
+
+
+def openapi() -> Call:
+    return Call("GET", "/openapi.json")
+
+
+# --- server-sent events ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """One dispatched server-sent event."""
+
+    event: str
+    data: str
+
+
+class SSEDecoder:
+    """Incremental `text/event-stream` decoder: feed it bytes as they arrive
+    and it returns the events completed so far (WHATWG rules: `\\n`, `\\r\\n`
+    or `\\r` end a line, a blank line dispatches, `:` lines are comments)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._event = ""
+        self._data: List[str] = []
+        self._has_data = False
+
+    def feed(self, chunk: bytes) -> List[SSEEvent]:
+        self._buf.extend(chunk)
+        out: List[SSEEvent] = []
+        start = 0
+        buf = self._buf
+        n = len(buf)
+        i = 0
+        while i < n:
+            b = buf[i]
+            if b == 0x0A or b == 0x0D:
+                if b == 0x0D:
+                    if i + 1 == n:
+                        # A `\r` at the end may be half of `\r\n`: wait for more.
+                        break
+                    end_len = 2 if buf[i + 1] == 0x0A else 1
+                else:
+                    end_len = 1
+                line = bytes(buf[start:i]).decode("utf-8", errors="replace")
+                ev = self._line(line)
+                if ev is not None:
+                    out.append(ev)
+                i += end_len
+                start = i
+                continue
+            i += 1
+        del self._buf[:start]
+        return out
+
+    def _line(self, line: str) -> Optional[SSEEvent]:
+        if line == "":
+            if not self._has_data:
+                self._event = ""
+                return None
+            ev = SSEEvent(event=self._event or "message", data="\n".join(self._data))
+            self._event, self._data, self._has_data = "", [], False
+            return ev
+        if line.startswith(":"):
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+            self._has_data = True
+        return None
+
+
+def _json_data(ev: SSEEvent) -> Dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(ev.data) if ev.data else {}
+    except ValueError:
+        doc = {"message": ev.data}
+    return doc if isinstance(doc, dict) else {}
+
+
+def exec_item(ev: SSEEvent) -> Union[ExecChunk, ExecExit, None]:
+    """What an exec-stream event means: output, the final status, nothing
+    (unknown events are skipped), or — for ``error`` — the raised error."""
+    if ev.event in ("stdout", "stderr"):
+        return ExecChunk.from_event(ev.event, _json_data(ev))
+    if ev.event == "exit":
+        return ExecExit.from_json(_json_data(ev))
+    if ev.event == "error":
+        d = _json_data(ev)
+        raise error_for(
+            str(d.get("code") or "internal"),
+            str(d.get("message") or "the command's stream failed"),
+        )
+    return None
+
+
+def log_item(ev: SSEEvent) -> Optional[LogLine]:
+    """What a log-stream event means: a line, or nothing."""
+    if ev.event == "log":
+        return LogLine.from_json(_json_data(ev))
+    if ev.event == "error":
+        d = _json_data(ev)
+        raise error_for(str(d.get("code") or "internal"), str(d.get("message") or "the log stream failed"))
+    return None
+
+
+def stream_ended_early() -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "the command's stream ended before it reported an exit status", code="provider_unavailable"
+    )

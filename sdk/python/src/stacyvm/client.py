@@ -1,0 +1,619 @@
+"""The synchronous StacyVM client: `Client`, the `Sandbox` handle, its
+`Files`, and streamed exec and log iterators."""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+from typing import (
+    IO,
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Type,
+    Union,
+)
+
+import httpx
+
+from . import _core as core
+from .errors import StacyVMError, Timeout, TransportError, error_from_response
+from .models import (
+    ApiKey,
+    AuditEvent,
+    ExecChunk,
+    ExecExit,
+    ExecResult,
+    FileEntry,
+    Image,
+    LogLine,
+    Page,
+    Quota,
+    Readiness,
+    SandboxInfo,
+    Status,
+    Tenant,
+    Worker,
+)
+
+PathLike = Union[str, "os.PathLike[str]"]
+WriteData = Union[bytes, bytearray, memoryview, str, IO[bytes], Iterable[bytes]]
+Source = Union[PathLike, IO[bytes]]
+
+
+def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        chunk = f.read(core.CHUNK_SIZE)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _path_chunks(path: PathLike) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        yield from _file_chunks(f)
+
+
+def _content(data: WriteData) -> Union[bytes, Iterator[bytes]]:
+    """The request body of a write: small buffers as they are, files and
+    iterables as a stream of chunks."""
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if hasattr(data, "read"):
+        return _file_chunks(data)  # type: ignore[arg-type]
+    return iter(data)
+
+
+def _source(source: Union[Source, bytes]) -> Union[bytes, Iterator[bytes]]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        return _path_chunks(source)
+    return _file_chunks(source)
+
+
+class _Transport:
+    """Sends `Call`s and turns failures into `StacyVMError`s."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    def send(
+        self,
+        call: core.Call,
+        *,
+        content: Union[bytes, Iterator[bytes], None] = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        request = self.http.build_request(
+            call.method,
+            call.path,
+            params=tuple(call.params),
+            json=call.json,
+            content=content,
+            headers=call.headers or None,
+            timeout=call.timeout,
+        )
+        try:
+            response = self.http.send(request, stream=stream)
+        except httpx.TimeoutException as e:
+            raise Timeout(f"{call.method} {call.path}: no answer in time ({e})", code="timeout") from e
+        except httpx.HTTPError as e:
+            raise TransportError(f"{call.method} {call.path}: {e}", code="transport") from e
+        if response.is_success:
+            return response
+        try:
+            body = response.read()
+        except httpx.HTTPError:
+            body = b""
+        finally:
+            response.close()
+        raise error_from_response(response.status_code, response.headers, body)
+
+    def json(self, call: core.Call, *, content: Union[bytes, Iterator[bytes], None] = None) -> Any:
+        response = self.send(call, content=content)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+
+class _EventStream:
+    """A server-sent-event response read incrementally; closing it ends
+    the call (and, for exec, kills the command)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._decoder = core.SSEDecoder()
+        self._chunks = response.iter_bytes()
+        self._pending: List[core.SSEEvent] = []
+        self.closed = False
+
+    def next_event(self) -> Optional[core.SSEEvent]:
+        """The next event, or ``None`` at the end of the stream."""
+        while not self._pending:
+            if self.closed:
+                return None
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                self.close()
+                return None
+            except httpx.HTTPError as e:
+                self.close()
+                raise TransportError(f"the event stream broke: {e}", code="transport") from e
+            self._pending.extend(self._decoder.feed(chunk))
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._response.close()
+
+
+class ExecStream:
+    """The output of a running command, chunk by chunk.
+
+    Iterate it for `ExecChunk`s; when iteration ends, ``exit`` holds the
+    command's `ExecExit`. ``wait()`` skips the remaining output and returns
+    it. Closing the stream early (``close()``, leaving a ``with`` block)
+    kills the command. An ``error`` event raises the matching
+    `StacyVMError`.
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._events = _EventStream(response)
+        self.exit: Optional[ExecExit] = None
+
+    def __iter__(self) -> Iterator[ExecChunk]:
+        return self
+
+    def __next__(self) -> ExecChunk:
+        while True:
+            if self.exit is not None:
+                raise StopIteration
+            ev = self._events.next_event()
+            if ev is None:
+                raise core.stream_ended_early()
+            try:
+                item = core.exec_item(ev)
+            except StacyVMError:
+                self.close()
+                raise
+            if isinstance(item, ExecExit):
+                self.exit = item
+                self.close()
+                raise StopIteration
+            if item is not None:
+                return item
+
+    def wait(self) -> ExecExit:
+        """Reads the rest of the output and returns how the command ended."""
+        for _ in self:
+            pass
+        assert self.exit is not None
+        return self.exit
+
+    def close(self) -> None:
+        """Ends the call; a command still running is killed."""
+        self._events.close()
+
+    def __enter__(self) -> "ExecStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class LogStream:
+    """A sandbox's log lines as they are written; ends when the sandbox does."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._events = _EventStream(response)
+
+    def __iter__(self) -> Iterator[LogLine]:
+        return self
+
+    def __next__(self) -> LogLine:
+        while True:
+            ev = self._events.next_event()
+            if ev is None:
+                raise StopIteration
+            try:
+                item = core.log_item(ev)
+            except StacyVMError:
+                self.close()
+                raise
+            if item is not None:
+                return item
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> "LogStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Files:
+    """The files of one sandbox. Paths are absolute paths inside it."""
+
+    def __init__(self, transport: _Transport, sandbox_id: str) -> None:
+        self._t = transport
+        self._id = sandbox_id
+
+    def write(self, path: str, data: WriteData, *, mode: Union[int, str, None] = None) -> FileEntry:
+        """Creates or replaces the file at ``path`` (making parent
+        directories). ``data`` is bytes, text (UTF-8), a binary file object
+        or an iterable of byte chunks; files and iterables are streamed."""
+        call = core.file_write(self._id, path, mode)
+        return FileEntry.from_json(self._t.json(call, content=_content(data)))
+
+    def upload(self, path: str, source: Source, *, mode: Union[int, str, None] = None) -> FileEntry:
+        """Streams a local file (a path or a binary file object) to ``path``."""
+        call = core.file_write(self._id, path, mode)
+        return FileEntry.from_json(self._t.json(call, content=_source(source)))
+
+    def read(self, path: str) -> bytes:
+        """The whole file; use `download` or `iter_read` for large files."""
+        response = self._t.send(core.file_read(self._id, path))
+        return response.content
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self.read(path).decode(encoding)
+
+    def iter_read(self, path: str, chunk_size: int = core.CHUNK_SIZE) -> Iterator[bytes]:
+        """The file's bytes in chunks, as they arrive."""
+        response = self._t.send(core.file_read(self._id, path), stream=True)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from response.iter_bytes(chunk_size)
+            except httpx.HTTPError as e:
+                raise TransportError(f"the download of {path} broke: {e}", code="transport") from e
+            finally:
+                response.close()
+
+        return chunks()
+
+    def download(self, path: str, dest: Union[PathLike, IO[bytes]]) -> int:
+        """Streams the file at ``path`` into ``dest`` (a local path or a
+        binary file object); returns the number of bytes written."""
+        written = 0
+        if isinstance(dest, (str, os.PathLike)):
+            with open(dest, "wb") as f:
+                for chunk in self.iter_read(path):
+                    f.write(chunk)
+                    written += len(chunk)
+        else:
+            for chunk in self.iter_read(path):
+                dest.write(chunk)
+                written += len(chunk)
+        return written
+
+    def stat(self, path: str) -> FileEntry:
+        """The entry at ``path`` (a symlink is described, not followed)."""
+        return FileEntry.from_json(self._t.json(core.file_stat(self._id, path)))
+
+    def exists(self, path: str) -> bool:
+        from .errors import NotFound
+
+        try:
+            self.stat(path)
+        except NotFound:
+            return False
+        return True
+
+    def list(self, path: str, *, recursive: bool = False) -> List[FileEntry]:
+        """The entries of a directory, sorted by path."""
+        doc = self._t.json(core.file_list(self._id, path, recursive))
+        return [FileEntry.from_json(e) for e in doc.get("entries", [])]
+
+    def glob(self, pattern: str) -> List[str]:
+        """Paths matching ``pattern``, sorted; ``**`` crosses directories."""
+        doc = self._t.json(core.file_glob(self._id, pattern))
+        return [str(p) for p in doc.get("paths", [])]
+
+    def move(self, src: str, dst: str, *, overwrite: bool = False) -> FileEntry:
+        """Moves ``src`` to ``dst``; an existing ``dst`` is a `Conflict` unless ``overwrite``."""
+        return FileEntry.from_json(self._t.json(core.file_move(self._id, src, dst, overwrite)))
+
+    def chmod(self, path: str, mode: Union[int, str]) -> FileEntry:
+        """Sets the permission bits (``0o755`` or ``"0755"``)."""
+        return FileEntry.from_json(self._t.json(core.file_chmod(self._id, path, mode)))
+
+    def mkdir(self, path: str, *, parents: bool = True) -> FileEntry:
+        return FileEntry.from_json(self._t.json(core.file_mkdir(self._id, path, parents)))
+
+    def delete(self, path: str, *, recursive: bool = False) -> None:
+        """Deletes a file or directory; a non-empty directory needs ``recursive``."""
+        self._t.json(core.file_delete(self._id, path, recursive))
+
+
+class Sandbox:
+    """A handle on one sandbox. As a context manager it destroys the
+    sandbox on exit."""
+
+    def __init__(self, transport: _Transport, info: SandboxInfo) -> None:
+        self._t = transport
+        self.info = info
+        self.files = Files(transport, info.id)
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def __repr__(self) -> str:
+        return f"Sandbox(id={self.id!r}, state={self.info.state!r})"
+
+    def refresh(self) -> SandboxInfo:
+        """Fetches the sandbox's current description."""
+        self.info = SandboxInfo.from_json(self._t.json(core.sandbox_get(self.id)))
+        return self.info
+
+    def exec(
+        self,
+        cmd: Union[str, Sequence[str]],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        stdin: Union[str, bytes, None] = None,
+        timeout_s: Optional[float] = None,
+    ) -> ExecResult:
+        """Runs a command to completion. ``cmd`` is an argv list (a string
+        runs under ``sh -c``). A non-zero exit is a result, not an error."""
+        call = core.exec_call(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s)
+        return ExecResult.from_json(self._t.json(call))
+
+    def exec_stream(
+        self,
+        cmd: Union[str, Sequence[str]],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        stdin: Union[str, bytes, None] = None,
+        timeout_s: Optional[float] = None,
+    ) -> ExecStream:
+        """Starts a command and returns its output as it is produced."""
+        call = core.exec_stream_call(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s)
+        return ExecStream(self._t.send(call, stream=True))
+
+    def destroy(self) -> None:
+        """Destroys the sandbox (repeating it is harmless)."""
+        self._t.json(core.sandbox_destroy(self.id))
+
+    def set_timeout(self, timeout_s: int) -> SandboxInfo:
+        """Destroys the sandbox automatically ``timeout_s`` seconds from now."""
+        self.info = SandboxInfo.from_json(self._t.json(core.sandbox_set_timeout(self.id, timeout_s)))
+        return self.info
+
+    def pause(self) -> SandboxInfo:
+        """Pauses the sandbox (`Unsupported` where its provider cannot)."""
+        self.info = SandboxInfo.from_json(self._t.json(core.sandbox_pause(self.id)))
+        return self.info
+
+    def resume(self) -> SandboxInfo:
+        self.info = SandboxInfo.from_json(self._t.json(core.sandbox_resume(self.id)))
+        return self.info
+
+    def logs(self) -> List[LogLine]:
+        """The sandbox's log so far."""
+        doc = self._t.json(core.sandbox_logs(self.id))
+        return [LogLine.from_json(x) for x in doc.get("lines", [])]
+
+    def follow_logs(self) -> LogStream:
+        """The log so far, then new lines as they come, until the sandbox ends."""
+        return LogStream(self._t.send(core.sandbox_logs(self.id, follow=True), stream=True))
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.destroy()
+
+
+class Client:
+    """A synchronous StacyVM client.
+
+    ``url`` and ``api_key`` default to ``STACYVM_URL`` and
+    ``STACYVM_API_KEY``. ``timeout`` (seconds) bounds ordinary calls; exec
+    calls wait for the command's own timeout. Use it as a context manager,
+    or call ``close()``, to release its connections.
+    """
+
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        *,
+        timeout: float = core.DEFAULT_TIMEOUT,
+        headers: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        self.url = core.resolve_url(url)
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=core.base_headers(core.resolve_api_key(api_key), headers),
+            timeout=timeout,
+        )
+        self._t = _Transport(self._http)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # sandboxes
+
+    def create_sandbox(
+        self,
+        image: Optional[str] = None,
+        *,
+        template: Optional[str] = None,
+        provider: Optional[str] = None,
+        cpu: Optional[float] = None,
+        memory_mb: Optional[int] = None,
+        timeout_s: Optional[int] = None,
+        env: Optional[Mapping[str, str]] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        network: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+    ) -> Sandbox:
+        """Creates a sandbox and returns once it runs commands. ``timeout_s``
+        is its lifetime; ``request_timeout`` how long to wait for it."""
+        call = core.sandbox_create(
+            image=image,
+            template=template,
+            provider=provider,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            timeout_s=timeout_s,
+            env=env,
+            labels=labels,
+            workdir=workdir,
+            network=network,
+            idempotency_key=idempotency_key,
+            request_timeout=request_timeout,
+        )
+        return Sandbox(self._t, SandboxInfo.from_json(self._t.json(call)))
+
+    def sandbox(self, image: Optional[str] = None, **kwargs: Any) -> Sandbox:
+        """Like `create_sandbox`; meant for ``with client.sandbox(...) as sb:``,
+        which destroys the sandbox on exit."""
+        return self.create_sandbox(image, **kwargs)
+
+    def get_sandbox(self, sandbox_id: str) -> Sandbox:
+        """A handle on an existing sandbox."""
+        return Sandbox(self._t, SandboxInfo.from_json(self._t.json(core.sandbox_get(sandbox_id))))
+
+    def list_sandboxes(
+        self,
+        *,
+        state: Optional[str] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        limit: Optional[int] = None,
+        cursor: Optional[str] = None,
+    ) -> Page[SandboxInfo]:
+        """One page of the caller's sandboxes, optionally by state and labels."""
+        doc = self._t.json(core.sandbox_list(state=state, labels=labels, limit=limit, cursor=cursor))
+        return Page([SandboxInfo.from_json(s) for s in doc.get("sandboxes", [])], doc.get("next_cursor"))
+
+    def destroy_sandbox(self, sandbox_id: str) -> None:
+        self._t.json(core.sandbox_destroy(sandbox_id))
+
+    # images
+
+    def import_image(self, name: str, source: Union[Source, bytes]) -> Image:
+        """Imports a root filesystem tar (a path, a binary file object or
+        bytes) into the catalog as ``name``, streamed. Admin only."""
+        return Image.from_json(self._t.json(core.image_import(name), content=_source(source)))
+
+    def list_images(self) -> List[Image]:
+        doc = self._t.json(core.image_list())
+        return [Image.from_json(i) for i in doc.get("images", [])]
+
+    def get_image(self, name: str) -> Image:
+        return Image.from_json(self._t.json(core.image_get(name)))
+
+    def delete_image(self, name: str) -> None:
+        self._t.json(core.image_delete(name))
+
+    # tenants, quotas, keys
+
+    def create_tenant(self, name: str) -> Tenant:
+        return Tenant.from_json(self._t.json(core.tenant_create(name)))
+
+    def list_tenants(self, *, limit: Optional[int] = None, cursor: Optional[str] = None) -> Page[Tenant]:
+        doc = self._t.json(core.tenant_list(limit, cursor))
+        return Page([Tenant.from_json(t) for t in doc.get("tenants", [])], doc.get("next_cursor"))
+
+    def get_quota(self, tenant_id: str) -> Quota:
+        return Quota.from_json(self._t.json(core.quota_get(tenant_id)))
+
+    def set_quota(self, tenant_id: str, quota: Quota) -> Quota:
+        """Replaces the tenant's quota (``None`` fields are unlimited); returns the quota in force."""
+        return Quota.from_json(self._t.json(core.quota_set(tenant_id, quota)))
+
+    def create_key(self, tenant_id: str, role: str, name: str) -> ApiKey:
+        """Issues a key (role ``admin``, ``member`` or ``viewer``); its
+        secret is in ``.key`` of the answer, and only there."""
+        return ApiKey.from_json(self._t.json(core.key_create(tenant_id, role, name)))
+
+    def list_keys(self, *, limit: Optional[int] = None, cursor: Optional[str] = None) -> Page[ApiKey]:
+        doc = self._t.json(core.key_list(limit, cursor))
+        return Page([ApiKey.from_json(k) for k in doc.get("keys", [])], doc.get("next_cursor"))
+
+    def revoke_key(self, key_id: str) -> None:
+        self._t.json(core.key_revoke(key_id))
+
+    # audit, status, workers
+
+    def list_audit(
+        self,
+        *,
+        sandbox_id: Optional[str] = None,
+        action: Optional[str] = None,
+        outcome: Optional[str] = None,
+        since: Optional[str] = None,
+        limit: Optional[int] = None,
+        cursor: Optional[str] = None,
+    ) -> Page[AuditEvent]:
+        """One page of audit events; ``since`` is an RFC 3339 time."""
+        call = core.audit_list(
+            sandbox_id=sandbox_id, action=action, outcome=outcome, since=since, limit=limit, cursor=cursor
+        )
+        doc = self._t.json(call)
+        return Page([AuditEvent.from_json(e) for e in doc.get("events", [])], doc.get("next_cursor"))
+
+    def status(self) -> Status:
+        return Status.from_json(self._t.json(core.status()))
+
+    def list_workers(self) -> List[Worker]:
+        doc = self._t.json(core.worker_list())
+        return [Worker.from_json(w) for w in doc.get("workers", [])]
+
+    def drain_worker(self, worker_id: str) -> Worker:
+        """Stops new sandboxes going to the worker; it keeps the ones it has."""
+        return Worker.from_json(self._t.json(core.worker_drain(worker_id)))
+
+    def health(self) -> bool:
+        """True while the server serves (`/healthz`)."""
+        doc = self._t.json(core.healthz())
+        return isinstance(doc, dict) and doc.get("status") == "ok"
+
+    def ready(self) -> Readiness:
+        """Whether the store and at least one provider are usable (`/readyz`)."""
+        try:
+            doc = self._t.json(core.readyz())
+        except StacyVMError as e:
+            if e.status == 503:
+                return Readiness(ready=False, detail=e.message)
+            raise
+        return Readiness(ready=True, detail=str(doc.get("status", "ready")) if isinstance(doc, dict) else "ready")
+
+    def metrics(self) -> str:
+        """The Prometheus metrics text."""
+        return self._t.send(core.metrics()).text
+
+    def openapi(self) -> Dict[str, Any]:
+        """The server's OpenAPI document."""
+        doc = self._t.json(core.openapi())
+        return dict(doc) if isinstance(doc, dict) else {}
