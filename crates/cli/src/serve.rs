@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// Run the control plane only, without the in-process worker.
     #[arg(long)]
     no_local_worker: bool,
+    /// Failed authentication attempts one client address may make per
+    /// minute before it is refused with 429.
+    #[arg(long, env = "STACYVM_AUTH_FAILURES_PER_MINUTE", default_value_t = 120)]
+    auth_failures_per_minute: i64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "STACYVM_LOG_JSON")]
     log_json: bool,
@@ -78,6 +82,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .filter(|p| !p.is_empty())
         .collect();
     config.local_worker = !args.no_local_worker;
+    config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
     config.admin_key = std::env::var("STACYVM_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty());

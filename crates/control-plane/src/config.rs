@@ -43,6 +43,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// How long a worker's lease on a sandbox lasts without renewal.
     pub lease: Duration,
+    /// Failed authentication attempts one address may make per minute
+    /// before it is refused with 429.
+    pub auth_failures_per_minute: i64,
 }
 
 impl Default for Limits {
@@ -62,6 +65,7 @@ impl Default for Limits {
             max_memory_mb: 256 * 1024,
             request_timeout: Duration::from_secs(120),
             lease: Duration::from_secs(60),
+            auth_failures_per_minute: 120,
         }
     }
 }

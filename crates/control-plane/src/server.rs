@@ -144,6 +144,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         store,
         catalog,
         exec_limiter: ExecLimiter::default(),
+        auth_failures: Default::default(),
         started: Instant::now(),
         system_tenant: boot.system_tenant.clone(),
         config: config.clone(),

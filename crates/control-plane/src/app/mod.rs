@@ -62,6 +62,7 @@ pub struct App {
     pub scheduler: Scheduler,
     pub catalog: Arc<ImageCatalog>,
     pub exec_limiter: ratelimit::ExecLimiter,
+    pub auth_failures: ratelimit::AuthFailureLimiter,
     pub started: Instant,
     /// The tenant that owns the bootstrap admin key.
     pub system_tenant: TenantId,

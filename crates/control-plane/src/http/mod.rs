@@ -130,9 +130,24 @@ fn bearer(req: &Request) -> Option<String> {
 /// Resolves the API key; the principal goes into the request (for the
 /// handler) and the response (for the audit layer).
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let limit = s.app.config.limits.auth_failures_per_minute;
+    if let Some(addr) = addr {
+        if let Err(e) = s.app.auth_failures.check(addr, limit) {
+            return error_response(&e);
+        }
+    }
     let who = match auth::authenticate(&s.app.store, bearer(&req).as_deref()).await {
         Ok(p) => p,
-        Err(e) => return error_response(&e),
+        Err(e) => {
+            if let (Error::Unauthenticated(_), Some(addr)) = (&e, addr) {
+                s.app.auth_failures.failed(addr);
+            }
+            return error_response(&e);
+        }
     };
     req.extensions_mut().insert(who.clone());
     let mut resp = next.run(req).await;
@@ -307,10 +322,17 @@ async fn metrics_layer(req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_owned();
     let started = Instant::now();
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
+    let elapsed = started.elapsed();
+    let code = resp.status().as_u16();
+    if route == "/healthz" || route == "/readyz" || route == "/metrics" {
+        tracing::debug!(request_id = %request_id::current(), %method, %route, status = code, ms = elapsed.as_millis() as u64, "request");
+    } else {
+        tracing::info!(request_id = %request_id::current(), %method, %route, status = code, ms = elapsed.as_millis() as u64, "request");
+    }
+    let status = code.to_string();
     metrics::counter!("stacyvm_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("stacyvm_http_request_duration_seconds", "route" => route, "method" => method)
-        .record(started.elapsed().as_secs_f64());
+        .record(elapsed.as_secs_f64());
     resp
 }
