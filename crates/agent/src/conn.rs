@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +43,9 @@ struct Slot {
     /// Where uploaded chunks go; `None` once `End` arrived or when the
     /// request takes no upload.
     upload: Option<SyncSender<Upload>>,
+    /// Upload chunks the client may still send: the window plus the credit
+    /// returned so far, minus what it sent.
+    budget: Arc<AtomicU32>,
 }
 
 struct Shared {
@@ -91,7 +94,14 @@ pub fn serve(mut reader: impl Read, writer: ConnWriter, root: Root) {
 }
 
 fn handshake(reader: &mut impl Read, writer: &ConnWriter) -> Result<u32, String> {
-    let frame = read_frame(reader).map_err(|e| e.to_string())?;
+    let frame = match read_frame(reader) {
+        Ok(f) => f,
+        Err(ReadError::Protocol(e)) => {
+            writer.send(&Frame::error(e.id().unwrap_or(0), &e.to_wire()));
+            return Err(e.to_string());
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let refuse = |err: WireError| {
         writer.send(&Frame::error(frame.id, &err));
         err.message
@@ -152,10 +162,11 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                     return unexpected(id, "request id already in use");
                 }
                 let flow = Arc::new(Flow::new(WINDOW));
+                let budget = Arc::new(AtomicU32::new(WINDOW));
                 let (upload_tx, upload_rx) = if req.has_upload() {
                     // One spare place for the `End` behind a full window.
                     let (tx, rx) = sync_channel(WINDOW as usize + 1);
-                    (Some(tx), Some(UploadRx::new(rx)))
+                    (Some(tx), Some(UploadRx::new(rx, budget.clone())))
                 } else {
                     (None, None)
                 };
@@ -164,6 +175,7 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                     Slot {
                         flow: flow.clone(),
                         upload: upload_tx,
+                        budget,
                     },
                 );
                 drop(slots);
@@ -189,8 +201,10 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                 let Some(slot) = slots.get_mut(&id) else {
                     continue;
                 };
+                // Stray data (for a request that takes none, or after its
+                // handler stopped reading) is dropped.
                 let Some(tx) = slot.upload.as_ref() else {
-                    return unexpected(id, "data frame for a request that takes no (more) data");
+                    continue;
                 };
                 if frame.kind == Kind::End {
                     // The spare place in the queue is for this: it cannot be full.
@@ -200,6 +214,13 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                 }
                 if frame.payload.len() > CHUNK_SIZE * 4 {
                     return unexpected(id, "data chunk larger than 256 KiB");
+                }
+                let within = slot
+                    .budget
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+                    .is_ok();
+                if !within {
+                    return unexpected(id, "data frames sent beyond the credit window");
                 }
                 match tx.try_send(Upload::Data(frame.payload)) {
                     Ok(()) => {}

@@ -322,10 +322,12 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame, ReadError> {
     let n = match parse_len(prefix) {
         Ok(n) => n,
         Err(e) => {
+            // Read the request id behind the length when the sender claims
+            // it is there, so the error can name the request.
+            let len = u32::from_be_bytes(prefix) as usize;
             let mut id = [0u8; 4];
-            if let Ok(4) = read_full(r, &mut id) {
+            if len >= 4 && read_full(r, &mut id).ok() == Some(4) {
                 let id = u32::from_be_bytes(id);
-                let len = u32::from_be_bytes(prefix);
                 return Err(ReadError::Protocol(ProtocolError::Unexpected {
                     id,
                     reason: format!(
@@ -492,6 +494,7 @@ pub type PathBatch = Vec<String>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_frame_round_trips() {
@@ -509,6 +512,91 @@ mod tests {
         let f = Frame::json(1, Kind::Request, &r);
         assert_eq!(f.payload, br#"{"op":"file_stat","path":"/a"}"#);
         assert_eq!(f.parse::<Request>().expect("parses"), r);
+    }
+
+    fn any_kind() -> impl Strategy<Value = Kind> {
+        (1u8..=12).prop_map(|b| Kind::from_u8(b).expect("1..=12 are kinds"))
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_is_the_identity(
+            id in any::<u32>(),
+            kind in any_kind(),
+            payload in proptest::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let f = Frame::new(id, kind, payload);
+            let bytes = f.encode();
+            let (g, used) = Frame::decode(&bytes).expect("valid").expect("complete");
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(&g, &f);
+            let mut r = bytes.as_slice();
+            let h = read_frame(&mut r).map_err(|e| e.to_string());
+            prop_assert_eq!(h, Ok(f));
+        }
+
+        #[test]
+        fn random_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Frame::decode(&bytes);
+            let mut r = bytes.as_slice();
+            // Reads frames until the bytes run out or stop being frames.
+            for _ in 0..64 {
+                if read_frame(&mut r).is_err() {
+                    break;
+                }
+            }
+            if let Ok(Some((f, _))) = Frame::decode(&bytes) {
+                let _ = f.parse::<Request>();
+                let _ = f.parse::<Hello>();
+                let _ = f.credit_count();
+            }
+        }
+
+        #[test]
+        fn truncated_frames_ask_for_more_or_fail_cleanly(
+            payload in proptest::collection::vec(any::<u8>(), 0..512),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let bytes = Frame::new(3, Kind::Data, payload).encode();
+            let cut = cut.index(bytes.len());
+            prop_assert_eq!(Frame::decode(&bytes[..cut]), Ok(None));
+            let mut r = &bytes[..cut];
+            prop_assert!(read_frame(&mut r).is_err());
+        }
+
+        #[test]
+        fn oversize_and_undersize_lengths_are_refused(
+            len in prop_oneof![0u32..(HEADER_LEN as u32), (MAX_FRAME_LEN as u32 + 1)..=u32::MAX],
+            rest in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = len.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&rest);
+            prop_assert_eq!(Frame::decode(&bytes), Err(ProtocolError::BadLength(len as u64)));
+            let mut r = bytes.as_slice();
+            prop_assert!(matches!(read_frame(&mut r), Err(ReadError::Protocol(_))));
+        }
+
+        #[test]
+        fn bad_json_is_an_error_naming_the_request(
+            id in any::<u32>(),
+            junk in "[^{}]{0,64}|\\{[a-z\":,]{0,32}",
+        ) {
+            let f = Frame::new(id, Kind::Request, junk.into_bytes());
+            match f.parse::<Request>() {
+                Ok(_) => {}
+                Err(e) => prop_assert_eq!(e.id(), Some(id)),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_name_their_request() {
+        let mut bytes = Frame::new(77, Kind::Data, vec![1]).encode();
+        bytes[8] = 99;
+        assert_eq!(
+            Frame::decode(&bytes),
+            Err(ProtocolError::UnknownKind { id: 77, kind: 99 })
+        );
     }
 
     #[test]

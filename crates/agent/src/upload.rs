@@ -2,7 +2,9 @@
 //! contents): frames arrive through a bounded queue filled by the
 //! connection's reader, and credit goes back as they are consumed.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 
 use crate::flow::Out;
 use crate::protocol::WINDOW;
@@ -17,14 +19,18 @@ pub enum Upload {
 /// The handler's side of an upload.
 pub struct UploadRx {
     rx: Receiver<Upload>,
+    /// Shared with the connection's reader, which checks the client keeps
+    /// within it.
+    budget: Arc<AtomicU32>,
     consumed: u32,
     ended: bool,
 }
 
 impl UploadRx {
-    pub fn new(rx: Receiver<Upload>) -> UploadRx {
+    pub fn new(rx: Receiver<Upload>, budget: Arc<AtomicU32>) -> UploadRx {
         UploadRx {
             rx,
+            budget,
             consumed: 0,
             ended: false,
         }
@@ -41,6 +47,8 @@ impl UploadRx {
                 self.consumed += 1;
                 // Credit in batches to halve the frames going back.
                 if self.consumed >= WINDOW / 2 {
+                    // The budget grows before the client can learn of it.
+                    self.budget.fetch_add(self.consumed, Ordering::SeqCst);
                     out.credit(self.consumed);
                     self.consumed = 0;
                 }
