@@ -184,7 +184,9 @@ def sandbox_logs(sandbox_id: str, follow: bool = False) -> Call:
     call = Call("GET", f"/v1/sandboxes/{seg(sandbox_id)}/logs", params=params_of(follow=follow or None))
     if follow:
         call.headers["accept"] = "text/event-stream"
-        call.timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=None)
+        # The server sends a keep-alive at least every 15 s, so a minute of
+        # silence means the connection is gone.
+        call.timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=60.0)
     return call
 
 
@@ -412,32 +414,37 @@ class SSEDecoder:
         self._event = ""
         self._data: List[str] = []
         self._has_data = False
+        # A `\r` ends its line at once; if the next byte (perhaps in the next
+        # chunk) is `\n`, it belongs to the same line end and is skipped.
+        self._after_cr = False
 
     def feed(self, chunk: bytes) -> List[SSEEvent]:
-        self._buf.extend(chunk)
         out: List[SSEEvent] = []
-        start = 0
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        if chunk:
+            self._after_cr = False
+        self._buf.extend(chunk)
         buf = self._buf
-        n = len(buf)
+        start = 0
         i = 0
+        n = len(buf)
         while i < n:
             b = buf[i]
-            if b == 0x0A or b == 0x0D:
-                if b == 0x0D:
-                    if i + 1 == n:
-                        # A `\r` at the end may be half of `\r\n`: wait for more.
-                        break
-                    end_len = 2 if buf[i + 1] == 0x0A else 1
-                else:
-                    end_len = 1
-                line = bytes(buf[start:i]).decode("utf-8", errors="replace")
-                ev = self._line(line)
-                if ev is not None:
-                    out.append(ev)
-                i += end_len
-                start = i
+            if b != 0x0A and b != 0x0D:
+                i += 1
                 continue
+            line = bytes(buf[start:i]).decode("utf-8", errors="replace")
+            ev = self._line(line)
+            if ev is not None:
+                out.append(ev)
             i += 1
+            if b == 0x0D:
+                if i < n and buf[i] == 0x0A:
+                    i += 1
+                elif i == n:
+                    self._after_cr = True
+            start = i
         del self._buf[:start]
         return out
 
