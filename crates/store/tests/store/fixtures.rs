@@ -126,3 +126,20 @@ pub fn worker(address: &str) -> WorkerRecord {
 pub fn at(secs: i64) -> OffsetDateTime {
     stacyvm_core::now() + Duration::seconds(secs)
 }
+
+/// Opens connections on every store before a race, so the racers start
+/// together instead of queueing behind connection setup.
+pub async fn warm_up(stores: &[DynStore]) -> anyhow::Result<()> {
+    let pings: Vec<_> = stores
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s, 8))
+        .map(|s| {
+            let s = s.clone();
+            tokio::spawn(async move { s.ping().await })
+        })
+        .collect();
+    for p in pings {
+        p.await??;
+    }
+    Ok(())
+}

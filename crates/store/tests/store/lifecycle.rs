@@ -166,3 +166,103 @@ async fn sqlite_file_that_is_not_a_database_is_an_error() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// Kills the process writing when dropped, so a failing test leaks nothing.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const WRITER_DB_ENV: &str = "STACYVM_STORE_TEST_WRITER_DB";
+
+/// An audit event the store acknowledged is on disk: a writer killed with
+/// SIGKILL mid-stream loses none of the events it was told were appended.
+///
+/// The test runs itself twice: as the parent (no environment variable) it
+/// starts a copy of this test binary as the writer, lets it acknowledge some
+/// events, kills it and checks the file; as the writer it appends events
+/// forever, printing each id once `audit_append` has returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_acknowledged_audit_events_survive_kill_9() -> anyhow::Result<()> {
+    use std::io::BufRead;
+
+    if let Ok(path) = std::env::var(WRITER_DB_ENV) {
+        let store = stacyvm_store::open(&format!("sqlite://{path}")).await?;
+        loop {
+            let e = fixtures::event(None, "sandbox.exec");
+            store.audit_append(&e).await?;
+            println!("acked {}", e.id);
+        }
+    }
+
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("audit.db");
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let child = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "lifecycle::sqlite_acknowledged_audit_events_survive_kill_9",
+            "--nocapture",
+        ])
+        .env(WRITER_DB_ENV, &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the writer")?;
+    let mut writer = KillOnDrop(child);
+    let stdout = writer.0.stdout.take().context("writer stdout")?;
+    let acked = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let mut acked = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            if let Some(id) = line?.strip_prefix("acked ") {
+                acked.push(id.to_owned());
+                if acked.len() == 200 {
+                    break;
+                }
+            }
+        }
+        Ok(acked)
+    })
+    .await??;
+    // SIGKILL while the writer is still appending.
+    drop(writer);
+    anyhow::ensure!(
+        acked.len() == 200,
+        "the writer stopped after {} events",
+        acked.len()
+    );
+
+    let store = stacyvm_store::open(&format!("sqlite://{}", path.display())).await?;
+    let mut stored = std::collections::BTreeSet::new();
+    let mut filter = AuditFilter {
+        page: stacyvm_store::PageRequest {
+            cursor: None,
+            limit: 1000,
+        },
+        ..Default::default()
+    };
+    loop {
+        let page = store.audit_list(&filter).await?;
+        stored.extend(page.items.into_iter().map(|e| e.id.to_string()));
+        match page.next_cursor {
+            Some(c) => filter.page.cursor = Some(c),
+            None => break,
+        }
+    }
+    for id in &acked {
+        assert!(stored.contains(id), "acknowledged event {id} was lost");
+    }
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        path.display()
+    ))
+    .await?;
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await?;
+    assert_eq!(mode, "wal");
+    Ok(())
+}

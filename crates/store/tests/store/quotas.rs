@@ -86,6 +86,7 @@ pub async fn concurrent_creates_never_overshoot_max_sandboxes(db: &TestDb) -> an
     // A second store on the same database, as a second control-plane
     // replica (or process) would have: the limit holds across both.
     let stores: Arc<[DynStore]> = Arc::from(vec![store.clone(), db.open_again().await?]);
+    fixtures::warm_up(&stores).await?;
     let barrier = Arc::new(tokio::sync::Barrier::new(50));
     let tasks: Vec<_> = (0..50)
         .map(|i| {

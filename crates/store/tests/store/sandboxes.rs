@@ -540,6 +540,7 @@ pub async fn concurrent_creates_with_one_idempotency_key_make_one_sandbox(
     let store = &db.store;
     let t = new_tenant(store, "retries").await?;
     let stores = Arc::new([store.clone(), db.open_again().await?]);
+    fixtures::warm_up(&*stores).await?;
     let barrier = Arc::new(tokio::sync::Barrier::new(20));
     let tasks: Vec<_> = (0..20)
         .map(|i| {
