@@ -11,7 +11,7 @@ import tracemalloc
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -21,7 +21,7 @@ from conftest import IMAGE, Server
 MIB = 1024 * 1024
 
 
-def _wait_until(predicate, what: str, budget_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+def _wait_until(predicate: Callable[[], bool], what: str, budget_s: float = 30.0) -> None:
     deadline = time.monotonic() + budget_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -83,8 +83,8 @@ def test_list_pages_with_a_cursor(client: stacyvm.Client) -> None:
     tag = uuid.uuid4().hex
     made = [client.create_sandbox(IMAGE, labels={"page": tag}) for _ in range(3)]
     try:
-        seen = []
-        cursor = None
+        seen: List[str] = []
+        cursor: Optional[str] = None
         while True:
             page = client.list_sandboxes(labels={"page": tag}, limit=2, cursor=cursor)
             assert len(page) <= 2

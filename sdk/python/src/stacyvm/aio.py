@@ -271,19 +271,15 @@ class AsyncFiles:
         return (await self.read(path)).decode(encoding)
 
     async def iter_read(self, path: str, chunk_size: int = core.CHUNK_SIZE) -> AsyncIterator[bytes]:
-        """The file's bytes in chunks, as they arrive."""
+        """The file's bytes in chunks, as they arrive (``async for``)."""
         response = await self._t.send(core.file_read(self._id, path), stream=True)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in response.aiter_bytes(chunk_size):
-                    yield chunk
-            except httpx.HTTPError as e:
-                raise TransportError(f"the download of {path} broke: {e}", code="transport") from e
-            finally:
-                await response.aclose()
-
-        return chunks()
+        try:
+            async for chunk in response.aiter_bytes(chunk_size):
+                yield chunk
+        except httpx.HTTPError as e:
+            raise TransportError(f"the download of {path} broke: {e}", code="transport") from e
+        finally:
+            await response.aclose()
 
     async def download(self, path: str, dest: Union[PathLike, IO[bytes]]) -> int:
         """Streams the file at ``path`` into ``dest`` (a local path or a
@@ -296,7 +292,7 @@ class AsyncFiles:
         else:
             f = dest
         try:
-            async for chunk in await self.iter_read(path):
+            async for chunk in self.iter_read(path):
                 await asyncio.to_thread(f.write, chunk)
                 written += len(chunk)
         finally:
@@ -506,10 +502,40 @@ class AsyncClient:
         )
         return AsyncSandbox(self._t, SandboxInfo.from_json(await self._t.json(call)))
 
-    def sandbox(self, image: Optional[str] = None, **kwargs: Any) -> _PendingSandbox:
+    def sandbox(
+        self,
+        image: Optional[str] = None,
+        *,
+        template: Optional[str] = None,
+        provider: Optional[str] = None,
+        cpu: Optional[float] = None,
+        memory_mb: Optional[int] = None,
+        timeout_s: Optional[int] = None,
+        env: Optional[Mapping[str, str]] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        network: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+    ) -> _PendingSandbox:
         """``async with client.sandbox(image=...) as sb:`` creates a sandbox
         and destroys it on exit; ``await client.sandbox(...)`` just creates it."""
-        return _PendingSandbox(self.create_sandbox(image, **kwargs))
+        return _PendingSandbox(
+            self.create_sandbox(
+                image,
+                template=template,
+                provider=provider,
+                cpu=cpu,
+                memory_mb=memory_mb,
+                timeout_s=timeout_s,
+                env=env,
+                labels=labels,
+                workdir=workdir,
+                network=network,
+                idempotency_key=idempotency_key,
+                request_timeout=request_timeout,
+            )
+        )
 
     async def get_sandbox(self, sandbox_id: str) -> AsyncSandbox:
         return AsyncSandbox(self._t, SandboxInfo.from_json(await self._t.json(core.sandbox_get(sandbox_id))))

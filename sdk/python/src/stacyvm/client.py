@@ -495,10 +495,38 @@ class Client:
         )
         return Sandbox(self._t, SandboxInfo.from_json(self._t.json(call)))
 
-    def sandbox(self, image: Optional[str] = None, **kwargs: Any) -> Sandbox:
+    def sandbox(
+        self,
+        image: Optional[str] = None,
+        *,
+        template: Optional[str] = None,
+        provider: Optional[str] = None,
+        cpu: Optional[float] = None,
+        memory_mb: Optional[int] = None,
+        timeout_s: Optional[int] = None,
+        env: Optional[Mapping[str, str]] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        network: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+    ) -> Sandbox:
         """Like `create_sandbox`; meant for ``with client.sandbox(...) as sb:``,
         which destroys the sandbox on exit."""
-        return self.create_sandbox(image, **kwargs)
+        return self.create_sandbox(
+            image,
+            template=template,
+            provider=provider,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            timeout_s=timeout_s,
+            env=env,
+            labels=labels,
+            workdir=workdir,
+            network=network,
+            idempotency_key=idempotency_key,
+            request_timeout=request_timeout,
+        )
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox:
         """A handle on an existing sandbox."""
