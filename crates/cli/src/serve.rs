@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// minute before it is refused with 429.
     #[arg(long, env = "STACYVM_AUTH_FAILURES_PER_MINUTE", default_value_t = 120)]
     auth_failures_per_minute: i64,
+    /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
+    /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
+    #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
+    warm_pools: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "STACYVM_LOG_JSON")]
     log_json: bool,
@@ -83,6 +87,16 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .collect();
     config.local_worker = !args.no_local_worker;
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
+    for p in args
+        .warm_pools
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    {
+        config
+            .pools
+            .push(stacyvm_control_plane::pools::PoolSpec::parse(p)?);
+    }
     config.admin_key = std::env::var("STACYVM_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty());

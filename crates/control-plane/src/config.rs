@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub admin_key: Option<String>,
     /// How often reconcilers run.
     pub reconcile_interval: Duration,
+    /// Warm pools to keep filled.
+    pub pools: Vec<crate::pools::PoolSpec>,
 }
 
 /// Request limits and defaults.
@@ -84,6 +86,7 @@ impl ServerConfig {
             limits: Limits::default(),
             admin_key: None,
             reconcile_interval: Duration::from_secs(1),
+            pools: Vec::new(),
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod pools;
 pub mod reconcilers;
 pub mod scheduler;
 pub mod server;

@@ -87,7 +87,7 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
             let owned = by_id.get(&rt.runtime.sandbox_id).is_some_and(|r| {
                 r.worker_id.as_ref() == Some(worker.id()) || r.worker_id.is_none()
             });
-            if !owned {
+            if !owned && !app.pools.owns(&rt.runtime.sandbox_id) {
                 tracing::info!(sandbox = %rt.runtime.sandbox_id, provider = %rt.provider, "destroying an orphaned runtime");
                 let lease = Lease {
                     sandbox_id: rt.runtime.sandbox_id.clone(),
@@ -240,13 +240,37 @@ pub fn spawn_loops(app: Arc<App>, mut stop: watch::Receiver<bool>) -> tokio::tas
                 tracing::warn!(error = %e, "expiry pass failed");
             }
             // Heavier passes run less often.
-            if n % 10 == 0 {
+            if n.is_multiple_of(10) {
                 if let Err(e) = heartbeat(&app).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
                 if let Err(e) = reconcile_runtimes(&app, false).await {
                     tracing::warn!(error = %e, "runtime reconciliation failed");
                 }
+            }
+        }
+    })
+}
+
+/// Keeps the warm pools filled: after every claim, and every few seconds
+/// (a failed spawn is retried then).
+pub fn spawn_pool_loop(
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if app.config.pools.is_empty() {
+            return;
+        }
+        loop {
+            crate::pools::refill(&app).await;
+            tokio::select! {
+                _ = app.pool_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
             }
         }
     })

@@ -33,6 +33,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
     loops: tokio::task::JoinHandle<()>,
+    pool_loop: tokio::task::JoinHandle<()>,
 }
 
 fn metrics_handle() -> Result<PrometheusHandle> {
@@ -145,6 +146,8 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         catalog,
         exec_limiter: ExecLimiter::default(),
         auth_failures: Default::default(),
+        pools: crate::pools::Pools::new(&config.pools),
+        pool_wake: tokio::sync::Notify::new(),
         started: Instant::now(),
         system_tenant: boot.system_tenant.clone(),
         config: config.clone(),
@@ -183,7 +186,8 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         })
         .await
     });
-    let loops = reconcilers::spawn_loops(app.clone(), stop_rx);
+    let loops = reconcilers::spawn_loops(app.clone(), stop_rx.clone());
+    let pool_loop = reconcilers::spawn_pool_loop(app.clone(), stop_rx);
     tracing::info!(%addr, store = app.store.kind(), "StacyVM is serving");
     Ok(Running {
         addr,
@@ -193,6 +197,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         stop: stop_tx,
         serving,
         loops,
+        pool_loop,
     })
 }
 
@@ -202,6 +207,7 @@ impl Running {
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(true);
         let _ = self.loops.await;
+        let _ = self.pool_loop.await;
         match self.serving.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::internal("serving HTTP", e)),

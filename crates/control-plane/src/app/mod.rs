@@ -63,6 +63,9 @@ pub struct App {
     pub catalog: Arc<ImageCatalog>,
     pub exec_limiter: ratelimit::ExecLimiter,
     pub auth_failures: ratelimit::AuthFailureLimiter,
+    pub pools: crate::pools::Pools,
+    /// Wakes the pool refill loop after a claim.
+    pub pool_wake: tokio::sync::Notify,
     pub started: Instant,
     /// The tenant that owns the bootstrap admin key.
     pub system_tenant: TenantId,

@@ -229,12 +229,44 @@ impl App {
             fencing_token: 0,
             idempotency_key: req.idempotency_key.clone(),
         };
+        let pooled = if crate::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network) {
+            self.pools.take(&rec.provider, &rec.image)
+        } else {
+            None
+        };
+        if let Some(member) = pooled {
+            let mut rec = rec;
+            rec.id = member.sandbox_id.clone();
+            let outcome = self.store.sandbox_create(&rec).await;
+            let rec = match outcome {
+                Ok(CreateOutcome::Created(rec)) => rec,
+                Ok(CreateOutcome::Existing(existing)) => {
+                    self.pools.put_back(&rec.provider, &rec.image, member);
+                    return Ok(Created {
+                        sandbox: existing,
+                        existing: true,
+                    });
+                }
+                Err(e) => {
+                    self.pools.put_back(&rec.provider, &rec.image, member);
+                    return Err(e);
+                }
+            };
+            // The row exists now, so the member is an ordinary sandbox.
+            self.pools.release(&rec.id);
+            self.pool_wake.notify_one();
+            let sandbox = self.sandbox_claim_member(rec, member.worker).await?;
+            return Ok(Created {
+                sandbox,
+                existing: false,
+            });
+        }
         let rec = match self.store.sandbox_create(&rec).await? {
             CreateOutcome::Existing(existing) => {
                 return Ok(Created {
                     sandbox: existing,
                     existing: true,
-                })
+                });
             }
             CreateOutcome::Created(rec) => rec,
         };
@@ -243,6 +275,39 @@ impl App {
             sandbox,
             existing: false,
         })
+    }
+
+    /// Turns a warm-pool member into the sandbox `rec` describes.
+    async fn sandbox_claim_member(
+        &self,
+        rec: SandboxRecord,
+        worker: DynWorker,
+    ) -> Result<SandboxRecord> {
+        let lease_until = now() + self.config.limits.lease;
+        let mut rec = self
+            .store
+            .sandbox_claim(&rec.id, worker.id(), lease_until)
+            .await?;
+        let lease = Lease {
+            sandbox_id: rec.id.clone(),
+            fencing_token: rec.fencing_token,
+            provider: rec.provider.clone(),
+        };
+        if let Some(dir) = rec.workdir.clone() {
+            if let Err(e) = worker.file_mkdir(&lease, &dir, true).await {
+                if !matches!(e, Error::Conflict(_)) {
+                    let _ = worker.destroy(&lease).await;
+                    self.mark_failed(&mut rec, &e).await;
+                    return Err(e);
+                }
+            }
+        }
+        let started = now();
+        rec.state = SandboxState::Running;
+        rec.started_at = Some(started);
+        rec.expires_at = Some(started + Duration::from_secs(rec.timeout_s as u64));
+        self.store.sandbox_update(&rec).await?;
+        Ok(rec)
     }
 
     /// Places a pending sandbox on a worker and spawns it; on failure the
@@ -478,6 +543,11 @@ impl App {
             return Err(invalid("cmd[0] (the program) must not be empty"));
         }
         check_env(&env)?;
+        // The sandbox's own env under the command's: a warm-pool member was
+        // spawned before its env was known, so it is applied per exec.
+        let mut merged = rec.env.clone();
+        merged.extend(env);
+        let env = merged;
         let cwd = match cwd {
             Some(c) => Some(validate_sandbox_path(&c)?),
             None => rec.workdir.clone(),

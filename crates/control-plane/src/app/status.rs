@@ -45,6 +45,8 @@ pub struct Status {
     pub providers: Vec<ProviderStatus>,
     pub workers: Vec<WorkerStatus>,
     pub sandboxes: BTreeMap<String, i64>,
+    /// Warm pools: target size, ready members, spawns in flight.
+    pub pools: Vec<crate::pools::PoolStatus>,
 }
 
 impl App {
@@ -130,6 +132,7 @@ impl App {
             providers: self.provider_status().await,
             workers,
             sandboxes,
+            pools: self.pools.status(),
         })
     }
 

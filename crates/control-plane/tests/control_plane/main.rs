@@ -1,3 +1,6 @@
-//! Control-plane tests that need no runtime: the OpenAPI document snapshot.
+//! Control-plane tests: the OpenAPI document snapshot, and warm pools against
+//! an in-process server with the real providers.
 
 mod openapi;
+mod pools;
+mod support;

@@ -1,0 +1,275 @@
+//! Warm pools: per provider and image, keep N sandboxes spawned and idle so
+//! a create can claim one instead of waiting for a cold spawn.
+//!
+//! A pool member is a runtime whose sandbox id has never been shown to
+//! anyone and which has no store row while it waits. A claim gives that id
+//! to the new sandbox: the store row is inserted (quota checked, in one
+//! transaction, exactly as for a cold create) and the runtime is used as is.
+//! The sandbox's env is applied to every exec, its workdir is created at
+//! claim, its labels and timeout live in the row. Members are used once and
+//! never returned to a pool, so no file, process or variable of one user
+//! reaches another. Members left by a stopped server have no row and are
+//! destroyed as orphans at the next start.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use stacyvm_core::{Error, Network, Result, SandboxId, SpawnSpec};
+use stacyvm_worker::{DynWorker, Lease};
+
+use crate::app::App;
+
+/// One pool: `size` idle sandboxes of `image` on `provider`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub provider: String,
+    pub image: String,
+    pub size: usize,
+}
+
+impl PoolSpec {
+    /// Parses `PROVIDER:IMAGE=N`, e.g. `docker:busybox=4`.
+    pub fn parse(s: &str) -> Result<PoolSpec> {
+        let bad = || {
+            Error::InvalidRequest(format!(
+                "warm pool {s:?} must look like PROVIDER:IMAGE=N, e.g. docker:busybox=4"
+            ))
+        };
+        let (head, n) = s.rsplit_once('=').ok_or_else(bad)?;
+        let (provider, image) = head.split_once(':').ok_or_else(bad)?;
+        let size: usize = n.trim().parse().map_err(|_| bad())?;
+        if provider.is_empty() || image.is_empty() || size > 1024 {
+            return Err(bad());
+        }
+        Ok(PoolSpec {
+            provider: provider.to_owned(),
+            image: image.to_owned(),
+            size,
+        })
+    }
+}
+
+/// A spawned, idle member.
+#[derive(Clone)]
+pub struct Member {
+    pub sandbox_id: SandboxId,
+    pub worker: DynWorker,
+}
+
+struct Pool {
+    spec: PoolSpec,
+    ready: VecDeque<Member>,
+    /// Spawns in flight for this pool.
+    filling: usize,
+}
+
+/// What `/v1/status` shows of a pool.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PoolStatus {
+    pub provider: String,
+    pub image: String,
+    pub size: usize,
+    pub ready: usize,
+    pub filling: usize,
+}
+
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<Vec<Pool>>,
+    /// Ids of members (ready or being spawned): reconcilers leave them be.
+    owned: Mutex<HashSet<SandboxId>>,
+}
+
+impl Pools {
+    pub fn new(specs: &[PoolSpec]) -> Pools {
+        Pools {
+            pools: Mutex::new(
+                specs
+                    .iter()
+                    .map(|s| Pool {
+                        spec: s.clone(),
+                        ready: VecDeque::new(),
+                        filling: 0,
+                    })
+                    .collect(),
+            ),
+            owned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Whether `id` is a pool member that no row accounts for yet.
+    pub fn owns(&self, id: &SandboxId) -> bool {
+        self.owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// Members (ready or being spawned) on a worker: they use its capacity.
+    pub fn count(&self) -> usize {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn status(&self) -> Vec<PoolStatus> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|p| PoolStatus {
+                provider: p.spec.provider.clone(),
+                image: p.spec.image.clone(),
+                size: p.spec.size,
+                ready: p.ready.len(),
+                filling: p.filling,
+            })
+            .collect()
+    }
+
+    /// Takes a ready member for a sandbox of `image` on `provider`, if the
+    /// pool has one.
+    pub fn take(&self, provider: &str, image: &str) -> Option<Member> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = pools
+            .iter_mut()
+            .find(|p| p.spec.provider == provider && p.spec.image == image)?;
+        let member = pool.ready.pop_front()?;
+        metrics::gauge!("stacyvm_pool_ready", "provider" => provider.to_owned(), "image" => image.to_owned())
+            .decrement(1.0);
+        metrics::counter!("stacyvm_pool_claims_total", "provider" => provider.to_owned(), "image" => image.to_owned())
+            .increment(1);
+        Some(member)
+    }
+
+    /// Gives an unused member back (its claim was refused, e.g. by quota).
+    pub fn put_back(&self, provider: &str, image: &str, member: Member) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools
+            .iter_mut()
+            .find(|p| p.spec.provider == provider && p.spec.image == image)
+        {
+            pool.ready.push_front(member);
+            metrics::gauge!("stacyvm_pool_ready", "provider" => provider.to_owned(), "image" => image.to_owned())
+                .increment(1.0);
+        }
+    }
+
+    /// The member has become a sandbox with a row: it is no longer the pool's.
+    pub fn release(&self, id: &SandboxId) {
+        self.owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// The next pool that wants a member, marking one spawn in flight.
+    fn next_to_fill(&self) -> Option<PoolSpec> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = pools
+            .iter_mut()
+            .find(|p| p.ready.len() + p.filling < p.spec.size)?;
+        pool.filling += 1;
+        Some(pool.spec.clone())
+    }
+
+    fn filled(&self, spec: &PoolSpec, member: Option<Member>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.iter_mut().find(|p| p.spec == *spec) {
+            pool.filling = pool.filling.saturating_sub(1);
+            if let Some(m) = member {
+                pool.ready.push_back(m);
+            }
+        }
+    }
+}
+
+/// Spawns members until every pool is full (or a spawn fails, which is
+/// retried on the next pass). One spawn at a time, so refilling never
+/// starves user creates of the host.
+pub async fn refill(app: &Arc<App>) {
+    while let Some(spec) = app.pools.next_to_fill() {
+        let id = SandboxId::generate();
+        app.pools
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
+        match spawn_member(app, &spec, &id).await {
+            Ok(worker) => {
+                app.pools.filled(
+                    &spec,
+                    Some(Member {
+                        sandbox_id: id,
+                        worker,
+                    }),
+                );
+                metrics::gauge!("stacyvm_pool_ready", "provider" => spec.provider.clone(), "image" => spec.image.clone())
+                    .increment(1.0);
+            }
+            Err(e) => {
+                app.pools.release(&id);
+                app.pools.filled(&spec, None);
+                tracing::warn!(provider = %spec.provider, image = %spec.image, error = %e, "could not fill a warm pool");
+                return;
+            }
+        }
+    }
+}
+
+async fn spawn_member(app: &Arc<App>, spec: &PoolSpec, id: &SandboxId) -> Result<DynWorker> {
+    let worker = app.scheduler.place(&spec.provider).await?;
+    let limits = &app.config.limits;
+    let spawn = SpawnSpec {
+        sandbox_id: id.clone(),
+        image: spec.image.clone(),
+        cpu: limits.default_cpu,
+        memory_mb: limits.default_memory_mb as u64,
+        env: Default::default(),
+        workdir: None,
+        network: Network::None,
+        labels: Default::default(),
+    };
+    let lease = Lease {
+        sandbox_id: id.clone(),
+        fencing_token: 0,
+        provider: spec.provider.clone(),
+    };
+    if let Err(e) = worker.spawn(&lease, &spawn).await {
+        let _ = worker.destroy(&lease).await;
+        return Err(e);
+    }
+    Ok(worker)
+}
+
+/// Destroys every idle member (at shutdown the members are left running
+/// and become orphans; this is for tests and pool resizing).
+pub async fn drain(app: &App) {
+    let members: Vec<(String, Member)> = {
+        let mut pools = app.pools.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .iter_mut()
+            .flat_map(|p| {
+                p.ready
+                    .drain(..)
+                    .map(|m| (p.spec.provider.clone(), m))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for (provider, m) in members {
+        let lease = Lease {
+            sandbox_id: m.sandbox_id.clone(),
+            fencing_token: i64::MAX,
+            provider,
+        };
+        let _ = m.worker.destroy(&lease).await;
+        app.pools.release(&m.sandbox_id);
+    }
+}
+
+/// Whether a request can be served from a pool of `image` on `provider`:
+/// the member was spawned with the defaults, so only requests that keep
+/// them can take one.
+pub fn matches_defaults(app: &App, cpu: f64, memory_mb: i64, network: Network) -> bool {
+    let l = &app.config.limits;
+    cpu == l.default_cpu && memory_mb == l.default_memory_mb && network == Network::None
+}
