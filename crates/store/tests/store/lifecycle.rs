@@ -266,3 +266,91 @@ async fn sqlite_acknowledged_audit_events_survive_kill_9() -> anyhow::Result<()>
     assert_eq!(mode, "wal");
     Ok(())
 }
+
+/// A TCP relay to the test PostgreSQL server that the test can cut, to see
+/// the store lose its database and get it back.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(port: u16, target: std::net::SocketAddr) -> anyhow::Result<Relay> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let port = listener.local_addr()?.port();
+        let task = tokio::spawn(async move {
+            // Aborting this task drops the listener and, with the set, every
+            // relayed connection.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Ok(Relay { port, task })
+    }
+
+    fn cut(self) -> u16 {
+        self.task.abort();
+        self.port
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `url` with its host and port replaced by 127.0.0.1:`port`.
+fn via_port(url: &str, port: u16) -> anyhow::Result<String> {
+    let (scheme, rest) = url.split_once("://").context("URL without scheme")?;
+    let (userinfo, hostpath) = match rest.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), rest),
+    };
+    let path = hostpath.find('/').map(|i| &hostpath[i..]).unwrap_or("");
+    Ok(format!("{scheme}://{userinfo}127.0.0.1:{port}{path}"))
+}
+
+/// A PostgreSQL that goes away after the store opened is reported as
+/// unavailable (503), and the store recovers when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lost_after_open_is_unavailable_then_recovers() -> anyhow::Result<()> {
+    use std::str::FromStr;
+
+    let db = TestDb::postgres().await?;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&db.url)?;
+    let target = tokio::net::lookup_host((options.get_host(), options.get_port()))
+        .await?
+        .next()
+        .context("resolving the test PostgreSQL")?;
+    let relay = Relay::start(0, target).await?;
+    let store = stacyvm_store::open(&via_port(&db.url, relay.port)?).await?;
+    let tenant = new_tenant(&store, "before-the-cut").await?;
+
+    let port = relay.cut();
+    let lost = tokio::time::timeout(Duration::from_secs(120), store.tenant_get(&tenant))
+        .await
+        .context("a call on a lost database hung")?;
+    match lost {
+        Err(e) => assert!(
+            stacyvm_store::is_unavailable(&e),
+            "not an unavailable error: {e:?}"
+        ),
+        Ok(t) => anyhow::bail!("read {t:?} from a database that is gone"),
+    }
+    let create = store.sandbox_create(&fixtures::sandbox(&tenant)).await;
+    assert!(
+        matches!(&create, Err(e) if stacyvm_store::is_unavailable(e)),
+        "{create:?}"
+    );
+
+    let _relay = Relay::start(port, target).await?;
+    store.ping().await?;
+    assert!(store.tenant_get(&tenant).await?.is_some());
+    Ok(())
+}
