@@ -1,0 +1,342 @@
+//! Sandbox lifetime over the API: timeouts that expire and extensions that
+//! keep a sandbox alive, pause and resume, and the operator endpoints
+//! (health, readiness, metrics, OpenAPI, status, workers, drain).
+
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Result};
+use serde_json::{json, Value};
+
+use crate::support::{eventually, runtime_exists, s, Server, ServerOptions, StoreKind};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeouts_expire_sandboxes_and_extensions_keep_them() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("proot"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+
+    // Made first with a short timeout, then extended.
+    let kept = member
+        .create_sandbox(json!({"image": "busybox", "provider": "proot", "timeout_s": 2}))
+        .await?;
+    let kept_id = s(&kept, "id")?.to_owned();
+    let extended = member
+        .post(
+            &format!("/v1/sandboxes/{kept_id}/timeout"),
+            json!({"timeout_s": 600}),
+        )
+        .await?
+        .ok(200)?;
+    ensure!(
+        extended["id"] == kept_id.as_str() && extended["state"] == "running",
+        "{extended}"
+    );
+    ensure!(
+        s(&extended, "expires_at")? > s(&kept, "expires_at")?,
+        "expires_at moves later: {} then {}",
+        kept["expires_at"],
+        extended["expires_at"]
+    );
+
+    // Made after it with the same short timeout: once this one has expired,
+    // the first one's original deadline has passed too.
+    let short = member
+        .create_sandbox(json!({"image": "busybox", "provider": "proot", "timeout_s": 2}))
+        .await?;
+    let short_id = s(&short, "id")?.to_owned();
+    let member_ref = &member;
+    let short_ref = &short_id;
+    let gone = eventually(
+        Duration::from_secs(60),
+        "the 2 s sandbox to expire",
+        || async move {
+            let sb = member_ref
+                .get(&format!("/v1/sandboxes/{short_ref}"))
+                .await?
+                .ok(200)?;
+            Ok((sb["state"] == "destroyed").then_some(sb))
+        },
+    )
+    .await?;
+    ensure!(gone["destroyed_at"].is_string(), "{gone}");
+    ensure!(
+        !runtime_exists(&server, "proot", &short_id)?,
+        "an expired sandbox leaves no runtime"
+    );
+    member
+        .post(
+            &format!("/v1/sandboxes/{short_id}/exec"),
+            json!({"cmd": ["true"]}),
+        )
+        .await?
+        .err(409, "conflict")?;
+    let expiry = admin
+        .audit(&format!("sandbox_id={short_id}&action=sandbox.expire"))
+        .await?;
+    ensure!(
+        expiry.len() == 1 && expiry[0]["outcome"] == "ok",
+        "the expiry is audited: {expiry:?}"
+    );
+
+    let still = member
+        .get(&format!("/v1/sandboxes/{kept_id}"))
+        .await?
+        .ok(200)?;
+    ensure!(
+        still["state"] == "running",
+        "the extended sandbox outlives its first deadline: {still}"
+    );
+    member.sh(&kept_id, "true").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_and_resume() -> Result<()> {
+    let server = Server::start_default()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    for provider in ["docker", "proot"] {
+        let id = member.sandbox(provider).await?;
+        member.sh(&id, "echo 1 > /tmp/counter").await?;
+        let r = member
+            .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await?;
+        if r.status == 409 {
+            // The contract allows a provider that cannot pause on this host.
+            let e = r.err(409, "unsupported")?;
+            ensure!(provider != "docker", "docker must pause: {e:?}");
+            eprintln!("{provider} cannot pause here: {}", e.message);
+            member.sh(&id, "true").await?;
+            continue;
+        }
+        let paused = r.ok(200)?;
+        ensure!(paused["state"] == "paused", "{provider}: {paused}");
+        let again = member
+            .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await?
+            .ok(200)?;
+        ensure!(
+            again["state"] == "paused",
+            "pausing twice is harmless: {again}"
+        );
+        member
+            .post(
+                &format!("/v1/sandboxes/{id}/exec"),
+                json!({"cmd": ["true"]}),
+            )
+            .await?
+            .err(409, "conflict")?;
+        let listed = member.get("/v1/sandboxes?state=paused").await?.ok(200)?;
+        ensure!(
+            listed["sandboxes"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x["id"] == id.as_str())),
+            "{listed}"
+        );
+        let resumed = member
+            .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+            .await?
+            .ok(200)?;
+        ensure!(resumed["state"] == "running", "{provider}: {resumed}");
+        let out = member.sh(&id, "cat /tmp/counter").await?;
+        ensure!(out == "1\n", "{provider}: state survives a pause: {out:?}");
+        // A paused sandbox can be destroyed too.
+        member
+            .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await?
+            .ok(200)?;
+        member.destroy(&id).await?;
+        ensure!(
+            !runtime_exists(&server, provider, &id)?,
+            "{provider}: a destroyed paused sandbox leaves no runtime"
+        );
+    }
+    Ok(())
+}
+
+fn paths_of(doc: &Value) -> Vec<String> {
+    doc["paths"]
+        .as_object()
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_metrics_openapi_status_workers_and_drain() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("proot"))?;
+    let admin = server.admin();
+    let anon = server.anonymous();
+    admin.import_busybox().await?;
+
+    let h = anon.get("/healthz").await?.ok(200)?;
+    ensure!(h == json!({"status": "ok"}), "{h}");
+    anon.get("/readyz").await?.ok(200)?;
+
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    ensure!(
+        st["version"].is_string() && st["mode"] == "single-node" && st["uptime_s"].is_u64(),
+        "{st}"
+    );
+    ensure!(
+        st["store"]["kind"] == "sqlite" && st["store"]["ok"] == true,
+        "{st}"
+    );
+    let providers = st["providers"]
+        .as_array()
+        .ok_or_else(|| anyhow!("providers: {st}"))?;
+    ensure!(
+        providers.len() == 1 && providers[0]["name"] == "proot" && providers[0]["healthy"] == true,
+        "{st}"
+    );
+    ensure!(providers[0]["detail"].is_string(), "{st}");
+    let workers = st["workers"]
+        .as_array()
+        .ok_or_else(|| anyhow!("workers: {st}"))?;
+    ensure!(workers.len() == 1, "{st}");
+    let w = &workers[0];
+    for field in [
+        "id",
+        "state",
+        "providers",
+        "sandboxes",
+        "capacity",
+        "last_heartbeat",
+    ] {
+        ensure!(!w[field].is_null(), "worker has no {field}: {w}");
+    }
+    ensure!(
+        w["state"] == "ready" && w["providers"] == json!(["proot"]),
+        "{w}"
+    );
+    ensure!(st["sandboxes"]["running"] == 0, "{st}");
+
+    // The status counts what runs.
+    let (_, member) = admin.tenant_with("member").await?;
+    let id = member.sandbox("proot").await?;
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    ensure!(
+        st["sandboxes"]["running"] == 1 && st["workers"][0]["sandboxes"] == 1,
+        "{st}"
+    );
+    member.get("/v1/status").await?.ok(200)?;
+
+    let metrics = anon.get("/metrics").await?;
+    ensure!(metrics.status == 200, "metrics: {}", metrics.status);
+    let text = metrics.text();
+    ensure!(
+        text.contains("stacyvm_http_requests_total"),
+        "metrics lack stacyvm_http_requests_total:\n{text}"
+    );
+
+    let doc = anon.get("/openapi.json").await?.ok(200)?;
+    ensure!(
+        s(&doc, "openapi")?.starts_with("3.1."),
+        "openapi version: {}",
+        doc["openapi"]
+    );
+    let paths = paths_of(&doc);
+    let documented = [
+        ("/v1/sandboxes", &["post", "get"][..]),
+        ("/v1/sandboxes/{id}", &["get", "delete"]),
+        ("/v1/sandboxes/{id}/timeout", &["post"]),
+        ("/v1/sandboxes/{id}/pause", &["post"]),
+        ("/v1/sandboxes/{id}/resume", &["post"]),
+        ("/v1/sandboxes/{id}/logs", &["get"]),
+        ("/v1/sandboxes/{id}/exec", &["post"]),
+        ("/v1/sandboxes/{id}/exec/stream", &["post"]),
+        ("/v1/sandboxes/{id}/files", &["put", "get", "delete"]),
+        ("/v1/sandboxes/{id}/files/stat", &["get"]),
+        ("/v1/sandboxes/{id}/files/list", &["get"]),
+        ("/v1/sandboxes/{id}/files/glob", &["get"]),
+        ("/v1/sandboxes/{id}/files/move", &["post"]),
+        ("/v1/sandboxes/{id}/files/chmod", &["post"]),
+        ("/v1/sandboxes/{id}/files/mkdir", &["post"]),
+        ("/v1/images", &["post", "get"]),
+        ("/v1/images/{name}", &["get", "delete"]),
+        ("/v1/tenants", &["post", "get"]),
+        ("/v1/tenants/{id}/quota", &["get", "put"]),
+        ("/v1/keys", &["post", "get"]),
+        ("/v1/keys/{id}", &["delete"]),
+        ("/v1/audit", &["get"]),
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+        ("/v1/status", &["get"]),
+        ("/v1/workers", &["get"]),
+        ("/v1/workers/{id}/drain", &["post"]),
+        ("/metrics", &["get"]),
+    ];
+    for (path, methods) in documented {
+        ensure!(
+            paths.iter().any(|p| p == path),
+            "the OpenAPI document lacks {path}; it has {paths:?}"
+        );
+        for m in methods {
+            ensure!(
+                doc["paths"][path][m].is_object(),
+                "the OpenAPI document lacks {m} {path}"
+            );
+        }
+    }
+
+    // Images.
+    let images = admin.get("/v1/images").await?.ok(200)?;
+    let busybox = admin.get("/v1/images/busybox").await?.ok(200)?;
+    ensure!(
+        s(&busybox, "digest")?.starts_with("sha256:")
+            && busybox["size"].as_u64().is_some_and(|n| n > 0),
+        "{busybox}"
+    );
+    ensure!(
+        images["images"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["name"] == "busybox")),
+        "{images}"
+    );
+
+    // Workers and drain: a drained worker keeps its sandboxes and takes no new ones.
+    member.get("/v1/workers").await?.err(403, "forbidden")?;
+    let listed = admin.get("/v1/workers").await?.ok(200)?;
+    let worker = listed["workers"][0].clone();
+    let wid = s(&worker, "id")?.to_owned();
+    ensure!(
+        wid.starts_with("wrk_") && worker["state"] == "ready",
+        "{listed}"
+    );
+    member
+        .post(&format!("/v1/workers/{wid}/drain"), json!({}))
+        .await?
+        .err(403, "forbidden")?;
+    admin
+        .post(
+            "/v1/workers/wrk_00000000000000000000000000000000/drain",
+            json!({}),
+        )
+        .await?
+        .err(404, "not_found")?;
+    let drained = admin
+        .post(&format!("/v1/workers/{wid}/drain"), json!({}))
+        .await?
+        .ok(200)?;
+    ensure!(drained["state"] == "draining", "{drained}");
+    let r = member
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "proot"}),
+        )
+        .await?;
+    r.err(503, "no_capacity")?;
+    member
+        .post("/v1/sandboxes", json!({"image": "busybox"}))
+        .await?
+        .err(503, "no_capacity")?;
+    member.sh(&id, "true").await?;
+    let drain_audit = admin.audit("action=worker.drain&outcome=ok").await?;
+    ensure!(
+        drain_audit.len() == 1 && drain_audit[0]["target"] == wid.as_str(),
+        "{drain_audit:?}"
+    );
+    member.destroy(&id).await?;
+    Ok(())
+}

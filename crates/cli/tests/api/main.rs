@@ -1,0 +1,15 @@
+//! StacyVM's API test suite: real HTTP against a real `stacyvm serve`
+//! process, with the real Docker and PRoot providers, on SQLite and on
+//! PostgreSQL. Each test starts its own server on a temporary data dir (and,
+//! for PostgreSQL, a fresh database) and leaves nothing behind.
+//!
+//! Needs: dockerd, proot, and either `STACYVM_AGENT_BIN`, `STACYVM_TEST_IMAGE_TAR`,
+//! `STACYVM_TEST_POSTGRES_URL` or the scripts in `scripts/` that build and start them.
+
+mod errors;
+mod exec_stream;
+mod files;
+mod lifecycle;
+mod per_store;
+mod support;
+mod tenancy;
