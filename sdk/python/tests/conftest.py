@@ -78,12 +78,15 @@ def _agent_bin() -> Path:
     return Path(_run_script([str(REPO_ROOT / "scripts" / "build-agent.sh")]))
 
 
-def _test_image(tmp: Path) -> Path:
+def _test_image() -> Path:
     given = os.environ.get("STACYVM_TEST_IMAGE_TAR")
     if given:
         return Path(given)
-    out = tmp / "busybox.tar"
-    subprocess.run([str(REPO_ROOT / "scripts" / "build-test-image.sh"), str(out)], cwd=REPO_ROOT, check=True)
+    # The script's default location: reusing one tar keeps the image digest
+    # stable across runs, so Docker imports it once rather than every run.
+    out = REPO_ROOT / "target" / "test-images" / "busybox.tar"
+    if not out.is_file():
+        subprocess.run([str(REPO_ROOT / "scripts" / "build-test-image.sh"), str(out)], cwd=REPO_ROOT, check=True)
     return out
 
 
@@ -192,8 +195,8 @@ def running_server(tmp: Path, image_tar: Path) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def image_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _test_image(tmp_path_factory.mktemp("image"))
+def image_tar() -> Path:
+    return _test_image()
 
 
 @pytest.fixture(scope="session")

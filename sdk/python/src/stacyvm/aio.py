@@ -407,7 +407,15 @@ class AsyncSandbox:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        await self.destroy()
+        if exc is None:
+            await self.destroy()
+            return
+        # The block's own exception is the one worth seeing; a failed
+        # cleanup on top of it must not replace it.
+        try:
+            await self.destroy()
+        except StacyVMError:
+            pass
 
 
 class _PendingSandbox:
@@ -432,7 +440,7 @@ class _PendingSandbox:
         tb: Optional[TracebackType],
     ) -> None:
         if self._sandbox is not None:
-            await self._sandbox.destroy()
+            await self._sandbox.__aexit__(exc_type, exc, tb)
 
 
 class AsyncClient:

@@ -422,7 +422,15 @@ class Sandbox:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        self.destroy()
+        if exc is None:
+            self.destroy()
+            return
+        # The block's own exception is the one worth seeing; a failed
+        # cleanup on top of it must not replace it.
+        try:
+            self.destroy()
+        except StacyVMError:
+            pass
 
 
 class Client:
