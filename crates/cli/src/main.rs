@@ -1,9 +1,12 @@
 //! The `stacyvm` binary: `serve` runs a single-node StacyVM (API, scheduler,
-//! local worker, providers and an embedded SQLite store in one process).
+//! local worker, providers and an embedded SQLite store in one process);
+//! the client commands (`sandbox`, `cp`, `files`, `image`, …) talk to a
+//! running server through the Rust SDK.
 
+mod client;
 mod serve;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -20,10 +23,24 @@ struct Cli {
 enum Command {
     /// Run the server (single-node by default).
     Serve(serve::ServeArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        client::default_sigpipe();
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "stacyvm",
+            &mut std::io::stdout(),
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -37,6 +54,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Client(cmd) => Ok(client::run(cmd).await),
+            Command::Completions { .. } => Ok(std::process::ExitCode::SUCCESS),
         }
     });
     match result {

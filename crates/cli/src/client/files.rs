@@ -1,0 +1,356 @@
+//! `stacyvm cp` (host ↔ sandbox, streamed both ways with progress) and
+//! `stacyvm files …` (ls, stat, mv, chmod, rm, glob, mkdir).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use futures_util::{StreamExt, TryStreamExt};
+use stacyvm_sdk::{Client, FileEntry, FileType};
+use tokio::io::AsyncWriteExt;
+
+use super::output::{self, Counting, Format};
+use super::{usage, Conn};
+
+#[derive(Args)]
+pub struct CpArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// A host path, `-` for stdin, or SANDBOX_ID:/path.
+    src: String,
+    /// A host path, `-` for stdout, or SANDBOX_ID:/path. An existing
+    /// directory (or a path ending in `/`) receives the file under its name.
+    dst: String,
+}
+
+#[derive(Args)]
+pub struct FilesArgs {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    cmd: FilesCmd,
+}
+
+#[derive(Subcommand)]
+enum FilesCmd {
+    /// List a directory.
+    Ls {
+        sandbox: String,
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Show one entry (symlinks not followed).
+    Stat { sandbox: String, path: String },
+    /// Move or rename.
+    Mv {
+        sandbox: String,
+        from: String,
+        to: String,
+        /// Replace an existing target.
+        #[arg(short = 'f', long)]
+        overwrite: bool,
+    },
+    /// Set permission bits (octal, e.g. 0755).
+    Chmod {
+        sandbox: String,
+        mode: String,
+        path: String,
+    },
+    /// Delete a file or directory.
+    Rm {
+        sandbox: String,
+        path: String,
+        /// Delete a non-empty directory and everything in it.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Paths matching a pattern (`**` crosses directories).
+    Glob { sandbox: String, pattern: String },
+    /// Make a directory (with its parents).
+    Mkdir {
+        sandbox: String,
+        path: String,
+        /// Fail if the parent does not exist instead of making it.
+        #[arg(long)]
+        no_parents: bool,
+    },
+}
+
+/// One side of a copy.
+#[derive(Debug, PartialEq, Eq)]
+enum Loc {
+    Host(PathBuf),
+    Std,
+    Sandbox { id: String, path: String },
+}
+
+/// `SANDBOX_ID:/path` is the sandbox side (as in `docker cp`); a host path
+/// holding a colon can be written `./a:b`.
+fn parse_loc(s: &str) -> Loc {
+    if s == "-" {
+        return Loc::Std;
+    }
+    if let Some((id, path)) = s.split_once(':') {
+        if !id.is_empty() && !id.contains('/') && !id.starts_with('.') {
+            return Loc::Sandbox {
+                id: id.to_owned(),
+                path: path.to_owned(),
+            };
+        }
+    }
+    Loc::Host(PathBuf::from(s))
+}
+
+fn base_name(p: &str) -> &str {
+    p.trim_end_matches('/').rsplit('/').next().unwrap_or(p)
+}
+
+pub async fn cp(a: CpArgs) -> Result<ExitCode> {
+    let client = a.conn.client()?;
+    let entry = match (parse_loc(&a.src), parse_loc(&a.dst)) {
+        (Loc::Sandbox { .. }, Loc::Sandbox { .. }) | (Loc::Host(_) | Loc::Std, Loc::Host(_) | Loc::Std) => {
+            usage("cp copies between the host and a sandbox: one side must be SANDBOX_ID:/path, the other a host path")
+        }
+        (src, Loc::Sandbox { id, path }) => Some(upload(&client, src, &id, &path).await?),
+        (Loc::Sandbox { id, path }, dst) => {
+            download(&client, &id, &path, dst).await?;
+            None
+        }
+    };
+    if let Some(e) = entry {
+        if a.conn.output == Format::Json {
+            output::json(&e)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn upload(client: &Client, src: Loc, id: &str, path: &str) -> Result<FileEntry> {
+    let mut target = path.to_owned();
+    let name = match &src {
+        Loc::Host(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+        _ => None,
+    };
+    // Into an existing directory, as cp does.
+    let into_dir = target.ends_with('/')
+        || matches!(client.file_stat(id, &target).await, Ok(e) if e.file_type == FileType::Dir);
+    if into_dir {
+        let Some(name) = name else {
+            usage(format!(
+                "{id}:{path} is a directory: name the file to write"
+            ))
+        };
+        target = format!("{}/{name}", target.trim_end_matches('/'));
+    }
+    match src {
+        Loc::Std => Ok(client
+            .file_write(id, &target, tokio::io::stdin(), None)
+            .await?),
+        Loc::Host(p) => {
+            let meta = tokio::fs::metadata(&p)
+                .await
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            if meta.is_dir() {
+                usage(format!(
+                    "{} is a directory; cp copies single files (pack a directory with tar first)",
+                    p.display()
+                ));
+            }
+            let mode = {
+                use std::os::unix::fs::PermissionsExt;
+                format!("{:04o}", meta.permissions().mode() & 0o7777)
+            };
+            let file = tokio::fs::File::open(&p)
+                .await
+                .with_context(|| format!("cannot open {}", p.display()))?;
+            let bar = output::progress(
+                Some(meta.len()),
+                &format!("{} → {id}:{target}", p.display()),
+            );
+            let entry = client
+                .file_write(id, &target, Counting::new(file, bar.clone()), Some(&mode))
+                .await;
+            bar.finish_and_clear();
+            Ok(entry?)
+        }
+        Loc::Sandbox { .. } => unreachable_sandbox(),
+    }
+}
+
+fn unreachable_sandbox() -> ! {
+    usage("cp copies between the host and a sandbox, not between two sandboxes")
+}
+
+async fn download(client: &Client, id: &str, path: &str, dst: Loc) -> Result<()> {
+    let entry = client.file_stat(id, path).await?;
+    if entry.file_type == FileType::Dir {
+        usage(format!(
+            "{id}:{path} is a directory; cp copies single files"
+        ));
+    }
+    let bar = output::progress(Some(entry.size), &format!("{id}:{path}"));
+    let mut stream = client
+        .file_read(id, path)
+        .await?
+        .inspect_ok(|b| bar.inc(b.len() as u64));
+    match dst {
+        Loc::Std => {
+            let mut out = tokio::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk?).await?;
+            }
+            out.flush().await?;
+        }
+        Loc::Host(p) => {
+            let target = if p.is_dir() || p.as_os_str().to_string_lossy().ends_with('/') {
+                p.join(base_name(path))
+            } else {
+                p
+            };
+            let tmp = partial(&target);
+            let result = async {
+                let mut f = tokio::fs::File::create(&tmp)
+                    .await
+                    .with_context(|| format!("cannot create {}", tmp.display()))?;
+                while let Some(chunk) = stream.next().await {
+                    f.write_all(&chunk?)
+                        .await
+                        .with_context(|| format!("cannot write {}", tmp.display()))?;
+                }
+                f.sync_all().await?;
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    if let Ok(m) = u32::from_str_radix(&entry.mode, 8) {
+                        let _ = tokio::fs::set_permissions(
+                            &tmp,
+                            std::fs::Permissions::from_mode(m & 0o777),
+                        )
+                        .await;
+                    }
+                }
+                tokio::fs::rename(&tmp, &target)
+                    .await
+                    .with_context(|| format!("cannot write {}", target.display()))
+            }
+            .await;
+            if result.is_err() {
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+            result?;
+        }
+        Loc::Sandbox { .. } => unreachable_sandbox(),
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Where a download goes until it is complete, so a failed copy never
+/// leaves a truncated file under the real name.
+fn partial(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "download".into());
+    target.with_file_name(format!(".{name}.stacyvm-partial-{}", std::process::id()))
+}
+
+fn entries(fmt: Format, list: &[FileEntry]) -> Result<()> {
+    if fmt == Format::Json {
+        return output::json(list);
+    }
+    let rows = list
+        .iter()
+        .map(|e| {
+            let name = match &e.symlink_target {
+                Some(t) => format!("{} -> {t}", e.path),
+                None => e.path.clone(),
+            };
+            vec![
+                e.mode.clone(),
+                e.file_type.as_str().to_owned(),
+                e.size.to_string(),
+                output::time(e.mtime),
+                name,
+            ]
+        })
+        .collect();
+    output::table(&["MODE", "TYPE", "SIZE", "MODIFIED", "PATH"], rows);
+    Ok(())
+}
+
+pub async fn run(a: FilesArgs) -> Result<ExitCode> {
+    let client = a.conn.client()?;
+    let fmt = a.conn.output;
+    match a.cmd {
+        FilesCmd::Ls {
+            sandbox,
+            path,
+            recursive,
+        } => entries(fmt, &client.file_list(&sandbox, &path, recursive).await?)?,
+        FilesCmd::Stat { sandbox, path } => {
+            entries(fmt, &[client.file_stat(&sandbox, &path).await?])?
+        }
+        FilesCmd::Mv {
+            sandbox,
+            from,
+            to,
+            overwrite,
+        } => entries(
+            fmt,
+            &[client.file_move(&sandbox, &from, &to, overwrite).await?],
+        )?,
+        FilesCmd::Chmod {
+            sandbox,
+            mode,
+            path,
+        } => entries(fmt, &[client.file_chmod(&sandbox, &path, &mode).await?])?,
+        FilesCmd::Rm {
+            sandbox,
+            path,
+            recursive,
+        } => client.file_delete(&sandbox, &path, recursive).await?,
+        FilesCmd::Glob { sandbox, pattern } => {
+            let paths = client.file_glob(&sandbox, &pattern).await?;
+            if fmt == Format::Json {
+                output::json(&paths)?;
+            } else {
+                for p in paths {
+                    println!("{p}");
+                }
+            }
+        }
+        FilesCmd::Mkdir {
+            sandbox,
+            path,
+            no_parents,
+        } => entries(
+            fmt,
+            &[client.file_mkdir(&sandbox, &path, !no_parents).await?],
+        )?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_sides_are_id_colon_path() {
+        assert_eq!(
+            parse_loc("sbx_1:/work/a"),
+            Loc::Sandbox {
+                id: "sbx_1".into(),
+                path: "/work/a".into()
+            }
+        );
+        assert_eq!(parse_loc("./a:b"), Loc::Host("./a:b".into()));
+        assert_eq!(parse_loc("/tmp/a:b"), Loc::Host("/tmp/a:b".into()));
+        assert_eq!(parse_loc("plain"), Loc::Host("plain".into()));
+        assert_eq!(parse_loc("-"), Loc::Std);
+        assert_eq!(base_name("/work/dir/f.txt"), "f.txt");
+    }
+}
