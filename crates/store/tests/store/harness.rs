@@ -21,6 +21,12 @@ pub struct TestDb {
     _cleanup: Cleanup,
 }
 
+/// A database no store has opened yet; see [`TestDb::fresh_database`].
+pub struct FreshDb {
+    pub url: String,
+    _db: Option<PgDatabase>,
+}
+
 pub enum Raw {
     Sqlite(std::path::PathBuf),
     Postgres(String),
@@ -64,6 +70,28 @@ impl TestDb {
         })
     }
 
+    /// The URL of a second, empty database of the same kind that no store has
+    /// opened yet (removed with this one).
+    pub async fn fresh_database(&self) -> anyhow::Result<FreshDb> {
+        match &self.raw {
+            Raw::Sqlite(path) => {
+                let name = format!("fresh-{}.db", SandboxId::generate());
+                let fresh = path.with_file_name(name);
+                Ok(FreshDb {
+                    url: format!("sqlite://{}", fresh.display()),
+                    _db: None,
+                })
+            }
+            Raw::Postgres(_) => {
+                let db = PgDatabase::create(postgres_server().await?).await?;
+                Ok(FreshDb {
+                    url: db.url(),
+                    _db: Some(db),
+                })
+            }
+        }
+    }
+
     /// A second, independent store on the same database.
     pub async fn open_again(&self) -> anyhow::Result<DynStore> {
         stacyvm_store::open(&self.url)
@@ -73,13 +101,29 @@ impl TestDb {
 
     /// Runs one statement outside the store (for checks the trait cannot make).
     pub async fn raw_execute(&self, sql: &str) -> anyhow::Result<u64> {
+        self.raw.execute(sql).await
+    }
+
+    /// Runs a query returning one integer outside the store.
+    pub async fn raw_i64(&self, sql: &str) -> anyhow::Result<i64> {
+        self.raw.i64(sql).await
+    }
+}
+
+impl Raw {
+    /// Where a store URL's database is.
+    pub fn from_url(url: &str) -> Raw {
+        match url.strip_prefix("sqlite://") {
+            Some(path) => Raw::Sqlite(path.into()),
+            None => Raw::Postgres(url.to_owned()),
+        }
+    }
+
+    pub async fn execute(&self, sql: &str) -> anyhow::Result<u64> {
         let sql = AssertSqlSafe(sql.to_owned());
-        match &self.raw {
+        match self {
             Raw::Sqlite(path) => {
-                let mut conn =
-                    sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-                        .await
-                        .context("connecting to SQLite")?;
+                let mut conn = sqlite_connection(path).await?;
                 Ok(sqlx::query(sql).execute(&mut conn).await?.rows_affected())
             }
             Raw::Postgres(url) => {
@@ -91,15 +135,11 @@ impl TestDb {
         }
     }
 
-    /// Runs a query returning one integer outside the store.
-    pub async fn raw_i64(&self, sql: &str) -> anyhow::Result<i64> {
+    pub async fn i64(&self, sql: &str) -> anyhow::Result<i64> {
         let sql = AssertSqlSafe(sql.to_owned());
-        match &self.raw {
+        match self {
             Raw::Sqlite(path) => {
-                let mut conn =
-                    sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-                        .await
-                        .context("connecting to SQLite")?;
+                let mut conn = sqlite_connection(path).await?;
                 Ok(sqlx::query_scalar(sql).fetch_one(&mut conn).await?)
             }
             Raw::Postgres(url) => {
@@ -110,6 +150,12 @@ impl TestDb {
             }
         }
     }
+}
+
+async fn sqlite_connection(path: &std::path::Path) -> anyhow::Result<sqlx::SqliteConnection> {
+    sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .context("connecting to SQLite")
 }
 
 /// The PostgreSQL server the tests create their databases on.

@@ -70,25 +70,35 @@ pub async fn migrations_are_recorded_once(db: &TestDb) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Several processes starting at once on one database all open it.
+/// Several processes starting at once on one new database all open it, and
+/// the schema is created once.
 pub async fn concurrent_opens_migrate_once(db: &TestDb) -> anyhow::Result<()> {
-    let before = db.raw_i64("SELECT COUNT(*) FROM schema_migrations").await?;
-    let opens = (0..6).map(|_| {
-        let url = db.url.clone();
-        tokio::spawn(async move { stacyvm_store::open(&url).await })
-    });
+    let fresh = db.fresh_database().await?;
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let url = fresh.url.clone();
+            tokio::spawn(async move { stacyvm_store::open(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
     for open in opens {
-        let store = open.await.context("open task")??;
-        store.ping().await?;
+        stores.push(open.await.context("open task")??);
     }
+    // Every store works on the one schema: what one writes, all see.
+    let tenant = new_tenant(&stores[0], "seen-by-all").await?;
+    for store in &stores {
+        assert!(store.tenant_get(&tenant).await?.is_some());
+    }
+    let known = db.raw_i64("SELECT COUNT(*) FROM schema_migrations").await?;
+    let again = stacyvm_store::open(&fresh.url).await?;
+    again.ping().await?;
+    drop((stores, again));
+    // The fresh database records each migration once, like the first one.
+    let raw = Raw::from_url(&fresh.url);
     assert_eq!(
-        db.raw_i64("SELECT COUNT(*) FROM schema_migrations").await?,
-        before
+        raw.i64("SELECT COUNT(*) FROM schema_migrations").await?,
+        known
     );
-    // The stores opened concurrently see what the first one wrote.
-    let tenant = new_tenant(&db.store, "seen-by-all").await?;
-    let other = db.open_again().await?;
-    assert!(other.tenant_get(&tenant).await?.is_some());
     Ok(())
 }
 
