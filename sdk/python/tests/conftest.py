@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -139,9 +139,17 @@ def destroy_all(url: str, admin_key: str) -> List[str]:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, image_tar: Path) -> Iterator[Server]:
-    """Starts `stacyvm serve` in ``tmp``, imports the test image as
-    ``busybox``, and on exit destroys every sandbox and stops the server."""
+def running_server(
+    tmp: Path,
+    image_tar: Path,
+    *,
+    providers: str = "proot,docker",
+    extra_env: Optional[Dict[str, str]] = None,
+    wait_ready: bool = True,
+) -> Iterator[Server]:
+    """Starts `stacyvm serve` in ``tmp``, waits until it is ready (unless
+    told not to), imports the test image as ``busybox``, and on exit
+    destroys every sandbox and stops the server."""
     data_dir = tmp / "data"
     data_dir.mkdir(parents=True)
     stdout_path, stderr_path = tmp / "server.stdout", tmp / "server.stderr"
@@ -151,6 +159,7 @@ def running_server(tmp: Path, image_tar: Path) -> Iterator[Server]:
         STACYVM_AGENT_BIN=str(_agent_bin()),
         NO_COLOR="1",
     )
+    env.update(extra_env or {})
     cmd = [
         str(_stacyvm_bin()),
         "serve",
@@ -159,7 +168,7 @@ def running_server(tmp: Path, image_tar: Path) -> Iterator[Server]:
         "--listen",
         "127.0.0.1:0",
         "--providers",
-        "proot,docker",
+        providers,
     ]
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, preexec_fn=_die_with_parent)
@@ -169,7 +178,7 @@ def running_server(tmp: Path, image_tar: Path) -> Iterator[Server]:
         server = Server(url=url, admin_key=ADMIN_KEY, process=proc, stderr_path=stderr_path)
         with stacyvm.Client(url, ADMIN_KEY) as admin:
             deadline = time.monotonic() + 60
-            while not admin.ready().ready:
+            while wait_ready and not admin.ready().ready:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the server never became ready:\n{server.log_tail()}")
                 time.sleep(0.1)

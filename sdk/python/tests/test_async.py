@@ -154,6 +154,9 @@ async def test_async_admin_calls(server: Server, image_tar: Path) -> None:
         name = f"async-{uuid.uuid4().hex[:6]}"
         img = await c.import_image(name, image_tar)
         assert img.name == name
+        with open(image_tar, "rb") as fh:
+            assert (await c.import_image(name + "-f", fh)).digest == img.digest
+        await c.delete_image(name + "-f")
         assert name in [i.name for i in await c.list_images()]
         assert (await c.get_image(name)).digest == img.digest
         await c.delete_image(name)
@@ -206,6 +209,26 @@ async def test_async_drain_on_a_dedicated_server(tmp_path: Path, image_tar: Path
             with pytest.raises((stacyvm.NoCapacity, stacyvm.ProviderUnavailable)) as err:
                 await c.create_sandbox(IMAGE)
             assert err.value.status == 503
+    finally:
+        await asyncio.to_thread(ctx.__exit__, None, None, None)
+
+
+async def test_async_unready_server(tmp_path: Path, image_tar: Path) -> None:
+    from conftest import running_server
+
+    ctx = running_server(
+        tmp_path,
+        image_tar,
+        providers="docker",
+        extra_env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"},
+        wait_ready=False,
+    )
+    own = await asyncio.to_thread(ctx.__enter__)
+    try:
+        async with stacyvm.AsyncClient(own.url, own.admin_key) as c:
+            assert await c.health()
+            readiness = await c.ready()
+            assert not readiness.ready and "no healthy provider" in readiness.detail
     finally:
         await asyncio.to_thread(ctx.__exit__, None, None, None)
 

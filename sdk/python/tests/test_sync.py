@@ -438,6 +438,22 @@ def test_drain_worker_on_a_dedicated_server(tmp_path: Path, image_tar: Path) -> 
                 c.drain_worker("wrk_00000000000000000000000000000000")
 
 
+def test_unready_server_reports_why(tmp_path: Path, image_tar: Path) -> None:
+    from conftest import running_server
+
+    # Docker is the only provider, and it points at a socket that does not exist.
+    unreachable = {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    with running_server(tmp_path, image_tar, providers="docker", extra_env=unreachable, wait_ready=False) as own:
+        with stacyvm.Client(own.url, own.admin_key) as c:
+            assert c.health()
+            readiness = c.ready()
+            assert not readiness.ready and "no healthy provider" in readiness.detail
+            with pytest.raises(stacyvm.ProviderUnavailable) as err:
+                c.create_sandbox(IMAGE)
+            assert err.value.status == 503 and "no-docker.sock" in err.value.message
+            assert [p.healthy for p in c.status().providers] == [False]
+
+
 # --- errors ------------------------------------------------------------------
 
 
