@@ -32,6 +32,10 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// may run at once.
 const HANDLER_STACK: usize = 256 * 1024;
 
+/// Most requests one connection may have running at once (each holds a
+/// thread).
+const MAX_IN_FLIGHT: usize = 1024;
+
 /// Size JSON batches of list and glob answers are cut at.
 const BATCH_BYTES: usize = 512 * 1024;
 
@@ -160,6 +164,14 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                 let mut slots = lock(&shared.slots);
                 if slots.contains_key(&id) {
                     return unexpected(id, "request id already in use");
+                }
+                if slots.len() >= MAX_IN_FLIGHT {
+                    drop(slots);
+                    let err = Error::InvalidRequest(format!(
+                        "more than {MAX_IN_FLIGHT} requests in flight on one connection"
+                    ));
+                    shared.writer.send(&Frame::error(id, &err.to_wire()));
+                    continue;
                 }
                 let flow = Arc::new(Flow::new(WINDOW));
                 let budget = Arc::new(AtomicU32::new(WINDOW));

@@ -343,6 +343,14 @@ fn exec_reports_exit_codes_output_stdin_env_and_cwd() -> TestResult {
     assert_eq!(lines.next(), Some("one-two words"));
     assert!(lines.next().is_some_and(|p| p.contains("/bin")));
 
+    // Commands get the default SIGPIPE disposition back (the agent ignores
+    // it), so a pipeline ends when its reader does.
+    let out = c.run(&["sh", "-c", "yes | head -n 1"]);
+    assert_eq!(
+        (out.stdout.as_slice(), out.exit.status.exit_code),
+        (&b"y\n"[..], Some(0))
+    );
+
     // Arguments are never joined into a shell string.
     let out = c.run(&["echo", "$HOME", "a;b", "*"]);
     assert_eq!(out.stdout, b"$HOME a;b *\n");

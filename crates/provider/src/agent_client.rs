@@ -69,8 +69,8 @@ struct Inner {
     shared: Arc<Shared>,
     /// Requests and data chunks (bounded: senders wait for the connection).
     queue: mpsc::Sender<Vec<u8>>,
-    /// Credit and cancel frames, which must never wait behind data (and are
-    /// sent from `Drop`, which cannot wait).
+    /// Credit frames, which must never wait behind data (a request's data
+    /// may be waiting for exactly that credit).
     control: mpsc::UnboundedSender<Vec<u8>>,
     next_id: AtomicU32,
     tasks: Vec<tokio::task::AbortHandle>,
@@ -80,6 +80,32 @@ impl Drop for Inner {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+    }
+}
+
+impl Inner {
+    /// Sends a cancel from synchronous code (a `Drop`). It goes through the
+    /// ordered queue, so it can never overtake the request it cancels.
+    fn cancel(&self, id: u32) {
+        let frame = Frame::empty(id, Kind::Cancel).encode();
+        match self.queue.try_send(frame) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        let queue = self.queue.clone();
+                        rt.spawn(async move {
+                            let _ = queue.send(frame).await;
+                        });
+                    }
+                    // Outside a runtime the writer task cannot run either;
+                    // the control queue is the best left.
+                    Err(_) => {
+                        let _ = self.control.send(frame);
+                    }
+                }
+            }
         }
     }
 }
@@ -701,9 +727,7 @@ impl Drop for Call {
         let inner = &self.tx.inner;
         lock(&inner.shared.routes).map.remove(&self.tx.id);
         if !self.finished {
-            let _ = inner
-                .control
-                .send(Frame::empty(self.tx.id, Kind::Cancel).encode());
+            inner.cancel(self.tx.id);
         }
     }
 }
