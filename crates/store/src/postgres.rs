@@ -46,6 +46,9 @@ const MAX_CONNECTIONS: u32 = 16;
 /// (`pg_advisory_xact_lock` key; any constant unique to StacyVM).
 const MIGRATION_LOCK_KEY: i64 = 0x5374_6163_7956_4d01;
 
+/// The schema, in version order. A change is a new file in
+/// `migrations/postgres/` appended here (with its twin for the other backend);
+/// applied files are never edited.
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "initial",

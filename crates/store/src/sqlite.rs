@@ -44,6 +44,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Readers run concurrently in WAL mode; writers take turns anyway.
 const MAX_CONNECTIONS: u32 = 4;
 
+/// The schema, in version order. A change is a new file in
+/// `migrations/sqlite/` appended here (with its twin for the other backend);
+/// applied files are never edited.
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "initial",

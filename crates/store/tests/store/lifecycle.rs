@@ -70,6 +70,19 @@ pub async fn migrations_are_recorded_once(db: &TestDb) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A database migrated by a newer StacyVM is refused rather than misread.
+pub async fn newer_schema_is_refused(db: &TestDb) -> anyhow::Result<()> {
+    db.raw_execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (9999, 'future', 0)",
+    )
+    .await?;
+    match db.open_again().await {
+        Err(e) => assert!(format!("{e:#}").contains("newer"), "{e:#}"),
+        Ok(_) => anyhow::bail!("opened a database with a newer schema"),
+    }
+    Ok(())
+}
+
 /// Several processes starting at once on one new database all open it, and
 /// the schema is created once.
 pub async fn concurrent_opens_migrate_once(db: &TestDb) -> anyhow::Result<()> {

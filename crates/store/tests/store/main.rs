@@ -46,6 +46,7 @@ conformance! {
     lifecycle::reopen_keeps_everything,
     lifecycle::migrations_are_recorded_once,
     lifecycle::concurrent_opens_migrate_once,
+    lifecycle::newer_schema_is_refused,
     tenants::tenant_create_get_list,
     tenants::duplicate_tenant_name_is_a_conflict,
     tenants::bad_cursor_is_invalid_request,
