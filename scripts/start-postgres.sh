@@ -55,6 +55,11 @@ mkdir -p "$PG_DIR"
 chown "$OWNER" "$PG_DIR"
 chmod 0700 "$PG_DIR"
 
+# Whether $1 is a running postgres process (a zombie's cmdline is empty).
+live_postgres() {
+    [[ -n "$1" && -r "/proc/$1/cmdline" ]] && [[ "$(tr '\0' ' ' <"/proc/$1/cmdline")" == *postgres* ]]
+}
+
 ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -d postgres -U postgres; }
 
 if [[ ! -f "$DATA/PG_VERSION" ]]; then
@@ -78,8 +83,7 @@ fi
 PIDFILE="$DATA/postmaster.pid"
 if [[ -f "$PIDFILE" ]]; then
     pid="$(head -n1 "$PIDFILE" 2>/dev/null || true)"
-    if [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] &&
-        [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline")" == *postgres* ]]; then
+    if live_postgres "$pid"; then
         if ready; then
             log "already running"
             echo "$URL" >&3
@@ -99,6 +103,14 @@ if [[ -f "$PIDFILE" ]]; then
     log "removing stale $PIDFILE"
     rm -f "$PIDFILE"
 fi
+# The socket's lock file names the server too, and blocks a restart the same way.
+for lock in "$PG_DIR"/.s.PGSQL.*.lock; do
+    [[ -e "$lock" ]] || continue
+    if ! live_postgres "$(head -n1 "$lock" 2>/dev/null || true)"; then
+        log "removing stale $lock"
+        rm -f "$lock" "${lock%.lock}"
+    fi
+done
 
 touch "$LOG"
 chown "$OWNER" "$LOG"
