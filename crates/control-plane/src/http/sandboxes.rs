@@ -213,10 +213,13 @@ pub async fn sandbox_logs(
         })
         .into_response());
     }
-    // Follow: send what exists, then poll for new lines until the sandbox
-    // reaches a terminal state.
+    // Follow: send what exists, then poll for lines not sent yet until the
+    // sandbox reaches a terminal state (its last lifecycle line included).
+    // Lines are told apart by content, not position: provider lines vanish
+    // with the runtime while lifecycle lines are added.
     let app = s.app.clone();
-    let seen = lines.len();
+    let key = |l: &stacyvm_provider::LogLine| (l.ts, l.source.clone(), l.message.clone());
+    let seen: std::collections::HashSet<_> = lines.iter().map(key).collect();
     let first: Vec<Event> = lines
         .iter()
         .filter_map(|l| {
@@ -226,22 +229,31 @@ pub async fn sandbox_logs(
                 .ok()
         })
         .collect();
-    let follow = stream::unfold((app, who, id, seen, false), |(app, who, id, seen, done)| async move {
-        if done {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let terminal = matches!(app.sandbox_visible(&who, &id).await, Ok(r) if r.state.is_terminal())
-            || app.sandbox_visible(&who, &id).await.is_err();
-        let lines = app.sandbox_logs(&who, &id).await.unwrap_or_default();
-        let fresh: Vec<Event> = lines
-            .iter()
-            .skip(seen)
-            .filter_map(|l| Event::default().event("log").json_data(LogLineView::from(l)).ok())
-            .collect();
-        let seen = seen.max(lines.len());
-        Some((stream::iter(fresh), (app, who, id, seen, terminal)))
-    })
+    let follow = stream::unfold(
+        (app, who, id, seen, false),
+        move |(app, who, id, mut seen, done)| async move {
+            if done {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let terminal = match app.sandbox_visible(&who, &id).await {
+                Ok(r) => r.state.is_terminal(),
+                Err(_) => true,
+            };
+            let lines = app.sandbox_logs(&who, &id).await.unwrap_or_default();
+            let fresh: Vec<Event> = lines
+                .iter()
+                .filter(|l| seen.insert(key(l)))
+                .filter_map(|l| {
+                    Event::default()
+                        .event("log")
+                        .json_data(LogLineView::from(l))
+                        .ok()
+                })
+                .collect();
+            Some((stream::iter(fresh), (app, who, id, seen, terminal)))
+        },
+    )
     .flatten();
     let events = stream::iter(first).chain(follow).map(Ok::<_, Infallible>);
     Ok(Sse::new(events)
