@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -87,8 +88,10 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
                 eprintln!("stacyvm-agent: exec: cannot start the stdin thread");
             }
         }
-        let deadline =
-            (spec.timeout_ms > 0).then(|| started + Duration::from_millis(spec.timeout_ms));
+        // A limit too far away to represent is no limit.
+        let deadline = (spec.timeout_ms > 0)
+            .then(|| started.checked_add(Duration::from_millis(spec.timeout_ms)))
+            .flatten();
         let pump = OutputPump {
             out,
             stream: spec.stream,
@@ -99,7 +102,18 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
             sent: [0, 0],
             truncated: [false, false],
         };
-        pump.run(stdout, stderr, notify_r, &mut child, started)
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            pump.run(stdout, stderr, notify_r, &mut child, started)
+        }));
+        result.unwrap_or_else(|_| {
+            // The scope joins the waiter, which waits for the command: make
+            // sure it ends, and never leave it unreaped.
+            out.flow.kill_group();
+            let _ = out.flow.reap_with(|| child.wait());
+            Err(Error::Internal(
+                "the agent failed while running the command".into(),
+            ))
+        })
     })
 }
 
@@ -290,10 +304,9 @@ impl OutputPump<'_> {
             }
             let timeout_ms: libc::c_int = match wait {
                 None => -1,
-                Some(w) => {
-                    w.as_millis().min(i32::MAX as u128) as libc::c_int
-                        + i32::from(w.subsec_nanos() % 1_000_000 != 0)
-                }
+                // Rounded up, so the deadline has passed when poll returns.
+                Some(w) => (w.as_millis() + u128::from(w.subsec_nanos() % 1_000_000 != 0))
+                    .min(i32::MAX as u128) as libc::c_int,
             };
             // SAFETY: `fds` is a valid, initialised array of `fds.len()`
             // pollfd structs that outlives the call.

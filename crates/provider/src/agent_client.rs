@@ -17,7 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
-    self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, PROTOCOL_VERSIONS, WINDOW,
+    self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_PAYLOAD,
+    PROTOCOL_VERSIONS, WINDOW,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result};
@@ -482,6 +483,16 @@ impl AgentClient {
     /// Registers a new request and sends it.
     async fn start(&self, req: &Request) -> Result<Call> {
         let inner = &self.inner;
+        // The agent closes the whole connection on an oversize frame, so an
+        // oversize request is refused here and hurts nobody else.
+        let payload = serde_json::to_vec(req)
+            .map_err(|e| Error::internal("encoding the agent request", e))?;
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Error::PayloadTooLarge(format!(
+                "the request (command line, environment, path) is {} bytes; the limit is {MAX_PAYLOAD}",
+                payload.len()
+            )));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let credit = Arc::new(Semaphore::new(WINDOW as usize));
         let id = {
@@ -513,7 +524,7 @@ impl AgentClient {
             consumed: 0,
             finished: false,
         };
-        let frame = Frame::json(id, Kind::Request, req).encode();
+        let frame = Frame::new(id, Kind::Request, payload).encode();
         if inner.queue.send(frame).await.is_err() {
             return Err(inner.shared.lost());
         }

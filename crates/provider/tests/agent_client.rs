@@ -215,6 +215,17 @@ async fn exec_basics(agent: &Agent) -> anyhow::Result<()> {
     let mut req = cmd(&["true"]);
     req.cwd = Some("/no/such/dir".into());
     assert!(matches!(c.exec(req).await, Err(Error::InvalidRequest(_))));
+
+    // A request too large for one frame is refused before it is sent, and
+    // the connection goes on.
+    let mut req = cmd(&["true"]);
+    req.env.insert("BIG".into(), "x".repeat(2 << 20));
+    assert!(matches!(c.exec(req).await, Err(Error::PayloadTooLarge(_))));
+    assert!(c.is_alive());
+
+    let mut req = cmd(&["echo", "no limit"]);
+    req.timeout_ms = u64::MAX;
+    assert_eq!(c.exec(req).await?.stdout, b"no limit\n");
     Ok(())
 }
 
