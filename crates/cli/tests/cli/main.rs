@@ -1,0 +1,10 @@
+//! The `stacyvm` CLI and the Rust SDK against a real `stacyvm serve` child
+//! process (PRoot, and Docker for a few checks): every client command and
+//! every SDK call, streamed copies measured for memory, exit codes, errors.
+//!
+//! Needs: proot, dockerd, and `STACYVM_AGENT_BIN` / `STACYVM_TEST_IMAGE_TAR`
+//! or the scripts in `scripts/` that build them.
+
+mod cli;
+mod sdk;
+mod support;
