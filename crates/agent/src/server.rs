@@ -10,6 +10,10 @@ use crate::conn;
 use crate::flow::ConnWriter;
 use crate::root::Root;
 
+/// Stack of connection threads: they parse request JSON, whose nesting
+/// serde_json bounds at 128 levels. Untouched stack pages cost no memory.
+const CONN_STACK: usize = 1024 * 1024;
+
 /// Listens on `path` (mode 0600) and serves every connection on its own
 /// thread. A stale socket file left by an earlier agent is replaced; any
 /// other file at `path` is an error. Returns only on a listener error.
@@ -55,7 +59,7 @@ pub fn serve_unix(path: &Path, root: Root) -> io::Result<()> {
         };
         let root = root.clone();
         let spawned = std::thread::Builder::new()
-            .stack_size(128 * 1024)
+            .stack_size(CONN_STACK)
             .spawn(move || {
                 let closer = writer.try_clone().ok();
                 conn::serve(stream, ConnWriter::new(Box::new(writer)), root);

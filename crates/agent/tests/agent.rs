@@ -827,6 +827,22 @@ fn bad_frames_close_only_their_connection() -> TestResult {
         assert!(bad.closed());
     }
 
+    // Deeply nested JSON is refused, not a stack overflow.
+    for nested in [
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+        format!(
+            r#"{{"op":"exec","cmd":{}1{}}}"#,
+            "[".repeat(120),
+            "]".repeat(120)
+        ),
+    ] {
+        let mut bad = agent.connect();
+        bad.send(&Frame::new(6, Kind::Request, nested.into_bytes()));
+        let f = bad.recv();
+        assert_eq!((f.id, f.kind), (6, Kind::Error));
+        assert!(bad.closed());
+    }
+
     // A frame length below the header size, and random garbage.
     let mut bad = agent.connect();
     bad.send_raw(&[0, 0, 0, 1, 7]);
