@@ -231,11 +231,18 @@ pub fn list(root: &Root, path: &str, recursive: bool) -> Result<Vec<FileEntry>> 
         r.logical.clone()
     };
     let mut out = Vec::new();
-    let walker = walkdir::WalkDir::new(&r.host)
+    let pseudo = pseudo_dirs(root);
+    let mut walker = walkdir::WalkDir::new(&r.host)
         .min_depth(1)
         .max_depth(if recursive { usize::MAX } else { 1 })
-        .follow_links(false);
-    for item in walker {
+        .follow_links(false)
+        .into_iter();
+    while let Some(item) = walker.next() {
+        if let Ok(i) = &item {
+            if i.file_type().is_dir() && pseudo.iter().any(|p| p == i.path()) {
+                walker.skip_current_dir();
+            }
+        }
         let item = match item {
             Ok(i) => i,
             // An entry that vanished or cannot be read mid-walk is skipped,
@@ -261,6 +268,13 @@ pub fn list(root: &Root, path: &str, recursive: bool) -> Result<Vec<FileEntry>> 
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+/// Kernel pseudo file systems a recursive walk from above them does not
+/// enter: they are huge, change while read, and hold nothing of the
+/// sandbox's files. Walking from inside them still works.
+fn pseudo_dirs(root: &Root) -> [PathBuf; 2] {
+    [root.host_path("/proc"), root.host_path("/sys")]
 }
 
 /// `move`: renames `from` to `to` (parents of `to` are created). Copies and
@@ -480,11 +494,17 @@ pub fn glob(root: &Root, pattern: &str) -> Result<Vec<String>> {
         base_logical
     };
     let mut out = Vec::new();
-    let walker = walkdir::WalkDir::new(&base.host)
+    let pseudo = pseudo_dirs(root);
+    let mut walker = walkdir::WalkDir::new(&base.host)
         .min_depth(1)
         .max_depth(max_depth)
-        .follow_links(false);
-    for item in walker.into_iter().filter_map(|i| i.ok()) {
+        .follow_links(false)
+        .into_iter();
+    while let Some(item) = walker.next() {
+        let Ok(item) = item else { continue };
+        if item.file_type().is_dir() && pseudo.iter().any(|p| p == item.path()) {
+            walker.skip_current_dir();
+        }
         let rel = match item.path().strip_prefix(&base.host) {
             Ok(rel) => rel.to_string_lossy().into_owned(),
             Err(_) => continue,

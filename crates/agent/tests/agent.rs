@@ -736,6 +736,25 @@ fn file_operations_follow_the_api_semantics() -> TestResult {
     c.ok::<()>(&del("/w/link", false))?;
     assert!(agent.host("/w/a.txt").exists());
 
+    // Recursive walks from above /proc and /sys do not enter them; walks
+    // from inside do.
+    std::fs::create_dir_all(agent.host("/proc/1"))?;
+    std::fs::write(agent.host("/proc/1/status"), "x")?;
+    let all: Vec<FileEntry> = c.batches(&Request::FileList {
+        path: "/".into(),
+        recursive: true,
+    })?;
+    assert!(all.iter().any(|e| e.path == "/proc"));
+    assert!(!all.iter().any(|e| e.path.starts_with("/proc/")));
+    let g: Vec<String> = c.batches(&Request::FileGlob {
+        pattern: "/**/status".into(),
+    })?;
+    assert!(g.is_empty(), "{g:?}");
+    let g: Vec<String> = c.batches(&Request::FileGlob {
+        pattern: "/proc/*/status".into(),
+    })?;
+    assert_eq!(g, ["/proc/1/status"]);
+
     // write onto a directory is refused.
     assert_eq!(code(&c.write("/w/sub", None, b"x")), "invalid_request");
     Ok(())
