@@ -288,10 +288,10 @@ fn run_request(shared: &Arc<Shared>, req: Request, out: Out, upload: Option<Uplo
     lock(&shared.slots).remove(&out.id);
     match answer {
         Answer::Ok(payload) => {
-            out.send(Kind::Ok, payload);
+            out.send(Kind::Ok, &payload);
         }
         Answer::Frame(kind, payload) => {
-            out.send(kind, payload);
+            out.send(kind, &payload);
         }
         Answer::Err(e) => {
             out.writer.send(&Frame::error(out.id, &e.to_wire()));
@@ -403,8 +403,8 @@ fn file_read(root: &Root, path: &str, out: &Out) -> Answer {
         Ok(f) => f,
         Err(e) => return Answer::Err(e),
     };
+    let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
-        let mut buf = vec![0u8; CHUNK_SIZE];
         let n = match file.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -413,8 +413,7 @@ fn file_read(root: &Root, path: &str, out: &Out) -> Answer {
         if n == 0 {
             return Answer::Frame(Kind::End, Vec::new());
         }
-        buf.truncate(n);
-        if out.chunk(Kind::Data, buf, None) != Sent::Sent {
+        if out.chunk(Kind::Data, &buf[..n], None) != Sent::Sent {
             return Answer::Nothing;
         }
     }
@@ -431,9 +430,10 @@ fn send_batches<T: serde::Serialize>(out: &Out, items: &[T]) -> Answer {
         };
         if batch.len() > 1 && batch.len() + encoded.len() + 2 > BATCH_BYTES {
             batch.push(b']');
-            if out.chunk(Kind::Data, std::mem::take(&mut batch), None) != Sent::Sent {
+            if out.chunk(Kind::Data, &batch, None) != Sent::Sent {
                 return Answer::Nothing;
             }
+            batch.clear();
             batch.push(b'[');
         }
         if batch.len() > 1 {
@@ -443,7 +443,7 @@ fn send_batches<T: serde::Serialize>(out: &Out, items: &[T]) -> Answer {
     }
     if batch.len() > 1 {
         batch.push(b']');
-        if out.chunk(Kind::Data, batch, None) != Sent::Sent {
+        if out.chunk(Kind::Data, &batch, None) != Sent::Sent {
             return Answer::Nothing;
         }
     }

@@ -49,7 +49,7 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
     if spec.stream {
         // Acknowledge the start, so the client can tell setup errors (sent
         // instead of this) from the command's own output.
-        out.send(Kind::Ok, b"null".to_vec());
+        out.send(Kind::Ok, b"null");
     }
     let mut child = match spawned {
         Ok(c) => c,
@@ -192,7 +192,7 @@ fn spawn_failed(
         truncated = true;
     }
     if !msg.is_empty() {
-        let _ = out.chunk(Kind::Stderr, msg, None);
+        let _ = out.chunk(Kind::Stderr, &msg, None);
     }
     Ok(ExitFrame {
         status: ExitStatus {
@@ -417,7 +417,7 @@ impl OutputPump<'_> {
         };
         loop {
             let deadline = if self.timed_out { None } else { self.deadline };
-            match self.out.chunk(kind, data.to_vec(), deadline) {
+            match self.out.chunk(kind, data, deadline) {
                 Sent::Sent => return,
                 Sent::Stopped => {
                     self.stopped = true;

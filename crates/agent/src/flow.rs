@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::protocol::{Frame, Kind};
+use crate::protocol::{encode_parts, Frame, Kind};
 
 /// The writing half of a connection, shared by every request on it. Frames
 /// are written whole under the lock, so they never interleave.
@@ -24,10 +24,15 @@ impl ConnWriter {
 
     /// Writes one frame; false once the connection is gone.
     pub fn send(&self, frame: &Frame) -> bool {
+        self.send_parts(frame.id, frame.kind, &frame.payload)
+    }
+
+    /// Writes one frame from borrowed parts.
+    pub fn send_parts(&self, id: u32, kind: Kind, payload: &[u8]) -> bool {
         if self.dead.load(Ordering::Relaxed) {
             return false;
         }
-        let bytes = frame.encode();
+        let bytes = encode_parts(id, kind, payload);
         let mut out = lock(&self.out);
         let ok = out.write_all(&bytes).and_then(|()| out.flush()).is_ok();
         if !ok {
@@ -196,11 +201,11 @@ pub enum Sent {
 }
 
 impl Out {
-    pub fn send(&self, kind: Kind, payload: Vec<u8>) -> bool {
-        self.writer.send(&Frame::new(self.id, kind, payload))
+    pub fn send(&self, kind: Kind, payload: &[u8]) -> bool {
+        self.writer.send_parts(self.id, kind, payload)
     }
 
-    pub fn chunk(&self, kind: Kind, payload: Vec<u8>, deadline: Option<Instant>) -> Sent {
+    pub fn chunk(&self, kind: Kind, payload: &[u8], deadline: Option<Instant>) -> Sent {
         match self.flow.take_credit(deadline) {
             Wait::Got => {
                 if self.send(kind, payload) {

@@ -253,13 +253,7 @@ impl Frame {
     /// Payloads are at most [`MAX_PAYLOAD`] by construction in this crate and
     /// the client; a larger one would be refused by the peer.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + HEADER_LEN + self.payload.len());
-        let len = (HEADER_LEN + self.payload.len()) as u32;
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(&self.id.to_be_bytes());
-        out.push(self.kind as u8);
-        out.extend_from_slice(&self.payload);
-        out
+        encode_parts(self.id, self.kind, &self.payload)
     }
 
     /// Parses the JSON payload.
@@ -280,6 +274,18 @@ impl Frame {
             }),
         }
     }
+}
+
+/// The wire bytes of a frame, built straight from borrowed parts (one copy
+/// of the payload).
+pub fn encode_parts(id: u32, kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + HEADER_LEN + payload.len());
+    let len = (HEADER_LEN + payload.len()) as u32;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(payload);
+    out
 }
 
 /// Why reading a frame from a blocking reader stopped.

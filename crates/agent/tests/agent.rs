@@ -736,6 +736,22 @@ fn file_operations_follow_the_api_semantics() -> TestResult {
     c.ok::<()>(&del("/w/link", false))?;
     assert!(agent.host("/w/a.txt").exists());
 
+    // Long answers travel in several batches.
+    std::fs::create_dir_all(agent.host("/many"))?;
+    for i in 0..3000 {
+        std::fs::write(agent.host(&format!("/many/{i:05}-{}", "n".repeat(200))), "")?;
+    }
+    let many: Vec<FileEntry> = c.batches(&Request::FileList {
+        path: "/many".into(),
+        recursive: false,
+    })?;
+    assert_eq!(many.len(), 3000);
+    assert!(many.windows(2).all(|w| w[0].path < w[1].path));
+    let g: Vec<String> = c.batches(&Request::FileGlob {
+        pattern: "/many/*".into(),
+    })?;
+    assert_eq!(g.len(), 3000);
+
     // Recursive walks from above /proc and /sys do not enter them; walks
     // from inside do.
     std::fs::create_dir_all(agent.host("/proc/1"))?;

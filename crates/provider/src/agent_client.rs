@@ -657,8 +657,11 @@ impl CallTx {
             .await
             .map_err(|_| self.inner.shared.lost())?;
         permit.forget();
-        self.send(Frame::new(self.id, Kind::Data, data.to_vec()))
+        self.inner
+            .queue
+            .send(protocol::encode_parts(self.id, Kind::Data, data))
             .await
+            .map_err(|_| self.inner.shared.lost())
     }
 
     async fn end(&self) -> Result<()> {
