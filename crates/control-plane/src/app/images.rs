@@ -1,6 +1,6 @@
 //! The image catalog as the API exposes it.
 
-use stacyvm_core::{ByteStream, Result};
+use stacyvm_core::{ByteStream, Error, Result};
 use stacyvm_provider::images::ImageInfo;
 
 use super::{App, Principal};
@@ -24,8 +24,23 @@ impl App {
         self.catalog.get(name).await
     }
 
+    /// Like Docker, refuses to remove an image that live sandboxes use:
+    /// PRoot sandboxes run from the catalog's copy of their image, so
+    /// removing it would pull the root filesystem out from under them.
     pub async fn image_delete(&self, who: &Principal, name: &str) -> Result<()> {
         who.require_admin()?;
+        let users = self
+            .store
+            .sandbox_list_live()
+            .await?
+            .iter()
+            .filter(|s| s.image == name)
+            .count();
+        if users > 0 {
+            return Err(Error::Conflict(format!(
+                "image {name:?} is in use by {users} live sandbox(es); destroy them first"
+            )));
+        }
         self.catalog.delete(name).await
     }
 }
