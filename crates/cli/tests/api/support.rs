@@ -847,11 +847,16 @@ impl Api {
 
     /// Imports the busybox test image as `busybox` (admin only).
     pub async fn import_busybox(&self) -> Result<Value> {
+        self.import_image("busybox").await
+    }
+
+    /// Imports the busybox test image under `name` (admin only).
+    pub async fn import_image(&self, name: &str) -> Result<Value> {
         let tar = tokio::fs::read(test_image_tar()?)
             .await
             .context("reading the test image")?;
         let rb = self
-            .request(Method::POST, "/v1/images?name=busybox")
+            .request(Method::POST, &format!("/v1/images?name={name}"))
             .header("content-type", "application/x-tar")
             .body(tar);
         self.send(rb).await?.ok(201)
