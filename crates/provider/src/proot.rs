@@ -94,9 +94,16 @@ pub struct ProotProvider {
     cgroup_reason: String,
     /// Short host directory under which per-sandbox run dirs are made.
     run_base: PathBuf,
-    clients: tokio::sync::Mutex<HashMap<SandboxId, Arc<AgentClient>>>,
+    clients: tokio::sync::Mutex<HashMap<SandboxId, CachedAgent>>,
     /// Serialises spawn, destroy, pause and resume of one sandbox.
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A live agent connection and the cgroup to check for a pause before
+/// handing it out (a frozen agent would hang its caller).
+struct CachedAgent {
+    client: Arc<AgentClient>,
+    cgroup: Option<PathBuf>,
 }
 
 struct Capability {
@@ -355,10 +362,14 @@ impl ProotProvider {
                             dir,
                             &format!("agent {} answered, pid {}", info.version, info.pid),
                         );
+                        let cached = CachedAgent {
+                            client: Arc::new(client),
+                            cgroup: meta.cgroup.clone(),
+                        };
                         self.clients
                             .lock()
                             .await
-                            .insert(spec.sandbox_id.clone(), Arc::new(client));
+                            .insert(spec.sandbox_id.clone(), cached);
                         // The child is not waited for: it must outlive this
                         // server. Tokio reaps it if it exits while we run.
                         drop(child);
@@ -684,8 +695,11 @@ impl Provider for ProotProvider {
         {
             let mut clients = self.clients.lock().await;
             if let Some(c) = clients.get(id) {
-                if c.is_alive() {
-                    return Ok(c.clone());
+                if c.cgroup.as_deref().is_some_and(is_frozen) {
+                    return Err(Error::Conflict(format!("sandbox {id} is paused")));
+                }
+                if c.client.is_alive() {
+                    return Ok(c.client.clone());
                 }
                 clients.remove(id);
             }
@@ -714,9 +728,13 @@ impl Provider for ProotProvider {
         // Another caller may have connected meanwhile: keep one connection.
         let mut clients = self.clients.lock().await;
         match clients.get(id) {
-            Some(c) if c.is_alive() => Ok(c.clone()),
+            Some(c) if c.client.is_alive() => Ok(c.client.clone()),
             _ => {
-                clients.insert(id.clone(), client.clone());
+                let cached = CachedAgent {
+                    client: client.clone(),
+                    cgroup: meta.cgroup.clone(),
+                };
+                clients.insert(id.clone(), cached);
                 Ok(client)
             }
         }

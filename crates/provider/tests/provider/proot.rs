@@ -1,1 +1,353 @@
-//! (to be written)
+//! PRoot specifics on the real `proot`: the shared read-only image below a
+//! per-sandbox writable layer, supervision of detached processes, adoption
+//! of running sandboxes by a new provider (a server restart), pause/resume,
+//! and cleanup of sandboxes that died or were never finished.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{ensure, Context};
+use stacyvm_core::SandboxId;
+use stacyvm_provider::{DynProvider, Provider};
+
+use crate::support::{self, body, exec_req, leftovers, read_all, Harness, TestEnv};
+
+async fn harness() -> anyhow::Result<Harness> {
+    let env = TestEnv::new().await?;
+    let provider: DynProvider = Arc::new(support::proot_provider_now(&env)?);
+    Ok(Harness::new(env, provider))
+}
+
+fn sandbox_dir(h: &Harness, id: &SandboxId) -> PathBuf {
+    h.env.data_dir.join("proot").join(id.as_str())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    match stat.rsplit_once(')') {
+        Some((_, rest)) => !rest.trim_start().starts_with('Z'),
+        None => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_proot_and_how_sandboxes_are_built() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let health = h.provider().health().await;
+    ensure!(health.healthy, "{}", health.detail);
+    ensure!(
+        health.detail.contains("not a security boundary"),
+        "{}",
+        health.detail
+    );
+    ensure!(
+        health.detail.contains("root:") && health.detail.contains("supervision:"),
+        "{}",
+        health.detail
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_stay_in_their_own_sandbox_and_never_reach_the_image() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let p = h.provider();
+    let a = h.spawn_default().await?;
+    let b = h.spawn_default().await?;
+    let image_root = h.env.catalog.rootfs(support::IMAGE).await?;
+    let image_hostname = std::fs::read_to_string(image_root.join("etc/hostname"))?;
+
+    p.file_write(&a, "/work/only-in-a", None, body(b"a".to_vec()))
+        .await?;
+    h.sh_ok(&a, "echo changed-in-a > /etc/hostname && rm /bin/ls")
+        .await?;
+
+    let r = p.file_stat(&b, "/work/only-in-a").await;
+    ensure!(
+        matches!(&r, Err(e) if e.code() == "not_found"),
+        "b sees a's file: {r:?}"
+    );
+    assert_eq!(h.sh_ok(&b, "cat /etc/hostname").await?, image_hostname);
+    h.sh_ok(&b, "test -e /bin/ls")
+        .await
+        .context("a's delete showed in b")?;
+    assert_eq!(h.sh_ok(&a, "cat /etc/hostname").await?, "changed-in-a\n");
+
+    ensure!(
+        !image_root.join("work/only-in-a").exists(),
+        "a write reached the catalog's rootfs"
+    );
+    assert_eq!(
+        std::fs::read_to_string(image_root.join("etc/hostname"))?,
+        image_hostname
+    );
+    ensure!(
+        std::fs::symlink_metadata(image_root.join("bin/ls")).is_ok(),
+        "a delete reached the catalog's rootfs"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_kills_processes_that_left_the_session() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let p = h.provider();
+    let id = h.spawn_default().await?;
+    // setsid puts the process in a session (and process group) of its own,
+    // out of reach of a kill of the agent's group.
+    h.sh_ok(
+        &id,
+        "setsid sh -c 'echo $$ > /tmp/detached.pid; exec sleep 1000' </dev/null >/dev/null 2>&1 &
+         for i in $(seq 1 100); do [ -s /tmp/detached.pid ] && exit 0; sleep 0.05; done; exit 1",
+    )
+    .await?;
+    let pid: u32 = read_all(p.file_read(&id, "/tmp/detached.pid").await?)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())?
+        .parse()
+        .context("the detached pid")?;
+    ensure!(
+        pid_alive(pid),
+        "the detached process {pid} is not running on the host"
+    );
+    let sid = |pid: u32| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name: state, ppid, pgrp, session.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        fields.get(3).map(|s| s.to_string())
+    };
+    ensure!(
+        sid(pid) == Some(pid.to_string()),
+        "the process did not get a session of its own: {:?}",
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    );
+
+    p.destroy(&id).await?;
+    ensure!(
+        !pid_alive(pid),
+        "the detached process {pid} survived destroy"
+    );
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_provider_adopts_running_sandboxes() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let id = h.spawn_default().await?;
+    h.sh_ok(&id, "echo before-restart > /work/state").await?;
+
+    // The server goes away: the provider and its cached agent connection
+    // are dropped. The sandbox keeps running on its own.
+    let old = h
+        .guard
+        .take_provider()
+        .context("the guard holds the provider")?;
+    let weak = Arc::downgrade(&old);
+    drop(old);
+    ensure!(
+        weak.upgrade().is_none(),
+        "the old provider is still referenced"
+    );
+    let fresh: DynProvider = Arc::new(support::proot_provider_now(&h.env)?);
+    h.guard.replace_provider(fresh.clone());
+
+    let listed = fresh.list().await?;
+    let me = listed
+        .iter()
+        .find(|r| r.sandbox_id == id)
+        .context("the sandbox is listed after the restart")?;
+    ensure!(me.running, "the adopted sandbox is not running: {listed:?}");
+    assert_eq!(h.sh_ok(&id, "cat /work/state").await?, "before-restart\n");
+
+    // Another instance on the same data directory does not claim it.
+    let theirs = other_instance(&h.env)?.list().await?;
+    ensure!(
+        !theirs.iter().any(|r| r.sandbox_id == id),
+        "another instance listed our sandbox"
+    );
+
+    fresh.destroy(&id).await?;
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:#?}");
+    Ok(())
+}
+
+fn other_instance(env: &TestEnv) -> anyhow::Result<stacyvm_provider::proot::ProotProvider> {
+    Ok(stacyvm_provider::proot::ProotProvider::new(
+        stacyvm_provider::proot::ProotConfig {
+            data_dir: env.data_dir.clone(),
+            agent_bin: env.agent_bin.clone(),
+            catalog: env.catalog.clone(),
+            instance: format!("{}-other", env.instance),
+        },
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_freezes_and_resume_thaws() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let p = h.provider();
+    let id = h.spawn_default().await?;
+    match p.pause(&id).await {
+        Err(e) if e.code() == "unsupported" => {
+            eprintln!("SKIPPED: pause is unsupported on this host: {e}");
+            return Ok(());
+        }
+        other => other?,
+    }
+    let r = p.exec(&id, exec_req(&["true"])).await;
+    ensure!(
+        matches!(&r, Err(e) if e.code() == "conflict"),
+        "exec while paused: {:?}",
+        r.map(|o| o.status)
+    );
+    // Every process is frozen: the agent's state says so on the host.
+    let agent_pid: u32 = std::fs::read_to_string(sandbox_dir(&h, &id).join("agent.pid"))?
+        .split_whitespace()
+        .next()
+        .context("agent.pid")?
+        .parse()?;
+    let cgroup_events = find_cgroup_events(&id).context("the sandbox's cgroup")?;
+    ensure!(
+        std::fs::read_to_string(&cgroup_events)?.contains("frozen 1"),
+        "not frozen"
+    );
+    ensure!(pid_alive(agent_pid));
+
+    p.resume(&id).await?;
+    assert_eq!(h.sh_ok(&id, "echo thawed").await?, "thawed\n");
+    // Destroy works on a paused sandbox too.
+    p.pause(&id).await?;
+    p.destroy(&id).await?;
+    ensure!(
+        !pid_alive(agent_pid),
+        "the agent survived destroying a paused sandbox"
+    );
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:#?}");
+    Ok(())
+}
+
+fn find_cgroup_events(id: &SandboxId) -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for line in mountinfo.lines() {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let mount = Path::new(left.split_whitespace().nth(4)?);
+        for parent in std::fs::read_dir(mount).ok()?.flatten() {
+            for child in std::fs::read_dir(parent.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if child.file_name().to_string_lossy().ends_with(id.as_str()) {
+                    return Some(child.path().join("cgroup.events"));
+                }
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_agent_is_listed_as_stopped_and_destroyed_cleanly() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let p = h.provider();
+    let id = h.spawn_default().await?;
+    let proot_pid: i32 = std::fs::read_to_string(sandbox_dir(&h, &id).join("proot.pid"))?
+        .split_whitespace()
+        .next()
+        .context("proot.pid")?
+        .parse()?;
+    let agent_pid: i32 = std::fs::read_to_string(sandbox_dir(&h, &id).join("agent.pid"))?
+        .split_whitespace()
+        .next()
+        .context("agent.pid")?
+        .parse()?;
+    ensure!(pid_alive(agent_pid as u32));
+    // SAFETY: kill has no memory preconditions; the pid is the sandbox's
+    // agent, checked alive just above.
+    unsafe { libc::kill(agent_pid, libc::SIGKILL) };
+    for _ in 0..200 {
+        if !pid_alive(agent_pid as u32) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let listed = p.list().await?;
+    let me = listed
+        .iter()
+        .find(|r| r.sandbox_id == id)
+        .context("still listed")?;
+    ensure!(
+        !me.running,
+        "a sandbox without its agent is listed as running"
+    );
+    let r = p.exec(&id, exec_req(&["true"])).await;
+    ensure!(
+        matches!(&r, Err(e) if e.code() == "conflict"),
+        "exec without an agent: {:?}",
+        r.map(|o| o.status)
+    );
+    let logs = p.logs(&id).await?;
+    ensure!(
+        logs.iter().any(|l| l.source == "provider"),
+        "no provider lines in {logs:?}"
+    );
+
+    p.destroy(&id).await?;
+    ensure!(!pid_alive(proot_pid as u32), "proot survived destroy");
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_created_sandboxes_are_listed_and_destroyed() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let p = h.provider();
+    // A crash right after the sandbox directory was made.
+    let id = SandboxId::generate();
+    h.guard.register(&id);
+    std::fs::create_dir_all(sandbox_dir(&h, &id).join("upper/work"))?;
+    let listed = p.list().await?;
+    let me = listed
+        .iter()
+        .find(|r| r.sandbox_id == id)
+        .context("a half-made sandbox is listed")?;
+    ensure!(!me.running);
+    p.destroy(&id).await?;
+    ensure!(!sandbox_dir(&h, &id).exists());
+
+    // A spawn that fails half-way (the workdir cannot be made: a file is in
+    // the way in the image) leaves nothing behind.
+    let mut spec = support::spec();
+    spec.workdir = Some("/etc/hostname/sub".into());
+    let r = h.spawn(spec.clone()).await;
+    ensure!(r.is_err(), "spawn with an impossible workdir succeeded");
+    let left = leftovers(&spec.sandbox_id, &h.env.data_dir);
+    ensure!(left.is_empty(), "a failed spawn left: {left:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sandboxes_share_one_image() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let mut specs = Vec::new();
+    for _ in 0..4 {
+        specs.push(support::spec());
+    }
+    let spawns = specs.iter().map(|s| h.spawn(s.clone()));
+    for r in futures_util::future::join_all(spawns).await {
+        r?;
+    }
+    for s in &specs {
+        let who = h.sh_ok(&s.sandbox_id, "echo $STACYVM_SANDBOX").await?;
+        assert_eq!(who.trim(), s.sandbox_id.as_str());
+    }
+    Ok(())
+}
