@@ -156,6 +156,7 @@ impl ImageCatalog {
                 )
             })?;
         }
+        sweep_leftovers(dir);
         Ok(ImageCatalog {
             dir: dir.to_path_buf(),
             name_locks: Mutex::new(HashMap::new()),
@@ -433,6 +434,48 @@ impl ImageCatalog {
                 format_args!("reading {}", link.display()),
                 e,
             )),
+        }
+    }
+}
+
+/// How old an unreferenced version or staging entry must be before `open`
+/// removes it: younger ones may belong to an import still running in
+/// another process sharing the directory.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes what a crashed import left behind: version directories no name
+/// points to and stale staging links.
+fn sweep_leftovers(dir: &Path) {
+    let old_enough = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= LEFTOVER_AGE)
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let referenced: std::collections::HashSet<std::ffi::OsString> = entries
+        .flatten()
+        .filter(|e| e.file_name().as_encoded_bytes().first() != Some(&b'.'))
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| t.file_name().map(OsStr::to_os_string))
+        .collect();
+    if let Ok(versions) = std::fs::read_dir(dir.join(VERSIONS_DIR)) {
+        for v in versions.flatten() {
+            if !referenced.contains(&v.file_name()) && old_enough(&v.path()) {
+                if let Err(e) = remove_tree(&v.path()) {
+                    tracing::warn!(path = %v.path().display(), error = %e, "could not remove an abandoned image version");
+                }
+            }
+        }
+    }
+    if let Ok(staged) = std::fs::read_dir(dir.join(STAGING_DIR)) {
+        for s in staged.flatten() {
+            if old_enough(&s.path()) {
+                let _ = std::fs::remove_file(s.path());
+            }
         }
     }
 }

@@ -151,6 +151,12 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        // A socket directory root outside the data dir (long data dirs).
+        let probe = self.provider.run_dir(&SandboxId::generate());
+        let outside_root = probe
+            .parent()
+            .filter(|root| !root.starts_with(self.dir.path()))
+            .map(Path::to_path_buf);
         if let Ok(ids) = self.containers_of_instance() {
             if !ids.is_empty() {
                 let mut args = vec!["rm", "-f", "-v"];
@@ -162,6 +168,9 @@ impl Drop for Harness {
             for image in images.iter() {
                 let _ = run("docker", &["rmi", "-f", image]);
             }
+        }
+        if let Some(root) = outside_root {
+            let _ = std::fs::remove_dir_all(root);
         }
     }
 }
@@ -968,4 +977,97 @@ async fn egress_sandboxes_get_a_network_interface() -> Result<()> {
     h.provider.destroy(&s.sandbox_id).await?;
     assert_gone(&h, &s.sandbox_id)?;
     Ok(())
+}
+
+#[tokio::test]
+async fn catalog_open_sweeps_only_old_abandoned_imports() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let images = dir.path().join("images");
+    let catalog = ImageCatalog::open(&images)?;
+    catalog.import("keep", file_body(&busybox_tar()?)?).await?;
+    let kept_root = catalog.rootfs("keep").await?;
+    let old = images.join(".versions/crashed-old");
+    let young = images.join(".versions/in-progress");
+    for d in [&old, &young] {
+        std::fs::create_dir_all(d.join("rootfs"))?;
+        std::fs::write(d.join("image.tar"), b"partial")?;
+    }
+    let stale_link = images.join(".tmp/link-stale");
+    std::os::unix::fs::symlink(".versions/crashed-old", &stale_link)?;
+    for p in [&old, &stale_link] {
+        run(
+            "touch",
+            &["-h", "-d", "3 hours ago", p.to_str().context("path")?],
+        )?;
+    }
+    // The published version is old too, but referenced.
+    run(
+        "touch",
+        &[
+            "-h",
+            "-d",
+            "3 hours ago",
+            kept_root
+                .parent()
+                .context("version dir")?
+                .to_str()
+                .context("path")?,
+        ],
+    )?;
+
+    drop(catalog);
+    let catalog = ImageCatalog::open(&images)?;
+    assert!(!old.exists(), "an old unreferenced version is removed");
+    assert!(!stale_link.exists(), "an old staging link is removed");
+    assert!(
+        young.exists(),
+        "a young one may be an import in progress elsewhere"
+    );
+    assert!(catalog.rootfs("keep").await?.join("bin/busybox").is_file());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_long_data_dir_moves_sockets_to_a_short_directory() -> Result<()> {
+    daemon_test_image()?;
+    let h = Harness::with(agent_bin()?, |c| {
+        c.data_dir = c.data_dir.join("d".repeat(90))
+    })?;
+    let s = spec(DAEMON_TEST_IMAGE);
+    h.provider.spawn(&s).await?;
+    let run_dir = h.provider.run_dir(&s.sandbox_id);
+    assert!(run_dir.starts_with("/run/stacyvm"), "{}", run_dir.display());
+    assert!(run_dir.join("agent.sock").as_os_str().len() < 108);
+    assert_eq!(
+        exec_ok(&h.provider, &s.sandbox_id, &["echo", "ok"]).await?,
+        "ok\n"
+    );
+    h.provider.destroy(&s.sandbox_id).await?;
+    assert_gone(&h, &s.sandbox_id)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_abandoned_spawn_leaves_nothing_behind() -> Result<()> {
+    daemon_test_image()?;
+    let h = Harness::new(agent_bin()?)?;
+    let s = spec(DAEMON_TEST_IMAGE);
+    // Give up part-way through (wherever that lands, the end state must be
+    // the same: either a running sandbox, or nothing at all).
+    let finished =
+        tokio::time::timeout(std::time::Duration::from_millis(250), h.provider.spawn(&s)).await;
+    if let Ok(done) = finished {
+        done?;
+        h.provider.destroy(&s.sandbox_id).await?;
+    }
+    // The clean-up of an abandoned spawn runs on a task of its own.
+    let mut last = Ok(());
+    for _ in 0..300 {
+        last = assert_gone(&h, &s.sandbox_id);
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    last
 }
