@@ -1,0 +1,562 @@
+//! Containment: what code inside a sandbox can and cannot reach, against the
+//! real providers. Docker is tested for everything it claims (pids, memory,
+//! network, file system, `/proc`); PRoot only for what it claims (paths,
+//! `..` and symlinks resolved inside the root, and the file API) — see
+//! docs/SECURITY.md for what PRoot does not contain.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::support::{
+    eventually, random_hex, runtime_exists, s, Api, Server, ServerOptions, StoreKind,
+};
+
+/// A host directory holding a secret file that no sandbox may read or change.
+struct HostSecret {
+    dir: tempfile::TempDir,
+    secret: String,
+}
+
+impl HostSecret {
+    fn new() -> Result<HostSecret> {
+        let dir = tempfile::Builder::new()
+            .prefix("svm-sec-host-")
+            .tempdir_in("/tmp")
+            .context("making the host secret dir")?;
+        let secret = format!("host-secret-{}", random_hex(24));
+        std::fs::write(dir.path().join("secret"), &secret).context("writing the host secret")?;
+        Ok(HostSecret { dir, secret })
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("secret")
+    }
+
+    /// The host directory still holds only the untouched secret.
+    fn check_untouched(&self) -> Result<()> {
+        let names: Vec<String> = std::fs::read_dir(self.dir())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ensure!(
+            names == ["secret"],
+            "a sandbox created files in a host directory: {names:?}"
+        );
+        let now = std::fs::read_to_string(self.file())?;
+        ensure!(now == self.secret, "a sandbox changed a host file: {now:?}");
+        Ok(())
+    }
+}
+
+async fn server_with(providers: &str) -> Result<(Server, Api)> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers(providers))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    Ok((server, admin))
+}
+
+/// Runs `script` under `sh -c`, whatever its exit code; stdout + stderr.
+async fn run(api: &Api, id: &str, script: &str) -> Result<(Value, String)> {
+    let out = api
+        .exec(id, json!({"cmd": ["sh", "-c", script], "timeout_s": 60}))
+        .await?;
+    let text = format!(
+        "{}{}",
+        out["stdout"].as_str().unwrap_or_default(),
+        out["stderr"].as_str().unwrap_or_default()
+    );
+    Ok((out, text))
+}
+
+/// The host directory that holds a sandbox's agent socket.
+fn socket_dir_of(server: &Server, id: &str) -> Result<PathBuf> {
+    let candidates = [
+        server.data_dir().join("docker"),
+        PathBuf::from("/run/stacyvm"),
+        PathBuf::from("/tmp"),
+    ];
+    for base in candidates {
+        let Ok(rd) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if (name == id || name.ends_with(&format!("-{id}"))) && e.path().is_dir() {
+                return Ok(e.path());
+            }
+        }
+    }
+    Err(anyhow!(
+        "no agent socket directory found on the host for {id}"
+    ))
+}
+
+/// The escape attempts every provider must contain: absolute host paths,
+/// `..`, symbolic and hard links. `extra` adds provider-specific ones.
+fn escape_script(secret: &HostSecret, other_socket_dir: &Path, extra: &[String]) -> String {
+    let f = secret.file();
+    let f = f.display();
+    let d = secret.dir().display();
+    let o = other_socket_dir.display();
+    let mut attempts = vec![
+        format!("cat {f}"),
+        format!("cat /../../../..{f}"),
+        format!("cd / && cat ../../../..{f}"),
+        format!("ln -s {f} /tmp/sym && cat /tmp/sym"),
+        format!("ln -s / /tmp/rootlink && cat /tmp/rootlink{f}"),
+        format!("ln -s {d} /tmp/dirlink && ls /tmp/dirlink && cat /tmp/dirlink/secret"),
+        format!("ln {f} /tmp/hard && cat /tmp/hard"),
+        format!("ls -la {o}"),
+        format!("ls -la /../..{o}"),
+        format!("ls -la /var/run/docker.sock /run/docker.sock"),
+        format!("echo pwned > {f}"),
+        format!("echo pwned > {d}/planted"),
+    ];
+    attempts.extend(extra.iter().cloned());
+    attempts
+        .into_iter()
+        .map(|a| format!("( {a} ) 2>&1; echo \"== exit $?\""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn check_no_escape(
+    server: &Server,
+    admin: &Api,
+    provider: &str,
+    extra: &[String],
+) -> Result<()> {
+    let secret = HostSecret::new()?;
+    let a = admin.sandbox(provider).await?;
+    let b = admin.sandbox(provider).await?;
+    let b_dir = socket_dir_of(server, &b)?;
+    ensure!(b_dir.is_dir(), "{} exists on the host", b_dir.display());
+    let sock_name = std::fs::read_dir(&b_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    let script = escape_script(&secret, &b_dir, extra);
+    let (_, text) = run(admin, &a, &script).await?;
+    eprintln!(
+        "{provider}: {} escape attempts from inside a sandbox:\n{text}",
+        script.lines().count()
+    );
+    ensure!(
+        !text.contains(&secret.secret),
+        "{provider}: a sandbox read a host file:\n{text}"
+    );
+    for name in &sock_name {
+        ensure!(
+            !text.contains(&format!(" {name}\n")),
+            "{provider}: a sandbox listed another sandbox's socket dir ({name}):\n{text}"
+        );
+    }
+    let (sock, _) = run(
+        admin,
+        &a,
+        "test -S /var/run/docker.sock || test -S /run/docker.sock",
+    )
+    .await?;
+    ensure!(
+        sock["exit_code"] == 1,
+        "{provider}: the Docker socket is visible in the sandbox"
+    );
+    secret.check_untouched()?;
+    // The sandbox's own socket dir holds its own socket only.
+    let own = admin.sh(&a, "ls /.stacyvm/run").await?;
+    ensure!(
+        own.split_whitespace().collect::<Vec<_>>() == ["agent.sock"],
+        "{provider}: /.stacyvm/run shows more than the sandbox's own socket: {own:?}"
+    );
+    // The attempts above ran inside the sandbox: it keeps working.
+    ensure!(admin.sh(&a, "echo alive").await?.trim() == "alive");
+    ensure!(admin.sh(&b, "echo alive").await?.trim() == "alive");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_sandbox_cannot_reach_host_files_sockets_or_proc() -> Result<()> {
+    let (server, admin) = server_with("docker").await?;
+    let data = server.data_dir().display().to_string();
+    let extra = vec![
+        "cat /proc/1/root/etc/hostname; ls /proc/1/root/tmp".to_owned(),
+        "cat /proc/self/root/../../../tmp/svm-sec-host-*/secret".to_owned(),
+        "cat /proc/1/root/../../tmp/svm-sec-host-*/secret".to_owned(),
+        "cat /proc/1/cwd/../../tmp/svm-sec-host-*/secret".to_owned(),
+        format!("ls -la /proc/1/root{data}/docker"),
+        "for p in /proc/[0-9]*; do cat $p/root/tmp/svm-sec-host-*/secret; done".to_owned(),
+        "cat /sys/fs/cgroup/../../../tmp/svm-sec-host-*/secret".to_owned(),
+    ];
+    check_no_escape(&server, &admin, "docker", &extra).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_sandbox_resolves_paths_and_links_inside_its_root() -> Result<()> {
+    // Only what PRoot claims: path translation. `/proc/<pid>/root` is the
+    // host's and is documented as not contained.
+    let (server, admin) = server_with("proot").await?;
+    check_no_escape(&server, &admin, "proot", &[]).await
+}
+
+/// Plants symlinks to host paths inside the sandbox, then reads and writes
+/// through them with the file API: everything must stay inside.
+async fn check_file_api_symlinks(provider: &str) -> Result<()> {
+    let (_server, admin) = server_with(provider).await?;
+    let secret = HostSecret::new()?;
+    let id = admin.sandbox(provider).await?;
+    let f = secret.file().display().to_string();
+    let d = secret.dir().display().to_string();
+    admin
+        .sh(
+            &id,
+            &format!(
+                "mkdir -p /work && ln -s {f} /work/secret && ln -s / /work/root \
+                 && ln -s {d} /work/dir && ln -s /etc/shadow /work/shadow && ln -s /../../.. /work/up"
+            ),
+        )
+        .await?;
+    let q = |p: &str| format!("/v1/sandboxes/{id}/files?path={p}");
+    let host_shadow = std::fs::read("/etc/shadow").unwrap_or_default();
+
+    for path in [
+        "/work/secret".to_owned(),
+        format!("/work/root{f}"),
+        format!("/work/dir/secret"),
+        format!("/work/up{f}"),
+        format!("/../../..{f}"),
+        "/work/shadow".to_owned(),
+        "/work/root/etc/shadow".to_owned(),
+    ] {
+        let r = admin.get(&q(&path)).await?;
+        ensure!(
+            !r.text().contains(&secret.secret),
+            "{provider}: the file API read a host file through {path}"
+        );
+        if !host_shadow.is_empty() {
+            ensure!(
+                r.status != 200 || r.body != host_shadow,
+                "{provider}: the file API read the host's /etc/shadow through {path}"
+            );
+        }
+        if r.status != 200 {
+            r.err(r.status, r.json()?["error"]["code"].as_str().unwrap_or("?"))?;
+        }
+    }
+    let listed = admin
+        .get(&format!("/v1/sandboxes/{id}/files/list?path=/work/dir"))
+        .await?;
+    ensure!(
+        !listed.text().contains("\"secret\"") || listed.status != 200,
+        "{provider}: the file API listed a host directory: {}",
+        listed.text()
+    );
+    let glob = admin
+        .get(&format!(
+            "/v1/sandboxes/{id}/files/glob?pattern=/work/root{d}/*"
+        ))
+        .await?;
+    ensure!(
+        !glob.text().contains("secret"),
+        "{provider}: glob matched a host file: {}",
+        glob.text()
+    );
+    let stat = admin
+        .get(&format!("/v1/sandboxes/{id}/files/stat?path=/work/secret"))
+        .await?
+        .ok(200)?;
+    ensure!(stat["type"] == "symlink", "stat does not follow: {stat}");
+
+    // Writes through the planted links land inside the sandbox or fail.
+    for path in [
+        "/work/secret".to_owned(),
+        format!("/work/root{f}"),
+        format!("/work/dir/planted"),
+        format!("/work/up{d}/planted2"),
+    ] {
+        let r = admin.put_bytes(&q(&path), b"pwned".to_vec()).await?;
+        ensure!(
+            r.status == 201 || (400..500).contains(&r.status),
+            "{provider}: writing {path} gave {}: {}",
+            r.status,
+            r.text()
+        );
+    }
+    for (from, to) in [
+        ("/work/secret", format!("/work/dir/moved")),
+        ("/work/shadow", format!("/work/root{d}/moved2")),
+    ] {
+        let _ = admin
+            .post(
+                &format!("/v1/sandboxes/{id}/files/move"),
+                json!({"from": from, "to": to, "overwrite": true}),
+            )
+            .await?;
+    }
+    let _ = admin
+        .post(
+            &format!("/v1/sandboxes/{id}/files/chmod"),
+            json!({"path": format!("/work/root{f}"), "mode": "0777"}),
+        )
+        .await?;
+    let _ = admin
+        .delete(&format!("/v1/sandboxes/{id}/files?path=/work/root{f}"))
+        .await?;
+    secret.check_untouched()?;
+    let mode = std::fs::metadata(secret.file())?;
+    use std::os::unix::fs::PermissionsExt;
+    ensure!(
+        mode.permissions().mode() & 0o777 != 0o777,
+        "{provider}: chmod through a symlink reached the host file"
+    );
+    // And what was written is visible inside the sandbox, where it belongs.
+    let inside = admin
+        .sh(
+            &id,
+            &format!("cat {f} 2>/dev/null; cat {d}/planted 2>/dev/null; true"),
+        )
+        .await?;
+    ensure!(
+        inside.contains("pwned"),
+        "{provider}: the writes should have landed inside the sandbox: {inside:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_file_api_never_follows_planted_symlinks_out() -> Result<()> {
+    check_file_api_symlinks("docker").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_file_api_never_follows_planted_symlinks_out() -> Result<()> {
+    check_file_api_symlinks("proot").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_fork_bomb_is_stopped_by_the_pids_limit() -> Result<()> {
+    let (server, admin) = server_with("docker").await?;
+    let bomb = admin.sandbox("docker").await?;
+    let bystander = admin.sandbox("docker").await?;
+    let max = admin
+        .sh(
+            &bomb,
+            "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max",
+        )
+        .await?;
+    ensure!(max.trim() == "512", "the sandbox's pids limit: {max:?}");
+
+    let api = admin.clone();
+    let id = bomb.clone();
+    let task = tokio::spawn(async move {
+        api.post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": ["sh", "-c", "f() { f | f & }; f; sleep 30"], "timeout_s": 12}),
+        )
+        .await
+    });
+    // While the bomb runs: it hits the limit, and nothing else suffers.
+    let peak = eventually(
+        Duration::from_secs(30),
+        "the bomb to hit the pids limit",
+        || {
+            let server = &server;
+            let bomb = &bomb;
+            async move {
+                let n = docker_pids(server, bomb)?;
+                Ok((n >= 400).then_some(n))
+            }
+        },
+    )
+    .await?;
+    ensure!(peak <= 512, "the bomb exceeded the pids limit: {peak}");
+    ensure!(admin.sh(&bystander, "echo alive").await?.trim() == "alive");
+    let host = std::process::Command::new("sh")
+        .args(["-c", "echo host-ok"])
+        .output()
+        .context("the host cannot start a process during the fork bomb")?;
+    ensure!(String::from_utf8_lossy(&host.stdout).trim() == "host-ok");
+    let healthz = server.anonymous().get("/healthz").await?;
+    ensure!(
+        healthz.status == 200,
+        "the server stops serving during a fork bomb"
+    );
+
+    let out = task.await.context("the bomb task")??;
+    ensure!(
+        out.status == 200 || out.status >= 400,
+        "the bomb's exec answered {}",
+        out.status
+    );
+    if out.status == 200 {
+        let v = out.json()?;
+        ensure!(v["timed_out"] == true, "the bomb ends by its timeout: {v}");
+    }
+    // The bomb sandbox can still be destroyed cleanly.
+    admin.destroy(&bomb).await?;
+    ensure!(
+        !runtime_exists(&server, "docker", &bomb)?,
+        "the bomb's container is gone"
+    );
+    ensure!(admin.sh(&bystander, "echo alive").await?.trim() == "alive");
+    Ok(())
+}
+
+/// The number of processes in a sandbox's container, from the host.
+fn docker_pids(server: &Server, id: &str) -> Result<u64> {
+    let name = format!("stacyvm-{}-{id}", server.instance_id().unwrap_or_default());
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "--format", "{{.State.Pid}}", &name])
+        .output()
+        .context("docker inspect")?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .with_context(|| format!("the cgroups of {name} (pid {pid:?})"))?;
+    // cgroup v1 (`N:pids:/path`) or v2 (`0::/path`, mounted at the root or at `unified`).
+    let mut candidates = Vec::new();
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "pids") {
+            candidates.push(format!("/sys/fs/cgroup/pids{path}/pids.current"));
+        } else if controllers.is_empty() {
+            candidates.push(format!("/sys/fs/cgroup{path}/pids.current"));
+            candidates.push(format!("/sys/fs/cgroup/unified{path}/pids.current"));
+        }
+    }
+    let current = candidates
+        .iter()
+        .find_map(|c| std::fs::read_to_string(c).ok())
+        .ok_or_else(|| anyhow!("no pids.current for {name} among {candidates:?}"))?;
+    current
+        .trim()
+        .parse()
+        .with_context(|| format!("pids.current of {name}: {current:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_memory_hog_is_killed_by_the_memory_limit() -> Result<()> {
+    let (server, admin) = server_with("docker").await?;
+    let s = admin
+        .create_sandbox(json!({"image": "busybox", "provider": "docker", "memory_mb": 64}))
+        .await?;
+    let id = s["id"].as_str().unwrap_or_default().to_owned();
+    // dd allocates one 512 MiB block and fills it: far past 64 MiB.
+    let out = admin
+        .exec(
+            &id,
+            json!({"cmd": ["dd", "if=/dev/zero", "of=/dev/null", "bs=512M", "count=1"], "timeout_s": 60}),
+        )
+        .await?;
+    ensure!(
+        out["signal"] == 9 || out["exit_code"] == 137,
+        "the hog was killed by the OOM killer: {out}"
+    );
+    ensure!(out["timed_out"] == false, "{out}");
+    // The sandbox (its agent) survived, and so did the host and the server.
+    ensure!(admin.sh(&id, "echo alive").await?.trim() == "alive");
+    let st = admin.get(&format!("/v1/sandboxes/{id}")).await?.ok(200)?;
+    ensure!(st["state"] == "running", "{st}");
+    admin.destroy(&id).await?;
+    ensure!(!runtime_exists(&server, "docker", &id)?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_network_none_has_only_loopback() -> Result<()> {
+    let (_server, admin) = server_with("docker").await?;
+    let id = admin.sandbox("docker").await?;
+    let ifaces = admin.sh(&id, "ls /sys/class/net").await?;
+    ensure!(
+        ifaces.split_whitespace().collect::<Vec<_>>() == ["lo"],
+        "network none must have only lo: {ifaces:?}"
+    );
+    let dev = admin.sh(&id, "cat /proc/net/dev").await?;
+    let names: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    ensure!(names == ["lo"], "/proc/net/dev: {dev}");
+    let (out, text) = run(&admin, &id, "nc -w 2 1.1.1.1 80 </dev/null; echo rc=$?").await?;
+    ensure!(
+        !text.contains("rc=0"),
+        "a connection left a network-none sandbox: {out}"
+    );
+    Ok(())
+}
+
+async fn check_agent_kill(provider: &str) -> Result<()> {
+    let (server, admin) = server_with(provider).await?;
+    let id = admin.sandbox(provider).await?;
+    let other = admin.sandbox(provider).await?;
+    // The exec'd shell's parent is the agent.
+    let r = admin
+        .send(
+            admin
+                .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+                .json(&json!({"cmd": ["sh", "-c", "kill -9 $PPID; sleep 5"], "timeout_s": 30})),
+        )
+        .await?;
+    if r.status != 200 {
+        let code = r.json()?["error"]["code"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        r.err(r.status, &code)?;
+    }
+    let st = eventually(
+        Duration::from_secs(60),
+        "the sandbox to be reported failed",
+        || {
+            let admin = &admin;
+            let id = &id;
+            async move {
+                let v = admin.get(&format!("/v1/sandboxes/{id}")).await?.ok(200)?;
+                Ok(matches!(s(&v, "state")?, "failed" | "lost").then_some(v))
+            }
+        },
+    )
+    .await?;
+    ensure!(st["failure"].is_object(), "a failed sandbox says why: {st}");
+    let again = admin
+        .post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": ["true"]}),
+        )
+        .await?;
+    again.err(409, "conflict")?;
+    let r = admin.delete(&format!("/v1/sandboxes/{id}")).await?;
+    r.ok(204)?;
+    ensure!(
+        !runtime_exists(&server, provider, &id)?,
+        "{provider}: the dead sandbox's runtime is gone"
+    );
+    ensure!(
+        socket_dir_of(&server, &id).is_err(),
+        "{provider}: the dead sandbox's socket dir is gone"
+    );
+    ensure!(admin.sh(&other, "echo alive").await?.trim() == "alive");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_sandbox_that_kills_its_agent_is_failed_and_destroyable() -> Result<()> {
+    check_agent_kill("docker").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_sandbox_that_kills_its_agent_is_failed_and_destroyable() -> Result<()> {
+    check_agent_kill("proot").await
+}

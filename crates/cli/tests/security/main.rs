@@ -1,0 +1,17 @@
+//! StacyVM's security and reliability suite: attacks a real `stacyvm serve`
+//! the way untrusted sandbox code, other tenants and crashing hosts will —
+//! containment against the real Docker and PRoot providers, key and tenant
+//! refusals with their audit trail, and crashes and faults (kill -9, a
+//! stopped dockerd, a stopped PostgreSQL, a full disk). Each test starts its
+//! own server and private fixtures and leaves nothing behind.
+//!
+//! Needs root, dockerd, proot, PostgreSQL 15 binaries, and either
+//! `STACYVM_AGENT_BIN`, `STACYVM_TEST_IMAGE_TAR`, `STACYVM_TEST_POSTGRES_URL`
+//! or the scripts in `scripts/` that build and start them.
+//! Run: `cargo nextest run -p stacyvm --test security --no-fail-fast`.
+
+mod containment;
+mod faults;
+mod keys;
+#[allow(dead_code)]
+mod support;
