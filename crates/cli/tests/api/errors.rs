@@ -339,6 +339,48 @@ async fn unauthenticated_and_forbidden() -> Result<()> {
         .get(&format!("/v1/tenants/{tenant}/quota"))
         .await?
         .ok(200)?;
+    // A viewer may look at its tenant's sandbox but change nothing in it.
+    admin.import_busybox().await?;
+    let id = member.sandbox("proot").await?;
+    let base = format!("/v1/sandboxes/{id}");
+    viewer.get(&base).await?.ok(200)?;
+    viewer
+        .get(&format!("{base}/files/list?path=/"))
+        .await?
+        .ok(200)?;
+    viewer
+        .post(&format!("{base}/exec"), json!({"cmd": ["true"]}))
+        .await?
+        .err(403, "forbidden")?;
+    viewer
+        .post(&format!("{base}/exec/stream"), json!({"cmd": ["true"]}))
+        .await?
+        .err(403, "forbidden")?;
+    viewer
+        .put_bytes(&format!("{base}/files?path=/work/v"), b"v".to_vec())
+        .await?
+        .err(403, "forbidden")?;
+    viewer
+        .post(&format!("{base}/files/mkdir"), json!({"path": "/work/v"}))
+        .await?
+        .err(403, "forbidden")?;
+    viewer
+        .delete(&format!("{base}/files?path=/etc/hostname"))
+        .await?
+        .err(403, "forbidden")?;
+    viewer
+        .post(&format!("{base}/timeout"), json!({"timeout_s": 60}))
+        .await?
+        .err(403, "forbidden")?;
+    viewer
+        .post(&format!("{base}/pause"), json!({}))
+        .await?
+        .err(403, "forbidden")?;
+    viewer.delete(&base).await?.err(403, "forbidden")?;
+    ensure!(
+        member.get(&base).await?.ok(200)?["state"] == "running",
+        "the viewer changed nothing"
+    );
 
     // Refusals are audited: with no key, tenant_id is null and only admins see it.
     let denied = admin.audit("outcome=denied").await?;
@@ -681,6 +723,42 @@ async fn quota_exceeded_and_rate_limited() -> Result<()> {
         )
         .await?
         .err(429, "quota_exceeded")?;
+
+    // CPU and memory count what live sandboxes hold.
+    let (cpu_tenant, cpu_member) = admin.tenant_with("member").await?;
+    admin
+        .put(
+            &format!("/v1/tenants/{cpu_tenant}/quota"),
+            json!({"max_cpu": 1.5, "max_memory_mb": 700}),
+        )
+        .await?
+        .ok(200)?;
+    let first = cpu_member
+        .create_sandbox(
+            json!({"image": "busybox", "provider": "proot", "cpu": 1, "memory_mb": 256}),
+        )
+        .await?;
+    cpu_member
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "proot", "cpu": 1, "memory_mb": 256}),
+        )
+        .await?
+        .err(429, "quota_exceeded")?;
+    cpu_member
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "proot", "cpu": 0.5, "memory_mb": 512}),
+        )
+        .await?
+        .err(429, "quota_exceeded")?;
+    let second = cpu_member
+        .create_sandbox(
+            json!({"image": "busybox", "provider": "proot", "cpu": 0.5, "memory_mb": 444}),
+        )
+        .await?;
+    cpu_member.destroy(s(&first, "id")?).await?;
+    cpu_member.destroy(s(&second, "id")?).await?;
 
     for _ in 0..3 {
         member.sh(&id, "true").await?;

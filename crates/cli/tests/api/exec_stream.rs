@@ -158,3 +158,48 @@ async fn a_client_that_disconnects_kills_the_command() -> Result<()> {
     }
     Ok(())
 }
+
+/// Output past the cap (16 MiB per stream by default) is cut and flagged;
+/// the other stream is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_beyond_the_cap_is_cut_and_flagged() -> Result<()> {
+    let server = Server::start(
+        crate::support::ServerOptions::new(crate::support::StoreKind::Sqlite).providers("proot"),
+    )?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let id = admin.sandbox("proot").await?;
+    let cap = 16 * 1024 * 1024;
+    let out = admin
+        .exec(
+            &id,
+            json!({"cmd": ["sh", "-c", "yes | head -c 17825792; echo done >&2"]}),
+        )
+        .await?;
+    let stdout = out["stdout"].as_str().unwrap_or_default();
+    ensure!(
+        out["stdout_truncated"] == true,
+        "17 MiB of output is over the cap: truncated flag {}",
+        out["stdout_truncated"]
+    );
+    ensure!(
+        stdout.len() <= cap && stdout.len() >= cap / 2,
+        "stdout kept {} bytes",
+        stdout.len()
+    );
+    ensure!(
+        stdout.bytes().all(|b| b == b'y' || b == b'\n'),
+        "the kept output is the output"
+    );
+    ensure!(
+        out["stderr"] == "done\n" && out["stderr_truncated"] == false,
+        "stderr: {}",
+        out["stderr"]
+    );
+    ensure!(
+        out["exit_code"] == 0,
+        "the command still runs to its end: {}",
+        out["exit_code"]
+    );
+    Ok(())
+}

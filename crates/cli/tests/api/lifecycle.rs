@@ -340,3 +340,140 @@ async fn health_metrics_openapi_status_workers_and_drain() -> Result<()> {
     member.destroy(&id).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_streams_until_the_sandbox_ends() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("proot"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let id = member.sandbox("proot").await?;
+
+    let resp = member
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{id}/logs?follow=true"),
+        )
+        .send()
+        .await?;
+    ensure!(resp.status() == 200, "follow: {}", resp.status());
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    ensure!(
+        ct.starts_with("text/event-stream"),
+        "follow answers SSE, not {ct:?}"
+    );
+    let mut sse = crate::support::Sse::from_response(resp);
+    let first = sse
+        .next_event()
+        .await?
+        .ok_or_else(|| anyhow!("no log line"))?;
+    ensure!(
+        first.data["source"] == "lifecycle" && first.data["ts"].is_string(),
+        "{first:?}"
+    );
+    member.destroy(&id).await?;
+    // The stream ends by itself once the sandbox is gone, its last line saying so.
+    let rest = sse.collect().await?;
+    let last = rest.last().map(|e| e.data.clone()).unwrap_or(first.data);
+    ensure!(
+        last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("destroyed")),
+        "the followed log ends with the destroy: {rest:?}"
+    );
+    Ok(())
+}
+
+/// A runtime removed behind the server's back is noticed: the sandbox ends
+/// up `lost` (or `failed`) with a reason, and refuses exec.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_that_vanishes_is_reported() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let id = member.sandbox("docker").await?;
+    let containers = crate::support::docker_containers_of(&id)?;
+    ensure!(containers.len() == 1, "{containers:?}");
+    let out = std::process::Command::new("docker")
+        .args(["rm", "-f", &containers[0]])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "docker rm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let member_ref = &member;
+    let id_ref = &id;
+    let sb = eventually(
+        Duration::from_secs(90),
+        "the sandbox to be marked lost",
+        || async move {
+            let sb = member_ref
+                .get(&format!("/v1/sandboxes/{id_ref}"))
+                .await?
+                .ok(200)?;
+            Ok(matches!(sb["state"].as_str(), Some("lost" | "failed")).then_some(sb))
+        },
+    )
+    .await?;
+    ensure!(
+        sb["failure"]["code"].is_string() && sb["failure"]["message"].is_string(),
+        "{sb}"
+    );
+    member
+        .post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": ["true"]}),
+        )
+        .await?
+        .err(409, "conflict")?;
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    ensure!(st["sandboxes"]["running"] == 0, "{st}");
+    member
+        .delete(&format!("/v1/sandboxes/{id}"))
+        .await?
+        .ok(204)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_sandbox_still_expires() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let sb = member
+        .create_sandbox(json!({"image": "busybox", "provider": "docker", "timeout_s": 3}))
+        .await?;
+    let id = s(&sb, "id")?.to_owned();
+    member
+        .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+        .await?
+        .ok(200)?;
+    let member_ref = &member;
+    let id_ref = &id;
+    eventually(
+        Duration::from_secs(60),
+        "the paused sandbox to expire",
+        || async move {
+            let sb = member_ref
+                .get(&format!("/v1/sandboxes/{id_ref}"))
+                .await?
+                .ok(200)?;
+            Ok((sb["state"] == "destroyed").then_some(()))
+        },
+    )
+    .await?;
+    ensure!(
+        !runtime_exists(&server, "docker", &id)?,
+        "an expired paused sandbox leaves no container"
+    );
+    Ok(())
+}

@@ -69,7 +69,7 @@ async fn core_path(store: StoreKind, provider: &str) -> Result<()> {
     let sb = member
         .create_sandbox(json!({
             "image": "busybox", "provider": provider, "labels": {"suite": "api"},
-            "env": {"GREETING": "hello"}, "cpu": 0.5, "memory_mb": 256, "timeout_s": 600,
+            "env": {"GREETING": "hello"}, "cpu": 0.5, "memory_mb": 256, "timeout_s": 600, "workdir": "/tmp",
         }))
         .await?;
     let id = s(&sb, "id")?.to_owned();
@@ -136,10 +136,15 @@ async fn core_path(store: StoreKind, provider: &str) -> Result<()> {
     let out = member
         .exec(
             &id,
-            json!({"cmd": ["pwd"], "cwd": "/tmp", "env": {"X": "1"}}),
+            json!({"cmd": ["sh", "-c", "pwd; echo $X"], "cwd": "/etc", "env": {"X": "1"}}),
         )
         .await?;
-    ensure!(out["stdout"] == "/tmp\n", "{out}");
+    ensure!(out["stdout"] == "/etc\n1\n", "cwd and env per exec: {out}");
+    let out = member.exec(&id, json!({"cmd": ["pwd"]})).await?;
+    ensure!(
+        out["stdout"] == "/tmp\n",
+        "the sandbox's workdir is the default cwd: {out}"
+    );
     let out = member
         .exec(&id, json!({"cmd": ["/no/such/program"]}))
         .await?;

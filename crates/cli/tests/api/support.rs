@@ -950,10 +950,17 @@ impl Api {
             ct.starts_with("text/event-stream"),
             "a stream answers text/event-stream, not {ct:?}"
         );
-        Ok(Ok(Sse {
+        Ok(Ok(Sse::from_response(resp)))
+    }
+}
+
+impl Sse {
+    /// Reads the events of an answer already known to be `text/event-stream`.
+    pub fn from_response(resp: reqwest::Response) -> Sse {
+        Sse {
             stream: Box::pin(resp.bytes_stream().map(|r| r.map(|b| b.to_vec()))),
             buf: Vec::new(),
-        }))
+        }
     }
 }
 

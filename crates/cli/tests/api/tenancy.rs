@@ -51,9 +51,23 @@ async fn idempotent_create_returns_the_first_sandbox() -> Result<()> {
         "{theirs}"
     );
 
+    // Concurrent repeats of one key still make one sandbox.
+    let racing: Vec<_> = (0..8)
+        .map(|_| create_with_key(&member, "api-test-idem-race"))
+        .collect();
+    let answers = futures_util::future::join_all(racing).await;
+    let mut race_ids = std::collections::BTreeSet::new();
+    for a in answers {
+        race_ids.insert(a?.1["id"].as_str().unwrap_or_default().to_owned());
+    }
+    ensure!(
+        race_ids.len() == 1,
+        "8 concurrent creates with one key made {race_ids:?}"
+    );
+
     let mine = member.get("/v1/sandboxes").await?.ok(200)?;
     ensure!(
-        mine["sandboxes"].as_array().map(Vec::len) == Some(2),
+        mine["sandboxes"].as_array().map(Vec::len) == Some(3),
         "no duplicate was made: {mine}"
     );
     let creates = admin.audit("action=sandbox.create").await?;
