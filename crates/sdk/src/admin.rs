@@ -8,7 +8,7 @@ use time::format_description::well_known::Rfc3339;
 use tokio::io::AsyncRead;
 use tokio_util::io::ReaderStream;
 
-use crate::client::{Deadline, Retry};
+use crate::client::{Deadline, Retry, UPLOAD_CHUNK};
 use crate::models::*;
 use crate::{Client, Error, Result};
 
@@ -47,7 +47,10 @@ impl Client {
         R: AsyncRead + Send + 'static,
     {
         let url = self.url(&["v1", "images"], &[("name", name.to_owned())])?;
-        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::new(reader))));
+        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::with_capacity(
+            reader,
+            UPLOAD_CHUNK,
+        ))));
         self.send_json(Retry::Once, || {
             let b = body
                 .lock()

@@ -14,6 +14,10 @@ use crate::error::{ApiError, Error, Result};
 /// Where the client talks to when nothing says otherwise.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
 
+/// Read size of streamed uploads: large enough to keep the transfer
+/// efficient, small enough that memory use stays flat.
+pub(crate) const UPLOAD_CHUNK: usize = 64 * 1024;
+
 /// How transient failures of idempotent calls are retried.
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {

@@ -42,7 +42,7 @@ pub enum Error {
         request_id: Option<String>,
     },
     /// The server could not be reached, or the connection broke.
-    #[error("cannot reach the StacyVM server at {url}")]
+    #[error("the connection to the StacyVM server at {url} failed")]
     Transport {
         url: String,
         #[source]

@@ -11,7 +11,7 @@ use reqwest::{Body, Method};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
-use crate::client::{Deadline, Retry};
+use crate::client::{Deadline, Retry, UPLOAD_CHUNK};
 use crate::models::*;
 use crate::{Client, Error, Result};
 
@@ -43,7 +43,10 @@ impl Client {
     {
         let url = self.url(&["v1", "sandboxes", id, "files"], &mode_query(path, mode))?;
         // The body can be taken only once; a second attempt never happens (Retry::Once).
-        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::new(reader))));
+        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::with_capacity(
+            reader,
+            UPLOAD_CHUNK,
+        ))));
         self.send_json(Retry::Once, || {
             let b = body
                 .lock()
@@ -91,7 +94,7 @@ impl Client {
         self.send_json(Retry::Idempotent, || {
             let f = std::fs::File::open(&local)
                 .map_err(|e| Error::io(format!("cannot open {}", local.display()), e))?;
-            let stream = ReaderStream::new(tokio::fs::File::from_std(f));
+            let stream = ReaderStream::with_capacity(tokio::fs::File::from_std(f), UPLOAD_CHUNK);
             Ok(self
                 .request(Method::PUT, url.clone(), Deadline::Streaming)
                 .header("Content-Type", "application/octet-stream")

@@ -199,7 +199,8 @@ async fn sandbox_commands_cover_the_lifecycle_and_exec_exit_codes() -> Result<()
     let out = run(server.cli().args(["status", "--url", "http://127.0.0.1:9"]))?;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr_of(&out).contains("cannot reach the StacyVM server"),
+        stderr_of(&out)
+            .contains("the connection to the StacyVM server at http://127.0.0.1:9 failed"),
         "{}",
         stderr_of(&out)
     );
@@ -285,35 +286,35 @@ async fn create_rm_runs_one_command_and_removes_the_sandbox() -> Result<()> {
     Ok(())
 }
 
-/// The peak resident memory (VmHWM, bytes) of a running process, polled
-/// until it exits; returns it with the exit status.
+/// Runs `cmd` to the end and returns its exit status, its peak resident
+/// memory in bytes (the kernel's `ru_maxrss`, exact however short the
+/// process lives) and its stderr.
 fn run_measuring_peak(
     mut cmd: std::process::Command,
 ) -> Result<(std::process::ExitStatus, u64, String)> {
+    use std::os::unix::process::ExitStatusExt;
     let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
-    let status_file = format!("/proc/{}/status", child.id());
-    let mut peak_kib = 0u64;
-    let status = loop {
-        if let Ok(text) = std::fs::read_to_string(&status_file) {
-            if let Some(kib) = text
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                peak_kib = peak_kib.max(kib);
-            }
-        }
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut err)?;
-    }
-    Ok((status, peak_kib * 1024, err))
+    let mut stderr = child.stderr.take().context("stderr piped")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let pid = libc::pid_t::try_from(child.id())?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet reaped (std never waits for
+    // it after this), and both out-pointers point to live locals.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    ensure!(
+        rc == pid,
+        "wait4 failed: {}",
+        std::io::Error::last_os_error()
+    );
+    let err = reader.join().unwrap_or_default();
+    let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024;
+    Ok((std::process::ExitStatus::from_raw(status), peak, err))
 }
 
 /// Writes `len` pseudo-random bytes (xorshift) to `path`, a MiB at a time.
@@ -632,6 +633,20 @@ async fn operator_commands_manage_tenants_keys_quotas_and_report() -> Result<()>
         "draining"
     );
 
+    // An image live sandboxes use cannot go; once they are destroyed it can.
+    let out = run(server.cli().args(["image", "rm", IMAGE]))?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("(conflict, request id "),
+        "{}",
+        stderr_of(&out)
+    );
+    let ids = server.ok(&["sandbox", "ls", "-q", "--state", "running"])?;
+    let ids: Vec<&str> = ids.lines().collect();
+    assert_eq!(ids.len(), 1);
+    let mut rm = vec!["sandbox", "rm"];
+    rm.extend(&ids);
+    server.ok(&rm)?;
     assert_eq!(server.ok(&["image", "rm", IMAGE])?.trim(), IMAGE);
     let out = run(server.cli().args(["image", "get", IMAGE]))?;
     assert!(
