@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use stacyvm_sdk::{SandboxFilter, SandboxState};
