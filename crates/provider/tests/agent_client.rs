@@ -374,6 +374,33 @@ async fn dropping_a_read_cancels_it_and_the_connection_goes_on() -> anyhow::Resu
     Ok(())
 }
 
+#[tokio::test]
+async fn a_stalled_consumer_holds_back_only_its_own_request() -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    let c = &agent.client;
+    let data = pseudo_random(8 * 1024 * 1024);
+    std::fs::write(agent.host("/big"), &data)?;
+    let mut read = c.file_read("/big").await?;
+    let mut got = read.next().await.context("a first chunk")??.to_vec();
+    let mut noisy = c
+        .exec_stream(cmd(&["sh", "-c", "head -c 50000000 /dev/zero"]))
+        .await?;
+    let first = noisy.next().await.context("a first output chunk")??;
+    assert!(matches!(first, ExecEvent::Stdout(_)));
+    // Neither stream is read now; the connection must still serve others.
+    for i in 0..5 {
+        let out = c.exec(cmd(&["echo", &i.to_string()])).await?;
+        assert_eq!(out.stdout, format!("{i}\n").into_bytes());
+        assert_eq!(c.file_stat("/big").await?.size, data.len() as u64);
+    }
+    drop(noisy);
+    while let Some(chunk) = read.next().await {
+        got.extend_from_slice(&chunk?);
+    }
+    assert!(got == data, "the stalled read did not resume intact");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_requests_share_one_connection() -> anyhow::Result<()> {
     let agent = Agent::socket().await?;
