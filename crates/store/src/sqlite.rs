@@ -16,7 +16,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, Connection, Sqlite, Transaction};
 use stacyvm_core::{Error, KeyId, Result, SandboxId, TenantId, WorkerId};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, MutexGuard};
@@ -89,6 +89,13 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(BUSY_TIMEOUT)
+            // An idle connection is never inside a transaction. When a COMMIT
+            // fails because the disk is full, SQLite rolls the transaction back
+            // by itself, sqlx's own ROLLBACK then fails, and sqlx keeps counting
+            // the transaction as open: every later BEGIN on that connection
+            // would fail. Such a connection is closed instead of reused (the
+            // ping before this hook has flushed any queued rollback).
+            .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(options)
             .await
             .map_err(|e| {
