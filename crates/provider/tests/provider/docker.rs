@@ -638,6 +638,21 @@ async fn bad_specs_are_refused_before_anything_is_made() -> Result<()> {
         h.provider.spawn(&s).await,
         Err(Error::InvalidRequest(_))
     ));
+    // More CPUs than the host has: Docker refuses it, and its reason is
+    // passed on as a client error; the half-made sandbox is removed.
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.cpu = 4096.0;
+    match h.provider.spawn(&s).await {
+        Err(Error::InvalidRequest(m)) => assert!(m.to_lowercase().contains("cpu"), "{m}"),
+        other => bail!("expected invalid_request, got {other:?}"),
+    }
+    assert_gone(&h, &s.sandbox_id)?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.cpu = f64::INFINITY;
+    assert!(matches!(
+        h.provider.spawn(&s).await,
+        Err(Error::InvalidRequest(_))
+    ));
     let mut s = spec(DAEMON_TEST_IMAGE);
     s.env.insert("A=B".into(), "x".into());
     assert!(matches!(
@@ -910,6 +925,17 @@ async fn destroy_is_idempotent_and_survives_removal_behind_its_back() -> Result<
     );
     h.provider.destroy(&s.sandbox_id).await?;
     assert_gone(&h, &s.sandbox_id)?;
+
+    // A paused sandbox is destroyed as well.
+    let s = spec(DAEMON_TEST_IMAGE);
+    h.provider.spawn(&s).await?;
+    h.provider.pause(&s.sandbox_id).await?;
+    h.provider.destroy(&s.sandbox_id).await?;
+    assert_gone(&h, &s.sandbox_id)?;
+    assert!(matches!(
+        h.provider.resume(&s.sandbox_id).await,
+        Err(Error::NotFound(_))
+    ));
     Ok(())
 }
 
