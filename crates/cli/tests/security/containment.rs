@@ -229,7 +229,7 @@ async fn check_file_api_symlinks(provider: &str) -> Result<()> {
     for path in [
         "/work/secret".to_owned(),
         format!("/work/root{f}"),
-        format!("/work/dir/secret"),
+        "/work/dir/secret".to_owned(),
         format!("/work/up{f}"),
         format!("/../../..{f}"),
         "/work/shadow".to_owned(),
@@ -278,7 +278,7 @@ async fn check_file_api_symlinks(provider: &str) -> Result<()> {
     for path in [
         "/work/secret".to_owned(),
         format!("/work/root{f}"),
-        format!("/work/dir/planted"),
+        "/work/dir/planted".to_owned(),
         format!("/work/up{d}/planted2"),
     ] {
         let r = admin.put_bytes(&q(&path), b"pwned".to_vec()).await?;
@@ -290,7 +290,7 @@ async fn check_file_api_symlinks(provider: &str) -> Result<()> {
         );
     }
     for (from, to) in [
-        ("/work/secret", format!("/work/dir/moved")),
+        ("/work/secret", "/work/dir/moved".to_owned()),
         ("/work/shadow", format!("/work/root{d}/moved2")),
     ] {
         let _ = admin
