@@ -203,3 +203,78 @@ async fn output_beyond_the_cap_is_cut_and_flagged() -> Result<()> {
     );
     Ok(())
 }
+
+/// Many commands at once on one sandbox each get their own output.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_execs_keep_their_outputs_apart() -> Result<()> {
+    let server = Server::start_default()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    for provider in ["docker", "proot"] {
+        let id = admin.sandbox(provider).await?;
+        let runs = (0..16).map(|i| {
+            let admin = admin.clone();
+            let id = id.clone();
+            async move {
+                let script =
+                    format!("for j in 1 2 3; do echo {i}-$j; done; echo err-{i} >&2; exit {i}");
+                let out = admin
+                    .exec(&id, json!({"cmd": ["sh", "-c", script]}))
+                    .await?;
+                ensure!(out["exit_code"] == i, "{provider} run {i}: {out}");
+                ensure!(
+                    out["stdout"] == format!("{i}-1\n{i}-2\n{i}-3\n").as_str(),
+                    "{provider} run {i}: {out}"
+                );
+                ensure!(
+                    out["stderr"] == format!("err-{i}\n").as_str(),
+                    "{provider} run {i}: {out}"
+                );
+                Ok::<_, anyhow::Error>(())
+            }
+        });
+        for r in futures_util::future::join_all(runs).await {
+            r?;
+        }
+        admin.destroy(&id).await?;
+    }
+    Ok(())
+}
+
+/// A stream whose sandbox is destroyed under it still ends properly: the
+/// last event is `exit` or `error`, and the stream closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_cleanly_when_its_sandbox_is_destroyed() -> Result<()> {
+    let server = Server::start_default()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    for provider in ["docker", "proot"] {
+        let id = admin.sandbox(provider).await?;
+        let mut sse = open(&admin, &id, "echo up; sleep 60; echo never").await?;
+        let first = sse
+            .next_event()
+            .await?
+            .ok_or_else(|| anyhow!("{provider}: no output"))?;
+        ensure!(first.data["data"] == "up\n", "{provider}: {first:?}");
+        admin.destroy(&id).await?;
+        let rest = sse.collect().await?;
+        let last = rest
+            .last()
+            .ok_or_else(|| anyhow!("{provider}: the stream ended without exit or error"))?;
+        ensure!(
+            last.event == "exit" || last.event == "error",
+            "{provider}: last event {last:?}"
+        );
+        ensure!(
+            !rest.iter().any(|e| e.data["data"] == "never\n"),
+            "{provider}: the command outlived its sandbox: {rest:?}"
+        );
+        if last.event == "error" {
+            ensure!(
+                last.data["code"].is_string() && last.data["message"].is_string(),
+                "{last:?}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -64,6 +64,17 @@ async fn upload_download_and_file_operations() -> Result<()> {
         copied.body == big,
         "a copy made inside reads back identical (md5 inside {sum_inside})"
     );
+    // Uploads are not JSON bodies: the 10 MiB JSON limit does not apply.
+    let bigger = noise(12 * 1024 * 1024 + 3, 9);
+    let entry = member
+        .put_bytes(&f("?path=/work/bigger.bin"), bigger.clone())
+        .await?
+        .ok(201)?;
+    ensure!(entry["size"] == bigger.len(), "{entry}");
+    ensure!(
+        member.get(&f("?path=/work/bigger.bin")).await?.body == bigger,
+        "the 12 MiB download differs from the upload"
+    );
     // Replace: a write over an existing file truncates it.
     member
         .put_bytes(&f("?path=/work/copy.bin"), b"short".to_vec())

@@ -393,6 +393,12 @@ async fn restart_keeps_sandboxes_and_audit(store: StoreKind) -> Result<()> {
             .ok(201)?;
         member.sh(id, "echo before").await?;
     }
+    // One that is due to expire while the server is down: the restarted
+    // server must still destroy it.
+    let short = member
+        .create_sandbox(json!({"image": "busybox", "provider": "proot", "timeout_s": 3}))
+        .await?;
+    let short = s(&short, "id")?.to_owned();
     let before = ids_of(&admin.audit("").await?);
     ensure!(
         before.len() >= 7,
@@ -415,6 +421,25 @@ async fn restart_keeps_sandboxes_and_audit(store: StoreKind) -> Result<()> {
     ensure!(
         missing.is_empty(),
         "audit events lost by kill -9: {missing:?}"
+    );
+
+    let member_ref = &member;
+    let short_ref = &short;
+    eventually(
+        Duration::from_secs(60),
+        "the due sandbox to expire after the restart",
+        || async move {
+            let sb = member_ref
+                .get(&format!("/v1/sandboxes/{short_ref}"))
+                .await?
+                .ok(200)?;
+            Ok((sb["state"] == "destroyed").then_some(()))
+        },
+    )
+    .await?;
+    ensure!(
+        !runtime_exists(&server, "proot", &short)?,
+        "the expired sandbox left its runtime"
     );
 
     // Graceful shutdown: exit 0, sandboxes kept.
