@@ -9,6 +9,7 @@
 mod errors;
 mod exec_stream;
 mod files;
+mod harness;
 mod images;
 mod lifecycle;
 mod per_store;
