@@ -414,7 +414,17 @@ impl ProotProvider {
         let mut bind_run = meta.run_dir.as_os_str().to_owned();
         bind_run.push(":");
         bind_run.push(GUEST_RUN_DIR);
-        let mut bind_agent = self.cfg.agent_bin.as_os_str().to_owned();
+        // Each sandbox runs its own copy of the agent. PRoot has no read-only
+        // binds: a bind of the shared binary would let any sandbox rewrite or
+        // delete the agent that every other sandbox starts.
+        let agent_copy = dir.join("agent");
+        std::fs::copy(&self.cfg.agent_bin, &agent_copy).map_err(|e| {
+            Error::internal(
+                format_args!("copying the agent to {}", agent_copy.display()),
+                e,
+            )
+        })?;
+        let mut bind_agent = agent_copy.as_os_str().to_owned();
         bind_agent.push(":");
         bind_agent.push(GUEST_AGENT);
 
