@@ -12,7 +12,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::support::{
-    eventually, random_hex, runtime_exists, s, Api, Server, ServerOptions, StoreKind,
+    agent_bin, eventually, random_hex, runtime_exists, s, Api, Server, ServerOptions, StoreKind,
 };
 
 /// A host directory holding a secret file that no sandbox may read or change.
@@ -61,6 +61,49 @@ async fn server_with(providers: &str) -> Result<(Server, Api)> {
     let admin = server.admin();
     admin.import_busybox().await?;
     Ok((server, admin))
+}
+
+/// A private copy of the agent binary that the sandboxes see at
+/// `/.stacyvm/agent`, so a test can check that no sandbox changed it.
+struct AgentCopy {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    original: Vec<u8>,
+    mode: u32,
+}
+
+impl AgentCopy {
+    fn new() -> Result<AgentCopy> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("svm-sec-agent-")
+            .tempdir()?;
+        let path = dir.path().join("stacyvm-agent");
+        std::fs::copy(agent_bin()?, &path).context("copying the agent")?;
+        let original = std::fs::read(&path)?;
+        let mode = std::fs::metadata(&path)?.permissions().mode();
+        Ok(AgentCopy {
+            _dir: dir,
+            path,
+            original,
+            mode,
+        })
+    }
+
+    fn check_untouched(&self, provider: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&self.path)
+            .with_context(|| format!("{provider}: a sandbox removed the host's agent binary"))?;
+        ensure!(
+            meta.permissions().mode() == self.mode,
+            "{provider}: a sandbox changed the mode of the host's agent binary"
+        );
+        ensure!(
+            std::fs::read(&self.path)? == self.original,
+            "{provider}: a sandbox changed the host's agent binary"
+        );
+        Ok(())
+    }
 }
 
 /// Runs `script` under `sh -c`, whatever its exit code; stdout + stderr.
@@ -128,13 +171,30 @@ fn escape_script(secret: &HostSecret, other_socket_dir: &Path, extra: &[String])
         .join("\n")
 }
 
-async fn check_no_escape(
-    server: &Server,
-    admin: &Api,
-    provider: &str,
-    extra: &[String],
-) -> Result<()> {
+async fn check_no_escape(provider: &str, extra: &[String]) -> Result<()> {
+    let agent = AgentCopy::new()?;
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers(provider)
+            .env("STACYVM_AGENT_BIN", &agent.path.display().to_string()),
+    )?;
+    let admin = &server.admin();
+    admin.import_busybox().await?;
+    let server = &server;
     let secret = HostSecret::new()?;
+    // The agent is the one host file every sandbox sees: it must stay read-only.
+    let mut extra = extra.to_vec();
+    extra.extend(
+        [
+            "echo pwned >> /.stacyvm/agent",
+            "ln /.stacyvm/agent /tmp/agent-hard && echo pwned >> /tmp/agent-hard",
+            "chmod 777 /.stacyvm/agent",
+            "rm -f /.stacyvm/agent",
+            "mv /.stacyvm/agent /tmp/agent-moved",
+        ]
+        .map(str::to_owned),
+    );
+    let extra = &extra[..];
     let a = admin.sandbox(provider).await?;
     let b = admin.sandbox(provider).await?;
     let b_dir = socket_dir_of(server, &b)?;
@@ -170,6 +230,7 @@ async fn check_no_escape(
         "{provider}: the Docker socket is visible in the sandbox"
     );
     secret.check_untouched()?;
+    agent.check_untouched(provider)?;
     // The sandbox's own socket dir holds its own socket only.
     let own = admin.sh(&a, "ls /.stacyvm/run").await?;
     ensure!(
@@ -184,26 +245,23 @@ async fn check_no_escape(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_sandbox_cannot_reach_host_files_sockets_or_proc() -> Result<()> {
-    let (server, admin) = server_with("docker").await?;
-    let data = server.data_dir().display().to_string();
     let extra = vec![
         "cat /proc/1/root/etc/hostname; ls /proc/1/root/tmp".to_owned(),
         "cat /proc/self/root/../../../tmp/svm-sec-host-*/secret".to_owned(),
         "cat /proc/1/root/../../tmp/svm-sec-host-*/secret".to_owned(),
         "cat /proc/1/cwd/../../tmp/svm-sec-host-*/secret".to_owned(),
-        format!("ls -la /proc/1/root{data}/docker"),
+        "ls -la /proc/1/root/tmp/svm-sec-*/docker".to_owned(),
         "for p in /proc/[0-9]*; do cat $p/root/tmp/svm-sec-host-*/secret; done".to_owned(),
         "cat /sys/fs/cgroup/../../../tmp/svm-sec-host-*/secret".to_owned(),
     ];
-    check_no_escape(&server, &admin, "docker", &extra).await
+    check_no_escape("docker", &extra).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn proot_sandbox_resolves_paths_and_links_inside_its_root() -> Result<()> {
     // Only what PRoot claims: path translation. `/proc/<pid>/root` is the
     // host's and is documented as not contained.
-    let (server, admin) = server_with("proot").await?;
-    check_no_escape(&server, &admin, "proot", &[]).await
+    check_no_escape("proot", &[]).await
 }
 
 /// Plants symlinks to host paths inside the sandbox, then reads and writes
