@@ -477,3 +477,49 @@ async fn a_paused_sandbox_still_expires() -> Result<()> {
     );
     Ok(())
 }
+
+/// On a host where PRoot cannot freeze a sandbox (no cgroup v2), pause and
+/// resume answer `409 unsupported`, and the sandbox keeps running.
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_is_unsupported_where_the_provider_cannot_pause() -> Result<()> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("proot")
+            .without_cgroups(),
+    )?;
+    let admin = server.admin();
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    let detail = st["providers"][0]["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        !detail.contains("a cgroup v2 per sandbox"),
+        "the server still sees cgroups: {detail}"
+    );
+    admin.import_busybox().await?;
+    let id = admin.sandbox("proot").await?;
+    let e = admin
+        .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+        .await?
+        .err(409, "unsupported")?;
+    ensure!(e.message.contains("pause"), "{e:?}");
+    // Resuming a running sandbox is a no-op, as pausing a paused one is.
+    let sb = admin
+        .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+        .await?
+        .ok(200)?;
+    ensure!(sb["state"] == "running", "{sb}");
+    let sb = admin.get(&format!("/v1/sandboxes/{id}")).await?.ok(200)?;
+    ensure!(
+        sb["state"] == "running",
+        "a refused pause changes nothing: {sb}"
+    );
+    admin.sh(&id, "true").await?;
+    admin.destroy(&id).await?;
+    ensure!(
+        !runtime_exists(&server, "proot", &id)?,
+        "destroy without cgroups leaves nothing"
+    );
+    Ok(())
+}

@@ -189,6 +189,9 @@ pub struct ServerOptions {
     /// `--providers`; the server default (docker,proot) when `None`.
     pub providers: Option<String>,
     pub env: Vec<(String, String)>,
+    /// Run the server in a private mount namespace without any cgroup v2
+    /// hierarchy, as on a host without usable cgroups.
+    pub without_cgroups: bool,
 }
 
 impl ServerOptions {
@@ -197,7 +200,13 @@ impl ServerOptions {
             store,
             providers: None,
             env: Vec::new(),
+            without_cgroups: false,
         }
+    }
+
+    pub fn without_cgroups(mut self) -> ServerOptions {
+        self.without_cgroups = true;
+        self
     }
 
     pub fn providers(mut self, p: &str) -> ServerOptions {
@@ -210,6 +219,15 @@ impl ServerOptions {
         self
     }
 }
+
+/// Unmounts every cgroup v2 hierarchy (in the private mount namespace the
+/// server runs in), then runs the server.
+const UNMOUNT_CGROUPS_THEN_EXEC: &str = r#"
+for m in $(awk '{for (i = 7; i < NF; i++) if ($i == "-") { if ($(i+1) == "cgroup2") print $5; break }}' /proc/self/mountinfo); do
+    umount -l "$m" || exit 97
+done
+exec "$@"
+"#;
 
 /// A running `stacyvm serve`. Dropping it destroys every sandbox it made
 /// (through the API, then straight through the providers as a fallback),
@@ -272,7 +290,23 @@ impl Server {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stacyvm"));
+        let mut cmd = if self.opts.without_cgroups {
+            // unshare and sh both exec, so the child's pid stays the server's.
+            let mut c = Command::new("unshare");
+            c.args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                UNMOUNT_CGROUPS_THEN_EXEC,
+                "serve-without-cgroups",
+            ])
+            .arg(env!("CARGO_BIN_EXE_stacyvm"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
