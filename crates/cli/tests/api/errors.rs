@@ -858,3 +858,39 @@ async fn unconfigured_and_unhealthy_providers() -> Result<()> {
     );
     Ok(())
 }
+
+/// A runtime frozen behind the server's back (`docker pause` on its
+/// container) cannot finish an exec: the call ends with `504 timeout`
+/// instead of hanging, and the sandbox works again once thawed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_runtime_gives_504_timeout() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let id = admin.sandbox("docker").await?;
+    admin.sh(&id, "true").await?;
+    let containers = crate::support::docker_containers_of(&id)?;
+    ensure!(containers.len() == 1, "{containers:?}");
+    let docker = |verb: &str| -> Result<()> {
+        let out = std::process::Command::new("docker")
+            .args([verb, &containers[0]])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "docker {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    docker("pause")?;
+    let r = admin
+        .post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": ["true"], "timeout_s": 1}),
+        )
+        .await;
+    docker("unpause")?;
+    r?.err(504, "timeout")?;
+    admin.sh(&id, "echo thawed").await?;
+    Ok(())
+}
