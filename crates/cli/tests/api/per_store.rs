@@ -243,6 +243,17 @@ async fn core_path(store: StoreKind, provider: &str) -> Result<()> {
         .await?
         .err(404, "not_found")?;
 
+    // The store in use is the one asked for.
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    let kind = match store {
+        StoreKind::Sqlite => "sqlite",
+        StoreKind::Postgres => "postgres",
+    };
+    ensure!(
+        st["store"]["kind"] == kind && st["store"]["ok"] == true,
+        "{st}"
+    );
+
     // Logs: at least the lifecycle lines.
     let logs = member
         .get(&format!("/v1/sandboxes/{id}/logs"))
