@@ -61,7 +61,7 @@ async fn output_arrives_before_the_command_ends() -> Result<()> {
             "{provider}: {rest:?}"
         );
 
-        // The brief's own shape: the first stdout event precedes the exit.
+        // With plain sleeps: the first stdout event still precedes the exit.
         let events = open(&member, &id, "echo a; sleep 2; echo b")
             .await?
             .collect()

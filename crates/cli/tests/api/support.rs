@@ -833,7 +833,7 @@ impl Api {
         .await
     }
 
-    // --- domain helpers --------------------------------------------------
+    // --- StacyVM calls ----------------------------------------------------
 
     /// Creates a sandbox and checks it came back running.
     pub async fn create_sandbox(&self, body: Value) -> Result<Value> {
