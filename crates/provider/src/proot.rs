@@ -79,6 +79,24 @@ pub struct ProotConfig {
     pub instance: String,
 }
 
+/// Which host facilities the provider may use when the host has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProotFeatures {
+    /// An overlay mount per sandbox instead of a copy of the image.
+    pub overlay: bool,
+    /// A cgroup v2 per sandbox (kill, pause) instead of `/proc` supervision.
+    pub cgroup: bool,
+}
+
+impl Default for ProotFeatures {
+    fn default() -> Self {
+        ProotFeatures {
+            overlay: true,
+            cgroup: true,
+        }
+    }
+}
+
 /// Runs sandboxes under PRoot. See the module documentation.
 pub struct ProotProvider {
     cfg: ProotConfig,
@@ -104,6 +122,9 @@ pub struct ProotProvider {
 struct CachedAgent {
     client: Arc<AgentClient>,
     cgroup: Option<PathBuf>,
+    /// The agent process: a connection to a dead agent is not handed out
+    /// even before the client notices it is gone.
+    agent: Option<ProcId>,
 }
 
 struct Capability {
@@ -152,13 +173,37 @@ impl ProotProvider {
     /// a writable cgroup v2 hierarchy. A missing `proot` is not an error here;
     /// [`Provider::health`] reports it and spawn refuses.
     pub fn new(cfg: ProotConfig) -> Result<ProotProvider> {
+        ProotProvider::with_features(cfg, ProotFeatures::default())
+    }
+
+    /// Like [`ProotProvider::new`], with overlayfs or cgroups turned off
+    /// (e.g. to run the fallbacks on a host that has both).
+    pub fn with_features(mut cfg: ProotConfig, features: ProotFeatures) -> Result<ProotProvider> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| Error::internal(format_args!("creating {}", cfg.data_dir.display()), e))?;
+        // proot and the overlay need absolute paths.
+        cfg.data_dir = std::fs::canonicalize(&cfg.data_dir).map_err(|e| {
+            Error::internal(format_args!("resolving {}", cfg.data_dir.display()), e)
+        })?;
         let sandboxes_dir = cfg.data_dir.join("proot");
         std::fs::create_dir_all(&sandboxes_dir).map_err(|e| {
             Error::internal(format_args!("creating {}", sandboxes_dir.display()), e)
         })?;
         let instance_tag = short_hash(&cfg.instance);
-        let overlay = probe_overlay(&cfg.data_dir);
-        let (cgroup_base, cgroup_reason) = match probe_cgroup() {
+        let overlay = if features.overlay {
+            probe_overlay(&cfg.data_dir)
+        } else {
+            Capability {
+                ok: false,
+                reason: "overlayfs turned off".into(),
+            }
+        };
+        let probed = if features.cgroup {
+            probe_cgroup()
+        } else {
+            Err("cgroups turned off".into())
+        };
+        let (cgroup_base, cgroup_reason) = match probed {
             Ok(base) => (Some(base), String::new()),
             Err(reason) => (None, reason),
         };
@@ -365,6 +410,7 @@ impl ProotProvider {
                         let cached = CachedAgent {
                             client: Arc::new(client),
                             cgroup: meta.cgroup.clone(),
+                            agent: proc_id(info.pid as i32),
                         };
                         self.clients
                             .lock()
@@ -495,7 +541,8 @@ impl ProotProvider {
             Some(m) => m.cgroup.clone(),
             None => self.default_cgroup(id),
         };
-        let proot_pid = read_pid_file(&dir.join(PROOT_PID_FILE)).filter(|p| is_alive(*p));
+        let proot_record = read_pid_file(&dir.join(PROOT_PID_FILE));
+        let proot_pid = proot_record.filter(|p| is_alive(*p));
         let agent_pid = read_pid_file(&dir.join(AGENT_PID_FILE)).filter(|p| is_alive(*p));
 
         // Kill first: nothing may still write into the root while it goes.
@@ -507,8 +554,8 @@ impl ProotProvider {
         })
         .await
         .map_err(|e| Error::internal("killing the sandbox's processes", e))??;
-        if let Some(p) = proot_pid {
-            remove_proot_temp_files(p.pid);
+        if let Some(p) = proot_record {
+            remove_proot_temp_files(p);
         }
 
         tokio::task::spawn_blocking(move || remove_sandbox_files(&dir2, &run_dir))
@@ -563,16 +610,26 @@ impl Provider for ProotProvider {
         unsafe {
             cmd.pre_exec(move || install_filter(&filter));
         }
-        let run = cmd
-            .args(["-r", "/", "/bin/true"])
+        cmd.args(["-r", "/", "/bin/true"])
             .env_clear()
             .env("PATH", DEFAULT_PATH)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(Duration::from_secs(20), run).await {
+            .kill_on_drop(true);
+        let checked = match cmd.spawn() {
+            Ok(child) => {
+                let started = child.id().and_then(|pid| proc_id(pid as i32));
+                let out =
+                    tokio::time::timeout(Duration::from_secs(20), child.wait_with_output()).await;
+                if let Some(p) = started {
+                    remove_proot_temp_files(p);
+                }
+                out
+            }
+            Err(e) => Ok(Err(e)),
+        };
+        match checked {
             Ok(Ok(out)) if out.status.success() => Health {
                 healthy: true,
                 detail: format!(
@@ -708,7 +765,7 @@ impl Provider for ProotProvider {
                 if c.cgroup.as_deref().is_some_and(is_frozen) {
                     return Err(Error::Conflict(format!("sandbox {id} is paused")));
                 }
-                if c.client.is_alive() {
+                if c.client.is_alive() && c.agent.is_none_or(is_alive) {
                     return Ok(c.client.clone());
                 }
                 clients.remove(id);
@@ -743,6 +800,7 @@ impl Provider for ProotProvider {
                 let cached = CachedAgent {
                     client: client.clone(),
                     cgroup: meta.cgroup.clone(),
+                    agent: read_pid_file(&dir.join(AGENT_PID_FILE)),
                 };
                 clients.insert(id.clone(), cached);
                 Ok(client)
@@ -1308,8 +1366,17 @@ fn remove_sandbox_files(dir: &Path, run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A killed proot cannot delete the loader it unpacked to /tmp.
-fn remove_proot_temp_files(proot_pid: i32) {
+/// Removes the loader (`prooted-<pid>-*`) and glue (`proot-<pid>-*`) a
+/// proot process made in /tmp: a killed proot cannot, and one that ran
+/// under the system call filter does not always. Only once no process runs
+/// under that pid any more, so a recycled pid's files are left alone.
+fn remove_proot_temp_files(proot: ProcId) {
+    // Ours may still be on its way out (killed, not yet a zombie): only a
+    // different process under the same pid keeps the files.
+    if proc_id(proot.pid).is_some_and(|now| now.start != proot.start) {
+        return;
+    }
+    let proot_pid = proot.pid;
     let prefixes = [
         format!("prooted-{proot_pid}-"),
         format!("proot-{proot_pid}-"),
@@ -1321,7 +1388,15 @@ fn remove_proot_temp_files(proot_pid: i32) {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-            let _ = remove_tree(&entry.path());
+            let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+            let removed = if is_dir {
+                remove_tree(&entry.path())
+            } else {
+                std::fs::remove_file(entry.path())
+            };
+            if let Err(e) = removed {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove proot's temporary file");
+            }
         }
     }
 }

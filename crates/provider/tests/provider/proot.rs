@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context};
 use stacyvm_core::SandboxId;
+use stacyvm_provider::proot::{ProotConfig, ProotFeatures, ProotProvider};
 use stacyvm_provider::{DynProvider, Provider};
 
 use crate::support::{self, body, exec_req, leftovers, read_all, Harness, TestEnv};
@@ -18,8 +19,55 @@ async fn harness() -> anyhow::Result<Harness> {
     Ok(Harness::new(env, provider))
 }
 
+/// A provider without overlayfs and cgroups: a copy per sandbox and
+/// `/proc` supervision, as on a host without root or cgroup v2.
+fn fallback_provider(env: &TestEnv) -> anyhow::Result<DynProvider> {
+    let cfg = ProotConfig {
+        data_dir: env.data_dir.clone(),
+        agent_bin: env.agent_bin.clone(),
+        catalog: env.catalog.clone(),
+        instance: env.instance.clone(),
+    };
+    let features = ProotFeatures {
+        overlay: false,
+        cgroup: false,
+    };
+    Ok(Arc::new(ProotProvider::with_features(cfg, features)?))
+}
+
+async fn fallback_harness() -> anyhow::Result<Harness> {
+    let env = TestEnv::new().await?;
+    let provider = fallback_provider(&env)?;
+    Ok(Harness::new(env, provider))
+}
+
 fn sandbox_dir(h: &Harness, id: &SandboxId) -> PathBuf {
     h.env.data_dir.join("proot").join(id.as_str())
+}
+
+fn recorded_pid(h: &Harness, id: &SandboxId, file: &str) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(sandbox_dir(h, id).join(file))?;
+    Ok(text
+        .split_whitespace()
+        .next()
+        .context("an empty pid file")?
+        .parse()?)
+}
+
+/// What a proot process leaves in /tmp when it cannot clean up.
+fn proot_temp_files(proot_pid: i32) -> Vec<String> {
+    let prefixes = [
+        format!("prooted-{proot_pid}-"),
+        format!("proot-{proot_pid}-"),
+    ];
+    std::fs::read_dir("/tmp")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -50,7 +98,22 @@ async fn health_reports_proot_and_how_sandboxes_are_built() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_stay_in_their_own_sandbox_and_never_reach_the_image() -> anyhow::Result<()> {
-    let h = harness().await?;
+    writes_stay_in_their_own_sandbox(&harness().await?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_keep_writes_in_their_own_sandbox_too() -> anyhow::Result<()> {
+    let h = fallback_harness().await?;
+    let health = h.provider().health().await;
+    ensure!(
+        health.healthy && health.detail.contains("copy"),
+        "{}",
+        health.detail
+    );
+    writes_stay_in_their_own_sandbox(&h).await
+}
+
+async fn writes_stay_in_their_own_sandbox(h: &Harness) -> anyhow::Result<()> {
     let p = h.provider();
     let a = h.spawn_default().await?;
     let b = h.spawn_default().await?;
@@ -90,7 +153,23 @@ async fn writes_stay_in_their_own_sandbox_and_never_reach_the_image() -> anyhow:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_kills_processes_that_left_the_session() -> anyhow::Result<()> {
-    let h = harness().await?;
+    destroy_kills_detached(&harness().await?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_destroy_still_kills_processes_that_left_the_session() -> anyhow::Result<()>
+{
+    let h = fallback_harness().await?;
+    let id = h.spawn_default().await?;
+    let r = h.provider().pause(&id).await;
+    ensure!(
+        matches!(&r, Err(e) if e.code() == "unsupported"),
+        "pause without a cgroup: {r:?}"
+    );
+    destroy_kills_detached(&h).await
+}
+
+async fn destroy_kills_detached(h: &Harness) -> anyhow::Result<()> {
     let p = h.provider();
     let id = h.spawn_default().await?;
     // setsid puts the process in a session (and process group) of its own,
@@ -122,11 +201,18 @@ async fn destroy_kills_processes_that_left_the_session() -> anyhow::Result<()> {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
     );
 
+    let proot_pid = recorded_pid(h, &id, "proot.pid")?;
+    ensure!(
+        !proot_temp_files(proot_pid).is_empty(),
+        "no loader of proot {proot_pid} found in /tmp"
+    );
     p.destroy(&id).await?;
     ensure!(
         !pid_alive(pid),
         "the detached process {pid} survived destroy"
     );
+    let temp = proot_temp_files(proot_pid);
+    ensure!(temp.is_empty(), "proot's files left in /tmp: {temp:?}");
     let left = leftovers(&id, &h.env.data_dir);
     ensure!(left.is_empty(), "left behind: {left:#?}");
     Ok(())
@@ -349,5 +435,24 @@ async fn concurrent_sandboxes_share_one_image() -> anyhow::Result<()> {
         let who = h.sh_ok(&s.sandbox_id, "echo $STACYVM_SANDBOX").await?;
         assert_eq!(who.trim(), s.sandbox_id.as_str());
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_a_new_provider_adopts_and_destroys() -> anyhow::Result<()> {
+    let h = fallback_harness().await?;
+    let id = h.spawn_default().await?;
+    h.sh_ok(
+        &id,
+        "sleep 1000 </dev/null >/dev/null 2>&1 & echo kept > /work/state",
+    )
+    .await?;
+    drop(h.guard.take_provider());
+    let fresh = fallback_provider(&h.env)?;
+    h.guard.replace_provider(fresh.clone());
+    assert_eq!(h.sh_ok(&id, "cat /work/state").await?, "kept\n");
+    fresh.destroy(&id).await?;
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:#?}");
     Ok(())
 }
