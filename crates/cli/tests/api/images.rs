@@ -152,3 +152,26 @@ async fn deleting_an_image_in_use_never_breaks_its_sandboxes() -> Result<()> {
         .err(404, "not_found")?;
     Ok(())
 }
+
+/// A template resolves like an image name; an unknown one is 422.
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_resolve_through_the_catalog() -> Result<()> {
+    let server = Server::start(
+        crate::support::ServerOptions::new(crate::support::StoreKind::Sqlite).providers("proot"),
+    )?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let sb = admin
+        .create_sandbox(json!({"template": "busybox", "provider": "proot"}))
+        .await?;
+    ensure!(sb["template"] == "busybox", "{sb}");
+    admin.sh(s(&sb, "id")?, "true").await?;
+    admin
+        .post(
+            "/v1/sandboxes",
+            json!({"template": "no-such-template", "provider": "proot"}),
+        )
+        .await?
+        .err(422, "image_not_found")?;
+    Ok(())
+}

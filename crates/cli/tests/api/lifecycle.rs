@@ -523,3 +523,47 @@ async fn pause_is_unsupported_where_the_provider_cannot_pause() -> Result<()> {
     );
     Ok(())
 }
+
+/// `network: none` leaves a Docker sandbox with loopback only; `egress`
+/// gives it an interface out, or, on a host whose Docker cannot attach
+/// containers to a network, a clear 503 (never a 500).
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_network_modes() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let interfaces = |dev: String| -> Vec<String> {
+        dev.lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next().map(|n| n.trim().to_owned()))
+            .collect()
+    };
+    let none = admin
+        .create_sandbox(json!({"image": "busybox", "provider": "docker"}))
+        .await?;
+    ensure!(
+        none["network"] == "none",
+        "the default network is none: {none}"
+    );
+    let ifs = interfaces(admin.sh(s(&none, "id")?, "cat /proc/net/dev").await?);
+    ensure!(ifs == ["lo"], "network none: interfaces {ifs:?}");
+    let r = admin
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "docker", "network": "egress"}),
+        )
+        .await?;
+    if r.status == 503 {
+        let e = r.err(503, "provider_unavailable")?;
+        eprintln!("egress is not available on this host: {}", e.message);
+        return Ok(());
+    }
+    let egress = r.ok(201)?;
+    ensure!(egress["network"] == "egress", "{egress}");
+    let ifs = interfaces(admin.sh(s(&egress, "id")?, "cat /proc/net/dev").await?);
+    ensure!(
+        ifs.iter().any(|i| i != "lo"),
+        "network egress: interfaces {ifs:?}"
+    );
+    Ok(())
+}
