@@ -372,14 +372,20 @@ impl ProotProvider {
                 Error::internal(format_args!("creating the cgroup {}", cg.display()), e)
             })?;
         }
-        if spec.network == Network::None {
+        let private_net = spec.network == Network::None && is_root();
+        if private_net {
             provider_log(
                 dir,
-                "network \"none\" is not enforced by proot: the sandbox shares the host network",
+                "network: a network namespace of its own, loopback only",
+            );
+        } else if spec.network == Network::None {
+            provider_log(
+                dir,
+                "network \"none\" is not enforced without root: the sandbox shares the host network",
             );
         }
 
-        let mut child = self.start_proot(&proot, spec, &meta, &root, dir)?;
+        let mut child = self.start_proot(&proot, spec, &meta, &root, dir, private_net)?;
         let proot_pid = child
             .id()
             .ok_or_else(|| Error::Internal("proot exited before its pid was read".into()))?
@@ -441,6 +447,7 @@ impl ProotProvider {
         meta: &SandboxMeta,
         root: &Path,
         dir: &Path,
+        private_net: bool,
     ) -> Result<tokio::process::Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -520,6 +527,9 @@ impl ProotProvider {
                     if n != 1 {
                         return Err(err);
                     }
+                }
+                if private_net {
+                    enter_private_network()?;
                 }
                 install_filter(&filter)
             });
@@ -1052,6 +1062,55 @@ fn install_filter(prog: &[SockFilter]) -> io::Result<()> {
     } != 0
     {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Network
+
+/// `struct ifreq` with the flags member of its union (40 bytes on Linux).
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Moves the calling process into a new network namespace and brings its
+/// loopback interface up: the sandbox gets `127.0.0.1` and nothing else.
+/// The agent's socket is a path in the file system, reachable from any
+/// network namespace. Runs between fork and exec: system calls only.
+fn enter_private_network() -> io::Result<()> {
+    // SAFETY: unshare takes flags only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket takes integers only; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut req = IfreqFlags {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: `req` is a valid, writable ifreq for the duration of both calls.
+    let rc = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req as *mut IfreqFlags) == 0 {
+            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req as *const IfreqFlags)
+        } else {
+            -1
+        }
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` is the socket opened above and closed once.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err);
     }
     Ok(())
 }

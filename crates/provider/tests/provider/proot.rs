@@ -456,3 +456,54 @@ async fn without_cgroups_a_new_provider_adopts_and_destroys() -> anyhow::Result<
     ensure!(left.is_empty(), "left behind: {left:#?}");
     Ok(())
 }
+
+/// The interfaces a sandbox sees, from its own `/proc/net/dev`.
+async fn interfaces(h: &Harness, id: &SandboxId) -> anyhow::Result<Vec<String>> {
+    let dev = h.sh_ok(id, "tail -n +3 /proc/net/dev").await?;
+    let mut names: Vec<String> = dev
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_none_leaves_only_loopback() -> anyhow::Result<()> {
+    let h = harness().await?;
+    if effective_uid() != 0 {
+        eprintln!("SKIPPED: a private network namespace needs root");
+        return Ok(());
+    }
+    let none = h.spawn_default().await?;
+    assert_eq!(interfaces(&h, &none).await?, ["lo"]);
+    let lo = h.sh_ok(&none, "ifconfig lo").await?;
+    ensure!(
+        lo.contains("UP") && lo.contains("127.0.0.1"),
+        "loopback is not up: {lo}"
+    );
+
+    let mut spec = support::spec();
+    spec.network = stacyvm_core::Network::Egress;
+    let egress = h.spawn(spec).await?;
+    let host: Vec<String> = std::fs::read_to_string("/proc/net/dev")?
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    let mut host = host;
+    host.sort();
+    assert_eq!(
+        interfaces(&h, &egress).await?,
+        host,
+        "egress shares the host's network"
+    );
+    Ok(())
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
