@@ -592,6 +592,22 @@ impl PrivatePostgres {
             Path::new(PG_BIN).join("postgres").exists(),
             "PostgreSQL 15 is not installed in {PG_BIN} (scripts/start-postgres.sh installs it)"
         );
+        // initdb refuses to run as root: the cluster belongs to `postgres`.
+        if !Command::new("id")
+            .arg("postgres")
+            .output()?
+            .status
+            .success()
+        {
+            run_cmd(Command::new("useradd").args([
+                "--system",
+                "--home-dir",
+                "/var/lib/postgresql",
+                "--shell",
+                "/bin/bash",
+                "postgres",
+            ]))?;
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -696,12 +712,19 @@ async fn postgres_stopped_under_a_running_server_gives_503_then_recovers() -> Re
         (Method::GET, "/v1/status".into(), None),
         (Method::GET, "/v1/audit".into(), None),
     ];
-    for (m, path, body) in &calls {
+    // Concurrently: each waits for the pool's acquire timeout before it answers.
+    let answers = futures_util::future::join_all(calls.iter().map(|(m, path, body)| {
         let mut rb = admin.request(m.clone(), path);
         if let Some(b) = body {
             rb = rb.json(b);
         }
-        let r = admin.send(rb).await?;
+        let started = Instant::now();
+        let admin = &admin;
+        async move { (admin.send(rb).await, started.elapsed()) }
+    }))
+    .await;
+    for ((m, path, _), (r, took)) in calls.iter().zip(answers) {
+        let r = r?;
         let what = format!("{m} {path} with PostgreSQL down");
         ensure!(r.status == 503, "{what}: {} {}", r.status, r.text());
         let code = documented_error(&r, &what)?;
@@ -713,6 +736,7 @@ async fn postgres_stopped_under_a_running_server_gives_503_then_recovers() -> Re
             msg.contains("store"),
             "{what}: the message says the store is unavailable: {msg} ({code})"
         );
+        eprintln!("{what}: {} {code} after {took:?}", r.status);
         refused += 1;
     }
     let ready = server.anonymous().get("/readyz").await?;

@@ -278,6 +278,19 @@ async fn every_endpoint_refuses_bad_keys_with_an_audit_event_and_no_secret_leaks
             });
         }
     }
+    // The other tenant does not even see the sandbox or its events.
+    let theirs = member_b.get("/v1/sandboxes").await?.ok(200)?;
+    ensure!(
+        !theirs.to_string().contains(&sbx),
+        "another tenant lists the sandbox: {theirs}"
+    );
+    let their_audit = member_b.audit("").await?;
+    ensure!(
+        their_audit
+            .iter()
+            .all(|e| e["tenant_id"] == tenant_b.as_str()),
+        "another tenant reads foreign audit events"
+    );
     // Nothing above changed anything: the sandbox still runs, the key still works.
     ensure!(member_a.sh(&sbx, "echo alive").await?.trim() == "alive");
     ensure!(viewer.get(&format!("/v1/sandboxes/{sbx}")).await?.status == 200);
