@@ -1,0 +1,783 @@
+//! Suite `api`: a real `stacyvm serve` measured through its HTTP API
+//! (create, exec, streaming, files, throughput, burst, density) against the
+//! docker CLI and plain proot, measured in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use serde_json::json;
+use stacyvm_provider::images::ImageCatalog;
+use tokio::io::AsyncWriteExt;
+
+use crate::baseline::{ms, proot_true};
+use crate::report::{meminfo_kib, Report};
+use crate::server::Server;
+use crate::{Args, Ctx};
+
+fn image_for(args: &Args, provider: &str) -> String {
+    if provider == "docker" {
+        args.docker_image.clone()
+    } else {
+        "busybox".to_owned()
+    }
+}
+
+pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
+    let bin = ctx.stacyvm_bin().await?;
+    eprintln!("bench[api]: starting {} serve", bin.display());
+    let server = Arc::new(Server::start(&bin, &ctx.agent_bin, &ctx.tag).await?);
+    if let Ok(mut slot) = ctx.server.lock() {
+        *slot = Some(server.clone());
+    }
+    let result = sections(ctx, args, report, &server).await;
+    if let Some(rss) = server.rss_kib() {
+        report.value(
+            "api.rss.end",
+            "control plane RSS at the end",
+            "MiB",
+            rss as f64 / 1024.0,
+            "",
+        );
+    }
+    result
+}
+
+async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Result<()> {
+    // Idle RSS: after start-up settled, before any sandbox or image.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Some(rss) = s.rss_kib() {
+        report.value(
+            "api.rss.idle",
+            "control plane idle RSS",
+            "MiB",
+            rss as f64 / 1024.0,
+            "target < 50 MiB",
+        );
+    }
+    let file = tokio::fs::File::open(&ctx.image_tar).await?;
+    s.json(
+        s.http
+            .post(s.u("/v1/images?name=busybox"))
+            .header("content-type", "application/x-tar")
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::new(file),
+            )),
+    )
+    .await
+    .context("importing the busybox rootfs")?;
+    // The proot baseline runs over its own unpacked copy of the same tar.
+    let base_dir = tempfile::Builder::new()
+        .prefix("svm-bench-base-")
+        .tempdir()?;
+    let catalog = ImageCatalog::open(&base_dir.path().join("images"))?;
+    let file = tokio::fs::File::open(&ctx.image_tar).await?;
+    catalog
+        .import("busybox", Box::pin(tokio_util::io::ReaderStream::new(file)))
+        .await?;
+    let rootfs = catalog.rootfs("busybox").await?;
+    let cli = &ctx.docker;
+
+    if !args.skipped("create") {
+        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+            eprintln!(
+                "bench[api]: create → exec-ready, {p}, {} times",
+                args.cold_iters
+            );
+            let image = image_for(args, p);
+            let one = || async {
+                let t = Instant::now();
+                let id = s.create(&image, p).await?;
+                s.exec_true(&id).await?;
+                let d = ms(t.elapsed());
+                s.destroy(&id).await?;
+                anyhow::Ok(d)
+            };
+            one().await?;
+            let mut ours = Vec::new();
+            let mut base = Vec::new();
+            for _ in 0..args.cold_iters {
+                ours.push(one().await?);
+                if p == "docker" {
+                    let (d, name) = cli.cold().await?;
+                    base.push(ms(d));
+                    cli.rm(&[name]).await?;
+                } else {
+                    base.push(ms(proot_true(&rootfs).await?));
+                }
+            }
+            let (bk, bl) = if p == "docker" {
+                (
+                    "api.create.docker.base",
+                    "baseline: docker run -d + docker exec",
+                )
+            } else {
+                (
+                    "api.create.proot.base",
+                    "baseline: proot -r ROOTFS /bin/true",
+                )
+            };
+            report.time_ms(
+                &format!("api.create.{p}"),
+                &format!("API {p}: create → exec-ready"),
+                &ours,
+                Some(bk),
+                "cold, no warm pool",
+            );
+            report.time_ms(bk, bl, &base, None, "");
+        }
+    }
+
+    // One long-lived sandbox per provider and one plain container for the
+    // exec, stream and file measurements.
+    let mut ids = Vec::new();
+    for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+        ids.push((p, s.create(&image_for(args, p), p).await?));
+    }
+    let base_ctr = cli.run_detached().await?;
+    cli.exec_true(&base_ctr).await?;
+
+    if !args.skipped("exec") {
+        let mut b = Vec::new();
+        for _ in 0..args.baseline_exec_iters {
+            b.push(ms(cli.exec_true(&base_ctr).await?));
+        }
+        report.time_ms(
+            "api.exec.base",
+            "baseline: docker exec `true`",
+            &b,
+            None,
+            "",
+        );
+        for (p, id) in &ids {
+            eprintln!("bench[api]: exec `true`, {p}, {} times", args.exec_iters);
+            for _ in 0..3 {
+                s.exec_true(id).await?;
+            }
+            let mut v = Vec::with_capacity(args.exec_iters);
+            for _ in 0..args.exec_iters {
+                let t = Instant::now();
+                s.exec_true(id).await?;
+                v.push(ms(t.elapsed()));
+            }
+            report.time_ms(
+                &format!("api.exec.{p}"),
+                &format!("API {p}: exec `true` round trip"),
+                &v,
+                Some("api.exec.base"),
+                "target p50 < 2 ms, ≥ 20×",
+            );
+        }
+    }
+
+    if !args.skipped("stream") {
+        let mut b = Vec::new();
+        for _ in 0..args.baseline_exec_iters {
+            b.push(ms(cli.exec_first_byte(&base_ctr).await?));
+        }
+        report.time_ms(
+            "api.stream.base",
+            "baseline: docker exec `echo x`, first stdout byte",
+            &b,
+            None,
+            "",
+        );
+        for (p, id) in &ids {
+            eprintln!(
+                "bench[api]: exec/stream first byte, {p}, {} times",
+                args.stream_iters
+            );
+            let mut v = Vec::new();
+            for i in 0..args.stream_iters + 3 {
+                let d = stream_first_byte(s, id).await?;
+                if i >= 3 {
+                    v.push(ms(d));
+                }
+            }
+            report.time_ms(
+                &format!("api.stream.{p}"),
+                &format!("API {p}: exec/stream `echo x`, first stdout event"),
+                &v,
+                Some("api.stream.base"),
+                "",
+            );
+        }
+    }
+
+    if !args.skipped("files") {
+        files(s, args, report, &ids, &base_ctr, cli).await?;
+    }
+
+    if !args.skipped("throughput") {
+        if let Some((_, id)) = ids.first() {
+            let get = s.u(&format!("/v1/sandboxes/{id}"));
+            throughput(s, args, report, "get", "GET /v1/sandboxes/{id}", &get).await?;
+            let list = s.u("/v1/sandboxes");
+            let n = ids.len();
+            throughput(
+                s,
+                args,
+                report,
+                "list",
+                &format!("GET /v1/sandboxes ({n} live)"),
+                &list,
+            )
+            .await?;
+        }
+    }
+
+    let all: Vec<String> = ids.iter().map(|(_, id)| id.clone()).collect();
+    s.destroy_many(&all).await;
+    cli.rm(&[base_ctr]).await?;
+
+    if !args.skipped("burst") {
+        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+            burst(s, args, report, p).await?;
+        }
+    }
+    if !args.skipped("density") {
+        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+            density(s, args, report, p).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Time from sending an exec/stream request to the first stdout event.
+async fn stream_first_byte(s: &Server, id: &str) -> Result<Duration> {
+    let t = Instant::now();
+    let resp = s
+        .http
+        .post(s.u(&format!("/v1/sandboxes/{id}/exec/stream")))
+        .json(&json!({"cmd": ["echo", "x"]}))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("exec/stream: HTTP {}", resp.status());
+    }
+    let mut body = resp.bytes_stream();
+    let mut seen = Vec::new();
+    let mut first = None;
+    while let Some(chunk) = body.next().await {
+        seen.extend_from_slice(&chunk?);
+        let text = String::from_utf8_lossy(&seen);
+        if first.is_none() && text.contains("event: stdout") {
+            first = Some(t.elapsed());
+        }
+        if text.contains("event: exit") {
+            break;
+        }
+    }
+    first.context("the stream ended without a stdout event")
+}
+
+async fn files(
+    s: &Server,
+    args: &Args,
+    report: &mut Report,
+    ids: &[(&str, String)],
+    base_ctr: &str,
+    cli: &crate::baseline::DockerCli,
+) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("svm-bench-files-")
+        .tempdir()?;
+    let n_small = args.small_files;
+    let small = vec![b'x'; 1024];
+    let small_dir = dir.path().join("small");
+    std::fs::create_dir(&small_dir)?;
+    for i in 0..n_small {
+        std::fs::write(small_dir.join(format!("f{i}")), &small)?;
+    }
+    let big = dir.path().join("big");
+    {
+        let mut f = tokio::fs::File::create(&big).await?;
+        let chunk: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+        for _ in 0..args.big_file_mib {
+            f.write_all(&chunk).await?;
+        }
+        f.sync_all().await?;
+    }
+    let big_mib = args.big_file_mib as f64;
+    let small_label = format!("{n_small} × 1 KiB");
+
+    // Baselines: docker cp of the directory (one tar) and of the big file.
+    let (mut up, mut down, mut bup, mut bdown) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..args.file_iters {
+        let to = format!("{base_ctr}:/small{i}");
+        up.push(ms(cli.cp(small_dir.to_str().context("path")?, &to).await?));
+        let back = dir.path().join(format!("small-back{i}"));
+        down.push(ms(cli.cp(&to, back.to_str().context("path")?).await?));
+        let to = format!("{base_ctr}:/big{i}");
+        bup.push(
+            big_mib
+                / cli
+                    .cp(big.to_str().context("path")?, &to)
+                    .await?
+                    .as_secs_f64(),
+        );
+        let back = dir.path().join(format!("big-back{i}"));
+        bdown.push(
+            big_mib
+                / cli
+                    .cp(&to, back.to_str().context("path")?)
+                    .await?
+                    .as_secs_f64(),
+        );
+        let _ = std::fs::remove_file(&back);
+    }
+    report.time_ms(
+        "api.files.small.up.base",
+        &format!("baseline: docker cp DIR ({small_label}) in"),
+        &up,
+        None,
+        "one tar of the whole dir",
+    );
+    report.time_ms(
+        "api.files.small.down.base",
+        &format!("baseline: docker cp DIR ({small_label}) out"),
+        &down,
+        None,
+        "",
+    );
+    report.rate(
+        "api.files.big.up.base",
+        &format!("baseline: docker cp {} MiB file in", args.big_file_mib),
+        "MiB/s",
+        &bup,
+        None,
+        "",
+    );
+    report.rate(
+        "api.files.big.down.base",
+        &format!("baseline: docker cp {} MiB file out", args.big_file_mib),
+        "MiB/s",
+        &bdown,
+        None,
+        "",
+    );
+
+    for (p, id) in ids {
+        eprintln!(
+            "bench[api]: files, {p}: {n_small} small files × {} and a {} MiB file × {}",
+            args.file_iters, args.big_file_mib, args.file_iters
+        );
+        let files_url = s.u(&format!("/v1/sandboxes/{id}/files"));
+        let (mut up, mut down, mut bup, mut bdown) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..args.file_iters {
+            let t = Instant::now();
+            let puts = (0..n_small).map(|j| {
+                let req = s
+                    .http
+                    .put(format!("{files_url}?path=/bench/small{i}/f{j}"))
+                    .body(small.clone());
+                s.json(req)
+            });
+            let failed = futures_util::stream::iter(puts)
+                .buffer_unordered(args.file_concurrency)
+                .filter(|r| futures_util::future::ready(r.is_err()))
+                .count()
+                .await;
+            up.push(ms(t.elapsed()));
+            anyhow::ensure!(failed == 0, "{failed} small uploads failed");
+            let t = Instant::now();
+            let gets = (0..n_small).map(|j| {
+                let req = s.http.get(format!("{files_url}?path=/bench/small{i}/f{j}"));
+                async move {
+                    let r = req.send().await?.error_for_status()?;
+                    anyhow::Ok(r.bytes().await?.len())
+                }
+            });
+            let bytes: Vec<Result<usize>> = futures_util::stream::iter(gets)
+                .buffer_unordered(args.file_concurrency)
+                .collect()
+                .await;
+            down.push(ms(t.elapsed()));
+            let total: usize = bytes
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .sum();
+            anyhow::ensure!(
+                total == n_small * 1024,
+                "downloaded {total} bytes of {}",
+                n_small * 1024
+            );
+
+            let path = format!("/bench/big{i}");
+            let f = tokio::fs::File::open(&big).await?;
+            let t = Instant::now();
+            let entry = s
+                .json(s.http.put(format!("{files_url}?path={path}")).body(
+                    reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                        f,
+                        256 * 1024,
+                    )),
+                ))
+                .await?;
+            bup.push(big_mib / t.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                entry["size"] == json!(args.big_file_mib * 1024 * 1024),
+                "uploaded entry {entry}"
+            );
+            let back = dir.path().join("api-back");
+            let t = Instant::now();
+            let resp = s
+                .http
+                .get(format!("{files_url}?path={path}"))
+                .send()
+                .await?
+                .error_for_status()?;
+            let mut out = tokio::fs::File::create(&back).await?;
+            let mut body = resp.bytes_stream();
+            let mut n = 0usize;
+            while let Some(c) = body.next().await {
+                let c = c?;
+                n += c.len();
+                out.write_all(&c).await?;
+            }
+            out.flush().await?;
+            bdown.push(big_mib / t.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                n as u64 == args.big_file_mib * 1024 * 1024,
+                "downloaded {n} bytes"
+            );
+            let _ = std::fs::remove_file(&back);
+            // Free the sandbox's disk for the next round.
+            let _ = s
+                .http
+                .delete(format!("{files_url}?path={path}"))
+                .send()
+                .await;
+        }
+        let c = args.file_concurrency;
+        report.time_ms(
+            &format!("api.files.small.up.{p}"),
+            &format!("API {p}: upload {small_label} (PUT each)"),
+            &up,
+            Some("api.files.small.up.base"),
+            &format!("{c} requests in flight"),
+        );
+        report.time_ms(
+            &format!("api.files.small.down.{p}"),
+            &format!("API {p}: download {small_label} (GET each)"),
+            &down,
+            Some("api.files.small.down.base"),
+            &format!("{c} requests in flight"),
+        );
+        report.rate(
+            &format!("api.files.big.up.{p}"),
+            &format!("API {p}: upload {} MiB file", args.big_file_mib),
+            "MiB/s",
+            &bup,
+            Some("api.files.big.up.base"),
+            "",
+        );
+        report.rate(
+            &format!("api.files.big.down.{p}"),
+            &format!("API {p}: download {} MiB file", args.big_file_mib),
+            "MiB/s",
+            &bdown,
+            Some("api.files.big.down.base"),
+            "",
+        );
+    }
+    Ok(())
+}
+
+/// `args.clients` concurrent clients hitting one URL for a fixed time.
+async fn throughput(
+    s: &Server,
+    args: &Args,
+    report: &mut Report,
+    key: &str,
+    label: &str,
+    url: &str,
+) -> Result<()> {
+    eprintln!(
+        "bench[api]: {label}: {} clients for {} s",
+        args.clients, args.throughput_secs
+    );
+    let deadline = Instant::now() + Duration::from_secs(args.throughput_secs);
+    let start = Instant::now();
+    let tasks = (0..args.clients).map(|_| {
+        let http = s.http.clone();
+        let url = url.to_owned();
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match http.get(&url).send().await {
+                    Ok(r) if r.status().is_success() => match r.bytes().await {
+                        Ok(_) => lat.push(ms(t.elapsed())),
+                        Err(_) => errors += 1,
+                    },
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        })
+    });
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for r in futures_util::future::join_all(tasks).await {
+        let (l, e) = r?;
+        lat.extend(l);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rps = lat.len() as f64 / secs;
+    let note = format!(
+        "{} clients, {} s, {errors} errors",
+        args.clients, args.throughput_secs
+    );
+    report.rate(
+        &format!("api.rps.{key}"),
+        &format!("{label}: requests/s"),
+        "req/s",
+        &[rps],
+        None,
+        &note,
+    );
+    report.time_ms(
+        &format!("api.rps.{key}.latency"),
+        &format!("{label}: latency"),
+        &lat,
+        None,
+        &note,
+    );
+    Ok(())
+}
+
+/// `args.burst` creates at once, each followed by an exec; the time until
+/// every one of them answered.
+async fn burst(s: &Server, args: &Args, report: &mut Report, p: &str) -> Result<()> {
+    let n = args.burst;
+    eprintln!("bench[api]: burst of {n} creates, {p}");
+    let image = image_for(args, p);
+    let start = Instant::now();
+    let tasks = (0..n).map(|_| async {
+        let t = Instant::now();
+        let id = s.create(&image, p).await?;
+        s.exec_true(&id).await?;
+        anyhow::Ok(ms(t.elapsed()))
+    });
+    let results = futures_util::future::join_all(tasks).await;
+    let total = ms(start.elapsed());
+    let mut lat = Vec::new();
+    let mut errors = Vec::new();
+    for r in results {
+        match r {
+            Ok(d) => lat.push(d),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    // Whatever was made, ready or not, goes away before the next step.
+    let live = s.live_ids().await?;
+    let failed_destroys = s.destroy_many(&live).await;
+    let note = format!("{} ok, {} failed", lat.len(), errors.len());
+    report.value(
+        &format!("api.burst.{p}.total"),
+        &format!("API {p}: burst of {n} creates, all exec-ready"),
+        "ms",
+        total,
+        &format!("{note}; target < 5 s (docker)"),
+    );
+    report.time_ms(
+        &format!("api.burst.{p}.each"),
+        &format!("API {p}: burst, each create → exec-ready"),
+        &lat,
+        None,
+        &note,
+    );
+    errors.truncate(5);
+    report.detail(&format!("burst_{p}_errors"), json!(errors));
+    if failed_destroys > 0 {
+        eprintln!("bench: {failed_destroys} destroys after the burst failed");
+    }
+    Ok(())
+}
+
+/// Sum of VmRSS (KiB) and count of this server's agent processes of one
+/// provider.
+fn agent_rss(s: &Server, p: &str, docker_ids: &[String]) -> (u64, usize) {
+    let data_dir = s.data_dir.to_string_lossy().into_owned();
+    let mut sum = 0;
+    let mut n = 0;
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !cmdline.starts_with(b"/.stacyvm/agent\0") {
+            continue;
+        }
+        let mine = if p == "docker" {
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            docker_ids.iter().any(|c| cg.contains(c.as_str()))
+        } else {
+            // A proot agent's parent is the proot over this server's data dir.
+            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().nth(1))
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            std::fs::read(format!("/proc/{ppid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&data_dir))
+                .unwrap_or(false)
+        };
+        if mine {
+            if let Some(r) = crate::report::rss_kib(pid) {
+                sum += r;
+                n += 1;
+            }
+        }
+    }
+    (sum, n)
+}
+
+async fn docker_ids(s: &Server) -> Vec<String> {
+    let Some(instance) = s.instance() else {
+        return Vec::new();
+    };
+    let filter = format!("label=dev.stacyvm.instance={instance}");
+    crate::baseline::run("docker", &["ps", "-q", "--no-trunc", "--filter", &filter])
+        .await
+        .map(|o| o.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Idle sandboxes added in steps until the step's create p99 doubles
+/// against the first step, the cap, or the time budget.
+async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Result<()> {
+    eprintln!(
+        "bench[api]: density, {p}: steps of {} up to {} within {} s",
+        args.density_step, args.density_max, args.density_secs
+    );
+    let image = image_for(args, p);
+    let mem0 = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
+    let rss0 = s.rss_kib().unwrap_or(0) as f64;
+    let start = Instant::now();
+    let mut ids: Vec<String> = Vec::new();
+    let mut first_p99: Option<f64> = None;
+    let mut steps = Vec::new();
+    let mut stop = String::from("cap reached");
+    let mut all_lat = Vec::new();
+    while ids.len() < args.density_max {
+        if start.elapsed() > Duration::from_secs(args.density_secs) {
+            stop = format!("time budget of {} s used", args.density_secs);
+            break;
+        }
+        let mut lat = Vec::new();
+        for _ in 0..args.density_step.min(args.density_max - ids.len()) {
+            let t = Instant::now();
+            match s.create(&image, p).await {
+                Ok(id) => {
+                    lat.push(ms(t.elapsed()));
+                    ids.push(id);
+                }
+                Err(e) => {
+                    stop = format!("create failed: {e:#}");
+                    break;
+                }
+            }
+        }
+        let st = crate::report::Stats::of(&lat);
+        all_lat.extend(&lat);
+        let dids = if p == "docker" {
+            docker_ids(s).await
+        } else {
+            Vec::new()
+        };
+        let (agent_kib, agents) = agent_rss(s, p, &dids);
+        let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
+        let rss = s.rss_kib().unwrap_or(0) as f64;
+        steps.push(json!({
+            "sandboxes": ids.len(),
+            "create_p50_ms": st.median, "create_p99_ms": st.p99,
+            "control_plane_rss_mib": rss / 1024.0,
+            "agents": agents, "agent_rss_mib_each": if agents > 0 { agent_kib as f64 / agents as f64 / 1024.0 } else { f64::NAN },
+            "host_mem_used_mib_per_sandbox": (mem0 - mem) / 1024.0 / ids.len().max(1) as f64,
+        }));
+        eprintln!(
+            "bench[api]:   {p} density: {} sandboxes, step p99 {:.1} ms, agents {agents}",
+            ids.len(),
+            st.p99
+        );
+        if !stop.starts_with("cap") {
+            break;
+        }
+        match first_p99 {
+            None => first_p99 = Some(st.p99),
+            Some(f) if st.p99 >= 2.0 * f => {
+                stop = format!("step p99 {:.1} ms ≥ 2 × first step's {:.1} ms", st.p99, f);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let dids = if p == "docker" {
+        docker_ids(s).await
+    } else {
+        Vec::new()
+    };
+    let (agent_kib, agents) = agent_rss(s, p, &dids);
+    let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
+    let rss = s.rss_kib().unwrap_or(0) as f64;
+    let n = ids.len().max(1) as f64;
+    report.value(
+        &format!("api.density.{p}.count"),
+        &format!("API {p}: idle sandboxes reached"),
+        "count",
+        ids.len() as f64,
+        &stop,
+    );
+    report.time_ms(
+        &format!("api.density.{p}.create"),
+        &format!("API {p}: create latency while filling"),
+        &all_lat,
+        None,
+        "sequential",
+    );
+    report.value(
+        &format!("api.density.{p}.cp_rss"),
+        &format!("API {p}: control plane RSS with them"),
+        "MiB",
+        rss / 1024.0,
+        &format!("+{:.2} MiB per sandbox", (rss - rss0) / 1024.0 / n),
+    );
+    if agents > 0 {
+        report.value(
+            &format!("api.density.{p}.agent_rss"),
+            &format!("API {p}: agent RSS per sandbox"),
+            "MiB",
+            agent_kib as f64 / agents as f64 / 1024.0,
+            &format!("{agents} agents; target < 5 MiB"),
+        );
+    }
+    report.value(
+        &format!("api.density.{p}.host_mem"),
+        &format!("API {p}: host memory per sandbox"),
+        "MiB",
+        (mem0 - mem) / 1024.0 / n,
+        "MemAvailable delta / count",
+    );
+    report.detail(&format!("density_{p}_steps"), json!(steps));
+    let failed = s.destroy_many(&ids).await;
+    if failed > 0 {
+        eprintln!("bench: {failed} destroys after density failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! `stacyvm-bench`: StacyVM's benchmark suite. Measures the providers and
+//! the HTTP API side by side with the docker CLI and plain proot in the same
+//! run, prints Markdown tables and writes JSON to `bench/results/`.
+
+mod api_suite;
+mod baseline;
+mod provider_suite;
+mod report;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+
+use crate::report::{Machine, Report};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    /// The providers through the Provider trait, no HTTP.
+    Provider,
+    /// A real `stacyvm serve` through its HTTP API.
+    Api,
+    /// Both.
+    All,
+}
+
+/// Benchmarks StacyVM against docker and proot on this host. Loopback only;
+/// everything it starts is removed at the end, on error and on Ctrl-C.
+#[derive(Parser, Debug)]
+#[command(name = "stacyvm-bench")]
+pub struct Args {
+    #[arg(value_enum)]
+    suite: Suite,
+    /// Providers to measure.
+    #[arg(long, value_delimiter = ',', default_value = "docker,proot")]
+    providers: Vec<String>,
+    /// API sections to leave out: create, exec, stream, files, throughput, burst, density.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    /// Cold creates per provider (and as many baseline starts).
+    #[arg(long, default_value_t = 10)]
+    cold_iters: usize,
+    /// StacyVM exec round trips per provider.
+    #[arg(long, default_value_t = 500)]
+    exec_iters: usize,
+    /// `docker exec` / plain proot runs for the exec and stream baselines.
+    #[arg(long, default_value_t = 50)]
+    baseline_exec_iters: usize,
+    /// Streamed execs per provider.
+    #[arg(long, default_value_t = 200)]
+    stream_iters: usize,
+    /// Number of 1 KiB files in the small-file transfer.
+    #[arg(long, default_value_t = 1000)]
+    small_files: usize,
+    /// Size of the big file, MiB.
+    #[arg(long, default_value_t = 100)]
+    big_file_mib: u64,
+    /// Rounds of each file transfer (and of docker cp).
+    #[arg(long, default_value_t = 3)]
+    file_iters: usize,
+    /// Small-file requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    file_concurrency: usize,
+    /// Concurrent clients for the API throughput test.
+    #[arg(long, default_value_t = 50)]
+    clients: usize,
+    /// Seconds per throughput test.
+    #[arg(long, default_value_t = 5)]
+    throughput_secs: u64,
+    /// Creates issued at once in the burst test.
+    #[arg(long, default_value_t = 100)]
+    burst: usize,
+    /// Sandboxes added per density step.
+    #[arg(long, default_value_t = 20)]
+    density_step: usize,
+    /// Most idle sandboxes per provider in the density test.
+    #[arg(long, default_value_t = 200)]
+    density_max: usize,
+    /// Time budget per provider for the density test, seconds.
+    #[arg(long, default_value_t = 120)]
+    density_secs: u64,
+    /// Docker image for the Docker provider and the docker CLI baselines.
+    #[arg(long, default_value = "stacyvm-test/busybox:latest")]
+    docker_image: String,
+    /// Root filesystem tar for PRoot (default: target/test-images/busybox.tar, built when missing).
+    #[arg(long)]
+    image_tar: Option<PathBuf>,
+    /// The `stacyvm` binary to serve (default: built with cargo build --release -p stacyvm).
+    #[arg(long, env = "STACYVM_BIN")]
+    stacyvm_bin: Option<PathBuf>,
+    /// Where results are written.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+}
+
+impl Args {
+    pub fn wants(&self, provider: &str) -> bool {
+        self.providers.iter().any(|p| p == provider)
+    }
+
+    pub fn skipped(&self, section: &str) -> bool {
+        self.skip.iter().any(|s| s == section)
+    }
+}
+
+/// What every suite shares, including what must be cleaned up.
+pub struct Ctx {
+    pub tag: String,
+    pub agent_bin: PathBuf,
+    pub image_tar: PathBuf,
+    pub docker: baseline::DockerCli,
+    pub live: provider_suite::Live,
+    pub server: Mutex<Option<Arc<server::Server>>>,
+    stacyvm_bin: Option<PathBuf>,
+}
+
+impl Ctx {
+    pub async fn stacyvm_bin(&self) -> Result<PathBuf> {
+        if let Some(b) = &self.stacyvm_bin {
+            return Ok(b.clone());
+        }
+        let root = baseline::workspace_root();
+        eprintln!("bench: cargo build --release -p stacyvm");
+        let status = tokio::process::Command::new("cargo")
+            .args(["build", "--release", "-p", "stacyvm"])
+            .current_dir(&root)
+            .status()
+            .await
+            .context("running cargo")?;
+        anyhow::ensure!(status.success(), "building stacyvm failed");
+        Ok(root.join("target/release/stacyvm"))
+    }
+
+    /// Destroys everything the run started.
+    async fn cleanup(&self) {
+        let n = self.live.destroy_all().await;
+        if n > 0 {
+            eprintln!("bench: destroyed {n} provider sandboxes");
+        }
+        let server = self.server.lock().ok().and_then(|mut s| s.take());
+        if let Some(server) = server {
+            match Arc::try_unwrap(server) {
+                Ok(server) => server.shutdown().await,
+                Err(_) => eprintln!("bench: the server is still in use; it is killed on exit"),
+            }
+        }
+        match self.docker.cleanup().await {
+            Ok(0) => {}
+            Ok(n) => eprintln!("bench: removed {n} baseline containers"),
+            Err(e) => eprintln!("bench: removing baseline containers: {e:#}"),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let machine = Machine::probe();
+    eprintln!("bench: {}", machine.line());
+    let agent_bin = baseline::agent_bin().await?;
+    let image_tar = baseline::test_image(args.image_tar.clone(), &args.docker_image).await?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tag = format!("{}x{nanos:x}", std::process::id());
+    let ctx = Ctx {
+        docker: baseline::DockerCli::new(&args.docker_image, &tag),
+        tag,
+        agent_bin,
+        image_tar,
+        live: Default::default(),
+        server: Mutex::new(None),
+        stacyvm_bin: args.stacyvm_bin.clone(),
+    };
+    let started = std::time::Instant::now();
+    let suites: Vec<Suite> = match args.suite {
+        Suite::All => vec![Suite::Provider, Suite::Api],
+        s => vec![s],
+    };
+    let mut reports = Vec::new();
+    let mut failure = None;
+    for suite in suites {
+        let name = if suite == Suite::Provider {
+            "provider"
+        } else {
+            "api"
+        };
+        let mut report = Report::new(name);
+        let outcome = {
+            let run = async {
+                if suite == Suite::Provider {
+                    provider_suite::run(&ctx, &args, &mut report).await
+                } else {
+                    api_suite::run(&ctx, &args, &mut report).await
+                }
+            };
+            tokio::select! {
+                r = run => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            }
+        };
+        ctx.cleanup().await;
+        if let Err(e) = &outcome {
+            report.incomplete = Some(format!("{e:#}"));
+        }
+        report.finish();
+        println!("{}", report.table());
+        reports.push(report);
+        if let Err(e) = outcome {
+            failure = Some(e);
+            break;
+        }
+    }
+
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results"));
+    std::fs::create_dir_all(&out_dir)?;
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .unwrap_or_default();
+    let suite_name = format!("{:?}", args.suite).to_lowercase();
+    let doc = serde_json::json!({
+        "suite": suite_name,
+        "date": report::now_rfc3339(),
+        "duration_s": started.elapsed().as_secs_f64(),
+        "machine": machine,
+        "args": format!("{args:?}"),
+        "reports": reports,
+    });
+    let text = serde_json::to_string_pretty(&doc)?;
+    let path = out_dir.join(format!("{suite_name}-{stamp}.json"));
+    std::fs::write(&path, &text)?;
+    std::fs::write(out_dir.join("latest.json"), &text)?;
+    println!(
+        "machine: {}\ntook {:.0} s; results: {}",
+        machine.line(),
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Args::command().debug_assert();
+        let a = <super::Args as clap::Parser>::try_parse_from([
+            "stacyvm-bench",
+            "all",
+            "--skip",
+            "density,burst",
+        ])
+        .expect("valid arguments parse");
+        assert!(a.skipped("burst") && !a.skipped("exec"));
+    }
+}
