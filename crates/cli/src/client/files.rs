@@ -17,6 +17,13 @@ use super::{usage, Conn};
 pub struct CpArgs {
     #[command(flatten)]
     conn: Conn,
+    #[command(flatten)]
+    paths: CpPaths,
+}
+
+/// The two sides of a copy (also `stacyvm sandbox cp`).
+#[derive(Args)]
+pub struct CpPaths {
     /// A host path, `-` for stdin, or SANDBOX_ID:/path.
     src: String,
     /// A host path, `-` for stdout, or SANDBOX_ID:/path. An existing
@@ -109,7 +116,11 @@ fn base_name(p: &str) -> &str {
 }
 
 pub async fn cp(a: CpArgs) -> Result<ExitCode> {
-    let client = a.conn.client()?;
+    cp_paths(&a.conn, a.paths).await
+}
+
+pub async fn cp_paths(conn: &Conn, a: CpPaths) -> Result<ExitCode> {
+    let client = conn.client()?;
     let entry = match (parse_loc(&a.src), parse_loc(&a.dst)) {
         (Loc::Sandbox { .. }, Loc::Sandbox { .. }) | (Loc::Host(_) | Loc::Std, Loc::Host(_) | Loc::Std) => {
             usage("cp copies between the host and a sandbox: one side must be SANDBOX_ID:/path, the other a host path")
@@ -121,7 +132,7 @@ pub async fn cp(a: CpArgs) -> Result<ExitCode> {
         }
     };
     if let Some(e) = entry {
-        if a.conn.output == Format::Json {
+        if conn.output == Format::Json {
             output::json(&e)?;
         }
     }

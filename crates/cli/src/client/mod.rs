@@ -42,16 +42,20 @@ impl Conn {
 #[derive(Subcommand)]
 pub enum ClientCommand {
     /// Create, list, inspect, run commands in and remove sandboxes.
+    #[command(visible_alias = "sandboxes")]
     Sandbox(sandbox::SandboxArgs),
     /// Copy a file between the host and a sandbox (SANDBOX_ID:/path), streamed.
     Cp(files::CpArgs),
     /// Inspect and change files in a sandbox.
     Files(files::FilesArgs),
     /// Manage the image catalog.
+    #[command(visible_alias = "images")]
     Image(admin::ImageArgs),
     /// Manage tenants.
+    #[command(visible_alias = "tenants")]
     Tenant(admin::TenantArgs),
     /// Manage API keys.
+    #[command(visible_alias = "keys")]
     Key(admin::KeyArgs),
     /// Show or set a tenant's quota.
     Quota(admin::QuotaArgs),

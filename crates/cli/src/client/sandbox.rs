@@ -38,6 +38,8 @@ enum SandboxCmd {
     },
     /// Run a command in a sandbox, streaming its output; exits with its code.
     Exec(ExecArgs),
+    /// Copy a file between the host and a sandbox (same as `stacyvm cp`).
+    Cp(super::files::CpPaths),
     /// Show a sandbox's log.
     Logs {
         id: String,
@@ -111,6 +113,7 @@ struct LsArgs {
 
 #[derive(Args)]
 struct ExecArgs {
+    /// The sandbox.
     id: String,
     /// Environment, KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
@@ -195,6 +198,7 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
             })
         }
         SandboxCmd::Exec(e) => exec(&client, fmt, e).await,
+        SandboxCmd::Cp(paths) => super::files::cp_paths(&a.conn, paths).await,
         SandboxCmd::Logs { id, follow } => {
             if follow {
                 let mut lines = client.sandbox_logs_follow(&id).await?;

@@ -568,6 +568,10 @@ async fn operator_commands_manage_tenants_keys_quotas_and_report() -> Result<()>
     let secret = key["key"].as_str().context("the secret")?.to_owned();
     let kid = key["id"].as_str().context("key id")?.to_owned();
     assert!(server.ok(&["key", "ls"])?.contains(&kid));
+    assert!(
+        server.ok(&["keys", "ls"])?.contains(&kid),
+        "`keys` is an alias"
+    );
 
     // The member key works, and the tenant's quota holds for it.
     let member = |args: &[&str]| run(server.cli_as(&secret).args(args));
