@@ -20,6 +20,7 @@ use super::{note, AppState};
 use crate::app::audit::AuditQuery;
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ImportQuery {
     pub name: Option<String>,
 }
@@ -107,6 +108,7 @@ pub async fn tenant_create(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     pub limit: Option<u32>,
     pub cursor: Option<String>,
@@ -197,6 +199,7 @@ pub async fn key_revoke(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQueryParams {
     pub sandbox_id: Option<String>,
     pub action: Option<String>,

@@ -20,6 +20,7 @@ use super::extract::{Auth, JsonBody, Q};
 use super::{note, AppState};
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PathQuery {
     /// Absolute path inside the sandbox.
     pub path: Option<String>,
@@ -136,6 +137,7 @@ pub async fn file_list(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GlobQuery {
     /// e.g. `/work/**/*.py`; `**` crosses directories.
     pub pattern: Option<String>,

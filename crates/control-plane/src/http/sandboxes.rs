@@ -79,6 +79,7 @@ pub async fn sandbox_create(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only sandboxes in this state.
     pub state: Option<String>,
@@ -192,6 +193,7 @@ pub async fn sandbox_resume(
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Stream new lines as SSE until the sandbox ends.
     #[serde(default)]
