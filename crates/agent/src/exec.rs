@@ -27,6 +27,8 @@ const DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// Hard bound on draining after exit, even while output keeps flowing.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 
+static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `spec` and streams its output to `out`. Returns the exit frame, or
 /// an error when the command could not be set up (bad cwd, empty argv).
 /// A program that cannot be started is not an error: it exits 127 or 126
@@ -43,9 +45,22 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
     // Its own process group, so a timeout or cancel kills everything it
     // started (that did not leave the group).
     cmd.process_group(0);
+    // Force a plain fork+exec instead of posix_spawn's shared-memory
+    // vfork-style clone: under PRoot (ptrace) such children crash with
+    // SIGSEGV when several commands start at once.
+    // SAFETY: the closure does nothing, so it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| Ok(()));
+    }
 
     let started = Instant::now();
-    let spawned = cmd.spawn();
+    let spawned = {
+        // One spawn at a time: under PRoot (ptrace), children forked by
+        // several threads at once can crash with SIGSEGV before they exec.
+        // A spawn takes microseconds, so serialising costs nothing else.
+        let _one_at_a_time = SPAWN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        cmd.spawn()
+    };
     if spec.stream {
         // Acknowledge the start, so the client can tell setup errors (sent
         // instead of this) from the command's own output.

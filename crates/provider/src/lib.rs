@@ -22,8 +22,7 @@ use std::pin::Pin;
 
 pub use agent_client::AgentClient;
 pub use stacyvm_core::{
-    ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId,
-    SpawnSpec,
+    ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec,
 };
 
 /// Whether a provider can be used on this host, and why not.
@@ -91,11 +90,17 @@ pub trait Provider: Send + Sync + 'static {
     async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>>;
 
     async fn pause(&self, _id: &SandboxId) -> Result<()> {
-        Err(Error::Unsupported(format!("the {} provider cannot pause sandboxes", self.name())))
+        Err(Error::Unsupported(format!(
+            "the {} provider cannot pause sandboxes",
+            self.name()
+        )))
     }
 
     async fn resume(&self, _id: &SandboxId) -> Result<()> {
-        Err(Error::Unsupported(format!("the {} provider cannot resume sandboxes", self.name())))
+        Err(Error::Unsupported(format!(
+            "the {} provider cannot resume sandboxes",
+            self.name()
+        )))
     }
 
     // Exec, streaming and files: one implementation, through the agent.
@@ -128,11 +133,22 @@ pub trait Provider: Send + Sync + 'static {
         self.agent(id).await?.file_stat(path).await
     }
 
-    async fn file_list(&self, id: &SandboxId, path: &str, recursive: bool) -> Result<Vec<FileEntry>> {
+    async fn file_list(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Vec<FileEntry>> {
         self.agent(id).await?.file_list(path, recursive).await
     }
 
-    async fn file_move(&self, id: &SandboxId, from: &str, to: &str, overwrite: bool) -> Result<FileEntry> {
+    async fn file_move(
+        &self,
+        id: &SandboxId,
+        from: &str,
+        to: &str,
+        overwrite: bool,
+    ) -> Result<FileEntry> {
         self.agent(id).await?.file_move(from, to, overwrite).await
     }
 
@@ -155,10 +171,13 @@ pub trait Provider: Send + Sync + 'static {
 
 /// Where a provider finds the static agent binary on the host.
 pub fn agent_binary_path() -> Result<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("STACYVM_AGENT_BIN") {
+    if let Some(p) = std::env::var_os("STACYVM_AGENT_BIN").filter(|p| !p.is_empty()) {
         let p = std::path::PathBuf::from(p);
         return if p.is_file() {
-            Ok(p)
+            // Absolute, because providers hand the path to other processes
+            // (proot, dockerd) that do not share our working directory.
+            std::fs::canonicalize(&p)
+                .map_err(|e| Error::internal(format!("resolving {}", p.display()), e))
         } else {
             Err(Error::ProviderUnavailable(format!(
                 "STACYVM_AGENT_BIN={} does not name a file",
@@ -166,7 +185,8 @@ pub fn agent_binary_path() -> Result<std::path::PathBuf> {
             )))
         };
     }
-    let exe = std::env::current_exe().map_err(|e| Error::internal("locating the stacyvm binary", e))?;
+    let exe =
+        std::env::current_exe().map_err(|e| Error::internal("locating the stacyvm binary", e))?;
     let beside = exe.with_file_name("stacyvm-agent");
     if beside.is_file() {
         return Ok(beside);
