@@ -507,3 +507,32 @@ fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_start_fails_the_spawn_with_its_output() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let broken = env.data_dir.join("broken-agent");
+    std::fs::write(&broken, "#!/bin/sh\necho agent-broken-marker >&2\nexit 3\n")?;
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let provider: DynProvider = Arc::new(ProotProvider::new(ProotConfig {
+        data_dir: env.data_dir.clone(),
+        agent_bin: broken,
+        catalog: env.catalog.clone(),
+        instance: env.instance.clone(),
+    })?);
+    let h = Harness::new(env, provider);
+    let spec = support::spec();
+    let err = h
+        .spawn(spec.clone())
+        .await
+        .err()
+        .context("a broken agent spawned")?;
+    let msg = format!("{err:#}");
+    ensure!(
+        msg.contains("agent-broken-marker"),
+        "the agent's output is not in the error: {msg}"
+    );
+    let left = leftovers(&spec.sandbox_id, &h.env.data_dir);
+    ensure!(left.is_empty(), "a failed spawn left: {left:#?}");
+    Ok(())
+}
