@@ -326,7 +326,7 @@ fn new_lock_for(
     key: &str,
 ) -> Arc<tokio::sync::Mutex<()>> {
     map.lock()
-        .expect("the lock map is never left poisoned: nothing panics while holding it")
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .entry(key.to_owned())
         .or_default()
         .clone()
@@ -368,6 +368,19 @@ fn parse_docker_time(s: Option<&str>) -> Option<OffsetDateTime> {
 }
 
 impl Inner {
+    fn agents_cache(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Arc<AgentClient>>> {
+        // Nothing panics while holding it; a poisoned map is still consistent.
+        self.agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn paused_set(&self) -> std::sync::MutexGuard<'_, HashSet<SandboxId>> {
+        self.paused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn container_name(&self, id: &SandboxId) -> String {
         let inst: String = self
             .cfg
@@ -720,12 +733,7 @@ impl Inner {
         }
         match self.wait_for_agent(&docker, &name, &socket).await {
             Ok(client) => {
-                self.agents
-                    .lock()
-                    .expect(
-                        "the agent cache is never left poisoned: nothing panics while holding it",
-                    )
-                    .insert(id.clone(), client);
+                self.agents_cache().insert(id.clone(), client);
                 cleanup.disarm();
                 tracing::info!(sandbox = %id, image = %image, container = %name, "docker sandbox running");
                 Ok(())
@@ -867,14 +875,8 @@ impl Inner {
     }
 
     fn forget(&self, id: &SandboxId) {
-        self.agents
-            .lock()
-            .expect("the agent cache is never left poisoned: nothing panics while holding it")
-            .remove(id);
-        self.paused
-            .lock()
-            .expect("the paused set is never left poisoned: nothing panics while holding it")
-            .remove(id);
+        self.agents_cache().remove(id);
+        self.paused_set().remove(id);
     }
 
     async fn list(&self) -> Result<Vec<RuntimeInfo>> {
@@ -1006,22 +1008,12 @@ impl Inner {
     }
 
     async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>> {
-        if self
-            .paused
-            .lock()
-            .expect("the paused set is never left poisoned: nothing panics while holding it")
-            .contains(id)
-        {
+        if self.paused_set().contains(id) {
             return Err(Error::Conflict(format!(
                 "sandbox {id} is paused: resume it first"
             )));
         }
-        let cached = self
-            .agents
-            .lock()
-            .expect("the agent cache is never left poisoned: nothing panics while holding it")
-            .get(id)
-            .cloned();
+        let cached = self.agents_cache().get(id).cloned();
         if let Some(client) = cached {
             if client.is_alive() {
                 return Ok(client);
@@ -1051,10 +1043,7 @@ impl Inner {
                     ))
                 })?,
         );
-        let mut agents = self
-            .agents
-            .lock()
-            .expect("the agent cache is never left poisoned: nothing panics while holding it");
+        let mut agents = self.agents_cache();
         // Keep a live connection another caller made meanwhile.
         match agents.get(id) {
             Some(existing) if existing.is_alive() => Ok(existing.clone()),
@@ -1079,15 +1068,9 @@ impl Inner {
             )));
         }
         // Marked first so no exec slips in between the freeze and the mark.
-        self.paused
-            .lock()
-            .expect("the paused set is never left poisoned: nothing panics while holding it")
-            .insert(id.clone());
+        self.paused_set().insert(id.clone());
         if let Err(e) = docker.pause_container(&self.container_name(id)).await {
-            self.paused
-                .lock()
-                .expect("the paused set is never left poisoned: nothing panics while holding it")
-                .remove(id);
+            self.paused_set().remove(id);
             return Err(self.docker_error(format_args!("pausing sandbox {id}"), e));
         }
         Ok(())
@@ -1107,10 +1090,7 @@ impl Inner {
             .unpause_container(&self.container_name(id))
             .await
             .map_err(|e| self.docker_error(format_args!("resuming sandbox {id}"), e))?;
-        self.paused
-            .lock()
-            .expect("the paused set is never left poisoned: nothing panics while holding it")
-            .remove(id);
+        self.paused_set().remove(id);
         Ok(())
     }
 }
