@@ -9,6 +9,7 @@
 //! Layout of one sandbox, under `<data_dir>/proot/<sandbox id>/`:
 //! ```text
 //! meta.json        what destroy and adoption need (layout, run dir, cgroup)
+//! agent            the sandbox's own copy of the agent binary
 //! proot.pid        "<pid> <start time>" of the proot process
 //! agent.pid        "<pid> <start time>" of the agent, once it answered
 //! runtime.log      stdout and stderr of proot and the agent
