@@ -12,7 +12,7 @@ cd "$root_dir"
 
 ensure_cargo
 ensure_runtime_packages
-ensure_packages python3-venv 2>/dev/null || true
+ensure_packages python3-venv sqlite3 2>/dev/null || true
 ensure_dockerd
 
 STACYVM_TEST_POSTGRES_URL="$(scripts/start-postgres.sh)"
