@@ -127,6 +127,9 @@ struct Inner {
     socket: std::result::Result<String, String>,
     /// Parent of the per-sandbox socket directories.
     run_root: PathBuf,
+    /// Whether `run_root` lies outside the data directory (and so is
+    /// removed once empty).
+    run_root_shared: bool,
     /// The daemon connection, made on first use so a missing daemon is a
     /// health report rather than a start-up failure.
     docker: tokio::sync::Mutex<Option<Docker>>,
@@ -183,12 +186,13 @@ impl DockerProvider {
         cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| {
             Error::internal(format_args!("resolving {}", cfg.data_dir.display()), e)
         })?;
-        let run_root = choose_run_root(&cfg)?;
+        let (run_root, run_root_shared) = choose_run_root(&cfg)?;
         Ok(DockerProvider {
             inner: Arc::new(Inner {
                 cfg,
                 socket,
                 run_root,
+                run_root_shared,
                 docker: tokio::sync::Mutex::new(None),
                 agents: Mutex::new(HashMap::new()),
                 paused: Mutex::new(HashSet::new()),
@@ -230,13 +234,16 @@ fn parse_docker_host(host: &str) -> std::result::Result<String, String> {
 
 /// `<data_dir>/docker` when a socket path under it fits in `sun_path`,
 /// otherwise a short directory under `/run/stacyvm`.
-fn choose_run_root(cfg: &DockerConfig) -> Result<PathBuf> {
+///
+/// A directory under `/run/stacyvm` is shared ground: it is made when a
+/// sandbox needs it and removed again once its last sandbox is destroyed.
+fn choose_run_root(cfg: &DockerConfig) -> Result<(PathBuf, bool)> {
     let fits = |root: &Path| {
         root.as_os_str().len() + 1 + TYPICAL_SANDBOX_ID_LEN + 1 + SOCKET_NAME.len() <= SUN_PATH_MAX
     };
     let preferred = cfg.data_dir.join("docker");
-    let root = if fits(&preferred) {
-        preferred
+    let (root, shared) = if fits(&preferred) {
+        (preferred, false)
     } else {
         let mut h = Sha256::new();
         h.update(cfg.data_dir.as_os_str().as_encoded_bytes());
@@ -250,15 +257,26 @@ fn choose_run_root(cfg: &DockerConfig) -> Result<PathBuf> {
                 cfg.data_dir.display()
             )));
         }
-        short
+        (short, true)
     };
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).map_err(|e| {
+    create_run_root(&root).map_err(|e| {
         Error::ProviderUnavailable(format!(
             "cannot create the sandbox socket directory {}: {e} (use a shorter --data-dir, or run as a user that may write there)",
             root.display()
         ))
     })?;
-    Ok(root)
+    if shared {
+        // Only a check that it can be made; spawns make it again on demand.
+        let _ = std::fs::remove_dir(&root);
+    }
+    Ok((root, shared))
+}
+
+fn create_run_root(root: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
 }
 
 /// The Docker reference a catalog image is imported under:
@@ -628,18 +646,26 @@ impl Inner {
         let image = self.resolve_image(&docker, &spec.image).await?;
 
         let run_dir = self.run_root.join(id.as_str());
-        match std::fs::DirBuilder::new().mode(0o700).create(&run_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(Error::Conflict(format!(
-                    "sandbox {id} already exists on this Docker provider"
-                )));
-            }
-            Err(e) => {
-                return Err(Error::internal(
-                    format_args!("creating {}", run_dir.display()),
-                    e,
-                ))
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let made = create_run_root(&self.run_root)
+                .and_then(|()| std::fs::DirBuilder::new().mode(0o700).create(&run_dir));
+            match made {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(Error::Conflict(format!(
+                        "sandbox {id} already exists on this Docker provider"
+                    )));
+                }
+                // A destroy removed the shared root between the two steps.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => {}
+                Err(e) => {
+                    return Err(Error::internal(
+                        format_args!("creating {}", run_dir.display()),
+                        e,
+                    ))
+                }
             }
         }
         // From here on, any failure (or the caller giving up) removes what
@@ -853,6 +879,10 @@ impl Inner {
                     e,
                 )
             })?;
+        if self.run_root_shared {
+            // Fails (and is meant to) while other sandboxes still use it.
+            let _ = std::fs::remove_dir(&self.run_root);
+        }
         // A connection made while the container was being removed.
         self.forget(id);
         Ok(())

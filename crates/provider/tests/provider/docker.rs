@@ -1087,6 +1087,12 @@ async fn a_long_data_dir_moves_sockets_to_a_short_directory() -> Result<()> {
     );
     h.provider.destroy(&s.sandbox_id).await?;
     assert_gone(&h, &s.sandbox_id)?;
+    let root = run_dir.parent().context("run root")?;
+    assert!(
+        !root.exists(),
+        "the shared socket root {} outlives its last sandbox",
+        root.display()
+    );
     Ok(())
 }
 
