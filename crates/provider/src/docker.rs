@@ -215,6 +215,23 @@ impl DockerProvider {
     pub fn catalog_image_ref(info: &ImageInfo) -> String {
         catalog_docker_ref(info)
     }
+
+    /// Removes the Docker copy of a catalog image (call it when the image
+    /// leaves the catalog). Nothing to remove is success; `Conflict` while a
+    /// container still uses it.
+    pub async fn remove_catalog_image(&self, info: &ImageInfo) -> Result<()> {
+        let inner = &self.inner;
+        let docker = inner.docker().await?;
+        let reference = catalog_docker_ref(info);
+        let lock = new_lock_for(&inner.image_imports, &reference);
+        let _held = lock.lock().await;
+        let options = bollard::query_parameters::RemoveImageOptionsBuilder::default().build();
+        match docker.remove_image(&reference, Some(options), None).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(inner.docker_error(format_args!("removing Docker image {reference}"), e)),
+        }
+    }
 }
 
 /// Accepts `unix:///path` or an absolute socket path.

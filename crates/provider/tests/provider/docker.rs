@@ -820,6 +820,19 @@ async fn concurrent_spawns_import_a_catalog_image_into_docker_once() -> Result<(
         h.provider.destroy(&s.sandbox_id).await?;
         assert_gone(&h, &s.sandbox_id)?;
     }
+
+    // When the image leaves the catalog its Docker copy can go too: refused
+    // while a container uses it, then removed, then removing is a no-op.
+    let s = spec(&image);
+    h.provider.spawn(&s).await?;
+    assert!(matches!(
+        h.provider.remove_catalog_image(&info).await,
+        Err(Error::Conflict(_))
+    ));
+    h.provider.destroy(&s.sandbox_id).await?;
+    h.provider.remove_catalog_image(&info).await?;
+    assert!(run("docker", &["image", "inspect", &reference]).is_err());
+    h.provider.remove_catalog_image(&info).await?;
     Ok(())
 }
 
