@@ -370,7 +370,12 @@ impl PrivateDockerd {
             .create(true)
             .append(true)
             .open(self.dir.join("dockerd.log"))?;
-        let child = Command::new("dockerd")
+        // In its own network namespace: a dockerd started with `--bridge none`
+        // deletes the host's `docker0`, which the shared dockerd (and every
+        // other test's egress sandbox) needs. `unshare` execs dockerd, so the
+        // child is dockerd itself.
+        let child = Command::new("unshare")
+            .args(["--net", "dockerd"])
             .arg("--host")
             .arg(self.host())
             .arg("--data-root")
