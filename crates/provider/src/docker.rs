@@ -467,6 +467,15 @@ impl Inner {
                 status_code: 400,
                 message,
             } => Error::InvalidRequest(format!("{what}: {message}")),
+            // The daemon could not do it (e.g. a network it cannot set up):
+            // the provider is unavailable for this request, and Docker's
+            // message says why.
+            DockerError::DockerResponseServerError {
+                status_code,
+                message,
+            } if status_code >= 500 => Error::ProviderUnavailable(format!(
+                "{what}: the Docker daemon answered {status_code}: {message}"
+            )),
             DockerError::DockerResponseServerError {
                 status_code,
                 message,
