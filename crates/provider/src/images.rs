@@ -308,7 +308,14 @@ impl ImageCatalog {
             tracing::warn!(target = %link_target.display(), "not removing an unexpected image link target");
             return;
         }
-        remove_tree_blocking(self.dir.join(VERSIONS_DIR).join(v)).await;
+        let version_dir = self.dir.join(VERSIONS_DIR).join(v);
+        if mounted_from(&version_dir) {
+            // Running sandboxes (PRoot overlays) still have this version as
+            // their lower layer: keep it; `open` sweeps it once unused.
+            tracing::info!(version = %version_dir.display(), "keeping a replaced image version that running sandboxes still use");
+            return;
+        }
+        remove_tree_blocking(version_dir).await;
     }
 
     /// Every image, sorted by name.
@@ -464,7 +471,10 @@ fn sweep_leftovers(dir: &Path) {
         .collect();
     if let Ok(versions) = std::fs::read_dir(dir.join(VERSIONS_DIR)) {
         for v in versions.flatten() {
-            if !referenced.contains(&v.file_name()) && old_enough(&v.path()) {
+            if !referenced.contains(&v.file_name())
+                && old_enough(&v.path())
+                && !mounted_from(&v.path())
+            {
                 if let Err(e) = remove_tree(&v.path()) {
                     tracing::warn!(path = %v.path().display(), error = %e, "could not remove an abandoned image version");
                 }
@@ -478,6 +488,16 @@ fn sweep_leftovers(dir: &Path) {
             }
         }
     }
+}
+
+/// Whether a mount on this host (an overlay's lower layer, a bind) names a
+/// path inside `dir`, i.e. a running sandbox still reads from it.
+fn mounted_from(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let needle = dir.to_string_lossy();
+    info.lines().any(|l| l.contains(needle.as_ref()))
 }
 
 async fn read_meta(path: &Path) -> Result<Option<ImageInfo>> {
