@@ -233,7 +233,7 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
 
     if !args.skipped("burst") {
         for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
-            burst(s, args, report, p).await?;
+            burst(s, args, report, p, cli).await?;
         }
     }
     if !args.skipped("density") {
@@ -554,7 +554,13 @@ async fn throughput(
 
 /// `args.burst` creates at once, each followed by an exec; the time until
 /// every one of them answered.
-async fn burst(s: &Server, args: &Args, report: &mut Report, p: &str) -> Result<()> {
+async fn burst(
+    s: &Server,
+    args: &Args,
+    report: &mut Report,
+    p: &str,
+    cli: &crate::baseline::DockerCli,
+) -> Result<()> {
     let n = args.burst;
     eprintln!("bench[api]: burst of {n} creates, {p}");
     let image = image_for(args, p);
@@ -579,11 +585,17 @@ async fn burst(s: &Server, args: &Args, report: &mut Report, p: &str) -> Result<
     let live = s.live_ids().await?;
     let failed_destroys = s.destroy_many(&live).await;
     let note = format!("{} ok, {} failed", lat.len(), errors.len());
-    report.value(
+    let baseline = if p == "docker" {
+        docker_burst(args, report, cli).await?;
+        Some("api.burst.docker.base")
+    } else {
+        None
+    };
+    report.time_ms(
         &format!("api.burst.{p}.total"),
         &format!("API {p}: burst of {n} creates, all exec-ready"),
-        "ms",
-        total,
+        &[total],
+        baseline,
         &format!("{note}; target < 5 s (docker)"),
     );
     report.time_ms(
@@ -598,6 +610,45 @@ async fn burst(s: &Server, args: &Args, report: &mut Report, p: &str) -> Result<
     if failed_destroys > 0 {
         eprintln!("bench: {failed_destroys} destroys after the burst failed");
     }
+    Ok(())
+}
+
+/// The same burst with the docker CLI: `n` × (`docker run -d` + first
+/// `docker exec`) at once.
+async fn docker_burst(
+    args: &Args,
+    report: &mut Report,
+    cli: &crate::baseline::DockerCli,
+) -> Result<()> {
+    let n = args.burst;
+    eprintln!("bench[api]: baseline: burst of {n} docker run -d + docker exec");
+    let start = Instant::now();
+    let results = futures_util::future::join_all((0..n).map(|_| cli.cold())).await;
+    let total = ms(start.elapsed());
+    let mut lat = Vec::new();
+    let mut failed = 0;
+    for r in results {
+        match r {
+            Ok((d, _)) => lat.push(ms(d)),
+            Err(_) => failed += 1,
+        }
+    }
+    cli.cleanup().await?;
+    let note = format!("{} ok, {failed} failed", lat.len());
+    report.time_ms(
+        "api.burst.docker.base",
+        &format!("baseline: {n} × (docker run -d + docker exec) at once"),
+        &[total],
+        None,
+        &note,
+    );
+    report.time_ms(
+        "api.burst.docker.base.each",
+        "baseline: burst, each docker run + exec",
+        &lat,
+        None,
+        &note,
+    );
     Ok(())
 }
 

@@ -9,6 +9,7 @@ mod report;
 mod server;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -155,7 +156,7 @@ impl Ctx {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> Result<ExitCode> {
     let args = Args::parse();
     let machine = Machine::probe();
     eprintln!("bench: {}", machine.line());
@@ -245,8 +246,11 @@ async fn main() -> Result<()> {
         path.display()
     );
     match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+        Some(e) => {
+            eprintln!("bench: {e:#}");
+            Ok(ExitCode::FAILURE)
+        }
+        None => Ok(ExitCode::SUCCESS),
     }
 }
 
