@@ -2,7 +2,7 @@
 # Fuzzes every endpoint of StacyVM's HTTP API from its own OpenAPI document
 # with schemathesis, against a real `stacyvm serve` (PRoot provider, SQLite).
 #
-#   scripts/fuzz-api.sh [EXAMPLES]     test cases per operation (default 25)
+#   scripts/fuzz-api.sh [EXAMPLES]     test cases per operation (default 100)
 #
 # Before fuzzing it imports the busybox test image and makes a tenant and
 # three running sandboxes (one with files), so that `{id}` paths reach real
@@ -22,7 +22,7 @@ cd "$root_dir"
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-examples="${1:-25}"
+examples="${1:-100}"
 case "$examples" in
   ''|*[!0-9]*) echo "usage: scripts/fuzz-api.sh [EXAMPLES]" >&2; exit 2 ;;
 esac
@@ -115,7 +115,7 @@ started=$SECONDS
 rm -rf "$work/report"
 export STACYVM_ADMIN_KEY="$admin_key" SVM_FUZZ_SANDBOX="$sandbox" \
   SVM_FUZZ_SANDBOX_TIMEOUT="$sandbox_timeout" SVM_FUZZ_SANDBOX_DESTROY="$sandbox_destroy" \
-  SVM_FUZZ_TENANT="$tenant" SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$root_dir/tests/api-fuzz"
+  SVM_FUZZ_TENANT="$tenant" SVM_FUZZ_CACHE="$work/cache" SCHEMATHESIS_HOOKS=hooks PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$root_dir/tests/api-fuzz"
 seed_args=()
 [ -n "${STACYVM_API_FUZZ_SEED:-}" ] && seed_args=(--seed "$STACYVM_API_FUZZ_SEED")
 set +e

@@ -3,8 +3,10 @@
 //! default), then the run must show zero 5xx, zero leaked runtimes or
 //! processes, and a server RSS that did not grow without bound.
 //!
-//! Short by default so it runs in CI; `STACYVM_SOAK_SECS=300` runs the full
-//! five minutes. `STACYVM_SOAK_CLIENTS` (default 50) and
+//! Short by default (30 s) so it runs in CI. The full five minutes:
+//! `STACYVM_SOAK_SECS=300 cargo test -p stacyvm --test soak -- --nocapture`
+//! (not nextest, whose profile stops a test at five minutes; a killed test
+//! cannot destroy its sandboxes). `STACYVM_SOAK_CLIENTS` (default 50) and
 //! `STACYVM_SOAK_PROVIDERS` (default `proot`; e.g. `docker`) change the mix.
 //! It prints requests served and latency percentiles per operation.
 
