@@ -160,7 +160,8 @@ impl Server {
             .env_remove("STACYVM_WARM_POOLS")
             .env("STACYVM_AGENT_BIN", &agent)
             .env("STACYVM_ADMIN_KEY", &admin_key)
-            .env("STACYVM_LOG", "warn")
+            // Request lines name sandbox ids: kept to explain a leftover.
+            .env("STACYVM_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -213,6 +214,16 @@ impl Server {
         log[start..].join("\n")
     }
 
+    /// Every server log line mentioning `needle`.
+    fn log_lines_with(&self, needle: &str) -> String {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     fn instance_id(&self) -> Option<String> {
         std::fs::read_to_string(self.data_dir.path().join("instance.id"))
             .ok()
@@ -234,7 +245,8 @@ impl Drop for Server {
             };
             let _ = rt.block_on(async {
                 let client = Client::new(&url, &key)?;
-                for id in client.live_sandboxes().await? {
+                for s in client.live_sandboxes().await? {
+                    let id = s["id"].as_str().unwrap_or_default();
                     let _ = client
                         .call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None)
                         .await;
@@ -305,8 +317,8 @@ impl Client {
         Ok((status, bytes.to_vec()))
     }
 
-    /// Ids of the sandboxes not destroyed yet.
-    async fn live_sandboxes(&self) -> Result<Vec<String>> {
+    /// The sandboxes not destroyed yet.
+    async fn live_sandboxes(&self) -> Result<Vec<Value>> {
         let mut ids = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
@@ -319,7 +331,7 @@ impl Client {
             let page: Value = serde_json::from_slice(&body).context("sandbox list JSON")?;
             for s in page["sandboxes"].as_array().cloned().unwrap_or_default() {
                 if s["state"] != "destroyed" {
-                    ids.push(s["id"].as_str().unwrap_or_default().to_owned());
+                    ids.push(s);
                 }
             }
             match page["next_cursor"].as_str() {
@@ -337,6 +349,8 @@ struct Stats {
     server_errors: u64,
     failures: Vec<String>,
     cycles: u64,
+    /// Ids of the sandboxes this client was answered `201` for.
+    created: Vec<String>,
 }
 
 impl Stats {
@@ -347,6 +361,7 @@ impl Stats {
         self.server_errors += other.server_errors;
         self.failures.extend(other.failures);
         self.cycles += other.cycles;
+        self.created.extend(other.created);
     }
 
     fn requests(&self) -> usize {
@@ -416,6 +431,7 @@ async fn cycle(client: &Client, stats: &mut Stats, n: usize, i: u64) {
             return;
         }
     };
+    stats.created.push(id.clone());
     let sbx = format!("/v1/sandboxes/{id}");
     let marker = format!("client {n} cycle {i}");
     let exec = json!({"cmd": ["sh", "-c", "echo \"$0\"", marker]});
@@ -643,10 +659,21 @@ async fn concurrent_clients_leave_no_errors_no_leaks_and_flat_memory() -> Result
     ensure!(stats.cycles > 0, "no client finished a single cycle");
 
     let live = admin.live_sandboxes().await?;
-    ensure!(
-        live.is_empty(),
-        "sandboxes still alive after every client destroyed its own: {live:?}"
-    );
+    if !live.is_empty() {
+        let mut why = String::new();
+        for s in &live {
+            let id = s["id"].as_str().unwrap_or_default();
+            let by_client = stats.created.iter().any(|c| c == id);
+            why.push_str(&format!(
+                "\n{s}\n  created by a client: {by_client}; server log:\n{}",
+                server.log_lines_with(id)
+            ));
+        }
+        bail!(
+            "{} sandboxes not destroyed after every client destroyed its own:{why}",
+            live.len()
+        );
+    }
     if providers.split(',').any(|p| p.trim() == "proot") {
         use stacyvm_provider::Provider;
         let catalog = Arc::new(stacyvm_provider::images::ImageCatalog::open(
