@@ -181,6 +181,9 @@ async fn main() -> Result<ExitCode> {
         Suite::All => vec![Suite::Provider, Suite::Api],
         s => vec![s],
     };
+    // SIGTERM (e.g. from `timeout`) cleans up like Ctrl-C does.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let mut reports = Vec::new();
     let mut failure = None;
     for suite in suites {
@@ -201,6 +204,7 @@ async fn main() -> Result<ExitCode> {
             tokio::select! {
                 r = run => r,
                 _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+                _ = term.recv() => Err(anyhow::anyhow!("terminated (SIGTERM)")),
             }
         };
         ctx.cleanup().await;
