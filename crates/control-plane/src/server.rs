@@ -147,6 +147,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         exec_limiter: ExecLimiter::default(),
         auth_failures: Default::default(),
         pools: crate::pools::Pools::new(&config.pools),
+        quota_cache: Default::default(),
         pool_wake: tokio::sync::Notify::new(),
         started: Instant::now(),
         system_tenant: boot.system_tenant.clone(),
@@ -172,6 +173,12 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         .map_err(|e| Error::internal("reading the listen address", e))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut stop_http = stop_rx.clone();
+    // No Nagle delay: streamed exec output and small answers go out at once.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let serving = tokio::spawn(async move {
         axum::serve(
             listener,

@@ -64,6 +64,9 @@ pub struct App {
     pub exec_limiter: ratelimit::ExecLimiter,
     pub auth_failures: ratelimit::AuthFailureLimiter,
     pub pools: crate::pools::Pools,
+    /// Quotas read on the exec path, reused for a moment (see `exec_quota`).
+    pub quota_cache:
+        std::sync::Mutex<std::collections::HashMap<TenantId, (Instant, stacyvm_store::Quota)>>,
     /// Wakes the pool refill loop after a claim.
     pub pool_wake: tokio::sync::Notify,
     pub started: Instant,

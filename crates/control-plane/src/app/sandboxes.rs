@@ -584,10 +584,33 @@ impl App {
     ) -> Result<(SandboxRecord, DynWorker, Lease)> {
         who.require_write()?;
         let (rec, worker, lease) = self.running(who, id).await?;
-        let quota = self.store.quota_get(&rec.tenant_id).await?;
+        let quota = self.exec_quota(&rec.tenant_id).await?;
         self.exec_limiter
             .acquire(&rec.tenant_id, quota.max_exec_per_minute)?;
         Ok((rec, worker, lease))
+    }
+
+    /// The tenant's quota for the exec rate check, read at most once a
+    /// second per tenant: exec is the hottest path, and a quota change made
+    /// through this control plane drops the cached copy at once.
+    async fn exec_quota(&self, tenant: &stacyvm_core::TenantId) -> Result<stacyvm_store::Quota> {
+        const FRESH: Duration = Duration::from_secs(1);
+        if let Some((at, q)) = self
+            .quota_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+        {
+            if at.elapsed() < FRESH {
+                return Ok(q.clone());
+            }
+        }
+        let q = self.store.quota_get(tenant).await?;
+        self.quota_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), (std::time::Instant::now(), q.clone()));
+        Ok(q)
     }
 
     pub async fn exec(

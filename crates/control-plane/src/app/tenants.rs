@@ -98,6 +98,10 @@ impl App {
             ));
         }
         self.store.quota_set(&tid, &quota).await?;
+        self.quota_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tid);
         self.store.quota_get(&tid).await
     }
 
