@@ -27,7 +27,7 @@ fn image_for(args: &Args, provider: &str) -> String {
 pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     let bin = ctx.stacyvm_bin().await?;
     eprintln!("bench[api]: starting {} serve", bin.display());
-    let server = Arc::new(Server::start(&bin, &ctx.agent_bin, &ctx.tag).await?);
+    let server = Arc::new(Server::start(&bin, &ctx.agent_bin, &ctx.tag, &[]).await?);
     if let Ok(mut slot) = ctx.server.lock() {
         *slot = Some(server.clone());
     }
@@ -127,6 +127,10 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
             );
             report.time_ms(bk, bl, &base, None, "");
         }
+    }
+
+    if !args.skipped("pool") {
+        pool_section(ctx, args, report).await?;
     }
 
     // One long-lived sandbox per provider and one plain container for the
@@ -831,4 +835,104 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         eprintln!("bench: {failed} destroys after density failed");
     }
     Ok(())
+}
+
+/// Members each warm pool keeps ready in the pool section.
+const POOL_SIZE: usize = 4;
+
+/// Create → exec-ready when a warm pool has a member ready: a second server
+/// started with `--warm-pool`, each claim measured once the pool refilled,
+/// against the same cold baselines as the create section.
+async fn pool_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
+    let providers: Vec<&str> = ["docker", "proot"]
+        .into_iter()
+        .filter(|p| args.wants(p))
+        .collect();
+    if providers.is_empty() {
+        return Ok(());
+    }
+    let spec = providers
+        .iter()
+        .map(|p| format!("{p}:{}={POOL_SIZE}", image_for(args, p)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let bin = ctx.stacyvm_bin().await?;
+    eprintln!("bench[api]: starting a second server with --warm-pool {spec}");
+    let s = Server::start(
+        &bin,
+        &ctx.agent_bin,
+        &format!("{}pool", ctx.tag),
+        &["--warm-pool".into(), spec],
+    )
+    .await?;
+    let result = async {
+        let file = tokio::fs::File::open(&ctx.image_tar).await?;
+        s.json(
+            s.http
+                .post(s.u("/v1/images?name=busybox"))
+                .header("content-type", "application/x-tar")
+                .body(reqwest::Body::wrap_stream(
+                    tokio_util::io::ReaderStream::new(file),
+                )),
+        )
+        .await
+        .context("importing the busybox rootfs")?;
+        for p in &providers {
+            let image = image_for(args, p);
+            eprintln!(
+                "bench[api]: create → exec-ready from a warm pool, {p}, {} times",
+                args.cold_iters
+            );
+            let mut ours = Vec::new();
+            for _ in 0..=args.cold_iters {
+                pool_full(&s, p).await?;
+                let t = Instant::now();
+                let id = s.create(&image, p).await?;
+                s.exec_true(&id).await?;
+                ours.push(ms(t.elapsed()));
+                s.destroy(&id).await?;
+            }
+            // The first claim warms the connection; it is not recorded.
+            ours.remove(0);
+            let base = if *p == "docker" {
+                "api.create.docker.base"
+            } else {
+                "api.create.proot.base"
+            };
+            report.time_ms(
+                &format!("api.create.pool.{p}"),
+                &format!("API {p}: create → exec-ready from a warm pool"),
+                &ours,
+                Some(base),
+                "target p50 < 10 ms",
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    s.shutdown().await;
+    result
+}
+
+/// Waits (bounded) until the provider's pool has all its members ready.
+async fn pool_full(s: &Server, provider: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = s.json(s.http.get(s.u("/v1/status"))).await?;
+        let ready = st["pools"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["provider"] == provider))
+            .and_then(|p| p["ready"].as_u64())
+            .unwrap_or(0);
+        if ready as usize >= POOL_SIZE {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {provider} warm pool did not fill within 120 s: {}",
+                st["pools"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

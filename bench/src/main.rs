@@ -37,7 +37,7 @@ pub struct Args {
     /// Providers to measure.
     #[arg(long, value_delimiter = ',', default_value = "docker,proot")]
     providers: Vec<String>,
-    /// API sections to leave out: create, exec, stream, files, throughput, burst, density.
+    /// API sections to leave out: create, pool, exec, stream, files, throughput, burst, density.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Cold creates per provider (and as many baseline starts).

@@ -33,6 +33,7 @@ impl Server {
         bin: &std::path::Path,
         agent_bin: &std::path::Path,
         tag: &str,
+        extra_args: &[String],
     ) -> Result<Server> {
         let dir = tempfile::Builder::new()
             .prefix("svm-bench-api-")
@@ -50,6 +51,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(&data_dir)
+            .args(extra_args)
             .env("STACYVM_ADMIN_KEY", &key)
             .env("STACYVM_AGENT_BIN", agent_bin)
             .stdin(Stdio::null())

@@ -265,7 +265,11 @@ pub fn spawn_pool_loop(
         loop {
             crate::pools::refill(&app).await;
             tokio::select! {
-                _ = app.pool_wake.notified() => {}
+                _ = app.pool_wake.notified() => {
+                    // Let the claimant's first commands run before a refill
+                    // spawn competes with them for the host.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 _ = stop.changed() => return,
             }

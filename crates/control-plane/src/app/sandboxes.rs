@@ -237,8 +237,17 @@ impl App {
         if let Some(member) = pooled {
             let mut rec = rec;
             rec.id = member.sandbox_id.clone();
-            let outcome = self.store.sandbox_create(&rec).await;
-            let rec = match outcome {
+            // The runtime already runs, so the row is born running on its
+            // worker with the first lease (fencing token 1): one
+            // quota-checked insert is the whole claim.
+            let started = now();
+            rec.state = SandboxState::Running;
+            rec.worker_id = Some(member.worker.id().clone());
+            rec.lease_expires_at = Some(started + self.config.limits.lease);
+            rec.fencing_token = 1;
+            rec.started_at = Some(started);
+            rec.expires_at = Some(started + Duration::from_secs(rec.timeout_s as u64));
+            let rec = match self.store.sandbox_create(&rec).await {
                 Ok(CreateOutcome::Created(rec)) => rec,
                 Ok(CreateOutcome::Existing(existing)) => {
                     self.pools.put_back(&rec.provider, &rec.image, member);
@@ -255,7 +264,7 @@ impl App {
             // The row exists now, so the member is an ordinary sandbox.
             self.pools.release(&rec.id);
             self.pool_wake.notify_one();
-            let sandbox = self.sandbox_claim_member(rec, member.worker).await?;
+            let sandbox = self.sandbox_prepare_member(rec, member.worker).await?;
             return Ok(Created {
                 sandbox,
                 existing: false,
@@ -277,36 +286,28 @@ impl App {
         })
     }
 
-    /// Turns a warm-pool member into the sandbox `rec` describes.
-    async fn sandbox_claim_member(
+    /// Gives a claimed warm-pool member what the create asked for beyond
+    /// the row: its working directory.
+    async fn sandbox_prepare_member(
         &self,
-        rec: SandboxRecord,
+        mut rec: SandboxRecord,
         worker: DynWorker,
     ) -> Result<SandboxRecord> {
-        let lease_until = now() + self.config.limits.lease;
-        let mut rec = self
-            .store
-            .sandbox_claim(&rec.id, worker.id(), lease_until)
-            .await?;
+        let Some(dir) = rec.workdir.clone() else {
+            return Ok(rec);
+        };
         let lease = Lease {
             sandbox_id: rec.id.clone(),
             fencing_token: rec.fencing_token,
             provider: rec.provider.clone(),
         };
-        if let Some(dir) = rec.workdir.clone() {
-            if let Err(e) = worker.file_mkdir(&lease, &dir, true).await {
-                if !matches!(e, Error::Conflict(_)) {
-                    let _ = worker.destroy(&lease).await;
-                    self.mark_failed(&mut rec, &e).await;
-                    return Err(e);
-                }
+        if let Err(e) = worker.file_mkdir(&lease, &dir, true).await {
+            if !matches!(e, Error::Conflict(_)) {
+                let _ = worker.destroy(&lease).await;
+                self.mark_failed(&mut rec, &e).await;
+                return Err(e);
             }
         }
-        let started = now();
-        rec.state = SandboxState::Running;
-        rec.started_at = Some(started);
-        rec.expires_at = Some(started + Duration::from_secs(rec.timeout_s as u64));
-        self.store.sandbox_update(&rec).await?;
         Ok(rec)
     }
 
