@@ -13,5 +13,7 @@ mod harness;
 mod images;
 mod lifecycle;
 mod per_store;
+#[allow(dead_code)]
+#[path = "../common/server.rs"]
 mod support;
 mod tenancy;

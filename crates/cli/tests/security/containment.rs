@@ -250,7 +250,7 @@ async fn docker_sandbox_cannot_reach_host_files_sockets_or_proc() -> Result<()> 
         "cat /proc/self/root/../../../tmp/svm-sec-host-*/secret".to_owned(),
         "cat /proc/1/root/../../tmp/svm-sec-host-*/secret".to_owned(),
         "cat /proc/1/cwd/../../tmp/svm-sec-host-*/secret".to_owned(),
-        "ls -la /proc/1/root/tmp/svm-sec-*/docker".to_owned(),
+        "ls -la /proc/1/root/tmp/svm-test-*/docker".to_owned(),
         "for p in /proc/[0-9]*; do cat $p/root/tmp/svm-sec-host-*/secret; done".to_owned(),
         "cat /sys/fs/cgroup/../../../tmp/svm-sec-host-*/secret".to_owned(),
     ];

@@ -14,4 +14,5 @@ mod containment;
 mod faults;
 mod keys;
 #[allow(dead_code)]
+#[path = "../common/server.rs"]
 mod support;

@@ -1,7 +1,9 @@
-//! The API suite's harness: a real `stacyvm serve` process on a temporary
-//! data dir (SQLite or a fresh PostgreSQL database), a small JSON client that
-//! checks the documented error shape, an SSE reader, and a guard that leaves
-//! no sandbox, process or database behind, even when a test panics.
+//! The harness of the API and security suites: a real `stacyvm serve`
+//! process on a temporary (or given) data dir and store (SQLite or a fresh
+//! PostgreSQL database), with extra flags and environment, a small JSON
+//! client that checks the documented error shape, an SSE reader, and guards
+//! that leave no sandbox, process, mount or database behind, even when a
+//! test panics. Each suite includes this file as its `support` module.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -189,9 +191,16 @@ pub struct ServerOptions {
     /// `--providers`; the server default (docker,proot) when `None`.
     pub providers: Option<String>,
     pub env: Vec<(String, String)>,
+    /// Extra `stacyvm serve` flags.
+    pub args: Vec<String>,
     /// Run the server in a private mount namespace without any cgroup v2
     /// hierarchy, as on a host without usable cgroups.
     pub without_cgroups: bool,
+    /// The data dir to use instead of a fresh temporary one (e.g. a small
+    /// file system); the caller owns it.
+    pub data_dir: Option<PathBuf>,
+    /// A store URL to use as is (the caller owns the database).
+    pub store_url: Option<String>,
 }
 
 impl ServerOptions {
@@ -200,13 +209,11 @@ impl ServerOptions {
             store,
             providers: None,
             env: Vec::new(),
+            args: Vec::new(),
             without_cgroups: false,
+            data_dir: None,
+            store_url: None,
         }
-    }
-
-    pub fn without_cgroups(mut self) -> ServerOptions {
-        self.without_cgroups = true;
-        self
     }
 
     pub fn providers(mut self, p: &str) -> ServerOptions {
@@ -216,6 +223,26 @@ impl ServerOptions {
 
     pub fn env(mut self, k: &str, v: &str) -> ServerOptions {
         self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    pub fn without_cgroups(mut self) -> ServerOptions {
+        self.without_cgroups = true;
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> ServerOptions {
+        self.args.push(a.to_owned());
+        self
+    }
+
+    pub fn data_dir(mut self, dir: &Path) -> ServerOptions {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    pub fn store_url(mut self, url: &str) -> ServerOptions {
+        self.store_url = Some(url.to_owned());
         self
     }
 }
@@ -240,8 +267,9 @@ pub struct Server {
     store_url: Option<String>,
     pg_db: Option<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
+    data_path: PathBuf,
     // Declared last: removed after everything above is torn down.
-    data_dir: tempfile::TempDir,
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -251,15 +279,23 @@ impl Server {
     }
 
     pub fn start(opts: ServerOptions) -> Result<Server> {
-        let data_dir = tempfile::Builder::new()
-            .prefix("svm-api-")
-            .tempdir()
-            .context("making a data dir")?;
+        let (data_dir, data_path) = match &opts.data_dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("svm-test-")
+                    .tempdir()
+                    .context("making a data dir")?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
         let (store_url, pg_db) = match opts.store {
+            _ if opts.store_url.is_some() => (opts.store_url.clone(), None),
             StoreKind::Sqlite => (None, None),
             StoreKind::Postgres => {
                 let base = postgres_base_url()?;
-                let db = format!("stacyvm_api_{}", random_hex(12));
+                let db = format!("stacyvm_test_{}", random_hex(12));
                 psql(&base, &format!("CREATE DATABASE {db}"))?;
                 (Some(with_database(&base, &db)?), Some((base, db)))
             }
@@ -267,19 +303,31 @@ impl Server {
         let mut server = Server {
             child: None,
             url: String::new(),
-            admin_key: format!("svm_apitest_{}", random_hex(24)),
+            admin_key: format!("svm_test_{}", random_hex(24)),
             opts,
             store_url,
             pg_db,
             log: Arc::new(Mutex::new(Vec::new())),
-            data_dir,
+            data_path,
+            _data_dir: data_dir,
         };
         server.spawn()?;
         Ok(server)
     }
 
     pub fn data_dir(&self) -> &Path {
-        self.data_dir.path()
+        &self.data_path
+    }
+
+    /// Everything the server printed on stderr so far.
+    pub fn log_all(&self) -> String {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.join("\n")
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The instance id that names this server's runtimes (Docker label).
@@ -311,13 +359,14 @@ impl Server {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(self.data_dir.path());
+            .arg(&self.data_path);
         if let Some(url) = &self.store_url {
             cmd.arg("--store").arg(url);
         }
         if let Some(p) = &self.opts.providers {
             cmd.arg("--providers").arg(p);
         }
+        cmd.args(&self.opts.args);
         for var in [
             "STACYVM_STORE",
             "STACYVM_PROVIDERS",
@@ -574,7 +623,7 @@ impl Server {
         let alive = self.running();
         let url = self.url.clone();
         let key = self.admin_key.clone();
-        let data_dir = self.data_dir.path().to_path_buf();
+        let data_dir = self.data_path.clone();
         let instance = self.instance_id();
         let agent = agent_bin().ok();
         // Drop may run inside a runtime (or while unwinding from a panic):
@@ -833,7 +882,7 @@ impl Api {
         .await
     }
 
-    // --- StacyVM calls ----------------------------------------------------
+    // --- domain helpers --------------------------------------------------
 
     /// Creates a sandbox and checks it came back running.
     pub async fn create_sandbox(&self, body: Value) -> Result<Value> {
