@@ -108,6 +108,11 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
             let mut rec = (*rec).clone();
             let rt = found.get(&rec.id);
             match rec.state {
+                // What was read above may be stale by now (a destroy may have
+                // begun, which also stops the runtime): act only on a row
+                // that is still as it was read.
+                SandboxState::Running | SandboxState::Paused
+                    if rt.is_none_or(|r| !r.runtime.running) && !unchanged(app, &rec).await? => {}
                 SandboxState::Running | SandboxState::Paused => match rt {
                     None => {
                         rec.state = SandboxState::Lost;
@@ -202,6 +207,15 @@ fn probe() -> stacyvm_core::ExecRequest {
         timeout_ms: 10_000,
         output_cap: 1024,
     }
+}
+
+/// Whether the sandbox's row still has the state and fencing token of `rec`.
+async fn unchanged(app: &App, rec: &stacyvm_store::SandboxRecord) -> Result<bool> {
+    Ok(app
+        .store
+        .sandbox_get(&rec.id)
+        .await?
+        .is_some_and(|now| now.state == rec.state && now.fencing_token == rec.fencing_token))
 }
 
 /// Renews the leases of the in-process workers and their heartbeat.

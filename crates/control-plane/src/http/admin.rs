@@ -26,7 +26,7 @@ pub struct ImportQuery {
 }
 
 #[utoipa::path(post, path = "/v1/images", tag = "images", params(ImportQuery),
-    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    request_body(content = RawBytes, content_type = "application/x-tar"),
     responses((status = 201, body = ImageView), (status = 400, body = super::error::ErrorBody)))]
 pub async fn image_import(
     State(s): State<AppState>,

@@ -479,3 +479,8 @@ pub struct WorkerList {
     #[schema(value_type = Vec<Object>)]
     pub workers: Vec<crate::app::status::WorkerStatus>,
 }
+
+/// Raw bytes: a file's content, or a root filesystem as a tar stream.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct RawBytes(pub Vec<u8>);

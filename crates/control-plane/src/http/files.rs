@@ -44,7 +44,7 @@ fn file_note(resp: Response, id: &str, path: &str) -> Response {
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = RawBytes, content_type = "application/octet-stream"),
     responses((status = 201, body = EntryView), (status = 413, body = super::error::ErrorBody)))]
 pub async fn file_write(
     State(s): State<AppState>,
@@ -90,7 +90,7 @@ pub async fn file_write(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+    responses((status = 200, content_type = "application/octet-stream", body = RawBytes),
         (status = 404, body = super::error::ErrorBody), (status = 400, body = super::error::ErrorBody)))]
 pub async fn file_read(
     State(s): State<AppState>,

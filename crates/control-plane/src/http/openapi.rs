@@ -47,7 +47,7 @@ impl Modify for BearerAuth {
         dto::LogsResponse, dto::EntryView, dto::EntriesResponse, dto::PathsResponse, dto::MoveBody, dto::ChmodBody,
         dto::MkdirBody, dto::ImageView, dto::ImageList, dto::TenantBody, dto::QuotaView, dto::TenantView,
         dto::TenantList, dto::KeyBody, dto::KeyView, dto::KeyList, dto::ActorView, dto::AuditEventView,
-        dto::AuditList, dto::HealthView, dto::WorkerList,
+        dto::AuditList, dto::HealthView, dto::WorkerList, dto::RawBytes,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),
