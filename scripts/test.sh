@@ -31,6 +31,11 @@ log "building"
 cargo build -q --workspace
 export STACYVM_BIN="$root_dir/target/debug/stacyvm"
 
+log "API fuzzing (schemathesis, 100 examples per operation)"
+scripts/fuzz-api.sh 100
+log "fuzz target seed replay"
+cargo test -q --manifest-path fuzz/Cargo.toml
+
 log "Python SDK tests"
 if [ ! -x .venv/bin/pytest ]; then
   python3 -m venv .venv
