@@ -61,3 +61,21 @@ ensure_cargo() {
   log "cargo was not found: install Rust (https://rustup.rs, 1.85 or newer) and run this again"
   return 1
 }
+
+# prepare_test_env ROOT — everything the test suites need: packages, a
+# running dockerd and PostgreSQL, the static agent and the busybox test
+# image; exports STACYVM_TEST_POSTGRES_URL, STACYVM_AGENT_BIN and
+# STACYVM_TEST_IMAGE_TAR.
+prepare_test_env() {
+  local root="$1"
+  ensure_cargo
+  ensure_runtime_packages
+  ensure_packages python3-venv sqlite3 2>/dev/null || true
+  ensure_dockerd
+  STACYVM_TEST_POSTGRES_URL="$("$root/scripts/start-postgres.sh")"
+  export STACYVM_TEST_POSTGRES_URL
+  STACYVM_AGENT_BIN="$("$root/scripts/build-agent.sh")"
+  export STACYVM_AGENT_BIN
+  export STACYVM_TEST_IMAGE_TAR="$root/target/test-images/busybox.tar"
+  "$root/scripts/build-test-image.sh" --docker "$STACYVM_TEST_IMAGE_TAR"
+}

@@ -10,17 +10,7 @@ cd "$root_dir"
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
-ensure_cargo
-ensure_runtime_packages
-ensure_packages python3-venv sqlite3 2>/dev/null || true
-ensure_dockerd
-
-STACYVM_TEST_POSTGRES_URL="$(scripts/start-postgres.sh)"
-export STACYVM_TEST_POSTGRES_URL
-STACYVM_AGENT_BIN="$(scripts/build-agent.sh)"
-export STACYVM_AGENT_BIN
-export STACYVM_TEST_IMAGE_TAR="$root_dir/target/test-images/busybox.tar"
-scripts/build-test-image.sh --docker "$STACYVM_TEST_IMAGE_TAR"
+prepare_test_env "$root_dir"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
