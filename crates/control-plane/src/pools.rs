@@ -105,11 +105,6 @@ impl Pools {
             .contains(id)
     }
 
-    /// Members (ready or being spawned) on a worker: they use its capacity.
-    pub fn count(&self) -> usize {
-        self.owned.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
     pub fn status(&self) -> Vec<PoolStatus> {
         self.pools
             .lock()

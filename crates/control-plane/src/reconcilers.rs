@@ -109,29 +109,22 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
             let rt = found.get(&rec.id);
             match rec.state {
                 // What was read above may be stale by now (a destroy may have
-                // begun, which also stops the runtime): act only on a row
-                // that is still as it was read.
-                SandboxState::Running | SandboxState::Paused
-                    if rt.is_none_or(|r| !r.runtime.running) && !unchanged(app, &rec).await? => {}
+                // begun, which also stops the runtime): each write is made
+                // only from the state read, so a newer transition wins.
                 SandboxState::Running | SandboxState::Paused => match rt {
                     None => {
+                        let from = rec.state;
                         rec.state = SandboxState::Lost;
                         rec.failure = Some(Failure {
                             code: "lost".into(),
                             message: "the runtime vanished".into(),
                         });
                         rec.destroyed_at = Some(now());
-                        tracing::warn!(sandbox = %rec.id, "runtime vanished; marking the sandbox lost");
-                        app.store.sandbox_update(&rec).await?;
+                        if app.store.sandbox_update_from(&rec, from).await? {
+                            tracing::warn!(sandbox = %rec.id, "runtime vanished; marked the sandbox lost");
+                        }
                     }
                     Some(rt) if !rt.runtime.running && rec.state == SandboxState::Running => {
-                        tracing::warn!(sandbox = %rec.id, "runtime stopped; marking the sandbox failed");
-                        let lease = Lease {
-                            sandbox_id: rec.id.clone(),
-                            fencing_token: rec.fencing_token,
-                            provider: rec.provider.clone(),
-                        };
-                        let _ = worker.destroy(&lease).await;
                         rec.state = SandboxState::Failed;
                         rec.failure = Some(Failure {
                             code: "runtime_stopped".into(),
@@ -139,7 +132,19 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
                                 .into(),
                         });
                         rec.destroyed_at = Some(now());
-                        app.store.sandbox_update(&rec).await?;
+                        if app
+                            .store
+                            .sandbox_update_from(&rec, SandboxState::Running)
+                            .await?
+                        {
+                            tracing::warn!(sandbox = %rec.id, "runtime stopped; marked the sandbox failed");
+                            let lease = Lease {
+                                sandbox_id: rec.id.clone(),
+                                fencing_token: rec.fencing_token,
+                                provider: rec.provider.clone(),
+                            };
+                            let _ = worker.destroy(&lease).await;
+                        }
                     }
                     Some(_) => {}
                 },
@@ -207,15 +212,6 @@ fn probe() -> stacyvm_core::ExecRequest {
         timeout_ms: 10_000,
         output_cap: 1024,
     }
-}
-
-/// Whether the sandbox's row still has the state and fencing token of `rec`.
-async fn unchanged(app: &App, rec: &stacyvm_store::SandboxRecord) -> Result<bool> {
-    Ok(app
-        .store
-        .sandbox_get(&rec.id)
-        .await?
-        .is_some_and(|now| now.state == rec.state && now.fencing_token == rec.fencing_token))
 }
 
 /// Renews the leases of the in-process workers and their heartbeat.

@@ -14,7 +14,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use stacyvm_core::{Error, KeyId, Result, SandboxId, TenantId, WorkerId};
+use stacyvm_core::{Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId};
 use time::OffsetDateTime;
 
 pub use model::*;
@@ -79,6 +79,11 @@ pub trait Store: Send + Sync + 'static {
     /// `rec.fencing_token`; otherwise `Conflict` ("stale fencing token").
     /// `NotFound` when no such sandbox.
     async fn sandbox_update(&self, rec: &SandboxRecord) -> Result<()>;
+    /// `sandbox_update`, but only if the stored state is still `from`:
+    /// `Ok(false)` (and nothing written) when another writer moved the
+    /// sandbox on meanwhile. Reconcilers use it so a decision made on a
+    /// stale read never overwrites a newer transition (e.g. a destroy).
+    async fn sandbox_update_from(&self, rec: &SandboxRecord, from: SandboxState) -> Result<bool>;
     /// Gives the sandbox to `worker` with a lease until `lease_until`,
     /// incrementing the fencing token; returns the updated record.
     async fn sandbox_claim(

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres};
-use stacyvm_core::{Error, KeyId, Result, SandboxId, TenantId, WorkerId};
+use stacyvm_core::{Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId};
 use time::OffsetDateTime;
 
 use crate::common::{
@@ -65,6 +65,49 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// The update behind `sandbox_update` and `sandbox_update_from`:
+    /// guarded by the fencing token and, with `from`, by the stored state.
+    async fn sandbox_write(&self, rec: &SandboxRecord, from: Option<SandboxState>) -> Result<bool> {
+        let p = SandboxParams::new(rec);
+        // One statement: the token check and the write are atomic; the
+        // follow-up read only explains a refusal.
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = $1, worker_id = $2, started_at = $3, expires_at = $4,
+                destroyed_at = $5, failure_code = $6, failure_message = $7, lease_expires_at = $8,
+                labels = $9
+             WHERE id = $10 AND fencing_token = $11 AND ($12::text IS NULL OR state = $12)",
+        )
+        .bind(p.state)
+        .bind(p.worker_id)
+        .bind(p.started_at)
+        .bind(p.expires_at)
+        .bind(p.destroyed_at)
+        .bind(p.failure_code)
+        .bind(p.failure_message)
+        .bind(p.lease_expires_at)
+        .bind(p.labels)
+        .bind(p.id)
+        .bind(p.fencing_token)
+        .bind(from.map(SandboxState::as_str))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error(D, "updating a sandbox", e))?;
+        if done.rows_affected() == 0 {
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT fencing_token FROM sandboxes WHERE id = $1")
+                    .bind(rec.id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| db_error(D, "reading a fencing token", e))?;
+            if from.is_some() && current == Some(rec.fencing_token) {
+                // Same holder, but the state moved on: not an error.
+                return Ok(false);
+            }
+            return Err(stale_or_missing(rec, current));
+        }
+        Ok(true)
+    }
+
     /// Connects to the database at `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`)
     /// and brings its schema up to date. A server that cannot be reached is
     /// reported within [`CONNECT_TIMEOUT`], as unavailable.
@@ -498,39 +541,11 @@ impl Store for PostgresStore {
     }
 
     async fn sandbox_update(&self, rec: &SandboxRecord) -> Result<()> {
-        let p = SandboxParams::new(rec);
-        // One statement: the token check and the write are atomic; the
-        // follow-up read only explains a refusal.
-        let done = sqlx::query(
-            "UPDATE sandboxes SET state = $1, worker_id = $2, started_at = $3, expires_at = $4,
-                destroyed_at = $5, failure_code = $6, failure_message = $7, lease_expires_at = $8,
-                labels = $9
-             WHERE id = $10 AND fencing_token = $11",
-        )
-        .bind(p.state)
-        .bind(p.worker_id)
-        .bind(p.started_at)
-        .bind(p.expires_at)
-        .bind(p.destroyed_at)
-        .bind(p.failure_code)
-        .bind(p.failure_message)
-        .bind(p.lease_expires_at)
-        .bind(p.labels)
-        .bind(p.id)
-        .bind(p.fencing_token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "updating a sandbox", e))?;
-        if done.rows_affected() == 0 {
-            let current: Option<i64> =
-                sqlx::query_scalar("SELECT fencing_token FROM sandboxes WHERE id = $1")
-                    .bind(rec.id.as_str())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(|e| db_error(D, "reading a fencing token", e))?;
-            return Err(stale_or_missing(rec, current));
-        }
-        Ok(())
+        self.sandbox_write(rec, None).await.map(|_| ())
+    }
+
+    async fn sandbox_update_from(&self, rec: &SandboxRecord, from: SandboxState) -> Result<bool> {
+        self.sandbox_write(rec, Some(from)).await
     }
 
     async fn sandbox_claim(

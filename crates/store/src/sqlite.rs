@@ -17,7 +17,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Connection, Sqlite, Transaction};
-use stacyvm_core::{Error, KeyId, Result, SandboxId, TenantId, WorkerId};
+use stacyvm_core::{Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -63,6 +63,52 @@ pub struct SqliteStore {
 type WriteTx<'a> = (MutexGuard<'a, ()>, Transaction<'static, Sqlite>);
 
 impl SqliteStore {
+    /// The update behind `sandbox_update` and `sandbox_update_from`:
+    /// guarded by the fencing token and, with `from`, by the stored state.
+    async fn sandbox_write(&self, rec: &SandboxRecord, from: Option<SandboxState>) -> Result<bool> {
+        let (_lock, mut tx) = self.begin_write().await?;
+        let p = SandboxParams::new(rec);
+        let done = sqlx::query(
+            "UPDATE sandboxes SET state = ?, worker_id = ?, started_at = ?, expires_at = ?,
+                destroyed_at = ?, failure_code = ?, failure_message = ?, lease_expires_at = ?,
+                labels = ?
+             WHERE id = ? AND fencing_token = ? AND (? IS NULL OR state = ?)",
+        )
+        .bind(p.state)
+        .bind(p.worker_id)
+        .bind(p.started_at)
+        .bind(p.expires_at)
+        .bind(p.destroyed_at)
+        .bind(p.failure_code)
+        .bind(p.failure_message)
+        .bind(p.lease_expires_at)
+        .bind(p.labels)
+        .bind(p.id)
+        .bind(p.fencing_token)
+        .bind(from.map(SandboxState::as_str))
+        .bind(from.map(SandboxState::as_str))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_error(D, "updating a sandbox", e))?;
+        if done.rows_affected() == 0 {
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT fencing_token FROM sandboxes WHERE id = ?")
+                    .bind(rec.id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| db_error(D, "reading a fencing token", e))?;
+            if from.is_some() && current == Some(rec.fencing_token) {
+                // Same holder, but the state moved on: not an error.
+                return Ok(false);
+            }
+            return Err(stale_or_missing(rec, current));
+        }
+        tx.commit()
+            .await
+            .map_err(|e| db_error(D, "committing a sandbox update", e))?;
+        Ok(true)
+    }
+
     /// Opens (creating it and its directory if missing) the database file at
     /// `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<SqliteStore> {
@@ -508,40 +554,11 @@ impl Store for SqliteStore {
     }
 
     async fn sandbox_update(&self, rec: &SandboxRecord) -> Result<()> {
-        let (_lock, mut tx) = self.begin_write().await?;
-        let p = SandboxParams::new(rec);
-        let done = sqlx::query(
-            "UPDATE sandboxes SET state = ?, worker_id = ?, started_at = ?, expires_at = ?,
-                destroyed_at = ?, failure_code = ?, failure_message = ?, lease_expires_at = ?,
-                labels = ?
-             WHERE id = ? AND fencing_token = ?",
-        )
-        .bind(p.state)
-        .bind(p.worker_id)
-        .bind(p.started_at)
-        .bind(p.expires_at)
-        .bind(p.destroyed_at)
-        .bind(p.failure_code)
-        .bind(p.failure_message)
-        .bind(p.lease_expires_at)
-        .bind(p.labels)
-        .bind(p.id)
-        .bind(p.fencing_token)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(D, "updating a sandbox", e))?;
-        if done.rows_affected() == 0 {
-            let current: Option<i64> =
-                sqlx::query_scalar("SELECT fencing_token FROM sandboxes WHERE id = ?")
-                    .bind(rec.id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(|e| db_error(D, "reading a fencing token", e))?;
-            return Err(stale_or_missing(rec, current));
-        }
-        tx.commit()
-            .await
-            .map_err(|e| db_error(D, "committing a sandbox update", e))
+        self.sandbox_write(rec, None).await.map(|_| ())
+    }
+
+    async fn sandbox_update_from(&self, rec: &SandboxRecord, from: SandboxState) -> Result<bool> {
+        self.sandbox_write(rec, Some(from)).await
     }
 
     async fn sandbox_claim(

@@ -64,6 +64,7 @@ conformance! {
     sandboxes::sandbox_list_filters,
     sandboxes::sandbox_list_pages_over_more_than_limit,
     sandboxes::sandbox_update_checks_fencing_token,
+    sandboxes::sandbox_update_from_writes_only_from_the_state_read,
     sandboxes::sandbox_claim_increments_token,
     sandboxes::lease_renew_extends_live_sandboxes_of_the_worker,
     sandboxes::live_expired_and_counts,

@@ -574,3 +574,60 @@ pub async fn concurrent_creates_with_one_idempotency_key_make_one_sandbox(
     assert_eq!(all.items, created);
     Ok(())
 }
+
+pub async fn sandbox_update_from_writes_only_from_the_state_read(
+    db: &TestDb,
+) -> anyhow::Result<()> {
+    let store = &db.store;
+    let t = new_tenant(store, "cas").await?;
+    let mut rec = create(store, &fixtures::sandbox(&t)).await?;
+    rec.state = SandboxState::Running;
+    store.sandbox_update(&rec).await?;
+
+    // A reconciler read `running`; meanwhile a destroy moved the row on.
+    let read = rec.clone();
+    rec.state = SandboxState::Destroyed;
+    rec.destroyed_at = Some(fixtures::at(5));
+    store.sandbox_update(&rec).await?;
+    let mut stale = read.clone();
+    stale.state = SandboxState::Failed;
+    assert!(
+        !store
+            .sandbox_update_from(&stale, SandboxState::Running)
+            .await?
+    );
+    assert_eq!(
+        store.sandbox_get(&rec.id).await?,
+        Some(rec.clone()),
+        "nothing written"
+    );
+
+    // From the state actually stored, the write goes through.
+    let mut next = rec.clone();
+    next.labels = BTreeMap::from([("after".into(), "destroy".into())]);
+    assert!(
+        store
+            .sandbox_update_from(&next, SandboxState::Destroyed)
+            .await?
+    );
+    assert_eq!(store.sandbox_get(&rec.id).await?, Some(next.clone()));
+
+    // A stale fencing token is still a conflict, a missing row still not found.
+    let mut fenced = next.clone();
+    fenced.fencing_token -= 1;
+    assert!(matches!(
+        store
+            .sandbox_update_from(&fenced, SandboxState::Destroyed)
+            .await,
+        Err(Error::Conflict(_))
+    ));
+    let mut missing = next.clone();
+    missing.id = stacyvm_core::SandboxId::generate();
+    assert!(matches!(
+        store
+            .sandbox_update_from(&missing, SandboxState::Destroyed)
+            .await,
+        Err(Error::NotFound(_))
+    ));
+    Ok(())
+}
