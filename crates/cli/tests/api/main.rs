@@ -9,6 +9,9 @@
 mod errors;
 mod exec_stream;
 mod files;
+#[allow(dead_code)]
+#[path = "../common/fixtures.rs"]
+mod fixtures;
 mod harness;
 mod images;
 mod lifecycle;

@@ -6,5 +6,8 @@
 //! or the scripts in `scripts/` that build them.
 
 mod cli;
+#[allow(dead_code)]
+#[path = "../common/fixtures.rs"]
+mod fixtures;
 mod sdk;
 mod support;

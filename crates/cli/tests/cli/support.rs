@@ -6,10 +6,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use stacyvm_sdk::{Client, SandboxFilter};
 
 /// How long a server may take to print its address.
@@ -17,87 +17,7 @@ const START_LIMIT: Duration = Duration::from_secs(90);
 
 pub const IMAGE: &str = "busybox";
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("the workspace root exists")
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
-/// Runs a workspace script under a file lock (test processes run in
-/// parallel and share its output) and returns its stdout.
-fn locked_script(lock_name: &str, script: &str) -> Result<String> {
-    std::fs::create_dir_all(target_dir()).context("creating the target dir")?;
-    let out = Command::new("flock")
-        .arg(target_dir().join(lock_name))
-        .arg(workspace_root().join(script))
-        .current_dir(workspace_root())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {script} under flock"))?;
-    ensure!(out.status.success(), "{script} failed with {}", out.status);
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// The static agent: `STACYVM_AGENT_BIN`, or built by `scripts/build-agent.sh`.
-pub fn agent_bin() -> Result<PathBuf> {
-    static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            let p = match std::env::var_os("STACYVM_AGENT_BIN") {
-                Some(p) => PathBuf::from(p),
-                None => PathBuf::from(
-                    locked_script("stacyvm-agent-build.lock", "scripts/build-agent.sh")
-                        .map_err(|e| format!("{e:#}"))?,
-                ),
-            };
-            p.canonicalize()
-                .map_err(|e| format!("the agent binary {} is not usable: {e}", p.display()))
-        })
-        .clone()
-        .map_err(|e| anyhow!(e))
-}
-
-/// The busybox rootfs tar: `STACYVM_TEST_IMAGE_TAR`, or built by
-/// `scripts/build-test-image.sh` when missing.
-pub fn test_image_tar() -> Result<PathBuf> {
-    static TAR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    TAR.get_or_init(|| {
-        if let Some(p) = std::env::var_os("STACYVM_TEST_IMAGE_TAR") {
-            return Ok(PathBuf::from(p));
-        }
-        let path = target_dir().join("test-images/busybox.tar");
-        if !path.is_file() {
-            locked_script("stacyvm-test-image.lock", "scripts/build-test-image.sh")
-                .map_err(|e| format!("{e:#}"))?;
-        }
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(format!(
-                "scripts/build-test-image.sh did not write {}",
-                path.display()
-            ))
-        }
-    })
-    .clone()
-    .map_err(|e| anyhow!(e))
-}
-
-/// A unique suffix for names in one test run.
-pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos:x}", std::process::id())
-}
+pub use crate::fixtures::{agent_bin, test_image_tar, unique};
 
 /// A running `stacyvm serve`. Dropping it destroys every sandbox through
 /// the API, then whatever runtime is still left through the providers

@@ -12,6 +12,9 @@
 
 mod containment;
 mod faults;
+#[allow(dead_code)]
+#[path = "../common/fixtures.rs"]
+mod fixtures;
 mod keys;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

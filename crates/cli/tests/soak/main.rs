@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -21,6 +21,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+
+#[allow(dead_code)]
+#[path = "../common/fixtures.rs"]
+mod fixtures;
+use fixtures::{agent_bin, test_image_tar};
 
 /// Longest a single call may take before it counts as a hang.
 const CALL_LIMIT: Duration = Duration::from_secs(120);
@@ -39,54 +44,6 @@ fn env_u64(name: &str, default: u64) -> Result<u64> {
             .with_context(|| format!("{name}={v:?} is not a whole number")),
         _ => Ok(default),
     }
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("the workspace root exists")
-}
-
-/// Runs a workspace script under a file lock (other test binaries build the
-/// same outputs) and returns its stdout.
-fn locked_script(lock_name: &str, script: &str) -> Result<String> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    std::fs::create_dir_all(&target).context("creating the target dir")?;
-    let out = Command::new("flock")
-        .arg(target.join(lock_name))
-        .arg(workspace_root().join(script))
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {script}"))?;
-    ensure!(out.status.success(), "{script} failed with {}", out.status);
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn agent_bin() -> Result<PathBuf> {
-    let path = match std::env::var_os("STACYVM_AGENT_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(locked_script(
-            "api-test-agent.lock",
-            "scripts/build-agent.sh",
-        )?),
-    };
-    path.canonicalize()
-        .with_context(|| format!("the agent binary {} is not usable", path.display()))
-}
-
-fn test_image_tar() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STACYVM_TEST_IMAGE_TAR") {
-        return Ok(PathBuf::from(p));
-    }
-    let path = workspace_root().join("target/test-images/busybox.tar");
-    if !path.is_file() {
-        locked_script("api-test-image.lock", "scripts/build-test-image.sh")?;
-    }
-    ensure!(path.is_file(), "no test image at {}", path.display());
-    Ok(path)
 }
 
 /// Resident set size of a process, in KiB.
