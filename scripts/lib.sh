@@ -3,6 +3,18 @@
 
 log() { echo "stacyvm: $*" >&2; }
 
+# detached CMD... — runs CMD with stdin from /dev/null and none of the
+# caller's descriptors but stdout and stderr. For commands that leave a
+# daemon behind: a daemon holding the pipe of a `$(…)` or of a CI runner
+# keeps its reader waiting for EOF long after the script is done.
+detached() (
+  for fd in /proc/self/fd/*; do
+    fd="${fd##*/}"
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+  done 2>/dev/null
+  "$@" </dev/null
+)
+
 apt_updated=0
 # ensure_packages PKG... — installs the Debian packages that are missing.
 ensure_packages() {
@@ -40,7 +52,7 @@ ensure_dockerd() {
   fi
   log "starting dockerd"
   mkdir -p /var/log
-  nohup dockerd >/var/log/stacyvm-dockerd.log 2>&1 &
+  detached nohup dockerd >/var/log/stacyvm-dockerd.log 2>&1 &
   for _ in $(seq 1 60); do
     docker info >/dev/null 2>&1 && return 0
     sleep 0.5

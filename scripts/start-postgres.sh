@@ -17,6 +17,8 @@ DATA="$PG_DIR/data"
 LOG="$PG_DIR/postgres.log"
 URL="postgres://postgres@127.0.0.1:${PG_PORT}/postgres"
 
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 log() { echo "start-postgres: $*" >&2; }
 
 exec 3>&1 1>&2 # keep stdout for the URL alone
@@ -115,10 +117,13 @@ done
 touch "$LOG"
 chown "$OWNER" "$LOG"
 log "starting on 127.0.0.1:$PG_PORT"
+# The server outlives this script, so it starts `detached` (scripts/lib.sh):
+# holding none of this script's descriptors, neither the lock (9) nor the
+# caller's stdout (3).
 # setsid: the server must outlive the caller's process group (a test runner
-# may kill it); 9>&-: the server must not inherit the lock.
-as_owner setsid -w "$PG_BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 \
-    -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1" start >&2 9>&-
+# may kill it).
+detached as_owner setsid -w "$PG_BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 \
+    -o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1" start >&2
 
 if ! ready; then
     log "postgres started but does not answer on 127.0.0.1:$PG_PORT; see $LOG"
