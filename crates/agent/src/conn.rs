@@ -39,6 +39,9 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// Size JSON batches of list and glob answers are cut at.
 const BATCH_BYTES: usize = 512 * 1024;
 
+/// Request threads, shared by all connections.
+static REQUEST_THREADS: crate::pool::Pool = crate::pool::Pool::new();
+
 static CONN_COUNTER: AtomicU64 = AtomicU64::new(1);
 
 /// A request in flight, as the reader sees it.
@@ -197,9 +200,9 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                     id,
                 };
                 let task_shared = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .stack_size(HANDLER_STACK)
-                    .spawn(move || run_request(&task_shared, req, out, upload_rx));
+                let spawned = REQUEST_THREADS.run(HANDLER_STACK, move || {
+                    run_request(&task_shared, req, out, upload_rx)
+                });
                 if let Err(e) = spawned {
                     lock(&shared.slots).remove(&id);
                     let err = Error::internal("starting a request thread", e);

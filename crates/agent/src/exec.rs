@@ -45,20 +45,26 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
     // Its own process group, so a timeout or cancel kills everything it
     // started (that did not leave the group).
     cmd.process_group(0);
-    // Force a plain fork+exec instead of posix_spawn's shared-memory
-    // vfork-style clone: under PRoot (ptrace) such children crash with
-    // SIGSEGV when several commands start at once.
-    // SAFETY: the closure does nothing, so it is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| Ok(()));
+    let traced = traced();
+    if traced {
+        // Force a plain fork+exec instead of posix_spawn's shared-memory
+        // vfork-style clone: under PRoot (ptrace) such children crash with
+        // SIGSEGV when several commands start at once. Untraced, the
+        // vfork-style spawn is kept: it is the faster one.
+        // SAFETY: the closure does nothing, so it is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| Ok(()));
+        }
     }
 
     let started = Instant::now();
-    let spawned = {
+    let spawned = if traced {
         // One spawn at a time: under PRoot (ptrace), children forked by
         // several threads at once can crash with SIGSEGV before they exec.
         // A spawn takes microseconds, so serialising costs nothing else.
         let _one_at_a_time = SPAWN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        cmd.spawn()
+    } else {
         cmd.spawn()
     };
     if spec.stream {
@@ -73,24 +79,34 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
     let pid = child.id() as i32;
     out.flow.set_group(pid);
 
-    let (notify_r, notify_w) = pipe()?;
+    // How the exit is learnt of, without reaping (so the group id stays
+    // ours, and killable, until it is reaped below): a pidfd, readable once
+    // the child exited; where the kernel has none, a waiter thread that
+    // writes one byte to a pipe.
+    let (notify, waiter_w) = match pidfd_open(pid) {
+        Some(fd) => (ExitNotice::Pidfd(fd), None),
+        None => {
+            let (r, w) = pipe()?;
+            (ExitNotice::Pipe(r), Some(w))
+        }
+    };
     let stdin = child.stdin.take();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
 
     std::thread::scope(|s| {
-        // The waiter learns of the exit without reaping, so the group id
-        // stays ours (and killable) until we reap it below.
-        let waiter = std::thread::Builder::new()
-            .stack_size(64 * 1024)
-            .spawn_scoped(s, move || {
-                let ok = wait_exit_no_reap(pid);
-                let mut w = std::fs::File::from(notify_w);
-                let _ = w.write_all(&[u8::from(ok)]);
-            });
-        if waiter.is_err() {
-            // Without the waiter the exit is found by polling below.
-            eprintln!("stacyvm-agent: exec: cannot start the waiter thread; polling for exit");
+        if let Some(notify_w) = waiter_w {
+            let waiter = std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn_scoped(s, move || {
+                    let ok = wait_exit_no_reap(pid);
+                    let mut w = std::fs::File::from(notify_w);
+                    let _ = w.write_all(&[u8::from(ok)]);
+                });
+            if waiter.is_err() {
+                // Without the waiter the exit is found by polling below.
+                eprintln!("stacyvm-agent: exec: cannot start the waiter thread; polling for exit");
+            }
         }
         if let Some(up) = upload {
             // Detached: it may stay blocked on a pipe a background process
@@ -118,7 +134,7 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
             truncated: [false, false],
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
-            pump.run(stdout, stderr, notify_r, &mut child, started)
+            pump.run(stdout, stderr, notify, &mut child, started)
         }));
         result.unwrap_or_else(|_| {
             // The scope joins the waiter, which waits for the command: make
@@ -251,7 +267,7 @@ impl OutputPump<'_> {
         mut self,
         stdout: Option<std::process::ChildStdout>,
         stderr: Option<std::process::ChildStderr>,
-        notify: OwnedFd,
+        notify: ExitNotice,
         child: &mut Child,
         started: Instant,
     ) -> Result<ExitFrame> {
@@ -312,7 +328,7 @@ impl OutputPump<'_> {
             }
             if let Some(n) = &notify {
                 fds.push(libc::pollfd {
-                    fd: n.as_raw_fd(),
+                    fd: n.fd().as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 });
@@ -343,17 +359,8 @@ impl OutputPump<'_> {
                 continue;
             }
             for fd in fds.iter().filter(|f| f.revents != 0) {
-                if notify.as_ref().map(AsRawFd::as_raw_fd) == Some(fd.fd) {
-                    let mut b = [0u8; 1];
-                    let ok = notify
-                        .take()
-                        .map(|n| {
-                            std::fs::File::from(n)
-                                .read(&mut b)
-                                .map(|k| k == 1 && b[0] == 1)
-                        })
-                        .and_then(|r| r.ok())
-                        .unwrap_or(false);
+                if notify.as_ref().map(|n| n.fd().as_raw_fd()) == Some(fd.fd) {
+                    let ok = notify.take().is_some_and(ExitNotice::exited);
                     if ok {
                         let st = self.out.flow.reap_with(|| child.wait());
                         status = st.ok();
@@ -492,6 +499,62 @@ fn wait_exit_no_reap(pid: i32) -> bool {
             return false;
         }
     }
+}
+
+/// How `run` learns that the child exited (see there).
+enum ExitNotice {
+    /// Readable once the child exited.
+    Pidfd(OwnedFd),
+    /// The waiter thread writes 1 when the child exited, 0 when it could
+    /// not wait.
+    Pipe(OwnedFd),
+}
+
+impl ExitNotice {
+    fn fd(&self) -> &OwnedFd {
+        match self {
+            ExitNotice::Pidfd(fd) | ExitNotice::Pipe(fd) => fd,
+        }
+    }
+
+    /// Called once the fd is readable: whether the child exited (else the
+    /// exit is to be polled for).
+    fn exited(self) -> bool {
+        match self {
+            ExitNotice::Pidfd(_) => true,
+            ExitNotice::Pipe(fd) => {
+                let mut b = [0u8; 1];
+                std::fs::File::from(fd)
+                    .read(&mut b)
+                    .is_ok_and(|k| k == 1 && b[0] == 1)
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3 and newer), or `None` where the kernel or
+/// a seccomp filter refuses it.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: on success the fd is new, open and owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether the agent runs under ptrace (PRoot), read once from
+/// `/proc/self/status`.
+fn traced() -> bool {
+    static TRACED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACED.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("TracerPid:"))
+                    .is_some_and(|v| v.trim() != "0")
+            })
+            // Unknown: assume the careful way.
+            .unwrap_or(true)
+    })
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod exec;
 pub mod files;
 pub mod flow;
+pub mod pool;
 pub mod protocol;
 pub mod root;
 pub mod server;
