@@ -7,8 +7,13 @@
 //! check (the quota, the fencing token) and cannot race; within this process
 //! they also queue on an async lock first, so they wait in order instead of
 //! polling in SQLite's busy handler, which remains for other processes.
+//!
+//! Audit events are committed in groups by one writer task: events that
+//! arrive while a commit is being made share the next one (and its fsync),
+//! and each caller is answered once its own event is durable.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,7 +24,7 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Connection, Sqlite, Transaction};
 use stacyvm_core::{Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId};
 use time::OffsetDateTime;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{mpsc, oneshot, Mutex, MutexGuard};
 
 use crate::common::{
     audit_columns, audit_conditions, audit_from_row, bind_sandbox, check_not_newer, check_quota,
@@ -33,7 +38,7 @@ use crate::model::{
     ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, Quota, SandboxFilter,
     SandboxRecord, Tenant, WorkerRecord, WorkerState,
 };
-use crate::Store;
+use crate::{Store, UNAVAILABLE_PREFIX};
 
 const D: Dialect = Dialect::Sqlite;
 
@@ -57,8 +62,17 @@ const MIGRATIONS: &[Migration] = &[Migration {
 pub struct SqliteStore {
     pool: SqlitePool,
     /// Serialises this process's write transactions (see the module docs).
-    write_lock: Mutex<()>,
+    write_lock: Arc<Mutex<()>>,
+    /// Audit events on their way to the group-commit writer (see
+    /// `audit_writer`).
+    audit: mpsc::Sender<PendingEvent>,
 }
+
+/// An audit event waiting to be committed, and who waits for it.
+type PendingEvent = (AuditEvent, oneshot::Sender<Result<()>>);
+
+/// Most events one audit commit takes.
+const AUDIT_BATCH: usize = 256;
 
 type WriteTx<'a> = (MutexGuard<'a, ()>, Transaction<'static, Sqlite>);
 
@@ -135,12 +149,16 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(BUSY_TIMEOUT)
+            // No ping before each use: a connection to a local file does not
+            // go stale, and the ping is a round trip to the connection's
+            // thread on every query. The ping sqlx makes when a connection is
+            // released still flushes any queued rollback.
+            .test_before_acquire(false)
             // An idle connection is never inside a transaction. When a COMMIT
             // fails because the disk is full, SQLite rolls the transaction back
             // by itself, sqlx's own ROLLBACK then fails, and sqlx keeps counting
             // the transaction as open: every later BEGIN on that connection
-            // would fail. Such a connection is closed instead of reused (the
-            // ping before this hook has flushed any queued rollback).
+            // would fail. Such a connection is closed instead of reused.
             .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(options)
             .await
@@ -151,9 +169,13 @@ impl SqliteStore {
                     e,
                 )
             })?;
+        let write_lock = Arc::new(Mutex::new(()));
+        let (audit, audit_rx) = mpsc::channel(4 * AUDIT_BATCH);
+        tokio::spawn(audit_writer(pool.clone(), write_lock.clone(), audit_rx));
         let store = SqliteStore {
             pool,
-            write_lock: Mutex::new(()),
+            write_lock,
+            audit,
         };
         store.migrate().await?;
         Ok(store)
@@ -222,6 +244,85 @@ impl SqliteStore {
             .map_err(|e| db_error(D, context, e))?;
         rows.iter().map(sandbox_from_row).collect()
     }
+}
+
+/// Commits audit events in groups: every event that arrived while the
+/// previous commit was being made goes into the next one, so concurrent
+/// mutating calls share one fsync instead of queueing for one each. Each
+/// caller still returns only after its own event is committed. Runs until
+/// the store is dropped; an event whose caller went away is still written.
+async fn audit_writer(
+    pool: SqlitePool,
+    write_lock: Arc<Mutex<()>>,
+    mut rx: mpsc::Receiver<PendingEvent>,
+) {
+    let mut batch: Vec<PendingEvent> = Vec::with_capacity(AUDIT_BATCH);
+    while rx.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
+        let events: Vec<&AuditEvent> = batch.iter().map(|(e, _)| e).collect();
+        match audit_commit(&pool, &write_lock, &events).await {
+            Ok(()) => {
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(Err(e.clone()));
+                }
+            }
+            // One bad event (a duplicate id) must not fail the others:
+            // commit them one by one, each with its own answer.
+            Err(_) => {
+                for (event, done) in batch.drain(..) {
+                    let _ = done.send(audit_commit(&pool, &write_lock, &[&event]).await);
+                }
+            }
+        }
+    }
+}
+
+/// Appends `events` in one transaction.
+async fn audit_commit(
+    pool: &SqlitePool,
+    write_lock: &Mutex<()>,
+    events: &[&AuditEvent],
+) -> Result<()> {
+    let _lock = write_lock.lock().await;
+    let mut tx = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(|e| db_error(D, "starting a write transaction", e))?;
+    for event in events {
+        sqlx::query(
+            "INSERT INTO audit_events (id, ts, tenant_id, actor_key_id, actor_role, action, target,
+                sandbox_id, outcome, status, request_id, source_ip, detail)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(event.id.as_str())
+        .bind(to_micros(event.ts))
+        .bind(event.tenant_id.as_ref().map(|t| t.as_str()))
+        .bind(event.actor.key_id.as_ref().map(|k| k.as_str()))
+        .bind(event.actor.role.map(|r| r.as_str()))
+        .bind(&event.action)
+        .bind(event.target.as_deref())
+        .bind(event.sandbox_id.as_deref())
+        .bind(event.outcome.as_str())
+        .bind(event.status)
+        .bind(&event.request_id)
+        .bind(event.source_ip.as_deref())
+        .bind(sqlx::types::Json(&event.detail))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            e if is_unique_violation(&e) => {
+                Error::Conflict(format!("audit event {} exists already", event.id))
+            }
+            e => db_error(D, "appending an audit event", e),
+        })?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| db_error(D, "committing audit events", e))
 }
 
 fn bind_args<'q>(
@@ -640,34 +741,13 @@ impl Store for SqliteStore {
     // --- audit (append-only) -------------------------------------------
 
     async fn audit_append(&self, event: &AuditEvent) -> Result<()> {
-        let _lock = self.write_lock.lock().await;
-        sqlx::query(
-            "INSERT INTO audit_events (id, ts, tenant_id, actor_key_id, actor_role, action, target,
-                sandbox_id, outcome, status, request_id, source_ip, detail)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(event.id.as_str())
-        .bind(to_micros(event.ts))
-        .bind(event.tenant_id.as_ref().map(|t| t.as_str()))
-        .bind(event.actor.key_id.as_ref().map(|k| k.as_str()))
-        .bind(event.actor.role.map(|r| r.as_str()))
-        .bind(&event.action)
-        .bind(event.target.as_deref())
-        .bind(event.sandbox_id.as_deref())
-        .bind(event.outcome.as_str())
-        .bind(event.status)
-        .bind(&event.request_id)
-        .bind(event.source_ip.as_deref())
-        .bind(sqlx::types::Json(&event.detail))
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
-        .map_err(|e| match e {
-            e if is_unique_violation(&e) => {
-                Error::Conflict(format!("audit event {} exists already", event.id))
-            }
-            e => db_error(D, "appending an audit event", e),
-        })
+        let (done, wait) = oneshot::channel();
+        let gone = || Error::Internal(format!("{UNAVAILABLE_PREFIX}the audit writer has stopped"));
+        self.audit
+            .send((event.clone(), done))
+            .await
+            .map_err(|_| gone())?;
+        wait.await.map_err(|_| gone())?
     }
 
     async fn audit_list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>> {

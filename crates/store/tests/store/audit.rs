@@ -201,3 +201,68 @@ pub async fn audit_events_refuse_update_and_delete(db: &TestDb) -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Appends made at once all land, each answered for itself: a duplicate id
+/// among them fails alone (the SQLite store commits concurrent appends in
+/// one transaction, so this also checks that one bad event does not sink
+/// the group).
+pub async fn concurrent_appends_all_land_and_a_duplicate_fails_alone(
+    db: &TestDb,
+) -> anyhow::Result<()> {
+    let t = new_tenant(&db.store, "burst").await?;
+    let first = fixtures::event(Some(&t), "sandbox.exec");
+    db.store.audit_append(&first).await?;
+    let mut events: Vec<AuditEvent> = (0..200)
+        .map(|i| {
+            let mut e = fixtures::event(Some(&t), "sandbox.exec");
+            e.detail = serde_json::json!({ "i": i });
+            e
+        })
+        .collect();
+    events.insert(100, first.clone());
+    let tasks: Vec<_> = events
+        .iter()
+        .cloned()
+        .map(|e| {
+            let store = db.store.clone();
+            tokio::spawn(async move { store.audit_append(&e).await })
+        })
+        .collect();
+    let mut conflicts = 0;
+    for (e, task) in events.iter().zip(tasks) {
+        match task.await? {
+            Ok(()) => assert_ne!(e.id, first.id, "the duplicate was accepted"),
+            Err(stacyvm_core::Error::Conflict(_)) => {
+                assert_eq!(e.id, first.id, "a unique event was refused");
+                conflicts += 1;
+            }
+            Err(other) => anyhow::bail!("append failed: {other}"),
+        }
+    }
+    assert_eq!(conflicts, 1);
+
+    let mut stored = Vec::new();
+    let mut filter = AuditFilter {
+        tenant_id: Some(t.clone()),
+        page: PageRequest {
+            cursor: None,
+            limit: 1000,
+        },
+        ..Default::default()
+    };
+    loop {
+        let page = db.store.audit_list(&filter).await?;
+        stored.extend(page.items);
+        match page.next_cursor {
+            Some(c) => filter.page.cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut want = ids(&events);
+    want.sort();
+    want.dedup();
+    let mut got = ids(&stored);
+    got.sort();
+    assert_eq!(got, want, "every accepted event is stored exactly once");
+    Ok(())
+}

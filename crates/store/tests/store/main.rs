@@ -73,5 +73,6 @@ conformance! {
     audit::audit_round_trips_and_filters,
     audit::audit_pages_in_append_order,
     audit::audit_events_refuse_update_and_delete,
+    audit::concurrent_appends_all_land_and_a_duplicate_fails_alone,
     workers::worker_upsert_get_list_set_state,
 }
