@@ -316,6 +316,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::FileMkdir { .. } => "file_mkdir",
         Request::FileDelete { .. } => "file_delete",
         Request::FileGlob { .. } => "file_glob",
+        Request::FileExtract { .. } => "file_extract",
     }
 }
 
@@ -349,6 +350,18 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             Err(e) => Answer::Err(e),
         },
         Request::FileWrite { path, mode } => file_write(root, &path, mode, out, upload),
+        Request::FileExtract { path } => match upload {
+            Some(upload) => {
+                let mut body = crate::upload::UploadReader::new(upload, out);
+                match files::extract(root, &path, &mut body) {
+                    Ok(summary) => json(&summary),
+                    // Cancelled by the client: nobody is listening.
+                    Err(_) if body.cancelled() => Answer::Nothing,
+                    Err(e) => Answer::Err(e),
+                }
+            }
+            None => Answer::Err(Error::Internal("file_extract without an upload".into())),
+        },
         Request::FileRead { path } => file_read(root, &path, out),
         Request::FileStat { path } => entry(files::stat(root, &path)),
         Request::FileList { path, recursive } => match files::list(root, &path, recursive) {

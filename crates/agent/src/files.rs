@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use globset::GlobBuilder;
 use stacyvm_core::files::format_mode;
-use stacyvm_core::{Error, FileEntry, FileType, Result};
+use stacyvm_core::{ArchiveSummary, Error, FileEntry, FileType, Result};
 
 use crate::protocol::MAX_ENTRIES;
 use crate::root::{base_name, io_error, parent_of, Resolved, Root};
@@ -521,6 +521,110 @@ pub fn glob(root: &Root, pattern: &str) -> Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// `extract`: unpacks a tar stream into the directory `dest` (created with
+/// its parents). Each file is written as `write_begin` writes one (through
+/// a temporary file, so a reader never sees half a file); directories as
+/// `mkdir -p`; symlinks replace what is at their path unless it is a
+/// directory. Entries are checked before anything of them is written:
+/// absolute paths, `..`, and types other than file, directory and symlink
+/// stop the unpacking with `InvalidRequest`, naming the entry.
+pub fn extract(root: &Root, dest: &str, body: &mut dyn io::Read) -> Result<ArchiveSummary> {
+    let top = mkdir(root, dest, true)?;
+    if top.file_type != FileType::Dir {
+        return Err(Error::Conflict(format!("{} is not a directory", top.path)));
+    }
+    let mut summary = ArchiveSummary {
+        path: top.path.clone(),
+        ..ArchiveSummary::default()
+    };
+    let bad_tar =
+        |e: io::Error| Error::InvalidRequest(format!("the body is not a valid tar archive: {e}"));
+    let mut archive = tar::Archive::new(body);
+    for entry in archive.entries().map_err(bad_tar)? {
+        let mut entry = entry.map_err(bad_tar)?;
+        let raw = entry.path().map_err(bad_tar)?.into_owned();
+        let shown = raw.display().to_string();
+        let mut parts: Vec<&str> = Vec::new();
+        for c in raw.components() {
+            match c {
+                std::path::Component::Normal(p) => parts.push(p.to_str().ok_or_else(|| {
+                    Error::InvalidRequest(format!("tar entry {shown:?}: the name is not UTF-8"))
+                })?),
+                std::path::Component::CurDir => {}
+                _ => {
+                    return Err(Error::InvalidRequest(format!(
+                        "tar entry {shown:?}: absolute paths and `..` are refused"
+                    )))
+                }
+            }
+        }
+        if parts.is_empty() {
+            // "./": the destination itself.
+            continue;
+        }
+        let logical = format!("{}/{}", top.path.trim_end_matches('/'), parts.join("/"));
+        let mode = entry.header().mode().ok().map(|m| m & 0o7777);
+        match entry.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut pending = write_begin(root, &logical, mode)?;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match io::Read::read(&mut entry, &mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(bad_tar(e)),
+                    };
+                    pending.write(&buf[..n])?;
+                    summary.bytes += n as u64;
+                }
+                pending.commit()?;
+                summary.files += 1;
+            }
+            tar::EntryType::Directory => {
+                let made = mkdir(root, &logical, true)?;
+                if made.file_type != FileType::Dir {
+                    return Err(Error::Conflict(format!("{logical} exists and is not a directory")));
+                }
+                if let Some(m) = mode {
+                    chmod(root, &logical, m)?;
+                }
+                summary.dirs += 1;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(bad_tar)?
+                    .ok_or_else(|| Error::InvalidRequest(format!("tar entry {shown:?}: a symlink without a target")))?
+                    .into_owned();
+                let r = root.resolve(&logical, false)?;
+                if r.inner == "/" {
+                    return Err(Error::InvalidRequest(format!("tar entry {shown:?}: cannot replace /")));
+                }
+                if r.exists {
+                    let meta = fs::symlink_metadata(&r.host).map_err(|e| io_error(&r.logical, e))?;
+                    if meta.is_dir() {
+                        return Err(Error::Conflict(format!("{} is a directory", r.logical)));
+                    }
+                    fs::remove_file(&r.host).map_err(|e| io_error(&r.logical, e))?;
+                }
+                let parent = r.host.parent().map(Path::to_path_buf).unwrap_or_else(|| root.dir().to_owned());
+                make_dirs(&parent, &parent_of(&r.logical))?;
+                std::os::unix::fs::symlink(&target, &r.host).map_err(|e| io_error(&r.logical, e))?;
+                summary.symlinks += 1;
+            }
+            // Extended headers are consumed by the reader itself; anything
+            // still here is a type a sandbox upload has no use for.
+            other => {
+                return Err(Error::InvalidRequest(format!(
+                    "tar entry {shown:?}: {other:?} entries are not supported (only files, directories and symlinks)"
+                )))
+            }
+        }
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]

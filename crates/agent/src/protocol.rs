@@ -446,13 +446,20 @@ pub enum Request {
     /// Answer: `Data` frames each holding a JSON array of paths, then `End`.
     /// Sorted.
     FileGlob { pattern: String },
+    /// Unpacks the tar archive the client sends as `Data` frames and an
+    /// `End` into the directory `path` (created with its parents). Regular
+    /// files, directories and symlinks; an entry that is absolute, climbs
+    /// out with `..`, or is of another type stops the unpacking with an
+    /// error (what was written before it stays). Answer: `Ok` with the
+    /// [`ArchiveSummary`](stacyvm_core::ArchiveSummary).
+    FileExtract { path: String },
 }
 
 impl Request {
     /// Whether the client follows the request with `Data` frames and `End`.
     pub fn has_upload(&self) -> bool {
         match self {
-            Request::FileWrite { .. } => true,
+            Request::FileWrite { .. } | Request::FileExtract { .. } => true,
             Request::Exec(spec) => spec.stdin,
             _ => false,
         }

@@ -62,3 +62,57 @@ impl UploadRx {
         }
     }
 }
+
+/// An upload read as a byte stream (for the tar reader). Reading past the
+/// client's `End` gives end of file; a cancelled upload gives an error.
+pub struct UploadReader<'a> {
+    up: UploadRx,
+    out: &'a Out,
+    chunk: Vec<u8>,
+    pos: usize,
+    ended: bool,
+    cancelled: bool,
+}
+
+impl<'a> UploadReader<'a> {
+    pub fn new(up: UploadRx, out: &'a Out) -> UploadReader<'a> {
+        UploadReader {
+            up,
+            out,
+            chunk: Vec::new(),
+            pos: 0,
+            ended: false,
+            cancelled: false,
+        }
+    }
+
+    /// Whether the client cancelled the upload.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled
+    }
+}
+
+impl std::io::Read for UploadReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            if self.cancelled {
+                return Err(std::io::Error::other("the upload was cancelled"));
+            }
+            match self.up.next(self.out) {
+                Some(Upload::Data(d)) => {
+                    self.chunk = d;
+                    self.pos = 0;
+                }
+                Some(Upload::End) => self.ended = true,
+                None => self.cancelled = true,
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -38,6 +38,21 @@ pub struct FileEntry {
     pub symlink_target: Option<String>,
 }
 
+/// What unpacking a tar archive into a sandbox wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveSummary {
+    /// The directory the archive was unpacked into.
+    pub path: String,
+    /// Regular files written.
+    pub files: u64,
+    /// Directories created (or already there).
+    pub dirs: u64,
+    /// Symbolic links created.
+    pub symlinks: u64,
+    /// Bytes of file contents written.
+    pub bytes: u64,
+}
+
 /// Formats permission bits as `API.md` does (`0644`).
 pub fn format_mode(mode: u32) -> String {
     format!("{:04o}", mode & 0o7777)

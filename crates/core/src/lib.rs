@@ -9,7 +9,7 @@ pub mod sandbox;
 
 pub use error::{Error, Result};
 pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExitStatus};
-pub use files::{validate_sandbox_path, ByteStream, FileEntry, FileType};
+pub use files::{validate_sandbox_path, ArchiveSummary, ByteStream, FileEntry, FileType};
 pub use ids::{EventId, KeyId, SandboxId, TenantId, WorkerId};
 pub use sandbox::{Network, SandboxState, SpawnSpec};
 

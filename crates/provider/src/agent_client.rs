@@ -21,7 +21,9 @@ use stacyvm_agent::protocol::{
     PROTOCOL_VERSIONS, WINDOW,
 };
 use stacyvm_core::error::WireError;
-use stacyvm_core::{ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result};
+use stacyvm_core::{
+    ArchiveSummary, ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -319,19 +321,35 @@ impl AgentClient {
         mode: Option<u32>,
         body: ByteStream,
     ) -> Result<FileEntry> {
+        let req = Request::FileWrite {
+            path: path.to_owned(),
+            mode,
+        };
+        self.upload(req, body).await
+    }
+
+    /// Unpacks a tar stream into the directory `path`.
+    pub async fn file_extract(&self, path: &str, body: ByteStream) -> Result<ArchiveSummary> {
+        let req = Request::FileExtract {
+            path: path.to_owned(),
+        };
+        self.upload(req, body).await
+    }
+
+    /// A request followed by `body` as `Data` frames, answered with JSON.
+    async fn upload<T: serde::de::DeserializeOwned>(
+        &self,
+        req: Request,
+        body: ByteStream,
+    ) -> Result<T> {
         self.bounded(async {
-            let mut call = self
-                .start(&Request::FileWrite {
-                    path: path.to_owned(),
-                    mode,
-                })
-                .await?;
+            let mut call = self.start(&req).await?;
             let pump = send_body(call.tx.clone(), body);
             tokio::pin!(pump);
             let frame = tokio::select! {
                 r = &mut pump => {
                     // On success the answer follows; on failure the drop of
-                    // `call` cancels the write and its temporary file.
+                    // `call` cancels the upload (and any temporary file).
                     r?;
                     call.recv().await?
                 }

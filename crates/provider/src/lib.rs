@@ -22,7 +22,8 @@ use std::pin::Pin;
 
 pub use agent_client::AgentClient;
 pub use stacyvm_core::{
-    ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec,
+    ArchiveSummary, ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result,
+    SandboxId, SpawnSpec,
 };
 
 /// Whether a provider can be used on this host, and why not.
@@ -122,6 +123,17 @@ pub trait Provider: Send + Sync + 'static {
         body: ByteStream,
     ) -> Result<FileEntry> {
         self.agent(id).await?.file_write(path, mode, body).await
+    }
+
+    /// Unpacks a tar stream into the directory `path` (see the agent's
+    /// `FileExtract`).
+    async fn file_extract(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        body: ByteStream,
+    ) -> Result<ArchiveSummary> {
+        self.agent(id).await?.file_extract(path, body).await
     }
 
     /// Reads a file as a stream of chunks.

@@ -9,7 +9,8 @@ mod local;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use stacyvm_core::{
-    ByteStream, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec, WorkerId,
+    ArchiveSummary, ByteStream, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec,
+    WorkerId,
 };
 use stacyvm_provider::{ExecStream, Health, LogLine, RuntimeInfo};
 use std::sync::Arc;
@@ -68,6 +69,12 @@ pub trait Worker: Send + Sync + 'static {
         mode: Option<u32>,
         body: ByteStream,
     ) -> Result<FileEntry>;
+    async fn file_extract(
+        &self,
+        lease: &Lease,
+        path: &str,
+        body: ByteStream,
+    ) -> Result<ArchiveSummary>;
     async fn file_read(&self, lease: &Lease, path: &str) -> Result<ByteStream>;
     async fn file_stat(&self, lease: &Lease, path: &str) -> Result<FileEntry>;
     async fn file_list(&self, lease: &Lease, path: &str, recursive: bool)

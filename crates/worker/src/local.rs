@@ -6,7 +6,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use stacyvm_core::{
-    ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec, WorkerId,
+    ArchiveSummary, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId,
+    SpawnSpec, WorkerId,
 };
 use stacyvm_provider::{DynProvider, ExecStream, LogLine};
 
@@ -140,6 +141,17 @@ impl Worker for LocalWorker {
     ) -> Result<FileEntry> {
         self.admit(lease)?
             .file_write(&lease.sandbox_id, path, mode, body)
+            .await
+    }
+
+    async fn file_extract(
+        &self,
+        lease: &Lease,
+        path: &str,
+        body: ByteStream,
+    ) -> Result<ArchiveSummary> {
+        self.admit(lease)?
+            .file_extract(&lease.sandbox_id, path, body)
             .await
     }
 

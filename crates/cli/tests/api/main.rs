@@ -6,6 +6,7 @@
 //! Needs: dockerd, proot, and either `STACYVM_AGENT_BIN`, `STACYVM_TEST_IMAGE_TAR`,
 //! `STACYVM_TEST_POSTGRES_URL` or the scripts in `scripts/` that build and start them.
 
+mod archive;
 mod errors;
 mod exec_stream;
 mod files;

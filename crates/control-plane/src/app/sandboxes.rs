@@ -656,6 +656,19 @@ impl App {
         worker.file_write(&lease, &path, mode, body).await
     }
 
+    pub async fn file_extract(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        body: ByteStream,
+    ) -> Result<stacyvm_core::ArchiveSummary> {
+        who.require_write()?;
+        let path = validate_sandbox_path(path)?;
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.file_extract(&lease, &path, body).await
+    }
+
     pub async fn file_read(&self, who: &Principal, id: &str, path: &str) -> Result<ByteStream> {
         let path = validate_sandbox_path(path)?;
         let (_, worker, lease) = self.running(who, id).await?;

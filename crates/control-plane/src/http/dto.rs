@@ -207,6 +207,30 @@ pub struct LogsResponse {
     pub lines: Vec<LogLineView>,
 }
 
+/// What unpacking an archive wrote.
+#[derive(Serialize, ToSchema)]
+pub struct ArchiveView {
+    /// The directory unpacked into.
+    pub path: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Bytes of file contents written.
+    pub bytes: u64,
+}
+
+impl From<stacyvm_core::ArchiveSummary> for ArchiveView {
+    fn from(a: stacyvm_core::ArchiveSummary) -> Self {
+        ArchiveView {
+            path: a.path,
+            files: a.files,
+            dirs: a.dirs,
+            symlinks: a.symlinks,
+            bytes: a.bytes,
+        }
+    }
+}
+
 /// A file entry.
 #[derive(Serialize, ToSchema)]
 pub struct EntryView {

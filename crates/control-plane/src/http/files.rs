@@ -55,12 +55,32 @@ pub async fn file_write(
 ) -> ApiResult<Response> {
     let path = required_path(&q)?;
     let mode = q.mode.as_deref().map(parse_mode).transpose()?;
+    let entry = limited_upload(&s, body, |stream| {
+        s.app.file_write(&who, &id, &path, mode, stream)
+    })
+    .await?;
+    Ok(file_note(
+        (StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(),
+        &id,
+        &path,
+    ))
+}
+
+/// Runs `upload` over the request body, counting bytes as they pass and
+/// failing the stream past the configured limit, so an upload is never
+/// held whole and never grows past that size (`413`).
+async fn limited_upload<T, F>(
+    s: &AppState,
+    body: Body,
+    upload: impl FnOnce(ByteStream) -> F,
+) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = stacyvm_core::Result<T>>,
+{
     let limit = s.app.config.limits.upload_bytes;
     let over = Arc::new(AtomicBool::new(false));
     let flag = over.clone();
     let mut seen: u64 = 0;
-    // Counts bytes as they pass and fails the stream past the limit, so an
-    // upload is never held whole and never grows past the configured size.
     let stream: ByteStream = Box::pin(body.into_data_stream().map(move |chunk| match chunk {
         Ok(b) => {
             seen += b.len() as u64;
@@ -73,19 +93,54 @@ pub async fn file_write(
         }
         Err(e) => Err(std::io::Error::other(e)),
     }));
-    let entry = match s.app.file_write(&who, &id, &path, mode, stream).await {
-        Ok(e) => e,
-        Err(_) if over.load(Ordering::SeqCst) => {
-            return Err(ApiError(Error::PayloadTooLarge(format!(
-                "upload is over the {limit}-byte limit"
-            ))))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    Ok(file_note(
-        (StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(),
-        &id,
-        &path,
+    match upload(stream).await {
+        Ok(v) => Ok(v),
+        Err(_) if over.load(Ordering::SeqCst) => Err(ApiError(Error::PayloadTooLarge(format!(
+            "upload is over the {limit}-byte limit"
+        )))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ArchiveQuery {
+    /// Absolute path of the directory to unpack into (created with its
+    /// parents when missing).
+    pub path: Option<String>,
+}
+
+/// Unpacks a tar archive into a directory of the sandbox, in one request:
+/// the way to upload a whole tree. Regular files, directories and
+/// symlinks, each with its mode; an entry with an absolute path, a `..`
+/// component or another type is refused with `400` (entries before it stay
+/// written). Files appear whole or not at all. The body is streamed and
+/// counts against the upload size limit.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files/archive", tag = "files", params(ArchiveQuery),
+    request_body(content = RawBytes, content_type = "application/x-tar"),
+    responses((status = 201, body = ArchiveView), (status = 400, body = super::error::ErrorBody),
+        (status = 413, body = super::error::ErrorBody)))]
+pub async fn file_archive_put(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<ArchiveQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    let path = q.path.clone().ok_or_else(|| {
+        ApiError(Error::InvalidRequest(
+            "the path query parameter is required".into(),
+        ))
+    })?;
+    let summary = limited_upload(&s, body, |stream| {
+        s.app.file_extract(&who, &id, &path, stream)
+    })
+    .await?;
+    let detail = serde_json::json!({"path": path, "files": summary.files, "bytes": summary.bytes});
+    Ok(note(
+        (StatusCode::CREATED, Json(ArchiveView::from(summary))).into_response(),
+        Some(id),
+        detail,
     ))
 }
 

@@ -20,7 +20,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use stacyvm_core::{Error, SandboxId};
@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandboxes/{id}/files",
             get(file_read).put(file_write).delete(file_delete),
         )
+        .route("/v1/sandboxes/{id}/files/archive", put(file_archive_put))
         .route("/v1/sandboxes/{id}/files/stat", get(file_stat))
         .route("/v1/sandboxes/{id}/files/list", get(file_list))
         .route("/v1/sandboxes/{id}/files/glob", get(file_glob))
@@ -172,6 +173,7 @@ fn action_of(method: &Method, route: &str) -> String {
         ("PUT", "/v1/sandboxes/{id}/files") => "file.write",
         ("GET", "/v1/sandboxes/{id}/files") => "file.read",
         ("DELETE", "/v1/sandboxes/{id}/files") => "file.delete",
+        ("PUT", "/v1/sandboxes/{id}/files/archive") => "file.extract",
         ("GET", "/v1/sandboxes/{id}/files/stat") => "file.stat",
         ("GET", "/v1/sandboxes/{id}/files/list") => "file.list",
         ("GET", "/v1/sandboxes/{id}/files/glob") => "file.glob",
@@ -297,6 +299,7 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
     let long = path.ends_with("/exec")
         || path.ends_with("/exec/stream")
         || path.ends_with("/files")
+        || path.ends_with("/files/archive")
         || path.ends_with("/logs")
         || path == "/v1/images";
     if long {

@@ -1,0 +1,169 @@
+//! `PUT /v1/sandboxes/{id}/files/archive`: a tar of a tree unpacked in one
+//! request, on both providers, and the entries it must refuse.
+
+use anyhow::{ensure, Result};
+use serde_json::json;
+
+use crate::support::{Server, ServerOptions, StoreKind};
+
+/// A tar with nested directories, files with their modes, and a symlink.
+fn project_tar(files: usize) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o750);
+    dir.set_size(0);
+    b.append_data(&mut dir, "src/", std::io::empty())?;
+    for i in 0..files {
+        let body = format!("file {i}\n");
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(body.len() as u64);
+        b.append_data(&mut h, format!("src/pkg/f{i}.txt"), body.as_bytes())?;
+    }
+    let script = b"#!/bin/sh\necho ran\n";
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(script.len() as u64);
+    b.append_data(&mut h, "./bin/run.sh", &script[..])?;
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    b.append_link(&mut link, "latest", "src/pkg/f0.txt")?;
+    Ok(b.into_inner()?)
+}
+
+/// A one-entry tar whose name is written raw, past the builder's checks.
+fn raw_entry_tar(name: &str, kind: tar::EntryType, body: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(body.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(body);
+    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archive_unpacks_a_tree_on_both_providers_and_refuses_escapes() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker,proot"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let tar = project_tar(300)?;
+    for provider in ["docker", "proot"] {
+        let id = member.sandbox(provider).await?;
+        let url = |path: &str| format!("/v1/sandboxes/{id}/files/archive?path={path}");
+
+        let summary = member
+            .send(
+                member
+                    .request(reqwest::Method::PUT, &url("/work/app"))
+                    .header("content-type", "application/x-tar")
+                    .body(tar.clone()),
+            )
+            .await?
+            .ok(201)?;
+        ensure!(
+            summary
+                == json!({"path": "/work/app", "files": 301, "dirs": 1, "symlinks": 1,
+                    "bytes": summary["bytes"].clone()}),
+            "{provider}: {summary}"
+        );
+        let expected_bytes: usize =
+            (0..300).map(|i| format!("file {i}\n").len()).sum::<usize>() + 19;
+        ensure!(summary["bytes"] == expected_bytes, "{provider}: {summary}");
+
+        // What the sandbox sees: every file, the modes, the link, and the
+        // script runs.
+        let seen = member
+            .sh(
+                &id,
+                "cd /work/app && ls src/pkg | wc -l && cat src/pkg/f299.txt && \
+                 stat -c %a src bin/run.sh && readlink latest && cat latest && bin/run.sh",
+            )
+            .await?;
+        ensure!(
+            seen == "300\nfile 299\n750\n755\nsrc/pkg/f0.txt\nfile 0\nran\n",
+            "{provider}: {seen:?}"
+        );
+
+        // Entries that would leave the directory, or that a sandbox upload
+        // has no use for, are refused by name with 400.
+        for (name, kind) in [
+            ("../escape.txt", tar::EntryType::Regular),
+            ("/etc/escape.txt", tar::EntryType::Regular),
+            ("a/../../escape.txt", tar::EntryType::Regular),
+            ("dev-null", tar::EntryType::Char),
+            ("hard", tar::EntryType::Link),
+        ] {
+            let bad = raw_entry_tar(name, kind, b"x");
+            let e = member
+                .send(
+                    member
+                        .request(reqwest::Method::PUT, &url("/work/bad"))
+                        .header("content-type", "application/x-tar")
+                        .body(bad),
+                )
+                .await?
+                .err(400, "invalid_request")?;
+            ensure!(
+                e.message.contains(name.trim_start_matches('/')),
+                "{provider}: {name}: {}",
+                e.message
+            );
+        }
+        let leaked = member
+            .sh(
+                &id,
+                "ls /work/escape.txt /escape.txt /etc/escape.txt 2>/dev/null | wc -l",
+            )
+            .await?;
+        ensure!(
+            leaked.trim() == "0",
+            "{provider}: an escaping entry was written"
+        );
+
+        // Not a tar at all; a missing path; a file where the directory goes.
+        let e = member
+            .send(
+                member
+                    .request(reqwest::Method::PUT, &url("/work/junk"))
+                    .body(vec![b'z'; 1500]),
+            )
+            .await?
+            .err(400, "invalid_request")?;
+        ensure!(e.message.contains("tar"), "{provider}: {}", e.message);
+        member
+            .send(
+                member
+                    .request(
+                        reqwest::Method::PUT,
+                        &format!("/v1/sandboxes/{id}/files/archive"),
+                    )
+                    .body(tar.clone()),
+            )
+            .await?
+            .err(400, "invalid_request")?;
+        member
+            .send(
+                member
+                    .request(reqwest::Method::PUT, &url("/work/app/src/pkg/f1.txt"))
+                    .body(tar.clone()),
+            )
+            .await?
+            .err(409, "conflict")?;
+        member.destroy(&id).await?;
+    }
+
+    // One audit event for the whole archive.
+    let events = admin.get("/v1/audit?action=file.extract").await?.ok(200)?;
+    ensure!(
+        events["events"].as_array().map(Vec::len) == Some(2 * 9),
+        "{events}"
+    );
+    Ok(())
+}
