@@ -370,6 +370,7 @@ async fn files(
         let files_url = s.u(&format!("/v1/sandboxes/{id}/files"));
         let (mut up, mut down, mut bup, mut bdown) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut archive_up = Vec::new();
         for i in 0..args.file_iters {
             let t = Instant::now();
             let puts = (0..n_small).map(|j| {
@@ -386,6 +387,26 @@ async fn files(
                 .await;
             up.push(ms(t.elapsed()));
             anyhow::ensure!(failed == 0, "{failed} small uploads failed");
+
+            // The same files as one tar, built from the directory in the
+            // timed part as `docker cp` builds its own.
+            let t = Instant::now();
+            let mut tar = tar::Builder::new(Vec::new());
+            tar.append_dir_all(".", &small_dir)?;
+            let tar = tar.into_inner()?;
+            let summary = s
+                .json(
+                    s.http
+                        .put(format!("{files_url}/archive?path=/bench/tree{i}"))
+                        .header("content-type", "application/x-tar")
+                        .body(tar),
+                )
+                .await?;
+            archive_up.push(ms(t.elapsed()));
+            anyhow::ensure!(
+                summary["files"] == json!(n_small),
+                "archive upload wrote {summary}"
+            );
             let t = Instant::now();
             let gets = (0..n_small).map(|j| {
                 let req = s.http.get(format!("{files_url}?path=/bench/small{i}/f{j}"));
@@ -463,6 +484,13 @@ async fn files(
             &up,
             Some("api.files.small.up.base"),
             &format!("{c} requests in flight"),
+        );
+        report.time_ms(
+            &format!("api.files.small.archive.{p}"),
+            &format!("API {p}: upload {small_label} (one tar, files/archive)"),
+            &archive_up,
+            Some("api.files.small.up.base"),
+            "tar built from the directory inside the timing",
         );
         report.time_ms(
             &format!("api.files.small.down.{p}"),
