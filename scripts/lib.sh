@@ -7,11 +7,14 @@ log() { echo "stacyvm: $*" >&2; }
 # caller's descriptors but stdout and stderr. For commands that leave a
 # daemon behind: a daemon holding the pipe of a `$(…)` or of a CI runner
 # keeps its reader waiting for EOF long after the script is done.
+# (No redirection on the loop: bash would keep a saved copy of stderr in a
+# high descriptor, the loop would close it, and stderr would stay lost.)
 detached() (
   for fd in /proc/self/fd/*; do
     fd="${fd##*/}"
-    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
-  done 2>/dev/null
+    # Skips the descriptor the glob itself used, closed by now.
+    if [ "$fd" -gt 2 ] && [ -e "/proc/self/fd/$fd" ]; then eval "exec $fd>&-"; fi
+  done
   "$@" </dev/null
 )
 
@@ -50,14 +53,24 @@ ensure_dockerd() {
     log "dockerd is not running and only root can start it; the docker provider will report unhealthy"
     return 1
   fi
+  # A dockerd that is still shutting down holds its pid file, and a new
+  # one would exit at once: wait for it to answer or to go.
+  local i
+  for i in $(seq 1 60); do
+    pgrep -x dockerd >/dev/null 2>&1 || break
+    docker info >/dev/null 2>&1 && return 0
+    [ "$i" = 1 ] && log "waiting for a dockerd that does not answer (yet)"
+    sleep 0.5
+  done
   log "starting dockerd"
   mkdir -p /var/log
-  detached nohup dockerd >/var/log/stacyvm-dockerd.log 2>&1 &
+  detached nohup dockerd >>/var/log/stacyvm-dockerd.log 2>&1 &
   for _ in $(seq 1 60); do
     docker info >/dev/null 2>&1 && return 0
     sleep 0.5
   done
-  log "dockerd did not come up; see /var/log/stacyvm-dockerd.log"
+  log "dockerd did not come up; the end of /var/log/stacyvm-dockerd.log:"
+  tail -n 20 /var/log/stacyvm-dockerd.log >&2 || true
   return 1
 }
 
