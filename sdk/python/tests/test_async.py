@@ -98,6 +98,12 @@ async def test_async_files(server: Server, tmp_path: Path) -> None:
             await f.write("/work/a/it.bin", [b"1", b"2"])
             await f.write("/work/a/ag.bin", agen(), mode=0o600)
             assert (await f.stat("/work/a/ag.bin")).mode == "0600"
+            tree = tmp_path / "tree"
+            (tree / "d").mkdir(parents=True)
+            (tree / "d" / "f.txt").write_text("in a tar")
+            summary = await f.upload_dir(tree, "/srv/tree")
+            assert (summary.files, summary.dirs, summary.bytes) == (1, 1, 8)
+            assert await f.read("/srv/tree/d/f.txt") == b"in a tar"
             assert b"".join([c async for c in f.iter_read("/work/a/ag.bin", chunk_size=1)]) == b"xy"
             assert [e.name for e in await f.list("/work/a")] == ["ag.bin", "b.txt", "fo.bin", "it.bin"]
             assert len(await f.list("/work", recursive=True)) == 5

@@ -301,6 +301,28 @@ def test_upload_from_path_and_download_to_path(sandbox: stacyvm.Sandbox, tmp_pat
     assert dest.read_bytes() == src.read_bytes()
 
 
+def test_upload_dir_sends_a_tree_in_one_request(sandbox: stacyvm.Sandbox, tmp_path: Path) -> None:
+    tree = tmp_path / "proj"
+    (tree / "src" / "pkg").mkdir(parents=True)
+    for i in range(50):
+        (tree / "src" / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
+    run = tree / "run.sh"
+    run.write_text("#!/bin/sh\necho ran\n")
+    run.chmod(0o755)
+    (tree / "latest").symlink_to("src/pkg/m0.py")
+    summary = sandbox.files.upload_dir(tree, "/work/proj")
+    assert isinstance(summary, stacyvm.ArchiveSummary)
+    assert (summary.path, summary.files, summary.dirs, summary.symlinks) == ("/work/proj", 51, 2, 1)
+    assert summary.bytes == sum(len(f"x = {i}\n") for i in range(50)) + len("#!/bin/sh\necho ran\n")
+    assert sandbox.exec(["/work/proj/run.sh"]).stdout == "ran\n"
+    assert sandbox.files.read_text("/work/proj/latest") == "x = 0\n"
+    assert len(sandbox.files.list("/work/proj/src/pkg")) == 50
+    with pytest.raises(stacyvm.InvalidRequest):
+        sandbox.files.write_archive("/work/junk", b"not a tar" * 200)
+    with pytest.raises(NotADirectoryError):
+        sandbox.files.upload_dir(run, "/work/nope")
+
+
 def test_50_mib_round_trip_streams_without_holding_the_file(sandbox: stacyvm.Sandbox, tmp_path: Path) -> None:
     size = 50 * MIB
     src, dest = tmp_path / "big.in", tmp_path / "big.out"

@@ -32,6 +32,7 @@ from .errors import (
 from .models import (
     Actor,
     ApiKey,
+    ArchiveSummary,
     AuditEvent,
     ExecChunk,
     ExecExit,
@@ -56,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Actor",
     "ApiKey",
+    "ArchiveSummary",
     "AsyncClient",
     "AsyncExecStream",
     "AsyncFiles",

@@ -5,8 +5,10 @@ of event streams."""
 from __future__ import annotations
 
 import os
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import quote
 
 import httpx
@@ -261,6 +263,34 @@ def file_write(sandbox_id: str, path: str, mode: Union[int, str, None]) -> Call:
         params=params_of(path=path, mode=mode_str(mode)),
         headers={"content-type": "application/octet-stream"},
     )
+
+
+def file_archive_put(sandbox_id: str, path: str) -> Call:
+    return Call(
+        "PUT",
+        _files(sandbox_id) + "/archive",
+        params=params_of(path=path),
+        headers={"content-type": "application/x-tar"},
+    )
+
+
+def tar_of_dir(local_dir: Union[str, "os.PathLike[str]"]) -> IO[bytes]:
+    """A tar of ``local_dir``'s contents (names relative to it, symlinks kept
+    as links), in an anonymous temporary file rewound to its start: a tree
+    of any size is sent as a stream, never held in memory."""
+    root = os.fspath(local_dir)
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{root} is not a directory")
+    out = tempfile.TemporaryFile()
+    try:
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(os.listdir(root)):
+                tar.add(os.path.join(root, name), arcname=name, recursive=True)
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 def file_read(sandbox_id: str, path: str) -> Call:

@@ -30,6 +30,7 @@ from .client import PathLike, Source
 from .errors import NotFound, StacyVMError, Timeout, TransportError, error_from_response
 from .models import (
     ApiKey,
+    ArchiveSummary,
     AuditEvent,
     ExecChunk,
     ExecExit,
@@ -261,6 +262,20 @@ class AsyncFiles:
         """Streams a local file (a path or a binary file object) to ``path``."""
         call = core.file_write(self._id, path, mode)
         return FileEntry.from_json(await self._t.json(call, content=_source(source)))
+
+    async def write_archive(self, path: str, data: AsyncWriteData) -> ArchiveSummary:
+        """Unpacks a tar archive (bytes, a binary file object, or an iterable
+        of byte chunks) into the directory ``path``, made with its parents.
+        Files, directories and symlinks keep their modes; absolute names,
+        ``..`` and other entry types are refused (``InvalidRequest``)."""
+        call = core.file_archive_put(self._id, path)
+        return ArchiveSummary.from_json(await self._t.json(call, content=_content(data)))
+
+    async def upload_dir(self, local_dir: PathLike, path: str) -> ArchiveSummary:
+        """Uploads the local directory ``local_dir``'s contents into ``path``
+        in one request, as one tar (see `write_archive`)."""
+        with core.tar_of_dir(local_dir) as tar:
+            return await self.write_archive(path, tar)
 
     async def read(self, path: str) -> bytes:
         """The whole file; use `download` or `iter_read` for large files."""

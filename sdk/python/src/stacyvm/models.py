@@ -255,6 +255,27 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class ArchiveSummary:
+    """What unpacking a tar archive into a sandbox wrote."""
+
+    path: str
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ArchiveSummary":
+        return cls(
+            path=str(d["path"]),
+            files=int(d.get("files", 0)),
+            dirs=int(d.get("dirs", 0)),
+            symlinks=int(d.get("symlinks", 0)),
+            bytes=int(d.get("bytes", 0)),
+        )
+
+
+@dataclass(frozen=True)
 class LogLine:
     """A line of a sandbox's log."""
 
