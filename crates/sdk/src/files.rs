@@ -61,6 +61,44 @@ impl Client {
         .await
     }
 
+    /// Unpacks the tar archive read from `reader` into the directory `path`
+    /// in the sandbox (made with its parents), in one streamed request:
+    /// files, directories and symlinks with their modes. An entry with an
+    /// absolute name, a `..` component or another type is refused with an
+    /// API error whose [`code`](Error::code) is `invalid_request`; entries
+    /// before it stay written. Not retried, since a reader cannot be
+    /// replayed.
+    pub async fn file_write_archive<R>(
+        &self,
+        id: &str,
+        path: &str,
+        reader: R,
+    ) -> Result<ArchiveSummary>
+    where
+        R: AsyncRead + Send + 'static,
+    {
+        let url = self.url(
+            &["v1", "sandboxes", id, "files", "archive"],
+            &[("path", path.to_owned())],
+        )?;
+        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::with_capacity(
+            reader,
+            UPLOAD_CHUNK,
+        ))));
+        self.send_json(Retry::Once, || {
+            let b = body
+                .lock()
+                .ok()
+                .and_then(|mut g| g.take())
+                .ok_or_else(|| Error::Protocol("the upload body was already sent".into()))?;
+            Ok(self
+                .request(Method::PUT, url.clone(), Deadline::Streaming)
+                .header("Content-Type", "application/x-tar")
+                .body(b))
+        })
+        .await
+    }
+
     /// Writes `data` to `path` in the sandbox.
     pub async fn file_write_bytes(
         &self,

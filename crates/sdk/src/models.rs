@@ -309,6 +309,19 @@ impl FileType {
     }
 }
 
+/// What unpacking a tar archive into a sandbox wrote
+/// ([`Client::file_write_archive`](crate::Client::file_write_archive)).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveSummary {
+    /// The directory unpacked into.
+    pub path: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Bytes of file contents written.
+    pub bytes: u64,
+}
+
 /// A file's metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {

@@ -139,7 +139,7 @@ pub async fn cp_paths(conn: &Conn, a: CpPaths) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn upload(client: &Client, src: Loc, id: &str, path: &str) -> Result<FileEntry> {
+async fn upload(client: &Client, src: Loc, id: &str, path: &str) -> Result<serde_json::Value> {
     let mut target = path.to_owned();
     let name = match &src {
         Loc::Host(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -157,18 +157,17 @@ async fn upload(client: &Client, src: Loc, id: &str, path: &str) -> Result<FileE
         target = format!("{}/{name}", target.trim_end_matches('/'));
     }
     match src {
-        Loc::Std => Ok(client
-            .file_write(id, &target, tokio::io::stdin(), None)
-            .await?),
+        Loc::Std => Ok(serde_json::to_value(
+            client
+                .file_write(id, &target, tokio::io::stdin(), None)
+                .await?,
+        )?),
         Loc::Host(p) => {
             let meta = tokio::fs::metadata(&p)
                 .await
                 .with_context(|| format!("cannot read {}", p.display()))?;
             if meta.is_dir() {
-                usage(format!(
-                    "{} is a directory; cp copies single files (pack a directory with tar first)",
-                    p.display()
-                ));
+                return upload_dir(client, p, id, &target).await;
             }
             let mode = {
                 use std::os::unix::fs::PermissionsExt;
@@ -185,10 +184,51 @@ async fn upload(client: &Client, src: Loc, id: &str, path: &str) -> Result<FileE
                 .file_write(id, &target, Counting::new(file, bar.clone()), Some(&mode))
                 .await;
             bar.finish_and_clear();
-            Ok(entry?)
+            Ok(serde_json::to_value(entry?)?)
         }
         Loc::Sandbox { .. } => unreachable_sandbox(),
     }
+}
+
+/// A host directory goes as one tar (as `docker cp` sends it), packed into
+/// an anonymous temporary file first so that memory does not grow with
+/// the tree; symlinks stay links.
+async fn upload_dir(
+    client: &Client,
+    dir: PathBuf,
+    id: &str,
+    target: &str,
+) -> Result<serde_json::Value> {
+    let shown = dir.display().to_string();
+    let packed = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = tempfile::tempfile().context("creating a temporary file")?;
+        let mut tar = tar::Builder::new(&mut f);
+        tar.follow_symlinks(false);
+        tar.append_dir_all(".", &dir)
+            .with_context(|| format!("packing {}", dir.display()))?;
+        tar.finish()?;
+        drop(tar);
+        f.seek(SeekFrom::Start(0))?;
+        Ok(f)
+    })
+    .await??;
+    let size = packed.metadata()?.len();
+    let bar = output::progress(Some(size), &format!("{shown}/ → {id}:{target}"));
+    let summary = client
+        .file_write_archive(
+            id,
+            target,
+            Counting::new(tokio::fs::File::from_std(packed), bar.clone()),
+        )
+        .await;
+    bar.finish_and_clear();
+    let summary = summary?;
+    eprintln!(
+        "{shown}/ → {id}:{}: {} files, {} directories, {} symlinks, {} bytes",
+        summary.path, summary.files, summary.dirs, summary.symlinks, summary.bytes
+    );
+    Ok(serde_json::to_value(summary)?)
 }
 
 fn unreachable_sandbox() -> ! {

@@ -451,6 +451,58 @@ async fn cp_streams_50_mib_both_ways_byte_identical_in_little_memory() -> Result
 }
 
 #[tokio::test]
+async fn cp_of_a_directory_sends_the_tree_as_one_tar() -> Result<()> {
+    let server = Server::with_image().await?;
+    let id = create(&server, &[])?;
+    let tree = TempPath::new("svm-cp-tree");
+    std::fs::create_dir_all(tree.0.join("src/lib"))?;
+    for i in 0..20 {
+        std::fs::write(tree.0.join(format!("src/lib/m{i}.txt")), format!("{i}\n"))?;
+    }
+    std::fs::write(tree.0.join("run.sh"), "#!/bin/sh\necho ran\n")?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            tree.0.join("run.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
+    }
+    std::os::unix::fs::symlink("src/lib/m0.txt", tree.0.join("first"))?;
+    let host = tree.0.to_str().context("utf-8")?;
+
+    // To a new path: the directory's contents land there.
+    let summary = server.json(&["cp", host, &format!("{id}:/work/proj")])?;
+    assert_eq!(summary["path"], "/work/proj");
+    assert_eq!(
+        (summary["files"].as_u64(), summary["symlinks"].as_u64()),
+        (Some(21), Some(1))
+    );
+    let seen = server.ok(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "ls /work/proj/src/lib | wc -l; /work/proj/run.sh; cat /work/proj/first",
+    ])?;
+    assert_eq!(
+        seen.split_whitespace().collect::<Vec<_>>(),
+        ["20", "ran", "0"]
+    );
+
+    // Into an existing directory: under the directory's own name, as cp does.
+    let name = tree
+        .0
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("name")?;
+    let summary = server.json(&["cp", host, &format!("{id}:/work/")])?;
+    assert_eq!(summary["path"], format!("/work/{name}"));
+    Ok(())
+}
+
+#[tokio::test]
 async fn files_commands_inspect_and_change_a_sandbox() -> Result<()> {
     let server = Server::with_image().await?;
     let id = create(&server, &[])?;

@@ -129,6 +129,32 @@ async fn every_sdk_call_works_against_the_server() -> Result<()> {
             .size,
         300_000
     );
+    // A tree as one tar; a body that is no tar is refused as invalid.
+    let tree = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o600);
+        h.set_size(5);
+        b.append_data(&mut h, "conf/app.toml", &b"a = 1"[..])?;
+        b.into_inner()?
+    };
+    let summary = c
+        .file_write_archive(id, "/srv/app", std::io::Cursor::new(tree))
+        .await?;
+    assert_eq!(
+        (summary.path.as_str(), summary.files, summary.bytes),
+        ("/srv/app", 1, 5)
+    );
+    assert_eq!(
+        c.file_stat(id, "/srv/app/conf/app.toml").await?.mode,
+        "0600"
+    );
+    let refused = c
+        .file_write_archive(id, "/srv/junk", std::io::Cursor::new(vec![b'z'; 2048]))
+        .await
+        .expect_err("a non-tar body was unpacked");
+    assert_eq!(refused.code(), Some("invalid_request"), "{refused}");
+
     let mut stream = c.file_read(id, "/work/p.bin").await?;
     let mut n = 0;
     while let Some(chunk) = stream.next().await {
