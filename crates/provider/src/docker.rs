@@ -1204,6 +1204,10 @@ impl Provider for DockerProvider {
         "docker"
     }
 
+    async fn image_removed(&self, image: &ImageInfo) -> Result<()> {
+        self.remove_catalog_image(image).await
+    }
+
     async fn health(&self) -> Health {
         self.inner.health().await
     }

@@ -90,6 +90,13 @@ pub trait Provider: Send + Sync + 'static {
     /// but is not running.
     async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>>;
 
+    /// The image catalog dropped `image`: remove any copy this provider
+    /// keeps of it (the Docker provider's imported Docker image). Nothing to
+    /// remove is success.
+    async fn image_removed(&self, _image: &images::ImageInfo) -> Result<()> {
+        Ok(())
+    }
+
     async fn pause(&self, _id: &SandboxId) -> Result<()> {
         Err(Error::Unsupported(format!(
             "the {} provider cannot pause sandboxes",

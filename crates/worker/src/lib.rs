@@ -12,6 +12,7 @@ use stacyvm_core::{
     ArchiveSummary, ByteStream, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec,
     WorkerId,
 };
+use stacyvm_provider::images::ImageInfo;
 use stacyvm_provider::{ExecStream, Health, LogLine, RuntimeInfo};
 use std::sync::Arc;
 
@@ -52,6 +53,10 @@ pub trait Worker: Send + Sync + 'static {
     async fn provider_health(&self) -> Vec<ProviderHealth>;
     /// Every runtime on this worker, across its providers.
     async fn runtimes(&self) -> Result<Vec<WorkerRuntime>>;
+
+    /// The image catalog dropped `image`: every provider removes its own
+    /// copies of it (see `Provider::image_removed`).
+    async fn image_removed(&self, image: &ImageInfo) -> Result<()>;
 
     async fn spawn(&self, lease: &Lease, spec: &SpawnSpec) -> Result<()>;
     async fn destroy(&self, lease: &Lease) -> Result<()>;

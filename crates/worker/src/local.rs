@@ -9,6 +9,7 @@ use stacyvm_core::{
     ArchiveSummary, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId,
     SpawnSpec, WorkerId,
 };
+use stacyvm_provider::images::ImageInfo;
 use stacyvm_provider::{DynProvider, ExecStream, LogLine};
 
 use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
@@ -82,6 +83,16 @@ impl Worker for LocalWorker {
             });
         }
         out
+    }
+
+    async fn image_removed(&self, image: &ImageInfo) -> Result<()> {
+        let mut first_error = None;
+        for p in &self.providers {
+            if let Err(e) = p.image_removed(image).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     async fn runtimes(&self) -> Result<Vec<WorkerRuntime>> {

@@ -134,6 +134,14 @@ async fn deleting_an_image_in_use_never_breaks_its_sandboxes() -> Result<()> {
     let server = Server::start_default()?;
     let admin = server.admin();
     let (name, member, ids) = sandboxes_on_a_fresh_image(&server).await?;
+    // The Docker sandbox made the Docker provider import the image.
+    let info: stacyvm_provider::images::ImageInfo =
+        serde_json::from_value(admin.get(&format!("/v1/images/{name}")).await?.ok(200)?)?;
+    let docker_ref = stacyvm_provider::docker::DockerProvider::catalog_image_ref(&info);
+    ensure!(
+        docker_image_exists(&docker_ref)?,
+        "{docker_ref} was never imported"
+    );
     let r = admin.delete(&format!("/v1/images/{name}")).await?;
     if r.status == 409 {
         r.err(409, "conflict")?;
@@ -142,9 +150,17 @@ async fn deleting_an_image_in_use_never_breaks_its_sandboxes() -> Result<()> {
             member.destroy(id).await?;
         }
         admin.delete(&format!("/v1/images/{name}")).await?.ok(204)?;
+        // With its containers gone, the catalog's Docker copy goes too.
+        ensure!(
+            !docker_image_exists(&docker_ref)?,
+            "{docker_ref} outlived its catalog image"
+        );
     } else {
         r.ok(204)?;
         still_alive(&member, &ids, "when its image was deleted").await?;
+        for (_, id) in &ids {
+            member.destroy(id).await?;
+        }
     }
     admin
         .get(&format!("/v1/images/{name}"))
@@ -174,4 +190,11 @@ async fn templates_resolve_through_the_catalog() -> Result<()> {
         .await?
         .err(422, "image_not_found")?;
     Ok(())
+}
+
+fn docker_image_exists(reference: &str) -> Result<bool> {
+    let out = std::process::Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", reference])
+        .output()?;
+    Ok(out.status.success())
 }

@@ -41,6 +41,17 @@ impl App {
                 "image {name:?} is in use by {users} live sandbox(es); destroy them first"
             )));
         }
-        self.catalog.delete(name).await
+        let image = self.catalog.get(name).await?;
+        self.catalog.delete(name).await?;
+        // The catalog entry is gone either way; a provider copy that cannot
+        // be removed now (a container outside StacyVM still uses it) is
+        // logged, not an error of the delete.
+        for worker in self.scheduler.workers() {
+            if let Err(e) = worker.image_removed(&image).await {
+                tracing::warn!(image = name, worker = %worker.id(), error = %e,
+                    "could not remove a provider's copy of a deleted catalog image");
+            }
+        }
+        Ok(())
     }
 }
