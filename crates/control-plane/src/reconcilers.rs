@@ -148,7 +148,9 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
                     }
                     Some(_) => {}
                 },
-                SandboxState::Starting if at_start => {
+                // Pending with a worker: claimed, and the server stopped
+                // before the row said Starting (so nothing was spawned yet).
+                SandboxState::Starting | SandboxState::Pending if at_start => {
                     let lease = Lease {
                         sandbox_id: rec.id.clone(),
                         fencing_token: rec.fencing_token,
