@@ -63,11 +63,12 @@ impl Client {
 
     /// Unpacks the tar archive read from `reader` into the directory `path`
     /// in the sandbox (made with its parents), in one streamed request:
-    /// files, directories and symlinks with their modes. An entry with an
-    /// absolute name, a `..` component or another type is refused with an
-    /// API error whose [`code`](Error::code) is `invalid_request`; entries
-    /// before it stay written. Not retried, since a reader cannot be
-    /// replayed.
+    /// files, directories, symlinks and hard links with their modes. Nothing
+    /// lands outside `path`: an entry with an absolute name, a `..`
+    /// component, a parent leading out through a symlink, or another type
+    /// is refused with an API error whose [`code`](Error::code) is
+    /// `invalid_request`; entries before it stay written. Not retried,
+    /// since a reader cannot be replayed.
     pub async fn file_write_archive<R>(
         &self,
         id: &str,

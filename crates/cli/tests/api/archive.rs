@@ -30,6 +30,55 @@ fn project_tar(files: usize) -> Result<Vec<u8>> {
     link.set_entry_type(tar::EntryType::Symlink);
     link.set_size(0);
     b.append_link(&mut link, "latest", "src/pkg/f0.txt")?;
+    let mut hard = tar::Header::new_gnu();
+    hard.set_entry_type(tar::EntryType::Link);
+    hard.set_size(0);
+    b.append_link(&mut hard, "src/hard.txt", "src/pkg/f1.txt")?;
+    // A read-only directory that still gets filled, and a pax global
+    // header (as `git archive` writes) that is metadata, not a file.
+    let mut ro = tar::Header::new_gnu();
+    ro.set_entry_type(tar::EntryType::Directory);
+    ro.set_mode(0o555);
+    ro.set_size(0);
+    b.append_data(&mut ro, "ro/", std::io::empty())?;
+    let mut inside = tar::Header::new_gnu();
+    inside.set_mode(0o644);
+    inside.set_size(2);
+    b.append_data(&mut inside, "ro/in", &b"ok"[..])?;
+    let pax = b"52 comment=0123456789012345678901234567890123456789\n";
+    let mut global = tar::Header::new_ustar();
+    global.set_entry_type(tar::EntryType::XGlobalHeader);
+    global.set_path("pax_global_header")?;
+    global.set_size(pax.len() as u64);
+    global.set_cksum();
+    b.append(&global, &pax[..])?;
+    Ok(b.into_inner()?)
+}
+
+/// An archive of symlinks and entries after them, for the escape tests.
+fn links_then(entries: &[(&str, Option<&str>, &[u8])]) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, link, body) in entries {
+        let mut h = tar::Header::new_gnu();
+        match (link, *body) {
+            (Some(target), _) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, name, target)?;
+            }
+            (None, b"/") => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_data(&mut h, name, std::io::empty())?;
+            }
+            (None, data) => {
+                h.set_mode(0o644);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, name, data)?;
+            }
+        }
+    }
     Ok(b.into_inner()?)
 }
 
@@ -69,26 +118,92 @@ async fn an_archive_unpacks_a_tree_on_both_providers_and_refuses_escapes() -> Re
             .ok(201)?;
         ensure!(
             summary
-                == json!({"path": "/work/app", "files": 301, "dirs": 1, "symlinks": 1,
+                == json!({"path": "/work/app", "files": 303, "dirs": 2, "symlinks": 1,
                     "bytes": summary["bytes"].clone()}),
             "{provider}: {summary}"
         );
         let expected_bytes: usize =
-            (0..300).map(|i| format!("file {i}\n").len()).sum::<usize>() + 19;
+            (0..300).map(|i| format!("file {i}\n").len()).sum::<usize>() + 19 + 2;
         ensure!(summary["bytes"] == expected_bytes, "{provider}: {summary}");
 
-        // What the sandbox sees: every file, the modes, the link, and the
-        // script runs.
+        // What the sandbox sees: every file, the modes (the read-only
+        // directory's set after it was filled), the links, and the script
+        // runs.
         let seen = member
             .sh(
                 &id,
                 "cd /work/app && ls src/pkg | wc -l && cat src/pkg/f299.txt && \
-                 stat -c %a src bin/run.sh && readlink latest && cat latest && bin/run.sh",
+                 stat -c %a src bin/run.sh ro && readlink latest && cat latest && \
+                 cat src/hard.txt ro/in && echo && bin/run.sh && { [ -e pax_global_header ] || echo no-pax-file; }",
             )
             .await?;
         ensure!(
-            seen == "300\nfile 299\n750\n755\nsrc/pkg/f0.txt\nfile 0\nran\n",
+            seen == "300\nfile 299\n750\n755\n555\nsrc/pkg/f0.txt\nfile 0\nfile 1\nok\nran\nno-pax-file\n",
             "{provider}: {seen:?}"
+        );
+
+        // Nothing lands outside the directory through a symlink, whether
+        // the archive brings the link or it was there already.
+        member
+            .sh(
+                &id,
+                "echo victim > /work/victim.txt; stat -c %a /usr > /work/usr.mode",
+            )
+            .await?;
+        for (label, tar) in [
+            (
+                "through a link to /etc",
+                links_then(&[("l", Some("/etc"), b""), ("l/escape", None, b"x")])?,
+            ),
+            (
+                "through a link to ..",
+                links_then(&[("up", Some(".."), b""), ("up/escape", None, b"x")])?,
+            ),
+            (
+                "through a link to a sibling",
+                links_then(&[("s", Some("../app"), b""), ("s/escape", None, b"x")])?,
+            ),
+        ] {
+            let e = member
+                .send(
+                    member
+                        .request(reqwest::Method::PUT, &url("/work/esc"))
+                        .body(tar),
+                )
+                .await?
+                .err(400, "invalid_request")?;
+            ensure!(
+                e.message.contains("outside"),
+                "{provider}: {label}: {}",
+                e.message
+            );
+        }
+        // A file or directory entry at a link's path replaces the link.
+        let replaced = links_then(&[
+            ("x", Some("/work/victim.txt"), b""),
+            ("x", None, b"replaced"),
+            ("d", Some("/usr"), b""),
+            ("d", None, b"/"),
+        ])?;
+        member
+            .send(
+                member
+                    .request(reqwest::Method::PUT, &url("/work/rep"))
+                    .body(replaced),
+            )
+            .await?
+            .ok(201)?;
+        let after = member
+            .sh(
+                &id,
+                "cat /work/victim.txt /work/rep/x; echo; [ -L /work/rep/x ] || echo file; \
+                 [ -L /work/rep/d ] || echo dir; [ \"$(stat -c %a /usr)\" = \"$(cat /work/usr.mode)\" ] && echo same; \
+                 ls /work/escape /escape /etc/escape /work/app/escape 2>/dev/null | wc -l",
+            )
+            .await?;
+        ensure!(
+            after == "victim\nreplaced\nfile\ndir\nsame\n0\n",
+            "{provider}: {after:?}"
         );
 
         // Entries that would leave the directory, or that a sandbox upload
@@ -98,7 +213,7 @@ async fn an_archive_unpacks_a_tree_on_both_providers_and_refuses_escapes() -> Re
             ("/etc/escape.txt", tar::EntryType::Regular),
             ("a/../../escape.txt", tar::EntryType::Regular),
             ("dev-null", tar::EntryType::Char),
-            ("hard", tar::EntryType::Link),
+            ("fifo", tar::EntryType::Fifo),
         ] {
             let bad = raw_entry_tar(name, kind, b"x");
             let e = member
@@ -162,7 +277,7 @@ async fn an_archive_unpacks_a_tree_on_both_providers_and_refuses_escapes() -> Re
     // One audit event for the whole archive.
     let events = admin.get("/v1/audit?action=file.extract").await?.ok(200)?;
     ensure!(
-        events["events"].as_array().map(Vec::len) == Some(2 * 9),
+        events["events"].as_array().map(Vec::len) == Some(2 * 13),
         "{events}"
     );
     Ok(())

@@ -111,11 +111,13 @@ pub struct ArchiveQuery {
 }
 
 /// Unpacks a tar archive into a directory of the sandbox, in one request:
-/// the way to upload a whole tree. Regular files, directories and
-/// symlinks, each with its mode; an entry with an absolute path, a `..`
-/// component or another type is refused with `400` (entries before it stay
-/// written). Files appear whole or not at all. The body is streamed and
-/// counts against the upload size limit.
+/// the way to upload a whole tree. Regular files, directories, symlinks
+/// and hard links, each with its mode; nothing lands outside the
+/// directory: an entry with an absolute path, a `..` component, a parent
+/// that leads out through a symlink, or another type (devices, FIFOs) is
+/// refused with `400` (entries before it stay written). Files appear whole
+/// or not at all. The body is streamed and counts against the upload size
+/// limit.
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files/archive", tag = "files", params(ArchiveQuery),
     request_body(content = RawBytes, content_type = "application/x-tar"),
     responses((status = 201, body = ArchiveView), (status = 400, body = super::error::ErrorBody),

@@ -266,15 +266,18 @@ class AsyncFiles:
     async def write_archive(self, path: str, data: AsyncWriteData) -> ArchiveSummary:
         """Unpacks a tar archive (bytes, a binary file object, or an iterable
         of byte chunks) into the directory ``path``, made with its parents.
-        Files, directories and symlinks keep their modes; absolute names,
-        ``..`` and other entry types are refused (``InvalidRequest``)."""
+        Files, directories, symlinks and hard links keep their modes; nothing
+        lands outside ``path`` (absolute names, ``..``, paths through a symlink
+        that leads out, devices and FIFOs are refused: ``InvalidRequest``)."""
         call = core.file_archive_put(self._id, path)
         return ArchiveSummary.from_json(await self._t.json(call, content=_content(data)))
 
     async def upload_dir(self, local_dir: PathLike, path: str) -> ArchiveSummary:
         """Uploads the local directory ``local_dir``'s contents into ``path``
         in one request, as one tar (see `write_archive`)."""
-        with core.tar_of_dir(local_dir) as tar:
+        # Packing reads the whole tree: off the event loop.
+        tar = await asyncio.to_thread(core.tar_of_dir, local_dir)
+        with tar:
             return await self.write_archive(path, tar)
 
     async def read(self, path: str) -> bytes:

@@ -266,8 +266,9 @@ class Files:
     def write_archive(self, path: str, data: WriteData) -> ArchiveSummary:
         """Unpacks a tar archive (bytes, a binary file object, or an iterable
         of byte chunks) into the directory ``path``, made with its parents.
-        Files, directories and symlinks keep their modes; absolute names,
-        ``..`` and other entry types are refused (``InvalidRequest``)."""
+        Files, directories, symlinks and hard links keep their modes; nothing
+        lands outside ``path`` (absolute names, ``..``, paths through a symlink
+        that leads out, devices and FIFOs are refused: ``InvalidRequest``)."""
         call = core.file_archive_put(self._id, path)
         return ArchiveSummary.from_json(self._t.json(call, content=_content(data)))
 
