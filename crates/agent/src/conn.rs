@@ -1,5 +1,6 @@
 //! One client connection: the version handshake, the reader loop that
-//! routes frames to in-flight requests, and one thread per request.
+//! routes frames to in-flight requests, and one thread per request in
+//! flight (reused across requests, see `pool`).
 //!
 //! Bad input (a malformed frame, an unknown kind, bad JSON, an oversize
 //! frame) is answered with an error frame and closes this connection only;

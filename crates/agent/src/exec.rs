@@ -81,14 +81,22 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
 
     // How the exit is learnt of, without reaping (so the group id stays
     // ours, and killable, until it is reaped below): a pidfd, readable once
-    // the child exited; where the kernel has none, a waiter thread that
-    // writes one byte to a pipe.
-    let (notify, waiter_w) = match pidfd_open(pid) {
+    // the child exited; where the kernel has none, or under ptrace (where a
+    // child that has exited cannot be reaped until the tracer let it go, so
+    // the pidfd would wake the reaper too early), a waiter thread that
+    // writes one byte to a pipe once the exit can be collected.
+    let pidfd = if traced { None } else { pidfd_open(pid) };
+    let (notify, waiter_w) = match pidfd {
         Some(fd) => (ExitNotice::Pidfd(fd), None),
-        None => {
-            let (r, w) = pipe()?;
-            (ExitNotice::Pipe(r), Some(w))
-        }
+        None => match pipe() {
+            Ok((r, w)) => (ExitNotice::Pipe(r), Some(w)),
+            Err(e) => {
+                // Never leave the command running and unreaped.
+                out.flow.kill_group();
+                let _ = out.flow.reap_with(|| child.wait());
+                return Err(e);
+            }
+        },
     };
     let stdin = child.stdin.take();
     let stdout = child.stdout.take();
