@@ -148,7 +148,10 @@ async fn upload(client: &Client, src: Loc, id: &str, path: &str) -> Result<serde
     // Into an existing directory, as cp does.
     let into_dir = target.ends_with('/')
         || matches!(client.file_stat(id, &target).await, Ok(e) if e.file_type == FileType::Dir);
-    if into_dir {
+    let src_is_dir = matches!(&src, Loc::Host(p) if p.is_dir());
+    if into_dir && !(src_is_dir && name.is_none()) {
+        // (A directory without a name of its own, `.` or `..`, goes
+        // straight into the target, as `docker cp DIR/. SBX:/path` does.)
         let Some(name) = name else {
             usage(format!(
                 "{id}:{path} is a directory: name the file to write"

@@ -499,6 +499,17 @@ async fn cp_of_a_directory_sends_the_tree_as_one_tar() -> Result<()> {
         .context("name")?;
     let summary = server.json(&["cp", host, &format!("{id}:/work/")])?;
     assert_eq!(summary["path"], format!("/work/{name}"));
+
+    // `.` has no name of its own: its contents go straight into the target.
+    let out = run(server
+        .cli()
+        .current_dir(&tree.0)
+        .args(["cp", ".", &format!("{id}:/srv/")]))?;
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        server.ok(&["sandbox", "exec", &id, "--", "/srv/run.sh"])?,
+        "ran\n"
+    );
     Ok(())
 }
 
