@@ -265,64 +265,81 @@ async fn audit_writer(
                     let _ = done.send(Ok(()));
                 }
             }
-            Err(e) if batch.len() == 1 => {
-                for (_, done) in batch.drain(..) {
-                    let _ = done.send(Err(e.clone()));
-                }
-            }
             // One bad event (a duplicate id) must not fail the others:
-            // commit them one by one, each with its own answer.
-            Err(_) => {
+            // commit them one by one, each with its own answer. Any other
+            // failure (busy, disk full, I/O) is every event's.
+            Err(Error::Conflict(_)) if batch.len() > 1 => {
                 for (event, done) in batch.drain(..) {
                     let _ = done.send(audit_commit(&pool, &write_lock, &[&event]).await);
+                }
+            }
+            Err(e) => {
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(Err(e.clone()));
                 }
             }
         }
     }
 }
 
-/// Appends `events` in one transaction.
+/// Appends `events` in one transaction (a lone event as one autocommit
+/// statement: one round trip to SQLite's thread instead of three).
 async fn audit_commit(
     pool: &SqlitePool,
     write_lock: &Mutex<()>,
     events: &[&AuditEvent],
 ) -> Result<()> {
     let _lock = write_lock.lock().await;
+    if let [event] = events {
+        return audit_insert(
+            &mut *pool
+                .acquire()
+                .await
+                .map_err(|e| db_error(D, "acquiring a connection", e))?,
+            event,
+        )
+        .await;
+    }
     let mut tx = pool
         .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(|e| db_error(D, "starting a write transaction", e))?;
     for event in events {
-        sqlx::query(
-            "INSERT INTO audit_events (id, ts, tenant_id, actor_key_id, actor_role, action, target,
-                sandbox_id, outcome, status, request_id, source_ip, detail)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(event.id.as_str())
-        .bind(to_micros(event.ts))
-        .bind(event.tenant_id.as_ref().map(|t| t.as_str()))
-        .bind(event.actor.key_id.as_ref().map(|k| k.as_str()))
-        .bind(event.actor.role.map(|r| r.as_str()))
-        .bind(&event.action)
-        .bind(event.target.as_deref())
-        .bind(event.sandbox_id.as_deref())
-        .bind(event.outcome.as_str())
-        .bind(event.status)
-        .bind(&event.request_id)
-        .bind(event.source_ip.as_deref())
-        .bind(sqlx::types::Json(&event.detail))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match e {
-            e if is_unique_violation(&e) => {
-                Error::Conflict(format!("audit event {} exists already", event.id))
-            }
-            e => db_error(D, "appending an audit event", e),
-        })?;
+        audit_insert(&mut tx, event).await?;
     }
     tx.commit()
         .await
         .map_err(|e| db_error(D, "committing audit events", e))
+}
+
+async fn audit_insert(conn: &mut sqlx::SqliteConnection, event: &AuditEvent) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, ts, tenant_id, actor_key_id, actor_role, action, target,
+            sandbox_id, outcome, status, request_id, source_ip, detail)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(event.id.as_str())
+    .bind(to_micros(event.ts))
+    .bind(event.tenant_id.as_ref().map(|t| t.as_str()))
+    .bind(event.actor.key_id.as_ref().map(|k| k.as_str()))
+    .bind(event.actor.role.map(|r| r.as_str()))
+    .bind(&event.action)
+    .bind(event.target.as_deref())
+    .bind(event.sandbox_id.as_deref())
+    .bind(event.outcome.as_str())
+    .bind(event.status)
+    .bind(&event.request_id)
+    .bind(event.source_ip.as_deref())
+    .bind(sqlx::types::Json(&event.detail))
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+    .map_err(|e| match e {
+        e if is_unique_violation(&e) => {
+            Error::Conflict(format!("audit event {} exists already", event.id))
+        }
+        e => db_error(D, "appending an audit event", e),
+    })
 }
 
 fn bind_args<'q>(
