@@ -195,8 +195,10 @@ pub fn agent_binary_path() -> Result<std::path::PathBuf> {
         return if p.is_file() {
             // Absolute, because providers hand the path to other processes
             // (proot, dockerd) that do not share our working directory.
-            std::fs::canonicalize(&p)
-                .map_err(|e| Error::internal(format!("resolving {}", p.display()), e))
+            let p = std::fs::canonicalize(&p)
+                .map_err(|e| Error::internal(format!("resolving {}", p.display()), e))?;
+            check_static_agent(&p)?;
+            Ok(p)
         } else {
             Err(Error::ProviderUnavailable(format!(
                 "STACYVM_AGENT_BIN={} does not name a file",
@@ -208,6 +210,7 @@ pub fn agent_binary_path() -> Result<std::path::PathBuf> {
         std::env::current_exe().map_err(|e| Error::internal("locating the stacyvm binary", e))?;
     let beside = exe.with_file_name("stacyvm-agent");
     if beside.is_file() {
+        check_static_agent(&beside)?;
         return Ok(beside);
     }
     Err(Error::ProviderUnavailable(format!(
@@ -216,5 +219,82 @@ pub fn agent_binary_path() -> Result<std::path::PathBuf> {
     )))
 }
 
+/// Refuses an agent that cannot start inside a sandbox: anything but a
+/// 64-bit ELF executable without a program interpreter (a dynamically
+/// linked build, such as the one `cargo build` puts beside a debug
+/// `stacyvm`, needs a loader and libraries the sandbox's image lacks).
+pub fn check_static_agent(path: &std::path::Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    let unusable = |why: &str| {
+        Error::ProviderUnavailable(format!(
+            "the agent {} {why}; build the static agent with scripts/build-agent.sh and point \
+             STACYVM_AGENT_BIN at it",
+            path.display()
+        ))
+    };
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::internal(format!("opening {}", path.display()), e))?;
+    let mut head = [0u8; 64];
+    f.read_exact(&mut head)
+        .map_err(|_| unusable("is not an ELF executable"))?;
+    if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return Err(unusable("is not a 64-bit little-endian ELF executable"));
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([head[o], head[o + 1]]);
+    let phoff = u64::from_le_bytes(head[32..40].try_into().unwrap_or_default());
+    let (phentsize, phnum) = (u64::from(u16_at(54)), u64::from(u16_at(56)));
+    if phentsize < 4 || phnum > 4096 {
+        return Err(unusable("has a malformed ELF header"));
+    }
+    for i in 0..phnum {
+        let mut p_type = [0u8; 4];
+        f.seek(SeekFrom::Start(phoff + i * phentsize))
+            .and_then(|_| f.read_exact(&mut p_type))
+            .map_err(|_| unusable("has a malformed ELF header"))?;
+        if u32::from_le_bytes(p_type) == PT_INTERP {
+            return Err(unusable("is dynamically linked"));
+        }
+    }
+    Ok(())
+}
+
 /// A shared handle to any provider.
 pub type DynProvider = Arc<dyn Provider>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_static_elf_agent_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("agent.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let e = check_static_agent(&script).unwrap_err();
+        assert!(e.to_string().contains("not an ELF"), "{e}");
+        // A dynamically linked executable of the host.
+        let e = check_static_agent(std::path::Path::new("/bin/sh")).unwrap_err();
+        assert!(e.to_string().contains("dynamically linked"), "{e}");
+        assert!(matches!(e, Error::ProviderUnavailable(_)));
+        // A minimal ELF64 with one program header: PT_LOAD passes,
+        // PT_INTERP does not.
+        let elf = |p_type: u32| {
+            let mut b = vec![0u8; 64 + 56];
+            b[..4].copy_from_slice(b"\x7fELF");
+            b[4] = 2; // 64-bit
+            b[5] = 1; // little-endian
+            b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+            b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+            b[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+            b[64..68].copy_from_slice(&p_type.to_le_bytes());
+            b
+        };
+        let static_elf = dir.path().join("static");
+        std::fs::write(&static_elf, elf(1)).unwrap();
+        check_static_agent(&static_elf).unwrap();
+        let dynamic_elf = dir.path().join("dynamic");
+        std::fs::write(&dynamic_elf, elf(3)).unwrap();
+        assert!(check_static_agent(&dynamic_elf).is_err());
+    }
+}
