@@ -310,9 +310,12 @@ def test_upload_dir_sends_a_tree_in_one_request(sandbox: stacyvm.Sandbox, tmp_pa
     run.write_text("#!/bin/sh\necho ran\n")
     run.chmod(0o755)
     (tree / "latest").symlink_to("src/pkg/m0.py")
+    # tarfile sends a second name of a file as a hard-link entry.
+    os.link(tree / "src" / "pkg" / "m1.py", tree / "also-m1.py")
     summary = sandbox.files.upload_dir(tree, "/work/proj")
     assert isinstance(summary, stacyvm.ArchiveSummary)
-    assert (summary.path, summary.files, summary.dirs, summary.symlinks) == ("/work/proj", 51, 2, 1)
+    assert (summary.path, summary.files, summary.dirs, summary.symlinks) == ("/work/proj", 52, 2, 1)
+    assert sandbox.files.read_text("/work/proj/also-m1.py") == "x = 1\n"
     assert summary.bytes == sum(len(f"x = {i}\n") for i in range(50)) + len("#!/bin/sh\necho ran\n")
     assert sandbox.exec(["/work/proj/run.sh"]).stdout == "ran\n"
     assert sandbox.files.read_text("/work/proj/latest") == "x = 0\n"
