@@ -3,12 +3,11 @@
 
 use std::path::Path;
 
-use reqwest::{Body, Method};
+use reqwest::Method;
 use time::format_description::well_known::Rfc3339;
 use tokio::io::AsyncRead;
-use tokio_util::io::ReaderStream;
 
-use crate::client::{Deadline, Retry, UPLOAD_CHUNK};
+use crate::client::{Deadline, Retry};
 use crate::models::*;
 use crate::{Client, Error, Result};
 
@@ -47,22 +46,8 @@ impl Client {
         R: AsyncRead + Send + 'static,
     {
         let url = self.url(&["v1", "images"], &[("name", name.to_owned())])?;
-        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::with_capacity(
-            reader,
-            UPLOAD_CHUNK,
-        ))));
-        self.send_json(Retry::Once, || {
-            let b = body
-                .lock()
-                .ok()
-                .and_then(|mut g| g.take())
-                .ok_or_else(|| Error::Protocol("the image body was already sent".into()))?;
-            Ok(self
-                .request(Method::POST, url.clone(), Deadline::Streaming)
-                .header("Content-Type", "application/x-tar")
-                .body(b))
-        })
-        .await
+        self.send_reader_json(Method::POST, url, "application/x-tar", reader)
+            .await
     }
 
     /// Imports the local tar file `tar` as `name`, streamed from disk.

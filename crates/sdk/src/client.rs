@@ -337,6 +337,36 @@ impl Client {
         decode(resp).await
     }
 
+    /// Streams `reader` as the body of one request and decodes the JSON
+    /// answer. Sent once, never retried: a reader cannot be replayed.
+    pub(crate) async fn send_reader_json<T, R>(
+        &self,
+        method: Method,
+        url: Url,
+        content_type: &'static str,
+        reader: R,
+    ) -> Result<T>
+    where
+        T: DeserializeOwned,
+        R: tokio::io::AsyncRead + Send + 'static,
+    {
+        let body = std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(
+            tokio_util::io::ReaderStream::with_capacity(reader, UPLOAD_CHUNK),
+        )));
+        self.send_json(Retry::Once, || {
+            let b = body
+                .lock()
+                .ok()
+                .and_then(|mut g| g.take())
+                .ok_or_else(|| Error::Protocol("the upload body was already sent".into()))?;
+            Ok(self
+                .request(method.clone(), url.clone(), Deadline::Streaming)
+                .header("Content-Type", content_type)
+                .body(b))
+        })
+        .await
+    }
+
     pub(crate) fn transport(&self, e: reqwest::Error) -> Error {
         let mut url = self.inner.base.clone();
         url.set_query(None);

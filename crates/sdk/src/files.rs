@@ -42,23 +42,8 @@ impl Client {
         R: AsyncRead + Send + 'static,
     {
         let url = self.url(&["v1", "sandboxes", id, "files"], &mode_query(path, mode))?;
-        // The body can be taken only once; a second attempt never happens (Retry::Once).
-        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::with_capacity(
-            reader,
-            UPLOAD_CHUNK,
-        ))));
-        self.send_json(Retry::Once, || {
-            let b = body
-                .lock()
-                .ok()
-                .and_then(|mut g| g.take())
-                .ok_or_else(|| Error::Protocol("the upload body was already sent".into()))?;
-            Ok(self
-                .request(Method::PUT, url.clone(), Deadline::Streaming)
-                .header("Content-Type", "application/octet-stream")
-                .body(b))
-        })
-        .await
+        self.send_reader_json(Method::PUT, url, "application/octet-stream", reader)
+            .await
     }
 
     /// Unpacks the tar archive read from `reader` into the directory `path`
@@ -82,22 +67,8 @@ impl Client {
             &["v1", "sandboxes", id, "files", "archive"],
             &[("path", path.to_owned())],
         )?;
-        let body = std::sync::Mutex::new(Some(Body::wrap_stream(ReaderStream::with_capacity(
-            reader,
-            UPLOAD_CHUNK,
-        ))));
-        self.send_json(Retry::Once, || {
-            let b = body
-                .lock()
-                .ok()
-                .and_then(|mut g| g.take())
-                .ok_or_else(|| Error::Protocol("the upload body was already sent".into()))?;
-            Ok(self
-                .request(Method::PUT, url.clone(), Deadline::Streaming)
-                .header("Content-Type", "application/x-tar")
-                .body(b))
-        })
-        .await
+        self.send_reader_json(Method::PUT, url, "application/x-tar", reader)
+            .await
     }
 
     /// Writes `data` to `path` in the sandbox.
