@@ -56,17 +56,7 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
             "target < 50 MiB",
         );
     }
-    let file = tokio::fs::File::open(&ctx.image_tar).await?;
-    s.json(
-        s.http
-            .post(s.u("/v1/images?name=busybox"))
-            .header("content-type", "application/x-tar")
-            .body(reqwest::Body::wrap_stream(
-                tokio_util::io::ReaderStream::new(file),
-            )),
-    )
-    .await
-    .context("importing the busybox rootfs")?;
+    import_busybox(s, ctx).await?;
     // The proot baseline runs over its own unpacked copy of the same tar.
     let base_dir = tempfile::Builder::new()
         .prefix("svm-bench-base-")
@@ -249,6 +239,22 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
 }
 
 /// Time from sending an exec/stream request to the first stdout event.
+/// Imports the busybox test rootfs into `s`'s catalog as `busybox`.
+async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
+    let file = tokio::fs::File::open(&ctx.image_tar).await?;
+    s.json(
+        s.http
+            .post(s.u("/v1/images?name=busybox"))
+            .header("content-type", "application/x-tar")
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::new(file),
+            )),
+    )
+    .await
+    .context("importing the busybox rootfs")?;
+    Ok(())
+}
+
 async fn stream_first_byte(s: &Server, id: &str) -> Result<Duration> {
     let t = Instant::now();
     let resp = s
@@ -894,17 +900,7 @@ async fn pool_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()>
     )
     .await?;
     let result = async {
-        let file = tokio::fs::File::open(&ctx.image_tar).await?;
-        s.json(
-            s.http
-                .post(s.u("/v1/images?name=busybox"))
-                .header("content-type", "application/x-tar")
-                .body(reqwest::Body::wrap_stream(
-                    tokio_util::io::ReaderStream::new(file),
-                )),
-        )
-        .await
-        .context("importing the busybox rootfs")?;
+        import_busybox(&s, ctx).await?;
         for p in &providers {
             let image = image_for(args, p);
             eprintln!(
