@@ -551,6 +551,8 @@ pub fn extract(root: &Root, dest: &str, body: &mut dyn io::Read) -> Result<Archi
     let mut dir_modes: Vec<(String, u32)> = Vec::new();
     let bad_tar =
         |e: io::Error| Error::InvalidRequest(format!("the body is not a valid tar archive: {e}"));
+    // One copy buffer for every file of the archive.
+    let mut buf = vec![0u8; 64 * 1024];
     let mut archive = tar::Archive::new(body);
     for entry in archive.entries().map_err(bad_tar)? {
         let mut entry = entry.map_err(bad_tar)?;
@@ -574,7 +576,6 @@ pub fn extract(root: &Root, dest: &str, body: &mut dyn io::Read) -> Result<Archi
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 clear_link(&at)?;
                 let mut pending = write_begin(root, &at.inner, mode)?;
-                let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     let n = match io::Read::read(&mut entry, &mut buf) {
                         Ok(0) => break,
