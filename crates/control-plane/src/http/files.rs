@@ -31,8 +31,8 @@ pub struct PathQuery {
     pub recursive: bool,
 }
 
-fn required_path(q: &PathQuery) -> Result<String, ApiError> {
-    q.path.clone().ok_or_else(|| {
+fn required_path(path: &Option<String>) -> Result<String, ApiError> {
+    path.clone().ok_or_else(|| {
         ApiError(Error::InvalidRequest(
             "the path query parameter is required".into(),
         ))
@@ -53,7 +53,7 @@ pub async fn file_write(
     Q(q): Q<PathQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    let path = required_path(&q)?;
+    let path = required_path(&q.path)?;
     let mode = q.mode.as_deref().map(parse_mode).transpose()?;
     let entry = limited_upload(&s, body, |stream| {
         s.app.file_write(&who, &id, &path, mode, stream)
@@ -129,11 +129,7 @@ pub async fn file_archive_put(
     Q(q): Q<ArchiveQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    let path = q.path.clone().ok_or_else(|| {
-        ApiError(Error::InvalidRequest(
-            "the path query parameter is required".into(),
-        ))
-    })?;
+    let path = required_path(&q.path)?;
     let summary = limited_upload(&s, body, |stream| {
         s.app.file_extract(&who, &id, &path, stream)
     })
@@ -155,7 +151,7 @@ pub async fn file_read(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Response> {
-    let path = required_path(&q)?;
+    let path = required_path(&q.path)?;
     let stream = s.app.file_read(&who, &id, &path).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
@@ -172,7 +168,7 @@ pub async fn file_stat(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<EntryView>> {
-    let path = required_path(&q)?;
+    let path = required_path(&q.path)?;
     Ok(Json(EntryView::from(
         &s.app.file_stat(&who, &id, &path).await?,
     )))
@@ -186,7 +182,7 @@ pub async fn file_list(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<EntriesResponse>> {
-    let path = required_path(&q)?;
+    let path = required_path(&q.path)?;
     let entries = s.app.file_list(&who, &id, &path, q.recursive).await?;
     Ok(Json(EntriesResponse {
         entries: entries.iter().map(EntryView::from).collect(),
@@ -278,7 +274,7 @@ pub async fn file_delete(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Response> {
-    let path = required_path(&q)?;
+    let path = required_path(&q.path)?;
     s.app.file_delete(&who, &id, &path, q.recursive).await?;
     Ok(file_note(
         StatusCode::NO_CONTENT.into_response(),
