@@ -8,12 +8,15 @@ use stacyvm_agent::conn::AGENT_VERSION;
 use stacyvm_agent::root::Root;
 use stacyvm_agent::server;
 
-const USAGE: &str = "usage: stacyvm-agent (--listen SOCKET | --stdio) [--root DIR]
+const USAGE: &str =
+    "usage: stacyvm-agent (--listen SOCKET | --stdio) [--root DIR] [--env-file FILE]
        stacyvm-agent --version
 
   --listen SOCKET  serve on a Unix socket (mode 0600; a stale socket is replaced)
   --stdio          serve one connection over stdin/stdout
-  --root DIR       resolve every file path inside DIR (default /)";
+  --root DIR       resolve every file path inside DIR (default /)
+  --env-file FILE  add the NAME=VALUE entries of FILE (NUL-separated) to the
+                   environment every command inherits, then delete FILE";
 
 enum Mode {
     Listen(PathBuf),
@@ -24,6 +27,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let mut mode = None;
     let mut root = PathBuf::from("/");
+    let mut env_file = None;
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--version") => {
@@ -39,11 +43,20 @@ fn main() -> ExitCode {
                 Some(p) => mode = Some(Mode::Listen(PathBuf::from(p))),
                 None => return usage_error("--listen needs a socket path"),
             },
+            Some("--env-file") => match args.next() {
+                Some(p) => env_file = Some(PathBuf::from(p)),
+                None => return usage_error("--env-file needs a file"),
+            },
             Some("--root") => match args.next() {
                 Some(p) => root = PathBuf::from(p),
                 None => return usage_error("--root needs a directory"),
             },
             _ => return usage_error(&format!("unknown argument {arg:?}")),
+        }
+    }
+    if let Some(path) = env_file {
+        if let Err(e) = load_env_file(&path) {
+            return usage_error(&format!("--env-file {}: {e}", path.display()));
         }
     }
     let root = match std::fs::canonicalize(&root) {
@@ -65,6 +78,29 @@ fn main() -> ExitCode {
         },
         None => usage_error("one of --listen or --stdio is required"),
     }
+}
+
+/// Adds the sandbox's environment, handed over in a file so that it never
+/// passes through the environment of whatever starts the agent (a tracer
+/// such as PRoot reads its own settings from there).
+fn load_env_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = std::fs::read(path)?;
+    std::fs::remove_file(path)?;
+    for entry in bytes.split(|b| *b == 0).filter(|e| !e.is_empty()) {
+        let Some(eq) = entry.iter().position(|b| *b == b'=').filter(|i| *i > 0) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "an entry without NAME=",
+            ));
+        };
+        let name = std::ffi::OsStr::from_bytes(&entry[..eq]);
+        let value = std::ffi::OsStr::from_bytes(&entry[eq + 1..]);
+        // The agent is still single-threaded here: nothing reads the
+        // environment concurrently.
+        std::env::set_var(name, value);
+    }
+    Ok(())
 }
 
 fn usage_error(msg: &str) -> ExitCode {

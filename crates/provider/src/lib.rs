@@ -12,6 +12,7 @@ pub mod agent_client;
 pub mod docker;
 pub mod images;
 pub mod proot;
+pub mod sandboxing;
 
 use std::sync::Arc;
 

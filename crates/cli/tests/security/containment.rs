@@ -123,6 +123,7 @@ async fn run(api: &Api, id: &str, script: &str) -> Result<(Value, String)> {
 fn socket_dir_of(server: &Server, id: &str) -> Result<PathBuf> {
     let candidates = [
         server.data_dir().join("docker"),
+        PathBuf::from("/run/stacyvm/proot"),
         PathBuf::from("/run/stacyvm"),
         PathBuf::from("/tmp"),
     ];

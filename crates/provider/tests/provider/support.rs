@@ -418,13 +418,14 @@ fn names_containing(dir: &Path, needle: &str, depth: usize, found: &mut Vec<Stri
     }
 }
 
-fn cgroup2_mounts() -> Vec<PathBuf> {
+/// Every cgroup hierarchy's mount point, v1 and v2.
+fn cgroup_mounts() -> Vec<PathBuf> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next() == Some("cgroup2"))
+            matches!(right.split_whitespace().next(), Some("cgroup2" | "cgroup"))
                 .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
         })
         .collect()
@@ -438,9 +439,19 @@ pub fn leftovers(id: &SandboxId, data_dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
     names_containing(data_dir, needle, 6, &mut found);
     for dir in ["/run/stacyvm", "/tmp", "/run"] {
-        names_containing(Path::new(dir), needle, 1, &mut found);
+        names_containing(Path::new(dir), needle, 2, &mut found);
     }
-    for cg in cgroup2_mounts() {
+    // A sandbox's user id claim names it in its content.
+    if let Ok(rd) = std::fs::read_dir("/run/stacyvm/proot/uids") {
+        for e in rd.flatten() {
+            if String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default())
+                .contains(needle)
+            {
+                found.push(format!("user id claim {}", e.path().display()));
+            }
+        }
+    }
+    for cg in cgroup_mounts() {
         names_containing(&cg, needle, 2, &mut found);
     }
     for line in std::fs::read_to_string("/proc/self/mountinfo")

@@ -1,0 +1,100 @@
+//! Host-side isolation building blocks the process-based providers share:
+//! seccomp filters, cgroups on v1 and v2 hosts, ID-mapped mounts, a private
+//! `/proc` and `/dev`, per-sandbox user ids, and the steps a child takes
+//! between fork and exec to give up its privileges.
+//!
+//! Functions meant for that window (`*_from_child`, [`seccomp::Filter::install`])
+//! make system calls only, on memory prepared before the fork.
+
+pub mod cgroups;
+pub mod idmap;
+pub mod mounts;
+pub mod procs;
+pub mod seccomp;
+pub mod uids;
+
+use std::io;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Becomes `uid`/`gid` with no supplementary groups. Once no id is 0 the
+/// kernel drops every capability. Between fork and exec: system calls only.
+pub fn drop_to_user_from_child(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups with a zero count reads no memory.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the set*id calls take integers only.
+    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `struct ifreq` with the flags member of its union (40 bytes on Linux).
+#[repr(C)]
+struct IfreqFlags {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Moves the calling process into a new network namespace and brings its
+/// loopback interface up: the sandbox gets `127.0.0.1` and nothing else.
+/// A Unix socket is a path in the file system, reachable from any network
+/// namespace. Between fork and exec: system calls only.
+pub fn enter_private_network_from_child() -> io::Result<()> {
+    // SAFETY: unshare takes flags only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socket takes integers only; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut req = IfreqFlags {
+        name: [0; 16],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: `req` is a valid, writable ifreq for the duration of both calls.
+    let rc = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req as *mut IfreqFlags) == 0 {
+            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req as *const IfreqFlags)
+        } else {
+            -1
+        }
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` is the socket opened above and closed once.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Gives the calling process IPC and UTS namespaces of its own (the host's
+/// System V shared memory and message queues are out of reach, and a
+/// hostname change stays inside). Between fork and exec: system calls only.
+pub fn enter_private_ipc_and_uts_from_child(hostname: &[u8]) -> io::Result<()> {
+    // SAFETY: unshare takes flags only.
+    if unsafe { libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `hostname` is valid for its length for the duration of the call.
+    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
