@@ -7,17 +7,27 @@
 //! `stacyvm_agent::protocol`), so a slow consumer of one request never
 //! stalls the others. Dropping a streaming exec or a file read before its
 //! end cancels it in the agent.
+//!
+//! The agent runs inside the sandbox, so the tenant controls it: everything
+//! it sends is bounded here. A request buffers at most one credit window of
+//! chunks plus its answer; an agent that sends chunks beyond the credit it
+//! was granted, more frames than a request may have in flight, or more
+//! frames for requests that are not in flight than cancellations explain,
+//! loses its connection (every request on it fails naming the reason).
+//! Lists and globs are capped in entries and bytes, every non-exec call is
+//! bounded by a timeout, and execs by their own timeout plus a grace.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
-    self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_PAYLOAD,
+    self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_ENTRIES, MAX_PAYLOAD,
     PROTOCOL_VERSIONS, WINDOW,
 };
 use stacyvm_core::error::WireError;
@@ -25,7 +35,9 @@ use stacyvm_core::{
     ArchiveSummary, ByteStream, Error, ExecEvent, ExecOutcome, ExecRequest, FileEntry, Result,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::ExecStream;
 
@@ -35,47 +47,112 @@ pub use stacyvm_agent::protocol::AgentInfo;
 /// How long the agent may take to answer the opening hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a non-exec call (stat, list, glob, move, chmod, mkdir, delete,
+/// health, the start of a read, each wait for upload credit, a write's
+/// acknowledgement) may wait for the agent unless
+/// [`AgentClient::with_call_timeout`] says otherwise. Generous, because a
+/// recursive delete or a move across file systems does real work; finite,
+/// because an agent that stopped answering must not hold a caller forever.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Extra time an exec may take past its own timeout before the client gives
 /// up on the agent (the agent enforces the timeout itself; this only guards
 /// against an agent that stopped answering).
-const EXEC_GRACE: Duration = Duration::from_secs(30);
+pub const EXEC_GRACE: Duration = Duration::from_secs(30);
+
+/// Most entries a list or glob answer may hold (the agent's own limit).
+pub const MAX_LIST_ENTRIES: usize = MAX_ENTRIES;
+
+/// Most bytes of JSON a list or glob answer may take: a cap on what one
+/// answer makes the control plane hold, whatever the entries look like.
+pub const MAX_LIST_BYTES: usize = 64 * 1024 * 1024;
 
 /// Frames queued for the writer before senders wait.
 const WRITE_QUEUE: usize = 64;
+
+/// Frames one request may have waiting for its consumer: a full credit
+/// window of chunks, a streaming exec's acknowledgement and the last
+/// answer, with a little room to spare. Reaching it means the agent broke
+/// the protocol.
+const ROUTE_QUEUE: usize = WINDOW as usize + 4;
+
+/// Frames the agent may send for requests that are not in flight (the
+/// connection-level error that precedes a close, and the like) beyond what
+/// cancelled requests explain.
+const STRAY_SLACK: u64 = 64;
+
+/// Cancels that may wait for room in a full write queue before the agent
+/// is considered to have stopped reading its connection.
+const MAX_WAITING_CANCELS: usize = 1024;
 
 /// One connection to one agent, shared by many concurrent requests.
 pub struct AgentClient {
     inner: Arc<Inner>,
     info: AgentInfo,
-    call_timeout: Option<Duration>,
+    call_timeout: Duration,
+}
+
+/// Who the process serving an agent socket must be, checked with
+/// `SO_PEERCRED` right after connecting. Every field left `None` is not
+/// checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCheck {
+    /// The peer's user id, as this process sees it.
+    pub uid: Option<u32>,
+    /// The peer's process id, as this process sees it.
+    pub pid: Option<i32>,
+    /// A process the peer must be or descend from (say, a container's
+    /// init): it keeps a socket path swapped for one to a host service
+    /// from ever being used.
+    pub ancestor: Option<i32>,
 }
 
 /// The routing table, shared with the reader and writer tasks.
 struct Shared {
     routes: Mutex<Routes>,
     alive: AtomicBool,
+    /// Cancelled when the connection dies: stops the reader and the writer,
+    /// which closes the connection.
+    closed: CancellationToken,
+    /// Wakes the writer when credit is owed to the agent.
+    credit_due: Notify,
 }
 
 struct Routes {
     map: HashMap<u32, Route>,
     /// Why the connection died, once it did.
     dead: Option<String>,
+    /// Chunk credit owed to the agent per request, written ahead of queued
+    /// data (a request's data may be waiting for exactly that credit). One
+    /// entry per request, however often the agent is owed.
+    credit_owed: HashMap<u32, u32>,
+    /// Frames the agent may still send for requests no longer routed: what
+    /// cancelled requests were allowed to have in flight, plus
+    /// [`STRAY_SLACK`].
+    stray_allowance: u64,
 }
 
 struct Route {
-    frames: mpsc::UnboundedSender<Frame>,
+    frames: mpsc::Sender<Frame>,
     /// Credit for the chunks this request may send to the agent.
     credit: Arc<Semaphore>,
+    /// Chunks the agent may still send for this request: the window plus
+    /// the credit granted so far, minus what it sent.
+    allowance: u32,
+    /// A streaming exec whose start the agent has not acknowledged yet (that
+    /// `Ok` does not end the request).
+    awaiting_ack: bool,
+    /// The agent sent the request's last frame; anything more is stray.
+    ended: bool,
 }
 
 struct Inner {
     shared: Arc<Shared>,
     /// Requests and data chunks (bounded: senders wait for the connection).
     queue: mpsc::Sender<Vec<u8>>,
-    /// Credit frames, which must never wait behind data (a request's data
-    /// may be waiting for exactly that credit).
-    control: mpsc::UnboundedSender<Vec<u8>>,
     next_id: AtomicU32,
+    /// Cancels spawned to wait for room in `queue`.
+    waiting_cancels: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -95,19 +172,26 @@ impl Inner {
         match self.queue.try_send(frame) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             Err(mpsc::error::TrySendError::Full(frame)) => {
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        let queue = self.queue.clone();
-                        rt.spawn(async move {
-                            let _ = queue.send(frame).await;
-                        });
-                    }
-                    // Outside a runtime the writer task cannot run either;
-                    // the control queue is the best left.
-                    Err(_) => {
-                        let _ = self.control.send(frame);
-                    }
+                // Outside a runtime the writer cannot run either: the
+                // request is left to end by itself, and its frames count as
+                // strays (see `Call::drop`).
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let waiting = self.waiting_cancels.fetch_add(1, Ordering::SeqCst);
+                if waiting >= MAX_WAITING_CANCELS {
+                    self.waiting_cancels.fetch_sub(1, Ordering::SeqCst);
+                    self.shared.die(format!(
+                        "the agent stopped reading its connection ({waiting} cancels wait for room)"
+                    ));
+                    return;
                 }
+                let queue = self.queue.clone();
+                let waiting_cancels = self.waiting_cancels.clone();
+                rt.spawn(async move {
+                    let _ = queue.send(frame).await;
+                    waiting_cancels.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         }
     }
@@ -126,9 +210,14 @@ impl Shared {
             tracing::debug!(%reason, "agent connection closed");
             routes.dead = Some(reason);
         }
+        // Dropping the senders ends every request once it took what was
+        // already routed to it.
         for (_, route) in routes.map.drain() {
             route.credit.close();
         }
+        routes.credit_owed.clear();
+        drop(routes);
+        self.closed.cancel();
     }
 
     fn lost(&self) -> Error {
@@ -140,6 +229,79 @@ impl Shared {
             "the connection to the sandbox's agent was lost: {reason}"
         ))
     }
+
+    /// Hands one frame from the agent to its request. An error is a breach
+    /// of the protocol that ends the connection.
+    fn route(&self, frame: Frame) -> std::result::Result<(), String> {
+        let mut guard = lock(&self.routes);
+        let routes = &mut *guard;
+        let id = frame.id;
+        let route = match routes.map.get_mut(&id) {
+            Some(route) if !route.ended => route,
+            _ => {
+                // Answers to requests that were dropped, and errors about
+                // the connection itself (id 0, followed by the close).
+                if routes.stray_allowance == 0 {
+                    return Err(format!(
+                        "the agent sent a {:?} frame for request {id}, which is not in flight, \
+                         after more such frames than cancelled requests explain",
+                        frame.kind
+                    ));
+                }
+                routes.stray_allowance -= 1;
+                return Ok(());
+            }
+        };
+        match frame.kind {
+            Kind::Credit => {
+                let n = frame.credit_count().map_err(|e| e.to_string())?;
+                // Never more credit than the window: the agent cannot owe
+                // room for more chunks than were sent.
+                let room = (WINDOW as usize).saturating_sub(route.credit.available_permits());
+                route.credit.add_permits((n as usize).min(room));
+                return Ok(());
+            }
+            kind if kind.is_chunk() => {
+                if route.allowance == 0 {
+                    return Err(format!(
+                        "the agent overran the credit window of request {id}: it sent a {kind:?} \
+                         chunk without credit (the window is {WINDOW} chunks)"
+                    ));
+                }
+                route.allowance -= 1;
+            }
+            Kind::Ok if route.awaiting_ack => route.awaiting_ack = false,
+            Kind::Ok | Kind::Error | Kind::Exit | Kind::End => route.ended = true,
+            kind => {
+                return Err(format!(
+                    "the agent sent a {kind:?} frame for request {id}, which only a client sends"
+                ))
+            }
+        }
+        match route.frames.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(format!(
+                "the agent sent more frames for request {id} than it may have in flight"
+            )),
+            // The request is being dropped (its route goes with it).
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        }
+    }
+
+    /// Owes the agent `n` more chunks of request `id`, and lets it send them.
+    fn grant(&self, id: u32, n: u32) {
+        let mut routes = lock(&self.routes);
+        match routes.map.get_mut(&id) {
+            Some(route) if !route.ended => {
+                route.allowance = route.allowance.saturating_add(n);
+            }
+            _ => return,
+        }
+        let owed = routes.credit_owed.entry(id).or_default();
+        *owed = owed.saturating_add(n);
+        drop(routes);
+        self.credit_due.notify_one();
+    }
 }
 
 fn connect_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -147,11 +309,43 @@ fn connect_error(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl AgentClient {
-    /// Connects to an agent listening on a Unix socket and negotiates the protocol version.
+    /// Connects to an agent listening on a Unix socket and negotiates the
+    /// protocol version. Refuses a path that is a symbolic link or not a
+    /// socket (see [`AgentClient::connect_unix_checked`]).
     pub async fn connect_unix(path: &Path) -> Result<AgentClient> {
+        AgentClient::connect_unix_checked(path, &PeerCheck::default()).await
+    }
+
+    /// Like [`AgentClient::connect_unix`], and then checks who serves the
+    /// socket (`SO_PEERCRED`) against `check` before a byte is exchanged.
+    ///
+    /// The socket usually lives in a directory the sandbox can write, so the
+    /// sandbox could put a symbolic link to a host socket in its place: the
+    /// path is examined without following links, and the peer check covers
+    /// a swap between that look and the connect.
+    pub async fn connect_unix_checked(path: &Path, check: &PeerCheck) -> Result<AgentClient> {
+        let refuse = |why: String| {
+            Error::ProviderUnavailable(format!(
+                "refusing the agent socket {}: {why}",
+                path.display()
+            ))
+        };
+        let meta = tokio::fs::symlink_metadata(path).await.map_err(|e| {
+            connect_error(&format!("connecting to the agent at {}", path.display()), e)
+        })?;
+        if meta.file_type().is_symlink() {
+            return Err(refuse("it is a symbolic link".into()));
+        }
+        if !meta.file_type().is_socket() {
+            return Err(refuse("it is not a socket".into()));
+        }
         let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
             connect_error(&format!("connecting to the agent at {}", path.display()), e)
         })?;
+        let cred = stream
+            .peer_cred()
+            .map_err(|e| refuse(format!("its peer credentials cannot be read: {e}")))?;
+        check_peer(check, cred.uid(), cred.pid()).map_err(refuse)?;
         let (r, w) = stream.into_split();
         AgentClient::over(r, w).await
     }
@@ -169,32 +363,37 @@ impl AgentClient {
             routes: Mutex::new(Routes {
                 map: HashMap::new(),
                 dead: None,
+                credit_owed: HashMap::new(),
+                stray_allowance: STRAY_SLACK,
             }),
             alive: AtomicBool::new(true),
+            closed: CancellationToken::new(),
+            credit_due: Notify::new(),
         });
         let (queue, queue_rx) = mpsc::channel(WRITE_QUEUE);
-        let (control, control_rx) = mpsc::unbounded_channel();
         let reader_task = tokio::spawn(read_loop(reader, shared.clone()));
-        let writer_task = tokio::spawn(write_loop(writer, queue_rx, control_rx, shared.clone()));
+        let writer_task = tokio::spawn(write_loop(writer, queue_rx, shared.clone()));
         let inner = Inner {
             shared,
             queue,
-            control,
             next_id: AtomicU32::new(1),
+            waiting_cancels: Arc::new(AtomicUsize::new(0)),
             tasks: vec![reader_task.abort_handle(), writer_task.abort_handle()],
         };
         Ok(AgentClient {
             inner: Arc::new(inner),
             info,
-            call_timeout: None,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         })
     }
 
-    /// Bounds every non-exec call (stat, list, moves, the start of a read,
-    /// a whole write) to `timeout`; past it the call fails with `Timeout`.
-    /// Execs are bounded by their own `timeout_ms`.
+    /// Bounds every non-exec call (stat, list, moves, health, the start of
+    /// a read and each wait for its next chunk, each wait for upload credit,
+    /// a write's acknowledgement) to `timeout` instead of
+    /// [`DEFAULT_CALL_TIMEOUT`]; past it the call fails with `Timeout`.
+    /// Execs are bounded by their own `timeout_ms` plus [`EXEC_GRACE`].
     pub fn with_call_timeout(mut self, timeout: Duration) -> AgentClient {
-        self.call_timeout = Some(timeout);
+        self.call_timeout = timeout;
         self
     }
 
@@ -217,8 +416,7 @@ impl AgentClient {
     }
 
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecOutcome> {
-        let limit =
-            (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms) + EXEC_GRACE);
+        let limit = exec_limit(req.timeout_ms);
         let cap = req.output_cap;
         let fut = async {
             let (spec, stdin) = exec_spec(req, false);
@@ -271,27 +469,51 @@ impl AgentClient {
     }
 
     pub async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream> {
+        // The whole stream, acknowledgement included, ends by the exec's
+        // own timeout plus the grace.
+        let deadline = exec_limit(req.timeout_ms).and_then(|l| Instant::now().checked_add(l));
         let (spec, stdin) = exec_spec(req, true);
-        let mut call = self.start(&Request::Exec(spec)).await?;
-        let pump = stdin.map(|data| {
-            AbortOnDrop(tokio::spawn(send_all(call.tx.clone(), Some(data))).abort_handle())
-        });
-        // The agent acknowledges once the command started, so setup errors
-        // (a bad cwd) come back here rather than inside the stream.
-        let first = self.bounded(call.recv()).await?;
+        let started = async {
+            let mut call = self.start(&Request::Exec(spec)).await?;
+            // The agent acknowledges once the command started, so setup
+            // errors (a bad cwd) come back here rather than inside the stream.
+            let first = call.recv().await?;
+            Ok::<_, Error>((call, first))
+        };
+        let (mut call, first) = match deadline {
+            Some(d) => {
+                self.bounded(async {
+                    tokio::time::timeout_at(d, started)
+                        .await
+                        .map_err(|_| exec_stream_timeout())?
+                })
+                .await?
+            }
+            None => self.bounded(started).await?,
+        };
         if first.kind != Kind::Ok {
             return Err(call.unexpected(&first));
         }
+        let pump = stdin.map(|data| {
+            AbortOnDrop(tokio::spawn(send_all(call.tx.clone(), Some(data))).abort_handle())
+        });
         let state = StreamState {
             call,
             _pump: pump,
+            deadline,
             done: false,
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             if st.done {
                 return None;
             }
-            let item = match st.call.recv().await {
+            let next = match st.deadline {
+                Some(d) => tokio::time::timeout_at(d, st.call.recv())
+                    .await
+                    .unwrap_or_else(|_| Err(exec_stream_timeout())),
+                None => st.call.recv().await,
+            };
+            let item = match next {
                 Ok(f) => match f.kind {
                     Kind::Stdout => Ok(ExecEvent::Stdout(Bytes::from(f.payload))),
                     Kind::Stderr => Ok(ExecEvent::Stderr(Bytes::from(f.payload))),
@@ -337,36 +559,41 @@ impl AgentClient {
     }
 
     /// A request followed by `body` as `Data` frames, answered with JSON.
+    ///
+    /// Only the waits on the agent are bounded (for credit, for the
+    /// answer): the body comes at whatever pace its sender manages.
     async fn upload<T: serde::de::DeserializeOwned>(
         &self,
         req: Request,
         body: ByteStream,
     ) -> Result<T> {
-        self.bounded(async {
-            let mut call = self.start(&req).await?;
-            let pump = send_body(call.tx.clone(), body);
-            tokio::pin!(pump);
-            let frame = tokio::select! {
-                r = &mut pump => {
-                    // On success the answer follows; on failure the drop of
-                    // `call` cancels the upload (and any temporary file).
-                    r?;
-                    call.recv().await?
-                }
-                f = call.recv() => f?,
-            };
-            call.finish_json(&frame)
-        })
-        .await
+        let mut call = self.bounded(self.start(&req)).await?;
+        let pump = send_body(call.tx.clone(), body);
+        tokio::pin!(pump);
+        let frame = tokio::select! {
+            r = &mut pump => {
+                // On success the answer follows; on failure the drop of
+                // `call` cancels the upload (and any temporary file).
+                r?;
+                self.bounded(call.recv()).await?
+            }
+            f = call.recv() => f?,
+        };
+        call.finish_json(&frame)
     }
 
     pub async fn file_read(&self, path: &str) -> Result<ByteStream> {
-        let mut call = self
-            .start(&Request::FileRead {
-                path: path.to_owned(),
+        let (mut call, first) = self
+            .bounded(async {
+                let mut call = self
+                    .start(&Request::FileRead {
+                        path: path.to_owned(),
+                    })
+                    .await?;
+                let first = call.recv().await?;
+                Ok((call, first))
             })
             .await?;
-        let first = self.bounded(call.recv()).await?;
         let first = match first.kind {
             Kind::Data => Some(Bytes::from(first.payload)),
             Kind::End => {
@@ -376,7 +603,12 @@ impl AgentClient {
             _ => return Err(call.unexpected(&first)),
         };
         let done = first.is_none();
-        let state = ReadState { call, first, done };
+        let state = ReadState {
+            call,
+            first,
+            done,
+            idle_limit: self.call_timeout,
+        };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             if let Some(b) = st.first.take() {
                 return Some((Ok(b), st));
@@ -384,7 +616,12 @@ impl AgentClient {
             if st.done {
                 return None;
             }
-            match st.call.recv().await {
+            // Only the agent's part is timed: a chunk waiting in the queue
+            // comes back at once, however slow the consumer.
+            let next = tokio::time::timeout(st.idle_limit, st.call.recv())
+                .await
+                .unwrap_or_else(|_| Err(timeout_error(st.idle_limit)));
+            match next {
                 Ok(f) if f.kind == Kind::Data => Some((Ok(Bytes::from(f.payload)), st)),
                 Ok(f) if f.kind == Kind::End => {
                     st.call.finish();
@@ -397,7 +634,11 @@ impl AgentClient {
                 }
                 Err(e) => {
                     st.done = true;
-                    Some((Err(std::io::Error::other(e.to_string())), st))
+                    let kind = match e {
+                        Error::Timeout(_) => std::io::ErrorKind::TimedOut,
+                        _ => std::io::ErrorKind::Other,
+                    };
+                    Some((Err(std::io::Error::new(kind, e.to_string())), st))
                 }
             }
         });
@@ -411,11 +652,22 @@ impl AgentClient {
         .await
     }
 
+    /// Lists a directory. An answer of more than [`MAX_LIST_ENTRIES`]
+    /// entries or [`MAX_LIST_BYTES`] bytes is refused with `InvalidRequest`.
     pub async fn file_list(&self, path: &str, recursive: bool) -> Result<Vec<FileEntry>> {
-        self.batches(&Request::FileList {
-            path: path.to_owned(),
-            recursive,
-        })
+        let hint = if recursive {
+            "list a subdirectory, or list without recursion"
+        } else {
+            "list a subdirectory"
+        };
+        self.batches(
+            &Request::FileList {
+                path: path.to_owned(),
+                recursive,
+            },
+            &format!("the listing of {path}"),
+            hint,
+        )
         .await
     }
 
@@ -454,20 +706,23 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Expands a glob pattern, with the same caps as
+    /// [`AgentClient::file_list`].
     pub async fn file_glob(&self, pattern: &str) -> Result<Vec<String>> {
-        self.batches(&Request::FileGlob {
-            pattern: pattern.to_owned(),
-        })
+        self.batches(
+            &Request::FileGlob {
+                pattern: pattern.to_owned(),
+            },
+            &format!("the paths matching {pattern:?}"),
+            "use a narrower pattern (a deeper directory, fewer wildcards)",
+        )
         .await
     }
 
     async fn bounded<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        match self.call_timeout {
-            Some(t) => tokio::time::timeout(t, fut)
-                .await
-                .map_err(|_| Error::Timeout(format!("the agent did not answer within {t:?}")))?,
-            None => fut.await,
-        }
+        tokio::time::timeout(self.call_timeout, fut)
+            .await
+            .map_err(|_| timeout_error(self.call_timeout))?
     }
 
     async fn simple<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T> {
@@ -478,15 +733,39 @@ impl AgentClient {
         .await
     }
 
-    /// A request answered by `Data` frames of JSON arrays and `End`.
-    async fn batches<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<Vec<T>> {
+    /// A request answered by `Data` frames of JSON arrays and `End`, held to
+    /// [`MAX_LIST_ENTRIES`] and [`MAX_LIST_BYTES`]. Past either the request
+    /// is dropped (which cancels it in the agent) and `what` is named with
+    /// `hint` on how to narrow it.
+    async fn batches<T: serde::de::DeserializeOwned>(
+        &self,
+        req: &Request,
+        what: &str,
+        hint: &str,
+    ) -> Result<Vec<T>> {
         self.bounded(async {
             let mut call = self.start(req).await?;
             let mut all = Vec::new();
+            let mut bytes = 0usize;
             loop {
                 let frame = call.recv().await?;
                 match frame.kind {
-                    Kind::Data => all.extend(parse::<Vec<T>>(&frame)?),
+                    Kind::Data => {
+                        bytes = bytes.saturating_add(frame.payload.len());
+                        if bytes > MAX_LIST_BYTES {
+                            return Err(Error::InvalidRequest(format!(
+                                "{what} is too large: more than {} MiB; {hint}",
+                                MAX_LIST_BYTES >> 20
+                            )));
+                        }
+                        let batch = parse::<Vec<T>>(&frame)?;
+                        if all.len() + batch.len() > MAX_LIST_ENTRIES {
+                            return Err(Error::InvalidRequest(format!(
+                                "{what} is too large: more than {MAX_LIST_ENTRIES} entries; {hint}"
+                            )));
+                        }
+                        all.extend(batch);
+                    }
                     Kind::End => {
                         call.finish();
                         return Ok(all);
@@ -511,7 +790,8 @@ impl AgentClient {
                 payload.len()
             )));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let awaiting_ack = matches!(req, Request::Exec(spec) if spec.stream);
+        let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
         let credit = Arc::new(Semaphore::new(WINDOW as usize));
         let id = {
             let mut routes = lock(&inner.shared.routes);
@@ -528,24 +808,33 @@ impl AgentClient {
                 Route {
                     frames: tx,
                     credit: credit.clone(),
+                    allowance: WINDOW,
+                    awaiting_ack,
+                    ended: false,
                 },
             );
             id
         };
-        let call = Call {
+        let mut call = Call {
             tx: CallTx {
                 inner: inner.clone(),
                 id,
                 credit,
+                wait_limit: self.call_timeout,
             },
             rx,
             consumed: 0,
+            sent: false,
             finished: false,
         };
         let frame = Frame::new(id, Kind::Request, payload).encode();
-        if inner.queue.send(frame).await.is_err() {
-            return Err(inner.shared.lost());
-        }
+        // Bounded even for an exec without a timeout: an agent that stopped
+        // reading must not hold a caller forever.
+        tokio::time::timeout(self.call_timeout, inner.queue.send(frame))
+            .await
+            .map_err(|_| timeout_error(self.call_timeout))?
+            .map_err(|_| inner.shared.lost())?;
+        call.sent = true;
         Ok(call)
     }
 }
@@ -557,6 +846,65 @@ impl std::fmt::Debug for AgentClient {
             .field("alive", &self.is_alive())
             .finish()
     }
+}
+
+/// Compares a socket's peer with what it must be; the error says why not.
+fn check_peer(check: &PeerCheck, uid: u32, pid: Option<i32>) -> std::result::Result<(), String> {
+    if let Some(want) = check.uid {
+        if uid != want {
+            return Err(format!(
+                "it is served by user id {uid}, not the agent's user id {want}"
+            ));
+        }
+    }
+    let shown = |pid: Option<i32>| {
+        pid.map_or_else(|| "an unknown process".into(), |p| format!("process {p}"))
+    };
+    if let Some(want) = check.pid {
+        if pid != Some(want) {
+            return Err(format!(
+                "it is served by {}, not the agent's process {want}",
+                shown(pid)
+            ));
+        }
+    }
+    if let Some(ancestor) = check.ancestor {
+        if !pid.is_some_and(|p| descends_from(p, ancestor)) {
+            return Err(format!(
+                "it is served by {}, which is not process {ancestor} or one of its descendants",
+                shown(pid)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants, following the
+/// parent links in `/proc` (readable for every process, whoever owns it).
+fn descends_from(pid: i32, ancestor: i32) -> bool {
+    let mut p = pid;
+    // Process trees are shallow; the bound only guards against a loop
+    // made of reused pids.
+    for _ in 0..4096 {
+        if p == ancestor {
+            return true;
+        }
+        if p <= 1 {
+            return false;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
+            return false;
+        };
+        let parent = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse::<i32>().ok());
+        match parent {
+            Some(parent) => p = parent,
+            None => return false,
+        }
+    }
+    false
 }
 
 async fn hello<R, W>(reader: &mut R, writer: &mut W) -> Result<AgentInfo>
@@ -611,23 +959,15 @@ async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> std::result::Result
 
 async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, shared: Arc<Shared>) {
     let reason = loop {
-        let frame = match read_frame(&mut reader).await {
-            Ok(f) => f,
-            Err(reason) => break reason,
+        let frame = tokio::select! {
+            // Died elsewhere (the writer failed, or a bound was reached):
+            // the reason is recorded already.
+            _ = shared.closed.cancelled() => return,
+            f = read_frame(&mut reader) => f,
         };
-        let routes = lock(&shared.routes);
-        let Some(route) = routes.map.get(&frame.id) else {
-            // Answers to requests that were dropped; and errors about the
-            // connection itself (id 0), which the close that follows reports.
-            continue;
-        };
-        if frame.kind == Kind::Credit {
-            match frame.credit_count() {
-                Ok(n) => route.credit.add_permits(n.min(WINDOW) as usize),
-                Err(e) => break e.to_string(),
-            }
-        } else {
-            let _ = route.frames.send(frame);
+        let routed = frame.and_then(|f| shared.route(f));
+        if let Err(reason) = routed {
+            break reason;
         }
     };
     shared.die(reason);
@@ -636,23 +976,39 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, shared: Arc<Shared>) {
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut queue: mpsc::Receiver<Vec<u8>>,
-    mut control: mpsc::UnboundedReceiver<Vec<u8>>,
     shared: Arc<Shared>,
 ) {
     loop {
-        let bytes = tokio::select! {
-            biased;
-            Some(b) = control.recv() => b,
-            Some(b) = queue.recv() => b,
-            else => break,
+        let owed = std::mem::take(&mut lock(&shared.routes).credit_owed);
+        let bytes = if owed.is_empty() {
+            tokio::select! {
+                biased;
+                _ = shared.closed.cancelled() => return,
+                _ = shared.credit_due.notified() => continue,
+                b = queue.recv() => match b {
+                    Some(b) => b,
+                    None => break,
+                },
+            }
+        } else {
+            let mut bytes = Vec::with_capacity(owed.len() * (4 + protocol::HEADER_LEN + 4));
+            for (id, n) in owed {
+                bytes.extend_from_slice(&Frame::credit(id, n).encode());
+            }
+            bytes
         };
         let written = async {
             writer.write_all(&bytes).await?;
             writer.flush().await
         };
-        if let Err(e) = written.await {
-            shared.die(format!("writing to the agent: {e}"));
-            break;
+        tokio::select! {
+            // An agent that stopped reading must not hold the writer once
+            // the connection is given up.
+            _ = shared.closed.cancelled() => return,
+            r = written => if let Err(e) = r {
+                shared.die(format!("writing to the agent: {e}"));
+                return;
+            }
         }
     }
     let _ = writer.shutdown().await;
@@ -664,22 +1020,33 @@ struct CallTx {
     inner: Arc<Inner>,
     id: u32,
     credit: Arc<Semaphore>,
+    /// How long one chunk may wait for credit and room on the connection.
+    wait_limit: Duration,
 }
 
 impl CallTx {
     /// Sends one chunk of an upload, waiting for credit first.
     async fn chunk(&self, data: &[u8]) -> Result<()> {
-        let permit = self
-            .credit
-            .acquire()
-            .await
-            .map_err(|_| self.inner.shared.lost())?;
-        permit.forget();
-        self.inner
-            .queue
-            .send(protocol::encode_parts(self.id, Kind::Data, data))
-            .await
-            .map_err(|_| self.inner.shared.lost())
+        let frame = protocol::encode_parts(self.id, Kind::Data, data);
+        let sent = tokio::time::timeout(self.wait_limit, async {
+            let permit = self
+                .credit
+                .acquire()
+                .await
+                .map_err(|_| self.inner.shared.lost())?;
+            permit.forget();
+            self.inner
+                .queue
+                .send(frame)
+                .await
+                .map_err(|_| self.inner.shared.lost())
+        });
+        sent.await.map_err(|_| {
+            Error::Timeout(format!(
+                "the agent took no more of the upload within {:?}",
+                self.wait_limit
+            ))
+        })?
     }
 
     async fn end(&self) -> Result<()> {
@@ -687,10 +1054,9 @@ impl CallTx {
     }
 
     async fn send(&self, frame: Frame) -> Result<()> {
-        self.inner
-            .queue
-            .send(frame.encode())
+        tokio::time::timeout(self.wait_limit, self.inner.queue.send(frame.encode()))
             .await
+            .map_err(|_| timeout_error(self.wait_limit))?
             .map_err(|_| self.inner.shared.lost())
     }
 }
@@ -699,9 +1065,11 @@ impl CallTx {
 /// request in the agent.
 struct Call {
     tx: CallTx,
-    rx: mpsc::UnboundedReceiver<Frame>,
+    rx: mpsc::Receiver<Frame>,
     /// Chunks received and not yet credited back.
     consumed: u32,
+    /// Whether the request went out (otherwise there is nothing to cancel).
+    sent: bool,
     finished: bool,
 }
 
@@ -715,8 +1083,7 @@ impl Call {
         if frame.kind.is_chunk() {
             self.consumed += 1;
             if self.consumed >= WINDOW / 2 {
-                let credit = Frame::credit(self.tx.id, self.consumed).encode();
-                let _ = self.tx.inner.control.send(credit);
+                self.tx.inner.shared.grant(self.tx.id, self.consumed);
                 self.consumed = 0;
             }
         }
@@ -757,8 +1124,20 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         let inner = &self.tx.inner;
-        lock(&inner.shared.routes).map.remove(&self.tx.id);
-        if !self.finished {
+        let mut routes = lock(&inner.shared.routes);
+        let route = routes.map.remove(&self.tx.id);
+        routes.credit_owed.remove(&self.tx.id);
+        let ended = route.as_ref().is_none_or(|r| r.ended);
+        let cancel = self.sent && !self.finished && !ended;
+        if let Some(route) = route.filter(|_| cancel) {
+            // What the agent may still send before it sees the cancel: the
+            // chunks it has credit for, upload credit, the acknowledgement
+            // and the last answer.
+            let may_send = u64::from(route.allowance) + u64::from(WINDOW) + 2;
+            routes.stray_allowance = routes.stray_allowance.saturating_add(may_send);
+        }
+        drop(routes);
+        if cancel {
             inner.cancel(self.tx.id);
         }
     }
@@ -767,6 +1146,7 @@ impl Drop for Call {
 struct StreamState {
     call: Call,
     _pump: Option<AbortOnDrop>,
+    deadline: Option<Instant>,
     done: bool,
 }
 
@@ -774,6 +1154,8 @@ struct ReadState {
     call: Call,
     first: Option<Bytes>,
     done: bool,
+    /// How long the agent may take to send the next chunk.
+    idle_limit: Duration,
 }
 
 /// Aborts a spawned task when dropped.
@@ -783,6 +1165,23 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+fn timeout_error(limit: Duration) -> Error {
+    Error::Timeout(format!("the agent did not answer within {limit:?}"))
+}
+
+fn exec_stream_timeout() -> Error {
+    Error::Timeout(format!(
+        "the agent did not finish the streaming exec within its timeout plus {} s",
+        EXEC_GRACE.as_secs()
+    ))
+}
+
+/// How long the client waits for an exec with this timeout (`None`: no
+/// limit, as asked).
+fn exec_limit(timeout_ms: u64) -> Option<Duration> {
+    (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms).saturating_add(EXEC_GRACE))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(frame: &Frame) -> Result<T> {

@@ -4,9 +4,11 @@
 //! directory.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
 use std::fmt::Display;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +31,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use crate::agent_client::PeerCheck;
 use crate::images::{remove_tree, validate_image_name, ImageCatalog, ImageInfo};
 use crate::{AgentClient, Health, LogLine, Provider, RuntimeInfo};
 
@@ -48,6 +51,12 @@ pub const CATALOG_REPO_PREFIX: &str = "stacyvm-catalog/";
 pub const AGENT_PATH_IN_SANDBOX: &str = "/.stacyvm/agent";
 pub const RUN_DIR_IN_SANDBOX: &str = "/.stacyvm/run";
 const SOCKET_NAME: &str = "agent.sock";
+
+/// The tmpfs each sandbox's socket directory is mounted on (when the server
+/// runs as root): the sandbox can write there, and this keeps it from
+/// filling the host's disk through it. Room for the agent's socket and
+/// little else.
+pub const RUN_DIR_TMPFS_OPTIONS: &str = "size=256k,nr_inodes=64,mode=0700";
 
 /// The capabilities a sandbox keeps; every other one is dropped. Enough for
 /// package managers and ordinary root-in-a-container work (file ownership,
@@ -130,6 +139,7 @@ struct Inner {
     /// Whether `run_root` lies outside the data directory (and so is
     /// removed once empty).
     run_root_shared: bool,
+    run_dir_tmpfs: TmpfsSupport,
     /// The daemon connection, made on first use so a missing daemon is a
     /// health report rather than a start-up failure.
     docker: tokio::sync::Mutex<Option<Docker>>,
@@ -186,13 +196,17 @@ impl DockerProvider {
         cfg.data_dir = cfg.data_dir.canonicalize().map_err(|e| {
             Error::internal(format_args!("resolving {}", cfg.data_dir.display()), e)
         })?;
-        let (run_root, run_root_shared) = choose_run_root(&cfg)?;
+        let (run_root, run_root_shared, run_dir_tmpfs) = choose_run_root(&cfg)?;
+        if let Err(why) = &run_dir_tmpfs {
+            tracing::warn!(%why, "sandbox socket directories stay on the host's disk");
+        }
         Ok(DockerProvider {
             inner: Arc::new(Inner {
                 cfg,
                 socket,
                 run_root,
                 run_root_shared,
+                run_dir_tmpfs,
                 docker: tokio::sync::Mutex::new(None),
                 agents: Mutex::new(HashMap::new()),
                 paused: Mutex::new(HashSet::new()),
@@ -254,7 +268,9 @@ fn parse_docker_host(host: &str) -> std::result::Result<String, String> {
 ///
 /// A directory under `/run/stacyvm` is shared ground: it is made when a
 /// sandbox needs it and removed again once its last sandbox is destroyed.
-fn choose_run_root(cfg: &DockerConfig) -> Result<(PathBuf, bool)> {
+///
+/// Also says whether socket directories can get a tmpfs of their own there.
+fn choose_run_root(cfg: &DockerConfig) -> Result<(PathBuf, bool, TmpfsSupport)> {
     let fits = |root: &Path| {
         root.as_os_str().len() + 1 + TYPICAL_SANDBOX_ID_LEN + 1 + SOCKET_NAME.len() <= SUN_PATH_MAX
     };
@@ -282,11 +298,123 @@ fn choose_run_root(cfg: &DockerConfig) -> Result<(PathBuf, bool)> {
             root.display()
         ))
     })?;
+    let tmpfs = probe_tmpfs(&root);
     if shared {
         // Only a check that it can be made; spawns make it again on demand.
         let _ = std::fs::remove_dir(&root);
     }
-    Ok((root, shared))
+    Ok((root, shared, tmpfs))
+}
+
+/// Whether socket directories get a tmpfs of their own, or why not.
+type TmpfsSupport = std::result::Result<(), String>;
+
+/// Whether this process can mount a tmpfs under `root` (tried for real:
+/// root in a container without `CAP_SYS_ADMIN` cannot).
+fn probe_tmpfs(root: &Path) -> TmpfsSupport {
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("the server does not run as root".into());
+    }
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = root.join(format!(".tmpfs-probe-{}-{n}", std::process::id()));
+    match std::fs::DirBuilder::new().mode(0o700).create(&probe) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {}: {e}", probe.display())),
+    }
+    let mounted = mount_run_dir(&probe);
+    let unmounted = unmount_run_dir(&probe);
+    let _ = std::fs::remove_dir(&probe);
+    mounted.map_err(|e| format!("mounting a tmpfs failed: {e}"))?;
+    unmounted.map_err(|e| format!("unmounting a tmpfs failed: {e}"))
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path holds a NUL byte"))
+}
+
+/// Mounts a small tmpfs ([`RUN_DIR_TMPFS_OPTIONS`]) on the directory `dir`.
+fn mount_run_dir(dir: &Path) -> io::Result<()> {
+    let target = c_path(dir)?;
+    let options = CString::new(RUN_DIR_TMPFS_OPTIONS)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "tmpfs options"))?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            c"stacyvm-run".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unmounts what is mounted on the directory `dir`; nothing mounted there,
+/// or no `dir` at all, is success.
+fn unmount_run_dir(dir: &Path) -> io::Result<()> {
+    // Stacked mounts take a round each; the bound keeps one that will not
+    // go from looping forever.
+    for _ in 0..8 {
+        if !is_mount_point(dir)? {
+            return Ok(());
+        }
+        let target = c_path(dir)?;
+        // SAFETY: `target` is a NUL-terminated string that outlives the call.
+        let rc =
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+                _ => Err(e),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Whether another file system is mounted on the directory `dir`.
+fn is_mount_point(dir: &Path) -> io::Result<bool> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let Some(parent) = dir.parent() else {
+        return Ok(false);
+    };
+    Ok(meta.is_dir() && meta.dev() != std::fs::symlink_metadata(parent)?.dev())
+}
+
+/// Who must serve a sandbox's agent socket: a descendant of the
+/// container's init, whose host pid the daemon reports. Only a pid this
+/// process sees as that init is used (a daemon in another pid namespace
+/// reports pids of its own).
+fn agent_peer(c: &ContainerInspectResponse) -> PeerCheck {
+    let init = c
+        .state
+        .as_ref()
+        .and_then(|s| s.pid)
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| *p > 1)
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|cmd| {
+                cmd.split(|b| *b == 0)
+                    .any(|arg| arg == AGENT_PATH_IN_SANDBOX.as_bytes())
+            })
+        });
+    PeerCheck {
+        ancestor: init,
+        ..PeerCheck::default()
+    }
 }
 
 fn create_run_root(root: &Path) -> io::Result<()> {
@@ -557,9 +685,17 @@ impl Inner {
                 ),
             };
         }
+        let detail = match &self.run_dir_tmpfs {
+            Ok(()) => shown,
+            Err(why) => format!(
+                "{shown}; sandbox socket directories under {} are not on a size-limited tmpfs \
+                 ({why}), so a sandbox can fill that file system through its socket directory",
+                self.run_root.display()
+            ),
+        };
         Health {
             healthy: true,
-            detail: shown,
+            detail,
         }
     }
 
@@ -694,6 +830,15 @@ impl Inner {
                 }
             }
         }
+        if self.run_dir_tmpfs.is_ok() {
+            if let Err(e) = mount_run_dir(&run_dir) {
+                let _ = std::fs::remove_dir(&run_dir);
+                return Err(Error::ProviderUnavailable(format!(
+                    "mounting a tmpfs on the socket directory {}: {e}",
+                    run_dir.display()
+                )));
+            }
+        }
         // From here on, any failure (or the caller giving up) removes what
         // was made.
         let mut cleanup = SpawnCleanup {
@@ -766,6 +911,7 @@ impl Inner {
                 // Another container already holds this sandbox's name: it is
                 // not ours to remove.
                 cleanup.disarm();
+                let _ = unmount_run_dir(&run_dir);
                 let _ = tokio::fs::remove_dir(&run_dir).await;
                 return Err(Error::Conflict(format!(
                     "sandbox {id} already exists on this Docker provider"
@@ -811,13 +957,19 @@ impl Inner {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut delay = Duration::from_millis(10);
         let mut last_error = String::from("the agent socket did not appear");
+        let peer = agent_peer(
+            &docker
+                .inspect_container(name, None)
+                .await
+                .map_err(|e| self.docker_error("checking the sandbox container", e))?,
+        );
         loop {
             if tokio::fs::try_exists(socket).await.unwrap_or(false) {
                 let remaining = deadline
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_secs(5));
                 let attempt = tokio::time::timeout(remaining, async {
-                    let client = AgentClient::connect_unix(socket).await?;
+                    let client = AgentClient::connect_unix_checked(socket, &peer).await?;
                     client.health().await?;
                     Ok::<_, Error>(client)
                 })
@@ -896,15 +1048,18 @@ impl Inner {
             }
         }
         let run_dir = self.run_root.join(id.as_str());
-        tokio::task::spawn_blocking(move || remove_tree(&run_dir))
-            .await
-            .map_err(|e| Error::internal("the socket directory removal task failed", e))?
-            .map_err(|e| {
-                Error::internal(
-                    format_args!("removing the socket directory of sandbox {id}"),
-                    e,
-                )
-            })?;
+        tokio::task::spawn_blocking(move || {
+            unmount_run_dir(&run_dir)?;
+            remove_tree(&run_dir)
+        })
+        .await
+        .map_err(|e| Error::internal("the socket directory removal task failed", e))?
+        .map_err(|e| {
+            Error::internal(
+                format_args!("removing the socket directory of sandbox {id}"),
+                e,
+            )
+        })?;
         if self.run_root_shared {
             // Fails (and is meant to) while other sandboxes still use it.
             let _ = std::fs::remove_dir(&self.run_root);
@@ -1090,7 +1245,7 @@ impl Inner {
             )));
         }
         let client = Arc::new(
-            AgentClient::connect_unix(&self.socket_path(id))
+            AgentClient::connect_unix_checked(&self.socket_path(id), &agent_peer(&c))
                 .await
                 .map_err(|e| {
                     Error::ProviderUnavailable(format!(

@@ -1,5 +1,6 @@
 //! The agent client against the real agent binary, over `--stdio` and over a
-//! Unix socket, each with its own `--root` temporary directory.
+//! Unix socket, each with its own `--root` temporary directory; and against
+//! a hostile agent played by the test, which must never exhaust the client.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,8 +11,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use stacyvm_agent::protocol::{self, AgentInfo, Frame, Kind, Request, WINDOW};
 use stacyvm_core::{ByteStream, Error, ExecEvent, ExecRequest};
+use stacyvm_provider::agent_client::{
+    PeerCheck, DEFAULT_CALL_TIMEOUT, MAX_LIST_BYTES, MAX_LIST_ENTRIES,
+};
 use stacyvm_provider::AgentClient;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The agent binary: `STACYVM_AGENT_BIN`, or a static debug build.
 fn agent_bin() -> anyhow::Result<PathBuf> {
@@ -470,5 +476,555 @@ async fn a_dead_agent_fails_pending_and_new_requests() -> anyhow::Result<()> {
         agent.client.health().await,
         Err(Error::ProviderUnavailable(_))
     ));
+    Ok(())
+}
+
+// ------------------------------------------------------- a hostile agent
+
+/// The agent's side of a connection, played by the test.
+struct Fake {
+    r: Box<dyn AsyncRead + Send + Unpin>,
+    w: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+impl Fake {
+    /// The next frame from the client; `None` once it closed the connection.
+    async fn recv(&mut self) -> anyhow::Result<Option<Frame>> {
+        let mut prefix = [0u8; 4];
+        match self.r.read_exact(&mut prefix).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut body = vec![0u8; protocol::parse_len(prefix)?];
+        self.r.read_exact(&mut body).await?;
+        Ok(Some(Frame::decode_body(body)?))
+    }
+
+    async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.w.write_all(&frame.encode()).await?;
+        self.w.flush().await
+    }
+
+    async fn hello(&mut self) -> anyhow::Result<()> {
+        let hello = self.recv().await?.context("no hello")?;
+        anyhow::ensure!(hello.kind == Kind::Hello, "the first frame is {hello:?}");
+        self.send(&Frame::json(0, Kind::HelloOk, &fake_info()))
+            .await?;
+        Ok(())
+    }
+
+    /// The next request, skipping credits and other frames.
+    async fn request(&mut self) -> anyhow::Result<(u32, Request)> {
+        loop {
+            let f = self.recv().await?.context("the client hung up")?;
+            if f.kind == Kind::Request {
+                return Ok((f.id, f.parse()?));
+            }
+        }
+    }
+
+    /// Reads until the client closes the connection; false if it sends a
+    /// request instead (it never gave up on this agent).
+    async fn client_hangs_up(&mut self) -> anyhow::Result<bool> {
+        while let Some(f) = self.recv().await? {
+            if f.kind == Kind::Request {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Answers every request but a streaming exec's start with silence,
+    /// reading everything the client sends, until it hangs up.
+    async fn silent(mut self) -> anyhow::Result<()> {
+        while let Some(f) = self.recv().await? {
+            if f.kind != Kind::Request {
+                continue;
+            }
+            if let Ok(Request::Exec(spec)) = f.parse::<Request>() {
+                if spec.stream && spec.cmd.first().map(String::as_str) == Some("ack") {
+                    self.send(&Frame::json(f.id, Kind::Ok, &())).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fake_info() -> AgentInfo {
+    AgentInfo {
+        version: "fake".into(),
+        protocol: 1,
+        pid: 1,
+    }
+}
+
+/// A client connected to a fake agent over a socket pair.
+async fn fake_pair() -> anyhow::Result<(Arc<AgentClient>, Fake)> {
+    let (ours, theirs) = tokio::net::UnixStream::pair()?;
+    let (tr, tw) = theirs.into_split();
+    let (r, w) = ours.into_split();
+    connect_fake(Box::new(r), Box::new(w), Box::new(tr), Box::new(tw)).await
+}
+
+/// The same over an in-memory pipe (for tests on paused time, where only
+/// in-memory I/O keeps the clock from jumping ahead of real events).
+async fn fake_duplex() -> anyhow::Result<(Arc<AgentClient>, Fake)> {
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (r, w) = tokio::io::split(ours);
+    let (tr, tw) = tokio::io::split(theirs);
+    connect_fake(Box::new(r), Box::new(w), Box::new(tr), Box::new(tw)).await
+}
+
+async fn connect_fake(
+    r: Box<dyn AsyncRead + Send + Unpin>,
+    w: Box<dyn AsyncWrite + Send + Unpin>,
+    tr: Box<dyn AsyncRead + Send + Unpin>,
+    tw: Box<dyn AsyncWrite + Send + Unpin>,
+) -> anyhow::Result<(Arc<AgentClient>, Fake)> {
+    let agent = tokio::spawn(async move {
+        let mut fake = Fake { r: tr, w: tw };
+        fake.hello().await?;
+        Ok::<_, anyhow::Error>(fake)
+    });
+    let client = AgentClient::over(r, w).await?;
+    let fake = agent.await??;
+    Ok((Arc::new(client), fake))
+}
+
+fn spawn_health(c: &Arc<AgentClient>) -> tokio::task::JoinHandle<stacyvm_core::Result<AgentInfo>> {
+    let c = c.clone();
+    tokio::spawn(async move { c.health().await })
+}
+
+/// Sends `frame` up to `n` times, stopping once the client hung up.
+async fn flood(fake: &mut Fake, frame: &Frame, n: usize) {
+    for _ in 0..n {
+        if fake.send(frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The error a call ended with, which must be the lost connection naming `why`.
+fn assert_lost<T: std::fmt::Debug>(r: stacyvm_core::Result<T>, why: &str) {
+    match r {
+        Err(Error::ProviderUnavailable(m)) => assert!(m.contains(why), "{m}"),
+        other => panic!("expected the connection to be closed for {why:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_sends_beyond_its_credit_loses_the_connection() -> anyhow::Result<()> {
+    for kind in [Kind::Data, Kind::Stdout] {
+        let (client, mut fake) = fake_pair().await?;
+        let c = client.clone();
+        let opened = tokio::spawn(async move {
+            if kind == Kind::Data {
+                c.file_read("/f")
+                    .await
+                    .map(|s| s.map(|i| i.map(|_| ()).map_err(|e| e.to_string())).boxed())
+            } else {
+                c.exec_stream(cmd(&["yes"]))
+                    .await
+                    .map(|s| s.map(|i| i.map(|_| ()).map_err(|e| e.to_string())).boxed())
+            }
+        });
+        let (rid, _) = fake.request().await?;
+        if kind == Kind::Stdout {
+            fake.send(&Frame::json(rid, Kind::Ok, &())).await?;
+        }
+        let chunk = Frame::new(rid, kind, vec![b'y'; 1024]);
+        fake.send(&chunk).await?;
+        let mut stream = opened.await??;
+
+        let health = spawn_health(&client);
+        let (hid, _) = fake.request().await?;
+        // Eight windows' worth, without waiting for a single credit, then
+        // the answer to the health check: a client that buffered it all
+        // would answer it.
+        flood(&mut fake, &chunk, WINDOW as usize * 8).await;
+        let _ = fake.send(&Frame::json(hid, Kind::Ok, &fake_info())).await;
+        assert_lost(health.await?, "credit window");
+        assert!(!client.is_alive());
+
+        // The stream gets no more than the window held, then the reason.
+        let mut chunks = 0;
+        let mut end = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(()) => chunks += 1,
+                Err(e) => {
+                    end = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(
+            chunks <= WINDOW as usize,
+            "{kind:?}: {chunks} chunks got through"
+        );
+        let end = end.context("the stream ended without an error")?;
+        assert!(end.contains("credit window"), "{end}");
+        assert!(
+            fake.client_hangs_up().await?,
+            "the client kept the connection"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn frames_for_requests_not_in_flight_are_bounded() -> anyhow::Result<()> {
+    // Ids the client never used.
+    let (client, mut fake) = fake_pair().await?;
+    let health = spawn_health(&client);
+    let (hid, _) = fake.request().await?;
+    for i in 0..1000u32 {
+        if fake
+            .send(&Frame::new(0xdead_0000 + i, Kind::Data, vec![0; 1024]))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = fake.send(&Frame::json(hid, Kind::Ok, &fake_info())).await;
+    assert_lost(health.await?, "not in flight");
+    assert!(fake.client_hangs_up().await?);
+
+    // A read that ended, while its caller still holds the stream.
+    let (client, mut fake) = fake_pair().await?;
+    let c = client.clone();
+    let opened = tokio::spawn(async move { c.file_read("/f").await });
+    let (rid, _) = fake.request().await?;
+    fake.send(&Frame::new(rid, Kind::Data, b"all".to_vec()))
+        .await?;
+    fake.send(&Frame::empty(rid, Kind::End)).await?;
+    let mut stream = opened.await??;
+    assert_eq!(stream.next().await.context("the chunk")??.as_ref(), b"all");
+    assert!(stream.next().await.is_none());
+    let health = spawn_health(&client);
+    let (hid, _) = fake.request().await?;
+    flood(&mut fake, &Frame::new(rid, Kind::Data, vec![0; 1024]), 1000).await;
+    let _ = fake.send(&Frame::json(hid, Kind::Ok, &fake_info())).await;
+    assert_lost(health.await?, "not in flight");
+    drop(stream);
+    assert!(fake.client_hangs_up().await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn what_a_cancelled_request_had_in_flight_is_not_held_against_the_agent() -> anyhow::Result<()>
+{
+    let (client, mut fake) = fake_pair().await?;
+    let c = client.clone();
+    let opened = tokio::spawn(async move { c.file_read("/f").await });
+    let (rid, _) = fake.request().await?;
+    let chunk = Frame::new(rid, Kind::Data, vec![1; 1024]);
+    fake.send(&chunk).await?;
+    drop(opened.await??);
+    // The rest of the window, an error after the cancel, a late credit:
+    // the natural race of a cancel.
+    flood(&mut fake, &chunk, WINDOW as usize - 1).await;
+    fake.send(&Frame::credit(rid, 8)).await?;
+    fake.send(&Frame::error(
+        rid,
+        &stacyvm_core::error::WireError {
+            code: "internal".into(),
+            message: "cancelled".into(),
+        },
+    ))
+    .await?;
+    let health = spawn_health(&client);
+    let (hid, _) = fake.request().await?;
+    fake.send(&Frame::json(hid, Kind::Ok, &fake_info())).await?;
+    assert_eq!(health.await??, fake_info());
+    assert!(client.is_alive());
+    Ok(())
+}
+
+/// Answers the list or glob request `id` with `batches` `Data` frames (as
+/// credit allows), then `End`; returns early, with `true`, once the client
+/// cancels it.
+async fn answer_in_batches(
+    fake: &mut Fake,
+    id: u32,
+    batch: &[u8],
+    batches: usize,
+) -> anyhow::Result<bool> {
+    let mut credit = WINDOW;
+    let mut sent = 0;
+    loop {
+        while credit > 0 && sent < batches {
+            fake.send(&Frame::new(id, Kind::Data, batch.to_vec()))
+                .await?;
+            credit -= 1;
+            sent += 1;
+        }
+        if sent == batches {
+            fake.send(&Frame::empty(id, Kind::End)).await?;
+            return Ok(false);
+        }
+        let f = fake.recv().await?.context("the client hung up")?;
+        match f.kind {
+            Kind::Credit if f.id == id => credit += f.credit_count()?,
+            Kind::Cancel if f.id == id => return Ok(true),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn endless_lists_and_globs_are_capped() -> anyhow::Result<()> {
+    let (client, mut fake) = fake_pair().await?;
+
+    // Many small entries: past the entry cap long before the byte cap.
+    let entry = stacyvm_core::FileEntry {
+        path: "/d/f".into(),
+        name: "f".into(),
+        file_type: stacyvm_core::FileType::File,
+        size: 1,
+        mode: "0644".into(),
+        mtime: stacyvm_core::now(),
+        symlink_target: None,
+    };
+    let batch = serde_json::to_vec(&vec![entry; 1000])?;
+    let batches = MAX_LIST_ENTRIES / 1000 * 3;
+    assert!(batch.len() * batches < MAX_LIST_BYTES);
+    let c = client.clone();
+    let list = tokio::spawn(async move { c.file_list("/d", true).await });
+    let (id, _) = fake.request().await?;
+    let cancelled = answer_in_batches(&mut fake, id, &batch, batches).await?;
+    match list.await? {
+        Err(Error::InvalidRequest(m)) => {
+            assert!(m.contains("too large"), "{m}");
+            assert!(m.contains(&MAX_LIST_ENTRIES.to_string()), "{m}");
+            assert!(m.contains("subdirectory"), "{m}");
+        }
+        other => bail!(
+            "an endless listing must be refused, got {:?}",
+            other.map(|v| v.len())
+        ),
+    }
+    assert!(cancelled, "the client did not cancel the listing");
+
+    // Few long paths: past the byte cap long before the entry cap.
+    let long = format!("/{}", "p".repeat(4000));
+    let batch = serde_json::to_vec(&vec![long; 200])?;
+    let batches = MAX_LIST_BYTES / batch.len() * 2;
+    assert!(200 * batches < MAX_LIST_ENTRIES);
+    let c = client.clone();
+    let glob = tokio::spawn(async move { c.file_glob("/**").await });
+    let (id, _) = fake.request().await?;
+    let cancelled = answer_in_batches(&mut fake, id, &batch, batches).await?;
+    match glob.await? {
+        Err(Error::InvalidRequest(m)) => {
+            assert!(m.contains("too large"), "{m}");
+            assert!(m.contains("MiB"), "{m}");
+            assert!(m.contains("narrower pattern"), "{m}");
+        }
+        other => bail!(
+            "an oversize glob must be refused, got {:?}",
+            other.map(|v| v.len())
+        ),
+    }
+    assert!(cancelled, "the client did not cancel the glob");
+
+    // Refusing an answer is not the agent's fault: the connection goes on.
+    let health = spawn_health(&client);
+    let (hid, _) = fake.request().await?;
+    fake.send(&Frame::json(hid, Kind::Ok, &fake_info())).await?;
+    assert_eq!(health.await??, fake_info());
+    Ok(())
+}
+
+/// Runs `call` against the clock; `Err` if it was still waiting a virtual
+/// day later (the test runs on paused time, so that costs nothing).
+async fn within_a_day<T>(
+    call: impl std::future::Future<Output = stacyvm_core::Result<T>>,
+) -> anyhow::Result<stacyvm_core::Result<T>> {
+    tokio::time::timeout(Duration::from_secs(24 * 3600), call)
+        .await
+        .map_err(|_| anyhow::anyhow!("the call still waited a day later"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_never_answers_times_out_by_default() -> anyhow::Result<()> {
+    let (client, fake) = fake_duplex().await?;
+    let silent = tokio::spawn(fake.silent());
+    let c = &*client;
+    // Larger than the credit window, so the upload waits for credit.
+    let big = vec![0u8; protocol::CHUNK_SIZE * (WINDOW as usize + 4)];
+    let mut timed_out = Vec::new();
+    macro_rules! check {
+        ($what:literal, $call:expr) => {
+            match within_a_day($call).await.context($what)? {
+                Err(Error::Timeout(_)) => timed_out.push($what),
+                other => bail!("{}: expected a timeout, got {:?}", $what, other.map(|_| ())),
+            }
+        };
+    }
+    check!("health", c.health());
+    check!("stat", c.file_stat("/f"));
+    check!("list", c.file_list("/", true));
+    check!("glob", c.file_glob("/*"));
+    check!("move", c.file_move("/a", "/b", false));
+    check!("chmod", c.file_chmod("/a", 0o600));
+    check!("mkdir", c.file_mkdir("/a", true));
+    check!("delete", c.file_delete("/a", true));
+    check!("read", c.file_read("/f"));
+    check!("write", c.file_write("/f", None, body(b"small".to_vec())));
+    check!(
+        "write (credit)",
+        c.file_write("/f", None, body(big.clone()))
+    );
+    check!("extract", c.file_extract("/d", body(Vec::new())));
+    let mut req = cmd(&["sleep", "5"]);
+    req.timeout_ms = 5_000;
+    check!("exec", c.exec(req.clone()));
+    check!("exec_stream", c.exec_stream(req));
+    // Acknowledged, and then nothing: the stream ends with a timeout too.
+    let mut req = cmd(&["ack"]);
+    req.timeout_ms = 5_000;
+    let mut stream = within_a_day(c.exec_stream(req)).await??;
+    match within_a_day(async { stream.next().await.transpose() }).await? {
+        Err(Error::Timeout(_)) => {}
+        other => bail!("an acknowledged exec must still end, got {other:?}"),
+    }
+    assert_eq!(timed_out.len(), 14);
+    // Timing out is no reason to drop the connection.
+    assert!(c.is_alive());
+    assert!(DEFAULT_CALL_TIMEOUT < Duration::from_secs(24 * 3600));
+    drop(stream);
+    drop(client);
+    silent.await??;
+    Ok(())
+}
+
+/// A fake agent listening on `path`, answering the hello of every
+/// connection and nothing else.
+fn listening_fake(path: &Path) -> anyhow::Result<AbortOnDrop> {
+    let listener = tokio::net::UnixListener::bind(path)?;
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, w) = s.into_split();
+                let mut fake = Fake {
+                    r: Box::new(r),
+                    w: Box::new(w),
+                };
+                if fake.hello().await.is_ok() {
+                    let _ = fake.silent().await;
+                }
+            });
+        }
+    })))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn refused<T: std::fmt::Debug>(r: stacyvm_core::Result<T>, why: &str) -> anyhow::Result<()> {
+    match r {
+        Err(Error::ProviderUnavailable(m)) if m.contains("refusing") && m.contains(why) => Ok(()),
+        other => bail!("expected a refusal naming {why:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_symlinked_socket_path_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let real = dir.path().join("agent.sock");
+    let _fake = listening_fake(&real)?;
+    AgentClient::connect_unix(&real).await?;
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&real, &link)?;
+    refused(AgentClient::connect_unix(&link).await, "symbolic link")?;
+    refused(
+        AgentClient::connect_unix_checked(&link, &PeerCheck::default()).await,
+        "symbolic link",
+    )?;
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"")?;
+    refused(AgentClient::connect_unix(&file).await, "not a socket")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_peer_of_the_socket_is_checked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("agent.sock");
+    let _fake = listening_fake(&path)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let my_pid = std::process::id() as i32;
+    let check = |uid, pid, ancestor| PeerCheck { uid, pid, ancestor };
+
+    AgentClient::connect_unix_checked(&path, &check(Some(me), Some(my_pid), Some(my_pid))).await?;
+    refused(
+        AgentClient::connect_unix_checked(&path, &check(Some(me.wrapping_add(1)), None, None))
+            .await,
+        "user id",
+    )?;
+    let mut other = tokio::process::Command::new("sleep")
+        .arg("1000")
+        .kill_on_drop(true)
+        .spawn()?;
+    let other_pid = other.id().context("the child's pid")? as i32;
+    refused(
+        AgentClient::connect_unix_checked(&path, &check(None, Some(other_pid), None)).await,
+        "process",
+    )?;
+    refused(
+        AgentClient::connect_unix_checked(&path, &check(None, None, Some(other_pid))).await,
+        "descendants",
+    )?;
+    other.kill().await?;
+
+    // The real agent, started by this process: it is both the pid and a
+    // descendant of itself.
+    let root = tempfile::tempdir()?;
+    let sock = dir.path().join("real.sock");
+    let mut agent = tokio::process::Command::new(agent_bin()?)
+        .arg("--listen")
+        .arg(&sock)
+        .arg("--root")
+        .arg(root.path())
+        .kill_on_drop(true)
+        .spawn()?;
+    let agent_pid = agent.id().context("the agent's pid")? as i32;
+    let want = check(Some(me), Some(agent_pid), Some(agent_pid));
+    let mut connected = Err(anyhow::anyhow!("the agent never listened"));
+    for _ in 0..500 {
+        match AgentClient::connect_unix_checked(&sock, &want).await {
+            Ok(c) => {
+                connected = Ok(c);
+                break;
+            }
+            Err(e) => connected = Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = connected?;
+    assert_eq!(client.health().await?.pid, agent_pid as u32);
+    refused(
+        AgentClient::connect_unix_checked(&sock, &check(None, Some(my_pid), None)).await,
+        "process",
+    )?;
+    agent.kill().await?;
     Ok(())
 }

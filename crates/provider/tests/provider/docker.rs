@@ -169,8 +169,27 @@ impl Drop for Harness {
                 let _ = run("docker", &["rmi", "-f", image]);
             }
         }
+        // Socket directories of sandboxes a failed test did not destroy
+        // keep their tmpfs; unmounted here, or the directories stay.
+        for root in std::iter::once(self.dir.path()).chain(outside_root.as_deref()) {
+            unmount_under(root);
+        }
         if let Some(root) = outside_root {
             let _ = std::fs::remove_dir_all(root);
+        }
+    }
+}
+
+/// Lazily unmounts every mount point at or below `root`.
+fn unmount_under(root: &Path) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mountinfo.lines() {
+        // Field 5 is the mount point (spaces escaped as \040).
+        let Some(point) = line.split(' ').nth(4) else {
+            continue;
+        };
+        if Path::new(point).starts_with(root) {
+            let _ = Command::new("umount").args(["-l", point]).status();
         }
     }
 }
@@ -882,6 +901,96 @@ async fn a_daemon_image_runs_and_pauses_and_resumes() -> Result<()> {
         "adopted\n"
     );
     restarted.destroy(id).await?;
+    h.provider.destroy(id).await?;
+    assert_gone(&h, id)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_socket_directory_cannot_fill_the_host_disk() -> Result<()> {
+    daemon_test_image()?;
+    let h = Harness::new(agent_bin()?)?;
+    let detail = h.provider.health().await.detail;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        // Without root there is no tmpfs, and health says so.
+        assert!(detail.contains("not on a size-limited tmpfs"), "{detail}");
+        eprintln!(
+            "SKIPPED: the tmpfs socket directory needs root; only the health detail was checked"
+        );
+        return Ok(());
+    }
+    assert!(!detail.contains("tmpfs"), "{detail}");
+    let s = spec(DAEMON_TEST_IMAGE);
+    h.provider.spawn(&s).await?;
+    let id = &s.sandbox_id;
+    let run_dir = h.provider.run_dir(id);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mount = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*run_dir.to_string_lossy()))
+        .with_context(|| format!("nothing is mounted on {}", run_dir.display()))?;
+    ensure!(mount.contains(" - tmpfs "), "{mount}");
+
+    // The sandbox writes what it can into its socket directory: it stops
+    // at the tmpfs's size, and the agent goes on.
+    let out = h
+        .provider
+        .exec(
+            id,
+            exec_req(&[
+                "sh",
+                "-c",
+                "dd if=/dev/zero of=/.stacyvm/run/fill bs=64k count=1024 2>&1; \
+                 wc -c < /.stacyvm/run/fill",
+            ]),
+        )
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("No space left"), "{text}");
+    let written: u64 = text.lines().last().context("no size")?.trim().parse()?;
+    ensure!(
+        written <= 256 * 1024,
+        "{written} bytes fit into the socket directory"
+    );
+    assert_eq!(exec_ok(&h.provider, id, &["echo", "ok"]).await?, "ok\n");
+
+    // A sandbox that puts a symlink where its socket was: a fresh provider
+    // (a restarted server, no cached connection) refuses to follow it.
+    exec_ok(
+        &h.provider,
+        id,
+        &[
+            "sh",
+            "-c",
+            "mv /.stacyvm/run/agent.sock /.stacyvm/run/moved.sock && \
+             ln -s /.stacyvm/run/moved.sock /.stacyvm/run/agent.sock",
+        ],
+    )
+    .await?;
+    let restarted = DockerProvider::new(DockerConfig::new(
+        h.dir.path().join("data"),
+        agent_bin()?,
+        h.catalog.clone(),
+        h.instance.clone(),
+    ))?;
+    match restarted.agent(id).await {
+        Err(Error::ProviderUnavailable(m)) => ensure!(m.contains("symbolic link"), "{m}"),
+        other => bail!("a symlinked socket must be refused, got {other:?}"),
+    }
+    exec_ok(
+        &h.provider,
+        id,
+        &["mv", "/.stacyvm/run/moved.sock", "/.stacyvm/run/agent.sock"],
+    )
+    .await?;
+    assert_eq!(
+        exec_ok(&restarted, id, &["echo", "adopted"]).await?,
+        "adopted\n"
+    );
+
+    restarted.destroy(id).await?;
+    // Destroying again finds nothing mounted, and nothing to remove.
     h.provider.destroy(id).await?;
     assert_gone(&h, id)?;
     Ok(())
