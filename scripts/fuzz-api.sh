@@ -50,7 +50,7 @@ image_tar="${STACYVM_TEST_IMAGE_TAR:-$root_dir/target/test-images/busybox.tar}"
 
 data_dir="$(mktemp -d -t stacyvm-api-fuzz.XXXXXX)"
 server_log="$work/server.log"
-admin_key="svm_apifuzz_$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+admin_key="svm_apifuzz_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 server_pid=""
 url=""
 

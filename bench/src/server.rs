@@ -39,7 +39,14 @@ impl Server {
             .prefix("svm-bench-api-")
             .tempdir()?;
         let data_dir = dir.path().join("data");
-        let key = format!("svm_bench{tag}bench");
+        // Unique per run; the server wants at least 32 characters after `svm_`.
+        let key = format!(
+            "svm_bench{tag}bench_{:032x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
         let log_path = dir.path().join("server.log");
         let mut child = Command::new(bin)
             .args([

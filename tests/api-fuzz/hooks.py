@@ -18,6 +18,7 @@ ERROR_CODES = {
     "payload_too_large",
     "image_not_found",
     "quota_exceeded",
+    "sandbox_resource_exhausted",
     "rate_limited",
     "no_capacity",
     "provider_unavailable",

@@ -206,7 +206,7 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                 });
                 if let Err(e) = spawned {
                     lock(&shared.slots).remove(&id);
-                    let err = Error::internal("starting a request thread", e);
+                    let err = Error::from_spawn("starting a request thread", &e);
                     shared.writer.send(&Frame::error(id, &err.to_wire()));
                 }
             }

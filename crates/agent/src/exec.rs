@@ -217,7 +217,7 @@ fn spawn_failed(
         Some(libc::ENOEXEC) => (126, "exec format error".to_owned()),
         Some(libc::EISDIR) => (126, "is a directory".to_owned()),
         Some(libc::ENOTDIR) => (127, "not a directory".to_owned()),
-        _ => return Err(Error::Internal(format!("starting {program:?}: {e}"))),
+        _ => return Err(Error::from_spawn(format_args!("starting {program:?}"), &e)),
     };
     // Swallow any stdin the client sends, so its credit keeps flowing.
     if let Some(mut up) = upload {

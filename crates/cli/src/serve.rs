@@ -23,12 +23,15 @@ pub struct ServeArgs {
     /// sqlite://PATH or postgres://USER@HOST/DB. Default: SQLite in the data dir.
     #[arg(long, env = "STACYVM_STORE")]
     store: Option<String>,
-    /// Providers in preference order (comma-separated).
+    /// Providers in preference order (comma-separated). `proot` is not a
+    /// security boundary: it is never chosen for a create that does not
+    /// name it, and only tenants whose quota lists it in
+    /// `allowed_providers` may use it.
     #[arg(
         long,
         env = "STACYVM_PROVIDERS",
         value_delimiter = ',',
-        default_value = "docker,proot"
+        default_value = "docker"
     )]
     providers: Vec<String>,
     /// Run the control plane only, without the in-process worker.
@@ -38,6 +41,10 @@ pub struct ServeArgs {
     /// minute before it is refused with 429.
     #[arg(long, env = "STACYVM_AUTH_FAILURES_PER_MINUTE", default_value_t = 120)]
     auth_failures_per_minute: i64,
+    /// Commands (execs and streaming execs) one sandbox may run at once;
+    /// more are refused with 429 until one finishes.
+    #[arg(long, env = "STACYVM_MAX_EXECS_PER_SANDBOX", default_value_t = 32)]
+    max_execs_per_sandbox: usize,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
@@ -87,6 +94,10 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .collect();
     config.local_worker = !args.no_local_worker;
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
+    if args.max_execs_per_sandbox == 0 {
+        anyhow::bail!("--max-execs-per-sandbox must be at least 1");
+    }
+    config.limits.max_execs_per_sandbox = args.max_execs_per_sandbox;
     for p in args
         .warm_pools
         .iter()

@@ -14,6 +14,9 @@ pub struct ServerConfig {
     pub store_url: String,
     /// Providers in preference order (`docker`, `proot`).
     pub providers: Vec<String>,
+    /// The quota a tenant starts with when it is created (the operator's
+    /// own tenant has none: it is unlimited).
+    pub default_tenant_quota: stacyvm_store::Quota,
     /// Run the in-process worker (single-node mode).
     pub local_worker: bool,
     pub limits: Limits,
@@ -48,6 +51,8 @@ pub struct Limits {
     /// Failed authentication attempts one address may make per minute
     /// before it is refused with 429.
     pub auth_failures_per_minute: i64,
+    /// Execs (and streaming execs) one sandbox may run at once.
+    pub max_execs_per_sandbox: usize,
 }
 
 impl Default for Limits {
@@ -68,20 +73,42 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(120),
             lease: Duration::from_secs(60),
             auth_failures_per_minute: 120,
+            max_execs_per_sandbox: 32,
         }
+    }
+}
+
+/// Providers that are not a security boundary: never chosen for a create
+/// that does not name them, and usable only by tenants whose quota lists
+/// them in `allowed_providers`.
+pub const RESTRICTED_PROVIDERS: [&str; 1] = ["proot"];
+
+/// What a new tenant may use unless the operator says otherwise: 10 live
+/// sandboxes, 8 CPUs, 16 GiB, a day per sandbox, 600 execs a minute and 100
+/// at once.
+pub fn default_tenant_quota() -> stacyvm_store::Quota {
+    stacyvm_store::Quota {
+        max_sandboxes: Some(10),
+        max_cpu: Some(8.0),
+        max_memory_mb: Some(16 * 1024),
+        max_timeout_s: Some(24 * 3600),
+        max_exec_per_minute: Some(600),
+        allowed_providers: None,
+        max_concurrent_execs: Some(100),
     }
 }
 
 impl ServerConfig {
     /// The defaults for a data dir: listen on 127.0.0.1:7070, SQLite in the
-    /// data dir, Docker then PRoot.
+    /// data dir, the Docker provider.
     pub fn new(data_dir: PathBuf) -> ServerConfig {
         let store_url = format!("sqlite://{}", data_dir.join("stacyvm.db").display());
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir,
             store_url,
-            providers: vec!["docker".into(), "proot".into()],
+            providers: vec!["docker".into()],
+            default_tenant_quota: default_tenant_quota(),
             local_worker: true,
             limits: Limits::default(),
             admin_key: None,

@@ -10,6 +10,8 @@ use stacyvm_core::{Error, Result, WorkerId};
 use stacyvm_store::{DynStore, WorkerState};
 use stacyvm_worker::{DynWorker, ProviderHealth};
 
+use crate::config::RESTRICTED_PROVIDERS;
+
 /// How long a provider health answer is reused before asking again.
 const HEALTH_TTL: Duration = Duration::from_secs(3);
 
@@ -69,8 +71,15 @@ impl Scheduler {
     }
 
     /// Resolves the provider for a create: the requested one (which must be
-    /// configured), or the first configured provider that is healthy.
-    pub async fn choose_provider(&self, requested: Option<&str>) -> Result<String> {
+    /// configured and `allowed`), or the first configured provider that is
+    /// allowed and healthy, among the security boundaries when the tenant
+    /// may use any. A restricted provider (PRoot) is never chosen in place
+    /// of an isolating one that is down.
+    pub async fn choose_provider(
+        &self,
+        requested: Option<&str>,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Result<String> {
         let configured = self.provider_names();
         if configured.is_empty() {
             return Err(Error::NoCapacity(
@@ -84,23 +93,69 @@ impl Scheduler {
                     configured.join(", ")
                 )));
             }
+            if !allowed(name) {
+                return Err(Error::Forbidden(format!(
+                    "provider {name} is not allowed for this tenant{}; the operator enables it \
+                     per tenant with allowed_providers in the tenant's quota",
+                    if RESTRICTED_PROVIDERS.contains(&name) {
+                        " (it is not a security boundary)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
             return Ok(name.to_owned());
         }
+        // A restricted provider is chosen only when the tenant may use no
+        // other configured provider: never as a fallback for one that is
+        // down.
+        let usable: Vec<&String> = configured.iter().filter(|n| allowed(n)).collect();
+        let isolating: Vec<&String> = usable
+            .iter()
+            .copied()
+            .filter(|n| !RESTRICTED_PROVIDERS.contains(&n.as_str()))
+            .collect();
+        if usable.is_empty() {
+            return Err(Error::Forbidden(format!(
+                "this tenant may use none of the configured providers ({}); the operator \
+                 enables them per tenant with allowed_providers in the tenant's quota",
+                configured.join(", ")
+            )));
+        }
+        let candidates = if isolating.is_empty() {
+            &usable
+        } else {
+            &isolating
+        };
         let mut reasons = Vec::new();
-        for name in &configured {
+        for name in candidates {
             for w in &self.workers {
                 for h in self.provider_health(w).await {
-                    if &h.name == name {
+                    if &h.name == *name {
                         if h.health.healthy {
-                            return Ok(name.clone());
+                            return Ok((*name).clone());
                         }
                         reasons.push(format!("{name}: {}", h.health.detail));
                     }
                 }
             }
         }
+        let skipped: Vec<&str> = usable
+            .iter()
+            .map(|n| n.as_str())
+            .filter(|n| !isolating.is_empty() && RESTRICTED_PROVIDERS.contains(n))
+            .collect();
+        let hint = if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} is never chosen automatically in place of a provider that is down (it \
+                 is not a security boundary): name it in the create to use it",
+                skipped.join(", ")
+            )
+        };
         Err(Error::ProviderUnavailable(format!(
-            "no configured provider is healthy ({})",
+            "no configured provider is healthy ({}){hint}",
             reasons.join("; ")
         )))
     }

@@ -145,6 +145,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         store,
         catalog,
         exec_limiter: ExecLimiter::default(),
+        exec_slots: Default::default(),
         auth_failures: Default::default(),
         pools: crate::pools::Pools::new(&config.pools),
         quota_cache: Default::default(),

@@ -31,6 +31,10 @@ pub enum Error {
     ImageNotFound(String),
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The sandbox itself ran out of something it needs to run a command:
+    /// its process limit, memory or file descriptors. The message names it.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{message}")]
     RateLimited { message: String, retry_after_s: u64 },
     #[error("{0}")]
@@ -58,6 +62,7 @@ impl Error {
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::ImageNotFound(_) => "image_not_found",
             Error::QuotaExceeded(_) => "quota_exceeded",
+            Error::ResourceExhausted(_) => "sandbox_resource_exhausted",
             Error::RateLimited { .. } => "rate_limited",
             Error::NoCapacity(_) => "no_capacity",
             Error::ProviderUnavailable(_) => "provider_unavailable",
@@ -80,6 +85,7 @@ impl Error {
             "payload_too_large" => Error::PayloadTooLarge(m),
             "image_not_found" => Error::ImageNotFound(m),
             "quota_exceeded" => Error::QuotaExceeded(m),
+            "sandbox_resource_exhausted" => Error::ResourceExhausted(m),
             "rate_limited" => Error::RateLimited {
                 message: m,
                 retry_after_s: 1,
@@ -99,12 +105,44 @@ impl Error {
         Error::Internal(format!("{context}: {err}"))
     }
 
+    /// An OS error met while starting something inside a sandbox: running
+    /// out of processes, memory or file descriptors is the sandbox's own
+    /// state (`ResourceExhausted`, naming the limit), anything else a bug.
+    pub fn from_spawn(context: impl std::fmt::Display, err: &std::io::Error) -> Error {
+        let limit = match err.raw_os_error() {
+            Some(libc_errno::EAGAIN) => {
+                Some("its process limit (pids) is reached: too many processes or threads run in it")
+            }
+            Some(libc_errno::ENOMEM) => Some("it is out of memory"),
+            Some(libc_errno::EMFILE) | Some(libc_errno::ENFILE) => {
+                Some("it has too many open files")
+            }
+            _ => None,
+        };
+        match limit {
+            Some(why) => Error::ResourceExhausted(format!(
+                "{context}: the sandbox cannot start anything more because {why}; \
+                 end some of its processes (or destroy it) and try again"
+            )),
+            None => Error::internal(context, err),
+        }
+    }
+
     pub fn to_wire(&self) -> WireError {
         WireError {
             code: self.code().to_owned(),
             message: self.message(),
         }
     }
+}
+
+/// The errno values [`Error::from_spawn`] tells apart (Linux, every
+/// architecture StacyVM runs on).
+mod libc_errno {
+    pub const EAGAIN: i32 = 11;
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
 }
 
 /// An error as it travels between processes (agent ↔ provider, worker ↔
@@ -133,10 +171,22 @@ mod tests {
             Error::Conflict("x".into()),
             Error::Unsupported("x".into()),
             Error::ImageNotFound("x".into()),
+            Error::ResourceExhausted("x".into()),
             Error::Timeout("x".into()),
             Error::Internal("x".into()),
         ] {
             assert_eq!(Error::from(e.to_wire()), e);
         }
+    }
+
+    #[test]
+    fn spawn_errors_name_the_exhausted_limit() {
+        let e = Error::from_spawn("starting sh", &std::io::Error::from_raw_os_error(11));
+        assert_eq!(e.code(), "sandbox_resource_exhausted");
+        assert!(e.message().contains("process limit"), "{e}");
+        let e = Error::from_spawn("x", &std::io::Error::from_raw_os_error(24));
+        assert!(e.message().contains("open files"), "{e}");
+        let e = Error::from_spawn("x", &std::io::Error::from_raw_os_error(5));
+        assert_eq!(e.code(), "internal");
     }
 }

@@ -375,6 +375,12 @@ pub struct Quota {
     pub max_timeout_s: Option<i64>,
     #[serde(default)]
     pub max_exec_per_minute: Option<i64>,
+    /// The providers the tenant may use; `None` is the server's default
+    /// (every configured provider that is a security boundary).
+    #[serde(default)]
+    pub allowed_providers: Option<Vec<String>>,
+    #[serde(default)]
+    pub max_concurrent_execs: Option<i64>,
 }
 
 /// A tenant and the quota in force for it.
@@ -399,7 +405,10 @@ pub struct TenantList {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Everything, every tenant (only on the operator's own tenant).
     Admin,
+    /// Its own tenant's keys, quota view, audit and sandboxes.
+    Owner,
     Member,
     Viewer,
 }
@@ -408,8 +417,19 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
+            Role::Owner => "owner",
             Role::Member => "member",
             Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "owner" => Some(Role::Owner),
+            "member" => Some(Role::Member),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
         }
     }
 }

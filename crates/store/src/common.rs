@@ -258,7 +258,23 @@ pub(crate) fn quota_from_row(row: &impl RowGet) -> Result<Quota> {
         max_memory_mb: row.opt_int("max_memory_mb")?,
         max_timeout_s: row.opt_int("max_timeout_s")?,
         max_exec_per_minute: row.opt_int("max_exec_per_minute")?,
+        allowed_providers: row
+            .opt_text("allowed_providers")?
+            .map(|j| serde_json::from_str(&j).map_err(|e| corrupt("allowed_providers", e)))
+            .transpose()?,
+        max_concurrent_execs: row.opt_int("max_concurrent_execs")?,
     })
+}
+
+/// The `allowed_providers` column of a quota: a JSON array, or NULL.
+pub(crate) fn quota_providers_json(quota: &Quota) -> Result<Option<String>> {
+    quota
+        .allowed_providers
+        .as_ref()
+        .map(|p| {
+            serde_json::to_string(p).map_err(|e| Error::internal("encoding allowed_providers", e))
+        })
+        .transpose()
 }
 
 pub(crate) fn key_from_row(row: &impl RowGet) -> Result<ApiKey> {

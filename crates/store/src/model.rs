@@ -10,8 +10,11 @@ use time::OffsetDateTime;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Everything, every tenant.
+    /// Everything, every tenant; minted only on the operator's own tenant.
     Admin,
+    /// Tenant-scoped management: its own tenant's keys (owner, member,
+    /// viewer), quota view, audit and sandboxes; never another tenant.
+    Owner,
     /// Its tenant's sandboxes (create, exec, files, destroy) and audit.
     Member,
     /// Read-only, its tenant.
@@ -22,6 +25,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
+            Role::Owner => "owner",
             Role::Member => "member",
             Role::Viewer => "viewer",
         }
@@ -30,6 +34,7 @@ impl Role {
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "admin" => Some(Role::Admin),
+            "owner" => Some(Role::Owner),
             "member" => Some(Role::Member),
             "viewer" => Some(Role::Viewer),
             _ => None,
@@ -52,6 +57,13 @@ pub struct Quota {
     pub max_memory_mb: Option<i64>,
     pub max_timeout_s: Option<i64>,
     pub max_exec_per_minute: Option<i64>,
+    /// The providers the tenant may create sandboxes on; `None` is the
+    /// server's default set (the isolating providers it runs).
+    #[serde(default)]
+    pub allowed_providers: Option<Vec<String>>,
+    /// Execs (and streaming execs) the tenant may run at once.
+    #[serde(default)]
+    pub max_concurrent_execs: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

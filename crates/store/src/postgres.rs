@@ -20,10 +20,10 @@ use time::OffsetDateTime;
 use crate::common::{
     audit_columns, audit_conditions, audit_from_row, bind_sandbox, check_not_newer, check_quota,
     db_error, id_cursor, into_page, is_foreign_key_violation, is_unique_violation, key_columns,
-    key_from_row, live_state, opt_micros, page_limit, quota_from_row, sandbox_columns,
-    sandbox_from_row, stale_or_missing, tenant_exists, tenant_from_row, tenant_not_found,
-    to_micros, worker_columns, worker_from_row, Arg, Conditions, Dialect, Migration, RowGet,
-    SandboxParams, Usage,
+    key_from_row, live_state, opt_micros, page_limit, quota_from_row, quota_providers_json,
+    sandbox_columns, sandbox_from_row, stale_or_missing, tenant_exists, tenant_from_row,
+    tenant_not_found, to_micros, worker_columns, worker_from_row, Arg, Conditions, Dialect,
+    Migration, RowGet, SandboxParams, Usage,
 };
 use crate::model::{
     ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, Quota, SandboxFilter,
@@ -49,14 +49,22 @@ const MIGRATION_LOCK_KEY: i64 = 0x5374_6163_7956_4d01;
 /// The schema, in version order. A change is a new file in
 /// `migrations/postgres/` appended here (with its twin for the other backend);
 /// applied files are never edited.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../migrations/postgres/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "owner role and quota fields",
+        sql: include_str!("../migrations/postgres/0002_owner_role_and_quota_fields.sql"),
+    },
+];
 
 const QUOTA_OF_TENANT: &str =
-    "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute
+    "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute,
+                    q.allowed_providers, q.max_concurrent_execs
      FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = $1";
 
 /// The PostgreSQL store. Cheap to share behind an `Arc`.
@@ -295,14 +303,17 @@ impl Store for PostgresStore {
 
     async fn quota_set(&self, tenant: &TenantId, quota: &Quota) -> Result<()> {
         let result = sqlx::query(
-            "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s, max_exec_per_minute)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s, max_exec_per_minute,
+                                 allowed_providers, max_concurrent_execs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (tenant_id) DO UPDATE SET
                 max_sandboxes = excluded.max_sandboxes,
                 max_cpu = excluded.max_cpu,
                 max_memory_mb = excluded.max_memory_mb,
                 max_timeout_s = excluded.max_timeout_s,
-                max_exec_per_minute = excluded.max_exec_per_minute",
+                max_exec_per_minute = excluded.max_exec_per_minute,
+                allowed_providers = excluded.allowed_providers,
+                max_concurrent_execs = excluded.max_concurrent_execs",
         )
         .bind(tenant.as_str())
         .bind(quota.max_sandboxes)
@@ -310,6 +321,8 @@ impl Store for PostgresStore {
         .bind(quota.max_memory_mb)
         .bind(quota.max_timeout_s)
         .bind(quota.max_exec_per_minute)
+        .bind(quota_providers_json(quota)?)
+        .bind(quota.max_concurrent_execs)
         .execute(&self.pool)
         .await;
         match result {
@@ -421,7 +434,8 @@ impl Store for PostgresStore {
         // The tenant's row lock makes this tenant's creates take turns; the
         // checks below then see every sandbox committed before them.
         let quota_row = sqlx::query(
-            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute
+            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute,
+                    q.allowed_providers, q.max_concurrent_execs
              FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = $1
              FOR UPDATE OF t",
         )

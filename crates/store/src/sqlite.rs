@@ -29,10 +29,10 @@ use tokio::sync::{mpsc, oneshot, Mutex, MutexGuard};
 use crate::common::{
     audit_columns, audit_conditions, audit_from_row, bind_sandbox, check_not_newer, check_quota,
     db_error, id_cursor, into_page, is_foreign_key_violation, is_unique_violation, key_columns,
-    key_from_row, live_state, opt_micros, page_limit, quota_from_row, sandbox_columns,
-    sandbox_from_row, stale_or_missing, tenant_exists, tenant_from_row, tenant_not_found,
-    to_micros, worker_columns, worker_from_row, Arg, Conditions, Dialect, Migration, RowGet,
-    SandboxParams, Usage,
+    key_from_row, live_state, opt_micros, page_limit, quota_from_row, quota_providers_json,
+    sandbox_columns, sandbox_from_row, stale_or_missing, tenant_exists, tenant_from_row,
+    tenant_not_found, to_micros, worker_columns, worker_from_row, Arg, Conditions, Dialect,
+    Migration, RowGet, SandboxParams, Usage,
 };
 use crate::model::{
     ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, Quota, SandboxFilter,
@@ -52,11 +52,18 @@ const MAX_CONNECTIONS: u32 = 4;
 /// The schema, in version order. A change is a new file in
 /// `migrations/sqlite/` appended here (with its twin for the other backend);
 /// applied files are never edited.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../migrations/sqlite/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../migrations/sqlite/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "owner role and quota fields",
+        sql: include_str!("../migrations/sqlite/0002_owner_role_and_quota_fields.sql"),
+    },
+];
 
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
@@ -415,7 +422,8 @@ impl Store for SqliteStore {
 
     async fn quota_get(&self, tenant: &TenantId) -> Result<Quota> {
         let row = sqlx::query(
-            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute
+            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute,
+                    q.allowed_providers, q.max_concurrent_execs
              FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = ?",
         )
         .bind(tenant.as_str())
@@ -431,14 +439,17 @@ impl Store for SqliteStore {
     async fn quota_set(&self, tenant: &TenantId, quota: &Quota) -> Result<()> {
         let _lock = self.write_lock.lock().await;
         let result = sqlx::query(
-            "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s, max_exec_per_minute)
-             VALUES (?, ?, ?, ?, ?, ?)
+            "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s, max_exec_per_minute,
+                                 allowed_providers, max_concurrent_execs)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (tenant_id) DO UPDATE SET
                 max_sandboxes = excluded.max_sandboxes,
                 max_cpu = excluded.max_cpu,
                 max_memory_mb = excluded.max_memory_mb,
                 max_timeout_s = excluded.max_timeout_s,
-                max_exec_per_minute = excluded.max_exec_per_minute",
+                max_exec_per_minute = excluded.max_exec_per_minute,
+                allowed_providers = excluded.allowed_providers,
+                max_concurrent_execs = excluded.max_concurrent_execs",
         )
         .bind(tenant.as_str())
         .bind(quota.max_sandboxes)
@@ -446,6 +457,8 @@ impl Store for SqliteStore {
         .bind(quota.max_memory_mb)
         .bind(quota.max_timeout_s)
         .bind(quota.max_exec_per_minute)
+        .bind(quota_providers_json(quota)?)
+        .bind(quota.max_concurrent_execs)
         .execute(&self.pool)
         .await;
         match result {
@@ -553,7 +566,8 @@ impl Store for SqliteStore {
     async fn sandbox_create(&self, rec: &SandboxRecord) -> Result<CreateOutcome> {
         let (_lock, mut tx) = self.begin_write().await?;
         let quota_row = sqlx::query(
-            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute
+            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute,
+                    q.allowed_providers, q.max_concurrent_execs
              FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = ?",
         )
         .bind(rec.tenant_id.as_str())

@@ -22,7 +22,7 @@ import pytest
 import stacyvm
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-ADMIN_KEY = "svm_sdktestsdktestsdktestsdktest"
+ADMIN_KEY = "svm_sdktest_sdktest_sdktest_sdktest_sdktest"
 IMAGE = "busybox"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

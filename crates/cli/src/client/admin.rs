@@ -63,7 +63,9 @@ enum KeyCmd {
     Create {
         #[arg(long)]
         tenant: String,
-        #[arg(long, value_parser = ["admin", "member", "viewer"], default_value = "member")]
+        /// `admin` is global and only for the operator's own tenant; `owner`
+        /// manages one tenant's keys.
+        #[arg(long, value_parser = ["admin", "owner", "member", "viewer"], default_value = "member")]
         role: String,
         #[arg(long)]
         name: String,
@@ -101,6 +103,12 @@ enum QuotaCmd {
         max_timeout_s: Option<String>,
         #[arg(long)]
         max_exec_per_minute: Option<String>,
+        #[arg(long)]
+        max_concurrent_execs: Option<String>,
+        /// Comma-separated providers the tenant may use (e.g. docker,proot),
+        /// or `default` for the server's default set.
+        #[arg(long)]
+        allowed_providers: Option<String>,
     },
 }
 
@@ -243,11 +251,7 @@ pub async fn key(a: KeyArgs) -> Result<ExitCode> {
     let fmt = a.conn.output;
     match a.cmd {
         KeyCmd::Create { tenant, role, name } => {
-            let role = match role.as_str() {
-                "admin" => Role::Admin,
-                "viewer" => Role::Viewer,
-                _ => Role::Member,
-            };
+            let role = Role::parse(&role).unwrap_or(Role::Member);
             let k = client
                 .key_create(&CreateKey {
                     tenant_id: tenant,
@@ -332,6 +336,8 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
             max_memory_mb,
             max_timeout_s,
             max_exec_per_minute,
+            max_concurrent_execs,
+            allowed_providers,
         } => {
             let cur = client.quota_get(&tenant).await?;
             let q = Quota {
@@ -344,6 +350,22 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
                     max_exec_per_minute,
                     cur.max_exec_per_minute,
                 ),
+                max_concurrent_execs: limit(
+                    "max-concurrent-execs",
+                    max_concurrent_execs,
+                    cur.max_concurrent_execs,
+                ),
+                allowed_providers: match allowed_providers.as_deref() {
+                    None => cur.allowed_providers,
+                    Some("default") => None,
+                    Some(list) => Some(
+                        list.split(',')
+                            .map(str::trim)
+                            .filter(|p| !p.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                    ),
+                },
             };
             client.quota_set(&tenant, &q).await?
         }
@@ -357,6 +379,14 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
             ("max_memory_mb", quota_cell(q.max_memory_mb)),
             ("max_timeout_s", quota_cell(q.max_timeout_s)),
             ("max_exec_per_minute", quota_cell(q.max_exec_per_minute)),
+            ("max_concurrent_execs", quota_cell(q.max_concurrent_execs)),
+            (
+                "allowed_providers",
+                match &q.allowed_providers {
+                    Some(list) => list.join(","),
+                    None => "default".into(),
+                },
+            ),
         ]);
     }
     Ok(ExitCode::SUCCESS)

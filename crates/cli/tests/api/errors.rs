@@ -224,7 +224,7 @@ async fn invalid_request_is_400_with_the_documented_body() -> Result<()> {
     admin
         .post(
             "/v1/keys",
-            json!({"tenant_id": t, "role": "owner", "name": "k"}),
+            json!({"tenant_id": t, "role": "superuser", "name": "k"}),
         )
         .await?
         .err(400, "invalid_request")?;
@@ -684,7 +684,8 @@ async fn quota_exceeded_and_rate_limited() -> Result<()> {
     let quota = admin
         .put(
             &format!("/v1/tenants/{tenant}/quota"),
-            json!({"max_sandboxes": 1, "max_timeout_s": 300, "max_exec_per_minute": 3, "max_cpu": null}),
+            json!({"max_sandboxes": 1, "max_timeout_s": 300, "max_exec_per_minute": 3, "max_cpu": null,
+                   "allowed_providers": ["proot"]}),
         )
         .await?
         .ok(200)?;
@@ -729,7 +730,7 @@ async fn quota_exceeded_and_rate_limited() -> Result<()> {
     admin
         .put(
             &format!("/v1/tenants/{cpu_tenant}/quota"),
-            json!({"max_cpu": 1.5, "max_memory_mb": 700}),
+            json!({"max_cpu": 1.5, "max_memory_mb": 700, "allowed_providers": ["proot"]}),
         )
         .await?
         .ok(200)?;

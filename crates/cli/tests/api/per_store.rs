@@ -319,7 +319,7 @@ async fn quota_race_admits_exactly_the_quota(store: StoreKind) -> Result<()> {
     let quota = admin
         .put(
             &format!("/v1/tenants/{tenant}/quota"),
-            json!({"max_sandboxes": 5}),
+            json!({"max_sandboxes": 5, "allowed_providers": ["proot"]}),
         )
         .await?
         .ok(200)?;

@@ -625,6 +625,9 @@ async fn operator_commands_manage_tenants_keys_quotas_and_report() -> Result<()>
         Some(2)
     );
 
+    // PRoot is for the tenants the operator names.
+    let q = server.json(&["quota", "set", &tid, "--allowed-providers", "proot"])?;
+    assert_eq!(q["allowed_providers"], serde_json::json!(["proot"]));
     let key = server.json(&[
         "key", "create", "--tenant", &tid, "--role", "member", "--name", "ci",
     ])?;

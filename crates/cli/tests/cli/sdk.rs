@@ -396,6 +396,7 @@ async fn server_errors_surface_as_typed_errors() -> Result<()> {
         &t.id,
         &Quota {
             max_sandboxes: Some(0),
+            allowed_providers: Some(vec!["proot".into()]),
             ..Quota::default()
         },
     )

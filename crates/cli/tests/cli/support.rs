@@ -17,7 +17,7 @@ const START_LIMIT: Duration = Duration::from_secs(90);
 
 pub const IMAGE: &str = "busybox";
 
-pub use crate::fixtures::{agent_bin, test_image_tar, unique};
+pub use crate::fixtures::{agent_bin, random_hex, test_image_tar, unique};
 
 /// A running `stacyvm serve`. Dropping it destroys every sandbox through
 /// the API, then whatever runtime is still left through the providers
@@ -38,7 +38,7 @@ impl Server {
         let mut server = Server {
             child: None,
             url: String::new(),
-            admin_key: format!("svm_clitest_{}", unique("k").replace('-', "_")),
+            admin_key: format!("svm_clitest_{}", random_hex(32)),
             log: Arc::new(Mutex::new(Vec::new())),
             data_dir,
         };

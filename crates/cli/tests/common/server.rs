@@ -40,7 +40,8 @@ pub enum StoreKind {
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
     pub store: StoreKind,
-    /// `--providers`; the server default (docker,proot) when `None`.
+    /// `--providers`: `docker,proot` unless a test says otherwise; `None`
+    /// leaves the flag out (the server's own default, `docker`).
     pub providers: Option<String>,
     pub env: Vec<(String, String)>,
     /// Extra `stacyvm serve` flags.
@@ -59,7 +60,7 @@ impl ServerOptions {
     pub fn new(store: StoreKind) -> ServerOptions {
         ServerOptions {
             store,
-            providers: None,
+            providers: Some("docker,proot".into()),
             env: Vec::new(),
             args: Vec::new(),
             without_cgroups: false,
@@ -70,6 +71,12 @@ impl ServerOptions {
 
     pub fn providers(mut self, p: &str) -> ServerOptions {
         self.providers = Some(p.to_owned());
+        self
+    }
+
+    /// No `--providers` flag: what `stacyvm serve` runs by default.
+    pub fn server_default_providers(mut self) -> ServerOptions {
+        self.providers = None;
         self
     }
 
@@ -99,10 +106,10 @@ impl ServerOptions {
     }
 }
 
-/// Unmounts every cgroup v2 hierarchy (in the private mount namespace the
-/// server runs in), then runs the server.
+/// Unmounts every cgroup hierarchy, v1 and v2 (in the private mount
+/// namespace the server runs in), then runs the server.
 const UNMOUNT_CGROUPS_THEN_EXEC: &str = r#"
-for m in $(awk '{for (i = 7; i < NF; i++) if ($i == "-") { if ($(i+1) == "cgroup2") print $5; break }}' /proc/self/mountinfo); do
+for m in $(awk '{for (i = 7; i < NF; i++) if ($i == "-") { if ($(i+1) == "cgroup2" || $(i+1) == "cgroup") print $5; break }}' /proc/self/mountinfo); do
     umount -l "$m" || exit 97
 done
 exec "$@"
@@ -125,7 +132,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server on SQLite with the default providers.
+    /// Starts a server on SQLite with Docker and PRoot.
     pub fn start_default() -> Result<Server> {
         Server::start(ServerOptions::new(StoreKind::Sqlite))
     }
@@ -155,7 +162,7 @@ impl Server {
         let mut server = Server {
             child: None,
             url: String::new(),
-            admin_key: format!("svm_test_{}", random_hex(24)),
+            admin_key: format!("svm_test_{}", random_hex(40)),
             opts,
             store_url,
             pg_db,
@@ -797,16 +804,29 @@ impl Api {
         self.send(rb).await?.ok(201)
     }
 
-    /// A new tenant; returns its id.
+    /// A new tenant with no limits that may use every provider the server
+    /// runs (PRoot included); returns its id.
     pub async fn tenant(&self, name: &str) -> Result<String> {
         let t = self
             .post("/v1/tenants", json!({"name": unique(name)}))
             .await?
             .ok(201)?;
-        Ok(t["id"]
+        let id = t["id"]
             .as_str()
             .ok_or_else(|| anyhow!("tenant without id: {t}"))?
-            .to_owned())
+            .to_owned();
+        let status = self.get("/v1/status").await?.ok(200)?;
+        let providers: Vec<Value> = status["providers"]
+            .as_array()
+            .map(|p| p.iter().map(|p| p["name"].clone()).collect())
+            .unwrap_or_default();
+        self.put(
+            &format!("/v1/tenants/{id}/quota"),
+            json!({"allowed_providers": providers}),
+        )
+        .await?
+        .ok(200)?;
+        Ok(id)
     }
 
     /// A new key of `role` on `tenant`; returns its id and a client using it.

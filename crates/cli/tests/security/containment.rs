@@ -633,3 +633,244 @@ async fn docker_sandbox_that_kills_its_agent_is_failed_and_destroyable() -> Resu
 async fn proot_sandbox_that_kills_its_agent_is_failed_and_destroyable() -> Result<()> {
     check_agent_kill("proot").await
 }
+
+/// A server running Docker and PRoot, and a member key of a tenant the
+/// operator allowed both.
+async fn member_of_a_tenant_with_both_providers() -> Result<(Server, Api, Api)> {
+    let (server, admin) = server_with("docker,proot").await?;
+    let (tenant, member) = admin.tenant_with("member").await?;
+    let mut q = admin
+        .get(&format!("/v1/tenants/{tenant}/quota"))
+        .await?
+        .ok(200)?;
+    q["allowed_providers"] = json!(["docker", "proot"]);
+    admin
+        .put(&format!("/v1/tenants/{tenant}/quota"), q)
+        .await?
+        .ok(200)?;
+    Ok((server, admin, member))
+}
+
+async fn check_member_cannot_reach_server_secrets(provider: &str) -> Result<()> {
+    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
+    let victim = member.sandbox(provider).await?;
+    let other_secret = format!("other-sandbox-secret-{}", random_hex(16));
+    member
+        .sh(&victim, &format!("echo {other_secret} > /work-secret"))
+        .await?;
+    let attacker = member.sandbox(provider).await?;
+    let data = server.data_dir().display().to_string();
+    let pid = server.pid().context("the server's pid")?;
+    let run_base = "/run/stacyvm/proot";
+    let script = format!(
+        "cat /proc/{pid}/environ; cat /proc/1/environ; \
+         for f in /proc/[0-9]*/environ; do cat \"$f\"; done; \
+         cat {data}/admin.key; ls -la {data}; head -c 64 {data}/stacyvm.db; \
+         cat /proc/{pid}/root{data}/admin.key; cat /proc/1/root{data}/admin.key; \
+         cat {data}/proot/{victim}/upper/work-secret; \
+         cat {run_base}/*-{victim}/root/work-secret; \
+         for p in /proc/[0-9]*; do cat \"$p/root/work-secret\"; done; \
+         ls /dev; cat /dev/vda 2>&1 | head -c 64; true"
+    );
+    let (_, text) = run(&member, &attacker, &script).await?;
+    let secret = server.admin_key.clone();
+    ensure!(
+        !text.contains(&secret),
+        "{provider}: a member's sandbox read the admin key"
+    );
+    ensure!(
+        !text.contains("STACYVM_ADMIN_KEY"),
+        "{provider}: a member's sandbox read the server's environment"
+    );
+    ensure!(
+        !text.contains("SQLite format"),
+        "{provider}: a member's sandbox read the database"
+    );
+    ensure!(
+        !text.contains(&other_secret),
+        "{provider}: a member's sandbox read another sandbox's file"
+    );
+    ensure!(
+        !text.contains("instance.id") && !text.contains("images"),
+        "{provider}: a member's sandbox listed the data dir: {text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_member_cannot_reach_server_secrets_data_dir_or_other_sandboxes() -> Result<()> {
+    check_member_cannot_reach_server_secrets("docker").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_member_cannot_reach_server_secrets_data_dir_or_other_sandboxes() -> Result<()> {
+    check_member_cannot_reach_server_secrets("proot").await
+}
+
+/// The number of processes in a PRoot sandbox's cgroup, from the host.
+fn proot_pids(id: &str) -> Result<u64> {
+    for base in [
+        "/sys/fs/cgroup/pids/stacyvm-proot",
+        "/sys/fs/cgroup/stacyvm-proot",
+    ] {
+        let Ok(rd) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().ends_with(&format!("-{id}")) {
+                let text = std::fs::read_to_string(e.path().join("pids.current"))?;
+                return text.trim().parse().context("pids.current");
+            }
+        }
+    }
+    Err(anyhow!("no pids cgroup of sandbox {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_fork_bomb_is_stopped_by_the_pids_limit() -> Result<()> {
+    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
+    let bomb = member.sandbox("proot").await?;
+    let bystander = member.sandbox("proot").await?;
+    let api = member.clone();
+    let id = bomb.clone();
+    let task = tokio::spawn(async move {
+        api.post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": ["sh", "-c", "f() { f | f & }; f; sleep 30"], "timeout_s": 20}),
+        )
+        .await
+    });
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while !task.is_finished() && std::time::Instant::now() < deadline {
+        peak = peak.max(proot_pids(&bomb)?);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(peak > 100, "the bomb did not get going: {peak} processes");
+    ensure!(peak <= 512, "the bomb exceeded the pids limit: {peak}");
+    ensure!(member.sh(&bystander, "echo alive").await?.trim() == "alive");
+    ensure!(
+        server.anonymous().get("/healthz").await?.status == 200,
+        "the server stops serving during a fork bomb"
+    );
+    let out = task.await.context("the bomb task")??;
+    ensure!(out.status == 200, "the bomb's exec answers: {}", out.text());
+    member.destroy(&bomb).await?;
+    ensure!(!runtime_exists(&server, "proot", &bomb)?);
+    ensure!(member.sh(&bystander, "echo alive").await?.trim() == "alive");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_memory_hog_is_killed_by_the_memory_limit() -> Result<()> {
+    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
+    let s = member
+        .create_sandbox(json!({"image": "busybox", "provider": "proot", "memory_mb": 64}))
+        .await?;
+    let id = s["id"].as_str().unwrap_or_default().to_owned();
+    let out = member
+        .exec(
+            &id,
+            json!({"cmd": ["dd", "if=/dev/zero", "of=/dev/null", "bs=512M", "count=1"], "timeout_s": 60}),
+        )
+        .await?;
+    ensure!(
+        out["signal"] == 9 || out["exit_code"] == 137,
+        "the hog was killed by the OOM killer: {out}"
+    );
+    member.destroy(&id).await?;
+    ensure!(!runtime_exists(&server, "proot", &id)?);
+    Ok(())
+}
+
+async fn check_exec_with_exhausted_pids(provider: &str) -> Result<()> {
+    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
+    let id = member.sandbox(provider).await?;
+    let pids = |server: &Server, id: &str| match provider {
+        "docker" => docker_pids(server, id),
+        _ => proot_pids(id),
+    };
+    // Orphans in a session of their own outlive their exec and take all but
+    // a few of the 512 processes the sandbox may have (whatever forks last
+    // and fails gives its own back).
+    member
+        .sh(
+            &id,
+            "setsid sh -c 'yes 1000 | head -n 600 | xargs -P 600 -n 1 sleep' \
+             </dev/null >/dev/null 2>&1 & echo started",
+        )
+        .await?;
+    eventually(
+        Duration::from_secs(120),
+        "the orphans to fill the pids limit",
+        || {
+            let server = &server;
+            let id = &id;
+            async move { Ok((pids(server, id)? >= 490).then_some(())) }
+        },
+    )
+    .await?;
+    // Long commands take what is left, until one cannot start.
+    let mut held = Vec::new();
+    let mut exhausted = None;
+    for _ in 0..30 {
+        match member
+            .exec_stream(&id, json!({"cmd": ["sleep", "1000"], "timeout_s": 300}))
+            .await?
+        {
+            Ok(stream) => held.push(stream),
+            Err(r) if r.status == 409 => {
+                exhausted = Some(r.err(409, "sandbox_resource_exhausted")?);
+                break;
+            }
+            Err(r) => anyhow::bail!(
+                "{provider}: a command at the pids limit answered {}: {}",
+                r.status,
+                r.text()
+            ),
+        }
+        // A stream refused mid-way (the agent could start no thread for it)
+        // says so as its first event.
+        if let Some(stream) = held.last_mut() {
+            let first = stream.next_event().await?.context("a first event")?;
+            if first.event == "error" {
+                ensure!(
+                    first.data["code"] == "sandbox_resource_exhausted",
+                    "{provider}: {first:?}"
+                );
+                held.pop();
+                break;
+            }
+        }
+    }
+    let r = member
+        .post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": ["true"], "timeout_s": 30}),
+        )
+        .await?;
+    let e = match exhausted {
+        Some(e) => e,
+        None => r.err(409, "sandbox_resource_exhausted")?,
+    };
+    ensure!(
+        e.message.contains("process limit"),
+        "{provider}: the error names the pids limit: {}",
+        e.message
+    );
+    drop(held);
+    // The sandbox is still destroyed cleanly, orphans and all.
+    member.destroy(&id).await?;
+    ensure!(!runtime_exists(&server, provider, &id)?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_exec_at_the_pids_limit_is_a_clear_409() -> Result<()> {
+    check_exec_with_exhausted_pids("docker").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_exec_at_the_pids_limit_is_a_clear_409() -> Result<()> {
+    check_exec_with_exhausted_pids("proot").await
+}

@@ -19,3 +19,4 @@ mod keys;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;
+mod tenancy;

@@ -99,9 +99,9 @@ impl Server {
             .prefix("svm-soak-")
             .tempdir()
             .context("making a data dir")?;
-        // Unique per run; the server wants at least 16 characters after `svm_`.
+        // Unique per run; the server wants at least 32 characters after `svm_`.
         let admin_key = format!(
-            "svm_soak_{}_{:x}",
+            "svm_soak_{:010}_{:032x}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

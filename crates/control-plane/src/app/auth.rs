@@ -17,6 +17,9 @@ use super::Principal;
 pub const KEY_PREFIX: &str = "svm_";
 const SYSTEM_TENANT_NAME: &str = "system";
 const BOOTSTRAP_KEY_NAME: &str = "bootstrap-admin";
+/// Characters a configured admin key must carry after its prefix: a short
+/// operator-chosen key would be the weakest secret of the deployment.
+const MIN_ADMIN_SECRET: usize = 32;
 
 /// A fresh secret key.
 pub fn generate_key() -> String {
@@ -85,9 +88,10 @@ pub async fn bootstrap(
     let key_file = data_dir.join("admin.key");
     let (key, generated, file) = match env_key {
         Some(k) => {
-            if !k.starts_with(KEY_PREFIX) || k.len() < KEY_PREFIX.len() + 16 {
+            if !k.starts_with(KEY_PREFIX) || k.len() < KEY_PREFIX.len() + MIN_ADMIN_SECRET {
                 return Err(Error::InvalidRequest(format!(
-                    "STACYVM_ADMIN_KEY must start with {KEY_PREFIX} and carry at least 16 more characters"
+                    "STACYVM_ADMIN_KEY must start with {KEY_PREFIX} and carry at least \
+                     {MIN_ADMIN_SECRET} more characters (a generated key carries 43)"
                 )));
             }
             (k.to_owned(), None, None)

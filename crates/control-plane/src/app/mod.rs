@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod exec_slots;
 pub mod images;
 pub mod ratelimit;
 pub mod sandboxes;
@@ -41,8 +42,18 @@ impl Principal {
     /// Refuses viewers: they may only read.
     pub fn require_write(&self) -> Result<()> {
         match self.role {
-            Role::Admin | Role::Member => Ok(()),
+            Role::Admin | Role::Owner | Role::Member => Ok(()),
             Role::Viewer => Err(Error::Forbidden("viewer keys are read-only".into())),
+        }
+    }
+
+    /// Keys are managed by admins (every tenant) and owners (their own).
+    pub fn require_key_manager(&self) -> Result<()> {
+        match self.role {
+            Role::Admin | Role::Owner => Ok(()),
+            Role::Member | Role::Viewer => Err(Error::Forbidden(
+                "managing API keys needs an admin key or the tenant's owner key".into(),
+            )),
         }
     }
 
@@ -62,6 +73,8 @@ pub struct App {
     pub scheduler: Scheduler,
     pub catalog: Arc<ImageCatalog>,
     pub exec_limiter: ratelimit::ExecLimiter,
+    /// Commands running now, per sandbox and per tenant.
+    pub exec_slots: exec_slots::ExecSlots,
     pub auth_failures: ratelimit::AuthFailureLimiter,
     pub pools: crate::pools::Pools,
     /// Quotas read on the exec path, reused for a moment (see `exec_quota`).

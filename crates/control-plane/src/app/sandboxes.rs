@@ -12,7 +12,20 @@ use stacyvm_provider::{ExecStream, LogLine};
 use stacyvm_store::{CreateOutcome, Failure, Page, PageRequest, SandboxFilter, SandboxRecord};
 use stacyvm_worker::{DynWorker, Lease};
 
+use super::exec_slots::ExecSlot;
 use super::{page_limit, App, Principal};
+use crate::config::RESTRICTED_PROVIDERS;
+
+/// Whether a tenant with `quota` may create sandboxes on `provider`: the
+/// providers its quota lists; by default, every configured provider for the
+/// operator's own tenant (`operator`), and every provider that is a
+/// security boundary for any other tenant.
+pub fn provider_allowed(quota: &stacyvm_store::Quota, operator: bool, provider: &str) -> bool {
+    match &quota.allowed_providers {
+        Some(list) => list.iter().any(|p| p == provider),
+        None => operator || !RESTRICTED_PROVIDERS.contains(&provider),
+    }
+}
 
 /// `POST /v1/sandboxes`, as the app sees it.
 #[derive(Clone, Debug, Default)]
@@ -202,7 +215,9 @@ impl App {
         }
         let provider = self
             .scheduler
-            .choose_provider(req.provider.as_deref())
+            .choose_provider(req.provider.as_deref(), |p| {
+                provider_allowed(&quota, who.tenant_id == self.system_tenant, p)
+            })
             .await?;
 
         let rec = SandboxRecord {
@@ -576,19 +591,26 @@ impl App {
         })
     }
 
-    /// Everything an exec needs before it runs: visibility, role, state and
-    /// the tenant's exec rate.
+    /// Everything an exec needs before it runs: visibility, role, state,
+    /// the tenant's exec rate and a slot among the commands running at once
+    /// (held until the returned [`ExecSlot`] is dropped).
     pub async fn exec_admit(
         &self,
         who: &Principal,
         id: &str,
-    ) -> Result<(SandboxRecord, DynWorker, Lease)> {
+    ) -> Result<(SandboxRecord, DynWorker, Lease, ExecSlot)> {
         who.require_write()?;
         let (rec, worker, lease) = self.running(who, id).await?;
         let quota = self.exec_quota(&rec.tenant_id).await?;
+        let slot = self.exec_slots.acquire(
+            &rec.id,
+            &rec.tenant_id,
+            self.config.limits.max_execs_per_sandbox,
+            quota.max_concurrent_execs,
+        )?;
         self.exec_limiter
             .acquire(&rec.tenant_id, quota.max_exec_per_minute)?;
-        Ok((rec, worker, lease))
+        Ok((rec, worker, lease, slot))
     }
 
     /// The tenant's quota for the exec rate check, read at most once a

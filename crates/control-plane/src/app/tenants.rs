@@ -30,7 +30,10 @@ impl App {
             created_at: now(),
         };
         self.store.tenant_create(&tenant).await?;
-        Ok((tenant, Quota::default()))
+        // A new tenant starts with the server's default quota, not unlimited.
+        let quota = self.config.default_tenant_quota.clone();
+        self.store.quota_set(&tenant.id, &quota).await?;
+        Ok((tenant, quota))
     }
 
     /// Admins list every tenant; others see their own.
@@ -87,6 +90,7 @@ impl App {
             quota.max_memory_mb,
             quota.max_timeout_s,
             quota.max_exec_per_minute,
+            quota.max_concurrent_execs,
         ]
         .iter()
         .flatten()
@@ -96,6 +100,23 @@ impl App {
             return Err(Error::InvalidRequest(
                 "quota limits must be null (unlimited) or non-negative".into(),
             ));
+        }
+        if let Some(providers) = &quota.allowed_providers {
+            if providers.len() > 32 {
+                return Err(Error::InvalidRequest(
+                    "allowed_providers may name at most 32 providers".into(),
+                ));
+            }
+            let known = self.scheduler.provider_names();
+            for p in providers {
+                if !known.contains(p) {
+                    return Err(Error::InvalidRequest(format!(
+                        "allowed_providers names {p:?}, which this server does not run \
+                         (configured providers: {})",
+                        known.join(", ")
+                    )));
+                }
+            }
         }
         self.store.quota_set(&tid, &quota).await?;
         self.quota_cache
@@ -112,15 +133,32 @@ impl App {
         role: &str,
         name: &str,
     ) -> Result<NewKey> {
-        who.require_admin()?;
+        who.require_key_manager()?;
         let role = Role::parse(role).ok_or_else(|| {
-            Error::InvalidRequest(format!("role {role:?} must be admin, member or viewer"))
+            Error::InvalidRequest(format!(
+                "role {role:?} must be admin, owner, member or viewer"
+            ))
         })?;
         check_label("name", name)?;
-        let tid = TenantId::parse(tenant)
-            .ok_or_else(|| Error::NotFound(format!("tenant {tenant} not found")))?;
-        if self.store.tenant_get(&tid).await?.is_none() {
-            return Err(Error::NotFound(format!("tenant {tenant} not found")));
+        let not_found = || Error::NotFound(format!("tenant {tenant} not found"));
+        let tid = TenantId::parse(tenant).ok_or_else(not_found)?;
+        // An owner manages its own tenant only; others do not exist for it.
+        if !who.can_see(&tid) || self.store.tenant_get(&tid).await?.is_none() {
+            return Err(not_found());
+        }
+        if role == Role::Admin {
+            if !who.is_admin() {
+                return Err(Error::Forbidden(
+                    "only an admin key may mint admin keys".into(),
+                ));
+            }
+            if tid != self.system_tenant {
+                return Err(Error::InvalidRequest(format!(
+                    "admin keys are global and are minted only on the operator's own tenant \
+                     ({}); for a key that manages tenant {tid} alone, use role \"owner\"",
+                    self.system_tenant
+                )));
+            }
         }
         let secret = auth::generate_key();
         let key = ApiKey {
@@ -159,9 +197,18 @@ impl App {
     }
 
     pub async fn key_revoke(&self, who: &Principal, id: &str) -> Result<()> {
-        who.require_admin()?;
+        who.require_key_manager()?;
         let not_found = || Error::NotFound(format!("key {id} not found"));
         let kid = KeyId::parse(id).ok_or_else(not_found)?;
+        let key = self.store.key_get(&kid).await?.ok_or_else(not_found)?;
+        if !who.can_see(&key.tenant_id) {
+            return Err(not_found());
+        }
+        if key.role == Role::Admin && !who.is_admin() {
+            return Err(Error::Forbidden(
+                "only an admin key may revoke admin keys".into(),
+            ));
+        }
         if self.store.key_revoke(&kid, now()).await? {
             Ok(())
         } else {

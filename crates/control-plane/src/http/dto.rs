@@ -347,6 +347,14 @@ pub struct QuotaView {
     pub max_timeout_s: Option<i64>,
     #[serde(default)]
     pub max_exec_per_minute: Option<i64>,
+    /// The providers the tenant may create sandboxes on; null is the
+    /// server's default: every configured provider that is a security
+    /// boundary (never `proot`, which must be listed here to be used).
+    #[serde(default)]
+    pub allowed_providers: Option<Vec<String>>,
+    /// Execs and streaming execs the tenant may run at once.
+    #[serde(default)]
+    pub max_concurrent_execs: Option<i64>,
 }
 
 impl From<&Quota> for QuotaView {
@@ -357,6 +365,8 @@ impl From<&Quota> for QuotaView {
             max_memory_mb: q.max_memory_mb,
             max_timeout_s: q.max_timeout_s,
             max_exec_per_minute: q.max_exec_per_minute,
+            allowed_providers: q.allowed_providers.clone(),
+            max_concurrent_execs: q.max_concurrent_execs,
         }
     }
 }
@@ -369,6 +379,8 @@ impl From<QuotaView> for Quota {
             max_memory_mb: q.max_memory_mb,
             max_timeout_s: q.max_timeout_s,
             max_exec_per_minute: q.max_exec_per_minute,
+            allowed_providers: q.allowed_providers,
+            max_concurrent_execs: q.max_concurrent_execs,
         }
     }
 }
@@ -402,7 +414,8 @@ pub struct TenantList {
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
     pub tenant_id: String,
-    /// admin|member|viewer
+    /// `admin` (global; only on the operator's own tenant), `owner` (manages
+    /// its own tenant's keys, sees its quota and audit), `member` or `viewer`.
     pub role: String,
     pub name: String,
 }

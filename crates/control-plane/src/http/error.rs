@@ -42,7 +42,9 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::NotFound(_) => StatusCode::NOT_FOUND,
-        Error::Conflict(_) | Error::Unsupported(_) => StatusCode::CONFLICT,
+        Error::Conflict(_) | Error::Unsupported(_) | Error::ResourceExhausted(_) => {
+            StatusCode::CONFLICT
+        }
         Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::ImageNotFound(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Error::QuotaExceeded(_) | Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

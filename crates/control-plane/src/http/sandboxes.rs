@@ -276,7 +276,7 @@ pub async fn sandbox_exec(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ExecBody>,
 ) -> ApiResult<Response> {
-    let (rec, worker, lease) = s.app.exec_admit(&who, &id).await?;
+    let (rec, worker, lease, _slot) = s.app.exec_admit(&who, &id).await?;
     let detail = exec_detail(&rec, &body.cmd);
     let req = s.app.exec_request(
         &rec,
@@ -305,7 +305,7 @@ pub async fn sandbox_exec_stream(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ExecBody>,
 ) -> ApiResult<Response> {
-    let (rec, worker, lease) = s.app.exec_admit(&who, &id).await?;
+    let (rec, worker, lease, slot) = s.app.exec_admit(&who, &id).await?;
     let detail = exec_detail(&rec, &body.cmd);
     let req = s.app.exec_request(
         &rec,
@@ -319,11 +319,15 @@ pub async fn sandbox_exec_stream(
     // Ends after `exit` or `error`; if the runtime goes away mid-stream the
     // client still gets an `error` as the last event. Dropping the response
     // (client gone) drops `exec`, which kills the command.
-    let events = stream::unfold((exec, false), |(mut exec, finished)| async move {
-        if finished {
-            return None;
-        }
-        let (event, done) = match exec.next().await {
+    // The exec slot lives as long as the stream: it is freed when the
+    // stream ends or the client goes away.
+    let events = stream::unfold(
+        (exec, false, slot),
+        |(mut exec, finished, slot)| async move {
+            if finished {
+                return None;
+            }
+            let (event, done) = match exec.next().await {
             Some(Ok(ExecEvent::Stdout(b))) => (Event::default().event("stdout").json_data(StreamChunk::of(&b)), false),
             Some(Ok(ExecEvent::Stderr(b))) => (Event::default().event("stderr").json_data(StreamChunk::of(&b)), false),
             Some(Ok(ExecEvent::Exit(st))) => (
@@ -344,13 +348,14 @@ pub async fn sandbox_exec_stream(
                 true,
             ),
         };
-        let event = event.unwrap_or_else(|_| {
-            Event::default()
-                .event("error")
-                .data("{\"code\":\"internal\"}")
-        });
-        Some((Ok::<_, Infallible>(event), (exec, done)))
-    });
+            let event = event.unwrap_or_else(|_| {
+                Event::default()
+                    .event("error")
+                    .data("{\"code\":\"internal\"}")
+            });
+            Some((Ok::<_, Infallible>(event), (exec, done, slot)))
+        },
+    );
     let resp = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response();

@@ -38,7 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use stacyvm_core::{validate_sandbox_path, Error, Network, Result, SandboxId, SpawnSpec};
 
-use crate::agent_client::AgentClient;
+use crate::agent_client::{AgentClient, PeerCheck};
 use crate::images::ImageCatalog;
 use crate::sandboxing::cgroups::{self, Group, Hierarchy};
 use crate::sandboxing::mounts::{overlay_option_safe, Owner};
@@ -665,36 +665,15 @@ impl ProotProvider {
     }
 }
 
-/// Connects to a sandbox's agent and checks that the socket's peer runs as
-/// the sandbox's user: a socket planted by anyone else is refused.
+/// Connects to a sandbox's agent, refusing a socket that is a symlink or
+/// whose peer does not run as the sandbox's user (a socket planted by
+/// anyone else).
 async fn connect_agent(socket: &Path, uid: u32) -> Result<AgentClient> {
-    let meta = std::fs::symlink_metadata(socket).map_err(|e| {
-        Error::ProviderUnavailable(format!("the agent socket {}: {e}", socket.display()))
-    })?;
-    if meta.file_type().is_symlink() {
-        return Err(Error::ProviderUnavailable(format!(
-            "the agent socket {} is a symlink",
-            socket.display()
-        )));
-    }
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
-        Error::ProviderUnavailable(format!(
-            "connecting to the agent at {}: {e}",
-            socket.display()
-        ))
-    })?;
-    let peer = stream
-        .peer_cred()
-        .map_err(|e| Error::internal("reading the agent's credentials", e))?;
-    if peer.uid() != uid {
-        return Err(Error::ProviderUnavailable(format!(
-            "the agent socket {} is served by uid {}, not the sandbox's user {uid}",
-            socket.display(),
-            peer.uid()
-        )));
-    }
-    let (r, w) = stream.into_split();
-    AgentClient::over(r, w).await
+    let check = PeerCheck {
+        uid: Some(uid),
+        ..PeerCheck::default()
+    };
+    AgentClient::connect_unix_checked(socket, &check).await
 }
 
 #[async_trait]

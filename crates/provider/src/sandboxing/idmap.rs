@@ -33,46 +33,42 @@ fn cpath(p: &Path) -> io::Result<CString> {
 /// A user namespace whose uid and gid `0` (only) map to `host_id`, for
 /// ID-mapped mounts. The namespace has no process left in it: the descriptor
 /// keeps it alive.
+///
+/// A child is cloned straight into a new user namespace and waits, doing
+/// nothing, until it is killed once its namespace is mapped and opened. It
+/// holds no pipe the parent waits on: other threads fork too, and a pipe end
+/// inherited by one of their children would keep such a wait from ever
+/// ending.
 pub fn user_namespace_mapping_root_to(host_id: u32) -> io::Result<OwnedFd> {
-    let mut pipe = [0i32; 2];
-    // SAFETY: `pipe` has room for the two descriptors.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    // SAFETY: a raw clone without CLONE_VM behaves like fork. The child
+    // only calls pause and _exit (system calls, no allocation), as a child
+    // of a threaded process must.
+    let child = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
+    if child < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: the child only makes system calls (unshare, read, _exit) on
-    // memory prepared before the fork, as a forked child of a threaded
-    // process must.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        let e = io::Error::last_os_error();
-        // SAFETY: closing the pipe made above.
-        unsafe {
-            libc::close(pipe[0]);
-            libc::close(pipe[1]);
-        }
-        return Err(e);
-    }
     if child == 0 {
-        // SAFETY: see above; the child waits for the parent to finish with
-        // its namespace (the pipe closing), then exits without unwinding.
+        // SAFETY: see above; the parent ends this child with SIGKILL.
         unsafe {
-            libc::close(pipe[1]);
-            let code = if libc::unshare(libc::CLONE_NEWUSER) == 0 {
-                let mut b = 0u8;
-                libc::read(pipe[0], (&mut b as *mut u8).cast(), 1);
-                0
-            } else {
-                1
-            };
-            libc::_exit(code);
+            loop {
+                libc::pause();
+            }
         }
     }
-    // SAFETY: the parent closes its copy of the read end.
-    unsafe { libc::close(pipe[0]) };
+    let child = child as i32;
     let result = map_and_open(child, host_id);
-    // SAFETY: closing the write end releases the child; then it is reaped.
+    // SAFETY: ends and reaps the child made above.
     unsafe {
-        libc::close(pipe[1]);
+        libc::kill(child, libc::SIGKILL);
         let mut status = 0;
         libc::waitpid(child, &mut status, 0);
     }
@@ -80,30 +76,11 @@ pub fn user_namespace_mapping_root_to(host_id: u32) -> io::Result<OwnedFd> {
 }
 
 fn map_and_open(child: i32, host_id: u32) -> io::Result<OwnedFd> {
-    let ns_path = format!("/proc/{child}/ns/user");
-    // The child unshares right after the fork: wait until its namespace
-    // differs from ours before writing the maps.
-    let ours = std::fs::read_link("/proc/self/ns/user")?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match std::fs::read_link(&ns_path) {
-            Ok(l) if l != ours => break,
-            Ok(_) => {}
-            Err(e) => return Err(e),
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the child did not enter a new user namespace",
-            ));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
     let map = format!("0 {host_id} 1\n");
     std::fs::write(format!("/proc/{child}/uid_map"), &map)?;
     std::fs::write(format!("/proc/{child}/setgroups"), "deny")?;
     std::fs::write(format!("/proc/{child}/gid_map"), &map)?;
-    let f = std::fs::File::open(&ns_path)?;
+    let f = std::fs::File::open(format!("/proc/{child}/ns/user"))?;
     Ok(OwnedFd::from(f))
 }
 

@@ -135,6 +135,29 @@ impl Raw {
         }
     }
 
+    /// Runs several statements in one go (a schema file).
+    pub async fn script(&self, sql: &str) -> anyhow::Result<()> {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match self {
+            Raw::Sqlite(path) => {
+                let mut conn = sqlx::SqliteConnection::connect(&format!(
+                    "sqlite://{}?mode=rwc",
+                    path.display()
+                ))
+                .await
+                .context("creating the SQLite file")?;
+                sqlx::raw_sql(sql).execute(&mut conn).await?;
+            }
+            Raw::Postgres(url) => {
+                let mut conn = PgConnection::connect(url)
+                    .await
+                    .context("connecting to PostgreSQL")?;
+                sqlx::raw_sql(sql).execute(&mut conn).await?;
+            }
+        }
+        Ok(())
+    }
+
     pub async fn i64(&self, sql: &str) -> anyhow::Result<i64> {
         let sql = AssertSqlSafe(sql.to_owned());
         match self {

@@ -14,7 +14,8 @@ pub async fn key_create_lookup_list_revoke(db: &TestDb) -> anyhow::Result<()> {
     let mut ka = fixtures::key(&a, "hash-a1");
     ka.role = Role::Admin;
     let kb = fixtures::key(&b, "hash-b1");
-    let ka2 = fixtures::key(&a, "hash-a2");
+    let mut ka2 = fixtures::key(&a, "hash-a2");
+    ka2.role = Role::Owner;
     for k in [&ka, &kb, &ka2] {
         store.key_create(k).await?;
     }

@@ -377,3 +377,54 @@ async fn postgres_lost_after_open_is_unavailable_then_recovers() -> anyhow::Resu
     assert!(store.tenant_get(&tenant).await?.is_some());
     Ok(())
 }
+
+/// A database made by the first schema keeps its keys and quotas when a
+/// newer StacyVM migrates it, and takes what the new schema adds.
+pub async fn a_first_schema_database_keeps_its_data_on_upgrade(db: &TestDb) -> anyhow::Result<()> {
+    use crate::harness::Raw;
+    use stacyvm_store::{Quota, Role};
+    let fresh = db.fresh_database().await?;
+    let raw = Raw::from_url(&fresh.url);
+    let (schema, migrations) = match &raw {
+        Raw::Sqlite(_) => (
+            include_str!("../../migrations/sqlite/0001_initial.sql"),
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, \
+             applied_at INTEGER NOT NULL) STRICT",
+        ),
+        Raw::Postgres(_) => (
+            include_str!("../../migrations/postgres/0001_initial.sql"),
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, \
+             applied_at BIGINT NOT NULL)",
+        ),
+    };
+    raw.script(schema).await?;
+    raw.script(&format!(
+        "{migrations};
+         INSERT INTO schema_migrations (version, name, applied_at) VALUES (1, 'initial', 0);
+         INSERT INTO tenants (id, name, created_at) VALUES ('tnt_old', 'old', 0);
+         INSERT INTO quotas (tenant_id, max_sandboxes) VALUES ('tnt_old', 3);
+         INSERT INTO api_keys (id, tenant_id, role, name, key_hash, created_at)
+             VALUES ('key_old', 'tnt_old', 'admin', 'old key', 'old-hash', 0);"
+    ))
+    .await?;
+    let store = stacyvm_store::open(&fresh.url).await?;
+    let key = store
+        .key_by_hash("old-hash")
+        .await?
+        .context("the old key survived the upgrade")?;
+    assert_eq!(key.role, Role::Admin);
+    let tenant = key.tenant_id.clone();
+    assert_eq!(
+        store.quota_get(&tenant).await?,
+        Quota {
+            max_sandboxes: Some(3),
+            ..Quota::default()
+        }
+    );
+    // What the new schema adds works on the upgraded database.
+    let mut owner = crate::fixtures::key(&tenant, "owner-hash");
+    owner.role = Role::Owner;
+    store.key_create(&owner).await?;
+    assert_eq!(store.key_by_hash("owner-hash").await?, Some(owner));
+    Ok(())
+}

@@ -47,6 +47,7 @@ conformance! {
     lifecycle::migrations_are_recorded_once,
     lifecycle::concurrent_opens_migrate_once,
     lifecycle::newer_schema_is_refused,
+    lifecycle::a_first_schema_database_keeps_its_data_on_upgrade,
     tenants::tenant_create_get_list,
     tenants::duplicate_tenant_name_is_a_conflict,
     tenants::bad_cursor_is_invalid_request,

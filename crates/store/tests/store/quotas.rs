@@ -24,6 +24,8 @@ pub async fn quota_defaults_set_and_replace(db: &TestDb) -> anyhow::Result<()> {
         max_memory_mb: Some(8192),
         max_timeout_s: Some(3600),
         max_exec_per_minute: Some(120),
+        allowed_providers: Some(vec!["docker".into(), "proot".into()]),
+        max_concurrent_execs: Some(100),
     };
     store.quota_set(&t, &full).await?;
     assert_eq!(store.quota_get(&t).await?, full);

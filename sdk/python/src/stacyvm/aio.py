@@ -612,6 +612,9 @@ class AsyncClient:
         return Quota.from_json(await self._t.json(core.quota_set(tenant_id, quota)))
 
     async def create_key(self, tenant_id: str, role: str, name: str) -> ApiKey:
+        """Issues a key (role ``admin`` on the operator's tenant only,
+        ``owner``, ``member`` or ``viewer``); its secret is in ``.key`` of the
+        answer, and only there."""
         return ApiKey.from_json(await self._t.json(core.key_create(tenant_id, role, name)))
 
     async def list_keys(self, *, limit: Optional[int] = None, cursor: Optional[str] = None) -> Page[ApiKey]:

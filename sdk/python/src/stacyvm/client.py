@@ -605,8 +605,9 @@ class Client:
         return Quota.from_json(self._t.json(core.quota_set(tenant_id, quota)))
 
     def create_key(self, tenant_id: str, role: str, name: str) -> ApiKey:
-        """Issues a key (role ``admin``, ``member`` or ``viewer``); its
-        secret is in ``.key`` of the answer, and only there."""
+        """Issues a key (role ``admin`` on the operator's tenant only,
+        ``owner``, ``member`` or ``viewer``); its secret is in ``.key`` of the
+        answer, and only there."""
         return ApiKey.from_json(self._t.json(core.key_create(tenant_id, role, name)))
 
     def list_keys(self, *, limit: Optional[int] = None, cursor: Optional[str] = None) -> Page[ApiKey]:

@@ -80,6 +80,12 @@ class QuotaExceeded(StacyVMError):
     """429: the tenant's quota would be exceeded."""
 
 
+class ResourceExhausted(Conflict):
+    """409: the sandbox ran out of processes (its pids limit), memory or file
+    descriptors; the message names which. End some of its processes, or
+    destroy it."""
+
+
 class RateLimited(StacyVMError):
     """429: too many requests; ``retry_after`` (seconds) says when to retry."""
 
@@ -130,6 +136,7 @@ ERROR_CLASSES: Dict[str, Type[StacyVMError]] = {
     "payload_too_large": PayloadTooLarge,
     "image_not_found": ImageNotFound,
     "quota_exceeded": QuotaExceeded,
+    "sandbox_resource_exhausted": ResourceExhausted,
     "rate_limited": RateLimited,
     "no_capacity": NoCapacity,
     "provider_unavailable": ProviderUnavailable,

@@ -316,6 +316,10 @@ class Quota:
     max_memory_mb: Optional[int] = None
     max_timeout_s: Optional[int] = None
     max_exec_per_minute: Optional[int] = None
+    #: Providers the tenant may use; ``None`` is the server's default (every
+    #: configured provider that is a security boundary, never ``proot``).
+    allowed_providers: Optional[List[str]] = None
+    max_concurrent_execs: Optional[int] = None
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -324,6 +328,10 @@ class Quota:
             "max_memory_mb": self.max_memory_mb,
             "max_timeout_s": self.max_timeout_s,
             "max_exec_per_minute": self.max_exec_per_minute,
+            "allowed_providers": (
+                None if self.allowed_providers is None else list(self.allowed_providers)
+            ),
+            "max_concurrent_execs": self.max_concurrent_execs,
         }
 
     @classmethod
@@ -334,6 +342,12 @@ class Quota:
             max_memory_mb=_opt_int(d.get("max_memory_mb")),
             max_timeout_s=_opt_int(d.get("max_timeout_s")),
             max_exec_per_minute=_opt_int(d.get("max_exec_per_minute")),
+            allowed_providers=(
+                None
+                if d.get("allowed_providers") is None
+                else [str(p) for p in d["allowed_providers"]]
+            ),
+            max_concurrent_execs=_opt_int(d.get("max_concurrent_execs")),
         )
 
 
