@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -38,6 +39,37 @@ pub struct ServeArgs {
     /// minute before it is refused with 429.
     #[arg(long, env = "STACYVM_AUTH_FAILURES_PER_MINUTE", default_value_t = 120)]
     auth_failures_per_minute: i64,
+    /// Seconds a client has to send a request's head (from connecting, or
+    /// from the first byte of a later request on the same connection);
+    /// slower clients are disconnected.
+    #[arg(
+        long,
+        env = "STACYVM_HEADER_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    header_timeout: u64,
+    /// Seconds a kept-alive connection may wait for its next request
+    /// before it is closed. Responses in progress (streams, downloads,
+    /// long execs) are never cut by it.
+    #[arg(
+        long,
+        env = "STACYVM_IDLE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86400)
+    )]
+    idle_timeout: u64,
+    /// Connections served at once; more wait until one closes.
+    #[arg(
+        long,
+        env = "STACYVM_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+    )]
+    max_connections: u64,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
@@ -87,6 +119,10 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .collect();
     config.local_worker = !args.no_local_worker;
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
+    config.http.header_timeout = Duration::from_secs(args.header_timeout);
+    config.http.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.http.max_connections = usize::try_from(args.max_connections)
+        .context("--max-connections does not fit this platform")?;
     for p in args
         .warm_pools
         .iter()

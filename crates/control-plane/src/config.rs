@@ -24,6 +24,32 @@ pub struct ServerConfig {
     pub reconcile_interval: Duration,
     /// Warm pools to keep filled.
     pub pools: Vec<crate::pools::PoolSpec>,
+    /// How HTTP connections are accepted, timed out and attributed.
+    pub http: HttpConfig,
+}
+
+/// The HTTP front: connection limits and timeouts.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// A client must send a whole request head within this time: from the
+    /// connection's start, or from the first byte of a later request.
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after
+    /// this long without a new one.
+    pub idle_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog
+    /// until one closes.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
 }
 
 /// Request limits and defaults.
@@ -87,6 +113,7 @@ impl ServerConfig {
             admin_key: None,
             reconcile_interval: Duration::from_secs(1),
             pools: Vec::new(),
+            http: HttpConfig::default(),
         }
     }
 }

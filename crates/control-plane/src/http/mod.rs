@@ -1,7 +1,7 @@
 //! The HTTP API (axum): routing, the middleware every request passes
-//! (request id → metrics → timeout → audit → auth) and the handlers. Only
-//! this module knows HTTP status codes; handlers parse and authorize, then
-//! call app services.
+//! (request id → metrics → timeout → audit → auth) and the handlers, over
+//! the connection handling of `serve`. Only this module knows HTTP status
+//! codes; handlers parse and authorize, then call app services.
 
 pub mod admin;
 pub mod dto;
@@ -11,6 +11,7 @@ pub mod files;
 pub mod openapi;
 pub mod request_id;
 pub mod sandboxes;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
