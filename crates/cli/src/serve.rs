@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use stacyvm_control_plane::http::client_addr::Cidr;
 use stacyvm_control_plane::ServerConfig;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -70,6 +71,17 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(1..=1_000_000)
     )]
     max_connections: u64,
+    /// Address block (CIDR, or a single address) of a reverse proxy or load
+    /// balancer whose X-Forwarded-For names the client: rate limits and
+    /// audit events then use that client address. Repeatable, or
+    /// comma-separated. Other peers' X-Forwarded-For is ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "STACYVM_TRUSTED_PROXIES",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<Cidr>,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
@@ -123,6 +135,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     config.http.idle_timeout = Duration::from_secs(args.idle_timeout);
     config.http.max_connections = usize::try_from(args.max_connections)
         .context("--max-connections does not fit this platform")?;
+    config.http.trusted_proxies = args.trusted_proxies;
     for p in args
         .warm_pools
         .iter()

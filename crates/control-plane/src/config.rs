@@ -28,7 +28,8 @@ pub struct ServerConfig {
     pub http: HttpConfig,
 }
 
-/// The HTTP front: connection limits and timeouts.
+/// The HTTP front: connection limits and timeouts, and which peers may
+/// speak for a client.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     /// A client must send a whole request head within this time: from the
@@ -40,6 +41,9 @@ pub struct HttpConfig {
     /// Connections served at once; further ones wait in the listen backlog
     /// until one closes.
     pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers,
+    /// reverse proxies). Everyone else's is ignored.
+    pub trusted_proxies: Vec<crate::http::client_addr::Cidr>,
 }
 
 impl Default for HttpConfig {
@@ -48,6 +52,7 @@ impl Default for HttpConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            trusted_proxies: Vec::new(),
         }
     }
 }

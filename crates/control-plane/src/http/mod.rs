@@ -1,9 +1,11 @@
 //! The HTTP API (axum): routing, the middleware every request passes
-//! (request id → metrics → timeout → audit → auth) and the handlers, over
-//! the connection handling of `serve`. Only this module knows HTTP status
-//! codes; handlers parse and authorize, then call app services.
+//! (request id → metrics → client address → timeout → audit → auth) and the
+//! handlers, over the connection handling of `serve`. Only this module
+//! knows HTTP status codes; handlers parse and authorize, then call app
+//! services.
 
 pub mod admin;
+pub mod client_addr;
 pub mod dto;
 pub mod error;
 pub mod extract;
@@ -13,11 +15,10 @@ pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,7 @@ use stacyvm_store::Actor;
 
 use crate::app::audit::{self, EventDraft};
 use crate::app::{auth, App, Principal};
+use client_addr::ClientAddr;
 use error::{error_response, ApiError};
 
 /// What every handler gets.
@@ -100,6 +102,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), audit_layer))
         .layer(middleware::from_fn_with_state(state.clone(), timeout_layer))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            client_addr::layer,
+        ))
         .layer(middleware::from_fn(metrics_layer))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
@@ -132,10 +138,7 @@ fn bearer(req: &Request) -> Option<String> {
 /// Resolves the API key; the principal goes into the request (for the
 /// handler) and the response (for the audit layer).
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
-    let addr = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let addr = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let limit = s.app.config.limits.auth_failures_per_minute;
     if let Some(addr) = addr {
         if let Err(e) = s.app.auth_failures.check(addr, limit) {
@@ -231,8 +234,8 @@ async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Res
     let path = req.uri().path().to_owned();
     let source_ip = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
+        .get::<ClientAddr>()
+        .map(|c| c.0.to_string());
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let who = resp.extensions().get::<Principal>().cloned();
