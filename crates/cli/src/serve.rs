@@ -37,7 +37,8 @@ pub struct ServeArgs {
     #[arg(long)]
     no_local_worker: bool,
     /// Failed authentication attempts one client address may make per
-    /// minute before it is refused with 429.
+    /// minute; past it, that address's bad keys get 429 (valid keys keep
+    /// working).
     #[arg(long, env = "STACYVM_AUTH_FAILURES_PER_MINUTE", default_value_t = 120)]
     auth_failures_per_minute: i64,
     /// Seconds a client has to send a request's head (from connecting, or

@@ -137,19 +137,21 @@ fn bearer(req: &Request) -> Option<String> {
 
 /// Resolves the API key; the principal goes into the request (for the
 /// handler) and the response (for the audit layer).
+///
+/// A valid key is always served. Failures are counted per client address,
+/// and an address over the limit gets `429` instead of `401` for its bad
+/// keys: guessing slows down, while a client sharing the address (behind
+/// the same NAT or proxy) with a working key is not locked out.
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     let addr = req.extensions().get::<ClientAddr>().map(|c| c.0);
-    let limit = s.app.config.limits.auth_failures_per_minute;
-    if let Some(addr) = addr {
-        if let Err(e) = s.app.auth_failures.check(addr, limit) {
-            return error_response(&e);
-        }
-    }
     let who = match auth::authenticate(&s.app.store, bearer(&req).as_deref()).await {
         Ok(p) => p,
         Err(e) => {
             if let (Error::Unauthenticated(_), Some(addr)) = (&e, addr) {
-                s.app.auth_failures.failed(addr);
+                let limit = s.app.config.limits.auth_failures_per_minute;
+                if let Err(limited) = s.app.auth_failures.failed(addr, limit) {
+                    return error_response(&limited);
+                }
             }
             return error_response(&e);
         }
