@@ -83,6 +83,10 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     trusted_proxies: Vec<Cidr>,
+    /// Serve /metrics without an API key (by default it needs an admin
+    /// key). Only for a port that scrapers alone can reach.
+    #[arg(long, env = "STACYVM_METRICS_PUBLIC")]
+    metrics_public: bool,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
@@ -137,6 +141,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     config.http.max_connections = usize::try_from(args.max_connections)
         .context("--max-connections does not fit this platform")?;
     config.http.trusted_proxies = args.trusted_proxies;
+    config.http.metrics_public = args.metrics_public;
     for p in args
         .warm_pools
         .iter()

@@ -28,8 +28,8 @@ pub struct ServerConfig {
     pub http: HttpConfig,
 }
 
-/// The HTTP front: connection limits and timeouts, and which peers may
-/// speak for a client.
+/// The HTTP front: connection limits and timeouts, which peers may speak
+/// for a client, and what needs a key.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     /// A client must send a whole request head within this time: from the
@@ -44,6 +44,8 @@ pub struct HttpConfig {
     /// Peers whose `X-Forwarded-For` names the client (load balancers,
     /// reverse proxies). Everyone else's is ignored.
     pub trusted_proxies: Vec<crate::http::client_addr::Cidr>,
+    /// Serve `/metrics` without a key (for scrapers on a trusted network).
+    pub metrics_public: bool,
 }
 
 impl Default for HttpConfig {
@@ -53,6 +55,7 @@ impl Default for HttpConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             trusted_proxies: Vec::new(),
+            metrics_public: false,
         }
     }
 }

@@ -91,11 +91,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workers", get(worker_list))
         .route("/v1/workers/{id}/drain", post(worker_drain))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
+    // Metrics name routes, tenants' activity and sandbox counts: operators
+    // only, unless the operator opens them to a scraper.
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if !state.app.config.http.metrics_public {
+        metrics_route = metrics_route
+            .route_layer(middleware::from_fn(admin_only))
+            .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
+    }
     Router::new()
         .merge(v1)
+        .merge(metrics_route)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs_page))
         .fallback(not_found)
@@ -140,8 +148,9 @@ fn bearer(req: &Request) -> Option<String> {
 ///
 /// A valid key is always served. Failures are counted per client address,
 /// and an address over the limit gets `429` instead of `401` for its bad
-/// keys: guessing slows down, while a client sharing the address (behind
-/// the same NAT or proxy) with a working key is not locked out.
+/// keys, telling a flooding client to back off, while a client sharing the
+/// address (behind the same NAT or proxy) with a working key is not locked
+/// out.
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     let addr = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let who = match auth::authenticate(&s.app.store, bearer(&req).as_deref()).await {
@@ -160,6 +169,15 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
     let mut resp = next.run(req).await;
     resp.extensions_mut().insert(who);
     resp
+}
+
+/// Refuses every key but the operator's (after `auth_layer`).
+async fn admin_only(req: Request, next: Next) -> Response {
+    let who = req.extensions().get::<Principal>().cloned();
+    match who {
+        Some(w) if w.is_admin() => next.run(req).await,
+        _ => error_response(&Error::Forbidden("this call needs an admin key".into())),
+    }
 }
 
 /// The audit action of a route, e.g. `sandbox.exec`.
@@ -201,6 +219,7 @@ fn action_of(method: &Method, route: &str) -> String {
         ("GET", "/v1/status") => "status.get",
         ("GET", "/v1/workers") => "worker.list",
         ("POST", "/v1/workers/{id}/drain") => "worker.drain",
+        ("GET", "/metrics") => "metrics.get",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()
@@ -252,7 +271,9 @@ async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Res
         }
     }
     if !(mutating || refused || cross_tenant)
-        || route.as_deref().is_none_or(|r| !r.starts_with("/v1/"))
+        || route
+            .as_deref()
+            .is_none_or(|r| !r.starts_with("/v1/") && r != "/metrics")
     {
         return resp;
     }
