@@ -48,8 +48,11 @@ pub async fn serve(
     limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS) as u32;
-    let slots = Arc::new(Semaphore::new(max as usize));
+    // At most what a semaphore holds and `acquire_many` can wait for.
+    let max = limits
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let slots = Arc::new(Semaphore::new(max));
     let (close_tx, close_rx) = watch::channel(false);
     loop {
         // A slot first: past the cap, new connections wait in the kernel's
@@ -85,7 +88,7 @@ pub async fn serve(
     drop(listener);
     let _ = close_tx.send(true);
     // Every connection holds a slot until it is done.
-    let _ = slots.acquire_many(max).await;
+    let _ = slots.acquire_many(max as u32).await;
     Ok(())
 }
 
