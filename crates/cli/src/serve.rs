@@ -5,9 +5,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use stacyvm_control_plane::http::client_addr::Cidr;
 use stacyvm_control_plane::ServerConfig;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -38,13 +40,66 @@ pub struct ServeArgs {
     #[arg(long)]
     no_local_worker: bool,
     /// Failed authentication attempts one client address may make per
-    /// minute before it is refused with 429.
+    /// minute; past it, that address's bad keys get 429 (valid keys keep
+    /// working).
     #[arg(long, env = "STACYVM_AUTH_FAILURES_PER_MINUTE", default_value_t = 120)]
     auth_failures_per_minute: i64,
     /// Commands (execs and streaming execs) one sandbox may run at once;
     /// more are refused with 429 until one finishes.
-    #[arg(long, env = "STACYVM_MAX_EXECS_PER_SANDBOX", default_value_t = 32)]
-    max_execs_per_sandbox: usize,
+    #[arg(
+        long,
+        env = "STACYVM_MAX_EXECS_PER_SANDBOX",
+        value_name = "N",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u64).range(1..=100_000)
+    )]
+    max_execs_per_sandbox: u64,
+    /// Seconds a client has to send a request's head (from connecting, or
+    /// from the first byte of a later request on the same connection);
+    /// slower clients are disconnected.
+    #[arg(
+        long,
+        env = "STACYVM_HEADER_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    header_timeout: u64,
+    /// Seconds a kept-alive connection may wait for its next request
+    /// before it is closed. Responses in progress (streams, downloads,
+    /// long execs) are never cut by it.
+    #[arg(
+        long,
+        env = "STACYVM_IDLE_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86400)
+    )]
+    idle_timeout: u64,
+    /// Connections served at once; more wait until one closes.
+    #[arg(
+        long,
+        env = "STACYVM_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+    )]
+    max_connections: u64,
+    /// Address block (CIDR, or a single address) of a reverse proxy or load
+    /// balancer whose X-Forwarded-For names the client: rate limits and
+    /// audit events then use that client address. Repeatable, or
+    /// comma-separated. Other peers' X-Forwarded-For is ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "STACYVM_TRUSTED_PROXIES",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<Cidr>,
+    /// Serve /metrics without an API key (by default it needs an admin
+    /// key). Only for a port that scrapers alone can reach.
+    #[arg(long, env = "STACYVM_METRICS_PUBLIC")]
+    metrics_public: bool,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
@@ -94,10 +149,14 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .collect();
     config.local_worker = !args.no_local_worker;
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
-    if args.max_execs_per_sandbox == 0 {
-        anyhow::bail!("--max-execs-per-sandbox must be at least 1");
-    }
-    config.limits.max_execs_per_sandbox = args.max_execs_per_sandbox;
+    config.limits.max_execs_per_sandbox = usize::try_from(args.max_execs_per_sandbox)
+        .context("--max-execs-per-sandbox does not fit this platform")?;
+    config.http.header_timeout = Duration::from_secs(args.header_timeout);
+    config.http.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.http.max_connections = usize::try_from(args.max_connections)
+        .context("--max-connections does not fit this platform")?;
+    config.http.trusted_proxies = args.trusted_proxies;
+    config.http.metrics_public = args.metrics_public;
     for p in args
         .warm_pools
         .iter()

@@ -27,6 +27,40 @@ pub struct ServerConfig {
     pub reconcile_interval: Duration,
     /// Warm pools to keep filled.
     pub pools: Vec<crate::pools::PoolSpec>,
+    /// How HTTP connections are accepted, timed out and attributed.
+    pub http: HttpConfig,
+}
+
+/// The HTTP front: connection limits and timeouts, which peers may speak
+/// for a client, and what needs a key.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// A client must send a whole request head within this time: from the
+    /// connection's start, or from the first byte of a later request.
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after
+    /// this long without a new one.
+    pub idle_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog
+    /// until one closes.
+    pub max_connections: usize,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers,
+    /// reverse proxies). Everyone else's is ignored.
+    pub trusted_proxies: Vec<crate::http::client_addr::Cidr>,
+    /// Serve `/metrics` without a key (for scrapers on a trusted network).
+    pub metrics_public: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            trusted_proxies: Vec::new(),
+            metrics_public: false,
+        }
+    }
 }
 
 /// Request limits and defaults.
@@ -114,6 +148,7 @@ impl ServerConfig {
             admin_key: None,
             reconcile_interval: Duration::from_secs(1),
             pools: Vec::new(),
+            http: HttpConfig::default(),
         }
     }
 }

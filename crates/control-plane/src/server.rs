@@ -173,27 +173,17 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         .local_addr()
         .map_err(|e| Error::internal("reading the listen address", e))?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut stop_http = stop_rx.clone();
-    // No Nagle delay: streamed exec output and small answers go out at once.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let serving = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            while !*stop_http.borrow() {
-                if stop_http.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await
-    });
+    let limits = http::serve::ConnLimits {
+        header_timeout: config.http.header_timeout,
+        idle_timeout: config.http.idle_timeout,
+        max_connections: config.http.max_connections,
+    };
+    let serving = tokio::spawn(http::serve::serve(
+        listener,
+        router,
+        limits,
+        stop_rx.clone(),
+    ));
     let loops = reconcilers::spawn_loops(app.clone(), stop_rx.clone());
     let pool_loop = reconcilers::spawn_pool_loop(app.clone(), stop_rx);
     tracing::info!(%addr, store = app.store.kind(), "StacyVM is serving");

@@ -100,6 +100,8 @@ pub trait Store: Send + Sync + 'static {
     async fn sandbox_list_expired(&self, now: OffsetDateTime) -> Result<Vec<SandboxRecord>>;
     /// Number of sandboxes per state name (all tenants), states with none omitted.
     async fn sandbox_count_by_state(&self) -> Result<Vec<(String, i64)>>;
+    /// The same for one tenant's sandboxes.
+    async fn sandbox_count_by_state_of(&self, tenant: &TenantId) -> Result<Vec<(String, i64)>>;
 
     // --- audit (append-only) -------------------------------------------
 

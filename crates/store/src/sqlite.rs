@@ -769,6 +769,16 @@ impl Store for SqliteStore {
         .map_err(|e| db_error(D, "counting sandboxes", e))
     }
 
+    async fn sandbox_count_by_state_of(&self, tenant: &TenantId) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, COUNT(*) FROM sandboxes WHERE tenant_id = ? GROUP BY state ORDER BY state",
+        )
+        .bind(tenant.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error(D, "counting a tenant's sandboxes", e))
+    }
+
     // --- audit (append-only) -------------------------------------------
 
     async fn audit_append(&self, event: &AuditEvent) -> Result<()> {

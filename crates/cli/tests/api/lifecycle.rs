@@ -222,7 +222,10 @@ async fn health_metrics_openapi_status_workers_and_drain() -> Result<()> {
     );
     member.get("/v1/status").await?.ok(200)?;
 
-    let metrics = anon.get("/metrics").await?;
+    // Metrics are the operator's: no key is 401, a tenant's key 403.
+    anon.get("/metrics").await?.err(401, "unauthenticated")?;
+    member.get("/metrics").await?.err(403, "forbidden")?;
+    let metrics = admin.get("/metrics").await?;
     ensure!(metrics.status == 200, "metrics: {}", metrics.status);
     let text = metrics.text();
     ensure!(

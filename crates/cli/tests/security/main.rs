@@ -1,8 +1,10 @@
 //! StacyVM's security and reliability suite: attacks a real `stacyvm serve`
 //! the way untrusted sandbox code, other tenants and crashing hosts will —
 //! containment against the real Docker and PRoot providers, key and tenant
-//! refusals with their audit trail, and crashes and faults (kill -9, a
-//! stopped dockerd, a stopped PostgreSQL, a full disk). Each test starts its
+//! refusals with their audit trail, the HTTP front under abuse (slow
+//! request heads, too many connections, bad-key floods, forged
+//! X-Forwarded-For, what operators' endpoints tell tenants), and crashes and
+//! faults (kill -9, a stopped dockerd, a stopped PostgreSQL, a full disk). Each test starts its
 //! own server and private fixtures and leaves nothing behind.
 //!
 //! Needs root, dockerd, proot, PostgreSQL 15 binaries, and either
@@ -15,6 +17,7 @@ mod faults;
 #[allow(dead_code)]
 #[path = "../common/fixtures.rs"]
 mod fixtures;
+mod front;
 mod keys;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

@@ -10,16 +10,30 @@ use std::time::{Duration, Instant};
 use stacyvm_core::{Error, Result, TenantId};
 
 const WINDOW: Duration = Duration::from_secs(60);
+/// Keys with events in the last minute, at most. Past it a new key is
+/// refused until old ones expire: memory stays bounded however many
+/// addresses a flood comes from.
+const MAX_KEYS: usize = 100_000;
 
 /// Events per key within the last minute.
 pub struct SlidingWindow<K> {
-    windows: Mutex<HashMap<K, VecDeque<Instant>>>,
+    inner: Mutex<Windows<K>>,
+}
+
+struct Windows<K> {
+    by_key: HashMap<K, VecDeque<Instant>>,
+    /// Size at which expired keys are swept next; it grows with the live
+    /// keys, so sweeping stays amortised constant per event.
+    sweep_at: usize,
 }
 
 impl<K> Default for SlidingWindow<K> {
     fn default() -> Self {
         SlidingWindow {
-            windows: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Windows {
+                by_key: HashMap::new(),
+                sweep_at: 1024,
+            }),
         }
     }
 }
@@ -27,15 +41,20 @@ impl<K> Default for SlidingWindow<K> {
 impl<K: Hash + Eq + Clone> SlidingWindow<K> {
     /// `Err(seconds until the oldest event leaves the window)` when `key`
     /// already has `limit` events in the last minute; otherwise records one
-    /// event when `record` is set.
-    fn admit(&self, key: &K, limit: i64, record: bool) -> std::result::Result<(), u64> {
+    /// event.
+    fn admit(&self, key: &K, limit: i64) -> std::result::Result<(), u64> {
         let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget keys whose window emptied, so the map does not grow forever.
-        if windows.len() > 10_000 {
-            windows.retain(|_, w| w.back().is_some_and(|t| now.duration_since(*t) < WINDOW));
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let w = &mut *inner;
+        if w.by_key.len() >= w.sweep_at {
+            w.by_key
+                .retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < WINDOW));
+            w.sweep_at = (w.by_key.len() * 2).max(1024);
         }
-        let window = windows.entry(key.clone()).or_default();
+        if !w.by_key.contains_key(key) && w.by_key.len() >= MAX_KEYS {
+            return Err(WINDOW.as_secs());
+        }
+        let window = w.by_key.entry(key.clone()).or_default();
         while window
             .front()
             .is_some_and(|t| now.duration_since(*t) >= WINDOW)
@@ -54,19 +73,8 @@ impl<K: Hash + Eq + Clone> SlidingWindow<K> {
                 .unwrap_or(60);
             return Err(retry);
         }
-        if record {
-            window.push_back(now);
-        }
+        window.push_back(now);
         Ok(())
-    }
-
-    /// Records one event for `key`.
-    pub fn record(&self, key: &K) {
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        windows
-            .entry(key.clone())
-            .or_default()
-            .push_back(Instant::now());
     }
 }
 
@@ -84,7 +92,7 @@ impl ExecLimiter {
             return Ok(());
         };
         self.window
-            .admit(tenant, limit, true)
+            .admit(tenant, limit)
             .map_err(|retry| Error::RateLimited {
                 message: format!(
                     "rate limited: max_exec_per_minute is {limit}; retry in {retry} s"
@@ -94,18 +102,23 @@ impl ExecLimiter {
     }
 }
 
-/// Failed authentication attempts per client address.
+/// Failed authentication attempts per client address (the address
+/// `http::client_addr` resolves, so clients behind a trusted proxy are told
+/// apart).
 #[derive(Default)]
 pub struct AuthFailureLimiter {
     window: SlidingWindow<std::net::IpAddr>,
 }
 
 impl AuthFailureLimiter {
-    /// Refuses an address that failed authentication `limit` times in the
-    /// last minute, before its key is even looked at.
-    pub fn check(&self, addr: std::net::IpAddr, limit: i64) -> Result<()> {
+    /// Counts one failed authentication from `addr`. Past `limit` failures
+    /// in the last minute the failure is refused with `RateLimited` (and not
+    /// counted, so the window clears a minute after the failures that
+    /// filled it). Only failures are ever refused: a valid key from the
+    /// same address never comes here.
+    pub fn failed(&self, addr: std::net::IpAddr, limit: i64) -> Result<()> {
         self.window
-            .admit(&addr, limit, false)
+            .admit(&source_of(addr), limit)
             .map_err(|retry| Error::RateLimited {
                 message: format!(
                     "too many failed authentication attempts from this address; retry in {retry} s"
@@ -113,9 +126,17 @@ impl AuthFailureLimiter {
                 retry_after_s: retry,
             })
     }
+}
 
-    pub fn failed(&self, addr: std::net::IpAddr) {
-        self.window.record(&addr);
+/// The unit failures are counted by: an IPv4 address, or the /64 an IPv6
+/// address is in (one host commonly holds a whole /64, so counting single
+/// IPv6 addresses would let it guess without limit).
+fn source_of(addr: std::net::IpAddr) -> std::net::IpAddr {
+    match addr.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64)).into()
+        }
+        v4 => v4,
     }
 }
 
@@ -142,15 +163,43 @@ mod tests {
     }
 
     #[test]
-    fn auth_failures_block_an_address_after_the_limit() {
+    fn auth_failures_are_refused_after_the_limit_per_address() {
         let l = AuthFailureLimiter::default();
         let a: std::net::IpAddr = "127.0.0.9".parse().unwrap();
         let b: std::net::IpAddr = "127.0.0.10".parse().unwrap();
         for _ in 0..2 {
-            l.check(a, 2).unwrap();
-            l.failed(a);
+            l.failed(a, 2).unwrap();
         }
-        assert!(matches!(l.check(a, 2), Err(Error::RateLimited { .. })));
-        l.check(b, 2).unwrap();
+        for _ in 0..3 {
+            match l.failed(a, 2) {
+                Err(Error::RateLimited { retry_after_s, .. }) => {
+                    assert!((1..=60).contains(&retry_after_s))
+                }
+                other => panic!("expected rate limit, got {other:?}"),
+            }
+        }
+        l.failed(b, 2).unwrap();
+    }
+
+    #[test]
+    fn ipv6_failures_count_per_64() {
+        let l = AuthFailureLimiter::default();
+        let one: std::net::IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: std::net::IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        l.failed(one, 1).unwrap();
+        assert!(l.failed(same_64, 1).is_err());
+        l.failed(other_64, 1).unwrap();
+    }
+
+    #[test]
+    fn the_window_forgets_expired_keys_and_stays_bounded() {
+        let w: SlidingWindow<u32> = SlidingWindow::default();
+        for k in 0..MAX_KEYS as u32 {
+            w.admit(&k, 5).unwrap();
+        }
+        // Full of live keys: a new one is refused, a known one still counts.
+        assert!(w.admit(&u32::MAX, 5).is_err());
+        w.admit(&0, 5).unwrap();
     }
 }

@@ -520,6 +520,16 @@ impl App {
 
     /// Lifecycle lines from the record, then the provider's and runtime's.
     pub async fn sandbox_logs(&self, who: &Principal, id: &str) -> Result<Vec<LogLine>> {
+        Ok(self.sandbox_logs_and_state(who, id).await?.1)
+    }
+
+    /// The logs and the state they were read in, from one read of the
+    /// record (a log follower polls this).
+    pub async fn sandbox_logs_and_state(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(SandboxState, Vec<LogLine>)> {
         let rec = self.sandbox_visible(who, id).await?;
         let mut lines = lifecycle_lines(&rec);
         if !rec.state.is_terminal() && rec.worker_id.is_some() {
@@ -534,7 +544,7 @@ impl App {
             }
         }
         lines.sort_by_key(|l| l.ts);
-        Ok(lines)
+        Ok((rec.state, lines))
     }
 
     /// Checks and builds an exec request from API input.

@@ -106,20 +106,31 @@ impl App {
             .collect())
     }
 
-    pub async fn status(&self) -> Result<Status> {
+    /// The status as `who` may see it. Operators (admin keys) get the
+    /// whole deployment; any other key gets its own tenant's sandbox counts
+    /// and the provider health list, without workers or warm pools, so a
+    /// tenant learns nothing of the others' activity.
+    pub async fn status(&self, who: &super::Principal) -> Result<Status> {
         let store = self.store_status().await;
+        let global = who.is_admin();
         let mut sandboxes: BTreeMap<String, i64> = SandboxState::ALL
             .iter()
             .map(|s| (s.as_str().to_owned(), 0))
             .collect();
-        let workers = if store.ok {
-            for (state, n) in self.store.sandbox_count_by_state().await? {
+        let mut workers = Vec::new();
+        if store.ok {
+            let counts = if global {
+                self.store.sandbox_count_by_state().await?
+            } else {
+                self.store.sandbox_count_by_state_of(&who.tenant_id).await?
+            };
+            for (state, n) in counts {
                 sandboxes.insert(state, n);
             }
-            self.worker_status().await?
-        } else {
-            Vec::new()
-        };
+            if global {
+                workers = self.worker_status().await?;
+            }
+        }
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
             mode: if self.config.local_worker && self.scheduler.workers().len() <= 1 {
@@ -132,7 +143,11 @@ impl App {
             providers: self.provider_status().await,
             workers,
             sandboxes,
-            pools: self.pools.status(),
+            pools: if global {
+                self.pools.status()
+            } else {
+                Vec::new()
+            },
         })
     }
 

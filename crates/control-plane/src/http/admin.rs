@@ -1,5 +1,6 @@
 //! Handlers of images, tenants, keys, quotas, audit, status and workers,
-//! plus the unauthenticated `/healthz`, `/readyz`, `/metrics`.
+//! plus `/healthz`, `/readyz` (no key) and `/metrics` (an admin key unless
+//! the operator opens it).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -254,9 +255,11 @@ pub async fn audit_list(
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "status",
-    responses((status = 200, description = "version, mode, uptime, store, providers, workers, sandboxes by state")))]
-pub async fn status(State(s): State<AppState>, Auth(_who): Auth) -> ApiResult<Response> {
-    let st = s.app.status().await?;
+    responses((status = 200, description = "version, mode, uptime, store, providers, workers, sandboxes by state, pools. \
+        Admin keys see the whole deployment; any other key sees its own tenant's sandbox counts and \
+        the providers, with `workers` and `pools` empty.")))]
+pub async fn status(State(s): State<AppState>, Auth(who): Auth) -> ApiResult<Response> {
+    let st = s.app.status(&who).await?;
     Ok(Json(st).into_response())
 }
 
@@ -281,14 +284,14 @@ pub async fn worker_drain(
     Ok(Json(w).into_response())
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "status", responses((status = 200, body = HealthView)))]
+#[utoipa::path(get, path = "/healthz", tag = "status", security(()), responses((status = 200, body = HealthView)))]
 pub async fn healthz() -> Json<HealthView> {
     Json(HealthView {
         status: "ok".into(),
     })
 }
 
-#[utoipa::path(get, path = "/readyz", tag = "status",
+#[utoipa::path(get, path = "/readyz", tag = "status", security(()),
     responses((status = 200, body = HealthView), (status = 503, body = super::error::ErrorBody)))]
 pub async fn readyz(State(s): State<AppState>) -> Response {
     match s.app.readiness().await {
@@ -303,7 +306,9 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "status",
-    responses((status = 200, content_type = "text/plain", body = String)))]
+    description = "Prometheus text. Needs an admin key, unless the server runs with `--metrics-public`.",
+    responses((status = 200, content_type = "text/plain", body = String),
+        (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody)))]
 pub async fn metrics(State(s): State<AppState>) -> Response {
     if let Ok(counts) = s.app.store.sandbox_count_by_state().await {
         for st in stacyvm_core::SandboxState::ALL {

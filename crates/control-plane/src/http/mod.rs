@@ -1,9 +1,11 @@
 //! The HTTP API (axum): routing, the middleware every request passes
-//! (request id → metrics → timeout → audit → auth) and the handlers. Only
-//! this module knows HTTP status codes; handlers parse and authorize, then
-//! call app services.
+//! (request id → metrics → client address → timeout → audit → auth) and the
+//! handlers, over the connection handling of `serve`. Only this module
+//! knows HTTP status codes; handlers parse and authorize, then call app
+//! services.
 
 pub mod admin;
+pub mod client_addr;
 pub mod dto;
 pub mod error;
 pub mod extract;
@@ -11,12 +13,12 @@ pub mod files;
 pub mod openapi;
 pub mod request_id;
 pub mod sandboxes;
+pub mod serve;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +30,7 @@ use stacyvm_store::Actor;
 
 use crate::app::audit::{self, EventDraft};
 use crate::app::{auth, App, Principal};
+use client_addr::ClientAddr;
 use error::{error_response, ApiError};
 
 /// What every handler gets.
@@ -88,17 +91,29 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workers", get(worker_list))
         .route("/v1/workers/{id}/drain", post(worker_drain))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
+    // Metrics name routes, tenants' activity and sandbox counts: operators
+    // only, unless the operator opens them to a scraper.
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if !state.app.config.http.metrics_public {
+        metrics_route = metrics_route
+            .route_layer(middleware::from_fn(admin_only))
+            .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
+    }
     Router::new()
         .merge(v1)
+        .merge(metrics_route)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs_page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), audit_layer))
         .layer(middleware::from_fn_with_state(state.clone(), timeout_layer))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            client_addr::layer,
+        ))
         .layer(middleware::from_fn(metrics_layer))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
@@ -130,22 +145,22 @@ fn bearer(req: &Request) -> Option<String> {
 
 /// Resolves the API key; the principal goes into the request (for the
 /// handler) and the response (for the audit layer).
+///
+/// A valid key is always served. Failures are counted per client address,
+/// and an address over the limit gets `429` instead of `401` for its bad
+/// keys, telling a flooding client to back off, while a client sharing the
+/// address (behind the same NAT or proxy) with a working key is not locked
+/// out.
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
-    let addr = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let limit = s.app.config.limits.auth_failures_per_minute;
-    if let Some(addr) = addr {
-        if let Err(e) = s.app.auth_failures.check(addr, limit) {
-            return error_response(&e);
-        }
-    }
+    let addr = req.extensions().get::<ClientAddr>().map(|c| c.0);
     let who = match auth::authenticate(&s.app.store, bearer(&req).as_deref()).await {
         Ok(p) => p,
         Err(e) => {
             if let (Error::Unauthenticated(_), Some(addr)) = (&e, addr) {
-                s.app.auth_failures.failed(addr);
+                let limit = s.app.config.limits.auth_failures_per_minute;
+                if let Err(limited) = s.app.auth_failures.failed(addr, limit) {
+                    return error_response(&limited);
+                }
             }
             return error_response(&e);
         }
@@ -154,6 +169,15 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
     let mut resp = next.run(req).await;
     resp.extensions_mut().insert(who);
     resp
+}
+
+/// Refuses every key but the operator's (after `auth_layer`).
+async fn admin_only(req: Request, next: Next) -> Response {
+    let who = req.extensions().get::<Principal>().cloned();
+    match who {
+        Some(w) if w.is_admin() => next.run(req).await,
+        _ => error_response(&Error::Forbidden("this call needs an admin key".into())),
+    }
 }
 
 /// The audit action of a route, e.g. `sandbox.exec`.
@@ -195,6 +219,7 @@ fn action_of(method: &Method, route: &str) -> String {
         ("GET", "/v1/status") => "status.get",
         ("GET", "/v1/workers") => "worker.list",
         ("POST", "/v1/workers/{id}/drain") => "worker.drain",
+        ("GET", "/metrics") => "metrics.get",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()
@@ -230,8 +255,8 @@ async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Res
     let path = req.uri().path().to_owned();
     let source_ip = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string());
+        .get::<ClientAddr>()
+        .map(|c| c.0.to_string());
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let who = resp.extensions().get::<Principal>().cloned();
@@ -246,7 +271,9 @@ async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Res
         }
     }
     if !(mutating || refused || cross_tenant)
-        || route.as_deref().is_none_or(|r| !r.starts_with("/v1/"))
+        || route
+            .as_deref()
+            .is_none_or(|r| !r.starts_with("/v1/") && r != "/metrics")
     {
         return resp;
     }

@@ -217,43 +217,34 @@ pub async fn sandbox_logs(
     }
     // Follow: send what exists, then poll for lines not sent yet until the
     // sandbox reaches a terminal state (its last lifecycle line included).
-    // Lines are told apart by content, not position: provider lines vanish
-    // with the runtime while lifecycle lines are added.
+    // A follower keeps only a position, and polls less often while nothing
+    // happens, so idle followers cost little.
+    let mut cursor = LogCursor::default();
+    let first: Vec<Event> = cursor.fresh(&lines).map(log_event).collect();
     let app = s.app.clone();
-    let key = |l: &stacyvm_provider::LogLine| (l.ts, l.source.clone(), l.message.clone());
-    let seen: std::collections::HashSet<_> = lines.iter().map(key).collect();
-    let first: Vec<Event> = lines
-        .iter()
-        .filter_map(|l| {
-            Event::default()
-                .event("log")
-                .json_data(LogLineView::from(l))
-                .ok()
-        })
-        .collect();
     let follow = stream::unfold(
-        (app, who, id, seen, false),
-        move |(app, who, id, mut seen, done)| async move {
+        (app, who, id, cursor, FOLLOW_POLL_MIN, false),
+        move |(app, who, id, mut cursor, wait, done)| async move {
             if done {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let terminal = match app.sandbox_visible(&who, &id).await {
-                Ok(r) => r.state.is_terminal(),
-                Err(_) => true,
+            tokio::time::sleep(wait).await;
+            let (terminal, lines) = match app.sandbox_logs_and_state(&who, &id).await {
+                Ok((state, lines)) => (state.is_terminal(), lines),
+                // Gone or unreadable: end the stream rather than poll on.
+                Err(_) => (true, Vec::new()),
             };
-            let lines = app.sandbox_logs(&who, &id).await.unwrap_or_default();
-            let fresh: Vec<Event> = lines
-                .iter()
-                .filter(|l| seen.insert(key(l)))
-                .filter_map(|l| {
-                    Event::default()
-                        .event("log")
-                        .json_data(LogLineView::from(l))
-                        .ok()
-                })
-                .collect();
-            Some((stream::iter(fresh), (app, who, id, seen, terminal)))
+            let fresh: Vec<&stacyvm_provider::LogLine> = cursor.fresh(&lines).collect();
+            // Provider diagnostics are restated on every read; only lines
+            // from the runtime or the lifecycle mean something happened.
+            let active = fresh.iter().any(|l| l.source != "provider");
+            let wait = if active {
+                FOLLOW_POLL_MIN
+            } else {
+                (wait * 2).min(FOLLOW_POLL_MAX)
+            };
+            let events: Vec<Event> = fresh.into_iter().map(log_event).collect();
+            Some((stream::iter(events), (app, who, id, cursor, wait, terminal)))
         },
     )
     .flatten();
@@ -261,6 +252,83 @@ pub async fn sandbox_logs(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// How often a log follower polls: this soon after something happened,
+/// backing off to the maximum while nothing does.
+const FOLLOW_POLL_MIN: Duration = Duration::from_millis(500);
+const FOLLOW_POLL_MAX: Duration = Duration::from_secs(5);
+
+fn log_event(l: &stacyvm_provider::LogLine) -> Event {
+    Event::default()
+        .event("log")
+        .json_data(LogLineView::from(l))
+        .unwrap_or_else(|_| Event::default().event("log").data("{}"))
+}
+
+/// What a log follower has sent, in constant space. Provider and runtime
+/// lines come in time order, so a position is enough: the newest time sent
+/// and how many lines with exactly that time were sent. Lifecycle lines are
+/// made from the sandbox's record and may carry an older time than lines
+/// already sent (a failure is stamped when it happened), so the few of them
+/// there can be are remembered one by one.
+#[derive(Default)]
+struct LogCursor {
+    last: Option<time::OffsetDateTime>,
+    at_last: usize,
+    lifecycle: Vec<(time::OffsetDateTime, String)>,
+}
+
+/// At most this many lifecycle lines are remembered (a record yields four
+/// at most); past it the oldest is forgotten rather than growing.
+const LIFECYCLE_LINES_KEPT: usize = 16;
+
+impl LogCursor {
+    /// The lines of `lines` (sorted by time) not sent yet, in order; marks
+    /// them sent.
+    fn fresh<'a>(
+        &mut self,
+        lines: &'a [stacyvm_provider::LogLine],
+    ) -> impl Iterator<Item = &'a stacyvm_provider::LogLine> {
+        let mut out = Vec::new();
+        let mut at_last_seen = 0;
+        let (last, at_last) = (self.last, self.at_last);
+        for l in lines {
+            if l.source == "lifecycle" {
+                if !self
+                    .lifecycle
+                    .iter()
+                    .any(|(ts, m)| *ts == l.ts && *m == l.message)
+                {
+                    if self.lifecycle.len() == LIFECYCLE_LINES_KEPT {
+                        self.lifecycle.remove(0);
+                    }
+                    self.lifecycle.push((l.ts, l.message.clone()));
+                    out.push(l);
+                }
+                continue;
+            }
+            let new = match last {
+                None => true,
+                Some(t) if l.ts > t => true,
+                Some(t) if l.ts == t => {
+                    at_last_seen += 1;
+                    at_last_seen > at_last
+                }
+                Some(_) => false,
+            };
+            if new {
+                if self.last == Some(l.ts) {
+                    self.at_last += 1;
+                } else {
+                    self.last = Some(l.ts);
+                    self.at_last = 1;
+                }
+                out.push(l);
+            }
+        }
+        out.into_iter()
+    }
 }
 
 fn exec_detail(rec: &SandboxRecord, cmd: &[String]) -> serde_json::Value {
@@ -360,4 +428,67 @@ pub async fn sandbox_exec_stream(
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response();
     Ok(note(resp, Some(rec.id.to_string()), detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stacyvm_provider::LogLine;
+
+    fn line(secs: i64, source: &str, message: &str) -> LogLine {
+        LogLine {
+            ts: time::OffsetDateTime::from_unix_timestamp(1_700_000_000 + secs).unwrap(),
+            source: source.into(),
+            message: message.into(),
+        }
+    }
+
+    fn messages<'a>(it: impl Iterator<Item = &'a LogLine>) -> Vec<&'a str> {
+        it.map(|l| l.message.as_str()).collect()
+    }
+
+    #[test]
+    fn a_log_cursor_sends_each_line_once() {
+        let mut c = LogCursor::default();
+        let first = vec![
+            line(0, "lifecycle", "created"),
+            line(1, "runtime", "a"),
+            line(1, "runtime", "b"),
+        ];
+        assert_eq!(messages(c.fresh(&first)), ["created", "a", "b"]);
+        assert!(c.fresh(&first).next().is_none(), "nothing twice");
+
+        // A third line with the same time, a later one, and a lifecycle line
+        // stamped earlier than what was already sent.
+        let second = vec![
+            line(0, "lifecycle", "created"),
+            line(0, "lifecycle", "failed (x): y"),
+            line(1, "runtime", "a"),
+            line(1, "runtime", "b"),
+            line(1, "runtime", "c"),
+            line(2, "runtime", "d"),
+        ];
+        assert_eq!(messages(c.fresh(&second)), ["failed (x): y", "c", "d"]);
+        assert!(c.fresh(&second).next().is_none());
+
+        // Provider lines that vanish with the runtime do not make old ones new.
+        let third = vec![
+            line(0, "lifecycle", "created"),
+            line(3, "lifecycle", "destroyed"),
+        ];
+        assert_eq!(messages(c.fresh(&third)), ["destroyed"]);
+    }
+
+    #[test]
+    fn a_log_cursor_stays_small() {
+        let mut c = LogCursor::default();
+        for i in 0..10_000 {
+            let lines = vec![
+                line(i, "runtime", "tick"),
+                line(i, "lifecycle", &format!("odd {i}")),
+            ];
+            assert_eq!(c.fresh(&lines).count(), 2);
+        }
+        assert!(c.lifecycle.len() <= LIFECYCLE_LINES_KEPT);
+    }
 }

@@ -35,6 +35,7 @@ async fn claims(s: &Server) -> anyhow::Result<f64> {
     let text = s
         .http
         .get(format!("{}/metrics", s.url))
+        .bearer_auth(crate::support::ADMIN_KEY)
         .send()
         .await?
         .text()

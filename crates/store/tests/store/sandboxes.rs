@@ -479,6 +479,45 @@ pub async fn live_expired_and_counts(db: &TestDb) -> anyhow::Result<()> {
     .map(|(s, n)| (s.to_owned(), n))
     .collect();
     assert_eq!(counts, expected);
+
+    let of = |t: &TenantId| {
+        let t = t.clone();
+        async move {
+            Ok::<BTreeMap<String, i64>, anyhow::Error>(
+                store
+                    .sandbox_count_by_state_of(&t)
+                    .await?
+                    .into_iter()
+                    .collect(),
+            )
+        }
+    };
+    let counts_a = of(&a).await?;
+    let expected_a: BTreeMap<String, i64> = [
+        ("running", 2),
+        ("destroyed", 1),
+        ("lost", 1),
+        ("stopping", 1),
+    ]
+    .into_iter()
+    .map(|(s, n)| (s.to_owned(), n))
+    .collect();
+    assert_eq!(counts_a, expected_a, "tenant a only");
+    let counts_b = of(&b).await?;
+    let expected_b: BTreeMap<String, i64> = [
+        ("paused", 1),
+        ("pending", 1),
+        ("failed", 1),
+        ("starting", 1),
+    ]
+    .into_iter()
+    .map(|(s, n)| (s.to_owned(), n))
+    .collect();
+    assert_eq!(counts_b, expected_b, "tenant b only");
+    assert!(
+        of(&TenantId::generate()).await?.is_empty(),
+        "a tenant without sandboxes"
+    );
     Ok(())
 }
 
