@@ -3,7 +3,8 @@
 #   - installs what is missing (docker.io, proot, busybox-static) from Debian's packages,
 #   - starts dockerd when it is not running,
 #   - builds `stacyvm` and the static in-sandbox agent (release),
-#   - starts `stacyvm serve` (embedded SQLite in the data dir, Docker then PRoot),
+#   - starts `stacyvm serve` (embedded SQLite in the data dir, the Docker provider; PRoot for
+#     the operator's own tenant only where Docker cannot run),
 #   - imports a `busybox` image (from Debian's busybox-static) into the image catalog,
 #   - prints the URL and where the admin key is, then keeps serving until Ctrl-C / SIGTERM.
 #
@@ -15,11 +16,13 @@ root_dir="$(cd "$(dirname "$0")/.." && pwd)"
 
 listen="127.0.0.1:7070"
 data_dir=""
+providers_given=0
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --listen) listen="$2"; shift 2 ;;
     --data-dir) data_dir="$2"; shift 2 ;;
+    --providers|--providers=*) providers_given=1; args+=("$1"); shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -29,7 +32,12 @@ fi
 
 ensure_cargo
 ensure_runtime_packages || true
-ensure_dockerd || log "continuing without Docker: sandboxes will use PRoot"
+if ! ensure_dockerd && [ "$providers_given" = 0 ] && [ -z "${STACYVM_PROVIDERS:-}" ]; then
+  # PRoot is no security boundary: only the operator's own tenant gets it
+  # unless a tenant's quota lists it.
+  log "continuing without Docker: sandboxes will use PRoot, which is not a security boundary"
+  args+=(--providers proot)
+fi
 
 log "building stacyvm (release; the first build takes a few minutes)"
 (cd "$root_dir" && cargo build -q --release -p stacyvm)
@@ -39,7 +47,7 @@ cp "$agent" "$bin_dir/stacyvm-agent"
 image_tar="$root_dir/target/test-images/busybox.tar"
 "$root_dir/scripts/build-test-image.sh" "$image_tar"
 
-mkdir -p "$data_dir"
+mkdir -p -m 0700 "$data_dir"
 log "starting stacyvm serve on $listen (data dir $data_dir)"
 "$bin_dir/stacyvm" serve --listen "$listen" --data-dir "$data_dir" "${args[@]}" &
 server=$!

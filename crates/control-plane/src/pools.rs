@@ -8,10 +8,12 @@
 //! The sandbox's env is applied to every exec, its workdir is created at
 //! claim, its labels and timeout live in the row. Members are used once and
 //! never returned to a pool, so no file, process or variable of one user
-//! reaches another. Members left by a stopped server have no row and are
+//! reaches another. A graceful stop destroys the idle members; members a
+//! crash left have no row (and carry the `stacyvm.pool` label) and are
 //! destroyed as orphans at the next start.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use stacyvm_core::{Error, Network, Result, SandboxId, SpawnSpec};
@@ -78,7 +80,13 @@ pub struct Pools {
     pools: Mutex<Vec<Pool>>,
     /// Ids of members (ready or being spawned): reconcilers leave them be.
     owned: Mutex<HashSet<SandboxId>>,
+    /// Set at shutdown: no member is spawned any more.
+    closed: AtomicBool,
 }
+
+/// The label every pool member's runtime carries (`PROVIDER:IMAGE`), so an
+/// operator looking at the host can tell them apart.
+pub const POOL_LABEL: &str = "stacyvm.pool";
 
 impl Pools {
     pub fn new(specs: &[PoolSpec]) -> Pools {
@@ -94,7 +102,13 @@ impl Pools {
                     .collect(),
             ),
             owned: Mutex::new(HashSet::new()),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// Spawns no more members (the server is stopping).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
     }
 
     /// Whether `id` is a pool member that no row accounts for yet.
@@ -158,6 +172,9 @@ impl Pools {
 
     /// The next pool that wants a member, marking one spawn in flight.
     fn next_to_fill(&self) -> Option<PoolSpec> {
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let pool = pools
             .iter_mut()
@@ -221,7 +238,10 @@ async fn spawn_member(app: &Arc<App>, spec: &PoolSpec, id: &SandboxId) -> Result
         env: Default::default(),
         workdir: None,
         network: Network::None,
-        labels: Default::default(),
+        labels: BTreeMap::from([(
+            POOL_LABEL.to_owned(),
+            format!("{}:{}", spec.provider, spec.image),
+        )]),
     };
     let lease = Lease {
         sandbox_id: id.clone(),
@@ -235,9 +255,8 @@ async fn spawn_member(app: &Arc<App>, spec: &PoolSpec, id: &SandboxId) -> Result
     Ok(worker)
 }
 
-/// Destroys every idle member (at shutdown the members are left running
-/// and become orphans; this is for tests and pool resizing).
-pub async fn drain(app: &App) {
+/// Destroys every idle member; returns how many there were.
+pub async fn drain(app: &App) -> usize {
     let members: Vec<(String, Member)> = {
         let mut pools = app.pools.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
@@ -250,15 +269,20 @@ pub async fn drain(app: &App) {
             })
             .collect()
     };
+    let n = members.len();
     for (provider, m) in members {
         let lease = Lease {
             sandbox_id: m.sandbox_id.clone(),
             fencing_token: i64::MAX,
             provider,
         };
-        let _ = m.worker.destroy(&lease).await;
+        if let Err(e) = m.worker.destroy(&lease).await {
+            // Left for the next start's orphan reconciliation.
+            tracing::warn!(sandbox = %m.sandbox_id, error = %e, "could not destroy a warm-pool member");
+        }
         app.pools.release(&m.sandbox_id);
     }
+    n
 }
 
 /// Whether a request can be served from a pool of `image` on `provider`:

@@ -63,6 +63,37 @@ fn persistent_id(dir: &Path, file: &str, make: impl FnOnce() -> String) -> Resul
     Ok(id)
 }
 
+/// Creates the data dir readable by the server alone (it holds the
+/// database with every sandbox's env, `admin.key` and the images), and
+/// narrows an existing one that others could read.
+fn prepare_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::internal(format!("creating the data dir {}", dir.display()), e))?;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Error::internal(format!("reading the data dir {}", dir.display()), e))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || mode & 0o1000 != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "the data dir {} is shared (mode {mode:o}, owner {}): give StacyVM a directory of \
+             its own (--data-dir)",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), "narrowing the data dir to mode 0700");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::internal(format!("narrowing the data dir {}", dir.display()), e))
+}
+
 fn build_providers(
     config: &ServerConfig,
     catalog: &Arc<ImageCatalog>,
@@ -100,12 +131,7 @@ fn build_providers(
 
 /// Opens everything and starts serving on `config.listen`.
 pub async fn start(config: ServerConfig) -> Result<Running> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        Error::internal(
-            format!("creating the data dir {}", config.data_dir.display()),
-            e,
-        )
-    })?;
+    prepare_data_dir(&config.data_dir)?;
     let store = stacyvm_store::open(&config.store_url).await?;
     let boot = auth::bootstrap(&store, &config.data_dir, config.admin_key.as_deref()).await?;
     let catalog = Arc::new(ImageCatalog::open(&config.data_dir.join("images"))?);
@@ -200,16 +226,24 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight calls finish, stops the loops. The
-    /// sandboxes keep running; the next start adopts them.
+    /// Stops accepting, lets in-flight calls finish, stops the loops and
+    /// destroys the idle warm-pool members (nobody owns them, and a server
+    /// that is not started again would never remove them). The sandboxes
+    /// keep running; the next start adopts them.
     pub async fn shutdown(self) -> Result<()> {
+        self.app.pools.close();
         let _ = self.stop.send(true);
         let _ = self.loops.await;
         let _ = self.pool_loop.await;
-        match self.serving.await {
+        let served = match self.serving.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::internal("serving HTTP", e)),
             Err(e) => Err(Error::internal("the HTTP task", e)),
+        };
+        let drained = crate::pools::drain(&self.app).await;
+        if drained > 0 {
+            tracing::info!(members = drained, "destroyed the idle warm-pool members");
         }
+        served
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -136,6 +136,9 @@ fn unique_suffix() -> String {
     )
 }
 
+/// The setuid and setgid bits, never kept on the host.
+const SETID_BITS: u32 = 0o6000;
+
 fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -149,12 +152,18 @@ impl ImageCatalog {
             dir.join(VERSIONS_DIR),
             dir.join(STAGING_DIR),
         ] {
-            std::fs::create_dir_all(&d).map_err(|e| {
-                Error::internal(
-                    format_args!("creating the image catalog directory {}", d.display()),
-                    e,
-                )
-            })?;
+            // Only the server reads the catalog; other local users have no
+            // business in the images every sandbox runs.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(|e| {
+                    Error::internal(
+                        format_args!("creating the image catalog directory {}", d.display()),
+                        e,
+                    )
+                })?;
         }
         sweep_leftovers(dir);
         Ok(ImageCatalog {
@@ -625,8 +634,13 @@ fn check_tar(tar_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Unpacks a checked tar into `rootfs`, preserving modes and symlinks (and
-/// ownership when running as root).
+/// Unpacks a checked tar into `rootfs`, preserving modes (without set-id
+/// bits) and symlinks. Everything belongs to the server's user: an owner
+/// from the tar would hand a host user (say uid 1000, a person's account)
+/// write access to an image every sandbox runs, and a setuid binary owned
+/// by root would be one for the host too. Providers map ownership into the
+/// sandbox's own view (PRoot through an ID-mapped mount; Docker imports the
+/// tar itself).
 ///
 /// Device nodes and FIFOs are not created on the host: a device node in a
 /// directory the server owns would give whoever runs in it the device (a
@@ -639,7 +653,8 @@ fn unpack_tar(tar_path: &Path, rootfs: &Path) -> Result<()> {
         std::fs::File::open(tar_path).map_err(|e| Error::internal("opening the image tar", e))?;
     let mut archive = tar::Archive::new(io::BufReader::new(file));
     archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(running_as_root());
+    archive.set_mask(SETID_BITS);
+    archive.set_preserve_ownerships(false);
     archive.set_preserve_mtime(true);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(true);
@@ -776,6 +791,55 @@ mod tests {
             );
         }
         assert!(validate_image_name(&"a".repeat(300)).is_err());
+    }
+
+    /// A tar can carry a setuid root binary and files of any host user:
+    /// neither reaches the host.
+    #[test]
+    fn unpacked_images_keep_no_set_id_bits_and_no_foreign_owners() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().expect("a temp dir");
+        let tar_path = t.path().join("image.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&tar_path).expect("tar file"));
+        let mut add = |name: &str, mode: u32, uid: u64, kind: tar::EntryType| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(uid);
+            h.set_size(if kind == tar::EntryType::Regular {
+                1
+            } else {
+                0
+            });
+            h.set_cksum();
+            let data: &[u8] = if kind == tar::EntryType::Regular {
+                b"x"
+            } else {
+                b""
+            };
+            b.append_data(&mut h, name, data).expect("append");
+        };
+        add("bin/", 0o2755, 0, tar::EntryType::Directory);
+        add("bin/su", 0o4755, 0, tar::EntryType::Regular);
+        add("home/", 0o755, 0, tar::EntryType::Directory);
+        add("home/user-file", 0o644, 1000, tar::EntryType::Regular);
+        add("tmp/", 0o1777, 0, tar::EntryType::Directory);
+        b.into_inner().expect("finish the tar");
+        check_tar(&tar_path).expect("a valid tar");
+        let root = t.path().join("rootfs");
+        unpack_tar(&tar_path, &root).expect("unpack");
+        let meta = |p: &str| std::fs::metadata(root.join(p)).expect("stat");
+        assert_eq!(meta("bin/su").mode() & 0o7777, 0o755, "setuid dropped");
+        assert_eq!(meta("bin").mode() & 0o7777, 0o755, "setgid dropped");
+        assert_eq!(meta("tmp").mode() & 0o7777, 0o1777, "sticky kept");
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!(
+            meta("home/user-file").uid(),
+            me,
+            "no foreign owner on the host"
+        );
     }
 
     #[test]

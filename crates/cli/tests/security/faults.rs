@@ -981,3 +981,72 @@ async fn disk_full_on_the_data_dir_gives_clear_errors_and_no_corruption() -> Res
     drop(fs);
     Ok(())
 }
+
+async fn pool_ready(admin: &Api, provider: &str) -> Result<u64> {
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    Ok(st["pools"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["provider"] == provider))
+        .and_then(|p| p["ready"].as_u64())
+        .unwrap_or(0))
+}
+
+async fn pools_full(admin: &Api) -> Result<()> {
+    eventually(
+        Duration::from_secs(120),
+        "the warm pools to fill",
+        || async move {
+            Ok(
+                (pool_ready(admin, "docker").await? == 3 && pool_ready(admin, "proot").await? == 2)
+                    .then_some(()),
+            )
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_pool_members_never_outlive_the_server() -> Result<()> {
+    let mut server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker,proot")
+            .arg("--warm-pool")
+            .arg("docker:busybox=3,proot:busybox=2"),
+    )?;
+    server.admin().import_busybox().await?;
+    pools_full(&server.admin()).await?;
+    assert_eq!(runtimes_on_host(&server, "docker").await?.len(), 3);
+    assert_eq!(runtimes_on_host(&server, "proot").await?.len(), 2);
+
+    // A crash leaves the members behind; the next start destroys them and
+    // fills the pools anew, so there are never more than the pools hold.
+    server.kill9()?;
+    assert_eq!(runtimes_on_host(&server, "docker").await?.len(), 3);
+    server.restart()?;
+    pools_full(&server.admin()).await?;
+    eventually(Duration::from_secs(60), "the crash's members to go", || {
+        let server = &server;
+        async move {
+            let (d, p) = (
+                runtimes_on_host(server, "docker").await?.len(),
+                runtimes_on_host(server, "proot").await?.len(),
+            );
+            Ok((d == 3 && p == 2).then_some(()))
+        }
+    })
+    .await?;
+
+    // A graceful stop destroys the idle members: nothing is left running
+    // for a server that may never start again.
+    let status = server.sigterm()?;
+    ensure!(status.success(), "the server exited with {status}");
+    let (d, p) = (
+        runtimes_on_host(&server, "docker").await?,
+        runtimes_on_host(&server, "proot").await?,
+    );
+    ensure!(
+        d.is_empty() && p.is_empty(),
+        "members left after SIGTERM: docker {d:?}, proot {p:?}"
+    );
+    Ok(())
+}

@@ -386,3 +386,37 @@ fn a_short_admin_key_is_refused_at_start() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_data_dir_is_the_servers_alone() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir()?;
+    // An existing data dir others could read is narrowed to 0700.
+    let dir = parent.path().join("data");
+    std::fs::create_dir(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker")
+            .data_dir(&dir),
+    )?;
+    let mode = std::fs::metadata(&dir)?.permissions().mode() & 0o7777;
+    ensure!(mode == 0o700, "the data dir's mode is {mode:o}");
+    drop(server);
+    // A shared directory (sticky, like /tmp) is refused.
+    let shared = parent.path().join("shared");
+    std::fs::create_dir(&shared)?;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777))?;
+    let err = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker")
+            .data_dir(&shared),
+    )
+    .err()
+    .context("a server started on a shared directory")?;
+    ensure!(
+        format!("{err:#}").contains("directory of its own"),
+        "{err:#}"
+    );
+    Ok(())
+}

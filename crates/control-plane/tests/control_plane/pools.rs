@@ -130,7 +130,7 @@ async fn pool_round_trip(provider: &str) -> anyhow::Result<()> {
             .json(
                 Method::PUT,
                 &format!("/v1/tenants/{tid}/quota"),
-                json!({"max_sandboxes": 0}),
+                json!({"max_sandboxes": 0, "allowed_providers": [provider]}),
             )
             .await?;
         anyhow::ensure!(st == 200);

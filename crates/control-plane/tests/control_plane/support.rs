@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use stacyvm_control_plane::{Running, ServerConfig};
 
-pub const ADMIN_KEY: &str = "svm_controlplanetestadminkey";
+pub const ADMIN_KEY: &str = "svm_control_plane_test_admin_key_0123456789";
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
