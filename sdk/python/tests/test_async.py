@@ -24,7 +24,8 @@ MIB = 1024 * 1024
 async def test_async_sandbox_lifecycle(server: Server) -> None:
     async with stacyvm.AsyncClient(server.url, server.admin_key) as c:
         tag = uuid.uuid4().hex
-        async with c.sandbox(image=IMAGE, labels={"tag": tag}, env={"X": "1"}) as sb:
+        # PRoot writes "paused" into the sandbox's provider log, which is checked below.
+        async with c.sandbox(image=IMAGE, provider="proot", labels={"tag": tag}, env={"X": "1"}) as sb:
             assert sb.info.state == "running"
             assert (await sb.exec("echo $X")).stdout == "1\n"
             page = await c.list_sandboxes(state="running", labels={"tag": tag})

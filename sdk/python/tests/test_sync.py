@@ -376,9 +376,25 @@ def test_images_import_list_get_delete(client: stacyvm.Client, image_tar: Path) 
 
 def test_tenants_quotas_and_keys(client: stacyvm.Client, server: Server) -> None:
     tenant = client.create_tenant(f"t-{uuid.uuid4().hex[:8]}")
-    assert tenant.id.startswith("tnt_") and tenant.quota == stacyvm.Quota()
+    # A new tenant starts with the server's default quota, without PRoot.
+    assert tenant.id.startswith("tnt_") and tenant.quota == stacyvm.Quota(
+        max_sandboxes=10,
+        max_cpu=8.0,
+        max_memory_mb=16384,
+        max_timeout_s=86400,
+        max_exec_per_minute=600,
+        max_concurrent_execs=100,
+    )
     assert tenant.id in [t.id for t in client.list_tenants(limit=1000)]
-    quota = stacyvm.Quota(max_sandboxes=2, max_cpu=4.0, max_memory_mb=2048, max_timeout_s=600, max_exec_per_minute=100)
+    quota = stacyvm.Quota(
+        max_sandboxes=2,
+        max_cpu=4.0,
+        max_memory_mb=2048,
+        max_timeout_s=600,
+        max_exec_per_minute=100,
+        allowed_providers=["docker", "proot"],
+        max_concurrent_execs=5,
+    )
     assert client.set_quota(tenant.id, quota) == quota
     assert client.get_quota(tenant.id) == quota
     key = client.create_key(tenant.id, "viewer", "sdk-viewer")
