@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::root::Root;
 use crate::upload::{Upload, UploadRx};
-use crate::{exec, files};
+use crate::{exec, extract, files};
 
 /// The agent's release version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -354,7 +354,7 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
         Request::FileExtract { path } => match upload {
             Some(upload) => {
                 let mut body = crate::upload::UploadReader::new(upload, out);
-                match files::extract(root, &path, &mut body) {
+                match extract::extract(root, &path, &mut body) {
                     Ok(summary) => json(&summary),
                     // Cancelled by the client: nobody is listening.
                     Err(_) if body.cancelled() => Answer::Nothing,

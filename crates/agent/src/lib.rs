@@ -8,6 +8,7 @@
 
 pub mod conn;
 pub mod exec;
+pub mod extract;
 pub mod files;
 pub mod flow;
 pub mod pool;
