@@ -66,14 +66,7 @@ struct Pool {
 }
 
 /// What `/v1/status` shows of a pool.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct PoolStatus {
-    pub provider: String,
-    pub image: String,
-    pub size: usize,
-    pub ready: usize,
-    pub filling: usize,
-}
+pub use stacyvm_api::PoolStatus;
 
 #[derive(Default)]
 pub struct Pools {

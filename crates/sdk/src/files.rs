@@ -220,7 +220,7 @@ impl Client {
                 ("recursive", recursive.to_string()),
             ],
         )?;
-        let r: EntriesResponse = self
+        let r: Entries = self
             .send_json(Retry::Idempotent, || {
                 Ok(self.request(Method::GET, url.clone(), Deadline::Default))
             })
@@ -234,7 +234,7 @@ impl Client {
             &["v1", "sandboxes", id, "files", "glob"],
             &[("pattern", pattern.to_owned())],
         )?;
-        let r: PathsResponse = self
+        let r: Paths = self
             .send_json(Retry::Idempotent, || {
                 Ok(self.request(Method::GET, url.clone(), Deadline::Default))
             })

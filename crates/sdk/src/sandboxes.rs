@@ -218,7 +218,7 @@ impl Client {
     /// The sandbox's log so far.
     pub async fn sandbox_logs(&self, id: &str) -> Result<Vec<LogLine>> {
         let url = self.url(&["v1", "sandboxes", id, "logs"], &[])?;
-        let r: LogsResponse = self
+        let r: Logs = self
             .send_json(Retry::Idempotent, || {
                 Ok(self.request(Method::GET, url.clone(), Deadline::Default))
             })

@@ -2,52 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
 use stacyvm_core::{Result, SandboxState, WorkerId};
 use stacyvm_store::WorkerState;
 
 use super::App;
 
-#[derive(Clone, Debug, Serialize)]
-pub struct ProviderStatus {
-    pub name: String,
-    pub healthy: bool,
-    pub detail: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct WorkerStatus {
-    pub id: WorkerId,
-    pub state: String,
-    pub address: String,
-    pub providers: Vec<String>,
-    pub labels: BTreeMap<String, String>,
-    pub sandboxes: i64,
-    pub capacity: i64,
-    #[serde(with = "time::serde::rfc3339")]
-    pub last_heartbeat: time::OffsetDateTime,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct StoreStatus {
-    pub kind: String,
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Status {
-    pub version: String,
-    pub mode: String,
-    pub uptime_s: u64,
-    pub store: StoreStatus,
-    pub providers: Vec<ProviderStatus>,
-    pub workers: Vec<WorkerStatus>,
-    pub sandboxes: BTreeMap<String, i64>,
-    /// Warm pools: target size, ready members, spawns in flight.
-    pub pools: Vec<crate::pools::PoolStatus>,
-}
+pub use stacyvm_api::{ProviderStatus, Status, StoreStatus, Worker as WorkerStatus};
 
 impl App {
     pub async fn store_status(&self) -> StoreStatus {
@@ -95,7 +55,7 @@ impl App {
                     .iter()
                     .filter(|s| s.worker_id.as_ref() == Some(&w.id))
                     .count() as i64,
-                id: w.id,
+                id: w.id.to_string(),
                 state: w.state.as_str().into(),
                 address: w.address,
                 providers: w.providers,
@@ -186,7 +146,7 @@ impl App {
         self.worker_status()
             .await?
             .into_iter()
-            .find(|w| w.id == wid)
+            .find(|w| w.id == wid.as_str())
             .ok_or_else(not_found)
     }
 }

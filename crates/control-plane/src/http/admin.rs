@@ -14,11 +14,12 @@ use stacyvm_store::Outcome;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::dto::*;
+use super::dto::{self, RawBytes};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Auth, JsonBody, Q};
 use super::{note, AppState};
 use crate::app::audit::AuditQuery;
+use stacyvm_api as api;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -28,7 +29,7 @@ pub struct ImportQuery {
 
 #[utoipa::path(post, path = "/v1/images", tag = "images", params(ImportQuery),
     request_body(content = RawBytes, content_type = "application/x-tar"),
-    responses((status = 201, body = ImageView), (status = 400, body = super::error::ErrorBody)))]
+    responses((status = 201, body = api::Image), (status = 400, body = super::error::ErrorBody)))]
 pub async fn image_import(
     State(s): State<AppState>,
     Auth(who): Auth,
@@ -57,7 +58,7 @@ pub async fn image_import(
         Err(e) => Err(std::io::Error::other(e)),
     }));
     let info = s.app.image_import(&who, &name, stream).await?;
-    let resp = (StatusCode::CREATED, Json(ImageView::from(&info))).into_response();
+    let resp = (StatusCode::CREATED, Json(dto::image(&info))).into_response();
     Ok(note(
         resp,
         Some(info.name.clone()),
@@ -65,21 +66,24 @@ pub async fn image_import(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = ImageList)))]
-pub async fn image_list(State(s): State<AppState>, Auth(_who): Auth) -> ApiResult<Json<ImageList>> {
+#[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = api::ImageList)))]
+pub async fn image_list(
+    State(s): State<AppState>,
+    Auth(_who): Auth,
+) -> ApiResult<Json<api::ImageList>> {
     let images = s.app.image_list().await?;
-    Ok(Json(ImageList {
-        images: images.iter().map(ImageView::from).collect(),
+    Ok(Json(api::ImageList {
+        images: images.iter().map(dto::image).collect(),
     }))
 }
 
-#[utoipa::path(get, path = "/v1/images/{name}", tag = "images", responses((status = 200, body = ImageView)))]
+#[utoipa::path(get, path = "/v1/images/{name}", tag = "images", responses((status = 200, body = api::Image)))]
 pub async fn image_get(
     State(s): State<AppState>,
     Auth(_who): Auth,
     Path(name): Path<String>,
-) -> ApiResult<Json<ImageView>> {
-    Ok(Json(ImageView::from(&s.app.image_get(&name).await?)))
+) -> ApiResult<Json<api::Image>> {
+    Ok(Json(dto::image(&s.app.image_get(&name).await?)))
 }
 
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", responses((status = 204)))]
@@ -92,15 +96,15 @@ pub async fn image_delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = TenantBody,
-    responses((status = 201, body = TenantView)))]
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = api::CreateTenant,
+    responses((status = 201, body = api::Tenant)))]
 pub async fn tenant_create(
     State(s): State<AppState>,
     Auth(who): Auth,
-    JsonBody(b): JsonBody<TenantBody>,
+    JsonBody(b): JsonBody<api::CreateTenant>,
 ) -> ApiResult<Response> {
     let (t, q) = s.app.tenant_create(&who, &b.name).await?;
-    let resp = (StatusCode::CREATED, Json(TenantView::of(&t, &q))).into_response();
+    let resp = (StatusCode::CREATED, Json(dto::tenant(&t, &q))).into_response();
     Ok(note(
         resp,
         Some(t.id.to_string()),
@@ -116,58 +120,55 @@ pub struct PageQuery {
 }
 
 #[utoipa::path(get, path = "/v1/tenants", tag = "tenants", params(PageQuery),
-    responses((status = 200, body = TenantList)))]
+    responses((status = 200, body = api::TenantList)))]
 pub async fn tenant_list(
     State(s): State<AppState>,
     Auth(who): Auth,
     Q(q): Q<PageQuery>,
-) -> ApiResult<Json<TenantList>> {
+) -> ApiResult<Json<api::TenantList>> {
     let page = s.app.tenant_list(&who, q.limit, q.cursor).await?;
-    Ok(Json(TenantList {
-        tenants: page
-            .items
-            .iter()
-            .map(|(t, q)| TenantView::of(t, q))
-            .collect(),
+    Ok(Json(api::TenantList {
+        tenants: page.items.iter().map(|(t, q)| dto::tenant(t, q)).collect(),
         next_cursor: page.next_cursor,
     }))
 }
 
-#[utoipa::path(get, path = "/v1/tenants/{id}/quota", tag = "tenants", responses((status = 200, body = QuotaView)))]
+#[utoipa::path(get, path = "/v1/tenants/{id}/quota", tag = "tenants", responses((status = 200, body = api::Quota)))]
 pub async fn quota_get(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-) -> ApiResult<Json<QuotaView>> {
-    Ok(Json(QuotaView::from(&s.app.quota_get(&who, &id).await?)))
+) -> ApiResult<Json<api::Quota>> {
+    Ok(Json(dto::quota(&s.app.quota_get(&who, &id).await?)))
 }
 
-#[utoipa::path(put, path = "/v1/tenants/{id}/quota", tag = "tenants", request_body = QuotaView,
-    responses((status = 200, body = QuotaView)))]
+#[utoipa::path(put, path = "/v1/tenants/{id}/quota", tag = "tenants", request_body = api::Quota,
+    responses((status = 200, body = api::Quota)))]
 pub async fn quota_set(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<QuotaView>,
+    JsonBody(b): JsonBody<serde_json::Value>,
 ) -> ApiResult<Response> {
-    let q = s.app.quota_set(&who, &id, b.into()).await?;
-    let view = QuotaView::from(&q);
+    let b: api::Quota = super::extract::strict(b)?;
+    let q = s.app.quota_set(&who, &id, dto::quota_from(b)).await?;
+    let view = dto::quota(&q);
     let detail = serde_json::to_value(&view).unwrap_or_default();
     Ok(note(Json(view).into_response(), Some(id), detail))
 }
 
-#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = KeyBody,
-    responses((status = 201, body = KeyView)))]
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = api::CreateKey,
+    responses((status = 201, body = api::ApiKey)))]
 pub async fn key_create(
     State(s): State<AppState>,
     Auth(who): Auth,
-    JsonBody(b): JsonBody<KeyBody>,
+    JsonBody(b): JsonBody<api::CreateKey>,
 ) -> ApiResult<Response> {
     let created = s
         .app
-        .key_create(&who, &b.tenant_id, &b.role, &b.name)
+        .key_create(&who, &b.tenant_id, b.role.as_str(), &b.name)
         .await?;
-    let view = KeyView::of(&created.key, Some(created.secret));
+    let view = dto::key(&created.key, Some(created.secret));
     let detail = serde_json::json!({"tenant_id": created.key.tenant_id, "role": created.key.role.as_str(), "name": created.key.name});
     Ok(note(
         (StatusCode::CREATED, Json(view)).into_response(),
@@ -176,15 +177,15 @@ pub async fn key_create(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(PageQuery), responses((status = 200, body = KeyList)))]
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(PageQuery), responses((status = 200, body = api::KeyList)))]
 pub async fn key_list(
     State(s): State<AppState>,
     Auth(who): Auth,
     Q(q): Q<PageQuery>,
-) -> ApiResult<Json<KeyList>> {
+) -> ApiResult<Json<api::KeyList>> {
     let page = s.app.key_list(&who, q.limit, q.cursor).await?;
-    Ok(Json(KeyList {
-        keys: page.items.iter().map(|k| KeyView::of(k, None)).collect(),
+    Ok(Json(api::KeyList {
+        keys: page.items.iter().map(|k| dto::key(k, None)).collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -213,12 +214,12 @@ pub struct AuditQueryParams {
 }
 
 #[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQueryParams),
-    responses((status = 200, body = AuditList)))]
+    responses((status = 200, body = api::AuditList)))]
 pub async fn audit_list(
     State(s): State<AppState>,
     Auth(who): Auth,
     Q(q): Q<AuditQueryParams>,
-) -> ApiResult<Json<AuditList>> {
+) -> ApiResult<Json<api::AuditList>> {
     let outcome = match q.outcome.as_deref() {
         None | Some("") => None,
         Some(o) => Some(Outcome::parse(o).ok_or_else(|| {
@@ -248,8 +249,8 @@ pub async fn audit_list(
         },
     )
     .await?;
-    Ok(Json(AuditList {
-        events: page.items.iter().map(AuditEventView::from).collect(),
+    Ok(Json(api::AuditList {
+        events: page.items.iter().map(dto::audit_event).collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -263,13 +264,13 @@ pub async fn status(State(s): State<AppState>, Auth(who): Auth) -> ApiResult<Res
     Ok(Json(st).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/workers", tag = "status", responses((status = 200, body = WorkerList)))]
+#[utoipa::path(get, path = "/v1/workers", tag = "status", responses((status = 200, body = api::WorkerList)))]
 pub async fn worker_list(
     State(s): State<AppState>,
     Auth(who): Auth,
-) -> ApiResult<Json<WorkerList>> {
+) -> ApiResult<Json<api::WorkerList>> {
     who.require_admin()?;
-    Ok(Json(WorkerList {
+    Ok(Json(api::WorkerList {
         workers: s.app.worker_status().await?,
     }))
 }
@@ -284,18 +285,18 @@ pub async fn worker_drain(
     Ok(Json(w).into_response())
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "status", security(()), responses((status = 200, body = HealthView)))]
-pub async fn healthz() -> Json<HealthView> {
-    Json(HealthView {
+#[utoipa::path(get, path = "/healthz", tag = "status", security(()), responses((status = 200, body = api::Health)))]
+pub async fn healthz() -> Json<api::Health> {
+    Json(api::Health {
         status: "ok".into(),
     })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "status", security(()),
-    responses((status = 200, body = HealthView), (status = 503, body = super::error::ErrorBody)))]
+    responses((status = 200, body = api::Health), (status = 503, body = super::error::ErrorBody)))]
 pub async fn readyz(State(s): State<AppState>) -> Response {
     match s.app.readiness().await {
-        Ok(()) => Json(HealthView {
+        Ok(()) => Json(api::Health {
             status: "ready".into(),
         })
         .into_response(),

@@ -4,7 +4,6 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 use stacyvm_core::Error;
 
 use super::request_id;
@@ -21,19 +20,7 @@ impl From<Error> for ApiError {
 
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// Stable machine-readable code (`invalid_request`, `not_found`, …).
-    pub code: String,
-    /// What went wrong and what to do about it.
-    pub message: String,
-    pub request_id: String,
-}
+pub use stacyvm_api::{ErrorBody, ErrorDetail};
 
 /// The HTTP status of each error kind.
 pub fn status_of(e: &Error) -> StatusCode {

@@ -75,6 +75,35 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// Parses a JSON object into `T`, refusing fields `T` does not have (for
+/// request types that clients also read, which must stay lenient there:
+/// a field is known when `T::default()` serializes it).
+pub fn strict<T: DeserializeOwned + serde::Serialize + Default>(
+    v: serde_json::Value,
+) -> Result<T, ApiError> {
+    let known = serde_json::to_value(T::default()).unwrap_or_default();
+    if let (Some(obj), Some(known)) = (v.as_object(), known.as_object()) {
+        let unknown: Vec<&str> = obj
+            .keys()
+            .filter(|k| !known.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ApiError(Error::InvalidRequest(format!(
+                "invalid JSON body: unknown field(s) {}; expected {}",
+                unknown.join(", "),
+                known
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))));
+        }
+    }
+    serde_json::from_value(v)
+        .map_err(|e| ApiError(Error::InvalidRequest(format!("invalid JSON body: {e}"))))
+}
+
 /// A query string parsed into `T`, refusing bad input with a 400.
 pub struct Q<T>(pub T);
 

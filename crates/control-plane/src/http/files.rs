@@ -14,10 +14,11 @@ use serde::Deserialize;
 use stacyvm_core::files::parse_mode;
 use stacyvm_core::{ByteStream, Error};
 
-use super::dto::*;
+use super::dto::{self, RawBytes};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Auth, JsonBody, Q};
 use super::{note, AppState};
+use stacyvm_api as api;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -45,7 +46,7 @@ fn file_note(resp: Response, id: &str, path: &str) -> Response {
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
     request_body(content = RawBytes, content_type = "application/octet-stream"),
-    responses((status = 201, body = EntryView), (status = 413, body = super::error::ErrorBody)))]
+    responses((status = 201, body = api::FileEntry), (status = 413, body = super::error::ErrorBody)))]
 pub async fn file_write(
     State(s): State<AppState>,
     Auth(who): Auth,
@@ -60,7 +61,7 @@ pub async fn file_write(
     })
     .await?;
     Ok(file_note(
-        (StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(),
+        (StatusCode::CREATED, Json(dto::entry(&entry))).into_response(),
         &id,
         &path,
     ))
@@ -120,7 +121,7 @@ pub struct ArchiveQuery {
 /// limit.
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files/archive", tag = "files", params(ArchiveQuery),
     request_body(content = RawBytes, content_type = "application/x-tar"),
-    responses((status = 201, body = ArchiveView), (status = 400, body = super::error::ErrorBody),
+    responses((status = 201, body = api::ArchiveSummary), (status = 400, body = super::error::ErrorBody),
         (status = 413, body = super::error::ErrorBody)))]
 pub async fn file_archive_put(
     State(s): State<AppState>,
@@ -136,7 +137,7 @@ pub async fn file_archive_put(
     .await?;
     let detail = serde_json::json!({"path": path, "files": summary.files, "bytes": summary.bytes});
     Ok(note(
-        (StatusCode::CREATED, Json(ArchiveView::from(summary))).into_response(),
+        (StatusCode::CREATED, Json(dto::archive(summary))).into_response(),
         Some(id),
         detail,
     ))
@@ -161,31 +162,29 @@ pub async fn file_read(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(PathQuery),
-    responses((status = 200, body = EntryView)))]
+    responses((status = 200, body = api::FileEntry)))]
 pub async fn file_stat(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
-) -> ApiResult<Json<EntryView>> {
+) -> ApiResult<Json<api::FileEntry>> {
     let path = required_path(&q.path)?;
-    Ok(Json(EntryView::from(
-        &s.app.file_stat(&who, &id, &path).await?,
-    )))
+    Ok(Json(dto::entry(&s.app.file_stat(&who, &id, &path).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", params(PathQuery),
-    responses((status = 200, body = EntriesResponse)))]
+    responses((status = 200, body = api::Entries)))]
 pub async fn file_list(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
-) -> ApiResult<Json<EntriesResponse>> {
+) -> ApiResult<Json<api::Entries>> {
     let path = required_path(&q.path)?;
     let entries = s.app.file_list(&who, &id, &path, q.recursive).await?;
-    Ok(Json(EntriesResponse {
-        entries: entries.iter().map(EntryView::from).collect(),
+    Ok(Json(api::Entries {
+        entries: entries.iter().map(dto::entry).collect(),
     }))
 }
 
@@ -197,70 +196,70 @@ pub struct GlobQuery {
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/glob", tag = "files", params(GlobQuery),
-    responses((status = 200, body = PathsResponse)))]
+    responses((status = 200, body = api::Paths)))]
 pub async fn file_glob(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
     Q(q): Q<GlobQuery>,
-) -> ApiResult<Json<PathsResponse>> {
+) -> ApiResult<Json<api::Paths>> {
     let pattern = q.pattern.ok_or_else(|| {
         ApiError(Error::InvalidRequest(
             "the pattern query parameter is required".into(),
         ))
     })?;
-    Ok(Json(PathsResponse {
+    Ok(Json(api::Paths {
         paths: s.app.file_glob(&who, &id, &pattern).await?,
     }))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/move", tag = "files", request_body = MoveBody,
-    responses((status = 200, body = EntryView), (status = 409, body = super::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/move", tag = "files", request_body = api::MoveFile,
+    responses((status = 200, body = api::FileEntry), (status = 409, body = super::error::ErrorBody)))]
 pub async fn file_move(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<MoveBody>,
+    JsonBody(b): JsonBody<api::MoveFile>,
 ) -> ApiResult<Response> {
     let entry = s
         .app
         .file_move(&who, &id, &b.from, &b.to, b.overwrite)
         .await?;
     Ok(note(
-        Json(EntryView::from(&entry)).into_response(),
+        Json(dto::entry(&entry)).into_response(),
         Some(id),
         serde_json::json!({"from": b.from, "to": b.to, "overwrite": b.overwrite}),
     ))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/chmod", tag = "files", request_body = ChmodBody,
-    responses((status = 200, body = EntryView)))]
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/chmod", tag = "files", request_body = api::Chmod,
+    responses((status = 200, body = api::FileEntry)))]
 pub async fn file_chmod(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<ChmodBody>,
+    JsonBody(b): JsonBody<api::Chmod>,
 ) -> ApiResult<Response> {
     let mode = parse_mode(&b.mode)?;
     let entry = s.app.file_chmod(&who, &id, &b.path, mode).await?;
     Ok(file_note(
-        Json(EntryView::from(&entry)).into_response(),
+        Json(dto::entry(&entry)).into_response(),
         &id,
         &b.path,
     ))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", request_body = MkdirBody,
-    responses((status = 201, body = EntryView)))]
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", request_body = api::Mkdir,
+    responses((status = 201, body = api::FileEntry)))]
 pub async fn file_mkdir(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(b): JsonBody<MkdirBody>,
+    JsonBody(b): JsonBody<api::Mkdir>,
 ) -> ApiResult<Response> {
     let entry = s.app.file_mkdir(&who, &id, &b.path, b.parents).await?;
     Ok(file_note(
-        (StatusCode::CREATED, Json(EntryView::from(&entry))).into_response(),
+        (StatusCode::CREATED, Json(dto::entry(&entry))).into_response(),
         &id,
         &b.path,
     ))

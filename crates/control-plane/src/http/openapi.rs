@@ -5,7 +5,9 @@ use axum::response::{Html, IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, dto, error, files, sandboxes};
+use stacyvm_api as api;
+
+use super::{admin, dto, files, sandboxes};
 
 struct BearerAuth;
 
@@ -42,12 +44,14 @@ impl Modify for BearerAuth {
         admin::healthz, admin::readyz, admin::metrics,
     ),
     components(schemas(
-        error::ErrorBody, error::ErrorDetail, dto::SandboxView, dto::FailureView, dto::CreateSandboxBody,
-        dto::SandboxList, dto::TimeoutBody, dto::ExecBody, dto::ExecResponse, dto::StreamChunk, dto::LogLineView,
-        dto::LogsResponse, dto::EntryView, dto::ArchiveView, dto::EntriesResponse, dto::PathsResponse, dto::MoveBody, dto::ChmodBody,
-        dto::MkdirBody, dto::ImageView, dto::ImageList, dto::TenantBody, dto::QuotaView, dto::TenantView,
-        dto::TenantList, dto::KeyBody, dto::KeyView, dto::KeyList, dto::ActorView, dto::AuditEventView,
-        dto::AuditList, dto::HealthView, dto::WorkerList, dto::RawBytes,
+        api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
+        api::CreateSandbox, api::SandboxList, api::SetTimeout, api::LogLine, api::Logs,
+        api::ExecRequest, api::ExecResponse, api::ExitStatus, api::StreamChunk, api::StreamError,
+        api::FileType, api::FileEntry, api::Entries, api::Paths, api::MoveFile, api::Chmod, api::Mkdir,
+        api::ArchiveSummary, api::Image, api::ImageList, api::CreateTenant, api::Quota, api::Tenant,
+        api::TenantList, api::Role, api::CreateKey, api::ApiKey, api::KeyList, api::Actor,
+        api::AuditEvent, api::AuditList, api::Worker, api::WorkerList, api::StoreStatus,
+        api::ProviderStatus, api::PoolStatus, api::Status, api::Health, dto::RawBytes,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),

@@ -13,31 +13,28 @@ use serde::Deserialize;
 use stacyvm_core::{Error, ExecEvent, Network, SandboxState};
 use stacyvm_store::SandboxRecord;
 
-use super::dto::*;
+use super::dto;
 use super::error::{ApiError, ApiResult};
 use super::extract::{query_pairs, Auth, JsonBody, Q};
 use super::{note, AppState};
 use crate::app::sandboxes::CreateSandbox;
+use stacyvm_api as api;
 
-#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateSandboxBody,
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = api::CreateSandbox,
     params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe create")),
-    responses((status = 201, body = SandboxView), (status = 400, body = super::error::ErrorBody),
+    responses((status = 201, body = api::Sandbox), (status = 400, body = super::error::ErrorBody),
         (status = 422, body = super::error::ErrorBody), (status = 429, body = super::error::ErrorBody),
         (status = 503, body = super::error::ErrorBody)))]
 pub async fn sandbox_create(
     State(s): State<AppState>,
     Auth(who): Auth,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<CreateSandboxBody>,
+    JsonBody(body): JsonBody<api::CreateSandbox>,
 ) -> ApiResult<Response> {
-    let network = match body.network.as_deref() {
-        None => None,
-        Some(n) => Some(Network::parse(n).ok_or_else(|| {
-            ApiError(Error::InvalidRequest(format!(
-                "network {n:?} must be \"none\" or \"egress\""
-            )))
-        })?),
-    };
+    let network = body.network.map(|n| match n {
+        api::Network::None => Network::None,
+        api::Network::Egress => Network::Egress,
+    });
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
@@ -70,7 +67,7 @@ pub async fn sandbox_create(
         )
         .await?;
     let rec = &created.sandbox;
-    let resp = (StatusCode::CREATED, Json(SandboxView::from(rec))).into_response();
+    let resp = (StatusCode::CREATED, Json(dto::sandbox(rec))).into_response();
     Ok(note(
         resp,
         Some(rec.id.to_string()),
@@ -90,13 +87,13 @@ pub struct ListQuery {
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(ListQuery),
-    responses((status = 200, body = SandboxList)))]
+    responses((status = 200, body = api::SandboxList)))]
 pub async fn sandbox_list(
     State(s): State<AppState>,
     Auth(who): Auth,
     uri: axum::http::Uri,
     Q(q): Q<ListQueryLoose>,
-) -> ApiResult<Json<SandboxList>> {
+) -> ApiResult<Json<api::SandboxList>> {
     let state = match q.state.as_deref() {
         None | Some("") => None,
         Some(st) => Some(
@@ -119,8 +116,8 @@ pub async fn sandbox_list(
         .app
         .sandbox_list(&who, state, labels, q.limit, q.cursor)
         .await?;
-    Ok(Json(SandboxList {
-        sandboxes: page.items.iter().map(SandboxView::from).collect(),
+    Ok(Json(api::SandboxList {
+        sandboxes: page.items.iter().map(dto::sandbox).collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -135,14 +132,14 @@ pub struct ListQueryLoose {
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
-    responses((status = 200, body = SandboxView), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 200, body = api::Sandbox), (status = 404, body = super::error::ErrorBody)))]
 pub async fn sandbox_get(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-) -> ApiResult<Json<SandboxView>> {
+) -> ApiResult<Json<api::Sandbox>> {
     let rec = s.app.sandbox_visible(&who, &id).await?;
-    Ok(Json(SandboxView::from(&rec)))
+    Ok(Json(dto::sandbox(&rec)))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -156,38 +153,38 @@ pub async fn sandbox_destroy(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", request_body = TimeoutBody,
-    responses((status = 200, body = SandboxView)))]
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", request_body = api::SetTimeout,
+    responses((status = 200, body = api::Sandbox)))]
 pub async fn sandbox_timeout(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<TimeoutBody>,
-) -> ApiResult<Json<SandboxView>> {
+    JsonBody(body): JsonBody<api::SetTimeout>,
+) -> ApiResult<Json<api::Sandbox>> {
     let rec = s.app.sandbox_set_timeout(&who, &id, body.timeout_s).await?;
-    Ok(Json(SandboxView::from(&rec)))
+    Ok(Json(dto::sandbox(&rec)))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
-    responses((status = 200, body = SandboxView), (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 200, body = api::Sandbox), (status = 409, body = super::error::ErrorBody)))]
 pub async fn sandbox_pause(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-) -> ApiResult<Json<SandboxView>> {
-    Ok(Json(SandboxView::from(
+) -> ApiResult<Json<api::Sandbox>> {
+    Ok(Json(dto::sandbox(
         &s.app.sandbox_pause(&who, &id, true).await?,
     )))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
-    responses((status = 200, body = SandboxView), (status = 409, body = super::error::ErrorBody)))]
+    responses((status = 200, body = api::Sandbox), (status = 409, body = super::error::ErrorBody)))]
 pub async fn sandbox_resume(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-) -> ApiResult<Json<SandboxView>> {
-    Ok(Json(SandboxView::from(
+) -> ApiResult<Json<api::Sandbox>> {
+    Ok(Json(dto::sandbox(
         &s.app.sandbox_pause(&who, &id, false).await?,
     )))
 }
@@ -201,7 +198,7 @@ pub struct LogsQuery {
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(LogsQuery),
-    responses((status = 200, body = LogsResponse)))]
+    responses((status = 200, body = api::Logs)))]
 pub async fn sandbox_logs(
     State(s): State<AppState>,
     Auth(who): Auth,
@@ -210,8 +207,8 @@ pub async fn sandbox_logs(
 ) -> ApiResult<Response> {
     let lines = s.app.sandbox_logs(&who, &id).await?;
     if !q.follow {
-        return Ok(Json(LogsResponse {
-            lines: lines.iter().map(LogLineView::from).collect(),
+        return Ok(Json(api::Logs {
+            lines: lines.iter().map(dto::log_line).collect(),
         })
         .into_response());
     }
@@ -262,7 +259,7 @@ const FOLLOW_POLL_MAX: Duration = Duration::from_secs(5);
 fn log_event(l: &stacyvm_provider::LogLine) -> Event {
     Event::default()
         .event("log")
-        .json_data(LogLineView::from(l))
+        .json_data(dto::log_line(l))
         .unwrap_or_else(|_| Event::default().event("log").data("{}"))
 }
 
@@ -335,14 +332,14 @@ fn exec_detail(rec: &SandboxRecord, cmd: &[String]) -> serde_json::Value {
     serde_json::json!({"sandbox": rec.id, "program": cmd.first()})
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", request_body = ExecBody,
-    responses((status = 200, body = ExecResponse), (status = 409, body = super::error::ErrorBody),
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", request_body = api::ExecRequest,
+    responses((status = 200, body = api::ExecResponse), (status = 409, body = super::error::ErrorBody),
         (status = 429, body = super::error::ErrorBody)))]
 pub async fn sandbox_exec(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<ExecBody>,
+    JsonBody(body): JsonBody<api::ExecRequest>,
 ) -> ApiResult<Response> {
     let (rec, worker, lease, _slot) = s.app.exec_admit(&who, &id).await?;
     let detail = exec_detail(&rec, &body.cmd);
@@ -359,19 +356,19 @@ pub async fn sandbox_exec(
     detail["exit_code"] = serde_json::json!(out.status.exit_code);
     detail["timed_out"] = serde_json::json!(out.status.timed_out);
     Ok(note(
-        Json(ExecResponse::from(out)).into_response(),
+        Json(dto::exec_response(out)).into_response(),
         Some(rec.id.to_string()),
         detail,
     ))
 }
 
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", request_body = ExecBody,
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", request_body = api::ExecRequest,
     responses((status = 200, description = "text/event-stream of stdout, stderr, then exit (or error) events")))]
 pub async fn sandbox_exec_stream(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<ExecBody>,
+    JsonBody(body): JsonBody<api::ExecRequest>,
 ) -> ApiResult<Response> {
     let (rec, worker, lease, slot) = s.app.exec_admit(&who, &id).await?;
     let detail = exec_detail(&rec, &body.cmd);
@@ -396,8 +393,8 @@ pub async fn sandbox_exec_stream(
                 return None;
             }
             let (event, done) = match exec.next().await {
-            Some(Ok(ExecEvent::Stdout(b))) => (Event::default().event("stdout").json_data(StreamChunk::of(&b)), false),
-            Some(Ok(ExecEvent::Stderr(b))) => (Event::default().event("stderr").json_data(StreamChunk::of(&b)), false),
+            Some(Ok(ExecEvent::Stdout(b))) => (Event::default().event("stdout").json_data(dto::stream_chunk(&b)), false),
+            Some(Ok(ExecEvent::Stderr(b))) => (Event::default().event("stderr").json_data(dto::stream_chunk(&b)), false),
             Some(Ok(ExecEvent::Exit(st))) => (
                 Event::default().event("exit").json_data(serde_json::json!({
                     "exit_code": st.exit_code, "signal": st.signal,

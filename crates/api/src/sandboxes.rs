@@ -1,0 +1,211 @@
+//! Sandboxes: the sandbox object, its create body, lists and logs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Where a sandbox is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Pending,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Destroyed,
+    Failed,
+    Lost,
+    /// A state this client does not know yet (never sent by this server).
+    #[serde(other)]
+    Unknown,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Pending => "pending",
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Stopping => "stopping",
+            SandboxState::Destroyed => "destroyed",
+            SandboxState::Failed => "failed",
+            SandboxState::Lost => "lost",
+            SandboxState::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        Some(match s {
+            "pending" => SandboxState::Pending,
+            "starting" => SandboxState::Starting,
+            "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
+            "stopping" => SandboxState::Stopping,
+            "destroyed" => SandboxState::Destroyed,
+            "failed" => SandboxState::Failed,
+            "lost" => SandboxState::Lost,
+            _ => return None,
+        })
+    }
+
+    /// True once the sandbox can never run again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            SandboxState::Destroyed | SandboxState::Failed | SandboxState::Lost
+        )
+    }
+}
+
+impl std::fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Network access of a sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    None,
+    Egress,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Egress => "egress",
+        }
+    }
+}
+
+/// Why a sandbox failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+}
+
+/// A sandbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Sandbox {
+    pub id: String,
+    pub tenant_id: String,
+    pub state: SandboxState,
+    pub provider: String,
+    pub worker_id: Option<String>,
+    pub image: String,
+    pub template: Option<String>,
+    pub cpu: f64,
+    pub memory_mb: i64,
+    /// `none` or `egress`.
+    pub network: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The lifetime asked for at create, in seconds.
+    #[serde(default)]
+    pub timeout_s: Option<i64>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(with = "crate::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub created_at: OffsetDateTime,
+    #[serde(default, with = "crate::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(default, with = "crate::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(default, with = "crate::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub destroyed_at: Option<OffsetDateTime>,
+    pub failure: Option<Failure>,
+}
+
+/// Body of `POST /v1/sandboxes`: `image` or `template` is required; the
+/// server picks defaults for the rest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<i64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// `none` (default) or `egress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    /// Not part of the body: clients send it as the `Idempotency-Key`
+    /// header (a repeated create with the same key returns the first
+    /// sandbox).
+    #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
+    pub idempotency_key: Option<String>,
+}
+
+impl CreateSandbox {
+    /// A create from an image, with server defaults for everything else.
+    pub fn image(image: impl Into<String>) -> CreateSandbox {
+        CreateSandbox {
+            image: Some(image.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// One page of sandboxes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+    pub next_cursor: Option<String>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/timeout`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetTimeout {
+    pub timeout_s: i64,
+}
+
+/// A line of a sandbox's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogLine {
+    #[serde(with = "crate::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub ts: OffsetDateTime,
+    /// `lifecycle`, `provider` or `runtime`.
+    pub source: String,
+    pub message: String,
+}
+
+/// The answer of `GET /v1/sandboxes/{id}/logs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Logs {
+    pub lines: Vec<LogLine>,
+}
