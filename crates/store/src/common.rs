@@ -1,23 +1,26 @@
-//! What both backends share: the time and JSON representation, row decoding,
-//! paging, the quota rule, migrations bookkeeping and the mapping of database
-//! errors onto `stacyvm_core::Error`.
+//! The pieces the SQL store is built from: the time and JSON representation,
+//! what the store asks of a sqlx database ([`SqlDb`]), row decoding, paging,
+//! the quota rule, migrations bookkeeping and the mapping of database errors
+//! onto `stacyvm_core::Error`.
 
 use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use sqlx::postgres::PgRow;
+use sqlx::query::Query;
 use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
-use sqlx::Row;
+use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Postgres, Row, Sqlite, Type};
 use stacyvm_core::{
     Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TenantId, WorkerId,
 };
 use time::OffsetDateTime;
 
 use crate::model::{
-    Actor, ApiKey, AuditEvent, AuditFilter, Failure, Outcome, Page, PageRequest, Quota, Role,
-    SandboxRecord, Tenant, WorkerRecord, WorkerState,
+    Actor, ApiKey, AuditEvent, Failure, Outcome, Page, PageRequest, Quota, Role, SandboxRecord,
+    Tenant, WorkerRecord, WorkerState,
 };
+use crate::sql::Backend;
 use crate::UNAVAILABLE_PREFIX;
 
 /// The SQL condition for "not in a terminal state" (see
@@ -29,8 +32,7 @@ macro_rules! live_state {
 }
 pub(crate) use live_state;
 
-/// The sandbox columns, in the order [`sandbox_from_row`] reads them and
-/// `bind_sandbox!` binds them.
+/// The sandbox columns, in the order [`SandboxParams`] lists them.
 macro_rules! sandbox_columns {
     () => {
         "id, tenant_id, state, provider, worker_id, image, template, cpu, memory_mb, network, \
@@ -39,37 +41,6 @@ macro_rules! sandbox_columns {
     };
 }
 pub(crate) use sandbox_columns;
-
-/// Binds every column of [`sandbox_columns!`] from a [`SandboxParams`], in order.
-macro_rules! bind_sandbox {
-    ($query:expr, $p:expr) => {
-        $query
-            .bind($p.id)
-            .bind($p.tenant_id)
-            .bind($p.state)
-            .bind($p.provider)
-            .bind($p.worker_id)
-            .bind($p.image)
-            .bind($p.template)
-            .bind($p.cpu)
-            .bind($p.memory_mb)
-            .bind($p.network)
-            .bind($p.labels)
-            .bind($p.env)
-            .bind($p.workdir)
-            .bind($p.timeout_s)
-            .bind($p.created_at)
-            .bind($p.started_at)
-            .bind($p.expires_at)
-            .bind($p.destroyed_at)
-            .bind($p.failure_code)
-            .bind($p.failure_message)
-            .bind($p.lease_expires_at)
-            .bind($p.fencing_token)
-            .bind($p.idempotency_key)
-    };
-}
-pub(crate) use bind_sandbox;
 
 macro_rules! audit_columns {
     () => {
@@ -92,6 +63,17 @@ macro_rules! key_columns {
     };
 }
 pub(crate) use key_columns;
+
+/// A tenant's quota: one row when the tenant exists (all limits NULL until
+/// set), none when it does not.
+macro_rules! quota_of_tenant {
+    () => {
+        "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, \
+         q.max_exec_per_minute, q.allowed_providers, q.max_concurrent_execs \
+         FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = $1"
+    };
+}
+pub(crate) use quota_of_tenant;
 
 // --- time -----------------------------------------------------------------
 
@@ -123,49 +105,24 @@ fn corrupt(col: &str, why: impl std::fmt::Display) -> Error {
     Error::Internal(format!("unreadable stored value in column {col}: {why}"))
 }
 
-/// Which database a `sqlx::Error` came from: their error codes differ.
-#[derive(Clone, Copy)]
-pub(crate) enum Dialect {
-    Sqlite,
-    Postgres,
-}
-
 /// Whether the database could not be reached (rather than refusing a
 /// statement): the caller should answer 503 and may retry.
-fn is_unreachable(dialect: Dialect, err: &sqlx::Error) -> bool {
+fn is_unreachable<B: Backend>(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => {
-            let Some(code) = db.code() else { return false };
-            match dialect {
-                // Class 08 is "connection exception"; 57P01..57P03 are an
-                // administrator shutdown, a crash shutdown and "cannot
-                // connect now" (starting up); 53300 is "too many connections".
-                Dialect::Postgres => {
-                    code.starts_with("08")
-                        || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
-                }
-                // The primary result code is the low byte of the extended one.
-                Dialect::Sqlite => match code.parse::<i32>() {
-                    // SQLITE_BUSY (after the busy timeout), SQLITE_LOCKED,
-                    // SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
-                    Ok(c) => matches!(c & 0xff, 5 | 6 | 10 | 13 | 14),
-                    Err(_) => false,
-                },
-            }
-        }
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| B::is_unreachable_code(&c)),
         _ => false,
     }
 }
 
 /// Turns a database error into an `Internal` error saying what was being
 /// done; unreachable databases get the [`UNAVAILABLE_PREFIX`].
-pub(crate) fn db_error(dialect: Dialect, context: &str, err: sqlx::Error) -> Error {
-    if is_unreachable(dialect, &err) {
+pub(crate) fn db_error<B: Backend>(context: &str, err: sqlx::Error) -> Error {
+    if is_unreachable::<B>(&err) {
         Error::Internal(format!("{UNAVAILABLE_PREFIX}{context}: {err}"))
     } else {
         Error::Internal(format!("{context}: {err}"))
@@ -182,9 +139,9 @@ pub(crate) fn is_foreign_key_violation(err: &sqlx::Error) -> bool {
 
 // --- rows -----------------------------------------------------------------
 
-/// Typed column access shared by both backends' row types, with decoding
+/// Typed column access shared by both databases' row types, with decoding
 /// failures reported as `Internal` errors naming the column.
-pub(crate) trait RowGet {
+pub trait RowGet {
     fn text(&self, col: &str) -> Result<String>;
     fn opt_text(&self, col: &str) -> Result<Option<String>>;
     fn int(&self, col: &str) -> Result<i64>;
@@ -195,8 +152,81 @@ pub(crate) trait RowGet {
     fn json<T: DeserializeOwned>(&self, col: &str) -> Result<T>;
 }
 
-macro_rules! impl_row_get {
-    ($row:ty) => {
+// --- the sqlx databases ---------------------------------------------------
+
+/// What the SQL store asks of a sqlx database: rows read through [`RowGet`],
+/// every kind of value it binds, and statements run on a connection or on
+/// the pool. These are supertraits so that code generic over an `SqlDb`
+/// needs no bounds of its own (a trait's `where` clauses would have to be
+/// repeated wherever it is used).
+pub trait SqlDb:
+    Database<Row: RowGet, Arguments: IntoArguments<Self>>
+    + Binds<'static, i32>
+    + Binds<'static, i64>
+    + Binds<'static, Option<i64>>
+    + Binds<'static, f64>
+    + Binds<'static, Option<f64>>
+    + Binds<'static, String>
+    + Binds<'static, Option<String>>
+    + for<'a> Binds<'a, &'a str>
+    + for<'a> Binds<'a, Option<&'a str>>
+    + for<'a> Binds<'a, Json<&'a BTreeMap<String, String>>>
+    + for<'a> Binds<'a, Json<&'a Vec<String>>>
+    + for<'a> Binds<'a, Json<&'a serde_json::Value>>
+{
+    /// Statements on one connection: a transaction's, or one from the pool.
+    fn on(conn: &mut Self::Connection) -> impl Executor<'_, Database = Self>;
+    /// Statements on the pool, each on whichever connection is free.
+    fn on_pool(pool: &Pool<Self>) -> impl Executor<'_, Database = Self>;
+    /// How many rows a statement changed.
+    fn rows_affected(done: &Self::QueryResult) -> u64;
+}
+
+/// A statement with its arguments, on database `DB`.
+pub type Statement<'q, DB> = Query<'q, DB, <DB as Database>::Arguments>;
+
+/// A `T` can be bound to this database's statements.
+pub trait Binds<'e, T>: Database {
+    fn bind_to(query: Statement<'_, Self>, value: T) -> Statement<'_, Self>;
+}
+
+impl<'e, DB: Database, T: Encode<'e, DB> + Type<DB>> Binds<'e, T> for DB {
+    fn bind_to(query: Statement<'_, Self>, value: T) -> Statement<'_, Self> {
+        query.bind(value)
+    }
+}
+
+/// `query.arg(value)` is `query.bind(value)` for code generic over an
+/// [`SqlDb`], where `bind`'s own bounds cannot be proven.
+pub trait Arg<DB> {
+    fn arg<'e, T>(self, value: T) -> Self
+    where
+        DB: Binds<'e, T>;
+}
+
+impl<DB: Database> Arg<DB> for Statement<'_, DB> {
+    fn arg<'e, T>(self, value: T) -> Self
+    where
+        DB: Binds<'e, T>,
+    {
+        DB::bind_to(self, value)
+    }
+}
+
+macro_rules! impl_sql_db {
+    ($db:ty, $row:ty) => {
+        impl SqlDb for $db {
+            fn on(conn: &mut Self::Connection) -> impl Executor<'_, Database = Self> {
+                conn
+            }
+            fn on_pool(pool: &Pool<Self>) -> impl Executor<'_, Database = Self> {
+                pool
+            }
+            fn rows_affected(done: &Self::QueryResult) -> u64 {
+                done.rows_affected()
+            }
+        }
+
         impl RowGet for $row {
             fn text(&self, col: &str) -> Result<String> {
                 self.try_get(col).map_err(|e| corrupt(col, e))
@@ -227,8 +257,8 @@ macro_rules! impl_row_get {
         }
     };
 }
-impl_row_get!(SqliteRow);
-impl_row_get!(PgRow);
+impl_sql_db!(Sqlite, SqliteRow);
+impl_sql_db!(Postgres, PgRow);
 
 fn time_col(row: &impl RowGet, col: &str) -> Result<OffsetDateTime> {
     from_micros(col, row.int(col)?)
@@ -479,39 +509,34 @@ pub(crate) fn into_page<T>(mut items: Vec<(String, T)>, limit: i64) -> Page<T> {
 // --- dynamic filters ------------------------------------------------------
 
 /// A value bound to a dynamically built statement.
-pub(crate) enum Arg {
+pub(crate) enum Value {
     Text(String),
     Int(i64),
 }
 
 /// Builds the `WHERE` clause of a filtered list: conditions joined with
-/// `AND`, their values bound in order, with each dialect's placeholders.
+/// `AND`, their values bound in order.
+#[derive(Default)]
 pub(crate) struct Conditions {
-    dialect: Dialect,
     clauses: Vec<String>,
-    pub args: Vec<Arg>,
+    pub args: Vec<Value>,
 }
 
 impl Conditions {
-    pub(crate) fn new(dialect: Dialect) -> Self {
-        Conditions {
-            dialect,
-            clauses: Vec::new(),
-            args: Vec::new(),
-        }
-    }
-
     /// Adds a value and returns its placeholder.
-    pub(crate) fn param(&mut self, arg: Arg) -> String {
-        self.args.push(arg);
-        match self.dialect {
-            Dialect::Sqlite => "?".to_owned(),
-            Dialect::Postgres => format!("${}", self.args.len()),
-        }
+    pub(crate) fn param(&mut self, value: Value) -> String {
+        self.args.push(value);
+        format!("${}", self.args.len())
     }
 
     pub(crate) fn and(&mut self, clause: String) {
         self.clauses.push(clause);
+    }
+
+    /// Adds the condition `lhs value`, e.g. `("ts >=", since)`.
+    pub(crate) fn and_is(&mut self, lhs: &str, value: Value) {
+        let p = self.param(value);
+        self.and(format!("{lhs} {p}"));
     }
 
     /// ` WHERE a AND b`, or nothing.
@@ -547,37 +572,6 @@ pub(crate) fn stale_or_missing(rec: &SandboxRecord, current: Option<i64>) -> Err
             rec.id, rec.fencing_token
         )),
     }
-}
-
-/// The audit filter as conditions.
-pub(crate) fn audit_conditions(dialect: Dialect, filter: &AuditFilter) -> Result<Conditions> {
-    let cursor = seq_cursor(&filter.page)?;
-    let mut c = Conditions::new(dialect);
-    if let Some(tenant) = &filter.tenant_id {
-        let p = c.param(Arg::Text(tenant.to_string()));
-        c.and(format!("tenant_id = {p}"));
-    }
-    if let Some(sandbox) = &filter.sandbox_id {
-        let p = c.param(Arg::Text(sandbox.clone()));
-        c.and(format!("sandbox_id = {p}"));
-    }
-    if let Some(action) = &filter.action {
-        let p = c.param(Arg::Text(action.clone()));
-        c.and(format!("action = {p}"));
-    }
-    if let Some(outcome) = filter.outcome {
-        let p = c.param(Arg::Text(outcome.as_str().to_owned()));
-        c.and(format!("outcome = {p}"));
-    }
-    if let Some(since) = filter.since {
-        let p = c.param(Arg::Int(to_micros(since)));
-        c.and(format!("ts >= {p}"));
-    }
-    if let Some(seq) = cursor {
-        let p = c.param(Arg::Int(seq));
-        c.and(format!("seq > {p}"));
-    }
-    Ok(c)
 }
 
 // --- quotas ---------------------------------------------------------------
@@ -632,11 +626,52 @@ fn round_cpu(cpu: f64) -> f64 {
 // --- migrations -----------------------------------------------------------
 
 /// One embedded schema migration, applied once, in version order.
-pub(crate) struct Migration {
+pub struct Migration {
     pub version: i64,
     pub name: &'static str,
     pub sql: &'static str,
 }
+
+/// One dialect's schema, from `migrations/DIALECT/`.
+pub struct Schema {
+    /// Creates the table recording applied migrations, if missing.
+    pub bookkeeping: &'static str,
+    /// The migrations, in version order.
+    pub migrations: &'static [Migration],
+}
+
+/// The schema of `$dialect`. Each version is a pair of twin files, one per
+/// dialect, listed once here so that the backends cannot drift apart. A
+/// change is a new pair of files appended here; applied files are never
+/// edited.
+macro_rules! schema {
+    ($dialect:literal) => {
+        Schema {
+            bookkeeping: include_str!(concat!(
+                "../migrations/",
+                $dialect,
+                "/schema_migrations.sql"
+            )),
+            migrations: &[
+                Migration {
+                    version: 1,
+                    name: "initial",
+                    sql: include_str!(concat!("../migrations/", $dialect, "/0001_initial.sql")),
+                },
+                Migration {
+                    version: 2,
+                    name: "owner role and quota fields",
+                    sql: include_str!(concat!(
+                        "../migrations/",
+                        $dialect,
+                        "/0002_owner_role_and_quota_fields.sql"
+                    )),
+                },
+            ],
+        }
+    };
+}
+pub(crate) use schema;
 
 /// Refuses a database migrated by a newer StacyVM: its schema may not be
 /// what this code expects.

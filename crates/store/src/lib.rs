@@ -3,12 +3,15 @@
 //! lease, fencing token), audit events and workers — behind one trait with
 //! two backends, SQLite (embedded default) and PostgreSQL (clusters).
 //!
-//! Only this crate speaks SQL. Both backends pass the same conformance suite
-//! (`tests/store`), run against real databases.
+//! Only this crate speaks SQL, and it writes each statement once: `sql` is
+//! the store over either database, `sqlite` and `postgres` hold only what
+//! differs. Both backends pass the same conformance suite (`tests/store`),
+//! run against real databases.
 
 mod common;
 pub mod model;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;

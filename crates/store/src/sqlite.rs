@@ -4,8 +4,8 @@
 //!
 //! SQLite has one writer at a time. Write transactions start with
 //! `BEGIN IMMEDIATE`, so they take the write lock before reading what they
-//! check (the quota, the fencing token) and cannot race; within this process
-//! they also queue on an async lock first, so they wait in order instead of
+//! check (the quota) and cannot race; within this process every write also
+//! queues on an async lock first, so writers wait in order instead of
 //! polling in SQLite's busy handler, which remains for other processes.
 //!
 //! Audit events are committed in groups by one writer task: events that
@@ -16,31 +16,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Connection, Sqlite, Transaction};
-use stacyvm_core::{Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId};
-use time::OffsetDateTime;
+use sqlx::{Connection, Pool, Sqlite};
+use stacyvm_core::{Error, Result};
 use tokio::sync::{mpsc, oneshot, Mutex, MutexGuard};
 
-use crate::common::{
-    audit_columns, audit_conditions, audit_from_row, bind_sandbox, check_not_newer, check_quota,
-    db_error, id_cursor, into_page, is_foreign_key_violation, is_unique_violation, key_columns,
-    key_from_row, live_state, opt_micros, page_limit, quota_from_row, quota_providers_json,
-    sandbox_columns, sandbox_from_row, stale_or_missing, tenant_exists, tenant_from_row,
-    tenant_not_found, to_micros, worker_columns, worker_from_row, Arg, Conditions, Dialect,
-    Migration, RowGet, SandboxParams, Usage,
-};
-use crate::model::{
-    ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, Quota, SandboxFilter,
-    SandboxRecord, Tenant, WorkerRecord, WorkerState,
-};
-use crate::{Store, UNAVAILABLE_PREFIX};
-
-const D: Dialect = Dialect::Sqlite;
+use crate::common::{db_error, quota_of_tenant, schema, Migration, Schema};
+use crate::model::AuditEvent;
+use crate::sql::{audit_insert, Backend, SqlStore};
+use crate::UNAVAILABLE_PREFIX;
 
 /// How long a statement waits for another process's write lock before
 /// giving up (and reporting the store unavailable).
@@ -49,26 +35,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Readers run concurrently in WAL mode; writers take turns anyway.
 const MAX_CONNECTIONS: u32 = 4;
 
-/// The schema, in version order. A change is a new file in
-/// `migrations/sqlite/` appended here (with its twin for the other backend);
-/// applied files are never edited.
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "initial",
-        sql: include_str!("../migrations/sqlite/0001_initial.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "owner role and quota fields",
-        sql: include_str!("../migrations/sqlite/0002_owner_role_and_quota_fields.sql"),
-    },
-];
-
 /// The SQLite store. Cheap to share behind an `Arc`.
-pub struct SqliteStore {
-    pool: SqlitePool,
-    /// Serialises this process's write transactions (see the module docs).
+pub type SqliteStore = SqlStore<SqliteBackend>;
+
+/// What is SQLite's own in a [`SqliteStore`].
+pub struct SqliteBackend {
+    /// Serialises this process's writes (see the module docs).
     write_lock: Arc<Mutex<()>>,
     /// Audit events on their way to the group-commit writer (see
     /// `audit_writer`).
@@ -81,55 +53,53 @@ type PendingEvent = (AuditEvent, oneshot::Sender<Result<()>>);
 /// Most events one audit commit takes.
 const AUDIT_BATCH: usize = 256;
 
-type WriteTx<'a> = (MutexGuard<'a, ()>, Transaction<'static, Sqlite>);
+impl Backend for SqliteBackend {
+    type Db = Sqlite;
 
-impl SqliteStore {
-    /// The update behind `sandbox_update` and `sandbox_update_from`:
-    /// guarded by the fencing token and, with `from`, by the stored state.
-    async fn sandbox_write(&self, rec: &SandboxRecord, from: Option<SandboxState>) -> Result<bool> {
-        let (_lock, mut tx) = self.begin_write().await?;
-        let p = SandboxParams::new(rec);
-        let done = sqlx::query(
-            "UPDATE sandboxes SET state = ?, worker_id = ?, started_at = ?, expires_at = ?,
-                destroyed_at = ?, failure_code = ?, failure_message = ?, lease_expires_at = ?,
-                labels = ?
-             WHERE id = ? AND fencing_token = ? AND (? IS NULL OR state = ?)",
+    const KIND: &'static str = "sqlite";
+
+    const SCHEMA: Schema = schema!("sqlite");
+
+    const MIGRATIONS_LOCK: Option<&'static str> = None;
+
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+
+    /// `BEGIN IMMEDIATE` has already made this the only writer.
+    const QUOTA_FOR_CREATE: &'static str = quota_of_tenant!();
+
+    /// `json_each` compares the key as a string; a path expression (`->>`)
+    /// would read `a.b` as a nested key.
+    fn label_matches(key: &str, value: &str) -> String {
+        format!(
+            "EXISTS (SELECT 1 FROM json_each(sandboxes.labels) AS l \
+             WHERE l.key = {key} AND l.value = {value})"
         )
-        .bind(p.state)
-        .bind(p.worker_id)
-        .bind(p.started_at)
-        .bind(p.expires_at)
-        .bind(p.destroyed_at)
-        .bind(p.failure_code)
-        .bind(p.failure_message)
-        .bind(p.lease_expires_at)
-        .bind(p.labels)
-        .bind(p.id)
-        .bind(p.fencing_token)
-        .bind(from.map(SandboxState::as_str))
-        .bind(from.map(SandboxState::as_str))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(D, "updating a sandbox", e))?;
-        if done.rows_affected() == 0 {
-            let current: Option<i64> =
-                sqlx::query_scalar("SELECT fencing_token FROM sandboxes WHERE id = ?")
-                    .bind(rec.id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(|e| db_error(D, "reading a fencing token", e))?;
-            if from.is_some() && current == Some(rec.fencing_token) {
-                // Same holder, but the state moved on: not an error.
-                return Ok(false);
-            }
-            return Err(stale_or_missing(rec, current));
-        }
-        tx.commit()
-            .await
-            .map_err(|e| db_error(D, "committing a sandbox update", e))?;
-        Ok(true)
     }
 
+    fn is_unreachable_code(code: &str) -> bool {
+        // The primary result code is the low byte of the extended one:
+        // SQLITE_BUSY (after the busy timeout), SQLITE_LOCKED, SQLITE_IOERR,
+        // SQLITE_FULL, SQLITE_CANTOPEN.
+        code.parse::<i32>()
+            .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
+    }
+
+    async fn write_turn(&self) -> Option<MutexGuard<'_, ()>> {
+        Some(self.write_lock.lock().await)
+    }
+
+    async fn audit_append(&self, _pool: &Pool<Sqlite>, event: &AuditEvent) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        let gone = || Error::Internal(format!("{UNAVAILABLE_PREFIX}the audit writer has stopped"));
+        self.audit
+            .send((event.clone(), done))
+            .await
+            .map_err(|_| gone())?;
+        wait.await.map_err(|_| gone())?
+    }
+}
+
+impl SqliteStore {
     /// Opens (creating it and its directory if missing) the database file at
     /// `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<SqliteStore> {
@@ -170,8 +140,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| {
-                db_error(
-                    D,
+                db_error::<SqliteBackend>(
                     &format!("opening the SQLite store {}", path.display()),
                     e,
                 )
@@ -179,77 +148,7 @@ impl SqliteStore {
         let write_lock = Arc::new(Mutex::new(()));
         let (audit, audit_rx) = mpsc::channel(4 * AUDIT_BATCH);
         tokio::spawn(audit_writer(pool.clone(), write_lock.clone(), audit_rx));
-        let store = SqliteStore {
-            pool,
-            write_lock,
-            audit,
-        };
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    async fn migrate(&self) -> Result<()> {
-        let (_lock, mut tx) = self.begin_write().await?;
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version     INTEGER PRIMARY KEY,
-                name        TEXT NOT NULL,
-                applied_at  INTEGER NOT NULL
-            ) STRICT",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db_error(D, "creating schema_migrations", e))?;
-        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| db_error(D, "reading schema_migrations", e))?;
-        check_not_newer(&applied, MIGRATIONS)?;
-        for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-            sqlx::raw_sql(m.sql).execute(&mut *tx).await.map_err(|e| {
-                db_error(
-                    D,
-                    &format!("applying migration {} ({})", m.version, m.name),
-                    e,
-                )
-            })?;
-            sqlx::query(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-            )
-            .bind(m.version)
-            .bind(m.name)
-            .bind(to_micros(stacyvm_core::now()))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db_error(D, "recording a migration", e))?;
-            tracing::info!(
-                version = m.version,
-                name = m.name,
-                "applied store migration"
-            );
-        }
-        tx.commit()
-            .await
-            .map_err(|e| db_error(D, "committing migrations", e))
-    }
-
-    /// Takes this process's write turn, then SQLite's write lock.
-    async fn begin_write(&self) -> Result<WriteTx<'_>> {
-        let lock = self.write_lock.lock().await;
-        let tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| db_error(D, "starting a write transaction", e))?;
-        Ok((lock, tx))
-    }
-
-    async fn sandbox_query(&self, context: &str, sql: &'static str) -> Result<Vec<SandboxRecord>> {
-        let rows = sqlx::query(sql)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| db_error(D, context, e))?;
-        rows.iter().map(sandbox_from_row).collect()
+        SqlStore::start(pool, SqliteBackend { write_lock, audit }).await
     }
 }
 
@@ -298,594 +197,20 @@ async fn audit_commit(
 ) -> Result<()> {
     let _lock = write_lock.lock().await;
     if let [event] = events {
-        return audit_insert(
-            &mut *pool
-                .acquire()
-                .await
-                .map_err(|e| db_error(D, "acquiring a connection", e))?,
-            event,
-        )
-        .await;
+        let mut conn = pool
+            .acquire()
+            .await
+            .map_err(|e| db_error::<SqliteBackend>("acquiring a connection", e))?;
+        return audit_insert::<SqliteBackend>(&mut *conn, event).await;
     }
     let mut tx = pool
-        .begin_with("BEGIN IMMEDIATE")
+        .begin_with(SqliteBackend::BEGIN_WRITE)
         .await
-        .map_err(|e| db_error(D, "starting a write transaction", e))?;
+        .map_err(|e| db_error::<SqliteBackend>("starting a write transaction", e))?;
     for event in events {
-        audit_insert(&mut tx, event).await?;
+        audit_insert::<SqliteBackend>(&mut *tx, event).await?;
     }
     tx.commit()
         .await
-        .map_err(|e| db_error(D, "committing audit events", e))
-}
-
-async fn audit_insert(conn: &mut sqlx::SqliteConnection, event: &AuditEvent) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_events (id, ts, tenant_id, actor_key_id, actor_role, action, target,
-            sandbox_id, outcome, status, request_id, source_ip, detail)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(event.id.as_str())
-    .bind(to_micros(event.ts))
-    .bind(event.tenant_id.as_ref().map(|t| t.as_str()))
-    .bind(event.actor.key_id.as_ref().map(|k| k.as_str()))
-    .bind(event.actor.role.map(|r| r.as_str()))
-    .bind(&event.action)
-    .bind(event.target.as_deref())
-    .bind(event.sandbox_id.as_deref())
-    .bind(event.outcome.as_str())
-    .bind(event.status)
-    .bind(&event.request_id)
-    .bind(event.source_ip.as_deref())
-    .bind(sqlx::types::Json(&event.detail))
-    .execute(&mut *conn)
-    .await
-    .map(|_| ())
-    .map_err(|e| match e {
-        e if is_unique_violation(&e) => {
-            Error::Conflict(format!("audit event {} exists already", event.id))
-        }
-        e => db_error(D, "appending an audit event", e),
-    })
-}
-
-fn bind_args<'q>(
-    mut query: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>,
-    args: Vec<Arg>,
-) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments> {
-    for arg in args {
-        query = match arg {
-            Arg::Text(s) => query.bind(s),
-            Arg::Int(i) => query.bind(i),
-        };
-    }
-    query
-}
-
-#[async_trait]
-impl Store for SqliteStore {
-    fn kind(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
-            .map_err(|e| db_error(D, "pinging the store", e))
-    }
-
-    // --- tenants and quotas ---------------------------------------------
-
-    async fn tenant_create(&self, tenant: &Tenant) -> Result<()> {
-        let _lock = self.write_lock.lock().await;
-        let result = sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
-            .bind(tenant.id.as_str())
-            .bind(&tenant.name)
-            .bind(to_micros(tenant.created_at))
-            .execute(&self.pool)
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(tenant_exists(tenant, &e)),
-            Err(e) => Err(db_error(D, "creating a tenant", e)),
-        }
-    }
-
-    async fn tenant_get(&self, id: &TenantId) -> Result<Option<Tenant>> {
-        let row = sqlx::query("SELECT id, name, created_at FROM tenants WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| db_error(D, "reading a tenant", e))?;
-        row.as_ref().map(tenant_from_row).transpose()
-    }
-
-    async fn tenant_list(&self, page: &PageRequest) -> Result<Page<Tenant>> {
-        let limit = page_limit(page);
-        let cursor = id_cursor(page, TenantId::parse)?;
-        let rows = sqlx::query(
-            "SELECT id, name, created_at FROM tenants WHERE (?1 IS NULL OR id > ?1) ORDER BY id LIMIT ?2",
-        )
-        .bind(cursor)
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "listing tenants", e))?;
-        let items = rows
-            .iter()
-            .map(|r| tenant_from_row(r).map(|t| (t.id.to_string(), t)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(into_page(items, limit))
-    }
-
-    async fn quota_get(&self, tenant: &TenantId) -> Result<Quota> {
-        let row = sqlx::query(
-            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute,
-                    q.allowed_providers, q.max_concurrent_execs
-             FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = ?",
-        )
-        .bind(tenant.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "reading a quota", e))?;
-        match row {
-            Some(row) => quota_from_row(&row),
-            None => Err(tenant_not_found(tenant)),
-        }
-    }
-
-    async fn quota_set(&self, tenant: &TenantId, quota: &Quota) -> Result<()> {
-        let _lock = self.write_lock.lock().await;
-        let result = sqlx::query(
-            "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s, max_exec_per_minute,
-                                 allowed_providers, max_concurrent_execs)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (tenant_id) DO UPDATE SET
-                max_sandboxes = excluded.max_sandboxes,
-                max_cpu = excluded.max_cpu,
-                max_memory_mb = excluded.max_memory_mb,
-                max_timeout_s = excluded.max_timeout_s,
-                max_exec_per_minute = excluded.max_exec_per_minute,
-                allowed_providers = excluded.allowed_providers,
-                max_concurrent_execs = excluded.max_concurrent_execs",
-        )
-        .bind(tenant.as_str())
-        .bind(quota.max_sandboxes)
-        .bind(quota.max_cpu)
-        .bind(quota.max_memory_mb)
-        .bind(quota.max_timeout_s)
-        .bind(quota.max_exec_per_minute)
-        .bind(quota_providers_json(quota)?)
-        .bind(quota.max_concurrent_execs)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_foreign_key_violation(&e) => Err(tenant_not_found(tenant)),
-            Err(e) => Err(db_error(D, "setting a quota", e)),
-        }
-    }
-
-    // --- API keys -------------------------------------------------------
-
-    async fn key_create(&self, key: &ApiKey) -> Result<()> {
-        let _lock = self.write_lock.lock().await;
-        let result = sqlx::query(concat!(
-            "INSERT INTO api_keys (",
-            key_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(key.id.as_str())
-        .bind(key.tenant_id.as_str())
-        .bind(key.role.as_str())
-        .bind(&key.name)
-        .bind(&key.key_hash)
-        .bind(to_micros(key.created_at))
-        .bind(opt_micros(key.revoked_at))
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_foreign_key_violation(&e) => Err(tenant_not_found(&key.tenant_id)),
-            Err(e) if is_unique_violation(&e) => Err(Error::Conflict(format!(
-                "API key {} or its hash exists already",
-                key.id
-            ))),
-            Err(e) => Err(db_error(D, "creating an API key", e)),
-        }
-    }
-
-    async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM api_keys WHERE key_hash = ?"
-        ))
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "looking up an API key", e))?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn key_get(&self, id: &KeyId) -> Result<Option<ApiKey>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM api_keys WHERE id = ?"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "reading an API key", e))?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn key_list(
-        &self,
-        tenant: Option<&TenantId>,
-        page: &PageRequest,
-    ) -> Result<Page<ApiKey>> {
-        let limit = page_limit(page);
-        let cursor = id_cursor(page, KeyId::parse)?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM api_keys WHERE (?1 IS NULL OR tenant_id = ?1) AND (?2 IS NULL OR id > ?2)
-              ORDER BY id LIMIT ?3"
-        ))
-        .bind(tenant.map(|t| t.as_str()))
-        .bind(cursor)
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "listing API keys", e))?;
-        let items = rows
-            .iter()
-            .map(|r| key_from_row(r).map(|k| (k.id.to_string(), k)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(into_page(items, limit))
-    }
-
-    async fn key_revoke(&self, id: &KeyId, at: OffsetDateTime) -> Result<bool> {
-        let _lock = self.write_lock.lock().await;
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
-                .bind(to_micros(at))
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(|e| db_error(D, "revoking an API key", e))?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    // --- sandboxes ------------------------------------------------------
-
-    async fn sandbox_create(&self, rec: &SandboxRecord) -> Result<CreateOutcome> {
-        let (_lock, mut tx) = self.begin_write().await?;
-        let quota_row = sqlx::query(
-            "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, q.max_exec_per_minute,
-                    q.allowed_providers, q.max_concurrent_execs
-             FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = ?",
-        )
-        .bind(rec.tenant_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| db_error(D, "reading the tenant's quota", e))?;
-        let Some(quota_row) = quota_row else {
-            return Err(tenant_not_found(&rec.tenant_id));
-        };
-        if let Some(key) = &rec.idempotency_key {
-            let existing = sqlx::query(concat!(
-                "SELECT ",
-                sandbox_columns!(),
-                " FROM sandboxes WHERE tenant_id = ? AND idempotency_key = ?"
-            ))
-            .bind(rec.tenant_id.as_str())
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| db_error(D, "looking up the idempotency key", e))?;
-            if let Some(row) = existing {
-                return Ok(CreateOutcome::Existing(sandbox_from_row(&row)?));
-            }
-        }
-        let quota = quota_from_row(&quota_row)?;
-        let usage_row = sqlx::query(concat!(
-            "SELECT COUNT(*) AS n, TOTAL(cpu) AS cpu, COALESCE(SUM(memory_mb), 0) AS memory_mb
-             FROM sandboxes WHERE tenant_id = ? AND ",
-            live_state!()
-        ))
-        .bind(rec.tenant_id.as_str())
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| db_error(D, "counting the tenant's live sandboxes", e))?;
-        let usage = usage_from_row(&usage_row)?;
-        check_quota(&quota, &usage, rec)?;
-        let inserted = bind_sandbox!(
-            sqlx::query(concat!(
-                "INSERT INTO sandboxes (",
-                sandbox_columns!(),
-                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
-                sandbox_columns!()
-            )),
-            SandboxParams::new(rec)
-        )
-        .fetch_one(&mut *tx)
-        .await;
-        let row = match inserted {
-            Ok(row) => row,
-            Err(e) if is_unique_violation(&e) => {
-                return Err(Error::Conflict(format!(
-                    "sandbox {} exists already",
-                    rec.id
-                )))
-            }
-            Err(e) => return Err(db_error(D, "inserting a sandbox", e)),
-        };
-        let created = sandbox_from_row(&row)?;
-        tx.commit()
-            .await
-            .map_err(|e| db_error(D, "committing a sandbox", e))?;
-        Ok(CreateOutcome::Created(created))
-    }
-
-    async fn sandbox_get(&self, id: &SandboxId) -> Result<Option<SandboxRecord>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            sandbox_columns!(),
-            " FROM sandboxes WHERE id = ?"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "reading a sandbox", e))?;
-        row.as_ref().map(sandbox_from_row).transpose()
-    }
-
-    async fn sandbox_list(&self, filter: &SandboxFilter) -> Result<Page<SandboxRecord>> {
-        let limit = page_limit(&filter.page);
-        let cursor = id_cursor(&filter.page, SandboxId::parse)?;
-        let mut c = Conditions::new(D);
-        if let Some(tenant) = &filter.tenant_id {
-            let p = c.param(Arg::Text(tenant.to_string()));
-            c.and(format!("tenant_id = {p}"));
-        }
-        if let Some(state) = filter.state {
-            let p = c.param(Arg::Text(state.as_str().to_owned()));
-            c.and(format!("state = {p}"));
-        }
-        for (key, value) in &filter.labels {
-            let k = c.param(Arg::Text(key.clone()));
-            let v = c.param(Arg::Text(value.clone()));
-            c.and(format!(
-                "EXISTS (SELECT 1 FROM json_each(sandboxes.labels) AS l WHERE l.key = {k} AND l.value = {v})"
-            ));
-        }
-        if let Some(cursor) = cursor {
-            let p = c.param(Arg::Text(cursor));
-            c.and(format!("id > {p}"));
-        }
-        let where_sql = c.where_sql();
-        let p = c.param(Arg::Int(limit + 1));
-        let sql = format!(
-            "SELECT {} FROM sandboxes{where_sql} ORDER BY id LIMIT {p}",
-            sandbox_columns!()
-        );
-        let rows = bind_args(sqlx::query(AssertSqlSafe(sql)), c.args)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| db_error(D, "listing sandboxes", e))?;
-        let items = rows
-            .iter()
-            .map(|r| sandbox_from_row(r).map(|s| (s.id.to_string(), s)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(into_page(items, limit))
-    }
-
-    async fn sandbox_update(&self, rec: &SandboxRecord) -> Result<()> {
-        self.sandbox_write(rec, None).await.map(|_| ())
-    }
-
-    async fn sandbox_update_from(&self, rec: &SandboxRecord, from: SandboxState) -> Result<bool> {
-        self.sandbox_write(rec, Some(from)).await
-    }
-
-    async fn sandbox_claim(
-        &self,
-        id: &SandboxId,
-        worker: &WorkerId,
-        lease_until: OffsetDateTime,
-    ) -> Result<SandboxRecord> {
-        let _lock = self.write_lock.lock().await;
-        let row = sqlx::query(concat!(
-            "UPDATE sandboxes SET worker_id = ?, lease_expires_at = ?, fencing_token = fencing_token + 1
-             WHERE id = ? RETURNING ",
-            sandbox_columns!()
-        ))
-        .bind(worker.as_str())
-        .bind(to_micros(lease_until))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "claiming a sandbox", e))?;
-        match row {
-            Some(row) => sandbox_from_row(&row),
-            None => Err(Error::NotFound(format!("sandbox {id} not found"))),
-        }
-    }
-
-    async fn lease_renew(&self, worker: &WorkerId, lease_until: OffsetDateTime) -> Result<u64> {
-        let _lock = self.write_lock.lock().await;
-        let done = sqlx::query(concat!(
-            "UPDATE sandboxes SET lease_expires_at = ? WHERE worker_id = ? AND ",
-            live_state!()
-        ))
-        .bind(to_micros(lease_until))
-        .bind(worker.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "renewing leases", e))?;
-        Ok(done.rows_affected())
-    }
-
-    async fn sandbox_list_live(&self) -> Result<Vec<SandboxRecord>> {
-        self.sandbox_query(
-            "listing live sandboxes",
-            concat!(
-                "SELECT ",
-                sandbox_columns!(),
-                " FROM sandboxes WHERE ",
-                live_state!(),
-                " ORDER BY id"
-            ),
-        )
-        .await
-    }
-
-    async fn sandbox_list_expired(&self, now: OffsetDateTime) -> Result<Vec<SandboxRecord>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            sandbox_columns!(),
-            " FROM sandboxes WHERE expires_at IS NOT NULL AND expires_at <= ? AND ",
-            live_state!(),
-            " ORDER BY id"
-        ))
-        .bind(to_micros(now))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "listing expired sandboxes", e))?;
-        rows.iter().map(sandbox_from_row).collect()
-    }
-
-    async fn sandbox_count_by_state(&self) -> Result<Vec<(String, i64)>> {
-        sqlx::query_as::<_, (String, i64)>(
-            "SELECT state, COUNT(*) FROM sandboxes GROUP BY state ORDER BY state",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "counting sandboxes", e))
-    }
-
-    async fn sandbox_count_by_state_of(&self, tenant: &TenantId) -> Result<Vec<(String, i64)>> {
-        sqlx::query_as::<_, (String, i64)>(
-            "SELECT state, COUNT(*) FROM sandboxes WHERE tenant_id = ? GROUP BY state ORDER BY state",
-        )
-        .bind(tenant.as_str())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "counting a tenant's sandboxes", e))
-    }
-
-    // --- audit (append-only) -------------------------------------------
-
-    async fn audit_append(&self, event: &AuditEvent) -> Result<()> {
-        let (done, wait) = oneshot::channel();
-        let gone = || Error::Internal(format!("{UNAVAILABLE_PREFIX}the audit writer has stopped"));
-        self.audit
-            .send((event.clone(), done))
-            .await
-            .map_err(|_| gone())?;
-        wait.await.map_err(|_| gone())?
-    }
-
-    async fn audit_list(&self, filter: &AuditFilter) -> Result<Page<AuditEvent>> {
-        let limit = page_limit(&filter.page);
-        let mut c = audit_conditions(D, filter)?;
-        let where_sql = c.where_sql();
-        let p = c.param(Arg::Int(limit + 1));
-        let sql = format!(
-            "SELECT {} FROM audit_events{where_sql} ORDER BY seq LIMIT {p}",
-            audit_columns!()
-        );
-        let rows = bind_args(sqlx::query(AssertSqlSafe(sql)), c.args)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| db_error(D, "listing audit events", e))?;
-        let items = rows
-            .iter()
-            .map(|r| audit_from_row(r).map(|(seq, ev)| (seq.to_string(), ev)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(into_page(items, limit))
-    }
-
-    // --- workers --------------------------------------------------------
-
-    async fn worker_upsert(&self, worker: &WorkerRecord) -> Result<()> {
-        let _lock = self.write_lock.lock().await;
-        sqlx::query(concat!(
-            "INSERT INTO workers (",
-            worker_columns!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET
-                address = excluded.address,
-                providers = excluded.providers,
-                labels = excluded.labels,
-                capacity = excluded.capacity,
-                state = excluded.state,
-                registered_at = excluded.registered_at,
-                last_heartbeat = excluded.last_heartbeat"
-        ))
-        .bind(worker.id.as_str())
-        .bind(&worker.address)
-        .bind(sqlx::types::Json(&worker.providers))
-        .bind(sqlx::types::Json(&worker.labels))
-        .bind(worker.capacity)
-        .bind(worker.state.as_str())
-        .bind(to_micros(worker.registered_at))
-        .bind(to_micros(worker.last_heartbeat))
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
-        .map_err(|e| db_error(D, "registering a worker", e))
-    }
-
-    async fn worker_get(&self, id: &WorkerId) -> Result<Option<WorkerRecord>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            worker_columns!(),
-            " FROM workers WHERE id = ?"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "reading a worker", e))?;
-        row.as_ref().map(worker_from_row).transpose()
-    }
-
-    async fn worker_list(&self) -> Result<Vec<WorkerRecord>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            worker_columns!(),
-            " FROM workers ORDER BY id"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| db_error(D, "listing workers", e))?;
-        rows.iter().map(worker_from_row).collect()
-    }
-
-    async fn worker_set_state(&self, id: &WorkerId, state: WorkerState) -> Result<()> {
-        let _lock = self.write_lock.lock().await;
-        let done = sqlx::query("UPDATE workers SET state = ? WHERE id = ?")
-            .bind(state.as_str())
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| db_error(D, "setting a worker's state", e))?;
-        if done.rows_affected() == 0 {
-            return Err(Error::NotFound(format!("worker {id} not found")));
-        }
-        Ok(())
-    }
-}
-
-fn usage_from_row(row: &SqliteRow) -> Result<Usage> {
-    Ok(Usage {
-        sandboxes: row.int("n")?,
-        cpu: row.real("cpu")?,
-        memory_mb: row.int("memory_mb")?,
-    })
+        .map_err(|e| db_error::<SqliteBackend>("committing audit events", e))
 }

@@ -107,3 +107,56 @@ pub async fn key_list_pages(db: &TestDb) -> anyhow::Result<()> {
     assert_eq!(seen, of_a);
     Ok(())
 }
+
+/// Listing every tenant's keys pages in id order across tenants, and a
+/// cursor that is not a key id is refused rather than run.
+pub async fn key_list_of_every_tenant_pages_and_checks_its_cursor(
+    db: &TestDb,
+) -> anyhow::Result<()> {
+    let store = &db.store;
+    let tenants = [
+        new_tenant(store, "a").await?,
+        new_tenant(store, "b").await?,
+        new_tenant(store, "c").await?,
+    ];
+    let mut all = Vec::new();
+    for i in 0..4 {
+        for (n, t) in tenants.iter().enumerate() {
+            let k = fixtures::key(t, &format!("hash-{n}-{i}"));
+            store.key_create(&k).await?;
+            all.push(k);
+        }
+    }
+    let mut seen = Vec::new();
+    let mut page = PageRequest {
+        cursor: None,
+        limit: 5,
+    };
+    loop {
+        let got = store.key_list(None, &page).await?;
+        assert!(got.items.len() <= 5);
+        seen.extend(got.items);
+        match got.next_cursor {
+            Some(c) => page.cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, all, "every key once, oldest first");
+
+    for cursor in ["garbage", tenants[0].as_str(), "' OR 1=1 --"] {
+        let page = PageRequest {
+            cursor: Some(cursor.into()),
+            limit: 5,
+        };
+        for tenant in [None, Some(&tenants[0])] {
+            assert!(
+                matches!(
+                    store.key_list(tenant, &page).await,
+                    Err(Error::InvalidRequest(_))
+                ),
+                "{cursor} {tenant:?}"
+            );
+        }
+    }
+    Ok(())
+}

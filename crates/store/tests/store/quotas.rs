@@ -245,3 +245,20 @@ pub async fn quota_messages_name_limit_and_numbers(db: &TestDb) -> anyhow::Resul
     }
     Ok(())
 }
+
+/// An empty provider list (no provider allowed) is kept as such: it is not
+/// the unset list (the server's default set).
+pub async fn an_empty_provider_list_is_not_unset(db: &TestDb) -> anyhow::Result<()> {
+    let store = &db.store;
+    let t = new_tenant(store, "no-providers").await?;
+    let none_allowed = Quota {
+        allowed_providers: Some(Vec::new()),
+        ..Quota::default()
+    };
+    store.quota_set(&t, &none_allowed).await?;
+    assert_eq!(store.quota_get(&t).await?, none_allowed);
+    assert_eq!(db.open_again().await?.quota_get(&t).await?, none_allowed);
+    store.quota_set(&t, &Quota::default()).await?;
+    assert_eq!(store.quota_get(&t).await?.allowed_providers, None);
+    Ok(())
+}

@@ -670,3 +670,111 @@ pub async fn sandbox_update_from_writes_only_from_the_state_read(
     ));
     Ok(())
 }
+
+/// Every filter at once, paged: the label values and the cursor are bound
+/// in the order the conditions name them, page after page.
+pub async fn sandbox_list_pages_under_every_filter(db: &TestDb) -> anyhow::Result<()> {
+    let store = &db.store;
+    let t = new_tenant(store, "filtered").await?;
+    let other = new_tenant(store, "other").await?;
+    let wanted = [("app", "web"), ("tier", "front")];
+    let mut matching = Vec::new();
+    for i in 0..9 {
+        let rec = create(
+            store,
+            &with_state(
+                with_labels(fixtures::sandbox(&t), &wanted),
+                SandboxState::Running,
+            ),
+        )
+        .await?;
+        matching.push(rec.id);
+        // Near misses: each fails exactly one condition.
+        let near = match i % 4 {
+            0 => with_labels(fixtures::sandbox(&t), &wanted),
+            1 => with_state(
+                with_labels(fixtures::sandbox(&t), &[("app", "web")]),
+                SandboxState::Running,
+            ),
+            2 => with_state(
+                with_labels(fixtures::sandbox(&t), &[("app", "web"), ("tier", "back")]),
+                SandboxState::Running,
+            ),
+            _ => with_state(
+                with_labels(fixtures::sandbox(&other), &wanted),
+                SandboxState::Running,
+            ),
+        };
+        create(store, &near).await?;
+    }
+    let mut filter = SandboxFilter {
+        tenant_id: Some(t.clone()),
+        state: Some(SandboxState::Running),
+        labels: wanted
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        page: PageRequest {
+            cursor: None,
+            limit: 2,
+        },
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store.sandbox_list(&filter).await?;
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.into_iter().map(|s| s.id));
+        match page.next_cursor {
+            Some(c) => filter.page.cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, matching, "only the matches, each once, in order");
+    Ok(())
+}
+
+/// Writers racing from one state read, on two stores: exactly one moves the
+/// sandbox on, the others are told the state moved, and the stored record
+/// is the winner's.
+pub async fn concurrent_update_from_lets_exactly_one_writer_through(
+    db: &TestDb,
+) -> anyhow::Result<()> {
+    let store = &db.store;
+    let t = new_tenant(store, "cas-race").await?;
+    let mut rec = create(store, &fixtures::sandbox(&t)).await?;
+    rec.state = SandboxState::Running;
+    store.sandbox_update(&rec).await?;
+    let stores = Arc::new([store.clone(), db.open_again().await?]);
+    fixtures::warm_up(&*stores).await?;
+    let barrier = Arc::new(tokio::sync::Barrier::new(12));
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let stores = stores.clone();
+            let barrier = barrier.clone();
+            let mut next = rec.clone();
+            next.state = if i % 2 == 0 {
+                SandboxState::Stopping
+            } else {
+                SandboxState::Failed
+            };
+            next.labels = BTreeMap::from([("writer".to_owned(), i.to_string())]);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let written = stores[i % 2]
+                    .sandbox_update_from(&next, SandboxState::Running)
+                    .await;
+                written.map(|w| (w, next))
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (written, next) = task.await.context("update task")??;
+        if written {
+            winners.push(next);
+        }
+    }
+    assert_eq!(winners.len(), 1, "one writer moves the sandbox on");
+    assert_eq!(store.sandbox_get(&rec.id).await?, winners.pop());
+    Ok(())
+}

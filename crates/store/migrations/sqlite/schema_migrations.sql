@@ -1,0 +1,6 @@
+-- The record of applied migrations (SQLite), created before the first one.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    applied_at  INTEGER NOT NULL
+) STRICT;
