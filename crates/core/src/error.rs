@@ -43,8 +43,12 @@ pub enum Error {
     ProviderUnavailable(String),
     #[error("{0}")]
     Timeout(String),
-    /// A bug or an unexpected failure. The message is for logs only; the
-    /// HTTP edge never shows it to clients.
+    /// The store (SQLite, PostgreSQL) cannot be reached or written right
+    /// now; retrying shortly may work. The message names the store and why.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure. The message (with the chain of
+    /// causes) is for logs only; the HTTP edge never shows it to clients.
     #[error("{0}")]
     Internal(String),
 }
@@ -67,6 +71,7 @@ impl Error {
             Error::NoCapacity(_) => "no_capacity",
             Error::ProviderUnavailable(_) => "provider_unavailable",
             Error::Timeout(_) => "timeout",
+            Error::Unavailable(_) => "store_unavailable",
             Error::Internal(_) => "internal",
         }
     }
@@ -93,6 +98,7 @@ impl Error {
             "no_capacity" => Error::NoCapacity(m),
             "provider_unavailable" => Error::ProviderUnavailable(m),
             "timeout" => Error::Timeout(m),
+            "store_unavailable" => Error::Unavailable(m),
             _ => Error::Internal(m),
         }
     }
@@ -101,8 +107,13 @@ impl Error {
         self.to_string()
     }
 
-    pub fn internal(context: impl std::fmt::Display, err: impl std::fmt::Display) -> Error {
-        Error::Internal(format!("{context}: {err}"))
+    /// An unexpected failure while doing `context`, with `err` and every
+    /// cause below it (`source()`), so the log says what failed and why.
+    pub fn internal<E>(context: impl std::fmt::Display, err: E) -> Error
+    where
+        E: std::error::Error,
+    {
+        Error::Internal(format!("{context}: {}", chain(&err)))
     }
 
     /// An OS error met while starting something inside a sandbox: running
@@ -124,7 +135,7 @@ impl Error {
                 "{context}: the sandbox cannot start anything more because {why}; \
                  end some of its processes (or destroy it) and try again"
             )),
-            None => Error::internal(context, err),
+            None => Error::Internal(format!("{context}: {}", chain(err))),
         }
     }
 
@@ -134,6 +145,22 @@ impl Error {
             message: self.message(),
         }
     }
+}
+
+/// An error and its causes on one line, a cause left out when the message
+/// above it already says it (many errors repeat their source).
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(cause) = cur {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = cause.source();
+    }
+    out
 }
 
 /// The errno values [`Error::from_spawn`] tells apart (Linux, every
@@ -173,10 +200,34 @@ mod tests {
             Error::ImageNotFound("x".into()),
             Error::ResourceExhausted("x".into()),
             Error::Timeout("x".into()),
+            Error::Unavailable("x".into()),
             Error::Internal("x".into()),
         ] {
             assert_eq!(Error::from(e.to_wire()), e);
         }
+    }
+
+    #[test]
+    fn internal_errors_keep_their_causes() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("writing the meta")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Error::internal(
+            "spawning sbx_1",
+            Outer(std::io::Error::from_raw_os_error(28)),
+        );
+        let m = e.message();
+        assert!(m.starts_with("spawning sbx_1: writing the meta: "), "{m}");
+        assert!(m.contains("No space left on device"), "{m}");
     }
 
     #[test]

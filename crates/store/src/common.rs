@@ -21,7 +21,6 @@ use crate::model::{
     Tenant, WorkerRecord, WorkerState,
 };
 use crate::sql::Backend;
-use crate::UNAVAILABLE_PREFIX;
 
 /// The SQL condition for "not in a terminal state" (see
 /// `SandboxState::is_terminal`; a unit test keeps the two in step).
@@ -119,13 +118,17 @@ fn is_unreachable<B: Backend>(err: &sqlx::Error) -> bool {
     }
 }
 
-/// Turns a database error into an `Internal` error saying what was being
-/// done; unreachable databases get the [`UNAVAILABLE_PREFIX`].
+/// Turns a database error into an error saying what was being done:
+/// `Unavailable` when the database cannot be reached, `Internal` (with its
+/// causes) otherwise.
 pub(crate) fn db_error<B: Backend>(context: &str, err: sqlx::Error) -> Error {
     if is_unreachable::<B>(&err) {
-        Error::Internal(format!("{UNAVAILABLE_PREFIX}{context}: {err}"))
+        Error::Unavailable(format!(
+            "the store is unavailable: {context}: {}",
+            stacyvm_core::error::chain(&err)
+        ))
     } else {
-        Error::Internal(format!("{context}: {err}"))
+        Error::internal(context, err)
     }
 }
 

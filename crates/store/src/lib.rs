@@ -26,9 +26,8 @@ pub use model::*;
 ///
 /// Every method is one transaction. Errors use `stacyvm_core::Error`:
 /// `NotFound`, `Conflict` or `QuotaExceeded` where the data says so, and
-/// `Internal` for database failures. A database that cannot be reached is an
-/// `Internal` whose message starts with [`UNAVAILABLE_PREFIX`], which the
-/// HTTP edge answers with 503 (see [`is_unavailable`]).
+/// `Internal` for database failures. A database that cannot be reached is
+/// `Unavailable`, which the HTTP edge answers with 503.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
@@ -141,11 +140,7 @@ pub async fn open(url: &str) -> Result<DynStore> {
     }
 }
 
-/// Prefix of the `Internal` message for a database that cannot be reached;
-/// the HTTP edge answers such errors with 503.
-pub const UNAVAILABLE_PREFIX: &str = "store unavailable: ";
-
 /// Whether `err` says the database could not be reached (503 rather than 500).
 pub fn is_unavailable(err: &Error) -> bool {
-    matches!(err, Error::Internal(m) if m.starts_with(UNAVAILABLE_PREFIX))
+    matches!(err, Error::Unavailable(_))
 }

@@ -18,7 +18,6 @@ use tokio::sync::MutexGuard;
 use crate::common::{db_error, quota_of_tenant, schema, Migration, Schema};
 use crate::model::AuditEvent;
 use crate::sql::{audit_insert, Backend, SqlStore};
-use crate::UNAVAILABLE_PREFIX;
 
 /// How long opening the store waits for the server to answer at all.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,8 +89,8 @@ impl PostgresStore {
         let probe = tokio::time::timeout(CONNECT_TIMEOUT, options.connect())
             .await
             .map_err(|_| {
-                Error::Internal(format!(
-                    "{UNAVAILABLE_PREFIX}PostgreSQL at {server} did not answer within {}s",
+                Error::Unavailable(format!(
+                    "the store is unavailable: PostgreSQL at {server} did not answer within {}s",
                     CONNECT_TIMEOUT.as_secs()
                 ))
             })?

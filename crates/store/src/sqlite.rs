@@ -26,7 +26,6 @@ use tokio::sync::{mpsc, oneshot, Mutex, MutexGuard};
 use crate::common::{db_error, quota_of_tenant, schema, Migration, Schema};
 use crate::model::AuditEvent;
 use crate::sql::{audit_insert, Backend, SqlStore};
-use crate::UNAVAILABLE_PREFIX;
 
 /// How long a statement waits for another process's write lock before
 /// giving up (and reporting the store unavailable).
@@ -90,7 +89,8 @@ impl Backend for SqliteBackend {
 
     async fn audit_append(&self, _pool: &Pool<Sqlite>, event: &AuditEvent) -> Result<()> {
         let (done, wait) = oneshot::channel();
-        let gone = || Error::Internal(format!("{UNAVAILABLE_PREFIX}the audit writer has stopped"));
+        let gone =
+            || Error::Unavailable("the store is unavailable: the audit writer has stopped".into());
         self.audit
             .send((event.clone(), done))
             .await

@@ -37,7 +37,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         Error::QuotaExceeded(_) | Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         Error::NoCapacity(_) | Error::ProviderUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        Error::Internal(_) if stacyvm_store::is_unavailable(e) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -47,7 +47,7 @@ pub fn error_response(e: &Error) -> Response {
     let request_id = request_id::current();
     let status = status_of(e);
     let (code, message) = match e {
-        Error::Internal(m) if stacyvm_store::is_unavailable(e) => {
+        Error::Unavailable(m) => {
             tracing::warn!(%request_id, error = %m, "store unavailable");
             (
                 "store_unavailable".to_owned(),

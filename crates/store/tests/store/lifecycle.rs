@@ -133,7 +133,7 @@ async fn unreachable_postgres_is_unavailable_without_hanging() -> anyhow::Result
         stacyvm_store::is_unavailable(&err),
         "not an unavailable error: {err:?}"
     );
-    assert_eq!(err.code(), "internal");
+    assert_eq!(err.code(), "store_unavailable");
     Ok(())
 }
 
