@@ -14,17 +14,15 @@ enums become classes of `str` constants, and fields of an enum type stay
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
 import keyword
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
+from generated_file import ROOT, Refused, run
+
 DOCUMENT = "crates/control-plane/tests/control_plane/snapshots/openapi.json"
 OUTPUT = "sdk/python/src/stacyvm/_models_gen.py"
 
@@ -81,7 +79,7 @@ if TYPE_CHECKING:
 """
 
 
-class Unsupported(Exception):
+class Unsupported(Refused):
     """A schema this generator has no Python reading of."""
 
 
@@ -284,24 +282,10 @@ class Generator:
 
         out = ["@dataclass(frozen=True)", f"class {py}:", *docstring(schema.get("description", py), 4), ""]
         out.extend(decls)
-        out += [
-            "",
-            "    @classmethod",
-            "    def from_json(cls, d: Mapping[str, Any]) -> Self:",
-        ]
-        if reads:
-            out.append("        return cls(")
-            out.extend(line for r in reads for line in item(r, 12))
-            out.append("        )")
-        else:
-            out.append("        return cls()")
+        out += ["", "    @classmethod", "    def from_json(cls, d: Mapping[str, Any]) -> Self:"]
+        out += returned("cls(", reads, ")")
         out += ["", "    def to_json(self) -> Dict[str, Any]:"]
-        if writes:
-            out.append("        return {")
-            out.extend(line for w in writes for line in item(w, 12))
-            out.append("        }")
-        else:
-            out.append("        return {}")
+        out += returned("{", writes, "}")
         return out
 
     def module(self) -> str:
@@ -333,6 +317,13 @@ def docstring(text: str, indent: int) -> List[str]:
     return lines
 
 
+def returned(opening: str, items: List[str], closing: str) -> List[str]:
+    """A method body returning a call or a dict literal of one item a line."""
+    if not items:
+        return [f"        return {opening}{closing}"]
+    return [f"        return {opening}", *[line for i in items for line in item(i, 12)], f"        {closing}"]
+
+
 def item(text: str, indent: int) -> List[str]:
     """One `name=value,` or `"key": value,` line, its value parenthesised on
     a line of its own where the whole would pass 120 columns."""
@@ -344,33 +335,8 @@ def item(text: str, indent: int) -> List[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1, with a diff, if the module is not what would be written"
-    )
-    args = parser.parse_args()
     doc = json.loads((ROOT / DOCUMENT).read_text(encoding="utf-8"))
-    try:
-        text = Generator(doc).module()
-    except Unsupported as e:
-        print(f"gen-python-models: {e}", file=sys.stderr)
-        return 2
-    out = ROOT / OUTPUT
-    if args.check:
-        current = out.read_text(encoding="utf-8") if out.exists() else ""
-        if current == text:
-            return 0
-        diff = difflib.unified_diff(
-            current.splitlines(keepends=True),
-            text.splitlines(keepends=True),
-            f"{OUTPUT} (as it is)",
-            f"{OUTPUT} (as generated)",
-        )
-        sys.stdout.writelines(diff)
-        print(f"{OUTPUT} is stale: run python3 scripts/gen-python-models.py", file=sys.stderr)
-        return 1
-    out.write_text(text, encoding="utf-8")
-    return 0
+    return run("gen-python-models.py", __doc__, OUTPUT, lambda: Generator(doc).module())
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ Standard library only.
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import io
 import re
 import sys
 import tokenize
-from pathlib import Path
 from typing import Dict, List, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
+from generated_file import ROOT, Refused, run
+
 PACKAGE = "sdk/python/src/stacyvm"
 SOURCE = f"{PACKAGE}/aio.py"
 OUTPUT = f"{PACKAGE}/client.py"
@@ -74,7 +72,9 @@ PROSE: List[Tuple[str, str]] = [
 ]
 
 # What must not be left in the synchronous client.
-LEFTOVER = re.compile(r"\b(async|await|asyncio|Async\w*|__a(enter|exit|iter|next)__|a(close|read|iter_\w+))\b|event loop")
+LEFTOVER = re.compile(
+    r"\b(async|await|asyncio|Async\w*|__a(enter|exit|iter|next)__|a(close|read|iter_\w+))\b|event loop"
+)
 
 HEADER = f"""\
 # Generated from aio.py by scripts/gen-python-sync.py; do not edit. Change
@@ -83,7 +83,7 @@ HEADER = f"""\
 """
 
 
-class Leftover(Exception):
+class Leftover(Refused):
     """Something of the async world the rewrite has no twin for."""
 
 
@@ -162,32 +162,7 @@ def generate(source: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--check", action="store_true", help="exit 1, with a diff, if client.py is not what would be written"
-    )
-    args = parser.parse_args()
-    try:
-        text = generate((ROOT / SOURCE).read_text(encoding="utf-8"))
-    except Leftover as e:
-        print(f"gen-python-sync: {e}", file=sys.stderr)
-        return 2
-    out = ROOT / OUTPUT
-    if args.check:
-        current = out.read_text(encoding="utf-8") if out.exists() else ""
-        if current == text:
-            return 0
-        diff = difflib.unified_diff(
-            current.splitlines(keepends=True),
-            text.splitlines(keepends=True),
-            f"{OUTPUT} (as it is)",
-            f"{OUTPUT} (as generated)",
-        )
-        sys.stdout.writelines(diff)
-        print(f"{OUTPUT} is stale: run python3 scripts/gen-python-sync.py", file=sys.stderr)
-        return 1
-    out.write_text(text, encoding="utf-8")
-    return 0
+    return run("gen-python-sync.py", __doc__, OUTPUT, lambda: generate((ROOT / SOURCE).read_text(encoding="utf-8")))
 
 
 if __name__ == "__main__":

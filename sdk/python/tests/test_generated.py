@@ -20,6 +20,7 @@ from conftest import REPO_ROOT, Server
 
 PACKAGE = Path("sdk/python/src/stacyvm")
 DOCUMENT = Path("crates/control-plane/tests/control_plane/snapshots/openapi.json")
+SHARED = Path("scripts/generated_file.py")
 
 
 def _same_keys(raw: Mapping[str, Any], record: Any, where: str) -> None:
@@ -81,7 +82,7 @@ def _run(script: Path, *args: str) -> "subprocess.CompletedProcess[str]":
 
 def test_sync_generator_check_catches_a_stale_client(tmp_path: Path) -> None:
     script = Path("scripts/gen-python-sync.py")
-    root = _scratch_tree(tmp_path, script, PACKAGE / "aio.py", PACKAGE / "client.py")
+    root = _scratch_tree(tmp_path, script, SHARED, PACKAGE / "aio.py", PACKAGE / "client.py")
     assert _run(root / script, "--check").returncode == 0
     aio = root / PACKAGE / "aio.py"
     source = aio.read_text()
@@ -101,7 +102,7 @@ def test_sync_generator_check_catches_a_stale_client(tmp_path: Path) -> None:
 
 def test_models_generator_check_catches_a_changed_document(tmp_path: Path) -> None:
     script = Path("scripts/gen-python-models.py")
-    root = _scratch_tree(tmp_path, script, DOCUMENT, PACKAGE / "_models_gen.py")
+    root = _scratch_tree(tmp_path, script, SHARED, DOCUMENT, PACKAGE / "_models_gen.py")
     assert _run(root / script, "--check").returncode == 0
     document = root / DOCUMENT
     doc = json.loads(document.read_text())
