@@ -10,6 +10,8 @@ cd "$root_dir"
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
 
+python3 scripts/gen-python-models.py --check
+python3 scripts/gen-python-sync.py --check
 prepare_test_env "$root_dir"
 
 log "cargo fmt --check"

@@ -29,6 +29,11 @@ EXEC_GRACE_S = 30.0
 
 ParamList = List[Tuple[str, str]]
 
+#: A local path.
+PathLike = Union[str, "os.PathLike[str]"]
+#: A local file to upload: its path, or a binary file object.
+Source = Union[PathLike, IO[bytes]]
+
 
 def resolve_url(url: Optional[str]) -> str:
     """The server's base URL: the argument, else ``STACYVM_URL``, else the default."""
@@ -274,7 +279,7 @@ def file_archive_put(sandbox_id: str, path: str) -> Call:
     )
 
 
-def tar_of_dir(local_dir: Union[str, "os.PathLike[str]"]) -> IO[bytes]:
+def tar_of_dir(local_dir: PathLike) -> IO[bytes]:
     """A tar of ``local_dir``'s contents (names relative to it, symlinks kept
     as links), in an anonymous temporary file rewound to its start: a tree
     of any size is sent as a stream, never held in memory."""

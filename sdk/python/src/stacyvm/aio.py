@@ -1,32 +1,19 @@
+# The one hand-written source of both clients: scripts/gen-python-sync.py
+# writes client.py from this file. What the two do differently lives in
+# _io_async.py and its twin _io_sync.py, never in blocks here.
 """The asyncio StacyVM client: `AsyncClient`, the `AsyncSandbox` handle, its
-`AsyncFiles`, and streamed exec and log iterators. Mirrors `stacyvm.Client`."""
+`AsyncFiles`, and streamed exec and log iterators."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 from types import TracebackType
-from typing import (
-    IO,
-    Any,
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Dict,
-    Generator,
-    Iterable,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Type,
-    Union,
-)
+from typing import IO, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Type, Union
 
 import httpx
 
 from . import _core as core
-from .client import PathLike, Source
+from . import _io_async as _io
 from .errors import NotFound, StacyVMError, Timeout, TransportError, error_from_response
 from .models import (
     ApiKey,
@@ -47,21 +34,22 @@ from .models import (
     Worker,
 )
 
-AsyncWriteData = Union[bytes, bytearray, memoryview, str, IO[bytes], Iterable[bytes], AsyncIterable[bytes]]
+PathLike = core.PathLike
+Source = core.Source
+AsyncWriteData = _io.WriteData
 Body = Union[bytes, AsyncIterator[bytes], None]
 
 
 async def _file_chunks(f: IO[bytes]) -> AsyncIterator[bytes]:
-    # File reads block; a thread keeps the event loop free meanwhile.
     while True:
-        chunk = await asyncio.to_thread(f.read, core.CHUNK_SIZE)
+        chunk = await _io.blocking(f.read, core.CHUNK_SIZE)
         if not chunk:
             return
         yield chunk
 
 
 async def _path_chunks(path: PathLike) -> AsyncIterator[bytes]:
-    f = await asyncio.to_thread(open, path, "rb")
+    f = await _io.blocking(open, path, "rb")
     try:
         async for chunk in _file_chunks(f):
             yield chunk
@@ -69,24 +57,19 @@ async def _path_chunks(path: PathLike) -> AsyncIterator[bytes]:
         f.close()
 
 
-async def _iter_chunks(it: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in it:
-        yield chunk
-
-
-def _content(data: AsyncWriteData) -> Union[bytes, AsyncIterator[bytes]]:
+def _content(data: AsyncWriteData) -> Body:
+    """The request body of a write: small buffers as they are, files and
+    iterables as a stream of chunks."""
     if isinstance(data, str):
         return data.encode("utf-8")
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     if hasattr(data, "read"):
         return _file_chunks(data)  # type: ignore[arg-type]
-    if isinstance(data, AsyncIterable):
-        return data.__aiter__()
-    return _iter_chunks(data)
+    return _io.chunks(data)
 
 
-def _source(source: Union[Source, bytes]) -> Union[bytes, AsyncIterator[bytes]]:
+def _source(source: Union[Source, bytes]) -> Body:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
@@ -134,7 +117,8 @@ class _Transport:
 
 
 class _EventStream:
-    """A server-sent-event response read incrementally."""
+    """A server-sent-event response read incrementally; closing it ends
+    the call (and, for exec, kills the command)."""
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
@@ -144,6 +128,7 @@ class _EventStream:
         self.closed = False
 
     async def next_event(self) -> Optional[core.SSEEvent]:
+        """The next event, or ``None`` at the end of the stream."""
         while not self._pending:
             if self.closed:
                 return None
@@ -165,9 +150,14 @@ class _EventStream:
 
 
 class AsyncExecStream:
-    """The output of a running command, chunk by chunk (``async for``).
-    ``exit`` holds the `ExecExit` once iteration ends; closing early kills
-    the command."""
+    """The output of a running command, chunk by chunk.
+
+    Iterate it for `ExecChunk`s; when iteration ends, ``exit`` holds the
+    command's `ExecExit`. ``await wait()`` skips the remaining output and
+    returns it. Closing the stream early (``await aclose()``, or the end of
+    its ``async with`` block) kills the command. An ``error`` event raises
+    the matching `StacyVMError`.
+    """
 
     def __init__(self, response: httpx.Response) -> None:
         self._events = _EventStream(response)
@@ -253,8 +243,10 @@ class AsyncFiles:
         self._id = sandbox_id
 
     async def write(self, path: str, data: AsyncWriteData, *, mode: Union[int, str, None] = None) -> FileEntry:
-        """Creates or replaces the file at ``path``. ``data`` is bytes, text,
-        a binary file object, or a (sync or async) iterable of byte chunks."""
+        """Creates or replaces the file at ``path`` (making parent
+        directories). ``data`` is bytes, text (UTF-8), a binary file object
+        or an iterable of byte chunks (`AsyncWriteData`); files and iterables
+        are streamed."""
         call = core.file_write(self._id, path, mode)
         return FileEntry.from_json(await self._t.json(call, content=_content(data)))
 
@@ -275,8 +267,7 @@ class AsyncFiles:
     async def upload_dir(self, local_dir: PathLike, path: str) -> ArchiveSummary:
         """Uploads the local directory ``local_dir``'s contents into ``path``
         in one request, as one tar (see `write_archive`)."""
-        # Packing reads the whole tree: off the event loop.
-        tar = await asyncio.to_thread(core.tar_of_dir, local_dir)
+        tar = await _io.blocking(core.tar_of_dir, local_dir)
         with tar:
             return await self.write_archive(path, tar)
 
@@ -286,10 +277,11 @@ class AsyncFiles:
         return response.content
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return (await self.read(path)).decode(encoding)
+        data = await self.read(path)
+        return data.decode(encoding)
 
     async def iter_read(self, path: str, chunk_size: int = core.CHUNK_SIZE) -> AsyncIterator[bytes]:
-        """The file's bytes in chunks, as they arrive (``async for``)."""
+        """The file's bytes in chunks, as they arrive."""
         response = await self._t.send(core.file_read(self._id, path), stream=True)
         try:
             async for chunk in response.aiter_bytes(chunk_size):
@@ -306,12 +298,12 @@ class AsyncFiles:
         own = isinstance(dest, (str, os.PathLike))
         f: IO[bytes]
         if isinstance(dest, (str, os.PathLike)):
-            f = await asyncio.to_thread(open, dest, "wb")
+            f = await _io.blocking(open, dest, "wb")
         else:
             f = dest
         try:
             async for chunk in self.iter_read(path):
-                await asyncio.to_thread(f.write, chunk)
+                await _io.blocking(f.write, chunk)
                 written += len(chunk)
         finally:
             if own:
@@ -319,6 +311,7 @@ class AsyncFiles:
         return written
 
     async def stat(self, path: str) -> FileEntry:
+        """The entry at ``path`` (a symlink is described, not followed)."""
         return FileEntry.from_json(await self._t.json(core.file_stat(self._id, path)))
 
     async def exists(self, path: str) -> bool:
@@ -329,28 +322,34 @@ class AsyncFiles:
         return True
 
     async def list(self, path: str, *, recursive: bool = False) -> List[FileEntry]:
+        """The entries of a directory, sorted by path."""
         doc = await self._t.json(core.file_list(self._id, path, recursive))
         return [FileEntry.from_json(e) for e in doc.get("entries", [])]
 
     async def glob(self, pattern: str) -> List[str]:
+        """Paths matching ``pattern``, sorted; ``**`` crosses directories."""
         doc = await self._t.json(core.file_glob(self._id, pattern))
         return [str(p) for p in doc.get("paths", [])]
 
     async def move(self, src: str, dst: str, *, overwrite: bool = False) -> FileEntry:
+        """Moves ``src`` to ``dst``; an existing ``dst`` is a `Conflict` unless ``overwrite``."""
         return FileEntry.from_json(await self._t.json(core.file_move(self._id, src, dst, overwrite)))
 
     async def chmod(self, path: str, mode: Union[int, str]) -> FileEntry:
+        """Sets the permission bits (``0o755`` or ``"0755"``)."""
         return FileEntry.from_json(await self._t.json(core.file_chmod(self._id, path, mode)))
 
     async def mkdir(self, path: str, *, parents: bool = True) -> FileEntry:
         return FileEntry.from_json(await self._t.json(core.file_mkdir(self._id, path, parents)))
 
     async def delete(self, path: str, *, recursive: bool = False) -> None:
+        """Deletes a file or directory; a non-empty directory needs ``recursive``."""
         await self._t.json(core.file_delete(self._id, path, recursive))
 
 
 class AsyncSandbox:
-    """A handle on one sandbox. ``async with`` destroys it on exit."""
+    """A handle on one sandbox. The end of its ``async with`` block
+    destroys the sandbox."""
 
     def __init__(self, transport: _Transport, info: SandboxInfo) -> None:
         self._t = transport
@@ -365,6 +364,7 @@ class AsyncSandbox:
         return f"AsyncSandbox(id={self.id!r}, state={self.info.state!r})"
 
     async def refresh(self) -> SandboxInfo:
+        """Fetches the sandbox's current description."""
         self.info = SandboxInfo.from_json(await self._t.json(core.sandbox_get(self.id)))
         return self.info
 
@@ -377,7 +377,8 @@ class AsyncSandbox:
         stdin: Union[str, bytes, None] = None,
         timeout_s: Optional[float] = None,
     ) -> ExecResult:
-        """Runs a command to completion (a string runs under ``sh -c``)."""
+        """Runs a command to completion. ``cmd`` is an argv list (a string
+        runs under ``sh -c``). A non-zero exit is a result, not an error."""
         call = core.exec_call(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s)
         return ExecResult.from_json(await self._t.json(call))
 
@@ -395,13 +396,16 @@ class AsyncSandbox:
         return AsyncExecStream(await self._t.send(call, stream=True))
 
     async def destroy(self) -> None:
+        """Destroys the sandbox (repeating it is harmless)."""
         await self._t.json(core.sandbox_destroy(self.id))
 
     async def set_timeout(self, timeout_s: int) -> SandboxInfo:
+        """Destroys the sandbox automatically ``timeout_s`` seconds from now."""
         self.info = SandboxInfo.from_json(await self._t.json(core.sandbox_set_timeout(self.id, timeout_s)))
         return self.info
 
     async def pause(self) -> SandboxInfo:
+        """Pauses the sandbox (`Unsupported` where its provider cannot)."""
         self.info = SandboxInfo.from_json(await self._t.json(core.sandbox_pause(self.id)))
         return self.info
 
@@ -410,10 +414,12 @@ class AsyncSandbox:
         return self.info
 
     async def logs(self) -> List[LogLine]:
+        """The sandbox's log so far."""
         doc = await self._t.json(core.sandbox_logs(self.id))
         return [LogLine.from_json(x) for x in doc.get("lines", [])]
 
     async def follow_logs(self) -> AsyncLogStream:
+        """The log so far, then new lines as they come, until the sandbox ends."""
         return AsyncLogStream(await self._t.send(core.sandbox_logs(self.id, follow=True), stream=True))
 
     async def __aenter__(self) -> "AsyncSandbox":
@@ -436,36 +442,13 @@ class AsyncSandbox:
             pass
 
 
-class _PendingSandbox:
-    """What ``AsyncClient.sandbox()`` returns: await it for the sandbox, or
-    ``async with`` it to have the sandbox destroyed on exit."""
-
-    def __init__(self, create: Awaitable[AsyncSandbox]) -> None:
-        self._create = create
-        self._sandbox: Optional[AsyncSandbox] = None
-
-    def __await__(self) -> Generator[Any, None, AsyncSandbox]:
-        return self._create.__await__()
-
-    async def __aenter__(self) -> AsyncSandbox:
-        self._sandbox = await self._create
-        return self._sandbox
-
-    async def __aexit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        if self._sandbox is not None:
-            await self._sandbox.__aexit__(exc_type, exc, tb)
-
-
 class AsyncClient:
-    """An asyncio StacyVM client; the same calls as `stacyvm.Client`, awaited.
+    """The asyncio StacyVM client.
 
-    ``url`` and ``api_key`` default to ``STACYVM_URL`` and ``STACYVM_API_KEY``.
-    Use ``async with`` or ``await client.aclose()`` to release connections.
+    ``url`` and ``api_key`` default to ``STACYVM_URL`` and
+    ``STACYVM_API_KEY``. ``timeout`` (seconds) bounds ordinary calls; exec
+    calls wait for the command's own timeout. Leave its ``async with``
+    block, or call ``await aclose()``, to release its connections.
     """
 
     def __init__(
@@ -511,7 +494,8 @@ class AsyncClient:
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
     ) -> AsyncSandbox:
-        """Creates a sandbox and returns once it runs commands."""
+        """Creates a sandbox and returns once it runs commands. ``timeout_s``
+        is its lifetime; ``request_timeout`` how long to wait for it."""
         call = core.sandbox_create(
             image=image,
             template=template,
@@ -543,10 +527,11 @@ class AsyncClient:
         network: Optional[str] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
-    ) -> _PendingSandbox:
-        """``async with client.sandbox(image=...) as sb:`` creates a sandbox
-        and destroys it on exit; ``await client.sandbox(...)`` just creates it."""
-        return _PendingSandbox(
+    ) -> _io.Pending[AsyncSandbox]:
+        """Like `create_sandbox`; meant for ``async with client.sandbox(...) as
+        sb:``, which destroys the sandbox on exit (``await client.sandbox(...)``
+        alone just creates it)."""
+        return _io.pending(
             self.create_sandbox(
                 image,
                 template=template,
@@ -564,6 +549,7 @@ class AsyncClient:
         )
 
     async def get_sandbox(self, sandbox_id: str) -> AsyncSandbox:
+        """A handle on an existing sandbox."""
         return AsyncSandbox(self._t, SandboxInfo.from_json(await self._t.json(core.sandbox_get(sandbox_id))))
 
     async def list_sandboxes(
@@ -574,6 +560,7 @@ class AsyncClient:
         limit: Optional[int] = None,
         cursor: Optional[str] = None,
     ) -> Page[SandboxInfo]:
+        """One page of the caller's sandboxes, optionally by state and labels."""
         doc = await self._t.json(core.sandbox_list(state=state, labels=labels, limit=limit, cursor=cursor))
         return Page([SandboxInfo.from_json(s) for s in doc.get("sandboxes", [])], doc.get("next_cursor"))
 
@@ -583,7 +570,8 @@ class AsyncClient:
     # images
 
     async def import_image(self, name: str, source: Union[Source, bytes]) -> Image:
-        """Imports a root filesystem tar (path, binary file object or bytes), streamed. Admin only."""
+        """Imports a root filesystem tar (a path, a binary file object or
+        bytes) into the catalog as ``name``, streamed. Admin only."""
         return Image.from_json(await self._t.json(core.image_import(name), content=_source(source)))
 
     async def list_images(self) -> List[Image]:
@@ -609,6 +597,7 @@ class AsyncClient:
         return Quota.from_json(await self._t.json(core.quota_get(tenant_id)))
 
     async def set_quota(self, tenant_id: str, quota: Quota) -> Quota:
+        """Replaces the tenant's quota (``None`` fields are unlimited); returns the quota in force."""
         return Quota.from_json(await self._t.json(core.quota_set(tenant_id, quota)))
 
     async def create_key(self, tenant_id: str, role: str, name: str) -> ApiKey:
@@ -636,6 +625,7 @@ class AsyncClient:
         limit: Optional[int] = None,
         cursor: Optional[str] = None,
     ) -> Page[AuditEvent]:
+        """One page of audit events; ``since`` is an RFC 3339 time."""
         call = core.audit_list(
             sandbox_id=sandbox_id, action=action, outcome=outcome, since=since, limit=limit, cursor=cursor
         )
@@ -650,13 +640,16 @@ class AsyncClient:
         return [Worker.from_json(w) for w in doc.get("workers", [])]
 
     async def drain_worker(self, worker_id: str) -> Worker:
+        """Stops new sandboxes going to the worker; it keeps the ones it has."""
         return Worker.from_json(await self._t.json(core.worker_drain(worker_id)))
 
     async def health(self) -> bool:
+        """True while the server serves (`/healthz`)."""
         doc = await self._t.json(core.healthz())
         return isinstance(doc, dict) and doc.get("status") == "ok"
 
     async def ready(self) -> Readiness:
+        """Whether the store and at least one provider are usable (`/readyz`)."""
         try:
             doc = await self._t.json(core.readyz())
         except StacyVMError as e:
@@ -666,8 +659,11 @@ class AsyncClient:
         return Readiness(ready=True, detail=str(doc.get("status", "ready")) if isinstance(doc, dict) else "ready")
 
     async def metrics(self) -> str:
-        return (await self._t.send(core.metrics())).text
+        """The Prometheus metrics text."""
+        response = await self._t.send(core.metrics())
+        return response.text
 
     async def openapi(self) -> Dict[str, Any]:
+        """The server's OpenAPI document."""
         doc = await self._t.json(core.openapi())
         return dict(doc) if isinstance(doc, dict) else {}

@@ -1,3 +1,6 @@
+# Generated from aio.py by scripts/gen-python-sync.py; do not edit. Change
+# aio.py (or, for what the two clients do differently, _io_async.py and
+# _io_sync.py), then run: python3 scripts/gen-python-sync.py
 """The synchronous StacyVM client: `Client`, the `Sandbox` handle, its
 `Files`, and streamed exec and log iterators."""
 
@@ -5,24 +8,13 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import (
-    IO,
-    Any,
-    Dict,
-    Iterable,
-    Iterator,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Type,
-    Union,
-)
+from typing import IO, Any, Iterator, Dict, List, Mapping, Optional, Sequence, Type, Union
 
 import httpx
 
 from . import _core as core
-from .errors import StacyVMError, Timeout, TransportError, error_from_response
+from . import _io_sync as _io
+from .errors import NotFound, StacyVMError, Timeout, TransportError, error_from_response
 from .models import (
     ApiKey,
     ArchiveSummary,
@@ -42,25 +34,30 @@ from .models import (
     Worker,
 )
 
-PathLike = Union[str, "os.PathLike[str]"]
-WriteData = Union[bytes, bytearray, memoryview, str, IO[bytes], Iterable[bytes]]
-Source = Union[PathLike, IO[bytes]]
+PathLike = core.PathLike
+Source = core.Source
+WriteData = _io.WriteData
+Body = Union[bytes, Iterator[bytes], None]
 
 
 def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
     while True:
-        chunk = f.read(core.CHUNK_SIZE)
+        chunk = _io.blocking(f.read, core.CHUNK_SIZE)
         if not chunk:
             return
         yield chunk
 
 
 def _path_chunks(path: PathLike) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        yield from _file_chunks(f)
+    f = _io.blocking(open, path, "rb")
+    try:
+        for chunk in _file_chunks(f):
+            yield chunk
+    finally:
+        f.close()
 
 
-def _content(data: WriteData) -> Union[bytes, Iterator[bytes]]:
+def _content(data: WriteData) -> Body:
     """The request body of a write: small buffers as they are, files and
     iterables as a stream of chunks."""
     if isinstance(data, str):
@@ -69,10 +66,10 @@ def _content(data: WriteData) -> Union[bytes, Iterator[bytes]]:
         return bytes(data)
     if hasattr(data, "read"):
         return _file_chunks(data)  # type: ignore[arg-type]
-    return iter(data)
+    return _io.chunks(data)
 
 
-def _source(source: Union[Source, bytes]) -> Union[bytes, Iterator[bytes]]:
+def _source(source: Union[Source, bytes]) -> Body:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
@@ -86,13 +83,7 @@ class _Transport:
     def __init__(self, http: httpx.Client) -> None:
         self.http = http
 
-    def send(
-        self,
-        call: core.Call,
-        *,
-        content: Union[bytes, Iterator[bytes], None] = None,
-        stream: bool = False,
-    ) -> httpx.Response:
+    def send(self, call: core.Call, *, content: Body = None, stream: bool = False) -> httpx.Response:
         request = self.http.build_request(
             call.method,
             call.path,
@@ -118,7 +109,7 @@ class _Transport:
             response.close()
         raise error_from_response(response.status_code, response.headers, body)
 
-    def json(self, call: core.Call, *, content: Union[bytes, Iterator[bytes], None] = None) -> Any:
+    def json(self, call: core.Call, *, content: Body = None) -> Any:
         response = self.send(call, content=content)
         if response.status_code == 204 or not response.content:
             return None
@@ -142,7 +133,7 @@ class _EventStream:
             if self.closed:
                 return None
             try:
-                chunk = next(self._chunks)
+                chunk = self._chunks.__next__()
             except StopIteration:
                 self.close()
                 return None
@@ -162,17 +153,17 @@ class ExecStream:
     """The output of a running command, chunk by chunk.
 
     Iterate it for `ExecChunk`s; when iteration ends, ``exit`` holds the
-    command's `ExecExit`. ``wait()`` skips the remaining output and returns
-    it. Closing the stream early (``close()``, leaving a ``with`` block)
-    kills the command. An ``error`` event raises the matching
-    `StacyVMError`.
+    command's `ExecExit`. ``wait()`` skips the remaining output and
+    returns it. Closing the stream early (``close()``, or the end of
+    its ``with`` block) kills the command. An ``error`` event raises
+    the matching `StacyVMError`.
     """
 
     def __init__(self, response: httpx.Response) -> None:
         self._events = _EventStream(response)
         self.exit: Optional[ExecExit] = None
 
-    def __iter__(self) -> Iterator[ExecChunk]:
+    def __iter__(self) -> "ExecStream":
         return self
 
     def __next__(self) -> ExecChunk:
@@ -218,7 +209,7 @@ class LogStream:
     def __init__(self, response: httpx.Response) -> None:
         self._events = _EventStream(response)
 
-    def __iter__(self) -> Iterator[LogLine]:
+    def __iter__(self) -> "LogStream":
         return self
 
     def __next__(self) -> LogLine:
@@ -254,7 +245,8 @@ class Files:
     def write(self, path: str, data: WriteData, *, mode: Union[int, str, None] = None) -> FileEntry:
         """Creates or replaces the file at ``path`` (making parent
         directories). ``data`` is bytes, text (UTF-8), a binary file object
-        or an iterable of byte chunks; files and iterables are streamed."""
+        or an iterable of byte chunks (`WriteData`); files and iterables
+        are streamed."""
         call = core.file_write(self._id, path, mode)
         return FileEntry.from_json(self._t.json(call, content=_content(data)))
 
@@ -275,7 +267,8 @@ class Files:
     def upload_dir(self, local_dir: PathLike, path: str) -> ArchiveSummary:
         """Uploads the local directory ``local_dir``'s contents into ``path``
         in one request, as one tar (see `write_archive`)."""
-        with core.tar_of_dir(local_dir) as tar:
+        tar = _io.blocking(core.tar_of_dir, local_dir)
+        with tar:
             return self.write_archive(path, tar)
 
     def read(self, path: str) -> bytes:
@@ -284,35 +277,37 @@ class Files:
         return response.content
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self.read(path).decode(encoding)
+        data = self.read(path)
+        return data.decode(encoding)
 
     def iter_read(self, path: str, chunk_size: int = core.CHUNK_SIZE) -> Iterator[bytes]:
         """The file's bytes in chunks, as they arrive."""
         response = self._t.send(core.file_read(self._id, path), stream=True)
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                yield from response.iter_bytes(chunk_size)
-            except httpx.HTTPError as e:
-                raise TransportError(f"the download of {path} broke: {e}", code="transport") from e
-            finally:
-                response.close()
-
-        return chunks()
+        try:
+            for chunk in response.iter_bytes(chunk_size):
+                yield chunk
+        except httpx.HTTPError as e:
+            raise TransportError(f"the download of {path} broke: {e}", code="transport") from e
+        finally:
+            response.close()
 
     def download(self, path: str, dest: Union[PathLike, IO[bytes]]) -> int:
         """Streams the file at ``path`` into ``dest`` (a local path or a
         binary file object); returns the number of bytes written."""
         written = 0
+        own = isinstance(dest, (str, os.PathLike))
+        f: IO[bytes]
         if isinstance(dest, (str, os.PathLike)):
-            with open(dest, "wb") as f:
-                for chunk in self.iter_read(path):
-                    f.write(chunk)
-                    written += len(chunk)
+            f = _io.blocking(open, dest, "wb")
         else:
+            f = dest
+        try:
             for chunk in self.iter_read(path):
-                dest.write(chunk)
+                _io.blocking(f.write, chunk)
                 written += len(chunk)
+        finally:
+            if own:
+                f.close()
         return written
 
     def stat(self, path: str) -> FileEntry:
@@ -320,8 +315,6 @@ class Files:
         return FileEntry.from_json(self._t.json(core.file_stat(self._id, path)))
 
     def exists(self, path: str) -> bool:
-        from .errors import NotFound
-
         try:
             self.stat(path)
         except NotFound:
@@ -355,8 +348,8 @@ class Files:
 
 
 class Sandbox:
-    """A handle on one sandbox. As a context manager it destroys the
-    sandbox on exit."""
+    """A handle on one sandbox. The end of its ``with`` block
+    destroys the sandbox."""
 
     def __init__(self, transport: _Transport, info: SandboxInfo) -> None:
         self._t = transport
@@ -450,12 +443,12 @@ class Sandbox:
 
 
 class Client:
-    """A synchronous StacyVM client.
+    """The synchronous StacyVM client.
 
     ``url`` and ``api_key`` default to ``STACYVM_URL`` and
     ``STACYVM_API_KEY``. ``timeout`` (seconds) bounds ordinary calls; exec
-    calls wait for the command's own timeout. Use it as a context manager,
-    or call ``close()``, to release its connections.
+    calls wait for the command's own timeout. Leave its ``with``
+    block, or call ``close()``, to release its connections.
     """
 
     def __init__(
@@ -534,22 +527,25 @@ class Client:
         network: Optional[str] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
-    ) -> Sandbox:
-        """Like `create_sandbox`; meant for ``with client.sandbox(...) as sb:``,
-        which destroys the sandbox on exit."""
-        return self.create_sandbox(
-            image,
-            template=template,
-            provider=provider,
-            cpu=cpu,
-            memory_mb=memory_mb,
-            timeout_s=timeout_s,
-            env=env,
-            labels=labels,
-            workdir=workdir,
-            network=network,
-            idempotency_key=idempotency_key,
-            request_timeout=request_timeout,
+    ) -> _io.Pending[Sandbox]:
+        """Like `create_sandbox`; meant for ``with client.sandbox(...) as
+        sb:``, which destroys the sandbox on exit (``client.sandbox(...)``
+        alone just creates it)."""
+        return _io.pending(
+            self.create_sandbox(
+                image,
+                template=template,
+                provider=provider,
+                cpu=cpu,
+                memory_mb=memory_mb,
+                timeout_s=timeout_s,
+                env=env,
+                labels=labels,
+                workdir=workdir,
+                network=network,
+                idempotency_key=idempotency_key,
+                request_timeout=request_timeout,
+            )
         )
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox:
@@ -664,7 +660,8 @@ class Client:
 
     def metrics(self) -> str:
         """The Prometheus metrics text."""
-        return self._t.send(core.metrics()).text
+        response = self._t.send(core.metrics())
+        return response.text
 
     def openapi(self) -> Dict[str, Any]:
         """The server's OpenAPI document."""
