@@ -1,5 +1,6 @@
 //! `stacyvm-agent`: serves the agent protocol on a Unix socket (`--listen`)
 //! or on stdin/stdout (`--stdio`), resolving file paths inside `--root`.
+//! With `--init` it is also the PID 1 of its sandbox's PID namespace.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +10,12 @@ use stacyvm_agent::root::Root;
 use stacyvm_agent::server;
 
 const USAGE: &str =
-    "usage: stacyvm-agent (--listen SOCKET | --stdio) [--root DIR] [--env-file FILE]
+    "usage: stacyvm-agent [--init] (--listen SOCKET | --stdio) [--root DIR] [--env-file FILE]
        stacyvm-agent --version
+
+  --init           first fork: this process stays behind as an init that reaps
+                   every orphan and exits with the agent's status once the agent
+                   (the child) ends; for a PID 1 of a PID namespace
 
   --listen SOCKET  serve on a Unix socket (mode 0600; a stale socket is replaced)
   --stdio          serve one connection over stdin/stdout
@@ -28,8 +33,10 @@ fn main() -> ExitCode {
     let mut mode = None;
     let mut root = PathBuf::from("/");
     let mut env_file = None;
+    let mut init = false;
     while let Some(arg) = args.next() {
         match arg.to_str() {
+            Some("--init") => init = true,
             Some("--version") => {
                 println!("stacyvm-agent {AGENT_VERSION}");
                 return ExitCode::SUCCESS;
@@ -52,6 +59,14 @@ fn main() -> ExitCode {
                 None => return usage_error("--root needs a directory"),
             },
             _ => return usage_error(&format!("unknown argument {arg:?}")),
+        }
+    }
+    if mode.is_none() {
+        return usage_error("one of --listen or --stdio is required");
+    }
+    if init {
+        if let Some(code) = become_init() {
+            return code;
         }
     }
     if let Some(path) = env_file {
@@ -77,6 +92,44 @@ fn main() -> ExitCode {
             }
         },
         None => usage_error("one of --listen or --stdio is required"),
+    }
+}
+
+/// Forks; the child returns `None` and goes on as the agent. The parent is
+/// the init: as PID 1 of a PID namespace every orphan of the sandbox is
+/// reparented to it, so it reaps them all (an agent as PID 1 would leave
+/// them as zombies, and its own waits for its commands would race with
+/// a reaper). It exits with the agent's status (128 + the signal if the
+/// agent was killed), which ends the namespace.
+fn become_init() -> Option<ExitCode> {
+    // SAFETY: the process is still single-threaded (nothing has started a
+    // thread yet), so the child may run any code.
+    let agent = unsafe { libc::fork() };
+    if agent < 0 {
+        eprintln!(
+            "stacyvm-agent: --init cannot fork: {}",
+            std::io::Error::last_os_error()
+        );
+        return Some(ExitCode::FAILURE);
+    }
+    if agent == 0 {
+        return None;
+    }
+    loop {
+        let mut status = 0;
+        // SAFETY: waits for any child; `status` is valid for the call.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == agent {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+            return Some(ExitCode::from(code as u8));
+        }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            return Some(ExitCode::FAILURE);
+        }
     }
 }
 

@@ -979,3 +979,86 @@ fn version_flag_prints_the_version() -> TestResult {
     assert_eq!(out.status.code(), Some(2));
     Ok(())
 }
+
+/// `--init` with the init made a subreaper, as a PID 1 is for its
+/// namespace: orphans of the agent's commands are reaped, and the init ends
+/// with the agent's status.
+fn start_init() -> std::io::Result<(Child, std::process::ChildStdin, std::process::ChildStdout)> {
+    use std::os::unix::process::CommandExt;
+    let root = std::env::temp_dir();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stacyvm-agent"));
+    cmd.args(["--init", "--stdio", "--root"])
+        .arg(root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: prctl with integer arguments, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let input = child.stdin.take().expect("piped stdin");
+    let output = child.stdout.take().expect("piped stdout");
+    Ok((child, input, output))
+}
+
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[test]
+fn init_mode_reaps_orphans_and_ends_with_the_agent() -> TestResult {
+    let (mut init, mut input, mut output) = start_init()?;
+    let result = (|| -> TestResult {
+        input.write_all(&Frame::json(0, Kind::Hello, &Hello { versions: vec![1] }).encode())?;
+        let hello = read_frame(&mut output).map_err(|e| e.to_string())?;
+        assert_eq!(hello.kind, Kind::HelloOk);
+        let info: AgentInfo = hello.parse().map_err(|e| e.to_string())?;
+        assert_ne!(info.pid, init.id(), "the agent is the init's child");
+        // The shell exits at once; its background sleep becomes an orphan.
+        let req = Request::Exec(spec(&["sh", "-c", "sleep 0.2 & echo $!"]));
+        input.write_all(&Frame::json(1, Kind::Request, &req).encode())?;
+        let f = read_frame(&mut output).map_err(|e| e.to_string())?;
+        assert_eq!(f.kind, Kind::Stdout);
+        let orphan: u32 = String::from_utf8_lossy(&f.payload).trim().parse()?;
+        assert_eq!(
+            read_frame(&mut output).map_err(|e| e.to_string())?.kind,
+            Kind::Exit
+        );
+        let mut gone = false;
+        for _ in 0..500 {
+            match process_state(orphan) {
+                None => {
+                    gone = true;
+                    break;
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        assert!(
+            gone,
+            "the orphan {orphan} was not reaped: {:?}",
+            process_state(orphan)
+        );
+        // SAFETY: kill has no memory preconditions; the pid is the agent's.
+        unsafe { libc::kill(info.pid as i32, libc::SIGKILL) };
+        let status = init.wait()?;
+        assert_eq!(status.code(), Some(128 + libc::SIGKILL));
+        Ok(())
+    })();
+    let _ = init.kill();
+    let _ = init.wait();
+    result?;
+
+    // An agent that ends normally ends the init with its status.
+    let (mut init, input, _output) = start_init()?;
+    drop(input);
+    assert!(init.wait()?.success());
+    Ok(())
+}
