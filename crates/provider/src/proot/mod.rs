@@ -45,7 +45,7 @@ use crate::sandboxing::mounts::{overlay_option_safe, Owner};
 use crate::sandboxing::procs::ProcId;
 use crate::sandboxing::seccomp::{self, Filter, Rule};
 use crate::sandboxing::uids::UidPool;
-use crate::sandboxing::{self as sb, is_root};
+use crate::sandboxing::{self as sb, is_root, short_hash};
 use crate::{Health, LogLine, Provider, RuntimeInfo};
 
 use root::{GUEST_AGENT, GUEST_RUN_DIR};
@@ -126,11 +126,6 @@ struct CachedAgent {
     agent: Option<ProcId>,
 }
 
-fn short_hash(s: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(s)[..6])
-}
-
 fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
     std::env::split_paths(&path)
@@ -162,23 +157,6 @@ fn sandbox_filter() -> Filter {
     ];
     rules.extend(seccomp::unprivileged_denials());
     Filter::compile(&rules)
-}
-
-/// Copies the agent to a root-owned, content-named file under the run base
-/// (readable and executable by every sandbox user, writable by none).
-fn install_agent(agent_bin: &Path) -> io::Result<PathBuf> {
-    let bytes = std::fs::read(agent_bin)?;
-    let dst = Path::new(RUN_BASE).join(format!("agent-{}", short_hash(&bytes)));
-    if dst.is_file() {
-        return Ok(dst);
-    }
-    std::fs::create_dir_all(RUN_BASE)?;
-    std::fs::set_permissions(RUN_BASE, std::fs::Permissions::from_mode(0o755))?;
-    let tmp = dst.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, &bytes)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
-    std::fs::rename(&tmp, &dst)?;
-    Ok(dst)
 }
 
 impl ProotProvider {
@@ -231,7 +209,7 @@ impl ProotProvider {
                     ))
                 }
             }
-            match install_agent(&cfg.agent_bin) {
+            match sb::install_agent(&cfg.agent_bin, Path::new(RUN_BASE)) {
                 Ok(a) => agent = Some(a),
                 Err(e) => {
                     unusable.get_or_insert(format!(

@@ -1,19 +1,25 @@
 //! Host-side isolation building blocks the process-based providers share:
-//! seccomp filters, cgroups on v1 and v2 hosts, ID-mapped mounts, a private
-//! `/proc` and `/dev`, per-sandbox user ids, and the steps a child takes
-//! between fork and exec to give up its privileges.
+//! seccomp filters, capabilities, cgroups on v1 and v2 hosts, ID-mapped
+//! mounts, a sandbox's root and run directory, a private `/proc` and `/dev`,
+//! per-sandbox user ids (and blocks of them), the sandbox directory's logs,
+//! and the steps a child takes between fork and exec to give up its
+//! privileges.
 //!
 //! Functions meant for that window (`*_from_child`, [`seccomp::Filter::install`])
 //! make system calls only, on memory prepared before the fork.
 
 pub mod cgroups;
 pub mod idmap;
+pub mod logs;
 pub mod mounts;
 pub mod procs;
+pub mod rootfs;
 pub mod seccomp;
 pub mod uids;
 
 use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -38,6 +44,30 @@ pub fn drop_to_user_from_child(uid: u32, gid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// The first 12 hex digits of the SHA-256 of `s`: short, stable names for
+/// host-wide things (run directories, agent copies).
+pub fn short_hash(s: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(s)[..6])
+}
+
+/// Copies the agent to a root-owned, content-named file in `dir` (readable
+/// and executable by every sandbox, writable by none) and returns its path.
+pub fn install_agent(agent_bin: &Path, dir: &Path) -> io::Result<PathBuf> {
+    let bytes = std::fs::read(agent_bin)?;
+    let dst = dir.join(format!("agent-{}", short_hash(&bytes)));
+    if dst.is_file() {
+        return Ok(dst);
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let tmp = dst.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
+    std::fs::rename(&tmp, &dst)?;
+    Ok(dst)
+}
+
 /// `struct ifreq` with the flags member of its union (40 bytes on Linux).
 #[repr(C)]
 struct IfreqFlags {
@@ -55,6 +85,12 @@ pub fn enter_private_network_from_child() -> io::Result<()> {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    loopback_up_from_child()
+}
+
+/// Brings the loopback interface of the caller's network namespace up.
+/// Between fork and exec: system calls only.
+pub fn loopback_up_from_child() -> io::Result<()> {
     // SAFETY: socket takes integers only; the descriptor is closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
