@@ -15,6 +15,7 @@ pub mod mounts;
 pub mod procs;
 pub mod rootfs;
 pub mod seccomp;
+pub mod syscalls;
 pub mod uids;
 
 use std::io;
