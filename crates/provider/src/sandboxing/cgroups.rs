@@ -339,6 +339,15 @@ impl Group {
             .collect()
     }
 
+    /// Moves process `pid` into the group (a child that cannot join by
+    /// itself, e.g. one waiting to be released into a new namespace).
+    pub fn attach(&self, pid: i32) -> io::Result<()> {
+        for d in self.dirs() {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Every process in the group.
     pub fn pids(&self) -> Vec<i32> {
         let mut out: Vec<i32> = Vec::new();

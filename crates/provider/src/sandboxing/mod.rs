@@ -8,6 +8,7 @@
 //! Functions meant for that window (`*_from_child`, [`seccomp::Filter::install`])
 //! make system calls only, on memory prepared before the fork.
 
+pub mod caps;
 pub mod cgroups;
 pub mod idmap;
 pub mod logs;

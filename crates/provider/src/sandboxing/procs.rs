@@ -74,6 +74,17 @@ pub fn has_env(pid: i32, entry: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
+/// The children of `pid` (its main thread's), oldest first.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|t| {
+            t.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn all_pids() -> Vec<i32> {
     std::fs::read_dir("/proc")
         .map(|rd| {
