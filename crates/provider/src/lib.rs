@@ -1,5 +1,5 @@
 //! The provider contract: the runtime-specific part of StacyVM behind one
-//! trait, plus the providers themselves (Docker, PRoot), the async client
+//! trait, plus the providers themselves (Docker, namespaces, PRoot), the async client
 //! that talks to the in-sandbox agent, and the image catalog.
 //!
 //! Providers never see tenants, quotas or HTTP: they turn a [`SpawnSpec`]
@@ -11,6 +11,7 @@
 pub mod agent_client;
 pub mod docker;
 pub mod images;
+pub mod namespaces;
 pub mod proot;
 pub mod sandboxing;
 

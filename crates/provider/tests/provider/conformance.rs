@@ -1,5 +1,5 @@
 //! The provider conformance suite: every case is written once and run
-//! against every provider (`mod docker`, `mod proot` at the bottom), on the
+//! against every provider (`mod docker`, `mod proot`, `mod namespaces` below), on the
 //! real runtime, through the `Provider` trait.
 
 use std::collections::BTreeMap;
@@ -50,6 +50,10 @@ mod docker {
 
 mod proot {
     conformance!(crate::support::proot_provider);
+}
+
+mod namespaces {
+    conformance!(crate::support::namespaces_provider);
 }
 
 fn text(b: &[u8]) -> String {

@@ -3,5 +3,6 @@
 
 mod conformance;
 mod docker;
+mod namespaces;
 mod proot;
 mod support;

@@ -70,7 +70,7 @@ fn proot_temp_files(proot_pid: i32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     match stat.rsplit_once(')') {
         Some((_, rest)) => !rest.trim_start().starts_with('Z'),
@@ -115,7 +115,7 @@ async fn copies_keep_writes_in_their_own_sandbox_too() -> anyhow::Result<()> {
     writes_stay_in_their_own_sandbox(&h).await
 }
 
-async fn writes_stay_in_their_own_sandbox(h: &Harness) -> anyhow::Result<()> {
+pub(crate) async fn writes_stay_in_their_own_sandbox(h: &Harness) -> anyhow::Result<()> {
     let p = h.provider();
     let a = h.spawn_default().await?;
     let b = h.spawn_default().await?;
@@ -456,7 +456,7 @@ async fn without_cgroups_a_new_provider_adopts_and_destroys() -> anyhow::Result<
 }
 
 /// The interfaces a sandbox sees, from its own `/proc/net/dev`.
-async fn interfaces(h: &Harness, id: &SandboxId) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn interfaces(h: &Harness, id: &SandboxId) -> anyhow::Result<Vec<String>> {
     let dev = h.sh_ok(id, "tail -n +3 /proc/net/dev").await?;
     let mut names: Vec<String> = dev
         .lines()

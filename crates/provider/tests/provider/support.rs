@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use stacyvm_core::{ByteStream, ExecOutcome, ExecRequest, Network, SandboxId, SpawnSpec};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
+use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 
@@ -202,6 +203,20 @@ pub fn proot_provider_now(env: &TestEnv) -> anyhow::Result<ProotProvider> {
 
 pub async fn proot_provider(env: &TestEnv) -> anyhow::Result<Option<DynProvider>> {
     Ok(Some(Arc::new(proot_provider_now(env)?)))
+}
+
+/// A namespaces provider on the test's data directory.
+pub fn namespaces_provider_now(env: &TestEnv) -> anyhow::Result<NamespacesProvider> {
+    Ok(NamespacesProvider::new(NamespacesConfig {
+        data_dir: env.data_dir.clone(),
+        agent_bin: env.agent_bin.clone(),
+        catalog: env.catalog.clone(),
+        instance: env.instance.clone(),
+    })?)
+}
+
+pub async fn namespaces_provider(env: &TestEnv) -> anyhow::Result<Option<DynProvider>> {
+    Ok(Some(Arc::new(namespaces_provider_now(env)?)))
 }
 
 /// Destroys every sandbox registered with it when dropped, panics included.
@@ -442,7 +457,10 @@ pub fn leftovers(id: &SandboxId, data_dir: &Path) -> Vec<String> {
         names_containing(Path::new(dir), needle, 2, &mut found);
     }
     // A sandbox's user id claim names it in its content.
-    if let Ok(rd) = std::fs::read_dir("/run/stacyvm/proot/uids") {
+    for claims in ["/run/stacyvm/proot/uids", "/run/stacyvm/namespaces/uids"] {
+        let Ok(rd) = std::fs::read_dir(claims) else {
+            continue;
+        };
         for e in rd.flatten() {
             if String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default())
                 .contains(needle)

@@ -1,0 +1,853 @@
+//! The namespaces provider: each sandbox is a process tree in fresh kernel
+//! namespaces, started directly by the server with no daemon and no image
+//! conversion, as fast as the kernel can clone and mount.
+//!
+//! What a sandbox gets (see [`spawn`] for the order it is done in):
+//! - a user namespace mapping its ids 0..65535 to a block of unprivileged
+//!   host ids of its own, so its root is nobody on the host: the kernel's
+//!   ordinary permission checks keep it from the server's files and
+//!   processes and from every other sandbox;
+//! - mount, PID, network, UTS, IPC and cgroup namespaces: its own root (an
+//!   overlay over an ID-mapped view of the catalog rootfs, or a private
+//!   copy), its own `/proc` (Docker's masked and read-only paths), a
+//!   small `/dev` with the harmless host devices, a read-only `/sys`, only
+//!   `lo`, its own hostname and System V IPC;
+//! - Docker's default capabilities (in its user namespace only),
+//!   `no_new_privs`, and a seccomp allow-list after Docker's default
+//!   profile;
+//! - cgroups with its pids, memory and CPU limits on v1, v2 or hybrid
+//!   hosts, which also kill and freeze it whole.
+//!
+//! The agent runs inside in `--init` mode: PID 1 reaps orphans, its child
+//! serves the protocol on a socket in the sandbox's run directory.
+//!
+//! Layout on the host: `rootfs` (run directory, overlay) and [`state`].
+
+mod spawn;
+mod state;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use stacyvm_core::{validate_sandbox_path, Error, Network, Result, SandboxId, SpawnSpec};
+
+use crate::agent_client::{AgentClient, PeerCheck};
+use crate::images::ImageCatalog;
+use crate::proot::SANDBOX_ENV_MARKER;
+use crate::sandboxing::cgroups::{self, Group, Hierarchy};
+use crate::sandboxing::logs::{self, RUNTIME_LOG};
+use crate::sandboxing::mounts::{self, overlay_option_safe, Owner};
+use crate::sandboxing::procs::{self, ProcId};
+use crate::sandboxing::rootfs::{self, Layout};
+use crate::sandboxing::seccomp::Filter;
+use crate::sandboxing::uids::UidPool;
+use crate::sandboxing::{install_agent, is_root, short_hash, syscalls};
+use crate::{Health, LogLine, Provider, RuntimeInfo};
+
+use state::{IdBlock, SandboxMeta, AGENT_PID_FILE, INIT_PID_FILE};
+
+const SOCKET_NAME: &str = "agent.sock";
+/// Longest Unix socket path the kernel accepts (`sun_path` is 108 bytes,
+/// including the terminating NUL).
+const SUN_PATH_MAX: usize = 107;
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long spawn waits for the agent to answer.
+const AGENT_START_DEADLINE: Duration = Duration::from_secs(30);
+/// How long destroy waits for a sandbox's processes to die.
+const KILL_DEADLINE: Duration = Duration::from_secs(10);
+/// Where run directories, the agent and id claims live on the host.
+const RUN_BASE: &str = "/run/stacyvm/namespaces";
+/// Like Docker's default for a container.
+const PIDS_LIMIT: u64 = crate::docker::DEFAULT_PIDS_LIMIT as u64;
+
+/// What the namespaces provider needs.
+pub struct NamespacesConfig {
+    /// The server's data directory; sandboxes live under
+    /// `<data_dir>/namespaces/`.
+    pub data_dir: PathBuf,
+    /// The static agent binary on the host.
+    pub agent_bin: PathBuf,
+    pub catalog: Arc<ImageCatalog>,
+    /// Names this server instance; keeps run dirs and cgroups of several
+    /// instances on one host apart.
+    pub instance: String,
+}
+
+/// Which host facilities the provider may use when the host has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NamespacesFeatures {
+    /// An overlay per sandbox instead of a copy of the image.
+    pub overlay: bool,
+    /// Cgroups per sandbox (limits, pause) instead of none.
+    pub cgroup: bool,
+}
+
+impl Default for NamespacesFeatures {
+    fn default() -> Self {
+        NamespacesFeatures {
+            overlay: true,
+            cgroup: true,
+        }
+    }
+}
+
+/// Runs sandboxes in kernel namespaces. See the module documentation.
+pub struct NamespacesProvider {
+    cfg: NamespacesConfig,
+    sandboxes_dir: PathBuf,
+    /// Short tag derived from the instance, used in host-wide names.
+    instance_tag: String,
+    /// Why sandboxes get a copy of the image instead of an overlay, if so.
+    overlay_unavailable: Option<String>,
+    cgroups: std::result::Result<Hierarchy, String>,
+    /// Why the provider cannot run sandboxes on this host at all, if so.
+    unusable: Option<String>,
+    uids: Option<UidPool>,
+    /// The agent binary every sandbox runs: one root-owned copy.
+    agent: Option<PathBuf>,
+    /// Docker's default seccomp profile, compiled once.
+    filter: Option<Filter>,
+    clients: tokio::sync::Mutex<HashMap<SandboxId, CachedAgent>>,
+    /// Serialises spawn, destroy, pause and resume of one sandbox.
+    locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A live agent connection and what to check before handing it out.
+struct CachedAgent {
+    client: Arc<AgentClient>,
+    /// A frozen agent would hang its caller.
+    cgroups: Group,
+    /// A connection to a dead agent is not handed out even before the
+    /// client notices it is gone.
+    agent: Option<ProcId>,
+}
+
+impl NamespacesProvider {
+    /// Prepares the provider: checks root, namespaces and the seccomp
+    /// table, probes overlayfs and cgroups, installs the agent. What is
+    /// missing is not an error here: [`Provider::health`] reports it and
+    /// spawn refuses.
+    pub fn new(cfg: NamespacesConfig) -> Result<NamespacesProvider> {
+        NamespacesProvider::with_features(cfg, NamespacesFeatures::default())
+    }
+
+    /// Like [`NamespacesProvider::new`], with overlayfs or cgroups turned
+    /// off (e.g. to run the fallbacks on a host that has both).
+    pub fn with_features(
+        mut cfg: NamespacesConfig,
+        features: NamespacesFeatures,
+    ) -> Result<NamespacesProvider> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| Error::internal(format_args!("creating {}", cfg.data_dir.display()), e))?;
+        // The overlay and the child's mounts need absolute paths.
+        cfg.data_dir = std::fs::canonicalize(&cfg.data_dir).map_err(|e| {
+            Error::internal(format_args!("resolving {}", cfg.data_dir.display()), e)
+        })?;
+        let sandboxes_dir = cfg.data_dir.join("namespaces");
+        std::fs::create_dir_all(&sandboxes_dir).map_err(|e| {
+            Error::internal(format_args!("creating {}", sandboxes_dir.display()), e)
+        })?;
+        let instance_tag = short_hash(cfg.instance.as_bytes())[..8].to_owned();
+        let filter = syscalls::docker_default_filter();
+        let mut unusable = None;
+        if !is_root() {
+            unusable = Some(
+                "the namespaces provider needs StacyVM to run as root: each sandbox's user \
+                 namespace maps a block of 65536 host ids of its own, and its root is an \
+                 overlay over an ID-mapped image, which only root may set up (a rootless mode, \
+                 mapping only the server's own user, is not implemented)"
+                    .to_owned(),
+            );
+        } else if filter.is_none() {
+            unusable = Some(format!(
+                "the namespaces provider has no seccomp system call table for {}",
+                std::env::consts::ARCH
+            ));
+        } else if let Err(why) = spawn::probe_namespaces() {
+            unusable = Some(why);
+        }
+        let overlay_unavailable = if !features.overlay {
+            Some("overlayfs turned off".to_owned())
+        } else if unusable.is_some() {
+            Some("not probed".to_owned())
+        } else {
+            rootfs::probe_overlay(&cfg.data_dir).err()
+        };
+        let cgroups = if !features.cgroup {
+            Err("cgroups turned off".into())
+        } else if unusable.is_some() {
+            Err("not probed".into())
+        } else {
+            Hierarchy::detect("stacyvm-namespaces")
+        };
+        let (mut uids, mut agent) = (None, None);
+        if unusable.is_none() {
+            match UidPool::open_blocks(&Path::new(RUN_BASE).join("uids")) {
+                Ok(p) => uids = Some(p),
+                Err(e) => {
+                    unusable = Some(format!("cannot claim sandbox ids under {RUN_BASE}: {e}"))
+                }
+            }
+            match install_agent(&cfg.agent_bin, Path::new(RUN_BASE)) {
+                Ok(a) => agent = Some(a),
+                Err(e) => {
+                    unusable.get_or_insert(format!(
+                        "cannot install the agent {} under {RUN_BASE}: {e} (build it with \
+                         scripts/build-agent.sh or set STACYVM_AGENT_BIN)",
+                        cfg.agent_bin.display()
+                    ));
+                }
+            }
+        }
+        Ok(NamespacesProvider {
+            cfg,
+            sandboxes_dir,
+            instance_tag,
+            overlay_unavailable,
+            cgroups,
+            unusable,
+            uids,
+            agent,
+            filter,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
+        self.sandboxes_dir.join(id.as_str())
+    }
+
+    fn default_run_dir(&self, id: &SandboxId) -> PathBuf {
+        Path::new(RUN_BASE).join(format!("{}-{}", self.instance_tag, id.as_str()))
+    }
+
+    fn default_cgroups(&self, id: &SandboxId) -> Group {
+        match &self.cgroups {
+            Ok(h) => h.group(&format!("{}-{}", self.instance_tag, id.as_str())),
+            Err(_) => Group::default(),
+        }
+    }
+
+    /// What a sandbox's id block claim records.
+    fn ids_owner(&self, id: &SandboxId) -> String {
+        format!("{} {id}", self.cfg.instance)
+    }
+
+    fn lock_for(&self, id: &SandboxId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .expect("the lock map is never poisoned: no panics while held");
+        locks.entry(id.clone()).or_default().clone()
+    }
+
+    fn forget_lock(&self, id: &SandboxId) {
+        let mut locks = self
+            .locks
+            .lock()
+            .expect("the lock map is never poisoned: no panics while held");
+        if let Some(l) = locks.get(id) {
+            // Only the map and our caller hold it: nobody is waiting.
+            if Arc::strong_count(l) <= 2 {
+                locks.remove(id);
+            }
+        }
+    }
+
+    fn isolation_detail(&self) -> String {
+        let layout = match &self.overlay_unavailable {
+            None => "an overlay over an ID-mapped view of the catalog rootfs".to_owned(),
+            Some(why) => format!("a per-sandbox copy of the rootfs ({why})"),
+        };
+        let limits = match &self.cgroups {
+            Ok(h) => format!(
+                "limits enforced: {} ({}){}",
+                h.enforced().limits_text(),
+                h.describe(),
+                if h.enforced().freeze {
+                    ""
+                } else {
+                    "; pause unsupported"
+                }
+            ),
+            Err(why) => format!("no limits enforced and pause unsupported: {why}"),
+        };
+        format!(
+            "each sandbox is a process tree in user (its root is a block of 65536 unprivileged \
+             host ids of its own), mount, PID, network, UTS, IPC and cgroup namespaces, with \
+             Docker's default capabilities, masked /proc and a seccomp allow-list after Docker's \
+             default profile; network: none (egress is unsupported); root: {layout}; {limits}"
+        )
+    }
+
+    async fn spawn_locked(&self, spec: &SpawnSpec, dir: &Path) -> Result<()> {
+        if let Some(why) = &self.unusable {
+            return Err(Error::ProviderUnavailable(why.clone()));
+        }
+        let (Some(uids), Some(agent), Some(filter)) = (&self.uids, &self.agent, &self.filter)
+        else {
+            return Err(Error::ProviderUnavailable(
+                "the namespaces provider is not set up".into(),
+            ));
+        };
+        if spec.network != Network::None {
+            return Err(Error::Unsupported(
+                "the namespaces provider runs sandboxes with network \"none\" only (a network \
+                 namespace with loopback alone); use the docker provider for \"egress\""
+                    .into(),
+            ));
+        }
+        let workdir = match spec.workdir.as_deref() {
+            Some(w) => validate_sandbox_path(w)?,
+            None => "/".to_owned(),
+        };
+        let lower = self.cfg.catalog.rootfs(&spec.image).await?;
+        let lower = std::fs::canonicalize(&lower)
+            .map_err(|e| Error::internal(format_args!("resolving {}", lower.display()), e))?;
+
+        let run_dir = self.default_run_dir(&spec.sandbox_id);
+        let socket = rootfs::socket_dir_of(&run_dir).join(SOCKET_NAME);
+        if socket.as_os_str().len() > SUN_PATH_MAX {
+            return Err(Error::ProviderUnavailable(format!(
+                "the agent socket path {} is longer than {SUN_PATH_MAX} bytes",
+                socket.display()
+            )));
+        }
+
+        // The directory and its meta come first, so destroy finds every
+        // piece made after them even if spawn dies half-way.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::internal(format_args!("creating {}", dir.display()), e))?;
+        let first = uids
+            .claim(&self.ids_owner(&spec.sandbox_id))
+            .map_err(|e| Error::internal("claiming a block of sandbox ids", e))?;
+        let ids = IdBlock {
+            first,
+            count: uids.ids_per_claim(),
+        };
+        // The sandbox's root as the host sees it.
+        let owner = Owner {
+            uid: first,
+            gid: first,
+        };
+        let overlay = self.overlay_unavailable.is_none()
+            && overlay_option_safe(&lower)
+            && overlay_option_safe(dir);
+        let mut meta = SandboxMeta {
+            sandbox_id: spec.sandbox_id.clone(),
+            instance: self.cfg.instance.clone(),
+            image: spec.image.clone(),
+            layout: if overlay {
+                Layout::Overlay
+            } else {
+                Layout::Copy
+            },
+            run_dir: run_dir.clone(),
+            cgroups: self.default_cgroups(&spec.sandbox_id),
+            ids,
+            workdir: workdir.clone(),
+        };
+        state::write_meta(dir, &meta)?;
+        logs::provider_log(
+            dir,
+            &format!(
+                "spawning from image {:?}; its root is host id {first} ({} ids)",
+                spec.image, ids.count
+            ),
+        );
+
+        rootfs::make_run_dir(&run_dir, owner)?;
+        let (layout, note) =
+            rootfs::make_root(&lower, dir, &meta.root(), meta.layout, owner).await?;
+        if layout != meta.layout {
+            meta.layout = layout;
+            state::write_meta(dir, &meta)?;
+        }
+        logs::provider_log(
+            dir,
+            note.as_deref().unwrap_or(match layout {
+                Layout::Overlay => "root: an overlay over the ID-mapped catalog rootfs",
+                Layout::Copy => "root: a per-sandbox copy of the catalog rootfs",
+            }),
+        );
+        furnish(&meta, owner)?;
+        rootfs::write_env_file(&meta.socket_dir(), &spec.env, owner)?;
+        if !meta.cgroups.is_empty() {
+            let limits = cgroups::Limits {
+                pids: Some(PIDS_LIMIT),
+                memory_bytes: Some(spec.memory_mb * 1024 * 1024),
+                cpu: Some(spec.cpu),
+            };
+            meta.cgroups
+                .create(&limits)
+                .map_err(|e| Error::internal("applying the sandbox's limits", e))?;
+        }
+
+        let hostname: String = spec.sandbox_id.as_str().chars().take(63).collect();
+        // The plan holds raw pointers: it lives in this block, never across an await.
+        let pid = {
+            let plan = spawn::Plan::new(spawn::PlanInput {
+                root: &meta.root(),
+                agent,
+                socket_dir: &meta.socket_dir(),
+                log: &dir.join(RUNTIME_LOG),
+                workdir: &workdir,
+                hostname: &hostname,
+                env: &[
+                    ("PATH", DEFAULT_PATH),
+                    ("HOME", "/root"),
+                    (SANDBOX_ENV_MARKER, spec.sandbox_id.as_str()),
+                ],
+                filter: filter.clone(),
+            })
+            .map_err(|e| Error::internal("preparing the sandbox's start", e))?;
+            spawn::start(&plan, ids, &meta.cgroups)
+                .map_err(|e| Error::internal("starting the sandbox", e))?
+        };
+        // Read before the reaper may take it: a zombie reads as `None`.
+        let init = ProcId::of(pid);
+        reap_when_it_exits(pid);
+        let Some(init) = init else {
+            return Err(Error::Internal(format!(
+                "the sandbox's init exited at once; runtime log: {}",
+                logs::log_tail(dir)
+            )));
+        };
+        init.write(&dir.join(INIT_PID_FILE))
+            .map_err(|e| Error::internal("writing the init pid file", e))?;
+        logs::provider_log(dir, &format!("started the sandbox's init, pid {pid}"));
+
+        let deadline = tokio::time::Instant::now() + AGENT_START_DEADLINE;
+        loop {
+            if !init.is_alive() {
+                return Err(Error::Internal(format!(
+                    "the sandbox's init exited before the agent answered; runtime log: {}",
+                    logs::log_tail(dir)
+                )));
+            }
+            if let Ok(client) = connect_agent(&socket, ids.first, Some(init.pid)).await {
+                if let Ok(info) = client.health().await {
+                    let agent_proc = procs::children_of(init.pid)
+                        .first()
+                        .and_then(|p| ProcId::of(*p));
+                    if let Some(p) = agent_proc {
+                        p.write(&dir.join(AGENT_PID_FILE))
+                            .map_err(|e| Error::internal("writing the agent pid file", e))?;
+                    }
+                    logs::provider_log(
+                        dir,
+                        &format!(
+                            "agent {} answered, pid {}",
+                            info.version,
+                            agent_proc.map_or(0, |p| p.pid)
+                        ),
+                    );
+                    self.clients.lock().await.insert(
+                        spec.sandbox_id.clone(),
+                        CachedAgent {
+                            client: Arc::new(client),
+                            cgroups: meta.cgroups.clone(),
+                            agent: agent_proc,
+                        },
+                    );
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(format!(
+                    "the agent did not answer within {} s; runtime log: {}",
+                    AGENT_START_DEADLINE.as_secs(),
+                    logs::log_tail(dir)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Kills every process of the sandbox and removes everything of it.
+    async fn destroy_locked(&self, id: &SandboxId) -> Result<()> {
+        self.clients.lock().await.remove(id);
+        let dir = self.sandbox_dir(id);
+        let meta = state::read_meta(&dir);
+        let run_dir = meta
+            .as_ref()
+            .map(|m| m.run_dir.clone())
+            .unwrap_or_else(|| self.default_run_dir(id));
+        let cgroups = meta
+            .as_ref()
+            .map(|m| m.cgroups.clone())
+            .unwrap_or_else(|| self.default_cgroups(id));
+        // A crash between the claim and the meta leaves a claim only.
+        let ids = meta.as_ref().map(|m| m.ids).or_else(|| {
+            let uids = self.uids.as_ref()?;
+            Some(IdBlock {
+                first: uids.find(&self.ids_owner(id))?,
+                count: uids.ids_per_claim(),
+            })
+        });
+        let init = ProcId::read(&dir.join(INIT_PID_FILE));
+        let id2 = id.clone();
+        tokio::task::spawn_blocking(move || {
+            // Kill first: nothing may still write into the root while it goes.
+            kill_all(&id2, &cgroups, ids, init)?;
+            rootfs::remove(&dir, &run_dir)
+        })
+        .await
+        .map_err(|e| Error::internal("destroying the sandbox", e))??;
+        // Only once nothing of the sandbox runs may its ids go to another.
+        if let (Some(ids), Some(uids)) = (ids, &self.uids) {
+            uids.release(ids.first)
+                .map_err(|e| Error::internal("releasing the sandbox's ids", e))?;
+        }
+        Ok(())
+    }
+
+    fn meta_of(&self, id: &SandboxId) -> Result<SandboxMeta> {
+        let dir = self.sandbox_dir(id);
+        if !dir.is_dir() {
+            return Err(Error::NotFound(format!("sandbox {id} does not exist")));
+        }
+        state::read_meta(&dir).ok_or_else(|| {
+            Error::Conflict(format!(
+                "sandbox {id} is half-made or damaged (no readable meta)"
+            ))
+        })
+    }
+
+    fn is_running(&self, dir: &Path) -> bool {
+        let pid = ProcId::read(&dir.join(AGENT_PID_FILE))
+            .or_else(|| ProcId::read(&dir.join(INIT_PID_FILE)));
+        pid.is_some_and(ProcId::is_alive)
+    }
+
+    async fn set_frozen(&self, id: &SandboxId, frozen: bool) -> Result<()> {
+        let lock = self.lock_for(id);
+        let _held = lock.lock().await;
+        let meta = self.meta_of(id)?;
+        if !meta.cgroups.can_freeze() || !meta.cgroups.exists() {
+            let why = match &self.cgroups {
+                Ok(_) => "the host has no cgroup freezer".to_owned(),
+                Err(why) => why.clone(),
+            };
+            return Err(Error::Unsupported(format!(
+                "the namespaces provider cannot {} sandboxes on this host ({why})",
+                if frozen { "pause" } else { "resume" }
+            )));
+        }
+        let g = meta.cgroups.clone();
+        tokio::task::spawn_blocking(move || g.set_frozen(frozen, Duration::from_secs(10)))
+            .await
+            .map_err(|e| Error::internal("freezing the sandbox", e))?
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::TimedOut => Error::Timeout(e.to_string()),
+                _ => Error::internal("freezing the sandbox", e),
+            })?;
+        logs::provider_log(
+            &self.sandbox_dir(id),
+            if frozen { "paused" } else { "resumed" },
+        );
+        Ok(())
+    }
+}
+
+/// Makes the mount points and the working directory inside the root (owned
+/// by the sandbox's root), and refuses a root whose mount points are
+/// symbolic links: the child mounts onto them by host path.
+fn furnish(meta: &SandboxMeta, owner: Owner) -> Result<()> {
+    let root = meta.root();
+    for d in ["/proc", "/dev", "/sys", spawn::GUEST_RUN_DIR, &meta.workdir] {
+        mounts::mkdir_in_root(&root, d, Some(owner))
+            .map_err(|e| Error::InvalidRequest(format!("cannot create {d} in the sandbox: {e}")))?;
+    }
+    mounts::create_file_in_root(&root, spawn::GUEST_AGENT, Some(owner))
+        .map_err(|e| Error::internal("creating the agent's mount point", e))?;
+    for p in spawn::MOUNT_POINTS {
+        let mut at = root.clone();
+        for part in p.split('/').filter(|s| !s.is_empty()) {
+            at.push(part);
+            let link = std::fs::symlink_metadata(&at)
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false);
+            if link {
+                return Err(Error::InvalidRequest(format!(
+                    "the image's {} is a symbolic link; StacyVM mounts the sandbox's own {p} there",
+                    at.strip_prefix(&root).unwrap_or(&at).display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Kills every process of a sandbox and waits until they are gone: its
+/// init (whose death ends its PID namespace), its cgroups, and as a last
+/// net every host process running under its ids.
+fn kill_all(
+    id: &SandboxId,
+    cgroups: &Group,
+    ids: Option<IdBlock>,
+    init: Option<ProcId>,
+) -> Result<()> {
+    let deadline = Instant::now() + KILL_DEADLINE;
+    if let Some(p) = init.filter(|p| p.is_alive()) {
+        // SAFETY: kill has no memory preconditions; the pid was checked to
+        // be the sandbox's init (pid and start time) just above.
+        unsafe { libc::kill(p.pid, libc::SIGKILL) };
+    }
+    if cgroups.exists() {
+        cgroups
+            .kill_and_remove(KILL_DEADLINE)
+            .map_err(|e| Error::internal(format_args!("killing sandbox {id}"), e))?;
+    }
+    let me = std::process::id() as i32;
+    loop {
+        let mut left: Vec<i32> = init
+            .filter(|p| p.is_alive())
+            .map(|p| p.pid)
+            .into_iter()
+            .collect();
+        if let Some(ids) = ids {
+            for pid in procs::all_pids() {
+                if pid != me
+                    && !left.contains(&pid)
+                    && procs::uid_of(pid).is_some_and(|u| ids.contains(u))
+                    && ProcId::of(pid).is_some()
+                {
+                    left.push(pid);
+                }
+            }
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        for &pid in &left {
+            // SAFETY: as above; pids come from this scan.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Internal(format!(
+                "processes of sandbox {id} survived SIGKILL: {left:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reaps the sandbox's init (a child of this process) once it exits, so no
+/// zombie is left for as long as the server runs.
+fn reap_when_it_exits(pid: i32) {
+    let reap = move |flags: i32| {
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is valid for the call.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r == pid {
+            tracing::debug!(pid, status, "the sandbox's init exited");
+        }
+    };
+    // SAFETY: pidfd_open takes a pid and flags; a descriptor we own comes back.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let _guard = handle.enter();
+            // SAFETY: the pidfd is owned by the AsyncFd alone, which
+            // neither closes nor replaces it while registered.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            };
+            if let Ok(afd) = registered {
+                handle.spawn(async move {
+                    // A pidfd turns readable once the process has exited.
+                    let _ = afd.readable().await;
+                    reap(libc::WNOHANG);
+                });
+                return;
+            }
+        }
+    }
+    // No pidfd (Linux < 5.3) or no runtime: a thread waits.
+    let _ = std::thread::Builder::new()
+        .name("stacyvm-ns-reaper".into())
+        .spawn(move || reap(0));
+}
+
+/// Connects to a sandbox's agent, refusing a socket that is a symlink or
+/// whose peer is not the sandbox's root (host id `uid`) under its init.
+async fn connect_agent(socket: &Path, uid: u32, init: Option<i32>) -> Result<AgentClient> {
+    let check = PeerCheck {
+        uid: Some(uid),
+        ancestor: init,
+        ..PeerCheck::default()
+    };
+    AgentClient::connect_unix_checked(socket, &check).await
+}
+
+#[async_trait]
+impl Provider for NamespacesProvider {
+    fn name(&self) -> &str {
+        "namespaces"
+    }
+
+    async fn health(&self) -> Health {
+        if let Some(why) = &self.unusable {
+            return Health {
+                healthy: false,
+                detail: why.clone(),
+            };
+        }
+        if let Some(agent) = self.agent.as_ref().filter(|a| !a.is_file()) {
+            return Health {
+                healthy: false,
+                detail: format!(
+                    "the agent copy {} is gone; restart StacyVM to install it again",
+                    agent.display()
+                ),
+            };
+        }
+        Health {
+            healthy: true,
+            detail: self.isolation_detail(),
+        }
+    }
+
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<()> {
+        let lock = self.lock_for(&spec.sandbox_id);
+        let _held = lock.lock().await;
+        let dir = self.sandbox_dir(&spec.sandbox_id);
+        if dir.exists() {
+            return Err(Error::Conflict(format!(
+                "sandbox {} already exists",
+                spec.sandbox_id
+            )));
+        }
+        let result = self.spawn_locked(spec, &dir).await;
+        if let Err(e) = &result {
+            tracing::warn!(sandbox = %spec.sandbox_id, error = %e, "namespaces spawn failed; cleaning up");
+            if dir.exists() {
+                if let Err(e2) = self.destroy_locked(&spec.sandbox_id).await {
+                    tracing::error!(sandbox = %spec.sandbox_id, error = %e2, "cleanup after a failed spawn failed");
+                }
+            }
+        }
+        result
+    }
+
+    async fn destroy(&self, id: &SandboxId) -> Result<()> {
+        let lock = self.lock_for(id);
+        let result = {
+            let _held = lock.lock().await;
+            self.destroy_locked(id).await
+        };
+        self.forget_lock(id);
+        result
+    }
+
+    async fn list(&self) -> Result<Vec<RuntimeInfo>> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.sandboxes_dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => {
+                return Err(Error::internal(
+                    format_args!("reading {}", self.sandboxes_dir.display()),
+                    e,
+                ))
+            }
+        };
+        for entry in rd.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(SandboxId::parse) else {
+                continue;
+            };
+            let dir = entry.path();
+            if let Some(meta) = state::read_meta(&dir) {
+                if meta.instance != self.cfg.instance {
+                    continue;
+                }
+            }
+            out.push(RuntimeInfo {
+                running: self.is_running(&dir),
+                sandbox_id: id,
+            });
+        }
+        out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        Ok(out)
+    }
+
+    async fn logs(&self, id: &SandboxId) -> Result<Vec<LogLine>> {
+        let dir = self.sandbox_dir(id);
+        if !dir.is_dir() {
+            return Err(Error::NotFound(format!("sandbox {id} does not exist")));
+        }
+        Ok(logs::read_logs(&dir))
+    }
+
+    async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>> {
+        {
+            let mut clients = self.clients.lock().await;
+            if let Some(c) = clients.get(id) {
+                if c.cgroups.is_frozen() {
+                    return Err(Error::Conflict(format!("sandbox {id} is paused")));
+                }
+                if c.client.is_alive() && c.agent.is_none_or(ProcId::is_alive) {
+                    return Ok(c.client.clone());
+                }
+                clients.remove(id);
+            }
+        }
+        let dir = self.sandbox_dir(id);
+        let Some(meta) = state::read_meta(&dir) else {
+            return Err(Error::NotFound(format!("sandbox {id} does not exist")));
+        };
+        if meta.cgroups.is_frozen() {
+            return Err(Error::Conflict(format!("sandbox {id} is paused")));
+        }
+        if !self.is_running(&dir) {
+            return Err(Error::Conflict(format!("sandbox {id} is not running")));
+        }
+        let init = ProcId::read(&dir.join(INIT_PID_FILE)).map(|p| p.pid);
+        let socket = meta.socket_dir().join(SOCKET_NAME);
+        let client = tokio::time::timeout(
+            Duration::from_secs(10),
+            connect_agent(&socket, meta.ids.first, init),
+        )
+        .await
+        .map_err(|_| Error::Conflict(format!("the agent of sandbox {id} does not answer")))?
+        .map_err(|e| Error::Conflict(format!("the agent of sandbox {id} is not reachable: {e}")))?;
+        let client = Arc::new(client);
+        // Another caller may have connected meanwhile: keep one connection.
+        let mut clients = self.clients.lock().await;
+        match clients.get(id) {
+            Some(c) if c.client.is_alive() => Ok(c.client.clone()),
+            _ => {
+                clients.insert(
+                    id.clone(),
+                    CachedAgent {
+                        client: client.clone(),
+                        cgroups: meta.cgroups.clone(),
+                        agent: ProcId::read(&dir.join(AGENT_PID_FILE)),
+                    },
+                );
+                Ok(client)
+            }
+        }
+    }
+
+    async fn pause(&self, id: &SandboxId) -> Result<()> {
+        self.set_frozen(id, true).await
+    }
+
+    async fn resume(&self, id: &SandboxId) -> Result<()> {
+        self.set_frozen(id, false).await
+    }
+}
