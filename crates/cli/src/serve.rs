@@ -33,7 +33,7 @@ pub struct ServeArgs {
         long,
         env = "STACYVM_PROVIDERS",
         value_delimiter = ',',
-        default_value = "docker"
+        default_value = "docker,namespaces"
     )]
     providers: Vec<String>,
     /// Run the control plane only, without the in-process worker.

@@ -12,7 +12,7 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// `sqlite://PATH` or `postgres://…`; `sqlite://DATA_DIR/stacyvm.db` by default.
     pub store_url: String,
-    /// Providers in preference order (`docker`, `proot`).
+    /// Providers in preference order (`docker`, `namespaces`, `proot`).
     pub providers: Vec<String>,
     /// The quota a tenant starts with when it is created (the operator's
     /// own tenant has none: it is unlimited).
@@ -134,14 +134,14 @@ pub fn default_tenant_quota() -> stacyvm_store::Quota {
 
 impl ServerConfig {
     /// The defaults for a data dir: listen on 127.0.0.1:7070, SQLite in the
-    /// data dir, the Docker provider.
+    /// data dir, the Docker and namespaces providers.
     pub fn new(data_dir: PathBuf) -> ServerConfig {
         let store_url = format!("sqlite://{}", data_dir.join("stacyvm.db").display());
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir,
             store_url,
-            providers: vec!["docker".into()],
+            providers: vec!["docker".into(), "namespaces".into()],
             default_tenant_quota: default_tenant_quota(),
             local_worker: true,
             limits: Limits::default(),

@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use stacyvm_core::{now, Error, Result, WorkerId};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
+use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 use stacyvm_store::WorkerRecord;
@@ -113,6 +114,12 @@ fn build_providers(
                 instance: instance.to_owned(),
                 pids_limit: 512,
             })?)),
+            "namespaces" => out.push(Arc::new(NamespacesProvider::new(NamespacesConfig {
+                data_dir: config.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+            })?)),
             "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
                 data_dir: config.data_dir.clone(),
                 agent_bin: agent_bin.clone(),
@@ -121,7 +128,7 @@ fn build_providers(
             })?)),
             other => {
                 return Err(Error::InvalidRequest(format!(
-                    "unknown provider {other:?}; available: docker, proot"
+                    "unknown provider {other:?}; available: docker, namespaces, proot"
                 )))
             }
         }

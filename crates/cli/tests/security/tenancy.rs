@@ -290,7 +290,10 @@ async fn the_server_runs_only_isolating_providers_by_default() -> Result<()> {
         server(ServerOptions::new(StoreKind::Sqlite).server_default_providers()).await?;
     let status = admin.get("/v1/status").await?.ok(200)?;
     let names = ids(&status, "providers", "name");
-    ensure!(names == ["docker"], "default providers: {status}");
+    ensure!(
+        names == ["docker", "namespaces"],
+        "default providers: {status}"
+    );
     admin
         .post(
             "/v1/sandboxes",
