@@ -366,21 +366,6 @@ impl NamespacesProvider {
         );
 
         rootfs::make_run_dir(&run_dir, owner)?;
-        let (layout, note) =
-            rootfs::make_root(&lower, dir, &meta.root(), meta.layout, owner).await?;
-        if layout != meta.layout {
-            meta.layout = layout;
-            state::write_meta(dir, &meta)?;
-        }
-        logs::provider_log(
-            dir,
-            note.as_deref().unwrap_or(match layout {
-                Layout::Overlay => "root: an overlay over the ID-mapped catalog rootfs",
-                Layout::Copy => "root: a per-sandbox copy of the catalog rootfs",
-            }),
-        );
-        furnish(&meta, owner)?;
-        rootfs::write_env_file(&meta.socket_dir(), &spec.env, owner)?;
         if !meta.cgroups.is_empty() {
             let limits = cgroups::Limits {
                 pids: Some(PIDS_LIMIT),
@@ -391,10 +376,15 @@ impl NamespacesProvider {
                 .create(&limits)
                 .map_err(|e| Error::internal("applying the sandbox's limits", e))?;
         }
+        let mut root_note = None;
+        if meta.layout == Layout::Copy {
+            rootfs::make_root(&lower, dir, &meta.root(), Layout::Copy, owner, None).await?;
+        }
 
         let hostname: String = spec.sandbox_id.as_str().chars().take(63).collect();
-        // The plan holds raw pointers: it lives in this block, never across an await.
-        let pid = {
+        // The plan holds raw pointers: it lives in this block, never across
+        // an await. Dropping `pending` before its release kills the child.
+        let pending = {
             let plan = spawn::Plan::new(spawn::PlanInput {
                 root: &meta.root(),
                 agent,
@@ -408,14 +398,52 @@ impl NamespacesProvider {
                     (SANDBOX_ENV_MARKER, spec.sandbox_id.as_str()),
                 ],
                 filter: filter.clone(),
+                cgroups: &meta.cgroups,
             })
             .map_err(|e| Error::internal("preparing the sandbox's start", e))?;
-            spawn::start(&plan, ids, &meta.cgroups)
+            spawn::clone_init(&plan, &meta.cgroups)
                 .map_err(|e| Error::internal("starting the sandbox", e))?
         };
+        pending
+            .map_ids(ids)
+            .map_err(|e| Error::internal("mapping the sandbox's ids", e))?;
+        if meta.layout == Layout::Overlay {
+            // The image's root-owned files appear owned by the sandbox's
+            // root through its own user namespace: no helper process.
+            let userns = pending
+                .user_namespace()
+                .map_err(|e| Error::internal("opening the sandbox's user namespace", e))?;
+            let (layout, note) = rootfs::make_root(
+                &lower,
+                dir,
+                &meta.root(),
+                Layout::Overlay,
+                owner,
+                Some(&userns),
+            )
+            .await?;
+            if layout != meta.layout {
+                meta.layout = layout;
+                state::write_meta(dir, &meta)?;
+            }
+            root_note = note;
+        }
+        logs::provider_log(
+            dir,
+            root_note.as_deref().unwrap_or(match meta.layout {
+                Layout::Overlay => "root: an overlay over the ID-mapped catalog rootfs",
+                Layout::Copy => "root: a per-sandbox copy of the catalog rootfs",
+            }),
+        );
+        furnish(&meta, owner)?;
+        rootfs::write_env_file(&meta.socket_dir(), &spec.env, owner)?;
+        let started = pending
+            .release()
+            .map_err(|e| Error::internal("releasing the sandbox's init", e))?;
+        let pid = started.pid;
         // Read before the reaper may take it: a zombie reads as `None`.
         let init = ProcId::of(pid);
-        reap_when_it_exits(pid);
+        reap_when_it_exits(pid, started.pidfd);
         let Some(init) = init else {
             return Err(Error::Internal(format!(
                 "the sandbox's init exited at once; runtime log: {}",
@@ -644,7 +672,7 @@ fn kill_all(
 
 /// Reaps the sandbox's init (a child of this process) once it exits, so no
 /// zombie is left for as long as the server runs.
-fn reap_when_it_exits(pid: i32) {
+fn reap_when_it_exits(pid: i32, pidfd: Option<OwnedFd>) {
     let reap = move |flags: i32| {
         let mut status = 0;
         // SAFETY: waits for our own child; `status` is valid for the call.
@@ -653,11 +681,14 @@ fn reap_when_it_exits(pid: i32) {
             tracing::debug!(pid, status, "the sandbox's init exited");
         }
     };
-    // SAFETY: pidfd_open takes a pid and flags; a descriptor we own comes back.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd >= 0 {
+    let pidfd = pidfd.or_else(|| {
+        // SAFETY: pidfd_open takes a pid and flags; a descriptor we own
+        // comes back.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         // SAFETY: a fresh descriptor owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    });
+    if let Some(fd) = pidfd {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let _guard = handle.enter();
             // SAFETY: the pidfd is owned by the AsyncFd alone, which

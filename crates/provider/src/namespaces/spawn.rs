@@ -1,12 +1,19 @@
-//! Starting a sandbox: a raw `clone` (fork semantics, no `CLONE_VM`) into
-//! new user, mount, PID, network, UTS and IPC namespaces, so the child is
-//! PID 1 of its own PID namespace. The parent (root on the host) writes the
-//! child's ID maps and moves it into its cgroups, then releases it with one
-//! byte on a pipe. The child then enters a cgroup namespace of its own,
-//! becomes root of its user namespace, mounts its `/proc`, `/dev` and
-//! `/sys` and the agent into the root prepared on the host, pivots into
-//! it, names itself, brings `lo` up, narrows its capabilities to Docker's
+//! Starting a sandbox: a raw `clone3` (fork semantics, no `CLONE_VM`) into
+//! new user, PID, network, UTS and IPC namespaces and straight into the
+//! sandbox's v2 cgroup, so the child is PID 1 of its own PID namespace. It
+//! joins its v1 cgroups itself and waits. The parent (root on the host)
+//! writes the child's ID maps, mounts the sandbox's root with the lower
+//! layer mapped through the child's own user namespace, and releases it
+//! with one byte on a pipe. The child then enters mount and cgroup
+//! namespaces of its own, becomes root of its user namespace, mounts its
+//! `/proc`, `/dev` and `/sys` and the agent into the root, pivots into it,
+//! names itself, brings `lo` up, narrows its capabilities to Docker's
 //! default set, installs the seccomp filter and execs the agent as init.
+//!
+//! Both the cgroups and the ID mapping are arranged so that no spawn pays
+//! for the kernel's global locks: writing another process's pid to a
+//! `cgroup.procs` file waits for an RCU grace period (milliseconds), and a
+//! helper process for an ID mapping is a second fork.
 //!
 //! Between clone and exec the child makes system calls only, on memory
 //! prepared in a [`Plan`] before the clone: the server is multi-threaded,
@@ -19,6 +26,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::sandboxing::cgroups::Group;
@@ -27,10 +35,10 @@ use crate::sandboxing::{caps, loopback_up_from_child};
 
 use super::state::IdBlock;
 
-/// The namespaces the child is cloned into; the cgroup namespace follows
-/// once the parent has moved it into its cgroups.
+/// The namespaces the child is cloned into. The mount and cgroup namespaces
+/// follow once it is released: by then the parent has mounted its root
+/// (through the child's own user namespace) and it is in its cgroups.
 const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWUSER
-    | libc::CLONE_NEWNS
     | libc::CLONE_NEWPID
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWUTS
@@ -136,6 +144,7 @@ pub struct Plan {
     log: OwnedFd,
     null: OwnedFd,
     filter: Filter,
+    v1_tasks: Vec<CString>,
     all_signals: libc::sigset_t,
     no_signals: libc::sigset_t,
 }
@@ -155,6 +164,8 @@ pub struct PlanInput<'a> {
     /// The agent's environment (the tenant's comes through the env file).
     pub env: &'a [(&'a str, &'a str)],
     pub filter: Filter,
+    /// The sandbox's cgroups.
+    pub cgroups: &'a Group,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -427,16 +438,54 @@ impl Plan {
             log: OwnedFd::from(log),
             null: OwnedFd::from(null),
             filter: input.filter,
+            v1_tasks: input.cgroups.v1_task_files()?,
             all_signals,
             no_signals,
         })
     }
 }
 
-/// Clones the sandbox's init, maps its ids to `ids`, moves it into
-/// `cgroups` and releases it. Returns its pid (on the host); the caller
-/// reaps it. On error the child is killed and reaped.
-pub fn start(plan: &Plan, ids: IdBlock, cgroups: &Group) -> io::Result<i32> {
+/// `struct clone_args` of `clone3` (the fields up to `cgroup`, Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// A cloned init waiting to be released. Dropping it unreleased kills and
+/// reaps the child.
+pub struct Pending {
+    pid: i32,
+    /// A pidfd of the child, when the kernel gave one.
+    pidfd: Option<OwnedFd>,
+    release: Option<OwnedFd>,
+}
+
+/// The sandbox's init, released.
+pub struct Started {
+    pub pid: i32,
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// Clones the sandbox's init into its namespaces, waiting for
+/// [`Pending::release`]. It starts in the group's v2 cgroup (`clone3` with
+/// `CLONE_INTO_CGROUP`) and joins the v1 ones itself; where `clone3` is
+/// refused, a plain `clone` follows and the parent moves it into the v2
+/// group (slower: that takes the kernel's global threadgroup lock).
+pub fn clone_init(plan: &Plan, cgroups: &Group) -> io::Result<Pending> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two descriptors into `fds`.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -445,19 +494,62 @@ pub fn start(plan: &Plan, ids: IdBlock, cgroups: &Group) -> io::Result<i32> {
     // SAFETY: fresh descriptors owned by nothing else.
     let (release_r, release_w) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: a raw clone without CLONE_VM behaves like fork: the child
-    // gets a copy of this address space, including `plan`, and runs only
+    let v2 = match &cgroups.v2 {
+        Some(dir) => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY)
+                .open(dir)?,
+        ),
+        None => None,
+    };
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: CLONE_FLAGS as u64 | CLONE_PIDFD,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(dir) = &v2 {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a
+    // copy of this address space, including `plan`, and runs only
     // `child`, which makes system calls on that memory and never returns.
-    let pid = unsafe {
+    // `args` is valid for the call.
+    let mut pid = unsafe {
         libc::syscall(
-            libc::SYS_clone,
-            (CLONE_FLAGS | libc::SIGCHLD) as libc::c_ulong,
-            0,
-            0,
-            0,
-            0,
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
         )
     };
+    let mut attach_v2 = false;
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        // Older kernels, or a seccomp profile around the server that
+        // refuses clone3 (Docker's answers ENOSYS).
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::E2BIG) | Some(libc::EPERM)
+        ) {
+            return Err(e);
+        }
+        pidfd = -1;
+        attach_v2 = v2.is_some();
+        // SAFETY: as above, with clone.
+        pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (CLONE_FLAGS | libc::SIGCHLD) as libc::c_ulong,
+                0,
+                0,
+                0,
+                0,
+            )
+        };
+    }
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -465,29 +557,67 @@ pub fn start(plan: &Plan, ids: IdBlock, cgroups: &Group) -> io::Result<i32> {
         // SAFETY: this is the child; see above.
         unsafe { child(plan, release_r.as_raw_fd(), release_w.as_raw_fd()) }
     }
-    let pid = pid as i32;
-    drop(release_r);
-    let setup = (|| -> io::Result<()> {
-        let map = ids.map_line();
-        std::fs::write(format!("/proc/{pid}/uid_map"), &map)?;
-        std::fs::write(format!("/proc/{pid}/gid_map"), &map)?;
-        cgroups.attach(pid)?;
-        // SAFETY: writes one byte from a static buffer to our pipe end.
-        if unsafe { libc::write(release_w.as_raw_fd(), b"x".as_ptr().cast(), 1) } != 1 {
-            return Err(io::Error::last_os_error());
+    let pending = Pending {
+        pid: pid as i32,
+        // SAFETY: the kernel stored a fresh pidfd there for us alone.
+        pidfd: (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) }),
+        release: Some(release_w),
+    };
+    if attach_v2 {
+        if let Some(dir) = &cgroups.v2 {
+            std::fs::write(dir.join("cgroup.procs"), pending.pid.to_string())?;
         }
-        Ok(())
-    })();
-    if let Err(e) = setup {
-        // SAFETY: kills and reaps the child made above (it is ours and
-        // not yet reaped, so the pid is still its).
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
-        }
-        return Err(e);
     }
-    Ok(pid)
+    Ok(pending)
+}
+
+impl Pending {
+    /// Writes the child's uid and gid maps: its ids 0.. are the host's
+    /// `ids.first`...
+    pub fn map_ids(&self, ids: IdBlock) -> io::Result<()> {
+        let map = ids.map_line();
+        std::fs::write(format!("/proc/{}/uid_map", self.pid), &map)?;
+        std::fs::write(format!("/proc/{}/gid_map", self.pid), &map)
+    }
+
+    /// The child's user namespace (after [`Pending::map_ids`]), to map a
+    /// mount through.
+    pub fn user_namespace(&self) -> io::Result<OwnedFd> {
+        Ok(OwnedFd::from(std::fs::File::open(format!(
+            "/proc/{}/ns/user",
+            self.pid
+        ))?))
+    }
+
+    /// Lets the child go on to set itself up and exec the agent.
+    pub fn release(mut self) -> io::Result<Started> {
+        let Some(w) = self.release.take() else {
+            return Err(io::Error::other("released twice"));
+        };
+        // SAFETY: writes one byte from a static buffer to our pipe end.
+        if unsafe { libc::write(w.as_raw_fd(), b"x".as_ptr().cast(), 1) } != 1 {
+            let e = io::Error::last_os_error();
+            self.release = Some(w);
+            return Err(e);
+        }
+        Ok(Started {
+            pid: self.pid,
+            pidfd: self.pidfd.take(),
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.release.is_some() {
+            // SAFETY: kills and reaps our own unreleased, unreaped child
+            // (so the pid is still its).
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
 }
 
 /// The child's side, up to the exec of the agent. System calls only.
@@ -520,6 +650,14 @@ unsafe fn child(plan: &Plan, release: RawFd, release_w: RawFd) -> ! {
         {
             libc::_exit(1);
         }
+        // The v1 hierarchies: our own single thread moves cheaply.
+        for f in plan.v1_tasks.iter() {
+            let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(c"joining the cgroup", Some(f));
+            }
+            libc::close(fd);
+        }
         let mut byte = 0u8;
         // One byte, not end-of-file: other threads' children may hold the
         // write end for a while, and the parent writes before it lets go.
@@ -530,9 +668,10 @@ unsafe fn child(plan: &Plan, release: RawFd, release_w: RawFd) -> ! {
         // From here the sandbox lives on its own, whatever happens to the server.
         libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0);
 
-        // The cgroup namespace is rooted where the parent put us.
-        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
-            fail(c"unshare(CLONE_NEWCGROUP)", None);
+        // The mount namespace copies the root the parent mounted while we
+        // waited; the cgroup namespace is rooted in the sandbox's cgroups.
+        if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP) != 0 {
+            fail(c"unshare(CLONE_NEWNS | CLONE_NEWCGROUP)", None);
         }
         // Root of the user namespace: host ids `first` (and no host group).
         if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0 {

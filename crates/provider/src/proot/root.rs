@@ -46,7 +46,7 @@ pub async fn make_root(
     meta: &SandboxMeta,
     owner: Owner,
 ) -> Result<(Layout, Option<String>)> {
-    rootfs::make_root(lower, dir, &meta.root(), meta.layout, owner).await
+    rootfs::make_root(lower, dir, &meta.root(), meta.layout, owner, None).await
 }
 
 /// Makes the mount points and the working directory inside the root, and

@@ -89,6 +89,14 @@ fn map_and_open(child: i32, host_id: u32) -> io::Result<OwnedFd> {
 /// id (`nobody`).
 pub fn bind_idmapped(source: &Path, target: &Path, host_id: u32) -> io::Result<()> {
     let userns = user_namespace_mapping_root_to(host_id)?;
+    bind_idmapped_through(source, target, &userns)
+}
+
+/// Attaches a view of `source` at `target` mapped through the user
+/// namespace `userns` (a `/proc/<pid>/ns/user` descriptor): a file owned by
+/// id `n` appears owned by the host id that `n` maps to there, or by the
+/// overflow id where `n` is not mapped.
+pub fn bind_idmapped_through(source: &Path, target: &Path, userns: &OwnedFd) -> io::Result<()> {
     let src = cpath(source)?;
     let tgt = cpath(target)?;
     // SAFETY: open_tree with a valid path; the returned descriptor is owned below.

@@ -15,6 +15,7 @@
 //! ```
 
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -131,18 +132,21 @@ pub fn probe_overlay(data_dir: &Path) -> std::result::Result<(), String> {
 
 /// Makes a sandbox's root at `target` from the catalog rootfs `lower`, with
 /// its writable layer (or copy) in the sandbox directory `dir`, owned (as
-/// the host sees it) by `owner` wherever the image has root. Returns the
-/// layout used, and why it differs from `wanted`: an overlay falls back to
-/// a copy when it cannot be mounted.
+/// the host sees it) by `owner` wherever the image has root. The overlay's
+/// lower layer is mapped through `userns` (the sandbox's own user
+/// namespace, whose root is `owner`) or, without one, through a namespace
+/// made to map root to `owner`. Returns the layout used, and why it differs
+/// from `wanted`: an overlay falls back to a copy when it cannot be mounted.
 pub async fn make_root(
     lower: &Path,
     dir: &Path,
     target: &Path,
     wanted: Layout,
     owner: Owner,
+    userns: Option<&OwnedFd>,
 ) -> Result<(Layout, Option<String>)> {
     if wanted == Layout::Overlay {
-        match mount_overlay(lower, dir, target, owner) {
+        match mount_overlay(lower, dir, target, owner, userns) {
             Ok(()) => return Ok((Layout::Overlay, None)),
             Err(e) => {
                 let _ = mounts::unmount_tree(dir);
@@ -156,13 +160,22 @@ pub async fn make_root(
     Ok((Layout::Copy, None))
 }
 
-fn mount_overlay(lower: &Path, dir: &Path, target: &Path, owner: Owner) -> std::io::Result<()> {
+fn mount_overlay(
+    lower: &Path,
+    dir: &Path,
+    target: &Path,
+    owner: Owner,
+    userns: Option<&OwnedFd>,
+) -> std::io::Result<()> {
     let (view, upper, work) = (dir.join("lower"), dir.join("upper"), dir.join("work"));
     // The overlay's root directory takes its owner from the upper layer.
     mkdir(&upper, 0o755, Some(owner))?;
     mkdir(&work, 0o700, None)?;
     mkdir(&view, 0o755, None)?;
-    idmap::bind_idmapped(lower, &view, owner.uid)?;
+    match userns {
+        Some(ns) => idmap::bind_idmapped_through(lower, &view, ns)?,
+        None => idmap::bind_idmapped(lower, &view, owner.uid)?,
+    }
     mounts::mount_overlay(&view, &upper, &work, target)
 }
 
