@@ -156,6 +156,32 @@ pub async fn proot_true(rootfs: &Path) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// `unshare … chroot ROOTFS /bin/true`: the same kernel namespaces a user
+/// would make by hand with util-linux (user with root mapped, mount, PID,
+/// network, UTS, IPC), without mounts, limits or an agent.
+pub async fn unshare_true(rootfs: &Path) -> Result<Duration> {
+    let root = rootfs.to_str().context("non-UTF-8 rootfs path")?;
+    let t = Instant::now();
+    run(
+        "unshare",
+        &[
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--pid",
+            "--fork",
+            "--net",
+            "--uts",
+            "--ipc",
+            "chroot",
+            root,
+            "/bin/true",
+        ],
+    )
+    .await?;
+    Ok(t.elapsed())
+}
+
 /// The workspace root (bench/..).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

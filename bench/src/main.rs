@@ -27,7 +27,7 @@ enum Suite {
     All,
 }
 
-/// Benchmarks StacyVM against docker and proot on this host. Loopback only;
+/// Benchmarks StacyVM against docker, unshare and proot on this host. Loopback only;
 /// everything it starts is removed at the end, on error and on Ctrl-C.
 #[derive(Parser, Debug)]
 #[command(name = "stacyvm-bench")]
@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(value_enum)]
     suite: Suite,
     /// Providers to measure.
-    #[arg(long, value_delimiter = ',', default_value = "docker,proot")]
+    #[arg(long, value_delimiter = ',', default_value = "docker,namespaces,proot")]
     providers: Vec<String>,
     /// API sections to leave out: create, pool, exec, stream, files, throughput, burst, density.
     #[arg(long, value_delimiter = ',')]

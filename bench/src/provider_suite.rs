@@ -1,6 +1,7 @@
-//! Suite `provider`: the Docker and PRoot providers through the `Provider`
-//! trait (no HTTP), against `docker run`/`docker exec` of the same image and
-//! a plain `proot` invocation over the same rootfs.
+//! Suite `provider`: the Docker, namespaces and PRoot providers through the
+//! `Provider` trait (no HTTP), against `docker run`/`docker exec` of the same
+//! image, plain `unshare` into the same namespaces and a plain `proot`
+//! invocation over the same rootfs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -10,10 +11,11 @@ use anyhow::{Context, Result};
 use stacyvm_core::{ExecRequest, Network, SandboxId, SpawnSpec};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
+use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 
-use crate::baseline::{ms, proot_true};
+use crate::baseline::{ms, proot_true, unshare_true};
 use crate::report::Report;
 use crate::{Args, Ctx};
 
@@ -199,6 +201,51 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             &b,
             None,
             "",
+        );
+    }
+
+    if args.wants("namespaces") {
+        eprintln!("bench[provider]: namespaces: {cold} cold spawns, {n_exec} execs; baseline unshare … chroot ROOTFS /bin/true");
+        let p: DynProvider = Arc::new(NamespacesProvider::new(NamespacesConfig {
+            data_dir: dir.path().join("data"),
+            agent_bin: ctx.agent_bin.clone(),
+            catalog: catalog.clone(),
+            instance: instance.clone(),
+        })?);
+        cold_once(&p, "busybox", live).await?;
+        unshare_true(&rootfs).await?;
+        let mut ours = Vec::new();
+        let mut base = Vec::new();
+        for _ in 0..cold {
+            ours.push(cold_once(&p, "busybox", live).await?);
+            base.push(ms(unshare_true(&rootfs).await?));
+        }
+        report.time_ms(
+            "provider.cold.namespaces",
+            "namespaces provider: spawn → exec-ready",
+            &ours,
+            Some("provider.cold.namespaces.base"),
+            "target p50 < 25 ms",
+        );
+        report.time_ms(
+            "provider.cold.namespaces.base",
+            "baseline: unshare -U -r -m -p -f -n -u -i chroot ROOTFS /bin/true",
+            &base,
+            None,
+            "",
+        );
+        let s = spec("busybox");
+        live.add(&p, &s.sandbox_id);
+        p.spawn(&s).await?;
+        let v = exec_loop(&p, &s.sandbox_id, n_exec).await?;
+        p.destroy(&s.sandbox_id).await?;
+        live.remove(&s.sandbox_id);
+        report.time_ms(
+            "provider.exec.namespaces",
+            "namespaces provider: exec `true` (agent)",
+            &v,
+            Some("provider.cold.namespaces.base"),
+            "against a new unshare per command",
         );
     }
 
