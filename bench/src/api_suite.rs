@@ -1,6 +1,6 @@
 //! Suite `api`: a real `stacyvm serve` measured through its HTTP API
 //! (create, exec, streaming, files, throughput, burst, density) against the
-//! docker CLI and plain proot, measured in the same run.
+//! docker CLI, plain unshare and plain proot, measured in the same run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use serde_json::json;
 use stacyvm_provider::images::ImageCatalog;
 use tokio::io::AsyncWriteExt;
 
-use crate::baseline::{ms, proot_true};
+use crate::baseline::{ms, proot_true, unshare_true};
 use crate::report::{meminfo_kib, Report};
 use crate::server::Server;
 use crate::{Args, Ctx};
@@ -70,7 +70,10 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
     let cli = &ctx.docker;
 
     if !args.skipped("create") {
-        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+        for p in ["docker", "namespaces", "proot"]
+            .into_iter()
+            .filter(|p| args.wants(p))
+        {
             eprintln!(
                 "bench[api]: create → exec-ready, {p}, {} times",
                 args.cold_iters
@@ -89,24 +92,29 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
             let mut base = Vec::new();
             for _ in 0..args.cold_iters {
                 ours.push(one().await?);
-                if p == "docker" {
-                    let (d, name) = cli.cold().await?;
-                    base.push(ms(d));
-                    cli.rm(&[name]).await?;
-                } else {
-                    base.push(ms(proot_true(&rootfs).await?));
+                match p {
+                    "docker" => {
+                        let (d, name) = cli.cold().await?;
+                        base.push(ms(d));
+                        cli.rm(&[name]).await?;
+                    }
+                    "namespaces" => base.push(ms(unshare_true(&rootfs).await?)),
+                    _ => base.push(ms(proot_true(&rootfs).await?)),
                 }
             }
-            let (bk, bl) = if p == "docker" {
-                (
+            let (bk, bl) = match p {
+                "docker" => (
                     "api.create.docker.base",
                     "baseline: docker run -d + docker exec",
-                )
-            } else {
-                (
+                ),
+                "namespaces" => (
+                    "api.create.namespaces.base",
+                    "baseline: unshare -U -r -m -p -f -n -u -i chroot ROOTFS /bin/true",
+                ),
+                _ => (
                     "api.create.proot.base",
                     "baseline: proot -r ROOTFS /bin/true",
-                )
+                ),
             };
             report.time_ms(
                 &format!("api.create.{p}"),
@@ -126,7 +134,10 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
     // One long-lived sandbox per provider and one plain container for the
     // exec, stream and file measurements.
     let mut ids = Vec::new();
-    for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+    for p in ["docker", "namespaces", "proot"]
+        .into_iter()
+        .filter(|p| args.wants(p))
+    {
         ids.push((p, s.create(&image_for(args, p), p).await?));
     }
     let base_ctr = cli.run_detached().await?;

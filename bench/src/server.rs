@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
+use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -54,7 +55,7 @@ impl Server {
                 "--listen",
                 "127.0.0.1:0",
                 "--providers",
-                "docker,proot",
+                "docker,proot,namespaces",
                 "--data-dir",
             ])
             .arg(&data_dir)
@@ -269,6 +270,12 @@ async fn sweep(
             instance,
         ))?),
         Arc::new(ProotProvider::new(ProotConfig {
+            data_dir: data_dir.to_owned(),
+            agent_bin: agent_bin.to_owned(),
+            catalog: catalog.clone(),
+            instance: instance.to_owned(),
+        })?),
+        Arc::new(NamespacesProvider::new(NamespacesConfig {
             data_dir: data_dir.to_owned(),
             agent_bin: agent_bin.to_owned(),
             catalog,
