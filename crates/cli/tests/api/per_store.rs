@@ -1,5 +1,5 @@
 //! The core suite, run once per store (SQLite, PostgreSQL): the whole
-//! create → exec → stream → files → destroy path on Docker and on PRoot, the
+//! create → exec → stream → files → destroy path on Docker, namespaces and PRoot, the
 //! quota race, and persistence across `kill -9` and SIGTERM restarts.
 
 use std::time::Duration;
@@ -34,6 +34,7 @@ macro_rules! per_store {
 per_store!(
     core_path_docker,
     core_path_proot,
+    core_path_namespaces,
     quota_race_admits_exactly_the_quota,
     restart_keeps_sandboxes_and_audit
 );
@@ -44,6 +45,10 @@ async fn core_path_docker(store: StoreKind) -> Result<()> {
 
 async fn core_path_proot(store: StoreKind) -> Result<()> {
     core_path(store, "proot").await
+}
+
+async fn core_path_namespaces(store: StoreKind) -> Result<()> {
+    core_path(store, "namespaces").await
 }
 
 /// Pseudo-random bytes (every value 0..=255 occurs, not valid UTF-8).
@@ -60,7 +65,7 @@ pub fn noise(len: usize, seed: u32) -> Vec<u8> {
 }
 
 async fn core_path(store: StoreKind, provider: &str) -> Result<()> {
-    let server = Server::start(ServerOptions::new(store))?;
+    let server = Server::start(ServerOptions::new(store).providers("docker,proot,namespaces"))?;
     let admin = server.admin();
     admin.import_busybox().await?;
     let (tenant, member) = admin.tenant_with("member").await?;

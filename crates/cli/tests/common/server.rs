@@ -428,6 +428,18 @@ impl Server {
                 },
             )?));
         }
+        if data_dir.join("namespaces").exists() {
+            providers.push(Box::new(
+                stacyvm_provider::namespaces::NamespacesProvider::new(
+                    stacyvm_provider::namespaces::NamespacesConfig {
+                        data_dir: data_dir.clone(),
+                        agent_bin: agent.clone(),
+                        catalog: catalog.clone(),
+                        instance: instance.clone(),
+                    },
+                )?,
+            ));
+        }
         providers.push(Box::new(stacyvm_provider::docker::DockerProvider::new(
             stacyvm_provider::docker::DockerConfig {
                 data_dir: data_dir.clone(),
@@ -1034,7 +1046,7 @@ pub fn docker_containers_of(sandbox: &str) -> Result<Vec<String>> {
 pub fn runtime_exists(server: &Server, provider: &str, sandbox: &str) -> Result<bool> {
     match provider {
         "docker" => Ok(!docker_containers_of(sandbox)?.is_empty()),
-        "proot" => Ok(server.data_dir().join("proot").join(sandbox).exists()),
+        "proot" | "namespaces" => Ok(server.data_dir().join(provider).join(sandbox).exists()),
         other => bail!("no runtime check for provider {other}"),
     }
 }

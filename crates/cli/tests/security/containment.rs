@@ -1,8 +1,8 @@
 //! Containment: what code inside a sandbox can and cannot reach, against the
-//! real providers. Docker is tested for everything it claims (pids, memory,
-//! network, file system, `/proc`); PRoot only for what it claims (paths,
-//! `..` and symlinks resolved inside the root, and the file API) — see
-//! docs/SECURITY.md for what PRoot does not contain.
+//! real providers. Docker and namespaces are tested for everything they
+//! claim (pids, memory, network, file system, `/proc`); PRoot only for what
+//! it claims (paths, `..` and symlinks resolved inside the root, and the
+//! file API) — see docs/SECURITY.md for what PRoot does not contain.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -124,6 +124,7 @@ fn socket_dir_of(server: &Server, id: &str) -> Result<PathBuf> {
     let candidates = [
         server.data_dir().join("docker"),
         PathBuf::from("/run/stacyvm/proot"),
+        PathBuf::from("/run/stacyvm/namespaces"),
         PathBuf::from("/run/stacyvm"),
         PathBuf::from("/tmp"),
     ];
@@ -244,9 +245,10 @@ async fn check_no_escape(provider: &str, extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn docker_sandbox_cannot_reach_host_files_sockets_or_proc() -> Result<()> {
-    let extra = vec![
+/// `/proc` escapes: a container's `/proc` shows its own processes, whose
+/// roots are its own.
+fn proc_escapes() -> Vec<String> {
+    vec![
         "cat /proc/1/root/etc/hostname; ls /proc/1/root/tmp".to_owned(),
         "cat /proc/self/root/../../../tmp/svm-sec-host-*/secret".to_owned(),
         "cat /proc/1/root/../../tmp/svm-sec-host-*/secret".to_owned(),
@@ -254,8 +256,31 @@ async fn docker_sandbox_cannot_reach_host_files_sockets_or_proc() -> Result<()> 
         "ls -la /proc/1/root/tmp/svm-test-*/docker".to_owned(),
         "for p in /proc/[0-9]*; do cat $p/root/tmp/svm-sec-host-*/secret; done".to_owned(),
         "cat /sys/fs/cgroup/../../../tmp/svm-sec-host-*/secret".to_owned(),
-    ];
-    check_no_escape("docker", &extra).await
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_sandbox_cannot_reach_host_files_sockets_or_proc() -> Result<()> {
+    check_no_escape("docker", &proc_escapes()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_sandbox_cannot_reach_host_files_sockets_or_proc() -> Result<()> {
+    let mut extra = proc_escapes();
+    // What only root of the host could do; the sandbox is root of its own
+    // user namespace alone.
+    extra.extend(
+        [
+            "mount -t tmpfs none /mnt && echo mounted",
+            "mount --bind / /mnt && ls /mnt/tmp",
+            "unshare -U -r cat /proc/self/uid_map",
+            "mknod /tmp/vda b 254 0 && head -c 64 /tmp/vda",
+            "nsenter -t 1 -m cat /tmp/svm-sec-host-*/secret",
+            "chroot /proc/1/root cat /tmp/svm-sec-host-*/secret",
+        ]
+        .map(str::to_owned),
+    );
+    check_no_escape("namespaces", &extra).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -397,6 +422,11 @@ async fn docker_file_api_never_follows_planted_symlinks_out() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn proot_file_api_never_follows_planted_symlinks_out() -> Result<()> {
     check_file_api_symlinks("proot").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_file_api_never_follows_planted_symlinks_out() -> Result<()> {
+    check_file_api_symlinks("namespaces").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -547,8 +577,17 @@ async fn docker_memory_hog_is_killed_by_the_memory_limit() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_network_none_has_only_loopback() -> Result<()> {
-    let (_server, admin) = server_with("docker").await?;
-    let id = admin.sandbox("docker").await?;
+    check_network_none("docker").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_network_none_has_only_loopback() -> Result<()> {
+    check_network_none("namespaces").await
+}
+
+async fn check_network_none(provider: &str) -> Result<()> {
+    let (_server, admin) = server_with(provider).await?;
+    let id = admin.sandbox(provider).await?;
     let ifaces = admin.sh(&id, "ls /sys/class/net").await?;
     ensure!(
         ifaces.split_whitespace().collect::<Vec<_>>() == ["lo"],
@@ -634,16 +673,21 @@ async fn proot_sandbox_that_kills_its_agent_is_failed_and_destroyable() -> Resul
     check_agent_kill("proot").await
 }
 
-/// A server running Docker and PRoot, and a member key of a tenant the
-/// operator allowed both.
-async fn member_of_a_tenant_with_both_providers() -> Result<(Server, Api, Api)> {
-    let (server, admin) = server_with("docker,proot").await?;
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_sandbox_that_kills_its_agent_is_failed_and_destroyable() -> Result<()> {
+    check_agent_kill("namespaces").await
+}
+
+/// A server running Docker, namespaces and PRoot, and a member key of a
+/// tenant the operator allowed all three.
+async fn member_of_a_tenant_with_every_provider() -> Result<(Server, Api, Api)> {
+    let (server, admin) = server_with("docker,namespaces,proot").await?;
     let (tenant, member) = admin.tenant_with("member").await?;
     let mut q = admin
         .get(&format!("/v1/tenants/{tenant}/quota"))
         .await?
         .ok(200)?;
-    q["allowed_providers"] = json!(["docker", "proot"]);
+    q["allowed_providers"] = json!(["docker", "namespaces", "proot"]);
     admin
         .put(&format!("/v1/tenants/{tenant}/quota"), q)
         .await?
@@ -652,7 +696,7 @@ async fn member_of_a_tenant_with_both_providers() -> Result<(Server, Api, Api)> 
 }
 
 async fn check_member_cannot_reach_server_secrets(provider: &str) -> Result<()> {
-    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
+    let (server, _admin, member) = member_of_a_tenant_with_every_provider().await?;
     let victim = member.sandbox(provider).await?;
     let other_secret = format!("other-sandbox-secret-{}", random_hex(16));
     member
@@ -661,13 +705,13 @@ async fn check_member_cannot_reach_server_secrets(provider: &str) -> Result<()> 
     let attacker = member.sandbox(provider).await?;
     let data = server.data_dir().display().to_string();
     let pid = server.pid().context("the server's pid")?;
-    let run_base = "/run/stacyvm/proot";
+    let run_base = format!("/run/stacyvm/{provider}");
     let script = format!(
         "cat /proc/{pid}/environ; cat /proc/1/environ; \
          for f in /proc/[0-9]*/environ; do cat \"$f\"; done; \
          cat {data}/admin.key; ls -la {data}; head -c 64 {data}/stacyvm.db; \
          cat /proc/{pid}/root{data}/admin.key; cat /proc/1/root{data}/admin.key; \
-         cat {data}/proot/{victim}/upper/work-secret; \
+         cat {data}/{provider}/{victim}/upper/work-secret; \
          cat {run_base}/*-{victim}/root/work-secret; \
          for p in /proc/[0-9]*; do cat \"$p/root/work-secret\"; done; \
          ls /dev; cat /dev/vda 2>&1 | head -c 64; true"
@@ -707,11 +751,17 @@ async fn proot_member_cannot_reach_server_secrets_data_dir_or_other_sandboxes() 
     check_member_cannot_reach_server_secrets("proot").await
 }
 
-/// The number of processes in a PRoot sandbox's cgroup, from the host.
-fn proot_pids(id: &str) -> Result<u64> {
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_member_cannot_reach_server_secrets_data_dir_or_other_sandboxes() -> Result<()> {
+    check_member_cannot_reach_server_secrets("namespaces").await
+}
+
+/// The number of processes in a PRoot or namespaces sandbox's cgroup, from
+/// the host.
+fn cgroup_pids(provider: &str, id: &str) -> Result<u64> {
     for base in [
-        "/sys/fs/cgroup/pids/stacyvm-proot",
-        "/sys/fs/cgroup/stacyvm-proot",
+        format!("/sys/fs/cgroup/pids/stacyvm-{provider}"),
+        format!("/sys/fs/cgroup/stacyvm-{provider}"),
     ] {
         let Ok(rd) = std::fs::read_dir(base) else {
             continue;
@@ -728,9 +778,18 @@ fn proot_pids(id: &str) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn proot_fork_bomb_is_stopped_by_the_pids_limit() -> Result<()> {
-    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
-    let bomb = member.sandbox("proot").await?;
-    let bystander = member.sandbox("proot").await?;
+    check_fork_bomb_in_cgroup("proot").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_fork_bomb_is_stopped_by_the_pids_limit() -> Result<()> {
+    check_fork_bomb_in_cgroup("namespaces").await
+}
+
+async fn check_fork_bomb_in_cgroup(provider: &str) -> Result<()> {
+    let (server, _admin, member) = member_of_a_tenant_with_every_provider().await?;
+    let bomb = member.sandbox(provider).await?;
+    let bystander = member.sandbox(provider).await?;
     let api = member.clone();
     let id = bomb.clone();
     let task = tokio::spawn(async move {
@@ -743,7 +802,7 @@ async fn proot_fork_bomb_is_stopped_by_the_pids_limit() -> Result<()> {
     let mut peak = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     while !task.is_finished() && std::time::Instant::now() < deadline {
-        peak = peak.max(proot_pids(&bomb)?);
+        peak = peak.max(cgroup_pids(provider, &bomb)?);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     ensure!(peak > 100, "the bomb did not get going: {peak} processes");
@@ -756,16 +815,25 @@ async fn proot_fork_bomb_is_stopped_by_the_pids_limit() -> Result<()> {
     let out = task.await.context("the bomb task")??;
     ensure!(out.status == 200, "the bomb's exec answers: {}", out.text());
     member.destroy(&bomb).await?;
-    ensure!(!runtime_exists(&server, "proot", &bomb)?);
+    ensure!(!runtime_exists(&server, provider, &bomb)?);
     ensure!(member.sh(&bystander, "echo alive").await?.trim() == "alive");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn proot_memory_hog_is_killed_by_the_memory_limit() -> Result<()> {
-    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
+    check_memory_hog_in_cgroup("proot").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_memory_hog_is_killed_by_the_memory_limit() -> Result<()> {
+    check_memory_hog_in_cgroup("namespaces").await
+}
+
+async fn check_memory_hog_in_cgroup(provider: &str) -> Result<()> {
+    let (server, _admin, member) = member_of_a_tenant_with_every_provider().await?;
     let s = member
-        .create_sandbox(json!({"image": "busybox", "provider": "proot", "memory_mb": 64}))
+        .create_sandbox(json!({"image": "busybox", "provider": provider, "memory_mb": 64}))
         .await?;
     let id = s["id"].as_str().unwrap_or_default().to_owned();
     let out = member
@@ -778,17 +846,21 @@ async fn proot_memory_hog_is_killed_by_the_memory_limit() -> Result<()> {
         out["signal"] == 9 || out["exit_code"] == 137,
         "the hog was killed by the OOM killer: {out}"
     );
+    if provider == "namespaces" {
+        // The OOM killer took the hog, not the sandbox's init or agent.
+        ensure!(member.sh(&id, "echo alive").await?.trim() == "alive");
+    }
     member.destroy(&id).await?;
-    ensure!(!runtime_exists(&server, "proot", &id)?);
+    ensure!(!runtime_exists(&server, provider, &id)?);
     Ok(())
 }
 
 async fn check_exec_with_exhausted_pids(provider: &str) -> Result<()> {
-    let (server, _admin, member) = member_of_a_tenant_with_both_providers().await?;
+    let (server, _admin, member) = member_of_a_tenant_with_every_provider().await?;
     let id = member.sandbox(provider).await?;
     let pids = |server: &Server, id: &str| match provider {
         "docker" => docker_pids(server, id),
-        _ => proot_pids(id),
+        p => cgroup_pids(p, id),
     };
     // Orphans in a session of their own outlive their exec and take all but
     // a few of the 512 processes the sandbox may have (whatever forks last
@@ -873,4 +945,9 @@ async fn docker_exec_at_the_pids_limit_is_a_clear_409() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn proot_exec_at_the_pids_limit_is_a_clear_409() -> Result<()> {
     check_exec_with_exhausted_pids("proot").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_exec_at_the_pids_limit_is_a_clear_409() -> Result<()> {
+    check_exec_with_exhausted_pids("namespaces").await
 }
