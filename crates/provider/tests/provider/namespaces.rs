@@ -152,7 +152,7 @@ async fn each_sandbox_has_its_own_ids_processes_devices_and_kernel_view() -> any
         );
     }
     ensure!(
-        root_a >= 1_900_000_000 && root_a < 1 << 31,
+        (1_900_000_000..1 << 31).contains(&root_a),
         "the sandbox's root is an unprivileged host id: {root_a}"
     );
     // Inside: root of its own user namespace, which maps 65536 ids.
