@@ -462,32 +462,36 @@ impl NamespacesProvider {
                     logs::log_tail(dir)
                 )));
             }
-            if let Ok(client) = connect_agent(&socket, ids.first, Some(init.pid)).await {
-                if let Ok(info) = client.health().await {
-                    let agent_proc = procs::children_of(init.pid)
-                        .first()
-                        .and_then(|p| ProcId::of(*p));
-                    if let Some(p) = agent_proc {
-                        p.write(&dir.join(AGENT_PID_FILE))
-                            .map_err(|e| Error::internal("writing the agent pid file", e))?;
+            // A plain look first: connecting checks the socket on tokio's
+            // blocking pool, a thread hop per try while the agent starts.
+            if std::fs::symlink_metadata(&socket).is_ok() {
+                if let Ok(client) = connect_agent(&socket, ids.first, Some(init.pid)).await {
+                    if let Ok(info) = client.health().await {
+                        let agent_proc = procs::children_of(init.pid)
+                            .first()
+                            .and_then(|p| ProcId::of(*p));
+                        if let Some(p) = agent_proc {
+                            p.write(&dir.join(AGENT_PID_FILE))
+                                .map_err(|e| Error::internal("writing the agent pid file", e))?;
+                        }
+                        logs::provider_log(
+                            dir,
+                            &format!(
+                                "agent {} answered, pid {}",
+                                info.version,
+                                agent_proc.map_or(0, |p| p.pid)
+                            ),
+                        );
+                        self.clients.lock().await.insert(
+                            spec.sandbox_id.clone(),
+                            CachedAgent {
+                                client: Arc::new(client),
+                                cgroups: meta.cgroups.clone(),
+                                agent: agent_proc,
+                            },
+                        );
+                        return Ok(());
                     }
-                    logs::provider_log(
-                        dir,
-                        &format!(
-                            "agent {} answered, pid {}",
-                            info.version,
-                            agent_proc.map_or(0, |p| p.pid)
-                        ),
-                    );
-                    self.clients.lock().await.insert(
-                        spec.sandbox_id.clone(),
-                        CachedAgent {
-                            client: Arc::new(client),
-                            cgroups: meta.cgroups.clone(),
-                            agent: agent_proc,
-                        },
-                    );
-                    return Ok(());
                 }
             }
             if tokio::time::Instant::now() >= deadline {
