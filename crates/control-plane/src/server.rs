@@ -112,6 +112,7 @@ fn build_providers(
                 catalog: catalog.clone(),
                 instance: instance.to_owned(),
                 pids_limit: 512,
+                egress_host_access: config.egress_host_access,
             })?)),
             "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
                 data_dir: config.data_dir.clone(),
