@@ -42,9 +42,12 @@ pub struct ServerConfig {
 /// A glob over Docker image references (`python:3.12*`, `team/*`): `*`
 /// matches any run of characters, `?` one, `[abc]` a set.
 ///
-/// Only plain `[registry/]name[:tag]` references match: never one with a
-/// digest (Docker resolves `anything@sha256:<id>` to the image of that id,
-/// whatever the name says) or one that is not a well-formed reference.
+/// Only plain `[registry/]name[:tag]` references match, never one that
+/// Docker could resolve to an image of another name: one with a digest
+/// (Docker ignores the tag when a digest is given), an image id
+/// (`sha256:<id>`), or a tagless hex string (Docker looks it up as the
+/// prefix of an image id when no image has that name). Nor does anything
+/// that is not a well-formed reference.
 #[derive(Clone, Debug)]
 pub struct ImagePattern {
     text: String,
@@ -63,7 +66,7 @@ impl ImagePattern {
         }
         if text.contains('@') {
             return Err(bad(
-                "digests are not allowed: a digest names an image of any name",
+                "digests are not allowed: with a digest, Docker ignores the name's tag",
             ));
         }
         if !text
@@ -95,7 +98,8 @@ impl ImagePattern {
 /// `[host[:port]/]path[:tag]`, the reference grammar Docker accepts, with
 /// no digest: path components of lowercase letters and digits joined by
 /// single separators (`.`, `_`, `__`, `-`…), a tag of at most 128 word
-/// characters, dots and dashes not starting with either.
+/// characters, dots and dashes not starting with either. Image ids and
+/// what Docker would take for the prefix of one are not plain.
 fn is_plain_reference(image: &str) -> bool {
     if image.is_empty() || image.len() > 255 || image.contains('@') {
         return false;
@@ -104,6 +108,9 @@ fn is_plain_reference(image: &str) -> bool {
         Some(i) if !image[i..].contains('/') => (&image[..i], Some(&image[i + 1..])),
         _ => (image, None),
     };
+    if name == "sha256" || (tag.is_none() && name.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return false;
+    }
     if let Some(tag) = tag {
         let mut bytes = tag.bytes();
         let first_ok = bytes
@@ -332,6 +339,7 @@ mod tests {
             "stacyvm-test/busybox:latest",
             "a__b/c-d.e:1_2",
             "localhost/x",
+            "cafe:latest",
         ] {
             assert!(all.allows(ok), "{ok}");
         }
@@ -349,6 +357,9 @@ mod tests {
             "x___y",
             "x/../y",
             "bad host:1/x",
+            "cafe",
+            "08d3481",
+            "sha256:08d3481553378d2f325848e36c46673f78c3e43e7308688b4e97383408caa1a2",
         ] {
             assert!(!all.allows(no), "{no:?}");
         }
