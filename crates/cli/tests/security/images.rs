@@ -45,7 +45,8 @@ fn daemon_image() -> Result<()> {
     Ok(())
 }
 
-/// Another name for the daemon's busybox, removed (the name only) on drop.
+/// Another name for the daemon's busybox. Dropped after the server: the
+/// name goes, and so does the Docker copy of a catalog image of that name.
 struct DaemonTag(String);
 
 impl DaemonTag {
@@ -60,6 +61,16 @@ impl DaemonTag {
 impl Drop for DaemonTag {
     fn drop(&mut self) {
         let _ = docker(&["rmi", &format!("{}:latest", self.0)]);
+        let copies = docker(&[
+            "images",
+            "--format",
+            "{{.Repository}}:{{.Tag}}",
+            &format!("stacyvm-catalog/{}", self.0),
+        ])
+        .unwrap_or_default();
+        for copy in copies.lines() {
+            let _ = docker(&["rmi", copy]);
+        }
     }
 }
 
