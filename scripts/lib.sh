@@ -41,7 +41,7 @@ ensure_packages() {
 
 # ensure_runtime_packages — everything the providers and scripts need.
 ensure_runtime_packages() {
-  ensure_packages ca-certificates curl docker.io proot busybox-static iproute2 procps util-linux
+  ensure_packages ca-certificates curl docker.io proot busybox-static iproute2 procps util-linux nftables
 }
 
 # ensure_dockerd — starts dockerd in the background unless it answers.

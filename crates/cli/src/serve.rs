@@ -104,6 +104,22 @@ pub struct ServeArgs {
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
     warm_pools: Vec<String>,
+    /// Let Docker sandboxes created with `network: egress` open connections
+    /// to this host itself, on any of its addresses. Off by default: they
+    /// reach other machines, never the host's own services nor each other.
+    #[arg(long, env = "STACYVM_EGRESS_HOST_ACCESS")]
+    egress_host_access: bool,
+    /// Images of the Docker daemon that every tenant may run, as glob
+    /// patterns (`python:3.12*`, `team/*`, `*` for any); repeatable, or
+    /// comma-separated. Without a match, tenants run images of StacyVM's
+    /// catalog only; the operator's own tenant may run any daemon image.
+    #[arg(
+        long = "docker-images",
+        env = "STACYVM_DOCKER_IMAGES",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    docker_images: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "STACYVM_LOG_JSON")]
     log_json: bool,
@@ -166,6 +182,17 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         config
             .pools
             .push(stacyvm_control_plane::pools::PoolSpec::parse(p)?);
+    }
+    config.egress_host_access = args.egress_host_access;
+    for p in args
+        .docker_images
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    {
+        config
+            .docker_images
+            .push(stacyvm_control_plane::config::ImagePattern::parse(p)?);
     }
     config.admin_key = std::env::var("STACYVM_ADMIN_KEY")
         .ok()

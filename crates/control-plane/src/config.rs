@@ -29,6 +29,157 @@ pub struct ServerConfig {
     pub pools: Vec<crate::pools::PoolSpec>,
     /// How HTTP connections are accepted, timed out and attributed.
     pub http: HttpConfig,
+    /// Whether Docker egress sandboxes may open connections to the host
+    /// itself (`--egress-host-access`); by default they reach other
+    /// machines only.
+    pub egress_host_access: bool,
+    /// Images straight from the Docker daemon that every tenant may run
+    /// (`--docker-images`). Without a match, tenants run catalog images
+    /// only; the operator's own tenant may run any daemon image.
+    pub docker_images: Vec<ImagePattern>,
+}
+
+/// A glob over Docker image references (`python:3.12*`, `team/*`): `*`
+/// matches any run of characters, `?` one, `[abc]` a set.
+///
+/// Only plain `[registry/]name[:tag]` references match, never one that
+/// Docker could resolve to an image of another name: one with a digest
+/// (Docker ignores the tag when a digest is given), an image id
+/// (`sha256:<id>`), or a tagless hex string (Docker looks it up as the
+/// prefix of an image id when no image has that name). Nor does anything
+/// that is not a well-formed reference.
+#[derive(Clone, Debug)]
+pub struct ImagePattern {
+    text: String,
+    matcher: globset::GlobMatcher,
+}
+
+impl ImagePattern {
+    pub fn parse(text: &str) -> stacyvm_core::Result<ImagePattern> {
+        let bad = |why: &str| {
+            stacyvm_core::Error::InvalidRequest(format!(
+                "Docker image pattern {text:?} is invalid: {why} (patterns look like \"python:3.12*\" or \"team/*\")"
+            ))
+        };
+        if text.is_empty() || text.len() > 512 {
+            return Err(bad("it must be 1 to 512 characters"));
+        }
+        if text.contains('@') {
+            return Err(bad(
+                "digests are not allowed: with a digest, Docker ignores the name's tag",
+            ));
+        }
+        if !text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:*?[]!".contains(&b))
+        {
+            return Err(bad("only letters, digits, '.', '_', '-', '/', ':' and the wildcards * ? [ ] are allowed"));
+        }
+        let glob = globset::GlobBuilder::new(text)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| bad(&e.kind().to_string()))?;
+        Ok(ImagePattern {
+            text: text.to_owned(),
+            matcher: glob.compile_matcher(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether the pattern lets tenants run `image` from the Docker daemon.
+    pub fn allows(&self, image: &str) -> bool {
+        is_plain_reference(image) && self.matcher.is_match(image)
+    }
+}
+
+/// `[host[:port]/]path[:tag]`, the reference grammar Docker accepts, with
+/// no digest: path components of lowercase letters and digits joined by
+/// single separators (`.`, `_`, `__`, `-`…), a tag of at most 128 word
+/// characters, dots and dashes not starting with either. Image ids and
+/// what Docker would take for the prefix of one are not plain.
+fn is_plain_reference(image: &str) -> bool {
+    if image.is_empty() || image.len() > 255 || image.contains('@') {
+        return false;
+    }
+    let (name, tag) = match image.rfind(':') {
+        Some(i) if !image[i..].contains('/') => (&image[..i], Some(&image[i + 1..])),
+        _ => (image, None),
+    };
+    if name == "sha256" || (tag.is_none() && name.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return false;
+    }
+    if let Some(tag) = tag {
+        let mut bytes = tag.bytes();
+        let first_ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !first_ok
+            || tag.len() > 128
+            || !bytes.all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return false;
+        }
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    if parts.len() > 1 {
+        let first = parts[0];
+        if first.contains('.') || first.contains(':') || first == "localhost" {
+            if !is_registry_host(first) {
+                return false;
+            }
+            parts.remove(0);
+        }
+    }
+    parts.iter().all(|c| is_path_component(c))
+}
+
+fn is_registry_host(host: &str) -> bool {
+    let (name, port) = match host.split_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (host, None),
+    };
+    let name_ok = name.split('.').all(|label| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    });
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    name_ok && port_ok
+}
+
+fn is_path_component(c: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = c.as_bytes();
+    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    // Separators: one '.', one or two '_', or any number of '-'.
+    let mut run = String::new();
+    for &b in bytes {
+        if alnum(b) {
+            if !(run.is_empty()
+                || run == "."
+                || run == "_"
+                || run == "__"
+                || run.bytes().all(|r| r == b'-'))
+            {
+                return false;
+            }
+            run.clear();
+        } else if b"._-".contains(&b) {
+            run.push(b as char);
+        } else {
+            return false;
+        }
+    }
+    true
 }
 
 /// The HTTP front: connection limits and timeouts, which peers may speak
@@ -149,6 +300,75 @@ impl ServerConfig {
             reconcile_interval: Duration::from_secs(1),
             pools: Vec::new(),
             http: HttpConfig::default(),
+            egress_host_access: false,
+            docker_images: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_patterns_match_plain_references_only() {
+        let p = |t: &str| ImagePattern::parse(t).expect("a valid pattern");
+        let py = p("python:3.12*");
+        for ok in ["python:3.12", "python:3.12-slim", "python:3.12.1"] {
+            assert!(py.allows(ok), "{ok}");
+        }
+        for no in [
+            "python",
+            "python:3.11",
+            "postgres:3.12",
+            "python:3.12@sha256:0123456789abcdef",
+            "python:3.12/../../postgres",
+            "python:3.12 ",
+        ] {
+            assert!(!py.allows(no), "{no}");
+        }
+        let team = p("registry.example.com:5000/team/*");
+        assert!(team.allows("registry.example.com:5000/team/app:v1"));
+        assert!(team.allows("registry.example.com:5000/team/tools/app"));
+        assert!(!team.allows("registry.example.com:5000/other/app"));
+        assert!(!team.allows("registry.example.com:5000/team/App"));
+        assert!(!team.allows("registry.example.com:5000/team/a..b"));
+        let all = p("*");
+        for ok in [
+            "busybox",
+            "stacyvm-test/busybox:latest",
+            "a__b/c-d.e:1_2",
+            "localhost/x",
+            "cafe:latest",
+        ] {
+            assert!(all.allows(ok), "{ok}");
+        }
+        for no in [
+            "",
+            "Busybox",
+            "x@sha256:00",
+            "-x",
+            "x/",
+            "/x",
+            "x//y",
+            "x:",
+            "x:-1",
+            "x:.1",
+            "x___y",
+            "x/../y",
+            "bad host:1/x",
+            "cafe",
+            "08d3481",
+            "sha256:08d3481553378d2f325848e36c46673f78c3e43e7308688b4e97383408caa1a2",
+        ] {
+            assert!(!all.allows(no), "{no:?}");
+        }
+    }
+
+    #[test]
+    fn bad_image_patterns_are_refused() {
+        for bad in ["", "x@sha256:*", "a b", "x{y,z}", "[", "x\\y"] {
+            assert!(ImagePattern::parse(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use stacyvm_core::{Error, Network, Result, SandboxId, SpawnSpec};
 use stacyvm_worker::{DynWorker, Lease};
 
+use crate::app::sandboxes::ImageSource;
 use crate::app::App;
 
 /// One pool: `size` idle sandboxes of `image` on `provider`.
@@ -56,6 +57,10 @@ impl PoolSpec {
 pub struct Member {
     pub sandbox_id: SandboxId,
     pub worker: DynWorker,
+    /// Whether its image came from the catalog (`Catalog`) or may have
+    /// come from the Docker daemon (`CatalogOrDaemon`): the image was not in
+    /// the catalog when the member was spawned.
+    pub source: ImageSource,
 }
 
 struct Pool {
@@ -128,13 +133,17 @@ impl Pools {
     }
 
     /// Takes a ready member for a sandbox of `image` on `provider`, if the
-    /// pool has one.
-    pub fn take(&self, provider: &str, image: &str) -> Option<Member> {
+    /// pool has one whose image came from where the caller may take it:
+    /// with `Catalog`, only a member spawned from the catalog.
+    pub fn take(&self, provider: &str, image: &str, allowed: ImageSource) -> Option<Member> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let pool = pools
             .iter_mut()
             .find(|p| p.spec.provider == provider && p.spec.image == image)?;
-        let member = pool.ready.pop_front()?;
+        let at = pool.ready.iter().position(|m| {
+            allowed == ImageSource::CatalogOrDaemon || m.source == ImageSource::Catalog
+        })?;
+        let member = pool.ready.remove(at)?;
         metrics::gauge!("stacyvm_pool_ready", "provider" => provider.to_owned(), "image" => image.to_owned())
             .decrement(1.0);
         metrics::counter!("stacyvm_pool_claims_total", "provider" => provider.to_owned(), "image" => image.to_owned())
@@ -199,12 +208,13 @@ pub async fn refill(app: &Arc<App>) {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone());
         match spawn_member(app, &spec, &id).await {
-            Ok(worker) => {
+            Ok((worker, source)) => {
                 app.pools.filled(
                     &spec,
                     Some(Member {
                         sandbox_id: id,
                         worker,
+                        source,
                     }),
                 );
                 metrics::gauge!("stacyvm_pool_ready", "provider" => spec.provider.clone(), "image" => spec.image.clone())
@@ -220,8 +230,13 @@ pub async fn refill(app: &Arc<App>) {
     }
 }
 
-async fn spawn_member(app: &Arc<App>, spec: &PoolSpec, id: &SandboxId) -> Result<DynWorker> {
+async fn spawn_member(
+    app: &Arc<App>,
+    spec: &PoolSpec,
+    id: &SandboxId,
+) -> Result<(DynWorker, ImageSource)> {
     let worker = app.scheduler.place(&spec.provider).await?;
+    let before = app.catalog_image(&spec.image).await?;
     let limits = &app.config.limits;
     let spawn = SpawnSpec {
         sandbox_id: id.clone(),
@@ -245,7 +260,15 @@ async fn spawn_member(app: &Arc<App>, spec: &PoolSpec, id: &SandboxId) -> Result
         let _ = worker.destroy(&lease).await;
         return Err(e);
     }
-    Ok(worker)
+    // From the catalog only if the same version was there before and after
+    // the provider looked: one deleted meanwhile could have let it fall back
+    // to a Docker image of the same name.
+    let after = app.catalog_image(&spec.image).await.ok().flatten();
+    let source = match (before, after) {
+        (Some(b), Some(a)) if a == b => ImageSource::Catalog,
+        _ => ImageSource::CatalogOrDaemon,
+    };
+    Ok((worker, source))
 }
 
 /// Destroys every idle member; returns how many there were.

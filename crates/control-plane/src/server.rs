@@ -113,6 +113,7 @@ fn build_providers(
                 catalog: catalog.clone(),
                 instance: instance.to_owned(),
                 pids_limit: 512,
+                egress_host_access: config.egress_host_access,
             })?)),
             "namespaces" => out.push(Arc::new(NamespacesProvider::new(NamespacesConfig {
                 data_dir: config.data_dir.clone(),

@@ -35,6 +35,11 @@ use crate::agent_client::PeerCheck;
 use crate::images::{remove_tree, validate_image_name, ImageCatalog, ImageInfo};
 use crate::{AgentClient, Health, LogLine, Provider, RuntimeInfo};
 
+mod egress;
+pub use egress::{
+    nft_ruleset, EGRESS_BRIDGE, EGRESS_HOST_BRIDGE, EGRESS_HOST_NETWORK, EGRESS_NETWORK, NFT_TABLE,
+};
+
 /// Default cap on processes (and threads) per sandbox.
 pub const DEFAULT_PIDS_LIMIT: i64 = 512;
 
@@ -104,6 +109,12 @@ pub struct DockerConfig {
     pub instance: String,
     /// Processes (and threads) per sandbox.
     pub pids_limit: i64,
+    /// Whether egress sandboxes may open connections to the host itself
+    /// (`stacyvm serve --egress-host-access`). Off, they join
+    /// [`EGRESS_NETWORK`], whose traffic to any address of the host StacyVM's
+    /// nftables table drops; on, [`EGRESS_HOST_NETWORK`]. Either way no
+    /// sandbox reaches another.
+    pub egress_host_access: bool,
 }
 
 impl DockerConfig {
@@ -120,6 +131,7 @@ impl DockerConfig {
             catalog,
             instance: instance.into(),
             pids_limit: DEFAULT_PIDS_LIMIT,
+            egress_host_access: false,
         }
     }
 }
@@ -806,6 +818,10 @@ impl Inner {
         })?;
         let docker = self.docker().await?;
         let image = self.resolve_image(&docker, &spec.image).await?;
+        let network_mode = match spec.network {
+            Network::None => "none",
+            Network::Egress => self.egress_network_ready(&docker).await?,
+        };
 
         let run_dir = self.run_root.join(id.as_str());
         let mut attempts = 0;
@@ -860,10 +876,7 @@ impl Inner {
             memory: Some((spec.memory_mb * 1024 * 1024) as i64),
             memory_swap: Some((spec.memory_mb * 1024 * 1024) as i64),
             nano_cpus: Some((spec.cpu * 1e9).round() as i64),
-            network_mode: Some(match spec.network {
-                Network::None => "none".into(),
-                Network::Egress => "bridge".into(),
-            }),
+            network_mode: Some(network_mode.into()),
             ipc_mode: Some("private".into()),
             mounts: Some(vec![
                 Mount {

@@ -194,6 +194,7 @@ impl Server {
                 catalog,
                 instance,
                 pids_limit: 512,
+                egress_host_access: false,
             })
         {
             providers.push(Box::new(d));

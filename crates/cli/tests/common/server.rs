@@ -447,6 +447,7 @@ impl Server {
                 catalog,
                 instance: instance.clone(),
                 pids_limit: 512,
+                egress_host_access: false,
             },
         )?));
         for p in providers {

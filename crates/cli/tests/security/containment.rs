@@ -5,6 +5,7 @@
 //! file API) — see docs/SECURITY.md for what PRoot does not contain.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
@@ -950,4 +951,203 @@ async fn proot_exec_at_the_pids_limit_is_a_clear_409() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn namespaces_exec_at_the_pids_limit_is_a_clear_409() -> Result<()> {
     check_exec_with_exhausted_pids("namespaces").await
+}
+
+// ---------------------------------------------------------------------------
+// Egress: other machines yes; the host, and other sandboxes, no
+
+/// A TCP server on every address of the host (`0.0.0.0`) that records the
+/// peer of each connection it accepts (and closes it at once).
+struct HostListener {
+    port: u16,
+    peers: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HostListener {
+    async fn start() -> Result<HostListener> {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+        let port = listener.local_addr()?.port();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((_conn, peer)) = listener.accept().await {
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(peer.to_string());
+            }
+        });
+        Ok(HostListener { port, peers, task })
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for HostListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The host's first global IPv4 address on an interface that is not a
+/// bridge or veth of containers.
+fn host_primary_ipv4() -> Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .context("running ip addr")?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, f.get(3)?.split('/').next()?))
+        })
+        .find(|(dev, _)| {
+            !["docker", "br-", "svm-", "veth", "svt"]
+                .iter()
+                .any(|p| dev.starts_with(p))
+        })
+        .map(|(_, addr)| addr.to_owned())
+        .with_context(|| format!("no global IPv4 address outside container bridges: {out}"))
+}
+
+/// The sandbox's own address and its gateway (the host's address on the
+/// sandbox's bridge), as the sandbox sees them.
+async fn addresses_of(api: &Api, id: &str) -> Result<(String, String)> {
+    let addr = api.sh(id, "ip -4 -o addr show dev eth0").await?;
+    let addr = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .with_context(|| format!("no IPv4 address on eth0: {addr}"))?
+        .to_owned();
+    let route = api.sh(id, "ip route").await?;
+    let gateway = route
+        .lines()
+        .find_map(|l| l.strip_prefix("default via "))
+        .and_then(|l| l.split_whitespace().next())
+        .with_context(|| format!("no default route: {route}"))?
+        .to_owned();
+    Ok((addr, gateway))
+}
+
+/// Tries a TCP connection from the sandbox to `port` on each address at
+/// once; returns the addresses it reached.
+async fn reached_from(api: &Api, id: &str, addrs: &[String], port: u16) -> Result<Vec<String>> {
+    let script = format!(
+        "for a in {}; do (echo probe | nc -w 3 $a {port} >/dev/null 2>&1; echo \"$a rc=$?\") & done; wait",
+        addrs.join(" ")
+    );
+    let (_, out) = run(api, id, &script).await?;
+    ensure!(
+        out.lines().count() == addrs.len(),
+        "one result per address expected: {out}"
+    );
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" rc=0"))
+        .map(str::to_owned)
+        .collect())
+}
+
+async fn egress_sandbox(api: &Api) -> Result<String> {
+    let sb = api
+        .create_sandbox(json!({"image": "busybox", "provider": "docker", "network": "egress"}))
+        .await?;
+    Ok(s(&sb, "id")?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_egress_sandboxes_reach_neither_each_other_nor_the_host() -> Result<()> {
+    let (_server, admin) = server_with("docker").await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let a = egress_sandbox(&admin).await?;
+    let b = egress_sandbox(&member).await?;
+    let (a_ip, _) = addresses_of(&admin, &a).await?;
+    let (b_ip, gateway) = addresses_of(&member, &b).await?;
+
+    // Another tenant's sandbox, listening: unreachable by its address.
+    admin
+        .sh(&a, "setsid nc -l -p 8080 >/tmp/got 2>&1 </dev/null &")
+        .await?;
+    eventually(Duration::from_secs(20), "nc to listen", || async {
+        let tcp = admin.sh(&a, "cat /proc/net/tcp /proc/net/tcp6").await?;
+        Ok(tcp
+            .lines()
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(":1F90") && f[3] == "0A"
+            })
+            .then_some(()))
+    })
+    .await?;
+    let (_, from_b) = run(
+        &member,
+        &b,
+        &format!("echo from-b | nc -w 3 {a_ip} 8080; echo rc=$?"),
+    )
+    .await?;
+    ensure!(
+        !from_b.contains("rc=0"),
+        "sandbox {b} opened a connection to sandbox {a} at {a_ip}: {from_b}"
+    );
+    // The listener was there all along: the host gets in.
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((a_ip.as_str(), 8080)),
+    )
+    .await
+    .context("the host's connection to the sandbox hung")??;
+    tokio::io::AsyncWriteExt::write_all(&mut conn, b"from-host\n").await?;
+    tokio::io::AsyncWriteExt::shutdown(&mut conn).await?;
+    let got = eventually(Duration::from_secs(20), "the host's line", || async {
+        let got = admin.sh(&a, "cat /tmp/got").await?;
+        Ok(got.contains("from-host").then_some(got))
+    })
+    .await?;
+    ensure!(got.trim() == "from-host", "sandbox {a} received {got:?}");
+
+    // The host's own services: not through the gateway, not through its
+    // address on the network it lives on.
+    let listener = HostListener::start().await?;
+    let targets = vec![gateway, host_primary_ipv4()?];
+    let reached = reached_from(&member, &b, &targets, listener.port).await?;
+    ensure!(
+        reached.is_empty() && listener.peers().is_empty(),
+        "an egress sandbox reached the host at {reached:?} (the host saw {:?})",
+        listener.peers()
+    );
+
+    // DNS still answers (Docker's resolver, inside the sandbox's namespace).
+    let answer = member.sh(&b, "nslookup \"$(hostname)\"").await?;
+    ensure!(answer.contains(&format!("Address: {b_ip}")), "{answer}");
+    admin.destroy(&a).await?;
+    member.destroy(&b).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_egress_host_access_flag_lets_sandboxes_reach_the_host() -> Result<()> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker")
+            .arg("--egress-host-access"),
+    )?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let id = egress_sandbox(&member).await?;
+    let (_, gateway) = addresses_of(&member, &id).await?;
+    let listener = HostListener::start().await?;
+    let mut targets = vec![gateway, host_primary_ipv4()?];
+    let mut reached = reached_from(&member, &id, &targets, listener.port).await?;
+    targets.sort();
+    reached.sort();
+    ensure!(reached == targets, "reached {reached:?} of {targets:?}");
+    ensure!(listener.peers().len() == 2, "{:?}", listener.peers());
+    member.destroy(&id).await?;
+    Ok(())
 }

@@ -3,7 +3,8 @@
 //! containment against the real Docker, namespaces and PRoot providers, key and tenant
 //! refusals with their audit trail, the HTTP front under abuse (slow
 //! request heads, too many connections, bad-key floods, forged
-//! X-Forwarded-For, what operators' endpoints tell tenants), and crashes and
+//! X-Forwarded-For, what operators' endpoints tell tenants), which images a
+//! tenant may run, and crashes and
 //! faults (kill -9, a stopped dockerd, a stopped PostgreSQL, a full disk). Each test starts its
 //! own server and private fixtures and leaves nothing behind.
 //!
@@ -18,6 +19,7 @@ mod faults;
 #[path = "../common/fixtures.rs"]
 mod fixtures;
 mod front;
+mod images;
 mod keys;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

@@ -8,6 +8,7 @@ use stacyvm_core::{
     now, validate_sandbox_path, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Network,
     Result, SandboxId, SandboxState, SpawnSpec,
 };
+use stacyvm_provider::images::{validate_image_name, ImageInfo};
 use stacyvm_provider::{ExecStream, LogLine};
 use stacyvm_store::{CreateOutcome, Failure, Page, PageRequest, SandboxFilter, SandboxRecord};
 use stacyvm_worker::{DynWorker, Lease};
@@ -105,7 +106,56 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// The refusal of an image a tenant may not run: the same for an image the
+/// Docker daemon holds and for one it does not.
+fn image_not_allowed(image: &str) -> Error {
+    Error::ImageNotFound(format!(
+        "image {image:?} is not in the image catalog (an admin imports images with \
+         `stacyvm image import`; the operator can also let tenants run images of the Docker \
+         daemon with `stacyvm serve --docker-images PATTERN`)"
+    ))
+}
+
+/// Where the image of a sandbox may come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// StacyVM's image catalog only.
+    Catalog,
+    /// The catalog, or the Docker daemon's own images.
+    CatalogOrDaemon,
+}
+
 impl App {
+    /// The catalog's current version of `image`, if it has one (providers
+    /// look there first).
+    pub async fn catalog_image(&self, image: &str) -> Result<Option<ImageInfo>> {
+        if validate_image_name(image).is_err() {
+            return Ok(None);
+        }
+        match self.catalog.get(image).await {
+            Ok(info) => Ok(Some(info)),
+            Err(Error::NotFound(_) | Error::ImageNotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where `who` may take `image` from: the catalog always; the Docker
+    /// daemon for the operator's own tenant, and for other tenants only the
+    /// images the operator allows (`--docker-images`). An image none of
+    /// that allows is `ImageNotFound` with one message whatever the daemon
+    /// holds, so tenants cannot probe it.
+    async fn image_source_allowed(&self, who: &Principal, image: &str) -> Result<ImageSource> {
+        if who.tenant_id == self.system_tenant
+            || self.config.docker_images.iter().any(|p| p.allows(image))
+        {
+            return Ok(ImageSource::CatalogOrDaemon);
+        }
+        if self.catalog_image(image).await?.is_some() {
+            return Ok(ImageSource::Catalog);
+        }
+        Err(image_not_allowed(image))
+    }
+
     /// Fetches a sandbox the caller may see; another tenant's is `NotFound`.
     pub async fn sandbox_visible(&self, who: &Principal, id: &str) -> Result<SandboxRecord> {
         let not_found = || Error::NotFound(format!("sandbox {id} not found"));
@@ -219,6 +269,7 @@ impl App {
                 provider_allowed(&quota, who.tenant_id == self.system_tenant, p)
             })
             .await?;
+        let source = self.image_source_allowed(who, &image).await?;
 
         let rec = SandboxRecord {
             id: SandboxId::generate(),
@@ -245,7 +296,7 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
         };
         let pooled = if crate::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network) {
-            self.pools.take(&rec.provider, &rec.image)
+            self.pools.take(&rec.provider, &rec.image, source)
         } else {
             None
         };
@@ -285,7 +336,7 @@ impl App {
                 existing: false,
             });
         }
-        let rec = match self.store.sandbox_create(&rec).await? {
+        let mut rec = match self.store.sandbox_create(&rec).await? {
             CreateOutcome::Existing(existing) => {
                 return Ok(Created {
                     sandbox: existing,
@@ -294,6 +345,15 @@ impl App {
             }
             CreateOutcome::Created(rec) => rec,
         };
+        // Checked again now that a live row holds the image (an image live
+        // sandboxes use cannot be deleted): one deleted between the first
+        // check and the insert would let the provider fall back to a Docker
+        // image of the same name.
+        if source == ImageSource::Catalog && self.catalog_image(&rec.image).await?.is_none() {
+            let e = image_not_allowed(&rec.image);
+            self.mark_failed(&mut rec, &e).await;
+            return Err(e);
+        }
         let sandbox = self.sandbox_start(rec).await?;
         Ok(Created {
             sandbox,

@@ -7,15 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::Bytes;
 use stacyvm_core::{ByteStream, Error, ExecRequest, Network, SandboxId, SpawnSpec};
 use stacyvm_provider::docker::{
-    DockerConfig, DockerProvider, CAPABILITIES_KEPT, LABEL_INSTANCE, LABEL_SANDBOX,
+    DockerConfig, DockerProvider, CAPABILITIES_KEPT, EGRESS_BRIDGE, EGRESS_HOST_BRIDGE,
+    EGRESS_HOST_NETWORK, EGRESS_NETWORK, LABEL_INSTANCE, LABEL_SANDBOX, NFT_TABLE,
 };
 use stacyvm_provider::images::ImageCatalog;
 use stacyvm_provider::Provider;
+use tokio::io::AsyncWriteExt;
 
 use crate::support::{agent_bin, leftovers, test_image_tar as busybox_tar};
 
@@ -1113,32 +1116,461 @@ async fn list_returns_exactly_this_instances_sandboxes() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn egress_sandboxes_get_a_network_interface() -> Result<()> {
-    // Egress needs Docker's default bridge on the host; a host whose bridge
-    // interface was removed cannot run it, and says so.
-    let bridge = run(
+// ---------------------------------------------------------------- egress
+
+/// A TCP server on every address of the host (`0.0.0.0`) that records the
+/// peer of each connection it accepts.
+struct HostListener {
+    port: u16,
+    peers: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HostListener {
+    async fn start() -> Result<HostListener> {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+        let port = listener.local_addr()?.port();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let seen = peers.clone();
+        let task = tokio::spawn(async move {
+            // Each connection is recorded and closed at once, which also
+            // ends the client's `nc`.
+            while let Ok((_conn, peer)) = listener.accept().await {
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(peer.to_string());
+            }
+        });
+        Ok(HostListener { port, peers, task })
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for HostListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs a command in the sandbox and returns its stdout, whatever its exit.
+async fn exec_stdout(p: &DockerProvider, id: &SandboxId, script: &str) -> Result<String> {
+    let out = p.exec(id, exec_req(&["sh", "-c", script])).await?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Tries a TCP connection from the sandbox to `port` on each address at
+/// once; returns the addresses it reached.
+async fn reached_from(
+    p: &DockerProvider,
+    id: &SandboxId,
+    addrs: &[String],
+    port: u16,
+) -> Result<Vec<String>> {
+    let script = format!(
+        "for a in {}; do (echo probe | nc -w 3 $a {port} >/dev/null 2>&1; echo \"$a rc=$?\") & done; wait",
+        addrs.join(" ")
+    );
+    let out = exec_stdout(p, id, &script).await?;
+    ensure!(
+        out.lines().count() == addrs.len(),
+        "one result per address expected: {out}"
+    );
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" rc=0"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The networks a container is attached to.
+fn container_networks(container: &str) -> Result<Vec<String>> {
+    let out = run(
+        "docker",
+        &[
+            "inspect",
+            "-f",
+            "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+            container,
+        ],
+    )?;
+    Ok(out.split_whitespace().map(str::to_owned).collect())
+}
+
+fn container_ip(container: &str, network: &str) -> Result<String> {
+    let ip = run(
+        "docker",
+        &[
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+            container,
+        ],
+    )?;
+    let ip = ip.trim();
+    ensure!(
+        ip.parse::<std::net::Ipv4Addr>().is_ok(),
+        "{container} has no address on {network}: {ip:?}"
+    );
+    Ok(ip.to_owned())
+}
+
+/// The network exists as StacyVM makes it: a bridge with a fixed name and
+/// inter-container communication off. Returns its gateway (the host's
+/// address on the bridge).
+fn check_egress_network(network: &str, bridge: &str) -> Result<String> {
+    let out = run(
         "docker",
         &[
             "network",
             "inspect",
-            "bridge",
+            network,
             "-f",
-            "{{index .Options \"com.docker.network.bridge.name\"}}",
+            "{{json .Options}} {{.Driver}} {{range .IPAM.Config}}{{.Gateway}}{{end}}",
         ],
     )?;
-    let bridge = bridge.trim();
-    if !Path::new("/sys/class/net").join(bridge).exists() {
-        eprintln!("SKIPPED: Docker's bridge interface {bridge:?} does not exist on this host (restart dockerd to recreate it)");
-        return Ok(());
+    let mut parts = out.trim().rsplitn(3, ' ');
+    let gateway = parts.next().context("gateway")?.to_owned();
+    let driver = parts.next().context("driver")?;
+    let options: BTreeMap<String, String> = serde_json::from_str(parts.next().context("options")?)?;
+    ensure!(driver == "bridge", "{network}: driver {driver}");
+    ensure!(
+        options
+            .get("com.docker.network.bridge.enable_icc")
+            .map(String::as_str)
+            == Some("false"),
+        "{network} lets containers talk to each other: {options:?}"
+    );
+    ensure!(
+        options
+            .get("com.docker.network.bridge.name")
+            .map(String::as_str)
+            == Some(bridge),
+        "{network}: {options:?}"
+    );
+    ensure!(
+        Path::new("/sys/class/net").join(bridge).exists(),
+        "no interface {bridge}"
+    );
+    ensure!(
+        gateway.parse::<std::net::Ipv4Addr>().is_ok(),
+        "{network}: gateway {gateway:?}"
+    );
+    Ok(gateway)
+}
+
+/// The host's first global IPv4 address on an interface that is not a
+/// bridge or veth of containers: its address on the network it lives on.
+fn host_primary_ipv4() -> Result<String> {
+    let out = run("ip", &["-4", "-o", "addr", "show", "scope", "global"])?;
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, f.get(3)?.split('/').next()?))
+        })
+        .find(|(dev, _)| {
+            !["docker", "br-", "svm-", "veth", "svt"]
+                .iter()
+                .any(|p| dev.starts_with(p))
+        })
+        .map(|(_, addr)| addr.to_owned())
+        .with_context(|| format!("no global IPv4 address outside container bridges: {out}"))
+}
+
+/// Whether `/proc/net/tcp` (or `tcp6`) text shows a socket listening on `port`.
+fn listens(proc_net_tcp: &str, port: u16) -> bool {
+    let local = format!(":{port:04X}");
+    proc_net_tcp.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Column 4 is the state; 0A is LISTEN.
+        f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
+    })
+}
+
+/// Waits until a TCP socket listens on `port` in the sandbox.
+async fn wait_listening(p: &DockerProvider, id: &SandboxId, port: u16) -> Result<()> {
+    for _ in 0..100 {
+        let tcp = exec_stdout(p, id, "cat /proc/net/tcp /proc/net/tcp6").await?;
+        if listens(&tcp, port) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    bail!("nothing listens on port {port} in {id}")
+}
+
+/// `b` cannot open a connection to `a` (by its address), though `a`
+/// listens and the host reaches it.
+async fn check_sandboxes_isolated(
+    p: &DockerProvider,
+    a: &SandboxId,
+    b: &SandboxId,
+    network: &str,
+) -> Result<()> {
+    let a_ip = container_ip(&p.container_name(a), network)?;
+    exec_ok(
+        p,
+        a,
+        &[
+            "sh",
+            "-c",
+            "setsid nc -l -p 8080 >/tmp/got 2>&1 </dev/null &",
+        ],
+    )
+    .await?;
+    wait_listening(p, a, 8080).await?;
+    let from_b = exec_stdout(
+        p,
+        b,
+        &format!("echo from-b | nc -w 3 {a_ip} 8080; echo rc=$?"),
+    )
+    .await?;
+    ensure!(
+        !from_b.contains("rc=0"),
+        "sandbox {b} opened a connection to sandbox {a} at {a_ip}: {from_b}"
+    );
+    // The listener was there all along: the host's connection gets in.
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((a_ip.as_str(), 8080)),
+    )
+    .await
+    .context("the host's connection to the sandbox hung")??;
+    conn.write_all(b"from-host\n").await?;
+    conn.shutdown().await?;
+    let mut got = String::new();
+    for _ in 0..100 {
+        got = exec_stdout(p, a, "cat /tmp/got").await?;
+        if got.contains("from-host") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(got.trim() == "from-host", "sandbox {a} received {got:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_sandboxes_reach_neither_each_other_nor_the_host() -> Result<()> {
     daemon_test_image()?;
+    let h = Harness::new(agent_bin()?)?;
+    let mut a = spec(DAEMON_TEST_IMAGE);
+    a.network = Network::Egress;
+    let mut b = spec(DAEMON_TEST_IMAGE);
+    b.network = Network::Egress;
+    h.provider.spawn(&a).await?;
+    h.provider.spawn(&b).await?;
+    let b_name = h.provider.container_name(&b.sandbox_id);
+    ensure!(container_networks(&b_name)? == [EGRESS_NETWORK]);
+    let gateway = check_egress_network(EGRESS_NETWORK, EGRESS_BRIDGE)?;
+    // Both spawns applied the rules: still exactly one copy of them.
+    let rules = run("nft", &["list", "table", "inet", NFT_TABLE])?;
+    ensure!(
+        rules.contains(&format!("iifname \"{EGRESS_BRIDGE}\" drop"))
+            && rules.matches(" drop\n").count() == 4,
+        "{rules}"
+    );
+
+    check_sandboxes_isolated(&h.provider, &a.sandbox_id, &b.sandbox_id, EGRESS_NETWORK).await?;
+
+    let listener = HostListener::start().await?;
+    let targets = vec![gateway, host_primary_ipv4()?];
+    let reached = reached_from(&h.provider, &b.sandbox_id, &targets, listener.port).await?;
+    ensure!(
+        reached.is_empty() && listener.peers().is_empty(),
+        "an egress sandbox reached the host at {reached:?} (the host saw {:?})",
+        listener.peers()
+    );
+    // The listener answers anyone else: the refusal was the sandbox's.
+    tokio::net::TcpStream::connect(("127.0.0.1", listener.port)).await?;
+    for _ in 0..100 {
+        if !listener.peers().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(listener.peers().len() == 1, "{:?}", listener.peers());
+
+    // DNS: Docker's resolver inside the sandbox's own namespace answers.
+    let resolv = exec_ok(&h.provider, &b.sandbox_id, &["cat", "/etc/resolv.conf"]).await?;
+    ensure!(resolv.contains("nameserver 127.0.0.11"), "{resolv}");
+    let b_ip = container_ip(&b_name, EGRESS_NETWORK)?;
+    // (Its host name, the container's short id, is a name Docker's DNS
+    // knows on the network.)
+    let answer = exec_ok(
+        &h.provider,
+        &b.sandbox_id,
+        &["sh", "-c", "nslookup \"$(hostname)\""],
+    )
+    .await?;
+    ensure!(answer.contains(&format!("Address: {b_ip}")), "{answer}");
+
+    for s in [&a, &b] {
+        h.provider.destroy(&s.sandbox_id).await?;
+        assert_gone(&h, &s.sandbox_id)?;
+    }
+    // Shared by every server on the host: it stays.
+    run("docker", &["network", "inspect", EGRESS_NETWORK])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_host_access_lets_sandboxes_reach_the_host_but_not_each_other() -> Result<()> {
+    daemon_test_image()?;
+    let h = Harness::with(agent_bin()?, |c| c.egress_host_access = true)?;
+    let mut a = spec(DAEMON_TEST_IMAGE);
+    a.network = Network::Egress;
+    let mut b = spec(DAEMON_TEST_IMAGE);
+    b.network = Network::Egress;
+    h.provider.spawn(&a).await?;
+    h.provider.spawn(&b).await?;
+    ensure!(
+        container_networks(&h.provider.container_name(&b.sandbox_id))? == [EGRESS_HOST_NETWORK]
+    );
+    let gateway = check_egress_network(EGRESS_HOST_NETWORK, EGRESS_HOST_BRIDGE)?;
+
+    let listener = HostListener::start().await?;
+    let mut targets = vec![gateway, host_primary_ipv4()?];
+    let mut reached = reached_from(&h.provider, &b.sandbox_id, &targets, listener.port).await?;
+    targets.sort();
+    reached.sort();
+    ensure!(reached == targets, "reached {reached:?} of {targets:?}");
+    ensure!(listener.peers().len() == 2, "{:?}", listener.peers());
+
+    check_sandboxes_isolated(
+        &h.provider,
+        &a.sandbox_id,
+        &b.sandbox_id,
+        EGRESS_HOST_NETWORK,
+    )
+    .await?;
+    for s in [&a, &b] {
+        h.provider.destroy(&s.sandbox_id).await?;
+        assert_gone(&h, &s.sandbox_id)?;
+    }
+    Ok(())
+}
+
+/// Another machine: a network namespace behind a veth pair, on an address
+/// of the benchmarking block 198.18.0.0/15, with a one-shot `nc -l` in it.
+struct RemoteMachine {
+    netns: String,
+    addr: String,
+    port: u16,
+    listener: Option<std::process::Child>,
+}
+
+impl RemoteMachine {
+    fn start() -> Result<RemoteMachine> {
+        let id = SandboxId::generate().to_string();
+        let tag = &id[id.len() - 8..];
+        let seed = u32::from_str_radix(tag, 16)?;
+        let (b2, b3, b4) = (18 + (seed >> 14) % 2, (seed >> 6) % 256, (seed % 64) * 4);
+        let mut m = RemoteMachine {
+            netns: format!("svmt-{tag}"),
+            addr: format!("198.{b2}.{b3}.{}", b4 + 2),
+            port: 9000,
+            listener: None,
+        };
+        let (host_end, far_end) = (format!("svt{tag}h"), format!("svt{tag}n"));
+        let host_addr = format!("198.{b2}.{b3}.{}/30", b4 + 1);
+        let far_addr = format!("{}/30", m.addr);
+        run("ip", &["netns", "add", &m.netns])?;
+        let ns = m.netns.clone();
+        for args in [
+            vec![
+                "link", "add", &host_end, "type", "veth", "peer", "name", &far_end, "netns", &ns,
+            ],
+            vec!["addr", "add", &host_addr, "dev", &host_end],
+            vec!["link", "set", &host_end, "up"],
+            vec!["-n", &ns, "addr", "add", &far_addr, "dev", &far_end],
+            vec!["-n", &ns, "link", "set", &far_end, "up"],
+            vec!["-n", &ns, "link", "set", "lo", "up"],
+        ] {
+            run("ip", &args)?;
+        }
+        let gw = format!("198.{b2}.{b3}.{}", b4 + 1);
+        run("ip", &["-n", &ns, "route", "add", "default", "via", &gw])?;
+        m.listener = Some(
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "busybox", "nc", "-l", "-p", "9000"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("starting nc in the network namespace")?,
+        );
+        for _ in 0..100 {
+            let tcp = run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &ns,
+                    "cat",
+                    "/proc/net/tcp",
+                    "/proc/net/tcp6",
+                ],
+            )?;
+            if listens(&tcp, m.port) {
+                return Ok(m);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nc did not listen in {ns}")
+    }
+
+    /// What the listener received, once its one connection has ended.
+    fn received(&mut self) -> Result<String> {
+        let mut child = self.listener.take().context("the listener is gone")?;
+        for _ in 0..200 {
+            if child.try_wait()?.is_some() {
+                let out = child.wait_with_output()?;
+                return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "the listener in {} never got a whole connection",
+            self.netns
+        )
+    }
+}
+
+impl Drop for RemoteMachine {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.listener.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Takes the veth pair with it.
+        let _ = run("ip", &["netns", "del", &self.netns]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_sandboxes_reach_machines_beyond_the_host() -> Result<()> {
+    daemon_test_image()?;
+    let mut remote = RemoteMachine::start()?;
     let h = Harness::new(agent_bin()?)?;
     let mut s = spec(DAEMON_TEST_IMAGE);
     s.network = Network::Egress;
     h.provider.spawn(&s).await?;
-    let ifaces = exec_ok(&h.provider, &s.sandbox_id, &["ls", "/sys/class/net"]).await?;
-    assert!(ifaces.split_whitespace().any(|i| i != "lo"), "{ifaces}");
+    let out = exec_stdout(
+        &h.provider,
+        &s.sandbox_id,
+        &format!(
+            "echo hello-remote | nc -w 5 {} {}; echo rc=$?",
+            remote.addr, remote.port
+        ),
+    )
+    .await?;
+    ensure!(out.contains("rc=0"), "{out}");
+    let got = tokio::task::spawn_blocking(move || remote.received()).await??;
+    ensure!(got.trim() == "hello-remote", "{got:?}");
     h.provider.destroy(&s.sandbox_id).await?;
     assert_gone(&h, &s.sandbox_id)?;
     Ok(())
