@@ -80,7 +80,7 @@ pub fn true_req() -> ExecRequest {
 }
 
 async fn exec_true(p: &DynProvider, id: &SandboxId) -> Result<()> {
-    let out = p.exec(id, true_req()).await?;
+    let out = p.agent(id).await?.exec(true_req()).await?;
     anyhow::ensure!(
         out.status.exit_code == Some(0),
         "`true` exited with {:?}",

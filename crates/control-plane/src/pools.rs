@@ -251,11 +251,7 @@ async fn spawn_member(
             format!("{}:{}", spec.provider, spec.image),
         )]),
     };
-    let lease = Lease {
-        sandbox_id: id.clone(),
-        fencing_token: 0,
-        provider: spec.provider.clone(),
-    };
+    let lease = Lease::new(id, 0, &spec.provider);
     if let Err(e) = worker.spawn(&lease, &spawn).await {
         let _ = worker.destroy(&lease).await;
         return Err(e);
@@ -287,11 +283,7 @@ pub async fn drain(app: &App) -> usize {
     };
     let n = members.len();
     for (provider, m) in members {
-        let lease = Lease {
-            sandbox_id: m.sandbox_id.clone(),
-            fencing_token: i64::MAX,
-            provider,
-        };
+        let lease = Lease::overriding(&m.sandbox_id, &provider);
         if let Err(e) = m.worker.destroy(&lease).await {
             // Left for the next start's orphan reconciliation.
             tracing::warn!(sandbox = %m.sandbox_id, error = %e, "could not destroy a warm-pool member");

@@ -89,11 +89,7 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
             });
             if !owned && !app.pools.owns(&rt.runtime.sandbox_id) {
                 tracing::info!(sandbox = %rt.runtime.sandbox_id, provider = %rt.provider, "destroying an orphaned runtime");
-                let lease = Lease {
-                    sandbox_id: rt.runtime.sandbox_id.clone(),
-                    fencing_token: i64::MAX,
-                    provider: rt.provider.clone(),
-                };
+                let lease = Lease::overriding(&rt.runtime.sandbox_id, &rt.provider);
                 if let Err(e) = worker.destroy(&lease).await {
                     tracing::warn!(sandbox = %rt.runtime.sandbox_id, error = %e, "could not destroy an orphan");
                 }
@@ -138,11 +134,7 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
                             .await?
                         {
                             tracing::warn!(sandbox = %rec.id, "runtime stopped; marked the sandbox failed");
-                            let lease = Lease {
-                                sandbox_id: rec.id.clone(),
-                                fencing_token: rec.fencing_token,
-                                provider: rec.provider.clone(),
-                            };
+                            let lease = crate::app::sandboxes::lease_for(&rec);
                             let _ = worker.destroy(&lease).await;
                         }
                     }
@@ -151,13 +143,11 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
                 // Pending with a worker: claimed, and the server stopped
                 // before the row said Starting (so nothing was spawned yet).
                 SandboxState::Starting | SandboxState::Pending if at_start => {
-                    let lease = Lease {
-                        sandbox_id: rec.id.clone(),
-                        fencing_token: rec.fencing_token,
-                        provider: rec.provider.clone(),
-                    };
+                    let lease = crate::app::sandboxes::lease_for(&rec);
                     let usable = rt.is_some_and(|r| r.runtime.running)
-                        && worker.exec(&lease, probe()).await.is_ok();
+                        && async { worker.agent(&lease).await?.exec(probe()).await }
+                            .await
+                            .is_ok();
                     if usable {
                         let t = now();
                         rec.state = SandboxState::Running;

@@ -3,10 +3,10 @@
 //! that talks to the in-sandbox agent, and the image catalog.
 //!
 //! Providers never see tenants, quotas or HTTP: they turn a [`SpawnSpec`]
-//! into an isolated runtime with the agent inside, and reach that agent for
-//! every exec and file operation. Exec, streaming and files are implemented
-//! once, here, on top of [`AgentClient`]; a provider only says how to start,
-//! find, stop and list its runtimes.
+//! into an isolated runtime with the agent inside and hand back a
+//! connection to that agent ([`Provider::agent`]). Exec, streaming and
+//! files are implemented once, on [`AgentClient`]; a provider only says how
+//! to start, find, stop, pause and list its runtimes.
 
 pub mod agent_client;
 pub mod docker;
@@ -111,82 +111,6 @@ pub trait Provider: Send + Sync + 'static {
             "the {} provider cannot resume sandboxes",
             self.name()
         )))
-    }
-
-    // Exec, streaming and files: one implementation, through the agent.
-
-    async fn exec(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecOutcome> {
-        self.agent(id).await?.exec(req).await
-    }
-
-    async fn exec_stream(&self, id: &SandboxId, req: ExecRequest) -> Result<ExecStream> {
-        self.agent(id).await?.exec_stream(req).await
-    }
-
-    /// Writes (creates or replaces) a file, making parent directories.
-    async fn file_write(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        mode: Option<u32>,
-        body: ByteStream,
-    ) -> Result<FileEntry> {
-        self.agent(id).await?.file_write(path, mode, body).await
-    }
-
-    /// Unpacks a tar stream into the directory `path` (see the agent's
-    /// `FileExtract`).
-    async fn file_extract(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        body: ByteStream,
-    ) -> Result<ArchiveSummary> {
-        self.agent(id).await?.file_extract(path, body).await
-    }
-
-    /// Reads a file as a stream of chunks.
-    async fn file_read(&self, id: &SandboxId, path: &str) -> Result<ByteStream> {
-        self.agent(id).await?.file_read(path).await
-    }
-
-    async fn file_stat(&self, id: &SandboxId, path: &str) -> Result<FileEntry> {
-        self.agent(id).await?.file_stat(path).await
-    }
-
-    async fn file_list(
-        &self,
-        id: &SandboxId,
-        path: &str,
-        recursive: bool,
-    ) -> Result<Vec<FileEntry>> {
-        self.agent(id).await?.file_list(path, recursive).await
-    }
-
-    async fn file_move(
-        &self,
-        id: &SandboxId,
-        from: &str,
-        to: &str,
-        overwrite: bool,
-    ) -> Result<FileEntry> {
-        self.agent(id).await?.file_move(from, to, overwrite).await
-    }
-
-    async fn file_chmod(&self, id: &SandboxId, path: &str, mode: u32) -> Result<FileEntry> {
-        self.agent(id).await?.file_chmod(path, mode).await
-    }
-
-    async fn file_mkdir(&self, id: &SandboxId, path: &str, parents: bool) -> Result<FileEntry> {
-        self.agent(id).await?.file_mkdir(path, parents).await
-    }
-
-    async fn file_delete(&self, id: &SandboxId, path: &str, recursive: bool) -> Result<()> {
-        self.agent(id).await?.file_delete(path, recursive).await
-    }
-
-    async fn file_glob(&self, id: &SandboxId, pattern: &str) -> Result<Vec<String>> {
-        self.agent(id).await?.file_glob(pattern).await
     }
 }
 

@@ -8,12 +8,9 @@ mod local;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{
-    ArchiveSummary, ByteStream, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId, SpawnSpec,
-    WorkerId,
-};
+use stacyvm_core::{Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::ImageInfo;
-use stacyvm_provider::{ExecStream, Health, LogLine, RuntimeInfo};
+use stacyvm_provider::{AgentClient, Health, LogLine, RuntimeInfo};
 use std::sync::Arc;
 
 pub use local::LocalWorker;
@@ -26,6 +23,23 @@ pub struct Lease {
     pub fencing_token: i64,
     /// The provider that runs (or will run) the sandbox.
     pub provider: String,
+}
+
+impl Lease {
+    /// The lease a holder of `token` has on `sandbox` on `provider`.
+    pub fn new(sandbox: &SandboxId, token: i64, provider: &str) -> Lease {
+        Lease {
+            sandbox_id: sandbox.clone(),
+            fencing_token: token,
+            provider: provider.to_owned(),
+        }
+    }
+
+    /// A lease that outranks every other: for destroying a runtime nothing
+    /// owns any more (an orphan, an idle warm-pool member).
+    pub fn overriding(sandbox: &SandboxId, provider: &str) -> Lease {
+        Lease::new(sandbox, i64::MAX, provider)
+    }
 }
 
 /// A provider's health as a worker reports it.
@@ -64,37 +78,9 @@ pub trait Worker: Send + Sync + 'static {
     async fn resume(&self, lease: &Lease) -> Result<()>;
     async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>>;
 
-    async fn exec(&self, lease: &Lease, req: ExecRequest) -> Result<ExecOutcome>;
-    async fn exec_stream(&self, lease: &Lease, req: ExecRequest) -> Result<ExecStream>;
-
-    async fn file_write(
-        &self,
-        lease: &Lease,
-        path: &str,
-        mode: Option<u32>,
-        body: ByteStream,
-    ) -> Result<FileEntry>;
-    async fn file_extract(
-        &self,
-        lease: &Lease,
-        path: &str,
-        body: ByteStream,
-    ) -> Result<ArchiveSummary>;
-    async fn file_read(&self, lease: &Lease, path: &str) -> Result<ByteStream>;
-    async fn file_stat(&self, lease: &Lease, path: &str) -> Result<FileEntry>;
-    async fn file_list(&self, lease: &Lease, path: &str, recursive: bool)
-        -> Result<Vec<FileEntry>>;
-    async fn file_move(
-        &self,
-        lease: &Lease,
-        from: &str,
-        to: &str,
-        overwrite: bool,
-    ) -> Result<FileEntry>;
-    async fn file_chmod(&self, lease: &Lease, path: &str, mode: u32) -> Result<FileEntry>;
-    async fn file_mkdir(&self, lease: &Lease, path: &str, parents: bool) -> Result<FileEntry>;
-    async fn file_delete(&self, lease: &Lease, path: &str, recursive: bool) -> Result<()>;
-    async fn file_glob(&self, lease: &Lease, pattern: &str) -> Result<Vec<String>>;
+    /// A connection to the sandbox's agent: exec, streams and every file
+    /// operation go through it (`AgentClient`), whatever the worker is.
+    async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>>;
 }
 
 pub type DynWorker = Arc<dyn Worker>;

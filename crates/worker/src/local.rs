@@ -2,15 +2,12 @@
 //! with the same lease and fencing checks a remote worker makes.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use stacyvm_core::{
-    ArchiveSummary, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Result, SandboxId,
-    SpawnSpec, WorkerId,
-};
+use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::ImageInfo;
-use stacyvm_provider::{DynProvider, ExecStream, LogLine};
+use stacyvm_provider::{AgentClient, DynProvider, LogLine};
 
 use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
 
@@ -135,89 +132,7 @@ impl Worker for LocalWorker {
         self.admit(lease)?.logs(&lease.sandbox_id).await
     }
 
-    async fn exec(&self, lease: &Lease, req: ExecRequest) -> Result<ExecOutcome> {
-        self.admit(lease)?.exec(&lease.sandbox_id, req).await
-    }
-
-    async fn exec_stream(&self, lease: &Lease, req: ExecRequest) -> Result<ExecStream> {
-        self.admit(lease)?.exec_stream(&lease.sandbox_id, req).await
-    }
-
-    async fn file_write(
-        &self,
-        lease: &Lease,
-        path: &str,
-        mode: Option<u32>,
-        body: ByteStream,
-    ) -> Result<FileEntry> {
-        self.admit(lease)?
-            .file_write(&lease.sandbox_id, path, mode, body)
-            .await
-    }
-
-    async fn file_extract(
-        &self,
-        lease: &Lease,
-        path: &str,
-        body: ByteStream,
-    ) -> Result<ArchiveSummary> {
-        self.admit(lease)?
-            .file_extract(&lease.sandbox_id, path, body)
-            .await
-    }
-
-    async fn file_read(&self, lease: &Lease, path: &str) -> Result<ByteStream> {
-        self.admit(lease)?.file_read(&lease.sandbox_id, path).await
-    }
-
-    async fn file_stat(&self, lease: &Lease, path: &str) -> Result<FileEntry> {
-        self.admit(lease)?.file_stat(&lease.sandbox_id, path).await
-    }
-
-    async fn file_list(
-        &self,
-        lease: &Lease,
-        path: &str,
-        recursive: bool,
-    ) -> Result<Vec<FileEntry>> {
-        self.admit(lease)?
-            .file_list(&lease.sandbox_id, path, recursive)
-            .await
-    }
-
-    async fn file_move(
-        &self,
-        lease: &Lease,
-        from: &str,
-        to: &str,
-        overwrite: bool,
-    ) -> Result<FileEntry> {
-        self.admit(lease)?
-            .file_move(&lease.sandbox_id, from, to, overwrite)
-            .await
-    }
-
-    async fn file_chmod(&self, lease: &Lease, path: &str, mode: u32) -> Result<FileEntry> {
-        self.admit(lease)?
-            .file_chmod(&lease.sandbox_id, path, mode)
-            .await
-    }
-
-    async fn file_mkdir(&self, lease: &Lease, path: &str, parents: bool) -> Result<FileEntry> {
-        self.admit(lease)?
-            .file_mkdir(&lease.sandbox_id, path, parents)
-            .await
-    }
-
-    async fn file_delete(&self, lease: &Lease, path: &str, recursive: bool) -> Result<()> {
-        self.admit(lease)?
-            .file_delete(&lease.sandbox_id, path, recursive)
-            .await
-    }
-
-    async fn file_glob(&self, lease: &Lease, pattern: &str) -> Result<Vec<String>> {
-        self.admit(lease)?
-            .file_glob(&lease.sandbox_id, pattern)
-            .await
+    async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>> {
+        self.admit(lease)?.agent(&lease.sandbox_id).await
     }
 }

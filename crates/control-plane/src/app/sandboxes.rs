@@ -9,13 +9,20 @@ use stacyvm_core::{
     Result, SandboxId, SandboxState, SpawnSpec,
 };
 use stacyvm_provider::images::{validate_image_name, ImageInfo};
-use stacyvm_provider::{ExecStream, LogLine};
+use stacyvm_provider::{AgentClient, ExecStream, LogLine};
 use stacyvm_store::{CreateOutcome, Failure, Page, PageRequest, SandboxFilter, SandboxRecord};
 use stacyvm_worker::{DynWorker, Lease};
+use std::sync::Arc;
 
 use super::exec_slots::ExecSlot;
 use super::{page_limit, App, Principal};
 use crate::config::RESTRICTED_PROVIDERS;
+
+/// The lease the row `rec` gives its worker: its fencing token, on its
+/// provider.
+pub fn lease_for(rec: &SandboxRecord) -> Lease {
+    Lease::new(&rec.id, rec.fencing_token, &rec.provider)
+}
 
 /// Whether a tenant with `quota` may create sandboxes on `provider`: the
 /// providers its quota lists; by default, every configured provider for the
@@ -180,12 +187,14 @@ impl App {
                 rec.id
             ))
         })?;
-        let lease = Lease {
-            sandbox_id: rec.id.clone(),
-            fencing_token: rec.fencing_token,
-            provider: rec.provider.clone(),
-        };
+        let lease = lease_for(rec);
         Ok((worker, lease))
+    }
+
+    /// The agent of a running sandbox the caller may see.
+    async fn agent_of(&self, who: &Principal, id: &str) -> Result<Arc<AgentClient>> {
+        let (_, worker, lease) = self.running(who, id).await?;
+        worker.agent(&lease).await
     }
 
     /// The sandbox's worker and lease, when it is running.
@@ -371,12 +380,9 @@ impl App {
         let Some(dir) = rec.workdir.clone() else {
             return Ok(rec);
         };
-        let lease = Lease {
-            sandbox_id: rec.id.clone(),
-            fencing_token: rec.fencing_token,
-            provider: rec.provider.clone(),
-        };
-        if let Err(e) = worker.file_mkdir(&lease, &dir, true).await {
+        let lease = lease_for(&rec);
+        let made = async { worker.agent(&lease).await?.file_mkdir(&dir, true).await }.await;
+        if let Err(e) = made {
             if !matches!(e, Error::Conflict(_)) {
                 let _ = worker.destroy(&lease).await;
                 self.mark_failed(&mut rec, &e).await;
@@ -413,11 +419,7 @@ impl App {
             network: rec.network,
             labels: rec.labels.clone(),
         };
-        let lease = Lease {
-            sandbox_id: rec.id.clone(),
-            fencing_token: rec.fencing_token,
-            provider: rec.provider.clone(),
-        };
+        let lease = lease_for(&rec);
         if let Err(e) = worker.spawn(&lease, &spec).await {
             metrics::counter!("stacyvm_provider_errors_total", "provider" => rec.provider.clone(), "op" => "spawn")
                 .increment(1);
@@ -713,7 +715,7 @@ impl App {
         req: ExecRequest,
     ) -> Result<ExecOutcome> {
         let started = std::time::Instant::now();
-        let out = worker.exec(lease, req).await;
+        let out = async { worker.agent(lease).await?.exec(req).await }.await;
         metrics::histogram!("stacyvm_exec_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         if out.is_err() {
@@ -729,7 +731,7 @@ impl App {
         lease: &Lease,
         req: ExecRequest,
     ) -> Result<ExecStream> {
-        worker.exec_stream(lease, req).await
+        worker.agent(lease).await?.exec_stream(req).await
     }
 
     // --- files ------------------------------------------------------------
@@ -744,8 +746,8 @@ impl App {
     ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_write(&lease, &path, mode, body).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_write(&path, mode, body).await
     }
 
     pub async fn file_extract(
@@ -757,20 +759,20 @@ impl App {
     ) -> Result<stacyvm_core::ArchiveSummary> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_extract(&lease, &path, body).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_extract(&path, body).await
     }
 
     pub async fn file_read(&self, who: &Principal, id: &str, path: &str) -> Result<ByteStream> {
         let path = validate_sandbox_path(path)?;
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_read(&lease, &path).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_read(&path).await
     }
 
     pub async fn file_stat(&self, who: &Principal, id: &str, path: &str) -> Result<FileEntry> {
         let path = validate_sandbox_path(path)?;
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_stat(&lease, &path).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_stat(&path).await
     }
 
     pub async fn file_list(
@@ -781,8 +783,8 @@ impl App {
         recursive: bool,
     ) -> Result<Vec<FileEntry>> {
         let path = validate_sandbox_path(path)?;
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_list(&lease, &path, recursive).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_list(&path, recursive).await
     }
 
     pub async fn file_glob(&self, who: &Principal, id: &str, pattern: &str) -> Result<Vec<String>> {
@@ -791,8 +793,8 @@ impl App {
                 "pattern must be an absolute glob like /work/**/*.py, without NUL bytes",
             ));
         }
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_glob(&lease, pattern).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_glob(pattern).await
     }
 
     pub async fn file_move(
@@ -805,8 +807,8 @@ impl App {
     ) -> Result<FileEntry> {
         who.require_write()?;
         let (from, to) = (validate_sandbox_path(from)?, validate_sandbox_path(to)?);
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_move(&lease, &from, &to, overwrite).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_move(&from, &to, overwrite).await
     }
 
     pub async fn file_chmod(
@@ -818,8 +820,8 @@ impl App {
     ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_chmod(&lease, &path, mode).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_chmod(&path, mode).await
     }
 
     pub async fn file_mkdir(
@@ -831,8 +833,8 @@ impl App {
     ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_mkdir(&lease, &path, parents).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_mkdir(&path, parents).await
     }
 
     pub async fn file_delete(
@@ -847,8 +849,8 @@ impl App {
         if path == "/" {
             return Err(invalid("the sandbox root cannot be deleted"));
         }
-        let (_, worker, lease) = self.running(who, id).await?;
-        worker.file_delete(&lease, &path, recursive).await
+        let agent = self.agent_of(who, id).await?;
+        agent.file_delete(&path, recursive).await
     }
 }
 

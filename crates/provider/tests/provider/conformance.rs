@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context};
 use futures_util::StreamExt;
 use stacyvm_core::{Error, ExecEvent, FileType, SandboxId};
 
+use crate::support::AgentCalls;
 use crate::support::{self, body, exec_req, leftovers, random_bytes, read_all, Harness};
 
 /// Generates one `#[tokio::test]` per case for the provider built by `$ctor`

@@ -20,6 +20,7 @@ use stacyvm_provider::images::ImageCatalog;
 use stacyvm_provider::Provider;
 use tokio::io::AsyncWriteExt;
 
+use crate::support::AgentCalls;
 use crate::support::{agent_bin, leftovers, test_image_tar as busybox_tar};
 
 fn workspace_root() -> PathBuf {

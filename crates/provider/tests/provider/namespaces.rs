@@ -13,6 +13,7 @@ use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesFeatures, Namespa
 use stacyvm_provider::{DynProvider, Provider};
 
 use crate::proot::{interfaces, pid_alive, writes_stay_in_their_own_sandbox};
+use crate::support::AgentCalls;
 use crate::support::{self, exec_req, leftovers, Harness, TestEnv};
 
 async fn harness() -> anyhow::Result<Harness> {

@@ -11,6 +11,7 @@ use stacyvm_core::SandboxId;
 use stacyvm_provider::proot::{ProotConfig, ProotFeatures, ProotProvider};
 use stacyvm_provider::{DynProvider, Provider};
 
+use crate::support::AgentCalls;
 use crate::support::{self, body, exec_req, leftovers, read_all, Harness, TestEnv};
 
 async fn harness() -> anyhow::Result<Harness> {

@@ -11,12 +11,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use stacyvm_core::{ByteStream, ExecOutcome, ExecRequest, Network, SandboxId, SpawnSpec};
+use stacyvm_core::{
+    ByteStream, ExecOutcome, ExecRequest, FileEntry, Network, SandboxId, SpawnSpec,
+};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
 use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
-use stacyvm_provider::DynProvider;
+use stacyvm_provider::{AgentClient, DynProvider, Provider};
 
 /// The image every test sandbox runs: the busybox rootfs of
 /// `scripts/build-test-image.sh`, imported into each test's catalog.
@@ -526,4 +528,91 @@ pub fn leftovers(id: &SandboxId, data_dir: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// Exec and file calls on a provider's sandbox, by id: each one is the
+/// sandbox's agent connection (`Provider::agent`) doing the call, as the
+/// workers do.
+#[allow(async_fn_in_trait)]
+pub trait AgentCalls {
+    async fn agent_of(&self, id: &SandboxId) -> stacyvm_core::Result<Arc<AgentClient>>;
+
+    async fn exec(&self, id: &SandboxId, req: ExecRequest) -> stacyvm_core::Result<ExecOutcome> {
+        self.agent_of(id).await?.exec(req).await
+    }
+    async fn exec_stream(
+        &self,
+        id: &SandboxId,
+        req: ExecRequest,
+    ) -> stacyvm_core::Result<stacyvm_provider::ExecStream> {
+        self.agent_of(id).await?.exec_stream(req).await
+    }
+    async fn file_write(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: Option<u32>,
+        body: ByteStream,
+    ) -> stacyvm_core::Result<FileEntry> {
+        self.agent_of(id).await?.file_write(path, mode, body).await
+    }
+    async fn file_read(&self, id: &SandboxId, path: &str) -> stacyvm_core::Result<ByteStream> {
+        self.agent_of(id).await?.file_read(path).await
+    }
+    async fn file_stat(&self, id: &SandboxId, path: &str) -> stacyvm_core::Result<FileEntry> {
+        self.agent_of(id).await?.file_stat(path).await
+    }
+    async fn file_list(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        recursive: bool,
+    ) -> stacyvm_core::Result<Vec<FileEntry>> {
+        self.agent_of(id).await?.file_list(path, recursive).await
+    }
+    async fn file_move(
+        &self,
+        id: &SandboxId,
+        from: &str,
+        to: &str,
+        overwrite: bool,
+    ) -> stacyvm_core::Result<FileEntry> {
+        self.agent_of(id)
+            .await?
+            .file_move(from, to, overwrite)
+            .await
+    }
+    async fn file_chmod(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        mode: u32,
+    ) -> stacyvm_core::Result<FileEntry> {
+        self.agent_of(id).await?.file_chmod(path, mode).await
+    }
+    async fn file_mkdir(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        parents: bool,
+    ) -> stacyvm_core::Result<FileEntry> {
+        self.agent_of(id).await?.file_mkdir(path, parents).await
+    }
+    async fn file_delete(
+        &self,
+        id: &SandboxId,
+        path: &str,
+        recursive: bool,
+    ) -> stacyvm_core::Result<()> {
+        self.agent_of(id).await?.file_delete(path, recursive).await
+    }
+    async fn file_glob(&self, id: &SandboxId, pattern: &str) -> stacyvm_core::Result<Vec<String>> {
+        self.agent_of(id).await?.file_glob(pattern).await
+    }
+}
+
+impl<P: Provider + ?Sized> AgentCalls for P {
+    async fn agent_of(&self, id: &SandboxId) -> stacyvm_core::Result<Arc<AgentClient>> {
+        self.agent(id).await
+    }
 }
