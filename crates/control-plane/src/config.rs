@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use stacyvm_core::{Error, Result};
+
 /// Everything the control plane and its local worker need to start.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -26,7 +28,7 @@ pub struct ServerConfig {
     /// How often reconcilers run.
     pub reconcile_interval: Duration,
     /// Warm pools to keep filled.
-    pub pools: Vec<crate::pools::PoolSpec>,
+    pub pools: Vec<PoolSpec>,
     /// How HTTP connections are accepted, timed out and attributed.
     pub http: HttpConfig,
     /// Whether Docker egress sandboxes may open connections to the host
@@ -370,5 +372,35 @@ mod tests {
         for bad in ["", "x@sha256:*", "a b", "x{y,z}", "[", "x\\y"] {
             assert!(ImagePattern::parse(bad).is_err(), "{bad:?}");
         }
+    }
+}
+
+/// One pool: `size` idle sandboxes of `image` on `provider`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub provider: String,
+    pub image: String,
+    pub size: usize,
+}
+
+impl PoolSpec {
+    /// Parses `PROVIDER:IMAGE=N`, e.g. `docker:busybox=4`.
+    pub fn parse(s: &str) -> Result<PoolSpec> {
+        let bad = || {
+            Error::InvalidRequest(format!(
+                "warm pool {s:?} must look like PROVIDER:IMAGE=N, e.g. docker:busybox=4"
+            ))
+        };
+        let (head, n) = s.rsplit_once('=').ok_or_else(bad)?;
+        let (provider, image) = head.split_once(':').ok_or_else(bad)?;
+        let size: usize = n.trim().parse().map_err(|_| bad())?;
+        if provider.is_empty() || image.is_empty() || size > 1024 {
+            return Err(bad());
+        }
+        Ok(PoolSpec {
+            provider: provider.to_owned(),
+            image: image.to_owned(),
+            size,
+        })
     }
 }

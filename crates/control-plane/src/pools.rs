@@ -16,41 +16,13 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use stacyvm_core::{Error, Network, Result, SandboxId, SpawnSpec};
+use stacyvm_core::{Network, Result, SandboxId, SpawnSpec};
 use stacyvm_worker::{DynWorker, Lease};
 
 use crate::app::sandboxes::ImageSource;
 use crate::app::App;
 
-/// One pool: `size` idle sandboxes of `image` on `provider`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PoolSpec {
-    pub provider: String,
-    pub image: String,
-    pub size: usize,
-}
-
-impl PoolSpec {
-    /// Parses `PROVIDER:IMAGE=N`, e.g. `docker:busybox=4`.
-    pub fn parse(s: &str) -> Result<PoolSpec> {
-        let bad = || {
-            Error::InvalidRequest(format!(
-                "warm pool {s:?} must look like PROVIDER:IMAGE=N, e.g. docker:busybox=4"
-            ))
-        };
-        let (head, n) = s.rsplit_once('=').ok_or_else(bad)?;
-        let (provider, image) = head.split_once(':').ok_or_else(bad)?;
-        let size: usize = n.trim().parse().map_err(|_| bad())?;
-        if provider.is_empty() || image.is_empty() || size > 1024 {
-            return Err(bad());
-        }
-        Ok(PoolSpec {
-            provider: provider.to_owned(),
-            image: image.to_owned(),
-            size,
-        })
-    }
-}
+pub use crate::config::PoolSpec;
 
 /// A spawned, idle member.
 #[derive(Clone)]

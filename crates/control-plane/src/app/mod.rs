@@ -4,7 +4,9 @@
 
 pub mod audit;
 pub mod auth;
+pub mod exec;
 pub mod exec_slots;
+pub mod files;
 pub mod images;
 pub mod ratelimit;
 pub mod sandboxes;

@@ -1,20 +1,19 @@
-//! Sandbox lifecycle, exec and files: validation, quotas, scheduling and the
-//! worker calls behind every `/v1/sandboxes` endpoint.
+//! Sandbox lifecycle: validation, quotas, scheduling and the worker calls
+//! behind create, list, get, destroy, timeout, pause/resume and logs. Exec
+//! is in `exec.rs`, files in `files.rs`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use stacyvm_core::{
-    now, validate_sandbox_path, ByteStream, Error, ExecOutcome, ExecRequest, FileEntry, Network,
-    Result, SandboxId, SandboxState, SpawnSpec,
+    now, validate_sandbox_path, Error, Network, Result, SandboxId, SandboxState, SpawnSpec,
 };
 use stacyvm_provider::images::{validate_image_name, ImageInfo};
-use stacyvm_provider::{AgentClient, ExecStream, LogLine};
+use stacyvm_provider::{AgentClient, LogLine};
 use stacyvm_store::{CreateOutcome, Failure, Page, PageRequest, SandboxFilter, SandboxRecord};
 use stacyvm_worker::{DynWorker, Lease};
 use std::sync::Arc;
 
-use super::exec_slots::ExecSlot;
 use super::{page_limit, App, Principal};
 use crate::config::RESTRICTED_PROVIDERS;
 
@@ -57,7 +56,7 @@ pub struct Created {
     pub existing: bool,
 }
 
-fn invalid(msg: impl Into<String>) -> Error {
+pub(super) fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidRequest(msg.into())
 }
 
@@ -192,13 +191,13 @@ impl App {
     }
 
     /// The agent of a running sandbox the caller may see.
-    async fn agent_of(&self, who: &Principal, id: &str) -> Result<Arc<AgentClient>> {
+    pub(super) async fn agent_of(&self, who: &Principal, id: &str) -> Result<Arc<AgentClient>> {
         let (_, worker, lease) = self.running(who, id).await?;
         worker.agent(&lease).await
     }
 
     /// The sandbox's worker and lease, when it is running.
-    async fn running(
+    pub(super) async fn running(
         &self,
         who: &Principal,
         id: &str,
@@ -607,250 +606,6 @@ impl App {
         }
         lines.sort_by_key(|l| l.ts);
         Ok((rec.state, lines))
-    }
-
-    /// Checks and builds an exec request from API input.
-    pub fn exec_request(
-        &self,
-        rec: &SandboxRecord,
-        cmd: Vec<String>,
-        env: BTreeMap<String, String>,
-        cwd: Option<String>,
-        stdin: Option<String>,
-        timeout_s: Option<f64>,
-    ) -> Result<ExecRequest> {
-        if cmd.is_empty() {
-            return Err(invalid("cmd must hold at least the program to run"));
-        }
-        if cmd.len() > 65536 || cmd.iter().any(|a| a.contains('\0')) {
-            return Err(invalid(
-                "cmd arguments must not contain NUL bytes (and at most 65536 of them)",
-            ));
-        }
-        if cmd[0].is_empty() {
-            return Err(invalid("cmd[0] (the program) must not be empty"));
-        }
-        check_env(&env)?;
-        // The sandbox's own env under the command's: a warm-pool member was
-        // spawned before its env was known, so it is applied per exec.
-        let mut merged = rec.env.clone();
-        merged.extend(env);
-        let env = merged;
-        let cwd = match cwd {
-            Some(c) => Some(validate_sandbox_path(&c)?),
-            None => rec.workdir.clone(),
-        };
-        let limits = &self.config.limits;
-        let timeout = match timeout_s {
-            None => limits.default_exec_timeout,
-            Some(t) if t.is_finite() && t > 0.0 && t <= limits.max_exec_timeout.as_secs_f64() => {
-                Duration::from_secs_f64(t)
-            }
-            Some(_) => {
-                return Err(invalid(format!(
-                    "timeout_s must be more than 0 and at most {}",
-                    limits.max_exec_timeout.as_secs()
-                )))
-            }
-        };
-        Ok(ExecRequest {
-            cmd,
-            env,
-            cwd,
-            stdin: stdin.map(String::into_bytes),
-            timeout_ms: timeout.as_millis().max(1) as u64,
-            output_cap: limits.exec_output_cap,
-        })
-    }
-
-    /// Everything an exec needs before it runs: visibility, role, state,
-    /// the tenant's exec rate and a slot among the commands running at once
-    /// (held until the returned [`ExecSlot`] is dropped).
-    pub async fn exec_admit(
-        &self,
-        who: &Principal,
-        id: &str,
-    ) -> Result<(SandboxRecord, DynWorker, Lease, ExecSlot)> {
-        who.require_write()?;
-        let (rec, worker, lease) = self.running(who, id).await?;
-        let quota = self.exec_quota(&rec.tenant_id).await?;
-        let slot = self.exec_slots.acquire(
-            &rec.id,
-            &rec.tenant_id,
-            self.config.limits.max_execs_per_sandbox,
-            quota.max_concurrent_execs,
-        )?;
-        self.exec_limiter
-            .acquire(&rec.tenant_id, quota.max_exec_per_minute)?;
-        Ok((rec, worker, lease, slot))
-    }
-
-    /// The tenant's quota for the exec rate check, read at most once a
-    /// second per tenant: exec is the hottest path, and a quota change made
-    /// through this control plane drops the cached copy at once.
-    async fn exec_quota(&self, tenant: &stacyvm_core::TenantId) -> Result<stacyvm_store::Quota> {
-        const FRESH: Duration = Duration::from_secs(1);
-        if let Some((at, q)) = self
-            .quota_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(tenant)
-        {
-            if at.elapsed() < FRESH {
-                return Ok(q.clone());
-            }
-        }
-        let q = self.store.quota_get(tenant).await?;
-        self.quota_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.clone(), (std::time::Instant::now(), q.clone()));
-        Ok(q)
-    }
-
-    pub async fn exec(
-        &self,
-        worker: &DynWorker,
-        lease: &Lease,
-        req: ExecRequest,
-    ) -> Result<ExecOutcome> {
-        let started = std::time::Instant::now();
-        let out = async { worker.agent(lease).await?.exec(req).await }.await;
-        metrics::histogram!("stacyvm_exec_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        if out.is_err() {
-            metrics::counter!("stacyvm_provider_errors_total", "provider" => lease.provider.clone(), "op" => "exec")
-                .increment(1);
-        }
-        out
-    }
-
-    pub async fn exec_stream(
-        &self,
-        worker: &DynWorker,
-        lease: &Lease,
-        req: ExecRequest,
-    ) -> Result<ExecStream> {
-        worker.agent(lease).await?.exec_stream(req).await
-    }
-
-    // --- files ------------------------------------------------------------
-
-    pub async fn file_write(
-        &self,
-        who: &Principal,
-        id: &str,
-        path: &str,
-        mode: Option<u32>,
-        body: ByteStream,
-    ) -> Result<FileEntry> {
-        who.require_write()?;
-        let path = validate_sandbox_path(path)?;
-        let agent = self.agent_of(who, id).await?;
-        agent.file_write(&path, mode, body).await
-    }
-
-    pub async fn file_extract(
-        &self,
-        who: &Principal,
-        id: &str,
-        path: &str,
-        body: ByteStream,
-    ) -> Result<stacyvm_core::ArchiveSummary> {
-        who.require_write()?;
-        let path = validate_sandbox_path(path)?;
-        let agent = self.agent_of(who, id).await?;
-        agent.file_extract(&path, body).await
-    }
-
-    pub async fn file_read(&self, who: &Principal, id: &str, path: &str) -> Result<ByteStream> {
-        let path = validate_sandbox_path(path)?;
-        let agent = self.agent_of(who, id).await?;
-        agent.file_read(&path).await
-    }
-
-    pub async fn file_stat(&self, who: &Principal, id: &str, path: &str) -> Result<FileEntry> {
-        let path = validate_sandbox_path(path)?;
-        let agent = self.agent_of(who, id).await?;
-        agent.file_stat(&path).await
-    }
-
-    pub async fn file_list(
-        &self,
-        who: &Principal,
-        id: &str,
-        path: &str,
-        recursive: bool,
-    ) -> Result<Vec<FileEntry>> {
-        let path = validate_sandbox_path(path)?;
-        let agent = self.agent_of(who, id).await?;
-        agent.file_list(&path, recursive).await
-    }
-
-    pub async fn file_glob(&self, who: &Principal, id: &str, pattern: &str) -> Result<Vec<String>> {
-        if !pattern.starts_with('/') || pattern.contains('\0') || pattern.len() > 4096 {
-            return Err(invalid(
-                "pattern must be an absolute glob like /work/**/*.py, without NUL bytes",
-            ));
-        }
-        let agent = self.agent_of(who, id).await?;
-        agent.file_glob(pattern).await
-    }
-
-    pub async fn file_move(
-        &self,
-        who: &Principal,
-        id: &str,
-        from: &str,
-        to: &str,
-        overwrite: bool,
-    ) -> Result<FileEntry> {
-        who.require_write()?;
-        let (from, to) = (validate_sandbox_path(from)?, validate_sandbox_path(to)?);
-        let agent = self.agent_of(who, id).await?;
-        agent.file_move(&from, &to, overwrite).await
-    }
-
-    pub async fn file_chmod(
-        &self,
-        who: &Principal,
-        id: &str,
-        path: &str,
-        mode: u32,
-    ) -> Result<FileEntry> {
-        who.require_write()?;
-        let path = validate_sandbox_path(path)?;
-        let agent = self.agent_of(who, id).await?;
-        agent.file_chmod(&path, mode).await
-    }
-
-    pub async fn file_mkdir(
-        &self,
-        who: &Principal,
-        id: &str,
-        path: &str,
-        parents: bool,
-    ) -> Result<FileEntry> {
-        who.require_write()?;
-        let path = validate_sandbox_path(path)?;
-        let agent = self.agent_of(who, id).await?;
-        agent.file_mkdir(&path, parents).await
-    }
-
-    pub async fn file_delete(
-        &self,
-        who: &Principal,
-        id: &str,
-        path: &str,
-        recursive: bool,
-    ) -> Result<()> {
-        who.require_write()?;
-        let path = validate_sandbox_path(path)?;
-        if path == "/" {
-            return Err(invalid("the sandbox root cannot be deleted"));
-        }
-        let agent = self.agent_of(who, id).await?;
-        agent.file_delete(&path, recursive).await
     }
 }
 

@@ -1,0 +1,142 @@
+//! Exec: admitting a command (role, state, rate, the slots of commands
+//! running at once) and running it, whole or streamed, through the
+//! sandbox's agent.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use stacyvm_core::{validate_sandbox_path, ExecOutcome, ExecRequest, Result};
+use stacyvm_provider::ExecStream;
+use stacyvm_store::SandboxRecord;
+use stacyvm_worker::{DynWorker, Lease};
+
+use super::exec_slots::ExecSlot;
+use super::sandboxes::{check_env, invalid};
+use super::{App, Principal};
+
+impl App {
+    /// Checks and builds an exec request from API input.
+    pub fn exec_request(
+        &self,
+        rec: &SandboxRecord,
+        cmd: Vec<String>,
+        env: BTreeMap<String, String>,
+        cwd: Option<String>,
+        stdin: Option<String>,
+        timeout_s: Option<f64>,
+    ) -> Result<ExecRequest> {
+        if cmd.is_empty() {
+            return Err(invalid("cmd must hold at least the program to run"));
+        }
+        if cmd.len() > 65536 || cmd.iter().any(|a| a.contains('\0')) {
+            return Err(invalid(
+                "cmd arguments must not contain NUL bytes (and at most 65536 of them)",
+            ));
+        }
+        if cmd[0].is_empty() {
+            return Err(invalid("cmd[0] (the program) must not be empty"));
+        }
+        check_env(&env)?;
+        // The sandbox's own env under the command's: a warm-pool member was
+        // spawned before its env was known, so it is applied per exec.
+        let mut merged = rec.env.clone();
+        merged.extend(env);
+        let env = merged;
+        let cwd = match cwd {
+            Some(c) => Some(validate_sandbox_path(&c)?),
+            None => rec.workdir.clone(),
+        };
+        let limits = &self.config.limits;
+        let timeout = match timeout_s {
+            None => limits.default_exec_timeout,
+            Some(t) if t.is_finite() && t > 0.0 && t <= limits.max_exec_timeout.as_secs_f64() => {
+                Duration::from_secs_f64(t)
+            }
+            Some(_) => {
+                return Err(invalid(format!(
+                    "timeout_s must be more than 0 and at most {}",
+                    limits.max_exec_timeout.as_secs()
+                )))
+            }
+        };
+        Ok(ExecRequest {
+            cmd,
+            env,
+            cwd,
+            stdin: stdin.map(String::into_bytes),
+            timeout_ms: timeout.as_millis().max(1) as u64,
+            output_cap: limits.exec_output_cap,
+        })
+    }
+
+    /// Everything an exec needs before it runs: visibility, role, state,
+    /// the tenant's exec rate and a slot among the commands running at once
+    /// (held until the returned [`ExecSlot`] is dropped).
+    pub async fn exec_admit(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(SandboxRecord, DynWorker, Lease, ExecSlot)> {
+        who.require_write()?;
+        let (rec, worker, lease) = self.running(who, id).await?;
+        let quota = self.exec_quota(&rec.tenant_id).await?;
+        let slot = self.exec_slots.acquire(
+            &rec.id,
+            &rec.tenant_id,
+            self.config.limits.max_execs_per_sandbox,
+            quota.max_concurrent_execs,
+        )?;
+        self.exec_limiter
+            .acquire(&rec.tenant_id, quota.max_exec_per_minute)?;
+        Ok((rec, worker, lease, slot))
+    }
+
+    /// The tenant's quota for the exec rate check, read at most once a
+    /// second per tenant: exec is the hottest path, and a quota change made
+    /// through this control plane drops the cached copy at once.
+    async fn exec_quota(&self, tenant: &stacyvm_core::TenantId) -> Result<stacyvm_store::Quota> {
+        const FRESH: Duration = Duration::from_secs(1);
+        if let Some((at, q)) = self
+            .quota_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+        {
+            if at.elapsed() < FRESH {
+                return Ok(q.clone());
+            }
+        }
+        let q = self.store.quota_get(tenant).await?;
+        self.quota_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), (std::time::Instant::now(), q.clone()));
+        Ok(q)
+    }
+
+    pub async fn exec(
+        &self,
+        worker: &DynWorker,
+        lease: &Lease,
+        req: ExecRequest,
+    ) -> Result<ExecOutcome> {
+        let started = std::time::Instant::now();
+        let out = async { worker.agent(lease).await?.exec(req).await }.await;
+        metrics::histogram!("stacyvm_exec_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if out.is_err() {
+            metrics::counter!("stacyvm_provider_errors_total", "provider" => lease.provider.clone(), "op" => "exec")
+                .increment(1);
+        }
+        out
+    }
+
+    pub async fn exec_stream(
+        &self,
+        worker: &DynWorker,
+        lease: &Lease,
+        req: ExecRequest,
+    ) -> Result<ExecStream> {
+        worker.agent(lease).await?.exec_stream(req).await
+    }
+}
