@@ -11,8 +11,8 @@ use stacyvm_core::{Error, ExecEvent, FileType, SandboxId};
 use crate::support::{self, body, exec_req, leftovers, random_bytes, read_all, Harness};
 
 /// Generates one `#[tokio::test]` per case for the provider built by `$ctor`
-/// (an `async fn(&TestEnv) -> anyhow::Result<Option<DynProvider>>`; `None`
-/// skips, loudly, when the runtime is absent from this host).
+/// (an `async fn(&TestEnv) -> anyhow::Result<DynProvider>`, which fails
+/// the test when its runtime is absent from this host).
 macro_rules! conformance {
     ($ctor:path) => {
         conformance!(@cases $ctor;
@@ -34,9 +34,7 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() -> anyhow::Result<()> {
                 let env = crate::support::TestEnv::new().await?;
-                let Some(provider) = $ctor(&env).await? else {
-                    return Ok(());
-                };
+                let provider = $ctor(&env).await?;
                 let h = crate::support::Harness::new(env, provider);
                 crate::conformance::$case(&h).await
             }
