@@ -458,12 +458,14 @@ pub async fn paths_and_symlinks_never_reach_the_host(h: &Harness) -> anyhow::Res
         format!("/work/../../../etc/{marker}-dots"),
     ];
     for path in &via {
-        // Writing may succeed (into the sandbox's own /etc) or be refused;
-        // it must never land on the host.
-        let _ = p
-            .file_write(&id, path, None, body(b"escaped?".to_vec()))
-            .await;
-        let _ = p.file_mkdir(&id, &format!("{path}.d"), true).await;
+        // Each resolves inside the root, to the sandbox's own /etc, where
+        // the write and the mkdir succeed; the host's /etc is checked below.
+        p.file_write(&id, path, None, body(b"escaped?".to_vec()))
+            .await
+            .with_context(|| format!("writing {path}"))?;
+        p.file_mkdir(&id, &format!("{path}.d"), true)
+            .await
+            .with_context(|| format!("making {path}.d"))?;
     }
     let mut on_host = Vec::new();
     for entry in std::fs::read_dir("/etc")?.flatten() {
@@ -500,13 +502,13 @@ pub async fn paths_and_symlinks_never_reach_the_host(h: &Harness) -> anyhow::Res
             );
         }
     }
-    // The writes that succeeded are visible inside the sandbox's /etc.
+    // The three files and three directories are in the sandbox's /etc.
     let listed = h
         .sh_ok(&id, &format!("ls /etc | grep -c {marker} || true"))
         .await?;
     ensure!(
-        listed.trim() != "0",
-        "the writes went neither to the host nor to the sandbox's /etc"
+        listed.trim() == "6",
+        "the writes should all be in the sandbox's /etc: {listed:?} of 6 found"
     );
     Ok(())
 }
