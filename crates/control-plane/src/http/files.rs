@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,7 +16,7 @@ use stacyvm_core::{ByteStream, Error};
 
 use super::dto::{self, RawBytes};
 use super::error::{ApiError, ApiResult};
-use super::extract::{Auth, JsonBody, Q};
+use super::extract::{Auth, JsonBody, Path, Q};
 use super::{note, AppState};
 use stacyvm_api as api;
 
