@@ -24,8 +24,10 @@ use stacyvm_api as api;
 #[into_params(parameter_in = Query)]
 pub struct PathQuery {
     /// Absolute path inside the sandbox.
+    #[param(pattern = "^/")]
     pub path: Option<String>,
     /// Octal permission bits for a write (default 0644).
+    #[param(pattern = "^0?[0-7]{1,4}$")]
     pub mode: Option<String>,
     /// For list and delete.
     #[serde(default)]
@@ -108,6 +110,7 @@ where
 pub struct ArchiveQuery {
     /// Absolute path of the directory to unpack into (created with its
     /// parents when missing).
+    #[param(pattern = "^/")]
     pub path: Option<String>,
 }
 
@@ -131,6 +134,21 @@ pub async fn file_archive_put(
     body: Body,
 ) -> ApiResult<Response> {
     let path = required_path(&q.path)?;
+    // A tar stream has at least its end-of-archive blocks: no body at all
+    // is a request that forgot its archive, not an empty one.
+    let mut data = body.into_data_stream();
+    let first = loop {
+        match data.next().await {
+            Some(Ok(chunk)) if chunk.is_empty() => continue,
+            Some(chunk) => break chunk,
+            None => {
+                return Err(ApiError(Error::InvalidRequest(
+                    "the request body is empty: send the archive as a tar stream".into(),
+                )))
+            }
+        }
+    };
+    let body = Body::from_stream(futures_util::stream::once(async move { first }).chain(data));
     let summary = limited_upload(&s, body, |stream| {
         s.app.file_extract(&who, &id, &path, stream)
     })
@@ -192,6 +210,7 @@ pub async fn file_list(
 #[into_params(parameter_in = Query)]
 pub struct GlobQuery {
     /// e.g. `/work/**/*.py`; `**` crosses directories.
+    #[param(pattern = "^/")]
     pub pattern: Option<String>,
 }
 
