@@ -273,6 +273,15 @@ async fn invalid_request_is_400_with_the_documented_body() -> Result<()> {
         r.err(400, "invalid_request")
             .with_context(|| format!("GET/DELETE {path}"))?;
     }
+    // A mode that is not octal is refused wherever it is sent, not only by
+    // the write that uses it.
+    for op in ["files", "files/stat", "files/list"] {
+        admin
+            .get(&format!("/v1/sandboxes/{id}/{op}?path=/work&mode=9"))
+            .await?
+            .err(400, "invalid_request")
+            .with_context(|| format!("{op} with mode=9"))?;
+    }
     // A tenant's own list takes the same limits as the admin's.
     for limit in ["0", "1001"] {
         member

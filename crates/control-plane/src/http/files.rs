@@ -34,6 +34,17 @@ pub struct PathQuery {
     pub recursive: bool,
 }
 
+impl PathQuery {
+    /// The path, and the mode parsed when given. Every operation that takes
+    /// these parameters checks the mode, not only the write that uses it:
+    /// the document states one pattern for it, and a bad value is a
+    /// client's mistake wherever it is sent.
+    fn path_and_mode(&self) -> Result<(String, Option<u32>), ApiError> {
+        let mode = self.mode.as_deref().map(parse_mode).transpose()?;
+        Ok((required_path(&self.path)?, mode))
+    }
+}
+
 fn required_path(path: &Option<String>) -> Result<String, ApiError> {
     path.clone().ok_or_else(|| {
         ApiError(Error::InvalidRequest(
@@ -56,8 +67,7 @@ pub async fn file_write(
     Q(q): Q<PathQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    let path = required_path(&q.path)?;
-    let mode = q.mode.as_deref().map(parse_mode).transpose()?;
+    let (path, mode) = q.path_and_mode()?;
     let entry = limited_upload(&s, body, |stream| {
         s.app.file_write(&who, &id, &path, mode, stream)
     })
@@ -170,7 +180,7 @@ pub async fn file_read(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Response> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     let stream = s.app.file_read(&who, &id, &path).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
@@ -187,7 +197,7 @@ pub async fn file_stat(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<api::FileEntry>> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     Ok(Json(dto::entry(&s.app.file_stat(&who, &id, &path).await?)))
 }
 
@@ -199,7 +209,7 @@ pub async fn file_list(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<api::Entries>> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     let entries = s.app.file_list(&who, &id, &path, q.recursive).await?;
     Ok(Json(api::Entries {
         entries: entries.iter().map(dto::entry).collect(),
@@ -292,7 +302,7 @@ pub async fn file_delete(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Response> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     s.app.file_delete(&who, &id, &path, q.recursive).await?;
     Ok(file_note(
         StatusCode::NO_CONTENT.into_response(),
