@@ -91,16 +91,22 @@ ensure_cargo() {
 # running dockerd and PostgreSQL, the static agent and the busybox test
 # image; exports STACYVM_TEST_POSTGRES_URL, STACYVM_AGENT_BIN and
 # STACYVM_TEST_IMAGE_TAR.
+#
+# Every step must succeed: a test that cannot reach what it needs fails, so
+# an environment missing a piece is reported here, by name, and the
+# function returns non-zero (also when the caller has no `set -e`).
 prepare_test_env() {
   local root="$1"
-  ensure_cargo
-  ensure_runtime_packages
-  ensure_packages python3-venv sqlite3 2>/dev/null || true
-  ensure_dockerd
-  STACYVM_TEST_POSTGRES_URL="$("$root/scripts/start-postgres.sh")"
+  ensure_cargo || return 1
+  ensure_runtime_packages || { log "could not install the runtime packages"; return 1; }
+  # python3-venv: the API fuzzer and the Python SDK tests; sqlite3: the
+  # security suite reads the SQLite store with it.
+  ensure_packages python3-venv sqlite3 || { log "could not install python3-venv and sqlite3"; return 1; }
+  ensure_dockerd || return 1
+  STACYVM_TEST_POSTGRES_URL="$("$root/scripts/start-postgres.sh")" || { log "PostgreSQL did not start"; return 1; }
   export STACYVM_TEST_POSTGRES_URL
-  STACYVM_AGENT_BIN="$("$root/scripts/build-agent.sh")"
+  STACYVM_AGENT_BIN="$("$root/scripts/build-agent.sh")" || { log "the agent did not build"; return 1; }
   export STACYVM_AGENT_BIN
   export STACYVM_TEST_IMAGE_TAR="$root/target/test-images/busybox.tar"
-  "$root/scripts/build-test-image.sh" --docker "$STACYVM_TEST_IMAGE_TAR"
+  "$root/scripts/build-test-image.sh" --docker "$STACYVM_TEST_IMAGE_TAR" || { log "the test image did not build"; return 1; }
 }

@@ -1,9 +1,15 @@
-"""StacyVM checks for schemathesis: every non-2xx answer carries the
-documented error body, and refusals that must never be 5xx are flagged."""
+"""StacyVM hooks for schemathesis: every non-2xx answer carries the
+documented error body, each fixed sandbox id stands for one sandbox per
+provider (and, for tenant keys, for another tenant's sandbox too), and raw
+bodies are sent and read as bytes."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import threading
+from typing import Dict, Iterator, List
 
 import schemathesis
 
@@ -58,12 +64,38 @@ def stacyvm_error_shape(ctx, response, case):
     return None
 
 
+def _load_rotation() -> Dict[str, Iterator[str]]:
+    raw: Dict[str, List[str]] = json.loads(os.environ.get("SVM_FUZZ_ROTATION") or "{}")
+    return {first: itertools.cycle(ids) for first, ids in raw.items()}
+
+
+_ROTATION = _load_rotation()
+_ROTATION_LOCK = threading.Lock()
+
+
+@schemathesis.hook
+def before_call(ctx, case, kwargs):
+    """The config pins `{id}` to the first sandbox of each purpose (see
+    tests/api-fuzz/prepare.py); here each call takes the next sandbox of
+    that purpose, so every operation meets a Docker and a PRoot sandbox,
+    and a tenant key also meets a sandbox of another tenant (a 404)."""
+    params = case.path_parameters
+    if not params:
+        return
+    current = params.get("id")
+    if isinstance(current, str) and current in _ROTATION:
+        with _ROTATION_LOCK:
+            params["id"] = next(_ROTATION[current])
+
+
 @schemathesis.serializer("application/x-tar")
 def tar_body(ctx, value):
     """Image bodies: whatever bytes were generated, sent as they are (the
     server must refuse anything that is not a safe root filesystem tar)."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
     if isinstance(value, list) and all(isinstance(b, int) for b in value):
         return bytes(b % 256 for b in value)
     return json.dumps(value).encode()
@@ -71,6 +103,7 @@ def tar_body(ctx, value):
 
 @schemathesis.deserializer("application/octet-stream")
 def raw_bytes(ctx, response):
-    """File contents: the document describes raw bodies as arrays of byte
-    values (utoipa's rendering of `Vec<u8>`), so hand them over as such."""
-    return list(response.content)
+    """File contents: the document describes raw bodies as binary strings,
+    so hand them over as a string with one character per byte (Latin-1
+    maps every byte, so no content is refused or altered)."""
+    return response.content.decode("latin-1")

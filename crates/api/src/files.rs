@@ -63,7 +63,9 @@ pub struct Paths {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoveFile {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^/"))]
     pub from: String,
+    #[cfg_attr(feature = "openapi", schema(pattern = "^/"))]
     pub to: String,
     #[serde(default)]
     pub overwrite: bool,
@@ -74,8 +76,10 @@ pub struct MoveFile {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Chmod {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^/"))]
     pub path: String,
     /// Octal, e.g. `0755`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^0?[0-7]{1,4}$"))]
     pub mode: String,
 }
 
@@ -84,6 +88,7 @@ pub struct Chmod {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Mkdir {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^/"))]
     pub path: String,
     /// Make missing parents too (default true).
     #[serde(default = "yes")]

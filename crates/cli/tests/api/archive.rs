@@ -126,6 +126,26 @@ async fn an_archive_unpacks_a_tree_on_both_providers_and_refuses_escapes() -> Re
             (0..300).map(|i| format!("file {i}\n").len()).sum::<usize>() + 19 + 2;
         ensure!(summary["bytes"] == expected_bytes, "{provider}: {summary}");
 
+        // No body is a forgotten archive (400); an empty archive, only its
+        // two end blocks, unpacks nothing.
+        let e = member
+            .send(member.request(reqwest::Method::PUT, &url("/work/none")))
+            .await?
+            .err(400, "invalid_request")?;
+        ensure!(e.message.contains("empty"), "{provider}: {}", e.message);
+        let empty = member
+            .send(
+                member
+                    .request(reqwest::Method::PUT, &url("/work/empty"))
+                    .body(vec![0u8; 1024]),
+            )
+            .await?
+            .ok(201)?;
+        ensure!(
+            empty["files"] == 0 && empty["dirs"] == 0,
+            "{provider}: {empty}"
+        );
+
         // What the sandbox sees: every file, the modes (the read-only
         // directory's set after it was filled), the links, and the script
         // runs.
@@ -277,7 +297,7 @@ async fn an_archive_unpacks_a_tree_on_both_providers_and_refuses_escapes() -> Re
     // One audit event for the whole archive.
     let events = admin.get("/v1/audit?action=file.extract").await?.ok(200)?;
     ensure!(
-        events["events"].as_array().map(Vec::len) == Some(2 * 13),
+        events["events"].as_array().map(Vec::len) == Some(2 * 15),
         "{events}"
     );
     Ok(())

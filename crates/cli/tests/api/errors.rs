@@ -2,7 +2,7 @@
 //! the `{"error": {"code", "message", "request_id"}}` body and the
 //! `x-request-id` header checked each time.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use reqwest::Method;
 use serde_json::json;
 
@@ -239,6 +239,57 @@ async fn invalid_request_is_400_with_the_documented_body() -> Result<()> {
         .send(admin.request(Method::POST, "/v1/images").body(Vec::new()))
         .await?;
     r.err(400, "invalid_request")?;
+
+    // A body that is not an object: serde would fill a struct from an array
+    // of its fields, which no schema allows.
+    for (path, body) in [
+        (format!("/v1/tenants/{t}/quota"), json!([null, null])),
+        ("/v1/tenants".to_owned(), json!(["a name"])),
+        (format!("/v1/sandboxes/{id}/timeout"), json!([60])),
+    ] {
+        let method = if path.ends_with("/quota") {
+            Method::PUT
+        } else {
+            Method::POST
+        };
+        let r = admin.send(admin.request(method, &path).json(&body)).await?;
+        let e = r.err(400, "invalid_request")?;
+        ensure!(e.message.contains("object"), "{path} {body}: {e:?}");
+    }
+    // Percent-encodings that are not UTF-8, in a path segment and in a query
+    // value: the documented 400, not a plain-text rejection or a path with
+    // U+FFFD in it.
+    for path in [
+        "/v1/images/%FF".to_owned(),
+        "/v1/keys/%C3".to_owned(),
+        format!("/v1/sandboxes/{id}/files/stat?path=/work/%FF"),
+        format!("/v1/sandboxes/{id}/files?path=/work/%E2%82"),
+    ] {
+        let r = if path.starts_with("/v1/keys") {
+            admin.delete(&path).await?
+        } else {
+            admin.get(&path).await?
+        };
+        r.err(400, "invalid_request")
+            .with_context(|| format!("GET/DELETE {path}"))?;
+    }
+    // A mode that is not octal is refused wherever it is sent, not only by
+    // the write that uses it.
+    for op in ["files", "files/stat", "files/list"] {
+        admin
+            .get(&format!("/v1/sandboxes/{id}/{op}?path=/work&mode=9"))
+            .await?
+            .err(400, "invalid_request")
+            .with_context(|| format!("{op} with mode=9"))?;
+    }
+    // A tenant's own list takes the same limits as the admin's.
+    for limit in ["0", "1001"] {
+        member
+            .get(&format!("/v1/tenants?limit={limit}"))
+            .await?
+            .err(400, "invalid_request")
+            .with_context(|| format!("a member's /v1/tenants?limit={limit}"))?;
+    }
 
     // None of it left a sandbox behind except the one made on purpose.
     let all = member.get("/v1/sandboxes").await?.ok(200)?;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
@@ -409,10 +409,12 @@ async fn restart_keeps_sandboxes_and_audit(store: StoreKind) -> Result<()> {
             .ok(201)?;
         member.sh(id, "echo before").await?;
     }
-    // One that is due to expire while the server is down: the restarted
-    // server must still destroy it.
+    // One that falls due while the server is down: the restarted server
+    // must still destroy it. Its lifetime outlasts the few calls before the
+    // kill (it is checked to be running just before), and the server stays
+    // down until its deadline has passed.
     let short = member
-        .create_sandbox(json!({"image": "busybox", "provider": "proot", "timeout_s": 3}))
+        .create_sandbox(json!({"image": "busybox", "provider": "proot", "timeout_s": 10}))
         .await?;
     let short = s(&short, "id")?.to_owned();
     let before = ids_of(&admin.audit("").await?);
@@ -421,8 +423,21 @@ async fn restart_keeps_sandboxes_and_audit(store: StoreKind) -> Result<()> {
         "audit events before the kill: {}",
         before.len()
     );
+    let due = member
+        .get(&format!("/v1/sandboxes/{short}"))
+        .await?
+        .ok(200)?;
+    ensure!(due["state"] == "running", "before the kill: {due}");
+    let deadline = time::OffsetDateTime::parse(
+        s(&due, "expires_at")?,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .context("expires_at is RFC 3339")?;
 
     server.kill9()?;
+    while time::OffsetDateTime::now_utc() <= deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     server.restart()?;
     let admin = server.admin();
     let member = server.client(&member_key);

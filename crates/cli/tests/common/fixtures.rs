@@ -1,7 +1,8 @@
 //! Fixtures every suite of this crate shares: the workspace, the static
 //! agent and the busybox test image (built once under file locks, as test
-//! processes run in parallel), the test PostgreSQL, and unique names. Each
-//! test binary includes this file as its `fixtures` module.
+//! processes run in parallel), the test PostgreSQL, the `sqlite3` CLI, and
+//! unique names. Each test binary includes this file as its `fixtures`
+//! module.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -10,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -160,4 +161,25 @@ pub fn psql(url: &str, sql: &str) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// Runs `sql` through the `sqlite3` CLI on the database `db` and returns
+/// its output. A host without the CLI fails the test that asked: CI
+/// installs it (`prepare_test_env` in `scripts/lib.sh`).
+pub fn sqlite3(db: &str, sql: &str) -> Result<String> {
+    let out = match Command::new("sqlite3").args([db, sql]).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "the sqlite3 CLI is not installed, and this test reads the store with it \
+             (apt-get install sqlite3, or `. scripts/lib.sh && prepare_test_env .`)"
+        ),
+        Err(e) => return Err(e).context("running sqlite3"),
+    };
+    ensure!(
+        out.status.success(),
+        "sqlite3 {db} {sql:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

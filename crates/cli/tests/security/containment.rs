@@ -309,7 +309,9 @@ async fn check_file_api_symlinks(provider: &str) -> Result<()> {
         )
         .await?;
     let q = |p: &str| format!("/v1/sandboxes/{id}/files?path={p}");
-    let host_shadow = std::fs::read("/etc/shadow").unwrap_or_default();
+    // The suite runs as root, so the host's /etc/shadow is readable here.
+    let host_shadow = std::fs::read("/etc/shadow").context("reading the host's /etc/shadow")?;
+    ensure!(!host_shadow.is_empty(), "the host's /etc/shadow is empty");
 
     for path in [
         "/work/secret".to_owned(),
@@ -325,12 +327,10 @@ async fn check_file_api_symlinks(provider: &str) -> Result<()> {
             !r.text().contains(&secret.secret),
             "{provider}: the file API read a host file through {path}"
         );
-        if !host_shadow.is_empty() {
-            ensure!(
-                r.status != 200 || r.body != host_shadow,
-                "{provider}: the file API read the host's /etc/shadow through {path}"
-            );
-        }
+        ensure!(
+            r.status != 200 || r.body != host_shadow,
+            "{provider}: the file API read the host's /etc/shadow through {path}"
+        );
         if r.status != 200 {
             r.err(r.status, r.json()?["error"]["code"].as_str().unwrap_or("?"))?;
         }
@@ -374,26 +374,58 @@ async fn check_file_api_symlinks(provider: &str) -> Result<()> {
             r.text()
         );
     }
+    // Move, chmod and delete through the links: each lands on the
+    // sandbox's own copy of the path (the writes above made it), so each
+    // succeeds, and its effect is visible inside, never on the host.
+    let stat = |p: String| format!("/v1/sandboxes/{id}/files/stat?path={p}");
     for (from, to) in [
         ("/work/secret", "/work/dir/moved".to_owned()),
         ("/work/shadow", format!("/work/root{d}/moved2")),
     ] {
-        let _ = admin
+        let moved = admin
             .post(
                 &format!("/v1/sandboxes/{id}/files/move"),
                 json!({"from": from, "to": to, "overwrite": true}),
             )
-            .await?;
+            .await?
+            .ok(200)
+            .with_context(|| format!("{provider}: moving {from} to {to}"))?;
+        ensure!(
+            moved["type"] == "symlink",
+            "{provider}: the link itself moves, not its target: {moved}"
+        );
     }
-    let _ = admin
+    for inside in [format!("{d}/moved"), format!("{d}/moved2")] {
+        let e = admin.get(&stat(inside.clone())).await?.ok(200)?;
+        ensure!(
+            e["type"] == "symlink",
+            "{provider}: {inside} in the sandbox is the moved link: {e}"
+        );
+    }
+    let chmodded = admin
         .post(
             &format!("/v1/sandboxes/{id}/files/chmod"),
             json!({"path": format!("/work/root{f}"), "mode": "0777"}),
         )
-        .await?;
-    let _ = admin
+        .await?
+        .ok(200)
+        .with_context(|| format!("{provider}: chmod through /work/root"))?;
+    ensure!(chmodded["mode"] == "0777", "{provider}: {chmodded}");
+    let inside = admin.get(&stat(f.clone())).await?.ok(200)?;
+    ensure!(
+        inside["mode"] == "0777",
+        "{provider}: the chmod changed the sandbox's {f}: {inside}"
+    );
+    admin
         .delete(&format!("/v1/sandboxes/{id}/files?path=/work/root{f}"))
-        .await?;
+        .await?
+        .ok(204)
+        .with_context(|| format!("{provider}: deleting through /work/root"))?;
+    admin
+        .get(&stat(f.clone()))
+        .await?
+        .err(404, "not_found")
+        .with_context(|| format!("{provider}: the delete removed the sandbox's {f}"))?;
     secret.check_untouched()?;
     let mode = std::fs::metadata(secret.file())?;
     use std::os::unix::fs::PermissionsExt;

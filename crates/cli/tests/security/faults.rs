@@ -962,16 +962,9 @@ async fn disk_full_on_the_data_dir_gives_clear_errors_and_no_corruption() -> Res
     // The store is intact, also across a restart.
     server.sigterm()?;
     let db = data.join("stacyvm.db");
-    if crate::keys::which("sqlite3") {
-        let check = run_cmd(
-            Command::new("sqlite3")
-                .arg(&db)
-                .arg("PRAGMA integrity_check"),
-        )?;
-        ensure!(check.trim() == "ok", "integrity_check: {check}");
-    } else {
-        eprintln!("SKIPPED PRAGMA integrity_check: sqlite3 is not installed");
-    }
+    let db = db.to_str().context("a UTF-8 data dir")?;
+    let check = crate::fixtures::sqlite3(db, "PRAGMA integrity_check")?;
+    ensure!(check.trim() == "ok", "integrity_check: {check}");
     server.restart()?;
     let admin = server.admin();
     let v = admin.get(&format!("/v1/sandboxes/{id}")).await?.ok(200)?;

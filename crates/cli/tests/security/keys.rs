@@ -402,25 +402,12 @@ async fn auth_failures_are_rate_limited_per_address() -> Result<()> {
     // The refusals are audited (read straight from the store: this address is blocked).
     let db = server.data_dir().join("stacyvm.db");
     ensure!(db.exists(), "the SQLite store is at {}", db.display());
-    if !which("sqlite3") {
-        eprintln!("SKIPPED the audit check of the 429s: sqlite3 is not installed");
-    } else {
-        let out = std::process::Command::new("sqlite3")
-            .arg(format!("file:{}?mode=ro", db.display()))
-            .arg("SELECT status, COUNT(*) FROM audit_events GROUP BY status ORDER BY status")
-            .output()
-            .context("sqlite3")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        eprintln!("audit by status: {text}");
-        ensure!(text.contains("401|5"), "five 401s audited: {text}");
-        ensure!(text.contains("429|2"), "two 429s audited: {text}");
-    }
+    let text = crate::fixtures::sqlite3(
+        &format!("file:{}?mode=ro", db.display()),
+        "SELECT status, COUNT(*) FROM audit_events GROUP BY status ORDER BY status",
+    )?;
+    eprintln!("audit by status: {text}");
+    ensure!(text.contains("401|5"), "five 401s audited: {text}");
+    ensure!(text.contains("429|2"), "two 429s audited: {text}");
     Ok(())
-}
-
-pub fn which(bin: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }

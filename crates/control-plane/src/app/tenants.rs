@@ -43,12 +43,12 @@ impl App {
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Page<(Tenant, Quota)>> {
+        // Checked for every caller: a tenant's own one-item list takes the
+        // same `limit` values as the admin's.
+        let limit = page_limit(limit)?;
         let page = if who.is_admin() {
             self.store
-                .tenant_list(&PageRequest {
-                    cursor,
-                    limit: page_limit(limit)?,
-                })
+                .tenant_list(&PageRequest { cursor, limit })
                 .await?
         } else {
             let own = self.store.tenant_get(&who.tenant_id).await?;

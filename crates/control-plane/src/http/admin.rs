@@ -3,7 +3,7 @@
 //! the operator opens it).
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use super::dto::{self, RawBytes};
 use super::error::{ApiError, ApiResult};
-use super::extract::{Auth, JsonBody, Q};
+use super::extract::{Auth, JsonBody, Path, Q};
 use super::{note, AppState};
 use crate::app::audit::AuditQuery;
 use stacyvm_api as api;
@@ -115,6 +115,8 @@ pub async fn tenant_create(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// At most 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     pub cursor: Option<String>,
 }
@@ -209,6 +211,8 @@ pub struct AuditQueryParams {
     pub outcome: Option<String>,
     /// RFC 3339 time; events at or after it.
     pub since: Option<String>,
+    /// At most 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     pub cursor: Option<String>,
 }

@@ -1,5 +1,6 @@
 //! Extractors whose rejections speak the API's error shape: JSON bodies
-//! with a size limit, query strings, and the authenticated principal.
+//! with a size limit, query strings, path parameters, and the
+//! authenticated principal.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -69,6 +70,15 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 "a JSON body is required".into(),
             )));
         }
+        // Every body of the API is an object. serde would also fill a
+        // struct from an array of its fields in order (`[null, 5]`), which
+        // the documented schema does not allow and no client means.
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(ApiError(Error::InvalidRequest(
+                "the JSON body must be an object".into(),
+            )));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError(Error::InvalidRequest(format!("invalid JSON body: {e}"))))
@@ -111,6 +121,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        check_query_utf8(parts.uri.query())?;
         axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|q| Q(q.0))
             .map_err(|e| {
@@ -122,9 +133,95 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
     }
 }
 
+/// Refuses a query string whose percent-decoded bytes are not UTF-8. The
+/// decoder behind `Q` would replace them with U+FFFD, and a file written
+/// or deleted at that path would not be the one the client named.
+fn check_query_utf8(query: Option<&str>) -> Result<(), ApiError> {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    for part in query.unwrap_or("").split('&') {
+        let raw = part.as_bytes();
+        let mut decoded = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            let escaped = match (raw[i], raw.get(i + 1), raw.get(i + 2)) {
+                (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| h << 4 | l),
+                _ => None,
+            };
+            match escaped {
+                Some(b) => {
+                    decoded.push(b);
+                    i += 3;
+                }
+                None => {
+                    decoded.push(raw[i]);
+                    i += 1;
+                }
+            }
+        }
+        if std::str::from_utf8(&decoded).is_err() {
+            return Err(ApiError(Error::InvalidRequest(
+                "invalid query string: a percent-encoded value is not UTF-8".into(),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Path parameters parsed into `T`. A segment axum cannot decode (a
+/// percent-encoding that is not UTF-8) is the client's 400 in the API's
+/// error shape; axum's own rejection is a plain-text body. Named `Path` so
+/// the OpenAPI derive reads the parameter as it does axum's.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(p) => Ok(Path(p.0)),
+            // A route without the parameter its handler reads: a bug here.
+            Err(e @ PathRejection::MissingPathParams(_)) => {
+                Err(ApiError(Error::internal("extracting path parameters", e)))
+            }
+            Err(e) => Err(ApiError(Error::InvalidRequest(format!(
+                "invalid path: {}",
+                e.body_text()
+            )))),
+        }
+    }
+}
+
 /// All `(key, value)` pairs of the query string, repeated keys kept.
 pub fn query_pairs(parts_query: Option<&str>) -> Vec<(String, String)> {
     form_urlencoded::parse(parts_query.unwrap_or("").as_bytes())
         .into_owned()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_query_utf8;
+
+    #[test]
+    fn query_strings_must_decode_to_utf8() {
+        for ok in [
+            None,
+            Some(""),
+            Some("path=/work/a%20b&x=%E2%82%AC"),
+            Some("a=100%"),
+            Some("a=%zz"),
+        ] {
+            assert!(check_query_utf8(ok).is_ok(), "{ok:?}");
+        }
+        for bad in ["path=/%FF", "a=1&path=%C3", "%80=x"] {
+            assert!(check_query_utf8(Some(bad)).is_err(), "{bad}");
+        }
+    }
 }

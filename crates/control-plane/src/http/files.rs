@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,7 +16,7 @@ use stacyvm_core::{ByteStream, Error};
 
 use super::dto::{self, RawBytes};
 use super::error::{ApiError, ApiResult};
-use super::extract::{Auth, JsonBody, Q};
+use super::extract::{Auth, JsonBody, Path, Q};
 use super::{note, AppState};
 use stacyvm_api as api;
 
@@ -24,12 +24,25 @@ use stacyvm_api as api;
 #[into_params(parameter_in = Query)]
 pub struct PathQuery {
     /// Absolute path inside the sandbox.
+    #[param(pattern = "^/")]
     pub path: Option<String>,
     /// Octal permission bits for a write (default 0644).
+    #[param(pattern = "^0?[0-7]{1,4}$")]
     pub mode: Option<String>,
     /// For list and delete.
     #[serde(default)]
     pub recursive: bool,
+}
+
+impl PathQuery {
+    /// The path, and the mode parsed when given. Every operation that takes
+    /// these parameters checks the mode, not only the write that uses it:
+    /// the document states one pattern for it, and a bad value is a
+    /// client's mistake wherever it is sent.
+    fn path_and_mode(&self) -> Result<(String, Option<u32>), ApiError> {
+        let mode = self.mode.as_deref().map(parse_mode).transpose()?;
+        Ok((required_path(&self.path)?, mode))
+    }
 }
 
 fn required_path(path: &Option<String>) -> Result<String, ApiError> {
@@ -54,8 +67,7 @@ pub async fn file_write(
     Q(q): Q<PathQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    let path = required_path(&q.path)?;
-    let mode = q.mode.as_deref().map(parse_mode).transpose()?;
+    let (path, mode) = q.path_and_mode()?;
     let entry = limited_upload(&s, body, |stream| {
         s.app.file_write(&who, &id, &path, mode, stream)
     })
@@ -108,6 +120,7 @@ where
 pub struct ArchiveQuery {
     /// Absolute path of the directory to unpack into (created with its
     /// parents when missing).
+    #[param(pattern = "^/")]
     pub path: Option<String>,
 }
 
@@ -131,6 +144,21 @@ pub async fn file_archive_put(
     body: Body,
 ) -> ApiResult<Response> {
     let path = required_path(&q.path)?;
+    // A tar stream has at least its end-of-archive blocks: no body at all
+    // is a request that forgot its archive, not an empty one.
+    let mut data = body.into_data_stream();
+    let first = loop {
+        match data.next().await {
+            Some(Ok(chunk)) if chunk.is_empty() => continue,
+            Some(chunk) => break chunk,
+            None => {
+                return Err(ApiError(Error::InvalidRequest(
+                    "the request body is empty: send the archive as a tar stream".into(),
+                )))
+            }
+        }
+    };
+    let body = Body::from_stream(futures_util::stream::once(async move { first }).chain(data));
     let summary = limited_upload(&s, body, |stream| {
         s.app.file_extract(&who, &id, &path, stream)
     })
@@ -152,7 +180,7 @@ pub async fn file_read(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Response> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     let stream = s.app.file_read(&who, &id, &path).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
@@ -169,7 +197,7 @@ pub async fn file_stat(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<api::FileEntry>> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     Ok(Json(dto::entry(&s.app.file_stat(&who, &id, &path).await?)))
 }
 
@@ -181,7 +209,7 @@ pub async fn file_list(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<api::Entries>> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     let entries = s.app.file_list(&who, &id, &path, q.recursive).await?;
     Ok(Json(api::Entries {
         entries: entries.iter().map(dto::entry).collect(),
@@ -192,6 +220,7 @@ pub async fn file_list(
 #[into_params(parameter_in = Query)]
 pub struct GlobQuery {
     /// e.g. `/work/**/*.py`; `**` crosses directories.
+    #[param(pattern = "^/")]
     pub pattern: Option<String>,
 }
 
@@ -273,7 +302,7 @@ pub async fn file_delete(
     Path(id): Path<String>,
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Response> {
-    let path = required_path(&q.path)?;
+    let path = q.path_and_mode()?.0;
     s.app.file_delete(&who, &id, &path, q.recursive).await?;
     Ok(file_note(
         StatusCode::NO_CONTENT.into_response(),

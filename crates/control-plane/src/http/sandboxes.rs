@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use stacyvm_store::SandboxRecord;
 
 use super::dto;
 use super::error::{ApiError, ApiResult};
-use super::extract::{query_pairs, Auth, JsonBody, Q};
+use super::extract::{query_pairs, Auth, JsonBody, Path, Q};
 use super::{note, AppState};
 use crate::app::sandboxes::CreateSandbox;
 use stacyvm_api as api;
@@ -82,6 +82,8 @@ pub struct ListQuery {
     pub state: Option<String>,
     /// `k=v`; repeat to require several labels.
     pub label: Option<String>,
+    /// At most 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     pub cursor: Option<String>,
 }
