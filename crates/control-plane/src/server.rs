@@ -169,6 +169,12 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
                 state: reconcilers::keep_state(existing.as_ref().map(|w| w.state)),
                 registered_at: existing.as_ref().map(|w| w.registered_at).unwrap_or(t),
                 last_heartbeat: t,
+                name: "local".into(),
+                provider_health: Vec::new(),
+                capacity_cpu: None,
+                capacity_memory_mb: None,
+                token_id: None,
+                secret: None,
             })
             .await?;
         workers.push(Arc::new(LocalWorker::new(worker_id, providers)));

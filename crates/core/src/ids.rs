@@ -75,6 +75,10 @@ typed_id!(
     WorkerId, "wrk_"
 );
 typed_id!(
+    /// A worker token (the ID, never the secret).
+    WorkerTokenId, "wtk_"
+);
+typed_id!(
     /// An audit event.
     EventId, "evt_"
 );

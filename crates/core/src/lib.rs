@@ -10,7 +10,7 @@ pub mod sandbox;
 pub use error::{Error, Result};
 pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExitStatus};
 pub use files::{validate_sandbox_path, ArchiveSummary, ByteStream, FileEntry, FileType};
-pub use ids::{EventId, KeyId, SandboxId, TenantId, WorkerId};
+pub use ids::{EventId, KeyId, SandboxId, TenantId, WorkerId, WorkerTokenId};
 pub use sandbox::{Network, SandboxState, SpawnSpec};
 
 /// The current time, truncated to microseconds so it round-trips through

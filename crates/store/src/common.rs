@@ -13,12 +13,13 @@ use sqlx::types::Json;
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Postgres, Row, Sqlite, Type};
 use stacyvm_core::{
     Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TenantId, WorkerId,
+    WorkerTokenId,
 };
 use time::OffsetDateTime;
 
 use crate::model::{
     Actor, ApiKey, AuditEvent, Failure, Outcome, Page, PageRequest, Quota, Role, SandboxRecord,
-    Tenant, WorkerRecord, WorkerState,
+    Tenant, WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::sql::Backend;
 
@@ -51,7 +52,8 @@ pub(crate) use audit_columns;
 
 macro_rules! worker_columns {
     () => {
-        "id, address, providers, labels, capacity, state, registered_at, last_heartbeat"
+        "id, address, providers, labels, capacity, state, registered_at, last_heartbeat, name, \
+         token_id, secret, provider_health, capacity_cpu, capacity_memory_mb"
     };
 }
 pub(crate) use worker_columns;
@@ -394,6 +396,23 @@ pub(crate) fn worker_from_row(row: &impl RowGet) -> Result<WorkerRecord> {
         state: parsed("state", row.text("state")?, WorkerState::parse)?,
         registered_at: time_col(row, "registered_at")?,
         last_heartbeat: time_col(row, "last_heartbeat")?,
+        name: row.text("name")?,
+        token_id: row.opt_text("token_id")?.map(WorkerTokenId::from_trusted),
+        secret: row.opt_text("secret")?,
+        provider_health: serde_json::from_str(&row.text("provider_health")?)
+            .map_err(|e| corrupt("provider_health", e))?,
+        capacity_cpu: row.opt_real("capacity_cpu")?,
+        capacity_memory_mb: row.opt_int("capacity_memory_mb")?,
+    })
+}
+
+pub(crate) fn worker_token_from_row(row: &impl RowGet) -> Result<WorkerToken> {
+    Ok(WorkerToken {
+        id: WorkerTokenId::from_trusted(row.text("id")?),
+        name: row.text("name")?,
+        token_hash: row.text("token_hash")?,
+        created_at: time_col(row, "created_at")?,
+        revoked_at: opt_time_col(row, "revoked_at")?,
     })
 }
 
@@ -668,6 +687,15 @@ macro_rules! schema {
                         "../migrations/",
                         $dialect,
                         "/0002_owner_role_and_quota_fields.sql"
+                    )),
+                },
+                Migration {
+                    version: 3,
+                    name: "multi-worker mode",
+                    sql: include_str!(concat!(
+                        "../migrations/",
+                        $dialect,
+                        "/0003_multi_worker.sql"
                     )),
                 },
             ],

@@ -17,7 +17,9 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use stacyvm_core::{Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId};
+use stacyvm_core::{
+    Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+};
 use time::OffsetDateTime;
 
 pub use model::*;
@@ -119,6 +121,37 @@ pub trait Store: Send + Sync + 'static {
     async fn worker_list(&self) -> Result<Vec<WorkerRecord>>;
     /// `NotFound` when no such worker.
     async fn worker_set_state(&self, id: &WorkerId, state: WorkerState) -> Result<()>;
+
+    // --- worker tokens --------------------------------------------------
+
+    async fn worker_token_create(&self, token: &WorkerToken) -> Result<()>;
+    /// The token with this hash, revoked or not (the caller checks).
+    async fn worker_token_by_hash(&self, hash: &str) -> Result<Option<WorkerToken>>;
+    async fn worker_token_get(&self, id: &WorkerTokenId) -> Result<Option<WorkerToken>>;
+    /// Every token, oldest first.
+    async fn worker_token_list(&self) -> Result<Vec<WorkerToken>>;
+    /// Marks the token revoked at `at`; `false` when no such token. The
+    /// first revocation time stays.
+    async fn worker_token_revoke(&self, id: &WorkerTokenId, at: OffsetDateTime) -> Result<bool>;
+
+    // --- time and leadership -------------------------------------------
+
+    /// The store's clock. Lease and heartbeat decisions use it rather than
+    /// any one process's, so replicas and workers on hosts whose clocks
+    /// disagree still agree on who holds what.
+    async fn now(&self) -> Result<OffsetDateTime>;
+
+    /// Takes or renews the lease on the job `name` (a reconciler loop) for
+    /// `holder` until `until` (by [`Store::now`]): `true` when `holder`
+    /// holds it now. It is granted when nobody holds it, `holder` already
+    /// does, or the holder's lease ran out before `now`.
+    async fn leader_acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool>;
 }
 
 /// A shared handle to either backend.

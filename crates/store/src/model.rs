@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{EventId, KeyId, Network, SandboxId, SandboxState, TenantId, WorkerId};
+use stacyvm_core::{
+    EventId, KeyId, Network, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+};
 use time::OffsetDateTime;
 
 /// What a key may do.
@@ -258,13 +260,43 @@ impl WorkerState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerRecord {
     pub id: WorkerId,
+    /// A name for people (the host's, unless the operator gave one).
+    pub name: String,
     /// Where the control plane reaches it (`local` for the in-process worker).
     pub address: String,
     pub providers: Vec<String>,
+    /// Each provider's health as the worker last reported it.
+    pub provider_health: Vec<ProviderState>,
     pub labels: BTreeMap<String, String>,
     /// How many live sandboxes it takes.
     pub capacity: i64,
+    /// CPUs and MiB it offers sandboxes (`None`: not limited).
+    pub capacity_cpu: Option<f64>,
+    pub capacity_memory_mb: Option<i64>,
     pub state: WorkerState,
     pub registered_at: OffsetDateTime,
     pub last_heartbeat: OffsetDateTime,
+    /// The worker token it registered with (`None` for the in-process worker).
+    pub token_id: Option<WorkerTokenId>,
+    /// What control planes send to prove themselves to it.
+    pub secret: Option<String>,
+}
+
+/// A provider's health, as a worker reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderState {
+    pub name: String,
+    pub healthy: bool,
+    pub detail: String,
+}
+
+/// A token a remote worker registers with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerToken {
+    pub id: WorkerTokenId,
+    pub name: String,
+    /// Hex SHA-256 of the secret; the secret itself is never stored.
+    pub token_hash: String,
+    pub created_at: OffsetDateTime,
+    pub revoked_at: Option<OffsetDateTime>,
 }

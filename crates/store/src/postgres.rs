@@ -48,6 +48,8 @@ impl Backend for PostgresBackend {
     const MIGRATIONS_LOCK: Option<&'static str> =
         Some("SELECT pg_advisory_xact_lock(x'5374616379564d01'::bigint)");
 
+    const NOW: Option<&'static str> =
+        Some("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT) AS now");
     const BEGIN_WRITE: &'static str = "BEGIN";
 
     /// The tenant's row lock makes this tenant's creates take turns; the

@@ -13,21 +13,24 @@ use std::future::Future;
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Executor, Pool, Transaction};
-use stacyvm_core::{Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId};
+use stacyvm_core::{
+    Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+};
 use time::OffsetDateTime;
 use tokio::sync::MutexGuard;
 
 use crate::common::{
-    audit_columns, audit_from_row, check_not_newer, check_quota, db_error, id_cursor, into_page,
-    is_foreign_key_violation, is_unique_violation, key_columns, key_from_row, live_state,
-    opt_micros, page_limit, quota_from_row, quota_of_tenant, quota_providers_json, sandbox_columns,
-    sandbox_from_row, seq_cursor, stale_or_missing, tenant_exists, tenant_from_row,
-    tenant_not_found, to_micros, worker_columns, worker_from_row, Arg, Conditions, RowGet,
-    SandboxParams, Schema, SqlDb, Statement, Usage, Value,
+    audit_columns, audit_from_row, check_not_newer, check_quota, db_error, from_micros, id_cursor,
+    into_page, is_foreign_key_violation, is_unique_violation, key_columns, key_from_row,
+    live_state, opt_micros, page_limit, quota_from_row, quota_of_tenant, quota_providers_json,
+    sandbox_columns, sandbox_from_row, seq_cursor, stale_or_missing, tenant_exists,
+    tenant_from_row, tenant_not_found, to_micros, worker_columns, worker_from_row,
+    worker_token_from_row, Arg, Conditions, RowGet, SandboxParams, Schema, SqlDb, Statement, Usage,
+    Value,
 };
 use crate::model::{
     ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, Quota, SandboxFilter,
-    SandboxRecord, Tenant, WorkerRecord, WorkerState,
+    SandboxRecord, Tenant, WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::Store;
 
@@ -48,6 +51,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Starts a write transaction.
     const BEGIN_WRITE: &'static str;
+
+    /// A query returning the database's clock as microseconds since the
+    /// epoch in a column `now`; `None` where the store is this process
+    /// (SQLite), whose clock is the store's.
+    const NOW: Option<&'static str>;
 
     /// The tenant's quota as `sandbox_create` reads it ([`quota_of_tenant!`]
     /// with `$1` the tenant), in a way that makes that tenant's concurrent
@@ -788,7 +796,7 @@ impl<B: Backend> Store for SqlStore<B> {
         sqlx::query(concat!(
             "INSERT INTO workers (",
             worker_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (id) DO UPDATE SET
                 address = excluded.address,
                 providers = excluded.providers,
@@ -796,7 +804,13 @@ impl<B: Backend> Store for SqlStore<B> {
                 capacity = excluded.capacity,
                 state = excluded.state,
                 registered_at = excluded.registered_at,
-                last_heartbeat = excluded.last_heartbeat"
+                last_heartbeat = excluded.last_heartbeat,
+                name = excluded.name,
+                token_id = excluded.token_id,
+                secret = excluded.secret,
+                provider_health = excluded.provider_health,
+                capacity_cpu = excluded.capacity_cpu,
+                capacity_memory_mb = excluded.capacity_memory_mb"
         ))
         .arg(worker.id.as_str())
         .arg(worker.address.as_str())
@@ -806,6 +820,15 @@ impl<B: Backend> Store for SqlStore<B> {
         .arg(worker.state.as_str())
         .arg(to_micros(worker.registered_at))
         .arg(to_micros(worker.last_heartbeat))
+        .arg(worker.name.as_str())
+        .arg(worker.token_id.as_ref().map(|t| t.as_str().to_owned()))
+        .arg(worker.secret.clone())
+        .arg(
+            serde_json::to_string(&worker.provider_health)
+                .map_err(|e| Error::internal("encoding provider health", e))?,
+        )
+        .arg(worker.capacity_cpu)
+        .arg(worker.capacity_memory_mb)
         .execute(self.pool())
         .await
         .map(|_| ())
@@ -843,5 +866,110 @@ impl<B: Backend> Store for SqlStore<B> {
             return Err(Error::NotFound(format!("worker {id} not found")));
         }
         Ok(())
+    }
+
+    // --- worker tokens --------------------------------------------------
+
+    async fn worker_token_create(&self, token: &WorkerToken) -> Result<()> {
+        let _turn = self.backend.write_turn().await;
+        let result = sqlx::query(
+            "INSERT INTO worker_tokens (id, name, token_hash, created_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .arg(token.id.as_str())
+        .arg(token.name.as_str())
+        .arg(token.token_hash.as_str())
+        .arg(to_micros(token.created_at))
+        .arg(opt_micros(token.revoked_at))
+        .execute(self.pool())
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(Error::Conflict(format!(
+                "worker token {} or its hash exists already",
+                token.id
+            ))),
+            Err(e) => Err(db_error::<B>("creating a worker token", e)),
+        }
+    }
+
+    async fn worker_token_by_hash(&self, hash: &str) -> Result<Option<WorkerToken>> {
+        self.find(
+            "looking up a worker token",
+            "SELECT id, name, token_hash, created_at, revoked_at FROM worker_tokens
+             WHERE token_hash = $1",
+            hash,
+            worker_token_from_row,
+        )
+        .await
+    }
+
+    async fn worker_token_get(&self, id: &WorkerTokenId) -> Result<Option<WorkerToken>> {
+        self.find(
+            "reading a worker token",
+            "SELECT id, name, token_hash, created_at, revoked_at FROM worker_tokens WHERE id = $1",
+            id.as_str(),
+            worker_token_from_row,
+        )
+        .await
+    }
+
+    async fn worker_token_list(&self) -> Result<Vec<WorkerToken>> {
+        let query = sqlx::query(
+            "SELECT id, name, token_hash, created_at, revoked_at FROM worker_tokens ORDER BY id",
+        );
+        self.all("listing worker tokens", query, worker_token_from_row)
+            .await
+    }
+
+    async fn worker_token_revoke(&self, id: &WorkerTokenId, at: OffsetDateTime) -> Result<bool> {
+        let _turn = self.backend.write_turn().await;
+        let done = sqlx::query(
+            "UPDATE worker_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2",
+        )
+        .arg(to_micros(at))
+        .arg(id.as_str())
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error::<B>("revoking a worker token", e))?;
+        Ok(B::Db::rows_affected(&done) > 0)
+    }
+
+    // --- time and leadership -------------------------------------------
+
+    async fn now(&self) -> Result<OffsetDateTime> {
+        let Some(sql) = B::NOW else {
+            return Ok(stacyvm_core::now());
+        };
+        let micros: i64 = sqlx::query(sql)
+            .fetch_one(self.pool())
+            .await
+            .map_err(|e| db_error::<B>("reading the store's clock", e))
+            .and_then(|row| row.int("now"))?;
+        from_micros("now", micros)
+    }
+
+    async fn leader_acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool> {
+        let _turn = self.backend.write_turn().await;
+        let done = sqlx::query(
+            "INSERT INTO leader_leases (name, holder, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                expires_at = excluded.expires_at
+             WHERE leader_leases.holder = excluded.holder OR leader_leases.expires_at < $4",
+        )
+        .arg(name)
+        .arg(holder)
+        .arg(to_micros(until))
+        .arg(to_micros(now))
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error::<B>("taking a leader lease", e))?;
+        Ok(B::Db::rows_affected(&done) > 0)
     }
 }

@@ -61,6 +61,7 @@ impl Backend for SqliteBackend {
 
     const MIGRATIONS_LOCK: Option<&'static str> = None;
 
+    const NOW: Option<&'static str> = None;
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
 
     /// `BEGIN IMMEDIATE` has already made this the only writer.

@@ -118,6 +118,16 @@ pub fn worker(address: &str) -> WorkerRecord {
         state: WorkerState::Ready,
         registered_at: now,
         last_heartbeat: now,
+        name: format!("worker at {address}"),
+        provider_health: vec![stacyvm_store::ProviderState {
+            name: "docker".into(),
+            healthy: true,
+            detail: "Docker 20.10".into(),
+        }],
+        capacity_cpu: Some(8.5),
+        capacity_memory_mb: Some(16384),
+        token_id: Some(stacyvm_core::WorkerTokenId::generate()),
+        secret: Some("svmc_secret".into()),
     }
 }
 

@@ -80,4 +80,6 @@ conformance! {
     audit::audit_events_refuse_update_and_delete,
     audit::concurrent_appends_all_land_and_a_duplicate_fails_alone,
     workers::worker_upsert_get_list_set_state,
+    workers::worker_tokens_are_stored_by_hash_and_revoked_once,
+    workers::leader_leases_pass_on_only_when_they_run_out,
 }
