@@ -181,7 +181,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     {
         config
             .pools
-            .push(stacyvm_control_plane::pools::PoolSpec::parse(p)?);
+            .push(stacyvm_control_plane::config::PoolSpec::parse(p)?);
     }
     config.egress_host_access = args.egress_host_access;
     for p in args

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use stacyvm_core::{now, Error, Result, WorkerId};
@@ -18,10 +17,10 @@ use stacyvm_store::WorkerRecord;
 use stacyvm_worker::{DynWorker, LocalWorker};
 use tokio::sync::watch;
 
-use crate::app::{auth, ratelimit::ExecLimiter, App};
+use crate::app::reconcilers;
+use crate::app::{auth, App};
 use crate::config::ServerConfig;
 use crate::http::{self, AppState};
-use crate::reconcilers;
 use crate::scheduler::Scheduler;
 
 /// A server that is up: its address and what the operator should be told.
@@ -180,20 +179,13 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         workers.push(Arc::new(LocalWorker::new(worker_id, providers)));
     }
 
-    let app = Arc::new(App {
-        scheduler: Scheduler::new(store.clone(), workers),
-        store,
+    let app = Arc::new(App::new(
+        config.clone(),
+        store.clone(),
+        Scheduler::new(store, workers),
         catalog,
-        exec_limiter: ExecLimiter::default(),
-        exec_slots: Default::default(),
-        auth_failures: Default::default(),
-        pools: crate::pools::Pools::new(&config.pools),
-        quota_cache: Default::default(),
-        pool_wake: tokio::sync::Notify::new(),
-        started: Instant::now(),
-        system_tenant: boot.system_tenant.clone(),
-        config: config.clone(),
-    });
+        boot.system_tenant.clone(),
+    ));
 
     // Adopt what survived the last run before taking requests.
     reconcilers::heartbeat(&app).await?;
@@ -226,7 +218,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
     ));
     let loops = reconcilers::spawn_loops(app.clone(), stop_rx.clone());
     let pool_loop = reconcilers::spawn_pool_loop(app.clone(), stop_rx);
-    tracing::info!(%addr, store = app.store.kind(), "StacyVM is serving");
+    tracing::info!(%addr, store = app.store_kind(), "StacyVM is serving");
     Ok(Running {
         addr,
         app,
@@ -245,7 +237,7 @@ impl Running {
     /// that is not started again would never remove them). The sandboxes
     /// keep running; the next start adopts them.
     pub async fn shutdown(self) -> Result<()> {
-        self.app.pools.close();
+        self.app.pools_close();
         let _ = self.stop.send(true);
         let _ = self.loops.await;
         let _ = self.pool_loop.await;
@@ -254,7 +246,7 @@ impl Running {
             Ok(Err(e)) => Err(Error::internal("serving HTTP", e)),
             Err(e) => Err(Error::internal("the HTTP task", e)),
         };
-        let drained = crate::pools::drain(&self.app).await;
+        let drained = self.app.pools_drain().await;
         if drained > 0 {
             tracing::info!(members = drained, "destroyed the idle warm-pool members");
         }

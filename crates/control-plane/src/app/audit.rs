@@ -1,7 +1,9 @@
-//! Audit events: what the control plane records for every mutating call and
-//! every refusal, and how they are read back.
+//! Audit events: the policy (which calls are recorded, under what action,
+//! target and sandbox), writing them before the response leaves, and
+//! reading them back.
 
-use stacyvm_core::{now, EventId, Result, TenantId};
+use stacyvm_api as api;
+use stacyvm_core::{now, Error, EventId, Result, SandboxId, TenantId};
 use stacyvm_store::{Actor, AuditEvent, AuditFilter, DynStore, Outcome, Page, PageRequest};
 use time::OffsetDateTime;
 
@@ -82,4 +84,184 @@ pub async fn audit_list(
         },
     };
     store.audit_list(&filter).await
+}
+
+/// What the HTTP layer knows of a finished call.
+pub struct Call {
+    pub method: String,
+    /// The route template that matched (`/v1/sandboxes/{id}/exec`), if any.
+    pub route: Option<String>,
+    pub path: String,
+    pub status: u16,
+    pub who: Option<Principal>,
+    /// What the handler said the call was about, if it did.
+    pub target: Option<String>,
+    pub detail: Option<serde_json::Value>,
+    pub request_id: String,
+    pub source_ip: Option<String>,
+}
+
+impl super::App {
+    /// Records `call` if the audit policy wants it: every mutating call and
+    /// every refusal (401, 403, 429, and 404 on another tenant's sandbox),
+    /// on `/v1` and `/metrics`. Returns once the event is durable.
+    pub async fn audit_call(&self, call: Call) -> Result<()> {
+        let mutating = !matches!(call.method.as_str(), "GET" | "HEAD" | "OPTIONS");
+        let refused = matches!(call.status, 401 | 403 | 429);
+        let mut cross_tenant = false;
+        if call.status == 404 {
+            if let (Some(w), Some(id)) = (&call.who, sandbox_in_path(&call.path)) {
+                if let Ok(Some(rec)) = self.store.sandbox_get(&SandboxId::from_trusted(id)).await {
+                    cross_tenant = !w.can_see(&rec.tenant_id);
+                }
+            }
+        }
+        let route = match call.route {
+            Some(r) if r.starts_with("/v1/") || r == "/metrics" => r,
+            _ => return Ok(()),
+        };
+        if !(mutating || refused || cross_tenant) {
+            return Ok(());
+        }
+        let mut detail = call.detail.unwrap_or(serde_json::Value::Null);
+        if cross_tenant {
+            detail = serde_json::json!({"reason": "the sandbox belongs to another tenant"});
+        }
+        if !detail.is_object() {
+            detail = serde_json::json!({});
+        }
+        let target = call.target.or_else(|| target_in_path(&call.path));
+        let sandbox_id = sandbox_in_path(&call.path).or_else(|| {
+            target
+                .as_deref()
+                .filter(|t| SandboxId::parse(t).is_some())
+                .map(str::to_owned)
+        });
+        let who = call.who;
+        let draft = EventDraft {
+            tenant_id: who.as_ref().map(|w| w.tenant_id.clone()),
+            actor: Actor {
+                key_id: who.as_ref().map(|w| w.key_id.clone()),
+                role: who.as_ref().map(|w| w.role),
+            },
+            action: action_of(&call.method, &route),
+            target,
+            sandbox_id,
+            status: call.status,
+            request_id: call.request_id,
+            source_ip: call.source_ip,
+            detail,
+        };
+        record(&self.store, draft).await
+    }
+
+    /// `GET /v1/audit`, from the query's own strings.
+    pub async fn audit_query(&self, who: &Principal, f: AuditParams) -> Result<api::AuditList> {
+        let outcome = match f.outcome.as_deref() {
+            None | Some("") => None,
+            Some(o) => Some(Outcome::parse(o).ok_or_else(|| {
+                Error::InvalidRequest(format!("outcome {o:?} must be ok, denied or error"))
+            })?),
+        };
+        let since = match f.since.as_deref() {
+            None | Some("") => None,
+            Some(t) => Some(
+                OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).map_err(
+                    |_| Error::InvalidRequest(format!("since {t:?} is not an RFC 3339 time")),
+                )?,
+            ),
+        };
+        let page = audit_list(
+            &self.store,
+            who,
+            AuditQuery {
+                sandbox_id: f.sandbox_id,
+                action: f.action,
+                outcome,
+                since,
+                limit: f.limit,
+                cursor: f.cursor,
+            },
+        )
+        .await?;
+        Ok(api::AuditList {
+            events: page.items.iter().map(super::views::audit_event).collect(),
+            next_cursor: page.next_cursor,
+        })
+    }
+}
+
+/// The filters of `GET /v1/audit` as the client sent them; `audit_query`
+/// checks them.
+#[derive(Debug, Default)]
+pub struct AuditParams {
+    pub sandbox_id: Option<String>,
+    pub action: Option<String>,
+    /// `ok`, `denied` or `error`.
+    pub outcome: Option<String>,
+    /// An RFC 3339 time.
+    pub since: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// The audit action of a route, e.g. `sandbox.exec`.
+fn action_of(m: &str, route: &str) -> String {
+    let a = match (m, route) {
+        ("POST", "/v1/sandboxes") => "sandbox.create",
+        ("GET", "/v1/sandboxes") => "sandbox.list",
+        ("GET", "/v1/sandboxes/{id}") => "sandbox.get",
+        ("DELETE", "/v1/sandboxes/{id}") => "sandbox.destroy",
+        ("POST", "/v1/sandboxes/{id}/timeout") => "sandbox.timeout",
+        ("POST", "/v1/sandboxes/{id}/pause") => "sandbox.pause",
+        ("POST", "/v1/sandboxes/{id}/resume") => "sandbox.resume",
+        ("GET", "/v1/sandboxes/{id}/logs") => "sandbox.logs",
+        ("POST", "/v1/sandboxes/{id}/exec") => "sandbox.exec",
+        ("POST", "/v1/sandboxes/{id}/exec/stream") => "sandbox.exec_stream",
+        ("PUT", "/v1/sandboxes/{id}/files") => "file.write",
+        ("GET", "/v1/sandboxes/{id}/files") => "file.read",
+        ("DELETE", "/v1/sandboxes/{id}/files") => "file.delete",
+        ("PUT", "/v1/sandboxes/{id}/files/archive") => "file.extract",
+        ("GET", "/v1/sandboxes/{id}/files/stat") => "file.stat",
+        ("GET", "/v1/sandboxes/{id}/files/list") => "file.list",
+        ("GET", "/v1/sandboxes/{id}/files/glob") => "file.glob",
+        ("POST", "/v1/sandboxes/{id}/files/move") => "file.move",
+        ("POST", "/v1/sandboxes/{id}/files/chmod") => "file.chmod",
+        ("POST", "/v1/sandboxes/{id}/files/mkdir") => "file.mkdir",
+        ("POST", "/v1/images") => "image.import",
+        ("GET", "/v1/images") => "image.list",
+        ("GET", "/v1/images/{*name}") => "image.get",
+        ("DELETE", "/v1/images/{*name}") => "image.delete",
+        ("POST", "/v1/tenants") => "tenant.create",
+        ("GET", "/v1/tenants") => "tenant.list",
+        ("GET", "/v1/tenants/{id}/quota") => "quota.get",
+        ("PUT", "/v1/tenants/{id}/quota") => "quota.set",
+        ("POST", "/v1/keys") => "key.create",
+        ("GET", "/v1/keys") => "key.list",
+        ("DELETE", "/v1/keys/{id}") => "key.revoke",
+        ("GET", "/v1/audit") => "audit.list",
+        ("GET", "/v1/status") => "status.get",
+        ("GET", "/v1/workers") => "worker.list",
+        ("POST", "/v1/workers/{id}/drain") => "worker.drain",
+        ("GET", "/metrics") => "metrics.get",
+        _ => return format!("http.{}", m.to_ascii_lowercase()),
+    };
+    a.to_owned()
+}
+
+/// The sandbox id in a `/v1/sandboxes/{id}…` path.
+fn sandbox_in_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/sandboxes/")?;
+    let id = rest.split('/').next()?;
+    SandboxId::parse(id).map(|s| s.to_string())
+}
+
+/// The object a path names, for the audit `target` when the handler did not say.
+fn target_in_path(path: &str) -> Option<String> {
+    let mut parts = path.trim_start_matches('/').split('/');
+    let (_v1, kind, id) = (parts.next()?, parts.next()?, parts.next());
+    match kind {
+        "sandboxes" | "keys" | "tenants" | "workers" | "images" => id.map(str::to_owned),
+        _ => None,
+    }
 }

@@ -64,6 +64,31 @@ pub async fn authenticate(store: &DynStore, bearer: Option<&str>) -> Result<Prin
     })
 }
 
+impl super::App {
+    /// Resolves the bearer key of a call from `addr`.
+    ///
+    /// A valid key is always served. Failures are counted per client
+    /// address; past `limits.auth_failures_per_minute` a bad key gets
+    /// `RateLimited` instead of `Unauthenticated`, telling a flooding client
+    /// to back off without locking out a neighbour (same NAT or proxy) whose
+    /// key works.
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        addr: Option<std::net::IpAddr>,
+    ) -> Result<Principal> {
+        let err = match authenticate(&self.store, bearer).await {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        if let (Error::Unauthenticated(_), Some(addr)) = (&err, addr) {
+            self.auth_failures
+                .failed(addr, self.config.limits.auth_failures_per_minute)?;
+        }
+        Err(err)
+    }
+}
+
 /// What the bootstrap did, so `serve` can tell the operator.
 pub struct Bootstrap {
     pub system_tenant: TenantId,

@@ -2,10 +2,10 @@
 //! running at once) and running it, whole or streamed, through the
 //! sandbox's agent.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use stacyvm_core::{validate_sandbox_path, ExecOutcome, ExecRequest, Result};
+use stacyvm_api as api;
+use stacyvm_core::{validate_sandbox_path, ExecOutcome, ExecRequest, Result, SandboxId};
 use stacyvm_provider::ExecStream;
 use stacyvm_store::SandboxRecord;
 use stacyvm_worker::{DynWorker, Lease};
@@ -14,17 +14,56 @@ use super::exec_slots::ExecSlot;
 use super::sandboxes::{check_env, invalid};
 use super::{App, Principal};
 
+/// A command started with output streamed: the sandbox it runs in, its
+/// events, and its place among the commands running at once (freed when
+/// `slot` is dropped, so keep it as long as the stream).
+pub struct RunningExec {
+    pub sandbox: SandboxId,
+    pub events: ExecStream,
+    pub slot: ExecSlot,
+}
+
 impl App {
-    /// Checks and builds an exec request from API input.
-    pub fn exec_request(
+    /// `POST /v1/sandboxes/{id}/exec`: runs a command to its end.
+    pub async fn sandbox_exec(
         &self,
-        rec: &SandboxRecord,
-        cmd: Vec<String>,
-        env: BTreeMap<String, String>,
-        cwd: Option<String>,
-        stdin: Option<String>,
-        timeout_s: Option<f64>,
-    ) -> Result<ExecRequest> {
+        who: &Principal,
+        id: &str,
+        body: api::ExecRequest,
+    ) -> Result<(SandboxId, ExecOutcome)> {
+        let (rec, worker, lease, _slot) = self.exec_admit(who, id).await?;
+        let req = self.exec_request(&rec, body)?;
+        let out = self.exec(&worker, &lease, req).await?;
+        Ok((rec.id, out))
+    }
+
+    /// `POST /v1/sandboxes/{id}/exec/stream`: starts a command whose output
+    /// arrives while it runs. Dropping the events kills the command.
+    pub async fn sandbox_exec_stream(
+        &self,
+        who: &Principal,
+        id: &str,
+        body: api::ExecRequest,
+    ) -> Result<RunningExec> {
+        let (rec, worker, lease, slot) = self.exec_admit(who, id).await?;
+        let req = self.exec_request(&rec, body)?;
+        let events = worker.agent(&lease).await?.exec_stream(req).await?;
+        Ok(RunningExec {
+            sandbox: rec.id,
+            events,
+            slot,
+        })
+    }
+
+    /// Checks and builds an exec request from API input.
+    fn exec_request(&self, rec: &SandboxRecord, body: api::ExecRequest) -> Result<ExecRequest> {
+        let api::ExecRequest {
+            cmd,
+            env,
+            cwd,
+            stdin,
+            timeout_s,
+        } = body;
         if cmd.is_empty() {
             return Err(invalid("cmd must hold at least the program to run"));
         }
@@ -72,7 +111,7 @@ impl App {
     /// Everything an exec needs before it runs: visibility, role, state,
     /// the tenant's exec rate and a slot among the commands running at once
     /// (held until the returned [`ExecSlot`] is dropped).
-    pub async fn exec_admit(
+    async fn exec_admit(
         &self,
         who: &Principal,
         id: &str,
@@ -114,7 +153,7 @@ impl App {
         Ok(q)
     }
 
-    pub async fn exec(
+    async fn exec(
         &self,
         worker: &DynWorker,
         lease: &Lease,
@@ -129,14 +168,5 @@ impl App {
                 .increment(1);
         }
         out
-    }
-
-    pub async fn exec_stream(
-        &self,
-        worker: &DynWorker,
-        lease: &Lease,
-        req: ExecRequest,
-    ) -> Result<ExecStream> {
-        worker.agent(lease).await?.exec_stream(req).await
     }
 }

@@ -8,10 +8,13 @@ pub mod exec;
 pub mod exec_slots;
 pub mod files;
 pub mod images;
+pub mod pools;
 pub mod ratelimit;
+pub mod reconcilers;
 pub mod sandboxes;
 pub mod status;
 pub mod tenants;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,25 +71,61 @@ impl Principal {
     }
 }
 
-/// The control plane's shared state.
+/// The control plane's shared state. Its parts are the app's own: the
+/// HTTP layer and the server reach them only through `App`'s methods.
 pub struct App {
-    pub config: ServerConfig,
-    pub store: DynStore,
-    pub scheduler: Scheduler,
-    pub catalog: Arc<ImageCatalog>,
-    pub exec_limiter: ratelimit::ExecLimiter,
+    config: ServerConfig,
+    store: DynStore,
+    scheduler: Scheduler,
+    catalog: Arc<ImageCatalog>,
+    exec_limiter: ratelimit::ExecLimiter,
     /// Commands running now, per sandbox and per tenant.
-    pub exec_slots: exec_slots::ExecSlots,
-    pub auth_failures: ratelimit::AuthFailureLimiter,
-    pub pools: crate::pools::Pools,
+    exec_slots: exec_slots::ExecSlots,
+    auth_failures: ratelimit::AuthFailureLimiter,
+    pools: pools::Pools,
     /// Quotas read on the exec path, reused for a moment (see `exec_quota`).
-    pub quota_cache:
+    quota_cache:
         std::sync::Mutex<std::collections::HashMap<TenantId, (Instant, stacyvm_store::Quota)>>,
     /// Wakes the pool refill loop after a claim.
-    pub pool_wake: tokio::sync::Notify,
-    pub started: Instant,
+    pool_wake: tokio::sync::Notify,
+    started: Instant,
     /// The tenant that owns the bootstrap admin key.
-    pub system_tenant: TenantId,
+    system_tenant: TenantId,
+}
+
+impl App {
+    pub fn new(
+        config: ServerConfig,
+        store: DynStore,
+        scheduler: Scheduler,
+        catalog: Arc<ImageCatalog>,
+        system_tenant: TenantId,
+    ) -> App {
+        App {
+            pools: pools::Pools::new(&config.pools),
+            config,
+            store,
+            scheduler,
+            catalog,
+            exec_limiter: Default::default(),
+            exec_slots: Default::default(),
+            auth_failures: Default::default(),
+            quota_cache: Default::default(),
+            pool_wake: tokio::sync::Notify::new(),
+            started: Instant::now(),
+            system_tenant,
+        }
+    }
+
+    /// The configuration the server was started with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Which store the control plane runs on (`sqlite` or `postgres`).
+    pub fn store_kind(&self) -> &'static str {
+        self.store.kind()
+    }
 }
 
 /// Clamps a list `limit` to 1..=1000 (default 100), as `API.md` says.

@@ -303,7 +303,7 @@ impl App {
             fencing_token: 0,
             idempotency_key: req.idempotency_key.clone(),
         };
-        let pooled = if crate::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network) {
+        let pooled = if super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network) {
             self.pools.take(&rec.provider, &rec.image, source)
         } else {
             None

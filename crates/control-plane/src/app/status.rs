@@ -149,4 +149,20 @@ impl App {
             .find(|w| w.id == wid.as_str())
             .ok_or_else(not_found)
     }
+
+    /// Brings the gauges `/metrics` renders up to date: sandboxes by state.
+    /// A store that cannot answer leaves the last values.
+    pub async fn update_gauges(&self) {
+        let Ok(counts) = self.store.sandbox_count_by_state().await else {
+            return;
+        };
+        for st in stacyvm_core::SandboxState::ALL {
+            let n = counts
+                .iter()
+                .find(|(name, _)| name == st.as_str())
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            metrics::gauge!("stacyvm_sandboxes", "state" => st.as_str()).set(n as f64);
+        }
+    }
 }

@@ -10,15 +10,13 @@ use axum::Json;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use stacyvm_core::{ByteStream, Error};
-use stacyvm_store::Outcome;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
-use super::dto::{self, RawBytes};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Auth, JsonBody, Path, Q};
+use super::openapi::RawBytes;
 use super::{note, AppState};
-use crate::app::audit::AuditQuery;
+use crate::app::audit::AuditParams;
+use crate::app::views;
 use stacyvm_api as api;
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -42,7 +40,7 @@ pub async fn image_import(
             "the name query parameter is required".into(),
         ))
     })?;
-    let limit = s.app.config.limits.upload_bytes;
+    let limit = s.app.config().limits.upload_bytes;
     let mut seen = 0u64;
     let stream: ByteStream = Box::pin(body.into_data_stream().map(move |c| match c {
         Ok(b) => {
@@ -58,7 +56,7 @@ pub async fn image_import(
         Err(e) => Err(std::io::Error::other(e)),
     }));
     let info = s.app.image_import(&who, &name, stream).await?;
-    let resp = (StatusCode::CREATED, Json(dto::image(&info))).into_response();
+    let resp = (StatusCode::CREATED, Json(views::image(&info))).into_response();
     Ok(note(
         resp,
         Some(info.name.clone()),
@@ -73,7 +71,7 @@ pub async fn image_list(
 ) -> ApiResult<Json<api::ImageList>> {
     let images = s.app.image_list().await?;
     Ok(Json(api::ImageList {
-        images: images.iter().map(dto::image).collect(),
+        images: images.iter().map(views::image).collect(),
     }))
 }
 
@@ -83,7 +81,7 @@ pub async fn image_get(
     Auth(_who): Auth,
     Path(name): Path<String>,
 ) -> ApiResult<Json<api::Image>> {
-    Ok(Json(dto::image(&s.app.image_get(&name).await?)))
+    Ok(Json(views::image(&s.app.image_get(&name).await?)))
 }
 
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", responses((status = 204)))]
@@ -104,7 +102,7 @@ pub async fn tenant_create(
     JsonBody(b): JsonBody<api::CreateTenant>,
 ) -> ApiResult<Response> {
     let (t, q) = s.app.tenant_create(&who, &b.name).await?;
-    let resp = (StatusCode::CREATED, Json(dto::tenant(&t, &q))).into_response();
+    let resp = (StatusCode::CREATED, Json(views::tenant(&t, &q))).into_response();
     Ok(note(
         resp,
         Some(t.id.to_string()),
@@ -130,7 +128,11 @@ pub async fn tenant_list(
 ) -> ApiResult<Json<api::TenantList>> {
     let page = s.app.tenant_list(&who, q.limit, q.cursor).await?;
     Ok(Json(api::TenantList {
-        tenants: page.items.iter().map(|(t, q)| dto::tenant(t, q)).collect(),
+        tenants: page
+            .items
+            .iter()
+            .map(|(t, q)| views::tenant(t, q))
+            .collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -141,7 +143,7 @@ pub async fn quota_get(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<api::Quota>> {
-    Ok(Json(dto::quota(&s.app.quota_get(&who, &id).await?)))
+    Ok(Json(views::quota(&s.app.quota_get(&who, &id).await?)))
 }
 
 #[utoipa::path(put, path = "/v1/tenants/{id}/quota", tag = "tenants", request_body = api::Quota,
@@ -153,8 +155,8 @@ pub async fn quota_set(
     JsonBody(b): JsonBody<serde_json::Value>,
 ) -> ApiResult<Response> {
     let b: api::Quota = super::extract::strict(b)?;
-    let q = s.app.quota_set(&who, &id, dto::quota_from(b)).await?;
-    let view = dto::quota(&q);
+    let q = s.app.quota_set(&who, &id, views::quota_from(b)).await?;
+    let view = views::quota(&q);
     let detail = serde_json::to_value(&view).unwrap_or_default();
     Ok(note(Json(view).into_response(), Some(id), detail))
 }
@@ -170,7 +172,7 @@ pub async fn key_create(
         .app
         .key_create(&who, &b.tenant_id, b.role.as_str(), &b.name)
         .await?;
-    let view = dto::key(&created.key, Some(created.secret));
+    let view = views::key(&created.key, Some(created.secret));
     let detail = serde_json::json!({"tenant_id": created.key.tenant_id, "role": created.key.role.as_str(), "name": created.key.name});
     Ok(note(
         (StatusCode::CREATED, Json(view)).into_response(),
@@ -187,7 +189,7 @@ pub async fn key_list(
 ) -> ApiResult<Json<api::KeyList>> {
     let page = s.app.key_list(&who, q.limit, q.cursor).await?;
     Ok(Json(api::KeyList {
-        keys: page.items.iter().map(|k| dto::key(k, None)).collect(),
+        keys: page.items.iter().map(|k| views::key(k, None)).collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -224,39 +226,15 @@ pub async fn audit_list(
     Auth(who): Auth,
     Q(q): Q<AuditQueryParams>,
 ) -> ApiResult<Json<api::AuditList>> {
-    let outcome = match q.outcome.as_deref() {
-        None | Some("") => None,
-        Some(o) => Some(Outcome::parse(o).ok_or_else(|| {
-            ApiError(Error::InvalidRequest(format!(
-                "outcome {o:?} must be ok, denied or error"
-            )))
-        })?),
+    let f = AuditParams {
+        sandbox_id: q.sandbox_id,
+        action: q.action,
+        outcome: q.outcome,
+        since: q.since,
+        limit: q.limit,
+        cursor: q.cursor,
     };
-    let since = match q.since.as_deref() {
-        None | Some("") => None,
-        Some(t) => Some(OffsetDateTime::parse(t, &Rfc3339).map_err(|_| {
-            ApiError(Error::InvalidRequest(format!(
-                "since {t:?} is not an RFC 3339 time"
-            )))
-        })?),
-    };
-    let page = crate::app::audit::audit_list(
-        &s.app.store,
-        &who,
-        AuditQuery {
-            sandbox_id: q.sandbox_id,
-            action: q.action,
-            outcome,
-            since,
-            limit: q.limit,
-            cursor: q.cursor,
-        },
-    )
-    .await?;
-    Ok(Json(api::AuditList {
-        events: page.items.iter().map(dto::audit_event).collect(),
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(s.app.audit_query(&who, f).await?))
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "status",
@@ -315,16 +293,7 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     responses((status = 200, content_type = "text/plain", body = String),
         (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody)))]
 pub async fn metrics(State(s): State<AppState>) -> Response {
-    if let Ok(counts) = s.app.store.sandbox_count_by_state().await {
-        for st in stacyvm_core::SandboxState::ALL {
-            let n = counts
-                .iter()
-                .find(|(name, _)| name == st.as_str())
-                .map(|(_, n)| *n)
-                .unwrap_or(0);
-            metrics::gauge!("stacyvm_sandboxes", "state" => st.as_str()).set(n as f64);
-        }
-    }
+    s.app.update_gauges().await;
     let body = s.metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -126,7 +126,7 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
     {
-        let ip = resolve(peer, req.headers(), &s.app.config.http.trusted_proxies);
+        let ip = resolve(peer, req.headers(), &s.app.config().http.trusted_proxies);
         req.extensions_mut().insert(ClientAddr(ip));
     }
     next.run(req).await

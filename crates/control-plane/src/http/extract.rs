@@ -35,7 +35,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limit = state.app.config.limits.json_body_bytes;
+        let limit = state.app.config().limits.json_body_bytes;
         let too_large = || {
             ApiError(Error::PayloadTooLarge(format!(
                 "JSON body is over the {limit}-byte limit"

@@ -14,10 +14,11 @@ use serde::Deserialize;
 use stacyvm_core::files::parse_mode;
 use stacyvm_core::{ByteStream, Error};
 
-use super::dto::{self, RawBytes};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Auth, JsonBody, Path, Q};
+use super::openapi::RawBytes;
 use super::{note, AppState};
+use crate::app::views;
 use stacyvm_api as api;
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -73,7 +74,7 @@ pub async fn file_write(
     })
     .await?;
     Ok(file_note(
-        (StatusCode::CREATED, Json(dto::entry(&entry))).into_response(),
+        (StatusCode::CREATED, Json(views::entry(&entry))).into_response(),
         &id,
         &path,
     ))
@@ -90,7 +91,7 @@ async fn limited_upload<T, F>(
 where
     F: std::future::Future<Output = stacyvm_core::Result<T>>,
 {
-    let limit = s.app.config.limits.upload_bytes;
+    let limit = s.app.config().limits.upload_bytes;
     let over = Arc::new(AtomicBool::new(false));
     let flag = over.clone();
     let mut seen: u64 = 0;
@@ -165,7 +166,7 @@ pub async fn file_archive_put(
     .await?;
     let detail = serde_json::json!({"path": path, "files": summary.files, "bytes": summary.bytes});
     Ok(note(
-        (StatusCode::CREATED, Json(dto::archive(summary))).into_response(),
+        (StatusCode::CREATED, Json(views::archive(summary))).into_response(),
         Some(id),
         detail,
     ))
@@ -198,7 +199,9 @@ pub async fn file_stat(
     Q(q): Q<PathQuery>,
 ) -> ApiResult<Json<api::FileEntry>> {
     let path = q.path_and_mode()?.0;
-    Ok(Json(dto::entry(&s.app.file_stat(&who, &id, &path).await?)))
+    Ok(Json(views::entry(
+        &s.app.file_stat(&who, &id, &path).await?,
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", params(PathQuery),
@@ -212,7 +215,7 @@ pub async fn file_list(
     let path = q.path_and_mode()?.0;
     let entries = s.app.file_list(&who, &id, &path, q.recursive).await?;
     Ok(Json(api::Entries {
-        entries: entries.iter().map(dto::entry).collect(),
+        entries: entries.iter().map(views::entry).collect(),
     }))
 }
 
@@ -255,7 +258,7 @@ pub async fn file_move(
         .file_move(&who, &id, &b.from, &b.to, b.overwrite)
         .await?;
     Ok(note(
-        Json(dto::entry(&entry)).into_response(),
+        Json(views::entry(&entry)).into_response(),
         Some(id),
         serde_json::json!({"from": b.from, "to": b.to, "overwrite": b.overwrite}),
     ))
@@ -272,7 +275,7 @@ pub async fn file_chmod(
     let mode = parse_mode(&b.mode)?;
     let entry = s.app.file_chmod(&who, &id, &b.path, mode).await?;
     Ok(file_note(
-        Json(dto::entry(&entry)).into_response(),
+        Json(views::entry(&entry)).into_response(),
         &id,
         &b.path,
     ))
@@ -288,7 +291,7 @@ pub async fn file_mkdir(
 ) -> ApiResult<Response> {
     let entry = s.app.file_mkdir(&who, &id, &b.path, b.parents).await?;
     Ok(file_note(
-        (StatusCode::CREATED, Json(dto::entry(&entry))).into_response(),
+        (StatusCode::CREATED, Json(views::entry(&entry))).into_response(),
         &id,
         &b.path,
     ))

@@ -6,7 +6,6 @@
 
 pub mod admin;
 pub mod client_addr;
-pub mod dto;
 pub mod error;
 pub mod extract;
 pub mod files;
@@ -19,17 +18,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use stacyvm_core::{Error, SandboxId};
-use stacyvm_store::Actor;
+use stacyvm_core::Error;
 
-use crate::app::audit::{self, EventDraft};
-use crate::app::{auth, App, Principal};
+use crate::app::audit;
+use crate::app::{App, Principal};
 use client_addr::ClientAddr;
 use error::{error_response, ApiError};
 
@@ -94,7 +92,7 @@ pub fn router(state: AppState) -> Router {
     // Metrics name routes, tenants' activity and sandbox counts: operators
     // only, unless the operator opens them to a scraper.
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
-    if !state.app.config.http.metrics_public {
+    if !state.app.config().http.metrics_public {
         metrics_route = metrics_route
             .route_layer(middleware::from_fn(admin_only))
             .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
@@ -153,17 +151,9 @@ fn bearer(req: &Request) -> Option<String> {
 /// out.
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     let addr = req.extensions().get::<ClientAddr>().map(|c| c.0);
-    let who = match auth::authenticate(&s.app.store, bearer(&req).as_deref()).await {
+    let who = match s.app.authenticate(bearer(&req).as_deref(), addr).await {
         Ok(p) => p,
-        Err(e) => {
-            if let (Error::Unauthenticated(_), Some(addr)) = (&e, addr) {
-                let limit = s.app.config.limits.auth_failures_per_minute;
-                if let Err(limited) = s.app.auth_failures.failed(addr, limit) {
-                    return error_response(&limited);
-                }
-            }
-            return error_response(&e);
-        }
+        Err(e) => return error_response(&e),
     };
     req.extensions_mut().insert(who.clone());
     let mut resp = next.run(req).await;
@@ -180,74 +170,11 @@ async fn admin_only(req: Request, next: Next) -> Response {
     }
 }
 
-/// The audit action of a route, e.g. `sandbox.exec`.
-fn action_of(method: &Method, route: &str) -> String {
-    let m = method.as_str();
-    let a = match (m, route) {
-        ("POST", "/v1/sandboxes") => "sandbox.create",
-        ("GET", "/v1/sandboxes") => "sandbox.list",
-        ("GET", "/v1/sandboxes/{id}") => "sandbox.get",
-        ("DELETE", "/v1/sandboxes/{id}") => "sandbox.destroy",
-        ("POST", "/v1/sandboxes/{id}/timeout") => "sandbox.timeout",
-        ("POST", "/v1/sandboxes/{id}/pause") => "sandbox.pause",
-        ("POST", "/v1/sandboxes/{id}/resume") => "sandbox.resume",
-        ("GET", "/v1/sandboxes/{id}/logs") => "sandbox.logs",
-        ("POST", "/v1/sandboxes/{id}/exec") => "sandbox.exec",
-        ("POST", "/v1/sandboxes/{id}/exec/stream") => "sandbox.exec_stream",
-        ("PUT", "/v1/sandboxes/{id}/files") => "file.write",
-        ("GET", "/v1/sandboxes/{id}/files") => "file.read",
-        ("DELETE", "/v1/sandboxes/{id}/files") => "file.delete",
-        ("PUT", "/v1/sandboxes/{id}/files/archive") => "file.extract",
-        ("GET", "/v1/sandboxes/{id}/files/stat") => "file.stat",
-        ("GET", "/v1/sandboxes/{id}/files/list") => "file.list",
-        ("GET", "/v1/sandboxes/{id}/files/glob") => "file.glob",
-        ("POST", "/v1/sandboxes/{id}/files/move") => "file.move",
-        ("POST", "/v1/sandboxes/{id}/files/chmod") => "file.chmod",
-        ("POST", "/v1/sandboxes/{id}/files/mkdir") => "file.mkdir",
-        ("POST", "/v1/images") => "image.import",
-        ("GET", "/v1/images") => "image.list",
-        ("GET", "/v1/images/{*name}") => "image.get",
-        ("DELETE", "/v1/images/{*name}") => "image.delete",
-        ("POST", "/v1/tenants") => "tenant.create",
-        ("GET", "/v1/tenants") => "tenant.list",
-        ("GET", "/v1/tenants/{id}/quota") => "quota.get",
-        ("PUT", "/v1/tenants/{id}/quota") => "quota.set",
-        ("POST", "/v1/keys") => "key.create",
-        ("GET", "/v1/keys") => "key.list",
-        ("DELETE", "/v1/keys/{id}") => "key.revoke",
-        ("GET", "/v1/audit") => "audit.list",
-        ("GET", "/v1/status") => "status.get",
-        ("GET", "/v1/workers") => "worker.list",
-        ("POST", "/v1/workers/{id}/drain") => "worker.drain",
-        ("GET", "/metrics") => "metrics.get",
-        _ => return format!("http.{}", m.to_ascii_lowercase()),
-    };
-    a.to_owned()
-}
-
-/// The sandbox id in a `/v1/sandboxes/{id}…` path.
-fn sandbox_in_path(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/sandboxes/")?;
-    let id = rest.split('/').next()?;
-    SandboxId::parse(id).map(|s| s.to_string())
-}
-
-/// The object a path names, for the audit `target` when the handler did not say.
-fn target_in_path(path: &str) -> Option<String> {
-    let mut parts = path.trim_start_matches('/').split('/');
-    let (_v1, kind, id) = (parts.next()?, parts.next()?, parts.next());
-    match kind {
-        "sandboxes" | "keys" | "tenants" | "workers" | "images" => id.map(str::to_owned),
-        _ => None,
-    }
-}
-
-/// Writes the audit event of every mutating call and every refusal (401,
-/// 403, 429, and 404 on another tenant's sandbox) before the response
-/// leaves. If the event cannot be written, the client gets an error rather
-/// than an unrecorded success.
+/// Hands every call to the audit log (`App::audit_call` decides what is
+/// recorded) before the response leaves. If the event cannot be written,
+/// the client gets an error rather than an unrecorded success.
 async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().clone();
+    let method = req.method().as_str().to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -258,61 +185,19 @@ async fn audit_layer(State(s): State<AppState>, req: Request, next: Next) -> Res
         .get::<ClientAddr>()
         .map(|c| c.0.to_string());
     let resp = next.run(req).await;
-    let status = resp.status().as_u16();
-    let who = resp.extensions().get::<Principal>().cloned();
-    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let refused = matches!(status, 401 | 403 | 429);
-    let mut cross_tenant = false;
-    if status == 404 {
-        if let (Some(w), Some(id)) = (&who, sandbox_in_path(&path)) {
-            if let Ok(Some(rec)) = s.app.store.sandbox_get(&SandboxId::from_trusted(id)).await {
-                cross_tenant = !w.can_see(&rec.tenant_id);
-            }
-        }
-    }
-    if !(mutating || refused || cross_tenant)
-        || route
-            .as_deref()
-            .is_none_or(|r| !r.starts_with("/v1/") && r != "/metrics")
-    {
-        return resp;
-    }
-    let route = route.unwrap_or_default();
     let note = resp.extensions().get::<AuditNote>().cloned();
-    let mut detail = note
-        .as_ref()
-        .map(|n| n.detail.clone())
-        .unwrap_or(serde_json::Value::Null);
-    if cross_tenant {
-        detail = serde_json::json!({"reason": "the sandbox belongs to another tenant"});
-    }
-    if !detail.is_object() {
-        detail = serde_json::json!({});
-    }
-    let target = note
-        .and_then(|n| n.target)
-        .or_else(|| target_in_path(&path));
-    let sandbox_id = sandbox_in_path(&path).or_else(|| {
-        target
-            .as_deref()
-            .filter(|t| SandboxId::parse(t).is_some())
-            .map(str::to_owned)
-    });
-    let draft = EventDraft {
-        tenant_id: who.as_ref().map(|w| w.tenant_id.clone()),
-        actor: Actor {
-            key_id: who.as_ref().map(|w| w.key_id.clone()),
-            role: who.as_ref().map(|w| w.role),
-        },
-        action: action_of(&method, &route),
-        target,
-        sandbox_id,
-        status,
+    let call = audit::Call {
+        method,
+        route,
+        path,
+        status: resp.status().as_u16(),
+        who: resp.extensions().get::<Principal>().cloned(),
+        target: note.as_ref().and_then(|n| n.target.clone()),
+        detail: note.map(|n| n.detail),
         request_id: request_id::current(),
         source_ip,
-        detail,
     };
-    if let Err(e) = audit::record(&s.app.store, draft).await {
+    if let Err(e) = s.app.audit_call(call).await {
         tracing::error!(request_id = %request_id::current(), error = %e, "audit event could not be written");
         return error_response(&e);
     }
@@ -332,7 +217,7 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
     if long {
         return next.run(req).await;
     }
-    let limit = s.app.config.limits.request_timeout;
+    let limit = s.app.config().limits.request_timeout;
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
         Err(_) => error_response(&Error::Timeout(format!(
@@ -365,4 +250,45 @@ async fn metrics_layer(req: Request, next: Next) -> Response {
     metrics::histogram!("stacyvm_http_request_duration_seconds", "route" => route, "method" => method)
         .record(elapsed.as_secs_f64());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    /// The HTTP layer parses, authorizes and renders; everything else goes
+    /// through `App`. A handler that reached the store or a worker itself
+    /// would skip the app's checks (quotas, visibility, audit).
+    #[test]
+    fn http_reaches_the_store_and_workers_only_through_the_app() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/http");
+        // Spelled in pieces so this test does not find itself.
+        let needles = [
+            ["stacyvm", "_store"].concat(),
+            ["stacyvm", "_worker"].concat(),
+        ];
+        let mut offenders = Vec::new();
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).expect("reading src/http") {
+            let path = entry.expect("a directory entry").path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            files += 1;
+            let text = std::fs::read_to_string(&path).expect("reading a source file");
+            for (n, line) in text.lines().enumerate() {
+                if needles.iter().any(|n| line.contains(n.as_str())) {
+                    offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(
+            files >= 5,
+            "found only {files} files under {}",
+            dir.display()
+        );
+        assert!(
+            offenders.is_empty(),
+            "http names the store or a worker:\n{}",
+            offenders.join("\n")
+        );
+    }
 }

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, dto, files, sandboxes};
+use super::{admin, files, sandboxes};
 
 struct BearerAuth;
 
@@ -51,7 +51,7 @@ impl Modify for BearerAuth {
         api::ArchiveSummary, api::Image, api::ImageList, api::CreateTenant, api::Quota, api::Tenant,
         api::TenantList, api::Role, api::CreateKey, api::ApiKey, api::KeyList, api::Actor,
         api::AuditEvent, api::AuditList, api::Worker, api::WorkerList, api::StoreStatus,
-        api::ProviderStatus, api::PoolStatus, api::Status, api::Health, dto::RawBytes,
+        api::ProviderStatus, api::PoolStatus, api::Status, api::Health, RawBytes,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),
@@ -78,3 +78,8 @@ pub async fn openapi_json() -> Response {
 pub async fn docs_page() -> Html<&'static str> {
     Html(include_str!("docs.html"))
 }
+
+/// Raw bytes: a file's content, or a root filesystem as a tar stream.
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct RawBytes(pub Vec<u8>);

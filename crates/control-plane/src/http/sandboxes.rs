@@ -10,14 +10,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{stream, StreamExt};
 use serde::Deserialize;
-use stacyvm_core::{Error, ExecEvent, Network, SandboxState};
-use stacyvm_store::SandboxRecord;
+use stacyvm_core::{Error, ExecEvent, Network, SandboxId, SandboxState};
 
-use super::dto;
 use super::error::{ApiError, ApiResult};
 use super::extract::{query_pairs, Auth, JsonBody, Path, Q};
 use super::{note, AppState};
 use crate::app::sandboxes::CreateSandbox;
+use crate::app::views;
 use stacyvm_api as api;
 
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = api::CreateSandbox,
@@ -67,7 +66,7 @@ pub async fn sandbox_create(
         )
         .await?;
     let rec = &created.sandbox;
-    let resp = (StatusCode::CREATED, Json(dto::sandbox(rec))).into_response();
+    let resp = (StatusCode::CREATED, Json(views::sandbox(rec))).into_response();
     Ok(note(
         resp,
         Some(rec.id.to_string()),
@@ -119,7 +118,7 @@ pub async fn sandbox_list(
         .sandbox_list(&who, state, labels, q.limit, q.cursor)
         .await?;
     Ok(Json(api::SandboxList {
-        sandboxes: page.items.iter().map(dto::sandbox).collect(),
+        sandboxes: page.items.iter().map(views::sandbox).collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -141,7 +140,7 @@ pub async fn sandbox_get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<api::Sandbox>> {
     let rec = s.app.sandbox_visible(&who, &id).await?;
-    Ok(Json(dto::sandbox(&rec)))
+    Ok(Json(views::sandbox(&rec)))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -164,7 +163,7 @@ pub async fn sandbox_timeout(
     JsonBody(body): JsonBody<api::SetTimeout>,
 ) -> ApiResult<Json<api::Sandbox>> {
     let rec = s.app.sandbox_set_timeout(&who, &id, body.timeout_s).await?;
-    Ok(Json(dto::sandbox(&rec)))
+    Ok(Json(views::sandbox(&rec)))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
@@ -174,7 +173,7 @@ pub async fn sandbox_pause(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<api::Sandbox>> {
-    Ok(Json(dto::sandbox(
+    Ok(Json(views::sandbox(
         &s.app.sandbox_pause(&who, &id, true).await?,
     )))
 }
@@ -186,7 +185,7 @@ pub async fn sandbox_resume(
     Auth(who): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<api::Sandbox>> {
-    Ok(Json(dto::sandbox(
+    Ok(Json(views::sandbox(
         &s.app.sandbox_pause(&who, &id, false).await?,
     )))
 }
@@ -210,7 +209,7 @@ pub async fn sandbox_logs(
     let lines = s.app.sandbox_logs(&who, &id).await?;
     if !q.follow {
         return Ok(Json(api::Logs {
-            lines: lines.iter().map(dto::log_line).collect(),
+            lines: lines.iter().map(views::log_line).collect(),
         })
         .into_response());
     }
@@ -261,7 +260,7 @@ const FOLLOW_POLL_MAX: Duration = Duration::from_secs(5);
 fn log_event(l: &stacyvm_provider::LogLine) -> Event {
     Event::default()
         .event("log")
-        .json_data(dto::log_line(l))
+        .json_data(views::log_line(l))
         .unwrap_or_else(|_| Event::default().event("log").data("{}"))
 }
 
@@ -330,8 +329,10 @@ impl LogCursor {
     }
 }
 
-fn exec_detail(rec: &SandboxRecord, cmd: &[String]) -> serde_json::Value {
-    serde_json::json!({"sandbox": rec.id, "program": cmd.first()})
+/// What the audit log keeps of a command: the program, never its arguments
+/// (they may hold secrets).
+fn exec_detail(sandbox: &SandboxId, cmd: &[String]) -> serde_json::Value {
+    serde_json::json!({"sandbox": sandbox, "program": cmd.first()})
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", request_body = api::ExecRequest,
@@ -343,23 +344,14 @@ pub async fn sandbox_exec(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<api::ExecRequest>,
 ) -> ApiResult<Response> {
-    let (rec, worker, lease, _slot) = s.app.exec_admit(&who, &id).await?;
-    let detail = exec_detail(&rec, &body.cmd);
-    let req = s.app.exec_request(
-        &rec,
-        body.cmd,
-        body.env,
-        body.cwd,
-        body.stdin,
-        body.timeout_s,
-    )?;
-    let out = s.app.exec(&worker, &lease, req).await?;
-    let mut detail = detail;
+    let program = body.cmd.first().cloned();
+    let (sandbox, out) = s.app.sandbox_exec(&who, &id, body).await?;
+    let mut detail = exec_detail(&sandbox, program.as_slice());
     detail["exit_code"] = serde_json::json!(out.status.exit_code);
     detail["timed_out"] = serde_json::json!(out.status.timed_out);
     Ok(note(
-        Json(dto::exec_response(out)).into_response(),
-        Some(rec.id.to_string()),
+        Json(views::exec_response(out)).into_response(),
+        Some(sandbox.to_string()),
         detail,
     ))
 }
@@ -372,17 +364,11 @@ pub async fn sandbox_exec_stream(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<api::ExecRequest>,
 ) -> ApiResult<Response> {
-    let (rec, worker, lease, slot) = s.app.exec_admit(&who, &id).await?;
-    let detail = exec_detail(&rec, &body.cmd);
-    let req = s.app.exec_request(
-        &rec,
-        body.cmd,
-        body.env,
-        body.cwd,
-        body.stdin,
-        body.timeout_s,
-    )?;
-    let exec = s.app.exec_stream(&worker, &lease, req).await?;
+    let program = body.cmd.first().cloned();
+    let run = s.app.sandbox_exec_stream(&who, &id, body).await?;
+    let detail = exec_detail(&run.sandbox, program.as_slice());
+    let sandbox = run.sandbox;
+    let (exec, slot) = (run.events, run.slot);
     // Ends after `exit` or `error`; if the runtime goes away mid-stream the
     // client still gets an `error` as the last event. Dropping the response
     // (client gone) drops `exec`, which kills the command.
@@ -395,13 +381,10 @@ pub async fn sandbox_exec_stream(
                 return None;
             }
             let (event, done) = match exec.next().await {
-            Some(Ok(ExecEvent::Stdout(b))) => (Event::default().event("stdout").json_data(dto::stream_chunk(&b)), false),
-            Some(Ok(ExecEvent::Stderr(b))) => (Event::default().event("stderr").json_data(dto::stream_chunk(&b)), false),
+            Some(Ok(ExecEvent::Stdout(b))) => (Event::default().event("stdout").json_data(views::stream_chunk(&b)), false),
+            Some(Ok(ExecEvent::Stderr(b))) => (Event::default().event("stderr").json_data(views::stream_chunk(&b)), false),
             Some(Ok(ExecEvent::Exit(st))) => (
-                Event::default().event("exit").json_data(serde_json::json!({
-                    "exit_code": st.exit_code, "signal": st.signal,
-                    "duration_ms": st.duration_ms, "timed_out": st.timed_out,
-                })),
+                Event::default().event("exit").json_data(views::exit_status(&st)),
                 true,
             ),
             Some(Err(e)) => (
@@ -426,7 +409,7 @@ pub async fn sandbox_exec_stream(
     let resp = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response();
-    Ok(note(resp, Some(rec.id.to_string()), detail))
+    Ok(note(resp, Some(sandbox.to_string()), detail))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::json;
-use stacyvm_control_plane::pools::PoolSpec;
+use stacyvm_control_plane::config::PoolSpec;
 
 use crate::support::Server;
 

@@ -147,15 +147,28 @@ impl Server {
     /// Destroys every sandbox, empties the pools and stops the server.
     pub async fn stop(mut self) -> Result<()> {
         if let Some(running) = self.running.take() {
-            let app = running.app.clone();
-            stacyvm_control_plane::pools::drain(&app).await;
-            let live = app
-                .store
-                .sandbox_list_live()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            for rec in live {
-                let _ = app.destroy_record(rec).await;
+            running.app.pools_drain().await;
+            // Through the API, like an operator would: every page of every
+            // tenant's sandboxes (an admin key sees them all).
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut path = "/v1/sandboxes?limit=1000".to_owned();
+                if let Some(c) = &cursor {
+                    path.push_str(&format!("&cursor={c}"));
+                }
+                let page = self.get(&path).await?;
+                for s in page["sandboxes"].as_array().into_iter().flatten() {
+                    if s["state"] != "destroyed" {
+                        let id = s["id"].as_str().unwrap_or_default();
+                        self.req(reqwest::Method::DELETE, &format!("/v1/sandboxes/{id}"))
+                            .send()
+                            .await?;
+                    }
+                }
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_owned()),
+                    None => break,
+                }
             }
             running
                 .shutdown()

@@ -272,3 +272,15 @@ pub fn matches_defaults(app: &App, cpu: f64, memory_mb: i64, network: Network) -
     let l = &app.config.limits;
     cpu == l.default_cpu && memory_mb == l.default_memory_mb && network == Network::None
 }
+
+impl App {
+    /// Spawns no more warm-pool members (the server is stopping).
+    pub fn pools_close(&self) {
+        self.pools.close();
+    }
+
+    /// Destroys every idle warm-pool member; returns how many there were.
+    pub async fn pools_drain(&self) -> usize {
+        drain(self).await
+    }
+}

@@ -1,13 +1,13 @@
 //! The API's shapes as this server fills them: conversions from the
 //! store's records and the core's values to the `stacyvm-api` types (the
-//! one definition of the public contract, shared with the SDKs).
+//! one definition of the public contract, shared with the SDKs). The HTTP
+//! layer answers with these; it never sees the store itself.
 
 use stacyvm_api as api;
 use stacyvm_core::{ExecOutcome, FileEntry};
 use stacyvm_provider::images::ImageInfo;
 use stacyvm_provider::LogLine;
 use stacyvm_store::{ApiKey, AuditEvent, Quota, SandboxRecord, Tenant};
-use utoipa::ToSchema;
 
 pub fn sandbox(r: &SandboxRecord) -> api::Sandbox {
     api::Sandbox {
@@ -187,17 +187,3 @@ pub fn audit_event(e: &AuditEvent) -> api::AuditEvent {
         detail: e.detail.clone(),
     }
 }
-
-pub fn role(r: api::Role) -> stacyvm_store::Role {
-    match r {
-        api::Role::Admin => stacyvm_store::Role::Admin,
-        api::Role::Owner => stacyvm_store::Role::Owner,
-        api::Role::Member => stacyvm_store::Role::Member,
-        api::Role::Viewer => stacyvm_store::Role::Viewer,
-    }
-}
-
-/// Raw bytes: a file's content, or a root filesystem as a tar stream.
-#[derive(ToSchema)]
-#[schema(value_type = String, format = Binary)]
-pub struct RawBytes(pub Vec<u8>);

@@ -265,7 +265,7 @@ pub fn spawn_pool_loop(
             return;
         }
         loop {
-            crate::pools::refill(&app).await;
+            super::pools::refill(&app).await;
             tokio::select! {
                 _ = app.pool_wake.notified() => {
                     // Let the claimant's first commands run before a refill
