@@ -1,6 +1,7 @@
 //! Suite `api`: a real `stacyvm serve` measured through its HTTP API
 //! (create, exec, streaming, files, throughput, burst, density) against the
-//! docker CLI and plain proot, measured in the same run.
+//! docker CLI, Docker's Engine API and plain proot, measured in the same
+//! run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use stacyvm_provider::images::ImageCatalog;
 use tokio::io::AsyncWriteExt;
 
 use crate::baseline::{ms, proot_true};
-use crate::report::{meminfo_kib, Report};
+use crate::report::{meminfo_kib, Report, Vs};
 use crate::server::Server;
 use crate::{Args, Ctx};
 
@@ -68,6 +69,7 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
         .await?;
     let rootfs = catalog.rootfs("busybox").await?;
     let cli = &ctx.docker;
+    let api = &ctx.engine;
 
     if !args.skipped("create") {
         for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
@@ -85,14 +87,25 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                 anyhow::Ok(d)
             };
             one().await?;
+            if p == "docker" {
+                // The baselines' first starts are not recorded either.
+                let (_, name) = cli.cold().await?;
+                cli.rm(&[name]).await?;
+                let (_, id) = api.cold().await?;
+                api.rm(&[id]).await?;
+            }
             let mut ours = Vec::new();
             let mut base = Vec::new();
+            let mut engine = Vec::new();
             for _ in 0..args.cold_iters {
                 ours.push(one().await?);
                 if p == "docker" {
                     let (d, name) = cli.cold().await?;
                     base.push(ms(d));
                     cli.rm(&[name]).await?;
+                    let (d, id) = api.cold().await?;
+                    engine.push(ms(d));
+                    api.rm(&[id]).await?;
                 } else {
                     base.push(ms(proot_true(&rootfs).await?));
                 }
@@ -100,22 +113,36 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
             let (bk, bl) = if p == "docker" {
                 (
                     "api.create.docker.base",
-                    "baseline: docker run -d + docker exec",
+                    "baseline (CLI): docker run -d + docker exec",
                 )
             } else {
                 (
                     "api.create.proot.base",
-                    "baseline: proot -r ROOTFS /bin/true",
+                    "baseline (CLI): proot -r ROOTFS /bin/true",
                 )
+            };
+            let vs = if p == "docker" {
+                Vs::both(bk, "api.create.docker.engine")
+            } else {
+                Vs::cli(bk)
             };
             report.time_ms(
                 &format!("api.create.{p}"),
                 &format!("API {p}: create → exec-ready"),
                 &ours,
-                Some(bk),
+                vs,
                 "cold, no warm pool",
             );
-            report.time_ms(bk, bl, &base, None, "");
+            report.time_ms(bk, bl, &base, Vs::NONE, "");
+            if p == "docker" {
+                report.time_ms(
+                    "api.create.docker.engine",
+                    "baseline (Engine API): create + start + exec `true`",
+                    &engine,
+                    Vs::NONE,
+                    "exec = create, attached start, inspect",
+                );
+            }
         }
     }
 
@@ -139,10 +166,24 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
         }
         report.time_ms(
             "api.exec.base",
-            "baseline: docker exec `true`",
+            "baseline (CLI): docker exec `true`",
             &b,
-            None,
+            Vs::NONE,
             "",
+        );
+        let mut e = Vec::new();
+        for i in 0..args.baseline_exec_iters + 3 {
+            let d = ms(api.exec_true(&base_ctr).await?);
+            if i >= 3 {
+                e.push(d);
+            }
+        }
+        report.time_ms(
+            "api.exec.engine",
+            "baseline (Engine API): exec `true`",
+            &e,
+            Vs::NONE,
+            "create, attached start, inspect",
         );
         for (p, id) in &ids {
             eprintln!("bench[api]: exec `true`, {p}, {} times", args.exec_iters);
@@ -159,8 +200,8 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                 &format!("api.exec.{p}"),
                 &format!("API {p}: exec `true` round trip"),
                 &v,
-                Some("api.exec.base"),
-                "target p50 < 2 ms, ≥ 20×",
+                Vs::both("api.exec.base", "api.exec.engine"),
+                "target p50 < 2 ms, ≥ 20× docker exec",
             );
         }
     }
@@ -172,10 +213,24 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
         }
         report.time_ms(
             "api.stream.base",
-            "baseline: docker exec `echo x`, first stdout byte",
+            "baseline (CLI): docker exec `echo x`, first stdout byte",
             &b,
-            None,
+            Vs::NONE,
             "",
+        );
+        let mut e = Vec::new();
+        for i in 0..args.baseline_exec_iters + 3 {
+            let d = ms(api.exec_first_byte(&base_ctr).await?);
+            if i >= 3 {
+                e.push(d);
+            }
+        }
+        report.time_ms(
+            "api.stream.engine",
+            "baseline (Engine API): exec `echo x`, first stdout frame",
+            &e,
+            Vs::NONE,
+            "from exec create",
         );
         for (p, id) in &ids {
             eprintln!(
@@ -193,14 +248,14 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                 &format!("api.stream.{p}"),
                 &format!("API {p}: exec/stream `echo x`, first stdout event"),
                 &v,
-                Some("api.stream.base"),
+                Vs::both("api.stream.base", "api.stream.engine"),
                 "",
             );
         }
     }
 
     if !args.skipped("files") {
-        files(s, args, report, &ids, &base_ctr, cli).await?;
+        files(s, args, report, &ids, &base_ctr, ctx).await?;
     }
 
     if !args.skipped("throughput") {
@@ -238,7 +293,6 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
     Ok(())
 }
 
-/// Time from sending an exec/stream request to the first stdout event.
 /// Imports the busybox test rootfs into `s`'s catalog as `busybox`.
 async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
     let file = tokio::fs::File::open(&ctx.image_tar).await?;
@@ -255,6 +309,7 @@ async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Time from sending an exec/stream request to the first stdout event.
 async fn stream_first_byte(s: &Server, id: &str) -> Result<Duration> {
     let t = Instant::now();
     let resp = s
@@ -288,8 +343,9 @@ async fn files(
     report: &mut Report,
     ids: &[(&str, String)],
     base_ctr: &str,
-    cli: &crate::baseline::DockerCli,
+    ctx: &Ctx,
 ) -> Result<()> {
+    let (cli, api) = (&ctx.docker, &ctx.engine);
     let dir = tempfile::Builder::new()
         .prefix("svm-bench-files-")
         .tempdir()?;
@@ -339,33 +395,102 @@ async fn files(
     }
     report.time_ms(
         "api.files.small.up.base",
-        &format!("baseline: docker cp DIR ({small_label}) in"),
+        &format!("baseline (CLI): docker cp DIR ({small_label}) in"),
         &up,
-        None,
+        Vs::NONE,
         "one tar of the whole dir",
     );
     report.time_ms(
         "api.files.small.down.base",
-        &format!("baseline: docker cp DIR ({small_label}) out"),
+        &format!("baseline (CLI): docker cp DIR ({small_label}) out"),
         &down,
-        None,
+        Vs::NONE,
         "",
     );
     report.rate(
         "api.files.big.up.base",
-        &format!("baseline: docker cp {} MiB file in", args.big_file_mib),
+        &format!(
+            "baseline (CLI): docker cp {} MiB file in",
+            args.big_file_mib
+        ),
         "MiB/s",
         &bup,
-        None,
+        Vs::NONE,
         "",
     );
     report.rate(
         "api.files.big.down.base",
-        &format!("baseline: docker cp {} MiB file out", args.big_file_mib),
+        &format!(
+            "baseline (CLI): docker cp {} MiB file out",
+            args.big_file_mib
+        ),
         "MiB/s",
         &bdown,
-        None,
+        Vs::NONE,
         "",
+    );
+
+    // Baselines: the same through PUT/GET /containers/{id}/archive.
+    let (mut up, mut down, mut bup, mut bdown) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let expect = (args.big_file_mib * 1024 * 1024, n_small as u64 * 1024);
+    for i in 0..args.file_iters {
+        let name = format!("apismall{i}");
+        up.push(ms(api.upload(base_ctr, &small_dir, &name, "/").await?));
+        let (d, files, bytes) = api.download(base_ctr, &format!("/{name}"), None).await?;
+        anyhow::ensure!(
+            (files, bytes) == (n_small, expect.1),
+            "GET archive of the tree gave {files} files, {bytes} bytes"
+        );
+        down.push(ms(d));
+        let name = format!("apibig{i}");
+        bup.push(big_mib / api.upload(base_ctr, &big, &name, "/").await?.as_secs_f64());
+        let back = dir.path().join(format!("api-big-back{i}"));
+        std::fs::create_dir(&back)?;
+        let (d, files, bytes) = api
+            .download(base_ctr, &format!("/{name}"), Some(back.clone()))
+            .await?;
+        anyhow::ensure!(
+            (files, bytes) == (1, expect.0),
+            "GET archive of the big file gave {files} files, {bytes} bytes"
+        );
+        bdown.push(big_mib / d.as_secs_f64());
+        let _ = std::fs::remove_dir_all(&back);
+    }
+    report.time_ms(
+        "api.files.small.up.engine",
+        &format!("baseline (Engine API): PUT archive ({small_label})"),
+        &up,
+        Vs::NONE,
+        "tar built from the directory while sent",
+    );
+    report.time_ms(
+        "api.files.small.down.engine",
+        &format!("baseline (Engine API): GET archive ({small_label})"),
+        &down,
+        Vs::NONE,
+        "tar read in memory, not written to disk",
+    );
+    report.rate(
+        "api.files.big.up.engine",
+        &format!(
+            "baseline (Engine API): PUT archive, {} MiB file",
+            args.big_file_mib
+        ),
+        "MiB/s",
+        &bup,
+        Vs::NONE,
+        "tar streamed from disk",
+    );
+    report.rate(
+        "api.files.big.down.engine",
+        &format!(
+            "baseline (Engine API): GET archive, {} MiB file",
+            args.big_file_mib
+        ),
+        "MiB/s",
+        &bdown,
+        Vs::NONE,
+        "unpacked to disk while read",
     );
 
     for (p, id) in ids {
@@ -488,21 +613,21 @@ async fn files(
             &format!("api.files.small.up.{p}"),
             &format!("API {p}: upload {small_label} (PUT each)"),
             &up,
-            Some("api.files.small.up.base"),
+            Vs::both("api.files.small.up.base", "api.files.small.up.engine"),
             &format!("{c} requests in flight"),
         );
         report.time_ms(
             &format!("api.files.small.archive.{p}"),
             &format!("API {p}: upload {small_label} (one tar, files/archive)"),
             &archive_up,
-            Some("api.files.small.up.base"),
+            Vs::both("api.files.small.up.base", "api.files.small.up.engine"),
             "tar built from the directory inside the timing",
         );
         report.time_ms(
             &format!("api.files.small.down.{p}"),
             &format!("API {p}: download {small_label} (GET each)"),
             &down,
-            Some("api.files.small.down.base"),
+            Vs::both("api.files.small.down.base", "api.files.small.down.engine"),
             &format!("{c} requests in flight"),
         );
         report.rate(
@@ -510,7 +635,7 @@ async fn files(
             &format!("API {p}: upload {} MiB file", args.big_file_mib),
             "MiB/s",
             &bup,
-            Some("api.files.big.up.base"),
+            Vs::both("api.files.big.up.base", "api.files.big.up.engine"),
             "",
         );
         report.rate(
@@ -518,7 +643,7 @@ async fn files(
             &format!("API {p}: download {} MiB file", args.big_file_mib),
             "MiB/s",
             &bdown,
-            Some("api.files.big.down.base"),
+            Vs::both("api.files.big.down.base", "api.files.big.down.engine"),
             "",
         );
     }
@@ -577,14 +702,14 @@ async fn throughput(
         &format!("{label}: requests/s"),
         "req/s",
         &[rps],
-        None,
+        Vs::NONE,
         &note,
     );
     report.time_ms(
         &format!("api.rps.{key}.latency"),
         &format!("{label}: latency"),
         &lat,
-        None,
+        Vs::NONE,
         &note,
     );
     Ok(())
@@ -625,9 +750,9 @@ async fn burst(
     let note = format!("{} ok, {} failed", lat.len(), errors.len());
     let baseline = if p == "docker" {
         docker_burst(args, report, cli).await?;
-        Some("api.burst.docker.base")
+        Vs::cli("api.burst.docker.base")
     } else {
-        None
+        Vs::NONE
     };
     report.time_ms(
         &format!("api.burst.{p}.total"),
@@ -640,7 +765,7 @@ async fn burst(
         &format!("api.burst.{p}.each"),
         &format!("API {p}: burst, each create → exec-ready"),
         &lat,
-        None,
+        Vs::NONE,
         &note,
     );
     errors.truncate(5);
@@ -675,16 +800,16 @@ async fn docker_burst(
     let note = format!("{} ok, {failed} failed", lat.len());
     report.time_ms(
         "api.burst.docker.base",
-        &format!("baseline: {n} × (docker run -d + docker exec) at once"),
+        &format!("baseline (CLI): {n} × (docker run -d + docker exec) at once"),
         &[total],
-        None,
+        Vs::NONE,
         &note,
     );
     report.time_ms(
         "api.burst.docker.base.each",
-        "baseline: burst, each docker run + exec",
+        "baseline (CLI): burst, each docker run + exec",
         &lat,
-        None,
+        Vs::NONE,
         &note,
     );
     Ok(())
@@ -837,7 +962,7 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         &format!("api.density.{p}.create"),
         &format!("API {p}: create latency while filling"),
         &all_lat,
-        None,
+        Vs::NONE,
         "sequential",
     );
     report.value(
@@ -918,16 +1043,16 @@ async fn pool_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()>
             }
             // The first claim warms the connection; it is not recorded.
             ours.remove(0);
-            let base = if *p == "docker" {
-                "api.create.docker.base"
+            let vs = if *p == "docker" {
+                Vs::both("api.create.docker.base", "api.create.docker.engine")
             } else {
-                "api.create.proot.base"
+                Vs::cli("api.create.proot.base")
             };
             report.time_ms(
                 &format!("api.create.pool.{p}"),
                 &format!("API {p}: create → exec-ready from a warm pool"),
                 &ours,
-                Some(base),
+                vs,
                 "target p50 < 10 ms",
             );
         }
