@@ -1,7 +1,7 @@
 //! Suite `api`: a real `stacyvm serve` measured through its HTTP API
-//! (create, exec, streaming, files, throughput, burst, density) against the
-//! docker CLI, Docker's Engine API and plain proot, measured in the same
-//! run.
+//! (create, exec, streaming, files, throughput, burst, density) and its
+//! `stacyvm` CLI, against the docker CLI, Docker's Engine API and plain
+//! proot, measured in the same run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     if let Ok(mut slot) = ctx.server.lock() {
         *slot = Some(server.clone());
     }
-    let result = sections(ctx, args, report, &server).await;
+    let result = sections(ctx, args, report, &server, &bin).await;
     if let Some(rss) = server.rss_kib() {
         report.value(
             "api.rss.end",
@@ -45,7 +45,13 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     result
 }
 
-async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Result<()> {
+async fn sections(
+    ctx: &Ctx,
+    args: &Args,
+    report: &mut Report,
+    s: &Server,
+    bin: &std::path::Path,
+) -> Result<()> {
     // Idle RSS: after start-up settled, before any sandbox or image.
     tokio::time::sleep(Duration::from_secs(2)).await;
     if let Some(rss) = s.rss_kib() {
@@ -204,6 +210,26 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                 "target p50 < 2 ms, ≥ 20× docker exec",
             );
         }
+        for (p, id) in &ids {
+            eprintln!(
+                "bench[api]: stacyvm sandbox exec `true`, {p}, {} times",
+                args.baseline_exec_iters
+            );
+            let mut v = Vec::new();
+            for i in 0..args.baseline_exec_iters + 1 {
+                let d = ms(stacyvm_cli_exec(bin, s, id).await?);
+                if i >= 1 {
+                    v.push(d);
+                }
+            }
+            report.time_ms(
+                &format!("api.exec.cli.{p}"),
+                &format!("CLI {p}: stacyvm sandbox exec `true`"),
+                &v,
+                Vs::cli("api.exec.base"),
+                "a new process per command, like docker exec",
+            );
+        }
     }
 
     if !args.skipped("stream") {
@@ -291,6 +317,22 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
         }
     }
     Ok(())
+}
+
+/// `stacyvm sandbox exec ID true` against `s`, timed from spawning the
+/// process to its exit, as `docker exec` is.
+async fn stacyvm_cli_exec(bin: &std::path::Path, s: &Server, id: &str) -> Result<Duration> {
+    let bin = bin
+        .to_str()
+        .context("non-UTF-8 path of the stacyvm binary")?;
+    let env = [
+        ("STACYVM_URL", s.url.as_str()),
+        ("STACYVM_API_KEY", s.key.as_str()),
+        ("NO_PROXY", "127.0.0.1,localhost"),
+    ];
+    let t = Instant::now();
+    crate::baseline::run_env(bin, &["sandbox", "exec", id, "true"], &env).await?;
+    Ok(t.elapsed())
 }
 
 /// Imports the busybox test rootfs into `s`'s catalog as `busybox`.

@@ -49,7 +49,7 @@ pub struct Args {
     #[arg(long, default_value_t = 500)]
     exec_iters: usize,
     /// `docker exec` / Engine API / plain proot runs for the exec and stream
-    /// baselines.
+    /// baselines, and `stacyvm sandbox exec` runs per provider.
     #[arg(long, default_value_t = 50)]
     baseline_exec_iters: usize,
     /// Streamed execs per provider.
