@@ -857,10 +857,9 @@ async fn docker_burst(
     Ok(())
 }
 
-/// Sum of VmRSS (KiB) and count of this server's agent processes of one
-/// provider.
-fn agent_rss(s: &Server, p: &str, docker_ids: &[String]) -> (u64, usize) {
-    let data_dir = s.data_dir.to_string_lossy().into_owned();
+/// Sum of VmRSS (KiB) and count of the agent processes of one provider
+/// that belong to `ids`: container ids for Docker, sandbox ids for PRoot.
+fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
     let mut sum = 0;
     let mut n = 0;
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -878,9 +877,10 @@ fn agent_rss(s: &Server, p: &str, docker_ids: &[String]) -> (u64, usize) {
         }
         let mine = if p == "docker" {
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            docker_ids.iter().any(|c| cg.contains(c.as_str()))
+            ids.iter().any(|c| cg.contains(c.as_str()))
         } else {
-            // A proot agent's parent is the proot over this server's data dir.
+            // A proot agent's parent is the proot over the sandbox's root,
+            // whose path holds the sandbox id.
             let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
                 .and_then(|st| {
@@ -891,7 +891,10 @@ fn agent_rss(s: &Server, p: &str, docker_ids: &[String]) -> (u64, usize) {
                 })
                 .unwrap_or_default();
             std::fs::read(format!("/proc/{ppid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&data_dir))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    ids.iter().any(|id| c.contains(id.as_str()))
+                })
                 .unwrap_or(false)
         };
         if mine {
@@ -952,12 +955,12 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         }
         let st = crate::report::Stats::of(&lat);
         all_lat.extend(&lat);
-        let dids = if p == "docker" {
+        let owned = if p == "docker" {
             docker_ids(s).await
         } else {
-            Vec::new()
+            ids.clone()
         };
-        let (agent_kib, agents) = agent_rss(s, p, &dids);
+        let (agent_kib, agents) = agent_rss(p, &owned);
         let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
         let rss = s.rss_kib().unwrap_or(0) as f64;
         steps.push(json!({
@@ -984,12 +987,12 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
             _ => {}
         }
     }
-    let dids = if p == "docker" {
+    let owned = if p == "docker" {
         docker_ids(s).await
     } else {
-        Vec::new()
+        ids.clone()
     };
-    let (agent_kib, agents) = agent_rss(s, p, &dids);
+    let (agent_kib, agents) = agent_rss(p, &owned);
     let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
     let rss = s.rss_kib().unwrap_or(0) as f64;
     let n = ids.len().max(1) as f64;
