@@ -93,12 +93,14 @@ async fn sections(
                 anyhow::Ok(d)
             };
             one().await?;
+            // The baselines' first starts are not recorded either.
             if p == "docker" {
-                // The baselines' first starts are not recorded either.
                 let (_, name) = cli.cold().await?;
                 cli.rm(&[name]).await?;
                 let (_, id) = api.cold().await?;
                 api.rm(&[id]).await?;
+            } else {
+                proot_true(&rootfs).await?;
             }
             let mut ours = Vec::new();
             let mut base = Vec::new();
