@@ -1,6 +1,7 @@
 //! Suite `api`: a real `stacyvm serve` measured through its HTTP API
-//! (create, exec, streaming, files, throughput, burst, density) against the
-//! docker CLI, plain unshare and plain proot, measured in the same run.
+//! (create, exec, streaming, files, throughput, burst, density) and its
+//! `stacyvm` CLI, against the docker CLI, Docker's Engine API, plain
+//! unshare and plain proot, measured in the same run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use stacyvm_provider::images::ImageCatalog;
 use tokio::io::AsyncWriteExt;
 
 use crate::baseline::{ms, proot_true, unshare_true};
-use crate::report::{meminfo_kib, Report};
+use crate::report::{meminfo_kib, Report, Vs};
 use crate::server::Server;
 use crate::{Args, Ctx};
 
@@ -31,7 +32,7 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     if let Ok(mut slot) = ctx.server.lock() {
         *slot = Some(server.clone());
     }
-    let result = sections(ctx, args, report, &server).await;
+    let result = sections(ctx, args, report, &server, &bin).await;
     if let Some(rss) = server.rss_kib() {
         report.value(
             "api.rss.end",
@@ -44,7 +45,13 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     result
 }
 
-async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Result<()> {
+async fn sections(
+    ctx: &Ctx,
+    args: &Args,
+    report: &mut Report,
+    s: &Server,
+    bin: &std::path::Path,
+) -> Result<()> {
     // Idle RSS: after start-up settled, before any sandbox or image.
     tokio::time::sleep(Duration::from_secs(2)).await;
     if let Some(rss) = s.rss_kib() {
@@ -68,6 +75,7 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
         .await?;
     let rootfs = catalog.rootfs("busybox").await?;
     let cli = &ctx.docker;
+    let api = &ctx.engine;
 
     if !args.skipped("create") {
         for p in ["docker", "namespaces", "proot"]
@@ -88,8 +96,24 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                 anyhow::Ok(d)
             };
             one().await?;
+            // The baselines' first starts are not recorded either.
+            match p {
+                "docker" => {
+                    let (_, name) = cli.cold().await?;
+                    cli.rm(&[name]).await?;
+                    let (_, id) = api.cold().await?;
+                    api.rm(&[id]).await?;
+                }
+                "namespaces" => {
+                    unshare_true(&rootfs).await?;
+                }
+                _ => {
+                    proot_true(&rootfs).await?;
+                }
+            }
             let mut ours = Vec::new();
             let mut base = Vec::new();
+            let mut engine = Vec::new();
             for _ in 0..args.cold_iters {
                 ours.push(one().await?);
                 match p {
@@ -97,6 +121,9 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                         let (d, name) = cli.cold().await?;
                         base.push(ms(d));
                         cli.rm(&[name]).await?;
+                        let (d, id) = api.cold().await?;
+                        engine.push(ms(d));
+                        api.rm(&[id]).await?;
                     }
                     "namespaces" => base.push(ms(unshare_true(&rootfs).await?)),
                     _ => base.push(ms(proot_true(&rootfs).await?)),
@@ -105,25 +132,39 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
             let (bk, bl) = match p {
                 "docker" => (
                     "api.create.docker.base",
-                    "baseline: docker run -d + docker exec",
+                    "baseline (CLI): docker run -d + docker exec",
                 ),
                 "namespaces" => (
                     "api.create.namespaces.base",
-                    "baseline: unshare -U -r -m -p -f -n -u -i chroot ROOTFS /bin/true",
+                    "baseline (CLI): unshare -U -r -m -p -f -n -u -i chroot ROOTFS /bin/true",
                 ),
                 _ => (
                     "api.create.proot.base",
-                    "baseline: proot -r ROOTFS /bin/true",
+                    "baseline (CLI): proot -r ROOTFS /bin/true",
                 ),
+            };
+            let vs = if p == "docker" {
+                Vs::both(bk, "api.create.docker.engine")
+            } else {
+                Vs::cli(bk)
             };
             report.time_ms(
                 &format!("api.create.{p}"),
                 &format!("API {p}: create → exec-ready"),
                 &ours,
-                Some(bk),
+                vs,
                 "cold, no warm pool",
             );
-            report.time_ms(bk, bl, &base, None, "");
+            report.time_ms(bk, bl, &base, Vs::NONE, "");
+            if p == "docker" {
+                report.time_ms(
+                    "api.create.docker.engine",
+                    "baseline (Engine API): create + start + exec `true`",
+                    &engine,
+                    Vs::NONE,
+                    "exec = create, attached start, inspect",
+                );
+            }
         }
     }
 
@@ -150,10 +191,24 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
         }
         report.time_ms(
             "api.exec.base",
-            "baseline: docker exec `true`",
+            "baseline (CLI): docker exec `true`",
             &b,
-            None,
+            Vs::NONE,
             "",
+        );
+        let mut e = Vec::new();
+        for i in 0..args.baseline_exec_iters + 3 {
+            let d = ms(api.exec_true(&base_ctr).await?);
+            if i >= 3 {
+                e.push(d);
+            }
+        }
+        report.time_ms(
+            "api.exec.engine",
+            "baseline (Engine API): exec `true`",
+            &e,
+            Vs::NONE,
+            "create, attached start, inspect",
         );
         for (p, id) in &ids {
             eprintln!("bench[api]: exec `true`, {p}, {} times", args.exec_iters);
@@ -170,8 +225,28 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                 &format!("api.exec.{p}"),
                 &format!("API {p}: exec `true` round trip"),
                 &v,
-                Some("api.exec.base"),
-                "target p50 < 2 ms, ≥ 20×",
+                Vs::both("api.exec.base", "api.exec.engine"),
+                "target p50 < 2 ms, ≥ 20× docker exec",
+            );
+        }
+        for (p, id) in &ids {
+            eprintln!(
+                "bench[api]: stacyvm sandbox exec `true`, {p}, {} times",
+                args.baseline_exec_iters
+            );
+            let mut v = Vec::new();
+            for i in 0..args.baseline_exec_iters + 1 {
+                let d = ms(stacyvm_cli_exec(bin, s, id).await?);
+                if i >= 1 {
+                    v.push(d);
+                }
+            }
+            report.time_ms(
+                &format!("api.exec.cli.{p}"),
+                &format!("CLI {p}: stacyvm sandbox exec `true`"),
+                &v,
+                Vs::cli("api.exec.base"),
+                "a new process per command, like docker exec",
             );
         }
     }
@@ -183,10 +258,24 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
         }
         report.time_ms(
             "api.stream.base",
-            "baseline: docker exec `echo x`, first stdout byte",
+            "baseline (CLI): docker exec `echo x`, first stdout byte",
             &b,
-            None,
+            Vs::NONE,
             "",
+        );
+        let mut e = Vec::new();
+        for i in 0..args.baseline_exec_iters + 3 {
+            let d = ms(api.exec_first_byte(&base_ctr).await?);
+            if i >= 3 {
+                e.push(d);
+            }
+        }
+        report.time_ms(
+            "api.stream.engine",
+            "baseline (Engine API): exec `echo x`, first stdout frame",
+            &e,
+            Vs::NONE,
+            "from exec create",
         );
         for (p, id) in &ids {
             eprintln!(
@@ -204,14 +293,14 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
                 &format!("api.stream.{p}"),
                 &format!("API {p}: exec/stream `echo x`, first stdout event"),
                 &v,
-                Some("api.stream.base"),
+                Vs::both("api.stream.base", "api.stream.engine"),
                 "",
             );
         }
     }
 
     if !args.skipped("files") {
-        files(s, args, report, &ids, &base_ctr, cli).await?;
+        files(s, args, report, &ids, &base_ctr, ctx).await?;
     }
 
     if !args.skipped("throughput") {
@@ -249,7 +338,22 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
     Ok(())
 }
 
-/// Time from sending an exec/stream request to the first stdout event.
+/// `stacyvm sandbox exec ID true` against `s`, timed from spawning the
+/// process to its exit, as `docker exec` is.
+async fn stacyvm_cli_exec(bin: &std::path::Path, s: &Server, id: &str) -> Result<Duration> {
+    let bin = bin
+        .to_str()
+        .context("non-UTF-8 path of the stacyvm binary")?;
+    let env = [
+        ("STACYVM_URL", s.url.as_str()),
+        ("STACYVM_API_KEY", s.key.as_str()),
+        ("NO_PROXY", "127.0.0.1,localhost"),
+    ];
+    let t = Instant::now();
+    crate::baseline::run_env(bin, &["sandbox", "exec", id, "true"], &env).await?;
+    Ok(t.elapsed())
+}
+
 /// Imports the busybox test rootfs into `s`'s catalog as `busybox`.
 async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
     let file = tokio::fs::File::open(&ctx.image_tar).await?;
@@ -266,6 +370,7 @@ async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Time from sending an exec/stream request to the first stdout event.
 async fn stream_first_byte(s: &Server, id: &str) -> Result<Duration> {
     let t = Instant::now();
     let resp = s
@@ -299,8 +404,9 @@ async fn files(
     report: &mut Report,
     ids: &[(&str, String)],
     base_ctr: &str,
-    cli: &crate::baseline::DockerCli,
+    ctx: &Ctx,
 ) -> Result<()> {
+    let (cli, api) = (&ctx.docker, &ctx.engine);
     let dir = tempfile::Builder::new()
         .prefix("svm-bench-files-")
         .tempdir()?;
@@ -350,33 +456,102 @@ async fn files(
     }
     report.time_ms(
         "api.files.small.up.base",
-        &format!("baseline: docker cp DIR ({small_label}) in"),
+        &format!("baseline (CLI): docker cp DIR ({small_label}) in"),
         &up,
-        None,
+        Vs::NONE,
         "one tar of the whole dir",
     );
     report.time_ms(
         "api.files.small.down.base",
-        &format!("baseline: docker cp DIR ({small_label}) out"),
+        &format!("baseline (CLI): docker cp DIR ({small_label}) out"),
         &down,
-        None,
+        Vs::NONE,
         "",
     );
     report.rate(
         "api.files.big.up.base",
-        &format!("baseline: docker cp {} MiB file in", args.big_file_mib),
+        &format!(
+            "baseline (CLI): docker cp {} MiB file in",
+            args.big_file_mib
+        ),
         "MiB/s",
         &bup,
-        None,
+        Vs::NONE,
         "",
     );
     report.rate(
         "api.files.big.down.base",
-        &format!("baseline: docker cp {} MiB file out", args.big_file_mib),
+        &format!(
+            "baseline (CLI): docker cp {} MiB file out",
+            args.big_file_mib
+        ),
         "MiB/s",
         &bdown,
-        None,
+        Vs::NONE,
         "",
+    );
+
+    // Baselines: the same through PUT/GET /containers/{id}/archive.
+    let (mut up, mut down, mut bup, mut bdown) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let expect = (args.big_file_mib * 1024 * 1024, n_small as u64 * 1024);
+    for i in 0..args.file_iters {
+        let name = format!("apismall{i}");
+        up.push(ms(api.upload(base_ctr, &small_dir, &name, "/").await?));
+        let (d, files, bytes) = api.download(base_ctr, &format!("/{name}"), None).await?;
+        anyhow::ensure!(
+            (files, bytes) == (n_small, expect.1),
+            "GET archive of the tree gave {files} files, {bytes} bytes"
+        );
+        down.push(ms(d));
+        let name = format!("apibig{i}");
+        bup.push(big_mib / api.upload(base_ctr, &big, &name, "/").await?.as_secs_f64());
+        let back = dir.path().join(format!("api-big-back{i}"));
+        std::fs::create_dir(&back)?;
+        let (d, files, bytes) = api
+            .download(base_ctr, &format!("/{name}"), Some(back.clone()))
+            .await?;
+        anyhow::ensure!(
+            (files, bytes) == (1, expect.0),
+            "GET archive of the big file gave {files} files, {bytes} bytes"
+        );
+        bdown.push(big_mib / d.as_secs_f64());
+        let _ = std::fs::remove_dir_all(&back);
+    }
+    report.time_ms(
+        "api.files.small.up.engine",
+        &format!("baseline (Engine API): PUT archive ({small_label})"),
+        &up,
+        Vs::NONE,
+        "tar built from the directory while sent",
+    );
+    report.time_ms(
+        "api.files.small.down.engine",
+        &format!("baseline (Engine API): GET archive ({small_label})"),
+        &down,
+        Vs::NONE,
+        "tar read in memory, not written to disk",
+    );
+    report.rate(
+        "api.files.big.up.engine",
+        &format!(
+            "baseline (Engine API): PUT archive, {} MiB file",
+            args.big_file_mib
+        ),
+        "MiB/s",
+        &bup,
+        Vs::NONE,
+        "tar streamed from disk",
+    );
+    report.rate(
+        "api.files.big.down.engine",
+        &format!(
+            "baseline (Engine API): GET archive, {} MiB file",
+            args.big_file_mib
+        ),
+        "MiB/s",
+        &bdown,
+        Vs::NONE,
+        "unpacked to disk while read",
     );
 
     for (p, id) in ids {
@@ -499,21 +674,21 @@ async fn files(
             &format!("api.files.small.up.{p}"),
             &format!("API {p}: upload {small_label} (PUT each)"),
             &up,
-            Some("api.files.small.up.base"),
+            Vs::both("api.files.small.up.base", "api.files.small.up.engine"),
             &format!("{c} requests in flight"),
         );
         report.time_ms(
             &format!("api.files.small.archive.{p}"),
             &format!("API {p}: upload {small_label} (one tar, files/archive)"),
             &archive_up,
-            Some("api.files.small.up.base"),
+            Vs::both("api.files.small.up.base", "api.files.small.up.engine"),
             "tar built from the directory inside the timing",
         );
         report.time_ms(
             &format!("api.files.small.down.{p}"),
             &format!("API {p}: download {small_label} (GET each)"),
             &down,
-            Some("api.files.small.down.base"),
+            Vs::both("api.files.small.down.base", "api.files.small.down.engine"),
             &format!("{c} requests in flight"),
         );
         report.rate(
@@ -521,7 +696,7 @@ async fn files(
             &format!("API {p}: upload {} MiB file", args.big_file_mib),
             "MiB/s",
             &bup,
-            Some("api.files.big.up.base"),
+            Vs::both("api.files.big.up.base", "api.files.big.up.engine"),
             "",
         );
         report.rate(
@@ -529,7 +704,7 @@ async fn files(
             &format!("API {p}: download {} MiB file", args.big_file_mib),
             "MiB/s",
             &bdown,
-            Some("api.files.big.down.base"),
+            Vs::both("api.files.big.down.base", "api.files.big.down.engine"),
             "",
         );
     }
@@ -588,14 +763,14 @@ async fn throughput(
         &format!("{label}: requests/s"),
         "req/s",
         &[rps],
-        None,
+        Vs::NONE,
         &note,
     );
     report.time_ms(
         &format!("api.rps.{key}.latency"),
         &format!("{label}: latency"),
         &lat,
-        None,
+        Vs::NONE,
         &note,
     );
     Ok(())
@@ -636,9 +811,9 @@ async fn burst(
     let note = format!("{} ok, {} failed", lat.len(), errors.len());
     let baseline = if p == "docker" {
         docker_burst(args, report, cli).await?;
-        Some("api.burst.docker.base")
+        Vs::cli("api.burst.docker.base")
     } else {
-        None
+        Vs::NONE
     };
     report.time_ms(
         &format!("api.burst.{p}.total"),
@@ -651,7 +826,7 @@ async fn burst(
         &format!("api.burst.{p}.each"),
         &format!("API {p}: burst, each create → exec-ready"),
         &lat,
-        None,
+        Vs::NONE,
         &note,
     );
     errors.truncate(5);
@@ -686,25 +861,24 @@ async fn docker_burst(
     let note = format!("{} ok, {failed} failed", lat.len());
     report.time_ms(
         "api.burst.docker.base",
-        &format!("baseline: {n} × (docker run -d + docker exec) at once"),
+        &format!("baseline (CLI): {n} × (docker run -d + docker exec) at once"),
         &[total],
-        None,
+        Vs::NONE,
         &note,
     );
     report.time_ms(
         "api.burst.docker.base.each",
-        "baseline: burst, each docker run + exec",
+        "baseline (CLI): burst, each docker run + exec",
         &lat,
-        None,
+        Vs::NONE,
         &note,
     );
     Ok(())
 }
 
-/// Sum of VmRSS (KiB) and count of this server's agent processes of one
-/// provider.
-fn agent_rss(s: &Server, p: &str, docker_ids: &[String]) -> (u64, usize) {
-    let data_dir = s.data_dir.to_string_lossy().into_owned();
+/// Sum of VmRSS (KiB) and count of the agent processes of one provider
+/// that belong to `ids`: container ids for Docker, sandbox ids for PRoot.
+fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
     let mut sum = 0;
     let mut n = 0;
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -722,9 +896,10 @@ fn agent_rss(s: &Server, p: &str, docker_ids: &[String]) -> (u64, usize) {
         }
         let mine = if p == "docker" {
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            docker_ids.iter().any(|c| cg.contains(c.as_str()))
+            ids.iter().any(|c| cg.contains(c.as_str()))
         } else {
-            // A proot agent's parent is the proot over this server's data dir.
+            // A proot agent's parent is the proot over the sandbox's root,
+            // whose path holds the sandbox id.
             let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
                 .and_then(|st| {
@@ -735,7 +910,10 @@ fn agent_rss(s: &Server, p: &str, docker_ids: &[String]) -> (u64, usize) {
                 })
                 .unwrap_or_default();
             std::fs::read(format!("/proc/{ppid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&data_dir))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    ids.iter().any(|id| c.contains(id.as_str()))
+                })
                 .unwrap_or(false)
         };
         if mine {
@@ -796,12 +974,12 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         }
         let st = crate::report::Stats::of(&lat);
         all_lat.extend(&lat);
-        let dids = if p == "docker" {
+        let owned = if p == "docker" {
             docker_ids(s).await
         } else {
-            Vec::new()
+            ids.clone()
         };
-        let (agent_kib, agents) = agent_rss(s, p, &dids);
+        let (agent_kib, agents) = agent_rss(p, &owned);
         let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
         let rss = s.rss_kib().unwrap_or(0) as f64;
         steps.push(json!({
@@ -828,12 +1006,12 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
             _ => {}
         }
     }
-    let dids = if p == "docker" {
+    let owned = if p == "docker" {
         docker_ids(s).await
     } else {
-        Vec::new()
+        ids.clone()
     };
-    let (agent_kib, agents) = agent_rss(s, p, &dids);
+    let (agent_kib, agents) = agent_rss(p, &owned);
     let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
     let rss = s.rss_kib().unwrap_or(0) as f64;
     let n = ids.len().max(1) as f64;
@@ -848,7 +1026,7 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         &format!("api.density.{p}.create"),
         &format!("API {p}: create latency while filling"),
         &all_lat,
-        None,
+        Vs::NONE,
         "sequential",
     );
     report.value(
@@ -929,16 +1107,16 @@ async fn pool_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()>
             }
             // The first claim warms the connection; it is not recorded.
             ours.remove(0);
-            let base = if *p == "docker" {
-                "api.create.docker.base"
+            let vs = if *p == "docker" {
+                Vs::both("api.create.docker.base", "api.create.docker.engine")
             } else {
-                "api.create.proot.base"
+                Vs::cli("api.create.proot.base")
             };
             report.time_ms(
                 &format!("api.create.pool.{p}"),
                 &format!("API {p}: create → exec-ready from a warm pool"),
                 &ours,
-                Some(base),
+                vs,
                 "target p50 < 10 ms",
             );
         }

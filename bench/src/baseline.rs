@@ -17,8 +17,14 @@ pub const BENCH_LABEL: &str = "dev.stacyvm.bench";
 
 /// Runs a command to completion; its stdout, or an error with its stderr.
 pub async fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    run_env(cmd, args, &[]).await
+}
+
+/// [`run`] with extra environment variables.
+pub async fn run_env(cmd: &str, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
     let out = Command::new(cmd)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()

@@ -1,9 +1,11 @@
 //! `stacyvm-bench`: StacyVM's benchmark suite. Measures the providers and
-//! the HTTP API side by side with the docker CLI and plain proot in the same
-//! run, prints Markdown tables and writes JSON to `bench/results/`.
+//! the HTTP API side by side with the docker CLI, Docker's Engine API and
+//! plain proot in the same run, prints Markdown tables and writes JSON to
+//! `bench/results/`.
 
 mod api_suite;
 mod baseline;
+mod engine;
 mod provider_suite;
 mod report;
 mod server;
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 
-use crate::report::{Machine, Report};
+use crate::report::{Commit, Machine, Report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Suite {
@@ -46,7 +48,8 @@ pub struct Args {
     /// StacyVM exec round trips per provider.
     #[arg(long, default_value_t = 500)]
     exec_iters: usize,
-    /// `docker exec` / plain proot runs for the exec and stream baselines.
+    /// `docker exec` / Engine API / plain proot runs for the exec and stream
+    /// baselines, and `stacyvm sandbox exec` runs per provider.
     #[arg(long, default_value_t = 50)]
     baseline_exec_iters: usize,
     /// Streamed execs per provider.
@@ -112,6 +115,7 @@ pub struct Ctx {
     pub agent_bin: PathBuf,
     pub image_tar: PathBuf,
     pub docker: baseline::DockerCli,
+    pub engine: engine::EngineApi,
     pub live: provider_suite::Live,
     pub server: Mutex<Option<Arc<server::Server>>>,
     stacyvm_bin: Option<PathBuf>,
@@ -159,7 +163,8 @@ impl Ctx {
 async fn main() -> Result<ExitCode> {
     let args = Args::parse();
     let machine = Machine::probe();
-    eprintln!("bench: {}", machine.line());
+    let commit = Commit::probe();
+    eprintln!("bench: {}; {}", machine.line(), commit.line());
     let agent_bin = baseline::agent_bin().await?;
     let image_tar = baseline::test_image(args.image_tar.clone(), &args.docker_image).await?;
     let nanos = std::time::SystemTime::now()
@@ -169,6 +174,7 @@ async fn main() -> Result<ExitCode> {
     let tag = format!("{}x{nanos:x}", std::process::id());
     let ctx = Ctx {
         docker: baseline::DockerCli::new(&args.docker_image, &tag),
+        engine: engine::EngineApi::connect(&args.docker_image, &tag).await?,
         tag,
         agent_bin,
         image_tar,
@@ -231,21 +237,24 @@ async fn main() -> Result<ExitCode> {
         ))
         .unwrap_or_default();
     let suite_name = format!("{:?}", args.suite).to_lowercase();
-    let doc = serde_json::json!({
-        "suite": suite_name,
-        "date": report::now_rfc3339(),
-        "duration_s": started.elapsed().as_secs_f64(),
-        "machine": machine,
-        "args": format!("{args:?}"),
-        "reports": reports,
-    });
-    let text = serde_json::to_string_pretty(&doc)?;
+    let doc = report::Document {
+        suite: &suite_name,
+        date: report::now_rfc3339(),
+        duration_s: started.elapsed().as_secs_f64(),
+        machine: &machine,
+        commit: &commit,
+        args: format!("{args:?}"),
+        engine_inspect_retries: ctx.engine.inspect_retries(),
+        reports: &reports,
+    };
+    let text = report::to_json_text(&doc)?;
     let path = out_dir.join(format!("{suite_name}-{stamp}.json"));
     std::fs::write(&path, &text)?;
     std::fs::write(out_dir.join("latest.json"), &text)?;
     println!(
-        "machine: {}\ntook {:.0} s; results: {}",
+        "machine: {}\n{}\ntook {:.0} s; results: {}",
         machine.line(),
+        commit.line(),
         started.elapsed().as_secs_f64(),
         path.display()
     );

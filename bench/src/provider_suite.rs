@@ -1,7 +1,7 @@
 //! Suite `provider`: the Docker, namespaces and PRoot providers through the
 //! `Provider` trait (no HTTP), against `docker run`/`docker exec` of the same
-//! image, plain `unshare` into the same namespaces and a plain `proot`
-//! invocation over the same rootfs.
+//! image, the same through Docker's Engine API, plain `unshare` into the same
+//! namespaces and a plain `proot` invocation over the same rootfs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,7 @@ use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 
 use crate::baseline::{ms, proot_true, unshare_true};
-use crate::report::Report;
+use crate::report::{Report, Vs};
 use crate::{Args, Ctx};
 
 /// Sandboxes spawned through the providers and not yet destroyed, so an
@@ -146,33 +146,47 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             instance.clone(),
         ))?);
         let cli = &ctx.docker;
+        let api = &ctx.engine;
         // One unrecorded start of each, so first-use costs (image lookup,
-        // page cache) do not land on either side.
+        // page cache) do not land on any side.
         cold_once(&p, &args.docker_image, live).await?;
         let (_, warm) = cli.cold().await?;
         cli.rm(&[warm]).await?;
+        let (_, warm) = api.cold().await?;
+        api.rm(&[warm]).await?;
 
         let mut ours = Vec::new();
         let mut base = Vec::new();
+        let mut engine = Vec::new();
         for _ in 0..cold {
             ours.push(cold_once(&p, &args.docker_image, live).await?);
             let (d, name) = cli.cold().await?;
             base.push(ms(d));
             cli.rm(&[name]).await?;
+            let (d, id) = api.cold().await?;
+            engine.push(ms(d));
+            api.rm(&[id]).await?;
         }
         report.time_ms(
             "provider.cold.docker",
             "docker provider: spawn → exec-ready",
             &ours,
-            Some("provider.cold.docker.base"),
+            Vs::both("provider.cold.docker.base", "provider.cold.docker.engine"),
             "",
         );
         report.time_ms(
             "provider.cold.docker.base",
-            "baseline: docker run -d + docker exec",
+            "baseline (CLI): docker run -d + docker exec",
             &base,
-            None,
+            Vs::NONE,
             "",
+        );
+        report.time_ms(
+            "provider.cold.docker.engine",
+            "baseline (Engine API): create + start + exec `true`",
+            &engine,
+            Vs::NONE,
+            "exec = create, attached start, inspect",
         );
 
         let s = spec(&args.docker_image);
@@ -187,20 +201,36 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
         for _ in 0..n_base {
             b.push(ms(cli.exec_true(&name).await?));
         }
+        // The Engine API on the same container, after a few unrecorded
+        // calls like the agent's side gets.
+        let mut e = Vec::new();
+        for i in 0..n_base + 3 {
+            let d = ms(api.exec_true(&name).await?);
+            if i >= 3 {
+                e.push(d);
+            }
+        }
         cli.rm(&[name]).await?;
         report.time_ms(
             "provider.exec.docker",
             "docker provider: exec `true` (agent)",
             &v,
-            Some("provider.exec.docker.base"),
+            Vs::both("provider.exec.docker.base", "provider.exec.docker.engine"),
             "",
         );
         report.time_ms(
             "provider.exec.docker.base",
-            "baseline: docker exec `true`",
+            "baseline (CLI): docker exec `true`",
             &b,
-            None,
+            Vs::NONE,
             "",
+        );
+        report.time_ms(
+            "provider.exec.docker.engine",
+            "baseline (Engine API): exec `true`",
+            &e,
+            Vs::NONE,
+            "create, attached start, inspect",
         );
     }
 
@@ -224,14 +254,14 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             "provider.cold.namespaces",
             "namespaces provider: spawn → exec-ready",
             &ours,
-            Some("provider.cold.namespaces.base"),
+            Vs::cli("provider.cold.namespaces.base"),
             "target p50 < 25 ms",
         );
         report.time_ms(
             "provider.cold.namespaces.base",
-            "baseline: unshare -U -r -m -p -f -n -u -i chroot ROOTFS /bin/true",
+            "baseline (CLI): unshare -U -r -m -p -f -n -u -i chroot ROOTFS /bin/true",
             &base,
-            None,
+            Vs::NONE,
             "",
         );
         let s = spec("busybox");
@@ -244,7 +274,7 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             "provider.exec.namespaces",
             "namespaces provider: exec `true` (agent)",
             &v,
-            Some("provider.cold.namespaces.base"),
+            Vs::cli("provider.cold.namespaces.base"),
             "against a new unshare per command",
         );
     }
@@ -269,14 +299,14 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             "provider.cold.proot",
             "proot provider: spawn → exec-ready",
             &ours,
-            Some("provider.cold.proot.base"),
+            Vs::cli("provider.cold.proot.base"),
             "",
         );
         report.time_ms(
             "provider.cold.proot.base",
-            "baseline: proot -r ROOTFS /bin/true",
+            "baseline (CLI): proot -r ROOTFS /bin/true",
             &base,
-            None,
+            Vs::NONE,
             "",
         );
 
@@ -294,14 +324,14 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             "provider.exec.proot",
             "proot provider: exec `true` (agent)",
             &v,
-            Some("provider.exec.proot.base"),
+            Vs::cli("provider.exec.proot.base"),
             "",
         );
         report.time_ms(
             "provider.exec.proot.base",
-            "baseline: proot -r ROOTFS /bin/true",
+            "baseline (CLI): proot -r ROOTFS /bin/true",
             &b,
-            None,
+            Vs::NONE,
             "a new proot per command",
         );
     }

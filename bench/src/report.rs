@@ -46,6 +46,48 @@ impl Stats {
     }
 }
 
+/// The baselines a row is compared with, by key: the program a user would
+/// run (the `docker` CLI, plain `proot`) and the API a program would call
+/// (Docker's Engine API on its Unix socket).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Vs<'a> {
+    pub cli: Option<&'a str>,
+    pub api: Option<&'a str>,
+}
+
+impl<'a> Vs<'a> {
+    /// No baseline: a baseline row itself, or nothing to compare with.
+    pub const NONE: Vs<'static> = Vs {
+        cli: None,
+        api: None,
+    };
+
+    pub fn cli(key: &'a str) -> Vs<'a> {
+        Vs {
+            cli: Some(key),
+            api: None,
+        }
+    }
+
+    pub fn both(cli: &'a str, api: &'a str) -> Vs<'a> {
+        Vs {
+            cli: Some(cli),
+            api: Some(api),
+        }
+    }
+}
+
+/// A row's comparison with one baseline row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    /// The key of the baseline row.
+    pub baseline: String,
+    /// How many times better than the baseline (by median): baseline/value
+    /// for times, value/baseline for rates. Above 1 means StacyVM wins;
+    /// absent when either median is missing.
+    pub speedup: Option<f64>,
+}
+
 /// One measured quantity.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -55,12 +97,26 @@ pub struct Row {
     pub unit: String,
     pub higher_is_better: bool,
     pub stats: Stats,
-    /// The key of the row this one is compared with.
-    pub baseline: Option<String>,
-    /// How many times better than the baseline (by median): baseline/value
-    /// for times, value/baseline for rates. Above 1 means StacyVM wins.
-    pub speedup: Option<f64>,
+    /// Against the program a user would run instead.
+    pub vs_cli: Option<Ratio>,
+    /// Against Docker's Engine API.
+    pub vs_api: Option<Ratio>,
     pub note: String,
+    /// Every sample, in the order measured (6 significant digits).
+    #[serde(serialize_with = "six_digits")]
+    pub samples: Vec<f64>,
+}
+
+/// Samples to 6 significant digits: far below any run-to-run noise, and
+/// about a third of the text of full precision.
+fn six_digits<S: serde::Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for x in v {
+        let r = format!("{x:.5e}").parse::<f64>().unwrap_or(*x);
+        seq.serialize_element(&r)?;
+    }
+    seq.end()
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -88,15 +144,8 @@ impl Report {
     }
 
     /// Adds a time measurement in milliseconds (lower is better).
-    pub fn time_ms(
-        &mut self,
-        key: &str,
-        label: &str,
-        samples: &[f64],
-        baseline: Option<&str>,
-        note: &str,
-    ) {
-        self.push(key, label, "ms", false, samples, baseline, note);
+    pub fn time_ms(&mut self, key: &str, label: &str, samples: &[f64], vs: Vs<'_>, note: &str) {
+        self.push(key, label, "ms", false, samples, vs, note);
     }
 
     /// Adds a rate (higher is better).
@@ -106,15 +155,15 @@ impl Report {
         label: &str,
         unit: &str,
         samples: &[f64],
-        baseline: Option<&str>,
+        vs: Vs<'_>,
         note: &str,
     ) {
-        self.push(key, label, unit, true, samples, baseline, note);
+        self.push(key, label, unit, true, samples, vs, note);
     }
 
     /// Adds a quantity with no better direction (memory, counts).
     pub fn value(&mut self, key: &str, label: &str, unit: &str, value: f64, note: &str) {
-        self.push(key, label, unit, false, &[value], None, note);
+        self.push(key, label, unit, false, &[value], Vs::NONE, note);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -125,18 +174,25 @@ impl Report {
         unit: &str,
         higher: bool,
         samples: &[f64],
-        baseline: Option<&str>,
+        vs: Vs<'_>,
         note: &str,
     ) {
+        let ratio = |k: Option<&str>| {
+            k.map(|k| Ratio {
+                baseline: k.to_owned(),
+                speedup: None,
+            })
+        };
         self.rows.push(Row {
             key: key.to_owned(),
             label: label.to_owned(),
             unit: unit.to_owned(),
             higher_is_better: higher,
             stats: Stats::of(samples),
-            baseline: baseline.map(str::to_owned),
-            speedup: None,
+            vs_cli: ratio(vs.cli),
+            vs_api: ratio(vs.api),
             note: note.to_owned(),
+            samples: samples.to_vec(),
         });
     }
 
@@ -153,17 +209,14 @@ impl Report {
             .map(|r| (r.key.clone(), r.stats.median))
             .collect();
         for row in &mut self.rows {
-            let Some(b) = &row.baseline else { continue };
-            let Some((_, base)) = medians.iter().find(|(k, _)| k == b) else {
-                continue;
-            };
-            let v = row.stats.median;
-            let s = if row.higher_is_better {
-                v / base
-            } else {
-                base / v
-            };
-            row.speedup = s.is_finite().then_some(s);
+            let (v, higher) = (row.stats.median, row.higher_is_better);
+            for ratio in [&mut row.vs_cli, &mut row.vs_api].into_iter().flatten() {
+                let Some((_, base)) = medians.iter().find(|(k, _)| *k == ratio.baseline) else {
+                    continue;
+                };
+                let s = if higher { v / base } else { base / v };
+                ratio.speedup = s.is_finite().then_some(s);
+            }
         }
     }
 
@@ -173,17 +226,21 @@ impl Report {
             "### suite `{}` ({} → {})\n\n",
             self.suite, self.started_at, self.finished_at
         );
-        out.push_str("| metric | n | median | p95 | p99 | unit | vs baseline | note |\n");
-        out.push_str("|---|---:|---:|---:|---:|---|---:|---|\n");
+        out.push_str(
+            "| metric | n | median | p95 | p99 | unit | vs CLI | vs Engine API | note |\n",
+        );
+        out.push_str("|---|---:|---:|---:|---:|---|---:|---:|---|\n");
+        let vs = |r: &Option<Ratio>| match r {
+            Some(Ratio {
+                speedup: Some(s), ..
+            }) => format!("{}×", fmt_num(*s)),
+            Some(_) => "n/a".to_owned(),
+            None => String::new(),
+        };
         for r in &self.rows {
             let one = r.stats.n <= 1;
-            let vs = match (r.speedup, &r.baseline) {
-                (Some(s), Some(_)) => format!("{}×", fmt_num(s)),
-                (None, Some(_)) => "n/a".to_owned(),
-                _ => String::new(),
-            };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.label,
                 r.stats.n,
                 fmt_num(r.stats.median),
@@ -198,7 +255,8 @@ impl Report {
                     fmt_num(r.stats.p99)
                 },
                 r.unit,
-                vs,
+                vs(&r.vs_cli),
+                vs(&r.vs_api),
                 r.note
             ));
         }
@@ -231,6 +289,21 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// The JSON file of a run.
+#[derive(Serialize)]
+pub struct Document<'a> {
+    pub suite: &'a str,
+    pub date: String,
+    pub duration_s: f64,
+    pub machine: &'a Machine,
+    pub commit: &'a Commit,
+    pub args: String,
+    /// Exec inspects that found an Engine API exec still running after its
+    /// output ended (each one asked again, inside the timing).
+    pub engine_inspect_retries: u64,
+    pub reports: &'a [Report],
+}
+
 /// The machine a run happened on.
 #[derive(Clone, Debug, Serialize)]
 pub struct Machine {
@@ -240,7 +313,6 @@ pub struct Machine {
     pub docker: String,
     pub proot: String,
     pub cpu: String,
-    pub git_commit: String,
 }
 
 impl Machine {
@@ -289,31 +361,148 @@ impl Machine {
                     .unwrap_or("unknown")
             ),
             cpu,
-            git_commit: cmd(
-                "git",
-                &[
-                    "-C",
-                    env!("CARGO_MANIFEST_DIR"),
-                    "rev-parse",
-                    "--short",
-                    "HEAD",
-                ],
-            ),
         }
     }
 
     pub fn line(&self) -> String {
         format!(
-            "{} cores ({}), {:.1} GiB RAM, Linux {}, Docker {}, {}, commit {}",
+            "{} cores ({}), {:.1} GiB RAM, Linux {}, Docker {}, {}",
             self.nproc,
             self.cpu,
             self.mem_total_mib / 1024.0,
             self.kernel,
             self.docker,
             self.proot,
-            self.git_commit
         )
     }
+}
+
+/// The source tree a run measured: its commit and whether files it tracks
+/// differ from that commit. Results under `bench/results/` do not count,
+/// so one run's output does not mark the next run dirty.
+#[derive(Clone, Debug, Serialize)]
+pub struct Commit {
+    /// The full commit id, or `unknown` outside a git checkout.
+    pub id: String,
+    /// None when git could not tell.
+    pub dirty: Option<bool>,
+    /// The changed paths (`git status --porcelain` lines), at most 50.
+    pub changed: Vec<String>,
+}
+
+impl Commit {
+    pub fn probe() -> Commit {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let git = |args: &[&str]| -> Option<String> {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(root)
+                .args(args)
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let id = git(&["rev-parse", "HEAD"])
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let status = git(&[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)bench/results",
+        ]);
+        let changed: Vec<String> = status
+            .as_deref()
+            .unwrap_or("")
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
+        Commit {
+            id,
+            dirty: status.is_some().then_some(!changed.is_empty()),
+            changed: changed.into_iter().take(50).collect(),
+        }
+    }
+
+    pub fn line(&self) -> String {
+        let short = self.id.get(..12).unwrap_or(&self.id);
+        match self.dirty {
+            Some(true) => format!("commit {short} + uncommitted changes"),
+            Some(false) => format!("commit {short}"),
+            None => format!("commit {short} (state unknown)"),
+        }
+    }
+}
+
+/// JSON as people read it, fields in the order they are declared: objects
+/// and arrays of objects indented, but arrays of plain values (the samples)
+/// on one line each, so a file of thousands of samples stays a few hundred
+/// lines long.
+pub fn to_json_text<T: Serialize>(v: &T) -> serde_json::Result<String> {
+    let compact = serde_json::to_string(v)?;
+    let mut out = String::with_capacity(compact.len() + compact.len() / 4);
+    // One entry per open bracket: whether its members go on lines of their own.
+    let mut open: Vec<bool> = Vec::new();
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.push_str(&"  ".repeat(depth));
+    };
+    let mut chars = compact.chars().peekable();
+    let (mut in_string, mut escaped) = (false, false);
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                let next = chars.peek().copied();
+                if next == Some(if c == '{' { '}' } else { ']' }) {
+                    out.push(chars.next().unwrap_or_default());
+                    continue;
+                }
+                let lines = c == '{' || matches!(next, Some('{') | Some('['));
+                open.push(lines);
+                if lines {
+                    newline(&mut out, open.len());
+                }
+            }
+            '}' | ']' => {
+                if open.pop().unwrap_or(true) {
+                    newline(&mut out, open.len());
+                }
+                out.push(c);
+            }
+            ',' => {
+                out.push(',');
+                if open.last().copied().unwrap_or(true) {
+                    newline(&mut out, open.len());
+                } else {
+                    out.push(' ');
+                }
+            }
+            ':' => out.push_str(": "),
+            c => out.push(c),
+        }
+    }
+    out.push('\n');
+    Ok(out)
 }
 
 /// A field of /proc/meminfo in KiB.
@@ -351,12 +540,84 @@ mod tests {
     #[test]
     fn speedup_reads_the_right_way_for_times_and_rates() {
         let mut r = Report::new("t");
-        r.time_ms("a", "a", &[1.0], Some("b"), "");
-        r.time_ms("b", "b", &[20.0], None, "");
-        r.rate("c", "c", "MiB/s", &[50.0], Some("d"), "");
-        r.rate("d", "d", "MiB/s", &[100.0], None, "");
+        r.time_ms("a", "a", &[1.0], Vs::cli("b"), "");
+        r.time_ms("b", "b", &[20.0], Vs::NONE, "");
+        let api_only = Vs {
+            cli: None,
+            api: Some("d"),
+        };
+        r.rate("c", "c", "MiB/s", &[50.0], api_only, "");
+        r.rate("d", "d", "MiB/s", &[100.0], Vs::NONE, "");
         r.finish();
-        assert_eq!(r.rows[0].speedup, Some(20.0));
-        assert_eq!(r.rows[2].speedup, Some(0.5));
+        assert_eq!(
+            r.rows[0].vs_cli.as_ref().and_then(|v| v.speedup),
+            Some(20.0)
+        );
+        assert_eq!(r.rows[2].vs_api.as_ref().and_then(|v| v.speedup), Some(0.5));
+        assert!(r.rows[2].vs_cli.is_none());
+    }
+
+    #[test]
+    fn each_ratio_is_against_its_own_baseline() {
+        let mut r = Report::new("t");
+        r.time_ms("ours", "ours", &[2.0, 2.0, 2.0], Vs::both("cli", "api"), "");
+        r.time_ms("cli", "cli", &[60.0], Vs::NONE, "");
+        r.time_ms("api", "api", &[20.0], Vs::NONE, "");
+        r.time_ms("only", "only", &[4.0], Vs::cli("cli"), "");
+        r.finish();
+        let speed = |row: usize| {
+            let row = &r.rows[row];
+            (
+                row.vs_cli.as_ref().and_then(|v| v.speedup),
+                row.vs_api.as_ref().and_then(|v| v.speedup),
+            )
+        };
+        assert_eq!(speed(0), (Some(30.0), Some(10.0)));
+        assert_eq!(speed(3), (Some(15.0), None));
+        let table = r.table();
+        assert!(table.contains("| vs CLI | vs Engine API |"), "{table}");
+        assert!(table.contains("| 30.00× | 10.00× |"), "{table}");
+        assert!(table.contains("| 15.00× |  |"), "{table}");
+    }
+
+    #[test]
+    fn every_sample_is_kept_in_the_json() {
+        let mut r = Report::new("t");
+        let samples = [3.0, 1.234_567_89, 2.0, 1e-4];
+        // Brackets, commas, colons and escapes inside strings stay as they are.
+        let note = r#"a "d, [b] {c}: e" \ f"#;
+        r.time_ms("a", "a", &samples, Vs::NONE, note);
+        r.detail("empty", serde_json::json!({"list": [], "map": {}}));
+        r.finish();
+        let v = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(
+            v["rows"][0]["samples"],
+            serde_json::json!([3.0, 1.23457, 2.0, 1e-4])
+        );
+        assert_eq!(v["rows"][0]["stats"]["n"], 4);
+        let text = to_json_text(&r).expect("serializes");
+        assert!(
+            text.contains("\"samples\": [3.0, 1.23457, 2.0, 0.0001]"),
+            "{text}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(back, v);
+        // Declared order, not alphabetical: the summary before the samples.
+        let at = |k: &str| text.find(&format!("\"{k}\":")).expect(k);
+        assert!(
+            at("key") < at("stats") && at("stats") < at("samples"),
+            "{text}"
+        );
+        assert!(text.contains("\n      \"key\": \"a\",\n"), "{text}");
+    }
+
+    #[test]
+    fn the_commit_is_found() {
+        // The bench is built from a git checkout; a tarball build would
+        // answer `unknown` here, which this test reports as a failure.
+        let c = Commit::probe();
+        assert_eq!(c.id.len(), 40, "{c:?}");
+        assert!(c.id.bytes().all(|b| b.is_ascii_hexdigit()), "{c:?}");
+        assert!(c.dirty.is_some(), "{c:?}");
     }
 }

@@ -21,6 +21,8 @@ use tokio::process::{Child, Command};
 
 pub struct Server {
     pub url: String,
+    /// The admin key, for clients other than `http` (the `stacyvm` CLI).
+    pub key: String,
     pub pid: u32,
     pub http: reqwest::Client,
     pub data_dir: PathBuf,
@@ -109,6 +111,7 @@ impl Server {
             .build()?;
         Ok(Server {
             url,
+            key,
             pid,
             http,
             data_dir,
