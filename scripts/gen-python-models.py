@@ -51,6 +51,8 @@ MODELS: Dict[str, str] = {
     "StreamChunk": "StreamChunk",
     "Tenant": "Tenant",
     "Worker": "Worker",
+    "WorkerCapacity": "WorkerCapacity",
+    "WorkerProvider": "WorkerProvider",
 }
 
 # Fields left out of `repr()`: secrets must not reach logs and tracebacks.

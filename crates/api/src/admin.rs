@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::workers::Worker;
 use time::OffsetDateTime;
 
 /// An image in the server's catalog.
@@ -202,33 +204,6 @@ pub struct AuditList {
     pub next_cursor: Option<String>,
 }
 
-/// A worker, as the status and the worker list report it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Worker {
-    pub id: String,
-    /// `ready`, `draining` or `down`.
-    pub state: String,
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
-    pub providers: Vec<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    pub sandboxes: i64,
-    pub capacity: i64,
-    #[serde(with = "crate::rfc3339")]
-    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
-    pub last_heartbeat: OffsetDateTime,
-}
-
-/// The answer of `GET /v1/workers`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct WorkerList {
-    pub workers: Vec<Worker>,
-}
-
 /// The store's health.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -264,7 +239,7 @@ pub struct PoolStatus {
 
 /// The answer of `GET /v1/status`. Admin keys see the whole deployment;
 /// other keys their own tenant's sandbox counts, with no workers or pools.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     pub version: String,

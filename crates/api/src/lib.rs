@@ -11,11 +11,13 @@ pub mod admin;
 pub mod exec;
 pub mod files;
 pub mod sandboxes;
+pub mod workers;
 
 pub use admin::*;
 pub use exec::*;
 pub use files::*;
 pub use sandboxes::*;
+pub use workers::*;
 
 use serde::{Deserialize, Serialize};
 

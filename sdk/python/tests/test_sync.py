@@ -457,7 +457,7 @@ def test_status_workers_health_metrics_openapi(client: stacyvm.Client, server: S
     assert "proot" in [p.name for p in st.providers]
     assert "running" in st.sandboxes
     workers = client.list_workers()
-    assert len(workers) == 1 and workers[0].id.startswith("wrk_") and "proot" in workers[0].providers
+    assert len(workers) == 1 and workers[0].id.startswith("wrk_") and "proot" in [p.name for p in workers[0].providers]
     assert client.health()
     assert client.ready().ready
     assert "stacyvm_http_requests_total" in client.metrics()

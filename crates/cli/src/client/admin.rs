@@ -444,17 +444,42 @@ fn workers_table(list: &[Worker]) {
     let rows = list
         .iter()
         .map(|w| {
+            // An unhealthy provider is marked `!`.
+            let providers: Vec<String> = w
+                .providers
+                .iter()
+                .map(|p| {
+                    if p.healthy {
+                        p.name.clone()
+                    } else {
+                        format!("{}!", p.name)
+                    }
+                })
+                .collect();
+            let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             vec![
                 w.id.clone(),
+                w.name.clone(),
                 w.state.clone(),
-                w.providers.join(","),
-                format!("{}/{}", w.sandboxes, w.capacity),
+                w.address.clone(),
+                providers.join(","),
+                labels.join(","),
+                format!("{}/{}", w.sandboxes, w.capacity.sandboxes),
                 output::time(w.last_heartbeat),
             ]
         })
         .collect();
     output::table(
-        &["ID", "STATE", "PROVIDERS", "SANDBOXES", "HEARTBEAT"],
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "ADDRESS",
+            "PROVIDERS",
+            "LABELS",
+            "SANDBOXES",
+            "HEARTBEAT",
+        ],
         rows,
     );
 }

@@ -213,6 +213,17 @@ pub async fn heartbeat(app: &App) -> Result<()> {
         app.store.lease_renew(w.id(), until).await?;
         if let Some(mut rec) = app.store.worker_get(w.id()).await? {
             rec.last_heartbeat = now();
+            rec.provider_health = app
+                .scheduler
+                .provider_health(w)
+                .await
+                .into_iter()
+                .map(|h| stacyvm_store::ProviderState {
+                    name: h.name,
+                    healthy: h.health.healthy,
+                    detail: h.health.detail,
+                })
+                .collect();
             app.store.worker_upsert(&rec).await?;
         } else {
             return Err(Error::Internal(format!(

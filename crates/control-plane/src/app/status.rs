@@ -50,18 +50,12 @@ impl App {
             .worker_list()
             .await?
             .into_iter()
-            .map(|w| WorkerStatus {
-                sandboxes: live
+            .map(|w| {
+                let n = live
                     .iter()
                     .filter(|s| s.worker_id.as_ref() == Some(&w.id))
-                    .count() as i64,
-                id: w.id.to_string(),
-                state: w.state.as_str().into(),
-                address: w.address,
-                providers: w.providers,
-                labels: w.labels,
-                capacity: w.capacity,
-                last_heartbeat: w.last_heartbeat,
+                    .count() as i64;
+                super::views::worker(w, n)
             })
             .collect())
     }

@@ -187,3 +187,41 @@ pub fn audit_event(e: &AuditEvent) -> api::AuditEvent {
         detail: e.detail.clone(),
     }
 }
+
+/// A worker with `sandboxes` live sandboxes. A provider it has not reported
+/// health for yet shows as unhealthy, saying so.
+pub fn worker(w: stacyvm_store::WorkerRecord, sandboxes: i64) -> api::Worker {
+    let providers = w
+        .providers
+        .iter()
+        .map(
+            |name| match w.provider_health.iter().find(|h| &h.name == name) {
+                Some(h) => api::WorkerProvider {
+                    name: name.clone(),
+                    healthy: h.healthy,
+                    detail: h.detail.clone(),
+                },
+                None => api::WorkerProvider {
+                    name: name.clone(),
+                    healthy: false,
+                    detail: "no health reported yet".into(),
+                },
+            },
+        )
+        .collect();
+    api::Worker {
+        id: w.id.to_string(),
+        name: w.name,
+        state: w.state.as_str().into(),
+        address: w.address,
+        providers,
+        labels: w.labels,
+        capacity: api::WorkerCapacity {
+            sandboxes: w.capacity,
+            cpu: w.capacity_cpu,
+            memory_mb: w.capacity_memory_mb,
+        },
+        sandboxes,
+        last_heartbeat: w.last_heartbeat,
+    }
+}

@@ -598,42 +598,99 @@ class StoreStatus:
 
 
 @dataclass(frozen=True)
+class WorkerCapacity:
+    """What a worker offers sandboxes."""
+
+    #: Live sandboxes it takes (warm-pool members count).
+    sandboxes: int
+    #: CPUs it offers; absent when not limited.
+    cpu: Optional[float] = None
+    #: MiB it offers; absent when not limited.
+    memory_mb: Optional[int] = None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            sandboxes=int(d.get("sandboxes", 0)),
+            cpu=_w.opt(float, d.get("cpu")),
+            memory_mb=_w.opt(int, d.get("memory_mb")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "sandboxes": self.sandboxes,
+            "cpu": self.cpu,
+            "memory_mb": self.memory_mb,
+        }
+
+
+@dataclass(frozen=True)
+class WorkerProvider:
+    """A provider on a worker and its health as the worker last reported it."""
+
+    name: str
+    healthy: bool
+    detail: str = ""
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            name=str(d.get("name", "")),
+            healthy=bool(d.get("healthy", False)),
+            detail=str(d.get("detail", "")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "healthy": self.healthy,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
 class Worker:
     """A worker, as the status and the worker list report it."""
 
     id: str
     #: `ready`, `draining` or `down`.
     state: str
+    capacity: WorkerCapacity
+    #: Live sandboxes it holds now.
     sandboxes: int
-    capacity: int
     last_heartbeat: datetime
+    #: Where control planes reach it (`local` for the in-process worker).
     address: str = ""
     labels: Dict[str, str] = field(default_factory=dict)
-    providers: List[str] = field(default_factory=list)
+    #: A name for people: the host's, unless the operator gave one.
+    name: str = ""
+    providers: List[WorkerProvider] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Self:
         return cls(
             id=str(d.get("id", "")),
             state=str(d.get("state", "")),
+            capacity=WorkerCapacity.from_json(_w.mapping(d.get("capacity"))),
             sandboxes=int(d.get("sandboxes", 0)),
-            capacity=int(d.get("capacity", 0)),
             last_heartbeat=_w.time(d.get("last_heartbeat")),
             address=str(d.get("address", "")),
             labels={str(k): str(x) for k, x in _w.mapping(d.get("labels")).items()},
-            providers=[str(x) for x in _w.items(d.get("providers"))],
+            name=str(d.get("name", "")),
+            providers=[WorkerProvider.from_json(_w.mapping(x)) for x in _w.items(d.get("providers"))],
         )
 
     def to_json(self) -> Dict[str, Any]:
         return {
             "id": self.id,
             "state": self.state,
+            "capacity": self.capacity.to_json(),
             "sandboxes": self.sandboxes,
-            "capacity": self.capacity,
             "last_heartbeat": _w.format_time(self.last_heartbeat),
             "address": self.address,
             "labels": dict(self.labels),
-            "providers": list(self.providers),
+            "name": self.name,
+            "providers": [i.to_json() for i in self.providers],
         }
 
 
