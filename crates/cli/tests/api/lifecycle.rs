@@ -204,16 +204,25 @@ async fn health_metrics_openapi_status_workers_and_drain() -> Result<()> {
     let w = &workers[0];
     for field in [
         "id",
+        "name",
         "state",
+        "address",
         "providers",
+        "labels",
         "sandboxes",
         "capacity",
         "last_heartbeat",
     ] {
         ensure!(!w[field].is_null(), "worker has no {field}: {w}");
     }
+    // Providers with their health, and capacity as an object (`API.md`,
+    // "Multi-worker mode").
     ensure!(
-        w["state"] == "ready" && w["providers"] == json!(["proot"]),
+        w["state"] == "ready"
+            && w["providers"][0]["name"] == "proot"
+            && w["providers"][0]["healthy"] == true
+            && w["providers"][0]["detail"].is_string()
+            && w["capacity"]["sandboxes"].is_i64(),
         "{w}"
     );
     ensure!(st["sandboxes"]["running"] == 0, "{st}");
