@@ -920,7 +920,12 @@ async fn check_exec_with_exhausted_pids(provider: &str) -> Result<()> {
     let mut exhausted = None;
     for _ in 0..30 {
         match member
-            .exec_stream(&id, json!({"cmd": ["sleep", "1000"], "timeout_s": 300}))
+            // It says so once it runs (a bare `sleep` would send nothing
+            // until it ends), then holds its process.
+            .exec_stream(
+                &id,
+                json!({"cmd": ["sh", "-c", "echo up; exec sleep 1000"], "timeout_s": 300}),
+            )
             .await?
         {
             Ok(stream) => held.push(stream),
@@ -934,17 +939,22 @@ async fn check_exec_with_exhausted_pids(provider: &str) -> Result<()> {
                 r.text()
             ),
         }
-        // A stream refused mid-way (the agent could start no thread for it)
-        // says so as its first event.
+        // A stream refused mid-way (the agent could start no thread or
+        // process for it) says so as its first event; one that runs says
+        // `up` (a shell that cannot fork still execs).
         if let Some(stream) = held.last_mut() {
             let first = stream.next_event().await?.context("a first event")?;
-            if first.event == "error" {
-                ensure!(
-                    first.data["code"] == "sandbox_resource_exhausted",
-                    "{provider}: {first:?}"
-                );
-                held.pop();
-                break;
+            match first.event.as_str() {
+                "error" => {
+                    ensure!(
+                        first.data["code"] == "sandbox_resource_exhausted",
+                        "{provider}: {first:?}"
+                    );
+                    held.pop();
+                    break;
+                }
+                "stdout" => ensure!(first.data["data"] == "up\n", "{provider}: {first:?}"),
+                _ => anyhow::bail!("{provider}: a held command sent {first:?} first"),
             }
         }
     }

@@ -295,10 +295,18 @@ async fn pause_freezes_and_resume_thaws() -> anyhow::Result<()> {
         .context("agent.pid")?
         .parse()?;
     let cgroup_events = find_cgroup_events(&id).context("the sandbox's cgroup")?;
-    ensure!(
-        std::fs::read_to_string(&cgroup_events)?.contains("frozen 1"),
-        "not frozen"
-    );
+    // Pause returned once the kernel reported the group frozen; a traced
+    // task leaving its ptrace stop for the freezer clears that report for a
+    // moment, so it is read until it holds again.
+    let mut frozen = false;
+    for _ in 0..200 {
+        if std::fs::read_to_string(&cgroup_events)?.contains("frozen 1") {
+            frozen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    ensure!(frozen, "not frozen");
     ensure!(pid_alive(agent_pid));
 
     p.resume(&id).await?;
