@@ -96,6 +96,27 @@ pub trait Store: Send + Sync + 'static {
         worker: &WorkerId,
         lease_until: OffsetDateTime,
     ) -> Result<SandboxRecord>;
+    /// Places a sandbox on `worker` (as [`Store::sandbox_claim`] does) in one
+    /// transaction with the worker's checks, so that placements racing from
+    /// several control planes never overfill a worker: the worker must be
+    /// `ready`, and its live sandboxes with this one must fit its capacity
+    /// (count, CPUs, memory). `NoCapacity` naming what is short otherwise.
+    async fn sandbox_place(
+        &self,
+        id: &SandboxId,
+        worker: &WorkerId,
+        lease_until: OffsetDateTime,
+    ) -> Result<SandboxRecord>;
+    /// Every live sandbox whose lease ran out before `now` becomes `lost`
+    /// (quota freed), its fencing token raised so its old holder's late
+    /// writes are refused. The sandboxes of `spare` (this process's own
+    /// in-process worker, whose leases it renews itself) are left alone.
+    /// Returns the sandboxes it marked.
+    async fn sandbox_lose_lapsed(
+        &self,
+        now: OffsetDateTime,
+        spare: Option<&WorkerId>,
+    ) -> Result<Vec<SandboxRecord>>;
     /// Extends the lease of every live sandbox held by `worker`; returns how many.
     async fn lease_renew(&self, worker: &WorkerId, lease_until: OffsetDateTime) -> Result<u64>;
     /// Every sandbox not in a terminal state (for reconcilers), any tenant.
@@ -121,6 +142,24 @@ pub trait Store: Send + Sync + 'static {
     async fn worker_list(&self) -> Result<Vec<WorkerRecord>>;
     /// `NotFound` when no such worker.
     async fn worker_set_state(&self, id: &WorkerId, state: WorkerState) -> Result<()>;
+    /// A remote worker's heartbeat, in one transaction: records when (`now`)
+    /// and its providers' health, brings it back from `down` to `ready` when
+    /// it says it is `ready` (a draining worker stays draining), renews the
+    /// lease of every live sandbox it holds until `lease_until`, and
+    /// returns the worker and those sandboxes. `None` when no such worker.
+    async fn worker_heartbeat(
+        &self,
+        id: &WorkerId,
+        health: &[ProviderState],
+        ready: bool,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<Option<(WorkerRecord, Vec<SandboxRecord>)>>;
+    /// Marks the worker `down` if it has not heartbeaten since `before`;
+    /// `true` when it did (a heartbeat that raced in keeps it up).
+    async fn worker_down_if_silent(&self, id: &WorkerId, before: OffsetDateTime) -> Result<bool>;
+    /// Marks `down` every worker registered with `token`; returns how many.
+    async fn worker_down_by_token(&self, token: &WorkerTokenId) -> Result<u64>;
 
     // --- worker tokens --------------------------------------------------
 

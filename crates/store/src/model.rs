@@ -282,6 +282,17 @@ pub struct WorkerRecord {
     pub secret: Option<String>,
 }
 
+impl WorkerRecord {
+    /// How to name the worker in a message: its name, or its id.
+    pub fn name_or_id(&self) -> String {
+        if self.name.is_empty() || self.name == "local" {
+            self.id.to_string()
+        } else {
+            format!("{} ({})", self.name, self.id)
+        }
+    }
+}
+
 /// A provider's health, as a worker reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProviderState {

@@ -29,8 +29,8 @@ use crate::common::{
     Value,
 };
 use crate::model::{
-    ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, Quota, SandboxFilter,
-    SandboxRecord, Tenant, WorkerRecord, WorkerState, WorkerToken,
+    ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, ProviderState, Quota,
+    SandboxFilter, SandboxRecord, Tenant, WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::Store;
 
@@ -695,6 +695,116 @@ impl<B: Backend> Store for SqlStore<B> {
         }
     }
 
+    async fn sandbox_place(
+        &self,
+        id: &SandboxId,
+        worker: &WorkerId,
+        lease_until: OffsetDateTime,
+    ) -> Result<SandboxRecord> {
+        let mut tx = self.begin_write().await?;
+        // A no-op update takes the worker's row lock (PostgreSQL), so the
+        // placements onto one worker take turns and each counts the others.
+        let row = sqlx::query(concat!(
+            "UPDATE workers SET capacity = capacity WHERE id = $1 RETURNING ",
+            worker_columns!()
+        ))
+        .arg(worker.as_str())
+        .fetch_optional(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("locking a worker", e))?;
+        let Some(row) = row else {
+            return Err(Error::NoCapacity(format!(
+                "worker {worker} is not registered"
+            )));
+        };
+        let w = worker_from_row(&row)?;
+        if w.state != WorkerState::Ready {
+            return Err(Error::NoCapacity(format!(
+                "worker {} is {}",
+                w.name_or_id(),
+                w.state.as_str()
+            )));
+        }
+        let this = sqlx::query("SELECT cpu, memory_mb FROM sandboxes WHERE id = $1")
+            .arg(id.as_str())
+            .fetch_optional(tx.on())
+            .await
+            .map_err(|e| db_error::<B>("reading a sandbox", e))?
+            .ok_or_else(|| Error::NotFound(format!("sandbox {id} not found")))?;
+        let (cpu, memory_mb) = (this.real("cpu")?, this.int("memory_mb")?);
+        let usage = sqlx::query(concat!(
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(cpu), 0) AS DOUBLE PRECISION) AS cpu,
+                CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) AS memory_mb
+             FROM sandboxes WHERE worker_id = $1 AND id <> $2 AND ",
+            live_state!()
+        ))
+        .arg(worker.as_str())
+        .arg(id.as_str())
+        .fetch_one(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("counting a worker's sandboxes", e))?;
+        let (n, used_cpu, used_mb) = (usage.int("n")?, usage.real("cpu")?, usage.int("memory_mb")?);
+        let full = |what: String| {
+            Err(Error::NoCapacity(format!(
+                "worker {} is full: {what}",
+                w.name_or_id()
+            )))
+        };
+        if n + 1 > w.capacity {
+            return full(format!("{n} of {} sandboxes", w.capacity));
+        }
+        if let Some(max) = w.capacity_cpu {
+            if used_cpu + cpu > max + 1e-9 {
+                return full(format!("{used_cpu} of {max} CPUs in use, {cpu} asked"));
+            }
+        }
+        if let Some(max) = w.capacity_memory_mb {
+            if used_mb + memory_mb > max {
+                return full(format!("{used_mb} of {max} MiB in use, {memory_mb} asked"));
+            }
+        }
+        let row = sqlx::query(concat!(
+            "UPDATE sandboxes SET worker_id = $1, lease_expires_at = $2,
+                fencing_token = fencing_token + 1
+             WHERE id = $3 RETURNING ",
+            sandbox_columns!()
+        ))
+        .arg(worker.as_str())
+        .arg(to_micros(lease_until))
+        .arg(id.as_str())
+        .fetch_one(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("placing a sandbox", e))?;
+        let placed = sandbox_from_row(&row)?;
+        tx.commit("committing a placement").await?;
+        Ok(placed)
+    }
+
+    async fn sandbox_lose_lapsed(
+        &self,
+        now: OffsetDateTime,
+        spare: Option<&WorkerId>,
+    ) -> Result<Vec<SandboxRecord>> {
+        let _turn = self.backend.write_turn().await;
+        let rows = sqlx::query(concat!(
+            "UPDATE sandboxes SET state = 'lost', fencing_token = fencing_token + 1,
+                destroyed_at = $1, failure_code = 'lost',
+                failure_message = 'the worker holding it stopped renewing its lease'
+             WHERE ",
+            live_state!(),
+            " AND worker_id IS NOT NULL AND lease_expires_at < $1
+               AND (CAST($2 AS TEXT) IS NULL OR worker_id <> $2)
+             RETURNING ",
+            sandbox_columns!()
+        ))
+        .arg(to_micros(now))
+        .arg(spare.map(|w| w.as_str()))
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| db_error::<B>("marking sandboxes lost", e))?;
+        rows.iter().map(sandbox_from_row).collect()
+    }
+
     async fn lease_renew(&self, worker: &WorkerId, lease_until: OffsetDateTime) -> Result<u64> {
         let _turn = self.backend.write_turn().await;
         let done = sqlx::query(concat!(
@@ -866,6 +976,77 @@ impl<B: Backend> Store for SqlStore<B> {
             return Err(Error::NotFound(format!("worker {id} not found")));
         }
         Ok(())
+    }
+
+    async fn worker_heartbeat(
+        &self,
+        id: &WorkerId,
+        health: &[ProviderState],
+        ready: bool,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+    ) -> Result<Option<(WorkerRecord, Vec<SandboxRecord>)>> {
+        let health = serde_json::to_string(health)
+            .map_err(|e| Error::internal("encoding provider health", e))?;
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(concat!(
+            "UPDATE workers SET last_heartbeat = $1, provider_health = $2,
+                state = CASE WHEN state = 'down' AND $3 = 1 THEN 'ready' ELSE state END
+             WHERE id = $4 RETURNING ",
+            worker_columns!()
+        ))
+        .arg(to_micros(now))
+        .arg(health)
+        .arg(i64::from(ready))
+        .arg(id.as_str())
+        .fetch_optional(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("recording a heartbeat", e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let worker = worker_from_row(&row)?;
+        let rows = sqlx::query(concat!(
+            "UPDATE sandboxes SET lease_expires_at = $1 WHERE worker_id = $2 AND ",
+            live_state!(),
+            " RETURNING ",
+            sandbox_columns!()
+        ))
+        .arg(to_micros(lease_until))
+        .arg(id.as_str())
+        .fetch_all(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("renewing leases", e))?;
+        let held = rows
+            .iter()
+            .map(sandbox_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        tx.commit("committing a heartbeat").await?;
+        Ok(Some((worker, held)))
+    }
+
+    async fn worker_down_if_silent(&self, id: &WorkerId, before: OffsetDateTime) -> Result<bool> {
+        let _turn = self.backend.write_turn().await;
+        let done = sqlx::query(
+            "UPDATE workers SET state = 'down'
+             WHERE id = $1 AND state <> 'down' AND last_heartbeat < $2",
+        )
+        .arg(id.as_str())
+        .arg(to_micros(before))
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error::<B>("marking a worker down", e))?;
+        Ok(B::Db::rows_affected(&done) > 0)
+    }
+
+    async fn worker_down_by_token(&self, token: &WorkerTokenId) -> Result<u64> {
+        let _turn = self.backend.write_turn().await;
+        let done = sqlx::query("UPDATE workers SET state = 'down' WHERE token_id = $1")
+            .arg(token.as_str())
+            .execute(self.pool())
+            .await
+            .map_err(|e| db_error::<B>("marking a token's workers down", e))?;
+        Ok(B::Db::rows_affected(&done))
     }
 
     // --- worker tokens --------------------------------------------------

@@ -82,4 +82,8 @@ conformance! {
     workers::worker_upsert_get_list_set_state,
     workers::worker_tokens_are_stored_by_hash_and_revoked_once,
     workers::leader_leases_pass_on_only_when_they_run_out,
+    workers::placement_checks_state_and_every_capacity,
+    workers::concurrent_placements_never_overfill_a_worker,
+    workers::heartbeats_renew_leases_and_bring_workers_back,
+    workers::lapsed_leases_lose_sandboxes_and_fence_the_old_holder,
 }
