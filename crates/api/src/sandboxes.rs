@@ -152,6 +152,10 @@ pub struct CreateSandbox {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Only workers carrying every one of these labels may run the sandbox
+    /// (multi-worker mode); none fits → `503 no_capacity`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub worker_labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
     /// `none` (default) or `egress`.

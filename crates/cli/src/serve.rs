@@ -39,6 +39,17 @@ pub struct ServeArgs {
     /// Run the control plane only, without the in-process worker.
     #[arg(long)]
     no_local_worker: bool,
+    /// Seconds a worker's lease on its sandboxes lasts without a heartbeat:
+    /// a worker silent this long is marked down and its sandboxes lost.
+    /// Workers heartbeat every third of it.
+    #[arg(
+        long,
+        env = "STACYVM_LEASE_TTL",
+        value_name = "SECONDS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(2..=3600)
+    )]
+    lease_ttl: u64,
     /// Failed authentication attempts one client address may make per
     /// minute; past it, that address's bad keys get 429 (valid keys keep
     /// working).
@@ -164,6 +175,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .filter(|p| !p.is_empty())
         .collect();
     config.local_worker = !args.no_local_worker;
+    config.limits.lease = Duration::from_secs(args.lease_ttl);
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
     config.limits.max_execs_per_sandbox = usize::try_from(args.max_execs_per_sandbox)
         .context("--max-execs-per-sandbox does not fit this platform")?;

@@ -233,7 +233,9 @@ pub struct Limits {
     pub max_memory_mb: i64,
     /// Limit for calls that are not streams or uploads.
     pub request_timeout: Duration,
-    /// How long a worker's lease on a sandbox lasts without renewal.
+    /// How long a worker's lease on a sandbox lasts without renewal (the
+    /// lease TTL, `--lease-ttl`): a worker silent this long is `down` and
+    /// its sandboxes `lost`. Leases are renewed every third of it.
     pub lease: Duration,
     /// Failed authentication attempts one address may make per minute
     /// before it is refused with 429.
@@ -258,7 +260,7 @@ impl Default for Limits {
             min_memory_mb: 16,
             max_memory_mb: 256 * 1024,
             request_timeout: Duration::from_secs(120),
-            lease: Duration::from_secs(60),
+            lease: Duration::from_secs(15),
             auth_failures_per_minute: 120,
             max_execs_per_sandbox: 32,
         }

@@ -182,7 +182,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
     let app = Arc::new(App::new(
         config.clone(),
         store.clone(),
-        Scheduler::new(store, workers),
+        Scheduler::new(store, workers, None),
         catalog,
         boot.system_tenant.clone(),
     ));

@@ -214,6 +214,56 @@ impl Client {
         .await
     }
 
+    /// Lets a drained worker take new sandboxes again.
+    pub async fn worker_undrain(&self, worker_id: &str) -> Result<Worker> {
+        let url = self.url(&["v1", "workers", worker_id, "undrain"], &[])?;
+        self.send_json(Retry::Once, || {
+            Ok(self.request(Method::POST, url.clone(), Deadline::Default))
+        })
+        .await
+    }
+
+    pub async fn worker_get(&self, worker_id: &str) -> Result<Worker> {
+        let url = self.url(&["v1", "workers", worker_id], &[])?;
+        self.send_json(Retry::Idempotent, || {
+            Ok(self.request(Method::GET, url.clone(), Deadline::Default))
+        })
+        .await
+    }
+
+    /// A new worker token for `stacyvm worker` (`STACYVM_WORKER_TOKEN`);
+    /// its secret is in `token`, shown this once.
+    pub async fn worker_token_create(&self, name: &str) -> Result<WorkerToken> {
+        let url = self.url(&["v1", "workers", "tokens"], &[])?;
+        let body = WorkerTokenCreate { name: name.into() };
+        self.send_json(Retry::Once, || {
+            Ok(self
+                .request(Method::POST, url.clone(), Deadline::Default)
+                .json(&body))
+        })
+        .await
+    }
+
+    pub async fn worker_token_list(&self) -> Result<Vec<WorkerToken>> {
+        let url = self.url(&["v1", "workers", "tokens"], &[])?;
+        let r: WorkerTokenList = self
+            .send_json(Retry::Idempotent, || {
+                Ok(self.request(Method::GET, url.clone(), Deadline::Default))
+            })
+            .await?;
+        Ok(r.tokens)
+    }
+
+    /// Revokes a worker token: workers using it are refused and marked down.
+    pub async fn worker_token_revoke(&self, token_id: &str) -> Result<()> {
+        let url = self.url(&["v1", "workers", "tokens", token_id], &[])?;
+        self.send(Retry::Idempotent, || {
+            Ok(self.request(Method::DELETE, url.clone(), Deadline::Default))
+        })
+        .await?;
+        Ok(())
+    }
+
     /// `/healthz`: the process serves.
     pub async fn healthz(&self) -> Result<Health> {
         let url = self.url(&["healthz"], &[])?;

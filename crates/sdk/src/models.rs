@@ -11,7 +11,7 @@ pub use stacyvm_api::{
     ExecRequest, ExecResponse, ExitStatus, Failure, FileEntry, FileType, Health, Image, ImageList,
     KeyList, Logs, Network, Paths, PoolStatus, ProviderStatus, Quota, Role, Sandbox, SandboxList,
     SandboxState, Status, StoreStatus, StreamChunk, StreamError, Tenant, TenantList, Worker,
-    WorkerList,
+    WorkerCapacity, WorkerList, WorkerProvider, WorkerToken, WorkerTokenCreate, WorkerTokenList,
 };
 
 /// Filters and paging of a sandbox list.

@@ -147,8 +147,31 @@ pub struct WorkersArgs {
 #[derive(Subcommand)]
 enum WorkersCmd {
     Ls,
-    /// Send no new sandboxes to the worker.
+    Get {
+        id: String,
+    },
+    /// Send no new sandboxes to the worker (it keeps the ones it has).
     Drain {
+        id: String,
+    },
+    /// Let a drained worker take new sandboxes again.
+    Undrain {
+        id: String,
+    },
+    /// Worker tokens: what `stacyvm worker` registers with.
+    #[command(subcommand)]
+    Token(WorkerTokenCmd),
+}
+
+#[derive(Subcommand)]
+enum WorkerTokenCmd {
+    /// Makes a token; its secret is printed this once.
+    Create {
+        name: String,
+    },
+    Ls,
+    /// Revokes a token: workers using it are refused and marked down.
+    Rm {
         id: String,
     },
 }
@@ -540,15 +563,67 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
 
 pub async fn workers(a: WorkersArgs) -> Result<ExitCode> {
     let client = a.conn.client()?;
+    let fmt = a.conn.output;
     let list = match a.cmd {
         WorkersCmd::Ls => client.worker_list().await?,
+        WorkersCmd::Get { id } => vec![client.worker_get(&id).await?],
         WorkersCmd::Drain { id } => vec![client.worker_drain(&id).await?],
+        WorkersCmd::Undrain { id } => vec![client.worker_undrain(&id).await?],
+        WorkersCmd::Token(cmd) => return worker_tokens(&client, fmt, cmd).await,
     };
     if a.conn.output == Format::Json {
         output::json(&list)?;
     } else {
         workers_table(&list);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn worker_tokens(
+    client: &stacyvm_sdk::Client,
+    fmt: Format,
+    cmd: WorkerTokenCmd,
+) -> Result<ExitCode> {
+    let list = match cmd {
+        WorkerTokenCmd::Create { name } => {
+            let t = client.worker_token_create(&name).await?;
+            if fmt != Format::Json {
+                eprintln!(
+                    "worker token {} created; its secret is shown this once. Start a worker with:\n  \
+                     STACYVM_WORKER_TOKEN=<token> stacyvm worker --control-plane URL --listen ADDR",
+                    t.id
+                );
+            }
+            vec![t]
+        }
+        WorkerTokenCmd::Ls => client.worker_token_list().await?,
+        WorkerTokenCmd::Rm { id } => {
+            client.worker_token_revoke(&id).await?;
+            if fmt == Format::Json {
+                output::json(&serde_json::json!({"revoked": id}))?;
+            } else {
+                println!("revoked {id}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if fmt == Format::Json {
+        output::json(&list)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = list
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.name.clone(),
+                output::time(t.created_at),
+                t.revoked_at.map(output::time).unwrap_or_else(|| "-".into()),
+                t.token.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    output::table(&["ID", "NAME", "CREATED", "REVOKED", "TOKEN"], rows);
     Ok(ExitCode::SUCCESS)
 }
 

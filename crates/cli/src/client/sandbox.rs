@@ -79,6 +79,9 @@ struct CreateArgs {
     /// Labels, KEY=VALUE (repeatable).
     #[arg(short, long = "label", value_name = "KEY=VALUE")]
     label: Vec<String>,
+    /// Run only on workers carrying this label, KEY=VALUE (repeatable).
+    #[arg(long = "worker-label", value_name = "KEY=VALUE")]
+    worker_label: Vec<String>,
     #[arg(long)]
     workdir: Option<String>,
     /// Network access: none (default) or egress.
@@ -296,6 +299,7 @@ async fn create(client: &Client, fmt: Format, c: CreateArgs) -> Result<ExitCode>
         timeout_s: c.timeout_s,
         env: key_values(&c.env, "env"),
         labels: key_values(&c.label, "label"),
+        worker_labels: key_values(&c.worker_label, "worker-label"),
         workdir: c.workdir,
         network: c.network.as_deref().map(|n| {
             if n == "egress" {

@@ -21,3 +21,4 @@ mod per_store;
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod workers;

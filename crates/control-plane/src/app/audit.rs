@@ -123,6 +123,19 @@ impl super::App {
         if !(mutating || refused || cross_tenant) {
             return Ok(());
         }
+        // A worker heartbeats every few seconds: recorded only when it
+        // fails or reports runtimes it may not hold.
+        if route == "/v1/workers/{id}/heartbeat"
+            && call.status < 400
+            && call
+                .detail
+                .as_ref()
+                .and_then(|d| d.get("refused"))
+                .and_then(|r| r.as_array())
+                .is_none_or(|r| r.is_empty())
+        {
+            return Ok(());
+        }
         let mut detail = call.detail.unwrap_or(serde_json::Value::Null);
         if cross_tenant {
             detail = serde_json::json!({"reason": "the sandbox belongs to another tenant"});
@@ -242,7 +255,15 @@ fn action_of(m: &str, route: &str) -> String {
         ("GET", "/v1/audit") => "audit.list",
         ("GET", "/v1/status") => "status.get",
         ("GET", "/v1/workers") => "worker.list",
+        ("GET", "/v1/workers/{id}") => "worker.get",
         ("POST", "/v1/workers/{id}/drain") => "worker.drain",
+        ("POST", "/v1/workers/{id}/undrain") => "worker.undrain",
+        ("POST", "/v1/workers/tokens") => "worker_token.create",
+        ("GET", "/v1/workers/tokens") => "worker_token.list",
+        ("DELETE", "/v1/workers/tokens/{id}") => "worker_token.revoke",
+        ("POST", "/v1/workers/register") => "worker.register",
+        ("POST", "/v1/workers/{id}/heartbeat") => "worker.heartbeat",
+        ("GET", "/v1/workers/{id}/images/{*name}") => "worker.image",
         ("GET", "/metrics") => "metrics.get",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };

@@ -46,7 +46,7 @@ impl App {
         // The catalog entry is gone either way; a provider copy that cannot
         // be removed now (a container outside StacyVM still uses it) is
         // logged, not an error of the delete.
-        for worker in self.scheduler.workers() {
+        for worker in self.scheduler.workers().await? {
             if let Err(e) = worker.image_removed(&image).await {
                 tracing::warn!(image = name, worker = %worker.id(), error = %e,
                     "could not remove a provider's copy of a deleted catalog image");

@@ -15,6 +15,7 @@ pub mod sandboxes;
 pub mod status;
 pub mod tenants;
 pub mod views;
+pub mod workers;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,6 +90,9 @@ pub struct App {
     /// Wakes the pool refill loop after a claim.
     pool_wake: tokio::sync::Notify,
     started: Instant,
+    /// This control plane among its replicas (the holder name of the
+    /// reconcilers' lease in the store).
+    replica: String,
     /// The tenant that owns the bootstrap admin key.
     system_tenant: TenantId,
 }
@@ -113,6 +117,11 @@ impl App {
             quota_cache: Default::default(),
             pool_wake: tokio::sync::Notify::new(),
             started: Instant::now(),
+            replica: {
+                let mut b = [0u8; 8];
+                rand::fill(&mut b);
+                format!("cp-{}", hex::encode(b))
+            },
             system_tenant,
         }
     }

@@ -207,7 +207,7 @@ async fn spawn_member(
     spec: &PoolSpec,
     id: &SandboxId,
 ) -> Result<(DynWorker, ImageSource)> {
-    let worker = app.scheduler.place(&spec.provider).await?;
+    let worker = app.scheduler.place_local(&spec.provider).await?;
     let before = app.catalog_image(&spec.image).await?;
     let limits = &app.config.limits;
     let spawn = SpawnSpec {

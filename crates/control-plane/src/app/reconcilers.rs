@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use stacyvm_core::{now, Error, Result, SandboxState};
 use stacyvm_store::{Failure, WorkerState};
@@ -60,7 +60,7 @@ pub async fn expire(app: &App) -> Result<usize> {
 /// Brings store and runtimes into agreement. `at_start` also settles rows
 /// that a crash left half-way (`pending`, `starting`).
 pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
-    for worker in app.scheduler.workers() {
+    for worker in app.scheduler.local_workers() {
         // Runtimes are listed before the rows are read, so a runtime created
         // meanwhile always has its (live) row in `live`: nothing young is
         // mistaken for an orphan.
@@ -175,7 +175,16 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
             }
         }
     }
-    if at_start {
+    // Alone (no other worker is up, so no other control plane places
+    // sandboxes), rows never placed on a worker are settled at once;
+    // otherwise `fail_abandoned` settles them once they are old.
+    let alone = app
+        .store
+        .worker_list()
+        .await?
+        .iter()
+        .all(|w| app.scheduler.is_local(&w.id) || w.state == WorkerState::Down);
+    if at_start && alone {
         let live = app.store.sandbox_list_live().await?;
         // Rows never placed on a worker: the create that made them is gone.
         for rec in live
@@ -208,11 +217,12 @@ fn probe() -> stacyvm_core::ExecRequest {
 
 /// Renews the leases of the in-process workers and their heartbeat.
 pub async fn heartbeat(app: &App) -> Result<()> {
-    let until = now() + app.config.limits.lease;
-    for w in app.scheduler.workers() {
+    let t = app.store.now().await?;
+    let until = t + app.config.limits.lease;
+    for w in app.scheduler.local_workers() {
         app.store.lease_renew(w.id(), until).await?;
         if let Some(mut rec) = app.store.worker_get(w.id()).await? {
-            rec.last_heartbeat = now();
+            rec.last_heartbeat = t;
             rec.provider_health = app
                 .scheduler
                 .provider_health(w)
@@ -235,11 +245,109 @@ pub async fn heartbeat(app: &App) -> Result<()> {
     Ok(())
 }
 
+/// The job name of the reconcilers only one control plane runs at a time.
+const LEADER_JOB: &str = "reconcilers";
+
+/// Whether this control plane runs the shared reconcilers now: it holds
+/// (or just took) their lease in the store, for one lease TTL.
+pub async fn lead(app: &App) -> Result<bool> {
+    let t = app.store.now().await?;
+    app.store
+        .leader_acquire(LEADER_JOB, &app.replica, t, t + app.config.limits.lease)
+        .await
+}
+
+/// Workers that stopped heartbeating: each one silent for a lease TTL is
+/// marked `down`, and every sandbox whose lease lapsed becomes `lost`
+/// (quota freed, fencing token raised, audited as `sandbox.lost`). The
+/// in-process workers' sandboxes are left to `reconcile_runtimes`.
+pub async fn lose_lapsed(app: &App) -> Result<usize> {
+    let t = app.store.now().await?;
+    let ttl = app.config.limits.lease;
+    for rec in app.store.worker_list().await? {
+        if app.scheduler.is_local(&rec.id) || rec.state == WorkerState::Down {
+            continue;
+        }
+        if rec.last_heartbeat + ttl < t && app.store.worker_down_if_silent(&rec.id, t - ttl).await?
+        {
+            tracing::warn!(worker = %rec.id, name = %rec.name, "worker missed its heartbeats past the lease TTL; marked down");
+            metrics::counter!("stacyvm_workers_down_total").increment(1);
+        }
+    }
+    let spare = app
+        .scheduler
+        .local_workers()
+        .first()
+        .map(|w| w.id().clone());
+    let lost = app.store.sandbox_lose_lapsed(t, spare.as_ref()).await?;
+    for rec in &lost {
+        tracing::warn!(sandbox = %rec.id, worker = ?rec.worker_id, "lease lapsed; marked the sandbox lost");
+        metrics::counter!("stacyvm_sandboxes_lost_total").increment(1);
+        let _ = crate::app::audit::record(
+            &app.store,
+            crate::app::audit::EventDraft {
+                tenant_id: Some(rec.tenant_id.clone()),
+                actor: stacyvm_store::Actor {
+                    key_id: None,
+                    role: None,
+                },
+                action: "sandbox.lost".into(),
+                target: Some(rec.id.to_string()),
+                sandbox_id: Some(rec.id.to_string()),
+                status: 200,
+                request_id: String::new(),
+                source_ip: None,
+                detail: serde_json::json!({
+                    "reason": "its worker stopped renewing the lease",
+                    "worker": rec.worker_id.as_ref().map(|w| w.to_string()),
+                }),
+            },
+        )
+        .await;
+    }
+    Ok(lost.len())
+}
+
+/// Rows a create left `pending` without a worker long ago: the create that
+/// made them is gone (its control plane stopped). Young ones belong to
+/// creates in flight, possibly on another control plane.
+pub async fn fail_abandoned(app: &App) -> Result<()> {
+    let cutoff = app.store.now().await? - 4 * app.config.limits.lease;
+    for rec in app.store.sandbox_list_live().await? {
+        if rec.state != SandboxState::Pending || rec.worker_id.is_some() || rec.created_at > cutoff
+        {
+            continue;
+        }
+        let mut rec = rec;
+        rec.state = SandboxState::Failed;
+        rec.failure = Some(Failure {
+            code: "interrupted".into(),
+            message: "the control plane stopped before the sandbox was placed".into(),
+        });
+        rec.destroyed_at = Some(now());
+        app.store
+            .sandbox_update_from(&rec, SandboxState::Pending)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Runs the loops until `stop` flips to true.
+///
+/// Every control plane renews its in-process workers' leases (every third
+/// of the lease TTL) and reconciles their runtimes. The shared passes
+/// (expiry, lapsed leases, abandoned creates) run on one control plane at a
+/// time, the holder of the reconcilers' lease in the store. Lapsed leases
+/// are judged only once the store has been reachable here for a whole TTL:
+/// after an outage (of the store, or of every control plane), workers get
+/// that long to heartbeat again before their sandboxes count as lost.
 pub fn spawn_loops(app: Arc<App>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let tick = app.config.reconcile_interval;
+        let ttl = app.config.limits.lease;
         let mut n: u64 = 0;
+        let mut last_heartbeat = Instant::now();
+        let mut reachable_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -249,16 +357,42 @@ pub fn spawn_loops(app: Arc<App>, mut stop: watch::Receiver<bool>) -> tokio::tas
                 return;
             }
             n += 1;
-            if let Err(e) = expire(&app).await {
-                tracing::warn!(error = %e, "expiry pass failed");
-            }
-            // Heavier passes run less often.
-            if n.is_multiple_of(10) {
+            if last_heartbeat.elapsed() >= ttl / 3 {
+                last_heartbeat = Instant::now();
                 if let Err(e) = heartbeat(&app).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
+            }
+            let leading = match lead(&app).await {
+                Ok(l) => {
+                    reachable_since.get_or_insert_with(Instant::now);
+                    l
+                }
+                Err(e) => {
+                    reachable_since = None;
+                    tracing::warn!(error = %e, "the store is unreachable; shared reconcilers wait");
+                    false
+                }
+            };
+            if leading {
+                if let Err(e) = expire(&app).await {
+                    tracing::warn!(error = %e, "expiry pass failed");
+                }
+                if reachable_since.is_some_and(|t| t.elapsed() >= ttl) {
+                    if let Err(e) = lose_lapsed(&app).await {
+                        tracing::warn!(error = %e, "lapsed-lease pass failed");
+                    }
+                }
+            }
+            // Heavier passes run less often.
+            if n.is_multiple_of(10) {
                 if let Err(e) = reconcile_runtimes(&app, false).await {
                     tracing::warn!(error = %e, "runtime reconciliation failed");
+                }
+                if leading {
+                    if let Err(e) = fail_abandoned(&app).await {
+                        tracing::warn!(error = %e, "abandoned-create pass failed");
+                    }
                 }
             }
         }

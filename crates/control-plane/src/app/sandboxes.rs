@@ -45,6 +45,8 @@ pub struct CreateSandbox {
     pub timeout_s: Option<i64>,
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
+    /// Only workers carrying every one of these labels may run it.
+    pub worker_labels: BTreeMap<String, String>,
     pub workdir: Option<String>,
     pub network: Option<Network>,
     pub idempotency_key: Option<String>,
@@ -89,7 +91,7 @@ pub fn check_env(env: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+pub(super) fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     if labels.len() > 64 {
         return Err(invalid("a sandbox may carry at most 64 labels"));
     }
@@ -173,21 +175,15 @@ impl App {
         Ok(rec)
     }
 
-    fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
+    async fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
         let worker_id = rec.worker_id.as_ref().ok_or_else(|| {
             Error::Conflict(format!(
                 "sandbox {} has no worker (state {})",
                 rec.id, rec.state
             ))
         })?;
-        let worker = self.scheduler.worker(worker_id).cloned().ok_or_else(|| {
-            Error::NoCapacity(format!(
-                "worker {worker_id} that holds sandbox {} is not reachable",
-                rec.id
-            ))
-        })?;
-        let lease = lease_for(rec);
-        Ok((worker, lease))
+        let worker = self.scheduler.worker(worker_id).await?;
+        Ok((worker, lease_for(rec)))
     }
 
     /// The agent of a running sandbox the caller may see.
@@ -209,7 +205,7 @@ impl App {
                 rec.id, rec.state
             )));
         }
-        let (w, l) = self.lease_of(&rec)?;
+        let (w, l) = self.lease_of(&rec).await?;
         Ok((rec, w, l))
     }
 
@@ -248,6 +244,8 @@ impl App {
         }
         check_env(&req.env)?;
         check_labels(&req.labels)?;
+        check_labels(&req.worker_labels)
+            .map_err(|e| invalid(format!("worker_labels: {}", e.message())))?;
         let workdir = req
             .workdir
             .as_deref()
@@ -303,7 +301,9 @@ impl App {
             fencing_token: 0,
             idempotency_key: req.idempotency_key.clone(),
         };
-        let pooled = if super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network) {
+        let pooled = if req.worker_labels.is_empty()
+            && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)
+        {
             self.pools.take(&rec.provider, &rec.image, source)
         } else {
             None
@@ -362,7 +362,7 @@ impl App {
             self.mark_failed(&mut rec, &e).await;
             return Err(e);
         }
-        let sandbox = self.sandbox_start(rec).await?;
+        let sandbox = self.sandbox_start(rec, &req.worker_labels).await?;
         Ok(Created {
             sandbox,
             existing: false,
@@ -393,19 +393,20 @@ impl App {
 
     /// Places a pending sandbox on a worker and spawns it; on failure the
     /// sandbox is marked `failed` with the reason and nothing is left behind.
-    async fn sandbox_start(&self, mut rec: SandboxRecord) -> Result<SandboxRecord> {
-        let worker = match self.scheduler.place(&rec.provider).await {
+    async fn sandbox_start(
+        &self,
+        mut rec: SandboxRecord,
+        worker_labels: &BTreeMap<String, String>,
+    ) -> Result<SandboxRecord> {
+        let lease_until = self.store.now().await? + self.config.limits.lease;
+        let (worker, placed) = match self.scheduler.place(&rec, worker_labels, lease_until).await {
             Ok(w) => w,
             Err(e) => {
                 self.mark_failed(&mut rec, &e).await;
                 return Err(e);
             }
         };
-        let lease_until = now() + self.config.limits.lease;
-        rec = self
-            .store
-            .sandbox_claim(&rec.id, worker.id(), lease_until)
-            .await?;
+        rec = placed;
         rec.state = SandboxState::Starting;
         self.store.sandbox_update(&rec).await?;
         let spec = SpawnSpec {
@@ -500,12 +501,27 @@ impl App {
             rec.state = SandboxState::Stopping;
             self.store.sandbox_update(&rec).await?;
         }
-        if rec.worker_id.is_some() {
-            let (worker, lease) = self.lease_of(&rec)?;
-            if let Err(e) = worker.destroy(&lease).await {
-                metrics::counter!("stacyvm_provider_errors_total", "provider" => rec.provider.clone(), "op" => "destroy")
-                    .increment(1);
-                return Err(e);
+        if let Some(worker_id) = rec.worker_id.clone() {
+            let destroyed = async {
+                let (worker, lease) = self.lease_of(&rec).await?;
+                worker.destroy(&lease).await
+            }
+            .await;
+            match destroyed {
+                Ok(()) => {}
+                // A remote worker that cannot be reached holds no lease on
+                // the sandbox once this row is final: it destroys the
+                // runtime itself when it is back (it never keeps a runtime
+                // it holds no lease for).
+                Err(Error::Unavailable(m)) if !self.scheduler.is_local(&worker_id) => {
+                    tracing::warn!(sandbox = %rec.id, worker = %worker_id, reason = %m,
+                        "destroyed a sandbox whose worker is unreachable; the worker removes the runtime when it returns");
+                }
+                Err(e) => {
+                    metrics::counter!("stacyvm_provider_errors_total", "provider" => rec.provider.clone(), "op" => "destroy")
+                        .increment(1);
+                    return Err(e);
+                }
             }
         }
         rec.state = SandboxState::Destroyed;
@@ -568,7 +584,7 @@ impl App {
                 rec.id, rec.state
             )));
         }
-        let (worker, lease) = self.lease_of(&rec)?;
+        let (worker, lease) = self.lease_of(&rec).await?;
         if pause {
             worker.pause(&lease).await?;
         } else {
@@ -594,7 +610,7 @@ impl App {
         let rec = self.sandbox_visible(who, id).await?;
         let mut lines = lifecycle_lines(&rec);
         if !rec.state.is_terminal() && rec.worker_id.is_some() {
-            let (worker, lease) = self.lease_of(&rec)?;
+            let (worker, lease) = self.lease_of(&rec).await?;
             match worker.logs(&lease).await {
                 Ok(l) => lines.extend(l),
                 Err(e) => lines.push(LogLine {

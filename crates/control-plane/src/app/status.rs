@@ -2,8 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use stacyvm_core::{Result, SandboxState, WorkerId};
-use stacyvm_store::WorkerState;
+use stacyvm_core::{Result, SandboxState};
 
 use super::App;
 
@@ -25,19 +24,34 @@ impl App {
         }
     }
 
+    /// Each provider's health across the workers: healthy when it is on
+    /// one of them at least.
     pub async fn provider_status(&self) -> Vec<ProviderStatus> {
-        let mut out: Vec<ProviderStatus> = Vec::new();
-        for w in self.scheduler.workers() {
-            for h in self.scheduler.provider_health(w).await {
-                if let Some(existing) = out.iter_mut().find(|p| p.name == h.name) {
-                    existing.healthy |= h.health.healthy;
-                    continue;
+        let health = match self.scheduler.health_by_worker().await {
+            Ok(b) => b.into_iter().map(|(_, h)| h).collect(),
+            // Without the store, the in-process workers still answer.
+            Err(_) => {
+                let mut b = Vec::new();
+                for w in self.scheduler.local_workers() {
+                    b.push(self.scheduler.provider_health(w).await);
                 }
-                out.push(ProviderStatus {
+                b
+            }
+        };
+        let mut out: Vec<ProviderStatus> = Vec::new();
+        for h in health.into_iter().flatten() {
+            match out.iter_mut().find(|p| p.name == h.name) {
+                // The detail of a healthy instance wins.
+                Some(p) if !p.healthy && h.health.healthy => {
+                    p.healthy = true;
+                    p.detail = h.health.detail;
+                }
+                Some(_) => {}
+                None => out.push(ProviderStatus {
                     name: h.name,
                     healthy: h.health.healthy,
                     detail: h.health.detail,
-                });
+                }),
             }
         }
         out
@@ -87,7 +101,9 @@ impl App {
         }
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
-            mode: if self.config.local_worker && self.scheduler.workers().len() <= 1 {
+            mode: if self.config.local_worker
+                && !self.scheduler.has_remote_workers().await.unwrap_or(false)
+            {
                 "single-node".into()
             } else {
                 "multi-worker".into()
@@ -127,21 +143,6 @@ impl App {
                 .collect::<Vec<_>>()
                 .join("; ")
         ))
-    }
-
-    /// Marks a worker draining: it keeps its sandboxes and takes no new ones.
-    pub async fn worker_drain(&self, who: &super::Principal, id: &str) -> Result<WorkerStatus> {
-        who.require_admin()?;
-        let not_found = || stacyvm_core::Error::NotFound(format!("worker {id} not found"));
-        let wid = WorkerId::parse(id).ok_or_else(not_found)?;
-        self.store
-            .worker_set_state(&wid, WorkerState::Draining)
-            .await?;
-        self.worker_status()
-            .await?
-            .into_iter()
-            .find(|w| w.id == wid.as_str())
-            .ok_or_else(not_found)
     }
 
     /// Brings the gauges `/metrics` renders up to date: sandboxes by state.

@@ -107,7 +107,7 @@ impl App {
                     "allowed_providers may name at most 32 providers".into(),
                 ));
             }
-            let known = self.scheduler.provider_names();
+            let known = self.scheduler.provider_names().await?;
             for p in providers {
                 if !known.contains(p) {
                     return Err(Error::InvalidRequest(format!(

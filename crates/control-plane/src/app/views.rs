@@ -188,6 +188,17 @@ pub fn audit_event(e: &AuditEvent) -> api::AuditEvent {
     }
 }
 
+/// A worker token as listed (never its secret).
+pub fn worker_token(t: &stacyvm_store::WorkerToken) -> api::WorkerToken {
+    api::WorkerToken {
+        id: t.id.to_string(),
+        token: None,
+        name: t.name.clone(),
+        created_at: t.created_at,
+        revoked_at: t.revoked_at,
+    }
+}
+
 /// A worker with `sandboxes` live sandboxes. A provider it has not reported
 /// health for yet shows as unhealthy, saying so.
 pub fn worker(w: stacyvm_store::WorkerRecord, sandboxes: i64) -> api::Worker {

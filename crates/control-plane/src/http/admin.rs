@@ -246,27 +246,6 @@ pub async fn status(State(s): State<AppState>, Auth(who): Auth) -> ApiResult<Res
     Ok(Json(st).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/workers", tag = "status", responses((status = 200, body = api::WorkerList)))]
-pub async fn worker_list(
-    State(s): State<AppState>,
-    Auth(who): Auth,
-) -> ApiResult<Json<api::WorkerList>> {
-    who.require_admin()?;
-    Ok(Json(api::WorkerList {
-        workers: s.app.worker_status().await?,
-    }))
-}
-
-#[utoipa::path(post, path = "/v1/workers/{id}/drain", tag = "status", responses((status = 200)))]
-pub async fn worker_drain(
-    State(s): State<AppState>,
-    Auth(who): Auth,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
-    let w = s.app.worker_drain(&who, &id).await?;
-    Ok(Json(w).into_response())
-}
-
 #[utoipa::path(get, path = "/healthz", tag = "status", security(()), responses((status = 200, body = api::Health)))]
 pub async fn healthz() -> Json<api::Health> {
     Json(api::Health {

@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
+pub mod workers;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
     use admin::*;
     use files::*;
     use sandboxes::*;
+    use workers::*;
     let v1 = Router::new()
         .route("/v1/sandboxes", post(sandbox_create).get(sandbox_list))
         .route(
@@ -87,8 +89,23 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit_list))
         .route("/v1/status", get(status))
         .route("/v1/workers", get(worker_list))
+        .route("/v1/workers/{id}", get(worker_get))
         .route("/v1/workers/{id}/drain", post(worker_drain))
+        .route("/v1/workers/{id}/undrain", post(worker_undrain))
+        .route(
+            "/v1/workers/tokens",
+            post(worker_token_create).get(worker_token_list),
+        )
+        .route(
+            "/v1/workers/tokens/{id}",
+            axum::routing::delete(worker_token_revoke),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
+    // Remote workers' own calls: a worker token, checked by the handlers.
+    let worker_calls = Router::new()
+        .route("/v1/workers/register", post(worker_register))
+        .route("/v1/workers/{id}/heartbeat", post(worker_heartbeat))
+        .route("/v1/workers/{id}/images/{*name}", get(worker_image));
     // Metrics name routes, tenants' activity and sandbox counts: operators
     // only, unless the operator opens them to a scraper.
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
@@ -99,6 +116,7 @@ pub fn router(state: AppState) -> Router {
     }
     Router::new()
         .merge(v1)
+        .merge(worker_calls)
         .merge(metrics_route)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -213,7 +231,8 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
         || path.ends_with("/files")
         || path.ends_with("/files/archive")
         || path.ends_with("/logs")
-        || path == "/v1/images";
+        || path == "/v1/images"
+        || (path.starts_with("/v1/workers/") && path.contains("/images/"));
     if long {
         return next.run(req).await;
     }

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, sandboxes};
+use super::{admin, files, sandboxes, workers};
 
 struct BearerAuth;
 
@@ -40,7 +40,10 @@ impl Modify for BearerAuth {
         admin::image_import, admin::image_list, admin::image_get, admin::image_delete,
         admin::tenant_create, admin::tenant_list, admin::quota_get, admin::quota_set,
         admin::key_create, admin::key_list, admin::key_revoke, admin::audit_list,
-        admin::status, admin::worker_list, admin::worker_drain,
+        admin::status, workers::worker_list, workers::worker_get, workers::worker_drain,
+        workers::worker_undrain, workers::worker_token_create, workers::worker_token_list,
+        workers::worker_token_revoke, workers::worker_register, workers::worker_heartbeat,
+        workers::worker_image,
         admin::healthz, admin::readyz, admin::metrics,
     ),
     components(schemas(
@@ -50,7 +53,10 @@ impl Modify for BearerAuth {
         api::FileType, api::FileEntry, api::Entries, api::Paths, api::MoveFile, api::Chmod, api::Mkdir,
         api::ArchiveSummary, api::Image, api::ImageList, api::CreateTenant, api::Quota, api::Tenant,
         api::TenantList, api::Role, api::CreateKey, api::ApiKey, api::KeyList, api::Actor,
-        api::AuditEvent, api::AuditList, api::Worker, api::WorkerList, api::StoreStatus,
+        api::AuditEvent, api::AuditList, api::Worker, api::WorkerList, api::WorkerProvider,
+        api::WorkerCapacity, api::WorkerTokenCreate, api::WorkerToken, api::WorkerTokenList,
+        api::WorkerRegister, api::WorkerRegistered, api::LeaseGrant, api::WorkerHeartbeat,
+        api::RuntimeReport, api::WorkerHeartbeatReply, api::RefusedReport, api::StoreStatus,
         api::ProviderStatus, api::PoolStatus, api::Status, api::Health, RawBytes,
     )),
     tags(
@@ -61,7 +67,8 @@ impl Modify for BearerAuth {
         (name = "tenants", description = "Tenants and quotas"),
         (name = "keys", description = "API keys"),
         (name = "audit", description = "The audit log"),
-        (name = "status", description = "Health, readiness, status, workers, metrics"),
+        (name = "status", description = "Health, readiness, status, metrics"),
+        (name = "workers", description = "Workers of multi-worker mode, their tokens, and the calls workers make"),
     )
 )]
 pub struct ApiDoc;

@@ -59,6 +59,7 @@ pub async fn sandbox_create(
                 timeout_s: body.timeout_s,
                 env: body.env,
                 labels: body.labels,
+                worker_labels: body.worker_labels,
                 workdir: body.workdir,
                 network,
                 idempotency_key,
