@@ -59,6 +59,11 @@ def test_sandbox_is_destroyed_when_the_block_raises(client: stacyvm.Client) -> N
     assert client.get_sandbox(sb.id).info.state == "destroyed"
 
 
+def test_worker_labels_no_worker_carries_raise_no_capacity(client: stacyvm.Client) -> None:
+    with pytest.raises(stacyvm.errors.NoCapacity, match="gpu=h100"):
+        client.create_sandbox(image=IMAGE, worker_labels={"gpu": "h100"})
+
+
 def test_get_list_refresh_and_label_filter(client: stacyvm.Client, sandbox: stacyvm.Sandbox) -> None:
     tag = uuid.uuid4().hex
     other = client.create_sandbox(IMAGE, labels={"tag": tag})

@@ -145,7 +145,8 @@ impl App {
         ))
     }
 
-    /// Brings the gauges `/metrics` renders up to date: sandboxes by state.
+    /// Brings the gauges `/metrics` renders up to date: sandboxes by state,
+    /// and each worker's heartbeat age, leases and whether it is up.
     /// A store that cannot answer leaves the last values.
     pub async fn update_gauges(&self) {
         let Ok(counts) = self.store.sandbox_count_by_state().await else {
@@ -158,6 +159,32 @@ impl App {
                 .map(|(_, n)| *n)
                 .unwrap_or(0);
             metrics::gauge!("stacyvm_sandboxes", "state" => st.as_str()).set(n as f64);
+        }
+        // Per worker: how long since it was last heard from, and how many
+        // sandboxes it holds leases on.
+        let (Ok(workers), Ok(live), Ok(t)) = (
+            self.store.worker_list().await,
+            self.store.sandbox_list_live().await,
+            self.store.now().await,
+        ) else {
+            return;
+        };
+        for w in workers {
+            let held = live
+                .iter()
+                .filter(|s| s.worker_id.as_ref() == Some(&w.id))
+                .count();
+            let age = (t - w.last_heartbeat).as_seconds_f64().max(0.0);
+            metrics::gauge!("stacyvm_worker_heartbeat_age_seconds", "worker" => w.id.to_string())
+                .set(age);
+            metrics::gauge!("stacyvm_worker_leases", "worker" => w.id.to_string()).set(held as f64);
+            metrics::gauge!("stacyvm_worker_up", "worker" => w.id.to_string()).set(
+                if w.state == stacyvm_store::WorkerState::Down {
+                    0.0
+                } else {
+                    1.0
+                },
+            );
         }
     }
 }

@@ -129,6 +129,7 @@ def sandbox_create(
     workdir: Optional[str],
     network: Optional[str],
     idempotency_key: Optional[str],
+    worker_labels: Optional[Mapping[str, str]] = None,
     request_timeout: Optional[float],
 ) -> Call:
     if image is None and template is None:
@@ -143,6 +144,7 @@ def sandbox_create(
             "timeout_s": timeout_s,
             "env": dict(env) if env else None,
             "labels": dict(labels) if labels else None,
+            "worker_labels": dict(worker_labels) if worker_labels else None,
             "workdir": workdir,
             "network": network,
         }

@@ -489,13 +489,15 @@ class AsyncClient:
         timeout_s: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         labels: Optional[Mapping[str, str]] = None,
+        worker_labels: Optional[Mapping[str, str]] = None,
         workdir: Optional[str] = None,
         network: Optional[str] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
     ) -> AsyncSandbox:
         """Creates a sandbox and returns once it runs commands. ``timeout_s``
-        is its lifetime; ``request_timeout`` how long to wait for it."""
+        is its lifetime; ``request_timeout`` how long to wait for it;
+        ``worker_labels`` limits it to workers carrying all those labels."""
         call = core.sandbox_create(
             image=image,
             template=template,
@@ -505,6 +507,7 @@ class AsyncClient:
             timeout_s=timeout_s,
             env=env,
             labels=labels,
+            worker_labels=worker_labels,
             workdir=workdir,
             network=network,
             idempotency_key=idempotency_key,
@@ -523,6 +526,7 @@ class AsyncClient:
         timeout_s: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         labels: Optional[Mapping[str, str]] = None,
+        worker_labels: Optional[Mapping[str, str]] = None,
         workdir: Optional[str] = None,
         network: Optional[str] = None,
         idempotency_key: Optional[str] = None,
@@ -541,6 +545,7 @@ class AsyncClient:
                 timeout_s=timeout_s,
                 env=env,
                 labels=labels,
+                worker_labels=worker_labels,
                 workdir=workdir,
                 network=network,
                 idempotency_key=idempotency_key,
