@@ -54,6 +54,11 @@ pub struct ServerOptions {
     pub data_dir: Option<PathBuf>,
     /// A store URL to use as is (the caller owns the database).
     pub store_url: Option<String>,
+    /// `--listen`; `127.0.0.1:0` by default.
+    pub listen: Option<String>,
+    /// The bootstrap admin key; a random one by default (a replica of
+    /// another server must use that server's).
+    pub admin_key: Option<String>,
 }
 
 impl ServerOptions {
@@ -66,6 +71,8 @@ impl ServerOptions {
             without_cgroups: false,
             data_dir: None,
             store_url: None,
+            listen: None,
+            admin_key: None,
         }
     }
 
@@ -97,6 +104,11 @@ impl ServerOptions {
 
     pub fn data_dir(mut self, dir: &Path) -> ServerOptions {
         self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    pub fn listen(mut self, addr: &str) -> ServerOptions {
+        self.listen = Some(addr.to_owned());
         self
     }
 
@@ -162,7 +174,10 @@ impl Server {
         let mut server = Server {
             child: None,
             url: String::new(),
-            admin_key: format!("svm_test_{}", random_hex(40)),
+            admin_key: opts
+                .admin_key
+                .clone()
+                .unwrap_or_else(|| format!("svm_test_{}", random_hex(40))),
             opts,
             store_url,
             pg_db,
@@ -176,6 +191,20 @@ impl Server {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_path
+    }
+
+    /// Options for another control plane on this one's store and admin
+    /// key (a replica), with its own data dir.
+    pub fn replica_options(&self) -> Result<ServerOptions> {
+        let mut o = self.opts.clone();
+        o.store_url = Some(
+            self.store_url
+                .clone()
+                .ok_or_else(|| anyhow!("replicas share a PostgreSQL store"))?,
+        );
+        o.admin_key = Some(self.admin_key.clone());
+        o.data_dir = None;
+        Ok(o)
     }
 
     /// Everything the server printed on stderr so far.
@@ -216,7 +245,7 @@ impl Server {
         };
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(self.opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(&self.data_path);
         if let Some(url) = &self.store_url {
@@ -412,7 +441,11 @@ impl Server {
     /// Whatever the API could not remove: asks the providers themselves
     /// (the same code the server runs) to list and destroy this instance's
     /// runtimes.
-    async fn destroy_leftovers(data_dir: PathBuf, instance: String, agent: PathBuf) -> Result<()> {
+    pub async fn destroy_leftovers(
+        data_dir: PathBuf,
+        instance: String,
+        agent: PathBuf,
+    ) -> Result<()> {
         use stacyvm_provider::Provider;
         let catalog = Arc::new(stacyvm_provider::images::ImageCatalog::open(
             &data_dir.join("images"),
