@@ -7,6 +7,9 @@
 //! `STACYVM_TEST_POSTGRES_URL` or the scripts in `scripts/` that build and start them.
 
 mod archive;
+#[allow(dead_code)]
+#[path = "../common/cluster.rs"]
+mod cluster;
 mod errors;
 mod exec_stream;
 mod files;

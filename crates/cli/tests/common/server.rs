@@ -139,6 +139,8 @@ pub struct Server {
     pg_db: Option<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
     data_path: PathBuf,
+    /// Remote workers serving this control plane (the `workers` topology).
+    pub workers: Vec<crate::cluster::Worker>,
     // Declared last: removed after everything above is torn down.
     _data_dir: Option<tempfile::TempDir>,
 }
@@ -183,10 +185,54 @@ impl Server {
             pg_db,
             log: Arc::new(Mutex::new(Vec::new())),
             data_path,
+            workers: Vec::new(),
             _data_dir: data_dir,
         };
         server.spawn()?;
+        if server.remote_workers() {
+            server.start_workers(2)?;
+        }
         Ok(server)
+    }
+
+    /// Whether this server runs without an in-process worker, served by
+    /// remote workers: with `STACYVM_TEST_TOPOLOGY=workers`, every server
+    /// whose test does not need the in-process worker's host view (its own
+    /// data dir, a host without cgroups).
+    fn remote_workers(&self) -> bool {
+        std::env::var("STACYVM_TEST_TOPOLOGY").as_deref() == Ok("workers")
+            && !self.opts.without_cgroups
+            && self.opts.data_dir.is_none()
+    }
+
+    /// Starts `n` workers with this server's providers and waits until
+    /// they are ready.
+    fn start_workers(&mut self, n: usize) -> Result<()> {
+        let admin = self.admin();
+        let providers = self
+            .opts
+            .providers
+            .clone()
+            .unwrap_or_else(|| "docker,namespaces".into());
+        let mut workers = Vec::new();
+        let token = run_async(async {
+            crate::cluster::worker_token(&admin, "test-workers")
+                .await
+                .map(|(_, t)| t)
+        })?;
+        for _ in 0..n {
+            workers.push(crate::cluster::Worker::start(
+                crate::cluster::WorkerOptions::new(self, &token, &providers),
+            )?);
+        }
+        run_async(async {
+            for w in &mut workers {
+                w.ready(&admin).await?;
+            }
+            Ok(())
+        })?;
+        self.workers = workers;
+        Ok(())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -255,6 +301,9 @@ impl Server {
             cmd.arg("--providers").arg(p);
         }
         cmd.args(&self.opts.args);
+        if self.remote_workers() && !self.opts.args.iter().any(|a| a == "--no-local-worker") {
+            cmd.arg("--no-local-worker");
+        }
         for var in [
             "STACYVM_STORE",
             "STACYVM_PROVIDERS",
@@ -1036,6 +1085,22 @@ impl Sse {
 // ---------------------------------------------------------------------------
 // Waiting and runtime inspection
 
+/// Runs a future to completion on a runtime of its own (from sync code that
+/// may itself run inside a runtime).
+pub fn run_async<T: Send>(f: impl std::future::Future<Output = Result<T>> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("a runtime")?
+                .block_on(f)
+        })
+        .join()
+        .map_err(|_| anyhow!("a helper thread panicked"))?
+    })
+}
+
 /// Polls `check` until it returns `Some`, or fails after `limit` with `what`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
 where
@@ -1076,11 +1141,14 @@ pub fn docker_containers_of(sandbox: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Whether the sandbox's runtime is still on the host.
+/// Whether the sandbox's runtime is still on the host (the server's own,
+/// or one of its remote workers').
 pub fn runtime_exists(server: &Server, provider: &str, sandbox: &str) -> Result<bool> {
     match provider {
         "docker" => Ok(!docker_containers_of(sandbox)?.is_empty()),
-        "proot" | "namespaces" => Ok(server.data_dir().join(provider).join(sandbox).exists()),
+        "proot" | "namespaces" => Ok(std::iter::once(server.data_dir())
+            .chain(server.workers.iter().map(|w| w.data_dir()))
+            .any(|d| d.join(provider).join(sandbox).exists())),
         other => bail!("no runtime check for provider {other}"),
     }
 }
