@@ -10,6 +10,8 @@
 //! to start, find, stop, pause and list its runtimes.
 
 pub mod agent_client;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod docker;
 pub mod images;
 pub mod namespaces;
