@@ -11,6 +11,7 @@ use stacyvm_core::{now, Error, Result, WorkerId};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
 use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
+use stacyvm_provider::plugin::{self, PluginConfig, PluginProvider, PluginTiming};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 use stacyvm_store::WorkerRecord;
@@ -104,7 +105,32 @@ fn build_providers(
         return Ok(out);
     }
     let agent_bin = stacyvm_provider::agent_binary_path()?;
+    for name in config.plugins.keys() {
+        let enabled = format!("{}{name}", plugin::PREFIX);
+        if !config.providers.contains(&enabled) {
+            tracing::warn!(plugin = %name, "a plugin is registered but not enabled: add {enabled} to --providers to use it");
+        }
+    }
     for name in &config.providers {
+        if let Some(plugin_name) = plugin::plugin_name(name) {
+            let executable = plugin::locate(
+                &config.data_dir,
+                plugin_name,
+                config.plugins.get(plugin_name).map(|p| p.as_path()),
+            )?;
+            out.push(Arc::new(PluginProvider::new(PluginConfig {
+                name: plugin_name.to_owned(),
+                executable,
+                args: Vec::new(),
+                env: Vec::new(),
+                data_dir: config.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+                timing: PluginTiming::default(),
+            })?));
+            continue;
+        }
         match name.as_str() {
             "docker" => out.push(Arc::new(DockerProvider::new(DockerConfig {
                 data_dir: config.data_dir.clone(),
@@ -128,7 +154,8 @@ fn build_providers(
             })?)),
             other => {
                 return Err(Error::InvalidRequest(format!(
-                    "unknown provider {other:?}; available: docker, namespaces, proot"
+                    "unknown provider {other:?}; available: docker, namespaces, proot, \
+                     plugin:NAME"
                 )))
             }
         }

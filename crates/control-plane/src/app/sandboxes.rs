@@ -15,7 +15,6 @@ use stacyvm_worker::{DynWorker, Lease};
 use std::sync::Arc;
 
 use super::{page_limit, App, Principal};
-use crate::config::RESTRICTED_PROVIDERS;
 
 /// The lease the row `rec` gives its worker: its fencing token, on its
 /// provider.
@@ -26,11 +25,16 @@ pub fn lease_for(rec: &SandboxRecord) -> Lease {
 /// Whether a tenant with `quota` may create sandboxes on `provider`: the
 /// providers its quota lists; by default, every configured provider for the
 /// operator's own tenant (`operator`), and every provider that is a
-/// security boundary for any other tenant.
-pub fn provider_allowed(quota: &stacyvm_store::Quota, operator: bool, provider: &str) -> bool {
+/// security boundary (not `restricted`) for any other tenant.
+pub fn provider_allowed(
+    quota: &stacyvm_store::Quota,
+    operator: bool,
+    provider: &str,
+    restricted: bool,
+) -> bool {
     match &quota.allowed_providers {
         Some(list) => list.iter().any(|p| p == provider),
-        None => operator || !RESTRICTED_PROVIDERS.contains(&provider),
+        None => operator || !restricted,
     }
 }
 
@@ -272,7 +276,12 @@ impl App {
         let provider = self
             .scheduler
             .choose_provider(req.provider.as_deref(), |p| {
-                provider_allowed(&quota, who.tenant_id == self.system_tenant, p)
+                provider_allowed(
+                    &quota,
+                    who.tenant_id == self.system_tenant,
+                    p,
+                    self.scheduler.is_restricted(p),
+                )
             })
             .await?;
         let source = self.image_source_allowed(who, &image).await?;
