@@ -36,6 +36,10 @@ use super::protocol::{
 };
 use super::PluginTiming;
 
+/// How long a plugin whose stdout closed has to exit, so the reason given
+/// is its exit status.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
+
 /// Lines queued for the plugin's stdin before callers wait.
 const WRITE_QUEUE: usize = 64;
 
@@ -153,6 +157,17 @@ impl Conn {
         }
         drop(r);
         self.failed.cancel();
+    }
+
+    /// The plugin's stdout ended: the connection is over, and the
+    /// supervisor says why (usually the exit status, which comes a moment
+    /// later).
+    fn stdout_closed(&self) {
+        self.failed.cancel();
+    }
+
+    fn reason(&self) -> Option<String> {
+        lock(&self.fail_reason).clone()
     }
 
     fn failure(&self) -> String {
@@ -502,12 +517,20 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
                 shared.up.send_modify(|g| *g = generation);
                 tracing::info!(plugin = %name, generation, version = conn.version, "plugin is up");
                 let watchdog = tokio::spawn(watch_over(conn.clone(), timing.clone()));
+                let exited = |status: std::io::Result<std::process::ExitStatus>| match status {
+                    Ok(s) => format!("it exited ({s})"),
+                    Err(e) => format!("waiting for it failed: {e}"),
+                };
                 let reason = tokio::select! {
-                    status = child.wait() => match status {
-                        Ok(s) => format!("it exited ({s})"),
-                        Err(e) => format!("waiting for it failed: {e}"),
+                    status = child.wait() => exited(status),
+                    _ = conn.failed.cancelled() => match conn.reason() {
+                        Some(r) => r,
+                        // Its stdout closed: it is exiting, most likely.
+                        None => match tokio::time::timeout(STATUS_WAIT, child.wait()).await {
+                            Ok(status) => exited(status),
+                            Err(_) => "it closed its stdout".into(),
+                        },
                     },
-                    _ = conn.failed.cancelled() => conn.failure(),
                     _ = stop.cancelled() => String::new(),
                 };
                 watchdog.abort();
@@ -822,7 +845,7 @@ async fn read_lines(conn: Arc<Conn>, mut stdout: BufReader<ChildStdout>) {
         match got {
             Ok(true) => {}
             Ok(false) => {
-                conn.fail("it closed its stdout".into());
+                conn.stdout_closed();
                 return;
             }
             Err(e) => {

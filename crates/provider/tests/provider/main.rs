@@ -4,5 +4,6 @@
 mod conformance;
 mod docker;
 mod namespaces;
+mod plugin;
 mod proot;
 mod support;
