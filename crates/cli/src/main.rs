@@ -1,9 +1,11 @@
 //! The `stacyvm` binary: `serve` runs a single-node StacyVM (API, scheduler,
 //! local worker, providers and an embedded SQLite store in one process);
 //! the client commands (`sandbox`, `cp`, `files`, `image`, …) talk to a
-//! running server through the Rust SDK.
+//! running server through the Rust SDK; `provider-test` runs the provider
+//! conformance suite against a plugin.
 
 mod client;
+mod provider_test;
 mod serve;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -23,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run the server (single-node by default).
     Serve(serve::ServeArgs),
+    /// Run the provider conformance suite against a plugin
+    /// (docs/PLUGIN-PROTOCOL.md); exits 0 only when every case passes.
+    ProviderTest(provider_test::ProviderTestArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -54,6 +59,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::ProviderTest(args) => provider_test::run(args).await,
             Command::Client(cmd) => Ok(client::run(cmd).await),
             Command::Completions { .. } => Ok(std::process::ExitCode::SUCCESS),
         }
