@@ -2,7 +2,8 @@
 //! reference plugin (`--providers plugin:ref --plugin ref=examples/…`), a
 //! plugin that is no security boundary restricted like PRoot, and runtime
 //! reconciliation that goes on for the other providers while a plugin is
-//! down, then settles the plugin's sandboxes once it is back.
+//! down, then settles the plugin's sandboxes once it is back; where the
+//! server finds a plugin, and what it says when it cannot.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -330,5 +331,55 @@ async fn down_and_back(
     ensure!(gone["failure"]["message"].is_string(), "{gone}");
     ensure!(get_sandbox(admin, kept).await?["state"] == "running");
     ensure!(admin.sh(kept, "echo adopted").await? == "adopted\n");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_installed_in_the_data_dir_is_found() -> Result<()> {
+    // Installed as DATA_DIR/plugins/NAME, `plugin:NAME` alone enables it.
+    let data = tempfile::Builder::new().prefix("svm-test-").tempdir()?;
+    std::fs::create_dir(data.path().join("plugins"))?;
+    let installed = data.path().join("plugins/hx");
+    std::fs::copy(test_plugin("hostexec.py"), &installed)?;
+    std::fs::set_permissions(&installed, std::fs::Permissions::from_mode(0o755))?;
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("plugin:hx")
+            .data_dir(data.path()),
+    )?;
+    let status = server.admin().get("/v1/status").await?.ok(200)?;
+    ensure!(
+        status["providers"][0]["name"] == "plugin:hx" && status["providers"][0]["healthy"] == true,
+        "{status}"
+    );
+    Ok(())
+}
+
+/// Not async: a server that fails to start is dropped outside a runtime.
+#[test]
+fn a_missing_plugin_stops_the_server_from_starting_and_is_named() -> Result<()> {
+    // Neither given nor installed: the server does not start, and says why.
+    let missing = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("plugin:absent"));
+    let e = format!(
+        "{:#}",
+        missing
+            .err()
+            .context("a server without its plugin starts")?
+    );
+    ensure!(
+        e.contains("plugin:absent") && e.contains("--plugin absent=/path/to/plugin"),
+        "{e}"
+    );
+    let bad = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("plugin:hx")
+            .arg("--plugin")
+            .arg("hx"),
+    );
+    let e = format!(
+        "{:#}",
+        bad.err().context("--plugin without a path is refused")?
+    );
+    ensure!(e.contains("expected NAME=PATH"), "{e}");
     Ok(())
 }
