@@ -26,23 +26,12 @@ fn test_plugin(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn docker_available() -> bool {
-    std::process::Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 async fn get_sandbox(api: &Api, id: &str) -> Result<Value> {
     api.get(&format!("/v1/sandboxes/{id}")).await?.ok(200)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_core_path_on_the_reference_plugin() -> Result<()> {
-    if !docker_available() {
-        eprintln!("SKIPPED: dockerd is not running here, and the reference plugin drives it");
-        return Ok(());
-    }
     let plugin = format!("ref={}", reference_plugin().display());
     let server = Server::start(
         ServerOptions::new(StoreKind::Sqlite)
@@ -162,12 +151,6 @@ async fn the_core_path_on_the_reference_plugin() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_that_is_no_security_boundary_is_restricted_like_proot() -> Result<()> {
-    if !docker_available() {
-        eprintln!(
-            "SKIPPED: dockerd is not running here (the isolating provider beside the plugin)"
-        );
-        return Ok(());
-    }
     let plugin = format!("hx={}", test_plugin("hostexec.py").display());
     let server = Server::start(
         ServerOptions::new(StoreKind::Sqlite)
@@ -238,10 +221,6 @@ fn wrapper(dir: &Path, hold: &Path) -> Result<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reconciliation_goes_on_while_a_plugin_is_down() -> Result<()> {
-    if !docker_available() {
-        eprintln!("SKIPPED: dockerd is not running here (the provider reconciled meanwhile)");
-        return Ok(());
-    }
     let scratch = tempfile::tempdir()?;
     let hold = scratch.path().join("hold");
     let plugin = format!("flaky={}", wrapper(scratch.path(), &hold)?.display());

@@ -52,10 +52,11 @@ fn docker_available() -> bool {
 
 #[test]
 fn provider_test_passes_the_reference_plugin() -> Result<()> {
-    if !docker_available() {
-        eprintln!("SKIPPED: dockerd is not running here, and the reference plugin drives it");
-        return Ok(());
-    }
+    ensure!(
+        docker_available(),
+        "dockerd is not reachable, and the reference plugin drives it: start it \
+         (`. scripts/lib.sh && ensure_dockerd`)"
+    );
     let (out, stdout) =
         provider_test(workspace_root().join("examples/plugins/docker_cli.py"), &[])?;
     ensure!(out.status.success(), "exit {:?}", out.status.code());

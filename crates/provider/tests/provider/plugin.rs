@@ -21,8 +21,7 @@ use stacyvm_provider::plugin::PluginTiming;
 use stacyvm_provider::{DynProvider, Provider};
 
 use crate::support::{
-    self, body, docker_available, exec_req, plugin_provider_with, read_all, workspace_root,
-    Harness, TestEnv,
+    self, body, exec_req, plugin_provider_with, read_all, workspace_root, Harness, TestEnv,
 };
 
 fn plugin_file(name: &str) -> PathBuf {
@@ -379,10 +378,7 @@ fn container_of(env: &TestEnv, plugin: &str, id: &SandboxId) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_crashes_mid_call_is_restarted_and_adopts_its_sandboxes() -> Result<()> {
-    if !docker_available() {
-        eprintln!("SKIPPED: dockerd is not running here, and the reference plugin drives it");
-        return Ok(());
-    }
+    support::require_docker()?;
     let reference = support::reference_plugin();
     let hold_dir = tempfile::tempdir()?;
     let hold = hold_dir.path().join("hold");
