@@ -106,6 +106,8 @@ def op_health(_):
 
 def op_spawn(p):
     sid = sandbox_id(p)
+    if p.get("network") != "none":  # Docker's bridge reaches the host and other sandboxes
+        raise Fail("unsupported", "this plugin runs sandboxes without a network only")
     env = p.get("env") or {}
     bad = [k for k in env if not ENV_NAME.match(k)]
     if bad:
@@ -123,18 +125,16 @@ def op_spawn(p):
     try:
         if os.geteuid() == 0:
             # A small tmpfs: what the sandbox writes into its socket dir never fills the host.
-            tmpfs = ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700,nosuid,nodev,noexec",
-                           "stacyvm-run", rd]
-            subprocess.run(tmpfs, check=True, capture_output=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700,nosuid,nodev,noexec",
+                            "stacyvm-run", rd], check=True, capture_output=True)
         mb, cpus = int(p["memory_mb"]), max(float(p["cpu"]), 0.01)
         args = ["run", "-d", "--name", container(sid),
-                "--label", f"dev.stacyvm.instance={CFG['instance']}",
-                "--label", f"dev.stacyvm.plugin={CFG['name']}", "--label", f"dev.stacyvm.sandbox={sid}",
+                "--label", f"dev.stacyvm.instance={CFG['instance']}", "--label",
+                f"dev.stacyvm.plugin={CFG['name']}", "--label", f"dev.stacyvm.sandbox={sid}",
                 "--init", "--security-opt", "no-new-privileges", "--cap-drop", "ALL",
                 *[a for c in CAPS for a in ("--cap-add", c)], "--pids-limit", "512",
                 "--memory", f"{mb}m", "--memory-swap", f"{mb}m", "--cpus", f"{cpus:.2f}",
-                "--network", "none" if p.get("network") == "none" else "bridge",
-                "--ipc", "private", "--log-opt", "max-size=10m",
+                "--network", "none", "--ipc", "private", "--log-opt", "max-size=10m",
                 "--mount", f"type=bind,source={CFG['agent']},target=/.stacyvm/agent,readonly",
                 "--mount", f"type=bind,source={rd},target=/.stacyvm/run",
                 "--entrypoint", "/.stacyvm/agent"]

@@ -57,6 +57,24 @@ async fn the_core_path_on_the_reference_plugin() -> Result<()> {
 
     // A member's create takes the one configured provider: it is isolating.
     let (_, member) = admin.tenant_with("member").await?;
+    // It offers no network: egress is refused, and nothing of it runs.
+    member
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "network": "egress"}),
+        )
+        .await?
+        .err(409, "unsupported")?;
+    let listed = member.get("/v1/sandboxes").await?.ok(200)?;
+    let listed = listed["sandboxes"].as_array().context("a list")?;
+    ensure!(listed.len() == 1, "the refused create is listed: {listed:?}");
+    for refused in listed {
+        let rid = s(refused, "id")?;
+        ensure!(refused["state"] == "failed", "{refused}");
+        ensure!(docker_containers_of(rid)?.is_empty(), "{rid} left a container");
+        let run_dir = server.data_dir().join("plugin-state/ref/run").join(rid);
+        ensure!(!run_dir.exists(), "{} is gone", run_dir.display());
+    }
     let sb = member
         .create_sandbox(json!({"image": "busybox", "env": {"GREETING": "hi"}, "workdir": "/work"}))
         .await?;
