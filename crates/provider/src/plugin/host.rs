@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
-    self, CancelParams, Capabilities, HelloParams, HelloResult, Incoming, OutputStream,
-    TransportKind, MAX_LINE, MAX_LOG_LINE, PROTOCOL_VERSIONS,
+    self, CancelParams, Capabilities, HelloParams, HelloResult, Incoming, OutputStream, MAX_LINE,
+    MAX_LOG_LINE, PROTOCOL_VERSIONS,
 };
 use super::PluginTiming;
 
@@ -774,9 +774,6 @@ async fn handshake(
     }
     if caps.files && !caps.exec {
         return Err("its capabilities offer files without exec".into());
-    }
-    if caps.agent_transports.contains(&TransportKind::Vsock) && !cfg!(target_os = "linux") {
-        return Err("it offers vsock, which this build cannot reach".into());
     }
     Ok(hello)
 }

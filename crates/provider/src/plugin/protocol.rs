@@ -94,7 +94,6 @@ pub struct Capabilities {
 pub enum TransportKind {
     Unix,
     Tcp,
-    Vsock,
     VsockUds,
 }
 
@@ -129,8 +128,6 @@ pub enum AgentEndpoint {
     },
     /// A TCP address, `IP:PORT` (no host names).
     Tcp { address: String },
-    /// A vsock port of a guest, through the host kernel (`AF_VSOCK`).
-    Vsock { cid: u32, port: u32 },
     /// A vsock port behind a host Unix socket that takes `CONNECT <port>`
     /// (Firecracker's and vhost-device-vsock's hybrid vsock).
     VsockUds { path: PathBuf, port: u32 },
@@ -141,7 +138,6 @@ impl AgentEndpoint {
         match self {
             AgentEndpoint::Unix { .. } => TransportKind::Unix,
             AgentEndpoint::Tcp { .. } => TransportKind::Tcp,
-            AgentEndpoint::Vsock { .. } => TransportKind::Vsock,
             AgentEndpoint::VsockUds { .. } => TransportKind::VsockUds,
         }
     }

@@ -103,6 +103,8 @@ async fn the_handshake_settles_on_a_version_both_speak() -> Result<()> {
         ),
         (&["--answer-version", "7"], "chose protocol version 7"),
         (&["--garbage-hello"], "broke the protocol"),
+        // The kernel's AF_VSOCK is no transport StacyVM reaches.
+        (&["--declare", "unix,vsock"], "unknown variant `vsock`"),
     ] {
         let h = harness("versions", hostexec(), args, quick()).await?;
         let p = h.provider();
@@ -297,35 +299,6 @@ async fn agents_are_reached_over_unix_tcp_and_hybrid_vsock() -> Result<()> {
         p.destroy(&id).await?;
         ensure!(p.list().await?.is_empty(), "{kind}: destroyed");
     }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_are_reached_over_kernel_vsock() -> Result<()> {
-    // The kernel's vsock loopback (CID 1) stands in for a guest.
-    let probe = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import socket\n\
-             s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n\
-             s.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY)); s.listen()\n\
-             c = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); c.settimeout(2)\n\
-             c.connect((1, s.getsockname()[1]))",
-        ])
-        .output()?;
-    if !probe.status.success() {
-        eprintln!(
-            "SKIPPED: this kernel has no vsock loopback to stand in for a guest ({})",
-            String::from_utf8_lossy(&probe.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        );
-        return Ok(());
-    }
-    let h = harness("vsock", hostexec(), &["--agent", "vsock"], quick()).await?;
-    let id = h.spawn_default().await?;
-    assert_eq!(h.sh_ok(&id, "echo hi").await?, "hi\n");
     Ok(())
 }
 

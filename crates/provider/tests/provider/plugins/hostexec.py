@@ -12,7 +12,7 @@ agent and runs `exec` itself; flags change what it offers and how it misbehaves:
   --files             offer file_read and file_write
   --pause             offer pause and resume
   --agent KIND        run a real stacyvm-agent (--root BOX) per sandbox instead, reached over
-                      KIND: unix, tcp, vsock_uds or vsock (relayed by this plugin)
+                      KIND: unix, tcp or vsock_uds (relayed by this plugin)
   --declare KINDS     the agent transports to declare (default: the one of --agent)
   --peer-uid N        name N as the agent socket's peer uid (a wrong one, for the checks)
   --symlink           answer with a symbolic link to the agent's socket
@@ -163,9 +163,6 @@ def endpoint(d):
         if kind == "tcp":
             ls = socket.socket(socket.AF_INET)
             ls.bind(("127.0.0.1", 0))
-        elif kind == "vsock":
-            ls = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            ls.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
         else:
             path = os.path.join(d, ".s", "v.sock")
             if os.path.lexists(path):
@@ -178,8 +175,6 @@ def endpoint(d):
     ls = RELAYS[d]
     if kind == "tcp":
         return {"transport": "tcp", "address": "%s:%d" % ls.getsockname()}
-    if kind == "vsock":
-        return {"transport": "vsock", "cid": 1, "port": ls.getsockname()[1]}
     return {"transport": "vsock_uds", "path": ls.getsockname(), "port": 52}
 
 
