@@ -1,6 +1,7 @@
 //! Plugin providers through the API of a real server: the core path on the
 //! reference plugin (`--providers plugin:ref --plugin ref=examples/…`), a
-//! plugin that is no security boundary restricted like PRoot, and runtime
+//! plugin that is no security boundary restricted like PRoot (and one that
+//! only a remote worker runs, which cannot say it is one), and runtime
 //! reconciliation that goes on for the other providers while a plugin is
 //! down, then settles the plugin's sandboxes once it is back; where the
 //! server finds a plugin, and what it says when it cannot.
@@ -13,7 +14,8 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::support::{
-    docker_containers_of, eventually, s, workspace_root, Api, Server, ServerOptions, StoreKind,
+    docker_containers_of, eventually, random_hex, s, workspace_root, Api, Server, ServerOptions,
+    StoreKind,
 };
 
 fn reference_plugin() -> PathBuf {
@@ -67,11 +69,17 @@ async fn the_core_path_on_the_reference_plugin() -> Result<()> {
         .err(409, "unsupported")?;
     let listed = member.get("/v1/sandboxes").await?.ok(200)?;
     let listed = listed["sandboxes"].as_array().context("a list")?;
-    ensure!(listed.len() == 1, "the refused create is listed: {listed:?}");
+    ensure!(
+        listed.len() == 1,
+        "the refused create is listed: {listed:?}"
+    );
     for refused in listed {
         let rid = s(refused, "id")?;
         ensure!(refused["state"] == "failed", "{refused}");
-        ensure!(docker_containers_of(rid)?.is_empty(), "{rid} left a container");
+        ensure!(
+            docker_containers_of(rid)?.is_empty(),
+            "{rid} left a container"
+        );
         let run_dir = server.data_dir().join("plugin-state/ref/run").join(rid);
         ensure!(!run_dir.exists(), "{} is gone", run_dir.display());
     }
@@ -217,6 +225,69 @@ async fn a_plugin_that_is_no_security_boundary_is_restricted_like_proot() -> Res
     admin.put(&quota_path, q).await?.ok(200)?;
     let allowed = member.sandbox("plugin:hx").await?;
     ensure!(member.sh(&allowed, "echo ok").await? == "ok\n");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_only_a_remote_worker_runs_is_restricted() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    // A remote worker reports its providers' names and health, not whether
+    // a plugin declared itself a security boundary.
+    let token = admin
+        .post("/v1/workers/tokens", json!({"name": "far"}))
+        .await?
+        .ok(201)?;
+    let worker_id = format!("wrk_{}", random_hex(32));
+    let worker = server.anonymous().with_key(s(&token, "token")?);
+    let providers = json!([{"name": "plugin:far", "healthy": true, "detail": "plugin far"}]);
+    worker
+        .post(
+            "/v1/workers/register",
+            json!({
+                "id": worker_id,
+                "name": "far",
+                "address": "http://127.0.0.1:1",
+                "providers": providers,
+                "labels": {},
+                "capacity": {"sandboxes": 4},
+            }),
+        )
+        .await?
+        .ok(200)?;
+    let hb = worker
+        .post(
+            &format!("/v1/workers/{worker_id}/heartbeat"),
+            json!({"providers": providers, "runtimes": [], "ready": true}),
+        )
+        .await?
+        .ok(200)?;
+    ensure!(hb["state"] == "ready", "{hb}");
+
+    let (tenant, member) = admin.tenant_with("member").await?;
+    let quota_path = format!("/v1/tenants/{tenant}/quota");
+    let mut q = admin.get(&quota_path).await?.ok(200)?;
+    q["allowed_providers"] = Value::Null;
+    admin.put(&quota_path, q).await?.ok(200)?;
+
+    // So it is taken for one that is not: refused to a tenant the operator
+    // did not allow it, and never chosen by default.
+    let refused = member
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "plugin:far"}),
+        )
+        .await?
+        .err(403, "forbidden")?;
+    ensure!(
+        refused.message.contains("not a security boundary"),
+        "{}",
+        refused.message
+    );
+    let sb = member.create_sandbox(json!({"image": "busybox"})).await?;
+    ensure!(sb["provider"] == "docker", "{sb}");
+    member.destroy(s(&sb, "id")?).await?;
     Ok(())
 }
 
