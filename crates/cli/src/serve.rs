@@ -62,6 +62,11 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(2..=3600)
     )]
     lease_ttl: u64,
+    /// The CA certificate (PEM) that signed the remote workers' TLS
+    /// certificates (`stacyvm worker --tls-cert`); workers that registered
+    /// an https:// address are reached with it.
+    #[arg(long, env = "STACYVM_WORKER_CA", value_name = "PEM")]
+    worker_ca: Option<PathBuf>,
     /// Failed authentication attempts one client address may make per
     /// minute; past it, that address's bad keys get 429 (valid keys keep
     /// working).
@@ -209,6 +214,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     }
     config.local_worker = !args.no_local_worker;
     config.limits.lease = Duration::from_secs(args.lease_ttl);
+    config.worker_ca = args.worker_ca;
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
     config.limits.max_execs_per_sandbox = usize::try_from(args.max_execs_per_sandbox)
         .context("--max-execs-per-sandbox does not fit this platform")?;

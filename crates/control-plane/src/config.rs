@@ -25,6 +25,10 @@ pub struct ServerConfig {
     pub default_tenant_quota: stacyvm_store::Quota,
     /// Run the in-process worker (single-node mode).
     pub local_worker: bool,
+    /// The CA (PEM file) that signed remote workers' TLS certificates
+    /// (`--worker-ca`); workers registered with `https://` addresses are
+    /// reached with it. `None`: the system's roots.
+    pub worker_ca: Option<PathBuf>,
     pub limits: Limits,
     /// The bootstrap admin key (`STACYVM_ADMIN_KEY`); generated into
     /// `DATA_DIR/admin.key` when absent.
@@ -306,6 +310,7 @@ impl ServerConfig {
             plugins: Default::default(),
             default_tenant_quota: default_tenant_quota(),
             local_worker: true,
+            worker_ca: None,
             limits: Limits::default(),
             admin_key: None,
             reconcile_interval: Duration::from_secs(1),
