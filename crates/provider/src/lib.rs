@@ -10,6 +10,8 @@
 
 pub mod agent_client;
 pub mod docker;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod images;
 pub mod namespaces;
 pub mod proot;
