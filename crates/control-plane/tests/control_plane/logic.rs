@@ -534,3 +534,40 @@ async fn exec_and_files_reach_the_agent_through_the_provider() -> Result<()> {
     ensure!(status == 409, "{status} {body}");
     cp.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_during_a_slow_spawn_wins() -> Result<()> {
+    let fake = Arc::new(FakeProvider::new("fake"));
+    let cp = Arc::new(Cp::start(std::slice::from_ref(&fake)).await?);
+    cp.limit_sandboxes(1).await?;
+    fake.hold_spawns();
+    let create = {
+        let cp = cp.clone();
+        tokio::spawn(async move { cp.create(json!({"image": "busybox"})).await })
+    };
+    bounded("the spawn", fake.spawns_waiting(1)).await?;
+    let starting = cp.in_state("starting").await?;
+    ensure!(starting.len() == 1, "{starting:?}");
+    let (status, body) = cp.destroy(&starting[0]).await?;
+    ensure!(status == 204, "{status} {body}");
+    ensure!(cp.sandbox(&starting[0]).await?["state"] == "destroyed");
+
+    // The spawn finishes after the destroy: the create reports the
+    // conflict and its runtime is removed.
+    fake.release_spawns();
+    let (status, body) = bounded("the create's answer", create).await???;
+    ensure!(
+        status == 409 && error_of(&body).0 == "conflict",
+        "{status} {body}"
+    );
+    ensure!(cp.sandbox(&starting[0]).await?["state"] == "destroyed");
+    ensure!(
+        fake.runtime_ids().is_empty(),
+        "the runtime outlived its destroyed sandbox"
+    );
+    cp.create_running(json!({"image": "busybox"})).await?;
+    Arc::into_inner(cp)
+        .context("the create still holds the server")?
+        .stop()
+        .await
+}
