@@ -351,6 +351,8 @@ impl Provider for FakeProvider {
             .tempdir()
             .map_err(|e| Error::internal(format!("making the root of sandbox {id}"), e))?;
         if let Some(dir) = &spec.workdir {
+            // Normalised (`..` cannot climb above `/`), so it stays in the root.
+            let dir = stacyvm_core::validate_sandbox_path(dir)?;
             let host = root.path().join(dir.trim_start_matches('/'));
             std::fs::create_dir_all(&host)
                 .map_err(|e| Error::internal(format!("making the workdir {dir}"), e))?;
