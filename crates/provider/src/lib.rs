@@ -13,6 +13,8 @@ pub mod agent_client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod docker;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod images;
 pub mod namespaces;
 pub mod plugin;
