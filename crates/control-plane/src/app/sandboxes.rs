@@ -22,6 +22,20 @@ pub fn lease_for(rec: &SandboxRecord) -> Lease {
     Lease::new(&rec.id, rec.fencing_token, &rec.provider)
 }
 
+/// A connection to the agent of the sandbox `lease` names. A runtime that
+/// is gone while its row still says it runs (killed outside StacyVM, not
+/// yet reconciled) is a conflict with the sandbox's state, not a missing
+/// object: the sandbox exists.
+pub(super) async fn agent(worker: &DynWorker, lease: &Lease) -> Result<Arc<AgentClient>> {
+    worker.agent(lease).await.map_err(|e| match e {
+        Error::NotFound(m) => Error::Conflict(format!(
+            "sandbox {}'s runtime is gone ({m}); it will be marked lost",
+            lease.sandbox_id
+        )),
+        e => e,
+    })
+}
+
 /// Whether a tenant with `quota` may create sandboxes on `provider`: the
 /// providers its quota lists; by default, every configured provider for the
 /// operator's own tenant (`operator`), and every provider that is a
@@ -193,7 +207,7 @@ impl App {
     /// The agent of a running sandbox the caller may see.
     pub(super) async fn agent_of(&self, who: &Principal, id: &str) -> Result<Arc<AgentClient>> {
         let (_, worker, lease) = self.running(who, id).await?;
-        worker.agent(&lease).await
+        agent(&worker, &lease).await
     }
 
     /// The sandbox's worker and lease, when it is running.
@@ -389,7 +403,7 @@ impl App {
             return Ok(rec);
         };
         let lease = lease_for(&rec);
-        let made = async { worker.agent(&lease).await?.file_mkdir(&dir, true).await }.await;
+        let made = async { agent(&worker, &lease).await?.file_mkdir(&dir, true).await }.await;
         if let Err(e) = made {
             if !matches!(e, Error::Conflict(_)) {
                 let _ = worker.destroy(&lease).await;

@@ -331,6 +331,13 @@ async fn the_reconciler_settles_vanished_stopped_and_orphaned_runtimes() -> Resu
 
     ensure!(fake.vanish(&vanished));
     ensure!(fake.stop_runtime(&stopped));
+    // Before the reconciler has run, the row still says running: a call
+    // is a conflict with that state, not a 404 for a sandbox that exists.
+    let (status, body) = cp.exec(vanished.as_str(), json!({"cmd": ["true"]})).await?;
+    ensure!(
+        status == 409 && error_of(&body).0 == "conflict",
+        "exec on a vanished runtime: {status} {body}"
+    );
     reconcilers::reconcile_runtimes(&cp.app, false).await?;
 
     let s = cp.sandbox(vanished.as_str()).await?;
