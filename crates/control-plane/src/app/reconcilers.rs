@@ -332,26 +332,54 @@ pub async fn lose_lapsed(app: &App) -> Result<usize> {
     Ok(lost.len())
 }
 
-/// Rows a create left `pending` without a worker long ago: the create that
-/// made them is gone (its control plane stopped). Young ones belong to
-/// creates in flight, possibly on another control plane.
+/// How long a create may take from its row to a running sandbox before a
+/// row still `pending` or `starting` on a remote worker counts as
+/// abandoned (the control plane making it stopped half-way).
+const ABANDONED_START: Duration = Duration::from_secs(15 * 60);
+
+/// Rows whose create is gone: left `pending` without a worker for a few
+/// lease TTLs (a create places its row at once), or `pending`/`starting` on
+/// a remote worker far longer than any spawn takes. Young ones belong to
+/// creates in flight, possibly on another control plane. Rows on this
+/// control plane's own worker are settled at its start
+/// (`reconcile_runtimes`). The remote worker is asked to destroy whatever
+/// it made.
 pub async fn fail_abandoned(app: &App) -> Result<()> {
-    let cutoff = app.store.now().await? - 4 * app.config.limits.lease;
+    let t = app.store.now().await?;
+    let unplaced = t - 4 * app.config.limits.lease;
+    let unstarted = t - ABANDONED_START;
     for rec in app.store.sandbox_list_live().await? {
-        if rec.state != SandboxState::Pending || rec.worker_id.is_some() || rec.created_at > cutoff
-        {
+        let from = rec.state;
+        if !matches!(from, SandboxState::Pending | SandboxState::Starting) {
             continue;
         }
+        let message = match &rec.worker_id {
+            None if rec.created_at < unplaced => {
+                "the control plane stopped before the sandbox was placed"
+            }
+            Some(w) if !app.scheduler.is_local(w) && rec.created_at < unstarted => {
+                "the control plane stopped while the sandbox was starting"
+            }
+            _ => continue,
+        };
         let mut rec = rec;
         rec.state = SandboxState::Failed;
         rec.failure = Some(Failure {
             code: "interrupted".into(),
-            message: "the control plane stopped before the sandbox was placed".into(),
+            message: message.into(),
         });
         rec.destroyed_at = Some(now());
-        app.store
-            .sandbox_update_from(&rec, SandboxState::Pending)
-            .await?;
+        if !app.store.sandbox_update_from(&rec, from).await? {
+            continue;
+        }
+        tracing::warn!(sandbox = %rec.id, "{message}; marked the sandbox failed");
+        if let Some(w) = &rec.worker_id {
+            let lease = crate::app::sandboxes::lease_for(&rec);
+            let destroyed = async { app.scheduler.worker(w).await?.destroy(&lease).await };
+            if let Err(e) = destroyed.await {
+                tracing::warn!(sandbox = %rec.id, error = %e, "could not destroy an abandoned sandbox's runtime; its worker drops it as unleased");
+            }
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The HTTP API (axum): routing, the middleware every request passes
-//! (request id → metrics → client address → timeout → audit → auth) and the
+//! (request id → metrics → client address → audit → timeout → auth) and the
 //! handlers, over the connection handling of `serve`. Only this module
 //! knows HTTP status codes; handlers parse and authorize, then call app
 //! services.
@@ -124,8 +124,10 @@ pub fn router(state: AppState) -> Router {
         .route("/docs", get(openapi::docs_page))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), audit_layer))
+        // The timeout inside the audit: a call cut off by it is still
+        // recorded (as the 504 it answered).
         .layer(middleware::from_fn_with_state(state.clone(), timeout_layer))
+        .layer(middleware::from_fn_with_state(state.clone(), audit_layer))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             client_addr::layer,

@@ -46,9 +46,14 @@ pub async fn sandbox_create(
                 .to_owned(),
         ),
     };
-    let created = s
-        .app
-        .sandbox_create(
+    // The create runs to its end even if this call is cut off (the client
+    // went away, or the request timeout answered first): a create dropped
+    // half-way would leave its sandbox `starting`, holding quota, with a
+    // runtime nobody finishes. The client finds it again by listing, or by
+    // retrying with the same Idempotency-Key.
+    let app = s.app.clone();
+    let create = tokio::spawn(async move {
+        app.sandbox_create(
             &who,
             CreateSandbox {
                 image: body.image,
@@ -65,7 +70,11 @@ pub async fn sandbox_create(
                 idempotency_key,
             },
         )
-        .await?;
+        .await
+    });
+    let created = create
+        .await
+        .map_err(|e| ApiError(Error::internal("the create task", e)))??;
     let rec = &created.sandbox;
     let resp = (StatusCode::CREATED, Json(views::sandbox(rec))).into_response();
     Ok(note(

@@ -50,8 +50,17 @@ impl Cp {
     /// Builds the app as `server::start` does, with `providers` (in that
     /// preference order) on its one in-process worker.
     async fn start(providers: &[Arc<FakeProvider>]) -> Result<Cp> {
+        Cp::start_with(providers, |_| {}).await
+    }
+
+    /// As `start`, with the configuration changed by `tweak` first.
+    async fn start_with(
+        providers: &[Arc<FakeProvider>],
+        tweak: impl FnOnce(&mut ServerConfig),
+    ) -> Result<Cp> {
         let dir = tempfile::Builder::new().prefix("svm-cp-fake-").tempdir()?;
         let mut config = ServerConfig::new(dir.path().to_path_buf());
+        tweak(&mut config);
         config.listen = "127.0.0.1:0".parse()?;
         config.admin_key = Some(ADMIN_KEY.into());
         config.providers = providers.iter().map(|p| p.name().to_owned()).collect();
@@ -414,6 +423,49 @@ async fn concurrent_creates_against_a_slow_spawn_keep_to_the_quota() -> Result<(
         .context("the creates still hold the server")?
         .stop()
         .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_cut_off_by_the_request_timeout_is_audited_and_still_finishes() -> Result<()> {
+    let fake = Arc::new(FakeProvider::new("fake"));
+    let cp = Cp::start_with(std::slice::from_ref(&fake), |c| {
+        c.limits.request_timeout = Duration::from_secs(1);
+    })
+    .await?;
+    fake.hold_spawns();
+    let (status, body) = cp.create(json!({"image": "busybox"})).await?;
+    ensure!(
+        status == 504 && error_of(&body).0 == "timeout",
+        "{status} {body}"
+    );
+    // The refusal the client saw is in the audit log.
+    let (_, audit) = cp
+        .call(
+            reqwest::Method::GET,
+            "/v1/audit?action=sandbox.create",
+            None,
+        )
+        .await?;
+    ensure!(
+        audit["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["status"] == 504)),
+        "no audit event of the timed-out create: {audit}"
+    );
+    // The create itself was not dropped half-way: released, it finishes
+    // and the sandbox runs (nothing is left `starting`).
+    fake.release_spawns();
+    bounded("the cut-off create to finish", async {
+        loop {
+            if cp.in_state("running").await.is_ok_and(|r| r.len() == 1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    ensure!(cp.in_state("starting").await?.is_empty());
+    cp.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
