@@ -103,6 +103,9 @@ impl LeaseTable {
         match t.held.get_mut(&lease.sandbox_id) {
             Some(h) if h.expires_at > now => {
                 if lease.fencing_token > h.token && lease.fencing_token != i64::MAX {
+                    // A newer holder: what the older one opened closes.
+                    h.revoked.cancel();
+                    h.revoked = CancellationToken::new();
                     h.token = lease.fencing_token;
                 }
                 Ok(h.revoked.clone())

@@ -64,6 +64,8 @@ pub struct WorkerRpc {
     secret: RwLock<Option<String>>,
     /// One image fetch at a time per name.
     fetching: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Cancelled when the server stops: ends every open agent tunnel.
+    closing: CancellationToken,
 }
 
 impl WorkerRpc {
@@ -76,6 +78,7 @@ impl WorkerRpc {
             images: config.images,
             secret: RwLock::new(None),
             fetching: tokio::sync::Mutex::new(HashMap::new()),
+            closing: CancellationToken::new(),
         })
     }
 
@@ -432,7 +435,18 @@ impl WorkerRpcService for Service {
         let opened = async {
             let lease = lease_from_metadata(req.metadata())?;
             let provider = self.0.provider(&lease.provider)?.clone();
-            let revoked = self.0.leases.admit(&lease)?;
+            let lease_gone = self.0.leases.admit(&lease)?;
+            // The tunnel ends with the lease or with the server.
+            let revoked = CancellationToken::new();
+            let (gone, closing, end) = (lease_gone, self.0.closing.clone(), revoked.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = gone.cancelled() => {}
+                    () = closing.cancelled() => {}
+                    () = end.cancelled() => {}
+                }
+                end.cancel();
+            });
             let stream = provider.agent_stream(&lease.sandbox_id).await?;
             Ok::<_, Error>((lease.sandbox_id, revoked, stream))
         }
@@ -451,7 +465,7 @@ impl WorkerRpcService for Service {
 }
 
 /// Copies the control plane's side of a tunnel to the agent until either
-/// ends or the lease goes.
+/// ends, the lease goes or the server stops.
 async fn pump_in(
     mut inbound: Streaming<pb::Chunk>,
     mut agent: tokio::io::WriteHalf<stacyvm_provider::AgentStream>,
@@ -478,6 +492,8 @@ async fn pump_in(
         }
     }
     let _ = agent.shutdown().await;
+    // The control plane closed its side: the agent's side goes too.
+    revoked.cancel();
 }
 
 /// A worker RPC server that is up.
@@ -508,7 +524,7 @@ impl RpcServer {
         }
         let gate = rpc.clone();
         let service = InterceptedService::new(
-            WorkerServer::new(Service(rpc))
+            WorkerServer::new(Service(rpc.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
             move |req: Request<()>| {
@@ -516,7 +532,7 @@ impl RpcServer {
                 Ok(req)
             },
         );
-        let stop = CancellationToken::new();
+        let stop = rpc.closing.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let task = tokio::spawn(
             builder

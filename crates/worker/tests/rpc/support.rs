@@ -1,0 +1,210 @@
+//! The world of one worker RPC test: a data dir and catalog with the
+//! busybox image, the host's real providers, a worker RPC server on
+//! loopback and a `RemoteWorker` reaching it, and a guard that destroys
+//! every sandbox the test made (also on panic).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use stacyvm_core::{ByteStream, ExecRequest, Network, SandboxId, SpawnSpec, WorkerId};
+use stacyvm_provider::docker::{DockerConfig, DockerProvider};
+use stacyvm_provider::images::ImageCatalog;
+use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
+use stacyvm_provider::proot::{ProotConfig, ProotProvider};
+use stacyvm_provider::DynProvider;
+use stacyvm_worker::{
+    ClientTls, LeaseTable, RemoteWorker, RemoteWorkerConfig, RpcServer, ServerTls, WorkerRpc,
+    WorkerRpcConfig,
+};
+
+pub const IMAGE: &str = "busybox";
+pub const SECRET: &str = "svmws_test-secret";
+
+fn env_path(var: &str, what: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os(var).map(PathBuf::from).with_context(|| {
+        format!("{var} is not set: run `. scripts/lib.sh && prepare_test_env` for {what}")
+    })?;
+    if !p.is_file() {
+        bail!("{var}={} does not name a file", p.display());
+    }
+    Ok(p)
+}
+
+/// A worker RPC server over real providers and a client for it.
+pub struct Node {
+    pub guard: Guard,
+    pub rpc: Arc<WorkerRpc>,
+    pub server: Option<RpcServer>,
+    pub catalog: Arc<ImageCatalog>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// A node running `provider` (`docker`, `namespaces` or `proot`).
+    pub async fn start(provider: &str, tls: Option<&ServerTls>) -> anyhow::Result<Node> {
+        let agent_bin = env_path("STACYVM_AGENT_BIN", "the static agent")?;
+        let tar = env_path("STACYVM_TEST_IMAGE_TAR", "the busybox image")?;
+        let dir = tempfile::Builder::new().prefix("svm-wrk-").tempdir()?;
+        let data_dir = dir.path().canonicalize()?;
+        let catalog = Arc::new(ImageCatalog::open(&data_dir.join("images"))?);
+        catalog.import(IMAGE, open_tar(&tar).await?).await?;
+        let instance = format!(
+            "wtest-{}-{}",
+            std::process::id(),
+            &SandboxId::generate().as_str()[4..12]
+        );
+        let p: DynProvider = match provider {
+            "docker" => Arc::new(DockerProvider::new(DockerConfig::new(
+                data_dir.clone(),
+                agent_bin,
+                catalog.clone(),
+                instance,
+            ))?),
+            "namespaces" => Arc::new(NamespacesProvider::new(NamespacesConfig {
+                data_dir: data_dir.clone(),
+                agent_bin,
+                catalog: catalog.clone(),
+                instance,
+            })?),
+            "proot" => Arc::new(ProotProvider::new(ProotConfig {
+                data_dir: data_dir.clone(),
+                agent_bin,
+                catalog: catalog.clone(),
+                instance,
+            })?),
+            other => bail!("no provider {other}"),
+        };
+        let health = p.health().await;
+        if !health.healthy {
+            bail!(
+                "the {provider} provider is not usable on this host: {}",
+                health.detail
+            );
+        }
+        let rpc = WorkerRpc::new(WorkerRpcConfig {
+            id: WorkerId::generate(),
+            providers: vec![p.clone()],
+            catalog: catalog.clone(),
+            leases: Arc::new(LeaseTable::new(Duration::from_secs(600))),
+            images: None,
+        });
+        rpc.set_secret(SECRET);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let server = RpcServer::start(rpc.clone(), listener, tls).await?;
+        Ok(Node {
+            guard: Guard::new(p),
+            rpc,
+            server: Some(server),
+            catalog,
+            _dir: dir,
+        })
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.as_ref().expect("the server runs").addr
+    }
+
+    /// A remote worker for this node, presenting `secret`.
+    pub fn remote_with(&self, secret: &str, tls: Option<ClientTls>) -> RemoteWorker {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        RemoteWorker::new(RemoteWorkerConfig {
+            id: self.rpc.id().clone(),
+            address: format!("{scheme}://{}", self.addr()),
+            secret: secret.into(),
+            providers: self.rpc.provider_names(),
+            tls,
+            catalog: self.catalog.clone(),
+        })
+        .expect("a valid address")
+    }
+
+    pub fn remote(&self) -> RemoteWorker {
+        self.remote_with(SECRET, None)
+    }
+
+    pub fn provider_name(&self) -> String {
+        self.rpc.provider_names()[0].clone()
+    }
+}
+
+pub async fn open_tar(tar: &std::path::Path) -> anyhow::Result<ByteStream> {
+    let file = tokio::fs::File::open(tar)
+        .await
+        .with_context(|| format!("opening {}", tar.display()))?;
+    Ok(Box::pin(tokio_util::io::ReaderStream::new(file)))
+}
+
+/// Destroys every sandbox registered with it when dropped, panics included.
+pub struct Guard {
+    provider: DynProvider,
+    ids: Mutex<Vec<SandboxId>>,
+}
+
+impl Guard {
+    fn new(provider: DynProvider) -> Guard {
+        Guard {
+            provider,
+            ids: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn register(&self, id: &SandboxId) {
+        self.ids.lock().expect("guard lock").push(id.clone());
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let ids = std::mem::take(&mut *self.ids.lock().unwrap_or_else(|e| e.into_inner()));
+        if ids.is_empty() {
+            return;
+        }
+        let provider = self.provider.clone();
+        // Drop may run inside the test's runtime: clean up on a thread of
+        // our own with a runtime of its own.
+        let joined = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a cleanup runtime can always be built");
+            rt.block_on(async {
+                for id in ids {
+                    if let Err(e) = provider.destroy(&id).await {
+                        eprintln!("cleanup: destroying {id} failed: {e}");
+                    }
+                }
+            });
+        })
+        .join();
+        if joined.is_err() {
+            eprintln!("cleanup: the cleanup thread panicked");
+        }
+    }
+}
+
+pub fn spec() -> SpawnSpec {
+    SpawnSpec {
+        sandbox_id: SandboxId::generate(),
+        image: IMAGE.into(),
+        cpu: 1.0,
+        memory_mb: 256,
+        env: BTreeMap::new(),
+        workdir: None,
+        network: Network::None,
+        labels: BTreeMap::new(),
+    }
+}
+
+pub fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        cwd: None,
+        stdin: None,
+        timeout_ms: 120_000,
+        output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+    }
+}
