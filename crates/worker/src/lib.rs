@@ -6,6 +6,7 @@
 
 pub mod leases;
 mod local;
+pub mod node;
 pub mod rpc;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 pub use leases::LeaseTable;
 pub use local::LocalWorker;
+pub use node::{ControlPlane, Node, NodeConfig};
 pub use rpc::remote::{RemoteWorker, RemoteWorkerConfig};
 pub use rpc::server::{ImageSource, RpcServer, WorkerRpc, WorkerRpcConfig};
 pub use rpc::tls::{ClientTls, ServerTls};

@@ -6,6 +6,7 @@
 //! Needs: dockerd, proot, user namespaces, `STACYVM_AGENT_BIN` and
 //! `STACYVM_TEST_IMAGE_TAR` (`. scripts/lib.sh && prepare_test_env`).
 
+mod node;
 mod support;
 
 use bytes::Bytes;

@@ -16,8 +16,8 @@ use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 use stacyvm_worker::{
-    ClientTls, LeaseTable, RemoteWorker, RemoteWorkerConfig, RpcServer, ServerTls, WorkerRpc,
-    WorkerRpcConfig,
+    ClientTls, ImageSource, LeaseTable, RemoteWorker, RemoteWorkerConfig, RpcServer, ServerTls,
+    WorkerRpc, WorkerRpcConfig,
 };
 
 pub const IMAGE: &str = "busybox";
@@ -33,6 +33,16 @@ fn env_path(var: &str, what: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// How to start a [`Node`].
+#[derive(Default)]
+pub struct Opts {
+    pub tls: Option<ServerTls>,
+    pub id: Option<WorkerId>,
+    pub images: Option<Arc<dyn ImageSource>>,
+    /// Leave the secret unset, as before a registration.
+    pub unregistered: bool,
+}
+
 /// A worker RPC server over real providers and a client for it.
 pub struct Node {
     pub guard: Guard,
@@ -43,8 +53,20 @@ pub struct Node {
 }
 
 impl Node {
-    /// A node running `provider` (`docker`, `namespaces` or `proot`).
+    /// A node running `provider` (`docker`, `namespaces` or `proot`),
+    /// already holding the test's secret.
     pub async fn start(provider: &str, tls: Option<&ServerTls>) -> anyhow::Result<Node> {
+        Node::start_with(
+            provider,
+            Opts {
+                tls: tls.cloned(),
+                ..Opts::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_with(provider: &str, opts: Opts) -> anyhow::Result<Node> {
         let agent_bin = env_path("STACYVM_AGENT_BIN", "the static agent")?;
         let tar = env_path("STACYVM_TEST_IMAGE_TAR", "the busybox image")?;
         let dir = tempfile::Builder::new().prefix("svm-wrk-").tempdir()?;
@@ -85,15 +107,17 @@ impl Node {
             );
         }
         let rpc = WorkerRpc::new(WorkerRpcConfig {
-            id: WorkerId::generate(),
+            id: opts.id.unwrap_or_else(WorkerId::generate),
             providers: vec![p.clone()],
             catalog: catalog.clone(),
             leases: Arc::new(LeaseTable::new(Duration::from_secs(600))),
-            images: None,
+            images: opts.images,
         });
-        rpc.set_secret(SECRET);
+        if !opts.unregistered {
+            rpc.set_secret(SECRET);
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let server = RpcServer::start(rpc.clone(), listener, tls).await?;
+        let server = RpcServer::start(rpc.clone(), listener, opts.tls.as_ref()).await?;
         Ok(Node {
             guard: Guard::new(p),
             rpc,
@@ -123,6 +147,10 @@ impl Node {
 
     pub fn remote(&self) -> RemoteWorker {
         self.remote_with(SECRET, None)
+    }
+
+    pub fn provider(&self) -> DynProvider {
+        self.guard.provider.clone()
     }
 
     pub fn provider_name(&self) -> String {

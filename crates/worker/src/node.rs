@@ -1,0 +1,349 @@
+//! A worker node's side of the conversation with the control plane:
+//! registering with its worker token, heartbeating at the interval the
+//! control plane asks for, applying the leases each answer lists (and
+//! destroying the runtimes it no longer holds), and fetching catalog images
+//! for its spawns.
+//!
+//! The control plane being away is not the worker's end: its sandboxes keep
+//! running (until their leases would have expired it stops acting on them),
+//! it retries with backoff and registers again when the control plane is
+//! back. Only a refused token ends it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use stacyvm_api::workers::{
+    RuntimeReport, WorkerCapacity, WorkerHeartbeat, WorkerHeartbeatReply, WorkerProvider,
+    WorkerRegister, WorkerRegistered,
+};
+use stacyvm_core::{ByteStream, Error, Result};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::rpc::server::{ImageSource, WorkerRpc};
+
+/// How long one call to the control plane may take (an image download is
+/// bounded per read instead).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// The first and the longest wait between attempts while the control plane
+/// is away.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Who the worker is, as it registers.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The control plane's base URL (`http://10.0.0.1:7070`).
+    pub control_plane: String,
+    /// The worker token (`svmw_…`).
+    pub token: String,
+    pub name: String,
+    /// The worker RPC's URL as control planes reach it.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: WorkerCapacity,
+}
+
+/// The control plane's worker API, called with the worker token.
+pub struct ControlPlane {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    worker_id: String,
+}
+
+/// Why a call to the control plane did not succeed.
+#[derive(Debug)]
+enum Refused {
+    /// 404 on a heartbeat: the control plane does not know this worker.
+    Unknown,
+    /// 401/403: the token was revoked or never valid.
+    Token(String),
+    /// Unreachable, 5xx, or an answer that made no sense: try again later.
+    Away(String),
+}
+
+/// Percent-encodes one path segment (image names hold `/` and `:`).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl ControlPlane {
+    pub fn new(base: &str, token: &str, worker_id: &str) -> Result<ControlPlane> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| Error::internal("building the control plane's HTTP client", e))?;
+        Ok(ControlPlane {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            worker_id: worker_id.to_owned(),
+        })
+    }
+
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> std::result::Result<T, Refused> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .timeout(CALL_TIMEOUT)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| Refused::Away(format!("{url}: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json::<T>()
+                .await
+                .map_err(|e| Refused::Away(format!("{url} answered something unreadable: {e}")));
+        }
+        let text = resp.text().await.unwrap_or_default();
+        match status.as_u16() {
+            401 | 403 => Err(Refused::Token(format!("{url} answered {status}: {text}"))),
+            404 => Err(Refused::Unknown),
+            _ => Err(Refused::Away(format!("{url} answered {status}: {text}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl ImageSource for ControlPlane {
+    async fn fetch(&self, name: &str) -> Result<ByteStream> {
+        let url = format!(
+            "{}/v1/workers/{}/images/{}",
+            self.base,
+            segment(&self.worker_id),
+            segment(name)
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Error::Unavailable(format!("fetching image {name} from {url}: {e}")))?;
+        match resp.status().as_u16() {
+            200 => {}
+            404 => {
+                return Err(Error::ImageNotFound(format!(
+                    "the control plane has no image {name}"
+                )))
+            }
+            s => {
+                return Err(Error::Unavailable(format!(
+                    "fetching image {name} from {url}: the control plane answered {s}"
+                )))
+            }
+        }
+        Ok(Box::pin(
+            resp.bytes_stream()
+                .map(|r| r.map_err(std::io::Error::other)),
+        ))
+    }
+}
+
+/// The registration and heartbeat loop of one worker.
+pub struct Node {
+    config: NodeConfig,
+    rpc: Arc<WorkerRpc>,
+    control_plane: Arc<ControlPlane>,
+}
+
+impl Node {
+    pub fn new(config: NodeConfig, rpc: Arc<WorkerRpc>, control_plane: Arc<ControlPlane>) -> Node {
+        Node {
+            config,
+            rpc,
+            control_plane,
+        }
+    }
+
+    async fn providers(&self) -> Vec<WorkerProvider> {
+        self.rpc
+            .provider_health()
+            .await
+            .into_iter()
+            .map(|p| WorkerProvider {
+                name: p.name,
+                healthy: p.health.healthy,
+                detail: p.health.detail,
+            })
+            .collect()
+    }
+
+    /// The runtimes on the host with the lease held on each.
+    async fn reports(&self) -> Result<Vec<RuntimeReport>> {
+        let leases = self.rpc.leases();
+        Ok(self
+            .rpc
+            .runtimes()
+            .await?
+            .into_iter()
+            .map(|r| {
+                let held = leases.get(&r.runtime.sandbox_id);
+                let state = match (&held, r.runtime.running) {
+                    (Some(h), true) if h.paused => "paused",
+                    (_, true) => "running",
+                    (_, false) => "exited",
+                };
+                RuntimeReport {
+                    sandbox_id: r.runtime.sandbox_id.to_string(),
+                    provider: r.provider,
+                    fencing_token: held.map_or(0, |h| h.fencing_token),
+                    state: state.into(),
+                }
+            })
+            .collect())
+    }
+
+    /// Destroys the runtimes among `candidates` that the worker holds no
+    /// lease on now; failures are logged and retried on the next answer.
+    async fn destroy_unleased(&self) -> bool {
+        match self.rpc.destroy_unleased().await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(
+                        destroyed = n,
+                        "destroyed runtimes this worker no longer holds"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "destroying runtimes this worker no longer holds failed; retrying after the next heartbeat");
+                false
+            }
+        }
+    }
+
+    async fn register(&self) -> std::result::Result<WorkerRegistered, Refused> {
+        let body = WorkerRegister {
+            id: self.rpc.id().to_string(),
+            name: self.config.name.clone(),
+            address: self.config.address.clone(),
+            providers: self.providers().await,
+            labels: self.config.labels.clone(),
+            capacity: self.config.capacity.clone(),
+        };
+        self.control_plane.post("/v1/workers/register", &body).await
+    }
+
+    async fn heartbeat(&self, ready: bool) -> std::result::Result<WorkerHeartbeatReply, Refused> {
+        let providers = self.providers().await;
+        let runtimes = self.reports().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "listing the runtimes for the heartbeat failed");
+            Vec::new()
+        });
+        let ready = ready && providers.iter().any(|p| p.healthy);
+        let body = WorkerHeartbeat {
+            providers,
+            runtimes,
+            ready,
+        };
+        let path = format!("/v1/workers/{}/heartbeat", segment(self.rpc.id().as_str()));
+        self.control_plane.post(&path, &body).await
+    }
+
+    /// Registers, then heartbeats until `stop` (`Ok`) or until the control
+    /// plane refuses the token (`Unauthenticated`: the worker must stop
+    /// serving; its sandboxes are left as they are).
+    pub async fn run(&self, stop: CancellationToken) -> Result<()> {
+        let mut backoff = BACKOFF_START;
+        let mut registered = false;
+        // Set once the runtimes left from before the registration are gone.
+        let mut cleaned = false;
+        let mut interval = Duration::from_secs(5);
+        loop {
+            let sent = Instant::now();
+            let outcome = if registered {
+                self.heartbeat(cleaned).await.map(|r| {
+                    let ttl = Duration::from_millis(r.lease_ttl_ms);
+                    self.rpc.leases().apply(sent, &r.leases, ttl);
+                    for refused in &r.refused {
+                        tracing::warn!(sandbox = %refused.sandbox_id, reason = %refused.reason, "the control plane refused a runtime report");
+                    }
+                    Duration::from_millis(r.heartbeat_interval_ms)
+                })
+            } else {
+                self.register().await.map(|r| {
+                    let ttl = Duration::from_millis(r.lease_ttl_ms);
+                    self.rpc.leases().apply(sent, &r.leases, ttl);
+                    self.rpc.set_secret(&r.secret);
+                    tracing::info!(worker = %r.id, state = %r.state, leases = r.leases.len(), "registered with the control plane");
+                    registered = true;
+                    cleaned = false;
+                    Duration::from_millis(r.heartbeat_interval_ms)
+                })
+            };
+            let wait = match outcome {
+                Ok(next) => {
+                    backoff = BACKOFF_START;
+                    interval = next.max(Duration::from_millis(50));
+                    let was_cleaned = cleaned;
+                    cleaned = self.destroy_unleased().await;
+                    if cleaned && !was_cleaned {
+                        // Tell the control plane at once that it may place.
+                        Duration::ZERO
+                    } else {
+                        interval
+                    }
+                }
+                Err(Refused::Unknown) => {
+                    tracing::warn!(
+                        "the control plane does not know this worker: registering again"
+                    );
+                    registered = false;
+                    Duration::ZERO
+                }
+                Err(Refused::Token(why)) => {
+                    return Err(Error::Unauthenticated(format!(
+                        "the control plane refused this worker's token ({why}); the sandboxes \
+                         on this host were left running"
+                    )));
+                }
+                Err(Refused::Away(why)) => {
+                    tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "the control plane is unreachable; sandboxes keep running");
+                    let wait = backoff;
+                    backoff = (backoff * 2)
+                        .min(BACKOFF_MAX)
+                        .min(interval.max(BACKOFF_START));
+                    wait
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn image_names_travel_as_one_path_segment() {
+        assert_eq!(
+            super::segment("library/busybox:1.36"),
+            "library%2Fbusybox%3A1.36"
+        );
+        assert_eq!(super::segment("wrk_0a-b"), "wrk_0a-b");
+    }
+}
