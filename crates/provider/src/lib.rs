@@ -10,6 +10,7 @@
 
 pub mod agent_client;
 pub mod docker;
+pub mod host;
 pub mod images;
 pub mod namespaces;
 pub mod proot;
