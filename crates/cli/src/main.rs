@@ -1,10 +1,12 @@
 //! The `stacyvm` binary: `serve` runs a single-node StacyVM (API, scheduler,
 //! local worker, providers and an embedded SQLite store in one process);
+//! `worker` runs a worker node that a control plane drives over the network;
 //! the client commands (`sandbox`, `cp`, `files`, `image`, …) talk to a
 //! running server through the Rust SDK.
 
 mod client;
 mod serve;
+mod worker;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -23,6 +25,9 @@ struct Cli {
 enum Command {
     /// Run the server (single-node by default).
     Serve(serve::ServeArgs),
+    /// Run a worker node of multi-worker mode: its providers, driven by a
+    /// control plane over the worker RPC (token in STACYVM_WORKER_TOKEN).
+    Worker(worker::WorkerArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -54,6 +59,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Worker(args) => worker::run(args).await,
             Command::Client(cmd) => Ok(client::run(cmd).await),
             Command::Completions { .. } => Ok(std::process::ExitCode::SUCCESS),
         }
