@@ -83,6 +83,9 @@ impl ControlPlane {
     pub fn new(base: &str, token: &str, worker_id: &str) -> Result<ControlPlane> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // Bounds each wait for the next bytes of an image download, so
+            // a stalled control plane fails the spawn instead of holding it.
+            .read_timeout(CALL_TIMEOUT)
             .build()
             .map_err(|e| Error::internal("building the control plane's HTTP client", e))?;
         Ok(ControlPlane {
