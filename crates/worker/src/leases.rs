@@ -229,6 +229,16 @@ impl LeaseTable {
         }
     }
 
+    /// When the lease on `id` under `token` lapses unless renewed; `None`
+    /// when the worker no longer holds it under that token.
+    pub fn expiry(&self, id: &SandboxId, token: i64) -> Option<Instant> {
+        self.lock()
+            .held
+            .get(id)
+            .filter(|h| h.token <= token)
+            .map(|h| h.expires_at)
+    }
+
     /// The lease held on `id`, expired or not.
     pub fn get(&self, id: &SandboxId) -> Option<HeldLease> {
         self.lock().held.get(id).map(|h| HeldLease {

@@ -436,14 +436,27 @@ impl WorkerRpcService for Service {
             let lease = lease_from_metadata(req.metadata())?;
             let provider = self.0.provider(&lease.provider)?.clone();
             let lease_gone = self.0.leases.admit(&lease)?;
-            // The tunnel ends with the lease or with the server.
+            // The tunnel ends with the lease (taken, or lapsed without a
+            // renewal) or with the server.
             let revoked = CancellationToken::new();
             let (gone, closing, end) = (lease_gone, self.0.closing.clone(), revoked.clone());
+            let (leases, id, token) = (
+                self.0.leases.clone(),
+                lease.sandbox_id.clone(),
+                lease.fencing_token,
+            );
             tokio::spawn(async move {
-                tokio::select! {
-                    () = gone.cancelled() => {}
-                    () = closing.cancelled() => {}
-                    () = end.cancelled() => {}
+                while let Some(expiry) = leases.expiry(&id, token) {
+                    if expiry <= tokio::time::Instant::now() {
+                        break;
+                    }
+                    tokio::select! {
+                        () = gone.cancelled() => break,
+                        () = closing.cancelled() => break,
+                        () = end.cancelled() => break,
+                        // Renewed meanwhile? Look again.
+                        () = tokio::time::sleep_until(expiry) => {}
+                    }
                 }
                 end.cancel();
             });

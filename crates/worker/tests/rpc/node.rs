@@ -315,18 +315,32 @@ async fn the_worker_registers_again_when_forgotten_and_rides_out_an_absence() ->
     cp.with(|f| f.leases = vec![grant(&s.sandbox_id, 3)]);
     remote.spawn(&lease, &s).await?;
 
-    // The control plane goes away: the worker keeps retrying and the
-    // sandbox keeps running and answering.
+    // The control plane goes away: the worker keeps retrying, and the
+    // sandbox keeps running; once its lease would have expired the worker
+    // stops acting on it (the fake's TTL is 3 s).
+    let tunnel = remote.agent(&lease).await?;
     cp.with(|f| f.mode = Mode::Away);
     cp.until("retries while away", |f| f.refused_calls >= 3)
         .await;
     assert!(!run.is_finished());
-    let out = remote
-        .agent(&lease)
-        .await?
-        .exec(sh("echo still here"))
-        .await?;
-    assert_eq!(out.stdout, b"still here\n");
+    let expired = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match remote.logs(&lease).await {
+                Err(Error::Conflict(m)) if m.contains("expired") => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(expired.is_ok(), "the lease never lapsed");
+    // The tunnel opened before went with the lease.
+    assert!(tunnel.exec(sh("true")).await.is_err());
+    assert_eq!(
+        node.provider().list().await?.len(),
+        1,
+        "the sandbox keeps running"
+    );
 
     // It comes back having forgotten the worker: 404, then a registration.
     cp.with(|f| f.mode = Mode::Forgot);
@@ -339,6 +353,13 @@ async fn the_worker_registers_again_when_forgotten_and_rides_out_an_absence() ->
     assert!(last.ready);
     assert_eq!(last.runtimes.len(), 1, "{last:?}");
     assert_eq!(last.runtimes[0].fencing_token, 3);
+    // Renewed by the answers: the worker acts on the sandbox again.
+    let out = remote
+        .agent(&lease)
+        .await?
+        .exec(sh("echo still here"))
+        .await?;
+    assert_eq!(out.stdout, b"still here\n");
 
     // A revoked token ends the loop with an error and leaves the sandbox.
     cp.with(|f| f.mode = Mode::Revoked);
