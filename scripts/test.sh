@@ -20,7 +20,10 @@ log "cargo clippy"
 cargo clippy -q --workspace --all-targets -- -D warnings
 
 log "building"
-cargo build -q --workspace
+# Every target, so the crates are built once with the features the tests
+# unify in (e.g. the fake provider of the control plane's tests) and the
+# test run below reuses them.
+cargo build -q --workspace --all-targets
 export STACYVM_BIN="$root_dir/target/debug/stacyvm"
 
 log "API fuzzing (schemathesis, 100 examples per operation)"

@@ -2,9 +2,11 @@
 //! local worker, providers and an embedded SQLite store in one process);
 //! `worker` runs a worker node that a control plane drives over the network;
 //! the client commands (`sandbox`, `cp`, `files`, `image`, …) talk to a
-//! running server through the Rust SDK.
+//! running server through the Rust SDK; `provider-test` runs the provider
+//! conformance suite against a plugin.
 
 mod client;
+mod provider_test;
 mod serve;
 mod worker;
 
@@ -28,6 +30,9 @@ enum Command {
     /// Run a worker node of multi-worker mode: its providers, driven by a
     /// control plane over the worker RPC (token in STACYVM_WORKER_TOKEN).
     Worker(worker::WorkerArgs),
+    /// Run the provider conformance suite against a plugin
+    /// (docs/PLUGIN-PROTOCOL.md); exits 0 only when every case passes.
+    ProviderTest(provider_test::ProviderTestArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -60,6 +65,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Worker(args) => worker::run(args).await,
+            Command::ProviderTest(args) => provider_test::run(args).await,
             Command::Client(cmd) => Ok(client::run(cmd).await),
             Command::Completions { .. } => Ok(std::process::ExitCode::SUCCESS),
         }

@@ -25,10 +25,11 @@ pub struct ServeArgs {
     /// sqlite://PATH or postgres://USER@HOST/DB. Default: SQLite in the data dir.
     #[arg(long, env = "STACYVM_STORE")]
     store: Option<String>,
-    /// Providers in preference order (comma-separated). `proot` is not a
-    /// security boundary: it is never chosen for a create that does not
-    /// name it, and only tenants whose quota lists it in
-    /// `allowed_providers` may use it.
+    /// Providers in preference order (comma-separated): docker,
+    /// namespaces, proot, plugin:NAME. `proot` is not a security boundary,
+    /// nor is a plugin that does not declare itself one: such a provider is
+    /// never chosen for a create that does not name it, and only tenants
+    /// whose quota lists it in `allowed_providers` may use it.
     #[arg(
         long,
         env = "STACYVM_PROVIDERS",
@@ -36,6 +37,17 @@ pub struct ServeArgs {
         default_value = "docker,namespaces"
     )]
     providers: Vec<String>,
+    /// A plugin provider's executable, `NAME=PATH` (repeatable, or
+    /// comma-separated); enable it with `plugin:NAME` in --providers.
+    /// Without it, `plugin:NAME` runs `DATA_DIR/plugins/NAME`. See
+    /// docs/PLUGIN-PROTOCOL.md.
+    #[arg(
+        long = "plugin",
+        env = "STACYVM_PLUGINS",
+        value_name = "NAME=PATH",
+        value_delimiter = ','
+    )]
+    plugins: Vec<String>,
     /// Run the control plane only, without the in-process worker.
     #[arg(long)]
     no_local_worker: bool,
@@ -50,6 +62,11 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(2..=3600)
     )]
     lease_ttl: u64,
+    /// The CA certificate (PEM) that signed the remote workers' TLS
+    /// certificates (`stacyvm worker --tls-cert`); workers that registered
+    /// an https:// address are reached with it.
+    #[arg(long, env = "STACYVM_WORKER_CA", value_name = "PEM")]
+    worker_ca: Option<PathBuf>,
     /// Failed authentication attempts one client address may make per
     /// minute; past it, that address's bad keys get 429 (valid keys keep
     /// working).
@@ -174,8 +191,30 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .map(|p| p.trim().to_owned())
         .filter(|p| !p.is_empty())
         .collect();
+    for p in args
+        .plugins
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    {
+        let (name, path) = p
+            .split_once('=')
+            .with_context(|| format!("--plugin {p:?}: expected NAME=PATH"))?;
+        stacyvm_provider::plugin::validate_name(name).with_context(|| format!("--plugin {p:?}"))?;
+        if path.is_empty() {
+            anyhow::bail!("--plugin {p:?}: the path is empty");
+        }
+        if config
+            .plugins
+            .insert(name.to_owned(), PathBuf::from(path))
+            .is_some()
+        {
+            anyhow::bail!("--plugin {name} is given twice");
+        }
+    }
     config.local_worker = !args.no_local_worker;
     config.limits.lease = Duration::from_secs(args.lease_ttl);
+    config.worker_ca = args.worker_ca;
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
     config.limits.max_execs_per_sandbox = usize::try_from(args.max_execs_per_sandbox)
         .context("--max-execs-per-sandbox does not fit this platform")?;

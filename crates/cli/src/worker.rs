@@ -36,7 +36,8 @@ pub struct WorkerArgs {
     /// listen address (`https://` with --tls-cert).
     #[arg(long, env = "STACYVM_WORKER_ADVERTISE", value_name = "URL")]
     advertise: Option<String>,
-    /// Providers in preference order (comma-separated).
+    /// Providers in preference order (comma-separated): docker,
+    /// namespaces, proot, plugin:NAME.
     #[arg(
         long,
         env = "STACYVM_PROVIDERS",
@@ -44,6 +45,16 @@ pub struct WorkerArgs {
         default_value = "docker,namespaces"
     )]
     providers: Vec<String>,
+    /// A plugin provider's executable, `NAME=PATH` (repeatable, or
+    /// comma-separated); enable it with `plugin:NAME` in --providers.
+    /// Without it, `plugin:NAME` runs `DATA_DIR/plugins/NAME`.
+    #[arg(
+        long = "plugin",
+        env = "STACYVM_PLUGINS",
+        value_name = "NAME=PATH",
+        value_delimiter = ','
+    )]
+    plugins: Vec<String>,
     /// Where the worker keeps its id, images and sandbox state.
     /// Default: /var/lib/stacyvm as root, ~/.local/share/stacyvm otherwise.
     #[arg(long, env = "STACYVM_DATA_DIR")]
@@ -118,6 +129,26 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
             _ => return usage(format!("--label {l:?} is not k=v")),
         }
     }
+    let mut plugins = BTreeMap::new();
+    for p in args
+        .plugins
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    {
+        let Some((name, path)) = p.split_once('=').filter(|(_, path)| !path.is_empty()) else {
+            return usage(format!("--plugin {p:?}: expected NAME=PATH"));
+        };
+        if let Err(e) = stacyvm_provider::plugin::validate_name(name) {
+            return usage(format!("--plugin {p:?}: {e}"));
+        }
+        if plugins
+            .insert(name.to_owned(), PathBuf::from(path))
+            .is_some()
+        {
+            return usage(format!("--plugin {name} is given twice"));
+        }
+    }
     if let Some(cpu) = args.max_cpu {
         if !(cpu.is_finite() && cpu > 0.0) {
             return usage(format!("--max-cpu {cpu} is not a positive number"));
@@ -173,6 +204,7 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
         &HostOptions {
             data_dir: data_dir.clone(),
             egress_host_access: args.egress_host_access,
+            plugins,
         },
         &catalog,
         &instance,

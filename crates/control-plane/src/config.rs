@@ -14,13 +14,21 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// `sqlite://PATH` or `postgres://…`; `sqlite://DATA_DIR/stacyvm.db` by default.
     pub store_url: String,
-    /// Providers in preference order (`docker`, `namespaces`, `proot`).
+    /// Providers in preference order (`docker`, `namespaces`, `proot`,
+    /// `plugin:NAME`).
     pub providers: Vec<String>,
+    /// Plugin executables by name (`--plugin NAME=PATH`); a `plugin:NAME`
+    /// provider not named here runs `DATA_DIR/plugins/NAME`.
+    pub plugins: std::collections::BTreeMap<String, PathBuf>,
     /// The quota a tenant starts with when it is created (the operator's
     /// own tenant has none: it is unlimited).
     pub default_tenant_quota: stacyvm_store::Quota,
     /// Run the in-process worker (single-node mode).
     pub local_worker: bool,
+    /// The CA (PEM file) that signed remote workers' TLS certificates
+    /// (`--worker-ca`); workers registered with `https://` addresses are
+    /// reached with it. `None`: the system's roots.
+    pub worker_ca: Option<PathBuf>,
     pub limits: Limits,
     /// The bootstrap admin key (`STACYVM_ADMIN_KEY`); generated into
     /// `DATA_DIR/admin.key` when absent.
@@ -267,9 +275,11 @@ impl Default for Limits {
     }
 }
 
-/// Providers that are not a security boundary: never chosen for a create
-/// that does not name them, and usable only by tenants whose quota lists
-/// them in `allowed_providers`.
+/// Providers that are not a security boundary, whatever a worker reports:
+/// never chosen for a create that does not name them, and usable only by
+/// tenants whose quota lists them in `allowed_providers`. Workers add the
+/// providers that say so themselves (`Provider::security_boundary`: plugins
+/// that do not declare one).
 pub const RESTRICTED_PROVIDERS: [&str; 1] = ["proot"];
 
 /// What a new tenant may use unless the operator says otherwise: 10 live
@@ -297,8 +307,10 @@ impl ServerConfig {
             data_dir,
             store_url,
             providers: vec!["docker".into(), "namespaces".into()],
+            plugins: Default::default(),
             default_tenant_quota: default_tenant_quota(),
             local_worker: true,
+            worker_ca: None,
             limits: Limits::default(),
             admin_key: None,
             reconcile_interval: Duration::from_secs(1),

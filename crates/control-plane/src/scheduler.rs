@@ -191,6 +191,27 @@ impl Scheduler {
         Ok(names)
     }
 
+    /// Whether provider `name` is not a security boundary: PRoot always,
+    /// any provider an in-process worker reports as not one (a plugin that
+    /// does not declare itself one), and a plugin no in-process worker
+    /// runs: remote workers do not report what their plugins declared, so
+    /// the safe guess is taken.
+    pub fn is_restricted(&self, name: &str) -> bool {
+        if RESTRICTED_PROVIDERS.contains(&name)
+            || self
+                .local
+                .iter()
+                .any(|w| w.restricted_providers().iter().any(|n| n == name))
+        {
+            return true;
+        }
+        name.starts_with(stacyvm_provider::plugin::PREFIX)
+            && !self
+                .local
+                .iter()
+                .any(|w| w.provider_names().iter().any(|n| n == name))
+    }
+
     /// An in-process worker's provider health, cached for a few seconds so
     /// a burst of creates does not probe the runtime each time.
     pub async fn provider_health(&self, worker: &DynWorker) -> Vec<ProviderHealth> {
@@ -214,7 +235,8 @@ impl Scheduler {
     /// configured on some worker and `allowed`), or the first configured
     /// provider that is allowed and healthy somewhere, among the security
     /// boundaries when the tenant may use any. A restricted provider
-    /// (PRoot) is never chosen in place of an isolating one that is down.
+    /// (PRoot, a plugin that is not a security boundary) is never chosen in
+    /// place of an isolating one that is down.
     pub async fn choose_provider(
         &self,
         requested: Option<&str>,
@@ -237,7 +259,7 @@ impl Scheduler {
                 return Err(Error::Forbidden(format!(
                     "provider {name} is not allowed for this tenant{}; the operator enables it \
                      per tenant with allowed_providers in the tenant's quota",
-                    if RESTRICTED_PROVIDERS.contains(&name) {
+                    if self.is_restricted(name) {
                         " (it is not a security boundary)"
                     } else {
                         ""
@@ -253,7 +275,7 @@ impl Scheduler {
         let isolating: Vec<&String> = usable
             .iter()
             .copied()
-            .filter(|n| !RESTRICTED_PROVIDERS.contains(&n.as_str()))
+            .filter(|n| !self.is_restricted(n))
             .collect();
         if usable.is_empty() {
             return Err(Error::Forbidden(format!(
@@ -282,7 +304,7 @@ impl Scheduler {
         let skipped: Vec<&str> = usable
             .iter()
             .map(|n| n.as_str())
-            .filter(|n| !isolating.is_empty() && RESTRICTED_PROVIDERS.contains(n))
+            .filter(|n| !isolating.is_empty() && self.is_restricted(n))
             .collect();
         let hint = if skipped.is_empty() {
             String::new()

@@ -54,6 +54,7 @@ fn build_providers(
         &HostOptions {
             data_dir: config.data_dir.clone(),
             egress_host_access: config.egress_host_access,
+            plugins: config.plugins.clone(),
         },
         catalog,
         instance,

@@ -2,12 +2,14 @@
 //! the identifiers persisted in it, and the providers named on the command
 //! line.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::docker::{DockerConfig, DockerProvider};
 use crate::images::ImageCatalog;
 use crate::namespaces::{NamespacesConfig, NamespacesProvider};
+use crate::plugin::{self, PluginConfig, PluginProvider, PluginTiming};
 use crate::proot::{ProotConfig, ProotProvider};
 use crate::{DynProvider, Error, Result};
 
@@ -17,6 +19,9 @@ pub struct HostOptions {
     pub data_dir: PathBuf,
     /// Docker sandboxes with egress may reach this host's own addresses.
     pub egress_host_access: bool,
+    /// Plugin executables by name (`--plugin NAME=PATH`); a `plugin:NAME`
+    /// provider not named here runs `DATA_DIR/plugins/NAME`.
+    pub plugins: BTreeMap<String, PathBuf>,
 }
 
 /// A short identifier persisted in the data dir: it names this host's
@@ -78,7 +83,32 @@ pub fn build_providers(
         return Ok(out);
     }
     let agent_bin = crate::agent_binary_path()?;
+    for name in options.plugins.keys() {
+        let enabled = format!("{}{name}", plugin::PREFIX);
+        if !names.contains(&enabled) {
+            tracing::warn!(plugin = %name, "a plugin is registered but not enabled: add {enabled} to --providers to use it");
+        }
+    }
     for name in names {
+        if let Some(plugin_name) = plugin::plugin_name(name) {
+            let executable = plugin::locate(
+                &options.data_dir,
+                plugin_name,
+                options.plugins.get(plugin_name).map(|p| p.as_path()),
+            )?;
+            out.push(Arc::new(PluginProvider::new(PluginConfig {
+                name: plugin_name.to_owned(),
+                executable,
+                args: Vec::new(),
+                env: Vec::new(),
+                data_dir: options.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+                timing: PluginTiming::default(),
+            })?));
+            continue;
+        }
         match name.as_str() {
             "docker" => out.push(Arc::new(DockerProvider::new(DockerConfig {
                 data_dir: options.data_dir.clone(),
@@ -102,7 +132,8 @@ pub fn build_providers(
             })?)),
             other => {
                 return Err(Error::InvalidRequest(format!(
-                    "unknown provider {other:?}; available: docker, namespaces, proot"
+                    "unknown provider {other:?}; available: docker, namespaces, proot, \
+                     plugin:NAME"
                 )))
             }
         }

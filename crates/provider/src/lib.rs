@@ -1,5 +1,6 @@
 //! The provider contract: the runtime-specific part of StacyVM behind one
-//! trait, plus the providers themselves (Docker, namespaces, PRoot), the async client
+//! trait, plus the providers themselves (Docker, namespaces, PRoot, and
+//! out-of-process plugins), the async client
 //! that talks to the in-sandbox agent, and the image catalog.
 //!
 //! Providers never see tenants, quotas or HTTP: they turn a [`SpawnSpec`]
@@ -9,10 +10,15 @@
 //! to start, find, stop, pause and list its runtimes.
 
 pub mod agent_client;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod docker;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod host;
 pub mod images;
 pub mod namespaces;
+pub mod plugin;
 pub mod proot;
 pub mod sandboxing;
 
@@ -78,6 +84,14 @@ pub type AgentStream = Box<dyn AgentIo>;
 pub trait Provider: Send + Sync + 'static {
     /// The provider's name as the API shows it (`docker`, `proot`, …).
     fn name(&self) -> &str;
+
+    /// Whether the provider's sandboxes are kept from the host and from one
+    /// another. One that is not (PRoot, a plugin that does not declare
+    /// itself one) is never chosen for a create that does not name it, and
+    /// serves only tenants the operator allowed it.
+    fn security_boundary(&self) -> bool {
+        true
+    }
 
     /// Is the runtime usable on this host, and why not.
     async fn health(&self) -> Health;

@@ -72,9 +72,38 @@ pub trait Worker: Send + Sync + 'static {
     fn id(&self) -> &WorkerId;
     /// The providers this worker was configured with, in preference order.
     fn provider_names(&self) -> Vec<String>;
+    /// Those of its providers that are not a security boundary
+    /// (`Provider::security_boundary`). A worker that cannot tell names
+    /// every plugin provider, the safe guess.
+    fn restricted_providers(&self) -> Vec<String> {
+        self.provider_names()
+            .into_iter()
+            .filter(|n| n.starts_with(stacyvm_provider::plugin::PREFIX))
+            .collect()
+    }
     async fn provider_health(&self) -> Vec<ProviderHealth>;
     /// Every runtime on this worker, across its providers.
     async fn runtimes(&self) -> Result<Vec<WorkerRuntime>>;
+    /// The runtimes of each provider, or why that provider could not list
+    /// them: one provider that is down (a plugin restarting) leaves the
+    /// others' runtimes known.
+    async fn runtimes_per_provider(&self) -> Vec<(String, Result<Vec<RuntimeInfo>>)> {
+        let names = self.provider_names();
+        match self.runtimes().await {
+            Ok(all) => names
+                .into_iter()
+                .map(|n| {
+                    let mine = all
+                        .iter()
+                        .filter(|r| r.provider == n)
+                        .map(|r| r.runtime.clone())
+                        .collect();
+                    (n, Ok(mine))
+                })
+                .collect(),
+            Err(e) => names.into_iter().map(|n| (n, Err(e.clone()))).collect(),
+        }
+    }
 
     /// The image catalog dropped `image`: every provider removes its own
     /// copies of it (see `Provider::image_removed`).

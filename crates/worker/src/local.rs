@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::ImageInfo;
-use stacyvm_provider::{AgentClient, DynProvider, LogLine};
+use stacyvm_provider::{AgentClient, DynProvider, LogLine, RuntimeInfo};
 
 use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
 
@@ -71,6 +71,14 @@ impl Worker for LocalWorker {
         self.providers.iter().map(|p| p.name().to_owned()).collect()
     }
 
+    fn restricted_providers(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter(|p| !p.security_boundary())
+            .map(|p| p.name().to_owned())
+            .collect()
+    }
+
     async fn provider_health(&self) -> Vec<ProviderHealth> {
         let mut out = Vec::with_capacity(self.providers.len());
         for p in &self.providers {
@@ -90,6 +98,14 @@ impl Worker for LocalWorker {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    async fn runtimes_per_provider(&self) -> Vec<(String, Result<Vec<RuntimeInfo>>)> {
+        let mut out = Vec::with_capacity(self.providers.len());
+        for p in &self.providers {
+            out.push((p.name().to_owned(), p.list().await));
+        }
+        out
     }
 
     async fn runtimes(&self) -> Result<Vec<WorkerRuntime>> {

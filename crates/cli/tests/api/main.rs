@@ -1,5 +1,5 @@
 //! StacyVM's API test suite: real HTTP against a real `stacyvm serve`
-//! process, with the real Docker and PRoot providers, on SQLite and on
+//! process, with the real Docker and PRoot providers and plugins, on SQLite and on
 //! PostgreSQL. Each test starts its own server on a temporary data dir (and,
 //! for PostgreSQL, a fresh database) and leaves nothing behind.
 //!
@@ -7,6 +7,9 @@
 //! `STACYVM_TEST_POSTGRES_URL` or the scripts in `scripts/` that build and start them.
 
 mod archive;
+#[allow(dead_code)]
+#[path = "../common/cluster.rs"]
+mod cluster;
 mod errors;
 mod exec_stream;
 mod files;
@@ -17,6 +20,7 @@ mod harness;
 mod images;
 mod lifecycle;
 mod per_store;
+mod plugins;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;

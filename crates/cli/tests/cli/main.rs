@@ -1,6 +1,7 @@
 //! The `stacyvm` CLI and the Rust SDK against a real `stacyvm serve` child
 //! process (PRoot, and Docker for a few checks): every client command and
-//! every SDK call, streamed copies measured for memory, exit codes, errors.
+//! every SDK call, streamed copies measured for memory, exit codes, errors;
+//! `provider-test` against the reference plugin.
 //!
 //! Needs: proot, dockerd, and `STACYVM_AGENT_BIN` / `STACYVM_TEST_IMAGE_TAR`
 //! or the scripts in `scripts/` that build them.
@@ -9,5 +10,6 @@ mod cli;
 #[allow(dead_code)]
 #[path = "../common/fixtures.rs"]
 mod fixtures;
+mod provider_test;
 mod sdk;
 mod support;

@@ -54,6 +54,11 @@ pub struct ServerOptions {
     pub data_dir: Option<PathBuf>,
     /// A store URL to use as is (the caller owns the database).
     pub store_url: Option<String>,
+    /// `--listen`; `127.0.0.1:0` by default.
+    pub listen: Option<String>,
+    /// The bootstrap admin key; a random one by default (a replica of
+    /// another server must use that server's).
+    pub admin_key: Option<String>,
 }
 
 impl ServerOptions {
@@ -66,6 +71,8 @@ impl ServerOptions {
             without_cgroups: false,
             data_dir: None,
             store_url: None,
+            listen: None,
+            admin_key: None,
         }
     }
 
@@ -100,6 +107,11 @@ impl ServerOptions {
         self
     }
 
+    pub fn listen(mut self, addr: &str) -> ServerOptions {
+        self.listen = Some(addr.to_owned());
+        self
+    }
+
     pub fn store_url(mut self, url: &str) -> ServerOptions {
         self.store_url = Some(url.to_owned());
         self
@@ -127,6 +139,8 @@ pub struct Server {
     pg_db: Option<(String, String)>,
     log: Arc<Mutex<Vec<String>>>,
     data_path: PathBuf,
+    /// Remote workers serving this control plane (the `workers` topology).
+    pub workers: Vec<crate::cluster::Worker>,
     // Declared last: removed after everything above is torn down.
     _data_dir: Option<tempfile::TempDir>,
 }
@@ -162,20 +176,81 @@ impl Server {
         let mut server = Server {
             child: None,
             url: String::new(),
-            admin_key: format!("svm_test_{}", random_hex(40)),
+            admin_key: opts
+                .admin_key
+                .clone()
+                .unwrap_or_else(|| format!("svm_test_{}", random_hex(40))),
             opts,
             store_url,
             pg_db,
             log: Arc::new(Mutex::new(Vec::new())),
             data_path,
+            workers: Vec::new(),
             _data_dir: data_dir,
         };
         server.spawn()?;
+        if server.remote_workers() {
+            server.start_workers(2)?;
+        }
         Ok(server)
+    }
+
+    /// Whether this server runs without an in-process worker, served by
+    /// remote workers: with `STACYVM_TEST_TOPOLOGY=workers`, every server
+    /// whose test does not need the in-process worker's host view (its own
+    /// data dir, a host without cgroups).
+    fn remote_workers(&self) -> bool {
+        std::env::var("STACYVM_TEST_TOPOLOGY").as_deref() == Ok("workers")
+            && !self.opts.without_cgroups
+            && self.opts.data_dir.is_none()
+    }
+
+    /// Starts `n` workers with this server's providers and waits until
+    /// they are ready.
+    fn start_workers(&mut self, n: usize) -> Result<()> {
+        let admin = self.admin();
+        let providers = self
+            .opts
+            .providers
+            .clone()
+            .unwrap_or_else(|| "docker,namespaces".into());
+        let mut workers = Vec::new();
+        let token = run_async(async {
+            crate::cluster::worker_token(&admin, "test-workers")
+                .await
+                .map(|(_, t)| t)
+        })?;
+        for _ in 0..n {
+            workers.push(crate::cluster::Worker::start(
+                crate::cluster::WorkerOptions::new(self, &token, &providers),
+            )?);
+        }
+        run_async(async {
+            for w in &mut workers {
+                w.ready(&admin).await?;
+            }
+            Ok(())
+        })?;
+        self.workers = workers;
+        Ok(())
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.data_path
+    }
+
+    /// Options for another control plane on this one's store and admin
+    /// key (a replica), with its own data dir.
+    pub fn replica_options(&self) -> Result<ServerOptions> {
+        let mut o = self.opts.clone();
+        o.store_url = Some(
+            self.store_url
+                .clone()
+                .ok_or_else(|| anyhow!("replicas share a PostgreSQL store"))?,
+        );
+        o.admin_key = Some(self.admin_key.clone());
+        o.data_dir = None;
+        Ok(o)
     }
 
     /// Everything the server printed on stderr so far.
@@ -216,7 +291,7 @@ impl Server {
         };
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(self.opts.listen.as_deref().unwrap_or("127.0.0.1:0"))
             .arg("--data-dir")
             .arg(&self.data_path);
         if let Some(url) = &self.store_url {
@@ -226,6 +301,9 @@ impl Server {
             cmd.arg("--providers").arg(p);
         }
         cmd.args(&self.opts.args);
+        if self.remote_workers() && !self.opts.args.iter().any(|a| a == "--no-local-worker") {
+            cmd.arg("--no-local-worker");
+        }
         for var in [
             "STACYVM_STORE",
             "STACYVM_PROVIDERS",
@@ -412,7 +490,11 @@ impl Server {
     /// Whatever the API could not remove: asks the providers themselves
     /// (the same code the server runs) to list and destroy this instance's
     /// runtimes.
-    async fn destroy_leftovers(data_dir: PathBuf, instance: String, agent: PathBuf) -> Result<()> {
+    pub async fn destroy_leftovers(
+        data_dir: PathBuf,
+        instance: String,
+        agent: PathBuf,
+    ) -> Result<()> {
         use stacyvm_provider::Provider;
         let catalog = Arc::new(stacyvm_provider::images::ImageCatalog::open(
             &data_dir.join("images"),
@@ -1003,6 +1085,22 @@ impl Sse {
 // ---------------------------------------------------------------------------
 // Waiting and runtime inspection
 
+/// Runs a future to completion on a runtime of its own (from sync code that
+/// may itself run inside a runtime).
+pub fn run_async<T: Send>(f: impl std::future::Future<Output = Result<T>> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("a runtime")?
+                .block_on(f)
+        })
+        .join()
+        .map_err(|_| anyhow!("a helper thread panicked"))?
+    })
+}
+
 /// Polls `check` until it returns `Some`, or fails after `limit` with `what`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
 where
@@ -1043,11 +1141,14 @@ pub fn docker_containers_of(sandbox: &str) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Whether the sandbox's runtime is still on the host.
+/// Whether the sandbox's runtime is still on the host (the server's own,
+/// or one of its remote workers').
 pub fn runtime_exists(server: &Server, provider: &str, sandbox: &str) -> Result<bool> {
     match provider {
         "docker" => Ok(!docker_containers_of(sandbox)?.is_empty()),
-        "proot" | "namespaces" => Ok(server.data_dir().join(provider).join(sandbox).exists()),
+        "proot" | "namespaces" => Ok(std::iter::once(server.data_dir())
+            .chain(server.workers.iter().map(|w| w.data_dir()))
+            .any(|d| d.join(provider).join(sandbox).exists())),
         other => bail!("no runtime check for provider {other}"),
     }
 }

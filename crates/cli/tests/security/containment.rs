@@ -2,7 +2,9 @@
 //! real providers. Docker and namespaces are tested for everything they
 //! claim (pids, memory, network, file system, `/proc`); PRoot only for what
 //! it claims (paths, `..` and symlinks resolved inside the root, and the
-//! file API) — see docs/SECURITY.md for what PRoot does not contain.
+//! file API) — see docs/SECURITY.md for what PRoot does not contain; the
+//! reference plugin (`plugin:ref`, which declares itself a boundary) for the
+//! server's secrets and other sandboxes.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -728,8 +730,28 @@ async fn member_of_a_tenant_with_every_provider() -> Result<(Server, Api, Api)> 
     Ok((server, admin, member))
 }
 
+/// A server running the reference plugin (`examples/plugins/docker_cli.py`,
+/// which declares itself a security boundary) as `plugin:ref`, and a member
+/// key of a tenant allowed it.
+async fn member_of_a_tenant_with_the_reference_plugin() -> Result<(Server, Api, Api)> {
+    let plugin = crate::fixtures::workspace_root().join("examples/plugins/docker_cli.py");
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("plugin:ref")
+            .env("STACYVM_PLUGINS", &format!("ref={}", plugin.display())),
+    )?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    Ok((server, admin, member))
+}
+
 async fn check_member_cannot_reach_server_secrets(provider: &str) -> Result<()> {
-    let (server, _admin, member) = member_of_a_tenant_with_every_provider().await?;
+    let (server, _admin, member) = if provider.starts_with("plugin:") {
+        member_of_a_tenant_with_the_reference_plugin().await?
+    } else {
+        member_of_a_tenant_with_every_provider().await?
+    };
     let victim = member.sandbox(provider).await?;
     let other_secret = format!("other-sandbox-secret-{}", random_hex(16));
     member
@@ -787,6 +809,11 @@ async fn proot_member_cannot_reach_server_secrets_data_dir_or_other_sandboxes() 
 #[tokio::test(flavor = "multi_thread")]
 async fn namespaces_member_cannot_reach_server_secrets_data_dir_or_other_sandboxes() -> Result<()> {
     check_member_cannot_reach_server_secrets("namespaces").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_member_cannot_reach_server_secrets_data_dir_or_other_sandboxes() -> Result<()> {
+    check_member_cannot_reach_server_secrets("plugin:ref").await
 }
 
 /// The number of processes in a PRoot or namespaces sandbox's cgroup, from

@@ -13,6 +13,9 @@
 //! or the scripts in `scripts/` that build and start them.
 //! Run: `cargo nextest run -p stacyvm --test security --no-fail-fast`.
 
+#[allow(dead_code)]
+#[path = "../common/cluster.rs"]
+mod cluster;
 mod containment;
 mod faults;
 #[allow(dead_code)]

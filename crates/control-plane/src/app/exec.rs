@@ -47,7 +47,10 @@ impl App {
     ) -> Result<RunningExec> {
         let (rec, worker, lease, slot) = self.exec_admit(who, id).await?;
         let req = self.exec_request(&rec, body)?;
-        let events = worker.agent(&lease).await?.exec_stream(req).await?;
+        let events = super::sandboxes::agent(&worker, &lease)
+            .await?
+            .exec_stream(req)
+            .await?;
         Ok(RunningExec {
             sandbox: rec.id,
             events,
@@ -160,7 +163,13 @@ impl App {
         req: ExecRequest,
     ) -> Result<ExecOutcome> {
         let started = std::time::Instant::now();
-        let out = async { worker.agent(lease).await?.exec(req).await }.await;
+        let out = async {
+            super::sandboxes::agent(worker, lease)
+                .await?
+                .exec(req)
+                .await
+        }
+        .await;
         metrics::histogram!("stacyvm_exec_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         if out.is_err() {

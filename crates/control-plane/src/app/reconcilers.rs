@@ -9,13 +9,13 @@
 //!   finished one way or the other;
 //! - heartbeat: the local worker's leases are renewed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stacyvm_core::{now, Error, Result, SandboxState};
 use stacyvm_store::{Failure, WorkerState};
-use stacyvm_worker::Lease;
+use stacyvm_worker::{DynWorker, Lease, WorkerRuntime};
 use tokio::sync::watch;
 
 use crate::app::App;
@@ -64,18 +64,15 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
         // Runtimes are listed before the rows are read, so a runtime created
         // meanwhile always has its (live) row in `live`: nothing young is
         // mistaken for an orphan.
-        let runtimes = match worker.runtimes().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(worker = %worker.id(), error = %e, "could not list runtimes");
-                continue;
-            }
-        };
+        let (runtimes, failed) = list_runtimes(worker, true).await;
+        if !failed.is_empty() && failed.len() == worker.provider_names().len() {
+            continue;
+        }
         let live = app.store.sandbox_list_live().await?;
         let by_id: HashMap<_, _> = live.iter().map(|r| (r.id.clone(), r)).collect();
         // And listed again after, so a sandbox that became running meanwhile
         // is not mistaken for a vanished one.
-        let after = worker.runtimes().await.unwrap_or_default();
+        let (after, _) = list_runtimes(worker, false).await;
         let found: HashMap<_, _> = runtimes
             .iter()
             .chain(after.iter())
@@ -96,10 +93,11 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
             }
         }
 
-        // Rows of this worker whose runtime is gone or stopped.
+        // Rows of this worker whose runtime is gone or stopped (a provider
+        // that could not list its runtimes says nothing about its rows).
         for rec in live
             .iter()
-            .filter(|r| r.worker_id.as_ref() == Some(worker.id()))
+            .filter(|r| r.worker_id.as_ref() == Some(worker.id()) && !failed.contains(&r.provider))
         {
             let mut rec = (*rec).clone();
             let rt = found.get(&rec.id);
@@ -202,6 +200,32 @@ pub async fn reconcile_runtimes(app: &App, at_start: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A worker's runtimes, from every provider that could list them, and the
+/// providers that could not (a plugin that is restarting, a daemon that is
+/// down): their rows are left alone this round, the others' are not.
+async fn list_runtimes(
+    worker: &DynWorker,
+    log_errors: bool,
+) -> (Vec<WorkerRuntime>, HashSet<String>) {
+    let mut runtimes = Vec::new();
+    let mut failed = HashSet::new();
+    for (provider, listed) in worker.runtimes_per_provider().await {
+        match listed {
+            Ok(found) => runtimes.extend(found.into_iter().map(|runtime| WorkerRuntime {
+                provider: provider.clone(),
+                runtime,
+            })),
+            Err(e) => {
+                if log_errors {
+                    tracing::warn!(worker = %worker.id(), %provider, error = %e, "could not list runtimes; leaving that provider's sandboxes as they are");
+                }
+                failed.insert(provider);
+            }
+        }
+    }
+    (runtimes, failed)
 }
 
 fn probe() -> stacyvm_core::ExecRequest {

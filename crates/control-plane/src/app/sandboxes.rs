@@ -15,7 +15,6 @@ use stacyvm_worker::{DynWorker, Lease};
 use std::sync::Arc;
 
 use super::{page_limit, App, Principal};
-use crate::config::RESTRICTED_PROVIDERS;
 
 /// The lease the row `rec` gives its worker: its fencing token, on its
 /// provider.
@@ -23,14 +22,33 @@ pub fn lease_for(rec: &SandboxRecord) -> Lease {
     Lease::new(&rec.id, rec.fencing_token, &rec.provider)
 }
 
+/// A connection to the agent of the sandbox `lease` names. A runtime that
+/// is gone while its row still says it runs (killed outside StacyVM, not
+/// yet reconciled) is a conflict with the sandbox's state, not a missing
+/// object: the sandbox exists.
+pub(super) async fn agent(worker: &DynWorker, lease: &Lease) -> Result<Arc<AgentClient>> {
+    worker.agent(lease).await.map_err(|e| match e {
+        Error::NotFound(m) => Error::Conflict(format!(
+            "sandbox {}'s runtime is gone ({m}); it will be marked lost",
+            lease.sandbox_id
+        )),
+        e => e,
+    })
+}
+
 /// Whether a tenant with `quota` may create sandboxes on `provider`: the
 /// providers its quota lists; by default, every configured provider for the
 /// operator's own tenant (`operator`), and every provider that is a
-/// security boundary for any other tenant.
-pub fn provider_allowed(quota: &stacyvm_store::Quota, operator: bool, provider: &str) -> bool {
+/// security boundary (not `restricted`) for any other tenant.
+pub fn provider_allowed(
+    quota: &stacyvm_store::Quota,
+    operator: bool,
+    provider: &str,
+    restricted: bool,
+) -> bool {
     match &quota.allowed_providers {
         Some(list) => list.iter().any(|p| p == provider),
-        None => operator || !RESTRICTED_PROVIDERS.contains(&provider),
+        None => operator || !restricted,
     }
 }
 
@@ -189,7 +207,7 @@ impl App {
     /// The agent of a running sandbox the caller may see.
     pub(super) async fn agent_of(&self, who: &Principal, id: &str) -> Result<Arc<AgentClient>> {
         let (_, worker, lease) = self.running(who, id).await?;
-        worker.agent(&lease).await
+        agent(&worker, &lease).await
     }
 
     /// The sandbox's worker and lease, when it is running.
@@ -272,7 +290,12 @@ impl App {
         let provider = self
             .scheduler
             .choose_provider(req.provider.as_deref(), |p| {
-                provider_allowed(&quota, who.tenant_id == self.system_tenant, p)
+                provider_allowed(
+                    &quota,
+                    who.tenant_id == self.system_tenant,
+                    p,
+                    self.scheduler.is_restricted(p),
+                )
             })
             .await?;
         let source = self.image_source_allowed(who, &image).await?;
@@ -380,7 +403,7 @@ impl App {
             return Ok(rec);
         };
         let lease = lease_for(&rec);
-        let made = async { worker.agent(&lease).await?.file_mkdir(&dir, true).await }.await;
+        let made = async { agent(&worker, &lease).await?.file_mkdir(&dir, true).await }.await;
         if let Err(e) = made {
             if !matches!(e, Error::Conflict(_)) {
                 let _ = worker.destroy(&lease).await;

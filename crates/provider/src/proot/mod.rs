@@ -660,6 +660,10 @@ impl Provider for ProotProvider {
         "proot"
     }
 
+    fn security_boundary(&self) -> bool {
+        false
+    }
+
     async fn health(&self) -> Health {
         let unhealthy = |detail: String| Health {
             healthy: false,
