@@ -132,6 +132,48 @@ async fn round_trip_proot() -> anyhow::Result<()> {
     round_trip("proot").await
 }
 
+/// A plugin's sandboxes through the RPC: the tunnel reaches the plugin's
+/// agent, or the bridge that serves exec for a plugin without one.
+async fn plugin_round_trip(kind: &str) -> anyhow::Result<()> {
+    let node = Node::start(kind, None).await?;
+    let w = node.remote();
+    let spec = spec();
+    let lease = Lease::new(&spec.sandbox_id, 1, &node.provider_name());
+    assert_eq!(lease.provider, "plugin:hostexec");
+    node.guard.register(&spec.sandbox_id);
+    w.spawn(&lease, &spec).await?;
+    let agent = w.agent(&lease).await?;
+    let out = agent.exec(sh("echo plugin; exit 4")).await?;
+    assert_eq!(out.stdout, b"plugin\n");
+    assert_eq!(out.status.exit_code, Some(4));
+    let mut stream = agent.exec_stream(sh("echo one; echo two >&2")).await?;
+    let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
+    while let Some(ev) = stream.next().await {
+        match ev? {
+            ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
+            ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+            ExecEvent::Exit(s) => exit = Some(s),
+        }
+    }
+    assert_eq!(
+        (stdout.as_slice(), stderr.as_slice()),
+        (&b"one\n"[..], &b"two\n"[..])
+    );
+    assert_eq!(exit.and_then(|s| s.exit_code), Some(0));
+    w.destroy(&lease).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_plugin_with_its_own_agent() -> anyhow::Result<()> {
+    plugin_round_trip("plugin-unix").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_plugin_bridge() -> anyhow::Result<()> {
+    plugin_round_trip("plugin-bridge").await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_fencing_token_is_refused() -> anyhow::Result<()> {
     let node = Node::start("namespaces", None).await?;

@@ -13,6 +13,7 @@ use stacyvm_core::{ByteStream, ExecRequest, Network, SandboxId, SpawnSpec, Worke
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
 use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
+use stacyvm_provider::plugin::{PluginConfig, PluginProvider, PluginTiming};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 use stacyvm_worker::{
@@ -97,6 +98,28 @@ impl Node {
                 catalog: catalog.clone(),
                 instance,
             })?),
+            // The provider crate's test plugin, whose sandboxes are host
+            // directories: with no flag it serves exec itself (a bridge),
+            // with `--agent unix` it runs a real agent on a Unix socket.
+            "plugin-bridge" | "plugin-unix" => {
+                let args: &[&str] = if provider == "plugin-unix" {
+                    &["--agent", "unix"]
+                } else {
+                    &[]
+                };
+                Arc::new(PluginProvider::new(PluginConfig {
+                    name: "hostexec".into(),
+                    executable: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../provider/tests/provider/plugins/hostexec.py"),
+                    args: args.iter().map(|a| a.to_string()).collect(),
+                    env: Vec::new(),
+                    data_dir: data_dir.clone(),
+                    agent_bin,
+                    catalog: catalog.clone(),
+                    instance,
+                    timing: PluginTiming::default(),
+                })?)
+            }
             other => bail!("no provider {other}"),
         };
         let health = p.health().await;
