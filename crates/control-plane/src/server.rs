@@ -11,14 +11,14 @@ use stacyvm_provider::host::{self, persistent_id, prepare_data_dir, HostOptions}
 use stacyvm_provider::images::ImageCatalog;
 use stacyvm_provider::DynProvider;
 use stacyvm_store::WorkerRecord;
-use stacyvm_worker::{DynWorker, LocalWorker};
+use stacyvm_worker::{ClientTls, DynWorker, LocalWorker, RemoteWorker, RemoteWorkerConfig};
 use tokio::sync::watch;
 
 use crate::app::reconcilers;
 use crate::app::{auth, App};
 use crate::config::ServerConfig;
 use crate::http::{self, AppState};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Connect, Scheduler};
 
 /// A server that is up: its address and what the operator should be told.
 pub struct Running {
@@ -59,6 +59,47 @@ fn build_providers(
         catalog,
         instance,
     )
+}
+
+/// How this control plane reaches a remote worker from its registration:
+/// over the worker RPC, with the secret of its latest registration, trusting
+/// `--worker-ca` for workers that registered an `https://` address.
+fn remote_workers(config: &ServerConfig, catalog: &Arc<ImageCatalog>) -> Result<Connect> {
+    let ca = match &config.worker_ca {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            Error::InvalidRequest(format!("cannot read --worker-ca {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let catalog = catalog.clone();
+    Ok(Arc::new(move |rec: &WorkerRecord| -> Result<DynWorker> {
+        let secret = rec.secret.clone().ok_or_else(|| {
+            Error::Unavailable(format!("worker {} has not registered", rec.name_or_id()))
+        })?;
+        let tls = match (rec.address.starts_with("https://"), &ca) {
+            (false, _) => None,
+            (true, Some(ca_pem)) => Some(ClientTls {
+                ca_pem: ca_pem.clone(),
+                domain: None,
+            }),
+            (true, None) => {
+                return Err(Error::Unavailable(format!(
+                    "worker {} serves TLS ({}) and this control plane trusts no worker CA: \
+                     start it with --worker-ca",
+                    rec.name_or_id(),
+                    rec.address
+                )))
+            }
+        };
+        Ok(Arc::new(RemoteWorker::new(RemoteWorkerConfig {
+            id: rec.id.clone(),
+            address: rec.address.clone(),
+            secret,
+            providers: rec.providers.clone(),
+            tls,
+            catalog: catalog.clone(),
+        })?))
+    }))
 }
 
 /// Opens everything and starts serving on `config.listen`.
@@ -107,7 +148,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
     let app = Arc::new(App::new(
         config.clone(),
         store.clone(),
-        Scheduler::new(store, workers, None),
+        Scheduler::new(store, workers, Some(remote_workers(&config, &catalog)?)),
         catalog,
         boot.system_tenant.clone(),
     ));
