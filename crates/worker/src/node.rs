@@ -143,23 +143,48 @@ impl ImageSource for ControlPlane {
             .send()
             .await
             .map_err(|e| Error::Unavailable(format!("fetching image {name} from {url}: {e}")))?;
-        match resp.status().as_u16() {
-            200 => {}
-            404 => {
-                return Err(Error::ImageNotFound(format!(
-                    "the control plane has no image {name}"
-                )))
-            }
-            s => {
-                return Err(Error::Unavailable(format!(
-                    "fetching image {name} from {url}: the control plane answered {s}"
-                )))
-            }
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(fetch_error(
+                name,
+                &url,
+                status,
+                resp.text().await.unwrap_or_default(),
+            ));
         }
         Ok(Box::pin(
             resp.bytes_stream()
                 .map(|r| r.map_err(std::io::Error::other)),
         ))
+    }
+}
+
+/// Why an image fetch failed, as the spawn that needed it reports it: the
+/// control plane's own error when it named one (an image it lacks is
+/// `ImageNotFound`), and otherwise, or when the control plane refused the
+/// worker itself, `Unavailable`.
+fn fetch_error(name: &str, url: &str, status: reqwest::StatusCode, body: String) -> Error {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: stacyvm_core::error::WireError,
+    }
+    let named = serde_json::from_str::<Body>(&body).ok().map(|b| b.error);
+    match named {
+        Some(w) if !status.is_server_error() && !matches!(status.as_u16(), 401 | 403) => {
+            Error::from_code(
+                &w.code,
+                format!(
+                    "fetching image {name} from the control plane: {}",
+                    w.message
+                ),
+            )
+        }
+        _ if status == reqwest::StatusCode::NOT_FOUND => {
+            Error::ImageNotFound(format!("the control plane has no image {name}"))
+        }
+        _ => Error::Unavailable(format!(
+            "fetching image {name} from {url}: the control plane answered {status}: {body}"
+        )),
     }
 }
 
@@ -341,6 +366,25 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_failed_image_fetch_keeps_the_control_planes_error() {
+        use reqwest::StatusCode;
+        use stacyvm_core::Error;
+        let body = r#"{"error":{"code":"image_not_found","message":"no image x"}}"#;
+        let e = super::fetch_error("x", "u", StatusCode::UNPROCESSABLE_ENTITY, body.into());
+        assert!(
+            matches!(e, Error::ImageNotFound(ref m) if m.contains("no image x")),
+            "{e:?}"
+        );
+        let e = super::fetch_error("x", "u", StatusCode::SERVICE_UNAVAILABLE, body.into());
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        let refused = r#"{"error":{"code":"unauthenticated","message":"revoked"}}"#;
+        let e = super::fetch_error("x", "u", StatusCode::UNAUTHORIZED, refused.into());
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+        let e = super::fetch_error("x", "u", StatusCode::NOT_FOUND, String::new());
+        assert!(matches!(e, Error::ImageNotFound(_)), "{e:?}");
+    }
+
     #[test]
     fn image_names_travel_as_one_path_segment() {
         assert_eq!(
