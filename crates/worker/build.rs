@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .bytes(".stacyvm.worker.v1.Chunk.data")
+        .bytes(".stacyvm.worker.v1.ImageChunk.data")
         .compile_fds(fds)?;
     Ok(())
 }

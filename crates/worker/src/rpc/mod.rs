@@ -21,6 +21,9 @@ pub mod pb {
 /// The StacyVM error code of a failed call, so the control plane rebuilds
 /// the same error (and the same HTTP status) the worker met.
 const ERROR_CODE: &str = "x-stacyvm-error";
+/// Set on a spawn's failure when the worker lacks the image and the caller
+/// offered to push it.
+pub(crate) const PUSH_IMAGE: &str = "x-stacyvm-push-image";
 /// The lease of an agent tunnel (a stream has no first message to carry it).
 const LEASE_SANDBOX: &str = "x-stacyvm-sandbox";
 const LEASE_TOKEN: &str = "x-stacyvm-fencing-token";

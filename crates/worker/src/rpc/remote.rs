@@ -25,7 +25,7 @@ use tonic::Request;
 
 use super::pb::worker_client::WorkerClient;
 use super::tls::ClientTls;
-use super::{from_status, pb, put_lease, MAX_MESSAGE};
+use super::{from_status, pb, put_lease, MAX_MESSAGE, PUSH_IMAGE};
 use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
 
 /// Deadline of a quick call (health, runtimes, destroy, pause, logs…).
@@ -38,6 +38,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// before the connection (and every tunnel on it) is declared dead.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of an image per pushed chunk.
+const PUSH_CHUNK: usize = 256 * 1024;
 /// Chunks queued towards a tunnel before the agent client waits.
 const TUNNEL_QUEUE: usize = 16;
 
@@ -183,6 +185,29 @@ impl RemoteWorker {
         Ok(())
     }
 
+    /// Streams the catalog image `name` to the worker: a first chunk that
+    /// names it, then the tar.
+    async fn push_image(&self, name: &str) -> Result<()> {
+        let (info, file) = self.catalog.open_tar(name).await?;
+        let named = futures_util::stream::iter([pb::ImageChunk {
+            name: info.name,
+            digest: info.digest,
+            data: Bytes::new(),
+        }]);
+        let tar = tokio_util::io::ReaderStream::with_capacity(file, PUSH_CHUNK)
+            // A read error ends the stream short; the worker's import then
+            // fails on the truncated tar rather than install it.
+            .scan((), |(), r| std::future::ready(r.ok()))
+            .map(|data| pb::ImageChunk {
+                data,
+                ..Default::default()
+            });
+        let mut c = self.client()?;
+        let req = self.request(named.chain(tar), Some(SPAWN_DEADLINE))?;
+        self.call(SPAWN_DEADLINE, c.push_image(req)).await?;
+        Ok(())
+    }
+
     fn forget_agent(&self, id: &SandboxId) {
         self.agents
             .lock()
@@ -303,17 +328,38 @@ impl Worker for RemoteWorker {
         };
         let spec_json =
             serde_json::to_string(spec).map_err(|e| Error::internal("encoding a spawn spec", e))?;
-        let mut c = self.client()?;
-        let req = self.request(
-            pb::SpawnRequest {
-                lease: Some(lease.into()),
-                spec_json,
-                image_digest,
-            },
-            Some(SPAWN_DEADLINE),
-        )?;
-        self.call(SPAWN_DEADLINE, c.spawn(req)).await?;
-        Ok(())
+        let mut pushed = false;
+        loop {
+            let mut c = self.client()?;
+            let req = self.request(
+                pb::SpawnRequest {
+                    lease: Some(lease.into()),
+                    spec_json: spec_json.clone(),
+                    image_digest: image_digest.clone(),
+                    can_push_image: !pushed && !image_digest.is_empty(),
+                },
+                Some(SPAWN_DEADLINE),
+            )?;
+            let status = match tokio::time::timeout(SPAWN_DEADLINE, c.spawn(req)).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    return Err(Error::Timeout(format!(
+                        "worker {} did not finish a spawn within {} s",
+                        self.id,
+                        SPAWN_DEADLINE.as_secs()
+                    )))
+                }
+            };
+            if pushed || status.metadata().get(PUSH_IMAGE).is_none() {
+                return Err(from_status(self.id.as_str(), status));
+            }
+            // The worker could not get the image from its own control
+            // plane (another replica, with a catalog of its own): this one
+            // sends it, then asks again.
+            self.push_image(&spec.image).await?;
+            pushed = true;
+        }
     }
 
     async fn destroy(&self, lease: &Lease) -> Result<()> {

@@ -16,12 +16,12 @@ use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pb::worker_server::{Worker as WorkerRpcService, WorkerServer};
-use super::{lease_from, lease_from_metadata, pb, to_status, MAX_MESSAGE};
+use super::{lease_from, lease_from_metadata, pb, to_status, MAX_MESSAGE, PUSH_IMAGE};
 use crate::leases::LeaseTable;
 use crate::rpc::tls::ServerTls;
 use crate::{Lease, ProviderHealth, WorkerRuntime};
@@ -201,6 +201,11 @@ impl WorkerRpc {
             )));
         };
         let body = source.fetch(name).await?;
+        self.import(name, digest, body).await
+    }
+
+    /// Imports `name` into the worker's catalog from `body`.
+    async fn import(&self, name: &str, digest: &str, body: ByteStream) -> Result<()> {
         let info = self.catalog.import(name, body).await?;
         if info.digest != digest {
             // The control plane replaced the image meanwhile; the spawn
@@ -210,18 +215,28 @@ impl WorkerRpc {
         Ok(())
     }
 
-    async fn spawn(&self, lease: Lease, spec: SpawnSpec, digest: &str) -> Result<()> {
+    /// A spawn; on failure, also whether it failed for want of the image.
+    async fn spawn(
+        &self,
+        lease: Lease,
+        spec: SpawnSpec,
+        digest: &str,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let plain = |e: Error| (e, false);
         if spec.sandbox_id != lease.sandbox_id {
-            return Err(Error::InvalidRequest(format!(
+            return Err(plain(Error::InvalidRequest(format!(
                 "spawn spec for {} under a lease on {}",
                 spec.sandbox_id, lease.sandbox_id
-            )));
+            ))));
         }
-        let provider = self.provider(&lease.provider)?.clone();
-        self.leases.admit_spawn(&lease)?;
+        let provider = self.provider(&lease.provider).map_err(plain)?.clone();
+        self.leases.admit_spawn(&lease).map_err(plain)?;
         let spawned = async {
-            self.ensure_image(&spec.image, digest).await?;
-            provider.spawn(&spec).await
+            self.ensure_image(&spec.image, digest).await.map_err(|e| {
+                let missing = matches!(e, Error::ImageNotFound(_));
+                (e, missing)
+            })?;
+            provider.spawn(&spec).await.map_err(plain)
         }
         .await;
         if spawned.is_err() {
@@ -358,10 +373,52 @@ impl WorkerRpcService for Service {
     ) -> std::result::Result<Response<pb::Empty>, Status> {
         let r = req.into_inner();
         let outcome = async {
-            let lease = lease_from(r.lease)?;
-            let spec: SpawnSpec = serde_json::from_str(&r.spec_json)
-                .map_err(|e| Error::InvalidRequest(format!("a malformed spawn spec: {e}")))?;
+            let lease = lease_from(r.lease).map_err(|e| (e, false))?;
+            let spec: SpawnSpec = serde_json::from_str(&r.spec_json).map_err(|e| {
+                (
+                    Error::InvalidRequest(format!("a malformed spawn spec: {e}")),
+                    false,
+                )
+            })?;
             self.0.spawn(lease, spec, &r.image_digest).await
+        }
+        .await;
+        match outcome {
+            Ok(()) => Ok(Response::new(pb::Empty {})),
+            Err((e, missing)) => {
+                let mut status = to_status(&e);
+                if missing && r.can_push_image {
+                    status
+                        .metadata_mut()
+                        .insert(PUSH_IMAGE, MetadataValue::from_static("1"));
+                }
+                Err(status)
+            }
+        }
+    }
+
+    async fn push_image(
+        &self,
+        req: Request<Streaming<pb::ImageChunk>>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let mut chunks = req.into_inner();
+        let outcome = async {
+            let first = chunks
+                .message()
+                .await
+                .map_err(|s| Error::InvalidRequest(format!("the image push failed: {s}")))?
+                .ok_or_else(|| Error::InvalidRequest("an image push without a chunk".into()))?;
+            let (name, digest) = (first.name.clone(), first.digest.clone());
+            let head = futures_util::stream::once(async move { Ok(first.data) });
+            let rest = futures_util::stream::unfold(chunks, |mut c| async move {
+                match c.message().await {
+                    Ok(Some(chunk)) => Some((Ok(chunk.data), c)),
+                    Ok(None) => None,
+                    Err(s) => Some((Err(std::io::Error::other(s.to_string())), c)),
+                }
+            });
+            let body: ByteStream = Box::pin(head.chain(rest));
+            self.0.import(&name, &digest, body).await
         }
         .await;
         answer(outcome.map(|()| pb::Empty {}))

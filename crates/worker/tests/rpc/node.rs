@@ -50,6 +50,8 @@ struct Fake {
     refused_calls: usize,
     image_tar: std::path::PathBuf,
     image_fetches: Vec<String>,
+    /// Names of images this control plane lacks (another replica has them).
+    images_elsewhere: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Fake>>;
@@ -127,7 +129,11 @@ async fn image(
         if let Some(r) = refusal(&mut f, &h) {
             return r;
         }
-        f.image_fetches.push(name);
+        f.image_fetches.push(name.clone());
+        if f.images_elsewhere.contains(&name) {
+            let body = serde_json::json!({"error": {"code": "image_not_found", "message": "no such image"}});
+            return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
+        }
         f.image_tar.clone()
     };
     let file = tokio::fs::File::open(tar).await.unwrap();
@@ -153,6 +159,7 @@ impl FakeControlPlane {
                 .map(Into::into)
                 .unwrap_or_default(),
             image_fetches: Vec::new(),
+            images_elsewhere: Vec::new(),
         }));
         let app = Router::new()
             .route("/v1/workers/register", post(register))
@@ -372,7 +379,7 @@ async fn the_worker_registers_again_when_forgotten_and_rides_out_an_absence() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spawn_fetches_the_image_the_worker_lacks() -> anyhow::Result<()> {
+async fn a_spawn_gets_the_image_the_worker_lacks_fetched_or_pushed() -> anyhow::Result<()> {
     let cp = FakeControlPlane::start().await?;
     let (node, looping) = node_for(&cp).await?;
     let stop = CancellationToken::new();
@@ -398,7 +405,7 @@ async fn a_spawn_fetches_the_image_the_worker_lacks() -> anyhow::Result<()> {
         secret: NODE_SECRET.into(),
         providers: vec!["proot".into()],
         tls: None,
-        catalog: cp_catalog,
+        catalog: cp_catalog.clone(),
     })?;
     let mut s = spec();
     s.image = "team/fetched:1".into();
@@ -421,8 +428,37 @@ async fn a_spawn_fetches_the_image_the_worker_lacks() -> anyhow::Result<()> {
     cp.with(|f| f.leases.push(grant(&again.sandbox_id, 1)));
     remote.spawn(&lease2, &again).await?;
     assert_eq!(cp.with(|f| f.image_fetches.len()), 1);
+    // An image this control plane lacks (another replica's catalog has
+    // it): the replica making the spawn pushes it over the RPC.
+    let pushed = cp_catalog
+        .import("team/pushed:1", open_tar(&tar).await?)
+        .await?;
+    cp.with(|f| f.images_elsewhere.push("team/pushed:1".into()));
+    let mut third = spec();
+    third.image = "team/pushed:1".into();
+    node.guard.register(&third.sandbox_id);
+    let lease3 = Lease::new(&third.sandbox_id, 1, "proot");
+    cp.with(|f| f.leases.push(grant(&third.sandbox_id, 1)));
+    remote.spawn(&lease3, &third).await?;
+    assert_eq!(
+        cp.with(|f| f.image_fetches.clone()),
+        ["team/fetched:1", "team/pushed:1"]
+    );
+    assert_eq!(
+        node.catalog.get("team/pushed:1").await?.digest,
+        pushed.digest
+    );
+    let out = remote.agent(&lease3).await?.exec(sh("echo pushed")).await?;
+    assert_eq!(out.stdout, b"pushed\n");
+    // An image nobody has fails the spawn as image_not_found.
+    let mut nowhere = spec();
+    nowhere.image = "team/nowhere:1".into();
+    let lease4 = Lease::new(&nowhere.sandbox_id, 1, "proot");
+    let e = remote.spawn(&lease4, &nowhere).await.unwrap_err();
+    assert!(matches!(e, Error::ImageNotFound(_)), "{e:?}");
     remote.destroy(&lease).await?;
     remote.destroy(&lease2).await?;
+    remote.destroy(&lease3).await?;
     // The image the worker had all along is never fetched.
     assert!(node.catalog.get(IMAGE).await.is_ok());
     stop.cancel();
