@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use stacyvm_api::workers::LeaseGrant;
 use stacyvm_core::{Error, Result, SandboxId};
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -55,7 +56,15 @@ pub struct HeldLease {
 #[derive(Debug)]
 pub struct LeaseTable {
     tables: Mutex<Tables>,
+    /// Wakes the heartbeat loop when an operation met a lapsed lease.
+    renew_wanted: Notify,
+    /// Counts the answers applied, for operations waiting on a renewal.
+    renewed: watch::Sender<u64>,
 }
+
+/// How long an operation on a lapsed lease waits for the heartbeat it
+/// asked for.
+const RENEW_WAIT: Duration = Duration::from_secs(2);
 
 impl LeaseTable {
     /// An empty table whose new leases last `ttl` until a heartbeat reply
@@ -67,6 +76,8 @@ impl LeaseTable {
                 fences: HashMap::new(),
                 ttl,
             }),
+            renew_wanted: Notify::new(),
+            renewed: watch::channel(0).0,
         }
     }
 
@@ -97,8 +108,34 @@ impl LeaseTable {
     /// the token is current and the worker holds an unexpired lease on the
     /// sandbox. Returns what is cancelled when the lease goes.
     pub fn admit(&self, lease: &Lease) -> Result<CancellationToken> {
+        self.admit_now(lease).map_err(|(e, _)| e)
+    }
+
+    /// Like [`LeaseTable::admit`], but a lease that lapsed while the
+    /// control plane was away gets one chance: the worker heartbeats at
+    /// once (a control plane calling is likely back) and, when the answer
+    /// renews the lease within a moment, the operation goes ahead.
+    pub async fn admit_renewing(&self, lease: &Lease) -> Result<CancellationToken> {
+        let mut renewed = self.renewed.subscribe();
+        match self.admit_now(lease) {
+            Err((_, true)) => {
+                self.renew_wanted.notify_one();
+                let _ = tokio::time::timeout(RENEW_WAIT, renewed.changed()).await;
+                self.admit(lease)
+            }
+            other => other.map_err(|(e, _)| e),
+        }
+    }
+
+    /// Resolves when an operation wants the leases renewed now.
+    pub async fn renewal_wanted(&self) {
+        self.renew_wanted.notified().await;
+    }
+
+    /// The admission; a refusal says whether it was for a lapsed lease.
+    fn admit_now(&self, lease: &Lease) -> std::result::Result<CancellationToken, (Error, bool)> {
         let mut t = self.lock();
-        Self::fence(&mut t, lease)?;
+        Self::fence(&mut t, lease).map_err(|e| (e, false))?;
         let now = Instant::now();
         match t.held.get_mut(&lease.sandbox_id) {
             Some(h) if h.expires_at > now => {
@@ -110,15 +147,21 @@ impl LeaseTable {
                 }
                 Ok(h.revoked.clone())
             }
-            Some(_) => Err(Error::Conflict(format!(
-                "this worker's lease on sandbox {} has expired: it has not heard from the \
-                 control plane in time, so it no longer acts on the sandbox",
-                lease.sandbox_id
-            ))),
-            None => Err(Error::Conflict(format!(
-                "this worker holds no lease on sandbox {}",
-                lease.sandbox_id
-            ))),
+            Some(_) => Err((
+                Error::Conflict(format!(
+                    "this worker's lease on sandbox {} has expired: it has not heard from the \
+                     control plane in time, so it no longer acts on the sandbox",
+                    lease.sandbox_id
+                )),
+                true,
+            )),
+            None => Err((
+                Error::Conflict(format!(
+                    "this worker holds no lease on sandbox {}",
+                    lease.sandbox_id
+                )),
+                false,
+            )),
         }
     }
 
@@ -178,6 +221,11 @@ impl LeaseTable {
     /// until `sent_at + ttl`, or dropped when absent); later ones (a spawn
     /// the reply could not know of) are kept.
     pub fn apply(&self, sent_at: Instant, grants: &[LeaseGrant], ttl: Duration) {
+        self.apply_locked(sent_at, grants, ttl);
+        self.renewed.send_modify(|n| *n += 1);
+    }
+
+    fn apply_locked(&self, sent_at: Instant, grants: &[LeaseGrant], ttl: Duration) {
         let mut t = self.lock();
         t.ttl = ttl;
         let mut listed: HashMap<SandboxId, &LeaseGrant> = HashMap::new();

@@ -359,6 +359,9 @@ impl Node {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 () = tokio::time::sleep(wait) => {}
+                // An operation met a lease that lapsed while the control
+                // plane was away: ask now rather than at the next beat.
+                () = self.rpc.leases().renewal_wanted() => backoff = BACKOFF_START,
             }
         }
     }

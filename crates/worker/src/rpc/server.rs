@@ -255,7 +255,7 @@ impl WorkerRpc {
 
     async fn set_paused(&self, lease: Lease, paused: bool) -> Result<()> {
         let provider = self.provider(&lease.provider)?.clone();
-        self.leases.admit(&lease)?;
+        self.leases.admit_renewing(&lease).await?;
         if paused {
             provider.pause(&lease.sandbox_id).await?;
         } else {
@@ -465,7 +465,7 @@ impl WorkerRpcService for Service {
         let outcome = async {
             let lease = lease_from(req.into_inner().lease)?;
             let provider = self.0.provider(&lease.provider)?.clone();
-            self.0.leases.admit(&lease)?;
+            self.0.leases.admit_renewing(&lease).await?;
             provider.logs(&lease.sandbox_id).await
         }
         .await;
@@ -492,7 +492,7 @@ impl WorkerRpcService for Service {
         let opened = async {
             let lease = lease_from_metadata(req.metadata())?;
             let provider = self.0.provider(&lease.provider)?.clone();
-            let lease_gone = self.0.leases.admit(&lease)?;
+            let lease_gone = self.0.leases.admit_renewing(&lease).await?;
             // The tunnel ends with the lease (taken, or lapsed without a
             // renewal) or with the server.
             let revoked = CancellationToken::new();

@@ -349,7 +349,14 @@ async fn the_worker_registers_again_when_forgotten_and_rides_out_an_absence() ->
         "the sandbox keeps running"
     );
 
-    // It comes back having forgotten the worker: 404, then a registration.
+    // It comes back: the first call on the lapsed lease has the worker
+    // heartbeat at once, and goes ahead on the renewal it answers.
+    cp.with(|f| f.mode = Mode::Serve);
+    let out = remote.agent(&lease).await?.exec(sh("echo renewed")).await?;
+    assert_eq!(out.stdout, b"renewed\n");
+
+    // Later it comes back having forgotten the worker: 404, then a
+    // registration.
     cp.with(|f| f.mode = Mode::Forgot);
     cp.until("a second registration", |f| f.registrations.len() >= 2)
         .await;
