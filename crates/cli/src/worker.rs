@@ -161,6 +161,15 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
             args.control_plane
         ));
     }
+    if args.control_plane.starts_with("https://") {
+        // The HTTP client of this build speaks no TLS: refuse up front
+        // rather than retry a control plane it can never reach.
+        return usage(format!(
+            "--control-plane {}: this build of the worker reaches its control plane over \
+             http:// only; reach an https:// control plane through a local TLS tunnel",
+            args.control_plane
+        ));
+    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(ServerTls::from_files(c, k)?),
         _ => None,

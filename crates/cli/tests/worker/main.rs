@@ -394,13 +394,21 @@ async fn a_worker_process_serves_survives_a_kill_and_obeys_its_token() -> anyhow
 }
 
 #[tokio::test]
-async fn a_worker_without_a_token_is_a_usage_error() -> anyhow::Result<()> {
-    let cp = FakeControlPlane::start(PathBuf::new()).await?;
+async fn a_worker_without_a_token_or_with_bad_flags_is_a_usage_error() -> anyhow::Result<()> {
+    let mut cp = FakeControlPlane::start(PathBuf::new()).await?;
     let dir = tempfile::tempdir()?;
     let worker = WorkerProcess::start(&cp, &dir.path().join("data"), None)?;
     let (status, stderr) = worker.wait_output().await?;
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("STACYVM_WORKER_TOKEN"), "{stderr}");
+    // A control plane this build cannot reach is refused up front, not
+    // retried for ever.
+    let plain = std::mem::replace(&mut cp.url, "https://127.0.0.1:1".into());
+    let worker = WorkerProcess::start(&cp, &dir.path().join("data"), Some(TOKEN))?;
+    let (status, stderr) = worker.wait_output().await?;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("http:// only"), "{stderr}");
+    cp.url = plain;
     assert!(cp.with(|f| f.registrations.is_empty()));
     Ok(())
 }
