@@ -29,6 +29,11 @@ const LEASE_SANDBOX: &str = "x-stacyvm-sandbox";
 const LEASE_TOKEN: &str = "x-stacyvm-fencing-token";
 const LEASE_PROVIDER: &str = "x-stacyvm-provider";
 
+/// HTTP/2 flow-control windows of the worker RPC, per stream and per
+/// connection.
+pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
 /// The largest gRPC message either end accepts. Agent frames and tunnel
 /// chunks are far smaller; this only bounds what a broken peer makes us hold.
 pub(crate) const MAX_MESSAGE: usize = 16 * 1024 * 1024;

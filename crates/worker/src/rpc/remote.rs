@@ -115,7 +115,9 @@ impl RemoteWorker {
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                     .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                    .keep_alive_while_idle(true);
+                    .keep_alive_while_idle(true)
+                    .initial_stream_window_size(Some(super::STREAM_WINDOW))
+                    .initial_connection_window_size(Some(super::CONNECTION_WINDOW));
                 if let Some(tls) = &self.tls {
                     endpoint = endpoint.tls_config(tls.config()).map_err(|e| {
                         Error::InvalidRequest(format!(

@@ -30,7 +30,7 @@ use crate::{Lease, ProviderHealth, WorkerRuntime};
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Bytes read from an agent at once for the tunnel.
-const TUNNEL_READ: usize = 64 * 1024;
+const TUNNEL_READ: usize = 256 * 1024;
 
 /// Where a worker gets the catalog images its spawns need: the control
 /// plane (`GET /v1/workers/{id}/images/{name}`).
@@ -586,7 +586,11 @@ impl RpcServer {
             .map_err(|e| Error::internal("reading the worker RPC's address", e))?;
         let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+            // Tunnels carry file transfers: windows well above HTTP/2's
+            // 64 KiB default keep a fast link busy.
+            .initial_stream_window_size(Some(super::STREAM_WINDOW))
+            .initial_connection_window_size(Some(super::CONNECTION_WINDOW));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls.config()).map_err(|e| {
                 Error::InvalidRequest(format!("the worker's TLS certificate or key: {e}"))
@@ -603,7 +607,11 @@ impl RpcServer {
             },
         );
         let stop = rpc.closing.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Small agent frames go out at once (no Nagle delay on an exec's
+        // round trip), and TCP keepalives notice a vanished peer.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(std::time::Duration::from_secs(30)));
         let task = tokio::spawn(
             builder
                 .add_service(service)
