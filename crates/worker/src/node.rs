@@ -217,33 +217,46 @@ impl Node {
             .collect()
     }
 
-    /// The runtimes on the host with the lease held on each.
-    async fn reports(&self) -> Result<Vec<RuntimeReport>> {
+    /// The providers' health and the runtimes on the host with the lease
+    /// held on each. A provider that cannot list its runtimes is reported
+    /// unhealthy: the control plane takes a runtime missing from the report
+    /// of a healthy provider for one that vanished.
+    async fn report(&self) -> (Vec<WorkerProvider>, Vec<RuntimeReport>) {
+        let mut providers = self.providers().await;
         let leases = self.rpc.leases();
-        Ok(self
-            .rpc
-            .runtimes()
-            .await?
-            .into_iter()
-            .map(|r| {
-                let held = leases.get(&r.runtime.sandbox_id);
-                let state = match (&held, r.runtime.running) {
+        let mut reports = Vec::new();
+        for (p, listed) in self.rpc.runtimes_by_provider().await {
+            let runtimes = match listed {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(provider = %p.name(), error = %e, "listing the runtimes for the heartbeat failed");
+                    for h in providers.iter_mut().filter(|h| h.name == p.name()) {
+                        h.healthy = false;
+                        h.detail = format!("listing its runtimes failed: {e}");
+                    }
+                    continue;
+                }
+            };
+            for r in runtimes {
+                let held = leases.get(&r.sandbox_id);
+                let state = match (&held, r.running) {
                     (Some(h), true) if h.paused => "paused",
                     (_, true) => "running",
                     (_, false) => "exited",
                 };
-                RuntimeReport {
-                    sandbox_id: r.runtime.sandbox_id.to_string(),
-                    provider: r.provider,
+                reports.push(RuntimeReport {
+                    sandbox_id: r.sandbox_id.to_string(),
+                    provider: p.name().to_owned(),
                     fencing_token: held.map_or(0, |h| h.fencing_token),
                     state: state.into(),
-                }
-            })
-            .collect())
+                });
+            }
+        }
+        (providers, reports)
     }
 
-    /// Destroys the runtimes among `candidates` that the worker holds no
-    /// lease on now; failures are logged and retried on the next answer.
+    /// Destroys the runtimes the worker holds no lease on now; failures are
+    /// logged and retried after the next answer.
     async fn destroy_unleased(&self) -> bool {
         match self.rpc.destroy_unleased().await {
             Ok(n) => {
@@ -275,11 +288,7 @@ impl Node {
     }
 
     async fn heartbeat(&self, ready: bool) -> std::result::Result<WorkerHeartbeatReply, Refused> {
-        let providers = self.providers().await;
-        let runtimes = self.reports().await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "listing the runtimes for the heartbeat failed");
-            Vec::new()
-        });
+        let (providers, runtimes) = self.report().await;
         let ready = ready && providers.iter().any(|p| p.healthy);
         let body = WorkerHeartbeat {
             providers,

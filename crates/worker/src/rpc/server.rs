@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use stacyvm_core::{ByteStream, Error, Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::{ImageCatalog, ImageInfo};
-use stacyvm_provider::DynProvider;
+use stacyvm_provider::{DynProvider, RuntimeInfo};
 use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -159,19 +159,36 @@ impl WorkerRpc {
     /// Destroys every runtime of this worker's providers that it holds no
     /// lease on (the control plane gave the sandbox to another worker, or
     /// declared it lost). Returns how many it destroyed.
+    ///
+    /// A provider that cannot list its runtimes is passed over (the
+    /// heartbeat reports it unhealthy, so nothing is placed on it) and
+    /// cleaned up after a later answer, once it lists again.
     pub async fn destroy_unleased(&self) -> Result<usize> {
         let mut destroyed = 0;
-        for r in self.runtimes().await? {
-            let id = &r.runtime.sandbox_id;
-            if self.leases.get(id).is_some() {
+        for (p, listed) in self.runtimes_by_provider().await {
+            let Ok(runtimes) = listed else {
                 continue;
+            };
+            for r in runtimes {
+                let id = &r.sandbox_id;
+                if self.leases.get(id).is_some() {
+                    continue;
+                }
+                tracing::info!(sandbox = %id, provider = %p.name(), "destroying a runtime this worker no longer holds a lease for");
+                p.destroy(id).await?;
+                destroyed += 1;
             }
-            let p = self.provider(&r.provider)?;
-            tracing::info!(sandbox = %id, provider = %r.provider, "destroying a runtime this worker no longer holds a lease for");
-            p.destroy(id).await?;
-            destroyed += 1;
         }
         Ok(destroyed)
+    }
+
+    /// Each provider with the runtimes it lists, or why it could not.
+    pub async fn runtimes_by_provider(&self) -> Vec<(DynProvider, Result<Vec<RuntimeInfo>>)> {
+        let mut out = Vec::with_capacity(self.providers.len());
+        for p in &self.providers {
+            out.push((p.clone(), p.list().await));
+        }
+        out
     }
 
     /// Makes the worker's catalog hold `name` at `digest`, fetching it from

@@ -198,6 +198,13 @@ impl Drop for FakeControlPlane {
 
 /// A worker node (RPC server, unregistered) and its loop against `cp`.
 async fn node_for(cp: &FakeControlPlane) -> anyhow::Result<(Node, Arc<WorkerNode>)> {
+    node_with(cp, None).await
+}
+
+async fn node_with(
+    cp: &FakeControlPlane,
+    failing_list: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> anyhow::Result<(Node, Arc<WorkerNode>)> {
     let id = WorkerId::generate();
     let control_plane = Arc::new(ControlPlane::new(&cp.url, TOKEN, id.as_str())?);
     let node = Node::start_with(
@@ -206,6 +213,7 @@ async fn node_for(cp: &FakeControlPlane) -> anyhow::Result<(Node, Arc<WorkerNode
             id: Some(id),
             images: Some(control_plane.clone()),
             unregistered: true,
+            failing_list,
             ..Opts::default()
         },
     )
@@ -468,6 +476,63 @@ async fn a_spawn_gets_the_image_the_worker_lacks_fetched_or_pushed() -> anyhow::
     remote.destroy(&lease3).await?;
     // The image the worker had all along is never fetched.
     assert!(node.catalog.get(IMAGE).await.is_ok());
+    stop.cancel();
+    run.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_cannot_list_is_reported_unhealthy_not_empty() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cp = FakeControlPlane::start().await?;
+    let fail = Arc::new(AtomicBool::new(false));
+    let (node, looping) = node_with(&cp, Some(fail.clone())).await?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (looping, stop) = (looping.clone(), stop.clone());
+        async move { looping.run(stop).await }
+    });
+    cp.until("a ready heartbeat", |f| {
+        f.heartbeats.iter().any(|h| h.ready)
+    })
+    .await;
+    let remote = node.remote_with(NODE_SECRET, None);
+    let s = spec();
+    node.guard.register(&s.sandbox_id);
+    cp.with(|f| f.leases = vec![grant(&s.sandbox_id, 2)]);
+    remote
+        .spawn(&Lease::new(&s.sandbox_id, 2, "proot"), &s)
+        .await?;
+    cp.until("the runtime reported", |f| {
+        f.heartbeats.last().is_some_and(|h| h.runtimes.len() == 1)
+    })
+    .await;
+    // Listing breaks: the heartbeat says the provider is unhealthy rather
+    // than report no runtimes for a healthy one (which reads as "they
+    // vanished"), and the worker destroys nothing.
+    fail.store(true, Ordering::SeqCst);
+    cp.with(|f| f.leases.clear());
+    cp.until("an unhealthy report", |f| {
+        f.heartbeats.last().is_some_and(|h| !h.providers[0].healthy)
+    })
+    .await;
+    let h = cp.with(|f| f.heartbeats.last().cloned().unwrap());
+    assert!(h.runtimes.is_empty(), "{h:?}");
+    assert!(
+        h.providers[0]
+            .detail
+            .contains("listing its runtimes failed"),
+        "{h:?}"
+    );
+    fail.store(false, Ordering::SeqCst);
+    // Listing again, the unleased runtime goes.
+    cp.until("the runtime gone", |f| {
+        f.heartbeats
+            .last()
+            .is_some_and(|h| h.providers[0].healthy && h.runtimes.is_empty())
+    })
+    .await;
+    assert!(node.provider().list().await?.is_empty());
     stop.cancel();
     run.await??;
     Ok(())

@@ -37,6 +37,8 @@ fn env_path(var: &str, what: &str) -> anyhow::Result<PathBuf> {
 /// How to start a [`Node`].
 #[derive(Default)]
 pub struct Opts {
+    /// Wrap the provider so a test can make its listing fail.
+    pub failing_list: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub tls: Option<ServerTls>,
     pub id: Option<WorkerId>,
     pub images: Option<Arc<dyn ImageSource>>,
@@ -121,6 +123,13 @@ impl Node {
                 })?)
             }
             other => bail!("no provider {other}"),
+        };
+        let p: DynProvider = match &opts.failing_list {
+            Some(fail) => Arc::new(FailingList {
+                inner: p,
+                fail: fail.clone(),
+            }),
+            None => p,
         };
         let health = p.health().await;
         if !health.healthy {
@@ -257,5 +266,51 @@ pub fn sh(script: &str) -> ExecRequest {
         stdin: None,
         timeout_ms: 120_000,
         output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+    }
+}
+
+/// A real provider whose `list` fails while `fail` is set (a daemon that
+/// stopped answering, say); everything else goes to the provider.
+pub struct FailingList {
+    inner: DynProvider,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl stacyvm_provider::Provider for FailingList {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn health(&self) -> stacyvm_provider::Health {
+        self.inner.health().await
+    }
+    async fn spawn(&self, spec: &SpawnSpec) -> stacyvm_core::Result<()> {
+        self.inner.spawn(spec).await
+    }
+    async fn destroy(&self, id: &SandboxId) -> stacyvm_core::Result<()> {
+        self.inner.destroy(id).await
+    }
+    async fn list(&self) -> stacyvm_core::Result<Vec<stacyvm_provider::RuntimeInfo>> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(stacyvm_core::Error::ProviderUnavailable(
+                "listing is broken for this test".into(),
+            ));
+        }
+        self.inner.list().await
+    }
+    async fn logs(&self, id: &SandboxId) -> stacyvm_core::Result<Vec<stacyvm_provider::LogLine>> {
+        self.inner.logs(id).await
+    }
+    async fn agent(
+        &self,
+        id: &SandboxId,
+    ) -> stacyvm_core::Result<Arc<stacyvm_provider::AgentClient>> {
+        self.inner.agent(id).await
+    }
+    async fn agent_stream(
+        &self,
+        id: &SandboxId,
+    ) -> stacyvm_core::Result<stacyvm_provider::AgentStream> {
+        self.inner.agent_stream(id).await
     }
 }
