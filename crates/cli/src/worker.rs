@@ -29,6 +29,9 @@ pub struct WorkerArgs {
     /// The control plane's URL (`http://10.0.0.1:7070`).
     #[arg(long, env = "STACYVM_CONTROL_PLANE", value_name = "URL")]
     control_plane: String,
+    /// The CA (PEM) that signed an `https://` control plane's certificate.
+    #[arg(long, env = "STACYVM_CONTROL_PLANE_CA", value_name = "PEM")]
+    control_plane_ca: Option<PathBuf>,
     /// Address the worker RPC listens on.
     #[arg(long, env = "STACYVM_WORKER_LISTEN", value_name = "ADDR")]
     listen: SocketAddr,
@@ -161,15 +164,13 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
             args.control_plane
         ));
     }
-    if args.control_plane.starts_with("https://") {
-        // The HTTP client of this build speaks no TLS: refuse up front
-        // rather than retry a control plane it can never reach.
-        return usage(format!(
-            "--control-plane {}: this build of the worker reaches its control plane over \
-             http:// only; reach an https:// control plane through a local TLS tunnel",
-            args.control_plane
-        ));
-    }
+    let ca = match &args.control_plane_ca {
+        Some(p) => match std::fs::read(p) {
+            Ok(pem) => Some(pem),
+            Err(e) => return usage(format!("--control-plane-ca {}: {e}", p.display())),
+        },
+        None => None,
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(ServerTls::from_files(c, k)?),
         _ => None,
@@ -190,6 +191,11 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
         _ => {}
     }
 
+    // Before anything is set up: a control plane it cannot talk to is a
+    // usage error, not something to retry.
+    if let Err(e) = ControlPlane::new(&args.control_plane, ca.as_deref(), &token, "") {
+        return usage(e);
+    }
     init_logging(args.log_json);
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     prepare_data_dir(&data_dir)?;
@@ -219,7 +225,12 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
         &instance,
     )
     .with_context(|| format!("setting up the providers in {}", data_dir.display()))?;
-    let control_plane = Arc::new(ControlPlane::new(&args.control_plane, &token, id.as_str())?);
+    let control_plane = Arc::new(ControlPlane::new(
+        &args.control_plane,
+        ca.as_deref(),
+        &token,
+        id.as_str(),
+    )?);
     let rpc = WorkerRpc::new(WorkerRpcConfig {
         id: id.clone(),
         providers,

@@ -4,6 +4,7 @@
 //! carries a [`Lease`] whose fencing token the worker checks, so a holder
 //! that lost ownership can never act on the runtime again.
 
+mod cp_http;
 pub mod leases;
 mod local;
 pub mod node;

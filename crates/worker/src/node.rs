@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use stacyvm_api::workers::{
     RuntimeReport, WorkerCapacity, WorkerHeartbeat, WorkerHeartbeatReply, WorkerProvider,
     WorkerRegister, WorkerRegistered,
@@ -23,11 +22,16 @@ use stacyvm_core::{ByteStream, Error, Result};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cp_http::{read_body, stream_body, Http};
 use crate::rpc::server::{ImageSource, WorkerRpc};
+use hyper::{Method, StatusCode};
 
 /// How long one call to the control plane may take (an image download is
 /// bounded per read instead).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// The largest answer to a registration or heartbeat read (it lists the
+/// worker's leases).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
 /// The first and the longest wait between attempts while the control plane
 /// is away.
 const BACKOFF_START: Duration = Duration::from_millis(250);
@@ -49,7 +53,7 @@ pub struct NodeConfig {
 
 /// The control plane's worker API, called with the worker token.
 pub struct ControlPlane {
-    http: reqwest::Client,
+    http: Http,
     base: String,
     token: String,
     worker_id: String,
@@ -80,16 +84,17 @@ fn segment(s: &str) -> String {
 }
 
 impl ControlPlane {
-    pub fn new(base: &str, token: &str, worker_id: &str) -> Result<ControlPlane> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            // Bounds each wait for the next bytes of an image download, so
-            // a stalled control plane fails the spawn instead of holding it.
-            .read_timeout(CALL_TIMEOUT)
-            .build()
-            .map_err(|e| Error::internal("building the control plane's HTTP client", e))?;
+    /// The control plane at `base` (`http://…`, or `https://…` with
+    /// `ca_pem`, the CA that signed its certificate).
+    pub fn new(
+        base: &str,
+        ca_pem: Option<&[u8]>,
+        token: &str,
+        worker_id: &str,
+    ) -> Result<ControlPlane> {
+        let base = base.trim_end_matches('/');
         Ok(ControlPlane {
-            http,
+            http: Http::new(base, ca_pem)?,
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
             worker_id: worker_id.to_owned(),
@@ -102,23 +107,25 @@ impl ControlPlane {
         body: &B,
     ) -> std::result::Result<T, Refused> {
         let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .post(&url)
-            .bearer_auth(&self.token)
-            .timeout(CALL_TIMEOUT)
-            .json(body)
-            .send()
+        let json = serde_json::to_vec(body)
+            .map_err(|e| Refused::Away(format!("encoding a call to {url}: {e}")))?;
+        let call = async {
+            let answer = self
+                .http
+                .send(Method::POST, path, &self.token, Some(json))
+                .await?;
+            let body = read_body(answer.body, MAX_ANSWER).await?;
+            Ok::<_, String>((answer.status, body))
+        };
+        let (status, body) = tokio::time::timeout(CALL_TIMEOUT, call)
             .await
+            .map_err(|_| Refused::Away(format!("{url}: no answer in time")))?
             .map_err(|e| Refused::Away(format!("{url}: {e}")))?;
-        let status = resp.status();
         if status.is_success() {
-            return resp
-                .json::<T>()
-                .await
+            return serde_json::from_slice::<T>(&body)
                 .map_err(|e| Refused::Away(format!("{url} answered something unreadable: {e}")));
         }
-        let text = resp.text().await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&body);
         match status.as_u16() {
             401 | 403 => Err(Refused::Token(format!("{url} answered {status}: {text}"))),
             404 => Err(Refused::Unknown),
@@ -136,26 +143,32 @@ impl ImageSource for ControlPlane {
             segment(&self.worker_id),
             segment(name)
         );
-        let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| Error::Unavailable(format!("fetching image {name} from {url}: {e}")))?;
-        let status = resp.status();
-        if !status.is_success() {
+        let path = &url[self.base.len()..];
+        let unreachable =
+            |e: String| Error::Unavailable(format!("fetching image {name} from {url}: {e}"));
+        let answer = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.http.send(Method::GET, path, &self.token, None),
+        )
+        .await
+        .map_err(|_| unreachable("no answer in time".into()))?
+        .map_err(unreachable)?;
+        if !answer.status.is_success() {
+            let body = tokio::time::timeout(CALL_TIMEOUT, read_body(answer.body, MAX_ANSWER))
+                .await
+                .ok()
+                .and_then(|b| b.ok())
+                .unwrap_or_default();
             return Err(fetch_error(
                 name,
                 &url,
-                status,
-                resp.text().await.unwrap_or_default(),
+                answer.status,
+                String::from_utf8_lossy(&body).into_owned(),
             ));
         }
-        Ok(Box::pin(
-            resp.bytes_stream()
-                .map(|r| r.map_err(std::io::Error::other)),
-        ))
+        // Each wait for the next bytes is bounded, so a stalled control
+        // plane fails the spawn instead of holding it.
+        Ok(stream_body(answer.body, CALL_TIMEOUT))
     }
 }
 
@@ -163,7 +176,7 @@ impl ImageSource for ControlPlane {
 /// control plane's own error when it named one (an image it lacks is
 /// `ImageNotFound`), and otherwise, or when the control plane refused the
 /// worker itself, `Unavailable`.
-fn fetch_error(name: &str, url: &str, status: reqwest::StatusCode, body: String) -> Error {
+fn fetch_error(name: &str, url: &str, status: StatusCode, body: String) -> Error {
     #[derive(serde::Deserialize)]
     struct Body {
         error: stacyvm_core::error::WireError,
@@ -179,7 +192,7 @@ fn fetch_error(name: &str, url: &str, status: reqwest::StatusCode, body: String)
                 ),
             )
         }
-        _ if status == reqwest::StatusCode::NOT_FOUND => {
+        _ if status == StatusCode::NOT_FOUND => {
             Error::ImageNotFound(format!("the control plane has no image {name}"))
         }
         _ => Error::Unavailable(format!(
@@ -380,7 +393,7 @@ impl Node {
 mod tests {
     #[test]
     fn a_failed_image_fetch_keeps_the_control_planes_error() {
-        use reqwest::StatusCode;
+        use hyper::StatusCode;
         use stacyvm_core::Error;
         let body = r#"{"error":{"code":"image_not_found","message":"no image x"}}"#;
         let e = super::fetch_error("x", "u", StatusCode::UNPROCESSABLE_ENTITY, body.into());

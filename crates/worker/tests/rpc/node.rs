@@ -174,6 +174,51 @@ impl FakeControlPlane {
         Ok(FakeControlPlane { state, url, task })
     }
 
+    /// The same control plane behind TLS, with `cert` for `localhost`.
+    async fn start_tls(
+        cert: &rcgen::CertifiedKey<rcgen::KeyPair>,
+    ) -> anyhow::Result<FakeControlPlane> {
+        use tokio_rustls::rustls;
+        let plain = FakeControlPlane::start().await?;
+        plain.task.abort();
+        let app = Router::new()
+            .route("/v1/workers/register", post(register))
+            .route("/v1/workers/{id}/heartbeat", post(heartbeat))
+            .route("/v1/workers/{id}/images/{name}", get(image))
+            .with_state(plain.state.clone());
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://localhost:{}", listener.local_addr()?.port());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(tls),
+                            hyper_util::service::TowerToHyperService::new(app),
+                        )
+                        .await;
+                });
+            }
+        });
+        Ok(FakeControlPlane {
+            state: plain.state.clone(),
+            url,
+            task,
+        })
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut Fake) -> T) -> T {
         f(&mut self.state.lock().unwrap())
     }
@@ -198,15 +243,16 @@ impl Drop for FakeControlPlane {
 
 /// A worker node (RPC server, unregistered) and its loop against `cp`.
 async fn node_for(cp: &FakeControlPlane) -> anyhow::Result<(Node, Arc<WorkerNode>)> {
-    node_with(cp, None).await
+    node_with(cp, None, None).await
 }
 
 async fn node_with(
     cp: &FakeControlPlane,
     failing_list: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ca_pem: Option<&[u8]>,
 ) -> anyhow::Result<(Node, Arc<WorkerNode>)> {
     let id = WorkerId::generate();
-    let control_plane = Arc::new(ControlPlane::new(&cp.url, TOKEN, id.as_str())?);
+    let control_plane = Arc::new(ControlPlane::new(&cp.url, ca_pem, TOKEN, id.as_str())?);
     let node = Node::start_with(
         "proot",
         Opts {
@@ -486,7 +532,7 @@ async fn a_provider_that_cannot_list_is_reported_unhealthy_not_empty() -> anyhow
     use std::sync::atomic::{AtomicBool, Ordering};
     let cp = FakeControlPlane::start().await?;
     let fail = Arc::new(AtomicBool::new(false));
-    let (node, looping) = node_with(&cp, Some(fail.clone())).await?;
+    let (node, looping) = node_with(&cp, Some(fail.clone()), None).await?;
     let stop = CancellationToken::new();
     let run = tokio::spawn({
         let (looping, stop) = (looping.clone(), stop.clone());
@@ -535,5 +581,54 @@ async fn a_provider_that_cannot_list_is_reported_unhealthy_not_empty() -> anyhow
     assert!(node.provider().list().await?.is_empty());
     stop.cancel();
     run.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reaches_a_control_plane_behind_tls() -> anyhow::Result<()> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+    let cp = FakeControlPlane::start_tls(&cert).await?;
+    let ca = cert.cert.pem();
+    // Without the CA there is no control plane to talk to.
+    assert!(ControlPlane::new(&cp.url, None, TOKEN, "wrk_x").is_err());
+    let (node, looping) = node_with(&cp, None, Some(ca.as_bytes())).await?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn({
+        let (looping, stop) = (looping.clone(), stop.clone());
+        async move { looping.run(stop).await }
+    });
+    cp.until("a ready heartbeat over TLS", |f| {
+        f.heartbeats.iter().any(|h| h.ready)
+    })
+    .await;
+    // An image comes over TLS too.
+    let client = ControlPlane::new(&cp.url, Some(ca.as_bytes()), TOKEN, node.rpc.id().as_str())?;
+    let source: &dyn stacyvm_worker::ImageSource = &client;
+    let mut body = source.fetch("busybox").await?;
+    let mut n = 0;
+    while let Some(b) = futures_util::StreamExt::next(&mut body).await {
+        n += b?.len();
+    }
+    assert_eq!(
+        n as u64,
+        std::fs::metadata(cp.with(|f| f.image_tar.clone()))?.len()
+    );
+    stop.cancel();
+    run.await??;
+
+    // A worker trusting another CA does not get through.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+    let client = ControlPlane::new(
+        &cp.url,
+        Some(other.cert.pem().as_bytes()),
+        TOKEN,
+        node.rpc.id().as_str(),
+    )?;
+    let source: &dyn stacyvm_worker::ImageSource = &client;
+    let e = source.fetch("busybox").await.err().expect("refused");
+    assert!(
+        matches!(e, Error::Unavailable(ref m) if m.contains("TLS")),
+        "{e:?}"
+    );
     Ok(())
 }
