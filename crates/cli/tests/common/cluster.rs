@@ -124,6 +124,7 @@ pub struct WorkerOptions {
     pub providers: String,
     pub labels: Vec<(String, String)>,
     pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
     /// Run it in this network namespace, listening on `listen`.
     pub netns: Option<String>,
     pub listen: Option<String>,
@@ -138,6 +139,7 @@ impl WorkerOptions {
             providers: providers.to_owned(),
             labels: Vec::new(),
             args: Vec::new(),
+            env: Vec::new(),
             netns: None,
             listen: None,
         }
@@ -241,6 +243,7 @@ impl Worker {
                 std::env::var("STACYVM_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

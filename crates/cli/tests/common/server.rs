@@ -220,10 +220,23 @@ impl Server {
                 .await
                 .map(|(_, t)| t)
         })?;
+        // What the server's providers were given goes to the workers' too:
+        // plugin executables, egress to the host, the environment.
+        let mut forwarded = Vec::new();
+        let mut args = self.opts.args.iter();
+        while let Some(a) = args.next() {
+            if a == "--plugin" {
+                forwarded.push(a.clone());
+                forwarded.extend(args.next().cloned());
+            } else if a.starts_with("--plugin=") || a == "--egress-host-access" {
+                forwarded.push(a.clone());
+            }
+        }
         for _ in 0..n {
-            workers.push(crate::cluster::Worker::start(
-                crate::cluster::WorkerOptions::new(self, &token, &providers),
-            )?);
+            let mut o = crate::cluster::WorkerOptions::new(self, &token, &providers);
+            o.args = forwarded.clone();
+            o.env = self.opts.env.clone();
+            workers.push(crate::cluster::Worker::start(o)?);
         }
         run_async(async {
             for w in &mut workers {
@@ -445,9 +458,19 @@ impl Server {
     }
 
     /// Starts the server again on the same data dir and store (after
-    /// `kill9` or `sigterm`); the address changes.
+    /// `kill9` or `sigterm`); the address changes, except with remote
+    /// workers, which keep calling the address they were given.
     pub fn restart(&mut self) -> Result<()> {
         ensure!(self.child.is_none(), "the server is still running");
+        if !self.workers.is_empty() {
+            let addr = self
+                .url
+                .strip_prefix("http://")
+                .unwrap_or(&self.url)
+                .trim_end_matches('/')
+                .to_owned();
+            self.opts.listen = Some(addr);
+        }
         self.spawn()
     }
 
