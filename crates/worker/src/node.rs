@@ -301,8 +301,10 @@ impl Node {
     }
 
     async fn heartbeat(&self, ready: bool) -> std::result::Result<WorkerHeartbeatReply, Refused> {
+        // Ready once cleaned up, whatever its providers' health: that is
+        // reported beside it, and placement goes by it per provider (a
+        // create then hears which provider is unhealthy and why).
         let (providers, runtimes) = self.report().await;
-        let ready = ready && providers.iter().any(|p| p.healthy);
         let body = WorkerHeartbeat {
             providers,
             runtimes,
