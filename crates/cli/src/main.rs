@@ -1,5 +1,6 @@
 //! The `stacyvm` binary: `serve` runs a single-node StacyVM (API, scheduler,
 //! local worker, providers and an embedded SQLite store in one process);
+//! `worker` runs a worker node that a control plane drives over the network;
 //! the client commands (`sandbox`, `cp`, `files`, `image`, …) talk to a
 //! running server through the Rust SDK; `provider-test` runs the provider
 //! conformance suite against a plugin.
@@ -7,6 +8,7 @@
 mod client;
 mod provider_test;
 mod serve;
+mod worker;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
@@ -25,6 +27,9 @@ struct Cli {
 enum Command {
     /// Run the server (single-node by default).
     Serve(serve::ServeArgs),
+    /// Run a worker node of multi-worker mode: its providers, driven by a
+    /// control plane over the worker RPC (token in STACYVM_WORKER_TOKEN).
+    Worker(worker::WorkerArgs),
     /// Run the provider conformance suite against a plugin
     /// (docs/PLUGIN-PROTOCOL.md); exits 0 only when every case passes.
     ProviderTest(provider_test::ProviderTestArgs),
@@ -59,6 +64,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Worker(args) => worker::run(args).await,
             Command::ProviderTest(args) => provider_test::run(args).await,
             Command::Client(cmd) => Ok(client::run(cmd).await),
             Command::Completions { .. } => Ok(std::process::ExitCode::SUCCESS),

@@ -3,26 +3,22 @@
 //! running, then serve HTTP until asked to stop.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use stacyvm_core::{now, Error, Result, WorkerId};
-use stacyvm_provider::docker::{DockerConfig, DockerProvider};
+use stacyvm_provider::host::{self, persistent_id, prepare_data_dir, HostOptions};
 use stacyvm_provider::images::ImageCatalog;
-use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
-use stacyvm_provider::plugin::{self, PluginConfig, PluginProvider, PluginTiming};
-use stacyvm_provider::proot::{ProotConfig, ProotProvider};
 use stacyvm_provider::DynProvider;
 use stacyvm_store::WorkerRecord;
-use stacyvm_worker::{DynWorker, LocalWorker};
+use stacyvm_worker::{ClientTls, DynWorker, LocalWorker, RemoteWorker, RemoteWorkerConfig};
 use tokio::sync::watch;
 
 use crate::app::reconcilers;
 use crate::app::{auth, App};
 use crate::config::ServerConfig;
 use crate::http::{self, AppState};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Connect, Scheduler};
 
 /// A server that is up: its address and what the operator should be told.
 pub struct Running {
@@ -48,119 +44,62 @@ fn metrics_handle() -> Result<PrometheusHandle> {
     Ok(HANDLE.get_or_init(|| h).clone())
 }
 
-/// A short identifier persisted in the data dir: it names this server's
-/// runtimes (Docker labels) and its local worker.
-fn persistent_id(dir: &Path, file: &str, make: impl FnOnce() -> String) -> Result<String> {
-    let path = dir.join(file);
-    if let Ok(s) = std::fs::read_to_string(&path) {
-        let s = s.trim();
-        if !s.is_empty() {
-            return Ok(s.to_owned());
-        }
-    }
-    let id = make();
-    std::fs::write(&path, format!("{id}\n"))
-        .map_err(|e| Error::internal(format!("writing {}", path.display()), e))?;
-    Ok(id)
-}
-
-/// Creates the data dir readable by the server alone (it holds the
-/// database with every sandbox's env, `admin.key` and the images), and
-/// narrows an existing one that others could read.
-fn prepare_data_dir(dir: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::internal(format!("creating the data dir {}", dir.display()), e))?;
-    let meta = std::fs::metadata(dir)
-        .map_err(|e| Error::internal(format!("reading the data dir {}", dir.display()), e))?;
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o077 == 0 {
-        return Ok(());
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if meta.uid() != me || mode & 0o1000 != 0 {
-        return Err(Error::InvalidRequest(format!(
-            "the data dir {} is shared (mode {mode:o}, owner {}): give StacyVM a directory of \
-             its own (--data-dir)",
-            dir.display(),
-            meta.uid()
-        )));
-    }
-    tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), "narrowing the data dir to mode 0700");
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::internal(format!("narrowing the data dir {}", dir.display()), e))
-}
-
 fn build_providers(
     config: &ServerConfig,
     catalog: &Arc<ImageCatalog>,
     instance: &str,
 ) -> Result<Vec<DynProvider>> {
-    let mut out: Vec<DynProvider> = Vec::new();
-    if config.providers.is_empty() {
-        return Ok(out);
-    }
-    let agent_bin = stacyvm_provider::agent_binary_path()?;
-    for name in config.plugins.keys() {
-        let enabled = format!("{}{name}", plugin::PREFIX);
-        if !config.providers.contains(&enabled) {
-            tracing::warn!(plugin = %name, "a plugin is registered but not enabled: add {enabled} to --providers to use it");
-        }
-    }
-    for name in &config.providers {
-        if let Some(plugin_name) = plugin::plugin_name(name) {
-            let executable = plugin::locate(
-                &config.data_dir,
-                plugin_name,
-                config.plugins.get(plugin_name).map(|p| p.as_path()),
-            )?;
-            out.push(Arc::new(PluginProvider::new(PluginConfig {
-                name: plugin_name.to_owned(),
-                executable,
-                args: Vec::new(),
-                env: Vec::new(),
-                data_dir: config.data_dir.clone(),
-                agent_bin: agent_bin.clone(),
-                catalog: catalog.clone(),
-                instance: instance.to_owned(),
-                timing: PluginTiming::default(),
-            })?));
-            continue;
-        }
-        match name.as_str() {
-            "docker" => out.push(Arc::new(DockerProvider::new(DockerConfig {
-                data_dir: config.data_dir.clone(),
-                agent_bin: agent_bin.clone(),
-                catalog: catalog.clone(),
-                instance: instance.to_owned(),
-                pids_limit: 512,
-                egress_host_access: config.egress_host_access,
-            })?)),
-            "namespaces" => out.push(Arc::new(NamespacesProvider::new(NamespacesConfig {
-                data_dir: config.data_dir.clone(),
-                agent_bin: agent_bin.clone(),
-                catalog: catalog.clone(),
-                instance: instance.to_owned(),
-            })?)),
-            "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
-                data_dir: config.data_dir.clone(),
-                agent_bin: agent_bin.clone(),
-                catalog: catalog.clone(),
-                instance: instance.to_owned(),
-            })?)),
-            other => {
-                return Err(Error::InvalidRequest(format!(
-                    "unknown provider {other:?}; available: docker, namespaces, proot, \
-                     plugin:NAME"
+    host::build_providers(
+        &config.providers,
+        &HostOptions {
+            data_dir: config.data_dir.clone(),
+            egress_host_access: config.egress_host_access,
+            plugins: config.plugins.clone(),
+        },
+        catalog,
+        instance,
+    )
+}
+
+/// How this control plane reaches a remote worker from its registration:
+/// over the worker RPC, with the secret of its latest registration, trusting
+/// `--worker-ca` for workers that registered an `https://` address.
+fn remote_workers(config: &ServerConfig, catalog: &Arc<ImageCatalog>) -> Result<Connect> {
+    let ca = match &config.worker_ca {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            Error::InvalidRequest(format!("cannot read --worker-ca {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let catalog = catalog.clone();
+    Ok(Arc::new(move |rec: &WorkerRecord| -> Result<DynWorker> {
+        let secret = rec.secret.clone().ok_or_else(|| {
+            Error::Unavailable(format!("worker {} has not registered", rec.name_or_id()))
+        })?;
+        let tls = match (rec.address.starts_with("https://"), &ca) {
+            (false, _) => None,
+            (true, Some(ca_pem)) => Some(ClientTls {
+                ca_pem: ca_pem.clone(),
+                domain: None,
+            }),
+            (true, None) => {
+                return Err(Error::Unavailable(format!(
+                    "worker {} serves TLS ({}) and this control plane trusts no worker CA: \
+                     start it with --worker-ca",
+                    rec.name_or_id(),
+                    rec.address
                 )))
             }
-        }
-    }
-    Ok(out)
+        };
+        Ok(Arc::new(RemoteWorker::new(RemoteWorkerConfig {
+            id: rec.id.clone(),
+            address: rec.address.clone(),
+            secret,
+            providers: rec.providers.clone(),
+            tls,
+            catalog: catalog.clone(),
+        })?))
+    }))
 }
 
 /// Opens everything and starts serving on `config.listen`.
@@ -209,7 +148,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
     let app = Arc::new(App::new(
         config.clone(),
         store.clone(),
-        Scheduler::new(store, workers, None),
+        Scheduler::new(store, workers, Some(remote_workers(&config, &catalog)?)),
         catalog,
         boot.system_tenant.clone(),
     ));

@@ -304,6 +304,37 @@ impl Shared {
     }
 }
 
+/// Connects to an agent's Unix socket with the checks of
+/// [`AgentClient::connect_unix_checked`] (no symbolic link, a socket, a peer
+/// that passes `check`) and hands back the raw connection, for a caller
+/// that runs the protocol elsewhere (a worker tunnelling it to the control
+/// plane).
+pub async fn connect_unix_raw(path: &Path, check: &PeerCheck) -> Result<tokio::net::UnixStream> {
+    let refuse = |why: String| {
+        Error::ProviderUnavailable(format!(
+            "refusing the agent socket {}: {why}",
+            path.display()
+        ))
+    };
+    let meta = tokio::fs::symlink_metadata(path)
+        .await
+        .map_err(|e| connect_error(&format!("connecting to the agent at {}", path.display()), e))?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".into()));
+    }
+    if !meta.file_type().is_socket() {
+        return Err(refuse("it is not a socket".into()));
+    }
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| connect_error(&format!("connecting to the agent at {}", path.display()), e))?;
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| refuse(format!("its peer credentials cannot be read: {e}")))?;
+    check_peer(check, cred.uid(), cred.pid()).map_err(refuse)?;
+    Ok(stream)
+}
+
 fn connect_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::ProviderUnavailable(format!("{what}: {e}"))
 }
@@ -324,28 +355,7 @@ impl AgentClient {
     /// path is examined without following links, and the peer check covers
     /// a swap between that look and the connect.
     pub async fn connect_unix_checked(path: &Path, check: &PeerCheck) -> Result<AgentClient> {
-        let refuse = |why: String| {
-            Error::ProviderUnavailable(format!(
-                "refusing the agent socket {}: {why}",
-                path.display()
-            ))
-        };
-        let meta = tokio::fs::symlink_metadata(path).await.map_err(|e| {
-            connect_error(&format!("connecting to the agent at {}", path.display()), e)
-        })?;
-        if meta.file_type().is_symlink() {
-            return Err(refuse("it is a symbolic link".into()));
-        }
-        if !meta.file_type().is_socket() {
-            return Err(refuse("it is not a socket".into()));
-        }
-        let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-            connect_error(&format!("connecting to the agent at {}", path.display()), e)
-        })?;
-        let cred = stream
-            .peer_cred()
-            .map_err(|e| refuse(format!("its peer credentials cannot be read: {e}")))?;
-        check_peer(check, cred.uid(), cred.pid()).map_err(refuse)?;
+        let stream = connect_unix_raw(path, check).await?;
         let (r, w) = stream.into_split();
         AgentClient::over(r, w).await
     }

@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod docker;
 #[cfg(feature = "fake")]
 pub mod fake;
+pub mod host;
 pub mod images;
 pub mod namespaces;
 pub mod plugin;
@@ -66,6 +67,14 @@ pub struct LogLine {
 /// the stream before the exit kills the command.
 pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecEvent>> + Send + 'static>>;
 
+/// Both halves of a byte connection to an agent.
+pub trait AgentIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
+impl<T> AgentIo for T where T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+
+/// A raw connection to an agent (see [`Provider::agent_stream`]).
+pub type AgentStream = Box<dyn AgentIo>;
+
 /// The runtime-specific part of StacyVM.
 ///
 /// Every method is safe to call concurrently. `destroy` is idempotent:
@@ -105,6 +114,20 @@ pub trait Provider: Send + Sync + 'static {
     /// `NotFound` when the runtime does not exist, `Conflict` when it exists
     /// but is not running.
     async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>>;
+
+    /// A raw byte connection to the sandbox's agent, checked like the one
+    /// behind [`Provider::agent`] (who serves the socket), on which the
+    /// caller runs the agent protocol itself: a worker carries it to a
+    /// control plane on another host, where `AgentClient::over` speaks it.
+    /// Every call opens a new connection (the agent serves many). The same
+    /// `NotFound` and `Conflict` answers as `agent`.
+    async fn agent_stream(&self, _id: &SandboxId) -> Result<AgentStream> {
+        Err(Error::Unsupported(format!(
+            "the {} provider cannot hand out a raw connection to its agents, so its sandboxes \
+             cannot be reached from another host",
+            self.name()
+        )))
+    }
 
     /// The image catalog dropped `image`: remove any copy this provider
     /// keeps of it (the Docker provider's imported Docker image). Nothing to

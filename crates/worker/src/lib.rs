@@ -4,7 +4,11 @@
 //! carries a [`Lease`] whose fencing token the worker checks, so a holder
 //! that lost ownership can never act on the runtime again.
 
+mod cp_http;
+pub mod leases;
 mod local;
+pub mod node;
+pub mod rpc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -13,7 +17,12 @@ use stacyvm_provider::images::ImageInfo;
 use stacyvm_provider::{AgentClient, Health, LogLine, RuntimeInfo};
 use std::sync::Arc;
 
+pub use leases::LeaseTable;
 pub use local::LocalWorker;
+pub use node::{ControlPlane, Node, NodeConfig};
+pub use rpc::remote::{RemoteWorker, RemoteWorkerConfig};
+pub use rpc::server::{ImageSource, RpcServer, WorkerRpc, WorkerRpcConfig};
+pub use rpc::tls::{ClientTls, ServerTls};
 
 /// The right to act on one sandbox: its id and the fencing token the store
 /// handed out when the sandbox was last claimed.

@@ -517,22 +517,9 @@ impl Inner {
                 return Ok(client);
             }
         }
-        let docker = self.docker().await?;
-        let c = self.inspect(&docker, id).await?;
-        let state = c.state.as_ref();
-        if state.and_then(|s| s.paused).unwrap_or(false) {
-            return Err(Error::Conflict(format!(
-                "sandbox {id} is paused: resume it first"
-            )));
-        }
-        if !state.and_then(|s| s.running).unwrap_or(false) {
-            return Err(Error::Conflict(format!(
-                "sandbox {id} is not running ({})",
-                describe_state(&c)
-            )));
-        }
+        let (socket, peer) = self.agent_endpoint(id).await?;
         let client = Arc::new(
-            AgentClient::connect_unix_checked(&self.socket_path(id), &agent_peer(&c))
+            AgentClient::connect_unix_checked(&socket, &peer)
                 .await
                 .map_err(|e| {
                     Error::ProviderUnavailable(format!(
@@ -550,6 +537,42 @@ impl Inner {
                 Ok(client)
             }
         }
+    }
+
+    pub(super) async fn agent_stream(&self, id: &SandboxId) -> Result<tokio::net::UnixStream> {
+        if self.paused_set().contains(id) {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is paused: resume it first"
+            )));
+        }
+        let (socket, peer) = self.agent_endpoint(id).await?;
+        crate::agent_client::connect_unix_raw(&socket, &peer)
+            .await
+            .map_err(|e| {
+                Error::ProviderUnavailable(format!(
+                    "cannot reach the agent of sandbox {id}: {}",
+                    e.message()
+                ))
+            })
+    }
+
+    /// Where a running sandbox's agent listens and who must serve it.
+    async fn agent_endpoint(&self, id: &SandboxId) -> Result<(std::path::PathBuf, PeerCheck)> {
+        let docker = self.docker().await?;
+        let c = self.inspect(&docker, id).await?;
+        let state = c.state.as_ref();
+        if state.and_then(|s| s.paused).unwrap_or(false) {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is paused: resume it first"
+            )));
+        }
+        if !state.and_then(|s| s.running).unwrap_or(false) {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is not running ({})",
+                describe_state(&c)
+            )));
+        }
+        Ok((self.socket_path(id), agent_peer(&c)))
     }
 
     pub(super) async fn pause(&self, id: &SandboxId) -> Result<()> {

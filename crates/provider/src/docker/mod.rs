@@ -507,6 +507,10 @@ impl Provider for DockerProvider {
         self.inner.agent(id).await
     }
 
+    async fn agent_stream(&self, id: &SandboxId) -> Result<crate::AgentStream> {
+        Ok(Box::new(self.inner.agent_stream(id).await?))
+    }
+
     async fn pause(&self, id: &SandboxId) -> Result<()> {
         self.inner.pause(id).await
     }

@@ -49,11 +49,17 @@ pub(crate) struct Target {
 
 /// A client of the agent protocol served by the plugin.
 pub(crate) async fn connect(target: Target) -> Result<AgentClient> {
+    let (cr, cw) = tokio::io::split(open(target));
+    AgentClient::over(cr, cw).await
+}
+
+/// The client's end of a pipe to a new bridge, on which the caller speaks
+/// the agent protocol (here, or relayed to another host).
+pub(crate) fn open(target: Target) -> tokio::io::DuplexStream {
     let (client, server) = tokio::io::duplex(256 * 1024);
     let (sr, sw) = tokio::io::split(server);
     tokio::spawn(serve(Arc::new(target), sr, sw));
-    let (cr, cw) = tokio::io::split(client);
-    AgentClient::over(cr, cw).await
+    client
 }
 
 struct InFlight {

@@ -622,6 +622,65 @@ impl Inner {
         }
     }
 
+    /// A raw connection to the agent of `id`: the plugin's endpoint, or a
+    /// new bridge when the plugin serves exec itself.
+    async fn agent_stream(self: &Arc<Self>, id: &SandboxId) -> Result<crate::AgentStream> {
+        let known = {
+            let sandboxes = self.sandboxes.lock().await;
+            sandboxes
+                .map
+                .get(id)
+                .map(|k| (k.endpoint.clone(), k.running, k.paused))
+        };
+        let (endpoint, running, paused) = match known {
+            Some(k) => k,
+            None => {
+                self.list().await?;
+                let sandboxes = self.sandboxes.lock().await;
+                match sandboxes.map.get(id) {
+                    Some(k) => (k.endpoint.clone(), k.running, k.paused),
+                    None => return Err(Error::NotFound(format!("sandbox {id} does not exist"))),
+                }
+            }
+        };
+        if paused {
+            return Err(Error::Conflict(format!("sandbox {id} is paused")));
+        }
+        if !running {
+            return Err(Error::Conflict(format!("sandbox {id} is not running")));
+        }
+        match &endpoint {
+            Some(ep) => tokio::time::timeout(Duration::from_secs(10), transport::connect_raw(ep))
+                .await
+                .map_err(|_| Error::Conflict(format!("the agent of sandbox {id} does not answer")))?
+                .map_err(|e| {
+                    Error::Conflict(format!("the agent of sandbox {id} is not reachable: {e}"))
+                }),
+            None => {
+                let last = lock(&self.last_caps).clone();
+                let caps = match last {
+                    Some(c) => c,
+                    None => self.caps().await?,
+                };
+                if !caps.exec {
+                    return Err(Error::Conflict(format!(
+                        "plugin {} names no agent for sandbox {id}",
+                        self.host.name()
+                    )));
+                }
+                let t = self.host.timing();
+                Ok(Box::new(bridge::open(bridge::Target {
+                    host: Arc::downgrade(&self.host),
+                    provider: self.full_name.clone(),
+                    sandbox_id: id.to_string(),
+                    files: caps.files,
+                    exec_grace: t.exec_grace,
+                    files_timeout: t.files,
+                })))
+            }
+        }
+    }
+
     async fn set_paused(&self, id: &SandboxId, paused: bool) -> Result<()> {
         let op = if paused { "pause" } else { "resume" };
         let caps = self.caps().await?;
@@ -830,6 +889,10 @@ impl Provider for PluginProvider {
 
     async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>> {
         self.inner.agent(id).await
+    }
+
+    async fn agent_stream(&self, id: &SandboxId) -> Result<crate::AgentStream> {
+        self.inner.agent_stream(id).await
     }
 
     async fn image_removed(&self, image: &ImageInfo) -> Result<()> {

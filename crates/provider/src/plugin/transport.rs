@@ -51,6 +51,13 @@ pub fn check(ep: &AgentEndpoint) -> std::result::Result<(), String> {
 
 /// Connects to the agent at `ep` and negotiates the agent protocol.
 pub async fn connect(ep: &AgentEndpoint) -> Result<AgentClient> {
+    let (r, w) = tokio::io::split(connect_raw(ep).await?);
+    AgentClient::over(r, w).await
+}
+
+/// Connects to the agent at `ep` with the same checks as [`connect`] and
+/// hands back the raw connection (see `Provider::agent_stream`).
+pub async fn connect_raw(ep: &AgentEndpoint) -> Result<crate::AgentStream> {
     check(ep).map_err(|e| unreachable(ep, e))?;
     match ep {
         AgentEndpoint::Unix {
@@ -64,7 +71,9 @@ pub async fn connect(ep: &AgentEndpoint) -> Result<AgentClient> {
                 pid: *peer_pid,
                 ancestor: *peer_ancestor,
             };
-            AgentClient::connect_unix_checked(path, &check).await
+            Ok(Box::new(
+                crate::agent_client::connect_unix_raw(path, &check).await?,
+            ))
         }
         AgentEndpoint::Tcp { address } => {
             let addr: SocketAddr = address.parse().map_err(|e| unreachable(ep, e))?;
@@ -72,15 +81,13 @@ pub async fn connect(ep: &AgentEndpoint) -> Result<AgentClient> {
                 .await
                 .map_err(|e| unreachable(ep, e))?;
             stream.set_nodelay(true).map_err(|e| unreachable(ep, e))?;
-            let (r, w) = stream.into_split();
-            AgentClient::over(r, w).await
+            Ok(Box::new(stream))
         }
         AgentEndpoint::VsockUds { path, port } => {
             let stream = connect_hybrid(path, *port)
                 .await
                 .map_err(|e| unreachable(ep, e))?;
-            let (r, w) = stream.into_split();
-            AgentClient::over(r, w).await
+            Ok(Box::new(stream))
         }
     }
 }

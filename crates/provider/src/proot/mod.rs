@@ -876,6 +876,37 @@ impl Provider for ProotProvider {
         }
     }
 
+    async fn agent_stream(&self, id: &SandboxId) -> Result<crate::AgentStream> {
+        let dir = self.sandbox_dir(id);
+        let Some(meta) = state::read_meta(&dir) else {
+            return Err(Error::NotFound(format!("sandbox {id} does not exist")));
+        };
+        if meta.cgroups.is_frozen() {
+            return Err(Error::Conflict(format!("sandbox {id} is paused")));
+        }
+        if !self.is_running(&dir) {
+            return Err(Error::Conflict(format!("sandbox {id} is not running")));
+        }
+        let Some(uid) = meta.uid else {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} was made by an older StacyVM without a user of its own; destroy it"
+            )));
+        };
+        let check = PeerCheck {
+            uid: Some(uid),
+            ..PeerCheck::default()
+        };
+        let socket = meta.socket_dir().join(SOCKET_NAME);
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::agent_client::connect_unix_raw(&socket, &check),
+        )
+        .await
+        .map_err(|_| Error::Conflict(format!("the agent of sandbox {id} does not answer")))?
+        .map_err(|e| Error::Conflict(format!("the agent of sandbox {id} is not reachable: {e}")))?;
+        Ok(Box::new(stream))
+    }
+
     async fn pause(&self, id: &SandboxId) -> Result<()> {
         self.set_frozen(id, true).await
     }

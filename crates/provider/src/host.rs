@@ -1,0 +1,142 @@
+//! Host setup shared by `stacyvm serve` and `stacyvm worker`: the data dir,
+//! the identifiers persisted in it, and the providers named on the command
+//! line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::docker::{DockerConfig, DockerProvider};
+use crate::images::ImageCatalog;
+use crate::namespaces::{NamespacesConfig, NamespacesProvider};
+use crate::plugin::{self, PluginConfig, PluginProvider, PluginTiming};
+use crate::proot::{ProotConfig, ProotProvider};
+use crate::{DynProvider, Error, Result};
+
+/// What the providers of a host are built with besides their names.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    pub data_dir: PathBuf,
+    /// Docker sandboxes with egress may reach this host's own addresses.
+    pub egress_host_access: bool,
+    /// Plugin executables by name (`--plugin NAME=PATH`); a `plugin:NAME`
+    /// provider not named here runs `DATA_DIR/plugins/NAME`.
+    pub plugins: BTreeMap<String, PathBuf>,
+}
+
+/// A short identifier persisted in the data dir: it names this host's
+/// runtimes (Docker labels) and its worker, across restarts.
+pub fn persistent_id(dir: &Path, file: &str, make: impl FnOnce() -> String) -> Result<String> {
+    let path = dir.join(file);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if !s.is_empty() {
+            return Ok(s.to_owned());
+        }
+    }
+    let id = make();
+    std::fs::write(&path, format!("{id}\n"))
+        .map_err(|e| Error::internal(format!("writing {}", path.display()), e))?;
+    Ok(id)
+}
+
+/// Creates the data dir readable by the server alone (it holds the
+/// database with every sandbox's env, `admin.key` and the images), and
+/// narrows an existing one that others could read.
+pub fn prepare_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::internal(format!("creating the data dir {}", dir.display()), e))?;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Error::internal(format!("reading the data dir {}", dir.display()), e))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me || mode & 0o1000 != 0 {
+        return Err(Error::InvalidRequest(format!(
+            "the data dir {} is shared (mode {mode:o}, owner {}): give StacyVM a directory of \
+             its own (--data-dir)",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), "narrowing the data dir to mode 0700");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::internal(format!("narrowing the data dir {}", dir.display()), e))
+}
+
+/// The providers named in `names`, in that order, on this host.
+pub fn build_providers(
+    names: &[String],
+    options: &HostOptions,
+    catalog: &Arc<ImageCatalog>,
+    instance: &str,
+) -> Result<Vec<DynProvider>> {
+    let mut out: Vec<DynProvider> = Vec::new();
+    if names.is_empty() {
+        return Ok(out);
+    }
+    let agent_bin = crate::agent_binary_path()?;
+    for name in options.plugins.keys() {
+        let enabled = format!("{}{name}", plugin::PREFIX);
+        if !names.contains(&enabled) {
+            tracing::warn!(plugin = %name, "a plugin is registered but not enabled: add {enabled} to --providers to use it");
+        }
+    }
+    for name in names {
+        if let Some(plugin_name) = plugin::plugin_name(name) {
+            let executable = plugin::locate(
+                &options.data_dir,
+                plugin_name,
+                options.plugins.get(plugin_name).map(|p| p.as_path()),
+            )?;
+            out.push(Arc::new(PluginProvider::new(PluginConfig {
+                name: plugin_name.to_owned(),
+                executable,
+                args: Vec::new(),
+                env: Vec::new(),
+                data_dir: options.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+                timing: PluginTiming::default(),
+            })?));
+            continue;
+        }
+        match name.as_str() {
+            "docker" => out.push(Arc::new(DockerProvider::new(DockerConfig {
+                data_dir: options.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+                pids_limit: 512,
+                egress_host_access: options.egress_host_access,
+            })?)),
+            "namespaces" => out.push(Arc::new(NamespacesProvider::new(NamespacesConfig {
+                data_dir: options.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+            })?)),
+            "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
+                data_dir: options.data_dir.clone(),
+                agent_bin: agent_bin.clone(),
+                catalog: catalog.clone(),
+                instance: instance.to_owned(),
+            })?)),
+            other => {
+                return Err(Error::InvalidRequest(format!(
+                    "unknown provider {other:?}; available: docker, namespaces, proot, \
+                     plugin:NAME"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
