@@ -27,7 +27,8 @@ pub struct ServerConfig {
     pub local_worker: bool,
     /// The CA (PEM file) that signed remote workers' TLS certificates
     /// (`--worker-ca`); workers registered with `https://` addresses are
-    /// reached with it. `None`: the system's roots.
+    /// reached with it. `None`: such workers cannot be reached (there is no
+    /// trust in system roots for the worker RPC).
     pub worker_ca: Option<PathBuf>,
     pub limits: Limits,
     /// The bootstrap admin key (`STACYVM_ADMIN_KEY`); generated into

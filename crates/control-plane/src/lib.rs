@@ -5,6 +5,7 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod metered;
 pub mod scheduler;
 pub mod server;
 

@@ -91,14 +91,15 @@ fn remote_workers(config: &ServerConfig, catalog: &Arc<ImageCatalog>) -> Result<
                 )))
             }
         };
-        Ok(Arc::new(RemoteWorker::new(RemoteWorkerConfig {
+        let remote: DynWorker = Arc::new(RemoteWorker::new(RemoteWorkerConfig {
             id: rec.id.clone(),
             address: rec.address.clone(),
             secret,
             providers: rec.providers.clone(),
             tls,
             catalog: catalog.clone(),
-        })?))
+        })?);
+        Ok(Arc::new(crate::metered::Metered::new(remote)))
     }))
 }
 

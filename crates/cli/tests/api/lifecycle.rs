@@ -343,11 +343,21 @@ async fn health_metrics_openapi_status_workers_and_drain() -> Result<()> {
         )
         .await?
         .err(404, "not_found")?;
-    let drained = admin
-        .post(&format!("/v1/workers/{wid}/drain"), json!({}))
-        .await?
-        .ok(200)?;
-    ensure!(drained["state"] == "draining", "{drained}");
+    // Every worker (one in-process; or the remote workers of the
+    // `workers` test topology).
+    let all: Vec<String> = listed["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["id"].as_str().map(str::to_owned))
+        .collect();
+    for w in &all {
+        let drained = admin
+            .post(&format!("/v1/workers/{w}/drain"), json!({}))
+            .await?
+            .ok(200)?;
+        ensure!(drained["state"] == "draining", "{drained}");
+    }
     let r = member
         .post(
             "/v1/sandboxes",
@@ -362,7 +372,7 @@ async fn health_metrics_openapi_status_workers_and_drain() -> Result<()> {
     member.sh(&id, "true").await?;
     let drain_audit = admin.audit("action=worker.drain&outcome=ok").await?;
     ensure!(
-        drain_audit.len() == 1 && drain_audit[0]["target"] == wid.as_str(),
+        drain_audit.len() == all.len() && drain_audit.iter().any(|e| e["target"] == wid.as_str()),
         "{drain_audit:?}"
     );
     member.destroy(&id).await?;

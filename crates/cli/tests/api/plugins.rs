@@ -80,7 +80,7 @@ async fn the_core_path_on_the_reference_plugin() -> Result<()> {
             docker_containers_of(rid)?.is_empty(),
             "{rid} left a container"
         );
-        let run_dir = server.data_dir().join("plugin-state/ref/run").join(rid);
+        let run_dir = server.host_path(&format!("plugin-state/ref/run/{rid}"));
         ensure!(!run_dir.exists(), "{} is gone", run_dir.display());
     }
     let sb = member
@@ -160,12 +160,13 @@ async fn the_core_path_on_the_reference_plugin() -> Result<()> {
         docker_containers_of(&id)?.is_empty(),
         "destroy removes the container"
     );
-    let run_dir = server.data_dir().join("plugin-state/ref/run").join(&id);
+    let run_dir = server.host_path(&format!("plugin-state/ref/run/{id}"));
     ensure!(!run_dir.exists(), "{} is gone", run_dir.display());
     ensure!(get_sandbox(&member, &id).await?["state"] == "destroyed");
 
-    // What the plugin printed is in the server's log, under its name.
-    let log = server.log_all();
+    // What the plugin printed is in the log of the process that runs it,
+    // under its name.
+    let log = server.host_log_all();
     ensure!(
         log.lines()
             .any(|l| l.contains("docker-cli[ref]: ready") && l.contains("plugin=ref")),
@@ -384,8 +385,7 @@ async fn down_and_back(
 
     // One of them goes away while the plugin is down; once it is back, its
     // row is settled and the other is adopted.
-    let boxes = server.data_dir().join("plugin-state/flaky/boxes");
-    std::fs::remove_dir_all(boxes.join(vanishing))?;
+    std::fs::remove_dir_all(server.host_path(&format!("plugin-state/flaky/boxes/{vanishing}")))?;
     std::fs::remove_file(hold)?;
     let gone = eventually(
         Duration::from_secs(90),

@@ -252,6 +252,32 @@ impl Server {
         &self.data_path
     }
 
+    /// The data dirs of every host process: the server's, then its remote
+    /// workers'.
+    pub fn host_data_dirs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.data_path.clone())
+            .chain(self.workers.iter().map(|w| w.data_dir().to_path_buf()))
+            .collect()
+    }
+
+    /// `rel` under whichever host data dir has it (the server's when none
+    /// does).
+    pub fn host_path(&self, rel: &str) -> PathBuf {
+        self.host_data_dirs()
+            .into_iter()
+            .map(|d| d.join(rel))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| self.data_path.join(rel))
+    }
+
+    /// Everything the server and its remote workers printed so far.
+    pub fn host_log_all(&self) -> String {
+        std::iter::once(self.log_all())
+            .chain(self.workers.iter().map(|w| w.log_all()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Options for another control plane on this one's store and admin
     /// key (a replica), with its own data dir.
     pub fn replica_options(&self) -> Result<ServerOptions> {

@@ -177,6 +177,16 @@ async fn placement_spreads_honours_labels_and_drain_and_every_call_reaches_the_w
         .ok(200)?;
     ensure!(logs["lines"].is_array(), "{logs}");
 
+    // The worker hop and the heartbeats are on /metrics.
+    let metrics = admin.get("/metrics").await?.text();
+    for name in [
+        "stacyvm_worker_rpc_duration_seconds",
+        "stacyvm_worker_heartbeat_age_seconds",
+        "stacyvm_worker_leases",
+    ] {
+        ensure!(metrics.contains(name), "/metrics lacks {name}");
+    }
+
     // Destroy removes the runtime on the worker, and is idempotent.
     for id in ids.iter().chain([&on_b]) {
         member.destroy(id).await?;
