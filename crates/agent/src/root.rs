@@ -169,6 +169,14 @@ pub fn io_error(path: &str, e: io::Error) -> Error {
             Error::Conflict(format!("{path}: no space left on the sandbox's filesystem"))
         }
         Some(libc::EROFS) => Error::Conflict(format!("{path}: read-only filesystem")),
+        // A mount point (the sandbox's /etc/hosts, /proc, …) or a file in use.
+        Some(libc::EBUSY) => Error::Conflict(format!(
+            "{path} is in use (a mount point, or held by a running program)"
+        )),
+        Some(libc::ETXTBSY) => Error::Conflict(format!("{path} is a program that is running")),
+        Some(libc::EXDEV) => Error::Conflict(format!(
+            "{path}: cannot move across filesystems of the sandbox"
+        )),
         _ => Error::Internal(format!("{path}: {e}")),
     }
 }

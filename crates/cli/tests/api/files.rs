@@ -322,3 +322,24 @@ async fn upload_download_and_file_operations() -> Result<()> {
     ensure!(s(&st, "path")? == "/etc/hostname", "{st}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_mount_point_is_a_conflict_not_a_server_error() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let id = member.sandbox("docker").await?;
+    // Docker bind-mounts the sandbox's /etc/hosts: removing it is EBUSY.
+    let e = member
+        .delete(&format!("/v1/sandboxes/{id}/files?path=/etc/hosts"))
+        .await?
+        .err(409, "conflict")?;
+    ensure!(e.message.contains("/etc/hosts"), "{}", e.message);
+    ensure!(member
+        .sh(&id, "cat /etc/hosts")
+        .await?
+        .contains("localhost"));
+    member.destroy(&id).await?;
+    Ok(())
+}
