@@ -46,4 +46,5 @@ cargo nextest run --workspace --no-fail-fast
 log "API suite against a control plane with two remote workers"
 # The same tests, with every server they start served by two
 # `stacyvm worker` processes instead of its in-process worker.
-STACYVM_TEST_TOPOLOGY=workers cargo nextest run -p stacyvm --test api --no-fail-fast
+# (`--workspace` with a filter, so the test binaries built above are reused.)
+STACYVM_TEST_TOPOLOGY=workers cargo nextest run --workspace --no-fail-fast -E 'binary_id(stacyvm::api)'
