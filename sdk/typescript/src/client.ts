@@ -133,11 +133,9 @@ export class Client {
    */
   async importImage(name: string, tar: Upload | { localPath: string }, options: CallOptions = {}): Promise<Image> {
     const body = typeof tar === "object" && tar !== null && "localPath" in tar ? new LocalFile(tar.localPath) : tar;
-    // The same name and tar import to the same image, so a retry is harmless.
     const r = await this.t.send("image_import", {
       query: { name },
       body,
-      idempotent: true,
       deadline: "none",
       signal: options.signal,
     });
