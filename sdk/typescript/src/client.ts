@@ -137,6 +137,7 @@ export class Client {
       query: { name },
       body,
       deadline: "none",
+      transfer: true,
       signal: options.signal,
     });
     return (await r.json()) as Image;

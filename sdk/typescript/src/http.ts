@@ -3,6 +3,7 @@
 import { operations, type OperationId, type Operations } from "./generated/api.js";
 import { StacyVMError, TimeoutError, TransportError, errorFromResponse } from "./errors.js";
 import { type Body, type LocalFile, type Upload, isReplayable, toRequestBody } from "./body.js";
+import { transferFetch } from "./transfer.js";
 
 export const DEFAULT_URL = "http://127.0.0.1:7070";
 /** How long a plain call may take, in milliseconds. */
@@ -82,6 +83,8 @@ export type Request<O extends OperationId> = PathArg<O> & {
   deadline?: Deadline;
   accept?: string;
   signal?: AbortSignal;
+  /** A transfer of any size: sent over `node:http`, streamed both ways with backpressure. */
+  transfer?: boolean;
 };
 
 interface Settings {
@@ -207,10 +210,14 @@ export class Transport {
     const signal = req.signal ? AbortSignal.any([req.signal, timer.signal]) : timer.signal;
     let response: Response;
     try {
-      const init: RequestInit & { duplex?: "half" } = { method: route.method, headers, body, signal };
-      // A streamed request body must say so to fetch.
-      if (body instanceof ReadableStream) init.duplex = "half";
-      response = await this.s.fetch(url, init);
+      if (req.transfer) {
+        response = await transferFetch(url, { method: route.method, headers, body, signal });
+      } else {
+        const init: RequestInit & { duplex?: "half" } = { method: route.method, headers, body, signal };
+        // A streamed request body must say so to fetch.
+        if (body instanceof ReadableStream) init.duplex = "half";
+        response = await this.s.fetch(url, init);
+      }
     } catch (e) {
       if (handle) clearTimeout(handle);
       throw failure(op, e, req.signal, timer.signal);
@@ -259,8 +266,9 @@ function failure(op: string, e: unknown, caller: AbortSignal | undefined, timer:
   if (caller?.aborted) return caller.reason;
   if (timer.aborted) return new TimeoutError("timeout", `${op}: no answer within the client's timeout`, { cause: e });
   if (e instanceof StacyVMError) return e;
-  const cause = (e as { cause?: { code?: string; message?: string } })?.cause;
-  const why = cause?.code ?? cause?.message ?? (e instanceof Error ? e.message : String(e));
+  // fetch puts the system error in `cause`; node:http throws it as is.
+  const err = e as { code?: string; cause?: { code?: string; message?: string } };
+  const why = err?.cause?.code ?? err?.code ?? err?.cause?.message ?? (e instanceof Error ? e.message : String(e));
   return new TransportError("transport", `${op}: the server could not be reached or the connection broke (${why})`, {
     cause: e,
   });

@@ -249,6 +249,7 @@ export class Files {
       query: { path, mode: o.mode === undefined ? undefined : modeString(o.mode) },
       body: data,
       deadline: "none",
+      transfer: true,
       signal: o.signal,
     });
     return (await r.json()) as FileEntry;
@@ -268,6 +269,7 @@ export class Files {
       query: { path },
       body,
       deadline: "none",
+      transfer: true,
       signal: options.signal,
     });
     return (await r.json()) as ArchiveSummary;
@@ -280,6 +282,7 @@ export class Files {
       query: { path },
       accept: "application/octet-stream",
       deadline: "headers",
+      transfer: true,
       signal: options.signal,
     });
     return r.body ?? new ReadableStream<Uint8Array>({ start: (c) => c.close() });
