@@ -246,18 +246,16 @@ export interface Operations {
 }
 
 function diff(a, b) {
-  // A plain line diff: enough to show what went stale.
+  // The changed middle, between the lines both share at the start and the end.
   const x = a.split("\n");
   const y = b.split("\n");
-  const lines = [];
-  const n = Math.max(x.length, y.length);
-  for (let i = 0; i < n && lines.length < 60; i++) {
-    if (x[i] !== y[i]) {
-      if (x[i] !== undefined) lines.push(`-${i + 1}: ${x[i]}`);
-      if (y[i] !== undefined) lines.push(`+${i + 1}: ${y[i]}`);
-    }
-  }
-  return lines.join("\n");
+  let head = 0;
+  while (head < x.length && head < y.length && x[head] === y[head]) head++;
+  let tail = 0;
+  while (tail < x.length - head && tail < y.length - head && x[x.length - 1 - tail] === y[y.length - 1 - tail]) tail++;
+  const removed = x.slice(head, x.length - tail).map((l) => `-${l}`);
+  const added = y.slice(head, y.length - tail).map((l) => `+${l}`);
+  return [`@@ line ${head + 1} @@`, ...removed, ...added].slice(0, 200).join("\n");
 }
 
 function main() {
