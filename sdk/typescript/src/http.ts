@@ -45,7 +45,7 @@ export interface ClientOptions {
   retry?: RetryOptions | false;
   /** Extra headers sent with every call. */
   headers?: Record<string, string>;
-  /** The fetch to use (default the platform's). */
+  /** The fetch plain calls use (default the platform's); streamed transfers go over `node:http`. */
   fetch?: typeof fetch;
 }
 
