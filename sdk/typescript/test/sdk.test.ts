@@ -24,7 +24,7 @@ import {
   UnauthenticatedError,
   type ExecEvent,
 } from "../src/index.js";
-import { IMAGE, type Server, isError, startServer } from "./server.js";
+import { IMAGE, type Server, isError, startServer, testImageTar } from "./server.js";
 import { startProxy } from "./proxy.js";
 
 const MIB = 1024 * 1024;
@@ -83,6 +83,54 @@ describe("sandboxes", () => {
     await sb.destroy();
     await sb.destroy(); // idempotent
     assert.equal((await sb.refresh()).state, "destroyed");
+  });
+
+  test("pause, resume, followLogs, pages and the environment's defaults", async () => {
+    const tag = randomUUID();
+    const sb = await admin.sandbox({ image: IMAGE, labels: { tag } });
+    try {
+      assert.equal((await sb.pause()).state, "paused");
+      assert.equal((await sb.resume()).state, "running");
+      await using second = await admin.sandbox({ image: IMAGE, labels: { tag } });
+      const first = await admin.listSandboxes({ labels: { tag }, limit: 1 });
+      assert.equal(first.items.length, 1);
+      assert.notEqual(first.nextCursor, null);
+      const all: string[] = [];
+      for await (const s of admin.sandboxes({ labels: { tag }, limit: 1 })) all.push(s.id);
+      assert.deepEqual(all.sort(), [sb.id, second.id].sort());
+
+      const saved = { url: process.env.STACYVM_URL, key: process.env.STACYVM_API_KEY };
+      process.env.STACYVM_URL = server.url;
+      process.env.STACYVM_API_KEY = server.adminKey;
+      try {
+        const fromEnv = new Client();
+        assert.equal(fromEnv.url, server.url);
+        assert.equal((await fromEnv.getSandbox(sb.id)).id, sb.id);
+      } finally {
+        for (const [name, value] of [["STACYVM_URL", saved.url], ["STACYVM_API_KEY", saved.key]] as const) {
+          if (value === undefined) delete process.env[name];
+          else process.env[name] = value;
+        }
+      }
+
+      const follow = await sb.followLogs();
+      const lines: string[] = [];
+      for await (const line of follow) {
+        lines.push(line.source);
+        if (lines.length === 1) await sb.destroy();
+      }
+      assert.equal(lines[0], "lifecycle");
+    } finally {
+      await sb.destroy();
+    }
+  });
+
+  test("an aborted call rejects with the signal's reason", async () => {
+    await using sb = await admin.sandbox({ image: IMAGE });
+    const ctl = new AbortController();
+    const running = sb.exec(["sleep", "30"], { signal: ctl.signal });
+    setTimeout(() => ctl.abort(new Error("given up")), 200);
+    await assert.rejects(running, /given up/);
   });
 
   test("an idempotency key returns the first sandbox", async () => {
@@ -352,6 +400,20 @@ describe("tenants and keys", () => {
     const q = await admin.setQuota(t.id, { max_sandboxes: 3, max_cpu: 2 });
     assert.equal(q.max_sandboxes, 3);
     assert.equal((await admin.getQuota(t.id)).max_cpu, 2);
+    const img = `ts-img-${randomUUID().slice(0, 8)}`;
+    assert.equal((await admin.importImage(img, { localPath: testImageTar() })).name, img);
+    await admin.deleteImage(img);
+    await assert.rejects(admin.getImage(img), isError(NotFoundError, 404));
+    assert.equal((await admin.drainWorker(w.id)).state, "draining");
+    try {
+      await assert.rejects(admin.sandbox({ image: IMAGE }), (e: unknown) => {
+        assert.ok(e instanceof NoCapacityError || e instanceof ProviderUnavailableError, String(e));
+        assert.equal(e.status, 503);
+        return true;
+      });
+    } finally {
+      assert.equal((await admin.undrainWorker(w.id)).state, "ready");
+    }
     const tok = await admin.createWorkerToken(`ts-${randomUUID().slice(0, 8)}`);
     assert.ok(tok.token?.startsWith("svmw_"));
     assert.ok((await admin.listWorkerTokens()).some((x) => x.id === tok.id && !x.token));
