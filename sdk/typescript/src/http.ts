@@ -257,7 +257,8 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 }
 
 function transient(e: StacyVMError): boolean {
-  if (e instanceof TransportError || e.code === "timeout" && e.status === null) return true;
+  // A client-side timeout has no status; a 504 from the server is the server's answer.
+  if (e instanceof TransportError || (e.code === "timeout" && e.status === null)) return true;
   return e.status === 503 || (e.status === 429 && e.code === "rate_limited");
 }
 

@@ -31,7 +31,9 @@ export function transferFetch(url: string, init: TransferInit): Promise<Response
   const send = u.protocol === "https:" ? httpsRequest : httpRequest;
   return new Promise<Response>((resolve, reject) => {
     const req = send(u, { method: init.method, headers: init.headers, signal: init.signal });
-    req.once("error", reject);
+    // Kept for the request's whole life: a socket error after the answer
+    // arrived, or a failing upload source, must not be an unhandled event.
+    req.on("error", reject);
     req.once("response", (res) => {
       const status = res.statusCode ?? 502;
       const empty = status === 204 || status === 304 || init.method === "HEAD";
@@ -51,7 +53,7 @@ export function transferFetch(url: string, init: TransferInit): Promise<Response
         highWaterMark: 1,
         objectMode: false,
       });
-      readable.once("error", (e) => req.destroy(e));
+      readable.on("error", (e) => req.destroy(e));
       readable.pipe(req);
     }
   });
