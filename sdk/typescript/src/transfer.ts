@@ -54,6 +54,8 @@ export function transferFetch(url: string, init: TransferInit): Promise<Response
         objectMode: false,
       });
       readable.on("error", (e) => req.destroy(e));
+      // A request that ends early (refused, broken) releases its source (an open file, say).
+      req.on("close", () => readable.destroy());
       readable.pipe(req);
     }
   });

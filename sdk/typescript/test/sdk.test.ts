@@ -311,6 +311,11 @@ describe("errors", () => {
         return true;
       });
       await assert.rejects(sb.exec(["sh", "-c", "true"], { timeout_s: -1 }), isError(InvalidRequestError, 400));
+      // A refused streamed upload ends the call rather than waiting for the rest of the body.
+      async function* big(): AsyncGenerator<Uint8Array> {
+        for (let i = 0; i < 64; i++) yield new Uint8Array(MIB);
+      }
+      await assert.rejects(sb.files.write("relative.bin", big()), isError(InvalidRequestError, 400));
     } finally {
       await sb.destroy();
     }
