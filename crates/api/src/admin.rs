@@ -122,6 +122,17 @@ impl Role {
     }
 }
 
+/// Answer of `GET /v1/whoami`: the key the call was made with, so a client
+/// (the web console) can show only what that key may do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WhoAmI {
+    pub key_id: String,
+    pub tenant_id: String,
+    /// `admin`, `owner`, `member` or `viewer`.
+    pub role: String,
+}
+
 /// Body of `POST /v1/keys`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -25,6 +25,11 @@ pub struct ImportQuery {
     pub name: Option<String>,
 }
 
+/// Import an image.
+///
+/// Adds a root filesystem, sent as a tar stream, to the server's image catalog under `name`; sandboxes
+/// then start from it by that name. Admin only. The body is streamed and checked, and limited by the
+/// upload size limit.
 #[utoipa::path(post, path = "/v1/images", tag = "images", params(ImportQuery),
     request_body(content = RawBytes, content_type = "application/x-tar"),
     responses((status = 201, body = api::Image), (status = 400, body = super::error::ErrorBody)))]
@@ -64,6 +69,9 @@ pub async fn image_import(
     ))
 }
 
+/// List images.
+///
+/// Every image of the server's catalog with its size and digest.
 #[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = api::ImageList)))]
 pub async fn image_list(
     State(s): State<AppState>,
@@ -75,6 +83,9 @@ pub async fn image_list(
     }))
 }
 
+/// Get an image.
+///
+/// One catalog image by name; `404` if the catalog has none by that name.
 #[utoipa::path(get, path = "/v1/images/{name}", tag = "images", responses((status = 200, body = api::Image)))]
 pub async fn image_get(
     State(s): State<AppState>,
@@ -84,6 +95,10 @@ pub async fn image_get(
     Ok(Json(views::image(&s.app.image_get(&name).await?)))
 }
 
+/// Delete an image.
+///
+/// Removes the image from the catalog (admin only); sandboxes already running from it keep their
+/// files.
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", responses((status = 204)))]
 pub async fn image_delete(
     State(s): State<AppState>,
@@ -94,6 +109,9 @@ pub async fn image_delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Create a tenant.
+///
+/// A new tenant with an unlimited quota, to which keys and sandboxes then belong. Admin only.
 #[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = api::CreateTenant,
     responses((status = 201, body = api::Tenant)))]
 pub async fn tenant_create(
@@ -119,6 +137,9 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+/// List tenants.
+///
+/// Every tenant with its quota for an admin key; any other key sees its own tenant only.
 #[utoipa::path(get, path = "/v1/tenants", tag = "tenants", params(PageQuery),
     responses((status = 200, body = api::TenantList)))]
 pub async fn tenant_list(
@@ -137,6 +158,10 @@ pub async fn tenant_list(
     }))
 }
 
+/// Get a tenant's quota.
+///
+/// The limits in force for the tenant (`null` is unlimited). A key sees its own tenant's; an admin,
+/// any tenant's.
 #[utoipa::path(get, path = "/v1/tenants/{id}/quota", tag = "tenants", responses((status = 200, body = api::Quota)))]
 pub async fn quota_get(
     State(s): State<AppState>,
@@ -146,6 +171,11 @@ pub async fn quota_get(
     Ok(Json(views::quota(&s.app.quota_get(&who, &id).await?)))
 }
 
+/// Set a tenant's quota.
+///
+/// Replaces the tenant's limits (`null` is unlimited) and answers the quota in force. Admin only.
+/// Live sandboxes count (not destroyed, failed or lost); a lower limit refuses new sandboxes and
+/// leaves running ones alone.
 #[utoipa::path(put, path = "/v1/tenants/{id}/quota", tag = "tenants", request_body = api::Quota,
     responses((status = 200, body = api::Quota)))]
 pub async fn quota_set(
@@ -161,6 +191,11 @@ pub async fn quota_set(
     Ok(note(Json(view).into_response(), Some(id), detail))
 }
 
+/// Create an API key.
+///
+/// Mints a key with a role on a tenant. The secret (`svm_…`) is in this answer only and stored as a
+/// hash. Admins mint keys for any tenant (`admin` keys only on the operator's own tenant); owners,
+/// for their own tenant.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = api::CreateKey,
     responses((status = 201, body = api::ApiKey)))]
 pub async fn key_create(
@@ -181,6 +216,10 @@ pub async fn key_create(
     ))
 }
 
+/// List API keys.
+///
+/// The keys of the caller's tenant (an admin's: every tenant's), with role, name and revocation
+/// time; never the secret.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys", params(PageQuery), responses((status = 200, body = api::KeyList)))]
 pub async fn key_list(
     State(s): State<AppState>,
@@ -194,6 +233,10 @@ pub async fn key_list(
     }))
 }
 
+/// Revoke an API key.
+///
+/// From now on calls with the key are refused with `401`. Admins revoke any key; owners, their own
+/// tenant's.
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", responses((status = 204)))]
 pub async fn key_revoke(
     State(s): State<AppState>,
@@ -219,6 +262,11 @@ pub struct AuditQueryParams {
     pub cursor: Option<String>,
 }
 
+/// Read the audit log.
+///
+/// Every mutating call and every refused call, newest first, filtered by `sandbox_id`, `action`,
+/// `outcome` and `since`. Admins see every tenant's events (and refusals made with no valid key);
+/// other keys see their own tenant's. Events are append-only.
 #[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQueryParams),
     responses((status = 200, body = api::AuditList)))]
 pub async fn audit_list(
@@ -237,6 +285,10 @@ pub async fn audit_list(
     Ok(Json(s.app.audit_query(&who, f).await?))
 }
 
+/// The deployment's status.
+///
+/// Version, mode (`single-node` or `multi-worker`), uptime, the store's health, each provider's health
+/// and certification, workers, and sandbox counts by state.
 #[utoipa::path(get, path = "/v1/status", tag = "status",
     responses((status = 200, description = "version, mode, uptime, store, providers, workers, sandboxes by state, pools. \
         Admin keys see the whole deployment; any other key sees its own tenant's sandbox counts and \
@@ -246,6 +298,24 @@ pub async fn status(State(s): State<AppState>, Auth(who): Auth) -> ApiResult<Res
     Ok(Json(st).into_response())
 }
 
+/// The calling key: its id, tenant and role.
+///
+/// Lets a client show only what its key may do (the web console hides what a
+/// `viewer` cannot do, and the tenant and key pages from keys that are not
+/// `admin` or `owner`). Any valid key may call it; it changes nothing.
+#[utoipa::path(get, path = "/v1/whoami", tag = "keys",
+    responses((status = 200, body = api::WhoAmI)))]
+pub async fn whoami(Auth(who): Auth) -> Json<api::WhoAmI> {
+    Json(api::WhoAmI {
+        key_id: who.key_id.to_string(),
+        tenant_id: who.tenant_id.to_string(),
+        role: who.role.as_str().to_owned(),
+    })
+}
+
+/// Liveness.
+///
+/// `200` while the process serves. Needs no key.
 #[utoipa::path(get, path = "/healthz", tag = "status", security(()), responses((status = 200, body = api::Health)))]
 pub async fn healthz() -> Json<api::Health> {
     Json(api::Health {
@@ -253,6 +323,10 @@ pub async fn healthz() -> Json<api::Health> {
     })
 }
 
+/// Readiness.
+///
+/// `200` when the store and at least one provider are usable, else `503` with the reason. Needs no
+/// key.
 #[utoipa::path(get, path = "/readyz", tag = "status", security(()),
     responses((status = 200, body = api::Health), (status = 503, body = super::error::ErrorBody)))]
 pub async fn readyz(State(s): State<AppState>) -> Response {
@@ -267,8 +341,11 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus metrics.
+///
+/// Requests, latencies, sandboxes and pools in the Prometheus text format. Needs an admin key, unless
+/// the server runs with `--metrics-public`.
 #[utoipa::path(get, path = "/metrics", tag = "status",
-    description = "Prometheus text. Needs an admin key, unless the server runs with `--metrics-public`.",
     responses((status = 200, content_type = "text/plain", body = String),
         (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody)))]
 pub async fn metrics(State(s): State<AppState>) -> Response {

@@ -58,6 +58,11 @@ fn file_note(resp: Response, id: &str, path: &str) -> Response {
     note(resp, Some(id.to_owned()), serde_json::json!({"path": path}))
 }
 
+/// Write a file.
+///
+/// Creates or replaces the file at `path` with the raw request body, making missing parent
+/// directories, with `mode` (default `0644`). The body is streamed to the sandbox, never held whole
+/// in memory, and is limited by the upload size limit (`413` past it). Answers the new entry.
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
     request_body(content = RawBytes, content_type = "application/octet-stream"),
     responses((status = 201, body = api::FileEntry), (status = 413, body = super::error::ErrorBody)))]
@@ -125,6 +130,8 @@ pub struct ArchiveQuery {
     pub path: Option<String>,
 }
 
+/// Upload a tar archive and unpack it.
+///
 /// Unpacks a tar archive into a directory of the sandbox, in one request:
 /// the way to upload a whole tree. Regular files, directories, symlinks
 /// and hard links, each with its mode; nothing lands outside the
@@ -172,6 +179,10 @@ pub async fn file_archive_put(
     ))
 }
 
+/// Download a file.
+///
+/// The file's raw bytes as `application/octet-stream`, streamed. A missing file is `404`; a directory
+/// is `400` (list it instead).
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
     responses((status = 200, content_type = "application/octet-stream", body = RawBytes),
         (status = 404, body = super::error::ErrorBody), (status = 400, body = super::error::ErrorBody)))]
@@ -190,6 +201,10 @@ pub async fn file_read(
         .into_response())
 }
 
+/// Describe a path.
+///
+/// The entry at `path`: type, size, mode, modification time, and a symlink's target (symlinks are not
+/// followed).
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(PathQuery),
     responses((status = 200, body = api::FileEntry)))]
 pub async fn file_stat(
@@ -204,6 +219,9 @@ pub async fn file_stat(
     )))
 }
 
+/// List a directory.
+///
+/// The entries of the directory at `path`, sorted by path; with `recursive=true` everything under it.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", params(PathQuery),
     responses((status = 200, body = api::Entries)))]
 pub async fn file_list(
@@ -227,6 +245,9 @@ pub struct GlobQuery {
     pub pattern: Option<String>,
 }
 
+/// Find files by pattern.
+///
+/// The paths matching `pattern` (an absolute glob), sorted; `**` crosses directories.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/glob", tag = "files", params(GlobQuery),
     responses((status = 200, body = api::Paths)))]
 pub async fn file_glob(
@@ -245,6 +266,10 @@ pub async fn file_glob(
     }))
 }
 
+/// Move or rename a file.
+///
+/// Moves `from` to `to` inside the sandbox. If `to` exists and `overwrite` is not set the answer is
+/// `409 conflict`. Answers the moved entry.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/move", tag = "files", request_body = api::MoveFile,
     responses((status = 200, body = api::FileEntry), (status = 409, body = super::error::ErrorBody)))]
 pub async fn file_move(
@@ -264,6 +289,9 @@ pub async fn file_move(
     ))
 }
 
+/// Change a file's mode.
+///
+/// Sets the permission bits of `path` to `mode` (octal, e.g. `0755`); answers the entry.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/chmod", tag = "files", request_body = api::Chmod,
     responses((status = 200, body = api::FileEntry)))]
 pub async fn file_chmod(
@@ -281,6 +309,10 @@ pub async fn file_chmod(
     ))
 }
 
+/// Make a directory.
+///
+/// Creates the directory at `path`, and with `parents` (the default) every missing parent; answers the
+/// new entry.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", request_body = api::Mkdir,
     responses((status = 201, body = api::FileEntry)))]
 pub async fn file_mkdir(
@@ -297,6 +329,10 @@ pub async fn file_mkdir(
     ))
 }
 
+/// Delete a file or directory.
+///
+/// Removes `path`; a missing path is `404`, and a non-empty directory needs `recursive=true` (else
+/// `409 conflict`).
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
     responses((status = 204), (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
 pub async fn file_delete(

@@ -87,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys", post(key_create).get(key_list))
         .route("/v1/keys/{id}", axum::routing::delete(key_revoke))
         .route("/v1/audit", get(audit_list))
+        .route("/v1/whoami", get(whoami))
         .route("/v1/status", get(status))
         .route("/v1/workers", get(worker_list))
         .route("/v1/workers/{id}", get(worker_get))

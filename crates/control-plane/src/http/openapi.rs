@@ -9,6 +9,8 @@ use stacyvm_api as api;
 
 use super::{admin, files, sandboxes, workers};
 
+mod reference;
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -39,7 +41,7 @@ impl Modify for BearerAuth {
         files::file_move, files::file_chmod, files::file_mkdir, files::file_delete,
         admin::image_import, admin::image_list, admin::image_get, admin::image_delete,
         admin::tenant_create, admin::tenant_list, admin::quota_get, admin::quota_set,
-        admin::key_create, admin::key_list, admin::key_revoke, admin::audit_list,
+        admin::key_create, admin::key_list, admin::key_revoke, admin::whoami, admin::audit_list,
         admin::status, workers::worker_list, workers::worker_get, workers::worker_drain,
         workers::worker_undrain, workers::worker_token_create, workers::worker_token_list,
         workers::worker_token_revoke, workers::worker_register, workers::worker_heartbeat,
@@ -52,7 +54,7 @@ impl Modify for BearerAuth {
         api::ExecRequest, api::ExecResponse, api::ExitStatus, api::StreamChunk, api::StreamError,
         api::FileType, api::FileEntry, api::Entries, api::Paths, api::MoveFile, api::Chmod, api::Mkdir,
         api::ArchiveSummary, api::Image, api::ImageList, api::CreateTenant, api::Quota, api::Tenant,
-        api::TenantList, api::Role, api::CreateKey, api::ApiKey, api::KeyList, api::Actor,
+        api::TenantList, api::Role, api::CreateKey, api::ApiKey, api::KeyList, api::WhoAmI, api::Actor,
         api::AuditEvent, api::AuditList, api::Worker, api::WorkerList, api::WorkerProvider,
         api::WorkerCapacity, api::WorkerTokenCreate, api::WorkerToken, api::WorkerTokenList,
         api::WorkerRegister, api::WorkerRegistered, api::LeaseGrant, api::WorkerHeartbeat,
@@ -73,9 +75,13 @@ impl Modify for BearerAuth {
 )]
 pub struct ApiDoc;
 
-/// The document as served at `/openapi.json`.
+/// The document as served at `/openapi.json`: the handlers' annotations,
+/// with the errors every call can answer and an example of each body added
+/// (see `reference`).
 pub fn document() -> serde_json::Value {
-    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    reference::complete(&mut doc);
+    doc
 }
 
 pub async fn openapi_json() -> Response {

@@ -19,6 +19,15 @@ use crate::app::sandboxes::CreateSandbox;
 use crate::app::views;
 use stacyvm_api as api;
 
+/// Create a sandbox.
+///
+/// Starts a sandbox from `image` (a catalog image, or for Docker an image the daemon has) or from a
+/// `template`, and answers `201` once commands can run in it (state `running`). Everything but
+/// `image`/`template` has a server default: the first healthy provider, `network: none`,
+/// `timeout_s: 300`; at `expires_at` the sandbox is destroyed. A repeated create with the same
+/// `Idempotency-Key` header (same tenant) answers the first sandbox instead of making a second.
+/// Errors: `422 image_not_found`, `429 quota_exceeded`, `503 no_capacity` when no worker or
+/// provider can take it (the message says why).
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = api::CreateSandbox,
     params(("Idempotency-Key" = Option<String>, Header, description = "repeat-safe create")),
     responses((status = 201, body = api::Sandbox), (status = 400, body = super::error::ErrorBody),
@@ -97,6 +106,11 @@ pub struct ListQuery {
     pub cursor: Option<String>,
 }
 
+/// List sandboxes.
+///
+/// The caller's tenant's sandboxes (an admin key sees every tenant's), newest first, destroyed ones
+/// included. Filter with `state` and with `label=k=v` (repeat it to require several labels); page
+/// with `limit` and `cursor` (`next_cursor` is null on the last page).
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(ListQuery),
     responses((status = 200, body = api::SandboxList)))]
 pub async fn sandbox_list(
@@ -142,6 +156,10 @@ pub struct ListQueryLoose {
     pub cursor: Option<String>,
 }
 
+/// Get a sandbox.
+///
+/// Its state, resources, labels, times and, for a `failed` sandbox, the reason. Destroyed sandboxes
+/// stay readable. Another tenant's sandbox is `404`, never `403`.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     responses((status = 200, body = api::Sandbox), (status = 404, body = super::error::ErrorBody)))]
 pub async fn sandbox_get(
@@ -153,6 +171,10 @@ pub async fn sandbox_get(
     Ok(Json(views::sandbox(&rec)))
 }
 
+/// Destroy a sandbox.
+///
+/// Stops its runtime and frees its quota; the record stays readable as `destroyed`. Idempotent: a
+/// repeat answers `204` again. An unknown id is `404`.
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
     responses((status = 204), (status = 404, body = super::error::ErrorBody)))]
 pub async fn sandbox_destroy(
@@ -164,6 +186,10 @@ pub async fn sandbox_destroy(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Set a sandbox's lifetime.
+///
+/// Sets `expires_at` to now + `timeout_s`, longer or shorter than before, within the tenant's
+/// `max_timeout_s`. At `expires_at` the sandbox is destroyed automatically.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", request_body = api::SetTimeout,
     responses((status = 200, body = api::Sandbox)))]
 pub async fn sandbox_timeout(
@@ -176,6 +202,10 @@ pub async fn sandbox_timeout(
     Ok(Json(views::sandbox(&rec)))
 }
 
+/// Pause a sandbox.
+///
+/// Freezes every process of the sandbox (state `paused`); exec and files answer `409` until it is
+/// resumed. A provider that cannot pause answers `409 unsupported`.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
     responses((status = 200, body = api::Sandbox), (status = 409, body = super::error::ErrorBody)))]
 pub async fn sandbox_pause(
@@ -188,6 +218,10 @@ pub async fn sandbox_pause(
     )))
 }
 
+/// Resume a paused sandbox.
+///
+/// Thaws its processes; the sandbox is `running` again. `409 unsupported` where the provider cannot
+/// pause.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
     responses((status = 200, body = api::Sandbox), (status = 409, body = super::error::ErrorBody)))]
 pub async fn sandbox_resume(
@@ -208,6 +242,11 @@ pub struct LogsQuery {
     pub follow: bool,
 }
 
+/// Read a sandbox's logs.
+///
+/// Lifecycle events (created, started, destroyed), provider messages and the runtime's own output,
+/// oldest first. With `follow=true` the answer is a `text/event-stream` that keeps sending new lines
+/// until the sandbox ends or the client leaves.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(LogsQuery),
     responses((status = 200, body = api::Logs)))]
 pub async fn sandbox_logs(
@@ -345,6 +384,13 @@ fn exec_detail(sandbox: &SandboxId, cmd: &[String]) -> serde_json::Value {
     serde_json::json!({"sandbox": sandbox, "program": cmd.first()})
 }
 
+/// Run a command and wait for it.
+///
+/// `cmd` is an argv array, never joined into a shell string (use `["sh", "-c", "…"]` for a shell).
+/// Answers once the command ends, with its exit code, output and duration. A program that cannot
+/// start exits 127 (not found) or 126 (not executable) with the reason on stderr; past `timeout_s`
+/// (default 60) its process group is killed (`timed_out`, `signal` 9); output past the cap is cut
+/// and flagged `*_truncated`. A sandbox that is not running is `409 conflict`.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", request_body = api::ExecRequest,
     responses((status = 200, body = api::ExecResponse), (status = 409, body = super::error::ErrorBody),
         (status = 429, body = super::error::ErrorBody)))]
@@ -366,6 +412,13 @@ pub async fn sandbox_exec(
     ))
 }
 
+/// Run a command and stream its output.
+///
+/// The same body as exec; the answer is a `text/event-stream` sent while the command runs:
+/// `event: stdout` / `event: stderr` with `data: {"data": "<text>"}` (plus `data_b64` holding the
+/// exact bytes when a chunk is not UTF-8), then always last `event: exit` with
+/// `{"exit_code", "signal", "duration_ms", "timed_out"}`, or `event: error` with
+/// `{"code", "message"}` if the stream fails. A client that disconnects kills the command.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", request_body = api::ExecRequest,
     responses((status = 200, description = "text/event-stream of stdout, stderr, then exit (or error) events")))]
 pub async fn sandbox_exec_stream(

@@ -45,6 +45,10 @@ impl<S: Send + Sync> FromRequestParts<S> for WorkerCredential {
     }
 }
 
+/// List workers.
+///
+/// Every registered worker (multi-worker mode, and the in-process worker of single-node mode) with
+/// its state, providers, labels, capacity and last heartbeat. Admin only.
 #[utoipa::path(get, path = "/v1/workers", tag = "workers", responses((status = 200, body = api::WorkerList)))]
 pub async fn worker_list(
     State(s): State<AppState>,
@@ -53,6 +57,9 @@ pub async fn worker_list(
     Ok(Json(s.app.worker_list(&who).await?))
 }
 
+/// Get a worker.
+///
+/// One worker by id. Admin only.
 #[utoipa::path(get, path = "/v1/workers/{id}", tag = "workers", responses((status = 200, body = api::Worker)))]
 pub async fn worker_get(
     State(s): State<AppState>,
@@ -62,6 +69,9 @@ pub async fn worker_get(
     Ok(Json(s.app.worker_get(&who, &id).await?))
 }
 
+/// Drain a worker.
+///
+/// No new sandboxes are placed on the worker; those it runs are left alone. Admin only.
 #[utoipa::path(post, path = "/v1/workers/{id}/drain", tag = "workers", responses((status = 200, body = api::Worker)))]
 pub async fn worker_drain(
     State(s): State<AppState>,
@@ -71,6 +81,9 @@ pub async fn worker_drain(
     Ok(Json(s.app.worker_drain(&who, &id, true).await?))
 }
 
+/// Undrain a worker.
+///
+/// The worker takes new sandboxes again. Admin only.
 #[utoipa::path(post, path = "/v1/workers/{id}/undrain", tag = "workers", responses((status = 200, body = api::Worker)))]
 pub async fn worker_undrain(
     State(s): State<AppState>,
@@ -80,6 +93,10 @@ pub async fn worker_undrain(
     Ok(Json(s.app.worker_drain(&who, &id, false).await?))
 }
 
+/// Create a worker token.
+///
+/// A token (`svmw_…`) with which a `stacyvm worker` registers and heartbeats. The secret is in this
+/// answer only and stored as a hash. Admin only.
 #[utoipa::path(post, path = "/v1/workers/tokens", tag = "workers",
     request_body = api::WorkerTokenCreate,
     responses((status = 201, body = api::WorkerToken, description = "the token, shown this once")))]
@@ -98,6 +115,9 @@ pub async fn worker_token_create(
     ))
 }
 
+/// List worker tokens.
+///
+/// Every worker token with its name and revocation time; never the secret. Admin only.
 #[utoipa::path(get, path = "/v1/workers/tokens", tag = "workers", responses((status = 200, body = api::WorkerTokenList)))]
 pub async fn worker_token_list(
     State(s): State<AppState>,
@@ -106,6 +126,10 @@ pub async fn worker_token_list(
     Ok(Json(s.app.worker_token_list(&who).await?))
 }
 
+/// Revoke a worker token.
+///
+/// A worker using it is refused from its next call and marked `down`; its sandboxes become `lost`.
+/// Admin only.
 #[utoipa::path(delete, path = "/v1/workers/tokens/{id}", tag = "workers", responses((status = 204)))]
 pub async fn worker_token_revoke(
     State(s): State<AppState>,
@@ -120,8 +144,11 @@ pub async fn worker_token_revoke(
     ))
 }
 
+/// Register a worker.
+///
+/// Called by `stacyvm worker` with its worker token (`Authorization: Bearer svmw_…`) when it starts:
+/// its address, providers, labels and capacity. Answers its id and the leases it holds.
 #[utoipa::path(post, path = "/v1/workers/register", tag = "workers",
-    description = "Called by `stacyvm worker` with its worker token (`Authorization: Bearer svmw_…`).",
     request_body = api::WorkerRegister, responses((status = 200, body = api::WorkerRegistered)))]
 pub async fn worker_register(
     State(s): State<AppState>,
@@ -140,8 +167,11 @@ pub async fn worker_register(
     Ok(note(Json(reply).into_response(), target, detail))
 }
 
+/// Heartbeat of a worker.
+///
+/// Called by `stacyvm worker` with its worker token every heartbeat interval: its providers' health
+/// and the runtimes it runs. Renews its leases; the answer lists what it must stop.
 #[utoipa::path(post, path = "/v1/workers/{id}/heartbeat", tag = "workers",
-    description = "Called by `stacyvm worker` with its worker token every heartbeat interval.",
     request_body = api::WorkerHeartbeat, responses((status = 200, body = api::WorkerHeartbeatReply)))]
 pub async fn worker_heartbeat(
     State(s): State<AppState>,
@@ -158,8 +188,11 @@ pub async fn worker_heartbeat(
     Ok(note(Json(reply).into_response(), Some(id), detail))
 }
 
+/// Download a catalog image (workers).
+///
+/// The catalog image's tar for a worker about to run it, with its digest in the
+/// `x-stacyvm-image-digest` header. Called with a worker token.
 #[utoipa::path(get, path = "/v1/workers/{id}/images/{name}", tag = "workers",
-    description = "The catalog image's tar for a worker about to run it; its digest is in `x-stacyvm-image-digest`.",
     responses((status = 200, content_type = "application/x-tar", body = super::openapi::RawBytes)))]
 pub async fn worker_image(
     State(s): State<AppState>,

@@ -89,3 +89,102 @@ fn openapi_document_covers_every_endpoint_of_the_contract() {
         );
     }
 }
+
+/// Every operation of the reference at `/docs` has a one-line summary and
+/// a description (from the handler's doc comment: its first paragraph, then
+/// the rest), and every response a description.
+#[test]
+fn every_operation_has_a_summary_and_a_description() {
+    let doc = stacyvm_control_plane::http::openapi::document();
+    let paths = doc["paths"].as_object().expect("paths is an object");
+    let mut missing = Vec::new();
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().expect("a path item is an object") {
+            operations += 1;
+            let name = format!("{} {path}", method.to_uppercase());
+            for field in ["summary", "description"] {
+                if op[field].as_str().is_none_or(|s| s.trim().is_empty()) {
+                    missing.push(format!("{name}: no {field}"));
+                }
+            }
+            if op["summary"].as_str().is_some_and(|s| s.contains('\n')) {
+                missing.push(format!("{name}: the summary is more than one line"));
+            }
+            for (status, resp) in op["responses"].as_object().into_iter().flatten() {
+                if resp["description"].as_str().is_none_or(|s| s.is_empty()) {
+                    missing.push(format!("{name}: response {status} has no description"));
+                }
+            }
+        }
+    }
+    assert!(operations >= 40, "only {operations} operations");
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}
+
+/// Every call documents its error answers, and every JSON body of the
+/// reference carries an example whose fields are the schema's own.
+#[test]
+fn every_operation_documents_its_errors_with_examples_that_fit_the_schemas() {
+    let doc = stacyvm_control_plane::http::openapi::document();
+    let schemas = doc["components"]["schemas"]
+        .as_object()
+        .expect("schemas is an object");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    let mut check = |name: &str, media: &serde_json::Value, problems: &mut Vec<String>| {
+        let Some(schema_name) = media["schema"]["$ref"]
+            .as_str()
+            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+        else {
+            return;
+        };
+        let Some(example) = media.get("example") else {
+            problems.push(format!("{name}: no example of {schema_name}"));
+            return;
+        };
+        checked += 1;
+        let schema = &schemas[schema_name];
+        let props = schema["properties"].as_object();
+        for key in example.as_object().into_iter().flat_map(|o| o.keys()) {
+            if props.is_none_or(|p| !p.contains_key(key)) {
+                problems.push(format!(
+                    "{name}: the example's {key:?} is not a field of {schema_name}"
+                ));
+            }
+        }
+        for req in schema["required"].as_array().into_iter().flatten() {
+            let req = req.as_str().unwrap_or_default();
+            if example.get(req).is_none() {
+                problems.push(format!(
+                    "{name}: the example lacks {schema_name}'s required {req:?}"
+                ));
+            }
+        }
+    };
+    for (path, item) in doc["paths"].as_object().expect("paths is an object") {
+        for (method, op) in item.as_object().expect("a path item is an object") {
+            let name = format!("{} {path}", method.to_uppercase());
+            let responses = op["responses"].as_object().expect("responses is an object");
+            if !responses.contains_key("500") {
+                problems.push(format!("{name}: no 500"));
+            }
+            if path.starts_with("/v1/") && !responses.contains_key("401") {
+                problems.push(format!("{name}: no 401"));
+            }
+            if path.contains('{') && !responses.contains_key("404") {
+                problems.push(format!("{name}: no 404"));
+            }
+            if let Some(media) = op.pointer("/requestBody/content/application~1json") {
+                check(&format!("{name} request"), media, &mut problems);
+            }
+            for (status, resp) in responses {
+                if let Some(media) = resp.pointer("/content/application~1json") {
+                    check(&format!("{name} {status}"), media, &mut problems);
+                }
+            }
+        }
+    }
+    assert!(checked >= 100, "only {checked} examples checked");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
