@@ -19,6 +19,7 @@ mod fixtures;
 mod harness;
 mod images;
 mod lifecycle;
+mod pages;
 mod per_store;
 mod plugins;
 #[allow(dead_code)]

@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
+pub mod ui;
 pub mod workers;
 
 use std::sync::Arc;
@@ -122,7 +123,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi::openapi_json))
-        .route("/docs", get(openapi::docs_page))
+        .merge(ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // The timeout inside the audit: a call cut off by it is still

@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document of the API, generated from the handlers'
-//! annotations, and a small self-contained docs page that renders it.
+//! annotations (`/docs` renders it: see `ui.rs`).
 
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -86,10 +86,6 @@ pub fn document() -> serde_json::Value {
 
 pub async fn openapi_json() -> Response {
     axum::Json(document()).into_response()
-}
-
-pub async fn docs_page() -> Html<&'static str> {
-    Html(include_str!("docs.html"))
 }
 
 /// Raw bytes: a file's content, or a root filesystem as a tar stream.
