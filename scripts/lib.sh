@@ -103,6 +103,22 @@ ensure_node() {
   fi
 }
 
+# ensure_ui_test_tools ROOT — what the browser test (tests/ui) needs:
+# Debian's chromium and, from the npm registry, the playwright-core version
+# pinned in tests/ui/package-lock.json (installed again only when the lock
+# file changed since the last install).
+ensure_ui_test_tools() {
+  local root="$1"
+  ensure_packages chromium || { log "could not install chromium"; return 1; }
+  ensure_node || { log "the browser test needs Node.js and npm"; return 1; }
+  local ui="$root/tests/ui"
+  if ! cmp -s "$ui/package-lock.json" "$ui/node_modules/.installed-lock.json"; then
+    log "installing the browser test's npm packages (tests/ui)"
+    (cd "$ui" && npm ci --no-audit --no-fund --silent) || { log "npm ci in tests/ui failed"; return 1; }
+    cp "$ui/package-lock.json" "$ui/node_modules/.installed-lock.json"
+  fi
+}
+
 # prepare_test_env ROOT — everything the test suites need: packages, a
 # running dockerd and PostgreSQL, the static agent and the busybox test
 # image; exports STACYVM_TEST_POSTGRES_URL, STACYVM_AGENT_BIN and

@@ -3,7 +3,8 @@
 # missing (docker.io, proot, busybox-static, PostgreSQL), starts dockerd and
 # PostgreSQL when they are not running, builds the static agent and the
 # busybox test image, then runs formatting and lint checks, every Rust test
-# (nextest) and the Python and TypeScript SDKs' tests.
+# (nextest), the Python and TypeScript SDKs' tests and the browser test of
+# /ui and /docs.
 set -euo pipefail
 root_dir="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root_dir"
@@ -46,6 +47,11 @@ log "TypeScript SDK tests"
 # npm ci installs the pinned compiler from package-lock.json; `npm test`
 # compiles the SDK and its tests and runs them with node's test runner.
 (cd sdk/typescript && npm ci --no-audit --no-fund --loglevel=error && npm test)
+
+log "browser test of the web console and the API reference (headless Chromium)"
+# Fails, never skips, when Chromium or the npm packages cannot be had.
+ensure_ui_test_tools "$root_dir"
+node tests/ui/console.test.mjs
 
 log "Rust tests"
 cargo nextest run --workspace --no-fail-fast
