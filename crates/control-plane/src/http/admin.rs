@@ -250,7 +250,9 @@ pub async fn key_revoke(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQueryParams {
+    /// Only events about this sandbox (`sbx_…`).
     pub sandbox_id: Option<String>,
+    /// Only this action, e.g. `sandbox.create`, `sandbox.exec`, `file.write`.
     pub action: Option<String>,
     /// ok|denied|error
     pub outcome: Option<String>,

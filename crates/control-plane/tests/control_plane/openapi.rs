@@ -92,7 +92,7 @@ fn openapi_document_covers_every_endpoint_of_the_contract() {
 
 /// Every operation of the reference at `/docs` has a one-line summary and
 /// a description (from the handler's doc comment: its first paragraph, then
-/// the rest), and every response a description.
+/// the rest), and every parameter and response a description.
 #[test]
 fn every_operation_has_a_summary_and_a_description() {
     let doc = stacyvm_control_plane::http::openapi::document();
@@ -110,6 +110,14 @@ fn every_operation_has_a_summary_and_a_description() {
             }
             if op["summary"].as_str().is_some_and(|s| s.contains('\n')) {
                 missing.push(format!("{name}: the summary is more than one line"));
+            }
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                if param["description"].as_str().is_none_or(|s| s.is_empty()) {
+                    missing.push(format!(
+                        "{name}: parameter {} has no description",
+                        param["name"]
+                    ));
+                }
             }
             for (status, resp) in op["responses"].as_object().into_iter().flatten() {
                 if resp["description"].as_str().is_none_or(|s| s.is_empty()) {

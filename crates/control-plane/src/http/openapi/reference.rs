@@ -49,6 +49,7 @@ pub fn complete(doc: &mut Value) {
             let Some(op) = op.as_object_mut() else {
                 continue;
             };
+            describe_parameters(path, op);
             let statuses = error_statuses(path, method, op);
             let stream =
                 op.get("operationId").and_then(Value::as_str) == Some("sandbox_exec_stream");
@@ -80,6 +81,35 @@ pub fn complete(doc: &mut Value) {
                 add_example(media, &examples);
             }
         }
+    }
+}
+
+/// Gives the parameters the annotations leave bare (path ids, paging) a
+/// description.
+fn describe_parameters(path: &str, op: &mut Map<String, Value>) {
+    let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for p in params.iter_mut().filter_map(Value::as_object_mut) {
+        if p.get("description")
+            .and_then(Value::as_str)
+            .is_some_and(|d| !d.is_empty())
+        {
+            continue;
+        }
+        let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
+        let text = match (name, path) {
+            ("id", p) if p.starts_with("/v1/sandboxes/") => "The sandbox's id (`sbx_…`).",
+            ("id", p) if p.starts_with("/v1/tenants/") => "The tenant's id (`tnt_…`).",
+            ("id", p) if p.starts_with("/v1/keys/") => "The key's id (`key_…`).",
+            ("id", p) if p.starts_with("/v1/workers/tokens/") => "The worker token's id (`wtk_…`).",
+            ("id", p) if p.starts_with("/v1/workers/") => "The worker's id (`wrk_…`).",
+            ("name", p) if p.contains("/images") => "The image's name in the catalog.",
+            ("cursor", _) => "The `next_cursor` of the previous page; absent for the first page.",
+            ("limit", _) => "At most this many items (1 to 1000; default 100).",
+            _ => continue,
+        };
+        p.insert("description".into(), Value::String(text.to_owned()));
     }
 }
 
