@@ -119,3 +119,41 @@ fn serve(assets: &[Asset], name: &str) -> Response {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file added to `assets/ui/` or `assets/docs/` but not to the tables
+    /// above would be a 404 in the browser.
+    #[test]
+    fn every_asset_file_is_served() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+        let mut unserved = Vec::new();
+        for (dir, table) in [("ui", UI), ("docs", DOCS), ("docs/swagger-ui", DOCS)] {
+            for entry in std::fs::read_dir(root.join(dir)).expect("reading an assets directory") {
+                let entry = entry.expect("a directory entry");
+                if entry.file_type().expect("a file type").is_dir() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !table.iter().any(|a| a.name == name) {
+                    unserved.push(format!("{dir}/{name}"));
+                }
+            }
+        }
+        assert!(unserved.is_empty(), "not served: {unserved:?}");
+    }
+
+    #[test]
+    fn pages_carry_their_type_and_the_policy() {
+        let r = serve(UI, "app.js");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], JS);
+        assert_eq!(
+            r.headers()[header::CONTENT_SECURITY_POLICY],
+            CONTENT_SECURITY_POLICY
+        );
+        assert_eq!(serve(DOCS, "../ui/app.js").status(), StatusCode::NOT_FOUND);
+    }
+}
