@@ -64,7 +64,7 @@ fn file_note(resp: Response, id: &str, path: &str) -> Response {
 /// directories, with `mode` (default `0644`). The body is streamed to the sandbox, never held whole
 /// in memory, and is limited by the upload size limit (`413` past it). Answers the new entry.
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(PathQuery),
-    request_body(content = RawBytes, content_type = "application/octet-stream"),
+    request_body(content = Option<RawBytes>, content_type = "application/octet-stream"),
     responses((status = 201, body = api::FileEntry), (status = 413, body = super::error::ErrorBody)))]
 pub async fn file_write(
     State(s): State<AppState>,

@@ -36,6 +36,20 @@ const EXEC_STREAM_EXAMPLE: &str = "event: stdout\ndata: {\"data\":\"hi\\n\"}\n\n
     event: stderr\ndata: {\"data\":\"oops\\n\"}\n\n\
     event: exit\ndata: {\"exit_code\":0,\"signal\":null,\"duration_ms\":3,\"timed_out\":false}\n\n";
 
+/// One event of the exec stream: its name, and its data, a JSON object as
+/// text (`{"data"}` for output, the exit status for `exit`, `{"code",
+/// "message"}` for `error`).
+fn sse_event_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": ["stdout", "stderr", "exit", "error"]},
+            "data": {"type": "string", "description": "a JSON object"}
+        }
+    })
+}
+
 pub fn complete(doc: &mut Value) {
     let examples = body_examples();
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
@@ -70,7 +84,7 @@ pub fn complete(doc: &mut Value) {
             if stream {
                 if let Some(ok) = responses.get_mut("200").and_then(Value::as_object_mut) {
                     ok.entry("content").or_insert_with(|| {
-                        json!({"text/event-stream": {"schema": {"type": "string"}, "example": EXEC_STREAM_EXAMPLE}})
+                        json!({"text/event-stream": {"schema": sse_event_schema(), "example": EXEC_STREAM_EXAMPLE}})
                     });
                 }
             }
