@@ -192,7 +192,7 @@ async function consoleAsAdmin(browser, url, tmp) {
   await page.fill('#audit-form input[name=sandbox_id]', id);
   await page.selectOption('#audit-form select[name=outcome]', 'ok');
   await page.click('#audit-form button[type=submit]');
-  await page.waitForSelector('#audit-table >> text=sandbox.exec');
+  await page.waitForSelector(`#audit-list[data-sandbox="${id}"] >> text=sandbox.exec`);
   const actions = await page.$$eval('#audit-table tbody tr td:nth-child(2)', (tds) => tds.map((t) => t.textContent));
   assert.ok(actions.length > 0 && actions.every((a) => a.startsWith('sandbox.') || a.startsWith('file.')), actions.join(','));
   await shot(page, '07-audit');

@@ -169,11 +169,18 @@ export function auditPage(el) {
   const rows = h('div', { id: 'audit-list' });
   const more = h('p');
   let events = [];
+  let latest = 0;
 
   async function load(filters, cursor) {
+    // Only the newest query is drawn: an older answer arriving late would
+    // show events the filters no longer ask for.
+    const mine = ++latest;
     try {
       const r = await get(`/v1/audit${query({ ...filters, cursor, limit: 100 })}`);
+      if (mine !== latest) return;
       events = cursor ? events.concat(r.events) : r.events;
+      // Which sandbox the table shows, for whoever reads the page.
+      rows.dataset.sandbox = filters.sandbox_id || '';
       fill(rows, events.length === 0 ? h('p', { class: 'muted' }, 'No events.') :
         table([['Time', (e) => time(e.ts)], ['Action', (e) => e.action],
           ['Outcome', (e) => h('span', { class: `state ${e.outcome === 'ok' ? 'ok' : 'bad'}` }, `${e.outcome} ${e.status}`)],

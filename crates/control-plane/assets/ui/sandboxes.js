@@ -20,8 +20,12 @@ export function sandboxesPage(el) {
   const message = h('div');
   let timer = null;
   let stopped = false;
+  // Polls and filter edits overlap: only the newest answer is drawn, so a
+  // slow answer to an old filter never replaces a newer one.
+  let latest = 0;
 
   async function refresh() {
+    const mine = ++latest;
     const labels = parseLabels(filter.label);
     if (labels === null) {
       fill(list, errorBox('A label filter looks like key=value (several: separated by commas).'));
@@ -29,9 +33,9 @@ export function sandboxesPage(el) {
     }
     try {
       const page = await get(`/v1/sandboxes${query({ label: labels, state: filter.state, limit: 200 })}`);
-      if (!stopped) draw(page.sandboxes);
+      if (!stopped && mine === latest) draw(page.sandboxes);
     } catch (e) {
-      if (!stopped) fill(list, errorBox(e));
+      if (!stopped && mine === latest) fill(list, errorBox(e));
     }
   }
 
