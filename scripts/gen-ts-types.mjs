@@ -141,6 +141,7 @@ function contentKind(content, where) {
   const schema = content[ct].schema;
   if (ct === "application/json") return { kind: "json", type: typeOf(schema, where), contentType: ct };
   if (ct === "application/octet-stream" || ct === "application/x-tar") return { kind: "binary", type: "Uint8Array", contentType: ct };
+  if (ct === "text/event-stream") return { kind: "event-stream", type: "ReadableStream<Uint8Array>", contentType: ct };
   if (ct.startsWith("text/")) return { kind: "text", type: "string", contentType: ct };
   throw new Refused(`${where}: content type ${ct}`);
 }

@@ -417,6 +417,17 @@ export interface TenantList {
   tenants: Tenant[];
 }
 
+/**
+ * Answer of `GET /v1/whoami`: the key the call was made with, so a client
+ * (the web console) can show only what that key may do.
+ */
+export interface WhoAmI {
+  key_id: string;
+  /** `admin`, `owner`, `member` or `viewer`. */
+  role: string;
+  tenant_id: string;
+}
+
 /** A worker, as the status and the worker list report it. */
 export interface Worker {
   /** Where control planes reach it (`local` for the in-process worker). */
@@ -607,6 +618,7 @@ export const operations = {
   status: { method: "GET", path: "/v1/status", status: 200, body: "none", bodyContentType: null, response: "json" },
   tenant_create: { method: "POST", path: "/v1/tenants", status: 201, body: "json", bodyContentType: null, response: "json" },
   tenant_list: { method: "GET", path: "/v1/tenants", status: 200, body: "none", bodyContentType: null, response: "json" },
+  whoami: { method: "GET", path: "/v1/whoami", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_drain: { method: "POST", path: "/v1/workers/{id}/drain", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_get: { method: "GET", path: "/v1/workers/{id}", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_heartbeat: { method: "POST", path: "/v1/workers/{id}/heartbeat", status: 200, body: "json", bodyContentType: null, response: "json" },
@@ -872,6 +884,13 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: TenantList;
+  };
+  whoami: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: WhoAmI;
   };
   worker_drain: {
     path: { id: string };
