@@ -402,7 +402,13 @@ impl Plan {
             in_root(root, "/dev/pts")?,
             "devpts",
             libc::MS_NOSUID | libc::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+            // Rootless, group 5 (tty) is not mapped: terminals keep the
+            // opener's group.
+            Some(if input.root_source.rootless() {
+                "newinstance,ptmxmode=0666,mode=0620"
+            } else {
+                "newinstance,ptmxmode=0666,mode=0620,gid=5"
+            }),
         )?);
         ops.push(mount(
             "tmpfs",
