@@ -191,7 +191,13 @@ impl NamespacesProvider {
         let instance_tag = short_hash(cfg.instance.as_bytes())[..8].to_owned();
         let filter = syscalls::docker_default_filter();
         if !is_root() {
-            return Ok(Self::rootless(cfg, features, sandboxes_dir, instance_tag, filter));
+            return Ok(Self::rootless(
+                cfg,
+                features,
+                sandboxes_dir,
+                instance_tag,
+                filter,
+            ));
         }
         let mut unusable = None;
         if filter.is_none() {
@@ -408,7 +414,8 @@ impl NamespacesProvider {
     }
 
     fn default_run_dir(&self, id: &SandboxId) -> PathBuf {
-        self.run_base.join(format!("{}-{}", self.instance_tag, id.as_str()))
+        self.run_base
+            .join(format!("{}-{}", self.instance_tag, id.as_str()))
     }
 
     fn default_cgroups(&self, id: &SandboxId) -> Group {
@@ -480,9 +487,7 @@ impl NamespacesProvider {
         let refusal = if self.allow_unenforced_limits {
             format!("sandboxes run without them ({UNENFORCED_LIMITS_ENV}=allow)")
         } else {
-            format!(
-                "creates are refused unless the server runs with {UNENFORCED_LIMITS_ENV}=allow"
-            )
+            format!("creates are refused unless the server runs with {UNENFORCED_LIMITS_ENV}=allow")
         };
         format!(
             "mode: rootless (uid {uid}); id mapping: single id, each sandbox's root is the \
@@ -716,12 +721,7 @@ impl NamespacesProvider {
                 }),
         );
         if self.rootless.is_none() {
-            furnish_at(
-                &meta.root(),
-                &[&meta.root()],
-                Some(&meta.workdir),
-                owner,
-            )?;
+            furnish_at(&meta.root(), &[&meta.root()], Some(&meta.workdir), owner)?;
         }
         rootfs::write_env_file(&meta.socket_dir(), &spec.env, owner)?;
         let started = pending

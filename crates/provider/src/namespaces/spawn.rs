@@ -512,11 +512,7 @@ impl Plan {
             v1_tasks: input.cgroups.v1_task_files()?,
             drop_groups: !input.root_source.rootless(),
             late_dirs: if input.root_source.rootless() {
-                let parts: Vec<&str> = input
-                    .workdir
-                    .split('/')
-                    .filter(|p| !p.is_empty())
-                    .collect();
+                let parts: Vec<&str> = input.workdir.split('/').filter(|p| !p.is_empty()).collect();
                 (1..=parts.len())
                     .map(|i| c(&format!("/{}", parts[..i].join("/"))))
                     .collect::<io::Result<_>>()?
@@ -668,9 +664,15 @@ impl Pending {
     /// the only ids an unprivileged process may map. The kernel requires
     /// `setgroups` to be denied in the child's namespace before a group map.
     pub fn map_own_ids(&self, uid: u32, gid: u32) -> io::Result<()> {
-        std::fs::write(format!("/proc/{}/uid_map", self.pid), format!("0 {uid} 1\n"))?;
+        std::fs::write(
+            format!("/proc/{}/uid_map", self.pid),
+            format!("0 {uid} 1\n"),
+        )?;
         std::fs::write(format!("/proc/{}/setgroups", self.pid), "deny")?;
-        std::fs::write(format!("/proc/{}/gid_map", self.pid), format!("0 {gid} 1\n"))
+        std::fs::write(
+            format!("/proc/{}/gid_map", self.pid),
+            format!("0 {gid} 1\n"),
+        )
     }
 
     /// The child's user namespace (after [`Pending::map_ids`]), to map a
@@ -1074,11 +1076,7 @@ pub fn probe_namespaces() -> Result<(), String> {
 /// directory on the file system sandboxes live on). The outer `Err` says
 /// why no sandbox can run rootless; the inner one why sandboxes get a copy
 /// of the image instead of an overlay.
-pub fn probe_rootless(
-    scratch: &Path,
-    uid: u32,
-    gid: u32,
-) -> Result<Result<(), String>, String> {
+pub fn probe_rootless(scratch: &Path, uid: u32, gid: u32) -> Result<Result<(), String>, String> {
     let prepared = (|| -> io::Result<(CString, CString, CString)> {
         for d in ["lower", "upper", "work", "merged"] {
             std::fs::create_dir_all(scratch.join(d))?;

@@ -107,7 +107,9 @@ pub fn make_overlay_dirs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let (upper, work) = (dir.join("upper"), dir.join("work"));
     mkdir(&upper, 0o755, None)
         .and_then(|()| mkdir(&work, 0o700, None))
-        .map_err(|e| Error::internal(format_args!("creating the overlay in {}", dir.display()), e))?;
+        .map_err(|e| {
+            Error::internal(format_args!("creating the overlay in {}", dir.display()), e)
+        })?;
     Ok((upper, work))
 }
 
