@@ -513,11 +513,6 @@ impl NamespacesProvider {
                 "the namespaces provider is not set up".into(),
             ));
         };
-        if self.uids.is_none() && self.rootless.is_none() {
-            return Err(Error::ProviderUnavailable(
-                "the namespaces provider is not set up".into(),
-            ));
-        }
         self.check_limits(spec)?;
         if spec.network != Network::None {
             return Err(Error::Unsupported(
@@ -549,38 +544,38 @@ impl NamespacesProvider {
             .mode(0o700)
             .create(dir)
             .map_err(|e| Error::internal(format_args!("creating {}", dir.display()), e))?;
-        let (ids, owner) = match (&self.uids, self.rootless) {
-            (Some(uids), _) => {
-                let first = uids
-                    .claim(&self.ids_owner(&spec.sandbox_id))
-                    .map_err(|e| Error::internal("claiming a block of sandbox ids", e))?;
-                let ids = IdBlock {
-                    first,
-                    count: uids.ids_per_claim(),
-                };
-                // The sandbox's root as the host sees it.
-                (
-                    ids,
-                    Owner {
-                        uid: first,
-                        gid: first,
-                    },
-                )
-            }
-            // Checked above: no pool means rootless.
-            (None, r) => {
-                let r = r.unwrap_or(Rootless { uid: 0, gid: 0 });
-                (
-                    IdBlock {
-                        first: r.uid,
-                        count: 1,
-                    },
-                    Owner {
-                        uid: r.uid,
-                        gid: r.gid,
-                    },
-                )
-            }
+        let (ids, owner) = if let Some(r) = self.rootless {
+            let ids = IdBlock {
+                first: r.uid,
+                count: 1,
+            };
+            (
+                ids,
+                Owner {
+                    uid: r.uid,
+                    gid: r.gid,
+                },
+            )
+        } else if let Some(uids) = &self.uids {
+            let first = uids
+                .claim(&self.ids_owner(&spec.sandbox_id))
+                .map_err(|e| Error::internal("claiming a block of sandbox ids", e))?;
+            let ids = IdBlock {
+                first,
+                count: uids.ids_per_claim(),
+            };
+            // The sandbox's root as the host sees it.
+            (
+                ids,
+                Owner {
+                    uid: first,
+                    gid: first,
+                },
+            )
+        } else {
+            return Err(Error::ProviderUnavailable(
+                "the namespaces provider is not set up".into(),
+            ));
         };
         let first = ids.first;
         let overlay = self.overlay_unavailable.is_none()
