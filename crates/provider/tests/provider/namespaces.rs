@@ -126,7 +126,10 @@ async fn health_reports_the_namespaces_and_the_limits() -> anyhow::Result<()> {
             health.detail
         );
     }
-    let mode = h.provider().mode().context("the namespaces provider reports a mode")?;
+    let mode = h
+        .provider()
+        .mode()
+        .context("the namespaces provider reports a mode")?;
     ensure!(mode.mode == "root", "{mode:?}");
     ensure!(
         mode.not_enforced.is_empty(),
@@ -361,7 +364,10 @@ async fn destroy_kills_processes_that_left_the_session() -> anyhow::Result<()> {
 async fn without_cgroups_destroy_still_kills_processes_that_left_the_session() -> anyhow::Result<()>
 {
     let h = fallback_harness().await?;
-    let mode = h.provider().mode().context("the namespaces provider reports a mode")?;
+    let mode = h
+        .provider()
+        .mode()
+        .context("the namespaces provider reports a mode")?;
     ensure!(
         mode.mode == "root" && mode.not_enforced == ["memory", "cpu", "pids", "pause"],
         "without cgroups no limit is enforced: {mode:?}"
