@@ -235,6 +235,14 @@ pub struct ProviderStatus {
     /// The version in use, or why not healthy and the fix.
     #[serde(default)]
     pub detail: String,
+    /// How the provider runs on this host, for a provider with more than
+    /// one way (`namespaces`: `root` or `rootless`); absent for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The sandbox limits the provider does not enforce on this host
+    /// (`memory`, `cpu`, `pids`, `pause`), reported with `mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_enforced: Option<Vec<String>>,
 }
 
 /// A warm pool: its target size, ready members and spawns in flight.

@@ -527,6 +527,7 @@ fn reported_health(rec: &WorkerRecord) -> Vec<ProviderHealth> {
                         .map(|h| h.detail.clone())
                         .unwrap_or_else(|| "not reported yet".into()),
                 },
+                mode: None,
             }
         })
         .collect()

@@ -118,12 +118,20 @@ pub fn build_providers(
                 pids_limit: 512,
                 egress_host_access: options.egress_host_access,
             })?)),
-            "namespaces" => out.push(Arc::new(NamespacesProvider::new(NamespacesConfig {
-                data_dir: options.data_dir.clone(),
-                agent_bin: agent_bin.clone(),
-                catalog: catalog.clone(),
-                instance: instance.to_owned(),
-            })?)),
+            "namespaces" => out.push(Arc::new(
+                NamespacesProvider::new(NamespacesConfig {
+                    data_dir: options.data_dir.clone(),
+                    agent_bin: agent_bin.clone(),
+                    catalog: catalog.clone(),
+                    instance: instance.to_owned(),
+                })?
+                // Rootless only: the operator accepts sandboxes whose
+                // limits the server cannot enforce.
+                .allow_unenforced_limits(
+                    std::env::var(crate::namespaces::UNENFORCED_LIMITS_ENV)
+                        .is_ok_and(|v| v == "allow"),
+                ),
+            )),
             "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
                 data_dir: options.data_dir.clone(),
                 agent_bin: agent_bin.clone(),

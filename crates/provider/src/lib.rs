@@ -43,6 +43,17 @@ pub struct Health {
     pub detail: String,
 }
 
+/// How a provider that can run in more than one way runs on this host, and
+/// which of its sandbox limits it does not enforce there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderMode {
+    /// e.g. `root` or `rootless` (the namespaces provider).
+    pub mode: String,
+    /// The limits sandboxes do not get here: `memory`, `cpu`, `pids`,
+    /// `pause`. Empty when every one is enforced.
+    pub not_enforced: Vec<String>,
+}
+
 /// A runtime the provider owns, as found on the host (for reconciliation).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeInfo {
@@ -95,6 +106,12 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Is the runtime usable on this host, and why not.
     async fn health(&self) -> Health;
+
+    /// The mode the provider runs in on this host, for providers that have
+    /// more than one; `None` for the others.
+    fn mode(&self) -> Option<ProviderMode> {
+        None
+    }
 
     /// Starts a runtime for `spec` and returns once its agent answers.
     /// On error nothing of the runtime is left behind.

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use stacyvm_core::{Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::ImageInfo;
-use stacyvm_provider::{AgentClient, Health, LogLine, RuntimeInfo};
+use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo};
 use std::sync::Arc;
 
 pub use leases::LeaseTable;
@@ -57,6 +57,11 @@ pub struct ProviderHealth {
     pub name: String,
     #[serde(flatten)]
     pub health: Health,
+    /// The provider's mode where it has more than one (the namespaces
+    /// provider: root or rootless). Only in-process workers report it; a
+    /// remote worker's detail text carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ProviderMode>,
 }
 
 /// A runtime found on the worker's host.

@@ -85,6 +85,7 @@ impl Worker for LocalWorker {
             out.push(ProviderHealth {
                 name: p.name().to_owned(),
                 health: p.health().await,
+                mode: p.mode(),
             });
         }
         out

@@ -59,6 +59,9 @@ pub struct ServerOptions {
     /// The bootstrap admin key; a random one by default (a replica of
     /// another server must use that server's).
     pub admin_key: Option<String>,
+    /// Run the server as this unprivileged uid and gid (through `setpriv`,
+    /// no supplementary groups); the caller gives it a data dir it owns.
+    pub run_as: Option<(u32, u32)>,
 }
 
 impl ServerOptions {
@@ -73,6 +76,7 @@ impl ServerOptions {
             store_url: None,
             listen: None,
             admin_key: None,
+            run_as: None,
         }
     }
 
@@ -109,6 +113,11 @@ impl ServerOptions {
 
     pub fn listen(mut self, addr: &str) -> ServerOptions {
         self.listen = Some(addr.to_owned());
+        self
+    }
+
+    pub fn run_as(mut self, uid: u32, gid: u32) -> ServerOptions {
+        self.run_as = Some((uid, gid));
         self
     }
 
@@ -202,6 +211,7 @@ impl Server {
     fn remote_workers(&self) -> bool {
         std::env::var("STACYVM_TEST_TOPOLOGY").as_deref() == Ok("workers")
             && !self.opts.without_cgroups
+            && self.opts.run_as.is_none()
             && self.opts.data_dir.is_none()
     }
 
@@ -324,6 +334,14 @@ impl Server {
                 "serve-without-cgroups",
             ])
             .arg(env!("CARGO_BIN_EXE_stacyvm"));
+            c
+        } else if let Some((uid, gid)) = self.opts.run_as {
+            // setpriv execs, so the child's pid stays the server's.
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .args(["--clear-groups", "--"])
+                .arg(env!("CARGO_BIN_EXE_stacyvm"));
             c
         } else {
             Command::new(env!("CARGO_BIN_EXE_stacyvm"))

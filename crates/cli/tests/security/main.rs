@@ -1,6 +1,7 @@
 //! StacyVM's security and reliability suite: attacks a real `stacyvm serve`
 //! the way untrusted sandbox code, other tenants and crashing hosts will —
-//! containment against the real Docker, namespaces and PRoot providers, key and tenant
+//! containment against the real Docker, namespaces (as root and rootless) and PRoot
+//! providers, key and tenant
 //! refusals with their audit trail, the HTTP front under abuse (slow
 //! request heads, too many connections, bad-key floods, forged
 //! X-Forwarded-For, what operators' endpoints tell tenants), which images a
@@ -24,6 +25,7 @@ mod fixtures;
 mod front;
 mod images;
 mod keys;
+mod rootless;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;

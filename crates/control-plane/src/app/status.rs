@@ -45,12 +45,16 @@ impl App {
                 Some(p) if !p.healthy && h.health.healthy => {
                     p.healthy = true;
                     p.detail = h.health.detail;
+                    p.mode = h.mode.as_ref().map(|m| m.mode.clone());
+                    p.not_enforced = h.mode.map(|m| m.not_enforced);
                 }
                 Some(_) => {}
                 None => out.push(ProviderStatus {
                     name: h.name,
                     healthy: h.health.healthy,
                     detail: h.health.detail,
+                    mode: h.mode.as_ref().map(|m| m.mode.clone()),
+                    not_enforced: h.mode.map(|m| m.not_enforced),
                 }),
             }
         }

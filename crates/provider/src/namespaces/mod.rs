@@ -48,7 +48,7 @@ use crate::sandboxing::rootfs::{self, Layout};
 use crate::sandboxing::seccomp::Filter;
 use crate::sandboxing::uids::UidPool;
 use crate::sandboxing::{install_agent, is_root, short_hash, syscalls};
-use crate::{Health, LogLine, Provider, RuntimeInfo};
+use crate::{Health, LogLine, Provider, ProviderMode, RuntimeInfo};
 
 use state::{IdBlock, SandboxMeta, AGENT_PID_FILE, INIT_PID_FILE};
 
@@ -63,6 +63,9 @@ const AGENT_START_DEADLINE: Duration = Duration::from_secs(30);
 const KILL_DEADLINE: Duration = Duration::from_secs(10);
 /// Where run directories, the agent and id claims live on the host.
 const RUN_BASE: &str = "/run/stacyvm/namespaces";
+/// The environment variable whose value `allow` lets a rootless server
+/// run sandboxes whose limits it cannot enforce.
+pub const UNENFORCED_LIMITS_ENV: &str = "STACYVM_NAMESPACES_UNENFORCED_LIMITS";
 /// Like Docker's default for a container.
 const PIDS_LIMIT: u64 = crate::docker::DEFAULT_PIDS_LIMIT as u64;
 
@@ -114,8 +117,40 @@ pub struct NamespacesProvider {
     /// Docker's default seccomp profile, compiled once.
     filter: Option<Filter>,
     clients: tokio::sync::Mutex<HashMap<SandboxId, CachedAgent>>,
+    /// Set when StacyVM does not run as root: sandboxes map the server's
+    /// own ids.
+    rootless: Option<Rootless>,
+    /// Where run directories and the agent copy live.
+    run_base: PathBuf,
+    /// Whether a rootless server runs sandboxes whose limits it cannot
+    /// enforce (the operator said so) instead of refusing them.
+    allow_unenforced_limits: bool,
     /// Serialises spawn, destroy, pause and resume of one sandbox.
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The server's own ids, which a rootless sandbox's root maps to: an
+/// unprivileged process may map no other.
+#[derive(Clone, Copy, Debug)]
+struct Rootless {
+    uid: u32,
+    gid: u32,
+}
+
+/// Where a rootless server keeps run directories: `$XDG_RUNTIME_DIR` when it
+/// is the server's own private directory (short paths, gone at logout),
+/// else in the data dir, which is the server's own and mode 0700.
+fn rootless_run_base(data_dir: &Path, uid: u32) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let private = |p: &Path| {
+        p.is_absolute()
+            && std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0)
+    };
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(x) if private(&x) => x.join("stacyvm").join("namespaces"),
+        _ => data_dir.join("run"),
+    }
 }
 
 /// A live agent connection and what to check before handing it out.
@@ -155,16 +190,17 @@ impl NamespacesProvider {
         })?;
         let instance_tag = short_hash(cfg.instance.as_bytes())[..8].to_owned();
         let filter = syscalls::docker_default_filter();
-        let mut unusable = None;
         if !is_root() {
-            unusable = Some(
-                "the namespaces provider needs StacyVM to run as root: each sandbox's user \
-                 namespace maps a block of 65536 host ids of its own, and its root is an \
-                 overlay over an ID-mapped image, which only root may set up (a rootless mode, \
-                 mapping only the server's own user, is not implemented)"
-                    .to_owned(),
-            );
-        } else if filter.is_none() {
+            return Ok(Self::rootless(
+                cfg,
+                features,
+                sandboxes_dir,
+                instance_tag,
+                filter,
+            ));
+        }
+        let mut unusable = None;
+        if filter.is_none() {
             unusable = Some(format!(
                 "the namespaces provider has no seccomp system call table for {}",
                 std::env::consts::ARCH
@@ -216,8 +252,161 @@ impl NamespacesProvider {
             agent,
             filter,
             clients: tokio::sync::Mutex::new(HashMap::new()),
+            rootless: None,
+            run_base: PathBuf::from(RUN_BASE),
+            allow_unenforced_limits: false,
             locks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The provider of a server that is not root: each sandbox's user
+    /// namespace maps its root to the server's own ids, the sandbox mounts
+    /// its root itself, and no cgroups are used (an unprivileged user has
+    /// none of its own on a host without cgroup v2 delegation).
+    fn rootless(
+        cfg: NamespacesConfig,
+        features: NamespacesFeatures,
+        sandboxes_dir: PathBuf,
+        instance_tag: String,
+        filter: Option<Filter>,
+    ) -> NamespacesProvider {
+        // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+        let ids = unsafe {
+            Rootless {
+                uid: libc::geteuid(),
+                gid: libc::getegid(),
+            }
+        };
+        let run_base = rootless_run_base(&cfg.data_dir, ids.uid);
+        let mut unusable = None;
+        let mut overlay_unavailable = None;
+        if filter.is_none() {
+            unusable = Some(format!(
+                "the namespaces provider has no seccomp system call table for {}",
+                std::env::consts::ARCH
+            ));
+        } else {
+            static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let scratch = cfg.data_dir.join(format!(
+                ".rootless-probe-{}-{}",
+                std::process::id(),
+                PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            match spawn::probe_rootless(&scratch, ids.uid, ids.gid) {
+                Ok(overlay) => overlay_unavailable = overlay.err(),
+                Err(why) => unusable = Some(format!("rootless mode unavailable: {why}")),
+            }
+            if let Err(e) = crate::images::remove_tree(&scratch) {
+                tracing::warn!(path = %scratch.display(), error = %e, "could not remove the rootless probe");
+            }
+        }
+        if !features.overlay {
+            overlay_unavailable = Some("overlayfs turned off".to_owned());
+        } else if unusable.is_some() {
+            overlay_unavailable = Some("not probed".to_owned());
+        }
+        let mut agent = None;
+        if unusable.is_none() {
+            let made = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&run_base)
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        &run_base,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                    )
+                });
+            match made.and_then(|()| install_agent(&cfg.agent_bin, &run_base.join("agent"))) {
+                Ok(a) => agent = Some(a),
+                Err(e) => {
+                    unusable = Some(format!(
+                        "cannot install the agent {} under {}: {e} (build it with \
+                         scripts/build-agent.sh or set STACYVM_AGENT_BIN)",
+                        cfg.agent_bin.display(),
+                        run_base.display()
+                    ))
+                }
+            }
+        }
+        NamespacesProvider {
+            cfg,
+            sandboxes_dir,
+            instance_tag,
+            overlay_unavailable,
+            cgroups: Err(format!(
+                "StacyVM runs rootless (uid {}) and uses no cgroups there: the host gives an \
+                 unprivileged user no cgroup of its own to manage without cgroup v2 delegation, \
+                 and this version does not use a delegated subtree",
+                ids.uid
+            )),
+            unusable,
+            uids: None,
+            agent,
+            filter,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+            rootless: Some(ids),
+            run_base,
+            allow_unenforced_limits: false,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lets a rootless server run sandboxes whose memory, CPU and process
+    /// limits it cannot enforce, instead of refusing their creation. Root
+    /// mode is unaffected.
+    pub fn allow_unenforced_limits(mut self, allow: bool) -> NamespacesProvider {
+        self.allow_unenforced_limits = allow;
+        self
+    }
+
+    /// The limits sandboxes do not get on this host, as `/v1/status` names
+    /// them: `memory`, `cpu`, `pids`, `pause`.
+    fn not_enforced(&self) -> Vec<String> {
+        let e = match &self.cgroups {
+            Ok(h) => h.enforced(),
+            Err(_) => cgroups::Enforced::default(),
+        };
+        [
+            ("memory", e.memory),
+            ("cpu", e.cpu),
+            ("pids", e.pids),
+            ("pause", e.freeze),
+        ]
+        .into_iter()
+        .filter(|(_, on)| !on)
+        .map(|(name, _)| name.to_owned())
+        .collect()
+    }
+
+    /// Rootless without the cgroups to enforce them, a create's limits
+    /// are refused unless the operator allowed that: a sandbox the tenant
+    /// believes bounded must not be able to take the host's memory.
+    fn check_limits(&self, spec: &SpawnSpec) -> Result<()> {
+        if self.rootless.is_none() || self.allow_unenforced_limits {
+            return Ok(());
+        }
+        let missing = self.not_enforced();
+        let mut asked = Vec::new();
+        if missing.iter().any(|m| m == "memory") {
+            asked.push(format!("memory_mb {}", spec.memory_mb));
+        }
+        if missing.iter().any(|m| m == "cpu") {
+            asked.push(format!("cpu {}", spec.cpu));
+        }
+        if missing.iter().any(|m| m == "pids") {
+            asked.push(format!("pids {PIDS_LIMIT}"));
+        }
+        if asked.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Unsupported(format!(
+            "the namespaces provider runs rootless here and cannot enforce the sandbox's limits \
+             ({}): the server's user has no cgroups of its own. Run StacyVM as root, use \
+             another provider, or start the server with {UNENFORCED_LIMITS_ENV}=allow to run \
+             sandboxes without these limits",
+            asked.join(", ")
+        )))
     }
 
     fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
@@ -225,7 +414,8 @@ impl NamespacesProvider {
     }
 
     fn default_run_dir(&self, id: &SandboxId) -> PathBuf {
-        Path::new(RUN_BASE).join(format!("{}-{}", self.instance_tag, id.as_str()))
+        self.run_base
+            .join(format!("{}-{}", self.instance_tag, id.as_str()))
     }
 
     fn default_cgroups(&self, id: &SandboxId) -> Group {
@@ -279,11 +469,38 @@ impl NamespacesProvider {
             ),
             Err(why) => format!("no limits enforced and pause unsupported: {why}"),
         };
+        let Some(ids) = self.rootless else {
+            return format!(
+                "mode: root; each sandbox is a process tree in user (its root is a block of 65536 \
+                 unprivileged host ids of its own), mount, PID, network, UTS, IPC and cgroup \
+                 namespaces, with Docker's default capabilities, masked /proc and a seccomp \
+                 allow-list after Docker's default profile; network: none (egress is \
+                 unsupported); root: {layout}; {limits}"
+            );
+        };
+        let layout = match &self.overlay_unavailable {
+            None => "an overlay over the catalog rootfs, mounted inside the sandbox's user \
+                     namespace"
+                .to_owned(),
+            Some(why) => format!("a per-sandbox copy of the rootfs ({why})"),
+        };
+        let refusal = if self.allow_unenforced_limits {
+            format!("sandboxes run without them ({UNENFORCED_LIMITS_ENV}=allow)")
+        } else {
+            format!("creates are refused unless the server runs with {UNENFORCED_LIMITS_ENV}=allow")
+        };
         format!(
-            "each sandbox is a process tree in user (its root is a block of 65536 unprivileged \
-             host ids of its own), mount, PID, network, UTS, IPC and cgroup namespaces, with \
-             Docker's default capabilities, masked /proc and a seccomp allow-list after Docker's \
-             default profile; network: none (egress is unsupported); root: {layout}; {limits}"
+            "mode: rootless (uid {uid}); id mapping: single id, each sandbox's root is the \
+             server's own uid {uid} and gid {gid} on the host and no other id is mapped, so a \
+             process escaping the sandbox's namespaces would act as the server's user; each \
+             sandbox is a process tree in user, mount, PID, network, UTS and IPC namespaces with \
+             Docker's default capabilities (in its user namespace only), no_new_privs, masked \
+             /proc and /sys and a seccomp allow-list after Docker's default profile; network: \
+             none (egress is unsupported); root: {layout}; not enforced: memory, cpu and pids \
+             limits, pause/resume ({why}); {refusal}",
+            uid = ids.uid,
+            gid = ids.gid,
+            why = self.cgroups.as_ref().err().map_or("", String::as_str),
         )
     }
 
@@ -291,12 +508,12 @@ impl NamespacesProvider {
         if let Some(why) = &self.unusable {
             return Err(Error::ProviderUnavailable(why.clone()));
         }
-        let (Some(uids), Some(agent), Some(filter)) = (&self.uids, &self.agent, &self.filter)
-        else {
+        let (Some(agent), Some(filter)) = (&self.agent, &self.filter) else {
             return Err(Error::ProviderUnavailable(
                 "the namespaces provider is not set up".into(),
             ));
         };
+        self.check_limits(spec)?;
         if spec.network != Network::None {
             return Err(Error::Unsupported(
                 "the namespaces provider runs sandboxes with network \"none\" only (a network \
@@ -327,18 +544,40 @@ impl NamespacesProvider {
             .mode(0o700)
             .create(dir)
             .map_err(|e| Error::internal(format_args!("creating {}", dir.display()), e))?;
-        let first = uids
-            .claim(&self.ids_owner(&spec.sandbox_id))
-            .map_err(|e| Error::internal("claiming a block of sandbox ids", e))?;
-        let ids = IdBlock {
-            first,
-            count: uids.ids_per_claim(),
+        let (ids, owner) = if let Some(r) = self.rootless {
+            let ids = IdBlock {
+                first: r.uid,
+                count: 1,
+            };
+            (
+                ids,
+                Owner {
+                    uid: r.uid,
+                    gid: r.gid,
+                },
+            )
+        } else if let Some(uids) = &self.uids {
+            let first = uids
+                .claim(&self.ids_owner(&spec.sandbox_id))
+                .map_err(|e| Error::internal("claiming a block of sandbox ids", e))?;
+            let ids = IdBlock {
+                first,
+                count: uids.ids_per_claim(),
+            };
+            // The sandbox's root as the host sees it.
+            (
+                ids,
+                Owner {
+                    uid: first,
+                    gid: first,
+                },
+            )
+        } else {
+            return Err(Error::ProviderUnavailable(
+                "the namespaces provider is not set up".into(),
+            ));
         };
-        // The sandbox's root as the host sees it.
-        let owner = Owner {
-            uid: first,
-            gid: first,
-        };
+        let first = ids.first;
         let overlay = self.overlay_unavailable.is_none()
             && overlay_option_safe(&lower)
             && overlay_option_safe(dir);
@@ -355,6 +594,7 @@ impl NamespacesProvider {
             cgroups: self.default_cgroups(&spec.sandbox_id),
             ids,
             workdir: workdir.clone(),
+            rootless: self.rootless.is_some(),
         };
         state::write_meta(dir, &meta)?;
         logs::provider_log(
@@ -365,7 +605,11 @@ impl NamespacesProvider {
             ),
         );
 
-        rootfs::make_run_dir(&run_dir, owner)?;
+        if self.rootless.is_some() {
+            rootfs::make_run_dir_rootless(&run_dir)?;
+        } else {
+            rootfs::make_run_dir(&run_dir, owner)?;
+        }
         if !meta.cgroups.is_empty() {
             let limits = cgroups::Limits {
                 pids: Some(PIDS_LIMIT),
@@ -376,8 +620,33 @@ impl NamespacesProvider {
                 .create(&limits)
                 .map_err(|e| Error::internal("applying the sandbox's limits", e))?;
         }
+        // Rootless, the host cannot mount: the sandbox's init mounts its
+        // own root in its user namespace, from these host directories, and
+        // makes the working directory once it has pivoted into it.
+        let rootless_root = match (self.rootless.is_some(), meta.layout) {
+            (false, _) => None,
+            (true, Layout::Overlay) => {
+                let (upper, work) = rootfs::make_overlay_dirs(dir)?;
+                furnish_at(&upper, &[&lower, &upper], None, owner)?;
+                Some((upper, Some(work)))
+            }
+            (true, Layout::Copy) => {
+                let copy = rootfs::copy_rootfs(&lower, dir).await?;
+                furnish_at(&copy, &[&copy], None, owner)?;
+                Some((copy, None))
+            }
+        };
+        let root_source = match &rootless_root {
+            None => spawn::RootSource::Host,
+            Some((upper, Some(work))) => spawn::RootSource::Overlay {
+                lower: &lower,
+                upper,
+                work,
+            },
+            Some((copy, None)) => spawn::RootSource::Copy(copy),
+        };
         let mut root_note = None;
-        if meta.layout == Layout::Copy {
+        if meta.layout == Layout::Copy && self.rootless.is_none() {
             rootfs::make_root(&lower, dir, &meta.root(), Layout::Copy, owner, None).await?;
         }
 
@@ -399,15 +668,18 @@ impl NamespacesProvider {
                 ],
                 filter: filter.clone(),
                 cgroups: &meta.cgroups,
+                root_source,
             })
             .map_err(|e| Error::internal("preparing the sandbox's start", e))?;
             spawn::clone_init(&plan, &meta.cgroups)
                 .map_err(|e| Error::internal("starting the sandbox", e))?
         };
-        pending
-            .map_ids(ids)
-            .map_err(|e| Error::internal("mapping the sandbox's ids", e))?;
-        if meta.layout == Layout::Overlay {
+        match self.rootless {
+            Some(r) => pending.map_own_ids(r.uid, r.gid),
+            None => pending.map_ids(ids),
+        }
+        .map_err(|e| Error::internal("mapping the sandbox's ids", e))?;
+        if meta.layout == Layout::Overlay && self.rootless.is_none() {
             // The image's root-owned files appear owned by the sandbox's
             // root through its own user namespace: no helper process.
             let userns = pending
@@ -430,12 +702,22 @@ impl NamespacesProvider {
         }
         logs::provider_log(
             dir,
-            root_note.as_deref().unwrap_or(match meta.layout {
-                Layout::Overlay => "root: an overlay over the ID-mapped catalog rootfs",
-                Layout::Copy => "root: a per-sandbox copy of the catalog rootfs",
-            }),
+            root_note
+                .as_deref()
+                .unwrap_or(match (meta.layout, self.rootless.is_some()) {
+                    (Layout::Overlay, false) => {
+                        "root: an overlay over the ID-mapped catalog rootfs"
+                    }
+                    (Layout::Overlay, true) => {
+                        "root: an overlay over the catalog rootfs, mounted in the sandbox's \
+                         user namespace"
+                    }
+                    (Layout::Copy, _) => "root: a per-sandbox copy of the catalog rootfs",
+                }),
         );
-        furnish(&meta, owner)?;
+        if self.rootless.is_none() {
+            furnish_at(&meta.root(), &[&meta.root()], Some(&meta.workdir), owner)?;
+        }
         rootfs::write_env_file(&meta.socket_dir(), &spec.env, owner)?;
         let started = pending
             .release()
@@ -519,13 +801,21 @@ impl NamespacesProvider {
             .map(|m| m.cgroups.clone())
             .unwrap_or_else(|| self.default_cgroups(id));
         // A crash between the claim and the meta leaves a claim only.
-        let ids = meta.as_ref().map(|m| m.ids).or_else(|| {
-            let uids = self.uids.as_ref()?;
-            Some(IdBlock {
-                first: uids.find(&self.ids_owner(id))?,
-                count: uids.ids_per_claim(),
+        // A rootless sandbox's ids are the server's own: neither a claim
+        // nor a net to catch its processes by (that would kill the server's
+        // other processes); the death of its init ends its PID namespace.
+        let rootless = self.rootless.is_some() || meta.as_ref().is_some_and(|m| m.rootless);
+        let ids = if rootless {
+            None
+        } else {
+            meta.as_ref().map(|m| m.ids).or_else(|| {
+                let uids = self.uids.as_ref()?;
+                Some(IdBlock {
+                    first: uids.find(&self.ids_owner(id))?,
+                    count: uids.ids_per_claim(),
+                })
             })
-        });
+        };
         let init = ProcId::read(&dir.join(INIT_PID_FILE));
         let id2 = id.clone();
         tokio::task::spawn_blocking(move || {
@@ -591,32 +881,37 @@ impl NamespacesProvider {
     }
 }
 
-/// Makes the mount points and the working directory inside the root (owned
-/// by the sandbox's root), and refuses a root whose mount points are
-/// symbolic links: the child mounts onto them by host path.
-fn furnish(meta: &SandboxMeta, owner: Owner) -> Result<()> {
-    let root = meta.root();
-    for d in ["/proc", "/dev", "/sys", spawn::GUEST_RUN_DIR, &meta.workdir] {
-        mounts::mkdir_in_root(&root, d, Some(owner))
-            .map_err(|e| Error::InvalidRequest(format!("cannot create {d} in the sandbox: {e}")))?;
-    }
-    mounts::create_file_in_root(&root, spawn::GUEST_AGENT, Some(owner))
-        .map_err(|e| Error::internal("creating the agent's mount point", e))?;
-    for p in spawn::MOUNT_POINTS {
-        let mut at = root.clone();
-        for part in p.split('/').filter(|s| !s.is_empty()) {
-            at.push(part);
-            let link = std::fs::symlink_metadata(&at)
-                .map(|m| m.file_type().is_symlink())
-                .unwrap_or(false);
-            if link {
-                return Err(Error::InvalidRequest(format!(
-                    "the image's {} is a symbolic link; StacyVM mounts the sandbox's own {p} there",
-                    at.strip_prefix(&root).unwrap_or(&at).display()
-                )));
+/// Makes the mount points (and the working directory, if given) inside
+/// `root` (owned by the sandbox's root), and refuses a root whose mount
+/// points are symbolic links in any of `layers`: the child mounts onto
+/// them by host path. Rootless, `root` is the overlay's upper layer and
+/// `layers` hold the image's rootfs too.
+fn furnish_at(root: &Path, layers: &[&Path], workdir: Option<&str>, owner: Owner) -> Result<()> {
+    for layer in layers {
+        for p in spawn::MOUNT_POINTS {
+            let mut at = layer.to_path_buf();
+            for part in p.split('/').filter(|s| !s.is_empty()) {
+                at.push(part);
+                let link = std::fs::symlink_metadata(&at)
+                    .map(|m| m.file_type().is_symlink())
+                    .unwrap_or(false);
+                if link {
+                    return Err(Error::InvalidRequest(format!(
+                        "the image's {} is a symbolic link; StacyVM mounts the sandbox's own {p} \
+                         there",
+                        at.strip_prefix(layer).unwrap_or(&at).display()
+                    )));
+                }
             }
         }
     }
+    let dirs = ["/proc", "/dev", "/sys", spawn::GUEST_RUN_DIR];
+    for d in dirs.into_iter().chain(workdir) {
+        mounts::mkdir_in_root(root, d, Some(owner))
+            .map_err(|e| Error::InvalidRequest(format!("cannot create {d} in the sandbox: {e}")))?;
+    }
+    mounts::create_file_in_root(root, spawn::GUEST_AGENT, Some(owner))
+        .map_err(|e| Error::internal("creating the agent's mount point", e))?;
     Ok(())
 }
 
@@ -731,6 +1026,18 @@ async fn connect_agent(socket: &Path, uid: u32, init: Option<i32>) -> Result<Age
 impl Provider for NamespacesProvider {
     fn name(&self) -> &str {
         "namespaces"
+    }
+
+    fn mode(&self) -> Option<ProviderMode> {
+        Some(ProviderMode {
+            mode: if self.rootless.is_some() {
+                "rootless"
+            } else {
+                "root"
+            }
+            .to_owned(),
+            not_enforced: self.not_enforced(),
+        })
     }
 
     async fn health(&self) -> Health {

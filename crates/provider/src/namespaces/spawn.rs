@@ -145,6 +145,14 @@ pub struct Plan {
     null: OwnedFd,
     filter: Filter,
     v1_tasks: Vec<CString>,
+    /// Whether the child clears its supplementary groups: a rootless
+    /// parent must deny `setgroups` in the child's namespace before it may
+    /// map a group, so the child keeps the server's.
+    drop_groups: bool,
+    /// Directories the child makes after it pivots (rootless, where the
+    /// host never sees the root): the working directory and its parents,
+    /// resolved inside the sandbox's own root.
+    late_dirs: Vec<CString>,
     all_signals: libc::sigset_t,
     no_signals: libc::sigset_t,
 }
@@ -166,6 +174,43 @@ pub struct PlanInput<'a> {
     pub filter: Filter,
     /// The sandbox's cgroups.
     pub cgroups: &'a Group,
+    /// Who mounts the root: the host (root mode), or the child itself.
+    pub root_source: RootSource<'a>,
+}
+
+/// Where the sandbox's root comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum RootSource<'a> {
+    /// The host mounted it on `root` before the release (root mode).
+    Host,
+    /// Rootless: the child mounts an overlay of `upper` over `lower` on
+    /// `root` in its own user and mount namespaces; the host cannot.
+    Overlay {
+        lower: &'a Path,
+        upper: &'a Path,
+        work: &'a Path,
+    },
+    /// Rootless: the child binds a private copy on `root`.
+    Copy(&'a Path),
+}
+
+impl RootSource<'_> {
+    fn rootless(&self) -> bool {
+        !matches!(self, RootSource::Host)
+    }
+}
+
+/// The overlay options of a rootless overlay: `userxattr` keeps its
+/// bookkeeping in `user.overlay.*` attributes, the only ones a user
+/// namespace may write. The caller checked the paths with
+/// [`crate::sandboxing::mounts::overlay_option_safe`].
+pub fn rootless_overlay_options(lower: &Path, upper: &Path, work: &Path) -> String {
+    format!(
+        "lowerdir={},upperdir={},workdir={},userxattr",
+        lower.display(),
+        upper.display(),
+        work.display()
+    )
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -249,6 +294,26 @@ impl Plan {
         };
         let hardened = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         let mut ops = Vec::new();
+
+        match input.root_source {
+            RootSource::Host => {}
+            RootSource::Overlay { lower, upper, work } => ops.push(Op::Mount {
+                source: c("overlay")?,
+                target: cstring(root.as_os_str().as_bytes())?,
+                fstype: c("overlay")?,
+                flags: libc::MS_NODEV,
+                data: Some(c(&rootless_overlay_options(lower, upper, work))?),
+                optional: false,
+            }),
+            RootSource::Copy(copy) => ops.push(Op::Mount {
+                source: cstring(copy.as_os_str().as_bytes())?,
+                target: cstring(root.as_os_str().as_bytes())?,
+                fstype: c("")?,
+                flags: libc::MS_BIND | libc::MS_REC,
+                data: None,
+                optional: false,
+            }),
+        }
 
         // The root as the host mounted it is locked in this less privileged
         // mount namespace, and pivot_root refuses a locked new root: a bind
@@ -337,7 +402,13 @@ impl Plan {
             in_root(root, "/dev/pts")?,
             "devpts",
             libc::MS_NOSUID | libc::MS_NOEXEC,
-            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+            // Rootless, group 5 (tty) is not mapped: terminals keep the
+            // opener's group.
+            Some(if input.root_source.rootless() {
+                "newinstance,ptmxmode=0666,mode=0620"
+            } else {
+                "newinstance,ptmxmode=0666,mode=0620,gid=5"
+            }),
         )?);
         ops.push(mount(
             "tmpfs",
@@ -439,6 +510,15 @@ impl Plan {
             null: OwnedFd::from(null),
             filter: input.filter,
             v1_tasks: input.cgroups.v1_task_files()?,
+            drop_groups: !input.root_source.rootless(),
+            late_dirs: if input.root_source.rootless() {
+                let parts: Vec<&str> = input.workdir.split('/').filter(|p| !p.is_empty()).collect();
+                (1..=parts.len())
+                    .map(|i| c(&format!("/{}", parts[..i].join("/"))))
+                    .collect::<io::Result<_>>()?
+            } else {
+                Vec::new()
+            },
             all_signals,
             no_signals,
         })
@@ -580,6 +660,21 @@ impl Pending {
         std::fs::write(format!("/proc/{}/gid_map", self.pid), &map)
     }
 
+    /// Rootless: maps the child's root to the server's own uid and gid,
+    /// the only ids an unprivileged process may map. The kernel requires
+    /// `setgroups` to be denied in the child's namespace before a group map.
+    pub fn map_own_ids(&self, uid: u32, gid: u32) -> io::Result<()> {
+        std::fs::write(
+            format!("/proc/{}/uid_map", self.pid),
+            format!("0 {uid} 1\n"),
+        )?;
+        std::fs::write(format!("/proc/{}/setgroups", self.pid), "deny")?;
+        std::fs::write(
+            format!("/proc/{}/gid_map", self.pid),
+            format!("0 {gid} 1\n"),
+        )
+    }
+
     /// The child's user namespace (after [`Pending::map_ids`]), to map a
     /// mount through.
     pub fn user_namespace(&self) -> io::Result<OwnedFd> {
@@ -674,7 +769,9 @@ unsafe fn child(plan: &Plan, release: RawFd, release_w: RawFd) -> ! {
             fail(c"unshare(CLONE_NEWNS | CLONE_NEWCGROUP)", None);
         }
         // Root of the user namespace: host ids `first` (and no host group).
-        if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0 {
+        if plan.drop_groups
+            && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+        {
             fail(c"setgroups", None);
         }
         if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0 {
@@ -706,6 +803,14 @@ unsafe fn child(plan: &Plan, release: RawFd, release_w: RawFd) -> ! {
         }
         if libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0 {
             fail(c"detaching the old root", None);
+        }
+        // Past the pivot, symbolic links resolve inside the sandbox's root.
+        for d in plan.late_dirs.iter() {
+            if libc::mkdir(d.as_ptr(), 0o755) != 0
+                && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+            {
+                fail(c"mkdir", Some(d));
+            }
         }
         if libc::chdir(plan.workdir.as_ptr()) != 0 {
             fail(c"chdir", Some(&plan.workdir));
@@ -963,4 +1068,168 @@ pub fn probe_namespaces() -> Result<(), String> {
     // SAFETY: reaps the child just made.
     unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), 0) };
     Ok(())
+}
+
+/// Whether an unprivileged server can run sandboxes here: clones a child
+/// into the sandbox's namespaces plus a mount namespace, maps its root to
+/// `uid`/`gid`, and has it mount an overlay in `scratch` (a fresh
+/// directory on the file system sandboxes live on). The outer `Err` says
+/// why no sandbox can run rootless; the inner one why sandboxes get a copy
+/// of the image instead of an overlay.
+pub fn probe_rootless(scratch: &Path, uid: u32, gid: u32) -> Result<Result<(), String>, String> {
+    let prepared = (|| -> io::Result<(CString, CString, CString)> {
+        for d in ["lower", "upper", "work", "merged"] {
+            std::fs::create_dir_all(scratch.join(d))?;
+        }
+        std::fs::write(scratch.join("lower/f"), "x")?;
+        let data = rootless_overlay_options(
+            &scratch.join("lower"),
+            &scratch.join("upper"),
+            &scratch.join("work"),
+        );
+        Ok((
+            cstring(scratch.join("merged").as_os_str().as_bytes())?,
+            c(&data)?,
+            cstring(scratch.join("merged/f").as_os_str().as_bytes())?,
+        ))
+    })();
+    let overlay = match &prepared {
+        Ok((target, data, file)) => Some((target.as_c_str(), data.as_c_str(), file.as_c_str())),
+        Err(_) => None,
+    };
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!(
+            "cannot make a pipe: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fresh descriptors owned by nothing else.
+    let (release_r, release_w) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: a raw clone without CLONE_VM behaves like fork; the child
+    // runs only `probe_child`, system calls on memory prepared above.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (CLONE_FLAGS | libc::CLONE_NEWNS | libc::SIGCHLD) as libc::c_ulong,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+        return Err(format!(
+            "an unprivileged process may not clone into new user, mount, PID, network, UTS and \
+             IPC namespaces here: {e} (user.max_user_namespaces is {}; \
+             kernel.unprivileged_userns_clone, an AppArmor or seccomp policy, or a container \
+             around StacyVM may forbid them)",
+            max.trim()
+        ));
+    }
+    if pid == 0 {
+        // SAFETY: this is the child; see above.
+        unsafe { probe_child(release_r.as_raw_fd(), release_w.as_raw_fd(), overlay) }
+    }
+    let pid = pid as i32;
+    drop(release_r);
+    let mapped = (|| -> io::Result<()> {
+        std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {uid} 1\n"))?;
+        std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
+        std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {gid} 1\n"))
+    })();
+    if mapped.is_ok() {
+        // SAFETY: writes one byte from a static buffer to our pipe end.
+        unsafe { libc::write(release_w.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+    }
+    drop(release_w);
+    let mut status = 0;
+    // SAFETY: reaps the child just made; `status` is valid for the call.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if let Err(e) = mapped {
+        return Err(format!(
+            "cannot map the server's own uid {uid} and gid {gid} into a new user namespace: {e}"
+        ));
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    match code {
+        0 => Ok(match prepared {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("cannot prepare the overlay probe: {e}")),
+        }),
+        2 => Ok(Err(
+            "an overlay mounted inside a user namespace failed (Linux 5.11 or later, and user \
+             extended attributes on the data dir's file system, are needed)"
+                .into(),
+        )),
+        5 => Ok(Err(
+            "an overlay mounted inside a user namespace cannot be written".into(),
+        )),
+        3 => Err("the child cannot become root of its user namespace".into()),
+        4 => Err("the child cannot make its mounts private".into()),
+        _ => Err(format!(
+            "the namespace probe child ended with status {status:#x}"
+        )),
+    }
+}
+
+/// The probe's child: waits for its map, becomes root of its namespace and
+/// tries the overlay. The exit code tells the parent what failed.
+///
+/// # Safety
+/// Only in the child of [`probe_rootless`]'s clone.
+unsafe fn probe_child(
+    release: RawFd,
+    release_w: RawFd,
+    overlay: Option<(&CStr, &CStr, &CStr)>,
+) -> ! {
+    // SAFETY: system calls on memory prepared before the clone.
+    unsafe {
+        libc::close(release_w);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let mut byte = 0u8;
+        if libc::read(release, (&mut byte as *mut u8).cast(), 1) != 1 {
+            libc::_exit(1);
+        }
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+        {
+            libc::_exit(3);
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            libc::_exit(4);
+        }
+        if let Some((target, data, file)) = overlay {
+            if libc::mount(
+                c"overlay".as_ptr(),
+                target.as_ptr(),
+                c"overlay".as_ptr(),
+                libc::MS_NODEV,
+                data.as_ptr().cast(),
+            ) != 0
+            {
+                libc::_exit(2);
+            }
+            let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_APPEND);
+            if fd < 0 || libc::write(fd, b"y".as_ptr().cast(), 1) != 1 {
+                libc::_exit(5);
+            }
+        }
+        libc::_exit(0)
+    }
 }

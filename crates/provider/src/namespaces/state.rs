@@ -52,6 +52,10 @@ pub struct SandboxMeta {
     /// The host ids of the sandbox's user namespace.
     pub ids: IdBlock,
     pub workdir: String,
+    /// Made by a server that was not root: `ids` are the server's own, and
+    /// the root is mounted in the sandbox's namespaces alone.
+    #[serde(default)]
+    pub rootless: bool,
 }
 
 impl SandboxMeta {

@@ -80,6 +80,39 @@ pub fn make_run_dir(run: &Path, owner: Owner) -> Result<()> {
     Ok(())
 }
 
+/// Rootless: creates the run directory as a plain directory only the
+/// server's user may enter (an unprivileged server cannot mount a tmpfs on
+/// the host), with the socket directory and the root's mount point in it.
+/// The sandbox's root is the server's user here, so nothing is handed over.
+pub fn make_run_dir_rootless(run: &Path) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| {
+        Error::internal(format_args!("{what} {}", run.display()), e)
+    };
+    if let Some(parent) = run.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| io("creating the parent of", e))?;
+    }
+    mkdir(run, 0o700, None).map_err(|e| io("creating", e))?;
+    mkdir(&socket_dir_of(run), 0o700, None).map_err(|e| io("furnishing", e))?;
+    mkdir(&root_of(run), 0o755, None).map_err(|e| io("furnishing", e))?;
+    Ok(())
+}
+
+/// Rootless: the writable layer of an overlay the sandbox mounts itself,
+/// `(upper, work)` in the sandbox directory `dir`.
+pub fn make_overlay_dirs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (upper, work) = (dir.join("upper"), dir.join("work"));
+    mkdir(&upper, 0o755, None)
+        .and_then(|()| mkdir(&work, 0o700, None))
+        .map_err(|e| {
+            Error::internal(format_args!("creating the overlay in {}", dir.display()), e)
+        })?;
+    Ok((upper, work))
+}
+
 /// Whether this host can give sandboxes an overlay over an ID-mapped view
 /// of the catalog: root, overlayfs, ID-mapped mounts of the data dir's file
 /// system. `Err` says why not.
@@ -182,6 +215,19 @@ fn mount_overlay(
 /// Copies the catalog rootfs into the sandbox directory, hands what root
 /// owned to `owner`, and binds it on `target`.
 async fn copy_root(lower: &Path, dir: &Path, target: &Path, owner: Owner) -> Result<()> {
+    let dst = copy_rootfs(lower, dir).await?;
+    let (dst2, target2) = (dst.clone(), target.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        mounts::chown_tree(&dst2, Owner { uid: 0, gid: 0 }, owner)?;
+        mounts::bind(&dst2, &target2)
+    })
+    .await
+    .map_err(|e| Error::internal("preparing the rootfs copy", e))?
+    .map_err(|e| Error::internal(format_args!("preparing {}", dst.display()), e))
+}
+
+/// Copies the catalog rootfs to `<dir>/rootfs` and returns that path.
+pub async fn copy_rootfs(lower: &Path, dir: &Path) -> Result<PathBuf> {
     let dst = dir.join("rootfs");
     std::fs::create_dir(&dst)
         .map_err(|e| Error::internal(format_args!("creating {}", dst.display()), e))?;
@@ -201,14 +247,7 @@ async fn copy_root(lower: &Path, dir: &Path, target: &Path, owner: Owner) -> Res
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let (dst2, target2) = (dst.clone(), target.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        mounts::chown_tree(&dst2, Owner { uid: 0, gid: 0 }, owner)?;
-        mounts::bind(&dst2, &target2)
-    })
-    .await
-    .map_err(|e| Error::internal("preparing the rootfs copy", e))?
-    .map_err(|e| Error::internal(format_args!("preparing {}", dst.display()), e))
+    Ok(dst)
 }
 
 /// Hands the sandbox's environment to its agent in `socket_dir/env`, a file

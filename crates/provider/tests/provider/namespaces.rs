@@ -118,6 +118,7 @@ async fn health_reports_the_namespaces_and_the_limits() -> anyhow::Result<()> {
         "root: an overlay",
         "limits enforced: pids, memory, cpu",
         "egress is unsupported",
+        "mode: root;",
     ] {
         ensure!(
             health.detail.contains(want),
@@ -125,6 +126,15 @@ async fn health_reports_the_namespaces_and_the_limits() -> anyhow::Result<()> {
             health.detail
         );
     }
+    let mode = h
+        .provider()
+        .mode()
+        .context("the namespaces provider reports a mode")?;
+    ensure!(mode.mode == "root", "{mode:?}");
+    ensure!(
+        mode.not_enforced.is_empty(),
+        "a host with every controller enforces every limit: {mode:?}"
+    );
     Ok(())
 }
 
@@ -354,6 +364,14 @@ async fn destroy_kills_processes_that_left_the_session() -> anyhow::Result<()> {
 async fn without_cgroups_destroy_still_kills_processes_that_left_the_session() -> anyhow::Result<()>
 {
     let h = fallback_harness().await?;
+    let mode = h
+        .provider()
+        .mode()
+        .context("the namespaces provider reports a mode")?;
+    ensure!(
+        mode.mode == "root" && mode.not_enforced == ["memory", "cpu", "pids", "pause"],
+        "without cgroups no limit is enforced: {mode:?}"
+    );
     let id = h.spawn_default().await?;
     let r = h.provider().pause(&id).await;
     ensure!(

@@ -256,6 +256,7 @@ impl Worker for RemoteWorker {
                         healthy: p.healthy,
                         detail: p.detail,
                     },
+                    mode: None,
                 })
                 .collect(),
             // A worker that cannot be asked has no usable provider.
@@ -268,6 +269,7 @@ impl Worker for RemoteWorker {
                         healthy: false,
                         detail: e.message(),
                     },
+                    mode: None,
                 })
                 .collect(),
         }

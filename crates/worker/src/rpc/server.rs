@@ -138,6 +138,7 @@ impl WorkerRpc {
             out.push(ProviderHealth {
                 name: p.name().to_owned(),
                 health: p.health().await,
+                mode: p.mode(),
             });
         }
         out

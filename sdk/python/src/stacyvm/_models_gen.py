@@ -435,6 +435,12 @@ class ProviderStatus:
     healthy: bool
     #: The version in use, or why not healthy and the fix.
     detail: str = ""
+    #: How the provider runs on this host, for a provider with more than
+    #: one way (`namespaces`: `root` or `rootless`); absent for the others.
+    mode: Optional[str] = None
+    #: The sandbox limits the provider does not enforce on this host
+    #: (`memory`, `cpu`, `pids`, `pause`), reported with `mode`.
+    not_enforced: Optional[List[str]] = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Self:
@@ -442,6 +448,8 @@ class ProviderStatus:
             name=str(d.get("name", "")),
             healthy=bool(d.get("healthy", False)),
             detail=str(d.get("detail", "")),
+            mode=_w.opt(str, d.get("mode")),
+            not_enforced=None if d.get("not_enforced") is None else [str(x) for x in _w.items(d.get("not_enforced"))],
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -449,6 +457,8 @@ class ProviderStatus:
             "name": self.name,
             "healthy": self.healthy,
             "detail": self.detail,
+            "mode": self.mode,
+            "not_enforced": None if self.not_enforced is None else list(self.not_enforced),
         }
 
 

@@ -272,7 +272,17 @@ export interface ProviderStatus {
   /** The version in use, or why not healthy and the fix. */
   detail?: string;
   healthy: boolean;
+  /**
+   * How the provider runs on this host, for a provider with more than
+   * one way (`namespaces`: `root` or `rootless`); absent for the others.
+   */
+  mode?: string | null;
   name: string;
+  /**
+   * The sandbox limits the provider does not enforce on this host
+   * (`memory`, `cpu`, `pids`, `pause`), reported with `mode`.
+   */
+  not_enforced?: string[] | null;
 }
 
 /**
