@@ -129,3 +129,70 @@ pub(crate) fn no_host_files() -> ToolError {
         )
     }
 }
+
+/// Reads `limit` bytes from `offset` of a byte stream, and whether the
+/// stream goes on, without keeping what comes before or after.
+pub async fn read_window<S, B, E>(mut stream: S, offset: u64, limit: usize) -> Result<FileChunk, E>
+where
+    S: futures_util::Stream<Item = Result<B, E>> + Unpin,
+    B: AsRef<[u8]>,
+{
+    use futures_util::StreamExt;
+    let mut skip = offset;
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let mut bytes = chunk.as_ref();
+        if skip > 0 {
+            let n = (bytes.len() as u64).min(skip) as usize;
+            skip -= n as u64;
+            bytes = &bytes[n..];
+        }
+        let room = limit - data.len();
+        if bytes.len() > room {
+            data.extend_from_slice(&bytes[..room]);
+            return Ok(FileChunk { data, more: true });
+        }
+        data.extend_from_slice(bytes);
+        if data.len() == limit {
+            // The file may end exactly here: look for one more byte.
+            while let Some(next) = stream.next().await {
+                if !next?.as_ref().is_empty() {
+                    return Ok(FileChunk { data, more: true });
+                }
+            }
+            return Ok(FileChunk { data, more: false });
+        }
+    }
+    Ok(FileChunk { data, more: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn windows_of_a_stream() {
+        let chunks = || {
+            futures_util::stream::iter(
+                ["abc", "", "defg", "h"].map(|c| Ok::<_, std::io::Error>(c.as_bytes().to_vec())),
+            )
+        };
+        for (offset, limit, want, more) in [
+            (0, 100, "abcdefgh", false),
+            (0, 8, "abcdefgh", false),
+            (0, 7, "abcdefg", true),
+            (2, 3, "cde", true),
+            (3, 5, "defgh", false),
+            (7, 5, "h", false),
+            (20, 5, "", false),
+        ] {
+            let got = read_window(chunks(), offset, limit).await.unwrap();
+            assert_eq!(
+                (String::from_utf8(got.data).unwrap().as_str(), got.more),
+                (want, more),
+                "offset {offset} limit {limit}"
+            );
+        }
+    }
+}

@@ -9,7 +9,7 @@ pub mod jsonrpc;
 mod session;
 mod tools;
 
-pub use backend::{Backend, ExecResult, FileChunk, ToolError};
+pub use backend::{read_window, Backend, ExecResult, FileChunk, ToolError};
 pub use session::{CloseReport, Options, Session, Transport};
 
 /// Protocol revisions this server speaks, newest first. A client asking
