@@ -8,6 +8,9 @@ pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 pub const INTERNAL_ERROR: i64 = -32603;
+/// The request's protocol version is not one the server speaks (`data`
+/// lists the supported ones).
+pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 
 /// One message from the client.
 #[derive(Debug, PartialEq)]
@@ -93,6 +96,32 @@ pub fn result(id: Value, result: Value) -> Value {
 
 pub fn error(id: Value, code: i64, message: impl Into<String>) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message.into()}})
+}
+
+/// A protocol error, as the session hands it to the transport.
+#[derive(Debug, PartialEq)]
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    pub fn new(code: i64, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    pub fn to_response(&self, id: Value) -> Value {
+        let mut v = error(id, self.code, self.message.clone());
+        if let Some(d) = &self.data {
+            v["error"]["data"] = d.clone();
+        }
+        v
+    }
 }
 
 #[cfg(test)]

@@ -12,10 +12,27 @@ mod tools;
 pub use backend::{read_window, Backend, ExecResult, FileChunk, ToolError};
 pub use session::{CloseReport, Options, Session, Transport};
 
-/// Protocol revisions this server speaks, newest first. A client asking
-/// for one of them gets it; any other request is answered with the newest,
-/// which the client may accept or refuse (the MCP negotiation rule).
-pub const PROTOCOL_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+/// Protocol revisions this server speaks, newest first: the stateless
+/// revisions (each request names its version in `_meta`; `server/discover`
+/// instead of a handshake) and the revisions of the `initialize` handshake.
+pub const PROTOCOL_VERSIONS: &[&str] = &[
+    "2026-07-28",
+    "2025-11-25",
+    "2025-06-18",
+    "2025-03-26",
+    "2024-11-05",
+];
+
+/// The stateless revisions among them.
+pub const STATELESS_VERSIONS: &[&str] = &["2026-07-28"];
+
+/// The revisions the `initialize` handshake negotiates, newest first. A
+/// client asking for one of them gets it; any other request is answered
+/// with the newest, which the client may accept or refuse.
+pub const HANDSHAKE_VERSIONS: &[&str] = &["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+
+/// Where a stateless request names its protocol version.
+pub const VERSION_META_KEY: &str = "io.modelcontextprotocol/protocolVersion";
 
 /// The label every sandbox created through MCP carries: the session's id.
 pub const SESSION_LABEL: &str = "mcp-session";

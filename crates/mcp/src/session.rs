@@ -7,9 +7,12 @@ use std::sync::Mutex;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
-use crate::jsonrpc::{self, Incoming};
+use crate::jsonrpc::{self, Incoming, RpcError};
 use crate::tools;
-use crate::{KEEP_LABEL, PROTOCOL_VERSIONS, SESSION_LABEL};
+use crate::{
+    HANDSHAKE_VERSIONS, KEEP_LABEL, PROTOCOL_VERSIONS, SESSION_LABEL, STATELESS_VERSIONS,
+    VERSION_META_KEY,
+};
 
 /// How the client reaches the server: it decides which tools exist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +78,7 @@ impl<B: Backend> Session<B> {
             state: Mutex::new(State {
                 initialized: false,
                 version_set: false,
-                version: PROTOCOL_VERSIONS[0],
+                version: HANDSHAKE_VERSIONS[0],
             }),
         }
     }
@@ -93,7 +96,7 @@ impl<B: Backend> Session<B> {
             return None;
         }
         let version = match version {
-            None => PROTOCOL_VERSIONS[0],
+            None => HANDSHAKE_VERSIONS[0],
             Some(v) => *PROTOCOL_VERSIONS.iter().find(|s| **s == v)?,
         };
         Some(Session {
@@ -112,7 +115,8 @@ impl<B: Backend> Session<B> {
         &self.id
     }
 
-    /// The negotiated protocol version (the newest until `initialize`).
+    /// The negotiated protocol version of the handshake (the newest until
+    /// `initialize`).
     pub fn version(&self) -> &'static str {
         self.lock().version
     }
@@ -182,30 +186,65 @@ impl<B: Backend> Session<B> {
             Incoming::Request { id, method, params } => {
                 Some(match self.request(&method, params).await {
                     Ok(result) => jsonrpc::result(id, result),
-                    Err((code, message)) => jsonrpc::error(id, code, message),
+                    Err(e) => e.to_response(id),
                 })
             }
         }
     }
 
-    async fn request(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
-        match method {
-            "initialize" => Ok(self.initialize(&params)),
-            "ping" => Ok(json!({})),
-            _ if !self.lock().initialized && !self.initialize_seen() => Err((
-                jsonrpc::INVALID_REQUEST,
-                "the session is not initialized: send initialize first".into(),
-            )),
-            "tools/list" => Ok(tools::list(self.version(), self.host_tools())),
-            "tools/call" => tools::call(self, params).await,
-            "resources/list" => Ok(json!({"resources": []})),
-            "resources/templates/list" => Ok(json!({"resourceTemplates": []})),
-            "prompts/list" => Ok(json!({"prompts": []})),
-            other => Err((
-                jsonrpc::METHOD_NOT_FOUND,
-                format!("method not found: {other}"),
-            )),
+    async fn request(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+        // A stateless request names its version itself and needs no
+        // handshake; everything else uses the session's.
+        let stateless = match params
+            .get("_meta")
+            .and_then(|m| m.get(VERSION_META_KEY))
+            .map(|v| v.as_str())
+        {
+            None => None,
+            Some(Some(v)) if STATELESS_VERSIONS.contains(&v) => {
+                STATELESS_VERSIONS.iter().find(|s| **s == v).copied()
+            }
+            Some(asked) => return Err(unsupported_version(asked.unwrap_or(""))),
+        };
+        if method == "server/discover" {
+            return Ok(discover());
         }
+        if method == "initialize" {
+            return Ok(self.initialize(&params));
+        }
+        let version = match stateless {
+            Some(v) => v,
+            None if method == "ping" => return Ok(json!({})),
+            None if !self.lock().initialized && !self.initialize_seen() => {
+                return Err(RpcError::new(
+                    jsonrpc::INVALID_REQUEST,
+                    "the session is not initialized: send initialize (or server/discover and a versioned request) first",
+                ))
+            }
+            None => self.version(),
+        };
+        let mut result = match method {
+            "ping" => json!({}),
+            "tools/list" => tools::list(version, self.host_tools()),
+            "tools/call" => tools::call(self, version, params).await?,
+            "resources/list" => json!({"resources": []}),
+            "resources/templates/list" => json!({"resourceTemplates": []}),
+            "prompts/list" => json!({"prompts": []}),
+            other => {
+                return Err(RpcError::new(
+                    jsonrpc::METHOD_NOT_FOUND,
+                    format!("method not found: {other}"),
+                ))
+            }
+        };
+        if stateless.is_some() {
+            result["resultType"] = json!("complete");
+            if method.ends_with("/list") {
+                result["ttlMs"] = json!(0);
+                result["cacheScope"] = json!("private");
+            }
+        }
+        Ok(result)
     }
 
     /// A client that sent `initialize` but whose `initialized`
@@ -219,8 +258,8 @@ impl<B: Backend> Session<B> {
     fn initialize(&self, params: &Value) -> Value {
         let asked = params.get("protocolVersion").and_then(Value::as_str);
         let version = asked
-            .and_then(|a| PROTOCOL_VERSIONS.iter().find(|v| **v == a).copied())
-            .unwrap_or(PROTOCOL_VERSIONS[0]);
+            .and_then(|a| HANDSHAKE_VERSIONS.iter().find(|v| **v == a).copied())
+            .unwrap_or(HANDSHAKE_VERSIONS[0]);
         {
             let mut st = self.lock();
             st.version = version;
@@ -229,11 +268,7 @@ impl<B: Backend> Session<B> {
         json!({
             "protocolVersion": version,
             "capabilities": {"tools": {"listChanged": false}},
-            "serverInfo": {
-                "name": "stacyvm",
-                "title": "StacyVM sandboxes",
-                "version": env!("CARGO_PKG_VERSION"),
-            },
+            "serverInfo": server_info(),
             "instructions": INSTRUCTIONS,
         })
     }
@@ -278,6 +313,38 @@ impl<B: Backend> Session<B> {
             }
         }
         report
+    }
+}
+
+fn server_info() -> Value {
+    json!({
+        "name": "stacyvm",
+        "title": "StacyVM sandboxes",
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// The `server/discover` result of the stateless revisions.
+fn discover() -> Value {
+    json!({
+        "supportedVersions": PROTOCOL_VERSIONS,
+        "capabilities": {"tools": {"listChanged": false}},
+        "instructions": INSTRUCTIONS,
+        "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
+        "_meta": {"io.modelcontextprotocol/serverInfo": server_info()},
+    })
+}
+
+fn unsupported_version(asked: &str) -> RpcError {
+    RpcError {
+        code: jsonrpc::UNSUPPORTED_PROTOCOL_VERSION,
+        message: format!(
+            "unsupported protocol version {asked:?}; supported: {}",
+            PROTOCOL_VERSIONS.join(", ")
+        ),
+        data: Some(json!({"supported": PROTOCOL_VERSIONS, "requested": asked})),
     }
 }
 

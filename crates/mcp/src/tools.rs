@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use stacyvm_api as api;
 
 use crate::backend::{no_host_files, Backend, ToolError};
-use crate::jsonrpc;
+use crate::jsonrpc::{self, RpcError};
 use crate::session::Session;
 use crate::{KEEP_LABEL, OUTPUT_CAP, SESSION_LABEL};
 
@@ -277,23 +277,26 @@ pub(crate) fn list(version: &str, host_tools: bool) -> Value {
 /// the model can correct them) is a result with `isError`.
 pub(crate) async fn call<B: Backend>(
     session: &Session<B>,
+    version: &str,
     params: Value,
-) -> Result<Value, (i64, String)> {
+) -> Result<Value, RpcError> {
     let name = params
         .get("name")
         .and_then(Value::as_str)
-        .ok_or((
-            jsonrpc::INVALID_PARAMS,
-            "tools/call needs a string \"name\"".to_owned(),
-        ))?
+        .ok_or_else(|| {
+            RpcError::new(
+                jsonrpc::INVALID_PARAMS,
+                "tools/call needs a string \"name\"",
+            )
+        })?
         .to_owned();
     let args = match params.get("arguments") {
         None | Some(Value::Null) => json!({}),
         Some(a @ Value::Object(_)) => a.clone(),
         Some(_) => {
-            return Err((
+            return Err(RpcError::new(
                 jsonrpc::INVALID_PARAMS,
-                "tools/call \"arguments\" must be an object".into(),
+                "tools/call \"arguments\" must be an object",
             ))
         }
     };
@@ -315,13 +318,13 @@ pub(crate) async fn call<B: Backend>(
         } else {
             ""
         };
-        return Err((
+        return Err(RpcError::new(
             jsonrpc::INVALID_PARAMS,
             format!("unknown tool {name:?}{hint}"),
         ));
     }
     let outcome = run(session, &name, args).await;
-    Ok(render(session.version(), outcome))
+    Ok(render(version, outcome))
 }
 
 fn render(version: &str, outcome: Result<Outcome, ToolError>) -> Value {

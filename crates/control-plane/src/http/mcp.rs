@@ -5,10 +5,12 @@
 //! `"via": "mcp"` in its detail. Host file transfer tools do not exist
 //! here: they belong to the local stdio server alone.
 //!
-//! Sessions are stateless on the server: `initialize` hands out an
+//! Sessions keep no state on the server: `initialize` hands out an
 //! `Mcp-Session-Id`, sandboxes created in the session carry it as a label,
 //! and `DELETE /mcp` destroys them (except those created with `keep`), so
-//! any control-plane replica can serve any request of a session.
+//! any control-plane replica can serve any request of a session. Requests
+//! of the stateless revision (`server/discover`, a version in `_meta`)
+//! belong to no session: their sandboxes live until destroyed or expired.
 
 use std::sync::Arc;
 
@@ -400,7 +402,18 @@ pub async fn mcp_post(State(s): State<AppState>, Auth(who): Auth, req: Request) 
         }
     };
     let initializing = msg.get("method").and_then(Value::as_str) == Some("initialize");
-    let session = if initializing {
+    // The stateless revision has no session: each request stands alone.
+    let stateless = msg.get("method").and_then(Value::as_str) == Some("server/discover")
+        || msg
+            .get("params")
+            .and_then(|p| p.get("_meta"))
+            .and_then(|m| m.get(stacyvm_mcp::VERSION_META_KEY))
+            .is_some()
+        || headers
+            .get(VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| stacyvm_mcp::STATELESS_VERSIONS.contains(&v));
+    let session = if initializing || stateless {
         Session::new(b, options())
     } else {
         match resumed(b, &headers) {

@@ -153,7 +153,10 @@ async fn versions_are_negotiated() {
         ("2025-06-18", "2025-06-18"),
         ("2025-03-26", "2025-03-26"),
         ("2024-11-05", "2024-11-05"),
-        ("1999-01-01", crate::PROTOCOL_VERSIONS[0]),
+        ("1999-01-01", crate::HANDSHAKE_VERSIONS[0]),
+        // The stateless revision has no handshake: the newest handshake
+        // revision is offered instead.
+        ("2026-07-28", crate::HANDSHAKE_VERSIONS[0]),
     ] {
         let (s, _) = session(Transport::Stdio);
         let r = init(&s, asked).await;
@@ -370,6 +373,55 @@ async fn closing_destroys_what_the_session_made_except_kept() {
         .map(|s| s.id.clone())
         .collect();
     assert_eq!(left, vec!["sbx_other".to_owned(), kept_id]);
+}
+
+#[tokio::test]
+async fn stateless_requests_need_no_handshake() {
+    let (s, _) = session(Transport::Stdio);
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}});
+    let r = send(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": meta}}),
+    )
+    .await;
+    let versions = r["result"]["supportedVersions"]
+        .as_array()
+        .expect("versions");
+    assert!(versions.contains(&json!("2026-07-28")), "{r}");
+    assert!(versions.contains(&json!("2025-06-18")), "{r}");
+    assert_eq!(r["result"]["resultType"], "complete");
+    let r = send(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"_meta": meta}}),
+    )
+    .await;
+    assert_eq!(r["result"]["resultType"], "complete", "{r}");
+    assert!(r["result"]["tools"].as_array().unwrap().len() >= 8);
+    let r = send(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"_meta": meta, "name": "create_sandbox", "arguments": {}}}),
+    )
+    .await;
+    assert_eq!(r["result"]["resultType"], "complete", "{r}");
+    assert_eq!(r["result"]["structuredContent"]["image"], "busybox", "{r}");
+    let r = send(
+        &s,
+        json!({"jsonrpc": "2.0", "id": 4, "method": "tools/list",
+            "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": "2099-01-01"}}}),
+    )
+    .await;
+    assert_eq!(
+        r["error"]["code"],
+        jsonrpc::UNSUPPORTED_PROTOCOL_VERSION,
+        "{r}"
+    );
+    assert_eq!(r["error"]["data"]["requested"], "2099-01-01");
+    assert!(r["error"]["data"]["supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("2026-07-28")));
 }
 
 #[test]
