@@ -71,6 +71,7 @@ pub(crate) fn list(version: &str, host_tools: bool) -> Value {
                 "type": "object",
                 "properties": {
                     "image": {"type": "string", "description": "Image to run, e.g. \"python:3.12-slim\" or a name from the server's image catalog. Defaults to the server's configured image when there is one."},
+                    "provider": {"type": "string", "description": "Isolation backend (docker, namespaces, qemu, …). Leave it out to use the server's default."},
                     "cpu": {"type": "number", "description": "CPU cores (e.g. 0.5, 2)."},
                     "memory_mb": {"type": "integer", "description": "Memory limit in MiB."},
                     "timeout_s": {"type": "integer", "description": "Seconds until the sandbox is destroyed automatically."},
@@ -377,6 +378,7 @@ async fn run<B: Backend>(s: &Session<B>, name: &str, a: Value) -> Result<Outcome
 #[serde(deny_unknown_fields)]
 struct CreateArgs {
     image: Option<String>,
+    provider: Option<String>,
     cpu: Option<f64>,
     memory_mb: Option<i64>,
     timeout_s: Option<i64>,
@@ -419,6 +421,7 @@ async fn create_sandbox<B: Backend>(s: &Session<B>, a: CreateArgs) -> Result<Out
     }
     let spec = api::CreateSandbox {
         image: Some(image),
+        provider: a.provider,
         cpu: a.cpu,
         memory_mb: a.memory_mb,
         timeout_s: a.timeout_s,
@@ -582,7 +585,7 @@ async fn run_code<B: Backend>(s: &Session<B>, a: CodeArgs) -> Result<Outcome, To
     })?;
     // Which interpreter the image has, found by the sandbox's own shell.
     let probe = format!(
-        "for c in {}; do command -v \"$c\" && exit 0; done; exit 1",
+        "for c in {}; do if command -v \"$c\" >/dev/null 2>&1; then echo \"$c\"; exit 0; fi; done; exit 1",
         candidates.join(" ")
     );
     let found = s
@@ -600,7 +603,7 @@ async fn run_code<B: Backend>(s: &Session<B>, a: CodeArgs) -> Result<Outcome, To
         .lines()
         .next()
         .map(str::trim)
-        .filter(|l| found.exit_code == Some(0) && l.starts_with('/'))
+        .filter(|l| found.exit_code == Some(0) && candidates.contains(l))
         .map(str::to_owned);
     let Some(interpreter) = interpreter else {
         return Err(ToolError::new(
