@@ -336,23 +336,25 @@ fn options() -> Options {
     }
 }
 
-/// The session a request belongs to, from its headers; the error response
-/// when they do not name one this server could have made.
-fn resumed(b: AppBackend, headers: &HeaderMap) -> Result<Session<AppBackend>, Response> {
+/// The session a request belongs to, from its headers; the status and
+/// message to answer with when they do not name one this server could
+/// have made.
+fn resumed(
+    b: AppBackend,
+    headers: &HeaderMap,
+) -> Result<Session<AppBackend>, (StatusCode, String)> {
     let Some(id) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
-        return Err(rpc_error_response(
+        return Err((
             StatusCode::BAD_REQUEST,
-            jsonrpc::INVALID_REQUEST,
-            "missing Mcp-Session-Id header: send initialize first",
+            "missing Mcp-Session-Id header: send initialize first".into(),
         ));
     };
     let version = headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok());
     if let Some(v) = version {
         if !stacyvm_mcp::PROTOCOL_VERSIONS.contains(&v) {
-            return Err(rpc_error_response(
+            return Err((
                 StatusCode::BAD_REQUEST,
-                jsonrpc::INVALID_REQUEST,
-                &format!(
+                format!(
                     "unsupported MCP-Protocol-Version {v:?}; supported: {}",
                     stacyvm_mcp::PROTOCOL_VERSIONS.join(", ")
                 ),
@@ -360,10 +362,9 @@ fn resumed(b: AppBackend, headers: &HeaderMap) -> Result<Session<AppBackend>, Re
         }
     }
     Session::resume(b, options(), id, version).ok_or_else(|| {
-        rpc_error_response(
+        (
             StatusCode::NOT_FOUND,
-            jsonrpc::INVALID_REQUEST,
-            "unknown MCP session: initialize a new one",
+            "unknown MCP session: initialize a new one".into(),
         )
     })
 }
@@ -418,7 +419,9 @@ pub async fn mcp_post(State(s): State<AppState>, Auth(who): Auth, req: Request) 
     } else {
         match resumed(b, &headers) {
             Ok(s) => s,
-            Err(r) => return r,
+            Err((status, msg)) => {
+                return rpc_error_response(status, jsonrpc::INVALID_REQUEST, &msg)
+            }
         }
     };
     match session.handle_message(msg).await {
@@ -448,7 +451,7 @@ pub async fn mcp_delete(State(s): State<AppState>, Auth(who): Auth, req: Request
     let b = backend(&s, who, &req);
     let session = match resumed(b, req.headers()) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err((status, msg)) => return rpc_error_response(status, jsonrpc::INVALID_REQUEST, &msg),
     };
     let report = session.close().await;
     if report.failed.is_empty() {
