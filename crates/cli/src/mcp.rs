@@ -268,7 +268,11 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
 }
 
 pub async fn run(args: McpArgs) -> Result<std::process::ExitCode> {
-    let mut b = Client::builder().url(&args.url);
+    // The user agent tells an operator reading the server's log which
+    // calls came through an agent.
+    let mut b = Client::builder()
+        .url(&args.url)
+        .user_agent(concat!("stacyvm-mcp/", env!("CARGO_PKG_VERSION")));
     if let Some(k) = &args.api_key {
         b = b.api_key(k);
     }

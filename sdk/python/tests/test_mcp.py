@@ -255,6 +255,15 @@ async def test_http_endpoint(server: Server, client: stacyvm.Client, member: Tup
         ok(await call(c, "write_file", {"sandbox_id": sid, "path": "/w.txt", "content": "w"}))
         assert ok(await call(c, "read_file", {"sandbox_id": sid, "path": "/w.txt"}))["content"] == "w"
         assert err(await call(c, "run_command", {"sandbox_id": "sbx_nope", "command": "true"}))["code"] == "not_found"
+        # Another tenant's sandbox (the admin's own) is not there for this key.
+        with client.sandbox(image=IMAGE, provider="docker") as theirs:
+            e = err(await call(c, "run_command", {"sandbox_id": theirs.id, "command": "true"}))
+            assert e["code"] == "not_found"
+            assert err(await call(c, "destroy_sandbox", {"sandbox_id": theirs.id}))["code"] == "not_found"
+            assert theirs.refresh().state == "running"
+            refused = [e for e in client.list_audit(sandbox_id=theirs.id, outcome="denied", limit=1000)]
+            assert {e.action for e in refused} == {"sandbox.exec", "sandbox.destroy"}, refused
+            assert all(e.tenant_id == tenant_id and (e.detail or {}).get("via") == "mcp" for e in refused)
     # Audited as the /v1 calls, marked as MCP's, under the member's tenant.
     events = [e for e in client.list_audit(sandbox_id=sid, limit=1000)]
     actions = {e.action for e in events if (e.detail or {}).get("via") == "mcp"}

@@ -141,7 +141,13 @@ impl super::App {
         }
         let mut detail = call.detail.unwrap_or(serde_json::Value::Null);
         if cross_tenant {
+            // Only the reason, plus the channel the call came through (an
+            // MCP tool call says `via`).
+            let via = detail.get("via").cloned();
             detail = serde_json::json!({"reason": "the sandbox belongs to another tenant"});
+            if let Some(via) = via {
+                detail["via"] = via;
+            }
         }
         if !detail.is_object() {
             detail = serde_json::json!({});
