@@ -378,3 +378,83 @@ pub async fn run(args: McpArgs) -> Result<std::process::ExitCode> {
         std::process::ExitCode::FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_read_whole_and_oversized_ones_skipped() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"{\"a\":1}\n");
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend_from_slice(b"\n{\"b\":2}");
+        let mut reader = BufReader::new(&input[..]);
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_line(&mut reader, &mut buf).await.unwrap(),
+            Some(Ok(()))
+        );
+        assert_eq!(buf, b"{\"a\":1}\n");
+        assert_eq!(
+            read_line(&mut reader, &mut buf).await.unwrap(),
+            Some(Err(()))
+        );
+        assert_eq!(
+            read_line(&mut reader, &mut buf).await.unwrap(),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            buf, b"{\"b\":2}",
+            "the line after the oversized one is intact"
+        );
+        assert_eq!(read_line(&mut reader, &mut buf).await.unwrap(), None);
+    }
+
+    fn backend(root: Option<PathBuf>) -> SdkBackend {
+        SdkBackend {
+            client: Client::builder().url("http://127.0.0.1:9").build().unwrap(),
+            host: Some(root),
+        }
+    }
+
+    #[test]
+    fn host_paths_stay_under_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::write(root.join("in.txt"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
+        let b = backend(Some(root.clone()));
+        let in_txt = root.join("in.txt");
+        assert_eq!(
+            b.host_path(in_txt.to_str().unwrap(), false).unwrap(),
+            in_txt
+        );
+        assert_eq!(
+            b.host_path("in.txt", false).unwrap(),
+            in_txt,
+            "relative to the root"
+        );
+        for (raw, writing) in [
+            ("/etc/passwd", false),
+            ("../x", true),
+            ("link", false),
+            ("link", true),
+            ("/tmp/x", true),
+        ] {
+            let e = b.host_path(raw, writing).unwrap_err();
+            assert!(e.code == "forbidden" || e.code == "not_found", "{raw}: {e}");
+        }
+        assert!(b.host_path("", false).is_err());
+        let open = backend(None);
+        assert!(open.host_path("/etc/passwd", false).is_ok());
+        let off = SdkBackend {
+            host: None,
+            ..backend(None)
+        };
+        assert_eq!(
+            off.host_path("/etc/passwd", false).unwrap_err().code,
+            "forbidden"
+        );
+    }
+}
