@@ -87,6 +87,22 @@ ensure_cargo() {
   return 1
 }
 
+# ensure_node — Node.js 20.4 or newer (AbortSignal.any, Symbol.asyncDispose)
+# and npm, for the TypeScript SDK. Debian 13 ships Node.js 20; Debian 12's
+# own is 18, too old: there, install a newer Node.js (its packages carry
+# npm) before running this.
+ensure_node() {
+  if ! command -v node >/dev/null 2>&1; then
+    ensure_packages nodejs npm || return 1
+  elif ! command -v npm >/dev/null 2>&1; then
+    ensure_packages npm || return 1
+  fi
+  if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 4) ? 0 : 1)' 2>/dev/null; then
+    log "Node.js $(node --version 2>/dev/null) is too old for the TypeScript SDK: it needs 20.4 or newer"
+    return 1
+  fi
+}
+
 # prepare_test_env ROOT — everything the test suites need: packages, a
 # running dockerd and PostgreSQL, the static agent and the busybox test
 # image; exports STACYVM_TEST_POSTGRES_URL, STACYVM_AGENT_BIN and
@@ -102,6 +118,7 @@ prepare_test_env() {
   # python3-venv: the API fuzzer and the Python SDK tests; sqlite3: the
   # security suite reads the SQLite store with it.
   ensure_packages python3-venv sqlite3 || { log "could not install python3-venv and sqlite3"; return 1; }
+  ensure_node || { log "the TypeScript SDK's tests need Node.js 20.4 or newer and npm"; return 1; }
   ensure_dockerd || return 1
   STACYVM_TEST_POSTGRES_URL="$("$root/scripts/start-postgres.sh")" || { log "PostgreSQL did not start"; return 1; }
   export STACYVM_TEST_POSTGRES_URL

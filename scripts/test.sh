@@ -3,8 +3,8 @@
 # missing (docker.io, proot, busybox-static, PostgreSQL), starts dockerd and
 # PostgreSQL when they are not running, builds the static agent and the
 # busybox test image, then runs formatting and lint checks, every Rust test
-# (nextest) and the Python tests (the SDK's, and the MCP server's through
-# the mcp client).
+# (nextest) and the Python and TypeScript SDKs' tests (the Python ones
+# include the MCP server's, driven by the mcp client).
 set -euo pipefail
 root_dir="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root_dir"
@@ -13,6 +13,8 @@ cd "$root_dir"
 
 python3 scripts/gen-python-models.py --check
 python3 scripts/gen-python-sync.py --check
+ensure_node
+node scripts/gen-ts-types.mjs --check
 prepare_test_env "$root_dir"
 
 log "cargo fmt --check"
@@ -43,6 +45,11 @@ else
 fi
 # Includes tests/test_mcp.py: `stacyvm mcp` and /mcp driven by the mcp client.
 .venv/bin/pytest -q sdk/python/tests
+
+log "TypeScript SDK tests"
+# npm ci installs the pinned compiler from package-lock.json; `npm test`
+# compiles the SDK and its tests and runs them with node's test runner.
+(cd sdk/typescript && npm ci --no-audit --no-fund --loglevel=error && npm test)
 
 log "Rust tests"
 cargo nextest run --workspace --no-fail-fast

@@ -1,0 +1,65 @@
+//! The `stacyvm` package: a typed client for the StacyVM API.
+
+export { Client, type Page, type SandboxOptions, type SandboxListOptions, type AuditListOptions, type Readiness } from "./client.js";
+export {
+  Sandbox,
+  Files,
+  ExecStream,
+  LogStream,
+  modeString,
+  type Command,
+  type ExecOptions,
+  type ExecResult,
+  type ExecEvent,
+  type OutputEvent,
+  type ExitEvent,
+  type Mode,
+} from "./sandbox.js";
+export {
+  DEFAULT_URL,
+  DEFAULT_TIMEOUT_MS,
+  VERSION,
+  type ClientOptions,
+  type CallOptions,
+  type RetryOptions,
+  type RetryInfo,
+} from "./http.js";
+export { type Upload } from "./body.js";
+export { SSEDecoder, type SSEEvent } from "./sse.js";
+export * from "./errors.js";
+// The API's shapes, as the server's OpenAPI document declares them. The
+// document's `Sandbox` (a sandbox's description) is `SandboxInfo` here:
+// `Sandbox` is the handle.
+export type {
+  Actor,
+  ApiKey,
+  ArchiveSummary,
+  AuditEvent,
+  CreateSandbox,
+  ExecRequest,
+  ExecResponse,
+  ExitStatus,
+  Failure,
+  FileEntry,
+  FileType,
+  Image,
+  LogLine,
+  Network,
+  PoolStatus,
+  ProviderStatus,
+  Quota,
+  Role,
+  Sandbox as SandboxInfo,
+  SandboxState,
+  Status,
+  StoreStatus,
+  Tenant,
+  Worker,
+  WorkerCapacity,
+  WorkerProvider,
+  WorkerToken,
+  Operations,
+  OperationId,
+  OperationRoute,
+} from "./generated/api.js";
+export { operations, SandboxStateValues, FileTypeValues, RoleValues, NetworkValues } from "./generated/api.js";
