@@ -4,6 +4,7 @@
 //! commands. Sandboxes it creates are destroyed when the session ends
 //! (stdin closes, SIGTERM or SIGINT) unless created with `keep`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -267,6 +268,22 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     Ok(Some(Ok(())))
 }
 
+/// The id of a request line (as JSON text, so `1` and `"1"` differ).
+fn request_id(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get("method")?;
+    v.get("id").map(|id| id.to_string())
+}
+
+/// The request a `notifications/cancelled` line cancels.
+fn cancelled_request(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v.get("method")?.as_str()? != "notifications/cancelled" {
+        return None;
+    }
+    v.get("params")?.get("requestId").map(|id| id.to_string())
+}
+
 pub async fn run(args: McpArgs) -> Result<std::process::ExitCode> {
     // The user agent tells an operator reading the server's log which
     // calls came through an agent.
@@ -321,6 +338,8 @@ pub async fn run(args: McpArgs) -> Result<std::process::ExitCode> {
     let mut input = BufReader::new(tokio::io::stdin());
     let mut buf = Vec::new();
     let mut calls = tokio::task::JoinSet::new();
+    // Requests still running, by id, so that a cancellation can stop one.
+    let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
     let ended_by = loop {
         tokio::select! {
             line = read_line(&mut input, &mut buf) => match line {
@@ -339,12 +358,22 @@ pub async fn run(args: McpArgs) -> Result<std::process::ExitCode> {
                 }
                 Ok(Some(Ok(()))) => {
                     let line = String::from_utf8_lossy(&buf).into_owned();
+                    let cancels = cancelled_request(&line);
+                    if let Some(call) = cancels.as_ref().and_then(|id| running.remove(id)) {
+                        // The client gave up on it: no answer is sent.
+                        call.abort();
+                    }
+                    let request = request_id(&line);
                     let (session, tx) = (session.clone(), tx.clone());
-                    calls.spawn(async move {
+                    let handle = calls.spawn(async move {
                         if let Some(reply) = session.handle_line(&line).await {
                             let _ = tx.send(reply).await;
                         }
                     });
+                    if let Some(id) = request {
+                        running.retain(|_, h| !h.is_finished());
+                        running.insert(id, handle);
+                    }
                 }
             },
             _ = term.recv() => break "SIGTERM",
@@ -416,6 +445,20 @@ mod tests {
             client: Client::builder().url("http://127.0.0.1:9").build().unwrap(),
             host: Some(root),
         }
+    }
+
+    #[test]
+    fn cancellations_name_the_request() {
+        let cancel =
+            r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7}}"#;
+        assert_eq!(cancelled_request(cancel).as_deref(), Some("7"));
+        assert_eq!(request_id(cancel), None, "a notification has no id");
+        let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{}}"#;
+        assert_eq!(request_id(call).as_deref(), Some("7"));
+        assert_eq!(cancelled_request(call), None);
+        let named = r#"{"jsonrpc":"2.0","id":"7","method":"ping"}"#;
+        assert_eq!(request_id(named).as_deref(), Some("\"7\""));
+        assert_eq!(request_id("{oops"), None);
     }
 
     #[test]
