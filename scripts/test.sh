@@ -3,8 +3,9 @@
 # missing (docker.io, proot, busybox-static, PostgreSQL), starts dockerd and
 # PostgreSQL when they are not running, builds the static agent and the
 # busybox test image, then runs formatting and lint checks, every Rust test
-# (nextest), the Python and TypeScript SDKs' tests and the browser test of
-# /ui and /docs.
+# (nextest), the Python and TypeScript SDKs' tests (the Python ones include
+# the MCP server's, driven by the mcp client) and the browser test of /ui and
+# /docs.
 set -euo pipefail
 root_dir="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root_dir"
@@ -40,7 +41,10 @@ if [ ! -x .venv/bin/pytest ]; then
   .venv/bin/pip install -q ./sdk/python -r sdk/python/requirements-test.txt
 else
   .venv/bin/pip install -q --no-deps --force-reinstall ./sdk/python
+  # A venv made before a test dependency was added (the mcp client) gets it.
+  .venv/bin/pip install -q -r sdk/python/requirements-test.txt
 fi
+# Includes tests/test_mcp.py: `stacyvm mcp` and /mcp driven by the mcp client.
 .venv/bin/pytest -q sdk/python/tests
 
 log "TypeScript SDK tests"

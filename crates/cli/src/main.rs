@@ -2,10 +2,12 @@
 //! local worker, providers and an embedded SQLite store in one process);
 //! `worker` runs a worker node that a control plane drives over the network;
 //! the client commands (`sandbox`, `cp`, `files`, `image`, …) talk to a
-//! running server through the Rust SDK; `provider-test` runs the provider
+//! running server through the Rust SDK; `mcp` serves the Model Context
+//! Protocol on stdio for AI agents; `provider-test` runs the provider
 //! conformance suite against a plugin.
 
 mod client;
+mod mcp;
 mod provider_test;
 mod serve;
 mod worker;
@@ -35,6 +37,10 @@ enum Command {
     ProviderTest(provider_test::ProviderTestArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
+    /// Serve the Model Context Protocol on stdin/stdout, so AI agents
+    /// (Claude Desktop, Claude Code, Cursor, …) can use sandboxes
+    /// (STACYVM_URL, STACYVM_API_KEY).
+    Mcp(mcp::McpArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -67,6 +73,7 @@ fn main() -> std::process::ExitCode {
             Command::Worker(args) => worker::run(args).await,
             Command::ProviderTest(args) => provider_test::run(args).await,
             Command::Client(cmd) => Ok(client::run(cmd).await),
+            Command::Mcp(args) => mcp::run(args).await,
             Command::Completions { .. } => Ok(std::process::ExitCode::SUCCESS),
         }
     });

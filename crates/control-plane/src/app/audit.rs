@@ -118,6 +118,9 @@ impl super::App {
         }
         let route = match call.route {
             Some(r) if r.starts_with("/v1/") || r == "/metrics" => r,
+            // MCP tool calls are audited one by one as their `/v1` twins;
+            // the endpoint itself records only its refusals.
+            Some(r) if r == "/mcp" && refused => r,
             _ => return Ok(()),
         };
         if !(mutating || refused || cross_tenant) {
@@ -138,7 +141,13 @@ impl super::App {
         }
         let mut detail = call.detail.unwrap_or(serde_json::Value::Null);
         if cross_tenant {
+            // Only the reason, plus the channel the call came through (an
+            // MCP tool call says `via`).
+            let via = detail.get("via").cloned();
             detail = serde_json::json!({"reason": "the sandbox belongs to another tenant"});
+            if let Some(via) = via {
+                detail["via"] = via;
+            }
         }
         if !detail.is_object() {
             detail = serde_json::json!({});
@@ -265,6 +274,8 @@ fn action_of(m: &str, route: &str) -> String {
         ("POST", "/v1/workers/{id}/heartbeat") => "worker.heartbeat",
         ("GET", "/v1/workers/{id}/images/{*name}") => "worker.image",
         ("GET", "/metrics") => "metrics.get",
+        ("POST", "/mcp") => "mcp.call",
+        ("DELETE", "/mcp") => "mcp.close",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()

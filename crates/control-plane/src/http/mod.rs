@@ -9,6 +9,7 @@ pub mod client_addr;
 pub mod error;
 pub mod extract;
 pub mod files;
+pub mod mcp;
 pub mod openapi;
 pub mod request_id;
 pub mod sandboxes;
@@ -89,6 +90,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/{id}", axum::routing::delete(key_revoke))
         .route("/v1/audit", get(audit_list))
         .route("/v1/whoami", get(whoami))
+        .route(
+            "/mcp",
+            post(mcp::mcp_post)
+                .get(mcp::mcp_get)
+                .delete(mcp::mcp_delete),
+        )
         .route("/v1/status", get(status))
         .route("/v1/workers", get(worker_list))
         .route("/v1/workers/{id}", get(worker_get))
@@ -236,6 +243,7 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
         || path.ends_with("/files/archive")
         || path.ends_with("/logs")
         || path == "/v1/images"
+        || path == "/mcp"
         || (path.starts_with("/v1/workers/") && path.contains("/images/"));
     if long {
         return next.run(req).await;
