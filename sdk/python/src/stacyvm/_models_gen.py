@@ -100,7 +100,7 @@ class ApiKey:
     key: Optional[str] = field(default=None, repr=False)
     #: The same secret spelled `e2b_<hex>`, the shape the E2B SDK accepts
     #: as `E2B_API_KEY`: only in the create answer, beside `key`.
-    key_e2b: Optional[str] = None
+    key_e2b: Optional[str] = field(default=None, repr=False)
     revoked_at: Optional[datetime] = None
 
     @classmethod
