@@ -3,7 +3,7 @@
 # missing (docker.io, proot, busybox-static, PostgreSQL), starts dockerd and
 # PostgreSQL when they are not running, builds the static agent and the
 # busybox test image, then runs formatting and lint checks, every Rust test
-# (nextest) and the Python SDK's tests.
+# (nextest), the Python SDK's tests and the E2B SDK's tests.
 set -euo pipefail
 root_dir="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root_dir"
@@ -34,11 +34,17 @@ cargo test -q --manifest-path fuzz/Cargo.toml
 log "Python SDK tests"
 if [ ! -x .venv/bin/pytest ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -q ./sdk/python -r sdk/python/requirements-test.txt
+  .venv/bin/pip install -q ./sdk/python -r sdk/python/requirements-test.txt -r tests/e2b/requirements.txt
 else
   .venv/bin/pip install -q --no-deps --force-reinstall ./sdk/python
+  .venv/bin/pip install -q -r tests/e2b/requirements.txt
 fi
 .venv/bin/pytest -q sdk/python/tests
+
+log "E2B SDK against the E2B-compatible API"
+# The unmodified `e2b` package (pinned below 3 in tests/e2b/requirements.txt);
+# the E2B base image is built from Debian packages by scripts/build-e2b-image.sh.
+.venv/bin/pytest -q tests/e2b
 
 log "Rust tests"
 cargo nextest run --workspace --no-fail-fast
