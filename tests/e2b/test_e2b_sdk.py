@@ -132,6 +132,12 @@ def test_lifecycle_timeout_info_list_connect_and_kill(env: Env) -> None:
         assert [s.sandbox_id for s in found] == [sb.sandbox_id]
         both = Sandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
         assert {s.sandbox_id for s in both} == {sb.sandbox_id, other.sandbox_id}
+        # One per page, through x-next-token.
+        pages = Sandbox.list(query=SandboxQuery(metadata={"run": tag}), limit=1)
+        paged = []
+        while pages.has_next:
+            paged.extend(s.sandbox_id for s in pages.next_items())
+        assert sorted(paged) == sorted([sb.sandbox_id, other.sandbox_id])
 
         again = Sandbox.connect(sb.sandbox_id)
         assert again.commands.run("echo connected").stdout == "connected\n"
