@@ -68,6 +68,23 @@ def test_background_commands_wait_take_stdin_and_can_be_killed(sandbox: Sandbox)
     assert sandbox.commands.kill(h.pid) is False
 
 
+def test_stdin_streams_in_order(sandbox: Sandbox) -> None:
+    h = sandbox.commands.run("cat", background=True, stdin=True)
+    sandbox.commands.stream_input(h.pid, (f"line{i}\n" for i in range(50)))
+    sandbox.commands.close_stdin(h.pid)
+    assert h.wait().stdout == "".join(f"line{i}\n" for i in range(50))
+    with pytest.raises(NotFoundException):
+        sandbox.commands.send_stdin(h.pid, "gone")
+    # A command started without stdin reads end-of-file, and takes no input.
+    assert sandbox.commands.run("cat").stdout == ""
+    h = sandbox.commands.run("sleep 600", background=True)
+    try:
+        with pytest.raises(SandboxException):
+            sandbox.commands.send_stdin(h.pid, "x")
+    finally:
+        sandbox.commands.kill(h.pid)
+
+
 def test_connect_follows_a_running_command(sandbox: Sandbox) -> None:
     h = sandbox.commands.run("read x; echo after:$x", background=True, stdin=True)
     follower = sandbox.commands.connect(h.pid)
