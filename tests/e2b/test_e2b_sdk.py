@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
-from e2b import AsyncSandbox, Sandbox, SandboxQuery
+from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import (
     AuthenticationException,
     NotFoundException,
@@ -146,6 +147,9 @@ def test_lifecycle_timeout_info_list_connect_and_kill(env: Env) -> None:
         assert sb.get_info().end_at > before
 
         found = Sandbox.list(query=SandboxQuery(metadata={"run": tag, "role": "one"})).next_items()
+        assert Sandbox.list(query=SandboxQuery(metadata={"run": tag}, template="other")).next_items() == []
+        later = datetime.now(timezone.utc) + timedelta(hours=1)
+        assert Sandbox.list(query=SandboxQuery(metadata={"run": tag}, started_after=later)).next_items() == []
         assert [s.sandbox_id for s in found] == [sb.sandbox_id]
         both = Sandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
         assert {s.sandbox_id for s in both} == {sb.sandbox_id, other.sandbox_id}
@@ -168,6 +172,22 @@ def test_lifecycle_timeout_info_list_connect_and_kill(env: Env) -> None:
     assert Sandbox.kill("sbx_" + "0" * 32) is False
     gone = Sandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
     assert gone == []
+
+
+def test_pause_and_connect_resumes(env: Env) -> None:
+    sb = Sandbox.create()
+    try:
+        sb.files.write("kept.txt", "still here")
+        assert sb.pause() is True
+        assert Sandbox.get_info(sb.sandbox_id).state == "paused"
+        assert sb.pause() is False
+        listed = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED], template="base")).next_items()
+        assert sb.sandbox_id in [s.sandbox_id for s in listed]
+        resumed = Sandbox.connect(sb.sandbox_id)
+        assert Sandbox.get_info(sb.sandbox_id).state == "running"
+        assert resumed.files.read("kept.txt") == "still here"
+    finally:
+        sb.kill()
 
 
 async def test_async_sandbox_core_flow(env: Env) -> None:

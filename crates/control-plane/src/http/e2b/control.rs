@@ -471,6 +471,8 @@ pub async fn sandbox_metrics(
 /// `nextToken`.
 struct ListFilter {
     labels: Vec<(String, String)>,
+    template: Option<String>,
+    started_after: Option<OffsetDateTime>,
     states: Vec<SandboxState>,
     limit: Option<u32>,
     cursor: Option<String>,
@@ -479,6 +481,8 @@ struct ListFilter {
 fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
     let mut f = ListFilter {
         labels: Vec::new(),
+        template: None,
+        started_after: None,
         states: if v2 {
             vec![SandboxState::Running, SandboxState::Paused]
         } else {
@@ -518,6 +522,21 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
                 )
             }
             "nextToken" => f.cursor = Some(v).filter(|c| !c.is_empty()),
+            "template" => f.template = Some(v).filter(|t| !t.is_empty()),
+            "startedAfter" => {
+                f.started_after =
+                    Some(OffsetDateTime::parse(&v, &Rfc3339).map_err(|_| {
+                        invalid(format!("startedAfter {v:?} is not an RFC 3339 time"))
+                    })?)
+            }
+            // Sandboxes are listed oldest first.
+            "order" if v == "asc" => {}
+            "order" => {
+                return Err(invalid(format!(
+                    "order {v:?} is not supported: this server lists sandboxes oldest first \
+                     (order=asc)"
+                )))
+            }
             _ => return Err(invalid(format!("query parameter {k:?} is not supported"))),
         }
     }
@@ -537,6 +556,15 @@ async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult
         .items
         .iter()
         .filter(|r| f.states.contains(&r.state))
+        .filter(|r| {
+            f.template
+                .as_ref()
+                .is_none_or(|t| r.template.as_deref().unwrap_or(&r.image) == t.as_str())
+        })
+        .filter(|r| {
+            f.started_after
+                .is_none_or(|t| r.started_at.unwrap_or(r.created_at) > t)
+        })
         .map(|r| Value::Object(sandbox_detail(s, r)))
         .collect();
     let mut resp = Json(Value::Array(items)).into_response();
