@@ -333,3 +333,27 @@ def test_pty_is_refused_clearly(sandbox: Sandbox) -> None:
     with pytest.raises(Exception) as e:
         sandbox.pty.create(PtySize(rows=24, cols=80))
     assert "not supported" in str(e.value)
+
+
+def test_refusals_are_audited_and_no_secret_reaches_the_log(env: Env, sandbox: Sandbox) -> None:
+    url = env.server.url
+    rid = "e2b-" + uuid.uuid4().hex
+    r = httpx.get(url + "/v2/sandboxes", headers={"X-API-KEY": "e2b_" + "ab" * 32, "x-request-id": rid})
+    assert r.status_code == 401
+    foreign = "e2b-" + uuid.uuid4().hex
+    r = httpx.get(
+        url + f"/sandboxes/{sandbox.sandbox_id}", headers={"X-API-KEY": env.b.key_e2b, "x-request-id": foreign}
+    )
+    assert r.status_code == 404 and "not found" in r.json()["message"]
+    envd = "e2b-" + uuid.uuid4().hex
+    r = _envd(env, sandbox.sandbox_id, "key_x.00", **{"x-request-id": envd})
+    assert r.status_code == 401
+    with stacyvm.Client(url, env.server.admin_key) as admin:
+        denied = {e.request_id: e for e in admin.list_audit(outcome="denied", limit=1000)}
+    assert denied[rid].status == 401 and denied[rid].tenant_id is None
+    assert denied[foreign].status == 404 and denied[foreign].tenant_id == env.b.id
+    assert denied[foreign].sandbox_id == sandbox.sandbox_id
+    assert denied[envd].status == 401 and denied[envd].sandbox_id == sandbox.sandbox_id
+    log = env.server.stderr_path.read_text(errors="replace")
+    for secret in [env.a.key, env.a.key_e2b, env.b.key, env.b.key_e2b, sandbox._envd_access_token]:
+        assert secret not in log
