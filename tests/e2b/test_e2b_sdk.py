@@ -38,6 +38,10 @@ def test_commands_stream_output_and_report_exit_codes(sandbox: Sandbox) -> None:
     assert e.value.stdout == "partial\n"
     r = sandbox.commands.run("echo $GREETING-$HOME", envs={"GREETING": "hi"}, cwd="/tmp")
     assert r.stdout == "hi-/home/user\n"
+    # The user picks the home that relative paths and commands start in.
+    assert sandbox.commands.run("pwd; echo $USER", user="root").stdout == "/root\nroot\n"
+    assert sandbox.files.write("as-root.txt", "r", user="root").path == "/root/as-root.txt"
+    assert sandbox.files.read("/root/as-root.txt") == "r"
 
 
 def test_create_env_vars_reach_every_command(env: Env) -> None:
