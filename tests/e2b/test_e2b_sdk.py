@@ -331,6 +331,21 @@ def test_control_api_answers_health_templates_and_refuses_what_it_cannot_honour(
     assert r.status_code == 401 and isinstance(r.json()["code"], int)
 
 
+def test_unsupported_envd_calls_are_refused_by_name(env: Env, sandbox: Sandbox) -> None:
+    headers = {"E2b-Sandbox-Id": sandbox.sandbox_id, "X-Access-Token": sandbox._envd_access_token}
+    r = httpx.post(env.server.url + "/files?path=/tmp/m", content=b"x",
+                   headers={**headers, "Content-Type": "application/octet-stream", "X-Metadata-Owner": "me"})
+    assert r.status_code == 400 and "metadata" in r.json()["message"]
+    r = httpx.post(env.server.url + "/files?path=/tmp/z", content=b"x",
+                   headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "Content-Encoding" in r.json()["message"]
+    r = httpx.post(env.server.url + "/filesystem.Filesystem/CreateWatcher", json={"path": "/tmp"}, headers=headers)
+    assert r.status_code == 501 and r.json()["code"] == "unimplemented"
+    r = httpx.post(env.server.url + "/process.Process/SendSignal",
+                   json={"process": {"pid": 1}, "signal": "SIGNAL_UNSPECIFIED"}, headers=headers)
+    assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
+
+
 def test_pty_is_refused_clearly(sandbox: Sandbox) -> None:
     from e2b.sandbox.commands.command_handle import PtySize
 

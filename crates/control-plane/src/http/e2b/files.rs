@@ -256,6 +256,14 @@ async fn upload(
 ) -> Result<(), Error> {
     c.who().require_write()?;
     let user = user_of(q, c.user())?;
+    if let Some(h) = headers
+        .keys()
+        .find(|h| h.as_str().starts_with("x-metadata-"))
+    {
+        return Err(Error::InvalidRequest(format!(
+            "file metadata ({h}) is not supported by this server"
+        )));
+    }
     if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
         let enc = enc.to_str().unwrap_or("");
         if !enc.eq_ignore_ascii_case("identity") {
