@@ -223,6 +223,42 @@ def test_another_tenants_key_finds_nothing(env: Env, sandbox: Sandbox) -> None:
     assert sandbox.commands.run("true").exit_code == 0
 
 
+def test_a_viewer_key_reads_but_changes_nothing(env: Env, sandbox: Sandbox) -> None:
+    sandbox.files.write("/tmp/seen.txt", "visible")
+    with stacyvm.Client(env.server.url, env.server.admin_key) as admin:
+        k = admin.create_key(env.a.id, "viewer", "e2b-viewer")
+    assert k.key_e2b is not None
+    viewer = {"api_key": k.key_e2b}
+    with pytest.raises(SandboxException):
+        Sandbox.create(**viewer)
+    seen = Sandbox.connect(sandbox.sandbox_id, **viewer)
+    assert seen.files.read("/tmp/seen.txt") == "visible"
+    with pytest.raises(SandboxException) as e:
+        seen.files.write("/tmp/seen.txt", "changed")
+    assert "read-only" in str(e.value)
+    with pytest.raises(SandboxException) as e:
+        seen.commands.run("true")
+    assert "read-only" in str(e.value)
+    with pytest.raises(SandboxException):
+        seen.set_timeout(3600)
+    with pytest.raises(SandboxException):
+        Sandbox.kill(sandbox.sandbox_id, **viewer)
+    assert Sandbox.get_info(sandbox.sandbox_id, **viewer).sandbox_id == sandbox.sandbox_id
+    info = httpx.get(env.server.url + f"/sandboxes/{sandbox.sandbox_id}", headers={"X-API-KEY": k.key_e2b})
+    token = info.json()["envdAccessToken"]
+    headers = {"E2b-Sandbox-Id": sandbox.sandbox_id, "X-Access-Token": token}
+    read = httpx.get(env.server.url + "/files", params={"path": "/tmp/seen.txt"}, headers=headers)
+    assert read.status_code == 200 and read.content == b"visible"
+    write = httpx.post(env.server.url + "/files", params={"path": "/tmp/seen.txt"}, content=b"changed",
+                       headers={**headers, "Content-Type": "application/octet-stream"})
+    assert write.status_code == 403, write.text
+    moved = httpx.post(env.server.url + "/filesystem.Filesystem/Remove", json={"path": "/tmp/seen.txt"},
+                       headers=headers)
+    assert moved.status_code == 403 and moved.json()["code"] == "permission_denied"
+    assert sandbox.is_running()
+    assert sandbox.files.read("/tmp/seen.txt") == "visible"
+
+
 def _envd(env: Env, sandbox_id: str, token: str, **headers: str) -> httpx.Response:
     return httpx.post(
         env.server.url + "/filesystem.Filesystem/Stat",
