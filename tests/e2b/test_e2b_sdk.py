@@ -259,6 +259,26 @@ def test_a_viewer_key_reads_but_changes_nothing(env: Env, sandbox: Sandbox) -> N
     assert sandbox.files.read("/tmp/seen.txt") == "visible"
 
 
+def test_the_tenants_quota_holds_for_e2b_creates(env: Env) -> None:
+    with stacyvm.Client(env.server.url, env.server.admin_key) as admin:
+        t = admin.create_tenant("e2b-quota")
+        admin.set_quota(t.id, stacyvm.Quota(max_sandboxes=1, max_timeout_s=600))
+        k = admin.create_key(t.id, "member", "quota")
+    assert k.key_e2b is not None
+    opts = {"api_key": k.key_e2b}
+    first = Sandbox.create(timeout=60, **opts)
+    try:
+        with pytest.raises(SandboxException) as e:
+            Sandbox.create(timeout=60, **opts)
+        assert "max_sandboxes" in str(e.value)
+        with pytest.raises(SandboxException) as e:
+            first.set_timeout(3600)
+        assert "max_timeout_s" in str(e.value)
+    finally:
+        first.kill()
+    Sandbox.create(timeout=60, **opts).kill()
+
+
 def _envd(env: Env, sandbox_id: str, token: str, **headers: str) -> httpx.Response:
     return httpx.post(
         env.server.url + "/filesystem.Filesystem/Stat",
