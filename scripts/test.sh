@@ -3,9 +3,9 @@
 # missing (docker.io, proot, busybox-static, PostgreSQL), starts dockerd and
 # PostgreSQL when they are not running, builds the static agent and the
 # busybox test image, then runs formatting and lint checks, every Rust test
-# (nextest), the Python and TypeScript SDKs' tests (the Python ones include
-# the MCP server's, driven by the mcp client) and the browser test of /ui and
-# /docs.
+# (nextest), the Python, E2B and TypeScript SDKs' tests (the Python ones
+# include the MCP server's, driven by the mcp client) and the browser test of
+# /ui and /docs.
 set -euo pipefail
 root_dir="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root_dir"
@@ -38,14 +38,19 @@ cargo test -q --manifest-path fuzz/Cargo.toml
 log "Python SDK tests"
 if [ ! -x .venv/bin/pytest ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -q ./sdk/python -r sdk/python/requirements-test.txt
+  .venv/bin/pip install -q ./sdk/python -r sdk/python/requirements-test.txt -r tests/e2b/requirements.txt
 else
   .venv/bin/pip install -q --no-deps --force-reinstall ./sdk/python
-  # A venv made before a test dependency was added (the mcp client) gets it.
-  .venv/bin/pip install -q -r sdk/python/requirements-test.txt
+  # A venv made before a test dependency was added (the mcp client, e2b) gets it.
+  .venv/bin/pip install -q -r sdk/python/requirements-test.txt -r tests/e2b/requirements.txt
 fi
 # Includes tests/test_mcp.py: `stacyvm mcp` and /mcp driven by the mcp client.
 .venv/bin/pytest -q sdk/python/tests
+
+log "E2B SDK against the E2B-compatible API"
+# The unmodified `e2b` package (pinned below 3 in tests/e2b/requirements.txt);
+# the E2B base image is built from Debian packages by scripts/build-e2b-image.sh.
+.venv/bin/pytest -q tests/e2b
 
 log "TypeScript SDK tests"
 # npm ci installs the pinned compiler from package-lock.json; `npm test`

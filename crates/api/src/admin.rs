@@ -154,6 +154,10 @@ pub struct ApiKey {
     /// The secret: only in the create answer, shown this once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The same secret spelled `e2b_<hex>`, the shape the E2B SDK accepts
+    /// as `E2B_API_KEY`: only in the create answer, beside `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_e2b: Option<String>,
     pub tenant_id: String,
     /// `admin`, `owner`, `member` or `viewer`.
     pub role: String,

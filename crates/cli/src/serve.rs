@@ -148,6 +148,17 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     docker_images: Vec<String>,
+    /// The image E2B's `base` template runs for clients of the
+    /// E2B-compatible API (`scripts/build-e2b-image.sh` builds one with
+    /// bash and a home directory). Other E2B template ids name images of
+    /// the catalog.
+    #[arg(long, env = "STACYVM_E2B_DEFAULT_TEMPLATE", value_name = "IMAGE")]
+    e2b_default_template: Option<String>,
+    /// The domain under which the E2B-compatible API names sandbox hosts
+    /// (`49983-<id>.<domain>`, for clients that reach sandboxes by host
+    /// name through a wildcard DNS entry pointing here).
+    #[arg(long, env = "STACYVM_E2B_DOMAIN", value_name = "DOMAIN")]
+    e2b_domain: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "STACYVM_LOG_JSON")]
     log_json: bool,
@@ -245,6 +256,8 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
             .docker_images
             .push(stacyvm_control_plane::config::ImagePattern::parse(p)?);
     }
+    config.e2b.default_template = args.e2b_default_template.filter(|t| !t.is_empty());
+    config.e2b.domain = args.e2b_domain.filter(|d| !d.is_empty());
     config.admin_key = std::env::var("STACYVM_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty());

@@ -48,6 +48,20 @@ pub struct ServerConfig {
     /// (`--docker-images`). Without a match, tenants run catalog images
     /// only; the operator's own tenant may run any daemon image.
     pub docker_images: Vec<ImagePattern>,
+    /// The E2B-compatible API.
+    pub e2b: E2bConfig,
+}
+
+/// How the E2B-compatible API (`/sandboxes`, envd) behaves.
+#[derive(Clone, Debug, Default)]
+pub struct E2bConfig {
+    /// The image E2B's `base` template runs (`--e2b-default-template`).
+    /// Unset: `base` is refused as not found, naming the flag.
+    pub default_template: Option<String>,
+    /// The domain sandbox hosts are named under
+    /// (`49983-<id>.<domain>`), reported to clients as the sandbox's
+    /// `domain` (`--e2b-domain`).
+    pub domain: Option<String>,
 }
 
 /// A glob over Docker image references (`python:3.12*`, `team/*`): `*`
@@ -319,6 +333,7 @@ impl ServerConfig {
             http: HttpConfig::default(),
             egress_host_access: false,
             docker_images: Vec::new(),
+            e2b: E2bConfig::default(),
         }
     }
 }

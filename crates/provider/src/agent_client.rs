@@ -479,9 +479,31 @@ impl AgentClient {
     }
 
     pub async fn exec_stream(&self, req: ExecRequest) -> Result<ExecStream> {
+        self.exec_stream_from(req, None).await
+    }
+
+    /// A streaming exec whose stdin is `input`, sent as it arrives (the
+    /// command sees end-of-file when `input` ends), rather than bytes known
+    /// up front. `req.stdin` is ignored.
+    pub async fn exec_stream_input(
+        &self,
+        req: ExecRequest,
+        input: ByteStream,
+    ) -> Result<ExecStream> {
+        self.exec_stream_from(req, Some(input)).await
+    }
+
+    async fn exec_stream_from(
+        &self,
+        mut req: ExecRequest,
+        input: Option<ByteStream>,
+    ) -> Result<ExecStream> {
         // The whole stream, acknowledgement included, ends by the exec's
         // own timeout plus the grace.
         let deadline = exec_limit(req.timeout_ms).and_then(|l| Instant::now().checked_add(l));
+        if input.is_some() {
+            req.stdin = Some(Vec::new());
+        }
         let (spec, stdin) = exec_spec(req, true);
         let started = async {
             let mut call = self.start(&Request::Exec(spec)).await?;
@@ -504,9 +526,14 @@ impl AgentClient {
         if first.kind != Kind::Ok {
             return Err(call.unexpected(&first));
         }
-        let pump = stdin.map(|data| {
-            AbortOnDrop(tokio::spawn(send_all(call.tx.clone(), Some(data))).abort_handle())
-        });
+        let pump = match input {
+            Some(body) => Some(AbortOnDrop(
+                tokio::spawn(send_body(call.tx.clone(), body)).abort_handle(),
+            )),
+            None => stdin.map(|data| {
+                AbortOnDrop(tokio::spawn(send_all(call.tx.clone(), Some(data))).abort_handle())
+            }),
+        };
         let state = StreamState {
             call,
             _pump: pump,

@@ -69,6 +69,9 @@ enum KeyCmd {
         role: String,
         #[arg(long)]
         name: String,
+        /// Print only the key's E2B spelling (`e2b_…`, for `E2B_API_KEY`).
+        #[arg(long)]
+        e2b: bool,
     },
     Ls,
     /// Revoke a key; it is refused from then on.
@@ -273,7 +276,12 @@ pub async fn key(a: KeyArgs) -> Result<ExitCode> {
     let client = a.conn.client()?;
     let fmt = a.conn.output;
     match a.cmd {
-        KeyCmd::Create { tenant, role, name } => {
+        KeyCmd::Create {
+            tenant,
+            role,
+            name,
+            e2b,
+        } => {
             let role = Role::parse(&role).unwrap_or(Role::Member);
             let k = client
                 .key_create(&CreateKey {
@@ -282,7 +290,16 @@ pub async fn key(a: KeyArgs) -> Result<ExitCode> {
                     name,
                 })
                 .await?;
-            if fmt == Format::Json {
+            if e2b {
+                let Some(spelled) = k.key_e2b.clone() else {
+                    anyhow::bail!("the server did not return the key's E2B spelling");
+                };
+                println!("{spelled}");
+                eprintln!(
+                    "Key {} created; this E2B_API_KEY is shown only this once.",
+                    k.id
+                );
+            } else if fmt == Format::Json {
                 output::json(&k)?;
             } else {
                 output::fields(vec![
@@ -291,6 +308,7 @@ pub async fn key(a: KeyArgs) -> Result<ExitCode> {
                     ("role", k.role.clone()),
                     ("name", k.name.clone()),
                     ("key", k.key.clone().unwrap_or_default()),
+                    ("key_e2b", k.key_e2b.clone().unwrap_or_default()),
                 ]);
                 eprintln!("The key is shown only this once; store it now.");
             }

@@ -653,6 +653,39 @@ async fn operator_commands_manage_tenants_keys_quotas_and_report() -> Result<()>
     let out = member(&["image", "import", "x", "/etc/hostname"])?;
     assert!(stderr_of(&out).contains("forbidden"), "{}", stderr_of(&out));
 
+    // `--e2b` prints the key's E2B spelling alone; it is the same key,
+    // accepted wherever the key is and revoked with it.
+    let spelled = server.ok(&[
+        "key", "create", "--tenant", &tid, "--role", "viewer", "--name", "e2b", "--e2b",
+    ])?;
+    let spelled = spelled.trim().to_owned();
+    assert!(
+        spelled.len() > 4
+            && spelled.starts_with("e2b_")
+            && spelled[4..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{spelled}"
+    );
+    let out = run(server.cli_as(&spelled).args(["sandbox", "ls"]))?;
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let keys = server.json(&["key", "ls"])?;
+    let e2b_kid = keys
+        .as_array()
+        .context("keys")?
+        .iter()
+        .find(|k| k["name"] == "e2b")
+        .and_then(|k| k["id"].as_str())
+        .context("the e2b key's id")?
+        .to_owned();
+    server.ok(&["key", "revoke", &e2b_kid])?;
+    let out = run(server.cli_as(&spelled).args(["sandbox", "ls"]))?;
+    assert!(
+        stderr_of(&out).contains("unauthenticated"),
+        "{}",
+        stderr_of(&out)
+    );
+
     assert_eq!(server.ok(&["key", "revoke", &kid])?.trim(), kid);
     let out = member(&["sandbox", "ls"])?;
     assert_eq!(out.status.code(), Some(1));

@@ -121,8 +121,11 @@ impl super::App {
             // MCP tool calls are audited one by one as their `/v1` twins;
             // the endpoint itself records only its refusals.
             Some(r) if r == "/mcp" && refused => r,
+            Some(r) if is_e2b_route(&r) => r,
             _ => return Ok(()),
         };
+        // envd's RPCs are all POSTs; the ones that only read are reads.
+        let mutating = mutating && !is_e2b_read(&call.path);
         if !(mutating || refused || cross_tenant) {
             return Ok(());
         }
@@ -166,7 +169,7 @@ impl super::App {
                 key_id: who.as_ref().map(|w| w.key_id.clone()),
                 role: who.as_ref().map(|w| w.role),
             },
-            action: action_of(&call.method, &route),
+            action: action_of(&call.method, &route, &call.path),
             target,
             sandbox_id,
             status: call.status,
@@ -227,9 +230,51 @@ pub struct AuditParams {
     pub cursor: Option<String>,
 }
 
+/// Routes of the E2B-compatible API (`http/e2b`).
+fn is_e2b_route(route: &str) -> bool {
+    route.starts_with("/sandboxes")
+        || route.starts_with("/v2/sandboxes")
+        || route.starts_with("/templates/")
+        || route.starts_with("/process.Process/")
+        || route.starts_with("/filesystem.Filesystem/")
+        || route == "/files"
+}
+
+/// envd RPCs that change nothing.
+fn is_e2b_read(path: &str) -> bool {
+    matches!(
+        path,
+        "/process.Process/List"
+            | "/process.Process/Connect"
+            | "/filesystem.Filesystem/Stat"
+            | "/filesystem.Filesystem/ListDir"
+            | "/filesystem.Filesystem/WatchDir"
+            | "/filesystem.Filesystem/GetWatcherEvents"
+    )
+}
+
 /// The audit action of a route, e.g. `sandbox.exec`.
-fn action_of(m: &str, route: &str) -> String {
+fn action_of(m: &str, route: &str, path: &str) -> String {
+    if let Some(rpc) = path.strip_prefix("/process.Process/") {
+        return format!("e2b.process.{}", rpc.to_ascii_lowercase());
+    }
+    if let Some(rpc) = path.strip_prefix("/filesystem.Filesystem/") {
+        return format!("e2b.filesystem.{}", rpc.to_ascii_lowercase());
+    }
     let a = match (m, route) {
+        ("POST", "/sandboxes" | "/v2/sandboxes") => "sandbox.create",
+        ("GET", "/sandboxes" | "/v2/sandboxes") => "sandbox.list",
+        ("GET", "/sandboxes/{id}") => "sandbox.get",
+        ("DELETE", "/sandboxes/{id}") => "sandbox.destroy",
+        ("POST", "/sandboxes/{id}/timeout" | "/sandboxes/{id}/refreshes") => "sandbox.timeout",
+        ("POST", "/sandboxes/{id}/pause") => "sandbox.pause",
+        ("POST", "/sandboxes/{id}/resume") => "sandbox.resume",
+        ("POST", "/sandboxes/{id}/connect" | "/v2/sandboxes/{id}/connect") => "sandbox.connect",
+        ("GET", "/sandboxes/{id}/metrics") => "sandbox.metrics",
+        ("GET", "/templates/{id}") => "template.get",
+        ("POST", "/files") => "file.write",
+        ("GET", "/files") => "file.read",
+
         ("POST", "/v1/sandboxes") => "sandbox.create",
         ("GET", "/v1/sandboxes") => "sandbox.list",
         ("GET", "/v1/sandboxes/{id}") => "sandbox.get",
@@ -281,9 +326,13 @@ fn action_of(m: &str, route: &str) -> String {
     a.to_owned()
 }
 
-/// The sandbox id in a `/v1/sandboxes/{id}…` path.
+/// The sandbox id in a `/v1/sandboxes/{id}…` path (or an E2B
+/// `/sandboxes/{id}…`, `/v2/sandboxes/{id}…` one).
 fn sandbox_in_path(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/sandboxes/")?;
+    let rest = path
+        .strip_prefix("/v1/sandboxes/")
+        .or_else(|| path.strip_prefix("/v2/sandboxes/"))
+        .or_else(|| path.strip_prefix("/sandboxes/"))?;
     let id = rest.split('/').next()?;
     SandboxId::parse(id).map(|s| s.to_string())
 }

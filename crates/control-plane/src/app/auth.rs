@@ -3,6 +3,13 @@
 //! Keys look like `svm_<43 base64url chars>` (256 random bits). Only the
 //! SHA-256 of a key is stored; lookups hash the presented key and compare
 //! the stored hash in constant time.
+//!
+//! Every key also has an E2B spelling, `e2b_<lowercase hex>`, because the
+//! E2B SDK refuses keys of any other shape. It is the same secret written
+//! differently (the hex of the bytes the base64url part encodes, or of the
+//! part's own characters for an operator-chosen key that is not canonical
+//! base64url), so it resolves to the same key record: same tenant, role,
+//! audit trail and revocation, and nothing more is stored.
 
 use std::path::Path;
 
@@ -15,6 +22,8 @@ use subtle::ConstantTimeEq;
 use super::Principal;
 
 pub const KEY_PREFIX: &str = "svm_";
+/// The prefix of a key's E2B spelling.
+pub const E2B_KEY_PREFIX: &str = "e2b_";
 const SYSTEM_TENANT_NAME: &str = "system";
 const BOOTSTRAP_KEY_NAME: &str = "bootstrap-admin";
 /// Characters a configured admin key must carry after its prefix: a short
@@ -36,17 +45,72 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-/// Resolves a bearer key to its principal; `Unauthenticated` for a missing,
-/// unknown or revoked key.
+/// The E2B spelling of a StacyVM key (`svm_…` → `e2b_<hex>`); `None` for a
+/// string that is not a StacyVM key.
+pub fn e2b_spelling(key: &str) -> Option<String> {
+    let secret = key.strip_prefix(KEY_PREFIX)?;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let bytes = match b64.decode(secret) {
+        // Only a canonical encoding maps back to the same string.
+        Ok(b) if b64.encode(&b) == secret => b,
+        _ => secret.as_bytes().to_vec(),
+    };
+    Some(format!("{E2B_KEY_PREFIX}{}", hex::encode(bytes)))
+}
+
+/// The StacyVM spellings an `e2b_<hex>` key may stand for, most likely
+/// first: the base64url form of its bytes (generated keys), then the bytes
+/// as they are (operator-chosen keys that are not canonical base64url).
+fn svm_spellings(e2b: &str) -> Vec<String> {
+    let Some(hexpart) = e2b.strip_prefix(E2B_KEY_PREFIX) else {
+        return Vec::new();
+    };
+    // Lowercase only, so each secret has exactly one E2B spelling.
+    if hexpart.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Vec::new();
+    }
+    let Ok(bytes) = hex::decode(hexpart) else {
+        return Vec::new();
+    };
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut out = vec![format!("{KEY_PREFIX}{}", b64.encode(&bytes))];
+    if let Ok(s) = std::str::from_utf8(&bytes) {
+        // Only when that is how `e2b_spelling` would have written it.
+        let canonical = b64.decode(s).is_ok_and(|b| b64.encode(&b) == s);
+        if !canonical && !s.is_empty() {
+            out.push(format!("{KEY_PREFIX}{s}"));
+        }
+    }
+    out
+}
+
+/// Resolves a bearer key (either spelling) to its principal;
+/// `Unauthenticated` for a missing, unknown or revoked key.
 pub async fn authenticate(store: &DynStore, bearer: Option<&str>) -> Result<Principal> {
     let key = bearer.ok_or_else(|| {
         Error::Unauthenticated("missing API key: send `Authorization: Bearer svm_…`".into())
     })?;
-    if !key.starts_with(KEY_PREFIX) || key.len() > 256 {
+    if key.len() > 600 {
         return Err(Error::Unauthenticated("invalid API key".into()));
     }
-    let hash = hash_key(key);
-    let Some(found) = store.key_by_hash(&hash).await? else {
+    let candidates = if key.starts_with(KEY_PREFIX) {
+        vec![key.to_owned()]
+    } else {
+        svm_spellings(key)
+    };
+    if candidates.is_empty() || candidates.iter().any(|k| k.len() > 256) {
+        return Err(Error::Unauthenticated("invalid API key".into()));
+    }
+    let mut found = None;
+    let mut hash = String::new();
+    for k in &candidates {
+        hash = hash_key(k);
+        if let Some(f) = store.key_by_hash(&hash).await? {
+            found = Some(f);
+            break;
+        }
+    }
+    let Some(found) = found else {
         return Err(Error::Unauthenticated("invalid API key".into()));
     };
     // The lookup is by hash already; comparing again in constant time keeps
@@ -231,5 +295,26 @@ mod tests {
         assert_eq!(hash_key(&a), hash_key(&a));
         assert_ne!(hash_key(&a), hash_key(&b));
         assert_eq!(hash_key(&a).len(), 64);
+    }
+
+    #[test]
+    fn the_e2b_spelling_maps_back_to_the_same_key() {
+        let generated = generate_key();
+        let e2b = e2b_spelling(&generated).expect("a key");
+        assert!(e2b.starts_with(E2B_KEY_PREFIX));
+        assert!(e2b[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_eq!(e2b.len(), 4 + 64);
+        assert_eq!(svm_spellings(&e2b)[0], generated);
+        // An operator-chosen key that is not canonical base64url.
+        let chosen = "svm_sdktest_sdktest_sdktest_sdktest_sdktest";
+        let e2b = e2b_spelling(chosen).expect("a key");
+        assert!(svm_spellings(&e2b).contains(&chosen.to_owned()));
+        assert_eq!(e2b_spelling("sk_other"), None);
+        // Uppercase hex, odd length and non-hex are no key at all.
+        assert!(svm_spellings(&e2b.to_uppercase().replacen("E2B_", "e2b_", 1)).is_empty());
+        assert!(svm_spellings("e2b_abc").is_empty());
+        assert!(svm_spellings("e2b_zz").is_empty());
     }
 }

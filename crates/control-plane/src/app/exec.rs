@@ -59,7 +59,11 @@ impl App {
     }
 
     /// Checks and builds an exec request from API input.
-    fn exec_request(&self, rec: &SandboxRecord, body: api::ExecRequest) -> Result<ExecRequest> {
+    pub(super) fn exec_request(
+        &self,
+        rec: &SandboxRecord,
+        body: api::ExecRequest,
+    ) -> Result<ExecRequest> {
         let api::ExecRequest {
             cmd,
             env,
@@ -114,7 +118,7 @@ impl App {
     /// Everything an exec needs before it runs: visibility, role, state,
     /// the tenant's exec rate and a slot among the commands running at once
     /// (held until the returned [`ExecSlot`] is dropped).
-    async fn exec_admit(
+    pub(super) async fn exec_admit(
         &self,
         who: &Principal,
         id: &str,

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod e2b;
 pub mod exec;
 pub mod exec_slots;
 pub mod files;
@@ -95,6 +96,8 @@ pub struct App {
     replica: String,
     /// The tenant that owns the bootstrap admin key.
     system_tenant: TenantId,
+    /// Processes started through the E2B-compatible envd API.
+    e2b_processes: Arc<e2b::EnvdProcesses>,
 }
 
 impl App {
@@ -123,6 +126,7 @@ impl App {
                 format!("cp-{}", hex::encode(b))
             },
             system_tenant,
+            e2b_processes: Default::default(),
         }
     }
 

@@ -159,6 +159,7 @@ pub fn tenant(t: &Tenant, q: &Quota) -> api::Tenant {
 pub fn key(k: &ApiKey, secret: Option<String>) -> api::ApiKey {
     api::ApiKey {
         id: k.id.to_string(),
+        key_e2b: secret.as_deref().and_then(super::auth::e2b_spelling),
         key: secret,
         tenant_id: k.tenant_id.to_string(),
         role: k.role.as_str().into(),

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod client_addr;
+pub mod e2b;
 pub mod error;
 pub mod extract;
 pub mod files;
@@ -127,6 +128,7 @@ pub fn router(state: AppState) -> Router {
         .merge(v1)
         .merge(worker_calls)
         .merge(metrics_route)
+        .merge(e2b::routes(state.clone()))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi::openapi_json))
@@ -244,7 +246,8 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
         || path.ends_with("/logs")
         || path == "/v1/images"
         || path == "/mcp"
-        || (path.starts_with("/v1/workers/") && path.contains("/images/"));
+        || (path.starts_with("/v1/workers/") && path.contains("/images/"))
+        || e2b::is_long_call(path);
     if long {
         return next.run(req).await;
     }
@@ -298,8 +301,20 @@ mod tests {
         ];
         let mut offenders = Vec::new();
         let mut files = 0;
-        for entry in std::fs::read_dir(&dir).expect("reading src/http") {
-            let path = entry.expect("a directory entry").path();
+        // Subdirectories too (`e2b/`).
+        let mut paths = Vec::new();
+        let mut dirs = vec![dir.clone()];
+        while let Some(d) = dirs.pop() {
+            for entry in std::fs::read_dir(&d).expect("reading src/http") {
+                let path = entry.expect("a directory entry").path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    paths.push(path);
+                }
+            }
+        }
+        for path in paths {
             if path.extension().is_none_or(|e| e != "rs") {
                 continue;
             }

@@ -98,6 +98,9 @@ class ApiKey:
     created_at: datetime
     #: The secret: only in the create answer, shown this once.
     key: Optional[str] = field(default=None, repr=False)
+    #: The same secret spelled `e2b_<hex>`, the shape the E2B SDK accepts
+    #: as `E2B_API_KEY`: only in the create answer, beside `key`.
+    key_e2b: Optional[str] = field(default=None, repr=False)
     revoked_at: Optional[datetime] = None
 
     @classmethod
@@ -109,6 +112,7 @@ class ApiKey:
             name=str(d.get("name", "")),
             created_at=_w.time(d.get("created_at")),
             key=_w.opt(str, d.get("key")),
+            key_e2b=_w.opt(str, d.get("key_e2b")),
             revoked_at=_w.parse_time(d.get("revoked_at")),
         )
 
@@ -120,6 +124,7 @@ class ApiKey:
             "name": self.name,
             "created_at": _w.format_time(self.created_at),
             "key": self.key,
+            "key_e2b": self.key_e2b,
             "revoked_at": None if self.revoked_at is None else _w.format_time(self.revoked_at),
         }
 

@@ -1,0 +1,533 @@
+//! What the E2B-compatible API needs beyond StacyVM's own calls: the
+//! access tokens of its in-sandbox API (envd) and the processes started
+//! through it.
+//!
+//! An envd access token is `<key id>.<hex HMAC-SHA-256 of the sandbox id>`,
+//! keyed with the stored hash of the API key that asked for it. So nothing
+//! new is stored, every control-plane replica can check it, and a token
+//! dies with its key: a revoked key's tokens are refused, and a token acts
+//! with its key's tenant and role.
+//!
+//! Processes are E2B's: started, then reachable by pid from any later call
+//! (output, stdin, signals) until they exit. Each runs as a streaming exec
+//! through the sandbox's agent, admitted like any exec (role, rate, slots),
+//! owned by a task of this control plane rather than by the request that
+//! started it. Their pids are this table's numbers, not the kernel's.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use stacyvm_core::{Error, ExecEvent, ExitStatus, KeyId, Result, SandboxId};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{App, Principal};
+
+pub use stacyvm_store::{Role, SandboxRecord};
+
+/// Processes one sandbox may have running through envd at once.
+const MAX_PROCESSES_PER_SANDBOX: usize = 256;
+/// Events queued for one listener before the process waits for it.
+const LISTENER_QUEUE: usize = 64;
+/// Stdin chunks queued before `SendInput` waits.
+const STDIN_QUEUE: usize = 64;
+
+/// HMAC-SHA-256 (RFC 2104).
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// What a process runs, as envd's `ProcessConfig` says it.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessConfig {
+    pub cmd: String,
+    pub args: Vec<String>,
+    pub envs: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+}
+
+/// A process start.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessStart {
+    pub config: ProcessConfig,
+    pub tag: Option<String>,
+    /// Keep stdin open for `SendInput`; otherwise it reads end-of-file.
+    pub stdin: bool,
+    /// Wall-clock limit in milliseconds (0: the server's longest).
+    pub timeout_ms: u64,
+}
+
+/// Which process a call means.
+#[derive(Clone, Debug)]
+pub enum ProcessSelector {
+    Pid(u32),
+    Tag(String),
+}
+
+/// One thing that happened to a process, in order; `End` is last.
+#[derive(Clone, Debug)]
+pub enum ProcessEvent {
+    Start { pid: u32 },
+    Stdout(Bytes),
+    Stderr(Bytes),
+    End(ProcessEnd),
+}
+
+/// How a process ended.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessEnd {
+    pub status: ExitStatus,
+    /// Set when the stream broke rather than the process ending.
+    pub error: Option<String>,
+}
+
+/// A running process as `List` shows it.
+#[derive(Clone, Debug)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub tag: Option<String>,
+    pub config: ProcessConfig,
+}
+
+struct Process {
+    info: ProcessInfo,
+    listeners: Mutex<Vec<mpsc::Sender<ProcessEvent>>>,
+    stdin: Mutex<Option<mpsc::Sender<Bytes>>>,
+    kill: CancellationToken,
+}
+
+#[derive(Default)]
+struct SandboxProcesses {
+    next_pid: u32,
+    running: BTreeMap<u32, Arc<Process>>,
+}
+
+/// The processes this control plane runs for envd, per sandbox.
+#[derive(Default)]
+pub struct EnvdProcesses {
+    table: Mutex<HashMap<SandboxId, SandboxProcesses>>,
+}
+
+impl EnvdProcesses {
+    fn find(&self, sandbox: &SandboxId, sel: &ProcessSelector) -> Result<Arc<Process>> {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let found = table.get(sandbox).and_then(|s| match sel {
+            ProcessSelector::Pid(pid) => s.running.get(pid).cloned(),
+            ProcessSelector::Tag(tag) => s
+                .running
+                .values()
+                .find(|p| p.info.tag.as_deref() == Some(tag))
+                .cloned(),
+        });
+        found.ok_or_else(|| {
+            Error::NotFound(match sel {
+                ProcessSelector::Pid(pid) => format!("process with pid {pid} not found"),
+                ProcessSelector::Tag(tag) => format!("process with tag {tag:?} not found"),
+            })
+        })
+    }
+
+    fn remove(&self, sandbox: &SandboxId, pid: u32) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = table.get_mut(sandbox) {
+            s.running.remove(&pid);
+            if s.running.is_empty() {
+                table.remove(sandbox);
+            }
+        }
+    }
+}
+
+impl Process {
+    /// Hands `ev` to every listener still there, waiting for each as a
+    /// terminal would (a listener that stops reading holds the process up
+    /// as a full pipe does). Listeners that went away are dropped.
+    async fn publish(&self, ev: ProcessEvent) {
+        let listeners: Vec<_> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut gone = false;
+        for l in &listeners {
+            gone |= l.send(ev.clone()).await.is_err();
+        }
+        if gone {
+            self.listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|l| !l.is_closed());
+        }
+    }
+
+    fn listen(&self) -> mpsc::Receiver<ProcessEvent> {
+        let (tx, rx) = mpsc::channel(LISTENER_QUEUE);
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+}
+
+impl App {
+    /// The envd access token of `sandbox` for the key `who` calls with.
+    pub async fn e2b_envd_token(&self, who: &Principal, sandbox: &SandboxId) -> Result<String> {
+        let key = self
+            .store
+            .key_get(&who.key_id)
+            .await?
+            .ok_or_else(|| Error::Unauthenticated("invalid API key".into()))?;
+        let mac = hmac_sha256(key.key_hash.as_bytes(), sandbox.to_string().as_bytes());
+        Ok(format!("{}.{}", key.id, hex::encode(mac)))
+    }
+
+    /// Resolves an envd access token for `sandbox` to the principal of the
+    /// key it was made for: `Unauthenticated` for a missing, malformed,
+    /// foreign or revoked one. Failures count toward the per-address limit
+    /// on failed authentications, like bad API keys.
+    pub async fn e2b_envd_principal(
+        &self,
+        sandbox: &str,
+        token: Option<&str>,
+        addr: Option<std::net::IpAddr>,
+    ) -> Result<Principal> {
+        let err = match self.envd_principal(sandbox, token).await {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        if let (Error::Unauthenticated(_), Some(addr)) = (&err, addr) {
+            self.auth_failures
+                .failed(addr, self.config.limits.auth_failures_per_minute)?;
+        }
+        Err(err)
+    }
+
+    async fn envd_principal(&self, sandbox: &str, token: Option<&str>) -> Result<Principal> {
+        let token = token.ok_or_else(|| {
+            Error::Unauthenticated(
+                "missing access token: send the envdAccessToken of the sandbox's create as \
+                 X-Access-Token"
+                    .into(),
+            )
+        })?;
+        let bad = || Error::Unauthenticated("invalid access token for this sandbox".into());
+        let (key_id, mac) = token.split_once('.').ok_or_else(bad)?;
+        let key_id = KeyId::parse(key_id).ok_or_else(bad)?;
+        let mac = hex::decode(mac).map_err(|_| bad())?;
+        let key = self.store.key_get(&key_id).await?.ok_or_else(bad)?;
+        let want = hmac_sha256(key.key_hash.as_bytes(), sandbox.as_bytes());
+        if !bool::from(want.as_slice().ct_eq(&mac)) {
+            return Err(bad());
+        }
+        if key.revoked_at.is_some() {
+            return Err(Error::Unauthenticated("API key has been revoked".into()));
+        }
+        Ok(Principal {
+            key_id: key.id,
+            tenant_id: key.tenant_id,
+            role: key.role,
+        })
+    }
+
+    /// Starts a process; its events begin with `Start`.
+    pub async fn e2b_process_start(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+        start: ProcessStart,
+    ) -> Result<(u32, mpsc::Receiver<ProcessEvent>)> {
+        let (rec, worker, lease, slot) = self.exec_admit(who, sandbox).await?;
+        if let Some(tag) = &start.tag {
+            if tag.is_empty() || tag.len() > 256 {
+                return Err(Error::InvalidRequest(
+                    "tag must be 1 to 256 characters".into(),
+                ));
+            }
+        }
+        let mut cmd = Vec::with_capacity(start.config.args.len() + 1);
+        cmd.push(start.config.cmd.clone());
+        cmd.extend(start.config.args.iter().cloned());
+        let limit = self.config.limits.max_exec_timeout;
+        let timeout_s = match start.timeout_ms {
+            0 => limit.as_secs_f64(),
+            ms => (ms as f64 / 1000.0).min(limit.as_secs_f64()),
+        };
+        let req = self.exec_request(
+            &rec,
+            stacyvm_api::ExecRequest {
+                cmd,
+                env: start.config.envs.clone(),
+                cwd: start.config.cwd.clone(),
+                stdin: None,
+                timeout_s: Some(timeout_s),
+            },
+        )?;
+        // Reserve the pid before starting, so the limit holds under races.
+        let pid = {
+            let mut table = self
+                .e2b_processes
+                .table
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let procs = table.entry(rec.id.clone()).or_default();
+            if procs.running.len() >= MAX_PROCESSES_PER_SANDBOX {
+                return Err(Error::RateLimited {
+                    message: format!(
+                        "sandbox {} already runs {MAX_PROCESSES_PER_SANDBOX} processes; wait \
+                         for one to end",
+                        rec.id
+                    ),
+                    retry_after_s: 1,
+                });
+            }
+            if let Some(tag) = &start.tag {
+                if procs
+                    .running
+                    .values()
+                    .any(|p| p.info.tag.as_deref() == Some(tag))
+                {
+                    return Err(Error::Conflict(format!(
+                        "a process with tag {tag:?} is already running"
+                    )));
+                }
+            }
+            procs.next_pid = procs.next_pid.wrapping_add(1).max(1);
+            while procs.running.contains_key(&procs.next_pid) {
+                procs.next_pid = procs.next_pid.wrapping_add(1).max(1);
+            }
+            procs.next_pid
+        };
+        let (stdin_tx, stdin_rx) = if start.stdin {
+            let (tx, rx) = mpsc::channel::<Bytes>(STDIN_QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let (listen_tx, listen_rx) = mpsc::channel(LISTENER_QUEUE);
+        let process = Arc::new(Process {
+            info: ProcessInfo {
+                pid,
+                tag: start.tag.clone(),
+                config: start.config.clone(),
+            },
+            listeners: Mutex::new(vec![listen_tx]),
+            stdin: Mutex::new(stdin_tx),
+            kill: CancellationToken::new(),
+        });
+        let started = async {
+            let agent = super::sandboxes::agent(&worker, &lease).await?;
+            match stdin_rx {
+                Some(rx) => {
+                    let input = tokio_stream_of(rx);
+                    agent.exec_stream_input(req, input).await
+                }
+                None => agent.exec_stream(req).await,
+            }
+        }
+        .await;
+        let mut events = match started {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.e2b_processes.remove(&rec.id, pid);
+                return Err(e);
+            }
+        };
+        self.e2b_processes
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(rec.id.clone())
+            .or_default()
+            .running
+            .insert(pid, process.clone());
+        let table = self.e2b_processes_handle();
+        let sandbox_id = rec.id.clone();
+        tokio::spawn(async move {
+            // The slot is held for as long as the process runs.
+            let _slot = slot;
+            process.publish(ProcessEvent::Start { pid }).await;
+            let end = loop {
+                let next = tokio::select! {
+                    _ = process.kill.cancelled() => {
+                        // Dropping the stream cancels the exec: the agent
+                        // kills the process group.
+                        break ProcessEnd {
+                            status: ExitStatus { signal: Some(9), ..Default::default() },
+                            error: None,
+                        };
+                    }
+                    n = events.next() => n,
+                };
+                match next {
+                    Some(Ok(ExecEvent::Stdout(b))) => {
+                        process.publish(ProcessEvent::Stdout(b)).await
+                    }
+                    Some(Ok(ExecEvent::Stderr(b))) => {
+                        process.publish(ProcessEvent::Stderr(b)).await
+                    }
+                    Some(Ok(ExecEvent::Exit(status))) => {
+                        break ProcessEnd {
+                            status,
+                            error: None,
+                        }
+                    }
+                    Some(Err(e)) => {
+                        break ProcessEnd {
+                            status: ExitStatus::default(),
+                            error: Some(e.message()),
+                        }
+                    }
+                    None => {
+                        break ProcessEnd {
+                            status: ExitStatus::default(),
+                            error: Some("the process's output stream ended early".into()),
+                        }
+                    }
+                }
+            };
+            drop(events);
+            table.remove(&sandbox_id, pid);
+            process
+                .stdin
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            process.publish(ProcessEvent::End(end)).await;
+        });
+        Ok((pid, listen_rx))
+    }
+
+    fn e2b_processes_handle(&self) -> Arc<EnvdProcesses> {
+        self.e2b_processes.clone()
+    }
+
+    /// The sandbox's id once the caller may see it and it runs.
+    async fn e2b_sandbox(&self, who: &Principal, sandbox: &str) -> Result<SandboxId> {
+        let (rec, _, _) = self.running(who, sandbox).await?;
+        Ok(rec.id)
+    }
+
+    /// Follows a running process's events from now on (after a `Start`
+    /// event naming it).
+    pub async fn e2b_process_connect(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+        sel: &ProcessSelector,
+    ) -> Result<(u32, mpsc::Receiver<ProcessEvent>)> {
+        let id = self.e2b_sandbox(who, sandbox).await?;
+        let p = self.e2b_processes.find(&id, sel)?;
+        Ok((p.info.pid, p.listen()))
+    }
+
+    pub async fn e2b_process_list(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+    ) -> Result<Vec<ProcessInfo>> {
+        let id = self.e2b_sandbox(who, sandbox).await?;
+        let table = self
+            .e2b_processes
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(table
+            .get(&id)
+            .map(|s| s.running.values().map(|p| p.info.clone()).collect())
+            .unwrap_or_default())
+    }
+
+    /// Writes to a process's stdin (which must have been kept open).
+    pub async fn e2b_process_input(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+        sel: &ProcessSelector,
+        data: Bytes,
+    ) -> Result<()> {
+        who.require_write()?;
+        let id = self.e2b_sandbox(who, sandbox).await?;
+        let p = self.e2b_processes.find(&id, sel)?;
+        let tx = p.stdin.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tx = tx.ok_or_else(|| {
+            Error::Conflict(format!(
+                "process {} has no open stdin (start it with stdin, and do not close it)",
+                p.info.pid
+            ))
+        })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        tx.send(data)
+            .await
+            .map_err(|_| Error::Conflict(format!("process {} has ended", p.info.pid)))
+    }
+
+    /// Closes a process's stdin: it reads end-of-file.
+    pub async fn e2b_process_close_stdin(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+        sel: &ProcessSelector,
+    ) -> Result<()> {
+        who.require_write()?;
+        let id = self.e2b_sandbox(who, sandbox).await?;
+        let p = self.e2b_processes.find(&id, sel)?;
+        p.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Ok(())
+    }
+
+    /// Ends a process: its whole process group is killed (SIGKILL, whatever
+    /// signal was asked for: the agent has no way to send another).
+    pub async fn e2b_process_kill(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+        sel: &ProcessSelector,
+    ) -> Result<()> {
+        who.require_write()?;
+        let id = self.e2b_sandbox(who, sandbox).await?;
+        let p = self.e2b_processes.find(&id, sel)?;
+        p.kill.cancel();
+        Ok(())
+    }
+}
+
+/// A byte stream fed by a channel; it ends when every sender is gone.
+fn tokio_stream_of(rx: mpsc::Receiver<Bytes>) -> stacyvm_core::ByteStream {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(b), rx))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231_case_2() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}

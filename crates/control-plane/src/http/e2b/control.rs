@@ -1,0 +1,628 @@
+//! E2B's control API: create, kill, timeout, list, info, connect/resume,
+//! pause, metrics and templates, onto the same app calls as `/v1`.
+//!
+//! E2B's `templateID` names an image of the catalog; `base` names the image
+//! the operator configured with `--e2b-default-template`. Metadata are the
+//! sandbox's labels. A create field StacyVM cannot honour is refused with
+//! `400` naming it, never dropped.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+use stacyvm_core::{now, Error, Network, SandboxState};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::{E2bError, E2bResult, ENVD_VERSION};
+use crate::app::e2b::SandboxRecord;
+use crate::app::sandboxes::CreateSandbox;
+use crate::app::Principal;
+use crate::http::extract::{query_pairs, Auth, Path};
+use crate::http::{note, AppState};
+
+/// The template id E2B's SDK creates from when none is named.
+const BASE_TEMPLATE: &str = "base";
+/// Largest JSON body the control API reads.
+const MAX_BODY: usize = 1024 * 1024;
+
+fn invalid(msg: impl Into<String>) -> E2bError {
+    E2bError(Error::InvalidRequest(msg.into()))
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// A JSON object body; empty means `{}`.
+fn object_body(body: &Bytes) -> E2bResult<Map<String, Value>> {
+    if body.len() > MAX_BODY {
+        return Err(E2bError(Error::PayloadTooLarge(format!(
+            "JSON body is over the {MAX_BODY}-byte limit"
+        ))));
+    }
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(invalid("the JSON body must be an object")),
+        Err(e) => Err(invalid(format!("the body is not valid JSON: {e}"))),
+    }
+}
+
+/// A string map field (`metadata`, `envVars`).
+fn string_map(v: &Value, what: &str) -> E2bResult<BTreeMap<String, String>> {
+    let Value::Object(m) = v else {
+        return Err(invalid(format!("{what} must be an object of strings")));
+    };
+    m.iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => Ok((k.clone(), s.clone())),
+            _ => Err(invalid(format!("{what}.{k} must be a string"))),
+        })
+        .collect()
+}
+
+/// A whole number of seconds.
+fn seconds(v: &Value, what: &str) -> E2bResult<i64> {
+    v.as_i64()
+        .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+        .ok_or_else(|| invalid(format!("{what} must be a whole number of seconds")))
+}
+
+/// The image a template id stands for.
+fn template_image(s: &AppState, template: &str) -> E2bResult<String> {
+    if template == BASE_TEMPLATE {
+        return s.app.config().e2b.default_template.clone().ok_or_else(|| {
+            E2bError(Error::ImageNotFound(format!(
+                "template '{BASE_TEMPLATE}' not found: this server has no default E2B template \
+                 (the operator sets one with `stacyvm serve --e2b-default-template IMAGE`)"
+            )))
+        });
+    }
+    Ok(template.to_owned())
+}
+
+/// A missing image is E2B's "template not found".
+fn template_error(template: &str, e: Error) -> E2bError {
+    match e {
+        Error::ImageNotFound(m) => E2bError(Error::ImageNotFound(format!(
+            "template '{template}' not found: {m}"
+        ))),
+        e => E2bError(e),
+    }
+}
+
+fn state_name(state: SandboxState) -> &'static str {
+    match state {
+        SandboxState::Paused => "paused",
+        _ => "running",
+    }
+}
+
+/// The fields every E2B view of a sandbox carries.
+fn sandbox_fields(s: &AppState, rec: &SandboxRecord) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(
+        "templateID".into(),
+        json!(rec.template.clone().unwrap_or_else(|| rec.image.clone())),
+    );
+    m.insert("sandboxID".into(), json!(rec.id.to_string()));
+    m.insert(
+        "clientID".into(),
+        json!(rec
+            .worker_id
+            .as_ref()
+            .map(|w| w.to_string())
+            .unwrap_or_else(|| "stacyvm".into())),
+    );
+    m.insert("envdVersion".into(), json!(ENVD_VERSION));
+    if let Some(d) = &s.app.config().e2b.domain {
+        m.insert("domain".into(), json!(d));
+    }
+    m
+}
+
+/// `GET /sandboxes/{id}` and list entries: the detail fields.
+fn sandbox_detail(s: &AppState, rec: &SandboxRecord) -> Map<String, Value> {
+    let mut m = sandbox_fields(s, rec);
+    m.insert(
+        "startedAt".into(),
+        json!(rfc3339(rec.started_at.unwrap_or(rec.created_at))),
+    );
+    m.insert(
+        "endAt".into(),
+        json!(rfc3339(rec.expires_at.unwrap_or_else(now))),
+    );
+    m.insert("cpuCount".into(), json!(rec.cpu.ceil().max(1.0) as i64));
+    m.insert("memoryMB".into(), json!(rec.memory_mb));
+    // StacyVM does not size sandbox disks.
+    m.insert("diskSizeMB".into(), json!(0));
+    m.insert("state".into(), json!(state_name(rec.state)));
+    m.insert("metadata".into(), json!(rec.labels));
+    m.insert(
+        "allowInternetAccess".into(),
+        json!(rec.network == Network::Egress),
+    );
+    m
+}
+
+/// A sandbox E2B would still know: terminal ones are gone (`404`).
+async fn live_sandbox(s: &AppState, who: &Principal, id: &str) -> E2bResult<SandboxRecord> {
+    let rec = s.app.sandbox_visible(who, id).await?;
+    if rec.state.is_terminal() || rec.state == SandboxState::Stopping {
+        return Err(E2bError(Error::NotFound(format!("sandbox {id} not found"))));
+    }
+    Ok(rec)
+}
+
+fn sandbox_note(resp: Response, id: &str, detail: Value) -> Response {
+    note(resp, Some(id.to_owned()), detail)
+}
+
+/// `POST /sandboxes`, `POST /v2/sandboxes`: creates a sandbox and returns
+/// once its agent answers.
+pub async fn sandbox_create(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    headers: HeaderMap,
+    body: Bytes,
+) -> E2bResult<Response> {
+    let mut body = object_body(&body)?;
+    let template = match body.remove("templateID") {
+        Some(Value::String(t)) if !t.is_empty() => t,
+        Some(_) => return Err(invalid("templateID must be a non-empty string")),
+        None => return Err(invalid("templateID is required")),
+    };
+    let mut req = CreateSandbox {
+        image: Some(template_image(&s, &template)?),
+        template: Some(template.clone()),
+        ..CreateSandbox::default()
+    };
+    let mut unsupported = Vec::new();
+    for (k, v) in body {
+        if v.is_null() {
+            continue;
+        }
+        match k.as_str() {
+            "timeout" => req.timeout_s = Some(seconds(&v, "timeout")?),
+            "metadata" => req.labels = string_map(&v, "metadata")?,
+            "envVars" => req.env = string_map(&v, "envVars")?,
+            "allow_internet_access" | "allowInternetAccess" => {
+                req.network = Some(match v.as_bool() {
+                    Some(true) => Network::Egress,
+                    Some(false) => Network::None,
+                    None => return Err(invalid(format!("{k} must be true or false"))),
+                })
+            }
+            // StacyVM always gives envd an access token.
+            "secure" => {
+                if v.as_bool().is_none() {
+                    return Err(invalid("secure must be true or false"));
+                }
+            }
+            "autoPause" => match v.as_bool() {
+                Some(false) => {}
+                Some(true) => unsupported.push(
+                    "autoPause (StacyVM destroys a sandbox at its timeout; pause it explicitly)",
+                ),
+                None => return Err(invalid("autoPause must be true or false")),
+            },
+            "network" if v.as_object().is_some_and(|m| m.is_empty()) => {}
+            "network" => unsupported.push(
+                "network (egress rules; use allow_internet_access for all-or-nothing egress)",
+            ),
+            "autoResume" => unsupported.push("autoResume"),
+            "autoPauseMemory" => unsupported.push("autoPauseMemory"),
+            "mcp" => unsupported.push("mcp"),
+            "iam" => unsupported.push("iam"),
+            "volumeMounts" => unsupported.push("volumeMounts"),
+            _ => {
+                return Err(invalid(format!(
+                    "field {k:?} is not supported by this server's E2B-compatible API"
+                )))
+            }
+        }
+    }
+    if !unsupported.is_empty() {
+        return Err(invalid(format!(
+            "this server cannot honour: {}",
+            unsupported.join(", ")
+        )));
+    }
+    req.idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| invalid("Idempotency-Key must be printable ASCII"))?
+                .to_owned(),
+        ),
+    };
+    // Run to the end even if the client goes away, as `/v1` does: a create
+    // dropped half-way would leave a sandbox nobody finishes.
+    let app = s.app.clone();
+    let creator = who.clone();
+    let created = tokio::spawn(async move { app.sandbox_create(&creator, req).await })
+        .await
+        .map_err(|e| E2bError(Error::internal("the create task", e)))?
+        .map_err(|e| template_error(&template, e))?;
+    let rec = created.sandbox;
+    let mut out = sandbox_fields(&s, &rec);
+    out.insert(
+        "envdAccessToken".into(),
+        json!(s.app.e2b_envd_token(&who, &rec.id).await?),
+    );
+    let resp = (StatusCode::CREATED, Json(Value::Object(out))).into_response();
+    Ok(sandbox_note(
+        resp,
+        rec.id.as_ref(),
+        json!({"image": rec.image, "template": template, "provider": rec.provider,
+               "idempotent_replay": created.existing, "api": "e2b"}),
+    ))
+}
+
+/// `DELETE /sandboxes/{id}`: `404` when it is already gone, as E2B does.
+pub async fn sandbox_kill(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> E2bResult<Response> {
+    who.require_write()?;
+    let rec = live_sandbox(&s, &who, &id).await?;
+    s.app.destroy_record(rec).await?;
+    Ok(sandbox_note(
+        StatusCode::NO_CONTENT.into_response(),
+        &id,
+        json!({"api": "e2b"}),
+    ))
+}
+
+/// `POST /sandboxes/{id}/timeout` `{"timeout": secs}`.
+pub async fn sandbox_timeout(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> E2bResult<Response> {
+    let body = object_body(&body)?;
+    let timeout = seconds(
+        body.get("timeout")
+            .ok_or_else(|| invalid("timeout is required"))?,
+        "timeout",
+    )?;
+    live_sandbox(&s, &who, &id).await?;
+    s.app.sandbox_set_timeout(&who, &id, timeout).await?;
+    Ok(sandbox_note(
+        StatusCode::NO_CONTENT.into_response(),
+        &id,
+        json!({"timeout_s": timeout, "api": "e2b"}),
+    ))
+}
+
+/// `POST /sandboxes/{id}/refreshes` `{"duration": secs}`: keeps the sandbox
+/// alive that long from now (never shortening it).
+pub async fn sandbox_refresh(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> E2bResult<Response> {
+    let body = object_body(&body)?;
+    let duration = match body.get("duration") {
+        Some(v) if !v.is_null() => seconds(v, "duration")?,
+        _ => 60,
+    };
+    let rec = live_sandbox(&s, &who, &id).await?;
+    extend_to(&s, &who, &rec, duration).await?;
+    Ok(sandbox_note(
+        StatusCode::NO_CONTENT.into_response(),
+        &id,
+        json!({"timeout_s": duration, "api": "e2b"}),
+    ))
+}
+
+/// Sets the sandbox to live `secs` from now unless it already lives longer.
+async fn extend_to(s: &AppState, who: &Principal, rec: &SandboxRecord, secs: i64) -> E2bResult<()> {
+    let wanted = now() + Duration::from_secs(secs.max(0) as u64);
+    if rec.expires_at.is_some_and(|e| e >= wanted) {
+        return Ok(());
+    }
+    s.app
+        .sandbox_set_timeout(who, rec.id.as_ref(), secs)
+        .await?;
+    Ok(())
+}
+
+/// `GET /sandboxes/{id}`.
+pub async fn sandbox_get(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> E2bResult<Json<Value>> {
+    let rec = live_sandbox(&s, &who, &id).await?;
+    let mut m = sandbox_detail(&s, &rec);
+    m.insert(
+        "envdAccessToken".into(),
+        json!(s.app.e2b_envd_token(&who, &rec.id).await?),
+    );
+    Ok(Json(Value::Object(m)))
+}
+
+/// `POST /sandboxes/{id}/pause`: `409` when it is not running (E2B's
+/// "already paused"), or when its provider cannot pause.
+pub async fn sandbox_pause(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> E2bResult<Response> {
+    let body = object_body(&body)?;
+    for (k, v) in &body {
+        match (k.as_str(), v) {
+            (_, Value::Null) => {}
+            ("memory", Value::Bool(true)) | ("requireHealthyGuest", Value::Bool(_)) => {}
+            ("memory", Value::Bool(false)) => {
+                return Err(invalid(
+                    "memory: false (a filesystem-only pause) is not supported; StacyVM pauses \
+                     keep the sandbox's processes",
+                ))
+            }
+            _ => return Err(invalid(format!("field {k:?} is not supported on pause"))),
+        }
+    }
+    let rec = live_sandbox(&s, &who, &id).await?;
+    if rec.state != SandboxState::Running {
+        return Err(E2bError(Error::Conflict(format!(
+            "sandbox {id} is {}, not running",
+            rec.state
+        ))));
+    }
+    s.app.sandbox_pause(&who, &id, true).await?;
+    Ok(sandbox_note(
+        StatusCode::NO_CONTENT.into_response(),
+        &id,
+        json!({"api": "e2b"}),
+    ))
+}
+
+/// `POST /sandboxes/{id}/resume` (E2B's older call): `409` when it is not
+/// paused.
+pub async fn sandbox_resume(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> E2bResult<Response> {
+    let body = object_body(&body)?;
+    let rec = live_sandbox(&s, &who, &id).await?;
+    if rec.state != SandboxState::Paused {
+        return Err(E2bError(Error::Conflict(format!(
+            "sandbox {id} is {}, not paused",
+            rec.state
+        ))));
+    }
+    let rec = s.app.sandbox_pause(&who, &id, false).await?;
+    if let Some(t) = body.get("timeout").filter(|v| !v.is_null()) {
+        extend_to(&s, &who, &rec, seconds(t, "timeout")?).await?;
+    }
+    let rec = s.app.sandbox_visible(&who, &id).await?;
+    let mut out = sandbox_fields(&s, &rec);
+    out.insert(
+        "envdAccessToken".into(),
+        json!(s.app.e2b_envd_token(&who, &rec.id).await?),
+    );
+    Ok(sandbox_note(
+        (StatusCode::CREATED, Json(Value::Object(out))).into_response(),
+        &id,
+        json!({"api": "e2b"}),
+    ))
+}
+
+/// `POST /v2/sandboxes/{id}/connect` `{"timeout"?}`: `200` for a running
+/// sandbox, `201` for a paused one resumed; the timeout only extends.
+pub async fn sandbox_connect(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> E2bResult<Response> {
+    let body = object_body(&body)?;
+    let timeout = match body.get("timeout") {
+        Some(v) if !v.is_null() => Some(seconds(v, "timeout")?),
+        _ => None,
+    };
+    let mut rec = live_sandbox(&s, &who, &id).await?;
+    let mut status = StatusCode::OK;
+    if rec.state == SandboxState::Paused {
+        rec = s.app.sandbox_pause(&who, &id, false).await?;
+        status = StatusCode::CREATED;
+    }
+    if let Some(t) = timeout {
+        extend_to(&s, &who, &rec, t).await?;
+    }
+    let rec = s.app.sandbox_visible(&who, &id).await?;
+    let mut out = sandbox_fields(&s, &rec);
+    out.insert(
+        "envdAccessToken".into(),
+        json!(s.app.e2b_envd_token(&who, &rec.id).await?),
+    );
+    let resp = (status, Json(Value::Object(out))).into_response();
+    Ok(sandbox_note(resp, &id, json!({"api": "e2b"})))
+}
+
+/// `GET /sandboxes/{id}/metrics`: StacyVM keeps no per-sandbox resource
+/// series, so the list is empty (the sandbox must still exist).
+pub async fn sandbox_metrics(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+) -> E2bResult<Json<Value>> {
+    live_sandbox(&s, &who, &id).await?;
+    Ok(Json(json!([])))
+}
+
+/// The list filters: `metadata` (url-encoded `k=v&…`), `state`, `limit`,
+/// `nextToken`.
+struct ListFilter {
+    labels: Vec<(String, String)>,
+    template: Option<String>,
+    started_after: Option<OffsetDateTime>,
+    states: Vec<SandboxState>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
+    let mut f = ListFilter {
+        labels: Vec::new(),
+        template: None,
+        started_after: None,
+        states: if v2 {
+            vec![SandboxState::Running, SandboxState::Paused]
+        } else {
+            vec![SandboxState::Running]
+        },
+        limit: None,
+        cursor: None,
+    };
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "metadata" => {
+                for (mk, mv) in query_pairs(Some(&v)) {
+                    f.labels.push((mk, mv));
+                }
+            }
+            "state" => {
+                let mut states = Vec::new();
+                for st in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    states.push(match st {
+                        "running" => SandboxState::Running,
+                        "paused" => SandboxState::Paused,
+                        other => {
+                            return Err(invalid(format!(
+                                "state {other:?} must be running or paused"
+                            )))
+                        }
+                    });
+                }
+                if !states.is_empty() {
+                    f.states = states;
+                }
+            }
+            "limit" => {
+                f.limit = Some(
+                    v.parse()
+                        .map_err(|_| invalid("limit must be a whole number"))?,
+                )
+            }
+            "nextToken" => f.cursor = Some(v).filter(|c| !c.is_empty()),
+            "template" => f.template = Some(v).filter(|t| !t.is_empty()),
+            "startedAfter" => {
+                f.started_after =
+                    Some(OffsetDateTime::parse(&v, &Rfc3339).map_err(|_| {
+                        invalid(format!("startedAfter {v:?} is not an RFC 3339 time"))
+                    })?)
+            }
+            // Sandboxes are listed oldest first.
+            "order" if v == "asc" => {}
+            "order" => {
+                return Err(invalid(format!(
+                    "order {v:?} is not supported: this server lists sandboxes oldest first \
+                     (order=asc)"
+                )))
+            }
+            _ => return Err(invalid(format!("query parameter {k:?} is not supported"))),
+        }
+    }
+    Ok(f)
+}
+
+async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult<Response> {
+    let state = match f.states.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    };
+    let page = s
+        .app
+        .sandbox_list(who, state, f.labels, f.limit, f.cursor)
+        .await?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .filter(|r| f.states.contains(&r.state))
+        .filter(|r| {
+            f.template
+                .as_ref()
+                .is_none_or(|t| r.template.as_deref().unwrap_or(&r.image) == t.as_str())
+        })
+        .filter(|r| {
+            f.started_after
+                .is_none_or(|t| r.started_at.unwrap_or(r.created_at) > t)
+        })
+        .map(|r| Value::Object(sandbox_detail(s, r)))
+        .collect();
+    let mut resp = Json(Value::Array(items)).into_response();
+    if let Some(next) = page.next_cursor {
+        if let Ok(v) = HeaderValue::from_str(&next) {
+            resp.headers_mut().insert("x-next-token", v);
+        }
+    }
+    Ok(resp)
+}
+
+/// `GET /sandboxes`: running sandboxes.
+pub async fn sandbox_list_v1(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    uri: axum::http::Uri,
+) -> E2bResult<Response> {
+    let f = list_filter(uri.query(), false)?;
+    sandbox_list(&s, &who, f).await
+}
+
+/// `GET /v2/sandboxes`: running and paused sandboxes by default.
+pub async fn sandbox_list_v2(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    uri: axum::http::Uri,
+) -> E2bResult<Response> {
+    let f = list_filter(uri.query(), true)?;
+    sandbox_list(&s, &who, f).await
+}
+
+/// `GET /templates/{id}`: a template exists when its image does.
+pub async fn template_get(
+    State(s): State<AppState>,
+    Auth(_who): Auth,
+    Path(id): Path<String>,
+) -> E2bResult<Json<Value>> {
+    let image = template_image(&s, &id)?;
+    let Some(info) = s.app.catalog_image(&image).await? else {
+        return Err(E2bError(Error::ImageNotFound(format!(
+            "template '{id}' not found: no image {image:?} in the image catalog"
+        ))));
+    };
+    let limits = &s.app.config().limits;
+    Ok(Json(json!({
+        "templateID": id,
+        "buildID": info.digest,
+        "aliases": [id],
+        "names": [id],
+        "public": false,
+        "status": "ready",
+        "cpuCount": limits.default_cpu.ceil().max(1.0) as i64,
+        "memoryMB": limits.default_memory_mb,
+        "diskSizeMB": 0,
+        "envdVersion": ENVD_VERSION,
+        "createdAt": rfc3339(info.created_at),
+        "updatedAt": rfc3339(info.created_at),
+        "buildCount": 1,
+        "spawnCount": 0,
+    })))
+}

@@ -1,0 +1,334 @@
+//! envd's file transfer: `GET /files?path=` (the raw bytes) and
+//! `POST /files` (multipart, a `file` part per file named by its path, or
+//! raw bytes to `?path=`), streamed through the app's file calls and
+//! counted against the upload limit. Errors are envd's
+//! `{"code": <status>, "message"}`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use stacyvm_core::{ByteStream, Error};
+
+use super::envd::{caller, user_name};
+use super::public_message;
+use crate::http::extract::query_pairs;
+use crate::http::{note, AppState};
+
+/// An envd HTTP error.
+fn file_error(e: &Error) -> Response {
+    let status = match e {
+        Error::Conflict(_) => StatusCode::CONFLICT,
+        e => crate::http::error::status_of(e),
+    };
+    (
+        status,
+        axum::Json(json!({"code": status.as_u16(), "message": public_message(e)})),
+    )
+        .into_response()
+}
+
+fn rpc_refusal(status: StatusCode, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({"code": status.as_u16(), "message": message})),
+    )
+        .into_response()
+}
+
+struct FileQuery {
+    path: Option<String>,
+    user: Option<String>,
+}
+
+fn file_query(uri: &axum::http::Uri) -> FileQuery {
+    let mut q = FileQuery {
+        path: None,
+        user: None,
+    };
+    for (k, v) in query_pairs(uri.query()) {
+        match k.as_str() {
+            "path" => q.path = Some(v),
+            "username" => q.user = Some(v),
+            _ => {}
+        }
+    }
+    q
+}
+
+/// A path as envd reads it: relative ones are under the user's home.
+fn resolve(user: &str, p: &str) -> Result<String, Error> {
+    if p.is_empty() {
+        return Err(Error::InvalidRequest("path is required".into()));
+    }
+    let home = if user == "root" {
+        "/root".to_owned()
+    } else {
+        format!("/home/{user}")
+    };
+    let full = if p.starts_with('/') {
+        p.to_owned()
+    } else if p == "~" {
+        home
+    } else if let Some(rest) = p.strip_prefix("~/") {
+        format!("{home}/{rest}")
+    } else {
+        format!("{home}/{p}")
+    };
+    stacyvm_core::validate_sandbox_path(&full)
+}
+
+fn finish(
+    resp: Response,
+    sandbox: Option<String>,
+    who: Option<crate::app::Principal>,
+    path: &[String],
+) -> Response {
+    let mut resp = note(resp, sandbox, json!({"paths": path, "api": "e2b"}));
+    if let Some(w) = who {
+        resp.extensions_mut().insert(w);
+    }
+    resp
+}
+
+/// The user the query names (`username`), else the Basic header's.
+fn user_of(q: &FileQuery, caller_user: &str) -> Result<String, Error> {
+    match &q.user {
+        Some(u) if !u.is_empty() => user_name(u.clone())
+            .map_err(|_| Error::InvalidRequest(format!("user {u:?} is not a valid user name"))),
+        _ => Ok(caller_user.to_owned()),
+    }
+}
+
+/// `GET /files?path=&username=`: the file's bytes.
+pub async fn file_download(State(s): State<AppState>, req: axum::extract::Request) -> Response {
+    let (parts, _body) = req.into_parts();
+    let addr = parts
+        .extensions
+        .get::<crate::http::client_addr::ClientAddr>()
+        .map(|c| c.0);
+    let c = match caller(&s, &parts.headers, addr).await {
+        Ok(c) => c,
+        Err(e) => {
+            let sandbox = super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
+                .map(|t| t.0);
+            return finish(
+                rpc_refusal(e.status(), e.message().to_owned()),
+                sandbox,
+                None,
+                &[],
+            );
+        }
+    };
+    let q = file_query(&parts.uri);
+    let path = q.path.clone().unwrap_or_default();
+    let read = async {
+        let user = user_of(&q, c.user())?;
+        let path = resolve(&user, &path)?;
+        let stream = s.app.file_read(c.who(), c.sandbox(), &path).await?;
+        Ok::<_, Error>((path, stream))
+    }
+    .await;
+    let resp = match read {
+        Ok((path, stream)) => {
+            let mut r = Response::new(Body::from_stream(stream));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return finish(
+                r,
+                Some(c.sandbox().to_owned()),
+                Some(c.who().clone()),
+                &[path],
+            );
+        }
+        Err(e) => file_error(&e),
+    };
+    finish(
+        resp,
+        Some(c.sandbox().to_owned()),
+        Some(c.who().clone()),
+        &[path],
+    )
+}
+
+/// Counts upload bytes across a whole request and fails past `limit`.
+struct Limit {
+    limit: u64,
+    seen: std::sync::atomic::AtomicU64,
+    over: AtomicBool,
+}
+
+fn limited<S, E>(stream: S, limit: Arc<Limit>) -> ByteStream
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    Box::pin(stream.map(move |chunk| match chunk {
+        Ok(b) => {
+            let seen = limit.seen.fetch_add(b.len() as u64, Ordering::SeqCst) + b.len() as u64;
+            if seen > limit.limit {
+                limit.over.store(true, Ordering::SeqCst);
+                Err(std::io::Error::other("upload is over the size limit"))
+            } else {
+                Ok(b)
+            }
+        }
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }))
+}
+
+fn write_info(path: &str) -> Value {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    json!({"name": name, "type": "file", "path": path})
+}
+
+/// `POST /files?path=&username=`: multipart parts named by path, or raw
+/// bytes to `path`. Answers the files written.
+pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let addr = parts
+        .extensions
+        .get::<crate::http::client_addr::ClientAddr>()
+        .map(|c| c.0);
+    let c = match caller(&s, &parts.headers, addr).await {
+        Ok(c) => c,
+        Err(e) => {
+            let sandbox = super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
+                .map(|t| t.0);
+            return finish(
+                rpc_refusal(e.status(), e.message().to_owned()),
+                sandbox,
+                None,
+                &[],
+            );
+        }
+    };
+    let q = file_query(&parts.uri);
+    let limit = Arc::new(Limit {
+        limit: s.app.config().limits.upload_bytes,
+        seen: Default::default(),
+        over: AtomicBool::new(false),
+    });
+    let mut written = Vec::new();
+    let result = upload(
+        &s,
+        &c,
+        &q,
+        &parts.headers,
+        body,
+        limit.clone(),
+        &mut written,
+    )
+    .await;
+    let resp = match result {
+        Ok(()) => {
+            let infos: Vec<Value> = written.iter().map(|p| write_info(p)).collect();
+            (StatusCode::OK, axum::Json(Value::Array(infos))).into_response()
+        }
+        Err(_) if limit.over.load(Ordering::SeqCst) => file_error(&Error::PayloadTooLarge(
+            format!("upload is over the {}-byte limit", limit.limit),
+        )),
+        Err(e) => file_error(&e),
+    };
+    finish(
+        resp,
+        Some(c.sandbox().to_owned()),
+        Some(c.who().clone()),
+        &written,
+    )
+}
+
+async fn upload(
+    s: &AppState,
+    c: &super::envd::Caller,
+    q: &FileQuery,
+    headers: &HeaderMap,
+    body: Body,
+    limit: Arc<Limit>,
+    written: &mut Vec<String>,
+) -> Result<(), Error> {
+    c.who().require_write()?;
+    let user = user_of(q, c.user())?;
+    if let Some(h) = headers
+        .keys()
+        .find(|h| h.as_str().starts_with("x-metadata-"))
+    {
+        return Err(Error::InvalidRequest(format!(
+            "file metadata ({h}) is not supported by this server"
+        )));
+    }
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
+        let enc = enc.to_str().unwrap_or("");
+        if !enc.eq_ignore_ascii_case("identity") {
+            return Err(Error::InvalidRequest(format!(
+                "Content-Encoding {enc:?} is not supported: upload the file uncompressed"
+            )));
+        }
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if ct.to_ascii_lowercase().starts_with("multipart/form-data") {
+        let boundary = multer::parse_boundary(&ct).map_err(|e| {
+            Error::InvalidRequest(format!("the multipart body has no usable boundary: {e}"))
+        })?;
+        let mut form = multer::Multipart::new(body.into_data_stream(), boundary);
+        let mut files = 0usize;
+        loop {
+            let field = match form.next_field().await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(if limit.over.load(Ordering::SeqCst) {
+                        Error::PayloadTooLarge("upload is over the size limit".into())
+                    } else {
+                        Error::InvalidRequest(format!("the multipart body is malformed: {e}"))
+                    })
+                }
+            };
+            let Some(name) = field.file_name().map(str::to_owned) else {
+                // Parts that are not files carry nothing envd reads.
+                continue;
+            };
+            files += 1;
+            // A lone file goes to `?path=` when given (the part's file name
+            // is the same path, possibly cut short by the client).
+            let target = match &q.path {
+                Some(p) if !p.is_empty() && files == 1 => p.clone(),
+                _ => name,
+            };
+            let path = resolve(&user, &target)?;
+            let stream = limited(field, limit.clone());
+            s.app
+                .file_write(c.who(), c.sandbox(), &path, None, stream)
+                .await?;
+            written.push(path);
+        }
+        if files == 0 {
+            return Err(Error::InvalidRequest(
+                "the multipart body holds no file part".into(),
+            ));
+        }
+        Ok(())
+    } else {
+        let target = q.path.clone().ok_or_else(|| {
+            Error::InvalidRequest("path is required for a raw upload (?path=…)".into())
+        })?;
+        let path = resolve(&user, &target)?;
+        let stream = limited(body.into_data_stream(), limit);
+        s.app
+            .file_write(c.who(), c.sandbox(), &path, None, stream)
+            .await?;
+        written.push(path);
+        Ok(())
+    }
+}
