@@ -111,11 +111,17 @@ ensure_ui_test_tools() {
   local root="$1"
   ensure_packages chromium || { log "could not install chromium"; return 1; }
   ensure_node || { log "the browser test needs Node.js and npm"; return 1; }
-  local ui="$root/tests/ui"
-  if ! cmp -s "$ui/package-lock.json" "$ui/node_modules/.installed-lock.json"; then
-    log "installing the browser test's npm packages (tests/ui)"
-    (cd "$ui" && npm ci --no-audit --no-fund --silent) || { log "npm ci in tests/ui failed"; return 1; }
-    cp "$ui/package-lock.json" "$ui/node_modules/.installed-lock.json"
+  npm_ci_if_changed "$root/tests/ui"
+}
+
+# npm_ci_if_changed DIR — `npm ci` in DIR unless node_modules already holds
+# exactly what DIR's package-lock.json pins.
+npm_ci_if_changed() {
+  local dir="$1"
+  if ! cmp -s "$dir/package-lock.json" "$dir/node_modules/.installed-lock.json"; then
+    log "installing the npm packages of ${dir#"$PWD"/}"
+    (cd "$dir" && npm ci --no-audit --no-fund --silent) || { log "npm ci in $dir failed"; return 1; }
+    cp "$dir/package-lock.json" "$dir/node_modules/.installed-lock.json"
   fi
 }
 

@@ -50,6 +50,8 @@ fi
 log "E2B SDK against the E2B-compatible API"
 # The unmodified `e2b` package (pinned below 3 in tests/e2b/requirements.txt);
 # the E2B base image is built from Debian packages by scripts/build-e2b-image.sh.
+# The JavaScript SDK too (tests/e2b/js, pinned in its package-lock.json).
+npm_ci_if_changed "$root_dir/tests/e2b/js"
 .venv/bin/pytest -q tests/e2b
 
 log "TypeScript SDK tests"
