@@ -40,6 +40,14 @@ pub struct WorkerProvider {
     pub healthy: bool,
     #[serde(default)]
     pub detail: String,
+    /// The provider's mode where it has more than one (the namespaces
+    /// provider: `root` or `rootless`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The limits its sandboxes do not get in that mode (`memory`, `cpu`,
+    /// `pids`, `pause`), reported with `mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_enforced: Option<Vec<String>>,
 }
 
 /// What a worker offers sandboxes.

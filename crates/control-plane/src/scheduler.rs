@@ -527,7 +527,12 @@ fn reported_health(rec: &WorkerRecord) -> Vec<ProviderHealth> {
                         .map(|h| h.detail.clone())
                         .unwrap_or_else(|| "not reported yet".into()),
                 },
-                mode: None,
+                mode: reported.and_then(|h| {
+                    Some(stacyvm_provider::ProviderMode {
+                        mode: h.mode.clone()?,
+                        not_enforced: h.not_enforced.clone().unwrap_or_default(),
+                    })
+                }),
             }
         })
         .collect()

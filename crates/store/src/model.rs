@@ -299,6 +299,13 @@ pub struct ProviderState {
     pub name: String,
     pub healthy: bool,
     pub detail: String,
+    /// The provider's mode, for providers with more than one (the
+    /// namespaces provider: `root` or `rootless`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The limits its sandboxes do not get in that mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_enforced: Option<Vec<String>>,
 }
 
 /// A token a remote worker registers with.

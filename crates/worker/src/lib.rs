@@ -58,8 +58,7 @@ pub struct ProviderHealth {
     #[serde(flatten)]
     pub health: Health,
     /// The provider's mode where it has more than one (the namespaces
-    /// provider: root or rootless). Only in-process workers report it; a
-    /// remote worker's detail text carries it.
+    /// provider: root or rootless), from in-process and remote workers alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ProviderMode>,
 }

@@ -226,6 +226,8 @@ impl Node {
                 name: p.name,
                 healthy: p.health.healthy,
                 detail: p.health.detail,
+                mode: p.mode.as_ref().map(|m| m.mode.clone()),
+                not_enforced: p.mode.map(|m| m.not_enforced),
             })
             .collect()
     }

@@ -66,7 +66,8 @@ async fn placement_spreads_honours_labels_and_drain_and_every_call_reaches_the_w
     admin.import_busybox().await?;
     let (_, token) = worker_token(&admin, "pool").await?;
     let mut a = Worker::start(WorkerOptions::new(&server, &token, "docker").label("pool", "a"))?;
-    let mut b = Worker::start(WorkerOptions::new(&server, &token, "docker").label("pool", "b"))?;
+    let mut b =
+        Worker::start(WorkerOptions::new(&server, &token, "docker,namespaces").label("pool", "b"))?;
     let wa = a.ready(&admin).await?;
     let wb = b.ready(&admin).await?;
     ensure!(wa["labels"] == json!({"pool": "a"}), "{wa}");
@@ -74,8 +75,21 @@ async fn placement_spreads_honours_labels_and_drain_and_every_call_reaches_the_w
         wb["providers"][0]["name"] == "docker" && wb["providers"][0]["healthy"] == true,
         "{wb}"
     );
+    // A provider's mode travels with the worker's health reports.
+    ensure!(
+        wb["providers"][1]["name"] == "namespaces" && wb["providers"][1]["mode"] == "root",
+        "{wb}"
+    );
     let st = admin.get("/v1/status").await?.ok(200)?;
     ensure!(st["mode"] == "multi-worker", "{st}");
+    let ns = st["providers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "namespaces"))
+        .with_context(|| format!("namespaces in {st}"))?;
+    ensure!(
+        ns["mode"] == "root" && ns["not_enforced"].is_array(),
+        "{ns}"
+    );
 
     let (_, member) = admin.tenant_with("member").await?;
     // Four creates spread over the two workers.

@@ -256,6 +256,8 @@ pub async fn heartbeat(app: &App) -> Result<()> {
                     name: h.name,
                     healthy: h.health.healthy,
                     detail: h.health.detail,
+                    mode: h.mode.as_ref().map(|m| m.mode.clone()),
+                    not_enforced: h.mode.map(|m| m.not_enforced),
                 })
                 .collect();
             app.store.worker_upsert(&rec).await?;

@@ -212,11 +212,15 @@ pub fn worker(w: stacyvm_store::WorkerRecord, sandboxes: i64) -> api::Worker {
                     name: name.clone(),
                     healthy: h.healthy,
                     detail: h.detail.clone(),
+                    mode: h.mode.clone(),
+                    not_enforced: h.not_enforced.clone(),
                 },
                 None => api::WorkerProvider {
                     name: name.clone(),
                     healthy: false,
                     detail: "no health reported yet".into(),
+                    mode: None,
+                    not_enforced: None,
                 },
             },
         )

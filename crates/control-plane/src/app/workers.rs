@@ -76,10 +76,27 @@ fn check_providers(providers: &[api::WorkerProvider]) -> Result<Vec<ProviderStat
             }
             detail.truncate(cut);
         }
+        if let Some(mode) = &p.mode {
+            check_text("a provider mode", mode, 32)?;
+        } else if p.not_enforced.is_some() {
+            return Err(invalid(format!(
+                "provider {:?} reports unenforced limits without a mode",
+                p.name
+            )));
+        }
+        let not_enforced = p.not_enforced.clone().unwrap_or_default();
+        if not_enforced.len() > 16 {
+            return Err(invalid("a provider reports at most 16 unenforced limits"));
+        }
+        for limit in &not_enforced {
+            check_text("an unenforced limit", limit, 32)?;
+        }
         out.push(ProviderState {
             name: p.name.clone(),
             healthy: p.healthy,
             detail,
+            mode: p.mode.clone(),
+            not_enforced: p.mode.as_ref().map(|_| not_enforced),
         });
     }
     Ok(out)

@@ -123,6 +123,8 @@ pub fn worker(address: &str) -> WorkerRecord {
             name: "docker".into(),
             healthy: true,
             detail: "Docker 20.10".into(),
+            mode: None,
+            not_enforced: None,
         }],
         capacity_cpu: Some(8.5),
         capacity_memory_mb: Some(16384),

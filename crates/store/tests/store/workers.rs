@@ -266,6 +266,8 @@ pub async fn heartbeats_renew_leases_and_bring_workers_back(db: &TestDb) -> anyh
         name: "namespaces".into(),
         healthy: false,
         detail: "no user namespaces".into(),
+        mode: Some("rootless".into()),
+        not_enforced: Some(vec!["memory".into(), "pause".into()]),
     }];
     let (now, until) = (fixtures::at(2), fixtures::at(40));
     store.worker_set_state(&w.id, WorkerState::Down).await?;

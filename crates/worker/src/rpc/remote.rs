@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::{ImageCatalog, ImageInfo};
-use stacyvm_provider::{AgentClient, Health, LogLine, RuntimeInfo};
+use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo};
 use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
 use tokio_util::sync::PollSender;
 use tonic::transport::{Channel, Endpoint};
@@ -256,7 +256,10 @@ impl Worker for RemoteWorker {
                         healthy: p.healthy,
                         detail: p.detail,
                     },
-                    mode: None,
+                    mode: p.mode.map(|m| ProviderMode {
+                        mode: m.mode,
+                        not_enforced: m.not_enforced,
+                    }),
                 })
                 .collect(),
             // A worker that cannot be asked has no usable provider.

@@ -344,6 +344,10 @@ impl WorkerRpcService for Service {
                 name: h.name,
                 healthy: h.health.healthy,
                 detail: h.health.detail,
+                mode: h.mode.map(|m| pb::ProviderMode {
+                    mode: m.mode,
+                    not_enforced: m.not_enforced,
+                }),
             })
             .collect();
         Ok(Response::new(pb::ProviderHealthList { providers }))

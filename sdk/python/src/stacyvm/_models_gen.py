@@ -646,6 +646,12 @@ class WorkerProvider:
     name: str
     healthy: bool
     detail: str = ""
+    #: The provider's mode where it has more than one (the namespaces
+    #: provider: `root` or `rootless`).
+    mode: Optional[str] = None
+    #: The limits its sandboxes do not get in that mode (`memory`, `cpu`,
+    #: `pids`, `pause`), reported with `mode`.
+    not_enforced: Optional[List[str]] = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Self:
@@ -653,6 +659,8 @@ class WorkerProvider:
             name=str(d.get("name", "")),
             healthy=bool(d.get("healthy", False)),
             detail=str(d.get("detail", "")),
+            mode=_w.opt(str, d.get("mode")),
+            not_enforced=None if d.get("not_enforced") is None else [str(x) for x in _w.items(d.get("not_enforced"))],
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -660,6 +668,8 @@ class WorkerProvider:
             "name": self.name,
             "healthy": self.healthy,
             "detail": self.detail,
+            "mode": self.mode,
+            "not_enforced": None if self.not_enforced is None else list(self.not_enforced),
         }
 
 

@@ -21,6 +21,11 @@ export interface ApiKey {
   id: string;
   /** The secret: only in the create answer, shown this once. */
   key?: string | null;
+  /**
+   * The same secret spelled `e2b_<hex>`, the shape the E2B SDK accepts
+   * as `E2B_API_KEY`: only in the create answer, beside `key`.
+   */
+  key_e2b?: string | null;
   name: string;
   revoked_at?: string | null;
   /** `admin`, `owner`, `member` or `viewer`. */
@@ -507,7 +512,17 @@ export interface WorkerList {
 export interface WorkerProvider {
   detail?: string;
   healthy: boolean;
+  /**
+   * The provider's mode where it has more than one (the namespaces
+   * provider: `root` or `rootless`).
+   */
+  mode?: string | null;
   name: string;
+  /**
+   * The limits its sandboxes do not get in that mode (`memory`, `cpu`,
+   * `pids`, `pause`), reported with `mode`.
+   */
+  not_enforced?: string[] | null;
 }
 
 /**
