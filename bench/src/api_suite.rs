@@ -1,7 +1,8 @@
 //! Suite `api`: a real `stacyvm serve` measured through its HTTP API
 //! (create, exec, streaming, files, throughput, burst, density) and its
 //! `stacyvm` CLI, against the docker CLI, Docker's Engine API, plain
-//! unshare and plain proot, measured in the same run.
+//! unshare and plain proot, measured in the same run; and the host memory
+//! a thousand idle namespaces sandboxes take (`idle`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +30,7 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     let bin = ctx.stacyvm_bin().await?;
     eprintln!("bench[api]: starting {} serve", bin.display());
     let server = Arc::new(Server::start(&bin, &ctx.agent_bin, &ctx.tag, &[]).await?);
-    if let Ok(mut slot) = ctx.server.lock() {
-        *slot = Some(server.clone());
-    }
+    ctx.keep_server(server.clone());
     let result = sections(ctx, args, report, &server, &bin).await;
     if let Some(rss) = server.rss_kib() {
         report.value(
@@ -326,14 +325,23 @@ async fn sections(
     cli.rm(&[base_ctr]).await?;
 
     if !args.skipped("burst") {
-        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+        for p in ["docker", "namespaces", "proot"]
+            .into_iter()
+            .filter(|p| args.wants(p))
+        {
             burst(s, args, report, p, cli).await?;
         }
     }
     if !args.skipped("density") {
-        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+        for p in ["docker", "namespaces", "proot"]
+            .into_iter()
+            .filter(|p| args.wants(p))
+        {
             density(s, args, report, p).await?;
         }
+    }
+    if !args.skipped("idle") && args.wants("namespaces") && args.idle_count > 0 {
+        idle(ctx, args, report).await?;
     }
     Ok(())
 }
@@ -820,7 +828,7 @@ async fn burst(
         &format!("API {p}: burst of {n} creates, all exec-ready"),
         &[total],
         baseline,
-        &format!("{note}; target < 5 s (docker)"),
+        &format!("{note}; {}", burst_target(p)),
     );
     report.time_ms(
         &format!("api.burst.{p}.each"),
@@ -835,6 +843,15 @@ async fn burst(
         eprintln!("bench: {failed_destroys} destroys after the burst failed");
     }
     Ok(())
+}
+
+/// The target a provider's burst is held to.
+fn burst_target(p: &str) -> &'static str {
+    match p {
+        "docker" => "target < 5 s",
+        "namespaces" => "target < 2 s",
+        _ => "no target",
+    }
 }
 
 /// The same burst with the docker CLI: `n` × (`docker run -d` + first
@@ -877,7 +894,8 @@ async fn docker_burst(
 }
 
 /// Sum of VmRSS (KiB) and count of the agent processes of one provider
-/// that belong to `ids`: container ids for Docker, sandbox ids for PRoot.
+/// that belong to `ids`: container ids for Docker, sandbox ids for PRoot
+/// and namespaces.
 fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
     let mut sum = 0;
     let mut n = 0;
@@ -894,7 +912,9 @@ fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
         if !cmdline.starts_with(b"/.stacyvm/agent\0") {
             continue;
         }
-        let mine = if p == "docker" {
+        let mine = if p == "docker" || p == "namespaces" {
+            // A container's cgroup is named after its id; a namespaces
+            // sandbox's after the instance and the sandbox id.
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
             ids.iter().any(|c| cg.contains(c.as_str()))
         } else {
@@ -1148,4 +1168,152 @@ async fn pool_full(s: &Server, provider: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Creates in flight at once while the idle section fills up.
+const IDLE_CONCURRENCY: usize = 8;
+
+/// `args.idle_count` idle namespaces sandboxes held at once, and what they
+/// cost the host. A single-node server's in-process worker takes 256
+/// sandboxes, so this section runs its own control plane with one worker
+/// (`--max-sandboxes` raised to fit); the worker's own RSS is reported
+/// apart, and is part of the host-memory figure.
+async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
+    let n = args.idle_count;
+    let bin = ctx.stacyvm_bin().await?;
+    eprintln!("bench[api]: idle: a control plane and one namespaces worker for {n} sandboxes");
+    let cap = (n + 16).to_string();
+    let cp = crate::server::start_cluster(
+        ctx,
+        &bin,
+        "idle",
+        1,
+        "namespaces",
+        &["--max-sandboxes".into(), cap],
+    )
+    .await?;
+    let result = async {
+        import_busybox(&cp, ctx).await?;
+        // The image reaches the worker with the first create; that one is
+        // destroyed before the readings start.
+        let first = cp.create("busybox", "namespaces").await?;
+        cp.exec_true(&first).await?;
+        cp.destroy(&first).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let worker_pid = ctx.worker_pids().first().copied();
+        let worker_rss = || worker_pid.and_then(crate::report::rss_kib).unwrap_or(0) as f64;
+        let (mem0, cp0, w0) = (
+            meminfo_kib("MemAvailable").unwrap_or(0) as f64,
+            cp.rss_kib().unwrap_or(0) as f64,
+            worker_rss(),
+        );
+        eprintln!("bench[api]: idle: creating {n} namespaces sandboxes, {IDLE_CONCURRENCY} in flight");
+        let start = Instant::now();
+        let creates = (0..n).map(|_| async {
+            let t = Instant::now();
+            let id = cp.create("busybox", "namespaces").await?;
+            anyhow::Ok((ms(t.elapsed()), id))
+        });
+        let results: Vec<Result<(f64, String)>> = futures_util::stream::iter(creates)
+            .buffer_unordered(IDLE_CONCURRENCY)
+            .collect()
+            .await;
+        let fill_s = start.elapsed().as_secs_f64();
+        let mut lat = Vec::new();
+        let mut ids = Vec::new();
+        let mut errors = Vec::new();
+        for r in results {
+            match r {
+                Ok((d, id)) => {
+                    lat.push(d);
+                    ids.push(id);
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        // Let the new agents and the kernel's lazily freed memory settle.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (agent_kib, agents) = agent_rss("namespaces", &ids);
+        let (mem1, cp1, w1) = (
+            meminfo_kib("MemAvailable").unwrap_or(0) as f64,
+            cp.rss_kib().unwrap_or(0) as f64,
+            worker_rss(),
+        );
+        // Every one still answers: they are idle, not gone.
+        let alive = futures_util::stream::iter(ids.iter().map(|id| cp.exec_true(id)))
+            .buffer_unordered(IDLE_CONCURRENCY)
+            .filter(|r| futures_util::future::ready(r.is_ok()))
+            .count()
+            .await;
+        let held = ids.len();
+        let per = |kib: f64| kib / 1024.0 / held.max(1) as f64;
+        report.value(
+            "api.idle.namespaces.count",
+            "API namespaces: idle sandboxes held at once",
+            "count",
+            held as f64,
+            &format!(
+                "{} failed; {alive} answered an exec afterwards; filled in {fill_s:.1} s",
+                errors.len()
+            ),
+        );
+        report.time_ms(
+            "api.idle.namespaces.create",
+            "API namespaces: create latency while filling",
+            &lat,
+            Vs::NONE,
+            &format!("{IDLE_CONCURRENCY} in flight"),
+        );
+        report.value(
+            "api.idle.namespaces.host_mem",
+            "API namespaces: host memory per idle sandbox",
+            "MiB",
+            per(mem0 - mem1),
+            "MemAvailable delta / count; target < 3 MiB",
+        );
+        if agents > 0 {
+            report.value(
+                "api.idle.namespaces.agent_rss",
+                "API namespaces: agent RSS per idle sandbox",
+                "MiB",
+                agent_kib as f64 / agents as f64 / 1024.0,
+                &format!("{agents} agents, summed / count"),
+            );
+        }
+        report.value(
+            "api.idle.namespaces.cp_rss",
+            "API namespaces: control plane RSS with them",
+            "MiB",
+            cp1 / 1024.0,
+            &format!("{:+.3} MiB per sandbox", per(cp1 - cp0)),
+        );
+        report.value(
+            "api.idle.namespaces.worker_rss",
+            "API namespaces: worker RSS with them",
+            "MiB",
+            w1 / 1024.0,
+            &format!("{:+.3} MiB per sandbox", per(w1 - w0)),
+        );
+        errors.truncate(5);
+        report.detail("idle_namespaces_errors", json!(errors));
+        report.detail(
+            "idle_namespaces_memory",
+            json!({
+                "sandboxes": held, "agents": agents,
+                "mem_available_before_mib": mem0 / 1024.0, "mem_available_after_mib": mem1 / 1024.0,
+                "control_plane_rss_before_mib": cp0 / 1024.0, "control_plane_rss_after_mib": cp1 / 1024.0,
+                "worker_rss_before_mib": w0 / 1024.0, "worker_rss_after_mib": w1 / 1024.0,
+                "agent_rss_sum_mib": agent_kib as f64 / 1024.0,
+            }),
+        );
+        eprintln!("bench[api]: idle: destroying {held} sandboxes");
+        let failed = cp.destroy_many(&ids).await;
+        if failed > 0 {
+            eprintln!("bench: {failed} destroys after the idle section failed");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    ctx.stop_cluster(cp).await;
+    result
 }
