@@ -893,14 +893,33 @@ async fn docker_burst(
     Ok(())
 }
 
-/// Sum of VmRSS (KiB) and count of the agent processes of one provider
-/// that belong to `ids`: container ids for Docker, sandbox ids for PRoot
-/// and namespaces.
-fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
-    let mut sum = 0;
-    let mut n = 0;
+/// The agent processes of one provider's sandboxes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct AgentRss {
+    /// Their summed VmRSS.
+    kib: u64,
+    processes: usize,
+    /// The sandboxes they belong to (a namespaces sandbox runs two).
+    sandboxes: usize,
+}
+
+impl AgentRss {
+    /// Summed agent RSS / the sandboxes they serve, MiB; NaN for none.
+    fn per_sandbox_mib(&self) -> f64 {
+        if self.sandboxes == 0 {
+            return f64::NAN;
+        }
+        self.kib as f64 / 1024.0 / self.sandboxes as f64
+    }
+}
+
+/// The agent processes of one provider that belong to `ids`: container ids
+/// for Docker, sandbox ids for PRoot and namespaces.
+fn agent_rss(p: &str, ids: &[String]) -> AgentRss {
+    let mut out = AgentRss::default();
+    let mut seen = std::collections::HashSet::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
-        return (0, 0);
+        return out;
     };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -916,7 +935,7 @@ fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
             // A container's cgroup is named after its id; a namespaces
             // sandbox's after the instance and the sandbox id.
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            ids.iter().any(|c| cg.contains(c.as_str()))
+            ids.iter().position(|c| cg.contains(c.as_str()))
         } else {
             // A proot agent's parent is the proot over the sandbox's root,
             // whose path holds the sandbox id.
@@ -930,20 +949,22 @@ fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
                 })
                 .unwrap_or_default();
             std::fs::read(format!("/proc/{ppid}/cmdline"))
-                .map(|c| {
+                .ok()
+                .and_then(|c| {
                     let c = String::from_utf8_lossy(&c);
-                    ids.iter().any(|id| c.contains(id.as_str()))
+                    ids.iter().position(|id| c.contains(id.as_str()))
                 })
-                .unwrap_or(false)
         };
-        if mine {
+        if let Some(i) = mine {
             if let Some(r) = crate::report::rss_kib(pid) {
-                sum += r;
-                n += 1;
+                out.kib += r;
+                out.processes += 1;
+                seen.insert(i);
             }
         }
     }
-    (sum, n)
+    out.sandboxes = seen.len();
+    out
 }
 
 async fn docker_ids(s: &Server) -> Vec<String> {
@@ -999,20 +1020,21 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         } else {
             ids.clone()
         };
-        let (agent_kib, agents) = agent_rss(p, &owned);
+        let agents = agent_rss(p, &owned);
         let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
         let rss = s.rss_kib().unwrap_or(0) as f64;
         steps.push(json!({
             "sandboxes": ids.len(),
             "create_p50_ms": st.median, "create_p99_ms": st.p99,
             "control_plane_rss_mib": rss / 1024.0,
-            "agents": agents, "agent_rss_mib_each": if agents > 0 { agent_kib as f64 / agents as f64 / 1024.0 } else { f64::NAN },
+            "agents": agents.processes, "agent_rss_mib_per_sandbox": agents.per_sandbox_mib(),
             "host_mem_used_mib_per_sandbox": (mem0 - mem) / 1024.0 / ids.len().max(1) as f64,
         }));
         eprintln!(
-            "bench[api]:   {p} density: {} sandboxes, step p99 {:.1} ms, agents {agents}",
+            "bench[api]:   {p} density: {} sandboxes, step p99 {:.1} ms, agents {}",
             ids.len(),
-            st.p99
+            st.p99,
+            agents.processes
         );
         if !stop.starts_with("cap") {
             break;
@@ -1031,7 +1053,7 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
     } else {
         ids.clone()
     };
-    let (agent_kib, agents) = agent_rss(p, &owned);
+    let agents = agent_rss(p, &owned);
     let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
     let rss = s.rss_kib().unwrap_or(0) as f64;
     let n = ids.len().max(1) as f64;
@@ -1056,13 +1078,16 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         rss / 1024.0,
         &format!("+{:.2} MiB per sandbox", (rss - rss0) / 1024.0 / n),
     );
-    if agents > 0 {
+    if agents.sandboxes > 0 {
         report.value(
             &format!("api.density.{p}.agent_rss"),
             &format!("API {p}: agent RSS per sandbox"),
             "MiB",
-            agent_kib as f64 / agents as f64 / 1024.0,
-            &format!("{agents} agents; target < 5 MiB"),
+            agents.per_sandbox_mib(),
+            &format!(
+                "{} agent processes in {} sandboxes; target < 5 MiB",
+                agents.processes, agents.sandboxes
+            ),
         );
     }
     report.value(
@@ -1202,6 +1227,7 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let worker_pid = ctx.worker_pids().first().copied();
         let worker_rss = || worker_pid.and_then(crate::report::rss_kib).unwrap_or(0) as f64;
+        let kernel0 = kernel_mem_kib();
         let (mem0, cp0, w0) = (
             meminfo_kib("MemAvailable").unwrap_or(0) as f64,
             cp.rss_kib().unwrap_or(0) as f64,
@@ -1233,7 +1259,8 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
         }
         // Let the new agents and the kernel's lazily freed memory settle.
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let (agent_kib, agents) = agent_rss("namespaces", &ids);
+        let agents = agent_rss("namespaces", &ids);
+        let kernel1 = kernel_mem_kib();
         let (mem1, cp1, w1) = (
             meminfo_kib("MemAvailable").unwrap_or(0) as f64,
             cp.rss_kib().unwrap_or(0) as f64,
@@ -1271,13 +1298,16 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             per(mem0 - mem1),
             "MemAvailable delta / count; target < 3 MiB",
         );
-        if agents > 0 {
+        if agents.sandboxes > 0 {
             report.value(
                 "api.idle.namespaces.agent_rss",
                 "API namespaces: agent RSS per idle sandbox",
                 "MiB",
-                agent_kib as f64 / agents as f64 / 1024.0,
-                &format!("{agents} agents, summed / count"),
+                agents.per_sandbox_mib(),
+                &format!(
+                    "{} agent processes in {} sandboxes, summed / sandboxes",
+                    agents.processes, agents.sandboxes
+                ),
             );
         }
         report.value(
@@ -1294,26 +1324,84 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             w1 / 1024.0,
             &format!("{:+.3} MiB per sandbox", per(w1 - w0)),
         );
-        errors.truncate(5);
-        report.detail("idle_namespaces_errors", json!(errors));
-        report.detail(
-            "idle_namespaces_memory",
-            json!({
-                "sandboxes": held, "agents": agents,
-                "mem_available_before_mib": mem0 / 1024.0, "mem_available_after_mib": mem1 / 1024.0,
-                "control_plane_rss_before_mib": cp0 / 1024.0, "control_plane_rss_after_mib": cp1 / 1024.0,
-                "worker_rss_before_mib": w0 / 1024.0, "worker_rss_after_mib": w1 / 1024.0,
-                "agent_rss_sum_mib": agent_kib as f64 / 1024.0,
-            }),
-        );
         eprintln!("bench[api]: idle: destroying {held} sandboxes");
         let failed = cp.destroy_many(&ids).await;
         if failed > 0 {
             eprintln!("bench: {failed} destroys after the idle section failed");
         }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mem2 = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
+        let kernel2 = kernel_mem_kib();
+        report.value(
+            "api.idle.namespaces.host_mem_freed",
+            "API namespaces: host memory freed per sandbox on destroy",
+            "MiB",
+            per(mem2 - mem1),
+            "MemAvailable delta / count, a second reading of the same cost",
+        );
+        let kernel_per: serde_json::Map<String, serde_json::Value> = KERNEL_FIELDS
+            .iter()
+            .zip(kernel0.iter().zip(&kernel1).zip(&kernel2))
+            .map(|(f, ((k0, k1), k2))| {
+                (
+                    (*f).to_owned(),
+                    json!({"held_mib_per_sandbox": per(k1 - k0), "freed_mib_per_sandbox": per(k1 - k2)}),
+                )
+            })
+            .collect();
+        errors.truncate(5);
+        report.detail("idle_namespaces_errors", json!(errors));
+        report.detail(
+            "idle_namespaces_memory",
+            json!({
+                "sandboxes": held, "agent_processes": agents.processes,
+                "mem_available_before_mib": mem0 / 1024.0, "mem_available_with_them_mib": mem1 / 1024.0,
+                "mem_available_after_destroy_mib": mem2 / 1024.0,
+                "control_plane_rss_before_mib": cp0 / 1024.0, "control_plane_rss_after_mib": cp1 / 1024.0,
+                "worker_rss_before_mib": w0 / 1024.0, "worker_rss_after_mib": w1 / 1024.0,
+                "agent_rss_sum_mib": agents.kib as f64 / 1024.0,
+                "kernel": kernel_per,
+            }),
+        );
         anyhow::Ok(())
     }
     .await;
     ctx.stop_cluster(cp).await;
     result
+}
+
+/// The kernel's own memory, by /proc/meminfo field: what namespaces,
+/// mounts, cgroups and page tables cost, less moved by other processes'
+/// page cache than MemAvailable.
+const KERNEL_FIELDS: [&str; 5] = ["Slab", "Percpu", "KernelStack", "PageTables", "Shmem"];
+
+fn kernel_mem_kib() -> Vec<f64> {
+    KERNEL_FIELDS
+        .iter()
+        .map(|f| meminfo_kib(f).unwrap_or(0) as f64)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentRss;
+
+    #[test]
+    fn agent_rss_is_per_sandbox_not_per_process() {
+        // Two agent processes per sandbox: the figure is per sandbox.
+        let a = AgentRss {
+            kib: 4 * 1024 * 3,
+            processes: 6,
+            sandboxes: 3,
+        };
+        assert_eq!(a.per_sandbox_mib(), 4.0);
+        assert!(AgentRss::default().per_sandbox_mib().is_nan());
+    }
+
+    #[test]
+    fn each_provider_has_its_burst_target() {
+        assert_eq!(super::burst_target("namespaces"), "target < 2 s");
+        assert_eq!(super::burst_target("docker"), "target < 5 s");
+        assert_eq!(super::burst_target("proot"), "no target");
+    }
 }
