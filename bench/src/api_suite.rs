@@ -898,6 +898,8 @@ async fn docker_burst(
 struct AgentRss {
     /// Their summed VmRSS.
     kib: u64,
+    /// Their summed Pss.
+    pss_kib: u64,
     processes: usize,
     /// The sandboxes they belong to (a namespaces sandbox runs two).
     sandboxes: usize,
@@ -958,6 +960,7 @@ fn agent_rss(p: &str, ids: &[String]) -> AgentRss {
         if let Some(i) = mine {
             if let Some(r) = crate::report::rss_kib(pid) {
                 out.kib += r;
+                out.pss_kib += crate::report::pss_kib(pid).unwrap_or(0);
                 out.processes += 1;
                 seen.insert(i);
             }
@@ -1310,6 +1313,23 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
                 ),
             );
         }
+        if agents.sandboxes > 0 {
+            report.value(
+                "api.idle.namespaces.agent_pss",
+                "API namespaces: agent PSS per idle sandbox",
+                "MiB",
+                agents.pss_kib as f64 / 1024.0 / agents.sandboxes as f64,
+                "summed Pss / sandboxes: shared pages of the static agent counted once",
+            );
+        }
+        let kernel_held: f64 = kernel1.iter().zip(&kernel0).map(|(a, b)| a - b).sum();
+        report.value(
+            "api.idle.namespaces.parts",
+            "API namespaces: memory per idle sandbox, sum of parts",
+            "MiB",
+            idle_parts_mib(agents.pss_kib as f64, kernel_held, (cp1 - cp0) + (w1 - w0), held),
+            "agent Pss + kernel (Slab, Percpu, KernelStack, PageTables, Shmem) + control-plane and worker growth, / count; target < 3 MiB",
+        );
         report.value(
             "api.idle.namespaces.cp_rss",
             "API namespaces: control plane RSS with them",
@@ -1325,20 +1345,26 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             &format!("{:+.3} MiB per sandbox", per(w1 - w0)),
         );
         eprintln!("bench[api]: idle: destroying {held} sandboxes");
-        let failed = cp.destroy_many(&ids).await;
-        if failed > 0 {
-            eprintln!("bench: {failed} destroys after the idle section failed");
+        let destroy_errors: Vec<String> =
+            futures_util::stream::iter(ids.iter().map(|id| cp.destroy(id)))
+                .buffer_unordered(IDLE_CONCURRENCY)
+                .filter_map(|r| futures_util::future::ready(r.err().map(|e| format!("{e:#}"))))
+                .collect()
+                .await;
+        if !destroy_errors.is_empty() {
+            eprintln!(
+                "bench: {} destroys after the idle section failed, first: {}",
+                destroy_errors.len(),
+                destroy_errors[0]
+            );
         }
+        report.detail(
+            "idle_namespaces_destroy_errors",
+            json!({"count": destroy_errors.len(), "first": destroy_errors.iter().take(3).collect::<Vec<_>>()}),
+        );
         tokio::time::sleep(Duration::from_secs(5)).await;
         let mem2 = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
         let kernel2 = kernel_mem_kib();
-        report.value(
-            "api.idle.namespaces.host_mem_freed",
-            "API namespaces: host memory freed per sandbox on destroy",
-            "MiB",
-            per(mem2 - mem1),
-            "MemAvailable delta / count, a second reading of the same cost",
-        );
         let kernel_per: serde_json::Map<String, serde_json::Value> = KERNEL_FIELDS
             .iter()
             .zip(kernel0.iter().zip(&kernel1).zip(&kernel2))
@@ -1356,7 +1382,10 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             json!({
                 "sandboxes": held, "agent_processes": agents.processes,
                 "mem_available_before_mib": mem0 / 1024.0, "mem_available_with_them_mib": mem1 / 1024.0,
+                // Memory a destroyed cgroup held may be given back later
+                // than this reading: a second, weaker reading of the cost.
                 "mem_available_after_destroy_mib": mem2 / 1024.0,
+                "mem_available_freed_mib_per_sandbox": per(mem2 - mem1),
                 "control_plane_rss_before_mib": cp0 / 1024.0, "control_plane_rss_after_mib": cp1 / 1024.0,
                 "worker_rss_before_mib": w0 / 1024.0, "worker_rss_after_mib": w1 / 1024.0,
                 "agent_rss_sum_mib": agents.kib as f64 / 1024.0,
@@ -1368,6 +1397,12 @@ async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     .await;
     ctx.stop_cluster(cp).await;
     result
+}
+
+/// Memory per sandbox from its parts, MiB: the agents' Pss, the kernel's
+/// growth, and the growth of the control plane and worker (all KiB).
+fn idle_parts_mib(agent_pss_kib: f64, kernel_kib: f64, processes_kib: f64, n: usize) -> f64 {
+    (agent_pss_kib + kernel_kib + processes_kib) / 1024.0 / n.max(1) as f64
 }
 
 /// The kernel's own memory, by /proc/meminfo field: what namespaces,
@@ -1391,11 +1426,21 @@ mod tests {
         // Two agent processes per sandbox: the figure is per sandbox.
         let a = AgentRss {
             kib: 4 * 1024 * 3,
+            pss_kib: 0,
             processes: 6,
             sandboxes: 3,
         };
         assert_eq!(a.per_sandbox_mib(), 4.0);
         assert!(AgentRss::default().per_sandbox_mib().is_nan());
+    }
+
+    #[test]
+    fn the_parts_add_up_per_sandbox() {
+        assert_eq!(
+            super::idle_parts_mib(1024.0 * 600.0, 1024.0 * 300.0, 1024.0 * 100.0, 1000),
+            1.0
+        );
+        assert_eq!(super::idle_parts_mib(2048.0, 0.0, 0.0, 0), 2.0);
     }
 
     #[test]

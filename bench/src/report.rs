@@ -539,6 +539,13 @@ fn parse_loadavg(text: &str) -> Vec<f64> {
         .collect()
 }
 
+/// `Pss` of a process in KiB: its private pages plus its share of pages
+/// it shares (a static binary's text, mapped by every agent).
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    status_field_kib(&text, "Pss")
+}
+
 /// `VmRSS` of a process in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
