@@ -26,10 +26,10 @@ enum Suite {
     Provider,
     /// A real `stacyvm serve` through its HTTP API.
     Api,
-    /// `provider` and `api`.
+    /// `provider`, `api` and `multi`.
     All,
     /// Multi-worker mode (a control plane and workers on loopback) against
-    /// single-node, side by side; not part of `all`.
+    /// single-node, side by side.
     Multi,
 }
 
@@ -268,6 +268,8 @@ async fn main() -> Result<ExitCode> {
     };
     let started = std::time::Instant::now();
     let suites: Vec<Suite> = match args.suite {
+        // `multi` measures Docker sandboxes on both sides.
+        Suite::All if args.wants("docker") => vec![Suite::Provider, Suite::Api, Suite::Multi],
         Suite::All => vec![Suite::Provider, Suite::Api],
         s => vec![s],
     };

@@ -172,19 +172,29 @@ impl Server {
             .delete(self.u(&format!("/v1/sandboxes/{id}")))
             .send()
             .await?;
-        if !resp.status().is_success() {
-            bail!("destroy {id}: HTTP {}", resp.status());
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            bail!("destroy {id}: HTTP {status}: {body}");
         }
         Ok(())
     }
 
-    /// Destroys many sandboxes, a few at a time.
+    /// Destroys many sandboxes, a few at a time; how many failed (the
+    /// first failure is printed).
     pub async fn destroy_many(&self, ids: &[String]) -> usize {
-        futures_util::stream::iter(ids.iter().map(|id| self.destroy(id)))
+        let errors: Vec<String> = futures_util::stream::iter(ids.iter().map(|id| self.destroy(id)))
             .buffer_unordered(8)
-            .filter(|r| futures_util::future::ready(r.is_err()))
-            .count()
-            .await
+            .filter_map(|r| futures_util::future::ready(r.err().map(|e| format!("{e:#}"))))
+            .collect()
+            .await;
+        if let Some(first) = errors.first() {
+            eprintln!(
+                "bench: {} destroys failed, the first: {first}",
+                errors.len()
+            );
+        }
+        errors.len()
     }
 
     /// Every sandbox of the server that is not destroyed yet.
