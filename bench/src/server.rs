@@ -269,44 +269,59 @@ impl Server {
     }
 }
 
-/// Destroys every runtime of `instance` found through the providers.
+/// Destroys every runtime of `instance` found through the providers. One
+/// provider that cannot be reached (dockerd gone) does not keep the others'
+/// leftovers; the first error is returned once all were tried.
 pub async fn sweep(
     data_dir: &std::path::Path,
     agent_bin: &std::path::Path,
     instance: &str,
 ) -> Result<()> {
     let catalog = Arc::new(ImageCatalog::open(&data_dir.join("images"))?);
-    let providers: Vec<DynProvider> = vec![
-        Arc::new(DockerProvider::new(DockerConfig::new(
+    let providers: Vec<Result<DynProvider, stacyvm_core::Error>> = vec![
+        DockerProvider::new(DockerConfig::new(
             data_dir.to_owned(),
             agent_bin.to_owned(),
             catalog.clone(),
             instance,
-        ))?),
-        Arc::new(ProotProvider::new(ProotConfig {
+        ))
+        .map(|p| Arc::new(p) as DynProvider),
+        ProotProvider::new(ProotConfig {
             data_dir: data_dir.to_owned(),
             agent_bin: agent_bin.to_owned(),
             catalog: catalog.clone(),
             instance: instance.to_owned(),
-        })?),
-        Arc::new(NamespacesProvider::new(NamespacesConfig {
+        })
+        .map(|p| Arc::new(p) as DynProvider),
+        NamespacesProvider::new(NamespacesConfig {
             data_dir: data_dir.to_owned(),
             agent_bin: agent_bin.to_owned(),
             catalog,
             instance: instance.to_owned(),
-        })?),
+        })
+        .map(|p| Arc::new(p) as DynProvider),
     ];
+    let mut first_error: Option<anyhow::Error> = None;
     for p in providers {
-        for rt in p.list().await? {
-            eprintln!(
-                "bench: removing leftover {} sandbox {}",
-                p.name(),
-                rt.sandbox_id
-            );
-            p.destroy(&rt.sandbox_id).await?;
+        let result = async {
+            let p = p?;
+            for rt in p.list().await? {
+                eprintln!(
+                    "bench: removing leftover {} sandbox {}",
+                    p.name(),
+                    rt.sandbox_id
+                );
+                p.destroy(&rt.sandbox_id).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            eprintln!("bench: sweeping instance {instance}: {e:#}");
+            first_error.get_or_insert(e);
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// A free loopback port (bound, read and released: the worker binds it a
