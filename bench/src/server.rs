@@ -356,11 +356,11 @@ pub struct Worker {
     pub data_dir: PathBuf,
     agent_bin: PathBuf,
     child: Child,
-    _dir: tempfile::TempDir,
+    /// Holds the data dir and the log; removed on drop.
+    dir: tempfile::TempDir,
 }
 
 impl Worker {
-    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         bin: &std::path::Path,
         agent_bin: &std::path::Path,
@@ -410,7 +410,7 @@ impl Worker {
             data_dir,
             agent_bin: agent_bin.to_owned(),
             child,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -425,7 +425,7 @@ impl Worker {
 
     /// The last lines of its log, for an error message.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self._dir.path().join("worker.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.path().join("worker.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
