@@ -1,7 +1,8 @@
 //! Suite `api`: a real `stacyvm serve` measured through its HTTP API
 //! (create, exec, streaming, files, throughput, burst, density) and its
 //! `stacyvm` CLI, against the docker CLI, Docker's Engine API, plain
-//! unshare and plain proot, measured in the same run.
+//! unshare and plain proot, measured in the same run; and the host memory
+//! a thousand idle namespaces sandboxes take (`idle`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +30,7 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     let bin = ctx.stacyvm_bin().await?;
     eprintln!("bench[api]: starting {} serve", bin.display());
     let server = Arc::new(Server::start(&bin, &ctx.agent_bin, &ctx.tag, &[]).await?);
-    if let Ok(mut slot) = ctx.server.lock() {
-        *slot = Some(server.clone());
-    }
+    ctx.keep_server(server.clone());
     let result = sections(ctx, args, report, &server, &bin).await;
     if let Some(rss) = server.rss_kib() {
         report.value(
@@ -326,14 +325,23 @@ async fn sections(
     cli.rm(&[base_ctr]).await?;
 
     if !args.skipped("burst") {
-        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+        for p in ["docker", "namespaces", "proot"]
+            .into_iter()
+            .filter(|p| args.wants(p))
+        {
             burst(s, args, report, p, cli).await?;
         }
     }
     if !args.skipped("density") {
-        for p in ["docker", "proot"].into_iter().filter(|p| args.wants(p)) {
+        for p in ["docker", "namespaces", "proot"]
+            .into_iter()
+            .filter(|p| args.wants(p))
+        {
             density(s, args, report, p).await?;
         }
+    }
+    if !args.skipped("idle") && args.wants("namespaces") && args.idle_count > 0 {
+        idle(ctx, args, report).await?;
     }
     Ok(())
 }
@@ -820,7 +828,7 @@ async fn burst(
         &format!("API {p}: burst of {n} creates, all exec-ready"),
         &[total],
         baseline,
-        &format!("{note}; target < 5 s (docker)"),
+        &format!("{note}; {}", burst_target(p)),
     );
     report.time_ms(
         &format!("api.burst.{p}.each"),
@@ -835,6 +843,15 @@ async fn burst(
         eprintln!("bench: {failed_destroys} destroys after the burst failed");
     }
     Ok(())
+}
+
+/// The target a provider's burst is held to.
+fn burst_target(p: &str) -> &'static str {
+    match p {
+        "docker" => "target < 5 s",
+        "namespaces" => "target < 2 s",
+        _ => "no target",
+    }
 }
 
 /// The same burst with the docker CLI: `n` × (`docker run -d` + first
@@ -876,13 +893,35 @@ async fn docker_burst(
     Ok(())
 }
 
-/// Sum of VmRSS (KiB) and count of the agent processes of one provider
-/// that belong to `ids`: container ids for Docker, sandbox ids for PRoot.
-fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
-    let mut sum = 0;
-    let mut n = 0;
+/// The agent processes of one provider's sandboxes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct AgentRss {
+    /// Their summed VmRSS.
+    kib: u64,
+    /// Their summed Pss.
+    pss_kib: u64,
+    processes: usize,
+    /// The sandboxes they belong to (a namespaces sandbox runs two).
+    sandboxes: usize,
+}
+
+impl AgentRss {
+    /// Summed agent RSS / the sandboxes they serve, MiB; NaN for none.
+    fn per_sandbox_mib(&self) -> f64 {
+        if self.sandboxes == 0 {
+            return f64::NAN;
+        }
+        self.kib as f64 / 1024.0 / self.sandboxes as f64
+    }
+}
+
+/// The agent processes of one provider that belong to `ids`: container ids
+/// for Docker, sandbox ids for PRoot and namespaces.
+fn agent_rss(p: &str, ids: &[String]) -> AgentRss {
+    let mut out = AgentRss::default();
+    let mut seen = std::collections::HashSet::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
-        return (0, 0);
+        return out;
     };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -894,9 +933,11 @@ fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
         if !cmdline.starts_with(b"/.stacyvm/agent\0") {
             continue;
         }
-        let mine = if p == "docker" {
+        let mine = if p == "docker" || p == "namespaces" {
+            // A container's cgroup is named after its id; a namespaces
+            // sandbox's after the instance and the sandbox id.
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-            ids.iter().any(|c| cg.contains(c.as_str()))
+            ids.iter().position(|c| cg.contains(c.as_str()))
         } else {
             // A proot agent's parent is the proot over the sandbox's root,
             // whose path holds the sandbox id.
@@ -910,20 +951,23 @@ fn agent_rss(p: &str, ids: &[String]) -> (u64, usize) {
                 })
                 .unwrap_or_default();
             std::fs::read(format!("/proc/{ppid}/cmdline"))
-                .map(|c| {
+                .ok()
+                .and_then(|c| {
                     let c = String::from_utf8_lossy(&c);
-                    ids.iter().any(|id| c.contains(id.as_str()))
+                    ids.iter().position(|id| c.contains(id.as_str()))
                 })
-                .unwrap_or(false)
         };
-        if mine {
+        if let Some(i) = mine {
             if let Some(r) = crate::report::rss_kib(pid) {
-                sum += r;
-                n += 1;
+                out.kib += r;
+                out.pss_kib += crate::report::pss_kib(pid).unwrap_or(0);
+                out.processes += 1;
+                seen.insert(i);
             }
         }
     }
-    (sum, n)
+    out.sandboxes = seen.len();
+    out
 }
 
 async fn docker_ids(s: &Server) -> Vec<String> {
@@ -979,20 +1023,21 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         } else {
             ids.clone()
         };
-        let (agent_kib, agents) = agent_rss(p, &owned);
+        let agents = agent_rss(p, &owned);
         let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
         let rss = s.rss_kib().unwrap_or(0) as f64;
         steps.push(json!({
             "sandboxes": ids.len(),
             "create_p50_ms": st.median, "create_p99_ms": st.p99,
             "control_plane_rss_mib": rss / 1024.0,
-            "agents": agents, "agent_rss_mib_each": if agents > 0 { agent_kib as f64 / agents as f64 / 1024.0 } else { f64::NAN },
+            "agents": agents.processes, "agent_rss_mib_per_sandbox": agents.per_sandbox_mib(),
             "host_mem_used_mib_per_sandbox": (mem0 - mem) / 1024.0 / ids.len().max(1) as f64,
         }));
         eprintln!(
-            "bench[api]:   {p} density: {} sandboxes, step p99 {:.1} ms, agents {agents}",
+            "bench[api]:   {p} density: {} sandboxes, step p99 {:.1} ms, agents {}",
             ids.len(),
-            st.p99
+            st.p99,
+            agents.processes
         );
         if !stop.starts_with("cap") {
             break;
@@ -1011,7 +1056,7 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
     } else {
         ids.clone()
     };
-    let (agent_kib, agents) = agent_rss(p, &owned);
+    let agents = agent_rss(p, &owned);
     let mem = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
     let rss = s.rss_kib().unwrap_or(0) as f64;
     let n = ids.len().max(1) as f64;
@@ -1036,13 +1081,16 @@ async fn density(s: &Server, args: &Args, report: &mut Report, p: &str) -> Resul
         rss / 1024.0,
         &format!("+{:.2} MiB per sandbox", (rss - rss0) / 1024.0 / n),
     );
-    if agents > 0 {
+    if agents.sandboxes > 0 {
         report.value(
             &format!("api.density.{p}.agent_rss"),
             &format!("API {p}: agent RSS per sandbox"),
             "MiB",
-            agent_kib as f64 / agents as f64 / 1024.0,
-            &format!("{agents} agents; target < 5 MiB"),
+            agents.per_sandbox_mib(),
+            &format!(
+                "{} agent processes in {} sandboxes; target < 5 MiB",
+                agents.processes, agents.sandboxes
+            ),
         );
     }
     report.value(
@@ -1147,5 +1195,258 @@ async fn pool_full(s: &Server, provider: &str) -> Result<()> {
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Creates in flight at once while the idle section fills up.
+const IDLE_CONCURRENCY: usize = 8;
+
+/// `args.idle_count` idle namespaces sandboxes held at once, and what they
+/// cost the host. A single-node server's in-process worker takes 256
+/// sandboxes, so this section runs its own control plane with one worker
+/// (`--max-sandboxes` raised to fit); the worker's own RSS is reported
+/// apart, and is part of the host-memory figure.
+async fn idle(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
+    let n = args.idle_count;
+    let bin = ctx.stacyvm_bin().await?;
+    eprintln!("bench[api]: idle: a control plane and one namespaces worker for {n} sandboxes");
+    let cap = (n + 16).to_string();
+    let cp = crate::server::start_cluster(
+        ctx,
+        &bin,
+        "idle",
+        1,
+        "namespaces",
+        &["--max-sandboxes".into(), cap],
+    )
+    .await?;
+    let result = async {
+        import_busybox(&cp, ctx).await?;
+        // The image reaches the worker with the first create; that one is
+        // destroyed before the readings start.
+        let first = cp.create("busybox", "namespaces").await?;
+        cp.exec_true(&first).await?;
+        cp.destroy(&first).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let worker_pid = ctx.worker_pids().first().copied();
+        let worker_rss = || worker_pid.and_then(crate::report::rss_kib).unwrap_or(0) as f64;
+        let kernel0 = kernel_mem_kib();
+        let (mem0, cp0, w0) = (
+            meminfo_kib("MemAvailable").unwrap_or(0) as f64,
+            cp.rss_kib().unwrap_or(0) as f64,
+            worker_rss(),
+        );
+        eprintln!("bench[api]: idle: creating {n} namespaces sandboxes, {IDLE_CONCURRENCY} in flight");
+        let start = Instant::now();
+        let creates = (0..n).map(|_| async {
+            let t = Instant::now();
+            let id = cp.create("busybox", "namespaces").await?;
+            anyhow::Ok((ms(t.elapsed()), id))
+        });
+        let results: Vec<Result<(f64, String)>> = futures_util::stream::iter(creates)
+            .buffer_unordered(IDLE_CONCURRENCY)
+            .collect()
+            .await;
+        let fill_s = start.elapsed().as_secs_f64();
+        let mut lat = Vec::new();
+        let mut ids = Vec::new();
+        let mut errors = Vec::new();
+        for r in results {
+            match r {
+                Ok((d, id)) => {
+                    lat.push(d);
+                    ids.push(id);
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        // Let the new agents and the kernel's lazily freed memory settle.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let agents = agent_rss("namespaces", &ids);
+        let kernel1 = kernel_mem_kib();
+        let (mem1, cp1, w1) = (
+            meminfo_kib("MemAvailable").unwrap_or(0) as f64,
+            cp.rss_kib().unwrap_or(0) as f64,
+            worker_rss(),
+        );
+        // Every one still answers: they are idle, not gone.
+        let alive = futures_util::stream::iter(ids.iter().map(|id| cp.exec_true(id)))
+            .buffer_unordered(IDLE_CONCURRENCY)
+            .filter(|r| futures_util::future::ready(r.is_ok()))
+            .count()
+            .await;
+        let held = ids.len();
+        let per = |kib: f64| kib / 1024.0 / held.max(1) as f64;
+        report.value(
+            "api.idle.namespaces.count",
+            "API namespaces: idle sandboxes held at once",
+            "count",
+            held as f64,
+            &format!(
+                "{} failed; {alive} answered an exec afterwards; filled in {fill_s:.1} s",
+                errors.len()
+            ),
+        );
+        report.time_ms(
+            "api.idle.namespaces.create",
+            "API namespaces: create latency while filling",
+            &lat,
+            Vs::NONE,
+            &format!("{IDLE_CONCURRENCY} in flight"),
+        );
+        report.value(
+            "api.idle.namespaces.host_mem",
+            "API namespaces: host memory per idle sandbox",
+            "MiB",
+            per(mem0 - mem1),
+            "MemAvailable delta / count; target < 3 MiB",
+        );
+        if agents.sandboxes > 0 {
+            report.value(
+                "api.idle.namespaces.agent_rss",
+                "API namespaces: agent RSS per idle sandbox",
+                "MiB",
+                agents.per_sandbox_mib(),
+                &format!(
+                    "{} agent processes in {} sandboxes, summed / sandboxes",
+                    agents.processes, agents.sandboxes
+                ),
+            );
+        }
+        if agents.sandboxes > 0 {
+            report.value(
+                "api.idle.namespaces.agent_pss",
+                "API namespaces: agent PSS per idle sandbox",
+                "MiB",
+                agents.pss_kib as f64 / 1024.0 / agents.sandboxes as f64,
+                "summed Pss / sandboxes: shared pages of the static agent counted once",
+            );
+        }
+        let kernel_held: f64 = kernel1.iter().zip(&kernel0).map(|(a, b)| a - b).sum();
+        report.value(
+            "api.idle.namespaces.parts",
+            "API namespaces: memory per idle sandbox, sum of parts",
+            "MiB",
+            idle_parts_mib(agents.pss_kib as f64, kernel_held, (cp1 - cp0) + (w1 - w0), held),
+            "agent Pss + kernel (Slab, Percpu, KernelStack, PageTables, Shmem) + control-plane and worker growth, / count; target < 3 MiB",
+        );
+        report.value(
+            "api.idle.namespaces.cp_rss",
+            "API namespaces: control plane RSS with them",
+            "MiB",
+            cp1 / 1024.0,
+            &format!("{:+.3} MiB per sandbox", per(cp1 - cp0)),
+        );
+        report.value(
+            "api.idle.namespaces.worker_rss",
+            "API namespaces: worker RSS with them",
+            "MiB",
+            w1 / 1024.0,
+            &format!("{:+.3} MiB per sandbox", per(w1 - w0)),
+        );
+        eprintln!("bench[api]: idle: destroying {held} sandboxes");
+        let destroy_errors: Vec<String> =
+            futures_util::stream::iter(ids.iter().map(|id| cp.destroy(id)))
+                .buffer_unordered(IDLE_CONCURRENCY)
+                .filter_map(|r| futures_util::future::ready(r.err().map(|e| format!("{e:#}"))))
+                .collect()
+                .await;
+        if !destroy_errors.is_empty() {
+            eprintln!(
+                "bench: {} destroys after the idle section failed, first: {}",
+                destroy_errors.len(),
+                destroy_errors[0]
+            );
+        }
+        report.detail(
+            "idle_namespaces_destroy_errors",
+            json!({"count": destroy_errors.len(), "first": destroy_errors.iter().take(3).collect::<Vec<_>>()}),
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mem2 = meminfo_kib("MemAvailable").unwrap_or(0) as f64;
+        let kernel2 = kernel_mem_kib();
+        let kernel_per: serde_json::Map<String, serde_json::Value> = KERNEL_FIELDS
+            .iter()
+            .zip(kernel0.iter().zip(&kernel1).zip(&kernel2))
+            .map(|(f, ((k0, k1), k2))| {
+                (
+                    (*f).to_owned(),
+                    json!({"held_mib_per_sandbox": per(k1 - k0), "freed_mib_per_sandbox": per(k1 - k2)}),
+                )
+            })
+            .collect();
+        errors.truncate(5);
+        report.detail("idle_namespaces_errors", json!(errors));
+        report.detail(
+            "idle_namespaces_memory",
+            json!({
+                "sandboxes": held, "agent_processes": agents.processes,
+                "mem_available_before_mib": mem0 / 1024.0, "mem_available_with_them_mib": mem1 / 1024.0,
+                // Memory a destroyed cgroup held may be given back later
+                // than this reading: a second, weaker reading of the cost.
+                "mem_available_after_destroy_mib": mem2 / 1024.0,
+                "mem_available_freed_mib_per_sandbox": per(mem2 - mem1),
+                "control_plane_rss_before_mib": cp0 / 1024.0, "control_plane_rss_after_mib": cp1 / 1024.0,
+                "worker_rss_before_mib": w0 / 1024.0, "worker_rss_after_mib": w1 / 1024.0,
+                "agent_rss_sum_mib": agents.kib as f64 / 1024.0,
+                "kernel": kernel_per,
+            }),
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    ctx.stop_cluster(cp).await;
+    result
+}
+
+/// Memory per sandbox from its parts, MiB: the agents' Pss, the kernel's
+/// growth, and the growth of the control plane and worker (all KiB).
+fn idle_parts_mib(agent_pss_kib: f64, kernel_kib: f64, processes_kib: f64, n: usize) -> f64 {
+    (agent_pss_kib + kernel_kib + processes_kib) / 1024.0 / n.max(1) as f64
+}
+
+/// The kernel's own memory, by /proc/meminfo field: what namespaces,
+/// mounts, cgroups and page tables cost, less moved by other processes'
+/// page cache than MemAvailable.
+const KERNEL_FIELDS: [&str; 5] = ["Slab", "Percpu", "KernelStack", "PageTables", "Shmem"];
+
+fn kernel_mem_kib() -> Vec<f64> {
+    KERNEL_FIELDS
+        .iter()
+        .map(|f| meminfo_kib(f).unwrap_or(0) as f64)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentRss;
+
+    #[test]
+    fn agent_rss_is_per_sandbox_not_per_process() {
+        // Two agent processes per sandbox: the figure is per sandbox.
+        let a = AgentRss {
+            kib: 4 * 1024 * 3,
+            pss_kib: 0,
+            processes: 6,
+            sandboxes: 3,
+        };
+        assert_eq!(a.per_sandbox_mib(), 4.0);
+        assert!(AgentRss::default().per_sandbox_mib().is_nan());
+    }
+
+    #[test]
+    fn the_parts_add_up_per_sandbox() {
+        assert_eq!(
+            super::idle_parts_mib(1024.0 * 600.0, 1024.0 * 300.0, 1024.0 * 100.0, 1000),
+            1.0
+        );
+        assert_eq!(super::idle_parts_mib(2048.0, 0.0, 0.0, 0), 2.0);
+    }
+
+    #[test]
+    fn each_provider_has_its_burst_target() {
+        assert_eq!(super::burst_target("namespaces"), "target < 2 s");
+        assert_eq!(super::burst_target("docker"), "target < 5 s");
+        assert_eq!(super::burst_target("proot"), "no target");
     }
 }

@@ -6,6 +6,7 @@
 mod api_suite;
 mod baseline;
 mod engine;
+mod multi_suite;
 mod provider_suite;
 mod report;
 mod server;
@@ -25,8 +26,11 @@ enum Suite {
     Provider,
     /// A real `stacyvm serve` through its HTTP API.
     Api,
-    /// Both.
+    /// `provider`, `api` and `multi`.
     All,
+    /// Multi-worker mode (a control plane and workers on loopback) against
+    /// single-node, side by side.
+    Multi,
 }
 
 /// Benchmarks StacyVM against docker, unshare and proot on this host. Loopback only;
@@ -39,7 +43,8 @@ pub struct Args {
     /// Providers to measure.
     #[arg(long, value_delimiter = ',', default_value = "docker,namespaces,proot")]
     providers: Vec<String>,
-    /// API sections to leave out: create, pool, exec, stream, files, throughput, burst, density.
+    /// API sections to leave out: create, pool, exec, stream, files, throughput, burst, density,
+    /// idle.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Cold creates per provider (and as many baseline starts).
@@ -85,6 +90,13 @@ pub struct Args {
     /// Time budget per provider for the density test, seconds.
     #[arg(long, default_value_t = 120)]
     density_secs: u64,
+    /// Idle namespaces sandboxes held at once in the idle section (on a
+    /// worker of its own, whose capacity is raised to fit them).
+    #[arg(long, default_value_t = 1000)]
+    idle_count: usize,
+    /// Workers of the multi-worker side of the `multi` suite.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
     /// Docker image for the Docker provider and the docker CLI baselines.
     #[arg(long, default_value = "stacyvm-test/busybox:latest")]
     docker_image: String,
@@ -117,7 +129,10 @@ pub struct Ctx {
     pub docker: baseline::DockerCli,
     pub engine: engine::EngineApi,
     pub live: provider_suite::Live,
-    pub server: Mutex<Option<Arc<server::Server>>>,
+    /// Servers and control planes to stop at the end, in this order.
+    servers: Mutex<Vec<Arc<server::Server>>>,
+    /// Workers to stop after the servers.
+    workers: Mutex<Vec<server::Worker>>,
     stacyvm_bin: Option<PathBuf>,
 }
 
@@ -138,24 +153,92 @@ impl Ctx {
         Ok(root.join("target/release/stacyvm"))
     }
 
-    /// Destroys everything the run started.
+    /// Registers a server for the clean-up.
+    pub fn keep_server(&self, s: Arc<server::Server>) {
+        if let Ok(mut v) = self.servers.lock() {
+            v.push(s);
+        }
+    }
+
+    /// Registers a worker for the clean-up.
+    pub fn keep_worker(&self, w: server::Worker) {
+        if let Ok(mut v) = self.workers.lock() {
+            v.push(w);
+        }
+    }
+
+    /// A registered worker that exited, with its log's tail.
+    pub fn dead_worker(&self) -> Option<String> {
+        let mut v = self.workers.lock().ok()?;
+        v.iter_mut().find_map(|w| {
+            w.exited()
+                .map(|st| format!("worker {} exited ({st}):\n{}", w.name, w.log_tail()))
+        })
+    }
+
+    /// Pids of the registered workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers
+            .lock()
+            .map(|v| v.iter().map(|w| w.pid).collect())
+            .unwrap_or_default()
+    }
+
+    /// Stops one registered control plane (its sandboxes destroyed through
+    /// its API first), then every registered worker.
+    pub async fn stop_cluster(&self, cp: Arc<server::Server>) {
+        let mine = self.servers.lock().ok().and_then(|mut v| {
+            let i = v.iter().position(|s| Arc::ptr_eq(s, &cp))?;
+            Some(v.remove(i))
+        });
+        drop(cp);
+        if let Some(s) = mine {
+            stop_server(s).await;
+        }
+        self.stop_workers().await;
+    }
+
+    async fn stop_workers(&self) {
+        let workers: Vec<server::Worker> = self
+            .workers
+            .lock()
+            .map(|mut v| v.drain(..).collect())
+            .unwrap_or_default();
+        for w in workers {
+            w.shutdown().await;
+        }
+    }
+
+    /// Destroys everything the run started: provider sandboxes, then every
+    /// server's sandboxes through its API and the server itself, then the
+    /// workers (control planes need them to destroy), then baseline
+    /// containers.
     async fn cleanup(&self) {
         let n = self.live.destroy_all().await;
         if n > 0 {
             eprintln!("bench: destroyed {n} provider sandboxes");
         }
-        let server = self.server.lock().ok().and_then(|mut s| s.take());
-        if let Some(server) = server {
-            match Arc::try_unwrap(server) {
-                Ok(server) => server.shutdown().await,
-                Err(_) => eprintln!("bench: the server is still in use; it is killed on exit"),
-            }
+        let servers: Vec<Arc<server::Server>> = self
+            .servers
+            .lock()
+            .map(|mut v| v.drain(..).collect())
+            .unwrap_or_default();
+        for s in servers {
+            stop_server(s).await;
         }
+        self.stop_workers().await;
         match self.docker.cleanup().await {
             Ok(0) => {}
             Ok(n) => eprintln!("bench: removed {n} baseline containers"),
             Err(e) => eprintln!("bench: removing baseline containers: {e:#}"),
         }
+    }
+}
+
+async fn stop_server(s: Arc<server::Server>) {
+    match Arc::try_unwrap(s) {
+        Ok(s) => s.shutdown().await,
+        Err(_) => eprintln!("bench: a server is still in use; it is killed on exit"),
     }
 }
 
@@ -179,11 +262,14 @@ async fn main() -> Result<ExitCode> {
         agent_bin,
         image_tar,
         live: Default::default(),
-        server: Mutex::new(None),
+        servers: Mutex::new(Vec::new()),
+        workers: Mutex::new(Vec::new()),
         stacyvm_bin: args.stacyvm_bin.clone(),
     };
     let started = std::time::Instant::now();
     let suites: Vec<Suite> = match args.suite {
+        // `multi` measures Docker sandboxes on both sides.
+        Suite::All if args.wants("docker") => vec![Suite::Provider, Suite::Api, Suite::Multi],
         Suite::All => vec![Suite::Provider, Suite::Api],
         s => vec![s],
     };
@@ -193,18 +279,22 @@ async fn main() -> Result<ExitCode> {
     let mut reports = Vec::new();
     let mut failure = None;
     for suite in suites {
-        let name = if suite == Suite::Provider {
-            "provider"
-        } else {
-            "api"
+        let name = match suite {
+            Suite::Provider => "provider",
+            Suite::Multi => "multi",
+            _ => "api",
         };
         let mut report = Report::new(name);
+        if suite == Suite::Multi {
+            report.columns = ["vs single-node".into(), String::new()];
+        }
+        report.detail("loadavg_start", serde_json::json!(report::loadavg()));
         let outcome = {
             let run = async {
-                if suite == Suite::Provider {
-                    provider_suite::run(&ctx, &args, &mut report).await
-                } else {
-                    api_suite::run(&ctx, &args, &mut report).await
+                match suite {
+                    Suite::Provider => provider_suite::run(&ctx, &args, &mut report).await,
+                    Suite::Multi => multi_suite::run(&ctx, &args, &mut report).await,
+                    _ => api_suite::run(&ctx, &args, &mut report).await,
                 }
             };
             tokio::select! {
@@ -213,6 +303,7 @@ async fn main() -> Result<ExitCode> {
                 _ = term.recv() => Err(anyhow::anyhow!("terminated (SIGTERM)")),
             }
         };
+        report.detail("loadavg_end", serde_json::json!(report::loadavg()));
         ctx.cleanup().await;
         if let Err(e) = &outcome {
             report.incomplete = Some(format!("{e:#}"));
@@ -282,5 +373,25 @@ mod tests {
         ])
         .expect("valid arguments parse");
         assert!(a.skipped("burst") && !a.skipped("exec"));
+        assert_eq!((a.idle_count, a.workers), (1000, 3));
+        let m = <super::Args as clap::Parser>::try_parse_from([
+            "stacyvm-bench",
+            "multi",
+            "--workers",
+            "2",
+            "--idle-count",
+            "50",
+        ])
+        .expect("valid arguments parse");
+        assert_eq!(
+            (m.suite, m.workers, m.idle_count),
+            (super::Suite::Multi, 2, 50)
+        );
+        for bad in [["--workers", "0"], ["--idle-count", "x"]] {
+            let r = <super::Args as clap::Parser>::try_parse_from(
+                ["stacyvm-bench", "multi"].into_iter().chain(bad),
+            );
+            assert!(r.is_err(), "{bad:?} is refused");
+        }
     }
 }

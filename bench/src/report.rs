@@ -129,6 +129,10 @@ pub struct Report {
     pub details: serde_json::Map<String, serde_json::Value>,
     /// Whether the suite stopped early (error or interrupt).
     pub incomplete: Option<String>,
+    /// Headers of the printed table's two ratio columns (`vs_cli`,
+    /// `vs_api`); an empty one is left out.
+    #[serde(skip)]
+    pub columns: [String; 2],
 }
 
 impl Report {
@@ -140,6 +144,7 @@ impl Report {
             rows: Vec::new(),
             details: serde_json::Map::new(),
             incomplete: None,
+            columns: ["vs CLI".into(), "vs Engine API".into()],
         }
     }
 
@@ -226,10 +231,14 @@ impl Report {
             "### suite `{}` ({} → {})\n\n",
             self.suite, self.started_at, self.finished_at
         );
-        out.push_str(
-            "| metric | n | median | p95 | p99 | unit | vs CLI | vs Engine API | note |\n",
-        );
-        out.push_str("|---|---:|---:|---:|---:|---|---:|---:|---|\n");
+        let shown: Vec<&String> = self.columns.iter().filter(|c| !c.is_empty()).collect();
+        out.push_str("| metric | n | median | p95 | p99 | unit |");
+        for c in &shown {
+            out.push_str(&format!(" {c} |"));
+        }
+        out.push_str(" note |\n|---|---:|---:|---:|---:|---|");
+        out.push_str(&"---:|".repeat(shown.len()));
+        out.push_str("---|\n");
         let vs = |r: &Option<Ratio>| match r {
             Some(Ratio {
                 speedup: Some(s), ..
@@ -239,8 +248,14 @@ impl Report {
         };
         for r in &self.rows {
             let one = r.stats.n <= 1;
+            let mut ratios = String::new();
+            for (c, ratio) in self.columns.iter().zip([&r.vs_cli, &r.vs_api]) {
+                if !c.is_empty() {
+                    ratios.push_str(&format!(" {} |", vs(ratio)));
+                }
+            }
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} |{ratios} {} |\n",
                 r.label,
                 r.stats.n,
                 fmt_num(r.stats.median),
@@ -255,8 +270,6 @@ impl Report {
                     fmt_num(r.stats.p99)
                 },
                 r.unit,
-                vs(&r.vs_cli),
-                vs(&r.vs_api),
                 r.note
             ));
         }
@@ -511,6 +524,28 @@ pub fn meminfo_kib(field: &str) -> Option<u64> {
     status_field_kib(&text, field)
 }
 
+/// The 1-, 5- and 15-minute load averages (empty if unreadable): how busy
+/// the host was around a suite.
+pub fn loadavg() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| parse_loadavg(&t))
+        .unwrap_or_default()
+}
+
+fn parse_loadavg(text: &str) -> Vec<f64> {
+    text.split_whitespace()
+        .take(3)
+        .map_while(|v| v.parse().ok())
+        .collect()
+}
+
+/// `Pss` of a process in KiB: its private pages plus its share of pages
+/// it shares (a static binary's text, mapped by every agent).
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    status_field_kib(&text, "Pss")
+}
+
 /// `VmRSS` of a process in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -578,6 +613,41 @@ mod tests {
         assert!(table.contains("| vs CLI | vs Engine API |"), "{table}");
         assert!(table.contains("| 30.00× | 10.00× |"), "{table}");
         assert!(table.contains("| 15.00× |  |"), "{table}");
+    }
+
+    #[test]
+    fn load_averages_are_read() {
+        assert_eq!(
+            parse_loadavg("2.14 1.98 1.64 3/812 12345\n"),
+            vec![2.14, 1.98, 1.64]
+        );
+        assert!(parse_loadavg("").is_empty());
+        assert_eq!(parse_loadavg("1.5 x 2"), vec![1.5]);
+    }
+
+    #[test]
+    fn one_ratio_column_with_its_own_header() {
+        let mut r = Report::new("multi");
+        r.columns = ["vs single-node".into(), String::new()];
+        r.rate("single", "single", "MiB/s", &[200.0], Vs::NONE, "");
+        r.rate("multi", "multi", "MiB/s", &[180.0], Vs::cli("single"), "n");
+        r.time_ms("t1", "t1", &[1.0], Vs::NONE, "");
+        r.time_ms("t2", "t2", &[1.25], Vs::cli("t1"), "");
+        r.finish();
+        let table = r.table();
+        assert!(
+            table.contains(
+                "| unit | vs single-node | note |\n|---|---:|---:|---:|---:|---|---:|---|\n"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("Engine API"), "{table}");
+        // Rates: multi ÷ single; times: single ÷ multi.
+        assert!(table.contains("| MiB/s | 0.900× | n |"), "{table}");
+        assert!(table.contains("| ms | 0.800× |  |"), "{table}");
+        assert!(table
+            .lines()
+            .all(|l| !l.starts_with('|') || l.matches('|').count() == 9));
     }
 
     #[test]
