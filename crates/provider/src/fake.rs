@@ -125,6 +125,10 @@ pub struct FakeProvider {
     gate: watch::Sender<bool>,
     /// How many spawns wait at the closed gate now.
     waiting: watch::Sender<usize>,
+    /// `true` while destroys may proceed.
+    destroy_gate: watch::Sender<bool>,
+    /// How many destroys wait at their closed gate now.
+    destroys_waiting: watch::Sender<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,6 +172,8 @@ impl FakeProvider {
             }),
             gate: watch::Sender::new(true),
             waiting: watch::Sender::new(0),
+            destroy_gate: watch::Sender::new(true),
+            destroys_waiting: watch::Sender::new(0),
         }
     }
 
@@ -212,6 +218,24 @@ impl FakeProvider {
     /// How many spawns wait at the gate now.
     pub fn spawns_waiting_now(&self) -> usize {
         *self.waiting.borrow()
+    }
+
+    /// Destroys wait from now on, before touching the runtime, until
+    /// [`FakeProvider::release_destroys`].
+    pub fn hold_destroys(&self) {
+        self.destroy_gate.send_replace(false);
+    }
+
+    /// Lets every waiting destroy (and every later one) go on.
+    pub fn release_destroys(&self) {
+        self.destroy_gate.send_replace(true);
+    }
+
+    /// Returns once at least `n` destroys wait at their closed gate.
+    pub async fn destroys_waiting(&self, n: usize) {
+        let mut rx = self.destroys_waiting.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = rx.wait_for(|w| *w >= n).await;
     }
 
     /// Removes a runtime as if it had been killed outside StacyVM: it is
@@ -378,6 +402,12 @@ impl Provider for FakeProvider {
 
     async fn destroy(&self, id: &SandboxId) -> Result<()> {
         lock(&self.state).calls.destroy += 1;
+        let mut gate = self.destroy_gate.subscribe();
+        if !*gate.borrow_and_update() {
+            let _waiting = Waiting::new(&self.destroys_waiting);
+            // The sender lives in `self`, so the channel cannot close here.
+            let _ = gate.wait_for(|open| *open).await;
+        }
         if let Some(e) = lock(&self.knobs).destroy_error.take() {
             return Err(e);
         }

@@ -586,11 +586,19 @@ pub(crate) fn tenant_exists(tenant: &Tenant, err: &sqlx::Error) -> Error {
     }
 }
 
+/// Whether `e` is a write refused for a stale fencing token (the row
+/// changed hands, or was declared lost, since it was read).
+pub fn is_stale_fencing(e: &Error) -> bool {
+    matches!(e, Error::Conflict(m) if m.starts_with(STALE_FENCING))
+}
+
+const STALE_FENCING: &str = "stale fencing token";
+
 pub(crate) fn stale_or_missing(rec: &SandboxRecord, current: Option<i64>) -> Error {
     match current {
         None => Error::NotFound(format!("sandbox {} not found", rec.id)),
         Some(token) => Error::Conflict(format!(
-            "stale fencing token: sandbox {} is at token {token}, the update carries {}",
+            "{STALE_FENCING}: sandbox {} is at token {token}, the update carries {}",
             rec.id, rec.fencing_token
         )),
     }

@@ -22,6 +22,7 @@ use stacyvm_core::{
 };
 use time::OffsetDateTime;
 
+pub use common::is_stale_fencing;
 pub use model::*;
 
 /// The persistence boundary of the control plane.

@@ -510,7 +510,19 @@ impl App {
 
     pub async fn sandbox_destroy(&self, who: &Principal, id: &str) -> Result<()> {
         who.require_write()?;
-        let rec = self.sandbox_visible(who, id).await?;
+        let mut rec = self.sandbox_visible(who, id).await?;
+        // The row may change under a destroy: a worker whose lease lapsed
+        // meanwhile has its sandboxes marked lost, under a new fencing
+        // token. The caller still wants the sandbox gone, so the destroy
+        // goes again on the row as it is now.
+        for _ in 0..3 {
+            match self.destroy_record(rec).await {
+                Err(e) if stacyvm_store::is_stale_fencing(&e) => {
+                    rec = self.sandbox_visible(who, id).await?;
+                }
+                done => return done,
+            }
+        }
         self.destroy_record(rec).await
     }
 

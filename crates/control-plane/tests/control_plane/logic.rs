@@ -521,6 +521,37 @@ async fn destroy_is_idempotent_and_a_failed_one_is_finished_later() -> Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_that_meets_a_lapsed_lease_still_destroys() -> Result<()> {
+    let fake = Arc::new(FakeProvider::new("fake"));
+    let cp = Cp::start(std::slice::from_ref(&fake)).await?;
+    let id = cp.create_running(json!({"image": "busybox"})).await?;
+    // Another handle on the same store, as a second control plane's
+    // reconciler has: while the destroy waits in the provider, the lease
+    // lapses and the sandbox is marked lost under a new fencing token.
+    let store = stacyvm_store::open(&cp.app.config().store_url).await?;
+    fake.hold_destroys();
+    let lapse = async {
+        bounded("the destroy", fake.destroys_waiting(1)).await?;
+        let far = now() + Duration::from_secs(86_400);
+        let lost = store.sandbox_lose_lapsed(far, None).await?;
+        ensure!(
+            lost.iter().map(|s| &s.id).collect::<Vec<_>>() == vec![&id],
+            "{lost:?}"
+        );
+        fake.release_destroys();
+        Ok(())
+    };
+    let ((status, body), ()) = tokio::try_join!(cp.destroy(id.as_str()), lapse)?;
+    ensure!(
+        status == 204,
+        "the destroy lost to the new fencing token: {status} {body}"
+    );
+    ensure!(cp.sandbox(id.as_str()).await?["state"] == "destroyed");
+    ensure!(fake.runtime_ids().is_empty());
+    cp.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_and_files_reach_the_agent_through_the_provider() -> Result<()> {
     let fake = Arc::new(FakeProvider::new("fake"));
     let cp = Cp::start(std::slice::from_ref(&fake)).await?;
