@@ -318,6 +318,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::FileDelete { .. } => "file_delete",
         Request::FileGlob { .. } => "file_glob",
         Request::FileExtract { .. } => "file_extract",
+        Request::PortConnect { .. } => "port_connect",
     }
 }
 
@@ -383,6 +384,14 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
         Request::FileGlob { pattern } => match files::glob(root, &pattern) {
             Ok(paths) => send_batches(out, &paths),
             Err(e) => Answer::Err(e),
+        },
+        Request::PortConnect { port } => match upload {
+            Some(upload) => match crate::ports::relay(port, out, upload) {
+                Ok(crate::ports::Relayed::Closed) => Answer::Frame(Kind::End, Vec::new()),
+                Ok(crate::ports::Relayed::Stopped) => Answer::Nothing,
+                Err(e) => Answer::Err(e),
+            },
+            None => Answer::Err(Error::Internal("port_connect without an upload".into())),
         },
     }
 }

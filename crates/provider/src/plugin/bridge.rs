@@ -303,6 +303,7 @@ impl Call {
             Request::FileDelete { .. } => Err(self.unsupported("delete files")),
             Request::FileGlob { .. } => Err(self.unsupported("match globs")),
             Request::FileExtract { .. } => Err(self.unsupported("unpack archives")),
+            Request::PortConnect { .. } => Err(self.unsupported("relay ports")),
         }
     }
 
