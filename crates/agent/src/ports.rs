@@ -38,7 +38,7 @@ pub fn relay(port: u16, out: &Out, upload: UploadRx) -> Result<Relayed, Error> {
     }
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
-        Error::Unavailable(format!(
+        Error::ProviderUnavailable(format!(
             "nothing accepts connections on port {port} inside the sandbox: {e}"
         ))
     })?;

@@ -128,6 +128,10 @@ pub struct ServeArgs {
     /// key). Only for a port that scrapers alone can reach.
     #[arg(long, env = "STACYVM_METRICS_PUBLIC")]
     metrics_public: bool,
+    /// Serve exposed sandbox ports at `{port}-{id}.DOMAIN` too (point a
+    /// wildcard DNS record at this server).
+    #[arg(long, value_name = "DOMAIN")]
+    proxy_domain: Option<String>,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
@@ -235,6 +239,10 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .context("--max-connections does not fit this platform")?;
     config.http.trusted_proxies = args.trusted_proxies;
     config.http.metrics_public = args.metrics_public;
+    config.http.proxy_domain = args
+        .proxy_domain
+        .map(|d| d.trim_matches('.').to_ascii_lowercase())
+        .filter(|d| !d.is_empty());
     for p in args
         .warm_pools
         .iter()

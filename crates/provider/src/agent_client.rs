@@ -684,9 +684,9 @@ impl AgentClient {
 
     /// Connects to `127.0.0.1:port` inside the sandbox and splices bytes:
     /// `input` goes to the server (its end half-closes the socket), and the
-    /// answer is the server's bytes until it closes. Fails with
-    /// `unavailable` when nothing listens there. Neither direction is
+    /// answer is the server's bytes until it closes. Neither direction is
     /// timed: a relayed connection (a WebSocket, say) may idle for long.
+    /// Nothing listening on the port is `provider_unavailable`.
     pub async fn port_connect(&self, port: u16, input: ByteStream) -> Result<ByteStream> {
         let (call, first) = self
             .bounded(async {

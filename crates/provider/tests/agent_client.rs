@@ -1086,7 +1086,7 @@ async fn a_port_nobody_listens_on_is_unavailable() -> anyhow::Result<()> {
     drop(listener);
     let input: ByteStream = Box::pin(futures_util::stream::empty());
     match agent.client.port_connect(port, input).await {
-        Err(Error::Unavailable(m)) => assert!(m.contains(&port.to_string()), "{m}"),
+        Err(Error::ProviderUnavailable(m)) => assert!(m.contains(&port.to_string()), "{m}"),
         Err(e) => bail!("expected unavailable, got {e:?}"),
         Ok(_) => bail!("connecting to a closed port succeeded"),
     }

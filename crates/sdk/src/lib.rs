@@ -32,6 +32,7 @@ mod client;
 mod error;
 mod files;
 pub mod models;
+mod ports;
 mod sandboxes;
 mod sse;
 
@@ -40,4 +41,5 @@ pub use client::{Client, ClientBuilder, RetryPolicy, DEFAULT_URL};
 pub use error::{ApiError, Error, Result};
 pub use files::ByteStream;
 pub use models::*;
+pub use ports::{ExposedPort, PortToken};
 pub use sandboxes::{ExecStream, LogStream};

@@ -1,6 +1,6 @@
 //! `stacyvm sandbox …`: create (optionally run one command and remove the
 //! sandbox), ls, get, rm, exec (streamed, exiting with the command's code),
-//! logs, timeout, pause, resume.
+//! logs, timeout, pause, resume, port.
 
 use std::process::ExitCode;
 
@@ -53,6 +53,14 @@ enum SandboxCmd {
     Pause { id: String },
     /// Resume a paused sandbox.
     Resume { id: String },
+    /// Expose PORT inside the sandbox through the server; prints its URL.
+    Port {
+        id: String,
+        port: u16,
+        /// Reachable without an API key.
+        #[arg(long)]
+        public: bool,
+    },
 }
 
 #[derive(Args)]
@@ -230,6 +238,15 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
         }
         SandboxCmd::Pause { id } => show(fmt, &client.sandbox_pause(&id).await?),
         SandboxCmd::Resume { id } => show(fmt, &client.sandbox_resume(&id).await?),
+        SandboxCmd::Port { id, port, public } => {
+            let p = client.sandbox_expose(&id, port, public).await?;
+            if fmt == Format::Json {
+                output::json(&p)?;
+            } else {
+                println!("{}", p.url);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
