@@ -217,10 +217,10 @@ impl App {
     ) -> Result<ByteStream> {
         let not_found = || Error::NotFound(format!("port {port} of sandbox {id} is not exposed"));
         let sid = SandboxId::parse(id).ok_or_else(not_found)?;
-        let public = self.ports.get(&sid.to_string(), port);
+        let public = self.ports.get(sid.as_ref(), port);
         let rec = self.store.sandbox_get(&sid).await?;
         let Some(rec) = rec else {
-            self.ports.forget(&sid.to_string());
+            self.ports.forget(sid.as_ref());
             return Err(not_found());
         };
         match caller {
@@ -237,7 +237,7 @@ impl App {
             return Err(not_found());
         }
         if rec.state.is_terminal() {
-            self.ports.forget(&sid.to_string());
+            self.ports.forget(sid.as_ref());
             return Err(not_found());
         }
         if rec.state != SandboxState::Running {

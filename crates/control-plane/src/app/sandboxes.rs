@@ -532,7 +532,7 @@ impl App {
             return Ok(());
         }
         let was = rec.state;
-        self.ports.forget(&rec.id.to_string());
+        self.ports.forget(rec.id.as_ref());
         if rec.state != SandboxState::Stopping {
             rec.state = SandboxState::Stopping;
             self.store.sandbox_update(&rec).await?;
