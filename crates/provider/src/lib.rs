@@ -21,6 +21,7 @@ pub mod namespaces;
 pub mod plugin;
 pub mod proot;
 pub mod sandboxing;
+pub mod snapshot;
 
 use std::sync::Arc;
 
