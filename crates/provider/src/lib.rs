@@ -167,6 +167,18 @@ pub trait Provider: Send + Sync + 'static {
             self.name()
         )))
     }
+
+    /// Streams the sandbox's root filesystem as a tar, for a snapshot that
+    /// the catalog imports as a new image. The caller pauses the sandbox
+    /// first where the provider can, so the tar is one consistent moment.
+    /// Kernel filesystems and StacyVM's injected files are left out (see
+    /// [`snapshot::DEFAULT_EXCLUDES`]); links are stored, never followed.
+    async fn snapshot(&self, _id: &SandboxId) -> Result<ByteStream> {
+        Err(Error::Unsupported(format!(
+            "the {} provider cannot snapshot sandboxes",
+            self.name()
+        )))
+    }
 }
 
 /// Where a provider finds the static agent binary on the host.
