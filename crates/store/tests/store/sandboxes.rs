@@ -113,7 +113,7 @@ pub async fn sandbox_list_filters(db: &TestDb) -> anyhow::Result<()> {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            page: PageRequest::default(),
+            ..Default::default()
         }
     };
     let ids = |items: Vec<stacyvm_store::SandboxRecord>| {
@@ -718,6 +718,7 @@ pub async fn sandbox_list_pages_under_every_filter(db: &TestDb) -> anyhow::Resul
             cursor: None,
             limit: 2,
         },
+        ..Default::default()
     };
     let mut seen = Vec::new();
     loop {
