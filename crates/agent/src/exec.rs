@@ -246,8 +246,9 @@ fn spawn_failed(
         Some(libc::ENOTDIR) => (127, "not a directory".to_owned()),
         _ => return Err(Error::from_spawn(format_args!("starting {program:?}"), &e)),
     };
-    // Swallow any stdin the client sends, so its credit keeps flowing.
-    if let Some(mut up) = upload {
+    // Swallow any stdin the client sends, so its credit keeps flowing. A
+    // terminal's input never ends on its own: it is dropped instead.
+    if let (Some(mut up), None) = (upload, spec.pty) {
         while let Some(Upload::Data(_)) = up.next(out) {}
     }
     let msg = format!("stacyvm: {program}: {reason}\n").into_bytes();

@@ -71,10 +71,28 @@ pub fn attach(cmd: &mut Command, size: PtySize) -> Result<Master> {
     cmd.stdin(Stdio::from(dup(&slave)?));
     cmd.stdout(Stdio::from(dup(&slave)?));
     cmd.stderr(Stdio::from(slave));
-    // SAFETY: setsid and ioctl are async-signal-safe and touch no memory of
-    // the parent; stdin is the slave side by the time this runs.
+    // SAFETY: signal, sigprocmask, setsid and ioctl are async-signal-safe
+    // and touch no memory of the parent (the sigset is a local); stdin is
+    // the slave side by the time this runs.
     unsafe {
         cmd.pre_exec(|| {
+            // A terminal's job-control signals must work even where the
+            // agent was started with them ignored or blocked (both survive
+            // exec, and a shell keeps signals ignored at its start ignored).
+            for sig in [
+                libc::SIGINT,
+                libc::SIGQUIT,
+                libc::SIGTSTP,
+                libc::SIGTTIN,
+                libc::SIGTTOU,
+                libc::SIGHUP,
+                libc::SIGPIPE,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -41,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ExecStream;
 
+pub use stacyvm_agent::protocol::PtySize;
+
 /// What the agent reports about itself.
 pub use stacyvm_agent::protocol::AgentInfo;
 
