@@ -39,7 +39,7 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
         // A session of its own (so its process group too), with the
         // terminal as its controlling terminal.
         Some(size) => {
-            if spec.env.get("TERM").is_none() {
+            if !spec.env.contains_key("TERM") {
                 cmd.env("TERM", "xterm");
             }
             Some(crate::pty::attach(&mut cmd, size)?)
