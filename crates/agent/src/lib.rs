@@ -13,6 +13,7 @@ pub mod files;
 pub mod flow;
 pub mod pool;
 pub mod protocol;
+pub mod pty;
 pub mod root;
 pub mod server;
 pub mod upload;

@@ -485,6 +485,18 @@ pub struct ExecSpec {
     /// Streaming: output is sent as produced and never capped.
     #[serde(default)]
     pub stream: bool,
+    /// Runs the command on a pseudo-terminal of this size (implies
+    /// `stream`; see `pty`): stdin frames are then tagged input and resize
+    /// messages, and all output arrives as `Stdout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's window size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 /// The payload of an `Exit` frame.

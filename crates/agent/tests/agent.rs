@@ -285,6 +285,7 @@ fn spec(args: &[&str]) -> ExecSpec {
         timeout_ms: 60_000,
         output_cap: 16 << 20,
         stream: false,
+        pty: None,
     }
 }
 

@@ -41,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ExecStream;
 
+pub use stacyvm_agent::protocol::PtySize;
+
 /// What the agent reports about itself.
 pub use stacyvm_agent::protocol::AgentInfo;
 
@@ -493,6 +495,27 @@ impl AgentClient {
         self.exec_stream_from(req, Some(input)).await
     }
 
+    /// Runs `req.cmd` on a pseudo-terminal of `size` (no timeout, output
+    /// uncapped). `input` carries keystrokes and window-size changes; all
+    /// output arrives as `Stdout`. Dropping the stream kills the command's
+    /// process group and the terminal's foreground job.
+    pub async fn pty(
+        &self,
+        req: ExecRequest,
+        size: protocol::PtySize,
+        input: impl futures_util::Stream<Item = PtyInput> + Send + 'static,
+    ) -> Result<ExecStream> {
+        let mut req = req;
+        req.timeout_ms = 0;
+        req.stdin = Some(Vec::new());
+        let (mut spec, _) = exec_spec(req, true);
+        spec.pty = Some(size);
+        let body: ByteStream = Box::pin(input.flat_map(|piece| {
+            futures_util::stream::iter(piece.frames().into_iter().map(Ok::<_, std::io::Error>))
+        }));
+        self.stream_spec(spec, None, Some(body), None).await
+    }
+
     async fn exec_stream_from(
         &self,
         mut req: ExecRequest,
@@ -505,6 +528,16 @@ impl AgentClient {
             req.stdin = Some(Vec::new());
         }
         let (spec, stdin) = exec_spec(req, true);
+        self.stream_spec(spec, stdin, input, deadline).await
+    }
+
+    async fn stream_spec(
+        &self,
+        spec: ExecSpec,
+        stdin: Option<Vec<u8>>,
+        input: Option<ByteStream>,
+        deadline: Option<Instant>,
+    ) -> Result<ExecStream> {
         let started = async {
             let mut call = self.start(&Request::Exec(spec)).await?;
             // The agent acknowledges once the command started, so setup
@@ -1227,6 +1260,39 @@ fn parse<T: serde::de::DeserializeOwned>(frame: &Frame) -> Result<T> {
         .map_err(|e| Error::Internal(format!("the agent sent a malformed answer: {e}")))
 }
 
+/// One piece of input to a terminal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PtyInput {
+    /// Bytes typed into the terminal.
+    Bytes(Bytes),
+    /// The terminal window's new size.
+    Resize(protocol::PtySize),
+}
+
+impl PtyInput {
+    /// The tagged `Data` payloads this input travels in (see the agent's
+    /// `pty` module), each within one chunk.
+    fn frames(self) -> Vec<Bytes> {
+        match self {
+            PtyInput::Bytes(b) => b
+                .chunks(CHUNK_SIZE - 1)
+                .map(|piece| {
+                    let mut v = Vec::with_capacity(piece.len() + 1);
+                    v.push(stacyvm_agent::pty::INPUT);
+                    v.extend_from_slice(piece);
+                    Bytes::from(v)
+                })
+                .collect(),
+            PtyInput::Resize(size) => {
+                let mut v = vec![stacyvm_agent::pty::RESIZE];
+                v.extend_from_slice(&size.cols.to_be_bytes());
+                v.extend_from_slice(&size.rows.to_be_bytes());
+                vec![Bytes::from(v)]
+            }
+        }
+    }
+}
+
 fn exec_spec(req: ExecRequest, stream: bool) -> (ExecSpec, Option<Vec<u8>>) {
     let spec = ExecSpec {
         cmd: req.cmd,
@@ -1236,6 +1302,7 @@ fn exec_spec(req: ExecRequest, stream: bool) -> (ExecSpec, Option<Vec<u8>>) {
         timeout_ms: req.timeout_ms,
         output_cap: req.output_cap,
         stream,
+        pty: None,
     };
     (spec, req.stdin)
 }

@@ -12,6 +12,7 @@ pub mod extract;
 pub mod files;
 pub mod mcp;
 pub mod openapi;
+pub mod pty;
 pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(sandbox_exec_stream))
+        .route("/v1/sandboxes/{id}/pty", get(pty::sandbox_pty))
         .route(
             "/v1/sandboxes/{id}/files",
             get(file_read).put(file_write).delete(file_delete),
