@@ -100,7 +100,13 @@ impl Ring {
             let Some(i) = self.chunks.iter().position(|c| c.stream == stream) else {
                 break;
             };
-            if let Some(c) = self.chunks.remove(i) {
+            let excess = self.bytes[stream] - RING_BYTES;
+            // Only as much as is over: the ring keeps exactly its size.
+            if self.chunks[i].data.len() > excess {
+                self.chunks[i].data.drain(..excess);
+                self.bytes[stream] -= excess;
+                self.dropped[stream] += excess as u64;
+            } else if let Some(c) = self.chunks.remove(i) {
                 self.bytes[stream] -= c.data.len();
                 self.dropped[stream] += c.data.len() as u64;
             }
@@ -501,11 +507,14 @@ mod tests {
     fn the_ring_keeps_the_newest_bytes_of_each_stream() {
         let mut r = Ring::default();
         r.push(1, b"err");
-        for _ in 0..(RING_BYTES / 1024 + 3) {
-            r.push(0, &[b'x'; 1024]);
+        for _ in 0..(RING_BYTES / 1000 + 3) {
+            r.push(0, &[b'x'; 1000]);
         }
         assert_eq!(r.bytes[0], RING_BYTES);
-        assert_eq!(r.dropped[0], 3 * 1024);
+        assert_eq!(
+            r.dropped[0],
+            (RING_BYTES / 1000 + 3) as u64 * 1000 - RING_BYTES as u64
+        );
         assert_eq!(r.dropped[1], 0);
         assert!(r.chunks.iter().any(|c| c.stream == 1));
         r.push(1, &vec![b'y'; RING_BYTES + 10]);

@@ -41,9 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ExecStream;
 
+pub use stacyvm_agent::procs::{ProcExit, ProcInfo};
 /// What the agent reports about itself.
 pub use stacyvm_agent::protocol::AgentInfo;
-pub use stacyvm_agent::procs::{ProcExit, ProcInfo};
 
 /// How long the agent may take to answer the opening hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1359,5 +1359,4 @@ pub enum ProcEvent {
 }
 
 /// A background process's output, as [`AgentClient::proc_output`] streams it.
-pub type ProcOutput =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<ProcEvent>> + Send>>;
+pub type ProcOutput = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<ProcEvent>> + Send>>;
