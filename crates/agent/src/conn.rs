@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::root::Root;
 use crate::upload::{Upload, UploadRx};
-use crate::{exec, extract, files};
+use crate::{exec, extract, files, procs};
 
 /// The agent's release version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -318,6 +318,12 @@ fn op_name(req: &Request) -> &'static str {
         Request::FileDelete { .. } => "file_delete",
         Request::FileGlob { .. } => "file_glob",
         Request::FileExtract { .. } => "file_extract",
+        Request::ProcStart { .. } => "proc_start",
+        Request::ProcList => "proc_list",
+        Request::ProcGet { .. } => "proc_get",
+        Request::ProcOutput { .. } => "proc_output",
+        Request::ProcStdin { .. } => "proc_stdin",
+        Request::ProcSignal { .. } => "proc_signal",
     }
 }
 
@@ -382,6 +388,32 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
         },
         Request::FileGlob { pattern } => match files::glob(root, &pattern) {
             Ok(paths) => send_batches(out, &paths),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcStart { cmd, env, cwd } => match procs::start(root, cmd, env, cwd) {
+            Ok(info) => json(&info),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcList => json(&procs::list()),
+        Request::ProcGet { pid } => match procs::get(pid) {
+            Ok(info) => json(&info),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcOutput { pid, follow } => match procs::output(pid, follow, out) {
+            Ok(Some(exit)) => match serde_json::to_vec(&exit) {
+                Ok(b) => Answer::Frame(Kind::Exit, b),
+                Err(e) => Answer::Err(Error::internal("encoding the exit", e)),
+            },
+            Ok(None) if out.flow.is_cancelled() => Answer::Nothing,
+            Ok(None) => Answer::Frame(Kind::End, Vec::new()),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcStdin { pid, close } => match procs::stdin(pid, close, out, upload) {
+            Ok(n) => json(&n),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcSignal { pid, signal } => match procs::signal(pid, &signal) {
+            Ok(info) => json(&info),
             Err(e) => Answer::Err(e),
         },
     }

@@ -27,7 +27,7 @@ const DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// Hard bound on draining after exit, even while output keeps flowing.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 
-static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs `spec` and streams its output to `out`. Returns the exit frame, or
 /// an error when the command could not be set up (bad cwd, empty argv).
@@ -184,7 +184,7 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
 }
 
 /// Prepares the command: argv, env overlay with a default PATH, cwd.
-fn build_command(root: &Root, spec: &ExecSpec) -> Result<Command> {
+pub(crate) fn build_command(root: &Root, spec: &ExecSpec) -> Result<Command> {
     let Some(program) = spec.cmd.first() else {
         return Err(Error::InvalidRequest("cmd must name a program".into()));
     };
@@ -580,7 +580,7 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 
 /// Whether the agent runs under ptrace (PRoot), read once from
 /// `/proc/self/status`.
-fn traced() -> bool {
+pub(crate) fn traced() -> bool {
     static TRACED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *TRACED.get_or_init(|| {
         std::fs::read_to_string("/proc/self/status")

@@ -453,13 +453,49 @@ pub enum Request {
     /// error (what was written before it stays). Answer: `Ok` with the
     /// [`ArchiveSummary`](stacyvm_core::ArchiveSummary).
     FileExtract { path: String },
+    /// Starts a background process the agent keeps in its table. Answer:
+    /// `Ok` with [`ProcInfo`](crate::procs::ProcInfo).
+    ProcStart {
+        cmd: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default)]
+        cwd: Option<String>,
+    },
+    /// Answer: `Ok` with the array of [`ProcInfo`](crate::procs::ProcInfo).
+    ProcList,
+    /// Answer: `Ok` with the [`ProcInfo`](crate::procs::ProcInfo).
+    ProcGet { pid: u32 },
+    /// Answer: `Stdout`/`Stderr` chunks of what is still in the rings, then
+    /// (with `follow`) live output; then `Exit` with a
+    /// [`ProcExit`](crate::procs::ProcExit) once the process finished, or
+    /// `End` when not following and it still runs.
+    ProcOutput {
+        pid: u32,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Writes the `Data` frames the client sends, then `End`, to the
+    /// process's stdin; with `close`, closes it afterwards. Answer: `Ok`
+    /// with the number of bytes written.
+    ProcStdin {
+        pid: u32,
+        #[serde(default)]
+        close: bool,
+    },
+    /// Sends a signal (TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT) to the
+    /// process's group. Answer: `Ok` with the
+    /// [`ProcInfo`](crate::procs::ProcInfo).
+    ProcSignal { pid: u32, signal: String },
 }
 
 impl Request {
     /// Whether the client follows the request with `Data` frames and `End`.
     pub fn has_upload(&self) -> bool {
         match self {
-            Request::FileWrite { .. } | Request::FileExtract { .. } => true,
+            Request::FileWrite { .. } | Request::FileExtract { .. } | Request::ProcStdin { .. } => {
+                true
+            }
             Request::Exec(spec) => spec.stdin,
             _ => false,
         }

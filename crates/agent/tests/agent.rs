@@ -1063,3 +1063,188 @@ fn init_mode_reaps_orphans_and_ends_with_the_agent() -> TestResult {
     assert!(init.wait()?.success());
     Ok(())
 }
+
+impl Conn {
+    /// Reads a process's output until `Exit` (its status) or `End` (none).
+    fn proc_output(
+        &mut self,
+        pid: u32,
+        follow: bool,
+    ) -> Answer<(Vec<u8>, Vec<u8>, Option<stacyvm_agent::procs::ProcExit>)> {
+        let id = self.request(&Request::ProcOutput { pid, follow });
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            let f = self.recv_answer();
+            match f.kind {
+                Kind::Stdout => out.extend_from_slice(&f.payload),
+                Kind::Stderr => err.extend_from_slice(&f.payload),
+                Kind::Exit => return Ok((out, err, Some(f.parse().expect("an exit")))),
+                Kind::End => return Ok((out, err, None)),
+                Kind::Error => return Err(wire(&f)),
+                k => panic!("unexpected {k:?}"),
+            }
+            self.send(&Frame::credit(id, 1));
+        }
+    }
+
+    fn proc_stdin(&mut self, pid: u32, data: &[u8], close: bool) -> Answer<u64> {
+        let id = self.request(&Request::ProcStdin { pid, close });
+        self.upload(id, data)?;
+        let f = self.recv_answer();
+        match f.kind {
+            Kind::Ok => Ok(f.parse().expect("a count")),
+            Kind::Error => Err(wire(&f)),
+            k => panic!("unexpected {k:?}"),
+        }
+    }
+}
+
+fn start_req(args: &[&str]) -> Request {
+    Request::ProcStart {
+        cmd: args.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
+        cwd: None,
+    }
+}
+
+#[test]
+fn background_processes_outlive_their_connection_and_keep_their_output() -> TestResult {
+    use stacyvm_agent::procs::ProcInfo;
+    let agent = Agent::start();
+    let pid = {
+        let mut c = agent.connect();
+        let info: ProcInfo = c.ok(&start_req(&[
+            "sh",
+            "-c",
+            "echo $GREETING; echo oops >&2; read line; echo got:$line; sleep 600",
+        ]))?;
+        assert_eq!(info.state, "running");
+        info.pid
+        // The connection closes here; the process must stay.
+    };
+    let mut c = agent.connect();
+    let list: Vec<ProcInfo> = c.ok(&Request::ProcList)?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].pid, pid);
+    assert_eq!(list[0].state, "running");
+    assert_eq!(c.proc_stdin(pid, b"there\n", false)?, 6);
+    // Without follow, what is in the rings now and `End`.
+    let mut seen = Vec::new();
+    for _ in 0..500 {
+        let (out, err, exit) = c.proc_output(pid, false)?;
+        assert!(exit.is_none());
+        seen = out;
+        if seen.ends_with(b"got:there\n") {
+            assert_eq!(err, b"oops\n");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(seen, b"hi\ngot:there\n");
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&Request::ProcSignal {
+            pid,
+            signal: "SEGV".into()
+        })),
+        "invalid_request"
+    );
+    let info: ProcInfo = c.ok(&Request::ProcSignal {
+        pid,
+        signal: "TERM".into(),
+    })?;
+    assert_eq!(info.pid, pid);
+    let (out, _, exit) = c.proc_output(pid, true)?;
+    assert_eq!(out, b"hi\ngot:there\n");
+    let exit = exit.expect("an exit after follow");
+    assert_eq!(exit.status.signal, Some(libc::SIGTERM));
+    assert!(gone(pid as i32));
+    let info: ProcInfo = c.ok(&Request::ProcGet { pid })?;
+    assert_eq!(info.state, "exited");
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&Request::ProcGet { pid: 1 })),
+        "not_found"
+    );
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&Request::ProcSignal {
+            pid,
+            signal: "KILL".into()
+        })),
+        "conflict"
+    );
+    Ok(())
+}
+
+#[test]
+fn background_stdin_closes_and_the_exit_code_is_kept() -> TestResult {
+    use stacyvm_agent::procs::ProcInfo;
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    let info: ProcInfo = c.ok(&start_req(&["sh", "-c", "cat; exit 7"]))?;
+    c.proc_stdin(info.pid, b"abc", false)?;
+    c.proc_stdin(info.pid, b"", true)?;
+    let (out, _, exit) = c.proc_output(info.pid, true)?;
+    assert_eq!(out, b"abc");
+    assert_eq!(exit.expect("an exit").status.exit_code, Some(7));
+    assert_eq!(code(&c.proc_stdin(info.pid, b"late", false)), "conflict");
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&start_req(&["/no/such/program"]))),
+        "invalid_request"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_output_ring_is_bounded_and_counts_what_it_dropped() -> TestResult {
+    use stacyvm_agent::procs::{ProcInfo, RING_BYTES};
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    // 3 MiB of output on stdout.
+    let info: ProcInfo = c.ok(&start_req(&[
+        "sh",
+        "-c",
+        "head -c 3145728 /dev/zero | tr '\\0' x",
+    ]))?;
+    // Read only after the exit: a reader following live output would keep up.
+    for _ in 0..3000 {
+        let now: ProcInfo = c.ok(&Request::ProcGet { pid: info.pid })?;
+        if now.state == "exited" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (out, _, exit) = c.proc_output(info.pid, true)?;
+    let exit = exit.expect("an exit");
+    assert_eq!(exit.status.exit_code, Some(0));
+    assert_eq!(out.len(), RING_BYTES);
+    assert_eq!(exit.stdout_dropped, 3 * 1024 * 1024 - RING_BYTES as u64);
+    Ok(())
+}
+
+#[test]
+fn running_background_processes_are_capped() -> TestResult {
+    use stacyvm_agent::procs::{ProcInfo, MAX_RUNNING};
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    let mut pids = Vec::new();
+    for _ in 0..MAX_RUNNING {
+        let info: ProcInfo = c.ok(&start_req(&["sleep", "600"]))?;
+        pids.push(info.pid);
+    }
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&start_req(&["sleep", "600"]))),
+        "conflict"
+    );
+    for pid in &pids {
+        let _: ProcInfo = c.ok(&Request::ProcSignal {
+            pid: *pid,
+            signal: "KILL".into(),
+        })?;
+    }
+    for pid in pids {
+        let (_, _, exit) = c.proc_output(pid, true)?;
+        assert_eq!(exit.expect("an exit").status.signal, Some(libc::SIGKILL));
+    }
+    let info: ProcInfo = c.ok(&start_req(&["true"]))?;
+    assert!(info.pid > 0);
+    Ok(())
+}

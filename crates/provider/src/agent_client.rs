@@ -43,6 +43,7 @@ use crate::ExecStream;
 
 pub use stacyvm_agent::protocol::PtySize;
 
+pub use stacyvm_agent::procs::{ProcExit, ProcInfo};
 /// What the agent reports about itself.
 pub use stacyvm_agent::protocol::AgentInfo;
 
@@ -795,6 +796,83 @@ impl AgentClient {
             .map_err(|_| timeout_error(self.call_timeout))?
     }
 
+    /// Starts a background process the agent keeps (it outlives this
+    /// connection).
+    pub async fn proc_start(
+        &self,
+        cmd: Vec<String>,
+        env: std::collections::BTreeMap<String, String>,
+        cwd: Option<String>,
+    ) -> Result<ProcInfo> {
+        self.simple(&Request::ProcStart { cmd, env, cwd }).await
+    }
+
+    pub async fn proc_list(&self) -> Result<Vec<ProcInfo>> {
+        self.simple(&Request::ProcList).await
+    }
+
+    pub async fn proc_get(&self, pid: u32) -> Result<ProcInfo> {
+        self.simple(&Request::ProcGet { pid }).await
+    }
+
+    pub async fn proc_signal(&self, pid: u32, signal: &str) -> Result<ProcInfo> {
+        self.simple(&Request::ProcSignal {
+            pid,
+            signal: signal.to_owned(),
+        })
+        .await
+    }
+
+    /// Writes `body` to the process's stdin, then closes stdin if `close`.
+    /// Returns the bytes written.
+    pub async fn proc_stdin(&self, pid: u32, close: bool, body: ByteStream) -> Result<u64> {
+        self.upload(Request::ProcStdin { pid, close }, body).await
+    }
+
+    /// The process's output from the oldest byte still kept; with `follow`,
+    /// then live output until it exits. Ends with [`ProcEvent::Exit`] once
+    /// the process finished.
+    pub async fn proc_output(&self, pid: u32, follow: bool) -> Result<ProcOutput> {
+        // A process that is not there answers with an error at once.
+        let (call, first) = self
+            .bounded(async {
+                let mut call = self.start(&Request::ProcOutput { pid, follow }).await?;
+                let first = call.recv().await?;
+                Ok((call, first))
+            })
+            .await?;
+        let state = (call, Some(first), false);
+        let stream = futures_util::stream::unfold(state, |(mut call, first, done)| async move {
+            if done {
+                return None;
+            }
+            let next = match first {
+                Some(f) => Ok(f),
+                None => call.recv().await,
+            };
+            let item = match next {
+                Ok(f) => match f.kind {
+                    Kind::Stdout => Ok(ProcEvent::Stdout(Bytes::from(f.payload))),
+                    Kind::Stderr => Ok(ProcEvent::Stderr(Bytes::from(f.payload))),
+                    Kind::Exit => {
+                        call.finish();
+                        let exit = parse::<ProcExit>(&f).map(ProcEvent::Exit);
+                        return Some((exit, (call, None, true)));
+                    }
+                    Kind::End => {
+                        call.finish();
+                        return None;
+                    }
+                    _ => Err(call.unexpected(&f)),
+                },
+                Err(e) => Err(e),
+            };
+            let done = item.is_err();
+            Some((item, (call, None, done)))
+        });
+        Ok(Box::pin(stream))
+    }
+
     async fn simple<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T> {
         self.bounded(async {
             let mut call = self.start(req).await?;
@@ -1337,3 +1415,15 @@ async fn send_body(tx: CallTx, mut body: ByteStream) -> Result<()> {
     }
     tx.end().await
 }
+
+/// One event of a background process's output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// The process exited and its output is complete.
+    Exit(ProcExit),
+}
+
+/// A background process's output, as [`AgentClient::proc_output`] streams it.
+pub type ProcOutput = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<ProcEvent>> + Send>>;

@@ -22,6 +22,7 @@ mod lifecycle;
 mod pages;
 mod per_store;
 mod plugins;
+mod procs;
 mod pty;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

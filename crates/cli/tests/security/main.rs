@@ -25,6 +25,7 @@ mod fixtures;
 mod front;
 mod images;
 mod keys;
+mod procs;
 mod rootless;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

@@ -88,7 +88,7 @@ pub async fn file_write(
 /// Runs `upload` over the request body, counting bytes as they pass and
 /// failing the stream past the configured limit, so an upload is never
 /// held whole and never grows past that size (`413`).
-async fn limited_upload<T, F>(
+pub(super) async fn limited_upload<T, F>(
     s: &AppState,
     body: Body,
     upload: impl FnOnce(ByteStream) -> F,

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, pty, sandboxes, workers};
+use super::{admin, files, procs, pty, sandboxes, workers};
 
 mod reference;
 
@@ -47,6 +47,8 @@ impl Modify for BearerAuth {
         workers::worker_token_revoke, workers::worker_register, workers::worker_heartbeat,
         workers::worker_image,
         admin::healthz, admin::readyz, admin::metrics,
+        procs::process_start, procs::process_list, procs::process_get, procs::process_output,
+        procs::process_stdin, procs::process_signal,
     ),
     components(schemas(
         api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
@@ -60,6 +62,7 @@ impl Modify for BearerAuth {
         api::WorkerRegister, api::WorkerRegistered, api::LeaseGrant, api::WorkerHeartbeat,
         api::RuntimeReport, api::WorkerHeartbeatReply, api::RefusedReport, api::StoreStatus,
         api::ProviderStatus, api::PoolStatus, api::Status, api::Health, RawBytes,
+        procs::ProcessStart, procs::Process, procs::ProcessList, procs::ProcessSignal, procs::StdinWritten,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),

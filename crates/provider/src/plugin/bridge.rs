@@ -303,6 +303,12 @@ impl Call {
             Request::FileDelete { .. } => Err(self.unsupported("delete files")),
             Request::FileGlob { .. } => Err(self.unsupported("match globs")),
             Request::FileExtract { .. } => Err(self.unsupported("unpack archives")),
+            Request::ProcStart { .. }
+            | Request::ProcList
+            | Request::ProcGet { .. }
+            | Request::ProcOutput { .. }
+            | Request::ProcStdin { .. }
+            | Request::ProcSignal { .. } => Err(self.unsupported("run background processes")),
         }
     }
 
