@@ -41,8 +41,14 @@ pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD + HEADER_LEN;
 pub const CHUNK_SIZE: usize = 64 * 1024;
 
 /// How many chunk frames a sender may have in flight per request before it
-/// waits for credit.
+/// waits for credit, unless the hello agreed on another window. A peer that
+/// says nothing about the window uses this one.
 pub const WINDOW: u32 = 16;
+
+/// The largest window an agent agrees to. A wider window pays when the
+/// connection has a long round trip (tunnelled through a worker), at the
+/// price of that many chunks buffered per request on each side.
+pub const MAX_WINDOW: u32 = 64;
 
 /// Most entries a list or glob answers with.
 pub const MAX_ENTRIES: usize = 100_000;
@@ -377,6 +383,10 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 pub struct Hello {
     /// Protocol versions the client speaks.
     pub versions: Vec<u32>,
+    /// The credit window, in chunks, the client would like; absent means
+    /// [`WINDOW`]. The agent answers with the window both sides then use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
 }
 
 /// What the agent reports about itself (the `HelloOk` and `health` answer).
@@ -387,6 +397,24 @@ pub struct AgentInfo {
     /// The protocol version chosen for this connection.
     pub protocol: u32,
     pub pid: u32,
+    /// The credit window of this connection, in chunks; absent (an agent
+    /// that predates the choice) means [`WINDOW`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
+}
+
+impl AgentInfo {
+    /// The credit window both sides use on this connection.
+    pub fn window(&self) -> u32 {
+        self.window.unwrap_or(WINDOW)
+    }
+}
+
+/// The window an agent agrees to for a client asking for `asked`: never
+/// below [`WINDOW`] (every peer can hold that much), never above
+/// [`MAX_WINDOW`].
+pub fn choose_window(asked: Option<u32>) -> u32 {
+    asked.unwrap_or(WINDOW).clamp(WINDOW, MAX_WINDOW)
 }
 
 /// Picks the newest version both sides speak.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use stacyvm_agent::protocol::{
     read_frame, AgentInfo, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE,
-    MAX_FRAME_LEN, WINDOW,
+    MAX_FRAME_LEN, MAX_WINDOW, WINDOW,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{Error, FileEntry, FileType};
@@ -102,11 +102,16 @@ fn wire(f: &Frame) -> Error {
 
 impl Conn {
     fn hello(&mut self, versions: &[u32]) -> Answer<AgentInfo> {
+        self.hello_asking(versions, None)
+    }
+
+    fn hello_asking(&mut self, versions: &[u32], window: Option<u32>) -> Answer<AgentInfo> {
         self.send(&Frame::json(
             0,
             Kind::Hello,
             &Hello {
                 versions: versions.to_vec(),
+                window,
             },
         ));
         let f = self.recv();
@@ -924,6 +929,39 @@ fn bad_frames_close_only_their_connection() -> TestResult {
 }
 
 #[test]
+fn the_credit_window_is_agreed_in_the_hello() -> TestResult {
+    let agent = Agent::start();
+    for (asked, agreed) in [
+        (None, WINDOW),
+        (Some(0), WINDOW),
+        (Some(MAX_WINDOW), MAX_WINDOW),
+        (Some(u32::MAX), MAX_WINDOW),
+    ] {
+        let info = agent.connect_raw().hello_asking(&[1], asked)?;
+        assert_eq!(info.window, Some(agreed), "asked {asked:?}");
+    }
+
+    // A whole agreed window of upload goes through without credit (the
+    // command never reads its stdin), and a chunk more is a protocol error.
+    let mut wide = agent.connect_raw();
+    wide.hello_asking(&[1], Some(MAX_WINDOW))?;
+    let mut held = spec(&["sleep", "1000"]);
+    held.stdin = true;
+    let id = wide.request(&Request::Exec(held));
+    let chunk = Frame::new(id, Kind::Data, vec![0; CHUNK_SIZE]).encode();
+    for _ in 0..MAX_WINDOW {
+        wide.send_raw(&chunk);
+    }
+    let info: AgentInfo = wide.ok(&Request::Health)?;
+    assert_eq!(info.window, Some(MAX_WINDOW));
+    wide.send_raw(&chunk);
+    let f = wide.recv_answer();
+    assert_eq!((f.id, f.kind), (id, Kind::Error));
+    assert!(wide.closed());
+    Ok(())
+}
+
+#[test]
 fn the_socket_is_private_and_stdio_mode_works() -> TestResult {
     let agent = Agent::start();
     let mode = std::fs::metadata(&agent.sock)?.permissions().mode() & 0o777;
@@ -941,7 +979,17 @@ fn the_socket_is_private_and_stdio_mode_works() -> TestResult {
     let result = (|| -> TestResult {
         let mut input = child.stdin.take().ok_or("stdin")?;
         let mut output = child.stdout.take().ok_or("stdout")?;
-        input.write_all(&Frame::json(0, Kind::Hello, &Hello { versions: vec![1] }).encode())?;
+        input.write_all(
+            &Frame::json(
+                0,
+                Kind::Hello,
+                &Hello {
+                    versions: vec![1],
+                    window: None,
+                },
+            )
+            .encode(),
+        )?;
         assert_eq!(
             read_frame(&mut output).map_err(|e| e.to_string())?.kind,
             Kind::HelloOk
@@ -1017,7 +1065,17 @@ fn process_state(pid: u32) -> Option<char> {
 fn init_mode_reaps_orphans_and_ends_with_the_agent() -> TestResult {
     let (mut init, mut input, mut output) = start_init()?;
     let result = (|| -> TestResult {
-        input.write_all(&Frame::json(0, Kind::Hello, &Hello { versions: vec![1] }).encode())?;
+        input.write_all(
+            &Frame::json(
+                0,
+                Kind::Hello,
+                &Hello {
+                    versions: vec![1],
+                    window: None,
+                },
+            )
+            .encode(),
+        )?;
         let hello = read_frame(&mut output).map_err(|e| e.to_string())?;
         assert_eq!(hello.kind, Kind::HelloOk);
         let info: AgentInfo = hello.parse().map_err(|e| e.to_string())?;

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
     self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_ENTRIES, MAX_PAYLOAD,
-    PROTOCOL_VERSIONS, WINDOW,
+    MAX_WINDOW, PROTOCOL_VERSIONS,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{
@@ -73,11 +73,11 @@ pub const MAX_LIST_BYTES: usize = 64 * 1024 * 1024;
 /// Frames queued for the writer before senders wait.
 const WRITE_QUEUE: usize = 64;
 
-/// Frames one request may have waiting for its consumer: a full credit
-/// window of chunks, a streaming exec's acknowledgement and the last
+/// Frames one request may have waiting for its consumer beyond a full
+/// credit window of chunks: a streaming exec's acknowledgement and the last
 /// answer, with a little room to spare. Reaching it means the agent broke
 /// the protocol.
-const ROUTE_QUEUE: usize = WINDOW as usize + 4;
+const ROUTE_QUEUE_SPARE: usize = 4;
 
 /// Frames the agent may send for requests that are not in flight (the
 /// connection-level error that precedes a close, and the like) beyond what
@@ -119,6 +119,8 @@ struct Shared {
     closed: CancellationToken,
     /// Wakes the writer when credit is owed to the agent.
     credit_due: Notify,
+    /// The credit window agreed in the hello, in chunks.
+    window: u32,
 }
 
 struct Routes {
@@ -236,6 +238,7 @@ impl Shared {
     /// Hands one frame from the agent to its request. An error is a breach
     /// of the protocol that ends the connection.
     fn route(&self, frame: Frame) -> std::result::Result<(), String> {
+        let window = self.window;
         let mut guard = lock(&self.routes);
         let routes = &mut *guard;
         let id = frame.id;
@@ -260,7 +263,7 @@ impl Shared {
                 let n = frame.credit_count().map_err(|e| e.to_string())?;
                 // Never more credit than the window: the agent cannot owe
                 // room for more chunks than were sent.
-                let room = (WINDOW as usize).saturating_sub(route.credit.available_permits());
+                let room = (window as usize).saturating_sub(route.credit.available_permits());
                 route.credit.add_permits((n as usize).min(room));
                 return Ok(());
             }
@@ -268,7 +271,7 @@ impl Shared {
                 if route.allowance == 0 {
                     return Err(format!(
                         "the agent overran the credit window of request {id}: it sent a {kind:?} \
-                         chunk without credit (the window is {WINDOW} chunks)"
+                         chunk without credit (the window is {window} chunks)"
                     ));
                 }
                 route.allowance -= 1;
@@ -382,6 +385,9 @@ impl AgentClient {
             alive: AtomicBool::new(true),
             closed: CancellationToken::new(),
             credit_due: Notify::new(),
+            // The agent runs inside the sandbox: whatever it claims, it
+            // never gets more room on this side than was asked for.
+            window: info.window().clamp(1, MAX_WINDOW),
         });
         let (queue, queue_rx) = mpsc::channel(WRITE_QUEUE);
         let reader_task = tokio::spawn(read_loop(reader, shared.clone()));
@@ -939,8 +945,9 @@ impl AgentClient {
             )));
         }
         let awaiting_ack = matches!(req, Request::Exec(spec) if spec.stream);
-        let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
-        let credit = Arc::new(Semaphore::new(WINDOW as usize));
+        let window = inner.shared.window;
+        let (tx, rx) = mpsc::channel(window as usize + ROUTE_QUEUE_SPARE);
+        let credit = Arc::new(Semaphore::new(window as usize));
         let id = {
             let mut routes = lock(&inner.shared.routes);
             if routes.dead.is_some() {
@@ -956,7 +963,7 @@ impl AgentClient {
                 Route {
                     frames: tx,
                     credit: credit.clone(),
-                    allowance: WINDOW,
+                    allowance: window,
                     awaiting_ack,
                     ended: false,
                 },
@@ -1065,6 +1072,8 @@ where
         Kind::Hello,
         &Hello {
             versions: PROTOCOL_VERSIONS.to_vec(),
+            // Costs nothing on a local socket and pays through a tunnel.
+            window: Some(MAX_WINDOW),
         },
     );
     writer
@@ -1230,7 +1239,7 @@ impl Call {
         };
         if frame.kind.is_chunk() {
             self.consumed += 1;
-            if self.consumed >= WINDOW / 2 {
+            if self.consumed >= self.tx.inner.shared.window / 2 {
                 self.tx.inner.shared.grant(self.tx.id, self.consumed);
                 self.consumed = 0;
             }
@@ -1281,7 +1290,7 @@ impl Drop for Call {
             // What the agent may still send before it sees the cancel: the
             // chunks it has credit for, upload credit, the acknowledgement
             // and the last answer.
-            let may_send = u64::from(route.allowance) + u64::from(WINDOW) + 2;
+            let may_send = u64::from(route.allowance) + u64::from(inner.shared.window) + 2;
             routes.stray_allowance = routes.stray_allowance.saturating_add(may_send);
         }
         drop(routes);

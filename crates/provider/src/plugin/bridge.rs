@@ -113,6 +113,8 @@ where
                 ),
                 protocol: version,
                 pid: 0,
+                // The bridge keeps the base window whatever the client asks.
+                window: None,
             };
             let _ = out
                 .send(Frame::json(0, Kind::HelloOk, &info).encode())
@@ -285,6 +287,7 @@ impl Call {
                     version: self.target.provider.clone(),
                     protocol: PROTOCOL_VERSION,
                     pid: 0,
+                    window: None,
                 };
                 self.send(Frame::json(self.id, Kind::Ok, &info)).await
             }
