@@ -236,6 +236,30 @@ async fn the_sdk_opens_terminals_and_keeps_background_processes() -> Result<()> 
         Err(e) if e.code() == Some("not_found") => {}
         other => bail!("an unknown pid: {other:?}"),
     }
+    // A process that prints nothing yet still gives its reader a stream at
+    // once, so the stdin it waits for can follow.
+    let quiet = procs
+        .start(&ProcessStart::shell("read x; echo \"late-$x\""))
+        .await?;
+    let mut out = tokio::time::timeout(PATIENCE, procs.output(quiet.pid))
+        .await
+        .map_err(|_| anyhow!("no output stream for a process that printed nothing"))??;
+    procs.write_stdin(quiet.pid, &b"ok\n"[..]).await?;
+    let mut late = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(ev) = out.next().await {
+            match ev? {
+                ProcessEvent::Stdout(b) => late.extend_from_slice(&b),
+                ProcessEvent::Stderr(_) => {}
+                ProcessEvent::Exit(x) => return Ok(x.shell_code()),
+            }
+        }
+        bail!("no exit")
+    })
+    .await
+    .map_err(|_| anyhow!("the quiet process never ended"))??;
+    ensure!(late == b"late-ok\n", "{:?}", String::from_utf8_lossy(&late));
+
     // Stdin closed: the reader sees the end of its input.
     let cat = procs.start(&ProcessStart::new(["cat"])).await?;
     let closed = procs.close_stdin(cat.pid, &b"last\n"[..]).await?;
