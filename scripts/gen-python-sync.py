@@ -38,6 +38,8 @@ NAMES: Dict[str, str] = {
     "AsyncExecStream": "ExecStream",
     "AsyncLogStream": "LogStream",
     "AsyncWriteData": "WriteData",
+    "AsyncProcesses": "Processes",
+    "AsyncProcessOutput": "ProcessOutput",
     "_io_async": "_io_sync",
     # typing
     "AsyncIterator": "Iterator",

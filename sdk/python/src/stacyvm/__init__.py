@@ -8,8 +8,16 @@ in and out, and administer the server.
         print(sb.exec(["sh", "-c", "echo hi"]).stdout)
 """
 
-from .aio import AsyncClient, AsyncExecStream, AsyncFiles, AsyncLogStream, AsyncSandbox
-from .client import Client, ExecStream, Files, LogStream, Sandbox
+from .aio import (
+    AsyncClient,
+    AsyncExecStream,
+    AsyncFiles,
+    AsyncLogStream,
+    AsyncProcesses,
+    AsyncProcessOutput,
+    AsyncSandbox,
+)
+from .client import Client, ExecStream, Files, LogStream, Processes, ProcessOutput, Sandbox
 from .errors import (
     Conflict,
     Forbidden,
@@ -46,6 +54,7 @@ from .models import (
     Network,
     Page,
     PoolStatus,
+    Process,
     ProviderStatus,
     Quota,
     Readiness,
@@ -53,6 +62,7 @@ from .models import (
     SandboxInfo,
     SandboxState,
     Status,
+    StdinWritten,
     StoreStatus,
     Tenant,
     Worker,
@@ -68,6 +78,8 @@ __all__ = [
     "AsyncExecStream",
     "AsyncFiles",
     "AsyncLogStream",
+    "AsyncProcessOutput",
+    "AsyncProcesses",
     "AsyncSandbox",
     "AuditEvent",
     "Client",
@@ -93,6 +105,9 @@ __all__ = [
     "Page",
     "PayloadTooLarge",
     "PoolStatus",
+    "Process",
+    "ProcessOutput",
+    "Processes",
     "ProviderStatus",
     "ProviderUnavailable",
     "Quota",
@@ -106,6 +121,7 @@ __all__ = [
     "SandboxState",
     "StacyVMError",
     "Status",
+    "StdinWritten",
     "StoreStatus",
     "StoreUnavailable",
     "Tenant",

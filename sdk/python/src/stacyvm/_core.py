@@ -546,3 +546,65 @@ def stream_ended_early() -> ProviderUnavailable:
     return ProviderUnavailable(
         "the command's stream ended before it reported an exit status", code="provider_unavailable"
     )
+
+
+# --- background processes ----------------------------------------------------
+
+
+def _procs(sandbox_id: str, suffix: str = "") -> str:
+    return f"/v1/sandboxes/{seg(sandbox_id)}/processes{suffix}"
+
+
+def process_start(
+    sandbox_id: str, cmd: Union[str, Sequence[str]], env: Optional[Mapping[str, str]], cwd: Optional[str]
+) -> Call:
+    body = drop_none({"cmd": shell_cmd(cmd), "env": dict(env) if env else None, "cwd": cwd})
+    return Call("POST", _procs(sandbox_id), json=body)
+
+
+def process_list(sandbox_id: str) -> Call:
+    return Call("GET", _procs(sandbox_id))
+
+
+def process_get(sandbox_id: str, pid: int) -> Call:
+    return Call("GET", _procs(sandbox_id, f"/{int(pid)}"))
+
+
+def process_output(sandbox_id: str, pid: int, follow: bool) -> Call:
+    call = Call(
+        "GET",
+        _procs(sandbox_id, f"/{int(pid)}/output"),
+        params=params_of(follow="true" if follow else "false"),
+        headers={"accept": "text/event-stream"},
+    )
+    # The server sends a keep-alive at least every 15 s, so a minute of
+    # silence means the connection is gone, however quiet the process.
+    call.timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=60.0)
+    return call
+
+
+def process_stdin(sandbox_id: str, pid: int, close: bool) -> Call:
+    return Call(
+        "POST",
+        _procs(sandbox_id, f"/{int(pid)}/stdin"),
+        params=params_of(close="true" if close else None),
+        headers={"content-type": "application/octet-stream"},
+    )
+
+
+def process_signal(sandbox_id: str, pid: int, signal: str) -> Call:
+    name = signal.strip().upper()
+    if name.startswith("SIG"):
+        name = name[3:]
+    return Call("POST", _procs(sandbox_id, f"/{int(pid)}/signal"), json={"signal": name})
+
+
+def process_item(ev: SSEEvent) -> Union[ExecChunk, ExecExit, None]:
+    """What a process-output event means; the same events as exec's."""
+    return exec_item(ev)
+
+
+def process_ended_early() -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "the process's output stream ended before its exit", code="provider_unavailable"
+    )

@@ -26,10 +26,12 @@ from .models import (
     Image,
     LogLine,
     Page,
+    Process,
     Quota,
     Readiness,
     SandboxInfo,
     Status,
+    StdinWritten,
     Tenant,
     Worker,
 )
@@ -347,6 +349,106 @@ class AsyncFiles:
         await self._t.json(core.file_delete(self._id, path, recursive))
 
 
+class AsyncProcessOutput:
+    """A background process's output, chunk by chunk: from the oldest byte
+    the sandbox still keeps, then (when following) live until it exits.
+
+    Iterate it for `ExecChunk`s; when iteration ends, ``exit`` holds the
+    process's `ExecExit` if it has exited (a stream that does not follow
+    ends where the kept output ends). Closing it leaves the process alone.
+    """
+
+    def __init__(self, response: httpx.Response, follow: bool) -> None:
+        self._events = _EventStream(response)
+        self._follow = follow
+        self._done = False
+        self.exit: Optional[ExecExit] = None
+
+    def __aiter__(self) -> "AsyncProcessOutput":
+        return self
+
+    async def __anext__(self) -> ExecChunk:
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            ev = await self._events.next_event()
+            if ev is None:
+                self._done = True
+                if self._follow:
+                    raise core.process_ended_early()
+                raise StopAsyncIteration
+            try:
+                item = core.process_item(ev)
+            except StacyVMError:
+                await self.aclose()
+                raise
+            if isinstance(item, ExecExit):
+                self.exit = item
+                self._done = True
+                await self.aclose()
+                raise StopAsyncIteration
+            if item is not None:
+                return item
+
+    async def wait(self) -> Optional[ExecExit]:
+        """Reads the rest of the output; returns how the process ended."""
+        async for _ in self:
+            pass
+        return self.exit
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def __aenter__(self) -> "AsyncProcessOutput":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class AsyncProcesses:
+    """The background processes of one sandbox: they run on when the
+    client goes away, and their output can be read again later."""
+
+    def __init__(self, transport: _Transport, sandbox_id: str) -> None:
+        self._t = transport
+        self._id = sandbox_id
+
+    async def start(
+        self,
+        cmd: Union[str, Sequence[str]],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+    ) -> Process:
+        """Starts ``cmd`` (an argv list; a string runs under ``sh -c``)."""
+        return Process.from_json(await self._t.json(core.process_start(self._id, cmd, env, cwd)))
+
+    async def list(self) -> List[Process]:
+        """Every process the sandbox keeps, running and exited."""
+        doc = await self._t.json(core.process_list(self._id))
+        return [Process.from_json(x) for x in doc.get("processes", [])]
+
+    async def get(self, pid: int) -> Process:
+        return Process.from_json(await self._t.json(core.process_get(self._id, pid)))
+
+    async def output(self, pid: int, *, follow: bool = True) -> AsyncProcessOutput:
+        """The output from the oldest byte kept, then live until the exit
+        (``follow=False``: only what is kept now)."""
+        response = await self._t.send(core.process_output(self._id, pid, follow), stream=True)
+        return AsyncProcessOutput(response, follow)
+
+    async def write_stdin(self, pid: int, data: Union[str, bytes], *, close: bool = False) -> StdinWritten:
+        """Writes ``data`` to the process's stdin; ``close=True`` closes it afterwards."""
+        body = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        doc = await self._t.json(core.process_stdin(self._id, pid, close), content=body)
+        return StdinWritten.from_json(doc)
+
+    async def signal(self, pid: int, signal: str = "TERM") -> Process:
+        """Sends TERM, KILL, INT, HUP, USR1, USR2, STOP or CONT to the process's group."""
+        return Process.from_json(await self._t.json(core.process_signal(self._id, pid, signal)))
+
+
 class AsyncSandbox:
     """A handle on one sandbox. The end of its ``async with`` block
     destroys the sandbox."""
@@ -355,6 +457,7 @@ class AsyncSandbox:
         self._t = transport
         self.info = info
         self.files = AsyncFiles(transport, info.id)
+        self.processes = AsyncProcesses(transport, info.id)
 
     @property
     def id(self) -> str:

@@ -26,10 +26,12 @@ from .models import (
     Image,
     LogLine,
     Page,
+    Process,
     Quota,
     Readiness,
     SandboxInfo,
     Status,
+    StdinWritten,
     Tenant,
     Worker,
 )
@@ -347,6 +349,106 @@ class Files:
         self._t.json(core.file_delete(self._id, path, recursive))
 
 
+class ProcessOutput:
+    """A background process's output, chunk by chunk: from the oldest byte
+    the sandbox still keeps, then (when following) live until it exits.
+
+    Iterate it for `ExecChunk`s; when iteration ends, ``exit`` holds the
+    process's `ExecExit` if it has exited (a stream that does not follow
+    ends where the kept output ends). Closing it leaves the process alone.
+    """
+
+    def __init__(self, response: httpx.Response, follow: bool) -> None:
+        self._events = _EventStream(response)
+        self._follow = follow
+        self._done = False
+        self.exit: Optional[ExecExit] = None
+
+    def __iter__(self) -> "ProcessOutput":
+        return self
+
+    def __next__(self) -> ExecChunk:
+        while True:
+            if self._done:
+                raise StopIteration
+            ev = self._events.next_event()
+            if ev is None:
+                self._done = True
+                if self._follow:
+                    raise core.process_ended_early()
+                raise StopIteration
+            try:
+                item = core.process_item(ev)
+            except StacyVMError:
+                self.close()
+                raise
+            if isinstance(item, ExecExit):
+                self.exit = item
+                self._done = True
+                self.close()
+                raise StopIteration
+            if item is not None:
+                return item
+
+    def wait(self) -> Optional[ExecExit]:
+        """Reads the rest of the output; returns how the process ended."""
+        for _ in self:
+            pass
+        return self.exit
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> "ProcessOutput":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Processes:
+    """The background processes of one sandbox: they run on when the
+    client goes away, and their output can be read again later."""
+
+    def __init__(self, transport: _Transport, sandbox_id: str) -> None:
+        self._t = transport
+        self._id = sandbox_id
+
+    def start(
+        self,
+        cmd: Union[str, Sequence[str]],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+    ) -> Process:
+        """Starts ``cmd`` (an argv list; a string runs under ``sh -c``)."""
+        return Process.from_json(self._t.json(core.process_start(self._id, cmd, env, cwd)))
+
+    def list(self) -> List[Process]:
+        """Every process the sandbox keeps, running and exited."""
+        doc = self._t.json(core.process_list(self._id))
+        return [Process.from_json(x) for x in doc.get("processes", [])]
+
+    def get(self, pid: int) -> Process:
+        return Process.from_json(self._t.json(core.process_get(self._id, pid)))
+
+    def output(self, pid: int, *, follow: bool = True) -> ProcessOutput:
+        """The output from the oldest byte kept, then live until the exit
+        (``follow=False``: only what is kept now)."""
+        response = self._t.send(core.process_output(self._id, pid, follow), stream=True)
+        return ProcessOutput(response, follow)
+
+    def write_stdin(self, pid: int, data: Union[str, bytes], *, close: bool = False) -> StdinWritten:
+        """Writes ``data`` to the process's stdin; ``close=True`` closes it afterwards."""
+        body = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        doc = self._t.json(core.process_stdin(self._id, pid, close), content=body)
+        return StdinWritten.from_json(doc)
+
+    def signal(self, pid: int, signal: str = "TERM") -> Process:
+        """Sends TERM, KILL, INT, HUP, USR1, USR2, STOP or CONT to the process's group."""
+        return Process.from_json(self._t.json(core.process_signal(self._id, pid, signal)))
+
+
 class Sandbox:
     """A handle on one sandbox. The end of its ``with`` block
     destroys the sandbox."""
@@ -355,6 +457,7 @@ class Sandbox:
         self._t = transport
         self.info = info
         self.files = Files(transport, info.id)
+        self.processes = Processes(transport, info.id)
 
     @property
     def id(self) -> str:
