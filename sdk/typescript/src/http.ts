@@ -132,6 +132,11 @@ export class Transport {
     };
   }
 
+  /** The headers every call carries (the key, the user agent), for a WebSocket upgrade. */
+  upgradeHeaders(): Record<string, string> {
+    return { ...this.s.headers };
+  }
+
   /** The URL of an operation with its path parameters filled in and its query. */
   urlOf(op: OperationId, path: Record<string, string | number> | undefined, query: Record<string, unknown> | undefined): string {
     const route = operations[op];

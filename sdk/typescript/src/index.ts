@@ -22,6 +22,7 @@ export {
   type ProcessExitEvent,
   type ProcessStartOptions,
 } from "./processes.js";
+export { Pty, type PtyOptions } from "./pty.js";
 export {
   DEFAULT_URL,
   DEFAULT_TIMEOUT_MS,

@@ -18,6 +18,7 @@ import { type CallOptions, type Transport } from "./http.js";
 import { LocalFile, type Upload } from "./body.js";
 import { type SSEEvent, sseEvents } from "./sse.js";
 import { Processes } from "./processes.js";
+import { type Pty, type PtyOptions, openPty, ptyArgv } from "./pty.js";
 
 /** The server's exec timeout when the caller gives none, in seconds. */
 const DEFAULT_EXEC_TIMEOUT_S = 60;
@@ -502,6 +503,19 @@ export class Sandbox implements AsyncDisposable {
     });
     if (r.body === null) throw new ProviderUnavailableError("provider_unavailable", "the log stream has no body");
     return new LogStream(r.body);
+  }
+
+  /**
+   * Opens an interactive terminal running `cmd` (default the image's shell)
+   * on a `cols` × `rows` pseudo-terminal. A refusal (an unknown sandbox, a
+   * viewer key, limits) rejects with the matching `StacyVMError`.
+   */
+  async pty(options: PtyOptions & CallOptions = {}): Promise<Pty> {
+    const url = new URL(`${this.t.url}/v1/sandboxes/${encodeURIComponent(this.id)}/pty`);
+    for (const a of ptyArgv(options)) url.searchParams.append("cmd", a);
+    url.searchParams.set("cols", String(options.cols ?? 80));
+    url.searchParams.set("rows", String(options.rows ?? 24));
+    return openPty(url, this.t.upgradeHeaders(), options.signal);
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
