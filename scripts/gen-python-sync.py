@@ -40,6 +40,7 @@ NAMES: Dict[str, str] = {
     "AsyncWriteData": "WriteData",
     "AsyncProcesses": "Processes",
     "AsyncProcessOutput": "ProcessOutput",
+    "AsyncPty": "Pty",
     "_io_async": "_io_sync",
     # typing
     "AsyncIterator": "Iterator",

@@ -15,9 +15,10 @@ from .aio import (
     AsyncLogStream,
     AsyncProcesses,
     AsyncProcessOutput,
+    AsyncPty,
     AsyncSandbox,
 )
-from .client import Client, ExecStream, Files, LogStream, Processes, ProcessOutput, Sandbox
+from .client import Client, ExecStream, Files, LogStream, Processes, ProcessOutput, Pty, Sandbox
 from .errors import (
     Conflict,
     Forbidden,
@@ -80,6 +81,7 @@ __all__ = [
     "AsyncLogStream",
     "AsyncProcessOutput",
     "AsyncProcesses",
+    "AsyncPty",
     "AsyncSandbox",
     "AuditEvent",
     "Client",
@@ -108,6 +110,7 @@ __all__ = [
     "Process",
     "ProcessOutput",
     "Processes",
+    "Pty",
     "ProviderStatus",
     "ProviderUnavailable",
     "Quota",

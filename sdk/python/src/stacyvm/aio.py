@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import ssl
 from types import TracebackType
-from typing import IO, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Type, Union
+from typing import IO, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import httpx
 
@@ -449,6 +451,114 @@ class AsyncProcesses:
         return Process.from_json(await self._t.json(core.process_signal(self._id, pid, signal)))
 
 
+class AsyncPty:
+    """An interactive terminal in a sandbox, over a WebSocket.
+
+    Iterate it for the bytes the terminal prints (stdout and stderr are one
+    stream on a terminal); iteration ends when the command exits, with
+    ``exit_code`` set (128 + N when signal N ended it). ``send`` types bytes
+    (Ctrl-C is ``b"\\x03"``), ``resize`` resizes. ``aclose()`` (or the end of
+    its ``async with`` block) hangs up, which kills the command.
+    """
+
+    def __init__(self, conn: _io.Conn) -> None:
+        self._conn = conn
+        self._parts: List[bytes] = []
+        self._done = False
+        self.exit_code: Optional[int] = None
+
+    async def send(self, data: Union[str, bytes]) -> None:
+        """Types ``data`` into the terminal."""
+        body = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        if body and not self._done:
+            await self._conn.write(core.ws_frame(core.WS_BINARY, body))
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """Resizes the terminal; the command gets SIGWINCH."""
+        if not self._done:
+            msg = json.dumps({"resize": {"cols": cols, "rows": rows}}).encode()
+            await self._conn.write(core.ws_frame(core.WS_TEXT, msg))
+
+    def __aiter__(self) -> "AsyncPty":
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            head = await self._conn.read_exactly(2)
+            if len(head) < 2:
+                self._done = True
+                raise core.pty_ended_early()
+            fin, opcode, n = head[0] & 0x80, head[0] & 0x0F, head[1] & 0x7F
+            if n == 126:
+                n = int.from_bytes(await self._conn.read_exactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await self._conn.read_exactly(8), "big")
+            if n > core.WS_MAX_MESSAGE:
+                await self._fail()
+            mask = await self._conn.read_exactly(4) if head[1] & 0x80 else b""
+            payload = await self._conn.read_exactly(n)
+            if len(payload) < n:
+                self._done = True
+                raise core.pty_ended_early()
+            if mask:
+                payload = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+            if opcode == core.WS_PING:
+                await self._conn.write(core.ws_frame(core.WS_PONG, payload))
+                continue
+            if opcode == core.WS_CLOSE:
+                self._done = True
+                try:
+                    await self._conn.write(core.ws_frame(core.WS_CLOSE, payload[:2]))
+                except OSError:
+                    pass
+                await self._conn.close()
+                self.exit_code = core.pty_closed(payload)
+                raise StopAsyncIteration
+            if opcode in (core.WS_BINARY, core.WS_TEXT, core.WS_CONT):
+                self._parts.append(payload)
+                if fin:
+                    whole = b"".join(self._parts)
+                    self._parts = []
+                    if whole:
+                        return whole
+
+    async def _fail(self) -> None:
+        self._done = True
+        await self._conn.close()
+        raise TransportError("the terminal sent a message larger than the SDK accepts", code="transport")
+
+    async def wait(self) -> int:
+        """Reads (and drops) the rest of the output; returns the exit code."""
+        async for _ in self:
+            pass
+        assert self.exit_code is not None
+        return self.exit_code
+
+    async def output(self) -> Tuple[bytes, int]:
+        """Everything the terminal prints until the exit, and the exit code."""
+        out = b"".join([chunk async for chunk in self])
+        assert self.exit_code is not None
+        return out, self.exit_code
+
+    async def aclose(self) -> None:
+        """Hangs up; a command still running is killed."""
+        if not self._done:
+            self._done = True
+            try:
+                await self._conn.write(core.ws_frame(core.WS_CLOSE, (1000).to_bytes(2, "big")))
+            except OSError:
+                pass
+        await self._conn.close()
+
+    async def __aenter__(self) -> "AsyncPty":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
 class AsyncSandbox:
     """A handle on one sandbox. The end of its ``async with`` block
     destroys the sandbox."""
@@ -524,6 +634,38 @@ class AsyncSandbox:
     async def follow_logs(self) -> AsyncLogStream:
         """The log so far, then new lines as they come, until the sandbox ends."""
         return AsyncLogStream(await self._t.send(core.sandbox_logs(self.id, follow=True), stream=True))
+
+    async def pty(
+        self,
+        cmd: Union[str, Sequence[str], None] = None,
+        *,
+        cols: int = 80,
+        rows: int = 24,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> AsyncPty:
+        """Opens an interactive terminal running ``cmd`` (default the image's
+        shell). ``env`` is applied through ``env K=V … CMD`` in the sandbox.
+        ``https://`` servers are reached over ``wss://`` with the system's CA
+        store (``SSL_CERT_FILE`` is honoured)."""
+        http = self._t.http
+        host, port, tls, target = core.pty_target(str(http.base_url), self.id, core.pty_argv(cmd, env), cols, rows)
+        context = ssl.create_default_context() if tls else None
+        try:
+            conn = await _io.connect(host, port, context, core.DEFAULT_TIMEOUT)
+        except OSError as e:
+            raise TransportError(f"cannot reach {host}:{port}: {e}", code="transport") from e
+        request, accept = core.ws_handshake(host, port, target, dict(http.headers))
+        await conn.write(request)
+        head = await conn.read_until(b"\r\n\r\n", 65536)
+        status, headers = core.http_head(head)
+        if status == 101 and headers.get("sec-websocket-accept") == accept:
+            return AsyncPty(conn)
+        length = int(headers.get("content-length", "0") or 0)
+        body = await conn.read_exactly(min(length, 65536)) if length else b""
+        await conn.close()
+        if status == 101 or status == 0:
+            raise TransportError("the server's WebSocket handshake did not match the request", code="transport")
+        raise error_from_response(status, httpx.Headers(headers), body)
 
     async def __aenter__(self) -> "AsyncSandbox":
         return self
