@@ -839,15 +839,15 @@ impl AgentClient {
     /// then live output until it exits. Ends with [`ProcEvent::Exit`] once
     /// the process finished.
     pub async fn proc_output(&self, pid: u32, follow: bool) -> Result<ProcOutput> {
-        // A process that is not there answers with an error at once.
-        let (call, first) = self
-            .bounded(async {
-                let mut call = self.start(&Request::ProcOutput { pid, follow }).await?;
-                let first = call.recv().await?;
-                Ok((call, first))
-            })
+        // The first frame is not awaited here: a running process that prints
+        // nothing sends none, and a reader must get its stream (to write the
+        // stdin the process waits for, say) before any output exists. An
+        // unknown pid comes as the stream's first error; callers wanting a
+        // plain refusal look the process up first.
+        let call = self
+            .bounded(self.start(&Request::ProcOutput { pid, follow }))
             .await?;
-        let state = (call, Some(first), false);
+        let state = (call, None, false);
         let stream = futures_util::stream::unfold(state, |(mut call, first, done)| async move {
             if done {
                 return None;

@@ -26,6 +26,7 @@ mod front;
 mod images;
 mod keys;
 mod procs;
+mod pty;
 mod rootless;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

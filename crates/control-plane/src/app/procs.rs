@@ -66,7 +66,11 @@ impl App {
         pid: u32,
         follow: bool,
     ) -> Result<ProcOutput> {
-        self.agent_of(who, id).await?.proc_output(pid, follow).await
+        let agent = self.agent_of(who, id).await?;
+        // An unknown pid is a 404 before the stream starts, not an error
+        // event inside it.
+        agent.proc_get(pid).await?;
+        agent.proc_output(pid, follow).await
     }
 
     /// `POST /v1/sandboxes/{id}/processes/{pid}/stdin`.

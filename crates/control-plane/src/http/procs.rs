@@ -2,7 +2,6 @@
 //! (SSE), write stdin, send signals. The processes live in the sandbox's
 //! agent; these handlers only translate.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{stream, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use stacyvm_provider::agent_client::{ProcEvent, ProcInfo};
 
 use super::error::ApiResult;
@@ -21,64 +20,7 @@ use super::extract::{Auth, JsonBody, Path, Q};
 use super::{note, AppState};
 use crate::app::views;
 
-/// Body of `POST /v1/sandboxes/{id}/processes`.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessStart {
-    /// The argv array; never joined into a shell string.
-    pub cmd: Vec<String>,
-    /// Added to the sandbox's environment.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Working directory (absolute); default the sandbox's workdir.
-    #[serde(default)]
-    pub cwd: Option<String>,
-}
-
-/// A background process.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct Process {
-    /// Its process id inside the sandbox.
-    pub pid: u32,
-    pub cmd: Vec<String>,
-    pub cwd: Option<String>,
-    /// `running` or `exited`.
-    pub state: String,
-    pub exit_code: Option<i32>,
-    /// The signal that ended it.
-    pub signal: Option<i32>,
-    /// RFC 3339.
-    pub started_at: String,
-    pub ended_at: Option<String>,
-    pub stdin_open: bool,
-    /// Whether older output was dropped from the bounded output buffer.
-    pub truncated: bool,
-    pub stdout_dropped: u64,
-    pub stderr_dropped: u64,
-}
-
-/// `{"processes": [...]}`.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ProcessList {
-    pub processes: Vec<Process>,
-}
-
-/// Body of `POST …/processes/{pid}/signal`.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessSignal {
-    /// One of TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT.
-    pub signal: String,
-}
-
-/// Answer of `POST …/processes/{pid}/stdin`.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct StdinWritten {
-    /// Bytes written to the process's stdin.
-    pub written: u64,
-    /// Whether stdin is now closed.
-    pub closed: bool,
-}
+pub use stacyvm_api::{Process, ProcessList, ProcessSignal, ProcessStart, StdinWritten};
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
