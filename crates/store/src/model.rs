@@ -155,6 +155,8 @@ pub struct SandboxFilter {
     /// Only this tenant's; all tenants when `None`.
     pub tenant_id: Option<TenantId>,
     pub state: Option<SandboxState>,
+    /// When not empty, the state is one of these (as well as `state`).
+    pub any_state: Vec<SandboxState>,
     /// Every `(key, value)` must match.
     pub labels: Vec<(String, String)>,
     pub page: PageRequest,

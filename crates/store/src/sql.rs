@@ -643,6 +643,14 @@ impl<B: Backend> Store for SqlStore<B> {
         if let Some(state) = filter.state {
             c.and_is("state =", Value::Text(state.as_str().to_owned()));
         }
+        if !filter.any_state.is_empty() {
+            let params: Vec<String> = filter
+                .any_state
+                .iter()
+                .map(|s| c.param(Value::Text(s.as_str().to_owned())))
+                .collect();
+            c.and(format!("state IN ({})", params.join(", ")));
+        }
         for (key, value) in &filter.labels {
             let k = c.param(Value::Text(key.clone()));
             let v = c.param(Value::Text(value.clone()));

@@ -3,6 +3,7 @@
 
 mod admin;
 mod files;
+mod interactive;
 pub mod output;
 mod sandbox;
 

@@ -1,6 +1,7 @@
 //! `stacyvm sandbox …`: create (optionally run one command and remove the
 //! sandbox), ls, get, rm, exec (streamed, exiting with the command's code),
-//! logs, timeout, pause, resume.
+//! logs, timeout, pause, resume; shell and background processes in
+//! `interactive`.
 
 use std::process::ExitCode;
 
@@ -53,6 +54,18 @@ enum SandboxCmd {
     Pause { id: String },
     /// Resume a paused sandbox.
     Resume { id: String },
+    /// Open an interactive terminal in a sandbox (`-- CMD…`, default its
+    /// shell); exits with the command's code.
+    Shell(super::interactive::ShellArgs),
+    /// List a sandbox's background processes.
+    Ps { id: String },
+    /// Start a background process (`-- CMD…`); prints its pid.
+    Start(super::interactive::StartArgs),
+    /// Print a background process's output from the start, then live, and
+    /// forward stdin to it; Ctrl-C detaches and leaves it running.
+    Attach(super::interactive::AttachArgs),
+    /// Send a signal to a background process (default TERM).
+    Kill(super::interactive::KillArgs),
 }
 
 #[derive(Args)]
@@ -230,6 +243,11 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
         }
         SandboxCmd::Pause { id } => show(fmt, &client.sandbox_pause(&id).await?),
         SandboxCmd::Resume { id } => show(fmt, &client.sandbox_resume(&id).await?),
+        SandboxCmd::Shell(a) => super::interactive::shell(&client, a).await,
+        SandboxCmd::Ps { id } => super::interactive::ps(&client, fmt, &id).await,
+        SandboxCmd::Start(a) => super::interactive::start(&client, fmt, a).await,
+        SandboxCmd::Attach(a) => super::interactive::attach(&client, fmt, a).await,
+        SandboxCmd::Kill(a) => super::interactive::kill(&client, fmt, a).await,
     }
 }
 

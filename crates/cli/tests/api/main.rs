@@ -22,6 +22,8 @@ mod lifecycle;
 mod pages;
 mod per_store;
 mod plugins;
+mod procs;
+mod pty;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;

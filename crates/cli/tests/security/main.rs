@@ -25,6 +25,8 @@ mod fixtures;
 mod front;
 mod images;
 mod keys;
+mod procs;
+mod pty;
 mod rootless;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

@@ -285,6 +285,7 @@ fn action_of(m: &str, route: &str, path: &str) -> String {
         ("GET", "/v1/sandboxes/{id}/logs") => "sandbox.logs",
         ("POST", "/v1/sandboxes/{id}/exec") => "sandbox.exec",
         ("POST", "/v1/sandboxes/{id}/exec/stream") => "sandbox.exec_stream",
+        ("GET", "/v1/sandboxes/{id}/pty") => "sandbox.pty",
         ("PUT", "/v1/sandboxes/{id}/files") => "file.write",
         ("GET", "/v1/sandboxes/{id}/files") => "file.read",
         ("DELETE", "/v1/sandboxes/{id}/files") => "file.delete",

@@ -10,6 +10,8 @@ pub mod exec_slots;
 pub mod files;
 pub mod images;
 pub mod pools;
+pub mod procs;
+pub mod pty;
 pub mod ratelimit;
 pub mod reconcilers;
 pub mod sandboxes;

@@ -492,13 +492,28 @@ impl App {
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Page<SandboxRecord>> {
+        self.sandbox_list_in(who, state.into_iter().collect(), labels, limit, cursor)
+            .await
+    }
+
+    /// As [`App::sandbox_list`], with the state any of `states` (any state
+    /// when empty).
+    pub async fn sandbox_list_in(
+        &self,
+        who: &Principal,
+        states: Vec<SandboxState>,
+        labels: Vec<(String, String)>,
+        limit: Option<u32>,
+        cursor: Option<String>,
+    ) -> Result<Page<SandboxRecord>> {
         let filter = SandboxFilter {
             tenant_id: if who.is_admin() {
                 None
             } else {
                 Some(who.tenant_id.clone())
             },
-            state,
+            state: None,
+            any_state: states,
             labels,
             page: PageRequest {
                 cursor,

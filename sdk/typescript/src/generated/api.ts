@@ -272,6 +272,48 @@ export interface PoolStatus {
   size: number;
 }
 
+/** A background process. */
+export interface Process {
+  cmd: string[];
+  cwd?: string | null;
+  ended_at?: string | null;
+  exit_code?: number | null;
+  /** Its process id inside the sandbox. */
+  pid: number;
+  /** The signal that ended it. */
+  signal?: number | null;
+  /** RFC 3339. */
+  started_at: string;
+  /** `running` or `exited`. */
+  state: string;
+  stderr_dropped: number;
+  stdin_open: boolean;
+  stdout_dropped: number;
+  /** Whether older output was dropped from the bounded output buffer. */
+  truncated: boolean;
+}
+
+/** `{"processes": [...]}`. */
+export interface ProcessList {
+  processes: Process[];
+}
+
+/** Body of `POST …/processes/{pid}/signal`. */
+export interface ProcessSignal {
+  /** One of TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT. */
+  signal: string;
+}
+
+/** Body of `POST /v1/sandboxes/{id}/processes`. */
+export interface ProcessStart {
+  /** The argv array; never joined into a shell string. */
+  cmd: string[];
+  /** Working directory (absolute); default the sandbox's workdir. */
+  cwd?: string | null;
+  /** Added to the sandbox's environment. */
+  env?: Record<string, string>;
+}
+
 /** A provider's health. */
 export interface ProviderStatus {
   /** The version in use, or why not healthy and the fix. */
@@ -394,6 +436,14 @@ export interface Status {
   uptime_s: number;
   version: string;
   workers: Worker[];
+}
+
+/** Answer of `POST …/processes/{pid}/stdin`. */
+export interface StdinWritten {
+  /** Whether stdin is now closed. */
+  closed: boolean;
+  /** Bytes written to the process's stdin. */
+  written: number;
 }
 
 /** The store's health. */
@@ -627,6 +677,12 @@ export const operations = {
   key_list: { method: "GET", path: "/v1/keys", status: 200, body: "none", bodyContentType: null, response: "json" },
   key_revoke: { method: "DELETE", path: "/v1/keys/{id}", status: 204, body: "none", bodyContentType: null, response: "none" },
   metrics: { method: "GET", path: "/metrics", status: 200, body: "none", bodyContentType: null, response: "text" },
+  process_get: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}", status: 200, body: "none", bodyContentType: null, response: "json" },
+  process_list: { method: "GET", path: "/v1/sandboxes/{id}/processes", status: 200, body: "none", bodyContentType: null, response: "json" },
+  process_output: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}/output", status: 200, body: "none", bodyContentType: null, response: "event-stream" },
+  process_signal: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/signal", status: 200, body: "json", bodyContentType: null, response: "json" },
+  process_start: { method: "POST", path: "/v1/sandboxes/{id}/processes", status: 201, body: "json", bodyContentType: null, response: "json" },
+  process_stdin: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/stdin", status: 200, body: "binary", bodyContentType: "application/octet-stream", response: "json" },
   quota_get: { method: "GET", path: "/v1/tenants/{id}/quota", status: 200, body: "none", bodyContentType: null, response: "json" },
   quota_set: { method: "PUT", path: "/v1/tenants/{id}/quota", status: 200, body: "json", bodyContentType: null, response: "json" },
   readyz: { method: "GET", path: "/readyz", status: 200, body: "none", bodyContentType: null, response: "json" },
@@ -797,6 +853,48 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: string;
+  };
+  process_get: {
+    path: { id: string; pid: number };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: Process;
+  };
+  process_list: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: ProcessList;
+  };
+  process_output: {
+    path: { id: string; pid: number };
+    query: { follow?: boolean };
+    headers: Record<string, never>;
+    body: never;
+    response: ReadableStream<Uint8Array>;
+  };
+  process_signal: {
+    path: { id: string; pid: number };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: ProcessSignal;
+    response: Process;
+  };
+  process_start: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: ProcessStart;
+    response: Process;
+  };
+  process_stdin: {
+    path: { id: string; pid: number };
+    query: { close?: boolean };
+    headers: Record<string, never>;
+    body: Uint8Array;
+    response: StdinWritten;
   };
   quota_get: {
     path: { id: string };

@@ -114,6 +114,7 @@ fn describe_parameters(path: &str, op: &mut Map<String, Value>) {
         let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
         let text = match (name, path) {
             ("id", p) if p.starts_with("/v1/sandboxes/") => "The sandbox's id (`sbx_…`).",
+            ("pid", _) => "The background process's id inside the sandbox.",
             ("id", p) if p.starts_with("/v1/tenants/") => "The tenant's id (`tnt_…`).",
             ("id", p) if p.starts_with("/v1/keys/") => "The key's id (`key_…`).",
             ("id", p) if p.starts_with("/v1/workers/tokens/") => "The worker token's id (`wtk_…`).",
@@ -283,6 +284,26 @@ fn body_examples() -> Map<String, Value> {
             "env": {"LANG": "C.UTF-8"}, "labels": {"team": "web"}, "workdir": "/work", "network": "none"}),
         ),
         ("SetTimeout", json!({"timeout_s": 900})),
+        (
+            "ProcessStart",
+            json!({"cmd": ["python3", "-m", "http.server", "8000"], "env": {"DEBUG": "1"}, "cwd": "/work"}),
+        ),
+        (
+            "Process",
+            json!({"pid": 12, "cmd": ["python3", "-m", "http.server", "8000"], "cwd": "/work",
+            "state": "running", "exit_code": null, "signal": null,
+            "started_at": "2026-12-04T15:00:01.250Z", "ended_at": null, "stdin_open": true,
+            "truncated": false, "stdout_dropped": 0, "stderr_dropped": 0}),
+        ),
+        (
+            "ProcessList",
+            json!({"processes": [{"pid": 12, "cmd": ["sleep", "600"], "cwd": null,
+            "state": "exited", "exit_code": null, "signal": 15,
+            "started_at": "2026-12-04T15:00:01.250Z", "ended_at": "2026-12-04T15:02:00.010Z",
+            "stdin_open": false, "truncated": false, "stdout_dropped": 0, "stderr_dropped": 0}]}),
+        ),
+        ("ProcessSignal", json!({"signal": "TERM"})),
+        ("StdinWritten", json!({"written": 6, "closed": false})),
         (
             "Logs",
             json!({"lines": [{"ts": "2026-12-04T15:00:01Z", "source": "lifecycle", "message": "running"}]}),
