@@ -31,6 +31,36 @@ pub const DEFAULT_EXCLUDES: &[&str] = &["proc", "sys", "dev", "run/stacyvm", ".s
 /// empty directories (with their mode) so the image still has its mount
 /// points. An error during the walk ends the stream with that error.
 pub fn tar_tree(root: PathBuf, excludes: Vec<String>) -> ByteStream {
+    tar_layers(vec![root], excludes, IdShift::NONE)
+}
+
+/// Maps the owners the host sees back to the owners the sandbox sees: a
+/// host ID in `[first, first + count)` becomes `id - first`.
+#[derive(Clone, Copy, Debug)]
+pub struct IdShift {
+    pub first: u64,
+    pub count: u64,
+}
+
+impl IdShift {
+    /// Owners are stored as the host sees them.
+    pub const NONE: IdShift = IdShift { first: 0, count: 0 };
+
+    fn map(&self, id: u64) -> u64 {
+        if id >= self.first && id - self.first < self.count {
+            id - self.first
+        } else {
+            id
+        }
+    }
+}
+
+/// Returns a stream of a tar of the overlay of `layers` (the topmost
+/// first), merged the way overlayfs merges them: an upper entry hides the
+/// lower one, a whiteout (a character device 0:0) deletes it, and an opaque
+/// directory (`trusted.overlay.opaque` or `user.overlay.opaque` = `y`)
+/// hides everything below it. With one layer this is a plain tree walk.
+pub fn tar_layers(layers: Vec<PathBuf>, excludes: Vec<String>, ids: IdShift) -> ByteStream {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
     tokio::task::spawn_blocking(move || {
         let writer = ChannelWriter {
@@ -39,7 +69,12 @@ pub fn tar_tree(root: PathBuf, excludes: Vec<String>) -> ByteStream {
         };
         let mut builder = tar::Builder::new(writer);
         builder.follow_symlinks(false);
-        let result = walk(&mut builder, &root, Path::new(""), &excludes)
+        let walker = Walker {
+            excludes: &excludes,
+            ids,
+        };
+        let result = check_root(&layers)
+            .and_then(|()| walker.walk(&mut builder, &layers, Path::new("")))
             .and_then(|()| builder.into_inner())
             .and_then(|mut w| w.flush());
         if let Err(e) = result {
@@ -50,6 +85,16 @@ pub fn tar_tree(root: PathBuf, excludes: Vec<String>) -> ByteStream {
     Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }))
+}
+
+fn check_root(layers: &[PathBuf]) -> io::Result<()> {
+    match layers.first() {
+        Some(top) => fs::symlink_metadata(top).map(|_| ()),
+        None => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no root filesystem to snapshot",
+        )),
+    }
 }
 
 struct ChannelWriter {
@@ -83,56 +128,154 @@ impl Write for ChannelWriter {
     }
 }
 
-fn walk<W: Write>(
-    builder: &mut tar::Builder<W>,
-    root: &Path,
-    rel: &Path,
-    excludes: &[String],
-) -> io::Result<()> {
-    let dir = root.join(rel);
-    let mut names: Vec<_> = fs::read_dir(&dir)?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()?;
-    // A stable order makes two snapshots of the same tree byte-identical.
-    names.sort();
-    for name in names {
-        let rel_path = rel.join(&name);
-        let full = root.join(&rel_path);
-        let meta = fs::symlink_metadata(&full)?;
-        let ft = meta.file_type();
-        let excluded = excludes.iter().any(|x| Path::new(x) == rel_path);
-        if ft.is_dir() {
-            let mut header = tar::Header::new_gnu();
-            header.set_metadata(&meta);
-            header.set_entry_type(tar::EntryType::Directory);
-            header.set_size(0);
-            builder.append_data(&mut header, &rel_path, io::empty())?;
-            if !excluded {
-                walk(builder, root, &rel_path, excludes)?;
-            }
-        } else if excluded || ft.is_socket() {
-            // Sockets cannot be stored in a tar and mean nothing in a new
-            // sandbox; an excluded non-directory is dropped whole.
-            continue;
-        } else if ft.is_file() {
-            let file = open_nofollow(&full)?;
-            let fmeta = file.metadata()?;
-            if !fmeta.is_file() {
-                return Err(io::Error::other(format!(
-                    "{} changed while it was read",
-                    rel_path.display()
-                )));
-            }
-            let mut header = tar::Header::new_gnu();
-            header.set_metadata(&fmeta);
-            builder.append_data(&mut header, &rel_path, file)?;
-        } else {
-            // Links, FIFOs and device nodes: `append_path_with_name` with
-            // `follow_symlinks(false)` stores them as what they are.
-            builder.append_path_with_name(&full, &rel_path)?;
+struct Walker<'a> {
+    excludes: &'a [String],
+    ids: IdShift,
+}
+
+fn is_whiteout(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+fn is_opaque(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    for attr in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
+        let mut value = [0u8; 4];
+        // SAFETY: both strings are NUL-terminated and outlive the call; the
+        // buffer is valid for `value.len()` bytes.
+        let n = unsafe {
+            libc::lgetxattr(
+                c_path.as_ptr(),
+                attr.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        if n == 1 && value[0] == b'y' {
+            return true;
         }
     }
-    Ok(())
+    false
+}
+
+impl Walker<'_> {
+    /// Writes the entries of directory `rel` as the merge of `dirs` (the
+    /// roots of the layers that still contribute to it, topmost first).
+    fn walk<W: Write>(
+        &self,
+        builder: &mut tar::Builder<W>,
+        dirs: &[PathBuf],
+        rel: &Path,
+    ) -> io::Result<()> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, root) in dirs.iter().enumerate() {
+            let dir = root.join(rel);
+            match fs::read_dir(&dir) {
+                Ok(rd) => {
+                    for e in rd {
+                        names.insert(e?.file_name());
+                    }
+                }
+                // A lower layer need not have every directory of an upper.
+                Err(e) if i > 0 && e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // A sorted order makes two snapshots of the same tree byte-identical.
+        for name in names {
+            let rel_path = rel.join(&name);
+            let mut found = None;
+            for (i, root) in dirs.iter().enumerate() {
+                match fs::symlink_metadata(root.join(&rel_path)) {
+                    Ok(meta) => {
+                        found = Some((i, meta));
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some((top, meta)) = found else { continue };
+            if dirs.len() > 1 && is_whiteout(&meta) {
+                continue;
+            }
+            let full = dirs[top].join(&rel_path);
+            let excluded = self.excludes.iter().any(|x| Path::new(x) == rel_path);
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&meta);
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                self.own(&mut header, &meta);
+                builder.append_data(&mut header, &rel_path, io::empty())?;
+                if !excluded {
+                    // The layers below contribute while they hold a
+                    // directory here and no layer above made it opaque.
+                    let mut below = vec![dirs[top].clone()];
+                    if !is_opaque(&full) {
+                        for root in &dirs[top + 1..] {
+                            match fs::symlink_metadata(root.join(&rel_path)) {
+                                Ok(m) if m.is_dir() => {
+                                    below.push(root.clone());
+                                    if is_opaque(&root.join(&rel_path)) {
+                                        break;
+                                    }
+                                }
+                                Ok(_) => break,
+                                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    }
+                    self.walk(builder, &below, &rel_path)?;
+                }
+            } else if excluded || ft.is_socket() {
+                // Sockets cannot be stored in a tar and mean nothing in a new
+                // sandbox; an excluded non-directory is dropped whole.
+                continue;
+            } else if ft.is_file() {
+                let file = open_nofollow(&full)?;
+                let fmeta = file.metadata()?;
+                if !fmeta.is_file() {
+                    return Err(io::Error::other(format!(
+                        "{} changed while it was read",
+                        rel_path.display()
+                    )));
+                }
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&fmeta);
+                self.own(&mut header, &fmeta);
+                builder.append_data(&mut header, &rel_path, file)?;
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&full)?;
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&meta);
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                self.own(&mut header, &meta);
+                builder.append_link(&mut header, &rel_path, &target)?;
+            } else {
+                // FIFOs and device nodes: stored as what they are, never
+                // opened.
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata(&meta);
+                self.own(&mut header, &meta);
+                builder.append_data(&mut header, &rel_path, io::empty())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn own(&self, header: &mut tar::Header, meta: &fs::Metadata) {
+        use std::os::unix::fs::MetadataExt;
+        header.set_uid(self.ids.map(u64::from(meta.uid())));
+        header.set_gid(self.ids.map(u64::from(meta.gid())));
+    }
 }
 
 fn open_nofollow(path: &Path) -> io::Result<File> {

@@ -575,6 +575,20 @@ impl Inner {
         Ok((self.socket_path(id), agent_peer(&c)))
     }
 
+    /// `docker export` of the sandbox's container, streamed: its whole
+    /// filesystem as the container sees it, without its bind mounts (the
+    /// agent, the run directory), which the provider puts back at create.
+    pub(super) async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        use futures_util::StreamExt;
+        let docker = self.docker().await?;
+        self.inspect(&docker, id).await?;
+        let name = self.container_name(id);
+        let stream = docker
+            .export_container(&name)
+            .map(|chunk| chunk.map_err(std::io::Error::other));
+        Ok(Box::pin(stream))
+    }
+
     pub(super) async fn pause(&self, id: &SandboxId) -> Result<()> {
         let docker = self.docker().await?;
         let c = self.inspect(&docker, id).await?;

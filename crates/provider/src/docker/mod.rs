@@ -518,6 +518,10 @@ impl Provider for DockerProvider {
     async fn resume(&self, id: &SandboxId) -> Result<()> {
         self.inner.resume(id).await
     }
+
+    async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        self.inner.snapshot(id).await
+    }
 }
 
 #[cfg(test)]
