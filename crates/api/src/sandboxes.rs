@@ -213,3 +213,13 @@ pub struct LogLine {
 pub struct Logs {
     pub lines: Vec<LogLine>,
 }
+
+/// Body of `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Name of the new catalog image (like `"team/app:v1"`); it must not
+    /// exist yet.
+    pub image: String,
+}

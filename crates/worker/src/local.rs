@@ -145,6 +145,10 @@ impl Worker for LocalWorker {
         self.admit(lease)?.resume(&lease.sandbox_id).await
     }
 
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
+        self.admit(lease)?.snapshot(&lease.sandbox_id).await
+    }
+
     async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>> {
         self.admit(lease)?.logs(&lease.sandbox_id).await
     }

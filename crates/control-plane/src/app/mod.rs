@@ -15,6 +15,7 @@ pub mod pty;
 pub mod ratelimit;
 pub mod reconcilers;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod status;
 pub mod tenants;
 pub mod views;

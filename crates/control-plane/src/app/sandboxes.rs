@@ -171,6 +171,9 @@ impl App {
     /// that allows is `ImageNotFound` with one message whatever the daemon
     /// holds, so tenants cannot probe it.
     async fn image_source_allowed(&self, who: &Principal, image: &str) -> Result<ImageSource> {
+        if !self.image_visible(who, image).await? {
+            return Err(image_not_allowed(image));
+        }
         if who.tenant_id == self.system_tenant
             || self.config.docker_images.iter().any(|p| p.allows(image))
         {

@@ -17,6 +17,7 @@ pub mod pty;
 pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
+pub mod snapshots;
 pub mod ui;
 pub mod workers;
 
@@ -105,6 +106,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/sandboxes/{id}/processes/{pid}/signal",
             post(procs::process_signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/snapshot",
+            post(snapshots::sandbox_snapshot),
         )
         .route("/v1/images", post(image_import).get(image_list))
         .route("/v1/images/{*name}", get(image_get).delete(image_delete))

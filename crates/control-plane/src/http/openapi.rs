@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, procs, pty, sandboxes, workers};
+use super::{admin, files, procs, pty, sandboxes, snapshots, workers};
 
 mod reference;
 
@@ -49,6 +49,7 @@ impl Modify for BearerAuth {
         admin::healthz, admin::readyz, admin::metrics,
         procs::process_start, procs::process_list, procs::process_get, procs::process_output,
         procs::process_stdin, procs::process_signal,
+        snapshots::sandbox_snapshot,
     ),
     components(schemas(
         api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
@@ -63,6 +64,7 @@ impl Modify for BearerAuth {
         api::RuntimeReport, api::WorkerHeartbeatReply, api::RefusedReport, api::StoreStatus,
         api::ProviderStatus, api::PoolStatus, api::Status, api::Health, RawBytes,
         procs::ProcessStart, procs::Process, procs::ProcessList, procs::ProcessSignal, procs::StdinWritten,
+        snapshots::SnapshotRequest,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),

@@ -309,7 +309,11 @@ pub fn snapshot_layers(dir: &Path, layout: Layout, lower: &Path) -> Vec<PathBuf>
             let view_mounted = std::fs::read_dir(&view)
                 .map(|mut rd| rd.next().is_some())
                 .unwrap_or(false);
-            let lower = if view_mounted { view } else { lower.to_path_buf() };
+            let lower = if view_mounted {
+                view
+            } else {
+                lower.to_path_buf()
+            };
             vec![dir.join("upper"), lower]
         }
     }

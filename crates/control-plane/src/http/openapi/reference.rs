@@ -303,6 +303,7 @@ fn body_examples() -> Map<String, Value> {
             "stdin_open": false, "truncated": false, "stdout_dropped": 0, "stderr_dropped": 0}]}),
         ),
         ("ProcessSignal", json!({"signal": "TERM"})),
+        ("SnapshotRequest", json!({"image": "team/app:prepared"})),
         ("StdinWritten", json!({"written": 6, "closed": false})),
         (
             "Logs",
