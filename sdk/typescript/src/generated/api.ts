@@ -421,6 +421,15 @@ export interface SetTimeout {
   timeout_s: number;
 }
 
+/** Body of `POST /v1/sandboxes/{id}/snapshot`. */
+export interface SnapshotRequest {
+  /**
+   * Name of the new catalog image (like `"team/app:v1"`); it must not
+   * exist yet.
+   */
+  image: string;
+}
+
 /**
  * The answer of `GET /v1/status`. Admin keys see the whole deployment;
  * other keys their own tenant's sandbox counts, with no workers or pools.
@@ -695,6 +704,7 @@ export const operations = {
   sandbox_logs: { method: "GET", path: "/v1/sandboxes/{id}/logs", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_pause: { method: "POST", path: "/v1/sandboxes/{id}/pause", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_resume: { method: "POST", path: "/v1/sandboxes/{id}/resume", status: 200, body: "none", bodyContentType: null, response: "json" },
+  sandbox_snapshot: { method: "POST", path: "/v1/sandboxes/{id}/snapshot", status: 201, body: "json", bodyContentType: null, response: "json" },
   sandbox_timeout: { method: "POST", path: "/v1/sandboxes/{id}/timeout", status: 200, body: "json", bodyContentType: null, response: "json" },
   status: { method: "GET", path: "/v1/status", status: 200, body: "none", bodyContentType: null, response: "json" },
   tenant_create: { method: "POST", path: "/v1/tenants", status: 201, body: "json", bodyContentType: null, response: "json" },
@@ -979,6 +989,13 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: Sandbox;
+  };
+  sandbox_snapshot: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: SnapshotRequest;
+    response: Image;
   };
   sandbox_timeout: {
     path: { id: string };
