@@ -40,6 +40,7 @@ pub mod models;
 mod procs;
 mod pty;
 mod sandboxes;
+mod snapshots;
 mod sse;
 
 pub use admin::Page;

@@ -185,7 +185,7 @@ pub struct HealthArgs {
     conn: Conn,
 }
 
-fn images(fmt: Format, list: &[Image]) -> Result<()> {
+pub(super) fn images(fmt: Format, list: &[Image]) -> Result<()> {
     if fmt == Format::Json {
         return output::json(list);
     }

@@ -66,6 +66,13 @@ enum SandboxCmd {
     Attach(super::interactive::AttachArgs),
     /// Send a signal to a background process (default TERM).
     Kill(super::interactive::KillArgs),
+    /// Save a sandbox's filesystem as a new catalog image of its tenant.
+    Snapshot {
+        id: String,
+        /// Name of the new image (must not exist yet).
+        #[arg(long)]
+        image: String,
+    },
 }
 
 #[derive(Args)]
@@ -248,6 +255,10 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
         SandboxCmd::Start(a) => super::interactive::start(&client, fmt, a).await,
         SandboxCmd::Attach(a) => super::interactive::attach(&client, fmt, a).await,
         SandboxCmd::Kill(a) => super::interactive::kill(&client, fmt, a).await,
+        SandboxCmd::Snapshot { id, image } => {
+            super::admin::images(fmt, &[client.sandbox_snapshot(&id, &image).await?])?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

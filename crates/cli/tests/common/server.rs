@@ -208,7 +208,7 @@ impl Server {
     /// remote workers: with `STACYVM_TEST_TOPOLOGY=workers`, every server
     /// whose test does not need the in-process worker's host view (its own
     /// data dir, a host without cgroups).
-    fn remote_workers(&self) -> bool {
+    pub fn remote_workers(&self) -> bool {
         std::env::var("STACYVM_TEST_TOPOLOGY").as_deref() == Ok("workers")
             && !self.opts.without_cgroups
             && self.opts.run_as.is_none()

@@ -28,6 +28,7 @@ mod keys;
 mod procs;
 mod pty;
 mod rootless;
+mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;

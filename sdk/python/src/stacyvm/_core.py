@@ -702,3 +702,13 @@ def pty_ended_early() -> ProviderUnavailable:
     return ProviderUnavailable(
         "the terminal's connection ended before the command's exit", code="provider_unavailable"
     )
+
+
+def sandbox_snapshot(sandbox_id: str, image: str) -> Call:
+    # The whole filesystem is copied before the answer: no read deadline.
+    return Call(
+        "POST",
+        f"/v1/sandboxes/{seg(sandbox_id)}/snapshot",
+        json={"image": image},
+        timeout=httpx.Timeout(30.0, read=None),
+    )

@@ -626,6 +626,14 @@ class AsyncSandbox:
         self.info = SandboxInfo.from_json(await self._t.json(core.sandbox_resume(self.id)))
         return self.info
 
+    async def snapshot(self, image: str) -> Image:
+        """Saves the sandbox's filesystem as a new catalog image of its tenant.
+
+        Creates then take ``image`` like any other image. A taken name raises
+        `Conflict`; a provider that cannot snapshot raises `Unsupported`.
+        """
+        return Image.from_json(await self._t.json(core.sandbox_snapshot(self.id, image)))
+
     async def logs(self) -> List[LogLine]:
         """The sandbox's log so far."""
         doc = await self._t.json(core.sandbox_logs(self.id))
