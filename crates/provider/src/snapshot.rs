@@ -258,7 +258,15 @@ impl Walker<'_> {
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
                 self.own(&mut header, &meta);
-                builder.append_link(&mut header, &rel_path, &target)?;
+                // The target is stored byte for byte: `append_link` would
+                // rewrite it as a path (`/` comes out as `//`).
+                // Longer targets go through a GNU long-link entry.
+                if target.as_os_str().len() <= 100 {
+                    header.set_link_name_literal(target.as_os_str().as_encoded_bytes())?;
+                    builder.append_data(&mut header, &rel_path, io::empty())?;
+                } else {
+                    builder.append_link(&mut header, &rel_path, &target)?;
+                }
             } else {
                 // FIFOs and device nodes: stored as what they are, never
                 // opened.
@@ -362,5 +370,79 @@ mod tests {
             .await
             .expect_err("missing root must fail");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+    /// Overlayfs semantics: an upper file hides the lower one, a whiteout
+    /// deletes it, an opaque directory hides the lower directory's
+    /// contents, and owners in the ID block are shifted back.
+    #[tokio::test]
+    async fn layers_merge_like_overlayfs() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (upper, lower) = (dir.path().join("upper"), dir.path().join("lower"));
+        for d in [&upper, &lower] {
+            fs::create_dir_all(d.join("etc")).expect("mkdir");
+            fs::create_dir_all(d.join("opaque")).expect("mkdir");
+        }
+        fs::write(lower.join("etc/kept"), b"lower").expect("write");
+        fs::write(lower.join("etc/changed"), b"lower").expect("write");
+        fs::write(lower.join("etc/deleted"), b"lower").expect("write");
+        fs::write(lower.join("opaque/hidden"), b"lower").expect("write");
+        fs::create_dir_all(lower.join("only-lower")).expect("mkdir");
+        fs::write(lower.join("only-lower/f"), b"lower").expect("write");
+        fs::write(upper.join("etc/changed"), b"upper").expect("write");
+        fs::write(upper.join("opaque/new"), b"upper").expect("write");
+        let whiteout =
+            std::ffi::CString::new(upper.join("etc/deleted").as_os_str().as_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path; mknod touches no memory of ours.
+        let rc = unsafe { libc::mknod(whiteout.as_ptr(), libc::S_IFCHR | 0o000, 0) };
+        assert_eq!(rc, 0, "mknod a whiteout (the provider tests run as root)");
+        let opaque =
+            std::ffi::CString::new(upper.join("opaque").as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid NUL-terminated strings and a 1-byte value.
+        let rc = unsafe {
+            libc::lsetxattr(
+                opaque.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(
+            rc, 0,
+            "set the opaque xattr (the provider tests run as root)"
+        );
+        std::os::unix::fs::chown(upper.join("etc/changed"), Some(100_005), Some(100_007))
+            .expect("chown");
+
+        let tar_bytes = collect(tar_layers(
+            vec![upper, lower],
+            Vec::new(),
+            IdShift {
+                first: 100_000,
+                count: 65_536,
+            },
+        ))
+        .await
+        .expect("tar");
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        let mut seen = std::collections::BTreeMap::new();
+        for entry in archive.entries().expect("entries") {
+            let mut entry = entry.expect("entry");
+            let path = entry.path().expect("path").display().to_string();
+            let ids = (
+                entry.header().uid().expect("uid"),
+                entry.header().gid().expect("gid"),
+            );
+            let mut body = String::new();
+            io::Read::read_to_string(&mut entry, &mut body).expect("read");
+            seen.insert(path, (body, ids));
+        }
+        assert_eq!(seen["etc/kept"].0, "lower");
+        assert_eq!(seen["etc/changed"], ("upper".to_owned(), (5, 7)));
+        assert!(!seen.contains_key("etc/deleted"), "{seen:?}");
+        assert_eq!(seen["opaque/new"].0, "upper");
+        assert!(!seen.contains_key("opaque/hidden"), "{seen:?}");
+        assert_eq!(seen["only-lower/f"].0, "lower");
     }
 }

@@ -21,9 +21,20 @@ const PREPARE: &str = "set -e; test -e /etc/group; mkdir -p /snap/sub; echo hell
 /// What the new sandbox must see.
 const CHECK: &str = "set -e; cat /snap/sub/f; stat -c %a /snap/run.sh; /snap/run.sh; \
     readlink /snap/rel-link; readlink /snap/escape; cat /snap/hard; \
-    test -p /snap/fifo && echo fifo; test ! -e /etc/group && echo deleted";
+    if test -p /snap/fifo; then echo fifo; else echo no-fifo; fi; \
+    test ! -e /etc/group && echo deleted";
 
-const EXPECTED: &str = "hello\n751\nran\n/snap/sub/f\n/\nhello\nfifo\ndeleted\n";
+/// What it must print. FIFOs survive where Docker imports the image; the
+/// catalog's root filesystems (namespaces, PRoot) drop special files of
+/// every image, snapshots included.
+fn expected(provider: &str) -> String {
+    let fifo = if provider == "docker" {
+        "fifo"
+    } else {
+        "no-fifo"
+    };
+    format!("hello\n751\nran\n/snap/sub/f\n/\nhello\n{fifo}\ndeleted\n")
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_carries_files_deletions_modes_and_links_into_a_new_sandbox() -> Result<()> {
@@ -100,7 +111,10 @@ async fn a_snapshot_carries_files_deletions_modes_and_links_into_a_new_sandbox()
             .await?;
         let copy_id = copy["id"].as_str().unwrap_or_default().to_owned();
         let seen = member.sh(&copy_id, CHECK).await?;
-        ensure!(seen == EXPECTED, "{provider}: the new sandbox saw {seen:?}");
+        ensure!(
+            seen == expected(provider),
+            "{provider}: the new sandbox saw {seen:?}"
+        );
 
         // The tenant sees its image; another tenant neither sees nor runs it.
         member.get(&format!("/v1/images/{image}")).await?.ok(200)?;
