@@ -137,6 +137,20 @@ async fn a_snapshot_carries_files_deletions_modes_and_links_into_a_new_sandbox()
             .await?
             .err(422, "image_not_found")?;
 
+        // The call is audited against the sandbox.
+        let audit = admin
+            .get(&format!(
+                "/v1/audit?sandbox_id={id}&action=sandbox.snapshot"
+            ))
+            .await?
+            .ok(200)?;
+        ensure!(
+            audit["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["outcome"] == "ok")),
+            "{provider}: no audit event of the snapshot: {audit}"
+        );
+
         member.destroy(&copy_id).await?;
         member.destroy(&id).await?;
         admin

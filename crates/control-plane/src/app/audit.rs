@@ -322,6 +322,7 @@ fn action_of(m: &str, route: &str, path: &str) -> String {
         ("GET", "/metrics") => "metrics.get",
         ("POST", "/mcp") => "mcp.call",
         ("DELETE", "/mcp") => "mcp.close",
+        ("POST", "/v1/sandboxes/{id}/snapshot") => "sandbox.snapshot",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()
