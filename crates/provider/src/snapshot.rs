@@ -97,6 +97,96 @@ fn check_root(layers: &[PathBuf]) -> io::Result<()> {
     }
 }
 
+/// Re-streams a tar (a provider's own export) without the entries under
+/// `excludes`: an excluded directory is kept, empty, as a mount point. The
+/// archive is read and written entry by entry on a blocking thread, never
+/// held whole in memory.
+pub fn filter_tar(input: ByteStream, excludes: Vec<String>) -> ByteStream {
+    use futures_util::StreamExt;
+    let (in_tx, in_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+    tokio::spawn(async move {
+        let mut input = input;
+        while let Some(chunk) = input.next().await {
+            if in_tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+    tokio::task::spawn_blocking(move || {
+        let reader = ChannelReader {
+            rx: in_rx,
+            current: Bytes::new(),
+        };
+        let writer = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let result = copy_filtered(reader, writer, &excludes);
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+fn copy_filtered(
+    reader: ChannelReader,
+    writer: ChannelWriter,
+    excludes: &[String],
+) -> io::Result<()> {
+    let mut archive = tar::Archive::new(reader);
+    let mut builder = tar::Builder::new(writer);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let rel = path.strip_prefix("./").unwrap_or(&path).to_path_buf();
+        let inside = excludes
+            .iter()
+            .any(|x| rel.starts_with(x) && rel != Path::new(x));
+        if inside {
+            continue;
+        }
+        let mut header = entry.header().clone();
+        let link = entry.link_name()?.map(|l| l.into_owned());
+        match link {
+            Some(target)
+                if header.entry_type().is_symlink() || header.entry_type().is_hard_link() =>
+            {
+                if target.as_os_str().len() <= 100 {
+                    header.set_link_name_literal(target.as_os_str().as_encoded_bytes())?;
+                    builder.append_data(&mut header, &rel, io::empty())?;
+                } else {
+                    builder.append_link(&mut header, &rel, &target)?;
+                }
+            }
+            _ => builder.append_data(&mut header, &rel, &mut entry)?,
+        }
+    }
+    builder.into_inner()?.flush()
+}
+
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,

@@ -576,8 +576,8 @@ impl Inner {
     }
 
     /// `docker export` of the sandbox's container, streamed: its whole
-    /// filesystem as the container sees it, without its bind mounts (the
-    /// agent, the run directory), which the provider puts back at create.
+    /// filesystem as the container sees it, without its bind mounts and
+    /// without StacyVM's own files, which the provider puts back at create.
     pub(super) async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
         use futures_util::StreamExt;
         let docker = self.docker().await?;
@@ -586,7 +586,15 @@ impl Inner {
         let stream = docker
             .export_container(&name)
             .map(|chunk| chunk.map_err(std::io::Error::other));
-        Ok(Box::pin(stream))
+        // The agent and StacyVM's files are copied into the container at
+        // create, so the export holds them: left out like on every provider.
+        Ok(crate::snapshot::filter_tar(
+            Box::pin(stream),
+            crate::snapshot::DEFAULT_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ))
     }
 
     pub(super) async fn pause(&self, id: &SandboxId) -> Result<()> {
