@@ -484,7 +484,7 @@ mod tests {
         let whiteout =
             std::ffi::CString::new(upper.join("etc/deleted").as_os_str().as_bytes()).expect("path");
         // SAFETY: a valid NUL-terminated path; mknod touches no memory of ours.
-        let rc = unsafe { libc::mknod(whiteout.as_ptr(), libc::S_IFCHR | 0o000, 0) };
+        let rc = unsafe { libc::mknod(whiteout.as_ptr(), libc::S_IFCHR, 0) };
         assert_eq!(rc, 0, "mknod a whiteout (the provider tests run as root)");
         let opaque =
             std::ffi::CString::new(upper.join("opaque").as_os_str().as_bytes()).expect("path");
@@ -534,5 +534,55 @@ mod tests {
         assert_eq!(seen["opaque/new"].0, "upper");
         assert!(!seen.contains_key("opaque/hidden"), "{seen:?}");
         assert_eq!(seen["only-lower/f"].0, "lower");
+    }
+    /// A provider's export re-streamed without StacyVM's files: the
+    /// excluded directory stays as an empty mount point.
+    #[tokio::test]
+    async fn filter_tar_drops_excluded_contents() {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, body) in [
+            ("etc/hostname", &b"box"[..]),
+            (".stacyvm/agent", &b"elf"[..]),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o644);
+            builder
+                .append_data(&mut header, path, body)
+                .expect("append");
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(0o755);
+        header.set_size(0);
+        builder
+            .append_data(&mut header, ".stacyvm", io::empty())
+            .expect("append");
+        let input = builder.into_inner().expect("tar");
+        let stream: ByteStream = Box::pin(futures_util::stream::iter(
+            input
+                .chunks(1000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        ));
+        let out = collect(filter_tar(
+            stream,
+            DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect(),
+        ))
+        .await
+        .expect("filtered");
+        let mut archive = tar::Archive::new(&out[..]);
+        let paths: Vec<String> = archive
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(paths, vec!["etc/hostname", ".stacyvm"]);
     }
 }
