@@ -10,7 +10,7 @@ use stacyvm_agent::root::Root;
 use stacyvm_agent::server;
 
 const USAGE: &str =
-    "usage: stacyvm-agent [--init] (--listen SOCKET | --stdio) [--root DIR] [--env-file FILE]
+    "usage: stacyvm-agent [--init] (--listen SOCKET | --vsock PORT | --stdio) [--root DIR] [--env-file FILE]
        stacyvm-agent --version
 
   --init           first fork: this process stays behind as an init that reaps
@@ -18,6 +18,7 @@ const USAGE: &str =
                    (the child) ends; for a PID 1 of a PID namespace
 
   --listen SOCKET  serve on a Unix socket (mode 0600; a stale socket is replaced)
+  --vsock PORT      serve on a vsock port (inside a microVM)
   --stdio          serve one connection over stdin/stdout
   --root DIR       resolve every file path inside DIR (default /)
   --env-file FILE  add the NAME=VALUE entries of FILE (NUL-separated) to the
@@ -25,6 +26,7 @@ const USAGE: &str =
 
 enum Mode {
     Listen(PathBuf),
+    Vsock(u32),
     Stdio,
 }
 
@@ -50,6 +52,10 @@ fn main() -> ExitCode {
                 Some(p) => mode = Some(Mode::Listen(PathBuf::from(p))),
                 None => return usage_error("--listen needs a socket path"),
             },
+            Some("--vsock") => match args.next().and_then(|p| p.to_str()?.parse().ok()) {
+                Some(p) => mode = Some(Mode::Vsock(p)),
+                None => return usage_error("--vsock needs a port number"),
+            },
             Some("--env-file") => match args.next() {
                 Some(p) => env_file = Some(PathBuf::from(p)),
                 None => return usage_error("--env-file needs a file"),
@@ -62,7 +68,7 @@ fn main() -> ExitCode {
         }
     }
     if mode.is_none() {
-        return usage_error("one of --listen or --stdio is required");
+        return usage_error("one of --listen, --vsock or --stdio is required");
     }
     if init {
         if let Some(code) = become_init() {
@@ -88,6 +94,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("stacyvm-agent: cannot listen on {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        },
+        Some(Mode::Vsock(port)) => match stacyvm_agent::vsock::serve_vsock(port, Root::new(root)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stacyvm-agent: cannot listen on vsock port {port}: {e}");
                 ExitCode::FAILURE
             }
         },
