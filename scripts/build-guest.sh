@@ -34,8 +34,12 @@ fi
 # The modules the guest needs, in no particular order: modprobe follows
 # their dependencies through the modules.dep made below.
 modules="virtio_pci virtio_blk virtio_net vmw_vsock_virtio_transport"
+# Changes with /init below, so a guest directory made by an older script
+# is made again.
+init_version=2
 
 if [ -s "$guest_dir/vmlinuz" ] && [ -s "$guest_dir/initramfs.cpio.gz" ] && [ -s "$guest_dir/kernel-release" ] &&
+  [ "$(cat "$guest_dir/init-version" 2>/dev/null)" = "$init_version" ] &&
   [ "$(cat "$guest_dir/modules" 2>/dev/null)" = "$modules" ]; then
   echo "$guest_dir"
   exit 0
@@ -101,7 +105,8 @@ mount -t tmpfs -o mode=0700,size=64m stacyvm /newroot/.stacyvm
 tar -x -f /dev/vdb -C /newroot/.stacyvm || fail "cannot read the sandbox settings"
 cp /stacyvm-agent /newroot/.stacyvm/agent || fail "the initramfs holds no agent"
 chmod 0555 /newroot/.stacyvm/agent
-if [ -s /newroot/.stacyvm/workdir ]; then mkdir -p "/newroot$(cat /newroot/.stacyvm/workdir)"; fi
+wd=/
+if [ -s /newroot/.stacyvm/workdir ]; then wd="$(cat /newroot/.stacyvm/workdir)"; mkdir -p "/newroot$wd"; fi
 if [ -s /newroot/.stacyvm/hostname ]; then hostname "$(cat /newroot/.stacyvm/hostname)"; fi
 ip link set lo up 2>/dev/null
 if [ -s /newroot/.stacyvm/net ]; then
@@ -116,7 +121,7 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 echo "stacyvm-init: starting the agent" >/dev/console
-exec switch_root /newroot /.stacyvm/agent --init --vsock 1024 --env-file /.stacyvm/env
+exec switch_root /newroot /.stacyvm/agent --init --vsock 1024 --cwd "$wd" --env-file /.stacyvm/env
 INIT
 sed -i "s/@MODULES@/$modules/" "$ird/init"
 chmod 0755 "$ird/init"
@@ -129,5 +134,6 @@ for f in vmlinuz initramfs.cpio.gz; do
 done
 echo "$release" >"$guest_dir/kernel-release"
 echo "$modules" >"$guest_dir/modules"
+echo "$init_version" >"$guest_dir/init-version"
 log "guest kernel $release and initramfs in $guest_dir"
 echo "$guest_dir"

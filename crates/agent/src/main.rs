@@ -10,7 +10,7 @@ use stacyvm_agent::root::Root;
 use stacyvm_agent::server;
 
 const USAGE: &str =
-    "usage: stacyvm-agent [--init] (--listen SOCKET | --vsock PORT | --stdio) [--root DIR] [--env-file FILE]
+    "usage: stacyvm-agent [--init] (--listen SOCKET | --vsock PORT | --stdio) [--root DIR] [--cwd DIR] [--env-file FILE]
        stacyvm-agent --version
 
   --init           first fork: this process stays behind as an init that reaps
@@ -21,6 +21,7 @@ const USAGE: &str =
   --vsock PORT      serve on a vsock port (inside a microVM)
   --stdio          serve one connection over stdin/stdout
   --root DIR       resolve every file path inside DIR (default /)
+  --cwd DIR        the working directory commands start in by default
   --env-file FILE  add the NAME=VALUE entries of FILE (NUL-separated) to the
                    environment every command inherits, then delete FILE";
 
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     let mut root = PathBuf::from("/");
     let mut env_file = None;
     let mut init = false;
+    let mut cwd = None;
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--init") => init = true,
@@ -56,6 +58,10 @@ fn main() -> ExitCode {
                 Some(p) => mode = Some(Mode::Vsock(p)),
                 None => return usage_error("--vsock needs a port number"),
             },
+            Some("--cwd") => match args.next() {
+                Some(p) => cwd = Some(PathBuf::from(p)),
+                None => return usage_error("--cwd needs a directory"),
+            },
             Some("--env-file") => match args.next() {
                 Some(p) => env_file = Some(PathBuf::from(p)),
                 None => return usage_error("--env-file needs a file"),
@@ -73,6 +79,11 @@ fn main() -> ExitCode {
     if init {
         if let Some(code) = become_init() {
             return code;
+        }
+    }
+    if let Some(dir) = cwd {
+        if let Err(e) = std::env::set_current_dir(&dir) {
+            return usage_error(&format!("--cwd {}: {e}", dir.display()));
         }
     }
     if let Some(path) = env_file {

@@ -78,8 +78,9 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 /// into `cache` and shared read-only by every sandbox (each writes to an
 /// overlay of its own).
 pub async fn ext4_rootfs(catalog: &ImageCatalog, name: &str, cache: &Path) -> Result<PathBuf> {
-    let info = catalog.get(name).await?;
+    // The rootfs first: its error for an unknown image is the API's.
     let rootfs = catalog.rootfs(name).await?;
+    let info = catalog.get(name).await?;
     let digest: String = info
         .digest
         .chars()
