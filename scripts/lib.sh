@@ -148,4 +148,7 @@ prepare_test_env() {
   export STACYVM_AGENT_BIN
   export STACYVM_TEST_IMAGE_TAR="$root/target/test-images/busybox.tar"
   "$root/scripts/build-test-image.sh" --docker "$STACYVM_TEST_IMAGE_TAR" || { log "the test image did not build"; return 1; }
+  # The microVM providers' guest kernel and initramfs, QEMU and vhost-device-vsock.
+  STACYVM_GUEST_DIR="$("$root/scripts/build-guest.sh")" || { log "the microVM guest assets did not build"; return 1; }
+  export STACYVM_GUEST_DIR
 }

@@ -18,3 +18,4 @@ pub mod pty;
 pub mod root;
 pub mod server;
 pub mod upload;
+pub mod vsock;

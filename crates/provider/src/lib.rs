@@ -17,9 +17,11 @@ pub mod docker;
 pub mod fake;
 pub mod host;
 pub mod images;
+pub mod microvm;
 pub mod namespaces;
 pub mod plugin;
 pub mod proot;
+pub mod qemu;
 pub mod sandboxing;
 pub mod snapshot;
 

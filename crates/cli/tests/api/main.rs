@@ -24,6 +24,7 @@ mod per_store;
 mod plugins;
 mod procs;
 mod pty;
+mod qemu;
 mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]

@@ -589,6 +589,17 @@ impl Server {
                 )?,
             ));
         }
+        if data_dir.join("qemu").exists() {
+            providers.push(Box::new(stacyvm_provider::qemu::QemuProvider::new(
+                stacyvm_provider::qemu::QemuConfig {
+                    data_dir: data_dir.clone(),
+                    agent_bin: agent.clone(),
+                    catalog: catalog.clone(),
+                    instance: instance.clone(),
+                    guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
+                },
+            )?));
+        }
         providers.push(Box::new(stacyvm_provider::docker::DockerProvider::new(
             stacyvm_provider::docker::DockerConfig {
                 data_dir: data_dir.clone(),
