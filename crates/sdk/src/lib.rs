@@ -41,6 +41,7 @@ mod procs;
 mod pty;
 mod sandboxes;
 mod sse;
+mod volumes;
 
 pub use admin::Page;
 pub use client::{Client, ClientBuilder, RetryPolicy, DEFAULT_URL};

@@ -12,14 +12,14 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Postgres, Row, Sqlite, Type};
 use stacyvm_core::{
-    Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TenantId, WorkerId,
+    Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TenantId, VolumeId, WorkerId,
     WorkerTokenId,
 };
 use time::OffsetDateTime;
 
 use crate::model::{
     Actor, ApiKey, AuditEvent, Failure, Outcome, Page, PageRequest, Quota, Role, SandboxRecord,
-    Tenant, WorkerRecord, WorkerState, WorkerToken,
+    Tenant, VolumeRecord, WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::sql::Backend;
 
@@ -416,6 +416,16 @@ pub(crate) fn worker_token_from_row(row: &impl RowGet) -> Result<WorkerToken> {
     })
 }
 
+pub(crate) fn volume_from_row(row: &impl RowGet) -> Result<VolumeRecord> {
+    Ok(VolumeRecord {
+        id: VolumeId::from_trusted(row.text("id")?),
+        tenant_id: TenantId::from_trusted(row.text("tenant_id")?),
+        name: row.text("name")?,
+        size_mb: row.int("size_mb")?,
+        created_at: time_col(row, "created_at")?,
+    })
+}
+
 // --- parameters -----------------------------------------------------------
 
 /// A sandbox record as column values, in [`sandbox_columns!`] order.
@@ -705,6 +715,11 @@ macro_rules! schema {
                         $dialect,
                         "/0003_multi_worker.sql"
                     )),
+                },
+                Migration {
+                    version: 4,
+                    name: "volumes",
+                    sql: include_str!(concat!("../migrations/", $dialect, "/0004_volumes.sql")),
                 },
             ],
         }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use stacyvm_core::{
-    EventId, KeyId, Network, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+    EventId, KeyId, Network, SandboxId, SandboxState, TenantId, VolumeId, WorkerId, WorkerTokenId,
 };
 use time::OffsetDateTime;
 
@@ -319,4 +319,15 @@ pub struct WorkerToken {
     pub token_hash: String,
     pub created_at: OffsetDateTime,
     pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A volume: a named, sized filesystem owned by a tenant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub tenant_id: TenantId,
+    /// Unique within the tenant.
+    pub name: String,
+    pub size_mb: i64,
+    pub created_at: OffsetDateTime,
 }

@@ -28,4 +28,5 @@ mod pty;
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;
 mod workers;

@@ -32,3 +32,4 @@ mod rootless;
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;

@@ -18,6 +18,7 @@ pub mod sandboxes;
 pub mod status;
 pub mod tenants;
 pub mod views;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;

@@ -18,6 +18,7 @@ pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
 pub mod ui;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;
@@ -132,6 +133,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/workers/tokens/{id}",
             axum::routing::delete(worker_token_revoke),
+        )
+        .route(
+            "/v1/volumes",
+            post(volumes::volume_create).get(volumes::volume_list),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::volume_get).delete(volumes::volume_delete),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
     // Remote workers' own calls: a worker token, checked by the handlers.
