@@ -70,7 +70,8 @@ pub(crate) use key_columns;
 macro_rules! quota_of_tenant {
     () => {
         "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, \
-         q.max_exec_per_minute, q.allowed_providers, q.max_concurrent_execs \
+         q.max_exec_per_minute, q.allowed_providers, q.max_concurrent_execs, \
+         q.max_volumes, q.max_volume_mb \
          FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = $1"
     };
 }
@@ -298,6 +299,8 @@ pub(crate) fn quota_from_row(row: &impl RowGet) -> Result<Quota> {
             .map(|j| serde_json::from_str(&j).map_err(|e| corrupt("allowed_providers", e)))
             .transpose()?,
         max_concurrent_execs: row.opt_int("max_concurrent_execs")?,
+        max_volumes: row.opt_int("max_volumes")?,
+        max_volume_mb: row.opt_int("max_volume_mb")?,
     })
 }
 

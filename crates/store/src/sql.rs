@@ -410,8 +410,9 @@ impl<B: Backend> Store for SqlStore<B> {
         let _turn = self.backend.write_turn().await;
         let result = sqlx::query(
             "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s,
-                                 max_exec_per_minute, allowed_providers, max_concurrent_execs)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                 max_exec_per_minute, allowed_providers, max_concurrent_execs,
+                                 max_volumes, max_volume_mb)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (tenant_id) DO UPDATE SET
                 max_sandboxes = excluded.max_sandboxes,
                 max_cpu = excluded.max_cpu,
@@ -419,7 +420,9 @@ impl<B: Backend> Store for SqlStore<B> {
                 max_timeout_s = excluded.max_timeout_s,
                 max_exec_per_minute = excluded.max_exec_per_minute,
                 allowed_providers = excluded.allowed_providers,
-                max_concurrent_execs = excluded.max_concurrent_execs",
+                max_concurrent_execs = excluded.max_concurrent_execs,
+                max_volumes = excluded.max_volumes,
+                max_volume_mb = excluded.max_volume_mb",
         )
         .arg(tenant.as_str())
         .arg(quota.max_sandboxes)
@@ -429,6 +432,8 @@ impl<B: Backend> Store for SqlStore<B> {
         .arg(quota.max_exec_per_minute)
         .arg(quota_providers_json(quota)?)
         .arg(quota.max_concurrent_execs)
+        .arg(quota.max_volumes)
+        .arg(quota.max_volume_mb)
         .execute(self.pool())
         .await;
         match result {
@@ -1127,7 +1132,43 @@ impl<B: Backend> Store for SqlStore<B> {
     // --- volumes --------------------------------------------------------
 
     async fn volume_create(&self, volume: &VolumeRecord) -> Result<()> {
-        let _turn = self.backend.write_turn().await;
+        let mut tx = self.begin_write().await?;
+        // Read as sandbox creates read it, so that one tenant's concurrent
+        // creates take turns and each sees the volumes committed before it.
+        let quota_row = sqlx::query(B::QUOTA_FOR_CREATE)
+            .arg(volume.tenant_id.as_str())
+            .fetch_optional(tx.on())
+            .await
+            .map_err(|e| db_error::<B>("reading the tenant's quota", e))?;
+        let Some(quota_row) = quota_row else {
+            return Err(tenant_not_found(&volume.tenant_id));
+        };
+        let quota = quota_from_row(&quota_row)?;
+        let usage = sqlx::query(
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size_mb), 0) AS BIGINT) AS mb
+             FROM volumes WHERE tenant_id = $1",
+        )
+        .arg(volume.tenant_id.as_str())
+        .fetch_one(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("counting the tenant's volumes", e))?;
+        let (count, mb) = (usage.int("n")?, usage.int("mb")?);
+        if let Some(max) = quota.max_volumes {
+            if count + 1 > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "quota exceeded: max_volumes is {max} and the tenant has {count} volumes"
+                )));
+            }
+        }
+        if let Some(max) = quota.max_volume_mb {
+            if mb + volume.size_mb > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "quota exceeded: max_volume_mb is {max}, the tenant's volumes hold {mb} \
+                     and {} was asked",
+                    volume.size_mb
+                )));
+            }
+        }
         let result = sqlx::query(
             "INSERT INTO volumes (id, tenant_id, name, size_mb, created_at)
              VALUES ($1, $2, $3, $4, $5)",
@@ -1137,15 +1178,14 @@ impl<B: Backend> Store for SqlStore<B> {
         .arg(volume.name.as_str())
         .arg(volume.size_mb)
         .arg(to_micros(volume.created_at))
-        .execute(self.pool())
+        .execute(tx.on())
         .await;
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => tx.commit("creating a volume").await,
             Err(e) if is_unique_violation(&e) => Err(Error::Conflict(format!(
                 "a volume named {:?} exists already",
                 volume.name
             ))),
-            Err(e) if is_foreign_key_violation(&e) => Err(tenant_not_found(&volume.tenant_id)),
             Err(e) => Err(db_error::<B>("creating a volume", e)),
         }
     }

@@ -312,3 +312,40 @@ async fn volumes_need_a_local_worker() -> Result<()> {
     ensure!(e.message.contains("remote workers"), "{}", e.message);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_quotas_are_enforced_and_freed_by_delete() -> Result<()> {
+    let (server, _guard) = start()?;
+    let admin = server.admin();
+    let (tenant, member) = admin.tenant_with("member").await?;
+    let q = admin
+        .put(
+            &format!("/v1/tenants/{tenant}/quota"),
+            json!({"max_volumes": 2, "max_volume_mb": 40}),
+        )
+        .await?
+        .ok(200)?;
+    ensure!(q["max_volumes"] == 2 && q["max_volume_mb"] == 40, "{q}");
+    volume(&member, "a", 24).await?;
+    let e = member
+        .post("/v1/volumes", json!({"name": "b", "size_mb": 24}))
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(e.message.contains("max_volume_mb"), "{}", e.message);
+    volume(&member, "b", 16).await?;
+    let e = member
+        .post("/v1/volumes", json!({"name": "c", "size_mb": 8}))
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(e.message.contains("max_volumes"), "{}", e.message);
+    member.delete("/v1/volumes/a").await?.ok(204)?;
+    volume(&member, "c", 8).await?;
+    for v in ["b", "c"] {
+        member.delete(&format!("/v1/volumes/{v}")).await?.ok(204)?;
+    }
+    ensure!(
+        mounts_under(&server.data_dir().join("volumes")).is_empty(),
+        "mounts left"
+    );
+    Ok(())
+}

@@ -19,3 +19,7 @@ CREATE TABLE sandbox_volumes (
     PRIMARY KEY (sandbox_id, volume_id)
 ) STRICT;
 CREATE INDEX sandbox_volumes_volume ON sandbox_volumes (volume_id);
+
+-- Quota fields for volumes: how many, and their total size in MiB.
+ALTER TABLE quotas ADD COLUMN max_volumes INTEGER;
+ALTER TABLE quotas ADD COLUMN max_volume_mb INTEGER;

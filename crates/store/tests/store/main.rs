@@ -89,4 +89,5 @@ conformance! {
     workers::lapsed_leases_lose_sandboxes_and_fence_the_old_holder,
     volumes::volume_names_are_unique_per_tenant,
     volumes::a_mounted_volume_is_deleted_only_after_its_sandbox,
+    volumes::volume_quotas_count_volumes_and_their_sizes,
 }

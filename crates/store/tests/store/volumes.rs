@@ -71,3 +71,42 @@ pub async fn a_mounted_volume_is_deleted_only_after_its_sandbox(db: &TestDb) -> 
     ));
     Ok(())
 }
+
+pub async fn volume_quotas_count_volumes_and_their_sizes(db: &TestDb) -> anyhow::Result<()> {
+    let store = &db.store;
+    let t = fixtures::new_tenant(store, "t").await?;
+    store
+        .quota_set(
+            &t,
+            &stacyvm_store::Quota {
+                max_volumes: Some(2),
+                max_volume_mb: Some(100),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let q = store.quota_get(&t).await?;
+    assert_eq!((q.max_volumes, q.max_volume_mb), (Some(2), Some(100)));
+    let mut a = volume(&t, "a");
+    a.size_mb = 64;
+    store.volume_create(&a).await?;
+    let mut big = volume(&t, "big");
+    big.size_mb = 40;
+    match store.volume_create(&big).await {
+        Err(Error::QuotaExceeded(m)) => assert!(m.contains("max_volume_mb"), "{m}"),
+        other => anyhow::bail!("over max_volume_mb: {other:?}"),
+    }
+    let mut b = volume(&t, "b");
+    b.size_mb = 36;
+    store.volume_create(&b).await?;
+    match store.volume_create(&volume(&t, "c")).await {
+        Err(Error::QuotaExceeded(m)) => assert!(m.contains("max_volumes"), "{m}"),
+        other => anyhow::bail!("over max_volumes: {other:?}"),
+    }
+    // A deleted volume frees its share.
+    assert!(store.volume_delete(&a.id).await?);
+    let mut c = volume(&t, "c");
+    c.size_mb = 64;
+    store.volume_create(&c).await?;
+    Ok(())
+}

@@ -364,6 +364,10 @@ export interface Quota {
   max_sandboxes?: number | null;
   /** The longest lifetime a sandbox may ask for, in seconds. */
   max_timeout_s?: number | null;
+  /** MiB of all the tenant's volumes together (their sizes, not what is written). */
+  max_volume_mb?: number | null;
+  /** Volumes the tenant may have. */
+  max_volumes?: number | null;
 }
 
 /** A runtime report that was not applied, and why. */
