@@ -167,6 +167,9 @@ pub struct CreateSandbox {
     #[serde(skip)]
     #[cfg_attr(feature = "openapi", schema(ignore))]
     pub idempotency_key: Option<String>,
+    /// Volumes to mount (single-node servers with the `docker` provider).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::VolumeMount>,
 }
 
 impl CreateSandbox {

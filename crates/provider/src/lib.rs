@@ -116,6 +116,13 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Whether [`Provider::spawn`] binds `spec.mounts` (volumes) into the
+    /// sandbox. The worker refuses a spec with mounts for one that does not,
+    /// so a provider that ignores them can never drop a volume silently.
+    fn supports_mounts(&self) -> bool {
+        false
+    }
+
     /// Starts a runtime for `spec` and returns once its agent answers.
     /// On error nothing of the runtime is left behind.
     async fn spawn(&self, spec: &SpawnSpec) -> Result<()>;

@@ -42,6 +42,7 @@ mod pty;
 mod sandboxes;
 mod snapshots;
 mod sse;
+mod volumes;
 
 pub use admin::Page;
 pub use client::{Client, ClientBuilder, RetryPolicy, DEFAULT_URL};

@@ -27,7 +27,7 @@ pub struct SandboxArgs {
 #[derive(Subcommand)]
 enum SandboxCmd {
     /// Create a sandbox; with `-- CMD…`, run CMD in it and stream its output.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List sandboxes.
     Ls(LsArgs),
     /// Show a sandbox.
@@ -119,6 +119,9 @@ struct CreateArgs {
     /// The command to run, after `--`.
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
+    /// Mount a volume, NAME:/PATH or NAME:/PATH:ro (repeatable).
+    #[arg(long = "volume", value_name = "NAME:/PATH[:ro]")]
+    volume: Vec<String>,
 }
 
 #[derive(Args)]
@@ -164,7 +167,7 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
     let client = a.conn.client()?;
     let fmt = a.conn.output;
     match a.cmd {
-        SandboxCmd::Create(c) => create(&client, fmt, c).await,
+        SandboxCmd::Create(c) => create(&client, fmt, *c).await,
         SandboxCmd::Ls(l) => {
             let state = l.state.as_deref().map(parse_state).transpose()?;
             let labels = key_values(&l.label, "label").into_iter().collect();
@@ -338,6 +341,7 @@ async fn create(client: &Client, fmt: Format, c: CreateArgs) -> Result<ExitCode>
             }
         }),
         idempotency_key: c.idempotency_key,
+        volumes: super::volume::parse_mounts(&c.volume),
     };
     if c.cmd.is_empty() {
         let sbx = client.sandbox_create(&spec).await?;

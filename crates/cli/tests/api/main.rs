@@ -30,4 +30,5 @@ mod snapshots;
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;
 mod workers;

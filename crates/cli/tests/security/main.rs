@@ -33,3 +33,4 @@ mod snapshots;
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;

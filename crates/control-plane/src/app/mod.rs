@@ -19,6 +19,7 @@ pub mod snapshots;
 pub mod status;
 pub mod tenants;
 pub mod views;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;

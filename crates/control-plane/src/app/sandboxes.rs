@@ -68,6 +68,8 @@ pub struct CreateSandbox {
     pub workdir: Option<String>,
     pub network: Option<Network>,
     pub idempotency_key: Option<String>,
+    /// Volumes of the caller's tenant to mount.
+    pub volumes: Vec<stacyvm_core::VolumeMount>,
 }
 
 /// Whether a create made a new sandbox or returned an earlier one.
@@ -302,6 +304,7 @@ impl App {
             })
             .await?;
         let source = self.image_source_allowed(who, &image).await?;
+        let volumes = self.volumes_resolve(who, &req.volumes).await?;
 
         let rec = SandboxRecord {
             id: SandboxId::generate(),
@@ -328,6 +331,7 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
         };
         let pooled = if req.worker_labels.is_empty()
+            && volumes.is_empty()
             && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)
         {
             self.pools.take(&rec.provider, &rec.image, source)
@@ -388,7 +392,14 @@ impl App {
             self.mark_failed(&mut rec, &e).await;
             return Err(e);
         }
-        let sandbox = self.sandbox_start(rec, &req.worker_labels).await?;
+        let mounts = match self.volumes_attach(&rec.id, &volumes).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.mark_failed(&mut rec, &e).await;
+                return Err(e);
+            }
+        };
+        let sandbox = self.sandbox_start(rec, &req.worker_labels, mounts).await?;
         Ok(Created {
             sandbox,
             existing: false,
@@ -423,6 +434,7 @@ impl App {
         &self,
         mut rec: SandboxRecord,
         worker_labels: &BTreeMap<String, String>,
+        mounts: Vec<stacyvm_core::HostMount>,
     ) -> Result<SandboxRecord> {
         let lease_until = self.store.now().await? + self.config.limits.lease;
         let (worker, placed) = match self.scheduler.place(&rec, worker_labels, lease_until).await {
@@ -444,6 +456,7 @@ impl App {
             workdir: rec.workdir.clone(),
             network: rec.network,
             labels: rec.labels.clone(),
+            mounts,
         };
         let lease = lease_for(&rec);
         if let Err(e) = worker.spawn(&lease, &spec).await {

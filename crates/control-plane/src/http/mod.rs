@@ -19,6 +19,7 @@ pub mod sandboxes;
 pub mod serve;
 pub mod snapshots;
 pub mod ui;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;
@@ -137,6 +138,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/workers/tokens/{id}",
             axum::routing::delete(worker_token_revoke),
+        )
+        .route(
+            "/v1/volumes",
+            post(volumes::volume_create).get(volumes::volume_list),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::volume_get).delete(volumes::volume_delete),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
     // Remote workers' own calls: a worker token, checked by the handlers.

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, procs, pty, sandboxes, snapshots, workers};
+use super::{admin, files, procs, pty, sandboxes, snapshots, volumes, workers};
 
 mod reference;
 
@@ -50,6 +50,7 @@ impl Modify for BearerAuth {
         procs::process_start, procs::process_list, procs::process_get, procs::process_output,
         procs::process_stdin, procs::process_signal,
         snapshots::sandbox_snapshot,
+        volumes::volume_create, volumes::volume_list, volumes::volume_get, volumes::volume_delete,
     ),
     components(schemas(
         api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
@@ -65,6 +66,7 @@ impl Modify for BearerAuth {
         api::ProviderStatus, api::PoolStatus, api::Status, api::Health, RawBytes,
         procs::ProcessStart, procs::Process, procs::ProcessList, procs::ProcessSignal, procs::StdinWritten,
         snapshots::SnapshotRequest,
+        api::Volume, api::CreateVolume, api::VolumeList, api::VolumeMount,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),
@@ -76,6 +78,7 @@ impl Modify for BearerAuth {
         (name = "audit", description = "The audit log"),
         (name = "status", description = "Health, readiness, status, metrics"),
         (name = "workers", description = "Workers of multi-worker mode, their tokens, and the calls workers make"),
+        (name = "volumes", description = "Volumes: data that outlives a sandbox"),
     )
 )]
 pub struct ApiDoc;

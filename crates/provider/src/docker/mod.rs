@@ -487,6 +487,10 @@ impl Provider for DockerProvider {
         self.inner.health().await
     }
 
+    fn supports_mounts(&self) -> bool {
+        true
+    }
+
     async fn spawn(&self, spec: &SpawnSpec) -> Result<()> {
         self.inner.spawn(spec).await
     }

@@ -266,6 +266,7 @@ mod tests {
             workdir: Some("/work".into()),
             network: Default::default(),
             labels: Default::default(),
+            mounts: Vec::new(),
         };
         spec.env.insert("A".into(), "b c".into());
         let t = settings_tar(&spec).unwrap();

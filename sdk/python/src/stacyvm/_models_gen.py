@@ -544,6 +544,10 @@ class Quota:
     max_sandboxes: Optional[int] = None
     #: The longest lifetime a sandbox may ask for, in seconds.
     max_timeout_s: Optional[int] = None
+    #: MiB of all the tenant's volumes together (their sizes, not what is written).
+    max_volume_mb: Optional[int] = None
+    #: Volumes the tenant may have.
+    max_volumes: Optional[int] = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Self:
@@ -557,6 +561,8 @@ class Quota:
             max_memory_mb=_w.opt(int, d.get("max_memory_mb")),
             max_sandboxes=_w.opt(int, d.get("max_sandboxes")),
             max_timeout_s=_w.opt(int, d.get("max_timeout_s")),
+            max_volume_mb=_w.opt(int, d.get("max_volume_mb")),
+            max_volumes=_w.opt(int, d.get("max_volumes")),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -568,6 +574,8 @@ class Quota:
             "max_memory_mb": self.max_memory_mb,
             "max_sandboxes": self.max_sandboxes,
             "max_timeout_s": self.max_timeout_s,
+            "max_volume_mb": self.max_volume_mb,
+            "max_volumes": self.max_volumes,
         }
 
 

@@ -101,6 +101,8 @@ export interface CreateSandbox {
   provider?: string | null;
   template?: string | null;
   timeout_s?: number | null;
+  /** Volumes to mount (single-node servers with the `docker` provider). */
+  volumes?: VolumeMount[];
   workdir?: string | null;
   /**
    * Only workers carrying every one of these labels may run the sandbox
@@ -112,6 +114,13 @@ export interface CreateSandbox {
 /** Body of `POST /v1/tenants`. */
 export interface CreateTenant {
   name: string;
+}
+
+/** Body of `POST /v1/volumes`. */
+export interface CreateVolume {
+  name: string;
+  /** At least 8 MiB. */
+  size_mb: number;
 }
 
 /** The answer of `GET …/files/list`, sorted by path. */
@@ -355,6 +364,10 @@ export interface Quota {
   max_sandboxes?: number | null;
   /** The longest lifetime a sandbox may ask for, in seconds. */
   max_timeout_s?: number | null;
+  /** MiB of all the tenant's volumes together (their sizes, not what is written). */
+  max_volume_mb?: number | null;
+  /** Volumes the tenant may have. */
+  max_volumes?: number | null;
 }
 
 /** A runtime report that was not applied, and why. */
@@ -489,6 +502,35 @@ export interface Tenant {
 export interface TenantList {
   next_cursor?: string | null;
   tenants: Tenant[];
+}
+
+/** A volume. */
+export interface Volume {
+  created_at: string;
+  /** `vol_…`. */
+  id: string;
+  /** Unique within the tenant: 1-63 characters of `a-z`, `0-9`, `-`, `_`. */
+  name: string;
+  /** The filesystem's size; writes past it fail with `ENOSPC`. */
+  size_mb: number;
+  tenant_id: string;
+}
+
+/** `GET /v1/volumes`. */
+export interface VolumeList {
+  volumes: Volume[];
+}
+
+/** One volume a sandbox create mounts. */
+export interface VolumeMount {
+  /**
+   * Absolute, normalised path inside the sandbox; not `/`, not under
+   * `/proc`, `/sys`, `/dev` or `/.stacyvm`.
+   */
+  path: string;
+  read_only?: boolean;
+  /** The volume's name, in the caller's tenant. */
+  volume: string;
 }
 
 /**
@@ -709,6 +751,10 @@ export const operations = {
   status: { method: "GET", path: "/v1/status", status: 200, body: "none", bodyContentType: null, response: "json" },
   tenant_create: { method: "POST", path: "/v1/tenants", status: 201, body: "json", bodyContentType: null, response: "json" },
   tenant_list: { method: "GET", path: "/v1/tenants", status: 200, body: "none", bodyContentType: null, response: "json" },
+  volume_create: { method: "POST", path: "/v1/volumes", status: 201, body: "json", bodyContentType: null, response: "json" },
+  volume_delete: { method: "DELETE", path: "/v1/volumes/{name}", status: 204, body: "none", bodyContentType: null, response: "none" },
+  volume_get: { method: "GET", path: "/v1/volumes/{name}", status: 200, body: "none", bodyContentType: null, response: "json" },
+  volume_list: { method: "GET", path: "/v1/volumes", status: 200, body: "none", bodyContentType: null, response: "json" },
   whoami: { method: "GET", path: "/v1/whoami", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_drain: { method: "POST", path: "/v1/workers/{id}/drain", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_get: { method: "GET", path: "/v1/workers/{id}", status: 200, body: "none", bodyContentType: null, response: "json" },
@@ -1024,6 +1070,34 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: TenantList;
+  };
+  volume_create: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: CreateVolume;
+    response: Volume;
+  };
+  volume_delete: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: void;
+  };
+  volume_get: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: Volume;
+  };
+  volume_list: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: VolumeList;
   };
   whoami: {
     path: Record<string, never>;
