@@ -10,7 +10,14 @@ use crate::support::{Server, ServerOptions, StoreKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_sandbox_serves_the_api_and_survives_kill_9() -> Result<()> {
-    let mut server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("qemu"))?;
+    // The in-process worker in every topology: the test kills the process
+    // that owns the VM and checks its run dir, which a remote worker's
+    // topology would leave untouched.
+    let mut server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("qemu")
+            .local_worker(),
+    )?;
     let admin = server.admin();
     admin.import_busybox().await?;
     let (_tenant, member) = admin.tenant_with("member").await?;
