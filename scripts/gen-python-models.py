@@ -53,6 +53,8 @@ MODELS: Dict[str, str] = {
     "Worker": "Worker",
     "WorkerCapacity": "WorkerCapacity",
     "WorkerProvider": "WorkerProvider",
+    "Process": "Process",
+    "StdinWritten": "StdinWritten",
 }
 
 # Fields left out of `repr()`: secrets must not reach logs and tracebacks.

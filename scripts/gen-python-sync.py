@@ -38,6 +38,9 @@ NAMES: Dict[str, str] = {
     "AsyncExecStream": "ExecStream",
     "AsyncLogStream": "LogStream",
     "AsyncWriteData": "WriteData",
+    "AsyncProcesses": "Processes",
+    "AsyncProcessOutput": "ProcessOutput",
+    "AsyncPty": "Pty",
     "_io_async": "_io_sync",
     # typing
     "AsyncIterator": "Iterator",

@@ -167,6 +167,9 @@ function operationsOf() {
       }
       const body = o.requestBody ? contentKind(o.requestBody.content, `${where} body`) : { kind: "none", type: "void" };
       const codes = Object.keys(o.responses ?? {}).filter((c) => /^2\d\d$/.test(c)).sort();
+      // A WebSocket upgrade (101) is no fetch call: the route table leaves
+      // it to a WebSocket client.
+      if (codes.length === 0 && "101" in (o.responses ?? {})) continue;
       if (codes.length === 0) throw new Refused(`${where}: no 2xx answer`);
       const ok = o.responses[codes[0]];
       let response = contentKind(ok.content, `${where} answer`);

@@ -187,7 +187,10 @@ def test_pause_and_connect_resumes(env: Env) -> None:
         assert sb.pause() is False
         listed = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED], template="base")).next_items()
         assert sb.sandbox_id in [s.sandbox_id for s in listed]
+        # envd's health says a paused sandbox is not running.
+        assert sb.is_running() is False
         resumed = Sandbox.connect(sb.sandbox_id)
+        assert resumed.is_running() is True
         assert Sandbox.get_info(sb.sandbox_id).state == "running"
         assert resumed.files.read("kept.txt") == "still here"
     finally:
@@ -316,8 +319,13 @@ def test_envd_is_also_routed_by_host_name(env: Env, sandbox: Sandbox) -> None:
     )
     assert r.status_code == 200, r.text
     assert r.json()["entry"]["path"] == "/home/user"
-    health = httpx.get(env.server.url + "/health", headers={"Host": f"49983-{sandbox.sandbox_id}.e2b.test"})
+    host = f"49983-{sandbox.sandbox_id}.e2b.test"
+    health = httpx.get(
+        env.server.url + "/health", headers={"Host": host, "X-Access-Token": sandbox._envd_access_token}
+    )
     assert health.status_code == 204
+    # A sandbox's health is its own business: without its token, 401.
+    assert httpx.get(env.server.url + "/health", headers={"Host": host}).status_code == 401
 
 
 def test_revoked_keys_and_their_e2b_spelling_are_refused(env: Env) -> None:
@@ -432,3 +440,30 @@ def test_refusals_are_audited_and_no_secret_reaches_the_log(env: Env, sandbox: S
     log = env.server.stderr_path.read_text(errors="replace")
     for secret in [env.a.key, env.a.key_e2b, env.b.key, env.b.key_e2b, sandbox._envd_access_token]:
         assert secret not in log
+
+
+def test_default_listing_finds_live_sandboxes_past_many_gone(env: Env) -> None:
+    # Sandboxes that are gone must not fill the page the default listing
+    # (running and paused) reads.
+    for _ in range(3):
+        Sandbox.create(metadata={"suite": "e2b-gone"}).kill()
+    sb = Sandbox.create(metadata={"suite": "e2b-live"})
+    try:
+        ids = []
+        pages = Sandbox.list(limit=1)
+        while pages.has_next:
+            ids.extend(s.sandbox_id for s in pages.next_items())
+        assert sb.sandbox_id in ids
+        both = Sandbox.list(query=SandboxQuery(state=[SandboxState.RUNNING, SandboxState.PAUSED]), limit=1)
+        assert [s.sandbox_id for s in both.next_items()] != []
+    finally:
+        sb.kill()
+    assert sb.is_running() is False
+
+
+def test_removing_a_missing_path_succeeds(sandbox: Sandbox) -> None:
+    sandbox.files.remove("/home/user/never-there.txt")
+    sandbox.files.write("/home/user/gone.txt", "x")
+    sandbox.files.remove("/home/user/gone.txt")
+    sandbox.files.remove("/home/user/gone.txt")
+    assert sandbox.files.exists("/home/user/gone.txt") is False

@@ -19,12 +19,12 @@ use stacyvm_core::{Error, FileEntry};
 
 use crate::flow::{lock, ConnWriter, Flow, Out, Sent};
 use crate::protocol::{
-    choose_version, read_frame, AgentInfo, Frame, Hello, Kind, ProtocolError, ReadError, Request,
-    CHUNK_SIZE, PROTOCOL_VERSIONS, WINDOW,
+    choose_version, choose_window, read_frame, AgentInfo, Frame, Hello, Kind, ProtocolError,
+    ReadError, Request, CHUNK_SIZE, PROTOCOL_VERSIONS,
 };
 use crate::root::Root;
 use crate::upload::{Upload, UploadRx};
-use crate::{exec, extract, files};
+use crate::{exec, extract, files, procs};
 
 /// The agent's release version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -61,6 +61,8 @@ struct Shared {
     slots: Mutex<HashMap<u32, Slot>>,
     root: Root,
     protocol: u32,
+    /// The credit window agreed in the hello, in chunks.
+    window: u32,
     conn: u64,
 }
 
@@ -68,7 +70,7 @@ struct Shared {
 pub fn serve(mut reader: impl Read, writer: ConnWriter, root: Root) {
     let conn = CONN_COUNTER.fetch_add(1, Ordering::Relaxed);
     let writer = Arc::new(writer);
-    let protocol = match handshake(&mut reader, &writer) {
+    let (protocol, window) = match handshake(&mut reader, &writer) {
         Ok(v) => v,
         Err(reason) => {
             eprintln!("stacyvm-agent: conn {conn}: handshake failed: {reason}");
@@ -81,6 +83,7 @@ pub fn serve(mut reader: impl Read, writer: ConnWriter, root: Root) {
         slots: Mutex::new(HashMap::new()),
         root,
         protocol,
+        window,
         conn,
     });
     let end = read_loop(&mut reader, &shared);
@@ -101,7 +104,8 @@ pub fn serve(mut reader: impl Read, writer: ConnWriter, root: Root) {
     }
 }
 
-fn handshake(reader: &mut impl Read, writer: &ConnWriter) -> Result<u32, String> {
+/// Agrees on the protocol version and the credit window.
+fn handshake(reader: &mut impl Read, writer: &ConnWriter) -> Result<(u32, u32), String> {
     let frame = match read_frame(reader) {
         Ok(f) => f,
         Err(ReadError::Protocol(e)) => {
@@ -133,15 +137,17 @@ fn handshake(reader: &mut impl Read, writer: &ConnWriter) -> Result<u32, String>
             ),
         }));
     };
+    let window = choose_window(hello.window);
     let info = AgentInfo {
         version: AGENT_VERSION.into(),
         protocol: version,
         pid: std::process::id(),
+        window: Some(window),
     };
     if !writer.send(&Frame::json(frame.id, Kind::HelloOk, &info)) {
         return Err("the client went away".into());
     }
-    Ok(version)
+    Ok((version, window))
 }
 
 fn unexpected(id: u32, reason: impl Into<String>) -> ReadError {
@@ -177,12 +183,13 @@ fn read_loop(reader: &mut impl Read, shared: &Arc<Shared>) -> ReadError {
                     shared.writer.send(&Frame::error(id, &err.to_wire()));
                     continue;
                 }
-                let flow = Arc::new(Flow::new(WINDOW));
-                let budget = Arc::new(AtomicU32::new(WINDOW));
+                let window = shared.window;
+                let flow = Arc::new(Flow::new(window));
+                let budget = Arc::new(AtomicU32::new(window));
                 let (upload_tx, upload_rx) = if req.has_upload() {
                     // One spare place for the `End` behind a full window.
-                    let (tx, rx) = sync_channel(WINDOW as usize + 1);
-                    (Some(tx), Some(UploadRx::new(rx, budget.clone())))
+                    let (tx, rx) = sync_channel(window as usize + 1);
+                    (Some(tx), Some(UploadRx::new(rx, budget.clone(), window)))
                 } else {
                     (None, None)
                 };
@@ -318,6 +325,12 @@ fn op_name(req: &Request) -> &'static str {
         Request::FileDelete { .. } => "file_delete",
         Request::FileGlob { .. } => "file_glob",
         Request::FileExtract { .. } => "file_extract",
+        Request::ProcStart { .. } => "proc_start",
+        Request::ProcList => "proc_list",
+        Request::ProcGet { .. } => "proc_get",
+        Request::ProcOutput { .. } => "proc_output",
+        Request::ProcStdin { .. } => "proc_stdin",
+        Request::ProcSignal { .. } => "proc_signal",
         Request::PortConnect { .. } => "port_connect",
     }
 }
@@ -343,6 +356,7 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             version: AGENT_VERSION.into(),
             protocol: shared.protocol,
             pid: std::process::id(),
+            window: Some(shared.window),
         }),
         Request::Exec(spec) => match exec::run(root, &spec, out, upload) {
             Ok(exit) => match serde_json::to_vec(&exit) {
@@ -383,6 +397,32 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
         },
         Request::FileGlob { pattern } => match files::glob(root, &pattern) {
             Ok(paths) => send_batches(out, &paths),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcStart { cmd, env, cwd } => match procs::start(root, cmd, env, cwd) {
+            Ok(info) => json(&info),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcList => json(&procs::list()),
+        Request::ProcGet { pid } => match procs::get(pid) {
+            Ok(info) => json(&info),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcOutput { pid, follow } => match procs::output(pid, follow, out) {
+            Ok(Some(exit)) => match serde_json::to_vec(&exit) {
+                Ok(b) => Answer::Frame(Kind::Exit, b),
+                Err(e) => Answer::Err(Error::internal("encoding the exit", e)),
+            },
+            Ok(None) if out.flow.is_cancelled() => Answer::Nothing,
+            Ok(None) => Answer::Frame(Kind::End, Vec::new()),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcStdin { pid, close } => match procs::stdin(pid, close, out, upload) {
+            Ok(n) => json(&n),
+            Err(e) => Answer::Err(e),
+        },
+        Request::ProcSignal { pid, signal } => match procs::signal(pid, &signal) {
+            Ok(info) => json(&info),
             Err(e) => Answer::Err(e),
         },
         Request::PortConnect { port } => match upload {

@@ -27,7 +27,7 @@ const DRAIN_GRACE: Duration = Duration::from_millis(200);
 /// Hard bound on draining after exit, even while output keeps flowing.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 
-static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs `spec` and streams its output to `out`. Returns the exit frame, or
 /// an error when the command could not be set up (bad cwd, empty argv).
@@ -35,16 +35,29 @@ static SPAWN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// with the reason on stderr, as a shell would.
 pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) -> Result<ExitFrame> {
     let mut cmd = build_command(root, spec)?;
-    cmd.stdin(if upload.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    cmd.stdout(Stdio::piped());
-    cmd.stderr(Stdio::piped());
-    // Its own process group, so a timeout or cancel kills everything it
-    // started (that did not leave the group).
-    cmd.process_group(0);
+    let master = match spec.pty {
+        // A session of its own (so its process group too), with the
+        // terminal as its controlling terminal.
+        Some(size) => {
+            if !spec.env.contains_key("TERM") {
+                cmd.env("TERM", "xterm");
+            }
+            Some(crate::pty::attach(&mut cmd, size)?)
+        }
+        None => {
+            cmd.stdin(if upload.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+            cmd.stdout(Stdio::piped());
+            cmd.stderr(Stdio::piped());
+            // Its own process group, so a timeout or cancel kills everything
+            // it started (that did not leave the group).
+            cmd.process_group(0);
+            None
+        }
+    };
     let traced = traced();
     if traced {
         // Force a plain fork+exec instead of posix_spawn's shared-memory
@@ -67,7 +80,10 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
     } else {
         cmd.spawn()
     };
-    if spec.stream {
+    // The parent's copies of the terminal's slave side must close, or the
+    // master never sees the end of the output.
+    drop(cmd);
+    if spec.stream || spec.pty.is_some() {
         // Acknowledge the start, so the client can tell setup errors (sent
         // instead of this) from the command's own output.
         out.send(Kind::Ok, b"null");
@@ -99,8 +115,16 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
         },
     };
     let stdin = child.stdin.take();
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
+    let (outputs, pty_writer): ([Option<Box<dyn ReadFd>>; 2], _) = match master {
+        Some(m) => ([Some(Box::new(m.reader)), None], Some(m.writer)),
+        None => (
+            [
+                child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
+                child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
+            ],
+            None,
+        ),
+    };
 
     std::thread::scope(|s| {
         if let Some(notify_w) = waiter_w {
@@ -122,7 +146,10 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
             let out = out.clone();
             let spawned = std::thread::Builder::new()
                 .stack_size(128 * 1024)
-                .spawn(move || pump_stdin(up, stdin, &out));
+                .spawn(move || match pty_writer {
+                    Some(w) => crate::pty::pump_input(up, w, &out),
+                    None => pump_stdin(up, stdin, &out),
+                });
             if spawned.is_err() {
                 eprintln!("stacyvm-agent: exec: cannot start the stdin thread");
             }
@@ -133,7 +160,7 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
             .flatten();
         let pump = OutputPump {
             out,
-            stream: spec.stream,
+            stream: spec.stream || spec.pty.is_some(),
             cap: spec.output_cap,
             deadline,
             timed_out: false,
@@ -142,7 +169,7 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
             truncated: [false, false],
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
-            pump.run(stdout, stderr, notify, &mut child, started)
+            pump.run(outputs, notify, &mut child, started)
         }));
         result.unwrap_or_else(|_| {
             // The scope joins the waiter, which waits for the command: make
@@ -157,7 +184,7 @@ pub fn run(root: &Root, spec: &ExecSpec, out: &Out, upload: Option<UploadRx>) ->
 }
 
 /// Prepares the command: argv, env overlay with a default PATH, cwd.
-fn build_command(root: &Root, spec: &ExecSpec) -> Result<Command> {
+pub(crate) fn build_command(root: &Root, spec: &ExecSpec) -> Result<Command> {
     let Some(program) = spec.cmd.first() else {
         return Err(Error::InvalidRequest("cmd must name a program".into()));
     };
@@ -219,8 +246,9 @@ fn spawn_failed(
         Some(libc::ENOTDIR) => (127, "not a directory".to_owned()),
         _ => return Err(Error::from_spawn(format_args!("starting {program:?}"), &e)),
     };
-    // Swallow any stdin the client sends, so its credit keeps flowing.
-    if let Some(mut up) = upload {
+    // Swallow any stdin the client sends, so its credit keeps flowing. A
+    // terminal's input never ends on its own: it is dropped instead.
+    if let (Some(mut up), None) = (upload, spec.pty) {
         while let Some(Upload::Data(_)) = up.next(out) {}
     }
     let msg = format!("stacyvm: {program}: {reason}\n").into_bytes();
@@ -231,7 +259,13 @@ fn spawn_failed(
         truncated = true;
     }
     if !msg.is_empty() {
-        let _ = out.chunk(Kind::Stderr, &msg, None);
+        // A terminal has one output stream.
+        let kind = if spec.pty.is_some() {
+            Kind::Stdout
+        } else {
+            Kind::Stderr
+        };
+        let _ = out.chunk(kind, &msg, None);
     }
     Ok(ExitFrame {
         status: ExitStatus {
@@ -273,16 +307,11 @@ struct OutputPump<'a> {
 impl OutputPump<'_> {
     fn run(
         mut self,
-        stdout: Option<std::process::ChildStdout>,
-        stderr: Option<std::process::ChildStderr>,
+        mut pipes: [Option<Box<dyn ReadFd>>; 2],
         notify: ExitNotice,
         child: &mut Child,
         started: Instant,
     ) -> Result<ExitFrame> {
-        let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
-            stdout.map(|p| Box::new(p) as Box<dyn ReadFd>),
-            stderr.map(|p| Box::new(p) as Box<dyn ReadFd>),
-        ];
         let mut notify = Some(notify);
         let mut exited_at: Option<Instant> = None;
         // Set when the waiter could not wait; the exit is then polled for.
@@ -551,7 +580,7 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 
 /// Whether the agent runs under ptrace (PRoot), read once from
 /// `/proc/self/status`.
-fn traced() -> bool {
+pub(crate) fn traced() -> bool {
     static TRACED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *TRACED.get_or_init(|| {
         std::fs::read_to_string("/proc/self/status")

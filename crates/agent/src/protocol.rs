@@ -41,8 +41,14 @@ pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD + HEADER_LEN;
 pub const CHUNK_SIZE: usize = 64 * 1024;
 
 /// How many chunk frames a sender may have in flight per request before it
-/// waits for credit.
+/// waits for credit, unless the hello agreed on another window. A peer that
+/// says nothing about the window uses this one.
 pub const WINDOW: u32 = 16;
+
+/// The largest window an agent agrees to. A wider window pays when the
+/// connection has a long round trip (tunnelled through a worker), at the
+/// price of that many chunks buffered per request on each side.
+pub const MAX_WINDOW: u32 = 64;
 
 /// Most entries a list or glob answers with.
 pub const MAX_ENTRIES: usize = 100_000;
@@ -377,6 +383,10 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 pub struct Hello {
     /// Protocol versions the client speaks.
     pub versions: Vec<u32>,
+    /// The credit window, in chunks, the client would like; absent means
+    /// [`WINDOW`]. The agent answers with the window both sides then use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
 }
 
 /// What the agent reports about itself (the `HelloOk` and `health` answer).
@@ -387,6 +397,24 @@ pub struct AgentInfo {
     /// The protocol version chosen for this connection.
     pub protocol: u32,
     pub pid: u32,
+    /// The credit window of this connection, in chunks; absent (an agent
+    /// that predates the choice) means [`WINDOW`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
+}
+
+impl AgentInfo {
+    /// The credit window both sides use on this connection.
+    pub fn window(&self) -> u32 {
+        self.window.unwrap_or(WINDOW)
+    }
+}
+
+/// The window an agent agrees to for a client asking for `asked`: never
+/// below [`WINDOW`] (every peer can hold that much), never above
+/// [`MAX_WINDOW`].
+pub fn choose_window(asked: Option<u32>) -> u32 {
+    asked.unwrap_or(WINDOW).clamp(WINDOW, MAX_WINDOW)
 }
 
 /// Picks the newest version both sides speak.
@@ -453,6 +481,40 @@ pub enum Request {
     /// error (what was written before it stays). Answer: `Ok` with the
     /// [`ArchiveSummary`](stacyvm_core::ArchiveSummary).
     FileExtract { path: String },
+    /// Starts a background process the agent keeps in its table. Answer:
+    /// `Ok` with [`ProcInfo`](crate::procs::ProcInfo).
+    ProcStart {
+        cmd: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default)]
+        cwd: Option<String>,
+    },
+    /// Answer: `Ok` with the array of [`ProcInfo`](crate::procs::ProcInfo).
+    ProcList,
+    /// Answer: `Ok` with the [`ProcInfo`](crate::procs::ProcInfo).
+    ProcGet { pid: u32 },
+    /// Answer: `Stdout`/`Stderr` chunks of what is still in the rings, then
+    /// (with `follow`) live output; then `Exit` with a
+    /// [`ProcExit`](crate::procs::ProcExit) once the process finished, or
+    /// `End` when not following and it still runs.
+    ProcOutput {
+        pid: u32,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Writes the `Data` frames the client sends, then `End`, to the
+    /// process's stdin; with `close`, closes it afterwards. Answer: `Ok`
+    /// with the number of bytes written.
+    ProcStdin {
+        pid: u32,
+        #[serde(default)]
+        close: bool,
+    },
+    /// Sends a signal (TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT) to the
+    /// process's group. Answer: `Ok` with the
+    /// [`ProcInfo`](crate::procs::ProcInfo).
+    ProcSignal { pid: u32, signal: String },
     /// Connects to `127.0.0.1:port` inside the sandbox and splices bytes:
     /// `Ok` once connected, then the server's bytes as `Data` chunks and
     /// `End` when it closes; the client's `Data` frames go to the server and
@@ -467,6 +529,7 @@ impl Request {
         match self {
             Request::FileWrite { .. }
             | Request::FileExtract { .. }
+            | Request::ProcStdin { .. }
             | Request::PortConnect { .. } => true,
             Request::Exec(spec) => spec.stdin,
             _ => false,
@@ -493,6 +556,18 @@ pub struct ExecSpec {
     /// Streaming: output is sent as produced and never capped.
     #[serde(default)]
     pub stream: bool,
+    /// Runs the command on a pseudo-terminal of this size (implies
+    /// `stream`; see `pty`): stdin frames are then tagged input and resize
+    /// messages, and all output arrives as `Stdout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's window size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 /// The payload of an `Exit` frame.

@@ -7,7 +7,6 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use crate::flow::Out;
-use crate::protocol::WINDOW;
 
 /// One item of an upload.
 #[derive(Debug)]
@@ -23,15 +22,18 @@ pub struct UploadRx {
     /// within it.
     budget: Arc<AtomicU32>,
     consumed: u32,
+    /// The connection's credit window, in chunks.
+    window: u32,
     ended: bool,
 }
 
 impl UploadRx {
-    pub fn new(rx: Receiver<Upload>, budget: Arc<AtomicU32>) -> UploadRx {
+    pub fn new(rx: Receiver<Upload>, budget: Arc<AtomicU32>, window: u32) -> UploadRx {
         UploadRx {
             rx,
             budget,
             consumed: 0,
+            window,
             ended: false,
         }
     }
@@ -46,7 +48,7 @@ impl UploadRx {
             Ok(Upload::Data(d)) => {
                 self.consumed += 1;
                 // Credit in batches to halve the frames going back.
-                if self.consumed >= WINDOW / 2 {
+                if self.consumed >= self.window / 2 {
                     // The budget grows before the client can learn of it.
                     self.budget.fetch_add(self.consumed, Ordering::SeqCst);
                     out.credit(self.consumed);

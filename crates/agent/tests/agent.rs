@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use stacyvm_agent::protocol::{
     read_frame, AgentInfo, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE,
-    MAX_FRAME_LEN, WINDOW,
+    MAX_FRAME_LEN, MAX_WINDOW, WINDOW,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{Error, FileEntry, FileType};
@@ -102,11 +102,16 @@ fn wire(f: &Frame) -> Error {
 
 impl Conn {
     fn hello(&mut self, versions: &[u32]) -> Answer<AgentInfo> {
+        self.hello_asking(versions, None)
+    }
+
+    fn hello_asking(&mut self, versions: &[u32], window: Option<u32>) -> Answer<AgentInfo> {
         self.send(&Frame::json(
             0,
             Kind::Hello,
             &Hello {
                 versions: versions.to_vec(),
+                window,
             },
         ));
         let f = self.recv();
@@ -285,6 +290,7 @@ fn spec(args: &[&str]) -> ExecSpec {
         timeout_ms: 60_000,
         output_cap: 16 << 20,
         stream: false,
+        pty: None,
     }
 }
 
@@ -923,6 +929,39 @@ fn bad_frames_close_only_their_connection() -> TestResult {
 }
 
 #[test]
+fn the_credit_window_is_agreed_in_the_hello() -> TestResult {
+    let agent = Agent::start();
+    for (asked, agreed) in [
+        (None, WINDOW),
+        (Some(0), WINDOW),
+        (Some(MAX_WINDOW), MAX_WINDOW),
+        (Some(u32::MAX), MAX_WINDOW),
+    ] {
+        let info = agent.connect_raw().hello_asking(&[1], asked)?;
+        assert_eq!(info.window, Some(agreed), "asked {asked:?}");
+    }
+
+    // A whole agreed window of upload goes through without credit (the
+    // command never reads its stdin), and a chunk more is a protocol error.
+    let mut wide = agent.connect_raw();
+    wide.hello_asking(&[1], Some(MAX_WINDOW))?;
+    let mut held = spec(&["sleep", "1000"]);
+    held.stdin = true;
+    let id = wide.request(&Request::Exec(held));
+    let chunk = Frame::new(id, Kind::Data, vec![0; CHUNK_SIZE]).encode();
+    for _ in 0..MAX_WINDOW {
+        wide.send_raw(&chunk);
+    }
+    let info: AgentInfo = wide.ok(&Request::Health)?;
+    assert_eq!(info.window, Some(MAX_WINDOW));
+    wide.send_raw(&chunk);
+    let f = wide.recv_answer();
+    assert_eq!((f.id, f.kind), (id, Kind::Error));
+    assert!(wide.closed());
+    Ok(())
+}
+
+#[test]
 fn the_socket_is_private_and_stdio_mode_works() -> TestResult {
     let agent = Agent::start();
     let mode = std::fs::metadata(&agent.sock)?.permissions().mode() & 0o777;
@@ -940,7 +979,17 @@ fn the_socket_is_private_and_stdio_mode_works() -> TestResult {
     let result = (|| -> TestResult {
         let mut input = child.stdin.take().ok_or("stdin")?;
         let mut output = child.stdout.take().ok_or("stdout")?;
-        input.write_all(&Frame::json(0, Kind::Hello, &Hello { versions: vec![1] }).encode())?;
+        input.write_all(
+            &Frame::json(
+                0,
+                Kind::Hello,
+                &Hello {
+                    versions: vec![1],
+                    window: None,
+                },
+            )
+            .encode(),
+        )?;
         assert_eq!(
             read_frame(&mut output).map_err(|e| e.to_string())?.kind,
             Kind::HelloOk
@@ -1016,7 +1065,17 @@ fn process_state(pid: u32) -> Option<char> {
 fn init_mode_reaps_orphans_and_ends_with_the_agent() -> TestResult {
     let (mut init, mut input, mut output) = start_init()?;
     let result = (|| -> TestResult {
-        input.write_all(&Frame::json(0, Kind::Hello, &Hello { versions: vec![1] }).encode())?;
+        input.write_all(
+            &Frame::json(
+                0,
+                Kind::Hello,
+                &Hello {
+                    versions: vec![1],
+                    window: None,
+                },
+            )
+            .encode(),
+        )?;
         let hello = read_frame(&mut output).map_err(|e| e.to_string())?;
         assert_eq!(hello.kind, Kind::HelloOk);
         let info: AgentInfo = hello.parse().map_err(|e| e.to_string())?;
@@ -1060,5 +1119,190 @@ fn init_mode_reaps_orphans_and_ends_with_the_agent() -> TestResult {
     let (mut init, input, _output) = start_init()?;
     drop(input);
     assert!(init.wait()?.success());
+    Ok(())
+}
+
+impl Conn {
+    /// Reads a process's output until `Exit` (its status) or `End` (none).
+    fn proc_output(
+        &mut self,
+        pid: u32,
+        follow: bool,
+    ) -> Answer<(Vec<u8>, Vec<u8>, Option<stacyvm_agent::procs::ProcExit>)> {
+        let id = self.request(&Request::ProcOutput { pid, follow });
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            let f = self.recv_answer();
+            match f.kind {
+                Kind::Stdout => out.extend_from_slice(&f.payload),
+                Kind::Stderr => err.extend_from_slice(&f.payload),
+                Kind::Exit => return Ok((out, err, Some(f.parse().expect("an exit")))),
+                Kind::End => return Ok((out, err, None)),
+                Kind::Error => return Err(wire(&f)),
+                k => panic!("unexpected {k:?}"),
+            }
+            self.send(&Frame::credit(id, 1));
+        }
+    }
+
+    fn proc_stdin(&mut self, pid: u32, data: &[u8], close: bool) -> Answer<u64> {
+        let id = self.request(&Request::ProcStdin { pid, close });
+        self.upload(id, data)?;
+        let f = self.recv_answer();
+        match f.kind {
+            Kind::Ok => Ok(f.parse().expect("a count")),
+            Kind::Error => Err(wire(&f)),
+            k => panic!("unexpected {k:?}"),
+        }
+    }
+}
+
+fn start_req(args: &[&str]) -> Request {
+    Request::ProcStart {
+        cmd: args.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
+        cwd: None,
+    }
+}
+
+#[test]
+fn background_processes_outlive_their_connection_and_keep_their_output() -> TestResult {
+    use stacyvm_agent::procs::ProcInfo;
+    let agent = Agent::start();
+    let pid = {
+        let mut c = agent.connect();
+        let info: ProcInfo = c.ok(&start_req(&[
+            "sh",
+            "-c",
+            "echo $GREETING; echo oops >&2; read line; echo got:$line; sleep 600",
+        ]))?;
+        assert_eq!(info.state, "running");
+        info.pid
+        // The connection closes here; the process must stay.
+    };
+    let mut c = agent.connect();
+    let list: Vec<ProcInfo> = c.ok(&Request::ProcList)?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].pid, pid);
+    assert_eq!(list[0].state, "running");
+    assert_eq!(c.proc_stdin(pid, b"there\n", false)?, 6);
+    // Without follow, what is in the rings now and `End`.
+    let mut seen = Vec::new();
+    for _ in 0..500 {
+        let (out, err, exit) = c.proc_output(pid, false)?;
+        assert!(exit.is_none());
+        seen = out;
+        if seen.ends_with(b"got:there\n") {
+            assert_eq!(err, b"oops\n");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(seen, b"hi\ngot:there\n");
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&Request::ProcSignal {
+            pid,
+            signal: "SEGV".into()
+        })),
+        "invalid_request"
+    );
+    let info: ProcInfo = c.ok(&Request::ProcSignal {
+        pid,
+        signal: "TERM".into(),
+    })?;
+    assert_eq!(info.pid, pid);
+    let (out, _, exit) = c.proc_output(pid, true)?;
+    assert_eq!(out, b"hi\ngot:there\n");
+    let exit = exit.expect("an exit after follow");
+    assert_eq!(exit.status.signal, Some(libc::SIGTERM));
+    assert!(gone(pid as i32));
+    let info: ProcInfo = c.ok(&Request::ProcGet { pid })?;
+    assert_eq!(info.state, "exited");
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&Request::ProcGet { pid: 1 })),
+        "not_found"
+    );
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&Request::ProcSignal {
+            pid,
+            signal: "KILL".into()
+        })),
+        "conflict"
+    );
+    Ok(())
+}
+
+#[test]
+fn background_stdin_closes_and_the_exit_code_is_kept() -> TestResult {
+    use stacyvm_agent::procs::ProcInfo;
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    let info: ProcInfo = c.ok(&start_req(&["sh", "-c", "cat; exit 7"]))?;
+    c.proc_stdin(info.pid, b"abc", false)?;
+    c.proc_stdin(info.pid, b"", true)?;
+    let (out, _, exit) = c.proc_output(info.pid, true)?;
+    assert_eq!(out, b"abc");
+    assert_eq!(exit.expect("an exit").status.exit_code, Some(7));
+    assert_eq!(code(&c.proc_stdin(info.pid, b"late", false)), "conflict");
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&start_req(&["/no/such/program"]))),
+        "invalid_request"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_output_ring_is_bounded_and_counts_what_it_dropped() -> TestResult {
+    use stacyvm_agent::procs::{ProcInfo, RING_BYTES};
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    // 3 MiB of output on stdout.
+    let info: ProcInfo = c.ok(&start_req(&[
+        "sh",
+        "-c",
+        "head -c 3145728 /dev/zero | tr '\\0' x",
+    ]))?;
+    // Read only after the exit: a reader following live output would keep up.
+    for _ in 0..3000 {
+        let now: ProcInfo = c.ok(&Request::ProcGet { pid: info.pid })?;
+        if now.state == "exited" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (out, _, exit) = c.proc_output(info.pid, true)?;
+    let exit = exit.expect("an exit");
+    assert_eq!(exit.status.exit_code, Some(0));
+    assert_eq!(out.len(), RING_BYTES);
+    assert_eq!(exit.stdout_dropped, 3 * 1024 * 1024 - RING_BYTES as u64);
+    Ok(())
+}
+
+#[test]
+fn running_background_processes_are_capped() -> TestResult {
+    use stacyvm_agent::procs::{ProcInfo, MAX_RUNNING};
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    let mut pids = Vec::new();
+    for _ in 0..MAX_RUNNING {
+        let info: ProcInfo = c.ok(&start_req(&["sleep", "600"]))?;
+        pids.push(info.pid);
+    }
+    assert_eq!(
+        code(&c.ok::<ProcInfo>(&start_req(&["sleep", "600"]))),
+        "conflict"
+    );
+    for pid in &pids {
+        let _: ProcInfo = c.ok(&Request::ProcSignal {
+            pid: *pid,
+            signal: "KILL".into(),
+        })?;
+    }
+    for pid in pids {
+        let (_, _, exit) = c.proc_output(pid, true)?;
+        assert_eq!(exit.expect("an exit").status.signal, Some(libc::SIGKILL));
+    }
+    let info: ProcInfo = c.ok(&start_req(&["true"]))?;
+    assert!(info.pid > 0);
     Ok(())
 }

@@ -63,6 +63,12 @@ pub struct Quota {
     /// Execs and streaming execs the tenant may run at once.
     #[serde(default)]
     pub max_concurrent_execs: Option<i64>,
+    /// Volumes the tenant may have.
+    #[serde(default)]
+    pub max_volumes: Option<i64>,
+    /// MiB of all the tenant's volumes together (their sizes, not what is written).
+    #[serde(default)]
+    pub max_volume_mb: Option<i64>,
 }
 
 /// A tenant and the quota in force for it.

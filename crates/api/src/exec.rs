@@ -124,3 +124,93 @@ pub struct StreamError {
     pub code: String,
     pub message: String,
 }
+
+/// Body of `POST /v1/sandboxes/{id}/processes`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ProcessStart {
+    /// The argv array; never joined into a shell string.
+    pub cmd: Vec<String>,
+    /// Added to the sandbox's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (absolute); default the sandbox's workdir.
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
+impl ProcessStart {
+    /// Starts `argv` with the sandbox's defaults.
+    pub fn new<I, S>(argv: I) -> ProcessStart
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ProcessStart {
+            cmd: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Starts `script` with `sh -c`.
+    pub fn shell(script: impl Into<String>) -> ProcessStart {
+        ProcessStart::new(["sh".to_owned(), "-c".to_owned(), script.into()])
+    }
+}
+
+/// A background process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Process {
+    /// Its process id inside the sandbox.
+    pub pid: u32,
+    pub cmd: Vec<String>,
+    pub cwd: Option<String>,
+    /// `running` or `exited`.
+    pub state: String,
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
+    /// RFC 3339.
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub stdin_open: bool,
+    /// Whether older output was dropped from the bounded output buffer.
+    pub truncated: bool,
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+}
+
+impl Process {
+    /// Whether it still runs.
+    pub fn is_running(&self) -> bool {
+        self.state == "running"
+    }
+}
+
+/// `{"processes": [...]}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProcessList {
+    pub processes: Vec<Process>,
+}
+
+/// Body of `POST …/processes/{pid}/signal`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSignal {
+    /// One of TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT.
+    pub signal: String,
+}
+
+/// Answer of `POST …/processes/{pid}/stdin`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StdinWritten {
+    /// Bytes written to the process's stdin.
+    pub written: u64,
+    /// Whether stdin is now closed.
+    pub closed: bool,
+}

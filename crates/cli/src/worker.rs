@@ -40,7 +40,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "STACYVM_WORKER_ADVERTISE", value_name = "URL")]
     advertise: Option<String>,
     /// Providers in preference order (comma-separated): docker,
-    /// namespaces, proot, plugin:NAME.
+    /// namespaces, proot, qemu, plugin:NAME.
     #[arg(
         long,
         env = "STACYVM_PROVIDERS",

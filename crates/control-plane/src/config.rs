@@ -313,6 +313,8 @@ pub fn default_tenant_quota() -> stacyvm_store::Quota {
         max_exec_per_minute: Some(600),
         allowed_providers: None,
         max_concurrent_execs: Some(100),
+        max_volumes: None,
+        max_volume_mb: None,
     }
 }
 

@@ -122,6 +122,9 @@ pub struct SpawnSpec {
     pub workdir: Option<String>,
     pub network: Network,
     pub labels: BTreeMap<String, String>,
+    /// Host directories (mounted volumes) to bind into the sandbox.
+    #[serde(default)]
+    pub mounts: Vec<crate::HostMount>,
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
     self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_ENTRIES, MAX_PAYLOAD,
-    PROTOCOL_VERSIONS, WINDOW,
+    MAX_WINDOW, PROTOCOL_VERSIONS,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{
@@ -41,6 +41,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ExecStream;
 
+pub use stacyvm_agent::protocol::PtySize;
+
+pub use stacyvm_agent::procs::{ProcExit, ProcInfo};
 /// What the agent reports about itself.
 pub use stacyvm_agent::protocol::AgentInfo;
 
@@ -70,11 +73,11 @@ pub const MAX_LIST_BYTES: usize = 64 * 1024 * 1024;
 /// Frames queued for the writer before senders wait.
 const WRITE_QUEUE: usize = 64;
 
-/// Frames one request may have waiting for its consumer: a full credit
-/// window of chunks, a streaming exec's acknowledgement and the last
+/// Frames one request may have waiting for its consumer beyond a full
+/// credit window of chunks: a streaming exec's acknowledgement and the last
 /// answer, with a little room to spare. Reaching it means the agent broke
 /// the protocol.
-const ROUTE_QUEUE: usize = WINDOW as usize + 4;
+const ROUTE_QUEUE_SPARE: usize = 4;
 
 /// Frames the agent may send for requests that are not in flight (the
 /// connection-level error that precedes a close, and the like) beyond what
@@ -116,6 +119,8 @@ struct Shared {
     closed: CancellationToken,
     /// Wakes the writer when credit is owed to the agent.
     credit_due: Notify,
+    /// The credit window agreed in the hello, in chunks.
+    window: u32,
 }
 
 struct Routes {
@@ -233,6 +238,7 @@ impl Shared {
     /// Hands one frame from the agent to its request. An error is a breach
     /// of the protocol that ends the connection.
     fn route(&self, frame: Frame) -> std::result::Result<(), String> {
+        let window = self.window;
         let mut guard = lock(&self.routes);
         let routes = &mut *guard;
         let id = frame.id;
@@ -257,7 +263,7 @@ impl Shared {
                 let n = frame.credit_count().map_err(|e| e.to_string())?;
                 // Never more credit than the window: the agent cannot owe
                 // room for more chunks than were sent.
-                let room = (WINDOW as usize).saturating_sub(route.credit.available_permits());
+                let room = (window as usize).saturating_sub(route.credit.available_permits());
                 route.credit.add_permits((n as usize).min(room));
                 return Ok(());
             }
@@ -265,7 +271,7 @@ impl Shared {
                 if route.allowance == 0 {
                     return Err(format!(
                         "the agent overran the credit window of request {id}: it sent a {kind:?} \
-                         chunk without credit (the window is {WINDOW} chunks)"
+                         chunk without credit (the window is {window} chunks)"
                     ));
                 }
                 route.allowance -= 1;
@@ -379,6 +385,9 @@ impl AgentClient {
             alive: AtomicBool::new(true),
             closed: CancellationToken::new(),
             credit_due: Notify::new(),
+            // The agent runs inside the sandbox: whatever it claims, it
+            // never gets more room on this side than was asked for.
+            window: info.window().clamp(1, MAX_WINDOW),
         });
         let (queue, queue_rx) = mpsc::channel(WRITE_QUEUE);
         let reader_task = tokio::spawn(read_loop(reader, shared.clone()));
@@ -493,6 +502,27 @@ impl AgentClient {
         self.exec_stream_from(req, Some(input)).await
     }
 
+    /// Runs `req.cmd` on a pseudo-terminal of `size` (no timeout, output
+    /// uncapped). `input` carries keystrokes and window-size changes; all
+    /// output arrives as `Stdout`. Dropping the stream kills the command's
+    /// process group and the terminal's foreground job.
+    pub async fn pty(
+        &self,
+        req: ExecRequest,
+        size: protocol::PtySize,
+        input: impl futures_util::Stream<Item = PtyInput> + Send + 'static,
+    ) -> Result<ExecStream> {
+        let mut req = req;
+        req.timeout_ms = 0;
+        req.stdin = Some(Vec::new());
+        let (mut spec, _) = exec_spec(req, true);
+        spec.pty = Some(size);
+        let body: ByteStream = Box::pin(input.flat_map(|piece| {
+            futures_util::stream::iter(piece.frames().into_iter().map(Ok::<_, std::io::Error>))
+        }));
+        self.stream_spec(spec, None, Some(body), None).await
+    }
+
     async fn exec_stream_from(
         &self,
         mut req: ExecRequest,
@@ -505,6 +535,16 @@ impl AgentClient {
             req.stdin = Some(Vec::new());
         }
         let (spec, stdin) = exec_spec(req, true);
+        self.stream_spec(spec, stdin, input, deadline).await
+    }
+
+    async fn stream_spec(
+        &self,
+        spec: ExecSpec,
+        stdin: Option<Vec<u8>>,
+        input: Option<ByteStream>,
+        deadline: Option<Instant>,
+    ) -> Result<ExecStream> {
         let started = async {
             let mut call = self.start(&Request::Exec(spec)).await?;
             // The agent acknowledges once the command started, so setup
@@ -809,6 +849,83 @@ impl AgentClient {
             .map_err(|_| timeout_error(self.call_timeout))?
     }
 
+    /// Starts a background process the agent keeps (it outlives this
+    /// connection).
+    pub async fn proc_start(
+        &self,
+        cmd: Vec<String>,
+        env: std::collections::BTreeMap<String, String>,
+        cwd: Option<String>,
+    ) -> Result<ProcInfo> {
+        self.simple(&Request::ProcStart { cmd, env, cwd }).await
+    }
+
+    pub async fn proc_list(&self) -> Result<Vec<ProcInfo>> {
+        self.simple(&Request::ProcList).await
+    }
+
+    pub async fn proc_get(&self, pid: u32) -> Result<ProcInfo> {
+        self.simple(&Request::ProcGet { pid }).await
+    }
+
+    pub async fn proc_signal(&self, pid: u32, signal: &str) -> Result<ProcInfo> {
+        self.simple(&Request::ProcSignal {
+            pid,
+            signal: signal.to_owned(),
+        })
+        .await
+    }
+
+    /// Writes `body` to the process's stdin, then closes stdin if `close`.
+    /// Returns the bytes written.
+    pub async fn proc_stdin(&self, pid: u32, close: bool, body: ByteStream) -> Result<u64> {
+        self.upload(Request::ProcStdin { pid, close }, body).await
+    }
+
+    /// The process's output from the oldest byte still kept; with `follow`,
+    /// then live output until it exits. Ends with [`ProcEvent::Exit`] once
+    /// the process finished.
+    pub async fn proc_output(&self, pid: u32, follow: bool) -> Result<ProcOutput> {
+        // The first frame is not awaited here: a running process that prints
+        // nothing sends none, and a reader must get its stream (to write the
+        // stdin the process waits for, say) before any output exists. An
+        // unknown pid comes as the stream's first error; callers wanting a
+        // plain refusal look the process up first.
+        let call = self
+            .bounded(self.start(&Request::ProcOutput { pid, follow }))
+            .await?;
+        let state = (call, None, false);
+        let stream = futures_util::stream::unfold(state, |(mut call, first, done)| async move {
+            if done {
+                return None;
+            }
+            let next = match first {
+                Some(f) => Ok(f),
+                None => call.recv().await,
+            };
+            let item = match next {
+                Ok(f) => match f.kind {
+                    Kind::Stdout => Ok(ProcEvent::Stdout(Bytes::from(f.payload))),
+                    Kind::Stderr => Ok(ProcEvent::Stderr(Bytes::from(f.payload))),
+                    Kind::Exit => {
+                        call.finish();
+                        let exit = parse::<ProcExit>(&f).map(ProcEvent::Exit);
+                        return Some((exit, (call, None, true)));
+                    }
+                    Kind::End => {
+                        call.finish();
+                        return None;
+                    }
+                    _ => Err(call.unexpected(&f)),
+                },
+                Err(e) => Err(e),
+            };
+            let done = item.is_err();
+            Some((item, (call, None, done)))
+        });
+        Ok(Box::pin(stream))
+    }
+
     async fn simple<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T> {
         self.bounded(async {
             let mut call = self.start(req).await?;
@@ -876,8 +993,9 @@ impl AgentClient {
         }
         let awaiting_ack = matches!(req, Request::Exec(spec) if spec.stream)
             || matches!(req, Request::PortConnect { .. });
-        let (tx, rx) = mpsc::channel(ROUTE_QUEUE);
-        let credit = Arc::new(Semaphore::new(WINDOW as usize));
+        let window = inner.shared.window;
+        let (tx, rx) = mpsc::channel(window as usize + ROUTE_QUEUE_SPARE);
+        let credit = Arc::new(Semaphore::new(window as usize));
         let id = {
             let mut routes = lock(&inner.shared.routes);
             if routes.dead.is_some() {
@@ -893,7 +1011,7 @@ impl AgentClient {
                 Route {
                     frames: tx,
                     credit: credit.clone(),
-                    allowance: WINDOW,
+                    allowance: window,
                     awaiting_ack,
                     ended: false,
                 },
@@ -1002,6 +1120,8 @@ where
         Kind::Hello,
         &Hello {
             versions: PROTOCOL_VERSIONS.to_vec(),
+            // Costs nothing on a local socket and pays through a tunnel.
+            window: Some(MAX_WINDOW),
         },
     );
     writer
@@ -1167,7 +1287,7 @@ impl Call {
         };
         if frame.kind.is_chunk() {
             self.consumed += 1;
-            if self.consumed >= WINDOW / 2 {
+            if self.consumed >= self.tx.inner.shared.window / 2 {
                 self.tx.inner.shared.grant(self.tx.id, self.consumed);
                 self.consumed = 0;
             }
@@ -1218,7 +1338,7 @@ impl Drop for Call {
             // What the agent may still send before it sees the cancel: the
             // chunks it has credit for, upload credit, the acknowledgement
             // and the last answer.
-            let may_send = u64::from(route.allowance) + u64::from(WINDOW) + 2;
+            let may_send = u64::from(route.allowance) + u64::from(inner.shared.window) + 2;
             routes.stray_allowance = routes.stray_allowance.saturating_add(may_send);
         }
         drop(routes);
@@ -1281,6 +1401,39 @@ fn parse<T: serde::de::DeserializeOwned>(frame: &Frame) -> Result<T> {
         .map_err(|e| Error::Internal(format!("the agent sent a malformed answer: {e}")))
 }
 
+/// One piece of input to a terminal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PtyInput {
+    /// Bytes typed into the terminal.
+    Bytes(Bytes),
+    /// The terminal window's new size.
+    Resize(protocol::PtySize),
+}
+
+impl PtyInput {
+    /// The tagged `Data` payloads this input travels in (see the agent's
+    /// `pty` module), each within one chunk.
+    fn frames(self) -> Vec<Bytes> {
+        match self {
+            PtyInput::Bytes(b) => b
+                .chunks(CHUNK_SIZE - 1)
+                .map(|piece| {
+                    let mut v = Vec::with_capacity(piece.len() + 1);
+                    v.push(stacyvm_agent::pty::INPUT);
+                    v.extend_from_slice(piece);
+                    Bytes::from(v)
+                })
+                .collect(),
+            PtyInput::Resize(size) => {
+                let mut v = vec![stacyvm_agent::pty::RESIZE];
+                v.extend_from_slice(&size.cols.to_be_bytes());
+                v.extend_from_slice(&size.rows.to_be_bytes());
+                vec![Bytes::from(v)]
+            }
+        }
+    }
+}
+
 fn exec_spec(req: ExecRequest, stream: bool) -> (ExecSpec, Option<Vec<u8>>) {
     let spec = ExecSpec {
         cmd: req.cmd,
@@ -1290,6 +1443,7 @@ fn exec_spec(req: ExecRequest, stream: bool) -> (ExecSpec, Option<Vec<u8>>) {
         timeout_ms: req.timeout_ms,
         output_cap: req.output_cap,
         stream,
+        pty: None,
     };
     (spec, req.stdin)
 }
@@ -1324,3 +1478,15 @@ async fn send_body(tx: CallTx, mut body: ByteStream) -> Result<()> {
     }
     tx.end().await
 }
+
+/// One event of a background process's output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// The process exited and its output is complete.
+    Exit(ProcExit),
+}
+
+/// A background process's output, as [`AgentClient::proc_output`] streams it.
+pub type ProcOutput = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<ProcEvent>> + Send>>;

@@ -132,6 +132,15 @@ pub fn build_providers(
                         .is_ok_and(|v| v == "allow"),
                 ),
             )),
+            "qemu" => out.push(Arc::new(crate::qemu::QemuProvider::new(
+                crate::qemu::QemuConfig {
+                    data_dir: options.data_dir.clone(),
+                    agent_bin: agent_bin.clone(),
+                    catalog: catalog.clone(),
+                    instance: instance.to_owned(),
+                    guest_dir: crate::microvm::GuestAssets::default_dir(),
+                },
+            )?)),
             "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
                 data_dir: options.data_dir.clone(),
                 agent_bin: agent_bin.clone(),
@@ -140,7 +149,7 @@ pub fn build_providers(
             })?)),
             other => {
                 return Err(Error::InvalidRequest(format!(
-                    "unknown provider {other:?}; available: docker, namespaces, proot, \
+                    "unknown provider {other:?}; available: docker, namespaces, proot, qemu, \
                      plugin:NAME"
                 )))
             }

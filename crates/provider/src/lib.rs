@@ -17,10 +17,13 @@ pub mod docker;
 pub mod fake;
 pub mod host;
 pub mod images;
+pub mod microvm;
 pub mod namespaces;
 pub mod plugin;
 pub mod proot;
+pub mod qemu;
 pub mod sandboxing;
+pub mod snapshot;
 
 use std::sync::Arc;
 
@@ -113,6 +116,13 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Whether [`Provider::spawn`] binds `spec.mounts` (volumes) into the
+    /// sandbox. The worker refuses a spec with mounts for one that does not,
+    /// so a provider that ignores them can never drop a volume silently.
+    fn supports_mounts(&self) -> bool {
+        false
+    }
+
     /// Starts a runtime for `spec` and returns once its agent answers.
     /// On error nothing of the runtime is left behind.
     async fn spawn(&self, spec: &SpawnSpec) -> Result<()>;
@@ -163,6 +173,18 @@ pub trait Provider: Send + Sync + 'static {
     async fn resume(&self, _id: &SandboxId) -> Result<()> {
         Err(Error::Unsupported(format!(
             "the {} provider cannot resume sandboxes",
+            self.name()
+        )))
+    }
+
+    /// Streams the sandbox's root filesystem as a tar, for a snapshot that
+    /// the catalog imports as a new image. The caller pauses the sandbox
+    /// first where the provider can, so the tar is one consistent moment.
+    /// Kernel filesystems and StacyVM's injected files are left out (see
+    /// [`snapshot::DEFAULT_EXCLUDES`]); links are stored, never followed.
+    async fn snapshot(&self, _id: &SandboxId) -> Result<ByteStream> {
+        Err(Error::Unsupported(format!(
+            "the {} provider cannot snapshot sandboxes",
             self.name()
         )))
     }

@@ -513,12 +513,13 @@ impl Fake {
         self.w.flush().await
     }
 
-    async fn hello(&mut self) -> anyhow::Result<()> {
+    /// Answers the hello with `info`; returns the window the client asked for.
+    async fn hello(&mut self, info: &AgentInfo) -> anyhow::Result<Option<u32>> {
         let hello = self.recv().await?.context("no hello")?;
         anyhow::ensure!(hello.kind == Kind::Hello, "the first frame is {hello:?}");
-        self.send(&Frame::json(0, Kind::HelloOk, &fake_info()))
-            .await?;
-        Ok(())
+        let asked = hello.parse::<protocol::Hello>()?.window;
+        self.send(&Frame::json(0, Kind::HelloOk, info)).await?;
+        Ok(asked)
     }
 
     /// The next request, skipping credits and other frames.
@@ -564,6 +565,7 @@ fn fake_info() -> AgentInfo {
         version: "fake".into(),
         protocol: 1,
         pid: 1,
+        window: None,
     }
 }
 
@@ -572,7 +574,26 @@ async fn fake_pair() -> anyhow::Result<(Arc<AgentClient>, Fake)> {
     let (ours, theirs) = tokio::net::UnixStream::pair()?;
     let (tr, tw) = theirs.into_split();
     let (r, w) = ours.into_split();
-    connect_fake(Box::new(r), Box::new(w), Box::new(tr), Box::new(tw)).await
+    connect_fake(
+        Box::new(r),
+        Box::new(w),
+        Box::new(tr),
+        Box::new(tw),
+        fake_info(),
+    )
+    .await
+}
+
+/// A client connected to a fake agent whose hello claims `window`.
+async fn fake_pair_claiming(window: u32) -> anyhow::Result<(Arc<AgentClient>, Fake)> {
+    let (ours, theirs) = tokio::net::UnixStream::pair()?;
+    let (tr, tw) = theirs.into_split();
+    let (r, w) = ours.into_split();
+    let info = AgentInfo {
+        window: Some(window),
+        ..fake_info()
+    };
+    connect_fake(Box::new(r), Box::new(w), Box::new(tr), Box::new(tw), info).await
 }
 
 /// The same over an in-memory pipe (for tests on paused time, where only
@@ -581,7 +602,14 @@ async fn fake_duplex() -> anyhow::Result<(Arc<AgentClient>, Fake)> {
     let (ours, theirs) = tokio::io::duplex(256 * 1024);
     let (r, w) = tokio::io::split(ours);
     let (tr, tw) = tokio::io::split(theirs);
-    connect_fake(Box::new(r), Box::new(w), Box::new(tr), Box::new(tw)).await
+    connect_fake(
+        Box::new(r),
+        Box::new(w),
+        Box::new(tr),
+        Box::new(tw),
+        fake_info(),
+    )
+    .await
 }
 
 async fn connect_fake(
@@ -589,10 +617,15 @@ async fn connect_fake(
     w: Box<dyn AsyncWrite + Send + Unpin>,
     tr: Box<dyn AsyncRead + Send + Unpin>,
     tw: Box<dyn AsyncWrite + Send + Unpin>,
+    info: AgentInfo,
 ) -> anyhow::Result<(Arc<AgentClient>, Fake)> {
     let agent = tokio::spawn(async move {
         let mut fake = Fake { r: tr, w: tw };
-        fake.hello().await?;
+        let asked = fake.hello(&info).await?;
+        anyhow::ensure!(
+            asked == Some(protocol::MAX_WINDOW),
+            "the client asked for a window of {asked:?}"
+        );
         Ok::<_, anyhow::Error>(fake)
     });
     let client = AgentClient::over(r, w).await?;
@@ -679,6 +712,54 @@ async fn an_agent_that_sends_beyond_its_credit_loses_the_connection() -> anyhow:
             "the client kept the connection"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_window_is_the_agreed_one_and_never_wider_than_asked() -> anyhow::Result<()> {
+    // An agent claiming far more room than the client asked for gets what
+    // the client asked for: a whole such window, and not one chunk more.
+    let (client, mut fake) = fake_pair_claiming(u32::MAX).await?;
+    let c = client.clone();
+    let opened = tokio::spawn(async move {
+        c.file_read("/f")
+            .await
+            .map(|s| s.map(|i| i.map(|_| ()).map_err(|e| e.to_string())).boxed())
+    });
+    let (rid, _) = fake.request().await?;
+    let chunk = Frame::new(rid, Kind::Data, vec![b'y'; 1024]);
+    fake.send(&chunk).await?;
+    let mut stream = opened.await??;
+    // Nobody reads the stream, so no credit goes back.
+    flood(&mut fake, &chunk, protocol::MAX_WINDOW as usize - 1).await;
+    let health = spawn_health(&client);
+    let (hid, _) = fake.request().await?;
+    fake.send(&Frame::json(hid, Kind::Ok, &fake_info())).await?;
+    health.await??;
+    assert!(
+        client.is_alive(),
+        "a window wider than the base one is kept"
+    );
+
+    fake.send(&chunk).await?;
+    assert!(
+        fake.client_hangs_up().await?,
+        "the client kept the connection"
+    );
+    let mut chunks = 0;
+    let mut end = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(()) => chunks += 1,
+            Err(e) => {
+                end = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(chunks, protocol::MAX_WINDOW as usize);
+    let end = end.context("the stream ended without an error")?;
+    assert!(end.contains("credit window"), "{end}");
     Ok(())
 }
 
@@ -922,7 +1003,7 @@ fn listening_fake(path: &Path) -> anyhow::Result<AbortOnDrop> {
                     r: Box::new(r),
                     w: Box::new(w),
                 };
-                if fake.hello().await.is_ok() {
+                if fake.hello(&fake_info()).await.is_ok() {
                     let _ = fake.silent().await;
                 }
             });

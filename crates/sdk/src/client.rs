@@ -76,6 +76,7 @@ pub struct ClientBuilder {
     timeout: Duration,
     retry: RetryPolicy,
     user_agent: String,
+    root_pems: Vec<Vec<u8>>,
 }
 
 impl Default for ClientBuilder {
@@ -87,6 +88,7 @@ impl Default for ClientBuilder {
             timeout: Duration::from_secs(300),
             retry: RetryPolicy::default(),
             user_agent: format!("stacyvm-sdk-rust/{}", env!("CARGO_PKG_VERSION")),
+            root_pems: Vec::new(),
         }
     }
 }
@@ -129,6 +131,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Also trusts the CA certificates in `pem` for `https://` servers'
+    /// terminals (`wss://`), besides the system's (or `SSL_CERT_FILE`'s).
+    pub fn add_root_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_pems.push(pem.into());
+        self
+    }
+
     pub fn build(self) -> Result<Client> {
         let mut base = Url::parse(self.url.trim()).map_err(|e| {
             Error::Config(format!("the server URL {:?} is not a URL: {e}", self.url))
@@ -156,10 +165,11 @@ impl ClientBuilder {
             v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
+        let api_key = headers.get(AUTHORIZATION).cloned();
         let http = reqwest::Client::builder()
             .default_headers(headers)
             .connect_timeout(self.connect_timeout)
-            .user_agent(self.user_agent)
+            .user_agent(self.user_agent.clone())
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Client {
@@ -168,6 +178,12 @@ impl ClientBuilder {
                 base,
                 timeout: self.timeout,
                 retry: self.retry,
+                ws: crate::pty::WsConfig {
+                    authorization: api_key,
+                    user_agent: self.user_agent,
+                    connect_timeout: self.connect_timeout,
+                    root_pems: self.root_pems,
+                },
             }),
         })
     }
@@ -178,6 +194,7 @@ struct Inner {
     base: Url,
     timeout: Duration,
     retry: RetryPolicy,
+    ws: crate::pty::WsConfig,
 }
 
 /// A StacyVM API client. Cheap to clone; clones share one connection pool.
@@ -262,6 +279,10 @@ impl Client {
     /// The server's base URL.
     pub fn base_url(&self) -> &Url {
         &self.inner.base
+    }
+
+    pub(crate) fn ws_config(&self) -> &crate::pty::WsConfig {
+        &self.inner.ws
     }
 
     /// The URL of `segments` (each percent-encoded as one path segment)
@@ -401,7 +422,17 @@ pub(crate) async fn api_error(resp: Response) -> Error {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let text = resp.text().await.unwrap_or_default();
-    match serde_json::from_str::<ErrorEnvelope>(&text) {
+    error_from_parts(status, retry_after, header_id, &text)
+}
+
+/// An [`Error::Api`] from a refused answer's status, headers and body.
+pub(crate) fn error_from_parts(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    header_id: Option<String>,
+    text: &str,
+) -> Error {
+    match serde_json::from_str::<ErrorEnvelope>(text) {
         Ok(env) => Error::Api(ApiError {
             status: status.as_u16(),
             code: env.error.code,

@@ -22,6 +22,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Interactive terminals ([`Client::pty`]) speak a WebSocket (`wss://`
+//! through rustls for an `https://` server, trusting the system's CA
+//! bundle or `SSL_CERT_FILE`); background processes
+//! ([`Client::processes`]) are plain HTTP with server-sent events.
+//!
 //! Idempotent calls (GET, DELETE, quota PUT, and a create that carries an
 //! idempotency key) are retried with backoff on `429 rate_limited`, `503`
 //! and connection failures, honouring `Retry-After`, a bounded number of
@@ -33,8 +38,12 @@ mod error;
 mod files;
 pub mod models;
 mod ports;
+mod procs;
+mod pty;
 mod sandboxes;
+mod snapshots;
 mod sse;
+mod volumes;
 
 pub use admin::Page;
 pub use client::{Client, ClientBuilder, RetryPolicy, DEFAULT_URL};
@@ -42,4 +51,6 @@ pub use error::{ApiError, Error, Result};
 pub use files::ByteStream;
 pub use models::*;
 pub use ports::{ExposedPort, PortToken};
+pub use procs::{ProcessEvent, ProcessExit, ProcessOutput, Processes};
+pub use pty::{Pty, PtyEvent, PtyOptions, PtyReader, PtyWriter};
 pub use sandboxes::{ExecStream, LogStream};

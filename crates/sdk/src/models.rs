@@ -9,10 +9,12 @@ pub use stacyvm_api::LogLine;
 pub use stacyvm_api::{
     Actor, ApiKey, ArchiveSummary, AuditEvent, AuditList, CreateKey, CreateSandbox, Entries,
     ExecRequest, ExecResponse, ExitStatus, Failure, FileEntry, FileType, Health, Image, ImageList,
-    KeyList, Logs, Network, Paths, PoolStatus, ProviderStatus, Quota, Role, Sandbox, SandboxList,
-    SandboxState, Status, StoreStatus, StreamChunk, StreamError, Tenant, TenantList, Worker,
-    WorkerCapacity, WorkerList, WorkerProvider, WorkerToken, WorkerTokenCreate, WorkerTokenList,
+    KeyList, Logs, Network, Paths, PoolStatus, Process, ProcessList, ProcessSignal, ProcessStart,
+    ProviderStatus, Quota, Role, Sandbox, SandboxList, SandboxState, Status, StdinWritten,
+    StoreStatus, StreamChunk, StreamError, Tenant, TenantList, Worker, WorkerCapacity, WorkerList,
+    WorkerProvider, WorkerToken, WorkerTokenCreate, WorkerTokenList,
 };
+pub use stacyvm_api::{CreateVolume, Volume, VolumeList, VolumeMount};
 
 /// Filters and paging of a sandbox list.
 #[derive(Clone, Debug, Default)]

@@ -63,7 +63,7 @@ struct StreamError {
     message: String,
 }
 
-fn chunk_bytes(data: &str) -> Result<Bytes> {
+pub(crate) fn chunk_bytes(data: &str) -> Result<Bytes> {
     let c: Chunk =
         serde_json::from_str(data).map_err(|e| Error::Protocol(format!("an output chunk: {e}")))?;
     match c.data_b64 {
@@ -72,6 +72,22 @@ fn chunk_bytes(data: &str) -> Result<Bytes> {
             .map(Bytes::from)
             .map_err(|e| Error::Protocol(format!("an output chunk's base64: {e}"))),
         None => Ok(Bytes::from(c.data)),
+    }
+}
+
+/// An `error` event's data as [`Error::Stream`].
+pub(crate) fn stream_error(data: &str, request_id: &Option<String>) -> Error {
+    match serde_json::from_str::<StreamError>(data) {
+        Ok(se) => Error::Stream {
+            code: se.code,
+            message: se.message,
+            request_id: request_id.clone(),
+        },
+        Err(_) => Error::Stream {
+            code: "internal".into(),
+            message: format!("the stream failed: {data}"),
+            request_id: request_id.clone(),
+        },
     }
 }
 
@@ -84,18 +100,7 @@ fn exec_event(ev: &sse::SseEvent, request_id: &Option<String>) -> Option<Result<
         "exit" => serde_json::from_str::<ExitStatus>(&ev.data)
             .map(ExecEvent::Exit)
             .map_err(|e| Error::Protocol(format!("the exit event: {e}"))),
-        "error" => Err(match serde_json::from_str::<StreamError>(&ev.data) {
-            Ok(se) => Error::Stream {
-                code: se.code,
-                message: se.message,
-                request_id: request_id.clone(),
-            },
-            Err(_) => Error::Stream {
-                code: "internal".into(),
-                message: format!("the stream failed: {}", ev.data),
-                request_id: request_id.clone(),
-            },
-        }),
+        "error" => Err(stream_error(&ev.data, request_id)),
         _ => return None,
     })
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use stacyvm_core::{
-    EventId, KeyId, Network, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+    EventId, KeyId, Network, SandboxId, SandboxState, TenantId, VolumeId, WorkerId, WorkerTokenId,
 };
 use time::OffsetDateTime;
 
@@ -66,6 +66,12 @@ pub struct Quota {
     /// Execs (and streaming execs) the tenant may run at once.
     #[serde(default)]
     pub max_concurrent_execs: Option<i64>,
+    /// Volumes the tenant may have.
+    #[serde(default)]
+    pub max_volumes: Option<i64>,
+    /// MiB of all the tenant's volumes together.
+    #[serde(default)]
+    pub max_volume_mb: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -155,6 +161,8 @@ pub struct SandboxFilter {
     /// Only this tenant's; all tenants when `None`.
     pub tenant_id: Option<TenantId>,
     pub state: Option<SandboxState>,
+    /// When not empty, the state is one of these (as well as `state`).
+    pub any_state: Vec<SandboxState>,
     /// Every `(key, value)` must match.
     pub labels: Vec<(String, String)>,
     pub page: PageRequest,
@@ -317,4 +325,15 @@ pub struct WorkerToken {
     pub token_hash: String,
     pub created_at: OffsetDateTime,
     pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A volume: a named, sized filesystem owned by a tenant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub tenant_id: TenantId,
+    /// Unique within the tenant.
+    pub name: String,
+    pub size_mb: i64,
+    pub created_at: OffsetDateTime,
 }

@@ -123,6 +123,18 @@ pub trait Worker: Send + Sync + 'static {
     /// A connection to the sandbox's agent: exec, streams and every file
     /// operation go through it (`AgentClient`), whatever the worker is.
     async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>>;
+
+    /// The sandbox's root filesystem as a tar stream (see
+    /// `Provider::snapshot`). Workers that cannot hand one over refuse with
+    /// `Unsupported`, which the API answers with 409 `unsupported`.
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
+        let _ = lease;
+        Err(stacyvm_core::Error::Unsupported(format!(
+            "worker {} cannot snapshot sandboxes: snapshots need the sandbox on the control \
+             plane's own worker",
+            self.id()
+        )))
+    }
 }
 
 pub type DynWorker = Arc<dyn Worker>;

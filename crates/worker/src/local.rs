@@ -129,7 +129,14 @@ impl Worker for LocalWorker {
                 spec.sandbox_id, lease.sandbox_id
             )));
         }
-        self.admit(lease)?.spawn(spec).await
+        let provider = self.admit(lease)?;
+        if !spec.mounts.is_empty() && !provider.supports_mounts() {
+            return Err(Error::Unsupported(format!(
+                "volumes are not supported by the {} provider",
+                provider.name()
+            )));
+        }
+        provider.spawn(spec).await
     }
 
     async fn destroy(&self, lease: &Lease) -> Result<()> {
@@ -143,6 +150,10 @@ impl Worker for LocalWorker {
 
     async fn resume(&self, lease: &Lease) -> Result<()> {
         self.admit(lease)?.resume(&lease.sandbox_id).await
+    }
+
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
+        self.admit(lease)?.snapshot(&lease.sandbox_id).await
     }
 
     async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>> {

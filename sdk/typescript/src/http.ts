@@ -132,11 +132,18 @@ export class Transport {
     };
   }
 
+  /** The headers every call carries (the key, the user agent), for a WebSocket upgrade. */
+  upgradeHeaders(): Record<string, string> {
+    return { ...this.s.headers };
+  }
+
   /** The URL of an operation with its path parameters filled in and its query. */
-  urlOf(op: OperationId, path: Record<string, string> | undefined, query: Record<string, unknown> | undefined): string {
+  urlOf(op: OperationId, path: Record<string, string | number> | undefined, query: Record<string, unknown> | undefined): string {
     const route = operations[op];
     const p = route.path.replace(/\{([^}]+)\}/g, (_, name: string) => {
-      const v = path?.[name];
+      // Numeric parameters (a process's pid) are typed as numbers.
+      const raw = path?.[name];
+      const v = typeof raw === "number" && Number.isSafeInteger(raw) ? String(raw) : raw;
       if (typeof v !== "string" || v === "") throw new TypeError(`${op}: the path parameter ${name} is missing`);
       // Image names may hold `/` (`org/app:tag`): that route takes the rest of the path.
       return name === "name" && op.startsWith("image_")
@@ -166,7 +173,7 @@ export class Transport {
     const replayable = req.body === undefined || isReplayable(req.body);
     const idempotent = req.idempotent ?? route.method !== "POST";
     const max = idempotent && replayable ? this.s.retry.maxAttempts : 1;
-    const url = this.urlOf(op, req.path as Record<string, string> | undefined, req.query as Record<string, unknown>);
+    const url = this.urlOf(op, req.path as Record<string, string | number> | undefined, req.query as Record<string, unknown>);
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.once(op, url, req);

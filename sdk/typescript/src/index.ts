@@ -16,6 +16,14 @@ export {
   type Mode,
 } from "./sandbox.js";
 export {
+  Processes,
+  ProcessOutput,
+  type ProcessEvent,
+  type ProcessExitEvent,
+  type ProcessStartOptions,
+} from "./processes.js";
+export { Pty, type PtyOptions } from "./pty.js";
+export {
   DEFAULT_URL,
   DEFAULT_TIMEOUT_MS,
   VERSION,
@@ -46,12 +54,16 @@ export type {
   LogLine,
   Network,
   PoolStatus,
+  Process,
+  ProcessList,
+  ProcessStart,
   ProviderStatus,
   Quota,
   Role,
   Sandbox as SandboxInfo,
   SandboxState,
   Status,
+  StdinWritten,
   StoreStatus,
   Tenant,
   Worker,

@@ -10,6 +10,7 @@ import type {
   ExecResponse,
   ExitStatus,
   FileEntry,
+  Image,
   LogLine,
   Sandbox as SandboxInfo,
 } from "./generated/api.js";
@@ -17,6 +18,8 @@ import { errorFor, NotFoundError, ProviderUnavailableError, TransportError } fro
 import { type CallOptions, type Transport } from "./http.js";
 import { LocalFile, type Upload } from "./body.js";
 import { type SSEEvent, sseEvents } from "./sse.js";
+import { Processes } from "./processes.js";
+import { type Pty, type PtyOptions, openPty, ptyArgv } from "./pty.js";
 
 /** The server's exec timeout when the caller gives none, in seconds. */
 const DEFAULT_EXEC_TIMEOUT_S = 60;
@@ -66,13 +69,13 @@ export type Mode = number | string;
 
 const encoder = new TextEncoder();
 
-function b64OrText(text: string, b64: string | null | undefined): Uint8Array {
+export function b64OrText(text: string, b64: string | null | undefined): Uint8Array {
   // The server sends base64 only where the bytes are not valid UTF-8.
   if (b64 !== null && b64 !== undefined) return new Uint8Array(Buffer.from(b64, "base64"));
   return encoder.encode(text);
 }
 
-function argv(cmd: Command): string[] {
+export function argv(cmd: Command): string[] {
   if (typeof cmd === "string") return ["sh", "-c", cmd];
   const out = cmd.map(String);
   if (out.length === 0) throw new TypeError("the command must name a program");
@@ -102,7 +105,7 @@ function execDeadline(o: ExecOptions): { extraMs: number } {
   return { extraMs: (o.timeout_s ?? DEFAULT_EXEC_TIMEOUT_S) * 1000 + EXEC_GRACE_MS };
 }
 
-function jsonData(ev: SSEEvent): Record<string, unknown> {
+export function jsonData(ev: SSEEvent): Record<string, unknown> {
   try {
     const doc: unknown = ev.data ? JSON.parse(ev.data) : {};
     return doc && typeof doc === "object" ? (doc as Record<string, unknown>) : {};
@@ -111,7 +114,7 @@ function jsonData(ev: SSEEvent): Record<string, unknown> {
   }
 }
 
-function streamError(ev: SSEEvent, what: string): Error {
+export function streamError(ev: SSEEvent, what: string): Error {
   const d = jsonData(ev);
   return errorFor(
     typeof d.code === "string" ? d.code : "internal",
@@ -402,6 +405,8 @@ export class Sandbox implements AsyncDisposable {
   /** The sandbox as last read from the server. */
   info: SandboxInfo;
   readonly files: Files;
+  /** Its background processes. */
+  readonly processes: Processes;
 
   constructor(
     private readonly t: Transport,
@@ -409,6 +414,7 @@ export class Sandbox implements AsyncDisposable {
   ) {
     this.info = info;
     this.files = new Files(t, info.id);
+    this.processes = new Processes(t, info.id);
   }
 
   get id(): string {
@@ -481,6 +487,21 @@ export class Sandbox implements AsyncDisposable {
     return this.info;
   }
 
+  /**
+   * Saves the sandbox's filesystem as a new catalog image of its tenant, which creates then take
+   * like any other image. A taken name is a `ConflictError`; a provider that cannot snapshot an
+   * `UnsupportedError`. The whole filesystem is copied before the answer: no total deadline.
+   */
+  async snapshot(image: string, options: CallOptions = {}): Promise<Image> {
+    const r = await this.t.send("sandbox_snapshot", {
+      path: { id: this.id },
+      json: { image },
+      deadline: "none",
+      signal: options.signal,
+    });
+    return (await r.json()) as Image;
+  }
+
   /** The sandbox's log so far. */
   async logs(): Promise<LogLine[]> {
     const r = await this.t.send("sandbox_logs", { path: { id: this.id } });
@@ -498,6 +519,19 @@ export class Sandbox implements AsyncDisposable {
     });
     if (r.body === null) throw new ProviderUnavailableError("provider_unavailable", "the log stream has no body");
     return new LogStream(r.body);
+  }
+
+  /**
+   * Opens an interactive terminal running `cmd` (default the image's shell)
+   * on a `cols` × `rows` pseudo-terminal. A refusal (an unknown sandbox, a
+   * viewer key, limits) rejects with the matching `StacyVMError`.
+   */
+  async pty(options: PtyOptions & CallOptions = {}): Promise<Pty> {
+    const url = new URL(`${this.t.url}/v1/sandboxes/${encodeURIComponent(this.id)}/pty`);
+    for (const a of ptyArgv(options)) url.searchParams.append("cmd", a);
+    url.searchParams.set("cols", String(options.cols ?? 80));
+    url.searchParams.set("rows", String(options.rows ?? 24));
+    return openPty(url, this.t.upgradeHeaders(), options.signal);
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

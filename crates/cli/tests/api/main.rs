@@ -23,8 +23,13 @@ mod pages;
 mod per_store;
 mod plugins;
 mod ports;
+mod procs;
+mod pty;
+mod qemu;
+mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;
 mod workers;

@@ -10,6 +10,7 @@ mod cli;
 #[allow(dead_code)]
 #[path = "../common/fixtures.rs"]
 mod fixtures;
+mod interactive;
 mod provider_test;
 mod sdk;
 mod support;

@@ -25,8 +25,12 @@ mod fixtures;
 mod front;
 mod images;
 mod keys;
+mod procs;
+mod pty;
 mod rootless;
+mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;

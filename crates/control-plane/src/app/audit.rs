@@ -285,6 +285,7 @@ fn action_of(m: &str, route: &str, path: &str) -> String {
         ("GET", "/v1/sandboxes/{id}/logs") => "sandbox.logs",
         ("POST", "/v1/sandboxes/{id}/exec") => "sandbox.exec",
         ("POST", "/v1/sandboxes/{id}/exec/stream") => "sandbox.exec_stream",
+        ("GET", "/v1/sandboxes/{id}/pty") => "sandbox.pty",
         ("PUT", "/v1/sandboxes/{id}/files") => "file.write",
         ("GET", "/v1/sandboxes/{id}/files") => "file.read",
         ("DELETE", "/v1/sandboxes/{id}/files") => "file.delete",
@@ -321,6 +322,11 @@ fn action_of(m: &str, route: &str, path: &str) -> String {
         ("GET", "/metrics") => "metrics.get",
         ("POST", "/mcp") => "mcp.call",
         ("DELETE", "/mcp") => "mcp.close",
+        ("POST", "/v1/sandboxes/{id}/snapshot") => "sandbox.snapshot",
+        ("POST", "/v1/volumes") => "volume.create",
+        ("GET", "/v1/volumes") => "volume.list",
+        ("GET", "/v1/volumes/{name}") => "volume.get",
+        ("DELETE", "/v1/volumes/{name}") => "volume.delete",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()

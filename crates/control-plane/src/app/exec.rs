@@ -140,7 +140,10 @@ impl App {
     /// The tenant's quota for the exec rate check, read at most once a
     /// second per tenant: exec is the hottest path, and a quota change made
     /// through this control plane drops the cached copy at once.
-    async fn exec_quota(&self, tenant: &stacyvm_core::TenantId) -> Result<stacyvm_store::Quota> {
+    pub(super) async fn exec_quota(
+        &self,
+        tenant: &stacyvm_core::TenantId,
+    ) -> Result<stacyvm_store::Quota> {
         const FRESH: Duration = Duration::from_secs(1);
         if let Some((at, q)) = self
             .quota_cache

@@ -11,12 +11,16 @@ pub mod files;
 pub mod images;
 pub mod pools;
 pub mod ports;
+pub mod procs;
+pub mod pty;
 pub mod ratelimit;
 pub mod reconcilers;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod status;
 pub mod tenants;
 pub mod views;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;

@@ -68,6 +68,8 @@ pub struct CreateSandbox {
     pub workdir: Option<String>,
     pub network: Option<Network>,
     pub idempotency_key: Option<String>,
+    /// Volumes of the caller's tenant to mount.
+    pub volumes: Vec<stacyvm_core::VolumeMount>,
 }
 
 /// Whether a create made a new sandbox or returned an earlier one.
@@ -171,6 +173,9 @@ impl App {
     /// that allows is `ImageNotFound` with one message whatever the daemon
     /// holds, so tenants cannot probe it.
     async fn image_source_allowed(&self, who: &Principal, image: &str) -> Result<ImageSource> {
+        if !self.image_visible(who, image).await? {
+            return Err(image_not_allowed(image));
+        }
         if who.tenant_id == self.system_tenant
             || self.config.docker_images.iter().any(|p| p.allows(image))
         {
@@ -299,6 +304,7 @@ impl App {
             })
             .await?;
         let source = self.image_source_allowed(who, &image).await?;
+        let volumes = self.volumes_resolve(who, &req.volumes).await?;
 
         let rec = SandboxRecord {
             id: SandboxId::generate(),
@@ -325,6 +331,7 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
         };
         let pooled = if req.worker_labels.is_empty()
+            && volumes.is_empty()
             && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)
         {
             self.pools.take(&rec.provider, &rec.image, source)
@@ -385,7 +392,14 @@ impl App {
             self.mark_failed(&mut rec, &e).await;
             return Err(e);
         }
-        let sandbox = self.sandbox_start(rec, &req.worker_labels).await?;
+        let mounts = match self.volumes_attach(&rec.id, &volumes).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.mark_failed(&mut rec, &e).await;
+                return Err(e);
+            }
+        };
+        let sandbox = self.sandbox_start(rec, &req.worker_labels, mounts).await?;
         Ok(Created {
             sandbox,
             existing: false,
@@ -420,6 +434,7 @@ impl App {
         &self,
         mut rec: SandboxRecord,
         worker_labels: &BTreeMap<String, String>,
+        mounts: Vec<stacyvm_core::HostMount>,
     ) -> Result<SandboxRecord> {
         let lease_until = self.store.now().await? + self.config.limits.lease;
         let (worker, placed) = match self.scheduler.place(&rec, worker_labels, lease_until).await {
@@ -441,6 +456,7 @@ impl App {
             workdir: rec.workdir.clone(),
             network: rec.network,
             labels: rec.labels.clone(),
+            mounts,
         };
         let lease = lease_for(&rec);
         if let Err(e) = worker.spawn(&lease, &spec).await {
@@ -492,13 +508,28 @@ impl App {
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Page<SandboxRecord>> {
+        self.sandbox_list_in(who, state.into_iter().collect(), labels, limit, cursor)
+            .await
+    }
+
+    /// As [`App::sandbox_list`], with the state any of `states` (any state
+    /// when empty).
+    pub async fn sandbox_list_in(
+        &self,
+        who: &Principal,
+        states: Vec<SandboxState>,
+        labels: Vec<(String, String)>,
+        limit: Option<u32>,
+        cursor: Option<String>,
+    ) -> Result<Page<SandboxRecord>> {
         let filter = SandboxFilter {
             tenant_id: if who.is_admin() {
                 None
             } else {
                 Some(who.tenant_id.clone())
             },
-            state,
+            state: None,
+            any_state: states,
             labels,
             page: PageRequest {
                 cursor,

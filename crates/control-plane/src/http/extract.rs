@@ -4,6 +4,7 @@
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use stacyvm_core::Error;
 
@@ -24,6 +25,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Auth {
             .cloned()
             .map(Auth)
             .ok_or_else(|| ApiError(Error::Unauthenticated("missing API key".into())))
+    }
+}
+
+/// How much of a refused body is read and thrown away before the refusal is
+/// sent. A client still sending when the server answers and closes sees
+/// its write fail rather than the 413; reading the rest first lets it read
+/// the answer. Bodies beyond this are cut off with the connection.
+fn drain_limit(limit: usize) -> usize {
+    limit.saturating_mul(4).min(64 << 20)
+}
+
+/// Reads and discards what is left of `body`, up to `max` bytes.
+async fn drain(mut body: axum::body::BodyDataStream, max: usize) {
+    let mut seen = 0usize;
+    while let Some(Ok(chunk)) = body.next().await {
+        seen += chunk.len();
+        if seen > max {
+            break;
+        }
     }
 }
 
@@ -48,23 +68,26 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             .and_then(|v| v.parse::<u64>().ok())
         {
             if len > limit as u64 {
+                if len <= drain_limit(limit) as u64 {
+                    drain(req.into_body().into_data_stream(), drain_limit(limit)).await;
+                }
                 return Err(too_large());
             }
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| {
-                if std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                    || e.to_string().contains("length limit")
-                {
-                    too_large()
-                } else {
-                    ApiError(Error::InvalidRequest(format!(
-                        "could not read the request body: {e}"
-                    )))
-                }
+        let mut body = req.into_body().into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError(Error::InvalidRequest(format!(
+                    "could not read the request body: {e}"
+                )))
             })?;
+            if bytes.len() + chunk.len() > limit {
+                drain(body, drain_limit(limit)).await;
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if bytes.is_empty() {
             return Err(ApiError(Error::InvalidRequest(
                 "a JSON body is required".into(),

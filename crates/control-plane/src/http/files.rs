@@ -73,7 +73,13 @@ pub async fn file_write(
     Q(q): Q<PathQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    let (path, mode) = q.path_and_mode()?;
+    let (path, mode) = match q.path_and_mode() {
+        Ok(p) => p,
+        Err(e) => {
+            drain_refused(body.into_data_stream()).await;
+            return Err(e);
+        }
+    };
     let entry = limited_upload(&s, body, |stream| {
         s.app.file_write(&who, &id, &path, mode, stream)
     })
@@ -88,7 +94,7 @@ pub async fn file_write(
 /// Runs `upload` over the request body, counting bytes as they pass and
 /// failing the stream past the configured limit, so an upload is never
 /// held whole and never grows past that size (`413`).
-async fn limited_upload<T, F>(
+pub(super) async fn limited_upload<T, F>(
     s: &AppState,
     body: Body,
     upload: impl FnOnce(ByteStream) -> F,
@@ -100,7 +106,13 @@ where
     let over = Arc::new(AtomicBool::new(false));
     let flag = over.clone();
     let mut seen: u64 = 0;
-    let stream: ByteStream = Box::pin(body.into_data_stream().map(move |chunk| match chunk {
+    // Shared, so that what a refused upload left unread can be drained.
+    let body = Arc::new(tokio::sync::Mutex::new(body.into_data_stream()));
+    let source = futures_util::stream::unfold(body.clone(), |b| async move {
+        let next = b.lock().await.next().await;
+        next.map(|item| (item, b))
+    });
+    let stream: ByteStream = Box::pin(source.map(move |chunk| match chunk {
         Ok(b) => {
             seen += b.len() as u64;
             if seen > limit {
@@ -117,8 +129,30 @@ where
         Err(_) if over.load(Ordering::SeqCst) => Err(ApiError(Error::PayloadTooLarge(format!(
             "upload is over the {limit}-byte limit"
         )))),
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            drain_refused(&mut *body.lock().await).await;
+            Err(e.into())
+        }
     }
+}
+
+/// Reads what is left of a refused upload, up to 64 MiB and 10 s, so that a
+/// client still sending reads the refusal instead of a reset connection.
+/// Bodies beyond that are cut off with the connection.
+pub(super) async fn drain_refused<S>(mut body: S)
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, axum::Error>> + Unpin,
+{
+    let drained = async {
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len();
+            if seen > 64 << 20 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drained).await;
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -138,6 +138,7 @@ impl Backend for AppBackend {
                     workdir: spec.workdir,
                     network,
                     idempotency_key: None,
+                    volumes: Vec::new(),
                 },
             )
             .await

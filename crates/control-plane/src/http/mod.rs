@@ -13,10 +13,14 @@ pub mod files;
 pub mod mcp;
 pub mod openapi;
 pub mod ports;
+pub mod procs;
+pub mod pty;
 pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
+pub mod snapshots;
 pub mod ui;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;
@@ -73,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/logs", get(sandbox_logs))
         .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(sandbox_exec_stream))
+        .route("/v1/sandboxes/{id}/pty", get(pty::sandbox_pty))
         .route(
             "/v1/sandboxes/{id}/files",
             get(file_read).put(file_write).delete(file_delete),
@@ -84,6 +89,30 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/files/move", post(file_move))
         .route("/v1/sandboxes/{id}/files/chmod", post(file_chmod))
         .route("/v1/sandboxes/{id}/files/mkdir", post(file_mkdir))
+        .route(
+            "/v1/sandboxes/{id}/processes",
+            post(procs::process_start).get(procs::process_list),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}",
+            get(procs::process_get),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/output",
+            get(procs::process_output),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/stdin",
+            post(procs::process_stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/signal",
+            post(procs::process_signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/snapshot",
+            post(snapshots::sandbox_snapshot),
+        )
         .route("/v1/images", post(image_import).get(image_list))
         .route("/v1/images/{*name}", get(image_get).delete(image_delete))
         .route("/v1/tenants", post(tenant_create).get(tenant_list))
@@ -110,6 +139,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/workers/tokens/{id}",
             axum::routing::delete(worker_token_revoke),
+        )
+        .route(
+            "/v1/volumes",
+            post(volumes::volume_create).get(volumes::volume_list),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::volume_get).delete(volumes::volume_delete),
         )
         .route(
             "/v1/sandboxes/{id}/ports",
@@ -272,6 +309,8 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
         || path.ends_with("/files")
         || path.ends_with("/files/archive")
         || path.ends_with("/logs")
+        || path.ends_with("/output")
+        || path.ends_with("/stdin")
         || path == "/v1/images"
         || path == "/mcp"
         || (path.starts_with("/v1/sandboxes/") && path.contains("/ports/"))

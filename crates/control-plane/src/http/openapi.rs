@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, sandboxes, workers};
+use super::{admin, files, procs, pty, sandboxes, snapshots, volumes, workers};
 
 mod reference;
 
@@ -36,7 +36,7 @@ impl Modify for BearerAuth {
     paths(
         sandboxes::sandbox_create, sandboxes::sandbox_list, sandboxes::sandbox_get, sandboxes::sandbox_destroy,
         sandboxes::sandbox_timeout, sandboxes::sandbox_pause, sandboxes::sandbox_resume, sandboxes::sandbox_logs,
-        sandboxes::sandbox_exec, sandboxes::sandbox_exec_stream,
+        sandboxes::sandbox_exec, sandboxes::sandbox_exec_stream, pty::sandbox_pty,
         files::file_write, files::file_archive_put, files::file_read, files::file_stat, files::file_list, files::file_glob,
         files::file_move, files::file_chmod, files::file_mkdir, files::file_delete,
         admin::image_import, admin::image_list, admin::image_get, admin::image_delete,
@@ -47,6 +47,10 @@ impl Modify for BearerAuth {
         workers::worker_token_revoke, workers::worker_register, workers::worker_heartbeat,
         workers::worker_image,
         admin::healthz, admin::readyz, admin::metrics,
+        procs::process_start, procs::process_list, procs::process_get, procs::process_output,
+        procs::process_stdin, procs::process_signal,
+        snapshots::sandbox_snapshot,
+        volumes::volume_create, volumes::volume_list, volumes::volume_get, volumes::volume_delete,
     ),
     components(schemas(
         api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
@@ -60,6 +64,9 @@ impl Modify for BearerAuth {
         api::WorkerRegister, api::WorkerRegistered, api::LeaseGrant, api::WorkerHeartbeat,
         api::RuntimeReport, api::WorkerHeartbeatReply, api::RefusedReport, api::StoreStatus,
         api::ProviderStatus, api::PoolStatus, api::Status, api::Health, RawBytes,
+        procs::ProcessStart, procs::Process, procs::ProcessList, procs::ProcessSignal, procs::StdinWritten,
+        snapshots::SnapshotRequest,
+        api::Volume, api::CreateVolume, api::VolumeList, api::VolumeMount,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),
@@ -71,6 +78,7 @@ impl Modify for BearerAuth {
         (name = "audit", description = "The audit log"),
         (name = "status", description = "Health, readiness, status, metrics"),
         (name = "workers", description = "Workers of multi-worker mode, their tokens, and the calls workers make"),
+        (name = "volumes", description = "Volumes: data that outlives a sandbox"),
     )
 )]
 pub struct ApiDoc;

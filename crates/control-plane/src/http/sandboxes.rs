@@ -77,6 +77,15 @@ pub async fn sandbox_create(
                 workdir: body.workdir,
                 network,
                 idempotency_key,
+                volumes: body
+                    .volumes
+                    .into_iter()
+                    .map(|v| stacyvm_core::VolumeMount {
+                        volume: v.volume,
+                        path: v.path,
+                        read_only: v.read_only,
+                    })
+                    .collect(),
             },
         )
         .await

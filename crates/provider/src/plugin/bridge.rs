@@ -113,6 +113,8 @@ where
                 ),
                 protocol: version,
                 pid: 0,
+                // The bridge keeps the base window whatever the client asks.
+                window: None,
             };
             let _ = out
                 .send(Frame::json(0, Kind::HelloOk, &info).encode())
@@ -285,6 +287,7 @@ impl Call {
                     version: self.target.provider.clone(),
                     protocol: PROTOCOL_VERSION,
                     pid: 0,
+                    window: None,
                 };
                 self.send(Frame::json(self.id, Kind::Ok, &info)).await
             }
@@ -303,6 +306,12 @@ impl Call {
             Request::FileDelete { .. } => Err(self.unsupported("delete files")),
             Request::FileGlob { .. } => Err(self.unsupported("match globs")),
             Request::FileExtract { .. } => Err(self.unsupported("unpack archives")),
+            Request::ProcStart { .. }
+            | Request::ProcList
+            | Request::ProcGet { .. }
+            | Request::ProcOutput { .. }
+            | Request::ProcStdin { .. }
+            | Request::ProcSignal { .. } => Err(self.unsupported("run background processes")),
             Request::PortConnect { .. } => Err(self.unsupported("relay ports")),
         }
     }

@@ -208,6 +208,7 @@ fn spec(image: &str) -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        mounts: Vec::new(),
     }
 }
 
@@ -1494,7 +1495,10 @@ impl RemoteMachine {
         m.listener = Some(
             Command::new("ip")
                 .args(["netns", "exec", &ns, "busybox", "nc", "-l", "-p", "9000"])
-                .stdin(std::process::Stdio::null())
+                // A stdin that stays open: at EOF nc would half-close the
+                // connection at once, and the sender, seeing that EOF before
+                // it has read its own input, would quit without sending.
+                .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .context("starting nc in the network namespace")?,

@@ -113,7 +113,7 @@ pub async fn sandbox_list_filters(db: &TestDb) -> anyhow::Result<()> {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            page: PageRequest::default(),
+            ..Default::default()
         }
     };
     let ids = |items: Vec<stacyvm_store::SandboxRecord>| {
@@ -156,6 +156,21 @@ pub async fn sandbox_list_filters(db: &TestDb) -> anyhow::Result<()> {
         .sandbox_list(&list(Some(&a), Some(SandboxState::Running), &[]))
         .await?;
     assert_eq!(ids(running.items), vec![a_web_dev.id.clone()]);
+    let either = store
+        .sandbox_list(&SandboxFilter {
+            any_state: vec![SandboxState::Paused, SandboxState::Running],
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(ids(either.items), vec![a_web_dev.id.clone()]);
+    let pending_or_running = store
+        .sandbox_list(&SandboxFilter {
+            tenant_id: Some(b.clone()),
+            any_state: vec![a_db.state, SandboxState::Running],
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(ids(pending_or_running.items), vec![b_web.id.clone()]);
     let running_db = store
         .sandbox_list(&list(None, Some(SandboxState::Running), &[("app", "db")]))
         .await?;
@@ -718,6 +733,7 @@ pub async fn sandbox_list_pages_under_every_filter(db: &TestDb) -> anyhow::Resul
             cursor: None,
             limit: 2,
         },
+        ..Default::default()
     };
     let mut seen = Vec::new();
     loop {

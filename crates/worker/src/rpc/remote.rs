@@ -327,6 +327,13 @@ impl Worker for RemoteWorker {
                 spec.sandbox_id, lease.sandbox_id
             )));
         }
+        // A volume lives on the control plane's host; a remote worker has no
+        // way to reach it.
+        if !spec.mounts.is_empty() {
+            return Err(Error::Unsupported(
+                "volumes are not supported on remote workers".into(),
+            ));
+        }
         // A name the catalog lacks is a Docker image the worker's daemon
         // may have: the worker is told nothing to fetch.
         let image_digest = match self.catalog.get(&spec.image).await {

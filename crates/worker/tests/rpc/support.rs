@@ -255,6 +255,7 @@ pub fn spec() -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        mounts: Vec::new(),
     }
 }
 

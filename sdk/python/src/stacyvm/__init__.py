@@ -8,8 +8,17 @@ in and out, and administer the server.
         print(sb.exec(["sh", "-c", "echo hi"]).stdout)
 """
 
-from .aio import AsyncClient, AsyncExecStream, AsyncFiles, AsyncLogStream, AsyncSandbox
-from .client import Client, ExecStream, Files, LogStream, Sandbox
+from .aio import (
+    AsyncClient,
+    AsyncExecStream,
+    AsyncFiles,
+    AsyncLogStream,
+    AsyncProcesses,
+    AsyncProcessOutput,
+    AsyncPty,
+    AsyncSandbox,
+)
+from .client import Client, ExecStream, Files, LogStream, Processes, ProcessOutput, Pty, Sandbox
 from .errors import (
     Conflict,
     Forbidden,
@@ -46,6 +55,7 @@ from .models import (
     Network,
     Page,
     PoolStatus,
+    Process,
     ProviderStatus,
     Quota,
     Readiness,
@@ -53,6 +63,7 @@ from .models import (
     SandboxInfo,
     SandboxState,
     Status,
+    StdinWritten,
     StoreStatus,
     Tenant,
     Worker,
@@ -68,6 +79,9 @@ __all__ = [
     "AsyncExecStream",
     "AsyncFiles",
     "AsyncLogStream",
+    "AsyncProcessOutput",
+    "AsyncProcesses",
+    "AsyncPty",
     "AsyncSandbox",
     "AuditEvent",
     "Client",
@@ -93,6 +107,10 @@ __all__ = [
     "Page",
     "PayloadTooLarge",
     "PoolStatus",
+    "Process",
+    "ProcessOutput",
+    "Processes",
+    "Pty",
     "ProviderStatus",
     "ProviderUnavailable",
     "Quota",
@@ -106,6 +124,7 @@ __all__ = [
     "SandboxState",
     "StacyVMError",
     "Status",
+    "StdinWritten",
     "StoreStatus",
     "StoreUnavailable",
     "Tenant",

@@ -562,3 +562,169 @@ def stream_ended_early() -> ProviderUnavailable:
     return ProviderUnavailable(
         "the command's stream ended before it reported an exit status", code="provider_unavailable"
     )
+
+
+# --- background processes ----------------------------------------------------
+
+
+def _procs(sandbox_id: str, suffix: str = "") -> str:
+    return f"/v1/sandboxes/{seg(sandbox_id)}/processes{suffix}"
+
+
+def process_start(
+    sandbox_id: str, cmd: Union[str, Sequence[str]], env: Optional[Mapping[str, str]], cwd: Optional[str]
+) -> Call:
+    body = drop_none({"cmd": shell_cmd(cmd), "env": dict(env) if env else None, "cwd": cwd})
+    return Call("POST", _procs(sandbox_id), json=body)
+
+
+def process_list(sandbox_id: str) -> Call:
+    return Call("GET", _procs(sandbox_id))
+
+
+def process_get(sandbox_id: str, pid: int) -> Call:
+    return Call("GET", _procs(sandbox_id, f"/{int(pid)}"))
+
+
+def process_output(sandbox_id: str, pid: int, follow: bool) -> Call:
+    call = Call(
+        "GET",
+        _procs(sandbox_id, f"/{int(pid)}/output"),
+        params=params_of(follow="true" if follow else "false"),
+        headers={"accept": "text/event-stream"},
+    )
+    # The server sends a keep-alive at least every 15 s, so a minute of
+    # silence means the connection is gone, however quiet the process.
+    call.timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=60.0)
+    return call
+
+
+def process_stdin(sandbox_id: str, pid: int, close: bool) -> Call:
+    return Call(
+        "POST",
+        _procs(sandbox_id, f"/{int(pid)}/stdin"),
+        params=params_of(close="true" if close else None),
+        headers={"content-type": "application/octet-stream"},
+    )
+
+
+def process_signal(sandbox_id: str, pid: int, signal: str) -> Call:
+    name = signal.strip().upper()
+    if name.startswith("SIG"):
+        name = name[3:]
+    return Call("POST", _procs(sandbox_id, f"/{int(pid)}/signal"), json={"signal": name})
+
+
+def process_item(ev: SSEEvent) -> Union[ExecChunk, ExecExit, None]:
+    """What a process-output event means; the same events as exec's."""
+    return exec_item(ev)
+
+
+def process_ended_early() -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "the process's output stream ended before its exit", code="provider_unavailable"
+    )
+
+
+# --- terminals (a WebSocket of the SDK's own: httpx has none) ----------------
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_BINARY, WS_TEXT, WS_CLOSE, WS_PING, WS_PONG, WS_CONT = 0x2, 0x1, 0x8, 0x9, 0xA, 0x0
+#: The largest message taken from the server; terminal output comes in small frames.
+WS_MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def pty_argv(cmd: Union[str, Sequence[str], None], env: Optional[Mapping[str, str]]) -> List[str]:
+    """The argv the server runs: the command, behind `env` when variables are set."""
+    argv = [] if cmd is None else shell_cmd(cmd)
+    if not env:
+        return argv
+    return ["env", *[f"{k}={v}" for k, v in env.items()], *(argv or ["/bin/sh"])]
+
+
+def pty_target(base_url: str, sandbox_id: str, argv: Sequence[str], cols: int, rows: int) -> Tuple[str, int, bool, str]:
+    """``(host, port, tls, request target)`` of a terminal's upgrade request."""
+    from urllib.parse import urlencode, urlsplit
+
+    u = urlsplit(base_url)
+    tls = u.scheme == "https"
+    host = u.hostname or "127.0.0.1"
+    port = u.port or (443 if tls else 80)
+    query = urlencode([("cmd", a) for a in argv] + [("cols", str(cols)), ("rows", str(rows))])
+    path = u.path.rstrip("/") + f"/v1/sandboxes/{seg(sandbox_id)}/pty?{query}"
+    return host, port, tls, path
+
+
+def ws_handshake(host: str, port: int, target: str, headers: Mapping[str, str]) -> Tuple[bytes, str]:
+    """The upgrade request and the ``Sec-WebSocket-Accept`` its answer must carry."""
+    import base64
+    import hashlib
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}"]
+    skip = {"host", "connection", "upgrade", "content-length", "accept-encoding"}
+    lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in skip]
+    lines += [
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(), accept
+
+
+def http_head(raw: bytes) -> Tuple[int, Dict[str, str]]:
+    """The status and (lower-cased) headers of an HTTP answer's head."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    return status, headers
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One masked client frame."""
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+
+
+def pty_closed(payload: bytes) -> int:
+    """The exit code a close frame carries; a failure it reports is raised."""
+    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+    reason = payload[2:].decode("utf-8", "replace")
+    if code == 1000 and reason.startswith("exit:"):
+        try:
+            return int(reason[5:])
+        except ValueError:
+            pass
+    message = reason[7:] if reason.startswith("error: ") else (reason or f"the terminal closed with code {code}")
+    raise error_for("invalid_request" if code == 1008 else "internal", message)
+
+
+def pty_ended_early() -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "the terminal's connection ended before the command's exit", code="provider_unavailable"
+    )
+
+
+def sandbox_snapshot(sandbox_id: str, image: str) -> Call:
+    # The whole filesystem is copied before the answer: no read deadline.
+    return Call(
+        "POST",
+        f"/v1/sandboxes/{seg(sandbox_id)}/snapshot",
+        json={"image": image},
+        timeout=httpx.Timeout(30.0, read=None),
+    )

@@ -87,3 +87,47 @@ class Pending(Generic[C]):
 def pending(create: Awaitable[C]) -> Pending[C]:
     """Wraps a coroutine that makes an async context manager in a `Pending`."""
     return Pending(create)
+
+
+class Conn:
+    """A byte connection (TCP, or TLS over it) for the terminal's WebSocket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._r = reader
+        self._w = writer
+
+    async def read_exactly(self, n: int) -> bytes:
+        """``n`` bytes, or fewer when the connection ends first."""
+        try:
+            return await self._r.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+
+    async def read_until(self, sep: bytes, limit: int) -> bytes:
+        """Up to and including ``sep`` (at most ``limit`` bytes); what came when it ends first."""
+        data = b""
+        while not data.endswith(sep):
+            b = await self._r.read(1)
+            if not b or len(data) >= limit:
+                return data
+            data += b
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self._w.write(data)
+        await self._w.drain()
+
+    async def close(self) -> None:
+        self._w.close()
+        try:
+            await self._w.wait_closed()
+        except (OSError, asyncio.CancelledError):
+            pass
+
+
+async def connect(host: str, port: int, tls: Any, timeout: float) -> Conn:
+    """Opens a connection; ``tls`` is an `ssl.SSLContext` for TLS, or None."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None), timeout
+    )
+    return Conn(reader, writer)

@@ -433,6 +433,62 @@ class PoolStatus:
 
 
 @dataclass(frozen=True)
+class Process:
+    """A background process."""
+
+    #: Its process id inside the sandbox.
+    pid: int
+    cmd: List[str]
+    #: `running` or `exited`.
+    state: str
+    #: RFC 3339.
+    started_at: str
+    stdin_open: bool
+    #: Whether older output was dropped from the bounded output buffer.
+    truncated: bool
+    stdout_dropped: int
+    stderr_dropped: int
+    cwd: Optional[str] = None
+    ended_at: Optional[str] = None
+    exit_code: Optional[int] = None
+    #: The signal that ended it.
+    signal: Optional[int] = None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            pid=int(d.get("pid", 0)),
+            cmd=[str(x) for x in _w.items(d.get("cmd"))],
+            state=str(d.get("state", "")),
+            started_at=str(d.get("started_at", "")),
+            stdin_open=bool(d.get("stdin_open", False)),
+            truncated=bool(d.get("truncated", False)),
+            stdout_dropped=int(d.get("stdout_dropped", 0)),
+            stderr_dropped=int(d.get("stderr_dropped", 0)),
+            cwd=_w.opt(str, d.get("cwd")),
+            ended_at=_w.opt(str, d.get("ended_at")),
+            exit_code=_w.opt(int, d.get("exit_code")),
+            signal=_w.opt(int, d.get("signal")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "cmd": list(self.cmd),
+            "state": self.state,
+            "started_at": self.started_at,
+            "stdin_open": self.stdin_open,
+            "truncated": self.truncated,
+            "stdout_dropped": self.stdout_dropped,
+            "stderr_dropped": self.stderr_dropped,
+            "cwd": self.cwd,
+            "ended_at": self.ended_at,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+        }
+
+
+@dataclass(frozen=True)
 class ProviderStatus:
     """A provider's health."""
 
@@ -488,6 +544,10 @@ class Quota:
     max_sandboxes: Optional[int] = None
     #: The longest lifetime a sandbox may ask for, in seconds.
     max_timeout_s: Optional[int] = None
+    #: MiB of all the tenant's volumes together (their sizes, not what is written).
+    max_volume_mb: Optional[int] = None
+    #: Volumes the tenant may have.
+    max_volumes: Optional[int] = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Self:
@@ -501,6 +561,8 @@ class Quota:
             max_memory_mb=_w.opt(int, d.get("max_memory_mb")),
             max_sandboxes=_w.opt(int, d.get("max_sandboxes")),
             max_timeout_s=_w.opt(int, d.get("max_timeout_s")),
+            max_volume_mb=_w.opt(int, d.get("max_volume_mb")),
+            max_volumes=_w.opt(int, d.get("max_volumes")),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -512,6 +574,8 @@ class Quota:
             "max_memory_mb": self.max_memory_mb,
             "max_sandboxes": self.max_sandboxes,
             "max_timeout_s": self.max_timeout_s,
+            "max_volume_mb": self.max_volume_mb,
+            "max_volumes": self.max_volumes,
         }
 
 
@@ -758,6 +822,29 @@ class Status:
             "workers": [i.to_json() for i in self.workers],
             "sandboxes": dict(self.sandboxes),
             "pools": [i.to_json() for i in self.pools],
+        }
+
+
+@dataclass(frozen=True)
+class StdinWritten:
+    """Answer of `POST …/processes/{pid}/stdin`."""
+
+    #: Bytes written to the process's stdin.
+    written: int
+    #: Whether stdin is now closed.
+    closed: bool
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            written=int(d.get("written", 0)),
+            closed=bool(d.get("closed", False)),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "written": self.written,
+            "closed": self.closed,
         }
 
 

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import ssl
 from types import TracebackType
-from typing import IO, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Type, Union
+from typing import IO, Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import httpx
 
@@ -26,10 +28,12 @@ from .models import (
     Image,
     LogLine,
     Page,
+    Process,
     Quota,
     Readiness,
     SandboxInfo,
     Status,
+    StdinWritten,
     Tenant,
     Worker,
 )
@@ -347,6 +351,214 @@ class AsyncFiles:
         await self._t.json(core.file_delete(self._id, path, recursive))
 
 
+class AsyncProcessOutput:
+    """A background process's output, chunk by chunk: from the oldest byte
+    the sandbox still keeps, then (when following) live until it exits.
+
+    Iterate it for `ExecChunk`s; when iteration ends, ``exit`` holds the
+    process's `ExecExit` if it has exited (a stream that does not follow
+    ends where the kept output ends). Closing it leaves the process alone.
+    """
+
+    def __init__(self, response: httpx.Response, follow: bool) -> None:
+        self._events = _EventStream(response)
+        self._follow = follow
+        self._done = False
+        self.exit: Optional[ExecExit] = None
+
+    def __aiter__(self) -> "AsyncProcessOutput":
+        return self
+
+    async def __anext__(self) -> ExecChunk:
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            ev = await self._events.next_event()
+            if ev is None:
+                self._done = True
+                if self._follow:
+                    raise core.process_ended_early()
+                raise StopAsyncIteration
+            try:
+                item = core.process_item(ev)
+            except StacyVMError:
+                await self.aclose()
+                raise
+            if isinstance(item, ExecExit):
+                self.exit = item
+                self._done = True
+                await self.aclose()
+                raise StopAsyncIteration
+            if item is not None:
+                return item
+
+    async def wait(self) -> Optional[ExecExit]:
+        """Reads the rest of the output; returns how the process ended."""
+        async for _ in self:
+            pass
+        return self.exit
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    async def __aenter__(self) -> "AsyncProcessOutput":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class AsyncProcesses:
+    """The background processes of one sandbox: they run on when the
+    client goes away, and their output can be read again later."""
+
+    def __init__(self, transport: _Transport, sandbox_id: str) -> None:
+        self._t = transport
+        self._id = sandbox_id
+
+    async def start(
+        self,
+        cmd: Union[str, Sequence[str]],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+    ) -> Process:
+        """Starts ``cmd`` (an argv list; a string runs under ``sh -c``)."""
+        return Process.from_json(await self._t.json(core.process_start(self._id, cmd, env, cwd)))
+
+    async def list(self) -> List[Process]:
+        """Every process the sandbox keeps, running and exited."""
+        doc = await self._t.json(core.process_list(self._id))
+        return [Process.from_json(x) for x in doc.get("processes", [])]
+
+    async def get(self, pid: int) -> Process:
+        return Process.from_json(await self._t.json(core.process_get(self._id, pid)))
+
+    async def output(self, pid: int, *, follow: bool = True) -> AsyncProcessOutput:
+        """The output from the oldest byte kept, then live until the exit
+        (``follow=False``: only what is kept now)."""
+        response = await self._t.send(core.process_output(self._id, pid, follow), stream=True)
+        return AsyncProcessOutput(response, follow)
+
+    async def write_stdin(self, pid: int, data: Union[str, bytes], *, close: bool = False) -> StdinWritten:
+        """Writes ``data`` to the process's stdin; ``close=True`` closes it afterwards."""
+        body = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        doc = await self._t.json(core.process_stdin(self._id, pid, close), content=body)
+        return StdinWritten.from_json(doc)
+
+    async def signal(self, pid: int, signal: str = "TERM") -> Process:
+        """Sends TERM, KILL, INT, HUP, USR1, USR2, STOP or CONT to the process's group."""
+        return Process.from_json(await self._t.json(core.process_signal(self._id, pid, signal)))
+
+
+class AsyncPty:
+    """An interactive terminal in a sandbox, over a WebSocket.
+
+    Iterate it for the bytes the terminal prints (stdout and stderr are one
+    stream on a terminal); iteration ends when the command exits, with
+    ``exit_code`` set (128 + N when signal N ended it). ``send`` types bytes
+    (Ctrl-C is ``b"\\x03"``), ``resize`` resizes. ``aclose()`` (or the end of
+    its ``async with`` block) hangs up, which kills the command.
+    """
+
+    def __init__(self, conn: _io.Conn) -> None:
+        self._conn = conn
+        self._parts: List[bytes] = []
+        self._done = False
+        self.exit_code: Optional[int] = None
+
+    async def send(self, data: Union[str, bytes]) -> None:
+        """Types ``data`` into the terminal."""
+        body = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        if body and not self._done:
+            await self._conn.write(core.ws_frame(core.WS_BINARY, body))
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """Resizes the terminal; the command gets SIGWINCH."""
+        if not self._done:
+            msg = json.dumps({"resize": {"cols": cols, "rows": rows}}).encode()
+            await self._conn.write(core.ws_frame(core.WS_TEXT, msg))
+
+    def __aiter__(self) -> "AsyncPty":
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._done:
+                raise StopAsyncIteration
+            head = await self._conn.read_exactly(2)
+            if len(head) < 2:
+                self._done = True
+                raise core.pty_ended_early()
+            fin, opcode, n = head[0] & 0x80, head[0] & 0x0F, head[1] & 0x7F
+            if n == 126:
+                n = int.from_bytes(await self._conn.read_exactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await self._conn.read_exactly(8), "big")
+            if n > core.WS_MAX_MESSAGE:
+                await self._fail()
+            mask = await self._conn.read_exactly(4) if head[1] & 0x80 else b""
+            payload = await self._conn.read_exactly(n)
+            if len(payload) < n:
+                self._done = True
+                raise core.pty_ended_early()
+            if mask:
+                payload = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+            if opcode == core.WS_PING:
+                await self._conn.write(core.ws_frame(core.WS_PONG, payload))
+                continue
+            if opcode == core.WS_CLOSE:
+                self._done = True
+                try:
+                    await self._conn.write(core.ws_frame(core.WS_CLOSE, payload[:2]))
+                except OSError:
+                    pass
+                await self._conn.close()
+                self.exit_code = core.pty_closed(payload)
+                raise StopAsyncIteration
+            if opcode in (core.WS_BINARY, core.WS_TEXT, core.WS_CONT):
+                self._parts.append(payload)
+                if fin:
+                    whole = b"".join(self._parts)
+                    self._parts = []
+                    if whole:
+                        return whole
+
+    async def _fail(self) -> None:
+        self._done = True
+        await self._conn.close()
+        raise TransportError("the terminal sent a message larger than the SDK accepts", code="transport")
+
+    async def wait(self) -> int:
+        """Reads (and drops) the rest of the output; returns the exit code."""
+        async for _ in self:
+            pass
+        assert self.exit_code is not None
+        return self.exit_code
+
+    async def output(self) -> Tuple[bytes, int]:
+        """Everything the terminal prints until the exit, and the exit code."""
+        out = b"".join([chunk async for chunk in self])
+        assert self.exit_code is not None
+        return out, self.exit_code
+
+    async def aclose(self) -> None:
+        """Hangs up; a command still running is killed."""
+        if not self._done:
+            self._done = True
+            try:
+                await self._conn.write(core.ws_frame(core.WS_CLOSE, (1000).to_bytes(2, "big")))
+            except OSError:
+                pass
+        await self._conn.close()
+
+    async def __aenter__(self) -> "AsyncPty":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
 class AsyncSandbox:
     """A handle on one sandbox. The end of its ``async with`` block
     destroys the sandbox."""
@@ -355,6 +567,7 @@ class AsyncSandbox:
         self._t = transport
         self.info = info
         self.files = AsyncFiles(transport, info.id)
+        self.processes = AsyncProcesses(transport, info.id)
 
     @property
     def id(self) -> str:
@@ -413,6 +626,14 @@ class AsyncSandbox:
         self.info = SandboxInfo.from_json(await self._t.json(core.sandbox_resume(self.id)))
         return self.info
 
+    async def snapshot(self, image: str) -> Image:
+        """Saves the sandbox's filesystem as a new catalog image of its tenant.
+
+        Creates then take ``image`` like any other image. A taken name raises
+        `Conflict`; a provider that cannot snapshot raises `Unsupported`.
+        """
+        return Image.from_json(await self._t.json(core.sandbox_snapshot(self.id, image)))
+
     async def expose(self, port: int, public: bool = False) -> dict:
         """Exposes `port` inside the sandbox through the server: `{"port", "public", "url"}`."""
         return await self._t.json(core.sandbox_expose(self.id, port, public))
@@ -436,6 +657,38 @@ class AsyncSandbox:
     async def follow_logs(self) -> AsyncLogStream:
         """The log so far, then new lines as they come, until the sandbox ends."""
         return AsyncLogStream(await self._t.send(core.sandbox_logs(self.id, follow=True), stream=True))
+
+    async def pty(
+        self,
+        cmd: Union[str, Sequence[str], None] = None,
+        *,
+        cols: int = 80,
+        rows: int = 24,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> AsyncPty:
+        """Opens an interactive terminal running ``cmd`` (default the image's
+        shell). ``env`` is applied through ``env K=V … CMD`` in the sandbox.
+        ``https://`` servers are reached over ``wss://`` with the system's CA
+        store (``SSL_CERT_FILE`` is honoured)."""
+        http = self._t.http
+        host, port, tls, target = core.pty_target(str(http.base_url), self.id, core.pty_argv(cmd, env), cols, rows)
+        context = ssl.create_default_context() if tls else None
+        try:
+            conn = await _io.connect(host, port, context, core.DEFAULT_TIMEOUT)
+        except OSError as e:
+            raise TransportError(f"cannot reach {host}:{port}: {e}", code="transport") from e
+        request, accept = core.ws_handshake(host, port, target, dict(http.headers))
+        await conn.write(request)
+        head = await conn.read_until(b"\r\n\r\n", 65536)
+        status, headers = core.http_head(head)
+        if status == 101 and headers.get("sec-websocket-accept") == accept:
+            return AsyncPty(conn)
+        length = int(headers.get("content-length", "0") or 0)
+        body = await conn.read_exactly(min(length, 65536)) if length else b""
+        await conn.close()
+        if status == 101 or status == 0:
+            raise TransportError("the server's WebSocket handshake did not match the request", code="transport")
+        raise error_from_response(status, httpx.Headers(headers), body)
 
     async def __aenter__(self) -> "AsyncSandbox":
         return self

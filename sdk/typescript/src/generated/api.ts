@@ -101,6 +101,8 @@ export interface CreateSandbox {
   provider?: string | null;
   template?: string | null;
   timeout_s?: number | null;
+  /** Volumes to mount (single-node servers with the `docker` provider). */
+  volumes?: VolumeMount[];
   workdir?: string | null;
   /**
    * Only workers carrying every one of these labels may run the sandbox
@@ -112,6 +114,13 @@ export interface CreateSandbox {
 /** Body of `POST /v1/tenants`. */
 export interface CreateTenant {
   name: string;
+}
+
+/** Body of `POST /v1/volumes`. */
+export interface CreateVolume {
+  name: string;
+  /** At least 8 MiB. */
+  size_mb: number;
 }
 
 /** The answer of `GET …/files/list`, sorted by path. */
@@ -272,6 +281,48 @@ export interface PoolStatus {
   size: number;
 }
 
+/** A background process. */
+export interface Process {
+  cmd: string[];
+  cwd?: string | null;
+  ended_at?: string | null;
+  exit_code?: number | null;
+  /** Its process id inside the sandbox. */
+  pid: number;
+  /** The signal that ended it. */
+  signal?: number | null;
+  /** RFC 3339. */
+  started_at: string;
+  /** `running` or `exited`. */
+  state: string;
+  stderr_dropped: number;
+  stdin_open: boolean;
+  stdout_dropped: number;
+  /** Whether older output was dropped from the bounded output buffer. */
+  truncated: boolean;
+}
+
+/** `{"processes": [...]}`. */
+export interface ProcessList {
+  processes: Process[];
+}
+
+/** Body of `POST …/processes/{pid}/signal`. */
+export interface ProcessSignal {
+  /** One of TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT. */
+  signal: string;
+}
+
+/** Body of `POST /v1/sandboxes/{id}/processes`. */
+export interface ProcessStart {
+  /** The argv array; never joined into a shell string. */
+  cmd: string[];
+  /** Working directory (absolute); default the sandbox's workdir. */
+  cwd?: string | null;
+  /** Added to the sandbox's environment. */
+  env?: Record<string, string>;
+}
+
 /** A provider's health. */
 export interface ProviderStatus {
   /** The version in use, or why not healthy and the fix. */
@@ -313,6 +364,10 @@ export interface Quota {
   max_sandboxes?: number | null;
   /** The longest lifetime a sandbox may ask for, in seconds. */
   max_timeout_s?: number | null;
+  /** MiB of all the tenant's volumes together (their sizes, not what is written). */
+  max_volume_mb?: number | null;
+  /** Volumes the tenant may have. */
+  max_volumes?: number | null;
 }
 
 /** A runtime report that was not applied, and why. */
@@ -379,6 +434,15 @@ export interface SetTimeout {
   timeout_s: number;
 }
 
+/** Body of `POST /v1/sandboxes/{id}/snapshot`. */
+export interface SnapshotRequest {
+  /**
+   * Name of the new catalog image (like `"team/app:v1"`); it must not
+   * exist yet.
+   */
+  image: string;
+}
+
 /**
  * The answer of `GET /v1/status`. Admin keys see the whole deployment;
  * other keys their own tenant's sandbox counts, with no workers or pools.
@@ -394,6 +458,14 @@ export interface Status {
   uptime_s: number;
   version: string;
   workers: Worker[];
+}
+
+/** Answer of `POST …/processes/{pid}/stdin`. */
+export interface StdinWritten {
+  /** Whether stdin is now closed. */
+  closed: boolean;
+  /** Bytes written to the process's stdin. */
+  written: number;
 }
 
 /** The store's health. */
@@ -430,6 +502,35 @@ export interface Tenant {
 export interface TenantList {
   next_cursor?: string | null;
   tenants: Tenant[];
+}
+
+/** A volume. */
+export interface Volume {
+  created_at: string;
+  /** `vol_…`. */
+  id: string;
+  /** Unique within the tenant: 1-63 characters of `a-z`, `0-9`, `-`, `_`. */
+  name: string;
+  /** The filesystem's size; writes past it fail with `ENOSPC`. */
+  size_mb: number;
+  tenant_id: string;
+}
+
+/** `GET /v1/volumes`. */
+export interface VolumeList {
+  volumes: Volume[];
+}
+
+/** One volume a sandbox create mounts. */
+export interface VolumeMount {
+  /**
+   * Absolute, normalised path inside the sandbox; not `/`, not under
+   * `/proc`, `/sys`, `/dev` or `/.stacyvm`.
+   */
+  path: string;
+  read_only?: boolean;
+  /** The volume's name, in the caller's tenant. */
+  volume: string;
 }
 
 /**
@@ -627,6 +728,12 @@ export const operations = {
   key_list: { method: "GET", path: "/v1/keys", status: 200, body: "none", bodyContentType: null, response: "json" },
   key_revoke: { method: "DELETE", path: "/v1/keys/{id}", status: 204, body: "none", bodyContentType: null, response: "none" },
   metrics: { method: "GET", path: "/metrics", status: 200, body: "none", bodyContentType: null, response: "text" },
+  process_get: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}", status: 200, body: "none", bodyContentType: null, response: "json" },
+  process_list: { method: "GET", path: "/v1/sandboxes/{id}/processes", status: 200, body: "none", bodyContentType: null, response: "json" },
+  process_output: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}/output", status: 200, body: "none", bodyContentType: null, response: "event-stream" },
+  process_signal: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/signal", status: 200, body: "json", bodyContentType: null, response: "json" },
+  process_start: { method: "POST", path: "/v1/sandboxes/{id}/processes", status: 201, body: "json", bodyContentType: null, response: "json" },
+  process_stdin: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/stdin", status: 200, body: "binary", bodyContentType: "application/octet-stream", response: "json" },
   quota_get: { method: "GET", path: "/v1/tenants/{id}/quota", status: 200, body: "none", bodyContentType: null, response: "json" },
   quota_set: { method: "PUT", path: "/v1/tenants/{id}/quota", status: 200, body: "json", bodyContentType: null, response: "json" },
   readyz: { method: "GET", path: "/readyz", status: 200, body: "none", bodyContentType: null, response: "json" },
@@ -639,10 +746,15 @@ export const operations = {
   sandbox_logs: { method: "GET", path: "/v1/sandboxes/{id}/logs", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_pause: { method: "POST", path: "/v1/sandboxes/{id}/pause", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_resume: { method: "POST", path: "/v1/sandboxes/{id}/resume", status: 200, body: "none", bodyContentType: null, response: "json" },
+  sandbox_snapshot: { method: "POST", path: "/v1/sandboxes/{id}/snapshot", status: 201, body: "json", bodyContentType: null, response: "json" },
   sandbox_timeout: { method: "POST", path: "/v1/sandboxes/{id}/timeout", status: 200, body: "json", bodyContentType: null, response: "json" },
   status: { method: "GET", path: "/v1/status", status: 200, body: "none", bodyContentType: null, response: "json" },
   tenant_create: { method: "POST", path: "/v1/tenants", status: 201, body: "json", bodyContentType: null, response: "json" },
   tenant_list: { method: "GET", path: "/v1/tenants", status: 200, body: "none", bodyContentType: null, response: "json" },
+  volume_create: { method: "POST", path: "/v1/volumes", status: 201, body: "json", bodyContentType: null, response: "json" },
+  volume_delete: { method: "DELETE", path: "/v1/volumes/{name}", status: 204, body: "none", bodyContentType: null, response: "none" },
+  volume_get: { method: "GET", path: "/v1/volumes/{name}", status: 200, body: "none", bodyContentType: null, response: "json" },
+  volume_list: { method: "GET", path: "/v1/volumes", status: 200, body: "none", bodyContentType: null, response: "json" },
   whoami: { method: "GET", path: "/v1/whoami", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_drain: { method: "POST", path: "/v1/workers/{id}/drain", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_get: { method: "GET", path: "/v1/workers/{id}", status: 200, body: "none", bodyContentType: null, response: "json" },
@@ -798,6 +910,48 @@ export interface Operations {
     body: never;
     response: string;
   };
+  process_get: {
+    path: { id: string; pid: number };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: Process;
+  };
+  process_list: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: ProcessList;
+  };
+  process_output: {
+    path: { id: string; pid: number };
+    query: { follow?: boolean };
+    headers: Record<string, never>;
+    body: never;
+    response: ReadableStream<Uint8Array>;
+  };
+  process_signal: {
+    path: { id: string; pid: number };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: ProcessSignal;
+    response: Process;
+  };
+  process_start: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: ProcessStart;
+    response: Process;
+  };
+  process_stdin: {
+    path: { id: string; pid: number };
+    query: { close?: boolean };
+    headers: Record<string, never>;
+    body: Uint8Array;
+    response: StdinWritten;
+  };
   quota_get: {
     path: { id: string };
     query: Record<string, never>;
@@ -882,6 +1036,13 @@ export interface Operations {
     body: never;
     response: Sandbox;
   };
+  sandbox_snapshot: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: SnapshotRequest;
+    response: Image;
+  };
   sandbox_timeout: {
     path: { id: string };
     query: Record<string, never>;
@@ -909,6 +1070,34 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: TenantList;
+  };
+  volume_create: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: CreateVolume;
+    response: Volume;
+  };
+  volume_delete: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: void;
+  };
+  volume_get: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: Volume;
+  };
+  volume_list: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: VolumeList;
   };
   whoami: {
     path: Record<string, never>;

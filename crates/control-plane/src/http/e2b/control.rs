@@ -544,13 +544,9 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
 }
 
 async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult<Response> {
-    let state = match f.states.as_slice() {
-        [one] => Some(*one),
-        _ => None,
-    };
     let page = s
         .app
-        .sandbox_list(who, state, f.labels, f.limit, f.cursor)
+        .sandbox_list_in(who, f.states.clone(), f.labels, f.limit, f.cursor)
         .await?;
     let items: Vec<Value> = page
         .items

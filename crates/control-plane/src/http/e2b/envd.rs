@@ -366,6 +366,19 @@ pub(super) async fn caller(
     Ok(Caller { sandbox, who, user })
 }
 
+/// Whether the request's sandbox runs and its access token opens it, as
+/// envd's `/health` answers: the refusal as a unary Connect error.
+pub(super) async fn running_caller(
+    s: &AppState,
+    parts: &axum::http::request::Parts,
+) -> Result<(), Response> {
+    let addr = client_ip(&parts.extensions);
+    caller(s, &parts.headers, addr)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.unary())
+}
+
 fn client_ip(headers_ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
     headers_ext.get::<ClientAddr>().map(|c| c.0)
 }
@@ -977,8 +990,11 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
         "Remove" => {
             let m: PathMsg = parse(msg)?;
             let path = c.path(&m.path)?;
-            app.file_delete(who, id, &path, true).await?;
-            Ok(json!({}))
+            // envd's Remove is idempotent: a path already gone is removed.
+            match app.file_delete(who, id, &path, true).await {
+                Ok(()) | Err(Error::NotFound(_)) => Ok(json!({})),
+                Err(e) => Err(e.into()),
+            }
         }
         "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => Err(RpcError::unimplemented(
             "watching directories is not supported by this server yet",

@@ -188,10 +188,16 @@ pub fn routes(state: AppState) -> Router<AppState> {
 }
 
 /// `GET /health`: the control plane's (`{"status": "ok"}`), or a
-/// sandbox's envd (`204`) when the request names a sandbox.
-async fn health(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    match envd_target(&headers, s.app.config().e2b.domain.as_deref()) {
-        Some(_) => StatusCode::NO_CONTENT.into_response(),
+/// sandbox's envd when the request names a sandbox: `204` while it runs,
+/// `502` once it is paused, gone or never was (the SDK's `is_running`), and
+/// `401` without its access token.
+async fn health(State(s): State<AppState>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    match envd_target(&parts.headers, s.app.config().e2b.domain.as_deref()) {
+        Some(_) => match envd::running_caller(&s, &parts).await {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => e,
+        },
         None => axum::Json(serde_json::json!({"status": "ok"})).into_response(),
     }
 }

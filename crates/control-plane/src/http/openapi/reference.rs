@@ -114,11 +114,15 @@ fn describe_parameters(path: &str, op: &mut Map<String, Value>) {
         let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
         let text = match (name, path) {
             ("id", p) if p.starts_with("/v1/sandboxes/") => "The sandbox's id (`sbx_…`).",
+            ("pid", _) => "The background process's id inside the sandbox.",
             ("id", p) if p.starts_with("/v1/tenants/") => "The tenant's id (`tnt_…`).",
             ("id", p) if p.starts_with("/v1/keys/") => "The key's id (`key_…`).",
             ("id", p) if p.starts_with("/v1/workers/tokens/") => "The worker token's id (`wtk_…`).",
             ("id", p) if p.starts_with("/v1/workers/") => "The worker's id (`wrk_…`).",
             ("name", p) if p.contains("/images") => "The image's name in the catalog.",
+            ("name", p) if p.starts_with("/v1/volumes/") => {
+                "The volume's name in the caller's tenant."
+            }
             ("cursor", _) => "The `next_cursor` of the previous page; absent for the first page.",
             ("limit", _) => "At most this many items (1 to 1000; default 100).",
             _ => continue,
@@ -156,7 +160,9 @@ fn error_statuses(path: &str, method: &str, op: &Map<String, Value>) -> Vec<&'st
     if path.contains('{') {
         out.push("404");
     }
-    if path.starts_with("/v1/sandboxes/{id}/") {
+    if path.starts_with("/v1/sandboxes/{id}/")
+        || (path.starts_with("/v1/volumes") && method != "get")
+    {
         out.push("409");
     }
     if !public {
@@ -230,6 +236,9 @@ fn add_example(media: &mut Value, examples: &Map<String, Value>) {
 
 /// One realistic value of each body schema, by schema name.
 fn body_examples() -> Map<String, Value> {
+    let volume = json!({
+        "id": "vol_01J9ZC2D3E4F5G6H7J8K9M0N1P", "tenant_id": "tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9",
+        "name": "cache", "size_mb": 1024, "created_at": "2026-05-04T10:00:00Z"});
     let sandbox = json!({
         "id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "tenant_id": "tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9",
         "state": "running", "provider": "docker", "worker_id": "wrk_01J9Z9N1A2B3C4D5E6F7G8H9J0",
@@ -242,7 +251,7 @@ fn body_examples() -> Map<String, Value> {
         "mode": "0644", "mtime": "2026-12-04T15:01:00Z", "symlink_target": null});
     let quota = json!({"max_sandboxes": 20, "max_cpu": 16.0, "max_memory_mb": 32768,
         "max_timeout_s": 86400, "max_exec_per_minute": 600, "max_concurrent_execs": null,
-        "allowed_providers": null});
+        "allowed_providers": null, "max_volumes": 10, "max_volume_mb": 10240});
     let provider = json!({"name": "docker", "healthy": true, "detail": "docker 26.1.5"});
     let provider_b = provider.clone();
     let lease = json!({"sandbox_id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "provider": "docker",
@@ -283,6 +292,27 @@ fn body_examples() -> Map<String, Value> {
             "env": {"LANG": "C.UTF-8"}, "labels": {"team": "web"}, "workdir": "/work", "network": "none"}),
         ),
         ("SetTimeout", json!({"timeout_s": 900})),
+        (
+            "ProcessStart",
+            json!({"cmd": ["python3", "-m", "http.server", "8000"], "env": {"DEBUG": "1"}, "cwd": "/work"}),
+        ),
+        (
+            "Process",
+            json!({"pid": 12, "cmd": ["python3", "-m", "http.server", "8000"], "cwd": "/work",
+            "state": "running", "exit_code": null, "signal": null,
+            "started_at": "2026-12-04T15:00:01.250Z", "ended_at": null, "stdin_open": true,
+            "truncated": false, "stdout_dropped": 0, "stderr_dropped": 0}),
+        ),
+        (
+            "ProcessList",
+            json!({"processes": [{"pid": 12, "cmd": ["sleep", "600"], "cwd": null,
+            "state": "exited", "exit_code": null, "signal": 15,
+            "started_at": "2026-12-04T15:00:01.250Z", "ended_at": "2026-12-04T15:02:00.010Z",
+            "stdin_open": false, "truncated": false, "stdout_dropped": 0, "stderr_dropped": 0}]}),
+        ),
+        ("ProcessSignal", json!({"signal": "TERM"})),
+        ("SnapshotRequest", json!({"image": "team/app:prepared"})),
+        ("StdinWritten", json!({"written": 6, "closed": false})),
         (
             "Logs",
             json!({"lines": [{"ts": "2026-12-04T15:00:01Z", "source": "lifecycle", "message": "running"}]}),
@@ -366,6 +396,13 @@ fn body_examples() -> Map<String, Value> {
             json!({"state": "ready", "lease_ttl_ms": 15000,
             "heartbeat_interval_ms": 5000, "leases": [lease],
             "refused": [{"sandbox_id": "sbx_01J9ZB4A1B2C3D4E5F6G7H8J9K", "reason": "no current lease"}]}),
+        ),
+        ("CreateVolume", json!({"name": "cache", "size_mb": 1024})),
+        ("Volume", volume.clone()),
+        ("VolumeList", json!({"volumes": [volume]})),
+        (
+            "VolumeMount",
+            json!({"volume": "cache", "path": "/data", "read_only": false}),
         ),
     ] {
         m.insert(name.to_owned(), value);
