@@ -24,29 +24,37 @@ use crate::app::Principal;
 /// request is forwarded.
 pub const TOKEN_PARAM: &str = "stacyvm_token";
 
-#[derive(Deserialize)]
+/// What `POST /v1/sandboxes/{id}/ports` takes.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ExposeBody {
+pub struct PortExpose {
+    /// The port inside the sandbox (1-65535), on its loopback.
     pub port: i64,
+    /// Reachable without an API key or token (default `false`).
     #[serde(default)]
     pub public: bool,
 }
 
-#[derive(Serialize)]
-pub struct PortView {
+/// An exposed port and the URL that reaches it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ExposedPort {
     pub port: u16,
     pub public: bool,
+    /// The host form `http://{port}-{id}.DOMAIN/` when the server has a
+    /// proxy domain, else the path form relative to the server.
     pub url: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct PortList {
-    pub ports: Vec<PortView>,
+    pub ports: Vec<ExposedPort>,
 }
 
-#[derive(Deserialize)]
+/// What `POST /v1/sandboxes/{id}/ports/{port}/token` takes.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TokenBody {
+pub struct PortTokenRequest {
+    /// How long the token opens the port, in seconds (default 3600).
     #[serde(default = "default_ttl")]
     pub ttl_seconds: i64,
 }
@@ -55,15 +63,19 @@ fn default_ttl() -> i64 {
     3600
 }
 
-#[derive(Serialize)]
-pub struct TokenView {
+/// A signed URL token opening a private port.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PortToken {
+    /// `EXPIRY.MAC`, passed as `?stacyvm_token=`.
     pub token: String,
+    /// When the token stops working, in Unix seconds.
     pub expires_at: i64,
+    /// The port's URL with the token in its query.
     pub url: String,
 }
 
-fn view(s: &AppState, id: &str, e: &Exposure) -> PortView {
-    PortView {
+fn view(s: &AppState, id: &str, e: &Exposure) -> ExposedPort {
+    ExposedPort {
         port: e.port,
         public: e.public,
         url: port_url(s, id, e.port),
@@ -81,12 +93,17 @@ fn port_url(s: &AppState, id: &str, port: u16) -> String {
 
 /// Expose a port.
 ///
-/// Makes `port` inside the sandbox reachable through the control plane at the returned `url`; private ports need the tenant's key or a signed token.
+/// Makes `port` inside the sandbox reachable through the control plane at the returned `url`: a
+/// server listening on the sandbox's own loopback, even with network `none`. Private ports need a
+/// key of the sandbox's tenant or a signed token; public ones nothing. Exposing again replaces
+/// the port's `public` flag. Providers that cannot relay (PRoot, plugins) answer `409 unsupported`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/ports", tag = "sandboxes", request_body = PortExpose,
+    responses((status = 201, body = ExposedPort)))]
 pub async fn port_expose(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<ExposeBody>,
+    JsonBody(body): JsonBody<PortExpose>,
 ) -> ApiResult<Response> {
     let e = s.app.port_expose(&who, &id, body.port, body.public).await?;
     let resp = (StatusCode::CREATED, Json(view(&s, &id, &e))).into_response();
@@ -99,7 +116,9 @@ pub async fn port_expose(
 
 /// List exposed ports.
 ///
-/// The ports of the sandbox that are exposed through the control plane.
+/// The ports of the sandbox that are exposed through the control plane, with their URLs.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/ports", tag = "sandboxes",
+    responses((status = 200, body = PortList)))]
 pub async fn port_list(
     State(s): State<AppState>,
     Auth(who): Auth,
@@ -113,7 +132,11 @@ pub async fn port_list(
 
 /// Remove an exposed port.
 ///
-/// The port is no longer reachable through the control plane; connections already open are not cut.
+/// The port is no longer reachable through the control plane; connections already open are not
+/// cut. A port that is not exposed is `404`.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/ports/{port}", tag = "sandboxes",
+    params(("port" = u16, Path, description = "The exposed port (1-65535).")),
+    responses((status = 204, description = "no longer exposed")))]
 pub async fn port_remove(
     State(s): State<AppState>,
     Auth(who): Auth,
@@ -126,19 +149,25 @@ pub async fn port_remove(
 
 /// Sign a port URL.
 ///
-/// A token that opens a private exposed port without an API key until it expires (`?stacyvm_token=`).
+/// A token that opens a private exposed port without an API key until it expires
+/// (`?stacyvm_token=`). It is an HMAC over the sandbox, the port and the expiry under a secret the
+/// server makes at start-up, so a restart voids every token. `ttl_seconds` is 1 to 604800.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/ports/{port}/token", tag = "sandboxes",
+    request_body = PortTokenRequest,
+    params(("port" = u16, Path, description = "The exposed port (1-65535).")),
+    responses((status = 201, body = PortToken)))]
 pub async fn port_token(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path((id, port)): Path<(String, i64)>,
-    JsonBody(body): JsonBody<TokenBody>,
+    JsonBody(body): JsonBody<PortTokenRequest>,
 ) -> ApiResult<Response> {
     let (token, expires_at) = s.app.port_token(&who, &id, port, body.ttl_seconds).await?;
     let base = port_url(&s, &id, check_port(port)?);
     let url = format!("{base}?{TOKEN_PARAM}={token}");
     let resp = (
         StatusCode::CREATED,
-        Json(TokenView {
+        Json(PortToken {
             token,
             expires_at,
             url,
@@ -152,7 +181,23 @@ pub async fn port_token(
     ))
 }
 
-/// The path form: `/v1/sandboxes/{id}/ports/{port}/{*rest}`.
+/// Reach an exposed port.
+///
+/// Forwards the request, any method, to the server on `port` inside the sandbox, with `path` and
+/// the query (minus `stacyvm_token`), and streams its answer back; a WebSocket or other `Upgrade`
+/// handshake is passed through, then bytes flow both ways. A private port needs a key of the
+/// sandbox's tenant (`Authorization: Bearer` or `X-API-Key`) or `?stacyvm_token=`; the proxy
+/// removes these before forwarding. A port that is not exposed is `404`, an expired or forged
+/// token `401`, nothing listening on the port `502`. With `--proxy-domain` the same is reachable
+/// at `http://{port}-{id}.DOMAIN/{path}`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "sandboxes",
+    security((), ("api_key" = [])),
+    params(("port" = u16, Path, description = "The exposed port (1-65535)."),
+        ("path" = String, Path, description = "The path on the sandbox's server (may be empty)."),
+        ("stacyvm_token" = Option<String>, Query, description = "A signed token from `POST …/ports/{port}/token`, for a private port without a key.")),
+    responses((status = 200, description = "whatever the sandbox's server answers, streamed"),
+        (status = 502, description = "Nothing listens on the port, or it did not answer HTTP (`provider_unavailable`).",
+            body = super::error::ErrorBody)))]
 pub async fn proxy_path(State(s): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let Some(rest) = path.strip_prefix("/v1/sandboxes/") else {
