@@ -3,12 +3,29 @@
 //! sandbox's key, a signed token, or nothing for a public port; and the
 //! relay reaches only the sandbox's own loopback.
 
-use anyhow::{bail, ensure, Context, Result};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::support::{Api, Server, ServerOptions, StoreKind};
+use crate::support::{eventually, Api, Server, ServerOptions, StoreKind};
+
+/// Bound on waiting for bytes that should come: a relay that holds them
+/// back fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Small servers for `nc -ll -e` inside the sandbox (busybox has no
+/// WebSocket or chunked-encoding server of its own).
+const SERVERS: &[(&str, u16, &str)] = &[
+    ("ws", 9001, include_str!("port_servers/ws.sh")),
+    ("chunks", 9002, include_str!("port_servers/chunks.sh")),
+    ("upload", 9003, include_str!("port_servers/upload.sh")),
+];
 
 /// Starts `busybox httpd` on `port` inside the sandbox, serving a small
 /// index and a 12 MiB random file; returns the file's SHA-256.
@@ -22,6 +39,195 @@ async fn start_httpd(api: &Api, id: &str, port: u16) -> Result<String> {
     );
     let out = api.sh(id, &script).await?;
     Ok(out.trim().to_owned())
+}
+
+async fn start_servers(api: &Api, id: &str) -> Result<()> {
+    for (name, _, body) in SERVERS {
+        let r = api
+            .put_bytes(
+                &format!("/v1/sandboxes/{id}/files?path=/srv/{name}.sh"),
+                body.as_bytes().to_vec(),
+            )
+            .await?;
+        ensure!(
+            r.status / 100 == 2,
+            "writing {name}.sh: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    let mut script = String::from("chmod +x /srv/*.sh && ");
+    for (name, port, _) in SERVERS {
+        script.push_str(&format!(
+            "setsid nc -ll -p {port} -e /srv/{name}.sh </dev/null >/dev/null 2>&1 & \
+             i=0; while ! nc -z 127.0.0.1 {port} 2>/dev/null && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; done; "
+        ));
+    }
+    script.push_str("echo started");
+    let out = api.sh(id, &script).await?;
+    ensure!(out.trim() == "started", "starting the servers: {out}");
+    Ok(())
+}
+
+/// A WebSocket through the proxy at `url` (ws://…), with `key` if given.
+async fn websocket_echo(url: &str, key: Option<&str>, what: &str) -> Result<()> {
+    let mut req = url.into_client_request()?;
+    if let Some(key) = key {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse()?);
+    }
+    let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
+        Ok(ok) => ok,
+        Err(tungstenite::Error::Http(resp)) => bail!(
+            "{what}: the upgrade was refused: {} {}",
+            resp.status(),
+            resp.body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        ),
+        Err(e) => bail!("{what}: {e}"),
+    };
+    for msg in [
+        Message::Text("hello over websocket".into()),
+        Message::Binary(vec![0u8, 1, 2, 0xfe, 0xff].into()),
+    ] {
+        ws.send(msg.clone()).await?;
+        let back = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .map_err(|_| anyhow!("{what}: no echo within {PATIENCE:?}"))?
+            .context("the socket ended")??;
+        ensure!(back == msg, "{what}: sent {msg:?}, got {back:?}");
+    }
+    ws.close(None).await?;
+    Ok(())
+}
+
+/// Streaming through the proxy: a chunked answer arrives part by part, a
+/// large upload reaches the server while it is still being sent, and a
+/// WebSocket echoes both ways (path form and host form).
+async fn streams(server: &Server, api: &Api, id: &str, provider: &str) -> Result<()> {
+    start_servers(api, id).await?;
+    for port in [9001, 9002, 9003] {
+        api.post(&format!("/v1/sandboxes/{id}/ports"), json!({"port": port}))
+            .await?
+            .ok(201)?;
+    }
+
+    // Chunked: the second part waits for /tmp/go, which is only made once
+    // the first part has arrived.
+    let resp = api
+        .request(Method::GET, &format!("/v1/sandboxes/{id}/ports/9002/"))
+        .send()
+        .await?;
+    ensure!(
+        resp.status() == 200,
+        "{provider} chunked: {}",
+        resp.status()
+    );
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    while !got.ends_with(b"first\n") {
+        let chunk = tokio::time::timeout(PATIENCE, body.next())
+            .await
+            .map_err(|_| anyhow!("{provider}: the first chunk was held back"))?
+            .context("the body ended before its first chunk")??;
+        got.extend_from_slice(&chunk);
+    }
+    ensure!(
+        got == b"first\n",
+        "{provider}: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    api.sh(id, "touch /tmp/go").await?;
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.next())
+        .await
+        .map_err(|_| anyhow!("{provider}: the second chunk never came"))?
+    {
+        got.extend_from_slice(&chunk?);
+    }
+    ensure!(
+        got == b"first\nsecond\n",
+        "{provider}: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // Upload: half of 12 MiB, then wait until the server holds most of it,
+    // then the rest; a relay that buffered the body would never let it see
+    // the first half.
+    const HALF: usize = 6 << 20;
+    let data: Vec<u8> = (0..2 * HALF).map(|i| (i * 7 + i / 4093) as u8).collect();
+    let want = sha256_hex(&data);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let rb = api
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/ports/9003/upload"),
+        )
+        .header("content-length", data.len().to_string())
+        .body(reqwest::Body::wrap_stream(futures_util::stream::poll_fn(
+            move |cx| rx.poll_recv(cx),
+        )));
+    let call = tokio::spawn(async move {
+        let r = rb.send().await?;
+        let status = r.status().as_u16();
+        Ok::<_, anyhow::Error>((status, r.text().await?))
+    });
+    for part in data[..HALF].chunks(64 * 1024) {
+        tx.send(Ok(part.to_vec())).await?;
+    }
+    eventually(PATIENCE, "the first half of the upload inside", || async {
+        let n = api
+            .sh(id, "stat -c %s /tmp/up 2>/dev/null || echo 0")
+            .await?;
+        let n: usize = n.trim().parse().unwrap_or(0);
+        Ok((n >= HALF / 2).then_some(()))
+    })
+    .await
+    .with_context(|| format!("{provider}: the upload was not streamed"))?;
+    for part in data[HALF..].chunks(64 * 1024) {
+        tx.send(Ok(part.to_vec())).await?;
+    }
+    drop(tx);
+    let (status, text) = tokio::time::timeout(PATIENCE, call)
+        .await
+        .map_err(|_| anyhow!("{provider}: the upload got no answer"))???;
+    ensure!(status == 200, "{provider} upload: {status} {text}");
+    ensure!(
+        text == want,
+        "{provider}: the upload arrived as {text}, not {want}"
+    );
+
+    // WebSocket, path form with the key, and host form (public).
+    let ws_base = api.base.replacen("http", "ws", 1);
+    websocket_echo(
+        &format!("{ws_base}/v1/sandboxes/{id}/ports/9001/"),
+        Some(api.key_secret()),
+        provider,
+    )
+    .await?;
+    api.post(
+        &format!("/v1/sandboxes/{id}/ports"),
+        json!({"port": 9001, "public": true}),
+    )
+    .await?
+    .ok(201)?;
+    let addr = server.admin().base.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&addr).await?;
+    let mut req = format!("ws://{addr}/").into_client_request()?;
+    req.headers_mut()
+        .insert("host", format!("9001-{id}.sb.test").parse()?);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .with_context(|| format!("{provider}: the host-form upgrade"))?;
+    ws.send(Message::Text("by host".into())).await?;
+    let back = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .map_err(|_| anyhow!("{provider}: no echo by host"))?
+        .context("the socket ended")??;
+    ensure!(back == Message::Text("by host".into()), "{back:?}");
+    ws.close(None).await?;
+    Ok(())
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -39,6 +245,7 @@ async fn exercise(server: &Server, provider: &str) -> Result<()> {
     let id = s["id"].as_str().context("sandbox id")?.to_owned();
     let want = start_httpd(&member, &id, 8080).await?;
     ensure!(want.len() == 64, "{provider}: sha256sum said {want:?}");
+    streams(server, &member, &id, provider).await?;
 
     // Out of range and bad bodies.
     for bad in [
