@@ -224,13 +224,23 @@ pub async fn proxy_path(State(s): State<AppState>, req: Request) -> Response {
     proxy(s, id, port, inner, req).await
 }
 
-/// The host form: `{port}-{id}.DOMAIN`, when `host` is one.
-pub fn host_target(host: &str, domain: &str) -> Option<(String, u16)> {
+/// The host form: `{port}-{id}.DOMAIN`. `None` when `host` is not under
+/// the proxy domain; every name under it is a port address, so one that is
+/// not `{port}-{id}` with a port in 1-65535 is refused rather than handed to
+/// the API's own routes.
+pub fn host_target(host: &str, domain: &str) -> Option<Result<(String, u16), Error>> {
     let host = host.split(':').next()?.to_ascii_lowercase();
     let label = host.strip_suffix(domain)?.strip_suffix('.')?;
-    let (port, id) = label.split_once('-')?;
-    let port = check_port(port.parse().ok()?).ok()?;
-    (!id.is_empty() && !id.contains('.')).then(|| (id.to_owned(), port))
+    let bad = || {
+        Error::InvalidRequest(format!(
+            "{host} is not a port address: use {{port}}-{{sandbox id}}.{domain} with a port in 1-65535"
+        ))
+    };
+    let parsed = label.split_once('-').and_then(|(port, id)| {
+        let port = check_port(port.parse().ok()?).ok()?;
+        (!id.is_empty() && !id.contains('.')).then(|| (id.to_owned(), port))
+    });
+    Some(parsed.ok_or_else(bad))
 }
 
 /// Routes requests for `{port}-{id}.DOMAIN` to the proxy before any other
@@ -245,10 +255,11 @@ pub async fn host_layer(
         host_target(host, &d.to_ascii_lowercase())
     });
     match target {
-        Some((id, port)) => {
+        Some(Ok((id, port))) => {
             let inner = req.uri().path().to_owned();
             proxy(s, id, port, inner, req).await
         }
+        Some(Err(e)) => error_response(&e),
         None => next.run(req).await,
     }
 }
