@@ -11,6 +11,7 @@ mod cli;
 #[path = "../common/fixtures.rs"]
 mod fixtures;
 mod interactive;
+mod ports;
 mod provider_test;
 mod sdk;
 mod support;
