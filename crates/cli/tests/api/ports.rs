@@ -116,10 +116,14 @@ async fn streams(server: &Server, api: &Api, id: &str, provider: &str) -> Result
 
     // Chunked: the second part waits for /tmp/go, which is only made once
     // the first part has arrived.
-    let resp = api
-        .request(Method::GET, &format!("/v1/sandboxes/{id}/ports/9002/"))
-        .send()
-        .await?;
+    let resp = tokio::time::timeout(
+        PATIENCE,
+        api.request(Method::GET, &format!("/v1/sandboxes/{id}/ports/9002/"))
+            .send(),
+    )
+    .await
+    .map_err(|_| anyhow!("{provider}: the chunked answer was held back"))?
+    .with_context(|| format!("{provider}: the chunked answer"))?;
     ensure!(
         resp.status() == 200,
         "{provider} chunked: {}",
