@@ -147,10 +147,19 @@ pub fn build_providers(
                 catalog: catalog.clone(),
                 instance: instance.to_owned(),
             })?)),
+            // Enabled only on a host where it passed `stacyvm certify`.
+            "firecracker" => out.push(crate::certify::gate(name, &options.data_dir, || {
+                Ok(Arc::new(crate::certify::Uncertified::new(
+                    name,
+                    "certified on this host, but this StacyVM build has no Firecracker \
+                     launcher yet"
+                        .into(),
+                )))
+            })?),
             other => {
                 return Err(Error::InvalidRequest(format!(
                     "unknown provider {other:?}; available: docker, namespaces, proot, qemu, \
-                     plugin:NAME"
+                     firecracker, plugin:NAME"
                 )))
             }
         }

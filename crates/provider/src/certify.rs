@@ -1,0 +1,630 @@
+//! Certification: whether a provider really works on this host, proven by
+//! running it, and the record of that proof in the data dir.
+//!
+//! The sandbox-level checks (spawn, exec, every file operation, limits,
+//! destroy) are written once over the [`Provider`] trait and run for every
+//! provider; the host-level checks of the microVM launchers live in
+//! [`crate::kvm`]. A record is kept per provider in
+//! `DATA_DIR/certification/PROVIDER.json`, written atomically. `stacyvm
+//! serve` enables the providers that need one (see [`GATED`]) only with a
+//! passing record made on this host by this StacyVM version.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use stacyvm_core::{ExecRequest, Network, SandboxId, SpawnSpec};
+
+use crate::{AgentClient, DynProvider, Error, Health, LogLine, Provider, Result, RuntimeInfo};
+
+/// Providers `stacyvm serve` enables only with a passing record for this
+/// host and version. (`qemu` joins them in KVM mode: TCG needs none.)
+pub const GATED: &[&str] = &["firecracker"];
+
+/// Memory given to a certification sandbox, in MiB; the memory check
+/// allocates well past it.
+pub const SANDBOX_MEMORY_MB: u64 = 128;
+
+/// One check of a certification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    /// What was found: the evidence when it passed, the reason when not.
+    pub reason: String,
+    /// What to do about a failure; empty when it passed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fix: String,
+}
+
+impl Check {
+    pub fn pass(name: &str, reason: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            passed: true,
+            reason: reason.into(),
+            fix: String::new(),
+        }
+    }
+
+    pub fn fail(name: &str, reason: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            name: name.into(),
+            passed: false,
+            reason: reason.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// The host a record was made on: a record counts only on the same one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostId {
+    pub hostname: String,
+    /// `uname -r`: a new kernel can change what a provider can do.
+    pub kernel: String,
+}
+
+impl HostId {
+    pub fn this() -> HostId {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        HostId {
+            hostname: read("/proc/sys/kernel/hostname"),
+            kernel: read("/proc/sys/kernel/osrelease"),
+        }
+    }
+}
+
+/// A provider's certification on a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub provider: String,
+    pub host: HostId,
+    /// The StacyVM version that ran the checks.
+    pub version: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub certified_at: time::OffsetDateTime,
+    /// How the provider runs here: `tcg`/`kvm`/`pvm` for the microVM
+    /// launchers, the provider's own mode (`root`, `rootless`) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The catalog image the sandbox checks ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Limits the provider does not enforce here.
+    #[serde(default)]
+    pub not_enforced: Vec<String>,
+    pub passed: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Record {
+    /// Whether the record speaks for this host and this StacyVM version:
+    /// a new version may launch differently, so it is certified again.
+    pub fn applies_here(&self) -> bool {
+        self.host == HostId::this() && self.version == env!("CARGO_PKG_VERSION")
+    }
+
+    /// The first failed check, as one line.
+    pub fn failure(&self) -> Option<String> {
+        self.checks
+            .iter()
+            .find(|c| !c.passed)
+            .map(|c| format!("{}: {} (fix: {})", c.name, c.reason, c.fix))
+    }
+}
+
+fn records_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("certification")
+}
+
+/// The record file of `provider` (`plugin:x` is stored as `plugin-x`).
+pub fn record_path(data_dir: &Path, provider: &str) -> PathBuf {
+    records_dir(data_dir).join(format!("{}.json", provider.replace(':', "-")))
+}
+
+/// Writes `record` next to its final name and renames it over it, so a
+/// reader sees the old record or the new one, never half of one.
+pub fn save(data_dir: &Path, record: &Record) -> Result<PathBuf> {
+    let dir = records_dir(data_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::internal(format!("creating {}", dir.display()), e))?;
+    let path = record_path(data_dir, &record.provider);
+    let body = serde_json::to_vec_pretty(record)
+        .map_err(|e| Error::internal("encoding the certification record", e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        record.provider.replace(':', "-"),
+        std::process::id()
+    ));
+    let written = (|| -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::internal(format!("writing {}", path.display()), e));
+    }
+    Ok(path)
+}
+
+/// The record of `provider`, if one was made (whatever host it was made on).
+pub fn load(data_dir: &Path, provider: &str) -> Option<Record> {
+    let body = std::fs::read(record_path(data_dir, provider)).ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// `Ok(record)` when `provider` has a passing record for this host and
+/// version, else the reason it does not, for `"not certified on this host: …"`.
+pub fn verdict(data_dir: &Path, provider: &str) -> std::result::Result<Record, String> {
+    let run = format!("run `stacyvm certify --provider {provider}`");
+    let Some(rec) = load(data_dir, provider) else {
+        return Err(format!("never certified; {run}"));
+    };
+    if rec.host != HostId::this() {
+        return Err(format!(
+            "the record was made on {} ({}); {run}",
+            rec.host.hostname, rec.host.kernel
+        ));
+    }
+    if rec.version != env!("CARGO_PKG_VERSION") {
+        return Err(format!(
+            "the record was made by StacyVM {}; {run} again",
+            rec.version
+        ));
+    }
+    if !rec.passed {
+        return Err(rec
+            .failure()
+            .unwrap_or_else(|| "the last certification failed".into()));
+    }
+    Ok(rec)
+}
+
+/// A provider `stacyvm serve` was asked for but may not use on this host:
+/// listed unhealthy with the reason, refusing every sandbox.
+pub struct Uncertified {
+    name: String,
+    reason: String,
+}
+
+impl Uncertified {
+    pub fn new(name: &str, reason: String) -> Uncertified {
+        Uncertified {
+            name: name.into(),
+            reason,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for Uncertified {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn health(&self) -> Health {
+        Health {
+            healthy: false,
+            detail: self.reason.clone(),
+        }
+    }
+
+    async fn spawn(&self, _spec: &SpawnSpec) -> Result<()> {
+        Err(Error::Unavailable(format!(
+            "{}: {}",
+            self.name, self.reason
+        )))
+    }
+
+    async fn destroy(&self, _id: &SandboxId) -> Result<()> {
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<RuntimeInfo>> {
+        Ok(Vec::new())
+    }
+
+    async fn logs(&self, id: &SandboxId) -> Result<Vec<LogLine>> {
+        Err(Error::NotFound(format!("sandbox {id}")))
+    }
+
+    async fn agent(&self, id: &SandboxId) -> Result<Arc<AgentClient>> {
+        Err(Error::NotFound(format!("sandbox {id}")))
+    }
+}
+
+/// The provider `serve` uses for a gated `name`: `Uncertified` unless a
+/// passing record exists, in which case `build` makes the real one.
+pub fn gate(
+    name: &str,
+    data_dir: &Path,
+    build: impl FnOnce() -> Result<DynProvider>,
+) -> Result<DynProvider> {
+    match verdict(data_dir, name) {
+        Ok(_) => build(),
+        Err(why) => Ok(Arc::new(Uncertified::new(
+            name,
+            format!("not certified on this host: {why}"),
+        ))),
+    }
+}
+
+fn body(data: &[u8]) -> stacyvm_core::ByteStream {
+    let chunk: std::io::Result<Bytes> = Ok(Bytes::copy_from_slice(data));
+    Box::pin(futures_util::stream::iter(vec![chunk]))
+}
+
+async fn read_all(mut s: stacyvm_core::ByteStream) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk.map_err(|e| Error::internal("reading a file", e))?);
+    }
+    Ok(out)
+}
+
+fn exec(cmd: &str, timeout_ms: u64) -> ExecRequest {
+    ExecRequest {
+        cmd: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+        env: BTreeMap::new(),
+        cwd: None,
+        stdin: None,
+        timeout_ms,
+        output_cap: 64 * 1024,
+    }
+}
+
+/// Runs `f`, turning an error into a failed check with `fix`.
+async fn check<F>(name: &str, fix: &str, f: F) -> Check
+where
+    F: std::future::Future<Output = std::result::Result<String, String>>,
+{
+    match f.await {
+        Ok(evidence) => Check::pass(name, evidence),
+        Err(reason) => Check::fail(name, reason, fix),
+    }
+}
+
+/// The sandbox-level checks, the same for every provider: a sandbox of
+/// `image` starts with the agent answering, the image's own `/bin/sh`
+/// runs, every file operation works, the limits the provider enforces
+/// hold, and destroy leaves nothing. The sandbox is destroyed on every path.
+pub async fn sandbox_checks(provider: &DynProvider, image: &str) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let health = provider.health().await;
+    let name = provider.name().to_owned();
+    if !health.healthy {
+        checks.push(Check::fail(
+            "health",
+            health.detail,
+            format!("make the {name} provider healthy (see docs/PROVIDERS.md)"),
+        ));
+        return checks;
+    }
+    checks.push(Check::pass("health", health.detail));
+    let not_enforced = provider.mode().map(|m| m.not_enforced).unwrap_or_default();
+    let id = SandboxId::generate();
+    let spec = SpawnSpec {
+        sandbox_id: id.clone(),
+        image: image.into(),
+        cpu: 1.0,
+        memory_mb: SANDBOX_MEMORY_MB,
+        env: BTreeMap::new(),
+        workdir: Some("/tmp".into()),
+        network: Network::None,
+        labels: BTreeMap::from([("stacyvm.certify".into(), "1".into())]),
+        mounts: Vec::new(),
+    };
+    let spawned = tokio::time::timeout(Duration::from_secs(180), provider.spawn(&spec)).await;
+    match spawned {
+        Ok(Ok(())) => checks.push(Check::pass(
+            "spawn",
+            format!("a sandbox of {image} started and its agent answered"),
+        )),
+        Ok(Err(e)) => {
+            checks.push(Check::fail(
+                "spawn",
+                format!("the sandbox did not start: {e}"),
+                format!("read the {name} provider's logs; check the image and the agent binary"),
+            ));
+            let _ = provider.destroy(&id).await;
+            return checks;
+        }
+        Err(_) => {
+            checks.push(Check::fail(
+                "spawn",
+                "the sandbox did not start within 180 s",
+                "check the runtime's logs",
+            ));
+            let _ = provider.destroy(&id).await;
+            return checks;
+        }
+    }
+    let inner = async {
+        let agent = match provider.agent(&id).await {
+            Ok(a) => a,
+            Err(e) => {
+                checks.push(Check::fail(
+                    "agent",
+                    format!("no connection to the agent: {e}"),
+                    "check the agent binary (STACYVM_AGENT_BIN)",
+                ));
+                return;
+            }
+        };
+        checks.push(exec_check(&agent).await);
+        checks.push(files_check(&agent).await);
+        if name == "docker" || name == "namespaces" {
+            if not_enforced.iter().any(|l| l == "pids") {
+                checks.push(Check::pass(
+                    "pids-limit",
+                    "not enforced here (listed in not_enforced)",
+                ));
+            } else {
+                checks.push(pids_check(&agent).await);
+            }
+            if not_enforced.iter().any(|l| l == "memory") {
+                checks.push(Check::pass(
+                    "memory-limit",
+                    "not enforced here (listed in not_enforced)",
+                ));
+            } else {
+                checks.push(memory_check(&agent).await);
+            }
+        }
+    };
+    // Bounded: a check that hangs must not keep the sandbox forever.
+    if tokio::time::timeout(Duration::from_secs(300), inner)
+        .await
+        .is_err()
+    {
+        checks.push(Check::fail(
+            "checks",
+            "the sandbox checks did not finish within 300 s",
+            "check the runtime's logs",
+        ));
+    }
+    match provider.destroy(&id).await {
+        Ok(()) => match provider.list().await {
+            Ok(l) if l.iter().any(|r| r.sandbox_id == id) => checks.push(Check::fail(
+                "destroy",
+                "the runtime is still listed after destroy",
+                "remove it by hand and report it",
+            )),
+            Ok(_) => checks.push(Check::pass("destroy", "the runtime is gone")),
+            Err(e) => checks.push(Check::fail(
+                "destroy",
+                format!("cannot list runtimes: {e}"),
+                "check the runtime",
+            )),
+        },
+        Err(e) => checks.push(Check::fail(
+            "destroy",
+            format!("destroy failed: {e}"),
+            "remove the runtime by hand",
+        )),
+    }
+    checks
+}
+
+async fn exec_check(agent: &AgentClient) -> Check {
+    check("exec", "check the image's /bin/sh and the agent", async {
+        let out = agent
+            .exec(exec("echo certify-$((6*7))", 30_000))
+            .await
+            .map_err(|e| format!("exec failed: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if out.status.exit_code != Some(0) || !stdout.contains("certify-42") {
+            return Err(format!(
+                "/bin/sh -c exited {:?} printing {:?} (stderr {:?})",
+                out.status.exit_code,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok("the image's /bin/sh ran a command through the agent".into())
+    })
+    .await
+}
+
+async fn files_check(agent: &AgentClient) -> Check {
+    check(
+        "files",
+        "check the agent and the sandbox's filesystem",
+        async {
+            let e = |op: &str| {
+                let op = op.to_owned();
+                move |err: Error| format!("{op}: {err}")
+            };
+            let dir = "/tmp/stacyvm-certify";
+            agent.file_mkdir(dir, true).await.map_err(e("mkdir"))?;
+            let data = b"certified\n".to_vec();
+            agent
+                .file_write(&format!("{dir}/a.txt"), Some(0o644), body(&data))
+                .await
+                .map_err(e("write"))?;
+            let back = read_all(
+                agent
+                    .file_read(&format!("{dir}/a.txt"))
+                    .await
+                    .map_err(e("read"))?,
+            )
+            .await
+            .map_err(e("read"))?;
+            if back != data {
+                return Err(format!("read back {back:?}, wrote {data:?}"));
+            }
+            let listed = agent.file_list(dir, false).await.map_err(e("list"))?;
+            if !listed.iter().any(|f| f.name == "a.txt") {
+                return Err("list does not show the written file".into());
+            }
+            let st = agent
+                .file_stat(&format!("{dir}/a.txt"))
+                .await
+                .map_err(e("stat"))?;
+            if st.size != data.len() as u64 {
+                return Err(format!("stat says {} bytes, wrote {}", st.size, data.len()));
+            }
+            agent
+                .file_move(&format!("{dir}/a.txt"), &format!("{dir}/b.txt"), false)
+                .await
+                .map_err(e("move"))?;
+            let ch = agent
+                .file_chmod(&format!("{dir}/b.txt"), 0o600)
+                .await
+                .map_err(e("chmod"))?;
+            if ch.mode != "0600" {
+                return Err(format!("chmod 0600 left mode {}", ch.mode));
+            }
+            let globbed = agent
+                .file_glob(&format!("{dir}/*.txt"))
+                .await
+                .map_err(e("glob"))?;
+            if globbed.len() != 1 || !globbed[0].ends_with("b.txt") {
+                return Err(format!("glob found {globbed:?}, expected only b.txt"));
+            }
+            agent.file_delete(dir, true).await.map_err(e("delete"))?;
+            if agent.file_stat(dir).await.is_ok() {
+                return Err("the directory is still there after delete".into());
+            }
+            Ok("write, read, list, stat, move, chmod, glob and delete work".into())
+        },
+    )
+    .await
+}
+
+/// Attempts at most this many processes: past any sane pid limit, and
+/// bounded so a host whose limit does not hold is not itself exhausted.
+const FORK_ATTEMPTS: u32 = 4000;
+
+async fn pids_check(agent: &AgentClient) -> Check {
+    check(
+        "pids-limit",
+        "the runtime must apply a pids limit (Docker: PidsLimit; cgroup pids controller)",
+        async {
+            let script = format!(
+                "i=0; while [ $i -lt {FORK_ATTEMPTS} ]; do sleep 30 & i=$((i+1)); done 2>/dev/null; \
+                 ls -d /proc/[0-9]* | wc -l"
+            );
+            let _ = agent.exec(exec(&script, 60_000)).await;
+            let out = agent
+                .exec(exec("ls -d /proc/[0-9]* | wc -l; pkill sleep || killall sleep", 30_000))
+                .await
+                .map_err(|e| format!("counting processes after the fork bomb: {e}"))?;
+            let n: u32 = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "cannot count processes: {:?}",
+                        String::from_utf8_lossy(&out.stdout)
+                    )
+                })?;
+            if n >= FORK_ATTEMPTS {
+                return Err(format!(
+                    "{n} processes ran: {FORK_ATTEMPTS} forks all succeeded, no pids limit held"
+                ));
+            }
+            Ok(format!(
+                "a fork bomb of {FORK_ATTEMPTS} processes stopped at {n} (the pids limit held, the sandbox still answers)"
+            ))
+        },
+    )
+    .await
+}
+
+async fn memory_check(agent: &AgentClient) -> Check {
+    check(
+        "memory-limit",
+        "the runtime must apply a memory limit without extra swap",
+        async {
+            let hog = SANDBOX_MEMORY_MB * 3;
+            let out = agent
+                .exec(exec(
+                    &format!("dd if=/dev/zero of=/dev/null bs={hog}M count=1 && echo survived"),
+                    60_000,
+                ))
+                .await
+                .map_err(|e| format!("running the memory hog: {e}"))?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if stdout.contains("survived") {
+                return Err(format!(
+                    "a {hog} MiB allocation succeeded in a {SANDBOX_MEMORY_MB} MiB sandbox"
+                ));
+            }
+            let alive = agent
+                .exec(exec("echo alive", 30_000))
+                .await
+                .map_err(|e| format!("the sandbox stopped answering after the hog: {e}"))?;
+            if !String::from_utf8_lossy(&alive.stdout).contains("alive") {
+                return Err("the sandbox stopped answering after the hog".into());
+            }
+            Ok(format!(
+                "a {hog} MiB allocation in a {SANDBOX_MEMORY_MB} MiB sandbox was stopped (exit {:?}, signal {:?}) and the sandbox still answers",
+                out.status.exit_code, out.status.signal
+            ))
+        },
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(passed: bool) -> Record {
+        Record {
+            provider: "firecracker".into(),
+            host: HostId::this(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            certified_at: time::OffsetDateTime::now_utc(),
+            mode: Some("pvm".into()),
+            image: None,
+            not_enforced: Vec::new(),
+            passed,
+            checks: vec![if passed {
+                Check::pass("kvm", "ok")
+            } else {
+                Check::fail("kvm", "no boot", "a PVM kernel")
+            }],
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_decide_the_gate() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let why = verdict(d.path(), "firecracker").expect_err("no record");
+        assert!(why.contains("never certified"), "{why}");
+        save(d.path(), &record(false)).expect("save");
+        let why = verdict(d.path(), "firecracker").expect_err("failed record");
+        assert!(
+            why.contains("no boot") && why.contains("a PVM kernel"),
+            "{why}"
+        );
+        save(d.path(), &record(true)).expect("save");
+        assert!(verdict(d.path(), "firecracker").is_ok());
+        let mut other = record(true);
+        other.version = "0.0.0-other".into();
+        save(d.path(), &other).expect("save");
+        let why = verdict(d.path(), "firecracker").expect_err("other version");
+        assert!(why.contains("0.0.0-other"), "{why}");
+        // Nothing but the record is left in the directory.
+        let names: Vec<_> = std::fs::read_dir(d.path().join("certification"))
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("firecracker.json")]);
+    }
+}
