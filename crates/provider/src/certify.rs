@@ -6,7 +6,7 @@
 //! provider; the host-level checks of the microVM launchers live in
 //! [`crate::kvm`]. A record is kept per provider in
 //! `DATA_DIR/certification/PROVIDER.json`, written atomically. `stacyvm
-//! serve` enables the providers that need one (see [`GATED`]) only with a
+//! serve` enables the providers that need one (see [`needs_certification`]) only with a
 //! passing record made on this host by this StacyVM version.
 
 use std::collections::BTreeMap;
@@ -20,10 +20,6 @@ use serde::{Deserialize, Serialize};
 use stacyvm_core::{ExecRequest, Network, SandboxId, SpawnSpec};
 
 use crate::{AgentClient, DynProvider, Error, Health, LogLine, Provider, Result, RuntimeInfo};
-
-/// Providers `stacyvm serve` enables only with a passing record for this
-/// host and version. (`qemu` joins them in KVM mode: TCG needs none.)
-pub const GATED: &[&str] = &["firecracker"];
 
 /// Memory given to a certification sandbox, in MiB; the memory check
 /// allocates well past it.
@@ -245,19 +241,31 @@ impl Provider for Uncertified {
     }
 }
 
-/// The provider `serve` uses for a gated `name`: `Uncertified` unless a
-/// passing record exists, in which case `build` makes the real one.
-pub fn gate(
-    name: &str,
-    data_dir: &Path,
-    build: impl FnOnce() -> Result<DynProvider>,
-) -> Result<DynProvider> {
-    match verdict(data_dir, name) {
-        Ok(_) => build(),
-        Err(why) => Ok(Arc::new(Uncertified::new(
-            name,
+/// Whether provider `name`, running in `mode`, may serve only with a
+/// passing record: `firecracker` always, `qemu` in KVM mode (under TCG it
+/// needs nothing of the host's KVM).
+pub fn needs_certification(name: &str, mode: Option<&str>) -> bool {
+    match name {
+        "firecracker" => true,
+        "qemu" => mode == Some("kvm"),
+        _ => false,
+    }
+}
+
+/// `provider` as `serve` may use it: itself, unless it needs
+/// certification here and has no passing record, in which case an
+/// unhealthy stand-in saying `"not certified on this host: …"`.
+pub fn gated(provider: DynProvider, data_dir: &Path) -> DynProvider {
+    let mode = provider.mode().map(|m| m.mode);
+    if !needs_certification(provider.name(), mode.as_deref()) {
+        return provider;
+    }
+    match verdict(data_dir, provider.name()) {
+        Ok(_) => provider,
+        Err(why) => Arc::new(Uncertified::new(
+            provider.name(),
             format!("not certified on this host: {why}"),
-        ))),
+        )),
     }
 }
 
@@ -296,11 +304,27 @@ where
     }
 }
 
+/// What [`sandbox_checks`] runs.
+#[derive(Clone, Debug)]
+pub struct SandboxChecks {
+    /// The catalog image the sandbox runs.
+    pub image: String,
+    /// Whether the fork bomb and the memory hog run: a microVM's limits
+    /// are its own size, and a hog there meets the guest's OOM killer,
+    /// which may pick the agent.
+    pub limits: bool,
+}
+
+/// Every provider's limits that [`sandbox_checks`] tries.
+const LIMITS: &[&str] = &["pids", "memory"];
+
 /// The sandbox-level checks, the same for every provider: a sandbox of
 /// `image` starts with the agent answering, the image's own `/bin/sh`
 /// runs, every file operation works, the limits the provider enforces
-/// hold, and destroy leaves nothing. The sandbox is destroyed on every path.
-pub async fn sandbox_checks(provider: &DynProvider, image: &str) -> Vec<Check> {
+/// hold, pause and snapshot work where the provider offers them, and
+/// destroy leaves nothing. The sandbox is destroyed on every path.
+pub async fn sandbox_checks(provider: &DynProvider, what: &SandboxChecks) -> Vec<Check> {
+    let image = what.image.as_str();
     let mut checks = Vec::new();
     let health = provider.health().await;
     let name = provider.name().to_owned();
@@ -326,75 +350,74 @@ pub async fn sandbox_checks(provider: &DynProvider, image: &str) -> Vec<Check> {
         labels: BTreeMap::from([("stacyvm.certify".into(), "1".into())]),
         mounts: Vec::new(),
     };
-    let spawned = tokio::time::timeout(Duration::from_secs(180), provider.spawn(&spec)).await;
-    match spawned {
-        Ok(Ok(())) => checks.push(Check::pass(
+    let spawned = tokio::time::timeout(SPAWN_LIMIT, provider.spawn(&spec)).await;
+    let started = match spawned {
+        Ok(Ok(())) => Check::pass(
             "spawn",
             format!("a sandbox of {image} started and its agent answered"),
-        )),
-        Ok(Err(e)) => {
+        ),
+        Ok(Err(e)) => Check::fail(
+            "spawn",
+            format!("the sandbox did not start: {e}"),
+            format!("read the {name} provider's logs; check the image and the agent binary"),
+        ),
+        Err(_) => Check::fail(
+            "spawn",
+            format!(
+                "the sandbox did not start within {} s",
+                SPAWN_LIMIT.as_secs()
+            ),
+            "check the runtime's logs",
+        ),
+    };
+    let up = started.passed;
+    checks.push(started);
+    if up {
+        let inner = async {
+            let agent = match provider.agent(&id).await {
+                Ok(a) => a,
+                Err(e) => {
+                    checks.push(Check::fail(
+                        "agent",
+                        format!("no connection to the agent: {e}"),
+                        "check the agent binary (STACYVM_AGENT_BIN)",
+                    ));
+                    return;
+                }
+            };
+            checks.push(exec_check(&agent).await);
+            checks.push(files_check(&agent).await);
+            if name == "docker" {
+                checks.push(hardening_check(&agent).await);
+            }
+            if what.limits {
+                for limit in LIMITS {
+                    if not_enforced.iter().any(|l| l == limit) {
+                        continue;
+                    }
+                    checks.push(match *limit {
+                        "pids" => pids_check(&agent).await,
+                        _ => memory_check(&agent).await,
+                    });
+                }
+            }
+            checks.push(pause_check(provider, &id).await);
+            checks.push(snapshot_check(provider, &agent, &id).await);
+        };
+        // Bounded: a check that hangs must not keep the sandbox forever.
+        if tokio::time::timeout(CHECKS_LIMIT, inner).await.is_err() {
             checks.push(Check::fail(
-                "spawn",
-                format!("the sandbox did not start: {e}"),
-                format!("read the {name} provider's logs; check the image and the agent binary"),
-            ));
-            let _ = provider.destroy(&id).await;
-            return checks;
-        }
-        Err(_) => {
-            checks.push(Check::fail(
-                "spawn",
-                "the sandbox did not start within 180 s",
+                "checks",
+                format!(
+                    "the sandbox checks did not finish within {} s",
+                    CHECKS_LIMIT.as_secs()
+                ),
                 "check the runtime's logs",
             ));
-            let _ = provider.destroy(&id).await;
-            return checks;
         }
     }
-    let inner = async {
-        let agent = match provider.agent(&id).await {
-            Ok(a) => a,
-            Err(e) => {
-                checks.push(Check::fail(
-                    "agent",
-                    format!("no connection to the agent: {e}"),
-                    "check the agent binary (STACYVM_AGENT_BIN)",
-                ));
-                return;
-            }
-        };
-        checks.push(exec_check(&agent).await);
-        checks.push(files_check(&agent).await);
-        if name == "docker" || name == "namespaces" {
-            if not_enforced.iter().any(|l| l == "pids") {
-                checks.push(Check::pass(
-                    "pids-limit",
-                    "not enforced here (listed in not_enforced)",
-                ));
-            } else {
-                checks.push(pids_check(&agent).await);
-            }
-            if not_enforced.iter().any(|l| l == "memory") {
-                checks.push(Check::pass(
-                    "memory-limit",
-                    "not enforced here (listed in not_enforced)",
-                ));
-            } else {
-                checks.push(memory_check(&agent).await);
-            }
-        }
-    };
-    // Bounded: a check that hangs must not keep the sandbox forever.
-    if tokio::time::timeout(Duration::from_secs(300), inner)
-        .await
-        .is_err()
-    {
-        checks.push(Check::fail(
-            "checks",
-            "the sandbox checks did not finish within 300 s",
-            "check the runtime's logs",
-        ));
-    }
+    // Destroyed whatever happened above: a failed or timed-out spawn may
+    // have left part of a runtime.
     match provider.destroy(&id).await {
         Ok(()) => match provider.list().await {
             Ok(l) if l.iter().any(|r| r.sandbox_id == id) => checks.push(Check::fail(
@@ -402,7 +425,8 @@ pub async fn sandbox_checks(provider: &DynProvider, image: &str) -> Vec<Check> {
                 "the runtime is still listed after destroy",
                 "remove it by hand and report it",
             )),
-            Ok(_) => checks.push(Check::pass("destroy", "the runtime is gone")),
+            Ok(_) if up => checks.push(Check::pass("destroy", "the runtime is gone")),
+            Ok(_) => {}
             Err(e) => checks.push(Check::fail(
                 "destroy",
                 format!("cannot list runtimes: {e}"),
@@ -416,6 +440,176 @@ pub async fn sandbox_checks(provider: &DynProvider, image: &str) -> Vec<Check> {
         )),
     }
     checks
+}
+
+/// What a provider leaves unenforced on this host, as the record lists it:
+/// the limits its mode names, and the isolation of one that is not a
+/// security boundary.
+pub fn not_enforced(provider: &DynProvider) -> Vec<String> {
+    let mut out: Vec<String> = provider.mode().map(|m| m.not_enforced).unwrap_or_default();
+    if !provider.security_boundary() {
+        out.push("isolation".into());
+    }
+    out
+}
+
+/// How long a certification sandbox gets to start (a TCG guest boots
+/// slowly on a loaded host).
+const SPAWN_LIMIT: Duration = Duration::from_secs(180);
+/// How long the checks inside one sandbox get, together.
+const CHECKS_LIMIT: Duration = Duration::from_secs(300);
+
+async fn hardening_check(agent: &AgentClient) -> Check {
+    check(
+        "hardened",
+        "the Docker provider must start sandboxes with no-new-privileges and a reduced \
+         capability set",
+        async {
+            let out = agent
+                .exec(exec("grep -E '^(NoNewPrivs|CapEff|CapBnd):' /proc/self/status", 30_000))
+                .await
+                .map_err(|e| format!("reading /proc/self/status: {e}"))?;
+            let status = String::from_utf8_lossy(&out.stdout).into_owned();
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            let (nnp, eff, bnd) = (field("NoNewPrivs:"), field("CapEff:"), field("CapBnd:"));
+            if nnp != "1" {
+                return Err(format!("NoNewPrivs is {nnp:?} inside the sandbox, not 1"));
+            }
+            let caps = |hex: &str| u64::from_str_radix(hex, 16).map(u64::count_ones);
+            match (caps(&eff), caps(&bnd)) {
+                // CAP_SYS_ADMIN is bit 21: a container that has it is not hardened.
+                (Ok(n), Ok(_)) if n <= 16 && u64::from_str_radix(&eff, 16).is_ok_and(|v| v & (1 << 21) == 0) => {
+                    Ok(format!(
+                        "no new privileges, {n} effective capabilities (CapEff {eff}), no CAP_SYS_ADMIN"
+                    ))
+                }
+                _ => Err(format!(
+                    "the sandbox runs with CapEff {eff} / CapBnd {bnd}: more than a minimal set"
+                )),
+            }
+        },
+    )
+    .await
+}
+
+async fn pause_check(provider: &DynProvider, id: &SandboxId) -> Check {
+    match provider.pause(id).await {
+        Err(Error::Unsupported(why)) => {
+            return Check::pass("pause", format!("not offered here: {why}"))
+        }
+        Err(e) => {
+            return Check::fail(
+                "pause",
+                format!("pause failed: {e}"),
+                "check the runtime's freezer (cgroup freezer, docker pause, QMP stop)",
+            )
+        }
+        Ok(()) => {}
+    }
+    if let Err(e) = provider.resume(id).await {
+        return Check::fail(
+            "pause",
+            format!("paused, but resume failed: {e}"),
+            "check the runtime's freezer",
+        );
+    }
+    let answered = match provider.agent(id).await {
+        Ok(agent) => agent.exec(exec("echo resumed", 30_000)).await,
+        Err(e) => Err(e),
+    };
+    match answered {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).contains("resumed") => {
+            Check::pass("pause", "paused and resumed; the sandbox answers again")
+        }
+        Ok(out) => Check::fail(
+            "pause",
+            format!(
+                "after resume, a command printed {:?}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+            "check the runtime's freezer",
+        ),
+        Err(e) => Check::fail(
+            "pause",
+            format!("after resume, the sandbox does not answer: {e}"),
+            "check the runtime's freezer",
+        ),
+    }
+}
+
+async fn snapshot_check(provider: &DynProvider, agent: &AgentClient, id: &SandboxId) -> Check {
+    let marker = "/tmp/stacyvm-certify-snapshot.txt";
+    if let Err(e) = agent
+        .file_write(marker, Some(0o644), body(b"snapshot\n"))
+        .await
+    {
+        return Check::fail(
+            "snapshot",
+            format!("writing the marker file: {e}"),
+            "check the agent",
+        );
+    }
+    let stream = match provider.snapshot(id).await {
+        Err(Error::Unsupported(why)) => {
+            return Check::pass("snapshot", format!("not offered here: {why}"))
+        }
+        Err(e) => {
+            return Check::fail(
+                "snapshot",
+                format!("snapshot failed: {e}"),
+                "read the provider's logs",
+            )
+        }
+        Ok(s) => s,
+    };
+    let tar = match read_all(stream).await {
+        Ok(t) => t,
+        Err(e) => {
+            return Check::fail(
+                "snapshot",
+                format!("reading the snapshot: {e}"),
+                "read the provider's logs",
+            )
+        }
+    };
+    let found = (|| -> std::io::Result<bool> {
+        let mut archive = tar::Archive::new(std::io::Cursor::new(&tar));
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.to_string_lossy().into_owned();
+            if path.trim_start_matches("./").trim_start_matches('/') == &marker[1..] {
+                let mut content = String::new();
+                std::io::Read::read_to_string(&mut entry, &mut content)?;
+                return Ok(content == "snapshot\n");
+            }
+        }
+        Ok(false)
+    })();
+    match found {
+        Ok(true) => Check::pass(
+            "snapshot",
+            format!(
+                "the root filesystem streamed as a tar ({} bytes) holding the file written into it",
+                tar.len()
+            ),
+        ),
+        Ok(false) => Check::fail(
+            "snapshot",
+            format!("the snapshot tar lacks {marker}, written before it was taken"),
+            "read the provider's logs",
+        ),
+        Err(e) => Check::fail(
+            "snapshot",
+            format!("the snapshot is not a readable tar: {e}"),
+            "read the provider's logs",
+        ),
+    }
 }
 
 async fn exec_check(agent: &AgentClient) -> Check {
@@ -513,23 +707,30 @@ async fn pids_check(agent: &AgentClient) -> Check {
         "pids-limit",
         "the runtime must apply a pids limit (Docker: PidsLimit; cgroup pids controller)",
         async {
+            // The bomb runs in a subshell, which a failed fork ends; the
+            // count and the clean-up use shell builtins only, since no
+            // fork succeeds while the bomb's processes live.
             let script = format!(
-                "i=0; while [ $i -lt {FORK_ATTEMPTS} ]; do sleep 30 & i=$((i+1)); done 2>/dev/null; \
-                 ls -d /proc/[0-9]* | wc -l"
+                "( i=0; while [ $i -lt {FORK_ATTEMPTS} ]; do \
+                   sleep 120 </dev/null >/dev/null 2>&1 & i=$((i+1)); done ) 2>/dev/null; \
+                 n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; \
+                 for p in /proc/[0-9]*; do read -r c < \"$p/comm\" && \
+                   [ \"$c\" = sleep ] && kill -9 \"${{p#/proc/}}\"; done 2>/dev/null; \
+                 echo \"$n\""
             );
-            let _ = agent.exec(exec(&script, 60_000)).await;
             let out = agent
-                .exec(exec("ls -d /proc/[0-9]* | wc -l; pkill sleep || killall sleep", 30_000))
+                .exec(exec(&script, 120_000))
                 .await
-                .map_err(|e| format!("counting processes after the fork bomb: {e}"))?;
+                .map_err(|e| format!("running the fork bomb: {e}"))?;
             let n: u32 = String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .next()
+                .last()
                 .and_then(|l| l.trim().parse().ok())
                 .ok_or_else(|| {
                     format!(
-                        "cannot count processes: {:?}",
-                        String::from_utf8_lossy(&out.stdout)
+                        "cannot count processes: stdout {:?}, stderr {:?}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
                     )
                 })?;
             if n >= FORK_ATTEMPTS {
@@ -537,8 +738,16 @@ async fn pids_check(agent: &AgentClient) -> Check {
                     "{n} processes ran: {FORK_ATTEMPTS} forks all succeeded, no pids limit held"
                 ));
             }
+            let alive = agent
+                .exec(exec("echo alive", 30_000))
+                .await
+                .map_err(|e| format!("the sandbox stopped answering after the fork bomb: {e}"))?;
+            if !String::from_utf8_lossy(&alive.stdout).contains("alive") {
+                return Err("the sandbox stopped answering after the fork bomb".into());
+            }
             Ok(format!(
-                "a fork bomb of {FORK_ATTEMPTS} processes stopped at {n} (the pids limit held, the sandbox still answers)"
+                "a fork bomb of {FORK_ATTEMPTS} processes stopped at {n} (the pids limit held, \
+                 the sandbox still answers)"
             ))
         },
     )

@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
+use crate::certify::Check;
+use crate::microvm::{find_program, GuestAssets};
+
 /// The hypervisor behind `/dev/kvm`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvmKind {
@@ -79,20 +82,12 @@ pub fn detect_in(root: &Path) -> KvmKind {
     }
 }
 
-/// The directory of the guest kernel and initramfs: `$STACYVM_GUEST_DIR`,
-/// else `/var/lib/stacyvm/guest`.
-pub fn guest_dir() -> PathBuf {
-    std::env::var_os("STACYVM_GUEST_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/stacyvm/guest"))
-}
-
-/// The guest kernel a launcher boots: `explicit`, else `GUEST_DIR/vmlinuz`.
+/// The guest kernel a launcher boots: `explicit`, else `vmlinuz` in the
+/// guest assets' directory ([`GuestAssets::default_dir`]).
 pub fn guest_kernel(explicit: Option<&Path>) -> PathBuf {
     explicit
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| guest_dir().join("vmlinuz"))
+        .unwrap_or_else(|| GuestAssets::default_dir().join("vmlinuz"))
 }
 
 /// How a probe boot ended.
@@ -218,12 +213,115 @@ pub async fn probe_boot(qemu: &Path, kernel: &Path, accel: &str, limit: Duration
     }
 }
 
-/// Finds `name` on `PATH`.
-pub fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+/// How long a kernel gets to reach mounting root under KVM. A kernel that
+/// runs at all gets there in seconds; under PVM a stock kernel spins
+/// without output until this ends.
+pub const KVM_PROBE_LIMIT: Duration = Duration::from_secs(30);
+
+/// The host-level checks of a microVM launcher, and what they found.
+#[derive(Clone, Debug)]
+pub struct KvmReport {
+    pub kind: KvmKind,
+    /// Whether KVM booted the guest kernel here.
+    pub boots: bool,
+    /// `kvm-device`, `qemu-binary`, `guest-kernel` and `kvm-boots-guest`.
+    pub checks: Vec<Check>,
+}
+
+/// The fix for a guest that does not boot under PVM.
+pub const PVM_FIX: &str = "boot a guest kernel built with CONFIG_PVM_GUEST (PVM's own kernel \
+     tree; no Debian kernel is) by passing --guest-kernel PATH, and run a PVM-capable \
+     firecracker build";
+
+/// Tells the host's KVM kind and proves KVM usable by booting `kernel`
+/// under `qemu-system-x86_64 -accel kvm` up to its root-mount panic,
+/// bounded by [`KVM_PROBE_LIMIT`]. Opening `/dev/kvm` is never taken as
+/// proof: a PVM host opens it and still runs no stock kernel.
+pub async fn kvm_checks(kernel: &Path) -> KvmReport {
+    let kind = detect();
+    let mut checks = Vec::new();
+    match &kind {
+        KvmKind::Hardware { module } => checks.push(Check::pass(
+            "kvm-device",
+            format!("hardware KVM: /dev/kvm from {module}, vmx/svm in the CPU flags"),
+        )),
+        KvmKind::Pvm => checks.push(Check::pass(
+            "kvm-device",
+            "software KVM (PVM): /dev/kvm from kvm_pvm, no vmx/svm in the CPU flags",
+        )),
+        KvmKind::None { reason } => checks.push(Check::fail(
+            "kvm-device",
+            format!("no KVM: {reason}"),
+            "run on a host with vmx/svm (or nested virtualisation) and kvm_intel/kvm_amd \
+             loaded",
+        )),
+    }
+    let qemu = find_program("qemu-system-x86_64");
+    match &qemu {
+        Some(q) => checks.push(Check::pass("qemu-binary", q.display().to_string())),
+        None => checks.push(Check::fail(
+            "qemu-binary",
+            "qemu-system-x86_64 was not found",
+            "install Debian's qemu-system-x86 (apt-get install qemu-system-x86)",
+        )),
+    }
+    let has_kernel = kernel.is_file();
+    if has_kernel {
+        checks.push(Check::pass("guest-kernel", kernel.display().to_string()));
+    } else {
+        checks.push(Check::fail(
+            "guest-kernel",
+            format!("no guest kernel at {}", kernel.display()),
+            "build the guest assets with scripts/build-guest.sh, or pass --guest-kernel PATH",
+        ));
+    }
+    let mut boots = false;
+    let boot = match (&kind, &qemu) {
+        (KvmKind::None { .. }, _) => Check::fail(
+            "kvm-boots-guest",
+            "not tried: there is no KVM",
+            "see kvm-device",
+        ),
+        (_, None) => Check::fail(
+            "kvm-boots-guest",
+            "not tried: QEMU is missing",
+            "see qemu-binary",
+        ),
+        (_, Some(_)) if !has_kernel => Check::fail(
+            "kvm-boots-guest",
+            "not tried: there is no guest kernel",
+            "see guest-kernel",
+        ),
+        (_, Some(q)) => match probe_boot(q, kernel, "kvm", KVM_PROBE_LIMIT).await {
+            BootOutcome::Booted { line } => {
+                boots = true;
+                Check::pass(
+                    "kvm-boots-guest",
+                    format!("the guest kernel ran under KVM up to mounting root ({line})"),
+                )
+            }
+            BootOutcome::Failed { reason } if kind == KvmKind::Pvm => Check::fail(
+                "kvm-boots-guest",
+                format!("software KVM (PVM): a stock guest kernel does not boot ({reason})"),
+                PVM_FIX,
+            ),
+            BootOutcome::Failed { reason } => Check::fail(
+                "kvm-boots-guest",
+                format!("KVM did not boot the guest kernel: {reason}"),
+                format!(
+                    "check that {} is a bootable x86-64 kernel and read the host's dmesg for \
+                     KVM errors",
+                    kernel.display()
+                ),
+            ),
+        },
+    };
+    checks.push(boot);
+    KvmReport {
+        kind,
+        boots,
+        checks,
+    }
 }
 
 #[cfg(test)]
