@@ -269,6 +269,92 @@ pub fn gated(provider: DynProvider, data_dir: &Path) -> DynProvider {
     }
 }
 
+/// The host-level checks of the `firecracker` provider: KVM must boot the
+/// guest kernel (`report`, from [`crate::kvm::kvm_checks`]), a firecracker binary
+/// must be there, and a launcher must exist to start sandboxes with. Also
+/// the mode it would run in (`hardware`, `pvm` or `none`).
+pub fn firecracker_checks(
+    report: &crate::kvm::KvmReport,
+    binary: Option<&Path>,
+) -> (String, Vec<Check>) {
+    let mut checks = report.checks.clone();
+    let found = binary
+        .map(Path::to_path_buf)
+        .or_else(|| crate::microvm::find_program("firecracker"));
+    match found {
+        Some(b) if b.is_file() => {
+            checks.push(Check::pass("firecracker-binary", b.display().to_string()))
+        }
+        Some(b) => checks.push(Check::fail(
+            "firecracker-binary",
+            format!("no firecracker binary at {}", b.display()),
+            "point --firecracker-bin at a firecracker release binary",
+        )),
+        None => checks.push(Check::fail(
+            "firecracker-binary",
+            "no firecracker binary; set --firecracker-bin",
+            format!(
+                "install a firecracker release binary and pass --firecracker-bin PATH{}",
+                if report.kind == crate::kvm::KvmKind::Pvm {
+                    " (on this PVM host, a PVM-capable firecracker build)"
+                } else {
+                    ""
+                }
+            ),
+        )),
+    }
+    checks.push(Check::fail(
+        "launcher",
+        "this StacyVM build has no Firecracker launcher, so no Firecracker sandbox can be \
+         started and checked",
+        "use the qemu provider for microVM sandboxes",
+    ));
+    (report.kind.as_str().to_owned(), checks)
+}
+
+/// The host-level checks of the `qemu` provider (from `report`, of
+/// [`crate::kvm::kvm_checks`]) and the mode it runs in: `kvm` when KVM
+/// boots the guest kernel here, else `tcg`. A KVM that
+/// does not boot a guest is no failure for `qemu` (TCG is a VM boundary
+/// too), so those findings become one passing `accel` check saying
+/// which mode and why; QEMU and the guest kernel must be there.
+pub fn qemu_host_checks(
+    report: &crate::kvm::KvmReport,
+    provider_mode: Option<&str>,
+) -> (String, Vec<Check>) {
+    let mut checks = Vec::new();
+    let mut kvm_findings = Vec::new();
+    for c in report.checks.iter().cloned() {
+        match c.name.as_str() {
+            "qemu-binary" | "guest-kernel" => checks.push(c),
+            _ => kvm_findings.push(c),
+        }
+    }
+    let why = kvm_findings
+        .iter()
+        .map(|c| format!("{}: {}", c.name, c.reason))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let accel = match (report.boots, provider_mode) {
+        (true, Some("kvm")) => format!("KVM mode: KVM boots a guest here ({why})"),
+        (true, _) => format!(
+            "TCG mode: KVM boots a guest here ({why}), but the qemu provider runs its \
+             sandboxes under TCG"
+        ),
+        (false, _) => format!(
+            "TCG mode (software emulation, slower, still a VM boundary): KVM does not boot \
+             a guest here ({why})"
+        ),
+    };
+    checks.push(Check::pass("accel", accel));
+    let mode = match provider_mode {
+        Some(m) => m.to_owned(),
+        None if report.boots => "kvm".to_owned(),
+        None => "tcg".to_owned(),
+    };
+    (mode, checks)
+}
+
 fn body(data: &[u8]) -> stacyvm_core::ByteStream {
     let chunk: std::io::Result<Bytes> = Ok(Bytes::copy_from_slice(data));
     Box::pin(futures_util::stream::iter(vec![chunk]))
@@ -780,9 +866,14 @@ async fn memory_check(agent: &AgentClient) -> Check {
             if !String::from_utf8_lossy(&alive.stdout).contains("alive") {
                 return Err("the sandbox stopped answering after the hog".into());
             }
+            let how = match (out.status.exit_code, out.status.signal) {
+                (_, Some(sig)) => format!("signal {sig}"),
+                (Some(code), None) => format!("exit {code}"),
+                (None, None) => "no exit status".to_owned(),
+            };
             Ok(format!(
-                "a {hog} MiB allocation in a {SANDBOX_MEMORY_MB} MiB sandbox was stopped (exit {:?}, signal {:?}) and the sandbox still answers",
-                out.status.exit_code, out.status.signal
+                "a {hog} MiB allocation in a {SANDBOX_MEMORY_MB} MiB sandbox was stopped \
+                 ({how}) and the sandbox still answers"
             ))
         },
     )

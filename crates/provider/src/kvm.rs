@@ -113,8 +113,33 @@ fn reached_root(console: &str) -> Option<String> {
 }
 
 /// The last `n` lines of `s`, for failure reasons.
+/// Terminal escape sequences (SeaBIOS clears the screen) and other
+/// control characters are left out.
 fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut clean = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter; else one character.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if c == '\n' || !c.is_control() {
+            clean.push(c);
+        }
+    }
+    let lines: Vec<&str> = clean
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let from = lines.len().saturating_sub(n);
     lines[from..].join(" | ")
 }
@@ -361,6 +386,12 @@ mod tests {
         assert_eq!(detect_in(none.path()).as_str(), "none");
         let no_module = fake_root(&["kvm"], "", true);
         assert_eq!(detect_in(no_module.path()).as_str(), "none");
+    }
+
+    #[test]
+    fn console_tails_leave_out_escape_sequences() {
+        let console = "SeaBIOS\r\nBooting from ROM...\r\n\u{1b}c\u{1b}[?7l\u{1b}[2J\r\n";
+        assert_eq!(tail(console, 3), "SeaBIOS | Booting from ROM...");
     }
 
     #[test]
