@@ -188,6 +188,26 @@ pub fn verdict(data_dir: &Path, provider: &str) -> std::result::Result<Record, S
     Ok(rec)
 }
 
+/// What `/v1/status` shows of a provider's certification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Standing {
+    /// A passing record for this host and StacyVM version.
+    pub certified: bool,
+    /// When the record was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub certified_at: time::OffsetDateTime,
+}
+
+/// The standing of `provider` in `data_dir`; `None` when it was never
+/// certified (no record).
+pub fn standing(data_dir: &Path, provider: &str) -> Option<Standing> {
+    let rec = load(data_dir, provider)?;
+    Some(Standing {
+        certified: rec.passed && rec.applies_here(),
+        certified_at: rec.certified_at,
+    })
+}
+
 /// A provider `stacyvm serve` was asked for but may not use on this host:
 /// listed unhealthy with the reason, refusing every sandbox.
 pub struct Uncertified {

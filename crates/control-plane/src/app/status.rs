@@ -47,6 +47,8 @@ impl App {
                     p.detail = h.health.detail;
                     p.mode = h.mode.as_ref().map(|m| m.mode.clone());
                     p.not_enforced = h.mode.map(|m| m.not_enforced);
+                    p.certified = h.certification.as_ref().map(|c| c.certified);
+                    p.certified_at = h.certification.map(|c| c.certified_at);
                 }
                 Some(_) => {}
                 None => out.push(ProviderStatus {
@@ -55,6 +57,8 @@ impl App {
                     detail: h.health.detail,
                     mode: h.mode.as_ref().map(|m| m.mode.clone()),
                     not_enforced: h.mode.map(|m| m.not_enforced),
+                    certified: h.certification.as_ref().map(|c| c.certified),
+                    certified_at: h.certification.map(|c| c.certified_at),
                 }),
             }
         }
