@@ -136,3 +136,56 @@ async fn a_gated_provider_without_a_record_is_unhealthy_and_says_how_to_certify(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_worker_reports_its_certification_in_its_heartbeat() -> Result<()> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("proot")
+            .arg("--no-local-worker")
+            .arg("--lease-ttl")
+            .arg("3"),
+    )?;
+    let admin = server.admin();
+    let (_, token) = crate::cluster::worker_token(&admin, "certified").await?;
+    let mut worker = crate::cluster::Worker::start(crate::cluster::WorkerOptions::new(
+        &server, &token, "proot",
+    ))?;
+    let listed = worker.ready(&admin).await?;
+    let proot = provider(&listed["providers"], "proot")?;
+    ensure!(
+        proot.get("certified") == Some(&Value::Null),
+        "not certified on the worker's host yet: {proot}"
+    );
+    // Certified on the worker's host, in the worker's data dir: the next
+    // heartbeat carries it to the control plane.
+    ensure!(certify(worker.data_dir(), &["--provider", "proot"])? == Some(0));
+    let name = worker.opts.name.clone();
+    let seen = crate::support::eventually(
+        std::time::Duration::from_secs(60),
+        "the worker's proot to be reported certified",
+        || {
+            let admin = admin.clone();
+            let name = name.clone();
+            async move {
+                let list = admin.get("/v1/workers").await?.ok(200)?;
+                let Some(w) = list["workers"]
+                    .as_array()
+                    .and_then(|ws| ws.iter().find(|w| w["name"] == name.as_str()))
+                else {
+                    return Ok(None);
+                };
+                let p = provider(&w["providers"], "proot")?.clone();
+                Ok((p["certified"] == true).then_some(p))
+            }
+        },
+    )
+    .await?;
+    ensure!(seen["certified_at"].is_string(), "{seen}");
+    let status = admin.get("/v1/status").await?.ok(200)?;
+    ensure!(
+        provider(&status["providers"], "proot")?["certified"] == true,
+        "{status}"
+    );
+    Ok(())
+}
