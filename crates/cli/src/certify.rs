@@ -100,17 +100,17 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
         .filter(|p| !p.is_empty())
     {
         if !KNOWN.contains(&n) && stacyvm_provider::plugin::plugin_name(n).is_none() {
-            bail!(
+            return Ok(usage(&format!(
                 "unknown provider {n:?}; available: {}, plugin:NAME",
                 KNOWN.join(", ")
-            );
+            )));
         }
         if !names.iter().any(|m| m == n) {
             names.push(n.to_owned());
         }
     }
     if names.is_empty() {
-        bail!("no provider to certify: name one with --provider");
+        return Ok(usage("no provider to certify: name one with --provider"));
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     prepare_data_dir(&data_dir)?;
@@ -152,6 +152,11 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
         .collect();
     // A previous run that was killed may have left runtimes behind.
     sweep(&providers).await;
+    if let Some(name) = &args.image {
+        if let Err(e) = catalog.get(name).await {
+            return Ok(usage(&format!("--image {name}: {e}")));
+        }
+    }
     let image = if sandboxed.is_empty() {
         None
     } else {
@@ -222,6 +227,12 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A usage mistake: said on stderr, exit 2 (as clap's own).
+fn usage(message: &str) -> ExitCode {
+    eprintln!("stacyvm certify: {message}");
+    ExitCode::from(2)
 }
 
 /// Resolves on Ctrl-C; never, when the handler cannot be installed.
@@ -383,10 +394,6 @@ async fn sweep(providers: &[DynProvider]) {
 /// imported for this run.
 async fn choose_image(catalog: &ImageCatalog, explicit: Option<&str>) -> Result<ImageUsed> {
     if let Some(name) = explicit {
-        catalog
-            .get(name)
-            .await
-            .with_context(|| format!("--image {name}"))?;
         return Ok(ImageUsed {
             name: name.to_owned(),
             source: "catalog",

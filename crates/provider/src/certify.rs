@@ -923,6 +923,27 @@ mod tests {
     }
 
     #[test]
+    fn firecracker_always_and_qemu_in_kvm_mode_need_a_record() {
+        assert!(needs_certification("firecracker", None));
+        assert!(needs_certification("qemu", Some("kvm")));
+        assert!(!needs_certification("qemu", Some("tcg")));
+        for p in ["docker", "proot", "namespaces", "plugin:x"] {
+            assert!(!needs_certification(p, Some("kvm")), "{p}");
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        // An ungated provider is served as it is, record or not.
+        let docker: DynProvider = Arc::new(Uncertified::new("docker", "stand-in".into()));
+        let served = gated(docker, d.path());
+        assert_eq!(served.name(), "docker");
+        assert_eq!(standing(d.path(), "firecracker"), None);
+        save(d.path(), &record(false)).expect("save");
+        let st = standing(d.path(), "firecracker").expect("a record");
+        assert!(!st.certified);
+        save(d.path(), &record(true)).expect("save");
+        assert!(standing(d.path(), "firecracker").is_some_and(|s| s.certified));
+    }
+
+    #[test]
     fn records_round_trip_and_decide_the_gate() {
         let d = tempfile::tempdir().expect("tempdir");
         let why = verdict(d.path(), "firecracker").expect_err("no record");

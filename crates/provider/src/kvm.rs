@@ -67,9 +67,6 @@ pub fn detect_in(root: &Path) -> KvmKind {
             return KvmKind::Hardware { module: m.into() };
         }
     }
-    if module("kvm_pvm") && !flags_virt {
-        return KvmKind::Pvm;
-    }
     if module("kvm_pvm") {
         return KvmKind::Pvm;
     }

@@ -350,17 +350,25 @@ fn qemu_passes_and_says_which_acceleration_it_runs_under() -> Result<()> {
 fn bad_arguments_are_refused_before_anything_runs() -> Result<()> {
     let dir = data_dir()?;
     let out = certify(dir.path(), &["--provider", "vmware"])?;
-    ensure!(!out.status.success(), "an unknown provider is refused");
+    ensure!(
+        out.status.code() == Some(2),
+        "an unknown provider is a usage mistake"
+    );
     ensure!(
         String::from_utf8_lossy(&out.stderr).contains("unknown provider \"vmware\""),
         "the message names it"
     );
     let out = certify(dir.path(), &["--provider", "proot", "--image", "nope"])?;
-    ensure!(!out.status.success(), "a missing image is refused");
+    ensure!(
+        out.status.code() == Some(2),
+        "a missing image is a usage mistake"
+    );
     ensure!(
         String::from_utf8_lossy(&out.stderr).contains("--image nope"),
         "the message names the flag"
     );
+    let out = certify(dir.path(), &["--provider", " "])?;
+    ensure!(out.status.code() == Some(2), "no provider at all");
     ensure!(
         !dir.path().join("certification").exists(),
         "no record is written for a run that did not happen"
