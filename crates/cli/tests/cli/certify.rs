@@ -375,3 +375,64 @@ fn bad_arguments_are_refused_before_anything_runs() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn ctrl_c_mid_spawn_leaves_no_sandbox_image_or_record() -> Result<()> {
+    let dir = data_dir()?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .arg("certify")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--provider", "qemu"])
+        .env("STACYVM_AGENT_BIN", agent_bin()?)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting stacyvm certify")?;
+    // The KVM probe comes first; then the VM's directory appears, and the
+    // guest takes seconds more to reach its agent.
+    let sandboxes = dir.path().join("qemu");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let started = loop {
+        let any = std::fs::read_dir(&sandboxes)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if any {
+            break true;
+        }
+        if child.try_wait()?.is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    if !started {
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!("certify never started a qemu sandbox");
+    }
+    let sent = Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()?;
+    ensure!(sent.success(), "kill -INT");
+    let status = child.wait()?;
+    ensure!(
+        !status.success(),
+        "an interrupted run does not pass: {status}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&sandboxes)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(left.is_empty(), "qemu left {left:?}");
+    let images: Vec<_> = std::fs::read_dir(dir.path().join("images"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| !n.to_string_lossy().starts_with('.'))
+        .collect();
+    ensure!(images.is_empty(), "images left in the catalog: {images:?}");
+    ensure!(
+        !dir.path().join("certification/qemu.json").exists(),
+        "no record for a run that did not finish"
+    );
+    Ok(())
+}
