@@ -26,7 +26,9 @@ pub struct ServeArgs {
     #[arg(long, env = "STACYVM_STORE")]
     store: Option<String>,
     /// Providers in preference order (comma-separated): docker,
-    /// namespaces, proot, qemu, plugin:NAME. `proot` is not a security boundary,
+    /// namespaces, proot, qemu, firecracker, plugin:NAME. `firecracker`, and
+    /// `qemu` in KVM mode, serve only where `stacyvm certify` passed on this
+    /// host. `proot` is not a security boundary,
     /// nor is a plugin that does not declare itself one: such a provider is
     /// never chosen for a create that does not name it, and only tenants
     /// whose quota lists it in `allowed_providers` may use it.

@@ -364,6 +364,13 @@ export interface ProcessStart {
 
 /** A provider's health. */
 export interface ProviderStatus {
+  /**
+   * Whether the provider passed `stacyvm certify` on its host, for this
+   * StacyVM version: null when it was never certified there.
+   */
+  certified?: boolean | null;
+  /** When the certification that `certified` reports ran; null when never. */
+  certified_at?: string | null;
   /** The version in use, or why not healthy and the fix. */
   detail?: string;
   healthy: boolean;
@@ -650,6 +657,13 @@ export interface WorkerList {
 
 /** A provider on a worker and its health as the worker last reported it. */
 export interface WorkerProvider {
+  /**
+   * Whether the provider passed `stacyvm certify` on its host, for this
+   * StacyVM version: null when it was never certified there.
+   */
+  certified?: boolean | null;
+  /** When the certification that `certified` reports ran; null when never. */
+  certified_at?: string | null;
   detail?: string;
   healthy: boolean;
   /**
