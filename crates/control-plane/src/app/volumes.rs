@@ -349,6 +349,9 @@ impl App {
         validate_volume_name("name", &req.name)?;
         validate_volume_size("size_mb", req.size_mb)?;
         self.volumes_supported()?;
+        // Snapshot images share the quota; the store checks the volumes'
+        // part again in the insert's own transaction.
+        self.storage_check(&who.tenant_id, req.size_mb).await?;
         let rec = VolumeRecord {
             id: VolumeId::generate(),
             tenant_id: who.tenant_id.clone(),
