@@ -265,36 +265,9 @@ async fn run(program: &str, args: &[&str], paths: &[&Path]) -> Result<()> {
 /// Whether `path` is a mount point in this process's mount namespace, by
 /// `/proc/self/mountinfo` (never by looking inside the directory).
 fn is_mount_point(path: &Path) -> Result<bool> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
+    let mounts = stacyvm_provider::host::mounts_under(path)
         .map_err(|e| Error::internal("reading /proc/self/mountinfo", e))?;
-    let want = path.to_string_lossy();
-    Ok(info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| unescape_mountinfo(m) == want))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, …).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let oct = &b[i + 1..i + 4];
-            let parsed = std::str::from_utf8(oct)
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok());
-            if let Some(v) = parsed {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(mounts.iter().any(|m| m == path))
 }
 
 pub fn view(v: &VolumeRecord) -> api::Volume {
@@ -349,9 +322,6 @@ impl App {
         validate_volume_name("name", &req.name)?;
         validate_volume_size("size_mb", req.size_mb)?;
         self.volumes_supported()?;
-        // Snapshot images share the quota; the store checks the volumes'
-        // part again in the insert's own transaction.
-        self.storage_check(&who.tenant_id, req.size_mb).await?;
         let rec = VolumeRecord {
             id: VolumeId::generate(),
             tenant_id: who.tenant_id.clone(),
@@ -362,7 +332,13 @@ impl App {
         // The row first: it holds the name, so two creates of one name
         // never both make a filesystem.
         self.store.volume_create(&rec).await?;
-        if let Err(e) = self.volume_host().create(&rec.id, rec.size_mb).await {
+        // The store counted the volumes; snapshot images share the quota,
+        // counted once the row is in, as a snapshot counts volumes.
+        let made = match self.storage_check(&rec.tenant_id, 0).await {
+            Ok(()) => self.volume_host().create(&rec.id, rec.size_mb).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = made {
             let _ = self.store.volume_delete(&rec.id).await;
             return Err(e);
         }
@@ -450,17 +426,5 @@ impl App {
             });
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
     }
 }
