@@ -1,5 +1,6 @@
 //! Snapshots: a sandbox's filesystem saved as a catalog image of its
-//! tenant, on every provider: written files, a deleted file of the base
+//! tenant, on every provider and, in the workers topology, carried from a
+//! remote worker to the control plane's catalog: written files, a deleted file of the base
 //! image, modes, symbolic and hard links carry over into a new sandbox;
 //! names are checked, taken names refused, other tenants neither see the
 //! image nor create from it, its tenant deletes it, and snapshots count
@@ -55,17 +56,6 @@ async fn a_snapshot_carries_files_deletions_modes_and_links_into_a_new_sandbox()
                 json!({"image": image}),
             )
             .await?;
-        if server.remote_workers() {
-            // Remote workers cannot hand a snapshot to the control plane
-            // yet: refused clearly, and nothing is registered.
-            resp.err(409, "unsupported")?;
-            admin
-                .get(&format!("/v1/images/{image}"))
-                .await?
-                .err(404, "not_found")?;
-            member.destroy(&id).await?;
-            continue;
-        }
         let info = resp.ok(201)?;
         ensure!(
             info["name"] == image.as_str()
