@@ -319,6 +319,13 @@ async fn exercise(server: &Server, provider: &str) -> Result<()> {
         .get(&format!("{url}index.html"))
         .await?
         .err(403, "forbidden")?;
+    let audited = admin
+        .audit(&format!("sandbox_id={id}&action=port.expose"))
+        .await?;
+    ensure!(
+        audited.iter().any(|e| e["outcome"] == "ok"),
+        "{provider}: port.expose not audited: {audited:?}"
+    );
     // Signed token: 200; expired (or forged) 401.
     let t = member
         .post(
