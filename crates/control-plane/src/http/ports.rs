@@ -193,7 +193,8 @@ pub async fn port_token(
 /// at `http://{port}-{id}.DOMAIN/{path}`.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "sandboxes",
     security((), ("api_key" = [])),
-    params(("port" = u16, Path, description = "The exposed port (1-65535)."),
+    params(("id" = String, Path, description = "The sandbox's id."),
+        ("port" = u16, Path, description = "The exposed port (1-65535)."),
         ("path" = String, Path, description = "The path on the sandbox's server (may be empty)."),
         ("stacyvm_token" = Option<String>, Query, description = "A signed token from `POST …/ports/{port}/token`, for a private port without a key.")),
     responses((status = 200, description = "whatever the sandbox's server answers, streamed"),

@@ -1039,7 +1039,7 @@ export interface Operations {
     response: StdinWritten;
   };
   proxy_path: {
-    path: { port: number; path: string };
+    path: { id: string; port: number; path: string };
     query: { stacyvm_token?: string };
     headers: Record<string, never>;
     body: never;
