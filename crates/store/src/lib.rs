@@ -205,7 +205,8 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a new version of the tenant's template `version.name`,
     /// numbered one past the highest version that name ever had in that
     /// tenant (deleted ones included, so a number is never reused), and
-    /// returns it. `NotFound` when the tenant does not exist.
+    /// returns it. `image` is the catalog name without the version, which
+    /// is appended to it. `NotFound` when the tenant does not exist.
     async fn template_version_create(&self, version: &TemplateVersion) -> Result<TemplateVersion>;
     async fn template_version_get(&self, id: &TemplateVersionId)
         -> Result<Option<TemplateVersion>>;

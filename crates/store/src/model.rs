@@ -388,7 +388,8 @@ pub struct TemplateVersion {
     /// by [`crate::Store::template_version_create`].
     pub version: i64,
     pub state: TemplateState,
-    /// The catalog image the build snapshots into (it exists once `Ready`).
+    /// The catalog image the build snapshots into (it exists once `Ready`);
+    /// its name ends with the version number.
     pub image: String,
     /// The build request and the create defaults, as the control plane
     /// writes them; the store keeps the JSON without reading it.

@@ -1324,6 +1324,7 @@ impl<B: Backend> Store for SqlStore<B> {
         .int("v")?;
         let mut v = v.clone();
         v.version = last + 1;
+        v.image = format!("{}{}", v.image, v.version);
         let spec = serde_json::to_string(&v.spec)
             .map_err(|e| Error::internal("encoding a template spec", e))?;
         let result = sqlx::query(concat!(

@@ -15,7 +15,7 @@ fn building(tenant: &TenantId, name: &str) -> TemplateVersion {
         name: name.into(),
         version: 0,
         state: TemplateState::Building,
-        image: format!("template/{tenant}/{name}:x"),
+        image: format!("template/{tenant}/{name}:"),
         spec: serde_json::json!({"from": "busybox", "steps": [{"run": ["true"]}]}),
         failure: None,
         log: String::new(),
@@ -73,6 +73,7 @@ pub async fn template_versions_are_numbered_per_tenant_and_name(db: &TestDb) -> 
         store.template_version_create(&building(&ghost, "py")).await,
         Err(Error::NotFound(_))
     ));
+    assert_eq!(a2.image, format!("template/{a}/py:2"));
     // The spec comes back as it was written.
     assert_eq!(a1.spec["steps"][0]["run"][0], "true");
     Ok(())
