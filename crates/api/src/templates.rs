@@ -32,6 +32,7 @@ pub enum TemplateStep {
 /// `{"write": {"path", "content", "mode"}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct WriteStep {
     /// Absolute path inside the sandbox.
     pub path: String,
@@ -45,6 +46,7 @@ pub struct WriteStep {
 /// `{"upload": {"path", "tar"}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct UploadStep {
     /// The absolute directory the archive is unpacked into (made if missing).
     pub path: String,
@@ -56,6 +58,7 @@ pub struct UploadStep {
 /// Body of `POST /v1/templates`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct CreateTemplate {
     /// 1 to 63 of `a-z`, `0-9`, `.`, `_`, `-`, starting with a letter or a digit.
     pub name: String,
