@@ -212,7 +212,8 @@ pub trait Store: Send + Sync + 'static {
         -> Result<Option<TemplateVersion>>;
     async fn template_version_list(&self, filter: &TemplateFilter) -> Result<Vec<TemplateVersion>>;
     /// Appends `text` to a building version's log and records `at` as its
-    /// heartbeat; `false` when the version is no longer building.
+    /// heartbeat; `false` when the version is no longer building or was
+    /// deleted (the build should stop).
     async fn template_log_append(
         &self,
         id: &TemplateVersionId,

@@ -1312,18 +1312,20 @@ impl<B: Backend> Store for SqlStore<B> {
         if tenant.is_none() {
             return Err(tenant_not_found(&v.tenant_id));
         }
-        let last = sqlx::query(
-            "SELECT CAST(COALESCE(MAX(version), 0) AS BIGINT) AS v FROM template_versions
-             WHERE tenant_id = $1 AND name = $2",
+        let version = sqlx::query(
+            "INSERT INTO template_names (tenant_id, name, last_version) VALUES ($1, $2, 1)
+             ON CONFLICT (tenant_id, name)
+             DO UPDATE SET last_version = template_names.last_version + 1
+             RETURNING last_version",
         )
         .arg(v.tenant_id.as_str())
         .arg(v.name.as_str())
         .fetch_one(tx.on())
         .await
         .map_err(|e| db_error::<B>("numbering a template version", e))?
-        .int("v")?;
+        .int("last_version")?;
         let mut v = v.clone();
-        v.version = last + 1;
+        v.version = version;
         v.image = format!("{}{}", v.image, v.version);
         let spec = serde_json::to_string(&v.spec)
             .map_err(|e| Error::internal("encoding a template spec", e))?;
@@ -1418,7 +1420,7 @@ impl<B: Backend> Store for SqlStore<B> {
         let _turn = self.backend.write_turn().await;
         let done = sqlx::query(
             "UPDATE template_versions SET log = log || $1, heartbeat_at = $2
-             WHERE id = $3 AND state = 'building'",
+             WHERE id = $3 AND state = 'building' AND deleted_at IS NULL",
         )
         .arg(text)
         .arg(to_micros(at))

@@ -288,6 +288,15 @@ async fn versions_pin_while_a_newer_one_builds_and_a_delete_spares_running_sandb
         .err(422, "image_not_found")?;
     ensure!(member.sh(&id_of(&pinned), "cat /v").await? == "one");
     ensure!(member.sh(&id_of(&newest), "cat /v").await? == "two");
+    // The cut-off build stops at its next heartbeat and takes its sandbox along.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !build_sandboxes(&admin).await?.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "the deleted template's build still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     member.destroy(&id_of(&pinned)).await?;
     member.destroy(&id_of(&newest)).await?;
     // A new build of the name takes a new number.

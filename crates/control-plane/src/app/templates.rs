@@ -21,7 +21,7 @@ use stacyvm_core::{
     now, validate_sandbox_path, Error, ExecEvent, ExecRequest, Network, Result, SandboxState,
     TemplateVersionId, TenantId,
 };
-use stacyvm_store::{SandboxFilter, SandboxRecord, TemplateFilter, TemplateState, TemplateVersion};
+use stacyvm_store::{SandboxFilter, TemplateFilter, TemplateState, TemplateVersion};
 
 use super::sandboxes::{agent, check_env, invalid, CreateSandbox, Created};
 use super::{App, Principal};
@@ -607,6 +607,9 @@ impl App {
 
     /// Runs one build to its end and records how it ended.
     async fn template_build_run(self: Arc<Self>, v: TemplateVersion, plan: BuildPlan) {
+        // The heartbeat also learns when the template was deleted, and
+        // then stops the build.
+        let (deleted_tx, mut deleted) = tokio::sync::watch::channel(false);
         let beat = {
             let app = self.clone();
             let id = v.id.clone();
@@ -614,7 +617,10 @@ impl App {
                 loop {
                     tokio::time::sleep(BUILD_HEARTBEAT).await;
                     match app.store.template_log_append(&id, "", now()).await {
-                        Ok(false) => return,
+                        Ok(false) => {
+                            let _ = deleted_tx.send(true);
+                            return;
+                        }
                         Ok(true) => {}
                         Err(e) => {
                             tracing::warn!(version = %id, error = %e, "build heartbeat failed")
@@ -631,29 +637,24 @@ impl App {
             last_flush: Instant::now(),
             capped: false,
         };
-        let mut sandbox: Option<SandboxRecord> = None;
-        let result = tokio::time::timeout(
-            plan.timeout,
-            self.template_build_steps(&v, &plan, &mut log, &mut sandbox),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::Timeout(format!(
-                "the build did not finish within {} s",
-                plan.timeout.as_secs()
-            )))
-        });
-        if let Some(rec) = sandbox {
-            let current = self
-                .store
-                .sandbox_get(&rec.id)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(rec);
-            if let Err(e) = self.destroy_record(current).await {
-                tracing::warn!(version = %v.id, error = %e, "could not destroy a build's sandbox; the start-up sweep retries");
+        let steps =
+            tokio::time::timeout(plan.timeout, self.template_build_steps(&v, &plan, &mut log));
+        // Dropping the steps ends a running command (the agent kills what
+        // its client no longer waits for).
+        let result = tokio::select! {
+            r = steps => r.unwrap_or_else(|_| {
+                Err(Error::Timeout(format!(
+                    "the build did not finish within {} s",
+                    plan.timeout.as_secs()
+                )))
+            }),
+            _ = deleted.wait_for(|d| *d) => {
+                Err(Error::Conflict("the template was deleted during its build".into()))
             }
+        };
+        beat.abort();
+        if let Err(e) = self.template_build_sandboxes_destroy(&v).await {
+            tracing::warn!(version = %v.id, error = %e, "could not destroy a build's sandbox; the reconcilers retry");
         }
         let mut done = v.clone();
         done.built_at = Some(now());
@@ -671,7 +672,6 @@ impl App {
             }
         }
         log.flush().await;
-        beat.abort();
         let recorded = self.store.template_build_finish(&done).await;
         if !matches!(recorded, Ok(true)) || result.is_err() {
             // Deleted meanwhile, failed, or not recorded: no image may stay.
@@ -682,12 +682,44 @@ impl App {
                 tracing::info!(template = %v.name, version = v.version, state = done.state.as_str(), "template build ended")
             }
             Ok(false) => {
-                tracing::info!(template = %v.name, version = v.version, "template deleted while it was building")
+                tracing::info!(template = %v.name, version = v.version, "template deleted while it was building");
+                if let Err(e) = self.store.template_version_purge(&v.id).await {
+                    tracing::warn!(version = %v.id, error = %e, "could not remove a deleted build's row");
+                }
             }
             Err(e) => {
-                tracing::error!(version = %v.id, error = %e, "could not record a build's end; the start-up sweep fails it")
+                tracing::error!(version = %v.id, error = %e, "could not record a build's end; the reconcilers fail it")
             }
         }
+    }
+
+    /// Destroys every live sandbox of the build of `v` (found by its
+    /// label, so also one whose create was cut off half-way).
+    async fn template_build_sandboxes_destroy(&self, v: &TemplateVersion) -> Result<()> {
+        let sandboxes = self
+            .store
+            .sandbox_list(&SandboxFilter {
+                tenant_id: Some(v.tenant_id.clone()),
+                state: None,
+                any_state: Vec::new(),
+                labels: vec![(BUILD_LABEL.to_owned(), v.id.to_string())],
+                page: stacyvm_store::PageRequest {
+                    cursor: None,
+                    limit: 100,
+                },
+            })
+            .await?
+            .items;
+        for s in sandboxes {
+            if s.state == SandboxState::Destroyed {
+                continue;
+            }
+            let id = s.id.clone();
+            if let Err(e) = self.destroy_record(s).await {
+                tracing::warn!(sandbox = %id, error = %e, "could not destroy a build's sandbox");
+            }
+        }
+        Ok(())
     }
 
     async fn template_build_steps(
@@ -695,7 +727,6 @@ impl App {
         v: &TemplateVersion,
         plan: &BuildPlan,
         log: &mut BuildLog<'_>,
-        sandbox: &mut Option<SandboxRecord>,
     ) -> Result<()> {
         log.line(&format!(
             "building template {} version {} from {}",
@@ -730,7 +761,6 @@ impl App {
             .sandbox_create_from(&plan.who, create, plan.parent.as_ref())
             .await?;
         let rec = created.sandbox;
-        *sandbox = Some(rec.clone());
         log.line(&format!(
             "sandbox {} is running on {}",
             rec.id, rec.provider
@@ -1027,15 +1057,7 @@ impl App {
             if !dead {
                 continue;
             }
-            for s in sandboxes {
-                if s.state == SandboxState::Destroyed {
-                    continue;
-                }
-                let id = s.id.clone();
-                if let Err(e) = self.destroy_record(s).await {
-                    tracing::warn!(sandbox = %id, error = %e, "could not destroy an interrupted build's sandbox");
-                }
-            }
+            self.template_build_sandboxes_destroy(&v).await?;
             self.template_image_remove(&v.image).await;
             if v.deleted_at.is_some() {
                 self.store.template_version_purge(&v.id).await?;

@@ -20,3 +20,12 @@ CREATE TABLE template_versions (
     UNIQUE (tenant_id, name, version)
 ) STRICT;
 CREATE INDEX template_versions_state ON template_versions (state);
+
+-- The last version number each tenant's template name was given: rows of
+-- deleted versions go once their image is unused, the numbers stay taken.
+CREATE TABLE template_names (
+    tenant_id     TEXT NOT NULL REFERENCES tenants(id),
+    name          TEXT NOT NULL,
+    last_version  INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, name)
+) STRICT;

@@ -135,7 +135,13 @@ pub async fn deleted_templates_keep_their_numbers_until_purged(db: &TestDb) -> a
         ..live.clone()
     };
     assert_eq!(store.template_version_list(&all).await?.len(), 2);
-    // A build cut off by the delete cannot bring its version back.
+    // A build of a deleted template learns it at its next log write, and
+    // cannot bring its version back.
+    assert!(
+        !store
+            .template_log_append(&v2.id, "late\n", fixtures::at(10))
+            .await?
+    );
     let mut late = v2.clone();
     late.state = TemplateState::Ready;
     late.built_at = Some(fixtures::at(10));
@@ -150,5 +156,12 @@ pub async fn deleted_templates_keep_their_numbers_until_purged(db: &TestDb) -> a
     assert!(store.template_version_purge(&v1.id).await?);
     assert!(!store.template_version_purge(&v1.id).await?);
     assert_eq!(store.template_version_list(&all).await?.len(), 2);
+    // Purged rows take no number back with them.
+    store.template_delete(&t, "py", gone_at).await?;
+    for v in [&v2.id, &v3.id] {
+        assert!(store.template_version_purge(v).await?);
+    }
+    let v4 = store.template_version_create(&building(&t, "py")).await?;
+    assert_eq!(v4.version, 4);
     Ok(())
 }
