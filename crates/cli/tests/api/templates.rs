@@ -522,7 +522,16 @@ async fn templates_belong_to_their_tenant_and_the_operators_are_public() -> Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_cut_off_by_kill_9_leaves_no_sandbox_or_image_after_the_restart() -> Result<()> {
-    let mut server = docker_server(StoreKind::Sqlite)?;
+    build_cut_off_by_kill_9(StoreKind::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_cut_off_by_kill_9_on_postgres_is_cleaned_up_at_the_restart() -> Result<()> {
+    build_cut_off_by_kill_9(StoreKind::Postgres).await
+}
+
+async fn build_cut_off_by_kill_9(store: StoreKind) -> Result<()> {
+    let mut server = docker_server(store)?;
     let admin = server.admin();
     admin.import_busybox().await?;
     let name = unique("crash");
