@@ -31,6 +31,7 @@ mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;
+mod templates;
 mod tenancy;
 mod volumes;
 mod workers;

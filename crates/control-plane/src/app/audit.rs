@@ -340,6 +340,12 @@ fn action_of(m: &str, route: &str, path: &str) -> String {
         ("GET", "/v1/volumes") => "volume.list",
         ("GET", "/v1/volumes/{name}") => "volume.get",
         ("DELETE", "/v1/volumes/{name}") => "volume.delete",
+        ("POST", "/v1/templates") => "template.build",
+        ("GET", "/v1/templates") => "template.list",
+        ("GET", "/v1/templates/{name}") => "template.get",
+        ("GET", "/v1/templates/{name}/versions") => "template.versions",
+        ("GET", "/v1/templates/{name}/logs") => "template.logs",
+        ("DELETE", "/v1/templates/{name}") => "template.delete",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()

@@ -65,6 +65,17 @@ class SandboxState:
     VALUES: Final = ("pending", "starting", "running", "paused", "stopping", "destroyed", "failed", "lost", "unknown")
 
 
+class TemplateState:
+    """Where a template version's build stands."""
+
+    BUILDING: Final = "building"
+    READY: Final = "ready"
+    FAILED: Final = "failed"
+    UNKNOWN: Final = "unknown"
+    #: Every value the document lists; a newer server may send others.
+    VALUES: Final = ("building", "ready", "failed", "unknown")
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who made an audited call."""
