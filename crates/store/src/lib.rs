@@ -103,6 +103,7 @@ pub trait Store: Send + Sync + 'static {
     /// several control planes never overfill a worker: the worker must be
     /// `ready`, and its live sandboxes with this one must fit its capacity
     /// (count, CPUs, memory). `NoCapacity` naming what is short otherwise.
+    /// A `pending` sandbox becomes `starting`; any other keeps its state.
     async fn sandbox_place(
         &self,
         id: &SandboxId,

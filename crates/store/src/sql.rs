@@ -778,9 +778,13 @@ impl<B: Backend> Store for SqlStore<B> {
                 return full(format!("{used_mb} of {max} MiB in use, {memory_mb} asked"));
             }
         }
+        // A pending sandbox becomes `starting` in the same commit: on a
+        // single writer every commit of a create is a turn the others wait
+        // for. One a destroy moved on meanwhile keeps its state.
         let row = sqlx::query(concat!(
             "UPDATE sandboxes SET worker_id = $1, lease_expires_at = $2,
-                fencing_token = fencing_token + 1
+                fencing_token = fencing_token + 1,
+                state = CASE WHEN state = 'pending' THEN 'starting' ELSE state END
              WHERE id = $3 RETURNING ",
             sandbox_columns!()
         ))

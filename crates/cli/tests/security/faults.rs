@@ -90,7 +90,25 @@ async fn runtimes_on_host(server: &Server, provider: &str) -> Result<BTreeSet<St
             for rt in p.list().await? {
                 ids.insert(rt.sandbox_id.to_string());
             }
-            ids.extend(sandbox_processes(server.data_dir())?.into_values());
+            ids.extend(sandbox_processes(server.data_dir(), "proot")?.into_values());
+        }
+        "namespaces" => {
+            use stacyvm_provider::Provider;
+            let catalog = Arc::new(stacyvm_provider::images::ImageCatalog::open(
+                &server.data_dir().join("images"),
+            )?);
+            let p = stacyvm_provider::namespaces::NamespacesProvider::new(
+                stacyvm_provider::namespaces::NamespacesConfig {
+                    data_dir: server.data_dir().to_path_buf(),
+                    agent_bin: agent_bin()?,
+                    catalog,
+                    instance,
+                },
+            )?;
+            for rt in p.list().await? {
+                ids.insert(rt.sandbox_id.to_string());
+            }
+            ids.extend(sandbox_processes(server.data_dir(), "namespaces")?.into_values());
         }
         other => bail!("no runtime listing for {other}"),
     }
@@ -99,10 +117,10 @@ async fn runtimes_on_host(server: &Server, provider: &str) -> Result<BTreeSet<St
 
 /// Processes that belong to a sandbox (pid → sandbox id): by the
 /// `STACYVM_SANDBOX` variable every sandbox process carries, or a command
-/// line naming the sandbox's directory under `data_dir`.
-fn sandbox_processes(data_dir: &Path) -> Result<BTreeMap<u32, String>> {
+/// line naming the sandbox's directory under `data_dir/provider`.
+fn sandbox_processes(data_dir: &Path, provider: &str) -> Result<BTreeMap<u32, String>> {
     let mut out = BTreeMap::new();
-    let prefix = data_dir.join("proot").display().to_string();
+    let prefix = data_dir.join(provider).display().to_string();
     for e in std::fs::read_dir("/proc")?.filter_map(|e| e.ok()) {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -124,7 +142,7 @@ fn sandbox_processes(data_dir: &Path) -> Result<BTreeMap<u32, String>> {
             if let Some(id) = var.strip_prefix(b"STACYVM_SANDBOX=") {
                 let id = String::from_utf8_lossy(id).into_owned();
                 // Only this server's sandboxes: its rows are what we compare against.
-                if data_dir.join("proot").join(&id).exists() || cmdline.contains(&prefix) {
+                if data_dir.join(provider).join(&id).exists() || cmdline.contains(&prefix) {
                     out.insert(pid, id);
                 }
             }
@@ -349,6 +367,14 @@ async fn crash_kill9_during_50_proot_creates_loses_and_leaks_nothing() -> Result
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_kill9_during_50_docker_creates_loses_and_leaks_nothing() -> Result<()> {
     kill9_during_create_burst("docker", 50).await
+}
+
+/// Namespaces sandboxes are children of the server: they outlive its
+/// `kill -9` (their init is reparented) and the restarted server adopts
+/// them from their directories, or ends the half-made ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_kill9_during_50_namespaces_creates_loses_and_leaks_nothing() -> Result<()> {
+    kill9_during_create_burst("namespaces", 50).await
 }
 
 // ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 //! another sandbox, host files the server's user may read, `/proc/1/root`,
 //! `..` and symlinks), pause is a clear 409, and destroy leaves no process,
 //! mount or file. A host that refuses unprivileged user namespaces fails
-//! these tests.
+//! these tests. Beside them, the status of a server that is root.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -167,6 +167,75 @@ async fn check_status(admin: &Api, host: &RootlessHost) -> Result<Value> {
         "the detail must say sandboxes map the server's own uid: {detail}"
     );
     Ok(ns)
+}
+
+/// The same status fields of a server that is root, on a host whose
+/// cgroups carry every limit (v1 `cpu`, `memory`, `pids` and `freezer`
+/// beside a cgroup2 mount, or pure v2): `root`, nothing unenforced, and the
+/// detail names the limits and where they come from. A create's limits are
+/// then its cgroups' limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn root_namespaces_status_names_its_mode_and_the_limits_it_enforces() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("namespaces"))?;
+    let admin = server.admin();
+    let ns = namespaces_status(&admin).await?;
+    ensure!(ns["healthy"] == true, "{ns}");
+    ensure!(ns["mode"] == "root", "the status must say root: {ns}");
+    ensure!(
+        ns["not_enforced"] == json!([]),
+        "a host with every controller enforces every limit: {ns}"
+    );
+    let detail = ns["detail"].as_str().unwrap_or_default();
+    ensure!(
+        detail.contains("mode: root;")
+            && detail.contains("limits enforced: pids, memory, cpu (")
+            && !detail.contains("pause unsupported"),
+        "the detail must name the limits and their cgroups: {detail}"
+    );
+    admin.import_busybox().await?;
+    let id = admin
+        .create_sandbox(json!({
+            "image": "busybox", "provider": "namespaces", "memory_mb": 200, "cpu": 0.5
+        }))
+        .await?;
+    let id = id["id"].as_str().unwrap_or_default().to_owned();
+    // Read on the host, from the cgroups its init is in (inside, its
+    // cgroup namespace hides where they are).
+    let dir = server.data_dir().join("namespaces").join(&id);
+    let init: i32 = std::fs::read_to_string(dir.join("init.pid"))?
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow!("no init pid for {id}"))?;
+    let limit = |file: &str, v1: &str| -> Result<String> {
+        let groups = std::fs::read_to_string(format!("/proc/{init}/cgroup"))?;
+        for line in groups.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+            let (Some(controllers), Some(path)) = (controllers, path) else {
+                continue;
+            };
+            let base = if controllers.split(',').any(|c| c == v1) {
+                format!("/sys/fs/cgroup/{v1}{path}")
+            } else if controllers.is_empty() {
+                format!("/sys/fs/cgroup{path}")
+            } else {
+                continue;
+            };
+            if let Ok(v) = std::fs::read_to_string(format!("{base}/{file}")) {
+                return Ok(v.trim().to_owned());
+            }
+        }
+        Err(anyhow!("no {file} for the init's cgroups: {groups}"))
+    };
+    let memory = limit("memory.limit_in_bytes", "memory").or_else(|_| limit("memory.max", ""))?;
+    let pids = limit("pids.max", "pids")?;
+    ensure!(
+        memory == (200u64 << 20).to_string() && pids == "512",
+        "memory_mb 200 and pids 512 must be the sandbox's cgroup limits: {memory} {pids}"
+    );
+    admin.destroy(&id).await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -476,8 +476,13 @@ impl App {
             }
         };
         rec = placed;
-        rec.state = SandboxState::Starting;
-        self.store.sandbox_update(&rec).await?;
+        // Placement made it `starting` unless a destroy came first.
+        if rec.state != SandboxState::Starting {
+            return Err(Error::Conflict(format!(
+                "sandbox {} was {} before it started",
+                rec.id, rec.state
+            )));
+        }
         let spec = SpawnSpec {
             sandbox_id: rec.id.clone(),
             image: rec.image.clone(),

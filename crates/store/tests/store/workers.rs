@@ -157,6 +157,13 @@ pub async fn placement_checks_state_and_every_capacity(db: &TestDb) -> anyhow::R
     assert_eq!(placed.worker_id.as_ref(), Some(&w.id));
     assert_eq!(placed.fencing_token, a.fencing_token + 1);
     assert_eq!(placed.lease_expires_at, Some(until));
+    assert_eq!(
+        placed.state,
+        SandboxState::Starting,
+        "a pending sandbox starts"
+    );
+    let stored = store.sandbox_get(&a.id).await?.context("a")?;
+    assert_eq!(stored.state, SandboxState::Starting, "in the same commit");
 
     // Two CPUs offered, one used: a two-CPU sandbox does not fit.
     let mut big = fixtures::sandbox(&t);
@@ -184,6 +191,12 @@ pub async fn placement_checks_state_and_every_capacity(db: &TestDb) -> anyhow::R
     let mut done = store.sandbox_get(&b.id).await?.context("b")?;
     done.state = SandboxState::Destroyed;
     store.sandbox_update(&done).await?;
+    let again = store.sandbox_place(&b.id, &w.id, until).await?;
+    assert_eq!(
+        again.state,
+        SandboxState::Destroyed,
+        "placement never revives a sandbox that ended"
+    );
     store.sandbox_place(&c.id, &w.id, until).await?;
 
     store.worker_set_state(&w.id, WorkerState::Draining).await?;
