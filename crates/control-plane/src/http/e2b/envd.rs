@@ -567,16 +567,30 @@ fn end_event(end: &ProcessEnd) -> Value {
             m.insert("status".into(), json!("unknown"));
         }
     }
-    if st.timed_out {
-        m.insert(
-            "error".into(),
-            json!("the command ran past its timeout and was killed"),
-        );
-    }
-    if let Some(e) = &end.error {
-        m.insert("error".into(), json!(e));
-    }
     json!({"event": {"end": Value::Object(m)}})
+}
+
+/// How envd ends the stream of a process that did not end on its own: a
+/// stream that broke (the sandbox was killed or stopped under the command)
+/// is `unavailable`, and a command killed at its timeout is
+/// `deadline_exceeded`, as the request's deadline passing is in envd. The
+/// SDK turns these into its sandbox-gone and timeout errors, where an end
+/// event would read as an ordinary failed command.
+fn end_failure(end: &ProcessEnd) -> Option<RpcError> {
+    if let Some(e) = &end.error {
+        return Some(RpcError::new(
+            "unavailable",
+            StatusCode::BAD_GATEWAY,
+            format!("the connection to the sandbox ended before the command did: {e}"),
+        ));
+    }
+    end.status.timed_out.then(|| {
+        RpcError::new(
+            "deadline_exceeded",
+            StatusCode::GATEWAY_TIMEOUT,
+            "the command ran past its timeout and was killed",
+        )
+    })
 }
 
 /// Forwards a process's events as envelopes until it ends or the client
@@ -622,8 +636,15 @@ fn pump_events(
                 ProcessEvent::Stdout(b) => json!({"event": {"data": {"stdout": b64(&b)}}}),
                 ProcessEvent::Stderr(b) => json!({"event": {"data": {"stderr": b64(&b)}}}),
                 ProcessEvent::End(end) => {
-                    let _ = tx.send(envelope(0, &end_event(&end))).await;
-                    let _ = tx.send(end_stream(None)).await;
+                    match end_failure(&end) {
+                        Some(e) => {
+                            let _ = tx.send(end_stream(Some(&e))).await;
+                        }
+                        None => {
+                            let _ = tx.send(envelope(0, &end_event(&end))).await;
+                            let _ = tx.send(end_stream(None)).await;
+                        }
+                    }
                     return;
                 }
             };

@@ -1,0 +1,101 @@
+"""envd beyond the core flows, with the unmodified E2B SDK and on the wire:
+how a command's stream ends when its sandbox dies or its deadline passes,
+file entries' owners, modes and symlinks, signed file URLs, PTYs and
+directory watches, and the tenant and sandbox boundaries of each."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import httpx
+import pytest
+from e2b import Sandbox
+from e2b.exceptions import SandboxNotRunningException, TimeoutException
+
+from conftest import Env
+
+
+def _headers(sb: Sandbox) -> dict[str, str]:
+    return {
+        "E2b-Sandbox-Id": sb.sandbox_id,
+        "E2b-Sandbox-Port": "49983",
+        "X-Access-Token": sb._envd_access_token or "",
+    }
+
+
+def _envelope(msg: dict) -> bytes:
+    body = json.dumps(msg).encode()
+    return struct.pack(">BI", 0, len(body)) + body
+
+
+def _envelopes(raw: bytes) -> list[tuple[int, dict]]:
+    out = []
+    while raw:
+        flags, n = struct.unpack(">BI", raw[:5])
+        out.append((flags, json.loads(raw[5 : 5 + n] or b"{}")))
+        raw = raw[5 + n :]
+    return out
+
+
+def _stream(env: Env, sb: Sandbox, method: str, msg: dict, **headers: str) -> list[tuple[int, dict]]:
+    r = httpx.post(
+        env.server.url + "/" + method,
+        content=_envelope(msg),
+        headers={**_headers(sb), "Content-Type": "application/connect+json", **headers},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return _envelopes(r.content)
+
+
+def _start(cmd: str) -> dict:
+    return {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", cmd], "envs": {}}}
+
+
+def test_a_command_whose_sandbox_is_killed_ends_with_the_sandbox_gone(env: Env) -> None:
+    sb = Sandbox.create()
+    try:
+        h = sb.commands.run("sleep 600", background=True)
+        with httpx.Client(timeout=120) as client, client.stream(
+            "POST",
+            env.server.url + "/process.Process/Connect",
+            content=_envelope({"process": {"pid": h.pid}}),
+            headers={**_headers(sb), "Content-Type": "application/connect+json"},
+        ) as follower:
+            assert follower.status_code == 200
+            chunks = follower.iter_bytes()
+            raw = b""
+            while len(raw) < 5 or len(raw) < 5 + struct.unpack(">I", raw[1:5])[0]:
+                raw += next(chunks)
+            # The follower is attached (it was told the pid); now the
+            # sandbox goes away under both streams.
+            assert Sandbox.kill(sb.sandbox_id) is True
+            # Not an ordinary failed command (CommandExitException): the
+            # SDK's sandbox-gone error, from envd's `unavailable`.
+            with pytest.raises(SandboxNotRunningException):
+                h.wait()
+            for chunk in chunks:
+                raw += chunk
+        frames = _envelopes(raw)
+        assert frames[0][1]["event"]["start"]["pid"] == h.pid
+        flags, last = frames[-1]
+        assert flags == 2 and last["error"]["code"] == "unavailable", frames
+        assert not any("end" in m.get("event", {}) for _, m in frames)
+    finally:
+        Sandbox.kill(sb.sandbox_id)
+
+
+def test_a_command_past_its_deadline_ends_deadline_exceeded(env: Env, sandbox: Sandbox) -> None:
+    frames = _stream(env, sandbox, "process.Process/Start", _start("sleep 60"), **{"connect-timeout-ms": "1500"})
+    assert "start" in frames[0][1]["event"]
+    flags, last = frames[-1]
+    assert flags == 2 and last["error"]["code"] == "deadline_exceeded", frames
+    assert not any("end" in m.get("event", {}) for _, m in frames)
+    # The SDK reads it as its timeout.
+    with pytest.raises(TimeoutException):
+        sandbox.commands.run("sleep 60", timeout=2)
+    # A command that ends in time still ends with its exit status.
+    frames = _stream(env, sandbox, "process.Process/Start", _start("exit 4"), **{"connect-timeout-ms": "60000"})
+    assert frames[-2][1]["event"]["end"]["exitCode"] == 4
+    assert frames[-1] == (2, {})
