@@ -99,3 +99,17 @@ def test_a_command_past_its_deadline_ends_deadline_exceeded(env: Env, sandbox: S
     frames = _stream(env, sandbox, "process.Process/Start", _start("exit 4"), **{"connect-timeout-ms": "60000"})
     assert frames[-2][1]["event"]["end"]["exitCode"] == 4
     assert frames[-1] == (2, {})
+
+
+def test_a_refused_upload_gets_its_refusal_not_a_broken_connection(env: Env, sandbox: Sandbox) -> None:
+    # Large enough that the server must read it for the client to finish
+    # sending and read the answer.
+    body = b"x" * (16 << 20)
+    for token, status in [("key_x.00", 401), (sandbox._envd_access_token, 400)]:
+        headers = {**_headers(sandbox), "X-Access-Token": token or "", "Content-Type": "application/octet-stream"}
+        if status == 400:
+            headers["Content-Encoding"] = "gzip"
+        r = httpx.post(env.server.url + "/files?path=/tmp/refused.bin", content=body, headers=headers, timeout=60)
+        assert r.status_code == status, r.text
+        assert isinstance(r.json()["code"], int)
+    assert sandbox.files.exists("/tmp/refused.bin") is False

@@ -330,7 +330,7 @@ pub(super) fn user_name(user: String) -> RpcResult<String> {
 
 /// Resolves the sandbox and access token of an envd request. A sandbox
 /// that no longer runs answers as E2B's proxy does (`502`, "not found").
-pub(super) async fn caller(
+async fn caller(
     s: &AppState,
     headers: &HeaderMap,
     addr: Option<std::net::IpAddr>,
@@ -372,15 +372,36 @@ pub(super) async fn running_caller(
     s: &AppState,
     parts: &axum::http::request::Parts,
 ) -> Result<(), Response> {
-    let addr = client_ip(&parts.extensions);
-    caller(s, &parts.headers, addr)
+    envd_caller(s, parts)
         .await
         .map(|_| ())
-        .map_err(|e| e.unary())
+        .map_err(|r| r.error.unary())
 }
 
 fn client_ip(headers_ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
     headers_ext.get::<ClientAddr>().map(|c| c.0)
+}
+
+/// A refused envd request: the refusal, and the sandbox it named (for the
+/// audit note), so every envd route answers and records refusals alike.
+pub(super) struct Refused {
+    pub(super) error: RpcError,
+    pub(super) sandbox: Option<String>,
+}
+
+/// The caller of an envd request from its parts (headers, client address),
+/// or its refusal.
+pub(super) async fn envd_caller(
+    s: &AppState,
+    parts: &axum::http::request::Parts,
+) -> Result<Caller, Refused> {
+    let addr = client_ip(&parts.extensions);
+    caller(s, &parts.headers, addr)
+        .await
+        .map_err(|error| Refused {
+            error,
+            sandbox: envd_target(&parts.headers, s.app.config().e2b.domain.as_deref()).map(|t| t.0),
+        })
 }
 
 /// The audit note of an envd call, and its principal for the audit layer.
@@ -480,16 +501,11 @@ pub async fn process_call(
     req: axum::extract::Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let addr = client_ip(&parts.extensions);
-    let c = match caller(&s, &parts.headers, addr).await {
+    let c = match envd_caller(&s, &parts).await {
         Ok(c) => c,
         // Refused before any stream begins: a plain error with its status,
         // which Connect clients read for streams too.
-        Err(e) => {
-            let sandbox =
-                envd_target(&parts.headers, s.app.config().e2b.domain.as_deref()).map(|t| t.0);
-            return finish(e.unary(), sandbox.as_deref(), None, &method);
-        }
+        Err(r) => return finish(r.error.unary(), r.sandbox.as_deref(), None, &method),
     };
     let resp = match method.as_str() {
         "Start" => match request_message(&parts.headers, body, true).await {
@@ -927,15 +943,10 @@ pub async fn filesystem_call(
     req: axum::extract::Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let addr = client_ip(&parts.extensions);
     let streaming = method == "WatchDir";
-    let c = match caller(&s, &parts.headers, addr).await {
+    let c = match envd_caller(&s, &parts).await {
         Ok(c) => c,
-        Err(e) => {
-            let sandbox =
-                envd_target(&parts.headers, s.app.config().e2b.domain.as_deref()).map(|t| t.0);
-            return finish(e.unary(), sandbox.as_deref(), None, &method);
-        }
+        Err(r) => return finish(r.error.unary(), r.sandbox.as_deref(), None, &method),
     };
     let resp = if streaming {
         stream_error(&RpcError::unimplemented(

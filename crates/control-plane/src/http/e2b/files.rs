@@ -15,9 +15,10 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use stacyvm_core::{ByteStream, Error};
 
-use super::envd::{caller, user_name};
+use super::envd::{envd_caller, user_name, Refused};
 use super::public_message;
 use crate::http::extract::query_pairs;
+use crate::http::files::drain_refused;
 use crate::http::{note, AppState};
 
 /// An envd HTTP error.
@@ -33,12 +34,15 @@ fn file_error(e: &Error) -> Response {
         .into_response()
 }
 
-fn rpc_refusal(status: StatusCode, message: String) -> Response {
-    (
+/// A refused caller, in the `/files` error shape, with its audit note.
+fn refused(r: Refused) -> Response {
+    let status = r.error.status();
+    let resp = (
         status,
-        axum::Json(json!({"code": status.as_u16(), "message": message})),
+        axum::Json(json!({"code": status.as_u16(), "message": r.error.message()})),
     )
-        .into_response()
+        .into_response();
+    finish(resp, r.sandbox, None, &[])
 }
 
 struct FileQuery {
@@ -108,22 +112,9 @@ fn user_of(q: &FileQuery, caller_user: &str) -> Result<String, Error> {
 /// `GET /files?path=&username=`: the file's bytes.
 pub async fn file_download(State(s): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, _body) = req.into_parts();
-    let addr = parts
-        .extensions
-        .get::<crate::http::client_addr::ClientAddr>()
-        .map(|c| c.0);
-    let c = match caller(&s, &parts.headers, addr).await {
+    let c = match envd_caller(&s, &parts).await {
         Ok(c) => c,
-        Err(e) => {
-            let sandbox = super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
-                .map(|t| t.0);
-            return finish(
-                rpc_refusal(e.status(), e.message().to_owned()),
-                sandbox,
-                None,
-                &[],
-            );
-        }
+        Err(r) => return refused(r),
     };
     let q = file_query(&parts.uri);
     let path = q.path.clone().unwrap_or_default();
@@ -193,21 +184,13 @@ fn write_info(path: &str) -> Value {
 /// bytes to `path`. Answers the files written.
 pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, body) = req.into_parts();
-    let addr = parts
-        .extensions
-        .get::<crate::http::client_addr::ClientAddr>()
-        .map(|c| c.0);
-    let c = match caller(&s, &parts.headers, addr).await {
+    let c = match envd_caller(&s, &parts).await {
         Ok(c) => c,
-        Err(e) => {
-            let sandbox = super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
-                .map(|t| t.0);
-            return finish(
-                rpc_refusal(e.status(), e.message().to_owned()),
-                sandbox,
-                None,
-                &[],
-            );
+        Err(r) => {
+            // Read what the client is still sending, so it gets the refusal
+            // rather than a connection reset mid-upload.
+            drain_refused(body.into_data_stream()).await;
+            return refused(r);
         }
     };
     let q = file_query(&parts.uri);
@@ -217,16 +200,21 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
         over: AtomicBool::new(false),
     });
     let mut written = Vec::new();
-    let result = upload(
-        &s,
-        &c,
-        &q,
-        &parts.headers,
-        body,
-        limit.clone(),
-        &mut written,
-    )
-    .await;
+    let result = match upload_allowed(&c, &q, &parts.headers) {
+        Ok(user) => {
+            let to = Target {
+                s: &s,
+                c: &c,
+                q: &q,
+                user: &user,
+            };
+            upload(to, &parts.headers, body, limit.clone(), &mut written).await
+        }
+        Err(e) => {
+            drain_refused(body.into_data_stream()).await;
+            Err(e)
+        }
+    };
     let resp = match result {
         Ok(()) => {
             let infos: Vec<Value> = written.iter().map(|p| write_info(p)).collect();
@@ -245,15 +233,12 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
     )
 }
 
-async fn upload(
-    s: &AppState,
+/// What refuses an upload before its body is read; the user it writes as.
+fn upload_allowed(
     c: &super::envd::Caller,
     q: &FileQuery,
     headers: &HeaderMap,
-    body: Body,
-    limit: Arc<Limit>,
-    written: &mut Vec<String>,
-) -> Result<(), Error> {
+) -> Result<String, Error> {
     c.who().require_write()?;
     let user = user_of(q, c.user())?;
     if let Some(h) = headers
@@ -272,6 +257,24 @@ async fn upload(
             )));
         }
     }
+    Ok(user)
+}
+
+/// Where an upload goes: the sandbox and user of its caller and query.
+struct Target<'a> {
+    s: &'a AppState,
+    c: &'a super::envd::Caller,
+    q: &'a FileQuery,
+    user: &'a str,
+}
+
+async fn upload(
+    Target { s, c, q, user }: Target<'_>,
+    headers: &HeaderMap,
+    body: Body,
+    limit: Arc<Limit>,
+    written: &mut Vec<String>,
+) -> Result<(), Error> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -306,7 +309,7 @@ async fn upload(
                 Some(p) if !p.is_empty() && files == 1 => p.clone(),
                 _ => name,
             };
-            let path = resolve(&user, &target)?;
+            let path = resolve(user, &target)?;
             let stream = limited(field, limit.clone());
             s.app
                 .file_write(c.who(), c.sandbox(), &path, None, stream)
@@ -323,7 +326,7 @@ async fn upload(
         let target = q.path.clone().ok_or_else(|| {
             Error::InvalidRequest("path is required for a raw upload (?path=…)".into())
         })?;
-        let path = resolve(&user, &target)?;
+        let path = resolve(user, &target)?;
         let stream = limited(body.into_data_stream(), limit);
         s.app
             .file_write(c.who(), c.sandbox(), &path, None, stream)
