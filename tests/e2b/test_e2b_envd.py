@@ -12,6 +12,7 @@ import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxNotRunningException, TimeoutException
+from e2b.sandbox.filesystem.filesystem import FileType
 
 from conftest import Env
 
@@ -113,3 +114,48 @@ def test_a_refused_upload_gets_its_refusal_not_a_broken_connection(env: Env, san
         assert r.status_code == status, r.text
         assert isinstance(r.json()["code"], int)
     assert sandbox.files.exists("/tmp/refused.bin") is False
+
+
+def test_entries_name_their_owner_group_and_permissions_as_envd_does(sandbox: Sandbox) -> None:
+    sandbox.files.write("/tmp/own/mine.txt", "x")
+    sandbox.files.write("/tmp/own/numeric.txt", "y")
+    sandbox.commands.run(
+        "cd /tmp/own && chown 1000:1000 mine.txt && chmod 640 mine.txt"
+        " && chown 4242:4343 numeric.txt && chmod 4755 numeric.txt && mkdir sticky && chmod 1777 sticky",
+        user="root",
+    )
+    st = sandbox.files.get_info("/tmp/own/mine.txt")
+    # Names from the sandbox's own /etc/passwd and /etc/group.
+    assert (st.owner, st.group) == ("user", "user")
+    assert st.mode == 0o640 and st.permissions == "-rw-r-----"
+    listed = {e.name: e for e in sandbox.files.list("/tmp/own")}
+    # Ids without a name show as numbers; special bits as Go spells them.
+    n = listed["numeric.txt"]
+    assert (n.owner, n.group) == ("4242", "4343")
+    assert n.mode == 0o755 and n.permissions == "urwxr-xr-x"
+    assert listed["sticky"].permissions == "dtrwxrwxrwx" and listed["sticky"].mode == 0o777
+    root = sandbox.files.get_info("/etc")
+    assert (root.owner, root.group) == ("root", "root")
+
+
+def test_a_symlink_is_described_by_what_it_points_to(sandbox: Sandbox) -> None:
+    sandbox.files.write("/tmp/links/real.txt", "hello")
+    sandbox.commands.run(
+        "cd /tmp/links && chmod 600 real.txt && ln -s real.txt file-link && ln -s file-link chain"
+        " && mkdir dir && ln -s dir dir-link && ln -s missing broken",
+    )
+    link = sandbox.files.get_info("/tmp/links/file-link")
+    assert link.type == FileType.FILE and link.symlink_target == "/tmp/links/real.txt"
+    assert link.mode == 0o600 and link.permissions.startswith("L")
+    assert link.name == "file-link" and link.path == "/tmp/links/file-link"
+    assert sandbox.files.get_info("/tmp/links/chain").symlink_target == "/tmp/links/real.txt"
+    listed = {e.name: e for e in sandbox.files.list("/tmp/links")}
+    assert listed["dir-link"].type == FileType.DIR and listed["dir-link"].symlink_target == "/tmp/links/dir"
+    assert listed["real.txt"].symlink_target is None and listed["real.txt"].type == FileType.FILE
+    # A broken link has no type (the SDK leaves such entries out of lists).
+    assert "broken" not in listed
+    broken = sandbox.files.get_info("/tmp/links/broken")
+    assert broken.type is None and broken.symlink_target == "/tmp/links/broken"
+    # A link out of the sandbox's paths still resolves inside the sandbox.
+    sandbox.commands.run("ln -s ../../../../etc/hostname /tmp/links/up")
+    assert sandbox.files.get_info("/tmp/links/up").symlink_target == "/etc/hostname"

@@ -56,6 +56,8 @@ pub fn entry_from(logical: &str, host: &Path, meta: &Metadata) -> FileEntry {
         mode: format_mode(meta.mode()),
         mtime,
         symlink_target,
+        uid: Some(meta.uid()),
+        gid: Some(meta.gid()),
     }
 }
 

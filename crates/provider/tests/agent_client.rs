@@ -877,6 +877,8 @@ async fn endless_lists_and_globs_are_capped() -> anyhow::Result<()> {
         mode: "0644".into(),
         mtime: stacyvm_core::now(),
         symlink_target: None,
+        uid: None,
+        gid: None,
     };
     let batch = serde_json::to_vec(&vec![entry; 1000])?;
     let batches = MAX_LIST_ENTRIES / 1000 * 3;

@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use stacyvm_core::files::FileType;
 use stacyvm_core::{Error, FileEntry};
-use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
 
+use super::entries::{entry_info_of, entry_infos};
 use super::{envd_target, public_message, ENVD_PORT};
 use crate::app::e2b::{ProcessConfig, ProcessEnd, ProcessEvent, ProcessSelector, ProcessStart};
 use crate::app::Principal;
@@ -886,42 +886,6 @@ async fn stream_input(s: &AppState, c: &Caller, headers: &HeaderMap, body: Body)
     stream_response(rx)
 }
 
-/// An `EntryInfo`.
-pub(super) fn entry_info(e: &FileEntry) -> Value {
-    let (ty, letter) = match e.file_type {
-        FileType::File => (Some("FILE_TYPE_FILE"), '-'),
-        FileType::Dir => (Some("FILE_TYPE_DIRECTORY"), 'd'),
-        FileType::Symlink => (Some("FILE_TYPE_SYMLINK"), 'l'),
-        FileType::Other => (None, '?'),
-    };
-    let mode = u32::from_str_radix(&e.mode, 8).unwrap_or(0) & 0o7777;
-    let mut perms = String::with_capacity(10);
-    perms.push(letter);
-    for shift in [6u32, 3, 0] {
-        let bits = (mode >> shift) & 7;
-        perms.push(if bits & 4 != 0 { 'r' } else { '-' });
-        perms.push(if bits & 2 != 0 { 'w' } else { '-' });
-        perms.push(if bits & 1 != 0 { 'x' } else { '-' });
-    }
-    let mut v = json!({
-        "name": e.name,
-        "path": e.path,
-        "size": e.size.to_string(),
-        "mode": mode,
-        "permissions": perms,
-        "owner": "",
-        "group": "",
-        "modifiedTime": e.mtime.format(&Rfc3339).unwrap_or_default(),
-    });
-    if let Some(t) = ty {
-        v["type"] = json!(t);
-    }
-    if let Some(t) = &e.symlink_target {
-        v["symlinkTarget"] = json!(t);
-    }
-    v
-}
-
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct PathMsg {
@@ -973,7 +937,7 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
             let m: PathMsg = parse(msg)?;
             let path = c.path(&m.path)?;
             let e = app.file_stat(who, id, &path).await?;
-            Ok(json!({"entry": entry_info(&e)}))
+            Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
         "MakeDir" => {
             let m: PathMsg = parse(msg)?;
@@ -990,13 +954,13 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 Err(e) => return Err(e.into()),
             }
             let e = app.file_mkdir(who, id, &path, true).await?;
-            Ok(json!({"entry": entry_info(&e)}))
+            Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
         "Move" => {
             let m: MoveMsg = parse(msg)?;
             let (from, to) = (c.path(&m.source)?, c.path(&m.destination)?);
             let e = app.file_move(who, id, &from, &to, true).await?;
-            Ok(json!({"entry": entry_info(&e)}))
+            Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
         "ListDir" => {
             let m: PathMsg = parse(msg)?;
@@ -1012,12 +976,8 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 let rest = p.strip_prefix(&base).unwrap_or(p).trim_start_matches('/');
                 rest.split('/').filter(|s| !s.is_empty()).count() as u32 <= depth
             };
-            let out: Vec<Value> = entries
-                .iter()
-                .filter(|e| within(&e.path))
-                .map(entry_info)
-                .collect();
-            Ok(json!({"entries": out}))
+            let shown: Vec<FileEntry> = entries.into_iter().filter(|e| within(&e.path)).collect();
+            Ok(json!({"entries": entry_infos(s, c, &shown).await}))
         }
         "Remove" => {
             let m: PathMsg = parse(msg)?;
