@@ -159,3 +159,63 @@ def test_a_symlink_is_described_by_what_it_points_to(sandbox: Sandbox) -> None:
     # A link out of the sandbox's paths still resolves inside the sandbox.
     sandbox.commands.run("ln -s ../../../../etc/hostname /tmp/links/up")
     assert sandbox.files.get_info("/tmp/links/up").symlink_target == "/etc/hostname"
+
+
+def _plain(url: str, sb: Sandbox) -> tuple[str, dict[str, str]]:
+    """A signed URL as a browser would send it to `sb` (by its host name,
+    as with `--e2b-domain` and wildcard DNS): no token, no sandbox header."""
+    parsed = httpx.URL(url)
+    return str(parsed), {"Host": f"49983-{sb.sandbox_id}.e2b.test"}
+
+
+def test_signed_urls_download_and_upload_without_the_token(env: Env, sandbox: Sandbox) -> None:
+    sandbox.files.write("/tmp/signed.txt", "signed bytes")
+    url, headers = _plain(sandbox.download_url("/tmp/signed.txt"), sandbox)
+    assert "signature=v1_" in url and "X-Access-Token" not in headers
+    r = httpx.get(url, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.content == b"signed bytes"
+    url, headers = _plain(sandbox.upload_url("/tmp/up.txt", use_signature_expiration=120), sandbox)
+    assert "signature_expiration=" in url
+    r = httpx.post(url, headers=headers, files={"file": ("/tmp/up.txt", b"uploaded")})
+    assert r.status_code == 200, r.text
+    assert sandbox.files.read("/tmp/up.txt") == "uploaded"
+
+
+def test_signed_urls_are_bound_to_their_path_operation_expiry_and_sandbox(env: Env, sandbox: Sandbox) -> None:
+    sandbox.files.write("/tmp/a.txt", "a")
+    sandbox.files.write("/tmp/b.txt", "b")
+    read_a, headers = _plain(sandbox.download_url("/tmp/a.txt"), sandbox)
+
+    def refused(r: httpx.Response) -> None:
+        assert r.status_code == 401, r.text
+        body = r.json()
+        assert body["code"] == 401 and isinstance(body["message"], str)
+
+    # Another path, another operation, a changed signature.
+    refused(httpx.get(read_a.replace("%2Ftmp%2Fa.txt", "%2Ftmp%2Fb.txt"), headers=headers))
+    refused(httpx.post(read_a, headers=headers, files={"file": ("/tmp/a.txt", b"x")}))
+    refused(httpx.get(read_a.replace("signature=v1_", "signature=v1_A"), headers=headers))
+    assert sandbox.files.read("/tmp/a.txt") == "a"
+    # Past its expiration.
+    expired, _ = _plain(sandbox.download_url("/tmp/a.txt", use_signature_expiration=-60), sandbox)
+    r = httpx.get(expired, headers=headers)
+    refused(r)
+    assert "expired" in r.json()["message"]
+    # An expiration moved later breaks the signature.
+    later, _ = _plain(sandbox.download_url("/tmp/a.txt", use_signature_expiration=60), sandbox)
+    exp = httpx.URL(later).params["signature_expiration"]
+    refused(httpx.get(later.replace(exp, str(int(exp) + 3600)), headers=headers))
+    # A URL of this sandbox opens no other: the same tenant's, or another
+    # tenant's, with the same path there.
+    for other in [Sandbox.create(), Sandbox.create(api_key=env.b.key_e2b)]:
+        try:
+            other.files.write("/tmp/a.txt", "other")
+            refused(httpx.get(read_a, headers={"Host": f"49983-{other.sandbox_id}.e2b.test"}))
+            refused(httpx.get(read_a, headers={"E2b-Sandbox-Id": other.sandbox_id}))
+        finally:
+            other.kill()
+    # A wrong token sent beside a good signature is still refused, as in envd.
+    refused(httpx.get(read_a, headers={**headers, "X-Access-Token": "key_x.00"}))
+    r = httpx.get(read_a.replace("signature=", "signature_expiration=soon&signature="), headers=headers)
+    assert r.status_code == 400, r.text

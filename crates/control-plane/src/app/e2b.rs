@@ -54,6 +54,36 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     outer.finalize().into()
 }
 
+/// A signed `/files` URL's claim, as its query gives it.
+#[derive(Clone, Debug)]
+pub struct SignedUrl {
+    /// The `path` parameter, as sent (before any resolution).
+    pub path: String,
+    /// `read` (download) or `write` (upload).
+    pub operation: &'static str,
+    /// The `username` parameter, empty when absent.
+    pub user: String,
+    pub signature: String,
+    /// Unix seconds after which the URL is refused.
+    pub expiration: Option<i64>,
+}
+
+impl SignedUrl {
+    /// The signature `token` gives this URL.
+    fn signature_with(&self, token: &str) -> String {
+        use base64::Engine;
+        let mut raw = format!("{}:{}:{}:{token}", self.path, self.operation, self.user);
+        if let Some(exp) = self.expiration {
+            raw.push_str(&format!(":{exp}"));
+        }
+        let digest = Sha256::digest(raw.as_bytes());
+        format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+        )
+    }
+}
+
 /// What a process runs, as envd's `ProcessConfig` says it.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessConfig {
@@ -245,6 +275,70 @@ impl App {
             tenant_id: key.tenant_id,
             role: key.role,
         })
+    }
+
+    /// Resolves a signed `/files` URL of `sandbox` to the principal of the
+    /// key whose access token signed it. The signature is envd's v1:
+    /// `v1_` and the unpadded base64 of SHA-256 over
+    /// `path:operation:user:token[:expiration]`. The URL names no key, so
+    /// each live key of the sandbox's tenant is tried (its token for this
+    /// sandbox only, so a URL of one sandbox never opens another), each
+    /// compared in constant time. A signature that matched expires at
+    /// `expiration`. Failures count toward the per-address limit on
+    /// failed authentications.
+    pub async fn e2b_signed_principal(
+        &self,
+        sandbox: &str,
+        url: &SignedUrl,
+        addr: Option<std::net::IpAddr>,
+    ) -> Result<Principal> {
+        let err = match self.signed_principal(sandbox, url).await {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        if let (Error::Unauthenticated(_), Some(addr)) = (&err, addr) {
+            self.auth_failures
+                .failed(addr, self.config.limits.auth_failures_per_minute)?;
+        }
+        Err(err)
+    }
+
+    async fn signed_principal(&self, sandbox: &str, url: &SignedUrl) -> Result<Principal> {
+        let bad = || Error::Unauthenticated("invalid signature".into());
+        let id = SandboxId::parse(sandbox).ok_or_else(bad)?;
+        let rec = self.store.sandbox_get(&id).await?.ok_or_else(bad)?;
+        let mut page = stacyvm_store::PageRequest::default();
+        let mut signer = None;
+        loop {
+            let keys = self.store.key_list(Some(&rec.tenant_id), &page).await?;
+            for key in keys.items.iter().filter(|k| k.revoked_at.is_none()) {
+                let mac = hmac_sha256(key.key_hash.as_bytes(), sandbox.as_bytes());
+                let token = format!("{}.{}", key.id, hex::encode(mac));
+                let want = url.signature_with(&token);
+                // Every key is compared, so the time taken does not tell
+                // which one matched.
+                if bool::from(want.as_bytes().ct_eq(url.signature.as_bytes())) {
+                    signer = Some(Principal {
+                        key_id: key.id.clone(),
+                        tenant_id: key.tenant_id.clone(),
+                        role: key.role,
+                    });
+                }
+            }
+            match keys.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => break,
+            }
+        }
+        let who = signer.ok_or_else(bad)?;
+        if let Some(exp) = url.expiration {
+            if exp < time::OffsetDateTime::now_utc().unix_timestamp() {
+                return Err(Error::Unauthenticated(
+                    "signature is already expired".into(),
+                ));
+            }
+        }
+        Ok(who)
     }
 
     /// Starts a process; its events begin with `Start`.
@@ -521,6 +615,29 @@ fn tokio_stream_of(rx: mpsc::Receiver<Bytes>) -> stacyvm_core::ByteStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_urls_are_signed_as_the_e2b_sdk_signs_them() {
+        // The SDK's get_signature("/home/user/a.txt", "read", None, "tok", None).
+        let url = SignedUrl {
+            path: "/home/user/a.txt".into(),
+            operation: "read",
+            user: String::new(),
+            signature: String::new(),
+            expiration: None,
+        };
+        let digest = Sha256::digest(b"/home/user/a.txt:read::tok");
+        use base64::Engine;
+        let want = base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest);
+        assert_eq!(url.signature_with("tok"), format!("v1_{want}"));
+        let timed = SignedUrl {
+            expiration: Some(1_700_000_000),
+            ..url
+        };
+        let digest = Sha256::digest(b"/home/user/a.txt:read::tok:1700000000");
+        let want = base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest);
+        assert_eq!(timed.signature_with("tok"), format!("v1_{want}"));
+    }
 
     #[test]
     fn hmac_matches_rfc_4231_case_2() {

@@ -25,7 +25,9 @@ use tokio::sync::mpsc;
 
 use super::entries::{entry_info_of, entry_infos};
 use super::{envd_target, public_message, ENVD_PORT};
-use crate::app::e2b::{ProcessConfig, ProcessEnd, ProcessEvent, ProcessSelector, ProcessStart};
+use crate::app::e2b::{
+    ProcessConfig, ProcessEnd, ProcessEvent, ProcessSelector, ProcessStart, SignedUrl,
+};
 use crate::app::Principal;
 use crate::http::client_addr::ClientAddr;
 use crate::http::{note, AppState};
@@ -330,10 +332,14 @@ pub(super) fn user_name(user: String) -> RpcResult<String> {
 
 /// Resolves the sandbox and access token of an envd request. A sandbox
 /// that no longer runs answers as E2B's proxy does (`502`, "not found").
+/// A `/files` URL signed with the access token stands in for the token
+/// when the request carries none (`signed`); a token that is sent must be
+/// right, signature or not, as in envd.
 async fn caller(
     s: &AppState,
     headers: &HeaderMap,
     addr: Option<std::net::IpAddr>,
+    signed: Option<SignedUrl>,
 ) -> RpcResult<Caller> {
     let Some((sandbox, port)) = envd_target(headers, s.app.config().e2b.domain.as_deref()) else {
         return Err(RpcError::invalid(
@@ -348,11 +354,11 @@ async fn caller(
         }
     }
     let token = headers.get("x-access-token").and_then(|v| v.to_str().ok());
-    let who = s
-        .app
-        .e2b_envd_principal(&sandbox, token, addr)
-        .await
-        .map_err(RpcError::from)?;
+    let who = match (token, signed) {
+        (None, Some(url)) => s.app.e2b_signed_principal(&sandbox, &url, addr).await,
+        (token, _) => s.app.e2b_envd_principal(&sandbox, token, addr).await,
+    }
+    .map_err(RpcError::from)?;
     let rec = s.app.sandbox_visible(&who, &sandbox).await;
     let running = matches!(&rec, Ok(r) if r.state == stacyvm_core::SandboxState::Running);
     if !running {
@@ -395,8 +401,17 @@ pub(super) async fn envd_caller(
     s: &AppState,
     parts: &axum::http::request::Parts,
 ) -> Result<Caller, Refused> {
+    signed_caller(s, parts, None).await
+}
+
+/// [`envd_caller`], where a signed URL's claim may stand in for the token.
+pub(super) async fn signed_caller(
+    s: &AppState,
+    parts: &axum::http::request::Parts,
+    signed: Option<SignedUrl>,
+) -> Result<Caller, Refused> {
     let addr = client_ip(&parts.extensions);
-    caller(s, &parts.headers, addr)
+    caller(s, &parts.headers, addr, signed)
         .await
         .map_err(|error| Refused {
             error,

@@ -15,8 +15,9 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use stacyvm_core::{ByteStream, Error};
 
-use super::envd::{envd_caller, user_name, Refused};
+use super::envd::{signed_caller, user_name, Refused};
 use super::public_message;
+use crate::app::e2b::SignedUrl;
 use crate::http::extract::query_pairs;
 use crate::http::files::drain_refused;
 use crate::http::{note, AppState};
@@ -48,21 +49,69 @@ fn refused(r: Refused) -> Response {
 struct FileQuery {
     path: Option<String>,
     user: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<String>,
 }
 
 fn file_query(uri: &axum::http::Uri) -> FileQuery {
     let mut q = FileQuery {
         path: None,
         user: None,
+        signature: None,
+        signature_expiration: None,
     };
     for (k, v) in query_pairs(uri.query()) {
         match k.as_str() {
             "path" => q.path = Some(v),
             "username" => q.user = Some(v),
+            "signature" => q.signature = Some(v),
+            "signature_expiration" => q.signature_expiration = Some(v),
             _ => {}
         }
     }
     q
+}
+
+/// The signed-URL claim of a `/files` request (`None` when it has no
+/// signature), for `operation` (`read` or `write`).
+fn signed_url(q: &FileQuery, operation: &'static str) -> Result<Option<SignedUrl>, Error> {
+    let Some(signature) = q.signature.clone() else {
+        return Ok(None);
+    };
+    let expiration = match &q.signature_expiration {
+        None => None,
+        Some(e) => Some(e.trim().parse::<i64>().map_err(|_| {
+            Error::InvalidRequest("signature_expiration must be a Unix time in seconds".into())
+        })?),
+    };
+    Ok(Some(SignedUrl {
+        path: q.path.clone().unwrap_or_default(),
+        operation,
+        user: q.user.clone().unwrap_or_default(),
+        signature,
+        expiration,
+    }))
+}
+
+/// The caller of a `/files` request: by access token, or by a URL signed
+/// with it.
+async fn files_caller(
+    s: &AppState,
+    parts: &axum::http::request::Parts,
+    q: &FileQuery,
+    operation: &'static str,
+) -> Result<super::envd::Caller, Refused> {
+    let signed = match signed_url(q, operation) {
+        Ok(signed) => signed,
+        Err(e) => {
+            return Err(Refused {
+                error: e.into(),
+                sandbox: super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
+                    .map(|t| t.0),
+            })
+        }
+    };
+    signed_caller(s, parts, signed).await
 }
 
 /// A path as envd reads it: relative ones are under the user's home.
@@ -112,11 +161,11 @@ fn user_of(q: &FileQuery, caller_user: &str) -> Result<String, Error> {
 /// `GET /files?path=&username=`: the file's bytes.
 pub async fn file_download(State(s): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, _body) = req.into_parts();
-    let c = match envd_caller(&s, &parts).await {
+    let q = file_query(&parts.uri);
+    let c = match files_caller(&s, &parts, &q, "read").await {
         Ok(c) => c,
         Err(r) => return refused(r),
     };
-    let q = file_query(&parts.uri);
     let path = q.path.clone().unwrap_or_default();
     let read = async {
         let user = user_of(&q, c.user())?;
@@ -184,7 +233,8 @@ fn write_info(path: &str) -> Value {
 /// bytes to `path`. Answers the files written.
 pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, body) = req.into_parts();
-    let c = match envd_caller(&s, &parts).await {
+    let q = file_query(&parts.uri);
+    let c = match files_caller(&s, &parts, &q, "write").await {
         Ok(c) => c,
         Err(r) => {
             // Read what the client is still sending, so it gets the refusal
@@ -193,7 +243,6 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
             return refused(r);
         }
     };
-    let q = file_query(&parts.uri);
     let limit = Arc::new(Limit {
         limit: s.app.config().limits.upload_bytes,
         seen: Default::default(),
