@@ -5,13 +5,15 @@ directory watches, and the tenant and sandbox boundaries of each."""
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 
 import httpx
 import pytest
 from e2b import Sandbox
-from e2b.exceptions import SandboxNotRunningException, TimeoutException
+from e2b.exceptions import SandboxException, SandboxNotRunningException, TimeoutException
+from e2b.sandbox.commands.command_handle import CommandExitException, PtySize
 from e2b.sandbox.filesystem.filesystem import FileType
 
 from conftest import Env
@@ -219,3 +221,64 @@ def test_signed_urls_are_bound_to_their_path_operation_expiry_and_sandbox(env: E
     refused(httpx.get(read_a, headers={**headers, "X-Access-Token": "key_x.00"}))
     r = httpx.get(read_a.replace("signature=", "signature_expiration=soon&signature="), headers=headers)
     assert r.status_code == 400, r.text
+
+
+def test_a_pty_runs_a_shell_takes_keystrokes_and_resizes(env: Env, sandbox: Sandbox) -> None:
+    out = bytearray()
+    h = sandbox.pty.create(PtySize(rows=24, cols=80), cwd="/tmp")
+    assert h.pid in [p.pid for p in sandbox.commands.list()]
+    sandbox.pty.send_stdin(h.pid, b"stty size; tty; echo $TERM; exit 7\n")
+    with pytest.raises(CommandExitException) as e:
+        h.wait(on_pty=out.extend)
+    assert e.value.exit_code == 7
+    text = out.decode(errors="replace")
+    # A real terminal: its size, a tty device, and the keystrokes echoed.
+    assert "24 80" in text and "/dev/pts/" in text and "xterm-256color" in text, text
+    assert "stty size; tty" in text
+
+    out.clear()
+    h = sandbox.pty.create(PtySize(rows=24, cols=80))
+    sandbox.pty.resize(h.pid, PtySize(rows=50, cols=132))
+    sandbox.pty.send_stdin(h.pid, b"stty size; exit\n")
+    assert h.wait(on_pty=out.extend).exit_code == 0
+    assert "50 132" in out.decode(errors="replace")
+
+    # A follower sees the terminal's output as pty data too.
+    h = sandbox.pty.create(PtySize(rows=10, cols=40))
+    frames: list = []
+    with httpx.Client(timeout=60) as client, client.stream(
+        "POST",
+        env.server.url + "/process.Process/Connect",
+        content=_envelope({"process": {"pid": h.pid}}),
+        headers={**_headers(sandbox), "Content-Type": "application/connect+json"},
+    ) as follower:
+        chunks = follower.iter_bytes()
+        raw = b""
+        while len(raw) < 5 or len(raw) < 5 + struct.unpack(">I", raw[1:5])[0]:
+            raw += next(chunks)
+        sandbox.pty.send_stdin(h.pid, b"echo fol''lowed; exit\n")
+        for chunk in chunks:
+            raw += chunk
+        frames = _envelopes(raw)
+    data = b"".join(
+        base64.b64decode(m["event"]["data"]["pty"])
+        for _, m in frames
+        if "data" in m.get("event", {})
+    )
+    assert b"followed" in data
+    assert all("stdout" not in m.get("event", {}).get("data", {}) for _, m in frames)
+
+
+def test_pty_calls_are_refused_for_plain_processes_and_bad_sizes(env: Env, sandbox: Sandbox) -> None:
+    h = sandbox.commands.run("sleep 60", background=True, stdin=True)
+    try:
+        with pytest.raises(SandboxException):
+            sandbox.pty.resize(h.pid, PtySize(rows=10, cols=10))
+        with pytest.raises(SandboxException):
+            sandbox.pty.send_stdin(h.pid, b"x")
+    finally:
+        sandbox.commands.kill(h.pid)
+    frames = _stream(
+        env, sandbox, "process.Process/Start", {**_start("true"), "pty": {"size": {"cols": 0, "rows": 10}}}
+    )
+    assert frames[-1][1]["error"]["code"] == "invalid_argument"

@@ -410,14 +410,6 @@ def test_unsupported_envd_calls_are_refused_by_name(env: Env, sandbox: Sandbox) 
     assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
 
 
-def test_pty_is_refused_clearly(sandbox: Sandbox) -> None:
-    from e2b.sandbox.commands.command_handle import PtySize
-
-    with pytest.raises(Exception) as e:
-        sandbox.pty.create(PtySize(rows=24, cols=80))
-    assert "not supported" in str(e.value)
-
-
 def test_refusals_are_audited_and_no_secret_reaches_the_log(env: Env, sandbox: Sandbox) -> None:
     url = env.server.url
     rid = "e2b-" + uuid.uuid4().hex

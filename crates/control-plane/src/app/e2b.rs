@@ -25,6 +25,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use stacyvm_provider::agent_client::{PtyInput, PtySize};
+
 use super::{App, Principal};
 
 pub use stacyvm_store::{Role, SandboxRecord};
@@ -102,6 +104,9 @@ pub struct ProcessStart {
     pub stdin: bool,
     /// Wall-clock limit in milliseconds (0: the server's longest).
     pub timeout_ms: u64,
+    /// Run on a pseudo-terminal of this size: output comes as
+    /// [`ProcessEvent::Pty`], input goes to the terminal.
+    pub pty: Option<PtySize>,
 }
 
 /// Which process a call means.
@@ -114,10 +119,21 @@ pub enum ProcessSelector {
 /// One thing that happened to a process, in order; `End` is last.
 #[derive(Clone, Debug)]
 pub enum ProcessEvent {
-    Start { pid: u32 },
+    Start {
+        pid: u32,
+    },
     Stdout(Bytes),
     Stderr(Bytes),
+    /// A terminal's output (stdout and stderr as the terminal mixed them).
+    Pty(Bytes),
     End(ProcessEnd),
+}
+
+/// Input for a process: its stdin, or its terminal.
+#[derive(Clone, Debug)]
+pub enum ProcessInput {
+    Stdin(Bytes),
+    Pty(Bytes),
 }
 
 /// How a process ended.
@@ -140,6 +156,8 @@ struct Process {
     info: ProcessInfo,
     listeners: Mutex<Vec<mpsc::Sender<ProcessEvent>>>,
     stdin: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// A terminal's keystrokes and window sizes (PTY processes only).
+    pty: Mutex<Option<mpsc::Sender<PtyInput>>>,
     kill: CancellationToken,
 }
 
@@ -356,6 +374,9 @@ impl App {
                 ));
             }
         }
+        if let Some(size) = start.pty {
+            check_pty_size(size)?;
+        }
         let mut cmd = Vec::with_capacity(start.config.args.len() + 1);
         cmd.push(start.config.cmd.clone());
         cmd.extend(start.config.args.iter().cloned());
@@ -409,7 +430,14 @@ impl App {
             }
             procs.next_pid
         };
-        let (stdin_tx, stdin_rx) = if start.stdin {
+        let (pty_tx, pty_rx) = match start.pty {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel::<PtyInput>(STDIN_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let (stdin_tx, stdin_rx) = if start.stdin && start.pty.is_none() {
             let (tx, rx) = mpsc::channel::<Bytes>(STDIN_QUEUE);
             (Some(tx), Some(rx))
         } else {
@@ -424,16 +452,26 @@ impl App {
             },
             listeners: Mutex::new(vec![listen_tx]),
             stdin: Mutex::new(stdin_tx),
+            pty: Mutex::new(pty_tx),
             kill: CancellationToken::new(),
         });
+        // The agent runs a terminal without a time limit of its own; this
+        // task enforces the request's.
+        let pty_deadline = start
+            .pty
+            .map(|_| tokio::time::Instant::now() + std::time::Duration::from_secs_f64(timeout_s));
         let started = async {
             let agent = super::sandboxes::agent(&worker, &lease).await?;
-            match stdin_rx {
-                Some(rx) => {
+            match (start.pty, pty_rx, stdin_rx) {
+                (Some(size), Some(mut rx), _) => {
+                    let input = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                    agent.pty(req, size, input).await
+                }
+                (_, _, Some(rx)) => {
                     let input = tokio_stream_of(rx);
                     agent.exec_stream_input(req, input).await
                 }
-                None => agent.exec_stream(req).await,
+                _ => agent.exec_stream(req).await,
             }
         }
         .await;
@@ -459,7 +497,23 @@ impl App {
             let _slot = slot;
             process.publish(ProcessEvent::Start { pid }).await;
             let end = loop {
+                let deadline = async {
+                    match pty_deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let next = tokio::select! {
+                    _ = deadline => {
+                        break ProcessEnd {
+                            status: ExitStatus {
+                                signal: Some(9),
+                                timed_out: true,
+                                ..Default::default()
+                            },
+                            error: None,
+                        };
+                    }
                     _ = process.kill.cancelled() => {
                         // Dropping the stream cancels the exec: the agent
                         // kills the process group.
@@ -471,6 +525,9 @@ impl App {
                     n = events.next() => n,
                 };
                 match next {
+                    Some(Ok(ExecEvent::Stdout(b))) if pty_deadline.is_some() => {
+                        process.publish(ProcessEvent::Pty(b)).await
+                    }
                     Some(Ok(ExecEvent::Stdout(b))) => {
                         process.publish(ProcessEvent::Stdout(b)).await
                     }
@@ -504,6 +561,7 @@ impl App {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
+            process.pty.lock().unwrap_or_else(|p| p.into_inner()).take();
             process.publish(ProcessEvent::End(end)).await;
         });
         Ok((pid, listen_rx))
@@ -549,17 +607,38 @@ impl App {
             .unwrap_or_default())
     }
 
-    /// Writes to a process's stdin (which must have been kept open).
+    /// Writes to a process's stdin (which must have been kept open) or its
+    /// terminal. A terminal's process takes either: its stdin is the
+    /// terminal.
     pub async fn e2b_process_input(
         &self,
         who: &Principal,
         sandbox: &str,
         sel: &ProcessSelector,
-        data: Bytes,
+        input: ProcessInput,
     ) -> Result<()> {
         who.require_write()?;
         let id = self.e2b_sandbox(who, sandbox).await?;
         let p = self.e2b_processes.find(&id, sel)?;
+        let pty = p.pty.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let data = match (input, pty) {
+            (ProcessInput::Stdin(b) | ProcessInput::Pty(b), Some(tty)) => {
+                if b.is_empty() {
+                    return Ok(());
+                }
+                return tty
+                    .send(PtyInput::Bytes(b))
+                    .await
+                    .map_err(|_| Error::Conflict(format!("process {} has ended", p.info.pid)));
+            }
+            (ProcessInput::Pty(_), None) => {
+                return Err(Error::Conflict(format!(
+                    "process {} has no PTY: send its input as stdin",
+                    p.info.pid
+                )))
+            }
+            (ProcessInput::Stdin(b), None) => b,
+        };
         let tx = p.stdin.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let tx = tx.ok_or_else(|| {
             Error::Conflict(format!(
@@ -571,6 +650,27 @@ impl App {
             return Ok(());
         }
         tx.send(data)
+            .await
+            .map_err(|_| Error::Conflict(format!("process {} has ended", p.info.pid)))
+    }
+
+    /// Resizes a process's terminal.
+    pub async fn e2b_process_resize(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+        sel: &ProcessSelector,
+        size: PtySize,
+    ) -> Result<()> {
+        who.require_write()?;
+        let id = self.e2b_sandbox(who, sandbox).await?;
+        let p = self.e2b_processes.find(&id, sel)?;
+        check_pty_size(size)?;
+        let tty = p.pty.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tty = tty.ok_or_else(|| {
+            Error::Conflict(format!("process {} has no PTY to resize", p.info.pid))
+        })?;
+        tty.send(PtyInput::Resize(size))
             .await
             .map_err(|_| Error::Conflict(format!("process {} has ended", p.info.pid)))
     }
@@ -603,6 +703,18 @@ impl App {
         p.kill.cancel();
         Ok(())
     }
+}
+
+fn check_pty_size(size: PtySize) -> Result<()> {
+    for (name, v) in [("cols", size.cols), ("rows", size.rows)] {
+        if v == 0 || v > super::pty::MAX_DIMENSION {
+            return Err(Error::InvalidRequest(format!(
+                "pty.size.{name} must be between 1 and {}",
+                super::pty::MAX_DIMENSION
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A byte stream fed by a channel; it ends when every sender is gone.

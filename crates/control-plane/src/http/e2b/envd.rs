@@ -21,12 +21,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use stacyvm_core::files::FileType;
 use stacyvm_core::{Error, FileEntry};
+use stacyvm_provider::agent_client::PtySize;
 use tokio::sync::mpsc;
 
 use super::entries::{entry_info_of, entry_infos};
 use super::{envd_target, public_message, ENVD_PORT};
 use crate::app::e2b::{
-    ProcessConfig, ProcessEnd, ProcessEvent, ProcessSelector, ProcessStart, SignedUrl,
+    ProcessConfig, ProcessEnd, ProcessEvent, ProcessInput, ProcessSelector, ProcessStart, SignedUrl,
 };
 use crate::app::Principal;
 use crate::http::client_addr::ClientAddr;
@@ -504,9 +505,38 @@ struct ConfigMsg {
 #[serde(default)]
 struct StartMsg {
     process: Option<ConfigMsg>,
-    pty: Option<Value>,
+    pty: Option<PtyMsg>,
     tag: Option<String>,
     stdin: Option<bool>,
+}
+
+/// envd's `PTY`: `{"size": {"cols", "rows"}}`.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PtyMsg {
+    size: Option<SizeMsg>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct SizeMsg {
+    cols: u32,
+    rows: u32,
+}
+
+impl PtyMsg {
+    fn size(self) -> RpcResult<PtySize> {
+        let size = self
+            .size
+            .ok_or_else(|| RpcError::invalid("pty.size is required"))?;
+        let dim = |name: &str, v: u32| {
+            u16::try_from(v).map_err(|_| RpcError::invalid(format!("pty.size.{name} is too large")))
+        };
+        Ok(PtySize {
+            cols: dim("cols", size.cols)?,
+            rows: dim("rows", size.rows)?,
+        })
+    }
 }
 
 /// `process.Process/{method}`.
@@ -666,6 +696,7 @@ fn pump_events(
                 }
                 ProcessEvent::Stdout(b) => json!({"event": {"data": {"stdout": b64(&b)}}}),
                 ProcessEvent::Stderr(b) => json!({"event": {"data": {"stderr": b64(&b)}}}),
+                ProcessEvent::Pty(b) => json!({"event": {"data": {"pty": b64(&b)}}}),
                 ProcessEvent::End(end) => {
                     match end_failure(&end) {
                         Some(e) => {
@@ -701,11 +732,7 @@ fn pump_events(
 async fn process_start(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value) -> Response {
     let start = async {
         let m: StartMsg = parse(msg)?;
-        if m.pty.as_ref().is_some_and(|p| !p.is_null()) {
-            return Err(RpcError::unimplemented(
-                "PTY processes are not supported by this server yet; run the command without a PTY",
-            ));
-        }
+        let pty = m.pty.map(PtyMsg::size).transpose()?;
         let cfg = m
             .process
             .ok_or_else(|| RpcError::invalid("process is required"))?;
@@ -742,6 +769,7 @@ async fn process_start(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value
                     tag: m.tag,
                     stdin: m.stdin.unwrap_or(false),
                     timeout_ms: timeout_ms(headers),
+                    pty,
                 },
             )
             .await?;
@@ -815,26 +843,36 @@ async fn process_unary(s: &AppState, c: &Caller, method: &str, msg: Value) -> Rp
             app.e2b_process_kill(&c.who, &c.sandbox, &sel).await?;
             Ok(json!({}))
         }
-        "Update" => Err(RpcError::unimplemented(
-            "PTY processes are not supported by this server yet, so there is no PTY to resize",
-        )),
+        "Update" => {
+            let sel = selector_of(&msg)?;
+            let pty = msg.get("pty").cloned().unwrap_or(Value::Null);
+            if pty.is_null() {
+                return Err(RpcError::invalid("pty is required: Update resizes a PTY"));
+            }
+            let size = parse::<PtyMsg>(pty)?.size()?;
+            app.e2b_process_resize(&c.who, &c.sandbox, &sel, size)
+                .await?;
+            Ok(json!({}))
+        }
         _ => Err(RpcError::unimplemented(format!(
             "{method} is not implemented"
         ))),
     }
 }
 
-/// `ProcessInput`: `{"stdin": base64}` (a PTY's input is refused).
-fn input_bytes(input: &Value) -> RpcResult<Bytes> {
-    if input.get("pty").is_some_and(|v| !v.is_null()) {
-        return Err(RpcError::unimplemented(
-            "PTY input is not supported by this server yet",
-        ));
-    }
-    match input.get("stdin") {
-        Some(Value::String(s)) => Ok(Bytes::from(b64_decode(s)?)),
-        None | Some(Value::Null) => Ok(Bytes::new()),
-        Some(_) => Err(RpcError::invalid("input.stdin must be base64 bytes")),
+/// `ProcessInput`: `{"stdin": base64}` or `{"pty": base64}`.
+fn input_bytes(input: &Value) -> RpcResult<ProcessInput> {
+    match (input.get("pty"), input.get("stdin")) {
+        (Some(Value::String(s)), _) => Ok(ProcessInput::Pty(Bytes::from(b64_decode(s)?))),
+        (Some(Value::Null) | None, Some(Value::String(s))) => {
+            Ok(ProcessInput::Stdin(Bytes::from(b64_decode(s)?)))
+        }
+        (Some(Value::Null) | None, Some(Value::Null) | None) => {
+            Ok(ProcessInput::Stdin(Bytes::new()))
+        }
+        _ => Err(RpcError::invalid(
+            "input.stdin and input.pty must be base64 bytes",
+        )),
     }
 }
 
