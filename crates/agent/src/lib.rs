@@ -19,3 +19,4 @@ pub mod root;
 pub mod server;
 pub mod upload;
 pub mod vsock;
+pub mod watch;

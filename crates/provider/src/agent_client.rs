@@ -28,7 +28,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
     self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_ENTRIES, MAX_PAYLOAD,
-    MAX_WINDOW, PROTOCOL_VERSIONS,
+    MAX_WINDOW, PROTOCOL_VERSIONS, WATCH_VERSION,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{
@@ -42,6 +42,11 @@ use tokio_util::sync::CancellationToken;
 use crate::ExecStream;
 
 pub use stacyvm_agent::protocol::PtySize;
+pub use stacyvm_agent::watch::{WatchEvent, WatchKind};
+
+/// The event batches of a directory watch (see [`AgentClient::watch`]).
+pub type WatchStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Vec<WatchEvent>>> + Send>>;
 
 pub use stacyvm_agent::procs::{ProcExit, ProcInfo};
 /// What the agent reports about itself.
@@ -717,6 +722,58 @@ impl AgentClient {
                     };
                     Some((Err(std::io::Error::new(kind, e.to_string())), st))
                 }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// Watches the directory `path` (recursively with `recursive`): once
+    /// this returns, the watch is in place, and the stream yields each
+    /// batch of events as they happen. It ends when the directory is
+    /// removed or moved away; dropping it stops the watch. An agent that
+    /// predates watches (protocol 1) is never sent one: `Unsupported`.
+    pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream> {
+        if self.info.protocol < WATCH_VERSION {
+            return Err(Error::Unsupported(format!(
+                "the sandbox's agent ({}, protocol {}) cannot watch directories; a sandbox \
+                 started with a newer agent can",
+                self.info.version, self.info.protocol
+            )));
+        }
+        let call = self
+            .bounded(async {
+                let mut call = self
+                    .start(&Request::Watch {
+                        path: path.to_owned(),
+                        recursive,
+                    })
+                    .await?;
+                let ready = call.recv().await?;
+                if ready.kind != Kind::Data {
+                    return Err(call.unexpected(&ready));
+                }
+                Ok(call)
+            })
+            .await?;
+        // No idle limit: a quiet directory sends nothing for as long as it
+        // stays quiet, and a lost connection ends the call anyway.
+        let stream = futures_util::stream::unfold(Some(call), |call| async move {
+            let mut call = call?;
+            match call.recv().await {
+                Ok(f) if f.kind == Kind::Data => {
+                    let batch = parse::<Vec<WatchEvent>>(&f);
+                    let more = batch.is_ok();
+                    Some((batch, more.then_some(call)))
+                }
+                Ok(f) if f.kind == Kind::End => {
+                    call.finish();
+                    None
+                }
+                Ok(f) => {
+                    let e = call.unexpected(&f);
+                    Some((Err(e), None))
+                }
+                Err(e) => Some((Err(e), None)),
             }
         });
         Ok(Box::pin(stream))

@@ -175,7 +175,10 @@ async fn gone(pid: i32) -> bool {
 async fn exec_basics(agent: &Agent) -> anyhow::Result<()> {
     let c = &agent.client;
     assert!(c.is_alive());
-    assert_eq!(c.health().await?.protocol, 1);
+    assert_eq!(
+        c.health().await?.protocol,
+        stacyvm_agent::protocol::PROTOCOL_VERSION
+    );
 
     let out = c
         .exec(cmd(&["sh", "-c", "echo out; echo err >&2; exit 7"]))
@@ -1109,5 +1112,80 @@ async fn the_peer_of_the_socket_is_checked() -> anyhow::Result<()> {
         "process",
     )?;
     agent.kill().await?;
+    Ok(())
+}
+
+/// The next batch of a watch that holds an event, within a minute.
+async fn next_events(
+    w: &mut stacyvm_provider::agent_client::WatchStream,
+) -> anyhow::Result<Vec<stacyvm_provider::agent_client::WatchEvent>> {
+    loop {
+        let batch = tokio::time::timeout(Duration::from_secs(60), w.next())
+            .await
+            .context("no watch event within a minute")?
+            .context("the watch ended")??;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_watch_sees_changes_under_its_directory_and_nothing_through_symlinks(
+) -> anyhow::Result<()> {
+    use stacyvm_provider::agent_client::WatchKind;
+    let agent = Agent::socket().await?;
+    let outside = tempfile::tempdir()?;
+    std::fs::create_dir_all(agent.host("/w/sub"))?;
+    std::os::unix::fs::symlink(outside.path(), agent.host("/w/out"))?;
+    // `..` cannot climb above the root: this is /w.
+    let mut w = agent.client.watch("/../../w", true).await?;
+    // Outside the root, through the symlink: never reported.
+    std::fs::write(outside.path().join("secret"), b"x")?;
+    std::fs::write(agent.host("/w/sub/a.txt"), b"hello")?;
+    let events = next_events(&mut w).await?;
+    assert_eq!(events[0].name, "sub/a.txt");
+    assert_eq!(events[0].kind, WatchKind::Create);
+    assert!(
+        events.iter().all(|e| !e.name.contains("secret")),
+        "{events:?}"
+    );
+    // A directory made after the watch began is followed too.
+    std::fs::create_dir(agent.host("/w/new"))?;
+    std::fs::write(agent.host("/w/new/b.txt"), b"x")?;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|e: &stacyvm_provider::agent_client::WatchEvent| e.name == "new/b.txt")
+    {
+        seen.extend(next_events(&mut w).await?);
+    }
+    assert!(seen.iter().all(|e| !e.name.contains("secret")), "{seen:?}");
+    drop(w);
+    // The connection goes on after the watch is dropped.
+    assert_eq!(
+        agent.client.exec(cmd(&["true"])).await?.status.exit_code,
+        Some(0)
+    );
+    // Not a directory, or missing: refused.
+    assert!(matches!(
+        agent.client.watch("/w/sub/a.txt", false).await,
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        agent.client.watch("/nope", false).await,
+        Err(Error::NotFound(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_of_protocol_1_is_never_sent_a_watch() -> anyhow::Result<()> {
+    let (client, _fake) = fake_pair().await?;
+    assert_eq!(client.info().protocol, 1);
+    match client.watch("/", false).await {
+        Err(Error::Unsupported(m)) => assert!(m.contains("cannot watch"), "{m}"),
+        other => bail!("expected Unsupported, got {:?}", other.map(|_| ())),
+    }
     Ok(())
 }
