@@ -332,6 +332,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::ProcStdin { .. } => "proc_stdin",
         Request::ProcSignal { .. } => "proc_signal",
         Request::Watch { .. } => "watch",
+        Request::PortConnect { .. } => "port_connect",
     }
 }
 
@@ -429,6 +430,14 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             Ok(watch::Ended::Gone) => Answer::Frame(Kind::End, Vec::new()),
             Ok(watch::Ended::Cancelled) => Answer::Nothing,
             Err(e) => Answer::Err(e),
+        },
+        Request::PortConnect { port } => match upload {
+            Some(upload) => match crate::ports::relay(port, out, upload) {
+                Ok(crate::ports::Relayed::Closed) => Answer::Frame(Kind::End, Vec::new()),
+                Ok(crate::ports::Relayed::Stopped) => Answer::Nothing,
+                Err(e) => Answer::Err(e),
+            },
+            None => Answer::Err(Error::Internal("port_connect without an upload".into())),
         },
     }
 }

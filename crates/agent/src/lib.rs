@@ -12,6 +12,7 @@ pub mod extract;
 pub mod files;
 pub mod flow;
 pub mod pool;
+pub mod ports;
 pub mod procs;
 pub mod protocol;
 pub mod pty;

@@ -10,6 +10,7 @@
 //! to start, find, stop, pause and list its runtimes.
 
 pub mod agent_client;
+pub mod certify;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod docker;
@@ -17,6 +18,7 @@ pub mod docker;
 pub mod fake;
 pub mod host;
 pub mod images;
+pub mod kvm;
 pub mod microvm;
 pub mod namespaces;
 pub mod plugin;

@@ -314,6 +314,17 @@ pub struct ProviderState {
     /// The limits its sandboxes do not get in that mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_enforced: Option<Vec<String>>,
+    /// Whether it passed `stacyvm certify` on the worker's host for the
+    /// worker's version; `None` when never certified there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certified: Option<bool>,
+    /// When that certification ran.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub certified_at: Option<time::OffsetDateTime>,
 }
 
 /// A token a remote worker registers with.

@@ -61,6 +61,10 @@ pub struct ProviderHealth {
     /// provider: root or rootless), from in-process and remote workers alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ProviderMode>,
+    /// Its `stacyvm certify` record on the worker's host; `None` when it
+    /// was never certified there (or the worker keeps no records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certification: Option<stacyvm_provider::certify::Standing>,
 }
 
 /// A runtime found on the worker's host.

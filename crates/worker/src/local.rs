@@ -2,6 +2,7 @@
 //! with the same lease and fencing checks a remote worker makes.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -18,6 +19,8 @@ pub struct LocalWorker {
     /// The highest fencing token seen per sandbox. A lease below it belongs
     /// to a holder that has since lost the sandbox and is refused.
     fences: Mutex<HashMap<SandboxId, i64>>,
+    /// The data dir whose `stacyvm certify` records the health reports.
+    records: Option<PathBuf>,
 }
 
 impl LocalWorker {
@@ -26,7 +29,14 @@ impl LocalWorker {
             id,
             providers,
             fences: Mutex::new(HashMap::new()),
+            records: None,
         }
+    }
+
+    /// Reports each provider's certification from the records in `data_dir`.
+    pub fn with_certification_records(mut self, data_dir: PathBuf) -> LocalWorker {
+        self.records = Some(data_dir);
+        self
     }
 
     /// Checks the lease against the highest token seen (recording a newer
@@ -86,6 +96,10 @@ impl Worker for LocalWorker {
                 name: p.name().to_owned(),
                 health: p.health().await,
                 mode: p.mode(),
+                certification: self
+                    .records
+                    .as_deref()
+                    .and_then(|d| stacyvm_provider::certify::standing(d, p.name())),
             });
         }
         out

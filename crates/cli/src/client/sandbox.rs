@@ -1,6 +1,6 @@
 //! `stacyvm sandbox …`: create (optionally run one command and remove the
 //! sandbox), ls, get, rm, exec (streamed, exiting with the command's code),
-//! logs, timeout, pause, resume; shell and background processes in
+//! logs, timeout, pause, resume, expose; shell and background processes in
 //! `interactive`.
 
 use std::process::ExitCode;
@@ -72,6 +72,14 @@ enum SandboxCmd {
         /// Name of the new image (must not exist yet).
         #[arg(long)]
         image: String,
+    },
+    /// Expose PORT inside the sandbox through the server; prints its URL.
+    Expose {
+        id: String,
+        port: u16,
+        /// Reachable without an API key.
+        #[arg(long)]
+        public: bool,
     },
 }
 
@@ -260,6 +268,15 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
         SandboxCmd::Kill(a) => super::interactive::kill(&client, fmt, a).await,
         SandboxCmd::Snapshot { id, image } => {
             super::admin::images(fmt, &[client.sandbox_snapshot(&id, &image).await?])?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SandboxCmd::Expose { id, port, public } => {
+            let p = client.sandbox_expose(&id, port, public).await?;
+            if fmt == Format::Json {
+                output::json(&p)?;
+            } else {
+                println!("{}", p.url);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -25,6 +25,7 @@ mod fixtures;
 mod front;
 mod images;
 mod keys;
+mod ports;
 mod procs;
 mod pty;
 mod rootless;

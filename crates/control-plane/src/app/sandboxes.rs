@@ -198,7 +198,7 @@ impl App {
         Ok(rec)
     }
 
-    async fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
+    pub(super) async fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
         let worker_id = rec.worker_id.as_ref().ok_or_else(|| {
             Error::Conflict(format!(
                 "sandbox {} has no worker (state {})",
@@ -563,6 +563,7 @@ impl App {
             return Ok(());
         }
         let was = rec.state;
+        self.ports.forget(rec.id.as_ref());
         if rec.state != SandboxState::Stopping {
             rec.state = SandboxState::Stopping;
             self.store.sandbox_update(&rec).await?;

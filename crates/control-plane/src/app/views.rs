@@ -218,6 +218,8 @@ pub fn worker(w: stacyvm_store::WorkerRecord, sandboxes: i64) -> api::Worker {
                     detail: h.detail.clone(),
                     mode: h.mode.clone(),
                     not_enforced: h.not_enforced.clone(),
+                    certified: h.certified,
+                    certified_at: h.certified_at,
                 },
                 None => api::WorkerProvider {
                     name: name.clone(),
@@ -225,6 +227,8 @@ pub fn worker(w: stacyvm_store::WorkerRecord, sandboxes: i64) -> api::Worker {
                     detail: "no health reported yet".into(),
                     mode: None,
                     not_enforced: None,
+                    certified: None,
+                    certified_at: None,
                 },
             },
         )

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, procs, pty, sandboxes, snapshots, volumes, workers};
+use super::{admin, files, ports, procs, pty, sandboxes, snapshots, volumes, workers};
 
 mod reference;
 
@@ -51,6 +51,7 @@ impl Modify for BearerAuth {
         procs::process_stdin, procs::process_signal,
         snapshots::sandbox_snapshot,
         volumes::volume_create, volumes::volume_list, volumes::volume_get, volumes::volume_delete,
+        ports::port_expose, ports::port_list, ports::port_remove, ports::port_token, ports::proxy_path,
     ),
     components(schemas(
         api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
@@ -67,6 +68,7 @@ impl Modify for BearerAuth {
         procs::ProcessStart, procs::Process, procs::ProcessList, procs::ProcessSignal, procs::StdinWritten,
         snapshots::SnapshotRequest,
         api::Volume, api::CreateVolume, api::VolumeList, api::VolumeMount,
+        ports::PortExpose, ports::ExposedPort, ports::PortList, ports::PortTokenRequest, ports::PortToken,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),

@@ -313,6 +313,7 @@ impl Call {
             | Request::ProcStdin { .. }
             | Request::ProcSignal { .. } => Err(self.unsupported("run background processes")),
             Request::Watch { .. } => Err(self.unsupported("watch directories")),
+            Request::PortConnect { .. } => Err(self.unsupported("relay ports")),
         }
     }
 

@@ -260,6 +260,9 @@ impl Worker for RemoteWorker {
                         mode: m.mode,
                         not_enforced: m.not_enforced,
                     }),
+                    // A remote worker reports certification in its
+                    // heartbeat, which is what status shows.
+                    certification: None,
                 })
                 .collect(),
             // A worker that cannot be asked has no usable provider.
@@ -273,6 +276,7 @@ impl Worker for RemoteWorker {
                         detail: e.message(),
                     },
                     mode: None,
+                    certification: None,
                 })
                 .collect(),
         }

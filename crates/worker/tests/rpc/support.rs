@@ -144,6 +144,7 @@ impl Node {
             catalog: catalog.clone(),
             leases: Arc::new(LeaseTable::new(Duration::from_secs(600))),
             images: opts.images,
+            certification_records: None,
         });
         if !opts.unregistered {
             rpc.set_secret(SECRET);

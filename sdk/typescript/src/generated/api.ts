@@ -180,6 +180,17 @@ export interface ExitStatus {
   timed_out: boolean;
 }
 
+/** An exposed port and the URL that reaches it. */
+export interface ExposedPort {
+  port: number;
+  public: boolean;
+  /**
+   * The host form `http://{port}-{id}.DOMAIN/` when the server has a
+   * proxy domain, else the path form relative to the server.
+   */
+  url: string;
+}
+
 /** Why a sandbox failed. */
 export interface Failure {
   code: string;
@@ -281,6 +292,34 @@ export interface PoolStatus {
   size: number;
 }
 
+/** What `POST /v1/sandboxes/{id}/ports` takes. */
+export interface PortExpose {
+  /** The port inside the sandbox (1-65535), on its loopback. */
+  port: number;
+  /** Reachable without an API key or token (default `false`). */
+  public?: boolean;
+}
+
+export interface PortList {
+  ports: ExposedPort[];
+}
+
+/** A signed URL token opening a private port. */
+export interface PortToken {
+  /** When the token stops working, in Unix seconds. */
+  expires_at: number;
+  /** `EXPIRY.MAC`, passed as `?stacyvm_token=`. */
+  token: string;
+  /** The port's URL with the token in its query. */
+  url: string;
+}
+
+/** What `POST /v1/sandboxes/{id}/ports/{port}/token` takes. */
+export interface PortTokenRequest {
+  /** How long the token opens the port, in seconds (default 3600). */
+  ttl_seconds?: number;
+}
+
 /** A background process. */
 export interface Process {
   cmd: string[];
@@ -325,6 +364,13 @@ export interface ProcessStart {
 
 /** A provider's health. */
 export interface ProviderStatus {
+  /**
+   * Whether the provider passed `stacyvm certify` on its host, for this
+   * StacyVM version: null when it was never certified there.
+   */
+  certified?: boolean | null;
+  /** When the certification that `certified` reports ran; null when never. */
+  certified_at?: string | null;
   /** The version in use, or why not healthy and the fix. */
   detail?: string;
   healthy: boolean;
@@ -611,6 +657,13 @@ export interface WorkerList {
 
 /** A provider on a worker and its health as the worker last reported it. */
 export interface WorkerProvider {
+  /**
+   * Whether the provider passed `stacyvm certify` on its host, for this
+   * StacyVM version: null when it was never certified there.
+   */
+  certified?: boolean | null;
+  /** When the certification that `certified` reports ran; null when never. */
+  certified_at?: string | null;
   detail?: string;
   healthy: boolean;
   /**
@@ -728,12 +781,17 @@ export const operations = {
   key_list: { method: "GET", path: "/v1/keys", status: 200, body: "none", bodyContentType: null, response: "json" },
   key_revoke: { method: "DELETE", path: "/v1/keys/{id}", status: 204, body: "none", bodyContentType: null, response: "none" },
   metrics: { method: "GET", path: "/metrics", status: 200, body: "none", bodyContentType: null, response: "text" },
+  port_expose: { method: "POST", path: "/v1/sandboxes/{id}/ports", status: 201, body: "json", bodyContentType: null, response: "json" },
+  port_list: { method: "GET", path: "/v1/sandboxes/{id}/ports", status: 200, body: "none", bodyContentType: null, response: "json" },
+  port_remove: { method: "DELETE", path: "/v1/sandboxes/{id}/ports/{port}", status: 204, body: "none", bodyContentType: null, response: "none" },
+  port_token: { method: "POST", path: "/v1/sandboxes/{id}/ports/{port}/token", status: 201, body: "json", bodyContentType: null, response: "json" },
   process_get: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}", status: 200, body: "none", bodyContentType: null, response: "json" },
   process_list: { method: "GET", path: "/v1/sandboxes/{id}/processes", status: 200, body: "none", bodyContentType: null, response: "json" },
   process_output: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}/output", status: 200, body: "none", bodyContentType: null, response: "event-stream" },
   process_signal: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/signal", status: 200, body: "json", bodyContentType: null, response: "json" },
   process_start: { method: "POST", path: "/v1/sandboxes/{id}/processes", status: 201, body: "json", bodyContentType: null, response: "json" },
   process_stdin: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/stdin", status: 200, body: "binary", bodyContentType: "application/octet-stream", response: "json" },
+  proxy_path: { method: "GET", path: "/v1/sandboxes/{id}/ports/{port}/{path}", status: 200, body: "none", bodyContentType: null, response: "none" },
   quota_get: { method: "GET", path: "/v1/tenants/{id}/quota", status: 200, body: "none", bodyContentType: null, response: "json" },
   quota_set: { method: "PUT", path: "/v1/tenants/{id}/quota", status: 200, body: "json", bodyContentType: null, response: "json" },
   readyz: { method: "GET", path: "/readyz", status: 200, body: "none", bodyContentType: null, response: "json" },
@@ -910,6 +968,34 @@ export interface Operations {
     body: never;
     response: string;
   };
+  port_expose: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: PortExpose;
+    response: ExposedPort;
+  };
+  port_list: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: PortList;
+  };
+  port_remove: {
+    path: { port: number; id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: void;
+  };
+  port_token: {
+    path: { port: number; id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: PortTokenRequest;
+    response: PortToken;
+  };
   process_get: {
     path: { id: string; pid: number };
     query: Record<string, never>;
@@ -951,6 +1037,13 @@ export interface Operations {
     headers: Record<string, never>;
     body: Uint8Array;
     response: StdinWritten;
+  };
+  proxy_path: {
+    path: { port: number; path: string };
+    query: { stacyvm_token?: string };
+    headers: Record<string, never>;
+    body: never;
+    response: void;
   };
   quota_get: {
     path: { id: string };

@@ -19,6 +19,7 @@ const ERRORS: &[(&str, &str, &str)] = &[
     ("500", "internal", "A bug (`internal`): the message holds no internals; the server log has them under the request id."),
     ("503", "store_unavailable", "No worker or provider can take it now (`no_capacity`, `provider_unavailable`), or the store is unreachable (`store_unavailable`)."),
     ("504", "timeout", "The call did not finish in time (`timeout`)."),
+    ("502", "provider_unavailable", "Nothing listens on the sandbox's port, or it did not answer HTTP (`provider_unavailable`)."),
 ];
 
 /// Admin-only reads: the other reads are open to every role of the tenant.
@@ -279,6 +280,8 @@ fn body_examples() -> Map<String, Value> {
         "sandbox_id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "outcome": "ok", "status": 201,
         "request_id": "req_01J9ZB5Q7M4N5P6Q7R8S9T0V1W", "source_ip": "10.0.0.9",
         "detail": {"image": "busybox", "provider": "docker"}});
+    let exposed = json!({"port": 8080, "public": false,
+        "url": "/v1/sandboxes/sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E/ports/8080/"});
     let mut m = Map::new();
     for (name, value) in [
         ("Sandbox", sandbox.clone()),
@@ -403,6 +406,15 @@ fn body_examples() -> Map<String, Value> {
         (
             "VolumeMount",
             json!({"volume": "cache", "path": "/data", "read_only": false}),
+        ),
+        ("PortExpose", json!({"port": 8080, "public": false})),
+        ("ExposedPort", exposed.clone()),
+        ("PortList", json!({"ports": [exposed]})),
+        ("PortTokenRequest", json!({"ttl_seconds": 3600})),
+        (
+            "PortToken",
+            json!({"token": "1796400000.Yk3…", "expires_at": 1_796_400_000_i64,
+            "url": "/v1/sandboxes/sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E/ports/8080/?stacyvm_token=1796400000.Yk3…"}),
         ),
     ] {
         m.insert(name.to_owned(), value);
