@@ -426,11 +426,13 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             Ok(info) => json(&info),
             Err(e) => Answer::Err(e),
         },
-        Request::Watch { path, recursive } => match watch::watch(root, &path, recursive, out) {
-            Ok(watch::Ended::Gone) => Answer::Frame(Kind::End, Vec::new()),
-            Ok(watch::Ended::Cancelled) => Answer::Nothing,
-            Err(e) => Answer::Err(e),
-        },
+        Request::Watch { path, recursive } => {
+            match watch::watch(root, &path, recursive, out, upload) {
+                Ok(watch::Ended::Gone) => Answer::Frame(Kind::End, Vec::new()),
+                Ok(watch::Ended::Cancelled) => Answer::Nothing,
+                Err(e) => Answer::Err(e),
+            }
+        }
         Request::PortConnect { port } => match upload {
             Some(upload) => match crate::ports::relay(port, out, upload) {
                 Ok(crate::ports::Relayed::Closed) => Answer::Frame(Kind::End, Vec::new()),

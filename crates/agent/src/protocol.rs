@@ -521,9 +521,11 @@ pub enum Request {
     /// [`ProcInfo`](crate::procs::ProcInfo).
     ProcSignal { pid: u32, signal: String },
     /// Watches a directory (protocol 2). Answer: `Data` frames each holding
-    /// a JSON array of [`WatchEvent`](crate::watch::WatchEvent), the first
-    /// one empty once the watch is in place; `End` when the directory is
-    /// removed or moved away. It runs until the client cancels.
+    /// a JSON array of [`WatchEvent`](crate::watch::WatchEvent); an empty
+    /// one says the watch is in place (the first) or answers a sync (each
+    /// `Data` frame the client sends: every event of a change made before
+    /// the sync arrived comes before its answer). `End` when the directory
+    /// is removed or moved away. It runs until the client cancels.
     Watch {
         path: String,
         #[serde(default)]
@@ -544,7 +546,8 @@ impl Request {
             Request::FileWrite { .. }
             | Request::FileExtract { .. }
             | Request::ProcStdin { .. }
-            | Request::PortConnect { .. } => true,
+            | Request::PortConnect { .. }
+            | Request::Watch { .. } => true,
             Request::Exec(spec) => spec.stdin,
             _ => false,
         }

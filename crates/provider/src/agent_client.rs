@@ -44,9 +44,40 @@ use crate::ExecStream;
 pub use stacyvm_agent::protocol::PtySize;
 pub use stacyvm_agent::watch::{WatchEvent, WatchKind};
 
-/// The event batches of a directory watch (see [`AgentClient::watch`]).
+/// What a directory watch yields (see [`AgentClient::watch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchUpdate {
+    /// What happened, in order.
+    Events(Vec<WatchEvent>),
+    /// Answers one [`WatchSync::sync`]: every event of a change made before
+    /// that sync was sent came before this.
+    Synced,
+}
+
+/// The updates of a directory watch; dropping it stops the watch.
 pub type WatchStream =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Vec<WatchEvent>>> + Send>>;
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<WatchUpdate>> + Send>>;
+
+/// A directory watch in place: its updates, and a way to ask for a sync.
+pub struct Watch {
+    pub events: WatchStream,
+    pub sync: WatchSync,
+}
+
+/// Asks a watch's agent for a sync point (see [`WatchUpdate::Synced`]).
+#[derive(Clone)]
+pub struct WatchSync {
+    tx: CallTx,
+}
+
+impl WatchSync {
+    /// Sends a sync: the watch's stream answers it with
+    /// [`WatchUpdate::Synced`] once every event of a change made before
+    /// now has come. Waits (bounded) for the agent to take it.
+    pub async fn sync(&self) -> Result<()> {
+        self.tx.chunk(&[]).await
+    }
+}
 
 pub use stacyvm_agent::procs::{ProcExit, ProcInfo};
 /// What the agent reports about itself.
@@ -728,11 +759,12 @@ impl AgentClient {
     }
 
     /// Watches the directory `path` (recursively with `recursive`): once
-    /// this returns, the watch is in place, and the stream yields each
-    /// batch of events as they happen. It ends when the directory is
-    /// removed or moved away; dropping it stops the watch. An agent that
-    /// predates watches (protocol 1) is never sent one: `Unsupported`.
-    pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream> {
+    /// this returns, the watch is in place, and its stream yields each batch
+    /// of events as they happen, and [`WatchUpdate::Synced`] once for each
+    /// [`WatchSync::sync`]. It ends when the directory is removed or moved
+    /// away; dropping the stream stops the watch. An agent that predates
+    /// watches (protocol 1) is never sent one: `Unsupported`.
+    pub async fn watch(&self, path: &str, recursive: bool) -> Result<Watch> {
         if self.info.protocol < WATCH_VERSION {
             return Err(Error::Unsupported(format!(
                 "the sandbox's agent ({}, protocol {}) cannot watch directories; a sandbox \
@@ -755,13 +787,22 @@ impl AgentClient {
                 Ok(call)
             })
             .await?;
+        let sync = WatchSync {
+            tx: call.tx.clone(),
+        };
         // No idle limit: a quiet directory sends nothing for as long as it
         // stays quiet, and a lost connection ends the call anyway.
         let stream = futures_util::stream::unfold(Some(call), |call| async move {
             let mut call = call?;
             match call.recv().await {
                 Ok(f) if f.kind == Kind::Data => {
-                    let batch = parse::<Vec<WatchEvent>>(&f);
+                    let batch = parse::<Vec<WatchEvent>>(&f).map(|b| {
+                        if b.is_empty() {
+                            WatchUpdate::Synced
+                        } else {
+                            WatchUpdate::Events(b)
+                        }
+                    });
                     let more = batch.is_ok();
                     Some((batch, more.then_some(call)))
                 }
@@ -776,7 +817,10 @@ impl AgentClient {
                 Err(e) => Some((Err(e), None)),
             }
         });
-        Ok(Box::pin(stream))
+        Ok(Watch {
+            events: Box::pin(stream),
+            sync,
+        })
     }
 
     /// Connects to `127.0.0.1:port` inside the sandbox and splices bytes:
