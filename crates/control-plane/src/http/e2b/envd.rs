@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use stacyvm_core::files::FileType;
 use stacyvm_core::{Error, FileEntry};
-use stacyvm_provider::agent_client::PtySize;
+use stacyvm_provider::agent_client::{PtySize, WatchUpdate};
 use tokio::sync::mpsc;
 
 use super::entries::{entry_info_of, entry_infos};
@@ -29,6 +29,7 @@ use super::{envd_target, public_message, ENVD_PORT};
 use crate::app::e2b::{
     ProcessConfig, ProcessEnd, ProcessEvent, ProcessInput, ProcessSelector, ProcessStart, SignedUrl,
 };
+use crate::app::e2b_watch::{WatchEvent, WatchKind};
 use crate::app::Principal;
 use crate::http::client_addr::ClientAddr;
 use crate::http::{note, AppState};
@@ -966,9 +967,10 @@ pub async fn filesystem_call(
         Err(r) => return finish(r.error.unary(), r.sandbox.as_deref(), None, &method),
     };
     let resp = if streaming {
-        stream_error(&RpcError::unimplemented(
-            "watching directories is not supported by this server yet",
-        ))
+        match request_message(&parts.headers, body, true).await {
+            Ok(msg) => watch_dir(&s, &c, &parts.headers, msg).await,
+            Err(e) => stream_error(&e),
+        }
     } else {
         let out = match request_message(&parts.headers, body, false).await {
             Ok(msg) => filesystem_unary(&s, &c, &method, msg).await,
@@ -980,6 +982,148 @@ pub async fn filesystem_call(
         }
     };
     finish(resp, Some(&c.sandbox), Some(c.who.clone()), &method)
+}
+
+/// `WatchDirRequest`, `CreateWatcherRequest` and the watcher id of the
+/// other watcher calls, by their proto3 JSON names or their proto names.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct WatchMsg {
+    path: String,
+    recursive: bool,
+    #[serde(alias = "include_entry")]
+    #[serde(rename = "includeEntry")]
+    include_entry: bool,
+    /// Lifts envd's refusal of network file systems, which StacyVM does
+    /// not refuse: accepted and nothing more.
+    #[serde(alias = "allow_network_mounts")]
+    #[serde(rename = "allowNetworkMounts")]
+    _allow_network_mounts: bool,
+    #[serde(alias = "watcher_id")]
+    #[serde(rename = "watcherId")]
+    watcher_id: String,
+}
+
+impl WatchMsg {
+    /// The directory to watch, refusing what this server cannot do.
+    fn checked_path(&self, c: &Caller) -> RpcResult<String> {
+        if self.include_entry {
+            return Err(RpcError::unimplemented(
+                "include_entry is not supported: events name their path; Stat it for its entry",
+            ));
+        }
+        c.path(&self.path)
+    }
+
+    fn watcher(&self) -> RpcResult<&str> {
+        if self.watcher_id.is_empty() {
+            return Err(RpcError::invalid("watcher_id is required"));
+        }
+        Ok(&self.watcher_id)
+    }
+}
+
+/// A `FilesystemEvent` as envd words it.
+fn filesystem_event(ev: &WatchEvent) -> Value {
+    let kind = match ev.kind {
+        WatchKind::Create => "EVENT_TYPE_CREATE",
+        WatchKind::Write => "EVENT_TYPE_WRITE",
+        WatchKind::Remove => "EVENT_TYPE_REMOVE",
+        WatchKind::Rename => "EVENT_TYPE_RENAME",
+        WatchKind::Chmod => "EVENT_TYPE_CHMOD",
+    };
+    json!({"name": ev.name, "type": kind})
+}
+
+/// `filesystem.Filesystem/WatchDir`: a start event once the watch is in
+/// place, then one event per change, keepalives while nothing happens. It
+/// ends cleanly when the directory goes; with `unavailable` when the
+/// sandbox does; with `deadline_exceeded` at the request's timeout. A
+/// client that goes away stops the watch.
+async fn watch_dir(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value) -> Response {
+    let started = async {
+        let m: WatchMsg = parse(msg)?;
+        let path = m.checked_path(c)?;
+        Ok::<_, RpcError>(
+            s.app
+                .e2b_watch_dir(&c.who, &c.sandbox, &path, m.recursive)
+                .await?,
+        )
+    }
+    .await;
+    let mut watch = match started {
+        Ok(w) => w,
+        Err(e) => return stream_error(&e),
+    };
+    let keepalive = keepalive_interval(headers);
+    let deadline = match timeout_ms(headers) {
+        0 => None,
+        ms => Some(tokio::time::Instant::now() + Duration::from_millis(ms)),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let _ = tx.try_send(envelope(0, &json!({"start": {}})));
+    tokio::spawn(async move {
+        let until_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(until_deadline);
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                _ = watch.gone.cancelled() => {
+                    let e = RpcError::new(
+                        "unavailable",
+                        StatusCode::BAD_GATEWAY,
+                        "the sandbox was destroyed",
+                    );
+                    let _ = tx.send(end_stream(Some(&e))).await;
+                    return;
+                }
+                _ = &mut until_deadline => {
+                    let e = RpcError::new(
+                        "deadline_exceeded",
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the watch reached its timeout",
+                    );
+                    let _ = tx.send(end_stream(Some(&e))).await;
+                    return;
+                }
+                n = tokio::time::timeout(keepalive, watch.events.next()) => n,
+            };
+            match next {
+                Err(_) => {
+                    if tx
+                        .send(envelope(0, &json!({"keepalive": {}})))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(Some(Ok(WatchUpdate::Events(batch)))) => {
+                    for ev in &batch {
+                        let msg = json!({"filesystem": filesystem_event(ev)});
+                        if tx.send(envelope(0, &msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Some(Ok(WatchUpdate::Synced))) => {}
+                Ok(Some(Err(e))) => {
+                    let _ = tx.send(end_stream(Some(&e.into()))).await;
+                    return;
+                }
+                Ok(None) => {
+                    let _ = tx.send(end_stream(None)).await;
+                    return;
+                }
+            }
+        }
+    });
+    stream_response(rx)
 }
 
 async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) -> RpcResult<Value> {
@@ -1041,9 +1185,23 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 Err(e) => Err(e.into()),
             }
         }
-        "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => Err(RpcError::unimplemented(
-            "watching directories is not supported by this server yet",
-        )),
+        "CreateWatcher" => {
+            let m: WatchMsg = parse(msg)?;
+            let path = m.checked_path(c)?;
+            let id = app.e2b_watcher_create(who, id, &path, m.recursive).await?;
+            Ok(json!({"watcherId": id}))
+        }
+        "GetWatcherEvents" => {
+            let m: WatchMsg = parse(msg)?;
+            let events = app.e2b_watcher_events(who, id, m.watcher()?).await?;
+            let events: Vec<Value> = events.iter().map(filesystem_event).collect();
+            Ok(json!({"events": events}))
+        }
+        "RemoveWatcher" => {
+            let m: WatchMsg = parse(msg)?;
+            app.e2b_watcher_remove(who, id, m.watcher()?).await?;
+            Ok(json!({}))
+        }
         other => Err(RpcError::new(
             "unimplemented",
             StatusCode::NOT_FOUND,
