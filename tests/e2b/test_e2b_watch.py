@@ -304,3 +304,16 @@ def test_a_sandbox_holds_a_bounded_number_of_watches(env: Env, sandbox: Sandbox)
     finally:
         for i in ids:
             _unary(env, sandbox, "RemoveWatcher", {"watcherId": i})
+
+
+def test_one_poll_after_a_large_change_sees_all_of_it(sandbox: Sandbox) -> None:
+    sandbox.files.make_dir("many")
+    handle = sandbox.files.watch_dir("many")
+    try:
+        for round in range(3):
+            sandbox.commands.run(f"cd many && for i in $(seq 1 2000); do : > r{round}-$i; done")
+            created = _names(handle.get_new_events(), FilesystemEventType.CREATE)
+            missing = {f"r{round}-{i}" for i in range(1, 2001)} - created
+            assert not missing, f"round {round}: {len(missing)} creations not reported"
+    finally:
+        handle.stop()
