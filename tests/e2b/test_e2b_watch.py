@@ -317,3 +317,18 @@ def test_one_poll_after_a_large_change_sees_all_of_it(sandbox: Sandbox) -> None:
             assert not missing, f"round {round}: {len(missing)} creations not reported"
     finally:
         handle.stop()
+
+
+def test_a_watcher_nobody_reads_fails_instead_of_dropping_events(env: Env, sandbox: Sandbox) -> None:
+    sandbox.files.make_dir("/tmp/flood")
+    r = _unary(env, sandbox, "CreateWatcher", {"path": "/tmp/flood"})
+    assert r.status_code == 200, r.text
+    watcher = r.json()
+    sandbox.commands.run("cd /tmp/flood && for i in $(seq 1 6000); do : > a$i; : > b$i; done")
+    # Twice: a retried poll reads the same refusal.
+    for _ in range(2):
+        r = _unary(env, sandbox, "GetWatcherEvents", watcher)
+        assert r.status_code == 429 and r.json()["code"] == "resource_exhausted", r.text[:300]
+        assert "10000 events" in r.json()["message"]
+    assert _unary(env, sandbox, "RemoveWatcher", watcher).status_code == 200
+    assert _unary(env, sandbox, "GetWatcherEvents", watcher).status_code == 404

@@ -247,7 +247,7 @@ impl App {
 
     /// The events of watcher `id` since the last call: every event of a
     /// change made before this call (the agent is synced first). A watcher
-    /// whose watch failed answers its events, then its error, once.
+    /// whose watch failed answers its events, then its error.
     pub async fn e2b_watcher_events(
         &self,
         who: &Principal,
@@ -287,15 +287,10 @@ impl App {
         let mut p = lock(&w.pending);
         let events: Vec<WatchEvent> = p.events.drain(..).collect();
         p.bytes = 0;
-        if events.is_empty() {
-            match p.end.take() {
-                Some(End::Failed(e)) => {
-                    drop(p);
-                    self.e2b_watches.remove(&rec.id, id);
-                    return Err(e);
-                }
-                other => p.end = other,
-            }
+        // Its error comes once the events before it are taken, and stays
+        // until the watcher is removed: a retried poll reads the same.
+        if let (true, Some(End::Failed(e))) = (events.is_empty(), &p.end) {
+            return Err(e.clone());
         }
         Ok(events)
     }
