@@ -88,6 +88,9 @@ struct Watches {
     held: HashMap<String, Vec<WatchKind>>,
     /// Held events of temporary files renamed away, by the rename's cookie.
     moving: HashMap<u32, Vec<WatchKind>>,
+    /// Kernel pseudo file systems a recursive watch does not enter from
+    /// above (see `files::pseudo_dirs`).
+    skip: [std::path::PathBuf; 2],
 }
 
 impl Watches {
@@ -140,12 +143,18 @@ impl Watches {
         if !self.recursive {
             return Ok(found);
         }
-        for entry in walkdir::WalkDir::new(host)
+        let mut walker = walkdir::WalkDir::new(host)
             .follow_links(false)
             .min_depth(1)
-            .into_iter()
-            .filter_map(|e| e.ok())
-        {
+            .into_iter();
+        while let Some(entry) = walker.next() {
+            let Ok(entry) = entry else {
+                continue;
+            };
+            if entry.file_type().is_dir() && self.skip.iter().any(|p| p == entry.path()) {
+                walker.skip_current_dir();
+                continue;
+            }
             let Ok(sub) = entry.path().strip_prefix(host) else {
                 continue;
             };
@@ -206,6 +215,7 @@ pub fn watch(
         recursive,
         held: HashMap::new(),
         moving: HashMap::new(),
+        skip: crate::files::pseudo_dirs(root),
     };
     w.add_tree(&r.host, "")?;
     let syncs = match upload {
@@ -508,12 +518,17 @@ mod tests {
             recursive: true,
             held: HashMap::new(),
             moving: HashMap::new(),
+            skip: crate::files::pseudo_dirs(&Root::new(dir.path())),
         };
         std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        // /proc and /sys are not entered from above.
+        std::fs::create_dir_all(dir.path().join("proc/1/task")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("sys/kernel")).expect("mkdir");
         std::os::unix::fs::symlink("/", dir.path().join("out")).expect("symlink");
         w.add_tree(dir.path(), "").expect("watch");
-        // The symlink to / is not followed: two directories, no more.
-        assert_eq!(w.dirs.len(), 2);
+        // The symlink to / is not followed, and neither pseudo file system
+        // is entered: two directories, no more.
+        assert_eq!(w.dirs.len(), 2, "{:?}", w.dirs);
         std::fs::write(dir.path().join("sub/a.txt"), b"x").expect("write");
         std::fs::remove_file(dir.path().join("sub/a.txt")).expect("rm");
         let mut buf = vec![0u8; 64 * 1024];
