@@ -288,9 +288,9 @@ def test_a_sandbox_holds_a_bounded_number_of_watches(env: Env, sandbox: Sandbox)
             if r.status_code != 200:
                 break
             ids.append(r.json()["watcherId"])
-            assert len(ids) <= 64, "more than 64 watches were accepted"
+            assert len(ids) <= 32, "more than 32 watches were accepted"
         assert r.status_code == 429 and r.json()["code"] == "resource_exhausted", r.text
-        assert len(ids) == 64
+        assert len(ids) == 32
         # Removing one gives its place back.
         assert _unary(env, sandbox, "RemoveWatcher", {"watcherId": ids.pop()}).status_code == 200
 

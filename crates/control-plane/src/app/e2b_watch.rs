@@ -25,8 +25,10 @@ pub use stacyvm_provider::agent_client::{WatchEvent, WatchKind};
 
 use super::{App, Principal};
 
-/// Watches (streaming or not) one sandbox may have at once.
-pub const MAX_WATCHES_PER_SANDBOX: usize = 64;
+/// Watches (streaming or not) one sandbox may have at once. Each is an
+/// inotify instance in the sandbox, and the kernel counts those per user
+/// (128 by default), across every container running as that user.
+pub const MAX_WATCHES_PER_SANDBOX: usize = 32;
 /// Events a watcher keeps for `GetWatcherEvents`.
 pub const MAX_PENDING_EVENTS: usize = 10_000;
 /// Bytes of event names a watcher keeps for `GetWatcherEvents`.
