@@ -31,7 +31,7 @@ def test_the_javascript_sdk_creates_runs_and_moves_files(env: Env) -> None:
         timeout=300,
     )
     assert r.returncode == 0, f"node --test failed:\n{r.stdout}\n{r.stderr}"
-    assert "# fail 0" in r.stdout and "# pass 4" in r.stdout, r.stdout
+    assert "# fail 0" in r.stdout and "# pass 5" in r.stdout, r.stdout
     # Everything the JavaScript run created is gone again.
     left = httpx.get(
         env.server.url + "/v2/sandboxes",

@@ -403,19 +403,12 @@ def test_unsupported_envd_calls_are_refused_by_name(env: Env, sandbox: Sandbox) 
     r = httpx.post(env.server.url + "/files?path=/tmp/z", content=b"x",
                    headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
     assert r.status_code == 400 and "Content-Encoding" in r.json()["message"]
-    r = httpx.post(env.server.url + "/filesystem.Filesystem/CreateWatcher", json={"path": "/tmp"}, headers=headers)
+    r = httpx.post(env.server.url + "/filesystem.Filesystem/CreateWatcher",
+                   json={"path": "/tmp", "includeEntry": True}, headers=headers)
     assert r.status_code == 501 and r.json()["code"] == "unimplemented"
     r = httpx.post(env.server.url + "/process.Process/SendSignal",
                    json={"process": {"pid": 1}, "signal": "SIGNAL_UNSPECIFIED"}, headers=headers)
     assert r.status_code == 400 and r.json()["code"] == "invalid_argument"
-
-
-def test_pty_is_refused_clearly(sandbox: Sandbox) -> None:
-    from e2b.sandbox.commands.command_handle import PtySize
-
-    with pytest.raises(Exception) as e:
-        sandbox.pty.create(PtySize(rows=24, cols=80))
-    assert "not supported" in str(e.value)
 
 
 def test_refusals_are_audited_and_no_secret_reaches_the_log(env: Env, sandbox: Sandbox) -> None:

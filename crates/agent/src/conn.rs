@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::root::Root;
 use crate::upload::{Upload, UploadRx};
-use crate::{exec, extract, files, procs};
+use crate::{exec, extract, files, procs, watch};
 
 /// The agent's release version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -331,6 +331,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::ProcOutput { .. } => "proc_output",
         Request::ProcStdin { .. } => "proc_stdin",
         Request::ProcSignal { .. } => "proc_signal",
+        Request::Watch { .. } => "watch",
         Request::PortConnect { .. } => "port_connect",
     }
 }
@@ -425,6 +426,13 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             Ok(info) => json(&info),
             Err(e) => Answer::Err(e),
         },
+        Request::Watch { path, recursive } => {
+            match watch::watch(root, &path, recursive, out, upload) {
+                Ok(watch::Ended::Gone) => Answer::Frame(Kind::End, Vec::new()),
+                Ok(watch::Ended::Cancelled) => Answer::Nothing,
+                Err(e) => Answer::Err(e),
+            }
+        }
         Request::PortConnect { port } => match upload {
             Some(upload) => match crate::ports::relay(port, out, upload) {
                 Ok(crate::ports::Relayed::Closed) => Answer::Frame(Kind::End, Vec::new()),

@@ -56,6 +56,8 @@ pub fn entry_from(logical: &str, host: &Path, meta: &Metadata) -> FileEntry {
         mode: format_mode(meta.mode()),
         mtime,
         symlink_target,
+        uid: Some(meta.uid()),
+        gid: Some(meta.gid()),
     }
 }
 
@@ -273,7 +275,7 @@ pub fn list(root: &Root, path: &str, recursive: bool) -> Result<Vec<FileEntry>> 
 /// Kernel pseudo file systems a recursive walk from above them does not
 /// enter: they are huge, change while read, and hold nothing of the
 /// sandbox's files. Walking from inside them still works.
-fn pseudo_dirs(root: &Root) -> [PathBuf; 2] {
+pub(crate) fn pseudo_dirs(root: &Root) -> [PathBuf; 2] {
     [root.host_path("/proc"), root.host_path("/sys")]
 }
 

@@ -20,3 +20,4 @@ pub mod root;
 pub mod server;
 pub mod upload;
 pub mod vsock;
+pub mod watch;

@@ -22,11 +22,16 @@ use serde::{Deserialize, Serialize};
 use stacyvm_core::error::WireError;
 use stacyvm_core::{ExitStatus, FileEntry};
 
-/// The protocol versions this build speaks, newest last.
-pub const PROTOCOL_VERSIONS: &[u32] = &[1];
+/// The protocol versions this build speaks, newest last. Version 2 adds
+/// `Watch`; a client sends it only on a connection that chose 2, since an
+/// agent of version 1 cannot read it.
+pub const PROTOCOL_VERSIONS: &[u32] = &[1, 2];
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The first protocol version with `Watch`.
+pub const WATCH_VERSION: u32 = 2;
 
 /// Largest payload a frame may carry.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -515,6 +520,17 @@ pub enum Request {
     /// process's group. Answer: `Ok` with the
     /// [`ProcInfo`](crate::procs::ProcInfo).
     ProcSignal { pid: u32, signal: String },
+    /// Watches a directory (protocol 2). Answer: `Data` frames each holding
+    /// a JSON array of [`WatchEvent`](crate::watch::WatchEvent); an empty
+    /// one says the watch is in place (the first) or answers a sync (each
+    /// `Data` frame the client sends: every event of a change made before
+    /// the sync arrived comes before its answer). `End` when the directory
+    /// is removed or moved away. It runs until the client cancels.
+    Watch {
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+    },
     /// Connects to `127.0.0.1:port` inside the sandbox and splices bytes:
     /// `Ok` once connected, then the server's bytes as `Data` chunks and
     /// `End` when it closes; the client's `Data` frames go to the server and
@@ -530,7 +546,8 @@ impl Request {
             Request::FileWrite { .. }
             | Request::FileExtract { .. }
             | Request::ProcStdin { .. }
-            | Request::PortConnect { .. } => true,
+            | Request::PortConnect { .. }
+            | Request::Watch { .. } => true,
             Request::Exec(spec) => spec.stdin,
             _ => false,
         }
@@ -697,7 +714,9 @@ mod tests {
 
     #[test]
     fn the_newest_common_version_is_chosen() {
-        assert_eq!(choose_version(&[1, 2, 3]), Some(1));
+        assert_eq!(choose_version(&[1, 2, 3]), Some(2));
+        // A client of protocol 1 still gets it.
+        assert_eq!(choose_version(&[1]), Some(1));
         assert_eq!(choose_version(&[9]), None);
     }
 }

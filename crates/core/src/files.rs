@@ -36,6 +36,12 @@ pub struct FileEntry {
     #[serde(with = "time::serde::rfc3339")]
     pub mtime: time::OffsetDateTime,
     pub symlink_target: Option<String>,
+    /// The owner's numeric ids, when the agent reports them (agents before
+    /// these fields did not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// What unpacking a tar archive into a sandbox wrote.

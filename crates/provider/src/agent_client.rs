@@ -28,7 +28,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
     self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_ENTRIES, MAX_PAYLOAD,
-    MAX_WINDOW, PROTOCOL_VERSIONS,
+    MAX_WINDOW, PROTOCOL_VERSIONS, WATCH_VERSION,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{
@@ -42,6 +42,42 @@ use tokio_util::sync::CancellationToken;
 use crate::ExecStream;
 
 pub use stacyvm_agent::protocol::PtySize;
+pub use stacyvm_agent::watch::{WatchEvent, WatchKind};
+
+/// What a directory watch yields (see [`AgentClient::watch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchUpdate {
+    /// What happened, in order.
+    Events(Vec<WatchEvent>),
+    /// Answers one [`WatchSync::sync`]: every event of a change made before
+    /// that sync was sent came before this.
+    Synced,
+}
+
+/// The updates of a directory watch; dropping it stops the watch.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<WatchUpdate>> + Send>>;
+
+/// A directory watch in place: its updates, and a way to ask for a sync.
+pub struct Watch {
+    pub events: WatchStream,
+    pub sync: WatchSync,
+}
+
+/// Asks a watch's agent for a sync point (see [`WatchUpdate::Synced`]).
+#[derive(Clone)]
+pub struct WatchSync {
+    tx: CallTx,
+}
+
+impl WatchSync {
+    /// Sends a sync: the watch's stream answers it with
+    /// [`WatchUpdate::Synced`] once every event of a change made before
+    /// now has come. Waits (bounded) for the agent to take it.
+    pub async fn sync(&self) -> Result<()> {
+        self.tx.chunk(&[]).await
+    }
+}
 
 pub use stacyvm_agent::procs::{ProcExit, ProcInfo};
 /// What the agent reports about itself.
@@ -720,6 +756,71 @@ impl AgentClient {
             }
         });
         Ok(Box::pin(stream))
+    }
+
+    /// Watches the directory `path` (recursively with `recursive`): once
+    /// this returns, the watch is in place, and its stream yields each batch
+    /// of events as they happen, and [`WatchUpdate::Synced`] once for each
+    /// [`WatchSync::sync`]. It ends when the directory is removed or moved
+    /// away; dropping the stream stops the watch. An agent that predates
+    /// watches (protocol 1) is never sent one: `Unsupported`.
+    pub async fn watch(&self, path: &str, recursive: bool) -> Result<Watch> {
+        if self.info.protocol < WATCH_VERSION {
+            return Err(Error::Unsupported(format!(
+                "the sandbox's agent ({}, protocol {}) cannot watch directories; a sandbox \
+                 started with a newer agent can",
+                self.info.version, self.info.protocol
+            )));
+        }
+        let call = self
+            .bounded(async {
+                let mut call = self
+                    .start(&Request::Watch {
+                        path: path.to_owned(),
+                        recursive,
+                    })
+                    .await?;
+                let ready = call.recv().await?;
+                if ready.kind != Kind::Data {
+                    return Err(call.unexpected(&ready));
+                }
+                Ok(call)
+            })
+            .await?;
+        let sync = WatchSync {
+            tx: call.tx.clone(),
+        };
+        // No idle limit: a quiet directory sends nothing for as long as it
+        // stays quiet, and a lost connection ends the call anyway.
+        let stream = futures_util::stream::unfold(Some(call), |call| async move {
+            let mut call = call?;
+            match call.recv().await {
+                Ok(f) if f.kind == Kind::Data => {
+                    let batch = parse::<Vec<WatchEvent>>(&f).map(|b| {
+                        if b.is_empty() {
+                            WatchUpdate::Synced
+                        } else {
+                            WatchUpdate::Events(b)
+                        }
+                    });
+                    let more = batch.is_ok();
+                    Some((batch, more.then_some(call)))
+                }
+                Ok(f) if f.kind == Kind::End => {
+                    call.finish();
+                    None
+                }
+                Ok(f) => {
+                    let e = call.unexpected(&f);
+                    Some((Err(e), None))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        Ok(Watch {
+            events: Box::pin(stream),
+            sync,
+        })
     }
 
     /// Connects to `127.0.0.1:port` inside the sandbox and splices bytes:

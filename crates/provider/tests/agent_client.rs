@@ -14,7 +14,8 @@ use futures_util::StreamExt;
 use stacyvm_agent::protocol::{self, AgentInfo, Frame, Kind, Request, WINDOW};
 use stacyvm_core::{ByteStream, Error, ExecEvent, ExecRequest};
 use stacyvm_provider::agent_client::{
-    PeerCheck, DEFAULT_CALL_TIMEOUT, MAX_LIST_BYTES, MAX_LIST_ENTRIES,
+    PeerCheck, WatchEvent, WatchKind, WatchUpdate, DEFAULT_CALL_TIMEOUT, MAX_LIST_BYTES,
+    MAX_LIST_ENTRIES,
 };
 use stacyvm_provider::AgentClient;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -175,7 +176,10 @@ async fn gone(pid: i32) -> bool {
 async fn exec_basics(agent: &Agent) -> anyhow::Result<()> {
     let c = &agent.client;
     assert!(c.is_alive());
-    assert_eq!(c.health().await?.protocol, 1);
+    assert_eq!(
+        c.health().await?.protocol,
+        stacyvm_agent::protocol::PROTOCOL_VERSION
+    );
 
     let out = c
         .exec(cmd(&["sh", "-c", "echo out; echo err >&2; exit 7"]))
@@ -877,6 +881,8 @@ async fn endless_lists_and_globs_are_capped() -> anyhow::Result<()> {
         mode: "0644".into(),
         mtime: stacyvm_core::now(),
         symlink_target: None,
+        uid: None,
+        gid: None,
     };
     let batch = serde_json::to_vec(&vec![entry; 1000])?;
     let batches = MAX_LIST_ENTRIES / 1000 * 3;
@@ -1110,6 +1116,243 @@ async fn the_peer_of_the_socket_is_checked() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The next update of a watch, within a minute.
+async fn next_update(
+    w: &mut stacyvm_provider::agent_client::WatchStream,
+) -> anyhow::Result<WatchUpdate> {
+    Ok(tokio::time::timeout(Duration::from_secs(60), w.next())
+        .await
+        .context("no watch update within a minute")?
+        .context("the watch ended")??)
+}
+
+/// The next batch of a watch's events, within a minute.
+async fn next_events(
+    w: &mut stacyvm_provider::agent_client::WatchStream,
+) -> anyhow::Result<Vec<WatchEvent>> {
+    loop {
+        if let WatchUpdate::Events(batch) = next_update(w).await? {
+            return Ok(batch);
+        }
+    }
+}
+
+/// Every event up to the answer of one sync.
+async fn events_until_synced(
+    w: &mut stacyvm_provider::agent_client::Watch,
+) -> anyhow::Result<Vec<WatchEvent>> {
+    w.sync.sync().await?;
+    let mut seen = Vec::new();
+    loop {
+        match next_update(&mut w.events).await? {
+            WatchUpdate::Events(batch) => seen.extend(batch),
+            WatchUpdate::Synced => return Ok(seen),
+        }
+    }
+}
+
+/// How many inotify instances and eventfds process `pid` holds open.
+fn watch_fds(pid: u32) -> anyhow::Result<(usize, usize)> {
+    let (mut inotify, mut eventfd) = (0, 0);
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        inotify += usize::from(target.contains("inotify"));
+        eventfd += usize::from(target.contains("eventfd"));
+    }
+    Ok((inotify, eventfd))
+}
+
+/// Waits (at most a minute) until the agent holds no watch's descriptors.
+async fn watch_fds_released(pid: u32) -> anyhow::Result<()> {
+    for _ in 0..600 {
+        if watch_fds(pid)? == (0, 0) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "the agent still holds a watch's descriptors: {:?}",
+        watch_fds(pid)?
+    )
+}
+
+#[tokio::test]
+async fn a_watch_sees_changes_under_its_directory_and_nothing_through_symlinks(
+) -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    let outside = tempfile::tempdir()?;
+    std::fs::create_dir_all(agent.host("/w/sub"))?;
+    std::os::unix::fs::symlink(outside.path(), agent.host("/w/out"))?;
+    // `..` cannot climb above the root: this is /w.
+    let mut w = agent.client.watch("/../../w", true).await?;
+    // Outside the root, through the symlink: never reported.
+    std::fs::write(outside.path().join("secret"), b"x")?;
+    std::fs::write(agent.host("/w/sub/a.txt"), b"hello")?;
+    let events = next_events(&mut w.events).await?;
+    assert_eq!(events[0].name, "sub/a.txt");
+    assert_eq!(events[0].kind, WatchKind::Create);
+    assert!(
+        events.iter().all(|e| !e.name.contains("secret")),
+        "{events:?}"
+    );
+    // A directory made after the watch began is followed too, and what was
+    // made in it before it was followed is reported.
+    std::fs::create_dir_all(agent.host("/w/new/deeper"))?;
+    std::fs::write(agent.host("/w/new/deeper/b.txt"), b"x")?;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|e: &WatchEvent| e.name == "new/deeper/b.txt")
+    {
+        seen.extend(next_events(&mut w.events).await?);
+    }
+    assert!(seen.iter().all(|e| !e.name.contains("secret")), "{seen:?}");
+    drop(w);
+    // The connection goes on after the watch is dropped.
+    assert_eq!(
+        agent.client.exec(cmd(&["true"])).await?.status.exit_code,
+        Some(0)
+    );
+    // Not a directory, or missing: refused.
+    assert!(matches!(
+        agent.client.watch("/w/sub/a.txt", false).await,
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        agent.client.watch("/nope", false).await,
+        Err(Error::NotFound(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sync_answers_after_every_event_of_what_was_done_before_it() -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    std::fs::create_dir_all(agent.host("/w/sub"))?;
+    let mut w = agent.client.watch("/w", false).await?;
+    // Nothing happened yet: the sync is answered at once, empty.
+    assert_eq!(events_until_synced(&mut w).await?, Vec::new());
+    for round in 0..20 {
+        let name = format!("f{round}");
+        std::fs::write(agent.host(&format!("/w/{name}")), b"x")?;
+        // Without recursion, what happens in a subdirectory is not seen.
+        std::fs::write(agent.host(&format!("/w/sub/{name}")), b"x")?;
+        let events = events_until_synced(&mut w).await?;
+        assert!(
+            events
+                .iter()
+                .any(|e| e.name == name && e.kind == WatchKind::Create),
+            "round {round}: {events:?}"
+        );
+        assert!(
+            events.iter().all(|e| !e.name.starts_with("sub/")),
+            "{events:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_file_written_through_the_agent_is_reported_by_its_own_name() -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    std::fs::create_dir_all(agent.host("/w"))?;
+    let mut w = agent.client.watch("/w", true).await?;
+    let body: ByteStream = Box::pin(futures_util::stream::iter([Ok(Bytes::from_static(
+        b"hello",
+    ))]));
+    agent.client.file_write("/w/a.txt", None, body).await?;
+    let events = events_until_synced(&mut w).await?;
+    let kinds: Vec<_> = events.iter().map(|e| (e.name.as_str(), e.kind)).collect();
+    // The temporary file it was written to never shows; the file does,
+    // created and written.
+    assert!(
+        kinds.contains(&("a.txt", WatchKind::Create))
+            && kinds.contains(&("a.txt", WatchKind::Write)),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().all(|(n, _)| *n == "a.txt"), "{kinds:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_watch_ends_with_its_directory_and_leaves_nothing_behind() -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    let pid = agent.child.id().context("the agent's pid")?;
+    std::fs::create_dir_all(agent.host("/w/a/b"))?;
+    // Removed: the stream ends.
+    let mut w = agent.client.watch("/w/a", true).await?;
+    assert!(
+        watch_fds(pid)?.0 >= 1,
+        "the watch holds no inotify instance"
+    );
+    std::fs::remove_dir_all(agent.host("/w/a"))?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), w.events.next())
+            .await
+            .context("the watch did not end within a minute")?
+        {
+            None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("the watch failed: {e}"),
+        }
+    }
+    drop(w);
+    watch_fds_released(pid).await?;
+    // Dropped by the client: stopped in the agent.
+    let w = agent.client.watch("/w", true).await?;
+    drop(w);
+    watch_fds_released(pid).await?;
+    // Many at once on one connection, dropped together.
+    let mut many = Vec::new();
+    for _ in 0..8 {
+        many.push(agent.client.watch("/w", true).await?);
+    }
+    assert_eq!(watch_fds(pid)?, (8, 8));
+    drop(many);
+    watch_fds_released(pid).await?;
+    assert_eq!(
+        agent.client.exec(cmd(&["true"])).await?.status.exit_code,
+        Some(0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_watch_stops_when_its_connection_goes() -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    let pid = agent.child.id().context("the agent's pid")?;
+    std::fs::create_dir_all(agent.host("/w"))?;
+    let sock = agent
+        ._sock_dir
+        .as_ref()
+        .context("socket dir")?
+        .path()
+        .join("agent.sock");
+    // A connection of its own, which the test can cut.
+    let std_sock = std::os::unix::net::UnixStream::connect(&sock)?;
+    let cutter = std_sock.try_clone()?;
+    std_sock.set_nonblocking(true)?;
+    let (r, wr) = tokio::net::UnixStream::from_std(std_sock)?.into_split();
+    let other = AgentClient::over(r, wr).await?;
+    let mut w = other.watch("/w", true).await?;
+    assert_eq!(watch_fds(pid)?, (1, 1));
+    // The connection goes while the watch is held: the agent stops the
+    // watch, and the client's stream fails instead of waiting forever.
+    cutter.shutdown(std::net::Shutdown::Both)?;
+    watch_fds_released(pid).await?;
+    match tokio::time::timeout(Duration::from_secs(60), w.events.next())
+        .await
+        .context("the watch did not end within a minute")?
+    {
+        Some(Err(_)) | None => {}
+        Some(Ok(u)) => bail!("a watch on a cut connection yielded {u:?}"),
+    }
+    Ok(())
+}
+
 /// A one-shot server on the host's loopback (the agent runs on the host
 /// here, so it is the agent's loopback too): echoes what it reads until the
 /// client half-closes, then sends `tail` and closes.
@@ -1156,6 +1399,17 @@ async fn a_port_relay_splices_both_ways_and_half_closes() -> anyhow::Result<()> 
         "the relayed bytes differ from what the server sent"
     );
     server.await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_of_protocol_1_is_never_sent_a_watch() -> anyhow::Result<()> {
+    let (client, _fake) = fake_pair().await?;
+    assert_eq!(client.info().protocol, 1);
+    match client.watch("/", false).await {
+        Err(Error::Unsupported(m)) => assert!(m.contains("cannot watch"), "{m}"),
+        other => bail!("expected Unsupported, got {:?}", other.map(|_| ())),
+    }
     Ok(())
 }
 

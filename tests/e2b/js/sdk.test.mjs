@@ -1,7 +1,7 @@
 // The unmodified E2B JavaScript SDK (npm `e2b`, pinned in package-lock.json)
 // against StacyVM's E2B-compatible API: create, commands (streamed, exit
 // codes, background with stdin), files (text, binary, listing and
-// management), lifecycle (timeout, info, list, connect, kill). Run by
+// management), a directory watch, lifecycle (timeout, info, list, connect, kill). Run by
 // tests/e2b/test_e2b_js.py, which starts the server and passes E2B_API_KEY,
 // E2B_API_URL and E2B_SANDBOX_URL; run alone, it fails without them.
 import { test, after } from 'node:test'
@@ -69,6 +69,32 @@ test('files round trip, list and are managed', async () => {
   assert.equal(info.size, 5)
   await sbx.files.remove('/tmp/d')
   assert.equal(await sbx.files.exists('/tmp/d'), false)
+})
+
+test('a directory watch streams what a command makes until stopped', async () => {
+  await sbx.files.makeDir('watched-js/sub')
+  let seen
+  const made = new Promise((resolve) => {
+    seen = resolve
+  })
+  const handle = await sbx.files.watchDir(
+    'watched-js',
+    (e) => {
+      if (e.name === 'sub/made.txt' && e.type === 'create') seen(e)
+    },
+    { recursive: true, timeoutMs: 0 },
+  )
+  await sbx.commands.run('echo hi > watched-js/sub/made.txt')
+  let timer
+  const limit = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error('no create event within a minute')), 60_000)
+  })
+  try {
+    await Promise.race([made, limit])
+  } finally {
+    clearTimeout(timer)
+  }
+  await handle.stop()
 })
 
 test('lifecycle: timeout, info, list by metadata, connect and kill', async () => {

@@ -25,6 +25,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use stacyvm_provider::agent_client::{PtyInput, PtySize};
+
 use super::{App, Principal};
 
 pub use stacyvm_store::{Role, SandboxRecord};
@@ -54,6 +56,36 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     outer.finalize().into()
 }
 
+/// A signed `/files` URL's claim, as its query gives it.
+#[derive(Clone, Debug)]
+pub struct SignedUrl {
+    /// The `path` parameter, as sent (before any resolution).
+    pub path: String,
+    /// `read` (download) or `write` (upload).
+    pub operation: &'static str,
+    /// The `username` parameter, empty when absent.
+    pub user: String,
+    pub signature: String,
+    /// Unix seconds after which the URL is refused.
+    pub expiration: Option<i64>,
+}
+
+impl SignedUrl {
+    /// The signature `token` gives this URL.
+    fn signature_with(&self, token: &str) -> String {
+        use base64::Engine;
+        let mut raw = format!("{}:{}:{}:{token}", self.path, self.operation, self.user);
+        if let Some(exp) = self.expiration {
+            raw.push_str(&format!(":{exp}"));
+        }
+        let digest = Sha256::digest(raw.as_bytes());
+        format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+        )
+    }
+}
+
 /// What a process runs, as envd's `ProcessConfig` says it.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessConfig {
@@ -72,6 +104,9 @@ pub struct ProcessStart {
     pub stdin: bool,
     /// Wall-clock limit in milliseconds (0: the server's longest).
     pub timeout_ms: u64,
+    /// Run on a pseudo-terminal of this size: output comes as
+    /// [`ProcessEvent::Pty`], input goes to the terminal.
+    pub pty: Option<PtySize>,
 }
 
 /// Which process a call means.
@@ -84,10 +119,21 @@ pub enum ProcessSelector {
 /// One thing that happened to a process, in order; `End` is last.
 #[derive(Clone, Debug)]
 pub enum ProcessEvent {
-    Start { pid: u32 },
+    Start {
+        pid: u32,
+    },
     Stdout(Bytes),
     Stderr(Bytes),
+    /// A terminal's output (stdout and stderr as the terminal mixed them).
+    Pty(Bytes),
     End(ProcessEnd),
+}
+
+/// Input for a process: its stdin, or its terminal.
+#[derive(Clone, Debug)]
+pub enum ProcessInput {
+    Stdin(Bytes),
+    Pty(Bytes),
 }
 
 /// How a process ended.
@@ -110,6 +156,8 @@ struct Process {
     info: ProcessInfo,
     listeners: Mutex<Vec<mpsc::Sender<ProcessEvent>>>,
     stdin: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// A terminal's keystrokes and window sizes (PTY processes only).
+    pty: Mutex<Option<mpsc::Sender<PtyInput>>>,
     kill: CancellationToken,
 }
 
@@ -247,6 +295,70 @@ impl App {
         })
     }
 
+    /// Resolves a signed `/files` URL of `sandbox` to the principal of the
+    /// key whose access token signed it. The signature is envd's v1:
+    /// `v1_` and the unpadded base64 of SHA-256 over
+    /// `path:operation:user:token[:expiration]`. The URL names no key, so
+    /// each live key of the sandbox's tenant is tried (its token for this
+    /// sandbox only, so a URL of one sandbox never opens another), each
+    /// compared in constant time. A signature that matched expires at
+    /// `expiration`. Failures count toward the per-address limit on
+    /// failed authentications.
+    pub async fn e2b_signed_principal(
+        &self,
+        sandbox: &str,
+        url: &SignedUrl,
+        addr: Option<std::net::IpAddr>,
+    ) -> Result<Principal> {
+        let err = match self.signed_principal(sandbox, url).await {
+            Ok(p) => return Ok(p),
+            Err(e) => e,
+        };
+        if let (Error::Unauthenticated(_), Some(addr)) = (&err, addr) {
+            self.auth_failures
+                .failed(addr, self.config.limits.auth_failures_per_minute)?;
+        }
+        Err(err)
+    }
+
+    async fn signed_principal(&self, sandbox: &str, url: &SignedUrl) -> Result<Principal> {
+        let bad = || Error::Unauthenticated("invalid signature".into());
+        let id = SandboxId::parse(sandbox).ok_or_else(bad)?;
+        let rec = self.store.sandbox_get(&id).await?.ok_or_else(bad)?;
+        let mut page = stacyvm_store::PageRequest::default();
+        let mut signer = None;
+        loop {
+            let keys = self.store.key_list(Some(&rec.tenant_id), &page).await?;
+            for key in keys.items.iter().filter(|k| k.revoked_at.is_none()) {
+                let mac = hmac_sha256(key.key_hash.as_bytes(), sandbox.as_bytes());
+                let token = format!("{}.{}", key.id, hex::encode(mac));
+                let want = url.signature_with(&token);
+                // Every key is compared, so the time taken does not tell
+                // which one matched.
+                if bool::from(want.as_bytes().ct_eq(url.signature.as_bytes())) {
+                    signer = Some(Principal {
+                        key_id: key.id.clone(),
+                        tenant_id: key.tenant_id.clone(),
+                        role: key.role,
+                    });
+                }
+            }
+            match keys.next_cursor {
+                Some(c) => page.cursor = Some(c),
+                None => break,
+            }
+        }
+        let who = signer.ok_or_else(bad)?;
+        if let Some(exp) = url.expiration {
+            if exp < time::OffsetDateTime::now_utc().unix_timestamp() {
+                return Err(Error::Unauthenticated(
+                    "signature is already expired".into(),
+                ));
+            }
+        }
+        Ok(who)
+    }
+
     /// Starts a process; its events begin with `Start`.
     pub async fn e2b_process_start(
         &self,
@@ -261,6 +373,9 @@ impl App {
                     "tag must be 1 to 256 characters".into(),
                 ));
             }
+        }
+        if let Some(size) = start.pty {
+            check_pty_size(size)?;
         }
         let mut cmd = Vec::with_capacity(start.config.args.len() + 1);
         cmd.push(start.config.cmd.clone());
@@ -315,7 +430,14 @@ impl App {
             }
             procs.next_pid
         };
-        let (stdin_tx, stdin_rx) = if start.stdin {
+        let (pty_tx, pty_rx) = match start.pty {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel::<PtyInput>(STDIN_QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let (stdin_tx, stdin_rx) = if start.stdin && start.pty.is_none() {
             let (tx, rx) = mpsc::channel::<Bytes>(STDIN_QUEUE);
             (Some(tx), Some(rx))
         } else {
@@ -330,16 +452,26 @@ impl App {
             },
             listeners: Mutex::new(vec![listen_tx]),
             stdin: Mutex::new(stdin_tx),
+            pty: Mutex::new(pty_tx),
             kill: CancellationToken::new(),
         });
+        // The agent runs a terminal without a time limit of its own; this
+        // task enforces the request's.
+        let pty_deadline = start
+            .pty
+            .map(|_| tokio::time::Instant::now() + std::time::Duration::from_secs_f64(timeout_s));
         let started = async {
             let agent = super::sandboxes::agent(&worker, &lease).await?;
-            match stdin_rx {
-                Some(rx) => {
+            match (start.pty, pty_rx, stdin_rx) {
+                (Some(size), Some(mut rx), _) => {
+                    let input = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                    agent.pty(req, size, input).await
+                }
+                (_, _, Some(rx)) => {
                     let input = tokio_stream_of(rx);
                     agent.exec_stream_input(req, input).await
                 }
-                None => agent.exec_stream(req).await,
+                _ => agent.exec_stream(req).await,
             }
         }
         .await;
@@ -365,7 +497,23 @@ impl App {
             let _slot = slot;
             process.publish(ProcessEvent::Start { pid }).await;
             let end = loop {
+                let deadline = async {
+                    match pty_deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let next = tokio::select! {
+                    _ = deadline => {
+                        break ProcessEnd {
+                            status: ExitStatus {
+                                signal: Some(9),
+                                timed_out: true,
+                                ..Default::default()
+                            },
+                            error: None,
+                        };
+                    }
                     _ = process.kill.cancelled() => {
                         // Dropping the stream cancels the exec: the agent
                         // kills the process group.
@@ -377,6 +525,9 @@ impl App {
                     n = events.next() => n,
                 };
                 match next {
+                    Some(Ok(ExecEvent::Stdout(b))) if pty_deadline.is_some() => {
+                        process.publish(ProcessEvent::Pty(b)).await
+                    }
                     Some(Ok(ExecEvent::Stdout(b))) => {
                         process.publish(ProcessEvent::Stdout(b)).await
                     }
@@ -410,6 +561,7 @@ impl App {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
+            process.pty.lock().unwrap_or_else(|p| p.into_inner()).take();
             process.publish(ProcessEvent::End(end)).await;
         });
         Ok((pid, listen_rx))
@@ -455,17 +607,38 @@ impl App {
             .unwrap_or_default())
     }
 
-    /// Writes to a process's stdin (which must have been kept open).
+    /// Writes to a process's stdin (which must have been kept open) or its
+    /// terminal. A terminal's process takes either: its stdin is the
+    /// terminal.
     pub async fn e2b_process_input(
         &self,
         who: &Principal,
         sandbox: &str,
         sel: &ProcessSelector,
-        data: Bytes,
+        input: ProcessInput,
     ) -> Result<()> {
         who.require_write()?;
         let id = self.e2b_sandbox(who, sandbox).await?;
         let p = self.e2b_processes.find(&id, sel)?;
+        let pty = p.pty.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let data = match (input, pty) {
+            (ProcessInput::Stdin(b) | ProcessInput::Pty(b), Some(tty)) => {
+                if b.is_empty() {
+                    return Ok(());
+                }
+                return tty
+                    .send(PtyInput::Bytes(b))
+                    .await
+                    .map_err(|_| Error::Conflict(format!("process {} has ended", p.info.pid)));
+            }
+            (ProcessInput::Pty(_), None) => {
+                return Err(Error::Conflict(format!(
+                    "process {} has no PTY: send its input as stdin",
+                    p.info.pid
+                )))
+            }
+            (ProcessInput::Stdin(b), None) => b,
+        };
         let tx = p.stdin.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let tx = tx.ok_or_else(|| {
             Error::Conflict(format!(
@@ -477,6 +650,27 @@ impl App {
             return Ok(());
         }
         tx.send(data)
+            .await
+            .map_err(|_| Error::Conflict(format!("process {} has ended", p.info.pid)))
+    }
+
+    /// Resizes a process's terminal.
+    pub async fn e2b_process_resize(
+        &self,
+        who: &Principal,
+        sandbox: &str,
+        sel: &ProcessSelector,
+        size: PtySize,
+    ) -> Result<()> {
+        who.require_write()?;
+        let id = self.e2b_sandbox(who, sandbox).await?;
+        let p = self.e2b_processes.find(&id, sel)?;
+        check_pty_size(size)?;
+        let tty = p.pty.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tty = tty.ok_or_else(|| {
+            Error::Conflict(format!("process {} has no PTY to resize", p.info.pid))
+        })?;
+        tty.send(PtyInput::Resize(size))
             .await
             .map_err(|_| Error::Conflict(format!("process {} has ended", p.info.pid)))
     }
@@ -511,6 +705,18 @@ impl App {
     }
 }
 
+fn check_pty_size(size: PtySize) -> Result<()> {
+    for (name, v) in [("cols", size.cols), ("rows", size.rows)] {
+        if v == 0 || v > super::pty::MAX_DIMENSION {
+            return Err(Error::InvalidRequest(format!(
+                "pty.size.{name} must be between 1 and {}",
+                super::pty::MAX_DIMENSION
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A byte stream fed by a channel; it ends when every sender is gone.
 fn tokio_stream_of(rx: mpsc::Receiver<Bytes>) -> stacyvm_core::ByteStream {
     Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
@@ -521,6 +727,29 @@ fn tokio_stream_of(rx: mpsc::Receiver<Bytes>) -> stacyvm_core::ByteStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_urls_are_signed_as_the_e2b_sdk_signs_them() {
+        // The SDK's get_signature("/home/user/a.txt", "read", None, "tok", None).
+        let url = SignedUrl {
+            path: "/home/user/a.txt".into(),
+            operation: "read",
+            user: String::new(),
+            signature: String::new(),
+            expiration: None,
+        };
+        let digest = Sha256::digest(b"/home/user/a.txt:read::tok");
+        use base64::Engine;
+        let want = base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest);
+        assert_eq!(url.signature_with("tok"), format!("v1_{want}"));
+        let timed = SignedUrl {
+            expiration: Some(1_700_000_000),
+            ..url
+        };
+        let digest = Sha256::digest(b"/home/user/a.txt:read::tok:1700000000");
+        let want = base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest);
+        assert_eq!(timed.signature_with("tok"), format!("v1_{want}"));
+    }
 
     #[test]
     fn hmac_matches_rfc_4231_case_2() {

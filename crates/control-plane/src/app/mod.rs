@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod auth;
 pub mod e2b;
+pub mod e2b_watch;
 pub mod exec;
 pub mod exec_slots;
 pub mod files;
@@ -104,6 +105,8 @@ pub struct App {
     system_tenant: TenantId,
     /// Processes started through the E2B-compatible envd API.
     e2b_processes: Arc<e2b::EnvdProcesses>,
+    /// Directory watches of the E2B-compatible envd API.
+    e2b_watches: Arc<e2b_watch::EnvdWatches>,
     /// Exposed ports and the secret of their URL tokens.
     ports: ports::Exposures,
 }
@@ -135,6 +138,7 @@ impl App {
             },
             system_tenant,
             e2b_processes: Default::default(),
+            e2b_watches: Default::default(),
             ports: Default::default(),
         }
     }

@@ -10,3 +10,4 @@ mod plugin;
 mod proot;
 mod qemu;
 mod support;
+mod watch;

@@ -228,6 +228,12 @@ async fn exec_runs_through_a_plugin_without_an_agent() -> Result<()> {
     ensure!(code(&write) == Some("unsupported"), "{write:?}");
     let paused = p.pause(&id).await;
     ensure!(code(&paused) == Some("unsupported"), "{paused:?}");
+    // A watch is refused at once, never left waiting.
+    let watched = tokio::time::timeout(Duration::from_secs(60), agent.watch("/work", false))
+        .await
+        .context("a watch through a plugin did not answer")?
+        .map(|_| ());
+    ensure!(code(&watched) == Some("unsupported"), "{watched:?}");
 
     // Spawn got the catalog rootfs of the image.
     let logs = p.logs(&id).await?;

@@ -21,11 +21,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use stacyvm_core::files::FileType;
 use stacyvm_core::{Error, FileEntry};
-use time::format_description::well_known::Rfc3339;
+use stacyvm_provider::agent_client::{PtySize, WatchUpdate};
 use tokio::sync::mpsc;
 
+use super::entries::{entry_info_of, entry_infos};
 use super::{envd_target, public_message, ENVD_PORT};
-use crate::app::e2b::{ProcessConfig, ProcessEnd, ProcessEvent, ProcessSelector, ProcessStart};
+use crate::app::e2b::{
+    ProcessConfig, ProcessEnd, ProcessEvent, ProcessInput, ProcessSelector, ProcessStart, SignedUrl,
+};
+use crate::app::e2b_watch::{WatchEvent, WatchKind};
 use crate::app::Principal;
 use crate::http::client_addr::ClientAddr;
 use crate::http::{note, AppState};
@@ -330,10 +334,14 @@ pub(super) fn user_name(user: String) -> RpcResult<String> {
 
 /// Resolves the sandbox and access token of an envd request. A sandbox
 /// that no longer runs answers as E2B's proxy does (`502`, "not found").
-pub(super) async fn caller(
+/// A `/files` URL signed with the access token stands in for the token
+/// when the request carries none (`signed`); a token that is sent must be
+/// right, signature or not, as in envd.
+async fn caller(
     s: &AppState,
     headers: &HeaderMap,
     addr: Option<std::net::IpAddr>,
+    signed: Option<SignedUrl>,
 ) -> RpcResult<Caller> {
     let Some((sandbox, port)) = envd_target(headers, s.app.config().e2b.domain.as_deref()) else {
         return Err(RpcError::invalid(
@@ -348,11 +356,11 @@ pub(super) async fn caller(
         }
     }
     let token = headers.get("x-access-token").and_then(|v| v.to_str().ok());
-    let who = s
-        .app
-        .e2b_envd_principal(&sandbox, token, addr)
-        .await
-        .map_err(RpcError::from)?;
+    let who = match (token, signed) {
+        (None, Some(url)) => s.app.e2b_signed_principal(&sandbox, &url, addr).await,
+        (token, _) => s.app.e2b_envd_principal(&sandbox, token, addr).await,
+    }
+    .map_err(RpcError::from)?;
     let rec = s.app.sandbox_visible(&who, &sandbox).await;
     let running = matches!(&rec, Ok(r) if r.state == stacyvm_core::SandboxState::Running);
     if !running {
@@ -372,15 +380,45 @@ pub(super) async fn running_caller(
     s: &AppState,
     parts: &axum::http::request::Parts,
 ) -> Result<(), Response> {
-    let addr = client_ip(&parts.extensions);
-    caller(s, &parts.headers, addr)
+    envd_caller(s, parts)
         .await
         .map(|_| ())
-        .map_err(|e| e.unary())
+        .map_err(|r| r.error.unary())
 }
 
 fn client_ip(headers_ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
     headers_ext.get::<ClientAddr>().map(|c| c.0)
+}
+
+/// A refused envd request: the refusal, and the sandbox it named (for the
+/// audit note), so every envd route answers and records refusals alike.
+pub(super) struct Refused {
+    pub(super) error: RpcError,
+    pub(super) sandbox: Option<String>,
+}
+
+/// The caller of an envd request from its parts (headers, client address),
+/// or its refusal.
+pub(super) async fn envd_caller(
+    s: &AppState,
+    parts: &axum::http::request::Parts,
+) -> Result<Caller, Refused> {
+    signed_caller(s, parts, None).await
+}
+
+/// [`envd_caller`], where a signed URL's claim may stand in for the token.
+pub(super) async fn signed_caller(
+    s: &AppState,
+    parts: &axum::http::request::Parts,
+    signed: Option<SignedUrl>,
+) -> Result<Caller, Refused> {
+    let addr = client_ip(&parts.extensions);
+    caller(s, &parts.headers, addr, signed)
+        .await
+        .map_err(|error| Refused {
+            error,
+            sandbox: envd_target(&parts.headers, s.app.config().e2b.domain.as_deref()).map(|t| t.0),
+        })
 }
 
 /// The audit note of an envd call, and its principal for the audit layer.
@@ -468,9 +506,38 @@ struct ConfigMsg {
 #[serde(default)]
 struct StartMsg {
     process: Option<ConfigMsg>,
-    pty: Option<Value>,
+    pty: Option<PtyMsg>,
     tag: Option<String>,
     stdin: Option<bool>,
+}
+
+/// envd's `PTY`: `{"size": {"cols", "rows"}}`.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct PtyMsg {
+    size: Option<SizeMsg>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct SizeMsg {
+    cols: u32,
+    rows: u32,
+}
+
+impl PtyMsg {
+    fn size(self) -> RpcResult<PtySize> {
+        let size = self
+            .size
+            .ok_or_else(|| RpcError::invalid("pty.size is required"))?;
+        let dim = |name: &str, v: u32| {
+            u16::try_from(v).map_err(|_| RpcError::invalid(format!("pty.size.{name} is too large")))
+        };
+        Ok(PtySize {
+            cols: dim("cols", size.cols)?,
+            rows: dim("rows", size.rows)?,
+        })
+    }
 }
 
 /// `process.Process/{method}`.
@@ -480,16 +547,11 @@ pub async fn process_call(
     req: axum::extract::Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let addr = client_ip(&parts.extensions);
-    let c = match caller(&s, &parts.headers, addr).await {
+    let c = match envd_caller(&s, &parts).await {
         Ok(c) => c,
         // Refused before any stream begins: a plain error with its status,
         // which Connect clients read for streams too.
-        Err(e) => {
-            let sandbox =
-                envd_target(&parts.headers, s.app.config().e2b.domain.as_deref()).map(|t| t.0);
-            return finish(e.unary(), sandbox.as_deref(), None, &method);
-        }
+        Err(r) => return finish(r.error.unary(), r.sandbox.as_deref(), None, &method),
     };
     let resp = match method.as_str() {
         "Start" => match request_message(&parts.headers, body, true).await {
@@ -567,16 +629,30 @@ fn end_event(end: &ProcessEnd) -> Value {
             m.insert("status".into(), json!("unknown"));
         }
     }
-    if st.timed_out {
-        m.insert(
-            "error".into(),
-            json!("the command ran past its timeout and was killed"),
-        );
-    }
-    if let Some(e) = &end.error {
-        m.insert("error".into(), json!(e));
-    }
     json!({"event": {"end": Value::Object(m)}})
+}
+
+/// How envd ends the stream of a process that did not end on its own: a
+/// stream that broke (the sandbox was killed or stopped under the command)
+/// is `unavailable`, and a command killed at its timeout is
+/// `deadline_exceeded`, as the request's deadline passing is in envd. The
+/// SDK turns these into its sandbox-gone and timeout errors, where an end
+/// event would read as an ordinary failed command.
+fn end_failure(end: &ProcessEnd) -> Option<RpcError> {
+    if let Some(e) = &end.error {
+        return Some(RpcError::new(
+            "unavailable",
+            StatusCode::BAD_GATEWAY,
+            format!("the connection to the sandbox ended before the command did: {e}"),
+        ));
+    }
+    end.status.timed_out.then(|| {
+        RpcError::new(
+            "deadline_exceeded",
+            StatusCode::GATEWAY_TIMEOUT,
+            "the command ran past its timeout and was killed",
+        )
+    })
 }
 
 /// Forwards a process's events as envelopes until it ends or the client
@@ -621,9 +697,17 @@ fn pump_events(
                 }
                 ProcessEvent::Stdout(b) => json!({"event": {"data": {"stdout": b64(&b)}}}),
                 ProcessEvent::Stderr(b) => json!({"event": {"data": {"stderr": b64(&b)}}}),
+                ProcessEvent::Pty(b) => json!({"event": {"data": {"pty": b64(&b)}}}),
                 ProcessEvent::End(end) => {
-                    let _ = tx.send(envelope(0, &end_event(&end))).await;
-                    let _ = tx.send(end_stream(None)).await;
+                    match end_failure(&end) {
+                        Some(e) => {
+                            let _ = tx.send(end_stream(Some(&e))).await;
+                        }
+                        None => {
+                            let _ = tx.send(envelope(0, &end_event(&end))).await;
+                            let _ = tx.send(end_stream(None)).await;
+                        }
+                    }
                     return;
                 }
             };
@@ -649,11 +733,7 @@ fn pump_events(
 async fn process_start(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value) -> Response {
     let start = async {
         let m: StartMsg = parse(msg)?;
-        if m.pty.as_ref().is_some_and(|p| !p.is_null()) {
-            return Err(RpcError::unimplemented(
-                "PTY processes are not supported by this server yet; run the command without a PTY",
-            ));
-        }
+        let pty = m.pty.map(PtyMsg::size).transpose()?;
         let cfg = m
             .process
             .ok_or_else(|| RpcError::invalid("process is required"))?;
@@ -690,6 +770,7 @@ async fn process_start(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value
                     tag: m.tag,
                     stdin: m.stdin.unwrap_or(false),
                     timeout_ms: timeout_ms(headers),
+                    pty,
                 },
             )
             .await?;
@@ -763,26 +844,36 @@ async fn process_unary(s: &AppState, c: &Caller, method: &str, msg: Value) -> Rp
             app.e2b_process_kill(&c.who, &c.sandbox, &sel).await?;
             Ok(json!({}))
         }
-        "Update" => Err(RpcError::unimplemented(
-            "PTY processes are not supported by this server yet, so there is no PTY to resize",
-        )),
+        "Update" => {
+            let sel = selector_of(&msg)?;
+            let pty = msg.get("pty").cloned().unwrap_or(Value::Null);
+            if pty.is_null() {
+                return Err(RpcError::invalid("pty is required: Update resizes a PTY"));
+            }
+            let size = parse::<PtyMsg>(pty)?.size()?;
+            app.e2b_process_resize(&c.who, &c.sandbox, &sel, size)
+                .await?;
+            Ok(json!({}))
+        }
         _ => Err(RpcError::unimplemented(format!(
             "{method} is not implemented"
         ))),
     }
 }
 
-/// `ProcessInput`: `{"stdin": base64}` (a PTY's input is refused).
-fn input_bytes(input: &Value) -> RpcResult<Bytes> {
-    if input.get("pty").is_some_and(|v| !v.is_null()) {
-        return Err(RpcError::unimplemented(
-            "PTY input is not supported by this server yet",
-        ));
-    }
-    match input.get("stdin") {
-        Some(Value::String(s)) => Ok(Bytes::from(b64_decode(s)?)),
-        None | Some(Value::Null) => Ok(Bytes::new()),
-        Some(_) => Err(RpcError::invalid("input.stdin must be base64 bytes")),
+/// `ProcessInput`: `{"stdin": base64}` or `{"pty": base64}`.
+fn input_bytes(input: &Value) -> RpcResult<ProcessInput> {
+    match (input.get("pty"), input.get("stdin")) {
+        (Some(Value::String(s)), _) => Ok(ProcessInput::Pty(Bytes::from(b64_decode(s)?))),
+        (Some(Value::Null) | None, Some(Value::String(s))) => {
+            Ok(ProcessInput::Stdin(Bytes::from(b64_decode(s)?)))
+        }
+        (Some(Value::Null) | None, Some(Value::Null) | None) => {
+            Ok(ProcessInput::Stdin(Bytes::new()))
+        }
+        _ => Err(RpcError::invalid(
+            "input.stdin and input.pty must be base64 bytes",
+        )),
     }
 }
 
@@ -849,42 +940,6 @@ async fn stream_input(s: &AppState, c: &Caller, headers: &HeaderMap, body: Body)
     stream_response(rx)
 }
 
-/// An `EntryInfo`.
-pub(super) fn entry_info(e: &FileEntry) -> Value {
-    let (ty, letter) = match e.file_type {
-        FileType::File => (Some("FILE_TYPE_FILE"), '-'),
-        FileType::Dir => (Some("FILE_TYPE_DIRECTORY"), 'd'),
-        FileType::Symlink => (Some("FILE_TYPE_SYMLINK"), 'l'),
-        FileType::Other => (None, '?'),
-    };
-    let mode = u32::from_str_radix(&e.mode, 8).unwrap_or(0) & 0o7777;
-    let mut perms = String::with_capacity(10);
-    perms.push(letter);
-    for shift in [6u32, 3, 0] {
-        let bits = (mode >> shift) & 7;
-        perms.push(if bits & 4 != 0 { 'r' } else { '-' });
-        perms.push(if bits & 2 != 0 { 'w' } else { '-' });
-        perms.push(if bits & 1 != 0 { 'x' } else { '-' });
-    }
-    let mut v = json!({
-        "name": e.name,
-        "path": e.path,
-        "size": e.size.to_string(),
-        "mode": mode,
-        "permissions": perms,
-        "owner": "",
-        "group": "",
-        "modifiedTime": e.mtime.format(&Rfc3339).unwrap_or_default(),
-    });
-    if let Some(t) = ty {
-        v["type"] = json!(t);
-    }
-    if let Some(t) = &e.symlink_target {
-        v["symlinkTarget"] = json!(t);
-    }
-    v
-}
-
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct PathMsg {
@@ -906,20 +961,16 @@ pub async fn filesystem_call(
     req: axum::extract::Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let addr = client_ip(&parts.extensions);
     let streaming = method == "WatchDir";
-    let c = match caller(&s, &parts.headers, addr).await {
+    let c = match envd_caller(&s, &parts).await {
         Ok(c) => c,
-        Err(e) => {
-            let sandbox =
-                envd_target(&parts.headers, s.app.config().e2b.domain.as_deref()).map(|t| t.0);
-            return finish(e.unary(), sandbox.as_deref(), None, &method);
-        }
+        Err(r) => return finish(r.error.unary(), r.sandbox.as_deref(), None, &method),
     };
     let resp = if streaming {
-        stream_error(&RpcError::unimplemented(
-            "watching directories is not supported by this server yet",
-        ))
+        match request_message(&parts.headers, body, true).await {
+            Ok(msg) => watch_dir(&s, &c, &parts.headers, msg).await,
+            Err(e) => stream_error(&e),
+        }
     } else {
         let out = match request_message(&parts.headers, body, false).await {
             Ok(msg) => filesystem_unary(&s, &c, &method, msg).await,
@@ -933,6 +984,148 @@ pub async fn filesystem_call(
     finish(resp, Some(&c.sandbox), Some(c.who.clone()), &method)
 }
 
+/// `WatchDirRequest`, `CreateWatcherRequest` and the watcher id of the
+/// other watcher calls, by their proto3 JSON names or their proto names.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct WatchMsg {
+    path: String,
+    recursive: bool,
+    #[serde(alias = "include_entry")]
+    #[serde(rename = "includeEntry")]
+    include_entry: bool,
+    /// Lifts envd's refusal of network file systems, which StacyVM does
+    /// not refuse: accepted and nothing more.
+    #[serde(alias = "allow_network_mounts")]
+    #[serde(rename = "allowNetworkMounts")]
+    _allow_network_mounts: bool,
+    #[serde(alias = "watcher_id")]
+    #[serde(rename = "watcherId")]
+    watcher_id: String,
+}
+
+impl WatchMsg {
+    /// The directory to watch, refusing what this server cannot do.
+    fn checked_path(&self, c: &Caller) -> RpcResult<String> {
+        if self.include_entry {
+            return Err(RpcError::unimplemented(
+                "include_entry is not supported: events name their path; Stat it for its entry",
+            ));
+        }
+        c.path(&self.path)
+    }
+
+    fn watcher(&self) -> RpcResult<&str> {
+        if self.watcher_id.is_empty() {
+            return Err(RpcError::invalid("watcher_id is required"));
+        }
+        Ok(&self.watcher_id)
+    }
+}
+
+/// A `FilesystemEvent` as envd words it.
+fn filesystem_event(ev: &WatchEvent) -> Value {
+    let kind = match ev.kind {
+        WatchKind::Create => "EVENT_TYPE_CREATE",
+        WatchKind::Write => "EVENT_TYPE_WRITE",
+        WatchKind::Remove => "EVENT_TYPE_REMOVE",
+        WatchKind::Rename => "EVENT_TYPE_RENAME",
+        WatchKind::Chmod => "EVENT_TYPE_CHMOD",
+    };
+    json!({"name": ev.name, "type": kind})
+}
+
+/// `filesystem.Filesystem/WatchDir`: a start event once the watch is in
+/// place, then one event per change, keepalives while nothing happens. It
+/// ends cleanly when the directory goes; with `unavailable` when the
+/// sandbox does; with `deadline_exceeded` at the request's timeout. A
+/// client that goes away stops the watch.
+async fn watch_dir(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value) -> Response {
+    let started = async {
+        let m: WatchMsg = parse(msg)?;
+        let path = m.checked_path(c)?;
+        Ok::<_, RpcError>(
+            s.app
+                .e2b_watch_dir(&c.who, &c.sandbox, &path, m.recursive)
+                .await?,
+        )
+    }
+    .await;
+    let mut watch = match started {
+        Ok(w) => w,
+        Err(e) => return stream_error(&e),
+    };
+    let keepalive = keepalive_interval(headers);
+    let deadline = match timeout_ms(headers) {
+        0 => None,
+        ms => Some(tokio::time::Instant::now() + Duration::from_millis(ms)),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let _ = tx.try_send(envelope(0, &json!({"start": {}})));
+    tokio::spawn(async move {
+        let until_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(until_deadline);
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                _ = watch.gone.cancelled() => {
+                    let e = RpcError::new(
+                        "unavailable",
+                        StatusCode::BAD_GATEWAY,
+                        "the sandbox was destroyed",
+                    );
+                    let _ = tx.send(end_stream(Some(&e))).await;
+                    return;
+                }
+                _ = &mut until_deadline => {
+                    let e = RpcError::new(
+                        "deadline_exceeded",
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the watch reached its timeout",
+                    );
+                    let _ = tx.send(end_stream(Some(&e))).await;
+                    return;
+                }
+                n = tokio::time::timeout(keepalive, watch.events.next()) => n,
+            };
+            match next {
+                Err(_) => {
+                    if tx
+                        .send(envelope(0, &json!({"keepalive": {}})))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(Some(Ok(WatchUpdate::Events(batch)))) => {
+                    for ev in &batch {
+                        let msg = json!({"filesystem": filesystem_event(ev)});
+                        if tx.send(envelope(0, &msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Some(Ok(WatchUpdate::Synced))) => {}
+                Ok(Some(Err(e))) => {
+                    let _ = tx.send(end_stream(Some(&e.into()))).await;
+                    return;
+                }
+                Ok(None) => {
+                    let _ = tx.send(end_stream(None)).await;
+                    return;
+                }
+            }
+        }
+    });
+    stream_response(rx)
+}
+
 async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) -> RpcResult<Value> {
     let app = &s.app;
     let (who, id) = (&c.who, c.sandbox.as_str());
@@ -941,7 +1134,7 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
             let m: PathMsg = parse(msg)?;
             let path = c.path(&m.path)?;
             let e = app.file_stat(who, id, &path).await?;
-            Ok(json!({"entry": entry_info(&e)}))
+            Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
         "MakeDir" => {
             let m: PathMsg = parse(msg)?;
@@ -958,13 +1151,13 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 Err(e) => return Err(e.into()),
             }
             let e = app.file_mkdir(who, id, &path, true).await?;
-            Ok(json!({"entry": entry_info(&e)}))
+            Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
         "Move" => {
             let m: MoveMsg = parse(msg)?;
             let (from, to) = (c.path(&m.source)?, c.path(&m.destination)?);
             let e = app.file_move(who, id, &from, &to, true).await?;
-            Ok(json!({"entry": entry_info(&e)}))
+            Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
         "ListDir" => {
             let m: PathMsg = parse(msg)?;
@@ -980,12 +1173,8 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 let rest = p.strip_prefix(&base).unwrap_or(p).trim_start_matches('/');
                 rest.split('/').filter(|s| !s.is_empty()).count() as u32 <= depth
             };
-            let out: Vec<Value> = entries
-                .iter()
-                .filter(|e| within(&e.path))
-                .map(entry_info)
-                .collect();
-            Ok(json!({"entries": out}))
+            let shown: Vec<FileEntry> = entries.into_iter().filter(|e| within(&e.path)).collect();
+            Ok(json!({"entries": entry_infos(s, c, &shown).await}))
         }
         "Remove" => {
             let m: PathMsg = parse(msg)?;
@@ -996,9 +1185,23 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 Err(e) => Err(e.into()),
             }
         }
-        "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => Err(RpcError::unimplemented(
-            "watching directories is not supported by this server yet",
-        )),
+        "CreateWatcher" => {
+            let m: WatchMsg = parse(msg)?;
+            let path = m.checked_path(c)?;
+            let id = app.e2b_watcher_create(who, id, &path, m.recursive).await?;
+            Ok(json!({"watcherId": id}))
+        }
+        "GetWatcherEvents" => {
+            let m: WatchMsg = parse(msg)?;
+            let events = app.e2b_watcher_events(who, id, m.watcher()?).await?;
+            let events: Vec<Value> = events.iter().map(filesystem_event).collect();
+            Ok(json!({"events": events}))
+        }
+        "RemoveWatcher" => {
+            let m: WatchMsg = parse(msg)?;
+            app.e2b_watcher_remove(who, id, m.watcher()?).await?;
+            Ok(json!({}))
+        }
         other => Err(RpcError::new(
             "unimplemented",
             StatusCode::NOT_FOUND,

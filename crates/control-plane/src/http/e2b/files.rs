@@ -15,9 +15,11 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use stacyvm_core::{ByteStream, Error};
 
-use super::envd::{caller, user_name};
+use super::envd::{signed_caller, user_name, Refused};
 use super::public_message;
+use crate::app::e2b::SignedUrl;
 use crate::http::extract::query_pairs;
+use crate::http::files::drain_refused;
 use crate::http::{note, AppState};
 
 /// An envd HTTP error.
@@ -33,32 +35,83 @@ fn file_error(e: &Error) -> Response {
         .into_response()
 }
 
-fn rpc_refusal(status: StatusCode, message: String) -> Response {
-    (
+/// A refused caller, in the `/files` error shape, with its audit note.
+fn refused(r: Refused) -> Response {
+    let status = r.error.status();
+    let resp = (
         status,
-        axum::Json(json!({"code": status.as_u16(), "message": message})),
+        axum::Json(json!({"code": status.as_u16(), "message": r.error.message()})),
     )
-        .into_response()
+        .into_response();
+    finish(resp, r.sandbox, None, &[])
 }
 
 struct FileQuery {
     path: Option<String>,
     user: Option<String>,
+    signature: Option<String>,
+    signature_expiration: Option<String>,
 }
 
 fn file_query(uri: &axum::http::Uri) -> FileQuery {
     let mut q = FileQuery {
         path: None,
         user: None,
+        signature: None,
+        signature_expiration: None,
     };
     for (k, v) in query_pairs(uri.query()) {
         match k.as_str() {
             "path" => q.path = Some(v),
             "username" => q.user = Some(v),
+            "signature" => q.signature = Some(v),
+            "signature_expiration" => q.signature_expiration = Some(v),
             _ => {}
         }
     }
     q
+}
+
+/// The signed-URL claim of a `/files` request (`None` when it has no
+/// signature), for `operation` (`read` or `write`).
+fn signed_url(q: &FileQuery, operation: &'static str) -> Result<Option<SignedUrl>, Error> {
+    let Some(signature) = q.signature.clone() else {
+        return Ok(None);
+    };
+    let expiration = match &q.signature_expiration {
+        None => None,
+        Some(e) => Some(e.trim().parse::<i64>().map_err(|_| {
+            Error::InvalidRequest("signature_expiration must be a Unix time in seconds".into())
+        })?),
+    };
+    Ok(Some(SignedUrl {
+        path: q.path.clone().unwrap_or_default(),
+        operation,
+        user: q.user.clone().unwrap_or_default(),
+        signature,
+        expiration,
+    }))
+}
+
+/// The caller of a `/files` request: by access token, or by a URL signed
+/// with it.
+async fn files_caller(
+    s: &AppState,
+    parts: &axum::http::request::Parts,
+    q: &FileQuery,
+    operation: &'static str,
+) -> Result<super::envd::Caller, Refused> {
+    let signed = match signed_url(q, operation) {
+        Ok(signed) => signed,
+        Err(e) => {
+            return Err(Refused {
+                error: e.into(),
+                sandbox: super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
+                    .map(|t| t.0),
+            })
+        }
+    };
+    signed_caller(s, parts, signed).await
 }
 
 /// A path as envd reads it: relative ones are under the user's home.
@@ -108,24 +161,11 @@ fn user_of(q: &FileQuery, caller_user: &str) -> Result<String, Error> {
 /// `GET /files?path=&username=`: the file's bytes.
 pub async fn file_download(State(s): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, _body) = req.into_parts();
-    let addr = parts
-        .extensions
-        .get::<crate::http::client_addr::ClientAddr>()
-        .map(|c| c.0);
-    let c = match caller(&s, &parts.headers, addr).await {
-        Ok(c) => c,
-        Err(e) => {
-            let sandbox = super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
-                .map(|t| t.0);
-            return finish(
-                rpc_refusal(e.status(), e.message().to_owned()),
-                sandbox,
-                None,
-                &[],
-            );
-        }
-    };
     let q = file_query(&parts.uri);
+    let c = match files_caller(&s, &parts, &q, "read").await {
+        Ok(c) => c,
+        Err(r) => return refused(r),
+    };
     let path = q.path.clone().unwrap_or_default();
     let read = async {
         let user = user_of(&q, c.user())?;
@@ -193,40 +233,37 @@ fn write_info(path: &str) -> Value {
 /// bytes to `path`. Answers the files written.
 pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, body) = req.into_parts();
-    let addr = parts
-        .extensions
-        .get::<crate::http::client_addr::ClientAddr>()
-        .map(|c| c.0);
-    let c = match caller(&s, &parts.headers, addr).await {
+    let q = file_query(&parts.uri);
+    let c = match files_caller(&s, &parts, &q, "write").await {
         Ok(c) => c,
-        Err(e) => {
-            let sandbox = super::envd_target(&parts.headers, s.app.config().e2b.domain.as_deref())
-                .map(|t| t.0);
-            return finish(
-                rpc_refusal(e.status(), e.message().to_owned()),
-                sandbox,
-                None,
-                &[],
-            );
+        Err(r) => {
+            // Read what the client is still sending, so it gets the refusal
+            // rather than a connection reset mid-upload.
+            drain_refused(body.into_data_stream()).await;
+            return refused(r);
         }
     };
-    let q = file_query(&parts.uri);
     let limit = Arc::new(Limit {
         limit: s.app.config().limits.upload_bytes,
         seen: Default::default(),
         over: AtomicBool::new(false),
     });
     let mut written = Vec::new();
-    let result = upload(
-        &s,
-        &c,
-        &q,
-        &parts.headers,
-        body,
-        limit.clone(),
-        &mut written,
-    )
-    .await;
+    let result = match upload_allowed(&c, &q, &parts.headers) {
+        Ok(user) => {
+            let to = Target {
+                s: &s,
+                c: &c,
+                q: &q,
+                user: &user,
+            };
+            upload(to, &parts.headers, body, limit.clone(), &mut written).await
+        }
+        Err(e) => {
+            drain_refused(body.into_data_stream()).await;
+            Err(e)
+        }
+    };
     let resp = match result {
         Ok(()) => {
             let infos: Vec<Value> = written.iter().map(|p| write_info(p)).collect();
@@ -245,15 +282,12 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
     )
 }
 
-async fn upload(
-    s: &AppState,
+/// What refuses an upload before its body is read; the user it writes as.
+fn upload_allowed(
     c: &super::envd::Caller,
     q: &FileQuery,
     headers: &HeaderMap,
-    body: Body,
-    limit: Arc<Limit>,
-    written: &mut Vec<String>,
-) -> Result<(), Error> {
+) -> Result<String, Error> {
     c.who().require_write()?;
     let user = user_of(q, c.user())?;
     if let Some(h) = headers
@@ -272,6 +306,24 @@ async fn upload(
             )));
         }
     }
+    Ok(user)
+}
+
+/// Where an upload goes: the sandbox and user of its caller and query.
+struct Target<'a> {
+    s: &'a AppState,
+    c: &'a super::envd::Caller,
+    q: &'a FileQuery,
+    user: &'a str,
+}
+
+async fn upload(
+    Target { s, c, q, user }: Target<'_>,
+    headers: &HeaderMap,
+    body: Body,
+    limit: Arc<Limit>,
+    written: &mut Vec<String>,
+) -> Result<(), Error> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -306,7 +358,7 @@ async fn upload(
                 Some(p) if !p.is_empty() && files == 1 => p.clone(),
                 _ => name,
             };
-            let path = resolve(&user, &target)?;
+            let path = resolve(user, &target)?;
             let stream = limited(field, limit.clone());
             s.app
                 .file_write(c.who(), c.sandbox(), &path, None, stream)
@@ -323,7 +375,7 @@ async fn upload(
         let target = q.path.clone().ok_or_else(|| {
             Error::InvalidRequest("path is required for a raw upload (?path=…)".into())
         })?;
-        let path = resolve(&user, &target)?;
+        let path = resolve(user, &target)?;
         let stream = limited(body.into_data_stream(), limit);
         s.app
             .file_write(c.who(), c.sandbox(), &path, None, stream)

@@ -11,6 +11,7 @@
 //! API, Connect's `{"code": "not_found", "message"}` on envd.
 
 pub mod control;
+mod entries;
 pub mod envd;
 pub mod files;
 
