@@ -129,6 +129,15 @@ impl Worker for LocalWorker {
                 spec.sandbox_id, lease.sandbox_id
             )));
         }
+        // No provider enforces an allow list yet: refusing is the only way
+        // not to hand out full egress in its place.
+        if !spec.egress_allow.is_empty() {
+            return Err(Error::Unsupported(
+                "network.allow (an egress allow list) is not supported by this worker's providers yet; \
+                 use \"none\" or \"egress\""
+                    .into(),
+            ));
+        }
         self.admit(lease)?.spawn(spec).await
     }
 

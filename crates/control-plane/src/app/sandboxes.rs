@@ -68,6 +68,8 @@ pub struct CreateSandbox {
     pub workdir: Option<String>,
     pub network: Option<Network>,
     pub idempotency_key: Option<String>,
+    /// Only these destinations are reachable (implies egress).
+    pub egress_allow: Vec<stacyvm_core::EgressRule>,
 }
 
 /// Whether a create made a new sandbox or returned an earlier one.
@@ -323,8 +325,10 @@ impl App {
             lease_expires_at: None,
             fencing_token: 0,
             idempotency_key: req.idempotency_key.clone(),
+            egress_allow: req.egress_allow.clone(),
         };
         let pooled = if req.worker_labels.is_empty()
+            && rec.egress_allow.is_empty()
             && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)
         {
             self.pools.take(&rec.provider, &rec.image, source)
@@ -441,6 +445,7 @@ impl App {
             workdir: rec.workdir.clone(),
             network: rec.network,
             labels: rec.labels.clone(),
+            egress_allow: rec.egress_allow.clone(),
         };
         let lease = lease_for(&rec);
         if let Err(e) = worker.spawn(&lease, &spec).await {

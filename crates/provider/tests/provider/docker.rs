@@ -208,6 +208,7 @@ fn spec(image: &str) -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        egress_allow: Vec::new(),
     }
 }
 

@@ -255,6 +255,7 @@ pub fn spec() -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        egress_allow: Vec::new(),
     }
 }
 
