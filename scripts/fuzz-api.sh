@@ -105,6 +105,7 @@ cleanup() {
     kill -KILL "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
   fi
+  unmount_under "$data_dir"
   rm -rf "$data_dir"
   exit "$rc"
 }

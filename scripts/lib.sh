@@ -133,6 +133,18 @@ npm_ci_if_changed() {
 # Every step must succeed: a test that cannot reach what it needs fails, so
 # an environment missing a piece is reported here, by name, and the
 # function returns non-zero (also when the caller has no `set -e`).
+# Unmounts every filesystem mounted at or below DIR, deepest first: a server's
+# volumes stay mounted when it stops (they outlive it by design), so a
+# throwaway data dir must be unmounted before it can be removed.
+unmount_under() {
+  local dir target
+  dir="$(realpath -m "$1")"
+  findmnt -rn -o TARGET | awk -v d="$dir" '$0 == d || index($0, d "/") == 1' | sort -r |
+    while read -r target; do
+      umount "$target" || log "could not unmount $target"
+    done
+}
+
 prepare_test_env() {
   local root="$1"
   ensure_cargo || return 1
@@ -148,4 +160,7 @@ prepare_test_env() {
   export STACYVM_AGENT_BIN
   export STACYVM_TEST_IMAGE_TAR="$root/target/test-images/busybox.tar"
   "$root/scripts/build-test-image.sh" --docker "$STACYVM_TEST_IMAGE_TAR" || { log "the test image did not build"; return 1; }
+  # The microVM providers' guest kernel and initramfs, QEMU and vhost-device-vsock.
+  STACYVM_GUEST_DIR="$("$root/scripts/build-guest.sh")" || { log "the microVM guest assets did not build"; return 1; }
+  export STACYVM_GUEST_DIR
 }

@@ -44,6 +44,9 @@ log "building stacyvm (release; the first build takes a few minutes)"
 agent="$("$root_dir/scripts/build-agent.sh")"
 bin_dir="$root_dir/target/release"
 cp "$agent" "$bin_dir/stacyvm-agent"
+# The guest kernel and initramfs for `--providers qemu`; a host without
+# them still serves the other providers.
+"$root_dir/scripts/build-guest.sh" >/dev/null || log "the microVM guest assets did not build; the qemu provider will report unhealthy"
 image_tar="$root_dir/target/test-images/busybox.tar"
 "$root_dir/scripts/build-test-image.sh" "$image_tar"
 

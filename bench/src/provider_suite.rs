@@ -65,6 +65,7 @@ pub fn spec(image: &str) -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        mounts: Vec::new(),
     }
 }
 

@@ -331,6 +331,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::ProcOutput { .. } => "proc_output",
         Request::ProcStdin { .. } => "proc_stdin",
         Request::ProcSignal { .. } => "proc_signal",
+        Request::PortConnect { .. } => "port_connect",
     }
 }
 
@@ -423,6 +424,14 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
         Request::ProcSignal { pid, signal } => match procs::signal(pid, &signal) {
             Ok(info) => json(&info),
             Err(e) => Answer::Err(e),
+        },
+        Request::PortConnect { port } => match upload {
+            Some(upload) => match crate::ports::relay(port, out, upload) {
+                Ok(crate::ports::Relayed::Closed) => Answer::Frame(Kind::End, Vec::new()),
+                Ok(crate::ports::Relayed::Stopped) => Answer::Nothing,
+                Err(e) => Answer::Err(e),
+            },
+            None => Answer::Err(Error::Internal("port_connect without an upload".into())),
         },
     }
 }

@@ -10,7 +10,7 @@ use stacyvm_agent::root::Root;
 use stacyvm_agent::server;
 
 const USAGE: &str =
-    "usage: stacyvm-agent [--init] (--listen SOCKET | --stdio) [--root DIR] [--env-file FILE]
+    "usage: stacyvm-agent [--init] (--listen SOCKET | --vsock PORT | --stdio) [--root DIR] [--cwd DIR] [--env-file FILE]
        stacyvm-agent --version
 
   --init           first fork: this process stays behind as an init that reaps
@@ -18,13 +18,16 @@ const USAGE: &str =
                    (the child) ends; for a PID 1 of a PID namespace
 
   --listen SOCKET  serve on a Unix socket (mode 0600; a stale socket is replaced)
+  --vsock PORT      serve on a vsock port (inside a microVM)
   --stdio          serve one connection over stdin/stdout
   --root DIR       resolve every file path inside DIR (default /)
+  --cwd DIR        the working directory commands start in by default
   --env-file FILE  add the NAME=VALUE entries of FILE (NUL-separated) to the
                    environment every command inherits, then delete FILE";
 
 enum Mode {
     Listen(PathBuf),
+    Vsock(u32),
     Stdio,
 }
 
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let mut root = PathBuf::from("/");
     let mut env_file = None;
     let mut init = false;
+    let mut cwd = None;
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--init") => init = true,
@@ -50,6 +54,14 @@ fn main() -> ExitCode {
                 Some(p) => mode = Some(Mode::Listen(PathBuf::from(p))),
                 None => return usage_error("--listen needs a socket path"),
             },
+            Some("--vsock") => match args.next().and_then(|p| p.to_str()?.parse().ok()) {
+                Some(p) => mode = Some(Mode::Vsock(p)),
+                None => return usage_error("--vsock needs a port number"),
+            },
+            Some("--cwd") => match args.next() {
+                Some(p) => cwd = Some(PathBuf::from(p)),
+                None => return usage_error("--cwd needs a directory"),
+            },
             Some("--env-file") => match args.next() {
                 Some(p) => env_file = Some(PathBuf::from(p)),
                 None => return usage_error("--env-file needs a file"),
@@ -62,11 +74,16 @@ fn main() -> ExitCode {
         }
     }
     if mode.is_none() {
-        return usage_error("one of --listen or --stdio is required");
+        return usage_error("one of --listen, --vsock or --stdio is required");
     }
     if init {
         if let Some(code) = become_init() {
             return code;
+        }
+    }
+    if let Some(dir) = cwd {
+        if let Err(e) = std::env::set_current_dir(&dir) {
+            return usage_error(&format!("--cwd {}: {e}", dir.display()));
         }
     }
     if let Some(path) = env_file {
@@ -88,6 +105,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("stacyvm-agent: cannot listen on {}: {e}", path.display());
+                ExitCode::FAILURE
+            }
+        },
+        Some(Mode::Vsock(port)) => match stacyvm_agent::vsock::serve_vsock(port, Root::new(root)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stacyvm-agent: cannot listen on vsock port {port}: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -515,15 +515,22 @@ pub enum Request {
     /// process's group. Answer: `Ok` with the
     /// [`ProcInfo`](crate::procs::ProcInfo).
     ProcSignal { pid: u32, signal: String },
+    /// Connects to `127.0.0.1:port` inside the sandbox and splices bytes:
+    /// `Ok` once connected, then the server's bytes as `Data` chunks and
+    /// `End` when it closes; the client's `Data` frames go to the server and
+    /// its `End` half-closes the socket. There is no host: only the
+    /// sandbox's own loopback is reachable.
+    PortConnect { port: u16 },
 }
 
 impl Request {
     /// Whether the client follows the request with `Data` frames and `End`.
     pub fn has_upload(&self) -> bool {
         match self {
-            Request::FileWrite { .. } | Request::FileExtract { .. } | Request::ProcStdin { .. } => {
-                true
-            }
+            Request::FileWrite { .. }
+            | Request::FileExtract { .. }
+            | Request::ProcStdin { .. }
+            | Request::PortConnect { .. } => true,
             Request::Exec(spec) => spec.stdin,
             _ => false,
         }

@@ -12,7 +12,7 @@ use crate::root::Root;
 
 /// Stack of connection threads: they parse request JSON, whose nesting
 /// serde_json bounds at 128 levels. Untouched stack pages cost no memory.
-const CONN_STACK: usize = 1024 * 1024;
+pub(crate) const CONN_STACK: usize = 1024 * 1024;
 
 /// Listens on `path` (mode 0600) and serves every connection on its own
 /// thread. A stale socket file left by an earlier agent is replaced; any

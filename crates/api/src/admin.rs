@@ -63,6 +63,12 @@ pub struct Quota {
     /// Execs and streaming execs the tenant may run at once.
     #[serde(default)]
     pub max_concurrent_execs: Option<i64>,
+    /// Volumes the tenant may have.
+    #[serde(default)]
+    pub max_volumes: Option<i64>,
+    /// MiB of all the tenant's volumes together (their sizes, not what is written).
+    #[serde(default)]
+    pub max_volume_mb: Option<i64>,
 }
 
 /// A tenant and the quota in force for it.
@@ -247,6 +253,14 @@ pub struct ProviderStatus {
     /// (`memory`, `cpu`, `pids`, `pause`), reported with `mode`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_enforced: Option<Vec<String>>,
+    /// Whether the provider passed `stacyvm certify` on its host, for this
+    /// StacyVM version: null when it was never certified there.
+    #[serde(default)]
+    pub certified: Option<bool>,
+    /// When the certification that `certified` reports ran; null when never.
+    #[serde(default, with = "crate::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub certified_at: Option<OffsetDateTime>,
 }
 
 /// A warm pool: its target size, ready members and spawns in flight.

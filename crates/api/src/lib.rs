@@ -11,12 +11,14 @@ pub mod admin;
 pub mod exec;
 pub mod files;
 pub mod sandboxes;
+pub mod volumes;
 pub mod workers;
 
 pub use admin::*;
 pub use exec::*;
 pub use files::*;
 pub use sandboxes::*;
+pub use volumes::*;
 pub use workers::*;
 
 use serde::{Deserialize, Serialize};

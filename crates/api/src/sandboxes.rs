@@ -180,6 +180,9 @@ pub struct CreateSandbox {
     #[serde(skip)]
     #[cfg_attr(feature = "openapi", schema(ignore))]
     pub idempotency_key: Option<String>,
+    /// Volumes to mount (single-node servers with the `docker` provider).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::VolumeMount>,
 }
 
 impl CreateSandbox {
@@ -225,4 +228,14 @@ pub struct LogLine {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Logs {
     pub lines: Vec<LogLine>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Name of the new catalog image (like `"team/app:v1"`); it must not
+    /// exist yet.
+    pub image: String,
 }

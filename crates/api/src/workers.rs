@@ -48,6 +48,14 @@ pub struct WorkerProvider {
     /// `pids`, `pause`), reported with `mode`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_enforced: Option<Vec<String>>,
+    /// Whether the provider passed `stacyvm certify` on its host, for this
+    /// StacyVM version: null when it was never certified there.
+    #[serde(default)]
+    pub certified: Option<bool>,
+    /// When the certification that `certified` reports ran; null when never.
+    #[serde(default, with = "crate::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
+    pub certified_at: Option<OffsetDateTime>,
 }
 
 /// What a worker offers sandboxes.

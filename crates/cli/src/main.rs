@@ -3,9 +3,11 @@
 //! `worker` runs a worker node that a control plane drives over the network;
 //! the client commands (`sandbox`, `cp`, `files`, `image`, …) talk to a
 //! running server through the Rust SDK; `mcp` serves the Model Context
-//! Protocol on stdio for AI agents; `provider-test` runs the provider
-//! conformance suite against a plugin.
+//! Protocol on stdio for AI agents; `certify` proves providers work on this
+//! host and records it; `provider-test` runs the provider conformance suite
+//! against a plugin.
 
+mod certify;
 mod client;
 mod mcp;
 mod provider_test;
@@ -32,6 +34,12 @@ enum Command {
     /// Run a worker node of multi-worker mode: its providers, driven by a
     /// control plane over the worker RPC (token in STACYVM_WORKER_TOKEN).
     Worker(worker::WorkerArgs),
+    /// Certify providers on this host: run each one's checks for real,
+    /// print pass or fail with the reason and the fix, and record the
+    /// outcome in the data dir (`serve` enables firecracker, and qemu in
+    /// KVM mode, only with a passing record). Exits 0 only when every asked
+    /// provider passes.
+    Certify(certify::CertifyArgs),
     /// Run the provider conformance suite against a plugin
     /// (docs/PLUGIN-PROTOCOL.md); exits 0 only when every case passes.
     ProviderTest(provider_test::ProviderTestArgs),
@@ -71,6 +79,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
             Command::Worker(args) => worker::run(args).await,
+            Command::Certify(args) => certify::run(args).await,
             Command::ProviderTest(args) => provider_test::run(args).await,
             Command::Client(cmd) => Ok(client::run(cmd).await),
             Command::Mcp(args) => mcp::run(args).await,

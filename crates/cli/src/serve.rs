@@ -26,7 +26,9 @@ pub struct ServeArgs {
     #[arg(long, env = "STACYVM_STORE")]
     store: Option<String>,
     /// Providers in preference order (comma-separated): docker,
-    /// namespaces, proot, plugin:NAME. `proot` is not a security boundary,
+    /// namespaces, proot, qemu, firecracker, plugin:NAME. `firecracker`, and
+    /// `qemu` in KVM mode, serve only where `stacyvm certify` passed on this
+    /// host. `proot` is not a security boundary,
     /// nor is a plugin that does not declare itself one: such a provider is
     /// never chosen for a create that does not name it, and only tenants
     /// whose quota lists it in `allowed_providers` may use it.
@@ -128,6 +130,10 @@ pub struct ServeArgs {
     /// key). Only for a port that scrapers alone can reach.
     #[arg(long, env = "STACYVM_METRICS_PUBLIC")]
     metrics_public: bool,
+    /// Serve exposed sandbox ports at `{port}-{id}.DOMAIN` too (point a
+    /// wildcard DNS record at this server).
+    #[arg(long, value_name = "DOMAIN")]
+    proxy_domain: Option<String>,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
@@ -235,6 +241,10 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
         .context("--max-connections does not fit this platform")?;
     config.http.trusted_proxies = args.trusted_proxies;
     config.http.metrics_public = args.metrics_public;
+    config.http.proxy_domain = args
+        .proxy_domain
+        .map(|d| d.trim_matches('.').to_ascii_lowercase())
+        .filter(|d| !d.is_empty());
     for p in args
         .warm_pools
         .iter()

@@ -40,7 +40,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "STACYVM_WORKER_ADVERTISE", value_name = "URL")]
     advertise: Option<String>,
     /// Providers in preference order (comma-separated): docker,
-    /// namespaces, proot, plugin:NAME.
+    /// namespaces, proot, qemu, plugin:NAME.
     #[arg(
         long,
         env = "STACYVM_PROVIDERS",
@@ -239,6 +239,7 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
         // with; nothing is leased before that.
         leases: Arc::new(LeaseTable::new(Duration::from_secs(15))),
         images: Some(control_plane.clone()),
+        certification_records: Some(data_dir.clone()),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

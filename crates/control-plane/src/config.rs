@@ -225,6 +225,9 @@ pub struct HttpConfig {
     pub trusted_proxies: Vec<crate::http::client_addr::Cidr>,
     /// Serve `/metrics` without a key (for scrapers on a trusted network).
     pub metrics_public: bool,
+    /// The domain of host-form port URLs, `{port}-{id}.DOMAIN`; without
+    /// it, ports are reached by the path form only.
+    pub proxy_domain: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -235,6 +238,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             trusted_proxies: Vec::new(),
             metrics_public: false,
+            proxy_domain: None,
         }
     }
 }
@@ -309,6 +313,8 @@ pub fn default_tenant_quota() -> stacyvm_store::Quota {
         max_exec_per_minute: Some(600),
         allowed_providers: None,
         max_concurrent_execs: Some(100),
+        max_volumes: None,
+        max_volume_mb: None,
     }
 }
 

@@ -533,6 +533,12 @@ fn reported_health(rec: &WorkerRecord) -> Vec<ProviderHealth> {
                         not_enforced: h.not_enforced.clone().unwrap_or_default(),
                     })
                 }),
+                certification: reported.and_then(|h| {
+                    Some(stacyvm_provider::certify::Standing {
+                        certified: h.certified?,
+                        certified_at: h.certified_at?,
+                    })
+                }),
             }
         })
         .collect()

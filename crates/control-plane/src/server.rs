@@ -143,7 +143,10 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
                 secret: None,
             })
             .await?;
-        workers.push(Arc::new(LocalWorker::new(worker_id, providers)));
+        workers.push(Arc::new(
+            LocalWorker::new(worker_id, providers)
+                .with_certification_records(config.data_dir.clone()),
+        ));
     }
 
     let app = Arc::new(App::new(

@@ -1,4 +1,4 @@
-//! Typed, prefixed, opaque IDs (`sbx_…`, `tnt_…`, `key_…`, `wrk_…`, `evt_…`).
+//! Typed, prefixed, opaque IDs (`sbx_…`, `tnt_…`, `key_…`, `wrk_…`, `evt_…`, `vol_…`).
 //!
 //! IDs are UUIDv7 in lowercase hex behind a type prefix, so they sort in
 //! creation order; list cursors rely on that.
@@ -81,6 +81,10 @@ typed_id!(
 typed_id!(
     /// An audit event.
     EventId, "evt_"
+);
+typed_id!(
+    /// A volume.
+    VolumeId, "vol_"
 );
 
 #[cfg(test)]

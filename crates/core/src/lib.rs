@@ -7,13 +7,15 @@ pub mod exec;
 pub mod files;
 pub mod ids;
 pub mod sandbox;
+pub mod volumes;
 
 pub use egress::EgressRule;
 pub use error::{Error, Result};
 pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExitStatus};
 pub use files::{validate_sandbox_path, ArchiveSummary, ByteStream, FileEntry, FileType};
-pub use ids::{EventId, KeyId, SandboxId, TenantId, WorkerId, WorkerTokenId};
+pub use ids::{EventId, KeyId, SandboxId, TenantId, VolumeId, WorkerId, WorkerTokenId};
 pub use sandbox::{Network, SandboxState, SpawnSpec};
+pub use volumes::{HostMount, VolumeMount};
 
 /// The current time, truncated to microseconds so it round-trips through
 /// every store backend unchanged.

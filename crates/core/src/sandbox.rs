@@ -126,6 +126,9 @@ pub struct SpawnSpec {
     /// are reachable and DNS answers only for the listed names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_allow: Vec<crate::EgressRule>,
+    /// Host directories (mounted volumes) to bind into the sandbox.
+    #[serde(default)]
+    pub mounts: Vec<crate::HostMount>,
 }
 
 #[cfg(test)]

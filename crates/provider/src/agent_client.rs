@@ -722,6 +722,53 @@ impl AgentClient {
         Ok(Box::pin(stream))
     }
 
+    /// Connects to `127.0.0.1:port` inside the sandbox and splices bytes:
+    /// `input` goes to the server (its end half-closes the socket), and the
+    /// answer is the server's bytes until it closes. Neither direction is
+    /// timed: a relayed connection (a WebSocket, say) may idle for long.
+    /// Nothing listening on the port is `provider_unavailable`.
+    pub async fn port_connect(&self, port: u16, input: ByteStream) -> Result<ByteStream> {
+        let (call, first) = self
+            .bounded(async {
+                let mut call = self.start(&Request::PortConnect { port }).await?;
+                let first = call.recv().await?;
+                Ok((call, first))
+            })
+            .await?;
+        let mut call = call;
+        if first.kind != Kind::Ok {
+            return Err(call.unexpected(&first));
+        }
+        let pump = AbortOnDrop(tokio::spawn(send_body(call.tx.clone(), input)).abort_handle());
+        let state = RelayState {
+            call,
+            _pump: pump,
+            done: false,
+        };
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            match st.call.recv().await {
+                Ok(f) if f.kind == Kind::Data => Some((Ok(Bytes::from(f.payload)), st)),
+                Ok(f) if f.kind == Kind::End => {
+                    st.call.finish();
+                    None
+                }
+                Ok(f) => {
+                    st.done = true;
+                    let e = st.call.unexpected(&f);
+                    Some((Err(std::io::Error::other(e.to_string())), st))
+                }
+                Err(e) => {
+                    st.done = true;
+                    Some((Err(std::io::Error::other(e.to_string())), st))
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
     pub async fn file_stat(&self, path: &str) -> Result<FileEntry> {
         self.simple(&Request::FileStat {
             path: path.to_owned(),
@@ -944,7 +991,8 @@ impl AgentClient {
                 payload.len()
             )));
         }
-        let awaiting_ack = matches!(req, Request::Exec(spec) if spec.stream);
+        let awaiting_ack = matches!(req, Request::Exec(spec) if spec.stream)
+            || matches!(req, Request::PortConnect { .. });
         let window = inner.shared.window;
         let (tx, rx) = mpsc::channel(window as usize + ROUTE_QUEUE_SPARE);
         let credit = Arc::new(Semaphore::new(window as usize));
@@ -1304,6 +1352,12 @@ struct StreamState {
     call: Call,
     _pump: Option<AbortOnDrop>,
     deadline: Option<Instant>,
+    done: bool,
+}
+
+struct RelayState {
+    call: Call,
+    _pump: AbortOnDrop,
     done: bool,
 }
 

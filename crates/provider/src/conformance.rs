@@ -309,6 +309,7 @@ pub fn spec_for(image: &str) -> SpawnSpec {
         network: Network::None,
         labels: BTreeMap::new(),
         egress_allow: Vec::new(),
+        mounts: Vec::new(),
     }
 }
 

@@ -71,12 +71,42 @@ pub fn prepare_data_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("narrowing the data dir {}", dir.display()), e))
 }
 
-/// The providers named in `names`, in that order, on this host.
+/// The providers named in `names`, in that order, on this host. One that
+/// may serve only once certified here ([`crate::certify::needs_certification`])
+/// and has no passing record is built as an unhealthy stand-in saying so.
 pub fn build_providers(
     names: &[String],
     options: &HostOptions,
     catalog: &Arc<ImageCatalog>,
     instance: &str,
+) -> Result<Vec<DynProvider>> {
+    build(names, options, catalog, instance, Gate::Records)
+}
+
+/// [`build_providers`] without the certification gate, for `stacyvm
+/// certify`, which builds the providers the way `serve` does in order to
+/// certify them.
+pub fn build_providers_to_certify(
+    names: &[String],
+    options: &HostOptions,
+    catalog: &Arc<ImageCatalog>,
+    instance: &str,
+) -> Result<Vec<DynProvider>> {
+    build(names, options, catalog, instance, Gate::Off)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Records,
+    Off,
+}
+
+fn build(
+    names: &[String],
+    options: &HostOptions,
+    catalog: &Arc<ImageCatalog>,
+    instance: &str,
+    gate: Gate,
 ) -> Result<Vec<DynProvider>> {
     let mut out: Vec<DynProvider> = Vec::new();
     if names.is_empty() {
@@ -132,16 +162,42 @@ pub fn build_providers(
                         .is_ok_and(|v| v == "allow"),
                 ),
             )),
+            "qemu" => {
+                let qemu: DynProvider =
+                    Arc::new(crate::qemu::QemuProvider::new(crate::qemu::QemuConfig {
+                        data_dir: options.data_dir.clone(),
+                        agent_bin: agent_bin.clone(),
+                        catalog: catalog.clone(),
+                        instance: instance.to_owned(),
+                        guest_dir: crate::microvm::GuestAssets::default_dir(),
+                    })?);
+                // In KVM mode it serves only where it was certified.
+                out.push(match gate {
+                    Gate::Records => crate::certify::gated(qemu, &options.data_dir),
+                    Gate::Off => qemu,
+                })
+            }
             "proot" => out.push(Arc::new(ProotProvider::new(ProotConfig {
                 data_dir: options.data_dir.clone(),
                 agent_bin: agent_bin.clone(),
                 catalog: catalog.clone(),
                 instance: instance.to_owned(),
             })?)),
+            // Enabled only on a host where it passed `stacyvm certify`,
+            // which it cannot yet: this build has no Firecracker launcher.
+            "firecracker" => out.push(Arc::new(crate::certify::Uncertified::new(
+                name,
+                match crate::certify::verdict(&options.data_dir, name) {
+                    Err(why) => format!("not certified on this host: {why}"),
+                    Ok(_) => "certified on this host, but this StacyVM build has no \
+                              Firecracker launcher"
+                        .into(),
+                },
+            ))),
             other => {
                 return Err(Error::InvalidRequest(format!(
-                    "unknown provider {other:?}; available: docker, namespaces, proot, \
-                     plugin:NAME"
+                    "unknown provider {other:?}; available: docker, namespaces, proot, qemu, \
+                     firecracker, plugin:NAME"
                 )))
             }
         }

@@ -34,6 +34,9 @@ const STAGING_DIR: &str = ".tmp";
 const META_FILE: &str = "meta.json";
 const TAR_FILE: &str = "image.tar";
 const ROOTFS_DIR: &str = "rootfs";
+/// The tenant that owns an image made by a snapshot; absent for images an
+/// operator imported, which every tenant may use.
+const OWNER_FILE: &str = "owner";
 
 /// One image of the catalog, as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -194,13 +197,39 @@ impl ImageCatalog {
     /// Imports a root filesystem tar under `name`, replacing any image of
     /// that name. The body is streamed to disk, never held in memory.
     pub async fn import(&self, name: &str, body: ByteStream) -> Result<ImageInfo> {
+        self.import_as(name, body, None, true).await
+    }
+
+    /// Imports like [`ImageCatalog::import`], recording `owner` (a tenant)
+    /// with the image. Without `replace`, a name already taken is
+    /// `Conflict`, checked again at the atomic publish so two racing
+    /// imports cannot both win.
+    pub async fn import_as(
+        &self,
+        name: &str,
+        body: ByteStream,
+        owner: Option<&str>,
+        replace: bool,
+    ) -> Result<ImageInfo> {
         validate_image_name(name)?;
+        if !replace && self.exists(name).await {
+            return Err(taken(name));
+        }
         let version = format!("{}-{}", safe_name(name), unique_suffix());
         let version_dir = self.dir.join(VERSIONS_DIR).join(&version);
         tokio::fs::create_dir(&version_dir)
             .await
             .map_err(|e| Error::internal(format_args!("creating {}", version_dir.display()), e))?;
-        let built = self.build_version(name, &version_dir, body).await;
+        let mut built = self.build_version(name, &version_dir, body).await;
+        if let (Ok(_), Some(owner)) = (&built, owner) {
+            let path = version_dir.join(OWNER_FILE);
+            if let Err(e) = tokio::fs::write(&path, owner).await {
+                built = Err(Error::internal(
+                    format_args!("writing {}", path.display()),
+                    e,
+                ));
+            }
+        }
         let info = match built {
             Ok(info) => info,
             Err(e) => {
@@ -208,7 +237,7 @@ impl ImageCatalog {
                 return Err(e);
             }
         };
-        if let Err(e) = self.publish(name, &version).await {
+        if let Err(e) = self.publish(name, &version, replace).await {
             remove_tree_blocking(version_dir).await;
             return Err(e);
         }
@@ -280,11 +309,14 @@ impl ImageCatalog {
 
     /// Points `name` at `version` atomically and removes the version it
     /// replaced.
-    async fn publish(&self, name: &str, version: &str) -> Result<()> {
+    async fn publish(&self, name: &str, version: &str, replace: bool) -> Result<()> {
         let lock = self.name_lock(name);
         let _held = lock.lock().await;
         let link = self.dir.join(safe_name(name));
         let previous = tokio::fs::read_link(&link).await.ok();
+        if previous.is_some() && !replace {
+            return Err(taken(name));
+        }
         let staged = self
             .dir
             .join(STAGING_DIR)
@@ -325,6 +357,41 @@ impl ImageCatalog {
             return;
         }
         remove_tree_blocking(version_dir).await;
+    }
+
+    async fn exists(&self, name: &str) -> bool {
+        tokio::fs::symlink_metadata(self.dir.join(safe_name(name)))
+            .await
+            .is_ok()
+    }
+
+    /// The tenant owning `name` (`None`: an operator's image, public).
+    /// `NotFound` when there is no such image.
+    pub async fn owner(&self, name: &str) -> Result<Option<String>> {
+        validate_image_name(name)?;
+        let link = self.dir.join(safe_name(name));
+        let version_dir = match tokio::fs::read_link(&link).await {
+            Ok(target) => self.dir.join(target),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!(
+                    "no image named {name:?} in the image catalog"
+                )))
+            }
+            Err(e) => {
+                return Err(Error::internal(
+                    format_args!("reading {}", link.display()),
+                    e,
+                ))
+            }
+        };
+        match tokio::fs::read_to_string(version_dir.join(OWNER_FILE)).await {
+            Ok(owner) => Ok(Some(owner)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::internal(
+                format_args!("reading the owner of image {name:?}"),
+                e,
+            )),
+        }
     }
 
     /// Every image, sorted by name.
@@ -452,6 +519,12 @@ impl ImageCatalog {
             )),
         }
     }
+}
+
+fn taken(name: &str) -> Error {
+    Error::Conflict(format!(
+        "an image named {name:?} already exists in the image catalog; choose another name"
+    ))
 }
 
 /// How old an unreferenced version or staging entry must be before `open`

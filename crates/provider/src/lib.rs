@@ -10,6 +10,7 @@
 //! to start, find, stop, pause and list its runtimes.
 
 pub mod agent_client;
+pub mod certify;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod docker;
@@ -17,10 +18,14 @@ pub mod docker;
 pub mod fake;
 pub mod host;
 pub mod images;
+pub mod kvm;
+pub mod microvm;
 pub mod namespaces;
 pub mod plugin;
 pub mod proot;
+pub mod qemu;
 pub mod sandboxing;
+pub mod snapshot;
 
 use std::sync::Arc;
 
@@ -113,6 +118,27 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Whether [`Provider::spawn`] binds `spec.mounts` (volumes) into the
+    /// sandbox. The worker refuses a spec with mounts for one that does not,
+    /// so a provider that ignores them can never drop a volume silently.
+    fn supports_mounts(&self) -> bool {
+        false
+    }
+
+    /// Whether [`Provider::spawn`] enforces `spec.egress_allow` (only the
+    /// listed destinations reachable, DNS only for the listed names), and
+    /// why not. The worker refuses a spec with an allow list for a provider
+    /// that answers `Err`, so a list is never silently widened to full
+    /// egress.
+    fn egress_allow_support(&self) -> std::result::Result<(), String> {
+        Err(format!(
+            "the {} provider cannot enforce an egress allow list (network.allow): StacyVM \
+             filters outbound traffic only in a network namespace it controls; use the docker \
+             provider, or network \"none\" or \"egress\"",
+            self.name()
+        ))
+    }
+
     /// Starts a runtime for `spec` and returns once its agent answers.
     /// On error nothing of the runtime is left behind.
     async fn spawn(&self, spec: &SpawnSpec) -> Result<()>;
@@ -163,6 +189,18 @@ pub trait Provider: Send + Sync + 'static {
     async fn resume(&self, _id: &SandboxId) -> Result<()> {
         Err(Error::Unsupported(format!(
             "the {} provider cannot resume sandboxes",
+            self.name()
+        )))
+    }
+
+    /// Streams the sandbox's root filesystem as a tar, for a snapshot that
+    /// the catalog imports as a new image. The caller pauses the sandbox
+    /// first where the provider can, so the tar is one consistent moment.
+    /// Kernel filesystems and StacyVM's injected files are left out (see
+    /// [`snapshot::DEFAULT_EXCLUDES`]); links are stored, never followed.
+    async fn snapshot(&self, _id: &SandboxId) -> Result<ByteStream> {
+        Err(Error::Unsupported(format!(
+            "the {} provider cannot snapshot sandboxes",
             self.name()
         )))
     }

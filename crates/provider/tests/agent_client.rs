@@ -1109,3 +1109,75 @@ async fn the_peer_of_the_socket_is_checked() -> anyhow::Result<()> {
     agent.kill().await?;
     Ok(())
 }
+
+/// A one-shot server on the host's loopback (the agent runs on the host
+/// here, so it is the agent's loopback too): echoes what it reads until the
+/// client half-closes, then sends `tail` and closes.
+async fn echo_server(tail: Vec<u8>) -> anyhow::Result<(u16, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let task = tokio::spawn(async move {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sock.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = sock.write_all(&tail).await;
+        let _ = sock.shutdown().await;
+    });
+    Ok((port, task))
+}
+
+#[tokio::test]
+async fn a_port_relay_splices_both_ways_and_half_closes() -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    let tail: Vec<u8> = (0..(12u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let (port, server) = echo_server(tail.clone()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let input: ByteStream = Box::pin(tokio_stream_from(rx));
+    let mut out = agent.client.port_connect(port, input).await?;
+    tx.send(Ok(Bytes::from_static(b"ping"))).await?;
+    let first = out.next().await.context("the echo")??;
+    assert_eq!(&first[..], b"ping");
+    drop(tx);
+    let rest = collect(out).await?;
+    assert_eq!(rest.len(), tail.len());
+    assert!(
+        rest == tail,
+        "the relayed bytes differ from what the server sent"
+    );
+    server.await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_port_nobody_listens_on_is_unavailable() -> anyhow::Result<()> {
+    let agent = Agent::socket().await?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    drop(listener);
+    let input: ByteStream = Box::pin(futures_util::stream::empty());
+    match agent.client.port_connect(port, input).await {
+        Err(Error::ProviderUnavailable(m)) => assert!(m.contains(&port.to_string()), "{m}"),
+        Err(e) => bail!("expected unavailable, got {e:?}"),
+        Ok(_) => bail!("connecting to a closed port succeeded"),
+    }
+    // The connection is still usable afterwards.
+    agent.client.health().await?;
+    Ok(())
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

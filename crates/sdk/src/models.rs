@@ -14,6 +14,7 @@ pub use stacyvm_api::{
     StoreStatus, StreamChunk, StreamError, Tenant, TenantList, Worker, WorkerCapacity, WorkerList,
     WorkerProvider, WorkerToken, WorkerTokenCreate, WorkerTokenList,
 };
+pub use stacyvm_api::{CreateVolume, Volume, VolumeList, VolumeMount};
 
 /// Filters and paging of a sandbox list.
 #[derive(Clone, Debug, Default)]

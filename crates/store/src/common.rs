@@ -12,14 +12,14 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Postgres, Row, Sqlite, Type};
 use stacyvm_core::{
-    Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TenantId, WorkerId,
+    Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TenantId, VolumeId, WorkerId,
     WorkerTokenId,
 };
 use time::OffsetDateTime;
 
 use crate::model::{
     Actor, ApiKey, AuditEvent, Failure, Outcome, Page, PageRequest, Quota, Role, SandboxRecord,
-    Tenant, WorkerRecord, WorkerState, WorkerToken,
+    Tenant, VolumeRecord, WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::sql::Backend;
 
@@ -71,7 +71,8 @@ pub(crate) use key_columns;
 macro_rules! quota_of_tenant {
     () => {
         "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, \
-         q.max_exec_per_minute, q.allowed_providers, q.max_concurrent_execs \
+         q.max_exec_per_minute, q.allowed_providers, q.max_concurrent_execs, \
+         q.max_volumes, q.max_volume_mb \
          FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = $1"
     };
 }
@@ -299,6 +300,8 @@ pub(crate) fn quota_from_row(row: &impl RowGet) -> Result<Quota> {
             .map(|j| serde_json::from_str(&j).map_err(|e| corrupt("allowed_providers", e)))
             .transpose()?,
         max_concurrent_execs: row.opt_int("max_concurrent_execs")?,
+        max_volumes: row.opt_int("max_volumes")?,
+        max_volume_mb: row.opt_int("max_volume_mb")?,
     })
 }
 
@@ -415,6 +418,16 @@ pub(crate) fn worker_token_from_row(row: &impl RowGet) -> Result<WorkerToken> {
         token_hash: row.text("token_hash")?,
         created_at: time_col(row, "created_at")?,
         revoked_at: opt_time_col(row, "revoked_at")?,
+    })
+}
+
+pub(crate) fn volume_from_row(row: &impl RowGet) -> Result<VolumeRecord> {
+    Ok(VolumeRecord {
+        id: VolumeId::from_trusted(row.text("id")?),
+        tenant_id: TenantId::from_trusted(row.text("tenant_id")?),
+        name: row.text("name")?,
+        size_mb: row.int("size_mb")?,
+        created_at: time_col(row, "created_at")?,
     })
 }
 
@@ -712,11 +725,16 @@ macro_rules! schema {
                 },
                 Migration {
                     version: 4,
+                    name: "volumes",
+                    sql: include_str!(concat!("../migrations/", $dialect, "/0004_volumes.sql")),
+                },
+                Migration {
+                    version: 5,
                     name: "egress allow lists",
                     sql: include_str!(concat!(
                         "../migrations/",
                         $dialect,
-                        "/0004_egress_allow.sql"
+                        "/0005_egress_allow.sql"
                     )),
                 },
             ],

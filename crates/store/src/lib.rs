@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stacyvm_core::{
-    Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+    Error, KeyId, Result, SandboxId, SandboxState, TenantId, VolumeId, WorkerId, WorkerTokenId,
 };
 use time::OffsetDateTime;
 
@@ -173,6 +173,31 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the token revoked at `at`; `false` when no such token. The
     /// first revocation time stays.
     async fn worker_token_revoke(&self, id: &WorkerTokenId, at: OffsetDateTime) -> Result<bool>;
+
+    // --- volumes --------------------------------------------------------
+
+    /// `Conflict` when the tenant has a volume with that name, `NotFound`
+    /// when the tenant does not exist.
+    async fn volume_create(&self, volume: &VolumeRecord) -> Result<()>;
+    /// The tenant's volume named `name`.
+    async fn volume_get(&self, tenant: &TenantId, name: &str) -> Result<Option<VolumeRecord>>;
+    /// Volumes by creation, only `tenant`'s when given.
+    async fn volume_list(&self, tenant: Option<&TenantId>) -> Result<Vec<VolumeRecord>>;
+    /// Records that `sandbox` mounts the volume `volume_id` at `path`;
+    /// `NotFound` when the volume was deleted meanwhile.
+    async fn volume_attach(
+        &self,
+        sandbox: &SandboxId,
+        volume_id: &VolumeId,
+        path: &str,
+        read_only: bool,
+    ) -> Result<()>;
+    /// The live sandboxes (not destroyed, failed or lost) mounting the volume.
+    async fn volume_users(&self, volume_id: &VolumeId) -> Result<Vec<SandboxId>>;
+    /// Deletes the volume in one transaction with the check that no live
+    /// sandbox mounts it (`Conflict` naming one otherwise); `false` when no
+    /// such volume.
+    async fn volume_delete(&self, volume_id: &VolumeId) -> Result<bool>;
 
     // --- time and leadership -------------------------------------------
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use stacyvm_core::{
-    EventId, KeyId, Network, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+    EventId, KeyId, Network, SandboxId, SandboxState, TenantId, VolumeId, WorkerId, WorkerTokenId,
 };
 use time::OffsetDateTime;
 
@@ -66,6 +66,12 @@ pub struct Quota {
     /// Execs (and streaming execs) the tenant may run at once.
     #[serde(default)]
     pub max_concurrent_execs: Option<i64>,
+    /// Volumes the tenant may have.
+    #[serde(default)]
+    pub max_volumes: Option<i64>,
+    /// MiB of all the tenant's volumes together.
+    #[serde(default)]
+    pub max_volume_mb: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -311,6 +317,17 @@ pub struct ProviderState {
     /// The limits its sandboxes do not get in that mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_enforced: Option<Vec<String>>,
+    /// Whether it passed `stacyvm certify` on the worker's host for the
+    /// worker's version; `None` when never certified there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certified: Option<bool>,
+    /// When that certification ran.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub certified_at: Option<time::OffsetDateTime>,
 }
 
 /// A token a remote worker registers with.
@@ -322,4 +339,15 @@ pub struct WorkerToken {
     pub token_hash: String,
     pub created_at: OffsetDateTime,
     pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A volume: a named, sized filesystem owned by a tenant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub tenant_id: TenantId,
+    /// Unique within the tenant.
+    pub name: String,
+    pub size_mb: i64,
+    pub created_at: OffsetDateTime,
 }

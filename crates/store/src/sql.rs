@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Executor, Pool, Transaction};
 use stacyvm_core::{
-    Error, KeyId, Result, SandboxId, SandboxState, TenantId, WorkerId, WorkerTokenId,
+    Error, KeyId, Result, SandboxId, SandboxState, TenantId, VolumeId, WorkerId, WorkerTokenId,
 };
 use time::OffsetDateTime;
 use tokio::sync::MutexGuard;
@@ -24,13 +24,13 @@ use crate::common::{
     into_page, is_foreign_key_violation, is_unique_violation, key_columns, key_from_row,
     live_state, opt_micros, page_limit, quota_from_row, quota_of_tenant, quota_providers_json,
     sandbox_columns, sandbox_from_row, seq_cursor, stale_or_missing, tenant_exists,
-    tenant_from_row, tenant_not_found, to_micros, worker_columns, worker_from_row,
+    tenant_from_row, tenant_not_found, to_micros, volume_from_row, worker_columns, worker_from_row,
     worker_token_from_row, Arg, Conditions, RowGet, SandboxParams, Schema, SqlDb, Statement, Usage,
     Value,
 };
 use crate::model::{
     ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, ProviderState, Quota,
-    SandboxFilter, SandboxRecord, Tenant, WorkerRecord, WorkerState, WorkerToken,
+    SandboxFilter, SandboxRecord, Tenant, VolumeRecord, WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::Store;
 
@@ -410,8 +410,9 @@ impl<B: Backend> Store for SqlStore<B> {
         let _turn = self.backend.write_turn().await;
         let result = sqlx::query(
             "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s,
-                                 max_exec_per_minute, allowed_providers, max_concurrent_execs)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                 max_exec_per_minute, allowed_providers, max_concurrent_execs,
+                                 max_volumes, max_volume_mb)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (tenant_id) DO UPDATE SET
                 max_sandboxes = excluded.max_sandboxes,
                 max_cpu = excluded.max_cpu,
@@ -419,7 +420,9 @@ impl<B: Backend> Store for SqlStore<B> {
                 max_timeout_s = excluded.max_timeout_s,
                 max_exec_per_minute = excluded.max_exec_per_minute,
                 allowed_providers = excluded.allowed_providers,
-                max_concurrent_execs = excluded.max_concurrent_execs",
+                max_concurrent_execs = excluded.max_concurrent_execs,
+                max_volumes = excluded.max_volumes,
+                max_volume_mb = excluded.max_volume_mb",
         )
         .arg(tenant.as_str())
         .arg(quota.max_sandboxes)
@@ -429,6 +432,8 @@ impl<B: Backend> Store for SqlStore<B> {
         .arg(quota.max_exec_per_minute)
         .arg(quota_providers_json(quota)?)
         .arg(quota.max_concurrent_execs)
+        .arg(quota.max_volumes)
+        .arg(quota.max_volume_mb)
         .execute(self.pool())
         .await;
         match result {
@@ -1123,6 +1128,173 @@ impl<B: Backend> Store for SqlStore<B> {
         .await
         .map_err(|e| db_error::<B>("revoking a worker token", e))?;
         Ok(B::Db::rows_affected(&done) > 0)
+    }
+
+    // --- volumes --------------------------------------------------------
+
+    async fn volume_create(&self, volume: &VolumeRecord) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        // Read as sandbox creates read it, so that one tenant's concurrent
+        // creates take turns and each sees the volumes committed before it.
+        let quota_row = sqlx::query(B::QUOTA_FOR_CREATE)
+            .arg(volume.tenant_id.as_str())
+            .fetch_optional(tx.on())
+            .await
+            .map_err(|e| db_error::<B>("reading the tenant's quota", e))?;
+        let Some(quota_row) = quota_row else {
+            return Err(tenant_not_found(&volume.tenant_id));
+        };
+        let quota = quota_from_row(&quota_row)?;
+        let usage = sqlx::query(
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size_mb), 0) AS BIGINT) AS mb
+             FROM volumes WHERE tenant_id = $1",
+        )
+        .arg(volume.tenant_id.as_str())
+        .fetch_one(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("counting the tenant's volumes", e))?;
+        let (count, mb) = (usage.int("n")?, usage.int("mb")?);
+        if let Some(max) = quota.max_volumes {
+            if count + 1 > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "quota exceeded: max_volumes is {max} and the tenant has {count} volumes"
+                )));
+            }
+        }
+        if let Some(max) = quota.max_volume_mb {
+            if mb + volume.size_mb > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "quota exceeded: max_volume_mb is {max}, the tenant's volumes hold {mb} \
+                     and {} was asked",
+                    volume.size_mb
+                )));
+            }
+        }
+        let result = sqlx::query(
+            "INSERT INTO volumes (id, tenant_id, name, size_mb, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .arg(volume.id.as_str())
+        .arg(volume.tenant_id.as_str())
+        .arg(volume.name.as_str())
+        .arg(volume.size_mb)
+        .arg(to_micros(volume.created_at))
+        .execute(tx.on())
+        .await;
+        match result {
+            Ok(_) => tx.commit("creating a volume").await,
+            Err(e) if is_unique_violation(&e) => Err(Error::Conflict(format!(
+                "a volume named {:?} exists already",
+                volume.name
+            ))),
+            Err(e) => Err(db_error::<B>("creating a volume", e)),
+        }
+    }
+
+    async fn volume_get(&self, tenant: &TenantId, name: &str) -> Result<Option<VolumeRecord>> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id, name, size_mb, created_at FROM volumes
+             WHERE tenant_id = $1 AND name = $2",
+        )
+        .arg(tenant.as_str())
+        .arg(name)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(|e| db_error::<B>("reading a volume", e))?;
+        row.map(|r| volume_from_row(&r)).transpose()
+    }
+
+    async fn volume_list(&self, tenant: Option<&TenantId>) -> Result<Vec<VolumeRecord>> {
+        let query = match tenant {
+            Some(t) => sqlx::query(
+                "SELECT id, tenant_id, name, size_mb, created_at FROM volumes
+                 WHERE tenant_id = $1 ORDER BY id",
+            )
+            .arg(t.as_str()),
+            None => sqlx::query(
+                "SELECT id, tenant_id, name, size_mb, created_at FROM volumes ORDER BY id",
+            ),
+        };
+        self.all("listing volumes", query, volume_from_row).await
+    }
+
+    async fn volume_attach(
+        &self,
+        sandbox: &SandboxId,
+        volume_id: &VolumeId,
+        path: &str,
+        read_only: bool,
+    ) -> Result<()> {
+        let _turn = self.backend.write_turn().await;
+        let result = sqlx::query(
+            "INSERT INTO sandbox_volumes (sandbox_id, volume_id, path, read_only)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .arg(sandbox.as_str())
+        .arg(volume_id.as_str())
+        .arg(path)
+        .arg(i64::from(read_only))
+        .execute(self.pool())
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_foreign_key_violation(&e) => {
+                Err(Error::NotFound(format!("volume {volume_id} was deleted")))
+            }
+            Err(e) if is_unique_violation(&e) => Err(Error::InvalidRequest(format!(
+                "volume {volume_id} is mounted twice in one sandbox"
+            ))),
+            Err(e) => Err(db_error::<B>("attaching a volume", e)),
+        }
+    }
+
+    async fn volume_users(&self, volume_id: &VolumeId) -> Result<Vec<SandboxId>> {
+        let query = sqlx::query(concat!(
+            "SELECT sv.sandbox_id AS id FROM sandbox_volumes sv
+             JOIN sandboxes ON sandboxes.id = sv.sandbox_id
+             WHERE sv.volume_id = $1 AND sandboxes.",
+            live_state!(),
+            " ORDER BY sv.sandbox_id"
+        ))
+        .arg(volume_id.as_str());
+        self.all("listing a volume's sandboxes", query, |r| {
+            Ok(SandboxId::from_trusted(r.text("id")?))
+        })
+        .await
+    }
+
+    async fn volume_delete(&self, volume_id: &VolumeId) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let user = sqlx::query(concat!(
+            "SELECT sv.sandbox_id AS id FROM sandbox_volumes sv
+             JOIN sandboxes ON sandboxes.id = sv.sandbox_id
+             WHERE sv.volume_id = $1 AND sandboxes.",
+            live_state!(),
+            " ORDER BY sv.sandbox_id LIMIT 1"
+        ))
+        .arg(volume_id.as_str())
+        .fetch_optional(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("checking a volume's sandboxes", e))?;
+        if let Some(row) = user {
+            return Err(Error::Conflict(format!(
+                "the volume is attached to sandbox {}, which is not destroyed",
+                row.text("id")?
+            )));
+        }
+        sqlx::query("DELETE FROM sandbox_volumes WHERE volume_id = $1")
+            .arg(volume_id.as_str())
+            .execute(tx.on())
+            .await
+            .map_err(|e| db_error::<B>("deleting a volume's attachments", e))?;
+        let done = sqlx::query("DELETE FROM volumes WHERE id = $1")
+            .arg(volume_id.as_str())
+            .execute(tx.on())
+            .await
+            .map_err(|e| db_error::<B>("deleting a volume", e))?;
+        let deleted = B::Db::rows_affected(&done) > 0;
+        tx.commit("deleting a volume").await?;
+        Ok(deleted)
     }
 
     // --- time and leadership -------------------------------------------

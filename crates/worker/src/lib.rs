@@ -61,6 +61,10 @@ pub struct ProviderHealth {
     /// provider: root or rootless), from in-process and remote workers alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ProviderMode>,
+    /// Its `stacyvm certify` record on the worker's host; `None` when it
+    /// was never certified there (or the worker keeps no records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certification: Option<stacyvm_provider::certify::Standing>,
 }
 
 /// A runtime found on the worker's host.
@@ -123,6 +127,18 @@ pub trait Worker: Send + Sync + 'static {
     /// A connection to the sandbox's agent: exec, streams and every file
     /// operation go through it (`AgentClient`), whatever the worker is.
     async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>>;
+
+    /// The sandbox's root filesystem as a tar stream (see
+    /// `Provider::snapshot`). Workers that cannot hand one over refuse with
+    /// `Unsupported`, which the API answers with 409 `unsupported`.
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
+        let _ = lease;
+        Err(stacyvm_core::Error::Unsupported(format!(
+            "worker {} cannot snapshot sandboxes: snapshots need the sandbox on the control \
+             plane's own worker",
+            self.id()
+        )))
+    }
 }
 
 pub type DynWorker = Arc<dyn Worker>;

@@ -2,6 +2,7 @@
 //! with the same lease and fencing checks a remote worker makes.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -18,6 +19,8 @@ pub struct LocalWorker {
     /// The highest fencing token seen per sandbox. A lease below it belongs
     /// to a holder that has since lost the sandbox and is refused.
     fences: Mutex<HashMap<SandboxId, i64>>,
+    /// The data dir whose `stacyvm certify` records the health reports.
+    records: Option<PathBuf>,
 }
 
 impl LocalWorker {
@@ -26,7 +29,14 @@ impl LocalWorker {
             id,
             providers,
             fences: Mutex::new(HashMap::new()),
+            records: None,
         }
+    }
+
+    /// Reports each provider's certification from the records in `data_dir`.
+    pub fn with_certification_records(mut self, data_dir: PathBuf) -> LocalWorker {
+        self.records = Some(data_dir);
+        self
     }
 
     /// Checks the lease against the highest token seen (recording a newer
@@ -86,6 +96,10 @@ impl Worker for LocalWorker {
                 name: p.name().to_owned(),
                 health: p.health().await,
                 mode: p.mode(),
+                certification: self
+                    .records
+                    .as_deref()
+                    .and_then(|d| stacyvm_provider::certify::standing(d, p.name())),
             });
         }
         out
@@ -129,16 +143,19 @@ impl Worker for LocalWorker {
                 spec.sandbox_id, lease.sandbox_id
             )));
         }
-        // No provider enforces an allow list yet: refusing is the only way
-        // not to hand out full egress in its place.
-        if !spec.egress_allow.is_empty() {
-            return Err(Error::Unsupported(
-                "network.allow (an egress allow list) is not supported by this worker's providers yet; \
-                 use \"none\" or \"egress\""
-                    .into(),
-            ));
+        let provider = self.admit(lease)?;
+        if !spec.mounts.is_empty() && !provider.supports_mounts() {
+            return Err(Error::Unsupported(format!(
+                "volumes are not supported by the {} provider",
+                provider.name()
+            )));
         }
-        self.admit(lease)?.spawn(spec).await
+        // A provider that cannot filter must refuse: starting the sandbox
+        // anyway would hand out full egress in place of the list.
+        if !spec.egress_allow.is_empty() {
+            provider.egress_allow_support().map_err(Error::Unsupported)?;
+        }
+        provider.spawn(spec).await
     }
 
     async fn destroy(&self, lease: &Lease) -> Result<()> {
@@ -152,6 +169,10 @@ impl Worker for LocalWorker {
 
     async fn resume(&self, lease: &Lease) -> Result<()> {
         self.admit(lease)?.resume(&lease.sandbox_id).await
+    }
+
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
+        self.admit(lease)?.snapshot(&lease.sandbox_id).await
     }
 
     async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>> {

@@ -228,6 +228,8 @@ impl Node {
                 detail: p.health.detail,
                 mode: p.mode.as_ref().map(|m| m.mode.clone()),
                 not_enforced: p.mode.map(|m| m.not_enforced),
+                certified: p.certification.as_ref().map(|c| c.certified),
+                certified_at: p.certification.map(|c| c.certified_at),
             })
             .collect()
     }

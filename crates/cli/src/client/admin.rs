@@ -88,6 +88,8 @@ pub struct QuotaArgs {
     cmd: QuotaCmd,
 }
 
+// Parsed once per process: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum QuotaCmd {
     Get {
@@ -108,6 +110,10 @@ enum QuotaCmd {
         max_exec_per_minute: Option<String>,
         #[arg(long)]
         max_concurrent_execs: Option<String>,
+        #[arg(long)]
+        max_volumes: Option<String>,
+        #[arg(long)]
+        max_volume_mb: Option<String>,
         /// Comma-separated providers the tenant may use (e.g. docker,proot),
         /// or `default` for the server's default set.
         #[arg(long)]
@@ -185,7 +191,7 @@ pub struct HealthArgs {
     conn: Conn,
 }
 
-fn images(fmt: Format, list: &[Image]) -> Result<()> {
+pub(super) fn images(fmt: Format, list: &[Image]) -> Result<()> {
     if fmt == Format::Json {
         return output::json(list);
     }
@@ -379,6 +385,8 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
             max_exec_per_minute,
             max_concurrent_execs,
             allowed_providers,
+            max_volumes,
+            max_volume_mb,
         } => {
             let cur = client.quota_get(&tenant).await?;
             let q = Quota {
@@ -396,6 +404,8 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
                     max_concurrent_execs,
                     cur.max_concurrent_execs,
                 ),
+                max_volumes: limit("max-volumes", max_volumes, cur.max_volumes),
+                max_volume_mb: limit("max-volume-mb", max_volume_mb, cur.max_volume_mb),
                 allowed_providers: match allowed_providers.as_deref() {
                     None => cur.allowed_providers,
                     Some("default") => None,
@@ -421,6 +431,8 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
             ("max_timeout_s", quota_cell(q.max_timeout_s)),
             ("max_exec_per_minute", quota_cell(q.max_exec_per_minute)),
             ("max_concurrent_execs", quota_cell(q.max_concurrent_execs)),
+            ("max_volumes", quota_cell(q.max_volumes)),
+            ("max_volume_mb", quota_cell(q.max_volume_mb)),
             (
                 "allowed_providers",
                 match &q.allowed_providers {

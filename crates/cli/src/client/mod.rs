@@ -6,6 +6,7 @@ mod files;
 mod interactive;
 pub mod output;
 mod sandbox;
+mod volume;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -68,6 +69,9 @@ pub enum ClientCommand {
     Workers(admin::WorkersArgs),
     /// Check the server's liveness and readiness.
     Health(admin::HealthArgs),
+    /// Manage volumes: filesystems that outlive sandboxes.
+    #[command(visible_alias = "volumes")]
+    Volume(volume::VolumeArgs),
 }
 
 /// Lets a closed stdout (`stacyvm … | head`) end the process quietly, as
@@ -96,6 +100,7 @@ pub async fn run(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Status(a) => admin::status(a).await,
         ClientCommand::Workers(a) => admin::workers(a).await,
         ClientCommand::Health(a) => admin::health(a).await,
+        ClientCommand::Volume(a) => volume::run(a).await,
     };
     match result {
         Ok(code) => code,

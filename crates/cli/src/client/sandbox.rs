@@ -1,6 +1,6 @@
 //! `stacyvm sandbox …`: create (optionally run one command and remove the
 //! sandbox), ls, get, rm, exec (streamed, exiting with the command's code),
-//! logs, timeout, pause, resume; shell and background processes in
+//! logs, timeout, pause, resume, expose; shell and background processes in
 //! `interactive`.
 
 use std::process::ExitCode;
@@ -27,7 +27,7 @@ pub struct SandboxArgs {
 #[derive(Subcommand)]
 enum SandboxCmd {
     /// Create a sandbox; with `-- CMD…`, run CMD in it and stream its output.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List sandboxes.
     Ls(LsArgs),
     /// Show a sandbox.
@@ -66,6 +66,21 @@ enum SandboxCmd {
     Attach(super::interactive::AttachArgs),
     /// Send a signal to a background process (default TERM).
     Kill(super::interactive::KillArgs),
+    /// Save a sandbox's filesystem as a new catalog image of its tenant.
+    Snapshot {
+        id: String,
+        /// Name of the new image (must not exist yet).
+        #[arg(long)]
+        image: String,
+    },
+    /// Expose PORT inside the sandbox through the server; prints its URL.
+    Expose {
+        id: String,
+        port: u16,
+        /// Reachable without an API key.
+        #[arg(long)]
+        public: bool,
+    },
 }
 
 #[derive(Args)]
@@ -116,6 +131,9 @@ struct CreateArgs {
     /// The command to run, after `--`.
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
+    /// Mount a volume, NAME:/PATH or NAME:/PATH:ro (repeatable).
+    #[arg(long = "volume", value_name = "NAME:/PATH[:ro]")]
+    volume: Vec<String>,
 }
 
 #[derive(Args)]
@@ -161,7 +179,7 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
     let client = a.conn.client()?;
     let fmt = a.conn.output;
     match a.cmd {
-        SandboxCmd::Create(c) => create(&client, fmt, c).await,
+        SandboxCmd::Create(c) => create(&client, fmt, *c).await,
         SandboxCmd::Ls(l) => {
             let state = l.state.as_deref().map(parse_state).transpose()?;
             let labels = key_values(&l.label, "label").into_iter().collect();
@@ -252,6 +270,19 @@ pub async fn run(a: SandboxArgs) -> Result<ExitCode> {
         SandboxCmd::Start(a) => super::interactive::start(&client, fmt, a).await,
         SandboxCmd::Attach(a) => super::interactive::attach(&client, fmt, a).await,
         SandboxCmd::Kill(a) => super::interactive::kill(&client, fmt, a).await,
+        SandboxCmd::Snapshot { id, image } => {
+            super::admin::images(fmt, &[client.sandbox_snapshot(&id, &image).await?])?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SandboxCmd::Expose { id, port, public } => {
+            let p = client.sandbox_expose(&id, port, public).await?;
+            if fmt == Format::Json {
+                output::json(&p)?;
+            } else {
+                println!("{}", p.url);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -333,6 +364,7 @@ async fn create(client: &Client, fmt: Format, c: CreateArgs) -> Result<ExitCode>
             Some(Network::Allow(c.allow))
         },
         idempotency_key: c.idempotency_key,
+        volumes: super::volume::parse_mounts(&c.volume),
     };
     if c.cmd.is_empty() {
         let sbx = client.sandbox_create(&spec).await?;

@@ -7,6 +7,7 @@
 //! `STACYVM_TEST_POSTGRES_URL` or the scripts in `scripts/` that build and start them.
 
 mod archive;
+mod certify;
 #[allow(dead_code)]
 #[path = "../common/cluster.rs"]
 mod cluster;
@@ -22,10 +23,14 @@ mod lifecycle;
 mod pages;
 mod per_store;
 mod plugins;
+mod ports;
 mod procs;
 mod pty;
+mod qemu;
+mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;
 mod workers;

@@ -214,7 +214,8 @@ async fn workers_register_heartbeat_go_down_when_silent_and_are_refused_once_rev
             && w["labels"] == json!({"gpu": "a100"})
             && w["capacity"] == json!({"sandboxes": 4, "cpu": 8.0, "memory_mb": 8192})
             && w["providers"]
-                == json!([{"name": "docker", "healthy": true, "detail": "docker 24"}])
+                == json!([{"name": "docker", "healthy": true, "detail": "docker 24",
+                            "certified": null, "certified_at": null}])
             && w["sandboxes"] == 0,
         "{w}"
     );

@@ -62,6 +62,8 @@ pub struct ServerOptions {
     /// Run the server as this unprivileged uid and gid (through `setpriv`,
     /// no supplementary groups); the caller gives it a data dir it owns.
     pub run_as: Option<(u32, u32)>,
+    /// The test needs the in-process worker (volumes live on its host).
+    pub local_worker: bool,
 }
 
 impl ServerOptions {
@@ -77,6 +79,7 @@ impl ServerOptions {
             listen: None,
             admin_key: None,
             run_as: None,
+            local_worker: false,
         }
     }
 
@@ -118,6 +121,13 @@ impl ServerOptions {
 
     pub fn run_as(mut self, uid: u32, gid: u32) -> ServerOptions {
         self.run_as = Some((uid, gid));
+        self
+    }
+
+    /// Keeps the in-process worker in every topology: the test exercises
+    /// what only it has (volumes, which remote workers refuse).
+    pub fn local_worker(mut self) -> ServerOptions {
+        self.local_worker = true;
         self
     }
 
@@ -208,11 +218,12 @@ impl Server {
     /// remote workers: with `STACYVM_TEST_TOPOLOGY=workers`, every server
     /// whose test does not need the in-process worker's host view (its own
     /// data dir, a host without cgroups).
-    fn remote_workers(&self) -> bool {
+    pub fn remote_workers(&self) -> bool {
         std::env::var("STACYVM_TEST_TOPOLOGY").as_deref() == Ok("workers")
             && !self.opts.without_cgroups
             && self.opts.run_as.is_none()
             && self.opts.data_dir.is_none()
+            && !self.opts.local_worker
     }
 
     /// Starts `n` workers with this server's providers and waits until
@@ -588,6 +599,17 @@ impl Server {
                     },
                 )?,
             ));
+        }
+        if data_dir.join("qemu").exists() {
+            providers.push(Box::new(stacyvm_provider::qemu::QemuProvider::new(
+                stacyvm_provider::qemu::QemuConfig {
+                    data_dir: data_dir.clone(),
+                    agent_bin: agent.clone(),
+                    catalog: catalog.clone(),
+                    instance: instance.clone(),
+                    guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
+                },
+            )?));
         }
         providers.push(Box::new(stacyvm_provider::docker::DockerProvider::new(
             stacyvm_provider::docker::DockerConfig {

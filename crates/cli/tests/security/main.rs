@@ -25,10 +25,13 @@ mod fixtures;
 mod front;
 mod images;
 mod keys;
+mod ports;
 mod procs;
 mod pty;
 mod rootless;
+mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;
 mod tenancy;
+mod volumes;

@@ -338,6 +338,7 @@ async fn a_worker_process_serves_survives_a_kill_and_obeys_its_token() -> anyhow
         network: Network::None,
         labels: Default::default(),
         egress_allow: Vec::new(),
+        mounts: Vec::new(),
     };
     leftovers.ids.push(spec.sandbox_id.clone());
     let lease = Lease::new(&spec.sandbox_id, 2, "proot");

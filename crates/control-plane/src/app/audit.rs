@@ -322,6 +322,11 @@ fn action_of(m: &str, route: &str, path: &str) -> String {
         ("GET", "/metrics") => "metrics.get",
         ("POST", "/mcp") => "mcp.call",
         ("DELETE", "/mcp") => "mcp.close",
+        ("POST", "/v1/sandboxes/{id}/snapshot") => "sandbox.snapshot",
+        ("POST", "/v1/volumes") => "volume.create",
+        ("GET", "/v1/volumes") => "volume.list",
+        ("GET", "/v1/volumes/{name}") => "volume.get",
+        ("DELETE", "/v1/volumes/{name}") => "volume.delete",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()

@@ -16,12 +16,27 @@ impl App {
         self.catalog.import(name, body).await
     }
 
-    pub async fn image_list(&self) -> Result<Vec<ImageInfo>> {
-        self.catalog.list().await
+    /// The images `who` may use: operator images and their tenant's
+    /// snapshots.
+    pub async fn image_list(&self, who: &Principal) -> Result<Vec<ImageInfo>> {
+        let mut visible = Vec::new();
+        for image in self.catalog.list().await? {
+            if self.image_visible(who, &image.name).await? {
+                visible.push(image);
+            }
+        }
+        Ok(visible)
     }
 
-    pub async fn image_get(&self, name: &str) -> Result<ImageInfo> {
-        self.catalog.get(name).await
+    /// Another tenant's snapshot is `NotFound`, as if it did not exist.
+    pub async fn image_get(&self, who: &Principal, name: &str) -> Result<ImageInfo> {
+        let info = self.catalog.get(name).await?;
+        if !self.image_visible(who, name).await? {
+            return Err(Error::NotFound(format!(
+                "no image named {name:?} in the image catalog"
+            )));
+        }
+        Ok(info)
     }
 
     /// Like Docker, refuses to remove an image that live sandboxes use:

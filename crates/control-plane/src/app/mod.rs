@@ -10,14 +10,17 @@ pub mod exec_slots;
 pub mod files;
 pub mod images;
 pub mod pools;
+pub mod ports;
 pub mod procs;
 pub mod pty;
 pub mod ratelimit;
 pub mod reconcilers;
 pub mod sandboxes;
+pub mod snapshots;
 pub mod status;
 pub mod tenants;
 pub mod views;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;
@@ -100,6 +103,8 @@ pub struct App {
     system_tenant: TenantId,
     /// Processes started through the E2B-compatible envd API.
     e2b_processes: Arc<e2b::EnvdProcesses>,
+    /// Exposed ports and the secret of their URL tokens.
+    ports: ports::Exposures,
 }
 
 impl App {
@@ -129,6 +134,7 @@ impl App {
             },
             system_tenant,
             e2b_processes: Default::default(),
+            ports: Default::default(),
         }
     }
 

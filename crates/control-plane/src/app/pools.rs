@@ -223,6 +223,7 @@ async fn spawn_member(
             format!("{}:{}", spec.provider, spec.image),
         )]),
         egress_allow: Vec::new(),
+        mounts: Vec::new(),
     };
     let lease = Lease::new(id, 0, &spec.provider);
     if let Err(e) = worker.spawn(&lease, &spawn).await {

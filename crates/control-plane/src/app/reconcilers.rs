@@ -258,6 +258,8 @@ pub async fn heartbeat(app: &App) -> Result<()> {
                     detail: h.health.detail,
                     mode: h.mode.as_ref().map(|m| m.mode.clone()),
                     not_enforced: h.mode.map(|m| m.not_enforced),
+                    certified: h.certification.as_ref().map(|c| c.certified),
+                    certified_at: h.certification.map(|c| c.certified_at),
                 })
                 .collect();
             app.store.worker_upsert(&rec).await?;

@@ -70,6 +70,8 @@ pub struct CreateSandbox {
     pub idempotency_key: Option<String>,
     /// Only these destinations are reachable (implies egress).
     pub egress_allow: Vec<stacyvm_core::EgressRule>,
+    /// Volumes of the caller's tenant to mount.
+    pub volumes: Vec<stacyvm_core::VolumeMount>,
 }
 
 /// Whether a create made a new sandbox or returned an earlier one.
@@ -173,6 +175,9 @@ impl App {
     /// that allows is `ImageNotFound` with one message whatever the daemon
     /// holds, so tenants cannot probe it.
     async fn image_source_allowed(&self, who: &Principal, image: &str) -> Result<ImageSource> {
+        if !self.image_visible(who, image).await? {
+            return Err(image_not_allowed(image));
+        }
         if who.tenant_id == self.system_tenant
             || self.config.docker_images.iter().any(|p| p.allows(image))
         {
@@ -195,7 +200,7 @@ impl App {
         Ok(rec)
     }
 
-    async fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
+    pub(super) async fn lease_of(&self, rec: &SandboxRecord) -> Result<(DynWorker, Lease)> {
         let worker_id = rec.worker_id.as_ref().ok_or_else(|| {
             Error::Conflict(format!(
                 "sandbox {} has no worker (state {})",
@@ -301,6 +306,7 @@ impl App {
             })
             .await?;
         let source = self.image_source_allowed(who, &image).await?;
+        let volumes = self.volumes_resolve(who, &req.volumes).await?;
 
         let rec = SandboxRecord {
             id: SandboxId::generate(),
@@ -329,6 +335,7 @@ impl App {
         };
         let pooled = if req.worker_labels.is_empty()
             && rec.egress_allow.is_empty()
+            && volumes.is_empty()
             && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)
         {
             self.pools.take(&rec.provider, &rec.image, source)
@@ -389,7 +396,14 @@ impl App {
             self.mark_failed(&mut rec, &e).await;
             return Err(e);
         }
-        let sandbox = self.sandbox_start(rec, &req.worker_labels).await?;
+        let mounts = match self.volumes_attach(&rec.id, &volumes).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.mark_failed(&mut rec, &e).await;
+                return Err(e);
+            }
+        };
+        let sandbox = self.sandbox_start(rec, &req.worker_labels, mounts).await?;
         Ok(Created {
             sandbox,
             existing: false,
@@ -424,6 +438,7 @@ impl App {
         &self,
         mut rec: SandboxRecord,
         worker_labels: &BTreeMap<String, String>,
+        mounts: Vec<stacyvm_core::HostMount>,
     ) -> Result<SandboxRecord> {
         let lease_until = self.store.now().await? + self.config.limits.lease;
         let (worker, placed) = match self.scheduler.place(&rec, worker_labels, lease_until).await {
@@ -446,6 +461,7 @@ impl App {
             network: rec.network,
             labels: rec.labels.clone(),
             egress_allow: rec.egress_allow.clone(),
+            mounts,
         };
         let lease = lease_for(&rec);
         if let Err(e) = worker.spawn(&lease, &spec).await {
@@ -552,6 +568,7 @@ impl App {
             return Ok(());
         }
         let was = rec.state;
+        self.ports.forget(rec.id.as_ref());
         if rec.state != SandboxState::Stopping {
             rec.state = SandboxState::Stopping;
             self.store.sandbox_update(&rec).await?;

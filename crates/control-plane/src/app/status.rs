@@ -25,7 +25,7 @@ impl App {
     }
 
     /// Each provider's health across the workers: healthy when it is on
-    /// one of them at least.
+    /// one of them at least, certified when it is certified on one.
     pub async fn provider_status(&self) -> Vec<ProviderStatus> {
         let health = match self.scheduler.health_by_worker().await {
             Ok(b) => b.into_iter().map(|(_, h)| h).collect(),
@@ -47,6 +47,16 @@ impl App {
                     p.detail = h.health.detail;
                     p.mode = h.mode.as_ref().map(|m| m.mode.clone());
                     p.not_enforced = h.mode.map(|m| m.not_enforced);
+                    p.certified = h.certification.as_ref().map(|c| c.certified);
+                    p.certified_at = h.certification.map(|c| c.certified_at);
+                }
+                // Certified where any worker's record says so.
+                Some(p)
+                    if p.certified != Some(true)
+                        && h.certification.as_ref().is_some_and(|c| c.certified) =>
+                {
+                    p.certified = Some(true);
+                    p.certified_at = h.certification.map(|c| c.certified_at);
                 }
                 Some(_) => {}
                 None => out.push(ProviderStatus {
@@ -55,6 +65,8 @@ impl App {
                     detail: h.health.detail,
                     mode: h.mode.as_ref().map(|m| m.mode.clone()),
                     not_enforced: h.mode.map(|m| m.not_enforced),
+                    certified: h.certification.as_ref().map(|c| c.certified),
+                    certified_at: h.certification.map(|c| c.certified_at),
                 }),
             }
         }

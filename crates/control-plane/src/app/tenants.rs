@@ -91,6 +91,8 @@ impl App {
             quota.max_timeout_s,
             quota.max_exec_per_minute,
             quota.max_concurrent_execs,
+            quota.max_volumes,
+            quota.max_volume_mb,
         ]
         .iter()
         .flatten()

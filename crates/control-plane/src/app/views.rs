@@ -132,6 +132,8 @@ pub fn quota(q: &Quota) -> api::Quota {
         max_exec_per_minute: q.max_exec_per_minute,
         allowed_providers: q.allowed_providers.clone(),
         max_concurrent_execs: q.max_concurrent_execs,
+        max_volumes: q.max_volumes,
+        max_volume_mb: q.max_volume_mb,
     }
 }
 
@@ -144,6 +146,8 @@ pub fn quota_from(q: api::Quota) -> Quota {
         max_exec_per_minute: q.max_exec_per_minute,
         allowed_providers: q.allowed_providers,
         max_concurrent_execs: q.max_concurrent_execs,
+        max_volumes: q.max_volumes,
+        max_volume_mb: q.max_volume_mb,
     }
 }
 
@@ -214,6 +218,8 @@ pub fn worker(w: stacyvm_store::WorkerRecord, sandboxes: i64) -> api::Worker {
                     detail: h.detail.clone(),
                     mode: h.mode.clone(),
                     not_enforced: h.not_enforced.clone(),
+                    certified: h.certified,
+                    certified_at: h.certified_at,
                 },
                 None => api::WorkerProvider {
                     name: name.clone(),
@@ -221,6 +227,8 @@ pub fn worker(w: stacyvm_store::WorkerRecord, sandboxes: i64) -> api::Worker {
                     detail: "no health reported yet".into(),
                     mode: None,
                     not_enforced: None,
+                    certified: None,
+                    certified_at: None,
                 },
             },
         )

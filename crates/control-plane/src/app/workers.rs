@@ -97,6 +97,8 @@ fn check_providers(providers: &[api::WorkerProvider]) -> Result<Vec<ProviderStat
             detail,
             mode: p.mode.clone(),
             not_enforced: p.mode.as_ref().map(|_| not_enforced),
+            certified: p.certified,
+            certified_at: p.certified.and(p.certified_at),
         });
     }
     Ok(out)

@@ -75,9 +75,9 @@ pub async fn image_import(
 #[utoipa::path(get, path = "/v1/images", tag = "images", responses((status = 200, body = api::ImageList)))]
 pub async fn image_list(
     State(s): State<AppState>,
-    Auth(_who): Auth,
+    Auth(who): Auth,
 ) -> ApiResult<Json<api::ImageList>> {
-    let images = s.app.image_list().await?;
+    let images = s.app.image_list(&who).await?;
     Ok(Json(api::ImageList {
         images: images.iter().map(views::image).collect(),
     }))
@@ -89,10 +89,10 @@ pub async fn image_list(
 #[utoipa::path(get, path = "/v1/images/{name}", tag = "images", responses((status = 200, body = api::Image)))]
 pub async fn image_get(
     State(s): State<AppState>,
-    Auth(_who): Auth,
+    Auth(who): Auth,
     Path(name): Path<String>,
 ) -> ApiResult<Json<api::Image>> {
-    Ok(Json(views::image(&s.app.image_get(&name).await?)))
+    Ok(Json(views::image(&s.app.image_get(&who, &name).await?)))
 }
 
 /// Delete an image.

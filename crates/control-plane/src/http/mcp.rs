@@ -137,6 +137,7 @@ impl Backend for AppBackend {
                     network,
                     idempotency_key: None,
                     egress_allow,
+                    volumes: Vec::new(),
                 },
             )
             .await

@@ -13,12 +13,15 @@ pub mod extract;
 pub mod files;
 pub mod mcp;
 pub mod openapi;
+pub mod ports;
 pub mod procs;
 pub mod pty;
 pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
+pub mod snapshots;
 pub mod ui;
+pub mod volumes;
 pub mod workers;
 
 use std::sync::Arc;
@@ -107,6 +110,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandboxes/{id}/processes/{pid}/signal",
             post(procs::process_signal),
         )
+        .route(
+            "/v1/sandboxes/{id}/snapshot",
+            post(snapshots::sandbox_snapshot),
+        )
         .route("/v1/images", post(image_import).get(image_list))
         .route("/v1/images/{*name}", get(image_get).delete(image_delete))
         .route("/v1/tenants", post(tenant_create).get(tenant_list))
@@ -134,7 +141,37 @@ pub fn router(state: AppState) -> Router {
             "/v1/workers/tokens/{id}",
             axum::routing::delete(worker_token_revoke),
         )
+        .route(
+            "/v1/volumes",
+            post(volumes::volume_create).get(volumes::volume_list),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::volume_get).delete(volumes::volume_delete),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports",
+            post(ports::port_expose).get(ports::port_list),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}",
+            axum::routing::delete(ports::port_remove),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}/token",
+            post(ports::port_token),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth_layer));
+    // The port proxy checks keys and tokens itself: public ports need none.
+    let port_proxy = Router::new()
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}/",
+            axum::routing::any(ports::proxy_path),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}/{*rest}",
+            axum::routing::any(ports::proxy_path),
+        );
     // Remote workers' own calls: a worker token, checked by the handlers.
     let worker_calls = Router::new()
         .route("/v1/workers/register", post(worker_register))
@@ -151,6 +188,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(v1)
         .merge(worker_calls)
+        .merge(port_proxy)
         .merge(metrics_route)
         .merge(e2b::routes(state.clone()))
         .route("/healthz", get(healthz))
@@ -162,6 +200,10 @@ pub fn router(state: AppState) -> Router {
         // The timeout inside the audit: a call cut off by it is still
         // recorded (as the 504 it answered).
         .layer(middleware::from_fn_with_state(state.clone(), timeout_layer))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            ports::host_layer,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), audit_layer))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -272,6 +314,7 @@ async fn timeout_layer(State(s): State<AppState>, req: Request, next: Next) -> R
         || path.ends_with("/stdin")
         || path == "/v1/images"
         || path == "/mcp"
+        || (path.starts_with("/v1/sandboxes/") && path.contains("/ports/"))
         || (path.starts_with("/v1/workers/") && path.contains("/images/"))
         || e2b::is_long_call(path);
     if long {

@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, procs, pty, sandboxes, workers};
+use super::{admin, files, ports, procs, pty, sandboxes, snapshots, volumes, workers};
 
 mod reference;
 
@@ -49,6 +49,9 @@ impl Modify for BearerAuth {
         admin::healthz, admin::readyz, admin::metrics,
         procs::process_start, procs::process_list, procs::process_get, procs::process_output,
         procs::process_stdin, procs::process_signal,
+        snapshots::sandbox_snapshot,
+        volumes::volume_create, volumes::volume_list, volumes::volume_get, volumes::volume_delete,
+        ports::port_expose, ports::port_list, ports::port_remove, ports::port_token, ports::proxy_path,
     ),
     components(schemas(
         api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
@@ -63,6 +66,9 @@ impl Modify for BearerAuth {
         api::RuntimeReport, api::WorkerHeartbeatReply, api::RefusedReport, api::StoreStatus,
         api::ProviderStatus, api::PoolStatus, api::Status, api::Health, RawBytes,
         procs::ProcessStart, procs::Process, procs::ProcessList, procs::ProcessSignal, procs::StdinWritten,
+        snapshots::SnapshotRequest,
+        api::Volume, api::CreateVolume, api::VolumeList, api::VolumeMount,
+        ports::PortExpose, ports::ExposedPort, ports::PortList, ports::PortTokenRequest, ports::PortToken,
     )),
     tags(
         (name = "sandboxes", description = "Create, inspect and destroy sandboxes"),
@@ -74,6 +80,7 @@ impl Modify for BearerAuth {
         (name = "audit", description = "The audit log"),
         (name = "status", description = "Health, readiness, status, metrics"),
         (name = "workers", description = "Workers of multi-worker mode, their tokens, and the calls workers make"),
+        (name = "volumes", description = "Volumes: data that outlives a sandbox"),
     )
 )]
 pub struct ApiDoc;

@@ -75,6 +75,15 @@ pub async fn sandbox_create(
                 network,
                 idempotency_key,
                 egress_allow,
+                volumes: body
+                    .volumes
+                    .into_iter()
+                    .map(|v| stacyvm_core::VolumeMount {
+                        volume: v.volume,
+                        path: v.path,
+                        read_only: v.read_only,
+                    })
+                    .collect(),
             },
         )
         .await

@@ -335,6 +335,7 @@ async fn the_reconciler_settles_vanished_stopped_and_orphaned_runtimes() -> Resu
         network: Default::default(),
         labels: Default::default(),
         egress_allow: Vec::new(),
+        mounts: Vec::new(),
     })
     .await?;
     ensure!(fake.runtime_ids().len() == 3);

@@ -148,22 +148,36 @@ impl Inner {
             nano_cpus: Some((spec.cpu * 1e9).round() as i64),
             network_mode: Some(network_mode.into()),
             ipc_mode: Some("private".into()),
-            mounts: Some(vec![
-                Mount {
-                    target: Some(AGENT_PATH_IN_SANDBOX.into()),
-                    source: Some(agent_bin.to_string_lossy().into_owned()),
+            mounts: Some(
+                vec![
+                    Mount {
+                        target: Some(AGENT_PATH_IN_SANDBOX.into()),
+                        source: Some(agent_bin.to_string_lossy().into_owned()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    Mount {
+                        target: Some(RUN_DIR_IN_SANDBOX.into()),
+                        source: Some(run_dir.to_string_lossy().into_owned()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(false),
+                        ..Default::default()
+                    },
+                ]
+                .into_iter()
+                // Volumes: Docker resolves each target inside the container's
+                // own root, so a symlink planted in the image cannot redirect
+                // the bind onto the host.
+                .chain(spec.mounts.iter().map(|m| Mount {
+                    target: Some(m.target.clone()),
+                    source: Some(m.source.clone()),
                     typ: Some(MountType::BIND),
-                    read_only: Some(true),
+                    read_only: Some(m.read_only),
                     ..Default::default()
-                },
-                Mount {
-                    target: Some(RUN_DIR_IN_SANDBOX.into()),
-                    source: Some(run_dir.to_string_lossy().into_owned()),
-                    typ: Some(MountType::BIND),
-                    read_only: Some(false),
-                    ..Default::default()
-                },
-            ]),
+                }))
+                .collect(),
+            ),
             // The agent's own log; command output travels over the socket.
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".into()),
@@ -573,6 +587,28 @@ impl Inner {
             )));
         }
         Ok((self.socket_path(id), agent_peer(&c)))
+    }
+
+    /// `docker export` of the sandbox's container, streamed: its whole
+    /// filesystem as the container sees it, without its bind mounts and
+    /// without StacyVM's own files, which the provider puts back at create.
+    pub(super) async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        use futures_util::StreamExt;
+        let docker = self.docker().await?;
+        self.inspect(&docker, id).await?;
+        let name = self.container_name(id);
+        let stream = docker
+            .export_container(&name)
+            .map(|chunk| chunk.map_err(std::io::Error::other));
+        // The agent and StacyVM's files are copied into the container at
+        // create, so the export holds them: left out like on every provider.
+        Ok(crate::snapshot::filter_tar(
+            Box::pin(stream),
+            crate::snapshot::DEFAULT_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ))
     }
 
     pub(super) async fn pause(&self, id: &SandboxId) -> Result<()> {

@@ -487,6 +487,10 @@ impl Provider for DockerProvider {
         self.inner.health().await
     }
 
+    fn supports_mounts(&self) -> bool {
+        true
+    }
+
     async fn spawn(&self, spec: &SpawnSpec) -> Result<()> {
         self.inner.spawn(spec).await
     }
@@ -517,6 +521,10 @@ impl Provider for DockerProvider {
 
     async fn resume(&self, id: &SandboxId) -> Result<()> {
         self.inner.resume(id).await
+    }
+
+    async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        self.inner.snapshot(id).await
     }
 }
 

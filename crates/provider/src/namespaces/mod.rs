@@ -1219,4 +1219,28 @@ impl Provider for NamespacesProvider {
     async fn resume(&self, id: &SandboxId) -> Result<()> {
         self.set_frozen(id, false).await
     }
+
+    async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        let meta = self.meta_of(id)?;
+        let dir = self.sandbox_dir(id);
+        let lower = match meta.layout {
+            Layout::Overlay => self.cfg.catalog.rootfs(&meta.image).await?,
+            Layout::Copy => PathBuf::new(),
+        };
+        let layers = rootfs::snapshot_layers(&dir, meta.layout, &lower);
+        // The host sees the sandbox's owners shifted into its ID block;
+        // the image stores them as the sandbox sees them.
+        let ids = crate::snapshot::IdShift {
+            first: u64::from(meta.ids.first),
+            count: u64::from(meta.ids.count),
+        };
+        Ok(crate::snapshot::tar_layers(
+            layers,
+            crate::snapshot::DEFAULT_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ids,
+        ))
+    }
 }

@@ -312,6 +312,7 @@ impl Call {
             | Request::ProcOutput { .. }
             | Request::ProcStdin { .. }
             | Request::ProcSignal { .. } => Err(self.unsupported("run background processes")),
+            Request::PortConnect { .. } => Err(self.unsupported("relay ports")),
         }
     }
 

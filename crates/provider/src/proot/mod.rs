@@ -914,6 +914,31 @@ impl Provider for ProotProvider {
     async fn resume(&self, id: &SandboxId) -> Result<()> {
         self.set_frozen(id, false).await
     }
+
+    async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        let meta = self.meta_of(id)?;
+        let dir = self.sandbox_dir(id);
+        let lower = match meta.layout {
+            Layout::Overlay => self.cfg.catalog.rootfs(&meta.image).await?,
+            Layout::Copy => PathBuf::new(),
+        };
+        let layers = sb::rootfs::snapshot_layers(&dir, meta.layout, &lower);
+        // PRoot shows the guest its files as root's: store them so.
+        // SAFETY: getuid cannot fail and touches no memory.
+        let own = meta.uid.unwrap_or_else(|| unsafe { libc::getuid() });
+        let ids = crate::snapshot::IdShift {
+            first: u64::from(own),
+            count: 1,
+        };
+        Ok(crate::snapshot::tar_layers(
+            layers,
+            crate::snapshot::DEFAULT_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ids,
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -296,3 +296,25 @@ pub fn remove(dir: &Path, run_dir: &Path) -> Result<()> {
     remove_tree(dir).map_err(|e| Error::internal(format_args!("removing {}", dir.display()), e))?;
     Ok(())
 }
+
+/// The layers a snapshot of the sandbox in `dir` merges, topmost first:
+/// the overlay's upper layer over the lower view it was mounted with (or
+/// `lower` when the sandbox mounted its overlay itself and left no view on
+/// the host), or the sandbox's own copy of the rootfs.
+pub fn snapshot_layers(dir: &Path, layout: Layout, lower: &Path) -> Vec<PathBuf> {
+    match layout {
+        Layout::Copy => vec![dir.join("rootfs")],
+        Layout::Overlay => {
+            let view = dir.join("lower");
+            let view_mounted = std::fs::read_dir(&view)
+                .map(|mut rd| rd.next().is_some())
+                .unwrap_or(false);
+            let lower = if view_mounted {
+                view
+            } else {
+                lower.to_path_buf()
+            };
+            vec![dir.join("upper"), lower]
+        }
+    }
+}

@@ -67,3 +67,7 @@ mod namespaces {
 mod plugin {
     conformance!(crate::support::plugin_provider);
 }
+
+mod qemu {
+    conformance!(crate::support::qemu_provider);
+}

@@ -209,6 +209,7 @@ fn spec(image: &str) -> SpawnSpec {
         network: Network::None,
         labels: BTreeMap::new(),
         egress_allow: Vec::new(),
+        mounts: Vec::new(),
     }
 }
 

@@ -8,4 +8,5 @@ mod fake;
 mod namespaces;
 mod plugin;
 mod proot;
+mod qemu;
 mod support;

@@ -257,6 +257,32 @@ pub async fn plugin_provider(env: &TestEnv) -> anyhow::Result<DynProvider> {
     Ok(Arc::new(p))
 }
 
+/// The QEMU provider over the guest assets of `scripts/build-guest.sh`
+/// (`$STACYVM_GUEST_DIR`). A host without QEMU, vhost-device-vsock or
+/// the assets fails the test with the reason.
+pub fn qemu_provider_now(env: &TestEnv) -> anyhow::Result<stacyvm_provider::qemu::QemuProvider> {
+    Ok(stacyvm_provider::qemu::QemuProvider::new(
+        stacyvm_provider::qemu::QemuConfig {
+            data_dir: env.data_dir.clone(),
+            agent_bin: env.agent_bin.clone(),
+            catalog: env.catalog.clone(),
+            instance: env.instance.clone(),
+            guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
+        },
+    )?)
+}
+
+pub async fn qemu_provider(env: &TestEnv) -> anyhow::Result<DynProvider> {
+    let p = qemu_provider_now(env)?;
+    let health = p.health().await;
+    anyhow::ensure!(
+        health.healthy,
+        "the qemu provider cannot run here: {} (scripts/build-guest.sh installs what it needs)",
+        health.detail
+    );
+    Ok(Arc::new(p))
+}
+
 /// A provider, its test world and the guard for its sandboxes. The guard is
 /// declared first so it runs before the data directory is removed.
 pub struct Harness {

@@ -126,6 +126,8 @@ pub fn worker(address: &str) -> WorkerRecord {
             detail: "Docker 20.10".into(),
             mode: None,
             not_enforced: None,
+            certified: None,
+            certified_at: None,
         }],
         capacity_cpu: Some(8.5),
         capacity_memory_mb: Some(16384),

@@ -14,6 +14,7 @@ mod lifecycle;
 mod quotas;
 mod sandboxes;
 mod tenants;
+mod volumes;
 mod workers;
 
 /// Generates `sqlite::CASE` and `postgres::CASE` tests running
@@ -86,4 +87,7 @@ conformance! {
     workers::concurrent_placements_never_overfill_a_worker,
     workers::heartbeats_renew_leases_and_bring_workers_back,
     workers::lapsed_leases_lose_sandboxes_and_fence_the_old_holder,
+    volumes::volume_names_are_unique_per_tenant,
+    volumes::a_mounted_volume_is_deleted_only_after_its_sandbox,
+    volumes::volume_quotas_count_volumes_and_their_sizes,
 }

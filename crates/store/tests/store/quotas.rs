@@ -26,6 +26,8 @@ pub async fn quota_defaults_set_and_replace(db: &TestDb) -> anyhow::Result<()> {
         max_exec_per_minute: Some(120),
         allowed_providers: Some(vec!["docker".into(), "proot".into()]),
         max_concurrent_execs: Some(100),
+        max_volumes: Some(3),
+        max_volume_mb: Some(4096),
     };
     store.quota_set(&t, &full).await?;
     assert_eq!(store.quota_get(&t).await?, full);

@@ -268,6 +268,9 @@ pub async fn heartbeats_renew_leases_and_bring_workers_back(db: &TestDb) -> anyh
         detail: "no user namespaces".into(),
         mode: Some("rootless".into()),
         not_enforced: Some(vec!["memory".into(), "pause".into()]),
+        // A certification record travels with the heartbeat.
+        certified: Some(false),
+        certified_at: Some(fixtures::at(1)),
     }];
     let (now, until) = (fixtures::at(2), fixtures::at(40));
     store.worker_set_state(&w.id, WorkerState::Down).await?;

@@ -260,6 +260,9 @@ impl Worker for RemoteWorker {
                         mode: m.mode,
                         not_enforced: m.not_enforced,
                     }),
+                    // A remote worker reports certification in its
+                    // heartbeat, which is what status shows.
+                    certification: None,
                 })
                 .collect(),
             // A worker that cannot be asked has no usable provider.
@@ -273,6 +276,7 @@ impl Worker for RemoteWorker {
                         detail: e.message(),
                     },
                     mode: None,
+                    certification: None,
                 })
                 .collect(),
         }
@@ -326,6 +330,13 @@ impl Worker for RemoteWorker {
                 "spawn spec for {} under a lease on {}",
                 spec.sandbox_id, lease.sandbox_id
             )));
+        }
+        // A volume lives on the control plane's host; a remote worker has no
+        // way to reach it.
+        if !spec.mounts.is_empty() {
+            return Err(Error::Unsupported(
+                "volumes are not supported on remote workers".into(),
+            ));
         }
         // A name the catalog lacks is a Docker image the worker's daemon
         // may have: the worker is told nothing to fetch.

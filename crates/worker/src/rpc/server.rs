@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
@@ -50,6 +51,9 @@ pub struct WorkerRpcConfig {
     /// `None`: images are never fetched (a spawn of an image the worker
     /// lacks fails with `ImageNotFound`).
     pub images: Option<Arc<dyn ImageSource>>,
+    /// The data dir whose `stacyvm certify` records the provider health
+    /// reports; `None`: certification is not reported.
+    pub certification_records: Option<PathBuf>,
 }
 
 /// The worker's state behind the RPC, shared with its registration loop.
@@ -59,6 +63,7 @@ pub struct WorkerRpc {
     catalog: Arc<ImageCatalog>,
     leases: Arc<LeaseTable>,
     images: Option<Arc<dyn ImageSource>>,
+    certification_records: Option<PathBuf>,
     /// The secret control planes present; `None` until the worker has
     /// registered, when every call is refused.
     secret: RwLock<Option<String>>,
@@ -76,6 +81,7 @@ impl WorkerRpc {
             catalog: config.catalog,
             leases: config.leases,
             images: config.images,
+            certification_records: config.certification_records,
             secret: RwLock::new(None),
             fetching: tokio::sync::Mutex::new(HashMap::new()),
             closing: CancellationToken::new(),
@@ -139,6 +145,10 @@ impl WorkerRpc {
                 name: p.name().to_owned(),
                 health: p.health().await,
                 mode: p.mode(),
+                certification: self
+                    .certification_records
+                    .as_deref()
+                    .and_then(|d| stacyvm_provider::certify::standing(d, p.name())),
             });
         }
         out

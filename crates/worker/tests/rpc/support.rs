@@ -144,6 +144,7 @@ impl Node {
             catalog: catalog.clone(),
             leases: Arc::new(LeaseTable::new(Duration::from_secs(600))),
             images: opts.images,
+            certification_records: None,
         });
         if !opts.unregistered {
             rpc.set_secret(SECRET);
@@ -256,6 +257,7 @@ pub fn spec() -> SpawnSpec {
         network: Network::None,
         labels: BTreeMap::new(),
         egress_allow: Vec::new(),
+        mounts: Vec::new(),
     }
 }
 

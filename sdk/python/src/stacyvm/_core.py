@@ -189,6 +189,22 @@ def sandbox_resume(sandbox_id: str) -> Call:
     return Call("POST", f"/v1/sandboxes/{seg(sandbox_id)}/resume")
 
 
+def sandbox_expose(sandbox_id: str, port: int, public: bool = False) -> Call:
+    return Call("POST", f"/v1/sandboxes/{seg(sandbox_id)}/ports", json={"port": port, "public": public})
+
+
+def sandbox_ports(sandbox_id: str) -> Call:
+    return Call("GET", f"/v1/sandboxes/{seg(sandbox_id)}/ports")
+
+
+def sandbox_unexpose(sandbox_id: str, port: int) -> Call:
+    return Call("DELETE", f"/v1/sandboxes/{seg(sandbox_id)}/ports/{int(port)}")
+
+
+def sandbox_port_token(sandbox_id: str, port: int, ttl_seconds: int = 3600) -> Call:
+    return Call("POST", f"/v1/sandboxes/{seg(sandbox_id)}/ports/{int(port)}/token", json={"ttl_seconds": ttl_seconds})
+
+
 def sandbox_logs(sandbox_id: str, follow: bool = False) -> Call:
     call = Call("GET", f"/v1/sandboxes/{seg(sandbox_id)}/logs", params=params_of(follow=follow or None))
     if follow:
@@ -701,4 +717,14 @@ def pty_closed(payload: bytes) -> int:
 def pty_ended_early() -> ProviderUnavailable:
     return ProviderUnavailable(
         "the terminal's connection ended before the command's exit", code="provider_unavailable"
+    )
+
+
+def sandbox_snapshot(sandbox_id: str, image: str) -> Call:
+    # The whole filesystem is copied before the answer: no read deadline.
+    return Call(
+        "POST",
+        f"/v1/sandboxes/{seg(sandbox_id)}/snapshot",
+        json={"image": image},
+        timeout=httpx.Timeout(30.0, read=None),
     )

@@ -494,6 +494,11 @@ class ProviderStatus:
 
     name: str
     healthy: bool
+    #: Whether the provider passed `stacyvm certify` on its host, for this
+    #: StacyVM version: null when it was never certified there.
+    certified: Optional[bool] = None
+    #: When the certification that `certified` reports ran; null when never.
+    certified_at: Optional[datetime] = None
     #: The version in use, or why not healthy and the fix.
     detail: str = ""
     #: How the provider runs on this host, for a provider with more than
@@ -508,6 +513,8 @@ class ProviderStatus:
         return cls(
             name=str(d.get("name", "")),
             healthy=bool(d.get("healthy", False)),
+            certified=_w.opt(bool, d.get("certified")),
+            certified_at=_w.parse_time(d.get("certified_at")),
             detail=str(d.get("detail", "")),
             mode=_w.opt(str, d.get("mode")),
             not_enforced=None if d.get("not_enforced") is None else [str(x) for x in _w.items(d.get("not_enforced"))],
@@ -517,6 +524,8 @@ class ProviderStatus:
         return {
             "name": self.name,
             "healthy": self.healthy,
+            "certified": self.certified,
+            "certified_at": None if self.certified_at is None else _w.format_time(self.certified_at),
             "detail": self.detail,
             "mode": self.mode,
             "not_enforced": None if self.not_enforced is None else list(self.not_enforced),
@@ -544,6 +553,10 @@ class Quota:
     max_sandboxes: Optional[int] = None
     #: The longest lifetime a sandbox may ask for, in seconds.
     max_timeout_s: Optional[int] = None
+    #: MiB of all the tenant's volumes together (their sizes, not what is written).
+    max_volume_mb: Optional[int] = None
+    #: Volumes the tenant may have.
+    max_volumes: Optional[int] = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Self:
@@ -557,6 +570,8 @@ class Quota:
             max_memory_mb=_w.opt(int, d.get("max_memory_mb")),
             max_sandboxes=_w.opt(int, d.get("max_sandboxes")),
             max_timeout_s=_w.opt(int, d.get("max_timeout_s")),
+            max_volume_mb=_w.opt(int, d.get("max_volume_mb")),
+            max_volumes=_w.opt(int, d.get("max_volumes")),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -568,6 +583,8 @@ class Quota:
             "max_memory_mb": self.max_memory_mb,
             "max_sandboxes": self.max_sandboxes,
             "max_timeout_s": self.max_timeout_s,
+            "max_volume_mb": self.max_volume_mb,
+            "max_volumes": self.max_volumes,
         }
 
 
@@ -701,6 +718,11 @@ class WorkerProvider:
 
     name: str
     healthy: bool
+    #: Whether the provider passed `stacyvm certify` on its host, for this
+    #: StacyVM version: null when it was never certified there.
+    certified: Optional[bool] = None
+    #: When the certification that `certified` reports ran; null when never.
+    certified_at: Optional[datetime] = None
     detail: str = ""
     #: The provider's mode where it has more than one (the namespaces
     #: provider: `root` or `rootless`).
@@ -714,6 +736,8 @@ class WorkerProvider:
         return cls(
             name=str(d.get("name", "")),
             healthy=bool(d.get("healthy", False)),
+            certified=_w.opt(bool, d.get("certified")),
+            certified_at=_w.parse_time(d.get("certified_at")),
             detail=str(d.get("detail", "")),
             mode=_w.opt(str, d.get("mode")),
             not_enforced=None if d.get("not_enforced") is None else [str(x) for x in _w.items(d.get("not_enforced"))],
@@ -723,6 +747,8 @@ class WorkerProvider:
         return {
             "name": self.name,
             "healthy": self.healthy,
+            "certified": self.certified,
+            "certified_at": None if self.certified_at is None else _w.format_time(self.certified_at),
             "detail": self.detail,
             "mode": self.mode,
             "not_enforced": None if self.not_enforced is None else list(self.not_enforced),

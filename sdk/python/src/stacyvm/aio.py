@@ -626,6 +626,29 @@ class AsyncSandbox:
         self.info = SandboxInfo.from_json(await self._t.json(core.sandbox_resume(self.id)))
         return self.info
 
+    async def snapshot(self, image: str) -> Image:
+        """Saves the sandbox's filesystem as a new catalog image of its tenant.
+
+        Creates then take ``image`` like any other image. A taken name raises
+        `Conflict`; a provider that cannot snapshot raises `Unsupported`.
+        """
+        return Image.from_json(await self._t.json(core.sandbox_snapshot(self.id, image)))
+
+    async def expose(self, port: int, public: bool = False) -> dict:
+        """Exposes `port` inside the sandbox through the server: `{"port", "public", "url"}`."""
+        return await self._t.json(core.sandbox_expose(self.id, port, public))
+
+    async def ports(self) -> list:
+        """The sandbox's exposed ports."""
+        return (await self._t.json(core.sandbox_ports(self.id))).get("ports", [])
+
+    async def unexpose(self, port: int) -> None:
+        await self._t.json(core.sandbox_unexpose(self.id, port))
+
+    async def port_token(self, port: int, ttl_seconds: int = 3600) -> dict:
+        """A signed URL token opening a private port: `{"token", "expires_at", "url"}`."""
+        return await self._t.json(core.sandbox_port_token(self.id, port, ttl_seconds))
+
     async def logs(self) -> List[LogLine]:
         """The sandbox's log so far."""
         doc = await self._t.json(core.sandbox_logs(self.id))

@@ -101,6 +101,8 @@ export interface CreateSandbox {
   provider?: string | null;
   template?: string | null;
   timeout_s?: number | null;
+  /** Volumes to mount (single-node servers with the `docker` provider). */
+  volumes?: VolumeMount[];
   workdir?: string | null;
   /**
    * Only workers carrying every one of these labels may run the sandbox
@@ -112,6 +114,13 @@ export interface CreateSandbox {
 /** Body of `POST /v1/tenants`. */
 export interface CreateTenant {
   name: string;
+}
+
+/** Body of `POST /v1/volumes`. */
+export interface CreateVolume {
+  name: string;
+  /** At least 8 MiB. */
+  size_mb: number;
 }
 
 /** The answer of `GET …/files/list`, sorted by path. */
@@ -169,6 +178,17 @@ export interface ExitStatus {
   exit_code?: number | null;
   signal?: number | null;
   timed_out: boolean;
+}
+
+/** An exposed port and the URL that reaches it. */
+export interface ExposedPort {
+  port: number;
+  public: boolean;
+  /**
+   * The host form `http://{port}-{id}.DOMAIN/` when the server has a
+   * proxy domain, else the path form relative to the server.
+   */
+  url: string;
 }
 
 /** Why a sandbox failed. */
@@ -272,6 +292,34 @@ export interface PoolStatus {
   size: number;
 }
 
+/** What `POST /v1/sandboxes/{id}/ports` takes. */
+export interface PortExpose {
+  /** The port inside the sandbox (1-65535), on its loopback. */
+  port: number;
+  /** Reachable without an API key or token (default `false`). */
+  public?: boolean;
+}
+
+export interface PortList {
+  ports: ExposedPort[];
+}
+
+/** A signed URL token opening a private port. */
+export interface PortToken {
+  /** When the token stops working, in Unix seconds. */
+  expires_at: number;
+  /** `EXPIRY.MAC`, passed as `?stacyvm_token=`. */
+  token: string;
+  /** The port's URL with the token in its query. */
+  url: string;
+}
+
+/** What `POST /v1/sandboxes/{id}/ports/{port}/token` takes. */
+export interface PortTokenRequest {
+  /** How long the token opens the port, in seconds (default 3600). */
+  ttl_seconds?: number;
+}
+
 /** A background process. */
 export interface Process {
   cmd: string[];
@@ -316,6 +364,13 @@ export interface ProcessStart {
 
 /** A provider's health. */
 export interface ProviderStatus {
+  /**
+   * Whether the provider passed `stacyvm certify` on its host, for this
+   * StacyVM version: null when it was never certified there.
+   */
+  certified?: boolean | null;
+  /** When the certification that `certified` reports ran; null when never. */
+  certified_at?: string | null;
   /** The version in use, or why not healthy and the fix. */
   detail?: string;
   healthy: boolean;
@@ -355,6 +410,10 @@ export interface Quota {
   max_sandboxes?: number | null;
   /** The longest lifetime a sandbox may ask for, in seconds. */
   max_timeout_s?: number | null;
+  /** MiB of all the tenant's volumes together (their sizes, not what is written). */
+  max_volume_mb?: number | null;
+  /** Volumes the tenant may have. */
+  max_volumes?: number | null;
 }
 
 /** A runtime report that was not applied, and why. */
@@ -421,6 +480,15 @@ export interface SetTimeout {
   timeout_s: number;
 }
 
+/** Body of `POST /v1/sandboxes/{id}/snapshot`. */
+export interface SnapshotRequest {
+  /**
+   * Name of the new catalog image (like `"team/app:v1"`); it must not
+   * exist yet.
+   */
+  image: string;
+}
+
 /**
  * The answer of `GET /v1/status`. Admin keys see the whole deployment;
  * other keys their own tenant's sandbox counts, with no workers or pools.
@@ -480,6 +548,35 @@ export interface Tenant {
 export interface TenantList {
   next_cursor?: string | null;
   tenants: Tenant[];
+}
+
+/** A volume. */
+export interface Volume {
+  created_at: string;
+  /** `vol_…`. */
+  id: string;
+  /** Unique within the tenant: 1-63 characters of `a-z`, `0-9`, `-`, `_`. */
+  name: string;
+  /** The filesystem's size; writes past it fail with `ENOSPC`. */
+  size_mb: number;
+  tenant_id: string;
+}
+
+/** `GET /v1/volumes`. */
+export interface VolumeList {
+  volumes: Volume[];
+}
+
+/** One volume a sandbox create mounts. */
+export interface VolumeMount {
+  /**
+   * Absolute, normalised path inside the sandbox; not `/`, not under
+   * `/proc`, `/sys`, `/dev` or `/.stacyvm`.
+   */
+  path: string;
+  read_only?: boolean;
+  /** The volume's name, in the caller's tenant. */
+  volume: string;
 }
 
 /**
@@ -560,6 +657,13 @@ export interface WorkerList {
 
 /** A provider on a worker and its health as the worker last reported it. */
 export interface WorkerProvider {
+  /**
+   * Whether the provider passed `stacyvm certify` on its host, for this
+   * StacyVM version: null when it was never certified there.
+   */
+  certified?: boolean | null;
+  /** When the certification that `certified` reports ran; null when never. */
+  certified_at?: string | null;
   detail?: string;
   healthy: boolean;
   /**
@@ -677,12 +781,17 @@ export const operations = {
   key_list: { method: "GET", path: "/v1/keys", status: 200, body: "none", bodyContentType: null, response: "json" },
   key_revoke: { method: "DELETE", path: "/v1/keys/{id}", status: 204, body: "none", bodyContentType: null, response: "none" },
   metrics: { method: "GET", path: "/metrics", status: 200, body: "none", bodyContentType: null, response: "text" },
+  port_expose: { method: "POST", path: "/v1/sandboxes/{id}/ports", status: 201, body: "json", bodyContentType: null, response: "json" },
+  port_list: { method: "GET", path: "/v1/sandboxes/{id}/ports", status: 200, body: "none", bodyContentType: null, response: "json" },
+  port_remove: { method: "DELETE", path: "/v1/sandboxes/{id}/ports/{port}", status: 204, body: "none", bodyContentType: null, response: "none" },
+  port_token: { method: "POST", path: "/v1/sandboxes/{id}/ports/{port}/token", status: 201, body: "json", bodyContentType: null, response: "json" },
   process_get: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}", status: 200, body: "none", bodyContentType: null, response: "json" },
   process_list: { method: "GET", path: "/v1/sandboxes/{id}/processes", status: 200, body: "none", bodyContentType: null, response: "json" },
   process_output: { method: "GET", path: "/v1/sandboxes/{id}/processes/{pid}/output", status: 200, body: "none", bodyContentType: null, response: "event-stream" },
   process_signal: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/signal", status: 200, body: "json", bodyContentType: null, response: "json" },
   process_start: { method: "POST", path: "/v1/sandboxes/{id}/processes", status: 201, body: "json", bodyContentType: null, response: "json" },
   process_stdin: { method: "POST", path: "/v1/sandboxes/{id}/processes/{pid}/stdin", status: 200, body: "binary", bodyContentType: "application/octet-stream", response: "json" },
+  proxy_path: { method: "GET", path: "/v1/sandboxes/{id}/ports/{port}/{path}", status: 200, body: "none", bodyContentType: null, response: "none" },
   quota_get: { method: "GET", path: "/v1/tenants/{id}/quota", status: 200, body: "none", bodyContentType: null, response: "json" },
   quota_set: { method: "PUT", path: "/v1/tenants/{id}/quota", status: 200, body: "json", bodyContentType: null, response: "json" },
   readyz: { method: "GET", path: "/readyz", status: 200, body: "none", bodyContentType: null, response: "json" },
@@ -695,10 +804,15 @@ export const operations = {
   sandbox_logs: { method: "GET", path: "/v1/sandboxes/{id}/logs", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_pause: { method: "POST", path: "/v1/sandboxes/{id}/pause", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_resume: { method: "POST", path: "/v1/sandboxes/{id}/resume", status: 200, body: "none", bodyContentType: null, response: "json" },
+  sandbox_snapshot: { method: "POST", path: "/v1/sandboxes/{id}/snapshot", status: 201, body: "json", bodyContentType: null, response: "json" },
   sandbox_timeout: { method: "POST", path: "/v1/sandboxes/{id}/timeout", status: 200, body: "json", bodyContentType: null, response: "json" },
   status: { method: "GET", path: "/v1/status", status: 200, body: "none", bodyContentType: null, response: "json" },
   tenant_create: { method: "POST", path: "/v1/tenants", status: 201, body: "json", bodyContentType: null, response: "json" },
   tenant_list: { method: "GET", path: "/v1/tenants", status: 200, body: "none", bodyContentType: null, response: "json" },
+  volume_create: { method: "POST", path: "/v1/volumes", status: 201, body: "json", bodyContentType: null, response: "json" },
+  volume_delete: { method: "DELETE", path: "/v1/volumes/{name}", status: 204, body: "none", bodyContentType: null, response: "none" },
+  volume_get: { method: "GET", path: "/v1/volumes/{name}", status: 200, body: "none", bodyContentType: null, response: "json" },
+  volume_list: { method: "GET", path: "/v1/volumes", status: 200, body: "none", bodyContentType: null, response: "json" },
   whoami: { method: "GET", path: "/v1/whoami", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_drain: { method: "POST", path: "/v1/workers/{id}/drain", status: 200, body: "none", bodyContentType: null, response: "json" },
   worker_get: { method: "GET", path: "/v1/workers/{id}", status: 200, body: "none", bodyContentType: null, response: "json" },
@@ -854,6 +968,34 @@ export interface Operations {
     body: never;
     response: string;
   };
+  port_expose: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: PortExpose;
+    response: ExposedPort;
+  };
+  port_list: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: PortList;
+  };
+  port_remove: {
+    path: { port: number; id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: void;
+  };
+  port_token: {
+    path: { port: number; id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: PortTokenRequest;
+    response: PortToken;
+  };
   process_get: {
     path: { id: string; pid: number };
     query: Record<string, never>;
@@ -895,6 +1037,13 @@ export interface Operations {
     headers: Record<string, never>;
     body: Uint8Array;
     response: StdinWritten;
+  };
+  proxy_path: {
+    path: { port: number; path: string };
+    query: { stacyvm_token?: string };
+    headers: Record<string, never>;
+    body: never;
+    response: void;
   };
   quota_get: {
     path: { id: string };
@@ -980,6 +1129,13 @@ export interface Operations {
     body: never;
     response: Sandbox;
   };
+  sandbox_snapshot: {
+    path: { id: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: SnapshotRequest;
+    response: Image;
+  };
   sandbox_timeout: {
     path: { id: string };
     query: Record<string, never>;
@@ -1007,6 +1163,34 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: TenantList;
+  };
+  volume_create: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: CreateVolume;
+    response: Volume;
+  };
+  volume_delete: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: void;
+  };
+  volume_get: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: Volume;
+  };
+  volume_list: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: VolumeList;
   };
   whoami: {
     path: Record<string, never>;

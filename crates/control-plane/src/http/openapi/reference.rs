@@ -19,6 +19,7 @@ const ERRORS: &[(&str, &str, &str)] = &[
     ("500", "internal", "A bug (`internal`): the message holds no internals; the server log has them under the request id."),
     ("503", "store_unavailable", "No worker or provider can take it now (`no_capacity`, `provider_unavailable`), or the store is unreachable (`store_unavailable`)."),
     ("504", "timeout", "The call did not finish in time (`timeout`)."),
+    ("502", "provider_unavailable", "Nothing listens on the sandbox's port, or it did not answer HTTP (`provider_unavailable`)."),
 ];
 
 /// Admin-only reads: the other reads are open to every role of the tenant.
@@ -120,6 +121,9 @@ fn describe_parameters(path: &str, op: &mut Map<String, Value>) {
             ("id", p) if p.starts_with("/v1/workers/tokens/") => "The worker token's id (`wtk_…`).",
             ("id", p) if p.starts_with("/v1/workers/") => "The worker's id (`wrk_…`).",
             ("name", p) if p.contains("/images") => "The image's name in the catalog.",
+            ("name", p) if p.starts_with("/v1/volumes/") => {
+                "The volume's name in the caller's tenant."
+            }
             ("cursor", _) => "The `next_cursor` of the previous page; absent for the first page.",
             ("limit", _) => "At most this many items (1 to 1000; default 100).",
             _ => continue,
@@ -157,7 +161,9 @@ fn error_statuses(path: &str, method: &str, op: &Map<String, Value>) -> Vec<&'st
     if path.contains('{') {
         out.push("404");
     }
-    if path.starts_with("/v1/sandboxes/{id}/") {
+    if path.starts_with("/v1/sandboxes/{id}/")
+        || (path.starts_with("/v1/volumes") && method != "get")
+    {
         out.push("409");
     }
     if !public {
@@ -231,6 +237,9 @@ fn add_example(media: &mut Value, examples: &Map<String, Value>) {
 
 /// One realistic value of each body schema, by schema name.
 fn body_examples() -> Map<String, Value> {
+    let volume = json!({
+        "id": "vol_01J9ZC2D3E4F5G6H7J8K9M0N1P", "tenant_id": "tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9",
+        "name": "cache", "size_mb": 1024, "created_at": "2026-05-04T10:00:00Z"});
     let sandbox = json!({
         "id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "tenant_id": "tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9",
         "state": "running", "provider": "docker", "worker_id": "wrk_01J9Z9N1A2B3C4D5E6F7G8H9J0",
@@ -243,7 +252,7 @@ fn body_examples() -> Map<String, Value> {
         "mode": "0644", "mtime": "2026-12-04T15:01:00Z", "symlink_target": null});
     let quota = json!({"max_sandboxes": 20, "max_cpu": 16.0, "max_memory_mb": 32768,
         "max_timeout_s": 86400, "max_exec_per_minute": 600, "max_concurrent_execs": null,
-        "allowed_providers": null});
+        "allowed_providers": null, "max_volumes": 10, "max_volume_mb": 10240});
     let provider = json!({"name": "docker", "healthy": true, "detail": "docker 26.1.5"});
     let provider_b = provider.clone();
     let lease = json!({"sandbox_id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "provider": "docker",
@@ -271,6 +280,8 @@ fn body_examples() -> Map<String, Value> {
         "sandbox_id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "outcome": "ok", "status": 201,
         "request_id": "req_01J9ZB5Q7M4N5P6Q7R8S9T0V1W", "source_ip": "10.0.0.9",
         "detail": {"image": "busybox", "provider": "docker"}});
+    let exposed = json!({"port": 8080, "public": false,
+        "url": "/v1/sandboxes/sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E/ports/8080/"});
     let mut m = Map::new();
     for (name, value) in [
         ("Sandbox", sandbox.clone()),
@@ -303,6 +314,7 @@ fn body_examples() -> Map<String, Value> {
             "stdin_open": false, "truncated": false, "stdout_dropped": 0, "stderr_dropped": 0}]}),
         ),
         ("ProcessSignal", json!({"signal": "TERM"})),
+        ("SnapshotRequest", json!({"image": "team/app:prepared"})),
         ("StdinWritten", json!({"written": 6, "closed": false})),
         (
             "Logs",
@@ -387,6 +399,22 @@ fn body_examples() -> Map<String, Value> {
             json!({"state": "ready", "lease_ttl_ms": 15000,
             "heartbeat_interval_ms": 5000, "leases": [lease],
             "refused": [{"sandbox_id": "sbx_01J9ZB4A1B2C3D4E5F6G7H8J9K", "reason": "no current lease"}]}),
+        ),
+        ("CreateVolume", json!({"name": "cache", "size_mb": 1024})),
+        ("Volume", volume.clone()),
+        ("VolumeList", json!({"volumes": [volume]})),
+        (
+            "VolumeMount",
+            json!({"volume": "cache", "path": "/data", "read_only": false}),
+        ),
+        ("PortExpose", json!({"port": 8080, "public": false})),
+        ("ExposedPort", exposed.clone()),
+        ("PortList", json!({"ports": [exposed]})),
+        ("PortTokenRequest", json!({"ttl_seconds": 3600})),
+        (
+            "PortToken",
+            json!({"token": "1796400000.Yk3…", "expires_at": 1_796_400_000_i64,
+            "url": "/v1/sandboxes/sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E/ports/8080/?stacyvm_token=1796400000.Yk3…"}),
         ),
     ] {
         m.insert(name.to_owned(), value);

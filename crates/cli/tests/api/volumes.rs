@@ -1,0 +1,351 @@
+//! Volumes against the real thing: a loop-mounted ext4 image per volume,
+//! bound into Docker sandboxes; data that outlives sandboxes and server
+//! restarts, read-only mounts, the size limit, and deletion that leaves
+//! nothing behind. Volumes live on the in-process worker's host, so these
+//! servers keep it in every topology (`local_worker`); a control plane
+//! without one refuses volumes, which `volumes_need_a_local_worker` checks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+
+use crate::support::{s, Api, Server, ServerOptions, StoreKind};
+
+/// Unmounts whatever a failed test left mounted under the server's volumes
+/// directory (the server's own delete does it when the test passes), so
+/// the data dir can be removed. Declared after the server: dropped first.
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let mnt = self.0.join("volumes").join("mnt");
+        for m in mounts_under(&mnt) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .status();
+        }
+    }
+}
+
+/// Mount points at or under `dir`, from this process's mountinfo.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let want = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m == &want || m.starts_with(&format!("{want}/")))
+        .collect()
+}
+
+pub fn start() -> Result<(Server, MountGuard)> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker,proot,namespaces")
+            .local_worker(),
+    )?;
+    let guard = MountGuard(server.data_dir().to_path_buf());
+    Ok((server, guard))
+}
+
+pub async fn volume(api: &Api, name: &str, size_mb: i64) -> Result<Value> {
+    api.post("/v1/volumes", json!({"name": name, "size_mb": size_mb}))
+        .await?
+        .ok(201)
+}
+
+async fn with_volume(api: &Api, name: &str, path: &str, read_only: bool) -> Result<String> {
+    let s = api
+        .create_sandbox(json!({"image": "busybox", "provider": "docker",
+            "volumes": [{"volume": name, "path": path, "read_only": read_only}]}))
+        .await?;
+    Ok(s["id"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Whether the volume's image file, mount point or mount is still on the host.
+fn host_traces(server: &Server, id: &str) -> Vec<String> {
+    let root = server.data_dir().join("volumes");
+    let mut out = Vec::new();
+    let image = root.join("images").join(format!("{id}.ext4"));
+    let mnt = root.join("mnt").join(id);
+    if image.exists() {
+        out.push(image.display().to_string());
+    }
+    if mnt.symlink_metadata().is_ok() {
+        out.push(mnt.display().to_string());
+    }
+    out.extend(mounts_under(&mnt));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_outlives_sandboxes_and_deletion_leaves_nothing() -> Result<()> {
+    let (server, _guard) = start()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let v = volume(&admin, "data", 16).await?;
+    let id = s(&v, "id")?.to_owned();
+    ensure!(id.starts_with("vol_") && v["size_mb"] == 16, "{v}");
+    admin
+        .post("/v1/volumes", json!({"name": "data", "size_mb": 16}))
+        .await?
+        .err(409, "conflict")?;
+    let got = admin.get("/v1/volumes/data").await?.ok(200)?;
+    ensure!(got == v, "get: {got} != {v}");
+    let list = admin.get("/v1/volumes").await?.ok(200)?;
+    ensure!(
+        list["volumes"].as_array().is_some_and(|l| l.contains(&v)),
+        "{list}"
+    );
+
+    // The parents of the mount are private to the server.
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["volumes", "volumes/mnt", "volumes/images"] {
+        let mode = std::fs::metadata(server.data_dir().join(d))?
+            .permissions()
+            .mode()
+            & 0o777;
+        ensure!(mode == 0o700, "{d} is {mode:o}");
+    }
+
+    let first = with_volume(&admin, "data", "/data", false).await?;
+    admin.sh(&first, "echo kept > /data/file").await?;
+    admin.destroy(&first).await?;
+
+    let second = with_volume(&admin, "data", "/data", false).await?;
+    ensure!(admin.sh(&second, "cat /data/file").await?.trim() == "kept");
+    // Deleting while a live sandbox mounts it is refused, and keeps the data.
+    let e = admin
+        .delete("/v1/volumes/data")
+        .await?
+        .err(409, "conflict")?;
+    ensure!(e.message.contains(&second), "{}", e.message);
+    ensure!(admin.sh(&second, "cat /data/file").await?.trim() == "kept");
+    admin.destroy(&second).await?;
+
+    admin.delete("/v1/volumes/data").await?.ok(204)?;
+    ensure!(
+        host_traces(&server, &id).is_empty(),
+        "left: {:?}",
+        host_traces(&server, &id)
+    );
+    admin.get("/v1/volumes/data").await?.err(404, "not_found")?;
+    admin
+        .delete("/v1/volumes/data")
+        .await?
+        .err(404, "not_found")?;
+    let events = admin.audit("action=volume.delete").await?;
+    ensure!(
+        events.iter().any(|e| e["target"] == id.as_str()),
+        "audit: {events:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_mounts_refuse_writes_and_the_size_is_enforced() -> Result<()> {
+    let (server, _guard) = start()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    volume(&admin, "small", 16).await?;
+    let rw = with_volume(&admin, "small", "/data", false).await?;
+    // Several sandboxes may mount one volume at once, read-only or not.
+    let ro = with_volume(&admin, "small", "/ro", true).await?;
+    admin.sh(&rw, "echo shared > /data/x").await?;
+    ensure!(admin.sh(&ro, "cat /ro/x").await?.trim() == "shared");
+    let out = admin
+        .exec(&ro, json!({"cmd": ["sh", "-c", "echo no > /ro/y"]}))
+        .await?;
+    ensure!(out["exit_code"] != 0, "a read-only write succeeded: {out}");
+    ensure!(
+        out["stderr"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Read-only"),
+        "{out}"
+    );
+
+    let out = admin
+        .exec(
+            &rw,
+            json!({"cmd": ["sh", "-c", "dd if=/dev/zero of=/data/big bs=1M count=64"], "timeout_s": 60}),
+        )
+        .await?;
+    ensure!(
+        out["exit_code"] != 0,
+        "writing past the size succeeded: {out}"
+    );
+    ensure!(
+        out["stderr"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("No space left"),
+        "{out}"
+    );
+    admin.destroy(&rw).await?;
+    admin.destroy(&ro).await?;
+    admin.delete("/v1/volumes/small").await?.ok(204)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_server_mounts_its_volumes_again() -> Result<()> {
+    let (mut server, _guard) = start()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let v = volume(&admin, "keep", 16).await?;
+    let id = s(&v, "id")?.to_owned();
+    let sbx = with_volume(&admin, "keep", "/keep", false).await?;
+    admin.sh(&sbx, "echo across > /keep/f").await?;
+    admin.destroy(&sbx).await?;
+    server.sigterm()?;
+    // As after a host reboot: nothing is mounted any more.
+    let mnt = server.data_dir().join("volumes/mnt").join(&id);
+    let st = std::process::Command::new("umount").arg(&mnt).status()?;
+    ensure!(st.success(), "unmounting {}", mnt.display());
+    server.restart()?;
+    let admin = server.admin();
+    let sbx = with_volume(&admin, "keep", "/keep", false).await?;
+    ensure!(admin.sh(&sbx, "cat /keep/f").await?.trim() == "across");
+    admin.destroy(&sbx).await?;
+    admin.delete("/v1/volumes/keep").await?.ok(204)?;
+    ensure!(
+        host_traces(&server, &id).is_empty(),
+        "left: {:?}",
+        host_traces(&server, &id)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_volume_requests_are_refused_naming_the_field() -> Result<()> {
+    let (server, _guard) = start()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    for (body, field) in [
+        (json!({"name": "../x", "size_mb": 16}), "name"),
+        (json!({"name": "UP", "size_mb": 16}), "name"),
+        (json!({"name": "ok", "size_mb": 1}), "size_mb"),
+        (json!({"name": "ok", "size_mb": 1_000_000_000}), "size_mb"),
+    ] {
+        let e = admin
+            .post("/v1/volumes", body.clone())
+            .await?
+            .err(400, "invalid_request")?;
+        ensure!(e.message.contains(field), "{body}: {}", e.message);
+    }
+    volume(&admin, "v", 16).await?;
+    for (path, why) in [
+        ("data", "relative"),
+        ("/", "root"),
+        ("/proc", "proc"),
+        ("/sys/fs", "sys"),
+        ("/dev/x", "dev"),
+        ("/.stacyvm", "agent"),
+        ("/.stacyvm/agent", "agent binary"),
+        ("/a/../proc", "dot-dot"),
+        ("/a/", "trailing slash"),
+    ] {
+        let e = admin
+            .post(
+                "/v1/sandboxes",
+                json!({"image": "busybox", "provider": "docker",
+                    "volumes": [{"volume": "v", "path": path}]}),
+            )
+            .await?
+            .err(400, "invalid_request")
+            .with_context(|| why.to_owned())?;
+        ensure!(
+            e.message.contains("volumes[0].path"),
+            "{why}: {}",
+            e.message
+        );
+    }
+    let e = admin
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "docker",
+                "volumes": [{"volume": "v", "path": "/a"}, {"volume": "v", "path": "/a"}]}),
+        )
+        .await?
+        .err(400, "invalid_request")?;
+    ensure!(e.message.contains("volumes[1].path"), "{}", e.message);
+    admin
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "docker",
+                "volumes": [{"volume": "nope", "path": "/a"}]}),
+        )
+        .await?
+        .err(404, "not_found")?;
+    // Providers that cannot bind volumes say so instead of dropping them.
+    for provider in ["namespaces", "proot"] {
+        let e = admin
+            .post(
+                "/v1/sandboxes",
+                json!({"image": "busybox", "provider": provider,
+                    "volumes": [{"volume": "v", "path": "/a"}]}),
+            )
+            .await?
+            .err(409, "unsupported")?;
+        ensure!(e.message.contains(provider), "{}", e.message);
+    }
+    // The failed creates hold no claim on the volume.
+    admin.delete("/v1/volumes/v").await?.ok(204)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_need_a_local_worker() -> Result<()> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker")
+            .arg("--no-local-worker"),
+    )?;
+    let e = server
+        .admin()
+        .post("/v1/volumes", json!({"name": "v", "size_mb": 16}))
+        .await?
+        .err(409, "unsupported")?;
+    ensure!(e.message.contains("remote workers"), "{}", e.message);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_quotas_are_enforced_and_freed_by_delete() -> Result<()> {
+    let (server, _guard) = start()?;
+    let admin = server.admin();
+    let (tenant, member) = admin.tenant_with("member").await?;
+    let q = admin
+        .put(
+            &format!("/v1/tenants/{tenant}/quota"),
+            json!({"max_volumes": 2, "max_volume_mb": 40}),
+        )
+        .await?
+        .ok(200)?;
+    ensure!(q["max_volumes"] == 2 && q["max_volume_mb"] == 40, "{q}");
+    volume(&member, "a", 24).await?;
+    let e = member
+        .post("/v1/volumes", json!({"name": "b", "size_mb": 24}))
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(e.message.contains("max_volume_mb"), "{}", e.message);
+    volume(&member, "b", 16).await?;
+    let e = member
+        .post("/v1/volumes", json!({"name": "c", "size_mb": 8}))
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(e.message.contains("max_volumes"), "{}", e.message);
+    member.delete("/v1/volumes/a").await?.ok(204)?;
+    volume(&member, "c", 8).await?;
+    for v in ["b", "c"] {
+        member.delete(&format!("/v1/volumes/{v}")).await?.ok(204)?;
+    }
+    ensure!(
+        mounts_under(&server.data_dir().join("volumes")).is_empty(),
+        "mounts left"
+    );
+    Ok(())
+}

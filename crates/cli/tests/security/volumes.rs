@@ -1,0 +1,136 @@
+//! Volumes as a way out: a tenant's member key reaching another tenant's
+//! volume, mounting over what the kernel or StacyVM owns, or planting
+//! symlinks in a volume so the host follows them when it mounts or
+//! deletes the volume.
+
+use anyhow::{ensure, Result};
+use serde_json::json;
+
+use crate::support::{s, Server, ServerOptions, StoreKind};
+
+/// Unmounts what a failed test left under the server's volumes (the
+/// delete does it otherwise), so the data dir can go.
+struct MountGuard(std::path::PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let want = self.0.join("volumes/mnt").to_string_lossy().into_owned();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for m in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if m.starts_with(&format!("{want}/")) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(m)
+                    .status();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_key_cannot_reach_another_tenants_volume_or_the_host() -> Result<()> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker")
+            .local_worker(),
+    )?;
+    let _guard = MountGuard(server.data_dir().to_path_buf());
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, alice) = admin.tenant_with("member").await?;
+    let (_, mallory) = admin.tenant_with("member").await?;
+    let v = alice
+        .post("/v1/volumes", json!({"name": "secret", "size_mb": 16}))
+        .await?
+        .ok(201)?;
+    let id = s(&v, "id")?.to_owned();
+
+    // Another tenant's volume does not exist for mallory, by any route.
+    mallory
+        .get("/v1/volumes/secret")
+        .await?
+        .err(404, "not_found")?;
+    mallory
+        .delete("/v1/volumes/secret")
+        .await?
+        .err(404, "not_found")?;
+    let list = mallory.get("/v1/volumes").await?.ok(200)?;
+    ensure!(
+        list["volumes"].as_array().is_some_and(Vec::is_empty),
+        "{list}"
+    );
+    mallory
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "provider": "docker",
+                "volumes": [{"volume": "secret", "path": "/data"}]}),
+        )
+        .await?
+        .err(404, "not_found")?;
+
+    // Nor may a volume cover the kernel's or StacyVM's own mounts, or climb out.
+    for path in [
+        "/proc",
+        "/proc/self",
+        "/sys",
+        "/dev",
+        "/.stacyvm",
+        "/.stacyvm/run",
+        "/x/../../etc",
+    ] {
+        alice
+            .post(
+                "/v1/sandboxes",
+                json!({"image": "busybox", "provider": "docker",
+                    "volumes": [{"volume": "secret", "path": path}]}),
+            )
+            .await?
+            .err(400, "invalid_request")?;
+    }
+
+    // Links planted in the volume pointing at the host's root and at the
+    // server's secrets are never followed by the host: not when it mounts
+    // the volume again, not when it deletes it.
+    // A stand-in for the server's secrets, beside them in the data dir.
+    let key = server.data_dir().join("canary.secret");
+    std::fs::write(&key, "host-secret-canary")?;
+    let sbx = alice
+        .create_sandbox(json!({"image": "busybox", "provider": "docker",
+            "volumes": [{"volume": "secret", "path": "/data"}]}))
+        .await?;
+    let sbx = s(&sbx, "id")?.to_owned();
+    let script = format!(
+        "ln -s / /data/root && ln -s {} /data/key && mkdir -p /data/d && ln -s {} /data/d/up",
+        key.display(),
+        server.data_dir().display()
+    );
+    alice.sh(&sbx, &script).await?;
+    // What the sandbox sees through them is its own root, not the host's.
+    let seen = alice.sh(&sbx, "cat /data/key 2>&1; true").await?;
+    ensure!(
+        !seen.contains(&server.admin_key),
+        "the admin key leaked: {seen}"
+    );
+    alice.destroy(&sbx).await?;
+    let again = alice
+        .create_sandbox(json!({"image": "busybox", "provider": "docker",
+            "volumes": [{"volume": "secret", "path": "/data"}]}))
+        .await?;
+    let again = s(&again, "id")?.to_owned();
+    ensure!(alice.sh(&again, "readlink /data/root").await?.trim() == "/");
+    alice.destroy(&again).await?;
+    alice.delete("/v1/volumes/secret").await?.ok(204)?;
+    ensure!(
+        std::fs::read_to_string(&key)? == "host-secret-canary",
+        "deleting the volume touched the host file"
+    );
+    ensure!(
+        server.data_dir().join("volumes").is_dir(),
+        "the volumes dir went"
+    );
+    let mnt = server.data_dir().join("volumes/mnt").join(&id);
+    ensure!(mnt.symlink_metadata().is_err(), "{} is left", mnt.display());
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    ensure!(st["store"]["ok"] == true, "the server survived: {st}");
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! Volumes: create, list, get and delete a tenant's volumes, and resolve the
+//! volumes a sandbox create asks for into host directories its provider
+//! binds in.
+//!
+//! On the host a volume is an ext4 image of its size (a sparse file) under
+//! `DATA_DIR/volumes/images/`, loop-mounted at `DATA_DIR/volumes/mnt/ID`
+//! (both parents 0700), so its size is a real filesystem limit: a write past
+//! it fails with `ENOSPC` inside the sandbox. Volumes live on the host of
+//! the in-process worker; a control plane without one, or a server without
+//! root (which cannot loop-mount), refuses them with `unsupported`.
+//!
+//! Host paths are built from the volume's id alone, never from anything a
+//! sandbox wrote: no host-side operation looks inside a volume, so a symlink
+//! planted in one is never followed by the host.
+
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use stacyvm_api as api;
+use stacyvm_core::volumes::{validate_mounts, validate_volume_name, validate_volume_size};
+use stacyvm_core::{now, Error, HostMount, Result, SandboxId, VolumeId, VolumeMount};
+use stacyvm_store::VolumeRecord;
+
+use super::{App, Principal};
+
+/// The host side of volumes: image files and their mount points.
+pub struct VolumeHost {
+    root: PathBuf,
+}
+
+impl VolumeHost {
+    pub fn new(data_dir: &Path) -> VolumeHost {
+        VolumeHost {
+            root: data_dir.join("volumes"),
+        }
+    }
+
+    fn image(&self, id: &VolumeId) -> PathBuf {
+        self.root.join("images").join(format!("{id}.ext4"))
+    }
+
+    /// Where the volume's filesystem is mounted on the host.
+    pub fn mount_point(&self, id: &VolumeId) -> PathBuf {
+        self.root.join("mnt").join(id.as_str())
+    }
+
+    fn private_dirs(&self) -> Result<()> {
+        for d in [
+            self.root.clone(),
+            self.root.join("images"),
+            self.root.join("mnt"),
+        ] {
+            match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::internal(format_args!("creating {}", d.display()), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the image file and its filesystem, and mounts it.
+    pub async fn create(&self, id: &VolumeId, size_mb: i64) -> Result<()> {
+        self.private_dirs()?;
+        let image = self.image(id);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&image)
+            .map_err(|e| Error::internal(format_args!("creating {}", image.display()), e))?;
+        let sized = file.set_len(size_mb as u64 * 1024 * 1024);
+        drop(file);
+        let made = match sized {
+            Ok(()) => {
+                // No blocks reserved for root: the sandbox gets the whole size.
+                run(
+                    "mkfs.ext4",
+                    &["-q", "-F", "-m", "0", "-E", "root_owner=0:0"],
+                    &[&image],
+                )
+                .await
+            }
+            Err(e) => Err(Error::internal("sizing the volume image", e)),
+        };
+        let made = match made {
+            Ok(()) => self.ensure_mounted(id).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if made.is_err() {
+            let _ = self.remove(id).await;
+        }
+        made
+    }
+
+    /// Mounts the volume if it is not mounted (after a host restart, say);
+    /// returns the mount point.
+    pub async fn ensure_mounted(&self, id: &VolumeId) -> Result<PathBuf> {
+        let at = self.mount_point(id);
+        if is_mount_point(&at)? {
+            return Ok(at);
+        }
+        self.private_dirs()?;
+        let image = self.image(id);
+        if !image.exists() {
+            return Err(Error::Internal(format!(
+                "the image of volume {id} is missing on this host"
+            )));
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(&at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::internal(
+                    format_args!("creating {}", at.display()),
+                    e,
+                ))
+            }
+        }
+        run(
+            "mount",
+            &["-t", "ext4", "-o", "loop,nosuid,nodev"],
+            &[&image, &at],
+        )
+        .await?;
+        Ok(at)
+    }
+
+    /// Unmounts the volume and removes its mount point and image; what is
+    /// already gone is skipped.
+    pub async fn remove(&self, id: &VolumeId) -> Result<()> {
+        let at = self.mount_point(id);
+        if is_mount_point(&at)? {
+            // The loop device goes with the mount (mount set it to autoclear).
+            run("umount", &[], &[&at]).await?;
+        }
+        match std::fs::remove_dir(&at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::internal(
+                    format_args!("removing {}", at.display()),
+                    e,
+                ))
+            }
+        }
+        let image = self.image(id);
+        match std::fs::remove_file(&image) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::internal(
+                format_args!("removing {}", image.display()),
+                e,
+            )),
+        }
+    }
+}
+
+async fn run(program: &str, args: &[&str], paths: &[&Path]) -> Result<()> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .args(paths)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::internal(format_args!("running {program}"), e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Whether `path` is a mount point in this process's mount namespace, by
+/// `/proc/self/mountinfo` (never by looking inside the directory).
+fn is_mount_point(path: &Path) -> Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::internal("reading /proc/self/mountinfo", e))?;
+    let want = path.to_string_lossy();
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mountinfo(m) == want))
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, …).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = &b[i + 1..i + 4];
+            let parsed = std::str::from_utf8(oct)
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok());
+            if let Some(v) = parsed {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn view(v: &VolumeRecord) -> api::Volume {
+    api::Volume {
+        id: v.id.to_string(),
+        tenant_id: v.tenant_id.to_string(),
+        name: v.name.clone(),
+        size_mb: v.size_mb,
+        created_at: v.created_at,
+    }
+}
+
+impl App {
+    /// Refuses volumes where this server cannot keep them.
+    fn volumes_supported(&self) -> Result<()> {
+        if !self.config.local_worker {
+            return Err(Error::Unsupported(
+                "volumes are not supported on remote workers: this control plane has no \
+                 local worker to keep them"
+                    .into(),
+            ));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(Error::Unsupported(
+                "volumes need a server running as root (a volume is a loop-mounted ext4 \
+                 image); this server is rootless"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn volume_host(&self) -> VolumeHost {
+        VolumeHost::new(&self.config.data_dir)
+    }
+
+    async fn volume_of(&self, who: &Principal, name: &str) -> Result<VolumeRecord> {
+        validate_volume_name("name", name)?;
+        self.store
+            .volume_get(&who.tenant_id, name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no volume named {name:?}")))
+    }
+
+    pub async fn volume_create(
+        &self,
+        who: &Principal,
+        req: api::CreateVolume,
+    ) -> Result<api::Volume> {
+        who.require_write()?;
+        validate_volume_name("name", &req.name)?;
+        validate_volume_size("size_mb", req.size_mb)?;
+        self.volumes_supported()?;
+        let rec = VolumeRecord {
+            id: VolumeId::generate(),
+            tenant_id: who.tenant_id.clone(),
+            name: req.name,
+            size_mb: req.size_mb,
+            created_at: now(),
+        };
+        // The row first: it holds the name, so two creates of one name
+        // never both make a filesystem.
+        self.store.volume_create(&rec).await?;
+        if let Err(e) = self.volume_host().create(&rec.id, rec.size_mb).await {
+            let _ = self.store.volume_delete(&rec.id).await;
+            return Err(e);
+        }
+        Ok(view(&rec))
+    }
+
+    pub async fn volume_list(&self, who: &Principal) -> Result<api::VolumeList> {
+        let tenant = (!who.is_admin()).then_some(&who.tenant_id);
+        let volumes = self.store.volume_list(tenant).await?;
+        Ok(api::VolumeList {
+            volumes: volumes.iter().map(view).collect(),
+        })
+    }
+
+    pub async fn volume_get(&self, who: &Principal, name: &str) -> Result<api::Volume> {
+        Ok(view(&self.volume_of(who, name).await?))
+    }
+
+    pub async fn volume_delete(&self, who: &Principal, name: &str) -> Result<VolumeId> {
+        who.require_write()?;
+        let rec = self.volume_of(who, name).await?;
+        // The store refuses while a live sandbox mounts it, in the same
+        // transaction as the delete; only then do the data go.
+        self.store.volume_delete(&rec.id).await?;
+        self.volume_host().remove(&rec.id).await?;
+        Ok(rec.id)
+    }
+
+    /// The caller's volumes a create names, checked (paths, names, that each
+    /// exists in the caller's tenant) before anything is made.
+    pub(super) async fn volumes_resolve(
+        &self,
+        who: &Principal,
+        mounts: &[VolumeMount],
+    ) -> Result<Vec<(VolumeRecord, VolumeMount)>> {
+        if mounts.is_empty() {
+            return Ok(Vec::new());
+        }
+        validate_mounts(mounts)?;
+        self.volumes_supported()?;
+        let mut out = Vec::with_capacity(mounts.len());
+        for (i, m) in mounts.iter().enumerate() {
+            let rec = self
+                .store
+                .volume_get(&who.tenant_id, &m.volume)
+                .await?
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "volumes[{i}].volume: no volume named {:?}",
+                        m.volume
+                    ))
+                })?;
+            if out
+                .iter()
+                .any(|(r, _): &(VolumeRecord, VolumeMount)| r.id == rec.id)
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "volumes[{i}].volume: {:?} is mounted twice",
+                    m.volume
+                )));
+            }
+            out.push((rec, m.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Records the sandbox's volumes (so they cannot be deleted under it)
+    /// and mounts them on this host: the mounts its provider binds in.
+    pub(super) async fn volumes_attach(
+        &self,
+        sandbox: &SandboxId,
+        volumes: &[(VolumeRecord, VolumeMount)],
+    ) -> Result<Vec<HostMount>> {
+        let host = self.volume_host();
+        let mut out = Vec::with_capacity(volumes.len());
+        for (rec, m) in volumes {
+            self.store
+                .volume_attach(sandbox, &rec.id, &m.path, m.read_only)
+                .await?;
+            let source = host.ensure_mounted(&rec.id).await?;
+            out.push(HostMount {
+                source: source.to_string_lossy().into_owned(),
+                target: m.path.clone(),
+                read_only: m.read_only,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
+    }
+}
