@@ -14,6 +14,7 @@ pub mod certify;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod docker;
+pub mod egress_filter;
 #[cfg(feature = "fake")]
 pub mod fake;
 pub mod host;

@@ -1677,3 +1677,391 @@ async fn an_abandoned_spawn_leaves_nothing_behind() -> Result<()> {
     }
     last
 }
+
+// ---------------------------------------------------------- allow lists
+
+/// Opens `/run/netns/NAME` and runs `f` on a thread inside that namespace,
+/// so the sockets it opens live there.
+fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> std::io::Result<T> + Send) -> Result<T> {
+    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let out = std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: `fd` stays open for the scope; only this thread moves.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("the netns thread panicked"))?
+    })?;
+    Ok(out)
+}
+
+/// Machines beyond the host for allow-list tests: a network namespace
+/// behind a veth pair, with addresses of the benchmarking block
+/// 198.18.0.0/15 that this test alone uses, and servers in it run by the
+/// test: TCP servers that greet with their address, and a DNS server that
+/// knows `allowed.test` and `denied.test` and records what it was asked.
+struct FarSide {
+    netns: String,
+    /// `.2` (allowed by network), `.3` (denied), `.4` (the DNS upstream),
+    /// `.5` (the address of `allowed.test`).
+    allowed: String,
+    denied: String,
+    dns: String,
+    named: String,
+    port: u16,
+    asked: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl FarSide {
+    async fn start() -> Result<FarSide> {
+        let id = SandboxId::generate().to_string();
+        let tag = &id[id.len() - 8..];
+        let seed = u32::from_str_radix(tag, 16)?;
+        let (b2, b3, b4) = (18 + (seed >> 13) % 2, (seed >> 5) % 256, (seed % 32) * 8);
+        let at = |n: u32| format!("198.{b2}.{b3}.{}", b4 + n);
+        let mut far = FarSide {
+            netns: format!("svme-{tag}"),
+            allowed: at(2),
+            denied: at(3),
+            dns: at(4),
+            named: at(5),
+            port: 9100,
+            asked: Arc::new(Mutex::new(Vec::new())),
+            tasks: Vec::new(),
+        };
+        let (host_end, far_end) = (format!("sve{tag}h"), format!("sve{tag}n"));
+        let ns = far.netns.clone();
+        run("ip", &["netns", "add", &ns])?;
+        let host_addr = format!("{}/29", at(1));
+        let mut steps: Vec<Vec<String>> = vec![
+            vec![
+                "link".into(),
+                "add".into(),
+                host_end.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                far_end.clone(),
+                "netns".into(),
+                ns.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                host_addr,
+                "dev".into(),
+                host_end.clone(),
+            ],
+            vec!["link".into(), "set".into(), host_end.clone(), "up".into()],
+        ];
+        for n in 2..=5 {
+            steps.push(vec![
+                "-n".into(),
+                ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/29", at(n)),
+                "dev".into(),
+                far_end.clone(),
+            ]);
+        }
+        steps.push(vec![
+            "-n".into(),
+            ns.clone(),
+            "link".into(),
+            "set".into(),
+            far_end.clone(),
+            "up".into(),
+        ]);
+        steps.push(vec![
+            "-n".into(),
+            ns.clone(),
+            "link".into(),
+            "set".into(),
+            "lo".into(),
+            "up".into(),
+        ]);
+        steps.push(vec![
+            "-n".into(),
+            ns.clone(),
+            "route".into(),
+            "add".into(),
+            "default".into(),
+            "via".into(),
+            at(1),
+        ]);
+        for args in &steps {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("ip", &args)?;
+        }
+        for addr in [&far.allowed, &far.denied, &far.named] {
+            let bind = format!("{addr}:{}", far.port);
+            let listener = in_netns(&ns, move || {
+                let l = std::net::TcpListener::bind(&bind)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let greeting = format!("hello-from-{addr}\n");
+            far.tasks.push(tokio::spawn(async move {
+                while let Ok((mut conn, _)) = listener.accept().await {
+                    let _ = conn.write_all(greeting.as_bytes()).await;
+                }
+            }));
+        }
+        let bind = format!("{}:53", far.dns);
+        let socket = in_netns(&ns, move || {
+            let s = std::net::UdpSocket::bind(&bind)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })?;
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        let names = [
+            ("allowed.test", far.named.clone()),
+            ("denied.test", far.denied.clone()),
+        ];
+        let asked = far.asked.clone();
+        far.tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 1500];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let (name, reply) = stub_dns_reply(&buf[..n], &names);
+                if let Ok(mut a) = asked.lock() {
+                    a.push(name);
+                }
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        }));
+        Ok(far)
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for FarSide {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Takes the veth pair, its addresses and the servers' sockets along.
+        let _ = run("ip", &["netns", "del", &self.netns]);
+    }
+}
+
+/// A DNS server's answer: the A record of a known name (TTL 5 s, shorter
+/// than the filter keeps addresses), NXDOMAIN otherwise. Returns the name
+/// asked for too.
+fn stub_dns_reply(q: &[u8], names: &[(&str, String)]) -> (String, Vec<u8>) {
+    let mut labels = Vec::new();
+    let mut pos = 12;
+    while let Some(&len) = q.get(pos) {
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(
+            String::from_utf8_lossy(q.get(pos..pos + len as usize).unwrap_or(b"?")).into_owned(),
+        );
+        pos += len as usize;
+    }
+    let name = labels.join(".").to_ascii_lowercase();
+    let qtype = q
+        .get(pos..pos + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .unwrap_or(0);
+    let end = (pos + 4).min(q.len());
+    let mut r = q[..end].to_vec();
+    if r.len() < 12 {
+        return (name, r);
+    }
+    r[2] = 0x81;
+    r[3] = 0x80;
+    r[6..12].copy_from_slice(&[0; 6]);
+    match names.iter().find(|(n, _)| *n == name) {
+        Some((_, addr)) if qtype == 1 => {
+            r[7] = 1;
+            let ip: std::net::Ipv4Addr = addr.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+            r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
+            r.extend_from_slice(&ip.octets());
+        }
+        // Known, but no record of that type.
+        Some(_) => {}
+        None => r[3] = 0x83,
+    }
+    (name, r)
+}
+
+/// Connects from the sandbox to `addr` (an address or a name) and returns
+/// what the server there said (empty when nothing was reached).
+async fn greeting_from(
+    p: &DockerProvider,
+    id: &SandboxId,
+    addr: &str,
+    port: u16,
+) -> Result<String> {
+    exec_stdout(
+        p,
+        id,
+        &format!("nc -w 3 {addr} {port} </dev/null 2>/dev/null"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allow_list_lets_out_only_its_networks_and_names() -> Result<()> {
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow = stacyvm_core::EgressRule::parse_list(&[far.allowed.as_str(), "allowed.test"])
+        .map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let (p, id) = (&h.provider, &s.sandbox_id);
+    ensure!(h.provider.egress_dns_filters() == 1);
+
+    let resolv = exec_ok(p, id, &["cat", "/etc/resolv.conf"]).await?;
+    ensure!(resolv.contains("nameserver 127.0.0.53"), "{resolv}");
+
+    // A listed network is reachable, an address outside the list is not,
+    // and neither is the listed name's address before it was resolved.
+    let got = greeting_from(p, id, &far.allowed, far.port).await?;
+    ensure!(
+        got.trim() == format!("hello-from-{}", far.allowed),
+        "{got:?}"
+    );
+    let got = greeting_from(p, id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+    let got = greeting_from(p, id, &far.named, far.port).await?;
+    ensure!(got.is_empty(), "an unresolved address answered: {got:?}");
+
+    // The listed name resolves through the filter, and then connects.
+    let answer = exec_stdout(p, id, "nslookup -type=a allowed.test; echo rc=$?").await?;
+    ensure!(
+        answer.contains(&format!("Address: {}", far.named)),
+        "{answer}"
+    );
+    let got = greeting_from(p, id, "allowed.test", far.port).await?;
+    ensure!(got.trim() == format!("hello-from-{}", far.named), "{got:?}");
+
+    // Another name's lookup fails without reaching the upstream, and so
+    // does asking the upstream directly, or Docker's own resolver.
+    let answer = exec_stdout(p, id, "nslookup -type=a denied.test; echo rc=$?").await?;
+    ensure!(
+        !answer.contains(&far.denied) && !answer.contains("rc=0"),
+        "{answer}"
+    );
+    let direct = exec_stdout(
+        p,
+        id,
+        &format!("nslookup -type=a denied.test {}; echo rc=$?", far.dns),
+    )
+    .await?;
+    ensure!(
+        !direct.contains(&far.denied) && !direct.contains("rc=0"),
+        "{direct}"
+    );
+    let docker_dns = exec_stdout(p, id, "nslookup \"$(hostname)\" 127.0.0.11; echo rc=$?").await?;
+    ensure!(
+        !docker_dns.contains("rc=0"),
+        "Docker's resolver answered: {docker_dns}"
+    );
+    let asked = far.asked();
+    ensure!(
+        asked.iter().all(|n| n == "allowed.test"),
+        "the upstream was asked {asked:?}"
+    );
+    let got = greeting_from(p, id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    h.provider.destroy(id).await?;
+    ensure!(
+        h.provider.egress_dns_filters() == 0,
+        "the DNS filter outlived its sandbox"
+    );
+    assert_gone(&h, id)?;
+    Ok(())
+}
+
+/// A member's sandbox cannot widen its own allow list: it has no
+/// CAP_NET_ADMIN in its namespace, so it can change neither the table nor
+/// the routes, and what it tried leaves the list as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_cannot_widen_its_allow_list() -> Result<()> {
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow = stacyvm_core::EgressRule::parse_list(&[far.allowed.as_str()])
+        .map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let (p, id) = (&h.provider, &s.sandbox_id);
+
+    // The capability that would change netfilter, links or routes is gone
+    // (CAP_NET_ADMIN is bit 12).
+    let status = exec_ok(p, id, &["cat", "/proc/self/status"]).await?;
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff line")?;
+    let caps = u64::from_str_radix(cap_eff.trim(), 16)?;
+    ensure!(caps & (1 << 12) == 0, "CapEff {cap_eff}");
+    // Netlink changes are refused: the same netlink family nft uses.
+    for attempt in [
+        "ip link set lo down",
+        "ip route add default dev lo",
+        &format!("ip route add {}/32 dev eth0", far.denied),
+    ] {
+        let out = p
+            .exec(id, exec_req(&["sh", "-c", &format!("{attempt} 2>&1")]))
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.exit_code != Some(0) && text.contains("not permitted"),
+            "{attempt}: {:?} {text}",
+            out.status
+        );
+    }
+    // The resolver file is read-only, and pointing elsewhere would not
+    // help: nothing but loopback and the list is reachable.
+    let write = exec_stdout(
+        p,
+        id,
+        &format!("echo nameserver {} > /etc/resolv.conf; echo rc=$?", far.dns),
+    )
+    .await?;
+    ensure!(!write.contains("rc=0"), "{write}");
+    let got = greeting_from(p, id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+    let direct = exec_stdout(
+        p,
+        id,
+        &format!("nslookup -type=a denied.test {}; echo rc=$?", far.dns),
+    )
+    .await?;
+    ensure!(!direct.contains("rc=0"), "{direct}");
+    ensure!(
+        far.asked().is_empty(),
+        "the upstream was asked {:?}",
+        far.asked()
+    );
+    let got = greeting_from(p, id, &far.allowed, far.port).await?;
+    ensure!(
+        got.trim() == format!("hello-from-{}", far.allowed),
+        "{got:?}"
+    );
+
+    h.provider.destroy(id).await?;
+    assert_gone(&h, id)?;
+    Ok(())
+}
