@@ -152,7 +152,7 @@ impl Inner {
         // where no mount covers it).
         let mut resolver_mount = None;
         if !spec.egress_allow.is_empty() {
-            let path = self.write_resolv_conf(id).await?;
+            let path = self.prepare_allow_list(id).await?;
             resolver_mount = Some(Mount {
                 target: Some("/etc/resolv.conf".into()),
                 source: Some(path.to_string_lossy().into_owned()),
@@ -446,6 +446,7 @@ impl Inner {
             .list_containers(Some(options))
             .await
             .map_err(|e| self.docker_error("listing sandbox containers", e))?;
+        let mut rearm = Vec::new();
         let mut out: Vec<RuntimeInfo> = containers
             .into_iter()
             .filter_map(|c| {
@@ -462,6 +463,11 @@ impl Inner {
                         | Some(ContainerSummaryStateEnum::PAUSED)
                         | Some(ContainerSummaryStateEnum::RESTARTING)
                 );
+                if running {
+                    if let Some(list) = labels.get(LABEL_EGRESS_ALLOW) {
+                        rearm.push((sandbox_id.clone(), list.clone()));
+                    }
+                }
                 Some(RuntimeInfo {
                     sandbox_id,
                     running,
@@ -469,6 +475,9 @@ impl Inner {
             })
             .collect();
         out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        for (id, list) in rearm {
+            self.rearm_allow_list(&docker, &id, &list).await;
+        }
         Ok(out)
     }
 

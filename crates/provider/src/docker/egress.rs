@@ -173,7 +173,10 @@ impl Inner {
         self.run_root.join(format!("{id}.resolv.conf"))
     }
 
-    pub(super) async fn write_resolv_conf(&self, id: &SandboxId) -> Result<std::path::PathBuf> {
+    /// Marks the sandbox as being armed and writes its resolver file;
+    /// returns the file's path.
+    pub(super) async fn prepare_allow_list(&self, id: &SandboxId) -> Result<std::path::PathBuf> {
+        self.guards().insert(id.clone(), None);
         let path = self.resolv_conf_path(id);
         tokio::fs::write(&path, egress_filter::resolv_conf())
             .await
@@ -189,7 +192,9 @@ impl Inner {
         }
     }
 
-    fn guards(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, EgressGuard>> {
+    /// Sandboxes with an allow list: `None` while a spawn is arming it, so
+    /// an adoption pass does not start a second filter meanwhile.
+    fn guards(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Option<EgressGuard>>> {
         // Nothing panics while holding it; a poisoned map is still consistent.
         self.egress_guards
             .lock()
@@ -208,9 +213,43 @@ impl Inner {
     ) -> Result<()> {
         let netns = self.container_netns(docker, name).await?;
         let guard = EgressGuard::arm(netns, rules, upstreams).await?;
-        self.guards().insert(id.clone(), guard);
+        self.guards().insert(id.clone(), Some(guard));
         tracing::info!(sandbox = %id, entries = rules.len(), "egress allow list enforced");
         Ok(())
+    }
+
+    /// Starts the DNS filter again for a sandbox with an allow list that
+    /// has none: one this server adopted after a restart (the filter ended
+    /// with the server that started it; the table, in the sandbox's own
+    /// namespace, did not). Until then the sandbox's lookups fail and its
+    /// listed networks stay reachable, nothing else. Failures are logged:
+    /// the sandbox stays as restricted as it was.
+    pub(super) async fn rearm_allow_list(&self, docker: &Docker, id: &SandboxId, list: &str) {
+        if self.guards().contains_key(id) {
+            return;
+        }
+        let result = async {
+            let rules: Vec<EgressRule> = serde_json::from_str(list)
+                .map_err(|e| Error::internal("reading the allow list label", e))?;
+            let netns = self
+                .container_netns(docker, &self.container_name(id))
+                .await?;
+            let upstreams = self.egress_upstreams()?;
+            EgressGuard::resume(netns, &rules, upstreams).await
+        }
+        .await;
+        match result {
+            Ok(guard) => {
+                let mut guards = self.guards();
+                if !guards.contains_key(id) {
+                    guards.insert(id.clone(), Some(guard));
+                    tracing::info!(sandbox = %id, "DNS filter of an adopted sandbox started again");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e.message(), "cannot start the DNS filter of an adopted sandbox again; its lookups fail");
+            }
+        }
     }
 
     /// A handle on the network namespace of a running container, checked to

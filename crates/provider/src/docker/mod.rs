@@ -177,7 +177,7 @@ struct Inner {
     image_imports: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The DNS filters of sandboxes with an allow list (their nftables
     /// tables live in the sandboxes' own namespaces).
-    egress_guards: Mutex<HashMap<SandboxId, crate::egress_filter::EgressGuard>>,
+    egress_guards: Mutex<HashMap<SandboxId, Option<crate::egress_filter::EgressGuard>>>,
 }
 
 impl DockerProvider {
@@ -261,8 +261,10 @@ impl DockerProvider {
         self.inner
             .egress_guards
             .lock()
-            .map(|g| g.len())
-            .unwrap_or_else(|p| p.into_inner().len())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|g| g.is_some())
+            .count()
     }
 
     /// The Docker reference a catalog image is imported under.

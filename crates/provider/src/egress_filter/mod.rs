@@ -277,6 +277,20 @@ impl EgressGuard {
         let dns = dns::DnsFilter::start(sets, allowed_names(rules), upstreams).await?;
         Ok(EgressGuard { _dns: dns })
     }
+
+    /// Starts the DNS filter again for a namespace whose table is already
+    /// loaded (its server ended), leaving the table and its resolved sets
+    /// as they are, so connections and answers already handed out keep
+    /// working.
+    pub async fn resume(
+        netns: NetNs,
+        rules: &[EgressRule],
+        upstreams: Vec<SocketAddr>,
+    ) -> Result<EgressGuard> {
+        let sets = Arc::new(ResolvedSets::new(netns));
+        let dns = dns::DnsFilter::start(sets, allowed_names(rules), upstreams).await?;
+        Ok(EgressGuard { _dns: dns })
+    }
 }
 
 /// The resolved-address sets of one sandbox's table, and when each address

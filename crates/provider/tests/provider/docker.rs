@@ -1926,7 +1926,6 @@ async fn an_allow_list_lets_out_only_its_networks_and_names() -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     h.provider.spawn(&s).await?;
     let (p, id) = (&h.provider, &s.sandbox_id);
-    ensure!(h.provider.egress_dns_filters() == 1);
 
     let resolv = exec_ok(p, id, &["cat", "/etc/resolv.conf"]).await?;
     ensure!(resolv.contains("nameserver 127.0.0.53"), "{resolv}");
@@ -1982,6 +1981,7 @@ async fn an_allow_list_lets_out_only_its_networks_and_names() -> Result<()> {
     let got = greeting_from(p, id, &far.denied, far.port).await?;
     ensure!(got.is_empty(), "a denied address answered: {got:?}");
 
+    ensure!(h.provider.egress_dns_filters() == 1);
     h.provider.destroy(id).await?;
     ensure!(
         h.provider.egress_dns_filters() == 0,
@@ -2063,5 +2063,57 @@ async fn a_sandbox_cannot_widen_its_allow_list() -> Result<()> {
 
     h.provider.destroy(id).await?;
     assert_gone(&h, id)?;
+    Ok(())
+}
+
+/// A server that starts again adopts a sandbox with an allow list: its DNS
+/// filter ended with the old server and a listing starts it again, while
+/// the table (in the sandbox's namespace) stayed in force throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adopted_sandbox_gets_its_dns_filter_back() -> Result<()> {
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let mut h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow =
+        stacyvm_core::EgressRule::parse_list(&["allowed.test"]).map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let id = s.sandbox_id.clone();
+
+    // The server ends: its filter goes with it.
+    let mut cfg = DockerConfig::new(
+        h.dir.path().join("data"),
+        agent_bin()?,
+        h.catalog.clone(),
+        h.instance.clone(),
+    );
+    cfg.egress_dns_upstreams = vec![upstream];
+    let old = std::mem::replace(&mut h.provider, DockerProvider::new(cfg)?);
+    drop(old);
+    let p = &h.provider;
+    let lookup = exec_stdout(p, &id, "nslookup -type=a allowed.test; echo rc=$?").await?;
+    ensure!(!lookup.contains(&far.named), "{lookup}");
+    let got = greeting_from(p, &id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    // The new server lists its runtimes (as it does on start) and the
+    // filter answers again.
+    ensure!(p.list().await?.iter().any(|r| r.sandbox_id == id));
+    ensure!(p.egress_dns_filters() == 1);
+    let lookup = exec_stdout(p, &id, "nslookup -type=a allowed.test; echo rc=$?").await?;
+    ensure!(
+        lookup.contains(&format!("Address: {}", far.named)),
+        "{lookup}"
+    );
+    let got = greeting_from(p, &id, "allowed.test", far.port).await?;
+    ensure!(got.trim() == format!("hello-from-{}", far.named), "{got:?}");
+    let got = greeting_from(p, &id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    p.destroy(&id).await?;
+    ensure!(p.egress_dns_filters() == 0);
+    assert_gone(&h, &id)?;
     Ok(())
 }
