@@ -121,6 +121,11 @@ pub struct Sandbox {
     pub memory_mb: i64,
     /// `none` or `egress`.
     pub network: String,
+    /// With `network: egress`, the allow list the sandbox was created with
+    /// (normalised: networks masked to their prefix, names lower-case):
+    /// only these destinations are reachable. Absent: no list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_allow: Vec<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// The lifetime asked for at create, in seconds.

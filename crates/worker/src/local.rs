@@ -153,7 +153,9 @@ impl Worker for LocalWorker {
         // A provider that cannot filter must refuse: starting the sandbox
         // anyway would hand out full egress in place of the list.
         if !spec.egress_allow.is_empty() {
-            provider.egress_allow_support().map_err(Error::Unsupported)?;
+            provider
+                .egress_allow_support()
+                .map_err(Error::Unsupported)?;
         }
         provider.spawn(spec).await
     }

@@ -11,6 +11,8 @@
 //! through it, and it ends with the server.
 
 pub mod dns;
+#[cfg(feature = "conformance")]
+pub mod far_side;
 
 use std::collections::HashMap;
 use std::io;
@@ -135,6 +137,12 @@ impl NetNs {
         }
         // SAFETY: `fd` was just opened here and is owned by nothing else.
         Ok(NetNs(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// A named network namespace (`/run/netns/NAME`) or any other
+    /// namespace file.
+    pub fn open(path: &str) -> io::Result<NetNs> {
+        Ok(NetNs(std::fs::File::open(path)?.into()))
     }
 
     /// Runs `f` on a thread of its own that first joins this namespace, so

@@ -130,10 +130,16 @@ def sandbox_create(
     network: Optional[str],
     idempotency_key: Optional[str],
     worker_labels: Optional[Mapping[str, str]] = None,
+    allow: Optional[Sequence[str]] = None,
     request_timeout: Optional[float],
 ) -> Call:
     if image is None and template is None:
         raise ValueError("give an image or a template")
+    net: Any = network
+    if allow is not None:
+        if network not in (None, "egress", "full"):
+            raise ValueError("an allow list needs network egress (or none given)")
+        net = {"allow": list(allow)}
     body = drop_none(
         {
             "image": image,
@@ -146,7 +152,7 @@ def sandbox_create(
             "labels": dict(labels) if labels else None,
             "worker_labels": dict(worker_labels) if worker_labels else None,
             "workdir": workdir,
-            "network": network,
+            "network": net,
         }
     )
     headers = {"idempotency-key": idempotency_key} if idempotency_key else {}

@@ -760,12 +760,15 @@ class Client:
         worker_labels: Optional[Mapping[str, str]] = None,
         workdir: Optional[str] = None,
         network: Optional[str] = None,
+        allow: Optional[Sequence[str]] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
     ) -> Sandbox:
         """Creates a sandbox and returns once it runs commands. ``timeout_s``
         is its lifetime; ``request_timeout`` how long to wait for it;
-        ``worker_labels`` limits it to workers carrying all those labels."""
+        ``worker_labels`` limits it to workers carrying all those labels;
+        ``allow`` (CIDR networks and host names) gives it outbound access to
+        those destinations only."""
         call = core.sandbox_create(
             image=image,
             template=template,
@@ -778,6 +781,7 @@ class Client:
             worker_labels=worker_labels,
             workdir=workdir,
             network=network,
+            allow=allow,
             idempotency_key=idempotency_key,
             request_timeout=request_timeout,
         )
@@ -797,6 +801,7 @@ class Client:
         worker_labels: Optional[Mapping[str, str]] = None,
         workdir: Optional[str] = None,
         network: Optional[str] = None,
+        allow: Optional[Sequence[str]] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
     ) -> _io.Pending[Sandbox]:
@@ -816,6 +821,7 @@ class Client:
                 worker_labels=worker_labels,
                 workdir=workdir,
                 network=network,
+                allow=allow,
                 idempotency_key=idempotency_key,
                 request_timeout=request_timeout,
             )
