@@ -1,5 +1,6 @@
 //! The DNS filter of a sandbox with an allow list: it answers on the
-//! sandbox's loopback (a UDP socket opened inside its network namespace),
+//! sandbox's loopback (UDP and TCP sockets opened inside its network
+//! namespace),
 //! refuses every name not on the list with NXDOMAIN, forwards listed names
 //! to the upstream resolver from the host's namespace, and adds the
 //! addresses of each answer to the sandbox's nftables sets before the answer
@@ -16,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stacyvm_core::{Error, Result};
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
@@ -29,6 +31,10 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Queries handled at once per sandbox; more are dropped (the client
 /// retries), so a sandbox cannot make the server hold unbounded work.
 const MAX_IN_FLIGHT: usize = 64;
+/// DNS-over-TCP connections served at once per sandbox, and how long one
+/// may sit idle.
+const MAX_TCP_CONNECTIONS: usize = 16;
+const TCP_IDLE: Duration = Duration::from_secs(10);
 /// At most this many addresses of one answer are made reachable.
 const MAX_ADDRESSES_PER_ANSWER: usize = 32;
 
@@ -204,12 +210,14 @@ pub fn reply_addresses(
 
 /// A running DNS filter; dropping it stops it and closes its socket.
 pub struct DnsFilter {
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for DnsFilter {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -228,29 +236,36 @@ impl DnsFilter {
         names: Vec<String>,
         upstreams: Vec<SocketAddr>,
     ) -> Result<DnsFilter> {
-        let std_socket = sets
+        let (std_socket, std_listener) = sets
             .netns()
             .run(|| {
                 let s = std::net::UdpSocket::bind((RESOLVER_ADDR, RESOLVER_PORT))?;
                 s.set_nonblocking(true)?;
-                Ok(s)
+                let l = std::net::TcpListener::bind((RESOLVER_ADDR, RESOLVER_PORT))?;
+                l.set_nonblocking(true)?;
+                Ok((s, l))
             })
             .map_err(|e| {
                 Error::ProviderUnavailable(format!(
-                    "opening the DNS filter's socket {RESOLVER_ADDR}:{RESOLVER_PORT} in the \
+                    "opening the DNS filter's sockets {RESOLVER_ADDR}:{RESOLVER_PORT} in the \
                      sandbox's network namespace: {e}"
                 ))
             })?;
         let socket = UdpSocket::from_std(std_socket)
             .map_err(|e| Error::internal("registering the DNS filter's socket", e))?;
+        let listener = TcpListener::from_std(std_listener)
+            .map_err(|e| Error::internal("registering the DNS filter's listener", e))?;
         let shared = Arc::new(Shared {
             sets,
             names: names.into_iter().collect(),
             upstreams,
             socket,
         });
-        let task = tokio::spawn(serve(shared));
-        Ok(DnsFilter { task })
+        let tasks = vec![
+            tokio::spawn(serve(shared.clone())),
+            tokio::spawn(serve_tcp(shared, listener)),
+        ];
+        Ok(DnsFilter { tasks })
     }
 }
 
@@ -273,15 +288,82 @@ async fn serve(shared: Arc<Shared>) {
         let query = buf[..n].to_vec();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let reply = answer(&shared, &query).await;
+            let reply = answer(&shared, &query, Transport::Udp).await;
             let _ = shared.socket.send_to(&reply, client).await;
             drop(permit);
         });
     }
 }
 
+/// How a query reached the filter, and so how it is asked upstream: a
+/// client that came over TCP (typically after a truncated answer) gets the
+/// whole answer over TCP too.
+#[derive(Clone, Copy)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Serves DNS over TCP (RFC 7766: two-byte length, then the message), a
+/// connection at a time per client, each closed when idle.
+async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
+    let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of descriptors, typically: wait rather than spin.
+                tracing::debug!(error = %e, "DNS filter accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tcp_connection(&shared, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn tcp_connection(shared: &Shared, mut conn: TcpStream) -> io::Result<()> {
+    loop {
+        let query = match tokio::time::timeout(TCP_IDLE, read_framed(&mut conn)).await {
+            Ok(Ok(Some(q))) => q,
+            _ => return Ok(()),
+        };
+        let reply = answer(shared, &query, Transport::Tcp).await;
+        write_framed(&mut conn, &reply).await?;
+    }
+}
+
+/// One length-prefixed message; `None` at a clean end of the stream.
+async fn read_framed(conn: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match conn.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    conn.read_exact(&mut msg).await?;
+    Ok(Some(msg))
+}
+
+async fn write_framed(conn: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a DNS message over 64 KiB"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    conn.write_all(&out).await
+}
+
 /// The reply the sandbox gets to `query`.
-async fn answer(shared: &Shared, query: &[u8]) -> Vec<u8> {
+async fn answer(shared: &Shared, query: &[u8], transport: Transport) -> Vec<u8> {
     let q = match parse_query(query) {
         Ok(q) => q,
         Err(_) => return refusal(query, 0, RCODE_FORMERR),
@@ -295,7 +377,11 @@ async fn answer(shared: &Shared, query: &[u8]) -> Vec<u8> {
         return refusal(query, q.end, RCODE_NXDOMAIN);
     }
     for upstream in &shared.upstreams {
-        let reply = match ask(*upstream, query).await {
+        let asked = match transport {
+            Transport::Udp => ask(*upstream, query).await,
+            Transport::Tcp => ask_tcp(*upstream, query).await,
+        };
+        let reply = match asked {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(%upstream, error = %e, "DNS filter upstream");
@@ -336,6 +422,19 @@ async fn ask(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
                 return Ok(buf[..n].to_vec());
             }
         }
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no reply in time"))?
+}
+
+/// One exchange with an upstream over TCP.
+async fn ask_tcp(upstream: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    tokio::time::timeout(UPSTREAM_TIMEOUT, async {
+        let mut conn = TcpStream::connect(upstream).await?;
+        write_framed(&mut conn, query).await?;
+        read_framed(&mut conn)
+            .await?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no reply"))
     })
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no reply in time"))?

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::NetNs;
 
@@ -142,16 +142,39 @@ impl FarSide {
             }));
         }
         let bind = format!("{}:53", far.dns);
-        let socket = netns.run(move || {
+        let (socket, listener) = netns.run(move || {
             let s = std::net::UdpSocket::bind(&bind)?;
             s.set_nonblocking(true)?;
-            Ok(s)
+            let l = std::net::TcpListener::bind(&bind)?;
+            l.set_nonblocking(true)?;
+            Ok((s, l))
         })?;
         let socket = tokio::net::UdpSocket::from_std(socket)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let names = [
             ("allowed.test", far.named.clone()),
             ("denied.test", far.denied.clone()),
         ];
+        let (tcp_names, tcp_asked) = (names.clone(), far.asked.clone());
+        far.tasks.push(tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut len = [0u8; 2];
+                if conn.read_exact(&mut len).await.is_err() {
+                    continue;
+                }
+                let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if conn.read_exact(&mut q).await.is_err() {
+                    continue;
+                }
+                let (name, reply) = stub_dns_reply(&q, &tcp_names);
+                if let Ok(mut a) = tcp_asked.lock() {
+                    a.push(name);
+                }
+                let mut out = (reply.len() as u16).to_be_bytes().to_vec();
+                out.extend_from_slice(&reply);
+                let _ = conn.write_all(&out).await;
+            }
+        }));
         let asked = far.asked.clone();
         far.tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 1500];
@@ -180,6 +203,48 @@ impl Drop for FarSide {
         // Takes the veth pair, its addresses and the servers' sockets along.
         let _ = ip(&["netns", "del", &self.netns]);
     }
+}
+
+/// A standard query for the A record of `name`, with ID `id`.
+pub fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        m.push(l.len() as u8);
+        m.extend_from_slice(l.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m
+}
+
+/// Asks `server` for `name`'s A record over TCP from inside `netns`;
+/// returns the reply's rcode and its addresses.
+pub fn ask_over_tcp(
+    netns: &NetNs,
+    server: std::net::SocketAddr,
+    name: &str,
+) -> Result<(u8, Vec<std::net::IpAddr>)> {
+    use std::io::{Read, Write};
+    let query = a_query(0x5eed, name);
+    let reply = netns.run(|| {
+        let mut conn =
+            std::net::TcpStream::connect_timeout(&server, std::time::Duration::from_secs(5))?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let mut out = (query.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&query);
+        conn.write_all(&out)?;
+        let mut len = [0u8; 2];
+        conn.read_exact(&mut len)?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        conn.read_exact(&mut reply)?;
+        Ok(reply)
+    })?;
+    if reply.len() < 12 {
+        bail!("a short reply: {reply:?}");
+    }
+    let addrs = super::dns::reply_addresses(&query, query.len(), &reply)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((reply[3] & 0x0f, addrs.into_iter().map(|(a, _)| a).collect()))
 }
 
 /// A DNS server's answer: the A record of a known name (TTL 5 s, shorter

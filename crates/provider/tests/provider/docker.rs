@@ -1901,3 +1901,53 @@ async fn an_adopted_sandbox_gets_its_dns_filter_back() -> Result<()> {
     assert_gone(&h, &id)?;
     Ok(())
 }
+
+/// DNS over TCP (what a client falls back to after a truncated answer) is
+/// filtered the same way: denied names get NXDOMAIN without reaching the
+/// upstream, allowed ones are answered over TCP and become reachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn dns_over_tcp_is_filtered_like_udp() -> Result<()> {
+    use stacyvm_provider::egress_filter::far_side::ask_over_tcp;
+    use stacyvm_provider::egress_filter::NetNs;
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow =
+        stacyvm_core::EgressRule::parse_list(&["allowed.test"]).map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let (p, id) = (&h.provider, &s.sandbox_id);
+    let pid: u32 = run(
+        "docker",
+        &["inspect", "-f", "{{.State.Pid}}", &p.container_name(id)],
+    )?
+    .trim()
+    .parse()?;
+    let netns = NetNs::of_pid(pid)?;
+    let filter: std::net::SocketAddr = "127.0.0.53:53".parse()?;
+
+    let (rcode, addrs) = ask_over_tcp(&netns, filter, "denied.test")?;
+    ensure!(rcode == 3 && addrs.is_empty(), "rcode {rcode}, {addrs:?}");
+    ensure!(
+        far.asked().is_empty(),
+        "the upstream was asked {:?}",
+        far.asked()
+    );
+    let got = greeting_from(p, id, &far.named, far.port).await?;
+    ensure!(got.is_empty(), "an unresolved address answered: {got:?}");
+    let (rcode, addrs) = ask_over_tcp(&netns, filter, "allowed.test")?;
+    ensure!(
+        rcode == 0 && addrs == [far.named.parse::<std::net::IpAddr>()?],
+        "rcode {rcode}, {addrs:?}"
+    );
+    ensure!(far.asked() == ["allowed.test"], "{:?}", far.asked());
+    let got = greeting_from(p, id, &far.named, far.port).await?;
+    ensure!(got.trim() == format!("hello-from-{}", far.named), "{got:?}");
+
+    drop(netns);
+    p.destroy(id).await?;
+    assert_gone(&h, id)?;
+    Ok(())
+}
