@@ -35,8 +35,9 @@ pub const RESOLVER_PORT: u16 = 53;
 const DOCKER_RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 /// At most this many resolved addresses are kept per sandbox (per family).
 const RESOLVED_SET_SIZE: u32 = 4096;
-/// Resolved addresses stay reachable at least this long, so a client that
-/// caches an answer a little past a short TTL still reaches it...
+/// Resolved addresses stay reachable at least this long after an answer,
+/// so a client that caches a short-lived answer a little longer still
+/// reaches it...
 const MIN_ADDRESS_TTL: Duration = Duration::from_secs(60);
 /// ...and at most this long after the last answer that named them.
 const MAX_ADDRESS_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -320,30 +321,33 @@ impl ResolvedSets {
         &self.netns
     }
 
-    /// Makes `addrs` reachable for their TTLs (clamped to
+    /// Makes `addrs` reachable for at least their TTLs (clamped to
     /// [`MIN_ADDRESS_TTL`]..[`MAX_ADDRESS_TTL`]); returns once the kernel
     /// has them, so an answer is only handed out once it can be used.
+    ///
+    /// An address is given twice its TTL and refreshed only once less than
+    /// one TTL is left: every answer is still covered for as long as a
+    /// client may cache it, while a sandbox repeating a lookup costs the
+    /// host an `nft` run at most once per TTL and address.
     pub async fn add(&self, addrs: &[(IpAddr, u32)]) -> Result<()> {
-        if addrs.is_empty() {
-            return Ok(());
-        }
         let mut expiry = self.expiry.lock().await;
         let now = Instant::now();
         expiry.retain(|_, until| *until > now);
         let mut wanted: Vec<(IpAddr, u64)> = Vec::new();
         for (addr, ttl) in addrs {
             let ttl = Duration::from_secs(u64::from(*ttl)).clamp(MIN_ADDRESS_TTL, MAX_ADDRESS_TTL);
-            let until = now + ttl;
-            let until = match expiry.get(addr) {
-                Some(prev) if *prev > until => *prev,
-                _ => until,
-            };
-            let secs = until.saturating_duration_since(now).as_secs().max(1);
+            if expiry.get(addr).is_some_and(|until| *until >= now + ttl) {
+                continue;
+            }
+            let secs = (2 * ttl).as_secs();
             if let Some(w) = wanted.iter_mut().find(|(a, _)| a == addr) {
                 w.1 = w.1.max(secs);
             } else {
                 wanted.push((*addr, secs));
             }
+        }
+        if wanted.is_empty() {
+            return Ok(());
         }
         self.netns.nft(&refresh_script(&wanted)).await?;
         for (addr, secs) in wanted {

@@ -1951,3 +1951,52 @@ async fn dns_over_tcp_is_filtered_like_udp() -> Result<()> {
     assert_gone(&h, id)?;
     Ok(())
 }
+
+/// The resolved sets in a network namespace of the test's own: an address
+/// is kept for twice its TTL, and a later answer with a shorter TTL never
+/// shortens it.
+#[tokio::test(flavor = "multi_thread")]
+async fn resolved_addresses_get_twice_their_ttl_and_are_never_shortened() -> Result<()> {
+    use stacyvm_provider::egress_filter::{nft_ruleset, NetNs, ResolvedSets};
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = run("ip", &["netns", "del", &self.0]);
+        }
+    }
+    let id = SandboxId::generate().to_string();
+    let ns = Ns(format!("svmr-{}", &id[id.len() - 8..]));
+    run("ip", &["netns", "add", &ns.0])?;
+    let netns = NetNs::open(&format!("/run/netns/{}", ns.0))?;
+    netns.nft(&nft_ruleset(&[])).await?;
+    let sets = ResolvedSets::new(netns);
+    let list = || {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.0,
+                "nft",
+                "list",
+                "set",
+                "inet",
+                "stacyvm_egress",
+                "resolved4",
+            ],
+        )
+    };
+    let a: std::net::IpAddr = "192.0.2.10".parse()?;
+    let b: std::net::IpAddr = "192.0.2.11".parse()?;
+    // 5 s counts as the 60 s floor; 3000 s is kept.
+    sets.add(&[(a, 5), (b, 3000)]).await?;
+    let got = list()?;
+    ensure!(
+        got.contains("192.0.2.10 timeout 2m") && got.contains("192.0.2.11 timeout 1h40m"),
+        "{got}"
+    );
+    sets.add(&[(b, 100)]).await?;
+    let got = list()?;
+    ensure!(got.contains("192.0.2.11 timeout 1h40m"), "{got}");
+    Ok(())
+}
