@@ -258,6 +258,13 @@ impl WorkerRpc {
             ))));
         }
         let provider = self.provider(&lease.provider).map_err(plain)?.clone();
+        // As in the in-process worker: a provider that cannot filter
+        // refuses, rather than start the sandbox with full egress.
+        if !spec.egress_allow.is_empty() {
+            provider
+                .egress_allow_support()
+                .map_err(|why| plain(Error::Unsupported(why)))?;
+        }
         self.leases.admit_spawn(&lease).map_err(plain)?;
         let spawned = async {
             self.ensure_image(&spec.image, digest).await.map_err(|e| {
