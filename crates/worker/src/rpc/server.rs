@@ -138,6 +138,15 @@ impl WorkerRpc {
         self.providers.iter().map(|p| p.name().to_owned()).collect()
     }
 
+    /// The providers that enforce egress allow lists.
+    pub fn egress_allow_providers(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter(|p| p.egress_allow_support().is_ok())
+            .map(|p| p.name().to_owned())
+            .collect()
+    }
+
     pub async fn provider_health(&self) -> Vec<ProviderHealth> {
         let mut out = Vec::with_capacity(self.providers.len());
         for p in &self.providers {
@@ -345,6 +354,7 @@ impl WorkerRpcService for Service {
         Ok(Response::new(pb::Description {
             id: self.0.id.to_string(),
             providers: self.0.provider_names(),
+            egress_allow_providers: self.0.egress_allow_providers(),
         }))
     }
 

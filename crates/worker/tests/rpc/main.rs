@@ -346,3 +346,31 @@ async fn a_remote_worker_refuses_an_allow_list_its_provider_cannot_enforce() -> 
     );
     Ok(())
 }
+
+/// A remote worker's Docker provider takes an allow list (the worker says
+/// so when asked) and enforces it: an address off the list is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_docker_worker_enforces_an_allow_list() -> anyhow::Result<()> {
+    let node = Node::start("docker", None).await?;
+    let w = node.remote();
+    let mut spec = spec();
+    spec.network = stacyvm_core::Network::Egress;
+    spec.egress_allow =
+        stacyvm_core::EgressRule::parse_list(&["192.0.2.1"]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lease = Lease::new(&spec.sandbox_id, 1, &node.provider_name());
+    node.guard.register(&spec.sandbox_id);
+    w.spawn(&lease, &spec).await?;
+    let agent = w.agent(&lease).await?;
+    let out = agent
+        .exec(sh(
+            "cat /etc/resolv.conf; nc -w 2 198.51.100.1 80 </dev/null 2>&1; echo rc=$?",
+        ))
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        text.contains("nameserver 127.0.0.53") && !text.contains("rc=0"),
+        "{text}"
+    );
+    w.destroy(&lease).await?;
+    Ok(())
+}
