@@ -55,6 +55,9 @@ MODELS: Dict[str, str] = {
     "WorkerProvider": "WorkerProvider",
     "Process": "Process",
     "StdinWritten": "StdinWritten",
+    "Volume": "Volume",
+    "VolumeMount": "VolumeMount",
+    "WhoAmI": "WhoAmI",
 }
 
 # Fields left out of `repr()`: secrets must not reach logs and tracebacks.

@@ -141,6 +141,15 @@ function schemaDecl(name, s) {
     out += `export const ${name}Values: readonly ${name}[] = [${s.enum.map((v) => JSON.stringify(v)).join(", ")}];\n`;
     return out;
   }
+  if (s.oneOf && s.oneOf.every((x) => x.type === "object" && Object.keys(x.properties ?? {}).length === 1)) {
+    // An externally tagged enum: each alternative is an object with one key.
+    const parts = s.oneOf.map((x, i) => {
+      const [prop, ps] = Object.entries(x.properties)[0];
+      return `{ ${key(prop)}: ${typeOf(ps, `${where}|${i}.${prop}`)} }`;
+    });
+    out += `export type ${name} =\n${parts.map((p) => `  | ${p}`).join("\n")};\n`;
+    return out;
+  }
   if (s.type !== "object" || !s.properties) throw new Refused(`${where}: neither an object with properties nor an enum`);
   const required = new Set(s.required ?? []);
   out += `export interface ${name} {\n`;

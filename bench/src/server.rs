@@ -266,6 +266,33 @@ impl Server {
                 eprintln!("bench: sweeping leftovers: {e:#}");
             }
         }
+        unmount_under(&self.data_dir);
+    }
+}
+
+/// Detaches whatever is still mounted under the run's data dir (sandbox
+/// tmpfs and overlays a provider could not destroy, say because dockerd
+/// died mid-run), so that removing the temporary directory neither fails
+/// nor walks into a mount.
+fn unmount_under(dir: &std::path::Path) {
+    let mounts = match stacyvm_provider::host::mounts_under(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("bench: reading the mount table: {e}");
+            return;
+        }
+    };
+    for m in mounts {
+        eprintln!("bench: unmounting leftover {}", m.display());
+        match std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&m)
+            .status()
+        {
+            Ok(st) if st.success() => {}
+            Ok(st) => eprintln!("bench: umount -l {} failed ({st})", m.display()),
+            Err(e) => eprintln!("bench: running umount: {e}"),
+        }
     }
 }
 

@@ -6,10 +6,10 @@
 // STACYVM_TEST_IMAGE_TAR (see scripts/lib.sh prepare_test_env), and
 // Chromium at /usr/bin/chromium (or STACYVM_CHROMIUM). A missing piece is
 // a failure, never a silent pass. Screenshots of each page go to
-// target/ui-screenshots/.
+// target/ui-screenshots/ (scripts/test.sh keeps them as CI artifacts).
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -77,6 +77,32 @@ async function destroyAll(url) {
   }
 }
 
+/** Deletes every volume of the admin's tenant (the only tenant the test gives volumes). */
+async function deleteVolumes(url) {
+  const { volumes } = await api(url, ADMIN_KEY, 'GET', '/v1/volumes');
+  for (const v of volumes) await api(url, ADMIN_KEY, 'DELETE', `/v1/volumes/${encodeURIComponent(v.name)}`);
+}
+
+/**
+ * Unmounts what is mounted at or below `dir`, deepest first: a server's
+ * volumes stay mounted when it stops (they outlive it by design), so the
+ * data dir must be unmounted before it is removed.
+ */
+function unmountUnder(dir) {
+  const targets = execFileSync('findmnt', ['-rn', '-o', 'TARGET'], { encoding: 'utf8' }).split('\n')
+    .filter((t) => t === dir || t.startsWith(`${dir}/`)).sort().reverse();
+  for (const t of targets) execFileSync('umount', [t]);
+}
+
+/** Starts busybox httpd on the sandbox's loopback port 8080, serving "served\n". */
+async function startHttpd(url, id) {
+  const up = await api(url, ADMIN_KEY, 'POST', `/v1/sandboxes/${id}/exec`, { cmd: ['sh', '-c',
+    'mkdir -p /www && echo served > /www/index.html && ' +
+    'setsid busybox httpd -f -p 127.0.0.1:8080 -h /www </dev/null >/dev/null 2>&1 & ' +
+    'i=0; while ! nc -z 127.0.0.1 8080 2>/dev/null && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.1; done; echo up'] });
+  assert.equal(up.stdout.trim(), 'up', up.stderr);
+}
+
 async function shot(page, name) {
   await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
 }
@@ -124,9 +150,22 @@ async function consoleAsAdmin(browser, url, tmp) {
   assert.equal(await page.evaluate(() => sessionStorage.getItem('stacyvm.key')), ADMIN_KEY);
   assert.equal(await page.evaluate(() => localStorage.length), 0, 'nothing goes to localStorage');
 
-  // Create a sandbox with a label, and see it in the filtered list.
+  // A volume, made on the Volumes page and mounted by the sandbox below.
+  await page.click('a[data-nav=volumes]');
+  await page.waitForSelector('#volume-list >> text=No volumes.');
+  await page.fill('#volume-form input[name=name]', 'ui-vol');
+  await page.fill('#volume-form input[name=size_mb]', '16');
+  await page.click('#volume-form button[type=submit]');
+  await page.waitForSelector('#volume-created');
+  await page.waitForSelector('#volumes-table [data-volume="ui-vol"]');
+  assert.equal((await api(url, ADMIN_KEY, 'GET', '/v1/volumes/ui-vol')).size_mb, 16);
+  await shot(page, '02-volumes');
+
+  // Create a sandbox with a label and the volume, and see it in the filtered list.
+  await page.click('a[data-nav=sandboxes]');
   await page.waitForSelector('#create-form');
   await page.fill('#create-form input[name=labels]', 'suite=ui');
+  await page.fill('#create-form input[name=volumes]', 'ui-vol:/data');
   await page.click('#create-form button[type=submit]');
   const created = await page.waitForSelector('#created a', { timeout: 120_000 });
   const id = (await created.textContent()).trim();
@@ -138,7 +177,9 @@ async function consoleAsAdmin(browser, url, tmp) {
   await page.waitForSelector('#sandbox-list >> text=No sandboxes.');
   await page.fill('#label-filter', 'suite=ui');
   await page.waitForSelector(`#sandboxes-table a[data-sandbox="${id}"]`);
-  await shot(page, '02-sandboxes');
+  await shot(page, '03-sandboxes');
+  const mounted = await api(url, ADMIN_KEY, 'POST', `/v1/sandboxes/${id}/exec`, { cmd: ['sh', '-c', 'echo on-volume > /data/v.txt && grep -c " /data " /proc/mounts'] });
+  assert.equal(mounted.stdout.trim(), '1', `the volume is not mounted at /data: ${mounted.stderr}`);
 
   // The sandbox page: details, a command with streamed output.
   await page.click(`a[data-sandbox="${id}"]`);
@@ -151,6 +192,15 @@ async function consoleAsAdmin(browser, url, tmp) {
   assert.match(out, /oops/);
   assert.equal(await page.getAttribute('#exec-exit', 'data-exit-code'), '3');
   assert.match(await page.textContent('#exec-output .stderr'), /oops/);
+  // Output shows while the command still runs: it waits for a file that
+  // is only made once the first line is on the page.
+  await page.fill('#exec-cmd', 'echo first; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo second');
+  await page.click('#exec-run');
+  await page.waitForSelector('#exec-output >> text=first');
+  assert.equal(await page.$('#exec-exit'), null, 'the command ended before it was let go');
+  await api(url, ADMIN_KEY, 'POST', `/v1/sandboxes/${id}/exec`, { cmd: ['touch', '/tmp/go'] });
+  await page.waitForSelector('#exec-exit[data-exit-code="0"]');
+  assert.match(await page.textContent('#exec-output'), /first\s+second/);
 
   // Upload a file into /tmp, see it listed, download it back.
   const content = `bytes from the browser test ${Date.now()}\n`;
@@ -171,37 +221,85 @@ async function consoleAsAdmin(browser, url, tmp) {
   assert.equal(download.suggestedFilename(), 'upload.txt');
   assert.equal(fs.readFileSync(await download.path(), 'utf8'), content);
   await page.click('text=Refresh logs');
-  await shot(page, '03-sandbox');
+  await page.waitForFunction(() => /\[lifecycle\]/.test(document.getElementById('logs').textContent));
+
+  // Expose a port of the sandbox's web server; a signed link opens it without a key.
+  await startHttpd(url, id);
+  await page.waitForSelector('#port-list >> text=No exposed ports.');
+  await page.fill('#expose-form input[name=port]', '8080');
+  await page.click('#expose-form button[type=submit]');
+  await page.waitForSelector('#ports-table [data-port-url="8080"]');
+  const portUrl = new URL(await page.getAttribute('#ports-table [data-port-url="8080"]', 'href'), url);
+  assert.equal(portUrl.pathname, `/v1/sandboxes/${id}/ports/8080/`);
+  assert.equal((await fetch(new URL('index.html', portUrl))).status, 401, 'a private port opens without a key');
+  await page.click('[data-port-token="8080"]');
+  const signed = new URL(await page.getAttribute('#port-signed-link', 'href'), url);
+  signed.pathname += 'index.html';
+  const viaLink = await fetch(signed);
+  assert.equal(viaLink.status, 200);
+  assert.equal(await viaLink.text(), 'served\n');
+  await shot(page, '04-sandbox');
+  await page.click('[data-unexpose="8080"]');
+  await page.waitForSelector('#port-list >> text=No exposed ports.');
 
   // The other pages render with data.
   await page.click('a[data-nav=status]');
-  await page.waitForSelector('#providers-table >> text=docker');
-  await page.waitForSelector('#workers-table');
-  await shot(page, '04-status');
+  await page.waitForSelector('#providers-table tr:has-text("docker") .state.ok');
+  await page.waitForSelector('#workers-table tr:has-text("local") [data-state=ready]');
+  await shot(page, '05-status');
   await page.click('a[data-nav=tenants]');
   await page.waitForSelector('#tenants-table');
   await page.fill('#tenant-form input[name=name]', 'ui-test');
   await page.click('#tenant-form button[type=submit]');
   await page.waitForSelector('#tenants-table >> text=ui-test');
-  await shot(page, '05-tenants');
+  // Set a quota: the table shows it, and the server keeps it.
+  await page.click('#tenants-table tr:has-text("ui-test") button:has-text("Edit quota")');
+  await page.fill('input[name=max_sandboxes]', '3');
+  await page.click('button:has-text("Save")');
+  await page.waitForSelector('#tenants-table tr:has-text("ui-test") >> text=Sandboxes: 3');
+  const tenant = (await api(url, ADMIN_KEY, 'GET', '/v1/tenants?limit=1000')).tenants.find((t) => t.name === 'ui-test');
+  assert.equal((await api(url, ADMIN_KEY, 'GET', `/v1/tenants/${tenant.id}/quota`)).max_sandboxes, 3);
+  await shot(page, '06-tenants');
+  // A key for that tenant: its secret is shown once and works.
   await page.click('a[data-nav=keys]');
   await page.waitForSelector('#keys-table');
-  await shot(page, '06-keys');
+  await page.fill('#key-form input[name=tenant_id]', tenant.id);
+  await page.selectOption('#key-form select[name=role]', 'member');
+  await page.fill('#key-form input[name=name]', 'ui-made');
+  await page.click('#key-form button[type=submit]');
+  const secret = (await (await page.waitForSelector('#new-key')).textContent()).trim();
+  assert.deepEqual(await api(url, secret, 'GET', '/v1/whoami').then((w) => [w.tenant_id, w.role]), [tenant.id, 'member']);
+  await page.waitForSelector('#keys-table >> text=ui-made');
+  await shot(page, '07-keys');
   await page.click('a[data-nav=audit]');
   await page.waitForSelector('#audit-table >> text=sandbox.create');
   await page.fill('#audit-form input[name=sandbox_id]', id);
   await page.selectOption('#audit-form select[name=outcome]', 'ok');
   await page.click('#audit-form button[type=submit]');
   await page.waitForSelector(`#audit-list[data-sandbox="${id}"] >> text=sandbox.exec`);
-  const actions = await page.$$eval('#audit-table tbody tr td:nth-child(2)', (tds) => tds.map((t) => t.textContent));
-  assert.ok(actions.length > 0 && actions.every((a) => a.startsWith('sandbox.') || a.startsWith('file.')), actions.join(','));
-  await shot(page, '07-audit');
+  // The filters hold: this sandbox's events only, and only those that succeeded.
+  const rows = await page.$$eval('#audit-table tbody tr', (trs) => trs.map((tr) =>
+    [...tr.querySelectorAll('td')].map((td) => td.textContent)));
+  const actions = new Set(rows.map((r) => r[1]));
+  for (const a of ['sandbox.create', 'sandbox.exec_stream', 'file.write']) assert.ok(actions.has(a), [...actions].join(','));
+  assert.ok(rows.every((r) => r[2].startsWith('ok ') && r[3] === id), JSON.stringify(rows));
+  await shot(page, '08-audit');
 
   // Destroy it from its page.
   await page.goto(`${url}/ui/#/sandboxes/${id}`);
   await page.click('#destroy');
   await page.waitForSelector('#sandbox-details [data-state=destroyed]', { timeout: 60_000 });
   assert.equal((await api(url, ADMIN_KEY, 'GET', `/v1/sandboxes/${id}`)).state, 'destroyed');
+
+  // The volume outlived the sandbox; deleting it from its page removes it.
+  const later = await api(url, ADMIN_KEY, 'POST', '/v1/sandboxes', { image: 'busybox', volumes: [{ volume: 'ui-vol', path: '/v', read_only: true }] });
+  const kept = await api(url, ADMIN_KEY, 'POST', `/v1/sandboxes/${later.id}/exec`, { cmd: ['cat', '/v/v.txt'] });
+  assert.equal(kept.stdout, 'on-volume\n');
+  await api(url, ADMIN_KEY, 'DELETE', `/v1/sandboxes/${later.id}`);
+  await page.click('a[data-nav=volumes]');
+  await page.click('[data-delete-volume="ui-vol"]');
+  await page.waitForSelector('#volume-list >> text=No volumes.');
+  assert.deepEqual((await api(url, ADMIN_KEY, 'GET', '/v1/volumes')).volumes, []);
   await context.close();
   return problems;
 }
@@ -222,13 +320,20 @@ async function consoleAsViewer(browser, url) {
   await page.waitForSelector(`#sandboxes-table a[data-sandbox="${sb.id}"]`);
   assert.equal(await page.$('#create-form'), null, 'a viewer sees no create form');
   assert.equal(await page.$('[data-destroy]'), null, 'a viewer sees no destroy button');
-  await shot(page, '08-viewer-sandboxes');
+  await shot(page, '09-viewer-sandboxes');
   await page.click(`a[data-sandbox="${sb.id}"]`);
   await page.waitForSelector('#sandbox-details [data-state=running]');
   await page.waitForSelector('#files-table');
-  for (const sel of ['#destroy', '#exec-form', '#upload-form']) {
+  await page.waitForSelector('#port-list >> text=No exposed ports.');
+  for (const sel of ['#destroy', '#exec-form', '#upload-form', '#expose-form', '[data-unexpose]']) {
     assert.equal(await page.$(sel), null, `a viewer sees no ${sel}`);
   }
+  await page.click('a[data-nav=volumes]');
+  await page.waitForSelector('#volume-list >> text=No volumes.');
+  assert.equal(await page.$('#volume-form'), null, 'a viewer sees no volume form');
+  await page.click('a[data-nav=status]');
+  await page.waitForSelector('#providers-table >> text=docker');
+  assert.equal(await page.$('#workers-table'), null, 'a viewer sees no workers');
   await page.click('a[data-nav=keys]');
   await page.waitForSelector('#keys-table');
   assert.equal(await page.$('#key-form'), null, 'a viewer sees no key form');
@@ -264,7 +369,7 @@ async function reference(browser, url) {
   await whoami.locator('button.try-out__btn').click();
   await whoami.locator('button.execute').click();
   await whoami.locator('.live-responses-table').filter({ hasText: /"role":\s*"admin"/ }).first().waitFor();
-  await shot(page, '09-docs');
+  await shot(page, '10-docs');
   await context.close();
   return problems;
 }
@@ -300,9 +405,11 @@ async function main() {
     if (browser) await browser.close();
     if (server) {
       await destroyAll(server.url).catch((e) => console.error(`cleanup: ${e.message}`));
+      await deleteVolumes(server.url).catch((e) => console.error(`cleanup: ${e.message}`));
       server.proc.kill('SIGTERM');
       await new Promise((r) => { if (server.proc.exitCode !== null) r(); else server.proc.on('exit', r); });
     }
+    unmountUnder(tmp);
     fs.rmSync(tmp, { recursive: true, force: true });
   }
 }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod exec;
 pub mod files;
 pub mod sandboxes;
+pub mod templates;
 pub mod volumes;
 pub mod workers;
 
@@ -18,6 +19,7 @@ pub use admin::*;
 pub use exec::*;
 pub use files::*;
 pub use sandboxes::*;
+pub use templates::*;
 pub use volumes::*;
 pub use workers::*;
 

@@ -64,6 +64,17 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(2..=3600)
     )]
     lease_ttl: u64,
+    /// Seconds an API call other than a stream or a transfer may take
+    /// before it is answered `504`; a create from a template waits for the
+    /// template's `ready` command within it.
+    #[arg(
+        long,
+        env = "STACYVM_REQUEST_TIMEOUT",
+        value_name = "SECONDS",
+        default_value_t = 120,
+        value_parser = clap::value_parser!(u64).range(5..=3600)
+    )]
+    request_timeout: u64,
     /// The CA certificate (PEM) that signed the remote workers' TLS
     /// certificates (`stacyvm worker --tls-cert`); workers that registered
     /// an https:// address are reached with it.
@@ -236,6 +247,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     }
     config.local_worker = !args.no_local_worker;
     config.limits.lease = Duration::from_secs(args.lease_ttl);
+    config.limits.request_timeout = Duration::from_secs(args.request_timeout);
     config.worker_ca = args.worker_ca;
     config.limits.auth_failures_per_minute = args.auth_failures_per_minute;
     config.limits.max_execs_per_sandbox = usize::try_from(args.max_execs_per_sandbox)

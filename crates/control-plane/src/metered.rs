@@ -97,6 +97,10 @@ impl Worker for Metered {
         self.timed("logs", self.inner.logs(lease)).await
     }
 
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
+        self.timed("snapshot", self.inner.snapshot(lease)).await
+    }
+
     async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>> {
         self.timed("agent", self.inner.agent(lease)).await
     }

@@ -163,6 +163,10 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
     if let Err(e) = reconcilers::reconcile_runtimes(&app, true).await {
         tracing::warn!(error = %e, "start-up reconciliation failed; it is retried in the background");
     }
+    // Builds the last run left half-way own a sandbox and maybe an image.
+    if let Err(e) = app.template_recover(true).await {
+        tracing::warn!(error = %e, "start-up template build recovery failed; it is retried in the background");
+    }
 
     let state = AppState {
         app: app.clone(),

@@ -86,6 +86,10 @@ typed_id!(
     /// A volume.
     VolumeId, "vol_"
 );
+typed_id!(
+    /// One version (one build) of a template.
+    TemplateVersionId, "tpv_"
+);
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,9 @@ pub use egress::EgressRule;
 pub use error::{Error, Result};
 pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExitStatus};
 pub use files::{validate_sandbox_path, ArchiveSummary, ByteStream, FileEntry, FileType};
-pub use ids::{EventId, KeyId, SandboxId, TenantId, VolumeId, WorkerId, WorkerTokenId};
+pub use ids::{
+    EventId, KeyId, SandboxId, TemplateVersionId, TenantId, VolumeId, WorkerId, WorkerTokenId,
+};
 pub use sandbox::{Network, SandboxState, SpawnSpec};
 pub use volumes::{HostMount, VolumeMount};
 

@@ -74,6 +74,44 @@ pub fn prepare_data_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("narrowing the data dir {}", dir.display()), e))
 }
 
+/// Mount points at or under `dir` in this process's mount namespace, from
+/// `/proc/self/mountinfo` (never by looking inside a directory, which a
+/// sandbox may have filled), deepest first: the order to unmount them in.
+pub fn mounts_under(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    found.dedup();
+    Ok(found)
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, …).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let parsed = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok());
+            if let Some(v) = parsed {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The providers named in `names`, in that order, on this host. One that
 /// may serve only once certified here ([`crate::certify::needs_certification`])
 /// and has no passing record is built as an unhealthy stand-in saying so.
@@ -207,4 +245,27 @@ fn build(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod mount_tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
+    }
+
+    #[test]
+    fn mounts_under_the_root_include_it_and_come_deepest_first() {
+        let all = mounts_under(Path::new("/")).expect("mountinfo");
+        assert!(all.iter().any(|m| m == Path::new("/")), "{all:?}");
+        let depths: Vec<usize> = all.iter().map(|m| m.components().count()).collect();
+        assert!(depths.windows(2).all(|w| w[0] >= w[1]), "{all:?}");
+        assert!(mounts_under(Path::new("/no/such/dir"))
+            .expect("mountinfo")
+            .is_empty());
+    }
 }

@@ -43,6 +43,7 @@ mod pty;
 mod sandboxes;
 mod snapshots;
 mod sse;
+mod templates;
 mod volumes;
 
 pub use admin::Page;
@@ -54,3 +55,4 @@ pub use ports::{ExposedPort, PortToken};
 pub use procs::{ProcessEvent, ProcessExit, ProcessOutput, Processes};
 pub use pty::{Pty, PtyEvent, PtyOptions, PtyReader, PtyWriter};
 pub use sandboxes::{ExecStream, LogStream};
+pub use templates::{TemplateLogEvent, TemplateLogStream};

@@ -14,6 +14,10 @@ pub use stacyvm_api::{
     StoreStatus, StreamChunk, StreamError, Tenant, TenantList, Worker, WorkerCapacity, WorkerList,
     WorkerProvider, WorkerToken, WorkerTokenCreate, WorkerTokenList,
 };
+pub use stacyvm_api::{
+    CreateTemplate, Template, TemplateList, TemplateLog, TemplateState, TemplateStep, UploadStep,
+    WriteStep,
+};
 pub use stacyvm_api::{CreateVolume, Volume, VolumeList, VolumeMount};
 
 /// Filters and paging of a sandbox list.

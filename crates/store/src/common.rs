@@ -12,14 +12,14 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::types::Json;
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Postgres, Row, Sqlite, Type};
 use stacyvm_core::{
-    Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TenantId, VolumeId, WorkerId,
-    WorkerTokenId,
+    Error, EventId, KeyId, Network, Result, SandboxId, SandboxState, TemplateVersionId, TenantId,
+    VolumeId, WorkerId, WorkerTokenId,
 };
 use time::OffsetDateTime;
 
 use crate::model::{
     Actor, ApiKey, AuditEvent, Failure, Outcome, Page, PageRequest, Quota, Role, SandboxRecord,
-    Tenant, VolumeRecord, WorkerRecord, WorkerState, WorkerToken,
+    TemplateState, TemplateVersion, Tenant, VolumeRecord, WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::sql::Backend;
 
@@ -58,6 +58,14 @@ macro_rules! worker_columns {
     };
 }
 pub(crate) use worker_columns;
+
+macro_rules! template_columns {
+    () => {
+        "id, tenant_id, name, version, state, image, spec, failure, log, created_at, built_at, \
+         heartbeat_at, deleted_at"
+    };
+}
+pub(crate) use template_columns;
 
 macro_rules! key_columns {
     () => {
@@ -431,6 +439,26 @@ pub(crate) fn volume_from_row(row: &impl RowGet) -> Result<VolumeRecord> {
     })
 }
 
+pub(crate) fn template_from_row(row: &impl RowGet) -> Result<TemplateVersion> {
+    let state = row.text("state")?;
+    Ok(TemplateVersion {
+        id: TemplateVersionId::from_trusted(row.text("id")?),
+        tenant_id: TenantId::from_trusted(row.text("tenant_id")?),
+        name: row.text("name")?,
+        version: row.int("version")?,
+        state: TemplateState::parse(&state)
+            .ok_or_else(|| corrupt("state", format!("{state:?} is not a template state")))?,
+        image: row.text("image")?,
+        spec: serde_json::from_str(&row.text("spec")?).map_err(|e| corrupt("spec", e))?,
+        failure: row.opt_text("failure")?,
+        log: row.text("log")?,
+        created_at: time_col(row, "created_at")?,
+        built_at: opt_time_col(row, "built_at")?,
+        heartbeat_at: time_col(row, "heartbeat_at")?,
+        deleted_at: opt_time_col(row, "deleted_at")?,
+    })
+}
+
 // --- parameters -----------------------------------------------------------
 
 /// A sandbox record as column values, in [`sandbox_columns!`] order.
@@ -736,6 +764,11 @@ macro_rules! schema {
                         $dialect,
                         "/0005_egress_allow.sql"
                     )),
+                },
+                Migration {
+                    version: 6,
+                    name: "templates",
+                    sql: include_str!(concat!("../migrations/", $dialect, "/0006_templates.sql")),
                 },
             ],
         }

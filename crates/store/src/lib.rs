@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stacyvm_core::{
-    Error, KeyId, Result, SandboxId, SandboxState, TenantId, VolumeId, WorkerId, WorkerTokenId,
+    Error, KeyId, Result, SandboxId, SandboxState, TemplateVersionId, TenantId, VolumeId, WorkerId,
+    WorkerTokenId,
 };
 use time::OffsetDateTime;
 
@@ -198,6 +199,41 @@ pub trait Store: Send + Sync + 'static {
     /// sandbox mounts it (`Conflict` naming one otherwise); `false` when no
     /// such volume.
     async fn volume_delete(&self, volume_id: &VolumeId) -> Result<bool>;
+
+    // --- templates ------------------------------------------------------
+
+    /// Inserts a new version of the tenant's template `version.name`,
+    /// numbered one past the highest version that name ever had in that
+    /// tenant (deleted ones included, so a number is never reused), and
+    /// returns it. `image` is the catalog name without the version, which
+    /// is appended to it. `NotFound` when the tenant does not exist.
+    async fn template_version_create(&self, version: &TemplateVersion) -> Result<TemplateVersion>;
+    async fn template_version_get(&self, id: &TemplateVersionId)
+        -> Result<Option<TemplateVersion>>;
+    async fn template_version_list(&self, filter: &TemplateFilter) -> Result<Vec<TemplateVersion>>;
+    /// Appends `text` to a building version's log and records `at` as its
+    /// heartbeat; `false` when the version is no longer building or was
+    /// deleted (the build should stop).
+    async fn template_log_append(
+        &self,
+        id: &TemplateVersionId,
+        text: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool>;
+    /// Ends a build: writes `state`, `failure` and `built_at` only if the
+    /// version is still building and not deleted; `false` (nothing
+    /// written) otherwise.
+    async fn template_build_finish(&self, version: &TemplateVersion) -> Result<bool>;
+    /// Marks every live version of the tenant's template `name` deleted at
+    /// `at`; returns them.
+    async fn template_delete(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<Vec<TemplateVersion>>;
+    /// Removes a deleted version's row for good; `false` when no such row.
+    async fn template_version_purge(&self, id: &TemplateVersionId) -> Result<bool>;
 
     // --- time and leadership -------------------------------------------
 

@@ -351,3 +351,72 @@ pub struct VolumeRecord {
     pub size_mb: i64,
     pub created_at: OffsetDateTime,
 }
+
+/// Where a template build stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateState {
+    Building,
+    Ready,
+    Failed,
+}
+
+impl TemplateState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateState::Building => "building",
+            TemplateState::Ready => "ready",
+            TemplateState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TemplateState> {
+        match s {
+            "building" => Some(TemplateState::Building),
+            "ready" => Some(TemplateState::Ready),
+            "failed" => Some(TemplateState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One version of a tenant's template: one build, its log, and once ready
+/// the catalog image it produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TemplateVersion {
+    pub id: stacyvm_core::TemplateVersionId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    /// 1 for a name's first build, one more for each build after; assigned
+    /// by [`crate::Store::template_version_create`].
+    pub version: i64,
+    pub state: TemplateState,
+    /// The catalog image the build snapshots into (it exists once `Ready`);
+    /// its name ends with the version number.
+    pub image: String,
+    /// The build request and the create defaults, as the control plane
+    /// writes them; the store keeps the JSON without reading it.
+    pub spec: serde_json::Value,
+    pub failure: Option<String>,
+    pub log: String,
+    pub created_at: OffsetDateTime,
+    pub built_at: Option<OffsetDateTime>,
+    /// When the build last showed it was alive (a log write); a build whose
+    /// heartbeat stops was cut off with its process.
+    pub heartbeat_at: OffsetDateTime,
+    /// Set when the template was deleted; the row stays until no live
+    /// sandbox uses its image.
+    pub deleted_at: Option<OffsetDateTime>,
+}
+
+/// Which template versions [`crate::Store::template_version_list`] returns
+/// (oldest first).
+#[derive(Clone, Debug, Default)]
+pub struct TemplateFilter {
+    /// Only these tenants' (every tenant's when empty).
+    pub tenants: Vec<TenantId>,
+    pub name: Option<String>,
+    pub state: Option<TemplateState>,
+    /// Deleted versions too; otherwise only live ones.
+    pub deleted: bool,
+}

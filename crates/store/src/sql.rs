@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, Executor, Pool, Transaction};
 use stacyvm_core::{
-    Error, KeyId, Result, SandboxId, SandboxState, TenantId, VolumeId, WorkerId, WorkerTokenId,
+    Error, KeyId, Result, SandboxId, SandboxState, TemplateVersionId, TenantId, VolumeId, WorkerId,
+    WorkerTokenId,
 };
 use time::OffsetDateTime;
 use tokio::sync::MutexGuard;
@@ -23,14 +24,15 @@ use crate::common::{
     audit_columns, audit_from_row, check_not_newer, check_quota, db_error, from_micros, id_cursor,
     into_page, is_foreign_key_violation, is_unique_violation, key_columns, key_from_row,
     live_state, opt_micros, page_limit, quota_from_row, quota_of_tenant, quota_providers_json,
-    sandbox_columns, sandbox_from_row, seq_cursor, stale_or_missing, tenant_exists,
-    tenant_from_row, tenant_not_found, to_micros, volume_from_row, worker_columns, worker_from_row,
-    worker_token_from_row, Arg, Conditions, RowGet, SandboxParams, Schema, SqlDb, Statement, Usage,
-    Value,
+    sandbox_columns, sandbox_from_row, seq_cursor, stale_or_missing, template_columns,
+    template_from_row, tenant_exists, tenant_from_row, tenant_not_found, to_micros,
+    volume_from_row, worker_columns, worker_from_row, worker_token_from_row, Arg, Conditions,
+    RowGet, SandboxParams, Schema, SqlDb, Statement, Usage, Value,
 };
 use crate::model::{
     ApiKey, AuditEvent, AuditFilter, CreateOutcome, Page, PageRequest, ProviderState, Quota,
-    SandboxFilter, SandboxRecord, Tenant, VolumeRecord, WorkerRecord, WorkerState, WorkerToken,
+    SandboxFilter, SandboxRecord, TemplateFilter, TemplateVersion, Tenant, VolumeRecord,
+    WorkerRecord, WorkerState, WorkerToken,
 };
 use crate::Store;
 
@@ -1295,6 +1297,206 @@ impl<B: Backend> Store for SqlStore<B> {
         let deleted = B::Db::rows_affected(&done) > 0;
         tx.commit("deleting a volume").await?;
         Ok(deleted)
+    }
+
+    // --- templates ------------------------------------------------------
+
+    async fn template_version_create(&self, v: &TemplateVersion) -> Result<TemplateVersion> {
+        let mut tx = self.begin_write().await?;
+        // Read as sandbox creates read it: one tenant's concurrent builds
+        // take turns, so two never get the same number.
+        let tenant = sqlx::query(B::QUOTA_FOR_CREATE)
+            .arg(v.tenant_id.as_str())
+            .fetch_optional(tx.on())
+            .await
+            .map_err(|e| db_error::<B>("reading the tenant", e))?;
+        if tenant.is_none() {
+            return Err(tenant_not_found(&v.tenant_id));
+        }
+        let version = sqlx::query(
+            "INSERT INTO template_names (tenant_id, name, last_version) VALUES ($1, $2, 1)
+             ON CONFLICT (tenant_id, name)
+             DO UPDATE SET last_version = template_names.last_version + 1
+             RETURNING last_version",
+        )
+        .arg(v.tenant_id.as_str())
+        .arg(v.name.as_str())
+        .fetch_one(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("numbering a template version", e))?
+        .int("last_version")?;
+        let mut v = v.clone();
+        v.version = version;
+        v.image = format!("{}{}", v.image, v.version);
+        let spec = serde_json::to_string(&v.spec)
+            .map_err(|e| Error::internal("encoding a template spec", e))?;
+        let result = sqlx::query(concat!(
+            "INSERT INTO template_versions (",
+            template_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        ))
+        .arg(v.id.as_str())
+        .arg(v.tenant_id.as_str())
+        .arg(v.name.as_str())
+        .arg(v.version)
+        .arg(v.state.as_str())
+        .arg(v.image.as_str())
+        .arg(spec)
+        .arg(v.failure.as_deref())
+        .arg(v.log.as_str())
+        .arg(to_micros(v.created_at))
+        .arg(opt_micros(v.built_at))
+        .arg(to_micros(v.heartbeat_at))
+        .arg(opt_micros(v.deleted_at))
+        .execute(tx.on())
+        .await;
+        match result {
+            Ok(_) => {
+                tx.commit("creating a template version").await?;
+                Ok(v)
+            }
+            Err(e) if is_unique_violation(&e) => Err(Error::Conflict(format!(
+                "template {:?} version {} exists already",
+                v.name, v.version
+            ))),
+            Err(e) => Err(db_error::<B>("creating a template version", e)),
+        }
+    }
+
+    async fn template_version_get(
+        &self,
+        id: &TemplateVersionId,
+    ) -> Result<Option<TemplateVersion>> {
+        self.find(
+            "reading a template version",
+            concat!(
+                "SELECT ",
+                template_columns!(),
+                " FROM template_versions WHERE id = $1"
+            ),
+            id.as_str(),
+            template_from_row,
+        )
+        .await
+    }
+
+    async fn template_version_list(&self, f: &TemplateFilter) -> Result<Vec<TemplateVersion>> {
+        let mut c = Conditions::default();
+        if !f.tenants.is_empty() {
+            let params = f
+                .tenants
+                .iter()
+                .map(|t| c.param(Value::Text(t.to_string())))
+                .collect::<Vec<_>>();
+            c.and(format!("tenant_id IN ({})", params.join(", ")));
+        }
+        if let Some(name) = &f.name {
+            c.and_is("name =", Value::Text(name.clone()));
+        }
+        if let Some(state) = f.state {
+            c.and_is("state =", Value::Text(state.as_str().to_owned()));
+        }
+        if !f.deleted {
+            c.and("deleted_at IS NULL".to_owned());
+        }
+        let sql = format!(
+            concat!(
+                "SELECT ",
+                template_columns!(),
+                " FROM template_versions{} ORDER BY created_at, id"
+            ),
+            c.where_sql()
+        );
+        let query = bind_values(sqlx::query(AssertSqlSafe(sql)), c.args);
+        self.all("listing template versions", query, template_from_row)
+            .await
+    }
+
+    async fn template_log_append(
+        &self,
+        id: &TemplateVersionId,
+        text: &str,
+        at: OffsetDateTime,
+    ) -> Result<bool> {
+        let _turn = self.backend.write_turn().await;
+        let done = sqlx::query(
+            "UPDATE template_versions SET log = log || $1, heartbeat_at = $2
+             WHERE id = $3 AND state = 'building' AND deleted_at IS NULL",
+        )
+        .arg(text)
+        .arg(to_micros(at))
+        .arg(id.as_str())
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error::<B>("appending to a build log", e))?;
+        Ok(B::Db::rows_affected(&done) > 0)
+    }
+
+    async fn template_build_finish(&self, v: &TemplateVersion) -> Result<bool> {
+        let _turn = self.backend.write_turn().await;
+        let done = sqlx::query(
+            "UPDATE template_versions SET state = $1, failure = $2, built_at = $3,
+                heartbeat_at = $4
+             WHERE id = $5 AND state = 'building' AND deleted_at IS NULL",
+        )
+        .arg(v.state.as_str())
+        .arg(v.failure.as_deref())
+        .arg(opt_micros(v.built_at))
+        .arg(to_micros(v.heartbeat_at))
+        .arg(v.id.as_str())
+        .execute(self.pool())
+        .await
+        .map_err(|e| db_error::<B>("finishing a template build", e))?;
+        Ok(B::Db::rows_affected(&done) > 0)
+    }
+
+    async fn template_delete(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        at: OffsetDateTime,
+    ) -> Result<Vec<TemplateVersion>> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            template_columns!(),
+            " FROM template_versions
+             WHERE tenant_id = $1 AND name = $2 AND deleted_at IS NULL ORDER BY version"
+        ))
+        .arg(tenant.as_str())
+        .arg(name)
+        .fetch_all(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("reading a template's versions", e))?;
+        let mut versions = rows
+            .iter()
+            .map(template_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        sqlx::query(
+            "UPDATE template_versions SET deleted_at = $1
+             WHERE tenant_id = $2 AND name = $3 AND deleted_at IS NULL",
+        )
+        .arg(to_micros(at))
+        .arg(tenant.as_str())
+        .arg(name)
+        .execute(tx.on())
+        .await
+        .map_err(|e| db_error::<B>("deleting a template", e))?;
+        tx.commit("deleting a template").await?;
+        for v in &mut versions {
+            v.deleted_at = Some(at);
+        }
+        Ok(versions)
+    }
+
+    async fn template_version_purge(&self, id: &TemplateVersionId) -> Result<bool> {
+        let _turn = self.backend.write_turn().await;
+        let done = sqlx::query("DELETE FROM template_versions WHERE id = $1")
+            .arg(id.as_str())
+            .execute(self.pool())
+            .await
+            .map_err(|e| db_error::<B>("removing a template version", e))?;
+        Ok(B::Db::rows_affected(&done) > 0)
     }
 
     // --- time and leadership -------------------------------------------

@@ -129,16 +129,9 @@ pub trait Worker: Send + Sync + 'static {
     async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>>;
 
     /// The sandbox's root filesystem as a tar stream (see
-    /// `Provider::snapshot`). Workers that cannot hand one over refuse with
-    /// `Unsupported`, which the API answers with 409 `unsupported`.
-    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
-        let _ = lease;
-        Err(stacyvm_core::Error::Unsupported(format!(
-            "worker {} cannot snapshot sandboxes: snapshots need the sandbox on the control \
-             plane's own worker",
-            self.id()
-        )))
-    }
+    /// `Provider::snapshot`); a provider that cannot make one answers
+    /// `Unsupported`, which the API turns into 409 `unsupported`.
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream>;
 }
 
 pub type DynWorker = Arc<dyn Worker>;

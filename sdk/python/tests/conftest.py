@@ -201,6 +201,21 @@ def running_server(
                 proc.wait()
         if failures:
             print("sandboxes that could not be destroyed: " + "; ".join(failures), file=sys.stderr)
+        _unmount_under(data_dir)
+
+
+def _unmount_under(directory: Path) -> None:
+    """Unmounts what is mounted at or below ``directory``, deepest first:
+    volumes stay mounted when their server stops (they outlive it by design),
+    and pytest's later removal of the temporary directory must not reach into
+    one."""
+    root = str(directory.resolve())
+    found = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], stdout=subprocess.PIPE, text=True, check=False)
+    targets = [t for t in found.stdout.splitlines() if t == root or t.startswith(root + "/")]
+    for target in sorted(targets, reverse=True):
+        done = subprocess.run(["umount", target], stderr=subprocess.PIPE, text=True, check=False)
+        if done.returncode != 0:
+            print(f"could not unmount {target}: {done.stderr.strip()}", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -254,6 +254,16 @@ async def test_http_endpoint(server: Server, client: stacyvm.Client, member: Tup
         assert r["stdout"] == "via-http\n"
         ok(await call(c, "write_file", {"sandbox_id": sid, "path": "/w.txt", "content": "w"}))
         assert ok(await call(c, "read_file", {"sandbox_id": sid, "path": "/w.txt"}))["content"] == "w"
+        # The rest of the tools answer over HTTP as over stdio.
+        assert "/w.txt" in {e["path"] for e in ok(await call(c, "list_files", {"sandbox_id": sid}))["entries"]}
+        assert ok(await call(c, "run_code", {"sandbox_id": sid, "language": "shell", "code": "echo $((6*7))"}))["stdout"] == "42\n"
+        listed = ok(await call(c, "list_sandboxes", {}))
+        assert {s["id"] for s in listed["sandboxes"]} == {sid}, "only the member's tenant's sandboxes"
+        if mode == "legacy":
+            assert made["labels"]["mcp-session"].startswith("mcp_"), made["labels"]
+        other = ok(await call(c, "create_sandbox", {"image": IMAGE, "provider": "docker"}))["id"]
+        ok(await call(c, "destroy_sandbox", {"sandbox_id": other}))
+        assert state_of(client, other) == "destroyed"
         assert err(await call(c, "run_command", {"sandbox_id": "sbx_nope", "command": "true"}))["code"] == "not_found"
         # Another tenant's sandbox (the admin's own) is not there for this key.
         with client.sandbox(image=IMAGE, provider="docker") as theirs:

@@ -12,6 +12,8 @@ import type {
   SandboxState,
   Status,
   Tenant,
+  Volume,
+  WhoAmI,
   Worker,
   WorkerToken,
 } from "./generated/api.js";
@@ -157,6 +159,33 @@ export class Client {
     await this.t.send("image_delete", { path: { name } });
   }
 
+  // volumes
+
+  /**
+   * Creates a volume of the caller's tenant: a filesystem of `sizeMb` MiB
+   * (at least 8) that outlives the sandboxes it is mounted into. Mount it
+   * with `client.sandbox({ image, volumes: [{ volume: name, path: "/data" }] })`.
+   */
+  async createVolume(name: string, sizeMb: number): Promise<Volume> {
+    const r = await this.t.send("volume_create", { json: { name, size_mb: sizeMb } });
+    return (await r.json()) as Volume;
+  }
+
+  async listVolumes(): Promise<Volume[]> {
+    const r = await this.t.send("volume_list", {});
+    return ((await r.json()) as Operations["volume_list"]["response"]).volumes;
+  }
+
+  async getVolume(name: string): Promise<Volume> {
+    const r = await this.t.send("volume_get", { path: { name } });
+    return (await r.json()) as Volume;
+  }
+
+  /** Deletes a volume and its data; a `ConflictError` while a live sandbox mounts it. */
+  async deleteVolume(name: string): Promise<void> {
+    await this.t.send("volume_delete", { path: { name } });
+  }
+
   // tenants, quotas, keys
 
   async createTenant(name: string): Promise<Tenant> {
@@ -208,6 +237,12 @@ export class Client {
     const r = await this.t.send("audit_list", { query: options });
     const d = (await r.json()) as Operations["audit_list"]["response"];
     return page(d.events, d.next_cursor);
+  }
+
+  /** The key this client calls with: its id, tenant and role (any valid key may ask). */
+  async whoami(): Promise<WhoAmI> {
+    const r = await this.t.send("whoami", {});
+    return (await r.json()) as WhoAmI;
   }
 
   /** The server's status: version, mode, store, providers, workers, sandbox counts. */

@@ -9,9 +9,11 @@ import type {
   ExecRequest,
   ExecResponse,
   ExitStatus,
+  ExposedPort,
   FileEntry,
   Image,
   LogLine,
+  PortToken,
   Sandbox as SandboxInfo,
 } from "./generated/api.js";
 import { errorFor, NotFoundError, ProviderUnavailableError, TransportError } from "./errors.js";
@@ -500,6 +502,53 @@ export class Sandbox implements AsyncDisposable {
       signal: options.signal,
     });
     return (await r.json()) as Image;
+  }
+
+  /**
+   * Makes `port` inside the sandbox (on its loopback) reachable through the
+   * server, HTTP and WebSocket alike, even with network `none`. Private ports
+   * need the caller's API key or a `portToken`; `public: true` opens the port
+   * to anyone who has the URL. `url` is the host form when the server has a
+   * proxy domain, else a path relative to the server (see `portUrl`).
+   * Exposing a port again changes only whether it is public.
+   */
+  async expose(port: number, options: { public?: boolean } & CallOptions = {}): Promise<ExposedPort> {
+    const r = await this.t.send("port_expose", {
+      path: { id: this.id },
+      json: { port, public: options.public ?? false },
+      // Exposing is idempotent: the same port again is the same exposure.
+      idempotent: true,
+      signal: options.signal,
+    });
+    return (await r.json()) as ExposedPort;
+  }
+
+  /** The sandbox's exposed ports. */
+  async ports(): Promise<ExposedPort[]> {
+    const r = await this.t.send("port_list", { path: { id: this.id } });
+    return ((await r.json()) as { ports: ExposedPort[] }).ports;
+  }
+
+  /** Closes an exposed port (`NotFoundError` when it is not exposed). */
+  async unexpose(port: number): Promise<void> {
+    await this.t.send("port_remove", { path: { id: this.id, port } });
+  }
+
+  /**
+   * A signed token that opens a private port without an API key for
+   * `ttlSeconds` (default 3600): `url` carries it as `?stacyvm_token=`.
+   */
+  async portToken(port: number, options: { ttlSeconds?: number } = {}): Promise<PortToken> {
+    const r = await this.t.send("port_token", {
+      path: { id: this.id, port },
+      json: { ttl_seconds: options.ttlSeconds ?? 3600 },
+    });
+    return (await r.json()) as PortToken;
+  }
+
+  /** An exposed port's `url` made absolute: a path form is resolved against the server's URL. */
+  portUrl(exposed: Pick<ExposedPort, "url">): string {
+    return new URL(exposed.url, `${this.t.url}/`).toString();
   }
 
   /** The sandbox's log so far. */

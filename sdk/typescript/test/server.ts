@@ -71,6 +71,28 @@ export async function destroyAll(admin: Client): Promise<string[]> {
 }
 
 /**
+ * Unmounts whatever is mounted at or below `dir`, deepest first: volumes
+ * stay mounted when their server stops (they outlive it by design), and
+ * removing a data dir through a mounted volume would fail or reach into it.
+ */
+function unmountUnder(dir: string): void {
+  let targets: string[];
+  try {
+    targets = execFileSync("findmnt", ["-rn", "-o", "TARGET"], { encoding: "utf8" }).split("\n");
+  } catch (e) {
+    console.error(`findmnt failed, mounts under ${dir} may be left: ${String(e)}`);
+    return;
+  }
+  for (const t of targets.filter((t) => t === dir || t.startsWith(`${dir}/`)).sort().reverse()) {
+    try {
+      execFileSync("umount", [t]);
+    } catch (e) {
+      console.error(`could not unmount ${t}: ${String(e)}`);
+    }
+  }
+}
+
+/**
  * Starts `stacyvm serve` in a fresh data dir, waits until it is ready and
  * imports the test image as `busybox`. `stop()` destroys every sandbox,
  * stops the server and removes the data dir.
@@ -111,6 +133,7 @@ export async function startServer(extraArgs: string[] = []): Promise<Server> {
         await exited;
       }
     }
+    unmountUnder(dir);
     rmSync(dir, { recursive: true, force: true });
   };
 

@@ -1,11 +1,13 @@
 //! The client commands of `stacyvm` (sandbox, cp, files, image, tenant,
-//! key, quota, audit, status, workers, health), built on the Rust SDK.
+//! key, quota, audit, status, workers, health, volume, template), built on
+//! the Rust SDK.
 
 mod admin;
 mod files;
 mod interactive;
 pub mod output;
 mod sandbox;
+pub mod template;
 mod volume;
 
 use std::collections::BTreeMap;
@@ -72,6 +74,9 @@ pub enum ClientCommand {
     /// Manage volumes: filesystems that outlive sandboxes.
     #[command(visible_alias = "volumes")]
     Volume(volume::VolumeArgs),
+    /// Build and manage templates: environments built once, started many times.
+    #[command(visible_alias = "templates")]
+    Template(template::TemplateArgs),
 }
 
 /// Lets a closed stdout (`stacyvm … | head`) end the process quietly, as
@@ -101,6 +106,7 @@ pub async fn run(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Workers(a) => admin::workers(a).await,
         ClientCommand::Health(a) => admin::health(a).await,
         ClientCommand::Volume(a) => volume::run(a).await,
+        ClientCommand::Template(a) => template::run(a).await,
     };
     match result {
         Ok(code) => code,

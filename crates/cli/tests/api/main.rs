@@ -32,6 +32,7 @@ mod snapshots;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;
+mod templates;
 mod tenancy;
 mod volumes;
 mod workers;

@@ -43,6 +43,8 @@ async fn the_pages_are_served_from_the_binary_under_a_strict_csp() -> Result<()>
     for (path, content_type, needle) in [
         ("/ui/", "text/html", "/ui/app.js"),
         ("/ui/app.js", "text/javascript", "/v1/whoami"),
+        ("/ui/volumes.js", "text/javascript", "/v1/volumes"),
+        ("/ui/sandbox.js", "text/javascript", "/ports"),
         ("/ui/console.css", "text/css", "font"),
         ("/docs", "text/html", "/docs/swagger-ui-bundle.js"),
         ("/docs/docs.js", "text/javascript", "/openapi.json"),

@@ -313,6 +313,19 @@ async fn exercise(server: &Server, provider: &str) -> Result<()> {
         .get(&format!("{url}index.html"))
         .await?
         .err(404, "not_found")?;
+    // A read-only key does not reach a private port: what answers there
+    // may change the sandbox.
+    viewer
+        .get(&format!("{url}index.html"))
+        .await?
+        .err(403, "forbidden")?;
+    let audited = admin
+        .audit(&format!("sandbox_id={id}&action=port.expose"))
+        .await?;
+    ensure!(
+        audited.iter().any(|e| e["outcome"] == "ok"),
+        "{provider}: port.expose not audited: {audited:?}"
+    );
     // Signed token: 200; expired (or forged) 401.
     let t = member
         .post(
@@ -344,6 +357,8 @@ async fn exercise(server: &Server, provider: &str) -> Result<()> {
         .ok(201)?;
     let r = anon.get(&format!("{url}index.html")).await?;
     ensure!(r.status == 200, "public: {} {}", r.status, r.text());
+    let r = viewer.get(&format!("{url}index.html")).await?;
+    ensure!(r.status == 200, "public, viewer: {} {}", r.status, r.text());
 
     // Host form: Host {port}-{id}.DOMAIN at the server's own address.
     let rb = anon

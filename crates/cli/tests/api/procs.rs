@@ -121,6 +121,21 @@ async fn background_processes_run_on_after_the_client_and_take_stdin_and_signals
             )
             .await?;
         ensure!(r.status == 403, "{provider}: viewer signal {}", r.status);
+        // Both are in the audit log by name, the refusal as denied.
+        let started = admin
+            .audit(&format!("sandbox_id={id}&action=process.start"))
+            .await?;
+        ensure!(
+            started.iter().any(|e| e["outcome"] == "ok"),
+            "{provider}: process.start not audited: {started:?}"
+        );
+        let denied = admin
+            .audit(&format!("sandbox_id={id}&action=process.signal"))
+            .await?;
+        ensure!(
+            denied.iter().any(|e| e["outcome"] == "denied"),
+            "{provider}: process.signal refusal not audited: {denied:?}"
+        );
         let r = viewer
             .post(
                 &format!("/v1/sandboxes/{id}/processes"),

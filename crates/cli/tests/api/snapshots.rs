@@ -1,8 +1,10 @@
 //! Snapshots: a sandbox's filesystem saved as a catalog image of its
-//! tenant, on every provider: written files, a deleted file of the base
+//! tenant, on every provider and, in the workers topology, carried from a
+//! remote worker to the control plane's catalog: written files, a deleted file of the base
 //! image, modes, symbolic and hard links carry over into a new sandbox;
-//! names are checked, taken names refused, and other tenants neither see
-//! the image nor create from it.
+//! names are checked, taken names refused, other tenants neither see the
+//! image nor create from it, its tenant deletes it, and snapshots count
+//! against the tenant's storage quota with its volumes.
 
 use anyhow::{ensure, Result};
 use serde_json::json;
@@ -54,17 +56,6 @@ async fn a_snapshot_carries_files_deletions_modes_and_links_into_a_new_sandbox()
                 json!({"image": image}),
             )
             .await?;
-        if server.remote_workers() {
-            // Remote workers cannot hand a snapshot to the control plane
-            // yet: refused clearly, and nothing is registered.
-            resp.err(409, "unsupported")?;
-            admin
-                .get(&format!("/v1/images/{image}"))
-                .await?
-                .err(404, "not_found")?;
-            member.destroy(&id).await?;
-            continue;
-        }
         let info = resp.ok(201)?;
         ensure!(
             info["name"] == image.as_str()
@@ -151,12 +142,104 @@ async fn a_snapshot_carries_files_deletions_modes_and_links_into_a_new_sandbox()
             "{provider}: no audit event of the snapshot: {audit}"
         );
 
+        // The tenant removes its own snapshot once nothing runs from it;
+        // another tenant cannot, and operator images stay the operator's.
+        member
+            .delete(&format!("/v1/images/{image}"))
+            .await?
+            .err(409, "conflict")?;
         member.destroy(&copy_id).await?;
         member.destroy(&id).await?;
-        admin
+        stranger
+            .delete(&format!("/v1/images/{image}"))
+            .await?
+            .err(404, "not_found")?;
+        member
+            .delete("/v1/images/busybox")
+            .await?
+            .err(403, "forbidden")?;
+        member
             .delete(&format!("/v1/images/{image}"))
             .await?
             .ok(204)?;
+        member
+            .get(&format!("/v1/images/{image}"))
+            .await?
+            .err(404, "not_found")?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_count_against_the_storage_quota_with_volumes() -> Result<()> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker")
+            .local_worker(),
+    )?;
+    let _mounts = crate::volumes::MountGuard(server.data_dir().to_path_buf());
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (tenant, member) = admin.tenant_with("member").await?;
+    let quota = |mb: i64| json!({"allowed_providers": ["docker"], "max_volume_mb": mb});
+    admin
+        .put(&format!("/v1/tenants/{tenant}/quota"), quota(1))
+        .await?
+        .ok(200)?;
+    let id = member.sandbox("docker").await?;
+    // A busybox root filesystem is more than a MiB: refused once copied,
+    // and nothing of it stays.
+    let tight = unique("tight");
+    let e = member
+        .post(
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            json!({"image": tight}),
+        )
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(
+        e.message.contains("max_volume_mb") && e.message.contains("snapshot images"),
+        "{}",
+        e.message
+    );
+    admin
+        .get(&format!("/v1/images/{tight}"))
+        .await?
+        .err(404, "not_found")?;
+
+    admin
+        .put(&format!("/v1/tenants/{tenant}/quota"), quota(64))
+        .await?
+        .ok(200)?;
+    let image = unique("held");
+    let info = member
+        .post(
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            json!({"image": image}),
+        )
+        .await?
+        .ok(201)?;
+    let image_mb = info["size"].as_u64().unwrap_or(0).div_ceil(1 << 20) as i64;
+    ensure!(image_mb > 0, "{info}");
+    // The snapshot's MiB are gone from what volumes may take.
+    let e = member
+        .post(
+            "/v1/volumes",
+            json!({"name": "v", "size_mb": 64 - image_mb + 1}),
+        )
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(e.message.contains("snapshot images"), "{}", e.message);
+    member.destroy(&id).await?;
+    member
+        .delete(&format!("/v1/images/{image}"))
+        .await?
+        .ok(204)?;
+    // Deleting the snapshot gives its share back.
+    member
+        .post("/v1/volumes", json!({"name": "v", "size_mb": 64}))
+        .await?
+        .ok(201)?;
+    member.delete("/v1/volumes/v").await?.ok(204)?;
     Ok(())
 }

@@ -349,3 +349,45 @@ async fn volume_quotas_are_enforced_and_freed_by_delete() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_take_real_disk_and_never_more_than_the_host_has() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (server, _guard) = start()?;
+    let admin = server.admin();
+    // The image holds all its blocks from the start.
+    let v = volume(&admin, "whole", 64).await?;
+    let id = s(&v, "id")?.to_owned();
+    let image = server
+        .data_dir()
+        .join("volumes/images")
+        .join(format!("{id}.ext4"));
+    let meta = std::fs::metadata(&image).with_context(|| image.display().to_string())?;
+    ensure!(
+        meta.blocks() * 512 >= 64 << 20,
+        "image holds {} bytes of 64 MiB",
+        meta.blocks() * 512
+    );
+    admin.delete("/v1/volumes/whole").await?.ok(204)?;
+    // The largest volume the API takes is more than this host's disk: it
+    // is refused with the reason, and nothing of it stays.
+    let e = admin
+        .post(
+            "/v1/volumes",
+            json!({"name": "huge", "size_mb": 1024 * 1024}),
+        )
+        .await?
+        .err(503, "no_capacity")?;
+    ensure!(e.message.contains("no room"), "{}", e.message);
+    admin.get("/v1/volumes/huge").await?.err(404, "not_found")?;
+    let images = server.data_dir().join("volumes/images");
+    let left: Vec<_> = std::fs::read_dir(&images)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    ensure!(
+        mounts_under(&server.data_dir().join("volumes")).is_empty(),
+        "mounts left"
+    );
+    Ok(())
+}

@@ -16,3 +16,4 @@ mod ports;
 mod provider_test;
 mod sdk;
 mod support;
+mod templates;

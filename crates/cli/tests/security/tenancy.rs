@@ -222,6 +222,8 @@ async fn proot_is_only_for_tenants_the_operator_allows_and_never_automatic() -> 
             && quota["max_cpu"] == 8.0
             && quota["max_memory_mb"] == 16384
             && quota["max_concurrent_execs"] == 100
+            && quota["max_volumes"] == 10
+            && quota["max_volume_mb"] == 10240
             && quota["allowed_providers"].is_null(),
         "the default quota of a new tenant: {quota}"
     );

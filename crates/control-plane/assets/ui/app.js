@@ -7,6 +7,7 @@ import { apiKey, setApiKey, forgetApiKey, get, ApiError } from './api.js';
 import { sandboxesPage } from './sandboxes.js';
 import { sandboxPage } from './sandbox.js';
 import { statusPage, tenantsPage, keysPage, auditPage } from './admin.js';
+import { volumesPage } from './volumes.js';
 
 /** What the signed-in key may do, from its role. */
 export const session = { who: null, can: {} };
@@ -42,8 +43,8 @@ function loginPage(message) {
 }
 
 function drawChrome() {
-  const links = [['#/sandboxes', 'Sandboxes'], ['#/status', 'Status'], ['#/tenants', 'Tenants'],
-    ['#/keys', 'Keys'], ['#/audit', 'Audit']];
+  const links = [['#/sandboxes', 'Sandboxes'], ['#/volumes', 'Volumes'], ['#/status', 'Status'],
+    ['#/tenants', 'Tenants'], ['#/keys', 'Keys'], ['#/audit', 'Audit']];
   fill(document.getElementById('nav'), links.map(([href, text]) =>
     h('a', { href, 'data-nav': href.slice(2) }, text)));
   const w = session.who;
@@ -63,6 +64,7 @@ function route() {
   el.replaceChildren();
   const pages = {
     sandboxes: () => (parts[1] ? sandboxPage(el, parts[1]) : sandboxesPage(el)),
+    volumes: () => volumesPage(el),
     status: () => statusPage(el),
     tenants: () => tenantsPage(el),
     keys: () => keysPage(el),

@@ -1,8 +1,8 @@
 // One sandbox: its details (polled), logs, a command runner streaming its
-// output over the SSE exec stream, and a file browser.
+// output over the SSE exec stream, a file browser and its exposed ports.
 
 import { h, fill, table, stateBadge, errorBox, time } from './dom.js';
-import { get, call, del, query, sandboxPath, execStream } from './api.js';
+import { get, post, call, del, query, sandboxPath, execStream } from './api.js';
 import { session } from './app.js';
 
 const POLL_MS = 2000;
@@ -76,6 +76,7 @@ export function sandboxPage(el, id) {
     h('h1', null, 'Sandbox ', h('span', { class: 'mono' }, id)), message, details,
     session.can.write ? runner(id) : null,
     files(id),
+    ports(id),
     h('h2', null, 'Logs'), h('p', null, h('button', { onclick: loadLogs }, 'Refresh logs')), logs);
   refresh();
   loadLogs();
@@ -124,6 +125,63 @@ function runner(id) {
   return h('section', null, h('h2', null, 'Run a command'),
     h('form', { id: 'exec-form', class: 'row', onsubmit: submit },
       h('label', null, 'Command (run with sh -c)', input), run, stop), out);
+}
+
+/**
+ * The sandbox's exposed ports: each with its URL through this server. A
+ * private port needs a key the browser does not send on a plain link, so
+ * keys that may write get a signed link (valid one hour) to open instead.
+ */
+function ports(id) {
+  const listing = h('div', { id: 'port-list' });
+  const message = h('div');
+
+  async function refresh() {
+    try {
+      const r = await get(sandboxPath(id, '/ports'));
+      const columns = [['Port', (p) => String(p.port)], ['Access', (p) => (p.public ? 'public' : 'private (key or signed link)')],
+        ['URL', (p) => h('a', { href: p.url, target: '_blank', rel: 'noopener', class: 'mono', 'data-port-url': p.port }, p.url)]];
+      if (session.can.write) {
+        columns.push(['', (p) => [
+          p.public ? null : h('button', { 'data-port-token': p.port, onclick: () => signedLink(p) }, 'Signed link'),
+          h('button', { class: 'danger', 'data-unexpose': p.port, onclick: () => unexpose(p) }, 'Close'),
+        ]]);
+      }
+      fill(listing, r.ports.length === 0 ? h('p', { class: 'muted' }, 'No exposed ports.')
+        : table(columns, r.ports, { id: 'ports-table' }));
+    } catch (e) {
+      fill(listing, errorBox(e));
+    }
+  }
+
+  async function signedLink(p) {
+    try {
+      const t = await post(sandboxPath(id, `/ports/${p.port}/token`), { ttl_seconds: 3600 });
+      fill(message, h('div', { class: 'notice' }, `Signed link to port ${p.port}, valid until ${time(new Date(t.expires_at * 1000).toISOString())}: `,
+        h('a', { href: t.url, target: '_blank', rel: 'noopener', class: 'mono', id: 'port-signed-link' }, t.url)));
+    } catch (e) { fill(message, errorBox(e)); }
+  }
+
+  async function unexpose(p) {
+    try { await del(sandboxPath(id, `/ports/${p.port}`)); fill(message); } catch (e) { fill(message, errorBox(e)); }
+    refresh();
+  }
+
+  const expose = session.can.write ? h('form', { id: 'expose-form', class: 'row', onsubmit: async (ev) => {
+    ev.preventDefault();
+    const form = ev.target;
+    try {
+      await post(sandboxPath(id, '/ports'), { port: Number(form.elements.port.value), public: form.elements.public.checked });
+      fill(message);
+      refresh();
+    } catch (e) { fill(message, errorBox(e)); }
+  } },
+  h('label', null, 'Port inside the sandbox', h('input', { name: 'port', type: 'number', min: 1, max: 65535, required: true, placeholder: '8080' })),
+  h('label', { class: 'check' }, h('input', { name: 'public', type: 'checkbox' }), 'public (no key needed)'),
+  h('button', { type: 'submit' }, 'Expose')) : null;
+
+  refresh();
+  return h('section', null, h('h2', null, 'Ports'), expose, message, listing);
 }
 
 /** The file browser: list a directory, go in and up, download, upload. */

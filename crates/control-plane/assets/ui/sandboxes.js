@@ -14,6 +14,17 @@ function parseLabels(text) {
   return parts.every((p) => /^[^=]+=/.test(p)) ? parts : null;
 }
 
+/** `cache:/data, ref:/ref:ro` → volume mounts; null when a part is not name:/path[:ro]. */
+function parseVolumes(text) {
+  const mounts = [];
+  for (const part of text.split(/[,\s]+/).filter(Boolean)) {
+    const m = /^([^:]+):(\/[^:]*)(:ro)?$/.exec(part);
+    if (!m) return null;
+    mounts.push({ volume: m[1], path: m[2], read_only: Boolean(m[3]) });
+  }
+  return mounts;
+}
+
 export function sandboxesPage(el) {
   const filter = { label: sessionStorage.getItem('stacyvm.filter.label') || '', state: '' };
   const list = h('div', { id: 'sandbox-list' }, h('p', { class: 'muted' }, 'Loading…'));
@@ -74,6 +85,11 @@ export function sandboxesPage(el) {
       if (!labels) { fill(message, errorBox('Labels look like key=value, separated by commas.')); return; }
       body.labels = Object.fromEntries(labels.map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
     }
+    if (v.volumes.trim()) {
+      const volumes = parseVolumes(v.volumes);
+      if (!volumes) { fill(message, errorBox('Volumes look like name:/path or name:/path:ro, separated by commas.')); return; }
+      body.volumes = volumes;
+    }
     const button = ev.target.querySelector('button');
     button.disabled = true;
     fill(message, h('div', { class: 'notice' }, `Creating a sandbox from ${body.image}…`));
@@ -100,6 +116,7 @@ export function sandboxesPage(el) {
     h('label', null, 'Provider (optional)', h('input', { name: 'provider', placeholder: 'docker' })),
     h('label', null, 'Timeout (s)', h('input', { name: 'timeout_s', type: 'number', min: 1, value: 300 })),
     h('label', null, 'Labels (k=v, …)', h('input', { name: 'labels', placeholder: 'team=web' })),
+    h('label', null, 'Volumes (name:/path[:ro], …)', h('input', { name: 'volumes', placeholder: 'cache:/data' })),
     h('button', { class: 'primary', type: 'submit' }, 'Create sandbox')) : null;
 
   fill(el, h('h1', null, 'Sandboxes'), createForm ? [h('h2', null, 'New sandbox'), createForm] : null,

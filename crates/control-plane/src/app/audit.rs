@@ -323,10 +323,29 @@ fn action_of(m: &str, route: &str, path: &str) -> String {
         ("POST", "/mcp") => "mcp.call",
         ("DELETE", "/mcp") => "mcp.close",
         ("POST", "/v1/sandboxes/{id}/snapshot") => "sandbox.snapshot",
+        ("POST", "/v1/sandboxes/{id}/processes") => "process.start",
+        ("GET", "/v1/sandboxes/{id}/processes") => "process.list",
+        ("GET", "/v1/sandboxes/{id}/processes/{pid}") => "process.get",
+        ("GET", "/v1/sandboxes/{id}/processes/{pid}/output") => "process.output",
+        ("POST", "/v1/sandboxes/{id}/processes/{pid}/stdin") => "process.stdin",
+        ("POST", "/v1/sandboxes/{id}/processes/{pid}/signal") => "process.signal",
+        ("POST", "/v1/sandboxes/{id}/ports") => "port.expose",
+        ("GET", "/v1/sandboxes/{id}/ports") => "port.list",
+        ("DELETE", "/v1/sandboxes/{id}/ports/{port}") => "port.remove",
+        ("POST", "/v1/sandboxes/{id}/ports/{port}/token") => "port.sign",
+        (_, "/v1/sandboxes/{id}/ports/{port}/" | "/v1/sandboxes/{id}/ports/{port}/{*rest}") => {
+            "port.proxy"
+        }
         ("POST", "/v1/volumes") => "volume.create",
         ("GET", "/v1/volumes") => "volume.list",
         ("GET", "/v1/volumes/{name}") => "volume.get",
         ("DELETE", "/v1/volumes/{name}") => "volume.delete",
+        ("POST", "/v1/templates") => "template.build",
+        ("GET", "/v1/templates") => "template.list",
+        ("GET", "/v1/templates/{name}") => "template.get",
+        ("GET", "/v1/templates/{name}/versions") => "template.versions",
+        ("GET", "/v1/templates/{name}/logs") => "template.logs",
+        ("DELETE", "/v1/templates/{name}") => "template.delete",
         _ => return format!("http.{}", m.to_ascii_lowercase()),
     };
     a.to_owned()

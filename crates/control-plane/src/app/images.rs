@@ -43,7 +43,24 @@ impl App {
     /// PRoot sandboxes run from the catalog's copy of their image, so
     /// removing it would pull the root filesystem out from under them.
     pub async fn image_delete(&self, who: &Principal, name: &str) -> Result<()> {
-        who.require_admin()?;
+        who.require_write()?;
+        if !who.is_admin() {
+            // A tenant removes its own snapshots; another tenant's do not
+            // exist for it, and operator images are the operator's.
+            match self.catalog.owner(name).await? {
+                Some(owner) if owner == who.tenant_id.as_str() => {}
+                Some(_) => {
+                    return Err(Error::NotFound(format!(
+                        "no image named {name:?} in the image catalog"
+                    )))
+                }
+                None => {
+                    return Err(Error::Forbidden(
+                        "only an admin key deletes operator images".into(),
+                    ))
+                }
+            }
+        }
         let users = self
             .store
             .sandbox_list_live()

@@ -18,6 +18,7 @@ pub mod reconcilers;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod status;
+pub mod templates;
 pub mod tenants;
 pub mod views;
 pub mod volumes;

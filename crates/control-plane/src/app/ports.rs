@@ -225,6 +225,9 @@ impl App {
         };
         match caller {
             Caller::Key(who) if !who.can_see(&rec.tenant_id) => return Err(not_found()),
+            // A request to the sandbox's server can change what is in it:
+            // a read-only key reaches public ports only.
+            Caller::Key(who) if public == Some(false) => who.require_write()?,
             Caller::Key(_) | Caller::Token => {}
             Caller::Nobody if public == Some(true) => {}
             Caller::Nobody => {

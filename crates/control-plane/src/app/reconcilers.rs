@@ -7,7 +7,9 @@
 //!   vanished is marked `lost`, one whose runtime stopped is marked `failed`;
 //! - adoption (at start): rows left `pending` or `starting` by a crash are
 //!   finished one way or the other;
-//! - heartbeat: the local worker's leases are renewed.
+//! - heartbeat: the local worker's leases are renewed;
+//! - templates: builds whose server stopped are failed and their sandbox
+//!   and image removed; deleted versions' images go once unused.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -448,6 +450,12 @@ pub fn spawn_loops(app: Arc<App>, mut stop: watch::Receiver<bool>) -> tokio::tas
                 if leading {
                     if let Err(e) = fail_abandoned(&app).await {
                         tracing::warn!(error = %e, "abandoned-create pass failed");
+                    }
+                    if let Err(e) = app.template_recover(false).await {
+                        tracing::warn!(error = %e, "template build recovery failed");
+                    }
+                    if let Err(e) = app.template_sweep().await {
+                        tracing::warn!(error = %e, "deleted-template sweep failed");
                     }
                 }
             }

@@ -174,7 +174,11 @@ impl App {
     /// images the operator allows (`--docker-images`). An image none of
     /// that allows is `ImageNotFound` with one message whatever the daemon
     /// holds, so tenants cannot probe it.
-    async fn image_source_allowed(&self, who: &Principal, image: &str) -> Result<ImageSource> {
+    pub(super) async fn image_source_allowed(
+        &self,
+        who: &Principal,
+        image: &str,
+    ) -> Result<ImageSource> {
         if !self.image_visible(who, image).await? {
             return Err(image_not_allowed(image));
         }
@@ -234,13 +238,36 @@ impl App {
         Ok((rec, w, l))
     }
 
-    pub async fn sandbox_create(&self, who: &Principal, req: CreateSandbox) -> Result<Created> {
+    pub async fn sandbox_create(&self, who: &Principal, mut req: CreateSandbox) -> Result<Created> {
+        who.require_write()?;
+        let began = std::time::Instant::now();
+        let template = self.template_for_create(who, &mut req).await?;
+        let created = self
+            .sandbox_create_from(who, req, template.as_ref())
+            .await?;
+        match template {
+            Some(t) if !created.existing => self.template_start(created, &t, began).await,
+            _ => Ok(created),
+        }
+    }
+
+    /// The create itself. With `template`, the sandbox runs that template
+    /// version's image (visible to the caller through the template, not as
+    /// an image of its own) and records it; its `start` and `ready` are
+    /// the caller's business.
+    pub(super) async fn sandbox_create_from(
+        &self,
+        who: &Principal,
+        req: CreateSandbox,
+        template: Option<&super::templates::ResolvedTemplate>,
+    ) -> Result<Created> {
         who.require_write()?;
         let limits = &self.config.limits;
-        let image = match (&req.image, &req.template) {
-            (Some(i), _) => i.clone(),
-            (None, Some(t)) => t.clone(),
-            (None, None) => return Err(invalid("image or template is required")),
+        let image = match (template, &req.image, &req.template) {
+            (Some(t), _, _) => t.version.image.clone(),
+            (None, Some(i), _) => i.clone(),
+            (None, None, Some(t)) => t.clone(),
+            (None, None, None) => return Err(invalid("image or template is required")),
         };
         check_name("image", &image)?;
         if let Some(t) = &req.template {
@@ -305,7 +332,10 @@ impl App {
                 )
             })
             .await?;
-        let source = self.image_source_allowed(who, &image).await?;
+        let source = match template {
+            Some(_) => ImageSource::Catalog,
+            None => self.image_source_allowed(who, &image).await?,
+        };
         let volumes = self.volumes_resolve(who, &req.volumes).await?;
 
         let rec = SandboxRecord {
@@ -315,7 +345,7 @@ impl App {
             provider,
             worker_id: None,
             image,
-            template: req.template.clone(),
+            template: template.map(|t| t.label()).or_else(|| req.template.clone()),
             cpu,
             memory_mb,
             network: req.network.unwrap_or_default(),
@@ -333,7 +363,8 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
             egress_allow: req.egress_allow.clone(),
         };
-        let pooled = if req.worker_labels.is_empty()
+        let pooled = if template.is_none()
+            && req.worker_labels.is_empty()
             && rec.egress_allow.is_empty()
             && volumes.is_empty()
             && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)

@@ -42,6 +42,9 @@ impl App {
                 "an image named {image:?} already exists in the image catalog; choose another name"
             )));
         }
+        // A snapshot takes at least a MiB: a tenant at its limit is refused
+        // before anything is copied.
+        self.storage_check(owner, 1).await?;
         let paused = match worker.pause(lease).await {
             Ok(()) => true,
             // A provider that cannot pause is copied live; a sandbox the
@@ -63,9 +66,65 @@ impl App {
             }
         }
         let info = result?;
+        // Counted once it exists, with every snapshot committed meanwhile:
+        // of two at once that together pass the quota, neither stays.
+        if let Err(e) = self.storage_check(owner, 0).await {
+            if let Err(d) = self.catalog.delete(image).await {
+                tracing::warn!(image, error = %d, "could not remove a snapshot over quota");
+            }
+            return Err(e);
+        }
         tracing::info!(image, tenant = %owner, sandbox = %lease.sandbox_id, size = info.size,
             "sandbox snapshotted");
         Ok(info)
+    }
+
+    /// The MiB a tenant keeps on the server's disk: its volumes' sizes and
+    /// its snapshot images' tars (rounded up), which `max_volume_mb` bounds
+    /// together.
+    pub(super) async fn storage_mb(&self, tenant: &TenantId) -> Result<(i64, i64)> {
+        let volumes = self
+            .store
+            .volume_list(Some(tenant))
+            .await?
+            .iter()
+            .map(|v| v.size_mb)
+            .sum();
+        let mut images = 0i64;
+        for image in self.catalog.list().await? {
+            match self.catalog.owner(&image.name).await {
+                Ok(Some(o)) if o == tenant.as_str() => {
+                    images += i64::try_from(image.size.div_ceil(1 << 20)).unwrap_or(i64::MAX);
+                }
+                // Operator images, other tenants' and images deleted since
+                // the list count for nobody here.
+                Ok(_) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((volumes, images))
+    }
+
+    /// Refuses `more` MiB (0: only what is already held) when the tenant's
+    /// volumes and snapshots would then exceed its `max_volume_mb`.
+    pub(super) async fn storage_check(&self, tenant: &TenantId, more: i64) -> Result<()> {
+        let Some(max) = self.store.quota_get(tenant).await?.max_volume_mb else {
+            return Ok(());
+        };
+        let (volumes, images) = self.storage_mb(tenant).await?;
+        let held = volumes.saturating_add(images);
+        if held.saturating_add(more) > max {
+            let room = if more > 0 {
+                format!(", which leaves no room for {more} MiB more")
+            } else {
+                String::new()
+            };
+            return Err(Error::QuotaExceeded(format!(
+                "quota exceeded: max_volume_mb is {max}; the tenant's volumes hold {volumes} MiB \
+                 and its snapshot images {images} MiB{room}"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether `who` may see and run catalog image `image`: operator images

@@ -2,7 +2,8 @@
 //! volumes a sandbox create asks for into host directories its provider
 //! binds in.
 //!
-//! On the host a volume is an ext4 image of its size (a sparse file) under
+//! On the host a volume is an ext4 image of its size (allocated whole at
+//! create, so declared volumes never add up to more than the disk) under
 //! `DATA_DIR/volumes/images/`, loop-mounted at `DATA_DIR/volumes/mnt/ID`
 //! (both parents 0700), so its size is a real filesystem limit: a write past
 //! it fails with `ENOSPC` inside the sandbox. Volumes live on the host of
@@ -63,25 +64,35 @@ impl VolumeHost {
     /// Makes the image file and its filesystem, and mounts it.
     pub async fn create(&self, id: &VolumeId, size_mb: i64) -> Result<()> {
         self.private_dirs()?;
+        // Checked before allocating too: a filesystem can fill itself
+        // completely while it tries an allocation it then refuses.
+        keep_reserve(
+            &self.root.join("images"),
+            size_mb,
+            size_mb as u64 * 1024 * 1024,
+        )?;
         let image = self.image(id);
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&image)
             .map_err(|e| Error::internal(format_args!("creating {}", image.display()), e))?;
-        let sized = file.set_len(size_mb as u64 * 1024 * 1024);
+        let sized = allocate(&file, size_mb as u64 * 1024 * 1024)
+            .and_then(|()| keep_reserve(&self.root.join("images"), size_mb, 0));
         drop(file);
         let made = match sized {
             Ok(()) => {
-                // No blocks reserved for root: the sandbox gets the whole size.
+                // No blocks reserved for root: the sandbox gets the whole
+                // size. No discard: on a file it would punch the allocated
+                // blocks back out and the volume would be sparse again.
                 run(
                     "mkfs.ext4",
-                    &["-q", "-F", "-m", "0", "-E", "root_owner=0:0"],
+                    &["-q", "-F", "-m", "0", "-E", "root_owner=0:0,nodiscard"],
                     &[&image],
                 )
                 .await
             }
-            Err(e) => Err(Error::internal("sizing the volume image", e)),
+            Err(e) => Err(e),
         };
         let made = match made {
             Ok(()) => self.ensure_mounted(id).await.map(|_| ()),
@@ -156,6 +167,82 @@ impl VolumeHost {
     }
 }
 
+/// Space of the data dir's filesystem no volume may take, so that the store,
+/// images and logs beside them can still be written: 5% of the filesystem,
+/// at most 2 GiB.
+fn reserve_bytes(total: u64) -> u64 {
+    (total / 20).min(2 << 30)
+}
+
+/// Gives the image file all its blocks now. A sparse image would let the
+/// volumes declared on a host add up to more than its disk, and a tenant
+/// filling its own volume would then fill the disk under everyone else's.
+fn allocate(file: &std::fs::File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let len_off = libc::off_t::try_from(len)
+        .map_err(|_| Error::InvalidRequest("size_mb: too large".into()))?;
+    // SAFETY: the descriptor is open for writing for the duration of the
+    // call; fallocate only changes the file's allocation.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EFBIG) => Err(Error::NoCapacity(format!(
+            "the host has no room for a volume of {} MiB",
+            len >> 20
+        ))),
+        Some(libc::EOPNOTSUPP) => Err(Error::Unsupported(
+            "volumes need a data dir on a filesystem that can allocate space ahead \
+             (ext4, xfs, btrfs, tmpfs); this one cannot"
+                .into(),
+        )),
+        _ => Err(Error::internal("allocating the volume image", e)),
+    }
+}
+
+/// Refuses a volume that leaves less than the reserve free on the data dir's
+/// filesystem once `still_to_take` more bytes are allocated. Checked before
+/// allocating (with the volume's size) and after (with 0), so two creates at
+/// once cannot both slip under the reserve.
+fn keep_reserve(dir: &Path, size_mb: i64, still_to_take: u64) -> Result<()> {
+    let (total, avail) = fs_space(dir)?;
+    let reserve = reserve_bytes(total);
+    let avail = avail.saturating_sub(still_to_take);
+    if avail < reserve {
+        return Err(Error::NoCapacity(format!(
+            "the host has no room for a volume of {size_mb} MiB: its data dir keeps {} MiB \
+             free for the server, and {} MiB would be left",
+            reserve >> 20,
+            avail >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// The size and the space available to the server of the filesystem holding
+/// `dir`, in bytes.
+fn fs_space(dir: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| Error::internal("data dir path", e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is a buffer of the
+    // right type that statvfs fills on success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(Error::internal(
+            format_args!("statvfs {}", dir.display()),
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    let frsize = st.f_frsize;
+    Ok((st.f_blocks * frsize, st.f_bavail * frsize))
+}
+
 async fn run(program: &str, args: &[&str], paths: &[&Path]) -> Result<()> {
     let out = tokio::process::Command::new(program)
         .args(args)
@@ -178,36 +265,9 @@ async fn run(program: &str, args: &[&str], paths: &[&Path]) -> Result<()> {
 /// Whether `path` is a mount point in this process's mount namespace, by
 /// `/proc/self/mountinfo` (never by looking inside the directory).
 fn is_mount_point(path: &Path) -> Result<bool> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
+    let mounts = stacyvm_provider::host::mounts_under(path)
         .map_err(|e| Error::internal("reading /proc/self/mountinfo", e))?;
-    let want = path.to_string_lossy();
-    Ok(info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| unescape_mountinfo(m) == want))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, …).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let oct = &b[i + 1..i + 4];
-            let parsed = std::str::from_utf8(oct)
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok());
-            if let Some(v) = parsed {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(mounts.iter().any(|m| m == path))
 }
 
 pub fn view(v: &VolumeRecord) -> api::Volume {
@@ -272,7 +332,13 @@ impl App {
         // The row first: it holds the name, so two creates of one name
         // never both make a filesystem.
         self.store.volume_create(&rec).await?;
-        if let Err(e) = self.volume_host().create(&rec.id, rec.size_mb).await {
+        // The store counted the volumes; snapshot images share the quota,
+        // counted once the row is in, as a snapshot counts volumes.
+        let made = match self.storage_check(&rec.tenant_id, 0).await {
+            Ok(()) => self.volume_host().create(&rec.id, rec.size_mb).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = made {
             let _ = self.store.volume_delete(&rec.id).await;
             return Err(e);
         }
@@ -360,17 +426,5 @@ impl App {
             });
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
     }
 }

@@ -97,8 +97,9 @@ pub async fn image_get(
 
 /// Delete an image.
 ///
-/// Removes the image from the catalog (admin only); sandboxes already running from it keep their
-/// files.
+/// Removes the image from the catalog. An admin key deletes any image; another key with write
+/// access deletes its own tenant's snapshots (another tenant's answer `404`, operator images
+/// `403`). An image live sandboxes run from is `409`: destroy them first.
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images", responses((status = 204)))]
 pub async fn image_delete(
     State(s): State<AppState>,
@@ -111,7 +112,8 @@ pub async fn image_delete(
 
 /// Create a tenant.
 ///
-/// A new tenant with an unlimited quota, to which keys and sandboxes then belong. Admin only.
+/// A new tenant with the server's default quota, to which keys and sandboxes then belong. Admin
+/// only.
 #[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = api::CreateTenant,
     responses((status = 201, body = api::Tenant)))]
 pub async fn tenant_create(

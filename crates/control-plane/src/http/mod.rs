@@ -20,6 +20,7 @@ pub mod request_id;
 pub mod sandboxes;
 pub mod serve;
 pub mod snapshots;
+pub mod templates;
 pub mod ui;
 pub mod volumes;
 pub mod workers;
@@ -149,6 +150,19 @@ pub fn router(state: AppState) -> Router {
             "/v1/volumes/{name}",
             get(volumes::volume_get).delete(volumes::volume_delete),
         )
+        .route(
+            "/v1/templates",
+            post(templates::template_build).get(templates::template_list),
+        )
+        .route(
+            "/v1/templates/{name}",
+            get(templates::template_get).delete(templates::template_delete),
+        )
+        .route(
+            "/v1/templates/{name}/versions",
+            get(templates::template_versions),
+        )
+        .route("/v1/templates/{name}/logs", get(templates::template_logs))
         .route(
             "/v1/sandboxes/{id}/ports",
             post(ports::port_expose).get(ports::port_list),

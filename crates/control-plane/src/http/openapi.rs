@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use stacyvm_api as api;
 
-use super::{admin, files, ports, procs, pty, sandboxes, snapshots, volumes, workers};
+use super::{admin, files, ports, procs, pty, sandboxes, snapshots, templates, volumes, workers};
 
 mod reference;
 
@@ -51,6 +51,8 @@ impl Modify for BearerAuth {
         procs::process_stdin, procs::process_signal,
         snapshots::sandbox_snapshot,
         volumes::volume_create, volumes::volume_list, volumes::volume_get, volumes::volume_delete,
+        templates::template_build, templates::template_list, templates::template_get,
+        templates::template_versions, templates::template_logs, templates::template_delete,
         ports::port_expose, ports::port_list, ports::port_remove, ports::port_token, ports::proxy_path,
     ),
     components(schemas(
@@ -68,6 +70,8 @@ impl Modify for BearerAuth {
         procs::ProcessStart, procs::Process, procs::ProcessList, procs::ProcessSignal, procs::StdinWritten,
         snapshots::SnapshotRequest,
         api::Volume, api::CreateVolume, api::VolumeList, api::VolumeMount,
+        api::CreateTemplate, api::TemplateStep, api::WriteStep, api::UploadStep, api::TemplateState,
+        api::Template, api::TemplateList, api::TemplateLog,
         ports::PortExpose, ports::ExposedPort, ports::PortList, ports::PortTokenRequest, ports::PortToken,
     )),
     tags(
@@ -81,6 +85,7 @@ impl Modify for BearerAuth {
         (name = "status", description = "Health, readiness, status, metrics"),
         (name = "workers", description = "Workers of multi-worker mode, their tokens, and the calls workers make"),
         (name = "volumes", description = "Volumes: data that outlives a sandbox"),
+        (name = "templates", description = "Templates: environments built once and started many times"),
     )
 )]
 pub struct ApiDoc;

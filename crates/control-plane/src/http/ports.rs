@@ -185,14 +185,16 @@ pub async fn port_token(
 ///
 /// Forwards the request, any method, to the server on `port` inside the sandbox, with `path` and
 /// the query (minus `stacyvm_token`), and streams its answer back; a WebSocket or other `Upgrade`
-/// handshake is passed through, then bytes flow both ways. A private port needs a key of the
-/// sandbox's tenant (`Authorization: Bearer` or `X-API-Key`) or `?stacyvm_token=`; the proxy
-/// removes these before forwarding. A port that is not exposed is `404`, an expired or forged
-/// token `401`, nothing listening on the port `502`. With `--proxy-domain` the same is reachable
+/// handshake is passed through, then bytes flow both ways. A private port needs a `member` (or
+/// higher) key of the sandbox's tenant (`Authorization: Bearer` or `X-API-Key`) or
+/// `?stacyvm_token=`; the proxy removes these before forwarding. A port that is not exposed is
+/// `404`, a viewer key on a private port `403`, an expired or forged token `401`, nothing
+/// listening on the port `502`. With `--proxy-domain` the same is reachable
 /// at `http://{port}-{id}.DOMAIN/{path}`.
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "sandboxes",
     security((), ("api_key" = [])),
-    params(("port" = u16, Path, description = "The exposed port (1-65535)."),
+    params(("id" = String, Path, description = "The sandbox's id."),
+        ("port" = u16, Path, description = "The exposed port (1-65535)."),
         ("path" = String, Path, description = "The path on the sandbox's server (may be empty)."),
         ("stacyvm_token" = Option<String>, Query, description = "A signed token from `POST …/ports/{port}/token`, for a private port without a key.")),
     responses((status = 200, description = "whatever the sandbox's server answers, streamed"),

@@ -21,13 +21,16 @@ pub use stacyvm_api::SnapshotRequest;
 /// images stay public. The sandbox is paused during the copy where its provider can pause
 /// (Docker, namespaces, PRoot with cgroups) and resumed after. Links are stored as links, never
 /// followed; `/proc`, `/sys`, `/dev` and StacyVM's own files are left out. An existing image name
-/// is `409 conflict`; a provider or worker that cannot snapshot is `409 unsupported`.
+/// is `409 conflict`; a provider that cannot snapshot is `409 unsupported`. The image counts
+/// against the tenant's `max_volume_mb` with its volumes: past it, `429 quota_exceeded` and no
+/// image. Sandboxes on remote workers are copied over the worker RPC.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshot", tag = "sandboxes",
     request_body = SnapshotRequest,
     responses((status = 201, body = stacyvm_api::Image),
         (status = 400, body = super::error::ErrorBody),
         (status = 404, body = super::error::ErrorBody),
-        (status = 409, body = super::error::ErrorBody)))]
+        (status = 409, body = super::error::ErrorBody),
+        (status = 429, body = super::error::ErrorBody)))]
 pub async fn sandbox_snapshot(
     State(s): State<AppState>,
     Auth(who): Auth,

@@ -49,6 +49,7 @@ const UI: &[Asset] = &[
     asset!("sandboxes.js", JS, "ui/sandboxes.js"),
     asset!("sandbox.js", JS, "ui/sandbox.js"),
     asset!("admin.js", JS, "ui/admin.js"),
+    asset!("volumes.js", JS, "ui/volumes.js"),
 ];
 
 /// The reference's files, served under `/docs/`: Swagger UI (vendored from

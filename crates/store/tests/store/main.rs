@@ -13,6 +13,7 @@ mod keys;
 mod lifecycle;
 mod quotas;
 mod sandboxes;
+mod templates;
 mod tenants;
 mod volumes;
 mod workers;
@@ -90,4 +91,7 @@ conformance! {
     volumes::volume_names_are_unique_per_tenant,
     volumes::a_mounted_volume_is_deleted_only_after_its_sandbox,
     volumes::volume_quotas_count_volumes_and_their_sizes,
+    templates::template_versions_are_numbered_per_tenant_and_name,
+    templates::build_logs_and_finishing_only_while_building,
+    templates::deleted_templates_keep_their_numbers_until_purged,
 }

@@ -30,6 +30,9 @@ use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
 
 /// Deadline of a quick call (health, runtimes, destroy, pause, logs…).
 const CALL_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long a snapshot's stream may stall before the copy is abandoned.
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(120);
 /// Deadline of a spawn: it may fetch the image and wait for the agent.
 const SPAWN_DEADLINE: Duration = Duration::from_secs(600);
 /// How long connecting to a worker may take.
@@ -428,6 +431,42 @@ impl Worker for RemoteWorker {
                 message: l.message,
             })
             .collect())
+    }
+
+    /// The sandbox's filesystem as a tar, streamed from the worker. The
+    /// stream has no overall deadline (a large filesystem takes as long as
+    /// it takes) but fails when the worker sends nothing for
+    /// [`SNAPSHOT_IDLE`].
+    async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {
+        let mut c = self.client()?;
+        let req = self.request(
+            pb::LeaseRequest {
+                lease: Some(lease.into()),
+            },
+            None,
+        )?;
+        let stream = self.call(CALL_DEADLINE, c.snapshot(req)).await?;
+        let worker = self.id.to_string();
+        let bytes = futures_util::stream::unfold(
+            (stream, worker, false),
+            |(mut stream, worker, done)| async move {
+                if done {
+                    return None;
+                }
+                let item = match tokio::time::timeout(SNAPSHOT_IDLE, stream.next()).await {
+                    Ok(None) => return None,
+                    Ok(Some(Ok(chunk))) => Ok(chunk.data),
+                    Ok(Some(Err(s))) => Err(std::io::Error::other(from_status(&worker, s))),
+                    Err(_) => Err(std::io::Error::other(Error::Timeout(format!(
+                        "worker {worker} sent nothing of the snapshot for {} s",
+                        SNAPSHOT_IDLE.as_secs()
+                    )))),
+                };
+                let failed = item.is_err();
+                Some((item, (stream, worker, failed)))
+            },
+        );
+        Ok(Box::pin(bytes))
     }
 
     async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>> {

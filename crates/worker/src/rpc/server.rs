@@ -33,6 +33,9 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Bytes read from an agent at once for the tunnel.
 const TUNNEL_READ: usize = 256 * 1024;
 
+/// The largest message of a snapshot's stream.
+const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
 /// Where a worker gets the catalog images its spawns need: the control
 /// plane (`GET /v1/workers/{id}/images/{name}`).
 #[async_trait]
@@ -530,6 +533,45 @@ impl WorkerRpcService for Service {
                     .collect(),
             }
         }))
+    }
+
+    type SnapshotStream = TunnelStream;
+
+    async fn snapshot(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> std::result::Result<Response<TunnelStream>, Status> {
+        let outcome = async {
+            let lease = lease_from(req.into_inner().lease)?;
+            let provider = self.0.provider(&lease.provider)?.clone();
+            self.0.leases.admit_renewing(&lease).await?;
+            provider.snapshot(&lease.sandbox_id).await
+        }
+        .await;
+        let tar = outcome.map_err(|e| to_status(&e))?;
+        // Split what the provider hands over into messages the control
+        // plane accepts; a read error ends the stream with a status, so a
+        // short tar is never taken for a whole one.
+        let chunks = tar.flat_map(|piece| {
+            let out: Vec<std::result::Result<pb::Chunk, Status>> = match piece {
+                Ok(mut data) => {
+                    let mut v = Vec::new();
+                    while data.len() > SNAPSHOT_CHUNK {
+                        v.push(Ok(pb::Chunk {
+                            data: data.split_to(SNAPSHOT_CHUNK),
+                        }));
+                    }
+                    v.push(Ok(pb::Chunk { data }));
+                    v
+                }
+                Err(e) => vec![Err(to_status(&Error::internal(
+                    "reading the sandbox's snapshot",
+                    e,
+                )))],
+            };
+            futures_util::stream::iter(out)
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     type AgentTunnelStream = TunnelStream;

@@ -66,6 +66,9 @@ from .models import (
     StdinWritten,
     StoreStatus,
     Tenant,
+    Volume,
+    VolumeMount,
+    WhoAmI,
     Worker,
 )
 
@@ -128,6 +131,9 @@ __all__ = [
     "StoreStatus",
     "StoreUnavailable",
     "Tenant",
+    "Volume",
+    "VolumeMount",
+    "WhoAmI",
     "Timeout",
     "TransportError",
     "Unauthenticated",

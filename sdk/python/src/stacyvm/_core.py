@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 
 from .errors import ProviderUnavailable, error_for
-from .models import ExecChunk, ExecExit, LogLine, Quota
+from .models import ExecChunk, ExecExit, LogLine, Quota, VolumeMount
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 DEFAULT_TIMEOUT = 60.0
@@ -130,11 +130,13 @@ def sandbox_create(
     network: Optional[str],
     idempotency_key: Optional[str],
     worker_labels: Optional[Mapping[str, str]] = None,
+    volumes: Optional[Sequence[Union[VolumeMount, Mapping[str, Any]]]] = None,
     allow: Optional[Sequence[str]] = None,
     request_timeout: Optional[float],
 ) -> Call:
     if image is None and template is None:
         raise ValueError("give an image or a template")
+    mounts = [m.to_json() if isinstance(m, VolumeMount) else dict(m) for m in volumes] if volumes else None
     net: Any = network
     if allow is not None:
         if network not in (None, "egress", "full"):
@@ -151,6 +153,7 @@ def sandbox_create(
             "env": dict(env) if env else None,
             "labels": dict(labels) if labels else None,
             "worker_labels": dict(worker_labels) if worker_labels else None,
+            "volumes": mounts,
             "workdir": workdir,
             "network": net,
         }
@@ -209,6 +212,26 @@ def sandbox_unexpose(sandbox_id: str, port: int) -> Call:
 
 def sandbox_port_token(sandbox_id: str, port: int, ttl_seconds: int = 3600) -> Call:
     return Call("POST", f"/v1/sandboxes/{seg(sandbox_id)}/ports/{int(port)}/token", json={"ttl_seconds": ttl_seconds})
+
+
+def volume_create(name: str, size_mb: int) -> Call:
+    return Call("POST", "/v1/volumes", json={"name": name, "size_mb": size_mb})
+
+
+def volume_list() -> Call:
+    return Call("GET", "/v1/volumes")
+
+
+def volume_get(name: str) -> Call:
+    return Call("GET", f"/v1/volumes/{seg(name)}")
+
+
+def volume_delete(name: str) -> Call:
+    return Call("DELETE", f"/v1/volumes/{seg(name)}")
+
+
+def whoami() -> Call:
+    return Call("GET", "/v1/whoami")
 
 
 def sandbox_logs(sandbox_id: str, follow: bool = False) -> Call:

@@ -69,6 +69,17 @@ class SandboxState:
     VALUES: Final = ("pending", "starting", "running", "paused", "stopping", "destroyed", "failed", "lost", "unknown")
 
 
+class TemplateState:
+    """Where a template version's build stands."""
+
+    BUILDING: Final = "building"
+    READY: Final = "ready"
+    FAILED: Final = "failed"
+    UNKNOWN: Final = "unknown"
+    #: Every value the document lists; a newer server may send others.
+    VALUES: Final = ("building", "ready", "failed", "unknown")
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who made an audited call."""
@@ -923,4 +934,90 @@ class Tenant:
             "name": self.name,
             "created_at": None if self.created_at is None else _w.format_time(self.created_at),
             "quota": self.quota.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume."""
+
+    #: `vol_…`.
+    id: str
+    tenant_id: str
+    #: Unique within the tenant: 1-63 characters of `a-z`, `0-9`, `-`, `_`.
+    name: str
+    #: The filesystem's size; writes past it fail with `ENOSPC`.
+    size_mb: int
+    created_at: datetime
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            id=str(d.get("id", "")),
+            tenant_id=str(d.get("tenant_id", "")),
+            name=str(d.get("name", "")),
+            size_mb=int(d.get("size_mb", 0)),
+            created_at=_w.time(d.get("created_at")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "id": self.id,
+            "tenant_id": self.tenant_id,
+            "name": self.name,
+            "size_mb": self.size_mb,
+            "created_at": _w.format_time(self.created_at),
+        }
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """One volume a sandbox create mounts."""
+
+    #: The volume's name, in the caller's tenant.
+    volume: str
+    #: Absolute, normalised path inside the sandbox; not `/`, not under
+    #: `/proc`, `/sys`, `/dev` or `/.stacyvm`.
+    path: str
+    read_only: bool = False
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            volume=str(d.get("volume", "")),
+            path=str(d.get("path", "")),
+            read_only=bool(d.get("read_only", False)),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "volume": self.volume,
+            "path": self.path,
+            "read_only": self.read_only,
+        }
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    """Answer of `GET /v1/whoami`: the key the call was made with, so a client
+    (the web console) can show only what that key may do."""
+
+    key_id: str
+    tenant_id: str
+    #: `admin`, `owner`, `member` or `viewer`.
+    role: str
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            key_id=str(d.get("key_id", "")),
+            tenant_id=str(d.get("tenant_id", "")),
+            role=str(d.get("role", "")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "tenant_id": self.tenant_id,
+            "role": self.role,
         }

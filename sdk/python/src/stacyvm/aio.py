@@ -35,6 +35,9 @@ from .models import (
     Status,
     StdinWritten,
     Tenant,
+    Volume,
+    VolumeMount,
+    WhoAmI,
     Worker,
 )
 
@@ -760,6 +763,7 @@ class AsyncClient:
         worker_labels: Optional[Mapping[str, str]] = None,
         workdir: Optional[str] = None,
         network: Optional[str] = None,
+        volumes: Optional[Sequence[Union[VolumeMount, Mapping[str, Any]]]] = None,
         allow: Optional[Sequence[str]] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
@@ -767,8 +771,10 @@ class AsyncClient:
         """Creates a sandbox and returns once it runs commands. ``timeout_s``
         is its lifetime; ``request_timeout`` how long to wait for it;
         ``worker_labels`` limits it to workers carrying all those labels;
-        ``allow`` (CIDR networks and host names) gives it outbound access to
-        those destinations only."""
+        ``volumes`` mounts volumes of the caller's tenant (`VolumeMount`s, or
+        mappings with ``volume``, ``path`` and ``read_only``); ``allow`` (CIDR
+        networks and host names) gives it outbound access to those
+        destinations only."""
         call = core.sandbox_create(
             image=image,
             template=template,
@@ -781,6 +787,7 @@ class AsyncClient:
             worker_labels=worker_labels,
             workdir=workdir,
             network=network,
+            volumes=volumes,
             allow=allow,
             idempotency_key=idempotency_key,
             request_timeout=request_timeout,
@@ -801,6 +808,7 @@ class AsyncClient:
         worker_labels: Optional[Mapping[str, str]] = None,
         workdir: Optional[str] = None,
         network: Optional[str] = None,
+        volumes: Optional[Sequence[Union[VolumeMount, Mapping[str, Any]]]] = None,
         allow: Optional[Sequence[str]] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
@@ -821,6 +829,7 @@ class AsyncClient:
                 worker_labels=worker_labels,
                 workdir=workdir,
                 network=network,
+                volumes=volumes,
                 allow=allow,
                 idempotency_key=idempotency_key,
                 request_timeout=request_timeout,
@@ -862,6 +871,25 @@ class AsyncClient:
 
     async def delete_image(self, name: str) -> None:
         await self._t.json(core.image_delete(name))
+
+    # volumes
+
+    async def create_volume(self, name: str, size_mb: int) -> Volume:
+        """Creates a volume of the caller's tenant: a filesystem of ``size_mb``
+        MiB (at least 8) that outlives the sandboxes it is mounted into
+        (``client.sandbox(image, volumes=[VolumeMount(name, "/data")])``)."""
+        return Volume.from_json(await self._t.json(core.volume_create(name, size_mb)))
+
+    async def list_volumes(self) -> List[Volume]:
+        doc = await self._t.json(core.volume_list())
+        return [Volume.from_json(v) for v in doc.get("volumes", [])]
+
+    async def get_volume(self, name: str) -> Volume:
+        return Volume.from_json(await self._t.json(core.volume_get(name)))
+
+    async def delete_volume(self, name: str) -> None:
+        """Deletes a volume and its data; `Conflict` while a live sandbox mounts it."""
+        await self._t.json(core.volume_delete(name))
 
     # tenants, quotas, keys
 
@@ -910,6 +938,10 @@ class AsyncClient:
         )
         doc = await self._t.json(call)
         return Page([AuditEvent.from_json(e) for e in doc.get("events", [])], doc.get("next_cursor"))
+
+    async def whoami(self) -> WhoAmI:
+        """The key this client calls with: its id, tenant and role."""
+        return WhoAmI.from_json(await self._t.json(core.whoami()))
 
     async def status(self) -> Status:
         return Status.from_json(await self._t.json(core.status()))

@@ -38,6 +38,9 @@ from ._models_gen import (
     StoreStatus,
     StreamChunk,
     Tenant,
+    Volume,
+    VolumeMount,
+    WhoAmI,
     Worker,
 )
 from ._wire import parse_time
@@ -72,6 +75,9 @@ __all__ = [
     "StoreStatus",
     "StreamChunk",
     "Tenant",
+    "Volume",
+    "VolumeMount",
+    "WhoAmI",
     "Worker",
     "parse_time",
 ]

@@ -111,6 +111,38 @@ export interface CreateSandbox {
   worker_labels?: Record<string, string>;
 }
 
+/** Body of `POST /v1/templates`. */
+export interface CreateTemplate {
+  /** CPUs of the build's sandbox and the default of the template's sandboxes. */
+  cpu?: number | null;
+  /** Default environment of the template's sandboxes (over the steps' `env`). */
+  env?: Record<string, string>;
+  /**
+   * The base: a template visible to the caller (`name` or `name:version`)
+   * or a catalog image.
+   */
+  from: string;
+  /** Memory of the build's sandbox and the default of the template's sandboxes. */
+  memory_mb?: number | null;
+  /** 1 to 63 of `a-z`, `0-9`, `.`, `_`, `-`, starting with a letter or a digit. */
+  name: string;
+  network?: Network | null;
+  /**
+   * The provider to build on (default: the first healthy one); it must
+   * be able to snapshot.
+   */
+  provider?: string | null;
+  /** Run until it exits 0 before a create from the template returns. */
+  ready?: string[] | null;
+  /** Started as a background process in every sandbox of the template. */
+  start?: string[] | null;
+  steps?: TemplateStep[];
+  /** How long the whole build may take, in seconds (default 1800). */
+  timeout_s?: number | null;
+  /** Default working directory of the template's sandboxes (over the steps' `workdir`). */
+  workdir?: string | null;
+}
+
 /** Body of `POST /v1/tenants`. */
 export interface CreateTenant {
   name: string;
@@ -547,6 +579,63 @@ export interface StreamError {
   message: string;
 }
 
+/** A template version: `GET /v1/templates/{name}` answers the newest. */
+export interface Template {
+  built_at?: string | null;
+  /** The create defaults of the version. */
+  cpu?: number | null;
+  created_at: string;
+  env?: Record<string, string>;
+  /** Why the build failed: the failing step and its output. */
+  failure?: string | null;
+  /** The base it was built from. */
+  from: string;
+  /** The catalog image sandboxes of this version run from (null until ready). */
+  image?: string | null;
+  memory_mb?: number | null;
+  name: string;
+  ready?: string[] | null;
+  start?: string[] | null;
+  state: TemplateState;
+  /** The owning tenant; the operator's templates are visible to every tenant. */
+  tenant_id: string;
+  version: number;
+  workdir?: string | null;
+}
+
+/**
+ * `GET /v1/templates` (the newest version of each) and
+ * `GET /v1/templates/{name}/versions` (every version, oldest first).
+ */
+export interface TemplateList {
+  templates: Template[];
+}
+
+/**
+ * `GET /v1/templates/{name}/logs` once the build has ended (while it runs,
+ * the same call streams the log as server-sent events).
+ */
+export interface TemplateLog {
+  failure?: string | null;
+  log: string;
+  name: string;
+  state: TemplateState;
+  version: number;
+}
+
+/** Where a template version's build stands. */
+export type TemplateState = "building" | "ready" | "failed" | "unknown";
+/** Every TemplateState value the document lists. */
+export const TemplateStateValues: readonly TemplateState[] = ["building", "ready", "failed", "unknown"];
+
+/** One build step, run in order in the build's sandbox. */
+export type TemplateStep =
+  | { run: string[] }
+  | { write: WriteStep }
+  | { upload: UploadStep }
+  | { env: Record<string, string> }
+  | { workdir: string };
+
 /** A tenant and the quota in force for it. */
 export interface Tenant {
   created_at?: string | null;
@@ -559,6 +648,17 @@ export interface Tenant {
 export interface TenantList {
   next_cursor?: string | null;
   tenants: Tenant[];
+}
+
+/** `{"upload": {"path", "tar"}}`. */
+export interface UploadStep {
+  /** The absolute directory the archive is unpacked into (made if missing). */
+  path: string;
+  /**
+   * The tar archive, base64-encoded. The whole request stays under the
+   * JSON body limit (10 MiB by default).
+   */
+  tar: string;
 }
 
 /** A volume. */
@@ -757,6 +857,16 @@ export interface WorkerTokenList {
   tokens: WorkerToken[];
 }
 
+/** `{"write": {"path", "content", "mode"}}`. */
+export interface WriteStep {
+  /** The file's text. */
+  content: string;
+  /** Octal permissions such as `"0755"` (default `0644`). */
+  mode?: string | null;
+  /** Absolute path inside the sandbox. */
+  path: string;
+}
+
 /** How an operation's body or answer travels. */
 export type ContentKind = "none" | "json" | "binary" | "text" | "event-stream";
 
@@ -818,6 +928,12 @@ export const operations = {
   sandbox_snapshot: { method: "POST", path: "/v1/sandboxes/{id}/snapshot", status: 201, body: "json", bodyContentType: null, response: "json" },
   sandbox_timeout: { method: "POST", path: "/v1/sandboxes/{id}/timeout", status: 200, body: "json", bodyContentType: null, response: "json" },
   status: { method: "GET", path: "/v1/status", status: 200, body: "none", bodyContentType: null, response: "json" },
+  template_build: { method: "POST", path: "/v1/templates", status: 202, body: "json", bodyContentType: null, response: "json" },
+  template_delete: { method: "DELETE", path: "/v1/templates/{name}", status: 204, body: "none", bodyContentType: null, response: "none" },
+  template_get: { method: "GET", path: "/v1/templates/{name}", status: 200, body: "none", bodyContentType: null, response: "json" },
+  template_list: { method: "GET", path: "/v1/templates", status: 200, body: "none", bodyContentType: null, response: "json" },
+  template_logs: { method: "GET", path: "/v1/templates/{name}/logs", status: 200, body: "none", bodyContentType: null, response: "json" },
+  template_versions: { method: "GET", path: "/v1/templates/{name}/versions", status: 200, body: "none", bodyContentType: null, response: "json" },
   tenant_create: { method: "POST", path: "/v1/tenants", status: 201, body: "json", bodyContentType: null, response: "json" },
   tenant_list: { method: "GET", path: "/v1/tenants", status: 200, body: "none", bodyContentType: null, response: "json" },
   volume_create: { method: "POST", path: "/v1/volumes", status: 201, body: "json", bodyContentType: null, response: "json" },
@@ -1050,7 +1166,7 @@ export interface Operations {
     response: StdinWritten;
   };
   proxy_path: {
-    path: { port: number; path: string };
+    path: { id: string; port: number; path: string };
     query: { stacyvm_token?: string };
     headers: Record<string, never>;
     body: never;
@@ -1160,6 +1276,48 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: Status;
+  };
+  template_build: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: CreateTemplate;
+    response: Template;
+  };
+  template_delete: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: void;
+  };
+  template_get: {
+    path: { name: string };
+    query: { version?: number };
+    headers: Record<string, never>;
+    body: never;
+    response: Template;
+  };
+  template_list: {
+    path: Record<string, never>;
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: TemplateList;
+  };
+  template_logs: {
+    path: { name: string };
+    query: { version?: number };
+    headers: Record<string, never>;
+    body: never;
+    response: TemplateLog;
+  };
+  template_versions: {
+    path: { name: string };
+    query: Record<string, never>;
+    headers: Record<string, never>;
+    body: never;
+    response: TemplateList;
   };
   tenant_create: {
     path: Record<string, never>;

@@ -124,6 +124,9 @@ fn describe_parameters(path: &str, op: &mut Map<String, Value>) {
             ("name", p) if p.starts_with("/v1/volumes/") => {
                 "The volume's name in the caller's tenant."
             }
+            ("name", p) if p.starts_with("/v1/templates/") => {
+                "The template's name: the caller's tenant's, else the operator's."
+            }
             ("cursor", _) => "The `next_cursor` of the previous page; absent for the first page.",
             ("limit", _) => "At most this many items (1 to 1000; default 100).",
             _ => continue,
@@ -163,6 +166,7 @@ fn error_statuses(path: &str, method: &str, op: &Map<String, Value>) -> Vec<&'st
     }
     if path.starts_with("/v1/sandboxes/{id}/")
         || (path.starts_with("/v1/volumes") && method != "get")
+        || (path == "/v1/templates" && method == "post")
     {
         out.push("409");
     }
@@ -237,6 +241,13 @@ fn add_example(media: &mut Value, examples: &Map<String, Value>) {
 
 /// One realistic value of each body schema, by schema name.
 fn body_examples() -> Map<String, Value> {
+    let template = json!({"name": "py", "version": 3, "state": "ready",
+        "image": "template/tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9/py:3", "failure": null,
+        "created_at": "2026-12-04T14:00:00Z", "built_at": "2026-12-04T14:01:10Z",
+        "tenant_id": "tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9", "from": "debian", "cpu": null,
+        "memory_mb": 1024, "env": {"PYTHONUNBUFFERED": "1"}, "workdir": "/app",
+        "start": ["python3", "-m", "http.server", "8000"],
+        "ready": ["wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8000/"]});
     let volume = json!({
         "id": "vol_01J9ZC2D3E4F5G6H7J8K9M0N1P", "tenant_id": "tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9",
         "name": "cache", "size_mb": 1024, "created_at": "2026-05-04T10:00:00Z"});
@@ -406,6 +417,22 @@ fn body_examples() -> Map<String, Value> {
         (
             "VolumeMount",
             json!({"volume": "cache", "path": "/data", "read_only": false}),
+        ),
+        (
+            "CreateTemplate",
+            json!({"name": "py", "from": "debian",
+            "steps": [{"run": ["pip", "install", "requests"]},
+                {"write": {"path": "/app/main.py", "content": "print(1)\n"}},
+                {"env": {"PYTHONUNBUFFERED": "1"}}, {"workdir": "/app"}],
+            "memory_mb": 1024, "start": ["python3", "-m", "http.server", "8000"],
+            "ready": ["wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8000/"]}),
+        ),
+        ("Template", template.clone()),
+        ("TemplateList", json!({"templates": [template]})),
+        (
+            "TemplateLog",
+            json!({"name": "py", "version": 3, "state": "ready", "failure": null,
+            "log": "step 1/4: run [\"pip\",\"install\",\"requests\"]\n…\nbuilt template/tnt_01J9Z9M0K1L2M3N4P5Q6R7S8T9/py:3\n"}),
         ),
         ("PortExpose", json!({"port": 8080, "public": false})),
         ("ExposedPort", exposed.clone()),
