@@ -132,11 +132,7 @@ def model(py: str) -> Kind:
 class Generator:
     def __init__(self, doc: Dict[str, Any]) -> None:
         self.schemas: Dict[str, Any] = doc["components"]["schemas"]
-        self.enums = {
-            name: s
-            for name, s in self.schemas.items()
-            if s.get("type") == "string" and isinstance(s.get("enum"), list)
-        }
+        self.enums = {name: s for name, s in self.schemas.items() if enum_values(s)}
         for name in MODELS:
             if name not in self.schemas:
                 raise Unsupported(f"the document has no schema {name}; update MODELS")
@@ -228,10 +224,11 @@ class Generator:
     def enum_class(self, name: str) -> List[str]:
         schema = self.enums[name]
         out = [f"class {name}:", *docstring(schema.get("description", name), 4), ""]
-        for value in schema["enum"]:
+        values = enum_values(schema)
+        for value in values:
             out.append(f"    {constant(value)}: Final = {lit(value)}")
         out.append("    #: Every value the document lists; a newer server may send others.")
-        out.append(f"    VALUES: Final = ({', '.join(lit(v) for v in schema['enum'])})")
+        out.append(f"    VALUES: Final = ({', '.join(lit(v) for v in values)})")
         return out
 
     def model_class(self, name: str) -> List[str]:
@@ -299,6 +296,19 @@ class Generator:
         blocks = [self.enum_class(n) for n in sorted(self.enums)]
         blocks += [self.model_class(n) for n in self.order()]
         return HEADER + "".join("\n\n" + "\n".join(b) + "\n" for b in blocks)
+
+
+def enum_values(schema: Dict[str, Any]) -> List[str]:
+    """The string values of an enum schema: a plain string enum, or a oneOf
+    whose alternatives include string enums (its other forms, such as an
+    object, have no constant)."""
+    if schema.get("type") == "string" and isinstance(schema.get("enum"), list):
+        return list(schema["enum"])
+    values: List[str] = []
+    for alt in schema.get("oneOf", []):
+        if alt.get("type") == "string" and isinstance(alt.get("enum"), list):
+            values += alt["enum"]
+    return values
 
 
 def constant(value: str) -> str:

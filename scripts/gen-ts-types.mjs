@@ -103,6 +103,15 @@ function objectType(s, where) {
   return "Record<string, unknown>";
 }
 
+// An object form of a oneOf, written inline: `{ allow: string[] }`.
+function inlineObject(s, where) {
+  const required = new Set(s.required ?? []);
+  const fields = Object.entries(s.properties).map(
+    ([prop, ps]) => `${key(prop)}${required.has(prop) ? "" : "?"}: ${typeOf(ps, `${where}.${prop}`)}`,
+  );
+  return `{ ${fields.join("; ")} }`;
+}
+
 function jsdoc(text, indent) {
   if (!text) return "";
   const lines = text.trim().split("\n");
@@ -114,6 +123,18 @@ function schemaDecl(name, s) {
   const where = `components.schemas.${name}`;
   if (isBinary(s)) return null; // raw bytes: bodies and answers, never a JSON shape
   let out = jsdoc(s.description, "");
+  if (s.oneOf && s.oneOf.some((x) => x.enum)) {
+    // String constants and object forms, such as a network mode or an
+    // allow list: the union of them, and the constants listed.
+    const values = s.oneOf.filter((x) => x.enum).flatMap((x) => x.enum);
+    const parts = s.oneOf.map((x, i) =>
+      x.type === "object" && x.properties ? inlineObject(x, `${where}|${i}`) : typeOf(x, `${where}|${i}`),
+    );
+    out += `export type ${name} = ${[...new Set(parts)].join(" | ")};\n`;
+    out += `/** Every constant ${name} value the document lists. */\n`;
+    out += `export const ${name}Values: readonly ${name}[] = [${values.map((v) => JSON.stringify(v)).join(", ")}];\n`;
+    return out;
+  }
   if (s.enum) {
     out += `export type ${name} = ${typeOf(s, where)};\n`;
     out += `/** Every ${name} value the document lists. */\n`;

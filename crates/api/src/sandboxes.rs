@@ -67,20 +67,33 @@ impl std::fmt::Display for SandboxState {
     }
 }
 
-/// Network access of a sandbox.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+/// Network access of a sandbox: `"none"` (loopback only), `"egress"` (or
+/// its synonym `"full"`: outbound access), or `{"allow": [...]}`: outbound
+/// access to the listed CIDR networks and host names only, everything else
+/// dropped, and DNS answering only for the listed names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(example = json!({"allow": ["10.20.0.0/16", "pypi.org"]}))
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
     None,
     Egress,
+    /// The same as `egress`.
+    Full,
+    /// At most 64 entries, each an IPv4/IPv6 network in CIDR form (a bare
+    /// address is one host) or a host name (RFC 1123).
+    Allow(Vec<String>),
 }
 
 impl Network {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Network::None => "none",
-            Network::Egress => "egress",
+            Network::Egress | Network::Full => "egress",
+            Network::Allow(_) => "allow",
         }
     }
 }
@@ -108,6 +121,11 @@ pub struct Sandbox {
     pub memory_mb: i64,
     /// `none` or `egress`.
     pub network: String,
+    /// With `network: egress`, the allow list the sandbox was created with
+    /// (normalised: networks masked to their prefix, names lower-case):
+    /// only these destinations are reachable. Absent: no list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_allow: Vec<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// The lifetime asked for at create, in seconds.
@@ -158,7 +176,7 @@ pub struct CreateSandbox {
     pub worker_labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
-    /// `none` (default) or `egress`.
+    /// `none` (default), `egress` (or `full`), or `{"allow": [...]}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
     /// Not part of the body: clients send it as the `Idempotency-Key`

@@ -134,6 +134,7 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
     let options = HostOptions {
         data_dir: data_dir.clone(),
         egress_host_access: false,
+        egress_dns_upstreams: Vec::new(),
         plugins: Default::default(),
     };
     let mut built: Vec<(String, std::result::Result<DynProvider, String>)> = Vec::new();

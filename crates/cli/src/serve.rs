@@ -154,6 +154,11 @@ pub struct ServeArgs {
     /// reach other machines, never the host's own services nor each other.
     #[arg(long, env = "STACYVM_EGRESS_HOST_ACCESS")]
     egress_host_access: bool,
+    /// The resolver (IP, or IP:PORT) the DNS filter of Docker sandboxes
+    /// with an allow list forwards the listed names to; repeatable, tried in
+    /// order. Default: the host's nameservers from /etc/resolv.conf.
+    #[arg(long = "egress-dns-upstream", env = "STACYVM_EGRESS_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_dns_upstream)]
+    egress_dns_upstreams: Vec<std::net::SocketAddr>,
     /// Images of the Docker daemon that every tenant may run, as glob
     /// patterns (`python:3.12*`, `team/*`, `*` for any); repeatable, or
     /// comma-separated. Without a match, tenants run images of StacyVM's
@@ -268,6 +273,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
             .push(stacyvm_control_plane::config::PoolSpec::parse(p)?);
     }
     config.egress_host_access = args.egress_host_access;
+    config.egress_dns_upstreams = args.egress_dns_upstreams.clone();
     for p in args
         .docker_images
         .iter()
@@ -315,4 +321,14 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
     running.shutdown().await.context("shutting down")?;
     tracing::info!("stopped; sandboxes keep running and are adopted on the next start");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `IP` or `IP:PORT` (`[v6]:PORT`), port 53 by default.
+pub(crate) fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse::<std::net::SocketAddr>().map_err(|_| {
+        format!("{s:?} is not an IP address or IP:PORT (write an IPv6 address with a port as [addr]:port)")
+    })
 }

@@ -90,6 +90,11 @@ pub struct WorkerArgs {
     /// host's own addresses.
     #[arg(long, env = "STACYVM_EGRESS_HOST_ACCESS")]
     egress_host_access: bool,
+    /// The resolver (IP, or IP:PORT) the DNS filter of Docker sandboxes
+    /// with an allow list forwards the listed names to; repeatable.
+    /// Default: the host's nameservers from /etc/resolv.conf.
+    #[arg(long = "egress-dns-upstream", env = "STACYVM_EGRESS_DNS_UPSTREAM", value_delimiter = ',', value_parser = crate::serve::parse_dns_upstream)]
+    egress_dns_upstreams: Vec<std::net::SocketAddr>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "STACYVM_LOG_JSON")]
     log_json: bool,
@@ -219,6 +224,7 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
         &HostOptions {
             data_dir: data_dir.clone(),
             egress_host_access: args.egress_host_access,
+            egress_dns_upstreams: args.egress_dns_upstreams.clone(),
             plugins,
         },
         &catalog,

@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// itself (`--egress-host-access`); by default they reach other
     /// machines only.
     pub egress_host_access: bool,
+    /// Where the DNS filter of Docker sandboxes with an allow list forwards
+    /// the listed names (`--egress-dns-upstream`); empty: the host's
+    /// resolvers from `/etc/resolv.conf`.
+    pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
     /// Images straight from the Docker daemon that every tenant may run
     /// (`--docker-images`). Without a match, tenants run catalog images
     /// only; the operator's own tenant may run any daemon image.
@@ -339,6 +343,7 @@ impl ServerConfig {
             pools: Vec::new(),
             http: HttpConfig::default(),
             egress_host_access: false,
+            egress_dns_upstreams: Vec::new(),
             docker_images: Vec::new(),
             e2b: E2bConfig::default(),
         }

@@ -54,6 +54,7 @@ fn build_providers(
         &HostOptions {
             data_dir: config.data_dir.clone(),
             egress_host_access: config.egress_host_access,
+            egress_dns_upstreams: config.egress_dns_upstreams.clone(),
             plugins: config.plugins.clone(),
         },
         catalog,

@@ -1,6 +1,7 @@
 //! StacyVM domain types shared by every crate: typed IDs, the sandbox spec and
 //! state machine, exec and file types, and the one transport-agnostic error.
 
+pub mod egress;
 pub mod error;
 pub mod exec;
 pub mod files;
@@ -8,6 +9,7 @@ pub mod ids;
 pub mod sandbox;
 pub mod volumes;
 
+pub use egress::EgressRule;
 pub use error::{Error, Result};
 pub use exec::{ExecEvent, ExecOutcome, ExecRequest, ExitStatus};
 pub use files::{validate_sandbox_path, ArchiveSummary, ByteStream, FileEntry, FileType};

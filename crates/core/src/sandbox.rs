@@ -122,6 +122,10 @@ pub struct SpawnSpec {
     pub workdir: Option<String>,
     pub network: Network,
     pub labels: BTreeMap<String, String>,
+    /// With [`Network::Egress`]: when not empty, only these destinations
+    /// are reachable and DNS answers only for the listed names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<crate::EgressRule>,
     /// Host directories (mounted volumes) to bind into the sandbox.
     #[serde(default)]
     pub mounts: Vec<crate::HostMount>,

@@ -455,6 +455,7 @@ pub async fn sandbox_checks(provider: &DynProvider, what: &SandboxChecks) -> Vec
         network: Network::None,
         labels: BTreeMap::from([("stacyvm.certify".into(), "1".into())]),
         mounts: Vec::new(),
+        egress_allow: Vec::new(),
     };
     let spawned = tokio::time::timeout(SPAWN_LIMIT, provider.spawn(&spec)).await;
     let started = match spawned {

@@ -308,6 +308,7 @@ pub fn spec_for(image: &str) -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        egress_allow: Vec::new(),
         mounts: Vec::new(),
     }
 }

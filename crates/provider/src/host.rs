@@ -19,6 +19,9 @@ pub struct HostOptions {
     pub data_dir: PathBuf,
     /// Docker sandboxes with egress may reach this host's own addresses.
     pub egress_host_access: bool,
+    /// Where the DNS filter of Docker sandboxes with an allow list forwards
+    /// listed names; empty: the host's resolvers (`/etc/resolv.conf`).
+    pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
     /// Plugin executables by name (`--plugin NAME=PATH`); a `plugin:NAME`
     /// provider not named here runs `DATA_DIR/plugins/NAME`.
     pub plugins: BTreeMap<String, PathBuf>,
@@ -185,6 +188,7 @@ fn build(
                 instance: instance.to_owned(),
                 pids_limit: 512,
                 egress_host_access: options.egress_host_access,
+                egress_dns_upstreams: options.egress_dns_upstreams.clone(),
             })?)),
             "namespaces" => out.push(Arc::new(
                 NamespacesProvider::new(NamespacesConfig {

@@ -14,6 +14,7 @@ pub mod certify;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod docker;
+pub mod egress_filter;
 #[cfg(feature = "fake")]
 pub mod fake;
 pub mod host;
@@ -123,6 +124,20 @@ pub trait Provider: Send + Sync + 'static {
     /// so a provider that ignores them can never drop a volume silently.
     fn supports_mounts(&self) -> bool {
         false
+    }
+
+    /// Whether [`Provider::spawn`] enforces `spec.egress_allow` (only the
+    /// listed destinations reachable, DNS only for the listed names), and
+    /// why not. The worker refuses a spec with an allow list for a provider
+    /// that answers `Err`, so a list is never silently widened to full
+    /// egress.
+    fn egress_allow_support(&self) -> std::result::Result<(), String> {
+        Err(format!(
+            "the {} provider cannot enforce an egress allow list (network.allow): StacyVM \
+             filters outbound traffic only in a network namespace it controls; use the docker \
+             provider, or network \"none\" or \"egress\"",
+            self.name()
+        ))
     }
 
     /// Starts a runtime for `spec` and returns once its agent answers.

@@ -37,7 +37,8 @@ macro_rules! sandbox_columns {
     () => {
         "id, tenant_id, state, provider, worker_id, image, template, cpu, memory_mb, network, \
          labels, env, workdir, timeout_s, created_at, started_at, expires_at, destroyed_at, \
-         failure_code, failure_message, lease_expires_at, fencing_token, idempotency_key"
+         failure_code, failure_message, lease_expires_at, fencing_token, idempotency_key, \
+         egress_allow"
     };
 }
 pub(crate) use sandbox_columns;
@@ -369,6 +370,7 @@ pub(crate) fn sandbox_from_row(row: &impl RowGet) -> Result<SandboxRecord> {
         lease_expires_at: opt_time_col(row, "lease_expires_at")?,
         fencing_token: row.int("fencing_token")?,
         idempotency_key: row.opt_text("idempotency_key")?,
+        egress_allow: row.json("egress_allow")?,
     })
 }
 
@@ -484,6 +486,7 @@ pub(crate) struct SandboxParams<'a> {
     pub lease_expires_at: Option<i64>,
     pub fencing_token: i64,
     pub idempotency_key: Option<&'a str>,
+    pub egress_allow: Vec<String>,
 }
 
 impl<'a> SandboxParams<'a> {
@@ -512,6 +515,7 @@ impl<'a> SandboxParams<'a> {
             lease_expires_at: opt_micros(rec.lease_expires_at),
             fencing_token: rec.fencing_token,
             idempotency_key: rec.idempotency_key.as_deref(),
+            egress_allow: rec.egress_allow.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -751,6 +755,15 @@ macro_rules! schema {
                     version: 4,
                     name: "volumes",
                     sql: include_str!(concat!("../migrations/", $dialect, "/0004_volumes.sql")),
+                },
+                Migration {
+                    version: 5,
+                    name: "egress allow lists",
+                    sql: include_str!(concat!(
+                        "../migrations/",
+                        $dialect,
+                        "/0005_egress_allow.sql"
+                    )),
                 },
                 Migration {
                     version: 6,

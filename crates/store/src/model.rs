@@ -122,6 +122,9 @@ pub struct SandboxRecord {
     pub fencing_token: i64,
     /// The create's `Idempotency-Key`, unique per tenant.
     pub idempotency_key: Option<String>,
+    /// The egress allow list (see [`stacyvm_core::SpawnSpec::egress_allow`]).
+    #[serde(default)]
+    pub egress_allow: Vec<stacyvm_core::EgressRule>,
 }
 
 /// The result of [`crate::Store::sandbox_create`].

@@ -583,7 +583,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "INSERT INTO sandboxes (",
             sandbox_columns!(),
             ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                $17, $18, $19, $20, $21, $22, $23) RETURNING ",
+                $17, $18, $19, $20, $21, $22, $23, $24) RETURNING ",
             sandbox_columns!()
         ))
         .arg(p.id)
@@ -609,6 +609,7 @@ impl<B: Backend> Store for SqlStore<B> {
         .arg(p.lease_expires_at)
         .arg(p.fencing_token)
         .arg(p.idempotency_key)
+        .arg(sqlx::types::Json(&p.egress_allow))
         .fetch_one(tx.on())
         .await;
         let row = match inserted {

@@ -150,6 +150,13 @@ impl Worker for LocalWorker {
                 provider.name()
             )));
         }
+        // A provider that cannot filter must refuse: starting the sandbox
+        // anyway would hand out full egress in place of the list.
+        if !spec.egress_allow.is_empty() {
+            provider
+                .egress_allow_support()
+                .map_err(Error::Unsupported)?;
+        }
         provider.spawn(spec).await
     }
 

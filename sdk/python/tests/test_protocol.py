@@ -79,3 +79,18 @@ def test_times_modes_and_commands() -> None:
     assert shell_cmd(("ls", "/")) == ["ls", "/"]
     with pytest.raises(ValueError):
         shell_cmd([])
+
+
+def test_an_allow_list_becomes_the_network_object() -> None:
+    from stacyvm import _core
+
+    common = dict(
+        image="busybox", template=None, provider=None, cpu=None, memory_mb=None, timeout_s=None,
+        env=None, labels=None, workdir=None, idempotency_key=None, request_timeout=None,
+    )
+    call = _core.sandbox_create(network=None, allow=["10.0.0.0/8", "pypi.org"], **common)
+    assert call.json["network"] == {"allow": ["10.0.0.0/8", "pypi.org"]}
+    assert _core.sandbox_create(network="egress", **common).json["network"] == "egress"
+    with pytest.raises(ValueError):
+        _core.sandbox_create(network="none", allow=["pypi.org"], **common)
+    assert stacyvm.Network.FULL == "full" and "none" in stacyvm.Network.VALUES

@@ -112,9 +112,13 @@ struct CreateArgs {
     worker_label: Vec<String>,
     #[arg(long)]
     workdir: Option<String>,
-    /// Network access: none (default) or egress.
-    #[arg(long, value_parser = ["none", "egress"])]
+    /// Network access: none (default), egress (or full).
+    #[arg(long, value_parser = ["none", "egress", "full"], conflicts_with = "allow")]
     network: Option<String>,
+    /// Outbound access to this CIDR network or host name only (repeatable);
+    /// everything else is dropped and DNS answers only for listed names.
+    #[arg(long, value_name = "CIDR|NAME")]
+    allow: Vec<String>,
     /// Makes the create repeat-safe (and retried on transient failures).
     #[arg(long)]
     idempotency_key: Option<String>,
@@ -350,13 +354,15 @@ async fn create(client: &Client, fmt: Format, c: CreateArgs) -> Result<ExitCode>
         labels: key_values(&c.label, "label"),
         worker_labels: key_values(&c.worker_label, "worker-label"),
         workdir: c.workdir,
-        network: c.network.as_deref().map(|n| {
-            if n == "egress" {
-                Network::Egress
-            } else {
-                Network::None
-            }
-        }),
+        network: if c.allow.is_empty() {
+            c.network.as_deref().map(|n| match n {
+                "egress" => Network::Egress,
+                "full" => Network::Full,
+                _ => Network::None,
+            })
+        } else {
+            Some(Network::Allow(c.allow))
+        },
         idempotency_key: c.idempotency_key,
         volumes: super::volume::parse_mounts(&c.volume),
     };

@@ -11,6 +11,7 @@ mod certify;
 #[allow(dead_code)]
 #[path = "../common/cluster.rs"]
 mod cluster;
+mod egress;
 mod errors;
 mod exec_stream;
 mod files;

@@ -809,3 +809,90 @@ async fn docker_sandboxes_run_through_the_cli_too() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn allow_lists_through_the_cli() -> Result<()> {
+    let server = Server::start("proot,docker")?;
+    server
+        .admin()
+        .image_import_path(IMAGE, test_image_tar()?)
+        .await?;
+    let id = create(
+        &server,
+        &[
+            "--provider",
+            "docker",
+            "--allow",
+            "192.0.2.7",
+            "--allow",
+            "Example.COM",
+        ],
+    )?;
+    let got = server.json(&["sandbox", "get", &id])?;
+    assert_eq!(got["network"], "egress", "{got}");
+    assert_eq!(
+        got["network_allow"],
+        serde_json::json!(["192.0.2.7/32", "example.com"]),
+        "{got}"
+    );
+    // Outside the list nothing answers, not even an address one off.
+    let out = run(server.cli().args([
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "nc -w 2 192.0.2.8 80 </dev/null; echo rc=$?",
+    ]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rc=") && !text.contains("rc=0"), "{text}");
+    server.ok(&["sandbox", "rm", &id])?;
+
+    // A bad entry is named; a provider that cannot enforce says so; a list
+    // with network none is a usage error.
+    let out = run(server.cli().args([
+        "sandbox",
+        "create",
+        "--image",
+        IMAGE,
+        "--provider",
+        "docker",
+        "--allow",
+        "bad_name!",
+    ]))?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("bad_name!") && err.contains("invalid_request"),
+        "{err}"
+    );
+    let out = run(server.cli().args([
+        "sandbox",
+        "create",
+        "--image",
+        IMAGE,
+        "--provider",
+        "proot",
+        "--allow",
+        "10.0.0.1",
+    ]))?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("proot") && err.contains("unsupported"),
+        "{err}"
+    );
+    let out = run(server.cli().args([
+        "sandbox",
+        "create",
+        "--image",
+        IMAGE,
+        "--network",
+        "none",
+        "--allow",
+        "10.0.0.1",
+    ]))?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    Ok(())
+}

@@ -195,6 +195,7 @@ impl Server {
                 instance,
                 pids_limit: 512,
                 egress_host_access: false,
+                egress_dns_upstreams: Vec::new(),
             })
         {
             providers.push(Box::new(d));

@@ -619,6 +619,7 @@ impl Server {
                 instance: instance.clone(),
                 pids_limit: 512,
                 egress_host_access: false,
+                egress_dns_upstreams: Vec::new(),
             },
         )?));
         for p in providers {

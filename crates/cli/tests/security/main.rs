@@ -18,6 +18,7 @@
 #[path = "../common/cluster.rs"]
 mod cluster;
 mod containment;
+mod egress;
 mod faults;
 #[allow(dead_code)]
 #[path = "../common/fixtures.rs"]

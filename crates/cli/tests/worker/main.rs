@@ -337,6 +337,7 @@ async fn a_worker_process_serves_survives_a_kill_and_obeys_its_token() -> anyhow
         workdir: None,
         network: Network::None,
         labels: Default::default(),
+        egress_allow: Vec::new(),
         mounts: Vec::new(),
     };
     leftovers.ids.push(spec.sandbox_id.clone());

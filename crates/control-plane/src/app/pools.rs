@@ -222,6 +222,7 @@ async fn spawn_member(
             POOL_LABEL.to_owned(),
             format!("{}:{}", spec.provider, spec.image),
         )]),
+        egress_allow: Vec::new(),
         mounts: Vec::new(),
     };
     let lease = Lease::new(id, 0, &spec.provider);

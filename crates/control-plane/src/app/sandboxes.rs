@@ -68,6 +68,8 @@ pub struct CreateSandbox {
     pub workdir: Option<String>,
     pub network: Option<Network>,
     pub idempotency_key: Option<String>,
+    /// Only these destinations are reachable (implies egress).
+    pub egress_allow: Vec<stacyvm_core::EgressRule>,
     /// Volumes of the caller's tenant to mount.
     pub volumes: Vec<stacyvm_core::VolumeMount>,
 }
@@ -359,9 +361,11 @@ impl App {
             lease_expires_at: None,
             fencing_token: 0,
             idempotency_key: req.idempotency_key.clone(),
+            egress_allow: req.egress_allow.clone(),
         };
         let pooled = if template.is_none()
             && req.worker_labels.is_empty()
+            && rec.egress_allow.is_empty()
             && volumes.is_empty()
             && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)
         {
@@ -492,6 +496,7 @@ impl App {
             workdir: rec.workdir.clone(),
             network: rec.network,
             labels: rec.labels.clone(),
+            egress_allow: rec.egress_allow.clone(),
             mounts,
         };
         let lease = lease_for(&rec);

@@ -21,6 +21,7 @@ pub fn sandbox(r: &SandboxRecord) -> api::Sandbox {
         cpu: r.cpu,
         memory_mb: r.memory_mb,
         network: r.network.as_str().into(),
+        network_allow: r.egress_allow.iter().map(ToString::to_string).collect(),
         labels: r.labels.clone(),
         timeout_s: Some(r.timeout_s),
         workdir: r.workdir.clone(),

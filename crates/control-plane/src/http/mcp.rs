@@ -116,10 +116,8 @@ fn sandbox_path(id: &str, rest: &str) -> String {
 #[async_trait]
 impl Backend for AppBackend {
     async fn sandbox_create(&self, spec: api::CreateSandbox) -> Result<api::Sandbox, ToolError> {
-        let network = spec.network.map(|n| match n {
-            api::Network::None => stacyvm_core::Network::None,
-            api::Network::Egress => stacyvm_core::Network::Egress,
-        });
+        let (network, egress_allow) = super::egress::network_from_api(spec.network)
+            .map_err(|e| tool_error(&e, &self.request_id))?;
         let (app, who) = (self.app.clone(), self.who.clone());
         // As on `/v1`: the create runs to its end even if the client goes.
         let created = tokio::spawn(async move {
@@ -138,6 +136,7 @@ impl Backend for AppBackend {
                     workdir: spec.workdir,
                     network,
                     idempotency_key: None,
+                    egress_allow,
                     volumes: Vec::new(),
                 },
             )

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod client_addr;
 pub mod e2b;
+pub mod egress;
 pub mod error;
 pub mod extract;
 pub mod files;

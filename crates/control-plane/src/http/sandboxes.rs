@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{stream, StreamExt};
 use serde::Deserialize;
-use stacyvm_core::{Error, ExecEvent, Network, SandboxId, SandboxState};
+use stacyvm_core::{Error, ExecEvent, SandboxId, SandboxState};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{query_pairs, Auth, JsonBody, Path, Q};
@@ -39,10 +39,7 @@ pub async fn sandbox_create(
     headers: HeaderMap,
     JsonBody(body): JsonBody<api::CreateSandbox>,
 ) -> ApiResult<Response> {
-    let network = body.network.map(|n| match n {
-        api::Network::None => Network::None,
-        api::Network::Egress => Network::Egress,
-    });
+    let (network, egress_allow) = super::egress::network_from_api(body.network)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
@@ -77,6 +74,7 @@ pub async fn sandbox_create(
                 workdir: body.workdir,
                 network,
                 idempotency_key,
+                egress_allow,
                 volumes: body
                     .volumes
                     .into_iter()

@@ -334,6 +334,7 @@ async fn the_reconciler_settles_vanished_stopped_and_orphaned_runtimes() -> Resu
         workdir: None,
         network: Default::default(),
         labels: Default::default(),
+        egress_allow: Vec::new(),
         mounts: Vec::new(),
     })
     .await?;

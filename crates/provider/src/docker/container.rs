@@ -89,8 +89,18 @@ impl Inner {
         let docker = self.docker().await?;
         let image = self.resolve_image(&docker, &spec.image).await?;
         let network_mode = match spec.network {
+            Network::None if !spec.egress_allow.is_empty() => {
+                return Err(Error::InvalidRequest(
+                    "an egress allow list needs network \"egress\", not \"none\"".into(),
+                ))
+            }
             Network::None => "none",
             Network::Egress => self.egress_network_ready(&docker).await?,
+        };
+        let upstreams = if spec.egress_allow.is_empty() {
+            Vec::new()
+        } else {
+            self.egress_upstreams()?
         };
 
         let run_dir = self.run_root.join(id.as_str());
@@ -132,11 +142,30 @@ impl Inner {
         };
 
         let name = self.container_name(id);
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL_MANAGED.to_owned(), "true".to_owned()),
             (LABEL_INSTANCE.to_owned(), self.cfg.instance.clone()),
             (LABEL_SANDBOX.to_owned(), id.to_string()),
         ]);
+        // The sandbox's resolver is StacyVM's DNS filter, on a read-only
+        // file Docker then leaves alone (it writes its own resolv.conf only
+        // where no mount covers it).
+        let mut resolver_mount = None;
+        if !spec.egress_allow.is_empty() {
+            let path = self.prepare_allow_list(id).await?;
+            resolver_mount = Some(Mount {
+                target: Some("/etc/resolv.conf".into()),
+                source: Some(path.to_string_lossy().into_owned()),
+                typ: Some(MountType::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            });
+            labels.insert(
+                LABEL_EGRESS_ALLOW.to_owned(),
+                serde_json::to_string(&spec.egress_allow)
+                    .map_err(|e| Error::internal("encoding the allow list", e))?,
+            );
+        }
         let host_config = HostConfig {
             init: Some(true),
             security_opt: Some(vec!["no-new-privileges".into()]),
@@ -176,6 +205,7 @@ impl Inner {
                     read_only: Some(m.read_only),
                     ..Default::default()
                 }))
+                .chain(resolver_mount)
                 .collect(),
             ),
             // The agent's own log; command output travels over the socket.
@@ -225,6 +255,17 @@ impl Inner {
                 .await;
             cleanup.run().await;
             return Err(with_output(err, &output));
+        }
+        // The filter is in place before the agent is reported ready, so no
+        // command of the sandbox ever runs without it.
+        if !spec.egress_allow.is_empty() {
+            if let Err(err) = self
+                .arm_allow_list(&docker, &name, id, &spec.egress_allow, upstreams)
+                .await
+            {
+                cleanup.run().await;
+                return Err(err);
+            }
         }
         match self.wait_for_agent(&docker, &name, &socket).await {
             Ok(client) => {
@@ -327,6 +368,7 @@ impl Inner {
     /// is success.
     pub(super) async fn destroy(&self, id: &SandboxId) -> Result<()> {
         self.forget(id);
+        self.disarm_allow_list(id).await?;
         let docker = self.docker().await?;
         let name = self.container_name(id);
         let options = RemoveContainerOptionsBuilder::default()
@@ -404,6 +446,7 @@ impl Inner {
             .list_containers(Some(options))
             .await
             .map_err(|e| self.docker_error("listing sandbox containers", e))?;
+        let mut rearm = Vec::new();
         let mut out: Vec<RuntimeInfo> = containers
             .into_iter()
             .filter_map(|c| {
@@ -420,6 +463,11 @@ impl Inner {
                         | Some(ContainerSummaryStateEnum::PAUSED)
                         | Some(ContainerSummaryStateEnum::RESTARTING)
                 );
+                if running {
+                    if let Some(list) = labels.get(LABEL_EGRESS_ALLOW) {
+                        rearm.push((sandbox_id.clone(), list.clone()));
+                    }
+                }
                 Some(RuntimeInfo {
                     sandbox_id,
                     running,
@@ -427,6 +475,9 @@ impl Inner {
             })
             .collect();
         out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        for (id, list) in rearm {
+            self.rearm_allow_list(&docker, &id, &list).await;
+        }
         Ok(out)
     }
 

@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use bollard::models::{NetworkCreateRequest, NetworkInspect};
 use bollard::Docker;
-use stacyvm_core::{Error, Result};
+use stacyvm_core::{EgressRule, Error, Result, SandboxId};
 
 use super::{is_status, Inner, LABEL_MANAGED};
+use crate::egress_filter::{self, EgressGuard, NetNs};
 
 /// The network of egress sandboxes that may not reach the host.
 pub const EGRESS_NETWORK: &str = "stacyvm-egress";
@@ -159,6 +160,151 @@ impl Inner {
             Err(e) => {
                 Err(self.docker_error(format_args!("inspecting the Docker network {network}"), e))
             }
+        }
+    }
+}
+
+/// Allow lists: the nftables table in the container's own namespace and the
+/// DNS filter (see [`crate::egress_filter`]).
+impl Inner {
+    /// Where a sandbox's `/etc/resolv.conf` (pointing at its DNS filter) is
+    /// kept on the host.
+    fn resolv_conf_path(&self, id: &SandboxId) -> std::path::PathBuf {
+        self.run_root.join(format!("{id}.resolv.conf"))
+    }
+
+    /// Marks the sandbox as being armed and writes its resolver file;
+    /// returns the file's path.
+    pub(super) async fn prepare_allow_list(&self, id: &SandboxId) -> Result<std::path::PathBuf> {
+        self.guards().insert(id.clone(), None);
+        let path = self.resolv_conf_path(id);
+        tokio::fs::write(&path, egress_filter::resolv_conf())
+            .await
+            .map_err(|e| Error::internal(format_args!("writing {}", path.display()), e))?;
+        Ok(path)
+    }
+
+    pub(super) fn egress_upstreams(&self) -> Result<Vec<std::net::SocketAddr>> {
+        if self.cfg.egress_dns_upstreams.is_empty() {
+            egress_filter::host_upstreams()
+        } else {
+            Ok(self.cfg.egress_dns_upstreams.clone())
+        }
+    }
+
+    /// Sandboxes with an allow list: `None` while a spawn is arming it, so
+    /// an adoption pass does not start a second filter meanwhile.
+    fn guards(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Option<EgressGuard>>> {
+        // Nothing panics while holding it; a poisoned map is still consistent.
+        self.egress_guards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Loads the allow list's table into the running container's network
+    /// namespace and starts its DNS filter.
+    pub(super) async fn arm_allow_list(
+        &self,
+        docker: &Docker,
+        name: &str,
+        id: &SandboxId,
+        rules: &[EgressRule],
+        upstreams: Vec<std::net::SocketAddr>,
+    ) -> Result<()> {
+        let netns = self.container_netns(docker, name).await?;
+        let guard = EgressGuard::arm(netns, rules, upstreams).await?;
+        self.guards().insert(id.clone(), Some(guard));
+        tracing::info!(sandbox = %id, entries = rules.len(), "egress allow list enforced");
+        Ok(())
+    }
+
+    /// Starts the DNS filter again for a sandbox with an allow list that
+    /// has none: one this server adopted after a restart (the filter ended
+    /// with the server that started it; the table, in the sandbox's own
+    /// namespace, did not). Until then the sandbox's lookups fail and its
+    /// listed networks stay reachable, nothing else. Failures are logged:
+    /// the sandbox stays as restricted as it was.
+    pub(super) async fn rearm_allow_list(&self, docker: &Docker, id: &SandboxId, list: &str) {
+        if self.guards().contains_key(id) {
+            return;
+        }
+        let result = async {
+            let rules: Vec<EgressRule> = serde_json::from_str(list)
+                .map_err(|e| Error::internal("reading the allow list label", e))?;
+            let netns = self
+                .container_netns(docker, &self.container_name(id))
+                .await?;
+            let upstreams = self.egress_upstreams()?;
+            EgressGuard::resume(netns, &rules, upstreams).await
+        }
+        .await;
+        match result {
+            Ok(guard) => {
+                let mut guards = self.guards();
+                if !guards.contains_key(id) {
+                    guards.insert(id.clone(), Some(guard));
+                    tracing::info!(sandbox = %id, "DNS filter of an adopted sandbox started again");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e.message(), "cannot start the DNS filter of an adopted sandbox again; its lookups fail");
+            }
+        }
+    }
+
+    /// A handle on the network namespace of a running container, checked to
+    /// belong to it: the PID is read again after the namespace is opened,
+    /// so a container that stopped (and a PID reused) meanwhile is noticed.
+    async fn container_netns(&self, docker: &Docker, name: &str) -> Result<NetNs> {
+        let pid_of = |c: &bollard::models::ContainerInspectResponse| {
+            c.state
+                .as_ref()
+                .filter(|s| s.running == Some(true))
+                .and_then(|s| s.pid)
+                .filter(|p| *p > 0)
+                .and_then(|p| u32::try_from(p).ok())
+        };
+        let inspect = |docker: &Docker| {
+            let docker = docker.clone();
+            let name = name.to_owned();
+            async move { docker.inspect_container(&name, None).await }
+        };
+        let first = inspect(docker)
+            .await
+            .map_err(|e| self.docker_error("inspecting the sandbox container", e))?;
+        let pid = pid_of(&first).ok_or_else(|| {
+            Error::ProviderUnavailable(
+                "the sandbox container stopped before its allow list could be applied".into(),
+            )
+        })?;
+        let netns = NetNs::of_pid(pid).map_err(|e| {
+            Error::ProviderUnavailable(format!(
+                "opening the network namespace of the sandbox container (pid {pid}): {e}"
+            ))
+        })?;
+        let again = inspect(docker)
+            .await
+            .map_err(|e| self.docker_error("inspecting the sandbox container", e))?;
+        if pid_of(&again) != Some(pid) {
+            return Err(Error::ProviderUnavailable(
+                "the sandbox container stopped while its allow list was being applied".into(),
+            ));
+        }
+        Ok(netns)
+    }
+
+    /// Stops a sandbox's DNS filter and removes its resolver file; nothing
+    /// to remove is success.
+    pub(super) async fn disarm_allow_list(&self, id: &SandboxId) -> Result<()> {
+        drop(self.guards().remove(id));
+        let path = self.resolv_conf_path(id);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::internal(
+                format_args!("removing {}", path.display()),
+                e,
+            )),
         }
     }
 }

@@ -54,6 +54,9 @@ pub const DEFAULT_PIDS_LIMIT: i64 = 512;
 pub const LABEL_MANAGED: &str = "dev.stacyvm.managed";
 pub const LABEL_INSTANCE: &str = "dev.stacyvm.instance";
 pub const LABEL_SANDBOX: &str = "dev.stacyvm.sandbox";
+/// The allow list (JSON) of a sandbox that has one, so a restarted server
+/// can start its DNS filter again.
+pub const LABEL_EGRESS_ALLOW: &str = "dev.stacyvm.egress-allow";
 
 /// Repository under which catalog images are imported into Docker.
 pub const CATALOG_REPO_PREFIX: &str = "stacyvm-catalog/";
@@ -121,6 +124,10 @@ pub struct DockerConfig {
     /// nftables table drops; on, [`EGRESS_HOST_NETWORK`]. Either way no
     /// sandbox reaches another.
     pub egress_host_access: bool,
+    /// The resolvers the DNS filter of sandboxes with an allow list
+    /// forwards listed names to (`stacyvm serve --egress-dns-upstream`);
+    /// empty: the host's, from `/etc/resolv.conf`.
+    pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 impl DockerConfig {
@@ -138,6 +145,7 @@ impl DockerConfig {
             instance: instance.into(),
             pids_limit: DEFAULT_PIDS_LIMIT,
             egress_host_access: false,
+            egress_dns_upstreams: Vec::new(),
         }
     }
 }
@@ -167,6 +175,9 @@ struct Inner {
     paused: Mutex<HashSet<SandboxId>>,
     /// One lock per catalog image tag, so concurrent spawns import it once.
     image_imports: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The DNS filters of sandboxes with an allow list (their nftables
+    /// tables live in the sandboxes' own namespaces).
+    egress_guards: Mutex<HashMap<SandboxId, Option<crate::egress_filter::EgressGuard>>>,
 }
 
 impl DockerProvider {
@@ -229,6 +240,7 @@ impl DockerProvider {
                 agents: Mutex::new(HashMap::new()),
                 paused: Mutex::new(HashSet::new()),
                 image_imports: Mutex::new(HashMap::new()),
+                egress_guards: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -241,6 +253,18 @@ impl DockerProvider {
     /// The host directory holding a sandbox's agent socket.
     pub fn run_dir(&self, id: &SandboxId) -> PathBuf {
         self.inner.run_root.join(id.as_str())
+    }
+
+    /// How many DNS filters (one per sandbox with an allow list) this
+    /// provider runs.
+    pub fn egress_dns_filters(&self) -> usize {
+        self.inner
+            .egress_guards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|g| g.is_some())
+            .count()
     }
 
     /// The Docker reference a catalog image is imported under.
@@ -489,6 +513,10 @@ impl Provider for DockerProvider {
 
     fn supports_mounts(&self) -> bool {
         true
+    }
+
+    fn egress_allow_support(&self) -> std::result::Result<(), String> {
+        Ok(())
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<()> {

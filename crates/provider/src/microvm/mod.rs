@@ -267,6 +267,7 @@ mod tests {
             network: Default::default(),
             labels: Default::default(),
             mounts: Vec::new(),
+            egress_allow: Vec::new(),
         };
         spec.env.insert("A".into(), "b c".into());
         let t = settings_tar(&spec).unwrap();

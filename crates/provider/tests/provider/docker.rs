@@ -208,6 +208,7 @@ fn spec(image: &str) -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        egress_allow: Vec::new(),
         mounts: Vec::new(),
     }
 }
@@ -1675,4 +1676,327 @@ async fn an_abandoned_spawn_leaves_nothing_behind() -> Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     last
+}
+
+// ---------------------------------------------------------- allow lists
+
+use stacyvm_provider::egress_filter::far_side::FarSide;
+
+/// Connects from the sandbox to `addr` (an address or a name) and returns
+/// what the server there said (empty when nothing was reached).
+async fn greeting_from(
+    p: &DockerProvider,
+    id: &SandboxId,
+    addr: &str,
+    port: u16,
+) -> Result<String> {
+    exec_stdout(
+        p,
+        id,
+        &format!("nc -w 3 {addr} {port} </dev/null 2>/dev/null"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allow_list_lets_out_only_its_networks_and_names() -> Result<()> {
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow = stacyvm_core::EgressRule::parse_list(&[far.allowed.as_str(), "allowed.test"])
+        .map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let (p, id) = (&h.provider, &s.sandbox_id);
+
+    let resolv = exec_ok(p, id, &["cat", "/etc/resolv.conf"]).await?;
+    ensure!(resolv.contains("nameserver 127.0.0.53"), "{resolv}");
+
+    // A listed network is reachable, an address outside the list is not,
+    // and neither is the listed name's address before it was resolved.
+    let got = greeting_from(p, id, &far.allowed, far.port).await?;
+    ensure!(
+        got.trim() == format!("hello-from-{}", far.allowed),
+        "{got:?}"
+    );
+    let got = greeting_from(p, id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+    let got = greeting_from(p, id, &far.named, far.port).await?;
+    ensure!(got.is_empty(), "an unresolved address answered: {got:?}");
+
+    // The listed name resolves through the filter, and then connects.
+    let answer = exec_stdout(p, id, "nslookup -type=a allowed.test; echo rc=$?").await?;
+    ensure!(
+        answer.contains(&format!("Address: {}", far.named)),
+        "{answer}"
+    );
+    let got = greeting_from(p, id, "allowed.test", far.port).await?;
+    ensure!(got.trim() == format!("hello-from-{}", far.named), "{got:?}");
+
+    // Another name's lookup fails without reaching the upstream, and so
+    // does asking the upstream directly, or Docker's own resolver.
+    let answer = exec_stdout(p, id, "nslookup -type=a denied.test; echo rc=$?").await?;
+    ensure!(
+        !answer.contains(&far.denied) && !answer.contains("rc=0"),
+        "{answer}"
+    );
+    let direct = exec_stdout(
+        p,
+        id,
+        &format!("nslookup -type=a denied.test {}; echo rc=$?", far.dns),
+    )
+    .await?;
+    ensure!(
+        !direct.contains(&far.denied) && !direct.contains("rc=0"),
+        "{direct}"
+    );
+    let docker_dns = exec_stdout(p, id, "nslookup \"$(hostname)\" 127.0.0.11; echo rc=$?").await?;
+    ensure!(
+        !docker_dns.contains("rc=0"),
+        "Docker's resolver answered: {docker_dns}"
+    );
+    let asked = far.asked();
+    ensure!(
+        asked.iter().all(|n| n == "allowed.test"),
+        "the upstream was asked {asked:?}"
+    );
+    let got = greeting_from(p, id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    ensure!(h.provider.egress_dns_filters() == 1);
+    h.provider.destroy(id).await?;
+    ensure!(
+        h.provider.egress_dns_filters() == 0,
+        "the DNS filter outlived its sandbox"
+    );
+    assert_gone(&h, id)?;
+    Ok(())
+}
+
+/// A member's sandbox cannot widen its own allow list: it has no
+/// CAP_NET_ADMIN in its namespace, so it can change neither the table nor
+/// the routes, and what it tried leaves the list as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_cannot_widen_its_allow_list() -> Result<()> {
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow = stacyvm_core::EgressRule::parse_list(&[far.allowed.as_str()])
+        .map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let (p, id) = (&h.provider, &s.sandbox_id);
+
+    // The capability that would change netfilter, links or routes is gone
+    // (CAP_NET_ADMIN is bit 12).
+    let status = exec_ok(p, id, &["cat", "/proc/self/status"]).await?;
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff line")?;
+    let caps = u64::from_str_radix(cap_eff.trim(), 16)?;
+    ensure!(caps & (1 << 12) == 0, "CapEff {cap_eff}");
+    // Netlink changes are refused: the same netlink family nft uses.
+    for attempt in [
+        "ip link set lo down",
+        "ip route add default dev lo",
+        &format!("ip route add {}/32 dev eth0", far.denied),
+    ] {
+        let out = p
+            .exec(id, exec_req(&["sh", "-c", &format!("{attempt} 2>&1")]))
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.exit_code != Some(0) && text.contains("not permitted"),
+            "{attempt}: {:?} {text}",
+            out.status
+        );
+    }
+    // The resolver file is read-only, and pointing elsewhere would not
+    // help: nothing but loopback and the list is reachable.
+    let write = exec_stdout(
+        p,
+        id,
+        &format!("echo nameserver {} > /etc/resolv.conf; echo rc=$?", far.dns),
+    )
+    .await?;
+    ensure!(!write.contains("rc=0"), "{write}");
+    let got = greeting_from(p, id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+    let direct = exec_stdout(
+        p,
+        id,
+        &format!("nslookup -type=a denied.test {}; echo rc=$?", far.dns),
+    )
+    .await?;
+    ensure!(!direct.contains("rc=0"), "{direct}");
+    ensure!(
+        far.asked().is_empty(),
+        "the upstream was asked {:?}",
+        far.asked()
+    );
+    let got = greeting_from(p, id, &far.allowed, far.port).await?;
+    ensure!(
+        got.trim() == format!("hello-from-{}", far.allowed),
+        "{got:?}"
+    );
+
+    h.provider.destroy(id).await?;
+    assert_gone(&h, id)?;
+    Ok(())
+}
+
+/// A server that starts again adopts a sandbox with an allow list: its DNS
+/// filter ended with the old server and a listing starts it again, while
+/// the table (in the sandbox's namespace) stayed in force throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adopted_sandbox_gets_its_dns_filter_back() -> Result<()> {
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let mut h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow =
+        stacyvm_core::EgressRule::parse_list(&["allowed.test"]).map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let id = s.sandbox_id.clone();
+
+    // The server ends: its filter goes with it.
+    let mut cfg = DockerConfig::new(
+        h.dir.path().join("data"),
+        agent_bin()?,
+        h.catalog.clone(),
+        h.instance.clone(),
+    );
+    cfg.egress_dns_upstreams = vec![upstream];
+    let old = std::mem::replace(&mut h.provider, DockerProvider::new(cfg)?);
+    drop(old);
+    let p = &h.provider;
+    let lookup = exec_stdout(p, &id, "nslookup -type=a allowed.test; echo rc=$?").await?;
+    ensure!(!lookup.contains(&far.named), "{lookup}");
+    let got = greeting_from(p, &id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    // The new server lists its runtimes (as it does on start) and the
+    // filter answers again.
+    ensure!(p.list().await?.iter().any(|r| r.sandbox_id == id));
+    ensure!(p.egress_dns_filters() == 1);
+    let lookup = exec_stdout(p, &id, "nslookup -type=a allowed.test; echo rc=$?").await?;
+    ensure!(
+        lookup.contains(&format!("Address: {}", far.named)),
+        "{lookup}"
+    );
+    let got = greeting_from(p, &id, "allowed.test", far.port).await?;
+    ensure!(got.trim() == format!("hello-from-{}", far.named), "{got:?}");
+    let got = greeting_from(p, &id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    p.destroy(&id).await?;
+    ensure!(p.egress_dns_filters() == 0);
+    assert_gone(&h, &id)?;
+    Ok(())
+}
+
+/// DNS over TCP (what a client falls back to after a truncated answer) is
+/// filtered the same way: denied names get NXDOMAIN without reaching the
+/// upstream, allowed ones are answered over TCP and become reachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn dns_over_tcp_is_filtered_like_udp() -> Result<()> {
+    use stacyvm_provider::egress_filter::far_side::ask_over_tcp;
+    use stacyvm_provider::egress_filter::NetNs;
+    daemon_test_image()?;
+    let far = FarSide::start().await?;
+    let upstream: std::net::SocketAddr = format!("{}:53", far.dns).parse()?;
+    let h = Harness::with(agent_bin()?, |c| c.egress_dns_upstreams = vec![upstream])?;
+    let mut s = spec(DAEMON_TEST_IMAGE);
+    s.network = Network::Egress;
+    s.egress_allow =
+        stacyvm_core::EgressRule::parse_list(&["allowed.test"]).map_err(|e| anyhow!("{e}"))?;
+    h.provider.spawn(&s).await?;
+    let (p, id) = (&h.provider, &s.sandbox_id);
+    let pid: u32 = run(
+        "docker",
+        &["inspect", "-f", "{{.State.Pid}}", &p.container_name(id)],
+    )?
+    .trim()
+    .parse()?;
+    let netns = NetNs::of_pid(pid)?;
+    let filter: std::net::SocketAddr = "127.0.0.53:53".parse()?;
+
+    let (rcode, addrs) = ask_over_tcp(&netns, filter, "denied.test")?;
+    ensure!(rcode == 3 && addrs.is_empty(), "rcode {rcode}, {addrs:?}");
+    ensure!(
+        far.asked().is_empty(),
+        "the upstream was asked {:?}",
+        far.asked()
+    );
+    let got = greeting_from(p, id, &far.named, far.port).await?;
+    ensure!(got.is_empty(), "an unresolved address answered: {got:?}");
+    let (rcode, addrs) = ask_over_tcp(&netns, filter, "allowed.test")?;
+    ensure!(
+        rcode == 0 && addrs == [far.named.parse::<std::net::IpAddr>()?],
+        "rcode {rcode}, {addrs:?}"
+    );
+    ensure!(far.asked() == ["allowed.test"], "{:?}", far.asked());
+    let got = greeting_from(p, id, &far.named, far.port).await?;
+    ensure!(got.trim() == format!("hello-from-{}", far.named), "{got:?}");
+
+    drop(netns);
+    p.destroy(id).await?;
+    assert_gone(&h, id)?;
+    Ok(())
+}
+
+/// The resolved sets in a network namespace of the test's own: an address
+/// is kept for twice its TTL, and a later answer with a shorter TTL never
+/// shortens it.
+#[tokio::test(flavor = "multi_thread")]
+async fn resolved_addresses_get_twice_their_ttl_and_are_never_shortened() -> Result<()> {
+    use stacyvm_provider::egress_filter::{nft_ruleset, NetNs, ResolvedSets};
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = run("ip", &["netns", "del", &self.0]);
+        }
+    }
+    let id = SandboxId::generate().to_string();
+    let ns = Ns(format!("svmr-{}", &id[id.len() - 8..]));
+    run("ip", &["netns", "add", &ns.0])?;
+    let netns = NetNs::open(&format!("/run/netns/{}", ns.0))?;
+    netns.nft(&nft_ruleset(&[])).await?;
+    let sets = ResolvedSets::new(netns);
+    let list = || {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.0,
+                "nft",
+                "list",
+                "set",
+                "inet",
+                "stacyvm_egress",
+                "resolved4",
+            ],
+        )
+    };
+    let a: std::net::IpAddr = "192.0.2.10".parse()?;
+    let b: std::net::IpAddr = "192.0.2.11".parse()?;
+    // 5 s counts as the 60 s floor; 3000 s is kept.
+    sets.add(&[(a, 5), (b, 3000)]).await?;
+    let got = list()?;
+    ensure!(
+        got.contains("192.0.2.10 timeout 2m") && got.contains("192.0.2.11 timeout 1h40m"),
+        "{got}"
+    );
+    sets.add(&[(b, 100)]).await?;
+    let got = list()?;
+    ensure!(got.contains("192.0.2.11 timeout 1h40m"), "{got}");
+    Ok(())
 }

@@ -61,6 +61,7 @@ pub fn sandbox(tenant: &TenantId) -> SandboxRecord {
         lease_expires_at: None,
         fencing_token: 0,
         idempotency_key: None,
+        egress_allow: Vec::new(),
     }
 }
 

@@ -46,6 +46,12 @@ pub async fn sandbox_round_trips_every_field(db: &TestDb) -> anyhow::Result<()> 
         lease_expires_at: Some(fixtures::at(30)),
         fencing_token: 7,
         idempotency_key: Some("req-123".into()),
+        egress_allow: stacyvm_core::EgressRule::parse_list(&[
+            "10.0.0.0/8",
+            "2001:db8::/32",
+            "pypi.org",
+        ])
+        .expect("a valid allow list"),
     };
     let created = create(store, &rec).await?;
     assert_eq!(created, rec, "create returns what it stored");

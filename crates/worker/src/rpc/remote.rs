@@ -341,6 +341,21 @@ impl Worker for RemoteWorker {
                 "volumes are not supported on remote workers".into(),
             ));
         }
+        // A worker from before allow lists would drop the list and start
+        // the sandbox with full egress: ask first whether it enforces one.
+        if !spec.egress_allow.is_empty() {
+            let mut c = self.client()?;
+            let req = self.request(pb::Empty {}, Some(CALL_DEADLINE))?;
+            let described = self.call(CALL_DEADLINE, c.describe(req)).await?;
+            if !described.egress_allow_providers.contains(&lease.provider) {
+                return Err(Error::Unsupported(format!(
+                    "worker {} cannot enforce an egress allow list (network.allow) with the {} \
+                     provider: the provider cannot filter, or the worker runs a StacyVM from \
+                     before allow lists",
+                    self.id, lease.provider
+                )));
+            }
+        }
         // A name the catalog lacks is a Docker image the worker's daemon
         // may have: the worker is told nothing to fetch.
         let image_digest = match self.catalog.get(&spec.image).await {

@@ -141,6 +141,15 @@ impl WorkerRpc {
         self.providers.iter().map(|p| p.name().to_owned()).collect()
     }
 
+    /// The providers that enforce egress allow lists.
+    pub fn egress_allow_providers(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter(|p| p.egress_allow_support().is_ok())
+            .map(|p| p.name().to_owned())
+            .collect()
+    }
+
     pub async fn provider_health(&self) -> Vec<ProviderHealth> {
         let mut out = Vec::with_capacity(self.providers.len());
         for p in &self.providers {
@@ -261,6 +270,13 @@ impl WorkerRpc {
             ))));
         }
         let provider = self.provider(&lease.provider).map_err(plain)?.clone();
+        // As in the in-process worker: a provider that cannot filter
+        // refuses, rather than start the sandbox with full egress.
+        if !spec.egress_allow.is_empty() {
+            provider
+                .egress_allow_support()
+                .map_err(|why| plain(Error::Unsupported(why)))?;
+        }
         self.leases.admit_spawn(&lease).map_err(plain)?;
         let spawned = async {
             self.ensure_image(&spec.image, digest).await.map_err(|e| {
@@ -341,6 +357,7 @@ impl WorkerRpcService for Service {
         Ok(Response::new(pb::Description {
             id: self.0.id.to_string(),
             providers: self.0.provider_names(),
+            egress_allow_providers: self.0.egress_allow_providers(),
         }))
     }
 

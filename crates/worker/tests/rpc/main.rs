@@ -317,3 +317,60 @@ async fn a_worker_that_went_away_is_unavailable() -> anyhow::Result<()> {
     assert!(agent.exec(sh("true")).await.is_err());
     Ok(())
 }
+
+/// A remote worker whose provider cannot enforce an allow list refuses the
+/// spawn (`unsupported`, naming the provider) and starts nothing, rather
+/// than give the sandbox full egress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_worker_refuses_an_allow_list_its_provider_cannot_enforce() -> anyhow::Result<()> {
+    let node = Node::start("proot", None).await?;
+    let w = node.remote();
+    let mut spec = spec();
+    spec.network = stacyvm_core::Network::Egress;
+    spec.egress_allow = stacyvm_core::EgressRule::parse_list(&["192.0.2.1", "pypi.org"])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lease = Lease::new(&spec.sandbox_id, 1, &node.provider_name());
+    node.guard.register(&spec.sandbox_id);
+    match w.spawn(&lease, &spec).await {
+        Err(Error::Unsupported(why)) => {
+            anyhow::ensure!(why.contains("proot") && why.contains("allow"), "{why}")
+        }
+        other => anyhow::bail!("a spawn with an allow list on proot answered {other:?}"),
+    }
+    let listed = w.runtimes().await?;
+    anyhow::ensure!(
+        !listed
+            .iter()
+            .any(|r| r.runtime.sandbox_id == spec.sandbox_id),
+        "{listed:?}"
+    );
+    Ok(())
+}
+
+/// A remote worker's Docker provider takes an allow list (the worker says
+/// so when asked) and enforces it: an address off the list is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_docker_worker_enforces_an_allow_list() -> anyhow::Result<()> {
+    let node = Node::start("docker", None).await?;
+    let w = node.remote();
+    let mut spec = spec();
+    spec.network = stacyvm_core::Network::Egress;
+    spec.egress_allow =
+        stacyvm_core::EgressRule::parse_list(&["192.0.2.1"]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let lease = Lease::new(&spec.sandbox_id, 1, &node.provider_name());
+    node.guard.register(&spec.sandbox_id);
+    w.spawn(&lease, &spec).await?;
+    let agent = w.agent(&lease).await?;
+    let out = agent
+        .exec(sh(
+            "cat /etc/resolv.conf; nc -w 2 198.51.100.1 80 </dev/null 2>&1; echo rc=$?",
+        ))
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        text.contains("nameserver 127.0.0.53") && !text.contains("rc=0"),
+        "{text}"
+    );
+    w.destroy(&lease).await?;
+    Ok(())
+}

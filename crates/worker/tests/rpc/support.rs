@@ -256,6 +256,7 @@ pub fn spec() -> SpawnSpec {
         workdir: None,
         network: Network::None,
         labels: BTreeMap::new(),
+        egress_allow: Vec::new(),
         mounts: Vec::new(),
     }
 }

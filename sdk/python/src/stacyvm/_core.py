@@ -131,11 +131,17 @@ def sandbox_create(
     idempotency_key: Optional[str],
     worker_labels: Optional[Mapping[str, str]] = None,
     volumes: Optional[Sequence[Union[VolumeMount, Mapping[str, Any]]]] = None,
+    allow: Optional[Sequence[str]] = None,
     request_timeout: Optional[float],
 ) -> Call:
     if image is None and template is None:
         raise ValueError("give an image or a template")
     mounts = [m.to_json() if isinstance(m, VolumeMount) else dict(m) for m in volumes] if volumes else None
+    net: Any = network
+    if allow is not None:
+        if network not in (None, "egress", "full"):
+            raise ValueError("an allow list needs network egress (or none given)")
+        net = {"allow": list(allow)}
     body = drop_none(
         {
             "image": image,
@@ -149,7 +155,7 @@ def sandbox_create(
             "worker_labels": dict(worker_labels) if worker_labels else None,
             "volumes": mounts,
             "workdir": workdir,
-            "network": network,
+            "network": net,
         }
     )
     headers = {"idempotency-key": idempotency_key} if idempotency_key else {}

@@ -30,12 +30,16 @@ class FileType:
 
 
 class Network:
-    """Network access of a sandbox."""
+    """Network access of a sandbox: `"none"` (loopback only), `"egress"` (or
+    its synonym `"full"`: outbound access), or `{"allow": [...]}`: outbound
+    access to the listed CIDR networks and host names only, everything else
+    dropped, and DNS answering only for the listed names."""
 
     NONE: Final = "none"
     EGRESS: Final = "egress"
+    FULL: Final = "full"
     #: Every value the document lists; a newer server may send others.
-    VALUES: Final = ("none", "egress")
+    VALUES: Final = ("none", "egress", "full")
 
 
 class Role:
@@ -618,6 +622,10 @@ class SandboxInfo:
     expires_at: Optional[datetime] = None
     failure: Optional[Failure] = None
     labels: Dict[str, str] = field(default_factory=dict)
+    #: With `network: egress`, the allow list the sandbox was created with
+    #: (normalised: networks masked to their prefix, names lower-case):
+    #: only these destinations are reachable. Absent: no list.
+    network_allow: List[str] = field(default_factory=list)
     started_at: Optional[datetime] = None
     template: Optional[str] = None
     #: The lifetime asked for at create, in seconds.
@@ -641,6 +649,7 @@ class SandboxInfo:
             expires_at=_w.parse_time(d.get("expires_at")),
             failure=_w.opt(Failure.from_json, d.get("failure")),
             labels={str(k): str(x) for k, x in _w.mapping(d.get("labels")).items()},
+            network_allow=[str(x) for x in _w.items(d.get("network_allow"))],
             started_at=_w.parse_time(d.get("started_at")),
             template=_w.opt(str, d.get("template")),
             timeout_s=_w.opt(int, d.get("timeout_s")),
@@ -663,6 +672,7 @@ class SandboxInfo:
             "expires_at": None if self.expires_at is None else _w.format_time(self.expires_at),
             "failure": None if self.failure is None else self.failure.to_json(),
             "labels": dict(self.labels),
+            "network_allow": list(self.network_allow),
             "started_at": None if self.started_at is None else _w.format_time(self.started_at),
             "template": self.template,
             "timeout_s": self.timeout_s,

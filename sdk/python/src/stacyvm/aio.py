@@ -764,6 +764,7 @@ class AsyncClient:
         workdir: Optional[str] = None,
         network: Optional[str] = None,
         volumes: Optional[Sequence[Union[VolumeMount, Mapping[str, Any]]]] = None,
+        allow: Optional[Sequence[str]] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
     ) -> AsyncSandbox:
@@ -771,7 +772,9 @@ class AsyncClient:
         is its lifetime; ``request_timeout`` how long to wait for it;
         ``worker_labels`` limits it to workers carrying all those labels;
         ``volumes`` mounts volumes of the caller's tenant (`VolumeMount`s, or
-        mappings with ``volume``, ``path`` and ``read_only``)."""
+        mappings with ``volume``, ``path`` and ``read_only``); ``allow`` (CIDR
+        networks and host names) gives it outbound access to those
+        destinations only."""
         call = core.sandbox_create(
             image=image,
             template=template,
@@ -785,6 +788,7 @@ class AsyncClient:
             workdir=workdir,
             network=network,
             volumes=volumes,
+            allow=allow,
             idempotency_key=idempotency_key,
             request_timeout=request_timeout,
         )
@@ -805,6 +809,7 @@ class AsyncClient:
         workdir: Optional[str] = None,
         network: Optional[str] = None,
         volumes: Optional[Sequence[Union[VolumeMount, Mapping[str, Any]]]] = None,
+        allow: Optional[Sequence[str]] = None,
         idempotency_key: Optional[str] = None,
         request_timeout: Optional[float] = None,
     ) -> _io.Pending[AsyncSandbox]:
@@ -825,6 +830,7 @@ class AsyncClient:
                 workdir=workdir,
                 network=network,
                 volumes=volumes,
+                allow=allow,
                 idempotency_key=idempotency_key,
                 request_timeout=request_timeout,
             )

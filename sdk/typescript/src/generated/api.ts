@@ -305,10 +305,15 @@ export interface MoveFile {
   to: string;
 }
 
-/** Network access of a sandbox. */
-export type Network = "none" | "egress";
-/** Every Network value the document lists. */
-export const NetworkValues: readonly Network[] = ["none", "egress"];
+/**
+ * Network access of a sandbox: `"none"` (loopback only), `"egress"` (or
+ * its synonym `"full"`: outbound access), or `{"allow": [...]}`: outbound
+ * access to the listed CIDR networks and host names only, everything else
+ * dropped, and DNS answering only for the listed names.
+ */
+export type Network = "none" | "egress" | "full" | { allow: string[] };
+/** Every constant Network value the document lists. */
+export const NetworkValues: readonly Network[] = ["none", "egress", "full"];
 
 /** The answer of `GET …/files/glob`, sorted. */
 export interface Paths {
@@ -485,6 +490,12 @@ export interface Sandbox {
   memory_mb: number;
   /** `none` or `egress`. */
   network: string;
+  /**
+   * With `network: egress`, the allow list the sandbox was created with
+   * (normalised: networks masked to their prefix, names lower-case):
+   * only these destinations are reachable. Absent: no list.
+   */
+  network_allow?: string[];
   provider: string;
   started_at?: string | null;
   state: SandboxState;

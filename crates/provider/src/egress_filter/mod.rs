@@ -1,0 +1,448 @@
+//! Egress allow lists enforced inside a sandbox's own network namespace: an
+//! nftables table there whose output chain lets out only loopback, replies,
+//! the listed networks and the addresses StacyVM's DNS filter resolved for
+//! the listed names; and that DNS filter itself (see [`dns`]).
+//!
+//! The table lives in the sandbox's namespace, so it disappears with the
+//! sandbox however the server ends, and a sandbox without `CAP_NET_ADMIN`
+//! can neither list nor change it. The DNS filter is a task of the server
+//! process holding a socket that was opened inside the sandbox's namespace:
+//! it needs no address on the host, nothing on the host can be reached
+//! through it, and it ends with the server.
+
+pub mod dns;
+#[cfg(feature = "conformance")]
+pub mod far_side;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stacyvm_core::{EgressRule, Error, Result};
+
+/// The nftables table (family `inet`) inside each filtered sandbox.
+pub const NFT_TABLE: &str = "stacyvm_egress";
+/// Where a filtered sandbox's resolver points: a loopback address of the
+/// sandbox's own namespace on which the DNS filter listens.
+pub const RESOLVER_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
+pub const RESOLVER_PORT: u16 = 53;
+/// Docker's embedded resolver, present in every container on a user-defined
+/// network; it would answer any name, so it is unreachable.
+const DOCKER_RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+/// At most this many resolved addresses are kept per sandbox (per family).
+const RESOLVED_SET_SIZE: u32 = 4096;
+/// Resolved addresses stay reachable at least this long after an answer,
+/// so a client that caches a short-lived answer a little longer still
+/// reaches it...
+const MIN_ADDRESS_TTL: Duration = Duration::from_secs(60);
+/// ...and at most this long after the last answer that named them.
+const MAX_ADDRESS_TTL: Duration = Duration::from_secs(24 * 3600);
+const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where `nft` may live: the `PATH` of a service can lack the sbin
+/// directories.
+const NFT_CANDIDATES: [&str; 3] = ["nft", "/usr/sbin/nft", "/sbin/nft"];
+
+/// The resolver configuration a filtered sandbox gets as `/etc/resolv.conf`.
+pub fn resolv_conf() -> String {
+    format!(
+        "# StacyVM: this sandbox resolves only the host names of its allow list\n\
+         nameserver {RESOLVER_ADDR}\noptions ndots:0\n"
+    )
+}
+
+/// The table that enforces `rules`, as one nftables script that replaces
+/// any earlier copy of it atomically.
+///
+/// Everything leaving the namespace is refused (with a reset or an ICMP
+/// error, so clients fail at once rather than time out) except loopback
+/// (where the DNS filter listens; Docker's resolver excepted), replies to
+/// connections already accepted, IPv6 neighbour discovery, and destinations
+/// in the static sets (the listed networks) or the resolved sets (filled by
+/// the DNS filter, each address with a timeout).
+pub fn nft_ruleset(rules: &[EgressRule]) -> String {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for r in rules {
+        if let EgressRule::Cidr { addr, prefix } = r {
+            match addr {
+                IpAddr::V4(_) => v4.push(format!("{addr}/{prefix}")),
+                IpAddr::V6(_) => v6.push(format!("{addr}/{prefix}")),
+            }
+        }
+    }
+    let elements = |list: &[String]| {
+        if list.is_empty() {
+            String::new()
+        } else {
+            format!("; elements = {{ {} }}", list.join(", "))
+        }
+    };
+    format!(
+        r#"table inet {NFT_TABLE}
+delete table inet {NFT_TABLE}
+table inet {NFT_TABLE} {{
+	set allowed4 {{ type ipv4_addr; flags interval{e4}; }}
+	set allowed6 {{ type ipv6_addr; flags interval{e6}; }}
+	set resolved4 {{ type ipv4_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}
+	set resolved6 {{ type ipv6_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}
+	chain output {{
+		type filter hook output priority filter; policy drop;
+		ct state established,related accept
+		ip daddr {DOCKER_RESOLVER} reject with icmpx type admin-prohibited
+		oifname "lo" accept
+		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
+		ip daddr @allowed4 accept
+		ip6 daddr @allowed6 accept
+		ip daddr @resolved4 accept
+		ip6 daddr @resolved6 accept
+		meta l4proto tcp reject with tcp reset
+		reject with icmpx type admin-prohibited
+	}}
+}}
+"#,
+        e4 = elements(&v4),
+        e6 = elements(&v6),
+    )
+}
+
+/// The host names of an allow list.
+pub fn allowed_names(rules: &[EgressRule]) -> Vec<String> {
+    rules
+        .iter()
+        .filter_map(|r| match r {
+            EgressRule::Host(h) => Some(h.clone()),
+            EgressRule::Cidr { .. } => None,
+        })
+        .collect()
+}
+
+/// A handle on a network namespace (`/proc/PID/ns/net`), kept open so the
+/// namespace it names cannot be swapped for another while it is held.
+#[derive(Debug)]
+pub struct NetNs(OwnedFd);
+
+impl NetNs {
+    /// The network namespace of process `pid`.
+    pub fn of_pid(pid: u32) -> io::Result<NetNs> {
+        let path = std::ffi::CString::new(format!("/proc/{pid}/ns/net"))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: a NUL-terminated path and plain flags; the returned
+        // descriptor is checked before it is owned.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened here and is owned by nothing else.
+        Ok(NetNs(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// A named network namespace (`/run/netns/NAME`) or any other
+    /// namespace file.
+    pub fn open(path: &str) -> io::Result<NetNs> {
+        Ok(NetNs(std::fs::File::open(path)?.into()))
+    }
+
+    /// Runs `f` on a thread of its own that first joins this namespace, so
+    /// the sockets `f` opens belong to it while the rest of the process
+    /// stays where it is. The thread ends with `f`.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+        let fd = self.0.as_raw_fd();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: `fd` stays open for the whole scope (borrowed from
+                // self); setns changes only this thread's namespace.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                f()
+            })
+            .join()
+            .map_err(|_| {
+                io::Error::other("the thread inside the sandbox's network namespace panicked")
+            })?
+        })
+    }
+
+    /// Applies an nftables script inside this namespace.
+    pub async fn nft(&self, script: &str) -> Result<()> {
+        let mut last = String::from("nft was not found");
+        for nft in NFT_CANDIDATES {
+            let mut cmd = tokio::process::Command::new(nft);
+            cmd.args(["-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let fd = self.0.as_raw_fd();
+            // SAFETY: between fork and exec the closure makes one system
+            // call (async-signal-safe) on a descriptor the child inherited.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    last = format!("running {nft}: {e}");
+                    continue;
+                }
+            };
+            let script = script.to_owned();
+            let run = async move {
+                use tokio::io::AsyncWriteExt;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(script.as_bytes()).await?;
+                }
+                child.wait_with_output().await
+            };
+            return match tokio::time::timeout(NFT_TIMEOUT, run).await {
+                Ok(Ok(out)) if out.status.success() => Ok(()),
+                Ok(Ok(out)) => Err(nft_error(&format!(
+                    "{nft} failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))),
+                Ok(Err(e)) => Err(nft_error(&format!("running {nft}: {e}"))),
+                Err(_) => Err(nft_error(&format!(
+                    "{nft} did not finish within {} s",
+                    NFT_TIMEOUT.as_secs()
+                ))),
+            };
+        }
+        Err(nft_error(&last))
+    }
+}
+
+fn nft_error(why: &str) -> Error {
+    Error::ProviderUnavailable(format!(
+        "cannot apply the egress allow list in the sandbox's network namespace ({why}); allow \
+         lists need the `nft` tool (Debian's nftables package) and a server running as root"
+    ))
+}
+
+/// The upstream resolvers named by a `resolv.conf`: the DNS filter forwards
+/// allowed names to them from the host's network namespace.
+pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            if words.next() != Some("nameserver") {
+                return None;
+            }
+            // A scoped IPv6 address (fe80::1%eth0) has no portable form
+            // here; such hosts configure an upstream explicitly.
+            let addr: IpAddr = words.next()?.parse().ok()?;
+            Some(SocketAddr::new(addr, 53))
+        })
+        .collect()
+}
+
+/// The host's resolvers, from `/etc/resolv.conf`.
+pub fn host_upstreams() -> Result<Vec<SocketAddr>> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").map_err(|e| {
+        Error::ProviderUnavailable(format!(
+            "reading /etc/resolv.conf for the upstream resolver of allow-listed names: {e}; \
+             configure one with --egress-dns-upstream"
+        ))
+    })?;
+    let found = upstreams_from_resolv_conf(&text);
+    if found.is_empty() {
+        return Err(Error::ProviderUnavailable(
+            "/etc/resolv.conf names no usable nameserver for the upstream resolver of \
+             allow-listed names; configure one with --egress-dns-upstream"
+                .into(),
+        ));
+    }
+    Ok(found)
+}
+
+/// Everything enforcing one sandbox's allow list from the host side: the
+/// namespace handle and the DNS filter. Dropping it stops the filter; the
+/// table goes with the namespace.
+pub struct EgressGuard {
+    _dns: dns::DnsFilter,
+}
+
+impl EgressGuard {
+    /// Loads the table for `rules` into `netns` and starts the DNS filter
+    /// for its host names (also when there are none, so every lookup gets a
+    /// clear refusal rather than a timeout).
+    pub async fn arm(
+        netns: NetNs,
+        rules: &[EgressRule],
+        upstreams: Vec<SocketAddr>,
+    ) -> Result<EgressGuard> {
+        netns.nft(&nft_ruleset(rules)).await?;
+        let sets = Arc::new(ResolvedSets::new(netns));
+        let dns = dns::DnsFilter::start(sets, allowed_names(rules), upstreams).await?;
+        Ok(EgressGuard { _dns: dns })
+    }
+
+    /// Starts the DNS filter again for a namespace whose table is already
+    /// loaded (its server ended), leaving the table and its resolved sets
+    /// as they are, so connections and answers already handed out keep
+    /// working.
+    pub async fn resume(
+        netns: NetNs,
+        rules: &[EgressRule],
+        upstreams: Vec<SocketAddr>,
+    ) -> Result<EgressGuard> {
+        let sets = Arc::new(ResolvedSets::new(netns));
+        let dns = dns::DnsFilter::start(sets, allowed_names(rules), upstreams).await?;
+        Ok(EgressGuard { _dns: dns })
+    }
+}
+
+/// The resolved-address sets of one sandbox's table, and when each address
+/// StacyVM added expires, so a shorter TTL never cuts a longer one short.
+pub struct ResolvedSets {
+    netns: NetNs,
+    expiry: tokio::sync::Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl ResolvedSets {
+    pub fn new(netns: NetNs) -> ResolvedSets {
+        ResolvedSets {
+            netns,
+            expiry: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn netns(&self) -> &NetNs {
+        &self.netns
+    }
+
+    /// Makes `addrs` reachable for at least their TTLs (clamped to
+    /// [`MIN_ADDRESS_TTL`]..[`MAX_ADDRESS_TTL`]); returns once the kernel
+    /// has them, so an answer is only handed out once it can be used.
+    ///
+    /// An address is given twice its TTL and refreshed only once less than
+    /// one TTL is left: every answer is still covered for as long as a
+    /// client may cache it, while a sandbox repeating a lookup costs the
+    /// host an `nft` run at most once per TTL and address.
+    pub async fn add(&self, addrs: &[(IpAddr, u32)]) -> Result<()> {
+        let mut expiry = self.expiry.lock().await;
+        let now = Instant::now();
+        expiry.retain(|_, until| *until > now);
+        let mut wanted: Vec<(IpAddr, u64)> = Vec::new();
+        for (addr, ttl) in addrs {
+            let ttl = Duration::from_secs(u64::from(*ttl)).clamp(MIN_ADDRESS_TTL, MAX_ADDRESS_TTL);
+            if expiry.get(addr).is_some_and(|until| *until >= now + ttl) {
+                continue;
+            }
+            let secs = (2 * ttl).as_secs();
+            if let Some(w) = wanted.iter_mut().find(|(a, _)| a == addr) {
+                w.1 = w.1.max(secs);
+            } else {
+                wanted.push((*addr, secs));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        self.netns.nft(&refresh_script(&wanted)).await?;
+        for (addr, secs) in wanted {
+            expiry.insert(addr, now + Duration::from_secs(secs));
+        }
+        Ok(())
+    }
+}
+
+/// Adds each address with its timeout, replacing the timeout of one already
+/// there: add (so it exists), delete, add again, in one transaction.
+fn refresh_script(addrs: &[(IpAddr, u64)]) -> String {
+    let mut out = String::new();
+    for (set, v4) in [("resolved4", true), ("resolved6", false)] {
+        let these: Vec<&(IpAddr, u64)> = addrs.iter().filter(|(a, _)| a.is_ipv4() == v4).collect();
+        if these.is_empty() {
+            continue;
+        }
+        let with_timeout = these
+            .iter()
+            .map(|(a, s)| format!("{a} timeout {s}s"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let bare = these
+            .iter()
+            .map(|(a, _)| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push_str(&format!(
+            "add element inet {NFT_TABLE} {set} {{ {with_timeout} }}\n\
+             delete element inet {NFT_TABLE} {set} {{ {bare} }}\n\
+             add element inet {NFT_TABLE} {set} {{ {with_timeout} }}\n"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(entries: &[&str]) -> Vec<EgressRule> {
+        EgressRule::parse_list(entries).unwrap()
+    }
+
+    #[test]
+    fn the_ruleset_holds_the_networks_and_replaces_only_its_table() {
+        let r = nft_ruleset(&rules(&[
+            "10.1.0.0/16",
+            "192.0.2.7",
+            "2001:db8::/32",
+            "pypi.org",
+        ]));
+        assert!(r.starts_with("table inet stacyvm_egress\ndelete table inet stacyvm_egress\n"));
+        assert!(
+            r.contains("elements = { 10.1.0.0/16, 192.0.2.7/32 }"),
+            "{r}"
+        );
+        assert!(r.contains("elements = { 2001:db8::/32 }"), "{r}");
+        assert!(!r.contains("pypi"), "{r}");
+        assert!(r.contains("policy drop"));
+        assert!(!r.contains("flush ruleset"));
+        // Without networks the sets are declared empty.
+        let r = nft_ruleset(&rules(&["pypi.org"]));
+        assert!(!r.contains("elements"), "{r}");
+    }
+
+    #[test]
+    fn upstreams_come_from_nameserver_lines() {
+        let text = "# c\nsearch x\nnameserver 10.0.0.2\nnameserver ::1\nnameserver fe80::1%eth0\nnameserver\n";
+        assert_eq!(
+            upstreams_from_resolv_conf(text),
+            vec![
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refresh_adds_deletes_and_adds_per_family() {
+        let s = refresh_script(&[
+            ("192.0.2.1".parse().unwrap(), 60),
+            ("2001:db8::1".parse().unwrap(), 90),
+        ]);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 6, "{s}");
+        assert_eq!(
+            lines[0],
+            "add element inet stacyvm_egress resolved4 { 192.0.2.1 timeout 60s }"
+        );
+        assert_eq!(
+            lines[1],
+            "delete element inet stacyvm_egress resolved4 { 192.0.2.1 }"
+        );
+        assert!(lines[3].contains("resolved6 { 2001:db8::1 timeout 90s }"));
+    }
+}

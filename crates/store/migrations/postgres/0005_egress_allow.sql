@@ -1,0 +1,3 @@
+-- A sandbox's egress allow list (JSON array of CIDR networks and host
+-- names; empty: no policy), kept so an adopted sandbox keeps its policy.
+ALTER TABLE sandboxes ADD COLUMN egress_allow JSONB NOT NULL DEFAULT '[]';
