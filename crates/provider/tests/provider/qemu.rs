@@ -1,8 +1,9 @@
 //! The qemu provider on real QEMU under TCG, with one guest for all the
 //! checks to keep boots few: the sandbox runs its own kernel and sees none
 //! of the host's files, its console is its log, pause and resume go
-//! through QMP, a new provider (a restarted server) adopts the running
-//! guest, a fork bomb stays inside the guest, and destroy leaves nothing.
+//! through QMP, a new provider (a restarted server) adopts the guest
+//! paused and resumes it, a fork bomb stays inside the guest, and destroy
+//! leaves nothing.
 //! Egress guests (two more boots) reach a machine beyond the host through
 //! its NAT, but neither the host nor each other, and leave no network
 //! behind; a network whose sandbox vanished is swept.
@@ -89,11 +90,9 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         .err()
         .context("a paused guest's agent")?;
     ensure!(matches!(e, stacyvm_core::Error::Conflict(_)), "{e}");
-    h.provider().resume(&id).await?;
-    ensure!(h.sh_ok(&id, "echo back").await?.trim() == "back");
 
     // A restarted server: a new provider over the same data dir finds the
-    // guest running and reaches its agent.
+    // guest, still paused, and resumes it.
     let qemu_pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))?
         .trim()
         .parse()?;
@@ -104,6 +103,13 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         listed.iter().any(|r| r.sandbox_id == id && r.running),
         "the new provider does not list the guest as running: {listed:?}"
     );
+    let e = adopted
+        .agent(&id)
+        .await
+        .err()
+        .context("the adopted paused guest's agent")?;
+    ensure!(matches!(e, stacyvm_core::Error::Conflict(_)), "{e}");
+    adopted.resume(&id).await?;
     ensure!(h.sh_ok(&id, "echo adopted").await?.trim() == "adopted");
 
     // A fork bomb is the guest's problem: on the host QEMU keeps its few
