@@ -280,8 +280,9 @@ async fn prepare_host() -> Result<()> {
             .map_err(|_| Error::Internal("nft hung".into()))?
             .map_err(|e| Error::internal("running nft", e))?;
         if !out.status.success() {
-            return Err(Error::Internal(format!(
-                "installing the guests' nftables rules failed: {}",
+            return Err(Error::ProviderUnavailable(format!(
+                "installing the guests' nftables rules failed (egress needs a server running as \
+                 root or with CAP_NET_ADMIN): {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
@@ -292,7 +293,9 @@ async fn prepare_host() -> Result<()> {
                 if run("iptables", &check).await.is_err() {
                     let mut insert = vec!["-I", "DOCKER-USER"];
                     insert.extend_from_slice(rule);
-                    run("iptables", &insert).await.map_err(Error::Internal)?;
+                    run("iptables", &insert)
+                        .await
+                        .map_err(Error::ProviderUnavailable)?;
                 }
             }
         }
@@ -351,7 +354,12 @@ pub async fn create(
     std::fs::File::create(owner_file(&netns))
         .and_then(|mut f| f.write_all(owner.as_os_str().as_encoded_bytes()))
         .map_err(|e| Error::internal("writing the network owner file", e))?;
-    ip(&["netns", "add", &netns]).await?;
+    run("ip", &["netns", "add", &netns]).await.map_err(|e| {
+        Error::ProviderUnavailable(format!(
+            "cannot make the guest's network namespace (egress needs a server running as root \
+             or with CAP_SYS_ADMIN and CAP_NET_ADMIN): {e}"
+        ))
+    })?;
     let n = netns.as_str();
     for args in [
         ["-n", n, "link", "set", "lo", "up"].as_slice(),
