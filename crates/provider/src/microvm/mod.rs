@@ -8,6 +8,7 @@
 //! unpacks the second (a tar of [`settings_tar`]) into `/.stacyvm`, and
 //! execs the agent there with `--init --vsock` [`AGENT_VSOCK_PORT`].
 
+pub mod net;
 pub mod vsock;
 
 use std::io::Write;
@@ -188,9 +189,10 @@ fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
 
 /// The sandbox's settings as a tar the guest's init unpacks into
 /// `/.stacyvm`: `env` (the agent's `--env-file`: NAME=VALUE entries,
-/// NUL-separated), `workdir` and `hostname`. Bad names are refused here,
-/// before anything boots.
-pub fn settings_tar(spec: &SpawnSpec) -> Result<Vec<u8>> {
+/// NUL-separated), `workdir`, `hostname` and, for a guest with a NIC,
+/// `net` (its address and gateway, [`net::GuestNet::guest_config`]). Bad
+/// names are refused here, before anything boots.
+pub fn settings_tar(spec: &SpawnSpec, net: Option<&net::GuestNet>) -> Result<Vec<u8>> {
     let mut env = Vec::new();
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
@@ -218,12 +220,17 @@ pub fn settings_tar(spec: &SpawnSpec) -> Result<Vec<u8>> {
         "sbx-{}",
         &short_hash(spec.sandbox_id.as_str().as_bytes())[..8]
     );
+    let net = net.map(net::GuestNet::guest_config);
     let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in [
+    let mut entries = vec![
         ("env", env.as_slice()),
         ("workdir", workdir.as_bytes()),
         ("hostname", hostname.as_bytes()),
-    ] {
+    ];
+    if let Some(net) = &net {
+        entries.push(("net", net.as_bytes()));
+    }
+    for (name, data) in entries {
         let mut h = tar::Header::new_ustar();
         h.set_size(data.len() as u64);
         h.set_mode(0o600);
@@ -255,9 +262,8 @@ mod tests {
         assert!(b.windows(14).any(|w| w == b"stacyvm-agent\0"));
     }
 
-    #[test]
-    fn settings_refuse_bad_env_names() {
-        let mut spec = crate::SpawnSpec {
+    fn test_spec() -> SpawnSpec {
+        crate::SpawnSpec {
             sandbox_id: stacyvm_core::SandboxId::generate(),
             image: "busybox".into(),
             cpu: 1.0,
@@ -268,11 +274,48 @@ mod tests {
             labels: Default::default(),
             mounts: Vec::new(),
             egress_allow: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn settings_refuse_bad_env_names() {
+        let mut spec = test_spec();
         spec.env.insert("A".into(), "b c".into());
-        let t = settings_tar(&spec).unwrap();
+        let t = settings_tar(&spec, None).unwrap();
         assert_eq!(t.len() % 512, 0);
         spec.env.insert("X=Y".into(), "1".into());
-        assert!(matches!(settings_tar(&spec), Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            settings_tar(&spec, None),
+            Err(Error::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn settings_carry_the_guest_network_only_when_there_is_one() {
+        let spec = test_spec();
+        let names = |t: Vec<u8>| -> Vec<String> {
+            tar::Archive::new(t.as_slice())
+                .entries()
+                .unwrap()
+                .map(|e| e.unwrap().path().unwrap().display().to_string())
+                .collect()
+        };
+        assert!(!names(settings_tar(&spec, None).unwrap()).contains(&"net".to_string()));
+        let n = net::GuestNet {
+            netns: "svmq-x".into(),
+            slot: 3,
+        };
+        let t = settings_tar(&spec, Some(&n)).unwrap();
+        let mut a = tar::Archive::new(t.as_slice());
+        let mut found = None;
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap().to_str() == Some("net") {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+                found = Some(s);
+            }
+        }
+        assert_eq!(found.as_deref(), Some("10.213.0.14/30 10.213.0.13\n"));
     }
 }

@@ -9,6 +9,12 @@
 //! Without certified KVM the guest runs under TCG (software emulation):
 //! slow to boot, but the same VM boundary.
 //!
+//! A sandbox with network `none` has no NIC at all. One with `egress` gets
+//! a virtio-net NIC on a tap device in a network namespace of its own
+//! ([`microvm::net`]); QEMU itself runs in that namespace, so even a
+//! guest that broke out of the VM would see only that namespace's
+//! interfaces.
+//!
 //! Both processes are started in process groups of their own and keep
 //! running when the server stops; everything needed to find them again is
 //! in the sandbox's directory (`<data_dir>/qemu/<id>/`), so a restarted
@@ -16,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -29,7 +36,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::agent_client::AgentClient;
 use crate::images::ImageCatalog;
-use crate::microvm::{self, find_program, vsock, GuestAssets, AGENT_VSOCK_PORT};
+use crate::microvm::{self, find_program, net, vsock, GuestAssets, AGENT_VSOCK_PORT};
 use crate::sandboxing::logs::{self, RUNTIME_LOG};
 use crate::{Health, LogLine, Provider, ProviderMode, RuntimeInfo};
 
@@ -48,6 +55,8 @@ const PAUSED: &str = "paused";
 const VHOST_SOCKET: &str = "vhost.sock";
 const VSOCK_SOCKET: &str = "vsock.sock";
 const QMP_SOCKET: &str = "qmp.sock";
+/// The guest's network lease ([`net::GuestNet`]), for egress sandboxes.
+const NET: &str = "net.json";
 
 /// What the QEMU provider needs.
 pub struct QemuConfig {
@@ -126,17 +135,15 @@ impl QemuProvider {
     }
 
     async fn spawn_locked(&self, spec: &SpawnSpec, dir: &Path) -> Result<()> {
-        if spec.network != Network::None {
-            return Err(Error::Unsupported(
-                "the qemu provider gives sandboxes no network yet: create it with network \
-                 \"none\""
-                    .into(),
-            ));
-        }
+        let wants_net = match spec.network {
+            Network::None => false,
+            Network::Egress => true,
+        };
         if let Some(why) = self.unusable() {
             return Err(Error::ProviderUnavailable(why));
         }
-        let settings = microvm::settings_tar(spec)?;
+        // Refuses bad settings before anything is made.
+        microvm::settings_tar(spec, None)?;
         let vcpus = (spec.cpu.ceil() as u64).clamp(1, MAX_VCPUS);
         let memory_mb = spec.memory_mb.max(MIN_MEMORY_MB);
         let assets =
@@ -170,6 +177,22 @@ impl QemuProvider {
                 memory_mb,
             },
         )?;
+        let guest_net = if wants_net {
+            let net = net::create(&spec.sandbox_id, dir, |n| logs::write_json(dir, NET, n)).await?;
+            logs::provider_log(
+                dir,
+                &format!(
+                    "network: {} on {} in namespace {}",
+                    net.guest_addr(),
+                    net.host_if(),
+                    net.netns
+                ),
+            );
+            Some(net)
+        } else {
+            None
+        };
+        let settings = microvm::settings_tar(spec, guest_net.as_ref())?;
         let overlay = dir.join("root.qcow2");
         run_tool(
             tokio::process::Command::new("qemu-img")
@@ -261,7 +284,31 @@ impl QemuProvider {
             .arg("-daemonize")
             .stdin(Stdio::null())
             .process_group(0);
+        // Kept open until QEMU has started.
+        let netns_fd = match &guest_net {
+            Some(n) => {
+                qemu.args([
+                    "-netdev",
+                    &format!("tap,id=net0,ifname={},script=no,downscript=no", net::NS_TAP),
+                ])
+                .args([
+                    "-device",
+                    &format!("virtio-net-pci,netdev=net0,mac={}", n.mac()),
+                ]);
+                let fd = net::open_netns(&n.netns)?;
+                let raw = fd.as_raw_fd();
+                // SAFETY: the closure runs in the child between fork and
+                // exec and makes only the async-signal-safe setns(2) call;
+                // `fd` outlives the spawn below.
+                unsafe {
+                    qemu.pre_exec(move || net::enter_netns(raw));
+                }
+                Some(fd)
+            }
+            None => None,
+        };
         run_tool(&mut qemu, "qemu-system-x86_64").await?;
+        drop(netns_fd);
 
         let started = Instant::now();
         let deadline = started + AGENT_START_DEADLINE;
@@ -318,13 +365,18 @@ impl QemuProvider {
         self.clients.lock().await.remove(id);
         let dir = self.dir_of(id);
         if !dir.exists() {
-            return Ok(());
+            // Named after the sandbox alone: whatever is left of its
+            // network goes too.
+            return net::remove(id).await;
         }
         for (file, what) in [(QEMU_PID, "qemu"), (VSOCK_PID, "vhost-device-vsock")] {
             if let Some(pid) = owned_pid(&dir, file) {
                 kill_and_wait(pid, what).await?;
             }
         }
+        // After QEMU, which holds the tap; before the directory, so a
+        // failure here leaves a sandbox a later destroy finishes.
+        net::remove(id).await?;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -562,6 +614,7 @@ impl Provider for QemuProvider {
     }
 
     async fn list(&self) -> Result<Vec<RuntimeInfo>> {
+        net::sweep_orphans().await;
         let mut out = Vec::new();
         let rd = match std::fs::read_dir(&self.sandboxes_dir) {
             Ok(rd) => rd,

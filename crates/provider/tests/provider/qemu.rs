@@ -1,12 +1,24 @@
 //! The qemu provider on real QEMU under TCG, with one guest for all the
 //! checks to keep boots few: the sandbox runs its own kernel and sees none
 //! of the host's files, its console is its log, pause and resume go
-//! through QMP, a new provider (a restarted server) adopts the running
-//! guest, a fork bomb stays inside the guest, and destroy leaves nothing.
+//! through QMP, a new provider (a restarted server) adopts the guest
+//! paused and resumes it, a fork bomb stays inside the guest, and destroy
+//! leaves nothing.
+//! Egress guests (two more boots) reach a machine beyond the host through
+//! its NAT, but neither the host nor each other, and leave no network
+//! behind; a network whose sandbox vanished is swept.
 
-use std::sync::Arc;
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use anyhow::{ensure, Context};
+use anyhow::{bail, ensure, Context};
+use stacyvm_core::{Network, SandboxId};
+use stacyvm_provider::microvm::net::{self, GuestNet};
 use stacyvm_provider::DynProvider;
 
 use crate::support::{self, exec_req, leftovers, AgentCalls, Harness, TestEnv};
@@ -53,6 +65,14 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         "the guest's init is not the agent: {text}"
     );
 
+    // Network "none": no NIC at all.
+    let ifaces = h.sh_ok(&id, "ls /sys/class/net").await?;
+    ensure!(
+        ifaces.split_whitespace().collect::<Vec<_>>() == ["lo"],
+        "a network-none guest has interfaces {ifaces:?}"
+    );
+    ensure!(!dir.join("net.json").exists());
+
     // The console is the runtime log.
     let logs = h.provider().logs(&id).await?;
     ensure!(
@@ -70,11 +90,9 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         .err()
         .context("a paused guest's agent")?;
     ensure!(matches!(e, stacyvm_core::Error::Conflict(_)), "{e}");
-    h.provider().resume(&id).await?;
-    ensure!(h.sh_ok(&id, "echo back").await?.trim() == "back");
 
     // A restarted server: a new provider over the same data dir finds the
-    // guest running and reaches its agent.
+    // guest, still paused, and resumes it.
     let qemu_pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))?
         .trim()
         .parse()?;
@@ -85,6 +103,13 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         listed.iter().any(|r| r.sandbox_id == id && r.running),
         "the new provider does not list the guest as running: {listed:?}"
     );
+    let e = adopted
+        .agent(&id)
+        .await
+        .err()
+        .context("the adopted paused guest's agent")?;
+    ensure!(matches!(e, stacyvm_core::Error::Conflict(_)), "{e}");
+    adopted.resume(&id).await?;
     ensure!(h.sh_ok(&id, "echo adopted").await?.trim() == "adopted");
 
     // A fork bomb is the guest's problem: on the host QEMU keeps its few
@@ -112,25 +137,412 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_network_is_refused_until_the_provider_gives_one() -> anyhow::Result<()> {
-    let env = TestEnv::new().await?;
-    let provider = support::qemu_provider(&env).await?;
-    let h = Harness::new(env, provider);
-    let mut spec = support::spec();
-    spec.network = stacyvm_core::Network::Egress;
-    let e = h
-        .spawn(spec.clone())
-        .await
-        .err()
-        .context("a spawn with network")?;
-    let e = e.downcast::<stacyvm_core::Error>()?;
-    ensure!(matches!(e, stacyvm_core::Error::Unsupported(_)), "{e}");
-    ensure!(!h
+fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Another machine: a network namespace behind a veth pair, on an address
+/// of the benchmarking block 198.18.0.0/15, with a TCP listener in it that
+/// records each connection's peer and what it sent.
+struct RemoteMachine {
+    netns: String,
+    addr: String,
+    /// The host's address on the link to it.
+    host_addr: String,
+    port: u16,
+    got: Arc<Mutex<Vec<(String, String)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RemoteMachine {
+    fn start() -> anyhow::Result<RemoteMachine> {
+        let id = SandboxId::generate().to_string();
+        let tag = &id[id.len() - 8..];
+        let seed = u32::from_str_radix(tag, 16)?;
+        let (b2, b3, b4) = (18 + (seed >> 14) % 2, (seed >> 6) % 256, (seed % 64) * 4);
+        let mut m = RemoteMachine {
+            netns: format!("svmt-{tag}"),
+            addr: format!("198.{b2}.{b3}.{}", b4 + 2),
+            host_addr: format!("198.{b2}.{b3}.{}", b4 + 1),
+            port: 9000,
+            got: Arc::default(),
+            stop: Arc::default(),
+            thread: None,
+        };
+        let (host_end, far_end) = (format!("svt{tag}h"), format!("svt{tag}n"));
+        let host_cidr = format!("{}/30", m.host_addr);
+        let far_cidr = format!("{}/30", m.addr);
+        run("ip", &["netns", "add", &m.netns])?;
+        let ns = m.netns.clone();
+        for args in [
+            vec![
+                "link", "add", &host_end, "type", "veth", "peer", "name", &far_end, "netns", &ns,
+            ],
+            vec!["addr", "add", &host_cidr, "dev", &host_end],
+            vec!["link", "set", &host_end, "up"],
+            vec!["-n", &ns, "addr", "add", &far_cidr, "dev", &far_end],
+            vec!["-n", &ns, "link", "set", &far_end, "up"],
+            vec!["-n", &ns, "link", "set", "lo", "up"],
+            vec!["-n", &ns, "route", "add", "default", "via", &m.host_addr],
+        ] {
+            run("ip", &args)?;
+        }
+        // The listener's socket lives in the namespace its thread is in.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (got, stop, port) = (m.got.clone(), m.stop.clone(), m.port);
+        let nsfile = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        m.thread = Some(std::thread::spawn(move || {
+            // SAFETY: setns(2) on this thread only, with a descriptor it owns.
+            if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let _ = tx.send(Err(std::io::Error::last_os_error()));
+                return;
+            }
+            let l = match std::net::TcpListener::bind(("0.0.0.0", port)) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = l.set_nonblocking(true);
+            let _ = tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, peer)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut text = String::new();
+                        let _ = c.read_to_string(&mut text);
+                        got.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((peer.ip().to_string(), text));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }));
+        rx.recv_timeout(Duration::from_secs(10))
+            .context("the remote listener did not start")??;
+        Ok(m)
+    }
+
+    fn received(&self) -> Vec<(String, String)> {
+        self.got.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for RemoteMachine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Takes the veth pair with it.
+        let _ = run("ip", &["netns", "del", &self.netns]);
+    }
+}
+
+/// A TCP server on every address of the host (`0.0.0.0`) that records the
+/// peer of each connection it accepts.
+struct HostListener {
+    port: u16,
+    peers: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HostListener {
+    async fn start() -> anyhow::Result<HostListener> {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+        let port = listener.local_addr()?.port();
+        let peers: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = peers.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((_conn, peer)) = listener.accept().await {
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(peer.to_string());
+            }
+        });
+        Ok(HostListener { port, peers, task })
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for HostListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The host's first global IPv4 address outside container and guest links.
+fn host_primary_ipv4() -> anyhow::Result<String> {
+    let out = run("ip", &["-4", "-o", "addr", "show", "scope", "global"])?;
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, f.get(3)?.split('/').next()?))
+        })
+        .find(|(dev, _)| {
+            !["docker", "br-", "svm", "veth", "svt", "svq"]
+                .iter()
+                .any(|p| dev.starts_with(p))
+        })
+        .map(|(_, addr)| addr.to_owned())
+        .with_context(|| format!("no global IPv4 address outside container links: {out}"))
+}
+
+/// The guest's network as its sandbox directory records it.
+fn recorded_net(h: &Harness, id: &SandboxId) -> anyhow::Result<GuestNet> {
+    let path = h
         .env
         .data_dir
         .join("qemu")
-        .join(spec.sandbox_id.as_str())
-        .exists());
+        .join(id.as_str())
+        .join("net.json");
+    Ok(serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?)
+}
+
+/// Nothing of a guest's network is left on the host.
+fn check_network_gone(id: &SandboxId, n: &GuestNet) -> anyhow::Result<()> {
+    ensure!(
+        !Path::new("/run/netns").join(net::netns_name(id)).exists(),
+        "the network namespace of {id} is left"
+    );
+    ensure!(
+        !Path::new("/sys/class/net").join(n.host_if()).exists(),
+        "the veth {} of {id} is left",
+        n.host_if()
+    );
+    let addrs = run("ip", &["-4", "-o", "addr", "show"])?;
+    ensure!(
+        !addrs.contains(&format!(" {}/", n.gateway())),
+        "the lease {} of {id} is still on an interface: {addrs}",
+        n.gateway()
+    );
+    ensure!(
+        !Path::new("/run/stacyvm/qemu-net")
+            .join(format!("{}.owner", net::netns_name(id)))
+            .exists(),
+        "the owner file of {id} is left"
+    );
+    let rules = run("nft", &["list", "ruleset"])?;
+    ensure!(
+        !rules.contains(&n.host_if()) && !rules.contains(&n.guest_addr().to_string()),
+        "a rule of {id} is left: {rules}"
+    );
+    Ok(())
+}
+
+/// Tries a TCP connection from the guest to `port` on each address at
+/// once; returns the addresses it reached.
+async fn reached_from(
+    h: &Harness,
+    id: &SandboxId,
+    addrs: &[String],
+    port: u16,
+) -> anyhow::Result<Vec<String>> {
+    let script = format!(
+        "for a in {}; do (echo probe | nc -w 3 $a {port} >/dev/null 2>&1; echo \"$a rc=$?\") & done; wait",
+        addrs.join(" ")
+    );
+    let out = h.sh(id, &script).await?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.lines().count() == addrs.len(),
+        "one result per address expected: {out}"
+    );
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" rc=0"))
+        .map(str::to_owned)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_guests_reach_other_machines_but_not_the_host_or_each_other() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let provider = support::qemu_provider(&env).await?;
+    let h = Harness::new(env, provider);
+    let remote = RemoteMachine::start()?;
+    let mut a = support::spec();
+    a.network = Network::Egress;
+    let mut b = support::spec();
+    b.network = Network::Egress;
+    let a = h.spawn(a).await?;
+    let b = h.spawn(b).await?;
+    let (na, nb) = (recorded_net(&h, &a)?, recorded_net(&h, &b)?);
+    ensure!(na.slot != nb.slot, "two guests share slot {}", na.slot);
+
+    // The guest's NIC carries the leased address.
+    let shown = h.sh_ok(&a, "ip -4 -o addr show dev eth0; ip route").await?;
+    ensure!(
+        shown.contains(&format!("inet {}/30", na.guest_addr()))
+            && shown.contains(&format!("default via {}", na.gateway())),
+        "guest a's network: {shown}"
+    );
+
+    // Out through the host's NAT: the remote machine sees the host's
+    // address on its link, never the guest's.
+    let out = h
+        .sh(
+            &a,
+            &format!(
+                "echo hello-remote | nc -w 5 {} {}; echo rc=$?",
+                remote.addr, remote.port
+            ),
+        )
+        .await?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.contains("rc=0"),
+        "guest a could not reach {}: {out}",
+        remote.addr
+    );
+    let mut got = remote.received();
+    for _ in 0..100 {
+        if !got.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got = remote.received();
+    }
+    ensure!(
+        got == [(remote.host_addr.clone(), "hello-remote\n".to_string())],
+        "the remote machine saw {got:?}"
+    );
+
+    // Not the host: not its address on the guest's link, not another
+    // guest's gateway, not its address on its own network.
+    let listener = HostListener::start().await?;
+    let targets = vec![
+        nb.gateway().to_string(),
+        na.gateway().to_string(),
+        host_primary_ipv4()?,
+        remote.host_addr.clone(),
+    ];
+    let reached = reached_from(&h, &b, &targets, listener.port).await?;
+    ensure!(
+        reached.is_empty() && listener.peers().is_empty(),
+        "guest b reached the host at {reached:?} (the host saw {:?})",
+        listener.peers()
+    );
+    // The listener answers anyone else: the refusal was the guest's.
+    tokio::net::TcpStream::connect(("127.0.0.1", listener.port)).await?;
+    for _ in 0..100 {
+        if !listener.peers().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(listener.peers().len() == 1, "{:?}", listener.peers());
+
+    // Not each other: a listens, b cannot connect, the host can.
+    h.sh_ok(&a, "setsid nc -l -p 8080 >/tmp/got 2>&1 </dev/null &")
+        .await?;
+    let mut listening = false;
+    for _ in 0..100 {
+        let tcp = h.sh_ok(&a, "cat /proc/net/tcp /proc/net/tcp6").await?;
+        if tcp.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(":1F90") && f[3] == "0A"
+        }) {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(listening, "nc never listened in guest a");
+    let from_b = h
+        .sh(
+            &b,
+            &format!("echo from-b | nc -w 3 {} 8080; echo rc=$?", na.guest_addr()),
+        )
+        .await?;
+    let from_b = String::from_utf8_lossy(&from_b.stdout).into_owned();
+    ensure!(
+        !from_b.contains("rc=0"),
+        "guest b connected to guest a: {from_b}"
+    );
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((na.guest_addr(), 8080)),
+    )
+    .await
+    .context("the host's connection to guest a hung")??;
+    tokio::io::AsyncWriteExt::write_all(&mut conn, b"from-host\n").await?;
+    tokio::io::AsyncWriteExt::shutdown(&mut conn).await?;
+    let mut got = String::new();
+    for _ in 0..100 {
+        got = h.sh_ok(&a, "cat /tmp/got").await?;
+        if got.contains("from-host") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(got.trim() == "from-host", "guest a received {got:?}");
+
+    for (id, n) in [(&a, &na), (&b, &nb)] {
+        h.provider().destroy(id).await?;
+        check_network_gone(id, n)?;
+        let left = leftovers(id, &h.env.data_dir);
+        ensure!(left.is_empty(), "left behind: {left:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_outlives_its_sandbox() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let provider = support::qemu_provider(&env).await?;
+    let h = Harness::new(env, provider);
+
+    // A spawn that fails after its network was made (QEMU refuses the
+    // memory size) takes the network down with it.
+    let mut spec = support::spec();
+    spec.network = Network::Egress;
+    spec.memory_mb = u64::MAX / 4;
+    let id = spec.sandbox_id.clone();
+    match h.spawn(spec).await {
+        Ok(_) => bail!("QEMU booted a guest with {} MB", u64::MAX / 4),
+        Err(e) => ensure!(format!("{e:#}").contains("qemu-system-x86_64"), "{e:#}"),
+    }
+    ensure!(!Path::new("/run/netns").join(net::netns_name(&id)).exists());
+    ensure!(!h.env.data_dir.join("qemu").join(id.as_str()).exists());
+
+    // A network whose sandbox directory vanished (the server's data dir
+    // deleted under it, a crash between steps) is swept by the next list.
+    let owner = h.env.data_dir.join("qemu").join("vanishing");
+    std::fs::create_dir_all(&owner)?;
+    let id = SandboxId::generate();
+    let n = net::create(&id, &owner, |_| Ok(())).await?;
+    let host_if = n.host_if();
+    ensure!(
+        Path::new("/sys/class/net").join(&host_if).exists(),
+        "no veth {host_if}"
+    );
+    ensure!(n.gateway().octets()[..2] == [10, 213] && n.guest_addr() != Ipv4Addr::UNSPECIFIED);
+    h.provider().list().await?;
+    ensure!(
+        Path::new("/run/netns").join(net::netns_name(&id)).exists(),
+        "a network whose sandbox directory exists was swept"
+    );
+    std::fs::remove_dir_all(&owner)?;
+    h.provider().list().await?;
+    check_network_gone(&id, &n)?;
     Ok(())
 }
