@@ -66,6 +66,7 @@ pub fn spec(image: &str) -> SpawnSpec {
         network: Network::None,
         labels: BTreeMap::new(),
         mounts: Vec::new(),
+        egress_allow: Vec::new(),
     }
 }
 
