@@ -369,15 +369,34 @@ async fn volumes_take_real_disk_and_never_more_than_the_host_has() -> Result<()>
         meta.blocks() * 512
     );
     admin.delete("/v1/volumes/whole").await?.ok(204)?;
-    // The largest volume the API takes is more than this host's disk: it
-    // is refused with the reason, and nothing of it stays.
+    // The largest volume the API takes is more than this host's disk can
+    // ever hold: the request's fault, a 400 naming the limit.
+    let (avail_mb, size_mb) = df_mb(server.data_dir())?;
+    ensure!(
+        size_mb < 1024 * 1024,
+        "the data dir's filesystem ({size_mb} MiB) holds the largest volume; this test needs a \
+         smaller one"
+    );
     let e = admin
         .post(
             "/v1/volumes",
             json!({"name": "huge", "size_mb": 1024 * 1024}),
         )
         .await?
-        .err(503, "no_capacity")?;
+        .err(400, "invalid_request")?;
+    ensure!(e.message.contains("can hold"), "{}", e.message);
+    // A size the disk holds but has no room for now is a 409 saying so.
+    let now = avail_mb + 1024;
+    // Within the filesystem's size less the reserve (at most 2 GiB), so
+    // only the free space is short.
+    ensure!(
+        now + 2048 < size_mb,
+        "this host's disk is almost empty: {avail_mb} of {size_mb} MiB free"
+    );
+    let e = admin
+        .post("/v1/volumes", json!({"name": "huge", "size_mb": now}))
+        .await?
+        .err(409, "conflict")?;
     ensure!(e.message.contains("no room"), "{}", e.message);
     admin.get("/v1/volumes/huge").await?.err(404, "not_found")?;
     let images = server.data_dir().join("volumes/images");
@@ -390,4 +409,25 @@ async fn volumes_take_real_disk_and_never_more_than_the_host_has() -> Result<()>
         "mounts left"
     );
     Ok(())
+}
+
+/// The space available and the size of the filesystem holding `dir`, in MiB.
+fn df_mb(dir: &Path) -> Result<(i64, i64)> {
+    let out = std::process::Command::new("df")
+        .args(["-B1M", "--output=avail,size"])
+        .arg(dir)
+        .output()
+        .context("running df")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let nums: Vec<i64> = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match nums[..] {
+        [avail, size] => Ok((avail, size)),
+        _ => anyhow::bail!("df said {text:?}"),
+    }
 }

@@ -189,8 +189,8 @@ fn allocate(file: &std::fs::File, len: u64) -> Result<()> {
     }
     let e = io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EFBIG) => Err(Error::NoCapacity(format!(
-            "the host has no room for a volume of {} MiB",
+        Some(libc::ENOSPC) | Some(libc::EFBIG) => Err(Error::Conflict(format!(
+            "the host has no room for a volume of {} MiB now; delete volumes or snapshots first",
             len >> 20
         ))),
         Some(libc::EOPNOTSUPP) => Err(Error::Unsupported(
@@ -209,11 +209,20 @@ fn allocate(file: &std::fs::File, len: u64) -> Result<()> {
 fn keep_reserve(dir: &Path, size_mb: i64, still_to_take: u64) -> Result<()> {
     let (total, avail) = fs_space(dir)?;
     let reserve = reserve_bytes(total);
+    // A size the filesystem could never hold is the request's fault; one
+    // that does not fit now may fit once other volumes are gone.
+    let most = total.saturating_sub(reserve);
+    if still_to_take > most {
+        return Err(Error::InvalidRequest(format!(
+            "size_mb: {size_mb} MiB is more than this host's data dir can hold ({} MiB)",
+            most >> 20
+        )));
+    }
     let avail = avail.saturating_sub(still_to_take);
     if avail < reserve {
-        return Err(Error::NoCapacity(format!(
-            "the host has no room for a volume of {size_mb} MiB: its data dir keeps {} MiB \
-             free for the server, and {} MiB would be left",
+        return Err(Error::Conflict(format!(
+            "the host has no room for a volume of {size_mb} MiB now: its data dir keeps {} MiB \
+             free for the server, and {} MiB would be left; delete volumes or snapshots first",
             reserve >> 20,
             avail >> 20
         )));

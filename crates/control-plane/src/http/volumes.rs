@@ -14,8 +14,11 @@ use super::{note, AppState};
 ///
 /// A named filesystem of `size_mb` MiB in the caller's tenant that outlives the sandboxes it is
 /// mounted into (`"volumes"` at sandbox create). Writes past its size fail with `ENOSPC`. Names are
-/// unique per tenant (`409 conflict`). A server that cannot keep volumes (rootless, or a control
-/// plane with only remote workers) answers `409 unsupported`.
+/// unique per tenant (`409 conflict`). The space is allocated at create: a size the host's disk
+/// can never hold is `400`, one it has no room for now `409 conflict`, and the tenant's volumes and
+/// snapshot images together are bounded by `max_volume_mb` (`429 quota_exceeded`). A server that
+/// cannot keep volumes (rootless, or a control plane with only remote workers) answers
+/// `409 unsupported`.
 #[utoipa::path(post, path = "/v1/volumes", tag = "volumes",
     request_body = api::CreateVolume,
     responses((status = 201, body = api::Volume, description = "the volume")))]
