@@ -197,8 +197,8 @@ fn build(
                     catalog: catalog.clone(),
                     instance: instance.to_owned(),
                 })?
-                // Rootless only: the operator accepts sandboxes whose
-                // limits the server cannot enforce.
+                // The operator accepts sandboxes whose limits the server
+                // cannot enforce (rootless, or a controller missing).
                 .allow_unenforced_limits(
                     std::env::var(crate::namespaces::UNENFORCED_LIMITS_ENV)
                         .is_ok_and(|v| v == "allow"),

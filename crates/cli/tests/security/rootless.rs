@@ -484,3 +484,52 @@ async fn rootless_namespaces_runs_contains_and_cleans_up() -> Result<()> {
     }
     host.check_nothing_left().await
 }
+
+/// A root server on a host without cgroups cannot enforce any limit: it
+/// says so and refuses creates, unless the operator allowed them.
+#[tokio::test(flavor = "multi_thread")]
+async fn root_namespaces_without_cgroups_refuses_limits_unless_allowed() -> Result<()> {
+    for allow in [false, true] {
+        let mut opts = ServerOptions::new(StoreKind::Sqlite)
+            .providers("namespaces")
+            .without_cgroups();
+        if allow {
+            opts = opts.env("STACYVM_NAMESPACES_UNENFORCED_LIMITS", "allow");
+        }
+        let server = Server::start(opts)?;
+        let admin = server.admin();
+        let ns = namespaces_status(&admin).await?;
+        ensure!(ns["mode"] == "root", "{ns}");
+        ensure!(
+            ns["not_enforced"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|x| x == "memory")),
+            "no cgroups, no memory limit: {ns}"
+        );
+        admin.import_busybox().await?;
+        let r = admin
+            .post(
+                "/v1/sandboxes",
+                json!({"image": "busybox", "provider": "namespaces", "memory_mb": 256}),
+            )
+            .await?;
+        if allow {
+            let sb = r.ok(201)?;
+            let id = sb["id"].as_str().unwrap_or_default().to_owned();
+            admin.sh(&id, "true").await?;
+            admin.destroy(&id).await?;
+        } else {
+            let e = r.err(409, "unsupported")?;
+            ensure!(
+                e.message.contains("memory_mb 256")
+                    && e.message
+                        .contains("STACYVM_NAMESPACES_UNENFORCED_LIMITS=allow"),
+                "{}",
+                e.message
+            );
+            let detail = ns["detail"].as_str().unwrap_or_default();
+            ensure!(detail.contains("creates are refused"), "{detail}");
+        }
+    }
+    Ok(())
+}

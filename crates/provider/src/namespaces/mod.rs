@@ -352,9 +352,9 @@ impl NamespacesProvider {
         }
     }
 
-    /// Lets a rootless server run sandboxes whose memory, CPU and process
-    /// limits it cannot enforce, instead of refusing their creation. Root
-    /// mode is unaffected.
+    /// Lets the server run sandboxes whose memory, CPU and process limits
+    /// it cannot enforce (rootless, or a root host lacking a controller),
+    /// instead of refusing their creation.
     pub fn allow_unenforced_limits(mut self, allow: bool) -> NamespacesProvider {
         self.allow_unenforced_limits = allow;
         self
@@ -379,34 +379,15 @@ impl NamespacesProvider {
         .collect()
     }
 
-    /// Rootless without the cgroups to enforce them, a create's limits
-    /// are refused unless the operator allowed that: a sandbox the tenant
-    /// believes bounded must not be able to take the host's memory.
+    /// Without the cgroup controllers to enforce them (rootless, or a root
+    /// host lacking a controller), a create's limits are refused unless
+    /// the operator allowed that: a sandbox the tenant believes bounded
+    /// must not be able to take the host's memory.
     fn check_limits(&self, spec: &SpawnSpec) -> Result<()> {
-        if self.rootless.is_none() || self.allow_unenforced_limits {
+        if self.allow_unenforced_limits {
             return Ok(());
         }
-        let missing = self.not_enforced();
-        let mut asked = Vec::new();
-        if missing.iter().any(|m| m == "memory") {
-            asked.push(format!("memory_mb {}", spec.memory_mb));
-        }
-        if missing.iter().any(|m| m == "cpu") {
-            asked.push(format!("cpu {}", spec.cpu));
-        }
-        if missing.iter().any(|m| m == "pids") {
-            asked.push(format!("pids {PIDS_LIMIT}"));
-        }
-        if asked.is_empty() {
-            return Ok(());
-        }
-        Err(Error::Unsupported(format!(
-            "the namespaces provider runs rootless here and cannot enforce the sandbox's limits \
-             ({}): the server's user has no cgroups of its own. Run StacyVM as root, use \
-             another provider, or start the server with {UNENFORCED_LIMITS_ENV}=allow to run \
-             sandboxes without these limits",
-            asked.join(", ")
-        )))
+        unenforced_refusal(&self.not_enforced(), spec, self.rootless.is_some())
     }
 
     fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
@@ -470,6 +451,25 @@ impl NamespacesProvider {
             Err(why) => format!("no limits enforced and pause unsupported: {why}"),
         };
         let Some(ids) = self.rootless else {
+            let missing: Vec<String> = self
+                .not_enforced()
+                .into_iter()
+                .filter(|m| m != "pause")
+                .collect();
+            let limits = if missing.is_empty() {
+                limits
+            } else if self.allow_unenforced_limits {
+                format!(
+                    "{limits}; not enforced: {} ({UNENFORCED_LIMITS_ENV}=allow)",
+                    missing.join(", ")
+                )
+            } else {
+                format!(
+                    "{limits}; not enforced: {}, so creates are refused unless the server runs \
+                     with {UNENFORCED_LIMITS_ENV}=allow",
+                    missing.join(", ")
+                )
+            };
             return format!(
                 "mode: root; each sandbox is a process tree in user (its root is a block of 65536 \
                  unprivileged host ids of its own), mount, PID, network, UTS, IPC and cgroup \
@@ -1242,5 +1242,78 @@ impl Provider for NamespacesProvider {
                 .collect(),
             ids,
         ))
+    }
+}
+
+/// The refusal of a create whose limits are among `missing` (the names
+/// `not_enforced` gives), or `Ok` when none of its limits is.
+fn unenforced_refusal(missing: &[String], spec: &SpawnSpec, rootless: bool) -> Result<()> {
+    let mut asked = Vec::new();
+    if missing.iter().any(|m| m == "memory") {
+        asked.push(format!("memory_mb {}", spec.memory_mb));
+    }
+    if missing.iter().any(|m| m == "cpu") {
+        asked.push(format!("cpu {}", spec.cpu));
+    }
+    if missing.iter().any(|m| m == "pids") {
+        asked.push(format!("pids {PIDS_LIMIT}"));
+    }
+    if asked.is_empty() {
+        return Ok(());
+    }
+    let asked = asked.join(", ");
+    let why = if rootless {
+        format!(
+            "the namespaces provider runs rootless here and cannot enforce the sandbox's limits \
+             ({asked}): the server's user has no cgroups of its own. Run StacyVM as root, use"
+        )
+    } else {
+        format!(
+            "the namespaces provider cannot enforce the sandbox's limits ({asked}) on this host: \
+             its cgroup hierarchy lacks their controllers. Enable them, use"
+        )
+    };
+    Err(Error::Unsupported(format!(
+        "{why} another provider, or start the server with {UNENFORCED_LIMITS_ENV}=allow to run \
+         sandboxes without these limits"
+    )))
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn spec() -> SpawnSpec {
+        SpawnSpec {
+            sandbox_id: SandboxId::generate(),
+            image: "busybox".into(),
+            cpu: 0.5,
+            memory_mb: 128,
+            env: Default::default(),
+            workdir: None,
+            network: Default::default(),
+            labels: Default::default(),
+            mounts: Vec::new(),
+            egress_allow: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn limits_nothing_enforces_are_refused_in_both_modes() {
+        for rootless in [false, true] {
+            let missing = vec!["memory".to_owned(), "pause".to_owned()];
+            match unenforced_refusal(&missing, &spec(), rootless) {
+                Err(Error::Unsupported(m)) => {
+                    assert!(m.contains("memory_mb 128"), "{m}");
+                    assert!(!m.contains("cpu"), "{m}");
+                    assert!(m.contains(UNENFORCED_LIMITS_ENV), "{m}");
+                    assert_eq!(m.contains("rootless"), rootless, "{m}");
+                }
+                other => panic!("rootless {rootless}: {other:?}"),
+            }
+        }
+        // Pause alone is no limit of the create.
+        assert!(unenforced_refusal(&["pause".to_owned()], &spec(), false).is_ok());
+        assert!(unenforced_refusal(&[], &spec(), true).is_ok());
     }
 }
