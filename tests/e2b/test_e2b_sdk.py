@@ -163,6 +163,15 @@ def test_lifecycle_timeout_info_list_connect_and_kill(env: Env) -> None:
         while pages.has_next:
             paged.extend(s.sandbox_id for s in pages.next_items())
         assert sorted(paged) == sorted([sb.sandbox_id, other.sandbox_id])
+        # startedAfter is "at or after".
+        at = Sandbox.list(query=SandboxQuery(metadata={"run": tag, "role": "one"}, started_after=info.started_at))
+        assert [s.sandbox_id for s in at.next_items()] == [sb.sandbox_id]
+        # A filter the store cannot apply still fills the page: the first
+        # page of one holds the later sandbox, not an empty list.
+        second = other.get_info().started_at
+        assert second >= info.started_at
+        later_only = Sandbox.list(query=SandboxQuery(metadata={"run": tag}, started_after=second), limit=1)
+        assert [s.sandbox_id for s in later_only.next_items()] == [other.sandbox_id]
 
         again = Sandbox.connect(sb.sandbox_id)
         assert again.commands.run("echo connected").stdout == "connected\n"

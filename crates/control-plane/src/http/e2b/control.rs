@@ -543,28 +543,46 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
     Ok(f)
 }
 
+/// Store pages a listing reads at most to fill one answer: a filter the
+/// store cannot apply (template, start time) that matches little ends the
+/// answer short, with the token to read on.
+const LIST_SCANS: usize = 20;
+
 async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult<Response> {
-    let page = s
-        .app
-        .sandbox_list_in(who, f.states.clone(), f.labels, f.limit, f.cursor)
-        .await?;
-    let items: Vec<Value> = page
-        .items
-        .iter()
-        .filter(|r| f.states.contains(&r.state))
-        .filter(|r| {
-            f.template
+    let limit = crate::app::page_limit(f.limit)? as usize;
+    let keep = |r: &stacyvm_store::SandboxRecord| {
+        f.states.contains(&r.state)
+            && f.template
                 .as_ref()
                 .is_none_or(|t| r.template.as_deref().unwrap_or(&r.image) == t.as_str())
-        })
-        .filter(|r| {
-            f.started_after
-                .is_none_or(|t| r.started_at.unwrap_or(r.created_at) > t)
-        })
-        .map(|r| Value::Object(sandbox_detail(s, r)))
-        .collect();
+            // "Started at or after", as the SDK documents it.
+            && f.started_after
+                .is_none_or(|t| r.started_at.unwrap_or(r.created_at) >= t)
+    };
+    // Each read asks for exactly what the answer still lacks, so the
+    // store's cursor after it is where the next answer starts: nothing is
+    // skipped and nothing is given twice.
+    let mut items: Vec<Value> = Vec::new();
+    let mut cursor = f.cursor.clone();
+    for _ in 0..LIST_SCANS {
+        let need = u32::try_from(limit - items.len()).unwrap_or(u32::MAX);
+        let page = s
+            .app
+            .sandbox_list_in(who, f.states.clone(), f.labels.clone(), Some(need), cursor)
+            .await?;
+        items.extend(
+            page.items
+                .iter()
+                .filter(|r| keep(r))
+                .map(|r| Value::Object(sandbox_detail(s, r))),
+        );
+        cursor = page.next_cursor;
+        if items.len() >= limit || cursor.is_none() {
+            break;
+        }
+    }
     let mut resp = Json(Value::Array(items)).into_response();
-    if let Some(next) = page.next_cursor {
+    if let Some(next) = cursor {
         if let Ok(v) = HeaderValue::from_str(&next) {
             resp.headers_mut().insert("x-next-token", v);
         }
