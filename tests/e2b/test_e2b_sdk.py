@@ -71,6 +71,10 @@ def test_background_commands_wait_take_stdin_and_can_be_killed(sandbox: Sandbox)
         h.wait()
     assert h.pid not in [p.pid for p in sandbox.commands.list()]
     assert sandbox.commands.kill(h.pid) is False
+    # The pid names no process inside the sandbox (it is above any the
+    # kernel gives), so checking it there says it is gone.
+    gone = sandbox.commands.run(f"kill -0 {h.pid} 2>/dev/null && echo alive || echo gone")
+    assert gone.stdout == "gone\n"
 
 
 def test_stdin_streams_in_order(sandbox: Sandbox) -> None:

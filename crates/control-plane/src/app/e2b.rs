@@ -12,7 +12,8 @@
 //! (output, stdin, signals) until they exit. Each runs as a streaming exec
 //! through the sandbox's agent, admitted like any exec (role, rate, slots),
 //! owned by a task of this control plane rather than by the request that
-//! started it. Their pids are this table's numbers, not the kernel's.
+//! started it. Their pids are this table's numbers, not the kernel's, and
+//! start above any pid the kernel gives.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -159,6 +160,19 @@ struct Process {
     /// A terminal's keystrokes and window sizes (PTY processes only).
     pty: Mutex<Option<mpsc::Sender<PtyInput>>>,
     kill: CancellationToken,
+}
+
+/// The first pid of a sandbox's envd processes: above the kernel's largest
+/// (`PID_MAX_LIMIT`, 2^22 on 64-bit Linux), so a pid from this table never
+/// names a real process inside the sandbox (a `kill -0 PID` there fails
+/// once the command is gone, as it does on E2B).
+const FIRST_ENVD_PID: u32 = (1 << 22) + 1;
+
+/// The pid after `pid`, wrapping back to [`FIRST_ENVD_PID`].
+fn next_envd_pid(pid: u32) -> u32 {
+    pid.checked_add(1)
+        .filter(|p| *p >= FIRST_ENVD_PID)
+        .unwrap_or(FIRST_ENVD_PID)
 }
 
 #[derive(Default)]
@@ -424,9 +438,9 @@ impl App {
                     )));
                 }
             }
-            procs.next_pid = procs.next_pid.wrapping_add(1).max(1);
+            procs.next_pid = next_envd_pid(procs.next_pid);
             while procs.running.contains_key(&procs.next_pid) {
-                procs.next_pid = procs.next_pid.wrapping_add(1).max(1);
+                procs.next_pid = next_envd_pid(procs.next_pid);
             }
             procs.next_pid
         };
@@ -726,6 +740,13 @@ fn tokio_stream_of(rx: mpsc::Receiver<Bytes>) -> stacyvm_core::ByteStream {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn envd_pids_start_above_the_kernels_and_wrap_there() {
+        assert_eq!(next_envd_pid(0), FIRST_ENVD_PID);
+        assert_eq!(next_envd_pid(FIRST_ENVD_PID), FIRST_ENVD_PID + 1);
+        assert_eq!(next_envd_pid(u32::MAX), FIRST_ENVD_PID);
+    }
     use super::*;
 
     #[test]
