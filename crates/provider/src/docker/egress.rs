@@ -12,8 +12,6 @@
 //! and lets firewall rules name it.
 
 use std::collections::HashMap;
-use std::process::Stdio;
-use std::time::Duration;
 
 use bollard::models::{NetworkCreateRequest, NetworkInspect};
 use bollard::Docker;
@@ -40,7 +38,6 @@ const BRIDGE_NAME_OPTION: &str = "com.docker.network.bridge.name";
 /// Without it, bridged frames bypass IP filtering, and neither Docker's
 /// `enable_icc=false` rule nor StacyVM's own forward rule sees them.
 const BRIDGE_NETFILTER: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
-const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The rules StacyVM installs, applied as one nftables transaction that
 /// replaces the whole table, so applying them again (by any number of
@@ -346,53 +343,12 @@ fn check_bridge_netfilter() -> Result<()> {
     }
 }
 
-/// Where `nft` may live: the `PATH` of a service can lack the sbin
-/// directories.
-const NFT_CANDIDATES: [&str; 3] = ["nft", "/usr/sbin/nft", "/sbin/nft"];
-
 /// Applies [`nft_ruleset`]. Fails closed: without the rules no egress
 /// sandbox is started.
 pub(super) async fn install_firewall() -> Result<()> {
-    let script = nft_ruleset();
-    let mut last = String::from("nft was not found");
-    for nft in NFT_CANDIDATES {
-        let child = tokio::process::Command::new(nft)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                last = format!("running {nft}: {e}");
-                continue;
-            }
-        };
-        let run = async move {
-            use tokio::io::AsyncWriteExt;
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(script.as_bytes()).await?;
-            }
-            child.wait_with_output().await
-        };
-        return match tokio::time::timeout(NFT_TIMEOUT, run).await {
-            Ok(Ok(out)) if out.status.success() => Ok(()),
-            Ok(Ok(out)) => Err(firewall_error(&format!(
-                "{nft} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))),
-            Ok(Err(e)) => Err(firewall_error(&format!("running {nft}: {e}"))),
-            Err(_) => Err(firewall_error(&format!(
-                "{nft} did not finish within {} s",
-                NFT_TIMEOUT.as_secs()
-            ))),
-        };
-    }
-    Err(firewall_error(&last))
+    crate::sandboxing::nft::apply(&nft_ruleset(), None)
+        .await
+        .map_err(|why| firewall_error(&why))
 }
 
 fn firewall_error(why: &str) -> Error {

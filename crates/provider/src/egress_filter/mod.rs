@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,10 +40,6 @@ const RESOLVED_SET_SIZE: u32 = 4096;
 const MIN_ADDRESS_TTL: Duration = Duration::from_secs(60);
 /// ...and at most this long after the last answer that named them.
 const MAX_ADDRESS_TTL: Duration = Duration::from_secs(24 * 3600);
-const NFT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Where `nft` may live: the `PATH` of a service can lack the sbin
-/// directories.
-const NFT_CANDIDATES: [&str; 3] = ["nft", "/usr/sbin/nft", "/sbin/nft"];
 
 /// The resolver configuration a filtered sandbox gets as `/etc/resolv.conf`.
 pub fn resolv_conf() -> String {
@@ -169,56 +164,9 @@ impl NetNs {
 
     /// Applies an nftables script inside this namespace.
     pub async fn nft(&self, script: &str) -> Result<()> {
-        let mut last = String::from("nft was not found");
-        for nft in NFT_CANDIDATES {
-            let mut cmd = tokio::process::Command::new(nft);
-            cmd.args(["-f", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true);
-            let fd = self.0.as_raw_fd();
-            // SAFETY: between fork and exec the closure makes one system
-            // call (async-signal-safe) on a descriptor the child inherited.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let mut child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    last = format!("running {nft}: {e}");
-                    continue;
-                }
-            };
-            let script = script.to_owned();
-            let run = async move {
-                use tokio::io::AsyncWriteExt;
-                if let Some(mut stdin) = child.stdin.take() {
-                    stdin.write_all(script.as_bytes()).await?;
-                }
-                child.wait_with_output().await
-            };
-            return match tokio::time::timeout(NFT_TIMEOUT, run).await {
-                Ok(Ok(out)) if out.status.success() => Ok(()),
-                Ok(Ok(out)) => Err(nft_error(&format!(
-                    "{nft} failed ({}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))),
-                Ok(Err(e)) => Err(nft_error(&format!("running {nft}: {e}"))),
-                Err(_) => Err(nft_error(&format!(
-                    "{nft} did not finish within {} s",
-                    NFT_TIMEOUT.as_secs()
-                ))),
-            };
-        }
-        Err(nft_error(&last))
+        crate::sandboxing::nft::apply(script, Some(self.0.as_raw_fd()))
+            .await
+            .map_err(|why| nft_error(&why))
     }
 }
 

@@ -256,36 +256,15 @@ async fn prepare_host() -> Result<()> {
         .await
         .map_err(|e| Error::internal("taking the network lock", e))??;
     let result = async {
-        let mut child = tokio::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
+        crate::sandboxing::nft::apply(&nft_ruleset(), None)
+            .await
+            .map_err(|why| {
                 Error::ProviderUnavailable(format!(
-                    "cannot run nft (install Debian's nftables): {e}"
+                    "installing the guests' nftables rules failed (egress needs the `nft` tool, \
+                     Debian's nftables package, and a server running as root or with \
+                     CAP_NET_ADMIN): {why}"
                 ))
             })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            use tokio::io::AsyncWriteExt;
-            stdin
-                .write_all(nft_ruleset().as_bytes())
-                .await
-                .map_err(|e| Error::internal("writing the nftables rules", e))?;
-        }
-        let out = tokio::time::timeout(TOOL_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| Error::Internal("nft hung".into()))?
-            .map_err(|e| Error::internal("running nft", e))?;
-        if !out.status.success() {
-            return Err(Error::ProviderUnavailable(format!(
-                "installing the guests' nftables rules failed (egress needs a server running as \
-                 root or with CAP_NET_ADMIN): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
         if run("iptables", &["-S", "DOCKER-USER"]).await.is_ok() {
             for rule in DOCKER_USER_RULES {
                 let mut check = vec!["-C", "DOCKER-USER"];

@@ -13,6 +13,7 @@ pub mod cgroups;
 pub mod idmap;
 pub mod logs;
 pub mod mounts;
+pub mod nft;
 pub mod procs;
 pub mod rootfs;
 pub mod seccomp;
