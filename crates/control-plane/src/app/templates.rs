@@ -693,10 +693,13 @@ impl App {
         }
     }
 
-    /// Destroys every live sandbox of the build of `v` (found by its
-    /// label, so also one whose create was cut off half-way).
-    async fn template_build_sandboxes_destroy(&self, v: &TemplateVersion) -> Result<()> {
-        let sandboxes = self
+    /// The sandboxes of the build of `v`, found by their label (a build
+    /// makes one; a retried or cut-off create may leave another).
+    async fn template_build_sandboxes(
+        &self,
+        v: &TemplateVersion,
+    ) -> Result<Vec<stacyvm_store::SandboxRecord>> {
+        Ok(self
             .store
             .sandbox_list(&SandboxFilter {
                 tenant_id: Some(v.tenant_id.clone()),
@@ -709,8 +712,13 @@ impl App {
                 },
             })
             .await?
-            .items;
-        for s in sandboxes {
+            .items)
+    }
+
+    /// Destroys every live sandbox of the build of `v` (found by its
+    /// label, so also one whose create was cut off half-way).
+    async fn template_build_sandboxes_destroy(&self, v: &TemplateVersion) -> Result<()> {
+        for s in self.template_build_sandboxes(v).await? {
             if s.state == SandboxState::Destroyed {
                 continue;
             }
@@ -1032,20 +1040,7 @@ impl App {
         let stale_before = self.store.now().await? - BUILD_STALE;
         let mut ended = 0;
         for v in building {
-            let sandboxes = self
-                .store
-                .sandbox_list(&SandboxFilter {
-                    tenant_id: Some(v.tenant_id.clone()),
-                    state: None,
-                    any_state: Vec::new(),
-                    labels: vec![(BUILD_LABEL.to_owned(), v.id.to_string())],
-                    page: stacyvm_store::PageRequest {
-                        cursor: None,
-                        limit: 100,
-                    },
-                })
-                .await?
-                .items;
+            let sandboxes = self.template_build_sandboxes(&v).await?;
             let on_own_worker = sandboxes.iter().any(|s| {
                 !s.state.is_terminal()
                     && s.worker_id
