@@ -21,24 +21,12 @@ use stacyvm_provider::Provider;
 use tokio::io::AsyncWriteExt;
 
 use crate::support::AgentCalls;
-use crate::support::{agent_bin, leftovers, test_image_tar as busybox_tar};
+use crate::support::{
+    agent_bin, host_primary_ipv4, leftovers, run, test_image_tar as busybox_tar, HostListener,
+};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Runs a command and returns its stdout; fails with its stderr.
-fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 fn unique(tag: &str) -> String {
@@ -1118,43 +1106,6 @@ async fn list_returns_exactly_this_instances_sandboxes() -> Result<()> {
 
 // ---------------------------------------------------------------- egress
 
-/// A TCP server on every address of the host (`0.0.0.0`) that records the
-/// peer of each connection it accepts.
-struct HostListener {
-    port: u16,
-    peers: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl HostListener {
-    async fn start() -> Result<HostListener> {
-        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
-        let port = listener.local_addr()?.port();
-        let peers = Arc::new(Mutex::new(Vec::new()));
-        let seen = peers.clone();
-        let task = tokio::spawn(async move {
-            // Each connection is recorded and closed at once, which also
-            // ends the client's `nc`.
-            while let Ok((_conn, peer)) = listener.accept().await {
-                seen.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(peer.to_string());
-            }
-        });
-        Ok(HostListener { port, peers, task })
-    }
-
-    fn peers(&self) -> Vec<String> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl Drop for HostListener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Runs a command in the sandbox and returns its stdout, whatever its exit.
 async fn exec_stdout(p: &DockerProvider, id: &SandboxId, script: &str) -> Result<String> {
     let out = p.exec(id, exec_req(&["sh", "-c", script])).await?;
@@ -1259,24 +1210,6 @@ fn check_egress_network(network: &str, bridge: &str) -> Result<String> {
         "{network}: gateway {gateway:?}"
     );
     Ok(gateway)
-}
-
-/// The host's first global IPv4 address on an interface that is not a
-/// bridge or veth of containers: its address on the network it lives on.
-fn host_primary_ipv4() -> Result<String> {
-    let out = run("ip", &["-4", "-o", "addr", "show", "scope", "global"])?;
-    out.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((*f.get(1)?, f.get(3)?.split('/').next()?))
-        })
-        .find(|(dev, _)| {
-            !["docker", "br-", "svm-", "veth", "svt"]
-                .iter()
-                .any(|p| dev.starts_with(p))
-        })
-        .map(|(_, addr)| addr.to_owned())
-        .with_context(|| format!("no global IPv4 address outside container bridges: {out}"))
 }
 
 /// Whether `/proc/net/tcp` (or `tcp6`) text shows a socket listening on `port`.

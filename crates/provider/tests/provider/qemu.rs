@@ -21,7 +21,9 @@ use stacyvm_core::{Network, SandboxId};
 use stacyvm_provider::microvm::net::{self, GuestNet};
 use stacyvm_provider::DynProvider;
 
-use crate::support::{self, exec_req, leftovers, AgentCalls, Harness, TestEnv};
+use crate::support::{
+    self, exec_req, host_primary_ipv4, leftovers, run, AgentCalls, Harness, HostListener, TestEnv,
+};
 
 /// Host threads of a process (QEMU's vCPU and I/O threads).
 fn threads(pid: i32) -> anyhow::Result<usize> {
@@ -137,19 +139,6 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
     Ok(())
 }
 
-fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Another machine: a network namespace behind a veth pair, on an address
 /// of the benchmarking block 198.18.0.0/15, with a TCP listener in it that
 /// records each connection's peer and what it sent.
@@ -250,58 +239,6 @@ impl Drop for RemoteMachine {
         // Takes the veth pair with it.
         let _ = run("ip", &["netns", "del", &self.netns]);
     }
-}
-
-/// A TCP server on every address of the host (`0.0.0.0`) that records the
-/// peer of each connection it accepts.
-struct HostListener {
-    port: u16,
-    peers: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl HostListener {
-    async fn start() -> anyhow::Result<HostListener> {
-        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
-        let port = listener.local_addr()?.port();
-        let peers: Arc<Mutex<Vec<String>>> = Arc::default();
-        let seen = peers.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((_conn, peer)) = listener.accept().await {
-                seen.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(peer.to_string());
-            }
-        });
-        Ok(HostListener { port, peers, task })
-    }
-
-    fn peers(&self) -> Vec<String> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl Drop for HostListener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The host's first global IPv4 address outside container and guest links.
-fn host_primary_ipv4() -> anyhow::Result<String> {
-    let out = run("ip", &["-4", "-o", "addr", "show", "scope", "global"])?;
-    out.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some((*f.get(1)?, f.get(3)?.split('/').next()?))
-        })
-        .find(|(dev, _)| {
-            !["docker", "br-", "svm", "veth", "svt", "svq"]
-                .iter()
-                .any(|p| dev.starts_with(p))
-        })
-        .map(|(_, addr)| addr.to_owned())
-        .with_context(|| format!("no global IPv4 address outside container links: {out}"))
 }
 
 /// The guest's network as its sandbox directory records it.

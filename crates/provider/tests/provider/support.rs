@@ -377,3 +377,73 @@ impl<P: Provider + ?Sized> AgentCalls for P {
         self.agent(id).await
     }
 }
+
+/// Runs a command and returns its stdout; fails with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A TCP server on every address of the host (`0.0.0.0`) that records the
+/// peer of each connection it accepts.
+pub struct HostListener {
+    pub port: u16,
+    peers: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HostListener {
+    pub async fn start() -> anyhow::Result<HostListener> {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+        let port = listener.local_addr()?.port();
+        let peers: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let seen = peers.clone();
+        let task = tokio::spawn(async move {
+            // Each connection is recorded and closed at once, which also
+            // ends the client's `nc`.
+            while let Ok((_conn, peer)) = listener.accept().await {
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(peer.to_string());
+            }
+        });
+        Ok(HostListener { port, peers, task })
+    }
+
+    pub fn peers(&self) -> Vec<String> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for HostListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The host's first global IPv4 address on an interface that is not a
+/// bridge or veth of containers, guests or tests: its address on the
+/// network it lives on.
+pub fn host_primary_ipv4() -> anyhow::Result<String> {
+    let out = run("ip", &["-4", "-o", "addr", "show", "scope", "global"])?;
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, f.get(3)?.split('/').next()?))
+        })
+        .find(|(dev, _)| {
+            !["docker", "br-", "svm", "veth", "svt", "svq"]
+                .iter()
+                .any(|p| dev.starts_with(p))
+        })
+        .map(|(_, addr)| addr.to_owned())
+        .with_context(|| format!("no global IPv4 address outside container and guest links: {out}"))
+}
