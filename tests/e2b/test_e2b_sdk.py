@@ -473,3 +473,51 @@ def test_removing_a_missing_path_succeeds(sandbox: Sandbox) -> None:
     sandbox.files.remove("/home/user/gone.txt")
     sandbox.files.remove("/home/user/gone.txt")
     assert sandbox.files.exists("/home/user/gone.txt") is False
+
+
+def test_a_template_id_names_a_stacyvm_template_of_the_callers_tenant(env: Env) -> None:
+    import time
+
+    url = env.server.url
+    name = f"e2b-tpl-{uuid.uuid4().hex[:8]}"
+    own = {"Authorization": f"Bearer {env.a.key}"}
+    r = httpx.post(
+        url + "/v1/templates",
+        headers=own,
+        json={
+            "name": name,
+            "from": "e2b-base",
+            "steps": [{"write": {"path": "/etc/greeting", "content": "from the template\n"}}],
+            "env": {"GREETING": "hi"},
+        },
+        timeout=60,
+    )
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 300
+    while True:
+        t = httpx.get(url + f"/v1/templates/{name}", headers=own).json()
+        if t["state"] != "building" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert t["state"] == "ready", t
+    try:
+        info = httpx.get(url + f"/templates/{name}", headers={"X-API-KEY": env.a.key_e2b})
+        assert info.status_code == 200 and info.json()["templateID"] == name, info.text
+        sb = Sandbox.create(name)
+        try:
+            assert sb.files.read("/etc/greeting") == "from the template\n"
+            assert sb.commands.run("echo $GREETING").stdout == "hi\n"
+            # The sandbox names the version it runs on.
+            assert sb.get_info().template_id == f"{name}:1"
+            listed = Sandbox.list(query=SandboxQuery(template=name)).next_items()
+            assert sb.sandbox_id in [s.sandbox_id for s in listed]
+        finally:
+            sb.kill()
+        # Another tenant's template does not exist for tenant b.
+        other = httpx.get(url + f"/templates/{name}", headers={"X-API-KEY": env.b.key_e2b})
+        assert other.status_code == 404, other.text
+        with pytest.raises(SandboxException) as e:
+            Sandbox.create(name, api_key=env.b.key_e2b)
+        assert "not found" in str(e.value)
+    finally:
+        httpx.delete(url + f"/v1/templates/{name}", headers=own)

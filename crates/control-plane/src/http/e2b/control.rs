@@ -1,7 +1,8 @@
 //! E2B's control API: create, kill, timeout, list, info, connect/resume,
 //! pause, metrics and templates, onto the same app calls as `/v1`.
 //!
-//! E2B's `templateID` names an image of the catalog; `base` names the image
+//! E2B's `templateID` names a StacyVM template the caller sees, else an
+//! image of the catalog; `base` names the image
 //! the operator configured with `--e2b-default-template`. Metadata are the
 //! sandbox's labels. A create field StacyVM cannot honour is refused with
 //! `400` naming it, never dropped.
@@ -180,8 +181,16 @@ pub async fn sandbox_create(
         Some(_) => return Err(invalid("templateID must be a non-empty string")),
         None => return Err(invalid("templateID is required")),
     };
+    // `base` is the operator's default image; any other id is a StacyVM
+    // template the caller sees (newest ready version, or `name:version`),
+    // else a catalog image of that name.
+    let image = if template == BASE_TEMPLATE {
+        Some(template_image(&s, &template)?)
+    } else {
+        None
+    };
     let mut req = CreateSandbox {
-        image: Some(template_image(&s, &template)?),
+        image,
         template: Some(template.clone()),
         ..CreateSandbox::default()
     };
@@ -543,6 +552,16 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
     Ok(f)
 }
 
+/// Whether a sandbox that records `recorded` (an image, or a template's
+/// `name:version`) was made from template id `asked`.
+fn template_matches(recorded: &str, asked: &str) -> bool {
+    recorded == asked
+        || recorded
+            .strip_prefix(asked)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Store pages a listing reads at most to fill one answer: a filter the
 /// store cannot apply (template, start time) that matches little ends the
 /// answer short, with the token to read on.
@@ -554,7 +573,7 @@ async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult
         f.states.contains(&r.state)
             && f.template
                 .as_ref()
-                .is_none_or(|t| r.template.as_deref().unwrap_or(&r.image) == t.as_str())
+                .is_none_or(|t| template_matches(r.template.as_deref().unwrap_or(&r.image), t))
             // "Started at or after", as the SDK documents it.
             && f.started_after
                 .is_none_or(|t| r.started_at.unwrap_or(r.created_at) >= t)
@@ -610,19 +629,47 @@ pub async fn sandbox_list_v2(
     sandbox_list(&s, &who, f).await
 }
 
-/// `GET /templates/{id}`: a template exists when its image does.
+/// `GET /templates/{id}`: a StacyVM template the caller sees, else a
+/// catalog image it may use (`base`: the operator's default image).
 pub async fn template_get(
     State(s): State<AppState>,
-    Auth(_who): Auth,
+    Auth(who): Auth,
     Path(id): Path<String>,
 ) -> E2bResult<Json<Value>> {
-    let image = template_image(&s, &id)?;
-    let Some(info) = s.app.catalog_image(&image).await? else {
-        return Err(E2bError(Error::ImageNotFound(format!(
-            "template '{id}' not found: no image {image:?} in the image catalog"
-        ))));
-    };
     let limits = &s.app.config().limits;
+    if id != BASE_TEMPLATE {
+        if let Some(t) = s.app.template_resolve(&who, &id).await? {
+            let v = &t.version;
+            let cpu = t.defaults.cpu.unwrap_or(limits.default_cpu);
+            return Ok(Json(json!({
+                "templateID": id,
+                "buildID": v.id.to_string(),
+                "aliases": [v.name],
+                "names": [v.name],
+                "public": false,
+                "status": "ready",
+                "cpuCount": cpu.ceil().max(1.0) as i64,
+                "memoryMB": t.defaults.memory_mb.unwrap_or(limits.default_memory_mb),
+                "diskSizeMB": 0,
+                "envdVersion": ENVD_VERSION,
+                "createdAt": rfc3339(v.created_at),
+                "updatedAt": rfc3339(v.built_at.unwrap_or(v.created_at)),
+                "buildCount": v.version,
+                "spawnCount": 0,
+            })));
+        }
+    }
+    let image = template_image(&s, &id)?;
+    // Another tenant's snapshot is not found, as on `/v1/images`.
+    let info = match s.app.image_get(&who, &image).await {
+        Ok(info) => info,
+        Err(Error::NotFound(m)) => {
+            return Err(E2bError(Error::ImageNotFound(format!(
+                "template '{id}' not found: {m}"
+            ))))
+        }
+        Err(e) => return Err(E2bError(e)),
+    };
     Ok(Json(json!({
         "templateID": id,
         "buildID": info.digest,
