@@ -5,7 +5,8 @@
 #   - builds `stacyvm` and the static in-sandbox agent (release),
 #   - starts `stacyvm serve` (embedded SQLite in the data dir, the Docker provider; PRoot for
 #     the operator's own tenant only where Docker cannot run),
-#   - imports a `busybox` image (from Debian's busybox-static) into the image catalog,
+#   - imports a `busybox` image (from Debian's busybox-static) into the image catalog, and
+#     `e2b-base` (bash and /home/user, from Debian's packages) as E2B's `base` template,
 #   - prints the URL and where the admin key is, then keeps serving until Ctrl-C / SIGTERM.
 #
 #   scripts/setup.sh [--listen ADDR] [--data-dir DIR] [other `stacyvm serve` flags]
@@ -49,6 +50,16 @@ cp "$agent" "$bin_dir/stacyvm-agent"
 "$root_dir/scripts/build-guest.sh" >/dev/null || log "the microVM guest assets did not build; the qemu provider will report unhealthy"
 image_tar="$root_dir/target/test-images/busybox.tar"
 "$root_dir/scripts/build-test-image.sh" "$image_tar"
+# E2B's `base` template: bash and a home directory, from Debian's packages.
+# Without it (no package mirror reachable) StacyVM runs, and E2B's SDK
+# needs a template named at create.
+e2b_tar="$root_dir/target/test-images/e2b-base.tar"
+if "$root_dir/scripts/build-e2b-image.sh" "$e2b_tar" >/dev/null; then
+  export STACYVM_E2B_DEFAULT_TEMPLATE="${STACYVM_E2B_DEFAULT_TEMPLATE:-e2b-base}"
+else
+  log "the E2B base image did not build; E2B's \`base\` template stays unset"
+  e2b_tar=""
+fi
 
 mkdir -p -m 0700 "$data_dir"
 log "starting stacyvm serve on $listen (data dir $data_dir)"
@@ -67,6 +78,11 @@ if ! curl -fsS -H "Authorization: Bearer $key" "$url/v1/images/busybox" >/dev/nu
   curl -fsS -H "Authorization: Bearer $key" -X POST "$url/v1/images?name=busybox" \
     -H 'Content-Type: application/x-tar' --data-binary @"$image_tar" >/dev/null
   log "imported the busybox image into the catalog"
+fi
+if [ -n "$e2b_tar" ] && ! curl -fsS -H "Authorization: Bearer $key" "$url/v1/images/e2b-base" >/dev/null 2>&1; then
+  curl -fsS -H "Authorization: Bearer $key" -X POST "$url/v1/images?name=e2b-base" \
+    -H 'Content-Type: application/x-tar' --data-binary @"$e2b_tar" >/dev/null
+  log "imported the e2b-base image (E2B's \`base\` template) into the catalog"
 fi
 
 cat >&2 <<MSG
