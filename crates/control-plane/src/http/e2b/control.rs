@@ -569,14 +569,14 @@ const LIST_SCANS: usize = 20;
 
 async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult<Response> {
     let limit = crate::app::page_limit(f.limit)? as usize;
-    let keep = |r: &stacyvm_store::SandboxRecord| {
-        f.states.contains(&r.state)
+    // What the store cannot filter by: the state (listed by several), the
+    // template, and "started at or after", as the SDK documents it.
+    let keep = |state: &SandboxState, made_from: &str, started: OffsetDateTime| {
+        f.states.contains(state)
             && f.template
                 .as_ref()
-                .is_none_or(|t| template_matches(r.template.as_deref().unwrap_or(&r.image), t))
-            // "Started at or after", as the SDK documents it.
-            && f.started_after
-                .is_none_or(|t| r.started_at.unwrap_or(r.created_at) >= t)
+                .is_none_or(|t| template_matches(made_from, t))
+            && f.started_after.is_none_or(|t| started >= t)
     };
     // Each read asks for exactly what the answer still lacks, so the
     // store's cursor after it is where the next answer starts: nothing is
@@ -592,7 +592,13 @@ async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult
         items.extend(
             page.items
                 .iter()
-                .filter(|r| keep(r))
+                .filter(|r| {
+                    keep(
+                        &r.state,
+                        r.template.as_deref().unwrap_or(&r.image),
+                        r.started_at.unwrap_or(r.created_at),
+                    )
+                })
                 .map(|r| Value::Object(sandbox_detail(s, r))),
         );
         cursor = page.next_cursor;
