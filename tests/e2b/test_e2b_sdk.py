@@ -392,6 +392,8 @@ def test_control_api_answers_health_templates_and_refuses_what_it_cannot_honour(
     assert t.status_code == 200 and t.json()["status"] == "ready"
     missing = httpx.get(url + "/templates/no-such-template", headers={"X-API-KEY": env.a.key_e2b})
     assert missing.status_code == 404 and "not found" in missing.json()["message"]
+    unnamable = httpx.get(url + "/templates/Not%20A%20Name", headers={"X-API-KEY": env.a.key_e2b})
+    assert unnamable.status_code == 404 and "not found" in unnamable.json()["message"]
     with pytest.raises(SandboxException) as e:
         Sandbox.create("no-such-template")
     assert "not found" in str(e.value)

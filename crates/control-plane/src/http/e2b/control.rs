@@ -666,10 +666,11 @@ pub async fn template_get(
         }
     }
     let image = template_image(&s, &id)?;
-    // Another tenant's snapshot is not found, as on `/v1/images`.
+    // Another tenant's snapshot is not found, as on `/v1/images`; so is an
+    // id that cannot name an image.
     let info = match s.app.image_get(&who, &image).await {
         Ok(info) => info,
-        Err(Error::NotFound(m)) => {
+        Err(Error::NotFound(m) | Error::InvalidRequest(m)) => {
             return Err(E2bError(Error::ImageNotFound(format!(
                 "template '{id}' not found: {m}"
             ))))
