@@ -80,13 +80,39 @@ pub enum ClientCommand {
 }
 
 /// Lets a closed stdout (`stacyvm … | head`) end the process quietly, as
-/// it does other Unix tools, instead of failing a write. Only for client
-/// commands: the server keeps ignoring SIGPIPE.
+/// it does other Unix tools, instead of failing a write. Only a broken
+/// stdout does: a SIGPIPE raised by a socket (a server that refuses an
+/// upload and closes the connection while the body is still being sent)
+/// leaves the write failing with EPIPE, so the server's answer is still
+/// read and reported. Only for client commands: the server keeps
+/// ignoring SIGPIPE.
 pub fn default_sigpipe() {
-    // SAFETY: restoring the default disposition of a signal has no
-    // preconditions; no handler of ours is replaced.
+    extern "C" fn on_sigpipe(_: libc::c_int) {
+        // SAFETY: only async-signal-safe calls (poll, signal, raise), on
+        // a stack pollfd; errno is restored for the interrupted code.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let mut out = libc::pollfd {
+                fd: libc::STDOUT_FILENO,
+                events: 0,
+                revents: 0,
+            };
+            if libc::poll(&mut out, 1, 0) > 0 && out.revents & libc::POLLERR != 0 {
+                // Delivered, with the default action, once this handler
+                // returns and unblocks it.
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            *libc::__errno_location() = errno;
+        }
+    }
+    // SAFETY: the handler above is async-signal-safe; no handler of ours
+    // is replaced.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(
+            libc::SIGPIPE,
+            on_sigpipe as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
     }
 }
 

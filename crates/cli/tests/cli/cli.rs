@@ -650,7 +650,12 @@ async fn operator_commands_manage_tenants_keys_quotas_and_report() -> Result<()>
         "{}",
         stderr_of(&out)
     );
-    let out = member(&["image", "import", "x", "/etc/hostname"])?;
+    // A refusal that arrives while the upload is still being sent is
+    // reported, not a silent death of the CLI by SIGPIPE.
+    let big = TempPath::new("svm-import-refused");
+    std::fs::write(&big.0, vec![0u8; 32 << 20])?;
+    let out = member(&["image", "import", "x", &big.0.to_string_lossy()])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     assert!(stderr_of(&out).contains("forbidden"), "{}", stderr_of(&out));
 
     // `--e2b` prints the key's E2B spelling alone; it is the same key,

@@ -7,9 +7,8 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::StreamExt;
 use serde::Deserialize;
-use stacyvm_core::{ByteStream, Error};
+use stacyvm_core::Error;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{Auth, JsonBody, Path, Q};
@@ -39,28 +38,25 @@ pub async fn image_import(
     Q(q): Q<ImportQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    who.require_admin()?;
-    let name = q.name.ok_or_else(|| {
-        ApiError(Error::InvalidRequest(
-            "the name query parameter is required".into(),
-        ))
-    })?;
-    let limit = s.app.config().limits.upload_bytes;
-    let mut seen = 0u64;
-    let stream: ByteStream = Box::pin(body.into_data_stream().map(move |c| match c {
-        Ok(b) => {
-            seen += b.len() as u64;
-            if seen > limit {
-                Err(std::io::Error::other(format!(
-                    "image is over the {limit}-byte upload limit"
-                )))
-            } else {
-                Ok(b)
-            }
+    // Refusals drain what the client is still sending, so that it reads
+    // the answer instead of a reset connection.
+    let checked = who.require_admin().map_err(ApiError).and_then(|()| {
+        q.name.ok_or_else(|| {
+            ApiError(Error::InvalidRequest(
+                "the name query parameter is required".into(),
+            ))
+        })
+    });
+    let name = match checked {
+        Ok(name) => name,
+        Err(e) => {
+            super::files::drain_refused(body.into_data_stream()).await;
+            return Err(e);
         }
-        Err(e) => Err(std::io::Error::other(e)),
-    }));
-    let info = s.app.image_import(&who, &name, stream).await?;
+    };
+    let info =
+        super::files::limited_upload(&s, body, |stream| s.app.image_import(&who, &name, stream))
+            .await?;
     let resp = (StatusCode::CREATED, Json(views::image(&info))).into_response();
     Ok(note(
         resp,
