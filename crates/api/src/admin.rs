@@ -69,6 +69,11 @@ pub struct Quota {
     /// MiB of all the tenant's volumes together (their sizes, not what is written).
     #[serde(default)]
     pub max_volume_mb: Option<i64>,
+    /// Named templates the tenant may keep; every version of one name is one
+    /// template, and a deleted template no longer counts. Template images
+    /// count against `max_volume_mb`.
+    #[serde(default)]
+    pub max_templates: Option<i64>,
 }
 
 /// A tenant and the quota in force for it.

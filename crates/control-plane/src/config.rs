@@ -308,7 +308,8 @@ pub const RESTRICTED_PROVIDERS: [&str; 1] = ["proot"];
 /// What a new tenant may use unless the operator says otherwise: 10 live
 /// sandboxes, 8 CPUs, 16 GiB, a day per sandbox, 600 execs a minute and 100
 /// at once, 10 volumes holding 10 GiB in all (volume space is real disk,
-/// allocated at create).
+/// allocated at create; snapshot and template images count against it too)
+/// and 20 templates.
 pub fn default_tenant_quota() -> stacyvm_store::Quota {
     stacyvm_store::Quota {
         max_sandboxes: Some(10),
@@ -320,6 +321,7 @@ pub fn default_tenant_quota() -> stacyvm_store::Quota {
         max_concurrent_execs: Some(100),
         max_volumes: Some(10),
         max_volume_mb: Some(10 * 1024),
+        max_templates: Some(20),
     }
 }
 

@@ -80,7 +80,7 @@ macro_rules! quota_of_tenant {
     () => {
         "SELECT q.max_sandboxes, q.max_cpu, q.max_memory_mb, q.max_timeout_s, \
          q.max_exec_per_minute, q.allowed_providers, q.max_concurrent_execs, \
-         q.max_volumes, q.max_volume_mb \
+         q.max_volumes, q.max_volume_mb, q.max_templates \
          FROM tenants t LEFT JOIN quotas q ON q.tenant_id = t.id WHERE t.id = $1"
     };
 }
@@ -310,6 +310,7 @@ pub(crate) fn quota_from_row(row: &impl RowGet) -> Result<Quota> {
         max_concurrent_execs: row.opt_int("max_concurrent_execs")?,
         max_volumes: row.opt_int("max_volumes")?,
         max_volume_mb: row.opt_int("max_volume_mb")?,
+        max_templates: row.opt_int("max_templates")?,
     })
 }
 
@@ -769,6 +770,15 @@ macro_rules! schema {
                     version: 6,
                     name: "templates",
                     sql: include_str!(concat!("../migrations/", $dialect, "/0006_templates.sql")),
+                },
+                Migration {
+                    version: 7,
+                    name: "max_templates quota",
+                    sql: include_str!(concat!(
+                        "../migrations/",
+                        $dialect,
+                        "/0007_max_templates.sql"
+                    )),
                 },
             ],
         }

@@ -72,6 +72,9 @@ pub struct Quota {
     /// MiB of all the tenant's volumes together.
     #[serde(default)]
     pub max_volume_mb: Option<i64>,
+    /// Named templates the tenant may keep (all versions of a name are one).
+    #[serde(default)]
+    pub max_templates: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

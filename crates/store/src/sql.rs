@@ -413,8 +413,8 @@ impl<B: Backend> Store for SqlStore<B> {
         let result = sqlx::query(
             "INSERT INTO quotas (tenant_id, max_sandboxes, max_cpu, max_memory_mb, max_timeout_s,
                                  max_exec_per_minute, allowed_providers, max_concurrent_execs,
-                                 max_volumes, max_volume_mb)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                 max_volumes, max_volume_mb, max_templates)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (tenant_id) DO UPDATE SET
                 max_sandboxes = excluded.max_sandboxes,
                 max_cpu = excluded.max_cpu,
@@ -424,7 +424,8 @@ impl<B: Backend> Store for SqlStore<B> {
                 allowed_providers = excluded.allowed_providers,
                 max_concurrent_execs = excluded.max_concurrent_execs,
                 max_volumes = excluded.max_volumes,
-                max_volume_mb = excluded.max_volume_mb",
+                max_volume_mb = excluded.max_volume_mb,
+                max_templates = excluded.max_templates",
         )
         .arg(tenant.as_str())
         .arg(quota.max_sandboxes)
@@ -436,6 +437,7 @@ impl<B: Backend> Store for SqlStore<B> {
         .arg(quota.max_concurrent_execs)
         .arg(quota.max_volumes)
         .arg(quota.max_volume_mb)
+        .arg(quota.max_templates)
         .execute(self.pool())
         .await;
         match result {
@@ -1308,14 +1310,36 @@ impl<B: Backend> Store for SqlStore<B> {
     async fn template_version_create(&self, v: &TemplateVersion) -> Result<TemplateVersion> {
         let mut tx = self.begin_write().await?;
         // Read as sandbox creates read it: one tenant's concurrent builds
-        // take turns, so two never get the same number.
-        let tenant = sqlx::query(B::QUOTA_FOR_CREATE)
+        // take turns, so two never get the same number and two new names
+        // cannot both take the last free template.
+        let quota_row = sqlx::query(B::QUOTA_FOR_CREATE)
             .arg(v.tenant_id.as_str())
             .fetch_optional(tx.on())
             .await
             .map_err(|e| db_error::<B>("reading the tenant", e))?;
-        if tenant.is_none() {
+        let Some(quota_row) = quota_row else {
             return Err(tenant_not_found(&v.tenant_id));
+        };
+        if let Some(max) = quota_from_row(&quota_row)?.max_templates {
+            // A new version of a template the tenant keeps is no new
+            // template; a deleted one no longer counts.
+            let usage = sqlx::query(
+                "SELECT COUNT(DISTINCT CASE WHEN name <> $2 THEN name END) AS others,
+                        COUNT(CASE WHEN name = $2 THEN 1 END) AS kept
+                 FROM template_versions WHERE tenant_id = $1 AND deleted_at IS NULL",
+            )
+            .arg(v.tenant_id.as_str())
+            .arg(v.name.as_str())
+            .fetch_one(tx.on())
+            .await
+            .map_err(|e| db_error::<B>("counting the tenant's templates", e))?;
+            let (names, kept) = (usage.int("others")?, usage.int("kept")?);
+            if kept == 0 && names + 1 > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "quota exceeded: max_templates is {max} and the tenant has {names} \
+                     templates; delete one or build a new version of an existing one"
+                )));
+            }
         }
         let version = sqlx::query(
             "INSERT INTO template_names (tenant_id, name, last_version) VALUES ($1, $2, 1)

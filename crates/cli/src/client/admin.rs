@@ -114,6 +114,9 @@ enum QuotaCmd {
         max_volumes: Option<String>,
         #[arg(long)]
         max_volume_mb: Option<String>,
+        /// Named templates the tenant may keep (a number or `unlimited`).
+        #[arg(long)]
+        max_templates: Option<String>,
         /// Comma-separated providers the tenant may use (e.g. docker,proot),
         /// or `default` for the server's default set.
         #[arg(long)]
@@ -387,6 +390,7 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
             allowed_providers,
             max_volumes,
             max_volume_mb,
+            max_templates,
         } => {
             let cur = client.quota_get(&tenant).await?;
             let q = Quota {
@@ -406,6 +410,7 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
                 ),
                 max_volumes: limit("max-volumes", max_volumes, cur.max_volumes),
                 max_volume_mb: limit("max-volume-mb", max_volume_mb, cur.max_volume_mb),
+                max_templates: limit("max-templates", max_templates, cur.max_templates),
                 allowed_providers: match allowed_providers.as_deref() {
                     None => cur.allowed_providers,
                     Some("default") => None,
@@ -433,6 +438,7 @@ pub async fn quota(a: QuotaArgs) -> Result<ExitCode> {
             ("max_concurrent_execs", quota_cell(q.max_concurrent_execs)),
             ("max_volumes", quota_cell(q.max_volumes)),
             ("max_volume_mb", quota_cell(q.max_volume_mb)),
+            ("max_templates", quota_cell(q.max_templates)),
             (
                 "allowed_providers",
                 match &q.allowed_providers {

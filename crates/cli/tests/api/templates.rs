@@ -582,3 +582,110 @@ async fn build_cut_off_by_kill_9(store: StoreKind) -> Result<()> {
         .ok(204)?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quotas_bound_templates_and_their_images_and_refuse_before_a_build_starts() -> Result<()> {
+    let server = docker_server(StoreKind::Sqlite)?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (tenant, member) = admin.tenant_with("member").await?;
+    let quota = |templates: i64, mb: Option<i64>| json!({"allowed_providers": ["docker"], "max_templates": templates, "max_volume_mb": mb});
+    let q = admin
+        .put(&format!("/v1/tenants/{tenant}/quota"), quota(1, None))
+        .await?
+        .ok(200)?;
+    ensure!(q["max_templates"] == 1, "{q}");
+    let body = |name: &str| {
+        json!({"name": name, "from": "busybox",
+            "steps": [{"write": {"path": "/which", "content": name}}]})
+    };
+    let first = unique("first");
+    member.post("/v1/templates", body(&first)).await?.ok(202)?;
+    ensure!(built(&member, &first, 1).await?["state"] == "ready");
+    // A new version of the template it keeps is no new template.
+    member.post("/v1/templates", body(&first)).await?.ok(202)?;
+    ensure!(built(&member, &first, 2).await?["state"] == "ready");
+
+    // A second template is refused before any sandbox starts.
+    let count = || async {
+        let page = member.get("/v1/sandboxes?limit=1000").await?.ok(200)?;
+        anyhow::Ok(page["sandboxes"].as_array().map_or(0, Vec::len))
+    };
+    let before = count().await?;
+    let second = unique("second");
+    let e = member
+        .post("/v1/templates", body(&second))
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(e.message.contains("max_templates is 1"), "{}", e.message);
+    ensure!(build_sandboxes(&admin).await?.is_empty());
+    ensure!(
+        count().await? == before,
+        "a refused build started a sandbox"
+    );
+    member
+        .get(&format!("/v1/templates/{second}"))
+        .await?
+        .err(404, "not_found")?;
+    let denied = admin.audit("action=template.build&outcome=denied").await?;
+    ensure!(
+        denied.iter().any(|e| e["status"] == 429
+            && e["target"] == second.as_str()
+            && e["tenant_id"] == tenant.as_str()
+            && e["detail"]["error"] == "quota_exceeded"),
+        "the refusal is audited by name: {denied:?}"
+    );
+
+    // Deleting the template frees its slot.
+    member
+        .delete(&format!("/v1/templates/{first}"))
+        .await?
+        .ok(204)?;
+    member.post("/v1/templates", body(&second)).await?.ok(202)?;
+    ensure!(built(&member, &second, 1).await?["state"] == "ready");
+
+    // Template images are the tenant's snapshot images: with them filling
+    // max_volume_mb, a build is refused before it starts.
+    admin
+        .put(&format!("/v1/tenants/{tenant}/quota"), quota(5, Some(1)))
+        .await?
+        .ok(200)?;
+    let e = member
+        .post("/v1/templates", body(&second))
+        .await?
+        .err(429, "quota_exceeded")?;
+    ensure!(
+        e.message.contains("max_volume_mb") && e.message.contains("template"),
+        "{}",
+        e.message
+    );
+    ensure!(build_sandboxes(&admin).await?.is_empty());
+    member
+        .delete(&format!("/v1/templates/{second}"))
+        .await?
+        .ok(204)?;
+    // Once its image is gone the space is free again: a build starts, and
+    // its own busybox image (over a MiB) is what the snapshot refuses.
+    let tiny = unique("tiny");
+    member.post("/v1/templates", body(&tiny)).await?.ok(202)?;
+    let t = built(&member, &tiny, 1).await?;
+    ensure!(
+        t["state"] == "failed"
+            && t["failure"]
+                .as_str()
+                .is_some_and(|f| f.contains("max_volume_mb")),
+        "{t}"
+    );
+    let images = admin.get("/v1/images").await?.ok(200)?;
+    ensure!(
+        !images["images"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|i| i["name"].as_str().is_some_and(|n| n.contains(&tiny)))),
+        "a build over max_volume_mb left its image: {images}"
+    );
+    member
+        .delete(&format!("/v1/templates/{tiny}"))
+        .await?
+        .ok(204)?;
+    Ok(())
+}

@@ -616,6 +616,13 @@ async fn operator_commands_manage_tenants_keys_quotas_and_report() -> Result<()>
     assert!(server
         .ok(&["quota", "get", &tid])?
         .contains("max_sandboxes"));
+    let q = server.json(&["quota", "set", &tid, "--max-templates", "3"])?;
+    assert_eq!(q["max_templates"].as_i64(), Some(3));
+    assert!(server
+        .ok(&["quota", "get", &tid])?
+        .contains("max_templates"));
+    let q = server.json(&["quota", "set", &tid, "--max-templates", "unlimited"])?;
+    assert!(q["max_templates"].is_null(), "{q}");
     assert_eq!(
         run(server
             .cli()

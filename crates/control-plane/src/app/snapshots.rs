@@ -80,8 +80,8 @@ impl App {
     }
 
     /// The MiB a tenant keeps on the server's disk: its volumes' sizes and
-    /// its snapshot images' tars (rounded up), which `max_volume_mb` bounds
-    /// together.
+    /// its snapshot images' tars (rounded up; template versions are snapshot
+    /// images it owns too), which `max_volume_mb` bounds together.
     pub(super) async fn storage_mb(&self, tenant: &TenantId) -> Result<(i64, i64)> {
         let volumes = self
             .store
@@ -121,7 +121,7 @@ impl App {
             };
             return Err(Error::QuotaExceeded(format!(
                 "quota exceeded: max_volume_mb is {max}; the tenant's volumes hold {volumes} MiB \
-                 and its snapshot images {images} MiB{room}"
+                 and its snapshot images (template versions included) {images} MiB{room}"
             )));
         }
         Ok(())

@@ -532,6 +532,11 @@ impl App {
         if timeout_s < 1 || timeout_s > max {
             return Err(invalid(format!("timeout_s must be between 1 and {max}")));
         }
+        // Its image will take space the tenant may not have: a tenant at its
+        // storage limit is refused before a sandbox starts (the snapshot
+        // checks again once the image's size is known). `max_templates` is
+        // checked where the version is numbered, in one transaction.
+        self.storage_check(&who.tenant_id, 1).await?;
         // The base: a visible template first, then an image the caller may run.
         let parent = self.template_resolve(who, &req.from).await?;
         if parent.is_none() {

@@ -93,6 +93,7 @@ impl App {
             quota.max_concurrent_execs,
             quota.max_volumes,
             quota.max_volume_mb,
+            quota.max_templates,
         ]
         .iter()
         .flatten()

@@ -135,6 +135,7 @@ pub fn quota(q: &Quota) -> api::Quota {
         max_concurrent_execs: q.max_concurrent_execs,
         max_volumes: q.max_volumes,
         max_volume_mb: q.max_volume_mb,
+        max_templates: q.max_templates,
     }
 }
 
@@ -149,6 +150,7 @@ pub fn quota_from(q: api::Quota) -> Quota {
         max_concurrent_execs: q.max_concurrent_execs,
         max_volumes: q.max_volumes,
         max_volume_mb: q.max_volume_mb,
+        max_templates: q.max_templates,
     }
 }
 

@@ -12,7 +12,7 @@ use futures_util::{stream, StreamExt};
 use serde::Deserialize;
 use stacyvm_api as api;
 
-use super::error::ApiResult;
+use super::error::{error_response, ApiResult};
 use super::extract::{Auth, JsonBody, Path, Q};
 use super::{note, AppState};
 use crate::app::templates::view;
@@ -39,13 +39,25 @@ pub struct VersionQuery {
     request_body = api::CreateTemplate,
     responses((status = 202, body = api::Template, description = "the version, building"),
         (status = 400, body = super::error::ErrorBody),
-        (status = 422, body = super::error::ErrorBody)))]
+        (status = 422, body = super::error::ErrorBody),
+        (status = 429, body = super::error::ErrorBody,
+            description = "`quota_exceeded`: a new template over `max_templates`, or a tenant whose \
+            volumes and images already fill `max_volume_mb`")))]
 pub async fn template_build(
     State(s): State<AppState>,
     Auth(who): Auth,
     JsonBody(body): JsonBody<api::CreateTemplate>,
 ) -> ApiResult<Response> {
-    let v = s.app.template_build(&who, body).await?;
+    let name = body.name.clone();
+    let v = match s.app.template_build(&who, body).await {
+        Ok(v) => v,
+        // The audit event of a refused build names the template and why
+        // (a quota, an unknown base), not only the status.
+        Err(e) => {
+            let detail = serde_json::json!({"error": e.code()});
+            return Ok(note(error_response(&e), Some(name), detail));
+        }
+    };
     let view = view(&v);
     let detail = serde_json::json!({"version": view.version, "from": view.from});
     Ok(note(

@@ -94,4 +94,5 @@ conformance! {
     templates::template_versions_are_numbered_per_tenant_and_name,
     templates::build_logs_and_finishing_only_while_building,
     templates::deleted_templates_keep_their_numbers_until_purged,
+    templates::max_templates_counts_names_not_versions,
 }

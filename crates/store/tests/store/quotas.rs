@@ -28,6 +28,7 @@ pub async fn quota_defaults_set_and_replace(db: &TestDb) -> anyhow::Result<()> {
         max_concurrent_execs: Some(100),
         max_volumes: Some(3),
         max_volume_mb: Some(4096),
+        max_templates: Some(5),
     };
     store.quota_set(&t, &full).await?;
     assert_eq!(store.quota_get(&t).await?, full);

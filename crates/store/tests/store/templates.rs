@@ -165,3 +165,47 @@ pub async fn deleted_templates_keep_their_numbers_until_purged(db: &TestDb) -> a
     assert_eq!(v4.version, 4);
     Ok(())
 }
+
+pub async fn max_templates_counts_names_not_versions(db: &TestDb) -> anyhow::Result<()> {
+    let store = &db.store;
+    let t = fixtures::new_tenant(store, "t").await?;
+    let other = fixtures::new_tenant(store, "other").await?;
+    store
+        .quota_set(
+            &t,
+            &stacyvm_store::Quota {
+                max_templates: Some(2),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(store.quota_get(&t).await?.max_templates, Some(2));
+    store.template_version_create(&building(&t, "a")).await?;
+    store.template_version_create(&building(&t, "b")).await?;
+    // More versions of a kept template are no new template.
+    let b2 = store.template_version_create(&building(&t, "b")).await?;
+    assert_eq!(b2.version, 2);
+    match store.template_version_create(&building(&t, "c")).await {
+        Err(Error::QuotaExceeded(m)) => assert!(m.contains("max_templates is 2"), "{m}"),
+        other => anyhow::bail!("a third template over max_templates 2: {other:?}"),
+    }
+    // The refusal took no version number, and another tenant is not bound.
+    store
+        .template_version_create(&building(&other, "c"))
+        .await?;
+    store
+        .template_version_create(&building(&other, "d"))
+        .await?;
+    store
+        .template_version_create(&building(&other, "e"))
+        .await?;
+    // A deleted template frees its slot at once, before its rows are purged.
+    store.template_delete(&t, "a", fixtures::at(9)).await?;
+    let c = store.template_version_create(&building(&t, "c")).await?;
+    assert_eq!(c.version, 1);
+    match store.template_version_create(&building(&t, "a")).await {
+        Err(Error::QuotaExceeded(_)) => {}
+        other => anyhow::bail!("a deleted name built again over the quota: {other:?}"),
+    }
+    Ok(())
+}

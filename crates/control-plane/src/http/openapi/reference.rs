@@ -263,7 +263,8 @@ fn body_examples() -> Map<String, Value> {
         "mode": "0644", "mtime": "2026-12-04T15:01:00Z", "symlink_target": null});
     let quota = json!({"max_sandboxes": 20, "max_cpu": 16.0, "max_memory_mb": 32768,
         "max_timeout_s": 86400, "max_exec_per_minute": 600, "max_concurrent_execs": null,
-        "allowed_providers": null, "max_volumes": 10, "max_volume_mb": 10240});
+        "allowed_providers": null, "max_volumes": 10, "max_volume_mb": 10240,
+        "max_templates": 20});
     let provider = json!({"name": "docker", "healthy": true, "detail": "docker 26.1.5"});
     let provider_b = provider.clone();
     let lease = json!({"sandbox_id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "provider": "docker",
