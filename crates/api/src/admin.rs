@@ -277,6 +277,11 @@ pub struct PoolStatus {
     pub size: usize,
     pub ready: usize,
     pub filling: usize,
+    /// For a template's pool (`image` `template/NAME`): the version its
+    /// members run, `NAME:VERSION`; null while the template has no ready
+    /// version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// The answer of `GET /v1/status`. Admin keys see the whole deployment;

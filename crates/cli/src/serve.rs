@@ -147,6 +147,9 @@ pub struct ServeArgs {
     proxy_domain: Option<String>,
     /// Keep N idle sandboxes of IMAGE on PROVIDER ready to claim:
     /// `--warm-pool docker:busybox=4` (repeatable, or comma-separated).
+    /// `docker:template/NAME=4` keeps sandboxes of the operator's template
+    /// NAME (newest ready version, started and ready), and
+    /// `docker:template/TENANT/NAME=4` of a tenant's own template.
     #[arg(long = "warm-pool", env = "STACYVM_WARM_POOLS", value_delimiter = ',')]
     warm_pools: Vec<String>,
     /// Let Docker sandboxes created with `network: egress` open connections

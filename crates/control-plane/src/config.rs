@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use stacyvm_core::{Error, Result};
+use stacyvm_core::{Error, Result, TenantId};
 
 /// Everything the control plane and its local worker need to start.
 #[derive(Clone, Debug)]
@@ -357,6 +357,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn warm_pools_name_an_image_or_a_template() {
+        let p = PoolSpec::parse("docker:busybox=4").expect("an image pool");
+        assert_eq!(
+            (p.image.as_str(), p.size, p.template()),
+            ("busybox", 4, None)
+        );
+        let t = PoolSpec::parse("docker:template/py=2").expect("a template pool");
+        assert_eq!(t.template(), Some((None, "py")));
+        let tenant = TenantId::generate();
+        let own = PoolSpec::parse(&format!("docker:template/{tenant}/py=1")).expect("a tenant's");
+        assert_eq!(own.template(), Some((Some(tenant), "py")));
+        for bad in [
+            "docker:template/py:3=2",
+            "docker:template/Py=2",
+            "docker:template/not-a-tenant/py=2",
+            "docker:template/=2",
+        ] {
+            assert!(PoolSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn image_patterns_match_plain_references_only() {
         let p = |t: &str| ImagePattern::parse(t).expect("a valid pattern");
         let py = p("python:3.12*");
@@ -419,7 +441,10 @@ mod tests {
     }
 }
 
-/// One pool: `size` idle sandboxes of `image` on `provider`.
+/// One pool: `size` idle sandboxes of `image` on `provider`. An image of
+/// `template/NAME` names the operator's template NAME (the public catalog),
+/// `template/TENANT/NAME` a tenant's own: the pool holds sandboxes of its
+/// newest ready version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolSpec {
     pub provider: String,
@@ -441,10 +466,29 @@ impl PoolSpec {
         if provider.is_empty() || image.is_empty() || size > 1024 {
             return Err(bad());
         }
-        Ok(PoolSpec {
+        let spec = PoolSpec {
             provider: provider.to_owned(),
             image: image.to_owned(),
             size,
-        })
+        };
+        if image.starts_with("template/") && spec.template().is_none() {
+            return Err(Error::InvalidRequest(format!(
+                "warm pool {s:?}: a template's pool is PROVIDER:template/NAME=N (the operator's \
+                 template) or PROVIDER:template/TENANT/NAME=N, with a template name of a-z, 0-9, \
+                 '.', '_', '-' and no version (the pool follows the newest ready one)"
+            )));
+        }
+        Ok(spec)
+    }
+
+    /// For a template's pool: the tenant whose template it is (`None`: the
+    /// operator's) and the template's name.
+    pub fn template(&self) -> Option<(Option<TenantId>, &str)> {
+        let rest = self.image.strip_prefix("template/")?;
+        let (tenant, name) = match rest.split_once('/') {
+            Some((t, n)) => (Some(TenantId::parse(t)?), n),
+            None => (None, rest),
+        };
+        crate::app::templates::is_template_name(name).then_some((tenant, name))
     }
 }

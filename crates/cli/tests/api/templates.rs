@@ -689,3 +689,200 @@ async fn quotas_bound_templates_and_their_images_and_refuse_before_a_build_start
         .ok(204)?;
     Ok(())
 }
+
+/// The pool of `image` in `/v1/status`.
+async fn pool_of(admin: &Api, image: &str) -> Result<Value> {
+    let st = admin.get("/v1/status").await?.ok(200)?;
+    st["pools"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["image"] == image).cloned())
+        .ok_or_else(|| anyhow::anyhow!("no pool of {image} in {st}"))
+}
+
+/// How many creates the pool of `image` has served (its claims counter).
+async fn pool_claims(admin: &Api, image: &str) -> Result<u64> {
+    let text = admin.get("/metrics").await?.text();
+    let wanted = format!("image=\"{image}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("stacyvm_pool_claims_total{") && l.contains(&wanted))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// The server's containers on the host that no sandbox row accounts for:
+/// its warm-pool members.
+async fn pool_containers(server: &Server, admin: &Api) -> Result<Vec<String>> {
+    let instance = server
+        .instance_id()
+        .ok_or_else(|| anyhow::anyhow!("the server wrote no instance.id"))?;
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=dev.stacyvm.instance={instance}"),
+            "--format",
+            "{{.Label \"dev.stacyvm.sandbox\"}}",
+        ])
+        .output()?;
+    ensure!(out.status.success(), "docker ps: {out:?}");
+    let page = admin.get("/v1/sandboxes?limit=1000").await?.ok(200)?;
+    let rows: Vec<String> = page["sandboxes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(id_of)
+        .collect();
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|id| !rows.iter().any(|r| r == id))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Waits until the pool of `image` holds `n` ready members of `version`.
+async fn pool_full(admin: &Api, image: &str, version: &str, n: u64) -> Result<()> {
+    crate::support::eventually(
+        Duration::from_secs(180),
+        &format!("the pool of {image} to hold {n} of {version}"),
+        || async {
+            let p = pool_of(admin, image).await?;
+            Ok((p["template"] == version && p["ready"].as_u64() == Some(n)).then_some(()))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_warm_pool_serves_started_ready_sandboxes_and_follows_new_versions() -> Result<()>
+{
+    let name = unique("warm");
+    let image = format!("template/{name}");
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker")
+            .local_worker()
+            .arg("--request-timeout")
+            .arg("30")
+            .arg("--warm-pool")
+            .arg(&format!("docker:{image}=2")),
+    )?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    // No version yet: the pool waits, holding nothing.
+    let p = pool_of(&admin, &image).await?;
+    ensure!(p["ready"] == 0 && p["template"].is_null(), "{p}");
+
+    // The operator's template: public, so every tenant's creates may take
+    // its members. `ready` holds until `start` has written its mark.
+    let version = |v: &str| {
+        json!({"name": name, "from": "busybox", "memory_mb": 192,
+            "steps": [{"write": {"path": "/v", "content": v}}],
+            "env": {"KIND": "warm"}, "workdir": "/srv",
+            "start": ["sh", "-c", "echo $KIND > /tmp/started; exec sleep 100000"],
+            "ready": ["test", "-s", "/tmp/started"]})
+    };
+    admin.post("/v1/templates", version("one")).await?.ok(202)?;
+    ensure!(built(&admin, &name, 1).await?["state"] == "ready");
+    pool_full(&admin, &image, &format!("{name}:1"), 2).await?;
+    ensure!(pool_containers(&server, &admin).await?.len() == 2);
+
+    // A tenant's create is served from the pool, and is what a cold create
+    // would be: the version recorded, its defaults, its start process
+    // running (it wrote its mark) and ready.
+    let claims = pool_claims(&admin, &image).await?;
+    let s = member.create_sandbox(json!({"template": name})).await?;
+    ensure!(
+        pool_claims(&admin, &image).await? == claims + 1,
+        "the create was not served from the pool"
+    );
+    ensure!(
+        s["template"] == format!("{name}:1") && s["memory_mb"] == 192,
+        "{s}"
+    );
+    let id = id_of(&s);
+    let seen = member
+        .sh(&id, "cat /v /tmp/started; echo $KIND; pwd")
+        .await?;
+    ensure!(seen == "onewarm\nwarm\n/srv\n", "{seen:?}");
+    let procs = member
+        .get(&format!("/v1/sandboxes/{id}/processes"))
+        .await?
+        .ok(200)?;
+    ensure!(
+        procs["processes"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["cmd"][0] == "sh" && p["state"] == "running")),
+        "the start process does not run in the pooled sandbox: {procs}"
+    );
+
+    // A create that asks for more than the defaults starts cold.
+    let claims = pool_claims(&admin, &image).await?;
+    let cold = member
+        .create_sandbox(json!({"template": name, "env": {"KIND": "cold"}}))
+        .await?;
+    ensure!(pool_claims(&admin, &image).await? == claims);
+    ensure!(member.sh(&id_of(&cold), "cat /tmp/started").await? == "cold\n");
+    member.destroy(&id_of(&cold)).await?;
+
+    // A tenant with a template of the same name sees its own: never the
+    // operator's members.
+    let (_, shadow) = admin.tenant_with("member").await?;
+    shadow
+        .post(
+            "/v1/templates",
+            json!({"name": name, "from": "busybox",
+            "steps": [{"write": {"path": "/v", "content": "mine"}}]}),
+        )
+        .await?
+        .ok(202)?;
+    ensure!(built(&shadow, &name, 1).await?["state"] == "ready");
+    let claims = pool_claims(&admin, &image).await?;
+    let own = shadow.create_sandbox(json!({"template": name})).await?;
+    ensure!(pool_claims(&admin, &image).await? == claims);
+    ensure!(shadow.sh(&id_of(&own), "cat /v").await? == "mine");
+    shadow.destroy(&id_of(&own)).await?;
+
+    // A new version replaces the pool's members; version 1 pinned still
+    // starts (cold).
+    admin.post("/v1/templates", version("two")).await?.ok(202)?;
+    ensure!(built(&admin, &name, 2).await?["state"] == "ready");
+    pool_full(&admin, &image, &format!("{name}:2"), 2).await?;
+    crate::support::eventually(
+        Duration::from_secs(60),
+        "the version 1 members to go",
+        || async { Ok((pool_containers(&server, &admin).await?.len() == 2).then_some(())) },
+    )
+    .await?;
+    let claims = pool_claims(&admin, &image).await?;
+    let s2 = member.create_sandbox(json!({"template": name})).await?;
+    ensure!(pool_claims(&admin, &image).await? == claims + 1);
+    ensure!(s2["template"] == format!("{name}:2"), "{s2}");
+    ensure!(member.sh(&id_of(&s2), "cat /v /tmp/started").await? == "twowarm\n");
+    let pinned = member
+        .create_sandbox(json!({"template": format!("{name}:1")}))
+        .await?;
+    ensure!(pool_claims(&admin, &image).await? == claims + 1);
+    ensure!(member.sh(&id_of(&pinned), "cat /v /tmp/started").await? == "onewarm\n");
+    // The sandbox claimed from version 1 keeps running on it.
+    ensure!(member.sh(&id, "cat /v").await? == "one");
+
+    for s in [&s, &s2, &pinned] {
+        member.destroy(&id_of(s)).await?;
+    }
+    // Deleting the template empties its pool.
+    admin
+        .delete(&format!("/v1/templates/{name}"))
+        .await?
+        .ok(204)?;
+    crate::support::eventually(Duration::from_secs(60), "the pool to empty", || async {
+        Ok((pool_containers(&server, &admin).await?.is_empty()).then_some(()))
+    })
+    .await?;
+    let p = pool_of(&admin, &image).await?;
+    ensure!(p["ready"] == 0 && p["template"].is_null(), "{p}");
+    Ok(())
+}

@@ -78,6 +78,9 @@ pub struct CreateSandbox {
 pub struct Created {
     pub sandbox: SandboxRecord,
     pub existing: bool,
+    /// A template's warm-pool member: its `start` runs and its `ready`
+    /// passed before it was claimed.
+    pub warm: bool,
 }
 
 pub(super) fn invalid(msg: impl Into<String>) -> Error {
@@ -246,7 +249,9 @@ impl App {
             .sandbox_create_from(who, req, template.as_ref())
             .await?;
         match template {
-            Some(t) if !created.existing => self.template_start(created, &t, began).await,
+            Some(t) if !created.existing && !created.warm => {
+                self.template_start(created, &t, began).await
+            }
             _ => Ok(created),
         }
     }
@@ -363,15 +368,31 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
             egress_allow: req.egress_allow.clone(),
         };
-        let pooled = if template.is_none()
-            && req.worker_labels.is_empty()
-            && rec.egress_allow.is_empty()
-            && volumes.is_empty()
-            && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network)
-        {
-            self.pools.take(&rec.provider, &rec.image, source)
-        } else {
-            None
+        let plain =
+            req.worker_labels.is_empty() && rec.egress_allow.is_empty() && volumes.is_empty();
+        let pooled = match template {
+            None if plain
+                && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network) =>
+            {
+                self.pools.take(&rec.provider, &rec.image, source)
+            }
+            // A template's member was spawned, started and made ready with
+            // the template's defaults: only a create that asks for exactly
+            // those may take it, or its `start` would have run differently.
+            Some(t) if plain => {
+                let shape = super::pools::template_shape(self, t);
+                let same = rec.cpu == shape.cpu
+                    && rec.memory_mb == shape.memory_mb
+                    && rec.env == shape.env
+                    && rec.workdir == shape.workdir
+                    && rec.network == Network::None;
+                if same {
+                    self.pools.take_template(&rec.provider, &t.version.id)
+                } else {
+                    None
+                }
+            }
+            _ => None,
         };
         if let Some(member) = pooled {
             let mut rec = rec;
@@ -389,14 +410,15 @@ impl App {
             let rec = match self.store.sandbox_create(&rec).await {
                 Ok(CreateOutcome::Created(rec)) => rec,
                 Ok(CreateOutcome::Existing(existing)) => {
-                    self.pools.put_back(&rec.provider, &rec.image, member);
+                    self.pools.put_back(member);
                     return Ok(Created {
                         sandbox: existing,
                         existing: true,
+                        warm: false,
                     });
                 }
                 Err(e) => {
-                    self.pools.put_back(&rec.provider, &rec.image, member);
+                    self.pools.put_back(member);
                     return Err(e);
                 }
             };
@@ -407,6 +429,7 @@ impl App {
             return Ok(Created {
                 sandbox,
                 existing: false,
+                warm: template.is_some(),
             });
         }
         let mut rec = match self.store.sandbox_create(&rec).await? {
@@ -414,6 +437,7 @@ impl App {
                 return Ok(Created {
                     sandbox: existing,
                     existing: true,
+                    warm: false,
                 });
             }
             CreateOutcome::Created(rec) => rec,
@@ -438,6 +462,7 @@ impl App {
         Ok(Created {
             sandbox,
             existing: false,
+            warm: false,
         })
     }
 

@@ -110,6 +110,11 @@ fn check_template_name(name: &str) -> Result<()> {
     }
 }
 
+/// Whether `name` can name a template (no version).
+pub fn is_template_name(name: &str) -> bool {
+    check_template_name(name).is_ok()
+}
+
 /// Splits `name` or `name:version`; `None` when it cannot name a template
 /// (it may still name an image).
 fn parse_ref(reference: &str) -> Option<(&str, Option<i64>)> {
@@ -431,64 +436,8 @@ impl App {
         let rec = created.sandbox.clone();
         let result = async {
             let (worker, lease) = self.lease_of(&rec).await?;
-            let agent = agent(&worker, &lease).await?;
-            if let Some(start) = &t.defaults.start {
-                agent
-                    .proc_start(start.clone(), rec.env.clone(), rec.workdir.clone())
-                    .await?;
-            }
-            let Some(ready) = &t.defaults.ready else {
-                return Ok(());
-            };
-            // The HTTP layer answers 504 at the request timeout; finishing
-            // a little before it lets this create say why.
-            let budget = self
-                .config
-                .limits
-                .request_timeout
-                .saturating_sub(Duration::from_secs(2))
-                .max(Duration::from_secs(1));
-            let deadline = began + budget;
-            let mut pause = Duration::from_millis(50);
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let out = agent
-                    .exec(ExecRequest {
-                        cmd: ready.clone(),
-                        env: rec.env.clone(),
-                        cwd: rec.workdir.clone(),
-                        stdin: None,
-                        timeout_ms: left.as_millis().clamp(100, 30_000) as u64,
-                        output_cap: 64 * 1024,
-                    })
-                    .await?;
-                if out.status.exit_code == Some(0) {
-                    return Ok(());
-                }
-                if Instant::now() + pause >= deadline {
-                    let output = format!(
-                        "{}{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    let ended = match (out.status.exit_code, out.status.signal) {
-                        (_, _) if out.status.timed_out => "timed out".to_owned(),
-                        (Some(c), _) => format!("exited with code {c}"),
-                        (None, Some(s)) => format!("was killed by signal {s}"),
-                        (None, None) => "ended".to_owned(),
-                    };
-                    return Err(Error::Timeout(format!(
-                        "template {}'s ready command {} did not exit 0 within {} s; its last run \
-                         {ended}: {}",
-                        t.label(),
-                        serde_json::json!(ready),
-                        budget.as_secs(),
-                        tail(&output, FAILURE_OUTPUT).trim_end()
-                    )));
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(500));
-            }
+            self.template_run_start(&worker, &lease, &rec.env, &rec.workdir, t, began)
+                .await
         }
         .await;
         match result {
@@ -500,6 +449,107 @@ impl App {
                 Err(e)
             }
         }
+    }
+
+    /// Starts template `t`'s `start` command in the sandbox of `lease` and
+    /// waits until its `ready` exits 0 (a cold create and a warm-pool
+    /// member alike), within the request timeout counted from `began`.
+    pub(super) async fn template_run_start(
+        &self,
+        worker: &stacyvm_worker::DynWorker,
+        lease: &stacyvm_worker::Lease,
+        env: &BTreeMap<String, String>,
+        workdir: &Option<String>,
+        t: &ResolvedTemplate,
+        began: Instant,
+    ) -> Result<()> {
+        let agent = agent(worker, lease).await?;
+        if let Some(start) = &t.defaults.start {
+            agent
+                .proc_start(start.clone(), env.clone(), workdir.clone())
+                .await?;
+        }
+        let Some(ready) = &t.defaults.ready else {
+            return Ok(());
+        };
+        // The HTTP layer answers 504 at the request timeout; finishing
+        // a little before it lets this create say why.
+        let budget = self
+            .config
+            .limits
+            .request_timeout
+            .saturating_sub(Duration::from_secs(2))
+            .max(Duration::from_secs(1));
+        let deadline = began + budget;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let out = agent
+                .exec(ExecRequest {
+                    cmd: ready.clone(),
+                    env: env.clone(),
+                    cwd: workdir.clone(),
+                    stdin: None,
+                    timeout_ms: left.as_millis().clamp(100, 30_000) as u64,
+                    output_cap: 64 * 1024,
+                })
+                .await?;
+            if out.status.exit_code == Some(0) {
+                return Ok(());
+            }
+            if Instant::now() + pause >= deadline {
+                let output = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let ended = match (out.status.exit_code, out.status.signal) {
+                    (_, _) if out.status.timed_out => "timed out".to_owned(),
+                    (Some(c), _) => format!("exited with code {c}"),
+                    (None, Some(s)) => format!("was killed by signal {s}"),
+                    (None, None) => "ended".to_owned(),
+                };
+                return Err(Error::Timeout(format!(
+                    "template {}'s ready command {} did not exit 0 within {} s; its last run \
+                     {ended}: {}",
+                    t.label(),
+                    serde_json::json!(ready),
+                    budget.as_secs(),
+                    tail(&output, FAILURE_OUTPUT).trim_end()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// The newest ready version of `tenant`'s template `name`, if any (a
+    /// template warm pool's target).
+    pub(super) async fn template_newest_ready(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+    ) -> Result<Option<ResolvedTemplate>> {
+        let versions = self
+            .store
+            .template_version_list(&TemplateFilter {
+                tenants: vec![tenant.clone()],
+                name: Some(name.to_owned()),
+                ..Default::default()
+            })
+            .await?;
+        let Some(newest) = versions
+            .into_iter()
+            .rev()
+            .find(|v| v.state == TemplateState::Ready)
+        else {
+            return Ok(None);
+        };
+        let defaults = spec_of(&newest)?.defaults;
+        Ok(Some(ResolvedTemplate {
+            version: newest,
+            defaults,
+        }))
     }
 
     /// `POST /v1/templates`: checks the request, resolves the base, records
@@ -684,7 +734,11 @@ impl App {
         }
         match recorded {
             Ok(true) => {
-                tracing::info!(template = %v.name, version = v.version, state = done.state.as_str(), "template build ended")
+                tracing::info!(template = %v.name, version = v.version, state = done.state.as_str(), "template build ended");
+                // A template's warm pool moves to the new version now.
+                if done.state == TemplateState::Ready {
+                    self.pool_wake.notify_one();
+                }
             }
             Ok(false) => {
                 tracing::info!(template = %v.name, version = v.version, "template deleted while it was building");
@@ -991,6 +1045,9 @@ impl App {
             }
             return Err(Error::NotFound(format!("template {name:?} not found")));
         }
+        // A warm pool of the template lets its members go first, so that
+        // the sweep can remove their image.
+        super::pools::refresh_templates(self).await;
         if let Err(e) = self.template_sweep().await {
             tracing::warn!(error = %e, "template sweep after a delete failed; it runs again later");
         }
@@ -1017,7 +1074,8 @@ impl App {
         let live = self.store.sandbox_list_live().await?;
         let mut purged = 0;
         for v in deleted {
-            if live.iter().any(|s| s.image == v.image) {
+            // Idle warm-pool members have no row, but run on the image too.
+            if live.iter().any(|s| s.image == v.image) || self.pools.uses_image(&v.image) {
                 continue;
             }
             self.template_image_remove(&v.image).await;
