@@ -171,6 +171,10 @@ async fn sections(
         pool_section(ctx, args, report).await?;
     }
 
+    if !args.skipped("template") {
+        crate::api_templates::template_section(ctx, args, report).await?;
+    }
+
     // One long-lived sandbox per provider and one plain container for the
     // exec, stream and file measurements.
     let mut ids = Vec::new();
@@ -363,7 +367,7 @@ async fn stacyvm_cli_exec(bin: &std::path::Path, s: &Server, id: &str) -> Result
 }
 
 /// Imports the busybox test rootfs into `s`'s catalog as `busybox`.
-async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
+pub(crate) async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
     let file = tokio::fs::File::open(&ctx.image_tar).await?;
     s.json(
         s.http
@@ -1177,20 +1181,26 @@ async fn pool_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()>
 
 /// Waits (bounded) until the provider's pool has all its members ready.
 async fn pool_full(s: &Server, provider: &str) -> Result<()> {
+    pool_filled(s, "provider", provider, POOL_SIZE).await
+}
+
+/// Waits (bounded) until the pool whose `field` (in `/v1/status`) is
+/// `value` has `size` members ready.
+pub(crate) async fn pool_filled(s: &Server, field: &str, value: &str, size: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let st = s.json(s.http.get(s.u("/v1/status"))).await?;
         let ready = st["pools"]
             .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["provider"] == provider))
+            .and_then(|ps| ps.iter().find(|p| p[field] == value))
             .and_then(|p| p["ready"].as_u64())
             .unwrap_or(0);
-        if ready as usize >= POOL_SIZE {
+        if ready as usize >= size {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "the {provider} warm pool did not fill within 120 s: {}",
+                "the warm pool of {field} {value} did not fill within 120 s: {}",
                 st["pools"]
             );
         }

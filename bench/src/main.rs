@@ -4,6 +4,7 @@
 //! `bench/results/`.
 
 mod api_suite;
+mod api_templates;
 mod baseline;
 mod engine;
 mod multi_suite;
@@ -43,13 +44,19 @@ pub struct Args {
     /// Providers to measure.
     #[arg(long, value_delimiter = ',', default_value = "docker,namespaces,proot")]
     providers: Vec<String>,
-    /// API sections to leave out: create, pool, exec, stream, files, throughput, burst, density,
-    /// idle.
+    /// API sections to leave out: create, pool, template, exec, stream, files, throughput, burst,
+    /// density, idle.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Cold creates per provider (and as many baseline starts).
     #[arg(long, default_value_t = 10)]
     cold_iters: usize,
+    /// Template builds timed per recipe in the template section.
+    #[arg(long, default_value_t = 3)]
+    template_builds: usize,
+    /// Template recipes whose build is timed (see `api_templates::recipe`).
+    #[arg(long, value_delimiter = ',', default_value = "busybox")]
+    template_recipes: Vec<String>,
     /// StacyVM exec round trips per provider.
     #[arg(long, default_value_t = 500)]
     exec_iters: usize,
