@@ -84,7 +84,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandboxes/{id}/files",
             get(file_read).put(file_write).delete(file_delete),
         )
-        .route("/v1/sandboxes/{id}/files/archive", put(file_archive_put))
+        .route(
+            "/v1/sandboxes/{id}/files/archive",
+            put(file_archive_put).get(file_archive_get),
+        )
         .route("/v1/sandboxes/{id}/files/stat", get(file_stat))
         .route("/v1/sandboxes/{id}/files/list", get(file_list))
         .route("/v1/sandboxes/{id}/files/glob", get(file_glob))

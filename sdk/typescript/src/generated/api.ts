@@ -883,6 +883,7 @@ export interface OperationRoute {
 /** Every operation of the API by its operationId. */
 export const operations = {
   audit_list: { method: "GET", path: "/v1/audit", status: 200, body: "none", bodyContentType: null, response: "json" },
+  file_archive_get: { method: "GET", path: "/v1/sandboxes/{id}/files/archive", status: 200, body: "none", bodyContentType: null, response: "binary" },
   file_archive_put: { method: "PUT", path: "/v1/sandboxes/{id}/files/archive", status: 201, body: "binary", bodyContentType: "application/x-tar", response: "json" },
   file_chmod: { method: "POST", path: "/v1/sandboxes/{id}/files/chmod", status: 200, body: "json", bodyContentType: null, response: "json" },
   file_delete: { method: "DELETE", path: "/v1/sandboxes/{id}/files", status: 204, body: "none", bodyContentType: null, response: "none" },
@@ -961,6 +962,13 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: AuditList;
+  };
+  file_archive_get: {
+    path: { id: string };
+    query: { path?: string; mode?: string; recursive?: boolean };
+    headers: Record<string, never>;
+    body: never;
+    response: Uint8Array;
   };
   file_archive_put: {
     path: { id: string };
