@@ -115,7 +115,7 @@ StacyVM is ready at $url  (Ctrl-C stops it; sandboxes survive and are adopted on
 Try it:
   export STACYVM_URL=$url STACYVM_API_KEY=\$(cat $data_dir/admin.key)
   curl -s -H "Authorization: Bearer \$STACYVM_API_KEY" -X POST \$STACYVM_URL/v1/sandboxes -d '{"image":"busybox"}'
-  $bin_dir/stacyvm sandbox create --template python     # Python 3 and pip (\`stacyvm template ls\`)
+  $bin_dir/stacyvm sandbox create --template python --rm -- python3 -c 'print(1+1)'   # \`stacyvm template ls\`
 
 MSG
 wait "$server"
