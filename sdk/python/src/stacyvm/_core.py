@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import ProviderUnavailable, error_for
-from .models import ExecChunk, ExecExit, LogLine, Quota, VolumeMount
+from .errors import ProviderUnavailable, TemplateBuildFailed, error_for
+from .models import ExecChunk, ExecExit, LogLine, Quota, Template, TemplateState, VolumeMount
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 DEFAULT_TIMEOUT = 60.0
@@ -792,3 +792,102 @@ def sandbox_snapshot(sandbox_id: str, image: str) -> Call:
         json={"image": image},
         timeout=httpx.Timeout(30.0, read=None),
     )
+
+
+# --- templates ---------------------------------------------------------------
+
+
+def _template(name: str, suffix: str = "") -> str:
+    return f"/v1/templates/{seg(name)}{suffix}"
+
+
+def template_build(
+    *,
+    name: str,
+    base: str,
+    steps: Sequence[Mapping[str, Any]],
+    cpu: Optional[float],
+    memory_mb: Optional[int],
+    network: Optional[str],
+    env: Optional[Mapping[str, str]],
+    workdir: Optional[str],
+    start: Union[str, Sequence[str], None],
+    ready: Union[str, Sequence[str], None],
+    provider: Optional[str],
+    timeout_s: Optional[int],
+) -> Call:
+    body = drop_none(
+        {
+            "name": name,
+            "from": base,
+            "steps": [dict(s) for s in steps],
+            "cpu": cpu,
+            "memory_mb": memory_mb,
+            "network": network,
+            "env": dict(env) if env else None,
+            "workdir": workdir,
+            "start": shell_cmd(start) if start is not None else None,
+            "ready": shell_cmd(ready) if ready is not None else None,
+            "provider": provider,
+            "timeout_s": timeout_s,
+        }
+    )
+    return Call("POST", "/v1/templates", json=body)
+
+
+def template_list() -> Call:
+    return Call("GET", "/v1/templates")
+
+
+def template_get(name: str, version: Optional[int]) -> Call:
+    return Call("GET", _template(name), params=params_of(version=version))
+
+
+def template_versions(name: str) -> Call:
+    return Call("GET", _template(name, "/versions"))
+
+
+def template_delete(name: str) -> Call:
+    return Call("DELETE", _template(name))
+
+
+def template_logs(name: str, version: Optional[int]) -> Call:
+    # A running build's log is followed until the build ends: no read deadline.
+    return Call(
+        "GET",
+        _template(name, "/logs"),
+        params=params_of(version=version),
+        headers={"accept": "text/event-stream, application/json"},
+        timeout=httpx.Timeout(DEFAULT_TIMEOUT, read=None),
+    )
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    return str(response.headers.get("content-type", "")).startswith("text/event-stream")
+
+
+def template_log_item(ev: SSEEvent) -> Union[str, Dict[str, Any], None]:
+    """What a build-log event means: more text (``str``), how the build
+    ended (the ``end`` event's fields), or nothing."""
+    if ev.event == "log":
+        return str(_json_data(ev).get("data", ""))
+    if ev.event == "end":
+        return _json_data(ev)
+    if ev.event == "error":
+        d = _json_data(ev)
+        raise error_for(str(d.get("code") or "internal"), str(d.get("message") or "the build log stream failed"))
+    return None
+
+
+def template_log_ended_early() -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "the build log stream ended before the build did", code="provider_unavailable"
+    )
+
+
+def template_outcome(template: Template) -> Template:
+    """The version as it is once its build has ended; a failed build raises
+    `TemplateBuildFailed` with the failing step's output."""
+    if template.state == TemplateState.FAILED:
+        raise TemplateBuildFailed(template)
+    return template
