@@ -606,6 +606,7 @@ impl App {
         let was = rec.state;
         self.ports.forget(rec.id.as_ref());
         self.e2b_forget_watches(&rec.id);
+        self.stats_book.forget(&rec.id);
         if rec.state != SandboxState::Stopping {
             rec.state = SandboxState::Stopping;
             self.store.sandbox_update(&rec).await?;

@@ -465,15 +465,60 @@ pub async fn sandbox_connect(
     Ok(sandbox_note(resp, &id, json!({"api": "e2b"})))
 }
 
-/// `GET /sandboxes/{id}/metrics`: StacyVM keeps no per-sandbox resource
-/// series, so the list is empty (the sandbox must still exist).
+/// A unix time in seconds of the metrics range.
+fn unix_seconds(v: &str, what: &str) -> E2bResult<OffsetDateTime> {
+    v.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| OffsetDateTime::from_unix_timestamp(n).ok())
+        .ok_or_else(|| invalid(format!("{what} {v:?} must be a unix time in seconds")))
+}
+
+/// One reading in E2B's metric shape. Every field is required by the SDK,
+/// so one the provider cannot measure is `0`.
+fn metric(x: &crate::app::stats::StatsSample) -> Value {
+    let n = |v: Option<u64>| v.unwrap_or(0);
+    json!({
+        "timestamp": rfc3339(x.at),
+        "timestampUnix": x.at.unix_timestamp(),
+        "cpuCount": x.stats.cpu_count.map_or(0, |c| c.ceil().max(1.0) as i64),
+        "cpuUsedPct": x.cpu_used_pct.map_or(0.0, |p| (p * 100.0).round() / 100.0),
+        "memUsed": n(x.stats.mem_used),
+        "memTotal": n(x.stats.mem_total),
+        "memCache": n(x.stats.mem_cache),
+        "diskUsed": n(x.stats.disk_used),
+        "diskTotal": n(x.stats.disk_total),
+    })
+}
+
+/// `GET /sandboxes/{id}/metrics?start=&end=` (unix seconds, inclusive):
+/// the sandbox's resource readings, oldest first. The call takes a new
+/// reading; a sandbox whose provider cannot measure (or whose worker does
+/// not answer now) gets the readings there are, possibly none.
 pub async fn sandbox_metrics(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
 ) -> E2bResult<Json<Value>> {
+    let (mut from, mut to) = (None, None);
+    for (k, v) in query_pairs(uri.query()) {
+        match k.as_str() {
+            "start" => from = Some(unix_seconds(&v, "start")?),
+            "end" => to = Some(unix_seconds(&v, "end")?),
+            _ => return Err(invalid(format!("query parameter {k:?} is not supported"))),
+        }
+    }
+    // `end` names a whole second: readings within it are in range.
+    let to = to.map(|t| t + Duration::from_millis(999));
     live_sandbox(&s, &who, &id).await?;
-    Ok(Json(json!([])))
+    let answer = s.app.sandbox_stats(&who, &id, from, to).await?;
+    if let Some(e) = &answer.unavailable {
+        tracing::debug!(sandbox = %id, error = %e, "no new metrics reading");
+    }
+    Ok(Json(Value::Array(
+        answer.samples.iter().map(metric).collect(),
+    )))
 }
 
 /// The list filters: `metadata` (url-encoded `k=v&…`), `state`, `limit`,
