@@ -530,6 +530,8 @@ struct ListFilter {
     states: Vec<SandboxState>,
     limit: Option<u32>,
     cursor: Option<String>,
+    /// E2B lists newest first; `order=asc` asks for oldest first.
+    newest_first: bool,
 }
 
 fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
@@ -544,6 +546,7 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
         },
         limit: None,
         cursor: None,
+        newest_first: true,
     };
     for (k, v) in query_pairs(query) {
         match k.as_str() {
@@ -583,13 +586,12 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
                         invalid(format!("startedAfter {v:?} is not an RFC 3339 time"))
                     })?)
             }
-            // Sandboxes are listed oldest first.
-            "order" if v == "asc" => {}
             "order" => {
-                return Err(invalid(format!(
-                    "order {v:?} is not supported: this server lists sandboxes oldest first \
-                     (order=asc)"
-                )))
+                f.newest_first = match v.as_str() {
+                    "desc" => true,
+                    "asc" => false,
+                    _ => return Err(invalid(format!("order {v:?} must be asc or desc"))),
+                }
             }
             _ => return Err(invalid(format!("query parameter {k:?} is not supported"))),
         }
@@ -632,7 +634,14 @@ async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult
         let need = u32::try_from(limit - items.len()).unwrap_or(u32::MAX);
         let page = s
             .app
-            .sandbox_list_in(who, f.states.clone(), f.labels.clone(), Some(need), cursor)
+            .sandbox_list_in(
+                who,
+                f.states.clone(),
+                f.labels.clone(),
+                Some(need),
+                cursor,
+                f.newest_first,
+            )
             .await?;
         items.extend(
             page.items
