@@ -433,7 +433,7 @@ def test_unsupported_envd_calls_are_refused_by_name(env: Env, sandbox: Sandbox) 
                    headers={**headers, "Content-Type": "application/octet-stream", "X-Metadata-Owner": "me"})
     assert r.status_code == 400 and "metadata" in r.json()["message"]
     r = httpx.post(env.server.url + "/files?path=/tmp/z", content=b"x",
-                   headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
+                   headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "br"})
     assert r.status_code == 400 and "Content-Encoding" in r.json()["message"]
     r = httpx.post(env.server.url + "/filesystem.Filesystem/CreateWatcher",
                    json={"path": "/tmp", "includeEntry": True}, headers=headers)

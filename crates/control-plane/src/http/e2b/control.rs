@@ -40,6 +40,28 @@ fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
+/// A request body read whole. One that cannot be read (a gzip body that
+/// does not inflate, a connection cut mid-body) is E2B's `400`, in its
+/// JSON shape.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
+    type Rejection = E2bError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, E2bError> {
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(RawBody(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(E2bError(
+                Error::PayloadTooLarge(format!("the request body is too large: {}", e.body_text())),
+            )),
+            Err(e) => Err(invalid(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
 /// A JSON object body; empty means `{}`.
 fn object_body(body: &Bytes) -> E2bResult<Map<String, Value>> {
     if body.len() > MAX_BODY {
@@ -173,7 +195,7 @@ pub async fn sandbox_create(
     State(s): State<AppState>,
     Auth(who): Auth,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let mut body = object_body(&body)?;
     let template = match body.remove("templateID") {
@@ -297,7 +319,7 @@ pub async fn sandbox_timeout(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let timeout = seconds(
@@ -320,7 +342,7 @@ pub async fn sandbox_refresh(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let duration = match body.get("duration") {
@@ -369,7 +391,7 @@ pub async fn sandbox_pause(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     for (k, v) in &body {
@@ -406,7 +428,7 @@ pub async fn sandbox_resume(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let rec = live_sandbox(&s, &who, &id).await?;
@@ -439,7 +461,7 @@ pub async fn sandbox_connect(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let timeout = match body.get("timeout") {
