@@ -647,7 +647,9 @@ impl AgentClient {
             };
             Some((item, st))
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     pub async fn file_write(
@@ -777,7 +779,9 @@ impl AgentClient {
                 }
             }
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     /// Watches the directory `path` (recursively with `recursive`): once
@@ -889,7 +893,9 @@ impl AgentClient {
                 }
             }
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     pub async fn file_stat(&self, path: &str) -> Result<FileEntry> {
@@ -1046,7 +1052,9 @@ impl AgentClient {
             let done = item.is_err();
             Some((item, (call, None, done)))
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     async fn simple<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T> {

@@ -710,6 +710,7 @@ impl App {
                     cursor: None,
                     limit: 100,
                 },
+                newest_first: false,
             })
             .await?
             .items)
