@@ -49,6 +49,8 @@ MODELS: Dict[str, str] = {
     "Status": "Status",
     "StoreStatus": "StoreStatus",
     "StreamChunk": "StreamChunk",
+    "Template": "Template",
+    "TemplateLog": "TemplateLog",
     "Tenant": "Tenant",
     "Worker": "Worker",
     "WorkerCapacity": "WorkerCapacity",

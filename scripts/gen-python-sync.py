@@ -41,6 +41,7 @@ NAMES: Dict[str, str] = {
     "AsyncProcesses": "Processes",
     "AsyncProcessOutput": "ProcessOutput",
     "AsyncPty": "Pty",
+    "AsyncTemplateLogStream": "TemplateLogStream",
     "_io_async": "_io_sync",
     # typing
     "AsyncIterator": "Iterator",

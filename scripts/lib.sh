@@ -126,9 +126,9 @@ npm_ci_if_changed() {
 }
 
 # prepare_test_env ROOT — everything the test suites need: packages, a
-# running dockerd and PostgreSQL, the static agent and the busybox test
-# image; exports STACYVM_TEST_POSTGRES_URL, STACYVM_AGENT_BIN and
-# STACYVM_TEST_IMAGE_TAR.
+# running dockerd and PostgreSQL, the static agent, the busybox test image
+# and the python template's root filesystem; exports STACYVM_TEST_POSTGRES_URL,
+# STACYVM_AGENT_BIN, STACYVM_TEST_IMAGE_TAR and STACYVM_TEST_PYTHON_IMAGE_TAR.
 #
 # Every step must succeed: a test that cannot reach what it needs fails, so
 # an environment missing a piece is reported here, by name, and the
@@ -160,6 +160,11 @@ prepare_test_env() {
   export STACYVM_AGENT_BIN
   export STACYVM_TEST_IMAGE_TAR="$root/target/test-images/busybox.tar"
   "$root/scripts/build-test-image.sh" --docker "$STACYVM_TEST_IMAGE_TAR" || { log "the test image did not build"; return 1; }
+  # The provided `python` template's root filesystem (debootstrap; about a minute the first
+  # time, then cached by its inputs).
+  STACYVM_TEST_PYTHON_IMAGE_TAR="$("$root/scripts/build-python-image.sh" "$root/target/test-images/python.tar")" ||
+    { log "the python template's root filesystem did not build"; return 1; }
+  export STACYVM_TEST_PYTHON_IMAGE_TAR
   # The microVM providers' guest kernel and initramfs, QEMU and vhost-device-vsock.
   STACYVM_GUEST_DIR="$("$root/scripts/build-guest.sh")" || { log "the microVM guest assets did not build"; return 1; }
   export STACYVM_GUEST_DIR

@@ -7,6 +7,9 @@
 #     the operator's own tenant only where Docker cannot run),
 #   - imports a `busybox` image (from Debian's busybox-static) into the image catalog, and
 #     `e2b-base` (bash and /home/user, from Debian's packages) as E2B's `base` template,
+#   - builds the provided templates `python` (Debian's python3 and pip, in a root filesystem
+#     debootstrap makes from the host's Debian mirror; cached in target/test-images) and `bash`
+#     on the operator's tenant, so every tenant can start them (scripts/provide-templates.sh),
 #   - prints the URL and where the admin key is, then keeps serving until Ctrl-C / SIGTERM.
 #
 #   scripts/setup.sh [--listen ADDR] [--data-dir DIR] [other `stacyvm serve` flags]
@@ -60,6 +63,19 @@ else
   log "the E2B base image did not build; E2B's \`base\` template stays unset"
   e2b_tar=""
 fi
+# The provided templates' root filesystems (see scripts/provide-templates.sh).
+provided=()
+provide_args=()
+if [ -n "$e2b_tar" ]; then
+  provided+=(bash)
+  provide_args+=(--bash-tar "$e2b_tar")
+fi
+if python_tar="$("$root_dir/scripts/build-python-image.sh")"; then
+  provided+=(python)
+  provide_args+=(--python-tar "$python_tar")
+else
+  log "the python template's root filesystem did not build; the \`python\` template is left out"
+fi
 
 mkdir -p -m 0700 "$data_dir"
 log "starting stacyvm serve on $listen (data dir $data_dir)"
@@ -84,6 +100,11 @@ if [ -n "$e2b_tar" ] && ! curl -fsS -H "Authorization: Bearer $key" "$url/v1/ima
     -H 'Content-Type: application/x-tar' --data-binary @"$e2b_tar" >/dev/null
   log "imported the e2b-base image (E2B's \`base\` template) into the catalog"
 fi
+if [ "${#provided[@]}" -gt 0 ]; then
+  STACYVM_URL="$url" STACYVM_API_KEY="$key" STACYVM_BIN="$bin_dir/stacyvm" \
+    "$root_dir/scripts/provide-templates.sh" "${provide_args[@]}" "${provided[@]}" ||
+    log "the provided templates did not build; see the messages above"
+fi
 
 cat >&2 <<MSG
 
@@ -94,6 +115,7 @@ StacyVM is ready at $url  (Ctrl-C stops it; sandboxes survive and are adopted on
 Try it:
   export STACYVM_URL=$url STACYVM_API_KEY=\$(cat $data_dir/admin.key)
   curl -s -H "Authorization: Bearer \$STACYVM_API_KEY" -X POST \$STACYVM_URL/v1/sandboxes -d '{"image":"busybox"}'
+  $bin_dir/stacyvm sandbox create --template python --rm -- python3 -c 'print(1+1)'   # \`stacyvm template ls\`
 
 MSG
 wait "$server"

@@ -31,7 +31,10 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
     eprintln!("bench[api]: starting {} serve", bin.display());
     let server = Arc::new(Server::start(&bin, &ctx.agent_bin, &ctx.tag, &[]).await?);
     ctx.keep_server(server.clone());
-    let result = sections(ctx, args, report, &server, &bin).await;
+    let mut result = sections(ctx, args, report, &server, &bin).await;
+    if result.is_ok() && args.wants("qemu") && !args.skipped("qemu") {
+        result = crate::qemu::run(ctx, args, report).await;
+    }
     if let Some(rss) = server.rss_kib() {
         report.value(
             "api.rss.end",
@@ -305,6 +308,7 @@ async fn sections(
     if !args.skipped("files") {
         files(s, args, report, &ids, &base_ctr, ctx).await?;
     }
+    crate::interactive::run_sections(ctx, args, report, s, &ids, &base_ctr).await?;
 
     if !args.skipped("throughput") {
         if let Some((_, id)) = ids.first() {
@@ -974,7 +978,7 @@ fn agent_rss(p: &str, ids: &[String]) -> AgentRss {
     out
 }
 
-async fn docker_ids(s: &Server) -> Vec<String> {
+pub(crate) async fn docker_ids(s: &Server) -> Vec<String> {
     let Some(instance) = s.instance() else {
         return Vec::new();
     };

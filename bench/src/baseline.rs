@@ -141,6 +141,63 @@ impl DockerCli {
         run("docker", &args).await.map(|_| ())
     }
 
+    /// `docker run -d` of a container on Docker's default bridge serving
+    /// `dir` of `sh_setup`'s making with busybox `httpd` on `port`; returns
+    /// its name and its address on the bridge.
+    pub async fn run_httpd(&self, setup: &str, dir: &str, port: u16) -> Result<(String, String)> {
+        let name = format!(
+            "stacyvm-bench-{}-http{}",
+            self.tag,
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        );
+        let label = format!("{BENCH_LABEL}={}", self.tag);
+        let script = format!("{setup} && exec httpd -f -p {port} -h {dir}");
+        run(
+            "docker",
+            &[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--label",
+                &label,
+                &self.image,
+                "sh",
+                "-c",
+                &script,
+            ],
+        )
+        .await?;
+        let ip = run(
+            "docker",
+            &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &name],
+        )
+        .await?
+        .trim()
+        .to_owned();
+        anyhow::ensure!(!ip.is_empty(), "container {name} has no bridge address");
+        Ok((name, ip))
+    }
+
+    /// `docker commit NAME REPO` timed as a user sees it; the image is
+    /// removed afterwards, untimed.
+    pub async fn commit(&self, name: &str, repo: &str) -> Result<Duration> {
+        let t = Instant::now();
+        run("docker", &["commit", name, repo]).await?;
+        let d = t.elapsed();
+        run("docker", &["rmi", repo]).await?;
+        Ok(d)
+    }
+
+    /// Keystroke echo through `docker exec -it NAME cat` run on a
+    /// pseudo-terminal of ours, as a user's terminal runs it: one `x`
+    /// typed, timed until the echo of the container's terminal comes back.
+    /// Our side of the terminal is raw from the start, so nothing is echoed
+    /// locally.
+    pub async fn pty_echo(&self, name: &str, warm: usize, iters: usize) -> Result<Vec<Duration>> {
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || pty_echo_blocking(&name, warm, iters)).await?
+    }
     /// Removes every container of this run's tag.
     pub async fn cleanup(&self) -> Result<usize> {
         let filter = format!("label={BENCH_LABEL}={}", self.tag);
@@ -233,4 +290,80 @@ pub async fn test_image(tar: Option<PathBuf>, docker_image: &str) -> Result<Path
         .await?;
     }
     Ok(tar)
+}
+
+fn pty_echo_blocking(name: &str, warm: usize, iters: usize) -> Result<Vec<Duration>> {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the out-parameters; the
+    // name, termios and winsize arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!("openpty: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded, so both are open descriptors we now own.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    // SAFETY: termios is plain data; tcgetattr fills it before it is used.
+    let mut tio: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `slave` is an open terminal and `tio` a valid termios.
+    unsafe {
+        if libc::tcgetattr(slave.as_raw_fd(), &mut tio) != 0 {
+            bail!("tcgetattr: {}", std::io::Error::last_os_error());
+        }
+        libc::cfmakeraw(&mut tio);
+        if libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &tio) != 0 {
+            bail!("tcsetattr: {}", std::io::Error::last_os_error());
+        }
+    }
+    let mut child = std::process::Command::new("docker")
+        .args(["exec", "-it", name, "cat"])
+        .stdin(slave.try_clone()?)
+        .stdout(slave.try_clone()?)
+        .stderr(slave)
+        .spawn()
+        .context("starting docker exec -it")?;
+    let mut master = std::fs::File::from(master);
+    let mut result = Vec::with_capacity(iters);
+    let mut buf = [0u8; 256];
+    let outcome = (|| -> Result<()> {
+        for i in 0..warm + iters {
+            let t = Instant::now();
+            master.write_all(b"x")?;
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: master.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd on the stack.
+                if unsafe { libc::poll(&mut pfd, 1, 10_000) } <= 0 {
+                    bail!("no echo from docker exec -it within 10 s");
+                }
+                // Once the CLI exits and its end closes, this fails (EIO).
+                let n = master.read(&mut buf).context("reading the terminal")?;
+                if n == 0 {
+                    bail!("docker exec -it closed the terminal");
+                }
+                if buf[..n].contains(&b'x') {
+                    break;
+                }
+            }
+            if i >= warm {
+                result.push(t.elapsed());
+            }
+        }
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome.map(|()| result)
 }

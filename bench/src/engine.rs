@@ -277,6 +277,92 @@ impl EngineApi {
         Ok((t.elapsed(), files, bytes))
     }
 
+    /// Keystroke echo through an exec of `cat` on a pseudo-terminal
+    /// (`docker exec -it` as a program does it): one `x` written to the
+    /// attached stdin, timed until the terminal's echo of it comes back;
+    /// `warm` unrecorded first.
+    pub async fn pty_echo(&self, id: &str, warm: usize, iters: usize) -> Result<Vec<Duration>> {
+        use tokio::io::AsyncWriteExt;
+        let created = self
+            .docker
+            .create_exec(
+                id,
+                CreateExecOptions {
+                    cmd: Some(vec!["cat"]),
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("exec create")?;
+        let opts = StartExecOptions {
+            tty: true,
+            ..Default::default()
+        };
+        let StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = self
+            .docker
+            .start_exec(&created.id, Some(opts))
+            .await
+            .context("exec start")?
+        else {
+            bail!("exec start answered detached");
+        };
+        let mut out = Vec::with_capacity(iters);
+        for i in 0..warm + iters {
+            let t = Instant::now();
+            input.write_all(b"x").await?;
+            input.flush().await?;
+            loop {
+                let frame = tokio::time::timeout(Duration::from_secs(10), output.next())
+                    .await
+                    .context("no echo within 10 s")?
+                    .context("the exec's output ended")?
+                    .context("exec output")?;
+                if frame.into_bytes().contains(&b'x') {
+                    break;
+                }
+            }
+            if i >= warm {
+                out.push(t.elapsed());
+            }
+        }
+        // ^C ends `cat`; the container goes with the run anyway.
+        let _ = input.write_all(b"\x03").await;
+        Ok(out)
+    }
+
+    /// `POST /commit` of a container into `repo:latest`, the call behind
+    /// `docker commit`; the image is removed afterwards, untimed.
+    pub async fn commit(&self, id: &str, repo: &str) -> Result<Duration> {
+        let opts = bollard::query_parameters::CommitContainerOptions {
+            container: Some(id.to_owned()),
+            repo: Some(repo.to_owned()),
+            pause: true,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        self.docker
+            .commit_container(opts, bollard::models::ContainerConfig::default())
+            .await
+            .context("commit")?;
+        let d = t.elapsed();
+        self.docker
+            .remove_image(
+                repo,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+            .with_context(|| format!("removing image {repo}"))?;
+        Ok(d)
+    }
+
     /// Force-removes containers this client started.
     pub async fn rm(&self, ids: &[String]) -> Result<()> {
         for id in ids {

@@ -7,8 +7,10 @@ mod api_suite;
 mod api_templates;
 mod baseline;
 mod engine;
+mod interactive;
 mod multi_suite;
 mod provider_suite;
+mod qemu;
 mod report;
 mod server;
 
@@ -41,11 +43,13 @@ enum Suite {
 pub struct Args {
     #[arg(value_enum)]
     suite: Suite,
-    /// Providers to measure.
+    /// Providers to measure (add `qemu` for the microVM section; it needs
+    /// the guest of scripts/build-guest.sh).
     #[arg(long, value_delimiter = ',', default_value = "docker,namespaces,proot")]
     providers: Vec<String>,
-    /// API sections to leave out: create, pool, template, exec, stream, files, throughput, burst,
-    /// density, idle.
+    /// API sections to leave out: create, pool, template, exec, stream, files, pty, ports,
+    /// snapshot, throughput, burst, density, idle, qemu (measured only when --providers names
+    /// qemu).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Cold creates per provider (and as many baseline starts).
@@ -79,6 +83,21 @@ pub struct Args {
     /// Small-file requests in flight at once.
     #[arg(long, default_value_t = 8)]
     file_concurrency: usize,
+    /// Keystrokes whose echo is timed per terminal (and per baseline).
+    #[arg(long, default_value_t = 200)]
+    pty_iters: usize,
+    /// Sequential GETs through the port proxy per provider (and direct).
+    #[arg(long, default_value_t = 200)]
+    port_requests: usize,
+    /// Concurrent clients for the port-proxy throughput test.
+    #[arg(long, default_value_t = 16)]
+    port_clients: usize,
+    /// Cold creates per side in the qemu section.
+    #[arg(long, default_value_t = 5)]
+    qemu_iters: usize,
+    /// Exec round trips per side in the qemu section.
+    #[arg(long, default_value_t = 100)]
+    qemu_exec_iters: usize,
     /// Concurrent clients for the API throughput test.
     #[arg(long, default_value_t = 50)]
     clients: usize,

@@ -52,15 +52,16 @@ impl Server {
                 .as_nanos()
         );
         let log_path = dir.path().join("server.log");
+        // The providers every suite measures, unless the caller names its own.
+        let providers: &[&str] = if extra_args.iter().any(|a| a == "--providers") {
+            &[]
+        } else {
+            &["--providers", "docker,proot,namespaces"]
+        };
         let mut child = Command::new(bin)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--providers",
-                "docker,proot,namespaces",
-                "--data-dir",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(providers)
+            .arg("--data-dir")
             .arg(&data_dir)
             .args(extra_args)
             .env("STACYVM_ADMIN_KEY", &key)

@@ -1,4 +1,5 @@
-"""Fixtures of the E2B SDK suite: a real `stacyvm serve` (SQLite, Docker)
+"""Fixtures of the E2B SDK suite: a real `stacyvm serve` (SQLite, Docker
+and the namespaces provider)
 with the E2B base image (scripts/build-e2b-image.sh) in its catalog as the
 default E2B template, two tenants with a member key each, and the E2B SDK
 pointed at the server through its environment variables."""
@@ -70,7 +71,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with fixtures.running_server(
         tmp,
         fixtures._test_image(),
-        providers="docker",
+        # Docker first: E2B's creates name no provider and get the first.
+        providers="docker,namespaces",
         extra_env={"STACYVM_E2B_DEFAULT_TEMPLATE": E2B_IMAGE},
     ) as server:
         with stacyvm.Client(server.url, server.admin_key) as admin:

@@ -159,14 +159,31 @@ def test_lifecycle_timeout_info_list_connect_and_kill(env: Env) -> None:
         later = datetime.now(timezone.utc) + timedelta(hours=1)
         assert Sandbox.list(query=SandboxQuery(metadata={"run": tag}, started_after=later)).next_items() == []
         assert [s.sandbox_id for s in found] == [sb.sandbox_id]
+        # Newest first, as E2B lists.
         both = Sandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
-        assert {s.sandbox_id for s in both} == {sb.sandbox_id, other.sandbox_id}
-        # One per page, through x-next-token.
+        assert [s.sandbox_id for s in both] == [other.sandbox_id, sb.sandbox_id]
+        # One per page, through x-next-token, in the same order.
         pages = Sandbox.list(query=SandboxQuery(metadata={"run": tag}), limit=1)
         paged = []
         while pages.has_next:
             paged.extend(s.sandbox_id for s in pages.next_items())
-        assert sorted(paged) == sorted([sb.sandbox_id, other.sandbox_id])
+        assert paged == [other.sandbox_id, sb.sandbox_id]
+        # order=asc pages oldest first; another order is refused.
+        own = {"X-API-KEY": env.a.key_e2b}
+        asc, token = [], None
+        while True:
+            params = {"metadata": f"run={tag}", "order": "asc", "limit": "1"}
+            if token:
+                params["nextToken"] = token
+            r = httpx.get(f"{env.server.url}/v2/sandboxes", params=params, headers=own)
+            assert r.status_code == 200, r.text
+            asc.extend(x["sandboxID"] for x in r.json())
+            token = r.headers.get("x-next-token")
+            if not token:
+                break
+        assert asc == [sb.sandbox_id, other.sandbox_id]
+        bad = httpx.get(f"{env.server.url}/v2/sandboxes", params={"order": "sideways"}, headers=own)
+        assert bad.status_code == 400 and "order" in bad.json()["message"]
         # startedAfter is "at or after".
         at = Sandbox.list(query=SandboxQuery(metadata={"run": tag, "role": "one"}, started_after=info.started_at))
         assert [s.sandbox_id for s in at.next_items()] == [sb.sandbox_id]
@@ -416,7 +433,7 @@ def test_unsupported_envd_calls_are_refused_by_name(env: Env, sandbox: Sandbox) 
                    headers={**headers, "Content-Type": "application/octet-stream", "X-Metadata-Owner": "me"})
     assert r.status_code == 400 and "metadata" in r.json()["message"]
     r = httpx.post(env.server.url + "/files?path=/tmp/z", content=b"x",
-                   headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "gzip"})
+                   headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "br"})
     assert r.status_code == 400 and "Content-Encoding" in r.json()["message"]
     r = httpx.post(env.server.url + "/filesystem.Filesystem/CreateWatcher",
                    json={"path": "/tmp", "includeEntry": True}, headers=headers)

@@ -24,7 +24,7 @@ use crate::protocol::{
 };
 use crate::root::Root;
 use crate::upload::{Upload, UploadRx};
-use crate::{exec, extract, files, procs, watch};
+use crate::{archive, exec, extract, files, procs, watch};
 
 /// The agent's release version.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -325,6 +325,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::FileDelete { .. } => "file_delete",
         Request::FileGlob { .. } => "file_glob",
         Request::FileExtract { .. } => "file_extract",
+        Request::FileArchive { .. } => "file_archive",
         Request::ProcStart { .. } => "proc_start",
         Request::ProcList => "proc_list",
         Request::ProcGet { .. } => "proc_get",
@@ -380,6 +381,11 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             None => Answer::Err(Error::Internal("file_extract without an upload".into())),
         },
         Request::FileRead { path } => file_read(root, &path, out),
+        Request::FileArchive { path } => match archive::archive(root, &path, out) {
+            Ok(archive::Ended::Done) => Answer::Frame(Kind::End, Vec::new()),
+            Ok(archive::Ended::Cancelled) => Answer::Nothing,
+            Err(e) => Answer::Err(e),
+        },
         Request::FileStat { path } => entry(files::stat(root, &path)),
         Request::FileList { path, recursive } => match files::list(root, &path, recursive) {
             Ok(entries) => send_batches(out, &entries),

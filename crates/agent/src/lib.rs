@@ -6,6 +6,7 @@
 //! The agent uses plain threads and blocking I/O (no async runtime), so it
 //! stays small and its idle footprint stays low.
 
+pub mod archive;
 pub mod conn;
 pub mod exec;
 pub mod extract;

@@ -23,15 +23,19 @@ use stacyvm_core::error::WireError;
 use stacyvm_core::{ExitStatus, FileEntry};
 
 /// The protocol versions this build speaks, newest last. Version 2 adds
-/// `Watch`; a client sends it only on a connection that chose 2, since an
-/// agent of version 1 cannot read it.
-pub const PROTOCOL_VERSIONS: &[u32] = &[1, 2];
+/// `Watch`, version 3 `FileArchive`; a client sends each only on a
+/// connection that chose a version with it, since an older agent cannot
+/// read it.
+pub const PROTOCOL_VERSIONS: &[u32] = &[1, 2, 3];
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first protocol version with `Watch`.
 pub const WATCH_VERSION: u32 = 2;
+
+/// The first protocol version with `FileArchive`.
+pub const ARCHIVE_VERSION: u32 = 3;
 
 /// Largest payload a frame may carry.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -486,6 +490,11 @@ pub enum Request {
     /// error (what was written before it stays). Answer: `Ok` with the
     /// [`ArchiveSummary`](stacyvm_core::ArchiveSummary).
     FileExtract { path: String },
+    /// Sends `path` as a tar archive (protocol 3): a directory's entries
+    /// relative to it, a regular file under its own name; files,
+    /// directories and symlinks (never followed). Answer: `Data` chunks of
+    /// the tar, then `End`.
+    FileArchive { path: String },
     /// Starts a background process the agent keeps in its table. Answer:
     /// `Ok` with [`ProcInfo`](crate::procs::ProcInfo).
     ProcStart {
@@ -714,7 +723,8 @@ mod tests {
 
     #[test]
     fn the_newest_common_version_is_chosen() {
-        assert_eq!(choose_version(&[1, 2, 3]), Some(2));
+        assert_eq!(choose_version(&[1, 2, 3, 4]), Some(3));
+        assert_eq!(choose_version(&[1, 2]), Some(2));
         // A client of protocol 1 still gets it.
         assert_eq!(choose_version(&[1]), Some(1));
         assert_eq!(choose_version(&[9]), None);

@@ -235,6 +235,41 @@ pub struct Logs {
     pub lines: Vec<LogLine>,
 }
 
+/// One reading of a sandbox's resource use. A field the sandbox's provider
+/// cannot measure is null.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StatsSample {
+    #[serde(with = "crate::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
+    pub ts: OffsetDateTime,
+    /// CPUs the sandbox may use: its CPU limit, else the host's CPUs (the
+    /// guest's for a microVM).
+    pub cpu_count: Option<f64>,
+    /// Percent of those CPUs used since the reading before (since the
+    /// sandbox started, for the first reading).
+    pub cpu_used_pct: Option<f64>,
+    /// Bytes of memory in use, without page cache the kernel can drop.
+    pub mem_used: Option<u64>,
+    /// Bytes of memory it may use: its limit, else the machine's.
+    pub mem_total: Option<u64>,
+    /// Bytes of page cache charged to it.
+    pub mem_cache: Option<u64>,
+    /// Used and total bytes of the filesystem its root lives on (as `df /`
+    /// inside it shows: the host's filesystem for a container).
+    pub disk_used: Option<u64>,
+    pub disk_total: Option<u64>,
+}
+
+/// The answer of `GET /v1/sandboxes/{id}/stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SandboxStats {
+    pub sandbox_id: String,
+    /// Oldest first.
+    pub samples: Vec<StatsSample>,
+}
+
 /// Body of `POST /v1/sandboxes/{id}/snapshot`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

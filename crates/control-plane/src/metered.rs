@@ -10,7 +10,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use stacyvm_core::{Result, SpawnSpec, WorkerId};
 use stacyvm_provider::images::ImageInfo;
-use stacyvm_provider::{AgentClient, LogLine, RuntimeInfo};
+use stacyvm_provider::{AgentClient, LogLine, RuntimeInfo, RuntimeStats};
 use stacyvm_worker::{DynWorker, Lease, ProviderHealth, Worker, WorkerRuntime};
 
 /// `inner`, with each call timed.
@@ -95,6 +95,10 @@ impl Worker for Metered {
 
     async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>> {
         self.timed("logs", self.inner.logs(lease)).await
+    }
+
+    async fn stats(&self, lease: &Lease) -> Result<RuntimeStats> {
+        self.timed("stats", self.inner.stats(lease)).await
     }
 
     async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream> {

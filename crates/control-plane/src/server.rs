@@ -31,6 +31,8 @@ pub struct Running {
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
     loops: tokio::task::JoinHandle<()>,
     pool_loop: tokio::task::JoinHandle<()>,
+    /// Reads the sandboxes whose resource use someone is following.
+    sampler: tokio::task::JoinHandle<()>,
 }
 
 fn metrics_handle() -> Result<PrometheusHandle> {
@@ -192,6 +194,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         stop_rx.clone(),
     ));
     let loops = reconcilers::spawn_loops(app.clone(), stop_rx.clone());
+    let sampler = crate::app::stats::spawn_sampler(app.clone(), stop_rx.clone());
     let pool_loop = reconcilers::spawn_pool_loop(app.clone(), stop_rx);
     tracing::info!(%addr, store = app.store_kind(), "StacyVM is serving");
     Ok(Running {
@@ -203,6 +206,7 @@ pub async fn start(config: ServerConfig) -> Result<Running> {
         serving,
         loops,
         pool_loop,
+        sampler,
     })
 }
 
@@ -216,6 +220,7 @@ impl Running {
         let _ = self.stop.send(true);
         let _ = self.loops.await;
         let _ = self.pool_loop.await;
+        let _ = self.sampler.await;
         let served = match self.serving.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::internal("serving HTTP", e)),

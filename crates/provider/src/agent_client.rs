@@ -27,8 +27,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
-    self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, CHUNK_SIZE, MAX_ENTRIES, MAX_PAYLOAD,
-    MAX_WINDOW, PROTOCOL_VERSIONS, WATCH_VERSION,
+    self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, ARCHIVE_VERSION, CHUNK_SIZE,
+    MAX_ENTRIES, MAX_PAYLOAD, MAX_WINDOW, PROTOCOL_VERSIONS, WATCH_VERSION,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{
@@ -647,7 +647,9 @@ impl AgentClient {
             };
             Some((item, st))
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     pub async fn file_write(
@@ -696,13 +698,35 @@ impl AgentClient {
     }
 
     pub async fn file_read(&self, path: &str) -> Result<ByteStream> {
+        self.download(Request::FileRead {
+            path: path.to_owned(),
+        })
+        .await
+    }
+
+    /// `path` (a directory, or one file) as a tar stream: a directory's
+    /// entries relative to it; symlinks stored, never followed. An agent
+    /// that predates archives (protocol 1 or 2) is never sent one:
+    /// `Unsupported`.
+    pub async fn file_archive(&self, path: &str) -> Result<ByteStream> {
+        if self.info.protocol < ARCHIVE_VERSION {
+            return Err(Error::Unsupported(format!(
+                "the sandbox's agent ({}, protocol {}) cannot send directories as archives; a \
+                 sandbox started with a newer agent can",
+                self.info.version, self.info.protocol
+            )));
+        }
+        self.download(Request::FileArchive {
+            path: path.to_owned(),
+        })
+        .await
+    }
+
+    /// A request answered with `Data` chunks and `End`, as a byte stream.
+    async fn download(&self, req: Request) -> Result<ByteStream> {
         let (mut call, first) = self
             .bounded(async {
-                let mut call = self
-                    .start(&Request::FileRead {
-                        path: path.to_owned(),
-                    })
-                    .await?;
+                let mut call = self.start(&req).await?;
                 let first = call.recv().await?;
                 Ok((call, first))
             })
@@ -755,7 +779,9 @@ impl AgentClient {
                 }
             }
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     /// Watches the directory `path` (recursively with `recursive`): once
@@ -867,7 +893,9 @@ impl AgentClient {
                 }
             }
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     pub async fn file_stat(&self, path: &str) -> Result<FileEntry> {
@@ -1024,7 +1052,9 @@ impl AgentClient {
             let done = item.is_err();
             Some((item, (call, None, done)))
         });
-        Ok(Box::pin(stream))
+        // Fused: a consumer (a compressing HTTP body) may poll once more
+        // after the end, which an unfold stream must never see.
+        Ok(Box::pin(stream.fuse()))
     }
 
     async fn simple<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T> {

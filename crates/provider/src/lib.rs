@@ -69,6 +69,37 @@ pub struct RuntimeInfo {
     pub running: bool,
 }
 
+/// One reading of a sandbox's resource use, as its provider measures it: a
+/// container's or process tree's cgroup, or the guest's own kernel for a
+/// microVM. A field the provider cannot measure is `None`, never a guess.
+/// CPU use is a counter: a rate needs two readings (the control plane keeps
+/// them).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeStats {
+    /// CPUs the sandbox may use: its CPU quota, else the CPUs it can run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<f64>,
+    /// CPU time its processes used since it started, in nanoseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ns: Option<u64>,
+    /// Memory in use, in bytes, without the page cache the kernel can drop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_used: Option<u64>,
+    /// Memory it may use: its limit, else the machine's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_total: Option<u64>,
+    /// Page cache charged to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_cache: Option<u64>,
+    /// Used and total bytes of the filesystem its root lives on (what `df /`
+    /// shows inside it: the host's filesystem for a container, which has no
+    /// disk of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_used: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_total: Option<u64>,
+}
+
 /// One diagnostic line from the provider or the runtime.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
@@ -190,6 +221,16 @@ pub trait Provider: Send + Sync + 'static {
     async fn resume(&self, _id: &SandboxId) -> Result<()> {
         Err(Error::Unsupported(format!(
             "the {} provider cannot resume sandboxes",
+            self.name()
+        )))
+    }
+
+    /// A reading of the sandbox's resource use (see [`RuntimeStats`]).
+    /// `Unsupported` from a provider that cannot measure its sandboxes;
+    /// `NotFound` when the runtime does not exist.
+    async fn stats(&self, _id: &SandboxId) -> Result<RuntimeStats> {
+        Err(Error::Unsupported(format!(
+            "the {} provider cannot measure its sandboxes' resource use",
             self.name()
         )))
     }

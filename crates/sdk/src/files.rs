@@ -115,10 +115,22 @@ impl Client {
 
     /// The bytes of `path` in the sandbox, as they arrive.
     pub async fn file_read(&self, id: &str, path: &str) -> Result<ByteStream> {
-        let url = self.url(
-            &["v1", "sandboxes", id, "files"],
-            &[("path", path.to_owned())],
-        )?;
+        self.download(&["v1", "sandboxes", id, "files"], path).await
+    }
+
+    /// `path` in the sandbox (a directory, or one file) as a tar stream, as
+    /// it arrives: a directory's entries named relative to it, so
+    /// [`file_write_archive`](Self::file_write_archive) of the stream into a
+    /// directory gives back the tree. Files, directories and symlinks
+    /// (stored, never followed) with their modes and times.
+    pub async fn file_read_archive(&self, id: &str, path: &str) -> Result<ByteStream> {
+        self.download(&["v1", "sandboxes", id, "files", "archive"], path)
+            .await
+    }
+
+    /// A streamed GET of `segments?path=PATH`.
+    async fn download(&self, segments: &[&str], path: &str) -> Result<ByteStream> {
+        let url = self.url(segments, &[("path", path.to_owned())])?;
         let resp = self
             .send(Retry::Idempotent, || {
                 Ok(self.request(Method::GET, url.clone(), Deadline::Streaming))

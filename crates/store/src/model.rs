@@ -172,6 +172,9 @@ pub struct SandboxFilter {
     /// Every `(key, value)` must match.
     pub labels: Vec<(String, String)>,
     pub page: PageRequest,
+    /// Newest first (ids descending) instead of oldest first; the cursor
+    /// then continues downwards.
+    pub newest_first: bool,
 }
 
 /// Who made a call, as the audit log records it.

@@ -667,12 +667,13 @@ impl<B: Backend> Store for SqlStore<B> {
             c.and(B::label_matches(&k, &v));
         }
         if let Some(cursor) = cursor {
-            c.and_is("id >", Value::Text(cursor));
+            let after = if filter.newest_first { "id <" } else { "id >" };
+            c.and_is(after, Value::Text(cursor));
         }
         self.page_where(
             "listing sandboxes",
             concat!("SELECT ", sandbox_columns!(), " FROM sandboxes"),
-            "id",
+            if filter.newest_first { "id DESC" } else { "id" },
             c,
             limit,
             |r| sandbox_from_row(r).map(|s| (s.id.to_string(), s)),

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use stacyvm_core::{Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::ImageInfo;
-use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo};
+use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo, RuntimeStats};
 use std::sync::Arc;
 
 pub use leases::LeaseTable;
@@ -123,6 +123,10 @@ pub trait Worker: Send + Sync + 'static {
     async fn pause(&self, lease: &Lease) -> Result<()>;
     async fn resume(&self, lease: &Lease) -> Result<()>;
     async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>>;
+    /// One reading of the sandbox's resource use (see
+    /// `Provider::stats`); `Unsupported` where the provider, or a remote
+    /// worker from before this call, cannot measure it.
+    async fn stats(&self, lease: &Lease) -> Result<RuntimeStats>;
 
     /// A connection to the sandbox's agent: exec, streams and every file
     /// operation go through it (`AgentClient`), whatever the worker is.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::ImageInfo;
-use stacyvm_provider::{AgentClient, DynProvider, LogLine, RuntimeInfo};
+use stacyvm_provider::{AgentClient, DynProvider, LogLine, RuntimeInfo, RuntimeStats};
 
 use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
 
@@ -179,6 +179,10 @@ impl Worker for LocalWorker {
 
     async fn logs(&self, lease: &Lease) -> Result<Vec<LogLine>> {
         self.admit(lease)?.logs(&lease.sandbox_id).await
+    }
+
+    async fn stats(&self, lease: &Lease) -> Result<RuntimeStats> {
+        self.admit(lease)?.stats(&lease.sandbox_id).await
     }
 
     async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>> {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tarfile
 import time
 import tracemalloc
 import uuid
@@ -330,6 +331,20 @@ def test_upload_dir_sends_a_tree_in_one_request(sandbox: stacyvm.Sandbox, tmp_pa
         sandbox.files.write_archive("/work/junk", b"not a tar" * 200)
     with pytest.raises(NotADirectoryError):
         sandbox.files.upload_dir(run, "/work/nope")
+
+    # And back as one tar: links stay links (the sandbox's /etc/shadow link
+    # is not read), FIFOs are left out, set-id bits are not kept.
+    sandbox.exec(["sh", "-c", "ln -s /etc/shadow /work/proj/shadow && mkfifo /work/proj/pipe && chmod 4755 /work/proj/run.sh"])
+    back = tmp_path / "back"
+    assert sandbox.files.download_dir("/work/proj", back) == 56
+    assert (back / "src" / "pkg" / "m49.py").read_text() == "x = 49\n"
+    assert os.readlink(back / "shadow") == "/etc/shadow"
+    assert not (back / "pipe").exists()
+    assert (back / "run.sh").stat().st_mode & 0o7777 == 0o755
+    names = sorted(tarfile.open(fileobj=io.BytesIO(b"".join(sandbox.files.iter_read_archive("/work/proj/src")))).getnames())
+    assert names[:3] == ["pkg", "pkg/m0.py", "pkg/m1.py"] and len(names) == 51
+    with pytest.raises(stacyvm.NotFound):
+        sandbox.files.download_dir("/work/nope", tmp_path / "nope")
 
 
 def test_50_mib_round_trip_streams_without_holding_the_file(sandbox: stacyvm.Sandbox, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-//! The StacyVM client: sandboxes, images, tenants, keys, quotas, audit, status and workers.
+//! The StacyVM client: sandboxes, images, templates, tenants, keys, quotas, audit, status and workers.
 
 import type {
   ApiKey,
   AuditEvent,
   CreateSandbox,
+  CreateTemplate,
   Image,
   Operations,
   Quota,
@@ -11,16 +12,19 @@ import type {
   Sandbox as SandboxInfo,
   SandboxState,
   Status,
+  Template,
+  TemplateLog,
   Tenant,
   Volume,
   WhoAmI,
   Worker,
   WorkerToken,
 } from "./generated/api.js";
-import { StacyVMError } from "./errors.js";
+import { ProviderUnavailableError, StacyVMError } from "./errors.js";
 import { type CallOptions, type ClientOptions, Transport } from "./http.js";
 import { LocalFile, type Upload } from "./body.js";
 import { Sandbox } from "./sandbox.js";
+import { TemplateBuildFailedError, TemplateLogStream } from "./templates.js";
 
 /** One page of a list; pass `nextCursor` back as `cursor` for the next (`null`: this was the last). */
 export interface Page<T> {
@@ -35,6 +39,15 @@ export type SandboxOptions = CreateSandbox &
     idempotencyKey?: string;
     /** How long to wait for the sandbox to run, in milliseconds, beyond the client's timeout. */
     requestTimeoutMs?: number;
+  };
+
+/** What `buildTemplate` takes: the API's build fields, plus waiting for the build. */
+export type BuildTemplateOptions = CreateTemplate &
+  CallOptions & {
+    /** Follow the build to its end: resolve to the ready version, or throw `TemplateBuildFailedError`. */
+    wait?: boolean;
+    /** With `wait`, receives each piece of the build's log as it is written. */
+    onLog?: (text: string) => void;
   };
 
 /** Filters of `listSandboxes`. */
@@ -157,6 +170,86 @@ export class Client {
 
   async deleteImage(name: string): Promise<void> {
     await this.t.send("image_delete", { path: { name } });
+  }
+
+  // templates
+
+  /**
+   * Builds a new version of the caller's tenant's template `name` from
+   * `from` (a catalog image, or a visible template `name` or
+   * `name:version`) by running `steps` in a sandbox. `cpu`, `memory_mb`,
+   * `env`, `workdir`, `start` (run in the background in every sandbox of
+   * the template) and `ready` (a create resolves once it exits 0) are the
+   * template's create defaults; `network` and `provider` apply to the build
+   * only. Resolves to the new version, `building`; with `wait`, follows the
+   * build to its end (handing its log to `onLog`) and resolves to the
+   * ready version or throws `TemplateBuildFailedError`.
+   */
+  async buildTemplate(options: BuildTemplateOptions): Promise<Template> {
+    const { wait, onLog, signal, ...spec } = options;
+    const r = await this.t.send("template_build", { json: spec, signal });
+    const t = (await r.json()) as Template;
+    if (!wait) return t;
+    return await this.waitTemplate(t.name, { version: t.version, onLog, signal });
+  }
+
+  /**
+   * Follows the build of `version` (default the newest) to its end, handing
+   * each piece of its log to `onLog`; resolves to the ready version or
+   * throws `TemplateBuildFailedError` with the failing step's output.
+   */
+  async waitTemplate(
+    name: string,
+    options: { version?: number; onLog?: (text: string) => void } & CallOptions = {},
+  ): Promise<Template> {
+    const log = await this.templateLogs(name, options);
+    for await (const text of log) options.onLog?.(text);
+    const t = await this.getTemplate(name, { version: log.end?.version ?? options.version });
+    if (t.state === "failed") throw new TemplateBuildFailedError(t);
+    return t;
+  }
+
+  /** The build log of `version` (default the newest): followed while the build runs, whole once it has ended. */
+  async templateLogs(name: string, options: { version?: number } & CallOptions = {}): Promise<TemplateLogStream> {
+    const r = await this.t.send("template_logs", {
+      path: { name },
+      query: { version: options.version },
+      accept: "text/event-stream, application/json",
+      deadline: "headers",
+      signal: options.signal,
+    });
+    if ((r.headers.get("content-type") ?? "").startsWith("text/event-stream")) {
+      if (r.body === null) throw new ProviderUnavailableError("provider_unavailable", "the build log stream has no body");
+      return new TemplateLogStream(r.body);
+    }
+    return new TemplateLogStream((await r.json()) as TemplateLog);
+  }
+
+  /** The newest version of every template the caller sees: its tenant's and the operator's (the public catalog). */
+  async listTemplates(): Promise<Template[]> {
+    const r = await this.t.send("template_list", {});
+    return ((await r.json()) as Operations["template_list"]["response"]).templates;
+  }
+
+  /** The newest version of `name` (whatever its state), or `version`. */
+  async getTemplate(name: string, options: { version?: number } = {}): Promise<Template> {
+    const r = await this.t.send("template_get", { path: { name }, query: { version: options.version } });
+    return (await r.json()) as Template;
+  }
+
+  /** Every version of `name`, oldest first. */
+  async listTemplateVersions(name: string): Promise<Template[]> {
+    const r = await this.t.send("template_versions", { path: { name } });
+    return ((await r.json()) as Operations["template_versions"]["response"]).templates;
+  }
+
+  /**
+   * Deletes every version of the caller's tenant's template `name`;
+   * sandboxes running from it keep running. The operator's templates are a
+   * `ForbiddenError` to other tenants.
+   */
+  async deleteTemplate(name: string): Promise<void> {
+    await this.t.send("template_delete", { path: { name } });
   }
 
   // volumes

@@ -1,6 +1,6 @@
 //! The `stacyvm` package: a typed client for the StacyVM API.
 
-export { Client, type Page, type SandboxOptions, type SandboxListOptions, type AuditListOptions, type Readiness } from "./client.js";
+export { Client, type Page, type BuildTemplateOptions, type SandboxOptions, type SandboxListOptions, type AuditListOptions, type Readiness } from "./client.js";
 export {
   Sandbox,
   Files,
@@ -23,6 +23,7 @@ export {
   type ProcessStartOptions,
 } from "./processes.js";
 export { Pty, type PtyOptions } from "./pty.js";
+export { TemplateLogStream, TemplateBuildFailedError, type TemplateLogEnd } from "./templates.js";
 export {
   DEFAULT_URL,
   DEFAULT_TIMEOUT_MS,
@@ -44,6 +45,7 @@ export type {
   ArchiveSummary,
   AuditEvent,
   CreateSandbox,
+  CreateTemplate,
   ExecRequest,
   ExecResponse,
   ExitStatus,
@@ -67,7 +69,13 @@ export type {
   Status,
   StdinWritten,
   StoreStatus,
+  Template,
+  TemplateList,
+  TemplateLog,
+  TemplateState,
+  TemplateStep,
   Tenant,
+  UploadStep,
   Volume,
   VolumeMount,
   WhoAmI,
@@ -75,8 +83,9 @@ export type {
   WorkerCapacity,
   WorkerProvider,
   WorkerToken,
+  WriteStep,
   Operations,
   OperationId,
   OperationRoute,
 } from "./generated/api.js";
-export { operations, SandboxStateValues, FileTypeValues, RoleValues, NetworkValues } from "./generated/api.js";
+export { operations, SandboxStateValues, FileTypeValues, RoleValues, NetworkValues, TemplateStateValues } from "./generated/api.js";

@@ -293,6 +293,25 @@ export class Files {
     return r.body ?? new ReadableStream<Uint8Array>({ start: (c) => c.close() });
   }
 
+  /**
+   * `path` (a directory, or one file) as a tar stream, as it arrives: a
+   * directory's entries named relative to it (so `writeArchive` of it into a
+   * directory gives back the tree); files, directories and symlinks (stored,
+   * never followed) with their modes and times. The tar comes from the
+   * sandbox: unpack it as untrusted input.
+   */
+  async readArchiveStream(path: string, options: CallOptions = {}): Promise<ReadableStream<Uint8Array>> {
+    const r = await this.t.send("file_archive_get", {
+      path: { id: this.id },
+      query: { path },
+      accept: "application/x-tar",
+      deadline: "headers",
+      transfer: true,
+      signal: options.signal,
+    });
+    return r.body ?? new ReadableStream<Uint8Array>({ start: (c) => c.close() });
+  }
+
   /** The whole file in memory; `readStream` or `download` for large files. */
   async read(path: string, options: CallOptions = {}): Promise<Uint8Array> {
     const r = await this.t.send("file_read", {

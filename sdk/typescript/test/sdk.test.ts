@@ -6,6 +6,8 @@ import { createHash, randomUUID } from "node:crypto";
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync, statSync, writeFileSync, createReadStream, createWriteStream } from "node:fs";
 import { tmpdir } from "node:os";
+import { Readable } from "node:stream";
+import { pipeline } from "node:stream/promises";
 import { join } from "node:path";
 import v8 from "node:v8";
 import { runInNewContext } from "node:vm";
@@ -239,6 +241,15 @@ describe("files", () => {
     const summary = await f.writeArchive("/srv/tree", { localPath: tarPath });
     assert.deepEqual([summary.files, summary.dirs, summary.bytes], [1, 1, 8]);
     assert.equal(await f.readText("/srv/tree/d/f.txt"), "in a tar");
+
+    // And back as one tar, which the system's tar reads.
+    const back = join(scratch, "back.tar");
+    await pipeline(
+      Readable.fromWeb((await f.readArchiveStream("/srv/tree")) as import("node:stream/web").ReadableStream<Uint8Array>),
+      createWriteStream(back),
+    );
+    assert.deepEqual(execFileSync("tar", ["-tf", back]).toString().trim().split("\n"), ["d/", "d/f.txt"]);
+    await assert.rejects(f.readArchiveStream("/srv/none"), isError(NotFoundError, 404));
   });
 
   test("a multi-MiB file streams both ways without being held in memory", async () => {

@@ -28,6 +28,7 @@ pub struct CpPaths {
     src: String,
     /// A host path, `-` for stdout, or SANDBOX_ID:/path. An existing
     /// directory (or a path ending in `/`) receives the file under its name.
+    /// A directory on either side goes as one tar.
     dst: String,
 }
 
@@ -241,9 +242,7 @@ fn unreachable_sandbox() -> ! {
 async fn download(client: &Client, id: &str, path: &str, dst: Loc) -> Result<()> {
     let entry = client.file_stat(id, path).await?;
     if entry.file_type == FileType::Dir {
-        usage(format!(
-            "{id}:{path} is a directory; cp copies single files"
-        ));
+        return download_dir(client, id, path, dst).await;
     }
     let bar = output::progress(Some(entry.size), &format!("{id}:{path}"));
     let mut stream = client
@@ -299,6 +298,110 @@ async fn download(client: &Client, id: &str, path: &str, dst: Loc) -> Result<()>
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// A sandbox directory comes as one tar, as `docker cp` copies one: to
+/// stdout as the tar itself, or unpacked into a host directory (the
+/// destination when it does not exist yet, else a directory of the same
+/// name inside it). The archive comes from the sandbox, so it is unpacked
+/// as untrusted input: only files, directories and symlinks; every entry
+/// inside the destination (an absolute name, a `..` or a parent that is a
+/// symlink leading out is refused); no set-id bits, and owned by whoever
+/// runs the copy.
+async fn download_dir(client: &Client, id: &str, path: &str, dst: Loc) -> Result<()> {
+    let bar = output::progress(None, &format!("{id}:{path}/"));
+    let counted = bar.clone();
+    let mut stream = client
+        .file_read_archive(id, path)
+        .await?
+        .inspect_ok(move |b| counted.inc(b.len() as u64));
+    let result = match dst {
+        Loc::Std => {
+            let mut out = tokio::io::stdout();
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk?).await?;
+            }
+            out.flush().await.map_err(anyhow::Error::from)
+        }
+        Loc::Host(p) => {
+            let target = if p.is_dir() {
+                p.join(base_name(path))
+            } else {
+                p
+            };
+            let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(
+                stream.map_err(|e| std::io::Error::other(e.to_string())),
+            ));
+            let shown = target.clone();
+            let counts =
+                tokio::task::spawn_blocking(move || unpack_untrusted(reader, &target)).await??;
+            bar.finish_and_clear();
+            eprintln!(
+                "{id}:{path}/ → {}: {} files, {} directories, {} symlinks{}",
+                shown.display(),
+                counts.files,
+                counts.dirs,
+                counts.symlinks,
+                if counts.skipped > 0 {
+                    format!(", {} entries of other types left out", counts.skipped)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        Loc::Sandbox { .. } => unreachable_sandbox(),
+    };
+    bar.finish_and_clear();
+    result
+}
+
+#[derive(Default)]
+struct Unpacked {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    skipped: u64,
+}
+
+fn unpack_untrusted(reader: impl std::io::Read, dest: &Path) -> Result<Unpacked> {
+    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(false);
+    archive.set_preserve_ownerships(false);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    let mut n = Unpacked::default();
+    for entry in archive.entries().context("reading the archive")? {
+        let mut entry = entry.context("reading the archive")?;
+        let kind = entry.header().entry_type();
+        if !matches!(
+            kind,
+            tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Symlink
+        ) {
+            n.skipped += 1;
+            continue;
+        }
+        let name = entry
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        if !entry
+            .unpack_in(dest)
+            .with_context(|| format!("unpacking {name} into {}", dest.display()))?
+        {
+            anyhow::bail!(
+                "the archive's entry {name:?} would land outside {}",
+                dest.display()
+            );
+        }
+        match kind {
+            tar::EntryType::Regular => n.files += 1,
+            tar::EntryType::Directory => n.dirs += 1,
+            _ => n.symlinks += 1,
+        }
+    }
+    Ok(n)
 }
 
 /// Where a download goes until it is complete, so a failed copy never

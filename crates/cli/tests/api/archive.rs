@@ -302,3 +302,134 @@ async fn an_archive_unpacks_a_tree_on_both_providers_and_refuses_escapes() -> Re
     );
     Ok(())
 }
+
+/// What a downloaded archive holds: name → (kind, mode, link target or
+/// contents).
+fn entries_of(tar: &[u8]) -> Result<std::collections::BTreeMap<String, (char, u32, String)>> {
+    use std::io::Read;
+    let mut out = std::collections::BTreeMap::new();
+    let mut a = tar::Archive::new(tar);
+    for e in a.entries()? {
+        let mut e = e?;
+        let name = e.path()?.to_string_lossy().into_owned();
+        let mode = e.header().mode()?;
+        let (kind, what) = match e.header().entry_type() {
+            tar::EntryType::Directory => ('d', String::new()),
+            tar::EntryType::Symlink => (
+                'l',
+                e.link_name()?
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+            tar::EntryType::Regular => {
+                let mut s = String::new();
+                e.read_to_string(&mut s)?;
+                ('f', s)
+            }
+            other => anyhow::bail!("unexpected entry {name}: {other:?}"),
+        };
+        out.insert(name, (kind, mode, what));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_directory_downloads_as_a_tar_that_unpacks_back_into_the_same_tree() -> Result<()> {
+    let server =
+        Server::start(ServerOptions::new(StoreKind::Sqlite).providers("docker,proot,namespaces"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let (_, other) = admin.tenant_with("member").await?;
+    for provider in ["docker", "proot", "namespaces"] {
+        let id = member.sandbox(provider).await?;
+        // Links out of the tree are stored as links: the archive never
+        // carries what they point at (the host's or the sandbox's).
+        member
+            .sh(
+                &id,
+                "mkdir -p /work/t/sub/deep /work/t/empty && echo one > /work/t/a.txt && \
+                 printf 'two\\n' > /work/t/sub/deep/b.txt && chmod 600 /work/t/sub/deep/b.txt && \
+                 ln -s /etc/shadow /work/t/shadow && ln -s ../../etc /work/t/up && \
+                 mkfifo /work/t/fifo && head -c 300000 /dev/zero | tr '\\0' z > /work/t/big",
+            )
+            .await?;
+        let url = |path: &str| format!("/v1/sandboxes/{id}/files/archive?path={path}");
+        let got = member.get(&url("/work/t")).await?;
+        ensure!(got.status == 200, "{provider}: {}", got.text());
+        ensure!(
+            got.headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                == Some("application/x-tar"),
+            "{provider}: {:?}",
+            got.headers
+        );
+        let seen = entries_of(&got.body)?;
+        let names: Vec<&str> = seen.keys().map(String::as_str).collect();
+        ensure!(
+            names
+                == [
+                    "a.txt",
+                    "big",
+                    "empty/",
+                    "shadow",
+                    "sub/",
+                    "sub/deep/",
+                    "sub/deep/b.txt",
+                    "up"
+                ],
+            "{provider}: {names:?}"
+        );
+        ensure!(
+            seen["a.txt"] == ('f', 0o644, "one\n".into())
+                && seen["sub/deep/b.txt"] == ('f', 0o600, "two\n".into())
+                && seen["shadow"].0 == 'l'
+                && seen["shadow"].2 == "/etc/shadow"
+                && seen["up"].2 == "../../etc"
+                && seen["big"].2.len() == 300_000,
+            "{provider}: {seen:?}"
+        );
+
+        // One file comes under its own name.
+        let one = member.get(&url("/work/t/a.txt")).await?;
+        ensure!(one.status == 200, "{provider}: {}", one.text());
+        ensure!(
+            entries_of(&one.body)?.into_keys().collect::<Vec<_>>() == ["a.txt"],
+            "{provider}"
+        );
+
+        // Unpacked with PUT, the tree comes back the same.
+        member
+            .send(
+                member
+                    .request(reqwest::Method::PUT, &url("/work/copy"))
+                    .header("content-type", "application/x-tar")
+                    .body(got.body.clone()),
+            )
+            .await?
+            .ok(201)?;
+        let again = member.get(&url("/work/copy")).await?;
+        ensure!(
+            entries_of(&again.body)? == seen,
+            "{provider}: the round trip changed the tree"
+        );
+
+        // Missing paths, another tenant's key, bad paths.
+        member
+            .get(&url("/work/nope"))
+            .await?
+            .err(404, "not_found")?;
+        other.get(&url("/work/t")).await?.err(404, "not_found")?;
+        member
+            .get(&url("work"))
+            .await?
+            .err(400, "invalid_request")?;
+        member
+            .get(&format!("/v1/sandboxes/{id}/files/archive"))
+            .await?
+            .err(400, "invalid_request")?;
+        member.destroy(&id).await?;
+    }
+    Ok(())
+}

@@ -29,6 +29,7 @@ mod procs;
 mod pty;
 mod qemu;
 mod snapshots;
+mod stats;
 #[allow(dead_code)]
 #[path = "../common/server.rs"]
 mod support;

@@ -510,6 +510,71 @@ async fn cp_of_a_directory_sends_the_tree_as_one_tar() -> Result<()> {
         server.ok(&["sandbox", "exec", &id, "--", "/srv/run.sh"])?,
         "ran\n"
     );
+
+    // And back: a sandbox directory comes down as one tar, unpacked into a
+    // new host directory, or under its own name into an existing one. The
+    // sandbox's links stay links: nothing of the host's /etc/shadow is
+    // read, and nothing is written through them.
+    server.ok(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "ln -s /etc/shadow /work/proj/shadow && mkfifo /work/proj/pipe && chmod 4755 /work/proj/run.sh",
+    ])?;
+    let back = TempPath::new("svm-cp-back-tree");
+    let out = run(server.cli().args([
+        "cp",
+        &format!("{id}:/work/proj"),
+        back.0.to_str().context("utf-8")?,
+    ]))?;
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("21 files, 2 directories, 2 symlinks"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.0.join("src/lib/m7.txt"))?,
+        "7\n"
+    );
+    assert_eq!(
+        std::fs::read_link(back.0.join("shadow"))?,
+        std::path::Path::new("/etc/shadow")
+    );
+    assert!(!back.0.join("pipe").exists());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(back.0.join("run.sh"))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7000, 0, "no set-id bit reaches the host: {mode:o}");
+        assert_eq!(mode & 0o100, 0o100, "{mode:o}");
+    }
+    let out = run(server.cli().args([
+        "cp",
+        &format!("{id}:/work/proj"),
+        &format!("{}/", back.0.display()),
+    ]))?;
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        std::fs::read_to_string(back.0.join("proj/first"))?,
+        "0\n",
+        "into an existing directory, under the sandbox directory's name"
+    );
+    // To stdout: the tar itself.
+    let out = run(server
+        .cli()
+        .args(["cp", &format!("{id}:/work/proj/src"), "-"]))?;
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let mut names = Vec::new();
+    for e in tar::Archive::new(&out.stdout[..]).entries()? {
+        names.push(e?.path()?.to_string_lossy().into_owned());
+    }
+    assert_eq!(names.len(), 21, "{names:?}");
+    assert!(names.contains(&"lib/m19.txt".to_owned()), "{names:?}");
     Ok(())
 }
 

@@ -117,6 +117,35 @@ pub fn test_image_tar() -> Result<PathBuf> {
     .map_err(|e| anyhow!(e))
 }
 
+/// The provided `python` template's root filesystem tar (Debian with python3
+/// and pip): `STACYVM_TEST_PYTHON_IMAGE_TAR`, or built (and cached) by
+/// `scripts/build-python-image.sh`.
+pub fn python_image_tar() -> Result<PathBuf> {
+    static TAR: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    TAR.get_or_init(|| {
+        if let Some(p) = std::env::var_os("STACYVM_TEST_PYTHON_IMAGE_TAR") {
+            return Ok(PathBuf::from(p));
+        }
+        let out = locked_script(
+            "stacyvm-python-image.lock",
+            "scripts/build-python-image.sh",
+            &[],
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        let path = PathBuf::from(out.lines().last().unwrap_or_default());
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "scripts/build-python-image.sh did not write {}",
+                path.display()
+            ))
+        }
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
 /// The PostgreSQL server URL (its `postgres` database): `STACYVM_TEST_POSTGRES_URL`,
 /// or the cluster `scripts/start-postgres.sh` starts.
 pub fn postgres_base_url() -> Result<String> {

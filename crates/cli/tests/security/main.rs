@@ -28,6 +28,7 @@ mod images;
 mod keys;
 mod ports;
 mod procs;
+mod provided_templates;
 mod pty;
 mod rootless;
 mod snapshots;

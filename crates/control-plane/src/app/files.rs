@@ -40,6 +40,14 @@ impl App {
         agent.file_read(&path).await
     }
 
+    /// `path` as a tar stream (a directory's entries relative to it).
+    /// Reading, like [`App::file_read`]: any key of the sandbox's tenant.
+    pub async fn file_archive(&self, who: &Principal, id: &str, path: &str) -> Result<ByteStream> {
+        let path = validate_sandbox_path(path)?;
+        let agent = self.agent_of(who, id).await?;
+        agent.file_archive(&path).await
+    }
+
     pub async fn file_stat(&self, who: &Principal, id: &str, path: &str) -> Result<FileEntry> {
         let path = validate_sandbox_path(path)?;
         let agent = self.agent_of(who, id).await?;

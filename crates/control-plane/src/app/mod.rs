@@ -18,6 +18,7 @@ pub mod ratelimit;
 pub mod reconcilers;
 pub mod sandboxes;
 pub mod snapshots;
+pub mod stats;
 pub mod status;
 pub mod templates;
 pub mod tenants;
@@ -109,6 +110,8 @@ pub struct App {
     e2b_watches: Arc<e2b_watch::EnvdWatches>,
     /// Exposed ports and the secret of their URL tokens.
     ports: ports::Exposures,
+    /// Recent resource readings of the sandboxes someone asks about.
+    stats_book: stats::StatsBook,
 }
 
 impl App {
@@ -140,6 +143,7 @@ impl App {
             e2b_processes: Default::default(),
             e2b_watches: Default::default(),
             ports: Default::default(),
+            stats_book: Default::default(),
         }
     }
 

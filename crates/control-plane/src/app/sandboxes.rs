@@ -574,12 +574,13 @@ impl App {
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Page<SandboxRecord>> {
-        self.sandbox_list_in(who, state.into_iter().collect(), labels, limit, cursor)
+        let states = state.into_iter().collect();
+        self.sandbox_list_in(who, states, labels, limit, cursor, false)
             .await
     }
 
     /// As [`App::sandbox_list`], with the state any of `states` (any state
-    /// when empty).
+    /// when empty), newest first when asked.
     pub async fn sandbox_list_in(
         &self,
         who: &Principal,
@@ -587,6 +588,7 @@ impl App {
         labels: Vec<(String, String)>,
         limit: Option<u32>,
         cursor: Option<String>,
+        newest_first: bool,
     ) -> Result<Page<SandboxRecord>> {
         let filter = SandboxFilter {
             tenant_id: if who.is_admin() {
@@ -601,6 +603,7 @@ impl App {
                 cursor,
                 limit: page_limit(limit)?,
             },
+            newest_first,
         };
         self.store.sandbox_list(&filter).await
     }
@@ -631,6 +634,7 @@ impl App {
         let was = rec.state;
         self.ports.forget(rec.id.as_ref());
         self.e2b_forget_watches(&rec.id);
+        self.stats_book.forget(&rec.id);
         if rec.state != SandboxState::Stopping {
             rec.state = SandboxState::Stopping;
             self.store.sandbox_update(&rec).await?;

@@ -769,6 +769,7 @@ impl App {
                     cursor: None,
                     limit: 100,
                 },
+                newest_first: false,
             })
             .await?
             .items)

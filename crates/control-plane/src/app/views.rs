@@ -79,6 +79,19 @@ pub fn stream_chunk(bytes: &[u8]) -> api::StreamChunk {
     api::StreamChunk { data, data_b64 }
 }
 
+pub fn stats_sample(x: &crate::app::stats::StatsSample) -> api::StatsSample {
+    api::StatsSample {
+        ts: x.at,
+        cpu_count: x.stats.cpu_count,
+        cpu_used_pct: x.cpu_used_pct,
+        mem_used: x.stats.mem_used,
+        mem_total: x.stats.mem_total,
+        mem_cache: x.stats.mem_cache,
+        disk_used: x.stats.disk_used,
+        disk_total: x.stats.disk_total,
+    }
+}
+
 pub fn log_line(l: &LogLine) -> api::LogLine {
     api::LogLine {
         ts: l.ts,

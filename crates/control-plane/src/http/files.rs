@@ -228,11 +228,40 @@ pub async fn file_read(
 ) -> ApiResult<Response> {
     let path = q.path_and_mode()?.0;
     let stream = s.app.file_read(&who, &id, &path).await?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
+    Ok(streamed("application/octet-stream", stream))
+}
+
+/// A download's body, sent as it arrives.
+fn streamed(content_type: &'static str, stream: ByteStream) -> Response {
+    (
+        [(header::CONTENT_TYPE, content_type)],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response()
+}
+
+/// Download a directory as a tar archive.
+///
+/// `path` as an `application/x-tar` stream, the way to download a whole tree in one request: a
+/// directory's entries named relative to it (unpacking the archive with `PUT …/files/archive`
+/// into a directory gives back the tree), a regular file under its own name. Regular files,
+/// directories and symlinks with their modes, owners and modification times; symlinks are stored as
+/// links and never followed; sockets, FIFOs and devices are left out, and so are `/proc` and `/sys`
+/// when the directory is above them. A missing path is `404`; a sandbox whose agent predates
+/// archives is `409 unsupported`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/archive", tag = "files", params(PathQuery),
+    responses((status = 200, content_type = "application/x-tar", body = RawBytes),
+        (status = 404, body = super::error::ErrorBody), (status = 400, body = super::error::ErrorBody),
+        (status = 409, body = super::error::ErrorBody)))]
+pub async fn file_archive_get(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<PathQuery>,
+) -> ApiResult<Response> {
+    let path = q.path_and_mode()?.0;
+    let stream = s.app.file_archive(&who, &id, &path).await?;
+    Ok(streamed("application/x-tar", stream))
 }
 
 /// Describe a path.

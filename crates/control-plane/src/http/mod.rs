@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(sandbox_pause))
         .route("/v1/sandboxes/{id}/resume", post(sandbox_resume))
         .route("/v1/sandboxes/{id}/logs", get(sandbox_logs))
+        .route("/v1/sandboxes/{id}/stats", get(sandbox_stats))
         .route("/v1/sandboxes/{id}/exec", post(sandbox_exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(sandbox_exec_stream))
         .route("/v1/sandboxes/{id}/pty", get(pty::sandbox_pty))
@@ -84,7 +85,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandboxes/{id}/files",
             get(file_read).put(file_write).delete(file_delete),
         )
-        .route("/v1/sandboxes/{id}/files/archive", put(file_archive_put))
+        .route(
+            "/v1/sandboxes/{id}/files/archive",
+            put(file_archive_put).get(file_archive_get),
+        )
         .route("/v1/sandboxes/{id}/files/stat", get(file_stat))
         .route("/v1/sandboxes/{id}/files/list", get(file_list))
         .route("/v1/sandboxes/{id}/files/glob", get(file_glob))

@@ -36,8 +36,9 @@ impl Modify for BearerAuth {
     paths(
         sandboxes::sandbox_create, sandboxes::sandbox_list, sandboxes::sandbox_get, sandboxes::sandbox_destroy,
         sandboxes::sandbox_timeout, sandboxes::sandbox_pause, sandboxes::sandbox_resume, sandboxes::sandbox_logs,
+        sandboxes::sandbox_stats,
         sandboxes::sandbox_exec, sandboxes::sandbox_exec_stream, pty::sandbox_pty,
-        files::file_write, files::file_archive_put, files::file_read, files::file_stat, files::file_list, files::file_glob,
+        files::file_write, files::file_archive_put, files::file_archive_get, files::file_read, files::file_stat, files::file_list, files::file_glob,
         files::file_move, files::file_chmod, files::file_mkdir, files::file_delete,
         admin::image_import, admin::image_list, admin::image_get, admin::image_delete,
         admin::tenant_create, admin::tenant_list, admin::quota_get, admin::quota_set,
@@ -58,6 +59,7 @@ impl Modify for BearerAuth {
     components(schemas(
         api::ErrorBody, api::ErrorDetail, api::Sandbox, api::SandboxState, api::Network, api::Failure,
         api::CreateSandbox, api::SandboxList, api::SetTimeout, api::LogLine, api::Logs,
+        api::StatsSample, api::SandboxStats,
         api::ExecRequest, api::ExecResponse, api::ExitStatus, api::StreamChunk, api::StreamError,
         api::FileType, api::FileEntry, api::Entries, api::Paths, api::MoveFile, api::Chmod, api::Mkdir,
         api::ArchiveSummary, api::Image, api::ImageList, api::CreateTenant, api::Quota, api::Tenant,

@@ -243,6 +243,59 @@ pub async fn sandbox_resume(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// Only readings at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Only readings at or before this time (RFC 3339).
+    pub until: Option<String>,
+}
+
+fn stats_time(v: Option<&str>, what: &str) -> ApiResult<Option<time::OffsetDateTime>> {
+    v.map(|v| {
+        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).map_err(
+            |_| {
+                ApiError::from(Error::InvalidRequest(format!(
+                    "{what} {v:?} is not an RFC 3339 time"
+                )))
+            },
+        )
+    })
+    .transpose()
+}
+
+/// Read a sandbox's resource use.
+///
+/// CPU, memory and disk readings of a running or paused sandbox, oldest first, as its provider
+/// measures them (Docker's engine stats, the cgroup of a namespaces or PRoot sandbox); a field the
+/// provider cannot measure is null. The call takes a new reading unless the newest is under a
+/// second old, and the server keeps reading every 5 s for ten minutes after the last call, so
+/// repeated calls see a series (up to 120 readings). `cpu_used_pct` is the share of the
+/// sandbox's CPUs used since the reading before. `409 unsupported` where the provider cannot
+/// measure; `409 conflict` for a sandbox that is not running or paused.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/stats", tag = "sandboxes", params(StatsQuery),
+    responses((status = 200, body = api::SandboxStats), (status = 400, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody)))]
+pub async fn sandbox_stats(
+    State(s): State<AppState>,
+    Auth(who): Auth,
+    Path(id): Path<String>,
+    Q(q): Q<StatsQuery>,
+) -> ApiResult<Json<api::SandboxStats>> {
+    let since = stats_time(q.since.as_deref(), "since")?;
+    let until = stats_time(q.until.as_deref(), "until")?;
+    let answer = s.app.sandbox_stats(&who, &id, since, until).await?;
+    if let Some(e) = answer.unavailable {
+        return Err(e.into());
+    }
+    Ok(Json(api::SandboxStats {
+        sandbox_id: id,
+        samples: answer.samples.iter().map(views::stats_sample).collect(),
+    }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
     /// Stream new lines as SSE until the sandbox ends.
     #[serde(default)]

@@ -662,6 +662,87 @@ impl Inner {
         ))
     }
 
+    /// One reading of the Engine's stats of the sandbox's container (a
+    /// single sample, not the two-cycle average), with its CPU limit and the
+    /// filesystem its merged root lives on from the inspection.
+    pub(super) async fn stats(&self, id: &SandboxId) -> Result<crate::RuntimeStats> {
+        let docker = self.docker().await?;
+        let c = self.inspect(&docker, id).await?;
+        let opts = bollard::query_parameters::StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let mut stream = docker.stats(&self.container_name(id), Some(opts));
+        let reading = match stream.next().await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) if is_status(&e, 404) => {
+                return Err(Error::NotFound(format!("sandbox {id} has no container")))
+            }
+            Some(Err(e)) => {
+                return Err(self.docker_error(format_args!("reading sandbox {id}'s stats"), e))
+            }
+            None => {
+                return Err(Error::ProviderUnavailable(format!(
+                    "the Docker daemon sent no stats for sandbox {id}"
+                )))
+            }
+        };
+        let host_cpus = reading
+            .cpu_stats
+            .as_ref()
+            .and_then(|c| c.online_cpus)
+            .filter(|n| *n > 0)
+            .map_or_else(crate::sandboxing::usage::host_cpus, f64::from);
+        let quota = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.nano_cpus)
+            .filter(|n| *n > 0)
+            .map(|n| n as f64 / 1e9);
+        let mut out = crate::RuntimeStats {
+            cpu_count: Some(quota.map_or(host_cpus, |q| q.min(host_cpus))),
+            cpu_time_ns: reading
+                .cpu_stats
+                .as_ref()
+                .and_then(|c| c.cpu_usage.as_ref())
+                .and_then(|u| u.total_usage),
+            ..Default::default()
+        };
+        if let Some(m) = &reading.memory_stats {
+            let stat = |k: &str| {
+                m.stats
+                    .as_ref()
+                    .and_then(|s| s.get(&format!("total_{k}")).or_else(|| s.get(k)).copied())
+            };
+            if let Some(usage) = m.usage {
+                // cgroup v1 names the inactive page cache total_inactive_file,
+                // v2 inactive_file; `docker stats` leaves it out too.
+                out.mem_used = Some(usage.saturating_sub(stat("inactive_file").unwrap_or(0)));
+            }
+            out.mem_cache = stat("cache").or_else(|| stat("file"));
+            let host_mem = crate::sandboxing::usage::host_memory();
+            out.mem_total = match (m.limit.filter(|l| *l > 0), host_mem) {
+                (Some(l), Some(h)) => Some(l.min(h)),
+                (l, h) => l.or(h),
+            };
+        }
+        let merged = c
+            .graph_driver
+            .as_ref()
+            .and_then(|g| g.data.get("MergedDir"))
+            .map(PathBuf::from);
+        if let Some(dir) = merged {
+            if let Ok(Some((used, total))) =
+                tokio::task::spawn_blocking(move || crate::sandboxing::usage::filesystem_use(&dir))
+                    .await
+            {
+                out.disk_used = Some(used);
+                out.disk_total = Some(total);
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) async fn pause(&self, id: &SandboxId) -> Result<()> {
         let docker = self.docker().await?;
         let c = self.inspect(&docker, id).await?;

@@ -554,6 +554,10 @@ impl Provider for DockerProvider {
     async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
         self.inner.snapshot(id).await
     }
+
+    async fn stats(&self, id: &SandboxId) -> Result<crate::RuntimeStats> {
+        self.inner.stats(id).await
+    }
 }
 
 #[cfg(test)]

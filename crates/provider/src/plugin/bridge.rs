@@ -306,6 +306,7 @@ impl Call {
             Request::FileDelete { .. } => Err(self.unsupported("delete files")),
             Request::FileGlob { .. } => Err(self.unsupported("match globs")),
             Request::FileExtract { .. } => Err(self.unsupported("unpack archives")),
+            Request::FileArchive { .. } => Err(self.unsupported("pack directories as archives")),
             Request::ProcStart { .. }
             | Request::ProcList
             | Request::ProcGet { .. }

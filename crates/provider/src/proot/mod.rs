@@ -915,6 +915,24 @@ impl Provider for ProotProvider {
         self.set_frozen(id, false).await
     }
 
+    /// The sandbox's cgroup counters and the filesystem of its root.
+    async fn stats(&self, id: &SandboxId) -> Result<crate::RuntimeStats> {
+        let meta = self.meta_of(id)?;
+        if meta.cgroups.is_empty() || !meta.cgroups.exists() {
+            let why = match &self.cgroups {
+                Ok(_) => "its sandbox has no cgroup".to_owned(),
+                Err(why) => why.clone(),
+            };
+            return Err(Error::Unsupported(format!(
+                "the proot provider cannot measure sandboxes on this host ({why})"
+            )));
+        }
+        let (g, root) = (meta.cgroups.clone(), meta.root());
+        tokio::task::spawn_blocking(move || crate::sandboxing::usage::group_stats(&g, &root))
+            .await
+            .map_err(|e| Error::internal("reading the sandbox's cgroup", e))
+    }
+
     async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
         let meta = self.meta_of(id)?;
         let dir = self.sandbox_dir(id);

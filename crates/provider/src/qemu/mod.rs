@@ -690,4 +690,10 @@ impl Provider for QemuProvider {
     async fn resume(&self, id: &SandboxId) -> Result<()> {
         self.set_paused(id, false).await
     }
+
+    /// A guest is its own machine: its kernel's counters, through the agent.
+    async fn stats(&self, id: &SandboxId) -> Result<crate::RuntimeStats> {
+        let agent = self.agent(id).await?;
+        crate::sandboxing::usage::guest_stats(&agent).await
+    }
 }

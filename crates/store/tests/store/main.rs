@@ -68,6 +68,7 @@ conformance! {
     sandboxes::sandbox_create_for_missing_tenant_is_not_found,
     sandboxes::sandbox_list_filters,
     sandboxes::sandbox_list_pages_over_more_than_limit,
+    sandboxes::sandbox_list_pages_newest_first,
     sandboxes::sandbox_list_pages_under_every_filter,
     sandboxes::sandbox_update_checks_fencing_token,
     sandboxes::sandbox_update_from_writes_only_from_the_state_read,

@@ -694,6 +694,64 @@ pub async fn sandbox_update_from_writes_only_from_the_state_read(
 
 /// Every filter at once, paged: the label values and the cursor are bound
 /// in the order the conditions name them, page after page.
+pub async fn sandbox_list_pages_newest_first(db: &TestDb) -> anyhow::Result<()> {
+    let store = &db.store;
+    let t = new_tenant(store, "newest").await?;
+    let other = new_tenant(store, "noise").await?;
+    let mut mine = Vec::new();
+    for i in 0..12 {
+        let mut sb = fixtures::sandbox(&t);
+        if i % 3 == 0 {
+            sb.labels.insert("pick".into(), "yes".into());
+        }
+        mine.push((create(store, &sb).await?.id, i % 3 == 0));
+        if i % 4 == 0 {
+            create(store, &fixtures::sandbox(&other)).await?;
+        }
+    }
+    let read_all = |labels: Vec<(String, String)>, limit: u32| {
+        let mut filter = SandboxFilter {
+            tenant_id: Some(t.clone()),
+            labels,
+            page: PageRequest {
+                cursor: None,
+                limit,
+            },
+            newest_first: true,
+            ..Default::default()
+        };
+        async move {
+            let mut seen = Vec::new();
+            let mut pages = 0;
+            loop {
+                let page = store.sandbox_list(&filter).await?;
+                pages += 1;
+                assert!(page.items.len() <= limit as usize);
+                seen.extend(page.items.into_iter().map(|s| s.id));
+                match page.next_cursor {
+                    Some(c) => filter.page.cursor = Some(c),
+                    None => break,
+                }
+            }
+            anyhow::Ok((seen, pages))
+        }
+    };
+    let (seen, pages) = read_all(Vec::new(), 5).await?;
+    let newest: Vec<_> = mine.iter().rev().map(|(id, _)| id.clone()).collect();
+    assert_eq!(seen, newest, "every sandbox once, newest first");
+    assert_eq!(pages, 3);
+    // With a filter, across pages of one.
+    let (seen, _) = read_all(vec![("pick".into(), "yes".into())], 1).await?;
+    let picked: Vec<_> = mine
+        .iter()
+        .rev()
+        .filter(|(_, p)| *p)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(seen, picked);
+    Ok(())
+}
+
 pub async fn sandbox_list_pages_under_every_filter(db: &TestDb) -> anyhow::Result<()> {
     let store = &db.store;
     let t = new_tenant(store, "filtered").await?;

@@ -86,6 +86,12 @@ pub(crate) fn from_status(worker: &str, s: Status) -> Error {
     }
 }
 
+/// Whether a failed call's status carries a StacyVM error code: the worker
+/// itself answered, rather than gRPC (an unknown method) or the transport.
+pub(crate) fn has_error_code(s: &Status) -> bool {
+    s.metadata().get(ERROR_CODE).is_some()
+}
+
 impl From<&Lease> for pb::Lease {
     fn from(l: &Lease) -> pb::Lease {
         pb::Lease {

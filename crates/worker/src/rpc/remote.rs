@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, WorkerId};
 use stacyvm_provider::images::{ImageCatalog, ImageInfo};
-use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo};
+use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo, RuntimeStats};
 use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
 use tokio_util::sync::PollSender;
 use tonic::transport::{Channel, Endpoint};
@@ -25,11 +25,15 @@ use tonic::Request;
 
 use super::pb::worker_client::WorkerClient;
 use super::tls::ClientTls;
-use super::{from_status, pb, put_lease, MAX_MESSAGE, PUSH_IMAGE};
+use super::{from_status, has_error_code, pb, put_lease, MAX_MESSAGE, PUSH_IMAGE};
 use crate::{Lease, ProviderHealth, Worker, WorkerRuntime};
 
 /// Deadline of a quick call (health, runtimes, destroy, pause, logs…).
 const CALL_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Deadline of a stats reading: a sampler asks often, and a slow answer is
+/// worth less than none.
+const STATS_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long a snapshot's stream may stall before the copy is abandoned.
 const SNAPSHOT_IDLE: Duration = Duration::from_secs(120);
@@ -431,6 +435,39 @@ impl Worker for RemoteWorker {
                 message: l.message,
             })
             .collect())
+    }
+
+    /// A worker from before the `Stats` call answers gRPC's
+    /// `unimplemented` with none of StacyVM's error codes: that is the
+    /// worker's limit, not an outage.
+    async fn stats(&self, lease: &Lease) -> Result<RuntimeStats> {
+        let mut c = self.client()?;
+        let req = self.request(
+            pb::LeaseRequest {
+                lease: Some(lease.into()),
+            },
+            Some(STATS_DEADLINE),
+        )?;
+        let reply = match tokio::time::timeout(STATS_DEADLINE, c.stats(req)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented && !has_error_code(&s) => {
+                return Err(Error::Unsupported(format!(
+                    "worker {} runs a StacyVM that cannot measure sandboxes",
+                    self.id
+                )))
+            }
+            Ok(Err(s)) => return Err(from_status(self.id.as_str(), s)),
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "worker {} did not measure sandbox {} within {} s",
+                    self.id,
+                    lease.sandbox_id,
+                    STATS_DEADLINE.as_secs()
+                )))
+            }
+        };
+        serde_json::from_str(&reply.stats_json)
+            .map_err(|e| Error::internal(format!("decoding worker {}'s stats", self.id), e))
     }
 
     /// The sandbox's filesystem as a tar, streamed from the worker. The

@@ -535,6 +535,21 @@ impl WorkerRpcService for Service {
         }))
     }
 
+    async fn stats(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> std::result::Result<Response<pb::StatsReply>, Status> {
+        let outcome = async {
+            let lease = lease_from(req.into_inner().lease)?;
+            let provider = self.0.provider(&lease.provider)?.clone();
+            self.0.leases.admit_renewing(&lease).await?;
+            let stats = provider.stats(&lease.sandbox_id).await?;
+            serde_json::to_string(&stats).map_err(|e| Error::internal("encoding stats", e))
+        }
+        .await;
+        answer(outcome.map(|stats_json| pb::StatsReply { stats_json }))
+    }
+
     type SnapshotStream = TunnelStream;
 
     async fn snapshot(

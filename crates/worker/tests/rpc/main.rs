@@ -105,8 +105,21 @@ async fn round_trip(provider: &str) -> anyhow::Result<()> {
 
     let logs = w.logs(&lease).await?;
     drop(logs);
+    // A reading of the sandbox's use, measured on the worker's host.
+    let stats = w.stats(&lease).await?;
+    assert!(stats.cpu_time_ns.is_some_and(|t| t > 0), "{stats:?}");
+    assert!(stats.mem_used.is_some_and(|m| m > 0), "{stats:?}");
+    assert!(
+        stats
+            .mem_total
+            .is_some_and(|t| t >= stats.mem_used.unwrap_or(0)),
+        "{stats:?}"
+    );
     w.destroy(&lease).await?;
     w.destroy(&lease).await?;
+    // Destroyed: the worker holds no lease to measure it under.
+    let gone = w.stats(&lease).await;
+    assert!(matches!(gone, Err(Error::Conflict(_))), "{gone:?}");
     let listed = w.runtimes().await?;
     assert!(
         !listed
@@ -187,6 +200,7 @@ async fn a_stale_fencing_token_is_refused() -> anyhow::Result<()> {
     for e in [
         w.pause(&old).await.unwrap_err(),
         w.logs(&old).await.unwrap_err(),
+        w.stats(&old).await.unwrap_err(),
         w.agent(&old).await.unwrap_err(),
         w.destroy(&old).await.unwrap_err(),
         w.spawn(&old, &spec).await.unwrap_err(),

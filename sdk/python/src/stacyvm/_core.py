@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 import httpx
 
-from .errors import ProviderUnavailable, error_for
-from .models import ExecChunk, ExecExit, LogLine, Quota, VolumeMount
+from .errors import ProviderUnavailable, TemplateBuildFailed, error_for
+from .models import ExecChunk, ExecExit, LogLine, Quota, Template, TemplateState, VolumeMount
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 DEFAULT_TIMEOUT = 60.0
@@ -343,6 +343,41 @@ def tar_of_dir(local_dir: PathLike) -> IO[bytes]:
         out.close()
         raise
     return out
+
+
+def file_archive_get(sandbox_id: str, path: str) -> Call:
+    return Call("GET", _files(sandbox_id) + "/archive", params=params_of(path=path), headers={"accept": "application/x-tar"})
+
+
+def untar_untrusted(archive: IO[bytes], dest: PathLike) -> int:
+    """Unpacks a tar that came from a sandbox into ``dest`` (made with its
+    parents) as untrusted input, with tarfile's ``data`` filter: nothing
+    lands outside ``dest`` (no absolute names, no ``..``, no path through a
+    link that leads out), no devices or FIFOs, no set-id bits, and the files
+    belong to whoever unpacks them. Symlinks are kept as the sandbox had
+    them, pointing wherever they pointed there (as ``docker cp`` keeps
+    them): the ``tar`` filter checks their own names, and nothing is ever
+    written through them. Returns how many entries were unpacked."""
+    data_filter = getattr(tarfile, "data_filter", None)
+    tar_filter = getattr(tarfile, "tar_filter", None)
+    if data_filter is None or tar_filter is None:
+        raise RuntimeError(
+            "unpacking a sandbox's archive safely needs tarfile's extraction filters "
+            "(Python 3.9.17, 3.10.12, 3.11.4, 3.12 or newer)"
+        )
+    os.makedirs(dest, exist_ok=True)
+    count = 0
+
+    def counted(member: tarfile.TarInfo, path: str) -> Optional[tarfile.TarInfo]:
+        nonlocal count
+        kept = tar_filter(member, path) if member.issym() else data_filter(member, path)
+        if kept is not None:
+            count += 1
+        return kept
+
+    with tarfile.open(fileobj=archive, mode="r|") as tar:
+        tar.extractall(os.fspath(dest), filter=counted)
+    return count
 
 
 def file_read(sandbox_id: str, path: str) -> Call:
@@ -757,3 +792,102 @@ def sandbox_snapshot(sandbox_id: str, image: str) -> Call:
         json={"image": image},
         timeout=httpx.Timeout(30.0, read=None),
     )
+
+
+# --- templates ---------------------------------------------------------------
+
+
+def _template(name: str, suffix: str = "") -> str:
+    return f"/v1/templates/{seg(name)}{suffix}"
+
+
+def template_build(
+    *,
+    name: str,
+    base: str,
+    steps: Sequence[Mapping[str, Any]],
+    cpu: Optional[float],
+    memory_mb: Optional[int],
+    network: Optional[str],
+    env: Optional[Mapping[str, str]],
+    workdir: Optional[str],
+    start: Union[str, Sequence[str], None],
+    ready: Union[str, Sequence[str], None],
+    provider: Optional[str],
+    timeout_s: Optional[int],
+) -> Call:
+    body = drop_none(
+        {
+            "name": name,
+            "from": base,
+            "steps": [dict(s) for s in steps],
+            "cpu": cpu,
+            "memory_mb": memory_mb,
+            "network": network,
+            "env": dict(env) if env else None,
+            "workdir": workdir,
+            "start": shell_cmd(start) if start is not None else None,
+            "ready": shell_cmd(ready) if ready is not None else None,
+            "provider": provider,
+            "timeout_s": timeout_s,
+        }
+    )
+    return Call("POST", "/v1/templates", json=body)
+
+
+def template_list() -> Call:
+    return Call("GET", "/v1/templates")
+
+
+def template_get(name: str, version: Optional[int]) -> Call:
+    return Call("GET", _template(name), params=params_of(version=version))
+
+
+def template_versions(name: str) -> Call:
+    return Call("GET", _template(name, "/versions"))
+
+
+def template_delete(name: str) -> Call:
+    return Call("DELETE", _template(name))
+
+
+def template_logs(name: str, version: Optional[int]) -> Call:
+    # A running build's log is followed until the build ends: no read deadline.
+    return Call(
+        "GET",
+        _template(name, "/logs"),
+        params=params_of(version=version),
+        headers={"accept": "text/event-stream, application/json"},
+        timeout=httpx.Timeout(DEFAULT_TIMEOUT, read=None),
+    )
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    return str(response.headers.get("content-type", "")).startswith("text/event-stream")
+
+
+def template_log_item(ev: SSEEvent) -> Union[str, Dict[str, Any], None]:
+    """What a build-log event means: more text (``str``), how the build
+    ended (the ``end`` event's fields), or nothing."""
+    if ev.event == "log":
+        return str(_json_data(ev).get("data", ""))
+    if ev.event == "end":
+        return _json_data(ev)
+    if ev.event == "error":
+        d = _json_data(ev)
+        raise error_for(str(d.get("code") or "internal"), str(d.get("message") or "the build log stream failed"))
+    return None
+
+
+def template_log_ended_early() -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "the build log stream ended before the build did", code="provider_unavailable"
+    )
+
+
+def template_outcome(template: Template) -> Template:
+    """The version as it is once its build has ended; a failed build raises
+    `TemplateBuildFailed` with the failing step's output."""
+    if template.state == TemplateState.FAILED:
+        raise TemplateBuildFailed(template)
+    return template

@@ -911,6 +911,104 @@ class StreamChunk:
 
 
 @dataclass(frozen=True)
+class Template:
+    """A template version: `GET /v1/templates/{name}` answers the newest."""
+
+    name: str
+    version: int
+    #: A `TemplateState` value.
+    state: str
+    created_at: datetime
+    #: The owning tenant; the operator's templates are visible to every tenant.
+    tenant_id: str
+    #: The base it was built from.
+    from_: str
+    built_at: Optional[datetime] = None
+    #: The create defaults of the version.
+    cpu: Optional[float] = None
+    env: Dict[str, str] = field(default_factory=dict)
+    #: Why the build failed: the failing step and its output.
+    failure: Optional[str] = None
+    #: The catalog image sandboxes of this version run from (null until ready).
+    image: Optional[str] = None
+    memory_mb: Optional[int] = None
+    ready: Optional[List[str]] = None
+    start: Optional[List[str]] = None
+    workdir: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            name=str(d.get("name", "")),
+            version=int(d.get("version", 0)),
+            state=str(d.get("state", "")),
+            created_at=_w.time(d.get("created_at")),
+            tenant_id=str(d.get("tenant_id", "")),
+            from_=str(d.get("from", "")),
+            built_at=_w.parse_time(d.get("built_at")),
+            cpu=_w.opt(float, d.get("cpu")),
+            env={str(k): str(x) for k, x in _w.mapping(d.get("env")).items()},
+            failure=_w.opt(str, d.get("failure")),
+            image=_w.opt(str, d.get("image")),
+            memory_mb=_w.opt(int, d.get("memory_mb")),
+            ready=None if d.get("ready") is None else [str(x) for x in _w.items(d.get("ready"))],
+            start=None if d.get("start") is None else [str(x) for x in _w.items(d.get("start"))],
+            workdir=_w.opt(str, d.get("workdir")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "state": self.state,
+            "created_at": _w.format_time(self.created_at),
+            "tenant_id": self.tenant_id,
+            "from": self.from_,
+            "built_at": None if self.built_at is None else _w.format_time(self.built_at),
+            "cpu": self.cpu,
+            "env": dict(self.env),
+            "failure": self.failure,
+            "image": self.image,
+            "memory_mb": self.memory_mb,
+            "ready": None if self.ready is None else list(self.ready),
+            "start": None if self.start is None else list(self.start),
+            "workdir": self.workdir,
+        }
+
+
+@dataclass(frozen=True)
+class TemplateLog:
+    """`GET /v1/templates/{name}/logs` once the build has ended (while it runs,
+    the same call streams the log as server-sent events)."""
+
+    name: str
+    version: int
+    #: A `TemplateState` value.
+    state: str
+    log: str
+    failure: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            name=str(d.get("name", "")),
+            version=int(d.get("version", 0)),
+            state=str(d.get("state", "")),
+            log=str(d.get("log", "")),
+            failure=_w.opt(str, d.get("failure")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "state": self.state,
+            "log": self.log,
+            "failure": self.failure,
+        }
+
+
+@dataclass(frozen=True)
 class Tenant:
     """A tenant and the quota in force for it."""
 

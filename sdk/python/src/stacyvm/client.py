@@ -2,15 +2,16 @@
 # aio.py (or, for what the two clients do differently, _io_async.py and
 # _io_sync.py), then run: python3 scripts/gen-python-sync.py
 """The synchronous StacyVM client: `Client`, the `Sandbox` handle, its
-`Files`, and streamed exec and log iterators."""
+`Files`, and streamed exec, log and template build log iterators."""
 
 from __future__ import annotations
 
 import json
 import os
 import ssl
+import tempfile
 from types import TracebackType
-from typing import IO, Any, Iterator, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import IO, Any, Iterator, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import httpx
 
@@ -34,6 +35,8 @@ from .models import (
     SandboxInfo,
     Status,
     StdinWritten,
+    Template,
+    TemplateLog,
     Tenant,
     Volume,
     VolumeMount,
@@ -242,6 +245,69 @@ class LogStream:
         self.close()
 
 
+class TemplateLogStream:
+    """A template build's log: the text so far, then (while the build runs)
+    the rest as it is written, until the build ends.
+
+    Iterate it for text chunks (`str`); when iteration ends, ``state``
+    (`TemplateState`), ``failure`` and ``version`` say how the build ended.
+    ``wait()`` skips the rest of the log and returns the state.
+    Closing it early leaves the build running.
+    """
+
+    def __init__(self, response: Optional[httpx.Response], ended: Optional[TemplateLog] = None) -> None:
+        self._events = _EventStream(response) if response is not None else None
+        self._pending: List[str] = [ended.log] if ended is not None and ended.log else []
+        self.state: Optional[str] = ended.state if ended is not None else None
+        self.failure: Optional[str] = ended.failure if ended is not None else None
+        self.version: Optional[int] = ended.version if ended is not None else None
+
+    def __iter__(self) -> "TemplateLogStream":
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            if self._pending:
+                return self._pending.pop(0)
+            if self._events is None or self.state is not None:
+                raise StopIteration
+            ev = self._events.next_event()
+            if ev is None:
+                raise core.template_log_ended_early()
+            try:
+                item = core.template_log_item(ev)
+            except StacyVMError:
+                self.close()
+                raise
+            if isinstance(item, dict):
+                self.state = str(item.get("state") or "unknown")
+                failure = item.get("failure")
+                self.failure = str(failure) if failure is not None else None
+                version = item.get("version")
+                self.version = version if isinstance(version, int) else self.version
+                self.close()
+                raise StopIteration
+            if item:
+                return item
+
+    def wait(self) -> str:
+        """Reads the rest of the log; returns the build's final state."""
+        for _ in self:
+            pass
+        assert self.state is not None
+        return self.state
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+
+    def __enter__(self) -> "TemplateLogStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 class Files:
     """The files of one sandbox. Paths are absolute paths inside it."""
 
@@ -289,7 +355,34 @@ class Files:
 
     def iter_read(self, path: str, chunk_size: int = core.CHUNK_SIZE) -> Iterator[bytes]:
         """The file's bytes in chunks, as they arrive."""
-        response = self._t.send(core.file_read(self._id, path), stream=True)
+        for chunk in self._iter(core.file_read(self._id, path), path, chunk_size):
+            yield chunk
+
+    def iter_read_archive(self, path: str, chunk_size: int = core.CHUNK_SIZE) -> Iterator[bytes]:
+        """``path`` (a directory, or one file) as a tar, in chunks as they
+        arrive: a directory's entries named relative to it (so `write_archive`
+        of it into a directory gives back the tree); files, directories and
+        symlinks (stored, never followed) with their modes and times."""
+        for chunk in self._iter(core.file_archive_get(self._id, path), path, chunk_size):
+            yield chunk
+
+    def download_dir(self, path: str, local_dir: PathLike) -> int:
+        """Downloads the directory ``path`` into ``local_dir`` (made with its
+        parents) as one tar, unpacked as untrusted input (see
+        `iter_read_archive`; nothing lands outside ``local_dir``, no devices,
+        FIFOs or set-id bits); returns how many entries were unpacked. The
+        tar is spooled to a temporary file first, never held in memory."""
+        spool = _io.blocking(tempfile.TemporaryFile)
+        try:
+            for chunk in self.iter_read_archive(path):
+                _io.blocking(spool.write, chunk)
+            _io.blocking(spool.seek, 0)
+            return _io.blocking(core.untar_untrusted, spool, local_dir)
+        finally:
+            spool.close()
+
+    def _iter(self, call: core.Call, path: str, chunk_size: int) -> Iterator[bytes]:
+        response = self._t.send(call, stream=True)
         try:
             for chunk in response.iter_bytes(chunk_size):
                 yield chunk
@@ -871,6 +964,110 @@ class Client:
 
     def delete_image(self, name: str) -> None:
         self._t.json(core.image_delete(name))
+
+    # templates
+
+    def build_template(
+        self,
+        name: str,
+        base: str,
+        steps: Sequence[Mapping[str, Any]] = (),
+        *,
+        cpu: Optional[float] = None,
+        memory_mb: Optional[int] = None,
+        network: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        workdir: Optional[str] = None,
+        start: Union[str, Sequence[str], None] = None,
+        ready: Union[str, Sequence[str], None] = None,
+        provider: Optional[str] = None,
+        timeout_s: Optional[int] = None,
+        wait: bool = False,
+        on_log: Optional[Callable[[str], Any]] = None,
+    ) -> Template:
+        """Builds a new version of the template ``name`` of the caller's
+        tenant from ``base`` (a catalog image, or a visible template ``name``
+        or ``name:version``) by running ``steps`` (see `Step`) in a sandbox.
+
+        ``cpu``, ``memory_mb``, ``env``, ``workdir``, ``start`` (run in the
+        background in every sandbox of the template) and ``ready`` (a create
+        returns once it exits 0) are the template's create defaults;
+        ``network`` and ``provider`` apply to the build only. Returns the
+        new version, ``building``; with ``wait``, follows the build to its
+        end (handing each piece of its log to ``on_log``) and returns the
+        ready version, or raises `TemplateBuildFailed`."""
+        call = core.template_build(
+            name=name,
+            base=base,
+            steps=steps,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            network=network,
+            env=env,
+            workdir=workdir,
+            start=start,
+            ready=ready,
+            provider=provider,
+            timeout_s=timeout_s,
+        )
+        template = Template.from_json(self._t.json(call))
+        if not wait:
+            return template
+        return self.wait_template(name, version=template.version, on_log=on_log)
+
+    def wait_template(
+        self,
+        name: str,
+        *,
+        version: Optional[int] = None,
+        on_log: Optional[Callable[[str], Any]] = None,
+    ) -> Template:
+        """Follows the build of ``version`` (default the newest) to its end,
+        handing each piece of its log to ``on_log``; returns the ready
+        version, or raises `TemplateBuildFailed` with the failing step's
+        output."""
+        log = self.template_logs(name, version=version)
+        with log:
+            for chunk in log:
+                if on_log is not None:
+                    on_log(chunk)
+        ended = log.version if log.version is not None else version
+        return core.template_outcome(self.get_template(name, version=ended))
+
+    def template_logs(self, name: str, *, version: Optional[int] = None) -> TemplateLogStream:
+        """The build log of ``version`` (default the newest): followed while
+        the build runs, whole once it has ended."""
+        response = self._t.send(core.template_logs(name, version), stream=True)
+        if core.is_event_stream(response):
+            return TemplateLogStream(response)
+        try:
+            body = response.read()
+        except httpx.HTTPError as e:
+            raise TransportError(f"the build log of {name} broke: {e}", code="transport") from e
+        finally:
+            response.close()
+        return TemplateLogStream(None, TemplateLog.from_json(json.loads(body)))
+
+    def list_templates(self) -> List[Template]:
+        """The newest version of every template the caller sees: its tenant's
+        and the operator's (the public catalog)."""
+        doc = self._t.json(core.template_list())
+        return [Template.from_json(t) for t in doc.get("templates", [])]
+
+    def get_template(self, name: str, *, version: Optional[int] = None) -> Template:
+        """The newest version of ``name`` (whatever its state), or ``version``."""
+        return Template.from_json(self._t.json(core.template_get(name, version)))
+
+    def list_template_versions(self, name: str) -> List[Template]:
+        """Every version of ``name``, oldest first."""
+        doc = self._t.json(core.template_versions(name))
+        return [Template.from_json(t) for t in doc.get("templates", [])]
+
+    def delete_template(self, name: str) -> None:
+        """Deletes every version of the caller's tenant's template ``name``;
+        sandboxes running from it keep running. The operator's templates
+        are `Forbidden` to other tenants."""
+        self._t.json(core.template_delete(name))
 
     # volumes
 

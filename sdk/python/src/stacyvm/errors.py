@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Dict, Mapping, Optional, Type
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Type
+
+if TYPE_CHECKING:
+    from .models import Template
 
 
 class StacyVMError(Exception):
@@ -124,6 +127,17 @@ class InternalError(StacyVMError):
 
 class TransportError(StacyVMError):
     """The server could not be reached, or the connection broke mid-call."""
+
+
+class TemplateBuildFailed(StacyVMError):
+    """A template build that was waited for failed: ``template`` is the failed
+    version, and the message (its ``failure``) names the failing step and
+    quotes the end of its output. Nothing of the build is left behind."""
+
+    def __init__(self, template: "Template") -> None:
+        failure = template.failure or "the build failed"
+        super().__init__(f"template {template.name}:{template.version}: {failure}", code="build_failed")
+        self.template = template
 
 
 ERROR_CLASSES: Dict[str, Type[StacyVMError]] = {

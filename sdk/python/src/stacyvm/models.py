@@ -1,5 +1,5 @@
 """Typed records of the StacyVM API: sandboxes, exec results, file entries,
-images, tenants, keys, audit events, status.
+images, templates, tenants, keys, audit events, status.
 
 The API's own shapes are generated from the server's OpenAPI document into
 `_models_gen` and re-exported here; this module adds what the API does not
@@ -9,9 +9,10 @@ small conveniences on the generated records."""
 from __future__ import annotations
 
 import base64
+import os
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Generic, Iterator, List, Mapping, Optional, TypeVar
+from typing import Any, Dict, Generic, Iterator, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from . import _models_gen as gen
 from ._models_gen import (
@@ -37,6 +38,9 @@ from ._models_gen import (
     StdinWritten,
     StoreStatus,
     StreamChunk,
+    Template,
+    TemplateLog,
+    TemplateState,
     Tenant,
     Volume,
     VolumeMount,
@@ -73,7 +77,11 @@ __all__ = [
     "Status",
     "StdinWritten",
     "StoreStatus",
+    "Step",
     "StreamChunk",
+    "Template",
+    "TemplateLog",
+    "TemplateState",
     "Tenant",
     "Volume",
     "VolumeMount",
@@ -177,3 +185,50 @@ class Readiness:
 
     ready: bool
     detail: str
+
+
+class Step:
+    """The build steps of a template (`build_template`'s ``steps``), run in
+    order in the build's sandbox. Each returns the step's JSON."""
+
+    @staticmethod
+    def run(cmd: Union[str, Sequence[str]]) -> Dict[str, Any]:
+        """Runs a command: an argv, or a string run under ``sh -c``. A
+        non-zero exit fails the build with the command's output."""
+        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+        if not argv:
+            raise ValueError("a run step must name a program")
+        return {"run": argv}
+
+    @staticmethod
+    def write(path: str, content: str, mode: Union[int, str, None] = None) -> Dict[str, Any]:
+        """Writes a text file (making its parent directories); ``mode`` as
+        ``0o755`` or ``"0755"`` (default ``0644``)."""
+        step: Dict[str, Any] = {"path": path, "content": content}
+        if mode is not None:
+            step["mode"] = format(mode, "04o") if isinstance(mode, int) else mode
+        return {"write": step}
+
+    @staticmethod
+    def upload(path: str, local_dir: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
+        """Unpacks the local directory ``local_dir``'s contents into ``path``.
+        The archive travels inside the build request, which stays under the
+        server's JSON body limit (10 MiB by default)."""
+        from ._core import tar_of_dir
+
+        with tar_of_dir(local_dir) as tar:
+            data = tar.read()
+        return {"upload": {"path": path, "tar": base64.b64encode(data).decode("ascii")}}
+
+    @staticmethod
+    def env(values: Optional[Mapping[str, str]] = None, **more: str) -> Dict[str, Any]:
+        """Sets variables for the later steps and every sandbox of the template."""
+        merged = dict(values or {})
+        merged.update(more)
+        return {"env": merged}
+
+    @staticmethod
+    def workdir(path: str) -> Dict[str, Any]:
+        """Sets (and makes) the working directory of the later steps and the
+        template's sandboxes."""
+        return {"workdir": path}

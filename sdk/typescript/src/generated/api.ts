@@ -518,6 +518,13 @@ export type SandboxState = "pending" | "starting" | "running" | "paused" | "stop
 /** Every SandboxState value the document lists. */
 export const SandboxStateValues: readonly SandboxState[] = ["pending", "starting", "running", "paused", "stopping", "destroyed", "failed", "lost", "unknown"];
 
+/** The answer of `GET /v1/sandboxes/{id}/stats`. */
+export interface SandboxStats {
+  /** Oldest first. */
+  samples: StatsSample[];
+  sandbox_id: string;
+}
+
 /** Body of `POST /v1/sandboxes/{id}/timeout`. */
 export interface SetTimeout {
   timeout_s: number;
@@ -530,6 +537,36 @@ export interface SnapshotRequest {
    * exist yet.
    */
   image: string;
+}
+
+/**
+ * One reading of a sandbox's resource use. A field the sandbox's provider
+ * cannot measure is null.
+ */
+export interface StatsSample {
+  /**
+   * CPUs the sandbox may use: its CPU limit, else the host's CPUs (the
+   * guest's for a microVM).
+   */
+  cpu_count?: number | null;
+  /**
+   * Percent of those CPUs used since the reading before (since the
+   * sandbox started, for the first reading).
+   */
+  cpu_used_pct?: number | null;
+  disk_total?: number | null;
+  /**
+   * Used and total bytes of the filesystem its root lives on (as `df /`
+   * inside it shows: the host's filesystem for a container).
+   */
+  disk_used?: number | null;
+  /** Bytes of page cache charged to it. */
+  mem_cache?: number | null;
+  /** Bytes of memory it may use: its limit, else the machine's. */
+  mem_total?: number | null;
+  /** Bytes of memory in use, without page cache the kernel can drop. */
+  mem_used?: number | null;
+  ts: string;
 }
 
 /**
@@ -883,6 +920,7 @@ export interface OperationRoute {
 /** Every operation of the API by its operationId. */
 export const operations = {
   audit_list: { method: "GET", path: "/v1/audit", status: 200, body: "none", bodyContentType: null, response: "json" },
+  file_archive_get: { method: "GET", path: "/v1/sandboxes/{id}/files/archive", status: 200, body: "none", bodyContentType: null, response: "binary" },
   file_archive_put: { method: "PUT", path: "/v1/sandboxes/{id}/files/archive", status: 201, body: "binary", bodyContentType: "application/x-tar", response: "json" },
   file_chmod: { method: "POST", path: "/v1/sandboxes/{id}/files/chmod", status: 200, body: "json", bodyContentType: null, response: "json" },
   file_delete: { method: "DELETE", path: "/v1/sandboxes/{id}/files", status: 204, body: "none", bodyContentType: null, response: "none" },
@@ -926,6 +964,7 @@ export const operations = {
   sandbox_pause: { method: "POST", path: "/v1/sandboxes/{id}/pause", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_resume: { method: "POST", path: "/v1/sandboxes/{id}/resume", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_snapshot: { method: "POST", path: "/v1/sandboxes/{id}/snapshot", status: 201, body: "json", bodyContentType: null, response: "json" },
+  sandbox_stats: { method: "GET", path: "/v1/sandboxes/{id}/stats", status: 200, body: "none", bodyContentType: null, response: "json" },
   sandbox_timeout: { method: "POST", path: "/v1/sandboxes/{id}/timeout", status: 200, body: "json", bodyContentType: null, response: "json" },
   status: { method: "GET", path: "/v1/status", status: 200, body: "none", bodyContentType: null, response: "json" },
   template_build: { method: "POST", path: "/v1/templates", status: 202, body: "json", bodyContentType: null, response: "json" },
@@ -961,6 +1000,13 @@ export interface Operations {
     headers: Record<string, never>;
     body: never;
     response: AuditList;
+  };
+  file_archive_get: {
+    path: { id: string };
+    query: { path?: string; mode?: string; recursive?: boolean };
+    headers: Record<string, never>;
+    body: never;
+    response: Uint8Array;
   };
   file_archive_put: {
     path: { id: string };
@@ -1262,6 +1308,13 @@ export interface Operations {
     headers: Record<string, never>;
     body: SnapshotRequest;
     response: Image;
+  };
+  sandbox_stats: {
+    path: { id: string };
+    query: { since?: string; until?: string };
+    headers: Record<string, never>;
+    body: never;
+    response: SandboxStats;
   };
   sandbox_timeout: {
     path: { id: string };

@@ -40,6 +40,28 @@ fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
+/// A request body read whole. One that cannot be read (a gzip body that
+/// does not inflate, a connection cut mid-body) is E2B's `400`, in its
+/// JSON shape.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RawBody {
+    type Rejection = E2bError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, E2bError> {
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(RawBody(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(E2bError(
+                Error::PayloadTooLarge(format!("the request body is too large: {}", e.body_text())),
+            )),
+            Err(e) => Err(invalid(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
 /// A JSON object body; empty means `{}`.
 fn object_body(body: &Bytes) -> E2bResult<Map<String, Value>> {
     if body.len() > MAX_BODY {
@@ -173,7 +195,7 @@ pub async fn sandbox_create(
     State(s): State<AppState>,
     Auth(who): Auth,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let mut body = object_body(&body)?;
     let template = match body.remove("templateID") {
@@ -297,7 +319,7 @@ pub async fn sandbox_timeout(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let timeout = seconds(
@@ -320,7 +342,7 @@ pub async fn sandbox_refresh(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let duration = match body.get("duration") {
@@ -369,7 +391,7 @@ pub async fn sandbox_pause(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     for (k, v) in &body {
@@ -406,7 +428,7 @@ pub async fn sandbox_resume(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let rec = live_sandbox(&s, &who, &id).await?;
@@ -439,7 +461,7 @@ pub async fn sandbox_connect(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> E2bResult<Response> {
     let body = object_body(&body)?;
     let timeout = match body.get("timeout") {
@@ -465,15 +487,60 @@ pub async fn sandbox_connect(
     Ok(sandbox_note(resp, &id, json!({"api": "e2b"})))
 }
 
-/// `GET /sandboxes/{id}/metrics`: StacyVM keeps no per-sandbox resource
-/// series, so the list is empty (the sandbox must still exist).
+/// A unix time in seconds of the metrics range.
+fn unix_seconds(v: &str, what: &str) -> E2bResult<OffsetDateTime> {
+    v.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| OffsetDateTime::from_unix_timestamp(n).ok())
+        .ok_or_else(|| invalid(format!("{what} {v:?} must be a unix time in seconds")))
+}
+
+/// One reading in E2B's metric shape. Every field is required by the SDK,
+/// so one the provider cannot measure is `0`.
+fn metric(x: &crate::app::stats::StatsSample) -> Value {
+    let n = |v: Option<u64>| v.unwrap_or(0);
+    json!({
+        "timestamp": rfc3339(x.at),
+        "timestampUnix": x.at.unix_timestamp(),
+        "cpuCount": x.stats.cpu_count.map_or(0, |c| c.ceil().max(1.0) as i64),
+        "cpuUsedPct": x.cpu_used_pct.map_or(0.0, |p| (p * 100.0).round() / 100.0),
+        "memUsed": n(x.stats.mem_used),
+        "memTotal": n(x.stats.mem_total),
+        "memCache": n(x.stats.mem_cache),
+        "diskUsed": n(x.stats.disk_used),
+        "diskTotal": n(x.stats.disk_total),
+    })
+}
+
+/// `GET /sandboxes/{id}/metrics?start=&end=` (unix seconds, inclusive):
+/// the sandbox's resource readings, oldest first. The call takes a new
+/// reading; a sandbox whose provider cannot measure (or whose worker does
+/// not answer now) gets the readings there are, possibly none.
 pub async fn sandbox_metrics(
     State(s): State<AppState>,
     Auth(who): Auth,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
 ) -> E2bResult<Json<Value>> {
+    let (mut from, mut to) = (None, None);
+    for (k, v) in query_pairs(uri.query()) {
+        match k.as_str() {
+            "start" => from = Some(unix_seconds(&v, "start")?),
+            "end" => to = Some(unix_seconds(&v, "end")?),
+            _ => return Err(invalid(format!("query parameter {k:?} is not supported"))),
+        }
+    }
+    // `end` names a whole second: readings within it are in range.
+    let to = to.map(|t| t + Duration::from_millis(999));
     live_sandbox(&s, &who, &id).await?;
-    Ok(Json(json!([])))
+    let answer = s.app.sandbox_stats(&who, &id, from, to).await?;
+    if let Some(e) = &answer.unavailable {
+        tracing::debug!(sandbox = %id, error = %e, "no new metrics reading");
+    }
+    Ok(Json(Value::Array(
+        answer.samples.iter().map(metric).collect(),
+    )))
 }
 
 /// The list filters: `metadata` (url-encoded `k=v&…`), `state`, `limit`,
@@ -485,6 +552,8 @@ struct ListFilter {
     states: Vec<SandboxState>,
     limit: Option<u32>,
     cursor: Option<String>,
+    /// E2B lists newest first; `order=asc` asks for oldest first.
+    newest_first: bool,
 }
 
 fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
@@ -499,6 +568,7 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
         },
         limit: None,
         cursor: None,
+        newest_first: true,
     };
     for (k, v) in query_pairs(query) {
         match k.as_str() {
@@ -538,13 +608,12 @@ fn list_filter(query: Option<&str>, v2: bool) -> E2bResult<ListFilter> {
                         invalid(format!("startedAfter {v:?} is not an RFC 3339 time"))
                     })?)
             }
-            // Sandboxes are listed oldest first.
-            "order" if v == "asc" => {}
             "order" => {
-                return Err(invalid(format!(
-                    "order {v:?} is not supported: this server lists sandboxes oldest first \
-                     (order=asc)"
-                )))
+                f.newest_first = match v.as_str() {
+                    "desc" => true,
+                    "asc" => false,
+                    _ => return Err(invalid(format!("order {v:?} must be asc or desc"))),
+                }
             }
             _ => return Err(invalid(format!("query parameter {k:?} is not supported"))),
         }
@@ -587,7 +656,14 @@ async fn sandbox_list(s: &AppState, who: &Principal, f: ListFilter) -> E2bResult
         let need = u32::try_from(limit - items.len()).unwrap_or(u32::MAX);
         let page = s
             .app
-            .sandbox_list_in(who, f.states.clone(), f.labels.clone(), Some(need), cursor)
+            .sandbox_list_in(
+                who,
+                f.states.clone(),
+                f.labels.clone(),
+                Some(need),
+                cursor,
+                f.newest_first,
+            )
             .await?;
         items.extend(
             page.items

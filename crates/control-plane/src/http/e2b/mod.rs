@@ -185,7 +185,27 @@ pub fn routes(state: AppState) -> Router<AppState> {
         )
         .route("/files", get(files::file_download).post(files::file_upload))
         .route("/health", get(health));
-    control.merge(envd)
+    control.merge(envd).layer(compression_layers())
+}
+
+/// gzip both ways, as the SDK may use it: request bodies sent with
+/// `Content-Encoding: gzip` (file uploads, unary calls) are inflated as they
+/// are read, so every size limit counts the inflated bytes; responses are
+/// deflated when the client accepts gzip. Connect streams are left alone:
+/// their frames must reach the client as each is made, and Connect
+/// compresses those per message, not per response. Any other encoding
+/// passes through to the handlers, which refuse it by name.
+fn compression_layers() -> (
+    tower_http::decompression::RequestDecompressionLayer,
+    tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate>,
+) {
+    use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
+    let not_streams =
+        DefaultPredicate::new().and(NotForContentType::const_new("application/connect+json"));
+    (
+        tower_http::decompression::RequestDecompressionLayer::new().pass_through_unaccepted(true),
+        tower_http::compression::CompressionLayer::new().compress_when(not_streams),
+    )
 }
 
 /// `GET /health`: the control plane's (`{"status": "ok"}`), or a

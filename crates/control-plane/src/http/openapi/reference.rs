@@ -329,6 +329,16 @@ fn body_examples() -> Map<String, Value> {
         ("SnapshotRequest", json!({"image": "team/app:prepared"})),
         ("StdinWritten", json!({"written": 6, "closed": false})),
         (
+            "SandboxStats",
+            json!({"sandbox_id": "sbx_01J9ZB5Q8W2X3Y4Z5A6B7C8D9E", "samples": [
+                {"ts": "2026-12-04T15:00:05Z", "cpu_count": 1.0, "cpu_used_pct": 12.5,
+                 "mem_used": 73400320, "mem_total": 536870912, "mem_cache": 4096,
+                 "disk_used": 36_491_268_096_u64, "disk_total": 270_553_174_016_u64},
+                {"ts": "2026-12-04T15:00:10Z", "cpu_count": 1.0, "cpu_used_pct": 99.8,
+                 "mem_used": 73400320, "mem_total": 536870912, "mem_cache": 4096,
+                 "disk_used": null, "disk_total": null}]}),
+        ),
+        (
             "Logs",
             json!({"lines": [{"ts": "2026-12-04T15:00:01Z", "source": "lifecycle", "message": "running"}]}),
         ),
