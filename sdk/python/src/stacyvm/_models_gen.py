@@ -426,6 +426,10 @@ class PoolStatus:
     size: int
     ready: int
     filling: int
+    #: For a template's pool (`image` `template/NAME`): the version its
+    #: members run, `NAME:VERSION`; null while the template has no ready
+    #: version.
+    template: Optional[str] = None
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Self:
@@ -435,6 +439,7 @@ class PoolStatus:
             size=int(d.get("size", 0)),
             ready=int(d.get("ready", 0)),
             filling=int(d.get("filling", 0)),
+            template=_w.opt(str, d.get("template")),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -444,6 +449,7 @@ class PoolStatus:
             "size": self.size,
             "ready": self.ready,
             "filling": self.filling,
+            "template": self.template,
         }
 
 
@@ -566,6 +572,10 @@ class Quota:
     max_memory_mb: Optional[int] = None
     #: Live sandboxes (not destroyed, failed or lost).
     max_sandboxes: Optional[int] = None
+    #: Named templates the tenant may keep; every version of one name is one
+    #: template, and a deleted template no longer counts. Template images
+    #: count against `max_volume_mb`.
+    max_templates: Optional[int] = None
     #: The longest lifetime a sandbox may ask for, in seconds.
     max_timeout_s: Optional[int] = None
     #: MiB of all the tenant's volumes together (their sizes, not what is written).
@@ -584,6 +594,7 @@ class Quota:
             max_exec_per_minute=_w.opt(int, d.get("max_exec_per_minute")),
             max_memory_mb=_w.opt(int, d.get("max_memory_mb")),
             max_sandboxes=_w.opt(int, d.get("max_sandboxes")),
+            max_templates=_w.opt(int, d.get("max_templates")),
             max_timeout_s=_w.opt(int, d.get("max_timeout_s")),
             max_volume_mb=_w.opt(int, d.get("max_volume_mb")),
             max_volumes=_w.opt(int, d.get("max_volumes")),
@@ -597,6 +608,7 @@ class Quota:
             "max_exec_per_minute": self.max_exec_per_minute,
             "max_memory_mb": self.max_memory_mb,
             "max_sandboxes": self.max_sandboxes,
+            "max_templates": self.max_templates,
             "max_timeout_s": self.max_timeout_s,
             "max_volume_mb": self.max_volume_mb,
             "max_volumes": self.max_volumes,

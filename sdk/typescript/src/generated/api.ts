@@ -327,6 +327,12 @@ export interface PoolStatus {
   provider: string;
   ready: number;
   size: number;
+  /**
+   * For a template's pool (`image` `template/NAME`): the version its
+   * members run, `NAME:VERSION`; null while the template has no ready
+   * version.
+   */
+  template?: string | null;
 }
 
 /** What `POST /v1/sandboxes/{id}/ports` takes. */
@@ -445,6 +451,12 @@ export interface Quota {
   max_memory_mb?: number | null;
   /** Live sandboxes (not destroyed, failed or lost). */
   max_sandboxes?: number | null;
+  /**
+   * Named templates the tenant may keep; every version of one name is one
+   * template, and a deleted template no longer counts. Template images
+   * count against `max_volume_mb`.
+   */
+  max_templates?: number | null;
   /** The longest lifetime a sandbox may ask for, in seconds. */
   max_timeout_s?: number | null;
   /** MiB of all the tenant's volumes together (their sizes, not what is written). */
