@@ -610,6 +610,12 @@ async fn start_qemu(dir: &Path, m: &Machine, start: Start) -> Result<()> {
     let mem = format!("memory-backend-memfd,id=mem,size={memory_mb}M,share=on");
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64");
     qemu.args(["-M", "q35", "-accel", "tcg", "-cpu", "max"])
+        // Native PCIe hotplug for the vsock device's root port, rather than
+        // the ACPI hotplug q35 offers by default.
+        .args([
+            "-global",
+            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+        ])
         .args(["-smp", &m.vcpus.to_string(), "-m", &format!("{memory_mb}M")])
         .args(["-object", &mem, "-numa", "node,memdev=mem"])
         .args(["-nographic", "-nodefaults", "-no-reboot", "-no-user-config"])
@@ -618,8 +624,14 @@ async fn start_qemu(dir: &Path, m: &Machine, start: Start) -> Result<()> {
         .arg("-initrd")
         .arg(&m.initrd)
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .arg("-serial")
-        .arg(format!("file:{}", dir.join(RUNTIME_LOG).display()))
+        // Appended to: a restore must not lose what the guest printed
+        // before it was saved.
+        .arg("-chardev")
+        .arg(format!(
+            "file,id=console,path={},append=on",
+            dir.join(RUNTIME_LOG).display()
+        ))
+        .args(["-serial", "chardev:console"])
         .arg("-drive")
         .arg(format!(
             "file={},format=qcow2,if=none,id=root,node-name={ROOT_NODE}",
