@@ -244,6 +244,7 @@ impl QemuProvider {
     async fn wait_for_agent(&self, id: &SandboxId, dir: &Path, what: &str) -> Result<()> {
         let started = Instant::now();
         let deadline = started + AGENT_START_DEADLINE;
+        vsock_driven(dir, deadline).await?;
         loop {
             if qemu_pid(dir).is_none() {
                 return Err(Error::Internal(format!(
@@ -375,6 +376,10 @@ impl QemuProvider {
             } else {
                 let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
                 q.execute("cont", serde_json::json!({})).await?;
+                drop(q);
+                // A save that failed plugged a new vsock device back in,
+                // which the guest may not have set up before it stopped.
+                vsock_driven(&dir, Instant::now() + AGENT_START_DEADLINE).await?;
             }
             match std::fs::remove_file(dir.join(PAUSED)) {
                 Ok(()) => Ok(()),
@@ -427,6 +432,8 @@ impl QemuProvider {
         .await?;
         q.execute("cont", serde_json::json!({})).await?;
         plug_vsock(&mut q, dir).await?;
+        // QEMU serves one QMP client at a time; the wait below needs it.
+        drop(q);
         std::fs::remove_file(dir.join(SAVED))
             .map_err(|e| Error::internal("unmarking the saved state", e))?;
         self.wait_for_agent(id, dir, "restore").await
@@ -738,6 +745,73 @@ async fn save_state(dir: &Path) -> Result<()> {
             kill_and_wait(pid, what).await?;
         }
     }
+    Ok(())
+}
+
+/// Waits until the guest's driver has set up the vsock device and QEMU
+/// has handed its rings to vhost-device-vsock.
+///
+/// Until then no `CONNECT` may reach the backend: vhost-device-vsock
+/// serves a connection as soon as it has the guest's memory table, and one
+/// arriving before the rings are ready makes its queue walk fail, which
+/// ends the backend's only event thread for good; the process lives on,
+/// accepting connections it never answers. A boot polls for its agent
+/// (and a restore plugs a device in while the guest runs), so without
+/// this a busy host would now and then land a `CONNECT` in that window.
+async fn vsock_driven(dir: &Path, deadline: Instant) -> Result<()> {
+    let path = format!("/machine/peripheral/{VSOCK_DEVICE}/virtio-backend");
+    let stopped = || {
+        Error::Internal(format!(
+            "the guest stopped before it set up its vsock device; the end of its console: {}",
+            tail(&dir.join(RUNTIME_LOG), 15)
+        ))
+    };
+    // One QMP session for the whole wait: QEMU serves one client at a
+    // time and, busy emulating, is slow to take the next.
+    let mut q = loop {
+        match Qmp::connect(&dir.join(QMP_SOCKET)).await {
+            Ok(q) => break q,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) if qemu_pid(dir).is_none() => return Err(stopped()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let mut last = String::new();
+    loop {
+        // An error is a device not plugged in yet.
+        match q
+            .execute("x-query-virtio-status", serde_json::json!({ "path": path }))
+            .await
+        {
+            Ok(st) => {
+                let driver_ok = st["status"]["statuses"].as_array().is_some_and(|a| {
+                    a.iter().any(|s| {
+                        s.as_str()
+                            .is_some_and(|s| s.starts_with("VIRTIO_CONFIG_S_DRIVER_OK"))
+                    })
+                });
+                if driver_ok && st["vhost-started"] == true {
+                    break;
+                }
+                last = format!("status {}", st["status"]);
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!(
+                "the guest did not set up its vsock device in time ({last}); the end of its \
+                 console: {}",
+                tail(&dir.join(RUNTIME_LOG), 15)
+            )));
+        }
+        if qemu_pid(dir).is_none() {
+            return Err(stopped());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // QEMU has sent the ring setup; the backend applies it on a thread of
+    // its own, a moment later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 

@@ -525,3 +525,57 @@ async fn no_network_outlives_its_sandbox() -> anyhow::Result<()> {
     check_network_gone(&id, &n)?;
     Ok(())
 }
+
+/// Many pauses and resumes of one guest, each checked to reach the agent
+/// again with the guest's memory intact: a restore plugs a new vsock
+/// device in while the guest runs, so every cycle is a chance for a
+/// `CONNECT` to reach vhost-device-vsock before the guest has set the
+/// device up. Minutes under TCG, so only on request:
+/// `cargo nextest run -p stacyvm-provider --run-ignored only -E 'test(qemu_soak)'`
+/// (`STACYVM_QEMU_SOAK_CYCLES`, 20 by default). The provider's log gets
+/// each restore's time to a ready agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes of TCG; run with --run-ignored"]
+async fn qemu_soak_pause_resume_cycles() -> anyhow::Result<()> {
+    let cycles: u32 = match std::env::var("STACYVM_QEMU_SOAK_CYCLES") {
+        Ok(v) => v.parse().context("STACYVM_QEMU_SOAK_CYCLES")?,
+        Err(_) => 20,
+    };
+    let env = TestEnv::new().await?;
+    let provider = support::qemu_provider(&env).await?;
+    let h = Harness::new(env, provider);
+    let id = h.spawn_default().await?;
+    let boot_id = h.sh_ok(&id, "cat /proc/sys/kernel/random/boot_id").await?;
+    for i in 0..cycles {
+        h.sh_ok(&id, &format!("echo {i} > /dev/shm/cycle")).await?;
+        let t = std::time::Instant::now();
+        h.provider()
+            .pause(&id)
+            .await
+            .with_context(|| format!("pause {i}"))?;
+        let paused = t.elapsed();
+        let t = std::time::Instant::now();
+        h.provider()
+            .resume(&id)
+            .await
+            .with_context(|| format!("resume {i}"))?;
+        let resumed = t.elapsed();
+        let got = h
+            .sh_ok(&id, "cat /dev/shm/cycle /proc/sys/kernel/random/boot_id")
+            .await
+            .with_context(|| format!("the agent after resume {i}"))?;
+        ensure!(
+            got == format!("{i}\n{boot_id}"),
+            "cycle {i}: the guest reads {got:?}"
+        );
+        eprintln!(
+            "cycle {i}: pause {} ms, resume to a ready agent {} ms",
+            paused.as_millis(),
+            resumed.as_millis()
+        );
+    }
+    h.provider().destroy(&id).await?;
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
