@@ -776,10 +776,9 @@ async fn vsock_driven(dir: &Path, deadline: Instant) -> Result<()> {
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let mut last = String::new();
     loop {
         // An error is a device not plugged in yet.
-        match q
+        let last = match q
             .execute("x-query-virtio-status", serde_json::json!({ "path": path }))
             .await
         {
@@ -793,10 +792,10 @@ async fn vsock_driven(dir: &Path, deadline: Instant) -> Result<()> {
                 if driver_ok && st["vhost-started"] == true {
                     break;
                 }
-                last = format!("status {}", st["status"]);
+                format!("status {}", st["status"])
             }
-            Err(e) => last = e.to_string(),
-        }
+            Err(e) => e.to_string(),
+        };
         if Instant::now() > deadline {
             return Err(Error::Internal(format!(
                 "the guest did not set up its vsock device in time ({last}); the end of its \
