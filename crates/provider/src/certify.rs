@@ -1015,12 +1015,18 @@ impl RemoteEnd {
 
 impl Drop for RemoteEnd {
     fn drop(&mut self) {
-        // Takes the veth pair with it.
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        // The pair first, by its host end: a namespace's devices go with
+        // it only later, in the kernel's own time.
+        for args in [
+            &["link", "del", REMOTE_HOST_IF][..],
+            &["netns", "del", &self.netns],
+        ] {
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
