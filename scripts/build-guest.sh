@@ -11,6 +11,8 @@
 # The guest directory holds:
 #   vmlinuz          the kernel (bzImage) QEMU boots
 #   initramfs.cpio.gz busybox, the modules and /init
+#   vmlinux          the same kernel uncompressed, an ELF (what Firecracker boots;
+#                    scripts/extract-vmlinux.sh)
 #   kernel-release   the kernel's release string (e.g. 6.1.0-57-cloud-amd64)
 # The provider adds the agent itself (an initramfs part of its own), so a
 # rebuilt agent needs no rebuilt guest.
@@ -21,7 +23,7 @@ root_dir="$(cd "$(dirname "$0")/.." && pwd)"
 
 guest_dir="${1:-${STACYVM_GUEST_DIR:-/var/lib/stacyvm/guest}}"
 
-ensure_packages qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio iproute2 nftables ||
+ensure_packages qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio iproute2 nftables lz4 ||
   { log "could not install QEMU, e2fsprogs and busybox-static"; exit 1; }
 
 if ! command -v vhost-device-vsock >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
@@ -41,6 +43,11 @@ init_version=2
 if [ -s "$guest_dir/vmlinuz" ] && [ -s "$guest_dir/initramfs.cpio.gz" ] && [ -s "$guest_dir/kernel-release" ] &&
   [ "$(cat "$guest_dir/init-version" 2>/dev/null)" = "$init_version" ] &&
   [ "$(cat "$guest_dir/modules" 2>/dev/null)" = "$modules" ]; then
+  # A guest directory from before vmlinux was part of it gains one.
+  if [ ! -s "$guest_dir/vmlinux" ]; then
+    "$root_dir/scripts/extract-vmlinux.sh" "$guest_dir/vmlinuz" "$guest_dir/vmlinux" ||
+      { log "could not extract vmlinux from $guest_dir/vmlinuz"; exit 1; }
+  fi
   echo "$guest_dir"
   exit 0
 fi
@@ -129,7 +136,9 @@ chmod 0755 "$ird/init"
 mkdir -p "$guest_dir"
 (cd "$ird" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) >"$work/initramfs.cpio.gz"
 cp "$work/pkg/boot/vmlinuz-$release" "$work/vmlinuz"
-for f in vmlinuz initramfs.cpio.gz; do
+"$root_dir/scripts/extract-vmlinux.sh" "$work/vmlinuz" "$work/vmlinux" ||
+  { log "could not extract vmlinux from the kernel package"; exit 1; }
+for f in vmlinuz vmlinux initramfs.cpio.gz; do
   install -m 0644 "$work/$f" "$guest_dir/$f.tmp" && mv -f "$guest_dir/$f.tmp" "$guest_dir/$f"
 done
 echo "$release" >"$guest_dir/kernel-release"

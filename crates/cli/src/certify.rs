@@ -315,6 +315,7 @@ async fn certify_all(
                         let what = SandboxChecks {
                             image: img.name.clone(),
                             limits: name != "qemu",
+                            network: name == "qemu",
                         };
                         checks.extend(certify::sandbox_checks(&p, &what).await);
                     }

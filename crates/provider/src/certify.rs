@@ -419,6 +419,9 @@ pub struct SandboxChecks {
     /// are its own size, and a hog there meets the guest's OOM killer,
     /// which may pick the agent.
     pub limits: bool,
+    /// Whether a second sandbox, with egress, must reach a machine beyond
+    /// the host and none of the host's own services ([`network_check`]).
+    pub network: bool,
 }
 
 /// Every provider's limits that [`sandbox_checks`] tries.
@@ -509,7 +512,13 @@ pub async fn sandbox_checks(provider: &DynProvider, what: &SandboxChecks) -> Vec
                 }
             }
             checks.push(pause_check(provider, &id).await);
+            // A microVM's pause saves and restores the guest, which ends
+            // the agent's connections: the provider hands out a new one.
+            let agent = provider.agent(&id).await.unwrap_or(agent);
             checks.push(snapshot_check(provider, &agent, &id).await);
+            if what.network {
+                checks.push(network_check(provider, image).await);
+            }
         };
         // Bounded: a check that hangs must not keep the sandbox forever.
         if tokio::time::timeout(CHECKS_LIMIT, inner).await.is_err() {
@@ -899,6 +908,247 @@ async fn memory_check(agent: &AgentClient) -> Check {
         },
     )
     .await
+}
+
+/// The other end of a veth pair in a network namespace of its own: a
+/// machine beyond the host, with a TCP listener, that a guest with egress
+/// must reach through the host's forwarding and NAT. Removed on drop.
+struct RemoteEnd {
+    netns: String,
+    listener: std::net::TcpListener,
+}
+
+/// The remote end's /30 (198.18.0.0/15 is set aside for network tests):
+/// the host's side is `.1`, the remote's `.2`.
+const REMOTE_HOST_ADDR: &str = "198.18.213.1";
+const REMOTE_ADDR: &str = "198.18.213.2";
+/// Not `svq*`, `veth*`, `docker*`, `br-*` nor `svm-*`: the guests' rules
+/// treat those as other sandboxes.
+const REMOTE_HOST_IF: &str = "svcert0";
+
+async fn ip(args: &[&str]) -> std::result::Result<(), String> {
+    let out = tokio::process::Command::new("ip")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl RemoteEnd {
+    async fn new() -> std::result::Result<RemoteEnd, String> {
+        let netns = format!("svmcert-{}", std::process::id());
+        ip(&["netns", "add", &netns]).await?;
+        let mut end = RemoteEnd {
+            netns,
+            // Replaced below; dropping the end removes the namespace.
+            listener: std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| format!("cannot bind a listener: {e}"))?,
+        };
+        let ns = end.netns.clone();
+        ip(&[
+            "link",
+            "add",
+            REMOTE_HOST_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ])
+        .await?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{REMOTE_HOST_ADDR}/30"),
+            "dev",
+            REMOTE_HOST_IF,
+        ])
+        .await?;
+        ip(&["link", "set", REMOTE_HOST_IF, "up"]).await?;
+        let remote_cidr = format!("{REMOTE_ADDR}/30");
+        for args in [
+            vec!["-n", &ns, "addr", "add", &remote_cidr, "dev", "eth0"],
+            vec!["-n", &ns, "link", "set", "eth0", "up"],
+            vec!["-n", &ns, "link", "set", "lo", "up"],
+            vec![
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                REMOTE_HOST_ADDR,
+            ],
+        ] {
+            ip(&args).await?;
+        }
+        let fd = crate::microvm::net::open_netns(&ns).map_err(|e| e.to_string())?;
+        // A socket belongs to the namespace of the thread that makes it:
+        // a thread of its own enters the remote's and binds there.
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let bound = std::thread::spawn(move || {
+            // SAFETY: setns(2) on this short-lived thread only; `fd` is
+            // open until the thread is joined below.
+            unsafe { crate::microvm::net::enter_netns(raw) }?;
+            std::net::TcpListener::bind((REMOTE_ADDR, 0))
+        })
+        .join()
+        .map_err(|_| "the listener thread panicked".to_string())?
+        .map_err(|e| format!("cannot listen in {ns}: {e}"))?;
+        drop(fd);
+        end.listener = bound;
+        Ok(end)
+    }
+}
+
+impl Drop for RemoteEnd {
+    fn drop(&mut self) {
+        // The pair first, by its host end: a namespace's devices go with
+        // it only later, in the kernel's own time.
+        for args in [
+            &["link", "del", REMOTE_HOST_IF][..],
+            &["netns", "del", &self.netns],
+        ] {
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Connections accepted on `l` within `wait`, with what each sent.
+async fn accepted(l: &std::net::TcpListener, wait: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    let _ = l.set_nonblocking(true);
+    while tokio::time::Instant::now() < deadline {
+        match l.accept() {
+            Ok((mut c, _)) => {
+                let _ = c.set_nonblocking(false);
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut c, &mut text);
+                got.push(text);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    got
+}
+
+/// A sandbox with egress reaches a listener on a machine beyond the host
+/// (a namespace behind a veth pair of the host's), and none of the host's
+/// own: a listener on all the host's addresses gets nothing, whether the
+/// guest knocks at its gateway or at another address of the host.
+async fn network_check(provider: &DynProvider, image: &str) -> Check {
+    const NAME: &str = "network";
+    const FIX: &str = "check the provider's network setup (ip, nftables, IP forwarding)";
+    let remote = match RemoteEnd::new().await {
+        Ok(r) => r,
+        Err(e) => return Check::fail(NAME, format!("setting up the remote end: {e}"), FIX),
+    };
+    let host = match std::net::TcpListener::bind("0.0.0.0:0") {
+        Ok(l) => l,
+        Err(e) => return Check::fail(NAME, format!("cannot listen on the host: {e}"), FIX),
+    };
+    let (Ok(remote_port), Ok(host_port)) = (
+        remote.listener.local_addr().map(|a| a.port()),
+        host.local_addr().map(|a| a.port()),
+    ) else {
+        return Check::fail(NAME, "the listeners have no address", FIX);
+    };
+    let id = SandboxId::generate();
+    let spec = SpawnSpec {
+        sandbox_id: id.clone(),
+        image: image.into(),
+        cpu: 1.0,
+        memory_mb: SANDBOX_MEMORY_MB,
+        env: BTreeMap::new(),
+        workdir: Some("/tmp".into()),
+        network: Network::Egress,
+        labels: BTreeMap::from([("stacyvm.certify".into(), "1".into())]),
+        mounts: Vec::new(),
+        egress_allow: Vec::new(),
+    };
+    let result = async {
+        tokio::time::timeout(SPAWN_LIMIT, provider.spawn(&spec))
+            .await
+            .map_err(|_| "the egress sandbox did not start in time".to_string())?
+            .map_err(|e| format!("the egress sandbox did not start: {e}"))?;
+        let agent = provider
+            .agent(&id)
+            .await
+            .map_err(|e| format!("no connection to the egress sandbox's agent: {e}"))?;
+        // The gateway is the host's end of the guest's link.
+        let script = format!(
+            "command -v nc >/dev/null || {{ echo no-nc; exit 3; }}; \
+             gw=$(awk '$2 == \"00000000\" {{ g=$3; printf \"%d.%d.%d.%d\", \
+             \"0x\" substr(g,7,2), \"0x\" substr(g,5,2), \"0x\" substr(g,3,2), \"0x\" substr(g,1,2) }}' \
+             /proc/net/route); echo gw=$gw; \
+             echo host | nc -w 3 $gw {host_port}; \
+             echo host | nc -w 3 {REMOTE_HOST_ADDR} {host_port}; \
+             echo certify-remote | nc -w 5 {REMOTE_ADDR} {remote_port}; echo done"
+        );
+        let out = agent
+            .exec(exec(&script, 40_000))
+            .await
+            .map_err(|e| format!("exec in the egress sandbox failed: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if stdout.contains("no-nc") {
+            return Err(format!("the image {image} has no nc to test the network with"));
+        }
+        let reached_remote = accepted(&remote.listener, Duration::from_secs(3)).await;
+        let reached_host = accepted(&host, Duration::from_millis(500)).await;
+        if !reached_host.is_empty() {
+            return Err(format!(
+                "the guest reached a service of the host itself ({stdout:?})"
+            ));
+        }
+        if !reached_remote.iter().any(|t| t.contains("certify-remote")) {
+            return Err(format!(
+                "the guest did not reach a listener beyond the host ({}:{remote_port}); \
+                 it printed {:?}, stderr {:?}",
+                REMOTE_ADDR,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let gw = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("gw="))
+            .unwrap_or("?")
+            .to_owned();
+        Ok(format!(
+            "a guest with egress reached a listener beyond the host ({REMOTE_ADDR}) but not the \
+             host's own (at its gateway {gw} or at {REMOTE_HOST_ADDR})"
+        ))
+    }
+    .await;
+    let destroyed = provider.destroy(&id).await;
+    drop(remote);
+    match (result, destroyed) {
+        (Ok(evidence), Ok(())) => Check::pass(NAME, evidence),
+        (Err(e), _) => Check::fail(NAME, e, FIX),
+        (Ok(_), Err(e)) => Check::fail(
+            NAME,
+            format!("destroying the egress sandbox failed: {e}"),
+            "remove it by hand",
+        ),
+    }
 }
 
 #[cfg(test)]

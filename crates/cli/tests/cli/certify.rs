@@ -1,6 +1,7 @@
 //! `stacyvm certify` run by the real binary on this host: Docker, PRoot and
 //! the namespaces provider pass and leave a record each and nothing else;
-//! `qemu` passes and says which acceleration it runs under; `firecracker`
+//! `qemu` passes, says which acceleration it runs under and that an egress
+//! guest reached a machine beyond the host but not the host; `firecracker`
 //! fails with the reason this host's kind of KVM gives; the JSON shape,
 //! the text output and the exit codes.
 
@@ -336,9 +337,28 @@ fn qemu_passes_and_says_which_acceleration_it_runs_under() -> Result<()> {
         }
         _ => ensure!(accel.contains("KVM boots a guest here"), "{accel}"),
     }
-    for c in ["spawn", "exec", "files", "pause", "destroy"] {
+    for c in ["spawn", "exec", "files", "pause", "network", "destroy"] {
         ensure!(check(rec, c)?["passed"] == true, "qemu {c}: {rec}");
     }
+    // The egress guest reached the machine beyond the host and nothing of
+    // the host's; that machine's namespace and veth are gone again.
+    let net = check(rec, "network")?["reason"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(net.contains("reached a listener beyond the host"), "{net}");
+    let netns = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("svmcert-"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    ensure!(netns.is_empty(), "certify left {netns:?}");
+    ensure!(
+        !Path::new("/sys/class/net/svcert0").exists(),
+        "certify left its veth"
+    );
     let left: Vec<_> = std::fs::read_dir(dir.path().join("qemu"))
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
         .unwrap_or_default();

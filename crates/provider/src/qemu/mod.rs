@@ -57,6 +57,18 @@ const VSOCK_SOCKET: &str = "vsock.sock";
 const QMP_SOCKET: &str = "qmp.sock";
 /// The guest's network lease ([`net::GuestNet`]), for egress sandboxes.
 const NET: &str = "net.json";
+/// Present while the guest's state is saved in its overlay and no QEMU
+/// runs: a pause that outlives QEMU, the server and a reboot of either.
+const SAVED: &str = "saved";
+/// The internal snapshot of the overlay holding a paused guest's state.
+const SAVED_TAG: &str = "stacyvm-paused";
+/// The overlay's block node, named so QMP jobs can address it.
+const ROOT_NODE: &str = "root-qcow2";
+/// The vsock device sits on a PCIe root port of its own, so it can be
+/// unplugged before a save (QEMU refuses to save a VM with a vhost-user
+/// vsock device) and plugged again after a restore.
+const ROOT_PORT: &str = "rp1";
+const VSOCK_DEVICE: &str = "vsock0";
 
 /// What the QEMU provider needs.
 pub struct QemuConfig {
@@ -75,6 +87,12 @@ struct Meta {
     instance: String,
     vcpus: u64,
     memory_mb: u64,
+    /// What the guest booted: a restore from a saved state starts QEMU
+    /// with the same machine, option ROMs included.
+    #[serde(default)]
+    kernel: Option<PathBuf>,
+    #[serde(default)]
+    initrd: Option<PathBuf>,
 }
 
 /// Runs sandboxes as QEMU virtual machines. See the module documentation.
@@ -175,6 +193,8 @@ impl QemuProvider {
                 instance: self.cfg.instance.clone(),
                 vcpus,
                 memory_mb,
+                kernel: Some(assets.kernel.clone()),
+                initrd: Some(initrd.clone()),
             },
         )?;
         let guest_net = if wants_net {
@@ -206,112 +226,25 @@ impl QemuProvider {
         std::fs::write(&settings_path, settings)
             .map_err(|e| Error::internal("writing the settings disk", e))?;
 
-        // vhost-device-vsock: its own process group, so a server stopped
-        // with Ctrl-C or killed leaves it (and the guest) running.
-        let vhost = dir.join(VHOST_SOCKET);
-        let vlog = std::fs::File::create(dir.join("vsock.log"))
-            .map_err(|e| Error::internal("creating vsock.log", e))?;
-        let vlog2 = vlog
-            .try_clone()
-            .map_err(|e| Error::internal("creating vsock.log", e))?;
-        let mut child = std::process::Command::new(
-            find_program("vhost-device-vsock").unwrap_or_else(|| "vhost-device-vsock".into()),
-        )
-        .arg("--guest-cid")
-        .arg("3")
-        .arg("--socket")
-        .arg(&vhost)
-        .arg("--uds-path")
-        .arg(&vsock_path)
-        .stdin(Stdio::null())
-        .stdout(vlog)
-        .stderr(vlog2)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| Error::ProviderUnavailable(format!("cannot start vhost-device-vsock: {e}")))?;
-        std::fs::write(dir.join(VSOCK_PID), child.id().to_string())
-            .map_err(|e| Error::internal("writing vsock.pid", e))?;
-        // Reaped when it exits, while this server lives.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !vhost.exists() {
-            if Instant::now() > deadline {
-                return Err(Error::Internal(format!(
-                    "vhost-device-vsock did not open its socket: {}",
-                    tail(&dir.join("vsock.log"), 10)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-
-        let mem = format!("memory-backend-memfd,id=mem,size={memory_mb}M,share=on");
-        let mut qemu = tokio::process::Command::new("qemu-system-x86_64");
-        qemu.args(["-M", "q35", "-accel", "tcg", "-cpu", "max"])
-            .args(["-smp", &vcpus.to_string(), "-m", &format!("{memory_mb}M")])
-            .args(["-object", &mem, "-numa", "node,memdev=mem"])
-            .args(["-nographic", "-nodefaults", "-no-reboot", "-no-user-config"])
-            .arg("-kernel")
-            .arg(&assets.kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
-            .arg("-serial")
-            .arg(format!("file:{}", dir.join(RUNTIME_LOG).display()))
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=qcow2,if=none,id=root",
-                overlay.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=root"])
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=none,id=cfg,read-only=on",
-                settings_path.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=cfg"])
-            .arg("-chardev")
-            .arg(format!("socket,id=vs,path={}", vhost.display()))
-            .args(["-device", "vhost-user-vsock-pci,chardev=vs"])
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                dir.join(QMP_SOCKET).display()
-            ))
-            .arg("-pidfile")
-            .arg(dir.join(QEMU_PID))
-            .arg("-daemonize")
-            .stdin(Stdio::null())
-            .process_group(0);
-        // Kept open until QEMU has started.
-        let netns_fd = match &guest_net {
-            Some(n) => {
-                qemu.args([
-                    "-netdev",
-                    &format!("tap,id=net0,ifname={},script=no,downscript=no", net::NS_TAP),
-                ])
-                .args([
-                    "-device",
-                    &format!("virtio-net-pci,netdev=net0,mac={}", n.mac()),
-                ]);
-                let fd = net::open_netns(&n.netns)?;
-                let raw = fd.as_raw_fd();
-                // SAFETY: the closure runs in the child between fork and
-                // exec and makes only the async-signal-safe setns(2) call;
-                // `fd` outlives the spawn below.
-                unsafe {
-                    qemu.pre_exec(move || net::enter_netns(raw));
-                }
-                Some(fd)
-            }
-            None => None,
+        start_vsock_backend(dir).await?;
+        let machine = Machine {
+            vcpus,
+            memory_mb,
+            kernel: assets.kernel.clone(),
+            initrd,
+            net: guest_net,
         };
-        run_tool(&mut qemu, "qemu-system-x86_64").await?;
-        drop(netns_fd);
+        start_qemu(dir, &machine, Start::Boot).await?;
 
+        self.wait_for_agent(&spec.sandbox_id, dir, "boot").await
+    }
+
+    /// Waits for the guest's agent after `what` (a boot or a restore) and
+    /// keeps the connection.
+    async fn wait_for_agent(&self, id: &SandboxId, dir: &Path, what: &str) -> Result<()> {
         let started = Instant::now();
         let deadline = started + AGENT_START_DEADLINE;
+        vsock_driven(dir, deadline).await?;
         loop {
             if qemu_pid(dir).is_none() {
                 return Err(Error::Internal(format!(
@@ -323,21 +256,23 @@ impl QemuProvider {
                 logs::provider_log(
                     dir,
                     &format!(
-                        "agent answered {} ms after boot",
+                        "agent answered {} ms after {what}",
                         started.elapsed().as_millis()
                     ),
                 );
                 self.clients
                     .lock()
                     .await
-                    .insert(spec.sandbox_id.clone(), Arc::new(client));
+                    .insert(id.clone(), Arc::new(client));
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(Error::Internal(format!(
-                    "the guest's agent did not answer within {} s; the end of its console: {}",
+                    "the guest's agent did not answer within {} s of its {what}; the end of its \
+                     console: {}; the end of the vsock backend's log: {}",
                     AGENT_START_DEADLINE.as_secs(),
-                    tail(&dir.join(RUNTIME_LOG), 15)
+                    tail(&dir.join(RUNTIME_LOG), 15),
+                    tail(&dir.join("vsock.log"), 5)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -406,24 +341,102 @@ impl QemuProvider {
         let lock = self.lock_for(id);
         let _held = lock.lock().await;
         let dir = self.existing(id)?;
-        if qemu_pid(&dir).is_none() {
+        let saved = dir.join(SAVED).exists();
+        if qemu_pid(&dir).is_none() && !saved {
             return Err(Error::Conflict(format!("sandbox {id} is not running")));
         }
         if paused {
+            if saved {
+                return Ok(());
+            }
             // Marked first: no new agent connection is handed out to a
             // guest about to stop.
             std::fs::write(dir.join(PAUSED), b"")
                 .map_err(|e| Error::internal("marking the sandbox paused", e))?;
             self.clients.lock().await.remove(id);
-            qmp(&dir.join(QMP_SOCKET), "stop").await
+            match save_state(&dir).await {
+                Ok(()) => {
+                    logs::provider_log(&dir, "paused: the guest's state is saved and QEMU stopped");
+                    Ok(())
+                }
+                // A guest whose state cannot be saved is still paused in
+                // place, as long as QEMU stops it.
+                Err(e) => {
+                    logs::provider_log(
+                        &dir,
+                        &format!("saving the guest's state failed ({e}); paused in place"),
+                    );
+                    let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+                    q.execute("stop", serde_json::json!({})).await.map(|_| ())
+                }
+            }
         } else {
-            qmp(&dir.join(QMP_SOCKET), "cont").await?;
+            if saved {
+                self.restore(id, &dir).await?;
+            } else {
+                let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+                q.execute("cont", serde_json::json!({})).await?;
+                drop(q);
+                // A save that failed plugged a new vsock device back in,
+                // which the guest may not have set up before it stopped.
+                vsock_driven(&dir, Instant::now() + AGENT_START_DEADLINE).await?;
+            }
             match std::fs::remove_file(dir.join(PAUSED)) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(Error::internal("unmarking the sandbox paused", e)),
             }
         }
+    }
+
+    /// Starts a saved guest again: a new vsock backend and a QEMU that
+    /// loads the saved state, runs, and gets its vsock device back.
+    async fn restore(&self, id: &SandboxId, dir: &Path) -> Result<()> {
+        let meta: Meta = logs::read_json(dir, META)
+            .ok_or_else(|| Error::Conflict(format!("sandbox {id} has no readable meta")))?;
+        let (Some(kernel), Some(initrd)) = (meta.kernel, meta.initrd) else {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} was saved without its boot files"
+            )));
+        };
+        let net = match logs::read_json::<net::GuestNet>(dir, NET) {
+            Some(n) if !Path::new("/run/netns").join(&n.netns).exists() => {
+                return Err(Error::Conflict(format!(
+                    "the network namespace {} of sandbox {id} is gone (the host restarted?)",
+                    n.netns
+                )))
+            }
+            n => n,
+        };
+        let machine = Machine {
+            vcpus: meta.vcpus,
+            memory_mb: meta.memory_mb,
+            kernel,
+            initrd,
+            net,
+        };
+        start_vsock_backend(dir).await?;
+        start_qemu(dir, &machine, Start::Stopped).await?;
+        let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+        q.job(
+            "snapshot-load",
+            serde_json::json!({"tag": SAVED_TAG, "vmstate": ROOT_NODE, "devices": [ROOT_NODE]}),
+        )
+        .await?;
+        // The state is in memory now; the copy in the overlay would only
+        // grow it.
+        q.job(
+            "snapshot-delete",
+            serde_json::json!({"tag": SAVED_TAG, "devices": [ROOT_NODE]}),
+        )
+        .await?;
+        q.execute("cont", serde_json::json!({})).await?;
+        plug_vsock(&mut q, dir).await?;
+        // QEMU serves one QMP client at a time; the wait below needs it.
+        drop(q);
+        std::fs::remove_file(dir.join(SAVED))
+            .map_err(|e| Error::internal("unmarking the saved state", e))?;
+        self.wait_for_agent(id, dir, "restore").await
     }
 }
 
@@ -499,10 +512,17 @@ async fn kill_and_wait(pid: i32, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // A zombie leader may still have threads exiting, holding QEMU's
+        // image and pid file locks: gone is when it is alone.
         let gone = state
             .as_deref()
             .and_then(|s| s.rsplit_once(") "))
-            .is_none_or(|(_, r)| r.starts_with('Z'));
+            .is_none_or(|(_, r)| {
+                r.starts_with('Z')
+                    && std::fs::read_dir(format!("/proc/{pid}/task"))
+                        .map(|d| d.count() <= 1)
+                        .unwrap_or(true)
+            });
         if gone {
             return Ok(());
         }
@@ -515,40 +535,414 @@ async fn kill_and_wait(pid: i32, what: &str) -> Result<()> {
     }
 }
 
-/// Runs one QMP command (no arguments) and waits for its answer.
-async fn qmp(socket: &Path, command: &str) -> Result<()> {
-    let run = async {
+/// What QEMU runs, the same for a boot and for a restore.
+struct Machine {
+    vcpus: u64,
+    memory_mb: u64,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    net: Option<net::GuestNet>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Start {
+    /// Boot the kernel, with the vsock device plugged.
+    Boot,
+    /// Stay stopped, without the vsock device, for a saved state to load.
+    Stopped,
+}
+
+/// Starts vhost-device-vsock for the sandbox (stopping one left from
+/// before): its own process group, so a server stopped with Ctrl-C or
+/// killed leaves it (and the guest) running.
+async fn start_vsock_backend(dir: &Path) -> Result<()> {
+    if let Some(pid) = owned_pid(dir, VSOCK_PID) {
+        kill_and_wait(pid, "vhost-device-vsock").await?;
+    }
+    let vhost = dir.join(VHOST_SOCKET);
+    let vsock_path = dir.join(VSOCK_SOCKET);
+    for stale in [&vhost, &vsock_path] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let vlog = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("vsock.log"))
+        .map_err(|e| Error::internal("opening vsock.log", e))?;
+    let vlog2 = vlog
+        .try_clone()
+        .map_err(|e| Error::internal("opening vsock.log", e))?;
+    let mut child = std::process::Command::new(
+        find_program("vhost-device-vsock").unwrap_or_else(|| "vhost-device-vsock".into()),
+    )
+    .arg("--guest-cid")
+    .arg("3")
+    .arg("--socket")
+    .arg(&vhost)
+    .arg("--uds-path")
+    .arg(&vsock_path)
+    .stdin(Stdio::null())
+    .stdout(vlog)
+    .stderr(vlog2)
+    .process_group(0)
+    .spawn()
+    .map_err(|e| Error::ProviderUnavailable(format!("cannot start vhost-device-vsock: {e}")))?;
+    std::fs::write(dir.join(VSOCK_PID), child.id().to_string())
+        .map_err(|e| Error::internal("writing vsock.pid", e))?;
+    // Reaped when it exits, while this server lives.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vhost.exists() {
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!(
+                "vhost-device-vsock did not open its socket: {}",
+                tail(&dir.join("vsock.log"), 10)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Starts QEMU (daemonized, in the guest's network namespace when it has
+/// a NIC) and returns once it runs.
+async fn start_qemu(dir: &Path, m: &Machine, start: Start) -> Result<()> {
+    if let Some(pid) = owned_pid(dir, QEMU_PID) {
+        kill_and_wait(pid, "qemu").await?;
+    }
+    let _ = std::fs::remove_file(dir.join(QMP_SOCKET));
+    let memory_mb = m.memory_mb;
+    let mem = format!("memory-backend-memfd,id=mem,size={memory_mb}M,share=on");
+    let mut qemu = tokio::process::Command::new("qemu-system-x86_64");
+    qemu.args(["-M", "q35", "-accel", "tcg", "-cpu", "max"])
+        // Native PCIe hotplug for the vsock device's root port, rather than
+        // the ACPI hotplug q35 offers by default.
+        .args([
+            "-global",
+            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+        ])
+        .args(["-smp", &m.vcpus.to_string(), "-m", &format!("{memory_mb}M")])
+        .args(["-object", &mem, "-numa", "node,memdev=mem"])
+        .args(["-nographic", "-nodefaults", "-no-reboot", "-no-user-config"])
+        .arg("-kernel")
+        .arg(&m.kernel)
+        .arg("-initrd")
+        .arg(&m.initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        // Appended to: a restore must not lose what the guest printed
+        // before it was saved.
+        .arg("-chardev")
+        .arg(format!(
+            "file,id=console,path={},append=on",
+            dir.join(RUNTIME_LOG).display()
+        ))
+        .args(["-serial", "chardev:console"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=qcow2,if=none,id=root,node-name={ROOT_NODE}",
+            dir.join("root.qcow2").display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=root"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=none,id=cfg,read-only=on",
+            dir.join("settings.tar").display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=cfg"])
+        .args([
+            "-device",
+            &format!("pcie-root-port,id={ROOT_PORT},chassis=1,slot=1"),
+        ]);
+    if start == Start::Boot {
+        qemu.arg("-chardev")
+            .arg(format!(
+                "socket,id=vs,path={}",
+                dir.join(VHOST_SOCKET).display()
+            ))
+            .args([
+                "-device",
+                &format!("vhost-user-vsock-pci,chardev=vs,id={VSOCK_DEVICE},bus={ROOT_PORT}"),
+            ]);
+    } else {
+        qemu.arg("-S");
+    }
+    qemu.arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            dir.join(QMP_SOCKET).display()
+        ))
+        .arg("-pidfile")
+        .arg(dir.join(QEMU_PID))
+        .arg("-daemonize")
+        .stdin(Stdio::null())
+        .process_group(0);
+    // Kept open until QEMU has started.
+    let netns_fd = match &m.net {
+        Some(n) => {
+            qemu.args([
+                "-netdev",
+                &format!("tap,id=net0,ifname={},script=no,downscript=no", net::NS_TAP),
+            ])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=net0,mac={}", n.mac()),
+            ]);
+            let fd = net::open_netns(&n.netns)?;
+            let raw = fd.as_raw_fd();
+            // SAFETY: the closure runs in the child between fork and exec
+            // and makes only the async-signal-safe setns(2) call; `fd`
+            // outlives the spawn below.
+            unsafe {
+                qemu.pre_exec(move || net::enter_netns(raw));
+            }
+            Some(fd)
+        }
+        None => None,
+    };
+    let result = run_tool(&mut qemu, "qemu-system-x86_64").await;
+    drop(netns_fd);
+    result
+}
+
+/// Saves a running guest's state into its overlay and stops QEMU and the
+/// vsock backend. The vsock device is unplugged first (the guest's kernel
+/// lets go of it), since QEMU cannot save a vhost-user vsock device; a
+/// failure before the save leaves the guest running with its device back.
+async fn save_state(dir: &Path) -> Result<()> {
+    let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+    q.execute("device_del", serde_json::json!({"id": VSOCK_DEVICE}))
+        .await?;
+    let unplugged = q
+        .event(Duration::from_secs(30), |e| {
+            e["event"] == "DEVICE_DELETED" && e["data"]["device"] == VSOCK_DEVICE
+        })
+        .await;
+    // Not unplugged in time: the device may still be in use, so its
+    // backend stays as it is.
+    unplugged?;
+    let saved = async {
+        q.execute("stop", serde_json::json!({})).await?;
+        q.job(
+            "snapshot-save",
+            serde_json::json!({"tag": SAVED_TAG, "vmstate": ROOT_NODE, "devices": [ROOT_NODE]}),
+        )
+        .await
+    }
+    .await;
+    if let Err(e) = saved {
+        // Back as it was: running, with a vsock device on a new backend.
+        let _ = q.execute("cont", serde_json::json!({})).await;
+        start_vsock_backend(dir).await?;
+        plug_vsock(&mut q, dir).await?;
+        return Err(e);
+    }
+    std::fs::write(dir.join(SAVED), b"")
+        .map_err(|e| Error::internal("marking the saved state", e))?;
+    for (file, what) in [(QEMU_PID, "qemu"), (VSOCK_PID, "vhost-device-vsock")] {
+        if let Some(pid) = owned_pid(dir, file) {
+            kill_and_wait(pid, what).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the guest's driver has set up the vsock device and QEMU
+/// has handed its rings to vhost-device-vsock.
+///
+/// Until then no `CONNECT` may reach the backend: vhost-device-vsock
+/// serves a connection as soon as it has the guest's memory table, and one
+/// arriving before the rings are ready makes its queue walk fail, which
+/// ends the backend's only event thread for good; the process lives on,
+/// accepting connections it never answers. A boot polls for its agent
+/// (and a restore plugs a device in while the guest runs), so without
+/// this a busy host would now and then land a `CONNECT` in that window.
+async fn vsock_driven(dir: &Path, deadline: Instant) -> Result<()> {
+    let path = format!("/machine/peripheral/{VSOCK_DEVICE}/virtio-backend");
+    let stopped = || {
+        Error::Internal(format!(
+            "the guest stopped before it set up its vsock device; the end of its console: {}",
+            tail(&dir.join(RUNTIME_LOG), 15)
+        ))
+    };
+    // One QMP session for the whole wait: QEMU serves one client at a
+    // time and, busy emulating, is slow to take the next.
+    let mut q = loop {
+        match Qmp::connect(&dir.join(QMP_SOCKET)).await {
+            Ok(q) => break q,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) if qemu_pid(dir).is_none() => return Err(stopped()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    loop {
+        // An error is a device not plugged in yet.
+        let last = match q
+            .execute("x-query-virtio-status", serde_json::json!({ "path": path }))
+            .await
+        {
+            Ok(st) => {
+                let driver_ok = st["status"]["statuses"].as_array().is_some_and(|a| {
+                    a.iter().any(|s| {
+                        s.as_str()
+                            .is_some_and(|s| s.starts_with("VIRTIO_CONFIG_S_DRIVER_OK"))
+                    })
+                });
+                if driver_ok && st["vhost-started"] == true {
+                    break;
+                }
+                format!("status {}", st["status"])
+            }
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!(
+                "the guest did not set up its vsock device in time ({last}); the end of its \
+                 console: {}",
+                tail(&dir.join(RUNTIME_LOG), 15)
+            )));
+        }
+        if qemu_pid(dir).is_none() {
+            return Err(stopped());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // QEMU has sent the ring setup; the backend applies it on a thread of
+    // its own, a moment later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Plugs a vsock device on the running backend's socket into the guest.
+async fn plug_vsock(q: &mut Qmp, dir: &Path) -> Result<()> {
+    // A chardev id of its own each time: the old one may still be there.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let chardev = format!("vs{nanos}");
+    q.execute(
+        "chardev-add",
+        serde_json::json!({"id": chardev, "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": dir.join(VHOST_SOCKET)}},
+            "server": false}}}),
+    )
+    .await?;
+    q.execute(
+        "device_add",
+        serde_json::json!({"driver": "vhost-user-vsock-pci", "chardev": chardev,
+            "id": VSOCK_DEVICE, "bus": ROOT_PORT}),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A QMP session: commands with arguments, and the events seen on the way.
+struct Qmp {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    w: tokio::net::unix::OwnedWriteHalf,
+    events: Vec<serde_json::Value>,
+}
+
+/// How long one QMP answer (or a job) may take.
+const QMP_LIMIT: Duration = Duration::from_secs(120);
+
+impl Qmp {
+    async fn connect(socket: &Path) -> Result<Qmp> {
         let s = tokio::net::UnixStream::connect(socket)
             .await
             .map_err(|e| Error::Conflict(format!("cannot reach QMP: {e}")))?;
-        let (r, mut w) = s.into_split();
-        let mut lines = tokio::io::BufReader::new(r).lines();
-        let io_err = |e: io::Error| Error::internal("talking QMP", e);
-        // The greeting, then capabilities negotiation, then the command.
-        lines.next_line().await.map_err(io_err)?;
-        for cmd in ["qmp_capabilities", command] {
-            w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes())
-                .await
-                .map_err(io_err)?;
-            loop {
-                let Some(line) = lines.next_line().await.map_err(io_err)? else {
-                    return Err(Error::Conflict("QMP closed the connection".into()));
-                };
-                let v: serde_json::Value =
-                    serde_json::from_str(&line).map_err(|e| Error::internal("reading QMP", e))?;
-                if v.get("return").is_some() {
-                    break;
-                }
-                if let Some(e) = v.get("error") {
-                    return Err(Error::Internal(format!("QMP {cmd} failed: {e}")));
-                }
-            }
+        let (r, w) = s.into_split();
+        let mut q = Qmp {
+            lines: tokio::io::BufReader::new(r).lines(),
+            w,
+            events: Vec::new(),
+        };
+        // The greeting, then capabilities negotiation.
+        q.next(Duration::from_secs(10)).await?;
+        q.execute("qmp_capabilities", serde_json::json!({})).await?;
+        Ok(q)
+    }
+
+    async fn next(&mut self, limit: Duration) -> Result<serde_json::Value> {
+        let line = tokio::time::timeout(limit, self.lines.next_line())
+            .await
+            .map_err(|_| Error::Conflict("QMP did not answer".into()))?
+            .map_err(|e| Error::internal("reading QMP", e))?
+            .ok_or_else(|| Error::Conflict("QMP closed the connection".into()))?;
+        serde_json::from_str(&line).map_err(|e| Error::internal("reading QMP", e))
+    }
+
+    async fn execute(&mut self, cmd: &str, args: serde_json::Value) -> Result<serde_json::Value> {
+        let mut msg = serde_json::json!({ "execute": cmd });
+        if args.as_object().is_some_and(|o| !o.is_empty()) {
+            msg["arguments"] = args;
         }
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .map_err(|_| Error::Conflict(format!("QMP {command} got no answer")))?
+        let mut line = msg.to_string();
+        line.push('\n');
+        self.w
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| Error::internal("talking QMP", e))?;
+        loop {
+            let v = self.next(QMP_LIMIT).await?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(Error::Internal(format!("QMP {cmd} failed: {e}")));
+            }
+            self.events.push(v);
+        }
+    }
+
+    /// Waits for an event matching `pred` (one seen already counts).
+    async fn event(
+        &mut self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<()> {
+        if let Some(i) = self.events.iter().position(&pred) {
+            self.events.remove(i);
+            return Ok(());
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self.next(left).await?;
+            if pred(&v) {
+                return Ok(());
+            }
+            self.events.push(v);
+        }
+    }
+
+    /// Runs a QMP job to its end; its error, if any, is the error.
+    async fn job(&mut self, cmd: &str, mut args: serde_json::Value) -> Result<()> {
+        let id = format!("stacyvm-{cmd}");
+        args["job-id"] = serde_json::Value::String(id.clone());
+        self.execute(cmd, args).await?;
+        self.event(QMP_LIMIT, |e| {
+            e["event"] == "JOB_STATUS_CHANGE"
+                && e["data"]["id"] == id.as_str()
+                && e["data"]["status"] == "concluded"
+        })
+        .await?;
+        let jobs = self.execute("query-jobs", serde_json::json!({})).await?;
+        let error = jobs.as_array().and_then(|js| {
+            js.iter()
+                .find(|j| j["id"] == id.as_str())
+                .and_then(|j| j.get("error"))
+                .cloned()
+        });
+        self.execute("job-dismiss", serde_json::json!({ "id": id }))
+            .await?;
+        match error {
+            Some(e) => Err(Error::Internal(format!("QMP {cmd} failed: {e}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
@@ -636,7 +1030,8 @@ impl Provider for QemuProvider {
                 _ => {}
             }
             out.push(RuntimeInfo {
-                running: qemu_pid(&dir).is_some(),
+                // A saved guest is paused, not gone: resume starts it.
+                running: qemu_pid(&dir).is_some() || dir.join(SAVED).exists(),
                 sandbox_id: id,
             });
         }

@@ -10,4 +10,5 @@ mod plugin;
 mod proot;
 mod qemu;
 mod support;
+mod vmlinux;
 mod watch;

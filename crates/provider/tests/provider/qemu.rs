@@ -1,12 +1,13 @@
 //! The qemu provider on real QEMU under TCG, with one guest for all the
 //! checks to keep boots few: the sandbox runs its own kernel and sees none
-//! of the host's files, its console is its log, pause and resume go
-//! through QMP, a new provider (a restarted server) adopts the guest
-//! paused and resumes it, a fork bomb stays inside the guest, and destroy
+//! of the host's files, its console is its log, pause saves the guest's
+//! state to its overlay and stops QEMU, a new provider (a restarted
+//! server) adopts the saved guest and resumes it in a new QEMU, a fork bomb stays inside the guest, and destroy
 //! leaves nothing.
 //! Egress guests (two more boots) reach a machine beyond the host through
-//! its NAT, but neither the host nor each other, and leave no network
-//! behind; a network whose sandbox vanished is swept.
+//! its NAT, but neither the host nor each other, keep their network
+//! through a save and restore, and leave no network behind; a network
+//! whose sandbox vanished is swept.
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -24,6 +25,14 @@ use stacyvm_provider::DynProvider;
 use crate::support::{
     self, exec_req, host_primary_ipv4, leftovers, run, AgentCalls, Harness, HostListener, TestEnv,
 };
+
+/// Whether a process runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, r)| !r.starts_with('Z'))
+    })
+}
 
 /// Host threads of a process (QEMU's vCPU and I/O threads).
 fn threads(pid: i32) -> anyhow::Result<usize> {
@@ -83,8 +92,28 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         "the console is not in the logs: {logs:?}"
     );
 
-    // Pause stops the guest (QMP stop): its agent is not handed out.
+    // Pause saves the guest's state into its overlay and stops QEMU: the
+    // guest's memory (a file only in its RAM, its boot id) survives QEMU,
+    // and its agent is not handed out meanwhile.
+    let boot_id = h
+        .sh_ok(
+            &id,
+            "echo in-ram > /dev/shm/mark; cat /proc/sys/kernel/random/boot_id",
+        )
+        .await?;
+    let booted_pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))?
+        .trim()
+        .parse()?;
     h.provider().pause(&id).await?;
+    ensure!(
+        dir.join("saved").exists(),
+        "the paused guest's state was not saved: {:?}",
+        h.provider().logs(&id).await?
+    );
+    ensure!(
+        !alive(booted_pid),
+        "QEMU (pid {booted_pid}) still runs after the guest was saved"
+    );
     let e = h
         .provider()
         .agent(&id)
@@ -94,10 +123,7 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
     ensure!(matches!(e, stacyvm_core::Error::Conflict(_)), "{e}");
 
     // A restarted server: a new provider over the same data dir finds the
-    // guest, still paused, and resumes it.
-    let qemu_pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))?
-        .trim()
-        .parse()?;
+    // guest, still paused, and resumes it from its saved state.
     let adopted: DynProvider = Arc::new(support::qemu_provider_now(&h.env)?);
     h.guard.replace_provider(adopted.clone());
     let listed = adopted.list().await?;
@@ -112,7 +138,18 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         .context("the adopted paused guest's agent")?;
     ensure!(matches!(e, stacyvm_core::Error::Conflict(_)), "{e}");
     adopted.resume(&id).await?;
-    ensure!(h.sh_ok(&id, "echo adopted").await?.trim() == "adopted");
+    ensure!(!dir.join("saved").exists());
+    let after = h
+        .sh_ok(&id, "cat /dev/shm/mark /proc/sys/kernel/random/boot_id")
+        .await?;
+    ensure!(
+        after == format!("in-ram\n{boot_id}"),
+        "after the restore the guest reads {after:?}, before it was in-ram and {boot_id:?}"
+    );
+    let qemu_pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))?
+        .trim()
+        .parse()?;
+    ensure!(qemu_pid != booted_pid && alive(qemu_pid));
 
     // A fork bomb is the guest's problem: on the host QEMU keeps its few
     // threads, and the guest is destroyed whole.
@@ -388,6 +425,11 @@ async fn egress_guests_reach_other_machines_but_not_the_host_or_each_other() -> 
     }
     ensure!(listener.peers().len() == 1, "{:?}", listener.peers());
 
+    // A guest saved and restored keeps its NIC and address: the tap is
+    // opened again by the new QEMU in the same namespace.
+    h.provider().pause(&a).await?;
+    h.provider().resume(&a).await?;
+
     // Not each other: a listens, b cannot connect, the host can.
     h.sh_ok(&a, "setsid nc -l -p 8080 >/tmp/got 2>&1 </dev/null &")
         .await?;
@@ -481,5 +523,59 @@ async fn no_network_outlives_its_sandbox() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&owner)?;
     h.provider().list().await?;
     check_network_gone(&id, &n)?;
+    Ok(())
+}
+
+/// Many pauses and resumes of one guest, each checked to reach the agent
+/// again with the guest's memory intact: a restore plugs a new vsock
+/// device in while the guest runs, so every cycle is a chance for a
+/// `CONNECT` to reach vhost-device-vsock before the guest has set the
+/// device up. Minutes under TCG, so only on request:
+/// `cargo nextest run -p stacyvm-provider --run-ignored only -E 'test(qemu_soak)'`
+/// (`STACYVM_QEMU_SOAK_CYCLES`, 20 by default). The provider's log gets
+/// each restore's time to a ready agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes of TCG; run with --run-ignored"]
+async fn qemu_soak_pause_resume_cycles() -> anyhow::Result<()> {
+    let cycles: u32 = match std::env::var("STACYVM_QEMU_SOAK_CYCLES") {
+        Ok(v) => v.parse().context("STACYVM_QEMU_SOAK_CYCLES")?,
+        Err(_) => 20,
+    };
+    let env = TestEnv::new().await?;
+    let provider = support::qemu_provider(&env).await?;
+    let h = Harness::new(env, provider);
+    let id = h.spawn_default().await?;
+    let boot_id = h.sh_ok(&id, "cat /proc/sys/kernel/random/boot_id").await?;
+    for i in 0..cycles {
+        h.sh_ok(&id, &format!("echo {i} > /dev/shm/cycle")).await?;
+        let t = std::time::Instant::now();
+        h.provider()
+            .pause(&id)
+            .await
+            .with_context(|| format!("pause {i}"))?;
+        let paused = t.elapsed();
+        let t = std::time::Instant::now();
+        h.provider()
+            .resume(&id)
+            .await
+            .with_context(|| format!("resume {i}"))?;
+        let resumed = t.elapsed();
+        let got = h
+            .sh_ok(&id, "cat /dev/shm/cycle /proc/sys/kernel/random/boot_id")
+            .await
+            .with_context(|| format!("the agent after resume {i}"))?;
+        ensure!(
+            got == format!("{i}\n{boot_id}"),
+            "cycle {i}: the guest reads {got:?}"
+        );
+        eprintln!(
+            "cycle {i}: pause {} ms, resume to a ready agent {} ms",
+            paused.as_millis(),
+            resumed.as_millis()
+        );
+    }
+    h.provider().destroy(&id).await?;
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
