@@ -100,20 +100,22 @@ def test_ports_reach_the_sandboxs_server(server: Server, member: Tuple[stacyvm.T
         )
         assert up.stdout.strip() == "up", up.stderr
         exposed = sb.expose(8080)
-        assert exposed["port"] == 8080 and exposed["public"] is False
-        assert exposed["url"] == f"/v1/sandboxes/{sb.id}/ports/8080/"
+        assert isinstance(exposed, stacyvm.ExposedPort), exposed
+        assert exposed.port == 8080 and exposed.public is False
+        assert exposed.url == f"/v1/sandboxes/{sb.id}/ports/8080/"
+        assert sb.ports() == [exposed]
         with httpx.Client(base_url=server.url, timeout=60) as h:
-            page = exposed["url"] + "index.html"
+            page = exposed.url + "index.html"
             r = h.get(page, headers={"Authorization": f"Bearer {key.key}"})
             assert (r.status_code, r.text) == (200, "served\n")
             assert h.get(page).status_code == 401, "a private port opened without a key"
             token = sb.port_token(8080, ttl_seconds=60)
-            assert "stacyvm_token=" in token["url"]
-            r = h.get(exposed["url"] + "index.html", params={"stacyvm_token": token["token"]})
+            assert isinstance(token, stacyvm.PortToken) and "stacyvm_token=" in token.url
+            r = h.get(exposed.url + "index.html", params={"stacyvm_token": token.token})
             assert (r.status_code, r.text) == (200, "served\n")
-            assert sb.expose(8080, public=True)["public"] is True
+            assert sb.expose(8080, public=True).public is True
             assert h.get(page).status_code == 200, "the public port is closed"
-            assert [(p["port"], p["public"]) for p in sb.ports()] == [(8080, True)]
+            assert [(p.port, p.public) for p in sb.ports()] == [(8080, True)]
             sb.unexpose(8080)
             assert sb.ports() == []
             assert h.get(page).status_code != 200, "an unexposed port still answers"

@@ -306,6 +306,32 @@ class ExitStatus:
 
 
 @dataclass(frozen=True)
+class ExposedPort:
+    """An exposed port and the URL that reaches it."""
+
+    port: int
+    public: bool
+    #: The host form `http://{port}-{id}.DOMAIN/` when the server has a
+    #: proxy domain, else the path form relative to the server.
+    url: str
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            port=int(d.get("port", 0)),
+            public=bool(d.get("public", False)),
+            url=str(d.get("url", "")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "port": self.port,
+            "public": self.public,
+            "url": self.url,
+        }
+
+
+@dataclass(frozen=True)
 class Failure:
     """Why a sandbox failed."""
 
@@ -450,6 +476,33 @@ class PoolStatus:
             "ready": self.ready,
             "filling": self.filling,
             "template": self.template,
+        }
+
+
+@dataclass(frozen=True)
+class PortToken:
+    """A signed URL token opening a private port."""
+
+    #: `EXPIRY.MAC`, passed as `?stacyvm_token=`.
+    token: str
+    #: When the token stops working, in Unix seconds.
+    expires_at: int
+    #: The port's URL with the token in its query.
+    url: str
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            token=str(d.get("token", "")),
+            expires_at=int(d.get("expires_at", 0)),
+            url=str(d.get("url", "")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "token": self.token,
+            "expires_at": self.expires_at,
+            "url": self.url,
         }
 
 

@@ -25,10 +25,12 @@ from .models import (
     ExecChunk,
     ExecExit,
     ExecResult,
+    ExposedPort,
     FileEntry,
     Image,
     LogLine,
     Page,
+    PortToken,
     Process,
     Quota,
     Readiness,
@@ -730,20 +732,22 @@ class Sandbox:
         """
         return Image.from_json(self._t.json(core.sandbox_snapshot(self.id, image)))
 
-    def expose(self, port: int, public: bool = False) -> dict:
-        """Exposes `port` inside the sandbox through the server: `{"port", "public", "url"}`."""
-        return self._t.json(core.sandbox_expose(self.id, port, public))
+    def expose(self, port: int, public: bool = False) -> ExposedPort:
+        """Exposes `port` inside the sandbox through the server; the result's
+        ``url`` reaches it."""
+        return ExposedPort.from_json(self._t.json(core.sandbox_expose(self.id, port, public)))
 
-    def ports(self) -> list:
+    def ports(self) -> List[ExposedPort]:
         """The sandbox's exposed ports."""
-        return (self._t.json(core.sandbox_ports(self.id))).get("ports", [])
+        doc = self._t.json(core.sandbox_ports(self.id))
+        return [ExposedPort.from_json(x) for x in doc.get("ports", [])]
 
     def unexpose(self, port: int) -> None:
         self._t.json(core.sandbox_unexpose(self.id, port))
 
-    def port_token(self, port: int, ttl_seconds: int = 3600) -> dict:
-        """A signed URL token opening a private port: `{"token", "expires_at", "url"}`."""
-        return self._t.json(core.sandbox_port_token(self.id, port, ttl_seconds))
+    def port_token(self, port: int, ttl_seconds: int = 3600) -> PortToken:
+        """A signed URL token opening a private port (``token``, ``expires_at``, ``url``)."""
+        return PortToken.from_json(self._t.json(core.sandbox_port_token(self.id, port, ttl_seconds)))
 
     def logs(self) -> List[LogLine]:
         """The sandbox's log so far."""
