@@ -372,17 +372,25 @@ async fn stacyvm_cli_exec(bin: &std::path::Path, s: &Server, id: &str) -> Result
 
 /// Imports the busybox test rootfs into `s`'s catalog as `busybox`.
 pub(crate) async fn import_busybox(s: &Server, ctx: &Ctx) -> Result<()> {
-    let file = tokio::fs::File::open(&ctx.image_tar).await?;
+    import_image(s, &ctx.image_tar, "busybox").await
+}
+
+/// Imports the root filesystem tar at `tar` into the server's catalog as
+/// `name`.
+pub(crate) async fn import_image(s: &Server, tar: &std::path::Path, name: &str) -> Result<()> {
+    let file = tokio::fs::File::open(tar)
+        .await
+        .with_context(|| format!("opening {}", tar.display()))?;
     s.json(
         s.http
-            .post(s.u("/v1/images?name=busybox"))
+            .post(s.u(&format!("/v1/images?name={name}")))
             .header("content-type", "application/x-tar")
             .body(reqwest::Body::wrap_stream(
                 tokio_util::io::ReaderStream::new(file),
             )),
     )
     .await
-    .context("importing the busybox rootfs")?;
+    .with_context(|| format!("importing {name}"))?;
     Ok(())
 }
 

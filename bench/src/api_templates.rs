@@ -44,8 +44,36 @@ fn recipe(name: &str) -> Option<Value> {
             "start": ["sh", "-c", "touch /tmp/up; exec sleep 1000000"],
             "ready": ["test", "-e", "/tmp/up"]
         })),
+        // The provided `python` template (templates/python.toml) over the
+        // root filesystem scripts/build-python-image.sh makes, imported as
+        // `debian-python` the way scripts/provide-templates.sh does.
+        "python" => Some(json!({
+            "from": PYTHON_BASE,
+            "provider": "docker",
+            "workdir": "/work",
+            "env": {
+                "PYTHONUNBUFFERED": "1",
+                "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                "PIP_BREAK_SYSTEM_PACKAGES": "1"
+            },
+            "steps": [
+                {"run": ["python3", "--version"]},
+                {"run": ["python3", "-m", "pip", "--version"]}
+            ]
+        })),
         _ => None,
     }
+}
+
+/// The catalog image the `python` recipe builds on.
+const PYTHON_BASE: &str = "debian-python";
+
+/// The python root filesystem tar: `STACYVM_TEST_PYTHON_IMAGE_TAR`, else
+/// where scripts/build-python-image.sh puts it.
+fn python_tar() -> std::path::PathBuf {
+    std::env::var_os("STACYVM_TEST_PYTHON_IMAGE_TAR")
+        .map(Into::into)
+        .unwrap_or_else(|| crate::baseline::workspace_root().join("target/test-images/python.tar"))
 }
 
 pub async fn template_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
@@ -54,8 +82,15 @@ pub async fn template_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Re
     }
     for r in &args.template_recipes {
         if recipe(r).is_none() {
-            bail!("--template-recipes: no recipe {r:?} (known: busybox)");
+            bail!("--template-recipes: no recipe {r:?} (known: busybox, python)");
         }
+    }
+    let python = args.template_recipes.iter().any(|r| r == "python");
+    if python && !python_tar().exists() {
+        bail!(
+            "the python recipe needs {} (scripts/build-python-image.sh makes it)",
+            python_tar().display()
+        );
     }
     let bin = ctx.stacyvm_bin().await?;
     let spec = format!("docker:template/{POOLED}={POOL_SIZE}");
@@ -69,6 +104,9 @@ pub async fn template_section(ctx: &Ctx, args: &Args, report: &mut Report) -> Re
     .await?;
     let result = async {
         import_busybox(&s, ctx).await?;
+        if python {
+            crate::api_suite::import_image(&s, &python_tar(), PYTHON_BASE).await?;
+        }
         builds(&s, args, report).await?;
         creates(&s, args, report).await
     }

@@ -58,7 +58,8 @@ pub struct Args {
     /// Template builds timed per recipe in the template section.
     #[arg(long, default_value_t = 3)]
     template_builds: usize,
-    /// Template recipes whose build is timed (see `api_templates::recipe`).
+    /// Template recipes whose build is timed (see `api_templates::recipe`): busybox, python
+    /// (the provided template; needs scripts/build-python-image.sh's tar).
     #[arg(long, value_delimiter = ',', default_value = "busybox")]
     template_recipes: Vec<String>,
     /// StacyVM exec round trips per provider.
