@@ -19,6 +19,7 @@ pub mod rootfs;
 pub mod seccomp;
 pub mod syscalls;
 pub mod uids;
+pub mod volumes;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
