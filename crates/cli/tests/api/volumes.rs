@@ -1,5 +1,6 @@
 //! Volumes against the real thing: a loop-mounted ext4 image per volume,
-//! bound into Docker sandboxes; data that outlives sandboxes and server
+//! bound into Docker, namespaces and PRoot sandboxes (ID-mapped for the
+//! latter two); data that outlives sandboxes and server
 //! restarts, read-only mounts, the size limit, and deletion that leaves
 //! nothing behind. Volumes live on the in-process worker's host, so these
 //! servers keep it in every topology (`local_worker`); a control plane
@@ -57,11 +58,32 @@ pub async fn volume(api: &Api, name: &str, size_mb: i64) -> Result<Value> {
 }
 
 async fn with_volume(api: &Api, name: &str, path: &str, read_only: bool) -> Result<String> {
+    with_volume_on(api, "docker", name, path, read_only).await
+}
+
+pub async fn with_volume_on(
+    api: &Api,
+    provider: &str,
+    name: &str,
+    path: &str,
+    read_only: bool,
+) -> Result<String> {
     let s = api
-        .create_sandbox(json!({"image": "busybox", "provider": "docker",
+        .create_sandbox(json!({"image": "busybox", "provider": provider,
             "volumes": [{"volume": name, "path": path, "read_only": read_only}]}))
         .await?;
     Ok(s["id"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Mount points of this host that name `sandbox` (its root, its run
+/// directory, a volume bound into it): none may outlive its destroy.
+pub fn mounts_of_sandbox(sandbox: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.contains(sandbox))
+        .collect()
 }
 
 /// Whether the volume's image file, mount point or mount is still on the host.
@@ -78,6 +100,74 @@ fn host_traces(server: &Server, id: &str) -> Vec<String> {
     }
     out.extend(mounts_under(&mnt));
     out
+}
+
+/// One volume through two sandboxes of `provider` in turn: what the first
+/// writes the second reads, the sandbox's root owns the volume and its
+/// files land on disk as root, deletion waits for the last sandbox, and
+/// no mount of a sandbox outlives it.
+async fn data_outlives_sandboxes_of(provider: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (server, _guard) = start()?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let v = volume(&admin, "data", 16).await?;
+    let id = s(&v, "id")?.to_owned();
+    let first = with_volume_on(&admin, provider, "data", "/data", false).await?;
+    let owners = admin
+        .sh(
+            &first,
+            "echo kept > /data/file && stat -c '%u:%g' /data /data/file",
+        )
+        .await?;
+    ensure!(
+        owners.split_whitespace().all(|o| o == "0:0"),
+        "{provider}: the sandbox's root does not own the volume: {owners}"
+    );
+    let on_disk = server.data_dir().join("volumes/mnt").join(&id).join("file");
+    let meta = std::fs::metadata(&on_disk)?;
+    ensure!(
+        (meta.uid(), meta.gid()) == (0, 0),
+        "{provider}: the file landed on disk as {}:{}",
+        meta.uid(),
+        meta.gid()
+    );
+    admin.destroy(&first).await?;
+    ensure!(
+        mounts_of_sandbox(&first).is_empty(),
+        "{provider}: mounts outlived the sandbox: {:?}",
+        mounts_of_sandbox(&first)
+    );
+    let second = with_volume_on(&admin, provider, "data", "/data", false).await?;
+    ensure!(admin.sh(&second, "cat /data/file").await?.trim() == "kept");
+    let e = admin
+        .delete("/v1/volumes/data")
+        .await?
+        .err(409, "conflict")?;
+    ensure!(e.message.contains(&second), "{}", e.message);
+    admin.destroy(&second).await?;
+    ensure!(
+        mounts_of_sandbox(&second).is_empty(),
+        "{provider}: mounts outlived the sandbox: {:?}",
+        mounts_of_sandbox(&second)
+    );
+    admin.delete("/v1/volumes/data").await?.ok(204)?;
+    ensure!(
+        host_traces(&server, &id).is_empty(),
+        "left: {:?}",
+        host_traces(&server, &id)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_outlives_namespaces_sandboxes() -> Result<()> {
+    data_outlives_sandboxes_of("namespaces").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_outlives_proot_sandboxes() -> Result<()> {
+    data_outlives_sandboxes_of("proot").await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -146,13 +236,27 @@ async fn data_outlives_sandboxes_and_deletion_leaves_nothing() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn read_only_mounts_refuse_writes_and_the_size_is_enforced() -> Result<()> {
+    read_only_and_size_on("docker").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_read_only_mounts_and_the_size_are_enforced() -> Result<()> {
+    read_only_and_size_on("namespaces").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proot_read_only_mounts_and_the_size_are_enforced() -> Result<()> {
+    read_only_and_size_on("proot").await
+}
+
+async fn read_only_and_size_on(provider: &str) -> Result<()> {
     let (server, _guard) = start()?;
     let admin = server.admin();
     admin.import_busybox().await?;
     volume(&admin, "small", 16).await?;
-    let rw = with_volume(&admin, "small", "/data", false).await?;
+    let rw = with_volume_on(&admin, provider, "small", "/data", false).await?;
     // Several sandboxes may mount one volume at once, read-only or not.
-    let ro = with_volume(&admin, "small", "/ro", true).await?;
+    let ro = with_volume_on(&admin, provider, "small", "/ro", true).await?;
     admin.sh(&rw, "echo shared > /data/x").await?;
     ensure!(admin.sh(&ro, "cat /ro/x").await?.trim() == "shared");
     let out = admin
@@ -166,6 +270,15 @@ async fn read_only_mounts_refuse_writes_and_the_size_is_enforced() -> Result<()>
             .contains("Read-only"),
         "{out}"
     );
+    // Nor can the sandbox's root make it writable again.
+    let out = admin
+        .exec(
+            &ro,
+            json!({"cmd": ["sh", "-c", "mount -o remount,rw /ro; echo no > /ro/y"]}),
+        )
+        .await?;
+    ensure!(out["exit_code"] != 0, "a remount made it writable: {out}");
+    admin.sh(&rw, "test ! -e /data/y").await?;
 
     let out = admin
         .exec(
@@ -280,17 +393,22 @@ async fn bad_volume_requests_are_refused_naming_the_field() -> Result<()> {
         )
         .await?
         .err(404, "not_found")?;
-    // Providers that cannot bind volumes say so instead of dropping them.
+    // A mount point through a symbolic link of the image is refused by the
+    // providers that build the root themselves.
+    // The image's /linuxrc is a link to /bin/busybox, /etc/passwd a file.
     for provider in ["namespaces", "proot"] {
-        let e = admin
-            .post(
-                "/v1/sandboxes",
-                json!({"image": "busybox", "provider": provider,
-                    "volumes": [{"volume": "v", "path": "/a"}]}),
-            )
-            .await?
-            .err(409, "unsupported")?;
-        ensure!(e.message.contains(provider), "{}", e.message);
+        for path in ["/linuxrc", "/linuxrc/sub", "/etc/passwd/x"] {
+            let e = admin
+                .post(
+                    "/v1/sandboxes",
+                    json!({"image": "busybox", "provider": provider,
+                        "volumes": [{"volume": "v", "path": path}]}),
+                )
+                .await?
+                .err(400, "invalid_request")
+                .with_context(|| format!("{provider} {path}"))?;
+            ensure!(e.message.contains("volumes[0].path"), "{}", e.message);
+        }
     }
     // The failed creates hold no claim on the volume.
     admin.delete("/v1/volumes/v").await?.ok(204)?;

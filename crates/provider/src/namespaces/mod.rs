@@ -47,7 +47,7 @@ use crate::sandboxing::procs::{self, ProcId};
 use crate::sandboxing::rootfs::{self, Layout};
 use crate::sandboxing::seccomp::Filter;
 use crate::sandboxing::uids::UidPool;
-use crate::sandboxing::{install_agent, is_root, short_hash, syscalls};
+use crate::sandboxing::{install_agent, is_root, short_hash, syscalls, volumes};
 use crate::{Health, LogLine, Provider, ProviderMode, RuntimeInfo};
 
 use state::{IdBlock, SandboxMeta, AGENT_PID_FILE, INIT_PID_FILE};
@@ -514,6 +514,13 @@ impl NamespacesProvider {
             ));
         };
         self.check_limits(spec)?;
+        if !spec.mounts.is_empty() && self.rootless.is_some() {
+            return Err(Error::Unsupported(
+                "the namespaces provider mounts volumes only when StacyVM runs as root (an \
+                 ID-mapped mount of the volume needs it); this server is rootless"
+                    .into(),
+            ));
+        }
         if spec.network != Network::None {
             return Err(Error::Unsupported(
                 "the namespaces provider runs sandboxes with network \"none\" only (a network \
@@ -717,6 +724,18 @@ impl NamespacesProvider {
         );
         if self.rootless.is_none() {
             furnish_at(&meta.root(), &[&meta.root()], Some(&meta.workdir), owner)?;
+        }
+        if !spec.mounts.is_empty() {
+            // Mounted in the host's namespace under the root, so the
+            // sandbox's own namespace copies them at its release and
+            // destroy finds them with the rest of the root; mapped through
+            // the sandbox's user namespace, so its root owns what host
+            // root owns on the volume.
+            let userns = pending
+                .user_namespace()
+                .map_err(|e| Error::internal("opening the sandbox's user namespace", e))?;
+            volumes::attach(&meta.root(), &spec.mounts, owner, &userns)?;
+            logs::provider_log(dir, &volumes::describe(&spec.mounts));
         }
         rootfs::write_env_file(&meta.socket_dir(), &spec.env, owner)?;
         let started = pending
@@ -1026,6 +1045,12 @@ async fn connect_agent(socket: &Path, uid: u32, init: Option<i32>) -> Result<Age
 impl Provider for NamespacesProvider {
     fn name(&self) -> &str {
         "namespaces"
+    }
+
+    /// Volumes are attached ID-mapped at spawn (root mode; a rootless
+    /// server refuses them there, saying why).
+    fn supports_mounts(&self) -> bool {
+        true
     }
 
     fn mode(&self) -> Option<ProviderMode> {

@@ -45,7 +45,7 @@ use crate::sandboxing::mounts::{overlay_option_safe, Owner};
 use crate::sandboxing::procs::ProcId;
 use crate::sandboxing::seccomp::{self, Filter, Rule};
 use crate::sandboxing::uids::UidPool;
-use crate::sandboxing::{self as sb, is_root, short_hash};
+use crate::sandboxing::{self as sb, idmap, is_root, short_hash, volumes};
 use crate::{Health, LogLine, Provider, RuntimeInfo};
 
 use root::{GUEST_AGENT, GUEST_RUN_DIR};
@@ -376,6 +376,14 @@ impl ProotProvider {
             }),
         );
         root::furnish(&meta, owner)?;
+        if !spec.mounts.is_empty() {
+            // The sandbox's single user owns what root owns on the volume,
+            // and what it writes lands there as root, as from a container.
+            let userns = idmap::user_namespace_mapping_root_to(owner.uid)
+                .map_err(|e| Error::internal("preparing the volumes' ID mapping", e))?;
+            volumes::attach(&meta.root(), &spec.mounts, owner, &userns)?;
+            state::provider_log(dir, &volumes::describe(&spec.mounts));
+        }
         root::write_env_file(&meta, &spec.env, owner)?;
 
         if !meta.cgroups.is_empty() {
@@ -662,6 +670,13 @@ impl Provider for ProotProvider {
 
     fn security_boundary(&self) -> bool {
         false
+    }
+
+    /// Volumes are kernel mounts in the root on the host, which PRoot's
+    /// path translation reaches like any directory of the root; read-only
+    /// is the mount's, so the kernel enforces it.
+    fn supports_mounts(&self) -> bool {
+        true
     }
 
     async fn health(&self) -> Health {

@@ -20,6 +20,7 @@ pub mod seccomp;
 pub mod syscalls;
 pub mod uids;
 pub mod usage;
+pub mod volumes;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;

@@ -280,6 +280,90 @@ pub fn create_file_in_root(root: &Path, path: &str, owner: Option<Owner>) -> io:
     fchown(&f, owner)
 }
 
+/// Opens (making what is missing, owned by `owner`) the directory `path`
+/// inside `root` as an `O_PATH` descriptor to mount onto, one component at
+/// a time, refusing every symbolic link on the way (`ELOOP`) and every
+/// component that is not a directory (`ENOTDIR`). Whatever an image or an
+/// earlier sandbox left in the tree, the descriptor is a directory below
+/// `root` reached by the very path asked for, so a mount onto it can
+/// neither land outside the root nor on a place the path does not name.
+pub fn open_mount_point(
+    root: &Path,
+    path: &str,
+    owner: Option<Owner>,
+) -> io::Result<std::fs::File> {
+    let resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    let open_in = |dir: &std::fs::File, name: &str| -> io::Result<std::fs::File> {
+        let c = cstr(name.as_bytes())?;
+        let how = OpenHow {
+            flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve,
+        };
+        // SAFETY: `c` and `how` are valid for the call; openat2 reads
+        // `size_of::<OpenHow>()` bytes of `how`.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+    };
+    let mut dir = std::fs::File::open(root)?;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        if part == "." || part == ".." {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a mount point path holds '.' or '..'",
+            ));
+        }
+        let next = match open_in(&dir, part) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let name = cstr(part.as_bytes())?;
+                // SAFETY: `dir` is an open directory descriptor and `name`
+                // a valid C string naming one entry in it.
+                if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) } != 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EEXIST) {
+                        return Err(e);
+                    }
+                }
+                let made = open_in(&dir, part)?;
+                if let Some(o) = owner {
+                    // SAFETY: `made` is an open descriptor; with an empty
+                    // path and AT_EMPTY_PATH, fchownat changes the
+                    // directory it refers to, an O_PATH one included.
+                    let rc = unsafe {
+                        libc::fchownat(
+                            made.as_raw_fd(),
+                            c"".as_ptr(),
+                            o.uid,
+                            o.gid,
+                            libc::AT_EMPTY_PATH,
+                        )
+                    };
+                    if rc != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                made
+            }
+            Err(e) => return Err(e),
+        };
+        dir = next;
+    }
+    Ok(dir)
+}
+
 /// Changes the owner of everything under `dir` (symlinks themselves, never
 /// what they point at) that `from` owns, to `to`.
 pub fn chown_tree(dir: &Path, from: Owner, to: Owner) -> io::Result<()> {
