@@ -407,6 +407,7 @@ def test_tenants_quotas_and_keys(client: stacyvm.Client, server: Server) -> None
         max_concurrent_execs=100,
         max_volumes=10,
         max_volume_mb=10240,
+        max_templates=20,
     )
     assert tenant.id in [t.id for t in client.list_tenants(limit=1000)]
     quota = stacyvm.Quota(
