@@ -248,6 +248,30 @@ def test_a_killed_sandbox_ends_its_watches(env: Env) -> None:
         Sandbox.kill(sb.sandbox_id)
 
 
+def test_a_sandbox_whose_watch_already_ended_is_killed_and_the_server_goes_on(env: Env) -> None:
+    sb = Sandbox.create()
+    try:
+        sb.files.make_dir("/tmp/going")
+        handle = sb.files.watch_dir("/tmp/going")
+        # The watched directory goes: the watch ends in the agent, and the
+        # watcher's task in the server ends with it; the watcher stays
+        # until it is removed or its sandbox goes.
+        sb.commands.run("rm -r /tmp/going", user="root")
+        handle.get_new_events()
+        _until(lambda: _watches_in_sandbox(sb) == 0, "the agent's watch did not end")
+        time.sleep(0.5)
+        # Killing the sandbox forgets that watcher, and the server answers
+        # this and what comes after.
+        r = httpx.delete(
+            f"{env.server.url}/sandboxes/{sb.sandbox_id}", headers={"X-API-KEY": env.a.key_e2b}, timeout=30
+        )
+        assert r.status_code == 204, r.text
+        other = Sandbox.create()
+        other.kill()
+    finally:
+        Sandbox.kill(sb.sandbox_id)
+
+
 def test_another_tenants_key_cannot_watch_or_read_a_watcher(env: Env, sandbox: Sandbox) -> None:
     handle = sandbox.files.watch_dir("/tmp")
     theirs = Sandbox.create(api_key=env.b.key_e2b)

@@ -86,7 +86,10 @@ pub struct EnvdWatches {
     table: Mutex<HashMap<SandboxId, SandboxWatches>>,
 }
 
-/// A sandbox's place for one watch, given back when dropped.
+/// A sandbox's place for one watch, given back when dropped. Dropping one
+/// takes the table's lock, so nothing that holds a slot (a [`Watcher`]) may
+/// be dropped while that lock is held: the lock is not reentrant, and the
+/// thread would wait on itself with every later watch call queued behind.
 struct Slot {
     table: Arc<EnvdWatches>,
     sandbox: SandboxId,
@@ -109,12 +112,16 @@ impl EnvdWatches {
     /// nobody read for [`WATCHER_IDLE`]. Also answers the token that ends
     /// the sandbox's watches when it is forgotten.
     fn take_slot(self: &Arc<Self>, sandbox: &SandboxId) -> Result<(Slot, CancellationToken)> {
+        // Declared before the guard, so dropped after it: the last handle
+        // of a watcher gives its slot back, which takes the table's lock.
+        let mut idle_watchers = Vec::new();
         let mut table = lock(&self.table);
         let s = table.entry(sandbox.clone()).or_default();
         s.watchers.retain(|_, w| {
             let idle = lock(&w.pending).last_read.elapsed() >= WATCHER_IDLE;
             if idle {
                 w.stop.cancel();
+                idle_watchers.push(w.clone());
             }
             !idle
         });
@@ -147,9 +154,10 @@ impl EnvdWatches {
     }
 
     fn remove(&self, sandbox: &SandboxId, id: &str) -> Option<Arc<Watcher>> {
-        let w = lock(&self.table)
-            .get_mut(sandbox)
-            .and_then(|s| s.watchers.remove(id));
+        let w = {
+            let mut table = lock(&self.table);
+            table.get_mut(sandbox).and_then(|s| s.watchers.remove(id))
+        };
         if let Some(w) = &w {
             w.stop.cancel();
         }
@@ -158,7 +166,11 @@ impl EnvdWatches {
 
     /// Ends every watch of `sandbox` (it is being destroyed).
     pub fn forget(&self, sandbox: &SandboxId) {
-        if let Some(s) = lock(&self.table).remove(sandbox) {
+        // The entry leaves the table before its watchers are dropped: a
+        // watcher whose task has already ended is held only here, and
+        // dropping it gives its slot back, which takes the table's lock.
+        let removed = lock(&self.table).remove(sandbox);
+        if let Some(s) = removed {
             s.gone.cancel();
             for w in s.watchers.values() {
                 w.stop.cancel();
@@ -238,11 +250,14 @@ impl App {
             stop: gone.child_token(),
             _slot: slot,
         });
-        lock(&self.e2b_watches.table)
+        let replaced = lock(&self.e2b_watches.table)
             .entry(sandbox_id)
             .or_default()
             .watchers
             .insert(id.clone(), w.clone());
+        // Ids are random, so nothing is replaced; were one, it is dropped
+        // here, with the table's lock released (see `forget`).
+        drop(replaced);
         tokio::spawn(keep_events(w, events));
         Ok(id)
     }
