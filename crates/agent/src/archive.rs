@@ -117,7 +117,14 @@ fn append<W: Write>(
         };
         header.set_entry_type(tar::EntryType::Symlink);
         header.set_size(0);
-        tar.append_link(&mut header, name, target)
+        // Stored byte for byte: `append_link` rewrites the target as a path
+        // (`/` comes out as `//`). Longer targets need its GNU long-link entry.
+        if target.as_os_str().len() <= 100 {
+            header.set_link_name_literal(target.as_os_str().as_encoded_bytes())?;
+            tar.append_data(&mut header, name, io::empty())
+        } else {
+            tar.append_link(&mut header, name, target)
+        }
     } else if ft.is_file() {
         // Opened without following a link that replaced the file since the
         // walk saw it, and without blocking on one that became a FIFO.

@@ -27,6 +27,23 @@ const DEPTH: usize = 8;
 /// and StacyVM's own injected files are put back by the provider at create.
 pub const DEFAULT_EXCLUDES: &[&str] = &["proc", "sys", "dev", "run/stacyvm", ".stacyvm"];
 
+/// Appends a link entry whose target is stored byte for byte:
+/// `append_link` rewrites it as a path (`/` comes out as `//`). Targets
+/// too long for the header go through a GNU long-link entry.
+fn append_link_exact<W: Write>(
+    builder: &mut tar::Builder<W>,
+    header: &mut tar::Header,
+    path: &Path,
+    target: &Path,
+) -> io::Result<()> {
+    if target.as_os_str().len() <= 100 {
+        header.set_link_name_literal(target.as_os_str().as_encoded_bytes())?;
+        builder.append_data(header, path, io::empty())
+    } else {
+        builder.append_link(header, path, target)
+    }
+}
+
 /// Returns a stream of a tar of `root`. Excluded directories are kept as
 /// empty directories (with their mode) so the image still has its mount
 /// points. An error during the walk ends the stream with that error.
@@ -155,12 +172,7 @@ fn copy_filtered(
             Some(target)
                 if header.entry_type().is_symlink() || header.entry_type().is_hard_link() =>
             {
-                if target.as_os_str().len() <= 100 {
-                    header.set_link_name_literal(target.as_os_str().as_encoded_bytes())?;
-                    builder.append_data(&mut header, &rel, io::empty())?;
-                } else {
-                    builder.append_link(&mut header, &rel, &target)?;
-                }
+                append_link_exact(&mut builder, &mut header, &rel, &target)?;
             }
             _ => builder.append_data(&mut header, &rel, &mut entry)?,
         }
@@ -348,15 +360,7 @@ impl Walker<'_> {
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
                 self.own(&mut header, &meta);
-                // The target is stored byte for byte: `append_link` would
-                // rewrite it as a path (`/` comes out as `//`).
-                // Longer targets go through a GNU long-link entry.
-                if target.as_os_str().len() <= 100 {
-                    header.set_link_name_literal(target.as_os_str().as_encoded_bytes())?;
-                    builder.append_data(&mut header, &rel_path, io::empty())?;
-                } else {
-                    builder.append_link(&mut header, &rel_path, &target)?;
-                }
+                append_link_exact(builder, &mut header, &rel_path, &target)?;
             } else {
                 // FIFOs and device nodes: stored as what they are, never
                 // opened.
