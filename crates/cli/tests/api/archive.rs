@@ -351,7 +351,7 @@ async fn a_directory_downloads_as_a_tar_that_unpacks_back_into_the_same_tree() -
                 "mkdir -p /work/t/sub/deep /work/t/empty && echo one > /work/t/a.txt && \
                  printf 'two\\n' > /work/t/sub/deep/b.txt && chmod 600 /work/t/sub/deep/b.txt && \
                  ln -s /etc/shadow /work/t/shadow && ln -s ../../etc /work/t/up && \
-                 mkfifo /work/t/fifo && head -c 300000 /dev/zero | tr '\\0' z > /work/t/big",
+                 ln -s / /work/t/root && mkfifo /work/t/fifo && head -c 300000 /dev/zero | tr '\\0' z > /work/t/big",
             )
             .await?;
         let url = |path: &str| format!("/v1/sandboxes/{id}/files/archive?path={path}");
@@ -373,6 +373,7 @@ async fn a_directory_downloads_as_a_tar_that_unpacks_back_into_the_same_tree() -
                     "a.txt",
                     "big",
                     "empty/",
+                    "root",
                     "shadow",
                     "sub/",
                     "sub/deep/",
@@ -387,6 +388,7 @@ async fn a_directory_downloads_as_a_tar_that_unpacks_back_into_the_same_tree() -
                 && seen["shadow"].0 == 'l'
                 && seen["shadow"].2 == "/etc/shadow"
                 && seen["up"].2 == "../../etc"
+                && seen["root"].2 == "/"
                 && seen["big"].2.len() == 300_000,
             "{provider}: {seen:?}"
         );

@@ -9,7 +9,7 @@
 use anyhow::{ensure, Result};
 use serde_json::json;
 
-use crate::support::{unique, Server, ServerOptions, StoreKind};
+use crate::support::{unique, Api, Server, ServerOptions, StoreKind};
 
 const PROVIDERS: [&str; 3] = ["docker", "namespaces", "proot"];
 
@@ -27,8 +27,8 @@ const CHECK: &str = "set -e; cat /snap/sub/f; stat -c %a /snap/run.sh; /snap/run
     test ! -e /etc/group && echo deleted";
 
 /// What it must print. FIFOs survive where Docker imports the image; the
-/// catalog's root filesystems (namespaces, PRoot) drop special files of
-/// every image, snapshots included.
+/// catalog's root filesystems (namespaces, PRoot, QEMU's disks) drop special
+/// files of every image, snapshots included.
 fn expected(provider: &str) -> String {
     let fifo = if provider == "docker" {
         "fifo"
@@ -47,126 +47,146 @@ async fn a_snapshot_carries_files_deletions_modes_and_links_into_a_new_sandbox()
     let (_, member) = admin.tenant_with("member").await?;
     let (_, stranger) = admin.tenant_with("member").await?;
     for provider in PROVIDERS {
-        let id = member.sandbox(provider).await?;
-        member.sh(&id, PREPARE).await?;
-        let image = unique(&format!("snap-{provider}"));
-        let resp = member
-            .post(
-                &format!("/v1/sandboxes/{id}/snapshot"),
-                json!({"image": image}),
-            )
-            .await?;
-        let info = resp.ok(201)?;
-        ensure!(
-            info["name"] == image.as_str()
-                && info["digest"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with("sha256:")),
-            "{provider}: {info}"
-        );
-        // The source keeps running after the copy (it was paused, then
-        // resumed).
-        ensure!(
-            member.sh(&id, "echo alive").await? == "alive\n",
-            "{provider}"
-        );
+        check_snapshot(&admin, &member, &stranger, provider).await?;
+    }
+    Ok(())
+}
 
-        // A taken name is refused, whoever holds it.
-        for taken in [image.as_str(), "busybox"] {
-            member
-                .post(
-                    &format!("/v1/sandboxes/{id}/snapshot"),
-                    json!({"image": taken}),
-                )
-                .await?
-                .err(409, "conflict")?;
-        }
+/// The same on a QEMU guest (under TCG here): its own agent reads its files
+/// while it is woken from its saved state, and it is paused again for the
+/// copy; the host never parses the guest's disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qemu_snapshot_carries_files_into_a_new_guest() -> Result<()> {
+    let server = Server::start(ServerOptions::new(StoreKind::Sqlite).providers("qemu"))?;
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let (_, member) = admin.tenant_with("member").await?;
+    let (_, stranger) = admin.tenant_with("member").await?;
+    check_snapshot(&admin, &member, &stranger, "qemu").await
+}
+
+/// Prepares a sandbox of `provider`, snapshots it, and checks the image
+/// from a new sandbox and from every side of the tenancy.
+async fn check_snapshot(admin: &Api, member: &Api, stranger: &Api, provider: &str) -> Result<()> {
+    let id = member.sandbox(provider).await?;
+    member.sh(&id, PREPARE).await?;
+    let image = unique(&format!("snap-{provider}"));
+    let resp = member
+        .post(
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            json!({"image": image}),
+        )
+        .await?;
+    let info = resp.ok(201)?;
+    ensure!(
+        info["name"] == image.as_str()
+            && info["digest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:")),
+        "{provider}: {info}"
+    );
+    // The source keeps running after the copy (it was paused, then
+    // resumed).
+    ensure!(
+        member.sh(&id, "echo alive").await? == "alive\n",
+        "{provider}"
+    );
+
+    // A taken name is refused, whoever holds it.
+    for taken in [image.as_str(), "busybox"] {
         member
             .post(
                 &format!("/v1/sandboxes/{id}/snapshot"),
-                json!({"image": "Not A Name"}),
+                json!({"image": taken}),
             )
-            .await?
-            .err(400, "invalid_request")?;
-        // Another tenant's sandbox does not exist for the stranger.
-        stranger
-            .post(
-                &format!("/v1/sandboxes/{id}/snapshot"),
-                json!({"image": unique("theft")}),
-            )
-            .await?
-            .err(404, "not_found")?;
-
-        let copy = member
-            .create_sandbox(json!({"image": image, "provider": provider}))
-            .await?;
-        let copy_id = copy["id"].as_str().unwrap_or_default().to_owned();
-        let seen = member.sh(&copy_id, CHECK).await?;
-        ensure!(
-            seen == expected(provider),
-            "{provider}: the new sandbox saw {seen:?}"
-        );
-
-        // The tenant sees its image; another tenant neither sees nor runs it.
-        member.get(&format!("/v1/images/{image}")).await?.ok(200)?;
-        stranger
-            .get(&format!("/v1/images/{image}"))
-            .await?
-            .err(404, "not_found")?;
-        let list = stranger.get("/v1/images").await?.ok(200)?;
-        ensure!(
-            !list["images"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|i| i["name"] == image.as_str())),
-            "another tenant lists the snapshot: {list}"
-        );
-        stranger
-            .post(
-                "/v1/sandboxes",
-                json!({"image": image, "provider": provider}),
-            )
-            .await?
-            .err(422, "image_not_found")?;
-
-        // The call is audited against the sandbox.
-        let audit = admin
-            .get(&format!(
-                "/v1/audit?sandbox_id={id}&action=sandbox.snapshot"
-            ))
-            .await?
-            .ok(200)?;
-        ensure!(
-            audit["events"]
-                .as_array()
-                .is_some_and(|e| e.iter().any(|e| e["outcome"] == "ok")),
-            "{provider}: no audit event of the snapshot: {audit}"
-        );
-
-        // The tenant removes its own snapshot once nothing runs from it;
-        // another tenant cannot, and operator images stay the operator's.
-        member
-            .delete(&format!("/v1/images/{image}"))
             .await?
             .err(409, "conflict")?;
-        member.destroy(&copy_id).await?;
-        member.destroy(&id).await?;
-        stranger
-            .delete(&format!("/v1/images/{image}"))
-            .await?
-            .err(404, "not_found")?;
-        member
-            .delete("/v1/images/busybox")
-            .await?
-            .err(403, "forbidden")?;
-        member
-            .delete(&format!("/v1/images/{image}"))
-            .await?
-            .ok(204)?;
-        member
-            .get(&format!("/v1/images/{image}"))
-            .await?
-            .err(404, "not_found")?;
     }
+    member
+        .post(
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            json!({"image": "Not A Name"}),
+        )
+        .await?
+        .err(400, "invalid_request")?;
+    // Another tenant's sandbox does not exist for the stranger.
+    stranger
+        .post(
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            json!({"image": unique("theft")}),
+        )
+        .await?
+        .err(404, "not_found")?;
+
+    let copy = member
+        .create_sandbox(json!({"image": image, "provider": provider}))
+        .await?;
+    let copy_id = copy["id"].as_str().unwrap_or_default().to_owned();
+    let seen = member.sh(&copy_id, CHECK).await?;
+    ensure!(
+        seen == expected(provider),
+        "{provider}: the new sandbox saw {seen:?}"
+    );
+
+    // The tenant sees its image; another tenant neither sees nor runs it.
+    member.get(&format!("/v1/images/{image}")).await?.ok(200)?;
+    stranger
+        .get(&format!("/v1/images/{image}"))
+        .await?
+        .err(404, "not_found")?;
+    let list = stranger.get("/v1/images").await?.ok(200)?;
+    ensure!(
+        !list["images"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["name"] == image.as_str())),
+        "another tenant lists the snapshot: {list}"
+    );
+    stranger
+        .post(
+            "/v1/sandboxes",
+            json!({"image": image, "provider": provider}),
+        )
+        .await?
+        .err(422, "image_not_found")?;
+
+    // The call is audited against the sandbox.
+    let audit = admin
+        .get(&format!(
+            "/v1/audit?sandbox_id={id}&action=sandbox.snapshot"
+        ))
+        .await?
+        .ok(200)?;
+    ensure!(
+        audit["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["outcome"] == "ok")),
+        "{provider}: no audit event of the snapshot: {audit}"
+    );
+
+    // The tenant removes its own snapshot once nothing runs from it;
+    // another tenant cannot, and operator images stay the operator's.
+    member
+        .delete(&format!("/v1/images/{image}"))
+        .await?
+        .err(409, "conflict")?;
+    member.destroy(&copy_id).await?;
+    member.destroy(&id).await?;
+    stranger
+        .delete(&format!("/v1/images/{image}"))
+        .await?
+        .err(404, "not_found")?;
+    member
+        .delete("/v1/images/busybox")
+        .await?
+        .err(403, "forbidden")?;
+    member
+        .delete(&format!("/v1/images/{image}"))
+        .await?
+        .ok(204)?;
+    member
+        .get(&format!("/v1/images/{image}"))
+        .await?
+        .err(404, "not_found")?;
     Ok(())
 }
 

@@ -60,6 +60,8 @@ const NET: &str = "net.json";
 /// Present while the guest's state is saved in its overlay and no QEMU
 /// runs: a pause that outlives QEMU, the server and a reboot of either.
 const SAVED: &str = "saved";
+/// A paused guest's files on their way to a snapshot.
+const SNAPSHOT_SPOOL: &str = "snapshot.tar";
 /// The internal snapshot of the overlay holding a paused guest's state.
 const SAVED_TAG: &str = "stacyvm-paused";
 /// The overlay's block node, named so QMP jobs can address it.
@@ -1091,4 +1093,77 @@ impl Provider for QemuProvider {
         let agent = self.agent(id).await?;
         crate::sandboxing::usage::guest_stats(&agent).await
     }
+
+    /// The guest's root filesystem as its own agent reads it: the host
+    /// never parses the guest's disk, whose every byte the tenant controls.
+    /// A paused guest (the caller pauses first) is woken for the copy, which
+    /// is spooled to a file in its directory, and paused again before the
+    /// tar is handed out, so it stays the one saved moment.
+    async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        let excludes = || {
+            crate::snapshot::DEFAULT_EXCLUDES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let lock = self.lock_for(id);
+        let _held = lock.lock().await;
+        let dir = self.existing(id)?;
+        if !dir.join(PAUSED).exists() {
+            self.check_running(id, &dir)?;
+            let agent = self.connect(&dir).await?;
+            let tar = agent.file_archive("/").await?;
+            return Ok(crate::snapshot::filter_tar(tar, excludes()));
+        }
+        let saved = dir.join(SAVED).exists();
+        if saved {
+            self.restore(id, &dir).await?;
+        } else {
+            let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+            q.execute("cont", serde_json::json!({})).await?;
+            drop(q);
+            vsock_driven(&dir, Instant::now() + AGENT_START_DEADLINE).await?;
+        }
+        let spool = dir.join(SNAPSHOT_SPOOL);
+        let copied = spool_archive(&self.connect(&dir).await?, &spool).await;
+        // Paused again as it was, whatever the copy did.
+        self.clients.lock().await.remove(id);
+        let repaused = if saved {
+            save_state(&dir).await
+        } else {
+            match Qmp::connect(&dir.join(QMP_SOCKET)).await {
+                Ok(mut q) => q.execute("stop", serde_json::json!({})).await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        };
+        let opened = match (copied, repaused) {
+            (Ok(()), Ok(())) => tokio::fs::File::open(&spool)
+                .await
+                .map_err(|e| Error::internal("opening the snapshot's spool", e)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        // The open file keeps its data until the stream is done with it.
+        let _ = std::fs::remove_file(&spool);
+        let file = opened?;
+        let tar = Box::pin(tokio_util::io::ReaderStream::new(file));
+        Ok(crate::snapshot::filter_tar(tar, excludes()))
+    }
+}
+
+/// Writes the agent's tar of the guest's root to `spool`.
+async fn spool_archive(agent: &AgentClient, spool: &Path) -> Result<()> {
+    use futures_util::StreamExt;
+    let mut tar = agent.file_archive("/").await?;
+    let mut out = tokio::fs::File::create(spool)
+        .await
+        .map_err(|e| Error::internal("creating the snapshot's spool", e))?;
+    while let Some(chunk) = tar.next().await {
+        let chunk = chunk.map_err(|e| Error::internal("reading the guest's files", e))?;
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| Error::internal("writing the snapshot's spool", e))?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| Error::internal("writing the snapshot's spool", e))
 }
