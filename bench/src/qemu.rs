@@ -1,8 +1,10 @@
 //! API section `qemu` (only with `--providers …,qemu`): the microVM
 //! provider against the Docker provider of the same server, in the same
-//! run: boot to agent-ready (create → first exec), exec round trip, and the
-//! host memory each sandbox's processes hold (QEMU and its vsock backend;
-//! Docker's shim, the agent and the container's processes).
+//! run: boot to agent-ready (create → first exec), restore from a saved
+//! state to agent-ready (resume of a paused sandbox → first exec), exec
+//! round trip, and the host memory each sandbox's processes hold (QEMU and
+//! its vsock backend; Docker's shim, the agent and the container's
+//! processes).
 
 use std::time::Instant;
 
@@ -64,6 +66,47 @@ async fn sections(ctx: &Ctx, args: &Args, report: &mut Report, s: &Server) -> Re
             ("api.qemu.create.docker", Vs::NONE, "same server and run")
         };
         report.time_ms(key, &format!("API {p}: create → exec-ready"), &v, vs, note);
+    }
+
+    for (p, image) in &sides {
+        eprintln!("bench[api]: qemu section: pause, then resume → exec-ready, {p}, {n} times");
+        let id = s.create(image, p).await?;
+        let measured = async {
+            s.exec_true(&id).await?;
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                s.lifecycle(&id, "pause").await?;
+                let t = Instant::now();
+                s.lifecycle(&id, "resume").await?;
+                s.exec_true(&id).await?;
+                v.push(ms(t.elapsed()));
+            }
+            anyhow::Ok(v)
+        }
+        .await;
+        s.destroy(&id).await?;
+        let v = measured?;
+        let (key, vs, note) = if *p == "qemu" {
+            (
+                "api.qemu.restore",
+                Vs::cli("api.qemu.restore.docker"),
+                "a pause saves the guest's state to disk and stops QEMU; the resume starts QEMU \
+                 from that state; vs: Docker provider's unfreeze, same run",
+            )
+        } else {
+            (
+                "api.qemu.restore.docker",
+                Vs::NONE,
+                "cgroup freezer: the container's memory stays in place",
+            )
+        };
+        report.time_ms(
+            key,
+            &format!("API {p}: resume of a paused sandbox → exec-ready"),
+            &v,
+            vs,
+            note,
+        );
     }
 
     let mut ids = Vec::new();

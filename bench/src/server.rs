@@ -167,6 +167,14 @@ impl Server {
         Ok(())
     }
 
+    /// `POST /v1/sandboxes/{id}/{op}` (`pause`, `resume`).
+    pub async fn lifecycle(&self, id: &str, op: &str) -> Result<()> {
+        self.json(self.http.post(self.u(&format!("/v1/sandboxes/{id}/{op}"))))
+            .await
+            .with_context(|| format!("{op} {id}"))?;
+        Ok(())
+    }
+
     pub async fn destroy(&self, id: &str) -> Result<()> {
         let resp = self
             .http
