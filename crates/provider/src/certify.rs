@@ -913,18 +913,31 @@ async fn memory_check(agent: &AgentClient) -> Check {
 /// The other end of a veth pair in a network namespace of its own: a
 /// machine beyond the host, with a TCP listener, that a guest with egress
 /// must reach through the host's forwarding and NAT. Removed on drop.
+/// Named and addressed after the certifying process, so two certifications
+/// at once do not take each other's link.
 struct RemoteEnd {
     netns: String,
+    /// The host's end of the veth pair.
+    host_if: String,
+    /// The host's side of the pair's /30, and the remote's.
+    host_addr: std::net::Ipv4Addr,
+    addr: std::net::Ipv4Addr,
     listener: std::net::TcpListener,
 }
 
-/// The remote end's /30 (198.18.0.0/15 is set aside for network tests):
-/// the host's side is `.1`, the remote's `.2`.
-const REMOTE_HOST_ADDR: &str = "198.18.213.1";
-const REMOTE_ADDR: &str = "198.18.213.2";
-/// Not `svq*`, `veth*`, `docker*`, `br-*` nor `svm-*`: the guests' rules
-/// treat those as other sandboxes.
-const REMOTE_HOST_IF: &str = "svcert0";
+/// 198.18.0.0/15 is set aside for network tests: the remote end takes the
+/// /30 numbered by the process id within it, the host's side `.1`, the
+/// remote's `.2`. Interfaces are named `svcert<pid>`: not `svq*`, `veth*`,
+/// `docker*`, `br-*` nor `svm-*`, which the guests' rules treat as other
+/// sandboxes.
+fn remote_link(pid: u32) -> (String, std::net::Ipv4Addr, std::net::Ipv4Addr) {
+    let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + (pid % (1 << 15)) * 4;
+    (
+        format!("svcert{pid}"),
+        std::net::Ipv4Addr::from(base + 1),
+        std::net::Ipv4Addr::from(base + 2),
+    )
+}
 
 async fn ip(args: &[&str]) -> std::result::Result<(), String> {
     let out = tokio::process::Command::new("ip")
@@ -946,51 +959,34 @@ async fn ip(args: &[&str]) -> std::result::Result<(), String> {
 
 impl RemoteEnd {
     async fn new() -> std::result::Result<RemoteEnd, String> {
-        let netns = format!("svmcert-{}", std::process::id());
+        let pid = std::process::id();
+        let netns = format!("svmcert-{pid}");
+        let (host_if, host_addr, addr) = remote_link(pid);
         ip(&["netns", "add", &netns]).await?;
         let mut end = RemoteEnd {
             netns,
+            host_if,
+            host_addr,
+            addr,
             // Replaced below; dropping the end removes the namespace.
             listener: std::net::TcpListener::bind("127.0.0.1:0")
                 .map_err(|e| format!("cannot bind a listener: {e}"))?,
         };
         let ns = end.netns.clone();
+        let host_if = end.host_if.clone();
         ip(&[
-            "link",
-            "add",
-            REMOTE_HOST_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns,
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ])
         .await?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{REMOTE_HOST_ADDR}/30"),
-            "dev",
-            REMOTE_HOST_IF,
-        ])
-        .await?;
-        ip(&["link", "set", REMOTE_HOST_IF, "up"]).await?;
-        let remote_cidr = format!("{REMOTE_ADDR}/30");
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if]).await?;
+        ip(&["link", "set", &host_if, "up"]).await?;
+        let remote_cidr = format!("{addr}/30");
+        let gateway = host_addr.to_string();
         for args in [
             vec!["-n", &ns, "addr", "add", &remote_cidr, "dev", "eth0"],
             vec!["-n", &ns, "link", "set", "eth0", "up"],
             vec!["-n", &ns, "link", "set", "lo", "up"],
-            vec![
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                REMOTE_HOST_ADDR,
-            ],
+            vec!["-n", &ns, "route", "add", "default", "via", &gateway],
         ] {
             ip(&args).await?;
         }
@@ -1002,7 +998,7 @@ impl RemoteEnd {
             // SAFETY: setns(2) on this short-lived thread only; `fd` is
             // open until the thread is joined below.
             unsafe { crate::microvm::net::enter_netns(raw) }?;
-            std::net::TcpListener::bind((REMOTE_ADDR, 0))
+            std::net::TcpListener::bind((addr, 0))
         })
         .join()
         .map_err(|_| "the listener thread panicked".to_string())?
@@ -1018,7 +1014,7 @@ impl Drop for RemoteEnd {
         // The pair first, by its host end: a namespace's devices go with
         // it only later, in the kernel's own time.
         for args in [
-            &["link", "del", REMOTE_HOST_IF][..],
+            &["link", "del", &self.host_if][..],
             &["netns", "del", &self.netns],
         ] {
             let _ = std::process::Command::new("ip")
@@ -1100,8 +1096,10 @@ async fn network_check(provider: &DynProvider, image: &str) -> Check {
              \"0x\" substr(g,7,2), \"0x\" substr(g,5,2), \"0x\" substr(g,3,2), \"0x\" substr(g,1,2) }}' \
              /proc/net/route); echo gw=$gw; \
              echo host | nc -w 3 $gw {host_port}; \
-             echo host | nc -w 3 {REMOTE_HOST_ADDR} {host_port}; \
-             echo certify-remote | nc -w 5 {REMOTE_ADDR} {remote_port}; echo done"
+             echo host | nc -w 3 {host_addr} {host_port}; \
+             echo certify-remote | nc -w 5 {addr} {remote_port}; echo done",
+            host_addr = remote.host_addr,
+            addr = remote.addr
         );
         let out = agent
             .exec(exec(&script, 40_000))
@@ -1122,7 +1120,7 @@ async fn network_check(provider: &DynProvider, image: &str) -> Check {
             return Err(format!(
                 "the guest did not reach a listener beyond the host ({}:{remote_port}); \
                  it printed {:?}, stderr {:?}",
-                REMOTE_ADDR,
+                remote.addr,
                 stdout.trim(),
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
@@ -1133,8 +1131,12 @@ async fn network_check(provider: &DynProvider, image: &str) -> Check {
             .unwrap_or("?")
             .to_owned();
         Ok(format!(
-            "a guest with egress reached a listener beyond the host ({REMOTE_ADDR}) but not the \
-             host's own (at its gateway {gw} or at {REMOTE_HOST_ADDR})"
+            "a guest with egress reached a listener beyond the host ({} in namespace {}, behind \
+             {}) but not the host's own (at its gateway {gw} or at {})",
+            remote.addr,
+            remote.netns,
+            remote.host_if,
+            remote.host_addr
         ))
     }
     .await;
@@ -1154,6 +1156,17 @@ async fn network_check(provider: &DynProvider, image: &str) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_certifying_process_has_its_own_remote_link() {
+        let (name, host, remote) = remote_link(4_194_303);
+        assert_eq!(name, "svcert4194303");
+        assert!(name.len() <= 15, "interface names are at most 15 bytes");
+        assert_eq!(host.octets()[..2], [198, 19]);
+        assert_eq!(u32::from(remote), u32::from(host) + 1);
+        assert_eq!(u32::from(host) % 4, 1, "the /30's first host address");
+        assert_ne!(remote_link(100).1, remote_link(101).1);
+    }
 
     fn record(passed: bool) -> Record {
         Record {

@@ -346,18 +346,21 @@ fn qemu_passes_and_says_which_acceleration_it_runs_under() -> Result<()> {
         .as_str()
         .unwrap_or_default();
     ensure!(net.contains("reached a listener beyond the host"), "{net}");
-    let netns = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("svmcert-"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    ensure!(netns.is_empty(), "certify left {netns:?}");
+    // Named after this certification's process (others may run at once).
+    let named = |prefix: &str| {
+        net.split(|c: char| c.is_whitespace() || c == ',' || c == ')')
+            .find(|w| w.starts_with(prefix))
+            .map(str::to_owned)
+            .with_context(|| format!("no {prefix}… in {net}"))
+    };
+    let (netns, veth) = (named("svmcert-")?, named("svcert")?);
     ensure!(
-        !Path::new("/sys/class/net/svcert0").exists(),
-        "certify left its veth"
+        !Path::new("/run/netns").join(&netns).exists(),
+        "certify left {netns}"
+    );
+    ensure!(
+        !Path::new("/sys/class/net").join(&veth).exists(),
+        "certify left its veth {veth}"
     );
     let left: Vec<_> = std::fs::read_dir(dir.path().join("qemu"))
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
