@@ -370,7 +370,9 @@ async fn cp_streams_50_mib_both_ways_byte_identical_in_little_memory() -> Result
     assert_eq!(sha256_host(&back.0)?, want);
 
     // Streamed, not buffered: the CLI grows by a few MiB over an idle call,
-    // while buffering the file would add its 50 MiB.
+    // while buffering the file would add its 50 MiB. Measured against the
+    // idle call, not a fixed size: a debug build's own footprint grows
+    // with the code (28 MiB idle now).
     let (status, baseline, err) = run_measuring_peak({
         let mut c = server.cli();
         c.arg("health");
@@ -380,7 +382,7 @@ async fn cp_streams_50_mib_both_ways_byte_identical_in_little_memory() -> Result
     eprintln!("peak RSS of stacyvm: idle {baseline} B, upload {peak_up} B, download {peak_down} B");
     const MIB: u64 = 1024 * 1024;
     for (what, peak) in [("upload", peak_up), ("download", peak_down)] {
-        assert!(peak > 0 && peak < 32 * MIB, "{what} peak RSS {peak} bytes");
+        assert!(peak > 0 && baseline > 0, "{what}: no peak RSS measured");
         assert!(
             peak.saturating_sub(baseline) < 16 * MIB,
             "{what} peak RSS {peak} bytes over an idle {baseline}"
