@@ -427,6 +427,42 @@ def test_control_api_answers_health_templates_and_refuses_what_it_cannot_honour(
     assert r.status_code == 401 and isinstance(r.json()["code"], int)
 
 
+def test_network_allow_out_with_all_traffic_denied_is_an_allow_list(env: Env) -> None:
+    from e2b import ALL_TRAFFIC
+
+    sb = Sandbox.create(network={"allow_out": ["198.18.7.1", "PyPI.org"], "deny_out": [ALL_TRAFFIC]})
+    try:
+        # The sandbox runs with StacyVM's allow list, which the provider
+        # enforces in its network namespace.
+        with stacyvm.Client(env.server.url, env.a.key) as member:
+            view = member.get_sandbox(sb.sandbox_id).info
+        assert view.network == "egress" and view.network_allow == ["198.18.7.1/32", "pypi.org"], view
+        info = httpx.get(f"{env.server.url}/sandboxes/{sb.sandbox_id}", headers={"X-API-KEY": env.a.key_e2b}).json()
+        assert info["network"] == {"allowOut": ["198.18.7.1/32", "pypi.org"], "denyOut": [ALL_TRAFFIC]}, info
+        assert info["allowInternetAccess"] is False
+    finally:
+        sb.kill()
+    # All traffic denied and nothing allowed: no network at all.
+    sb = Sandbox.create(network={"deny_out": [ALL_TRAFFIC]})
+    try:
+        with stacyvm.Client(env.server.url, env.a.key) as member:
+            assert member.get_sandbox(sb.sandbox_id).info.network == "none"
+    finally:
+        sb.kill()
+    # A deny list short of everything cannot be enforced: refused by name.
+    for network, named in [
+        ({"denyOut": ["1.1.1.1"]}, "denyOut"),
+        ({"allowOut": ["*.example.com"], "denyOut": [ALL_TRAFFIC]}, "allowOut"),
+        ({"rules": {"api.example.com": []}}, "rules"),
+    ]:
+        r = httpx.post(
+            env.server.url + "/v2/sandboxes",
+            json={"templateID": "base", "network": network},
+            headers={"X-API-KEY": env.a.key_e2b},
+        )
+        assert r.status_code == 400 and named in r.json()["message"], r.text
+
+
 def test_unsupported_envd_calls_are_refused_by_name(env: Env, sandbox: Sandbox) -> None:
     headers = {"E2b-Sandbox-Id": sandbox.sandbox_id, "X-Access-Token": sandbox._envd_access_token}
     r = httpx.post(env.server.url + "/files?path=/tmp/m", content=b"x",

@@ -171,8 +171,15 @@ fn sandbox_detail(s: &AppState, rec: &SandboxRecord) -> Map<String, Value> {
     m.insert("metadata".into(), json!(rec.labels));
     m.insert(
         "allowInternetAccess".into(),
-        json!(rec.network == Network::Egress),
+        json!(rec.network == Network::Egress && rec.egress_allow.is_empty()),
     );
+    if !rec.egress_allow.is_empty() {
+        let allow: Vec<String> = rec.egress_allow.iter().map(ToString::to_string).collect();
+        m.insert(
+            "network".into(),
+            json!({"allowOut": allow, "denyOut": [ALL_TRAFFIC[0]]}),
+        );
+    }
     m
 }
 
@@ -217,6 +224,8 @@ pub async fn sandbox_create(
         ..CreateSandbox::default()
     };
     let mut unsupported = Vec::new();
+    let mut internet = None;
+    let mut network = None;
     for (k, v) in body {
         if v.is_null() {
             continue;
@@ -225,13 +234,10 @@ pub async fn sandbox_create(
             "timeout" => req.timeout_s = Some(seconds(&v, "timeout")?),
             "metadata" => req.labels = string_map(&v, "metadata")?,
             "envVars" => req.env = string_map(&v, "envVars")?,
-            "allow_internet_access" | "allowInternetAccess" => {
-                req.network = Some(match v.as_bool() {
-                    Some(true) => Network::Egress,
-                    Some(false) => Network::None,
-                    None => return Err(invalid(format!("{k} must be true or false"))),
-                })
-            }
+            "allow_internet_access" | "allowInternetAccess" => match v.as_bool() {
+                Some(b) => internet = Some(b),
+                None => return Err(invalid(format!("{k} must be true or false"))),
+            },
             // StacyVM always gives envd an access token.
             "secure" => {
                 if v.as_bool().is_none() {
@@ -245,10 +251,10 @@ pub async fn sandbox_create(
                 ),
                 None => return Err(invalid("autoPause must be true or false")),
             },
-            "network" if v.as_object().is_some_and(|m| m.is_empty()) => {}
-            "network" => unsupported.push(
-                "network (egress rules; use allow_internet_access for all-or-nothing egress)",
-            ),
+            "network" => match v {
+                Value::Object(m) => network = Some(m),
+                _ => return Err(invalid("network must be an object")),
+            },
             "autoResume" => unsupported.push("autoResume"),
             "autoPauseMemory" => unsupported.push("autoPauseMemory"),
             "mcp" => unsupported.push("mcp"),
@@ -261,12 +267,14 @@ pub async fn sandbox_create(
             }
         }
     }
+    let egress = egress_of(internet, network.as_ref(), &mut unsupported)?;
     if !unsupported.is_empty() {
         return Err(invalid(format!(
             "this server cannot honour: {}",
             unsupported.join(", ")
         )));
     }
+    (req.network, req.egress_allow) = egress;
     req.idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
@@ -296,6 +304,89 @@ pub async fn sandbox_create(
         json!({"image": rec.image, "template": template, "provider": rec.provider,
                "idempotent_replay": created.existing, "api": "e2b"}),
     ))
+}
+
+/// E2B's `0.0.0.0/0` (`ALL_TRAFFIC`), and its IPv6 spelling.
+const ALL_TRAFFIC: [&str; 2] = ["0.0.0.0/0", "::/0"];
+
+/// The network of a create from `allow_internet_access` and `network`
+/// (`allowOut`, `denyOut`, …), as E2B reads them: no network at all is
+/// denied traffic, allowed entries win over denied ones, and
+/// `allow_internet_access: false` is `denyOut: [0.0.0.0/0]`. What StacyVM
+/// can enforce is all or nothing, or only an allow list (CIDRs, addresses
+/// and host names); a deny list short of everything cannot be expressed
+/// and is added to `unsupported`, like the fields StacyVM does not have.
+/// Without either field the sandbox has no network, StacyVM's default.
+fn egress_of(
+    internet: Option<bool>,
+    network: Option<&Map<String, Value>>,
+    unsupported: &mut Vec<&'static str>,
+) -> E2bResult<(Option<Network>, Vec<stacyvm_core::EgressRule>)> {
+    let list = |m: &Map<String, Value>, key: &str| -> E2bResult<Option<Vec<String>>> {
+        match m.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|e| {
+                    e.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| invalid(format!("network.{key} must be a list of strings")))
+                })
+                .collect::<E2bResult<Vec<_>>>()
+                .map(Some),
+            Some(_) => Err(invalid(format!("network.{key} must be a list of strings"))),
+        }
+    };
+    let empty = Map::new();
+    let net = network.unwrap_or(&empty);
+    for (k, v) in net {
+        match k.as_str() {
+            "allowOut" | "denyOut" => {}
+            // Sandbox ports are not served on the E2B routes, so none is
+            // public either way; asking for public ones cannot be honoured.
+            "allowPublicTraffic" => match v {
+                Value::Null | Value::Bool(false) => {}
+                Value::Bool(true) => unsupported.push(
+                    "network.allowPublicTraffic (sandbox ports are reached through /v1 port \
+                     exposure, not the E2B routes)",
+                ),
+                _ => return Err(invalid("network.allowPublicTraffic must be true or false")),
+            },
+            "maskRequestHost" => unsupported.push("network.maskRequestHost"),
+            "rules" => unsupported.push("network.rules (request transforms)"),
+            "egressProxy" => unsupported.push("network.egressProxy"),
+            _ => {
+                return Err(invalid(format!(
+                    "field network.{k:?} is not supported by this server's E2B-compatible API"
+                )))
+            }
+        }
+    }
+    let allow = list(net, "allowOut")?;
+    let mut deny = list(net, "denyOut")?.unwrap_or_default();
+    if internet == Some(false) {
+        deny.push(ALL_TRAFFIC[0].to_owned());
+    }
+    let deny_all = deny.iter().any(|d| ALL_TRAFFIC.contains(&d.trim()));
+    if !deny.is_empty() && !deny_all {
+        unsupported.push(
+            "network.denyOut short of all traffic (StacyVM enforces allow lists: deny \
+             0.0.0.0/0 and list what is allowed in allowOut)",
+        );
+    }
+    match allow.filter(|a| !a.is_empty()) {
+        // Allowed entries win over denied ones: only they are reachable.
+        Some(allow) if deny_all => {
+            let rules = stacyvm_core::EgressRule::parse_list(&allow)
+                .map_err(|e| invalid(format!("network.allowOut: {e}")))?;
+            Ok((Some(Network::Egress), rules))
+        }
+        // Nothing denied: every destination is allowed anyway.
+        Some(_) if deny.is_empty() => Ok((Some(Network::Egress), Vec::new())),
+        _ if deny_all => Ok((Some(Network::None), Vec::new())),
+        _ if internet == Some(true) => Ok((Some(Network::Egress), Vec::new())),
+        _ => Ok((None, Vec::new())),
+    }
 }
 
 /// `DELETE /sandboxes/{id}`: `404` when it is already gone, as E2B does.
@@ -769,4 +860,88 @@ pub async fn template_get(
         "buildCount": 1,
         "spawnCount": 0,
     })))
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+
+    fn of(
+        internet: Option<bool>,
+        network: Value,
+    ) -> (
+        Result<(Option<Network>, Vec<String>), String>,
+        Vec<&'static str>,
+    ) {
+        let mut unsupported = Vec::new();
+        let map = network.as_object().cloned();
+        let got = egress_of(internet, map.as_ref(), &mut unsupported)
+            .map(|(n, r)| (n, r.iter().map(ToString::to_string).collect()))
+            .map_err(|e| e.0.to_string());
+        (got, unsupported)
+    }
+
+    #[test]
+    fn e2b_network_options_become_stacyvm_networks() {
+        let ok = |internet, network| {
+            let (got, unsupported) = of(internet, network);
+            assert!(unsupported.is_empty(), "{unsupported:?}");
+            got.expect("accepted")
+        };
+        // StacyVM's default stays: no network unless asked.
+        assert_eq!(ok(None, Value::Null), (None, vec![]));
+        assert_eq!(ok(None, json!({})), (None, vec![]));
+        assert_eq!(ok(Some(true), Value::Null), (Some(Network::Egress), vec![]));
+        assert_eq!(ok(Some(false), Value::Null), (Some(Network::None), vec![]));
+        assert_eq!(
+            ok(None, json!({"denyOut": ["0.0.0.0/0"]})),
+            (Some(Network::None), vec![])
+        );
+        // Allowed entries win over everything denied: an allow list.
+        assert_eq!(
+            ok(
+                None,
+                json!({"allowOut": ["8.8.8.8", "PyPI.org", "10.1.2.3/8"], "denyOut": ["0.0.0.0/0"]})
+            ),
+            (
+                Some(Network::Egress),
+                vec![
+                    "8.8.8.8/32".to_owned(),
+                    "pypi.org".to_owned(),
+                    "10.0.0.0/8".to_owned()
+                ]
+            )
+        );
+        assert_eq!(
+            ok(Some(false), json!({"allowOut": ["1.1.1.1"]})).1,
+            vec!["1.1.1.1/32".to_owned()]
+        );
+        // Nothing denied: every destination is allowed anyway.
+        assert_eq!(
+            ok(None, json!({"allowOut": ["1.1.1.1"]})),
+            (Some(Network::Egress), vec![])
+        );
+        assert_eq!(
+            ok(None, json!({"allowPublicTraffic": false})),
+            (None, vec![])
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_enforced_is_refused_by_name() {
+        let refused = |network| of(None, network).1;
+        assert_eq!(refused(json!({"denyOut": ["1.1.1.1"]})).len(), 1);
+        assert_eq!(refused(json!({"allowPublicTraffic": true})).len(), 1);
+        assert_eq!(refused(json!({"maskRequestHost": "x"})).len(), 1);
+        assert_eq!(refused(json!({"rules": {}})).len(), 1);
+        assert_eq!(refused(json!({"egressProxy": {}})).len(), 1);
+        let bad = |network| of(None, network).0.expect_err("refused");
+        assert!(bad(json!({"allowOut": "1.1.1.1"})).contains("list of strings"));
+        assert!(bad(json!({"allowOut": [1]})).contains("list of strings"));
+        assert!(bad(json!({"bogus": 1})).contains("bogus"));
+        assert!(
+            bad(json!({"allowOut": ["*.example.com"], "denyOut": ["0.0.0.0/0"]}))
+                .contains("allowOut")
+        );
+    }
 }
