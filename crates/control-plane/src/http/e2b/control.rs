@@ -866,13 +866,12 @@ pub async fn template_get(
 mod egress_tests {
     use super::*;
 
-    fn of(
-        internet: Option<bool>,
-        network: Value,
-    ) -> (
+    type Outcome = (
         Result<(Option<Network>, Vec<String>), String>,
         Vec<&'static str>,
-    ) {
+    );
+
+    fn of(internet: Option<bool>, network: Value) -> Outcome {
         let mut unsupported = Vec::new();
         let map = network.as_object().cloned();
         let got = egress_of(internet, map.as_ref(), &mut unsupported)
