@@ -373,22 +373,27 @@ impl QemuProvider {
                 }
             }
         } else {
-            if saved {
-                self.restore(id, &dir).await?;
-            } else {
-                let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
-                q.execute("cont", serde_json::json!({})).await?;
-                drop(q);
-                // A save that failed plugged a new vsock device back in,
-                // which the guest may not have set up before it stopped.
-                vsock_driven(&dir, Instant::now() + AGENT_START_DEADLINE).await?;
-            }
+            self.wake(id, &dir, saved).await?;
             match std::fs::remove_file(dir.join(PAUSED)) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(Error::internal("unmarking the sandbox paused", e)),
             }
         }
+    }
+
+    /// Runs a paused guest again: from its saved state, or (paused in
+    /// place) by continuing its QEMU.
+    async fn wake(&self, id: &SandboxId, dir: &Path, saved: bool) -> Result<()> {
+        if saved {
+            return self.restore(id, dir).await;
+        }
+        let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+        q.execute("cont", serde_json::json!({})).await?;
+        drop(q);
+        // A save that failed plugged a new vsock device back in, which the
+        // guest may not have set up before it stopped.
+        vsock_driven(dir, Instant::now() + AGENT_START_DEADLINE).await
     }
 
     /// Starts a saved guest again: a new vsock backend and a QEMU that
@@ -1116,14 +1121,7 @@ impl Provider for QemuProvider {
             return Ok(crate::snapshot::filter_tar(tar, excludes()));
         }
         let saved = dir.join(SAVED).exists();
-        if saved {
-            self.restore(id, &dir).await?;
-        } else {
-            let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
-            q.execute("cont", serde_json::json!({})).await?;
-            drop(q);
-            vsock_driven(&dir, Instant::now() + AGENT_START_DEADLINE).await?;
-        }
+        self.wake(id, &dir, saved).await?;
         let spool = dir.join(SNAPSHOT_SPOOL);
         let copied = spool_archive(&self.connect(&dir).await?, &spool).await;
         // Paused again as it was, whatever the copy did.
