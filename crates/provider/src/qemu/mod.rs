@@ -1115,9 +1115,7 @@ impl Provider for QemuProvider {
         let _held = lock.lock().await;
         let dir = self.existing(id)?;
         if !dir.join(PAUSED).exists() {
-            self.check_running(id, &dir)?;
-            let agent = self.connect(&dir).await?;
-            let tar = agent.file_archive("/").await?;
+            let tar = self.agent(id).await?.file_archive("/").await?;
             return Ok(crate::snapshot::filter_tar(tar, excludes()));
         }
         let saved = dir.join(SAVED).exists();
