@@ -151,6 +151,11 @@ pub(super) fn agent_peer(c: &ContainerInspectResponse) -> PeerCheck {
 }
 
 pub(super) fn create_run_root(root: &Path) -> io::Result<()> {
+    // Never made 0700 along the way: other providers' sandboxes pass
+    // through it.
+    if root.starts_with(crate::sandboxing::RUN_ROOT) {
+        crate::sandboxing::ensure_run_root()?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -56,9 +56,37 @@ pub fn short_hash(s: &[u8]) -> String {
     hex::encode(&Sha256::digest(s)[..6])
 }
 
+/// The directory under which providers keep what sandboxes reach by short
+/// paths (sockets, agents, roots), shared by every server on the host.
+pub const RUN_ROOT: &str = "/run/stacyvm";
+
+/// Makes [`RUN_ROOT`] traversable by everyone: the unprivileged users that
+/// namespaces and PRoot sandboxes run as reach their roots through it,
+/// whichever provider happened to create it first (each keeps its own
+/// directory inside as narrow as it needs). One made narrower by an older
+/// server is widened when this server owns it.
+pub fn ensure_run_root() -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o755).create(RUN_ROOT) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::metadata(RUN_ROOT)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.mode() & 0o011 != 0o011 && meta.uid() == euid {
+        std::fs::set_permissions(RUN_ROOT, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
 /// Copies the agent to a root-owned, content-named file in `dir` (readable
 /// and executable by every sandbox, writable by none) and returns its path.
 pub fn install_agent(agent_bin: &Path, dir: &Path) -> io::Result<PathBuf> {
+    if dir.starts_with(RUN_ROOT) {
+        ensure_run_root()?;
+    }
     let bytes = std::fs::read(agent_bin)?;
     let dst = dir.join(format!("agent-{}", short_hash(&bytes)));
     if dst.is_file() {
