@@ -65,7 +65,10 @@ if ! "$stage/lib64/ld-linux-x86-64.so.2" --library-path "$stage/lib/x86_64-linux
   exit 1
 fi
 
-tar --numeric-owner --owner=0 --group=0 -C "$stage" -cf "$out.tmp" .
+# Everything is root's but the user's home, which is theirs (uid and gid 1000, as in
+# /etc/passwd above): commands run as `user` create files there.
+tar --numeric-owner --owner=0 --group=0 --exclude=./home/user -C "$stage" -cf "$out.tmp" .
+tar --numeric-owner --owner=1000 --group=1000 -C "$stage" -rf "$out.tmp" ./home/user
 mv "$out.tmp" "$out"
 echo "build-e2b-image: wrote $out" >&2
 

@@ -78,6 +78,7 @@ pub fn true_req() -> ExecRequest {
         stdin: None,
         timeout_ms: 30_000,
         output_cap: 1024 * 1024,
+        user: None,
     }
 }
 

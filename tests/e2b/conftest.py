@@ -53,8 +53,10 @@ def _e2b_image() -> Path:
     if given:
         return Path(given)
     out = REPO_ROOT / "target" / "test-images" / "e2b-base.tar"
-    if not out.is_file():
-        subprocess.run([str(REPO_ROOT / "scripts" / "build-e2b-image.sh"), str(out)], cwd=REPO_ROOT, check=True)
+    script = REPO_ROOT / "scripts" / "build-e2b-image.sh"
+    # Built again when the script that makes it changed.
+    if not out.is_file() or out.stat().st_mtime < script.stat().st_mtime:
+        subprocess.run([str(script), str(out)], cwd=REPO_ROOT, check=True)
     return out
 
 

@@ -44,6 +44,32 @@ def test_commands_stream_output_and_report_exit_codes(sandbox: Sandbox) -> None:
     assert sandbox.files.read("/root/as-root.txt") == "r"
 
 
+def test_commands_and_files_act_as_the_user_they_name(sandbox: Sandbox) -> None:
+    # E2B's default user runs commands with its own uid, as in E2B.
+    assert sandbox.commands.run("id -un; id -u; id -G").stdout == "user\n1000\n1000\n"
+    assert sandbox.commands.run("id -un", user="root").stdout == "root\n"
+    # What is written for the user is theirs, directories made for it too,
+    # so their commands can change it.
+    sandbox.files.write("mine/notes.txt", "hi\n")
+    sandbox.files.make_dir("made/deeper")
+    r = sandbox.commands.run(
+        "stat -c %U mine mine/notes.txt made made/deeper; echo more >> mine/notes.txt; touch made/deeper/t"
+    )
+    assert r.stdout == "user\nuser\nuser\nuser\n"
+    assert sandbox.files.read("mine/notes.txt") == "hi\nmore\n"
+    # The home itself is the user's in the E2B image.
+    assert sandbox.commands.run("touch ~/t && stat -c %U ~").stdout == "user\n"
+    # root's files stay root's: the user cannot change them.
+    sandbox.files.write("/root/secret.txt", "s", user="root")
+    assert sandbox.commands.run("stat -c %U /root/secret.txt", user="root").stdout == "root\n"
+    with pytest.raises(CommandExitException):
+        sandbox.commands.run("echo x >> /root/secret.txt")
+    # A user the sandbox does not have is a clear error, not root.
+    with pytest.raises(SandboxException) as e:
+        sandbox.commands.run("id", user="nobody-at-all")
+    assert "no user" in str(e.value)
+
+
 def test_create_env_vars_reach_every_command(env: Env) -> None:
     sb = Sandbox.create(envs={"FROM_CREATE": "yes"})
     try:

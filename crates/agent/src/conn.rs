@@ -367,7 +367,9 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             },
             Err(e) => Answer::Err(e),
         },
-        Request::FileWrite { path, mode } => file_write(root, &path, mode, out, upload),
+        Request::FileWrite { path, mode, user } => {
+            file_write(root, &path, mode, user.as_deref(), out, upload)
+        }
         Request::FileExtract { path } => match upload {
             Some(upload) => {
                 let mut body = crate::upload::UploadReader::new(upload, out);
@@ -397,7 +399,11 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             overwrite,
         } => entry(files::move_path(root, &from, &to, overwrite)),
         Request::FileChmod { path, mode } => entry(files::chmod(root, &path, mode)),
-        Request::FileMkdir { path, parents } => entry(files::mkdir(root, &path, parents)),
+        Request::FileMkdir {
+            path,
+            parents,
+            user,
+        } => entry(files::mkdir(root, &path, parents, user.as_deref())),
         Request::FileDelete { path, recursive } => match files::delete(root, &path, recursive) {
             Ok(()) => Answer::Ok(b"null".to_vec()),
             Err(e) => Answer::Err(e),
@@ -406,7 +412,12 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             Ok(paths) => send_batches(out, &paths),
             Err(e) => Answer::Err(e),
         },
-        Request::ProcStart { cmd, env, cwd } => match procs::start(root, cmd, env, cwd) {
+        Request::ProcStart {
+            cmd,
+            env,
+            cwd,
+            user,
+        } => match procs::start(root, cmd, env, cwd, user) {
             Ok(info) => json(&info),
             Err(e) => Answer::Err(e),
         },
@@ -454,13 +465,14 @@ fn file_write(
     root: &Root,
     path: &str,
     mode: Option<u32>,
+    user: Option<&str>,
     out: &Out,
     upload: Option<UploadRx>,
 ) -> Answer {
     let Some(mut upload) = upload else {
         return Answer::Err(Error::Internal("file_write without an upload".into()));
     };
-    let mut pending = match files::write_begin(root, path, mode) {
+    let mut pending = match files::write_begin(root, path, mode, user) {
         Ok(p) => p,
         Err(e) => return Answer::Err(e),
     };

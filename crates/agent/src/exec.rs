@@ -206,6 +206,25 @@ pub(crate) fn build_command(root: &Root, spec: &ExecSpec) -> Result<Command> {
     if std::env::var_os("PATH").is_none() && !spec.env.contains_key("PATH") {
         cmd.env("PATH", DEFAULT_PATH);
     }
+    if let Some(user) = &spec.user {
+        let a = crate::users::lookup(root, user)?;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 && euid != a.uid {
+            return Err(Error::Conflict(format!(
+                "this sandbox cannot run commands as user {user:?}: its agent runs as uid \
+                 {euid}, not root"
+            )));
+        }
+        for (k, v) in [("HOME", &a.home), ("USER", &a.name), ("LOGNAME", &a.name)] {
+            if !spec.env.contains_key(k) {
+                cmd.env(k, v);
+            }
+        }
+        // std drops the supplementary groups too (setgroups) when it
+        // switches from root.
+        cmd.uid(a.uid).gid(a.gid);
+    }
     cmd.envs(&spec.env);
     match &spec.cwd {
         Some(cwd) => {

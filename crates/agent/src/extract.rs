@@ -25,7 +25,7 @@ use crate::root::{base_name, io_error, parent_of, Resolved, Root};
 /// symlink and hard link stop the unpacking with `InvalidRequest` naming
 /// the entry; what was written before stays.
 pub fn extract(root: &Root, dest: &str, body: &mut dyn io::Read) -> Result<ArchiveSummary> {
-    let top = mkdir(root, dest, true)?;
+    let top = mkdir(root, dest, true, None)?;
     if top.file_type != FileType::Dir {
         return Err(Error::Conflict(format!("{} is not a directory", top.path)));
     }
@@ -62,7 +62,7 @@ pub fn extract(root: &Root, dest: &str, body: &mut dyn io::Read) -> Result<Archi
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 clear_link(&at)?;
-                let mut pending = write_begin(root, &at.inner, mode)?;
+                let mut pending = write_begin(root, &at.inner, mode, None)?;
                 loop {
                     let n = match io::Read::read(&mut entry, &mut buf) {
                         Ok(0) => break,
@@ -78,7 +78,7 @@ pub fn extract(root: &Root, dest: &str, body: &mut dyn io::Read) -> Result<Archi
             }
             tar::EntryType::Directory => {
                 clear_link(&at)?;
-                let made = mkdir(root, &at.inner, true)?;
+                let made = mkdir(root, &at.inner, true, None)?;
                 if made.file_type != FileType::Dir {
                     return Err(Error::Conflict(format!(
                         "{} exists and is not a directory",

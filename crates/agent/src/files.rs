@@ -120,7 +120,15 @@ pub struct PendingWrite {
 }
 
 /// Starts writing `path` (parent directories are created).
-pub fn write_begin(root: &Root, path: &str, mode: Option<u32>) -> Result<PendingWrite> {
+/// With `user`, the file and the directories made for it belong to that
+/// account of the sandbox.
+pub fn write_begin(
+    root: &Root,
+    path: &str,
+    mode: Option<u32>,
+    user: Option<&str>,
+) -> Result<PendingWrite> {
+    let owner = user.map(|u| crate::users::lookup(root, u)).transpose()?;
     let mode = mode.unwrap_or(DEFAULT_FILE_MODE);
     if mode > 0o7777 {
         return Err(Error::InvalidRequest(format!(
@@ -145,7 +153,10 @@ pub fn write_begin(root: &Root, path: &str, mode: Option<u32>) -> Result<Pending
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| root.dir().to_owned());
-    make_dirs(&parent, &parent_of(&r.logical))?;
+    match &owner {
+        Some(o) => crate::users::make_dirs_owned(&parent, &parent_of(&r.logical), DIR_MODE, o)?,
+        None => make_dirs(&parent, &parent_of(&r.logical))?,
+    }
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let temp = parent.join(format!(
         ".{}.stacyvm-{}-{n}.tmp",
@@ -162,13 +173,22 @@ pub fn write_begin(root: &Root, path: &str, mode: Option<u32>) -> Result<Pending
     // The umask must not narrow the mode the caller asked for.
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|e| io_error(&r.logical, e))?;
-    Ok(PendingWrite {
+    let pending = PendingWrite {
         logical: r.logical,
         target: r.host,
         temp,
         file: Some(file),
         committed: false,
-    })
+    };
+    if let Some(o) = &owner {
+        // Given before a byte is written; the rename keeps it. A dropped
+        // `pending` removes the temporary file on failure.
+        crate::users::give(&pending.temp, &pending.logical, o)?;
+        // A chown clears set-id bits: put the asked mode back.
+        fs::set_permissions(&pending.temp, fs::Permissions::from_mode(mode))
+            .map_err(|e| io_error(&pending.logical, e))?;
+    }
+    Ok(pending)
 }
 
 impl PendingWrite {
@@ -395,7 +415,9 @@ pub fn chmod(root: &Root, path: &str, mode: u32) -> Result<FileEntry> {
 
 /// `mkdir`: creates a directory; with `parents`, missing parents too and an
 /// existing directory is fine.
-pub fn mkdir(root: &Root, path: &str, parents: bool) -> Result<FileEntry> {
+/// With `user`, the directories it makes belong to that account.
+pub fn mkdir(root: &Root, path: &str, parents: bool, user: Option<&str>) -> Result<FileEntry> {
+    let owner = user.map(|u| crate::users::lookup(root, u)).transpose()?;
     let r = root.resolve(path, true)?;
     if r.exists {
         let meta = fs::symlink_metadata(&r.host).map_err(|e| io_error(&r.logical, e))?;
@@ -404,7 +426,9 @@ pub fn mkdir(root: &Root, path: &str, parents: bool) -> Result<FileEntry> {
         }
         return Err(Error::Conflict(format!("{} already exists", r.logical)));
     }
-    if parents {
+    if let (true, Some(o)) = (parents, &owner) {
+        crate::users::make_dirs_owned(&r.host, &r.logical, DIR_MODE, o)?;
+    } else if parents {
         make_dirs(&r.host, &r.logical)?;
     } else {
         fs::DirBuilder::new()
@@ -416,6 +440,9 @@ pub fn mkdir(root: &Root, path: &str, parents: bool) -> Result<FileEntry> {
                 }
                 _ => io_error(&r.logical, e),
             })?;
+        if let Some(o) = &owner {
+            crate::users::give(&r.host, &r.logical, o)?;
+        }
     }
     lstat_entry(&r.logical, &r.host)
 }
@@ -534,7 +561,7 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let root = Root::new(t.path());
         for p in ["/w/a.py", "/w/sub/b.py", "/w/sub/deep/c.py", "/w/d.txt"] {
-            let mut w = write_begin(&root, p, None).expect("begin");
+            let mut w = write_begin(&root, p, None, None).expect("begin");
             w.write(b"x").expect("write");
             w.commit().expect("commit");
         }

@@ -20,5 +20,6 @@ pub mod pty;
 pub mod root;
 pub mod server;
 pub mod upload;
+pub mod users;
 pub mod vsock;
 pub mod watch;

@@ -185,6 +185,7 @@ pub fn start(
     cmd: Vec<String>,
     env: BTreeMap<String, String>,
     cwd: Option<String>,
+    user: Option<String>,
 ) -> Result<ProcInfo> {
     let spec = ExecSpec {
         cmd: cmd.clone(),
@@ -195,6 +196,7 @@ pub fn start(
         output_cap: 0,
         stream: true,
         pty: None,
+        user,
     };
     let mut command = crate::exec::build_command(root, &spec)?;
     command

@@ -23,19 +23,23 @@ use stacyvm_core::error::WireError;
 use stacyvm_core::{ExitStatus, FileEntry};
 
 /// The protocol versions this build speaks, newest last. Version 2 adds
-/// `Watch`, version 3 `FileArchive`; a client sends each only on a
-/// connection that chose a version with it, since an older agent cannot
-/// read it.
-pub const PROTOCOL_VERSIONS: &[u32] = &[1, 2, 3];
+/// `Watch`, version 3 `FileArchive`, version 4 the `user` of commands and
+/// new files; a client sends each only on a connection that chose a
+/// version with it, since an older agent cannot read it.
+pub const PROTOCOL_VERSIONS: &[u32] = &[1, 2, 3, 4];
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first protocol version with `Watch`.
 pub const WATCH_VERSION: u32 = 2;
 
 /// The first protocol version with `FileArchive`.
 pub const ARCHIVE_VERSION: u32 = 3;
+
+/// The first protocol version with a `user` on `Exec`, `ProcStart`,
+/// `FileWrite` and `FileMkdir`.
+pub const USER_VERSION: u32 = 4;
 
 /// Largest payload a frame may carry.
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -445,9 +449,16 @@ pub enum Request {
     /// frames and an `End`. Answer: `Stdout`/`Stderr` chunks, then `Exit`
     /// (or `Error` when the command could not be set up).
     Exec(ExecSpec),
-    /// Writes a file from the `Data` frames and `End` the client sends.
-    /// Answer: `Ok` with the [`FileEntry`].
-    FileWrite { path: String, mode: Option<u32> },
+    /// Writes a file from the `Data` frames and `End` the client sends;
+    /// with `user` (protocol 4), the file and the parents it creates belong
+    /// to that account of the sandbox's `/etc/passwd`. Answer: `Ok` with
+    /// the [`FileEntry`].
+    FileWrite {
+        path: String,
+        mode: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+    },
     /// Answer: `Data` chunks of the contents, then `End`.
     FileRead { path: String },
     /// Answer: `Ok` with the [`FileEntry`] (symlinks not followed).
@@ -473,6 +484,9 @@ pub enum Request {
         path: String,
         #[serde(default)]
         parents: bool,
+        /// Who the directories it creates belong to (protocol 4).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Answer: `Ok` with `null`.
     FileDelete {
@@ -503,6 +517,9 @@ pub enum Request {
         env: BTreeMap<String, String>,
         #[serde(default)]
         cwd: Option<String>,
+        /// The account it runs as (protocol 4); the agent's own otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Answer: `Ok` with the array of [`ProcInfo`](crate::procs::ProcInfo).
     ProcList,
@@ -587,6 +604,11 @@ pub struct ExecSpec {
     /// messages, and all output arrives as `Stdout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pty: Option<PtySize>,
+    /// Runs the command as this account of the sandbox's `/etc/passwd` (a
+    /// name, or a numeric uid), with its uid, primary gid and, unless `env`
+    /// names them, its `HOME`, `USER` and `LOGNAME` (protocol 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// A terminal's window size.
@@ -723,7 +745,7 @@ mod tests {
 
     #[test]
     fn the_newest_common_version_is_chosen() {
-        assert_eq!(choose_version(&[1, 2, 3, 4]), Some(3));
+        assert_eq!(choose_version(&[1, 2, 3, 4, 5]), Some(4));
         assert_eq!(choose_version(&[1, 2]), Some(2));
         // A client of protocol 1 still gets it.
         assert_eq!(choose_version(&[1]), Some(1));

@@ -206,9 +206,20 @@ impl Conn {
     }
 
     fn write(&mut self, path: &str, mode: Option<u32>, data: &[u8]) -> Answer<FileEntry> {
+        self.write_as(path, mode, None, data)
+    }
+
+    fn write_as(
+        &mut self,
+        path: &str,
+        mode: Option<u32>,
+        user: Option<&str>,
+        data: &[u8],
+    ) -> Answer<FileEntry> {
         let id = self.request(&Request::FileWrite {
             path: path.into(),
             mode,
+            user: user.map(str::to_owned),
         });
         self.upload(id, data)?;
         let f = self.recv_answer();
@@ -291,6 +302,7 @@ fn spec(args: &[&str]) -> ExecSpec {
         output_cap: 16 << 20,
         stream: false,
         pty: None,
+        user: None,
     }
 }
 
@@ -556,6 +568,82 @@ fn a_binary_mebibyte_round_trips() -> TestResult {
 }
 
 #[test]
+fn commands_run_as_and_files_belong_to_a_user_of_the_sandboxes_passwd() -> TestResult {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "switching users needs root: run the suite as root (scripts/test.sh does)"
+    );
+    let agent = Agent::start();
+    // Commands start in the root when they name no directory: the user
+    // must be able to enter it.
+    std::fs::set_permissions(agent.root.path(), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::create_dir_all(agent.host("/etc"))?;
+    std::fs::create_dir_all(agent.host("/home"))?;
+    std::fs::write(
+        agent.host("/etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1001::/home/user:/bin/sh\n",
+    )?;
+    let mut c = agent.connect();
+
+    let mut as_user = spec(&["sh", "-c", "id -u; id -g; id -G; echo $HOME $USER $LOGNAME"]);
+    as_user.user = Some("user".into());
+    let out = c.exec(as_user.clone(), None)?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "1000\n1001\n1001\n/home/user user user\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A uid works without a passwd line, and the env it is given wins.
+    let mut by_uid = spec(&["sh", "-c", "id -u; echo $HOME"]);
+    by_uid.user = Some("4242".into());
+    by_uid.env.insert("HOME".into(), "/tmp".into());
+    let out = c.exec(by_uid, None)?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "4242\n/tmp\n");
+    as_user.user = Some("nobody-here".into());
+    let e = c.exec(as_user, None).expect_err("an unknown user");
+    assert_eq!(e.code(), "invalid_request");
+    assert!(e.to_string().contains("no user \"nobody-here\""), "{e}");
+
+    // A file written for the user is theirs, with the directories made for
+    // it; those that existed keep their owner.
+    c.write_as("/home/user/new/notes.txt", Some(0o640), Some("user"), b"hi")?;
+    for (p, uid) in [
+        ("/home/user/new/notes.txt", 1000),
+        ("/home/user/new", 1000),
+        ("/home/user", 1000),
+        ("/home", 0),
+    ] {
+        let m = std::fs::symlink_metadata(agent.host(p))?;
+        assert_eq!(m.uid(), uid, "{p}");
+    }
+    let m = std::fs::metadata(agent.host("/home/user/new/notes.txt"))?;
+    assert_eq!((m.gid(), m.mode() & 0o7777), (1001, 0o640));
+    let made: FileEntry = c.ok(&Request::FileMkdir {
+        path: "/home/user/a/b".into(),
+        parents: true,
+        user: Some("user".into()),
+    })?;
+    assert_eq!(made.uid, Some(1000));
+    assert_eq!(std::fs::metadata(agent.host("/home/user/a"))?.uid(), 1000);
+    // Without a user, files stay the agent's.
+    c.write("/home/user/root.txt", None, b"r")?;
+    assert_eq!(
+        std::fs::metadata(agent.host("/home/user/root.txt"))?.uid(),
+        0
+    );
+    let e = c
+        .write_as("/x.txt", None, Some("ghost"), b"x")
+        .expect_err("an unknown owner");
+    assert_eq!(e.code(), "invalid_request");
+    assert!(!agent.host("/x.txt").exists());
+    Ok(())
+}
+
+#[test]
 fn file_operations_follow_the_api_semantics() -> TestResult {
     let agent = Agent::start();
     let mut c = agent.connect();
@@ -712,6 +800,7 @@ fn file_operations_follow_the_api_semantics() -> TestResult {
     let mk = |p: &str, parents| Request::FileMkdir {
         path: p.into(),
         parents,
+        user: None,
     };
     let e: FileEntry = c.ok(&mk("/d1", false))?;
     assert_eq!((e.file_type, e.path.as_str()), (FileType::Dir, "/d1"));
@@ -1162,6 +1251,7 @@ fn start_req(args: &[&str]) -> Request {
         cmd: args.iter().map(|s| s.to_string()).collect(),
         env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
         cwd: None,
+        user: None,
     }
 }
 

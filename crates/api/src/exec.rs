@@ -21,6 +21,12 @@ pub struct ExecRequest {
     /// Seconds; default 60.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
+    /// Runs the command as this user of the sandbox's `/etc/passwd` (a
+    /// name, or a numeric uid), with its uid, primary group and, unless
+    /// `env` sets them, its `HOME`, `USER` and `LOGNAME`. Default: the
+    /// user the sandbox runs as (root for the built-in providers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl ExecRequest {

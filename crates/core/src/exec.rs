@@ -27,6 +27,10 @@ pub struct ExecRequest {
     /// stream is flagged truncated.
     #[serde(default = "default_cap")]
     pub output_cap: u64,
+    /// The account of the sandbox's `/etc/passwd` (a name or a uid) the
+    /// command runs as; the sandbox's own user when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 fn default_cap() -> u64 {

@@ -478,6 +478,7 @@ async fn run_command<B: Backend>(s: &Session<B>, a: CommandArgs) -> Result<Outco
         cwd: a.cwd,
         stdin: a.stdin,
         timeout_s: a.timeout_s,
+        user: None,
     };
     let out = s.backend.exec(&a.sandbox_id, req).await?;
     Ok(exec_outcome(out, None))

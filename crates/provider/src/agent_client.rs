@@ -28,7 +28,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use stacyvm_agent::protocol::{
     self, ExecSpec, ExitFrame, Frame, Hello, Kind, Request, ARCHIVE_VERSION, CHUNK_SIZE,
-    MAX_ENTRIES, MAX_PAYLOAD, MAX_WINDOW, PROTOCOL_VERSIONS, WATCH_VERSION,
+    MAX_ENTRIES, MAX_PAYLOAD, MAX_WINDOW, PROTOCOL_VERSIONS, USER_VERSION, WATCH_VERSION,
 };
 use stacyvm_core::error::WireError;
 use stacyvm_core::{
@@ -474,6 +474,7 @@ impl AgentClient {
         let limit = exec_limit(req.timeout_ms);
         let cap = req.output_cap;
         let fut = async {
+            self.supports_user(req.user.as_deref())?;
             let (spec, stdin) = exec_spec(req, false);
             let mut call = self.start(&Request::Exec(spec)).await?;
             let pump = send_all(call.tx.clone(), stdin);
@@ -551,6 +552,7 @@ impl AgentClient {
         let mut req = req;
         req.timeout_ms = 0;
         req.stdin = Some(Vec::new());
+        self.supports_user(req.user.as_deref())?;
         let (mut spec, _) = exec_spec(req, true);
         spec.pty = Some(size);
         let body: ByteStream = Box::pin(input.flat_map(|piece| {
@@ -570,6 +572,7 @@ impl AgentClient {
         if input.is_some() {
             req.stdin = Some(Vec::new());
         }
+        self.supports_user(req.user.as_deref())?;
         let (spec, stdin) = exec_spec(req, true);
         self.stream_spec(spec, stdin, input, deadline).await
     }
@@ -658,11 +661,37 @@ impl AgentClient {
         mode: Option<u32>,
         body: ByteStream,
     ) -> Result<FileEntry> {
+        self.file_write_as(path, mode, None, body).await
+    }
+
+    /// [`AgentClient::file_write`], the file (and the parents it makes)
+    /// belonging to `user` of the sandbox when one is named.
+    pub async fn file_write_as(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        user: Option<&str>,
+        body: ByteStream,
+    ) -> Result<FileEntry> {
+        self.supports_user(user)?;
         let req = Request::FileWrite {
             path: path.to_owned(),
             mode,
+            user: user.map(str::to_owned),
         };
         self.upload(req, body).await
+    }
+
+    /// Refuses a `user` an agent older than protocol 4 could not read.
+    fn supports_user(&self, user: Option<&str>) -> Result<()> {
+        if user.is_some() && self.info.protocol < USER_VERSION {
+            return Err(Error::Unsupported(format!(
+                "the sandbox's agent ({}, protocol {}) cannot act as another user; a sandbox \
+                 started with a newer agent can",
+                self.info.version, self.info.protocol
+            )));
+        }
+        Ok(())
     }
 
     /// Unpacks a tar stream into the directory `path`.
@@ -942,9 +971,21 @@ impl AgentClient {
     }
 
     pub async fn file_mkdir(&self, path: &str, parents: bool) -> Result<FileEntry> {
+        self.file_mkdir_as(path, parents, None).await
+    }
+
+    /// [`AgentClient::file_mkdir`], what it makes belonging to `user`.
+    pub async fn file_mkdir_as(
+        &self,
+        path: &str,
+        parents: bool,
+        user: Option<&str>,
+    ) -> Result<FileEntry> {
+        self.supports_user(user)?;
         self.simple(&Request::FileMkdir {
             path: path.to_owned(),
             parents,
+            user: user.map(str::to_owned),
         })
         .await
     }
@@ -986,7 +1027,13 @@ impl AgentClient {
         env: std::collections::BTreeMap<String, String>,
         cwd: Option<String>,
     ) -> Result<ProcInfo> {
-        self.simple(&Request::ProcStart { cmd, env, cwd }).await
+        self.simple(&Request::ProcStart {
+            cmd,
+            env,
+            cwd,
+            user: None,
+        })
+        .await
     }
 
     pub async fn proc_list(&self) -> Result<Vec<ProcInfo>> {
@@ -1575,6 +1622,7 @@ fn exec_spec(req: ExecRequest, stream: bool) -> (ExecSpec, Option<Vec<u8>>) {
         output_cap: req.output_cap,
         stream,
         pty: None,
+        user: req.user,
     };
     (spec, req.stdin)
 }

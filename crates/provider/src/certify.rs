@@ -396,6 +396,7 @@ fn exec(cmd: &str, timeout_ms: u64) -> ExecRequest {
         stdin: None,
         timeout_ms,
         output_cap: 64 * 1024,
+        user: None,
     }
 }
 

@@ -321,6 +321,7 @@ pub fn exec_req(cmd: &[&str]) -> ExecRequest {
         stdin: None,
         timeout_ms: 120_000,
         output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+        user: None,
     }
 }
 

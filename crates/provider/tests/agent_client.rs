@@ -122,6 +122,7 @@ fn cmd(args: &[&str]) -> ExecRequest {
         stdin: None,
         timeout_ms: 30_000,
         output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+        user: None,
     }
 }
 

@@ -174,6 +174,13 @@ def test_exec_env_cwd_stdin_and_shell_string(sandbox: stacyvm.Sandbox) -> None:
     assert sandbox.exec("echo $((6 * 7))").stdout == "42\n"
 
 
+def test_exec_runs_as_a_user_of_the_sandbox(sandbox: stacyvm.Sandbox) -> None:
+    r = sandbox.exec(["sh", "-c", "id -u; echo $HOME"], user="nobody")
+    assert r.stdout == "65534\n/nonexistent\n"
+    with pytest.raises(stacyvm.InvalidRequest):
+        sandbox.exec(["id"], user="ghost")
+
+
 def test_exec_binary_output_is_exact(sandbox: stacyvm.Sandbox) -> None:
     r = sandbox.exec(["sh", "-c", "printf '\\377\\000\\001'"])
     assert r.stdout_bytes == b"\xff\x00\x01"

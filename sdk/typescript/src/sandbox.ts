@@ -100,6 +100,7 @@ function execBody(cmd: Command, o: ExecOptions): ExecRequest {
   if (o.cwd !== undefined && o.cwd !== null) body.cwd = o.cwd;
   if (stdin !== undefined && stdin !== null) body.stdin = stdin;
   if (o.timeout_s !== undefined && o.timeout_s !== null) body.timeout_s = o.timeout_s;
+  if (o.user !== undefined && o.user !== null) body.user = o.user;
   return body;
 }
 

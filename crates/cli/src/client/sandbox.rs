@@ -165,6 +165,9 @@ struct ExecArgs {
     /// Send this program's stdin to the command.
     #[arg(short, long)]
     interactive: bool,
+    /// Run as this user of the sandbox's /etc/passwd (a name or a uid).
+    #[arg(short, long, value_name = "USER")]
+    user: Option<String>,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -429,6 +432,7 @@ async fn exec(client: &Client, fmt: Format, e: ExecArgs) -> Result<ExitCode> {
         cwd: e.cwd,
         stdin,
         timeout_s: e.timeout,
+        user: e.user,
     };
     if fmt == Format::Json {
         // Scripts get the whole outcome in one document.

@@ -35,5 +35,6 @@ mod stats;
 mod support;
 mod templates;
 mod tenancy;
+mod users;
 mod volumes;
 mod workers;

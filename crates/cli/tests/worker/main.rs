@@ -233,6 +233,7 @@ fn sh(script: &str) -> ExecRequest {
         stdin: None,
         timeout_ms: 60_000,
         output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+        user: None,
     }
 }
 

@@ -108,6 +108,8 @@ pub struct ProcessStart {
     /// Run on a pseudo-terminal of this size: output comes as
     /// [`ProcessEvent::Pty`], input goes to the terminal.
     pub pty: Option<PtySize>,
+    /// The sandbox's user it runs as; the sandbox's own when absent.
+    pub user: Option<String>,
 }
 
 /// Which process a call means.
@@ -407,6 +409,7 @@ impl App {
                 cwd: start.config.cwd.clone(),
                 stdin: None,
                 timeout_s: Some(timeout_s),
+                user: start.user.clone(),
             },
         )?;
         // Reserve the pid before starting, so the limit holds under races.

@@ -70,7 +70,16 @@ impl App {
             cwd,
             stdin,
             timeout_s,
+            user,
         } = body;
+        if let Some(u) = &user {
+            if !valid_user(u) {
+                return Err(invalid(format!(
+                    "user {u:?} is not a user name (up to 32 of A-Z a-z 0-9 . _ -, not starting \
+                     with . or -) or a numeric uid"
+                )));
+            }
+        }
         if cmd.is_empty() {
             return Err(invalid("cmd must hold at least the program to run"));
         }
@@ -112,6 +121,7 @@ impl App {
             stdin: stdin.map(String::into_bytes),
             timeout_ms: timeout.as_millis().max(1) as u64,
             output_cap: limits.exec_output_cap,
+            user,
         })
     }
 
@@ -185,4 +195,15 @@ impl App {
         }
         out
     }
+}
+
+/// Whether `user` can name an account of a sandbox: a POSIX-style name, or
+/// a numeric uid.
+pub(crate) fn valid_user(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 32
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !user.starts_with(['.', '-'])
 }

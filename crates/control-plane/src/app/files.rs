@@ -15,10 +15,24 @@ impl App {
         mode: Option<u32>,
         body: ByteStream,
     ) -> Result<FileEntry> {
+        self.file_write_as(who, id, path, mode, None, body).await
+    }
+
+    /// [`App::file_write`], the file and the parents it makes belonging to
+    /// `user` of the sandbox when one is named.
+    pub async fn file_write_as(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        user: Option<&str>,
+        body: ByteStream,
+    ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
         let agent = self.agent_of(who, id).await?;
-        agent.file_write(&path, mode, body).await
+        agent.file_write_as(&path, mode, user, body).await
     }
 
     pub async fn file_extract(
@@ -110,10 +124,22 @@ impl App {
         path: &str,
         parents: bool,
     ) -> Result<FileEntry> {
+        self.file_mkdir_as(who, id, path, parents, None).await
+    }
+
+    /// [`App::file_mkdir`], what it makes belonging to `user`.
+    pub async fn file_mkdir_as(
+        &self,
+        who: &Principal,
+        id: &str,
+        path: &str,
+        parents: bool,
+        user: Option<&str>,
+    ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
         let agent = self.agent_of(who, id).await?;
-        agent.file_mkdir(&path, parents).await
+        agent.file_mkdir_as(&path, parents, user).await
     }
 
     pub async fn file_delete(

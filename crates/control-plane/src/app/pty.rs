@@ -57,6 +57,7 @@ impl App {
                 cwd: None,
                 stdin: None,
                 timeout_s: None,
+                user: None,
             },
         )?;
         // A few keystrokes' worth: a client that types faster than the

@@ -238,6 +238,7 @@ fn probe() -> stacyvm_core::ExecRequest {
         stdin: None,
         timeout_ms: 10_000,
         output_cap: 1024,
+        user: None,
     }
 }
 

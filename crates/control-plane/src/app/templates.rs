@@ -492,6 +492,7 @@ impl App {
                     stdin: None,
                     timeout_ms: left.as_millis().clamp(100, 30_000) as u64,
                     output_cap: 64 * 1024,
+                    user: None,
                 })
                 .await?;
             if out.status.exit_code == Some(0) {
@@ -854,6 +855,7 @@ impl App {
                             stdin: None,
                             timeout_ms: plan.timeout.as_millis() as u64,
                             output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+                            user: None,
                         })
                         .await
                         .map_err(|e| failed(format!("could not start: {}", e.message())))?;

@@ -291,9 +291,17 @@ impl Call {
                 };
                 self.send(Frame::json(self.id, Kind::Ok, &info)).await
             }
+            // The plugin protocol has no users: a plugin runs commands and
+            // writes files as whoever its runtime does.
+            Request::Exec(ExecSpec { user: Some(_), .. }) => {
+                Err(self.unsupported("run commands as another user"))
+            }
             Request::Exec(spec) => self.exec(spec, upload).await,
             Request::FileRead { path } if self.target.files => self.file_read(&path).await,
-            Request::FileWrite { path, mode } if self.target.files => {
+            Request::FileWrite { user: Some(_), .. } => {
+                Err(self.unsupported("give files to another user"))
+            }
+            Request::FileWrite { path, mode, .. } if self.target.files => {
                 self.file_write(&path, mode, upload).await
             }
             Request::FileRead { .. } => Err(self.unsupported("read files")),

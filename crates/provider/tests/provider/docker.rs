@@ -209,6 +209,7 @@ fn exec_req(cmd: &[&str]) -> ExecRequest {
         stdin: None,
         timeout_ms: 20_000,
         output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+        user: None,
     }
 }
 

@@ -269,6 +269,7 @@ pub fn sh(script: &str) -> ExecRequest {
         stdin: None,
         timeout_ms: 120_000,
         output_cap: stacyvm_core::exec::DEFAULT_OUTPUT_CAP,
+        user: None,
     }
 }
 

@@ -250,6 +250,7 @@ def _exec_body(
     cwd: Optional[str],
     stdin: Union[str, bytes, None],
     timeout_s: Optional[float],
+    user: Optional[str] = None,
 ) -> Dict[str, Any]:
     if isinstance(stdin, (bytes, bytearray)):
         stdin = bytes(stdin).decode("utf-8")
@@ -260,6 +261,7 @@ def _exec_body(
             "cwd": cwd,
             "stdin": stdin,
             "timeout_s": timeout_s,
+            "user": user,
         }
     )
 
@@ -272,11 +274,12 @@ def exec_call(
     cwd: Optional[str],
     stdin: Union[str, bytes, None],
     timeout_s: Optional[float],
+    user: Optional[str] = None,
 ) -> Call:
     return Call(
         "POST",
         f"/v1/sandboxes/{seg(sandbox_id)}/exec",
-        json=_exec_body(cmd, env, cwd, stdin, timeout_s),
+        json=_exec_body(cmd, env, cwd, stdin, timeout_s, user),
         timeout=exec_timeout(timeout_s),
     )
 
@@ -289,13 +292,14 @@ def exec_stream_call(
     cwd: Optional[str],
     stdin: Union[str, bytes, None],
     timeout_s: Optional[float],
+    user: Optional[str] = None,
 ) -> Call:
     # Keep-alives arrive every 15 s at most, but a silent command may run
     # for its whole timeout: the read timeout covers that.
     return Call(
         "POST",
         f"/v1/sandboxes/{seg(sandbox_id)}/exec/stream",
-        json=_exec_body(cmd, env, cwd, stdin, timeout_s),
+        json=_exec_body(cmd, env, cwd, stdin, timeout_s, user),
         headers={"accept": "text/event-stream"},
         timeout=exec_timeout(timeout_s),
     )

@@ -687,10 +687,13 @@ class AsyncSandbox:
         cwd: Optional[str] = None,
         stdin: Union[str, bytes, None] = None,
         timeout_s: Optional[float] = None,
+        user: Optional[str] = None,
     ) -> ExecResult:
         """Runs a command to completion. ``cmd`` is an argv list (a string
-        runs under ``sh -c``). A non-zero exit is a result, not an error."""
-        call = core.exec_call(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s)
+        runs under ``sh -c``). A non-zero exit is a result, not an error.
+        ``user`` (a name of the sandbox's ``/etc/passwd``, or a uid) runs it
+        as that user."""
+        call = core.exec_call(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s, user=user)
         return ExecResult.from_json(await self._t.json(call))
 
     async def exec_stream(
@@ -701,9 +704,10 @@ class AsyncSandbox:
         cwd: Optional[str] = None,
         stdin: Union[str, bytes, None] = None,
         timeout_s: Optional[float] = None,
+        user: Optional[str] = None,
     ) -> AsyncExecStream:
         """Starts a command and returns its output as it is produced."""
-        call = core.exec_stream_call(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s)
+        call = core.exec_stream_call(self.id, cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s, user=user)
         return AsyncExecStream(await self._t.send(call, stream=True))
 
     async def destroy(self) -> None:

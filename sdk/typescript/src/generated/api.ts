@@ -182,6 +182,13 @@ export interface ExecRequest {
   stdin?: string | null;
   /** Seconds; default 60. */
   timeout_s?: number | null;
+  /**
+   * Runs the command as this user of the sandbox's `/etc/passwd` (a
+   * name, or a numeric uid), with its uid, primary group and, unless
+   * `env` sets them, its `HOME`, `USER` and `LOGNAME`. Default: the
+   * user the sandbox runs as (root for the built-in providers).
+   */
+  user?: string | null;
 }
 
 /** The answer of `POST /v1/sandboxes/{id}/exec`. */

@@ -319,12 +319,7 @@ pub(super) fn user_name(user: String) -> RpcResult<String> {
     if user.is_empty() {
         return Ok("user".into());
     }
-    let ok = user.len() <= 32
-        && user
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !user.starts_with(['.', '-']);
-    if !ok {
+    if !crate::app::exec::valid_user(&user) {
         return Err(RpcError::invalid(format!(
             "user {user:?} is not a valid user name"
         )));
@@ -771,6 +766,7 @@ async fn process_start(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value
                     stdin: m.stdin.unwrap_or(false),
                     timeout_ms: timeout_ms(headers),
                     pty,
+                    user: Some(c.user.clone()),
                 },
             )
             .await?;
@@ -1150,7 +1146,9 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 Err(Error::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
-            let e = app.file_mkdir(who, id, &path, true).await?;
+            let e = app
+                .file_mkdir_as(who, id, &path, true, Some(c.user()))
+                .await?;
             Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
         "Move" => {

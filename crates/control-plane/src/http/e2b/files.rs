@@ -361,7 +361,7 @@ async fn upload(
             let path = resolve(user, &target)?;
             let stream = limited(field, limit.clone());
             s.app
-                .file_write(c.who(), c.sandbox(), &path, None, stream)
+                .file_write_as(c.who(), c.sandbox(), &path, None, Some(user), stream)
                 .await?;
             written.push(path);
         }
@@ -378,7 +378,7 @@ async fn upload(
         let path = resolve(user, &target)?;
         let stream = limited(body.into_data_stream(), limit);
         s.app
-            .file_write(c.who(), c.sandbox(), &path, None, stream)
+            .file_write_as(c.who(), c.sandbox(), &path, None, Some(user), stream)
             .await?;
         written.push(path);
         Ok(())
