@@ -70,6 +70,25 @@ def test_commands_and_files_act_as_the_user_they_name(sandbox: Sandbox) -> None:
     assert "no user" in str(e.value)
 
 
+def test_file_metadata_is_kept_as_extended_attributes(sandbox: Sandbox) -> None:
+    info = sandbox.files.write("meta/a.txt", "a", metadata={"Owner": "me", "run": "42"})
+    assert info.metadata == {"owner": "me", "run": "42"}
+    assert sandbox.files.get_info("meta/a.txt").metadata == {"owner": "me", "run": "42"}
+    listed = {e.name: e.metadata for e in sandbox.files.list("meta")}
+    assert listed == {"a.txt": {"owner": "me", "run": "42"}}
+    # Attributes set inside the sandbox show too; other namespaces do not.
+    sandbox.files.write("meta/b.txt", "b")
+    assert sandbox.files.get_info("meta/b.txt").metadata is None
+    moved = sandbox.files.rename("meta/a.txt", "meta/c.txt")
+    assert moved.metadata == {"owner": "me", "run": "42"}
+    # Several files in one upload each get the map.
+    infos = sandbox.files.write_files(
+        [{"path": "meta/d.txt", "data": "d"}, {"path": "meta/e.txt", "data": "e"}], metadata={"k": "v"}
+    )
+    assert [i.metadata for i in infos] == [{"k": "v"}, {"k": "v"}]
+    assert sandbox.files.get_info("meta/e.txt").metadata == {"k": "v"}
+
+
 def test_create_env_vars_reach_every_command(env: Env) -> None:
     sb = Sandbox.create(envs={"FROM_CREATE": "yes"})
     try:
@@ -492,14 +511,11 @@ def test_network_allow_out_with_all_traffic_denied_is_an_allow_list(env: Env) ->
 def test_unsupported_envd_calls_are_refused_by_name(env: Env, sandbox: Sandbox) -> None:
     headers = {"E2b-Sandbox-Id": sandbox.sandbox_id, "X-Access-Token": sandbox._envd_access_token}
     r = httpx.post(env.server.url + "/files?path=/tmp/m", content=b"x",
-                   headers={**headers, "Content-Type": "application/octet-stream", "X-Metadata-Owner": "me"})
+                   headers={**headers, "Content-Type": "application/octet-stream", "X-Metadata-Owner": "caf\u00e9".encode()})
     assert r.status_code == 400 and "metadata" in r.json()["message"]
     r = httpx.post(env.server.url + "/files?path=/tmp/z", content=b"x",
                    headers={**headers, "Content-Type": "application/octet-stream", "Content-Encoding": "br"})
     assert r.status_code == 400 and "Content-Encoding" in r.json()["message"]
-    r = httpx.post(env.server.url + "/filesystem.Filesystem/CreateWatcher",
-                   json={"path": "/tmp", "includeEntry": True}, headers=headers)
-    assert r.status_code == 501 and r.json()["code"] == "unimplemented"
     r = httpx.post(env.server.url + "/process.Process/SendSignal",
                    json={"process": {"pid": 1}, "signal": "SIGNAL_UNSPECIFIED"}, headers=headers)
     assert r.status_code == 400 and r.json()["code"] == "invalid_argument"

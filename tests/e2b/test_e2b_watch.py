@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 from e2b import AsyncSandbox, FilesystemEventType, Sandbox
+from e2b.sandbox.filesystem.filesystem import FileType
 from e2b.exceptions import NotFoundException, SandboxException
 
 from conftest import Env
@@ -149,10 +150,6 @@ def test_watching_what_is_not_a_directory_is_refused(env: Env, sandbox: Sandbox)
     sandbox.files.write("plain.txt", "x")
     with pytest.raises(SandboxException):
         sandbox.files.watch_dir("plain.txt")
-    # What the server cannot do is refused by name.
-    r = _unary(env, sandbox, "CreateWatcher", {"path": "/tmp", "includeEntry": True})
-    assert r.status_code == 501 and r.json()["code"] == "unimplemented", r.text
-    assert "include_entry" in r.json()["message"]
     r = _unary(env, sandbox, "GetWatcherEvents", {})
     assert r.status_code == 400 and r.json()["code"] == "invalid_argument", r.text
     r = _unary(env, sandbox, "GetWatcherEvents", {"watcherId": "nope"})
@@ -161,6 +158,32 @@ def test_watching_what_is_not_a_directory_is_refused(env: Env, sandbox: Sandbox)
     r = _unary(env, sandbox, "CreateWatcher", {"path": "/tmp", "allowNetworkMounts": True})
     assert r.status_code == 200, r.text
     assert _unary(env, sandbox, "RemoveWatcher", r.json()).status_code == 200
+
+
+def test_events_carry_their_entries_when_asked(sandbox: Sandbox) -> None:
+    sandbox.files.make_dir("ent")
+    handle = sandbox.files.watch_dir("ent", include_entry=True, allow_network_mounts=True)
+    try:
+        sandbox.files.write("ent/a.txt", "abc", metadata={"tag": "x"})
+        sandbox.commands.run("mkdir ent/d && echo gone > ent/g && rm ent/g")
+        events = handle.get_new_events()
+        made = {e.name: e.entry for e in events if e.type == FilesystemEventType.CREATE}
+        assert made["a.txt"] is not None and made["a.txt"].size == 3, events
+        assert made["a.txt"].metadata == {"tag": "x"}
+        assert made["a.txt"].path == "/home/user/ent/a.txt"
+        assert made["d"] is not None and made["d"].type == FileType.DIR, events
+        # What is gone has no entry.
+        assert all(e.entry is None for e in events if e.type == FilesystemEventType.REMOVE), events
+        assert made.get("g") is None
+    finally:
+        handle.stop()
+    # Without asking, events name their path alone.
+    plain = sandbox.files.watch_dir("ent")
+    try:
+        sandbox.files.write("ent/b.txt", "b")
+        assert all(e.entry is None for e in plain.get_new_events())
+    finally:
+        plain.stop()
 
 
 async def test_the_async_sdk_streams_events_until_stopped(env: Env) -> None:
@@ -176,9 +199,13 @@ async def test_the_async_sdk_streams_events_until_stopped(env: Env) -> None:
             if e.name == "made.txt" and e.type == FilesystemEventType.CREATE:
                 made.set()
 
-        handle = await sb.files.watch_dir("live", on_event=on_event, on_exit=exits.append, timeout=0)
+        handle = await sb.files.watch_dir(
+            "live", on_event=on_event, on_exit=exits.append, timeout=0, include_entry=True
+        )
         await sb.commands.run("echo hi > live/made.txt")
         await asyncio.wait_for(made.wait(), 60)
+        entry = next(e.entry for e in seen if e.name == "made.txt" and e.type == FilesystemEventType.CREATE)
+        assert entry is not None and entry.name == "made.txt", seen
         await handle.stop()
         assert exits == [None]
         # The stream's end reaches the agent: its watch goes.

@@ -7,7 +7,7 @@
 //! handlers run under `catch_unwind`, so nothing a client sends takes the
 //! agent down.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -367,9 +367,12 @@ fn handle(shared: &Shared, req: Request, out: &Out, upload: Option<UploadRx>) ->
             },
             Err(e) => Answer::Err(e),
         },
-        Request::FileWrite { path, mode, user } => {
-            file_write(root, &path, mode, user.as_deref(), out, upload)
-        }
+        Request::FileWrite {
+            path,
+            mode,
+            user,
+            xattrs,
+        } => file_write(root, &path, mode, user.as_deref(), &xattrs, out, upload),
         Request::FileExtract { path } => match upload {
             Some(upload) => {
                 let mut body = crate::upload::UploadReader::new(upload, out);
@@ -466,13 +469,14 @@ fn file_write(
     path: &str,
     mode: Option<u32>,
     user: Option<&str>,
+    xattrs: &BTreeMap<String, String>,
     out: &Out,
     upload: Option<UploadRx>,
 ) -> Answer {
     let Some(mut upload) = upload else {
         return Answer::Err(Error::Internal("file_write without an upload".into()));
     };
-    let mut pending = match files::write_begin(root, path, mode, user) {
+    let mut pending = match files::write_begin(root, path, mode, user, xattrs) {
         Ok(p) => p,
         Err(e) => return Answer::Err(e),
     };

@@ -62,7 +62,7 @@ pub fn extract(root: &Root, dest: &str, body: &mut dyn io::Read) -> Result<Archi
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 clear_link(&at)?;
-                let mut pending = write_begin(root, &at.inner, mode, None)?;
+                let mut pending = write_begin(root, &at.inner, mode, None, &Default::default())?;
                 loop {
                     let n = match io::Read::read(&mut entry, &mut buf) {
                         Ok(0) => break,

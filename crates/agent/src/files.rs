@@ -3,6 +3,7 @@
 //! Every path goes through [`Root::resolve`] first; the operations then act
 //! on the resolved location and report entries under the caller's path.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -58,6 +59,7 @@ pub fn entry_from(logical: &str, host: &Path, meta: &Metadata) -> FileEntry {
         symlink_target,
         uid: Some(meta.uid()),
         gid: Some(meta.gid()),
+        xattrs: crate::xattrs::read(host),
     }
 }
 
@@ -127,7 +129,9 @@ pub fn write_begin(
     path: &str,
     mode: Option<u32>,
     user: Option<&str>,
+    xattrs: &BTreeMap<String, String>,
 ) -> Result<PendingWrite> {
+    crate::xattrs::check(xattrs)?;
     let owner = user.map(|u| crate::users::lookup(root, u)).transpose()?;
     let mode = mode.unwrap_or(DEFAULT_FILE_MODE);
     if mode > 0o7777 {
@@ -180,6 +184,9 @@ pub fn write_begin(
         file: Some(file),
         committed: false,
     };
+    if let Some(f) = &pending.file {
+        crate::xattrs::set(f, &pending.logical, xattrs)?;
+    }
     if let Some(o) = &owner {
         // Given before a byte is written; the rename keeps it. A dropped
         // `pending` removes the temporary file on failure.
@@ -561,7 +568,7 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let root = Root::new(t.path());
         for p in ["/w/a.py", "/w/sub/b.py", "/w/sub/deep/c.py", "/w/d.txt"] {
-            let mut w = write_begin(&root, p, None, None).expect("begin");
+            let mut w = write_begin(&root, p, None, None, &Default::default()).expect("begin");
             w.write(b"x").expect("write");
             w.commit().expect("commit");
         }

@@ -23,3 +23,4 @@ pub mod upload;
 pub mod users;
 pub mod vsock;
 pub mod watch;
+pub mod xattrs;

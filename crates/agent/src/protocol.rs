@@ -38,7 +38,8 @@ pub const WATCH_VERSION: u32 = 2;
 pub const ARCHIVE_VERSION: u32 = 3;
 
 /// The first protocol version with a `user` on `Exec`, `ProcStart`,
-/// `FileWrite` and `FileMkdir`.
+/// `FileWrite` and `FileMkdir`, `xattrs` on `FileWrite`, and entries that
+/// carry their `user.*` extended attributes.
 pub const USER_VERSION: u32 = 4;
 
 /// Largest payload a frame may carry.
@@ -458,6 +459,9 @@ pub enum Request {
         mode: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
+        /// `user.*` extended attributes set on the file (protocol 4).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        xattrs: BTreeMap<String, String>,
     },
     /// Answer: `Data` chunks of the contents, then `End`.
     FileRead { path: String },

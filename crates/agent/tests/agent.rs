@@ -220,6 +220,7 @@ impl Conn {
             path: path.into(),
             mode,
             user: user.map(str::to_owned),
+            xattrs: Default::default(),
         });
         self.upload(id, data)?;
         let f = self.recv_answer();

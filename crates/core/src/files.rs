@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use crate::error::Error;
@@ -42,7 +43,16 @@ pub struct FileEntry {
     pub uid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
+    /// The entry's `user.*` extended attributes with UTF-8 values (agent
+    /// protocol 4; see [`MAX_XATTRS`]). Not part of the `/v1` file view.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
 }
+
+/// Most `user.*` extended attributes an entry reports, and the longest
+/// value one may have (longer or non-UTF-8 ones are left out).
+pub const MAX_XATTRS: usize = 64;
+pub const MAX_XATTR_VALUE: usize = 4096;
 
 /// What unpacking a tar archive into a sandbox wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -661,23 +661,32 @@ impl AgentClient {
         mode: Option<u32>,
         body: ByteStream,
     ) -> Result<FileEntry> {
-        self.file_write_as(path, mode, None, body).await
+        self.file_write_as(path, mode, &WriteAs::default(), body)
+            .await
     }
 
-    /// [`AgentClient::file_write`], the file (and the parents it makes)
-    /// belonging to `user` of the sandbox when one is named.
+    /// [`AgentClient::file_write`] with [`WriteAs`]: whose the file (and
+    /// the parents it makes) is, and its extended attributes.
     pub async fn file_write_as(
         &self,
         path: &str,
         mode: Option<u32>,
-        user: Option<&str>,
+        with: &WriteAs,
         body: ByteStream,
     ) -> Result<FileEntry> {
-        self.supports_user(user)?;
+        self.supports_user(with.user.as_deref())?;
+        if !with.xattrs.is_empty() && self.info.protocol < USER_VERSION {
+            return Err(Error::Unsupported(format!(
+                "the sandbox's agent ({}, protocol {}) cannot set extended attributes; a \
+                 sandbox started with a newer agent can",
+                self.info.version, self.info.protocol
+            )));
+        }
         let req = Request::FileWrite {
             path: path.to_owned(),
             mode,
-            user: user.map(str::to_owned),
+            user: with.user.clone(),
+            xattrs: with.xattrs.clone(),
         };
         self.upload(req, body).await
     }
@@ -1610,6 +1619,16 @@ impl PtyInput {
             }
         }
     }
+}
+
+/// How a file is written beyond its bytes and mode.
+#[derive(Clone, Debug, Default)]
+pub struct WriteAs {
+    /// The sandbox's user the file, and the directories made for it,
+    /// belong to; the agent's own when absent.
+    pub user: Option<String>,
+    /// `user.*` extended attributes set on the file.
+    pub xattrs: std::collections::BTreeMap<String, String>,
 }
 
 fn exec_spec(req: ExecRequest, stream: bool) -> (ExecSpec, Option<Vec<u8>>) {

@@ -884,6 +884,7 @@ async fn endless_lists_and_globs_are_capped() -> anyhow::Result<()> {
         symlink_target: None,
         uid: None,
         gid: None,
+        xattrs: Default::default(),
     };
     let batch = serde_json::to_vec(&vec![entry; 1000])?;
     let batches = MAX_LIST_ENTRIES / 1000 * 3;

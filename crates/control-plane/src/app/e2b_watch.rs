@@ -68,6 +68,8 @@ struct Watcher {
     /// agent sees them in.
     sent: tokio::sync::Mutex<u64>,
     stop: CancellationToken,
+    /// The watched directory, when its events carry their entries.
+    entries_under: Option<String>,
     _slot: Slot,
 }
 
@@ -224,6 +226,7 @@ impl App {
         sandbox: &str,
         path: &str,
         recursive: bool,
+        include_entry: bool,
     ) -> Result<String> {
         let dir = self.e2b_watch_dir(who, sandbox, path, recursive).await?;
         let sandbox_id = dir.slot.sandbox.clone();
@@ -248,6 +251,7 @@ impl App {
             sync,
             sent: tokio::sync::Mutex::new(0),
             stop: gone.child_token(),
+            entries_under: include_entry.then(|| path.to_owned()),
             _slot: slot,
         });
         let replaced = lock(&self.e2b_watches.table)
@@ -264,13 +268,14 @@ impl App {
 
     /// The events of watcher `id` since the last call: every event of a
     /// change made before this call (the agent is synced first). A watcher
-    /// whose watch failed answers its events, then its error.
+    /// whose watch failed answers its events, then its error. With them,
+    /// the watched directory when the watcher was asked for entries.
     pub async fn e2b_watcher_events(
         &self,
         who: &Principal,
         sandbox: &str,
         id: &str,
-    ) -> Result<Vec<WatchEvent>> {
+    ) -> Result<(Vec<WatchEvent>, Option<String>)> {
         let (rec, _, _) = self.running(who, sandbox).await?;
         let w = self.e2b_watches.find(&rec.id, id)?;
         lock(&w.pending).last_read = Instant::now();
@@ -309,7 +314,7 @@ impl App {
         if let (true, Some(End::Failed(e))) = (events.is_empty(), &p.end) {
             return Err(e.clone());
         }
-        Ok(events)
+        Ok((events, w.entries_under.clone()))
     }
 
     /// Stops watcher `id` and forgets it.

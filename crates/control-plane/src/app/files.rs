@@ -2,6 +2,7 @@
 //! with paths checked before they leave the control plane.
 
 use stacyvm_core::{validate_sandbox_path, ByteStream, FileEntry, Result};
+use stacyvm_provider::agent_client::WriteAs;
 
 use super::sandboxes::invalid;
 use super::{App, Principal};
@@ -15,24 +16,25 @@ impl App {
         mode: Option<u32>,
         body: ByteStream,
     ) -> Result<FileEntry> {
-        self.file_write_as(who, id, path, mode, None, body).await
+        self.file_write_as(who, id, path, mode, &WriteAs::default(), body)
+            .await
     }
 
-    /// [`App::file_write`], the file and the parents it makes belonging to
-    /// `user` of the sandbox when one is named.
+    /// [`App::file_write`] with [`WriteAs`]: the sandbox's user the file
+    /// and the parents it makes belong to, and its extended attributes.
     pub async fn file_write_as(
         &self,
         who: &Principal,
         id: &str,
         path: &str,
         mode: Option<u32>,
-        user: Option<&str>,
+        with: &WriteAs,
         body: ByteStream,
     ) -> Result<FileEntry> {
         who.require_write()?;
         let path = validate_sandbox_path(path)?;
         let agent = self.agent_of(who, id).await?;
-        agent.file_write_as(&path, mode, user, body).await
+        agent.file_write_as(&path, mode, with, body).await
     }
 
     pub async fn file_extract(

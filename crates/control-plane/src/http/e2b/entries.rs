@@ -236,7 +236,27 @@ fn entry_info(e: &FileEntry, owners: &Owners, link: Option<&LinkTarget>) -> Valu
     if let Some(l) = link {
         v["symlinkTarget"] = json!(l.path);
     }
+    let metadata = metadata_of(&e.xattrs);
+    if !metadata.is_empty() {
+        v["metadata"] = json!(metadata);
+    }
     v
+}
+
+/// Where E2B file metadata lives: the extended attribute `user.e2b.KEY`
+/// holds the value of `KEY`, as in envd.
+pub(super) const METADATA_XATTR: &str = "user.e2b.";
+
+/// The E2B metadata among a file's extended attributes (set by an upload
+/// or by anything in the sandbox).
+pub(super) fn metadata_of(
+    xattrs: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<&str, &str> {
+    xattrs
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(METADATA_XATTR)?, v.as_str())))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
 }
 
 #[cfg(test)]

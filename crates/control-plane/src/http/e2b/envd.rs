@@ -248,6 +248,7 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 /// The caller's sandbox and principal, from the request.
+#[derive(Clone)]
 pub(super) struct Caller {
     sandbox: String,
     who: Principal,
@@ -1001,13 +1002,8 @@ struct WatchMsg {
 }
 
 impl WatchMsg {
-    /// The directory to watch, refusing what this server cannot do.
+    /// The directory to watch.
     fn checked_path(&self, c: &Caller) -> RpcResult<String> {
-        if self.include_entry {
-            return Err(RpcError::unimplemented(
-                "include_entry is not supported: events name their path; Stat it for its entry",
-            ));
-        }
         c.path(&self.path)
     }
 
@@ -1031,6 +1027,28 @@ fn filesystem_event(ev: &WatchEvent) -> Value {
     json!({"name": ev.name, "type": kind})
 }
 
+/// Events with, when asked (`include_entry`), the entry each names as it
+/// is now: none for a removal, or for what is already gone again.
+async fn filesystem_events(
+    s: &AppState,
+    c: &Caller,
+    dir: Option<&str>,
+    events: &[WatchEvent],
+) -> Vec<Value> {
+    let mut out = Vec::with_capacity(events.len());
+    for ev in events {
+        let mut v = filesystem_event(ev);
+        if let (Some(dir), false) = (dir, ev.kind == WatchKind::Remove) {
+            let path = format!("{}/{}", dir.trim_end_matches('/'), ev.name);
+            if let Ok(e) = s.app.file_stat(&c.who, &c.sandbox, &path).await {
+                v["entry"] = entry_info_of(s, c, &e).await;
+            }
+        }
+        out.push(v);
+    }
+    out
+}
+
 /// `filesystem.Filesystem/WatchDir`: a start event once the watch is in
 /// place, then one event per change, keepalives while nothing happens. It
 /// ends cleanly when the directory goes; with `unavailable` when the
@@ -1040,17 +1058,18 @@ async fn watch_dir(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value) ->
     let started = async {
         let m: WatchMsg = parse(msg)?;
         let path = m.checked_path(c)?;
-        Ok::<_, RpcError>(
-            s.app
-                .e2b_watch_dir(&c.who, &c.sandbox, &path, m.recursive)
-                .await?,
-        )
+        let watch = s
+            .app
+            .e2b_watch_dir(&c.who, &c.sandbox, &path, m.recursive)
+            .await?;
+        Ok::<_, RpcError>((watch, m.include_entry.then_some(path)))
     }
     .await;
-    let mut watch = match started {
+    let (mut watch, entries_under) = match started {
         Ok(w) => w,
         Err(e) => return stream_error(&e),
     };
+    let (s, c) = (s.clone(), c.clone());
     let keepalive = keepalive_interval(headers);
     let deadline = match timeout_ms(headers) {
         0 => None,
@@ -1100,8 +1119,9 @@ async fn watch_dir(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value) ->
                     }
                 }
                 Ok(Some(Ok(WatchUpdate::Events(batch)))) => {
-                    for ev in &batch {
-                        let msg = json!({"filesystem": filesystem_event(ev)});
+                    let dir = entries_under.as_deref();
+                    for ev in filesystem_events(&s, &c, dir, &batch).await {
+                        let msg = json!({"filesystem": ev});
                         if tx.send(envelope(0, &msg)).await.is_err() {
                             return;
                         }
@@ -1186,13 +1206,15 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
         "CreateWatcher" => {
             let m: WatchMsg = parse(msg)?;
             let path = m.checked_path(c)?;
-            let id = app.e2b_watcher_create(who, id, &path, m.recursive).await?;
+            let id = app
+                .e2b_watcher_create(who, id, &path, m.recursive, m.include_entry)
+                .await?;
             Ok(json!({"watcherId": id}))
         }
         "GetWatcherEvents" => {
             let m: WatchMsg = parse(msg)?;
-            let events = app.e2b_watcher_events(who, id, m.watcher()?).await?;
-            let events: Vec<Value> = events.iter().map(filesystem_event).collect();
+            let (events, dir) = app.e2b_watcher_events(who, id, m.watcher()?).await?;
+            let events = filesystem_events(s, c, dir.as_deref(), &events).await;
             Ok(json!({"events": events}))
         }
         "RemoveWatcher" => {

@@ -4,6 +4,7 @@
 //! counted against the upload limit. Errors are envd's
 //! `{"code": <status>, "message"}`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use stacyvm_core::{ByteStream, Error};
+use stacyvm_provider::agent_client::WriteAs;
 
 use super::envd::{signed_caller, user_name, Refused};
 use super::public_message;
@@ -224,9 +226,14 @@ where
     }))
 }
 
-fn write_info(path: &str) -> Value {
+fn write_info(path: &str, with: &WriteAs) -> Value {
     let name = path.rsplit('/').next().unwrap_or(path);
-    json!({"name": name, "type": "file", "path": path})
+    let mut info = json!({"name": name, "type": "file", "path": path});
+    let metadata = super::entries::metadata_of(&with.xattrs);
+    if !metadata.is_empty() {
+        info["metadata"] = json!(metadata);
+    }
+    info
 }
 
 /// `POST /files?path=&username=`: multipart parts named by path, or raw
@@ -249,13 +256,17 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
         over: AtomicBool::new(false),
     });
     let mut written = Vec::new();
+    let mut with = WriteAs::default();
     let result = match upload_allowed(&c, &q, &parts.headers) {
-        Ok(user) => {
+        Ok(allowed) => {
+            with = allowed;
+            let user = with.user.clone().unwrap_or_default();
             let to = Target {
                 s: &s,
                 c: &c,
                 q: &q,
                 user: &user,
+                with: &with,
             };
             upload(to, &parts.headers, body, limit.clone(), &mut written).await
         }
@@ -266,7 +277,7 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
     };
     let resp = match result {
         Ok(()) => {
-            let infos: Vec<Value> = written.iter().map(|p| write_info(p)).collect();
+            let infos: Vec<Value> = written.iter().map(|p| write_info(p, &with)).collect();
             (StatusCode::OK, axum::Json(Value::Array(infos))).into_response()
         }
         Err(_) if limit.over.load(Ordering::SeqCst) => file_error(&Error::PayloadTooLarge(
@@ -282,21 +293,37 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
     )
 }
 
-/// What refuses an upload before its body is read; the user it writes as.
+/// What refuses an upload before its body is read; the user it writes as
+/// and the metadata (`X-Metadata-KEY: VALUE` headers, kept as the
+/// `user.e2b.key` extended attribute of every file written, as envd does).
 fn upload_allowed(
     c: &super::envd::Caller,
     q: &FileQuery,
     headers: &HeaderMap,
-) -> Result<String, Error> {
+) -> Result<WriteAs, Error> {
     c.who().require_write()?;
     let user = user_of(q, c.user())?;
-    if let Some(h) = headers
-        .keys()
-        .find(|h| h.as_str().starts_with("x-metadata-"))
-    {
-        return Err(Error::InvalidRequest(format!(
-            "file metadata ({h}) is not supported by this server"
-        )));
+    let mut xattrs = BTreeMap::new();
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix("x-metadata-") else {
+            continue;
+        };
+        let value = value
+            .to_str()
+            .ok()
+            .filter(|v| v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "the value of file metadata {key:?} must be printable US-ASCII"
+                ))
+            })?;
+        if key.is_empty() {
+            return Err(Error::InvalidRequest("a file metadata key is empty".into()));
+        }
+        xattrs.insert(
+            format!("{}{key}", super::entries::METADATA_XATTR),
+            value.to_owned(),
+        );
     }
     if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
         let enc = enc.to_str().unwrap_or("");
@@ -306,7 +333,10 @@ fn upload_allowed(
             )));
         }
     }
-    Ok(user)
+    Ok(WriteAs {
+        user: Some(user),
+        xattrs,
+    })
 }
 
 /// Where an upload goes: the sandbox and user of its caller and query.
@@ -315,10 +345,17 @@ struct Target<'a> {
     c: &'a super::envd::Caller,
     q: &'a FileQuery,
     user: &'a str,
+    with: &'a WriteAs,
 }
 
 async fn upload(
-    Target { s, c, q, user }: Target<'_>,
+    Target {
+        s,
+        c,
+        q,
+        user,
+        with,
+    }: Target<'_>,
     headers: &HeaderMap,
     body: Body,
     limit: Arc<Limit>,
@@ -361,7 +398,7 @@ async fn upload(
             let path = resolve(user, &target)?;
             let stream = limited(field, limit.clone());
             s.app
-                .file_write_as(c.who(), c.sandbox(), &path, None, Some(user), stream)
+                .file_write_as(c.who(), c.sandbox(), &path, None, with, stream)
                 .await?;
             written.push(path);
         }
@@ -378,7 +415,7 @@ async fn upload(
         let path = resolve(user, &target)?;
         let stream = limited(body.into_data_stream(), limit);
         s.app
-            .file_write_as(c.who(), c.sandbox(), &path, None, Some(user), stream)
+            .file_write_as(c.who(), c.sandbox(), &path, None, with, stream)
             .await?;
         written.push(path);
         Ok(())

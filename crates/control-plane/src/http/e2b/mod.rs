@@ -33,9 +33,11 @@ pub const ENVD_PORT: u16 = 49983;
 
 /// The envd version reported to clients. The SDK changes its behaviour by
 /// it: from 0.4.0 it stops forcing the user `user`, from 0.5.2 it may
-/// close stdin, from 0.5.7 it may upload files as raw bytes; all of that
-/// is served here. Later versions add calls this API does not have.
-pub const ENVD_VERSION: &str = "0.5.7";
+/// close stdin, from 0.5.7 it may upload files as raw bytes, from 0.6.2 it
+/// sends file metadata, from 0.6.3 it asks for watch events with their
+/// entries and from 0.6.4 it may allow watches on network mounts; all of
+/// that is served here.
+pub const ENVD_VERSION: &str = "0.6.4";
 
 /// An error in the control API's shape.
 pub struct E2bError(pub Error);
