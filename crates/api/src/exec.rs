@@ -144,6 +144,10 @@ pub struct ProcessStart {
     /// Working directory (absolute); default the sandbox's workdir.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// Runs it as this user of the sandbox's `/etc/passwd` (a name, or a
+    /// numeric uid), as `exec`'s `user` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl ProcessStart {

@@ -1035,12 +1035,14 @@ impl AgentClient {
         cmd: Vec<String>,
         env: std::collections::BTreeMap<String, String>,
         cwd: Option<String>,
+        user: Option<String>,
     ) -> Result<ProcInfo> {
+        self.supports_user(user.as_deref())?;
         self.simple(&Request::ProcStart {
             cmd,
             env,
             cwd,
-            user: None,
+            user,
         })
         .await
     }

@@ -288,6 +288,7 @@ pub async fn start(client: &Client, fmt: Format, a: StartArgs) -> Result<ExitCod
         cmd: a.cmd,
         env: key_values(&a.env, "env"),
         cwd: a.cwd,
+        user: None,
     };
     let p = client.processes(&a.id).start(&req).await?;
     if fmt == Format::Json {

@@ -2,10 +2,12 @@
 //! group from the sandbox's own `/etc/passwd` (or a bare uid), on every
 //! provider; bad names are refused before anything runs.
 
+use std::time::Duration;
+
 use anyhow::{ensure, Result};
 use serde_json::json;
 
-use crate::support::{Server, ServerOptions, StoreKind};
+use crate::support::{eventually, Server, ServerOptions, StoreKind};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_run_as_the_user_they_name() -> Result<()> {
@@ -41,6 +43,27 @@ async fn commands_run_as_the_user_they_name() -> Result<()> {
         );
         // Without a user: the sandbox's own (root).
         ensure!(member.sh(&id, "id -u").await? == "0\n", "{provider}");
+        // Background processes take a user too.
+        member
+            .post(
+                &format!("/v1/sandboxes/{id}/processes"),
+                json!({"cmd": ["sh", "-c", "id -u > /tmp/bg.tmp && mv /tmp/bg.tmp /tmp/bg"], "user": "nobody"}),
+            )
+            .await?
+            .ok(201)?;
+        let bg = eventually(Duration::from_secs(30), "the process to write", || async {
+            let out = member.sh(&id, "cat /tmp/bg 2>/dev/null || true").await?;
+            Ok((!out.is_empty()).then_some(out))
+        })
+        .await?;
+        ensure!(bg == "65534\n", "{provider}: {bg}");
+        member
+            .post(
+                &format!("/v1/sandboxes/{id}/processes"),
+                json!({"cmd": ["id"], "user": "ghost"}),
+            )
+            .await?
+            .err(400, "invalid_request")?;
         // Names the sandbox does not have, or that are no names at all.
         let e = exec("ghost", "id").await?.err(400, "invalid_request")?;
         ensure!(e.message.contains("no user \"ghost\""), "{provider}: {e:?}");

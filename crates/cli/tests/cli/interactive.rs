@@ -165,6 +165,7 @@ async fn the_sdk_opens_terminals_and_keeps_background_processes() -> Result<()> 
             ],
             env: [("A".to_owned(), "b".to_owned())].into(),
             cwd: Some("/tmp".into()),
+            user: None,
         })
         .await?;
     ensure!(p.is_running() && p.cmd[0] == "sh", "{p:?}");

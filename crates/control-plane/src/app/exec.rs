@@ -72,14 +72,7 @@ impl App {
             timeout_s,
             user,
         } = body;
-        if let Some(u) = &user {
-            if !valid_user(u) {
-                return Err(invalid(format!(
-                    "user {u:?} is not a user name (up to 32 of A-Z a-z 0-9 . _ -, not starting \
-                     with . or -) or a numeric uid"
-                )));
-            }
-        }
+        check_user(user.as_deref())?;
         if cmd.is_empty() {
             return Err(invalid("cmd must hold at least the program to run"));
         }
@@ -206,4 +199,15 @@ pub(crate) fn valid_user(user: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && !user.starts_with(['.', '-'])
+}
+
+/// Refuses a `user` that cannot name an account.
+pub(crate) fn check_user(user: Option<&str>) -> Result<()> {
+    match user {
+        Some(u) if !valid_user(u) => Err(invalid(format!(
+            "user {u:?} is not a user name (up to 32 of A-Z a-z 0-9 . _ -, not starting with . \
+             or -) or a numeric uid"
+        ))),
+        _ => Ok(()),
+    }
 }

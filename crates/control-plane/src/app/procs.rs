@@ -22,8 +22,10 @@ impl App {
         cmd: Vec<String>,
         env: BTreeMap<String, String>,
         cwd: Option<String>,
+        user: Option<String>,
     ) -> Result<(SandboxId, ProcInfo)> {
         who.require_write()?;
+        super::exec::check_user(user.as_deref())?;
         if cmd.is_empty() || cmd[0].is_empty() {
             return Err(invalid("cmd must hold at least the program to run"));
         }
@@ -44,7 +46,7 @@ impl App {
             None => rec.workdir.clone(),
         };
         let agent = super::sandboxes::agent(&worker, &lease).await?;
-        let info = agent.proc_start(cmd, merged, cwd).await?;
+        let info = agent.proc_start(cmd, merged, cwd, user).await?;
         Ok((rec.id, info))
     }
 

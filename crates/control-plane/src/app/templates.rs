@@ -466,7 +466,7 @@ impl App {
         let agent = agent(worker, lease).await?;
         if let Some(start) = &t.defaults.start {
             agent
-                .proc_start(start.clone(), env.clone(), workdir.clone())
+                .proc_start(start.clone(), env.clone(), workdir.clone(), None)
                 .await?;
         }
         let Some(ready) = &t.defaults.ready else {

@@ -86,7 +86,7 @@ pub async fn process_start(
     let program = body.cmd.first().cloned();
     let (sandbox, info) = s
         .app
-        .process_start(&who, &id, body.cmd, body.env, body.cwd)
+        .process_start(&who, &id, body.cmd, body.env, body.cwd, body.user)
         .await?;
     let pid = info.pid;
     Ok(note(

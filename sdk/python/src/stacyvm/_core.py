@@ -640,9 +640,13 @@ def _procs(sandbox_id: str, suffix: str = "") -> str:
 
 
 def process_start(
-    sandbox_id: str, cmd: Union[str, Sequence[str]], env: Optional[Mapping[str, str]], cwd: Optional[str]
+    sandbox_id: str,
+    cmd: Union[str, Sequence[str]],
+    env: Optional[Mapping[str, str]],
+    cwd: Optional[str],
+    user: Optional[str] = None,
 ) -> Call:
-    body = drop_none({"cmd": shell_cmd(cmd), "env": dict(env) if env else None, "cwd": cwd})
+    body = drop_none({"cmd": shell_cmd(cmd), "env": dict(env) if env else None, "cwd": cwd, "user": user})
     return Call("POST", _procs(sandbox_id), json=body)
 
 

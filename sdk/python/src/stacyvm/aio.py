@@ -520,9 +520,11 @@ class AsyncProcesses:
         *,
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
+        user: Optional[str] = None,
     ) -> Process:
-        """Starts ``cmd`` (an argv list; a string runs under ``sh -c``)."""
-        return Process.from_json(await self._t.json(core.process_start(self._id, cmd, env, cwd)))
+        """Starts ``cmd`` (an argv list; a string runs under ``sh -c``),
+        as ``user`` of the sandbox when given."""
+        return Process.from_json(await self._t.json(core.process_start(self._id, cmd, env, cwd, user)))
 
     async def list(self) -> List[Process]:
         """Every process the sandbox keeps, running and exited."""

@@ -410,6 +410,11 @@ export interface ProcessStart {
   cwd?: string | null;
   /** Added to the sandbox's environment. */
   env?: Record<string, string>;
+  /**
+   * Runs it as this user of the sandbox's `/etc/passwd` (a name, or a
+   * numeric uid), as `exec`'s `user` does.
+   */
+  user?: string | null;
 }
 
 /** A provider's health. */
