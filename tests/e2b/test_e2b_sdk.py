@@ -70,6 +70,24 @@ def test_commands_and_files_act_as_the_user_they_name(sandbox: Sandbox) -> None:
     assert "no user" in str(e.value)
 
 
+def test_an_image_without_the_e2b_user_keeps_its_own(env: Env) -> None:
+    # The busybox catalog image has root and nobody only: what names no
+    # user acts as the sandbox's own (root), what names one is refused.
+    sb = Sandbox.create("busybox")
+    try:
+        assert sb.files.write("/tmp/plain.txt", "x").path == "/tmp/plain.txt"
+        assert sb.files.get_info("/tmp/plain.txt").owner == "root"
+        sb.files.make_dir("/tmp/made")
+        assert sb.files.get_info("/tmp/made").owner == "root"
+        with pytest.raises(SandboxException) as e:
+            sb.files.write("/tmp/named.txt", "x", user="user")
+        assert "no user" in str(e.value)
+        assert sb.files.write("/tmp/nobody.txt", "x", user="nobody").path == "/tmp/nobody.txt"
+        assert sb.files.get_info("/tmp/nobody.txt").owner == "nobody"
+    finally:
+        sb.kill()
+
+
 def test_file_metadata_is_kept_as_extended_attributes(sandbox: Sandbox) -> None:
     info = sandbox.files.write("meta/a.txt", "a", metadata={"Owner": "me", "run": "42"})
     assert info.metadata == {"owner": "me", "run": "42"}

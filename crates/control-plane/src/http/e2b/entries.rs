@@ -51,7 +51,7 @@ impl Owners {
     }
 }
 
-async fn account_names(s: &AppState, c: &Caller, path: &str) -> HashMap<u32, String> {
+pub(super) async fn account_names(s: &AppState, c: &Caller, path: &str) -> HashMap<u32, String> {
     let Ok(mut stream) = s.app.file_read(c.who(), c.sandbox(), path).await else {
         return HashMap::new();
     };

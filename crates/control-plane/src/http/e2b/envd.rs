@@ -254,6 +254,8 @@ pub(super) struct Caller {
     who: Principal,
     /// The E2B user the request acts as (`Authorization: Basic user:`).
     user: String,
+    /// Whether the request named it (else it is E2B's default, `user`).
+    named: bool,
 }
 
 impl Caller {
@@ -296,16 +298,16 @@ impl Caller {
 }
 
 /// The E2B user named by `Authorization: Basic base64("user:")`.
-fn e2b_user(headers: &HeaderMap) -> RpcResult<String> {
+fn e2b_user(headers: &HeaderMap) -> RpcResult<(String, bool)> {
     let Some(v) = headers.get(header::AUTHORIZATION) else {
-        return Ok("user".into());
+        return Ok(("user".into(), false));
     };
     let v = v.to_str().unwrap_or("");
     let Some((scheme, cred)) = v.split_once(' ') else {
         return Err(RpcError::invalid("the Authorization header is malformed"));
     };
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Ok("user".into());
+        return Ok(("user".into(), false));
     }
     let raw = base64::engine::general_purpose::STANDARD
         .decode(cred.trim())
@@ -313,7 +315,25 @@ fn e2b_user(headers: &HeaderMap) -> RpcResult<String> {
     let raw = String::from_utf8(raw)
         .map_err(|_| RpcError::invalid("the Basic credentials are not UTF-8"))?;
     let user = raw.split(':').next().unwrap_or("").to_owned();
-    user_name(user)
+    let named = !user.is_empty();
+    Ok((user_name(user)?, named))
+}
+
+/// The account a request acts as inside the sandbox: the one it named;
+/// else E2B's default `user` where the sandbox has that account, else the
+/// sandbox's own user (an image made for StacyVM rather than for E2B).
+pub(super) async fn acting_user(s: &AppState, c: &Caller, named: Option<&str>) -> Option<String> {
+    if let Some(u) = named {
+        return Some(u.to_owned());
+    }
+    if c.named {
+        return Some(c.user.clone());
+    }
+    let has = super::entries::account_names(s, c, "/etc/passwd")
+        .await
+        .values()
+        .any(|n| n == &c.user);
+    has.then(|| c.user.clone())
 }
 
 pub(super) fn user_name(user: String) -> RpcResult<String> {
@@ -366,8 +386,13 @@ async fn caller(
             format!("The sandbox {sandbox} was not found or is not running"),
         ));
     }
-    let user = e2b_user(headers)?;
-    Ok(Caller { sandbox, who, user })
+    let (user, named) = e2b_user(headers)?;
+    Ok(Caller {
+        sandbox,
+        who,
+        user,
+        named,
+    })
 }
 
 /// Whether the request's sandbox runs and its access token opens it, as
@@ -767,7 +792,7 @@ async fn process_start(s: &AppState, c: &Caller, headers: &HeaderMap, msg: Value
                     stdin: m.stdin.unwrap_or(false),
                     timeout_ms: timeout_ms(headers),
                     pty,
-                    user: Some(c.user.clone()),
+                    user: acting_user(s, c, None).await,
                 },
             )
             .await?;
@@ -1167,7 +1192,13 @@ async fn filesystem_unary(s: &AppState, c: &Caller, method: &str, msg: Value) ->
                 Err(e) => return Err(e.into()),
             }
             let e = app
-                .file_mkdir_as(who, id, &path, true, Some(c.user()))
+                .file_mkdir_as(
+                    who,
+                    id,
+                    &path,
+                    true,
+                    acting_user(s, c, None).await.as_deref(),
+                )
                 .await?;
             Ok(json!({"entry": entry_info_of(s, c, &e).await}))
         }
@@ -1264,6 +1295,7 @@ mod tests {
             sandbox: "sbx_x".into(),
             who,
             user: "user".into(),
+            named: false,
         };
         assert_eq!(c.path("a/b.txt").expect("path"), "/home/user/a/b.txt");
         assert_eq!(c.path("/etc/x").expect("path"), "/etc/x");

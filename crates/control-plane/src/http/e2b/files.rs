@@ -258,9 +258,17 @@ pub async fn file_upload(State(s): State<AppState>, req: axum::extract::Request)
     let mut written = Vec::new();
     let mut with = WriteAs::default();
     let result = match upload_allowed(&c, &q, &parts.headers) {
-        Ok(allowed) => {
+        Ok(mut allowed) => {
+            // `user` places relative paths; the owner of what is written is
+            // the account the request acts as.
+            let user = allowed.user.clone().unwrap_or_default();
+            let named = q
+                .user
+                .as_deref()
+                .filter(|u| !u.is_empty())
+                .map(|_| user.as_str());
+            allowed.user = super::envd::acting_user(&s, &c, named).await;
             with = allowed;
-            let user = with.user.clone().unwrap_or_default();
             let to = Target {
                 s: &s,
                 c: &c,
