@@ -75,6 +75,37 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// Where the ext4 image of the catalog image with `digest` is cached.
+pub fn cached_rootfs(cache: &Path, digest: &str) -> PathBuf {
+    let digest: String = digest
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    cache.join(format!("rootfs-{digest}.ext4"))
+}
+
+/// The backing file a qcow2 overlay names in its header, if any.
+pub fn qcow2_backing(overlay: &Path) -> Option<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(overlay).ok()?;
+    let mut head = [0u8; 20];
+    f.read_exact(&mut head).ok()?;
+    if &head[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(head[8..16].try_into().ok()?);
+    let len = u32::from_be_bytes(head[16..20].try_into().ok()?);
+    if offset == 0 || len == 0 || len > 4096 {
+        return None;
+    }
+    let mut name = vec![0u8; len as usize];
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    f.read_exact(&mut name).ok()?;
+    Some(PathBuf::from(
+        <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name),
+    ))
+}
+
 /// The ext4 image of catalog image `name`, built once per image digest
 /// into `cache` and shared read-only by every sandbox (each writes to an
 /// overlay of its own).
@@ -82,12 +113,7 @@ pub async fn ext4_rootfs(catalog: &ImageCatalog, name: &str, cache: &Path) -> Re
     // The rootfs first: its error for an unknown image is the API's.
     let rootfs = catalog.rootfs(name).await?;
     let info = catalog.get(name).await?;
-    let digest: String = info
-        .digest
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
-    let out = cache.join(format!("rootfs-{digest}.ext4"));
+    let out = cached_rootfs(cache, &info.digest);
     if out.is_file() {
         return Ok(out);
     }
@@ -95,7 +121,7 @@ pub async fn ext4_rootfs(catalog: &ImageCatalog, name: &str, cache: &Path) -> Re
         .map_err(|e| Error::internal(format!("creating {}", cache.display()), e))?;
     // Sparse: the size is room to write, not space taken.
     let size_mb = (info.size * 2 / (1024 * 1024)).max(1024) + 1024;
-    let tmp = cache.join(format!(".rootfs-{digest}.{}.tmp", std::process::id()));
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let output = tokio::process::Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "stacyvm", "-E", "root_owner=0:0", "-d"])

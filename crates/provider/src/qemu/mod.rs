@@ -49,6 +49,8 @@ const MAX_VCPUS: u64 = 16;
 /// Longest Unix socket path (`sun_path` less its NUL).
 const SUN_PATH_MAX: usize = 107;
 const META: &str = "meta.json";
+/// The guest's copy-on-write disk over the cached ext4 root.
+const ROOT_OVERLAY: &str = "root.qcow2";
 const QEMU_PID: &str = "qemu.pid";
 const VSOCK_PID: &str = "vsock.pid";
 const PAUSED: &str = "paused";
@@ -215,7 +217,7 @@ impl QemuProvider {
             None
         };
         let settings = microvm::settings_tar(spec, guest_net.as_ref())?;
-        let overlay = dir.join("root.qcow2");
+        let overlay = dir.join(ROOT_OVERLAY);
         run_tool(
             tokio::process::Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -649,7 +651,7 @@ async fn start_qemu(dir: &Path, m: &Machine, start: Start) -> Result<()> {
         .arg("-drive")
         .arg(format!(
             "file={},format=qcow2,if=none,id=root,node-name={ROOT_NODE}",
-            dir.join("root.qcow2").display()
+            dir.join(ROOT_OVERLAY).display()
         ))
         .args(["-device", "virtio-blk-pci,drive=root"])
         .arg("-drive")
@@ -1044,6 +1046,32 @@ impl Provider for QemuProvider {
         }
         out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
         Ok(out)
+    }
+
+    /// Drops the image's cached ext4 root, unless a guest's overlay still
+    /// reads it (the catalog refuses to remove an image live sandboxes use,
+    /// so that is a spawn racing the removal: it keeps the file).
+    async fn image_removed(&self, image: &crate::images::ImageInfo) -> Result<()> {
+        let cached = microvm::cached_rootfs(&self.cache_dir, &image.digest);
+        if !cached.exists() {
+            return Ok(());
+        }
+        let in_use = std::fs::read_dir(&self.sandboxes_dir)
+            .map_err(|e| Error::internal("listing qemu sandboxes", e))?
+            .flatten()
+            .filter_map(|d| microvm::qcow2_backing(&d.path().join(ROOT_OVERLAY)))
+            .any(|b| b == cached);
+        if in_use {
+            return Ok(());
+        }
+        match std::fs::remove_file(&cached) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::internal(
+                format_args!("removing {}", cached.display()),
+                e,
+            )),
+        }
     }
 
     async fn logs(&self, id: &SandboxId) -> Result<Vec<LogLine>> {

@@ -3,7 +3,7 @@
 //! of the host's files, its console is its log, pause saves the guest's
 //! state to its overlay and stops QEMU, a new provider (a restarted
 //! server) adopts the saved guest and resumes it in a new QEMU, a fork bomb stays inside the guest, and destroy
-//! leaves nothing.
+//! leaves nothing; the image's cached root goes with the image once no guest reads it.
 //! Egress guests (two more boots) reach a machine beyond the host through
 //! its NAT, but neither the host nor each other, keep their network
 //! through a save and restore, and leave no network behind; a network
@@ -163,7 +163,26 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         "QEMU grew from {before} to {after} host threads during the guest's fork bomb"
     );
 
+    // The image's cached ext4 root stays while a guest's overlay reads it,
+    // and goes with the image once none does.
+    let image = h.env.catalog.get("busybox").await?;
+    let cached =
+        stacyvm_provider::microvm::cached_rootfs(&h.env.data_dir.join("qemu-cache"), &image.digest);
+    ensure!(cached.is_file(), "no cached root at {}", cached.display());
+    ensure!(
+        stacyvm_provider::microvm::qcow2_backing(&dir.join("root.qcow2")).as_deref()
+            == Some(cached.as_path()),
+        "the overlay does not name the cached root"
+    );
+    adopted.image_removed(&image).await?;
+    ensure!(
+        cached.is_file(),
+        "the cached root went while a guest reads it"
+    );
+
     adopted.destroy(&id).await?;
+    adopted.image_removed(&image).await?;
+    ensure!(!cached.exists(), "the cached root outlived its image");
     ensure!(
         std::fs::metadata(format!("/proc/{qemu_pid}")).is_err()
             || std::fs::read_to_string(format!("/proc/{qemu_pid}/stat"))
