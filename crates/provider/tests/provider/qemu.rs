@@ -3,7 +3,8 @@
 //! of the host's files, its console is its log, pause saves the guest's
 //! state to its overlay and stops QEMU, a new provider (a restarted
 //! server) adopts the saved guest and resumes it in a new QEMU, a fork bomb stays inside the guest, and destroy
-//! leaves nothing; the image's cached root goes with the image once no guest reads it.
+//! leaves nothing; a running guest snapshots live through its agent; the image's cached root
+//! goes with the image once no guest reads it.
 //! Egress guests (two more boots) reach a machine beyond the host through
 //! its NAT, but neither the host nor each other, keep their network
 //! through a save and restore, and leave no network behind; a network
@@ -90,6 +91,35 @@ async fn a_guest_is_its_own_machine_and_survives_a_server_restart() -> anyhow::R
         logs.iter()
             .any(|l| l.message.contains("starting the agent")),
         "the console is not in the logs: {logs:?}"
+    );
+
+    // A running guest's snapshot is its agent's tar of its root, read live:
+    // what a command just wrote is in it, what the host holds is not.
+    h.sh_ok(&id, "echo live > /work/live-mark").await?;
+    let mut tar = h.provider().snapshot(&id).await?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut tar).await {
+        bytes.extend_from_slice(&chunk?);
+    }
+    let mut found = None;
+    for entry in tar::Archive::new(bytes.as_slice()).entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.to_string_lossy().into_owned();
+        // The mount points stay, empty.
+        let inside = |dir: &str| path.strip_prefix(dir).is_some_and(|rest| !rest.is_empty());
+        ensure!(
+            !inside("proc/") && !inside(".stacyvm/"),
+            "the snapshot holds {path}"
+        );
+        if path.trim_start_matches("./") == "work/live-mark" {
+            let mut text = String::new();
+            entry.read_to_string(&mut text)?;
+            found = Some(text);
+        }
+    }
+    ensure!(
+        found.as_deref() == Some("live\n"),
+        "the live snapshot lacks the file just written: {found:?}"
     );
 
     // Pause saves the guest's state into its overlay and stops QEMU: the
