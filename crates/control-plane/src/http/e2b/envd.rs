@@ -7,7 +7,7 @@
 //! sandbox's access token; every call then runs as that key through the
 //! app's process, exec and file functions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -329,11 +329,41 @@ pub(super) async fn acting_user(s: &AppState, c: &Caller, named: Option<&str>) -
     if c.named {
         return Some(c.user.clone());
     }
-    let has = super::entries::account_names(s, c, "/etc/passwd")
-        .await
-        .values()
-        .any(|n| n == &c.user);
+    // Asked once per sandbox, not per command: a sandbox that has the
+    // account keeps it; one without is asked again after a while, in case
+    // its owner made it.
+    let key = c.sandbox.clone();
+    let known = lock(&DEFAULT_USER_SEEN).get(&key).copied();
+    let has = match known {
+        Some((true, _)) => true,
+        Some((false, at)) if at.elapsed() < DEFAULT_USER_RECHECK => false,
+        _ => {
+            let has = super::entries::account_names(s, c, "/etc/passwd")
+                .await
+                .values()
+                .any(|n| n == &c.user);
+            let mut seen = lock(&DEFAULT_USER_SEEN);
+            if seen.len() >= DEFAULT_USER_SEEN_MAX {
+                seen.clear();
+            }
+            seen.insert(key, (has, std::time::Instant::now()));
+            has
+        }
+    };
     has.then(|| c.user.clone())
+}
+
+/// Whether each sandbox has E2B's default user, and when that was read.
+static DEFAULT_USER_SEEN: std::sync::LazyLock<
+    std::sync::Mutex<HashMap<String, (bool, std::time::Instant)>>,
+> = std::sync::LazyLock::new(Default::default);
+/// How long a sandbox found without the default user is believed.
+const DEFAULT_USER_RECHECK: Duration = Duration::from_secs(10);
+/// Sandboxes remembered before the memory starts over.
+const DEFAULT_USER_SEEN_MAX: usize = 16_384;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(super) fn user_name(user: String) -> RpcResult<String> {
