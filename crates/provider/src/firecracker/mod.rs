@@ -320,9 +320,16 @@ impl FirecrackerProvider {
         let pid = child.id();
         std::fs::write(dir.join(FC_PID), pid.to_string())
             .map_err(|e| Error::internal("writing firecracker.pid", e))?;
-        // Reaped when it exits, while this server lives.
-        std::thread::spawn(move || {
-            let _ = child.wait();
+        // Reaped when it exits, while this server lives. Until it has
+        // exec'd, its command line is still this server's, so whether it
+        // ended is told by the reaper, not by `fc_pid`.
+        let exited = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        std::thread::spawn({
+            let exited = exited.clone();
+            move || {
+                let _ = child.wait();
+                exited.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         });
         let api = ApiClient::new(&api_sock);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -330,7 +337,7 @@ impl FirecrackerProvider {
             if api_sock.exists() && api.get("/").await.is_ok() {
                 return Ok(api);
             }
-            if fc_pid(dir).is_none() {
+            if exited.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(Error::Internal(format!(
                     "firecracker exited at start: {}",
                     tail(&dir.join(RUNTIME_LOG), 10)

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context};
 use stacyvm_provider::firecracker::{FirecrackerConfig, FirecrackerProvider};
+use stacyvm_provider::microvm::net::{self, GuestNet};
 use stacyvm_provider::{DynProvider, Provider};
 
 use crate::support::{self, Harness, TestEnv};
@@ -202,6 +203,45 @@ async fn the_provider_drives_the_firecracker_api_through_a_lifecycle() -> anyhow
         p2.agent(&id).await,
         Err(stacyvm_core::Error::NotFound(_))
     ));
+    Ok(())
+}
+
+/// An egress sandbox: Firecracker is given the tap in the sandbox's own
+/// network namespace and runs inside it; destroy removes the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_sandbox_gets_its_tap_and_namespace_and_loses_them() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    std::env::set_var("STACYVM_AGENT_BIN", &env.agent_bin);
+    let guest = placeholder_guest(&env)?;
+    let p = provider(&env, &guest, &standin())?;
+    let h = Harness::new(env, Arc::new(p));
+    let mut spec = support::spec();
+    spec.network = stacyvm_core::Network::Egress;
+    let id = h.spawn(spec).await?;
+    let dir = h.env.data_dir.join("firecracker").join(id.as_str());
+    let lease: GuestNet = serde_json::from_slice(&std::fs::read(dir.join("net.json"))?)?;
+    let nic = call(&calls(&dir)?, "PUT", "/network-interfaces/eth0")?.clone();
+    ensure!(
+        nic == serde_json::json!({"iface_id": "eth0", "host_dev_name": net::NS_TAP,
+                                   "guest_mac": lease.mac()}),
+        "{nic}"
+    );
+    // Firecracker runs in the sandbox's namespace, where the tap is.
+    let ns = Path::new("/run/netns").join(net::netns_name(&id));
+    let pid = pid_of(&dir)?;
+    let inode = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    ensure!(
+        inode(&ns)? == inode(Path::new(&format!("/proc/{pid}/ns/net")))?,
+        "firecracker is not in the sandbox's network namespace"
+    );
+    ensure!(h.sh_ok(&id, "echo up").await?.trim() == "up");
+    h.provider().destroy(&id).await?;
+    ensure!(!ns.exists(), "the network namespace is left");
+    ensure!(
+        !Path::new("/sys/class/net").join(lease.host_if()).exists(),
+        "the veth is left"
+    );
+    ensure!(!alive(pid) && !dir.exists());
     Ok(())
 }
 
