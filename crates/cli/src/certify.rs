@@ -137,6 +137,7 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
         egress_host_access: false,
         egress_dns_upstreams: Vec::new(),
         plugins: Default::default(),
+        firecracker_bin: args.firecracker_bin.clone(),
     };
     let mut built: Vec<(String, std::result::Result<DynProvider, String>)> = Vec::new();
     for n in &sandboxed {

@@ -25,6 +25,9 @@ pub struct HostOptions {
     /// Plugin executables by name (`--plugin NAME=PATH`); a `plugin:NAME`
     /// provider not named here runs `DATA_DIR/plugins/NAME`.
     pub plugins: BTreeMap<String, PathBuf>,
+    /// The firecracker binary (`--firecracker-bin`); unset:
+    /// [`crate::firecracker::default_binary`].
+    pub firecracker_bin: Option<PathBuf>,
 }
 
 /// A short identifier persisted in the data dir: it names this host's
@@ -235,7 +238,10 @@ fn build(
                         catalog: catalog.clone(),
                         instance: instance.to_owned(),
                         guest_dir: crate::microvm::GuestAssets::default_dir(),
-                        firecracker_bin: crate::firecracker::default_binary(),
+                        firecracker_bin: options
+                            .firecracker_bin
+                            .clone()
+                            .unwrap_or_else(crate::firecracker::default_binary),
                     },
                 )?);
                 out.push(match gate {
