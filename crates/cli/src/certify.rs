@@ -21,6 +21,7 @@ use clap::Args;
 use futures_util::FutureExt;
 use serde::Serialize;
 use stacyvm_provider::certify::{self, Check, HostId, Record, SandboxChecks};
+use stacyvm_provider::firecracker::{FirecrackerConfig, FirecrackerProvider};
 use stacyvm_provider::host::{
     build_providers_to_certify, persistent_id, prepare_data_dir, HostOptions,
 };
@@ -136,6 +137,7 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
         egress_host_access: false,
         egress_dns_upstreams: Vec::new(),
         plugins: Default::default(),
+        firecracker_bin: args.firecracker_bin.clone(),
     };
     let mut built: Vec<(String, std::result::Result<DynProvider, String>)> = Vec::new();
     for n in &sandboxed {
@@ -146,6 +148,27 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
                     .ok_or_else(|| "the provider was not built".to_owned())
             });
         built.push((n.clone(), p));
+    }
+    // Firecracker's launcher with the binary named here; its sandboxes are
+    // booted only once the host checks pass.
+    if names.iter().any(|n| n == "firecracker") {
+        let p = stacyvm_provider::agent_binary_path()
+            .and_then(|agent_bin| {
+                FirecrackerProvider::new(FirecrackerConfig {
+                    data_dir: data_dir.clone(),
+                    agent_bin,
+                    catalog: catalog.clone(),
+                    instance: instance.clone(),
+                    guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
+                    firecracker_bin: args
+                        .firecracker_bin
+                        .clone()
+                        .unwrap_or_else(stacyvm_provider::firecracker::default_binary),
+                })
+            })
+            .map(|p| Arc::new(p) as DynProvider)
+            .map_err(|e| e.to_string());
+        built.push(("firecracker".into(), p));
     }
     let providers: Vec<DynProvider> = built
         .iter()
@@ -158,7 +181,7 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
             return Ok(usage(&format!("--image {name}: {e}")));
         }
     }
-    let image = if sandboxed.is_empty() {
+    let image = if sandboxed.is_empty() && args.image.is_none() {
         None
     } else {
         Some(choose_image(&catalog, args.image.as_deref()).await?)
@@ -288,6 +311,41 @@ async fn certify_all(
             let (m, c) = certify::firecracker_checks(report, args.firecracker_bin.as_deref());
             mode = Some(m);
             checks = c;
+            // Real sandboxes only where the host can boot one at all.
+            if checks.iter().all(|c| c.passed) {
+                let provider = built
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_else(|| Err("the provider was not built".into()));
+                match (provider, image) {
+                    (Err(why), _) => checks.push(Check::fail(
+                        "setup",
+                        format!("the provider cannot be set up here: {why}"),
+                        "see docs/PROVIDERS.md for what it needs",
+                    )),
+                    (Ok(p), Some(img)) => {
+                        let what = SandboxChecks {
+                            image: img.name.clone(),
+                            limits: false,
+                            network: true,
+                        };
+                        checks.extend(certify::sandbox_checks(&p, &what).await);
+                    }
+                    (Ok(_), None) => checks.push(Check::fail(
+                        "sandbox-checks",
+                        "no image to boot Firecracker sandboxes from",
+                        "pass --image NAME (an image in the catalog), or certify firecracker \
+                         together with another provider",
+                    )),
+                }
+            } else {
+                checks.push(Check::fail(
+                    "sandbox-checks",
+                    "no Firecracker sandbox was started: the host checks above failed",
+                    "fix the failed checks above and certify again",
+                ));
+            }
         } else {
             let provider = built
                 .iter()

@@ -157,6 +157,10 @@ pub struct ServeArgs {
     /// reach other machines, never the host's own services nor each other.
     #[arg(long, env = "STACYVM_EGRESS_HOST_ACCESS")]
     egress_host_access: bool,
+    /// The firecracker binary the `firecracker` provider runs. Default:
+    /// `firecracker` on PATH.
+    #[arg(long, env = "STACYVM_FIRECRACKER_BIN", value_name = "PATH")]
+    firecracker_bin: Option<PathBuf>,
     /// The resolver (IP, or IP:PORT) the DNS filter of Docker sandboxes
     /// with an allow list forwards the listed names to; repeatable, tried in
     /// order. Default: the host's nameservers from /etc/resolv.conf.
@@ -276,6 +280,7 @@ pub async fn run(args: ServeArgs) -> Result<ExitCode> {
             .push(stacyvm_control_plane::config::PoolSpec::parse(p)?);
     }
     config.egress_host_access = args.egress_host_access;
+    config.firecracker_bin = args.firecracker_bin.clone();
     config.egress_dns_upstreams = args.egress_dns_upstreams.clone();
     for p in args
         .docker_images

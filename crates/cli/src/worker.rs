@@ -90,6 +90,10 @@ pub struct WorkerArgs {
     /// host's own addresses.
     #[arg(long, env = "STACYVM_EGRESS_HOST_ACCESS")]
     egress_host_access: bool,
+    /// The firecracker binary the `firecracker` provider runs. Default:
+    /// `firecracker` on PATH.
+    #[arg(long, env = "STACYVM_FIRECRACKER_BIN", value_name = "PATH")]
+    firecracker_bin: Option<PathBuf>,
     /// The resolver (IP, or IP:PORT) the DNS filter of Docker sandboxes
     /// with an allow list forwards the listed names to; repeatable.
     /// Default: the host's nameservers from /etc/resolv.conf.
@@ -226,6 +230,7 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
             egress_host_access: args.egress_host_access,
             egress_dns_upstreams: args.egress_dns_upstreams.clone(),
             plugins,
+            firecracker_bin: args.firecracker_bin.clone(),
         },
         &catalog,
         &instance,

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     /// the listed names (`--egress-dns-upstream`); empty: the host's
     /// resolvers from `/etc/resolv.conf`.
     pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
+    /// The firecracker binary (`--firecracker-bin`); unset:
+    /// `$STACYVM_FIRECRACKER_BIN` or `firecracker` on `PATH`.
+    pub firecracker_bin: Option<PathBuf>,
     /// Images straight from the Docker daemon that every tenant may run
     /// (`--docker-images`). Without a match, tenants run catalog images
     /// only; the operator's own tenant may run any daemon image.
@@ -345,6 +348,7 @@ impl ServerConfig {
             pools: Vec::new(),
             http: HttpConfig::default(),
             egress_host_access: false,
+            firecracker_bin: None,
             egress_dns_upstreams: Vec::new(),
             docker_images: Vec::new(),
             e2b: E2bConfig::default(),

@@ -58,6 +58,7 @@ fn build_providers(
             egress_host_access: config.egress_host_access,
             egress_dns_upstreams: config.egress_dns_upstreams.clone(),
             plugins: config.plugins.clone(),
+            firecracker_bin: config.firecracker_bin.clone(),
         },
         catalog,
         instance,

@@ -25,6 +25,9 @@ pub struct HostOptions {
     /// Plugin executables by name (`--plugin NAME=PATH`); a `plugin:NAME`
     /// provider not named here runs `DATA_DIR/plugins/NAME`.
     pub plugins: BTreeMap<String, PathBuf>,
+    /// The firecracker binary (`--firecracker-bin`); unset:
+    /// [`crate::firecracker::default_binary`].
+    pub firecracker_bin: Option<PathBuf>,
 }
 
 /// A short identifier persisted in the data dir: it names this host's
@@ -225,17 +228,27 @@ fn build(
                 catalog: catalog.clone(),
                 instance: instance.to_owned(),
             })?)),
-            // Enabled only on a host where it passed `stacyvm certify`,
-            // which it cannot yet: this build has no Firecracker launcher.
-            "firecracker" => out.push(Arc::new(crate::certify::Uncertified::new(
-                name,
-                match crate::certify::verdict(&options.data_dir, name) {
-                    Err(why) => format!("not certified on this host: {why}"),
-                    Ok(_) => "certified on this host, but this StacyVM build has no \
-                              Firecracker launcher"
-                        .into(),
-                },
-            ))),
+            // Enabled only on a host where it passed `stacyvm certify`;
+            // unhealthy with the reason otherwise.
+            "firecracker" => {
+                let fc: DynProvider = Arc::new(crate::firecracker::FirecrackerProvider::new(
+                    crate::firecracker::FirecrackerConfig {
+                        data_dir: options.data_dir.clone(),
+                        agent_bin: agent_bin.clone(),
+                        catalog: catalog.clone(),
+                        instance: instance.to_owned(),
+                        guest_dir: crate::microvm::GuestAssets::default_dir(),
+                        firecracker_bin: options
+                            .firecracker_bin
+                            .clone()
+                            .unwrap_or_else(crate::firecracker::default_binary),
+                    },
+                )?);
+                out.push(match gate {
+                    Gate::Records => crate::certify::gated(fc, &options.data_dir),
+                    Gate::Off => fc,
+                })
+            }
             other => {
                 return Err(Error::InvalidRequest(format!(
                     "unknown provider {other:?}; available: docker, namespaces, proot, qemu, \

@@ -17,6 +17,7 @@ pub mod docker;
 pub mod egress_filter;
 #[cfg(feature = "fake")]
 pub mod fake;
+pub mod firecracker;
 pub mod host;
 pub mod images;
 pub mod kvm;

@@ -450,7 +450,7 @@ impl QemuProvider {
 }
 
 /// Runs a tool to its end; its stderr becomes the error.
-async fn run_tool(cmd: &mut tokio::process::Command, what: &str) -> Result<()> {
+pub(crate) async fn run_tool(cmd: &mut tokio::process::Command, what: &str) -> Result<()> {
     let out = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -469,7 +469,7 @@ async fn run_tool(cmd: &mut tokio::process::Command, what: &str) -> Result<()> {
 }
 
 /// The last `n` lines of a log file, on one line.
-fn tail(path: &Path, n: usize) -> String {
+pub(crate) fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text
@@ -487,7 +487,7 @@ fn tail(path: &Path, n: usize) -> String {
 
 /// The pid in `dir/file`, when that process is alive and is the one this
 /// sandbox started (its command line names the sandbox's directory).
-fn owned_pid(dir: &Path, file: &str) -> Option<i32> {
+pub(crate) fn owned_pid(dir: &Path, file: &str) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(dir.join(file))
         .ok()?
         .trim()
@@ -514,7 +514,7 @@ fn qemu_pid(dir: &Path) -> Option<i32> {
     })
 }
 
-async fn kill_and_wait(pid: i32, what: &str) -> Result<()> {
+pub(crate) async fn kill_and_wait(pid: i32, what: &str) -> Result<()> {
     // SAFETY: kill(2) has no memory preconditions; the pid was just checked
     // to be this sandbox's process.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -1175,7 +1175,7 @@ impl Provider for QemuProvider {
 }
 
 /// Writes the agent's tar of the guest's root to `spool`.
-async fn spool_archive(agent: &AgentClient, spool: &Path) -> Result<()> {
+pub(crate) async fn spool_archive(agent: &AgentClient, spool: &Path) -> Result<()> {
     use futures_util::StreamExt;
     let mut tar = agent.file_archive("/").await?;
     let mut out = tokio::fs::File::create(spool)

@@ -5,6 +5,7 @@
 mod conformance;
 mod docker;
 mod fake;
+mod firecracker;
 mod namespaces;
 mod plugin;
 mod proot;
