@@ -35,7 +35,7 @@ fi
 
 # The modules the guest needs, in no particular order: modprobe follows
 # their dependencies through the modules.dep made below.
-modules="virtio_pci virtio_blk virtio_net vmw_vsock_virtio_transport"
+modules="virtio_pci virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport"
 # Changes with /init below, so a guest directory made by an older script
 # is made again.
 init_version=2
@@ -79,7 +79,7 @@ cp -a "$work/pkg/lib/modules/$release" "$ird/lib/modules/"
 # Only the driver trees the guest can use: the package holds ~100 MB of
 # modules, the guest needs a few hundred KB.
 kmods="$ird/lib/modules/$release/kernel"
-keep=" virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev virtio_blk virtio_net net_failover failover vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport "
+keep=" virtio virtio_ring virtio_pci virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_blk virtio_net net_failover failover vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport "
 find "$kmods" -name '*.ko*' | while read -r f; do
   name="$(basename "$f")"
   name="${name%%.ko*}"

@@ -652,6 +652,20 @@ impl Provider for FirecrackerProvider {
         Ok(out)
     }
 
+    /// Drops the image's cached ext4 root: every guest boots from a copy of
+    /// its own, so none reads the cached one once it is made.
+    async fn image_removed(&self, image: &crate::images::ImageInfo) -> Result<()> {
+        let cached = microvm::cached_rootfs(&self.cache_dir, &image.digest);
+        match std::fs::remove_file(&cached) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::internal(
+                format_args!("removing {}", cached.display()),
+                e,
+            )),
+        }
+    }
+
     async fn logs(&self, id: &SandboxId) -> Result<Vec<LogLine>> {
         let dir = self.existing(id)?;
         Ok(logs::read_logs(&dir))

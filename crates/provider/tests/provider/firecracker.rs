@@ -203,6 +203,17 @@ async fn the_provider_drives_the_firecracker_api_through_a_lifecycle() -> anyhow
         p2.agent(&id).await,
         Err(stacyvm_core::Error::NotFound(_))
     ));
+
+    // The image's cached ext4 root goes with the image.
+    let image = h.env.catalog.get("busybox").await?;
+    let cached = stacyvm_provider::microvm::cached_rootfs(
+        &h.env.data_dir.join("firecracker-cache"),
+        &image.digest,
+    );
+    ensure!(cached.is_file(), "no cached root at {}", cached.display());
+    p2.image_removed(&image).await?;
+    ensure!(!cached.exists(), "the cached root outlived its image");
+    p2.image_removed(&image).await?;
     Ok(())
 }
 
