@@ -454,7 +454,9 @@ impl FirecrackerProvider {
             .await
         {
             Ok(_) => {
-                std::fs::write(dir.join(SAVED), b"")
+                // The kind of KVM it was saved under: a saved guest loads
+                // only on the same kind.
+                std::fs::write(dir.join(SAVED), crate::kvm::detect().as_str())
                     .map_err(|e| Error::internal("marking the saved state", e))?;
                 if let Some(pid) = owned_pid(dir, FC_PID) {
                     kill_and_wait(pid, "firecracker").await?;
@@ -517,6 +519,16 @@ impl FirecrackerProvider {
                 .patch("/vm", &api::vm_state(false))
                 .await
                 .map(|_| ());
+        }
+        let saved_on = std::fs::read_to_string(dir.join(SAVED)).unwrap_or_default();
+        let here = crate::kvm::detect();
+        if !saved_on.trim().is_empty() && saved_on.trim() != here.as_str() {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} was saved under {} KVM and this host runs {}: a saved guest \
+                 resumes only on the kind of KVM it was saved on; destroy it",
+                saved_on.trim(),
+                here.as_str()
+            )));
         }
         let net = match logs::read_json::<net::GuestNet>(dir, NET) {
             Some(n) if !Path::new("/run/netns").join(&n.netns).exists() => {

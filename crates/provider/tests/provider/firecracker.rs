@@ -166,6 +166,25 @@ async fn the_provider_drives_the_firecracker_api_through_a_lifecycle() -> anyhow
         listed.iter().any(|r| r.sandbox_id == id && r.running),
         "{listed:?}"
     );
+    // The save names the kind of KVM it was made under; a guest saved
+    // under another kind is refused, not loaded.
+    let kind = std::fs::read_to_string(dir.join("saved"))?;
+    ensure!(kind == stacyvm_provider::kvm::detect().as_str(), "{kind:?}");
+    let other = if kind == "hardware" {
+        "pvm"
+    } else {
+        "hardware"
+    };
+    std::fs::write(dir.join("saved"), other)?;
+    let e = p2
+        .resume(&id)
+        .await
+        .expect_err("a guest saved under another KVM");
+    ensure!(
+        matches!(e, stacyvm_core::Error::Conflict(_)) && e.to_string().contains(other),
+        "{e}"
+    );
+    std::fs::write(dir.join("saved"), &kind)?;
     p2.resume(&id).await?;
     let load = call(&calls(&dir)?, "PUT", "/snapshot/load")?.clone();
     ensure!(
