@@ -855,6 +855,21 @@ impl Api {
         }
     }
 
+    /// The same client on a connection pool of its own that drops a
+    /// connection after `idle` unused: against a server with a short idle
+    /// timeout, a kept-alive connection the server is closing at that very
+    /// moment is never reused (the send would fail on the client's side).
+    pub fn with_pool_idle(&self, idle: Duration) -> Api {
+        Api {
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .pool_idle_timeout(idle)
+                .build()
+                .expect("a client with timeouts only cannot fail to build"),
+            ..self.clone()
+        }
+    }
+
     /// The key this client sends (empty for none).
     pub fn key_secret(&self) -> &str {
         self.key.as_deref().unwrap_or_default()
