@@ -5,6 +5,7 @@ isolation boundaries the API must keep."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -86,6 +87,38 @@ def test_an_image_without_the_e2b_user_keeps_its_own(env: Env) -> None:
         assert sb.files.get_info("/tmp/nobody.txt").owner == "nobody"
     finally:
         sb.kill()
+
+
+def test_a_sandbox_past_its_timeout_is_not_running(env: Env) -> None:
+    sb = Sandbox.create(timeout=60)
+    try:
+        assert sb.is_running()
+        sb.set_timeout(1)
+        time.sleep(1.5)
+        # Gone to the SDK at its deadline, whether or not the reaper has
+        # removed it yet.
+        assert sb.is_running() is False
+    finally:
+        sb.kill()
+
+
+def test_routes_stacyvm_does_not_serve_answer_in_e2b_shape(env: Env, sandbox: Sandbox) -> None:
+    headers = {"X-API-KEY": env.a.key_e2b}
+    for method, path in [
+        ("POST", f"/sandboxes/{sandbox.sandbox_id}/fork"),
+        ("POST", f"/sandboxes/{sandbox.sandbox_id}/snapshots"),
+        ("GET", "/snapshots"),
+        ("PUT", f"/sandboxes/{sandbox.sandbox_id}/network"),
+        ("GET", "/volumes"),
+        ("POST", "/v3/templates"),
+    ]:
+        r = httpx.request(method, env.server.url + path, headers=headers, json={})
+        assert r.status_code == 404, (path, r.text)
+        body = r.json()
+        assert body["code"] == 404 and "not supported" in body["message"], (path, body)
+    # StacyVM's own routes keep their own shape.
+    r = httpx.get(env.server.url + "/v1/nothing-here", headers=headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
 def test_file_metadata_is_kept_as_extended_attributes(sandbox: Sandbox) -> None:

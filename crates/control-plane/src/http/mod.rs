@@ -232,7 +232,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> Response {
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    // E2B's control API answers its SDK in its own error shape: a route of
+    // it that StacyVM does not serve (forks, snapshots, network updates,
+    // volumes, secrets, template builds) must not crash the SDK with a
+    // body it cannot read.
+    if e2b::is_e2b_control_path(path) {
+        return e2b::e2b_error_response(&Error::NotFound(format!(
+            "{method} {path} is not supported by StacyVM's E2B-compatible API (forks, \
+             snapshots, network updates, volumes, secrets and template builds are not); \
+             see docs/E2B.md"
+        )));
+    }
     ApiError(Error::NotFound("no such endpoint".into())).into_response()
 }
 

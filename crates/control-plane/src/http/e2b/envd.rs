@@ -408,7 +408,10 @@ async fn caller(
     }
     .map_err(RpcError::from)?;
     let rec = s.app.sandbox_visible(&who, &sandbox).await;
-    let running = matches!(&rec, Ok(r) if r.state == stacyvm_core::SandboxState::Running);
+    // Past its timeout a sandbox is gone to E2B's clients, even in the
+    // moment before the reaper removes it.
+    let running = matches!(&rec, Ok(r) if r.state == stacyvm_core::SandboxState::Running
+        && r.expires_at.is_none_or(|t| t > time::OffsetDateTime::now_utc()));
     if !running {
         return Err(RpcError::new(
             "unavailable",

@@ -66,6 +66,28 @@ pub fn public_message(e: &Error) -> String {
     }
 }
 
+/// Whether `path` lies in E2B's control API (its SDK reads errors there in
+/// E2B's shape), rather than StacyVM's own.
+pub fn is_e2b_control_path(path: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "/sandboxes",
+        "/v2/",
+        "/v3/",
+        "/snapshots",
+        "/templates",
+        "/volumes",
+        "/secrets",
+        "/teams",
+        "/nodes",
+        "/access-tokens",
+        "/api-keys",
+    ];
+    PREFIXES.iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || p.ends_with('/'))
+    })
+}
+
 /// E2B's error body with the status StacyVM gives `e`. The SDK retries
 /// 429/502/503/504 on its own unless told not to; only a rate limit is
 /// worth retrying blindly (a create must not be repeated behind the
