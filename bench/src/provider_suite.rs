@@ -244,6 +244,7 @@ pub async fn run(ctx: &Ctx, args: &Args, report: &mut Report) -> Result<()> {
             agent_bin: ctx.agent_bin.clone(),
             catalog: catalog.clone(),
             instance: instance.clone(),
+            egress_dns_upstreams: Vec::new(),
         })?);
         cold_once(&p, "busybox", live).await?;
         unshare_true(&rootfs).await?;

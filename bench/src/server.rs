@@ -334,6 +334,7 @@ pub async fn sweep(
             agent_bin: agent_bin.to_owned(),
             catalog,
             instance: instance.to_owned(),
+            egress_dns_upstreams: Vec::new(),
         })
         .map(|p| Arc::new(p) as DynProvider),
     ];

@@ -161,8 +161,9 @@ pub struct ServeArgs {
     /// `firecracker` on PATH.
     #[arg(long, env = "STACYVM_FIRECRACKER_BIN", value_name = "PATH")]
     firecracker_bin: Option<PathBuf>,
-    /// The resolver (IP, or IP:PORT) the DNS filter of Docker sandboxes
-    /// with an allow list forwards the listed names to; repeatable, tried in
+    /// The resolver (IP, or IP:PORT) the DNS filter of Docker and namespaces
+    /// sandboxes with an allow list forwards the listed names to (and the
+    /// nameserver of namespaces egress sandboxes); repeatable, tried in
     /// order. Default: the host's nameservers from /etc/resolv.conf.
     #[arg(long = "egress-dns-upstream", env = "STACYVM_EGRESS_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_dns_upstream)]
     egress_dns_upstreams: Vec<std::net::SocketAddr>,

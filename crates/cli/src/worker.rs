@@ -94,8 +94,9 @@ pub struct WorkerArgs {
     /// `firecracker` on PATH.
     #[arg(long, env = "STACYVM_FIRECRACKER_BIN", value_name = "PATH")]
     firecracker_bin: Option<PathBuf>,
-    /// The resolver (IP, or IP:PORT) the DNS filter of Docker sandboxes
-    /// with an allow list forwards the listed names to; repeatable.
+    /// The resolver (IP, or IP:PORT) the DNS filter of Docker and namespaces
+    /// sandboxes with an allow list forwards the listed names to (and the
+    /// nameserver of namespaces egress sandboxes); repeatable.
     /// Default: the host's nameservers from /etc/resolv.conf.
     #[arg(long = "egress-dns-upstream", env = "STACYVM_EGRESS_DNS_UPSTREAM", value_delimiter = ',', value_parser = crate::serve::parse_dns_upstream)]
     egress_dns_upstreams: Vec<std::net::SocketAddr>,

@@ -44,8 +44,8 @@ pub struct ServerConfig {
     /// itself (`--egress-host-access`); by default they reach other
     /// machines only.
     pub egress_host_access: bool,
-    /// Where the DNS filter of Docker sandboxes with an allow list forwards
-    /// the listed names (`--egress-dns-upstream`); empty: the host's
+    /// Where the DNS filter of Docker and namespaces sandboxes with an
+    /// allow list forwards the listed names (`--egress-dns-upstream`); empty: the host's
     /// resolvers from `/etc/resolv.conf`.
     pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
     /// The firecracker binary (`--firecracker-bin`); unset:

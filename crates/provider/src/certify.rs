@@ -1109,12 +1109,12 @@ async fn network_check(provider: &DynProvider, image: &str) -> Check {
         let reached_host = accepted(&host, Duration::from_millis(500)).await;
         if !reached_host.is_empty() {
             return Err(format!(
-                "the guest reached a service of the host itself ({stdout:?})"
+                "the sandbox reached a service of the host itself ({stdout:?})"
             ));
         }
         if !reached_remote.iter().any(|t| t.contains("certify-remote")) {
             return Err(format!(
-                "the guest did not reach a listener beyond the host ({}:{remote_port}); \
+                "the sandbox did not reach a listener beyond the host ({}:{remote_port}); \
                  it printed {:?}, stderr {:?}",
                 remote.addr,
                 stdout.trim(),
@@ -1127,7 +1127,7 @@ async fn network_check(provider: &DynProvider, image: &str) -> Check {
             .unwrap_or("?")
             .to_owned();
         Ok(format!(
-            "a guest with egress reached a listener beyond the host ({} in namespace {}, behind \
+            "a sandbox with egress reached a listener beyond the host ({} in namespace {}, behind \
              {}) but not the host's own (at its gateway {gw} or at {})",
             remote.addr,
             remote.netns,

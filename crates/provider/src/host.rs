@@ -19,8 +19,8 @@ pub struct HostOptions {
     pub data_dir: PathBuf,
     /// Docker sandboxes with egress may reach this host's own addresses.
     pub egress_host_access: bool,
-    /// Where the DNS filter of Docker sandboxes with an allow list forwards
-    /// listed names; empty: the host's resolvers (`/etc/resolv.conf`).
+    /// Where the DNS filter of Docker and namespaces sandboxes with an
+    /// allow list forwards listed names; empty: the host's resolvers (`/etc/resolv.conf`).
     pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
     /// Plugin executables by name (`--plugin NAME=PATH`); a `plugin:NAME`
     /// provider not named here runs `DATA_DIR/plugins/NAME`.
@@ -199,6 +199,7 @@ fn build(
                     agent_bin: agent_bin.clone(),
                     catalog: catalog.clone(),
                     instance: instance.to_owned(),
+                    egress_dns_upstreams: options.egress_dns_upstreams.clone(),
                 })?
                 // The operator accepts sandboxes whose limits the server
                 // cannot enforce (rootless, or a controller missing).

@@ -150,6 +150,12 @@ fn docker_proot_and_namespaces_pass_and_leave_only_their_records() -> Result<()>
         check(provider(&report, "docker")?, "hardened")?["passed"] == true,
         "{report}"
     );
+    // A namespaces sandbox with egress reached a machine beyond the host,
+    // and none of the host's own services.
+    ensure!(
+        check(provider(&report, "namespaces")?, "network")?["passed"] == true,
+        "{report}"
+    );
     // PRoot is no security boundary, and the record says so.
     let proot = provider(&report, "proot")?;
     ensure!(

@@ -596,6 +596,7 @@ impl Server {
                         agent_bin: agent.clone(),
                         catalog: catalog.clone(),
                         instance: instance.clone(),
+                        egress_dns_upstreams: Vec::new(),
                     },
                 )?,
             ));

@@ -1,7 +1,8 @@
-//! A member's sandbox with an egress allow list cannot widen it from
-//! inside: no capability to change its namespace's netfilter, routes or
-//! links, a read-only resolver file, and neither the upstream resolver nor
-//! Docker's own is reachable. Real servers and a real DNS server stand
+//! A member's sandbox with an egress allow list (Docker and namespaces)
+//! cannot widen it from inside: no capability to change its namespace's
+//! netfilter, routes or links, and neither the upstream resolver nor
+//! Docker's own is reachable, whatever its resolver file says (read-only
+//! on Docker; a namespaces sandbox's root may rewrite it, to no avail). Real servers and a real DNS server stand
 //! beyond the host, in a network namespace the test creates.
 
 use anyhow::{ensure, Context, Result};
@@ -15,93 +16,99 @@ async fn a_members_sandbox_cannot_widen_its_allow_list() -> Result<()> {
     let far = FarSide::start().await?;
     let server = Server::start(
         ServerOptions::new(StoreKind::Sqlite)
-            .providers("docker")
+            .providers("docker,namespaces")
             .local_worker()
             .env("STACYVM_EGRESS_DNS_UPSTREAM", &far.dns),
     )?;
     let admin = server.admin();
     admin.import_busybox().await?;
     let (_tenant, member) = admin.tenant_with("member").await?;
-    let s = member
-        .create_sandbox(json!({"image": "busybox", "provider": "docker",
-            "network": {"allow": [far.allowed, "allowed.test"]}}))
-        .await?;
-    let id = s["id"].as_str().context("no id")?.to_owned();
-    let sh = |script: String| {
-        let member = member.clone();
-        let id = id.clone();
-        async move {
-            let out = member
-                .exec(&id, json!({"cmd": ["sh", "-c", script]}))
-                .await?;
-            Ok::<_, anyhow::Error>(format!(
-                "{}{}",
-                out["stdout"].as_str().unwrap_or_default(),
-                out["stderr"].as_str().unwrap_or_default()
-            ))
-        }
-    };
-    let greeting = |addr: &str| format!("nc -w 3 {addr} {} </dev/null 2>/dev/null; true", far.port);
+    for provider in ["docker", "namespaces"] {
+        let s = member
+            .create_sandbox(json!({"image": "busybox", "provider": provider,
+                "network": {"allow": [far.allowed, "allowed.test"]}}))
+            .await?;
+        let id = s["id"].as_str().context("no id")?.to_owned();
+        let sh = |script: String| {
+            let member = member.clone();
+            let id = id.clone();
+            async move {
+                let out = member
+                    .exec(&id, json!({"cmd": ["sh", "-c", script]}))
+                    .await?;
+                Ok::<_, anyhow::Error>(format!(
+                    "{}{}",
+                    out["stdout"].as_str().unwrap_or_default(),
+                    out["stderr"].as_str().unwrap_or_default()
+                ))
+            }
+        };
+        let greeting =
+            |addr: &str| format!("nc -w 3 {addr} {} </dev/null 2>/dev/null; true", far.port);
 
-    // No CAP_NET_ADMIN (bit 12): the table, routes and links are out of reach.
-    let status = sh("cat /proc/self/status".into()).await?;
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .context("no CapEff line")?;
-    ensure!(
-        u64::from_str_radix(cap_eff.trim(), 16)? & (1 << 12) == 0,
-        "CapEff {cap_eff}"
-    );
-    for attempt in [
-        "ip link set lo down".to_owned(),
-        format!("ip route add {}/32 dev eth0", far.denied),
-        format!("ip addr add {}/32 dev lo", far.denied),
-    ] {
-        let out = sh(format!("{attempt} 2>&1; echo rc=$?")).await?;
+        // No CAP_NET_ADMIN (bit 12): the table, routes and links are out of reach.
+        let status = sh("cat /proc/self/status".into()).await?;
+        let cap_eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .context("no CapEff line")?;
         ensure!(
-            out.contains("not permitted") && !out.contains("rc=0"),
-            "{attempt}: {out}"
+            u64::from_str_radix(cap_eff.trim(), 16)? & (1 << 12) == 0,
+            "CapEff {cap_eff}"
         );
-    }
-    let out = sh(format!(
-        "echo nameserver {} > /etc/resolv.conf 2>&1; echo rc=$?",
-        far.dns
-    ))
-    .await?;
-    ensure!(!out.contains("rc=0"), "{out}");
-
-    // Still exactly the list: the denied address, the upstream resolver
-    // and Docker's resolver stay out of reach; the listed ones answer.
-    let out = sh(greeting(&far.denied)).await?;
-    ensure!(
-        !out.contains("hello-from"),
-        "a denied address answered: {out}"
-    );
-    for server in [far.dns.as_str(), "127.0.0.11"] {
+        for attempt in [
+            "ip link set lo down".to_owned(),
+            format!("ip route add {}/32 dev eth0", far.denied),
+            format!("ip addr add {}/32 dev lo", far.denied),
+        ] {
+            let out = sh(format!("{attempt} 2>&1; echo rc=$?")).await?;
+            ensure!(
+                out.contains("not permitted") && !out.contains("rc=0"),
+                "{provider}: {attempt}: {out}"
+            );
+        }
         let out = sh(format!(
-            "nslookup -type=a denied.test {server} 2>&1; echo rc=$?"
+            "echo nameserver {} > /etc/resolv.conf 2>&1; echo rc=$?",
+            far.dns
         ))
         .await?;
+        ensure!(provider != "docker" || !out.contains("rc=0"), "{out}");
+
+        // Still exactly the list: the denied address, the upstream resolver
+        // and Docker's resolver stay out of reach; the listed ones answer.
+        let out = sh(greeting(&far.denied)).await?;
         ensure!(
-            !out.contains("rc=0") && !out.contains(&far.denied),
-            "{server}: {out}"
+            !out.contains("hello-from"),
+            "{provider}: a denied address answered: {out}"
         );
+        for server in [far.dns.as_str(), "127.0.0.11"] {
+            let out = sh(format!(
+                "nslookup -type=a denied.test {server} 2>&1; echo rc=$?"
+            ))
+            .await?;
+            ensure!(
+                !out.contains("rc=0") && !out.contains(&far.denied),
+                "{provider}: {server}: {out}"
+            );
+        }
+        let out = sh("nslookup -type=a denied.test 2>&1; echo rc=$?".into()).await?;
+        ensure!(!out.contains("rc=0") && !out.contains(&far.denied), "{out}");
+        ensure!(
+            far.asked().iter().all(|n| n == "allowed.test"),
+            "the upstream was asked {:?}",
+            far.asked()
+        );
+        // A namespaces sandbox's root rewrote its resolver file above, to
+        // no avail; pointed back at the filter, the listed name resolves.
+        sh("echo nameserver 127.0.0.53 > /etc/resolv.conf".into()).await?;
+        let out = sh(greeting(&far.allowed)).await?;
+        ensure!(
+            out.trim() == format!("hello-from-{}", far.allowed),
+            "{out:?}"
+        );
+        let out = sh(greeting("allowed.test")).await?;
+        ensure!(out.trim() == format!("hello-from-{}", far.named), "{out:?}");
+        member.destroy(&id).await?;
     }
-    let out = sh("nslookup -type=a denied.test 2>&1; echo rc=$?".into()).await?;
-    ensure!(!out.contains("rc=0") && !out.contains(&far.denied), "{out}");
-    ensure!(
-        far.asked().iter().all(|n| n == "allowed.test"),
-        "the upstream was asked {:?}",
-        far.asked()
-    );
-    let out = sh(greeting(&far.allowed)).await?;
-    ensure!(
-        out.trim() == format!("hello-from-{}", far.allowed),
-        "{out:?}"
-    );
-    let out = sh(greeting("allowed.test")).await?;
-    ensure!(out.trim() == format!("hello-from-{}", far.named), "{out:?}");
-    member.destroy(&id).await?;
     Ok(())
 }

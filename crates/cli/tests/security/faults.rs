@@ -103,6 +103,7 @@ async fn runtimes_on_host(server: &Server, provider: &str) -> Result<BTreeSet<St
                     agent_bin: agent_bin()?,
                     catalog,
                     instance,
+                    egress_dns_upstreams: Vec::new(),
                 },
             )?;
             for rt in p.list().await? {

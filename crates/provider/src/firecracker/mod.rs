@@ -208,7 +208,10 @@ impl FirecrackerProvider {
             },
         )?;
         let guest_net = if wants_net {
-            let net = net::create(&spec.sandbox_id, dir, |n| logs::write_json(dir, NET, n)).await?;
+            let net = net::create(&spec.sandbox_id, dir, net::Holder::Guest, |n| {
+                logs::write_json(dir, NET, n)
+            })
+            .await?;
             logs::provider_log(
                 dir,
                 &format!(

@@ -1,9 +1,13 @@
-//! Networking for microVM guests that ask for egress: each sandbox gets a
-//! network namespace of its own holding a bridge, a tap device (the VM's
-//! NIC is on it; the VM monitor runs inside that namespace) and one end of
-//! a veth pair whose other end is on the host. The guest and the host's
-//! veth end share a /30 from [`POOL`]; the host masquerades the guest's
-//! traffic out of whatever interface routes it.
+//! Networking for sandboxes that ask for egress and are not Docker's:
+//! microVM guests and `namespaces` sandboxes. Each sandbox has a network
+//! namespace of its own holding one end of a veth pair whose other end is
+//! on the host. A guest's namespace is made here and holds a bridge and a
+//! tap device too (the VM's NIC is on it; the VM monitor runs inside that
+//! namespace); a `namespaces` sandbox's is the one its processes already
+//! live in, named here (`ip netns attach`) and given the veth end as
+//! `eth0`. The sandbox and the host's veth end share a /30 from [`POOL`];
+//! the host masquerades the sandbox's traffic out of whatever interface
+//! routes it.
 //!
 //! The address lease is the host-side interface's name, `svq<slot>`: the
 //! kernel refuses a second interface of the same name, so two spawns (of
@@ -43,8 +47,10 @@ pub const NETNS_PREFIX: &str = "svmq-";
 /// StacyVM's nftables table for guests (family `inet`); distinct from the
 /// Docker provider's table, which that provider replaces whole.
 pub const NFT_TABLE: &str = "stacyvm_vm";
-/// Inside the namespace: the veth end, the bridge and the VM's tap.
+/// Inside a guest's namespace: the veth end, the bridge and the VM's tap.
 pub const NS_VETH: &str = "veth0";
+/// Inside a `namespaces` sandbox's namespace: its veth end.
+pub const NS_ETH: &str = "eth0";
 pub const NS_BRIDGE: &str = "br0";
 pub const NS_TAP: &str = "tap0";
 /// Host-wide state: the lock that serialises rule installation, and the
@@ -310,13 +316,27 @@ fn owner_file(netns: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{netns}.owner"))
 }
 
-/// Gives sandbox `id` (whose directory is `owner`) its network namespace,
-/// bridge, tap and veth pair with a leased /30. `record` is called with
-/// each slot before it is tried, so whatever a crash leaves is found from
-/// the sandbox's directory; [`remove`] undoes everything this made.
+/// Whose network namespace a sandbox's network lives in.
+#[derive(Clone, Copy, Debug)]
+pub enum Holder {
+    /// A microVM guest: a namespace made here, with a bridge and the VM's
+    /// tap, that the VM monitor is started in.
+    Guest,
+    /// The namespace process `pid` (a `namespaces` sandbox's init) already
+    /// lives in; the veth end becomes its `eth0` with the sandbox's address
+    /// and default route.
+    Process(u32),
+}
+
+/// Gives sandbox `id` (whose directory is `owner`) its named network
+/// namespace (made, or the holder's own) with a veth pair on a leased /30.
+/// `record` is called with each slot before it is tried, so whatever a
+/// crash leaves is found from the sandbox's directory; [`remove`] undoes
+/// everything this made.
 pub async fn create(
     id: &SandboxId,
     owner: &Path,
+    holder: Holder,
     record: impl Fn(&GuestNet) -> Result<()>,
 ) -> Result<GuestNet> {
     for tool in ["ip", "nft"] {
@@ -333,21 +353,31 @@ pub async fn create(
     std::fs::File::create(owner_file(&netns))
         .and_then(|mut f| f.write_all(owner.as_os_str().as_encoded_bytes()))
         .map_err(|e| Error::internal("writing the network owner file", e))?;
-    run("ip", &["netns", "add", &netns]).await.map_err(|e| {
+    let made = match holder {
+        Holder::Guest => run("ip", &["netns", "add", &netns]).await,
+        Holder::Process(pid) => run("ip", &["netns", "attach", &netns, &pid.to_string()]).await,
+    };
+    made.map_err(|e| {
         Error::ProviderUnavailable(format!(
-            "cannot make the guest's network namespace (egress needs a server running as root \
+            "cannot make the sandbox's network namespace (egress needs a server running as root \
              or with CAP_SYS_ADMIN and CAP_NET_ADMIN): {e}"
         ))
     })?;
     let n = netns.as_str();
-    for args in [
-        ["-n", n, "link", "set", "lo", "up"].as_slice(),
-        &["-n", n, "link", "add", NS_BRIDGE, "type", "bridge"],
-        &["-n", n, "tuntap", "add", "dev", NS_TAP, "mode", "tap"],
-        &["-n", n, "link", "set", NS_TAP, "master", NS_BRIDGE],
-    ] {
-        ip(args).await?;
-    }
+    ip(&["-n", n, "link", "set", "lo", "up"]).await?;
+    let inner = match holder {
+        Holder::Guest => {
+            for args in [
+                ["-n", n, "link", "add", NS_BRIDGE, "type", "bridge"].as_slice(),
+                &["-n", n, "tuntap", "add", "dev", NS_TAP, "mode", "tap"],
+                &["-n", n, "link", "set", NS_TAP, "master", NS_BRIDGE],
+            ] {
+                ip(args).await?;
+            }
+            NS_VETH
+        }
+        Holder::Process(_) => NS_ETH,
+    };
 
     // The lease: the first free slot from a point of the sandbox's own.
     let used = host_addresses().await?;
@@ -368,7 +398,7 @@ pub async fn create(
         }
         record(&net)?;
         match ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", NS_VETH, "netns", &netns,
+            "link", "add", &host_if, "type", "veth", "peer", "name", inner, "netns", &netns,
         ])
         .await
         {
@@ -383,27 +413,42 @@ pub async fn create(
     }
     let net = leased.ok_or_else(|| {
         Error::Conflict(format!(
-            "every guest address of {}/{} is in use",
+            "every sandbox address of {}/{} is in use",
             POOL.0, POOL.1
         ))
     })?;
     let host_if = net.host_if();
-    // No IPv6 on the host's end: the guest has no business with the
+    // No IPv6 on the host's end: the sandbox has no business with the
     // host's link-local addresses.
     let _ = std::fs::write(
         format!("/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6"),
         "1",
     );
     let gw = format!("{}/30", net.gateway());
-    for args in [
-        vec!["addr", "add", gw.as_str(), "dev", host_if.as_str()],
-        vec!["link", "set", host_if.as_str(), "up"],
-        vec!["-n", n, "link", "set", NS_VETH, "master", NS_BRIDGE],
-        vec!["-n", n, "link", "set", NS_VETH, "up"],
-        vec!["-n", n, "link", "set", NS_TAP, "up"],
-        vec!["-n", n, "link", "set", NS_BRIDGE, "up"],
-    ] {
-        ip(&args).await?;
+    ip(&["addr", "add", &gw, "dev", &host_if]).await?;
+    ip(&["link", "set", &host_if, "up"]).await?;
+    match holder {
+        Holder::Guest => {
+            for args in [
+                ["-n", n, "link", "set", NS_VETH, "master", NS_BRIDGE].as_slice(),
+                &["-n", n, "link", "set", NS_VETH, "up"],
+                &["-n", n, "link", "set", NS_TAP, "up"],
+                &["-n", n, "link", "set", NS_BRIDGE, "up"],
+            ] {
+                ip(args).await?;
+            }
+        }
+        Holder::Process(_) => {
+            let addr = format!("{}/30", net.guest_addr());
+            let gateway = net.gateway().to_string();
+            for args in [
+                ["-n", n, "addr", "add", addr.as_str(), "dev", NS_ETH].as_slice(),
+                &["-n", n, "link", "set", NS_ETH, "up"],
+                &["-n", n, "route", "add", "default", "via", gateway.as_str()],
+            ] {
+                ip(args).await?;
+            }
+        }
     }
     Ok(net)
 }
@@ -418,8 +463,10 @@ pub async fn remove(id: &SandboxId) -> Result<()> {
         // Deleting the inner end takes the pair down at once; the
         // namespace's own teardown would do it later, in the background,
         // keeping the lease a while.
-        if ip(&["-n", &netns, "link", "show", NS_VETH]).await.is_ok() {
-            ip(&["-n", &netns, "link", "del", NS_VETH]).await?;
+        for inner in [NS_VETH, NS_ETH] {
+            if ip(&["-n", &netns, "link", "show", inner]).await.is_ok() {
+                ip(&["-n", &netns, "link", "del", inner]).await?;
+            }
         }
         if let Err(e) = ip(&["netns", "del", &netns]).await {
             if netns_path(&netns).exists() {

@@ -11,7 +11,8 @@
 //!   overlay over an ID-mapped view of the catalog rootfs, or a private
 //!   copy), its own `/proc` (Docker's masked and read-only paths), a
 //!   small `/dev` with the harmless host devices, a read-only `/sys`, only
-//!   `lo`, its own hostname and System V IPC;
+//!   `lo` (and, as root, a veth pair when it asks for egress: see
+//!   [`egress`]), its own hostname and System V IPC;
 //! - Docker's default capabilities (in its user namespace only),
 //!   `no_new_privs`, and a seccomp allow-list after Docker's default
 //!   profile;
@@ -23,6 +24,7 @@
 //!
 //! Layout on the host: `rootfs` (run directory, overlay) and [`state`].
 
+mod egress;
 mod spawn;
 mod state;
 
@@ -80,6 +82,10 @@ pub struct NamespacesConfig {
     /// Names this server instance; keeps run dirs and cgroups of several
     /// instances on one host apart.
     pub instance: String,
+    /// Where the DNS filter of a sandbox with an allow list forwards the
+    /// listed names, and the nameservers of an egress sandbox; empty: the
+    /// host's (`/etc/resolv.conf`).
+    pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 /// Which host facilities the provider may use when the host has them.
@@ -127,6 +133,8 @@ pub struct NamespacesProvider {
     allow_unenforced_limits: bool,
     /// Serialises spawn, destroy, pause and resume of one sandbox.
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The DNS filters of sandboxes with an allow list (see [`egress`]).
+    egress_guards: Mutex<HashMap<SandboxId, Option<crate::egress_filter::EgressGuard>>>,
 }
 
 /// The server's own ids, which a rootless sandbox's root maps to: an
@@ -256,6 +264,7 @@ impl NamespacesProvider {
             run_base: PathBuf::from(RUN_BASE),
             allow_unenforced_limits: false,
             locks: Mutex::new(HashMap::new()),
+            egress_guards: Mutex::new(HashMap::new()),
         })
     }
 
@@ -349,6 +358,7 @@ impl NamespacesProvider {
             run_base,
             allow_unenforced_limits: false,
             locks: Mutex::new(HashMap::new()),
+            egress_guards: Mutex::new(HashMap::new()),
         }
     }
 
@@ -470,12 +480,17 @@ impl NamespacesProvider {
                     missing.join(", ")
                 )
             };
+            let egress = match egress::unavailable(false) {
+                None => String::new(),
+                Some(why) => format!(" unavailable: {why}"),
+            };
             return format!(
                 "mode: root; each sandbox is a process tree in user (its root is a block of 65536 \
                  unprivileged host ids of its own), mount, PID, network, UTS, IPC and cgroup \
                  namespaces, with Docker's default capabilities, masked /proc and a seccomp \
-                 allow-list after Docker's default profile; network: none (egress is \
-                 unsupported); root: {layout}; {limits}"
+                 allow-list after Docker's default profile; network: none, or egress through a \
+                 veth pair (masqueraded, never the host or another sandbox; allow lists \
+                 enforced in the sandbox's namespace){egress}; root: {layout}; {limits}"
             );
         };
         let layout = match &self.overlay_unavailable {
@@ -496,7 +511,7 @@ impl NamespacesProvider {
              sandbox is a process tree in user, mount, PID, network, UTS and IPC namespaces with \
              Docker's default capabilities (in its user namespace only), no_new_privs, masked \
              /proc and /sys and a seccomp allow-list after Docker's default profile; network: \
-             none (egress is unsupported); root: {layout}; not enforced: memory, cpu and pids \
+             none (egress needs a server running as root); root: {layout}; not enforced: memory, cpu and pids \
              limits, pause/resume ({why}); {refusal}",
             uid = ids.uid,
             gid = ids.gid,
@@ -521,13 +536,26 @@ impl NamespacesProvider {
                     .into(),
             ));
         }
-        if spec.network != Network::None {
-            return Err(Error::Unsupported(
-                "the namespaces provider runs sandboxes with network \"none\" only (a network \
-                 namespace with loopback alone); use the docker provider for \"egress\""
-                    .into(),
+        let egress = spec.network == Network::Egress;
+        if !egress && !spec.egress_allow.is_empty() {
+            return Err(Error::InvalidRequest(
+                "an egress allow list needs network \"egress\", not \"none\"".into(),
             ));
         }
+        if egress {
+            if let Some(why) = egress::unavailable(self.rootless.is_some()) {
+                return Err(Error::Unsupported(format!(
+                    "{why}; use network \"none\" or the docker provider"
+                )));
+            }
+        }
+        // Resolved before anything is made: a host without resolvers
+        // refuses an allow list whole.
+        let upstreams = match (egress, spec.egress_allow.is_empty()) {
+            (false, _) => Vec::new(),
+            (true, false) => self.egress_upstreams()?,
+            (true, true) => self.egress_upstreams().unwrap_or_default(),
+        };
         let workdir = match spec.workdir.as_deref() {
             Some(w) => validate_sandbox_path(w)?,
             None => "/".to_owned(),
@@ -602,6 +630,8 @@ impl NamespacesProvider {
             ids,
             workdir: workdir.clone(),
             rootless: self.rootless.is_some(),
+            egress,
+            egress_allow: spec.egress_allow.clone(),
         };
         state::write_meta(dir, &meta)?;
         logs::provider_log(
@@ -725,6 +755,14 @@ impl NamespacesProvider {
         if self.rootless.is_none() {
             furnish_at(&meta.root(), &[&meta.root()], Some(&meta.workdir), owner)?;
         }
+        if egress {
+            let resolv = if spec.egress_allow.is_empty() {
+                egress::plain_resolv_conf(&upstreams)
+            } else {
+                crate::egress_filter::resolv_conf()
+            };
+            egress::write_resolv_conf(&meta.root(), &resolv, owner)?;
+        }
         if !spec.mounts.is_empty() {
             // Mounted in the host's namespace under the root, so the
             // sandbox's own namespace copies them at its release and
@@ -754,6 +792,10 @@ impl NamespacesProvider {
         init.write(&dir.join(INIT_PID_FILE))
             .map_err(|e| Error::internal("writing the init pid file", e))?;
         logs::provider_log(dir, &format!("started the sandbox's init, pid {pid}"));
+        if egress {
+            self.connect_network(spec, dir, pid as u32, upstreams)
+                .await?;
+        }
 
         let deadline = tokio::time::Instant::now() + AGENT_START_DEADLINE;
         loop {
@@ -844,6 +886,9 @@ impl NamespacesProvider {
         })
         .await
         .map_err(|e| Error::internal("destroying the sandbox", e))??;
+        // After the kill: the namespace's name kept it alive, and its veth
+        // pair and lease with it.
+        self.disconnect_network(id).await?;
         // Only once nothing of the sandbox runs may its ids go to another.
         if let (Some(ids), Some(uids)) = (ids, &self.uids) {
             uids.release(ids.first)
@@ -1053,6 +1098,16 @@ impl Provider for NamespacesProvider {
         true
     }
 
+    /// As root, with `ip` and `nft` (see [`egress`]).
+    fn egress_allow_support(&self) -> std::result::Result<(), String> {
+        match egress::unavailable(self.rootless.is_some()) {
+            None => Ok(()),
+            Some(why) => Err(format!(
+                "{why}, so it cannot enforce an egress allow list (network.allow)"
+            )),
+        }
+    }
+
     fn mode(&self) -> Option<ProviderMode> {
         Some(ProviderMode {
             mode: if self.rootless.is_some() {
@@ -1120,6 +1175,9 @@ impl Provider for NamespacesProvider {
     }
 
     async fn list(&self) -> Result<Vec<RuntimeInfo>> {
+        if self.rootless.is_none() {
+            crate::microvm::net::sweep_orphans().await;
+        }
         let mut out = Vec::new();
         let rd = match std::fs::read_dir(&self.sandboxes_dir) {
             Ok(rd) => rd,
@@ -1137,13 +1195,17 @@ impl Provider for NamespacesProvider {
                 continue;
             };
             let dir = entry.path();
+            let running = self.is_running(&dir);
             if let Some(meta) = state::read_meta(&dir) {
                 if meta.instance != self.cfg.instance {
                     continue;
                 }
+                if running {
+                    self.rearm(&dir, &meta).await;
+                }
             }
             out.push(RuntimeInfo {
-                running: self.is_running(&dir),
+                running,
                 sandbox_id: id,
             });
         }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{Result, SandboxId};
+use stacyvm_core::{EgressRule, Result, SandboxId};
 
 use crate::sandboxing::cgroups::Group;
 use crate::sandboxing::logs;
@@ -56,6 +56,12 @@ pub struct SandboxMeta {
     /// the root is mounted in the sandbox's namespaces alone.
     #[serde(default)]
     pub rootless: bool,
+    /// Whether the sandbox has egress (a veth pair, see `egress`).
+    #[serde(default)]
+    pub egress: bool,
+    /// Its egress allow list; empty: none (full egress, or no network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<EgressRule>,
 }
 
 impl SandboxMeta {

@@ -29,6 +29,7 @@ fn fallback_provider(env: &TestEnv) -> anyhow::Result<DynProvider> {
         agent_bin: env.agent_bin.clone(),
         catalog: env.catalog.clone(),
         instance: env.instance.clone(),
+        egress_dns_upstreams: Vec::new(),
     };
     let features = NamespacesFeatures {
         overlay: false,
@@ -122,7 +123,7 @@ async fn health_reports_the_namespaces_and_the_limits() -> anyhow::Result<()> {
         "seccomp allow-list",
         "root: an overlay",
         "limits enforced: pids, memory, cpu",
-        "egress is unsupported",
+        "egress through a veth pair",
         "mode: root;",
     ] {
         ensure!(
@@ -452,6 +453,7 @@ async fn a_new_provider_adopts_running_sandboxes() -> anyhow::Result<()> {
         agent_bin: h.env.agent_bin.clone(),
         catalog: h.env.catalog.clone(),
         instance: format!("{}-other", h.env.instance),
+        egress_dns_upstreams: Vec::new(),
     })?;
     ensure!(
         !other.list().await?.iter().any(|r| r.sandbox_id == id),
@@ -664,7 +666,7 @@ async fn concurrent_sandboxes_share_one_image() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_none_has_only_loopback_and_egress_is_refused() -> anyhow::Result<()> {
+async fn network_none_has_only_loopback() -> anyhow::Result<()> {
     let h = harness().await?;
     let none = h.spawn_default().await?;
     assert_eq!(interfaces(&h, &none).await?, ["lo"]);
@@ -686,18 +688,6 @@ async fn network_none_has_only_loopback_and_egress_is_refused() -> anyhow::Resul
     ensure!(text.contains("inside"), "loopback: {out:?}");
     ensure!(!text.contains("escaped"), "a connection left the sandbox");
 
-    let mut spec = support::spec();
-    spec.network = stacyvm_core::Network::Egress;
-    let r = h.spawn(spec.clone()).await;
-    let err = r.err().context("egress spawned")?;
-    let e = err
-        .downcast_ref::<stacyvm_core::Error>()
-        .context("a provider error")?;
-    ensure!(e.code() == "unsupported", "{e}");
-    ensure!(
-        leftovers(&spec.sandbox_id, &h.env.data_dir).is_empty(),
-        "a refused spawn left something"
-    );
     Ok(())
 }
 
@@ -712,6 +702,7 @@ async fn an_agent_that_does_not_start_fails_the_spawn_with_its_output() -> anyho
         agent_bin: broken,
         catalog: env.catalog.clone(),
         instance: env.instance.clone(),
+        egress_dns_upstreams: Vec::new(),
     })?);
     let h = Harness::new(env, provider);
     let spec = support::spec();
@@ -727,5 +718,242 @@ async fn an_agent_that_does_not_start_fails_the_spawn_with_its_output() -> anyho
     );
     let left = leftovers(&spec.sandbox_id, &h.env.data_dir);
     ensure!(left.is_empty(), "a failed spawn left: {left:#?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- egress
+
+use stacyvm_core::{EgressRule, Network};
+use stacyvm_provider::egress_filter::far_side::FarSide;
+use stacyvm_provider::microvm::net::GuestNet;
+
+use crate::support::{check_network_gone, host_primary_ipv4, reached_from, HostListener};
+
+/// A namespaces provider whose resolvers are the test's DNS server, and a
+/// harness holding it; the concrete provider is returned too.
+async fn egress_harness(far: &FarSide) -> anyhow::Result<(Harness, Arc<NamespacesProvider>)> {
+    let env = TestEnv::new().await?;
+    let p = Arc::new(egress_provider(&env, far)?);
+    let provider: DynProvider = p.clone();
+    Ok((Harness::new(env, provider), p))
+}
+
+fn egress_provider(env: &TestEnv, far: &FarSide) -> anyhow::Result<NamespacesProvider> {
+    Ok(NamespacesProvider::new(NamespacesConfig {
+        data_dir: env.data_dir.clone(),
+        agent_bin: env.agent_bin.clone(),
+        catalog: env.catalog.clone(),
+        instance: env.instance.clone(),
+        egress_dns_upstreams: vec![format!("{}:53", far.dns).parse()?],
+    })?)
+}
+
+fn recorded_net(h: &Harness, id: &SandboxId) -> anyhow::Result<GuestNet> {
+    let path = sandbox_dir(h, id).join("net.json");
+    Ok(serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?)
+}
+
+/// What the server at `addr` greets a connection from the sandbox with
+/// (empty when nothing was reached).
+async fn greeting(h: &Harness, id: &SandboxId, addr: &str, port: u16) -> anyhow::Result<String> {
+    let out = h
+        .sh(id, &format!("nc -w 3 {addr} {port} </dev/null 2>/dev/null"))
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_reaches_other_machines_but_not_the_host_or_another_sandbox() -> anyhow::Result<()> {
+    let far = FarSide::start().await?;
+    let (h, _) = egress_harness(&far).await?;
+    let mut a = support::spec();
+    a.network = Network::Egress;
+    let mut b = support::spec();
+    b.network = Network::Egress;
+    let a = h.spawn(a).await?;
+    let b = h.spawn(b).await?;
+    let (na, nb) = (recorded_net(&h, &a)?, recorded_net(&h, &b)?);
+    ensure!(na.slot != nb.slot, "two sandboxes share slot {}", na.slot);
+
+    let shown = h.sh_ok(&a, "ip -4 -o addr show dev eth0; ip route").await?;
+    ensure!(
+        shown.contains(&format!("inet {}/30", na.guest_addr()))
+            && shown.contains(&format!("default via {}", na.gateway())),
+        "sandbox a's network: {shown}"
+    );
+    assert_eq!(interfaces(&h, &a).await?, ["eth0", "lo"]);
+    let resolv = h.sh_ok(&a, "cat /etc/resolv.conf").await?;
+    ensure!(
+        resolv.contains(&format!("nameserver {}", far.dns)),
+        "{resolv}"
+    );
+
+    // Other machines, by address and by name, through the host's NAT.
+    for addr in [&far.allowed, &far.denied] {
+        let got = greeting(&h, &a, addr, far.port).await?;
+        ensure!(got == format!("hello-from-{addr}"), "{addr}: {got:?}");
+    }
+    let got = greeting(&h, &a, "denied.test", far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.denied), "{got:?}");
+
+    // Not the host: not its end of either sandbox's link, not its address
+    // on its own network.
+    let listener = HostListener::start().await?;
+    let targets = vec![
+        nb.gateway().to_string(),
+        na.gateway().to_string(),
+        host_primary_ipv4()?,
+    ];
+    let reached = reached_from(&h, &b, &targets, listener.port).await?;
+    ensure!(
+        reached.is_empty() && listener.peers().is_empty(),
+        "sandbox b reached the host at {reached:?} (the host saw {:?})",
+        listener.peers()
+    );
+    tokio::net::TcpStream::connect(("127.0.0.1", listener.port)).await?;
+
+    // Not each other: a listens, b cannot connect.
+    h.sh_ok(
+        &a,
+        "setsid nc -l -p 8080 -e echo inside-a </dev/null >/dev/null 2>&1 &",
+    )
+    .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let own = h
+        .sh_ok(&a, "nc -w 3 127.0.0.1 8080 </dev/null; true")
+        .await?;
+    ensure!(own.contains("inside-a"), "a's own listener: {own:?}");
+    h.sh_ok(
+        &a,
+        "setsid nc -l -p 8080 -e echo inside-a </dev/null >/dev/null 2>&1 &",
+    )
+    .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let from_b = greeting(&h, &b, &na.guest_addr().to_string(), 8080).await?;
+    ensure!(from_b.is_empty(), "sandbox b reached sandbox a: {from_b:?}");
+
+    // The sandbox cannot change its link, routes or address.
+    for attempt in [
+        "ip link set eth0 down",
+        "ip route del default",
+        "ip addr add 10.213.0.99/30 dev eth0",
+    ] {
+        let out = h.sh(&a, &format!("{attempt} 2>&1")).await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.exit_code != Some(0) && text.contains("not permitted"),
+            "{attempt}: {:?} {text}",
+            out.status
+        );
+    }
+
+    for (id, n) in [(&a, &na), (&b, &nb)] {
+        h.provider().destroy(id).await?;
+        check_network_gone(id, n)?;
+        let left = leftovers(id, &h.env.data_dir);
+        ensure!(left.is_empty(), "left behind: {left:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart() -> anyhow::Result<()> {
+    let far = FarSide::start().await?;
+    let (h, p) = egress_harness(&far).await?;
+    let mut spec = support::spec();
+    spec.network = Network::Egress;
+    spec.egress_allow = EgressRule::parse_list(&[far.allowed.as_str(), "allowed.test"])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let id = h.spawn(spec).await?;
+    let n = recorded_net(&h, &id)?;
+    ensure!(p.egress_dns_filters() == 1);
+
+    let resolv = h.sh_ok(&id, "cat /etc/resolv.conf").await?;
+    ensure!(resolv.contains("nameserver 127.0.0.53"), "{resolv}");
+    let got = greeting(&h, &id, &far.allowed, far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.allowed), "{got:?}");
+    for addr in [&far.denied, &far.named] {
+        let got = greeting(&h, &id, addr, far.port).await?;
+        ensure!(got.is_empty(), "{addr} answered: {got:?}");
+    }
+    let answer = h
+        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
+        .await?;
+    ensure!(
+        answer.contains(&format!("Address: {}", far.named)),
+        "{answer}"
+    );
+    let got = greeting(&h, &id, "allowed.test", far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.named), "{got:?}");
+    let answer = h
+        .sh_ok(&id, "nslookup -type=a denied.test; echo rc=$?")
+        .await?;
+    ensure!(
+        !answer.contains(&far.denied) && !answer.contains("rc=0"),
+        "{answer}"
+    );
+    // Its root may rewrite its resolver file; the upstream stays out of
+    // reach all the same.
+    let direct = h
+        .sh_ok(
+            &id,
+            &format!(
+                "echo nameserver {} > /etc/resolv.conf; nslookup -type=a denied.test; echo rc=$?",
+                far.dns
+            ),
+        )
+        .await?;
+    ensure!(
+        !direct.contains(&far.denied) && !direct.contains("rc=0"),
+        "{direct}"
+    );
+    ensure!(
+        far.asked().iter().all(|q| q == "allowed.test"),
+        "the upstream was asked {:?}",
+        far.asked()
+    );
+    h.sh_ok(&id, "echo nameserver 127.0.0.53 > /etc/resolv.conf")
+        .await?;
+
+    // The server ends, its DNS filter with it; the table stays in force.
+    let _ = h.guard.take_provider();
+    drop(p);
+    let p = Arc::new(egress_provider(&h.env, &far)?);
+    let provider: DynProvider = p.clone();
+    h.guard.replace_provider(provider);
+    let lookup = h
+        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
+        .await?;
+    ensure!(!lookup.contains(&far.named), "{lookup}");
+    let got = greeting(&h, &id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    // Listing (what a starting server does) starts the filter again.
+    ensure!(p
+        .list()
+        .await?
+        .iter()
+        .any(|r| r.sandbox_id == id && r.running));
+    ensure!(p.egress_dns_filters() == 1);
+    let lookup = h
+        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
+        .await?;
+    ensure!(
+        lookup.contains(&format!("Address: {}", far.named)),
+        "{lookup}"
+    );
+    let got = greeting(&h, &id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    p.destroy(&id).await?;
+    ensure!(
+        p.egress_dns_filters() == 0,
+        "the DNS filter outlived its sandbox"
+    );
+    check_network_gone(&id, &n)?;
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }

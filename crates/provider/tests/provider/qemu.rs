@@ -24,7 +24,8 @@ use stacyvm_provider::microvm::net::{self, GuestNet};
 use stacyvm_provider::DynProvider;
 
 use crate::support::{
-    self, exec_req, host_primary_ipv4, leftovers, run, AgentCalls, Harness, HostListener, TestEnv,
+    self, check_network_gone, exec_req, host_primary_ipv4, leftovers, reached_from, run,
+    AgentCalls, Harness, HostListener, TestEnv,
 };
 
 /// Whether a process runs (a zombie does not).
@@ -340,62 +341,6 @@ fn recorded_net(h: &Harness, id: &SandboxId) -> anyhow::Result<GuestNet> {
     )?)
 }
 
-/// Nothing of a guest's network is left on the host.
-fn check_network_gone(id: &SandboxId, n: &GuestNet) -> anyhow::Result<()> {
-    ensure!(
-        !Path::new("/run/netns").join(net::netns_name(id)).exists(),
-        "the network namespace of {id} is left"
-    );
-    ensure!(
-        !Path::new("/sys/class/net").join(n.host_if()).exists(),
-        "the veth {} of {id} is left",
-        n.host_if()
-    );
-    let addrs = run("ip", &["-4", "-o", "addr", "show"])?;
-    ensure!(
-        !addrs.contains(&format!(" {}/", n.gateway())),
-        "the lease {} of {id} is still on an interface: {addrs}",
-        n.gateway()
-    );
-    ensure!(
-        !Path::new("/run/stacyvm/qemu-net")
-            .join(format!("{}.owner", net::netns_name(id)))
-            .exists(),
-        "the owner file of {id} is left"
-    );
-    let rules = run("nft", &["list", "ruleset"])?;
-    ensure!(
-        !rules.contains(&n.host_if()) && !rules.contains(&n.guest_addr().to_string()),
-        "a rule of {id} is left: {rules}"
-    );
-    Ok(())
-}
-
-/// Tries a TCP connection from the guest to `port` on each address at
-/// once; returns the addresses it reached.
-async fn reached_from(
-    h: &Harness,
-    id: &SandboxId,
-    addrs: &[String],
-    port: u16,
-) -> anyhow::Result<Vec<String>> {
-    let script = format!(
-        "for a in {}; do (echo probe | nc -w 3 $a {port} >/dev/null 2>&1; echo \"$a rc=$?\") & done; wait",
-        addrs.join(" ")
-    );
-    let out = h.sh(id, &script).await?;
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.lines().count() == addrs.len(),
-        "one result per address expected: {out}"
-    );
-    Ok(out
-        .lines()
-        .filter_map(|l| l.strip_suffix(" rc=0"))
-        .map(str::to_owned)
-        .collect())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_guests_reach_other_machines_but_not_the_host_or_each_other() -> anyhow::Result<()> {
     let env = TestEnv::new().await?;
@@ -557,7 +502,7 @@ async fn no_network_outlives_its_sandbox() -> anyhow::Result<()> {
     let owner = h.env.data_dir.join("qemu").join("vanishing");
     std::fs::create_dir_all(&owner)?;
     let id = SandboxId::generate();
-    let n = net::create(&id, &owner, |_| Ok(())).await?;
+    let n = net::create(&id, &owner, net::Holder::Guest, |_| Ok(())).await?;
     let host_if = n.host_if();
     ensure!(
         Path::new("/sys/class/net").join(&host_if).exists(),

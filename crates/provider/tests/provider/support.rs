@@ -7,10 +7,11 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use stacyvm_core::{ByteStream, ExecOutcome, ExecRequest, FileEntry, SandboxId, SpawnSpec};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
 use stacyvm_provider::images::ImageCatalog;
+use stacyvm_provider::microvm::net::{self, GuestNet};
 use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
 use stacyvm_provider::plugin::{PluginConfig, PluginProvider, PluginTiming};
 use stacyvm_provider::proot::{ProotConfig, ProotProvider};
@@ -205,6 +206,7 @@ pub fn namespaces_provider_now(env: &TestEnv) -> anyhow::Result<NamespacesProvid
         agent_bin: env.agent_bin.clone(),
         catalog: env.catalog.clone(),
         instance: env.instance.clone(),
+        egress_dns_upstreams: Vec::new(),
     })?)
 }
 
@@ -446,4 +448,60 @@ pub fn host_primary_ipv4() -> anyhow::Result<String> {
         })
         .map(|(_, addr)| addr.to_owned())
         .with_context(|| format!("no global IPv4 address outside container and guest links: {out}"))
+}
+
+/// Nothing of a sandbox's network (a guest's or a namespaces sandbox's) is left on the host.
+pub fn check_network_gone(id: &SandboxId, n: &GuestNet) -> anyhow::Result<()> {
+    ensure!(
+        !Path::new("/run/netns").join(net::netns_name(id)).exists(),
+        "the network namespace of {id} is left"
+    );
+    ensure!(
+        !Path::new("/sys/class/net").join(n.host_if()).exists(),
+        "the veth {} of {id} is left",
+        n.host_if()
+    );
+    let addrs = run("ip", &["-4", "-o", "addr", "show"])?;
+    ensure!(
+        !addrs.contains(&format!(" {}/", n.gateway())),
+        "the lease {} of {id} is still on an interface: {addrs}",
+        n.gateway()
+    );
+    ensure!(
+        !Path::new("/run/stacyvm/qemu-net")
+            .join(format!("{}.owner", net::netns_name(id)))
+            .exists(),
+        "the owner file of {id} is left"
+    );
+    let rules = run("nft", &["list", "ruleset"])?;
+    ensure!(
+        !rules.contains(&n.host_if()) && !rules.contains(&n.guest_addr().to_string()),
+        "a rule of {id} is left: {rules}"
+    );
+    Ok(())
+}
+
+/// Tries a TCP connection from the sandbox to `port` on each address at
+/// once; returns the addresses it reached.
+pub async fn reached_from(
+    h: &Harness,
+    id: &SandboxId,
+    addrs: &[String],
+    port: u16,
+) -> anyhow::Result<Vec<String>> {
+    let script = format!(
+        "for a in {}; do (echo probe | nc -w 3 $a {port} >/dev/null 2>&1; echo \"$a rc=$?\") & done; wait",
+        addrs.join(" ")
+    );
+    let out = h.sh(id, &script).await?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.lines().count() == addrs.len(),
+        "one result per address expected: {out}"
+    );
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" rc=0"))
+        .map(str::to_owned)
+        .collect())
 }

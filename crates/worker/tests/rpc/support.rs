@@ -93,6 +93,7 @@ impl Node {
                 agent_bin,
                 catalog: catalog.clone(),
                 instance,
+                egress_dns_upstreams: Vec::new(),
             })?),
             "proot" => Arc::new(ProotProvider::new(ProotConfig {
                 data_dir: data_dir.clone(),
