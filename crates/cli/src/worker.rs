@@ -252,6 +252,7 @@ pub async fn run(args: WorkerArgs) -> Result<ExitCode> {
         leases: Arc::new(LeaseTable::new(Duration::from_secs(15))),
         images: Some(control_plane.clone()),
         certification_records: Some(data_dir.clone()),
+        volumes: Some(data_dir.clone()),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use stacyvm_core::{Result, SpawnSpec, WorkerId};
+use stacyvm_core::{Result, SpawnSpec, VolumeId, WorkerId};
 use stacyvm_provider::images::ImageInfo;
 use stacyvm_provider::{AgentClient, LogLine, RuntimeInfo, RuntimeStats};
 use stacyvm_worker::{DynWorker, Lease, ProviderHealth, Worker, WorkerRuntime};
@@ -107,5 +107,20 @@ impl Worker for Metered {
 
     async fn agent(&self, lease: &Lease) -> Result<Arc<AgentClient>> {
         self.timed("agent", self.inner.agent(lease)).await
+    }
+
+    async fn volume_create(&self, id: &VolumeId, size_mb: i64) -> Result<()> {
+        self.timed("volume_create", self.inner.volume_create(id, size_mb))
+            .await
+    }
+
+    async fn volume_mount(&self, id: &VolumeId) -> Result<String> {
+        self.timed("volume_mount", self.inner.volume_mount(id))
+            .await
+    }
+
+    async fn volume_remove(&self, id: &VolumeId) -> Result<()> {
+        self.timed("volume_remove", self.inner.volume_remove(id))
+            .await
     }
 }

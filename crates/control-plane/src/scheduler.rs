@@ -49,6 +49,27 @@ pub struct Wants<'a> {
     pub memory_mb: i64,
 }
 
+/// Which workers a sandbox may be placed on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// Any that can take it.
+    Any,
+    /// An in-process worker (its volumes are kept on this host).
+    Local,
+    /// That worker (it keeps the sandbox's volumes).
+    Worker(WorkerId),
+}
+
+impl Pin {
+    fn allows(&self, worker: &WorkerId, local: bool) -> bool {
+        match self {
+            Pin::Any => true,
+            Pin::Local => local,
+            Pin::Worker(w) => w == worker,
+        }
+    }
+}
+
 pub struct Scheduler {
     store: DynStore,
     local: Vec<DynWorker>,
@@ -448,6 +469,7 @@ impl Scheduler {
         rec: &SandboxRecord,
         labels: &BTreeMap<String, String>,
         lease_until: OffsetDateTime,
+        pin: &Pin,
     ) -> Result<(DynWorker, SandboxRecord)> {
         let wants = Wants {
             provider: &rec.provider,
@@ -456,7 +478,29 @@ impl Scheduler {
             memory_mb: rec.memory_mb,
         };
         let mut why = Vec::new();
-        for c in self.candidates(&wants, &rec.id).await? {
+        let candidates = match self.candidates(&wants, &rec.id).await {
+            Err(e) if *pin != Pin::Any => {
+                return Err(Error::NoCapacity(format!(
+                    "the sandbox's volumes are kept on {}, which cannot take it now: {}",
+                    pin_name(pin),
+                    e.message()
+                )))
+            }
+            r => r?,
+        };
+        let pinned: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| pin.allows(&c.rec.id, self.is_local(&c.rec.id)))
+            .collect();
+        if pinned.is_empty() {
+            return Err(Error::NoCapacity(format!(
+                "the sandbox's volumes are kept on {}, which cannot take a {} sandbox now (it \
+                 is down, drained, full, lacks the labels or does not run the provider)",
+                pin_name(pin),
+                rec.provider
+            )));
+        }
+        for c in pinned {
             let worker = match self.worker_of(&c.rec) {
                 Ok(w) => w,
                 Err(e) => {
@@ -480,6 +524,36 @@ impl Scheduler {
             rec.provider,
             why.join("; ")
         )))
+    }
+
+    /// The ready remote worker a new volume is kept on: the one with the
+    /// fewest live sandboxes (volumes follow no provider, so any ready one
+    /// will do; the sandboxes that mount it are placed there).
+    pub async fn volume_worker(&self) -> Result<(WorkerId, DynWorker)> {
+        let live = self.store.sandbox_list_live().await?;
+        let mut ready: Vec<(usize, WorkerRecord)> = self
+            .store
+            .worker_list()
+            .await?
+            .into_iter()
+            .filter(|w| w.state == WorkerState::Ready && !self.is_local(&w.id))
+            .map(|w| {
+                let load = live
+                    .iter()
+                    .filter(|s| s.worker_id.as_ref() == Some(&w.id))
+                    .count();
+                (load, w)
+            })
+            .collect();
+        ready.sort_by_key(|(load, w)| (*load, w.id.clone()));
+        let (_, rec) = ready.into_iter().next().ok_or_else(|| {
+            Error::NoCapacity(
+                "no remote worker is ready to keep a volume (this control plane has no \
+                 in-process worker)"
+                    .into(),
+            )
+        })?;
+        Ok((rec.id.clone(), self.remote_of(&rec)?))
     }
 
     fn worker_of(&self, rec: &WorkerRecord) -> Result<DynWorker> {
@@ -542,4 +616,12 @@ fn reported_health(rec: &WorkerRecord) -> Vec<ProviderHealth> {
             }
         })
         .collect()
+}
+
+fn pin_name(pin: &Pin) -> String {
+    match pin {
+        Pin::Any => "any worker".into(),
+        Pin::Local => "this control plane's in-process worker".into(),
+        Pin::Worker(w) => format!("worker {w}"),
+    }
 }

@@ -437,6 +437,7 @@ pub(crate) fn volume_from_row(row: &impl RowGet) -> Result<VolumeRecord> {
         name: row.text("name")?,
         size_mb: row.int("size_mb")?,
         created_at: time_col(row, "created_at")?,
+        worker_id: row.opt_text("worker_id")?.map(WorkerId::from_trusted),
     })
 }
 
@@ -778,6 +779,15 @@ macro_rules! schema {
                         "../migrations/",
                         $dialect,
                         "/0007_max_templates.sql"
+                    )),
+                },
+                Migration {
+                    version: 8,
+                    name: "volume worker",
+                    sql: include_str!(concat!(
+                        "../migrations/",
+                        $dialect,
+                        "/0008_volume_worker.sql"
                     )),
                 },
             ],

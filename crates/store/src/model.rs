@@ -356,6 +356,9 @@ pub struct VolumeRecord {
     pub name: String,
     pub size_mb: i64,
     pub created_at: OffsetDateTime,
+    /// The remote worker whose host keeps the volume; `None`: the control
+    /// plane's own host (its in-process worker).
+    pub worker_id: Option<WorkerId>,
 }
 
 /// Where a template build stands.

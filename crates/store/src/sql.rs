@@ -1180,14 +1180,15 @@ impl<B: Backend> Store for SqlStore<B> {
             }
         }
         let result = sqlx::query(
-            "INSERT INTO volumes (id, tenant_id, name, size_mb, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO volumes (id, tenant_id, name, size_mb, created_at, worker_id)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .arg(volume.id.as_str())
         .arg(volume.tenant_id.as_str())
         .arg(volume.name.as_str())
         .arg(volume.size_mb)
         .arg(to_micros(volume.created_at))
+        .arg(volume.worker_id.as_ref().map(|w| w.as_str().to_owned()))
         .execute(tx.on())
         .await;
         match result {
@@ -1202,7 +1203,7 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn volume_get(&self, tenant: &TenantId, name: &str) -> Result<Option<VolumeRecord>> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, size_mb, created_at FROM volumes
+            "SELECT id, tenant_id, name, size_mb, created_at, worker_id FROM volumes
              WHERE tenant_id = $1 AND name = $2",
         )
         .arg(tenant.as_str())
@@ -1216,12 +1217,12 @@ impl<B: Backend> Store for SqlStore<B> {
     async fn volume_list(&self, tenant: Option<&TenantId>) -> Result<Vec<VolumeRecord>> {
         let query = match tenant {
             Some(t) => sqlx::query(
-                "SELECT id, tenant_id, name, size_mb, created_at FROM volumes
+                "SELECT id, tenant_id, name, size_mb, created_at, worker_id FROM volumes
                  WHERE tenant_id = $1 ORDER BY id",
             )
             .arg(t.as_str()),
             None => sqlx::query(
-                "SELECT id, tenant_id, name, size_mb, created_at FROM volumes ORDER BY id",
+                "SELECT id, tenant_id, name, size_mb, created_at, worker_id FROM volumes ORDER BY id",
             ),
         };
         self.all("listing volumes", query, volume_from_row).await

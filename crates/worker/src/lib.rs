@@ -9,10 +9,11 @@ pub mod leases;
 mod local;
 pub mod node;
 pub mod rpc;
+pub mod volumes;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{Result, SandboxId, SpawnSpec, WorkerId};
+use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, VolumeId, WorkerId};
 use stacyvm_provider::images::ImageInfo;
 use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo, RuntimeStats};
 use std::sync::Arc;
@@ -136,6 +137,25 @@ pub trait Worker: Send + Sync + 'static {
     /// `Provider::snapshot`); a provider that cannot make one answers
     /// `Unsupported`, which the API turns into 409 `unsupported`.
     async fn snapshot(&self, lease: &Lease) -> Result<stacyvm_core::ByteStream>;
+
+    /// Makes volume `id` of `size_mb` on this worker's host (see
+    /// [`volumes::VolumeHost`]). Only remote workers keep volumes this way:
+    /// the control plane keeps its in-process worker's itself.
+    async fn volume_create(&self, id: &VolumeId, size_mb: i64) -> Result<()>;
+
+    /// Mounts volume `id` on this worker's host if it is not, and returns
+    /// the host directory a sandbox's provider binds in.
+    async fn volume_mount(&self, id: &VolumeId) -> Result<String>;
+
+    /// Unmounts volume `id` and removes its image; what is gone is skipped.
+    async fn volume_remove(&self, id: &VolumeId) -> Result<()>;
+}
+
+/// The answer of a worker that keeps no volumes of its own.
+pub fn volumes_not_kept(id: &WorkerId) -> Error {
+    Error::Unsupported(format!(
+        "worker {id} keeps no volumes itself (the control plane keeps its in-process worker's)"
+    ))
 }
 
 pub type DynWorker = Arc<dyn Worker>;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, WorkerId};
+use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, VolumeId, WorkerId};
 use stacyvm_provider::images::ImageInfo;
 use stacyvm_provider::{AgentClient, DynProvider, LogLine, RuntimeInfo, RuntimeStats};
 
@@ -73,6 +73,18 @@ impl LocalWorker {
 
 #[async_trait]
 impl Worker for LocalWorker {
+    async fn volume_create(&self, _: &VolumeId, _: i64) -> Result<()> {
+        Err(crate::volumes_not_kept(&self.id))
+    }
+
+    async fn volume_mount(&self, _: &VolumeId) -> Result<String> {
+        Err(crate::volumes_not_kept(&self.id))
+    }
+
+    async fn volume_remove(&self, _: &VolumeId) -> Result<()> {
+        Err(crate::volumes_not_kept(&self.id))
+    }
+
     fn id(&self) -> &WorkerId {
         &self.id
     }

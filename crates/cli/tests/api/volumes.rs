@@ -2,9 +2,10 @@
 //! bound into Docker, namespaces and PRoot sandboxes (ID-mapped for the
 //! latter two); data that outlives sandboxes and server
 //! restarts, read-only mounts, the size limit, and deletion that leaves
-//! nothing behind. Volumes live on the in-process worker's host, so these
-//! servers keep it in every topology (`local_worker`); a control plane
-//! without one refuses volumes, which `volumes_need_a_local_worker` checks.
+//! nothing behind. Most of these servers keep the in-process worker in
+//! every topology (`local_worker`), whose host keeps their volumes;
+//! `volumes_live_on_a_remote_worker_and_sandboxes_follow_them` runs one with
+//! remote workers only, where a worker's host keeps them.
 
 use std::path::{Path, PathBuf};
 
@@ -416,18 +417,115 @@ async fn bad_volume_requests_are_refused_naming_the_field() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn volumes_need_a_local_worker() -> Result<()> {
+async fn a_control_plane_without_workers_has_nowhere_to_keep_a_volume() -> Result<()> {
     let server = Server::start(
         ServerOptions::new(StoreKind::Sqlite)
             .providers("docker")
+            .local_worker()
             .arg("--no-local-worker"),
     )?;
     let e = server
         .admin()
         .post("/v1/volumes", json!({"name": "v", "size_mb": 16}))
         .await?
-        .err(409, "unsupported")?;
-    ensure!(e.message.contains("remote workers"), "{}", e.message);
+        .err(503, "no_capacity")?;
+    ensure!(e.message.contains("no remote worker"), "{}", e.message);
+    Ok(())
+}
+
+/// With no in-process worker, a volume is kept on a remote worker's host,
+/// and every sandbox that mounts it is placed on that worker: data written
+/// by one sandbox is read by the next (of another provider), deletion waits
+/// for the last of them, and another tenant sees none of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_live_on_a_remote_worker_and_sandboxes_follow_them() -> Result<()> {
+    let server = Server::start(
+        ServerOptions::new(StoreKind::Sqlite)
+            .providers("docker,namespaces")
+            .remote_workers(),
+    )?;
+    let _guards: Vec<MountGuard> = server
+        .workers
+        .iter()
+        .map(|w| MountGuard(w.data_dir().to_path_buf()))
+        .collect();
+    ensure!(server.workers.len() == 2, "two remote workers expected");
+    let admin = server.admin();
+    admin.import_busybox().await?;
+    let v = volume(&admin, "shared", 16).await?;
+    let id = s(&v, "id")?.to_owned();
+    let image = format!("volumes/images/{id}.ext4");
+    let holders: Vec<&crate::cluster::Worker> = server
+        .workers
+        .iter()
+        .filter(|w| w.data_dir().join(&image).exists())
+        .collect();
+    ensure!(
+        holders.len() == 1,
+        "the volume's image is on {} workers",
+        holders.len()
+    );
+    let holder = holders[0];
+    let holder_id = holder.id().context("the holder has no id")?;
+    ensure!(
+        !server.data_dir().join(&image).exists(),
+        "the control plane's own host made the image"
+    );
+    let mnt = holder.data_dir().join("volumes/mnt").join(&id);
+    ensure!(
+        mounts_under(&mnt) == [mnt.display().to_string()],
+        "not mounted"
+    );
+
+    // Every sandbox of it runs on the holder, whichever provider.
+    let mut first = String::new();
+    for (i, provider) in ["namespaces", "docker", "namespaces"].iter().enumerate() {
+        let sb = with_volume_on(&admin, provider, "shared", "/data", false).await?;
+        let got = admin.get(&format!("/v1/sandboxes/{sb}")).await?.ok(200)?;
+        ensure!(got["worker_id"] == holder_id.as_str(), "{provider}: {got}");
+        if i == 0 {
+            admin.sh(&sb, "echo from-the-first > /data/file").await?;
+            first = sb;
+        } else {
+            let out = admin.sh(&sb, "cat /data/file").await?;
+            ensure!(out.trim() == "from-the-first", "{provider}: {out:?}");
+            admin.destroy(&sb).await?;
+        }
+    }
+    ensure!(
+        std::fs::read_to_string(mnt.join("file"))?.trim() == "from-the-first",
+        "the file is not on the holder's volume"
+    );
+
+    // Another tenant's member sees nothing of it.
+    let (_, member) = admin.tenant_with("member").await?;
+    member
+        .get("/v1/volumes/shared")
+        .await?
+        .err(404, "not_found")?;
+    member
+        .post(
+            "/v1/sandboxes",
+            json!({"image": "busybox", "volumes": [{"volume": "shared", "path": "/d"}]}),
+        )
+        .await?
+        .err(404, "not_found")?;
+
+    // Deleted only once its last sandbox is gone; nothing is left on the
+    // holder's host.
+    let e = admin
+        .delete("/v1/volumes/shared")
+        .await?
+        .err(409, "conflict")?;
+    ensure!(e.message.contains(&first), "{}", e.message);
+    admin.destroy(&first).await?;
+    admin.delete("/v1/volumes/shared").await?.ok(204)?;
+    ensure!(
+        !holder.data_dir().join(&image).exists()
+            && mnt.symlink_metadata().is_err()
+            && mounts_under(&mnt).is_empty(),
+        "the volume is left on its worker"
+    );
     Ok(())
 }
 

@@ -62,8 +62,11 @@ pub struct ServerOptions {
     /// Run the server as this unprivileged uid and gid (through `setpriv`,
     /// no supplementary groups); the caller gives it a data dir it owns.
     pub run_as: Option<(u32, u32)>,
-    /// The test needs the in-process worker (volumes live on its host).
+    /// The test needs the in-process worker (its host view).
     pub local_worker: bool,
+    /// The test needs remote workers and no in-process worker, whatever
+    /// the topology.
+    pub remote_workers: bool,
 }
 
 impl ServerOptions {
@@ -80,6 +83,7 @@ impl ServerOptions {
             admin_key: None,
             run_as: None,
             local_worker: false,
+            remote_workers: false,
         }
     }
 
@@ -125,9 +129,16 @@ impl ServerOptions {
     }
 
     /// Keeps the in-process worker in every topology: the test exercises
-    /// what only it has (volumes, which remote workers refuse).
+    /// its host view (volumes kept on the control plane's own host).
     pub fn local_worker(mut self) -> ServerOptions {
         self.local_worker = true;
+        self
+    }
+
+    /// Serves the control plane by two remote workers and no in-process
+    /// worker in every topology.
+    pub fn remote_workers(mut self) -> ServerOptions {
+        self.remote_workers = true;
         self
     }
 
@@ -219,6 +230,9 @@ impl Server {
     /// whose test does not need the in-process worker's host view (its own
     /// data dir, a host without cgroups).
     pub fn remote_workers(&self) -> bool {
+        if self.opts.remote_workers {
+            return true;
+        }
         std::env::var("STACYVM_TEST_TOPOLOGY").as_deref() == Ok("workers")
             && !self.opts.without_cgroups
             && self.opts.run_as.is_none()

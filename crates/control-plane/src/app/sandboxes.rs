@@ -15,6 +15,7 @@ use stacyvm_worker::{DynWorker, Lease};
 use std::sync::Arc;
 
 use super::{page_limit, App, Principal};
+use crate::scheduler::Pin;
 
 /// The lease the row `rec` gives its worker: its fencing token, on its
 /// provider.
@@ -368,8 +369,9 @@ impl App {
             idempotency_key: req.idempotency_key.clone(),
             egress_allow: req.egress_allow.clone(),
         };
-        let plain =
-            req.worker_labels.is_empty() && rec.egress_allow.is_empty() && volumes.is_empty();
+        let plain = req.worker_labels.is_empty()
+            && rec.egress_allow.is_empty()
+            && volumes.volumes.is_empty();
         let pooled = match template {
             None if plain
                 && super::pools::matches_defaults(self, rec.cpu, rec.memory_mb, rec.network) =>
@@ -458,7 +460,18 @@ impl App {
                 return Err(e);
             }
         };
-        let sandbox = self.sandbox_start(rec, &req.worker_labels, mounts).await?;
+        // A sandbox runs where its volumes are kept.
+        let pin = if volumes.volumes.is_empty() {
+            Pin::Any
+        } else {
+            match &volumes.holder {
+                Some(w) => Pin::Worker(w.clone()),
+                None => Pin::Local,
+            }
+        };
+        let sandbox = self
+            .sandbox_start(rec, &req.worker_labels, mounts, pin)
+            .await?;
         Ok(Created {
             sandbox,
             existing: false,
@@ -495,9 +508,14 @@ impl App {
         mut rec: SandboxRecord,
         worker_labels: &BTreeMap<String, String>,
         mounts: Vec<stacyvm_core::HostMount>,
+        pin: Pin,
     ) -> Result<SandboxRecord> {
         let lease_until = self.store.now().await? + self.config.limits.lease;
-        let (worker, placed) = match self.scheduler.place(&rec, worker_labels, lease_until).await {
+        let placed = self
+            .scheduler
+            .place(&rec, worker_labels, lease_until, &pin)
+            .await;
+        let (worker, placed) = match placed {
             Ok(w) => w,
             Err(e) => {
                 self.mark_failed(&mut rec, &e).await;

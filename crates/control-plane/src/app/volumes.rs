@@ -2,282 +2,21 @@
 //! volumes a sandbox create asks for into host directories its provider
 //! binds in.
 //!
-//! On the host a volume is an ext4 image of its size (allocated whole at
-//! create, so declared volumes never add up to more than the disk) under
-//! `DATA_DIR/volumes/images/`, loop-mounted at `DATA_DIR/volumes/mnt/ID`
-//! (both parents 0700), so its size is a real filesystem limit: a write past
-//! it fails with `ENOSPC` inside the sandbox. Volumes live on the host of
-//! the in-process worker; a control plane without one, or a server without
-//! root (which cannot loop-mount), refuses them with `unsupported`.
-//!
-//! Host paths are built from the volume's id alone, never from anything a
-//! sandbox wrote: no host-side operation looks inside a volume, so a symlink
-//! planted in one is never followed by the host.
-
-use std::io;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+//! A volume is kept on one host ([`VolumeHost`]): the control plane's own
+//! when it has an in-process worker (a server without root, which cannot
+//! loop-mount, refuses volumes), else a ready remote worker's, which makes,
+//! mounts and removes it over the worker RPC. Sandboxes that mount volumes
+//! are placed on the worker that keeps them.
 
 use stacyvm_api as api;
 use stacyvm_core::volumes::{validate_mounts, validate_volume_name, validate_volume_size};
+use stacyvm_core::WorkerId;
 use stacyvm_core::{now, Error, HostMount, Result, SandboxId, VolumeId, VolumeMount};
 use stacyvm_store::VolumeRecord;
+use stacyvm_worker::volumes::{self, VolumeHost};
+use stacyvm_worker::DynWorker;
 
 use super::{App, Principal};
-
-/// The host side of volumes: image files and their mount points.
-pub struct VolumeHost {
-    root: PathBuf,
-}
-
-impl VolumeHost {
-    pub fn new(data_dir: &Path) -> VolumeHost {
-        VolumeHost {
-            root: data_dir.join("volumes"),
-        }
-    }
-
-    fn image(&self, id: &VolumeId) -> PathBuf {
-        self.root.join("images").join(format!("{id}.ext4"))
-    }
-
-    /// Where the volume's filesystem is mounted on the host.
-    pub fn mount_point(&self, id: &VolumeId) -> PathBuf {
-        self.root.join("mnt").join(id.as_str())
-    }
-
-    fn private_dirs(&self) -> Result<()> {
-        for d in [
-            self.root.clone(),
-            self.root.join("images"),
-            self.root.join("mnt"),
-        ] {
-            match std::fs::DirBuilder::new().mode(0o700).create(&d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::internal(format_args!("creating {}", d.display()), e)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes the image file and its filesystem, and mounts it.
-    pub async fn create(&self, id: &VolumeId, size_mb: i64) -> Result<()> {
-        self.private_dirs()?;
-        // Checked before allocating too: a filesystem can fill itself
-        // completely while it tries an allocation it then refuses.
-        keep_reserve(
-            &self.root.join("images"),
-            size_mb,
-            size_mb as u64 * 1024 * 1024,
-        )?;
-        let image = self.image(id);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&image)
-            .map_err(|e| Error::internal(format_args!("creating {}", image.display()), e))?;
-        let sized = allocate(&file, size_mb as u64 * 1024 * 1024)
-            .and_then(|()| keep_reserve(&self.root.join("images"), size_mb, 0));
-        drop(file);
-        let made = match sized {
-            Ok(()) => {
-                // No blocks reserved for root: the sandbox gets the whole
-                // size. No discard: on a file it would punch the allocated
-                // blocks back out and the volume would be sparse again.
-                run(
-                    "mkfs.ext4",
-                    &["-q", "-F", "-m", "0", "-E", "root_owner=0:0,nodiscard"],
-                    &[&image],
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        let made = match made {
-            Ok(()) => self.ensure_mounted(id).await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if made.is_err() {
-            let _ = self.remove(id).await;
-        }
-        made
-    }
-
-    /// Mounts the volume if it is not mounted (after a host restart, say);
-    /// returns the mount point.
-    pub async fn ensure_mounted(&self, id: &VolumeId) -> Result<PathBuf> {
-        let at = self.mount_point(id);
-        if is_mount_point(&at)? {
-            return Ok(at);
-        }
-        self.private_dirs()?;
-        let image = self.image(id);
-        if !image.exists() {
-            return Err(Error::Internal(format!(
-                "the image of volume {id} is missing on this host"
-            )));
-        }
-        match std::fs::DirBuilder::new().mode(0o755).create(&at) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(Error::internal(
-                    format_args!("creating {}", at.display()),
-                    e,
-                ))
-            }
-        }
-        run(
-            "mount",
-            &["-t", "ext4", "-o", "loop,nosuid,nodev"],
-            &[&image, &at],
-        )
-        .await?;
-        Ok(at)
-    }
-
-    /// Unmounts the volume and removes its mount point and image; what is
-    /// already gone is skipped.
-    pub async fn remove(&self, id: &VolumeId) -> Result<()> {
-        let at = self.mount_point(id);
-        if is_mount_point(&at)? {
-            // The loop device goes with the mount (mount set it to autoclear).
-            run("umount", &[], &[&at]).await?;
-        }
-        match std::fs::remove_dir(&at) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(Error::internal(
-                    format_args!("removing {}", at.display()),
-                    e,
-                ))
-            }
-        }
-        let image = self.image(id);
-        match std::fs::remove_file(&image) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::internal(
-                format_args!("removing {}", image.display()),
-                e,
-            )),
-        }
-    }
-}
-
-/// Space of the data dir's filesystem no volume may take, so that the store,
-/// images and logs beside them can still be written: 5% of the filesystem,
-/// at most 2 GiB.
-fn reserve_bytes(total: u64) -> u64 {
-    (total / 20).min(2 << 30)
-}
-
-/// Gives the image file all its blocks now. A sparse image would let the
-/// volumes declared on a host add up to more than its disk, and a tenant
-/// filling its own volume would then fill the disk under everyone else's.
-fn allocate(file: &std::fs::File, len: u64) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let len_off = libc::off_t::try_from(len)
-        .map_err(|_| Error::InvalidRequest("size_mb: too large".into()))?;
-    // SAFETY: the descriptor is open for writing for the duration of the
-    // call; fallocate only changes the file's allocation.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EFBIG) => Err(Error::Conflict(format!(
-            "the host has no room for a volume of {} MiB now; delete volumes or snapshots first",
-            len >> 20
-        ))),
-        Some(libc::EOPNOTSUPP) => Err(Error::Unsupported(
-            "volumes need a data dir on a filesystem that can allocate space ahead \
-             (ext4, xfs, btrfs, tmpfs); this one cannot"
-                .into(),
-        )),
-        _ => Err(Error::internal("allocating the volume image", e)),
-    }
-}
-
-/// Refuses a volume that leaves less than the reserve free on the data dir's
-/// filesystem once `still_to_take` more bytes are allocated. Checked before
-/// allocating (with the volume's size) and after (with 0), so two creates at
-/// once cannot both slip under the reserve.
-fn keep_reserve(dir: &Path, size_mb: i64, still_to_take: u64) -> Result<()> {
-    let (total, avail) = fs_space(dir)?;
-    let reserve = reserve_bytes(total);
-    // A size the filesystem could never hold is the request's fault; one
-    // that does not fit now may fit once other volumes are gone.
-    let most = total.saturating_sub(reserve);
-    if still_to_take > most {
-        return Err(Error::InvalidRequest(format!(
-            "size_mb: {size_mb} MiB is more than this host's data dir can hold ({} MiB)",
-            most >> 20
-        )));
-    }
-    let avail = avail.saturating_sub(still_to_take);
-    if avail < reserve {
-        return Err(Error::Conflict(format!(
-            "the host has no room for a volume of {size_mb} MiB now: its data dir keeps {} MiB \
-             free for the server, and {} MiB would be left; delete volumes or snapshots first",
-            reserve >> 20,
-            avail >> 20
-        )));
-    }
-    Ok(())
-}
-
-/// The size and the space available to the server of the filesystem holding
-/// `dir`, in bytes.
-fn fs_space(dir: &Path) -> Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| Error::internal("data dir path", e))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` is a buffer of the
-    // right type that statvfs fills on success.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(Error::internal(
-            format_args!("statvfs {}", dir.display()),
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: statvfs returned 0, so it filled the buffer.
-    let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize;
-    Ok((st.f_blocks * frsize, st.f_bavail * frsize))
-}
-
-async fn run(program: &str, args: &[&str], paths: &[&Path]) -> Result<()> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .args(paths)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| Error::internal(format_args!("running {program}"), e))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Internal(format!(
-            "{program} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
-/// Whether `path` is a mount point in this process's mount namespace, by
-/// `/proc/self/mountinfo` (never by looking inside the directory).
-fn is_mount_point(path: &Path) -> Result<bool> {
-    let mounts = stacyvm_provider::host::mounts_under(path)
-        .map_err(|e| Error::internal("reading /proc/self/mountinfo", e))?;
-    Ok(mounts.iter().any(|m| m == path))
-}
 
 pub fn view(v: &VolumeRecord) -> api::Volume {
     api::Volume {
@@ -289,18 +28,25 @@ pub fn view(v: &VolumeRecord) -> api::Volume {
     }
 }
 
+/// The volumes a create names, with where they are kept: `None` on the
+/// control plane's own host (its in-process worker), or the remote worker
+/// that holds every one of them.
+pub(super) struct ResolvedVolumes {
+    pub volumes: Vec<(VolumeRecord, VolumeMount)>,
+    pub holder: Option<WorkerId>,
+}
+
 impl App {
-    /// Refuses volumes where this server cannot keep them.
-    fn volumes_supported(&self) -> Result<()> {
+    /// Refuses volumes this control plane cannot keep on its own host.
+    fn local_volumes_supported(&self) -> Result<()> {
         if !self.config.local_worker {
             return Err(Error::Unsupported(
-                "volumes are not supported on remote workers: this control plane has no \
-                 local worker to keep them"
+                "this volume is kept by the in-process worker of a control plane, and this \
+                 control plane has none (--no-local-worker); use the control plane that made it"
                     .into(),
             ));
         }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !volumes::can_keep() {
             return Err(Error::Unsupported(
                 "volumes need a server running as root (a volume is a loop-mounted ext4 \
                  image); this server is rootless"
@@ -308,6 +54,18 @@ impl App {
             ));
         }
         Ok(())
+    }
+
+    /// Where a new volume is kept: on this host when the control plane has
+    /// an in-process worker, else on the ready remote worker with the
+    /// fewest sandboxes.
+    async fn volume_holder(&self) -> Result<Option<(WorkerId, DynWorker)>> {
+        if self.config.local_worker {
+            self.local_volumes_supported()?;
+            return Ok(None);
+        }
+        let (id, worker) = self.scheduler.volume_worker().await?;
+        Ok(Some((id, worker)))
     }
 
     fn volume_host(&self) -> VolumeHost {
@@ -330,13 +88,14 @@ impl App {
         who.require_write()?;
         validate_volume_name("name", &req.name)?;
         validate_volume_size("size_mb", req.size_mb)?;
-        self.volumes_supported()?;
+        let holder = self.volume_holder().await?;
         let rec = VolumeRecord {
             id: VolumeId::generate(),
             tenant_id: who.tenant_id.clone(),
             name: req.name,
             size_mb: req.size_mb,
             created_at: now(),
+            worker_id: holder.as_ref().map(|(id, _)| id.clone()),
         };
         // The row first: it holds the name, so two creates of one name
         // never both make a filesystem.
@@ -344,7 +103,10 @@ impl App {
         // The store counted the volumes; snapshot images share the quota,
         // counted once the row is in, as a snapshot counts volumes.
         let made = match self.storage_check(&rec.tenant_id, 0).await {
-            Ok(()) => self.volume_host().create(&rec.id, rec.size_mb).await,
+            Ok(()) => match &holder {
+                None => self.volume_host().create(&rec.id, rec.size_mb).await,
+                Some((_, worker)) => worker.volume_create(&rec.id, rec.size_mb).await,
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = made {
@@ -372,7 +134,29 @@ impl App {
         // The store refuses while a live sandbox mounts it, in the same
         // transaction as the delete; only then do the data go.
         self.store.volume_delete(&rec.id).await?;
-        self.volume_host().remove(&rec.id).await?;
+        let removed = match &rec.worker_id {
+            None => self.volume_host().remove(&rec.id).await,
+            Some(w) => match self.scheduler.worker(w).await {
+                Ok(worker) => worker.volume_remove(&rec.id).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = removed {
+            // Nothing is lost: the volume stays listed (and deletable
+            // again) while its data cannot be removed.
+            if let Err(e2) = self.store.volume_create(&rec).await {
+                tracing::error!(volume = %rec.id, error = %e2, "a volume whose data could not be removed could not be listed again");
+            }
+            return Err(match e {
+                Error::Unavailable(m) | Error::Timeout(m) | Error::ProviderUnavailable(m) => {
+                    Error::ProviderUnavailable(format!(
+                        "volume {name:?} is kept by a worker that cannot be reached now, so it \
+                         was not deleted: {m}"
+                    ))
+                }
+                e => e,
+            });
+        }
         Ok(rec.id)
     }
 
@@ -382,12 +166,14 @@ impl App {
         &self,
         who: &Principal,
         mounts: &[VolumeMount],
-    ) -> Result<Vec<(VolumeRecord, VolumeMount)>> {
+    ) -> Result<ResolvedVolumes> {
         if mounts.is_empty() {
-            return Ok(Vec::new());
+            return Ok(ResolvedVolumes {
+                volumes: Vec::new(),
+                holder: None,
+            });
         }
         validate_mounts(mounts)?;
-        self.volumes_supported()?;
         let mut out = Vec::with_capacity(mounts.len());
         for (i, m) in mounts.iter().enumerate() {
             let rec = self
@@ -411,25 +197,67 @@ impl App {
             }
             out.push((rec, m.clone()));
         }
-        Ok(out)
+        let holder = out[0].0.worker_id.clone();
+        if let Some((other, _)) = out.iter().find(|(r, _)| r.worker_id != holder) {
+            return Err(Error::Conflict(format!(
+                "volumes {:?} and {:?} are kept on different workers ({} and {}), and one \
+                 sandbox runs on one worker",
+                out[0].0.name,
+                other.name,
+                holder
+                    .as_ref()
+                    .map_or("the control plane's host", |w| w.as_str()),
+                other
+                    .worker_id
+                    .as_ref()
+                    .map_or("the control plane's host", |w| w.as_str()),
+            )));
+        }
+        if holder.is_none() {
+            self.local_volumes_supported()?;
+        }
+        Ok(ResolvedVolumes {
+            volumes: out,
+            holder,
+        })
     }
 
     /// Records the sandbox's volumes (so they cannot be deleted under it)
-    /// and mounts them on this host: the mounts its provider binds in.
+    /// and mounts them on the host that keeps them: the mounts its provider
+    /// binds in.
     pub(super) async fn volumes_attach(
         &self,
         sandbox: &SandboxId,
-        volumes: &[(VolumeRecord, VolumeMount)],
+        resolved: &ResolvedVolumes,
     ) -> Result<Vec<HostMount>> {
         let host = self.volume_host();
-        let mut out = Vec::with_capacity(volumes.len());
-        for (rec, m) in volumes {
+        let worker = match &resolved.holder {
+            Some(w) if !resolved.volumes.is_empty() => {
+                Some(self.scheduler.worker(w).await.map_err(|e| {
+                    Error::ProviderUnavailable(format!(
+                        "the sandbox's volumes are kept by worker {w}, which cannot be reached \
+                         now: {}",
+                        e.message()
+                    ))
+                })?)
+            }
+            _ => None,
+        };
+        let mut out = Vec::with_capacity(resolved.volumes.len());
+        for (rec, m) in &resolved.volumes {
             self.store
                 .volume_attach(sandbox, &rec.id, &m.path, m.read_only)
                 .await?;
-            let source = host.ensure_mounted(&rec.id).await?;
+            let source = match &worker {
+                None => host
+                    .ensure_mounted(&rec.id)
+                    .await?
+                    .to_string_lossy()
+                    .into_owned(),
+                Some(w) => w.volume_mount(&rec.id).await?,
+            };
             out.push(HostMount {
-                source: source.to_string_lossy().into_owned(),
+                source,
                 target: m.path.clone(),
                 read_only: m.read_only,
             });

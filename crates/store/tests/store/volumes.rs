@@ -14,6 +14,7 @@ fn volume(tenant: &stacyvm_core::TenantId, name: &str) -> VolumeRecord {
         name: name.into(),
         size_mb: 64,
         created_at: fixtures::at(1),
+        worker_id: None,
     }
 }
 

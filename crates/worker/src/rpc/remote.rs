@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, WorkerId};
+use stacyvm_core::{Error, Result, SandboxId, SpawnSpec, VolumeId, WorkerId};
 use stacyvm_provider::images::{ImageCatalog, ImageInfo};
 use stacyvm_provider::{AgentClient, Health, LogLine, ProviderMode, RuntimeInfo, RuntimeStats};
 use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
@@ -37,6 +37,8 @@ const STATS_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long a snapshot's stream may stall before the copy is abandoned.
 const SNAPSHOT_IDLE: Duration = Duration::from_secs(120);
+/// Deadline of a volume call: making one allocates and formats its image.
+const VOLUME_DEADLINE: Duration = Duration::from_secs(300);
 /// Deadline of a spawn: it may fetch the image and wait for the agent.
 const SPAWN_DEADLINE: Duration = Duration::from_secs(600);
 /// How long connecting to a worker may take.
@@ -217,6 +219,16 @@ impl RemoteWorker {
         Ok(())
     }
 
+    fn volume_request(&self, id: &VolumeId, size_mb: i64) -> Result<Request<pb::VolumeRequest>> {
+        self.request(
+            pb::VolumeRequest {
+                volume_id: id.to_string(),
+                size_mb,
+            },
+            Some(VOLUME_DEADLINE),
+        )
+    }
+
     fn forget_agent(&self, id: &SandboxId) {
         self.agents
             .lock()
@@ -238,6 +250,26 @@ fn parse_time(s: &str) -> time::OffsetDateTime {
 
 #[async_trait]
 impl Worker for RemoteWorker {
+    async fn volume_create(&self, id: &VolumeId, size_mb: i64) -> Result<()> {
+        let mut c = self.client()?;
+        let req = self.volume_request(id, size_mb)?;
+        self.call(VOLUME_DEADLINE, c.volume_create(req)).await?;
+        Ok(())
+    }
+
+    async fn volume_mount(&self, id: &VolumeId) -> Result<String> {
+        let mut c = self.client()?;
+        let req = self.volume_request(id, 0)?;
+        Ok(self.call(VOLUME_DEADLINE, c.volume_mount(req)).await?.path)
+    }
+
+    async fn volume_remove(&self, id: &VolumeId) -> Result<()> {
+        let mut c = self.client()?;
+        let req = self.volume_request(id, 0)?;
+        self.call(VOLUME_DEADLINE, c.volume_remove(req)).await?;
+        Ok(())
+    }
+
     fn id(&self) -> &WorkerId {
         &self.id
     }
@@ -338,13 +370,9 @@ impl Worker for RemoteWorker {
                 spec.sandbox_id, lease.sandbox_id
             )));
         }
-        // A volume lives on the control plane's host; a remote worker has no
-        // way to reach it.
-        if !spec.mounts.is_empty() {
-            return Err(Error::Unsupported(
-                "volumes are not supported on remote workers".into(),
-            ));
-        }
+        // Mounts name this worker's own volumes: the control plane asked
+        // it for their paths (`volume_mount`), which a worker from before
+        // volumes cannot answer, so none is ever sent one.
         // A worker from before allow lists would drop the list and start
         // the sandbox with full egress: ask first whether it enforces one.
         if !spec.egress_allow.is_empty() {

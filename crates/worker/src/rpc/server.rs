@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use stacyvm_core::{ByteStream, Error, Result, SandboxId, SpawnSpec, WorkerId};
+use stacyvm_core::{ByteStream, Error, Result, SandboxId, SpawnSpec, VolumeId, WorkerId};
 use stacyvm_provider::images::{ImageCatalog, ImageInfo};
 use stacyvm_provider::{DynProvider, RuntimeInfo};
 use subtle::ConstantTimeEq;
@@ -25,6 +25,7 @@ use super::pb::worker_server::{Worker as WorkerRpcService, WorkerServer};
 use super::{lease_from, lease_from_metadata, pb, to_status, MAX_MESSAGE, PUSH_IMAGE};
 use crate::leases::LeaseTable;
 use crate::rpc::tls::ServerTls;
+use crate::volumes::VolumeHost;
 use crate::{Lease, ProviderHealth, WorkerRuntime};
 
 /// How long a stopping server waits for the calls in flight.
@@ -57,6 +58,9 @@ pub struct WorkerRpcConfig {
     /// The data dir whose `stacyvm certify` records the provider health
     /// reports; `None`: certification is not reported.
     pub certification_records: Option<PathBuf>,
+    /// The data dir under which this worker keeps volumes
+    /// (`volumes/`, see [`VolumeHost`]); `None`: it keeps none.
+    pub volumes: Option<PathBuf>,
 }
 
 /// The worker's state behind the RPC, shared with its registration loop.
@@ -67,6 +71,7 @@ pub struct WorkerRpc {
     leases: Arc<LeaseTable>,
     images: Option<Arc<dyn ImageSource>>,
     certification_records: Option<PathBuf>,
+    volumes: Option<VolumeHost>,
     /// The secret control planes present; `None` until the worker has
     /// registered, when every call is refused.
     secret: RwLock<Option<String>>,
@@ -85,6 +90,7 @@ impl WorkerRpc {
             leases: config.leases,
             images: config.images,
             certification_records: config.certification_records,
+            volumes: config.volumes.as_deref().map(VolumeHost::new),
             secret: RwLock::new(None),
             fetching: tokio::sync::Mutex::new(HashMap::new()),
             closing: CancellationToken::new(),
@@ -270,6 +276,28 @@ impl WorkerRpc {
             ))));
         }
         let provider = self.provider(&lease.provider).map_err(plain)?.clone();
+        if !spec.mounts.is_empty() {
+            if !provider.supports_mounts() {
+                return Err(plain(Error::Unsupported(format!(
+                    "volumes are not supported by the {} provider",
+                    provider.name()
+                ))));
+            }
+            // Only this worker's own volume mounts are bound in: a path
+            // anywhere else on the host is never handed to a sandbox.
+            for m in &spec.mounts {
+                if !self
+                    .volumes
+                    .as_ref()
+                    .is_some_and(|v| v.is_mount_point_path(Path::new(&m.source)))
+                {
+                    return Err(plain(Error::InvalidRequest(format!(
+                        "{} is not a volume of worker {}",
+                        m.source, self.id
+                    ))));
+                }
+            }
+        }
         // As in the in-process worker: a provider that cannot filter
         // refuses, rather than start the sandbox with full egress.
         if !spec.egress_allow.is_empty() {
@@ -312,6 +340,23 @@ impl WorkerRpc {
         Ok(())
     }
 
+    /// This worker's volume host, for a volume id the caller sent.
+    fn volume_host(&self, id: &str) -> Result<(&VolumeHost, VolumeId)> {
+        let id = VolumeId::parse(id)
+            .ok_or_else(|| Error::InvalidRequest(format!("{id:?} is not a volume id")))?;
+        let host = self
+            .volumes
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported(format!("worker {} keeps no volumes", self.id)))?;
+        if !crate::volumes::can_keep() {
+            return Err(Error::Unsupported(format!(
+                "worker {} runs without root and cannot loop-mount volumes",
+                self.id
+            )));
+        }
+        Ok((host, id))
+    }
+
     async fn image_removed(&self, image: &ImageInfo) -> Result<()> {
         let mut first_error = None;
         for p in &self.providers {
@@ -350,6 +395,48 @@ fn answer<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
 
 #[async_trait]
 impl WorkerRpcService for Service {
+    async fn volume_create(
+        &self,
+        req: Request<pb::VolumeRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let outcome = async {
+            let (host, id) = self.0.volume_host(&r.volume_id)?;
+            stacyvm_core::volumes::validate_volume_size("size_mb", r.size_mb)?;
+            host.create(&id, r.size_mb).await
+        }
+        .await;
+        answer(outcome.map(|()| pb::Empty {}))
+    }
+
+    async fn volume_mount(
+        &self,
+        req: Request<pb::VolumeRequest>,
+    ) -> std::result::Result<Response<pb::VolumePath>, Status> {
+        let r = req.into_inner();
+        let outcome = async {
+            let (host, id) = self.0.volume_host(&r.volume_id)?;
+            host.ensure_mounted(&id).await
+        }
+        .await;
+        answer(outcome.map(|p| pb::VolumePath {
+            path: p.to_string_lossy().into_owned(),
+        }))
+    }
+
+    async fn volume_remove(
+        &self,
+        req: Request<pb::VolumeRequest>,
+    ) -> std::result::Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let outcome = async {
+            let (host, id) = self.0.volume_host(&r.volume_id)?;
+            host.remove(&id).await
+        }
+        .await;
+        answer(outcome.map(|()| pb::Empty {}))
+    }
+
     async fn describe(
         &self,
         _: Request<pb::Empty>,

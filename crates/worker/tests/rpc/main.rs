@@ -388,3 +388,48 @@ async fn a_remote_docker_worker_enforces_an_allow_list() -> anyhow::Result<()> {
     w.destroy(&lease).await?;
     Ok(())
 }
+
+/// A worker binds into sandboxes only the volumes it keeps itself: a
+/// worker with no volume directory refuses volume calls, and a spawn whose
+/// mount names any other host path is refused before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_binds_in_only_volumes_it_keeps() -> anyhow::Result<()> {
+    let node = Node::start("docker", None).await?;
+    let w = node.remote();
+    let vol = stacyvm_core::VolumeId::generate();
+    for r in [
+        w.volume_create(&vol, 16).await,
+        w.volume_remove(&vol).await,
+        w.volume_mount(&vol).await.map(|_| ()),
+    ] {
+        match r {
+            Err(Error::Unsupported(why)) => anyhow::ensure!(why.contains("no volumes"), "{why}"),
+            other => anyhow::bail!("a worker without volumes answered {other:?}"),
+        }
+    }
+    let mut spec = spec();
+    spec.mounts = vec![stacyvm_core::HostMount {
+        source: "/etc".into(),
+        target: "/host-etc".into(),
+        read_only: true,
+    }];
+    let lease = Lease::new(&spec.sandbox_id, 1, &node.provider_name());
+    node.guard.register(&spec.sandbox_id);
+    match w.spawn(&lease, &spec).await {
+        Err(Error::InvalidRequest(why)) => {
+            anyhow::ensure!(
+                why.contains("/etc") && why.contains("not a volume"),
+                "{why}"
+            )
+        }
+        other => anyhow::bail!("a spawn binding /etc answered {other:?}"),
+    }
+    anyhow::ensure!(
+        !w.runtimes()
+            .await?
+            .iter()
+            .any(|r| r.runtime.sandbox_id == spec.sandbox_id),
+        "the refused sandbox runs"
+    );
+    Ok(())
+}

@@ -146,6 +146,7 @@ impl Node {
             leases: Arc::new(LeaseTable::new(Duration::from_secs(600))),
             images: opts.images,
             certification_records: None,
+            volumes: None,
         });
         if !opts.unregistered {
             rpc.set_secret(SECRET);
