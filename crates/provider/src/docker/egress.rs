@@ -173,7 +173,7 @@ impl Inner {
     /// Marks the sandbox as being armed and writes its resolver file;
     /// returns the file's path.
     pub(super) async fn prepare_allow_list(&self, id: &SandboxId) -> Result<std::path::PathBuf> {
-        self.guards().insert(id.clone(), None);
+        self.egress_guards.arming(id);
         let path = self.resolv_conf_path(id);
         tokio::fs::write(&path, egress_filter::resolv_conf())
             .await
@@ -182,20 +182,7 @@ impl Inner {
     }
 
     pub(super) fn egress_upstreams(&self) -> Result<Vec<std::net::SocketAddr>> {
-        if self.cfg.egress_dns_upstreams.is_empty() {
-            egress_filter::host_upstreams()
-        } else {
-            Ok(self.cfg.egress_dns_upstreams.clone())
-        }
-    }
-
-    /// Sandboxes with an allow list: `None` while a spawn is arming it, so
-    /// an adoption pass does not start a second filter meanwhile.
-    fn guards(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Option<EgressGuard>>> {
-        // Nothing panics while holding it; a poisoned map is still consistent.
-        self.egress_guards
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        egress_filter::upstreams(&self.cfg.egress_dns_upstreams)
     }
 
     /// Loads the allow list's table into the running container's network
@@ -210,7 +197,7 @@ impl Inner {
     ) -> Result<()> {
         let netns = self.container_netns(docker, name).await?;
         let guard = EgressGuard::arm(netns, rules, upstreams).await?;
-        self.guards().insert(id.clone(), Some(guard));
+        self.egress_guards.armed(id, guard);
         tracing::info!(sandbox = %id, entries = rules.len(), "egress allow list enforced");
         Ok(())
     }
@@ -222,7 +209,7 @@ impl Inner {
     /// listed networks stay reachable, nothing else. Failures are logged:
     /// the sandbox stays as restricted as it was.
     pub(super) async fn rearm_allow_list(&self, docker: &Docker, id: &SandboxId, list: &str) {
-        if self.guards().contains_key(id) {
+        if self.egress_guards.has(id) {
             return;
         }
         let result = async {
@@ -237,9 +224,7 @@ impl Inner {
         .await;
         match result {
             Ok(guard) => {
-                let mut guards = self.guards();
-                if !guards.contains_key(id) {
-                    guards.insert(id.clone(), Some(guard));
+                if self.egress_guards.adopt(id, guard) {
                     tracing::info!(sandbox = %id, "DNS filter of an adopted sandbox started again");
                 }
             }
@@ -293,7 +278,7 @@ impl Inner {
     /// Stops a sandbox's DNS filter and removes its resolver file; nothing
     /// to remove is success.
     pub(super) async fn disarm_allow_list(&self, id: &SandboxId) -> Result<()> {
-        drop(self.guards().remove(id));
+        self.egress_guards.remove(id);
         let path = self.resolv_conf_path(id);
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),

@@ -177,7 +177,7 @@ struct Inner {
     image_imports: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The DNS filters of sandboxes with an allow list (their nftables
     /// tables live in the sandboxes' own namespaces).
-    egress_guards: Mutex<HashMap<SandboxId, Option<crate::egress_filter::EgressGuard>>>,
+    egress_guards: crate::egress_filter::EgressGuards,
 }
 
 impl DockerProvider {
@@ -240,7 +240,7 @@ impl DockerProvider {
                 agents: Mutex::new(HashMap::new()),
                 paused: Mutex::new(HashSet::new()),
                 image_imports: Mutex::new(HashMap::new()),
-                egress_guards: Mutex::new(HashMap::new()),
+                egress_guards: Default::default(),
             }),
         })
     }
@@ -258,13 +258,7 @@ impl DockerProvider {
     /// How many DNS filters (one per sandbox with an allow list) this
     /// provider runs.
     pub fn egress_dns_filters(&self) -> usize {
-        self.inner
-            .egress_guards
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .filter(|g| g.is_some())
-            .count()
+        self.inner.egress_guards.running()
     }
 
     /// The Docker reference a catalog image is imported under.

@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stacyvm_core::{EgressRule, Error, Result};
+use stacyvm_core::{EgressRule, Error, Result, SandboxId};
 
 /// The nftables table (family `inet`) inside each filtered sandbox.
 pub const NFT_TABLE: &str = "stacyvm_egress";
@@ -194,6 +194,16 @@ pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// The resolvers allow-listed names are forwarded to: the operator's
+/// (`--egress-dns-upstream`), else the host's.
+pub fn upstreams(configured: &[SocketAddr]) -> Result<Vec<SocketAddr>> {
+    if configured.is_empty() {
+        host_upstreams()
+    } else {
+        Ok(configured.to_vec())
+    }
+}
+
 /// The host's resolvers, from `/etc/resolv.conf`.
 pub fn host_upstreams() -> Result<Vec<SocketAddr>> {
     let text = std::fs::read_to_string("/etc/resolv.conf").map_err(|e| {
@@ -247,6 +257,57 @@ impl EgressGuard {
         let sets = Arc::new(ResolvedSets::new(netns));
         let dns = dns::DnsFilter::start(sets, allowed_names(rules), upstreams).await?;
         Ok(EgressGuard { _dns: dns })
+    }
+}
+
+/// One provider's DNS filters, by sandbox: `None` while a spawn arms one,
+/// so a listing meanwhile (adoption) does not start a second.
+#[derive(Default)]
+pub struct EgressGuards(std::sync::Mutex<HashMap<SandboxId, Option<EgressGuard>>>);
+
+impl EgressGuards {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Option<EgressGuard>>> {
+        // Nothing panics while holding it; a poisoned map is still consistent.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A spawn is arming `id`'s filter.
+    pub fn arming(&self, id: &SandboxId) {
+        self.map().insert(id.clone(), None);
+    }
+
+    /// `id`'s filter runs.
+    pub fn armed(&self, id: &SandboxId, guard: EgressGuard) {
+        self.map().insert(id.clone(), Some(guard));
+    }
+
+    /// Whether `id` has a filter, or one being armed.
+    pub fn has(&self, id: &SandboxId) -> bool {
+        self.map().contains_key(id)
+    }
+
+    /// Keeps the filter an adoption started for `id` unless one was armed
+    /// meanwhile (it is then dropped); says whether it was kept.
+    pub fn adopt(&self, id: &SandboxId, guard: EgressGuard) -> bool {
+        let mut map = self.map();
+        if map.contains_key(id) {
+            return false;
+        }
+        map.insert(id.clone(), Some(guard));
+        true
+    }
+
+    /// Stops `id`'s filter.
+    pub fn remove(&self, id: &SandboxId) {
+        let gone = self.map().remove(id);
+        drop(gone);
+    }
+
+    /// How many filters run.
+    pub fn running(&self) -> usize {
+        self.map().values().filter(|g| g.is_some()).count()
     }
 }
 

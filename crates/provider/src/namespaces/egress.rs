@@ -13,7 +13,6 @@
 //! command of the sandbox ever runs without them. The sandbox cannot change
 //! either: it has no `CAP_NET_ADMIN` (Docker's default capabilities).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -118,25 +117,12 @@ pub(super) fn write_resolv_conf(root: &Path, text: &str, owner: Owner) -> Result
 impl NamespacesProvider {
     /// The resolvers allow-listed names are forwarded to.
     pub(super) fn egress_upstreams(&self) -> Result<Vec<SocketAddr>> {
-        if self.cfg.egress_dns_upstreams.is_empty() {
-            egress_filter::host_upstreams()
-        } else {
-            Ok(self.cfg.egress_dns_upstreams.clone())
-        }
-    }
-
-    /// Sandboxes with an allow list: `None` while a spawn arms it, so a
-    /// listing meanwhile does not start a second filter.
-    fn guards(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Option<EgressGuard>>> {
-        // Nothing panics while holding it; a poisoned map is still consistent.
-        self.egress_guards
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        egress_filter::upstreams(&self.cfg.egress_dns_upstreams)
     }
 
     /// How many DNS filters run (one per sandbox with an allow list).
     pub fn egress_dns_filters(&self) -> usize {
-        self.guards().values().filter(|g| g.is_some()).count()
+        self.egress_guards.running()
     }
 
     /// Gives the sandbox whose init is `pid` its allow list (when it has
@@ -150,11 +136,11 @@ impl NamespacesProvider {
     ) -> Result<()> {
         let id = &spec.sandbox_id;
         if !spec.egress_allow.is_empty() {
-            self.guards().insert(id.clone(), None);
+            self.egress_guards.arming(id);
             let netns = NetNs::of_pid(pid)
                 .map_err(|e| Error::internal("opening the sandbox's network namespace", e))?;
             let guard = EgressGuard::arm(netns, &spec.egress_allow, upstreams).await?;
-            self.guards().insert(id.clone(), Some(guard));
+            self.egress_guards.armed(id, guard);
             logs::provider_log(
                 dir,
                 &format!(
@@ -182,7 +168,7 @@ impl NamespacesProvider {
     /// Stops the sandbox's DNS filter and removes its veth pair and
     /// namespace name (nothing when it had none).
     pub(super) async fn disconnect_network(&self, id: &SandboxId) -> Result<()> {
-        self.guards().remove(id);
+        self.egress_guards.remove(id);
         net::remove(id).await
     }
 
@@ -193,7 +179,7 @@ impl NamespacesProvider {
     /// was, its lookups fail.
     pub(super) async fn rearm(&self, dir: &Path, meta: &SandboxMeta) {
         let id = &meta.sandbox_id;
-        if meta.egress_allow.is_empty() || self.guards().contains_key(id) {
+        if meta.egress_allow.is_empty() || self.egress_guards.has(id) {
             return;
         }
         let result = async {
@@ -212,9 +198,7 @@ impl NamespacesProvider {
         .await;
         match result {
             Ok(guard) => {
-                let mut guards = self.guards();
-                if !guards.contains_key(id) {
-                    guards.insert(id.clone(), Some(guard));
+                if self.egress_guards.adopt(id, guard) {
                     tracing::info!(sandbox = %id, "DNS filter of an adopted sandbox started again");
                 }
             }

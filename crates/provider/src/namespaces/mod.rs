@@ -134,7 +134,7 @@ pub struct NamespacesProvider {
     /// Serialises spawn, destroy, pause and resume of one sandbox.
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
     /// The DNS filters of sandboxes with an allow list (see [`egress`]).
-    egress_guards: Mutex<HashMap<SandboxId, Option<crate::egress_filter::EgressGuard>>>,
+    egress_guards: crate::egress_filter::EgressGuards,
 }
 
 /// The server's own ids, which a rootless sandbox's root maps to: an
@@ -264,7 +264,7 @@ impl NamespacesProvider {
             run_base: PathBuf::from(RUN_BASE),
             allow_unenforced_limits: false,
             locks: Mutex::new(HashMap::new()),
-            egress_guards: Mutex::new(HashMap::new()),
+            egress_guards: Default::default(),
         })
     }
 
@@ -358,7 +358,7 @@ impl NamespacesProvider {
             run_base,
             allow_unenforced_limits: false,
             locks: Mutex::new(HashMap::new()),
-            egress_guards: Mutex::new(HashMap::new()),
+            egress_guards: Default::default(),
         }
     }
 
