@@ -110,6 +110,14 @@ impl App {
             Err(e) => Err(e),
         };
         if let Err(e) = made {
+            // A worker that made the image but whose answer was lost (a
+            // timeout) must not keep it: removing what is not there is
+            // success.
+            if let Some((_, worker)) = &holder {
+                if let Err(e2) = worker.volume_remove(&rec.id).await {
+                    tracing::warn!(volume = %rec.id, error = %e2, "a volume whose create failed may be left on its worker");
+                }
+            }
             let _ = self.store.volume_delete(&rec.id).await;
             return Err(e);
         }
