@@ -511,8 +511,8 @@ impl NamespacesProvider {
              sandbox is a process tree in user, mount, PID, network, UTS and IPC namespaces with \
              Docker's default capabilities (in its user namespace only), no_new_privs, masked \
              /proc and /sys and a seccomp allow-list after Docker's default profile; network: \
-             none (egress needs a server running as root); root: {layout}; not enforced: memory, cpu and pids \
-             limits, pause/resume ({why}); {refusal}",
+             none (egress needs a server running as root); root: {layout}; not enforced: \
+             memory, cpu and pids limits, pause/resume ({why}); {refusal}",
             uid = ids.uid,
             gid = ids.gid,
             why = self.cgroups.as_ref().err().map_or("", String::as_str),
@@ -630,7 +630,6 @@ impl NamespacesProvider {
             ids,
             workdir: workdir.clone(),
             rootless: self.rootless.is_some(),
-            egress,
             egress_allow: spec.egress_allow.clone(),
         };
         state::write_meta(dir, &meta)?;

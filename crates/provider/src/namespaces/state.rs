@@ -56,9 +56,6 @@ pub struct SandboxMeta {
     /// the root is mounted in the sandbox's namespaces alone.
     #[serde(default)]
     pub rootless: bool,
-    /// Whether the sandbox has egress (a veth pair, see `egress`).
-    #[serde(default)]
-    pub egress: bool,
     /// Its egress allow list; empty: none (full egress, or no network).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_allow: Vec<EgressRule>,
