@@ -38,7 +38,7 @@ fi
 modules="virtio_pci virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport"
 # Changes with /init below, so a guest directory made by an older script
 # is made again.
-init_version=2
+init_version=3
 
 if [ -s "$guest_dir/vmlinuz" ] && [ -s "$guest_dir/initramfs.cpio.gz" ] && [ -s "$guest_dir/kernel-release" ] &&
   [ "$(cat "$guest_dir/init-version" 2>/dev/null)" = "$init_version" ] &&
@@ -117,9 +117,19 @@ if [ -s /newroot/.stacyvm/workdir ]; then wd="$(cat /newroot/.stacyvm/workdir)";
 if [ -s /newroot/.stacyvm/hostname ]; then hostname "$(cat /newroot/.stacyvm/hostname)"; fi
 ip link set lo up 2>/dev/null
 if [ -s /newroot/.stacyvm/net ]; then
-  # "ADDR/PREFIX GATEWAY" for eth0, set up by the host's tap.
-  read -r addr gw </newroot/.stacyvm/net
-  ip link set eth0 up && ip addr add "$addr" dev eth0 && ip route add default via "$gw"
+  # "ADDR/PREFIX GATEWAY [ON-LINK]" for eth0, set up by the host's tap; the
+  # on-link address (the DNS filter of a guest with an allow list) is
+  # reached directly, not through the gateway.
+  read -r addr gw onlink </newroot/.stacyvm/net
+  ip link set eth0 up && ip addr add "$addr" dev eth0 && ip route add default via "$gw" ||
+    fail "cannot configure eth0"
+  if [ -n "$onlink" ]; then ip route add "$onlink" dev eth0 || fail "cannot route to $onlink"; fi
+fi
+if [ -f /newroot/.stacyvm/resolv.conf ]; then
+  # The sandbox's resolvers replace the image's (a link there included).
+  rm -f /newroot/etc/resolv.conf
+  mkdir -p /newroot/etc && cp /newroot/.stacyvm/resolv.conf /newroot/etc/resolv.conf &&
+    chmod 0644 /newroot/etc/resolv.conf
 fi
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc

@@ -164,6 +164,7 @@ pub async fn run(args: CertifyArgs) -> Result<ExitCode> {
                         .firecracker_bin
                         .clone()
                         .unwrap_or_else(stacyvm_provider::firecracker::default_binary),
+                    egress_dns_upstreams: Vec::new(),
                 })
             })
             .map(|p| Arc::new(p) as DynProvider)

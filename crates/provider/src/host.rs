@@ -216,6 +216,7 @@ fn build(
                         catalog: catalog.clone(),
                         instance: instance.to_owned(),
                         guest_dir: crate::microvm::GuestAssets::default_dir(),
+                        egress_dns_upstreams: options.egress_dns_upstreams.clone(),
                     })?);
                 // In KVM mode it serves only where it was certified.
                 out.push(match gate {
@@ -243,6 +244,7 @@ fn build(
                             .firecracker_bin
                             .clone()
                             .unwrap_or_else(crate::firecracker::default_binary),
+                        egress_dns_upstreams: options.egress_dns_upstreams.clone(),
                     },
                 )?);
                 out.push(match gate {

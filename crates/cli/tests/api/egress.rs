@@ -33,7 +33,7 @@ async fn allow_lists_are_checked_refused_where_unenforceable_and_enforced() -> R
     // process: it is the one given the test's DNS server as upstream.
     let server = Server::start(
         ServerOptions::new(StoreKind::Sqlite)
-            .providers("docker,proot,namespaces")
+            .providers("docker,proot,namespaces,qemu")
             .local_worker()
             .env("STACYVM_EGRESS_DNS_UPSTREAM", &far.dns),
     )?;
@@ -98,7 +98,7 @@ async fn allow_lists_are_checked_refused_where_unenforceable_and_enforced() -> R
     );
     admin.destroy(s["id"].as_str().unwrap_or_default()).await?;
 
-    for provider in ["docker", "namespaces"] {
+    for provider in ["docker", "namespaces", "qemu"] {
         let s = admin
             .create_sandbox(json!({"image": "busybox", "provider": provider,
                 "network": {"allow": [far.allowed, "Allowed.Test."]}}))

@@ -623,6 +623,7 @@ impl Server {
                     catalog: catalog.clone(),
                     instance: instance.clone(),
                     guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
+                    egress_dns_upstreams: Vec::new(),
                 },
             )?));
         }

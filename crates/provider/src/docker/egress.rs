@@ -18,7 +18,7 @@ use bollard::Docker;
 use stacyvm_core::{EgressRule, Error, Result, SandboxId};
 
 use super::{is_status, Inner, LABEL_MANAGED};
-use crate::egress_filter::{self, EgressGuard, NetNs};
+use crate::egress_filter::{self, EgressGuard, NetNs, Placement};
 
 /// The network of egress sandboxes that may not reach the host.
 pub const EGRESS_NETWORK: &str = "stacyvm-egress";
@@ -196,7 +196,7 @@ impl Inner {
         upstreams: Vec<std::net::SocketAddr>,
     ) -> Result<()> {
         let netns = self.container_netns(docker, name).await?;
-        let guard = EgressGuard::arm(netns, rules, upstreams).await?;
+        let guard = EgressGuard::arm(netns, Placement::Own, rules, upstreams).await?;
         self.egress_guards.armed(id, guard);
         tracing::info!(sandbox = %id, entries = rules.len(), "egress allow list enforced");
         Ok(())
@@ -219,7 +219,7 @@ impl Inner {
                 .container_netns(docker, &self.container_name(id))
                 .await?;
             let upstreams = self.egress_upstreams()?;
-            EgressGuard::resume(netns, &rules, upstreams).await
+            EgressGuard::resume(netns, Placement::Own, &rules, upstreams).await
         }
         .await;
         match result {

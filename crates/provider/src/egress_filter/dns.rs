@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use super::{ResolvedSets, RESOLVER_ADDR, RESOLVER_PORT};
+use super::{ResolvedSets, RESOLVER_PORT};
 
 /// The largest DNS message over UDP (with EDNS) StacyVM passes on.
 const MAX_MESSAGE: usize = 65_535;
@@ -229,25 +229,26 @@ struct Shared {
 }
 
 impl DnsFilter {
-    /// Opens the filter's socket on [`RESOLVER_ADDR`] inside the sandbox's
-    /// namespace and starts serving.
+    /// Opens the filter's sockets on its placement's resolver address
+    /// inside the sandbox's namespace and starts serving.
     pub async fn start(
         sets: Arc<ResolvedSets>,
         names: Vec<String>,
         upstreams: Vec<SocketAddr>,
     ) -> Result<DnsFilter> {
+        let at = sets.placement().resolver();
         let (std_socket, std_listener) = sets
             .netns()
             .run(|| {
-                let s = std::net::UdpSocket::bind((RESOLVER_ADDR, RESOLVER_PORT))?;
+                let s = std::net::UdpSocket::bind((at, RESOLVER_PORT))?;
                 s.set_nonblocking(true)?;
-                let l = std::net::TcpListener::bind((RESOLVER_ADDR, RESOLVER_PORT))?;
+                let l = std::net::TcpListener::bind((at, RESOLVER_PORT))?;
                 l.set_nonblocking(true)?;
                 Ok((s, l))
             })
             .map_err(|e| {
                 Error::ProviderUnavailable(format!(
-                    "opening the DNS filter's sockets {RESOLVER_ADDR}:{RESOLVER_PORT} in the \
+                    "opening the DNS filter's sockets {at}:{RESOLVER_PORT} in the \
                      sandbox's network namespace: {e}"
                 ))
             })?;

@@ -3,6 +3,11 @@
 //! the listed networks and the addresses StacyVM's DNS filter resolved for
 //! the listed names; and that DNS filter itself (see [`dns`]).
 //!
+//! A microVM guest's traffic does not leave from its namespace's own
+//! processes but crosses the bridge there from the guest's tap device; its
+//! table (family `bridge`, see [`Placement::GuestBridge`]) filters those
+//! frames instead, and its DNS filter listens on an address of that bridge.
+//!
 //! The table lives in the sandbox's namespace, so it disappears with the
 //! sandbox however the server ends, and a sandbox without `CAP_NET_ADMIN`
 //! can neither list nor change it. The DNS filter is a task of the server
@@ -29,6 +34,10 @@ pub const NFT_TABLE: &str = "stacyvm_egress";
 /// sandbox's own namespace on which the DNS filter listens.
 pub const RESOLVER_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 pub const RESOLVER_PORT: u16 = 53;
+/// Where a guest's resolver points: an address of the bridge in the
+/// guest's namespace (link-local, so no network anyone uses), which the
+/// guest reaches through a host route on its NIC.
+pub const GUEST_RESOLVER_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 53, 53);
 /// Docker's embedded resolver, present in every container on a user-defined
 /// network; it would answer any name, so it is unreachable.
 const DOCKER_RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
@@ -41,24 +50,66 @@ const MIN_ADDRESS_TTL: Duration = Duration::from_secs(60);
 /// ...and at most this long after the last answer that named them.
 const MAX_ADDRESS_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// The resolver configuration a filtered sandbox gets as `/etc/resolv.conf`.
-pub fn resolv_conf() -> String {
-    format!(
-        "# StacyVM: this sandbox resolves only the host names of its allow list\n\
-         nameserver {RESOLVER_ADDR}\noptions ndots:0\n"
-    )
+/// Where a sandbox's traffic is filtered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// In the sandbox's own network namespace, on its processes' output
+    /// (containers, `namespaces` sandboxes).
+    Own,
+    /// On the bridge of a microVM guest's namespace, on the frames its tap
+    /// device `tap` sends on; `gateway` is the host's end, which the
+    /// host's own table guards.
+    GuestBridge {
+        tap: &'static str,
+        gateway: Ipv4Addr,
+    },
 }
 
-/// The table that enforces `rules`, as one nftables script that replaces
-/// any earlier copy of it atomically.
-///
-/// Everything leaving the namespace is refused (with a reset or an ICMP
-/// error, so clients fail at once rather than time out) except loopback
-/// (where the DNS filter listens; Docker's resolver excepted), replies to
-/// connections already accepted, IPv6 neighbour discovery, and destinations
-/// in the static sets (the listed networks) or the resolved sets (filled by
-/// the DNS filter, each address with a timeout).
-pub fn nft_ruleset(rules: &[EgressRule]) -> String {
+impl Placement {
+    /// The nftables family of the table.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Placement::Own => "inet",
+            Placement::GuestBridge { .. } => "bridge",
+        }
+    }
+
+    /// Where the DNS filter listens.
+    pub fn resolver(&self) -> Ipv4Addr {
+        match self {
+            Placement::Own => RESOLVER_ADDR,
+            Placement::GuestBridge { .. } => GUEST_RESOLVER_ADDR,
+        }
+    }
+
+    /// The resolver configuration a filtered sandbox gets as
+    /// `/etc/resolv.conf`.
+    pub fn resolv_conf(&self) -> String {
+        format!(
+            "# StacyVM: this sandbox resolves only the host names of its allow list\n\
+             nameserver {}\noptions ndots:0\n",
+            self.resolver()
+        )
+    }
+
+    /// The table that enforces `rules` here, as one nftables script that
+    /// replaces any earlier copy of it atomically.
+    pub fn ruleset(&self, rules: &[EgressRule]) -> String {
+        match self {
+            Placement::Own => nft_ruleset(rules),
+            Placement::GuestBridge { tap, gateway } => bridge_ruleset(rules, tap, *gateway),
+        }
+    }
+}
+
+/// The resolver configuration a filtered container or `namespaces`
+/// sandbox gets as `/etc/resolv.conf`.
+pub fn resolv_conf() -> String {
+    Placement::Own.resolv_conf()
+}
+
+/// The networks of an allow list, IPv4 and IPv6, as set elements.
+fn network_elements(rules: &[EgressRule]) -> (String, String) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for r in rules {
@@ -76,15 +127,69 @@ pub fn nft_ruleset(rules: &[EgressRule]) -> String {
             format!("; elements = {{ {} }}", list.join(", "))
         }
     };
+    (elements(&v4), elements(&v6))
+}
+
+/// The sets both tables hold: the listed networks and the addresses the
+/// DNS filter resolved.
+fn sets(rules: &[EgressRule]) -> String {
+    let (e4, e6) = network_elements(rules);
+    format!(
+        "\tset allowed4 {{ type ipv4_addr; flags interval{e4}; }}\n\
+         \tset allowed6 {{ type ipv6_addr; flags interval{e6}; }}\n\
+         \tset resolved4 {{ type ipv4_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}\n\
+         \tset resolved6 {{ type ipv6_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}\n"
+    )
+}
+
+/// The table of a microVM guest: frames the guest sends through the bridge
+/// pass only to the listed networks, the resolved addresses, or the host's
+/// end of its link (the host's own table keeps the guest off the host, and
+/// lets through only replies to the host's connections); ARP and IPv6
+/// neighbour discovery pass too. What reaches the bridge's own address (the
+/// DNS filter) is not forwarded and not filtered here. Nothing else leaves
+/// the guest: it is dropped (the bridge family can neither track
+/// connections nor answer with a reset on every kernel), so a denied
+/// connection times out. Nothing can connect into a guest from outside
+/// (the host's table), so no reply of the guest needs to pass unlisted.
+pub fn bridge_ruleset(rules: &[EgressRule], tap: &str, gateway: Ipv4Addr) -> String {
+    format!(
+        r#"table bridge {NFT_TABLE}
+delete table bridge {NFT_TABLE}
+table bridge {NFT_TABLE} {{
+{sets}	chain forward {{
+		type filter hook forward priority filter; policy accept;
+		iifname != "{tap}" accept
+		ether type arp accept
+		ip daddr {gateway} accept
+		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept
+		ip daddr @allowed4 accept
+		ip6 daddr @allowed6 accept
+		ip daddr @resolved4 accept
+		ip6 daddr @resolved6 accept
+		drop
+	}}
+}}
+"#,
+        sets = sets(rules),
+    )
+}
+
+/// The table that enforces `rules`, as one nftables script that replaces
+/// any earlier copy of it atomically.
+///
+/// Everything leaving the namespace is refused (with a reset or an ICMP
+/// error, so clients fail at once rather than time out) except loopback
+/// (where the DNS filter listens; Docker's resolver excepted), replies to
+/// connections already accepted, IPv6 neighbour discovery, and destinations
+/// in the static sets (the listed networks) or the resolved sets (filled by
+/// the DNS filter, each address with a timeout).
+pub fn nft_ruleset(rules: &[EgressRule]) -> String {
     format!(
         r#"table inet {NFT_TABLE}
 delete table inet {NFT_TABLE}
 table inet {NFT_TABLE} {{
-	set allowed4 {{ type ipv4_addr; flags interval{e4}; }}
-	set allowed6 {{ type ipv6_addr; flags interval{e6}; }}
-	set resolved4 {{ type ipv4_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}
-	set resolved6 {{ type ipv6_addr; flags timeout; size {RESOLVED_SET_SIZE}; }}
-	chain output {{
+{sets}	chain output {{
 		type filter hook output priority filter; policy drop;
 		ct state established,related accept
 		ip daddr {DOCKER_RESOLVER} reject with icmpx type admin-prohibited
@@ -99,8 +204,7 @@ table inet {NFT_TABLE} {{
 	}}
 }}
 "#,
-        e4 = elements(&v4),
-        e6 = elements(&v6),
+        sets = sets(rules),
     )
 }
 
@@ -204,6 +308,23 @@ pub fn upstreams(configured: &[SocketAddr]) -> Result<Vec<SocketAddr>> {
     }
 }
 
+/// The `/etc/resolv.conf` of a sandbox with full egress: the upstream
+/// resolvers reachable from a sandbox (a loopback address of the host is
+/// not: the sandbox's loopback is its own).
+pub fn plain_resolv_conf(upstreams: &[SocketAddr]) -> String {
+    let usable: Vec<String> = upstreams
+        .iter()
+        .filter(|a| a.port() == 53 && !a.ip().is_loopback())
+        .map(|a| format!("nameserver {}\n", a.ip()))
+        .collect();
+    if usable.is_empty() {
+        return "# StacyVM: the host names no nameserver a sandbox can reach (its own are \
+                loopback addresses); the operator sets one with --egress-dns-upstream\n"
+            .into();
+    }
+    format!("# StacyVM: the host's nameservers\n{}", usable.concat())
+}
+
 /// The host's resolvers, from `/etc/resolv.conf`.
 pub fn host_upstreams() -> Result<Vec<SocketAddr>> {
     let text = std::fs::read_to_string("/etc/resolv.conf").map_err(|e| {
@@ -231,16 +352,17 @@ pub struct EgressGuard {
 }
 
 impl EgressGuard {
-    /// Loads the table for `rules` into `netns` and starts the DNS filter
-    /// for its host names (also when there are none, so every lookup gets a
-    /// clear refusal rather than a timeout).
+    /// Loads the table for `rules` into `netns`, filtering at `placement`,
+    /// and starts the DNS filter for its host names (also when there are
+    /// none, so every lookup gets a clear refusal rather than a timeout).
     pub async fn arm(
         netns: NetNs,
+        placement: Placement,
         rules: &[EgressRule],
         upstreams: Vec<SocketAddr>,
     ) -> Result<EgressGuard> {
-        netns.nft(&nft_ruleset(rules)).await?;
-        let sets = Arc::new(ResolvedSets::new(netns));
+        netns.nft(&placement.ruleset(rules)).await?;
+        let sets = Arc::new(ResolvedSets::at(netns, placement));
         let dns = dns::DnsFilter::start(sets, allowed_names(rules), upstreams).await?;
         Ok(EgressGuard { _dns: dns })
     }
@@ -251,10 +373,11 @@ impl EgressGuard {
     /// working.
     pub async fn resume(
         netns: NetNs,
+        placement: Placement,
         rules: &[EgressRule],
         upstreams: Vec<SocketAddr>,
     ) -> Result<EgressGuard> {
-        let sets = Arc::new(ResolvedSets::new(netns));
+        let sets = Arc::new(ResolvedSets::at(netns, placement));
         let dns = dns::DnsFilter::start(sets, allowed_names(rules), upstreams).await?;
         Ok(EgressGuard { _dns: dns })
     }
@@ -315,19 +438,32 @@ impl EgressGuards {
 /// StacyVM added expires, so a shorter TTL never cuts a longer one short.
 pub struct ResolvedSets {
     netns: NetNs,
+    placement: Placement,
     expiry: tokio::sync::Mutex<HashMap<IpAddr, Instant>>,
 }
 
 impl ResolvedSets {
+    /// The sets of a table in the sandbox's own namespace.
     pub fn new(netns: NetNs) -> ResolvedSets {
+        ResolvedSets::at(netns, Placement::Own)
+    }
+
+    /// The sets of a table filtering at `placement`.
+    pub fn at(netns: NetNs, placement: Placement) -> ResolvedSets {
         ResolvedSets {
             netns,
+            placement,
             expiry: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
     pub fn netns(&self) -> &NetNs {
         &self.netns
+    }
+
+    /// Where the table filters (and so where the DNS filter listens).
+    pub fn placement(&self) -> Placement {
+        self.placement
     }
 
     /// Makes `addrs` reachable for at least their TTLs (clamped to
@@ -358,7 +494,9 @@ impl ResolvedSets {
         if wanted.is_empty() {
             return Ok(());
         }
-        self.netns.nft(&refresh_script(&wanted)).await?;
+        self.netns
+            .nft(&refresh_script(self.placement.family(), &wanted))
+            .await?;
         for (addr, secs) in wanted {
             expiry.insert(addr, now + Duration::from_secs(secs));
         }
@@ -368,7 +506,7 @@ impl ResolvedSets {
 
 /// Adds each address with its timeout, replacing the timeout of one already
 /// there: add (so it exists), delete, add again, in one transaction.
-fn refresh_script(addrs: &[(IpAddr, u64)]) -> String {
+fn refresh_script(family: &str, addrs: &[(IpAddr, u64)]) -> String {
     let mut out = String::new();
     for (set, v4) in [("resolved4", true), ("resolved6", false)] {
         let these: Vec<&(IpAddr, u64)> = addrs.iter().filter(|(a, _)| a.is_ipv4() == v4).collect();
@@ -386,9 +524,9 @@ fn refresh_script(addrs: &[(IpAddr, u64)]) -> String {
             .collect::<Vec<_>>()
             .join(", ");
         out.push_str(&format!(
-            "add element inet {NFT_TABLE} {set} {{ {with_timeout} }}\n\
-             delete element inet {NFT_TABLE} {set} {{ {bare} }}\n\
-             add element inet {NFT_TABLE} {set} {{ {with_timeout} }}\n"
+            "add element {family} {NFT_TABLE} {set} {{ {with_timeout} }}\n\
+             delete element {family} {NFT_TABLE} {set} {{ {bare} }}\n\
+             add element {family} {NFT_TABLE} {set} {{ {with_timeout} }}\n"
         ));
     }
     out
@@ -438,10 +576,13 @@ mod tests {
 
     #[test]
     fn a_refresh_adds_deletes_and_adds_per_family() {
-        let s = refresh_script(&[
-            ("192.0.2.1".parse().unwrap(), 60),
-            ("2001:db8::1".parse().unwrap(), 90),
-        ]);
+        let s = refresh_script(
+            "inet",
+            &[
+                ("192.0.2.1".parse().unwrap(), 60),
+                ("2001:db8::1".parse().unwrap(), 90),
+            ],
+        );
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines.len(), 6, "{s}");
         assert_eq!(
@@ -453,5 +594,29 @@ mod tests {
             "delete element inet stacyvm_egress resolved4 { 192.0.2.1 }"
         );
         assert!(lines[3].contains("resolved6 { 2001:db8::1 timeout 90s }"));
+        let s = refresh_script("bridge", &[("192.0.2.1".parse().unwrap(), 60)]);
+        assert!(
+            s.starts_with("add element bridge stacyvm_egress resolved4 {"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_guests_table_filters_frames_from_its_tap_only() {
+        let at = Placement::GuestBridge {
+            tap: "tap0",
+            gateway: Ipv4Addr::new(10, 213, 0, 1),
+        };
+        let r = at.ruleset(&rules(&["10.1.0.0/16", "pypi.org"]));
+        assert!(r.starts_with("table bridge stacyvm_egress\ndelete table bridge stacyvm_egress\n"));
+        assert!(r.contains("elements = { 10.1.0.0/16 }"), "{r}");
+        assert!(r.contains("iifname != \"tap0\" accept"), "{r}");
+        assert!(r.contains("ip daddr 10.213.0.1 accept"), "{r}");
+        assert!(r.trim_end().ends_with("drop\n\t}\n}"), "{r}");
+        assert!(at.resolv_conf().contains("nameserver 169.254.53.53\n"));
+        assert_eq!(at.family(), "bridge");
+        assert!(Placement::Own
+            .resolv_conf()
+            .contains("nameserver 127.0.0.53\n"));
     }
 }

@@ -90,6 +90,9 @@ pub struct FirecrackerConfig {
     pub guest_dir: PathBuf,
     /// The firecracker binary ([`default_binary`]).
     pub firecracker_bin: PathBuf,
+    /// What guests with egress resolve names with (the host's resolvers
+    /// when empty).
+    pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 /// `$STACYVM_FIRECRACKER_BIN`, else `firecracker` on `PATH`, else the bare
@@ -225,7 +228,14 @@ impl FirecrackerProvider {
         } else {
             None
         };
-        let settings = microvm::settings_tar(spec, guest_net.as_ref())?;
+        // Full egress needs no resolver of the host's: without one the
+        // guest's resolv.conf says so.
+        let upstreams =
+            crate::egress_filter::upstreams(&self.cfg.egress_dns_upstreams).unwrap_or_default();
+        let nic = guest_net
+            .as_ref()
+            .map(|lease| net::nic_settings(lease, false, &upstreams));
+        let settings = microvm::settings_tar(spec, nic.as_ref())?;
         // The sandbox's own copy of the shared root: a reflink where the
         // file system has them, else a sparse copy.
         let root = dir.join(ROOT_DISK);

@@ -213,12 +213,24 @@ fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
     }
 }
 
+/// A guest NIC's settings: its lease, and what it resolves names with.
+pub struct NicSettings<'a> {
+    pub lease: &'a net::GuestNet,
+    /// An address on the guest's link besides its gateway (the DNS filter
+    /// of a guest with an allow list), reached through a host route.
+    pub on_link: Option<std::net::Ipv4Addr>,
+    /// The guest's `/etc/resolv.conf`.
+    pub resolv_conf: String,
+}
+
 /// The sandbox's settings as a tar the guest's init unpacks into
 /// `/.stacyvm`: `env` (the agent's `--env-file`: NAME=VALUE entries,
 /// NUL-separated), `workdir`, `hostname` and, for a guest with a NIC,
-/// `net` (its address and gateway, [`net::GuestNet::guest_config`]). Bad
-/// names are refused here, before anything boots.
-pub fn settings_tar(spec: &SpawnSpec, net: Option<&net::GuestNet>) -> Result<Vec<u8>> {
+/// `net` (its address and gateway, [`net::GuestNet::guest_config`], and
+/// the on-link address if any) and `resolv.conf` (which the init puts in
+/// place of the image's). Bad names are refused here, before anything
+/// boots.
+pub fn settings_tar(spec: &SpawnSpec, nic: Option<&NicSettings>) -> Result<Vec<u8>> {
     let mut env = Vec::new();
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
@@ -246,15 +258,22 @@ pub fn settings_tar(spec: &SpawnSpec, net: Option<&net::GuestNet>) -> Result<Vec
         "sbx-{}",
         &short_hash(spec.sandbox_id.as_str().as_bytes())[..8]
     );
-    let net = net.map(net::GuestNet::guest_config);
+    let net = nic.map(|n| {
+        let mut line = n.lease.guest_config();
+        if let Some(a) = n.on_link {
+            line = format!("{} {a}\n", line.trim_end());
+        }
+        line
+    });
     let mut b = tar::Builder::new(Vec::new());
     let mut entries = vec![
         ("env", env.as_slice()),
         ("workdir", workdir.as_bytes()),
         ("hostname", hostname.as_bytes()),
     ];
-    if let Some(net) = &net {
+    if let (Some(net), Some(nic)) = (&net, nic) {
         entries.push(("net", net.as_bytes()));
+        entries.push(("resolv.conf", nic.resolv_conf.as_bytes()));
     }
     for (name, data) in entries {
         let mut h = tar::Header::new_ustar();
@@ -331,17 +350,37 @@ mod tests {
             netns: "svmq-x".into(),
             slot: 3,
         };
-        let t = settings_tar(&spec, Some(&n)).unwrap();
-        let mut a = tar::Archive::new(t.as_slice());
-        let mut found = None;
-        for e in a.entries().unwrap() {
-            let mut e = e.unwrap();
-            if e.path().unwrap().to_str() == Some("net") {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut e, &mut s).unwrap();
-                found = Some(s);
+        let read = |t: Vec<u8>, name: &str| {
+            let mut a = tar::Archive::new(t.as_slice());
+            let mut found = None;
+            for e in a.entries().unwrap() {
+                let mut e = e.unwrap();
+                if e.path().unwrap().to_str() == Some(name) {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+                    found = Some(s);
+                }
             }
-        }
-        assert_eq!(found.as_deref(), Some("10.213.0.14/30 10.213.0.13\n"));
+            found
+        };
+        let mut nic = NicSettings {
+            lease: &n,
+            on_link: None,
+            resolv_conf: "nameserver 192.0.2.53\n".into(),
+        };
+        let t = settings_tar(&spec, Some(&nic)).unwrap();
+        assert_eq!(
+            read(t.clone(), "net").as_deref(),
+            Some("10.213.0.14/30 10.213.0.13\n")
+        );
+        assert_eq!(
+            read(t, "resolv.conf").as_deref(),
+            Some("nameserver 192.0.2.53\n")
+        );
+        nic.on_link = Some(std::net::Ipv4Addr::new(169, 254, 53, 53));
+        assert_eq!(
+            read(settings_tar(&spec, Some(&nic)).unwrap(), "net").as_deref(),
+            Some("10.213.0.14/30 10.213.0.13 169.254.53.53\n")
+        );
     }
 }

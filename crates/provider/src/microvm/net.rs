@@ -22,18 +22,25 @@
 //! sandboxes (other guests, container bridges) and from spoofing source
 //! addresses, and lets nothing open a connection into a guest. It names
 //! the interfaces by prefix, so it holds nothing per sandbox.
+//!
+//! A guest with an allow list has it enforced on the bridge of its
+//! namespace ([`arm_allow_list`]): a `bridge` table there passes only
+//! frames to allowed destinations, and StacyVM's DNS filter listens on an
+//! address of the bridge that the guest's resolver names. All of it goes
+//! with the namespace.
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{Error, Result, SandboxId};
+use stacyvm_core::{EgressRule, Error, Result, SandboxId};
 
+use crate::egress_filter::{self, EgressGuard, NetNs, Placement};
 use crate::sandboxing::short_hash;
 
 /// The private block guests' /30s come from.
@@ -511,6 +518,92 @@ pub async fn sweep_orphans() {
             }
         }
     }
+}
+
+/// What guest `lease` resolves names with: the upstream resolvers, or,
+/// with an allow list (`filtered`), its DNS filter on the bridge of its
+/// namespace, reached through a host route on the guest's NIC.
+pub fn nic_settings<'a>(
+    lease: &'a GuestNet,
+    filtered: bool,
+    upstreams: &[SocketAddr],
+) -> super::NicSettings<'a> {
+    if filtered {
+        let at = filter_placement(lease);
+        super::NicSettings {
+            lease,
+            on_link: Some(at.resolver()),
+            resolv_conf: at.resolv_conf(),
+        }
+    } else {
+        super::NicSettings {
+            lease,
+            on_link: None,
+            resolv_conf: egress_filter::plain_resolv_conf(upstreams),
+        }
+    }
+}
+
+/// Where a guest's allow list is enforced: on the bridge of its namespace,
+/// on what its tap sends.
+pub fn filter_placement(lease: &GuestNet) -> Placement {
+    Placement::GuestBridge {
+        tap: NS_TAP,
+        gateway: lease.gateway(),
+    }
+}
+
+fn open_filter_netns(lease: &GuestNet) -> Result<NetNs> {
+    NetNs::open(&netns_path(&lease.netns).to_string_lossy())
+        .map_err(|e| Error::internal("opening the guest's network namespace", e))
+}
+
+/// Enforces `rules` on guest `lease` before it boots: the DNS filter's
+/// address on the bridge of its namespace (with the route back to the
+/// guest), the bridge's table, and the DNS filter itself.
+pub async fn arm_allow_list(
+    lease: &GuestNet,
+    rules: &[EgressRule],
+    upstreams: Vec<SocketAddr>,
+) -> Result<EgressGuard> {
+    let at = filter_placement(lease);
+    let n = lease.netns.as_str();
+    let resolver = format!("{}/32", at.resolver());
+    let guest = format!("{}/32", lease.guest_addr());
+    let src = at.resolver().to_string();
+    for args in [
+        ["-n", n, "addr", "add", resolver.as_str(), "dev", NS_BRIDGE].as_slice(),
+        &[
+            "-n",
+            n,
+            "route",
+            "add",
+            guest.as_str(),
+            "dev",
+            NS_BRIDGE,
+            "src",
+            src.as_str(),
+        ],
+    ] {
+        ip(args).await?;
+    }
+    EgressGuard::arm(open_filter_netns(lease)?, at, rules, upstreams).await
+}
+
+/// Starts the DNS filter of guest `lease` again, its table and address
+/// being in place (a server adopting a running guest).
+pub async fn resume_allow_list(
+    lease: &GuestNet,
+    rules: &[EgressRule],
+    upstreams: Vec<SocketAddr>,
+) -> Result<EgressGuard> {
+    EgressGuard::resume(
+        open_filter_netns(lease)?,
+        filter_placement(lease),
+        rules,
+        upstreams,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use stacyvm_core::{Error, Result, SandboxId, SpawnSpec};
 
 use super::state::{SandboxMeta, INIT_PID_FILE};
 use super::NamespacesProvider;
-use crate::egress_filter::{self, EgressGuard, NetNs};
+use crate::egress_filter::{self, EgressGuard, NetNs, Placement};
 use crate::microvm::{self, net};
 use crate::sandboxing::logs;
 use crate::sandboxing::mounts::{self, Owner};
@@ -50,23 +50,6 @@ pub(super) fn unavailable(rootless: bool) -> Option<String> {
                  {tool} was not found (install Debian's iproute2 and nftables)"
             )
         })
-}
-
-/// The `/etc/resolv.conf` of a sandbox with full egress: the upstream
-/// resolvers reachable from a sandbox (a loopback address of the host is
-/// not: the sandbox's loopback is its own).
-pub(super) fn plain_resolv_conf(upstreams: &[SocketAddr]) -> String {
-    let usable: Vec<String> = upstreams
-        .iter()
-        .filter(|a| a.port() == 53 && !a.ip().is_loopback())
-        .map(|a| format!("nameserver {}\n", a.ip()))
-        .collect();
-    if usable.is_empty() {
-        return "# StacyVM: the host names no nameserver a sandbox can reach (its own are \
-                loopback addresses); the operator sets one with --egress-dns-upstream\n"
-            .into();
-    }
-    format!("# StacyVM: the host's nameservers\n{}", usable.concat())
 }
 
 /// Writes `text` as `/etc/resolv.conf` inside `root`, replacing whatever
@@ -139,7 +122,8 @@ impl NamespacesProvider {
             self.egress_guards.arming(id);
             let netns = NetNs::of_pid(pid)
                 .map_err(|e| Error::internal("opening the sandbox's network namespace", e))?;
-            let guard = EgressGuard::arm(netns, &spec.egress_allow, upstreams).await?;
+            let guard =
+                EgressGuard::arm(netns, Placement::Own, &spec.egress_allow, upstreams).await?;
             self.egress_guards.armed(id, guard);
             logs::provider_log(
                 dir,
@@ -193,7 +177,13 @@ impl NamespacesProvider {
             if !init.is_alive() {
                 return Err(Error::Conflict(format!("sandbox {id} is not running")));
             }
-            EgressGuard::resume(netns, &meta.egress_allow, self.egress_upstreams()?).await
+            EgressGuard::resume(
+                netns,
+                Placement::Own,
+                &meta.egress_allow,
+                self.egress_upstreams()?,
+            )
+            .await
         }
         .await;
         match result {

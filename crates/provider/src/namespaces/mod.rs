@@ -756,7 +756,7 @@ impl NamespacesProvider {
         }
         if egress {
             let resolv = if spec.egress_allow.is_empty() {
-                egress::plain_resolv_conf(&upstreams)
+                crate::egress_filter::plain_resolv_conf(&upstreams)
             } else {
                 crate::egress_filter::resolv_conf()
             };

@@ -31,10 +31,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{Error, Network, Result, SandboxId, SpawnSpec};
+use stacyvm_core::{EgressRule, Error, Network, Result, SandboxId, SpawnSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::agent_client::AgentClient;
+use crate::egress_filter::{self, EgressGuards};
 use crate::images::ImageCatalog;
 use crate::microvm::{self, find_program, net, vsock, GuestAssets, AGENT_VSOCK_PORT};
 use crate::sandboxing::logs::{self, RUNTIME_LOG};
@@ -84,6 +85,9 @@ pub struct QemuConfig {
     pub instance: String,
     /// The kernel and initramfs; [`GuestAssets::default_dir`] by default.
     pub guest_dir: PathBuf,
+    /// Where guests' allow-listed names are resolved (the host's resolvers
+    /// when empty), and what guests with full egress resolve with.
+    pub egress_dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -97,6 +101,10 @@ struct Meta {
     kernel: Option<PathBuf>,
     #[serde(default)]
     initrd: Option<PathBuf>,
+    /// The guest's allow list, enforced on its namespace's bridge; its DNS
+    /// filter is started again by a server adopting the guest.
+    #[serde(default)]
+    egress_allow: Vec<EgressRule>,
 }
 
 /// Runs sandboxes as QEMU virtual machines. See the module documentation.
@@ -106,6 +114,7 @@ pub struct QemuProvider {
     cache_dir: PathBuf,
     clients: tokio::sync::Mutex<HashMap<SandboxId, Arc<AgentClient>>>,
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    egress_guards: EgressGuards,
 }
 
 impl QemuProvider {
@@ -122,6 +131,7 @@ impl QemuProvider {
             cache_dir,
             clients: tokio::sync::Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            egress_guards: EgressGuards::default(),
         })
     }
 
@@ -199,6 +209,7 @@ impl QemuProvider {
                 memory_mb,
                 kernel: Some(assets.kernel.clone()),
                 initrd: Some(initrd.clone()),
+                egress_allow: spec.egress_allow.clone(),
             },
         )?;
         let guest_net = if wants_net {
@@ -219,7 +230,31 @@ impl QemuProvider {
         } else {
             None
         };
-        let settings = microvm::settings_tar(spec, guest_net.as_ref())?;
+        let upstreams = match (&guest_net, spec.egress_allow.is_empty()) {
+            (None, _) => Vec::new(),
+            (Some(_), false) => egress_filter::upstreams(&self.cfg.egress_dns_upstreams)?,
+            // Full egress needs no resolver of the host's: without one the
+            // guest's resolv.conf says so.
+            (Some(_), true) => {
+                egress_filter::upstreams(&self.cfg.egress_dns_upstreams).unwrap_or_default()
+            }
+        };
+        if let (Some(lease), false) = (&guest_net, spec.egress_allow.is_empty()) {
+            self.egress_guards.arming(&spec.sandbox_id);
+            let guard = net::arm_allow_list(lease, &spec.egress_allow, upstreams.clone()).await?;
+            self.egress_guards.armed(&spec.sandbox_id, guard);
+            logs::provider_log(
+                dir,
+                &format!(
+                    "egress allow list enforced on the namespace's bridge ({} entries)",
+                    spec.egress_allow.len()
+                ),
+            );
+        }
+        let nic = guest_net
+            .as_ref()
+            .map(|lease| net::nic_settings(lease, !spec.egress_allow.is_empty(), &upstreams));
+        let settings = microvm::settings_tar(spec, nic.as_ref())?;
         let overlay = dir.join(ROOT_OVERLAY);
         run_tool(
             tokio::process::Command::new("qemu-img")
@@ -305,6 +340,7 @@ impl QemuProvider {
 
     async fn destroy_locked(&self, id: &SandboxId) -> Result<()> {
         self.clients.lock().await.remove(id);
+        self.egress_guards.remove(id);
         let dir = self.dir_of(id);
         if !dir.exists() {
             // Named after the sandbox alone: whatever is left of its
@@ -323,6 +359,41 @@ impl QemuProvider {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::internal(format!("removing {}", dir.display()), e)),
+        }
+    }
+
+    /// How many DNS filters run (one per guest with an allow list).
+    pub fn egress_dns_filters(&self) -> usize {
+        self.egress_guards.running()
+    }
+
+    /// Starts the DNS filter again for a guest with an allow list that has
+    /// none: one a new server adopted (the filter ended with the server
+    /// that started it; the table, in the guest's namespace, did not).
+    /// Failures are logged: the guest stays as restricted as it was, its
+    /// lookups fail.
+    async fn rearm(&self, id: &SandboxId, dir: &Path, meta: &Meta) {
+        if meta.egress_allow.is_empty() || self.egress_guards.has(id) {
+            return;
+        }
+        let result = async {
+            let lease = logs::read_json::<net::GuestNet>(dir, NET)
+                .ok_or_else(|| Error::Conflict(format!("sandbox {id} has no network lease")))?;
+            let upstreams = egress_filter::upstreams(&self.cfg.egress_dns_upstreams)?;
+            net::resume_allow_list(&lease, &meta.egress_allow, upstreams).await
+        }
+        .await;
+        match result {
+            Ok(guard) => {
+                if self.egress_guards.adopt(id, guard) {
+                    tracing::info!(sandbox = %id, "DNS filter of an adopted guest started again");
+                }
+            }
+            Err(e) => tracing::warn!(
+                sandbox = %id,
+                error = %e.message(),
+                "cannot start the DNS filter of an adopted guest again; its lookups fail"
+            ),
         }
     }
 
@@ -963,6 +1034,30 @@ impl Provider for QemuProvider {
         "qemu"
     }
 
+    fn egress_allow_support(&self) -> std::result::Result<(), String> {
+        if let Some(why) = self.unusable() {
+            return Err(why);
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(
+                "the qemu provider enforces an egress allow list (network.allow) in the guest's \
+                 network namespace, which needs a server running as root"
+                    .into(),
+            );
+        }
+        match ["ip", "nft"]
+            .into_iter()
+            .find(|t| find_program(t).is_none())
+        {
+            Some(tool) => Err(format!(
+                "the qemu provider enforces an egress allow list (network.allow) with `ip` and \
+                 `nft`, and {tool} was not found (install Debian's iproute2 and nftables)"
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn mode(&self) -> Option<ProviderMode> {
         Some(ProviderMode {
             mode: "tcg".into(),
@@ -1037,13 +1132,20 @@ impl Provider for QemuProvider {
                 continue;
             };
             let dir = entry.path();
-            match logs::read_json::<Meta>(&dir, META) {
-                Some(m) if m.instance != self.cfg.instance => continue,
-                _ => {}
+            let meta = logs::read_json::<Meta>(&dir, META);
+            if meta
+                .as_ref()
+                .is_some_and(|m| m.instance != self.cfg.instance)
+            {
+                continue;
+            }
+            // A saved guest is paused, not gone: resume starts it.
+            let running = qemu_pid(&dir).is_some() || dir.join(SAVED).exists();
+            if let (Some(meta), true) = (&meta, running) {
+                self.rearm(&id, &dir, meta).await;
             }
             out.push(RuntimeInfo {
-                // A saved guest is paused, not gone: resume starts it.
-                running: qemu_pid(&dir).is_some() || dir.join(SAVED).exists(),
+                running,
                 sandbox_id: id,
             });
         }

@@ -43,6 +43,7 @@ fn provider(env: &TestEnv, guest_dir: &Path, bin: &Path) -> anyhow::Result<Firec
         instance: env.instance.clone(),
         guest_dir: guest_dir.to_path_buf(),
         firecracker_bin: bin.to_path_buf(),
+        egress_dns_upstreams: Vec::new(),
     })?)
 }
 

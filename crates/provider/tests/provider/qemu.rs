@@ -8,7 +8,9 @@
 //! Egress guests (two more boots) reach a machine beyond the host through
 //! its NAT, but neither the host nor each other, keep their network
 //! through a save and restore, and leave no network behind; a network
-//! whose sandbox vanished is swept.
+//! whose sandbox vanished is swept. A guest with an allow list (one more
+//! boot) reaches only what it lists, resolves only listed names, and gets
+//! its DNS filter back from a restarted server.
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -19,9 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use stacyvm_core::{Network, SandboxId};
+use stacyvm_core::{EgressRule, Network, SandboxId};
+use stacyvm_provider::egress_filter::far_side::FarSide;
 use stacyvm_provider::microvm::net::{self, GuestNet};
-use stacyvm_provider::DynProvider;
+use stacyvm_provider::{DynProvider, Provider};
 
 use crate::support::{
     self, check_network_gone, exec_req, host_primary_ipv4, leftovers, reached_from, run,
@@ -475,6 +478,154 @@ async fn egress_guests_reach_other_machines_but_not_the_host_or_each_other() -> 
         let left = leftovers(id, &h.env.data_dir);
         ensure!(left.is_empty(), "left behind: {left:?}");
     }
+    Ok(())
+}
+
+fn filtering_provider(
+    env: &TestEnv,
+    far: &FarSide,
+) -> anyhow::Result<stacyvm_provider::qemu::QemuProvider> {
+    Ok(stacyvm_provider::qemu::QemuProvider::new(
+        stacyvm_provider::qemu::QemuConfig {
+            data_dir: env.data_dir.clone(),
+            agent_bin: env.agent_bin.clone(),
+            catalog: env.catalog.clone(),
+            instance: env.instance.clone(),
+            guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
+            egress_dns_upstreams: vec![format!("{}:53", far.dns).parse()?],
+        },
+    )?)
+}
+
+/// What the server at `addr` greets a connection from the guest with
+/// (empty when nothing was reached).
+async fn greeting(h: &Harness, id: &SandboxId, addr: &str, port: u16) -> anyhow::Result<String> {
+    let out = h
+        .sh(id, &format!("nc -w 3 {addr} {port} </dev/null 2>/dev/null"))
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A guest with an allow list: the table on its namespace's bridge lets
+/// out only the listed network and the addresses its DNS filter resolved
+/// for listed names; the filter answers only those names; the guest's root
+/// can neither reach the upstream resolver itself nor the host; a new
+/// server starts the filter again; destroy leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guests_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart(
+) -> anyhow::Result<()> {
+    let far = FarSide::start().await?;
+    let env = TestEnv::new().await?;
+    let p = Arc::new(filtering_provider(&env, &far)?);
+    ensure!(p.health().await.healthy, "{}", p.health().await.detail);
+    p.egress_allow_support().map_err(|e| anyhow::anyhow!(e))?;
+    let provider: DynProvider = p.clone();
+    let h = Harness::new(env, provider);
+    let mut spec = support::spec();
+    spec.network = Network::Egress;
+    spec.egress_allow = EgressRule::parse_list(&[far.allowed.as_str(), "allowed.test"])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let id = h.spawn(spec).await?;
+    let n = recorded_net(&h, &id)?;
+    ensure!(p.egress_dns_filters() == 1);
+
+    let resolv = h.sh_ok(&id, "cat /etc/resolv.conf").await?;
+    ensure!(resolv.contains("nameserver 169.254.53.53"), "{resolv}");
+    let got = greeting(&h, &id, &far.allowed, far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.allowed), "{got:?}");
+    for addr in [&far.denied, &far.named] {
+        let got = greeting(&h, &id, addr, far.port).await?;
+        ensure!(got.is_empty(), "{addr} answered: {got:?}");
+    }
+    let answer = h
+        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
+        .await?;
+    ensure!(
+        answer.contains(&format!("Address: {}", far.named)),
+        "{answer}"
+    );
+    let got = greeting(&h, &id, "allowed.test", far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.named), "{got:?}");
+    let answer = h
+        .sh_ok(&id, "nslookup -type=a denied.test; echo rc=$?")
+        .await?;
+    ensure!(
+        !answer.contains(&far.denied) && !answer.contains("rc=0"),
+        "{answer}"
+    );
+    // The guest's root may rewrite its resolver file and its routes; the
+    // upstream stays out of reach all the same, and so does the host.
+    let direct = h
+        .sh_ok(
+            &id,
+            &format!(
+                "echo nameserver {} > /etc/resolv.conf; nslookup -type=a denied.test; echo rc=$?",
+                far.dns
+            ),
+        )
+        .await?;
+    ensure!(
+        !direct.contains(&far.denied) && !direct.contains("rc=0"),
+        "{direct}"
+    );
+    ensure!(
+        far.asked().iter().all(|q| q == "allowed.test"),
+        "the upstream was asked {:?}",
+        far.asked()
+    );
+    h.sh_ok(&id, "echo nameserver 169.254.53.53 > /etc/resolv.conf")
+        .await?;
+    let listener = HostListener::start().await?;
+    let reached = reached_from(
+        &h,
+        &id,
+        &[n.gateway().to_string(), host_primary_ipv4()?],
+        listener.port,
+    )
+    .await?;
+    ensure!(
+        reached.is_empty() && listener.peers().is_empty(),
+        "the guest reached the host at {reached:?}"
+    );
+
+    // The server ends, its DNS filter with it; the table stays in force.
+    let _ = h.guard.take_provider();
+    drop(p);
+    let p = Arc::new(filtering_provider(&h.env, &far)?);
+    let provider: DynProvider = p.clone();
+    h.guard.replace_provider(provider);
+    let lookup = h
+        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
+        .await?;
+    ensure!(!lookup.contains(&far.named), "{lookup}");
+    let got = greeting(&h, &id, &far.denied, far.port).await?;
+    ensure!(got.is_empty(), "a denied address answered: {got:?}");
+
+    // Listing (what a starting server does) starts the filter again.
+    ensure!(p
+        .list()
+        .await?
+        .iter()
+        .any(|r| r.sandbox_id == id && r.running));
+    ensure!(p.egress_dns_filters() == 1);
+    let lookup = h
+        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
+        .await?;
+    ensure!(
+        lookup.contains(&format!("Address: {}", far.named)),
+        "{lookup}"
+    );
+    let got = greeting(&h, &id, &far.allowed, far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.allowed), "{got:?}");
+
+    p.destroy(&id).await?;
+    ensure!(
+        p.egress_dns_filters() == 0,
+        "the DNS filter outlived its sandbox"
+    );
+    check_network_gone(&id, &n)?;
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
 

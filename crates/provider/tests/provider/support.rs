@@ -270,6 +270,7 @@ pub fn qemu_provider_now(env: &TestEnv) -> anyhow::Result<stacyvm_provider::qemu
             catalog: env.catalog.clone(),
             instance: env.instance.clone(),
             guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
+            egress_dns_upstreams: Vec::new(),
         },
     )?)
 }
