@@ -38,7 +38,7 @@ fi
 modules="virtio_pci virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport"
 # Changes with /init below, so a guest directory made by an older script
 # is made again.
-init_version=3
+init_version=4
 
 if [ -s "$guest_dir/vmlinuz" ] && [ -s "$guest_dir/initramfs.cpio.gz" ] && [ -s "$guest_dir/kernel-release" ] &&
   [ "$(cat "$guest_dir/init-version" 2>/dev/null)" = "$init_version" ] &&
@@ -79,7 +79,7 @@ cp -a "$work/pkg/lib/modules/$release" "$ird/lib/modules/"
 # Only the driver trees the guest can use: the package holds ~100 MB of
 # modules, the guest needs a few hundred KB.
 kmods="$ird/lib/modules/$release/kernel"
-keep=" virtio virtio_ring virtio_pci virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_blk virtio_net net_failover failover vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport "
+keep=" virtio virtio_ring virtio_pci virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_blk virtio_net net_failover failover vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport fuse virtiofs "
 find "$kmods" -name '*.ko*' | while read -r f; do
   name="$(basename "$f")"
   name="${name%%.ko*}"
@@ -124,6 +124,24 @@ if [ -s /newroot/.stacyvm/net ]; then
   ip link set eth0 up && ip addr add "$addr" dev eth0 && ip route add default via "$gw" ||
     fail "cannot configure eth0"
   if [ -n "$onlink" ]; then ip route add "$onlink" dev eth0 || fail "cannot route to $onlink"; fi
+fi
+if [ -s /newroot/.stacyvm/volumes ]; then
+  # "TAG ro|rw PATH" per volume, each a virtiofs device of that tag. A
+  # mount that cannot be made is recorded, not fatal: the provider reads
+  # the record once the agent answers and fails the spawn with it.
+  modprobe virtiofs || echo "cannot load virtiofs" >>/newroot/.stacyvm/volume-errors
+  while read -r tag mode path; do
+    [ -n "$tag" ] || continue
+    if ! mkdir -p "/newroot$path"; then
+      echo "$path: cannot be made in the image" >>/newroot/.stacyvm/volume-errors; continue
+    fi
+    case "$(readlink -f "/newroot$path")" in
+      /newroot/*) ;;
+      *) echo "$path: goes through a symbolic link out of the image's root" >>/newroot/.stacyvm/volume-errors; continue ;;
+    esac
+    mount -t virtiofs -o "$mode,nosuid,nodev" "$tag" "/newroot$path" ||
+      echo "$path: virtiofs mount of $tag failed" >>/newroot/.stacyvm/volume-errors
+  done </newroot/.stacyvm/volumes
 fi
 if [ -f /newroot/.stacyvm/resolv.conf ]; then
   # The sandbox's resolvers replace the image's (a link there included).

@@ -45,7 +45,7 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
 pub fn start() -> Result<(Server, MountGuard)> {
     let server = Server::start(
         ServerOptions::new(StoreKind::Sqlite)
-            .providers("docker,proot,namespaces")
+            .providers("docker,proot,namespaces,qemu")
             .local_worker(),
     )?;
     let guard = MountGuard(server.data_dir().to_path_buf());
@@ -172,6 +172,11 @@ async fn data_outlives_proot_sandboxes() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn data_outlives_qemu_sandboxes() -> Result<()> {
+    data_outlives_sandboxes_of("qemu").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn data_outlives_sandboxes_and_deletion_leaves_nothing() -> Result<()> {
     let (server, _guard) = start()?;
     let admin = server.admin();
@@ -248,6 +253,11 @@ async fn namespaces_read_only_mounts_and_the_size_are_enforced() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn proot_read_only_mounts_and_the_size_are_enforced() -> Result<()> {
     read_only_and_size_on("proot").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qemu_read_only_mounts_and_the_size_are_enforced() -> Result<()> {
+    read_only_and_size_on("qemu").await
 }
 
 async fn read_only_and_size_on(provider: &str) -> Result<()> {

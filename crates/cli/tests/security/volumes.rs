@@ -1,7 +1,9 @@
 //! Volumes as a way out: a tenant's member key reaching another tenant's
 //! volume, mounting over what the kernel or StacyVM owns, or planting
 //! symlinks in a volume so the host follows them when it mounts or
-//! deletes the volume.
+//! deletes the volume, or reading the host's disk through a device node
+//! made in one. Every provider with volumes, qemu guests (virtiofs)
+//! included.
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
@@ -144,7 +146,7 @@ async fn a_member_key_cannot_reach_another_tenants_volume_or_the_host() -> Resul
 async fn a_volume_keeps_a_sandbox_in_its_root(provider: &str) -> Result<()> {
     let server = Server::start(
         ServerOptions::new(StoreKind::Sqlite)
-            .providers("docker,proot,namespaces")
+            .providers("docker,proot,namespaces,qemu")
             .local_worker(),
     )?;
     let _guard = MountGuard(server.data_dir().to_path_buf());
@@ -191,6 +193,23 @@ async fn a_volume_keeps_a_sandbox_in_its_root(provider: &str) -> Result<()> {
         "{provider}: the sandbox listed the data dir: {seen}"
     );
     ensure!(seen.contains("parent-is-root"), "{provider}: {seen}");
+
+    // A device node made in the volume never opens the host's disk: the
+    // host mounts volumes `nodev`, and a guest's virtiofsd makes no nodes.
+    let (major, minor) = host_disk()?;
+    let seen = alice
+        .sh(
+            &sbx,
+            &format!(
+                "mknod /data/disk b {major} {minor} 2>&1; \
+                 head -c 512 /data/disk >/dev/null 2>&1 && echo read-the-disk; true"
+            ),
+        )
+        .await?;
+    ensure!(
+        !seen.contains("read-the-disk"),
+        "{provider}: the sandbox read the host's disk through its volume: {seen}"
+    );
 
     // An earlier sandbox leaves links where a later one mounts, and saves
     // itself as an image.
@@ -249,6 +268,25 @@ async fn a_volume_keeps_a_sandbox_in_its_root(provider: &str) -> Result<()> {
     alice.delete("/v1/volumes/mine").await?.ok(204)?;
     bob.delete("/v1/volumes/theirs").await?.ok(204)?;
     Ok(())
+}
+
+/// The major and minor numbers of a real block device of the host, from
+/// `/proc/partitions`.
+fn host_disk() -> Result<(u32, u32)> {
+    let table = std::fs::read_to_string("/proc/partitions")?;
+    table
+        .lines()
+        .skip(2)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?))
+        })
+        .context("the host lists no block device in /proc/partitions")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qemu_guest_with_a_volume_stays_in_its_root() -> Result<()> {
+    a_volume_keeps_a_sandbox_in_its_root("qemu").await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -213,6 +213,12 @@ fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
     }
 }
 
+/// The tag of a guest's `i`th shared directory (a volume), which its init
+/// mounts by.
+pub fn share_tag(i: usize) -> String {
+    format!("stacyvm-vol{i}")
+}
+
 /// A guest NIC's settings: its lease, and what it resolves names with.
 pub struct NicSettings<'a> {
     pub lease: &'a net::GuestNet,
@@ -228,8 +234,9 @@ pub struct NicSettings<'a> {
 /// NUL-separated), `workdir`, `hostname` and, for a guest with a NIC,
 /// `net` (its address and gateway, [`net::GuestNet::guest_config`], and
 /// the on-link address if any) and `resolv.conf` (which the init puts in
-/// place of the image's). Bad names are refused here, before anything
-/// boots.
+/// place of the image's), and for a guest with volumes `volumes`: a line
+/// `TAG ro|rw PATH` per `spec.mounts` entry, in order ([`share_tag`]). Bad
+/// names are refused here, before anything boots.
 pub fn settings_tar(spec: &SpawnSpec, nic: Option<&NicSettings>) -> Result<Vec<u8>> {
     let mut env = Vec::new();
     for (k, v) in &spec.env {
@@ -265,12 +272,26 @@ pub fn settings_tar(spec: &SpawnSpec, nic: Option<&NicSettings>) -> Result<Vec<u
         }
         line
     });
+    let mut volumes = String::new();
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let path = validate_sandbox_path(&m.target)?;
+        if path.contains('\n') {
+            return Err(Error::InvalidRequest(format!(
+                "mount path {path:?} holds a newline"
+            )));
+        }
+        let mode = if m.read_only { "ro" } else { "rw" };
+        volumes.push_str(&format!("{} {mode} {path}\n", share_tag(i)));
+    }
     let mut b = tar::Builder::new(Vec::new());
     let mut entries = vec![
         ("env", env.as_slice()),
         ("workdir", workdir.as_bytes()),
         ("hostname", hostname.as_bytes()),
     ];
+    if !volumes.is_empty() {
+        entries.push(("volumes", volumes.as_bytes()));
+    }
     if let (Some(net), Some(nic)) = (&net, nic) {
         entries.push(("net", net.as_bytes()));
         entries.push(("resolv.conf", nic.resolv_conf.as_bytes()));
@@ -377,6 +398,24 @@ mod tests {
             read(t, "resolv.conf").as_deref(),
             Some("nameserver 192.0.2.53\n")
         );
+        let mut with_volumes = test_spec();
+        with_volumes.mounts = vec![
+            stacyvm_core::HostMount {
+                source: "/srv/a".into(),
+                target: "/data".into(),
+                read_only: false,
+            },
+            stacyvm_core::HostMount {
+                source: "/srv/b".into(),
+                target: "/opt/my ref".into(),
+                read_only: true,
+            },
+        ];
+        assert_eq!(
+            read(settings_tar(&with_volumes, None).unwrap(), "volumes").as_deref(),
+            Some("stacyvm-vol0 rw /data\nstacyvm-vol1 ro /opt/my ref\n")
+        );
+        assert_eq!(read(settings_tar(&spec, None).unwrap(), "volumes"), None);
         nic.on_link = Some(std::net::Ipv4Addr::new(169, 254, 53, 53));
         assert_eq!(
             read(settings_tar(&spec, Some(&nic)).unwrap(), "net").as_deref(),

@@ -20,6 +20,8 @@
 //! in the sandbox's directory (`<data_dir>/qemu/<id>/`), so a restarted
 //! server adopts them.
 
+mod shares;
+
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -105,6 +107,10 @@ struct Meta {
     /// filter is started again by a server adopting the guest.
     #[serde(default)]
     egress_allow: Vec<EgressRule>,
+    /// How many volumes are shared into the guest (`virtiofsd`s); such a
+    /// guest is paused in place, never saved to disk.
+    #[serde(default)]
+    shares: usize,
 }
 
 /// Runs sandboxes as QEMU virtual machines. See the module documentation.
@@ -176,6 +182,11 @@ impl QemuProvider {
         }
         // Refuses bad settings before anything is made.
         microvm::settings_tar(spec, None)?;
+        if !spec.mounts.is_empty() {
+            if let Some(why) = shares::unavailable() {
+                return Err(Error::Unsupported(why));
+            }
+        }
         let vcpus = (spec.cpu.ceil() as u64).clamp(1, MAX_VCPUS);
         let memory_mb = spec.memory_mb.max(MIN_MEMORY_MB);
         let assets =
@@ -210,6 +221,7 @@ impl QemuProvider {
                 kernel: Some(assets.kernel.clone()),
                 initrd: Some(initrd.clone()),
                 egress_allow: spec.egress_allow.clone(),
+                shares: spec.mounts.len(),
             },
         )?;
         let guest_net = if wants_net {
@@ -269,16 +281,25 @@ impl QemuProvider {
             .map_err(|e| Error::internal("writing the settings disk", e))?;
 
         start_vsock_backend(dir).await?;
+        for (i, mount) in spec.mounts.iter().enumerate() {
+            shares::start(dir, i, mount).await?;
+        }
         let machine = Machine {
             vcpus,
             memory_mb,
             kernel: assets.kernel.clone(),
             initrd,
             net: guest_net,
+            shares: spec.mounts.len(),
         };
         start_qemu(dir, &machine, Start::Boot).await?;
 
-        self.wait_for_agent(&spec.sandbox_id, dir, "boot").await
+        self.wait_for_agent(&spec.sandbox_id, dir, "boot").await?;
+        if !spec.mounts.is_empty() {
+            let agent = self.agent(&spec.sandbox_id).await?;
+            shares::check_mounted(&agent).await?;
+        }
+        Ok(())
     }
 
     /// Waits for the guest's agent after `what` (a boot or a restore) and
@@ -352,6 +373,7 @@ impl QemuProvider {
                 kill_and_wait(pid, what).await?;
             }
         }
+        shares::stop_all(&dir).await?;
         // After QEMU, which holds the tap; before the directory, so a
         // failure here leaves a sandbox a later destroy finishes.
         net::remove(id).await?;
@@ -432,6 +454,18 @@ impl QemuProvider {
             std::fs::write(dir.join(PAUSED), b"")
                 .map_err(|e| Error::internal("marking the sandbox paused", e))?;
             self.clients.lock().await.remove(id);
+            let shares = logs::read_json::<Meta>(&dir, META).map_or(0, |m| m.shares);
+            if shares > 0 {
+                // QEMU cannot save a shared directory's device.
+                let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+                q.execute("stop", serde_json::json!({})).await?;
+                logs::provider_log(
+                    &dir,
+                    "paused in place: a guest with volumes keeps its memory (QEMU cannot save \
+                     its shared directories)",
+                );
+                return Ok(());
+            }
             match save_state(&dir).await {
                 Ok(()) => {
                     logs::provider_log(&dir, "paused: the guest's state is saved and QEMU stopped");
@@ -497,6 +531,7 @@ impl QemuProvider {
             kernel,
             initrd,
             net,
+            shares: meta.shares,
         };
         start_vsock_backend(dir).await?;
         start_qemu(dir, &machine, Start::Stopped).await?;
@@ -625,6 +660,8 @@ struct Machine {
     kernel: PathBuf,
     initrd: PathBuf,
     net: Option<net::GuestNet>,
+    /// Volumes shared in (one `vhost-user-fs-pci` device each).
+    shares: usize,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -734,6 +771,7 @@ async fn start_qemu(dir: &Path, m: &Machine, start: Start) -> Result<()> {
             dir.join("settings.tar").display()
         ))
         .args(["-device", "virtio-blk-pci,drive=cfg"])
+        .args(shares::qemu_args(dir, m.shares))
         .args([
             "-device",
             &format!("pcie-root-port,id={ROOT_PORT},chassis=1,slot=1"),
@@ -1032,6 +1070,10 @@ impl Qmp {
 impl Provider for QemuProvider {
     fn name(&self) -> &str {
         "qemu"
+    }
+
+    fn supports_mounts(&self) -> bool {
+        true
     }
 
     fn egress_allow_support(&self) -> std::result::Result<(), String> {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use stacyvm_core::{EgressRule, Network, SandboxId};
+use stacyvm_core::{EgressRule, HostMount, Network, SandboxId};
 use stacyvm_provider::egress_filter::far_side::FarSide;
 use stacyvm_provider::microvm::net::{self, GuestNet};
 use stacyvm_provider::{DynProvider, Provider};
@@ -627,6 +627,137 @@ async fn a_guests_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart
     let left = leftovers(&id, &h.env.data_dir);
     ensure!(left.is_empty(), "left behind: {left:?}");
     Ok(())
+}
+
+/// Volumes in a guest: a read-write directory of the host and a read-only
+/// one, shared by virtiofsd. What either side writes the other reads; the
+/// guest's root cannot write the read-only one (not even after remounting
+/// it read-write in its own kernel) nor make a device node in either; a
+/// pause holds in place and keeps them; destroy stops the daemons and
+/// leaves the host's files. A mount path the image cannot hold fails the
+/// spawn with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_mounts_its_volumes_and_shares_them_with_the_host() -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    let provider = support::qemu_provider(&env).await?;
+    ensure!(provider.supports_mounts());
+    let h = Harness::new(env, provider);
+    let rw = h.env.data_dir.join("vol-rw");
+    let ro = h.env.data_dir.join("vol-ro");
+    for d in [&rw, &ro] {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(rw.join("from-host"), "written on the host\n")?;
+    std::fs::write(ro.join("kept"), "read-only\n")?;
+    let mut spec = support::spec();
+    spec.mounts = vec![
+        HostMount {
+            source: rw.display().to_string(),
+            target: "/data".into(),
+            read_only: false,
+        },
+        HostMount {
+            source: ro.display().to_string(),
+            target: "/srv/ref dir".into(),
+            read_only: true,
+        },
+    ];
+    let id = h.spawn(spec).await?;
+    let dir = h.env.data_dir.join("qemu").join(id.as_str());
+    let daemons: Vec<i32> = (0..2)
+        .map(|i| -> anyhow::Result<i32> {
+            Ok(std::fs::read_to_string(dir.join(format!("fs{i}.pid")))?
+                .trim()
+                .parse()?)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        daemons.iter().all(|p| alive(*p)),
+        "virtiofsd is not running"
+    );
+
+    let mounts = h.sh_ok(&id, "grep virtiofs /proc/mounts").await?;
+    ensure!(
+        mounts.contains("stacyvm-vol0 /data virtiofs rw")
+            && mounts.contains("stacyvm-vol1 /srv/ref\\040dir virtiofs ro"),
+        "{mounts}"
+    );
+    let got = h
+        .sh_ok(
+            &id,
+            "cat /data/from-host '/srv/ref dir/kept'; echo from-guest > /data/from-guest",
+        )
+        .await?;
+    ensure!(got == "written on the host\nread-only\n", "{got:?}");
+    ensure!(std::fs::read_to_string(rw.join("from-guest"))? == "from-guest\n");
+
+    let out = h
+        .sh(
+            &id,
+            "echo x > '/srv/ref dir/new'; mount -o remount,rw '/srv/ref dir'; \
+             echo x > '/srv/ref dir/new'; echo rc=$?",
+        )
+        .await?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        !out.contains("rc=0") && !ro.join("new").exists(),
+        "the read-only volume was written: {out}"
+    );
+    let out = h
+        .sh(
+            &id,
+            "mknod /data/disk b 8 0; mknod /data/mem c 1 1; ls /data; echo done",
+        )
+        .await?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        !rw.join("disk").exists() && !rw.join("mem").exists(),
+        "the guest made a device node on the host: {out}"
+    );
+
+    // Paused in place (a shared directory cannot be saved), and whole again.
+    h.provider().pause(&id).await?;
+    ensure!(
+        !dir.join("saved").exists(),
+        "a guest with volumes was saved"
+    );
+    ensure!(qemu_alive(&dir), "QEMU stopped for a pause");
+    h.provider().resume(&id).await?;
+    let got = h.sh_ok(&id, "cat /data/from-guest").await?;
+    ensure!(got == "from-guest\n", "{got:?}");
+
+    h.provider().destroy(&id).await?;
+    for pid in &daemons {
+        ensure!(!alive(*pid), "virtiofsd {pid} outlived its sandbox");
+    }
+    let left = leftovers(&id, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    ensure!(std::fs::read_to_string(rw.join("from-guest"))? == "from-guest\n");
+
+    // A path the image cannot hold (under a file) is refused, not dropped.
+    let mut spec = support::spec();
+    spec.mounts = vec![HostMount {
+        source: rw.display().to_string(),
+        target: "/bin/busybox/data".into(),
+        read_only: false,
+    }];
+    let sid = spec.sandbox_id.clone();
+    match h.provider().spawn(&spec).await {
+        Err(stacyvm_core::Error::InvalidRequest(why)) => {
+            ensure!(why.contains("/bin/busybox/data"), "{why}")
+        }
+        other => bail!("a mount under a file was not refused: {other:?}"),
+    }
+    let left = leftovers(&sid, &h.env.data_dir);
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
+
+fn qemu_alive(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .is_some_and(alive)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
