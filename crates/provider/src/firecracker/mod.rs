@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{Error, Network, Result, SandboxId, SpawnSpec};
+use stacyvm_core::{EgressRule, Error, Network, Result, SandboxId, SpawnSpec};
 
 use crate::agent_client::AgentClient;
 use crate::images::ImageCatalog;
@@ -110,6 +110,10 @@ struct Meta {
     instance: String,
     vcpus: u64,
     memory_mb: u64,
+    /// The guest's allow list, enforced on its namespace's bridge; its DNS
+    /// filter is started again by a server adopting the guest.
+    #[serde(default)]
+    egress_allow: Vec<EgressRule>,
 }
 
 /// Runs sandboxes as Firecracker microVMs. See the module documentation.
@@ -119,6 +123,7 @@ pub struct FirecrackerProvider {
     cache_dir: PathBuf,
     clients: tokio::sync::Mutex<HashMap<SandboxId, Arc<AgentClient>>>,
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    filters: net::GuestFilters,
 }
 
 impl FirecrackerProvider {
@@ -135,7 +140,13 @@ impl FirecrackerProvider {
             cache_dir,
             clients: tokio::sync::Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            filters: net::GuestFilters::default(),
         })
+    }
+
+    /// How many DNS filters run (one per guest with an allow list).
+    pub fn egress_dns_filters(&self) -> usize {
+        self.filters.running()
     }
 
     fn dir_of(&self, id: &SandboxId) -> PathBuf {
@@ -208,6 +219,7 @@ impl FirecrackerProvider {
                 instance: self.cfg.instance.clone(),
                 vcpus,
                 memory_mb,
+                egress_allow: spec.egress_allow.clone(),
             },
         )?;
         let guest_net = if wants_net {
@@ -228,13 +240,25 @@ impl FirecrackerProvider {
         } else {
             None
         };
-        // Full egress needs no resolver of the host's: without one the
-        // guest's resolv.conf says so.
-        let upstreams =
-            crate::egress_filter::upstreams(&self.cfg.egress_dns_upstreams).unwrap_or_default();
+        let filtered = !spec.egress_allow.is_empty();
+        let upstreams = match &guest_net {
+            Some(_) => net::guest_upstreams(&self.cfg.egress_dns_upstreams, filtered)?,
+            None => Vec::new(),
+        };
+        if let (Some(lease), true) = (&guest_net, filtered) {
+            self.filters
+                .arm(
+                    &spec.sandbox_id,
+                    dir,
+                    lease,
+                    &spec.egress_allow,
+                    upstreams.clone(),
+                )
+                .await?;
+        }
         let nic = guest_net
             .as_ref()
-            .map(|lease| net::nic_settings(lease, false, &upstreams));
+            .map(|lease| net::nic_settings(lease, filtered, &upstreams));
         let settings = microvm::settings_tar(spec, nic.as_ref())?;
         // The sandbox's own copy of the shared root: a reflink where the
         // file system has them, else a sparse copy.
@@ -421,6 +445,7 @@ impl FirecrackerProvider {
 
     async fn destroy_locked(&self, id: &SandboxId) -> Result<()> {
         self.clients.lock().await.remove(id);
+        self.filters.remove(id);
         let dir = self.dir_of(id);
         if !dir.exists() {
             return net::remove(id).await;
@@ -589,6 +614,13 @@ impl Provider for FirecrackerProvider {
         "firecracker"
     }
 
+    fn egress_allow_support(&self) -> std::result::Result<(), String> {
+        match net::allow_list_unavailable("firecracker") {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
     fn mode(&self) -> Option<ProviderMode> {
         Some(ProviderMode {
             mode: crate::kvm::detect().as_str().to_owned(),
@@ -664,12 +696,26 @@ impl Provider for FirecrackerProvider {
                 continue;
             };
             let dir = entry.path();
-            match logs::read_json::<Meta>(&dir, META) {
-                Some(m) if m.instance != self.cfg.instance => continue,
-                _ => {}
+            let meta = logs::read_json::<Meta>(&dir, META);
+            if meta
+                .as_ref()
+                .is_some_and(|m| m.instance != self.cfg.instance)
+            {
+                continue;
+            }
+            let running = fc_pid(&dir).is_some() || dir.join(SAVED).exists();
+            if let (Some(meta), true) = (&meta, running) {
+                self.filters
+                    .rearm(
+                        &id,
+                        logs::read_json::<net::GuestNet>(&dir, NET),
+                        &meta.egress_allow,
+                        || crate::egress_filter::upstreams(&self.cfg.egress_dns_upstreams),
+                    )
+                    .await;
             }
             out.push(RuntimeInfo {
-                running: fc_pid(&dir).is_some() || dir.join(SAVED).exists(),
+                running,
                 sandbox_id: id,
             });
         }

@@ -40,7 +40,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use stacyvm_core::{EgressRule, Error, Result, SandboxId};
 
-use crate::egress_filter::{self, EgressGuard, NetNs, Placement};
+use crate::egress_filter::{self, EgressGuard, EgressGuards, NetNs, Placement};
 use crate::sandboxing::short_hash;
 
 /// The private block guests' /30s come from.
@@ -544,6 +544,18 @@ pub fn nic_settings<'a>(
     }
 }
 
+/// The resolvers of a guest's names: the operator's (`configured`), else
+/// the host's. A guest with an allow list (`filtered`) needs them (its DNS
+/// filter forwards to them); one with full egress does without, its
+/// resolver file then saying so.
+pub fn guest_upstreams(configured: &[SocketAddr], filtered: bool) -> Result<Vec<SocketAddr>> {
+    match egress_filter::upstreams(configured) {
+        Ok(u) => Ok(u),
+        Err(e) if filtered => Err(e),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
 /// Where a guest's allow list is enforced: on the bridge of its namespace,
 /// on what its tap sends.
 pub fn filter_placement(lease: &GuestNet) -> Placement {
@@ -561,7 +573,7 @@ fn open_filter_netns(lease: &GuestNet) -> Result<NetNs> {
 /// Enforces `rules` on guest `lease` before it boots: the DNS filter's
 /// address on the bridge of its namespace (with the route back to the
 /// guest), the bridge's table, and the DNS filter itself.
-pub async fn arm_allow_list(
+async fn arm_allow_list(
     lease: &GuestNet,
     rules: &[EgressRule],
     upstreams: Vec<SocketAddr>,
@@ -592,7 +604,7 @@ pub async fn arm_allow_list(
 
 /// Starts the DNS filter of guest `lease` again, its table and address
 /// being in place (a server adopting a running guest).
-pub async fn resume_allow_list(
+async fn resume_allow_list(
     lease: &GuestNet,
     rules: &[EgressRule],
     upstreams: Vec<SocketAddr>,
@@ -604,6 +616,101 @@ pub async fn resume_allow_list(
         upstreams,
     )
     .await
+}
+
+/// Why guests of `provider` cannot have allow lists on this host, if so:
+/// the namespace's table needs root, `ip` and `nft`.
+pub fn allow_list_unavailable(provider: &str) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(format!(
+            "the {provider} provider enforces an egress allow list (network.allow) in the \
+             guest's network namespace, which needs a server running as root"
+        ));
+    }
+    ["ip", "nft"]
+        .into_iter()
+        .find(|t| super::find_program(t).is_none())
+        .map(|tool| {
+            format!(
+                "the {provider} provider enforces an egress allow list (network.allow) with `ip` \
+                 and `nft`, and {tool} was not found (install Debian's iproute2 and nftables)"
+            )
+        })
+}
+
+/// The DNS filters of one microVM provider's guests with allow lists.
+#[derive(Default)]
+pub struct GuestFilters(EgressGuards);
+
+impl GuestFilters {
+    /// Enforces `rules` on guest `id` (its lease `lease`, its directory
+    /// `dir`) before it boots.
+    pub async fn arm(
+        &self,
+        id: &SandboxId,
+        dir: &Path,
+        lease: &GuestNet,
+        rules: &[EgressRule],
+        upstreams: Vec<SocketAddr>,
+    ) -> Result<()> {
+        self.0.arming(id);
+        let guard = arm_allow_list(lease, rules, upstreams).await?;
+        self.0.armed(id, guard);
+        crate::sandboxing::logs::provider_log(
+            dir,
+            &format!(
+                "egress allow list enforced on the namespace's bridge ({} entries)",
+                rules.len()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Starts the DNS filter again for guest `id`, whose `rules` are in
+    /// force, when it has none: one a new server adopted (the filter ended
+    /// with the server that started it; the table, in the guest's
+    /// namespace, did not). Failures are logged: the guest stays as
+    /// restricted as it was, its lookups fail.
+    pub async fn rearm(
+        &self,
+        id: &SandboxId,
+        lease: Option<GuestNet>,
+        rules: &[EgressRule],
+        upstreams: impl FnOnce() -> Result<Vec<SocketAddr>>,
+    ) {
+        if rules.is_empty() || self.0.has(id) {
+            return;
+        }
+        let result = async {
+            let lease = lease
+                .ok_or_else(|| Error::Conflict(format!("sandbox {id} has no network lease")))?;
+            resume_allow_list(&lease, rules, upstreams()?).await
+        }
+        .await;
+        match result {
+            Ok(guard) => {
+                if self.0.adopt(id, guard) {
+                    tracing::info!(sandbox = %id, "DNS filter of an adopted guest started again");
+                }
+            }
+            Err(e) => tracing::warn!(
+                sandbox = %id,
+                error = %e.message(),
+                "cannot start the DNS filter of an adopted guest again; its lookups fail"
+            ),
+        }
+    }
+
+    /// Stops guest `id`'s filter.
+    pub fn remove(&self, id: &SandboxId) {
+        self.0.remove(id);
+    }
+
+    /// How many filters run.
+    pub fn running(&self) -> usize {
+        self.0.running()
+    }
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use stacyvm_core::{EgressRule, Error, Network, Result, SandboxId, SpawnSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::agent_client::AgentClient;
-use crate::egress_filter::{self, EgressGuards};
+use crate::egress_filter;
 use crate::images::ImageCatalog;
 use crate::microvm::{self, find_program, net, vsock, GuestAssets, AGENT_VSOCK_PORT};
 use crate::sandboxing::logs::{self, RUNTIME_LOG};
@@ -120,7 +120,7 @@ pub struct QemuProvider {
     cache_dir: PathBuf,
     clients: tokio::sync::Mutex<HashMap<SandboxId, Arc<AgentClient>>>,
     locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
-    egress_guards: EgressGuards,
+    filters: net::GuestFilters,
 }
 
 impl QemuProvider {
@@ -137,7 +137,7 @@ impl QemuProvider {
             cache_dir,
             clients: tokio::sync::Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
-            egress_guards: EgressGuards::default(),
+            filters: net::GuestFilters::default(),
         })
     }
 
@@ -242,30 +242,25 @@ impl QemuProvider {
         } else {
             None
         };
-        let upstreams = match (&guest_net, spec.egress_allow.is_empty()) {
-            (None, _) => Vec::new(),
-            (Some(_), false) => egress_filter::upstreams(&self.cfg.egress_dns_upstreams)?,
-            // Full egress needs no resolver of the host's: without one the
-            // guest's resolv.conf says so.
-            (Some(_), true) => {
-                egress_filter::upstreams(&self.cfg.egress_dns_upstreams).unwrap_or_default()
-            }
+        let filtered = !spec.egress_allow.is_empty();
+        let upstreams = match &guest_net {
+            Some(_) => net::guest_upstreams(&self.cfg.egress_dns_upstreams, filtered)?,
+            None => Vec::new(),
         };
         if let (Some(lease), false) = (&guest_net, spec.egress_allow.is_empty()) {
-            self.egress_guards.arming(&spec.sandbox_id);
-            let guard = net::arm_allow_list(lease, &spec.egress_allow, upstreams.clone()).await?;
-            self.egress_guards.armed(&spec.sandbox_id, guard);
-            logs::provider_log(
-                dir,
-                &format!(
-                    "egress allow list enforced on the namespace's bridge ({} entries)",
-                    spec.egress_allow.len()
-                ),
-            );
+            self.filters
+                .arm(
+                    &spec.sandbox_id,
+                    dir,
+                    lease,
+                    &spec.egress_allow,
+                    upstreams.clone(),
+                )
+                .await?;
         }
         let nic = guest_net
             .as_ref()
-            .map(|lease| net::nic_settings(lease, !spec.egress_allow.is_empty(), &upstreams));
+            .map(|lease| net::nic_settings(lease, filtered, &upstreams));
         let settings = microvm::settings_tar(spec, nic.as_ref())?;
         let overlay = dir.join(ROOT_OVERLAY);
         run_tool(
@@ -361,7 +356,7 @@ impl QemuProvider {
 
     async fn destroy_locked(&self, id: &SandboxId) -> Result<()> {
         self.clients.lock().await.remove(id);
-        self.egress_guards.remove(id);
+        self.filters.remove(id);
         let dir = self.dir_of(id);
         if !dir.exists() {
             // Named after the sandbox alone: whatever is left of its
@@ -386,37 +381,7 @@ impl QemuProvider {
 
     /// How many DNS filters run (one per guest with an allow list).
     pub fn egress_dns_filters(&self) -> usize {
-        self.egress_guards.running()
-    }
-
-    /// Starts the DNS filter again for a guest with an allow list that has
-    /// none: one a new server adopted (the filter ended with the server
-    /// that started it; the table, in the guest's namespace, did not).
-    /// Failures are logged: the guest stays as restricted as it was, its
-    /// lookups fail.
-    async fn rearm(&self, id: &SandboxId, dir: &Path, meta: &Meta) {
-        if meta.egress_allow.is_empty() || self.egress_guards.has(id) {
-            return;
-        }
-        let result = async {
-            let lease = logs::read_json::<net::GuestNet>(dir, NET)
-                .ok_or_else(|| Error::Conflict(format!("sandbox {id} has no network lease")))?;
-            let upstreams = egress_filter::upstreams(&self.cfg.egress_dns_upstreams)?;
-            net::resume_allow_list(&lease, &meta.egress_allow, upstreams).await
-        }
-        .await;
-        match result {
-            Ok(guard) => {
-                if self.egress_guards.adopt(id, guard) {
-                    tracing::info!(sandbox = %id, "DNS filter of an adopted guest started again");
-                }
-            }
-            Err(e) => tracing::warn!(
-                sandbox = %id,
-                error = %e.message(),
-                "cannot start the DNS filter of an adopted guest again; its lookups fail"
-            ),
-        }
+        self.filters.running()
     }
 
     fn existing(&self, id: &SandboxId) -> Result<PathBuf> {
@@ -1077,25 +1042,11 @@ impl Provider for QemuProvider {
     }
 
     fn egress_allow_support(&self) -> std::result::Result<(), String> {
-        if let Some(why) = self.unusable() {
-            return Err(why);
-        }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(
-                "the qemu provider enforces an egress allow list (network.allow) in the guest's \
-                 network namespace, which needs a server running as root"
-                    .into(),
-            );
-        }
-        match ["ip", "nft"]
-            .into_iter()
-            .find(|t| find_program(t).is_none())
+        match self
+            .unusable()
+            .or_else(|| net::allow_list_unavailable("qemu"))
         {
-            Some(tool) => Err(format!(
-                "the qemu provider enforces an egress allow list (network.allow) with `ip` and \
-                 `nft`, and {tool} was not found (install Debian's iproute2 and nftables)"
-            )),
+            Some(why) => Err(why),
             None => Ok(()),
         }
     }
@@ -1184,7 +1135,14 @@ impl Provider for QemuProvider {
             // A saved guest is paused, not gone: resume starts it.
             let running = qemu_pid(&dir).is_some() || dir.join(SAVED).exists();
             if let (Some(meta), true) = (&meta, running) {
-                self.rearm(&id, &dir, meta).await;
+                self.filters
+                    .rearm(
+                        &id,
+                        logs::read_json::<net::GuestNet>(&dir, NET),
+                        &meta.egress_allow,
+                        || egress_filter::upstreams(&self.cfg.egress_dns_upstreams),
+                    )
+                    .await;
             }
             out.push(RuntimeInfo {
                 running,

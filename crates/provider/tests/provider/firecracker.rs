@@ -35,8 +35,8 @@ fn placeholder_guest(env: &TestEnv) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn provider(env: &TestEnv, guest_dir: &Path, bin: &Path) -> anyhow::Result<FirecrackerProvider> {
-    Ok(FirecrackerProvider::new(FirecrackerConfig {
+fn config(env: &TestEnv, guest_dir: &Path, bin: &Path) -> FirecrackerConfig {
+    FirecrackerConfig {
         data_dir: env.data_dir.clone(),
         agent_bin: env.agent_bin.clone(),
         catalog: env.catalog.clone(),
@@ -44,7 +44,11 @@ fn provider(env: &TestEnv, guest_dir: &Path, bin: &Path) -> anyhow::Result<Firec
         guest_dir: guest_dir.to_path_buf(),
         firecracker_bin: bin.to_path_buf(),
         egress_dns_upstreams: Vec::new(),
-    })?)
+    }
+}
+
+fn provider(env: &TestEnv, guest_dir: &Path, bin: &Path) -> anyhow::Result<FirecrackerProvider> {
+    Ok(FirecrackerProvider::new(config(env, guest_dir, bin))?)
 }
 
 fn calls(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
@@ -273,6 +277,118 @@ async fn an_egress_sandbox_gets_its_tap_and_namespace_and_loses_them() -> anyhow
         "the veth is left"
     );
     ensure!(!alive(pid) && !dir.exists());
+    Ok(())
+}
+
+/// A file of the settings disk (a tar) the guest's init reads.
+fn settings_file(dir: &Path, name: &str) -> anyhow::Result<String> {
+    let tar = std::fs::read(dir.join("settings.tar"))?;
+    for e in tar::Archive::new(tar.as_slice()).entries()? {
+        let mut e = e?;
+        if e.path()?.to_str() == Some(name) {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s)?;
+            return Ok(s);
+        }
+    }
+    anyhow::bail!("the settings disk has no {name}")
+}
+
+/// Whether StacyVM's DNS filter answers a query at the guest's resolver
+/// address, asked from inside the guest's namespace (where the guest's
+/// frames arrive).
+fn the_filter_answers(ns: &Path) -> anyhow::Result<bool> {
+    let netns = stacyvm_provider::egress_filter::NetNs::open(&ns.to_string_lossy())?;
+    let query = stacyvm_provider::egress_filter::far_side::a_query(7, "denied.test");
+    Ok(netns.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+        s.send_to(&query, "169.254.53.53:53")?;
+        let mut buf = [0u8; 512];
+        Ok(matches!(s.recv(&mut buf), Ok(n) if n >= 12 && buf[..2] == [0, 7]))
+    })?)
+}
+
+/// A guest with an allow list: before Firecracker starts, the table is on
+/// the bridge of its namespace and the DNS filter listens there, the
+/// settings disk points the guest's resolver at it; a new server starts
+/// the filter again; destroy stops it with the namespace. (The stand-in
+/// has no guest kernel: what the guest's frames meet is tested on qemu,
+/// which shares this code.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_is_armed_on_the_guests_bridge_and_rearmed_after_a_restart(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new().await?;
+    std::env::set_var("STACYVM_AGENT_BIN", &env.agent_bin);
+    let guest = placeholder_guest(&env)?;
+    let p = Arc::new(FirecrackerProvider::new(FirecrackerConfig {
+        egress_dns_upstreams: vec!["192.0.2.53:53".parse()?],
+        ..config(&env, &guest, &standin())
+    })?);
+    p.egress_allow_support().map_err(|e| anyhow::anyhow!(e))?;
+    let provider: DynProvider = p.clone();
+    let h = Harness::new(env, provider);
+    let mut spec = support::spec();
+    spec.network = stacyvm_core::Network::Egress;
+    spec.egress_allow = stacyvm_core::EgressRule::parse_list(&["192.0.2.0/24", "allowed.test"])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let id = h.spawn(spec).await?;
+    let dir = h.env.data_dir.join("firecracker").join(id.as_str());
+    let lease: GuestNet = serde_json::from_slice(&std::fs::read(dir.join("net.json"))?)?;
+    ensure!(p.egress_dns_filters() == 1);
+    let line = settings_file(&dir, "net")?;
+    ensure!(
+        line == format!(
+            "{}/30 {} 169.254.53.53\n",
+            lease.guest_addr(),
+            lease.gateway()
+        ),
+        "{line}"
+    );
+    let resolv = settings_file(&dir, "resolv.conf")?;
+    ensure!(resolv.contains("nameserver 169.254.53.53"), "{resolv}");
+    let ns = Path::new("/run/netns").join(net::netns_name(&id));
+    let table = support::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &net::netns_name(&id),
+            "nft",
+            "list",
+            "table",
+            "bridge",
+            "stacyvm_egress",
+        ],
+    )?;
+    ensure!(
+        table.contains("192.0.2.0/24") && table.contains("iifname != \"tap0\""),
+        "{table}"
+    );
+    ensure!(the_filter_answers(&ns)?, "the DNS filter does not answer");
+
+    // The server ends, its filter with it; a new one starts it again.
+    let _ = h.guard.take_provider();
+    drop(p);
+    ensure!(!the_filter_answers(&ns)?, "the filter outlived its server");
+    let p = Arc::new(FirecrackerProvider::new(FirecrackerConfig {
+        egress_dns_upstreams: vec!["192.0.2.53:53".parse()?],
+        ..config(&h.env, &guest, &standin())
+    })?);
+    let provider: DynProvider = p.clone();
+    h.guard.replace_provider(provider);
+    ensure!(p
+        .list()
+        .await?
+        .iter()
+        .any(|r| r.sandbox_id == id && r.running));
+    ensure!(p.egress_dns_filters() == 1);
+    ensure!(the_filter_answers(&ns)?, "the filter did not come back");
+
+    p.destroy(&id).await?;
+    ensure!(p.egress_dns_filters() == 0, "the filter outlived its guest");
+    ensure!(!ns.exists(), "the network namespace is left");
+    ensure!(!dir.exists());
     Ok(())
 }
 
