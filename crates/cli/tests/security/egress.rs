@@ -12,7 +12,20 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use stacyvm_provider::egress_filter::far_side::FarSide;
 
-use crate::support::{Server, ServerOptions, StoreKind};
+use crate::support::{Api, Server, ServerOptions, StoreKind};
+
+/// What `script` prints (stdout, then stderr) run by `member` in sandbox
+/// `id`.
+async fn output_of(member: &Api, id: &str, script: String) -> Result<String> {
+    let out = member
+        .exec(id, json!({"cmd": ["sh", "-c", script]}))
+        .await?;
+    Ok(format!(
+        "{}{}",
+        out["stdout"].as_str().unwrap_or_default(),
+        out["stderr"].as_str().unwrap_or_default()
+    ))
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_members_sandbox_cannot_widen_its_allow_list() -> Result<()> {
@@ -32,20 +45,7 @@ async fn a_members_sandbox_cannot_widen_its_allow_list() -> Result<()> {
                 "network": {"allow": [far.allowed, "allowed.test"]}}))
             .await?;
         let id = s["id"].as_str().context("no id")?.to_owned();
-        let sh = |script: String| {
-            let member = member.clone();
-            let id = id.clone();
-            async move {
-                let out = member
-                    .exec(&id, json!({"cmd": ["sh", "-c", script]}))
-                    .await?;
-                Ok::<_, anyhow::Error>(format!(
-                    "{}{}",
-                    out["stdout"].as_str().unwrap_or_default(),
-                    out["stderr"].as_str().unwrap_or_default()
-                ))
-            }
-        };
+        let sh = |script: String| output_of(&member, &id, script);
         let greeting =
             |addr: &str| format!("nc -w 3 {addr} {} </dev/null 2>/dev/null; true", far.port);
 
@@ -133,20 +133,7 @@ async fn a_members_guest_cannot_widen_its_allow_list_from_its_own_kernel() -> Re
             "network": {"allow": [far.allowed, "allowed.test"]}}))
         .await?;
     let id = s["id"].as_str().context("no id")?.to_owned();
-    let sh = |script: String| {
-        let member = member.clone();
-        let id = id.clone();
-        async move {
-            let out = member
-                .exec(&id, json!({"cmd": ["sh", "-c", script]}))
-                .await?;
-            Ok::<_, anyhow::Error>(format!(
-                "{}{}",
-                out["stdout"].as_str().unwrap_or_default(),
-                out["stderr"].as_str().unwrap_or_default()
-            ))
-        }
-    };
+    let sh = |script: String| output_of(&member, &id, script);
     let greeting = |addr: &str| format!("nc -w 3 {addr} {} </dev/null 2>/dev/null; true", far.port);
 
     // The guest's root asks its own kernel for what it can: the upstream

@@ -65,7 +65,7 @@ const API_SOCKET: &str = "api.sock";
 const VSOCK_SOCKET: &str = "vsock.sock";
 const ROOT_DISK: &str = "root.ext4";
 const SETTINGS_DISK: &str = "settings.tar";
-const NET: &str = "net.json";
+const NET: &str = net::LEASE_FILE;
 const PAUSED: &str = "paused";
 /// Present while the guest is in [`STATE_FILE`] and [`MEMORY_FILE`] and
 /// no Firecracker runs.
@@ -240,25 +240,14 @@ impl FirecrackerProvider {
         } else {
             None
         };
-        let filtered = !spec.egress_allow.is_empty();
-        let upstreams = match &guest_net {
-            Some(_) => net::guest_upstreams(&self.cfg.egress_dns_upstreams, filtered)?,
-            None => Vec::new(),
+        let nic = match &guest_net {
+            Some(lease) => Some(
+                self.filters
+                    .nic(spec, dir, lease, &self.cfg.egress_dns_upstreams)
+                    .await?,
+            ),
+            None => None,
         };
-        if let (Some(lease), true) = (&guest_net, filtered) {
-            self.filters
-                .arm(
-                    &spec.sandbox_id,
-                    dir,
-                    lease,
-                    &spec.egress_allow,
-                    upstreams.clone(),
-                )
-                .await?;
-        }
-        let nic = guest_net
-            .as_ref()
-            .map(|lease| net::nic_settings(lease, filtered, &upstreams));
         let settings = microvm::settings_tar(spec, nic.as_ref())?;
         // The sandbox's own copy of the shared root: a reflink where the
         // file system has them, else a sparse copy.
@@ -708,9 +697,9 @@ impl Provider for FirecrackerProvider {
                 self.filters
                     .rearm(
                         &id,
-                        logs::read_json::<net::GuestNet>(&dir, NET),
+                        &dir,
                         &meta.egress_allow,
-                        || crate::egress_filter::upstreams(&self.cfg.egress_dns_upstreams),
+                        &self.cfg.egress_dns_upstreams,
                     )
                     .await;
             }

@@ -38,7 +38,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use stacyvm_core::{EgressRule, Error, Result, SandboxId};
+use stacyvm_core::{EgressRule, Error, Result, SandboxId, SpawnSpec};
 
 use crate::egress_filter::{self, EgressGuard, EgressGuards, NetNs, Placement};
 use crate::sandboxing::short_hash;
@@ -64,6 +64,9 @@ pub const NS_TAP: &str = "tap0";
 /// owner files.
 const RUN_DIR: &str = "/run/stacyvm/qemu-net";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The file in a guest's sandbox directory recording its [`GuestNet`].
+pub const LEASE_FILE: &str = "net.json";
 
 /// One guest's network, as recorded in its sandbox directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -523,7 +526,7 @@ pub async fn sweep_orphans() {
 /// What guest `lease` resolves names with: the upstream resolvers, or,
 /// with an allow list (`filtered`), its DNS filter on the bridge of its
 /// namespace, reached through a host route on the guest's NIC.
-pub fn nic_settings<'a>(
+fn nic_settings<'a>(
     lease: &'a GuestNet,
     filtered: bool,
     upstreams: &[SocketAddr],
@@ -548,7 +551,7 @@ pub fn nic_settings<'a>(
 /// the host's. A guest with an allow list (`filtered`) needs them (its DNS
 /// filter forwards to them); one with full egress does without, its
 /// resolver file then saying so.
-pub fn guest_upstreams(configured: &[SocketAddr], filtered: bool) -> Result<Vec<SocketAddr>> {
+fn guest_upstreams(configured: &[SocketAddr], filtered: bool) -> Result<Vec<SocketAddr>> {
     match egress_filter::upstreams(configured) {
         Ok(u) => Ok(u),
         Err(e) if filtered => Err(e),
@@ -644,9 +647,34 @@ pub fn allow_list_unavailable(provider: &str) -> Option<String> {
 pub struct GuestFilters(EgressGuards);
 
 impl GuestFilters {
+    /// The NIC settings of guest `lease` of `spec` (whose directory is
+    /// `dir`), with its allow list, if any, armed first; `configured` are
+    /// the operator's upstream resolvers.
+    pub async fn nic<'a>(
+        &self,
+        spec: &SpawnSpec,
+        dir: &Path,
+        lease: &'a GuestNet,
+        configured: &[SocketAddr],
+    ) -> Result<super::NicSettings<'a>> {
+        let filtered = !spec.egress_allow.is_empty();
+        let upstreams = guest_upstreams(configured, filtered)?;
+        if filtered {
+            self.arm(
+                &spec.sandbox_id,
+                dir,
+                lease,
+                &spec.egress_allow,
+                upstreams.clone(),
+            )
+            .await?;
+        }
+        Ok(nic_settings(lease, filtered, &upstreams))
+    }
+
     /// Enforces `rules` on guest `id` (its lease `lease`, its directory
     /// `dir`) before it boots.
-    pub async fn arm(
+    async fn arm(
         &self,
         id: &SandboxId,
         dir: &Path,
@@ -667,25 +695,25 @@ impl GuestFilters {
         Ok(())
     }
 
-    /// Starts the DNS filter again for guest `id`, whose `rules` are in
-    /// force, when it has none: one a new server adopted (the filter ended
-    /// with the server that started it; the table, in the guest's
-    /// namespace, did not). Failures are logged: the guest stays as
-    /// restricted as it was, its lookups fail.
+    /// Starts the DNS filter again for guest `id` (its directory `dir`),
+    /// whose `rules` are in force, when it has none: one a new server
+    /// adopted (the filter ended with the server that started it; the
+    /// table, in the guest's namespace, did not). Failures are logged: the
+    /// guest stays as restricted as it was, its lookups fail.
     pub async fn rearm(
         &self,
         id: &SandboxId,
-        lease: Option<GuestNet>,
+        dir: &Path,
         rules: &[EgressRule],
-        upstreams: impl FnOnce() -> Result<Vec<SocketAddr>>,
+        configured: &[SocketAddr],
     ) {
         if rules.is_empty() || self.0.has(id) {
             return;
         }
         let result = async {
-            let lease = lease
+            let lease = crate::sandboxing::logs::read_json::<GuestNet>(dir, LEASE_FILE)
                 .ok_or_else(|| Error::Conflict(format!("sandbox {id} has no network lease")))?;
-            resume_allow_list(&lease, rules, upstreams()?).await
+            resume_allow_list(&lease, rules, egress_filter::upstreams(configured)?).await
         }
         .await;
         match result {

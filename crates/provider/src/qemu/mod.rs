@@ -37,7 +37,6 @@ use stacyvm_core::{EgressRule, Error, Network, Result, SandboxId, SpawnSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::agent_client::AgentClient;
-use crate::egress_filter;
 use crate::images::ImageCatalog;
 use crate::microvm::{self, find_program, net, vsock, GuestAssets, AGENT_VSOCK_PORT};
 use crate::sandboxing::logs::{self, RUNTIME_LOG};
@@ -61,7 +60,7 @@ const VHOST_SOCKET: &str = "vhost.sock";
 const VSOCK_SOCKET: &str = "vsock.sock";
 const QMP_SOCKET: &str = "qmp.sock";
 /// The guest's network lease ([`net::GuestNet`]), for egress sandboxes.
-const NET: &str = "net.json";
+const NET: &str = net::LEASE_FILE;
 /// Present while the guest's state is saved in its overlay and no QEMU
 /// runs: a pause that outlives QEMU, the server and a reboot of either.
 const SAVED: &str = "saved";
@@ -242,25 +241,14 @@ impl QemuProvider {
         } else {
             None
         };
-        let filtered = !spec.egress_allow.is_empty();
-        let upstreams = match &guest_net {
-            Some(_) => net::guest_upstreams(&self.cfg.egress_dns_upstreams, filtered)?,
-            None => Vec::new(),
+        let nic = match &guest_net {
+            Some(lease) => Some(
+                self.filters
+                    .nic(spec, dir, lease, &self.cfg.egress_dns_upstreams)
+                    .await?,
+            ),
+            None => None,
         };
-        if let (Some(lease), false) = (&guest_net, spec.egress_allow.is_empty()) {
-            self.filters
-                .arm(
-                    &spec.sandbox_id,
-                    dir,
-                    lease,
-                    &spec.egress_allow,
-                    upstreams.clone(),
-                )
-                .await?;
-        }
-        let nic = guest_net
-            .as_ref()
-            .map(|lease| net::nic_settings(lease, filtered, &upstreams));
         let settings = microvm::settings_tar(spec, nic.as_ref())?;
         let overlay = dir.join(ROOT_OVERLAY);
         run_tool(
@@ -1138,9 +1126,9 @@ impl Provider for QemuProvider {
                 self.filters
                     .rearm(
                         &id,
-                        logs::read_json::<net::GuestNet>(&dir, NET),
+                        &dir,
                         &meta.egress_allow,
-                        || egress_filter::upstreams(&self.cfg.egress_dns_upstreams),
+                        &self.cfg.egress_dns_upstreams,
                     )
                     .await;
             }

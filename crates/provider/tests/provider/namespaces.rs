@@ -755,15 +755,6 @@ fn recorded_net(h: &Harness, id: &SandboxId) -> anyhow::Result<GuestNet> {
     )?)
 }
 
-/// What the server at `addr` greets a connection from the sandbox with
-/// (empty when nothing was reached).
-async fn greeting(h: &Harness, id: &SandboxId, addr: &str, port: u16) -> anyhow::Result<String> {
-    let out = h
-        .sh(id, &format!("nc -w 3 {addr} {port} </dev/null 2>/dev/null"))
-        .await?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_reaches_other_machines_but_not_the_host_or_another_sandbox() -> anyhow::Result<()> {
     let far = FarSide::start().await?;
@@ -792,10 +783,10 @@ async fn egress_reaches_other_machines_but_not_the_host_or_another_sandbox() -> 
 
     // Other machines, by address and by name, through the host's NAT.
     for addr in [&far.allowed, &far.denied] {
-        let got = greeting(&h, &a, addr, far.port).await?;
+        let got = support::greeting(&h, &a, addr, far.port).await?;
         ensure!(got == format!("hello-from-{addr}"), "{addr}: {got:?}");
     }
-    let got = greeting(&h, &a, "denied.test", far.port).await?;
+    let got = support::greeting(&h, &a, "denied.test", far.port).await?;
     ensure!(got == format!("hello-from-{}", far.denied), "{got:?}");
 
     // Not the host: not its end of either sandbox's link, not its address
@@ -831,7 +822,7 @@ async fn egress_reaches_other_machines_but_not_the_host_or_another_sandbox() -> 
     )
     .await?;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let from_b = greeting(&h, &b, &na.guest_addr().to_string(), 8080).await?;
+    let from_b = support::greeting(&h, &b, &na.guest_addr().to_string(), 8080).await?;
     ensure!(from_b.is_empty(), "sandbox b reached sandbox a: {from_b:?}");
 
     // The sandbox cannot change its link, routes or address.
@@ -870,52 +861,7 @@ async fn an_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart() -> 
     let n = recorded_net(&h, &id)?;
     ensure!(p.egress_dns_filters() == 1);
 
-    let resolv = h.sh_ok(&id, "cat /etc/resolv.conf").await?;
-    ensure!(resolv.contains("nameserver 127.0.0.53"), "{resolv}");
-    let got = greeting(&h, &id, &far.allowed, far.port).await?;
-    ensure!(got == format!("hello-from-{}", far.allowed), "{got:?}");
-    for addr in [&far.denied, &far.named] {
-        let got = greeting(&h, &id, addr, far.port).await?;
-        ensure!(got.is_empty(), "{addr} answered: {got:?}");
-    }
-    let answer = h
-        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
-        .await?;
-    ensure!(
-        answer.contains(&format!("Address: {}", far.named)),
-        "{answer}"
-    );
-    let got = greeting(&h, &id, "allowed.test", far.port).await?;
-    ensure!(got == format!("hello-from-{}", far.named), "{got:?}");
-    let answer = h
-        .sh_ok(&id, "nslookup -type=a denied.test; echo rc=$?")
-        .await?;
-    ensure!(
-        !answer.contains(&far.denied) && !answer.contains("rc=0"),
-        "{answer}"
-    );
-    // Its root may rewrite its resolver file; the upstream stays out of
-    // reach all the same.
-    let direct = h
-        .sh_ok(
-            &id,
-            &format!(
-                "echo nameserver {} > /etc/resolv.conf; nslookup -type=a denied.test; echo rc=$?",
-                far.dns
-            ),
-        )
-        .await?;
-    ensure!(
-        !direct.contains(&far.denied) && !direct.contains("rc=0"),
-        "{direct}"
-    );
-    ensure!(
-        far.asked().iter().all(|q| q == "allowed.test"),
-        "the upstream was asked {:?}",
-        far.asked()
-    );
-    h.sh_ok(&id, "echo nameserver 127.0.0.53 > /etc/resolv.conf")
-        .await?;
+    support::an_allow_list_holds(&h, &id, &far, "127.0.0.53").await?;
 
     // The server ends, its DNS filter with it; the table stays in force.
     let _ = h.guard.take_provider();
@@ -927,7 +873,7 @@ async fn an_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart() -> 
         .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
         .await?;
     ensure!(!lookup.contains(&far.named), "{lookup}");
-    let got = greeting(&h, &id, &far.denied, far.port).await?;
+    let got = support::greeting(&h, &id, &far.denied, far.port).await?;
     ensure!(got.is_empty(), "a denied address answered: {got:?}");
 
     // Listing (what a starting server does) starts the filter again.
@@ -944,7 +890,7 @@ async fn an_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart() -> 
         lookup.contains(&format!("Address: {}", far.named)),
         "{lookup}"
     );
-    let got = greeting(&h, &id, &far.denied, far.port).await?;
+    let got = support::greeting(&h, &id, &far.denied, far.port).await?;
     ensure!(got.is_empty(), "a denied address answered: {got:?}");
 
     p.destroy(&id).await?;

@@ -485,25 +485,7 @@ fn filtering_provider(
     env: &TestEnv,
     far: &FarSide,
 ) -> anyhow::Result<stacyvm_provider::qemu::QemuProvider> {
-    Ok(stacyvm_provider::qemu::QemuProvider::new(
-        stacyvm_provider::qemu::QemuConfig {
-            data_dir: env.data_dir.clone(),
-            agent_bin: env.agent_bin.clone(),
-            catalog: env.catalog.clone(),
-            instance: env.instance.clone(),
-            guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
-            egress_dns_upstreams: vec![format!("{}:53", far.dns).parse()?],
-        },
-    )?)
-}
-
-/// What the server at `addr` greets a connection from the guest with
-/// (empty when nothing was reached).
-async fn greeting(h: &Harness, id: &SandboxId, addr: &str, port: u16) -> anyhow::Result<String> {
-    let out = h
-        .sh(id, &format!("nc -w 3 {addr} {port} </dev/null 2>/dev/null"))
-        .await?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    support::qemu_provider_with(env, vec![format!("{}:53", far.dns).parse()?])
 }
 
 /// A guest with an allow list: the table on its namespace's bridge lets
@@ -529,52 +511,7 @@ async fn a_guests_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart
     let n = recorded_net(&h, &id)?;
     ensure!(p.egress_dns_filters() == 1);
 
-    let resolv = h.sh_ok(&id, "cat /etc/resolv.conf").await?;
-    ensure!(resolv.contains("nameserver 169.254.53.53"), "{resolv}");
-    let got = greeting(&h, &id, &far.allowed, far.port).await?;
-    ensure!(got == format!("hello-from-{}", far.allowed), "{got:?}");
-    for addr in [&far.denied, &far.named] {
-        let got = greeting(&h, &id, addr, far.port).await?;
-        ensure!(got.is_empty(), "{addr} answered: {got:?}");
-    }
-    let answer = h
-        .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
-        .await?;
-    ensure!(
-        answer.contains(&format!("Address: {}", far.named)),
-        "{answer}"
-    );
-    let got = greeting(&h, &id, "allowed.test", far.port).await?;
-    ensure!(got == format!("hello-from-{}", far.named), "{got:?}");
-    let answer = h
-        .sh_ok(&id, "nslookup -type=a denied.test; echo rc=$?")
-        .await?;
-    ensure!(
-        !answer.contains(&far.denied) && !answer.contains("rc=0"),
-        "{answer}"
-    );
-    // The guest's root may rewrite its resolver file and its routes; the
-    // upstream stays out of reach all the same, and so does the host.
-    let direct = h
-        .sh_ok(
-            &id,
-            &format!(
-                "echo nameserver {} > /etc/resolv.conf; nslookup -type=a denied.test; echo rc=$?",
-                far.dns
-            ),
-        )
-        .await?;
-    ensure!(
-        !direct.contains(&far.denied) && !direct.contains("rc=0"),
-        "{direct}"
-    );
-    ensure!(
-        far.asked().iter().all(|q| q == "allowed.test"),
-        "the upstream was asked {:?}",
-        far.asked()
-    );
-    h.sh_ok(&id, "echo nameserver 169.254.53.53 > /etc/resolv.conf")
-        .await?;
+    support::an_allow_list_holds(&h, &id, &far, "169.254.53.53").await?;
     let listener = HostListener::start().await?;
     let reached = reached_from(
         &h,
@@ -598,7 +535,7 @@ async fn a_guests_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart
         .sh_ok(&id, "nslookup -type=a allowed.test; echo rc=$?")
         .await?;
     ensure!(!lookup.contains(&far.named), "{lookup}");
-    let got = greeting(&h, &id, &far.denied, far.port).await?;
+    let got = support::greeting(&h, &id, &far.denied, far.port).await?;
     ensure!(got.is_empty(), "a denied address answered: {got:?}");
 
     // Listing (what a starting server does) starts the filter again.
@@ -615,7 +552,7 @@ async fn a_guests_allow_list_holds_and_its_dns_filter_comes_back_after_a_restart
         lookup.contains(&format!("Address: {}", far.named)),
         "{lookup}"
     );
-    let got = greeting(&h, &id, &far.allowed, far.port).await?;
+    let got = support::greeting(&h, &id, &far.allowed, far.port).await?;
     ensure!(got == format!("hello-from-{}", far.allowed), "{got:?}");
 
     p.destroy(&id).await?;

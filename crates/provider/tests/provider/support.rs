@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, ensure, Context};
 use stacyvm_core::{ByteStream, ExecOutcome, ExecRequest, FileEntry, SandboxId, SpawnSpec};
 use stacyvm_provider::docker::{DockerConfig, DockerProvider};
+use stacyvm_provider::egress_filter::far_side::FarSide;
 use stacyvm_provider::images::ImageCatalog;
 use stacyvm_provider::microvm::net::{self, GuestNet};
 use stacyvm_provider::namespaces::{NamespacesConfig, NamespacesProvider};
@@ -263,6 +264,14 @@ pub async fn plugin_provider(env: &TestEnv) -> anyhow::Result<DynProvider> {
 /// (`$STACYVM_GUEST_DIR`). A host without QEMU, vhost-device-vsock or
 /// the assets fails the test with the reason.
 pub fn qemu_provider_now(env: &TestEnv) -> anyhow::Result<stacyvm_provider::qemu::QemuProvider> {
+    qemu_provider_with(env, Vec::new())
+}
+
+/// The QEMU provider, resolving guests' names through `upstreams`.
+pub fn qemu_provider_with(
+    env: &TestEnv,
+    upstreams: Vec<std::net::SocketAddr>,
+) -> anyhow::Result<stacyvm_provider::qemu::QemuProvider> {
     Ok(stacyvm_provider::qemu::QemuProvider::new(
         stacyvm_provider::qemu::QemuConfig {
             data_dir: env.data_dir.clone(),
@@ -270,7 +279,7 @@ pub fn qemu_provider_now(env: &TestEnv) -> anyhow::Result<stacyvm_provider::qemu
             catalog: env.catalog.clone(),
             instance: env.instance.clone(),
             guest_dir: stacyvm_provider::microvm::GuestAssets::default_dir(),
-            egress_dns_upstreams: Vec::new(),
+            egress_dns_upstreams: upstreams,
         },
     )?)
 }
@@ -505,4 +514,84 @@ pub async fn reached_from(
         .filter_map(|l| l.strip_suffix(" rc=0"))
         .map(str::to_owned)
         .collect())
+}
+
+/// What the server at `addr` greets a connection from the sandbox with
+/// (empty when nothing was reached).
+pub async fn greeting(
+    h: &Harness,
+    id: &SandboxId,
+    addr: &str,
+    port: u16,
+) -> anyhow::Result<String> {
+    let out = h
+        .sh(id, &format!("nc -w 3 {addr} {port} </dev/null 2>/dev/null"))
+        .await?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Sandbox `id`, created with the allow list `[far.allowed, allowed.test]`
+/// and resolving through StacyVM's DNS filter at `resolver`, reaches the
+/// listed address and the listed name's, nothing else; the filter answers
+/// only the listed name; its root pointing its resolver at the upstream
+/// gains it nothing (the resolver file is put back after).
+pub async fn an_allow_list_holds(
+    h: &Harness,
+    id: &SandboxId,
+    far: &FarSide,
+    resolver: &str,
+) -> anyhow::Result<()> {
+    let resolv = h.sh_ok(id, "cat /etc/resolv.conf").await?;
+    ensure!(
+        resolv.contains(&format!("nameserver {resolver}")),
+        "{resolv}"
+    );
+    let got = greeting(h, id, &far.allowed, far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.allowed), "{got:?}");
+    for addr in [&far.denied, &far.named] {
+        let got = greeting(h, id, addr, far.port).await?;
+        ensure!(got.is_empty(), "{addr} answered: {got:?}");
+    }
+    let answer = h
+        .sh_ok(id, "nslookup -type=a allowed.test; echo rc=$?")
+        .await?;
+    ensure!(
+        answer.contains(&format!("Address: {}", far.named)),
+        "{answer}"
+    );
+    let got = greeting(h, id, "allowed.test", far.port).await?;
+    ensure!(got == format!("hello-from-{}", far.named), "{got:?}");
+    let answer = h
+        .sh_ok(id, "nslookup -type=a denied.test; echo rc=$?")
+        .await?;
+    ensure!(
+        !answer.contains(&far.denied) && !answer.contains("rc=0"),
+        "{answer}"
+    );
+    // Its root may rewrite its resolver file; the upstream stays out of
+    // reach all the same.
+    let direct = h
+        .sh_ok(
+            id,
+            &format!(
+                "echo nameserver {} > /etc/resolv.conf; nslookup -type=a denied.test; echo rc=$?",
+                far.dns
+            ),
+        )
+        .await?;
+    ensure!(
+        !direct.contains(&far.denied) && !direct.contains("rc=0"),
+        "{direct}"
+    );
+    ensure!(
+        far.asked().iter().all(|q| q == "allowed.test"),
+        "the upstream was asked {:?}",
+        far.asked()
+    );
+    h.sh_ok(
+        id,
+        &format!("echo nameserver {resolver} > /etc/resolv.conf"),
+    )
+    .await?;
+    Ok(())
 }
