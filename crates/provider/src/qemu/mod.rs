@@ -106,10 +106,12 @@ struct Meta {
     /// filter is started again by a server adopting the guest.
     #[serde(default)]
     egress_allow: Vec<EgressRule>,
-    /// How many volumes are shared into the guest (`virtiofsd`s); such a
-    /// guest is paused in place, never saved to disk.
+    /// Where volumes are shared into the guest (one `virtiofsd` each):
+    /// such a guest is paused in place, never saved to disk, and its
+    /// snapshots leave the volumes' contents out, as other providers'
+    /// do.
     #[serde(default)]
-    shares: usize,
+    volumes: Vec<String>,
 }
 
 /// Runs sandboxes as QEMU virtual machines. See the module documentation.
@@ -220,7 +222,7 @@ impl QemuProvider {
                 kernel: Some(assets.kernel.clone()),
                 initrd: Some(initrd.clone()),
                 egress_allow: spec.egress_allow.clone(),
-                shares: spec.mounts.len(),
+                volumes: spec.mounts.iter().map(|m| m.target.clone()).collect(),
             },
         )?;
         let guest_net = if wants_net {
@@ -407,7 +409,7 @@ impl QemuProvider {
             std::fs::write(dir.join(PAUSED), b"")
                 .map_err(|e| Error::internal("marking the sandbox paused", e))?;
             self.clients.lock().await.remove(id);
-            let shares = logs::read_json::<Meta>(&dir, META).map_or(0, |m| m.shares);
+            let shares = logs::read_json::<Meta>(&dir, META).map_or(0, |m| m.volumes.len());
             if shares > 0 {
                 // QEMU cannot save a shared directory's device.
                 let mut q = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
@@ -484,7 +486,7 @@ impl QemuProvider {
             kernel,
             initrd,
             net,
-            shares: meta.shares,
+            shares: meta.volumes.len(),
         };
         start_vsock_backend(dir).await?;
         start_qemu(dir, &machine, Start::Stopped).await?;
@@ -1226,15 +1228,19 @@ impl Provider for QemuProvider {
     /// is spooled to a file in its directory, and paused again before the
     /// tar is handed out, so it stays the one saved moment.
     async fn snapshot(&self, id: &SandboxId) -> Result<stacyvm_core::ByteStream> {
+        let lock = self.lock_for(id);
+        let _held = lock.lock().await;
+        let dir = self.existing(id)?;
+        let volumes = logs::read_json::<Meta>(&dir, META)
+            .map(|m| m.volumes)
+            .unwrap_or_default();
         let excludes = || {
             crate::snapshot::DEFAULT_EXCLUDES
                 .iter()
                 .map(|s| s.to_string())
+                .chain(volumes.iter().map(|v| v.trim_start_matches('/').to_owned()))
                 .collect()
         };
-        let lock = self.lock_for(id);
-        let _held = lock.lock().await;
-        let dir = self.existing(id)?;
         if !dir.join(PAUSED).exists() {
             let tar = self.agent(id).await?.file_archive("/").await?;
             return Ok(crate::snapshot::filter_tar(tar, excludes()));

@@ -663,6 +663,26 @@ async fn a_guest_mounts_its_volumes_and_shares_them_with_the_host() -> anyhow::R
     let got = h.sh_ok(&id, "cat /data/from-guest").await?;
     ensure!(got == "from-guest\n", "{got:?}");
 
+    // A snapshot is the guest's own files: the volumes' contents stay out,
+    // their mount points stay in.
+    let tar = stacyvm_provider::conformance::read_all(h.provider().snapshot(&id).await?).await?;
+    let mut names = Vec::new();
+    for e in tar::Archive::new(tar.as_slice()).entries()? {
+        names.push(e?.path()?.display().to_string());
+    }
+    ensure!(
+        names.iter().any(|n| n.trim_end_matches('/') == "data")
+            && !names.iter().any(|n| {
+                let n = n.trim_end_matches('/');
+                n.starts_with("data/") || n.starts_with("srv/ref dir/")
+            }),
+        "the snapshot holds the volumes: {:?}",
+        names
+            .iter()
+            .filter(|n| n.contains("data") || n.contains("ref"))
+            .collect::<Vec<_>>()
+    );
+
     h.provider().destroy(&id).await?;
     for pid in &daemons {
         ensure!(!alive(*pid), "virtiofsd {pid} outlived its sandbox");
