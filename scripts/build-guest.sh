@@ -38,7 +38,7 @@ fi
 modules="virtio_pci virtio_mmio virtio_blk virtio_net vmw_vsock_virtio_transport"
 # Changes with /init below, so a guest directory made by an older script
 # is made again.
-init_version=4
+init_version=5
 
 if [ -s "$guest_dir/vmlinuz" ] && [ -s "$guest_dir/initramfs.cpio.gz" ] && [ -s "$guest_dir/kernel-release" ] &&
   [ "$(cat "$guest_dir/init-version" 2>/dev/null)" = "$init_version" ] &&
@@ -128,19 +128,20 @@ fi
 if [ -s /newroot/.stacyvm/volumes ]; then
   # "TAG ro|rw PATH" per volume, each a virtiofs device of that tag. A
   # mount that cannot be made is recorded, not fatal: the provider reads
-  # the record once the agent answers and fails the spawn with it.
-  modprobe virtiofs || echo "cannot load virtiofs" >>/newroot/.stacyvm/volume-errors
+  # the record once the agent answers and fails the spawn with it. Lines
+  # starting "path: " are the request's fault, "host: " the host's.
+  modprobe virtiofs || echo "host: cannot load virtiofs" >>/newroot/.stacyvm/volume-errors
   while read -r tag mode path; do
     [ -n "$tag" ] || continue
     if ! mkdir -p "/newroot$path"; then
-      echo "$path: cannot be made in the image" >>/newroot/.stacyvm/volume-errors; continue
+      echo "path: $path cannot be made in the image" >>/newroot/.stacyvm/volume-errors; continue
     fi
     case "$(readlink -f "/newroot$path")" in
       /newroot/*) ;;
-      *) echo "$path: goes through a symbolic link out of the image's root" >>/newroot/.stacyvm/volume-errors; continue ;;
+      *) echo "path: $path goes through a symbolic link out of the image's root" >>/newroot/.stacyvm/volume-errors; continue ;;
     esac
     mount -t virtiofs -o "$mode,nosuid,nodev" "$tag" "/newroot$path" ||
-      echo "$path: virtiofs mount of $tag failed" >>/newroot/.stacyvm/volume-errors
+      echo "host: the virtiofs mount of $tag at $path failed" >>/newroot/.stacyvm/volume-errors
   done </newroot/.stacyvm/volumes
 fi
 if [ -f /newroot/.stacyvm/resolv.conf ]; then

@@ -113,6 +113,21 @@ async fn a_member_key_cannot_reach_another_tenants_volume_or_the_host() -> Resul
         !seen.contains(&server.admin_key),
         "the admin key leaked: {seen}"
     );
+    // Nor does a device node made in the volume open the host's disk.
+    let (major, minor) = host_disk()?;
+    let seen = alice
+        .sh(
+            &sbx,
+            &format!(
+                "mknod /data/disk b {major} {minor} 2>&1; \
+                 head -c 512 /data/disk >/dev/null 2>&1 && echo read-the-disk; true"
+            ),
+        )
+        .await?;
+    ensure!(
+        !seen.contains("read-the-disk"),
+        "docker: the sandbox read the host's disk through its volume: {seen}"
+    );
     alice.destroy(&sbx).await?;
     let again = alice
         .create_sandbox(json!({"image": "busybox", "provider": "docker",

@@ -258,9 +258,11 @@ pub async fn stop_all(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Fails with the guest init's reasons when it could not mount a volume
-/// (a path through a symbolic link of the image that leads out of its
-/// root, say), so a sandbox never starts without a volume it asked for.
+/// Fails with the guest init's reasons when it could not mount a volume,
+/// so a sandbox never starts without a volume it asked for: `400` when
+/// every reason is the request's (a path through a file, or through a
+/// symbolic link of the image that leads out of its root), `503`
+/// otherwise (the guest could not load virtiofs or mount a share).
 pub async fn check_mounted(agent: &AgentClient) -> Result<()> {
     use futures_util::StreamExt;
     let mut stream = match agent.file_read(GUEST_ERRORS).await {
@@ -278,8 +280,52 @@ pub async fn check_mounted(agent: &AgentClient) -> Result<()> {
         }
     }
     let text = String::from_utf8_lossy(&text);
-    Err(Error::InvalidRequest(format!(
+    Err(mount_failure(&text))
+}
+
+/// The error the guest init's record of failed mounts (lines `path: …`
+/// for the request's faults, `host: …` for the host's) stands for.
+fn mount_failure(record: &str) -> Error {
+    let lines: Vec<&str> = record.lines().filter(|l| !l.trim().is_empty()).collect();
+    let requests: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("path: "))
+        .collect();
+    if !lines.is_empty() && requests.len() == lines.len() {
+        return Error::InvalidRequest(format!(
+            "volumes: {} (a volume is mounted only on a directory inside the image's root)",
+            requests.join("; ")
+        ));
+    }
+    let reasons: Vec<&str> = lines
+        .iter()
+        .map(|l| {
+            l.strip_prefix("host: ")
+                .or(l.strip_prefix("path: "))
+                .unwrap_or(l)
+        })
+        .collect();
+    Error::ProviderUnavailable(format!(
         "the guest could not mount its volumes: {}",
-        text.trim()
-    )))
+        reasons.join("; ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_path_is_the_requests_fault_and_anything_else_the_hosts() {
+        let e = mount_failure("path: /bin/busybox/data cannot be made in the image\n");
+        assert!(
+            matches!(&e, Error::InvalidRequest(m) if m.contains("/bin/busybox/data cannot be made")),
+            "{e:?}"
+        );
+        let e = mount_failure("path: /a cannot be made in the image\nhost: cannot load virtiofs\n");
+        assert!(
+            matches!(&e, Error::ProviderUnavailable(m) if m.contains("cannot load virtiofs") && m.contains("/a")),
+            "{e:?}"
+        );
+    }
 }
